@@ -1,0 +1,391 @@
+//! The catalog: one JSON file per service in `plans/`. Loaded and checked once at start; a bad file stops
+//! start-up with a message naming the file and the field.
+
+use std::{
+    collections::{HashMap, HashSet},
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Engines berth knows. A plan names one; the plan is published only where its engine is configured.
+pub const KNOWN_ENGINES: &[&str] = &["shared"];
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    pub id: String,
+    pub name: String,
+    pub description: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requires: Vec<String>,
+    pub bindable: bool,
+    #[serde(default)]
+    pub instances_retrievable: bool,
+    #[serde(default)]
+    pub bindings_retrievable: bool,
+    #[serde(default)]
+    pub allow_context_updates: bool,
+    #[serde(default)]
+    pub plan_updateable: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dashboard_client: Option<Value>,
+    pub plans: Vec<Plan>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    pub id: String,
+    pub name: String,
+    pub description: String,
+    /// Which engine carries the plan out. berth's own field: never published.
+    #[serde(skip_serializing)]
+    pub engine: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Value>,
+    #[serde(default = "yes")]
+    pub free: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bindable: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binding_rotatable: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_updateable: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maximum_polling_duration: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance_info: Option<MaintenanceInfo>,
+    #[serde(default)]
+    pub schemas: Schemas,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MaintenanceInfo {
+    pub version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Schemas {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_instance: Option<InstanceSchemas>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_binding: Option<BindingSchemas>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceSchemas {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub create: Option<InputSchema>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update: Option<InputSchema>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BindingSchemas {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub create: Option<InputSchema>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputSchema {
+    pub parameters: Value,
+}
+
+/// Which request a parameter set belongs to; each may have its own schema.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SchemaFor {
+    Provision,
+    Update,
+    Bind,
+}
+
+/// A plan together with its service, as handlers need them.
+#[derive(Debug, Clone)]
+pub struct PlanRef<'a> {
+    pub service: &'a Service,
+    pub plan: &'a Plan,
+}
+
+impl PlanRef<'_> {
+    pub fn bindable(&self) -> bool {
+        self.plan.bindable.unwrap_or(self.service.bindable)
+    }
+    pub fn plan_updateable(&self) -> bool {
+        self.plan.plan_updateable.unwrap_or(self.service.plan_updateable)
+    }
+}
+
+/// The loaded catalog: services with only the plans whose engines are available, compiled parameter
+/// schemas, and the `/v2/catalog` body rendered once.
+pub struct Catalog {
+    services: Vec<Service>,
+    validators: HashMap<(String, SchemaFor), jsonschema::Validator>,
+    rendered: Arc<[u8]>,
+}
+
+impl std::fmt::Debug for Catalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Catalog").field("services", &self.services.len()).finish()
+    }
+}
+
+/// A parameter set that does not match its plan's schema.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ParameterError(pub String);
+
+impl Catalog {
+    /// Loads every `*.json` in `dir`, keeping plans whose engine is in `available_engines`.
+    pub fn load(dir: &Path, available_engines: &[&str]) -> anyhow::Result<Self> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .with_context(|| format!("reading the catalog folder {}", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            anyhow::bail!("the catalog folder {} has no *.json service files", dir.display());
+        }
+        let mut services = Vec::new();
+        for file in &files {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("reading catalog file {}", file.display()))?;
+            services.push(parse_service(file, &text)?);
+        }
+        Self::from_services(services, available_engines)
+    }
+
+    pub fn from_services(all: Vec<Service>, available_engines: &[&str]) -> anyhow::Result<Self> {
+        check_unique(&all)?;
+        let mut validators = HashMap::new();
+        let mut services = Vec::new();
+        for mut service in all {
+            service.plans.retain(|p| available_engines.contains(&p.engine.as_str()));
+            if service.plans.is_empty() {
+                continue;
+            }
+            for plan in &service.plans {
+                for (which, schema) in [
+                    (SchemaFor::Provision, plan.schemas.service_instance.as_ref().and_then(|s| s.create.as_ref())),
+                    (SchemaFor::Update, plan.schemas.service_instance.as_ref().and_then(|s| s.update.as_ref())),
+                    (SchemaFor::Bind, plan.schemas.service_binding.as_ref().and_then(|s| s.create.as_ref())),
+                ] {
+                    if let Some(schema) = schema {
+                        let validator = jsonschema::validator_for(&schema.parameters).map_err(|e| {
+                            anyhow::anyhow!(
+                                "service {:?} plan {:?}: invalid {which:?} parameter schema: {e}",
+                                service.name,
+                                plan.name
+                            )
+                        })?;
+                        validators.insert((plan.id.clone(), which), validator);
+                    }
+                }
+            }
+            services.push(service);
+        }
+        let rendered = serde_json::to_vec(&serde_json::json!({ "services": &services }))?.into();
+        Ok(Self { services, validators, rendered })
+    }
+
+    /// The `GET /v2/catalog` body.
+    pub fn rendered(&self) -> Arc<[u8]> {
+        self.rendered.clone()
+    }
+
+    pub fn services(&self) -> &[Service] {
+        &self.services
+    }
+
+    pub fn service(&self, service_id: &str) -> Option<&Service> {
+        self.services.iter().find(|s| s.id == service_id)
+    }
+
+    /// The plan `plan_id` of service `service_id`, if both are published.
+    pub fn plan(&self, service_id: &str, plan_id: &str) -> Option<PlanRef<'_>> {
+        let service = self.service(service_id)?;
+        let plan = service.plans.iter().find(|p| p.id == plan_id)?;
+        Some(PlanRef { service, plan })
+    }
+
+    /// Any published plan with this id (for rows whose service is known already).
+    pub fn plan_by_id(&self, plan_id: &str) -> Option<PlanRef<'_>> {
+        self.services.iter().find_map(|service| {
+            let plan = service.plans.iter().find(|p| p.id == plan_id)?;
+            Some(PlanRef { service, plan })
+        })
+    }
+
+    /// Checks `parameters` against the plan's schema for `which`. Without a schema, any object passes.
+    pub fn validate(&self, plan_id: &str, which: SchemaFor, parameters: &Value) -> Result<(), ParameterError> {
+        if !parameters.is_object() {
+            return Err(ParameterError("parameters must be a JSON object".into()));
+        }
+        let Some(validator) = self.validators.get(&(plan_id.to_string(), which)) else {
+            return Ok(());
+        };
+        let messages: Vec<String> = validator
+            .iter_errors(parameters)
+            .take(5)
+            .map(|e| {
+                let path = e.instance_path().to_string();
+                if path.is_empty() {
+                    format!("parameters: {e}")
+                } else {
+                    format!("parameters{path}: {e}")
+                }
+            })
+            .collect();
+        if messages.is_empty() { Ok(()) } else { Err(ParameterError(messages.join("; "))) }
+    }
+}
+
+fn parse_service(file: &Path, text: &str) -> anyhow::Result<Service> {
+    let de = &mut serde_json::Deserializer::from_str(text);
+    let service: Service = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        anyhow::anyhow!("catalog file {}: field `{}`: {}", file.display(), path, e.inner())
+    })?;
+    let fail = |field: String, why: &str| anyhow::anyhow!("catalog file {}: field `{field}`: {why}", file.display());
+    if service.id.trim().is_empty() {
+        return Err(fail("id".into(), "must not be empty"));
+    }
+    if service.name.trim().is_empty() {
+        return Err(fail("name".into(), "must not be empty"));
+    }
+    if service.plans.is_empty() {
+        return Err(fail("plans".into(), "a service needs at least one plan"));
+    }
+    for (i, plan) in service.plans.iter().enumerate() {
+        if plan.id.trim().is_empty() {
+            return Err(fail(format!("plans[{i}].id"), "must not be empty"));
+        }
+        if plan.name.trim().is_empty() {
+            return Err(fail(format!("plans[{i}].name"), "must not be empty"));
+        }
+        if !KNOWN_ENGINES.contains(&plan.engine.as_str()) {
+            return Err(fail(
+                format!("plans[{i}].engine"),
+                &format!("unknown engine {:?} (known: {})", plan.engine, KNOWN_ENGINES.join(", ")),
+            ));
+        }
+        let schemas = [
+            ("service_instance.create", plan.schemas.service_instance.as_ref().and_then(|s| s.create.as_ref())),
+            ("service_instance.update", plan.schemas.service_instance.as_ref().and_then(|s| s.update.as_ref())),
+            ("service_binding.create", plan.schemas.service_binding.as_ref().and_then(|s| s.create.as_ref())),
+        ];
+        for (name, schema) in schemas {
+            if let Some(schema) = schema {
+                if let Err(e) = jsonschema::validator_for(&schema.parameters) {
+                    return Err(fail(format!("plans[{i}].schemas.{name}.parameters"), &e.to_string()));
+                }
+            }
+        }
+    }
+    Ok(service)
+}
+
+fn check_unique(services: &[Service]) -> anyhow::Result<()> {
+    let mut ids = HashSet::new();
+    let mut names = HashSet::new();
+    for service in services {
+        if !ids.insert(service.id.as_str()) {
+            anyhow::bail!("catalog: id {:?} is used twice", service.id);
+        }
+        if !names.insert(service.name.as_str()) {
+            anyhow::bail!("catalog: service name {:?} is used twice", service.name);
+        }
+        let mut plan_names = HashSet::new();
+        for plan in &service.plans {
+            if !ids.insert(plan.id.as_str()) {
+                anyhow::bail!("catalog: id {:?} is used twice", plan.id);
+            }
+            if !plan_names.insert(plan.name.as_str()) {
+                anyhow::bail!("catalog: service {:?} has two plans named {:?}", service.name, plan.name);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+
+    fn tmp() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("berth-cat-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn the_shipped_catalog_loads() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plans");
+        let catalog = Catalog::load(&dir, KNOWN_ENGINES).unwrap();
+        let body: Value = serde_json::from_slice(&catalog.rendered()).unwrap();
+        let services = body["services"].as_array().unwrap();
+        assert!(services.iter().any(|s| s["name"] == "postgres"));
+        assert!(!String::from_utf8_lossy(&catalog.rendered()).contains("\"engine\""));
+    }
+
+    #[test]
+    fn a_bad_field_names_file_and_field() {
+        let dir = tmp();
+        write(&dir, "x.json", r#"{"id":"s","name":"x","description":"d","bindable":"yes","plans":[]}"#);
+        let err = Catalog::load(&dir, KNOWN_ENGINES).unwrap_err().to_string();
+        assert!(err.contains("x.json") && err.contains("bindable"), "{err}");
+
+        write(
+            &dir,
+            "x.json",
+            r#"{"id":"s","name":"x","description":"d","bindable":true,
+                "plans":[{"id":"p","name":"p","description":"d","engine":"warp"}]}"#,
+        );
+        let err = Catalog::load(&dir, KNOWN_ENGINES).unwrap_err().to_string();
+        assert!(err.contains("plans[0].engine"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn unavailable_engines_hide_plans_and_schemas_validate() {
+        let dir = tmp();
+        write(
+            &dir,
+            "x.json",
+            r#"{"id":"s","name":"x","description":"d","bindable":true,
+                "plans":[{"id":"p","name":"p","description":"d","engine":"shared",
+                  "schemas":{"service_instance":{"create":{"parameters":{
+                     "type":"object","properties":{"size":{"type":"integer"}},"additionalProperties":false}}}}}]}"#,
+        );
+        assert!(Catalog::load(&dir, &[]).unwrap().services().is_empty());
+        let catalog = Catalog::load(&dir, &["shared"]).unwrap();
+        assert!(catalog.validate("p", SchemaFor::Provision, &serde_json::json!({"size": 3})).is_ok());
+        let err = catalog.validate("p", SchemaFor::Provision, &serde_json::json!({"size": "big"})).unwrap_err();
+        assert!(err.0.contains("/size"), "{err}");
+        assert!(catalog.validate("p", SchemaFor::Bind, &serde_json::json!({"any": 1})).is_ok());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,116 @@
+//! Settings, read once at start from the environment (and an optional TOML file named by `BERTH_CONFIG`).
+//! Names follow the Akkeris brokers where they overlap: `PORT`, `BROKER_USERNAME`, `BROKER_PASSWORD`,
+//! `DATABASE_URL`, `NAME_PREFIX`.
+
+use std::path::PathBuf;
+
+use secrecy::SecretString;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Settings {
+    /// HTTP port of the API.
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// Address the API listens on.
+    #[serde(default = "default_bind_address")]
+    pub bind_address: String,
+    pub broker_username: Option<SecretString>,
+    pub broker_password: Option<SecretString>,
+    /// The broker's own database. Absent means the embedded default.
+    pub database_url: Option<SecretString>,
+    /// Prefix of every name berth gives a resource (databases, roles, buckets).
+    #[serde(default = "default_name_prefix")]
+    pub name_prefix: String,
+    /// Folder with one catalog file per service.
+    #[serde(default = "default_plans_dir")]
+    pub plans_dir: PathBuf,
+    /// Where the embedded default keeps its Postgres, key and credentials.
+    #[serde(default = "default_data_dir", rename = "berth_data_dir")]
+    pub data_dir: PathBuf,
+    /// The 32-byte key that seals secrets at rest (base64 in a file).
+    #[serde(rename = "berth_key_file")]
+    pub key_file: Option<PathBuf>,
+    /// Admin URL of the Postgres server that hosts `shared` plan databases.
+    pub shared_postgres_url: Option<SecretString>,
+    /// Host and port written into `shared` credentials, when apps reach the server under another name.
+    pub shared_postgres_public_host: Option<String>,
+    pub shared_postgres_public_port: Option<u16>,
+    /// Largest accepted request body, in bytes.
+    #[serde(default = "default_body_limit")]
+    pub max_body_bytes: usize,
+    #[serde(default = "default_worker_concurrency")]
+    pub worker_concurrency: usize,
+    #[serde(default = "default_lease_secs")]
+    pub worker_lease_secs: u64,
+    #[serde(default = "default_poll_ms")]
+    pub worker_poll_ms: u64,
+    pub worker_id: Option<String>,
+    /// Connections in the pool of each process.
+    #[serde(default = "default_db_pool_size")]
+    pub database_pool_size: u32,
+}
+
+fn default_port() -> u16 {
+    8080
+}
+fn default_bind_address() -> String {
+    "0.0.0.0".into()
+}
+fn default_name_prefix() -> String {
+    "berth_".into()
+}
+fn default_plans_dir() -> PathBuf {
+    "plans".into()
+}
+fn default_data_dir() -> PathBuf {
+    ".berth".into()
+}
+fn default_body_limit() -> usize {
+    256 * 1024
+}
+fn default_worker_concurrency() -> usize {
+    8
+}
+fn default_lease_secs() -> u64 {
+    30
+}
+fn default_poll_ms() -> u64 {
+    1000
+}
+fn default_db_pool_size() -> u32 {
+    16
+}
+
+impl Settings {
+    /// Reads the environment (and `BERTH_CONFIG`, if set). Fails with a message naming the bad setting.
+    pub fn load() -> anyhow::Result<Self> {
+        let mut builder = config::Config::builder();
+        if let Ok(path) = std::env::var("BERTH_CONFIG") {
+            builder = builder.add_source(config::File::with_name(&path).required(true));
+        }
+        let settings: Settings = builder
+            .add_source(config::Environment::default().try_parsing(false))
+            .build()?
+            .try_deserialize()
+            .map_err(|e| anyhow::anyhow!("invalid setting: {e}"))?;
+        settings.check()?;
+        Ok(settings)
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        crate::names::check_prefix(&self.name_prefix)?;
+        if self.worker_concurrency == 0 {
+            anyhow::bail!("WORKER_CONCURRENCY must be at least 1");
+        }
+        if self.worker_lease_secs < 2 {
+            anyhow::bail!("WORKER_LEASE_SECS must be at least 2");
+        }
+        Ok(())
+    }
+
+    /// The key file: the configured one, or `<data dir>/master.key`.
+    pub fn key_path(&self) -> PathBuf {
+        self.key_file.clone().unwrap_or_else(|| self.data_dir.join("master.key"))
+    }
+}

@@ -1,0 +1,99 @@
+//! `service_bindings`: one row per binding; credentials sealed.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::PgExecutor;
+
+#[derive(Debug, Clone)]
+pub struct BindingRow {
+    pub id: String,
+    pub instance_id: String,
+    pub service_id: String,
+    pub plan_id: String,
+    pub app_guid: Option<String>,
+    pub bind_resource: Value,
+    pub context: Value,
+    pub parameters: Value,
+    pub details: Value,
+    pub credentials: Option<Vec<u8>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewBinding<'a> {
+    pub id: &'a str,
+    pub instance_id: &'a str,
+    pub service_id: &'a str,
+    pub plan_id: &'a str,
+    pub app_guid: Option<&'a str>,
+    pub bind_resource: &'a Value,
+    pub context: &'a Value,
+    pub parameters: &'a Value,
+}
+
+pub async fn get(db: impl PgExecutor<'_>, id: &str) -> sqlx::Result<Option<BindingRow>> {
+    sqlx::query_as!(BindingRow, "SELECT * FROM service_bindings WHERE id = $1", id)
+        .fetch_optional(db)
+        .await
+}
+
+pub async fn get_for_update(db: impl PgExecutor<'_>, id: &str) -> sqlx::Result<Option<BindingRow>> {
+    sqlx::query_as!(BindingRow, "SELECT * FROM service_bindings WHERE id = $1 FOR UPDATE", id)
+        .fetch_optional(db)
+        .await
+}
+
+pub async fn list_for_instance(db: impl PgExecutor<'_>, instance_id: &str) -> sqlx::Result<Vec<BindingRow>> {
+    sqlx::query_as!(
+        BindingRow,
+        "SELECT * FROM service_bindings WHERE instance_id = $1 ORDER BY created_at",
+        instance_id
+    )
+    .fetch_all(db)
+    .await
+}
+
+/// Inserts the row; `false` when another request inserted the same id first.
+pub async fn insert(db: impl PgExecutor<'_>, new: &NewBinding<'_>) -> sqlx::Result<bool> {
+    let done = sqlx::query!(
+        "INSERT INTO service_bindings
+             (id, instance_id, service_id, plan_id, app_guid, bind_resource, context, parameters)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+         ON CONFLICT (id) DO NOTHING",
+        new.id,
+        new.instance_id,
+        new.service_id,
+        new.plan_id,
+        new.app_guid,
+        new.bind_resource,
+        new.context,
+        new.parameters,
+    )
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+pub async fn delete(db: impl PgExecutor<'_>, id: &str) -> sqlx::Result<()> {
+    sqlx::query!("DELETE FROM service_bindings WHERE id = $1", id).execute(db).await?;
+    Ok(())
+}
+
+/// Records what the provider made for the binding: non-secret facts and the sealed credentials.
+pub async fn set_credentials(
+    db: impl PgExecutor<'_>,
+    id: &str,
+    details: &Value,
+    credentials: Option<&[u8]>,
+) -> sqlx::Result<()> {
+    sqlx::query!(
+        "UPDATE service_bindings SET details = $2, credentials = $3, updated_at = now() WHERE id = $1",
+        id,
+        details,
+        credentials,
+    )
+    .execute(db)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,115 @@
+//! `service_instances`: one row per provisioned (or provisioning) instance.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::PgExecutor;
+
+#[derive(Debug, Clone)]
+pub struct InstanceRow {
+    pub id: String,
+    pub service_id: String,
+    pub plan_id: String,
+    pub organization_guid: String,
+    pub space_guid: String,
+    pub context: Value,
+    pub parameters: Value,
+    pub maintenance_version: Option<String>,
+    pub details: Value,
+    pub secrets: Option<Vec<u8>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewInstance<'a> {
+    pub id: &'a str,
+    pub service_id: &'a str,
+    pub plan_id: &'a str,
+    pub organization_guid: &'a str,
+    pub space_guid: &'a str,
+    pub context: &'a Value,
+    pub parameters: &'a Value,
+    pub maintenance_version: Option<&'a str>,
+}
+
+pub async fn get(db: impl PgExecutor<'_>, id: &str) -> sqlx::Result<Option<InstanceRow>> {
+    sqlx::query_as!(InstanceRow, "SELECT * FROM service_instances WHERE id = $1", id)
+        .fetch_optional(db)
+        .await
+}
+
+/// Locks the row for the rest of the transaction, so concurrent requests on one instance serialize.
+pub async fn get_for_update(db: impl PgExecutor<'_>, id: &str) -> sqlx::Result<Option<InstanceRow>> {
+    sqlx::query_as!(InstanceRow, "SELECT * FROM service_instances WHERE id = $1 FOR UPDATE", id)
+        .fetch_optional(db)
+        .await
+}
+
+/// Inserts the row; `false` when another request inserted the same id first.
+pub async fn insert(db: impl PgExecutor<'_>, new: &NewInstance<'_>) -> sqlx::Result<bool> {
+    let done = sqlx::query!(
+        "INSERT INTO service_instances
+             (id, service_id, plan_id, organization_guid, space_guid, context, parameters, maintenance_version)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+         ON CONFLICT (id) DO NOTHING",
+        new.id,
+        new.service_id,
+        new.plan_id,
+        new.organization_guid,
+        new.space_guid,
+        new.context,
+        new.parameters,
+        new.maintenance_version,
+    )
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+pub async fn delete(db: impl PgExecutor<'_>, id: &str) -> sqlx::Result<()> {
+    sqlx::query!("DELETE FROM service_instances WHERE id = $1", id).execute(db).await?;
+    Ok(())
+}
+
+/// Records what the provider made: non-secret facts and sealed secrets.
+pub async fn set_details(
+    db: impl PgExecutor<'_>,
+    id: &str,
+    details: &Value,
+    secrets: Option<&[u8]>,
+) -> sqlx::Result<()> {
+    sqlx::query!(
+        "UPDATE service_instances SET details = $2, secrets = $3, updated_at = now() WHERE id = $1",
+        id,
+        details,
+        secrets,
+    )
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// Makes an accepted update the instance's new state, once the provider has applied it.
+pub async fn apply_update(
+    db: impl PgExecutor<'_>,
+    id: &str,
+    plan_id: &str,
+    parameters: &Value,
+    context: &Value,
+    maintenance_version: Option<&str>,
+) -> sqlx::Result<()> {
+    sqlx::query!(
+        "UPDATE service_instances
+         SET plan_id = $2, parameters = $3, context = $4,
+             maintenance_version = COALESCE($5, maintenance_version), updated_at = now()
+         WHERE id = $1",
+        id,
+        plan_id,
+        parameters,
+        context,
+        maintenance_version,
+    )
+    .execute(db)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,143 @@
+//! `tasks`: the durable queue. The API enqueues here in the same transaction as the row it changes;
+//! the worker's claim, heartbeat and completion queries live in the worker.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::PgExecutor;
+use uuid::Uuid;
+
+use crate::model::{TaskId, TaskState};
+
+#[derive(Debug, Clone)]
+pub struct TaskRow {
+    pub id: Uuid,
+    pub kind: String,
+    pub instance_id: Option<String>,
+    pub binding_id: Option<String>,
+    pub operation: Option<String>,
+    pub payload: Value,
+    pub state: String,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub run_at: DateTime<Utc>,
+    pub lease_until: Option<DateTime<Utc>>,
+    pub worker_id: Option<String>,
+    pub progress: Option<String>,
+    pub last_error: Option<String>,
+    pub originating_identity: Option<Value>,
+    pub webhook_url: Option<String>,
+    pub webhook_secret: Option<Vec<u8>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl TaskRow {
+    pub fn task_id(&self) -> TaskId {
+        TaskId(self.id)
+    }
+
+    pub fn state(&self) -> TaskState {
+        TaskState::parse(&self.state).unwrap_or(TaskState::Failed)
+    }
+}
+
+/// A task to enqueue.
+#[derive(Debug, Clone)]
+pub struct NewTask {
+    pub id: TaskId,
+    pub kind: &'static str,
+    pub instance_id: Option<String>,
+    pub binding_id: Option<String>,
+    pub operation: Option<&'static str>,
+    pub payload: Value,
+    pub max_attempts: i32,
+    pub originating_identity: Option<Value>,
+    /// URL and sealed secret of the webhook to call when the task ends.
+    pub webhook: Option<(String, Vec<u8>)>,
+}
+
+impl NewTask {
+    pub fn new(kind: &'static str, payload: Value) -> Self {
+        Self {
+            id: TaskId::new(),
+            kind,
+            instance_id: None,
+            binding_id: None,
+            operation: None,
+            payload,
+            max_attempts: 10,
+            originating_identity: None,
+            webhook: None,
+        }
+    }
+}
+
+/// Adds a task; workers hear of it through the insert trigger's NOTIFY once the transaction commits.
+pub async fn enqueue(db: impl PgExecutor<'_>, task: NewTask) -> sqlx::Result<TaskId> {
+    let (webhook_url, webhook_secret) = match task.webhook {
+        Some((url, secret)) => (Some(url), Some(secret)),
+        None => (None, None),
+    };
+    sqlx::query!(
+        "INSERT INTO tasks (id, kind, instance_id, binding_id, operation, payload, max_attempts,
+                            originating_identity, webhook_url, webhook_secret)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        task.id.0,
+        task.kind,
+        task.instance_id,
+        task.binding_id,
+        task.operation,
+        task.payload,
+        task.max_attempts,
+        task.originating_identity,
+        webhook_url,
+        webhook_secret,
+    )
+    .execute(db)
+    .await?;
+    Ok(task.id)
+}
+
+pub async fn get(db: impl PgExecutor<'_>, id: TaskId) -> sqlx::Result<Option<TaskRow>> {
+    sqlx::query_as!(TaskRow, "SELECT * FROM tasks WHERE id = $1", id.0).fetch_optional(db).await
+}
+
+/// The newest instance-level operation (provision, update, deprovision) on an instance.
+pub async fn latest_instance_operation(db: impl PgExecutor<'_>, instance_id: &str) -> sqlx::Result<Option<TaskRow>> {
+    sqlx::query_as!(
+        TaskRow,
+        "SELECT * FROM tasks
+         WHERE instance_id = $1 AND binding_id IS NULL AND operation IS NOT NULL
+         ORDER BY created_at DESC LIMIT 1",
+        instance_id
+    )
+    .fetch_optional(db)
+    .await
+}
+
+/// The newest operation (bind, unbind) on a binding.
+pub async fn latest_binding_operation(db: impl PgExecutor<'_>, binding_id: &str) -> sqlx::Result<Option<TaskRow>> {
+    sqlx::query_as!(
+        TaskRow,
+        "SELECT * FROM tasks
+         WHERE binding_id = $1 AND operation IS NOT NULL
+         ORDER BY created_at DESC LIMIT 1",
+        binding_id
+    )
+    .fetch_optional(db)
+    .await
+}
+
+/// Unfinished operations on an instance or any of its bindings, newest first.
+pub async fn active_operations(db: impl PgExecutor<'_>, instance_id: &str) -> sqlx::Result<Vec<TaskRow>> {
+    sqlx::query_as!(
+        TaskRow,
+        "SELECT * FROM tasks
+         WHERE instance_id = $1 AND operation IS NOT NULL AND state IN ('pending', 'running')
+         ORDER BY created_at DESC",
+        instance_id
+    )
+    .fetch_all(db)
+    .await
+}

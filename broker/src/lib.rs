@@ -1,0 +1,13 @@
+//! berth's shared library: everything both `berth-api` and `berth-worker` need.
+
+pub mod catalog;
+pub mod config;
+pub mod crypto;
+pub mod db;
+pub mod embedded;
+pub mod model;
+pub mod names;
+pub mod telemetry;
+
+/// The broker's schema, embedded so every binary and test migrates the same way.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");

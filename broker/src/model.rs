@@ -1,0 +1,178 @@
+//! The broker's vocabulary: ids, task kinds and states, and the payloads the API hands the worker.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+macro_rules! string_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub String);
+
+        impl $name {
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+string_id!(
+    /// An OSB service instance id, as the platform chose it.
+    InstanceId
+);
+string_id!(
+    /// An OSB service binding id, as the platform chose it.
+    BindingId
+);
+
+/// A task id; also the OSB `operation` handed back to the platform.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TaskId(pub Uuid);
+
+impl TaskId {
+    pub fn new() -> Self {
+        Self(Uuid::new_v4())
+    }
+}
+
+impl Default for TaskId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Where a task is in its life. Stored as text in `tasks.state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskState {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+impl TaskState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => Self::Pending,
+            "running" => Self::Running,
+            "succeeded" => Self::Succeeded,
+            "failed" => Self::Failed,
+            _ => return None,
+        })
+    }
+
+    pub fn is_finished(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed)
+    }
+}
+
+/// The OSB operation a task answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Operation {
+    Provision,
+    Update,
+    Deprovision,
+    Bind,
+    Unbind,
+}
+
+impl Operation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Provision => "provision",
+            Self::Update => "update",
+            Self::Deprovision => "deprovision",
+            Self::Bind => "bind",
+            Self::Unbind => "unbind",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "provision" => Self::Provision,
+            "update" => Self::Update,
+            "deprovision" => Self::Deprovision,
+            "bind" => Self::Bind,
+            "unbind" => Self::Unbind,
+            _ => return None,
+        })
+    }
+
+    /// The task kind that carries this operation out.
+    pub fn task_kind(self) -> &'static str {
+        match self {
+            Self::Provision => kinds::PROVISION,
+            Self::Update => kinds::UPDATE,
+            Self::Deprovision => kinds::DEPROVISION,
+            Self::Bind => kinds::BIND,
+            Self::Unbind => kinds::UNBIND,
+        }
+    }
+}
+
+/// Task kind names, as stored in `tasks.kind`. The worker registers one handler per kind.
+pub mod kinds {
+    pub const PROVISION: &str = "instance.provision";
+    pub const UPDATE: &str = "instance.update";
+    pub const DEPROVISION: &str = "instance.deprovision";
+    pub const BIND: &str = "binding.create";
+    pub const UNBIND: &str = "binding.delete";
+    pub const DELIVER_WEBHOOK: &str = "webhook.deliver";
+    /// Does nothing (or sleeps `sleep_ms`): the queue's benchmark and crash tests use it.
+    pub const NOOP: &str = "noop";
+}
+
+/// What an update task applies once the provider has made the change.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UpdatePayload {
+    pub plan_id: String,
+    pub parameters: serde_json::Value,
+    pub context: serde_json::Value,
+    pub maintenance_version: Option<String>,
+}
+
+/// Where to tell someone that a task ended. The secret is sealed before it is stored.
+#[derive(Debug, Clone)]
+pub struct Webhook {
+    pub url: String,
+    pub secret: secrecy::SecretString,
+}
+
+/// The body POSTed to a webhook. Never carries credentials.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WebhookBody {
+    pub instance_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub binding_id: Option<String>,
+    pub operation: String,
+    pub state: String,
+    pub description: String,
+}
