@@ -109,6 +109,15 @@ impl Settings {
         Ok(())
     }
 
+    /// Engines this process can serve: a plan appears in the catalog only when its engine is here.
+    pub fn available_engines(&self) -> Vec<&'static str> {
+        let mut engines = Vec::new();
+        if self.shared_postgres_url.is_some() {
+            engines.push("shared");
+        }
+        engines
+    }
+
     /// The key file: the configured one, or `<data dir>/master.key`.
     pub fn key_path(&self) -> PathBuf {
         self.key_file.clone().unwrap_or_else(|| self.data_dir.join("master.key"))

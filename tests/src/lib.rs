@@ -1,1 +1,241 @@
-//! Helpers for the end-to-end suite.
+//! The end-to-end harness: a fresh broker database on the test Postgres (DATABASE_URL names a superuser URL
+//! of that server), the real `berth-api` and `berth-worker` binaries started against it, and a small OSB
+//! client to drive them over HTTP.
+
+use std::{
+    path::PathBuf,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use serde_json::Value;
+use sqlx::{Connection, PgConnection};
+use tokio::process::{Child, Command};
+
+pub const API_VERSION: &str = "2.17";
+
+/// A running broker (API + one worker) on its own database.
+pub struct Stack {
+    pub base_url: String,
+    pub username: String,
+    pub password: String,
+    /// Superuser URL of the test server's `postgres` database (also the `shared` plan's server).
+    pub admin_url: String,
+    /// URL of this stack's broker database.
+    pub broker_db_url: String,
+    pub name_prefix: String,
+    pub http: reqwest::Client,
+    api: Child,
+    worker: Child,
+    dir: PathBuf,
+}
+
+fn server_url() -> String {
+    std::env::var("DATABASE_URL").expect("DATABASE_URL must name a superuser URL of the test Postgres")
+}
+
+/// `url` with its database replaced by `db`.
+pub fn with_database(url: &str, db: &str) -> String {
+    let mut parsed = url::Url::parse(url).expect("DATABASE_URL is a URL");
+    parsed.set_path(&format!("/{db}"));
+    parsed.to_string()
+}
+
+/// The folder holding the workspace's binaries (`target/debug`), found from this test executable.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>/deps/<test>").to_path_buf();
+    assert!(
+        dir.join("berth-api").exists() && dir.join("berth-worker").exists(),
+        "berth-api/berth-worker not found in {}: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        dir.display()
+    );
+    dir
+}
+
+pub fn repo_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+impl Stack {
+    pub async fn start() -> anyhow::Result<Self> {
+        let tag = uuid::Uuid::new_v4().simple().to_string()[..10].to_string();
+        let admin_url = with_database(&server_url(), "postgres");
+        let db_name = format!("e2e_{tag}");
+        let mut admin = PgConnection::connect(&admin_url).await.context("connecting to the test Postgres")?;
+        sqlx::query(&format!("CREATE DATABASE {db_name}")).execute(&mut admin).await?;
+        admin.close().await?;
+        let broker_db_url = with_database(&server_url(), &db_name);
+
+        let dir = std::env::temp_dir().join(format!("berth-e2e-{tag}"));
+        std::fs::create_dir_all(&dir)?;
+        let key = dir.join("master.key");
+        broker::crypto::generate_key_file(&key)?;
+        let port = free_port()?;
+        let username = "e2e".to_string();
+        let password = broker::crypto::random_password(24);
+        let name_prefix = format!("e2e{}_", &tag[..6]);
+        let env: Vec<(&str, String)> = vec![
+            ("DATABASE_URL", broker_db_url.clone()),
+            ("SHARED_POSTGRES_URL", admin_url.clone()),
+            ("BERTH_KEY_FILE", key.display().to_string()),
+            ("PLANS_DIR", repo_dir().join("plans").display().to_string()),
+            ("BROKER_USERNAME", username.clone()),
+            ("BROKER_PASSWORD", password.clone()),
+            ("NAME_PREFIX", name_prefix.clone()),
+            ("PORT", port.to_string()),
+            ("BIND_ADDRESS", "127.0.0.1".into()),
+            ("WORKER_POLL_MS", "500".into()),
+            ("RUST_LOG", "info".into()),
+        ];
+        let bins = bin_dir();
+        let spawn = |name: &str, log: &str| -> anyhow::Result<Child> {
+            let log = std::fs::File::create(dir.join(log))?;
+            Command::new(bins.join(name))
+                .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+                .stdout(Stdio::from(log.try_clone()?))
+                .stderr(Stdio::from(log))
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("starting {name}"))
+        };
+        let api = spawn("berth-api", "api.log")?;
+        let worker = spawn("berth-worker", "worker.log")?;
+        let stack = Self {
+            base_url: format!("http://127.0.0.1:{port}"),
+            username,
+            password,
+            admin_url,
+            broker_db_url,
+            name_prefix,
+            http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?,
+            api,
+            worker,
+            dir,
+        };
+        stack.wait_healthy(Duration::from_secs(30)).await?;
+        Ok(stack)
+    }
+
+    async fn wait_healthy(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(r) = self.http.get(format!("{}/health", self.base_url)).send().await {
+                if r.status().is_success() {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("berth-api did not become healthy; its log:\n{}", self.log("api.log"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// What a process wrote (for failure messages).
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(name)).unwrap_or_default()
+    }
+
+    pub fn logs(&self) -> String {
+        format!("--- api.log\n{}\n--- worker.log\n{}", self.log("api.log"), self.log("worker.log"))
+    }
+
+    /// An OSB request with auth and the version header.
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.base_url))
+            .basic_auth(&self.username, Some(&self.password))
+            .header("X-Broker-API-Version", API_VERSION)
+    }
+
+    pub async fn send(&self, req: reqwest::RequestBuilder) -> anyhow::Result<(u16, Value)> {
+        let resp = req.send().await?;
+        let status = resp.status().as_u16();
+        let text = resp.text().await?;
+        let body = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        Ok((status, body))
+    }
+
+    /// Polls a last_operation URL until it leaves `in progress` (or answers 410); returns (status, body).
+    pub async fn wait_operation(&self, path: &str, timeout: Duration) -> anyhow::Result<(u16, Value)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (status, body) = self.send(self.request(reqwest::Method::GET, path)).await?;
+            let done = status == 410 || (status == 200 && body["state"] != "in progress");
+            if done {
+                return Ok((status, body));
+            }
+            if status != 200 {
+                anyhow::bail!("{path} answered {status}: {body}\n{}", self.logs());
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("{path} still in progress after {timeout:?}: {body}\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn admin(&self) -> anyhow::Result<PgConnection> {
+        Ok(PgConnection::connect(&self.admin_url).await?)
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.api.start_kill();
+        let _ = self.worker.start_kill();
+        let _ = self.api.wait().await;
+        let _ = self.worker.wait().await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// One POST a [`WebhookReceiver`] got.
+#[derive(Debug, Clone)]
+pub struct ReceivedWebhook {
+    pub signature: Option<String>,
+    pub body: Vec<u8>,
+}
+
+/// A local HTTP server on 127.0.0.1 that records every POST.
+pub struct WebhookReceiver {
+    pub url: String,
+    rx: tokio::sync::mpsc::UnboundedReceiver<ReceivedWebhook>,
+}
+
+impl WebhookReceiver {
+    pub async fn start() -> anyhow::Result<Self> {
+        use axum::{Router, body::Bytes, http::HeaderMap, routing::post};
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let app = Router::new().route(
+            "/hook",
+            post(move |headers: HeaderMap, body: Bytes| {
+                let tx = tx.clone();
+                async move {
+                    let signature =
+                        headers.get("x-osb-signature").and_then(|v| v.to_str().ok()).map(str::to_string);
+                    let _ = tx.send(ReceivedWebhook { signature, body: body.to_vec() });
+                    "ok"
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}/hook", listener.local_addr()?);
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self { url, rx })
+    }
+
+    /// The next POST, waiting up to `timeout`.
+    pub async fn next(&mut self, timeout: Duration) -> anyhow::Result<ReceivedWebhook> {
+        tokio::time::timeout(timeout, self.rx.recv())
+            .await
+            .context("no webhook arrived in time")?
+            .context("receiver closed")
+    }
+}

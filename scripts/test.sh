@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Runs every test on a fresh machine: installs what is missing, starts a private Postgres on a free port
+# (unless BERTH_TEST_DATABASE_URL names a superuser URL to use instead), builds, runs the whole suite
+# with cargo-nextest, and stops what it started.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+source scripts/lib/pg.sh
+
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/berth-target}
+export SQLX_OFFLINE=true
+export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+
+command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)" >&2; exit 1; }
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "installing cargo-nextest..." >&2
+  cargo install --locked cargo-nextest
+fi
+
+workdir=$(mktemp -d /tmp/berth-test.XXXXXX)
+chmod 755 "$workdir"
+cleanup() {
+  pg_stop "$workdir/pg"
+  rm -rf "$workdir"
+}
+trap cleanup EXIT
+
+if [ -n "${BERTH_TEST_DATABASE_URL:-}" ]; then
+  export DATABASE_URL=$BERTH_TEST_DATABASE_URL
+else
+  pg_ensure_installed
+  PG_EXTRA_OPTS="-c fsync=off -c synchronous_commit=off -c full_page_writes=off" pg_start "$workdir/pg"
+  export DATABASE_URL=$PG_URL
+fi
+echo "test Postgres: 127.0.0.1:${PG_PORT:-external}" >&2
+
+# The end-to-end suite starts the real binaries, so build them first.
+cargo build --locked --workspace --bins
+cargo nextest run --locked --workspace --no-fail-fast "$@"

@@ -1,0 +1,158 @@
+use std::time::Duration;
+
+use berth_tests::{Stack, WebhookReceiver};
+use reqwest::Method;
+use serde_json::{Value, json};
+use sqlx::{Connection, PgConnection};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn postgres_shared_ids(catalog: &Value) -> (String, String) {
+    let service = catalog["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "postgres")
+        .expect("postgres service in the catalog");
+    let plan = service["plans"].as_array().unwrap().iter().find(|p| p["name"] == "shared").expect("shared plan");
+    (service["id"].as_str().unwrap().into(), plan["id"].as_str().unwrap().into())
+}
+
+async fn bind(stack: &Stack, instance: &str, binding: &str, ids: &(String, String), params: Value) -> Value {
+    let path = format!("/v2/service_instances/{instance}/service_bindings/{binding}");
+    let (status, body) = stack
+        .send(stack.request(Method::PUT, &format!("{path}?accepts_incomplete=true")).json(&json!({
+            "service_id": ids.0, "plan_id": ids.1, "app_guid": "app-1", "parameters": params,
+        })))
+        .await
+        .unwrap();
+    assert_eq!(status, 202, "{body}");
+    let (status, last) = stack.wait_operation(&format!("{path}/last_operation"), WAIT).await.unwrap();
+    assert_eq!((status, last["state"].as_str()), (200, Some("succeeded")), "{last}\n{}", stack.logs());
+    let (status, fetched) = stack.send(stack.request(Method::GET, &path)).await.unwrap();
+    assert_eq!(status, 200, "{fetched}");
+    fetched["credentials"].clone()
+}
+
+#[tokio::test]
+async fn shared_database_from_provision_to_deprovision() {
+    let stack = Stack::start().await.unwrap();
+    let mut hooks = WebhookReceiver::start().await.unwrap();
+    let (_, catalog) = stack.send(stack.request(Method::GET, "/v2/catalog")).await.unwrap();
+    let ids = postgres_shared_ids(&catalog);
+    let instance = uuid::Uuid::new_v4().to_string();
+    let secret = "webhook-secret-e2e";
+
+    // Provision, with an extension and a webhook.
+    let (status, body) = stack
+        .send(
+            stack.request(Method::PUT, &format!("/v2/service_instances/{instance}?accepts_incomplete=true")).json(
+                &json!({
+                    "service_id": ids.0, "plan_id": ids.1, "organization_guid": "org", "space_guid": "space",
+                    "parameters": {"extensions": ["citext"], "webhook": {"url": hooks.url, "secret": secret}},
+                }),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 202, "{body}");
+    let operation = body["operation"].as_str().expect("operation").to_string();
+    let (status, last) =
+        stack.wait_operation(&format!("/v2/service_instances/{instance}/last_operation"), WAIT).await.unwrap();
+    assert_eq!((status, last["state"].as_str()), (200, Some("succeeded")), "{last}\n{}", stack.logs());
+
+    // The webhook arrives signed, and says what happened without any credentials.
+    let hook = hooks.next(WAIT).await.unwrap();
+    assert_eq!(hook.signature.as_deref(), Some(broker::crypto::sign(secret.as_bytes(), &hook.body).as_str()));
+    let hook_body: Value = serde_json::from_slice(&hook.body).unwrap();
+    assert_eq!(hook_body["instance_id"], instance.as_str());
+    assert_eq!(hook_body["operation"], operation.as_str());
+    assert_eq!(hook_body["state"], "succeeded");
+
+    // The instance can be fetched, without the webhook secret in its parameters.
+    let (status, fetched) =
+        stack.send(stack.request(Method::GET, &format!("/v2/service_instances/{instance}"))).await.unwrap();
+    assert_eq!(status, 200, "{fetched}");
+    assert_eq!(fetched["parameters"], json!({"extensions": ["citext"]}));
+
+    // A read-write binding: a working DATABASE_URL.
+    let rw = bind(&stack, &instance, "rw-binding", &ids, json!({})).await;
+    for key in ["DATABASE_URL", "uri", "PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGPASSWORD"] {
+        assert!(rw[key].is_string(), "credentials lack {key}: {rw}");
+    }
+    let rw_url = rw["DATABASE_URL"].as_str().unwrap().to_string();
+    let mut conn = PgConnection::connect(&rw_url).await.expect("connect with the binding's DATABASE_URL");
+    sqlx::query("CREATE TABLE notes (id serial PRIMARY KEY, body citext)").execute(&mut conn).await.unwrap();
+    sqlx::query("INSERT INTO notes (body) VALUES ('Hello')").execute(&mut conn).await.unwrap();
+    let found: String =
+        sqlx::query_scalar("SELECT body::text FROM notes WHERE body = 'HELLO'").fetch_one(&mut conn).await.unwrap();
+    assert_eq!(found, "Hello");
+    conn.close().await.unwrap();
+
+    // The secret never went into the webhook.
+    assert!(!String::from_utf8_lossy(&hook.body).contains(rw["PGPASSWORD"].as_str().unwrap()));
+
+    // A read-only binding reads the table and cannot write.
+    let ro = bind(&stack, &instance, "ro-binding", &ids, json!({"access": "read-only"})).await;
+    assert_ne!(ro["PGUSER"], rw["PGUSER"]);
+    let mut conn = PgConnection::connect(ro["DATABASE_URL"].as_str().unwrap()).await.unwrap();
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM notes").fetch_one(&mut conn).await.unwrap();
+    assert_eq!(count, 1);
+    let write = sqlx::query("INSERT INTO notes (body) VALUES ('nope')").execute(&mut conn).await;
+    assert!(write.is_err(), "a read-only binding wrote a row");
+    conn.close().await.unwrap();
+
+    // Unbind the read-write binding: its role can no longer log in.
+    let path = format!("/v2/service_instances/{instance}/service_bindings/rw-binding");
+    let (status, body) = stack
+        .send(stack.request(
+            Method::DELETE,
+            &format!("{path}?service_id={}&plan_id={}&accepts_incomplete=true", ids.0, ids.1),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(status, 202, "{body}");
+    let (status, _) = stack.wait_operation(&format!("{path}/last_operation"), WAIT).await.unwrap();
+    assert!(status == 410 || status == 200, "unbind ended with {status}");
+    assert!(PgConnection::connect(&rw_url).await.is_err(), "an unbound role still logs in");
+    let (status, _) = stack.send(stack.request(Method::GET, &path)).await.unwrap();
+    assert_eq!(status, 404);
+
+    // Deprovision: the database and every role are gone.
+    let (status, body) = stack
+        .send(stack.request(
+            Method::DELETE,
+            &format!("/v2/service_instances/{instance}?service_id={}&plan_id={}&accepts_incomplete=true", ids.0, ids.1),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(status, 202, "{body}");
+    let (status, last) =
+        stack.wait_operation(&format!("/v2/service_instances/{instance}/last_operation"), WAIT).await.unwrap();
+    assert_eq!(status, 410, "{last}\n{}", stack.logs());
+    let database = broker::names::instance_database(&stack.name_prefix, &instance);
+    let mut admin = stack.admin().await.unwrap();
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname = $1")
+        .bind(&database)
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "database {database} survived deprovision");
+    let roles: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_roles WHERE rolname LIKE $1")
+        .bind(format!("{}%", stack.name_prefix))
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(roles, 0, "roles survived deprovision");
+    let (status, _) =
+        stack.send(stack.request(Method::GET, &format!("/v2/service_instances/{instance}"))).await.unwrap();
+    assert_eq!(status, 404);
+    admin.close().await.unwrap();
+
+    // Nothing in either log carries a credential.
+    let logs = stack.logs();
+    for secret in [rw["PGPASSWORD"].as_str().unwrap(), ro["PGPASSWORD"].as_str().unwrap(), secret] {
+        assert!(!logs.contains(secret), "a secret reached a log");
+    }
+    stack.stop().await;
+}
