@@ -89,6 +89,7 @@ impl PgServer {
             .arg("60")
             .arg("-o")
             .arg(options)
+            .stdout(std::process::Stdio::null())
             .status()
             .await
             .context("running pg_ctl start")?;
@@ -114,6 +115,7 @@ impl PgServer {
             .arg("-m")
             .arg("fast")
             .arg("-w")
+            .stdout(std::process::Stdio::null())
             .status()
             .await
             .context("running pg_ctl stop")?;
@@ -314,5 +316,37 @@ pub async fn wait_ready(url: &SecretString, timeout: Duration) -> anyhow::Result
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_private_server_starts_restarts_and_stops() {
+        let root = std::env::temp_dir().join(format!("berth-embedded-{}", uuid::Uuid::new_v4()));
+        let server = PgServer::ensure_started(&root).await.unwrap();
+        server.ensure_database("berth").await.unwrap();
+        server.ensure_database("berth").await.unwrap();
+        wait_ready(&server.url("berth"), Duration::from_secs(10)).await.unwrap();
+
+        // Host connections need the generated password.
+        let wrong = format!("postgres://{SUPERUSER}:wrong@127.0.0.1:{}/berth", server.port);
+        use sqlx::Connection;
+        assert!(sqlx::PgConnection::connect(&wrong).await.is_err());
+
+        // A second start finds it running on the same port; after a stop it comes back with the same data.
+        let again = PgServer::ensure_started(&root).await.unwrap();
+        assert_eq!(again.port, server.port);
+        server.stop().await.unwrap();
+        let restarted = PgServer::ensure_started(&root).await.unwrap();
+        assert_eq!(restarted.port, server.port);
+        let mut conn = sqlx::PgConnection::connect(restarted.url("berth").expose_secret()).await.unwrap();
+        let one: i32 = sqlx::query_scalar("SELECT 1").fetch_one(&mut conn).await.unwrap();
+        assert_eq!(one, 1);
+        conn.close().await.unwrap();
+        restarted.stop().await.unwrap();
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }
