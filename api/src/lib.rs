@@ -1,1 +1,72 @@
+//! berth's OSB API (v2.17) as a library: `main.rs` builds an [`AppState`] and serves [`router`]; the
+//! in-process tests drive the same router with `oneshot`.
 
+pub mod error;
+pub mod extract;
+pub mod identity;
+pub mod middleware;
+pub mod routes;
+pub mod webhook;
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    Router,
+    extract::{DefaultBodyLimit, MatchedPath, Request},
+    http::{HeaderName, StatusCode},
+};
+use broker::{catalog::Catalog, crypto::Cipher};
+use tower_http::{request_id::PropagateRequestIdLayer, timeout::TimeoutLayer, trace::TraceLayer};
+
+pub use crate::{
+    error::{ApiError, ApiResult},
+    middleware::BrokerAuth,
+};
+
+/// How long one request may take before it is answered with 408.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What every handler needs. Cheap to clone: the pool and catalog are shared, the cipher is a key schedule.
+#[derive(Clone)]
+pub struct AppState {
+    pub db: sqlx::PgPool,
+    pub catalog: Arc<Catalog>,
+    pub cipher: Cipher,
+    pub auth: BrokerAuth,
+    pub max_body_bytes: usize,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState").field("max_body_bytes", &self.max_body_bytes).finish_non_exhaustive()
+    }
+}
+
+/// The whole HTTP surface, fully layered: basic auth and the version check on `/v2`, the request-identity echo,
+/// the body limit, tracing and the request timeout everywhere.
+pub fn router(state: AppState) -> Router {
+    let v2 = Router::new()
+        .merge(routes::catalog::router())
+        .merge(routes::instances::router())
+        .merge(routes::bindings::router())
+        .method_not_allowed_fallback(middleware::method_not_allowed)
+        .route_layer(axum::middleware::from_fn(middleware::require_api_version))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), middleware::require_basic_auth));
+
+    let trace = TraceLayer::new_for_http().make_span_with(|req: &Request| {
+        let route = req.extensions().get::<MatchedPath>().map(MatchedPath::as_str).unwrap_or("-");
+        tracing::info_span!("http", method = %req.method(), route)
+    });
+
+    Router::new()
+        .merge(routes::health::router())
+        .merge(v2)
+        .method_not_allowed_fallback(middleware::method_not_allowed)
+        .fallback(middleware::not_found)
+        .layer(DefaultBodyLimit::max(state.max_body_bytes))
+        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, REQUEST_TIMEOUT))
+        .layer(trace)
+        .layer(axum::middleware::from_fn(middleware::osb_error_bodies))
+        .layer(PropagateRequestIdLayer::new(HeaderName::from_static(middleware::REQUEST_IDENTITY_HEADER)))
+        .with_state(state)
+}

@@ -113,3 +113,11 @@ pub async fn apply_update(
     .await?;
     Ok(())
 }
+
+/// Replaces the instance's context (an update that changes nothing else is applied at once).
+pub async fn set_context(db: impl PgExecutor<'_>, id: &str, context: &Value) -> sqlx::Result<()> {
+    sqlx::query!("UPDATE service_instances SET context = $2, updated_at = now() WHERE id = $1", id, context)
+        .execute(db)
+        .await?;
+    Ok(())
+}

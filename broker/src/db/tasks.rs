@@ -141,3 +141,27 @@ pub async fn active_operations(db: impl PgExecutor<'_>, instance_id: &str) -> sq
     .fetch_all(db)
     .await
 }
+
+/// Whether `operation` succeeded on the instance (`binding_id` `None`) or on the binding, counting only tasks
+/// created at or after `since` (the row's `created_at`, so an id reused after a delete starts afresh).
+pub async fn has_succeeded_since(
+    db: impl PgExecutor<'_>,
+    instance_id: &str,
+    binding_id: Option<&str>,
+    operation: &str,
+    since: DateTime<Utc>,
+) -> sqlx::Result<bool> {
+    sqlx::query_scalar!(
+        r#"SELECT EXISTS (
+               SELECT 1 FROM tasks
+               WHERE instance_id = $1 AND binding_id IS NOT DISTINCT FROM $2 AND operation = $3
+                 AND state = 'succeeded' AND created_at >= $4
+           ) AS "exists!""#,
+        instance_id,
+        binding_id,
+        operation,
+        since,
+    )
+    .fetch_one(db)
+    .await
+}

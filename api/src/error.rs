@@ -1,0 +1,139 @@
+//! One error type for the HTTP layer. Every refusal is the OSB error shape
+//! `{"error": "<Code>", "description": "..."}`; a 5xx logs its full cause and tells the client nothing more.
+
+use axum::{
+    Json,
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde_json::json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: the request is malformed or names something the catalog does not have.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 401: missing or wrong broker credentials.
+    #[error("missing or wrong broker credentials")]
+    Unauthorized,
+    /// 404: the thing does not exist (or is not ready to be shown).
+    #[error("{0}")]
+    NotFound(String),
+    /// 405: the path exists, the method does not.
+    #[error("method not allowed on this path")]
+    MethodNotAllowed,
+    /// 409: a resource with this id exists with different attributes.
+    #[error("{0}")]
+    Conflict(String),
+    /// 412: `X-Broker-API-Version` missing or too old.
+    #[error("{0}")]
+    PreconditionFailed(String),
+    /// 413: the body is larger than the configured limit.
+    #[error("request body is larger than {0} bytes")]
+    PayloadTooLarge(usize),
+    /// 415: a body that says it is not JSON.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// 422 `AsyncRequired`: the operation needs `accepts_incomplete=true`.
+    #[error("this operation runs asynchronously; repeat the request with accepts_incomplete=true")]
+    AsyncRequired,
+    /// 422 `ConcurrencyError`: another operation on the same resource is in progress.
+    #[error("{0}")]
+    Concurrency(String),
+    /// 422 `MaintenanceInfoConflict`: `maintenance_info.version` does not match the plan's.
+    #[error("{0}")]
+    MaintenanceInfoConflict(String),
+    /// 500: a bug or a broken dependency. The chain is logged, never sent.
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+    /// 503: the broker's database cannot be reached.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl ApiError {
+    pub fn bad_request(msg: impl Into<String>) -> Self {
+        Self::BadRequest(msg.into())
+    }
+
+    pub fn status_code(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::AsyncRequired | Self::Concurrency(_) | Self::MaintenanceInfoConflict(_) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The OSB `error` code. The spec defines the 422 codes; the others are berth's, in the same style.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::AsyncRequired => "AsyncRequired",
+            Self::Concurrency(_) => "ConcurrencyError",
+            Self::MaintenanceInfoConflict(_) => "MaintenanceInfoConflict",
+            other => code_for_status(other.status_code()),
+        }
+    }
+}
+
+/// The `error` code berth uses for a status that has no OSB-defined code.
+pub(crate) fn code_for_status(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::BAD_REQUEST => "BadRequest",
+        StatusCode::UNAUTHORIZED => "Unauthorized",
+        StatusCode::NOT_FOUND => "NotFound",
+        StatusCode::METHOD_NOT_ALLOWED => "MethodNotAllowed",
+        StatusCode::REQUEST_TIMEOUT => "RequestTimeout",
+        StatusCode::CONFLICT => "Conflict",
+        StatusCode::PRECONDITION_FAILED => "PreconditionFailed",
+        StatusCode::PAYLOAD_TOO_LARGE => "PayloadTooLarge",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "UnsupportedMediaType",
+        StatusCode::UNPROCESSABLE_ENTITY => "UnprocessableEntity",
+        StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailable",
+        s if s.is_server_error() => "InternalError",
+        _ => "Error",
+    }
+}
+
+/// The OSB error body for `status`.
+pub(crate) fn error_body(status: StatusCode, code: &str, description: &str) -> Response {
+    (status, Json(json!({ "error": code, "description": description }))).into_response()
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(err: sqlx::Error) -> Self {
+        Self::Internal(anyhow::Error::new(err).context("querying the broker's database"))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status_code();
+        let description = match &self {
+            Self::Internal(err) => {
+                tracing::error!(error = format!("{err:#}"), "request failed");
+                "internal error in the broker; the operator can find the cause in its log".to_string()
+            }
+            other => other.to_string(),
+        };
+        let mut response = error_body(status, self.code(), &description);
+        if matches!(self, Self::Unauthorized) {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(r#"Basic realm="berth""#));
+        }
+        response
+    }
+}
+
+/// Shorthand for handler results.
+pub type ApiResult<T> = Result<T, ApiError>;

@@ -1,0 +1,101 @@
+//! Extractors whose rejections are [`ApiError`]s, so a malformed body, query or path gets an OSB-shaped answer
+//! instead of axum's plain text.
+
+use axum::{
+    body::Bytes,
+    extract::{FromRequest, FromRequestParts, Path, Query, Request},
+    http::{StatusCode, header, request::Parts},
+};
+use serde::de::DeserializeOwned;
+
+use crate::{AppState, error::ApiError};
+
+/// A JSON body. Unknown fields are ignored; a missing or mistyped field is a 400 that names it; a body over
+/// the limit is a 413; a `Content-Type` other than JSON is a 415 (a missing one is accepted, for curl users).
+#[derive(Debug, Clone)]
+pub struct OsbJson<T>(pub T);
+
+impl<T> FromRequest<AppState> for OsbJson<T>
+where
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        if let Some(content_type) = req.headers().get(header::CONTENT_TYPE) {
+            let essence = content_type.to_str().unwrap_or("").split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+            if essence != "application/json" && !essence.ends_with("+json") {
+                return Err(ApiError::UnsupportedMediaType(format!(
+                    "Content-Type must be application/json, not {essence:?}"
+                )));
+            }
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge(state.max_body_bytes)
+            } else {
+                ApiError::bad_request(format!("could not read the request body: {}", rejection.body_text()))
+            }
+        })?;
+        parse_json(&bytes).map(OsbJson)
+    }
+}
+
+/// Parses a JSON body into `T`, describing a failure the way a person fixing the request needs it.
+pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad_request("the request needs a JSON object as its body"));
+    }
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            ApiError::bad_request(format!("the request body is not valid JSON: {inner}"))
+        } else if path == "." {
+            ApiError::bad_request(format!("invalid request body: {inner}"))
+        } else {
+            ApiError::bad_request(format!("invalid request body: field `{path}`: {inner}"))
+        }
+    })?;
+    de.end()
+        .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))?;
+    Ok(value)
+}
+
+/// A query string. Unknown keys are ignored; a malformed one is a 400.
+#[derive(Debug, Clone)]
+pub struct OsbQuery<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for OsbQuery<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Query::<T>::try_from_uri(&parts.uri)
+            .map(|Query(q)| OsbQuery(q))
+            .map_err(|rejection| ApiError::bad_request(format!("invalid query string: {}", rejection.body_text())))
+    }
+}
+
+/// Path parameters, with an OSB-shaped rejection.
+#[derive(Debug, Clone)]
+pub struct OsbPath<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for OsbPath<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Path(p)| OsbPath(p))
+            .map_err(|rejection| ApiError::bad_request(format!("invalid path: {}", rejection.body_text())))
+    }
+}

@@ -1,0 +1,58 @@
+//! `X-Broker-API-Originating-Identity: <platform> <base64 JSON>`: who on the platform asked. Parsed leniently
+//! and recorded with the task; a header that does not parse is kept raw, never refused.
+
+use std::convert::Infallible;
+
+use axum::{extract::FromRequestParts, http::request::Parts};
+use base64::{
+    Engine,
+    engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD},
+};
+use serde_json::{Value, json};
+
+pub const HEADER: &str = "x-broker-api-originating-identity";
+
+/// The parsed header, if the request had one.
+#[derive(Debug, Clone, Default)]
+pub struct OriginatingIdentity(pub Option<Value>);
+
+impl<S: Send + Sync> FromRequestParts<S> for OriginatingIdentity {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let value = parts.headers.get(HEADER).map(|v| parse(&String::from_utf8_lossy(v.as_bytes())));
+        Ok(Self(value))
+    }
+}
+
+/// `{"platform": "cloudfoundry", "value": {...}}`, or `{"platform": ..., "raw": "..."}` when the value is not
+/// base64-encoded JSON.
+pub fn parse(header: &str) -> Value {
+    let header = header.trim();
+    let (platform, rest) = header.split_once(char::is_whitespace).unwrap_or((header, ""));
+    let rest = rest.trim();
+    let decoded = [STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD]
+        .iter()
+        .find_map(|engine| engine.decode(rest).ok())
+        .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok());
+    match decoded {
+        Some(value) => json!({ "platform": platform, "value": value }),
+        None => json!({ "platform": platform, "raw": rest }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_cloud_foundry_and_keeps_garbage() {
+        let b64 = STANDARD.encode(br#"{"user_id":"683ea748"}"#);
+        assert_eq!(
+            parse(&format!("cloudfoundry {b64}")),
+            json!({"platform": "cloudfoundry", "value": {"user_id": "683ea748"}})
+        );
+        assert_eq!(parse("kubernetes not-base64!"), json!({"platform": "kubernetes", "raw": "not-base64!"}));
+        assert_eq!(parse("lonely"), json!({"platform": "lonely", "raw": ""}));
+    }
+}

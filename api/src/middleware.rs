@@ -1,0 +1,160 @@
+//! What every `/v2` request passes through: HTTP basic auth and the `X-Broker-API-Version` check; and, for every
+//! response, an OSB-shaped body on errors that lower layers answered without one.
+
+use std::fmt;
+
+use axum::{
+    extract::{Request, State},
+    http::{HeaderValue, StatusCode, header},
+    middleware::Next,
+    response::{IntoResponse, Response},
+};
+use base64::{Engine, engine::general_purpose::STANDARD};
+use broker::crypto::constant_time_eq;
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::{
+    AppState,
+    error::{ApiError, code_for_status, error_body},
+};
+
+pub const API_VERSION_HEADER: &str = "x-broker-api-version";
+pub const REQUEST_IDENTITY_HEADER: &str = "x-broker-api-request-identity";
+/// The oldest OSB minor version berth answers (2.13 added `maintenance_info`).
+const MIN_MINOR: u32 = 13;
+
+/// The broker's own credentials, which platforms present with HTTP basic auth.
+#[derive(Clone)]
+pub struct BrokerAuth {
+    username: SecretString,
+    password: SecretString,
+}
+
+impl fmt::Debug for BrokerAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("BrokerAuth(..)")
+    }
+}
+
+impl BrokerAuth {
+    pub fn new(username: SecretString, password: SecretString) -> Self {
+        Self { username, password }
+    }
+
+    /// Whether an `Authorization` header carries these credentials. Both parts are always compared, in
+    /// constant time, so timing tells nothing about which part was wrong.
+    pub fn accepts(&self, authorization: Option<&HeaderValue>) -> bool {
+        let Some(value) = authorization.and_then(|v| v.to_str().ok()) else {
+            return false;
+        };
+        let Some((scheme, encoded)) = value.trim().split_once(' ') else {
+            return false;
+        };
+        if !scheme.eq_ignore_ascii_case("basic") {
+            return false;
+        }
+        let Ok(decoded) = STANDARD.decode(encoded.trim()) else {
+            return false;
+        };
+        let Some(colon) = decoded.iter().position(|&b| b == b':') else {
+            return false;
+        };
+        let (user, pass) = (&decoded[..colon], &decoded[colon + 1..]);
+        let user_ok = constant_time_eq(user, self.username.expose_secret().as_bytes());
+        let pass_ok = constant_time_eq(pass, self.password.expose_secret().as_bytes());
+        user_ok & pass_ok
+    }
+}
+
+/// 401 with `WWW-Authenticate: Basic realm="berth"` unless the request carries the broker's credentials.
+pub async fn require_basic_auth(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if state.auth.accepts(req.headers().get(header::AUTHORIZATION)) {
+        next.run(req).await
+    } else {
+        ApiError::Unauthorized.into_response()
+    }
+}
+
+/// 412 unless `X-Broker-API-Version` is 2.x with x ≥ 13.
+pub async fn require_api_version(req: Request, next: Next) -> Response {
+    match check_api_version(req.headers().get(API_VERSION_HEADER)) {
+        Ok(()) => next.run(req).await,
+        Err(err) => err.into_response(),
+    }
+}
+
+fn check_api_version(value: Option<&HeaderValue>) -> Result<(), ApiError> {
+    let supported = "berth speaks OSB API 2.13 to 2.17; send `X-Broker-API-Version: 2.17`";
+    let Some(value) = value else {
+        return Err(ApiError::PreconditionFailed(format!("the X-Broker-API-Version header is missing; {supported}")));
+    };
+    let text = String::from_utf8_lossy(value.as_bytes());
+    let parsed = text.trim().split_once('.').and_then(|(major, rest)| {
+        let minor = rest.split('.').next().unwrap_or(rest);
+        Some((major.parse::<u32>().ok()?, minor.parse::<u32>().ok()?))
+    });
+    match parsed {
+        None => Err(ApiError::PreconditionFailed(format!(
+            "X-Broker-API-Version {text:?} is not a version like 2.17; {supported}"
+        ))),
+        Some((2, minor)) if minor >= MIN_MINOR => Ok(()),
+        Some(_) => Err(ApiError::PreconditionFailed(format!(
+            "X-Broker-API-Version {text:?} is not supported; {supported}"
+        ))),
+    }
+}
+
+/// Gives an OSB error body to any error response that has no body type of its own (a timeout, a rejection
+/// from a layer), so clients always get `{"error", "description"}`.
+pub async fn osb_error_bodies(req: Request, next: Next) -> Response {
+    let response = next.run(req).await;
+    let status = response.status();
+    if status.as_u16() < 400 || response.headers().contains_key(header::CONTENT_TYPE) {
+        return response;
+    }
+    let (mut parts, _) = response.into_parts();
+    let description = match status {
+        StatusCode::REQUEST_TIMEOUT => "the broker did not answer in time; retry the request".to_string(),
+        other => other.canonical_reason().unwrap_or("request refused").to_string(),
+    };
+    let (new_parts, body) = error_body(status, code_for_status(status), &description).into_parts();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    for (name, value) in &new_parts.headers {
+        parts.headers.insert(name.clone(), value.clone());
+    }
+    Response::from_parts(parts, body)
+}
+
+/// 404 for paths berth does not serve.
+pub async fn not_found() -> ApiError {
+    ApiError::NotFound("no such path in the OSB API".into())
+}
+
+/// 405 for a known path with a method it does not take.
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions() {
+        let ok = |v: &str| check_api_version(Some(&HeaderValue::from_str(v).unwrap())).is_ok();
+        assert!(ok("2.17") && ok("2.13") && ok("2.14") && ok("2.99") && ok(" 2.16.1 "));
+        assert!(!ok("2.12") && !ok("1.17") && !ok("3.0") && !ok("two") && !ok("2") && !ok(""));
+        assert!(check_api_version(None).is_err());
+    }
+
+    #[test]
+    fn basic_auth() {
+        let auth = BrokerAuth::new("u".into(), "p:w".into());
+        let header = |s: &str| HeaderValue::from_str(&format!("Basic {}", STANDARD.encode(s))).unwrap();
+        assert!(auth.accepts(Some(&header("u:p:w"))));
+        assert!(!auth.accepts(Some(&header("u:p"))));
+        assert!(!auth.accepts(Some(&header("x:p:w"))));
+        assert!(!auth.accepts(Some(&HeaderValue::from_static("Bearer abc"))));
+        assert!(!auth.accepts(None));
+    }
+}

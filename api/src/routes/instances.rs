@@ -1,0 +1,339 @@
+//! `/v2/service_instances/{instance_id}`: provision (PUT), update (PATCH), deprovision (DELETE), fetch (GET)
+//! and `last_operation`. Each accepted change writes the row and one task in one transaction, then answers 202.
+
+use axum::{
+    Json, Router,
+    extract::State,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use broker::{
+    catalog::SchemaFor,
+    db::{
+        instances::{self, InstanceRow, NewInstance},
+        tasks,
+    },
+    model::{Operation, TaskState, UpdatePayload},
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sqlx::PgConnection;
+
+use super::{
+    MaintenanceInfoBody, OsbParams, accepted, check_id, check_maintenance, gone, last_operation_response,
+    lookup_plan, object_or_empty, ok_empty, operation_of, operation_task, parse_operation,
+};
+use crate::{
+    AppState,
+    error::{ApiError, ApiResult},
+    extract::{OsbJson, OsbPath, OsbQuery},
+    identity::OriginatingIdentity,
+    webhook,
+};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v2/service_instances/{instance_id}", get(fetch).put(provision).patch(update).delete(deprovision))
+        .route("/v2/service_instances/{instance_id}/last_operation", get(last_operation))
+}
+
+#[derive(Debug, Deserialize)]
+struct ProvisionBody {
+    service_id: String,
+    plan_id: String,
+    organization_guid: String,
+    space_guid: String,
+    context: Option<Value>,
+    parameters: Option<Value>,
+    maintenance_info: Option<MaintenanceInfoBody>,
+}
+
+async fn provision(
+    State(state): State<AppState>,
+    OsbPath(instance_id): OsbPath<String>,
+    OsbQuery(query): OsbQuery<OsbParams>,
+    OriginatingIdentity(identity): OriginatingIdentity,
+    OsbJson(body): OsbJson<ProvisionBody>,
+) -> ApiResult<Response> {
+    check_id("instance_id", &instance_id)?;
+    query.require_async()?;
+    let plan = lookup_plan(&state.catalog, &body.service_id, &body.plan_id)?;
+    let mut parameters = object_or_empty(body.parameters, "parameters")?;
+    state.catalog.validate(&plan.plan.id, SchemaFor::Provision, &parameters).map_err(|e| ApiError::BadRequest(e.0))?;
+    let hook = webhook::take(&mut parameters, query.webhook.as_deref(), query.secret.as_deref(), &state.cipher)?;
+    let context = object_or_empty(body.context, "context")?;
+    check_maintenance(body.maintenance_info.as_ref().and_then(|m| m.version.as_deref()), &plan)?;
+    // The instance starts at its plan's maintenance version (a request may only name that same version).
+    let maintenance_version = plan.plan.maintenance_info.as_ref().map(|m| m.version.as_str());
+    let new = NewInstance {
+        id: &instance_id,
+        service_id: &body.service_id,
+        plan_id: &body.plan_id,
+        organization_guid: &body.organization_guid,
+        space_guid: &body.space_guid,
+        context: &context,
+        parameters: &parameters,
+        maintenance_version,
+    };
+
+    let mut tx = state.db.begin().await?;
+    // A concurrent request may insert the same id first (our insert then waits for it and does nothing), or
+    // a deprovision may delete the row between our insert and our read: go round again.
+    for _ in 0..3 {
+        if instances::insert(&mut *tx, &new).await? {
+            let task = operation_task(Operation::Provision, &instance_id, None, json!({}), identity, hook);
+            let operation = tasks::enqueue(&mut *tx, task).await?;
+            tx.commit().await?;
+            return Ok(accepted(operation));
+        }
+        let Some(row) = instances::get_for_update(&mut *tx, &instance_id).await? else {
+            continue;
+        };
+        let outcome = provision_existing(&mut tx, &row, &new, identity, hook).await?;
+        if outcome.status() == StatusCode::ACCEPTED {
+            tx.commit().await?;
+        }
+        return Ok(outcome);
+    }
+    Err(anyhow::anyhow!("instance {instance_id} was created and deleted repeatedly while provisioning it").into())
+}
+
+/// A provision request for an id that exists: the same request again (answered from its task), or a conflict.
+async fn provision_existing(
+    tx: &mut PgConnection,
+    row: &InstanceRow,
+    new: &NewInstance<'_>,
+    identity: Option<Value>,
+    hook: Option<(String, Vec<u8>)>,
+) -> ApiResult<Response> {
+    let identical = row.service_id == new.service_id
+        && row.plan_id == new.plan_id
+        && row.organization_guid == new.organization_guid
+        && row.space_guid == new.space_guid
+        && row.parameters == *new.parameters
+        && row.maintenance_version.as_deref() == new.maintenance_version;
+    if !identical {
+        return Err(ApiError::Conflict(format!(
+            "service instance {} already exists with different attributes",
+            row.id
+        )));
+    }
+    let active = tasks::active_operations(&mut *tx, &row.id).await?;
+    if let Some(task) = active.iter().find(|t| t.binding_id.is_none()) {
+        return match operation_of(task) {
+            Some(Operation::Provision) => Ok(accepted(task.task_id())),
+            _ => Err(concurrency(&row.id, task)),
+        };
+    }
+    let latest = tasks::latest_instance_operation(&mut *tx, &row.id).await?;
+    match latest.as_ref().map(|t| (operation_of(t), t.state())) {
+        Some((Some(Operation::Provision), TaskState::Succeeded)) | Some((Some(Operation::Update), _)) => Ok(ok_empty()),
+        Some((Some(Operation::Deprovision), _)) => Err(ApiError::Conflict(format!(
+            "service instance {} is being deleted (its last deprovision failed); deprovision it again",
+            row.id
+        ))),
+        // The provision failed (or, which should not happen, has no task): provisioning is idempotent, try again.
+        _ => {
+            let task = operation_task(Operation::Provision, &row.id, None, json!({}), identity, hook);
+            Ok(accepted(tasks::enqueue(&mut *tx, task).await?))
+        }
+    }
+}
+
+fn concurrency(instance_id: &str, task: &broker::db::tasks::TaskRow) -> ApiError {
+    let operation = task.operation.as_deref().unwrap_or("an operation");
+    let what = match &task.binding_id {
+        Some(binding) => format!("binding {binding} of service instance {instance_id}"),
+        None => format!("service instance {instance_id}"),
+    };
+    ApiError::Concurrency(format!(
+        "{what} has a {operation} in progress (operation {}); try again when it has finished",
+        task.id
+    ))
+}
+
+/// 404 unless the instance exists and its provision has succeeded.
+async fn provisioned_instance(db: &mut PgConnection, instance_id: &str, lock: bool) -> ApiResult<InstanceRow> {
+    let row = if lock {
+        instances::get_for_update(&mut *db, instance_id).await?
+    } else {
+        instances::get(&mut *db, instance_id).await?
+    };
+    let not_found = || ApiError::NotFound(format!("service instance {instance_id} does not exist or is still being provisioned"));
+    let row = row.ok_or_else(not_found)?;
+    let provisioned =
+        tasks::has_succeeded_since(&mut *db, instance_id, None, Operation::Provision.as_str(), row.created_at).await?;
+    if provisioned { Ok(row) } else { Err(not_found()) }
+}
+
+#[derive(Debug, Deserialize)]
+struct UpdateBody {
+    service_id: String,
+    plan_id: Option<String>,
+    parameters: Option<Value>,
+    context: Option<Value>,
+    maintenance_info: Option<MaintenanceInfoBody>,
+}
+
+async fn update(
+    State(state): State<AppState>,
+    OsbPath(instance_id): OsbPath<String>,
+    OsbQuery(query): OsbQuery<OsbParams>,
+    OriginatingIdentity(identity): OriginatingIdentity,
+    OsbJson(body): OsbJson<UpdateBody>,
+) -> ApiResult<Response> {
+    check_id("instance_id", &instance_id)?;
+    let catalog = &state.catalog;
+    let service = catalog
+        .service(&body.service_id)
+        .ok_or_else(|| ApiError::bad_request(format!("service_id {:?} is not a service in the catalog", body.service_id)))?;
+    let request_parameters = body.parameters.map(|p| object_or_empty(Some(p), "parameters")).transpose()?;
+    let context = body.context.map(|c| object_or_empty(Some(c), "context")).transpose()?;
+
+    let mut tx = state.db.begin().await?;
+    let row = provisioned_instance(&mut tx, &instance_id, true).await?;
+    if row.service_id != body.service_id {
+        return Err(ApiError::bad_request(format!(
+            "service instance {instance_id} belongs to service {:?}, not {:?}",
+            row.service_id, body.service_id
+        )));
+    }
+    let target_plan_id = body.plan_id.clone().unwrap_or_else(|| row.plan_id.clone());
+    let plan_changes = target_plan_id != row.plan_id;
+    let target = catalog.plan(&row.service_id, &target_plan_id).ok_or_else(|| {
+        if catalog.plan_by_id(&target_plan_id).is_some() {
+            ApiError::bad_request(format!("plan_id {target_plan_id:?} belongs to another service than {:?}", service.name))
+        } else {
+            ApiError::bad_request(format!("plan_id {target_plan_id:?} is not a plan of service {:?}", service.name))
+        }
+    })?;
+    if plan_changes {
+        let updateable = catalog.plan_by_id(&row.plan_id).map_or(service.plan_updateable, |p| p.plan_updateable());
+        if !updateable {
+            return Err(ApiError::bad_request(format!(
+                "the plan of service instance {instance_id} cannot be changed (its plan is not plan_updateable)"
+            )));
+        }
+    }
+    let mut parameters = request_parameters.clone().unwrap_or_else(|| json!({}));
+    catalog.validate(&target.plan.id, SchemaFor::Update, &parameters).map_err(|e| ApiError::BadRequest(e.0))?;
+    let hook = webhook::take(&mut parameters, query.webhook.as_deref(), query.secret.as_deref(), &state.cipher)?;
+    let requested_version = body.maintenance_info.as_ref().and_then(|m| m.version.as_deref());
+    check_maintenance(requested_version, &target)?;
+
+    let active = tasks::active_operations(&mut *tx, &instance_id).await?;
+    if let Some(task) = active.first() {
+        return Err(concurrency(&instance_id, task));
+    }
+
+    let parameters_change = parameters.as_object().is_some_and(|m| !m.is_empty()) || hook.is_some();
+    let maintenance_changes = requested_version.is_some_and(|v| Some(v) != row.maintenance_version.as_deref());
+    if !plan_changes && !parameters_change && !maintenance_changes {
+        // Only the context (or nothing) changes: nothing to do on the provider, so apply it now.
+        if let Some(context) = &context {
+            instances::set_context(&mut *tx, &instance_id, context).await?;
+        }
+        tx.commit().await?;
+        return Ok(ok_empty());
+    }
+    query.require_async()?;
+
+    let mut merged = row.parameters.as_object().cloned().unwrap_or_default();
+    merged.extend(parameters.as_object().cloned().unwrap_or_default());
+    merged.remove("webhook");
+    let maintenance_version = match requested_version {
+        Some(v) => Some(v.to_string()),
+        None if plan_changes => target.plan.maintenance_info.as_ref().map(|m| m.version.clone()),
+        None => None,
+    };
+    let payload = UpdatePayload {
+        plan_id: target_plan_id,
+        parameters: Value::Object(merged),
+        context: context.unwrap_or_else(|| row.context.clone()),
+        maintenance_version,
+    };
+    let payload = serde_json::to_value(&payload).map_err(|e| anyhow::Error::new(e).context("serializing an update"))?;
+    let task = operation_task(Operation::Update, &instance_id, None, payload, identity, hook);
+    let operation = tasks::enqueue(&mut *tx, task).await?;
+    tx.commit().await?;
+    Ok(accepted(operation))
+}
+
+async fn deprovision(
+    State(state): State<AppState>,
+    OsbPath(instance_id): OsbPath<String>,
+    OsbQuery(query): OsbQuery<OsbParams>,
+    OriginatingIdentity(identity): OriginatingIdentity,
+) -> ApiResult<Response> {
+    check_id("instance_id", &instance_id)?;
+    query.require_service_and_plan()?;
+    query.require_async()?;
+    let hook = webhook::take(&mut json!({}), query.webhook.as_deref(), query.secret.as_deref(), &state.cipher)?;
+
+    let mut tx = state.db.begin().await?;
+    if instances::get_for_update(&mut *tx, &instance_id).await?.is_none() {
+        return Ok(gone());
+    }
+    let active = tasks::active_operations(&mut *tx, &instance_id).await?;
+    if let Some(task) = active.iter().find(|t| t.binding_id.is_none() && operation_of(t) == Some(Operation::Deprovision))
+    {
+        return Ok(accepted(task.task_id()));
+    }
+    if let Some(task) = active.first() {
+        return Err(concurrency(&instance_id, task));
+    }
+    let task = operation_task(Operation::Deprovision, &instance_id, None, json!({}), identity, hook);
+    let operation = tasks::enqueue(&mut *tx, task).await?;
+    tx.commit().await?;
+    Ok(accepted(operation))
+}
+
+async fn fetch(State(state): State<AppState>, OsbPath(instance_id): OsbPath<String>) -> ApiResult<Response> {
+    let mut conn = state.db.acquire().await?;
+    let row = provisioned_instance(&mut conn, &instance_id, false).await?;
+    let active = tasks::active_operations(&mut *conn, &instance_id).await?;
+    if let Some(task) = active.iter().find(|t| t.binding_id.is_none() && operation_of(t) == Some(Operation::Update)) {
+        return Err(concurrency(&instance_id, task));
+    }
+    let mut body = json!({
+        "service_id": row.service_id,
+        "plan_id": row.plan_id,
+        "parameters": row.parameters,
+    });
+    if let Some(version) = row.maintenance_version {
+        body["maintenance_info"] = json!({ "version": version });
+    }
+    Ok((StatusCode::OK, Json(body)).into_response())
+}
+
+async fn last_operation(
+    State(state): State<AppState>,
+    OsbPath(instance_id): OsbPath<String>,
+    OsbQuery(query): OsbQuery<OsbParams>,
+) -> ApiResult<Response> {
+    let mut conn = state.db.acquire().await?;
+    let row = instances::get(&mut *conn, &instance_id).await?;
+    let task = match query.operation.as_deref().filter(|o| !o.is_empty()) {
+        Some(operation) => {
+            let id = parse_operation(operation)?;
+            match tasks::get(&mut *conn, id).await? {
+                Some(task) if task.instance_id.as_deref() == Some(&instance_id) && task.binding_id.is_none() => Some(task),
+                None if row.is_none() => None,
+                _ => {
+                    return Err(ApiError::bad_request(format!(
+                        "operation {operation} is not an operation on service instance {instance_id}"
+                    )));
+                }
+            }
+        }
+        None => tasks::latest_instance_operation(&mut *conn, &instance_id).await?,
+    };
+    let Some(task) = task else {
+        return Err(ApiError::NotFound(format!("service instance {instance_id} does not exist")));
+    };
+    if row.is_none() && operation_of(&task) == Some(Operation::Deprovision) && task.state() == TaskState::Succeeded {
+        return Ok(gone());
+    }
+    Ok(last_operation_response(&task, true))
+}
