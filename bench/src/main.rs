@@ -1,0 +1,173 @@
+//! `berth-bench`: the measuring half of `bench/run.sh`. Each subcommand prints one JSON line per figure on
+//! stdout; `report` turns the collected lines into the final table.
+//!
+//!   berth-bench queue --database-url U --backlog B --sample N --workers 1,4 [--concurrency C] [--label L]
+//!   berth-bench provision --url U --username X --password Y [--count N]
+//!   berth-bench ddl --pg-url U [--count N]
+//!   berth-bench report FILE
+
+mod queue;
+mod report;
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+use sqlx::{Connection, PgConnection};
+
+const SERVICE_ID: &str = "3bdd3b6c-801f-470b-a45f-bc1849fa2124";
+const SHARED_PLAN_ID: &str = "707a3e6f-f8db-4339-88da-1533837a9810";
+
+/// `--name value` pairs after the subcommand.
+pub struct Args(HashMap<String, String>);
+
+impl Args {
+    fn parse(raw: &[String]) -> anyhow::Result<Self> {
+        let mut map = HashMap::new();
+        let mut it = raw.iter();
+        while let Some(key) = it.next() {
+            let Some(name) = key.strip_prefix("--") else { bail!("unexpected argument {key}") };
+            let value = it.next().with_context(|| format!("{key} needs a value"))?;
+            map.insert(name.to_string(), value.clone());
+        }
+        Ok(Self(map))
+    }
+
+    pub fn get(&self, name: &str) -> anyhow::Result<&str> {
+        self.0.get(name).map(String::as_str).with_context(|| format!("--{name} is required"))
+    }
+
+    pub fn num<T: std::str::FromStr>(&self, name: &str, default: T) -> anyhow::Result<T> {
+        match self.0.get(name) {
+            None => Ok(default),
+            Some(v) => v.parse().map_err(|_| anyhow::anyhow!("--{name}: not a number: {v}")),
+        }
+    }
+
+    pub fn opt(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(String::as_str)
+    }
+}
+
+/// Nearest-rank percentile of sorted samples.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn summary(mut ms: Vec<f64>) -> Value {
+    ms.sort_by(f64::total_cmp);
+    let mean = ms.iter().sum::<f64>() / ms.len() as f64;
+    json!({
+        "count": ms.len(),
+        "p50_ms": percentile(&ms, 50.0),
+        "p99_ms": percentile(&ms, 99.0),
+        "mean_ms": mean,
+        "min_ms": ms.first(),
+        "max_ms": ms.last(),
+    })
+}
+
+fn emit(mut line: Value, part: &str) {
+    line["part"] = json!(part);
+    println!("{line}");
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let Some(cmd) = argv.first() else { bail!("usage: berth-bench queue|provision|ddl|report ...") };
+    match cmd.as_str() {
+        "report" => report::print(argv.get(1).context("report FILE")?),
+        "queue" => queue::run(&Args::parse(&argv[1..])?).await,
+        "provision" => provision(&Args::parse(&argv[1..])?).await,
+        "ddl" => ddl(&Args::parse(&argv[1..])?).await,
+        other => bail!("unknown subcommand {other}"),
+    }
+}
+
+/// Sequential `shared` provisions on an idle broker: PUT (async), then GET last_operation every 5 ms until
+/// it says succeeded. One unmeasured warm-up first.
+async fn provision(args: &Args) -> anyhow::Result<()> {
+    let base = args.get("url")?.trim_end_matches('/').to_string();
+    let user = args.get("username")?.to_string();
+    let pass = args.get("password")?.to_string();
+    let count: usize = args.num("count", 30)?;
+    let poll = Duration::from_millis(args.num("poll-ms", 5)?);
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let mut samples = Vec::with_capacity(count);
+    for i in 0..=count {
+        let id = format!("bench-{}-{i}", &tag[..8]);
+        let t0 = Instant::now();
+        let resp = http
+            .put(format!("{base}/v2/service_instances/{id}?accepts_incomplete=true"))
+            .basic_auth(&user, Some(&pass))
+            .header("X-Broker-API-Version", "2.17")
+            .json(&json!({"service_id": SERVICE_ID, "plan_id": SHARED_PLAN_ID,
+                          "organization_guid": "o", "space_guid": "s"}))
+            .send()
+            .await?;
+        let status = resp.status();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        if status.as_u16() != 202 && status.as_u16() != 201 {
+            bail!("provision {id}: HTTP {status}: {body}");
+        }
+        let mut url = format!("{base}/v2/service_instances/{id}/last_operation");
+        if let Some(op) = body.get("operation").and_then(Value::as_str) {
+            url = format!("{url}?operation={op}");
+        }
+        let deadline = t0 + Duration::from_secs(60);
+        loop {
+            if status.as_u16() == 201 {
+                break;
+            }
+            let r = http.get(&url).basic_auth(&user, Some(&pass)).header("X-Broker-API-Version", "2.17").send().await?;
+            let st = r.status();
+            let b: Value = r.json().await.unwrap_or(Value::Null);
+            match b.get("state").and_then(Value::as_str) {
+                Some("succeeded") => break,
+                Some("failed") => bail!("provision {id} failed: {b}"),
+                _ if !st.is_success() => bail!("last_operation {id}: HTTP {st}: {b}"),
+                _ => {}
+            }
+            if Instant::now() > deadline {
+                bail!("provision {id} not done within 60 s");
+            }
+            tokio::time::sleep(poll).await;
+        }
+        if i > 0 {
+            samples.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let mut line = summary(samples);
+    line["poll_ms"] = json!(poll.as_millis());
+    emit(line, "provision");
+    Ok(())
+}
+
+/// The limit for a provision: `CREATE ROLE` + `CREATE DATABASE` on an open superuser connection, sequentially.
+/// One unmeasured warm-up first.
+async fn ddl(args: &Args) -> anyhow::Result<()> {
+    let count: usize = args.num("count", 30)?;
+    let mut conn = PgConnection::connect(args.get("pg-url")?).await.context("connecting to the bench Postgres")?;
+    let tag = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    let mut samples = Vec::with_capacity(count);
+    for i in 0..=count {
+        let name = format!("ddl_{tag}_{i}");
+        let t0 = Instant::now();
+        sqlx::raw_sql(&format!("CREATE ROLE {name} LOGIN PASSWORD 'bench-{tag}-{i}'")).execute(&mut conn).await?;
+        sqlx::raw_sql(&format!("CREATE DATABASE {name} OWNER {name}")).execute(&mut conn).await?;
+        if i > 0 {
+            samples.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    emit(summary(samples), "ddl");
+    Ok(())
+}

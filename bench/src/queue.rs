@@ -1,0 +1,164 @@
+//! No-op task throughput of berth's queue.
+//!
+//! For each worker count K: tops the queue up to `--backlog` pending no-op tasks, then starts K workers and times
+//! how long the `--sample` oldest pending tasks (by `run_at`, the claim order) take to leave `pending`/`running`.
+//! With backlog == sample that is a whole drain; with a large backlog it is the drain rate of the first `sample`
+//! tasks while the rest stay queued. Tasks finished beyond the sample are not counted, so the rate is conservative.
+//!
+//! Workers are `berth-worker` processes (`--worker-bin`), each with `WORKER_CONCURRENCY=--concurrency` and the
+//! rest of its settings from this process's environment.
+
+use std::{
+    path::PathBuf,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use serde_json::json;
+use sqlx::{Connection, PgConnection, postgres::PgConnectOptions};
+use tokio::process::{Child, Command};
+
+use crate::{Args, emit};
+
+const CHUNK: i64 = 100_000;
+
+pub async fn run(args: &Args) -> anyhow::Result<()> {
+    let url = args.get("database-url")?.to_string();
+    let backlog: i64 = args.num("backlog", 10_000)?;
+    let sample: i64 = args.num("sample", backlog)?;
+    let concurrency: usize = args.num("concurrency", 8)?;
+    let timeout = Duration::from_secs(args.num("timeout-secs", 1800)?);
+    let label = args.opt("label").unwrap_or("").to_string();
+    let worker_bin = PathBuf::from(args.get("worker-bin")?);
+    let log_dir = PathBuf::from(args.opt("log-dir").unwrap_or("/tmp"));
+    let workers: Vec<usize> = args
+        .get("workers")
+        .unwrap_or("1,4")
+        .split(',')
+        .map(|w| w.trim().parse().context("--workers: comma-separated counts"))
+        .collect::<anyhow::Result<_>>()?;
+    if sample > backlog || sample <= 0 {
+        bail!("--sample must be in 1..=--backlog");
+    }
+
+    let options: PgConnectOptions = url.parse().context("--database-url")?;
+    let mut db = PgConnection::connect_with(&options.application_name("berth-bench")).await?;
+    broker::MIGRATOR.run(&mut db).await.context("migrating the bench database")?;
+    sqlx::raw_sql("TRUNCATE tasks CASCADE").execute(&mut db).await?;
+    let base: String = sqlx::query_scalar("SELECT (now() - interval '1 day')::text")
+        .fetch_one(&mut db)
+        .await?;
+    // Microseconds after `base` of the next task's run_at, so claim order is insertion order.
+    let mut next: i64 = 0;
+
+    for &k in &workers {
+        let pending: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM tasks WHERE state = 'pending'").fetch_one(&mut db).await?;
+        let t_enqueue = Instant::now();
+        let mut added = 0;
+        while pending + added < backlog {
+            let n = (backlog - pending - added).min(CHUNK);
+            sqlx::query(
+                "INSERT INTO tasks (id, kind, payload, run_at)
+                 SELECT gen_random_uuid(), 'noop', '{}', $1::timestamptz + (($2 + i) * interval '1 microsecond')
+                 FROM generate_series(1, $3::bigint) i",
+            )
+            .bind(&base)
+            .bind(next)
+            .bind(n)
+            .execute(&mut db)
+            .await?;
+            next += n;
+            added += n;
+        }
+        let enqueue_secs = t_enqueue.elapsed().as_secs_f64();
+        // Settle: statistics for the planner, dirty pages flushed, so the timed part starts from a quiet server.
+        sqlx::raw_sql("ANALYZE tasks; CHECKPOINT").execute(&mut db).await?;
+        let cutoff: String = sqlx::query_scalar(
+            "SELECT run_at::text FROM tasks WHERE state = 'pending'
+             ORDER BY run_at OFFSET $1 - 1 LIMIT 1",
+        )
+        .bind(sample)
+        .fetch_one(&mut db)
+        .await?;
+        let queued: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM tasks WHERE state = 'pending'").fetch_one(&mut db).await?;
+        let succeeded_before: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM tasks WHERE state = 'succeeded'").fetch_one(&mut db).await?;
+
+        let t0 = Instant::now();
+        let mut children = Vec::with_capacity(k);
+        for i in 0..k {
+            children.push(spawn_worker(&worker_bin, &url, concurrency, i, &log_dir)?);
+        }
+        let deadline = t0 + timeout;
+        let result = loop {
+            let left: i64 = sqlx::query_scalar(
+                "SELECT (SELECT count(*) FROM (SELECT 1 FROM tasks WHERE state = 'pending'
+                                               AND run_at <= $1::timestamptz LIMIT 1) p)
+                      + (SELECT count(*) FROM tasks WHERE state = 'running' AND run_at <= $1::timestamptz)",
+            )
+            .bind(&cutoff)
+            .fetch_one(&mut db)
+            .await?;
+            if left == 0 {
+                break Ok(t0.elapsed());
+            }
+            if Instant::now() > deadline {
+                break Err(anyhow::anyhow!("queue: {sample} tasks not done within {timeout:?}"));
+            }
+            if let Some(status) = children.iter_mut().find_map(|c| c.try_wait().ok().flatten()) {
+                break Err(anyhow::anyhow!("a berth-worker exited early ({status}); see {}", log_dir.display()));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        for child in &mut children {
+            stop(child).await;
+        }
+        let elapsed = result?;
+        let succeeded_after: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM tasks WHERE state = 'succeeded'").fetch_one(&mut db).await?;
+        let failed: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE state = 'failed' OR attempts > 1")
+            .fetch_one(&mut db)
+            .await?;
+        if succeeded_after - succeeded_before < sample {
+            bail!("queue: only {} tasks succeeded of {sample}", succeeded_after - succeeded_before);
+        }
+        let secs = elapsed.as_secs_f64();
+        emit(
+            json!({
+                "label": label, "backlog": backlog, "queued_at_start": queued, "sample": sample, "workers": k,
+                "concurrency": concurrency, "mode": "process", "secs": secs, "tasks_per_s": sample as f64 / secs,
+                "succeeded_during_run": succeeded_after - succeeded_before, "retried_or_failed": failed,
+                "enqueued": added, "enqueue_secs": enqueue_secs,
+            }),
+            "queue",
+        );
+    }
+    Ok(())
+}
+
+fn spawn_worker(bin: &PathBuf, url: &str, concurrency: usize, i: usize, log_dir: &std::path::Path) -> anyhow::Result<Child> {
+    let log = std::fs::File::create(log_dir.join(format!("bench-worker-{i}.log")))?;
+    Command::new(bin)
+        .env("DATABASE_URL", url)
+        .env("WORKER_CONCURRENCY", concurrency.to_string())
+        .env("WORKER_ID", format!("bench-{i}"))
+        .stdout(Stdio::from(log.try_clone()?))
+        .stderr(Stdio::from(log))
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))
+}
+
+/// SIGTERM (graceful), then SIGKILL after 10 s.
+async fn stop(child: &mut Child) {
+    if let Some(pid) = child.id() {
+        let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
+        if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_ok() {
+            return;
+        }
+    }
+    let _ = child.kill().await;
+}

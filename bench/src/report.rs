@@ -1,0 +1,152 @@
+//! The final table: every berth figure beside its anchor, from the JSON lines `bench/run.sh` collected.
+
+use anyhow::Context;
+use serde_json::Value;
+
+fn f(v: &Value, key: &str) -> Option<f64> {
+    v.get(key).and_then(Value::as_f64)
+}
+
+fn rate(x: Option<f64>) -> String {
+    x.map_or("-".into(), |x| format!("{x:.0}/s"))
+}
+
+fn ms(x: Option<f64>) -> String {
+    x.map_or("-".into(), |x| if x < 10.0 { format!("{x:.2} ms") } else { format!("{x:.1} ms") })
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+        _ => "-".into(),
+    }
+}
+
+fn count(n: i64) -> String {
+    if n >= 1_000_000 && n % 1_000_000 == 0 {
+        format!("{}M", n / 1_000_000)
+    } else if n >= 1000 && n % 1000 == 0 {
+        format!("{}k", n / 1000)
+    } else {
+        n.to_string()
+    }
+}
+
+pub fn print(path: &str) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    let lines: Vec<Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let find = |part: &str, label: Option<&str>| -> Vec<&Value> {
+        lines
+            .iter()
+            .filter(|v| v["part"] == part && label.is_none_or(|l| v["label"] == l))
+            .collect()
+    };
+    let meta = find("meta", None);
+    if let Some(m) = meta.first() {
+        println!("berth bench  {}", m["summary"].as_str().unwrap_or(""));
+    }
+    let w = 46;
+    let row = |what: &str, berth: String, anchor: String, r: String| {
+        println!("  {what:<w$} {berth:>16}  {anchor:<40} {r:>7}");
+    };
+
+    let queue = find("queue", None);
+    let pgbench = find("pgbench", None).first().and_then(|v| f(v, "tps"));
+    if !queue.is_empty() || pgbench.is_some() {
+        println!();
+        println!("QUEUE  no-op task throughput (durable Postgres: fsync on, synchronous_commit on)");
+        println!("  {:<w$} {:>16}  {:<40} {:>7}", "", "berth", "anchor", "ratio");
+        for label in ["small", "big"] {
+            let graphile = find("graphile", Some(label)).first().copied();
+            for q in find("queue", Some(label)) {
+                let backlog = q["backlog"].as_i64().unwrap_or(0);
+                let sample = q["sample"].as_i64().unwrap_or(0);
+                let what = if sample == backlog {
+                    format!("{} queued, drain all, {} worker(s) x{}", count(backlog), q["workers"], q["concurrency"])
+                } else {
+                    format!(
+                        "{} queued, first {}, {} worker(s) x{}",
+                        count(q["queued_at_start"].as_i64().unwrap_or(backlog)),
+                        count(sample),
+                        q["workers"],
+                        q["concurrency"]
+                    )
+                };
+                let anchor = graphile.map_or("graphile-worker: not run".into(), |g| {
+                    format!("graphile-worker {} (4x24)", rate(f(g, "jobs_per_s")))
+                });
+                row(
+                    &what,
+                    rate(f(q, "tasks_per_s")),
+                    anchor,
+                    ratio(f(q, "tasks_per_s"), graphile.and_then(|g| f(g, "jobs_per_s"))),
+                );
+            }
+        }
+        let small4 = find("queue", Some("small")).into_iter().find(|q| q["workers"] == 4).and_then(|q| f(q, "tasks_per_s"));
+        let big4 = find("queue", Some("big")).into_iter().find(|q| q["workers"] == 4).and_then(|q| f(q, "tasks_per_s"));
+        if small4.is_some() && big4.is_some() {
+            row("4 workers: large backlog vs 10k (1.00 = no slowdown)", rate(big4), format!("10k: {}", rate(small4)), ratio(big4, small4));
+        }
+        if let Some(tps) = pgbench {
+            let best = queue.iter().filter_map(|q| f(q, "tasks_per_s")).fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
+            let p = find("pgbench", None)[0];
+            row(
+                "durable-write limit: best berth vs pgbench",
+                rate(best),
+                format!("pgbench 1-row INSERT {} tps ({} clients, {} s)", tps.round(), p["clients"], p["secs"]),
+                ratio(best, Some(tps)),
+            );
+        }
+        for g in find("graphile", None) {
+            if g["mode"] == "sample" {
+                println!(
+                    "  note: graphile large-backlog figure = first {} of {} jobs; its drain time includes process start",
+                    g["jobs"], g["backlog"]
+                );
+            }
+        }
+    }
+
+    let prov = find("provision", None).first().copied();
+    let ddl = find("ddl", None).first().copied();
+    if prov.is_some() || ddl.is_some() {
+        println!();
+        let n = prov.or(ddl).map(|v| v["count"].clone()).unwrap_or_default();
+        println!("PROVISION  `shared` plan, PUT to last_operation=succeeded, {n} sequential, idle broker (target <= 1.5x)");
+        println!("  {:<w$} {:>16}  {:<40} {:>7}", "", "berth", "anchor: CREATE ROLE + CREATE DATABASE", "ratio");
+        for p in ["p50_ms", "p99_ms"] {
+            row(
+                &format!("latency {}", &p[..3]),
+                ms(prov.and_then(|v| f(v, p))),
+                ms(ddl.and_then(|v| f(v, p))),
+                ratio(prov.and_then(|v| f(v, p)), ddl.and_then(|v| f(v, p))),
+            );
+        }
+    }
+
+    if let Some(api) = find("api", None).first() {
+        println!();
+        println!(
+            "API  {} concurrent provision PUTs (new instance id each), {} s, wrk; API alone (no worker running)",
+            api["connections"], api["secs"]
+        );
+        println!("  {:<w$} {:>16}  {:<40}", "", "berth", "target");
+        row("latency p50", ms(f(api, "p50_ms")), String::new(), String::new());
+        row("latency p99", ms(f(api, "p99_ms")), "< 20 ms".into(), String::new());
+        row("requests/s", rate(f(api, "rps")), String::new(), String::new());
+        row(
+            "requests (non-2xx, socket errors)",
+            format!("{}", api["requests"]),
+            format!("{} non-2xx, {} socket errors", api["non_2xx"], api["socket_errors"]),
+            String::new(),
+        );
+        row(
+            "API peak RSS (VmHWM)",
+            f(api, "vmhwm_kb").map_or("-".into(), |k| format!("{:.1} MB", k / 1024.0)),
+            "< 50 MB".into(),
+            String::new(),
+        );
+    }
+    Ok(())
+}
