@@ -1,1 +1,13 @@
+//! berth's worker as a library: the durable task queue (claim, lease, heartbeat, reclaim), the task kinds
+//! and the providers that carry them out. `main.rs` only reads settings and calls [`run`].
 
+pub mod context;
+pub mod providers;
+pub mod queue;
+pub mod registry;
+pub mod runner;
+pub mod tasks;
+
+pub use context::{Services, TaskContext};
+pub use registry::{Registry, Step, TaskError, TaskHandler};
+pub use runner::{WorkerConfig, run, run_until_idle};

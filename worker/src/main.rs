@@ -1,1 +1,42 @@
-fn main() {}
+//! berth-worker: reads settings, connects, and runs the claim loop until SIGTERM or SIGINT.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use berth_worker::{Services, WorkerConfig, tasks};
+use broker::{config::Settings, crypto::Cipher};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    broker::telemetry::init();
+    let settings = Settings::load()?;
+    let url = settings
+        .database_url
+        .clone()
+        .context("DATABASE_URL is not set: the worker needs the broker's database")?;
+    let pool = broker::db::connect(&url, settings.database_pool_size).await?;
+    let cipher = Cipher::from_key_file(&settings.key_path())?;
+    let config = WorkerConfig::from_settings(&settings);
+    let services = Arc::new(Services::new(settings, cipher)?);
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            wait_for_signal().await;
+            tracing::info!("shutdown requested");
+            shutdown.cancel();
+        }
+    });
+    berth_worker::run(pool, services, Arc::new(tasks::registry()), config, shutdown).await
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

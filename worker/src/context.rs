@@ -1,0 +1,115 @@
+//! What a running task can reach: its row, the pool, and the worker's shared services.
+
+use std::{collections::HashMap, fmt, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use broker::{
+    catalog::Catalog,
+    config::Settings,
+    crypto::Cipher,
+    db::tasks::TaskRow,
+};
+use serde::de::DeserializeOwned;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    providers::{self, Provider},
+    queue,
+    registry::TaskError,
+};
+
+/// Shared by every task a worker runs: settings, the sealing key, the catalog, an HTTP client and the
+/// providers keyed by plan engine.
+pub struct Services {
+    pub settings: Settings,
+    pub cipher: Cipher,
+    pub catalog: Catalog,
+    pub http: reqwest::Client,
+    providers: HashMap<String, Arc<dyn Provider>>,
+}
+
+impl fmt::Debug for Services {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut engines: Vec<_> = self.providers.keys().collect();
+        engines.sort();
+        f.debug_struct("Services").field("catalog", &self.catalog).field("engines", &engines).finish()
+    }
+}
+
+impl Services {
+    /// Loads the catalog from `settings.plans_dir` and sets up a provider for every configured engine.
+    pub fn new(settings: Settings, cipher: Cipher) -> anyhow::Result<Self> {
+        let catalog = Catalog::load(&settings.plans_dir, &settings.available_engines())?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .connect_timeout(Duration::from_secs(5))
+            .user_agent(concat!("berth-worker/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .context("building the HTTP client")?;
+        let providers = providers::configured(&settings)?;
+        Ok(Self { settings, cipher, catalog, http, providers })
+    }
+
+    /// The provider serving plan `plan_id`.
+    pub fn provider_for_plan(&self, plan_id: &str) -> Result<Arc<dyn Provider>, TaskError> {
+        let plan = self.catalog.plan_by_id(plan_id).ok_or_else(|| {
+            TaskError::fatal(format!(
+                "plan {plan_id:?} is not in this worker's catalog (is its engine configured for the worker?)"
+            ))
+        })?;
+        let engine = plan.plan.engine.as_str();
+        self.providers.get(engine).cloned().ok_or_else(|| {
+            TaskError::fatal(format!("engine {engine:?} of plan {:?} is not configured on this worker", plan.plan.name))
+        })
+    }
+
+    pub fn name_prefix(&self) -> &str {
+        &self.settings.name_prefix
+    }
+}
+
+/// Handed to [`crate::TaskHandler::run`].
+pub struct TaskContext<'a> {
+    /// The task row as claimed (state `running`, attempts already counting this run).
+    pub task: &'a TaskRow,
+    pub pool: &'a PgPool,
+    pub services: &'a Services,
+    /// Cancelled when this worker lost the task's lease or is shutting down hard; stop as soon as you can.
+    pub cancel: CancellationToken,
+    pub(crate) worker_id: &'a str,
+}
+
+impl TaskContext<'_> {
+    /// Stores a progress text (shown as the OSB last_operation `description`). Fenced: a worker that lost
+    /// the task changes nothing.
+    pub async fn progress(&self, text: &str) -> anyhow::Result<()> {
+        queue::set_progress(self.pool, self.task, self.worker_id, text)
+            .await
+            .context("recording the task's progress")
+    }
+
+    /// The payload as `T`; a payload that does not parse is a programming error, so Fatal.
+    pub fn payload<T: DeserializeOwned>(&self) -> Result<T, TaskError> {
+        serde_json::from_value(self.task.payload.clone())
+            .map_err(|e| TaskError::fatal(format!("the {} task's payload is malformed: {e}", self.task.kind)))
+    }
+
+    pub fn instance_id(&self) -> Result<&str, TaskError> {
+        self.task
+            .instance_id
+            .as_deref()
+            .ok_or_else(|| TaskError::fatal(format!("the {} task names no instance", self.task.kind)))
+    }
+
+    pub fn binding_id(&self) -> Result<&str, TaskError> {
+        self.task
+            .binding_id
+            .as_deref()
+            .ok_or_else(|| TaskError::fatal(format!("the {} task names no binding", self.task.kind)))
+    }
+
+    pub fn worker_id(&self) -> &str {
+        self.worker_id
+    }
+}

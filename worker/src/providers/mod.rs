@@ -1,0 +1,93 @@
+//! Providers carry out the OSB operations for one plan engine. The worker keeps one per configured
+//! engine and picks it by the plan's `engine` field in the catalog.
+
+pub mod shared_postgres;
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use broker::{
+    config::Settings,
+    db::{bindings::BindingRow, instances::InstanceRow},
+    model::UpdatePayload,
+};
+use serde_json::{Map, Value};
+
+use crate::{context::TaskContext, registry::TaskError};
+
+/// What a provider step produced: a result, or "not yet, look again later".
+#[derive(Debug, Clone, PartialEq)]
+pub enum Progress<T> {
+    Done(T),
+    Wait { after: Duration, progress: String },
+}
+
+/// What provisioning made: non-secret facts (shown to nobody but the broker) and optional secrets.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Provisioned {
+    pub details: Value,
+    pub secrets: Option<Value>,
+}
+
+/// What binding made: non-secret details and the credentials handed to the app (sealed before storage).
+#[derive(Clone, PartialEq)]
+pub struct Bound {
+    pub details: Value,
+    pub credentials: Map<String, Value>,
+}
+
+impl std::fmt::Debug for Bound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bound").field("details", &self.details).field("credentials", &"<redacted>").finish()
+    }
+}
+
+/// One engine's implementation of the OSB operations. Every method is idempotent: it is run again after a
+/// crash or a retry and must finish the job, not redo it or fail because part of it exists.
+#[async_trait]
+pub trait Provider: Send + Sync {
+    async fn provision(&self, ctx: &TaskContext<'_>, instance: &InstanceRow) -> Result<Progress<Provisioned>, TaskError>;
+
+    async fn update(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+        update: &UpdatePayload,
+    ) -> Result<Progress<()>, TaskError>;
+
+    /// Removes whatever exists of the instance (works on half-built ones), including its bindings' resources.
+    async fn deprovision(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+        bindings: &[BindingRow],
+    ) -> Result<Progress<()>, TaskError>;
+
+    async fn bind(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+        binding: &BindingRow,
+    ) -> Result<Progress<Bound>, TaskError>;
+
+    async fn unbind(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+        binding: &BindingRow,
+    ) -> Result<Progress<()>, TaskError>;
+}
+
+/// The providers of every engine configured in `settings`, keyed by engine name.
+pub fn configured(settings: &Settings) -> anyhow::Result<HashMap<String, Arc<dyn Provider>>> {
+    let mut providers: HashMap<String, Arc<dyn Provider>> = HashMap::new();
+    if let Some(url) = &settings.shared_postgres_url {
+        let provider = shared_postgres::SharedPostgres::new(
+            url,
+            settings.shared_postgres_public_host.clone(),
+            settings.shared_postgres_public_port,
+        )?;
+        providers.insert(shared_postgres::ENGINE.to_string(), Arc::new(provider));
+    }
+    Ok(providers)
+}

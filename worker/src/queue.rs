@@ -1,0 +1,266 @@
+//! The queue's SQL: claim, heartbeat, completion (always fenced by worker id, state and attempt), release
+//! and the reclaim of expired leases. Enqueueing lives in `broker::db::tasks`.
+
+use std::time::Duration;
+
+use broker::{
+    db::{
+        tasks::{self, NewTask, TaskRow},
+        webhooks,
+    },
+    model::{WebhookBody, kinds},
+};
+use sqlx::{PgExecutor, PgPool, Postgres, Transaction};
+use uuid::Uuid;
+
+/// Attempts of a `webhook.deliver` task.
+pub const WEBHOOK_MAX_ATTEMPTS: i32 = 8;
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+/// Claims up to `limit` due tasks for `worker_id` in one statement. Walks the partial index
+/// `tasks_pending_run_at` in `run_at` order, so the cost does not grow with the number queued.
+pub async fn claim(db: impl PgExecutor<'_>, worker_id: &str, limit: usize, lease: Duration) -> sqlx::Result<Vec<TaskRow>> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    sqlx::query_as!(
+        TaskRow,
+        "WITH next AS (
+             SELECT id FROM tasks
+             WHERE state = 'pending' AND run_at <= now()
+             ORDER BY run_at
+             LIMIT $1
+             FOR UPDATE SKIP LOCKED
+         )
+         UPDATE tasks
+         SET state = 'running', attempts = attempts + 1, lease_until = now() + make_interval(secs => $2),
+             worker_id = $3, updated_at = now()
+         WHERE id IN (SELECT id FROM next)
+         RETURNING *",
+        limit,
+        secs(lease),
+        worker_id,
+    )
+    .fetch_all(db)
+    .await
+}
+
+/// How long until the earliest pending task is due (zero when one is due now), if any is pending.
+pub async fn next_due_in(db: impl PgExecutor<'_>) -> sqlx::Result<Option<Duration>> {
+    let secs = sqlx::query_scalar!(
+        r#"SELECT greatest(0, extract(epoch FROM (run_at - now())))::float8 AS "secs!"
+           FROM tasks WHERE state = 'pending' ORDER BY run_at LIMIT 1"#
+    )
+    .fetch_optional(db)
+    .await?;
+    Ok(secs.map(|s| Duration::from_secs_f64(s.max(0.0))))
+}
+
+/// Extends the leases of this worker's running tasks; returns the ids it still holds.
+pub async fn heartbeat(db: impl PgExecutor<'_>, worker_id: &str, ids: &[Uuid], lease: Duration) -> sqlx::Result<Vec<Uuid>> {
+    sqlx::query_scalar!(
+        "UPDATE tasks SET lease_until = now() + make_interval(secs => $3)
+         WHERE worker_id = $1 AND state = 'running' AND id = ANY($2)
+         RETURNING id",
+        worker_id,
+        ids,
+        secs(lease),
+    )
+    .fetch_all(db)
+    .await
+}
+
+pub async fn set_progress(db: impl PgExecutor<'_>, task: &TaskRow, worker_id: &str, text: &str) -> sqlx::Result<()> {
+    sqlx::query!(
+        "UPDATE tasks SET progress = $4, updated_at = now()
+         WHERE id = $1 AND worker_id = $2 AND state = 'running' AND attempts = $3",
+        task.id,
+        worker_id,
+        task.attempts,
+        text,
+    )
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// How a run ended, as the queue records it.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Succeeded,
+    Failed { error: String },
+    Retry { after: Duration, error: String },
+    Wait { after: Duration, progress: String },
+}
+
+/// Records the end of a run. Fenced: returns `false` (and changes nothing) when this worker no longer holds
+/// the task. A finished operation with a webhook gets its delivery row and `webhook.deliver` task in the
+/// same transaction.
+pub async fn finish(pool: &PgPool, task: &TaskRow, worker_id: &str, outcome: &Outcome) -> sqlx::Result<bool> {
+    let mut tx = pool.begin().await?;
+    let updated = match outcome {
+        Outcome::Succeeded => sqlx::query_as!(
+            TaskRow,
+            "UPDATE tasks SET state = 'succeeded', lease_until = NULL, finished_at = now(), updated_at = now()
+             WHERE id = $1 AND worker_id = $2 AND state = 'running' AND attempts = $3
+             RETURNING *",
+            task.id,
+            worker_id,
+            task.attempts,
+        )
+        .fetch_optional(&mut *tx)
+        .await?,
+        Outcome::Failed { error } => sqlx::query_as!(
+            TaskRow,
+            "UPDATE tasks SET state = 'failed', last_error = $4, lease_until = NULL, finished_at = now(),
+                              updated_at = now()
+             WHERE id = $1 AND worker_id = $2 AND state = 'running' AND attempts = $3
+             RETURNING *",
+            task.id,
+            worker_id,
+            task.attempts,
+            error,
+        )
+        .fetch_optional(&mut *tx)
+        .await?,
+        Outcome::Retry { after, error } => sqlx::query_as!(
+            TaskRow,
+            "UPDATE tasks SET state = 'pending', last_error = $4, run_at = now() + make_interval(secs => $5),
+                              lease_until = NULL, worker_id = NULL, updated_at = now()
+             WHERE id = $1 AND worker_id = $2 AND state = 'running' AND attempts = $3
+             RETURNING *",
+            task.id,
+            worker_id,
+            task.attempts,
+            error,
+            secs(*after),
+        )
+        .fetch_optional(&mut *tx)
+        .await?,
+        Outcome::Wait { after, progress } => sqlx::query_as!(
+            TaskRow,
+            "UPDATE tasks SET state = 'pending', progress = $4, attempts = attempts - 1,
+                              run_at = now() + make_interval(secs => $5),
+                              lease_until = NULL, worker_id = NULL, updated_at = now()
+             WHERE id = $1 AND worker_id = $2 AND state = 'running' AND attempts = $3
+             RETURNING *",
+            task.id,
+            worker_id,
+            task.attempts,
+            progress,
+            secs(*after),
+        )
+        .fetch_optional(&mut *tx)
+        .await?,
+    };
+    let Some(row) = updated else {
+        tx.rollback().await?;
+        return Ok(false);
+    };
+    if row.state().is_finished() {
+        on_finished(&mut tx, &row).await?;
+    }
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Hands a task back to the queue untouched (hard shutdown): the run did not count as an attempt.
+pub async fn release(db: impl PgExecutor<'_>, task: &TaskRow, worker_id: &str) -> sqlx::Result<bool> {
+    let done = sqlx::query!(
+        "UPDATE tasks SET state = 'pending', attempts = attempts - 1, worker_id = NULL, lease_until = NULL,
+                          updated_at = now()
+         WHERE id = $1 AND worker_id = $2 AND state = 'running' AND attempts = $3",
+        task.id,
+        worker_id,
+        task.attempts,
+    )
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Turns running tasks whose lease expired (their worker died or hung) back to pending, or to failed once
+/// they used every attempt. Returns how many became pending again.
+pub async fn reclaim_expired(pool: &PgPool) -> sqlx::Result<usize> {
+    let mut tx = pool.begin().await?;
+    let rows = sqlx::query_as!(
+        TaskRow,
+        "WITH lost AS (
+             SELECT id FROM tasks
+             WHERE state = 'running' AND lease_until < now()
+             FOR UPDATE SKIP LOCKED
+         )
+         UPDATE tasks
+         SET state = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'pending' END,
+             last_error = 'worker lost (lease expired) ' || attempts || CASE WHEN attempts = 1 THEN ' time' ELSE ' times' END,
+             finished_at = CASE WHEN attempts >= max_attempts THEN now() END,
+             run_at = CASE WHEN attempts >= max_attempts THEN run_at ELSE now() END,
+             worker_id = NULL, lease_until = NULL, updated_at = now()
+         WHERE id IN (SELECT id FROM lost)
+         RETURNING *"
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut pending = 0;
+    for row in &rows {
+        if row.state().is_finished() {
+            on_finished(&mut tx, row).await?;
+        } else {
+            pending += 1;
+        }
+    }
+    if pending > 0 {
+        sqlx::query!("SELECT pg_notify('berth_tasks', '')").execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(pending)
+}
+
+/// A finished operation with a webhook owes a delivery: the row plus the task that sends it.
+async fn on_finished(tx: &mut Transaction<'_, Postgres>, row: &TaskRow) -> sqlx::Result<()> {
+    let (Some(operation), Some(url), Some(secret)) = (&row.operation, &row.webhook_url, &row.webhook_secret) else {
+        return Ok(());
+    };
+    let succeeded = row.state == "succeeded";
+    let description = if succeeded {
+        row.progress.clone().unwrap_or_else(|| format!("{operation} succeeded"))
+    } else {
+        row.last_error.clone().unwrap_or_else(|| format!("{operation} failed"))
+    };
+    let body = WebhookBody {
+        instance_id: row.instance_id.clone().unwrap_or_default(),
+        binding_id: row.binding_id.clone(),
+        operation: row.id.to_string(),
+        state: row.state.clone(),
+        description,
+    };
+    let body = serde_json::to_value(&body).expect("a webhook body serializes");
+    let delivery_id = Uuid::new_v4();
+    webhooks::insert(&mut **tx, delivery_id, row.id, url, secret, &body).await?;
+    let mut task = NewTask::new(kinds::DELIVER_WEBHOOK, serde_json::json!({ "delivery_id": delivery_id }));
+    task.max_attempts = WEBHOOK_MAX_ATTEMPTS;
+    tasks::enqueue(&mut **tx, task).await?;
+    Ok(())
+}
+
+/// Counts of tasks by state (tests and benchmarks).
+pub async fn unfinished_count(db: impl PgExecutor<'_>) -> sqlx::Result<i64> {
+    sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM tasks WHERE state IN ('pending', 'running')"#)
+        .fetch_one(db)
+        .await
+}
+
+/// Full-jitter exponential backoff: a random delay in `[0, min(cap, base * 2^(attempt-1))]`.
+pub fn backoff(attempt: i32, base: Duration, cap: Duration) -> Duration {
+    use rand::Rng;
+    let ceiling = backoff_ceiling(attempt, base, cap);
+    let millis = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(rand::thread_rng().gen_range(0..=millis))
+}
+
+/// The largest delay [`backoff`] picks for `attempt`.
+pub fn backoff_ceiling(attempt: i32, base: Duration, cap: Duration) -> Duration {
+    let exponent = u32::try_from(attempt.saturating_sub(1)).unwrap_or(0).min(30);
+    base.saturating_mul(1u32 << exponent).min(cap)
+}

@@ -1,0 +1,37 @@
+//! `instance.deprovision`: the provider removes whatever exists of the instance, then the row goes (its
+//! bindings cascade). An instance row that is already gone means a previous run finished.
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use broker::{
+    db::{bindings, instances},
+    model::kinds,
+};
+
+use super::ready;
+use crate::{context::TaskContext, registry::{Step, TaskError, TaskHandler}};
+
+pub struct Deprovision;
+
+#[async_trait]
+impl TaskHandler for Deprovision {
+    fn kind(&self) -> &'static str {
+        kinds::DEPROVISION
+    }
+
+    async fn run(&self, ctx: &TaskContext<'_>) -> Result<Step, TaskError> {
+        let instance_id = ctx.instance_id()?;
+        let Some(instance) = instances::get(ctx.pool, instance_id).await.context("reading the instance")? else {
+            return Ok(Step::Done);
+        };
+        let bindings = bindings::list_for_instance(ctx.pool, instance_id)
+            .await
+            .context("listing the instance's bindings")?;
+        let provider = ctx.services.provider_for_plan(&instance.plan_id)?;
+        if let Err(wait) = ready(provider.deprovision(ctx, &instance, &bindings).await?) {
+            return Ok(wait);
+        }
+        instances::delete(ctx.pool, instance_id).await.context("deleting the instance row")?;
+        Ok(Step::Done)
+    }
+}

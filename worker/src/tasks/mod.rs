@@ -1,0 +1,46 @@
+//! The task kinds, one struct per file, and the one list that registers them.
+
+mod bind;
+mod deliver_webhook;
+mod deprovision;
+mod noop;
+mod provision;
+mod unbind;
+mod update;
+
+pub use bind::CreateBinding;
+pub use deliver_webhook::DeliverWebhook;
+pub use deprovision::Deprovision;
+pub use noop::Noop;
+pub use provision::Provision;
+pub use unbind::DeleteBinding;
+pub use update::Update;
+
+use std::time::Duration;
+
+use crate::{providers::Progress, registry::{Registry, Step}};
+
+/// Every kind this worker runs.
+pub fn registry() -> Registry {
+    Registry::new()
+        .with(Provision)
+        .with(Update)
+        .with(Deprovision)
+        .with(CreateBinding)
+        .with(DeleteBinding)
+        .with(DeliverWebhook)
+        .with(Noop)
+}
+
+/// A provider asked to wait: turn that into the queue's Wait.
+fn wait(after: Duration, progress: String) -> Step {
+    Step::Wait { after, progress }
+}
+
+/// Splits a provider result into "go on with T" or "return this Wait".
+fn ready<T>(progress: Progress<T>) -> Result<T, Step> {
+    match progress {
+        Progress::Done(value) => Ok(value),
+        Progress::Wait { after, progress } => Err(wait(after, progress)),
+    }
+}

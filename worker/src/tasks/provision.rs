@@ -1,0 +1,36 @@
+//! `instance.provision`: the provider makes the instance and we record what it made. A failed provision
+//! leaves the row; the deprovision that follows cleans up (orphan mitigation).
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use broker::{db::instances, model::kinds};
+
+use super::ready;
+use crate::{context::TaskContext, registry::{Step, TaskError, TaskHandler}};
+
+pub struct Provision;
+
+#[async_trait]
+impl TaskHandler for Provision {
+    fn kind(&self) -> &'static str {
+        kinds::PROVISION
+    }
+
+    async fn run(&self, ctx: &TaskContext<'_>) -> Result<Step, TaskError> {
+        let instance_id = ctx.instance_id()?;
+        let instance = instances::get(ctx.pool, instance_id)
+            .await
+            .context("reading the instance")?
+            .ok_or_else(|| TaskError::fatal("the instance was deleted before it was provisioned"))?;
+        let provider = ctx.services.provider_for_plan(&instance.plan_id)?;
+        let made = match ready(provider.provision(ctx, &instance).await?) {
+            Ok(made) => made,
+            Err(wait) => return Ok(wait),
+        };
+        let secrets = made.secrets.as_ref().map(|s| ctx.services.cipher.seal_json(s));
+        instances::set_details(ctx.pool, instance_id, &made.details, secrets.as_deref())
+            .await
+            .context("recording what was provisioned")?;
+        Ok(Step::Done)
+    }
+}
