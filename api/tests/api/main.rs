@@ -1,0 +1,12 @@
+//! In-process tests of the OSB API: the real router, a fresh database per test, `oneshot` requests. The worker
+//! is simulated by changing task and row state directly in SQL.
+
+mod bindings;
+mod catalog;
+mod deprovision;
+mod fetch;
+mod helpers;
+mod last_operation;
+mod middleware;
+mod provision;
+mod update;
