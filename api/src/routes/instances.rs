@@ -189,6 +189,7 @@ async fn update(
         .service(&body.service_id)
         .ok_or_else(|| ApiError::bad_request(format!("service_id {:?} is not a service in the catalog", body.service_id)))?;
     let request_parameters = body.parameters.map(|p| object_or_empty(Some(p), "parameters")).transpose()?;
+    let parameters_given = request_parameters.is_some();
     let context = body.context.map(|c| object_or_empty(Some(c), "context")).transpose()?;
 
     let mut tx = state.db.begin().await?;
@@ -216,8 +217,12 @@ async fn update(
             )));
         }
     }
-    let mut parameters = request_parameters.clone().unwrap_or_else(|| json!({}));
-    catalog.validate(&target.plan.id, SchemaFor::Update, &parameters).map_err(|e| ApiError::BadRequest(e.0))?;
+    // Only parameters the request carries are checked: an update without any (a plan or context change)
+    // must not fail a schema's `required`.
+    let mut parameters = request_parameters.unwrap_or_else(|| json!({}));
+    if parameters_given {
+        catalog.validate(&target.plan.id, SchemaFor::Update, &parameters).map_err(|e| ApiError::BadRequest(e.0))?;
+    }
     let hook = webhook::take(&mut parameters, query.webhook.as_deref(), query.secret.as_deref(), &state.cipher)?;
     let requested_version = body.maintenance_info.as_ref().and_then(|m| m.version.as_deref());
     check_maintenance(requested_version, &target)?;

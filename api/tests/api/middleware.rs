@@ -73,3 +73,18 @@ async fn unknown_paths_and_methods_are_osb_errors(pool: PgPool) {
         .await
         .assert_osb_error(StatusCode::METHOD_NOT_ALLOWED, None);
 }
+
+#[sqlx::test(migrator = "broker::MIGRATOR")]
+async fn unauthenticated_requests_learn_nothing(pool: PgPool) {
+    let app = TestApp::new(pool);
+    for (method, uri) in [(Method::PUT, "/v2/service_instances/i-1"), (Method::POST, "/v2/catalog")] {
+        let request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("x-broker-api-version", "2.17")
+            .body(Body::empty())
+            .unwrap();
+        let res = app.send(request).await;
+        res.assert_osb_error(StatusCode::UNAUTHORIZED, Some("Unauthorized"));
+    }
+}

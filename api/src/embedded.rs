@@ -1,0 +1,164 @@
+//! The embedded default: no `DATABASE_URL`, so berth brings its own. A private Postgres under the data folder
+//! (`.berth/`) holds the broker's database and serves the `shared` plan; a key and broker credentials are made
+//! on first start and kept there; one worker runs as a child process. Ctrl-C stops the API, then the worker,
+//! then Postgres.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Mutex, time::Duration};
+
+use anyhow::Context;
+use broker::{config::Settings, embedded::PgServer};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use tokio::process::Child;
+use tokio_util::sync::CancellationToken;
+
+pub struct Embedded {
+    server: PgServer,
+    worker: Mutex<Option<Child>>,
+    worker_env: Vec<(String, String)>,
+    username: String,
+    password: SecretString,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredCredentials {
+    username: String,
+    password: String,
+}
+
+impl Embedded {
+    /// Starts (or reuses) the private Postgres and fills `settings` in for it.
+    pub async fn start(settings: &mut Settings) -> anyhow::Result<Self> {
+        let data_dir = absolute(&settings.data_dir)?;
+        std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+        println!("berth: starting the embedded Postgres under {} ...", data_dir.join("postgres").display());
+        let server = PgServer::ensure_started(&data_dir.join("postgres")).await?;
+        server.ensure_database("berth").await?;
+
+        settings.database_url = Some(server.url("berth"));
+        if settings.shared_postgres_url.is_none() {
+            settings.shared_postgres_url = Some(server.url("postgres"));
+        }
+        if std::env::var_os("BIND_ADDRESS").is_none() {
+            settings.bind_address = "127.0.0.1".into();
+        }
+        let key_path = absolute(&settings.key_path())?;
+        if !key_path.exists() {
+            broker::crypto::generate_key_file(&key_path)?;
+        }
+        settings.key_file = Some(key_path.clone());
+        let (username, password) = load_or_make_credentials(&data_dir, settings)?;
+        settings.broker_username = Some(SecretString::from(username.clone()));
+        settings.broker_password = Some(password.clone());
+
+        let plans_dir = absolute(&settings.plans_dir)?;
+        let mut worker_env = vec![
+            ("DATABASE_URL".to_string(), server.url("berth").expose_secret().to_string()),
+            ("BERTH_KEY_FILE".to_string(), key_path.display().to_string()),
+            ("PLANS_DIR".to_string(), plans_dir.display().to_string()),
+        ];
+        if let Some(shared) = &settings.shared_postgres_url {
+            worker_env.push(("SHARED_POSTGRES_URL".into(), shared.expose_secret().to_string()));
+        }
+        Ok(Self { server, worker: Mutex::new(None), worker_env, username, password })
+    }
+
+    /// Starts `berth-worker` (next to this binary) in its own process group, so Ctrl-C reaches only the API,
+    /// which then stops the worker in order. If the worker dies, the API shuts down too.
+    pub fn spawn_worker(&self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let exe = std::env::current_exe()?.with_file_name("berth-worker");
+        let mut cmd = tokio::process::Command::new(&exe);
+        cmd.envs(self.worker_env.iter().map(|(k, v)| (k, v))).process_group(0).kill_on_drop(true);
+        let child = cmd.spawn().with_context(|| format!("starting {}", exe.display()))?;
+        let pid = child.id();
+        *self.worker.lock().expect("worker lock") = Some(child);
+        tokio::spawn(watch_worker(pid, shutdown));
+        Ok(())
+    }
+
+    pub fn print_banner(&self, addr: SocketAddr) {
+        let url = format!("http://{addr}");
+        let password = self.password.expose_secret();
+        println!();
+        println!("berth is running (embedded default)");
+        println!("  broker URL: {url}");
+        println!("  username:   {}", self.username);
+        println!("  password:   {password}");
+        println!("  Postgres:   127.0.0.1:{} (data in {})", self.server.port, self.server.data_dir().display());
+        println!("  try:        curl -s -u '{}:{password}' -H 'X-Broker-API-Version: 2.17' {url}/v2/catalog", self.username);
+        println!("Ctrl-C stops the API, the worker and the embedded Postgres.");
+        println!();
+    }
+
+    /// Asks the worker to stop (SIGTERM) and waits up to `grace` before killing it.
+    pub async fn stop_worker(&self, grace: Duration) {
+        let child = self.worker.lock().expect("worker lock").take();
+        let Some(mut child) = child else { return };
+        if let Some(pid) = child.id() {
+            let _ = tokio::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
+        }
+        if tokio::time::timeout(grace, child.wait()).await.is_err() {
+            eprintln!("berth: the worker did not stop in {grace:?}; killing it");
+            let _ = child.kill().await;
+        }
+    }
+
+    pub async fn stop(self) {
+        self.stop_worker(Duration::from_secs(25)).await;
+        if let Err(e) = self.server.stop().await {
+            eprintln!("berth: stopping the embedded Postgres: {e:#}");
+        } else {
+            println!("berth: stopped");
+        }
+    }
+}
+
+async fn watch_worker(pid: Option<u32>, shutdown: CancellationToken) {
+    let Some(pid) = pid else { return };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+        {
+            eprintln!("berth: the worker exited; stopping");
+            shutdown.cancel();
+            return;
+        }
+    }
+}
+
+/// BROKER_USERNAME/BROKER_PASSWORD when set; else the pair kept in `<data dir>/broker-credentials.json`;
+/// else a new pair (password from the OS RNG), kept there (mode 0600).
+fn load_or_make_credentials(data_dir: &std::path::Path, settings: &Settings) -> anyhow::Result<(String, SecretString)> {
+    if let (Some(u), Some(p)) = (&settings.broker_username, &settings.broker_password) {
+        return Ok((u.expose_secret().to_string(), p.clone()));
+    }
+    let file = data_dir.join("broker-credentials.json");
+    if let Ok(text) = std::fs::read_to_string(&file) {
+        let stored: StoredCredentials =
+            serde_json::from_str(&text).with_context(|| format!("{} is not valid", file.display()))?;
+        return Ok((stored.username, SecretString::from(stored.password)));
+    }
+    let stored = StoredCredentials { username: "berth".into(), password: broker::crypto::random_password(24) };
+    write_private(&file, &serde_json::to_string_pretty(&stored)?)?;
+    Ok((stored.username, SecretString::from(stored.password)))
+}
+
+fn write_private(path: &std::path::Path, content: &str) -> anyhow::Result<()> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    file.write_all(content.as_bytes())?;
+    Ok(())
+}
+
+fn absolute(path: &std::path::Path) -> anyhow::Result<PathBuf> {
+    Ok(if path.is_absolute() { path.to_path_buf() } else { std::env::current_dir()?.join(path) })
+}
