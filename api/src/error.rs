@@ -106,7 +106,11 @@ pub(crate) fn code_for_status(status: StatusCode) -> &'static str {
 
 /// The OSB error body for `status`.
 pub(crate) fn error_body(status: StatusCode, code: &str, description: &str) -> Response {
-    (status, Json(json!({ "error": code, "description": description }))).into_response()
+    (
+        status,
+        Json(json!({ "error": code, "description": description })),
+    )
+        .into_response()
 }
 
 impl From<sqlx::Error> for ApiError {
@@ -121,15 +125,17 @@ impl IntoResponse for ApiError {
         let description = match &self {
             Self::Internal(err) => {
                 tracing::error!(error = format!("{err:#}"), "request failed");
-                "internal error in the broker; the operator can find the cause in its log".to_string()
+                "internal error in the broker; the operator can find the cause in its log"
+                    .to_string()
             }
             other => other.to_string(),
         };
         let mut response = error_body(status, self.code(), &description);
         if matches!(self, Self::Unauthorized) {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(r#"Basic realm="berth""#));
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(r#"Basic realm="berth""#),
+            );
         }
         response
     }

@@ -23,7 +23,14 @@ where
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
         if let Some(content_type) = req.headers().get(header::CONTENT_TYPE) {
-            let essence = content_type.to_str().unwrap_or("").split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+            let essence = content_type
+                .to_str()
+                .unwrap_or("")
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
             if essence != "application/json" && !essence.ends_with("+json") {
                 return Err(ApiError::UnsupportedMediaType(format!(
                     "Content-Type must be application/json, not {essence:?}"
@@ -34,7 +41,10 @@ where
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::PayloadTooLarge(state.max_body_bytes)
             } else {
-                ApiError::bad_request(format!("could not read the request body: {}", rejection.body_text()))
+                ApiError::bad_request(format!(
+                    "could not read the request body: {}",
+                    rejection.body_text()
+                ))
             }
         })?;
         parse_json(&bytes).map(OsbJson)
@@ -44,7 +54,9 @@ where
 /// Parses a JSON body into `T`, describing a failure the way a person fixing the request needs it.
 pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::bad_request("the request needs a JSON object as its body"));
+        return Err(ApiError::bad_request(
+            "the request needs a JSON object as its body",
+        ));
     }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value: T = serde_path_to_error::deserialize(&mut de).map_err(|err| {
@@ -77,7 +89,9 @@ where
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
         Query::<T>::try_from_uri(&parts.uri)
             .map(|Query(q)| OsbQuery(q))
-            .map_err(|rejection| ApiError::bad_request(format!("invalid query string: {}", rejection.body_text())))
+            .map_err(|rejection| {
+                ApiError::bad_request(format!("invalid query string: {}", rejection.body_text()))
+            })
     }
 }
 
@@ -96,6 +110,8 @@ where
         Path::<T>::from_request_parts(parts, state)
             .await
             .map(|Path(p)| OsbPath(p))
-            .map_err(|rejection| ApiError::bad_request(format!("invalid path: {}", rejection.body_text())))
+            .map_err(|rejection| {
+                ApiError::bad_request(format!("invalid path: {}", rejection.body_text()))
+            })
     }
 }

@@ -20,7 +20,10 @@ impl<S: Send + Sync> FromRequestParts<S> for OriginatingIdentity {
     type Rejection = Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        let value = parts.headers.get(HEADER).map(|v| parse(&String::from_utf8_lossy(v.as_bytes())));
+        let value = parts
+            .headers
+            .get(HEADER)
+            .map(|v| parse(&String::from_utf8_lossy(v.as_bytes())));
         Ok(Self(value))
     }
 }
@@ -29,7 +32,9 @@ impl<S: Send + Sync> FromRequestParts<S> for OriginatingIdentity {
 /// base64-encoded JSON.
 pub fn parse(header: &str) -> Value {
     let header = header.trim();
-    let (platform, rest) = header.split_once(char::is_whitespace).unwrap_or((header, ""));
+    let (platform, rest) = header
+        .split_once(char::is_whitespace)
+        .unwrap_or((header, ""));
     let rest = rest.trim();
     let decoded = [STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD]
         .iter()
@@ -52,7 +57,10 @@ mod tests {
             parse(&format!("cloudfoundry {b64}")),
             json!({"platform": "cloudfoundry", "value": {"user_id": "683ea748"}})
         );
-        assert_eq!(parse("kubernetes not-base64!"), json!({"platform": "kubernetes", "raw": "not-base64!"}));
+        assert_eq!(
+            parse("kubernetes not-base64!"),
+            json!({"platform": "kubernetes", "raw": "not-base64!"})
+        );
         assert_eq!(parse("lonely"), json!({"platform": "lonely", "raw": ""}));
     }
 }

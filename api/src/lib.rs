@@ -38,7 +38,9 @@ pub struct AppState {
 
 impl std::fmt::Debug for AppState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AppState").field("max_body_bytes", &self.max_body_bytes).finish_non_exhaustive()
+        f.debug_struct("AppState")
+            .field("max_body_bytes", &self.max_body_bytes)
+            .finish_non_exhaustive()
     }
 }
 
@@ -51,10 +53,17 @@ pub fn router(state: AppState) -> Router {
         .merge(routes::bindings::router())
         .method_not_allowed_fallback(middleware::method_not_allowed)
         .route_layer(axum::middleware::from_fn(middleware::require_api_version))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), middleware::require_basic_auth));
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            middleware::require_basic_auth,
+        ));
 
     let trace = TraceLayer::new_for_http().make_span_with(|req: &Request| {
-        let route = req.extensions().get::<MatchedPath>().map(MatchedPath::as_str).unwrap_or("-");
+        let route = req
+            .extensions()
+            .get::<MatchedPath>()
+            .map(MatchedPath::as_str)
+            .unwrap_or("-");
         tracing::info_span!("http", method = %req.method(), route)
     });
 
@@ -64,9 +73,14 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(middleware::method_not_allowed)
         .fallback(middleware::not_found)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
-        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, REQUEST_TIMEOUT))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ))
         .layer(trace)
         .layer(axum::middleware::from_fn(middleware::osb_error_bodies))
-        .layer(PropagateRequestIdLayer::new(HeaderName::from_static(middleware::REQUEST_IDENTITY_HEADER)))
+        .layer(PropagateRequestIdLayer::new(HeaderName::from_static(
+            middleware::REQUEST_IDENTITY_HEADER,
+        )))
         .with_state(state)
 }

@@ -67,7 +67,11 @@ impl BrokerAuth {
 }
 
 /// 401 with `WWW-Authenticate: Basic realm="berth"` unless the request carries the broker's credentials.
-pub async fn require_basic_auth(State(state): State<AppState>, req: Request, next: Next) -> Response {
+pub async fn require_basic_auth(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
     if state.auth.accepts(req.headers().get(header::AUTHORIZATION)) {
         next.run(req).await
     } else {
@@ -86,7 +90,9 @@ pub async fn require_api_version(req: Request, next: Next) -> Response {
 fn check_api_version(value: Option<&HeaderValue>) -> Result<(), ApiError> {
     let supported = "berth speaks OSB API 2.13 to 2.17; send `X-Broker-API-Version: 2.17`";
     let Some(value) = value else {
-        return Err(ApiError::PreconditionFailed(format!("the X-Broker-API-Version header is missing; {supported}")));
+        return Err(ApiError::PreconditionFailed(format!(
+            "the X-Broker-API-Version header is missing; {supported}"
+        )));
     };
     let text = String::from_utf8_lossy(value.as_bytes());
     let parsed = text.trim().split_once('.').and_then(|(major, rest)| {
@@ -114,8 +120,13 @@ pub async fn osb_error_bodies(req: Request, next: Next) -> Response {
     }
     let (mut parts, _) = response.into_parts();
     let description = match status {
-        StatusCode::REQUEST_TIMEOUT => "the broker did not answer in time; retry the request".to_string(),
-        other => other.canonical_reason().unwrap_or("request refused").to_string(),
+        StatusCode::REQUEST_TIMEOUT => {
+            "the broker did not answer in time; retry the request".to_string()
+        }
+        other => other
+            .canonical_reason()
+            .unwrap_or("request refused")
+            .to_string(),
     };
     let (new_parts, body) = error_body(status, code_for_status(status), &description).into_parts();
     parts.headers.remove(header::CONTENT_LENGTH);
@@ -150,7 +161,8 @@ mod tests {
     #[test]
     fn basic_auth() {
         let auth = BrokerAuth::new("u".into(), "p:w".into());
-        let header = |s: &str| HeaderValue::from_str(&format!("Basic {}", STANDARD.encode(s))).unwrap();
+        let header =
+            |s: &str| HeaderValue::from_str(&format!("Basic {}", STANDARD.encode(s))).unwrap();
         assert!(auth.accepts(Some(&header("u:p:w"))));
         assert!(!auth.accepts(Some(&header("u:p"))));
         assert!(!auth.accepts(Some(&header("x:p:w"))));
@@ -172,14 +184,21 @@ mod shape_tests {
             .route("/slow", get(|| async { StatusCode::REQUEST_TIMEOUT }))
             .route("/fine", get(|| async { "ok" }))
             .layer(axum::middleware::from_fn(osb_error_bodies));
-        let res = app.clone().oneshot(Request::get("/slow").body(Body::empty()).unwrap()).await.unwrap();
+        let res = app
+            .clone()
+            .oneshot(Request::get("/slow").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
         assert_eq!(res.status(), StatusCode::REQUEST_TIMEOUT);
         assert_eq!(res.headers()[header::CONTENT_TYPE], "application/json");
         let body = axum::body::to_bytes(res.into_body(), 1024).await.unwrap();
         let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(body["error"], "RequestTimeout");
         assert!(body["description"].as_str().unwrap().contains("retry"));
-        let res = app.oneshot(Request::get("/fine").body(Body::empty()).unwrap()).await.unwrap();
+        let res = app
+            .oneshot(Request::get("/fine").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
         assert_eq!(res.status(), StatusCode::OK);
     }
 }

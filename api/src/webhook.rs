@@ -14,10 +14,15 @@ pub fn take(
     query_secret: Option<&str>,
     cipher: &Cipher,
 ) -> ApiResult<Option<(String, Vec<u8>)>> {
-    let from_parameters = parameters.as_object_mut().and_then(|m| m.remove("webhook")).filter(|v| !v.is_null());
+    let from_parameters = parameters
+        .as_object_mut()
+        .and_then(|m| m.remove("webhook"))
+        .filter(|v| !v.is_null());
     let (url, secret) = match from_parameters {
         Some(Value::Object(map)) => match (map.get("url"), map.get("secret")) {
-            (Some(Value::String(url)), Some(Value::String(secret))) => (url.clone(), secret.clone()),
+            (Some(Value::String(url)), Some(Value::String(secret))) => {
+                (url.clone(), secret.clone())
+            }
             _ => {
                 return Err(ApiError::bad_request(
                     "parameters.webhook must be an object with string fields `url` and `secret`",
@@ -25,7 +30,9 @@ pub fn take(
             }
         },
         Some(_) => {
-            return Err(ApiError::bad_request("parameters.webhook must be an object {\"url\": ..., \"secret\": ...}"));
+            return Err(ApiError::bad_request(
+                "parameters.webhook must be an object {\"url\": ..., \"secret\": ...}",
+            ));
         }
         None => match (query_url, query_secret) {
             (None, None) => return Ok(None),
@@ -37,10 +44,13 @@ pub fn take(
             }
         },
     };
-    let parsed = url::Url::parse(&url)
-        .map_err(|e| ApiError::bad_request(format!("webhook url {url:?} is not a valid URL: {e}")))?;
+    let parsed = url::Url::parse(&url).map_err(|e| {
+        ApiError::bad_request(format!("webhook url {url:?} is not a valid URL: {e}"))
+    })?;
     if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none_or(str::is_empty) {
-        return Err(ApiError::bad_request(format!("webhook url {url:?} must be an http:// or https:// URL with a host")));
+        return Err(ApiError::bad_request(format!(
+            "webhook url {url:?} must be an http:// or https:// URL with a host"
+        )));
     }
     if secret.is_empty() {
         return Err(ApiError::bad_request("webhook secret must not be empty"));
@@ -67,7 +77,11 @@ mod tests {
         assert!(take(&mut params, Some("ftp://x"), Some("s"), &cipher).is_err());
         assert!(take(&mut params, Some("http://x"), Some(""), &cipher).is_err());
         assert!(take(&mut params, Some("http://x"), None, &cipher).is_err());
-        assert!(take(&mut params, Some("http://x/h"), Some("s"), &cipher).unwrap().is_some());
+        assert!(
+            take(&mut params, Some("http://x/h"), Some("s"), &cipher)
+                .unwrap()
+                .is_some()
+        );
         assert!(take(&mut params, None, None, &cipher).unwrap().is_none());
     }
 }

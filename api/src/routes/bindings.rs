@@ -26,8 +26,8 @@ use serde_json::{Value, json};
 use sqlx::PgConnection;
 
 use super::{
-    OsbParams, accepted, check_id, gone, is_active, last_operation_response, lookup_plan, object_or_empty,
-    operation_of, operation_task, parse_operation,
+    OsbParams, accepted, check_id, gone, is_active, last_operation_response, lookup_plan,
+    object_or_empty, operation_of, operation_task, parse_operation,
 };
 use crate::{
     AppState,
@@ -42,7 +42,10 @@ const BINDING_PATH: &str = "/v2/service_instances/{instance_id}/service_bindings
 pub fn router() -> Router<AppState> {
     Router::new()
         .route(BINDING_PATH, get(fetch).put(bind).delete(unbind))
-        .route(&format!("{BINDING_PATH}/last_operation"), get(last_operation))
+        .route(
+            &format!("{BINDING_PATH}/last_operation"),
+            get(last_operation),
+        )
 }
 
 #[derive(Debug, Deserialize)]
@@ -67,15 +70,29 @@ async fn bind(
     query.require_async()?;
     let plan = lookup_plan(&state.catalog, &body.service_id, &body.plan_id)?;
     if !plan.bindable() {
-        return Err(ApiError::bad_request(format!("plan {:?} is not bindable", plan.plan.name)));
+        return Err(ApiError::bad_request(format!(
+            "plan {:?} is not bindable",
+            plan.plan.name
+        )));
     }
     let mut parameters = object_or_empty(body.parameters, "parameters")?;
-    state.catalog.validate(&plan.plan.id, SchemaFor::Bind, &parameters).map_err(|e| ApiError::BadRequest(e.0))?;
-    let hook = webhook::take(&mut parameters, query.webhook.as_deref(), query.secret.as_deref(), &state.cipher)?;
+    state
+        .catalog
+        .validate(&plan.plan.id, SchemaFor::Bind, &parameters)
+        .map_err(|e| ApiError::BadRequest(e.0))?;
+    let hook = webhook::take(
+        &mut parameters,
+        query.webhook.as_deref(),
+        query.secret.as_deref(),
+        &state.cipher,
+    )?;
     let context = object_or_empty(body.context, "context")?;
     let bind_resource = object_or_empty(body.bind_resource, "bind_resource")?;
     // `app_guid` is deprecated in favour of `bind_resource.app_guid`; keep whichever the platform sent.
-    let app_guid = body.app_guid.clone().or_else(|| bind_resource["app_guid"].as_str().map(str::to_string));
+    let app_guid = body
+        .app_guid
+        .clone()
+        .or_else(|| bind_resource["app_guid"].as_str().map(str::to_string));
     let new = NewBinding {
         id: &binding_id,
         instance_id: &instance_id,
@@ -90,11 +107,20 @@ async fn bind(
     let mut tx = state.db.begin().await?;
     // Lock order everywhere: instance row, then binding row.
     let instance = instances::get_for_update(&mut *tx, &instance_id).await?;
-    let not_found = || ApiError::NotFound(format!("service instance {instance_id} does not exist or is still being provisioned"));
+    let not_found = || {
+        ApiError::NotFound(format!(
+            "service instance {instance_id} does not exist or is still being provisioned"
+        ))
+    };
     let instance = instance.ok_or_else(not_found)?;
-    let provisioned =
-        tasks::has_succeeded_since(&mut *tx, &instance_id, None, Operation::Provision.as_str(), instance.created_at)
-            .await?;
+    let provisioned = tasks::has_succeeded_since(
+        &mut *tx,
+        &instance_id,
+        None,
+        Operation::Provision.as_str(),
+        instance.created_at,
+    )
+    .await?;
     if !provisioned {
         return Err(not_found());
     }
@@ -115,7 +141,14 @@ async fn bind(
 
     for _ in 0..3 {
         if bindings::insert(&mut *tx, &new).await? {
-            let task = operation_task(Operation::Bind, &instance_id, Some(&binding_id), json!({}), identity, hook);
+            let task = operation_task(
+                Operation::Bind,
+                &instance_id,
+                Some(&binding_id),
+                json!({}),
+                identity,
+                hook,
+            );
             let operation = tasks::enqueue(&mut *tx, task).await?;
             tx.commit().await?;
             return Ok(accepted(operation));
@@ -129,7 +162,10 @@ async fn bind(
         }
         return Ok(outcome);
     }
-    Err(anyhow::anyhow!("binding {binding_id} was created and deleted repeatedly while binding it").into())
+    Err(
+        anyhow::anyhow!("binding {binding_id} was created and deleted repeatedly while binding it")
+            .into(),
+    )
 }
 
 /// A bind request for a binding id that exists: the same request again (answered from its task), or a conflict.
@@ -153,22 +189,37 @@ async fn bind_existing(
         && row.bind_resource == *new.bind_resource
         && row.parameters == *new.parameters;
     if !identical {
-        return Err(ApiError::Conflict(format!("binding {} already exists with different attributes", row.id)));
+        return Err(ApiError::Conflict(format!(
+            "binding {} already exists with different attributes",
+            row.id
+        )));
     }
     let latest = tasks::latest_binding_operation(&mut *tx, &row.id).await?;
     match latest.as_ref().map(|t| (operation_of(t), t.state(), t)) {
-        Some((Some(Operation::Bind), TaskState::Pending | TaskState::Running, task)) => Ok(accepted(task.task_id())),
+        Some((Some(Operation::Bind), TaskState::Pending | TaskState::Running, task)) => {
+            Ok(accepted(task.task_id()))
+        }
         Some((Some(Operation::Bind), TaskState::Succeeded, _)) => {
             Ok((StatusCode::OK, Json(credentials_body(cipher, row, false)?)).into_response())
         }
         Some((Some(Operation::Unbind), state, task)) => Err(if state.is_finished() {
-            ApiError::Conflict(format!("binding {} is being deleted (its last unbind failed); unbind it again", row.id))
+            ApiError::Conflict(format!(
+                "binding {} is being deleted (its last unbind failed); unbind it again",
+                row.id
+            ))
         } else {
             binding_concurrency(row, task)
         }),
         // The bind failed (or, which should not happen, has no task): binding is idempotent, try again.
         _ => {
-            let task = operation_task(Operation::Bind, &row.instance_id, Some(&row.id), json!({}), identity, hook);
+            let task = operation_task(
+                Operation::Bind,
+                &row.instance_id,
+                Some(&row.id),
+                json!({}),
+                identity,
+                hook,
+            );
             Ok(accepted(tasks::enqueue(&mut *tx, task).await?))
         }
     }
@@ -211,24 +262,42 @@ async fn unbind(
     check_id("binding_id", &binding_id)?;
     query.require_service_and_plan()?;
     query.require_async()?;
-    let hook = webhook::take(&mut json!({}), query.webhook.as_deref(), query.secret.as_deref(), &state.cipher)?;
+    let hook = webhook::take(
+        &mut json!({}),
+        query.webhook.as_deref(),
+        query.secret.as_deref(),
+        &state.cipher,
+    )?;
 
     let mut tx = state.db.begin().await?;
     // Lock order everywhere: instance row, then binding row.
-    if instances::get_for_update(&mut *tx, &instance_id).await?.is_none() {
+    if instances::get_for_update(&mut *tx, &instance_id)
+        .await?
+        .is_none()
+    {
         return Ok(gone());
     }
     let row = match bindings::get_for_update(&mut *tx, &binding_id).await? {
         Some(row) if row.instance_id == instance_id => row,
         _ => return Ok(gone()),
     };
-    if let Some(task) = tasks::latest_binding_operation(&mut *tx, &binding_id).await?.filter(is_active) {
+    if let Some(task) = tasks::latest_binding_operation(&mut *tx, &binding_id)
+        .await?
+        .filter(is_active)
+    {
         return match operation_of(&task) {
             Some(Operation::Unbind) => Ok(accepted(task.task_id())),
             _ => Err(binding_concurrency(&row, &task)),
         };
     }
-    let task = operation_task(Operation::Unbind, &instance_id, Some(&binding_id), json!({}), identity, hook);
+    let task = operation_task(
+        Operation::Unbind,
+        &instance_id,
+        Some(&binding_id),
+        json!({}),
+        identity,
+        hook,
+    );
     let operation = tasks::enqueue(&mut *tx, task).await?;
     tx.commit().await?;
     Ok(accepted(operation))
@@ -239,18 +308,31 @@ async fn fetch(
     OsbPath((instance_id, binding_id)): OsbPath<(String, String)>,
 ) -> ApiResult<Response> {
     let mut conn = state.db.acquire().await?;
-    let not_found = || ApiError::NotFound(format!("binding {binding_id} does not exist or is still being created"));
+    let not_found = || {
+        ApiError::NotFound(format!(
+            "binding {binding_id} does not exist or is still being created"
+        ))
+    };
     let row = match bindings::get(&mut *conn, &binding_id).await? {
         Some(row) if row.instance_id == instance_id => row,
         _ => return Err(not_found()),
     };
-    let bound =
-        tasks::has_succeeded_since(&mut *conn, &instance_id, Some(&binding_id), Operation::Bind.as_str(), row.created_at)
-            .await?;
+    let bound = tasks::has_succeeded_since(
+        &mut *conn,
+        &instance_id,
+        Some(&binding_id),
+        Operation::Bind.as_str(),
+        row.created_at,
+    )
+    .await?;
     if !bound {
         return Err(not_found());
     }
-    Ok((StatusCode::OK, Json(credentials_body(&state.cipher, &row, true)?)).into_response())
+    Ok((
+        StatusCode::OK,
+        Json(credentials_body(&state.cipher, &row, true)?),
+    )
+        .into_response())
 }
 
 async fn last_operation(
@@ -259,9 +341,12 @@ async fn last_operation(
     OsbQuery(query): OsbQuery<OsbParams>,
 ) -> ApiResult<Response> {
     let mut conn = state.db.acquire().await?;
-    let row = bindings::get(&mut *conn, &binding_id).await?.filter(|r| r.instance_id == instance_id);
+    let row = bindings::get(&mut *conn, &binding_id)
+        .await?
+        .filter(|r| r.instance_id == instance_id);
     let belongs = |task: &TaskRow| {
-        task.binding_id.as_deref() == Some(&binding_id) && task.instance_id.as_deref() == Some(&instance_id)
+        task.binding_id.as_deref() == Some(&binding_id)
+            && task.instance_id.as_deref() == Some(&instance_id)
     };
     let task = match query.operation.as_deref().filter(|o| !o.is_empty()) {
         Some(operation) => {
@@ -276,12 +361,19 @@ async fn last_operation(
                 }
             }
         }
-        None => tasks::latest_binding_operation(&mut *conn, &binding_id).await?.filter(belongs),
+        None => tasks::latest_binding_operation(&mut *conn, &binding_id)
+            .await?
+            .filter(belongs),
     };
     let Some(task) = task else {
-        return Err(ApiError::NotFound(format!("binding {binding_id} does not exist")));
+        return Err(ApiError::NotFound(format!(
+            "binding {binding_id} does not exist"
+        )));
     };
-    if row.is_none() && operation_of(&task) == Some(Operation::Unbind) && task.state() == TaskState::Succeeded {
+    if row.is_none()
+        && operation_of(&task) == Some(Operation::Unbind)
+        && task.state() == TaskState::Succeeded
+    {
         return Ok(gone());
     }
     Ok(last_operation_response(&task, false))

@@ -16,7 +16,12 @@ pub fn router() -> Router<AppState> {
 }
 
 async fn catalog(State(state): State<AppState>) -> Response {
-    let mut response = Response::new(Body::from(axum::body::Bytes::from_owner(state.catalog.rendered())));
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let mut response = Response::new(Body::from(axum::body::Bytes::from_owner(
+        state.catalog.rendered(),
+    )));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     response
 }

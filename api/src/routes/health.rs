@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
-use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, response::Response, routing::get};
+use axum::{
+    Json, Router, extract::State, http::StatusCode, response::IntoResponse, response::Response,
+    routing::get,
+};
 use serde_json::json;
 
 use crate::{AppState, error::ApiError};

@@ -21,8 +21,9 @@ use serde_json::{Value, json};
 use sqlx::PgConnection;
 
 use super::{
-    MaintenanceInfoBody, OsbParams, accepted, check_id, check_maintenance, gone, last_operation_response,
-    lookup_plan, object_or_empty, ok_empty, operation_of, operation_task, parse_operation,
+    MaintenanceInfoBody, OsbParams, accepted, check_id, check_maintenance, gone,
+    last_operation_response, lookup_plan, object_or_empty, ok_empty, operation_of, operation_task,
+    parse_operation,
 };
 use crate::{
     AppState,
@@ -34,8 +35,14 @@ use crate::{
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/v2/service_instances/{instance_id}", get(fetch).put(provision).patch(update).delete(deprovision))
-        .route("/v2/service_instances/{instance_id}/last_operation", get(last_operation))
+        .route(
+            "/v2/service_instances/{instance_id}",
+            get(fetch).put(provision).patch(update).delete(deprovision),
+        )
+        .route(
+            "/v2/service_instances/{instance_id}/last_operation",
+            get(last_operation),
+        )
 }
 
 #[derive(Debug, Deserialize)]
@@ -60,12 +67,29 @@ async fn provision(
     query.require_async()?;
     let plan = lookup_plan(&state.catalog, &body.service_id, &body.plan_id)?;
     let mut parameters = object_or_empty(body.parameters, "parameters")?;
-    state.catalog.validate(&plan.plan.id, SchemaFor::Provision, &parameters).map_err(|e| ApiError::BadRequest(e.0))?;
-    let hook = webhook::take(&mut parameters, query.webhook.as_deref(), query.secret.as_deref(), &state.cipher)?;
+    state
+        .catalog
+        .validate(&plan.plan.id, SchemaFor::Provision, &parameters)
+        .map_err(|e| ApiError::BadRequest(e.0))?;
+    let hook = webhook::take(
+        &mut parameters,
+        query.webhook.as_deref(),
+        query.secret.as_deref(),
+        &state.cipher,
+    )?;
     let context = object_or_empty(body.context, "context")?;
-    check_maintenance(body.maintenance_info.as_ref().and_then(|m| m.version.as_deref()), &plan)?;
+    check_maintenance(
+        body.maintenance_info
+            .as_ref()
+            .and_then(|m| m.version.as_deref()),
+        &plan,
+    )?;
     // The instance starts at its plan's maintenance version (a request may only name that same version).
-    let maintenance_version = plan.plan.maintenance_info.as_ref().map(|m| m.version.as_str());
+    let maintenance_version = plan
+        .plan
+        .maintenance_info
+        .as_ref()
+        .map(|m| m.version.as_str());
     let new = NewInstance {
         id: &instance_id,
         service_id: &body.service_id,
@@ -82,7 +106,14 @@ async fn provision(
     // a deprovision may delete the row between our insert and our read: go round again.
     for _ in 0..3 {
         if instances::insert(&mut *tx, &new).await? {
-            let task = operation_task(Operation::Provision, &instance_id, None, json!({}), identity, hook);
+            let task = operation_task(
+                Operation::Provision,
+                &instance_id,
+                None,
+                json!({}),
+                identity,
+                hook,
+            );
             let operation = tasks::enqueue(&mut *tx, task).await?;
             tx.commit().await?;
             return Ok(accepted(operation));
@@ -96,7 +127,10 @@ async fn provision(
         }
         return Ok(outcome);
     }
-    Err(anyhow::anyhow!("instance {instance_id} was created and deleted repeatedly while provisioning it").into())
+    Err(anyhow::anyhow!(
+        "instance {instance_id} was created and deleted repeatedly while provisioning it"
+    )
+    .into())
 }
 
 /// A provision request for an id that exists: the same request again (answered from its task), or a conflict.
@@ -128,14 +162,22 @@ async fn provision_existing(
     }
     let latest = tasks::latest_instance_operation(&mut *tx, &row.id).await?;
     match latest.as_ref().map(|t| (operation_of(t), t.state())) {
-        Some((Some(Operation::Provision), TaskState::Succeeded)) | Some((Some(Operation::Update), _)) => Ok(ok_empty()),
+        Some((Some(Operation::Provision), TaskState::Succeeded))
+        | Some((Some(Operation::Update), _)) => Ok(ok_empty()),
         Some((Some(Operation::Deprovision), _)) => Err(ApiError::Conflict(format!(
             "service instance {} is being deleted (its last deprovision failed); deprovision it again",
             row.id
         ))),
         // The provision failed (or, which should not happen, has no task): provisioning is idempotent, try again.
         _ => {
-            let task = operation_task(Operation::Provision, &row.id, None, json!({}), identity, hook);
+            let task = operation_task(
+                Operation::Provision,
+                &row.id,
+                None,
+                json!({}),
+                identity,
+                hook,
+            );
             Ok(accepted(tasks::enqueue(&mut *tx, task).await?))
         }
     }
@@ -154,17 +196,35 @@ fn concurrency(instance_id: &str, task: &broker::db::tasks::TaskRow) -> ApiError
 }
 
 /// 404 unless the instance exists and its provision has succeeded.
-async fn provisioned_instance(db: &mut PgConnection, instance_id: &str, lock: bool) -> ApiResult<InstanceRow> {
+async fn provisioned_instance(
+    db: &mut PgConnection,
+    instance_id: &str,
+    lock: bool,
+) -> ApiResult<InstanceRow> {
     let row = if lock {
         instances::get_for_update(&mut *db, instance_id).await?
     } else {
         instances::get(&mut *db, instance_id).await?
     };
-    let not_found = || ApiError::NotFound(format!("service instance {instance_id} does not exist or is still being provisioned"));
+    let not_found = || {
+        ApiError::NotFound(format!(
+            "service instance {instance_id} does not exist or is still being provisioned"
+        ))
+    };
     let row = row.ok_or_else(not_found)?;
-    let provisioned =
-        tasks::has_succeeded_since(&mut *db, instance_id, None, Operation::Provision.as_str(), row.created_at).await?;
-    if provisioned { Ok(row) } else { Err(not_found()) }
+    let provisioned = tasks::has_succeeded_since(
+        &mut *db,
+        instance_id,
+        None,
+        Operation::Provision.as_str(),
+        row.created_at,
+    )
+    .await?;
+    if provisioned {
+        Ok(row)
+    } else {
+        Err(not_found())
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -185,12 +245,21 @@ async fn update(
 ) -> ApiResult<Response> {
     check_id("instance_id", &instance_id)?;
     let catalog = &state.catalog;
-    let service = catalog
-        .service(&body.service_id)
-        .ok_or_else(|| ApiError::bad_request(format!("service_id {:?} is not a service in the catalog", body.service_id)))?;
-    let request_parameters = body.parameters.map(|p| object_or_empty(Some(p), "parameters")).transpose()?;
+    let service = catalog.service(&body.service_id).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "service_id {:?} is not a service in the catalog",
+            body.service_id
+        ))
+    })?;
+    let request_parameters = body
+        .parameters
+        .map(|p| object_or_empty(Some(p), "parameters"))
+        .transpose()?;
     let parameters_given = request_parameters.is_some();
-    let context = body.context.map(|c| object_or_empty(Some(c), "context")).transpose()?;
+    let context = body
+        .context
+        .map(|c| object_or_empty(Some(c), "context"))
+        .transpose()?;
 
     let mut tx = state.db.begin().await?;
     let row = provisioned_instance(&mut tx, &instance_id, true).await?;
@@ -202,15 +271,25 @@ async fn update(
     }
     let target_plan_id = body.plan_id.clone().unwrap_or_else(|| row.plan_id.clone());
     let plan_changes = target_plan_id != row.plan_id;
-    let target = catalog.plan(&row.service_id, &target_plan_id).ok_or_else(|| {
-        if catalog.plan_by_id(&target_plan_id).is_some() {
-            ApiError::bad_request(format!("plan_id {target_plan_id:?} belongs to another service than {:?}", service.name))
-        } else {
-            ApiError::bad_request(format!("plan_id {target_plan_id:?} is not a plan of service {:?}", service.name))
-        }
-    })?;
+    let target = catalog
+        .plan(&row.service_id, &target_plan_id)
+        .ok_or_else(|| {
+            if catalog.plan_by_id(&target_plan_id).is_some() {
+                ApiError::bad_request(format!(
+                    "plan_id {target_plan_id:?} belongs to another service than {:?}",
+                    service.name
+                ))
+            } else {
+                ApiError::bad_request(format!(
+                    "plan_id {target_plan_id:?} is not a plan of service {:?}",
+                    service.name
+                ))
+            }
+        })?;
     if plan_changes {
-        let updateable = catalog.plan_by_id(&row.plan_id).map_or(service.plan_updateable, |p| p.plan_updateable());
+        let updateable = catalog
+            .plan_by_id(&row.plan_id)
+            .map_or(service.plan_updateable, |p| p.plan_updateable());
         if !updateable {
             return Err(ApiError::bad_request(format!(
                 "the plan of service instance {instance_id} cannot be changed (its plan is not plan_updateable)"
@@ -221,10 +300,20 @@ async fn update(
     // must not fail a schema's `required`.
     let mut parameters = request_parameters.unwrap_or_else(|| json!({}));
     if parameters_given {
-        catalog.validate(&target.plan.id, SchemaFor::Update, &parameters).map_err(|e| ApiError::BadRequest(e.0))?;
+        catalog
+            .validate(&target.plan.id, SchemaFor::Update, &parameters)
+            .map_err(|e| ApiError::BadRequest(e.0))?;
     }
-    let hook = webhook::take(&mut parameters, query.webhook.as_deref(), query.secret.as_deref(), &state.cipher)?;
-    let requested_version = body.maintenance_info.as_ref().and_then(|m| m.version.as_deref());
+    let hook = webhook::take(
+        &mut parameters,
+        query.webhook.as_deref(),
+        query.secret.as_deref(),
+        &state.cipher,
+    )?;
+    let requested_version = body
+        .maintenance_info
+        .as_ref()
+        .and_then(|m| m.version.as_deref());
     check_maintenance(requested_version, &target)?;
 
     let active = tasks::active_operations(&mut *tx, &instance_id).await?;
@@ -233,7 +322,8 @@ async fn update(
     }
 
     let parameters_change = parameters.as_object().is_some_and(|m| !m.is_empty()) || hook.is_some();
-    let maintenance_changes = requested_version.is_some_and(|v| Some(v) != row.maintenance_version.as_deref());
+    let maintenance_changes =
+        requested_version.is_some_and(|v| Some(v) != row.maintenance_version.as_deref());
     if !plan_changes && !parameters_change && !maintenance_changes {
         // Only the context (or nothing) changes: nothing to do on the provider, so apply it now.
         if let Some(context) = &context {
@@ -249,7 +339,11 @@ async fn update(
     merged.remove("webhook");
     let maintenance_version = match requested_version {
         Some(v) => Some(v.to_string()),
-        None if plan_changes => target.plan.maintenance_info.as_ref().map(|m| m.version.clone()),
+        None if plan_changes => target
+            .plan
+            .maintenance_info
+            .as_ref()
+            .map(|m| m.version.clone()),
         None => None,
     };
     let payload = UpdatePayload {
@@ -258,8 +352,16 @@ async fn update(
         context: context.unwrap_or_else(|| row.context.clone()),
         maintenance_version,
     };
-    let payload = serde_json::to_value(&payload).map_err(|e| anyhow::Error::new(e).context("serializing an update"))?;
-    let task = operation_task(Operation::Update, &instance_id, None, payload, identity, hook);
+    let payload = serde_json::to_value(&payload)
+        .map_err(|e| anyhow::Error::new(e).context("serializing an update"))?;
+    let task = operation_task(
+        Operation::Update,
+        &instance_id,
+        None,
+        payload,
+        identity,
+        hook,
+    );
     let operation = tasks::enqueue(&mut *tx, task).await?;
     tx.commit().await?;
     Ok(accepted(operation))
@@ -274,31 +376,54 @@ async fn deprovision(
     check_id("instance_id", &instance_id)?;
     query.require_service_and_plan()?;
     query.require_async()?;
-    let hook = webhook::take(&mut json!({}), query.webhook.as_deref(), query.secret.as_deref(), &state.cipher)?;
+    let hook = webhook::take(
+        &mut json!({}),
+        query.webhook.as_deref(),
+        query.secret.as_deref(),
+        &state.cipher,
+    )?;
 
     let mut tx = state.db.begin().await?;
-    if instances::get_for_update(&mut *tx, &instance_id).await?.is_none() {
+    if instances::get_for_update(&mut *tx, &instance_id)
+        .await?
+        .is_none()
+    {
         return Ok(gone());
     }
     let active = tasks::active_operations(&mut *tx, &instance_id).await?;
-    if let Some(task) = active.iter().find(|t| t.binding_id.is_none() && operation_of(t) == Some(Operation::Deprovision))
+    if let Some(task) = active
+        .iter()
+        .find(|t| t.binding_id.is_none() && operation_of(t) == Some(Operation::Deprovision))
     {
         return Ok(accepted(task.task_id()));
     }
     if let Some(task) = active.first() {
         return Err(concurrency(&instance_id, task));
     }
-    let task = operation_task(Operation::Deprovision, &instance_id, None, json!({}), identity, hook);
+    let task = operation_task(
+        Operation::Deprovision,
+        &instance_id,
+        None,
+        json!({}),
+        identity,
+        hook,
+    );
     let operation = tasks::enqueue(&mut *tx, task).await?;
     tx.commit().await?;
     Ok(accepted(operation))
 }
 
-async fn fetch(State(state): State<AppState>, OsbPath(instance_id): OsbPath<String>) -> ApiResult<Response> {
+async fn fetch(
+    State(state): State<AppState>,
+    OsbPath(instance_id): OsbPath<String>,
+) -> ApiResult<Response> {
     let mut conn = state.db.acquire().await?;
     let row = provisioned_instance(&mut conn, &instance_id, false).await?;
     let active = tasks::active_operations(&mut *conn, &instance_id).await?;
-    if let Some(task) = active.iter().find(|t| t.binding_id.is_none() && operation_of(t) == Some(Operation::Update)) {
+    if let Some(task) = active
+        .iter()
+        .find(|t| t.binding_id.is_none() && operation_of(t) == Some(Operation::Update))
+    {
         return Err(concurrency(&instance_id, task));
     }
     let mut body = json!({
@@ -323,7 +448,12 @@ async fn last_operation(
         Some(operation) => {
             let id = parse_operation(operation)?;
             match tasks::get(&mut *conn, id).await? {
-                Some(task) if task.instance_id.as_deref() == Some(&instance_id) && task.binding_id.is_none() => Some(task),
+                Some(task)
+                    if task.instance_id.as_deref() == Some(&instance_id)
+                        && task.binding_id.is_none() =>
+                {
+                    Some(task)
+                }
                 None if row.is_none() => None,
                 _ => {
                     return Err(ApiError::bad_request(format!(
@@ -335,9 +465,14 @@ async fn last_operation(
         None => tasks::latest_instance_operation(&mut *conn, &instance_id).await?,
     };
     let Some(task) = task else {
-        return Err(ApiError::NotFound(format!("service instance {instance_id} does not exist")));
+        return Err(ApiError::NotFound(format!(
+            "service instance {instance_id} does not exist"
+        )));
     };
-    if row.is_none() && operation_of(&task) == Some(Operation::Deprovision) && task.state() == TaskState::Succeeded {
+    if row.is_none()
+        && operation_of(&task) == Some(Operation::Deprovision)
+        && task.state() == TaskState::Succeeded
+    {
         return Ok(gone());
     }
     Ok(last_operation_response(&task, true))

@@ -34,19 +34,27 @@ pub(crate) struct OsbParams {
 
 impl OsbParams {
     pub fn accepts_incomplete(&self) -> bool {
-        self.accepts_incomplete.as_deref().is_some_and(|v| v.eq_ignore_ascii_case("true"))
+        self.accepts_incomplete
+            .as_deref()
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"))
     }
 
     /// 422 `AsyncRequired` unless the client accepts an asynchronous answer.
     pub fn require_async(&self) -> ApiResult<()> {
-        if self.accepts_incomplete() { Ok(()) } else { Err(ApiError::AsyncRequired) }
+        if self.accepts_incomplete() {
+            Ok(())
+        } else {
+            Err(ApiError::AsyncRequired)
+        }
     }
 
     /// `service_id` and `plan_id`, which OSB requires on DELETE.
     pub fn require_service_and_plan(&self) -> ApiResult<()> {
         for (name, value) in [("service_id", &self.service_id), ("plan_id", &self.plan_id)] {
             if value.as_deref().is_none_or(str::is_empty) {
-                return Err(ApiError::bad_request(format!("the query parameter `{name}` is required")));
+                return Err(ApiError::bad_request(format!(
+                    "the query parameter `{name}` is required"
+                )));
             }
         }
         Ok(())
@@ -62,18 +70,29 @@ pub(crate) struct MaintenanceInfoBody {
 /// 400 unless an id chosen by the platform is usable.
 pub(crate) fn check_id(what: &str, id: &str) -> ApiResult<()> {
     if id.is_empty() || id.len() > 255 || id.chars().any(char::is_control) {
-        return Err(ApiError::bad_request(format!("{what} must be 1 to 255 printable characters")));
+        return Err(ApiError::bad_request(format!(
+            "{what} must be 1 to 255 printable characters"
+        )));
     }
     Ok(())
 }
 
 /// The published plan `plan_id` of service `service_id`, or a 400 saying which is unknown.
-pub(crate) fn lookup_plan<'c>(catalog: &'c Catalog, service_id: &str, plan_id: &str) -> ApiResult<PlanRef<'c>> {
-    let service = catalog
-        .service(service_id)
-        .ok_or_else(|| ApiError::bad_request(format!("service_id {service_id:?} is not a service in the catalog")))?;
+pub(crate) fn lookup_plan<'c>(
+    catalog: &'c Catalog,
+    service_id: &str,
+    plan_id: &str,
+) -> ApiResult<PlanRef<'c>> {
+    let service = catalog.service(service_id).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "service_id {service_id:?} is not a service in the catalog"
+        ))
+    })?;
     catalog.plan(service_id, plan_id).ok_or_else(|| {
-        ApiError::bad_request(format!("plan_id {plan_id:?} is not a plan of service {:?}", service.name))
+        ApiError::bad_request(format!(
+            "plan_id {plan_id:?} is not a plan of service {:?}",
+            service.name
+        ))
     })
 }
 
@@ -82,14 +101,22 @@ pub(crate) fn object_or_empty(value: Option<Value>, field: &str) -> ApiResult<Va
     match value {
         None | Some(Value::Null) => Ok(Value::Object(Map::new())),
         Some(v @ Value::Object(_)) => Ok(v),
-        Some(_) => Err(ApiError::bad_request(format!("`{field}` must be a JSON object"))),
+        Some(_) => Err(ApiError::bad_request(format!(
+            "`{field}` must be a JSON object"
+        ))),
     }
 }
 
 /// 422 `MaintenanceInfoConflict` when the request names a maintenance version the plan is not at.
 pub(crate) fn check_maintenance(requested: Option<&str>, plan: &PlanRef<'_>) -> ApiResult<()> {
-    let Some(requested) = requested else { return Ok(()) };
-    let current = plan.plan.maintenance_info.as_ref().map(|m| m.version.as_str());
+    let Some(requested) = requested else {
+        return Ok(());
+    };
+    let current = plan
+        .plan
+        .maintenance_info
+        .as_ref()
+        .map(|m| m.version.as_str());
     if current == Some(requested) {
         return Ok(());
     }
@@ -133,7 +160,11 @@ pub(crate) fn operation_of(task: &TaskRow) -> Option<Operation> {
 
 /// 202 `{"operation": "<task id>"}`.
 pub(crate) fn accepted(operation: TaskId) -> Response {
-    (StatusCode::ACCEPTED, Json(json!({ "operation": operation.to_string() }))).into_response()
+    (
+        StatusCode::ACCEPTED,
+        Json(json!({ "operation": operation.to_string() })),
+    )
+        .into_response()
 }
 
 /// 200 `{}`.
@@ -157,7 +188,9 @@ pub(crate) fn last_operation_response(task: &TaskRow, instance_flags: bool) -> R
             "description": task.progress.clone().filter(|p| !p.trim().is_empty())
                 .unwrap_or_else(|| format!("{operation} in progress")),
         }),
-        TaskState::Succeeded => json!({ "state": "succeeded", "description": format!("{operation} succeeded") }),
+        TaskState::Succeeded => {
+            json!({ "state": "succeeded", "description": format!("{operation} succeeded") })
+        }
         TaskState::Failed => json!({
             "state": "failed",
             "description": match task.last_error.as_deref().map(str::trim).filter(|e| !e.is_empty()) {
@@ -184,14 +217,18 @@ pub(crate) fn last_operation_response(task: &TaskRow, instance_flags: bool) -> R
     }
     let mut response = (StatusCode::OK, Json(body)).into_response();
     if !state.is_finished() {
-        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
     }
     response
 }
 
 /// Parses `?operation=` as a task id, or a 400.
 pub(crate) fn parse_operation(operation: &str) -> ApiResult<TaskId> {
-    uuid::Uuid::parse_str(operation)
-        .map(TaskId)
-        .map_err(|_| ApiError::bad_request(format!("operation {operation:?} is not an operation this broker issued")))
+    uuid::Uuid::parse_str(operation).map(TaskId).map_err(|_| {
+        ApiError::bad_request(format!(
+            "operation {operation:?} is not an operation this broker issued"
+        ))
+    })
 }

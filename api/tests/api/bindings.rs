@@ -5,7 +5,9 @@ use sqlx::{PgPool, Row};
 
 use crate::{
     assert_unchanged,
-    helpers::{PG_SERVICE, PG_SHARED, T_SERVICE, T_SMALL, T_UNBINDABLE, TestApp, bind_body, provision_body},
+    helpers::{
+        PG_SERVICE, PG_SHARED, T_SERVICE, T_SMALL, T_UNBINDABLE, TestApp, bind_body, provision_body,
+    },
 };
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
@@ -16,13 +18,31 @@ async fn new_binding_is_202_with_row_and_task(pool: PgPool) {
     assert_eq!(app.counts().await, (1, 1, 2));
     let task = app.task(&op).await;
     assert_eq!(task.get::<String, _>("kind"), kinds::BIND);
-    assert_eq!(task.get::<Option<String>, _>("operation").as_deref(), Some("bind"));
-    assert_eq!(task.get::<Option<String>, _>("instance_id").as_deref(), Some("i-1"));
-    assert_eq!(task.get::<Option<String>, _>("binding_id").as_deref(), Some("b-1"));
+    assert_eq!(
+        task.get::<Option<String>, _>("operation").as_deref(),
+        Some("bind")
+    );
+    assert_eq!(
+        task.get::<Option<String>, _>("instance_id").as_deref(),
+        Some("i-1")
+    );
+    assert_eq!(
+        task.get::<Option<String>, _>("binding_id").as_deref(),
+        Some("b-1")
+    );
     assert_eq!(task.get::<Value, _>("payload"), json!({}));
-    let row = sqlx::query("SELECT * FROM service_bindings WHERE id = 'b-1'").fetch_one(&app.pool).await.unwrap();
-    assert_eq!(row.get::<Option<String>, _>("app_guid").as_deref(), Some("app-1"));
-    assert_eq!(row.get::<Value, _>("parameters"), json!({"access": "read-only"}));
+    let row = sqlx::query("SELECT * FROM service_bindings WHERE id = 'b-1'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        row.get::<Option<String>, _>("app_guid").as_deref(),
+        Some("app-1")
+    );
+    assert_eq!(
+        row.get::<Value, _>("parameters"),
+        json!({"access": "read-only"})
+    );
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
@@ -31,29 +51,47 @@ async fn bind_refusals(pool: PgPool) {
     app.provisioned("i-1").await;
     assert_unchanged!(app, {
         // Synchronous only: 422.
-        app.call(Method::PUT, "/v2/service_instances/i-1/service_bindings/b-1", Some(&bind_body()))
-            .await
-            .assert_osb_error(StatusCode::UNPROCESSABLE_ENTITY, Some("AsyncRequired"));
+        app.call(
+            Method::PUT,
+            "/v2/service_instances/i-1/service_bindings/b-1",
+            Some(&bind_body()),
+        )
+        .await
+        .assert_osb_error(StatusCode::UNPROCESSABLE_ENTITY, Some("AsyncRequired"));
         // Unknown plan: 400.
         let mut body = bind_body();
         body["plan_id"] = json!("nope");
-        app.bind("i-1", "b-1", &body).await.assert_osb_error(StatusCode::BAD_REQUEST, None);
+        app.bind("i-1", "b-1", &body)
+            .await
+            .assert_osb_error(StatusCode::BAD_REQUEST, None);
         // A known plan that is not the instance's: 400.
         let body = json!({"service_id": T_SERVICE, "plan_id": T_SMALL});
-        app.bind("i-1", "b-1", &body).await.assert_osb_error(StatusCode::BAD_REQUEST, None);
+        app.bind("i-1", "b-1", &body)
+            .await
+            .assert_osb_error(StatusCode::BAD_REQUEST, None);
         // Not bindable: 400.
         let body = json!({"service_id": T_SERVICE, "plan_id": T_UNBINDABLE});
-        let d = app.bind("i-1", "b-1", &body).await.assert_osb_error(StatusCode::BAD_REQUEST, None);
+        let d = app
+            .bind("i-1", "b-1", &body)
+            .await
+            .assert_osb_error(StatusCode::BAD_REQUEST, None);
         assert!(d.contains("bindable"), "{d}");
         // Schema violation names the field.
         let mut body = bind_body();
         body["parameters"] = json!({"access": "write-only"});
-        let d = app.bind("i-1", "b-1", &body).await.assert_osb_error(StatusCode::BAD_REQUEST, None);
+        let d = app
+            .bind("i-1", "b-1", &body)
+            .await
+            .assert_osb_error(StatusCode::BAD_REQUEST, None);
         assert!(d.contains("access"), "{d}");
         // Missing service_id: 400.
-        app.bind("i-1", "b-1", &json!({"plan_id": PG_SHARED})).await.assert_osb_error(StatusCode::BAD_REQUEST, None);
+        app.bind("i-1", "b-1", &json!({"plan_id": PG_SHARED}))
+            .await
+            .assert_osb_error(StatusCode::BAD_REQUEST, None);
         // Unknown instance: 404.
-        app.bind("nope", "b-1", &bind_body()).await.assert_osb_error(StatusCode::NOT_FOUND, None);
+        app.bind("nope", "b-1", &bind_body())
+            .await
+            .assert_osb_error(StatusCode::NOT_FOUND, None);
     });
 }
 
@@ -61,16 +99,23 @@ async fn bind_refusals(pool: PgPool) {
 async fn bind_before_the_instance_is_provisioned_is_404(pool: PgPool) {
     let app = TestApp::new(pool);
     let op = app.provision("i-1", &provision_body()).await.operation();
-    assert_unchanged!(app, app.bind("i-1", "b-1", &bind_body()).await).assert_osb_error(StatusCode::NOT_FOUND, None);
+    assert_unchanged!(app, app.bind("i-1", "b-1", &bind_body()).await)
+        .assert_osb_error(StatusCode::NOT_FOUND, None);
     app.finish(&op, "failed", None).await;
-    assert_unchanged!(app, app.bind("i-1", "b-1", &bind_body()).await).assert_osb_error(StatusCode::NOT_FOUND, None);
+    assert_unchanged!(app, app.bind("i-1", "b-1", &bind_body()).await)
+        .assert_osb_error(StatusCode::NOT_FOUND, None);
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
 async fn bind_during_an_instance_operation_is_422(pool: PgPool) {
     let app = TestApp::new(pool);
     app.provisioned("i-1").await;
-    app.update("i-1", &json!({"service_id": PG_SERVICE, "parameters": {"extensions": ["hstore"]}})).await.operation();
+    app.update(
+        "i-1",
+        &json!({"service_id": PG_SERVICE, "parameters": {"extensions": ["hstore"]}}),
+    )
+    .await
+    .operation();
     assert_unchanged!(app, app.bind("i-1", "b-1", &bind_body()).await)
         .assert_osb_error(StatusCode::UNPROCESSABLE_ENTITY, Some("ConcurrencyError"));
 }
@@ -80,16 +125,23 @@ async fn repeating_a_bind_follows_its_task(pool: PgPool) {
     let app = TestApp::new(pool);
     app.provisioned("i-1").await;
     let first = app.bind("i-1", "b-1", &bind_body()).await.operation();
-    assert_eq!(assert_unchanged!(app, app.bind("i-1", "b-1", &bind_body()).await).operation(), first);
+    assert_eq!(
+        assert_unchanged!(app, app.bind("i-1", "b-1", &bind_body()).await).operation(),
+        first
+    );
 
     app.finish(&first, "failed", Some("boom")).await;
     let second = app.bind("i-1", "b-1", &bind_body()).await.operation();
     assert_ne!(first, second);
 
-    app.complete_bind(&second, "b-1", &json!({"DATABASE_URL": "postgres://x"})).await;
+    app.complete_bind(&second, "b-1", &json!({"DATABASE_URL": "postgres://x"}))
+        .await;
     let res = assert_unchanged!(app, app.bind("i-1", "b-1", &bind_body()).await);
     assert_eq!(res.status, StatusCode::OK);
-    assert_eq!(res.body["credentials"], json!({"DATABASE_URL": "postgres://x"}));
+    assert_eq!(
+        res.body["credentials"],
+        json!({"DATABASE_URL": "postgres://x"})
+    );
     assert_eq!(res.body["endpoints"][0]["port"], Value::Null);
     assert_eq!(res.body["endpoints"][0]["host"], "db.example");
 }
@@ -102,12 +154,15 @@ async fn different_binding_attributes_are_409(pool: PgPool) {
     app.bind("i-1", "b-1", &bind_body()).await.operation();
     let mut body = bind_body();
     body["parameters"] = json!({"access": "read-write"});
-    assert_unchanged!(app, app.bind("i-1", "b-1", &body).await).assert_osb_error(StatusCode::CONFLICT, None);
+    assert_unchanged!(app, app.bind("i-1", "b-1", &body).await)
+        .assert_osb_error(StatusCode::CONFLICT, None);
     let mut body = bind_body();
     body["bind_resource"] = json!({"app_guid": "app-2"});
-    assert_unchanged!(app, app.bind("i-1", "b-1", &body).await).assert_osb_error(StatusCode::CONFLICT, None);
+    assert_unchanged!(app, app.bind("i-1", "b-1", &body).await)
+        .assert_osb_error(StatusCode::CONFLICT, None);
     // The same binding id under another instance.
-    assert_unchanged!(app, app.bind("i-2", "b-1", &bind_body()).await).assert_osb_error(StatusCode::CONFLICT, None);
+    assert_unchanged!(app, app.bind("i-2", "b-1", &bind_body()).await)
+        .assert_osb_error(StatusCode::CONFLICT, None);
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
@@ -120,9 +175,13 @@ async fn unbind(pool: PgPool) {
             format!("service_id={PG_SERVICE}&accepts_incomplete=true"),
         ] {
             let uri = format!("/v2/service_instances/i-1/service_bindings/b-1?{query}");
-            app.call(Method::DELETE, &uri, None).await.assert_osb_error(StatusCode::BAD_REQUEST, None);
+            app.call(Method::DELETE, &uri, None)
+                .await
+                .assert_osb_error(StatusCode::BAD_REQUEST, None);
         }
-        let uri = format!("/v2/service_instances/i-1/service_bindings/b-1?service_id={PG_SERVICE}&plan_id={PG_SHARED}");
+        let uri = format!(
+            "/v2/service_instances/i-1/service_bindings/b-1?service_id={PG_SERVICE}&plan_id={PG_SHARED}"
+        );
         app.call(Method::DELETE, &uri, None)
             .await
             .assert_osb_error(StatusCode::UNPROCESSABLE_ENTITY, Some("AsyncRequired"));
@@ -133,8 +192,14 @@ async fn unbind(pool: PgPool) {
     let op = app.unbind("i-1", "b-1").await.operation();
     let task = app.task(&op).await;
     assert_eq!(task.get::<String, _>("kind"), kinds::UNBIND);
-    assert_eq!(task.get::<Option<String>, _>("binding_id").as_deref(), Some("b-1"));
-    assert_eq!(assert_unchanged!(app, app.unbind("i-1", "b-1").await).operation(), op);
+    assert_eq!(
+        task.get::<Option<String>, _>("binding_id").as_deref(),
+        Some("b-1")
+    );
+    assert_eq!(
+        assert_unchanged!(app, app.unbind("i-1", "b-1").await).operation(),
+        op
+    );
     // A bind of the same id while the unbind runs: 422.
     assert_unchanged!(app, app.bind("i-1", "b-1", &bind_body()).await)
         .assert_osb_error(StatusCode::UNPROCESSABLE_ENTITY, Some("ConcurrencyError"));
@@ -147,4 +212,19 @@ async fn unbind_while_binding_is_422(pool: PgPool) {
     app.bind("i-1", "b-1", &bind_body()).await.operation();
     assert_unchanged!(app, app.unbind("i-1", "b-1").await)
         .assert_osb_error(StatusCode::UNPROCESSABLE_ENTITY, Some("ConcurrencyError"));
+}
+
+#[sqlx::test(migrator = "broker::MIGRATOR")]
+async fn concurrent_identical_binds_make_one_task(pool: PgPool) {
+    let app = TestApp::new(pool);
+    app.provisioned("i-1").await;
+    let body = bind_body();
+    let (a, b, c) = tokio::join!(
+        app.bind("i-1", "b-1", &body),
+        app.bind("i-1", "b-1", &body),
+        app.bind("i-1", "b-1", &body)
+    );
+    assert_eq!(a.operation(), b.operation());
+    assert_eq!(a.operation(), c.operation());
+    assert_eq!(app.counts().await, (1, 1, 2));
 }

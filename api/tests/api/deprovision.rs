@@ -15,10 +15,16 @@ async fn deprovision_is_202_with_a_task(pool: PgPool) {
     let op = app.deprovision("i-1").await.operation();
     let task = app.task(&op).await;
     assert_eq!(task.get::<String, _>("kind"), kinds::DEPROVISION);
-    assert_eq!(task.get::<Option<String>, _>("operation").as_deref(), Some("deprovision"));
+    assert_eq!(
+        task.get::<Option<String>, _>("operation").as_deref(),
+        Some("deprovision")
+    );
     assert_eq!(task.get::<Value, _>("payload"), json!({}));
     // Repeated while it runs: the same operation.
-    assert_eq!(assert_unchanged!(app, app.deprovision("i-1").await).operation(), op);
+    assert_eq!(
+        assert_unchanged!(app, app.deprovision("i-1").await).operation(),
+        op
+    );
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
@@ -30,7 +36,9 @@ async fn missing_ids_are_400_and_sync_is_422(pool: PgPool) {
             format!("/v2/service_instances/i-1?plan_id={PG_SHARED}&accepts_incomplete=true"),
             format!("/v2/service_instances/i-1?service_id={PG_SERVICE}&accepts_incomplete=true"),
         ] {
-            app.call(Method::DELETE, &uri, None).await.assert_osb_error(StatusCode::BAD_REQUEST, None);
+            app.call(Method::DELETE, &uri, None)
+                .await
+                .assert_osb_error(StatusCode::BAD_REQUEST, None);
         }
         let uri = format!("/v2/service_instances/i-1?service_id={PG_SERVICE}&plan_id={PG_SHARED}");
         app.call(Method::DELETE, &uri, None)
@@ -56,7 +64,12 @@ async fn deprovision_during_another_operation_is_422(pool: PgPool) {
         .assert_osb_error(StatusCode::UNPROCESSABLE_ENTITY, Some("ConcurrencyError"));
     // While an update runs.
     app.provisioned("i-2").await;
-    app.update("i-2", &json!({"service_id": PG_SERVICE, "parameters": {"extensions": ["hstore"]}})).await.operation();
+    app.update(
+        "i-2",
+        &json!({"service_id": PG_SERVICE, "parameters": {"extensions": ["hstore"]}}),
+    )
+    .await
+    .operation();
     assert_unchanged!(app, app.deprovision("i-2").await)
         .assert_osb_error(StatusCode::UNPROCESSABLE_ENTITY, Some("ConcurrencyError"));
 }
@@ -68,6 +81,9 @@ async fn a_failed_provision_can_be_deprovisioned(pool: PgPool) {
     app.finish(&op, "failed", Some("boom")).await;
     let op = app.deprovision("i-1").await.operation();
     app.complete_deprovision(&op, "i-1").await;
-    assert_eq!(app.last_operation("i-1", None).await.status, StatusCode::GONE);
+    assert_eq!(
+        app.last_operation("i-1", None).await.status,
+        StatusCode::GONE
+    );
     assert_eq!(app.deprovision("i-1").await.status, StatusCode::GONE);
 }

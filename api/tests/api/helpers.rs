@@ -54,13 +54,18 @@ impl TestResponse {
     /// The `operation` of a 202.
     pub fn operation(&self) -> String {
         assert_eq!(self.status, StatusCode::ACCEPTED, "{self:?}");
-        self.body["operation"].as_str().expect("202 without operation").to_string()
+        self.body["operation"]
+            .as_str()
+            .expect("202 without operation")
+            .to_string()
     }
 
     /// Asserts an OSB error body with this status (and `error` code, if given); returns the description.
     pub fn assert_osb_error(&self, status: StatusCode, code: Option<&str>) -> String {
         assert_eq!(self.status, status, "{self:?}");
-        let description = self.body["description"].as_str().unwrap_or_else(|| panic!("no description: {self:?}"));
+        let description = self.body["description"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no description: {self:?}"));
         assert!(!description.is_empty());
         if let Some(code) = code {
             assert_eq!(self.body["error"], code, "{self:?}");
@@ -117,7 +122,11 @@ impl TestApp {
             auth: BrokerAuth::new(USER.into(), PASSWORD.into()),
             max_body_bytes: MAX_BODY,
         };
-        Self { router: berth_api::router(state), pool, cipher }
+        Self {
+            router: berth_api::router(state),
+            pool,
+            cipher,
+        }
     }
 
     pub fn auth_header() -> String {
@@ -126,13 +135,23 @@ impl TestApp {
 
     /// Sends a request as-is (no headers added).
     pub async fn send(&self, request: Request<Body>) -> TestResponse {
-        let response = self.router.clone().oneshot(request).await.expect("router is infallible");
+        let response = self
+            .router
+            .clone()
+            .oneshot(request)
+            .await
+            .expect("router is infallible");
         let status = response.status();
         let headers = response.headers().clone();
         let bytes = response.into_body().collect().await.unwrap().to_bytes();
         let text = String::from_utf8_lossy(&bytes).to_string();
         let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        TestResponse { status, headers, body, text }
+        TestResponse {
+            status,
+            headers,
+            body,
+            text,
+        }
     }
 
     /// A request with the broker's credentials and `X-Broker-API-Version: 2.17`.
@@ -157,24 +176,39 @@ impl TestApp {
     }
 
     pub async fn provision(&self, id: &str, body: &Value) -> TestResponse {
-        self.call(Method::PUT, &format!("/v2/service_instances/{id}?accepts_incomplete=true"), Some(body)).await
+        self.call(
+            Method::PUT,
+            &format!("/v2/service_instances/{id}?accepts_incomplete=true"),
+            Some(body),
+        )
+        .await
     }
 
     pub async fn update(&self, id: &str, body: &Value) -> TestResponse {
-        self.call(Method::PATCH, &format!("/v2/service_instances/{id}?accepts_incomplete=true"), Some(body)).await
+        self.call(
+            Method::PATCH,
+            &format!("/v2/service_instances/{id}?accepts_incomplete=true"),
+            Some(body),
+        )
+        .await
     }
 
     pub async fn deprovision(&self, id: &str) -> TestResponse {
-        let uri = format!("/v2/service_instances/{id}?service_id={PG_SERVICE}&plan_id={PG_SHARED}&accepts_incomplete=true");
+        let uri = format!(
+            "/v2/service_instances/{id}?service_id={PG_SERVICE}&plan_id={PG_SHARED}&accepts_incomplete=true"
+        );
         self.call(Method::DELETE, &uri, None).await
     }
 
     pub async fn fetch_instance(&self, id: &str) -> TestResponse {
-        self.call(Method::GET, &format!("/v2/service_instances/{id}"), None).await
+        self.call(Method::GET, &format!("/v2/service_instances/{id}"), None)
+            .await
     }
 
     pub async fn last_operation(&self, id: &str, operation: Option<&str>) -> TestResponse {
-        let mut uri = format!("/v2/service_instances/{id}/last_operation?service_id={PG_SERVICE}&plan_id={PG_SHARED}");
+        let mut uri = format!(
+            "/v2/service_instances/{id}/last_operation?service_id={PG_SERVICE}&plan_id={PG_SHARED}"
+        );
         if let Some(op) = operation {
             uri.push_str(&format!("&operation={op}"));
         }
@@ -182,7 +216,8 @@ impl TestApp {
     }
 
     pub async fn bind(&self, id: &str, bid: &str, body: &Value) -> TestResponse {
-        let uri = format!("/v2/service_instances/{id}/service_bindings/{bid}?accepts_incomplete=true");
+        let uri =
+            format!("/v2/service_instances/{id}/service_bindings/{bid}?accepts_incomplete=true");
         self.call(Method::PUT, &uri, Some(body)).await
     }
 
@@ -194,10 +229,20 @@ impl TestApp {
     }
 
     pub async fn fetch_binding(&self, id: &str, bid: &str) -> TestResponse {
-        self.call(Method::GET, &format!("/v2/service_instances/{id}/service_bindings/{bid}"), None).await
+        self.call(
+            Method::GET,
+            &format!("/v2/service_instances/{id}/service_bindings/{bid}"),
+            None,
+        )
+        .await
     }
 
-    pub async fn binding_last_operation(&self, id: &str, bid: &str, operation: Option<&str>) -> TestResponse {
+    pub async fn binding_last_operation(
+        &self,
+        id: &str,
+        bid: &str,
+        operation: Option<&str>,
+    ) -> TestResponse {
         let mut uri = format!("/v2/service_instances/{id}/service_bindings/{bid}/last_operation");
         if let Some(op) = operation {
             uri.push_str(&format!("?operation={op}"));
@@ -253,17 +298,30 @@ impl TestApp {
     pub async fn bound(&self, id: &str, bid: &str) {
         self.provisioned(id).await;
         let op = self.bind(id, bid, &bind_body()).await.operation();
-        self.complete_bind(&op, bid, &json!({"DATABASE_URL": "postgres://u:p@db.example/d"})).await;
+        self.complete_bind(
+            &op,
+            bid,
+            &json!({"DATABASE_URL": "postgres://u:p@db.example/d"}),
+        )
+        .await;
     }
 
     /// What a successful deprovision leaves: the row gone, the task succeeded.
     pub async fn complete_deprovision(&self, operation: &str, instance_id: &str) {
-        sqlx::query("DELETE FROM service_instances WHERE id = $1").bind(instance_id).execute(&self.pool).await.unwrap();
+        sqlx::query("DELETE FROM service_instances WHERE id = $1")
+            .bind(instance_id)
+            .execute(&self.pool)
+            .await
+            .unwrap();
         self.finish(operation, "succeeded", None).await;
     }
 
     pub async fn complete_unbind(&self, operation: &str, binding_id: &str) {
-        sqlx::query("DELETE FROM service_bindings WHERE id = $1").bind(binding_id).execute(&self.pool).await.unwrap();
+        sqlx::query("DELETE FROM service_bindings WHERE id = $1")
+            .bind(binding_id)
+            .execute(&self.pool)
+            .await
+            .unwrap();
         self.finish(operation, "succeeded", None).await;
     }
 
@@ -294,7 +352,11 @@ macro_rules! assert_unchanged {
     ($app:expr, $body:expr) => {{
         let before = $app.counts().await;
         let out = $body;
-        assert_eq!($app.counts().await, before, "a refused request changed rows");
+        assert_eq!(
+            $app.counts().await,
+            before,
+            "a refused request changed rows"
+        );
         out
     }};
 }

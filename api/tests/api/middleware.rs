@@ -22,7 +22,12 @@ fn catalog_with(auth: Option<&str>, version: Option<&str>) -> Request<Body> {
 async fn missing_or_wrong_credentials_are_401_with_a_challenge(pool: PgPool) {
     let app = TestApp::new(pool);
     let wrong = format!("Basic {}", STANDARD.encode(format!("{USER}:nope")));
-    for auth in [None, Some(wrong.as_str()), Some("Bearer token"), Some("Basic !!!")] {
+    for auth in [
+        None,
+        Some(wrong.as_str()),
+        Some("Bearer token"),
+        Some("Basic !!!"),
+    ] {
         let res = app.send(catalog_with(auth, Some("2.17"))).await;
         res.assert_osb_error(StatusCode::UNAUTHORIZED, Some("Unauthorized"));
         assert_eq!(res.headers["www-authenticate"], r#"Basic realm="berth""#);
@@ -34,8 +39,12 @@ async fn version_header_must_be_2_13_or_later(pool: PgPool) {
     let app = TestApp::new(pool);
     let auth = TestApp::auth_header();
     let res = app.send(catalog_with(Some(&auth), None)).await;
-    let description = res.assert_osb_error(StatusCode::PRECONDITION_FAILED, Some("PreconditionFailed"));
-    assert!(description.contains("X-Broker-API-Version"), "{description}");
+    let description =
+        res.assert_osb_error(StatusCode::PRECONDITION_FAILED, Some("PreconditionFailed"));
+    assert!(
+        description.contains("X-Broker-API-Version"),
+        "{description}"
+    );
     for bad in ["2.12", "1.17", "3.0", "latest", ""] {
         let res = app.send(catalog_with(Some(&auth), Some(bad))).await;
         res.assert_osb_error(StatusCode::PRECONDITION_FAILED, Some("PreconditionFailed"));
@@ -55,29 +64,52 @@ async fn request_identity_is_echoed_on_every_response(pool: PgPool) {
         TestApp::request(Method::GET, "/v2/nowhere"),
         Request::get("/health"),
     ] {
-        let res = app.send(request.header("x-broker-api-request-identity", "req-123").body(Body::empty()).unwrap()).await;
-        assert_eq!(res.headers["x-broker-api-request-identity"], "req-123", "{res:?}");
+        let res = app
+            .send(
+                request
+                    .header("x-broker-api-request-identity", "req-123")
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(
+            res.headers["x-broker-api-request-identity"], "req-123",
+            "{res:?}"
+        );
     }
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
 async fn unknown_paths_and_methods_are_osb_errors(pool: PgPool) {
     let app = TestApp::new(pool);
-    app.call(Method::GET, "/v2/nowhere", None).await.assert_osb_error(StatusCode::NOT_FOUND, Some("NotFound"));
-    app.call(Method::GET, "/", None).await.assert_osb_error(StatusCode::NOT_FOUND, Some("NotFound"));
-    app.call(Method::POST, "/v2/catalog", None).await.assert_osb_error(StatusCode::METHOD_NOT_ALLOWED, None);
+    app.call(Method::GET, "/v2/nowhere", None)
+        .await
+        .assert_osb_error(StatusCode::NOT_FOUND, Some("NotFound"));
+    app.call(Method::GET, "/", None)
+        .await
+        .assert_osb_error(StatusCode::NOT_FOUND, Some("NotFound"));
+    app.call(Method::POST, "/v2/catalog", None)
+        .await
+        .assert_osb_error(StatusCode::METHOD_NOT_ALLOWED, None);
     app.call(Method::POST, "/v2/service_instances/i-1", None)
         .await
         .assert_osb_error(StatusCode::METHOD_NOT_ALLOWED, None);
-    app.call(Method::DELETE, "/v2/service_instances/i-1/last_operation", None)
-        .await
-        .assert_osb_error(StatusCode::METHOD_NOT_ALLOWED, None);
+    app.call(
+        Method::DELETE,
+        "/v2/service_instances/i-1/last_operation",
+        None,
+    )
+    .await
+    .assert_osb_error(StatusCode::METHOD_NOT_ALLOWED, None);
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
 async fn unauthenticated_requests_learn_nothing(pool: PgPool) {
     let app = TestApp::new(pool);
-    for (method, uri) in [(Method::PUT, "/v2/service_instances/i-1"), (Method::POST, "/v2/catalog")] {
+    for (method, uri) in [
+        (Method::PUT, "/v2/service_instances/i-1"),
+        (Method::POST, "/v2/catalog"),
+    ] {
         let request = Request::builder()
             .method(method)
             .uri(uri)

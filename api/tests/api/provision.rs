@@ -16,19 +16,28 @@ use crate::{
 async fn new_instance_is_202_with_row_and_one_task(pool: PgPool) {
     let app = TestApp::new(pool);
     let identity = format!("cloudfoundry {}", STANDARD.encode(br#"{"user_id":"u-1"}"#));
-    let request = TestApp::request(Method::PUT, "/v2/service_instances/i-1?accepts_incomplete=true")
-        .header("content-type", "application/json")
-        .header("x-broker-api-originating-identity", identity)
-        .body(Body::from(provision_body().to_string()))
-        .unwrap();
+    let request = TestApp::request(
+        Method::PUT,
+        "/v2/service_instances/i-1?accepts_incomplete=true",
+    )
+    .header("content-type", "application/json")
+    .header("x-broker-api-originating-identity", identity)
+    .body(Body::from(provision_body().to_string()))
+    .unwrap();
     let res = app.send(request).await;
     let op = res.operation();
     assert_eq!(app.counts().await, (1, 0, 1));
 
     let task = app.task(&op).await;
     assert_eq!(task.get::<String, _>("kind"), kinds::PROVISION);
-    assert_eq!(task.get::<Option<String>, _>("operation").as_deref(), Some("provision"));
-    assert_eq!(task.get::<Option<String>, _>("instance_id").as_deref(), Some("i-1"));
+    assert_eq!(
+        task.get::<Option<String>, _>("operation").as_deref(),
+        Some("provision")
+    );
+    assert_eq!(
+        task.get::<Option<String>, _>("instance_id").as_deref(),
+        Some("i-1")
+    );
     assert_eq!(task.get::<Option<String>, _>("binding_id"), None);
     assert_eq!(task.get::<Value, _>("payload"), json!({}));
     assert_eq!(task.get::<i32, _>("max_attempts"), 10);
@@ -37,18 +46,34 @@ async fn new_instance_is_202_with_row_and_one_task(pool: PgPool) {
         Some(json!({"platform": "cloudfoundry", "value": {"user_id": "u-1"}}))
     );
 
-    let row = sqlx::query("SELECT * FROM service_instances WHERE id = 'i-1'").fetch_one(&app.pool).await.unwrap();
+    let row = sqlx::query("SELECT * FROM service_instances WHERE id = 'i-1'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
     assert_eq!(row.get::<String, _>("organization_guid"), "org-1");
-    assert_eq!(row.get::<Value, _>("parameters"), json!({"extensions": ["citext"]}));
-    assert_eq!(row.get::<Value, _>("context"), json!({"platform": "cloudfoundry"}));
-    assert_eq!(row.get::<Option<String>, _>("maintenance_version").as_deref(), Some("1.0.0"));
+    assert_eq!(
+        row.get::<Value, _>("parameters"),
+        json!({"extensions": ["citext"]})
+    );
+    assert_eq!(
+        row.get::<Value, _>("context"),
+        json!({"platform": "cloudfoundry"})
+    );
+    assert_eq!(
+        row.get::<Option<String>, _>("maintenance_version")
+            .as_deref(),
+        Some("1.0.0")
+    );
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
 async fn without_accepts_incomplete_is_422_async_required(pool: PgPool) {
     let app = TestApp::new(pool);
     assert_unchanged!(app, {
-        for uri in ["/v2/service_instances/i-1", "/v2/service_instances/i-1?accepts_incomplete=false"] {
+        for uri in [
+            "/v2/service_instances/i-1",
+            "/v2/service_instances/i-1?accepts_incomplete=false",
+        ] {
             app.call(Method::PUT, uri, Some(&provision_body()))
                 .await
                 .assert_osb_error(StatusCode::UNPROCESSABLE_ENTITY, Some("AsyncRequired"));
@@ -77,16 +102,19 @@ async fn unknown_service_or_plan_is_400(pool: PgPool) {
     let app = TestApp::new(pool);
     let mut body = provision_body();
     body["service_id"] = json!("nope");
-    let d = assert_unchanged!(app, app.provision("i-1", &body).await).assert_osb_error(StatusCode::BAD_REQUEST, None);
+    let d = assert_unchanged!(app, app.provision("i-1", &body).await)
+        .assert_osb_error(StatusCode::BAD_REQUEST, None);
     assert!(d.contains("service_id"), "{d}");
     let mut body = provision_body();
     body["plan_id"] = json!("nope");
-    let d = assert_unchanged!(app, app.provision("i-1", &body).await).assert_osb_error(StatusCode::BAD_REQUEST, None);
+    let d = assert_unchanged!(app, app.provision("i-1", &body).await)
+        .assert_osb_error(StatusCode::BAD_REQUEST, None);
     assert!(d.contains("plan_id"), "{d}");
     // A plan of another service.
     let mut body = provision_body();
     body["plan_id"] = json!(crate::helpers::T_SMALL);
-    assert_unchanged!(app, app.provision("i-1", &body).await).assert_osb_error(StatusCode::BAD_REQUEST, None);
+    assert_unchanged!(app, app.provision("i-1", &body).await)
+        .assert_osb_error(StatusCode::BAD_REQUEST, None);
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
@@ -94,14 +122,17 @@ async fn parameters_are_checked_against_the_plan_schema(pool: PgPool) {
     let app = TestApp::new(pool);
     let mut body = provision_body();
     body["parameters"] = json!({"extensions": ["nope"]});
-    let d = assert_unchanged!(app, app.provision("i-1", &body).await).assert_osb_error(StatusCode::BAD_REQUEST, None);
+    let d = assert_unchanged!(app, app.provision("i-1", &body).await)
+        .assert_osb_error(StatusCode::BAD_REQUEST, None);
     assert!(d.contains("extensions"), "{d}");
 
     body["parameters"] = json!({"unknown_knob": 1});
-    assert_unchanged!(app, app.provision("i-1", &body).await).assert_osb_error(StatusCode::BAD_REQUEST, None);
+    assert_unchanged!(app, app.provision("i-1", &body).await)
+        .assert_osb_error(StatusCode::BAD_REQUEST, None);
 
     body["parameters"] = json!(["not", "an", "object"]);
-    let d = assert_unchanged!(app, app.provision("i-1", &body).await).assert_osb_error(StatusCode::BAD_REQUEST, None);
+    let d = assert_unchanged!(app, app.provision("i-1", &body).await)
+        .assert_osb_error(StatusCode::BAD_REQUEST, None);
     assert!(d.contains("parameters"), "{d}");
 }
 
@@ -110,8 +141,10 @@ async fn maintenance_info_must_match_the_plan(pool: PgPool) {
     let app = TestApp::new(pool);
     let mut body = provision_body();
     body["maintenance_info"] = json!({"version": "0.9.0"});
-    assert_unchanged!(app, app.provision("i-1", &body).await)
-        .assert_osb_error(StatusCode::UNPROCESSABLE_ENTITY, Some("MaintenanceInfoConflict"));
+    assert_unchanged!(app, app.provision("i-1", &body).await).assert_osb_error(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        Some("MaintenanceInfoConflict"),
+    );
     body["maintenance_info"] = json!({"version": "1.0.0"});
     app.provision("i-1", &body).await.operation();
 }
@@ -121,36 +154,59 @@ async fn bad_bodies_are_osb_shaped_4xx(pool: PgPool) {
     let app = TestApp::new(pool);
     let uri = "/v2/service_instances/i-1?accepts_incomplete=true";
     let send = |content_type: &'static str, body: Vec<u8>| {
-        TestApp::request(Method::PUT, uri).header("content-type", content_type).body(Body::from(body)).unwrap()
+        TestApp::request(Method::PUT, uri)
+            .header("content-type", content_type)
+            .body(Body::from(body))
+            .unwrap()
     };
     assert_unchanged!(app, {
-        let d = app.send(send("application/json", b"{\"service_id\": ".to_vec())).await
+        let d = app
+            .send(send("application/json", b"{\"service_id\": ".to_vec()))
+            .await
             .assert_osb_error(StatusCode::BAD_REQUEST, None);
         assert!(d.contains("JSON"), "{d}");
-        app.send(send("application/json", Vec::new())).await.assert_osb_error(StatusCode::BAD_REQUEST, None);
-        app.send(send("application/json", b"[1,2]".to_vec())).await.assert_osb_error(StatusCode::BAD_REQUEST, None);
-        app.send(send("application/json", b"{} trailing".to_vec())).await.assert_osb_error(StatusCode::BAD_REQUEST, None);
+        app.send(send("application/json", Vec::new()))
+            .await
+            .assert_osb_error(StatusCode::BAD_REQUEST, None);
+        app.send(send("application/json", b"[1,2]".to_vec()))
+            .await
+            .assert_osb_error(StatusCode::BAD_REQUEST, None);
+        app.send(send("application/json", b"{} trailing".to_vec()))
+            .await
+            .assert_osb_error(StatusCode::BAD_REQUEST, None);
 
         let mut body = provision_body();
         body["space_guid"] = json!(42);
-        let d = app.provision("i-1", &body).await.assert_osb_error(StatusCode::BAD_REQUEST, None);
+        let d = app
+            .provision("i-1", &body)
+            .await
+            .assert_osb_error(StatusCode::BAD_REQUEST, None);
         assert!(d.contains("space_guid"), "{d}");
         let mut body = provision_body();
         body["context"] = json!("cf");
-        app.provision("i-1", &body).await.assert_osb_error(StatusCode::BAD_REQUEST, None);
+        app.provision("i-1", &body)
+            .await
+            .assert_osb_error(StatusCode::BAD_REQUEST, None);
 
         let mut big = provision_body();
         big["parameters"] = json!({"extensions": ["x".repeat(MAX_BODY)]});
-        app.send(send("application/json", big.to_string().into_bytes())).await
+        app.send(send("application/json", big.to_string().into_bytes()))
+            .await
             .assert_osb_error(StatusCode::PAYLOAD_TOO_LARGE, Some("PayloadTooLarge"));
 
-        app.send(send("text/plain", provision_body().to_string().into_bytes())).await
-            .assert_osb_error(StatusCode::UNSUPPORTED_MEDIA_TYPE, None);
+        app.send(send(
+            "text/plain",
+            provision_body().to_string().into_bytes(),
+        ))
+        .await
+        .assert_osb_error(StatusCode::UNSUPPORTED_MEDIA_TYPE, None);
     });
     // Unknown fields are ignored; a missing Content-Type is accepted.
     let mut body = provision_body();
     body["some_future_field"] = json!({"x": 1});
-    let request = TestApp::request(Method::PUT, uri).body(Body::from(body.to_string())).unwrap();
+    let request = TestApp::request(Method::PUT, uri)
+        .body(Body::from(body.to_string()))
+        .unwrap();
     app.send(request).await.operation();
 }
 
@@ -159,13 +215,20 @@ async fn repeating_a_provision_follows_its_task(pool: PgPool) {
     let app = TestApp::new(pool);
     let first = app.provision("i-1", &provision_body()).await.operation();
     // In progress: the same operation.
-    assert_eq!(app.provision("i-1", &provision_body()).await.operation(), first);
+    assert_eq!(
+        app.provision("i-1", &provision_body()).await.operation(),
+        first
+    );
     app.set_running(&first, Some("creating database")).await;
-    assert_eq!(app.provision("i-1", &provision_body()).await.operation(), first);
+    assert_eq!(
+        app.provision("i-1", &provision_body()).await.operation(),
+        first
+    );
     assert_eq!(app.counts().await, (1, 0, 1));
 
     // Failed: a fresh provision task.
-    app.finish(&first, "failed", Some("server unreachable")).await;
+    app.finish(&first, "failed", Some("server unreachable"))
+        .await;
     let second = app.provision("i-1", &provision_body()).await.operation();
     assert_ne!(second, first);
     assert_eq!(app.counts().await, (1, 0, 2));
@@ -188,7 +251,8 @@ async fn different_attributes_are_409(pool: PgPool) {
     ] {
         let mut body = provision_body();
         body[field] = value;
-        assert_unchanged!(app, app.provision("i-1", &body).await).assert_osb_error(StatusCode::CONFLICT, None);
+        assert_unchanged!(app, app.provision("i-1", &body).await)
+            .assert_osb_error(StatusCode::CONFLICT, None);
     }
 }
 
@@ -225,25 +289,36 @@ async fn futures_join(app: &TestApp, body: &Value) -> Vec<crate::helpers::TestRe
 async fn webhook_is_stripped_from_parameters_and_sealed_on_the_task(pool: PgPool) {
     let app = TestApp::new(pool);
     let mut body = provision_body();
-    body["parameters"]["webhook"] = json!({"url": "https://hooks.example/berth", "secret": "s3cret"});
+    body["parameters"]["webhook"] =
+        json!({"url": "https://hooks.example/berth", "secret": "s3cret"});
     let op = app.provision("i-1", &body).await.operation();
     let task = app.task(&op).await;
-    assert_eq!(task.get::<Option<String>, _>("webhook_url").as_deref(), Some("https://hooks.example/berth"));
+    assert_eq!(
+        task.get::<Option<String>, _>("webhook_url").as_deref(),
+        Some("https://hooks.example/berth")
+    );
     let sealed: Vec<u8> = task.get("webhook_secret");
     assert_eq!(app.cipher.open(&sealed).unwrap(), b"s3cret");
-    let params: Value = sqlx::query_scalar("SELECT parameters FROM service_instances WHERE id = 'i-1'")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let params: Value =
+        sqlx::query_scalar("SELECT parameters FROM service_instances WHERE id = 'i-1'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
     assert_eq!(params, json!({"extensions": ["citext"]}));
     // The same request again (webhook included) is identical.
     assert_eq!(app.provision("i-1", &body).await.operation(), op);
 
     // Akkeris query form.
     let uri = "/v2/service_instances/i-2?accepts_incomplete=true&webhook=http%3A%2F%2Fh.example%2Fx&secret=abc";
-    let op = app.call(Method::PUT, uri, Some(&provision_body())).await.operation();
+    let op = app
+        .call(Method::PUT, uri, Some(&provision_body()))
+        .await
+        .operation();
     let task = app.task(&op).await;
-    assert_eq!(task.get::<Option<String>, _>("webhook_url").as_deref(), Some("http://h.example/x"));
+    assert_eq!(
+        task.get::<Option<String>, _>("webhook_url").as_deref(),
+        Some("http://h.example/x")
+    );
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
@@ -252,12 +327,68 @@ async fn bad_webhooks_are_400(pool: PgPool) {
     assert_unchanged!(app, {
         let mut body = provision_body();
         body["parameters"]["webhook"] = json!({"url": "ftp://hooks.example", "secret": "s"});
-        app.provision("i-1", &body).await.assert_osb_error(StatusCode::BAD_REQUEST, None);
+        app.provision("i-1", &body)
+            .await
+            .assert_osb_error(StatusCode::BAD_REQUEST, None);
         body["parameters"]["webhook"] = json!({"url": "https://hooks.example", "secret": ""});
-        app.provision("i-1", &body).await.assert_osb_error(StatusCode::BAD_REQUEST, None);
-        for query in ["webhook=ftp%3A%2F%2Fx&secret=s", "webhook=https%3A%2F%2Fx&secret=", "webhook=https%3A%2F%2Fx"] {
+        app.provision("i-1", &body)
+            .await
+            .assert_osb_error(StatusCode::BAD_REQUEST, None);
+        for query in [
+            "webhook=ftp%3A%2F%2Fx&secret=s",
+            "webhook=https%3A%2F%2Fx&secret=",
+            "webhook=https%3A%2F%2Fx",
+        ] {
             let uri = format!("/v2/service_instances/i-1?accepts_incomplete=true&{query}");
-            app.call(Method::PUT, &uri, Some(&provision_body())).await.assert_osb_error(StatusCode::BAD_REQUEST, None);
+            app.call(Method::PUT, &uri, Some(&provision_body()))
+                .await
+                .assert_osb_error(StatusCode::BAD_REQUEST, None);
         }
     });
+}
+
+#[sqlx::test(migrator = "broker::MIGRATOR")]
+async fn a_garbled_originating_identity_is_kept_raw(pool: PgPool) {
+    let app = TestApp::new(pool);
+    let request = TestApp::request(
+        Method::PUT,
+        "/v2/service_instances/i-1?accepts_incomplete=true",
+    )
+    .header("content-type", "application/json")
+    .header(
+        "x-broker-api-originating-identity",
+        "kubernetes %%%not-base64",
+    )
+    .body(Body::from(provision_body().to_string()))
+    .unwrap();
+    let op = app.send(request).await.operation();
+    assert_eq!(
+        app.task(&op)
+            .await
+            .get::<Option<Value>, _>("originating_identity"),
+        Some(json!({"platform": "kubernetes", "raw": "%%%not-base64"}))
+    );
+}
+
+#[sqlx::test(migrator = "broker::MIGRATOR")]
+async fn provision_after_a_failed_deprovision_is_409(pool: PgPool) {
+    let app = TestApp::new(pool);
+    app.provisioned("i-1").await;
+    let op = app.deprovision("i-1").await.operation();
+    app.finish(&op, "failed", Some("drop failed")).await;
+    assert_unchanged!(app, app.provision("i-1", &provision_body()).await)
+        .assert_osb_error(StatusCode::CONFLICT, None);
+}
+
+#[sqlx::test(migrator = "broker::MIGRATOR")]
+async fn a_provisioned_instance_with_a_bind_running_is_still_200(pool: PgPool) {
+    let app = TestApp::new(pool);
+    app.provisioned("i-1").await;
+    app.bind("i-1", "b-1", &crate::helpers::bind_body())
+        .await
+        .operation();
+    assert_eq!(
+        app.provision("i-1", &provision_body()).await.status,
+        StatusCode::OK
+    );
 }

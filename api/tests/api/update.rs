@@ -5,7 +5,9 @@ use sqlx::{PgPool, Row};
 
 use crate::{
     assert_unchanged,
-    helpers::{PG_SERVICE, PG_SHARED, T_FIXED, T_LARGE, T_SERVICE, T_SMALL, TestApp, provision_body},
+    helpers::{
+        PG_SERVICE, PG_SHARED, T_FIXED, T_LARGE, T_SERVICE, T_SMALL, TestApp, provision_body,
+    },
 };
 
 async fn provisioned_test_plan(app: &TestApp, id: &str, plan: &str) {
@@ -18,7 +20,10 @@ async fn provisioned_test_plan(app: &TestApp, id: &str, plan: &str) {
 async fn payload(app: &TestApp, op: &str) -> UpdatePayload {
     let task = app.task(op).await;
     assert_eq!(task.get::<String, _>("kind"), kinds::UPDATE);
-    assert_eq!(task.get::<Option<String>, _>("operation").as_deref(), Some("update"));
+    assert_eq!(
+        task.get::<Option<String>, _>("operation").as_deref(),
+        Some("update")
+    );
     serde_json::from_value(task.get::<Value, _>("payload")).unwrap()
 }
 
@@ -26,9 +31,11 @@ async fn payload(app: &TestApp, op: &str) -> UpdatePayload {
 async fn unknown_or_unprovisioned_instance_is_404(pool: PgPool) {
     let app = TestApp::new(pool);
     let body = json!({"service_id": PG_SERVICE, "parameters": {"extensions": ["hstore"]}});
-    assert_unchanged!(app, app.update("nope", &body).await).assert_osb_error(StatusCode::NOT_FOUND, None);
+    assert_unchanged!(app, app.update("nope", &body).await)
+        .assert_osb_error(StatusCode::NOT_FOUND, None);
     app.provision("i-1", &provision_body()).await.operation();
-    assert_unchanged!(app, app.update("i-1", &body).await).assert_osb_error(StatusCode::NOT_FOUND, None);
+    assert_unchanged!(app, app.update("i-1", &body).await)
+        .assert_osb_error(StatusCode::NOT_FOUND, None);
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
@@ -38,8 +45,11 @@ async fn service_id_is_required(pool: PgPool) {
     let d = assert_unchanged!(app, app.update("i-1", &json!({"plan_id": PG_SHARED})).await)
         .assert_osb_error(StatusCode::BAD_REQUEST, None);
     assert!(d.contains("service_id"), "{d}");
-    assert_unchanged!(app, app.update("i-1", &json!({"service_id": "other"})).await)
-        .assert_osb_error(StatusCode::BAD_REQUEST, None);
+    assert_unchanged!(
+        app,
+        app.update("i-1", &json!({"service_id": "other"})).await
+    )
+    .assert_osb_error(StatusCode::BAD_REQUEST, None);
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
@@ -49,13 +59,18 @@ async fn context_only_update_is_applied_at_once(pool: PgPool) {
     let body = json!({"service_id": PG_SERVICE, "plan_id": PG_SHARED, "context": {"space_name": "new"},
                       "maintenance_info": {"version": "1.0.0"}});
     // No accepts_incomplete needed: nothing runs asynchronously.
-    let res = assert_unchanged!(app, app.call(Method::PATCH, "/v2/service_instances/i-1", Some(&body)).await);
+    let res = assert_unchanged!(
+        app,
+        app.call(Method::PATCH, "/v2/service_instances/i-1", Some(&body))
+            .await
+    );
     assert_eq!(res.status, StatusCode::OK, "{res:?}");
     assert_eq!(res.body, json!({}));
-    let context: Value = sqlx::query_scalar("SELECT context FROM service_instances WHERE id = 'i-1'")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let context: Value =
+        sqlx::query_scalar("SELECT context FROM service_instances WHERE id = 'i-1'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
     assert_eq!(context, json!({"space_name": "new"}));
 }
 
@@ -65,19 +80,30 @@ async fn parameter_update_is_202_with_merged_parameters(pool: PgPool) {
     provisioned_test_plan(&app, "i-1", T_SMALL).await;
     let body = json!({"service_id": T_SERVICE, "parameters": {"color": "blue",
                       "webhook": {"url": "https://h.example/x", "secret": "s"}}});
-    assert_unchanged!(app, app.call(Method::PATCH, "/v2/service_instances/i-1", Some(&body)).await)
-        .assert_osb_error(StatusCode::UNPROCESSABLE_ENTITY, Some("AsyncRequired"));
+    assert_unchanged!(
+        app,
+        app.call(Method::PATCH, "/v2/service_instances/i-1", Some(&body))
+            .await
+    )
+    .assert_osb_error(StatusCode::UNPROCESSABLE_ENTITY, Some("AsyncRequired"));
     let op = app.update("i-1", &body).await.operation();
     let p = payload(&app, &op).await;
     assert_eq!(p.plan_id, T_SMALL);
     assert_eq!(p.parameters, json!({"size": 1, "color": "blue"}));
     assert_eq!(p.maintenance_version, None);
-    assert_eq!(app.task(&op).await.get::<Option<String>, _>("webhook_url").as_deref(), Some("https://h.example/x"));
+    assert_eq!(
+        app.task(&op)
+            .await
+            .get::<Option<String>, _>("webhook_url")
+            .as_deref(),
+        Some("https://h.example/x")
+    );
     // The row keeps its parameters until the worker applies the update.
-    let params: Value = sqlx::query_scalar("SELECT parameters FROM service_instances WHERE id = 'i-1'")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let params: Value =
+        sqlx::query_scalar("SELECT parameters FROM service_instances WHERE id = 'i-1'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
     assert_eq!(params, json!({"size": 1}));
 }
 
@@ -86,11 +112,15 @@ async fn update_parameters_are_schema_checked(pool: PgPool) {
     let app = TestApp::new(pool);
     app.provisioned("i-1").await;
     let body = json!({"service_id": PG_SERVICE, "parameters": {"extensions": ["nope"]}});
-    let d = assert_unchanged!(app, app.update("i-1", &body).await).assert_osb_error(StatusCode::BAD_REQUEST, None);
+    let d = assert_unchanged!(app, app.update("i-1", &body).await)
+        .assert_osb_error(StatusCode::BAD_REQUEST, None);
     assert!(d.contains("extensions"), "{d}");
     let body = json!({"service_id": PG_SERVICE, "parameters": {"extensions": ["hstore"]}});
     let op = app.update("i-1", &body).await.operation();
-    assert_eq!(payload(&app, &op).await.parameters, json!({"extensions": ["hstore"]}));
+    assert_eq!(
+        payload(&app, &op).await.parameters,
+        json!({"extensions": ["hstore"]})
+    );
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
@@ -98,14 +128,28 @@ async fn plan_changes(pool: PgPool) {
     let app = TestApp::new(pool);
     provisioned_test_plan(&app, "i-1", T_SMALL).await;
     // To a plan of another service: 400.
-    let d = assert_unchanged!(app, app.update("i-1", &json!({"service_id": T_SERVICE, "plan_id": PG_SHARED})).await)
-        .assert_osb_error(StatusCode::BAD_REQUEST, None);
+    let d = assert_unchanged!(
+        app,
+        app.update(
+            "i-1",
+            &json!({"service_id": T_SERVICE, "plan_id": PG_SHARED})
+        )
+        .await
+    )
+    .assert_osb_error(StatusCode::BAD_REQUEST, None);
     assert!(d.contains("another service"), "{d}");
     // To an unknown plan: 400.
-    assert_unchanged!(app, app.update("i-1", &json!({"service_id": T_SERVICE, "plan_id": "nope"})).await)
-        .assert_osb_error(StatusCode::BAD_REQUEST, None);
+    assert_unchanged!(
+        app,
+        app.update("i-1", &json!({"service_id": T_SERVICE, "plan_id": "nope"}))
+            .await
+    )
+    .assert_osb_error(StatusCode::BAD_REQUEST, None);
     // small -> large: 202, the new plan's maintenance version.
-    let op = app.update("i-1", &json!({"service_id": T_SERVICE, "plan_id": T_LARGE})).await.operation();
+    let op = app
+        .update("i-1", &json!({"service_id": T_SERVICE, "plan_id": T_LARGE}))
+        .await
+        .operation();
     let p = payload(&app, &op).await;
     assert_eq!(p.plan_id, T_LARGE);
     assert_eq!(p.maintenance_version.as_deref(), Some("2.1.0"));
@@ -116,8 +160,12 @@ async fn plan_changes(pool: PgPool) {
 async fn plan_change_of_a_non_updateable_plan_is_400(pool: PgPool) {
     let app = TestApp::new(pool);
     provisioned_test_plan(&app, "i-1", T_FIXED).await;
-    let d = assert_unchanged!(app, app.update("i-1", &json!({"service_id": T_SERVICE, "plan_id": T_SMALL})).await)
-        .assert_osb_error(StatusCode::BAD_REQUEST, None);
+    let d = assert_unchanged!(
+        app,
+        app.update("i-1", &json!({"service_id": T_SERVICE, "plan_id": T_SMALL}))
+            .await
+    )
+    .assert_osb_error(StatusCode::BAD_REQUEST, None);
     assert!(d.contains("plan_updateable"), "{d}");
 }
 
@@ -126,8 +174,10 @@ async fn maintenance_info_must_match_the_target_plan(pool: PgPool) {
     let app = TestApp::new(pool);
     provisioned_test_plan(&app, "i-1", T_SMALL).await;
     let body = json!({"service_id": T_SERVICE, "plan_id": T_LARGE, "maintenance_info": {"version": "2.0.0"}});
-    assert_unchanged!(app, app.update("i-1", &body).await)
-        .assert_osb_error(StatusCode::UNPROCESSABLE_ENTITY, Some("MaintenanceInfoConflict"));
+    assert_unchanged!(app, app.update("i-1", &body).await).assert_osb_error(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        Some("MaintenanceInfoConflict"),
+    );
     let body = json!({"service_id": T_SERVICE, "plan_id": T_LARGE, "maintenance_info": {"version": "2.1.0"}});
     app.update("i-1", &body).await.operation();
 }
