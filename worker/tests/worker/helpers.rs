@@ -1,0 +1,243 @@
+//! Shared test plumbing: settings and services pointing at the test server, worker configs, test task kinds.
+
+use std::{
+    collections::HashSet,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use berth_worker::{Registry, Services, Step, TaskContext, TaskError, TaskHandler, WorkerConfig};
+use broker::{
+    config::Settings,
+    crypto::Cipher,
+    db::tasks::{self, NewTask, TaskRow},
+    model::TaskId,
+};
+use serde_json::{Value, json};
+use sqlx::{
+    PgPool,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+use uuid::Uuid;
+
+pub const KEY: [u8; 32] = [7; 32];
+
+/// `DATABASE_URL` of the test run (the server `#[sqlx::test]` makes its databases on).
+pub fn server_url() -> url::Url {
+    let raw = std::env::var("DATABASE_URL").expect("DATABASE_URL must point at the test Postgres server");
+    url::Url::parse(&raw).expect("DATABASE_URL is a URL")
+}
+
+/// The server's admin URL (its `postgres` database): the `shared` engine's registered server in tests.
+pub fn admin_url() -> String {
+    let mut url = server_url();
+    url.set_path("postgres");
+    url.into()
+}
+
+/// A URL for the test database behind `opts` (for child processes).
+pub fn database_url(opts: &PgConnectOptions) -> String {
+    let mut url = server_url();
+    url.set_path(opts.get_database().expect("the test database has a name"));
+    url.into()
+}
+
+pub fn plans_dir() -> String {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../plans").to_string()
+}
+
+pub fn settings() -> Settings {
+    serde_json::from_value(json!({
+        "plans_dir": plans_dir(),
+        "name_prefix": "bt_",
+        "shared_postgres_url": admin_url(),
+    }))
+    .expect("test settings deserialize")
+}
+
+pub fn cipher() -> Cipher {
+    Cipher::from_key(&KEY)
+}
+
+pub fn services() -> Arc<Services> {
+    Arc::new(Services::new(settings(), cipher()).expect("services"))
+}
+
+/// Quick backoff and short grace so tests finish fast.
+pub fn config(id: &str) -> WorkerConfig {
+    WorkerConfig {
+        concurrency: 4,
+        lease: Duration::from_secs(5),
+        poll_interval: Duration::from_millis(500),
+        backoff_base: Duration::from_millis(20),
+        backoff_cap: Duration::from_millis(200),
+        shutdown_grace: Duration::from_secs(5),
+        ..WorkerConfig::new(id)
+    }
+}
+
+pub async fn pool(opts: &PgConnectOptions, max: u32) -> PgPool {
+    PgPoolOptions::new().max_connections(max).connect_with(opts.clone()).await.expect("test pool")
+}
+
+pub async fn enqueue(pool: &PgPool, kind: &'static str, payload: Value) -> TaskId {
+    tasks::enqueue(pool, NewTask::new(kind, payload)).await.expect("enqueue")
+}
+
+pub async fn enqueue_with(pool: &PgPool, task: NewTask) -> TaskId {
+    tasks::enqueue(pool, task).await.expect("enqueue")
+}
+
+pub async fn task(pool: &PgPool, id: TaskId) -> TaskRow {
+    tasks::get(pool, id).await.expect("read task").expect("task exists")
+}
+
+/// Runs a worker until the queue is idle (60 s at most).
+pub async fn drain(pool: &PgPool, services: Arc<Services>, registry: Registry, config: WorkerConfig) {
+    berth_worker::run_until_idle(pool.clone(), services, Arc::new(registry), config, Duration::from_secs(60))
+        .await
+        .expect("the queue drains");
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, or panics with `what` after `limit`.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---- test task kinds ----
+
+/// Records each task id it runs; counts duplicates.
+#[derive(Clone, Default)]
+pub struct Record {
+    pub seen: Arc<Mutex<HashSet<Uuid>>>,
+    pub duplicates: Arc<AtomicUsize>,
+}
+
+pub const RECORD: &str = "test.record";
+
+#[async_trait]
+impl TaskHandler for Record {
+    fn kind(&self) -> &'static str {
+        RECORD
+    }
+
+    async fn run(&self, ctx: &TaskContext<'_>) -> Result<Step, TaskError> {
+        if !self.seen.lock().unwrap().insert(ctx.task.id) {
+            self.duplicates.fetch_add(1, Ordering::SeqCst);
+            return Err(TaskError::fatal("ran twice"));
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        Ok(Step::Done)
+    }
+}
+
+/// Fails (Retryable) while `attempts <= fail_times`, then succeeds. Records (attempt, run_at, now) per run.
+#[derive(Clone, Default)]
+pub struct Flaky {
+    pub fail_times: i32,
+    pub runs: Arc<Mutex<Vec<(i32, chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)>>>,
+}
+
+pub const FLAKY: &str = "test.flaky";
+
+#[async_trait]
+impl TaskHandler for Flaky {
+    fn kind(&self) -> &'static str {
+        FLAKY
+    }
+
+    async fn run(&self, ctx: &TaskContext<'_>) -> Result<Step, TaskError> {
+        self.runs.lock().unwrap().push((ctx.task.attempts, ctx.task.run_at, chrono::Utc::now()));
+        if ctx.task.attempts <= self.fail_times {
+            return Err(anyhow::anyhow!("flaky failure {}", ctx.task.attempts).context("doing the flaky thing").into());
+        }
+        Ok(Step::Done)
+    }
+}
+
+/// Always Fatal.
+pub struct Doomed;
+
+pub const DOOMED: &str = "test.doomed";
+
+#[async_trait]
+impl TaskHandler for Doomed {
+    fn kind(&self) -> &'static str {
+        DOOMED
+    }
+
+    async fn run(&self, _ctx: &TaskContext<'_>) -> Result<Step, TaskError> {
+        Err(TaskError::fatal("this cannot work: fix the input"))
+    }
+}
+
+/// Waits `waits` times (200 ms, with a progress text), then Done.
+#[derive(Clone, Default)]
+pub struct Waiter {
+    pub waits: usize,
+    pub runs: Arc<AtomicUsize>,
+}
+
+pub const WAITER: &str = "test.waiter";
+
+#[async_trait]
+impl TaskHandler for Waiter {
+    fn kind(&self) -> &'static str {
+        WAITER
+    }
+
+    async fn run(&self, ctx: &TaskContext<'_>) -> Result<Step, TaskError> {
+        let run = self.runs.fetch_add(1, Ordering::SeqCst);
+        if run < self.waits {
+            ctx.progress(&format!("run {run} started")).await?;
+            return Ok(Step::Wait { after: Duration::from_millis(200), progress: format!("waiting ({})", run + 1) });
+        }
+        Ok(Step::Done)
+    }
+}
+
+/// Runs until it is stopped from outside (the runner drops it); counts starts and stops.
+#[derive(Clone, Default)]
+pub struct Hang {
+    pub started: Arc<AtomicUsize>,
+    pub stopped: Arc<AtomicUsize>,
+}
+
+pub const HANG: &str = "test.hang";
+
+struct CountOnDrop(Arc<AtomicUsize>);
+
+impl Drop for CountOnDrop {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[async_trait]
+impl TaskHandler for Hang {
+    fn kind(&self) -> &'static str {
+        HANG
+    }
+
+    async fn run(&self, _ctx: &TaskContext<'_>) -> Result<Step, TaskError> {
+        self.started.fetch_add(1, Ordering::SeqCst);
+        let _guard = CountOnDrop(self.stopped.clone());
+        std::future::pending::<()>().await;
+        Ok(Step::Done)
+    }
+}

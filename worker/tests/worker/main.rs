@@ -1,0 +1,7 @@
+//! The worker's integration tests: real Postgres, a fresh database per test (`#[sqlx::test]`).
+
+mod crash;
+mod helpers;
+mod queue;
+mod shared_postgres;
+mod webhook;
