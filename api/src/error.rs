@@ -40,6 +40,10 @@ pub enum ApiError {
     /// 422 `ConcurrencyError`: another operation on the same resource is in progress.
     #[error("{0}")]
     Concurrency(String),
+    /// 422 without an OSB code: a change the broker does not support (a plan change of a plan that is not
+    /// `plan_updateable`).
+    #[error("{0}")]
+    Unprocessable(String),
     /// 422 `MaintenanceInfoConflict`: `maintenance_info.version` does not match the plan's.
     #[error("{0}")]
     MaintenanceInfoConflict(String),
@@ -66,9 +70,10 @@ impl ApiError {
             Self::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::AsyncRequired | Self::Concurrency(_) | Self::MaintenanceInfoConflict(_) => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            Self::AsyncRequired
+            | Self::Concurrency(_)
+            | Self::Unprocessable(_)
+            | Self::MaintenanceInfoConflict(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }

@@ -291,7 +291,7 @@ async fn update(
             .plan_by_id(&row.plan_id)
             .map_or(service.plan_updateable, |p| p.plan_updateable());
         if !updateable {
-            return Err(ApiError::bad_request(format!(
+            return Err(ApiError::Unprocessable(format!(
                 "the plan of service instance {instance_id} cannot be changed (its plan is not plan_updateable)"
             )));
         }
@@ -316,23 +316,10 @@ async fn update(
         .and_then(|m| m.version.as_deref());
     check_maintenance(requested_version, &target)?;
 
-    let active = tasks::active_operations(&mut *tx, &instance_id).await?;
-    if let Some(task) = active.first() {
-        return Err(concurrency(&instance_id, task));
-    }
-
     let parameters_change = parameters.as_object().is_some_and(|m| !m.is_empty()) || hook.is_some();
     let maintenance_changes =
         requested_version.is_some_and(|v| Some(v) != row.maintenance_version.as_deref());
-    if !plan_changes && !parameters_change && !maintenance_changes {
-        // Only the context (or nothing) changes: nothing to do on the provider, so apply it now.
-        if let Some(context) = &context {
-            instances::set_context(&mut *tx, &instance_id, context).await?;
-        }
-        tx.commit().await?;
-        return Ok(ok_empty());
-    }
-    query.require_async()?;
+    let context_only = !plan_changes && !parameters_change && !maintenance_changes;
 
     let mut merged = row.parameters.as_object().cloned().unwrap_or_default();
     merged.extend(parameters.as_object().cloned().unwrap_or_default());
@@ -349,11 +336,35 @@ async fn update(
     let payload = UpdatePayload {
         plan_id: target_plan_id,
         parameters: Value::Object(merged),
-        context: context.unwrap_or_else(|| row.context.clone()),
+        context: context.clone().unwrap_or_else(|| row.context.clone()),
         maintenance_version,
     };
     let payload = serde_json::to_value(&payload)
         .map_err(|e| anyhow::Error::new(e).context("serializing an update"))?;
+
+    let active = tasks::active_operations(&mut *tx, &instance_id).await?;
+    if let Some(task) = active.first() {
+        // OSB: a re-sent PATCH whose update has not completed yet is 202 with the same operation.
+        let resent = !context_only
+            && task.binding_id.is_none()
+            && operation_of(task) == Some(Operation::Update)
+            && task.payload == payload;
+        if resent && query.accepts_incomplete() {
+            return Ok(accepted(task.task_id()));
+        }
+        return Err(concurrency(&instance_id, task));
+    }
+
+    if context_only {
+        // Only the context (or nothing) changes: nothing to do on the provider, so apply it now.
+        if let Some(context) = &context {
+            instances::set_context(&mut *tx, &instance_id, context).await?;
+        }
+        tx.commit().await?;
+        return Ok(ok_empty());
+    }
+    query.require_async()?;
+
     let task = operation_task(
         Operation::Update,
         &instance_id,

@@ -157,7 +157,7 @@ async fn plan_changes(pool: PgPool) {
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
-async fn plan_change_of_a_non_updateable_plan_is_400(pool: PgPool) {
+async fn plan_change_of_a_non_updateable_plan_is_422(pool: PgPool) {
     let app = TestApp::new(pool);
     provisioned_test_plan(&app, "i-1", T_FIXED).await;
     let d = assert_unchanged!(
@@ -165,7 +165,10 @@ async fn plan_change_of_a_non_updateable_plan_is_400(pool: PgPool) {
         app.update("i-1", &json!({"service_id": T_SERVICE, "plan_id": T_SMALL}))
             .await
     )
-    .assert_osb_error(StatusCode::BAD_REQUEST, None);
+    .assert_osb_error(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        Some("UnprocessableEntity"),
+    );
     assert!(d.contains("plan_updateable"), "{d}");
 }
 
@@ -186,12 +189,28 @@ async fn maintenance_info_must_match_the_target_plan(pool: PgPool) {
 async fn update_during_another_operation_is_422_concurrency(pool: PgPool) {
     let app = TestApp::new(pool);
     app.provisioned("i-1").await;
+    app.deprovision("i-1").await.operation();
     let body = json!({"service_id": PG_SERVICE, "parameters": {"extensions": ["hstore"]}});
-    app.update("i-1", &body).await.operation();
     assert_unchanged!(app, app.update("i-1", &body).await)
         .assert_osb_error(StatusCode::UNPROCESSABLE_ENTITY, Some("ConcurrencyError"));
     // A context-only update is refused too while something runs.
     let body = json!({"service_id": PG_SERVICE, "context": {"x": 1}});
     assert_unchanged!(app, app.update("i-1", &body).await)
+        .assert_osb_error(StatusCode::UNPROCESSABLE_ENTITY, Some("ConcurrencyError"));
+}
+
+#[sqlx::test(migrator = "broker::MIGRATOR")]
+async fn a_resent_update_is_202_with_the_same_operation(pool: PgPool) {
+    let app = TestApp::new(pool);
+    app.provisioned("i-1").await;
+    let body = json!({"service_id": PG_SERVICE, "parameters": {"extensions": ["hstore"]}});
+    let op = app.update("i-1", &body).await.operation();
+    assert_eq!(
+        assert_unchanged!(app, app.update("i-1", &body).await).operation(),
+        op
+    );
+    // A different update while it runs is a concurrency error.
+    let other = json!({"service_id": PG_SERVICE, "parameters": {"extensions": ["citext"]}});
+    assert_unchanged!(app, app.update("i-1", &other).await)
         .assert_osb_error(StatusCode::UNPROCESSABLE_ENTITY, Some("ConcurrencyError"));
 }
