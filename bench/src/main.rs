@@ -5,6 +5,7 @@
 //!   berth-bench provision --url U --username X --password Y [--count N]
 //!   berth-bench ddl --pg-url U [--count N]
 //!   berth-bench report FILE
+//!   berth-bench gen-key FILE          (a master key for the broker processes)
 
 mod queue;
 mod report;
@@ -29,7 +30,9 @@ impl Args {
         let mut map = HashMap::new();
         let mut it = raw.iter();
         while let Some(key) = it.next() {
-            let Some(name) = key.strip_prefix("--") else { bail!("unexpected argument {key}") };
+            let Some(name) = key.strip_prefix("--") else {
+                bail!("unexpected argument {key}")
+            };
             let value = it.next().with_context(|| format!("{key} needs a value"))?;
             map.insert(name.to_string(), value.clone());
         }
@@ -37,13 +40,18 @@ impl Args {
     }
 
     pub fn get(&self, name: &str) -> anyhow::Result<&str> {
-        self.0.get(name).map(String::as_str).with_context(|| format!("--{name} is required"))
+        self.0
+            .get(name)
+            .map(String::as_str)
+            .with_context(|| format!("--{name} is required"))
     }
 
     pub fn num<T: std::str::FromStr>(&self, name: &str, default: T) -> anyhow::Result<T> {
         match self.0.get(name) {
             None => Ok(default),
-            Some(v) => v.parse().map_err(|_| anyhow::anyhow!("--{name}: not a number: {v}")),
+            Some(v) => v
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--{name}: not a number: {v}")),
         }
     }
 
@@ -82,9 +90,14 @@ fn emit(mut line: Value, part: &str) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let argv: Vec<String> = std::env::args().skip(1).collect();
-    let Some(cmd) = argv.first() else { bail!("usage: berth-bench queue|provision|ddl|report ...") };
+    let Some(cmd) = argv.first() else {
+        bail!("usage: berth-bench queue|provision|ddl|report ...")
+    };
     match cmd.as_str() {
         "report" => report::print(argv.get(1).context("report FILE")?),
+        "gen-key" => broker::crypto::generate_key_file(std::path::Path::new(
+            argv.get(1).context("gen-key FILE")?,
+        )),
         "queue" => queue::run(&Args::parse(&argv[1..])?).await,
         "provision" => provision(&Args::parse(&argv[1..])?).await,
         "ddl" => ddl(&Args::parse(&argv[1..])?).await,
@@ -100,14 +113,18 @@ async fn provision(args: &Args) -> anyhow::Result<()> {
     let pass = args.get("password")?.to_string();
     let count: usize = args.num("count", 30)?;
     let poll = Duration::from_millis(args.num("poll-ms", 5)?);
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
     let tag = uuid::Uuid::new_v4().simple().to_string();
     let mut samples = Vec::with_capacity(count);
     for i in 0..=count {
         let id = format!("bench-{}-{i}", &tag[..8]);
         let t0 = Instant::now();
         let resp = http
-            .put(format!("{base}/v2/service_instances/{id}?accepts_incomplete=true"))
+            .put(format!(
+                "{base}/v2/service_instances/{id}?accepts_incomplete=true"
+            ))
             .basic_auth(&user, Some(&pass))
             .header("X-Broker-API-Version", "2.17")
             .json(&json!({"service_id": SERVICE_ID, "plan_id": SHARED_PLAN_ID,
@@ -128,7 +145,12 @@ async fn provision(args: &Args) -> anyhow::Result<()> {
             if status.as_u16() == 201 {
                 break;
             }
-            let r = http.get(&url).basic_auth(&user, Some(&pass)).header("X-Broker-API-Version", "2.17").send().await?;
+            let r = http
+                .get(&url)
+                .basic_auth(&user, Some(&pass))
+                .header("X-Broker-API-Version", "2.17")
+                .send()
+                .await?;
             let st = r.status();
             let b: Value = r.json().await.unwrap_or(Value::Null);
             match b.get("state").and_then(Value::as_str) {
@@ -156,14 +178,22 @@ async fn provision(args: &Args) -> anyhow::Result<()> {
 /// One unmeasured warm-up first.
 async fn ddl(args: &Args) -> anyhow::Result<()> {
     let count: usize = args.num("count", 30)?;
-    let mut conn = PgConnection::connect(args.get("pg-url")?).await.context("connecting to the bench Postgres")?;
+    let mut conn = PgConnection::connect(args.get("pg-url")?)
+        .await
+        .context("connecting to the bench Postgres")?;
     let tag = &uuid::Uuid::new_v4().simple().to_string()[..8];
     let mut samples = Vec::with_capacity(count);
     for i in 0..=count {
         let name = format!("ddl_{tag}_{i}");
         let t0 = Instant::now();
-        sqlx::raw_sql(&format!("CREATE ROLE {name} LOGIN PASSWORD 'bench-{tag}-{i}'")).execute(&mut conn).await?;
-        sqlx::raw_sql(&format!("CREATE DATABASE {name} OWNER {name}")).execute(&mut conn).await?;
+        sqlx::raw_sql(&format!(
+            "CREATE ROLE {name} LOGIN PASSWORD 'bench-{tag}-{i}'"
+        ))
+        .execute(&mut conn)
+        .await?;
+        sqlx::raw_sql(&format!("CREATE DATABASE {name} OWNER {name}"))
+            .execute(&mut conn)
+            .await?;
         if i > 0 {
             samples.push(t0.elapsed().as_secs_f64() * 1e3);
         }

