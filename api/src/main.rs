@@ -1,1 +1,115 @@
-fn main() {}
+//! `berth-api`: the OSB API server. With no `DATABASE_URL` it runs the embedded default (see embedded.rs).
+//!
+//!   berth-api              serve
+//!   berth-api gen-key PATH write a new secrets key to PATH (refuses to overwrite)
+
+mod embedded;
+
+use std::{net::SocketAddr, process::ExitCode, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use broker::{catalog::Catalog, config::Settings, crypto::Cipher};
+use secrecy::SecretString;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    broker::telemetry::init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        None | Some("serve") => serve().await,
+        Some("gen-key") => gen_key(args.get(1)),
+        Some(other) => Err(anyhow::anyhow!("unknown command {other:?} (commands: serve, gen-key PATH)")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("berth-api: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn gen_key(path: Option<&String>) -> anyhow::Result<()> {
+    let path = path.context("usage: berth-api gen-key PATH")?;
+    broker::crypto::generate_key_file(path.as_ref())?;
+    println!("wrote a new key to {path}; set BERTH_KEY_FILE={path}");
+    Ok(())
+}
+
+async fn serve() -> anyhow::Result<()> {
+    let mut settings = Settings::load()?;
+    let embedded = if settings.database_url.is_none() {
+        Some(embedded::Embedded::start(&mut settings).await?)
+    } else {
+        None
+    };
+    let result = serve_with(&settings, embedded.as_ref()).await;
+    if let Some(embedded) = embedded {
+        embedded.stop().await;
+    }
+    result
+}
+
+async fn serve_with(settings: &Settings, embedded: Option<&embedded::Embedded>) -> anyhow::Result<()> {
+    let database_url = settings.database_url.as_ref().context("DATABASE_URL is not set")?;
+    let (username, password) = broker_credentials(settings)?;
+    let cipher = Cipher::from_key_file(&settings.key_path()).with_context(|| {
+        format!(
+            "no usable secrets key (create one with `berth-api gen-key {}` and set BERTH_KEY_FILE)",
+            settings.key_path().display()
+        )
+    })?;
+    let engines = settings.available_engines();
+    let catalog = Catalog::load(&settings.plans_dir, &engines)?;
+    let db = broker::db::connect(database_url, settings.database_pool_size).await?;
+    broker::MIGRATOR.run(&db).await.context("running the broker's migrations")?;
+
+    let state = berth_api::AppState {
+        db,
+        catalog: Arc::new(catalog),
+        cipher,
+        auth: berth_api::BrokerAuth::new(username, password),
+        max_body_bytes: settings.max_body_bytes,
+    };
+    let addr: SocketAddr = format!("{}:{}", settings.bind_address, settings.port)
+        .parse()
+        .with_context(|| format!("BIND_ADDRESS {:?} is not an IP address", settings.bind_address))?;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
+    let local = listener.local_addr()?;
+    tracing::info!(%local, engines = ?engines, "berth-api listening");
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    if let Some(embedded) = embedded {
+        embedded.spawn_worker(shutdown.clone())?;
+        embedded.print_banner(local);
+    }
+    axum::serve(listener, berth_api::router(state))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await
+        .context("serving HTTP")?;
+    if let Some(embedded) = embedded {
+        embedded.stop_worker(Duration::from_secs(25)).await;
+    }
+    Ok(())
+}
+
+/// `BROKER_USERNAME`/`BROKER_PASSWORD`: required outside the embedded default (which fills them in).
+fn broker_credentials(settings: &Settings) -> anyhow::Result<(SecretString, SecretString)> {
+    match (&settings.broker_username, &settings.broker_password) {
+        (Some(u), Some(p)) => Ok((u.clone(), p.clone())),
+        _ => anyhow::bail!("BROKER_USERNAME and BROKER_PASSWORD must both be set"),
+    }
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+    tracing::info!("shutting down");
+    shutdown.cancel();
+}
