@@ -11,7 +11,8 @@ use serde::de::DeserializeOwned;
 use crate::{AppState, error::ApiError};
 
 /// A JSON body. Unknown fields are ignored; a missing or mistyped field is a 400 that names it; a body over
-/// the limit is a 413; a `Content-Type` other than JSON is a 415 (a missing one is accepted, for curl users).
+/// the limit is a 413; a `Content-Type` other than JSON is a 415. A missing one, and curl's `-d` default
+/// (`application/x-www-form-urlencoded`), are read as JSON so plain `curl -d '{...}'` works.
 #[derive(Debug, Clone)]
 pub struct OsbJson<T>(pub T);
 
@@ -31,7 +32,10 @@ where
                 .unwrap_or("")
                 .trim()
                 .to_ascii_lowercase();
-            if essence != "application/json" && !essence.ends_with("+json") {
+            let json_like = essence == "application/json"
+                || essence.ends_with("+json")
+                || essence == "application/x-www-form-urlencoded";
+            if !json_like {
                 return Err(ApiError::UnsupportedMediaType(format!(
                     "Content-Type must be application/json, not {essence:?}"
                 )));
