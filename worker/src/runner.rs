@@ -5,10 +5,11 @@
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use broker::{config::Settings, db::tasks::TaskRow};
+use chrono::{DateTime, Utc};
 use sqlx::{PgPool, postgres::PgListener};
 use tokio::{
     sync::{Notify, OwnedSemaphorePermit, Semaphore},
@@ -176,6 +177,9 @@ pub async fn run_until_idle(
 async fn claim_loop(worker: &Arc<Worker>, runs: &mut JoinSet<()>, shutdown: &CancellationToken) {
     let config = &worker.config;
     let slots = Arc::new(Semaphore::new(config.concurrency));
+    // The latest run_at claimed, and when the claim last walked the index from its start.
+    let mut floor: Option<DateTime<Utc>> = None;
+    let mut last_full_scan = Instant::now();
     loop {
         let first = tokio::select! {
             permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
@@ -191,7 +195,7 @@ async fn claim_loop(worker: &Arc<Worker>, runs: &mut JoinSet<()>, shutdown: &Can
         while runs.try_join_next().is_some() {}
 
         let wanted = permits.len();
-        let claimed = match queue::claim(&worker.pool, &config.id, wanted, config.lease).await {
+        let claimed = match claim(worker, wanted, &mut floor, &mut last_full_scan).await {
             Ok(claimed) => claimed,
             Err(e) => {
                 warn!(error = %e, "claiming tasks failed; retrying after the poll interval");
@@ -230,6 +234,32 @@ async fn claim_loop(worker: &Arc<Worker>, runs: &mut JoinSet<()>, shutdown: &Can
             () = shutdown.cancelled() => return,
         }
     }
+}
+
+/// Claims up to `wanted` tasks: from `floor` on while the queue is deep, from the start of the index
+/// when that finds too little or a poll interval has passed (see [`queue::claim_from`]).
+async fn claim(
+    worker: &Worker,
+    wanted: usize,
+    floor: &mut Option<DateTime<Utc>>,
+    last_full_scan: &mut Instant,
+) -> sqlx::Result<Vec<TaskRow>> {
+    let config = &worker.config;
+    let mut claimed = Vec::new();
+    if let Some(from) = *floor
+        && last_full_scan.elapsed() < config.poll_interval
+    {
+        claimed = queue::claim_from(&worker.pool, &config.id, wanted, config.lease, from).await?;
+    }
+    if claimed.len() < wanted {
+        let more = queue::claim(&worker.pool, &config.id, wanted - claimed.len(), config.lease).await?;
+        claimed.extend(more);
+        *last_full_scan = Instant::now();
+    }
+    if let Some(latest) = claimed.iter().map(|t| t.run_at).max() {
+        *floor = Some(floor.map_or(latest, |f| f.max(latest)));
+    }
+    Ok(claimed)
 }
 
 /// Runs one claimed task and records how it ended.

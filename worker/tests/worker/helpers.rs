@@ -146,11 +146,14 @@ impl TaskHandler for Record {
     }
 }
 
+/// One run of [`Flaky`]: (attempt, the run_at it was scheduled for, when it failed or finished).
+pub type FlakyRun = (i32, chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>);
+
 /// Fails (Retryable) while `attempts <= fail_times`, then succeeds. Records (attempt, run_at, now) per run.
 #[derive(Clone, Default)]
 pub struct Flaky {
     pub fail_times: i32,
-    pub runs: Arc<Mutex<Vec<(i32, chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)>>>,
+    pub runs: Arc<Mutex<Vec<FlakyRun>>>,
 }
 
 pub const FLAKY: &str = "test.flaky";

@@ -19,11 +19,14 @@ use crate::helpers::*;
 
 const SECRET: &[u8] = b"webhook-secret";
 
+/// Headers and body of one request the receiver got.
+type Request = (HeaderMap, Vec<u8>);
+
 #[derive(Clone, Default)]
 struct Receiver {
     /// Answers 500 to this many requests first.
     fail_first: usize,
-    received: Arc<Mutex<Vec<(HeaderMap, Vec<u8>)>>>,
+    received: Arc<Mutex<Vec<Request>>>,
 }
 
 async fn receive(State(receiver): State<Receiver>, headers: HeaderMap, body: axum::body::Bytes) -> StatusCode {
