@@ -3,12 +3,7 @@
 use std::{collections::HashMap, fmt, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use broker::{
-    catalog::Catalog,
-    config::Settings,
-    crypto::Cipher,
-    db::tasks::TaskRow,
-};
+use broker::{catalog::Catalog, config::Settings, crypto::Cipher, db::tasks::TaskRow};
 use serde::de::DeserializeOwned;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -33,7 +28,10 @@ impl fmt::Debug for Services {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut engines: Vec<_> = self.providers.keys().collect();
         engines.sort();
-        f.debug_struct("Services").field("catalog", &self.catalog).field("engines", &engines).finish()
+        f.debug_struct("Services")
+            .field("catalog", &self.catalog)
+            .field("engines", &engines)
+            .finish()
     }
 }
 
@@ -48,7 +46,13 @@ impl Services {
             .build()
             .context("building the HTTP client")?;
         let providers = providers::configured(&settings)?;
-        Ok(Self { settings, cipher, catalog, http, providers })
+        Ok(Self {
+            settings,
+            cipher,
+            catalog,
+            http,
+            providers,
+        })
     }
 
     /// The provider serving plan `plan_id`.
@@ -60,7 +64,10 @@ impl Services {
         })?;
         let engine = plan.plan.engine.as_str();
         self.providers.get(engine).cloned().ok_or_else(|| {
-            TaskError::fatal(format!("engine {engine:?} of plan {:?} is not configured on this worker", plan.plan.name))
+            TaskError::fatal(format!(
+                "engine {engine:?} of plan {:?} is not configured on this worker",
+                plan.plan.name
+            ))
         })
     }
 
@@ -91,22 +98,24 @@ impl TaskContext<'_> {
 
     /// The payload as `T`; a payload that does not parse is a programming error, so Fatal.
     pub fn payload<T: DeserializeOwned>(&self) -> Result<T, TaskError> {
-        serde_json::from_value(self.task.payload.clone())
-            .map_err(|e| TaskError::fatal(format!("the {} task's payload is malformed: {e}", self.task.kind)))
+        serde_json::from_value(self.task.payload.clone()).map_err(|e| {
+            TaskError::fatal(format!(
+                "the {} task's payload is malformed: {e}",
+                self.task.kind
+            ))
+        })
     }
 
     pub fn instance_id(&self) -> Result<&str, TaskError> {
-        self.task
-            .instance_id
-            .as_deref()
-            .ok_or_else(|| TaskError::fatal(format!("the {} task names no instance", self.task.kind)))
+        self.task.instance_id.as_deref().ok_or_else(|| {
+            TaskError::fatal(format!("the {} task names no instance", self.task.kind))
+        })
     }
 
     pub fn binding_id(&self) -> Result<&str, TaskError> {
-        self.task
-            .binding_id
-            .as_deref()
-            .ok_or_else(|| TaskError::fatal(format!("the {} task names no binding", self.task.kind)))
+        self.task.binding_id.as_deref().ok_or_else(|| {
+            TaskError::fatal(format!("the {} task names no binding", self.task.kind))
+        })
     }
 
     pub fn worker_id(&self) -> &str {

@@ -29,7 +29,14 @@ async fn main() -> anyhow::Result<()> {
             shutdown.cancel();
         }
     });
-    berth_worker::run(pool, services, Arc::new(tasks::registry()), config, shutdown).await
+    berth_worker::run(
+        pool,
+        services,
+        Arc::new(tasks::registry()),
+        config,
+        shutdown,
+    )
+    .await
 }
 
 async fn wait_for_signal() {

@@ -24,7 +24,12 @@ fn secs(d: Duration) -> f64 {
 
 /// Claims up to `limit` due tasks for `worker_id` in one statement. Walks the partial index
 /// `tasks_pending_run_at` in `run_at` order, so the cost does not grow with the number queued.
-pub async fn claim(db: impl PgExecutor<'_>, worker_id: &str, limit: usize, lease: Duration) -> sqlx::Result<Vec<TaskRow>> {
+pub async fn claim(
+    db: impl PgExecutor<'_>,
+    worker_id: &str,
+    limit: usize,
+    lease: Duration,
+) -> sqlx::Result<Vec<TaskRow>> {
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     sqlx::query_as!(
         TaskRow,
@@ -96,7 +101,12 @@ pub async fn next_due_in(db: impl PgExecutor<'_>) -> sqlx::Result<Option<Duratio
 }
 
 /// Extends the leases of this worker's running tasks; returns the ids it still holds.
-pub async fn heartbeat(db: impl PgExecutor<'_>, worker_id: &str, ids: &[Uuid], lease: Duration) -> sqlx::Result<Vec<Uuid>> {
+pub async fn heartbeat(
+    db: impl PgExecutor<'_>,
+    worker_id: &str,
+    ids: &[Uuid],
+    lease: Duration,
+) -> sqlx::Result<Vec<Uuid>> {
     sqlx::query_scalar!(
         "UPDATE tasks SET lease_until = now() + make_interval(secs => $3)
          WHERE worker_id = $1 AND state = 'running' AND id = ANY($2)
@@ -109,7 +119,12 @@ pub async fn heartbeat(db: impl PgExecutor<'_>, worker_id: &str, ids: &[Uuid], l
     .await
 }
 
-pub async fn set_progress(db: impl PgExecutor<'_>, task: &TaskRow, worker_id: &str, text: &str) -> sqlx::Result<()> {
+pub async fn set_progress(
+    db: impl PgExecutor<'_>,
+    task: &TaskRow,
+    worker_id: &str,
+    text: &str,
+) -> sqlx::Result<()> {
     sqlx::query!(
         "UPDATE tasks SET progress = $4, updated_at = now()
          WHERE id = $1 AND worker_id = $2 AND state = 'running' AND attempts = $3",
@@ -135,11 +150,18 @@ pub enum Outcome {
 /// Records the end of a run. Fenced: returns `false` (and changes nothing) when this worker no longer holds
 /// the task. A finished operation with a webhook gets its delivery row and `webhook.deliver` task in the
 /// same transaction.
-pub async fn finish(pool: &PgPool, task: &TaskRow, worker_id: &str, outcome: &Outcome) -> sqlx::Result<bool> {
+pub async fn finish(
+    pool: &PgPool,
+    task: &TaskRow,
+    worker_id: &str,
+    outcome: &Outcome,
+) -> sqlx::Result<bool> {
     let owes_webhook = task.operation.is_some() && task.webhook_url.is_some();
     if !owes_webhook {
         // One statement, no explicit transaction: the common case stays at one round trip.
-        return Ok(record_outcome(pool, task, worker_id, outcome).await?.is_some());
+        return Ok(record_outcome(pool, task, worker_id, outcome)
+            .await?
+            .is_some());
     }
     let mut tx = pool.begin().await?;
     let Some(row) = record_outcome(&mut *tx, task, worker_id, outcome).await? else {
@@ -226,7 +248,11 @@ async fn record_outcome(
 }
 
 /// Hands a task back to the queue untouched (hard shutdown): the run did not count as an attempt.
-pub async fn release(db: impl PgExecutor<'_>, task: &TaskRow, worker_id: &str) -> sqlx::Result<bool> {
+pub async fn release(
+    db: impl PgExecutor<'_>,
+    task: &TaskRow,
+    worker_id: &str,
+) -> sqlx::Result<bool> {
     let done = sqlx::query!(
         "UPDATE tasks SET state = 'pending', attempts = attempts - 1, worker_id = NULL, lease_until = NULL,
                           updated_at = now()
@@ -271,7 +297,9 @@ pub async fn reclaim_expired(pool: &PgPool) -> sqlx::Result<usize> {
         }
     }
     if pending > 0 {
-        sqlx::query!("SELECT pg_notify('berth_tasks', '')").execute(&mut *tx).await?;
+        sqlx::query!("SELECT pg_notify('berth_tasks', '')")
+            .execute(&mut *tx)
+            .await?;
     }
     tx.commit().await?;
     Ok(pending)
@@ -279,14 +307,20 @@ pub async fn reclaim_expired(pool: &PgPool) -> sqlx::Result<usize> {
 
 /// A finished operation with a webhook owes a delivery: the row plus the task that sends it.
 async fn on_finished(tx: &mut Transaction<'_, Postgres>, row: &TaskRow) -> sqlx::Result<()> {
-    let (Some(operation), Some(url), Some(secret)) = (&row.operation, &row.webhook_url, &row.webhook_secret) else {
+    let (Some(operation), Some(url), Some(secret)) =
+        (&row.operation, &row.webhook_url, &row.webhook_secret)
+    else {
         return Ok(());
     };
     let succeeded = row.state == "succeeded";
     let description = if succeeded {
-        row.progress.clone().unwrap_or_else(|| format!("{operation} succeeded"))
+        row.progress
+            .clone()
+            .unwrap_or_else(|| format!("{operation} succeeded"))
     } else {
-        row.last_error.clone().unwrap_or_else(|| format!("{operation} failed"))
+        row.last_error
+            .clone()
+            .unwrap_or_else(|| format!("{operation} failed"))
     };
     let body = WebhookBody {
         instance_id: row.instance_id.clone().unwrap_or_default(),
@@ -298,7 +332,10 @@ async fn on_finished(tx: &mut Transaction<'_, Postgres>, row: &TaskRow) -> sqlx:
     let body = serde_json::to_value(&body).expect("a webhook body serializes");
     let delivery_id = Uuid::new_v4();
     webhooks::insert(&mut **tx, delivery_id, row.id, url, secret, &body).await?;
-    let mut task = NewTask::new(kinds::DELIVER_WEBHOOK, serde_json::json!({ "delivery_id": delivery_id }));
+    let mut task = NewTask::new(
+        kinds::DELIVER_WEBHOOK,
+        serde_json::json!({ "delivery_id": delivery_id }),
+    );
     task.max_attempts = WEBHOOK_MAX_ATTEMPTS;
     tasks::enqueue(&mut **tx, task).await?;
     Ok(())
@@ -306,9 +343,11 @@ async fn on_finished(tx: &mut Transaction<'_, Postgres>, row: &TaskRow) -> sqlx:
 
 /// Counts of tasks by state (tests and benchmarks).
 pub async fn unfinished_count(db: impl PgExecutor<'_>) -> sqlx::Result<i64> {
-    sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM tasks WHERE state IN ('pending', 'running')"#)
-        .fetch_one(db)
-        .await
+    sqlx::query_scalar!(
+        r#"SELECT count(*) AS "n!" FROM tasks WHERE state IN ('pending', 'running')"#
+    )
+    .fetch_one(db)
+    .await
 }
 
 /// Full-jitter exponential backoff: a random delay in `[0, min(cap, base * 2^(attempt-1))]`.
@@ -321,6 +360,8 @@ pub fn backoff(attempt: i32, base: Duration, cap: Duration) -> Duration {
 
 /// The largest delay [`backoff`] picks for `attempt`.
 pub fn backoff_ceiling(attempt: i32, base: Duration, cap: Duration) -> Duration {
-    let exponent = u32::try_from(attempt.saturating_sub(1)).unwrap_or(0).min(30);
+    let exponent = u32::try_from(attempt.saturating_sub(1))
+        .unwrap_or(0)
+        .min(30);
     base.saturating_mul(1u32 << exponent).min(cap)
 }

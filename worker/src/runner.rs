@@ -105,8 +105,14 @@ pub async fn run(
     config: WorkerConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    anyhow::ensure!(config.concurrency > 0, "worker concurrency must be at least 1");
-    anyhow::ensure!(config.lease >= Duration::from_millis(300), "worker lease is too short");
+    anyhow::ensure!(
+        config.concurrency > 0,
+        "worker concurrency must be at least 1"
+    );
+    anyhow::ensure!(
+        config.lease >= Duration::from_millis(300),
+        "worker lease is too short"
+    );
     let worker = Arc::new(Worker {
         pool,
         services,
@@ -127,13 +133,19 @@ pub async fn run(
     let mut runs = JoinSet::new();
     claim_loop(&worker, &mut runs, &shutdown).await;
 
-    info!(running = runs.len(), "worker stopping: no new claims, waiting for running tasks");
+    info!(
+        running = runs.len(),
+        "worker stopping: no new claims, waiting for running tasks"
+    );
     let drained = tokio::time::timeout(worker.config.shutdown_grace, async {
         while runs.join_next().await.is_some() {}
     })
     .await;
     if drained.is_err() {
-        warn!(running = runs.len(), "shutdown grace over: handing running tasks back to the queue");
+        warn!(
+            running = runs.len(),
+            "shutdown grace over: handing running tasks back to the queue"
+        );
         worker.hard_stop.cancel();
         while runs.join_next().await.is_some() {}
     }
@@ -153,7 +165,13 @@ pub async fn run_until_idle(
     limit: Duration,
 ) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
-    let worker = tokio::spawn(run(pool.clone(), services, registry, config, shutdown.clone()));
+    let worker = tokio::spawn(run(
+        pool.clone(),
+        services,
+        registry,
+        config,
+        shutdown.clone(),
+    ));
     let deadline = tokio::time::Instant::now() + limit;
     let outcome = loop {
         match queue::unfinished_count(&pool).await {
@@ -165,7 +183,9 @@ pub async fn run_until_idle(
             Err(e) => break Err(e.into()),
         }
         if worker.is_finished() {
-            break Err(anyhow::anyhow!("the worker stopped before the queue was idle"));
+            break Err(anyhow::anyhow!(
+                "the worker stopped before the queue was idle"
+            ));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
@@ -209,7 +229,9 @@ async fn claim_loop(worker: &Arc<Worker>, runs: &mut JoinSet<()>, shutdown: &Can
         };
         let got = claimed.len();
         for task in claimed {
-            let permit = permits.pop().expect("claimed at most as many tasks as free slots");
+            let permit = permits
+                .pop()
+                .expect("claimed at most as many tasks as free slots");
             runs.spawn(run_task(worker.clone(), task, permit));
         }
         drop(permits);
@@ -252,7 +274,13 @@ async fn claim(
         claimed = queue::claim_from(&worker.pool, &config.id, wanted, config.lease, from).await?;
     }
     if claimed.len() < wanted {
-        let more = queue::claim(&worker.pool, &config.id, wanted - claimed.len(), config.lease).await?;
+        let more = queue::claim(
+            &worker.pool,
+            &config.id,
+            wanted - claimed.len(),
+            config.lease,
+        )
+        .await?;
         claimed.extend(more);
         *last_full_scan = Instant::now();
     }
@@ -271,22 +299,39 @@ async fn run_task(worker: Arc<Worker>, task: TaskRow, permit: OwnedSemaphorePerm
 #[tracing::instrument(skip_all, fields(task_id = %task.id, kind = %task.kind, attempt = task.attempts))]
 async fn run_task_inner(worker: &Arc<Worker>, task: TaskRow) {
     let Some(handler) = worker.registry.get(&task.kind) else {
-        let error = format!("unknown task kind {:?}: no handler is registered for it", task.kind);
+        let error = format!(
+            "unknown task kind {:?}: no handler is registered for it",
+            task.kind
+        );
         error!("{error}");
         record(worker, &task, Outcome::Failed { error }).await;
         return;
     };
     let cancel = worker.hard_stop.child_token();
-    worker.running.lock().expect("running map").insert(task.id, cancel.clone());
+    worker
+        .running
+        .lock()
+        .expect("running map")
+        .insert(task.id, cancel.clone());
 
     let task = Arc::new(task);
     let mut handle = {
-        let (task, pool, services, cancel) =
-            (task.clone(), worker.pool.clone(), worker.services.clone(), cancel.clone());
+        let (task, pool, services, cancel) = (
+            task.clone(),
+            worker.pool.clone(),
+            worker.services.clone(),
+            cancel.clone(),
+        );
         let worker_id = worker.config.id.clone();
         tokio::spawn(
             async move {
-                let ctx = TaskContext { task: &task, pool: &pool, services: &services, cancel, worker_id: &worker_id };
+                let ctx = TaskContext {
+                    task: &task,
+                    pool: &pool,
+                    services: &services,
+                    cancel,
+                    worker_id: &worker_id,
+                };
                 handler.run(&ctx).await
             }
             .in_current_span(),
@@ -307,7 +352,9 @@ async fn run_task_inner(worker: &Arc<Worker>, task: TaskRow) {
                 match queue::release(&worker.pool, &task, &worker.config.id).await {
                     Ok(true) => info!("task handed back to the queue"),
                     Ok(false) => {}
-                    Err(e) => warn!(error = %e, "handing the task back failed; its lease will expire"),
+                    Err(e) => {
+                        warn!(error = %e, "handing the task back failed; its lease will expire")
+                    }
                 }
                 worker.wake.notify_one();
             } else {
@@ -317,9 +364,13 @@ async fn run_task_inner(worker: &Arc<Worker>, task: TaskRow) {
         }
         Some(Ok(Ok(Step::Done))) => Outcome::Succeeded,
         Some(Ok(Ok(Step::Wait { after, progress }))) => Outcome::Wait { after, progress },
-        Some(Ok(Err(TaskError::Fatal(e)))) => Outcome::Failed { error: format!("{e:#}") },
+        Some(Ok(Err(TaskError::Fatal(e)))) => Outcome::Failed {
+            error: format!("{e:#}"),
+        },
         Some(Ok(Err(TaskError::Retryable(e)))) => retry_or_fail(worker, &task, format!("{e:#}")),
-        Some(Err(joined)) if joined.is_panic() => retry_or_fail(worker, &task, "the task panicked".into()),
+        Some(Err(joined)) if joined.is_panic() => {
+            retry_or_fail(worker, &task, "the task panicked".into())
+        }
         Some(Err(_)) => retry_or_fail(worker, &task, "the task was cancelled".into()),
     };
     match &outcome {
@@ -335,7 +386,11 @@ fn retry_or_fail(worker: &Worker, task: &TaskRow, error: String) -> Outcome {
     if task.attempts >= task.max_attempts {
         Outcome::Failed { error }
     } else {
-        let after = queue::backoff(task.attempts, worker.config.backoff_base, worker.config.backoff_cap);
+        let after = queue::backoff(
+            task.attempts,
+            worker.config.backoff_base,
+            worker.config.backoff_cap,
+        );
         Outcome::Retry { after, error }
     }
 }
@@ -352,14 +407,18 @@ async fn record(worker: &Worker, task: &TaskRow, outcome: Outcome) {
                 return;
             }
             Ok(false) => {
-                warn!("the task's lease was lost before its outcome was recorded; outcome discarded");
+                warn!(
+                    "the task's lease was lost before its outcome was recorded; outcome discarded"
+                );
                 return;
             }
             Err(e) if attempt < 3 => {
                 warn!(error = %e, "recording the task's outcome failed; trying again");
                 tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
             }
-            Err(e) => error!(error = %e, "recording the task's outcome failed; its lease will expire and it will run again"),
+            Err(e) => {
+                error!(error = %e, "recording the task's outcome failed; its lease will expire and it will run again")
+            }
         }
     }
 }
@@ -372,8 +431,13 @@ async fn heartbeat(worker: Arc<Worker>, stop: CancellationToken) {
             () = tokio::time::sleep(every) => {}
             () = stop.cancelled() => return,
         }
-        let running: Vec<(Uuid, CancellationToken)> =
-            worker.running.lock().expect("running map").iter().map(|(id, t)| (*id, t.clone())).collect();
+        let running: Vec<(Uuid, CancellationToken)> = worker
+            .running
+            .lock()
+            .expect("running map")
+            .iter()
+            .map(|(id, t)| (*id, t.clone()))
+            .collect();
         if running.is_empty() {
             continue;
         }
@@ -382,7 +446,13 @@ async fn heartbeat(worker: Arc<Worker>, stop: CancellationToken) {
             Ok(kept) => {
                 for (id, token) in running {
                     // A run that finished meanwhile is no longer in the map; cancelling its token is harmless.
-                    if !kept.contains(&id) && worker.running.lock().expect("running map").contains_key(&id) {
+                    if !kept.contains(&id)
+                        && worker
+                            .running
+                            .lock()
+                            .expect("running map")
+                            .contains_key(&id)
+                    {
                         warn!(task_id = %id, "lease lost; stopping the run");
                         token.cancel();
                     }
@@ -400,7 +470,10 @@ async fn sweep(worker: Arc<Worker>, stop: CancellationToken) {
         match queue::reclaim_expired(&worker.pool).await {
             Ok(0) => {}
             Ok(n) => {
-                info!(reclaimed = n, "tasks of a lost worker are back in the queue");
+                info!(
+                    reclaimed = n,
+                    "tasks of a lost worker are back in the queue"
+                );
                 worker.wake.notify_one();
             }
             Err(e) => warn!(error = %e, "reclaiming expired leases failed"),

@@ -38,7 +38,10 @@ pub struct Bound {
 
 impl std::fmt::Debug for Bound {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Bound").field("details", &self.details).field("credentials", &"<redacted>").finish()
+        f.debug_struct("Bound")
+            .field("details", &self.details)
+            .field("credentials", &"<redacted>")
+            .finish()
     }
 }
 
@@ -46,7 +49,11 @@ impl std::fmt::Debug for Bound {
 /// crash or a retry and must finish the job, not redo it or fail because part of it exists.
 #[async_trait]
 pub trait Provider: Send + Sync {
-    async fn provision(&self, ctx: &TaskContext<'_>, instance: &InstanceRow) -> Result<Progress<Provisioned>, TaskError>;
+    async fn provision(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+    ) -> Result<Progress<Provisioned>, TaskError>;
 
     async fn update(
         &self,

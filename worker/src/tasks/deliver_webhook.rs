@@ -8,7 +8,10 @@ use broker::{crypto, db::webhooks, model::kinds};
 use serde::Deserialize;
 use uuid::Uuid;
 
-use crate::{context::TaskContext, registry::{Step, TaskError, TaskHandler}};
+use crate::{
+    context::TaskContext,
+    registry::{Step, TaskError, TaskHandler},
+};
 
 pub struct DeliverWebhook;
 
@@ -31,7 +34,9 @@ impl TaskHandler for DeliverWebhook {
         let delivery = webhooks::get(ctx.pool, delivery_id)
             .await
             .context("reading the webhook delivery")?
-            .ok_or_else(|| TaskError::fatal(format!("webhook delivery {delivery_id} does not exist")))?;
+            .ok_or_else(|| {
+                TaskError::fatal(format!("webhook delivery {delivery_id} does not exist"))
+            })?;
         if delivery.state != "pending" {
             return Ok(Step::Done);
         }
@@ -62,14 +67,26 @@ impl TaskHandler for DeliverWebhook {
             }
             Ok(response) => {
                 let status = response.status();
-                (Some(i32::from(status.as_u16())), format!("the webhook answered HTTP {status}"))
+                (
+                    Some(i32::from(status.as_u16())),
+                    format!("the webhook answered HTTP {status}"),
+                )
             }
-            Err(e) => (None, format!("calling the webhook failed: {}", e.without_url())),
+            Err(e) => (
+                None,
+                format!("calling the webhook failed: {}", e.without_url()),
+            ),
         };
         let last = ctx.task.attempts >= ctx.task.max_attempts;
-        webhooks::record_attempt(ctx.pool, delivery_id, if last { "failed" } else { "pending" }, status, Some(&error))
-            .await
-            .context("recording the webhook attempt")?;
+        webhooks::record_attempt(
+            ctx.pool,
+            delivery_id,
+            if last { "failed" } else { "pending" },
+            status,
+            Some(&error),
+        )
+        .await
+        .context("recording the webhook attempt")?;
         Err(TaskError::retryable(error))
     }
 }

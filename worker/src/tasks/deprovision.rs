@@ -9,7 +9,10 @@ use broker::{
 };
 
 use super::ready;
-use crate::{context::TaskContext, registry::{Step, TaskError, TaskHandler}};
+use crate::{
+    context::TaskContext,
+    registry::{Step, TaskError, TaskHandler},
+};
 
 pub struct Deprovision;
 
@@ -21,7 +24,10 @@ impl TaskHandler for Deprovision {
 
     async fn run(&self, ctx: &TaskContext<'_>) -> Result<Step, TaskError> {
         let instance_id = ctx.instance_id()?;
-        let Some(instance) = instances::get(ctx.pool, instance_id).await.context("reading the instance")? else {
+        let Some(instance) = instances::get(ctx.pool, instance_id)
+            .await
+            .context("reading the instance")?
+        else {
             return Ok(Step::Done);
         };
         let bindings = bindings::list_for_instance(ctx.pool, instance_id)
@@ -31,7 +37,9 @@ impl TaskHandler for Deprovision {
         if let Err(wait) = ready(provider.deprovision(ctx, &instance, &bindings).await?) {
             return Ok(wait);
         }
-        instances::delete(ctx.pool, instance_id).await.context("deleting the instance row")?;
+        instances::delete(ctx.pool, instance_id)
+            .await
+            .context("deleting the instance row")?;
         Ok(Step::Done)
     }
 }

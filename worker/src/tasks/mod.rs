@@ -18,7 +18,10 @@ pub use update::Update;
 
 use std::time::Duration;
 
-use crate::{providers::Progress, registry::{Registry, Step}};
+use crate::{
+    providers::Progress,
+    registry::{Registry, Step},
+};
 
 /// Every kind this worker runs.
 pub fn registry() -> Registry {

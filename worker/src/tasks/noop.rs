@@ -6,7 +6,10 @@ use async_trait::async_trait;
 use broker::model::kinds;
 use serde::Deserialize;
 
-use crate::{context::TaskContext, registry::{Step, TaskError, TaskHandler}};
+use crate::{
+    context::TaskContext,
+    registry::{Step, TaskError, TaskHandler},
+};
 
 pub struct Noop;
 

@@ -6,7 +6,10 @@ use async_trait::async_trait;
 use broker::{db::instances, model::kinds};
 
 use super::ready;
-use crate::{context::TaskContext, registry::{Step, TaskError, TaskHandler}};
+use crate::{
+    context::TaskContext,
+    registry::{Step, TaskError, TaskHandler},
+};
 
 pub struct Provision;
 
@@ -21,13 +24,18 @@ impl TaskHandler for Provision {
         let instance = instances::get(ctx.pool, instance_id)
             .await
             .context("reading the instance")?
-            .ok_or_else(|| TaskError::fatal("the instance was deleted before it was provisioned"))?;
+            .ok_or_else(|| {
+                TaskError::fatal("the instance was deleted before it was provisioned")
+            })?;
         let provider = ctx.services.provider_for_plan(&instance.plan_id)?;
         let made = match ready(provider.provision(ctx, &instance).await?) {
             Ok(made) => made,
             Err(wait) => return Ok(wait),
         };
-        let secrets = made.secrets.as_ref().map(|s| ctx.services.cipher.seal_json(s));
+        let secrets = made
+            .secrets
+            .as_ref()
+            .map(|s| ctx.services.cipher.seal_json(s));
         instances::set_details(ctx.pool, instance_id, &made.details, secrets.as_deref())
             .await
             .context("recording what was provisioned")?;

@@ -9,7 +9,10 @@ use broker::{
 };
 
 use super::ready;
-use crate::{context::TaskContext, registry::{Step, TaskError, TaskHandler}};
+use crate::{
+    context::TaskContext,
+    registry::{Step, TaskError, TaskHandler},
+};
 
 pub struct DeleteBinding;
 
@@ -21,12 +24,16 @@ impl TaskHandler for DeleteBinding {
 
     async fn run(&self, ctx: &TaskContext<'_>) -> Result<Step, TaskError> {
         let binding_id = ctx.binding_id()?;
-        let Some(binding) = bindings::get(ctx.pool, binding_id).await.context("reading the binding")? else {
+        let Some(binding) = bindings::get(ctx.pool, binding_id)
+            .await
+            .context("reading the binding")?
+        else {
             return Ok(Step::Done);
         };
         // The binding row cascades with its instance, so the instance exists while the binding does.
-        let Some(instance) =
-            instances::get(ctx.pool, &binding.instance_id).await.context("reading the binding's instance")?
+        let Some(instance) = instances::get(ctx.pool, &binding.instance_id)
+            .await
+            .context("reading the binding's instance")?
         else {
             return Ok(Step::Done);
         };
@@ -34,7 +41,9 @@ impl TaskHandler for DeleteBinding {
         if let Err(wait) = ready(provider.unbind(ctx, &instance, &binding).await?) {
             return Ok(wait);
         }
-        bindings::delete(ctx.pool, binding_id).await.context("deleting the binding row")?;
+        bindings::delete(ctx.pool, binding_id)
+            .await
+            .context("deleting the binding row")?;
         Ok(Step::Done)
     }
 }

@@ -9,7 +9,10 @@ use broker::{
 };
 
 use super::ready;
-use crate::{context::TaskContext, registry::{Step, TaskError, TaskHandler}};
+use crate::{
+    context::TaskContext,
+    registry::{Step, TaskError, TaskHandler},
+};
 
 pub struct Update;
 

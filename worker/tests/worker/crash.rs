@@ -29,7 +29,10 @@ fn spawn_worker(opts: &PgConnectOptions, key_file: &std::path::Path, id: &str) -
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
-async fn kill_9_mid_task_loses_nothing_and_runs_once_more(_: PgPoolOptions, opts: PgConnectOptions) {
+async fn kill_9_mid_task_loses_nothing_and_runs_once_more(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
     let pool = pool(&opts, 4).await;
     let dir = std::env::temp_dir().join(format!("berth-worker-test-{}", uuid::Uuid::new_v4()));
     let key_file = dir.join("master.key");
@@ -37,20 +40,32 @@ async fn kill_9_mid_task_loses_nothing_and_runs_once_more(_: PgPoolOptions, opts
 
     let id = enqueue(&pool, kinds::NOOP, json!({ "sleep_ms": 3000 })).await;
     let mut first = spawn_worker(&opts, &key_file, "victim");
-    eventually(Duration::from_secs(30), "the first worker to run the task", || async {
-        let row = task(&pool, id).await;
-        (row.state == "running" && row.worker_id.as_deref() == Some("victim")).then_some(())
-    })
+    eventually(
+        Duration::from_secs(30),
+        "the first worker to run the task",
+        || async {
+            let row = task(&pool, id).await;
+            (row.state == "running" && row.worker_id.as_deref() == Some("victim")).then_some(())
+        },
+    )
     .await;
     first.start_kill().unwrap(); // SIGKILL
     first.wait().await.unwrap();
-    assert_eq!(task(&pool, id).await.state, "running", "killed mid-task, before it could finish");
+    assert_eq!(
+        task(&pool, id).await.state,
+        "running",
+        "killed mid-task, before it could finish"
+    );
 
     let mut second = spawn_worker(&opts, &key_file, "rescuer");
-    let row = eventually(Duration::from_secs(60), "the second worker to finish the task", || async {
-        let row = task(&pool, id).await;
-        row.state().is_finished().then_some(row)
-    })
+    let row = eventually(
+        Duration::from_secs(60),
+        "the second worker to finish the task",
+        || async {
+            let row = task(&pool, id).await;
+            row.state().is_finished().then_some(row)
+        },
+    )
     .await;
     second.start_kill().unwrap();
     second.wait().await.unwrap();
@@ -59,6 +74,9 @@ async fn kill_9_mid_task_loses_nothing_and_runs_once_more(_: PgPoolOptions, opts
     assert_eq!(row.state, "succeeded");
     assert_eq!(row.attempts, 2);
     assert_eq!(row.worker_id.as_deref(), Some("rescuer"));
-    let tasks: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks").fetch_one(&pool).await.unwrap();
+    let tasks: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert_eq!(tasks, 1, "nothing was duplicated");
 }

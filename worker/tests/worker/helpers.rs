@@ -28,7 +28,8 @@ pub const KEY: [u8; 32] = [7; 32];
 
 /// `DATABASE_URL` of the test run (the server `#[sqlx::test]` makes its databases on).
 pub fn server_url() -> url::Url {
-    let raw = std::env::var("DATABASE_URL").expect("DATABASE_URL must point at the test Postgres server");
+    let raw =
+        std::env::var("DATABASE_URL").expect("DATABASE_URL must point at the test Postgres server");
     url::Url::parse(&raw).expect("DATABASE_URL is a URL")
 }
 
@@ -81,11 +82,17 @@ pub fn config(id: &str) -> WorkerConfig {
 }
 
 pub async fn pool(opts: &PgConnectOptions, max: u32) -> PgPool {
-    PgPoolOptions::new().max_connections(max).connect_with(opts.clone()).await.expect("test pool")
+    PgPoolOptions::new()
+        .max_connections(max)
+        .connect_with(opts.clone())
+        .await
+        .expect("test pool")
 }
 
 pub async fn enqueue(pool: &PgPool, kind: &'static str, payload: Value) -> TaskId {
-    tasks::enqueue(pool, NewTask::new(kind, payload)).await.expect("enqueue")
+    tasks::enqueue(pool, NewTask::new(kind, payload))
+        .await
+        .expect("enqueue")
 }
 
 pub async fn enqueue_with(pool: &PgPool, task: NewTask) -> TaskId {
@@ -93,14 +100,28 @@ pub async fn enqueue_with(pool: &PgPool, task: NewTask) -> TaskId {
 }
 
 pub async fn task(pool: &PgPool, id: TaskId) -> TaskRow {
-    tasks::get(pool, id).await.expect("read task").expect("task exists")
+    tasks::get(pool, id)
+        .await
+        .expect("read task")
+        .expect("task exists")
 }
 
 /// Runs a worker until the queue is idle (60 s at most).
-pub async fn drain(pool: &PgPool, services: Arc<Services>, registry: Registry, config: WorkerConfig) {
-    berth_worker::run_until_idle(pool.clone(), services, Arc::new(registry), config, Duration::from_secs(60))
-        .await
-        .expect("the queue drains");
+pub async fn drain(
+    pool: &PgPool,
+    services: Arc<Services>,
+    registry: Registry,
+    config: WorkerConfig,
+) {
+    berth_worker::run_until_idle(
+        pool.clone(),
+        services,
+        Arc::new(registry),
+        config,
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("the queue drains");
 }
 
 /// Polls `check` every 20 ms until it returns `Some`, or panics with `what` after `limit`.
@@ -114,7 +135,10 @@ where
         if let Some(value) = check().await {
             return value;
         }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -147,7 +171,11 @@ impl TaskHandler for Record {
 }
 
 /// One run of [`Flaky`]: (attempt, the run_at it was scheduled for, when it failed or finished).
-pub type FlakyRun = (i32, chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>);
+pub type FlakyRun = (
+    i32,
+    chrono::DateTime<chrono::Utc>,
+    chrono::DateTime<chrono::Utc>,
+);
 
 /// Fails (Retryable) while `attempts <= fail_times`, then succeeds. Records (attempt, run_at, now) per run.
 #[derive(Clone, Default)]
@@ -165,9 +193,14 @@ impl TaskHandler for Flaky {
     }
 
     async fn run(&self, ctx: &TaskContext<'_>) -> Result<Step, TaskError> {
-        self.runs.lock().unwrap().push((ctx.task.attempts, ctx.task.run_at, chrono::Utc::now()));
+        self.runs
+            .lock()
+            .unwrap()
+            .push((ctx.task.attempts, ctx.task.run_at, chrono::Utc::now()));
         if ctx.task.attempts <= self.fail_times {
-            return Err(anyhow::anyhow!("flaky failure {}", ctx.task.attempts).context("doing the flaky thing").into());
+            return Err(anyhow::anyhow!("flaky failure {}", ctx.task.attempts)
+                .context("doing the flaky thing")
+                .into());
         }
         Ok(Step::Done)
     }
@@ -208,7 +241,10 @@ impl TaskHandler for Waiter {
         let run = self.runs.fetch_add(1, Ordering::SeqCst);
         if run < self.waits {
             ctx.progress(&format!("run {run} started")).await?;
-            return Ok(Step::Wait { after: Duration::from_millis(200), progress: format!("waiting ({})", run + 1) });
+            return Ok(Step::Wait {
+                after: Duration::from_millis(200),
+                progress: format!("waiting ({})", run + 1),
+            });
         }
         Ok(Step::Done)
     }

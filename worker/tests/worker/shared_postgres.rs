@@ -19,7 +19,7 @@ use sqlx::{
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 
-use crate::helpers::*;
+use crate::{helpers::*, webhook};
 
 const SERVICE: &str = "3bdd3b6c-801f-470b-a45f-bc1849fa2124";
 const PLAN: &str = "707a3e6f-f8db-4339-88da-1533837a9810";
@@ -68,7 +68,20 @@ async fn operate(
     binding_id: Option<&str>,
     payload: Value,
 ) -> TaskRow {
+    operate_with_webhook(pool, services, op, instance_id, binding_id, payload, None).await
+}
+
+async fn operate_with_webhook(
+    pool: &PgPool,
+    services: &Arc<Services>,
+    op: Operation,
+    instance_id: &str,
+    binding_id: Option<&str>,
+    payload: Value,
+    webhook: Option<String>,
+) -> TaskRow {
     let mut new = NewTask::new(op.task_kind(), payload);
+    new.webhook = webhook.map(|url| (url, cipher().seal(webhook::SECRET)));
     new.instance_id = Some(instance_id.to_string());
     new.binding_id = binding_id.map(str::to_string);
     new.operation = Some(op.as_str());
@@ -79,7 +92,11 @@ async fn operate(
 }
 
 fn succeeded(row: &TaskRow) {
-    assert_eq!(row.state, "succeeded", "{} failed: {:?}", row.kind, row.last_error);
+    assert_eq!(
+        row.state, "succeeded",
+        "{} failed: {:?}",
+        row.kind, row.last_error
+    );
 }
 
 async fn admin() -> PgConnection {
@@ -104,7 +121,9 @@ async fn database_exists(database: &str) -> bool {
 
 async fn credentials(pool: &PgPool, binding_id: &str) -> Map<String, Value> {
     let row = bindings::get(pool, binding_id).await.unwrap().unwrap();
-    cipher().open_json(&row.credentials.expect("credentials stored")).unwrap()
+    cipher()
+        .open_json(&row.credentials.expect("credentials stored"))
+        .unwrap()
 }
 
 fn url_of(creds: &Map<String, Value>) -> String {
@@ -120,10 +139,34 @@ async fn shared_lifecycle(_: PgPoolOptions, opts: PgConnectOptions) {
     let owner = names::instance_owner_role(PREFIX, &instance);
 
     // Provision (twice: the second run finds everything and is harmless).
-    succeeded(&operate(&pool, &services, Operation::Provision, &instance, None, json!({})).await);
-    succeeded(&operate(&pool, &services, Operation::Provision, &instance, None, json!({})).await);
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Provision,
+            &instance,
+            None,
+            json!({}),
+        )
+        .await,
+    );
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Provision,
+            &instance,
+            None,
+            json!({}),
+        )
+        .await,
+    );
     assert!(database_exists(&database).await && role_exists(&owner).await);
-    let details = instances::get(&pool, &instance).await.unwrap().unwrap().details;
+    let details = instances::get(&pool, &instance)
+        .await
+        .unwrap()
+        .unwrap()
+        .details;
     assert_eq!(details["database"], json!(database));
     assert_eq!(details["owner_role"], json!(owner));
     let mut options: PgConnectOptions = admin_url().parse().unwrap();
@@ -143,11 +186,22 @@ async fn shared_lifecycle(_: PgPoolOptions, opts: PgConnectOptions) {
         maintenance_version: Some("1.0.0".into()),
     };
     let payload = serde_json::to_value(&update).unwrap();
-    succeeded(&operate(&pool, &services, Operation::Update, &instance, None, payload).await);
-    let has_hstore: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'hstore')")
-        .fetch_one(&mut as_admin)
-        .await
-        .unwrap();
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Update,
+            &instance,
+            None,
+            payload,
+        )
+        .await,
+    );
+    let has_hstore: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'hstore')")
+            .fetch_one(&mut as_admin)
+            .await
+            .unwrap();
     assert!(has_hstore);
     as_admin.close().await.unwrap();
     let row = instances::get(&pool, &instance).await.unwrap().unwrap();
@@ -155,16 +209,62 @@ async fn shared_lifecycle(_: PgPoolOptions, opts: PgConnectOptions) {
 
     // A read-write binding: connect, create a table, insert.
     let writer = new_binding(&pool, &instance, json!({})).await;
-    succeeded(&operate(&pool, &services, Operation::Bind, &instance, Some(&writer), json!({})).await);
+    let receiver = webhook::Receiver::default();
+    let hook = format!("http://{}/hook", webhook::start(receiver.clone()).await);
+    let bind = operate_with_webhook(
+        &pool,
+        &services,
+        Operation::Bind,
+        &instance,
+        Some(&writer),
+        json!({}),
+        Some(hook),
+    )
+    .await;
+    succeeded(&bind);
     let creds = credentials(&pool, &writer).await;
-    for key in ["DATABASE_URL", "uri", "PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGPASSWORD"] {
-        assert!(creds.get(key).and_then(Value::as_str).is_some(), "credentials lack {key}");
+    // Credentials appear nowhere but in the sealed column: not in the task, not in the webhook body.
+    let password = creds["PGPASSWORD"].as_str().unwrap().to_string();
+    let bind_row = format!("{:?} {:?} {}", bind.progress, bind.last_error, bind.payload);
+    assert!(!bind_row.contains(&password));
+    let received = receiver.received.lock().unwrap().clone();
+    assert_eq!(received.len(), 1, "the bind's webhook was delivered");
+    let body = String::from_utf8(received[0].1.clone()).unwrap();
+    assert!(
+        body.contains("\"succeeded\"")
+            && !body.contains(&password)
+            && !body.contains("postgres://"),
+        "{body}"
+    );
+    for key in [
+        "DATABASE_URL",
+        "uri",
+        "PGHOST",
+        "PGPORT",
+        "PGDATABASE",
+        "PGUSER",
+        "PGPASSWORD",
+    ] {
+        assert!(
+            creds.get(key).and_then(Value::as_str).is_some(),
+            "credentials lack {key}"
+        );
     }
     assert_eq!(creds["PGDATABASE"], json!(database));
-    let details = bindings::get(&pool, &writer).await.unwrap().unwrap().details;
+    let details = bindings::get(&pool, &writer)
+        .await
+        .unwrap()
+        .unwrap()
+        .details;
     assert!(details["endpoints"][0]["host"].is_string());
-    assert!(!details.to_string().contains(creds["PGPASSWORD"].as_str().unwrap()));
-    let mut app = PgConnection::connect(&url_of(&creds)).await.expect("the read-write binding connects");
+    assert!(
+        !details
+            .to_string()
+            .contains(creds["PGPASSWORD"].as_str().unwrap())
+    );
+    let mut app = PgConnection::connect(&url_of(&creds))
+        .await
+        .expect("the read-write binding connects");
     sqlx::raw_sql("CREATE TABLE notes (id serial PRIMARY KEY, body text); INSERT INTO notes (body) VALUES ('hi')")
         .execute(&mut app)
         .await
@@ -178,50 +278,141 @@ async fn shared_lifecycle(_: PgPoolOptions, opts: PgConnectOptions) {
     app.close().await.unwrap();
 
     // Binding again (a retry) is harmless and leaves working credentials.
-    succeeded(&operate(&pool, &services, Operation::Bind, &instance, Some(&writer), json!({})).await);
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Bind,
+            &instance,
+            Some(&writer),
+            json!({}),
+        )
+        .await,
+    );
     let creds = credentials(&pool, &writer).await;
-    PgConnection::connect(&url_of(&creds)).await.expect("credentials of the retried bind work").close().await.unwrap();
+    PgConnection::connect(&url_of(&creds))
+        .await
+        .expect("credentials of the retried bind work")
+        .close()
+        .await
+        .unwrap();
 
     // A read-only binding sees the table but cannot write.
     let reader = new_binding(&pool, &instance, json!({ "access": "read-only" })).await;
-    succeeded(&operate(&pool, &services, Operation::Bind, &instance, Some(&reader), json!({})).await);
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Bind,
+            &instance,
+            Some(&reader),
+            json!({}),
+        )
+        .await,
+    );
     let reader_creds = credentials(&pool, &reader).await;
-    let mut ro = PgConnection::connect(&url_of(&reader_creds)).await.expect("the read-only binding connects");
-    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM notes").fetch_one(&mut ro).await.unwrap();
+    let mut ro = PgConnection::connect(&url_of(&reader_creds))
+        .await
+        .expect("the read-only binding connects");
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM notes")
+        .fetch_one(&mut ro)
+        .await
+        .unwrap();
     assert_eq!(count, 1);
-    assert!(sqlx::query("INSERT INTO notes (body) VALUES ('no')").execute(&mut ro).await.is_err());
-    assert!(sqlx::raw_sql("CREATE TABLE mine (x int)").execute(&mut ro).await.is_err());
+    assert!(
+        sqlx::query("INSERT INTO notes (body) VALUES ('no')")
+            .execute(&mut ro)
+            .await
+            .is_err()
+    );
+    assert!(
+        sqlx::raw_sql("CREATE TABLE mine (x int)")
+            .execute(&mut ro)
+            .await
+            .is_err()
+    );
     ro.close().await.unwrap();
 
     // A second read-write binding sees and changes the same table; tables it creates are readable by the reader.
     let second = new_binding(&pool, &instance, json!({ "access": "read-write" })).await;
-    succeeded(&operate(&pool, &services, Operation::Bind, &instance, Some(&second), json!({})).await);
-    let mut app2 = PgConnection::connect(&url_of(&credentials(&pool, &second).await)).await.unwrap();
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Bind,
+            &instance,
+            Some(&second),
+            json!({}),
+        )
+        .await,
+    );
+    let mut app2 = PgConnection::connect(&url_of(&credentials(&pool, &second).await))
+        .await
+        .unwrap();
     sqlx::raw_sql("INSERT INTO notes (body) VALUES ('there'); CREATE TABLE later (x int); INSERT INTO later VALUES (1)")
         .execute(&mut app2)
         .await
         .unwrap();
     app2.close().await.unwrap();
     let mut ro = PgConnection::connect(&url_of(&reader_creds)).await.unwrap();
-    let later: i64 = sqlx::query_scalar("SELECT count(*) FROM later").fetch_one(&mut ro).await.unwrap();
+    let later: i64 = sqlx::query_scalar("SELECT count(*) FROM later")
+        .fetch_one(&mut ro)
+        .await
+        .unwrap();
     assert_eq!(later, 1, "default privileges give the reader new tables");
 
     // Unbind the reader (with a session open): the role is gone and can no longer log in.
     let reader_role = names::binding_role(PREFIX, &reader);
-    succeeded(&operate(&pool, &services, Operation::Unbind, &instance, Some(&reader), json!({})).await);
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Unbind,
+            &instance,
+            Some(&reader),
+            json!({}),
+        )
+        .await,
+    );
     assert!(!role_exists(&reader_role).await);
     assert!(bindings::get(&pool, &reader).await.unwrap().is_none());
-    assert!(sqlx::query("SELECT 1").execute(&mut ro).await.is_err(), "the open session was ended");
-    assert!(PgConnection::connect(&url_of(&reader_creds)).await.is_err(), "an unbound role cannot log in");
+    assert!(
+        sqlx::query("SELECT 1").execute(&mut ro).await.is_err(),
+        "the open session was ended"
+    );
+    assert!(
+        PgConnection::connect(&url_of(&reader_creds)).await.is_err(),
+        "an unbound role cannot log in"
+    );
     // Unbinding again finds nothing to do.
     let reader_again = new_binding(&pool, &instance, json!({ "access": "read-only" })).await;
     bindings::delete(&pool, &reader_again).await.unwrap();
-    succeeded(&operate(&pool, &services, Operation::Unbind, &instance, Some(&reader_again), json!({})).await);
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Unbind,
+            &instance,
+            Some(&reader_again),
+            json!({}),
+        )
+        .await,
+    );
 
     // Deprovision: database and every role gone, rows gone (bindings cascade).
     let writer_role = names::binding_role(PREFIX, &writer);
     let second_role = names::binding_role(PREFIX, &second);
-    succeeded(&operate(&pool, &services, Operation::Deprovision, &instance, None, json!({})).await);
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Deprovision,
+            &instance,
+            None,
+            json!({}),
+        )
+        .await,
+    );
     assert!(!database_exists(&database).await);
     for role in [&owner, &writer_role, &second_role] {
         assert!(!role_exists(role).await, "{role} still exists");
@@ -229,7 +420,17 @@ async fn shared_lifecycle(_: PgPoolOptions, opts: PgConnectOptions) {
     assert!(instances::get(&pool, &instance).await.unwrap().is_none());
     assert!(bindings::get(&pool, &writer).await.unwrap().is_none());
     // And again: nothing left to do.
-    succeeded(&operate(&pool, &services, Operation::Deprovision, &instance, None, json!({})).await);
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Deprovision,
+            &instance,
+            None,
+            json!({}),
+        )
+        .await,
+    );
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
@@ -239,11 +440,24 @@ async fn deprovision_cleans_up_a_half_built_instance(_: PgPoolOptions, opts: PgC
     let instance = new_instance(&pool, json!({})).await;
     let owner = names::instance_owner_role(PREFIX, &instance);
     // A provision that died after its first step.
-    sqlx::raw_sql(&format!("CREATE ROLE {} NOLOGIN", names::quote_ident(&owner)))
-        .execute(&mut admin().await)
-        .await
-        .unwrap();
-    succeeded(&operate(&pool, &services, Operation::Deprovision, &instance, None, json!({})).await);
+    sqlx::raw_sql(&format!(
+        "CREATE ROLE {} NOLOGIN",
+        names::quote_ident(&owner)
+    ))
+    .execute(&mut admin().await)
+    .await
+    .unwrap();
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Deprovision,
+            &instance,
+            None,
+            json!({}),
+        )
+        .await,
+    );
     assert!(!role_exists(&owner).await);
     assert!(instances::get(&pool, &instance).await.unwrap().is_none());
 }
@@ -254,13 +468,39 @@ async fn bad_requests_fail_with_a_message(_: PgPoolOptions, opts: PgConnectOptio
     let services = services();
     // Not on the allow-list (the API's schema check would refuse it; the worker checks again).
     let instance = new_instance(&pool, json!({ "extensions": ["plpython3u"] })).await;
-    let row = operate(&pool, &services, Operation::Provision, &instance, None, json!({})).await;
+    let row = operate(
+        &pool,
+        &services,
+        Operation::Provision,
+        &instance,
+        None,
+        json!({}),
+    )
+    .await;
     assert_eq!((row.state.as_str(), row.attempts), ("failed", 1));
     assert!(row.last_error.unwrap().contains("not offered"));
     // Binding an instance whose database was never made.
     let binding = new_binding(&pool, &instance, json!({})).await;
-    let row = operate(&pool, &services, Operation::Bind, &instance, Some(&binding), json!({})).await;
+    let row = operate(
+        &pool,
+        &services,
+        Operation::Bind,
+        &instance,
+        Some(&binding),
+        json!({}),
+    )
+    .await;
     assert_eq!((row.state.as_str(), row.attempts), ("failed", 1));
     assert!(row.last_error.unwrap().contains("missing"));
-    succeeded(&operate(&pool, &services, Operation::Deprovision, &instance, None, json!({})).await);
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Deprovision,
+            &instance,
+            None,
+            json!({}),
+        )
+        .await,
+    );
 }

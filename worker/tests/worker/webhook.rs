@@ -17,28 +17,38 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 use crate::helpers::*;
 
-const SECRET: &[u8] = b"webhook-secret";
+pub const SECRET: &[u8] = b"webhook-secret";
 
 /// Headers and body of one request the receiver got.
-type Request = (HeaderMap, Vec<u8>);
+pub type Request = (HeaderMap, Vec<u8>);
 
 #[derive(Clone, Default)]
-struct Receiver {
+pub struct Receiver {
     /// Answers 500 to this many requests first.
-    fail_first: usize,
-    received: Arc<Mutex<Vec<Request>>>,
+    pub fail_first: usize,
+    pub received: Arc<Mutex<Vec<Request>>>,
 }
 
-async fn receive(State(receiver): State<Receiver>, headers: HeaderMap, body: axum::body::Bytes) -> StatusCode {
+async fn receive(
+    State(receiver): State<Receiver>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> StatusCode {
     let mut received = receiver.received.lock().unwrap();
     received.push((headers, body.to_vec()));
-    if received.len() <= receiver.fail_first { StatusCode::INTERNAL_SERVER_ERROR } else { StatusCode::NO_CONTENT }
+    if received.len() <= receiver.fail_first {
+        StatusCode::INTERNAL_SERVER_ERROR
+    } else {
+        StatusCode::NO_CONTENT
+    }
 }
 
-async fn start(receiver: Receiver) -> SocketAddr {
+pub async fn start(receiver: Receiver) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let app = Router::new().route("/hook", post(receive)).with_state(receiver);
+    let app = Router::new()
+        .route("/hook", post(receive))
+        .with_state(receiver);
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     addr
 }
@@ -64,7 +74,10 @@ async fn a_finished_operation_posts_a_signed_webhook(_: PgPoolOptions, opts: PgC
     let (headers, body) = &received[0];
     assert_eq!(headers["content-type"], "application/json");
     let signature = headers["x-osb-signature"].to_str().unwrap();
-    assert!(crypto::constant_time_eq(signature.as_bytes(), crypto::sign(SECRET, body).as_bytes()));
+    assert!(crypto::constant_time_eq(
+        signature.as_bytes(),
+        crypto::sign(SECRET, body).as_bytes()
+    ));
     let body: WebhookBody = serde_json::from_slice(body).unwrap();
     assert_eq!(body.instance_id, "instance-1");
     assert_eq!(body.operation, id.to_string());
@@ -74,48 +87,71 @@ async fn a_finished_operation_posts_a_signed_webhook(_: PgPoolOptions, opts: PgC
         assert!(!text.contains(secret), "the webhook body carries {secret}");
     }
 
-    let (state, attempts, status): (String, i32, Option<i32>) =
-        sqlx::query_as("SELECT state, attempts, last_status FROM webhook_deliveries WHERE task_id = $1")
-            .bind(id.0)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    assert_eq!((state.as_str(), attempts, status), ("delivered", 1, Some(204)));
+    let (state, attempts, status): (String, i32, Option<i32>) = sqlx::query_as(
+        "SELECT state, attempts, last_status FROM webhook_deliveries WHERE task_id = $1",
+    )
+    .bind(id.0)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (state.as_str(), attempts, status),
+        ("delivered", 1, Some(204))
+    );
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
 async fn a_failing_receiver_is_retried(_: PgPoolOptions, opts: PgConnectOptions) {
     let pool = pool(&opts, 8).await;
-    let receiver = Receiver { fail_first: 1, ..Default::default() };
+    let receiver = Receiver {
+        fail_first: 1,
+        ..Default::default()
+    };
     let addr = start(receiver.clone()).await;
     let id = enqueue_with(&pool, operation_task(format!("http://{addr}/hook"))).await;
     drain(&pool, services(), tasks::registry(), config("w")).await;
 
     let received = receiver.received.lock().unwrap().clone();
     assert_eq!(received.len(), 2);
-    assert_eq!(received[0].1, received[1].1, "the retry sends the same body");
-    let (state, attempts, status): (String, i32, Option<i32>) =
-        sqlx::query_as("SELECT state, attempts, last_status FROM webhook_deliveries WHERE task_id = $1")
-            .bind(id.0)
+    assert_eq!(
+        received[0].1, received[1].1,
+        "the retry sends the same body"
+    );
+    let (state, attempts, status): (String, i32, Option<i32>) = sqlx::query_as(
+        "SELECT state, attempts, last_status FROM webhook_deliveries WHERE task_id = $1",
+    )
+    .bind(id.0)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (state.as_str(), attempts, status),
+        ("delivered", 2, Some(204))
+    );
+    let (kind_state, task_attempts): (String, i32) =
+        sqlx::query_as("SELECT state, attempts FROM tasks WHERE kind = 'webhook.deliver'")
             .fetch_one(&pool)
             .await
             .unwrap();
-    assert_eq!((state.as_str(), attempts, status), ("delivered", 2, Some(204)));
-    let (kind_state, task_attempts): (String, i32) =
-        sqlx::query_as("SELECT state, attempts FROM tasks WHERE kind = 'webhook.deliver'").fetch_one(&pool).await.unwrap();
     assert_eq!((kind_state.as_str(), task_attempts), ("succeeded", 2));
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
 async fn a_receiver_that_never_answers_2xx_ends_failed(_: PgPoolOptions, opts: PgConnectOptions) {
     let pool = pool(&opts, 8).await;
-    let receiver = Receiver { fail_first: usize::MAX, ..Default::default() };
+    let receiver = Receiver {
+        fail_first: usize::MAX,
+        ..Default::default()
+    };
     let addr = start(receiver.clone()).await;
     enqueue_with(&pool, operation_task(format!("http://{addr}/hook"))).await;
     drain(&pool, services(), tasks::registry(), config("w")).await;
 
     assert_eq!(receiver.received.lock().unwrap().len(), 8);
     let (state, attempts): (String, i32) =
-        sqlx::query_as("SELECT state, attempts FROM webhook_deliveries").fetch_one(&pool).await.unwrap();
+        sqlx::query_as("SELECT state, attempts FROM webhook_deliveries")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     assert_eq!((state.as_str(), attempts), ("failed", 8));
 }

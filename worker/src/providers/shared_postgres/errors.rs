@@ -28,9 +28,9 @@ pub fn classify(err: sqlx::Error, what: &str) -> TaskError {
                 _ => TaskError::Retryable(anyhow::anyhow!("{what}: {message} (SQLSTATE {code})")),
             }
         }
-        sqlx::Error::Configuration(_) => {
-            TaskError::Fatal(anyhow::anyhow!("{what}: SHARED_POSTGRES_URL is not a usable connection setting"))
-        }
+        sqlx::Error::Configuration(_) => TaskError::Fatal(anyhow::anyhow!(
+            "{what}: SHARED_POSTGRES_URL is not a usable connection setting"
+        )),
         // I/O, TLS, protocol, pool timeouts: the server or the network is having a moment.
         _ => TaskError::Retryable(anyhow::anyhow!("{what}: {err}")),
     }

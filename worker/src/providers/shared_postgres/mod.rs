@@ -16,10 +16,7 @@ use broker::{
 };
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Map, Value, json};
-use sqlx::{
-    Connection, PgConnection,
-    postgres::PgConnectOptions,
-};
+use sqlx::{Connection, PgConnection, postgres::PgConnectOptions};
 
 pub use errors::classify;
 
@@ -113,13 +110,21 @@ impl InstanceNames {
 impl SharedPostgres {
     /// `admin_url` is a superuser (or CREATEROLE + CREATEDB) URL of the server; `public_host`/`public_port`
     /// override what goes into credentials when apps reach the server under another name.
-    pub fn new(admin_url: &SecretString, public_host: Option<String>, public_port: Option<u16>) -> anyhow::Result<Self> {
+    pub fn new(
+        admin_url: &SecretString,
+        public_host: Option<String>,
+        public_port: Option<u16>,
+    ) -> anyhow::Result<Self> {
         let admin = PgConnectOptions::from_str(admin_url.expose_secret())
             .map_err(|_| anyhow::anyhow!("SHARED_POSTGRES_URL is not a valid Postgres URL"))?
             .application_name("berth-worker");
         let public_host = public_host.unwrap_or_else(|| admin.get_host().to_string());
         let public_port = public_port.unwrap_or_else(|| admin.get_port());
-        Ok(Self { admin, public_host, public_port })
+        Ok(Self {
+            admin,
+            public_host,
+            public_port,
+        })
     }
 
     async fn connect_admin(&self) -> Result<PgConnection, TaskError> {
@@ -128,17 +133,33 @@ impl SharedPostgres {
 
     async fn connect_database(&self, database: &str) -> Result<PgConnection, TaskError> {
         let options = self.admin.clone().database(database);
-        connect(&options, "connecting to the instance's database on the shared Postgres server").await
+        connect(
+            &options,
+            "connecting to the instance's database on the shared Postgres server",
+        )
+        .await
     }
 
-    fn database_url(&self, user: &str, password: &str, database: &str) -> Result<String, TaskError> {
+    fn database_url(
+        &self,
+        user: &str,
+        password: &str,
+        database: &str,
+    ) -> Result<String, TaskError> {
         let mut url = url::Url::parse("postgres://localhost/")
             .map_err(|e| TaskError::fatal(format!("building the connection URL: {e}")))?;
-        let bad = |what: &str| TaskError::fatal(format!("building the connection URL: the {what} is not valid in a URL"));
-        url.set_host(Some(&self.public_host)).map_err(|_| bad("host"))?;
-        url.set_port(Some(self.public_port)).map_err(|()| bad("port"))?;
+        let bad = |what: &str| {
+            TaskError::fatal(format!(
+                "building the connection URL: the {what} is not valid in a URL"
+            ))
+        };
+        url.set_host(Some(&self.public_host))
+            .map_err(|_| bad("host"))?;
+        url.set_port(Some(self.public_port))
+            .map_err(|()| bad("port"))?;
         url.set_username(user).map_err(|()| bad("user name"))?;
-        url.set_password(Some(password)).map_err(|()| bad("password"))?;
+        url.set_password(Some(password))
+            .map_err(|()| bad("password"))?;
         url.set_path(database);
         Ok(url.into())
     }
@@ -152,34 +173,62 @@ type Sql<'a, T> = Pin<Box<dyn Future<Output = Result<T, TaskError>> + Send + 'a>
 /// reaches a message or a log (CREATE ROLE ... PASSWORD carries a password). Not prepared, so not cached.
 fn exec<'a>(conn: &'a mut PgConnection, sql: &'a str, what: &'a str) -> Sql<'a, ()> {
     Box::pin(async move {
-        sqlx::Executor::execute(&mut *conn, sqlx::raw_sql(sql)).await.map_err(|e| classify(e, what))?;
+        sqlx::Executor::execute(&mut *conn, sqlx::raw_sql(sql))
+            .await
+            .map_err(|e| classify(e, what))?;
         Ok(())
     })
 }
 
 /// Like [`exec`], but an error with one of the SQLSTATEs in `tolerated` counts as done; `false` then.
-fn exec_tolerating<'a>(conn: &'a mut PgConnection, sql: &'a str, tolerated: &'a [&'a str], what: &'a str) -> Sql<'a, bool> {
+fn exec_tolerating<'a>(
+    conn: &'a mut PgConnection,
+    sql: &'a str,
+    tolerated: &'a [&'a str],
+    what: &'a str,
+) -> Sql<'a, bool> {
     Box::pin(async move {
         match sqlx::Executor::execute(&mut *conn, sqlx::raw_sql(sql)).await {
             Ok(_) => Ok(true),
-            Err(e) if errors::code(&e).is_some_and(|c| tolerated.contains(&c.as_str())) => Ok(false),
+            Err(e) if errors::code(&e).is_some_and(|c| tolerated.contains(&c.as_str())) => {
+                Ok(false)
+            }
             Err(e) => Err(classify(e, what)),
         }
     })
 }
 
-fn exists<'a>(conn: &'a mut PgConnection, sql: &'static str, name: &'a str, what: &'a str) -> Sql<'a, bool> {
+fn exists<'a>(
+    conn: &'a mut PgConnection,
+    sql: &'static str,
+    name: &'a str,
+    what: &'a str,
+) -> Sql<'a, bool> {
     Box::pin(async move {
-        sqlx::query_scalar::<_, bool>(sql).bind(name).fetch_one(&mut *conn).await.map_err(|e| classify(e, what))
+        sqlx::query_scalar::<_, bool>(sql)
+            .bind(name)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|e| classify(e, what))
     })
 }
 
 fn role_exists<'a>(conn: &'a mut PgConnection, role: &'a str) -> Sql<'a, bool> {
-    exists(conn, "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)", role, "looking up a role")
+    exists(
+        conn,
+        "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)",
+        role,
+        "looking up a role",
+    )
 }
 
 fn database_exists<'a>(conn: &'a mut PgConnection, database: &'a str) -> Sql<'a, bool> {
-    exists(conn, "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)", database, "looking up a database")
+    exists(
+        conn,
+        "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)",
+        database,
+        "looking up a database",
+    )
 }
 
 /// Roles that are members of `owner` (read-write binding roles).
@@ -199,11 +248,20 @@ fn members_of<'a>(conn: &'a mut PgConnection, owner: &'a str) -> Sql<'a, Vec<Str
 }
 
 fn connect<'a>(options: &'a PgConnectOptions, what: &'a str) -> Sql<'a, PgConnection> {
-    Box::pin(async move { PgConnection::connect_with(options).await.map_err(|e| classify(e, what)) })
+    Box::pin(async move {
+        PgConnection::connect_with(options)
+            .await
+            .map_err(|e| classify(e, what))
+    })
 }
 
 /// Creates the role unless it exists; a concurrent creation counts as success.
-async fn ensure_role(conn: &mut PgConnection, role: &str, options: &str, what: &str) -> Result<(), TaskError> {
+async fn ensure_role(
+    conn: &mut PgConnection,
+    role: &str,
+    options: &str,
+    what: &str,
+) -> Result<(), TaskError> {
     if role_exists(conn, role).await? {
         return Ok(());
     }
@@ -214,12 +272,26 @@ async fn ensure_role(conn: &mut PgConnection, role: &str, options: &str, what: &
 
 /// Creates the database unless it exists. CREATE DATABASE cannot run in a transaction and may race a
 /// concurrent one: "already exists" is success.
-async fn ensure_database(conn: &mut PgConnection, database: &str, owner: &str) -> Result<(), TaskError> {
+async fn ensure_database(
+    conn: &mut PgConnection,
+    database: &str,
+    owner: &str,
+) -> Result<(), TaskError> {
     if database_exists(conn, database).await? {
         return Ok(());
     }
-    let sql = format!("CREATE DATABASE {} OWNER {}", quote_ident(database), quote_ident(owner));
-    exec_tolerating(conn, &sql, &["42P04", "23505"], "creating the instance's database").await?;
+    let sql = format!(
+        "CREATE DATABASE {} OWNER {}",
+        quote_ident(database),
+        quote_ident(owner)
+    );
+    exec_tolerating(
+        conn,
+        &sql,
+        &["42P04", "23505"],
+        "creating the instance's database",
+    )
+    .await?;
     Ok(())
 }
 
@@ -229,7 +301,9 @@ fn requested_extensions(parameters: &Value) -> Result<Vec<String>, TaskError> {
         return Ok(Vec::new());
     };
     let Some(list) = list.as_array() else {
-        return Err(TaskError::fatal("parameter `extensions` must be a list of extension names"));
+        return Err(TaskError::fatal(
+            "parameter `extensions` must be a list of extension names",
+        ));
     };
     let mut out = Vec::new();
     for item in list {
@@ -250,7 +324,10 @@ fn requested_extensions(parameters: &Value) -> Result<Vec<String>, TaskError> {
     Ok(out)
 }
 
-async fn create_extensions(conn: &mut PgConnection, extensions: &[String]) -> Result<(), TaskError> {
+async fn create_extensions(
+    conn: &mut PgConnection,
+    extensions: &[String],
+) -> Result<(), TaskError> {
     for extension in extensions {
         let sql = format!("CREATE EXTENSION IF NOT EXISTS {}", quote_ident(extension));
         let what = format!("creating extension {extension:?}");
@@ -262,7 +339,12 @@ async fn create_extensions(conn: &mut PgConnection, extensions: &[String]) -> Re
 
 /// Stops a role's logins and ends its sessions.
 async fn lock_out(conn: &mut PgConnection, role: &str) -> Result<(), TaskError> {
-    exec(conn, &format!("ALTER ROLE {} NOLOGIN", quote_ident(role)), "disabling a binding role's login").await?;
+    exec(
+        conn,
+        &format!("ALTER ROLE {} NOLOGIN", quote_ident(role)),
+        "disabling a binding role's login",
+    )
+    .await?;
     let terminate = format!(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = {} AND pid <> pg_backend_pid()",
         quote_literal(role)
@@ -276,20 +358,38 @@ async fn drop_role(conn: &mut PgConnection, role: &str, what: &str) -> Result<()
         return Ok(());
     }
     exec(conn, &format!("DROP OWNED BY {}", quote_ident(role)), what).await?;
-    exec(conn, &format!("DROP ROLE IF EXISTS {}", quote_ident(role)), what).await
+    exec(
+        conn,
+        &format!("DROP ROLE IF EXISTS {}", quote_ident(role)),
+        what,
+    )
+    .await
 }
 
 #[async_trait]
 impl Provider for SharedPostgres {
-    async fn provision(&self, ctx: &TaskContext<'_>, instance: &InstanceRow) -> Result<Progress<Provisioned>, TaskError> {
+    async fn provision(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+    ) -> Result<Progress<Provisioned>, TaskError> {
         let names = InstanceNames::of(ctx, &instance.id);
         let extensions = requested_extensions(&instance.parameters)?;
         let mut admin = self.connect_admin().await?;
-        ensure_role(&mut admin, &names.owner, "NOLOGIN", "creating the instance's owner role").await?;
+        ensure_role(
+            &mut admin,
+            &names.owner,
+            "NOLOGIN",
+            "creating the instance's owner role",
+        )
+        .await?;
         ensure_database(&mut admin, &names.database, &names.owner).await?;
         exec(
             &mut admin,
-            &format!("REVOKE ALL ON DATABASE {} FROM PUBLIC", quote_ident(&names.database)),
+            &format!(
+                "REVOKE ALL ON DATABASE {} FROM PUBLIC",
+                quote_ident(&names.database)
+            ),
             "closing the instance's database to other roles",
         )
         .await?;
@@ -344,7 +444,10 @@ impl Provider for SharedPostgres {
         let mut admin = self.connect_admin().await?;
 
         // Every binding role: those with rows, and any member of the owner role (a binding row lost midway).
-        let mut roles: Vec<String> = bindings.iter().map(|b| names::binding_role(prefix, &b.id)).collect();
+        let mut roles: Vec<String> = bindings
+            .iter()
+            .map(|b| names::binding_role(prefix, &b.id))
+            .collect();
         for member in members_of(&mut admin, &names.owner).await? {
             if !roles.contains(&member) {
                 roles.push(member);
@@ -357,14 +460,22 @@ impl Provider for SharedPostgres {
         }
         exec(
             &mut admin,
-            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(&names.database)),
+            &format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                quote_ident(&names.database)
+            ),
             "dropping the instance's database",
         )
         .await?;
         for role in &roles {
             drop_role(&mut admin, role, "dropping a binding role").await?;
         }
-        drop_role(&mut admin, &names.owner, "dropping the instance's owner role").await?;
+        drop_role(
+            &mut admin,
+            &names.owner,
+            "dropping the instance's owner role",
+        )
+        .await?;
         Ok(Progress::Done(()))
     }
 
@@ -377,11 +488,17 @@ impl Provider for SharedPostgres {
         let access = Access::of(binding)?;
         let names = InstanceNames::of(ctx, &instance.id);
         let role = names::binding_role(ctx.services.name_prefix(), &binding.id);
-        let (role_q, owner_q, db_q) = (quote_ident(&role), quote_ident(&names.owner), quote_ident(&names.database));
+        let (role_q, owner_q, db_q) = (
+            quote_ident(&role),
+            quote_ident(&names.owner),
+            quote_ident(&names.database),
+        );
         let password = random_password(32);
 
         let mut admin = self.connect_admin().await?;
-        if !database_exists(&mut admin, &names.database).await? || !role_exists(&mut admin, &names.owner).await? {
+        if !database_exists(&mut admin, &names.database).await?
+            || !role_exists(&mut admin, &names.owner).await?
+        {
             return Err(TaskError::fatal(format!(
                 "the instance's database {} is missing on the shared server (did provisioning fail?); \
                  deprovision the instance and provision it again",
@@ -391,24 +508,45 @@ impl Provider for SharedPostgres {
         // A retry finds the role from the first try: give it the new password so the stored credentials match.
         let login = format!("LOGIN PASSWORD {}", quote_literal(&password));
         if role_exists(&mut admin, &role).await? {
-            exec(&mut admin, &format!("ALTER ROLE {role_q} WITH {login}"), "setting the binding role's password")
-                .await?;
+            exec(
+                &mut admin,
+                &format!("ALTER ROLE {role_q} WITH {login}"),
+                "setting the binding role's password",
+            )
+            .await?;
         } else {
             let create = format!("CREATE ROLE {role_q} {login}");
-            let created = exec_tolerating(&mut admin, &create, &["42710", "23505"], "creating the binding role").await?;
+            let created = exec_tolerating(
+                &mut admin,
+                &create,
+                &["42710", "23505"],
+                "creating the binding role",
+            )
+            .await?;
             if !created {
-                exec(&mut admin, &format!("ALTER ROLE {role_q} WITH {login}"), "setting the binding role's password")
-                    .await?;
+                exec(
+                    &mut admin,
+                    &format!("ALTER ROLE {role_q} WITH {login}"),
+                    "setting the binding role's password",
+                )
+                .await?;
             }
         }
         match access {
             ReadWrite => {
-                exec(&mut admin, &format!("GRANT {owner_q} TO {role_q}"), "making the binding role a member of the owner role")
-                    .await?;
+                exec(
+                    &mut admin,
+                    &format!("GRANT {owner_q} TO {role_q}"),
+                    "making the binding role a member of the owner role",
+                )
+                .await?;
                 // Objects the app creates belong to the owner role, so every binding sees and can change them.
                 exec(
                     &mut admin,
-                    &format!("ALTER ROLE {role_q} SET role = {}", quote_literal(&names.owner)),
+                    &format!(
+                        "ALTER ROLE {role_q} SET role = {}",
+                        quote_literal(&names.owner)
+                    ),
                     "making the binding act as the owner role",
                 )
                 .await?;
@@ -422,8 +560,12 @@ impl Provider for SharedPostgres {
                 .await?;
             }
         }
-        exec(&mut admin, &format!("GRANT CONNECT ON DATABASE {db_q} TO {role_q}"), "letting the binding role connect")
-            .await?;
+        exec(
+            &mut admin,
+            &format!("GRANT CONNECT ON DATABASE {db_q} TO {role_q}"),
+            "letting the binding role connect",
+        )
+        .await?;
         drop(admin);
 
         if access == ReadOnly {
@@ -435,7 +577,12 @@ impl Provider for SharedPostgres {
                  ALTER DEFAULT PRIVILEGES FOR ROLE {owner_q} IN SCHEMA public GRANT SELECT ON TABLES TO {role_q};
                  ALTER DEFAULT PRIVILEGES FOR ROLE {owner_q} IN SCHEMA public GRANT SELECT ON SEQUENCES TO {role_q};"
             );
-            exec(&mut db, &grants, "granting the read-only binding role SELECT on the database's tables").await?;
+            exec(
+                &mut db,
+                &grants,
+                "granting the read-only binding role SELECT on the database's tables",
+            )
+            .await?;
         }
 
         let url = self.database_url(&role, &password, &names.database)?;
@@ -477,13 +624,21 @@ impl Provider for SharedPostgres {
             if owner_exists {
                 exec(
                     &mut db,
-                    &format!("REASSIGN OWNED BY {} TO {}", quote_ident(&role), quote_ident(&names.owner)),
+                    &format!(
+                        "REASSIGN OWNED BY {} TO {}",
+                        quote_ident(&role),
+                        quote_ident(&names.owner)
+                    ),
                     "handing the binding role's objects to the owner role",
                 )
                 .await?;
             }
-            exec(&mut db, &format!("DROP OWNED BY {}", quote_ident(&role)), "revoking the binding role's privileges")
-                .await?;
+            exec(
+                &mut db,
+                &format!("DROP OWNED BY {}", quote_ident(&role)),
+                "revoking the binding role's privileges",
+            )
+            .await?;
         }
         drop_role(&mut admin, &role, "dropping the binding role").await?;
         Ok(Progress::Done(()))
