@@ -219,6 +219,12 @@ pub fn print(path: &str) -> anyhow::Result<()> {
             ),
             String::new(),
         );
+        if let (Some(c), Some(rps)) = (api["connections"].as_f64(), f(api, "rps")) {
+            println!(
+                "  note: closed loop, so mean latency = connections / throughput = {c} / {rps:.0} = {:.1} ms",
+                1000.0 * c / rps
+            );
+        }
         row(
             "API peak RSS (VmHWM)",
             f(api, "vmhwm_kb").map_or("-".into(), |k| format!("{:.1} MB", k / 1024.0)),
