@@ -110,6 +110,10 @@ pub async fn run(
         "worker concurrency must be at least 1"
     );
     anyhow::ensure!(
+        config.poll_interval >= Duration::from_millis(10),
+        "worker poll interval must be at least 10 ms"
+    );
+    anyhow::ensure!(
         config.lease >= Duration::from_millis(300),
         "worker lease is too short"
     );
@@ -243,7 +247,7 @@ async fn claim_loop(worker: &Arc<Worker>, runs: &mut JoinSet<()>, shutdown: &Can
         // Nothing more is due: sleep until the next pending task is due, a NOTIFY, or the poll interval.
         let delay = match queue::next_due_in(&worker.pool).await {
             // Due now but not claimable: another worker is claiming it. Don't spin.
-            Ok(Some(due)) => due.clamp(Duration::from_millis(5), config.poll_interval),
+            Ok(Some(due)) => due.max(Duration::from_millis(5)).min(config.poll_interval),
             Ok(None) => config.poll_interval,
             Err(e) => {
                 warn!(error = %e, "reading the next due task failed");
@@ -426,6 +430,8 @@ async fn record(worker: &Worker, task: &TaskRow, outcome: Outcome) {
 /// One heartbeat per worker: extends the leases of all its running tasks, cancels runs whose lease is gone.
 async fn heartbeat(worker: Arc<Worker>, stop: CancellationToken) {
     let every = worker.config.lease / 3;
+    // When leases were last known to be ours: past `lease` without a heartbeat, assume they are gone.
+    let mut last_ok = Instant::now();
     loop {
         tokio::select! {
             () = tokio::time::sleep(every) => {}
@@ -439,11 +445,13 @@ async fn heartbeat(worker: Arc<Worker>, stop: CancellationToken) {
             .map(|(id, t)| (*id, t.clone()))
             .collect();
         if running.is_empty() {
+            last_ok = Instant::now();
             continue;
         }
         let ids: Vec<Uuid> = running.iter().map(|(id, _)| *id).collect();
         match queue::heartbeat(&worker.pool, &worker.config.id, &ids, worker.config.lease).await {
             Ok(kept) => {
+                last_ok = Instant::now();
                 for (id, token) in running {
                     // A run that finished meanwhile is no longer in the map; cancelling its token is harmless.
                     if !kept.contains(&id)
@@ -456,6 +464,13 @@ async fn heartbeat(worker: Arc<Worker>, stop: CancellationToken) {
                         warn!(task_id = %id, "lease lost; stopping the run");
                         token.cancel();
                     }
+                }
+            }
+            Err(e) if last_ok.elapsed() >= worker.config.lease => {
+                // Another worker may be running these by now: stop ours rather than run them twice.
+                warn!(error = %e, running = running.len(), "no heartbeat for a whole lease; stopping every run");
+                for (_, token) in running {
+                    token.cancel();
                 }
             }
             Err(e) => warn!(error = %e, "heartbeat failed; leases may expire"),
