@@ -4,7 +4,7 @@
 //   node drain.js once N     add N jobs, run the processes with --once until the queue is empty; the rate is
 //                            N / (drain time - an empty --once start/stop), as the perfTest computes it.
 //   node drain.js sample B N add B jobs, run the processes until the first N (by id) are done, then stop them;
-//                            the rate is N / that time, measured with B - N jobs still queued.
+//                            the rate is N / (that time - the same empty start/stop), with B - N jobs still queued.
 // Prints one JSON line on stdout. DATABASE_URL names a database of its own.
 const { spawn, execFileSync } = require("child_process");
 const { Client } = require("pg");
@@ -64,6 +64,9 @@ async function main() {
     } else if (mode === "sample") {
       const backlog = Number(a);
       const n = Number(b);
+      const t1 = now();
+      runCli(["--once", "-j", String(JOBS), "-m", String(JOBS + 1)]);
+      const startup = now() - t1;
       const addMs = await addJobs(db, backlog);
       const first = Number((await db.query("SELECT min(id) AS m FROM graphile_worker._private_jobs")).rows[0].m);
       const limit = first + n;
@@ -81,7 +84,8 @@ async function main() {
       await Promise.all(workers.map((w) => w.exited));
       if (!done) throw new Error("timed out");
       const left = (await db.query("SELECT count(*)::int AS c FROM graphile_worker._private_jobs")).rows[0].c;
-      console.log(JSON.stringify({ mode, backlog, jobs: n, add_ms: addMs, drain_ms: ms, jobs_per_s: (1000 * n) / ms, left }));
+      const rate = (1000 * n) / (ms - startup);
+      console.log(JSON.stringify({ mode, backlog, jobs: n, add_ms: addMs, startup_ms: startup, drain_ms: ms, jobs_per_s: rate, left }));
     } else {
       throw new Error("usage: drain.js once N | sample BACKLOG N");
     }

@@ -56,7 +56,7 @@ pub fn print(path: &str) -> anyhow::Result<()> {
     }
     let w = 50;
     let row = |what: &str, berth: String, anchor: String, r: String| {
-        println!("  {what:<w$} {berth:>16}  {anchor:<40} {r:>7}");
+        println!("  {what:<w$} {berth:>16}  {anchor:<48} {r:>7}");
     };
 
     let queue = find("queue", None);
@@ -67,7 +67,7 @@ pub fn print(path: &str) -> anyhow::Result<()> {
             "QUEUE  no-op task throughput (durable Postgres: fsync on, synchronous_commit on)"
         );
         println!(
-            "  {:<w$} {:>16}  {:<40} {:>7}",
+            "  {:<w$} {:>16}  {:<48} {:>7}",
             "", "berth", "anchor", "ratio"
         );
         for label in ["small", "big"] {
@@ -156,7 +156,7 @@ pub fn print(path: &str) -> anyhow::Result<()> {
         for g in find("graphile", None) {
             if g["mode"] == "sample" {
                 println!(
-                    "  note: graphile large-backlog figure = first {} of {} jobs; its drain time includes process start",
+                    "  note: graphile large-backlog figure = first {} of {} jobs (minus its start/stop time, as its perfTest does)",
                     g["jobs"], g["backlog"]
                 );
             }
@@ -172,7 +172,7 @@ pub fn print(path: &str) -> anyhow::Result<()> {
             "PROVISION  `shared` plan, PUT to last_operation=succeeded, {n} sequential, idle broker (target <= 1.5x)"
         );
         println!(
-            "  {:<w$} {:>16}  {:<40} {:>7}",
+            "  {:<w$} {:>16}  {:<48} {:>7}",
             "", "berth", "anchor: CREATE ROLE + CREATE DATABASE", "ratio"
         );
         for p in ["p50_ms", "p99_ms"] {
@@ -191,7 +191,7 @@ pub fn print(path: &str) -> anyhow::Result<()> {
             "API  {} concurrent provision PUTs (new instance id each), {} s, wrk; API alone (no worker running)",
             api["connections"], api["secs"]
         );
-        println!("  {:<w$} {:>16}  {:<40}", "", "berth", "target");
+        println!("  {:<w$} {:>16}  {:<48}", "", "berth", "target");
         row(
             "latency p50",
             ms(f(api, "p50_ms")),
