@@ -294,10 +294,8 @@ fn parse_service(file: &Path, text: &str) -> anyhow::Result<Service> {
             ("service_binding.create", plan.schemas.service_binding.as_ref().and_then(|s| s.create.as_ref())),
         ];
         for (name, schema) in schemas {
-            if let Some(schema) = schema {
-                if let Err(e) = jsonschema::validator_for(&schema.parameters) {
-                    return Err(fail(format!("plans[{i}].schemas.{name}.parameters"), &e.to_string()));
-                }
+            if let Some(Err(e)) = schema.map(|s| jsonschema::validator_for(&s.parameters)) {
+                return Err(fail(format!("plans[{i}].schemas.{name}.parameters"), &e.to_string()));
             }
         }
     }

@@ -121,10 +121,9 @@ impl Stack {
     async fn wait_healthy(&self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Ok(r) = self.http.get(format!("{}/health", self.base_url)).send().await {
-                if r.status().is_success() {
-                    return Ok(());
-                }
+            let health = self.http.get(format!("{}/health", self.base_url)).send().await;
+            if health.is_ok_and(|r| r.status().is_success()) {
+                return Ok(());
             }
             if Instant::now() > deadline {
                 anyhow::bail!("berth-api did not become healthy; its log:\n{}", self.log("api.log"));

@@ -16,6 +16,8 @@ async fn main() -> anyhow::Result<()> {
         .clone()
         .context("DATABASE_URL is not set: the worker needs the broker's database")?;
     let pool = broker::db::connect(&url, settings.database_pool_size).await?;
+    // Idempotent and serialized by sqlx's advisory lock, so a worker started before the API is safe.
+    broker::MIGRATOR.run(&pool).await.context("running the broker's migrations")?;
     let cipher = Cipher::from_key_file(&settings.key_path())?;
     let config = WorkerConfig::from_settings(&settings);
     let services = Arc::new(Services::new(settings, cipher)?);
