@@ -24,53 +24,25 @@ fn secs(d: Duration) -> f64 {
 
 /// Claims up to `limit` due tasks for `worker_id` in one statement. Walks the partial index
 /// `tasks_pending_run_at` in `run_at` order, so the cost does not grow with the number queued.
+///
+/// `from` starts the walk at a `run_at` (the latest this worker claimed): claimed tasks leave dead entries
+/// at the head of the index until vacuum gets there, and on a deep queue (where vacuum comes rarely) walking
+/// over them would make every claim slower. The runner claims without `from` whenever a floored claim finds
+/// too little, and at least once per poll interval, so a task enqueued with an older `run_at` (a released
+/// task, a late-committing insert) waits at most that long.
 pub async fn claim(
     db: impl PgExecutor<'_>,
     worker_id: &str,
     limit: usize,
     lease: Duration,
+    from: Option<DateTime<Utc>>,
 ) -> sqlx::Result<Vec<TaskRow>> {
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     sqlx::query_as!(
         TaskRow,
         "WITH next AS (
              SELECT id FROM tasks
-             WHERE state = 'pending' AND run_at <= now()
-             ORDER BY run_at
-             LIMIT $1
-             FOR UPDATE SKIP LOCKED
-         )
-         UPDATE tasks
-         SET state = 'running', attempts = attempts + 1, lease_until = now() + make_interval(secs => $2),
-             worker_id = $3, updated_at = now()
-         WHERE id IN (SELECT id FROM next)
-         RETURNING *",
-        limit,
-        secs(lease),
-        worker_id,
-    )
-    .fetch_all(db)
-    .await
-}
-
-/// Like [`claim`], but starts the index walk at `from` (the latest `run_at` this worker claimed). Claimed
-/// tasks leave dead entries at the head of `tasks_pending_run_at` until vacuum gets there; on a deep queue
-/// (where vacuum comes rarely) walking over them would make every claim slower. The runner falls back to
-/// [`claim`] whenever this finds too little, and at least once per poll interval, so a task enqueued with
-/// an older `run_at` (a released task, a late-committing insert) waits at most that long.
-pub async fn claim_from(
-    db: impl PgExecutor<'_>,
-    worker_id: &str,
-    limit: usize,
-    lease: Duration,
-    from: DateTime<Utc>,
-) -> sqlx::Result<Vec<TaskRow>> {
-    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    sqlx::query_as!(
-        TaskRow,
-        "WITH next AS (
-             SELECT id FROM tasks
-             WHERE state = 'pending' AND run_at <= now() AND run_at >= $4
+             WHERE state = 'pending' AND run_at <= now() AND run_at >= COALESCE($4, '-infinity'::timestamptz)
              ORDER BY run_at
              LIMIT $1
              FOR UPDATE SKIP LOCKED

@@ -263,7 +263,7 @@ async fn claim_loop(worker: &Arc<Worker>, runs: &mut JoinSet<()>, shutdown: &Can
 }
 
 /// Claims up to `wanted` tasks: from `floor` on while the queue is deep, from the start of the index
-/// when that finds too little or a poll interval has passed (see [`queue::claim_from`]).
+/// when that finds too little or a poll interval has passed (see [`queue::claim`]).
 async fn claim(
     worker: &Worker,
     wanted: usize,
@@ -275,7 +275,7 @@ async fn claim(
     if let Some(from) = *floor
         && last_full_scan.elapsed() < config.poll_interval
     {
-        claimed = queue::claim_from(&worker.pool, &config.id, wanted, config.lease, from).await?;
+        claimed = queue::claim(&worker.pool, &config.id, wanted, config.lease, Some(from)).await?;
     }
     if claimed.len() < wanted {
         let more = queue::claim(
@@ -283,6 +283,7 @@ async fn claim(
             &config.id,
             wanted - claimed.len(),
             config.lease,
+            None,
         )
         .await?;
         claimed.extend(more);
