@@ -158,12 +158,12 @@ fi
 
 # --- 2. provision latency ---------------------------------------------------------------------------------------
 if [ "$part" = provision ] || [ "$part" = all ]; then
-  log "provision: $PROVISION_COUNT x CREATE ROLE + CREATE DATABASE"
-  "$bin/berth-bench" ddl --pg-url "$PG_URL" --count "$PROVISION_COUNT" | tee -a "$results" >&2
-  log "provision: $PROVISION_COUNT x berth shared provision (API + 1 worker)"
+  log "provision: $PROVISION_COUNT x berth shared provision (API + 1 worker), each beside a bare CREATE ROLE + CREATE DATABASE"
   start_broker prov broker_prov worker
+  psql_admin -c CHECKPOINT
+  sleep 1
   "$bin/berth-bench" provision --url "$API_URL" --username "$BROKER_USERNAME" --password "$BROKER_PASSWORD" \
-    --count "$PROVISION_COUNT" | tee -a "$results" >&2
+    --count "$PROVISION_COUNT" --pg-url "$PG_URL" | tee -a "$results" >&2
   stop_pid "$WORKER_PID"
   stop_pid "$API_PID"
 fi

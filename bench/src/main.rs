@@ -2,7 +2,7 @@
 //! stdout; `report` turns the collected lines into the final table.
 //!
 //!   berth-bench queue --database-url U --backlog B --sample N --workers 1,4 [--concurrency C] [--label L]
-//!   berth-bench provision --url U --username X --password Y [--count N]
+//!   berth-bench provision --url U --username X --password Y [--count N] [--pg-url U (interleaved anchor)]
 //!   berth-bench ddl --pg-url U [--count N]
 //!   berth-bench report FILE
 //!   berth-bench gen-key FILE          (a master key for the broker processes)
@@ -106,35 +106,83 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Sequential `shared` provisions on an idle broker: PUT (async), then GET last_operation every 5 ms until
-/// it says succeeded. One unmeasured warm-up first.
+/// it says succeeded. With `--pg-url`, each provision alternates with one bare `CREATE ROLE` + `CREATE DATABASE`
+/// (the anchor), so both see the same server conditions. One unmeasured warm-up of each first.
 async fn provision(args: &Args) -> anyhow::Result<()> {
-    let base = args.get("url")?.trim_end_matches('/').to_string();
-    let user = args.get("username")?.to_string();
-    let pass = args.get("password")?.to_string();
+    let target = Target {
+        base: args.get("url")?.trim_end_matches('/').to_string(),
+        user: args.get("username")?.to_string(),
+        pass: args.get("password")?.to_string(),
+        poll: Duration::from_millis(args.num("poll-ms", 5)?),
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()?,
+    };
     let count: usize = args.num("count", 30)?;
-    let poll = Duration::from_millis(args.num("poll-ms", 5)?);
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()?;
-    let tag = uuid::Uuid::new_v4().simple().to_string();
-    let mut samples = Vec::with_capacity(count);
+    let mut anchor = match args.opt("pg-url") {
+        Some(url) => Some(
+            PgConnection::connect(url)
+                .await
+                .context("connecting to the bench Postgres")?,
+        ),
+        None => None,
+    };
+    let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+    let (mut berth, mut ddl_ms) = (Vec::with_capacity(count), Vec::with_capacity(count));
     for i in 0..=count {
-        let id = format!("bench-{}-{i}", &tag[..8]);
+        if let Some(conn) = anchor.as_mut() {
+            let ms = ddl_once(conn, &format!("ddl_{tag}_{i}")).await?;
+            if i > 0 {
+                ddl_ms.push(ms);
+            }
+        }
+        let ms = target.provision_once(&format!("bench-{tag}-{i}")).await?;
+        if i > 0 {
+            berth.push(ms);
+        }
+    }
+    let mut line = summary(berth);
+    line["poll_ms"] = json!(target.poll.as_millis());
+    line["interleaved"] = json!(anchor.is_some());
+    emit(line, "provision");
+    if anchor.is_some() {
+        let mut line = summary(ddl_ms);
+        line["interleaved"] = json!(true);
+        emit(line, "ddl");
+    }
+    Ok(())
+}
+
+struct Target {
+    base: String,
+    user: String,
+    pass: String,
+    poll: Duration,
+    http: reqwest::Client,
+}
+
+impl Target {
+    /// Milliseconds from the PUT to a last_operation that says succeeded.
+    async fn provision_once(&self, id: &str) -> anyhow::Result<f64> {
+        let base = &self.base;
         let t0 = Instant::now();
-        let resp = http
+        let resp = self
+            .http
             .put(format!(
                 "{base}/v2/service_instances/{id}?accepts_incomplete=true"
             ))
-            .basic_auth(&user, Some(&pass))
+            .basic_auth(&self.user, Some(&self.pass))
             .header("X-Broker-API-Version", "2.17")
             .json(&json!({"service_id": SERVICE_ID, "plan_id": SHARED_PLAN_ID,
                           "organization_guid": "o", "space_guid": "s"}))
             .send()
             .await?;
-        let status = resp.status();
+        let status = resp.status().as_u16();
         let body: Value = resp.json().await.unwrap_or(Value::Null);
-        if status.as_u16() != 202 && status.as_u16() != 201 {
-            bail!("provision {id}: HTTP {status}: {body}");
+        match status {
+            201 => return Ok(t0.elapsed().as_secs_f64() * 1e3),
+            202 => {}
+            _ => bail!("provision {id}: HTTP {status}: {body}"),
         }
         let mut url = format!("{base}/v2/service_instances/{id}/last_operation");
         if let Some(op) = body.get("operation").and_then(Value::as_str) {
@@ -142,19 +190,17 @@ async fn provision(args: &Args) -> anyhow::Result<()> {
         }
         let deadline = t0 + Duration::from_secs(60);
         loop {
-            if status.as_u16() == 201 {
-                break;
-            }
-            let r = http
+            let r = self
+                .http
                 .get(&url)
-                .basic_auth(&user, Some(&pass))
+                .basic_auth(&self.user, Some(&self.pass))
                 .header("X-Broker-API-Version", "2.17")
                 .send()
                 .await?;
             let st = r.status();
             let b: Value = r.json().await.unwrap_or(Value::Null);
             match b.get("state").and_then(Value::as_str) {
-                Some("succeeded") => break,
+                Some("succeeded") => return Ok(t0.elapsed().as_secs_f64() * 1e3),
                 Some("failed") => bail!("provision {id} failed: {b}"),
                 _ if !st.is_success() => bail!("last_operation {id}: HTTP {st}: {b}"),
                 _ => {}
@@ -162,40 +208,36 @@ async fn provision(args: &Args) -> anyhow::Result<()> {
             if Instant::now() > deadline {
                 bail!("provision {id} not done within 60 s");
             }
-            tokio::time::sleep(poll).await;
-        }
-        if i > 0 {
-            samples.push(t0.elapsed().as_secs_f64() * 1e3);
+            tokio::time::sleep(self.poll).await;
         }
     }
-    let mut line = summary(samples);
-    line["poll_ms"] = json!(poll.as_millis());
-    emit(line, "provision");
-    Ok(())
 }
 
-/// The limit for a provision: `CREATE ROLE` + `CREATE DATABASE` on an open superuser connection, sequentially.
-/// One unmeasured warm-up first.
+/// Milliseconds for `CREATE ROLE name LOGIN PASSWORD …` + `CREATE DATABASE name OWNER name`.
+async fn ddl_once(conn: &mut PgConnection, name: &str) -> anyhow::Result<f64> {
+    let t0 = Instant::now();
+    sqlx::raw_sql(&format!("CREATE ROLE {name} LOGIN PASSWORD 'pw-{name}'"))
+        .execute(&mut *conn)
+        .await?;
+    sqlx::raw_sql(&format!("CREATE DATABASE {name} OWNER {name}"))
+        .execute(&mut *conn)
+        .await?;
+    Ok(t0.elapsed().as_secs_f64() * 1e3)
+}
+
+/// The limit for a provision alone: `CREATE ROLE` + `CREATE DATABASE` on an open superuser connection,
+/// sequentially. One unmeasured warm-up first.
 async fn ddl(args: &Args) -> anyhow::Result<()> {
     let count: usize = args.num("count", 30)?;
     let mut conn = PgConnection::connect(args.get("pg-url")?)
         .await
         .context("connecting to the bench Postgres")?;
-    let tag = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
     let mut samples = Vec::with_capacity(count);
     for i in 0..=count {
-        let name = format!("ddl_{tag}_{i}");
-        let t0 = Instant::now();
-        sqlx::raw_sql(&format!(
-            "CREATE ROLE {name} LOGIN PASSWORD 'bench-{tag}-{i}'"
-        ))
-        .execute(&mut conn)
-        .await?;
-        sqlx::raw_sql(&format!("CREATE DATABASE {name} OWNER {name}"))
-            .execute(&mut conn)
-            .await?;
+        let ms = ddl_once(&mut conn, &format!("ddl_{tag}_{i}")).await?;
         if i > 0 {
-            samples.push(t0.elapsed().as_secs_f64() * 1e3);
+            samples.push(ms);
         }
     }
     emit(summary(samples), "ddl");

@@ -169,7 +169,7 @@ pub fn print(path: &str) -> anyhow::Result<()> {
         println!();
         let n = prov.or(ddl).map(|v| v["count"].clone()).unwrap_or_default();
         println!(
-            "PROVISION  `shared` plan, PUT to last_operation=succeeded, {n} sequential, idle broker (target <= 1.5x)"
+            "PROVISION  `shared` plan, PUT to last_operation=succeeded, {n} sequential, idle broker, interleaved with the anchor (target <= 1.5x)"
         );
         println!(
             "  {:<w$} {:>16}  {:<48} {:>7}",
