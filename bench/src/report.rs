@@ -66,12 +66,21 @@ pub fn print(path: &str) -> anyhow::Result<()> {
         println!(
             "QUEUE  no-op task throughput (durable Postgres: fsync on, synchronous_commit on)"
         );
+        let pg = find("pgbench", None).first().copied();
+        let pg_head = pg.map_or("pgbench: not run".to_string(), |p| {
+            format!("/ pgbench {:.0} tps", p["tps"].as_f64().unwrap_or(0.0))
+        });
         println!(
-            "  {:<w$} {:>16}  {:<48} {:>7}",
-            "", "berth", "anchor", "ratio"
+            "  {:<w$} {:>9}  {:>20} {:>7}  {:>20}",
+            "", "berth", "graphile-worker 4x24", "ratio", pg_head
         );
+        let small_n = find("queue", Some("small"))
+            .first()
+            .and_then(|q| q["backlog"].as_i64());
         for label in ["small", "big"] {
-            let graphile = find("graphile", Some(label)).first().copied();
+            let graphile = find("graphile", Some(label))
+                .first()
+                .and_then(|g| f(g, "jobs_per_s"));
             for q in find("queue", Some(label)) {
                 let backlog = q["backlog"].as_i64().unwrap_or(0);
                 let sample = q["sample"].as_i64().unwrap_or(0);
@@ -83,66 +92,52 @@ pub fn print(path: &str) -> anyhow::Result<()> {
                         q["concurrency"]
                     )
                 } else {
+                    let queued = count(q["queued_at_start"].as_i64().unwrap_or(backlog));
                     format!(
-                        "{} queued, first {}, {} worker(s) x{}",
-                        count(q["queued_at_start"].as_i64().unwrap_or(backlog)),
+                        "{queued} queued, first {}, {} worker(s) x{}",
                         count(sample),
                         q["workers"],
                         q["concurrency"]
                     )
                 };
-                let anchor = graphile.map_or("graphile-worker: not run".into(), |g| {
-                    format!("graphile-worker {} (4x24)", rate(f(g, "jobs_per_s")))
-                });
-                row(
-                    &what,
-                    rate(f(q, "tasks_per_s")),
-                    anchor,
-                    ratio(
-                        f(q, "tasks_per_s"),
-                        graphile.and_then(|g| f(g, "jobs_per_s")),
-                    ),
+                let berth = f(q, "tasks_per_s");
+                println!(
+                    "  {what:<w$} {:>9}  {:>20} {:>7}  {:>20}",
+                    rate(berth),
+                    rate(graphile),
+                    ratio(berth, graphile),
+                    ratio(berth, pgbench)
                 );
             }
         }
-        let small4 = find("queue", Some("small"))
-            .into_iter()
-            .find(|q| q["workers"] == 4)
-            .and_then(|q| f(q, "tasks_per_s"));
-        let big4 = find("queue", Some("big"))
-            .into_iter()
-            .find(|q| q["workers"] == 4)
-            .and_then(|q| f(q, "tasks_per_s"));
-        if small4.is_some() && big4.is_some() {
-            let small = find("queue", Some("small"))[0]["backlog"]
-                .as_i64()
-                .unwrap_or(0);
-            row(
-                &format!(
-                    "4 workers: large backlog vs {} (1.00 = no slowdown)",
-                    count(small)
-                ),
-                rate(big4),
-                format!("{}: {}", count(small), rate(small4)),
-                ratio(big4, small4),
-            );
+        // The bar: no slowdown from the small backlog to the large one, per worker count.
+        for q in find("queue", Some("big")) {
+            let small = find("queue", Some("small"))
+                .into_iter()
+                .find(|s| s["workers"] == q["workers"]);
+            if let Some(small) = small {
+                println!(
+                    "  {:<w$} {:>9}  {:>20} {:>7}",
+                    format!(
+                        "no-slowdown bar, {} worker(s): {} vs {}",
+                        q["workers"],
+                        count(q["queued_at_start"].as_i64().unwrap_or(0)),
+                        count(small_n.unwrap_or(0))
+                    ),
+                    rate(f(q, "tasks_per_s")),
+                    format!(
+                        "{}: {}",
+                        count(small_n.unwrap_or(0)),
+                        rate(f(small, "tasks_per_s"))
+                    ),
+                    ratio(f(q, "tasks_per_s"), f(small, "tasks_per_s"))
+                );
+            }
         }
-        if let Some(tps) = pgbench {
-            let best = queue
-                .iter()
-                .filter_map(|q| f(q, "tasks_per_s"))
-                .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
-            let p = find("pgbench", None)[0];
-            row(
-                "durable-write limit: best berth vs pgbench",
-                rate(best),
-                format!(
-                    "pgbench 1-row INSERT {} tps ({} clients, {} s)",
-                    tps.round(),
-                    p["clients"],
-                    p["secs"]
-                ),
-                ratio(best, Some(tps)),
+        if let Some(p) = pg {
+            println!(
+                "  pgbench: 1-row INSERT per transaction, {} clients, {} s, prepared: the durable single-row commit rate",
+                p["clients"], p["secs"]
             );
         }
         for q in &queue {
