@@ -51,11 +51,19 @@ impl Embedded {
         settings.broker_username = Some(SecretString::from(username.clone()));
         settings.broker_password = Some(password.clone());
 
+        // The local engine (a Postgres server per `dedicated` instance) needs no cloud: on unless LOCAL_ENGINE says.
+        if std::env::var_os("LOCAL_ENGINE").is_none() {
+            settings.local_engine = true;
+        }
+        settings.data_dir = data_dir.clone();
         let plans_dir = absolute(&settings.plans_dir)?;
         let mut worker_env = vec![
             ("DATABASE_URL".to_string(), server.url("berth").expose_secret().to_string()),
             ("BERTH_KEY_FILE".to_string(), key_path.display().to_string()),
             ("PLANS_DIR".to_string(), plans_dir.display().to_string()),
+            ("BERTH_DATA_DIR".to_string(), data_dir.display().to_string()),
+            ("LOCAL_ENGINE".to_string(), if settings.local_engine { "on" } else { "off" }.to_string()),
+            ("LOCAL_SERVERS_DIR".to_string(), settings.servers_dir().display().to_string()),
         ];
         if let Some(shared) = &settings.shared_postgres_url {
             worker_env.push(("SHARED_POSTGRES_URL".into(), shared.expose_secret().to_string()));

@@ -49,6 +49,18 @@ pub struct Settings {
     /// Connections in the pool of each process.
     #[serde(default = "default_db_pool_size")]
     pub database_pool_size: u32,
+    /// `LOCAL_ENGINE=on`: serve plans on the `local` engine (a Postgres server per instance on the worker's
+    /// machine). Off unless set; the embedded default turns it on.
+    #[serde(default)]
+    pub local_engine: bool,
+    /// Where `local` instance servers live (default `<BERTH_DATA_DIR>/servers`).
+    pub local_servers_dir: Option<PathBuf>,
+    /// Name of this machine for the `local` engine (default: the host name). An instance belongs to the host
+    /// that provisioned it; workers elsewhere leave its tasks and its reconciling alone.
+    pub local_engine_host: Option<String>,
+    /// How often a worker reconciles (restarts stopped `local` servers, deprovisions expired instances).
+    #[serde(default = "default_reconcile_ms")]
+    pub reconcile_interval_ms: u64,
 }
 
 fn default_port() -> u16 {
@@ -81,6 +93,9 @@ fn default_poll_ms() -> u64 {
 fn default_db_pool_size() -> u32 {
     16
 }
+fn default_reconcile_ms() -> u64 {
+    5000
+}
 
 impl Settings {
     /// Reads the environment (and `BERTH_CONFIG`, if set). Fails with a message naming the bad setting.
@@ -106,6 +121,9 @@ impl Settings {
         if self.worker_lease_secs < 2 {
             anyhow::bail!("WORKER_LEASE_SECS must be at least 2");
         }
+        if self.reconcile_interval_ms < 100 {
+            anyhow::bail!("RECONCILE_INTERVAL_MS must be at least 100");
+        }
         Ok(())
     }
 
@@ -115,7 +133,32 @@ impl Settings {
         if self.shared_postgres_url.is_some() {
             engines.push("shared");
         }
+        if self.local_engine {
+            engines.push("local");
+        }
         engines
+    }
+
+    /// The folder of `local` instance servers, absolute.
+    pub fn servers_dir(&self) -> PathBuf {
+        let dir = self.local_servers_dir.clone().unwrap_or_else(|| self.data_dir.join("servers"));
+        if dir.is_absolute() {
+            dir
+        } else {
+            std::env::current_dir().map(|cwd| cwd.join(&dir)).unwrap_or(dir)
+        }
+    }
+
+    /// This machine's name for the `local` engine: `LOCAL_ENGINE_HOST`, else the kernel's host name.
+    pub fn local_host(&self) -> String {
+        self.local_engine_host.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .or_else(|| std::env::var("HOSTNAME").ok())
+                .unwrap_or_else(|| "localhost".into())
+        })
     }
 
     /// The key file: the configured one, or `<data dir>/master.key`.

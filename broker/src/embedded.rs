@@ -28,27 +28,94 @@ pub struct PgServer {
 impl PgServer {
     /// Starts the server kept under `root` (`root/data`), creating it on first use.
     pub async fn ensure_started(root: &Path) -> anyhow::Result<Self> {
+        let server = Self::ensure_initialized(root, None).await?;
+        if !server.is_running().await {
+            server.start().await?;
+        }
+        Ok(server)
+    }
+
+    /// Creates the server under `root` unless it exists, without starting it: `initdb` (data checksums, a
+    /// generated superuser password kept in `root/superuser-password`) into `root/data.partial`, renamed to
+    /// `root/data` once complete, so a crash midway leaves nothing a retry would mistake for a server.
+    /// `bin_dir` picks the PostgreSQL binaries (default [`find_bin_dir`]).
+    pub async fn ensure_initialized(root: &Path, bin_dir: Option<PathBuf>) -> anyhow::Result<Self> {
         let root = absolute(root)?;
         std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
-        let bin_dir = find_bin_dir()?;
+        let bin_dir = match bin_dir {
+            Some(dir) => dir,
+            None => find_bin_dir()?,
+        };
         let run_as = os_user_for_postgres()?;
         let data = root.join("data");
-        let password_file = root.join("superuser-password");
         if !data.join("PG_VERSION").exists() {
-            let password = crate::crypto::random_password(32);
-            write_private(&password_file, &password)?;
-            init(&bin_dir, &run_as, &root, &data, &password_file).await?;
+            let partial = root.join("data.partial");
+            if partial.exists() {
+                std::fs::remove_dir_all(&partial)
+                    .with_context(|| format!("removing the unfinished {}", partial.display()))?;
+            }
+            let password_file = root.join("superuser-password");
+            if !password_file.exists() {
+                write_private(&password_file, &crate::crypto::random_password(32))?;
+            }
+            init(&bin_dir, &run_as, &root, &partial, &password_file).await?;
+            std::fs::rename(&partial, &data)
+                .with_context(|| format!("moving {} into place", partial.display()))?;
         }
+        Self::open_with(root, bin_dir, run_as)
+    }
+
+    /// The server already initialized under `root` (running or not), with the binaries of its major version.
+    pub fn open(root: &Path) -> anyhow::Result<Self> {
+        let root = absolute(root)?;
+        let version = std::fs::read_to_string(root.join("data/PG_VERSION"))
+            .with_context(|| format!("{} holds no initialized Postgres server", root.display()))?;
+        let bin_dir = bin_dir_for_version(version.trim())?;
+        Self::open_with(root, bin_dir, os_user_for_postgres()?)
+    }
+
+    fn open_with(root: PathBuf, bin_dir: PathBuf, run_as: Option<String>) -> anyhow::Result<Self> {
+        let password_file = root.join("superuser-password");
         let password = std::fs::read_to_string(&password_file)
             .with_context(|| format!("reading {}", password_file.display()))?
             .trim()
             .to_string();
         let port = remembered_port(&root)?;
-        let server = Self { root, bin_dir, run_as, port, password: SecretString::from(password) };
-        if !server.is_running().await {
-            server.start().await?;
+        Ok(Self { root, bin_dir, run_as, port, password: SecretString::from(password) })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn superuser_password(&self) -> &SecretString {
+        &self.password
+    }
+
+    /// The major version in `data/PG_VERSION`.
+    pub fn version(&self) -> anyhow::Result<String> {
+        Ok(std::fs::read_to_string(self.data_dir().join("PG_VERSION"))?.trim().to_string())
+    }
+
+    /// The postmaster's pid from `data/postmaster.pid`, if the file is there (the process may be gone).
+    pub fn postmaster_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.data_dir().join("postmaster.pid"))
+            .ok()?
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Writes `content` to `data/<name>` (mode 0600), owned by the OS user that runs the server.
+    pub fn write_data_file(&self, name: &str, content: &[u8]) -> anyhow::Result<()> {
+        let path = self.data_dir().join(name);
+        write_private_bytes(&path, content)?;
+        if let Some(user) = &self.run_as {
+            chown(&path, user)?;
         }
-        Ok(server)
+        Ok(())
     }
 
     /// `postgres://postgres:…@127.0.0.1:PORT/db`.
@@ -64,12 +131,14 @@ impl PgServer {
         self.root.join("data")
     }
 
-    async fn is_running(&self) -> bool {
+    /// Whether a postmaster runs on the data folder (`pg_ctl status`).
+    pub async fn is_running(&self) -> bool {
         let status = self.pg_ctl(&["status", "-D"]).await;
         matches!(status, Ok(s) if s.success())
     }
 
-    async fn start(&self) -> anyhow::Result<()> {
+    /// Starts the server and waits until it accepts connections.
+    pub async fn start(&self) -> anyhow::Result<()> {
         let data = self.data_dir();
         let log = self.root.join("postgres.log");
         let options = format!(
@@ -97,7 +166,7 @@ impl PgServer {
             let tail = std::fs::read_to_string(&log).unwrap_or_default();
             let tail: Vec<&str> = tail.lines().rev().take(15).collect();
             anyhow::bail!(
-                "the embedded Postgres did not start (log {}):\n{}",
+                "Postgres did not start (log {}):\n{}",
                 log.display(),
                 tail.into_iter().rev().collect::<Vec<_>>().join("\n")
             );
@@ -123,6 +192,23 @@ impl PgServer {
             anyhow::bail!("pg_ctl stop failed");
         }
         Ok(())
+    }
+
+    /// Re-reads the configuration files (`pg_ctl reload`).
+    pub async fn reload(&self) -> anyhow::Result<()> {
+        let status = self.pg_ctl(&["reload", "-D"]).await.context("running pg_ctl reload")?;
+        if !status.success() {
+            anyhow::bail!("pg_ctl reload failed");
+        }
+        Ok(())
+    }
+
+    /// Stops the server if it runs, then starts it (for settings that need a restart).
+    pub async fn restart(&self) -> anyhow::Result<()> {
+        if self.is_running().await {
+            self.stop().await?;
+        }
+        self.start().await
     }
 
     /// Creates `name` unless it exists.
@@ -270,6 +356,57 @@ pub fn find_bin_dir() -> anyhow::Result<PathBuf> {
     )
 }
 
+/// Major versions of PostgreSQL installed under `/usr/lib/postgresql` (with `initdb`), oldest first.
+pub fn installed_versions() -> Vec<String> {
+    let mut versions: Vec<u32> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter(|e| e.path().join("bin/initdb").exists())
+                .filter_map(|e| e.file_name().to_str().and_then(|v| v.parse().ok()))
+                .collect()
+        })
+        .unwrap_or_default();
+    versions.sort_unstable();
+    let mut out: Vec<String> = versions.into_iter().map(|v| v.to_string()).collect();
+    if out.is_empty()
+        && let Ok(dir) = find_bin_dir()
+        && let Some(v) = major_version_of(&dir)
+    {
+        out.push(v);
+    }
+    out
+}
+
+/// The binaries of major version `version`: `/usr/lib/postgresql/<version>/bin`, or `PG_BIN_DIR` /
+/// `pg_config --bindir` when their `initdb` is that version.
+pub fn bin_dir_for_version(version: &str) -> anyhow::Result<PathBuf> {
+    let dir = PathBuf::from(format!("/usr/lib/postgresql/{version}/bin"));
+    if dir.join("initdb").exists() && std::env::var_os("PG_BIN_DIR").is_none() {
+        return Ok(dir);
+    }
+    if let Ok(found) = find_bin_dir()
+        && major_version_of(&found).as_deref() == Some(version)
+    {
+        return Ok(found);
+    }
+    if dir.join("initdb").exists() {
+        return Ok(dir);
+    }
+    anyhow::bail!(
+        "PostgreSQL {version} is not installed on this machine (installed: {})",
+        installed_versions().join(", ")
+    )
+}
+
+/// The major version of the `initdb` in `bin_dir` (`initdb (PostgreSQL) 15.4` → `15`).
+fn major_version_of(bin_dir: &Path) -> Option<String> {
+    let out = std::process::Command::new(bin_dir.join("initdb")).arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = text.split_whitespace().last()?;
+    Some(version.split('.').next()?.to_string())
+}
+
 /// The port in `root/port`, or a free one, remembered there.
 fn remembered_port(root: &Path) -> anyhow::Result<u16> {
     let file = root.join("port");
@@ -287,13 +424,17 @@ pub fn free_port() -> anyhow::Result<u16> {
 }
 
 fn write_private(path: &Path, content: &str) -> anyhow::Result<()> {
+    write_private_bytes(path, content.as_bytes())
+}
+
+fn write_private_bytes(path: &Path, content: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
     let mut file = options.open(path).with_context(|| format!("writing {}", path.display()))?;
-    file.write_all(content.as_bytes())?;
+    file.write_all(content)?;
     Ok(())
 }
 

@@ -37,6 +37,11 @@ pub fn instance_owner_role(prefix: &str, instance_id: &str) -> String {
     format!("{prefix}own_{}", short_hash(instance_id))
 }
 
+/// Folder of a `local` engine instance's server (under the servers folder).
+pub fn instance_server(prefix: &str, instance_id: &str) -> String {
+    format!("{prefix}srv_{}", short_hash(instance_id))
+}
+
 /// Login role of one binding.
 pub fn binding_role(prefix: &str, binding_id: &str) -> String {
     format!("{prefix}bnd_{}", short_hash(binding_id))

@@ -71,6 +71,22 @@ impl Services {
         })
     }
 
+    /// Every configured provider with its engine name.
+    pub fn providers(&self) -> impl Iterator<Item = (&str, &Arc<dyn Provider>)> {
+        self.providers.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// Ids of the published plans carried out by `engine`.
+    pub fn plan_ids_of_engine(&self, engine: &str) -> Vec<String> {
+        self.catalog
+            .services()
+            .iter()
+            .flat_map(|s| &s.plans)
+            .filter(|p| p.engine == engine)
+            .map(|p| p.id.clone())
+            .collect()
+    }
+
     pub fn name_prefix(&self) -> &str {
         &self.settings.name_prefix
     }

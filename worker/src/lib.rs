@@ -4,6 +4,7 @@
 pub mod context;
 pub mod providers;
 pub mod queue;
+pub mod reconcile;
 pub mod registry;
 pub mod runner;
 pub mod tasks;

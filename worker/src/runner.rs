@@ -133,6 +133,11 @@ pub async fn run(
     helpers.spawn(listen(worker.clone(), background.clone()));
     helpers.spawn(heartbeat(worker.clone(), background.clone()));
     helpers.spawn(sweep(worker.clone(), background.clone()));
+    helpers.spawn(crate::reconcile::run(
+        worker.pool.clone(),
+        worker.services.clone(),
+        background.clone(),
+    ));
 
     let mut runs = JoinSet::new();
     claim_loop(&worker, &mut runs, &shutdown).await;

@@ -121,3 +121,51 @@ pub async fn set_context(db: impl PgExecutor<'_>, id: &str, context: &Value) -> 
         .await?;
     Ok(())
 }
+
+/// Merges `patch` into the instance's details (top-level keys replaced); the provider's own bookkeeping
+/// between operations (the host that owns a server, restarts).
+pub async fn merge_details(db: impl PgExecutor<'_>, id: &str, patch: &Value) -> sqlx::Result<()> {
+    sqlx::query!(
+        "UPDATE service_instances SET details = details || $2, updated_at = now() WHERE id = $1",
+        id,
+        patch,
+    )
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// Instances of `plan_ids` provisioned on `host` (details `engine_host` = host, `ready_at` set) with no
+/// instance operation pending or running: what a worker's reconcile loop looks after.
+pub async fn list_ready_on_host(
+    db: impl PgExecutor<'_>,
+    plan_ids: &[String],
+    host: &str,
+) -> sqlx::Result<Vec<InstanceRow>> {
+    sqlx::query_as!(
+        InstanceRow,
+        "SELECT * FROM service_instances i
+         WHERE plan_id = ANY($1) AND details->>'engine_host' = $2 AND details->>'ready_at' IS NOT NULL
+           AND NOT EXISTS (
+               SELECT 1 FROM tasks t
+               WHERE t.instance_id = i.id AND t.binding_id IS NULL AND t.operation IS NOT NULL
+                 AND t.state IN ('pending', 'running'))
+         ORDER BY id",
+        plan_ids,
+        host,
+    )
+    .fetch_all(db)
+    .await
+}
+
+/// Ids and `expiration_date` parameters of instances that have one and whose expiry deprovision has not
+/// been enqueued yet (details `expiry_deprovision_at`).
+pub async fn list_expiring(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<(String, String)>> {
+    let rows = sqlx::query!(
+        r#"SELECT id, parameters->>'expiration_date' AS "expiration_date!" FROM service_instances
+           WHERE parameters->>'expiration_date' IS NOT NULL AND details->>'expiry_deprovision_at' IS NULL"#
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.id, r.expiration_date)).collect())
+}

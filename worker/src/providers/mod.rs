@@ -1,6 +1,7 @@
 //! Providers carry out the OSB operations for one plan engine. The worker keeps one per configured
 //! engine and picks it by the plan's `engine` field in the catalog.
 
+pub mod local_postgres;
 pub mod shared_postgres;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
@@ -12,8 +13,12 @@ use broker::{
     model::UpdatePayload,
 };
 use serde_json::{Map, Value};
+use sqlx::PgPool;
 
-use crate::{context::TaskContext, registry::TaskError};
+use crate::{
+    context::{Services, TaskContext},
+    registry::TaskError,
+};
 
 /// What a provider step produced: a result, or "not yet, look again later".
 #[derive(Debug, Clone, PartialEq)]
@@ -83,6 +88,12 @@ pub trait Provider: Send + Sync {
         instance: &InstanceRow,
         binding: &BindingRow,
     ) -> Result<Progress<()>, TaskError>;
+
+    /// One pass of the worker's reconcile loop over this engine's instances (bring back what stopped).
+    /// Must be safe with many workers running it at once. Most engines have nothing to do.
+    async fn reconcile(&self, _pool: &PgPool, _services: &Services) -> anyhow::Result<()> {
+        Ok(())
+    }
 }
 
 /// The providers of every engine configured in `settings`, keyed by engine name.
@@ -95,6 +106,10 @@ pub fn configured(settings: &Settings) -> anyhow::Result<HashMap<String, Arc<dyn
             settings.shared_postgres_public_port,
         )?;
         providers.insert(shared_postgres::ENGINE.to_string(), Arc::new(provider));
+    }
+    if settings.local_engine {
+        let provider = local_postgres::LocalPostgres::new(settings.servers_dir(), settings.local_host())?;
+        providers.insert(local_postgres::ENGINE.to_string(), Arc::new(provider));
     }
     Ok(providers)
 }

@@ -2,6 +2,7 @@
 
 mod crash;
 mod helpers;
+mod local_postgres;
 mod queue;
 mod shared_postgres;
 mod webhook;

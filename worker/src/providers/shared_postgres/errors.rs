@@ -1,4 +1,4 @@
-//! Postgres errors of the shared server, sorted into "try again" and "a person must act".
+//! Postgres errors of a server berth administers (the shared server, local engine servers), sorted into "try again" and "a person must act".
 
 use crate::registry::TaskError;
 
@@ -13,12 +13,12 @@ pub fn classify(err: sqlx::Error, what: &str) -> TaskError {
             let class = code.get(..2).unwrap_or("");
             match (class, code.as_str()) {
                 (_, "42501") => TaskError::Fatal(anyhow::anyhow!(
-                    "{what}: permission denied on the shared Postgres server ({message}); the SHARED_POSTGRES_URL \
-                     role needs to be a superuser (or hold CREATEROLE and CREATEDB)"
+                    "{what}: permission denied on the Postgres server ({message}); berth's admin role there \
+                     (SHARED_POSTGRES_URL for the shared plan) needs to be a superuser (or hold CREATEROLE and CREATEDB)"
                 )),
                 ("28", _) => TaskError::Fatal(anyhow::anyhow!(
-                    "{what}: the shared Postgres server refused berth's admin login ({message}); check \
-                     SHARED_POSTGRES_URL"
+                    "{what}: the Postgres server refused berth's admin login ({message}); check \
+                     SHARED_POSTGRES_URL (shared plan) or the server's superuser-password file (local engine)"
                 )),
                 ("0A" | "22" | "42" | "58", _) => {
                     TaskError::Fatal(anyhow::anyhow!("{what}: {message} (SQLSTATE {code})"))
@@ -29,7 +29,7 @@ pub fn classify(err: sqlx::Error, what: &str) -> TaskError {
             }
         }
         sqlx::Error::Configuration(_) => TaskError::Fatal(anyhow::anyhow!(
-            "{what}: SHARED_POSTGRES_URL is not a usable connection setting"
+            "{what}: the admin connection settings are not usable (SHARED_POSTGRES_URL for the shared plan)"
         )),
         // I/O, TLS, protocol, pool timeouts: the server or the network is having a moment.
         _ => TaskError::Retryable(anyhow::anyhow!("{what}: {err}")),

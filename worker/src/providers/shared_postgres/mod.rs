@@ -66,13 +66,13 @@ impl std::fmt::Debug for SharedPostgres {
 
 /// Access a binding asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Access {
+pub(crate) enum Access {
     ReadWrite,
     ReadOnly,
 }
 
 impl Access {
-    fn of(binding: &BindingRow) -> Result<Self, TaskError> {
+    pub(crate) fn of(binding: &BindingRow) -> Result<Self, TaskError> {
         match binding.parameters.get("access") {
             None | Some(Value::Null) => Ok(Self::ReadWrite),
             Some(Value::String(s)) if s == "read-write" => Ok(Self::ReadWrite),
@@ -83,7 +83,7 @@ impl Access {
         }
     }
 
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::ReadWrite => "read-write",
             Self::ReadOnly => "read-only",
@@ -167,11 +167,11 @@ impl SharedPostgres {
 
 /// Boxed, `Send` futures for the SQL helpers: sqlx's executor bounds are higher-ranked, and proving `Send`
 /// for them inside `#[async_trait]` bodies trips a compiler limitation; boxing checks each helper on its own.
-type Sql<'a, T> = Pin<Box<dyn Future<Output = Result<T, TaskError>> + Send + 'a>>;
+pub(crate) type Sql<'a, T> = Pin<Box<dyn Future<Output = Result<T, TaskError>> + Send + 'a>>;
 
 /// Runs one statement (or several, `;`-separated). `what` describes it for errors; the statement itself never
 /// reaches a message or a log (CREATE ROLE ... PASSWORD carries a password). Not prepared, so not cached.
-fn exec<'a>(conn: &'a mut PgConnection, sql: &'a str, what: &'a str) -> Sql<'a, ()> {
+pub(crate) fn exec<'a>(conn: &'a mut PgConnection, sql: &'a str, what: &'a str) -> Sql<'a, ()> {
     Box::pin(async move {
         sqlx::Executor::execute(&mut *conn, sqlx::raw_sql(sql))
             .await
@@ -181,7 +181,7 @@ fn exec<'a>(conn: &'a mut PgConnection, sql: &'a str, what: &'a str) -> Sql<'a, 
 }
 
 /// Like [`exec`], but an error with one of the SQLSTATEs in `tolerated` counts as done; `false` then.
-fn exec_tolerating<'a>(
+pub(crate) fn exec_tolerating<'a>(
     conn: &'a mut PgConnection,
     sql: &'a str,
     tolerated: &'a [&'a str],
@@ -198,7 +198,7 @@ fn exec_tolerating<'a>(
     })
 }
 
-fn exists<'a>(
+pub(crate) fn exists<'a>(
     conn: &'a mut PgConnection,
     sql: &'static str,
     name: &'a str,
@@ -213,7 +213,7 @@ fn exists<'a>(
     })
 }
 
-fn role_exists<'a>(conn: &'a mut PgConnection, role: &'a str) -> Sql<'a, bool> {
+pub(crate) fn role_exists<'a>(conn: &'a mut PgConnection, role: &'a str) -> Sql<'a, bool> {
     exists(
         conn,
         "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)",
@@ -222,7 +222,7 @@ fn role_exists<'a>(conn: &'a mut PgConnection, role: &'a str) -> Sql<'a, bool> {
     )
 }
 
-fn database_exists<'a>(conn: &'a mut PgConnection, database: &'a str) -> Sql<'a, bool> {
+pub(crate) fn database_exists<'a>(conn: &'a mut PgConnection, database: &'a str) -> Sql<'a, bool> {
     exists(
         conn,
         "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)",
@@ -232,7 +232,7 @@ fn database_exists<'a>(conn: &'a mut PgConnection, database: &'a str) -> Sql<'a,
 }
 
 /// Roles that are members of `owner` (read-write binding roles).
-fn members_of<'a>(conn: &'a mut PgConnection, owner: &'a str) -> Sql<'a, Vec<String>> {
+pub(crate) fn members_of<'a>(conn: &'a mut PgConnection, owner: &'a str) -> Sql<'a, Vec<String>> {
     Box::pin(async move {
         sqlx::query_scalar::<_, String>(
             "SELECT m.rolname::text FROM pg_auth_members a
@@ -247,7 +247,7 @@ fn members_of<'a>(conn: &'a mut PgConnection, owner: &'a str) -> Sql<'a, Vec<Str
     })
 }
 
-fn connect<'a>(options: &'a PgConnectOptions, what: &'a str) -> Sql<'a, PgConnection> {
+pub(crate) fn connect<'a>(options: &'a PgConnectOptions, what: &'a str) -> Sql<'a, PgConnection> {
     Box::pin(async move {
         PgConnection::connect_with(options)
             .await
@@ -256,7 +256,7 @@ fn connect<'a>(options: &'a PgConnectOptions, what: &'a str) -> Sql<'a, PgConnec
 }
 
 /// Creates the role unless it exists; a concurrent creation counts as success.
-async fn ensure_role(
+pub(crate) async fn ensure_role(
     conn: &mut PgConnection,
     role: &str,
     options: &str,
@@ -272,7 +272,7 @@ async fn ensure_role(
 
 /// Creates the database unless it exists. CREATE DATABASE cannot run in a transaction and may race a
 /// concurrent one: "already exists" is success.
-async fn ensure_database(
+pub(crate) async fn ensure_database(
     conn: &mut PgConnection,
     database: &str,
     owner: &str,
@@ -296,7 +296,7 @@ async fn ensure_database(
 }
 
 /// The `extensions` parameter, re-checked against the allow-list (the schema checked it already).
-fn requested_extensions(parameters: &Value) -> Result<Vec<String>, TaskError> {
+pub(crate) fn requested_extensions(parameters: &Value) -> Result<Vec<String>, TaskError> {
     let Some(list) = parameters.get("extensions") else {
         return Ok(Vec::new());
     };
@@ -315,7 +315,7 @@ fn requested_extensions(parameters: &Value) -> Result<Vec<String>, TaskError> {
             }
             _ => {
                 return Err(TaskError::fatal(format!(
-                    "extension {item} is not offered on the shared plan; choose from: {}",
+                    "extension {item} is not offered on this plan; choose from: {}",
                     ALLOWED_EXTENSIONS.join(", ")
                 )));
             }
@@ -324,7 +324,7 @@ fn requested_extensions(parameters: &Value) -> Result<Vec<String>, TaskError> {
     Ok(out)
 }
 
-async fn create_extensions(
+pub(crate) async fn create_extensions(
     conn: &mut PgConnection,
     extensions: &[String],
 ) -> Result<(), TaskError> {
@@ -338,7 +338,7 @@ async fn create_extensions(
 }
 
 /// Stops a role's logins and ends its sessions.
-async fn lock_out(conn: &mut PgConnection, role: &str) -> Result<(), TaskError> {
+pub(crate) async fn lock_out(conn: &mut PgConnection, role: &str) -> Result<(), TaskError> {
     exec(
         conn,
         &format!("ALTER ROLE {} NOLOGIN", quote_ident(role)),
@@ -353,7 +353,7 @@ async fn lock_out(conn: &mut PgConnection, role: &str) -> Result<(), TaskError> 
 }
 
 /// Drops a role after revoking what it holds in the admin database and on shared objects (databases).
-async fn drop_role(conn: &mut PgConnection, role: &str, what: &str) -> Result<(), TaskError> {
+pub(crate) async fn drop_role(conn: &mut PgConnection, role: &str, what: &str) -> Result<(), TaskError> {
     if !role_exists(conn, role).await? {
         return Ok(());
     }

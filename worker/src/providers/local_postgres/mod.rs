@@ -1,0 +1,830 @@
+//! The `local` engine of the `dedicated` plan: a PostgreSQL server per instance on the worker's machine,
+//! under `<servers dir>/<prefix>srv_<hash of the instance id>` (built on `broker::embedded::PgServer`):
+//! initdb with data checksums, a port on 127.0.0.1 chosen once, TLS with a generated self-signed
+//! certificate, pg_hba allowing only scram over hostssl, the admin role and the app database, the tuning
+//! profile, extensions. Bindings are login roles as on the `shared` plan.
+//!
+//! An instance belongs to the host that provisioned it (details `engine_host`): workers on other hosts hand
+//! its tasks back (a `Wait`, so no attempt is spent) and leave it out of their reconcile loop. Every step
+//! checks what exists first, so a retry after a crash finishes the job.
+
+mod tuning;
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use broker::{
+    crypto::random_password,
+    db::{bindings::BindingRow, instances, instances::InstanceRow, tasks},
+    embedded::{self, PgServer},
+    model::UpdatePayload,
+    names::{self, quote_ident, quote_literal},
+};
+use secrecy::ExposeSecret;
+use serde_json::{Map, Value, json};
+use sqlx::{
+    PgConnection, PgPool,
+    postgres::{PgConnectOptions, PgSslMode},
+};
+use tracing::{info, warn};
+
+use super::{
+    Bound, Progress, Provider, Provisioned,
+    shared_postgres::{
+        Access, connect, create_extensions, database_exists, drop_role, ensure_database,
+        ensure_role, exec, exec_tolerating, lock_out, requested_extensions, role_exists,
+    },
+};
+use crate::{
+    context::{Services, TaskContext},
+    registry::TaskError,
+};
+
+pub use tuning::PROFILES;
+
+/// The plan engine this provider serves.
+pub const ENGINE: &str = "local";
+
+const DEFAULT_APP_DB: &str = "app";
+const DEFAULT_ADMIN: &str = "app_admin";
+const HOST: &str = "127.0.0.1";
+
+pub struct LocalPostgres {
+    servers_dir: PathBuf,
+    host: String,
+}
+
+impl std::fmt::Debug for LocalPostgres {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalPostgres")
+            .field("servers_dir", &self.servers_dir)
+            .field("host", &self.host)
+            .finish()
+    }
+}
+
+/// The instance parameters the local engine acts on (the cloud-only ones are recorded, nothing more).
+#[derive(Debug, Clone)]
+struct Params {
+    postgres_version: Option<String>,
+    extensions: Vec<String>,
+    tuning_profile: String,
+    app_db_name: String,
+    admin_user: String,
+}
+
+impl Params {
+    fn of(parameters: &Value) -> Result<Self, TaskError> {
+        let text = |key: &str, default: &str| -> Result<String, TaskError> {
+            match parameters.get(key) {
+                None | Some(Value::Null) => Ok(default.to_string()),
+                Some(Value::String(s)) => Ok(s.clone()),
+                Some(other) => Err(TaskError::fatal(format!(
+                    "parameter `{key}` must be a string, not {other}"
+                ))),
+            }
+        };
+        let tuning_profile = text("tuning_profile", "default")?;
+        if !tuning::PROFILES.contains(&tuning_profile.as_str()) {
+            return Err(TaskError::fatal(format!(
+                "parameter `tuning_profile` must be one of {}",
+                tuning::PROFILES.join(", ")
+            )));
+        }
+        let app_db_name = text("app_db_name", DEFAULT_APP_DB)?;
+        let admin_user = text("admin_user", DEFAULT_ADMIN)?;
+        for (key, value) in [("app_db_name", &app_db_name), ("admin_user", &admin_user)] {
+            if !is_plain_identifier(value) || value == "postgres" || value.starts_with("pg_") {
+                return Err(TaskError::fatal(format!(
+                    "parameter `{key}` must be 1-63 characters of a-z, 0-9 and _ (not postgres or pg_*)"
+                )));
+            }
+        }
+        let postgres_version = match parameters.get("postgres_version") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Number(n)) => Some(n.to_string()),
+            Some(other) => {
+                return Err(TaskError::fatal(format!(
+                    "parameter `postgres_version` must be a string, not {other}"
+                )));
+            }
+        };
+        Ok(Self {
+            postgres_version,
+            extensions: requested_extensions(parameters)?,
+            tuning_profile,
+            app_db_name,
+            admin_user,
+        })
+    }
+}
+
+fn is_plain_identifier(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !s.starts_with(|c: char| c.is_ascii_digit())
+}
+
+/// A step of the engine that failed on this machine (initdb, pg_ctl, files): worth another try.
+fn local(err: anyhow::Error) -> TaskError {
+    TaskError::Retryable(err)
+}
+
+impl LocalPostgres {
+    /// `servers_dir` must be absolute; `host` names this machine (see `Settings::local_host`).
+    pub fn new(servers_dir: PathBuf, host: String) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            servers_dir.is_absolute(),
+            "LOCAL_SERVERS_DIR must be absolute (got {})",
+            servers_dir.display()
+        );
+        std::fs::create_dir_all(&servers_dir).with_context(|| {
+            format!(
+                "creating the local servers folder {}",
+                servers_dir.display()
+            )
+        })?;
+        Ok(Self { servers_dir, host })
+    }
+
+    /// The folder of an instance's server.
+    pub fn server_root(&self, prefix: &str, instance_id: &str) -> PathBuf {
+        self.servers_dir
+            .join(names::instance_server(prefix, instance_id))
+    }
+
+    /// A `Wait` when the instance's server lives on another host: its workers do the job.
+    fn elsewhere<T>(&self, instance: &InstanceRow) -> Option<Progress<T>> {
+        let owner = instance
+            .details
+            .get("engine_host")
+            .and_then(Value::as_str)?;
+        (owner != self.host).then(|| Progress::Wait {
+            after: Duration::from_secs(5),
+            progress: format!("waiting for a worker on host {owner}, where the server lives"),
+        })
+    }
+
+    /// The instance's server, which must exist.
+    fn open(&self, ctx: &TaskContext<'_>, instance_id: &str) -> Result<PgServer, TaskError> {
+        let root = self.server_root(ctx.services.name_prefix(), instance_id);
+        if !root.join("data/PG_VERSION").exists() {
+            return Err(TaskError::fatal(format!(
+                "the instance's server is missing from {} on host {} (did provisioning fail?); deprovision the \
+                 instance and provision it again",
+                root.display(),
+                self.host
+            )));
+        }
+        PgServer::open(&root).map_err(local)
+    }
+}
+
+/// Superuser connect options for `database` on the server, over TLS.
+fn superuser(server: &PgServer, database: &str) -> PgConnectOptions {
+    PgConnectOptions::new()
+        .host(HOST)
+        .port(server.port)
+        .username(embedded::SUPERUSER)
+        .password(server.superuser_password().expose_secret())
+        .database(database)
+        .ssl_mode(PgSslMode::Require)
+        .application_name("berth-worker")
+}
+
+/// A self-signed certificate for 127.0.0.1/localhost (openssl CLI, EC P-256), once.
+async fn ensure_tls(server: &PgServer) -> anyhow::Result<()> {
+    let data = server.data_dir();
+    if data.join("server.crt").exists() && data.join("server.key").exists() {
+        return Ok(());
+    }
+    let (key, crt) = (
+        server.root().join("tls.key.tmp"),
+        server.root().join("tls.crt.tmp"),
+    );
+    let output = tokio::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&crt)
+        .args(["-days", "3650", "-subj", "/CN=127.0.0.1"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
+        .output()
+        .await
+        .context("running openssl to make the server's TLS certificate (is openssl installed?)")?;
+    if !output.status.success() {
+        anyhow::bail!(
+            "openssl req failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    server.write_data_file("server.key", &std::fs::read(&key)?)?;
+    server.write_data_file("server.crt", &std::fs::read(&crt)?)?;
+    let _ = std::fs::remove_file(key);
+    let _ = std::fs::remove_file(crt);
+    Ok(())
+}
+
+const HBA: &str = "# Written by berth (local engine). Apps connect over TLS with scram passwords only.\n\
+# TYPE   DATABASE  USER      ADDRESS       METHOD\n\
+local    all       postgres                trust\n\
+hostssl  all       all       127.0.0.1/32  scram-sha-256\n\
+hostssl  all       all       ::1/128       scram-sha-256\n";
+
+/// Writes pg_hba.conf and berth.conf (included from postgresql.conf); says what applying them takes.
+fn write_config(server: &PgServer, profile: &str) -> anyhow::Result<tuning::Change> {
+    let data = server.data_dir();
+    let conf = tuning::render(profile, server.port, &data);
+    let old = std::fs::read_to_string(data.join("berth.conf")).unwrap_or_default();
+    server.write_data_file("berth.conf", conf.as_bytes())?;
+    let main =
+        std::fs::read_to_string(data.join("postgresql.conf")).context("reading postgresql.conf")?;
+    let include = "include = 'berth.conf'";
+    if !main.lines().any(|l| l.trim() == include) {
+        server.write_data_file("postgresql.conf", format!("{main}\n{include}\n").as_bytes())?;
+    }
+    let hba = std::fs::read_to_string(data.join("pg_hba.conf")).unwrap_or_default();
+    if hba != HBA {
+        server.write_data_file("pg_hba.conf", HBA.as_bytes())?;
+    }
+    let change = tuning::change(&old, &conf);
+    Ok(if hba != HBA && change == tuning::Change::None {
+        tuning::Change::Reload
+    } else {
+        change
+    })
+}
+
+/// Starts the server, or applies a changed configuration to the running one.
+async fn run_with(server: &PgServer, change: tuning::Change) -> anyhow::Result<()> {
+    if !server.is_running().await {
+        return server.start().await;
+    }
+    match change {
+        tuning::Change::None => Ok(()),
+        tuning::Change::Reload => server.reload().await,
+        tuning::Change::Restart => server.restart().await,
+    }
+}
+
+/// Pids of processes whose working directory is `data` (a postmaster and its children chdir there).
+pub fn processes_in(data: &Path) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == data))
+        .collect()
+}
+
+/// Whether the server's postmaster runs: the pid in postmaster.pid is alive and works in the data folder.
+fn postmaster_alive(server: &PgServer) -> bool {
+    server.postmaster_pid().is_some_and(|pid| {
+        std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == server.data_dir())
+    })
+}
+
+/// Stops whatever runs in `root/data` (fast shutdown, then SIGKILL for anything left, such as backends
+/// orphaned by a killed postmaster) and waits until nothing does.
+async fn stop_everything(root: &Path) -> anyhow::Result<()> {
+    let data = root.join("data");
+    if let Ok(server) = PgServer::open(root)
+        && server.is_running().await
+        && let Err(e) = server.stop().await
+    {
+        warn!(error = %format!("{e:#}"), "pg_ctl stop failed; killing the server's processes");
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = processes_in(&data);
+        if left.is_empty() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("processes {left:?} in {} did not stop", data.display());
+        }
+        for pid in left {
+            let _ = tokio::process::Command::new("kill")
+                .arg("-KILL")
+                .arg(pid.to_string())
+                .status()
+                .await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Key of the advisory lock that serializes a restart by the reconcile loop and a deprovision.
+const LOCK_SQL: &str = "SELECT pg_advisory_xact_lock(hashtextextended('berth.local:' || $1, 0))";
+const TRY_LOCK_SQL: &str =
+    "SELECT pg_try_advisory_xact_lock(hashtextextended('berth.local:' || $1, 0))";
+
+/// Sets a login role's password, creating the role if needed.
+async fn ensure_login(
+    conn: &mut PgConnection,
+    role: &str,
+    attributes: &str,
+    password: &str,
+) -> Result<(), TaskError> {
+    let role_q = quote_ident(role);
+    let login = format!("LOGIN {attributes} PASSWORD {}", quote_literal(password));
+    let created = if role_exists(conn, role).await? {
+        false
+    } else {
+        exec_tolerating(
+            conn,
+            &format!("CREATE ROLE {role_q} {login}"),
+            &["42710", "23505"],
+            "creating a login role",
+        )
+        .await?
+    };
+    if !created {
+        exec(
+            conn,
+            &format!("ALTER ROLE {role_q} WITH {login}"),
+            "setting a login role's password",
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+fn credentials(
+    port: u16,
+    database: &str,
+    user: &str,
+    password: &str,
+) -> Result<Map<String, Value>, TaskError> {
+    let mut url = url::Url::parse("postgres://localhost/")
+        .map_err(|e| TaskError::fatal(format!("building the connection URL: {e}")))?;
+    let bad = || TaskError::fatal("building the connection URL: a part is not valid in a URL");
+    url.set_host(Some(HOST)).map_err(|_| bad())?;
+    url.set_port(Some(port)).map_err(|()| bad())?;
+    url.set_username(user).map_err(|()| bad())?;
+    url.set_password(Some(password)).map_err(|()| bad())?;
+    url.set_path(database);
+    url.set_query(Some("sslmode=require"));
+    let url: String = url.into();
+    let mut map = Map::new();
+    map.insert("DATABASE_URL".into(), Value::String(url.clone()));
+    map.insert("uri".into(), Value::String(url));
+    map.insert("PGHOST".into(), Value::String(HOST.into()));
+    map.insert("PGPORT".into(), Value::String(port.to_string()));
+    map.insert("PGDATABASE".into(), Value::String(database.into()));
+    map.insert("PGUSER".into(), Value::String(user.into()));
+    map.insert("PGPASSWORD".into(), Value::String(password.into()));
+    map.insert("PGSSLMODE".into(), Value::String("require".into()));
+    Ok(map)
+}
+
+#[async_trait]
+impl Provider for LocalPostgres {
+    async fn provision(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+    ) -> Result<Progress<Provisioned>, TaskError> {
+        if let Some(wait) = self.elsewhere(instance) {
+            return Ok(wait);
+        }
+        let params = Params::of(&instance.parameters)?;
+        // Claim the instance for this host before anything exists, so a retry elsewhere waits for us.
+        instances::merge_details(ctx.pool, &instance.id, &json!({ "engine_host": self.host }))
+            .await
+            .context("recording the instance's host")?;
+        let bin_dir = match &params.postgres_version {
+            Some(version) => embedded::bin_dir_for_version(version)
+                .map_err(|e| TaskError::Fatal(e.context("parameter `postgres_version`")))?,
+            None => embedded::find_bin_dir()
+                .map_err(|e| TaskError::Fatal(e.context("the local engine")))?,
+        };
+        let root = self.server_root(ctx.services.name_prefix(), &instance.id);
+        let server = PgServer::ensure_initialized(&root, Some(bin_dir))
+            .await
+            .context("creating the server (initdb)")
+            .map_err(local)?;
+        ensure_tls(&server)
+            .await
+            .context("making the server's TLS certificate")
+            .map_err(local)?;
+        let change = write_config(&server, &params.tuning_profile)
+            .context("writing the server's configuration")?;
+        run_with(&server, change)
+            .await
+            .context("starting the server")
+            .map_err(local)?;
+
+        let prefix = ctx.services.name_prefix();
+        let owner = names::instance_owner_role(prefix, &instance.id);
+        let admin_password = random_password(32);
+        let mut su = connect(
+            &superuser(&server, "postgres"),
+            "connecting to the instance's server",
+        )
+        .await?;
+        ensure_role(
+            &mut su,
+            &owner,
+            "NOLOGIN",
+            "creating the app database's owner role",
+        )
+        .await?;
+        // CREATEDB but not CREATEROLE: on PostgreSQL 15 CREATEROLE could grant pg_execute_server_program.
+        ensure_login(&mut su, &params.admin_user, "CREATEDB", &admin_password).await?;
+        exec(
+            &mut su,
+            &format!(
+                "GRANT {} TO {}",
+                quote_ident(&owner),
+                quote_ident(&params.admin_user)
+            ),
+            "making the admin user a member of the owner role",
+        )
+        .await?;
+        ensure_database(&mut su, &params.app_db_name, &owner).await?;
+        exec(
+            &mut su,
+            &format!(
+                "REVOKE ALL ON DATABASE {} FROM PUBLIC",
+                quote_ident(&params.app_db_name)
+            ),
+            "closing the app database to other roles",
+        )
+        .await?;
+        drop(su);
+        let mut db = connect(
+            &superuser(&server, &params.app_db_name),
+            "connecting to the app database",
+        )
+        .await?;
+        exec(
+            &mut db,
+            &format!("ALTER SCHEMA public OWNER TO {}", quote_ident(&owner)),
+            "handing the public schema to the owner role",
+        )
+        .await?;
+        create_extensions(&mut db, &params.extensions).await?;
+        drop(db);
+
+        let version = server.version().map_err(local)?;
+        Ok(Progress::Done(Provisioned {
+            details: json!({
+                "engine_host": self.host,
+                "server_dir": root.display().to_string(),
+                "host": HOST,
+                "port": server.port,
+                "postgres_version": version,
+                "app_db_name": params.app_db_name,
+                "admin_user": params.admin_user,
+                "owner_role": owner,
+                "tuning_profile": params.tuning_profile,
+                "tls": true,
+                "ready_at": chrono::Utc::now(),
+                "restarts": 0,
+            }),
+            secrets: Some(json!({ "admin_password": admin_password })),
+        }))
+    }
+
+    async fn update(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+        update: &UpdatePayload,
+    ) -> Result<Progress<()>, TaskError> {
+        if update.plan_id != instance.plan_id {
+            return Err(TaskError::fatal(
+                "an instance cannot move between the dedicated plan and another: provision a new instance",
+            ));
+        }
+        if let Some(wait) = self.elsewhere(instance) {
+            return Ok(wait);
+        }
+        let params = Params::of(&update.parameters)?;
+        let server = self.open(ctx, &instance.id)?;
+        let change = write_config(&server, &params.tuning_profile)
+            .context("writing the server's configuration")?;
+        run_with(&server, change)
+            .await
+            .context("applying the server's configuration")
+            .map_err(local)?;
+        if !params.extensions.is_empty() {
+            let database = instance
+                .details
+                .get("app_db_name")
+                .and_then(Value::as_str)
+                .unwrap_or(DEFAULT_APP_DB);
+            let mut db = connect(
+                &superuser(&server, database),
+                "connecting to the app database",
+            )
+            .await?;
+            create_extensions(&mut db, &params.extensions).await?;
+        }
+        instances::merge_details(
+            ctx.pool,
+            &instance.id,
+            &json!({ "tuning_profile": params.tuning_profile }),
+        )
+        .await
+        .context("recording the applied tuning profile")?;
+        Ok(Progress::Done(()))
+    }
+
+    async fn deprovision(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+        _bindings: &[BindingRow],
+    ) -> Result<Progress<()>, TaskError> {
+        if let Some(wait) = self.elsewhere(instance) {
+            return Ok(wait);
+        }
+        let root = self.server_root(ctx.services.name_prefix(), &instance.id);
+        // Held until the folder is gone, so the reconcile loop cannot start the server again meanwhile.
+        let mut tx = ctx
+            .pool
+            .begin()
+            .await
+            .context("locking the instance against the reconcile loop")?;
+        sqlx::query(LOCK_SQL)
+            .bind(&instance.id)
+            .execute(&mut *tx)
+            .await
+            .context("locking the instance against the reconcile loop")?;
+        if root.exists() {
+            stop_everything(&root)
+                .await
+                .context("stopping the server")
+                .map_err(local)?;
+            std::fs::remove_dir_all(&root)
+                .with_context(|| format!("removing {}", root.display()))
+                .map_err(local)?;
+        }
+        tx.commit().await.context("releasing the instance lock")?;
+        Ok(Progress::Done(()))
+    }
+
+    async fn bind(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+        binding: &BindingRow,
+    ) -> Result<Progress<Bound>, TaskError> {
+        if let Some(wait) = self.elsewhere(instance) {
+            return Ok(wait);
+        }
+        let access = Access::of(binding)?;
+        let server = self.open(ctx, &instance.id)?;
+        let database = instance
+            .details
+            .get("app_db_name")
+            .and_then(Value::as_str)
+            .unwrap_or(DEFAULT_APP_DB);
+        let owner = names::instance_owner_role(ctx.services.name_prefix(), &instance.id);
+        let role = names::binding_role(ctx.services.name_prefix(), &binding.id);
+        let (role_q, owner_q, db_q) = (
+            quote_ident(&role),
+            quote_ident(&owner),
+            quote_ident(database),
+        );
+        let password = random_password(32);
+
+        let mut su = connect(
+            &superuser(&server, "postgres"),
+            "connecting to the instance's server",
+        )
+        .await?;
+        if !database_exists(&mut su, database).await? || !role_exists(&mut su, &owner).await? {
+            return Err(TaskError::fatal(format!(
+                "the app database {database} is missing on the instance's server (did provisioning fail?); \
+                 deprovision the instance and provision it again"
+            )));
+        }
+        ensure_login(&mut su, &role, "", &password).await?;
+        match access {
+            Access::ReadWrite => {
+                exec(
+                    &mut su,
+                    &format!("GRANT {owner_q} TO {role_q}"),
+                    "making the binding role a member of the owner role",
+                )
+                .await?;
+                exec(
+                    &mut su,
+                    &format!("ALTER ROLE {role_q} SET role = {}", quote_literal(&owner)),
+                    "making the binding act as the owner role",
+                )
+                .await?;
+            }
+            Access::ReadOnly => {
+                exec(
+                    &mut su,
+                    &format!("ALTER ROLE {role_q} SET default_transaction_read_only = on"),
+                    "making the binding role read-only",
+                )
+                .await?;
+            }
+        }
+        exec(
+            &mut su,
+            &format!("GRANT CONNECT ON DATABASE {db_q} TO {role_q}"),
+            "letting the binding role connect",
+        )
+        .await?;
+        drop(su);
+        if access == Access::ReadOnly {
+            let mut db = connect(
+                &superuser(&server, database),
+                "connecting to the app database",
+            )
+            .await?;
+            let grants = format!(
+                "GRANT USAGE ON SCHEMA public TO {role_q};
+                 GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role_q};
+                 GRANT SELECT ON ALL SEQUENCES IN SCHEMA public TO {role_q};
+                 ALTER DEFAULT PRIVILEGES FOR ROLE {owner_q} IN SCHEMA public GRANT SELECT ON TABLES TO {role_q};
+                 ALTER DEFAULT PRIVILEGES FOR ROLE {owner_q} IN SCHEMA public GRANT SELECT ON SEQUENCES TO {role_q};"
+            );
+            exec(
+                &mut db,
+                &grants,
+                "granting the read-only binding role SELECT on the app database's tables",
+            )
+            .await?;
+        }
+        let credentials = credentials(server.port, database, &role, &password)?;
+        Ok(Progress::Done(Bound {
+            details: json!({
+                "endpoints": [{ "host": HOST, "ports": [server.port.to_string()] }],
+                "role": role,
+                "database": database,
+                "access": access.as_str(),
+            }),
+            credentials,
+        }))
+    }
+
+    async fn unbind(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+        binding: &BindingRow,
+    ) -> Result<Progress<()>, TaskError> {
+        if let Some(wait) = self.elsewhere(instance) {
+            return Ok(wait);
+        }
+        let root = self.server_root(ctx.services.name_prefix(), &instance.id);
+        if !root.join("data/PG_VERSION").exists() {
+            return Ok(Progress::Done(()));
+        }
+        let server = PgServer::open(&root).map_err(local)?;
+        if !server.is_running().await {
+            server
+                .start()
+                .await
+                .context("starting the server")
+                .map_err(local)?;
+        }
+        let database = instance
+            .details
+            .get("app_db_name")
+            .and_then(Value::as_str)
+            .unwrap_or(DEFAULT_APP_DB);
+        let owner = names::instance_owner_role(ctx.services.name_prefix(), &instance.id);
+        let role = names::binding_role(ctx.services.name_prefix(), &binding.id);
+        let mut su = connect(
+            &superuser(&server, "postgres"),
+            "connecting to the instance's server",
+        )
+        .await?;
+        if !role_exists(&mut su, &role).await? {
+            return Ok(Progress::Done(()));
+        }
+        lock_out(&mut su, &role).await?;
+        if database_exists(&mut su, database).await? {
+            let mut db = connect(
+                &superuser(&server, database),
+                "connecting to the app database",
+            )
+            .await?;
+            exec(
+                &mut db,
+                &format!(
+                    "REASSIGN OWNED BY {} TO {}",
+                    quote_ident(&role),
+                    quote_ident(&owner)
+                ),
+                "handing the binding role's objects to the owner role",
+            )
+            .await?;
+            exec(
+                &mut db,
+                &format!("DROP OWNED BY {}", quote_ident(&role)),
+                "revoking the binding role's privileges",
+            )
+            .await?;
+        }
+        drop_role(&mut su, &role, "dropping the binding role").await?;
+        Ok(Progress::Done(()))
+    }
+
+    async fn reconcile(&self, pool: &PgPool, services: &Services) -> anyhow::Result<()> {
+        let plan_ids = services.plan_ids_of_engine(ENGINE);
+        if plan_ids.is_empty() {
+            return Ok(());
+        }
+        let ready = instances::list_ready_on_host(pool, &plan_ids, &self.host)
+            .await
+            .context("listing the local instances")?;
+        for instance in ready {
+            let root = self.server_root(services.name_prefix(), &instance.id);
+            if !root.join("data/PG_VERSION").exists() {
+                warn!(instance_id = %instance.id, dir = %root.display(), "the instance's server folder is missing");
+                continue;
+            }
+            let server = match PgServer::open(&root) {
+                Ok(server) => server,
+                Err(e) => {
+                    warn!(instance_id = %instance.id, error = %format!("{e:#}"), "cannot open the instance's server");
+                    continue;
+                }
+            };
+            if postmaster_alive(&server) {
+                continue;
+            }
+            if let Err(e) = self.recover(pool, &instance, &server).await {
+                warn!(instance_id = %instance.id, error = %format!("{e:#}"), "restarting a stopped server failed; will try again");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl LocalPostgres {
+    /// Restarts a stopped server under the instance's advisory lock, unless an operation took the instance
+    /// meanwhile (or another worker holds the lock), and records it in the instance's details.
+    async fn recover(
+        &self,
+        pool: &PgPool,
+        instance: &InstanceRow,
+        server: &PgServer,
+    ) -> anyhow::Result<()> {
+        let mut tx = pool.begin().await?;
+        let locked: bool = sqlx::query_scalar(TRY_LOCK_SQL)
+            .bind(&instance.id)
+            .fetch_one(&mut *tx)
+            .await?;
+        if !locked {
+            return Ok(());
+        }
+        let busy = tasks::active_operations(&mut *tx, &instance.id)
+            .await?
+            .iter()
+            .any(|t| t.binding_id.is_none());
+        let Some(current) = instances::get(&mut *tx, &instance.id).await? else {
+            return Ok(());
+        };
+        if busy || postmaster_alive(server) {
+            return Ok(());
+        }
+        warn!(instance_id = %instance.id, port = server.port, "the instance's server is not running; starting it");
+        // Backends orphaned by a killed postmaster hold its shared memory: end them first.
+        stop_everything(server.root()).await?;
+        server.start().await?;
+        let restarts = current
+            .details
+            .get("restarts")
+            .and_then(Value::as_i64)
+            .unwrap_or(0)
+            + 1;
+        instances::merge_details(
+            &mut *tx,
+            &instance.id,
+            &json!({ "last_recovered_at": chrono::Utc::now(), "restarts": restarts }),
+        )
+        .await?;
+        tx.commit().await?;
+        info!(instance_id = %instance.id, restarts, "the instance's server runs again");
+        Ok(())
+    }
+}
