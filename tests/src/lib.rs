@@ -25,6 +25,8 @@ pub struct Stack {
     /// URL of this stack's broker database.
     pub broker_db_url: String,
     pub name_prefix: String,
+    /// Where the worker keeps `local` engine servers (`dedicated` plan).
+    pub servers_dir: PathBuf,
     pub http: reqwest::Client,
     api: Child,
     worker: Child,
@@ -76,6 +78,7 @@ impl Stack {
         let username = "e2e".to_string();
         let password = broker::crypto::random_password(24);
         let name_prefix = format!("e2e{}_", &tag[..6]);
+        let servers_dir = dir.join("servers");
         let env: Vec<(&str, String)> = vec![
             ("DATABASE_URL", broker_db_url.clone()),
             ("SHARED_POSTGRES_URL", admin_url.clone()),
@@ -87,6 +90,9 @@ impl Stack {
             ("PORT", port.to_string()),
             ("BIND_ADDRESS", "127.0.0.1".into()),
             ("WORKER_POLL_MS", "500".into()),
+            ("LOCAL_ENGINE", "on".into()),
+            ("LOCAL_SERVERS_DIR", servers_dir.display().to_string()),
+            ("RECONCILE_INTERVAL_MS", "500".into()),
             ("RUST_LOG", "info".into()),
         ];
         let bins = bin_dir();
@@ -109,6 +115,7 @@ impl Stack {
             admin_url,
             broker_db_url,
             name_prefix,
+            servers_dir,
             http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?,
             api,
             worker,
@@ -185,8 +192,26 @@ impl Stack {
         let _ = self.worker.start_kill();
         let _ = self.api.wait().await;
         let _ = self.worker.wait().await;
+        // Servers a failed test left behind.
+        if let Ok(entries) = std::fs::read_dir(&self.servers_dir) {
+            for entry in entries.flatten() {
+                for pid in processes_in(&entry.path().join("data")) {
+                    let _ = std::process::Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+                }
+            }
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Pids of processes working in `dir` (a Postgres postmaster and its children chdir to their data folder).
+pub fn processes_in(dir: &std::path::Path) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == dir))
+        .collect()
 }
 
 pub fn free_port() -> anyhow::Result<u16> {

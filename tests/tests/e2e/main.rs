@@ -1,3 +1,4 @@
 //! End to end: the real binaries over HTTP against a real Postgres.
 
+mod dedicated_local;
 mod shared_lifecycle;
