@@ -98,10 +98,10 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
             added += n;
         }
         let enqueue_secs = t_enqueue.elapsed().as_secs_f64();
-        // Settle: statistics for the planner, dirty pages flushed, so the timed part starts from a quiet server.
-        sqlx::raw_sql("ANALYZE tasks; CHECKPOINT")
-            .execute(&mut db)
-            .await?;
+        // Settle: vacuumed (so autovacuum does not start mid-run), statistics for the planner, dirty pages flushed.
+        for settle in ["VACUUM (ANALYZE) tasks", "CHECKPOINT"] {
+            sqlx::raw_sql(settle).execute(&mut db).await?;
+        }
         let cutoff: String = sqlx::query_scalar(
             "SELECT run_at::text FROM tasks WHERE state = 'pending'
              ORDER BY run_at OFFSET $1 - 1 LIMIT 1",
