@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Runs every test on a fresh machine: installs what is missing, starts a private Postgres on a free port
-# (unless BERTH_TEST_DATABASE_URL names a superuser URL to use instead), builds, runs the whole suite
-# with cargo-nextest, and stops what it started.
+# (unless BERTH_TEST_DATABASE_URL names a superuser URL to use instead) and the S3 peers (moto with IAM
+# enforced, SeaweedFS), builds, runs the whole suite with cargo-nextest, and stops what it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 source scripts/lib/pg.sh
+source scripts/lib/s3peers.sh
 
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/berth-target}
 export SQLX_OFFLINE=true
@@ -20,6 +21,7 @@ fi
 workdir=$(mktemp -d /tmp/berth-test.XXXXXX)
 chmod 755 "$workdir"
 cleanup() {
+  s3peers_stop "$workdir/s3"
   pg_stop "$workdir/pg"
   rm -rf "$workdir"
 }
@@ -33,6 +35,12 @@ else
   export DATABASE_URL=$PG_URL
 fi
 echo "test Postgres: 127.0.0.1:${PG_PORT:-external}" >&2
+
+# S3 peers for the s3 engine's tests: moto (AWS S3 + IAM) and SeaweedFS (S3-compatible, with IAM).
+s3peers_ensure_installed
+moto_start "$workdir/s3"
+weed_start "$workdir/s3"
+echo "test moto: $BERTH_TEST_MOTO_URL, SeaweedFS: $BERTH_TEST_S3_COMPAT_URL" >&2
 
 # The end-to-end suite starts the real binaries, so build them first.
 cargo build --locked --workspace --bins

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// Engines berth knows. A plan names one; the plan is published only where its engine is configured.
-pub const KNOWN_ENGINES: &[&str] = &["shared", "local"];
+pub const KNOWN_ENGINES: &[&str] = &["s3", "shared", "local"];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -37,6 +37,10 @@ pub struct Service {
     pub metadata: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dashboard_client: Option<Value>,
+    /// berth's own, never published: features (of those plans list in `features`) that cannot be turned off
+    /// once on, each with the reason a person is told when a plan change would drop it.
+    #[serde(default, skip_serializing)]
+    pub one_way_features: std::collections::BTreeMap<String, String>,
     pub plans: Vec<Plan>,
 }
 
@@ -49,6 +53,9 @@ pub struct Plan {
     /// Which engine carries the plan out. berth's own field: never published.
     #[serde(skip_serializing)]
     pub engine: String,
+    /// berth's own, never published: what the engine turns on for this plan (`versioning`, `encryption`).
+    #[serde(default, skip_serializing)]
+    pub features: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<Value>,
     #[serde(default = "yes")]
@@ -131,6 +138,19 @@ impl PlanRef<'_> {
     }
     pub fn plan_updateable(&self) -> bool {
         self.plan.plan_updateable.unwrap_or(self.service.plan_updateable)
+    }
+    pub fn has_feature(&self, feature: &str) -> bool {
+        self.plan.features.iter().any(|f| f == feature)
+    }
+    /// Why moving from this plan to `target` is impossible: a one-way feature this plan has and `target`
+    /// lacks. `None` when the change can be made.
+    pub fn cannot_change_to(&self, target: &Plan) -> Option<String> {
+        self.plan
+            .features
+            .iter()
+            .filter(|f| !target.features.contains(f))
+            .find_map(|f| self.service.one_way_features.get(f))
+            .map(|why| format!("plan {:?} cannot change to plan {:?}: {why}", self.plan.name, target.name))
     }
 }
 

@@ -49,6 +49,29 @@ pub struct Settings {
     /// Connections in the pool of each process.
     #[serde(default = "default_db_pool_size")]
     pub database_pool_size: u32,
+    /// AWS, read the way the SDK's standard chain reads it. The API only looks at which are present (it never
+    /// links the SDK); the worker hands them to the SDK, which also reads profiles and roles itself.
+    pub aws_region: Option<String>,
+    pub aws_access_key_id: Option<String>,
+    pub aws_secret_access_key: Option<SecretString>,
+    pub aws_session_token: Option<SecretString>,
+    pub aws_profile: Option<String>,
+    pub aws_web_identity_token_file: Option<String>,
+    pub aws_container_credentials_full_uri: Option<String>,
+    pub aws_container_credentials_relative_uri: Option<String>,
+    /// Another endpoint for every AWS service (moto, LocalStack); apps get it as `S3_ENDPOINT`.
+    pub aws_endpoint_url: Option<String>,
+    /// KMS key (id or ARN) for `encrypted` S3 plans on AWS; unset = SSE-S3 (AES256).
+    pub s3_kms_key_id: Option<String>,
+    /// An S3-compatible store (SeaweedFS, MinIO, Garage, R2): endpoint URL and admin keys.
+    pub s3_compatible_endpoint: Option<String>,
+    pub s3_compatible_access_key: Option<SecretString>,
+    pub s3_compatible_secret_key: Option<SecretString>,
+    #[serde(default = "default_s3_compatible_region")]
+    pub s3_compatible_region: String,
+    /// The store's IAM-style identity API (SeaweedFS: the S3 endpoint itself); unset = bindings share the
+    /// configured keys.
+    pub s3_compatible_iam_endpoint: Option<String>,
     /// `LOCAL_ENGINE=on`: serve plans on the `local` engine (a Postgres server per instance on the worker's
     /// machine). Off unless set; the embedded default turns it on.
     #[serde(default)]
@@ -93,8 +116,20 @@ fn default_poll_ms() -> u64 {
 fn default_db_pool_size() -> u32 {
     16
 }
+fn default_s3_compatible_region() -> String {
+    "us-east-1".into()
+}
 fn default_reconcile_ms() -> u64 {
     5000
+}
+
+/// The store behind the `s3` plans (see [`Settings::s3_backend`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum S3Backend {
+    /// AWS S3 and IAM through the SDK's standard chain (or any endpoint given by `AWS_ENDPOINT_URL`).
+    Aws,
+    /// `S3_COMPATIBLE_ENDPOINT` with admin keys.
+    Compatible,
 }
 
 impl Settings {
@@ -133,6 +168,9 @@ impl Settings {
         if self.shared_postgres_url.is_some() {
             engines.push("shared");
         }
+        if self.s3_backend().is_some() {
+            engines.push("s3");
+        }
         if self.local_engine {
             engines.push("local");
         }
@@ -159,6 +197,28 @@ impl Settings {
                 .or_else(|| std::env::var("HOSTNAME").ok())
                 .unwrap_or_else(|| "localhost".into())
         })
+    }
+
+    /// Where the `s3` plans make their buckets. An S3-compatible store, when configured, wins over AWS: its
+    /// settings are berth's own and name a store for buckets, while AWS settings may be there for other
+    /// engines (EC2). AWS counts as configured with a region and a credential source the chain can use.
+    pub fn s3_backend(&self) -> Option<S3Backend> {
+        let compatible = self.s3_compatible_endpoint.is_some()
+            && self.s3_compatible_access_key.is_some()
+            && self.s3_compatible_secret_key.is_some();
+        let aws = self.aws_region.is_some()
+            && (self.aws_access_key_id.is_some()
+                || self.aws_profile.is_some()
+                || self.aws_web_identity_token_file.is_some()
+                || self.aws_container_credentials_full_uri.is_some()
+                || self.aws_container_credentials_relative_uri.is_some());
+        if compatible {
+            Some(S3Backend::Compatible)
+        } else if aws {
+            Some(S3Backend::Aws)
+        } else {
+            None
+        }
     }
 
     /// The key file: the configured one, or `<data dir>/master.key`.

@@ -47,6 +47,22 @@ pub fn binding_role(prefix: &str, binding_id: &str) -> String {
     format!("{prefix}bnd_{}", short_hash(binding_id))
 }
 
+/// Bucket of an `s3` instance: the prefix (`_` as `-`) and the id's hash, 3-63 characters of a-z, 0-9 and
+/// `-`, valid in every region. Prefixes S3 reserves (`xn--`, `sthree-`, `amzn-s3-demo-`) get a `b` in front.
+pub fn bucket_name(prefix: &str, instance_id: &str) -> String {
+    let name = format!("{}{}", prefix.replace('_', "-"), short_hash(instance_id));
+    if ["xn--", "sthree-", "amzn-s3-demo-"].iter().any(|p| name.starts_with(p)) {
+        format!("b{name}")
+    } else {
+        name
+    }
+}
+
+/// IAM user of one `s3` binding (64 characters at most, IAM's limit).
+pub fn binding_user(prefix: &str, binding_id: &str) -> String {
+    format!("{}bnd-{}", prefix.replace('_', "-"), short_hash(binding_id))
+}
+
 /// Quotes a Postgres identifier. Every name reaching SQL text goes through here.
 pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
@@ -69,6 +85,16 @@ mod tests {
         assert!(db.len() <= 63, "{db}");
         assert_ne!(db, instance_database("berth_", "other"));
         assert!(binding_role(&"p".repeat(MAX_PREFIX), &id).len() <= 63);
+    }
+
+    #[test]
+    fn bucket_names_are_valid_everywhere() {
+        let name = bucket_name("berth_", "some-instance");
+        assert!(name.starts_with("berth-") && name.len() <= 63, "{name}");
+        assert!(name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'));
+        assert!(bucket_name(&"p".repeat(MAX_PREFIX), "x").len() <= 63);
+        assert!(bucket_name("xn__", "x").starts_with("bxn--"));
+        assert!(binding_user(&"p".repeat(MAX_PREFIX), "x").len() <= 64);
     }
 
     #[test]

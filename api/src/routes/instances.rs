@@ -295,6 +295,13 @@ async fn update(
                 "the plan of service instance {instance_id} cannot be changed (its plan is not plan_updateable)"
             )));
         }
+        // A change the engine cannot make (turning S3 versioning off) is refused now, not queued to fail.
+        if let Some(why) = catalog
+            .plan_by_id(&row.plan_id)
+            .and_then(|current| current.cannot_change_to(target.plan))
+        {
+            return Err(ApiError::Unprocessable(why));
+        }
     }
     // Only parameters the request carries are checked: an update without any (a plan or context change)
     // must not fail a schema's `required`.

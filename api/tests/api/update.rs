@@ -214,3 +214,42 @@ async fn a_resent_update_is_202_with_the_same_operation(pool: PgPool) {
     assert_unchanged!(app, app.update("i-1", &other).await)
         .assert_osb_error(StatusCode::UNPROCESSABLE_ENTITY, Some("ConcurrencyError"));
 }
+
+/// s3: versioning and encryption can be turned on by a plan change, never off (S3 cannot), and the refusal
+/// is synchronous, driven by the catalog's `one_way_features`.
+#[sqlx::test(migrator = "broker::MIGRATOR")]
+async fn s3_plan_changes_that_s3_cannot_make_are_422(pool: PgPool) {
+    const S3: &str = "6f0c2f4e-3b1a-4c55-9d0e-8a4b7c2e1f01";
+    const BASIC: &str = "b1c7a3e0-52d4-4f0a-8e61-3d2f9a7c5b11";
+    const VERSIONED: &str = "c2d8b4f1-63e5-4a1b-9f72-4e3a0b8d6c22";
+    const ENCRYPTED: &str = "d3e9c5a2-74f6-4b2c-8a83-5f4b1c9e7d33";
+    const BOTH: &str = "e4fad6b3-8507-4c3d-9b94-6a5c2daf8e44";
+    let app = TestApp::new(pool);
+    let provision = |plan: &str| json!({"service_id": S3, "plan_id": plan, "organization_guid": "o", "space_guid": "s"});
+    for (id, plan) in [("v", VERSIONED), ("e", ENCRYPTED)] {
+        let op = app.provision(id, &provision(plan)).await.operation();
+        app.finish(&op, "succeeded", None).await;
+    }
+    for (id, to, what) in [
+        ("v", BASIC, "versioning"),
+        ("v", ENCRYPTED, "versioning"),
+        ("e", BASIC, "encrypted"),
+    ] {
+        let d = assert_unchanged!(
+            app,
+            app.update(id, &json!({"service_id": S3, "plan_id": to}))
+                .await
+        )
+        .assert_osb_error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("UnprocessableEntity"),
+        );
+        assert!(d.contains(what), "{d}");
+    }
+    // Turning a feature on is allowed: versioned -> encrypted-versioned.
+    let op = app
+        .update("v", &json!({"service_id": S3, "plan_id": BOTH}))
+        .await
+        .operation();
+    assert_eq!(payload(&app, &op).await.plan_id, BOTH);
+}

@@ -2,6 +2,7 @@
 //! engine and picks it by the plan's `engine` field in the catalog.
 
 pub mod local_postgres;
+pub mod s3;
 pub mod shared_postgres;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
@@ -110,6 +111,10 @@ pub fn configured(settings: &Settings) -> anyhow::Result<HashMap<String, Arc<dyn
     if settings.local_engine {
         let provider = local_postgres::LocalPostgres::new(settings.servers_dir(), settings.local_host())?;
         providers.insert(local_postgres::ENGINE.to_string(), Arc::new(provider));
+    }
+    if let Some(backend) = settings.s3_backend() {
+        let provider = s3::S3Provider::new(settings, backend)?;
+        providers.insert(s3::ENGINE.to_string(), Arc::new(provider));
     }
     Ok(providers)
 }

@@ -4,5 +4,6 @@ mod crash;
 mod helpers;
 mod local_postgres;
 mod queue;
+mod s3;
 mod shared_postgres;
 mod webhook;

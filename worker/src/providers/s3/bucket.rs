@@ -1,0 +1,487 @@
+//! Bucket operations: create, configure (tags, public access, versioning, lifecycle, encryption, CORS),
+//! empty and delete. Each checks or tolerates what exists, so a retry after a crash finishes the job.
+
+use aws_sdk_s3::{
+    Client,
+    types::{
+        AbortIncompleteMultipartUpload, BucketLifecycleConfiguration, BucketLocationConstraint,
+        BucketVersioningStatus, CorsConfiguration, CorsRule, CreateBucketConfiguration, Delete,
+        ExpirationStatus, LifecycleExpiration, LifecycleRule, LifecycleRuleFilter,
+        NoncurrentVersionExpiration, NoncurrentVersionTransition, ObjectIdentifier,
+        PublicAccessBlockConfiguration, ServerSideEncryption, ServerSideEncryptionByDefault,
+        ServerSideEncryptionConfiguration, ServerSideEncryptionRule, Tag, Tagging,
+        TransitionStorageClass, VersioningConfiguration,
+    },
+};
+use serde_json::{Value, json};
+
+use super::{Store, errors::code};
+use crate::{context::TaskContext, registry::TaskError};
+
+/// What a plan and its parameters ask of a bucket.
+#[derive(Debug, Clone)]
+pub struct BucketSpec {
+    pub versioning: bool,
+    pub encryption: bool,
+    pub public_read: bool,
+    pub cors: Option<Vec<Value>>,
+    pub lifecycle: Value,
+    pub tags: Vec<(String, String)>,
+}
+
+fn build_err(what: &str) -> impl Fn(aws_sdk_s3::error::BuildError) -> TaskError + '_ {
+    move |e| TaskError::fatal(format!("{what}: {e}"))
+}
+
+/// Creates the bucket unless this account has it already.
+pub async fn create(
+    store: &Store,
+    s3: &Client,
+    bucket: &str,
+    region: &str,
+) -> Result<(), TaskError> {
+    let mut request = s3.create_bucket().bucket(bucket);
+    // us-east-1 takes no location constraint (it refuses one); every other region needs it.
+    if region != "us-east-1" {
+        request = request.create_bucket_configuration(
+            CreateBucketConfiguration::builder()
+                .location_constraint(BucketLocationConstraint::from(region))
+                .build(),
+        );
+    }
+    match request.send().await {
+        Ok(_) => Ok(()),
+        Err(e) if code(&e).as_deref() == Some("BucketAlreadyOwnedByYou") => Ok(()),
+        Err(e) => Err(store.classify(e, "creating the bucket")),
+    }
+}
+
+/// Applies tags, public access, versioning, lifecycle, encryption and CORS. Turning versioning or encryption
+/// on is all an update can do to them (the API refuses plan changes that would turn them off).
+pub async fn configure(
+    store: &Store,
+    s3: &Client,
+    bucket: &str,
+    spec: &BucketSpec,
+) -> Result<(), TaskError> {
+    let mut tags = Vec::new();
+    for (k, v) in &spec.tags {
+        tags.push(
+            Tag::builder()
+                .key(k)
+                .value(v)
+                .build()
+                .map_err(build_err("building a bucket tag"))?,
+        );
+    }
+    s3.put_bucket_tagging()
+        .bucket(bucket)
+        .tagging(
+            Tagging::builder()
+                .set_tag_set(Some(tags))
+                .build()
+                .map_err(build_err("building the tags"))?,
+        )
+        .send()
+        .await
+        .map_err(|e| store.classify(e, "tagging the bucket"))?;
+
+    if spec.public_read {
+        tolerate_unsupported(
+            s3.delete_public_access_block()
+                .bucket(bucket)
+                .send()
+                .await
+                .map(|_| ()),
+            store,
+            "lifting the bucket's public-access block",
+        )?;
+        let policy = json!({
+            "Version": "2012-10-17",
+            "Statement": [{ "Sid": "BerthPublicRead", "Effect": "Allow", "Principal": "*",
+                            "Action": "s3:GetObject", "Resource": format!("arn:aws:s3:::{bucket}/*") }]
+        });
+        s3.put_bucket_policy()
+            .bucket(bucket)
+            .policy(policy.to_string())
+            .send()
+            .await
+            .map_err(|e| store.classify(e, "making the bucket's objects publicly readable"))?;
+    } else {
+        match s3.delete_bucket_policy().bucket(bucket).send().await {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    code(&e).as_deref(),
+                    Some("NoSuchBucketPolicy" | "NotImplemented")
+                ) => {}
+            Err(e) => return Err(store.classify(e, "removing the bucket's public-read policy")),
+        }
+        let block = PublicAccessBlockConfiguration::builder()
+            .block_public_acls(true)
+            .ignore_public_acls(true)
+            .block_public_policy(true)
+            .restrict_public_buckets(true)
+            .build();
+        tolerate_unsupported(
+            s3.put_public_access_block()
+                .bucket(bucket)
+                .public_access_block_configuration(block)
+                .send()
+                .await
+                .map(|_| ()),
+            store,
+            "blocking public access to the bucket",
+        )?;
+    }
+
+    if spec.versioning {
+        s3.put_bucket_versioning()
+            .bucket(bucket)
+            .versioning_configuration(
+                VersioningConfiguration::builder()
+                    .status(BucketVersioningStatus::Enabled)
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| store.classify(e, "turning versioning on"))?;
+    }
+    if let Some(rule) = lifecycle_rule(spec, store.is_aws)? {
+        let config = BucketLifecycleConfiguration::builder()
+            .rules(rule)
+            .build()
+            .map_err(build_err("building the lifecycle"))?;
+        s3.put_bucket_lifecycle_configuration()
+            .bucket(bucket)
+            .lifecycle_configuration(config)
+            .send()
+            .await
+            .map_err(|e| store.classify(e, "setting the bucket's lifecycle"))?;
+    }
+
+    if spec.encryption {
+        let default = match &store.kms_key_id {
+            Some(key) => ServerSideEncryptionByDefault::builder()
+                .sse_algorithm(ServerSideEncryption::AwsKms)
+                .kms_master_key_id(key),
+            None => {
+                ServerSideEncryptionByDefault::builder().sse_algorithm(ServerSideEncryption::Aes256)
+            }
+        }
+        .build()
+        .map_err(build_err("building the encryption settings"))?;
+        let rule = ServerSideEncryptionRule::builder()
+            .apply_server_side_encryption_by_default(default)
+            .bucket_key_enabled(store.kms_key_id.is_some())
+            .build();
+        s3.put_bucket_encryption()
+            .bucket(bucket)
+            .server_side_encryption_configuration(
+                ServerSideEncryptionConfiguration::builder()
+                    .rules(rule)
+                    .build()
+                    .map_err(build_err("building the encryption settings"))?,
+            )
+            .send()
+            .await
+            .map_err(|e| store.classify(e, "turning server-side encryption on"))?;
+    }
+
+    match &spec.cors {
+        Some(rules) if !rules.is_empty() => {
+            let mut built = Vec::new();
+            for rule in rules {
+                built.push(cors_rule(rule)?);
+            }
+            s3.put_bucket_cors()
+                .bucket(bucket)
+                .cors_configuration(
+                    CorsConfiguration::builder()
+                        .set_cors_rules(Some(built))
+                        .build()
+                        .map_err(build_err("building the CORS rules"))?,
+                )
+                .send()
+                .await
+                .map_err(|e| store.classify(e, "setting the bucket's CORS rules"))?;
+        }
+        Some(_) => {
+            s3.delete_bucket_cors()
+                .bucket(bucket)
+                .send()
+                .await
+                .map_err(|e| store.classify(e, "removing the bucket's CORS rules"))?;
+        }
+        None => {}
+    }
+    Ok(())
+}
+
+/// Public-access blocks are an AWS feature; a store without them has nothing to block or lift.
+fn tolerate_unsupported<E, R>(
+    result: Result<(), aws_sdk_s3::error::SdkError<E, R>>,
+    store: &Store,
+    what: &str,
+) -> Result<(), TaskError>
+where
+    E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: super::errors::HttpStatus + std::fmt::Debug,
+{
+    match result {
+        Ok(()) => Ok(()),
+        Err(e)
+            if !store.is_aws
+                && matches!(
+                    code(&e).as_deref(),
+                    Some("NotImplemented" | "MethodNotAllowed")
+                ) =>
+        {
+            tracing::info!("{what}: the store does not support it; skipped");
+            Ok(())
+        }
+        Err(e) if code(&e).as_deref() == Some("NoSuchPublicAccessBlockConfiguration") => Ok(()),
+        Err(e) => Err(store.classify(e, what)),
+    }
+}
+
+fn days(lifecycle: &Value, key: &str) -> Option<i32> {
+    lifecycle
+        .get(key)
+        .and_then(Value::as_i64)
+        .and_then(|d| i32::try_from(d).ok())
+}
+
+/// The versioned plans' rule (noncurrent versions to STANDARD_IA after 30 days, expired after 180), with the
+/// `lifecycle` parameter's overrides; unversioned buckets get a rule only when the parameter asks for one.
+/// Stores other than AWS have no storage classes to move versions to (SeaweedFS answers NotImplemented), so
+/// there the rule only expires them.
+fn lifecycle_rule(
+    spec: &BucketSpec,
+    transitions: bool,
+) -> Result<Option<LifecycleRule>, TaskError> {
+    let l = &spec.lifecycle;
+    let expire = days(l, "expire_days");
+    let abort = days(l, "abort_incomplete_multipart_days");
+    if !spec.versioning && expire.is_none() && abort.is_none() {
+        return Ok(None);
+    }
+    let mut rule = LifecycleRule::builder()
+        .id("berth")
+        .status(ExpirationStatus::Enabled)
+        .filter(LifecycleRuleFilter::builder().prefix("").build())
+        .abort_incomplete_multipart_upload(
+            AbortIncompleteMultipartUpload::builder()
+                .days_after_initiation(abort.unwrap_or(7))
+                .build(),
+        );
+    if spec.versioning && transitions {
+        rule = rule.noncurrent_version_transitions(
+            NoncurrentVersionTransition::builder()
+                .noncurrent_days(days(l, "noncurrent_to_ia_days").unwrap_or(30))
+                .storage_class(TransitionStorageClass::StandardIa)
+                .build(),
+        );
+    }
+    if spec.versioning {
+        rule = rule.noncurrent_version_expiration(
+            NoncurrentVersionExpiration::builder()
+                .noncurrent_days(days(l, "noncurrent_expire_days").unwrap_or(180))
+                .build(),
+        );
+    }
+    if let Some(d) = expire {
+        rule = rule.expiration(LifecycleExpiration::builder().days(d).build());
+    }
+    Ok(Some(
+        rule.build()
+            .map_err(build_err("building the lifecycle rule"))?,
+    ))
+}
+
+fn strings(rule: &Value, key: &str) -> Option<Vec<String>> {
+    rule.get(key).and_then(Value::as_array).map(|a| {
+        a.iter()
+            .filter_map(Value::as_str)
+            .map(str::to_string)
+            .collect()
+    })
+}
+
+fn cors_rule(rule: &Value) -> Result<CorsRule, TaskError> {
+    CorsRule::builder()
+        .set_allowed_methods(strings(rule, "allowed_methods"))
+        .set_allowed_origins(strings(rule, "allowed_origins"))
+        .set_allowed_headers(strings(rule, "allowed_headers"))
+        .set_expose_headers(strings(rule, "expose_headers"))
+        .set_max_age_seconds(
+            rule.get("max_age_seconds")
+                .and_then(Value::as_i64)
+                .and_then(|s| i32::try_from(s).ok()),
+        )
+        .build()
+        .map_err(build_err("parameter `cors`"))
+}
+
+/// Whether the bucket exists (in this account).
+pub async fn exists(store: &Store, s3: &Client, bucket: &str) -> Result<bool, TaskError> {
+    match s3.head_bucket().bucket(bucket).send().await {
+        Ok(_) => Ok(true),
+        Err(e) if matches!(code(&e).as_deref(), Some("NotFound" | "NoSuchBucket")) => Ok(false),
+        Err(e) => Err(store.classify(e, "looking up the bucket")),
+    }
+}
+
+/// Largest batch DeleteObjects takes.
+pub const BATCH: i32 = 1000;
+
+/// Deletes every object version, delete marker and unfinished upload, a batch of at most 1,000 at a time.
+/// Each round lists from the start, so a run after a crash simply goes on where the last one stopped.
+pub async fn empty(
+    ctx: &TaskContext<'_>,
+    store: &Store,
+    s3: &Client,
+    bucket: &str,
+) -> Result<u64, TaskError> {
+    let mut deleted: u64 = 0;
+    loop {
+        if ctx.cancel.is_cancelled() {
+            return Err(TaskError::retryable("stopped while emptying the bucket"));
+        }
+        let page = match s3
+            .list_object_versions()
+            .bucket(bucket)
+            .max_keys(BATCH)
+            .send()
+            .await
+        {
+            Ok(page) => page,
+            Err(e) if code(&e).as_deref() == Some("NoSuchBucket") => return Ok(deleted),
+            Err(e) => return Err(store.classify(e, "listing the bucket's object versions")),
+        };
+        let mut ids = Vec::new();
+        for v in page.versions() {
+            if let Some(key) = v.key() {
+                ids.push((key.to_string(), v.version_id().map(str::to_string)));
+            }
+        }
+        for m in page.delete_markers() {
+            if let Some(key) = m.key() {
+                ids.push((key.to_string(), m.version_id().map(str::to_string)));
+            }
+        }
+        if ids.is_empty() {
+            // Stores that list no versions for unversioned buckets: plain listing.
+            let page = s3
+                .list_objects_v2()
+                .bucket(bucket)
+                .max_keys(BATCH)
+                .send()
+                .await
+                .map_err(|e| store.classify(e, "listing the bucket's objects"))?;
+            ids.extend(
+                page.contents()
+                    .iter()
+                    .filter_map(|o| o.key())
+                    .map(|k| (k.to_string(), None)),
+            );
+        }
+        if ids.is_empty() {
+            break;
+        }
+        ids.truncate(BATCH as usize);
+        let count = ids.len() as u64;
+        delete_batch(store, s3, bucket, ids).await?;
+        deleted += count;
+        ctx.progress(&format!(
+            "emptying the bucket: {deleted} objects and versions deleted so far"
+        ))
+        .await?;
+    }
+    abort_uploads(store, s3, bucket).await?;
+    Ok(deleted)
+}
+
+async fn delete_batch(
+    store: &Store,
+    s3: &Client,
+    bucket: &str,
+    ids: Vec<(String, Option<String>)>,
+) -> Result<(), TaskError> {
+    let mut objects = Vec::with_capacity(ids.len());
+    for (key, version) in ids {
+        objects.push(
+            ObjectIdentifier::builder()
+                .key(key)
+                .set_version_id(version)
+                .build()
+                .map_err(build_err("building a delete batch"))?,
+        );
+    }
+    let delete = Delete::builder()
+        .set_objects(Some(objects))
+        .quiet(true)
+        .build()
+        .map_err(build_err("building a delete batch"))?;
+    let out = s3
+        .delete_objects()
+        .bucket(bucket)
+        .delete(delete)
+        .send()
+        .await
+        .map_err(|e| store.classify(e, "deleting a batch of objects"))?;
+    if let Some(first) = out.errors().first() {
+        return Err(TaskError::retryable(format!(
+            "deleting a batch of objects: {} of them failed, the first with {} ({})",
+            out.errors().len(),
+            first.code().unwrap_or("no code"),
+            first.message().unwrap_or("")
+        )));
+    }
+    Ok(())
+}
+
+async fn abort_uploads(store: &Store, s3: &Client, bucket: &str) -> Result<(), TaskError> {
+    loop {
+        let page = match s3.list_multipart_uploads().bucket(bucket).send().await {
+            Ok(page) => page,
+            Err(e) if matches!(code(&e).as_deref(), Some("NoSuchBucket" | "NotImplemented")) => {
+                return Ok(());
+            }
+            Err(e) => return Err(store.classify(e, "listing unfinished uploads")),
+        };
+        if page.uploads().is_empty() {
+            return Ok(());
+        }
+        for upload in page.uploads() {
+            let (Some(key), Some(id)) = (upload.key(), upload.upload_id()) else {
+                continue;
+            };
+            match s3
+                .abort_multipart_upload()
+                .bucket(bucket)
+                .key(key)
+                .upload_id(id)
+                .send()
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if code(&e).as_deref() == Some("NoSuchUpload") => {}
+                Err(e) => return Err(store.classify(e, "aborting an unfinished upload")),
+            }
+        }
+    }
+}
+
+/// Deletes the (empty) bucket; a bucket that is gone already counts as deleted.
+pub async fn delete(store: &Store, s3: &Client, bucket: &str) -> Result<(), TaskError> {
+    match s3.delete_bucket().bucket(bucket).send().await {
+        Ok(_) => Ok(()),
+        Err(e) if matches!(code(&e).as_deref(), Some("NoSuchBucket" | "NotFound")) => Ok(()),
+        // Something was written between emptying and deleting (a binding deleted moments ago): go round again.
+        Err(e) if code(&e).as_deref() == Some("BucketNotEmpty") => Err(TaskError::retryable(
+            "deleting the bucket: it is not empty yet; emptying it again",
+        )),
+        Err(e) => Err(store.classify(e, "deleting the bucket")),
+    }
+}

@@ -1,0 +1,542 @@
+//! The `s3` engine: a bucket per instance and an IAM user per binding, on AWS (the SDK's standard chain, or
+//! any endpoint in `AWS_ENDPOINT_URL`) or on an S3-compatible store (`S3_COMPATIBLE_*`; per-binding users
+//! when it has an IAM-style API at `S3_COMPATIBLE_IAM_ENDPOINT`, else bindings share the configured keys).
+//! Names are derived from OSB ids (`broker::names`), so a retry finds what the first try made.
+
+mod bucket;
+pub mod errors;
+mod iam;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+use broker::{
+    config::{S3Backend, Settings},
+    db::{bindings::BindingRow, instances::InstanceRow},
+    model::UpdatePayload,
+    names,
+};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Map, Value, json};
+
+pub use bucket::BucketSpec;
+
+use super::{Bound, Progress, Provider, Provisioned};
+use crate::{context::TaskContext, registry::TaskError};
+
+/// The plan engine this provider serves.
+pub const ENGINE: &str = "s3";
+
+/// How long a bind waits for a new key to be accepted before it retries the whole bind.
+const KEY_PROPAGATION_LIMIT: Duration = Duration::from_secs(30);
+
+/// Facts about the store that shape requests and messages.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pub is_aws: bool,
+    pub label: &'static str,
+    pub kms_key_id: Option<String>,
+}
+
+impl Store {
+    pub fn classify<E, R>(&self, err: aws_sdk_s3::error::SdkError<E, R>, what: &str) -> TaskError
+    where
+        E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        R: errors::HttpStatus + std::fmt::Debug,
+    {
+        errors::classify(err, what, self.label)
+    }
+}
+
+pub struct S3Provider {
+    store: Store,
+    s3: aws_sdk_s3::Config,
+    /// `None`: the store has no identity API; bindings get `shared_keys`.
+    iam: Option<aws_sdk_iam::Client>,
+    shared_keys: Option<(String, SecretString)>,
+    default_region: String,
+    /// What apps are told as `S3_ENDPOINT` (empty on AWS).
+    public_endpoint: String,
+}
+
+impl std::fmt::Debug for S3Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Provider")
+            .field("store", &self.store.label)
+            .field("region", &self.default_region)
+            .field("endpoint", &self.public_endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An HTTPS-capable client on rustls + ring (the SDK's default would build aws-lc).
+fn http_client() -> aws_sdk_s3::config::SharedHttpClient {
+    use aws_smithy_http_client::{Builder, tls};
+    Builder::new()
+        .tls_provider(tls::Provider::Rustls(
+            tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https()
+}
+
+fn static_credentials(
+    key: &str,
+    secret: &SecretString,
+    token: Option<&SecretString>,
+) -> Credentials {
+    Credentials::new(
+        key,
+        secret.expose_secret(),
+        token.map(|t| t.expose_secret().to_string()),
+        None,
+        "berth-settings",
+    )
+}
+
+impl S3Provider {
+    /// Sets up clients for the configured store. Credentials are resolved lazily (on the first request), so a
+    /// worker starts even while an instance role is still arriving.
+    pub fn new(settings: &Settings, backend: S3Backend) -> anyhow::Result<Self> {
+        match backend {
+            S3Backend::Aws => Self::aws(settings),
+            S3Backend::Compatible => Self::compatible(settings),
+        }
+    }
+
+    fn aws(settings: &Settings) -> anyhow::Result<Self> {
+        let region = settings
+            .aws_region
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("AWS_REGION is required for S3"))?;
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .http_client(http_client())
+            .region(Region::new(region.clone()));
+        if let Some(endpoint) = &settings.aws_endpoint_url {
+            loader = loader.endpoint_url(endpoint);
+        }
+        if let (Some(key), Some(secret)) =
+            (&settings.aws_access_key_id, &settings.aws_secret_access_key)
+        {
+            loader = loader.credentials_provider(static_credentials(
+                key,
+                secret,
+                settings.aws_session_token.as_ref(),
+            ));
+        }
+        // The loader only resolves settings (no request is made); block on it from sync code.
+        let sdk = block_on(loader.load())?;
+        let s3 = aws_sdk_s3::config::Builder::from(&sdk)
+            .force_path_style(settings.aws_endpoint_url.is_some())
+            .build();
+        Ok(Self {
+            store: Store {
+                is_aws: true,
+                label: "AWS",
+                kms_key_id: settings.s3_kms_key_id.clone(),
+            },
+            s3,
+            iam: Some(aws_sdk_iam::Client::new(&sdk)),
+            shared_keys: None,
+            default_region: region,
+            public_endpoint: settings.aws_endpoint_url.clone().unwrap_or_default(),
+        })
+    }
+
+    fn compatible(settings: &Settings) -> anyhow::Result<Self> {
+        let (Some(endpoint), Some(key), Some(secret)) = (
+            &settings.s3_compatible_endpoint,
+            &settings.s3_compatible_access_key,
+            &settings.s3_compatible_secret_key,
+        ) else {
+            anyhow::bail!(
+                "S3_COMPATIBLE_ENDPOINT, S3_COMPATIBLE_ACCESS_KEY and S3_COMPATIBLE_SECRET_KEY are required"
+            );
+        };
+        url::Url::parse(endpoint)
+            .map_err(|_| anyhow::anyhow!("S3_COMPATIBLE_ENDPOINT is not a URL"))?;
+        let credentials = static_credentials(key.expose_secret(), secret, None);
+        let region = Region::new(settings.s3_compatible_region.clone());
+        let s3 = aws_sdk_s3::config::Builder::new()
+            .behavior_version(BehaviorVersion::latest())
+            .http_client(http_client())
+            .region(region.clone())
+            .credentials_provider(credentials.clone())
+            .endpoint_url(endpoint)
+            .force_path_style(true)
+            .build();
+        let iam = settings
+            .s3_compatible_iam_endpoint
+            .as_ref()
+            .map(|iam_endpoint| {
+                let config = aws_sdk_iam::config::Builder::new()
+                    .behavior_version(BehaviorVersion::latest())
+                    .http_client(http_client())
+                    .region(region.clone())
+                    .credentials_provider(credentials.clone())
+                    .endpoint_url(iam_endpoint)
+                    .build();
+                aws_sdk_iam::Client::from_conf(config)
+            });
+        let shared_keys = iam
+            .is_none()
+            .then(|| (key.expose_secret().to_string(), secret.clone()));
+        Ok(Self {
+            store: Store {
+                is_aws: false,
+                label: "the S3-compatible store",
+                kms_key_id: settings.s3_kms_key_id.clone(),
+            },
+            s3,
+            iam,
+            shared_keys,
+            default_region: settings.s3_compatible_region.clone(),
+            public_endpoint: endpoint.clone(),
+        })
+    }
+
+    /// An S3 client for the bucket's region.
+    fn s3(&self, region: &str) -> aws_sdk_s3::Client {
+        aws_sdk_s3::Client::from_conf(
+            self.s3
+                .to_builder()
+                .region(Region::new(region.to_string()))
+                .build(),
+        )
+    }
+
+    fn region_of(&self, instance: &InstanceRow) -> String {
+        instance
+            .parameters
+            .get("region")
+            .and_then(Value::as_str)
+            .map_or_else(|| self.default_region.clone(), str::to_string)
+    }
+
+    fn spec(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+        plan_id: &str,
+        parameters: &Value,
+        context: &Value,
+    ) -> Result<BucketSpec, TaskError> {
+        let plan = ctx.services.catalog.plan_by_id(plan_id).ok_or_else(|| {
+            TaskError::fatal(format!("plan {plan_id:?} is not in this worker's catalog"))
+        })?;
+        let mut tags = vec![("berth:instance".to_string(), instance.id.clone())];
+        let from_context = |key: &str| context.get(key).and_then(Value::as_str).map(str::to_string);
+        if let Some(ns) = from_context("namespace") {
+            tags.push(("berth:namespace".into(), ns));
+        }
+        let org =
+            from_context("organization_guid").unwrap_or_else(|| instance.organization_guid.clone());
+        let space = from_context("space_guid").unwrap_or_else(|| instance.space_guid.clone());
+        if !org.is_empty() {
+            tags.push(("berth:organization".into(), org));
+        }
+        if !space.is_empty() {
+            tags.push(("berth:space".into(), space));
+        }
+        if let Some(extra) = parameters.get("tags").and_then(Value::as_object) {
+            for (k, v) in extra {
+                if k.starts_with("berth:") {
+                    return Err(TaskError::fatal(format!(
+                        "tag {k:?}: berth:* tags are berth's own"
+                    )));
+                }
+                tags.push((k.clone(), v.as_str().unwrap_or_default().to_string()));
+            }
+        }
+        Ok(BucketSpec {
+            versioning: plan.has_feature("versioning"),
+            encryption: plan.has_feature("encryption"),
+            public_read: parameters
+                .get("public_read")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            cors: parameters.get("cors").and_then(Value::as_array).cloned(),
+            lifecycle: parameters.get("lifecycle").cloned().unwrap_or(Value::Null),
+            tags,
+        })
+    }
+
+    fn bucket(ctx: &TaskContext<'_>, instance_id: &str) -> String {
+        names::bucket_name(ctx.services.name_prefix(), instance_id)
+    }
+
+    fn iam_or_none(&self) -> Option<&aws_sdk_iam::Client> {
+        self.iam.as_ref()
+    }
+}
+
+/// Runs a future to completion from synchronous start-up code, inside or outside a runtime.
+fn block_on<F: std::future::Future + Send>(future: F) -> anyhow::Result<F::Output>
+where
+    F::Output: Send,
+{
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            Ok(tokio::task::block_in_place(|| handle.block_on(future)))
+        }
+        _ => std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map(|rt| rt.block_on(future))
+                })
+                .join()
+                .map_err(|_| anyhow::anyhow!("loading the AWS settings panicked"))?
+                .map_err(anyhow::Error::from)
+        }),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    ReadWrite,
+    ReadOnly,
+}
+
+impl Access {
+    fn of(binding: &BindingRow) -> Result<Self, TaskError> {
+        match binding.parameters.get("access").and_then(Value::as_str) {
+            None | Some("read-write") => Ok(Self::ReadWrite),
+            Some("read-only") => Ok(Self::ReadOnly),
+            Some(other) => Err(TaskError::fatal(format!(
+                "binding parameter `access` must be \"read-write\" or \"read-only\", not {other:?}"
+            ))),
+        }
+    }
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::ReadWrite => "read-write",
+            Self::ReadOnly => "read-only",
+        }
+    }
+}
+
+#[async_trait]
+impl Provider for S3Provider {
+    async fn provision(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+    ) -> Result<Progress<Provisioned>, TaskError> {
+        let bucket = Self::bucket(ctx, &instance.id);
+        let region = self.region_of(instance);
+        let spec = self.spec(
+            ctx,
+            instance,
+            &instance.plan_id,
+            &instance.parameters,
+            &instance.context,
+        )?;
+        let s3 = self.s3(&region);
+        bucket::create(&self.store, &s3, &bucket, &region).await?;
+        bucket::configure(&self.store, &s3, &bucket, &spec).await?;
+        Ok(Progress::Done(Provisioned {
+            details: json!({
+                "bucket": bucket,
+                "region": region,
+                "endpoint": self.public_endpoint,
+                "versioning": spec.versioning,
+                "encryption": spec.encryption.then(|| if self.store.kms_key_id.is_some() { "aws:kms" } else { "AES256" }),
+                "per_binding_credentials": self.iam.is_some(),
+            }),
+            secrets: None,
+        }))
+    }
+
+    async fn update(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+        update: &UpdatePayload,
+    ) -> Result<Progress<()>, TaskError> {
+        let bucket = Self::bucket(ctx, &instance.id);
+        let region = self.region_of(instance);
+        let spec = self.spec(
+            ctx,
+            instance,
+            &update.plan_id,
+            &update.parameters,
+            &update.context,
+        )?;
+        let s3 = self.s3(&region);
+        if !bucket::exists(&self.store, &s3, &bucket).await? {
+            return Err(TaskError::fatal(format!(
+                "the instance's bucket {bucket} does not exist; deprovision the instance and provision it again"
+            )));
+        }
+        bucket::configure(&self.store, &s3, &bucket, &spec).await?;
+        Ok(Progress::Done(()))
+    }
+
+    async fn deprovision(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+        bindings: &[BindingRow],
+    ) -> Result<Progress<()>, TaskError> {
+        let bucket = Self::bucket(ctx, &instance.id);
+        let prefix = ctx.services.name_prefix();
+        // Revoke every app first, so nothing writes while the bucket is emptied.
+        if let Some(iam) = self.iam_or_none() {
+            let mut users: Vec<String> = bindings
+                .iter()
+                .map(|b| names::binding_user(prefix, &b.id))
+                .collect();
+            for user in iam::users_of_bucket(&self.store, iam, &bucket).await? {
+                if !users.contains(&user) {
+                    users.push(user);
+                }
+            }
+            for user in &users {
+                iam::delete_user(&self.store, iam, user).await?;
+            }
+        }
+        let s3 = self.s3(&self.region_of(instance));
+        if bucket::exists(&self.store, &s3, &bucket).await? {
+            let deleted = bucket::empty(ctx, &self.store, &s3, &bucket).await?;
+            tracing::info!(bucket, deleted, "emptied the bucket");
+            bucket::delete(&self.store, &s3, &bucket).await?;
+        }
+        Ok(Progress::Done(()))
+    }
+
+    async fn bind(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+        binding: &BindingRow,
+    ) -> Result<Progress<Bound>, TaskError> {
+        let access = Access::of(binding)?;
+        let bucket = Self::bucket(ctx, &instance.id);
+        let region = self.region_of(instance);
+        let s3 = self.s3(&region);
+        if !bucket::exists(&self.store, &s3, &bucket).await? {
+            return Err(TaskError::fatal(format!(
+                "the instance's bucket {bucket} is missing (did provisioning fail?); deprovision the instance and \
+                 provision it again"
+            )));
+        }
+        let user = names::binding_user(ctx.services.name_prefix(), &binding.id);
+        let (key_id, secret) = match (&self.iam, &self.shared_keys) {
+            (Some(iam), _) => {
+                let key = iam::ensure_binding_user(
+                    &self.store,
+                    iam,
+                    &user,
+                    &bucket,
+                    access == Access::ReadOnly,
+                )
+                .await?;
+                let probe_client = aws_sdk_s3::Client::from_conf(
+                    self.s3
+                        .to_builder()
+                        .region(Region::new(region.clone()))
+                        .credentials_provider(static_credentials(&key.id, &key.secret, None))
+                        .build(),
+                );
+                let store = &self.store;
+                let bucket_name = bucket.clone();
+                iam::wait_until_valid(
+                    || {
+                        let client = probe_client.clone();
+                        let bucket = bucket_name.clone();
+                        async move {
+                            // A one-key listing (s3:ListBucket, which every binding has): HeadBucket is
+                            // the same permission on AWS, but moto checks a made-up s3:HeadBucket for it.
+                            match client.list_objects_v2().bucket(&bucket).max_keys(1).send().await {
+                                Ok(_) => Ok(true),
+                                Err(e) => match errors::code(&e).as_deref() {
+                                    // Unknown key, or known but its policy not yet in force.
+                                    Some("InvalidAccessKeyId" | "AccessDenied" | "Forbidden" | "SignatureDoesNotMatch") => Ok(false),
+                                    _ if matches!(&e, aws_sdk_s3::error::SdkError::ServiceError(s) if s.raw().status().as_u16() == 403) => Ok(false),
+                                    _ => Err(store.classify(e, "trying the binding's new key")),
+                                },
+                            }
+                        }
+                    },
+                    KEY_PROPAGATION_LIMIT,
+                )
+                .await?;
+                (key.id, key.secret)
+            }
+            (None, Some((id, secret))) => (id.clone(), secret.clone()),
+            (None, None) => {
+                return Err(TaskError::fatal(
+                    "the S3 store has neither an identity API nor shared keys",
+                ));
+            }
+        };
+        Ok(Progress::Done(Bound {
+            details: json!({
+                "endpoints": [self.endpoint(&region)],
+                "bucket": bucket,
+                "user": self.iam.is_some().then_some(user),
+                "access": access.as_str(),
+            }),
+            credentials: self.credentials(&bucket, &region, &key_id, &secret),
+        }))
+    }
+
+    async fn unbind(
+        &self,
+        ctx: &TaskContext<'_>,
+        _instance: &InstanceRow,
+        binding: &BindingRow,
+    ) -> Result<Progress<()>, TaskError> {
+        if let Some(iam) = &self.iam {
+            let user = names::binding_user(ctx.services.name_prefix(), &binding.id);
+            iam::delete_user(&self.store, iam, &user).await?;
+        }
+        Ok(Progress::Done(()))
+    }
+}
+
+impl S3Provider {
+    /// The OSB `endpoints` entry for the bucket's region.
+    fn endpoint(&self, region: &str) -> Value {
+        match url::Url::parse(&self.public_endpoint) {
+            Ok(url) => json!({
+                "host": url.host_str().unwrap_or_default(),
+                "ports": [url.port_or_known_default().unwrap_or(443).to_string()],
+                "protocol": "tcp",
+            }),
+            Err(_) => {
+                json!({ "host": format!("s3.{region}.amazonaws.com"), "ports": ["443"], "protocol": "tcp" })
+            }
+        }
+    }
+
+    fn credentials(
+        &self,
+        bucket: &str,
+        region: &str,
+        key_id: &str,
+        secret: &SecretString,
+    ) -> Map<String, Value> {
+        let mut uri = url::Url::parse("s3://bucket").expect("static URL");
+        let _ = uri.set_host(Some(bucket));
+        let _ = uri.set_username(key_id);
+        let _ = uri.set_password(Some(secret.expose_secret()));
+        uri.query_pairs_mut().append_pair("region", region);
+        if !self.public_endpoint.is_empty() {
+            uri.query_pairs_mut()
+                .append_pair("endpoint", &self.public_endpoint);
+        }
+        let mut c = Map::new();
+        c.insert("S3_BUCKET".into(), json!(bucket));
+        c.insert("S3_LOCATION".into(), json!(format!("s3://{bucket}")));
+        c.insert("S3_ACCESS_KEY".into(), json!(key_id));
+        c.insert("S3_SECRET_KEY".into(), json!(secret.expose_secret()));
+        c.insert("S3_REGION".into(), json!(region));
+        c.insert("S3_ENDPOINT".into(), json!(self.public_endpoint));
+        c.insert("uri".into(), json!(String::from(uri)));
+        c
+    }
+}
