@@ -813,3 +813,104 @@ async fn s3_compatible_engine_on_seaweedfs(_: PgPoolOptions, opts: PgConnectOpti
         );
     }
 }
+
+fn spawn_s3_worker(
+    opts: &PgConnectOptions,
+    key_file: &std::path::Path,
+    peer: &Peer,
+    id: &str,
+) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_berth-worker"))
+        .env("DATABASE_URL", database_url(opts))
+        .env("BERTH_KEY_FILE", key_file)
+        .env("PLANS_DIR", plans_dir())
+        .env("NAME_PREFIX", PREFIX)
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ENDPOINT_URL", &peer.url)
+        .env("AWS_ACCESS_KEY_ID", &peer.key)
+        .env("AWS_SECRET_ACCESS_KEY", &peer.secret)
+        .env("WORKER_LEASE_SECS", "2")
+        .env("WORKER_POLL_MS", "200")
+        .env("WORKER_ID", id)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starting berth-worker")
+}
+
+/// kill -9 of the worker while it empties a large bucket: a second worker finishes the deprovision, and
+/// nothing remains.
+#[sqlx::test(migrator = "broker::MIGRATOR")]
+async fn s3_kill_9_mid_empty_then_another_worker_finishes(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    use std::time::Duration;
+    let pool = pool(&opts, 8).await;
+    let peer = moto();
+    let services = aws_services(&peer);
+    let root = admin(&peer);
+    let instance = new_instance(&pool, VERSIONED, json!({})).await;
+    let bucket = names::bucket_name(PREFIX, &instance);
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Provision,
+            &instance,
+            None,
+            json!({}),
+        )
+        .await,
+    );
+    fill(&root, &bucket, 4000, true).await;
+
+    let dir = std::env::temp_dir().join(format!("berth-s3-crash-{}", uuid::Uuid::new_v4()));
+    let key_file = dir.join("master.key");
+    broker::crypto::generate_key_file(&key_file).unwrap();
+    let mut new = NewTask::new(Operation::Deprovision.task_kind(), json!({}));
+    new.instance_id = Some(instance.clone());
+    new.operation = Some(Operation::Deprovision.as_str());
+    let id = enqueue_with(&pool, new).await;
+
+    let mut first = spawn_s3_worker(&opts, &key_file, &peer, "victim");
+    eventually(
+        Duration::from_secs(60),
+        "the first worker to start emptying",
+        || async {
+            let row = task(&pool, id).await;
+            row.progress
+                .as_deref()
+                .is_some_and(|p| p.starts_with("emptying the bucket"))
+                .then_some(())
+        },
+    )
+    .await;
+    first.start_kill().unwrap(); // SIGKILL
+    first.wait().await.unwrap();
+    assert_eq!(task(&pool, id).await.state, "running", "killed mid-empty");
+    assert!(
+        bucket_exists(&root, &bucket).await,
+        "the bucket was already gone when the worker died"
+    );
+
+    let mut second = spawn_s3_worker(&opts, &key_file, &peer, "rescuer");
+    let row = eventually(
+        Duration::from_secs(120),
+        "the second worker to finish",
+        || async {
+            let row = task(&pool, id).await;
+            row.state().is_finished().then_some(row)
+        },
+    )
+    .await;
+    second.start_kill().unwrap();
+    second.wait().await.unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+    succeeded(&row);
+    assert_eq!(row.worker_id.as_deref(), Some("rescuer"));
+    assert!(!bucket_exists(&root, &bucket).await, "{bucket} remains");
+    assert!(instances::get(&pool, &instance).await.unwrap().is_none());
+}
