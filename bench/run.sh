@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # berth's benchmarks, side by side with their anchors, on one private Postgres with durable default settings.
-#   bench/run.sh [queue|provision|api|all]     (default all; see bench/README.md)
+#   bench/run.sh [queue|provision|api|all|dedicated]     (default all; dedicated runs only when named; see bench/README.md)
 # Installs what it needs (Node 22 and graphile-worker under bench/, wrk via apt-get), builds the release binaries,
 # starts everything on 127.0.0.1, prints a table, and stops what it started.
 # Sizes (environment): QUEUE_SMALL=10000 QUEUE_BIG=1000000 QUEUE_SAMPLE=100000 QUEUE_CONCURRENCY=8
 #   QUEUE_MODE=in-process (or process: berth-worker binaries) PGBENCH_CLIENTS=4 PGBENCH_SECS=20 PROVISION_COUNT=30 API_CONNECTIONS=100 API_SECS=10
 set -euo pipefail
 part=${1:-all}
-case $part in queue | provision | api | all) ;; *) echo "usage: $0 [queue|provision|api|all]" >&2; exit 2 ;; esac
+case $part in queue | provision | api | all | dedicated) ;; *) echo "usage: $0 [queue|provision|api|all|dedicated]" >&2; exit 2 ;; esac
 
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -23,6 +23,7 @@ PGBENCH_SECS=${PGBENCH_SECS:-20}
 PROVISION_COUNT=${PROVISION_COUNT:-30}
 API_CONNECTIONS=${API_CONNECTIONS:-100}
 API_SECS=${API_SECS:-10}
+DEDICATED_COUNT=${DEDICATED_COUNT:-10}
 
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/berth-target}
 export SQLX_OFFLINE=true
@@ -184,6 +185,18 @@ if [ "$part" = api ] || [ "$part" = all ]; then
     '. + {part:"api", connections:$c, secs:$s, vmhwm_kb:$hwm, rss_before_kb:$rss0, instances_in_db:$acc,
           p50_ms:(.p50_us/1000), p99_ms:(.p99_us/1000), rps:(.requests/(.duration_us/1e6))}' | tee -a "$results" >&2
   stop_pid "$API_PID"
+fi
+
+# --- 4. dedicated server on the local engine (only when asked for: bench/run.sh dedicated) -----------------------
+if [ "$part" = dedicated ]; then
+  log "dedicated: $DEDICATED_COUNT x berth dedicated provision (local engine, API + 1 worker), each beside a bare initdb + pg_ctl start"
+  mkdir -p "$work/servers" "$work/bare"
+  LOCAL_ENGINE=on LOCAL_SERVERS_DIR=$work/servers start_broker ded broker_ded worker
+  "$bin/berth-bench" dedicated --url "$API_URL" --username "$BROKER_USERNAME" --password "$BROKER_PASSWORD" \
+    --count "$DEDICATED_COUNT" --work-dir "$work/bare" | tee -a "$results" >&2
+  stop_pid "$WORKER_PID"
+  stop_pid "$API_PID"
+  jq -r 'select(.part == "dedicated") | "DEDICATED  local engine, PUT to last_operation=succeeded vs bare initdb + pg_ctl start -w, \(.count) sequential (target <= 1.3x)\n  p50 \(.p50_ms | floor) ms vs \(.anchor.p50_ms | floor) ms, ratio \(.ratio_p50 * 100 | floor / 100)\n  p99 \(.p99_ms | floor) ms vs \(.anchor.p99_ms | floor) ms"' "$results"
 fi
 
 echo

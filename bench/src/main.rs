@@ -4,9 +4,11 @@
 //!   berth-bench queue --database-url U --backlog B --sample N --workers 1,4 [--concurrency C] [--label L]
 //!   berth-bench provision --url U --username X --password Y [--count N] [--pg-url U (interleaved anchor)]
 //!   berth-bench ddl --pg-url U [--count N]
+//!   berth-bench dedicated --url U --username X --password Y --work-dir D [--count N]   (bench/src/dedicated.rs)
 //!   berth-bench report FILE
 //!   berth-bench gen-key FILE          (a master key for the broker processes)
 
+mod dedicated;
 mod queue;
 mod report;
 
@@ -101,6 +103,7 @@ async fn main() -> anyhow::Result<()> {
         "queue" => queue::run(&Args::parse(&argv[1..])?).await,
         "provision" => provision(&Args::parse(&argv[1..])?).await,
         "ddl" => ddl(&Args::parse(&argv[1..])?).await,
+        "dedicated" => dedicated::run(&Args::parse(&argv[1..])?).await,
         other => bail!("unknown subcommand {other}"),
     }
 }

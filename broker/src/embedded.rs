@@ -137,7 +137,8 @@ impl PgServer {
         matches!(status, Ok(s) if s.success())
     }
 
-    /// Starts the server and waits until it accepts connections.
+    /// Starts the server and waits until it accepts connections. `pg_ctl start -w` checks every 100 ms; we
+    /// also watch postmaster.pid every 5 ms and return as soon as the new postmaster says `ready`.
     pub async fn start(&self) -> anyhow::Result<()> {
         let data = self.data_dir();
         let log = self.root.join("postgres.log");
@@ -146,7 +147,9 @@ impl PgServer {
             self.port,
             data.display()
         );
-        let status = self
+        // A postmaster.pid left by a killed server says `ready` too: only a new pid counts.
+        let stale = self.postmaster_pid();
+        let mut pg_ctl = self
             .command("pg_ctl")
             .arg("start")
             .arg("-D")
@@ -159,9 +162,19 @@ impl PgServer {
             .arg("-o")
             .arg(options)
             .stdout(std::process::Stdio::null())
-            .status()
-            .await
+            .spawn()
             .context("running pg_ctl start")?;
+        let status = loop {
+            tokio::select! {
+                status = pg_ctl.wait() => break status.context("running pg_ctl start")?,
+                () = tokio::time::sleep(Duration::from_millis(5)) => {
+                    if self.ready_postmaster().is_some_and(|pid| Some(pid) != stale) {
+                        // pg_ctl sees the same within 100 ms and exits; tokio reaps it.
+                        return Ok(());
+                    }
+                }
+            }
+        };
         if !status.success() {
             let tail = std::fs::read_to_string(&log).unwrap_or_default();
             let tail: Vec<&str> = tail.lines().rev().take(15).collect();
@@ -172,6 +185,15 @@ impl PgServer {
             );
         }
         Ok(())
+    }
+
+    /// The postmaster's pid when postmaster.pid says it accepts connections (line 8, `ready`) and it is alive.
+    fn ready_postmaster(&self) -> Option<u32> {
+        let text = std::fs::read_to_string(self.data_dir().join("postmaster.pid")).ok()?;
+        let lines: Vec<&str> = text.lines().collect();
+        let pid: u32 = lines.first()?.trim().parse().ok()?;
+        let ready = lines.get(7).is_some_and(|l| l.trim() == "ready");
+        (ready && Path::new(&format!("/proc/{pid}")).exists()).then_some(pid)
     }
 
     /// Stops the server (fast shutdown: open sessions are rolled back).

@@ -188,15 +188,22 @@ impl LocalPostgres {
 }
 
 /// Superuser connect options for `database` on the server, over TLS.
+/// Over the Unix socket in the data folder (pg_hba: `local all postgres trust`; the folder is the server
+/// OS user's, mode 0700), which saves the TLS handshake and scram exchange; over TLS when the socket path
+/// is too long for a Unix socket.
 fn superuser(server: &PgServer, database: &str) -> PgConnectOptions {
-    PgConnectOptions::new()
-        .host(HOST)
+    let options = PgConnectOptions::new()
         .port(server.port)
         .username(embedded::SUPERUSER)
         .password(server.superuser_password().expose_secret())
         .database(database)
-        .ssl_mode(PgSslMode::Require)
-        .application_name("berth-worker")
+        .application_name("berth-worker");
+    let socket = server.data_dir().join(format!(".s.PGSQL.{}", server.port));
+    if socket.as_os_str().len() < 100 {
+        options.socket(server.data_dir())
+    } else {
+        options.host(HOST).ssl_mode(PgSslMode::Require)
+    }
 }
 
 /// A self-signed certificate for 127.0.0.1/localhost (openssl CLI, EC P-256), once.
@@ -273,7 +280,7 @@ fn write_config(server: &PgServer, profile: &str) -> anyhow::Result<tuning::Chan
 
 /// Starts the server, or applies a changed configuration to the running one.
 async fn run_with(server: &PgServer, change: tuning::Change) -> anyhow::Result<()> {
-    if !server.is_running().await {
+    if !postmaster_alive(server) {
         return server.start().await;
     }
     match change {
@@ -418,10 +425,12 @@ impl Provider for LocalPostgres {
                 .map_err(|e| TaskError::Fatal(e.context("the local engine")))?,
         };
         let root = self.server_root(ctx.services.name_prefix(), &instance.id);
+        let t0 = std::time::Instant::now();
         let server = PgServer::ensure_initialized(&root, Some(bin_dir))
             .await
             .context("creating the server (initdb)")
             .map_err(local)?;
+        let initdb_ms = t0.elapsed().as_millis();
         ensure_tls(&server)
             .await
             .context("making the server's TLS certificate")
@@ -432,6 +441,7 @@ impl Provider for LocalPostgres {
             .await
             .context("starting the server")
             .map_err(local)?;
+        let started_ms = t0.elapsed().as_millis();
 
         let prefix = ctx.services.name_prefix();
         let owner = names::instance_owner_role(prefix, &instance.id);
@@ -471,21 +481,34 @@ impl Provider for LocalPostgres {
         )
         .await?;
         drop(su);
-        let mut db = connect(
-            &superuser(&server, &params.app_db_name),
-            "connecting to the app database",
-        )
-        .await?;
-        exec(
-            &mut db,
-            &format!("ALTER SCHEMA public OWNER TO {}", quote_ident(&owner)),
-            "handing the public schema to the owner role",
-        )
-        .await?;
-        create_extensions(&mut db, &params.extensions).await?;
-        drop(db);
-
         let version = server.version().map_err(local)?;
+        // From PostgreSQL 15 the public schema belongs to the database owner already.
+        let old_public = version.parse::<u32>().is_ok_and(|v| v < 15);
+        if old_public || !params.extensions.is_empty() {
+            let mut db = connect(
+                &superuser(&server, &params.app_db_name),
+                "connecting to the app database",
+            )
+            .await?;
+            if old_public {
+                exec(
+                    &mut db,
+                    &format!("ALTER SCHEMA public OWNER TO {}", quote_ident(&owner)),
+                    "handing the public schema to the owner role",
+                )
+                .await?;
+            }
+            create_extensions(&mut db, &params.extensions).await?;
+        }
+
+        info!(
+            instance_id = %instance.id,
+            port = server.port,
+            initdb_ms,
+            tls_config_start_ms = started_ms - initdb_ms,
+            roles_database_extensions_ms = t0.elapsed().as_millis() - started_ms,
+            "dedicated server ready"
+        );
         Ok(Progress::Done(Provisioned {
             details: json!({
                 "engine_host": self.host,
