@@ -101,6 +101,19 @@ async fn provision(
         maintenance_version,
     };
 
+    // Fast path, a new id: the row and its task in one statement.
+    let task = operation_task(
+        Operation::Provision,
+        &instance_id,
+        None,
+        json!({}),
+        identity.clone(),
+        hook.clone(),
+    );
+    if let Some(operation) = instances::insert_with_task(&state.db, &new, &task).await? {
+        return Ok(accepted(operation));
+    }
+
     let mut tx = state.db.begin().await?;
     // A concurrent request may insert the same id first (our insert then waits for it and does nothing), or
     // a deprovision may delete the row between our insert and our read: go round again.

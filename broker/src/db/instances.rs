@@ -169,3 +169,49 @@ pub async fn list_expiring(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<(String,
     .await?;
     Ok(rows.into_iter().map(|r| (r.id, r.expiration_date)).collect())
 }
+
+/// Inserts a new instance and its first task in one statement (one round trip, one commit): the fast path of
+/// a provision. `None` when the id exists already (nothing is written; the caller takes the slow path).
+pub async fn insert_with_task(
+    db: impl PgExecutor<'_>,
+    new: &NewInstance<'_>,
+    task: &crate::db::tasks::NewTask,
+) -> sqlx::Result<Option<crate::model::TaskId>> {
+    let (webhook_url, webhook_secret) = match &task.webhook {
+        Some((url, secret)) => (Some(url.as_str()), Some(secret.as_slice())),
+        None => (None, None),
+    };
+    let id = sqlx::query_scalar!(
+        "WITH inserted AS (
+             INSERT INTO service_instances
+                 (id, service_id, plan_id, organization_guid, space_guid, context, parameters, maintenance_version)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+             ON CONFLICT (id) DO NOTHING
+             RETURNING id
+         )
+         INSERT INTO tasks (id, kind, instance_id, binding_id, operation, payload, max_attempts,
+                            originating_identity, webhook_url, webhook_secret)
+         SELECT $9, $10, inserted.id, $11, $12, $13, $14, $15, $16, $17 FROM inserted
+         RETURNING id",
+        new.id,
+        new.service_id,
+        new.plan_id,
+        new.organization_guid,
+        new.space_guid,
+        new.context,
+        new.parameters,
+        new.maintenance_version,
+        task.id.0,
+        task.kind,
+        task.binding_id,
+        task.operation,
+        task.payload,
+        task.max_attempts,
+        task.originating_identity,
+        webhook_url,
+        webhook_secret,
+    )
+    .fetch_optional(db)
+    .await?;
+    Ok(id.map(crate::model::TaskId))
+}
