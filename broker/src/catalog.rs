@@ -367,6 +367,15 @@ mod tests {
         let services = body["services"].as_array().unwrap();
         assert!(services.iter().any(|s| s["name"] == "postgres"));
         assert!(!String::from_utf8_lossy(&catalog.rendered()).contains("\"engine\""));
+
+        // A shared database cannot become a dedicated server (the dedicated plan is not plan_updateable).
+        let plan = |name: &str| {
+            catalog.services().iter().flat_map(|s| &s.plans).find(|p| p.name == name).unwrap().id.clone()
+        };
+        let shared = catalog.plan_by_id(&plan("shared")).unwrap();
+        let dedicated = catalog.plan_by_id(&plan("dedicated")).unwrap();
+        assert!(shared.cannot_change_to(dedicated.plan).is_some());
+        assert!(!dedicated.plan_updateable());
     }
 
     #[test]
