@@ -62,6 +62,11 @@ pub fn repo_dir() -> PathBuf {
 
 impl Stack {
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(Vec::new()).await
+    }
+
+    /// Like [`Stack::start`], with more environment for both processes (an S3 store's settings, say).
+    pub async fn start_with(extra_env: Vec<(&'static str, String)>) -> anyhow::Result<Self> {
         let tag = uuid::Uuid::new_v4().simple().to_string()[..10].to_string();
         let admin_url = with_database(&server_url(), "postgres");
         let db_name = format!("e2e_{tag}");
@@ -79,7 +84,7 @@ impl Stack {
         let password = broker::crypto::random_password(24);
         let name_prefix = format!("e2e{}_", &tag[..6]);
         let servers_dir = dir.join("servers");
-        let env: Vec<(&str, String)> = vec![
+        let mut env: Vec<(&str, String)> = vec![
             ("DATABASE_URL", broker_db_url.clone()),
             ("SHARED_POSTGRES_URL", admin_url.clone()),
             ("BERTH_KEY_FILE", key.display().to_string()),
@@ -95,6 +100,7 @@ impl Stack {
             ("RECONCILE_INTERVAL_MS", "500".into()),
             ("RUST_LOG", "info".into()),
         ];
+        env.extend(extra_env);
         let bins = bin_dir();
         let spawn = |name: &str, log: &str| -> anyhow::Result<Child> {
             let log = std::fs::File::create(dir.join(log))?;

@@ -335,19 +335,15 @@ pub async fn exists(store: &Store, s3: &Client, bucket: &str) -> Result<bool, Ta
 /// Largest batch DeleteObjects takes.
 pub const BATCH: i32 = 1000;
 
-/// Deletes every object version, delete marker and unfinished upload, a batch of at most 1,000 at a time.
-/// Each round lists from the start, so a run after a crash simply goes on where the last one stopped.
-pub async fn empty(
-    ctx: &TaskContext<'_>,
+/// One listing page as (key, version) pairs: object versions and delete markers, or plain keys.
+async fn list_batch(
     store: &Store,
     s3: &Client,
     bucket: &str,
-) -> Result<u64, TaskError> {
-    let mut deleted: u64 = 0;
-    loop {
-        if ctx.cancel.is_cancelled() {
-            return Err(TaskError::retryable("stopped while emptying the bucket"));
-        }
+    versions: bool,
+) -> Result<Option<Vec<(String, Option<String>)>>, TaskError> {
+    let mut ids = Vec::new();
+    if versions {
         let page = match s3
             .list_object_versions()
             .bucket(bucket)
@@ -356,10 +352,9 @@ pub async fn empty(
             .await
         {
             Ok(page) => page,
-            Err(e) if code(&e).as_deref() == Some("NoSuchBucket") => return Ok(deleted),
+            Err(e) if code(&e).as_deref() == Some("NoSuchBucket") => return Ok(None),
             Err(e) => return Err(store.classify(e, "listing the bucket's object versions")),
         };
-        let mut ids = Vec::new();
         for v in page.versions() {
             if let Some(key) = v.key() {
                 ids.push((key.to_string(), v.version_id().map(str::to_string)));
@@ -370,21 +365,52 @@ pub async fn empty(
                 ids.push((key.to_string(), m.version_id().map(str::to_string)));
             }
         }
+    } else {
+        let page = match s3
+            .list_objects_v2()
+            .bucket(bucket)
+            .max_keys(BATCH)
+            .send()
+            .await
+        {
+            Ok(page) => page,
+            Err(e) if code(&e).as_deref() == Some("NoSuchBucket") => return Ok(None),
+            Err(e) => return Err(store.classify(e, "listing the bucket's objects")),
+        };
+        ids.extend(
+            page.contents()
+                .iter()
+                .filter_map(|o| o.key())
+                .map(|k| (k.to_string(), None)),
+        );
+    }
+    Ok(Some(ids))
+}
+
+/// Deletes every object version, delete marker and unfinished upload, a batch of at most 1,000 at a time.
+/// Each round lists from the start, so a run after a crash simply goes on where the last one stopped. A
+/// bucket berth never versioned is listed plainly (cheaper on most stores) and checked for versions once at
+/// the end; a versioned one is listed by versions, with a plain listing for stores that list no versions.
+pub async fn empty(
+    ctx: &TaskContext<'_>,
+    store: &Store,
+    s3: &Client,
+    bucket: &str,
+    versioned: bool,
+) -> Result<u64, TaskError> {
+    let mut deleted: u64 = 0;
+    loop {
+        if ctx.cancel.is_cancelled() {
+            return Err(TaskError::retryable("stopped while emptying the bucket"));
+        }
+        let Some(mut ids) = list_batch(store, s3, bucket, versioned).await? else {
+            return Ok(deleted);
+        };
         if ids.is_empty() {
-            // Stores that list no versions for unversioned buckets: plain listing.
-            let page = s3
-                .list_objects_v2()
-                .bucket(bucket)
-                .max_keys(BATCH)
-                .send()
-                .await
-                .map_err(|e| store.classify(e, "listing the bucket's objects"))?;
-            ids.extend(
-                page.contents()
-                    .iter()
-                    .filter_map(|o| o.key())
-                    .map(|k| (k.to_string(), None)),
-            );
+            let Some(other) = list_batch(store, s3, bucket, !versioned).await? else {
+                return Ok(deleted);
+            };
+            ids = other;
         }
         if ids.is_empty() {
             break;

@@ -400,7 +400,14 @@ impl Provider for S3Provider {
         }
         let s3 = self.s3(&self.region_of(instance));
         if bucket::exists(&self.store, &s3, &bucket).await? {
-            let deleted = bucket::empty(ctx, &self.store, &s3, &bucket).await?;
+            // Versioning can only be turned on by a plan with it, and never off: a plan without it means a bucket
+            // berth never versioned.
+            let versioned = ctx
+                .services
+                .catalog
+                .plan_by_id(&instance.plan_id)
+                .is_none_or(|p| p.has_feature("versioning"));
+            let deleted = bucket::empty(ctx, &self.store, &s3, &bucket, versioned).await?;
             tracing::info!(bucket, deleted, "emptied the bucket");
             bucket::delete(&self.store, &s3, &bucket).await?;
         }
