@@ -142,10 +142,10 @@ impl PgServer {
     pub async fn start(&self) -> anyhow::Result<()> {
         let data = self.data_dir();
         let log = self.root.join("postgres.log");
+        let socket_dir = self.socket_dir().map(|d| d.display().to_string()).unwrap_or_default();
         let options = format!(
-            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={}",
-            self.port,
-            data.display()
+            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories='{socket_dir}'",
+            self.port
         );
         // A postmaster.pid left by a killed server says `ready` too: only a new pid counts.
         let stale = self.postmaster_pid();
@@ -185,6 +185,14 @@ impl PgServer {
             );
         }
         Ok(())
+    }
+
+    /// The folder of the server's Unix socket: the data folder, unless the socket's path would be too long
+    /// for a Unix socket (about 107 bytes), in which case the server has none and listens on TCP only.
+    pub fn socket_dir(&self) -> Option<PathBuf> {
+        let data = self.data_dir();
+        let socket = data.join(format!(".s.PGSQL.{}", self.port));
+        (socket.as_os_str().len() < 100).then_some(data)
     }
 
     /// The postmaster's pid when postmaster.pid says it accepts connections (line 8, `ready`) and it is alive.

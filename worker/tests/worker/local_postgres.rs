@@ -35,8 +35,12 @@ struct Servers(PathBuf);
 
 impl Servers {
     fn new() -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("berth-local-{}", uuid::Uuid::new_v4().simple()));
+        Self::in_dir(
+            std::env::temp_dir().join(format!("berth-local-{}", uuid::Uuid::new_v4().simple())),
+        )
+    }
+
+    fn in_dir(dir: PathBuf) -> Self {
         std::fs::create_dir_all(&dir).unwrap();
         Self(dir)
     }
@@ -699,4 +703,60 @@ async fn workers_on_other_hosts_leave_the_instance_alone(_: PgPoolOptions, opts:
     );
     assert_ne!(task(&pool, id).await.state, "succeeded");
     assert!(instances::get(&pool, &instance).await.unwrap().is_some());
+}
+
+#[sqlx::test(migrator = "broker::MIGRATOR")]
+async fn servers_too_deep_for_a_unix_socket_listen_on_tcp_only(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let pool = pool(&opts, 8).await;
+    let deep = std::env::temp_dir()
+        .join(format!("berth-local-{}", uuid::Uuid::new_v4().simple()))
+        .join("a-folder-name-long-enough-that-no-unix-socket-path-fits-under-it");
+    let servers = Servers::in_dir(deep);
+    let services = servers.services();
+    let instance = new_instance(&pool, json!({})).await;
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Provision,
+            &instance,
+            None,
+            json!({}),
+        )
+        .await,
+    );
+    let binding = new_binding(&pool, &instance, json!({})).await;
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Bind,
+            &instance,
+            Some(&binding),
+            json!({}),
+        )
+        .await,
+    );
+    let creds = credentials(&pool, &binding).await;
+    let mut app = connect_url(creds["DATABASE_URL"].as_str().unwrap()).await;
+    assert_eq!(scalar::<i32>(&mut app, "SELECT 1").await, 1);
+    let port = creds["PGPORT"].as_str().unwrap();
+    let socket = servers.root(&instance).join(format!("data/.s.PGSQL.{port}"));
+    assert!(!socket.exists(), "no Unix socket where its path is too long");
+    app.close().await.unwrap();
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Deprovision,
+            &instance,
+            None,
+            json!({}),
+        )
+        .await,
+    );
+    no_process_and_no_files(&servers.root(&instance));
 }

@@ -198,11 +198,9 @@ fn superuser(server: &PgServer, database: &str) -> PgConnectOptions {
         .password(server.superuser_password().expose_secret())
         .database(database)
         .application_name("berth-worker");
-    let socket = server.data_dir().join(format!(".s.PGSQL.{}", server.port));
-    if socket.as_os_str().len() < 100 {
-        options.socket(server.data_dir())
-    } else {
-        options.host(HOST).ssl_mode(PgSslMode::Require)
+    match server.socket_dir() {
+        Some(dir) => options.socket(dir),
+        None => options.host(HOST).ssl_mode(PgSslMode::Require),
     }
 }
 
@@ -257,7 +255,7 @@ hostssl  all       all       ::1/128       scram-sha-256\n";
 /// Writes pg_hba.conf and berth.conf (included from postgresql.conf); says what applying them takes.
 fn write_config(server: &PgServer, profile: &str) -> anyhow::Result<tuning::Change> {
     let data = server.data_dir();
-    let conf = tuning::render(profile, server.port, &data);
+    let conf = tuning::render(profile, server.port, server.socket_dir().as_deref());
     let old = std::fs::read_to_string(data.join("berth.conf")).unwrap_or_default();
     server.write_data_file("berth.conf", conf.as_bytes())?;
     let main =
@@ -332,6 +330,7 @@ async fn stop_everything(root: &Path) -> anyhow::Result<()> {
             let _ = tokio::process::Command::new("kill")
                 .arg("-KILL")
                 .arg(pid.to_string())
+                .stderr(std::process::Stdio::null())
                 .status()
                 .await;
         }

@@ -86,13 +86,15 @@ pub fn settings(profile: &str) -> Vec<(&'static str, &'static str)> {
     common.iter().chain(specific).copied().collect()
 }
 
-/// `berth.conf`: listen on 127.0.0.1:`port` only, TLS on with the generated certificate, scram passwords,
+/// `berth.conf`: listen on 127.0.0.1:`port` only (and the Unix socket in `socket_dir`, if any), TLS on with the generated certificate, scram passwords,
 /// and the profile's settings. Included from postgresql.conf.
-pub fn render(profile: &str, port: u16, data_dir: &Path) -> String {
+pub fn render(profile: &str, port: u16, socket_dir: Option<&Path>) -> String {
     let mut out = String::from(
         "# Written by berth (local engine): rewritten by every provision and update, do not edit.\n",
     );
-    let socket_dir = data_dir.display().to_string().replace('\'', "''");
+    let socket_dir = socket_dir
+        .map(|d| d.display().to_string().replace('\'', "''"))
+        .unwrap_or_default();
     let base: Vec<(&str, String)> = vec![
         ("listen_addresses", "'127.0.0.1'".into()),
         ("port", port.to_string()),
@@ -153,7 +155,7 @@ mod tests {
 
     #[test]
     fn every_profile_renders_and_changes_are_classified() {
-        let dir = Path::new("/srv/x/data");
+        let dir = Some(Path::new("/srv/x/data"));
         for profile in PROFILES {
             let conf = render(profile, 5555, dir);
             assert!(
