@@ -56,6 +56,8 @@ struct BindBody {
     app_guid: Option<String>,
     bind_resource: Option<Value>,
     parameters: Option<Value>,
+    /// OSB binding rotation: the binding this one replaces. Both stay valid until the old one is deleted.
+    predecessor_binding_id: Option<String>,
 }
 
 async fn bind(
@@ -75,11 +77,18 @@ async fn bind(
             plan.plan.name
         )));
     }
+    let parameters_given = body.parameters.is_some();
     let mut parameters = object_or_empty(body.parameters, "parameters")?;
     state
         .catalog
         .validate(&plan.plan.id, SchemaFor::Bind, &parameters)
         .map_err(|e| ApiError::BadRequest(e.0))?;
+    if let Some(predecessor) = &body.predecessor_binding_id {
+        let inherited = rotation_parameters(&state, &plan, &instance_id, predecessor).await?;
+        if !parameters_given {
+            parameters = inherited;
+        }
+    }
     let hook = webhook::take(
         &mut parameters,
         query.webhook.as_deref(),
@@ -166,6 +175,34 @@ async fn bind(
         anyhow::anyhow!("binding {binding_id} was created and deleted repeatedly while binding it")
             .into(),
     )
+}
+
+/// Checks a rotation (the plan allows it, the predecessor is a binding of this instance) and returns the
+/// predecessor's parameters, which the new binding takes when the request brings none.
+async fn rotation_parameters(
+    state: &AppState,
+    plan: &broker::catalog::PlanRef<'_>,
+    instance_id: &str,
+    predecessor: &str,
+) -> ApiResult<Value> {
+    if plan.plan.binding_rotatable != Some(true) {
+        return Err(ApiError::bad_request(format!(
+            "plan {:?} does not support binding rotation (it is not binding_rotatable)",
+            plan.plan.name
+        )));
+    }
+    match bindings::get(&state.db, predecessor).await? {
+        Some(row) if row.instance_id == instance_id => {
+            let mut parameters = row.parameters;
+            if let Some(map) = parameters.as_object_mut() {
+                map.remove("webhook");
+            }
+            Ok(parameters)
+        }
+        _ => Err(ApiError::bad_request(format!(
+            "predecessor_binding_id {predecessor:?} is not a binding of service instance {instance_id}"
+        ))),
+    }
 }
 
 /// A bind request for a binding id that exists: the same request again (answered from its task), or a conflict.

@@ -228,3 +228,51 @@ async fn concurrent_identical_binds_make_one_task(pool: PgPool) {
     assert_eq!(a.operation(), c.operation());
     assert_eq!(app.counts().await, (1, 1, 2));
 }
+
+/// OSB binding rotation: on a `binding_rotatable` plan a bind may name its predecessor (a binding of the same
+/// instance) and takes its parameters when it brings none; the predecessor stays until it is deleted.
+#[sqlx::test(migrator = "broker::MIGRATOR")]
+async fn binding_rotation_names_a_predecessor(pool: PgPool) {
+    const S3: &str = "6f0c2f4e-3b1a-4c55-9d0e-8a4b7c2e1f01";
+    const BASIC: &str = "b1c7a3e0-52d4-4f0a-8e61-3d2f9a7c5b11";
+    let app = TestApp::new(pool);
+    for id in ["s-1", "s-2"] {
+        let body = json!({"service_id": S3, "plan_id": BASIC, "organization_guid": "o", "space_guid": "s"});
+        let op = app.provision(id, &body).await.operation();
+        app.finish(&op, "succeeded", None).await;
+    }
+    let bind = |params: Value| json!({"service_id": S3, "plan_id": BASIC, "parameters": params});
+    let op = app
+        .bind("s-1", "old", &bind(json!({"access": "read-only"})))
+        .await
+        .operation();
+    app.complete_bind(&op, "old", &json!({"S3_ACCESS_KEY": "k"}))
+        .await;
+
+    let mut rotated = json!({"service_id": S3, "plan_id": BASIC, "predecessor_binding_id": "old"});
+    app.bind("s-1", "new", &rotated).await.operation();
+    let row = sqlx::query("SELECT parameters FROM service_bindings WHERE id = 'new'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        row.get::<Value, _>("parameters"),
+        json!({"access": "read-only"})
+    );
+    assert_eq!(app.counts().await.1, 2, "the predecessor stays");
+
+    // A predecessor of another instance, or an unknown one: 400, nothing written.
+    rotated["predecessor_binding_id"] = json!("old");
+    assert_unchanged!(app, app.bind("s-2", "other", &rotated).await)
+        .assert_osb_error(StatusCode::BAD_REQUEST, None);
+    rotated["predecessor_binding_id"] = json!("nope");
+    assert_unchanged!(app, app.bind("s-1", "other", &rotated).await)
+        .assert_osb_error(StatusCode::BAD_REQUEST, None);
+    // A plan that is not binding_rotatable: 400.
+    app.bound("p-1", "pb-1").await;
+    let mut body = bind_body();
+    body["predecessor_binding_id"] = json!("pb-1");
+    let d = assert_unchanged!(app, app.bind("p-1", "pb-2", &body).await)
+        .assert_osb_error(StatusCode::BAD_REQUEST, None);
+    assert!(d.contains("binding_rotatable"), "{d}");
+}
