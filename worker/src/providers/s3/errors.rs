@@ -160,3 +160,62 @@ fn error_chain(err: &dyn std::error::Error) -> String {
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use aws_sdk_s3::{
+        config::http::HttpResponse, error::ErrorMetadata, operation::head_bucket::HeadBucketError,
+        primitives::SdkBody,
+    };
+
+    use super::*;
+
+    fn service(code: &str, status: u16) -> SdkError<HeadBucketError, HttpResponse> {
+        let err =
+            HeadBucketError::generic(ErrorMetadata::builder().code(code).message("m").build());
+        let raw = HttpResponse::new(status.try_into().unwrap(), SdkBody::empty());
+        SdkError::service_error(err, raw)
+    }
+
+    #[test]
+    fn throttling_and_5xx_retry_and_refusals_say_what_to_fix() {
+        for (code, status) in [
+            ("SlowDown", 503),
+            ("Throttling", 400),
+            ("InternalError", 500),
+            ("Odd", 502),
+        ] {
+            let e = classify(service(code, status), "doing it", "AWS");
+            assert!(!e.is_fatal(), "{code} {status}: {e}");
+        }
+        let timeout: SdkError<HeadBucketError, HttpResponse> = SdkError::timeout_error("slow");
+        assert!(!classify(timeout, "doing it", "AWS").is_fatal());
+        for (code, hint) in [
+            ("AccessDenied", "iam:CreateUser"),
+            ("InvalidBucketName", "NAME_PREFIX"),
+            ("BucketAlreadyExists", "NAME_PREFIX"),
+            ("InvalidAccessKeyId", "access key"),
+        ] {
+            let e = classify(service(code, 403), "creating the bucket", "AWS");
+            assert!(e.is_fatal(), "{code}");
+            let text = e.to_string();
+            assert!(
+                text.starts_with("creating the bucket: ") && text.contains(hint),
+                "{text}"
+            );
+        }
+        assert_eq!(
+            code(&service("NoSuchBucket", 404)).as_deref(),
+            Some("NoSuchBucket")
+        );
+        let headless = SdkError::<HeadBucketError, HttpResponse>::service_error(
+            HeadBucketError::generic(ErrorMetadata::builder().build()),
+            HttpResponse::new(404.try_into().unwrap(), SdkBody::empty()),
+        );
+        assert_eq!(
+            code(&headless).as_deref(),
+            Some("NotFound"),
+            "a HEAD 404 has no body"
+        );
+    }
+}
