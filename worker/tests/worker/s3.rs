@@ -914,3 +914,92 @@ async fn s3_kill_9_mid_empty_then_another_worker_finishes(
     assert!(!bucket_exists(&root, &bucket).await, "{bucket} remains");
     assert!(instances::get(&pool, &instance).await.unwrap().is_none());
 }
+
+/// `public_read`: no public-access block and a public-read policy; turned off by an update, the policy goes
+/// and the block comes back.
+#[sqlx::test(migrator = "broker::MIGRATOR")]
+async fn s3_public_read_on_and_off(_: PgPoolOptions, opts: PgConnectOptions) {
+    let pool = pool(&opts, 8).await;
+    let peer = moto();
+    let services = aws_services(&peer);
+    let root = admin(&peer);
+    let instance = new_instance(&pool, BASIC, json!({ "public_read": true })).await;
+    let bucket = names::bucket_name(PREFIX, &instance);
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Provision,
+            &instance,
+            None,
+            json!({}),
+        )
+        .await,
+    );
+    let policy = root
+        .get_bucket_policy()
+        .bucket(&bucket)
+        .send()
+        .await
+        .unwrap();
+    assert!(policy.policy().unwrap().contains("BerthPublicRead"));
+    assert!(
+        root.get_public_access_block()
+            .bucket(&bucket)
+            .send()
+            .await
+            .is_err(),
+        "no block"
+    );
+
+    let update = UpdatePayload {
+        plan_id: BASIC.into(),
+        parameters: json!({ "public_read": false }),
+        context: json!({}),
+        maintenance_version: None,
+    };
+    let payload = serde_json::to_value(&update).unwrap();
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Update,
+            &instance,
+            None,
+            payload,
+        )
+        .await,
+    );
+    assert!(
+        root.get_bucket_policy()
+            .bucket(&bucket)
+            .send()
+            .await
+            .is_err(),
+        "the policy is gone"
+    );
+    let block = root
+        .get_public_access_block()
+        .bucket(&bucket)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        block
+            .public_access_block_configuration()
+            .unwrap()
+            .block_public_policy(),
+        Some(true)
+    );
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Deprovision,
+            &instance,
+            None,
+            json!({}),
+        )
+        .await,
+    );
+}
