@@ -12,7 +12,10 @@ pub trait TaskHandler: Send + Sync {
     /// The value of `tasks.kind` this handler serves.
     fn kind(&self) -> &'static str;
 
-    /// Carries the task one step forward. Must be idempotent: a retry after a crash runs it again.
+    /// Carries the task one step forward. Must be idempotent: delivery is at-least-once. A retry after a
+    /// crash runs it again, and so does a crash after the step returned but before its outcome was
+    /// written (plain successes and failures are written in batches a few milliseconds later): the task
+    /// stays `running` until its lease expires, then runs once more.
     async fn run(&self, ctx: &TaskContext<'_>) -> Result<Step, TaskError>;
 }
 

@@ -1,10 +1,16 @@
-//! The claim loop: wakes on NOTIFY (poll fallback), claims as many tasks as it has free slots in one query,
-//! runs each under a lease kept alive by one heartbeat per worker, records the outcome (fenced), and sweeps
-//! expired leases of dead workers back into the queue.
+//! The claim loop: wakes on NOTIFY (poll fallback), claims due tasks in batches (the free slots plus, when tasks
+//! run much faster than a claim round trip, a small local buffer), runs each under a lease kept alive by one
+//! heartbeat per worker, records the outcome (fenced; plain successes and failures in batches, see
+//! [`completer`]), and sweeps expired leases of dead workers back into the queue.
+
+mod completer;
 
 use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
+    collections::{HashMap, VecDeque},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -12,8 +18,8 @@ use broker::{config::Settings, db::tasks::TaskRow};
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, postgres::PgListener};
 use tokio::{
-    sync::{Notify, OwnedSemaphorePermit, Semaphore},
-    task::JoinSet,
+    sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc},
+    task::{JoinHandle, JoinSet},
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, error, info, warn};
@@ -21,7 +27,7 @@ use uuid::Uuid;
 
 use crate::{
     context::{Services, TaskContext},
-    queue::{self, Outcome},
+    queue::{self, Finished, Outcome},
     registry::{Registry, Step, TaskError},
 };
 
@@ -34,6 +40,12 @@ pub struct WorkerConfig {
     pub id: String,
     /// Tasks run at once.
     pub concurrency: usize,
+    /// At most this many claimed tasks wait in a local buffer for a free slot. The buffer is sized to what
+    /// the slots get through during two claim round trips (measured), so a buffered task waits about that
+    /// long and tasks slower than a claim (any real provisioning) are not buffered at all: nothing is held
+    /// back from other workers. Buffered tasks are leased and heartbeated like running ones and handed back
+    /// on shutdown.
+    pub prefetch: usize,
     /// How long a claim holds without a heartbeat; heartbeats come every `lease / 3`.
     pub lease: Duration,
     /// Longest sleep between claims when no NOTIFY arrives.
@@ -46,11 +58,12 @@ pub struct WorkerConfig {
 }
 
 impl WorkerConfig {
-    /// Defaults: 8 at once, 30 s lease, 1 s poll, backoff 1 s .. 5 min, 20 s grace.
+    /// Defaults: 8 at once, up to 256 buffered, 30 s lease, 1 s poll, backoff 1 s .. 5 min, 20 s grace.
     pub fn new(id: impl Into<String>) -> Self {
         Self {
             id: id.into(),
             concurrency: 8,
+            prefetch: 256,
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
             backoff_base: Duration::from_secs(1),
@@ -88,16 +101,66 @@ struct Worker {
     services: Arc<Services>,
     registry: Arc<Registry>,
     config: WorkerConfig,
-    /// Cancellation token per running task, cancelled when its lease is lost.
-    running: Mutex<HashMap<Uuid, CancellationToken>>,
+    /// The heartbeat set: every claim this worker holds (buffered, running, or finished but not yet
+    /// recorded), keyed by task id. The heartbeat extends all their leases.
+    held: Mutex<HashMap<Uuid, Held>>,
     /// Cancelled when the shutdown grace is over: running tasks are handed back.
     hard_stop: CancellationToken,
     /// Wakes the claim loop (NOTIFY, a reclaim, a task rescheduled).
     wake: Notify,
+    /// Plain successes and failures on their way to the batched write ([`completer`]).
+    completions: mpsc::Sender<Finished>,
+    /// Average run time of a task in microseconds (moving average; `u64::MAX` before the first).
+    run_micros: AtomicU64,
 }
 
-/// Runs a worker until `shutdown` is cancelled: stops claiming, lets running tasks finish for
-/// `config.shutdown_grace`, hands back what is left, and returns.
+/// One claim in the heartbeat set.
+struct Held {
+    /// The claim's attempt: a later claim of the same task is another entry.
+    attempts: i32,
+    /// Cancelled when the lease is lost (or the shutdown grace is over).
+    cancel: CancellationToken,
+    /// The run is over and its outcome waits for the completer's batch.
+    finished: bool,
+}
+
+impl Worker {
+    /// Drops a claim from the heartbeat set (only that attempt's).
+    fn forget(&self, id: Uuid, attempts: i32) {
+        let mut held = self.held.lock().expect("heartbeat set");
+        if held.get(&id).is_some_and(|h| h.attempts == attempts) {
+            held.remove(&id);
+        }
+    }
+
+    /// How many claimed tasks to keep buffered beyond the slots: what the slots get through during two
+    /// claim round trips (Little's law), at most `config.prefetch`. Zero for tasks slower than a claim.
+    fn prefetch_target(&self, claim_micros: Option<f64>) -> usize {
+        let run = self.run_micros.load(Ordering::Relaxed);
+        let (Some(claim), false) = (claim_micros, run == u64::MAX) else {
+            return 0;
+        };
+        let slots = self.config.concurrency as f64;
+        let target = 2.0 * slots * claim / run.max(1) as f64;
+        (target.floor() as usize).min(self.config.prefetch)
+    }
+
+    fn record_run_time(&self, took: Duration) {
+        let sample = u64::try_from(took.as_micros()).unwrap_or(u64::MAX - 1);
+        let previous = self.run_micros.load(Ordering::Relaxed);
+        let next = if previous == u64::MAX {
+            sample
+        } else {
+            // Races between runs lose a sample now and then: harmless for an estimate.
+            previous - previous / 8 + sample / 8
+        };
+        self.run_micros.store(next, Ordering::Relaxed);
+    }
+}
+
+/// Runs a worker until `shutdown` is cancelled: stops claiming (buffered tasks go back to the queue), lets
+/// running tasks finish for `config.shutdown_grace`, hands back what is left, writes the outcomes still
+/// waiting for a batch, and returns.
 pub async fn run(
     pool: PgPool,
     services: Arc<Services>,
@@ -117,14 +180,17 @@ pub async fn run(
         config.lease >= Duration::from_millis(300),
         "worker lease is too short"
     );
+    let (completions, finished) = mpsc::channel(completer::QUEUE);
     let worker = Arc::new(Worker {
         pool,
         services,
         registry,
         config,
-        running: Mutex::new(HashMap::new()),
+        held: Mutex::new(HashMap::new()),
         hard_stop: CancellationToken::new(),
         wake: Notify::new(),
+        completions,
+        run_micros: AtomicU64::new(u64::MAX),
     });
     info!(worker_id = %worker.config.id, concurrency = worker.config.concurrency, "worker started");
 
@@ -137,6 +203,12 @@ pub async fn run(
         worker.pool.clone(),
         worker.services.clone(),
         background.clone(),
+    ));
+    let completer_stop = CancellationToken::new();
+    let completer = tokio::spawn(completer::run(
+        worker.clone(),
+        finished,
+        completer_stop.clone(),
     ));
 
     let mut runs = JoinSet::new();
@@ -157,6 +229,12 @@ pub async fn run(
         );
         worker.hard_stop.cancel();
         while runs.join_next().await.is_some() {}
+    }
+    // Every run is over: write the outcomes still waiting for a batch (the heartbeat keeps their leases
+    // until then).
+    completer_stop.cancel();
+    if let Err(e) = completer.await {
+        error!(error = %e, "the completer stopped abnormally; unrecorded outcomes will run again after their lease");
     }
     background.cancel();
     while helpers.join_next().await.is_some() {}
@@ -203,82 +281,165 @@ pub async fn run_until_idle(
     outcome
 }
 
+/// Where the next claim starts its walk of the pending index (see [`queue::claim`]).
+#[derive(Debug, Clone, Copy)]
+struct Scan {
+    /// The latest run_at claimed.
+    floor: Option<DateTime<Utc>>,
+    /// When a claim last walked the index from its start.
+    last_full: Instant,
+}
+
+/// What one claim round trip brought.
+struct Claimed {
+    tasks: Vec<TaskRow>,
+    scan: Scan,
+    took: Duration,
+    /// Fewer than asked for: nothing more is due now. Sleep this long unless woken.
+    idle_for: Option<Duration>,
+}
+
 async fn claim_loop(worker: &Arc<Worker>, runs: &mut JoinSet<()>, shutdown: &CancellationToken) {
     let config = &worker.config;
     let slots = Arc::new(Semaphore::new(config.concurrency));
-    // The latest run_at claimed, and when the claim last walked the index from its start.
-    let mut floor: Option<DateTime<Utc>> = None;
-    let mut last_full_scan = Instant::now();
+    // Claimed tasks waiting for a slot (in the heartbeat set already).
+    let mut buffer: VecDeque<TaskRow> = VecDeque::new();
+    let mut scan = Scan {
+        floor: None,
+        last_full: Instant::now(),
+    };
+    // At most one claim in flight; it runs while the slots work through what is here.
+    let mut claiming: Option<JoinHandle<sqlx::Result<Claimed>>> = None;
+    let mut idle_until: Option<tokio::time::Instant> = None;
+    // Moving average of a claim's round trip, in microseconds.
+    let mut claim_micros: Option<f64> = None;
     loop {
-        let first = tokio::select! {
-            permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-            () = shutdown.cancelled() => return,
-        };
-        let mut permits = vec![first];
-        while permits.len() < config.concurrency {
-            match slots.clone().try_acquire_owned() {
-                Ok(permit) => permits.push(permit),
-                Err(_) => break,
-            }
+        while !buffer.is_empty() {
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                break;
+            };
+            let task = buffer.pop_front().expect("not empty");
+            start(worker, runs, task, permit);
         }
         while runs.try_join_next().is_some() {}
 
-        let wanted = permits.len();
-        let claimed = match claim(worker, wanted, &mut floor, &mut last_full_scan).await {
-            Ok(claimed) => claimed,
-            Err(e) => {
-                warn!(error = %e, "claiming tasks failed; retrying after the poll interval");
-                drop(permits);
-                tokio::select! {
-                    () = tokio::time::sleep(config.poll_interval) => {}
-                    () = shutdown.cancelled() => return,
-                }
-                continue;
+        if claiming.is_none() && idle_until.is_none() {
+            let free = slots.available_permits();
+            let busy = config.concurrency - free;
+            let capacity = config.concurrency + worker.prefetch_target(claim_micros);
+            let wanted = capacity.saturating_sub(busy + buffer.len());
+            // Claim for a starving slot at once; otherwise wait until half the capacity is free, so the
+            // claims stay large.
+            if wanted > 0 && ((buffer.is_empty() && free > 0) || wanted * 2 >= capacity) {
+                claiming = Some(tokio::spawn(claim(worker.clone(), wanted, scan)));
             }
-        };
-        let got = claimed.len();
-        for task in claimed {
-            let permit = permits
-                .pop()
-                .expect("claimed at most as many tasks as free slots");
-            runs.spawn(run_task(worker.clone(), task, permit));
-        }
-        drop(permits);
-        if got == wanted {
-            // Every slot filled: there may be more waiting. Claim again as soon as a slot frees up.
-            continue;
         }
 
-        // Nothing more is due: sleep until the next pending task is due, a NOTIFY, or the poll interval.
-        let delay = match queue::next_due_in(&worker.pool).await {
-            // Due now but not claimable: another worker is claiming it. Don't spin.
-            Ok(Some(due)) => due.max(Duration::from_millis(5)).min(config.poll_interval),
-            Ok(None) => config.poll_interval,
-            Err(e) => {
-                warn!(error = %e, "reading the next due task failed");
-                config.poll_interval
-            }
-        };
+        let idle_deadline = idle_until.unwrap_or_else(tokio::time::Instant::now);
         tokio::select! {
-            () = worker.wake.notified() => {}
-            () = tokio::time::sleep(delay) => {}
-            () = shutdown.cancelled() => return,
+            biased;
+            () = shutdown.cancelled() => break,
+            joined = async {
+                match claiming.as_mut() {
+                    Some(handle) => handle.await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                claiming = None;
+                match joined.expect("a claim does not panic") {
+                    Ok(claimed) => {
+                        scan = claimed.scan;
+                        let micros = claimed.took.as_micros() as f64;
+                        claim_micros = Some(claim_micros.map_or(micros, |m| m * 0.875 + micros * 0.125));
+                        hold(worker, &claimed.tasks);
+                        buffer.extend(claimed.tasks);
+                        idle_until = claimed.idle_for.map(|d| tokio::time::Instant::now() + d);
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "claiming tasks failed; retrying after the poll interval");
+                        idle_until = Some(tokio::time::Instant::now() + config.poll_interval);
+                    }
+                }
+            }
+            permit = slots.clone().acquire_owned(), if !buffer.is_empty() => {
+                let task = buffer.pop_front().expect("not empty");
+                start(worker, runs, task, permit.expect("the semaphore is never closed"));
+            }
+            Some(_) = runs.join_next(), if !runs.is_empty() => {}
+            () = worker.wake.notified(), if idle_until.is_some() => idle_until = None,
+            () = tokio::time::sleep_until(idle_deadline), if idle_until.is_some() => idle_until = None,
+        }
+    }
+
+    // Stopping: what was claimed but not started goes back to the queue now, for other workers.
+    if let Some(handle) = claiming
+        && let Ok(Ok(claimed)) = handle.await
+    {
+        hold(worker, &claimed.tasks);
+        buffer.extend(claimed.tasks);
+    }
+    if !buffer.is_empty() {
+        let claims: Vec<(Uuid, i32)> = buffer.iter().map(|t| (t.id, t.attempts)).collect();
+        match queue::release_many(&worker.pool, &config.id, &claims).await {
+            Ok(n) => info!(released = n, "claimed tasks not started are back in the queue"),
+            Err(e) => {
+                warn!(error = %e, "handing back claimed tasks failed; their leases will expire")
+            }
+        }
+        for (id, attempts) in claims {
+            worker.forget(id, attempts);
         }
     }
 }
 
-/// Claims up to `wanted` tasks: from `floor` on while the queue is deep, from the start of the index
-/// when that finds too little or a poll interval has passed (see [`queue::claim`]).
-async fn claim(
-    worker: &Worker,
-    wanted: usize,
-    floor: &mut Option<DateTime<Utc>>,
-    last_full_scan: &mut Instant,
-) -> sqlx::Result<Vec<TaskRow>> {
+/// Puts claimed tasks into the heartbeat set.
+fn hold(worker: &Worker, tasks: &[TaskRow]) {
+    if tasks.is_empty() {
+        return;
+    }
+    let mut held = worker.held.lock().expect("heartbeat set");
+    for task in tasks {
+        held.insert(
+            task.id,
+            Held {
+                attempts: task.attempts,
+                cancel: worker.hard_stop.child_token(),
+                finished: false,
+            },
+        );
+    }
+}
+
+/// Starts a buffered task in a free slot, unless its lease was lost while it waited.
+fn start(worker: &Arc<Worker>, runs: &mut JoinSet<()>, task: TaskRow, permit: OwnedSemaphorePermit) {
+    let cancel = worker
+        .held
+        .lock()
+        .expect("heartbeat set")
+        .get(&task.id)
+        .filter(|h| h.attempts == task.attempts)
+        .map(|h| h.cancel.clone());
+    match cancel {
+        Some(cancel) if !cancel.is_cancelled() => {
+            runs.spawn(run_task(worker.clone(), task, cancel, permit));
+        }
+        _ => {
+            warn!(task_id = %task.id, "lease lost before the task started; it may run on another worker");
+            worker.forget(task.id, task.attempts);
+        }
+    }
+}
+
+/// Claims up to `wanted` tasks: from the scan's floor on while the queue is deep, from the start of the
+/// index when that finds too little or a poll interval has passed (see [`queue::claim`]). When it finds
+/// fewer than `wanted`, also works out how long to sleep: until the next pending task is due, at most a
+/// poll interval.
+async fn claim(worker: Arc<Worker>, wanted: usize, mut scan: Scan) -> sqlx::Result<Claimed> {
     let config = &worker.config;
+    let started = Instant::now();
     let mut claimed = Vec::new();
-    if let Some(from) = *floor
-        && last_full_scan.elapsed() < config.poll_interval
+    if let Some(from) = scan.floor
+        && scan.last_full.elapsed() < config.poll_interval
     {
         claimed = queue::claim(&worker.pool, &config.id, wanted, config.lease, Some(from)).await?;
     }
@@ -292,39 +453,102 @@ async fn claim(
         )
         .await?;
         claimed.extend(more);
-        *last_full_scan = Instant::now();
+        scan.last_full = Instant::now();
     }
+    let took = started.elapsed();
     if let Some(latest) = claimed.iter().map(|t| t.run_at).max() {
-        *floor = Some(floor.map_or(latest, |f| f.max(latest)));
+        scan.floor = Some(scan.floor.map_or(latest, |f| f.max(latest)));
     }
-    Ok(claimed)
+    let idle_for = if claimed.len() < wanted {
+        Some(match queue::next_due_in(&worker.pool).await {
+            // Due now but not claimable: another worker is claiming it. Don't spin.
+            Ok(Some(due)) => due.max(Duration::from_millis(5)).min(config.poll_interval),
+            Ok(None) => config.poll_interval,
+            Err(e) => {
+                warn!(error = %e, "reading the next due task failed");
+                config.poll_interval
+            }
+        })
+    } else {
+        None
+    };
+    Ok(Claimed {
+        tasks: claimed,
+        scan,
+        took,
+        idle_for,
+    })
 }
 
-/// Runs one claimed task and records how it ended.
-async fn run_task(worker: Arc<Worker>, task: TaskRow, permit: OwnedSemaphorePermit) {
-    run_task_inner(&worker, task).await;
+/// Runs one claimed task and hands its outcome on. The slot is freed when the outcome is handed to the
+/// completer (plain success or failure) or written (everything else); the claim stays in the heartbeat set
+/// until its outcome is durable.
+#[tracing::instrument(skip_all, fields(task_id = %task.id, kind = %task.kind, attempt = task.attempts))]
+async fn run_task(
+    worker: Arc<Worker>,
+    task: TaskRow,
+    cancel: CancellationToken,
+    permit: OwnedSemaphorePermit,
+) {
+    let task = Arc::new(task);
+    let Some(outcome) = run_handler(&worker, task.clone(), cancel).await else {
+        worker.forget(task.id, task.attempts);
+        drop(permit);
+        return;
+    };
+    match &outcome {
+        Outcome::Succeeded => info!("task succeeded"),
+        Outcome::Failed { error } => warn!(%error, "task failed"),
+        Outcome::Retry { after, error } => info!(%error, retry_in = ?after, "task will be retried"),
+        Outcome::Wait { after, progress } => debug!(%progress, wait = ?after, "task waits"),
+    }
+    let batched = match &outcome {
+        Outcome::Succeeded if !queue::owes_webhook(&task) => Some(None),
+        Outcome::Failed { error } if !queue::owes_webhook(&task) => Some(Some(error.clone())),
+        _ => None,
+    };
+    if let Some(error) = batched {
+        if let Some(held) = worker
+            .held
+            .lock()
+            .expect("heartbeat set")
+            .get_mut(&task.id)
+            .filter(|h| h.attempts == task.attempts)
+        {
+            held.finished = true;
+        }
+        let finished = Finished {
+            id: task.id,
+            attempts: task.attempts,
+            error,
+        };
+        if worker.completions.send(finished).await.is_ok() {
+            // The completer writes it and takes it out of the heartbeat set.
+            drop(permit);
+            return;
+        }
+        // The completer is gone (it only stops after every run): write it here.
+    }
+    record(&worker, &task, outcome).await;
+    worker.forget(task.id, task.attempts);
     drop(permit);
 }
 
-#[tracing::instrument(skip_all, fields(task_id = %task.id, kind = %task.kind, attempt = task.attempts))]
-async fn run_task_inner(worker: &Arc<Worker>, task: TaskRow) {
+/// Runs the handler; `None` when the run was stopped (lease lost, or handed back at the end of the grace).
+async fn run_handler(
+    worker: &Arc<Worker>,
+    task: Arc<TaskRow>,
+    cancel: CancellationToken,
+) -> Option<Outcome> {
     let Some(handler) = worker.registry.get(&task.kind) else {
         let error = format!(
             "unknown task kind {:?}: no handler is registered for it",
             task.kind
         );
         error!("{error}");
-        record(worker, &task, Outcome::Failed { error }).await;
-        return;
+        return Some(Outcome::Failed { error });
     };
-    let cancel = worker.hard_stop.child_token();
-    worker
-        .running
-        .lock()
-        .expect("running map")
-        .insert(task.id, cancel.clone());
-
-    let task = Arc::new(task);
+    let started = Instant::now();
     let mut handle = {
         let (task, pool, services, cancel) = (
             task.clone(),
@@ -352,9 +576,9 @@ async fn run_task_inner(worker: &Arc<Worker>, task: TaskRow) {
         joined = &mut handle => Some(joined),
         () = cancel.cancelled() => None,
     };
-    worker.running.lock().expect("running map").remove(&task.id);
+    worker.record_run_time(started.elapsed());
 
-    let outcome = match result {
+    Some(match result {
         None => {
             handle.abort();
             let _ = handle.await;
@@ -370,7 +594,7 @@ async fn run_task_inner(worker: &Arc<Worker>, task: TaskRow) {
             } else {
                 warn!("lease lost: the task was stopped here and may run on another worker");
             }
-            return;
+            return None;
         }
         Some(Ok(Ok(Step::Done))) => Outcome::Succeeded,
         Some(Ok(Ok(Step::Wait { after, progress }))) => Outcome::Wait { after, progress },
@@ -382,14 +606,7 @@ async fn run_task_inner(worker: &Arc<Worker>, task: TaskRow) {
             retry_or_fail(worker, &task, "the task panicked".into())
         }
         Some(Err(_)) => retry_or_fail(worker, &task, "the task was cancelled".into()),
-    };
-    match &outcome {
-        Outcome::Succeeded => info!("task succeeded"),
-        Outcome::Failed { error } => warn!(%error, "task failed"),
-        Outcome::Retry { after, error } => info!(%error, retry_in = ?after, "task will be retried"),
-        Outcome::Wait { after, progress } => debug!(%progress, wait = ?after, "task waits"),
-    }
-    record(worker, &task, outcome).await;
+    })
 }
 
 fn retry_or_fail(worker: &Worker, task: &TaskRow, error: String) -> Outcome {
@@ -433,7 +650,8 @@ async fn record(worker: &Worker, task: &TaskRow, outcome: Outcome) {
     }
 }
 
-/// One heartbeat per worker: extends the leases of all its running tasks, cancels runs whose lease is gone.
+/// One heartbeat per worker: extends the leases of every claim it holds (buffered, running, or waiting for
+/// its outcome's batch), cancels the runs whose lease is gone.
 async fn heartbeat(worker: Arc<Worker>, stop: CancellationToken) {
     let every = worker.config.lease / 3;
     // When leases were last known to be ours: past `lease` without a heartbeat, assume they are gone.
@@ -443,40 +661,36 @@ async fn heartbeat(worker: Arc<Worker>, stop: CancellationToken) {
             () = tokio::time::sleep(every) => {}
             () = stop.cancelled() => return,
         }
-        let running: Vec<(Uuid, CancellationToken)> = worker
-            .running
+        let ids: Vec<Uuid> = worker
+            .held
             .lock()
-            .expect("running map")
-            .iter()
-            .map(|(id, t)| (*id, t.clone()))
+            .expect("heartbeat set")
+            .keys()
+            .copied()
             .collect();
-        if running.is_empty() {
+        if ids.is_empty() {
             last_ok = Instant::now();
             continue;
         }
-        let ids: Vec<Uuid> = running.iter().map(|(id, _)| *id).collect();
         match queue::heartbeat(&worker.pool, &worker.config.id, &ids, worker.config.lease).await {
             Ok(kept) => {
                 last_ok = Instant::now();
-                for (id, token) in running {
-                    // A run that finished meanwhile is no longer in the map; cancelling its token is harmless.
-                    if !kept.contains(&id)
-                        && worker
-                            .running
-                            .lock()
-                            .expect("running map")
-                            .contains_key(&id)
-                    {
+                let kept: std::collections::HashSet<Uuid> = kept.into_iter().collect();
+                let held = worker.held.lock().expect("heartbeat set");
+                for id in ids.iter().filter(|id| !kept.contains(id)) {
+                    // A claim that ended meanwhile is no longer held; one whose outcome waits for its batch
+                    // has nothing left to stop (the batch's fence discards it).
+                    if let Some(h) = held.get(id).filter(|h| !h.finished) {
                         warn!(task_id = %id, "lease lost; stopping the run");
-                        token.cancel();
+                        h.cancel.cancel();
                     }
                 }
             }
             Err(e) if last_ok.elapsed() >= worker.config.lease => {
                 // Another worker may be running these by now: stop ours rather than run them twice.
-                warn!(error = %e, running = running.len(), "no heartbeat for a whole lease; stopping every run");
-                for (_, token) in running {
-                    token.cancel();
+                warn!(error = %e, held = ids.len(), "no heartbeat for a whole lease; stopping every run");
+                for h in worker.held.lock().expect("heartbeat set").values() {
+                    h.cancel.cancel();
                 }
             }
             Err(e) => warn!(error = %e, "heartbeat failed; leases may expire"),

@@ -402,3 +402,211 @@ async fn the_claim_walks_the_pending_index(_: PgPoolOptions, opts: PgConnectOpti
         assert!(!plan.contains("Seq Scan") && !plan.contains("Sort"), "{plan}");
     }
 }
+
+// ---- batched completions and claims ----
+
+#[sqlx::test(migrator = "broker::MIGRATOR")]
+async fn many_outcomes_are_recorded_in_batches(_: PgPoolOptions, opts: PgConnectOptions) {
+    let pool = pool(&opts, 10).await;
+    // Fast successes and fast fatal failures, enough for claims and completions to come in batches.
+    sqlx::query(
+        "INSERT INTO tasks (id, kind, run_at)
+         SELECT gen_random_uuid(), CASE WHEN g % 10 = 0 THEN $1 ELSE $2 END,
+                now() - interval '1 minute' + g * interval '1 microsecond'
+         FROM generate_series(1, 3000) g",
+    )
+    .bind(DOOMED)
+    .bind(kinds::NOOP)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut registry = tasks::registry();
+    registry.add(Arc::new(Doomed));
+    let cfg = WorkerConfig {
+        concurrency: 8,
+        ..config("w")
+    };
+    drain(&pool, services(), registry, cfg).await;
+
+    // kind, state, attempts, last_error, then: ours, lease cleared, finished_at set (with updated_at).
+    type Row = (String, String, i32, Option<String>, bool, bool, bool);
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT kind, state, attempts, last_error, worker_id = 'w', lease_until IS NULL,
+                finished_at IS NOT NULL AND finished_at >= created_at AND finished_at = updated_at
+         FROM tasks",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 3000);
+    for (kind, state, attempts, last_error, ours, no_lease, finished) in rows {
+        assert_eq!(attempts, 1);
+        assert!(ours && no_lease && finished, "{kind} {state}");
+        if kind == DOOMED {
+            assert_eq!(state, "failed");
+            assert_eq!(last_error.as_deref(), Some("this cannot work: fix the input"));
+        } else {
+            assert_eq!(state, "succeeded");
+            assert_eq!(last_error, None);
+        }
+    }
+}
+
+#[sqlx::test(migrator = "broker::MIGRATOR")]
+async fn a_stale_batch_entry_is_not_overwritten(_: PgPoolOptions, opts: PgConnectOptions) {
+    let pool = pool(&opts, 4).await;
+    let lost = enqueue(&pool, kinds::NOOP, json!({})).await;
+    let kept = enqueue(&pool, kinds::NOOP, json!({})).await;
+    let again = enqueue(&pool, kinds::NOOP, json!({})).await;
+    let lease = Duration::from_secs(30);
+    let claimed = queue::claim(&pool, "a", 10, lease, None).await.unwrap();
+    assert_eq!(claimed.len(), 3);
+    let attempt = |id: uuid::Uuid| claimed.iter().find(|t| t.id == id).unwrap().attempts;
+
+    // `lost`: its lease expired, it was reclaimed and another worker holds it now.
+    // `again`: reclaimed and claimed once more by the same worker (a later attempt).
+    sqlx::query(
+        "UPDATE tasks SET state = 'pending', worker_id = NULL, lease_until = NULL WHERE id = ANY($1)",
+    )
+    .bind(vec![lost.0, again.0])
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE tasks SET run_at = now() + interval '1 hour' WHERE id = $1")
+        .bind(again.0)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let stolen = queue::claim(&pool, "b", 10, lease, None).await.unwrap();
+    assert_eq!(stolen.iter().map(|t| t.id).collect::<Vec<_>>(), vec![lost.0]);
+    sqlx::query("UPDATE tasks SET run_at = now() WHERE id = $1")
+        .bind(again.0)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let reclaimed = queue::claim(&pool, "a", 10, lease, None).await.unwrap();
+    assert_eq!(reclaimed.len(), 1);
+    assert_eq!(reclaimed[0].attempts, 2);
+
+    let batch = [lost.0, kept.0, again.0].map(|id| queue::Finished {
+        id,
+        attempts: attempt(id),
+        error: None,
+    });
+    let recorded = queue::finish_batch(&pool, "a", &batch).await.unwrap();
+    assert_eq!(recorded, vec![kept.0], "only the claim still held is recorded");
+
+    let row = task(&pool, lost).await;
+    assert_eq!(
+        (row.state.as_str(), row.worker_id.as_deref(), row.attempts),
+        ("running", Some("b"), 2)
+    );
+    assert!(row.finished_at.is_none() && row.lease_until.is_some());
+    let row = task(&pool, again).await;
+    assert_eq!(
+        (row.state.as_str(), row.worker_id.as_deref(), row.attempts),
+        ("running", Some("a"), 2)
+    );
+    assert!(row.finished_at.is_none());
+    let row = task(&pool, kept).await;
+    assert_eq!((row.state.as_str(), row.attempts), ("succeeded", 1));
+    assert!(row.finished_at.is_some() && row.lease_until.is_none());
+
+    // The stale entries' releases are fenced the same way.
+    let claims = [(lost.0, 1), (again.0, 1)];
+    assert_eq!(queue::release_many(&pool, "a", &claims).await.unwrap(), 0);
+    assert_eq!(
+        queue::release_many(&pool, "a", &[(again.0, 2)]).await.unwrap(),
+        1
+    );
+    let row = task(&pool, again).await;
+    assert_eq!((row.state.as_str(), row.attempts), ("pending", 1));
+    assert!(row.worker_id.is_none() && row.lease_until.is_none());
+}
+
+/// Finishes at once; on its `stop_after`-th run it asks the worker to shut down (before returning Done).
+#[derive(Clone)]
+struct StopMidway {
+    runs: Arc<std::sync::atomic::AtomicUsize>,
+    stop_after: usize,
+    shutdown: CancellationToken,
+}
+
+const STOP_MIDWAY: &str = "test.stop-midway";
+
+#[async_trait::async_trait]
+impl berth_worker::TaskHandler for StopMidway {
+    fn kind(&self) -> &'static str {
+        STOP_MIDWAY
+    }
+
+    async fn run(
+        &self,
+        _ctx: &berth_worker::TaskContext<'_>,
+    ) -> Result<berth_worker::Step, berth_worker::TaskError> {
+        if self.runs.fetch_add(1, Ordering::SeqCst) + 1 == self.stop_after {
+            self.shutdown.cancel();
+        }
+        Ok(berth_worker::Step::Done)
+    }
+}
+
+#[sqlx::test(migrator = "broker::MIGRATOR")]
+async fn shutdown_writes_pending_outcomes_and_hands_back_the_buffer(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let pool = pool(&opts, 8).await;
+    sqlx::query(
+        "INSERT INTO tasks (id, kind, run_at)
+         SELECT gen_random_uuid(), $1, now() - interval '1 minute' + g * interval '1 microsecond'
+         FROM generate_series(1, 5000) g",
+    )
+    .bind(STOP_MIDWAY)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let shutdown = CancellationToken::new();
+    let handler = StopMidway {
+        runs: Arc::default(),
+        stop_after: 1500,
+        shutdown: shutdown.clone(),
+    };
+    let cfg = WorkerConfig {
+        concurrency: 8,
+        ..config("w")
+    };
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        berth_worker::run(
+            pool.clone(),
+            services(),
+            Arc::new(Registry::new().with(handler.clone())),
+            cfg,
+            shutdown,
+        ),
+    )
+    .await
+    .expect("the worker stops")
+    .unwrap();
+
+    // Every run that ended is recorded by the time `run` returns; everything else (buffered, or claimed
+    // while stopping) is back in the queue as if never claimed.
+    let runs = handler.runs.load(Ordering::SeqCst) as i64;
+    assert!(runs >= 1500);
+    let (succeeded, pending, other, pending_clean): (i64, i64, i64, bool) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE state = 'succeeded' AND attempts = 1 AND finished_at IS NOT NULL),
+                count(*) FILTER (WHERE state = 'pending'),
+                count(*) FILTER (WHERE state NOT IN ('succeeded', 'pending')),
+                coalesce(bool_and(attempts = 0 AND worker_id IS NULL AND lease_until IS NULL)
+                         FILTER (WHERE state = 'pending'), true)
+         FROM tasks",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(other, 0, "nothing left running");
+    assert_eq!(succeeded, runs, "every finished run is recorded");
+    assert_eq!(pending, 5000 - runs);
+    assert!(pending_clean, "handed-back tasks do not count an attempt");
+}
