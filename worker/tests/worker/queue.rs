@@ -83,14 +83,16 @@ async fn retryable_errors_back_off_then_succeed(_: PgPoolOptions, opts: PgConnec
     );
     let runs = flaky.runs.lock().unwrap().clone();
     assert_eq!(runs.iter().map(|r| r.0).collect::<Vec<_>>(), vec![1, 2, 3]);
-    // Each retry was scheduled after the failure, within its attempt's (growing) backoff ceiling.
+    // Each retry was scheduled after the failure, within its attempt's (growing) backoff ceiling. The gap
+    // also holds the time to record the failure, which a loaded machine can stretch: hence the slack (the
+    // backoff arithmetic itself is checked exactly by backoff_grows_exponentially_up_to_the_cap).
     for window in runs.windows(2) {
         let (attempt, _, failed_at) = window[0];
         let (_, scheduled, _) = window[1];
         let gap = (scheduled - failed_at).to_std().unwrap_or_default();
         let ceiling = queue::backoff_ceiling(attempt, cfg.backoff_base, cfg.backoff_cap);
         assert!(
-            gap <= ceiling + Duration::from_millis(100),
+            gap <= ceiling + Duration::from_millis(1500),
             "attempt {attempt}: gap {gap:?} > {ceiling:?}"
         );
     }
