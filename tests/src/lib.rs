@@ -198,7 +198,12 @@ impl Stack {
         let _ = self.worker.start_kill();
         let _ = self.api.wait().await;
         let _ = self.worker.wait().await;
-        // Servers a failed test left behind.
+        self.kill_servers();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+
+    /// Kills the `local` engine servers still running under this stack's servers folder.
+    fn kill_servers(&self) {
         if let Ok(entries) = std::fs::read_dir(&self.servers_dir) {
             for entry in entries.flatten() {
                 for pid in processes_in(&entry.path().join("data")) {
@@ -206,7 +211,15 @@ impl Stack {
                 }
             }
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A test that panics never reaches [`Stack::stop`]: its binaries die with their `Child` handles
+/// (`kill_on_drop`), and the Postgres servers the worker started must not outlive it either. The folder stays
+/// for a look at the logs.
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.kill_servers();
     }
 }
 
