@@ -107,7 +107,12 @@ s3peers_stop() {
   local dir=$1 pidfile
   for pidfile in "$dir/moto.pid" "$dir/weed.pid"; do
     [ -f "$pidfile" ] || continue
-    kill "$(cat "$pidfile")" 2>/dev/null || true
+    # Each peer leads its own session (setsid): stop the whole group, then insist.
+    local pid i
+    pid=$(cat "$pidfile")
+    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+    for i in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
     rm -f "$pidfile"
   done
 }
