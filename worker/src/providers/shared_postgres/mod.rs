@@ -16,7 +16,11 @@ use broker::{
 };
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Map, Value, json};
-use sqlx::{Connection, PgConnection, postgres::PgConnectOptions};
+use sqlx::{
+    Connection, PgConnection, PgPool,
+    pool::PoolConnection,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
 
 pub use errors::classify;
 
@@ -50,6 +54,9 @@ pub const ALLOWED_EXTENSIONS: &[&str] = &[
 
 pub struct SharedPostgres {
     admin: PgConnectOptions,
+    /// Admin connections kept open between tasks: a fresh one costs a SCRAM handshake, which would be a
+    /// large part of a provision. Statements run on it leave no session state behind.
+    admin_pool: PgPool,
     public_host: String,
     public_port: u16,
 }
@@ -120,15 +127,25 @@ impl SharedPostgres {
             .application_name("berth-worker");
         let public_host = public_host.unwrap_or_else(|| admin.get_host().to_string());
         let public_port = public_port.unwrap_or_else(|| admin.get_port());
+        let admin_pool = PgPoolOptions::new()
+            .max_connections(4)
+            .min_connections(0)
+            .idle_timeout(std::time::Duration::from_secs(60))
+            .acquire_timeout(std::time::Duration::from_secs(15))
+            .connect_lazy_with(admin.clone());
         Ok(Self {
             admin,
+            admin_pool,
             public_host,
             public_port,
         })
     }
 
-    async fn connect_admin(&self) -> Result<PgConnection, TaskError> {
-        connect(&self.admin, "connecting to the shared Postgres server").await
+    async fn connect_admin(&self) -> Result<PoolConnection<sqlx::Postgres>, TaskError> {
+        self.admin_pool
+            .acquire()
+            .await
+            .map_err(|e| classify(e, "connecting to the shared Postgres server"))
     }
 
     async fn connect_database(&self, database: &str) -> Result<PgConnection, TaskError> {
