@@ -61,7 +61,8 @@ async fn serve_with(settings: &Settings, embedded: Option<&embedded::Embedded>) 
         )
     })?;
     let engines = settings.available_engines();
-    let catalog = Catalog::load(&settings.plans_dir, &engines)?;
+    // The catalog files, plus what only the settings know (which credentials S3 bindings get).
+    let catalog = Catalog::load_for(settings)?;
     let db = broker::db::connect(database_url, settings.database_pool_size).await?;
     broker::MIGRATOR.run(&db).await.context("running the broker's migrations")?;
 

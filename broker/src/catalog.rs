@@ -227,6 +227,49 @@ impl Catalog {
         Ok(Self { services, validators, rendered })
     }
 
+    /// Adds what start-up knows about an engine to the `metadata` of each of its plans, then renders the
+    /// catalog again: every key of `fields` is set (replacing the file's value), and `bullets` are appended
+    /// to `metadata.bullets`. Used for facts that depend on settings (whether an S3 store gives each binding
+    /// its own key), which no catalog file can know.
+    pub fn with_engine_metadata(
+        mut self,
+        engine: &str,
+        fields: &serde_json::Map<String, Value>,
+        bullets: &[&str],
+    ) -> anyhow::Result<Self> {
+        for plan in self.services.iter_mut().flat_map(|s| s.plans.iter_mut()).filter(|p| p.engine == engine) {
+            let metadata = plan.metadata.get_or_insert_with(|| Value::Object(Default::default()));
+            let Value::Object(metadata) = metadata else {
+                anyhow::bail!("plan {:?}: `metadata` must be a JSON object to add engine facts to it", plan.name);
+            };
+            for (key, value) in fields {
+                metadata.insert(key.clone(), value.clone());
+            }
+            if !bullets.is_empty() {
+                let list = metadata.entry("bullets").or_insert_with(|| Value::Array(Vec::new()));
+                let Value::Array(list) = list else {
+                    anyhow::bail!("plan {:?}: `metadata.bullets` must be a list", plan.name);
+                };
+                for bullet in bullets {
+                    if !list.iter().any(|b| b == bullet) {
+                        list.push(Value::from(*bullet));
+                    }
+                }
+            }
+        }
+        self.rendered = serde_json::to_vec(&serde_json::json!({ "services": &self.services }))?.into();
+        Ok(self)
+    }
+
+    /// [`Self::load`], then the engine facts `settings` decide ([`engine_metadata`]): what the API serves.
+    pub fn load_for(settings: &crate::config::Settings) -> anyhow::Result<Self> {
+        let mut catalog = Self::load(&settings.plans_dir, &settings.available_engines())?;
+        for (engine, fields, bullets) in engine_metadata(settings) {
+            catalog = catalog.with_engine_metadata(engine, &fields, &bullets)?;
+        }
+        Ok(catalog)
+    }
+
     /// The `GET /v2/catalog` body.
     pub fn rendered(&self) -> Arc<[u8]> {
         self.rendered.clone()
@@ -277,6 +320,23 @@ impl Catalog {
             .collect();
         if messages.is_empty() { Ok(()) } else { Err(ParameterError(messages.join("; "))) }
     }
+}
+
+/// Plan metadata that depends on settings, per engine: `(engine, fields, bullets)`.
+///
+/// `s3`: `"credentials": "per-binding"` when each binding gets its own access key (AWS, or an S3-compatible
+/// store with `S3_COMPATIBLE_IAM_ENDPOINT`), `"shared"` when every binding gets the store keys berth was
+/// configured with.
+pub fn engine_metadata(
+    settings: &crate::config::Settings,
+) -> Vec<(&'static str, serde_json::Map<String, Value>, Vec<&'static str>)> {
+    let mut out = Vec::new();
+    if let Some(mode) = settings.s3_credentials() {
+        let mut fields = serde_json::Map::new();
+        fields.insert("credentials".into(), Value::from(mode.as_str()));
+        out.push(("s3", fields, vec![mode.bullet()]));
+    }
+    out
 }
 
 fn parse_service(file: &Path, text: &str) -> anyhow::Result<Service> {
@@ -376,6 +436,70 @@ mod tests {
         let dedicated = catalog.plan_by_id(&plan("dedicated")).unwrap();
         assert!(shared.cannot_change_to(dedicated.plan).is_some());
         assert!(!dedicated.plan_updateable());
+    }
+
+    fn s3_plans(catalog: &Catalog) -> Vec<Value> {
+        let body: Value = serde_json::from_slice(&catalog.rendered()).unwrap();
+        let s3 = body["services"].as_array().unwrap().iter().find(|s| s["name"] == "s3").cloned();
+        s3.map(|s| s["plans"].as_array().unwrap().clone()).unwrap_or_default()
+    }
+
+    #[test]
+    fn the_catalog_says_which_credentials_s3_bindings_get() {
+        let plans_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plans");
+        let settings = |extra: Value| -> crate::config::Settings {
+            let mut base = serde_json::json!({ "plans_dir": plans_dir });
+            base.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            serde_json::from_value(base).unwrap()
+        };
+        let compatible = serde_json::json!({
+            "s3_compatible_endpoint": "http://127.0.0.1:1", "s3_compatible_access_key": "k",
+            "s3_compatible_secret_key": "s",
+        });
+        let mut with_iam = compatible.clone();
+        with_iam["s3_compatible_iam_endpoint"] = "http://127.0.0.1:1".into();
+        let aws = serde_json::json!({ "aws_region": "us-east-1", "aws_access_key_id": "k" });
+        for (extra, mode, bullet) in [
+            (compatible, "shared", "Bindings share the store's keys"),
+            (with_iam, "per-binding", "Access key per binding"),
+            (aws, "per-binding", "Access key per binding"),
+        ] {
+            let catalog = Catalog::load_for(&settings(extra)).unwrap();
+            let plans = s3_plans(&catalog);
+            assert_eq!(plans.len(), 4);
+            for plan in plans {
+                assert_eq!(plan["metadata"]["credentials"], mode, "{plan}");
+                let bullets = plan["metadata"]["bullets"].as_array().unwrap();
+                assert!(bullets.iter().any(|b| b.as_str().unwrap().starts_with(bullet)), "{plan}");
+                assert_eq!(bullets.iter().filter(|b| b.as_str().unwrap().contains("key")).count(), 1, "{plan}");
+                assert!(plan["metadata"]["displayName"].is_string(), "the file's metadata stays");
+            }
+        }
+        // Without an S3 store there is no s3 service to describe.
+        assert!(s3_plans(&Catalog::load_for(&settings(serde_json::json!({}))).unwrap()).is_empty());
+    }
+
+    #[test]
+    fn engine_metadata_touches_only_that_engines_plans() {
+        let services: Vec<Service> = serde_json::from_value(serde_json::json!([
+            {"id":"s","name":"x","description":"d","bindable":true,"plans":[
+                {"id":"a","name":"a","description":"d","engine":"s3"},
+                {"id":"b","name":"b","description":"d","engine":"shared","metadata":{"bullets":["b"]}}]}
+        ]))
+        .unwrap();
+        let mut fields = serde_json::Map::new();
+        fields.insert("credentials".into(), "shared".into());
+        let catalog = Catalog::from_services(services, KNOWN_ENGINES)
+            .unwrap()
+            .with_engine_metadata("s3", &fields, &["one"])
+            .unwrap()
+            .with_engine_metadata("s3", &fields, &["one"])
+            .unwrap();
+        let body: Value = serde_json::from_slice(&catalog.rendered()).unwrap();
+        let plans = &body["services"][0]["plans"];
+        assert_eq!(plans[0]["metadata"], serde_json::json!({"credentials": "shared", "bullets": ["one"]}));
+        assert_eq!(plans[1]["metadata"], serde_json::json!({"bullets": ["b"]}));
+        assert_eq!(catalog.plan_by_id("a").unwrap().plan.metadata.as_ref().unwrap()["credentials"], "shared");
     }
 
     #[test]

@@ -132,6 +132,32 @@ pub enum S3Backend {
     Compatible,
 }
 
+/// What credentials an `s3` binding gets (see [`Settings::s3_credentials`]); published in the catalog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum S3Credentials {
+    /// An IAM user and access key of its own, scoped to the bucket: unbinding revokes only that binding.
+    PerBinding,
+    /// The store keys berth was configured with, the same for every binding.
+    Shared,
+}
+
+impl S3Credentials {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PerBinding => "per-binding",
+            Self::Shared => "shared",
+        }
+    }
+
+    /// The catalog bullet that says so.
+    pub fn bullet(self) -> &'static str {
+        match self {
+            Self::PerBinding => "Access key per binding",
+            Self::Shared => "Bindings share the store's keys (no key of their own, no read-only keys)",
+        }
+    }
+}
+
 impl Settings {
     /// Reads the environment (and `BERTH_CONFIG`, if set). Fails with a message naming the bad setting.
     pub fn load() -> anyhow::Result<Self> {
@@ -218,6 +244,16 @@ impl Settings {
             Some(S3Backend::Aws)
         } else {
             None
+        }
+    }
+
+    /// Which credentials `s3` bindings get: their own on AWS and on an S3-compatible store with an identity
+    /// API (`S3_COMPATIBLE_IAM_ENDPOINT`), else the configured store keys. `None` without an S3 store.
+    pub fn s3_credentials(&self) -> Option<S3Credentials> {
+        match self.s3_backend()? {
+            S3Backend::Aws => Some(S3Credentials::PerBinding),
+            S3Backend::Compatible if self.s3_compatible_iam_endpoint.is_some() => Some(S3Credentials::PerBinding),
+            S3Backend::Compatible => Some(S3Credentials::Shared),
         }
     }
 
