@@ -21,6 +21,9 @@ pub async fn connect(url: &SecretString, max_connections: u32) -> anyhow::Result
         .map_err(|_| anyhow::anyhow!("DATABASE_URL is not a valid Postgres URL"))?;
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)
+        // No ping before every checkout: it is a round trip per request. A connection broken by a server
+        // restart fails its next query instead, and sqlx drops it.
+        .test_before_acquire(false)
         .acquire_timeout(Duration::from_secs(10))
         .connect_with(options.application_name("berth"))
         .await
