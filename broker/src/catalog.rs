@@ -139,6 +139,12 @@ impl PlanRef<'_> {
     pub fn plan_updateable(&self) -> bool {
         self.plan.plan_updateable.unwrap_or(self.service.plan_updateable)
     }
+    /// Whether the instance's bindings can be given new credentials (the Akkeris `credentials` action): only
+    /// where each binding has credentials of its own, which the plan's metadata says (`"credentials":
+    /// "per-binding"`, set at start-up from settings; see [`engine_metadata`]).
+    pub fn can_rotate_credentials(&self) -> bool {
+        self.plan.metadata.as_ref().and_then(|m| m.get("credentials")).and_then(Value::as_str) == Some("per-binding")
+    }
     pub fn has_feature(&self, feature: &str) -> bool {
         self.plan.features.iter().any(|f| f == feature)
     }

@@ -102,6 +102,9 @@ pub enum Operation {
     Deprovision,
     Bind,
     Unbind,
+    /// The Akkeris action `PUT /v2/service_instances/{id}/actions/credentials`: every binding of the instance
+    /// gets new credentials and its old ones are revoked. An instance operation (no binding), like update.
+    RotateCredentials,
 }
 
 impl Operation {
@@ -112,6 +115,7 @@ impl Operation {
             Self::Deprovision => "deprovision",
             Self::Bind => "bind",
             Self::Unbind => "unbind",
+            Self::RotateCredentials => "rotate_credentials",
         }
     }
 
@@ -122,6 +126,7 @@ impl Operation {
             "deprovision" => Self::Deprovision,
             "bind" => Self::Bind,
             "unbind" => Self::Unbind,
+            "rotate_credentials" => Self::RotateCredentials,
             _ => return None,
         })
     }
@@ -134,6 +139,7 @@ impl Operation {
             Self::Deprovision => kinds::DEPROVISION,
             Self::Bind => kinds::BIND,
             Self::Unbind => kinds::UNBIND,
+            Self::RotateCredentials => kinds::ROTATE_CREDENTIALS,
         }
     }
 }
@@ -145,6 +151,7 @@ pub mod kinds {
     pub const DEPROVISION: &str = "instance.deprovision";
     pub const BIND: &str = "binding.create";
     pub const UNBIND: &str = "binding.delete";
+    pub const ROTATE_CREDENTIALS: &str = "instance.rotate_credentials";
     pub const DELIVER_WEBHOOK: &str = "webhook.deliver";
     /// Does nothing (or sleeps `sleep_ms`): the queue's benchmark and crash tests use it.
     pub const NOOP: &str = "noop";

@@ -38,7 +38,7 @@ impl fmt::Debug for Services {
 impl Services {
     /// Loads the catalog from `settings.plans_dir` and sets up a provider for every configured engine.
     pub fn new(settings: Settings, cipher: Cipher) -> anyhow::Result<Self> {
-        let catalog = Catalog::load(&settings.plans_dir, &settings.available_engines())?;
+        let catalog = Catalog::load_for(&settings)?;
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .connect_timeout(Duration::from_secs(5))

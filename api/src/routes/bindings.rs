@@ -327,6 +327,19 @@ async fn unbind(
             _ => Err(binding_concurrency(&row, &task)),
         };
     }
+    // A credentials rotation is giving this binding a new key: unbinding under it would leave the rotation a
+    // user to rotate that is being deleted.
+    if let Some(task) = tasks::active_operations(&mut *tx, &instance_id)
+        .await?
+        .into_iter()
+        .find(|t| operation_of(t) == Some(Operation::RotateCredentials))
+    {
+        return Err(ApiError::Concurrency(format!(
+            "service instance {instance_id} has a credentials rotation in progress (operation {}); try again \
+             when it has finished",
+            task.id
+        )));
+    }
     let task = operation_task(
         Operation::Unbind,
         &instance_id,

@@ -1,12 +1,13 @@
 //! `/v2/service_instances/{instance_id}`: provision (PUT), update (PATCH), deprovision (DELETE), fetch (GET)
 //! and `last_operation`. Each accepted change writes the row and one task in one transaction, then answers 202.
+//! Also the Akkeris action `PUT .../actions/credentials`: new credentials for every binding (asynchronous).
 
 use axum::{
     Json, Router,
     extract::State,
     http::StatusCode,
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{get, put},
 };
 use broker::{
     catalog::SchemaFor,
@@ -42,6 +43,10 @@ pub fn router() -> Router<AppState> {
         .route(
             "/v2/service_instances/{instance_id}/last_operation",
             get(last_operation),
+        )
+        .route(
+            "/v2/service_instances/{instance_id}/actions/credentials",
+            put(rotate_credentials),
         )
 }
 
@@ -176,7 +181,7 @@ async fn provision_existing(
     let latest = tasks::latest_instance_operation(&mut *tx, &row.id).await?;
     match latest.as_ref().map(|t| (operation_of(t), t.state())) {
         Some((Some(Operation::Provision), TaskState::Succeeded))
-        | Some((Some(Operation::Update), _)) => Ok(ok_empty()),
+        | Some((Some(Operation::Update | Operation::RotateCredentials), _)) => Ok(ok_empty()),
         Some((Some(Operation::Deprovision), _)) => Err(ApiError::Conflict(format!(
             "service instance {} is being deleted (its last deprovision failed); deprovision it again",
             row.id
@@ -433,6 +438,69 @@ async fn deprovision(
     }
     let task = operation_task(
         Operation::Deprovision,
+        &instance_id,
+        None,
+        json!({}),
+        identity,
+        hook,
+    );
+    let operation = tasks::enqueue(&mut *tx, task).await?;
+    tx.commit().await?;
+    Ok(accepted(operation))
+}
+
+/// The Akkeris action `PUT /v2/service_instances/{id}/actions/credentials`: every binding of the instance gets
+/// new credentials, stored sealed in place of the old ones, which are revoked once the new ones are stored.
+/// Always asynchronous (202 + operation, polled on `last_operation` like an update); the same request while that
+/// rotation runs gets its operation again. Refused, writing nothing: an unknown or unprovisioned instance (404),
+/// one with another operation in progress (422 `ConcurrencyError`), or a plan whose bindings have no credentials
+/// of their own to rotate (422).
+async fn rotate_credentials(
+    State(state): State<AppState>,
+    OsbPath(instance_id): OsbPath<String>,
+    OsbQuery(query): OsbQuery<OsbParams>,
+    OriginatingIdentity(identity): OriginatingIdentity,
+) -> ApiResult<Response> {
+    check_id("instance_id", &instance_id)?;
+    let hook = webhook::take(
+        &mut json!({}),
+        query.webhook.as_deref(),
+        query.secret.as_deref(),
+        &state.cipher,
+    )?;
+
+    let mut tx = state.db.begin().await?;
+    let row = provisioned_instance(&mut tx, &instance_id, true).await?;
+    let active = tasks::active_operations(&mut *tx, &instance_id).await?;
+    if let Some(task) = active.iter().find(|t| {
+        t.binding_id.is_none() && operation_of(t) == Some(Operation::RotateCredentials)
+    }) {
+        return Ok(accepted(task.task_id()));
+    }
+    if let Some(task) = active.first() {
+        return Err(concurrency(&instance_id, task));
+    }
+    let plan = state.catalog.plan_by_id(&row.plan_id).ok_or_else(|| {
+        ApiError::Unprocessable(format!(
+            "service instance {instance_id} is on plan {:?}, which is no longer in the catalog",
+            row.plan_id
+        ))
+    })?;
+    if !plan.can_rotate_credentials() {
+        return Err(ApiError::Unprocessable(format!(
+            "plan {:?} cannot rotate credentials: its bindings have no credentials of their own (bind anew, or \
+             use OSB binding rotation where the plan is binding_rotatable)",
+            plan.plan.name
+        )));
+    }
+    let latest = tasks::latest_instance_operation(&mut *tx, &instance_id).await?;
+    if latest.as_ref().and_then(operation_of) == Some(Operation::Deprovision) {
+        return Err(ApiError::Unprocessable(format!(
+            "service instance {instance_id} is being deleted (its last deprovision failed); deprovision it again"
+        )));
+    }
+    let task = operation_task(
+        Operation::RotateCredentials,
         &instance_id,
         None,
         json!({}),

@@ -201,8 +201,9 @@ pub(crate) fn last_operation_response(task: &TaskRow, instance_flags: bool) -> R
     };
     if instance_flags && state == TaskState::Failed {
         match operation_of(task) {
-            // An update is applied to the row only once it has succeeded: the instance runs as before.
-            Some(Operation::Update) => {
+            // An update is applied to the row only once it has succeeded: the instance runs as before. A
+            // rotation replaces each binding's credentials only once the new ones work: every stored set works.
+            Some(Operation::Update | Operation::RotateCredentials) => {
                 body["instance_usable"] = json!(true);
                 body["update_repeatable"] = json!(true);
             }

@@ -29,6 +29,10 @@ pub const PG_SERVICE: &str = "3bdd3b6c-801f-470b-a45f-bc1849fa2124";
 pub const PG_SHARED: &str = "707a3e6f-f8db-4339-88da-1533837a9810";
 pub const PG_VERSION: &str = "1.0.0";
 
+/// The shipped `s3` service and its `basic` plan, published as with per-binding credentials (AWS settings).
+pub const S3_SERVICE: &str = "6f0c2f4e-3b1a-4c55-9d0e-8a4b7c2e1f01";
+pub const S3_BASIC: &str = "b1c7a3e0-52d4-4f0a-8e61-3d2f9a7c5b11";
+
 /// A second service, only in tests, with plans that exercise plan changes and bindability.
 pub const T_SERVICE: &str = "test-service";
 pub const T_SMALL: &str = "test-small";
@@ -92,7 +96,12 @@ fn test_catalog() -> Catalog {
     .unwrap();
     let mut services = shipped.services().to_vec();
     services.push(extra);
-    Catalog::from_services(services, KNOWN_ENGINES).unwrap()
+    let mut per_binding = serde_json::Map::new();
+    per_binding.insert("credentials".into(), json!("per-binding"));
+    Catalog::from_services(services, KNOWN_ENGINES)
+        .unwrap()
+        .with_engine_metadata("s3", &per_binding, &[])
+        .unwrap()
 }
 
 pub fn provision_body() -> Value {

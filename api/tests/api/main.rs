@@ -1,6 +1,7 @@
 //! In-process tests of the OSB API: the real router, a fresh database per test, `oneshot` requests. The worker
 //! is simulated by changing task and row state directly in SQL.
 
+mod actions;
 mod bindings;
 mod catalog;
 mod deprovision;

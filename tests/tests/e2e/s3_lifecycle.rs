@@ -61,6 +61,12 @@ async fn lifecycle(stack: &Stack, endpoint: &str) {
         !catalog.to_string().contains("one_way_features"),
         "berth's own fields stay private"
     );
+    for plan in plans.as_array().unwrap() {
+        assert_eq!(
+            plan["metadata"]["credentials"], "per-binding",
+            "the catalog says which credentials bindings get: {plan}"
+        );
+    }
     let (versioned, basic) = (plan_id(&plans, "versioned"), plan_id(&plans, "basic"));
 
     let instance = uuid::Uuid::new_v4().to_string();
@@ -133,6 +139,35 @@ async fn lifecycle(stack: &Stack, endpoint: &str) {
     );
     let secret = creds["S3_SECRET_KEY"].as_str().unwrap();
     assert!(!stack.logs().contains(secret), "a secret key reached a log");
+
+    // The Akkeris action: the binding gets a new key, stored in place of the old one.
+    let (status, body) = stack
+        .send(stack.request(Method::PUT, &format!("{path}/actions/credentials")))
+        .await
+        .unwrap();
+    assert_eq!(status, 202, "{body}");
+    let (_, last) = stack
+        .wait_operation(&format!("{path}/last_operation"), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(last["state"], "succeeded", "{last}\n{}", stack.logs());
+    let (_, rotated) = stack
+        .send(stack.request(Method::GET, &binding))
+        .await
+        .unwrap();
+    assert!(
+        rotated["credentials"]["S3_ACCESS_KEY"].is_string(),
+        "{rotated}"
+    );
+    assert_ne!(
+        rotated["credentials"]["S3_ACCESS_KEY"], creds["S3_ACCESS_KEY"],
+        "the rotation stored a new key"
+    );
+    let new_secret = rotated["credentials"]["S3_SECRET_KEY"].as_str().unwrap();
+    assert!(
+        !stack.logs().contains(new_secret),
+        "a secret key reached a log"
+    );
 
     let query = format!("service_id={service}&plan_id={versioned}&accepts_incomplete=true");
     let (status, _) = stack

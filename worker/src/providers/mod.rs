@@ -90,6 +90,31 @@ pub trait Provider: Send + Sync {
         binding: &BindingRow,
     ) -> Result<Progress<()>, TaskError>;
 
+    /// Credentials rotation, step 1 (the Akkeris `credentials` action): new credentials for `binding`, working
+    /// before this returns, while `current` (the stored ones) stay valid. Run again after a crash, it must
+    /// revoke whatever an earlier try made but never stored, never `current`.
+    async fn rotate_binding(
+        &self,
+        _ctx: &TaskContext<'_>,
+        _instance: &InstanceRow,
+        _binding: &BindingRow,
+        _current: &Map<String, Value>,
+    ) -> Result<Progress<Bound>, TaskError> {
+        Err(TaskError::fatal("this plan cannot rotate credentials"))
+    }
+
+    /// Credentials rotation, step 2, once the new credentials are stored: revoke every credential of `binding`
+    /// but `current` (the stored, new ones).
+    async fn revoke_other_credentials(
+        &self,
+        _ctx: &TaskContext<'_>,
+        _instance: &InstanceRow,
+        _binding: &BindingRow,
+        _current: &Map<String, Value>,
+    ) -> Result<Progress<()>, TaskError> {
+        Err(TaskError::fatal("this plan cannot rotate credentials"))
+    }
+
     /// One pass of the worker's reconcile loop over this engine's instances (bring back what stopped).
     /// Must be safe with many workers running it at once. Most engines have nothing to do.
     async fn reconcile(&self, _pool: &PgPool, _services: &Services) -> anyhow::Result<()> {

@@ -5,6 +5,7 @@ mod deliver_webhook;
 mod deprovision;
 mod noop;
 mod provision;
+mod rotate_credentials;
 mod unbind;
 mod update;
 
@@ -13,6 +14,7 @@ pub use deliver_webhook::DeliverWebhook;
 pub use deprovision::Deprovision;
 pub use noop::Noop;
 pub use provision::Provision;
+pub use rotate_credentials::RotateCredentials;
 pub use unbind::DeleteBinding;
 pub use update::Update;
 
@@ -31,6 +33,7 @@ pub fn registry() -> Registry {
         .with(Deprovision)
         .with(CreateBinding)
         .with(DeleteBinding)
+        .with(RotateCredentials)
         .with(DeliverWebhook)
         .with(Noop)
 }

@@ -1003,3 +1003,203 @@ async fn s3_public_read_on_and_off(_: PgPoolOptions, opts: PgConnectOptions) {
         .await,
     );
 }
+
+/// The keys each binding's IAM user has now.
+async fn keys_of(peer: &Peer, user: &str) -> Vec<String> {
+    let out = iam_client(peer)
+        .list_access_keys()
+        .user_name(user)
+        .send()
+        .await
+        .unwrap();
+    out.access_key_metadata()
+        .iter()
+        .filter_map(|k| k.access_key_id().map(str::to_string))
+        .collect()
+}
+
+#[sqlx::test(migrator = "broker::MIGRATOR")]
+async fn s3_rotate_credentials_gives_each_binding_a_new_key_and_revokes_the_old(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let pool = pool(&opts, 8).await;
+    let peer = moto();
+    let services = aws_services(&peer);
+    let instance = new_instance(&pool, BASIC, json!({})).await;
+    let bucket = names::bucket_name(PREFIX, &instance);
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Provision,
+            &instance,
+            None,
+            json!({}),
+        )
+        .await,
+    );
+    // A read-write and a read-only binding (two_bindings unbinds its first one).
+    let a = new_binding(&pool, &instance, BASIC, json!({})).await;
+    let b = new_binding(&pool, &instance, BASIC, json!({ "access": "read-only" })).await;
+    for binding in [&a, &b] {
+        succeeded(
+            &operate(
+                &pool,
+                &services,
+                Operation::Bind,
+                &instance,
+                Some(binding),
+                json!({}),
+            )
+            .await,
+        );
+    }
+    let (old_a, old_b) = (credentials(&pool, &a).await, credentials(&pool, &b).await);
+    put(&app_client(&peer, &old_a), &bucket, "before", "1")
+        .await
+        .unwrap();
+    // A key left by an interrupted rotation (made, never stored): the rotation removes it too.
+    let user_a = names::binding_user(PREFIX, &a);
+    let stray = iam_client(&peer)
+        .create_access_key()
+        .user_name(&user_a)
+        .send()
+        .await
+        .unwrap()
+        .access_key()
+        .unwrap()
+        .access_key_id()
+        .to_string();
+
+    let rotation = operate(
+        &pool,
+        &services,
+        Operation::RotateCredentials,
+        &instance,
+        None,
+        json!({}),
+    )
+    .await;
+    succeeded(&rotation);
+
+    let (new_a, new_b) = (credentials(&pool, &a).await, credentials(&pool, &b).await);
+    for (old, new) in [(&old_a, &new_a), (&old_b, &new_b)] {
+        assert_ne!(old["S3_ACCESS_KEY"], new["S3_ACCESS_KEY"]);
+        assert_ne!(old["S3_SECRET_KEY"], new["S3_SECRET_KEY"]);
+        assert_eq!(old["S3_BUCKET"], new["S3_BUCKET"]);
+        assert!(
+            new["uri"]
+                .as_str()
+                .unwrap()
+                .contains(new["S3_ACCESS_KEY"].as_str().unwrap())
+        );
+    }
+    // The new keys work with their binding's access; the old ones are refused.
+    let (app_a, app_b) = (app_client(&peer, &new_a), app_client(&peer, &new_b));
+    put(&app_a, &bucket, "after", "2").await.unwrap();
+    assert_eq!(get(&app_a, &bucket, "before").await.unwrap(), "1");
+    assert_eq!(get(&app_b, &bucket, "after").await.unwrap(), "2");
+    assert!(
+        put(&app_b, &bucket, "nope", "x").await.is_err(),
+        "b is still read-only"
+    );
+    for old in [&old_a, &old_b] {
+        let refused = get(&app_client(&peer, old), &bucket, "before").await;
+        assert!(refused.is_err(), "an old key still works: {refused:?}");
+    }
+    // One key per user: the stored one.
+    assert_eq!(
+        keys_of(&peer, &user_a).await,
+        vec![new_a["S3_ACCESS_KEY"].as_str().unwrap().to_string()]
+    );
+    assert!(!keys_of(&peer, &user_a).await.contains(&stray));
+    assert_eq!(
+        keys_of(&peer, &names::binding_user(PREFIX, &b)).await,
+        vec![new_b["S3_ACCESS_KEY"].as_str().unwrap().to_string()]
+    );
+
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Deprovision,
+            &instance,
+            None,
+            json!({}),
+        )
+        .await,
+    );
+    assert!(!bucket_exists(&admin(&peer), &bucket).await);
+}
+
+#[sqlx::test(migrator = "broker::MIGRATOR")]
+async fn s3_rotate_credentials_fails_where_bindings_share_the_store_keys(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let pool = pool(&opts, 8).await;
+    let peer = seaweed();
+    let settings = serde_json::from_value(json!({
+        "plans_dir": plans_dir(), "name_prefix": PREFIX,
+        "s3_compatible_endpoint": peer.url,
+        "s3_compatible_access_key": peer.key, "s3_compatible_secret_key": peer.secret,
+    }))
+    .unwrap();
+    let services = Arc::new(Services::new(settings, cipher()).expect("services"));
+    let instance = new_instance(&pool, BASIC, json!({})).await;
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Provision,
+            &instance,
+            None,
+            json!({}),
+        )
+        .await,
+    );
+    let binding = new_binding(&pool, &instance, BASIC, json!({})).await;
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Bind,
+            &instance,
+            Some(&binding),
+            json!({}),
+        )
+        .await,
+    );
+    let before = credentials(&pool, &binding).await;
+
+    let rotation = operate(
+        &pool,
+        &services,
+        Operation::RotateCredentials,
+        &instance,
+        None,
+        json!({}),
+    )
+    .await;
+    assert_eq!(rotation.state, "failed");
+    let error = rotation.last_error.unwrap_or_default();
+    assert!(error.contains("cannot rotate credentials"), "{error}");
+    assert_eq!(
+        credentials(&pool, &binding).await,
+        before,
+        "nothing changed"
+    );
+
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Deprovision,
+            &instance,
+            None,
+            json!({}),
+        )
+        .await,
+    );
+}

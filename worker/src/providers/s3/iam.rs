@@ -91,6 +91,11 @@ pub async fn ensure_binding_user(
         .await
         .map_err(|e| store.classify(e, "giving the binding's user its bucket policy"))?;
     delete_keys(store, iam, user).await?;
+    create_key(store, iam, user).await
+}
+
+/// A new access key for an existing user (IAM allows two at a time).
+pub async fn create_key(store: &Store, iam: &Client, user: &str) -> Result<AccessKey, TaskError> {
     let out = iam
         .create_access_key()
         .user_name(user)
@@ -107,13 +112,23 @@ pub async fn ensure_binding_user(
 }
 
 async fn delete_keys(store: &Store, iam: &Client, user: &str) -> Result<(), TaskError> {
+    delete_keys_except(store, iam, user, None).await
+}
+
+/// Deletes every key of `user` but `keep`; a user that is gone has none.
+pub async fn delete_keys_except(
+    store: &Store,
+    iam: &Client,
+    user: &str,
+    keep: Option<&str>,
+) -> Result<(), TaskError> {
     let keys = match iam.list_access_keys().user_name(user).send().await {
         Ok(out) => out,
         Err(e) if code(&e).as_deref() == Some("NoSuchEntity") => return Ok(()),
         Err(e) => return Err(store.classify(e, "listing the binding user's keys")),
     };
     for key in keys.access_key_metadata() {
-        let Some(id) = key.access_key_id() else {
+        let Some(id) = key.access_key_id().filter(|id| Some(*id) != keep) else {
             continue;
         };
         match iam

@@ -441,36 +441,7 @@ impl Provider for S3Provider {
                     access == Access::ReadOnly,
                 )
                 .await?;
-                let probe_client = aws_sdk_s3::Client::from_conf(
-                    self.s3
-                        .to_builder()
-                        .region(Region::new(region.clone()))
-                        .credentials_provider(static_credentials(&key.id, &key.secret, None))
-                        .build(),
-                );
-                let store = &self.store;
-                let bucket_name = bucket.clone();
-                iam::wait_until_valid(
-                    || {
-                        let client = probe_client.clone();
-                        let bucket = bucket_name.clone();
-                        async move {
-                            // A one-key listing (s3:ListBucket, which every binding has): HeadBucket is
-                            // the same permission on AWS, but moto checks a made-up s3:HeadBucket for it.
-                            match client.list_objects_v2().bucket(&bucket).max_keys(1).send().await {
-                                Ok(_) => Ok(true),
-                                Err(e) => match errors::code(&e).as_deref() {
-                                    // Unknown key, or known but its policy not yet in force.
-                                    Some("InvalidAccessKeyId" | "AccessDenied" | "Forbidden" | "SignatureDoesNotMatch") => Ok(false),
-                                    _ if matches!(&e, aws_sdk_s3::error::SdkError::ServiceError(s) if s.raw().status().as_u16() == 403) => Ok(false),
-                                    _ => Err(store.classify(e, "trying the binding's new key")),
-                                },
-                            }
-                        }
-                    },
-                    KEY_PROPAGATION_LIMIT,
-                )
-                .await?;
+                self.wait_until_key_works(&region, &bucket, &key).await?;
                 (key.id, key.secret)
             }
             (None, Some((id, secret))) => (id.clone(), secret.clone()),
@@ -491,6 +462,48 @@ impl Provider for S3Provider {
         }))
     }
 
+    async fn rotate_binding(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+        binding: &BindingRow,
+        current: &Map<String, Value>,
+    ) -> Result<Progress<Bound>, TaskError> {
+        let (iam, user) = self.rotation_user(ctx, binding)?;
+        let current_key = current.get("S3_ACCESS_KEY").and_then(Value::as_str).ok_or_else(|| {
+            TaskError::fatal(format!("binding {}: its stored credentials have no S3_ACCESS_KEY", binding.id))
+        })?;
+        let bucket = Self::bucket(ctx, &instance.id);
+        let region = self.region_of(instance);
+        // A key an earlier, interrupted try made was never stored: nobody has it.
+        iam::delete_keys_except(&self.store, iam, &user, Some(current_key)).await?;
+        let key = iam::create_key(&self.store, iam, &user).await?;
+        self.wait_until_key_works(&region, &bucket, &key).await?;
+        let mut details = binding.details.clone();
+        if let Some(map) = details.as_object_mut() {
+            map.insert("rotated_at".into(), json!(chrono::Utc::now().to_rfc3339()));
+        }
+        Ok(Progress::Done(Bound {
+            details,
+            credentials: self.credentials(&bucket, &region, &key.id, &key.secret),
+        }))
+    }
+
+    async fn revoke_other_credentials(
+        &self,
+        ctx: &TaskContext<'_>,
+        _instance: &InstanceRow,
+        binding: &BindingRow,
+        current: &Map<String, Value>,
+    ) -> Result<Progress<()>, TaskError> {
+        let (iam, user) = self.rotation_user(ctx, binding)?;
+        let keep = current.get("S3_ACCESS_KEY").and_then(Value::as_str).ok_or_else(|| {
+            TaskError::fatal(format!("binding {}: its new credentials have no S3_ACCESS_KEY", binding.id))
+        })?;
+        iam::delete_keys_except(&self.store, iam, &user, Some(keep)).await?;
+        Ok(Progress::Done(()))
+    }
+
     async fn unbind(
         &self,
         ctx: &TaskContext<'_>,
@@ -506,6 +519,58 @@ impl Provider for S3Provider {
 }
 
 impl S3Provider {
+    /// Waits (bounded) until a new key is accepted for the bucket: IAM is eventually consistent, and a key
+    /// handed to an app must work at once.
+    async fn wait_until_key_works(
+        &self,
+        region: &str,
+        bucket: &str,
+        key: &iam::AccessKey,
+    ) -> Result<(), TaskError> {
+        let probe_client = aws_sdk_s3::Client::from_conf(
+            self.s3
+                .to_builder()
+                .region(Region::new(region.to_string()))
+                .credentials_provider(static_credentials(&key.id, &key.secret, None))
+                .build(),
+        );
+        let store = &self.store;
+        let bucket_name = bucket.to_string();
+        iam::wait_until_valid(
+            || {
+                let client = probe_client.clone();
+                let bucket = bucket_name.clone();
+                async move {
+                    // A one-key listing (s3:ListBucket, which every binding has): HeadBucket is
+                    // the same permission on AWS, but moto checks a made-up s3:HeadBucket for it.
+                    match client.list_objects_v2().bucket(&bucket).max_keys(1).send().await {
+                        Ok(_) => Ok(true),
+                        Err(e) => match errors::code(&e).as_deref() {
+                            // Unknown key, or known but its policy not yet in force.
+                            Some("InvalidAccessKeyId" | "AccessDenied" | "Forbidden" | "SignatureDoesNotMatch") => Ok(false),
+                            _ if matches!(&e, aws_sdk_s3::error::SdkError::ServiceError(s) if s.raw().status().as_u16() == 403) => Ok(false),
+                            _ => Err(store.classify(e, "trying the binding's new key")),
+                        },
+                    }
+                }
+            },
+            KEY_PROPAGATION_LIMIT,
+        )
+        .await
+    }
+
+    /// The IAM client and the binding's user, for rotation; a store without an identity API has no
+    /// per-binding key to rotate.
+    fn rotation_user(&self, ctx: &TaskContext<'_>, binding: &BindingRow) -> Result<(&aws_sdk_iam::Client, String), TaskError> {
+        let iam = self.iam.as_ref().ok_or_else(|| {
+            TaskError::fatal(
+                "this plan cannot rotate credentials: bindings share the store's keys (set S3_COMPATIBLE_IAM_ENDPOINT \
+                 for per-binding keys)",
+            )
+        })?;
+        Ok((iam, names::binding_user(ctx.services.name_prefix(), &binding.id)))
+    }
+
     /// The OSB `endpoints` entry for the bucket's region.
     fn endpoint(&self, region: &str) -> Value {
         match url::Url::parse(&self.public_endpoint) {
