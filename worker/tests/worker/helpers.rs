@@ -14,8 +14,12 @@ use berth_worker::{Registry, Services, Step, TaskContext, TaskError, TaskHandler
 use broker::{
     config::Settings,
     crypto::Cipher,
-    db::tasks::{self, NewTask, TaskRow},
-    model::TaskId,
+    db::{
+        bindings::{self, NewBinding},
+        instances::{self, NewInstance},
+        tasks::{self, NewTask, TaskRow},
+    },
+    model::{Operation, TaskId},
 };
 use serde_json::{Value, json};
 use sqlx::{
@@ -279,4 +283,61 @@ impl TaskHandler for Hang {
         std::future::pending::<()>().await;
         Ok(Step::Done)
     }
+}
+
+/// Inserts an instance row with a fresh id, as the API would (org/space from `context`, else "org"/"space").
+pub async fn insert_instance(pool: &PgPool, service: &str, plan: &str, context: Value, parameters: Value) -> String {
+    let id = Uuid::new_v4().to_string();
+    let guid = |key: &str, default: &'static str| context[key].as_str().unwrap_or(default).to_string();
+    let (organization_guid, space_guid) = (guid("organization_guid", "org"), guid("space_guid", "space"));
+    let new = NewInstance {
+        id: &id,
+        service_id: service,
+        plan_id: plan,
+        organization_guid: &organization_guid,
+        space_guid: &space_guid,
+        context: &context,
+        parameters: &parameters,
+        maintenance_version: None,
+    };
+    assert!(instances::insert(pool, &new).await.unwrap());
+    id
+}
+
+/// Inserts a binding row with a fresh id, as the API would.
+pub async fn insert_binding(pool: &PgPool, instance_id: &str, service: &str, plan: &str, parameters: Value) -> String {
+    let id = Uuid::new_v4().to_string();
+    let empty = json!({});
+    let new = NewBinding {
+        id: &id,
+        instance_id,
+        service_id: service,
+        plan_id: plan,
+        app_guid: Some("app"),
+        bind_resource: &empty,
+        context: &empty,
+        parameters: &parameters,
+    };
+    assert!(bindings::insert(pool, &new).await.unwrap());
+    id
+}
+
+/// Enqueues an OSB operation's task (3 attempts at most), drains the queue with the real registry, and
+/// returns the finished task.
+pub async fn operate(
+    pool: &PgPool,
+    services: &Arc<Services>,
+    op: Operation,
+    instance_id: &str,
+    binding_id: Option<&str>,
+    payload: Value,
+) -> TaskRow {
+    let mut new = NewTask::new(op.task_kind(), payload);
+    new.instance_id = Some(instance_id.to_string());
+    new.binding_id = binding_id.map(str::to_string);
+    new.operation = Some(op.as_str());
+    new.max_attempts = 3;
+    let id = enqueue_with(pool, new).await;
+    drain(pool, services.clone(), berth_worker::tasks::registry(), config("w")).await;
+    task(pool, id).await
 }

@@ -11,8 +11,8 @@ use std::{
 use berth_worker::{Services, providers::local_postgres, reconcile, tasks};
 use broker::{
     db::{
-        bindings::{self, NewBinding},
-        instances::{self, NewInstance},
+        bindings,
+        instances,
         tasks::{NewTask, TaskRow},
     },
     model::{Operation, UpdatePayload},
@@ -25,6 +25,14 @@ use sqlx::{
 };
 
 use crate::helpers::*;
+
+async fn new_instance(pool: &PgPool, parameters: Value) -> String {
+    insert_instance(pool, SERVICE, PLAN, json!({}), parameters).await
+}
+
+async fn new_binding(pool: &PgPool, instance_id: &str, parameters: Value) -> String {
+    insert_binding(pool, instance_id, SERVICE, PLAN, parameters).await
+}
 
 const SERVICE: &str = "3bdd3b6c-801f-470b-a45f-bc1849fa2124";
 const PLAN: &str = "5f0c2d8e-9b41-4c7a-a6e3-2d7f1b8c4e90";
@@ -78,58 +86,6 @@ impl Drop for Servers {
         }
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-async fn new_instance(pool: &PgPool, parameters: Value) -> String {
-    let id = uuid::Uuid::new_v4().to_string();
-    let empty = json!({});
-    let new = NewInstance {
-        id: &id,
-        service_id: SERVICE,
-        plan_id: PLAN,
-        organization_guid: "org",
-        space_guid: "space",
-        context: &empty,
-        parameters: &parameters,
-        maintenance_version: None,
-    };
-    assert!(instances::insert(pool, &new).await.unwrap());
-    id
-}
-
-async fn new_binding(pool: &PgPool, instance_id: &str, parameters: Value) -> String {
-    let id = uuid::Uuid::new_v4().to_string();
-    let empty = json!({});
-    let new = NewBinding {
-        id: &id,
-        instance_id,
-        service_id: SERVICE,
-        plan_id: PLAN,
-        app_guid: Some("app"),
-        bind_resource: &empty,
-        context: &empty,
-        parameters: &parameters,
-    };
-    assert!(bindings::insert(pool, &new).await.unwrap());
-    id
-}
-
-async fn operate(
-    pool: &PgPool,
-    services: &Arc<Services>,
-    op: Operation,
-    instance_id: &str,
-    binding_id: Option<&str>,
-    payload: Value,
-) -> TaskRow {
-    let mut new = NewTask::new(op.task_kind(), payload);
-    new.instance_id = Some(instance_id.to_string());
-    new.binding_id = binding_id.map(str::to_string);
-    new.operation = Some(op.as_str());
-    new.max_attempts = 3;
-    let id = enqueue_with(pool, new).await;
-    drain(pool, services.clone(), tasks::registry(), config("w")).await;
-    task(pool, id).await
 }
 
 fn succeeded(row: &TaskRow) {

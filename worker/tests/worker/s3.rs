@@ -10,11 +10,11 @@ use aws_sdk_s3::{
     primitives::ByteStream,
     types::BucketVersioningStatus,
 };
-use berth_worker::{Services, tasks};
+use berth_worker::Services;
 use broker::{
     db::{
-        bindings::{self, NewBinding},
-        instances::{self, NewInstance},
+        bindings,
+        instances,
         tasks::{NewTask, TaskRow},
     },
     model::{Operation, UpdatePayload},
@@ -27,6 +27,15 @@ use sqlx::{
 };
 
 use crate::helpers::*;
+
+async fn new_instance(pool: &PgPool, plan: &str, parameters: Value) -> String {
+    let context = json!({ "platform": "cloudfoundry", "organization_guid": "org-1", "space_guid": "space-1" });
+    insert_instance(pool, SERVICE, plan, context, parameters).await
+}
+
+async fn new_binding(pool: &PgPool, instance_id: &str, plan: &str, parameters: Value) -> String {
+    insert_binding(pool, instance_id, SERVICE, plan, parameters).await
+}
 
 const SERVICE: &str = "6f0c2f4e-3b1a-4c55-9d0e-8a4b7c2e1f01";
 const BASIC: &str = "b1c7a3e0-52d4-4f0a-8e61-3d2f9a7c5b11";
@@ -129,58 +138,6 @@ fn iam_client(peer: &Peer) -> aws_sdk_iam::Client {
 
 fn admin(peer: &Peer) -> Client {
     client(&peer.url, &peer.key, &peer.secret)
-}
-
-async fn new_instance(pool: &PgPool, plan: &str, parameters: Value) -> String {
-    let id = uuid::Uuid::new_v4().to_string();
-    let context = json!({ "platform": "cloudfoundry", "organization_guid": "org-1", "space_guid": "space-1" });
-    let new = NewInstance {
-        id: &id,
-        service_id: SERVICE,
-        plan_id: plan,
-        organization_guid: "org-1",
-        space_guid: "space-1",
-        context: &context,
-        parameters: &parameters,
-        maintenance_version: None,
-    };
-    assert!(instances::insert(pool, &new).await.unwrap());
-    id
-}
-
-async fn new_binding(pool: &PgPool, instance_id: &str, plan: &str, parameters: Value) -> String {
-    let id = uuid::Uuid::new_v4().to_string();
-    let empty = json!({});
-    let new = NewBinding {
-        id: &id,
-        instance_id,
-        service_id: SERVICE,
-        plan_id: plan,
-        app_guid: Some("app"),
-        bind_resource: &empty,
-        context: &empty,
-        parameters: &parameters,
-    };
-    assert!(bindings::insert(pool, &new).await.unwrap());
-    id
-}
-
-async fn operate(
-    pool: &PgPool,
-    services: &Arc<Services>,
-    op: Operation,
-    instance_id: &str,
-    binding_id: Option<&str>,
-    payload: Value,
-) -> TaskRow {
-    let mut new = NewTask::new(op.task_kind(), payload);
-    new.instance_id = Some(instance_id.to_string());
-    new.binding_id = binding_id.map(str::to_string);
-    new.operation = Some(op.as_str());
-    new.max_attempts = 3;
-    let id = enqueue_with(pool, new).await;
-    drain(pool, services.clone(), tasks::registry(), config("w")).await;
-    task(pool, id).await
 }
 
 #[track_caller]

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use berth_worker::{Services, tasks};
 use broker::{
     db::{
-        bindings::{self, NewBinding},
-        instances::{self, NewInstance},
+        bindings,
+        instances,
         tasks::{NewTask, TaskRow},
     },
     model::{Operation, UpdatePayload},
@@ -21,43 +21,17 @@ use sqlx::{
 
 use crate::{helpers::*, webhook};
 
-const SERVICE: &str = "3bdd3b6c-801f-470b-a45f-bc1849fa2124";
-const PLAN: &str = "707a3e6f-f8db-4339-88da-1533837a9810";
-const PREFIX: &str = "bt_";
-
 async fn new_instance(pool: &PgPool, parameters: Value) -> String {
-    let id = uuid::Uuid::new_v4().to_string();
-    let empty = json!({});
-    let new = NewInstance {
-        id: &id,
-        service_id: SERVICE,
-        plan_id: PLAN,
-        organization_guid: "org",
-        space_guid: "space",
-        context: &empty,
-        parameters: &parameters,
-        maintenance_version: None,
-    };
-    assert!(instances::insert(pool, &new).await.unwrap());
-    id
+    insert_instance(pool, SERVICE, PLAN, json!({}), parameters).await
 }
 
 async fn new_binding(pool: &PgPool, instance_id: &str, parameters: Value) -> String {
-    let id = uuid::Uuid::new_v4().to_string();
-    let empty = json!({});
-    let new = NewBinding {
-        id: &id,
-        instance_id,
-        service_id: SERVICE,
-        plan_id: PLAN,
-        app_guid: Some("app"),
-        bind_resource: &empty,
-        context: &empty,
-        parameters: &parameters,
-    };
-    assert!(bindings::insert(pool, &new).await.unwrap());
-    id
+    insert_binding(pool, instance_id, SERVICE, PLAN, parameters).await
 }
+
+const SERVICE: &str = "3bdd3b6c-801f-470b-a45f-bc1849fa2124";
+const PLAN: &str = "707a3e6f-f8db-4339-88da-1533837a9810";
+const PREFIX: &str = "bt_";
 
 /// Enqueues the operation's task, drains the queue, returns the finished task.
 async fn operate(
