@@ -84,6 +84,23 @@ pub struct Settings {
     /// How often a worker reconciles (restarts stopped `local` servers, deprovisions expired instances).
     #[serde(default = "default_reconcile_ms")]
     pub reconcile_interval_ms: u64,
+    /// Where presets and backups are stored: `file:///dir` or `s3://bucket/prefix` (default
+    /// `file://<BERTH_DATA_DIR>/snapshots`).
+    pub snapshot_store_url: Option<String>,
+    /// An S3-compatible endpoint and keys for an `s3://` snapshot store; unset = the AWS standard chain.
+    pub snapshot_s3_endpoint: Option<String>,
+    pub snapshot_s3_access_key: Option<SecretString>,
+    pub snapshot_s3_secret_key: Option<SecretString>,
+    pub snapshot_s3_region: Option<String>,
+    /// The key snapshots are sealed with (`berth gen-key` writes one). Default `<BERTH_DATA_DIR>/snapshot.key`,
+    /// made on first start when absent; a configured file must exist.
+    pub snapshot_key_file: Option<PathBuf>,
+    /// zstd level of snapshots (1-19).
+    #[serde(default = "default_snapshot_zstd_level")]
+    pub snapshot_zstd_level: i32,
+    /// How often a worker looks for due scheduled backups.
+    #[serde(default = "default_backup_scheduler_ms")]
+    pub backup_scheduler_ms: u64,
 }
 
 fn default_port() -> u16 {
@@ -121,6 +138,12 @@ fn default_s3_compatible_region() -> String {
 }
 fn default_reconcile_ms() -> u64 {
     5000
+}
+fn default_snapshot_zstd_level() -> i32 {
+    6
+}
+fn default_backup_scheduler_ms() -> u64 {
+    1000
 }
 
 /// The store behind the `s3` plans (see [`Settings::s3_backend`]).
@@ -181,6 +204,14 @@ impl Settings {
         }
         if self.worker_lease_secs < 2 {
             anyhow::bail!("WORKER_LEASE_SECS must be at least 2");
+        }
+        if !(1..=19).contains(&self.snapshot_zstd_level) {
+            anyhow::bail!("SNAPSHOT_ZSTD_LEVEL must be from 1 to 19");
+        }
+        if let Some(url) = &self.snapshot_store_url {
+            if !(url.starts_with("file:///") || url.starts_with("s3://")) {
+                anyhow::bail!("SNAPSHOT_STORE_URL must be file:///<absolute dir> or s3://<bucket>/<prefix>");
+            }
         }
         if self.reconcile_interval_ms < 100 {
             anyhow::bail!("RECONCILE_INTERVAL_MS must be at least 100");
@@ -254,6 +285,27 @@ impl Settings {
             S3Backend::Aws => Some(S3Credentials::PerBinding),
             S3Backend::Compatible if self.s3_compatible_iam_endpoint.is_some() => Some(S3Credentials::PerBinding),
             S3Backend::Compatible => Some(S3Credentials::Shared),
+        }
+    }
+
+    /// The snapshot store URL: the configured one, or `file://` + `<data dir>/snapshots` (absolute).
+    pub fn snapshot_store(&self) -> String {
+        self.snapshot_store_url.clone().unwrap_or_else(|| {
+            let dir = self.data_dir.join("snapshots");
+            let dir = if dir.is_absolute() {
+                dir
+            } else {
+                std::env::current_dir().map(|cwd| cwd.join(&dir)).unwrap_or(dir)
+            };
+            format!("file://{}", dir.display())
+        })
+    }
+
+    /// The snapshot key file, and whether berth may create it (only the default one).
+    pub fn snapshot_key_path(&self) -> (PathBuf, bool) {
+        match &self.snapshot_key_file {
+            Some(path) => (path.clone(), false),
+            None => (self.data_dir.join("snapshot.key"), true),
         }
     }
 

@@ -36,15 +36,7 @@ impl Cipher {
 
     /// Reads a key written by [`generate_key_file`].
     pub fn from_key_file(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading the key file {}", path.display()))?;
-        let bytes = B64
-            .decode(text.trim())
-            .with_context(|| format!("the key file {} is not base64", path.display()))?;
-        let key: [u8; 32] = bytes.try_into().map_err(|_| {
-            anyhow::anyhow!("the key file {} must hold 32 bytes", path.display())
-        })?;
-        Ok(Self::from_key(&key))
+        Ok(Self::from_key(&read_key_file(path)?))
     }
 
     pub fn seal(&self, plaintext: &[u8]) -> Vec<u8> {
@@ -78,6 +70,18 @@ impl Cipher {
         let bytes = self.open(sealed)?;
         serde_json::from_slice(&bytes).context("sealed secret is not the expected JSON")
     }
+}
+
+/// Reads a 32-byte key (base64 in a file) written by [`generate_key_file`].
+pub fn read_key_file(path: &Path) -> anyhow::Result<[u8; 32]> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the key file {}", path.display()))?;
+    let bytes = B64
+        .decode(text.trim())
+        .with_context(|| format!("the key file {} is not base64", path.display()))?;
+    bytes
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("the key file {} must hold 32 bytes", path.display()))
 }
 
 /// Writes a fresh random key to `path` (mode 0600). Refuses to overwrite an existing key:

@@ -88,6 +88,11 @@ impl PgServer {
         &self.root
     }
 
+    /// The folder of the server's PostgreSQL programs.
+    pub fn bin_dir(&self) -> &Path {
+        &self.bin_dir
+    }
+
     pub fn superuser_password(&self) -> &SecretString {
         &self.password
     }

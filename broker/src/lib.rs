@@ -7,6 +7,7 @@ pub mod db;
 pub mod embedded;
 pub mod model;
 pub mod names;
+pub mod snapshots;
 pub mod telemetry;
 
 /// The broker's schema, embedded so every binary and test migrates the same way.

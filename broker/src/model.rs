@@ -105,6 +105,8 @@ pub enum Operation {
     /// The Akkeris action `PUT /v2/service_instances/{id}/actions/credentials`: every binding of the instance
     /// gets new credentials and its old ones are revoked. An instance operation (no binding), like update.
     RotateCredentials,
+    /// Resets the instance's database to a snapshot: a preset version (`select`) or a backup (`restore`).
+    Restore,
 }
 
 impl Operation {
@@ -116,6 +118,7 @@ impl Operation {
             Self::Bind => "bind",
             Self::Unbind => "unbind",
             Self::RotateCredentials => "rotate_credentials",
+            Self::Restore => "restore",
         }
     }
 
@@ -127,6 +130,7 @@ impl Operation {
             "bind" => Self::Bind,
             "unbind" => Self::Unbind,
             "rotate_credentials" => Self::RotateCredentials,
+            "restore" => Self::Restore,
             _ => return None,
         })
     }
@@ -140,6 +144,7 @@ impl Operation {
             Self::Bind => kinds::BIND,
             Self::Unbind => kinds::UNBIND,
             Self::RotateCredentials => kinds::ROTATE_CREDENTIALS,
+            Self::Restore => kinds::RESTORE,
         }
     }
 }
@@ -155,6 +160,12 @@ pub mod kinds {
     pub const DELIVER_WEBHOOK: &str = "webhook.deliver";
     /// Does nothing (or sleeps `sleep_ms`): the queue's benchmark and crash tests use it.
     pub const NOOP: &str = "noop";
+    /// Snapshots an instance's database as a preset version.
+    pub const PUSH_PRESET: &str = "preset.push";
+    /// Snapshots an instance's database as a backup.
+    pub const BACKUP: &str = "instance.backup";
+    /// Resets an instance's database to a snapshot (a preset version or a backup).
+    pub const RESTORE: &str = "instance.restore";
 }
 
 /// What an update task applies once the provider has made the change.
@@ -164,6 +175,9 @@ pub struct UpdatePayload {
     pub parameters: serde_json::Value,
     pub context: serde_json::Value,
     pub maintenance_version: Option<String>,
+    /// The request itself named a `preset`: reset the database to it (db-p's select).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub select_preset: bool,
 }
 
 /// Where to tell someone that a task ended. The secret is sealed before it is stored.

@@ -1,6 +1,11 @@
 //! What a running task can reach: its row, the pool, and the worker's shared services.
 
-use std::{collections::HashMap, fmt, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use broker::{catalog::Catalog, config::Settings, crypto::Cipher, db::tasks::TaskRow};
@@ -12,6 +17,7 @@ use crate::{
     providers::{self, Provider},
     queue,
     registry::TaskError,
+    snapshots::Snapshots,
 };
 
 /// Shared by every task a worker runs: settings, the sealing key, the catalog, an HTTP client and the
@@ -22,6 +28,8 @@ pub struct Services {
     pub catalog: Catalog,
     pub http: reqwest::Client,
     providers: HashMap<String, Arc<dyn Provider>>,
+    /// Opened on first use, so a worker that never snapshots never reads (or makes) a key.
+    snapshots: OnceLock<Result<Snapshots, String>>,
 }
 
 impl fmt::Debug for Services {
@@ -52,6 +60,7 @@ impl Services {
             catalog,
             http,
             providers,
+            snapshots: OnceLock::new(),
         })
     }
 
@@ -85,6 +94,21 @@ impl Services {
             .filter(|p| p.engine == engine)
             .map(|p| p.id.clone())
             .collect()
+    }
+
+    /// The snapshot store and key (presets, backups).
+    pub fn snapshots(&self) -> Result<&Snapshots, TaskError> {
+        self.snapshots
+            .get_or_init(|| Snapshots::open(&self.settings).map_err(|e| format!("{e:#}")))
+            .as_ref()
+            .map_err(|e| TaskError::fatal(format!("snapshots are not available: {e}")))
+    }
+
+    /// Uses `snapshots` instead of the configured ones (tests).
+    pub fn with_snapshots(self, snapshots: Snapshots) -> Self {
+        let cell = OnceLock::new();
+        let _ = cell.set(Ok(snapshots));
+        Self { snapshots: cell, ..self }
     }
 
     pub fn name_prefix(&self) -> &str {

@@ -1,12 +1,14 @@
 //! berth's worker as a library: the durable task queue (claim, lease, heartbeat, reclaim), the task kinds
 //! and the providers that carry them out. `main.rs` only reads settings and calls [`run`].
 
+pub mod backup_scheduler;
 pub mod context;
 pub mod providers;
 pub mod queue;
 pub mod reconcile;
 pub mod registry;
 pub mod runner;
+pub mod snapshots;
 pub mod tasks;
 
 pub use context::{Services, TaskContext};

@@ -358,11 +358,13 @@ async fn update(
             .map(|m| m.version.clone()),
         None => None,
     };
+    let select_preset = parameters.get("preset").is_some_and(|p| !p.is_null());
     let payload = UpdatePayload {
         plan_id: target_plan_id,
         parameters: Value::Object(merged),
         context: context.clone().unwrap_or_else(|| row.context.clone()),
         maintenance_version,
+        select_preset,
     };
     let payload = serde_json::to_value(&payload)
         .map_err(|e| anyhow::Error::new(e).context("serializing an update"))?;

@@ -203,7 +203,7 @@ pub(crate) fn last_operation_response(task: &TaskRow, instance_flags: bool) -> R
         match operation_of(task) {
             // An update is applied to the row only once it has succeeded: the instance runs as before. A
             // rotation replaces each binding's credentials only once the new ones work: every stored set works.
-            Some(Operation::Update | Operation::RotateCredentials) => {
+            Some(Operation::Update | Operation::RotateCredentials | Operation::Restore) => {
                 body["instance_usable"] = json!(true);
                 body["update_repeatable"] = json!(true);
             }

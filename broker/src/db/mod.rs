@@ -2,6 +2,9 @@
 
 pub mod bindings;
 pub mod instances;
+pub mod presets;
+pub mod snapshots;
+pub mod backup_schedules;
 pub mod tasks;
 pub mod webhooks;
 

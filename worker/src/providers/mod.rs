@@ -19,6 +19,7 @@ use sqlx::PgPool;
 use crate::{
     context::{Services, TaskContext},
     registry::TaskError,
+    snapshots::DatabaseTarget,
 };
 
 /// What a provider step produced: a result, or "not yet, look again later".
@@ -113,6 +114,16 @@ pub trait Provider: Send + Sync {
         _current: &Map<String, Value>,
     ) -> Result<Progress<()>, TaskError> {
         Err(TaskError::fatal("this plan cannot rotate credentials"))
+    }
+
+    /// The instance's database, for presets and backups. Plans without one (buckets) keep the default.
+    async fn database_target(
+        &self,
+        _ctx: &TaskContext<'_>,
+        _instance: &InstanceRow,
+        _bindings: &[BindingRow],
+    ) -> Result<Progress<DatabaseTarget>, TaskError> {
+        Err(TaskError::fatal("this plan has no database to snapshot or restore"))
     }
 
     /// One pass of the worker's reconcile loop over this engine's instances (bring back what stopped).

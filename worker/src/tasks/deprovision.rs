@@ -6,12 +6,14 @@ use async_trait::async_trait;
 use broker::{
     db::{bindings, instances},
     model::kinds,
+    snapshots::{BackupPolicy, OnDelete},
 };
 
 use super::ready;
 use crate::{
     context::TaskContext,
     registry::{Step, TaskError, TaskHandler},
+    snapshots::steps,
 };
 
 pub struct Deprovision;
@@ -36,6 +38,12 @@ impl TaskHandler for Deprovision {
         let provider = ctx.services.provider_for_plan(&instance.plan_id)?;
         if let Err(wait) = ready(provider.deprovision(ctx, &instance, &bindings).await?) {
             return Ok(wait);
+        }
+        // Backups stay restorable after the instance is gone unless it asked otherwise.
+        if let Ok(Some(policy)) = BackupPolicy::of(&instance.parameters)
+            && policy.on_delete == OnDelete::Delete
+        {
+            steps::delete_all_backups(ctx, instance_id).await?;
         }
         instances::delete(ctx.pool, instance_id)
             .await

@@ -1,19 +1,25 @@
 //! The task kinds, one struct per file, and the one list that registers them.
 
+mod backup;
 mod bind;
 mod deliver_webhook;
 mod deprovision;
 mod noop;
 mod provision;
+mod push_preset;
+mod restore;
 mod rotate_credentials;
 mod unbind;
 mod update;
 
+pub use backup::Backup;
 pub use bind::CreateBinding;
 pub use deliver_webhook::DeliverWebhook;
 pub use deprovision::Deprovision;
 pub use noop::Noop;
 pub use provision::Provision;
+pub use push_preset::PushPreset;
+pub use restore::Restore;
 pub use rotate_credentials::RotateCredentials;
 pub use unbind::DeleteBinding;
 pub use update::Update;
@@ -34,6 +40,9 @@ pub fn registry() -> Registry {
         .with(CreateBinding)
         .with(DeleteBinding)
         .with(RotateCredentials)
+        .with(PushPreset)
+        .with(Backup)
+        .with(Restore)
         .with(DeliverWebhook)
         .with(Noop)
 }

@@ -1,4 +1,5 @@
-//! `instance.provision`: the provider makes the instance and we record what it made. A failed provision
+//! `instance.provision`: the provider makes the instance and we record what it made; a `preset` or
+//! `restore_from` parameter then fills its database, and a `backups` parameter schedules backups. A failed provision
 //! leaves the row; the deprovision that follows cleans up (orphan mitigation).
 
 use anyhow::Context as _;
@@ -9,6 +10,7 @@ use super::ready;
 use crate::{
     context::TaskContext,
     registry::{Step, TaskError, TaskHandler},
+    snapshots::steps,
 };
 
 pub struct Provision;
@@ -39,6 +41,17 @@ impl TaskHandler for Provision {
         instances::set_details(ctx.pool, instance_id, &made.details, secrets.as_deref())
             .await
             .context("recording what was provisioned")?;
+        // Started from a preset or another instance's backup: put it in before the instance is handed over.
+        if let Some(snapshot) = steps::requested_snapshot(ctx.pool, &instance.parameters).await? {
+            let instance = instances::get(ctx.pool, instance_id)
+                .await
+                .context("reading the instance")?
+                .ok_or_else(|| TaskError::fatal("the instance was deleted while it was provisioned"))?;
+            if let Err(wait) = ready(steps::put_into(ctx, &instance, &snapshot).await?) {
+                return Ok(wait);
+            }
+        }
+        steps::sync_schedule(ctx.pool, instance_id, &instance.parameters).await?;
         Ok(Step::Done)
     }
 }

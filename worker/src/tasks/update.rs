@@ -12,6 +12,7 @@ use super::ready;
 use crate::{
     context::TaskContext,
     registry::{Step, TaskError, TaskHandler},
+    snapshots::steps,
 };
 
 pub struct Update;
@@ -33,6 +34,15 @@ impl TaskHandler for Update {
         if let Err(wait) = ready(provider.update(ctx, &instance, &update).await?) {
             return Ok(wait);
         }
+        // A `preset` in the update request re-selects it (db-p's select).
+        if update.select_preset {
+            if let Some(snapshot) = steps::requested_snapshot(ctx.pool, &update.parameters).await? {
+                if let Err(wait) = ready(steps::put_into(ctx, &instance, &snapshot).await?) {
+                    return Ok(wait);
+                }
+            }
+        }
+        steps::sync_schedule(ctx.pool, instance_id, &update.parameters).await?;
         instances::apply_update(
             ctx.pool,
             instance_id,

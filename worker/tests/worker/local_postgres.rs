@@ -342,6 +342,7 @@ async fn dedicated_local_lifecycle(_: PgPoolOptions, opts: PgConnectOptions) {
                             "admin_user": "boss" }),
         context: json!({}),
         maintenance_version: None,
+        select_preset: false,
     };
     let payload = serde_json::to_value(&update).unwrap();
     succeeded(

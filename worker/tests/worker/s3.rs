@@ -525,6 +525,7 @@ async fn s3_update_turns_versioning_and_encryption_on(_: PgPoolOptions, opts: Pg
         parameters: json!({ "public_read": false }),
         context: json!({ "organization_guid": "org-1", "space_guid": "space-2" }),
         maintenance_version: None,
+        select_preset: false,
     };
     let payload = serde_json::to_value(&update).unwrap();
     succeeded(
@@ -914,6 +915,7 @@ async fn s3_public_read_on_and_off(_: PgPoolOptions, opts: PgConnectOptions) {
         parameters: json!({ "public_read": false }),
         context: json!({}),
         maintenance_version: None,
+        select_preset: false,
     };
     let payload = serde_json::to_value(&update).unwrap();
     succeeded(

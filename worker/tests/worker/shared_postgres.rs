@@ -158,6 +158,7 @@ async fn shared_lifecycle(_: PgPoolOptions, opts: PgConnectOptions) {
         parameters: json!({ "extensions": ["hstore"] }),
         context: json!({ "space": "new" }),
         maintenance_version: Some("1.0.0".into()),
+        select_preset: false,
     };
     let payload = serde_json::to_value(&update).unwrap();
     succeeded(

@@ -35,13 +35,17 @@ use tracing::{info, warn};
 use super::{
     Bound, Progress, Provider, Provisioned,
     shared_postgres::{
-        Access, connect, create_extensions, database_exists, drop_role, ensure_database,
+        Access, binding_grants, connect, create_extensions, database_exists, drop_role, ensure_database,
         ensure_role, exec, exec_tolerating, lock_out, requested_extensions, role_exists,
     },
 };
 use crate::{
     context::{Services, TaskContext},
     registry::TaskError,
+    snapshots::{
+        DatabaseTarget, ServerLogin,
+        target::Host,
+    },
 };
 
 pub use tuning::PROFILES;
@@ -703,6 +707,44 @@ impl Provider for LocalPostgres {
                 "access": access.as_str(),
             }),
             credentials,
+        }))
+    }
+
+    async fn database_target(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+        bindings: &[BindingRow],
+    ) -> Result<Progress<DatabaseTarget>, TaskError> {
+        if let Some(wait) = self.elsewhere(instance) {
+            return Ok(wait);
+        }
+        let server = self.open(ctx, &instance.id)?;
+        let database = instance
+            .details
+            .get("app_db_name")
+            .and_then(Value::as_str)
+            .unwrap_or(DEFAULT_APP_DB)
+            .to_string();
+        let (host, ssl_require) = match server.socket_dir() {
+            Some(dir) => (Host::Socket(dir), false),
+            None => (Host::Tcp(HOST.to_string()), true),
+        };
+        let login = ServerLogin {
+            host,
+            port: server.port,
+            user: embedded::SUPERUSER.to_string(),
+            password: Some(server.superuser_password().clone()),
+            ssl_require,
+            bin_dir: server.bin_dir().to_path_buf(),
+        };
+        let prefix = ctx.services.name_prefix();
+        Ok(Progress::Done(DatabaseTarget {
+            login,
+            database,
+            owner: names::instance_owner_role(prefix, &instance.id),
+            bindings: binding_grants(prefix, bindings)?,
+            extensions: Params::of(&instance.parameters)?.extensions,
         }))
     }
 

@@ -71,7 +71,7 @@ impl std::fmt::Debug for S3Provider {
 }
 
 /// An HTTPS-capable client on rustls + ring (the SDK's default would build aws-lc).
-fn http_client() -> aws_sdk_s3::config::SharedHttpClient {
+pub(crate) fn http_client() -> aws_sdk_s3::config::SharedHttpClient {
     use aws_smithy_http_client::{Builder, tls};
     Builder::new()
         .tls_provider(tls::Provider::Rustls(
@@ -80,7 +80,7 @@ fn http_client() -> aws_sdk_s3::config::SharedHttpClient {
         .build_https()
 }
 
-fn static_credentials(
+pub(crate) fn static_credentials(
     key: &str,
     secret: &SecretString,
     token: Option<&SecretString>,
@@ -271,7 +271,7 @@ impl S3Provider {
 }
 
 /// Runs a future to completion from synchronous start-up code, inside or outside a runtime.
-fn block_on<F: std::future::Future + Send>(future: F) -> anyhow::Result<F::Output>
+pub(crate) fn block_on<F: std::future::Future + Send>(future: F) -> anyhow::Result<F::Output>
 where
     F::Output: Send,
 {

@@ -25,7 +25,14 @@ use sqlx::{
 pub use errors::classify;
 
 use super::{Bound, Progress, Provider, Provisioned};
-use crate::{context::TaskContext, registry::TaskError};
+use crate::{
+    context::TaskContext,
+    registry::TaskError,
+    snapshots::{
+        BindingGrant, DatabaseTarget, ServerLogin,
+        target::{client_bin_dir, drop_scratch},
+    },
+};
 
 /// The plan engine this provider serves.
 pub const ENGINE: &str = "shared";
@@ -53,6 +60,7 @@ pub const ALLOWED_EXTENSIONS: &[&str] = &[
 ];
 
 pub struct SharedPostgres {
+    admin_url: SecretString,
     admin: PgConnectOptions,
     /// Admin connections kept open between tasks: a fresh one costs a SCRAM handshake, which would be a
     /// large part of a provision. Statements run on it leave no session state behind.
@@ -134,6 +142,7 @@ impl SharedPostgres {
             .acquire_timeout(std::time::Duration::from_secs(15))
             .connect_lazy_with(admin.clone());
         Ok(Self {
+            admin_url: admin_url.clone(),
             admin,
             admin_pool,
             public_host,
@@ -383,6 +392,19 @@ pub(crate) async fn drop_role(conn: &mut PgConnection, role: &str, what: &str) -
     .await
 }
 
+/// The binding roles of `bindings` and whether each is read-only (for grants after a restore).
+pub(crate) fn binding_grants(prefix: &str, bindings: &[BindingRow]) -> Result<Vec<BindingGrant>, TaskError> {
+    bindings
+        .iter()
+        .map(|b| {
+            Ok(BindingGrant {
+                role: names::binding_role(prefix, &b.id),
+                read_only: Access::of(b)? == ReadOnly,
+            })
+        })
+        .collect()
+}
+
 #[async_trait]
 impl Provider for SharedPostgres {
     async fn provision(
@@ -484,6 +506,8 @@ impl Provider for SharedPostgres {
             "dropping the instance's database",
         )
         .await?;
+        // Scratch databases a restore left behind.
+        drop_scratch(&mut admin, prefix, &names.database).await?;
         for role in &roles {
             drop_role(&mut admin, role, "dropping a binding role").await?;
         }
@@ -619,6 +643,24 @@ impl Provider for SharedPostgres {
                 "access": access.as_str(),
             }),
             credentials,
+        }))
+    }
+
+    async fn database_target(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+        bindings: &[BindingRow],
+    ) -> Result<Progress<DatabaseTarget>, TaskError> {
+        let names = InstanceNames::of(ctx, &instance.id);
+        let login = ServerLogin::from_url(&self.admin_url, client_bin_dir()?)
+            .map_err(|e| TaskError::Fatal(e.context("SHARED_POSTGRES_URL")))?;
+        Ok(Progress::Done(DatabaseTarget {
+            login,
+            database: names.database,
+            owner: names.owner,
+            bindings: binding_grants(ctx.services.name_prefix(), bindings)?,
+            extensions: requested_extensions(&instance.parameters)?,
         }))
     }
 
