@@ -22,9 +22,15 @@ pub enum ApiError {
     /// 405: the path exists, the method does not.
     #[error("method not allowed on this path")]
     MethodNotAllowed,
+    /// 403: the caller may not do this (a lock key that does not match).
+    #[error("{0}")]
+    Forbidden(String),
     /// 409: a resource with this id exists with different attributes.
     #[error("{0}")]
     Conflict(String),
+    /// 423: the resource is locked by someone else (a preset lock).
+    #[error("{0}")]
+    Locked(String),
     /// 412: `X-Broker-API-Version` missing or too old.
     #[error("{0}")]
     PreconditionFailed(String),
@@ -66,7 +72,9 @@ impl ApiError {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::Locked(_) => StatusCode::LOCKED,
             Self::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -98,7 +106,9 @@ pub(crate) fn code_for_status(status: StatusCode) -> &'static str {
         StatusCode::NOT_FOUND => "NotFound",
         StatusCode::METHOD_NOT_ALLOWED => "MethodNotAllowed",
         StatusCode::REQUEST_TIMEOUT => "RequestTimeout",
+        StatusCode::FORBIDDEN => "Forbidden",
         StatusCode::CONFLICT => "Conflict",
+        StatusCode::LOCKED => "Locked",
         StatusCode::PRECONDITION_FAILED => "PreconditionFailed",
         StatusCode::PAYLOAD_TOO_LARGE => "PayloadTooLarge",
         StatusCode::UNSUPPORTED_MEDIA_TYPE => "UnsupportedMediaType",

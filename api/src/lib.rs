@@ -6,6 +6,7 @@ pub mod extract;
 pub mod identity;
 pub mod middleware;
 pub mod routes;
+pub mod snapshot_params;
 pub mod webhook;
 
 use std::{sync::Arc, time::Duration};
@@ -51,8 +52,19 @@ pub fn router(state: AppState) -> Router {
         .merge(routes::catalog::router())
         .merge(routes::instances::router())
         .merge(routes::bindings::router())
+        .merge(routes::backups::akkeris_router())
         .method_not_allowed_fallback(middleware::method_not_allowed)
         .route_layer(axum::middleware::from_fn(middleware::require_api_version))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            middleware::require_basic_auth,
+        ));
+
+    // berth's own extensions: the same broker credentials, no OSB version header.
+    let berth_v1 = Router::new()
+        .merge(routes::presets::router())
+        .merge(routes::backups::router())
+        .method_not_allowed_fallback(middleware::method_not_allowed)
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             middleware::require_basic_auth,
@@ -70,6 +82,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(routes::health::router())
         .merge(v2)
+        .merge(berth_v1)
         .method_not_allowed_fallback(middleware::method_not_allowed)
         .fallback(middleware::not_found)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))

@@ -133,6 +133,11 @@ pub struct PlanRef<'a> {
 }
 
 impl PlanRef<'_> {
+    /// Plans of the `postgres` service have a database: presets and backups apply to them.
+    pub fn has_database(&self) -> bool {
+        self.service.name == "postgres"
+    }
+
     pub fn bindable(&self) -> bool {
         self.plan.bindable.unwrap_or(self.service.bindable)
     }

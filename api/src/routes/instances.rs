@@ -31,6 +31,7 @@ use crate::{
     error::{ApiError, ApiResult},
     extract::{OsbJson, OsbPath, OsbQuery},
     identity::OriginatingIdentity,
+    snapshot_params::{self, At},
     webhook,
 };
 
@@ -82,6 +83,10 @@ async fn provision(
         query.secret.as_deref(),
         &state.cipher,
     )?;
+    if snapshot_params::any(&parameters) {
+        let mut conn = state.db.acquire().await?;
+        snapshot_params::check(&mut conn, &parameters, At::Provision).await?;
+    }
     let context = object_or_empty(body.context, "context")?;
     check_maintenance(
         body.maintenance_info
@@ -201,7 +206,7 @@ async fn provision_existing(
     }
 }
 
-fn concurrency(instance_id: &str, task: &broker::db::tasks::TaskRow) -> ApiError {
+pub(crate) fn concurrency(instance_id: &str, task: &broker::db::tasks::TaskRow) -> ApiError {
     let operation = task.operation.as_deref().unwrap_or("an operation");
     let what = match &task.binding_id {
         Some(binding) => format!("binding {binding} of service instance {instance_id}"),
@@ -214,7 +219,7 @@ fn concurrency(instance_id: &str, task: &broker::db::tasks::TaskRow) -> ApiError
 }
 
 /// 404 unless the instance exists and its provision has succeeded.
-async fn provisioned_instance(
+pub(crate) async fn provisioned_instance(
     db: &mut PgConnection,
     instance_id: &str,
     lock: bool,
@@ -328,6 +333,9 @@ async fn update(
         catalog
             .validate(&target.plan.id, SchemaFor::Update, &parameters)
             .map_err(|e| ApiError::BadRequest(e.0))?;
+        if snapshot_params::any(&parameters) {
+            snapshot_params::check(&mut tx, &parameters, At::Update).await?;
+        }
     }
     let hook = webhook::take(
         &mut parameters,

@@ -1,9 +1,11 @@
 //! One module per resource, each with its `router()`; the answers they share live here.
 
+pub mod backups;
 pub mod bindings;
 pub mod catalog;
 pub mod health;
 pub mod instances;
+pub mod presets;
 
 use axum::{
     Json,

@@ -1,0 +1,428 @@
+//! `/berth/v1/presets`: named, versioned snapshots of a database (db-p's verbs). Listing and locks are
+//! answered here; pushes are tasks (202 + `operation`, polled at `/berth/v1/tasks/{operation}`).
+//!
+//! - `GET    /berth/v1/presets[?namespace=]`                 list, newest version of each
+//! - `POST   /berth/v1/presets`                               push-new `{name, namespace?, instance_id, ...}`
+//! - `GET    /berth/v1/presets/{name}[?namespace=]`          one preset with its versions (the change log)
+//! - `POST   /berth/v1/presets/{name}/versions`              push `{instance_id, description?, lock_key?}`
+//! - `GET    /berth/v1/presets/{name}/lock`                  who holds the lock
+//! - `POST   /berth/v1/presets/{name}/lock`                  lock `{by, reason}` → `{lock_key}`
+//! - `DELETE /berth/v1/presets/{name}/lock`                  unlock `{lock_key}`
+//! - `POST   /berth/v1/instances/{id}/select`                reset an instance to `{preset, namespace?, version?}`
+
+use axum::{
+    Json, Router,
+    extract::State,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use broker::{
+    db::{
+        instances, presets,
+        snapshots::{self, NewSnapshot, SnapshotRow},
+        tasks::{self, NewTask},
+    },
+    model::{Operation, kinds},
+    snapshots::{check_namespace, check_preset_name, lock_key_hash, new_lock_key, preset_object_key},
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use super::{check_id, operation_task};
+use crate::{
+    AppState,
+    error::{ApiError, ApiResult},
+    extract::{OsbJson, OsbPath, OsbQuery},
+    identity::OriginatingIdentity,
+};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/berth/v1/presets", get(list).post(push_new))
+        .route("/berth/v1/presets/{name}", get(show))
+        .route("/berth/v1/presets/{name}/versions", get(versions).post(push))
+        .route("/berth/v1/presets/{name}/lock", get(get_lock).post(lock).delete(unlock))
+        .route("/berth/v1/instances/{instance_id}/select", post(select))
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct NamespaceQuery {
+    namespace: Option<String>,
+}
+
+impl NamespaceQuery {
+    fn namespace(&self) -> ApiResult<String> {
+        let ns = self.namespace.clone().unwrap_or_default();
+        check_namespace(&ns).map_err(ApiError::BadRequest)?;
+        Ok(ns)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct PushNewBody {
+    name: String,
+    #[serde(default)]
+    namespace: String,
+    instance_id: String,
+    description: Option<String>,
+    post_restore_sql: Option<String>,
+    /// Who pushes (the change log's author).
+    author: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct PushBody {
+    instance_id: String,
+    description: Option<String>,
+    author: Option<String>,
+    lock_key: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct LockBody {
+    by: String,
+    #[serde(default)]
+    reason: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct UnlockBody {
+    lock_key: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct SelectBody {
+    preset: String,
+    #[serde(default)]
+    namespace: String,
+    version: Option<i32>,
+}
+
+fn check_text(what: &str, value: Option<&str>, max: usize) -> ApiResult<()> {
+    if value.is_some_and(|v| v.len() > max || v.chars().any(|c| c.is_control() && c != '\n')) {
+        return Err(ApiError::BadRequest(format!("{what} must be at most {max} printable characters")));
+    }
+    Ok(())
+}
+
+async fn list(State(state): State<AppState>, OsbQuery(query): OsbQuery<NamespaceQuery>) -> ApiResult<Response> {
+    let namespace = query.namespace.as_deref().map(|_| query.namespace()).transpose()?;
+    let rows = presets::list(&state.db, namespace.as_deref()).await?;
+    let presets: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            json!({
+                "name": r.preset.name,
+                "namespace": r.preset.namespace,
+                "latest_version": r.latest_version,
+                "latest_at": r.latest_at,
+                "versions": r.versions,
+                "created_at": r.preset.created_at,
+                "created_by": r.preset.created_by,
+                "lock": lock_json(&r.preset),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "presets": presets })).into_response())
+}
+
+fn lock_json(preset: &presets::PresetRow) -> Value {
+    if preset.is_locked() {
+        json!({ "locked": true, "by": preset.locked_by, "reason": preset.lock_reason, "at": preset.locked_at })
+    } else {
+        json!({ "locked": false })
+    }
+}
+
+pub(crate) fn snapshot_json(s: &SnapshotRow, task_state: Option<&str>) -> Value {
+    // A pending snapshot whose task gave up is failed, whatever the row still says.
+    let state = match (s.state.as_str(), task_state) {
+        ("pending", Some("failed")) => "failed",
+        (state, _) => state,
+    };
+    json!({
+        "id": s.id,
+        "version": s.version,
+        "state": state,
+        "instance_id": s.instance_id,
+        "operation": s.task_id,
+        "description": s.description,
+        "created_by": s.created_by,
+        "created_at": s.created_at,
+        "completed_at": s.completed_at,
+        "size_bytes": s.size_bytes,
+        "dump_bytes": s.dump_bytes,
+        "sha256": s.sha256,
+    })
+}
+
+/// The source instance of a push: provisioned, with a database, not being deleted.
+async fn source_instance(state: &AppState, db: &mut PgConnection, instance_id: &str) -> ApiResult<()> {
+    check_id("instance_id", instance_id)?;
+    let row = instances::get(&mut *db, instance_id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("service instance {instance_id} does not exist")))?;
+    let has_db = state.catalog.plan_by_id(&row.plan_id).is_some_and(|p| p.has_database());
+    if !has_db {
+        return Err(ApiError::Unprocessable(format!(
+            "service instance {instance_id} has no database to snapshot (presets are made of postgres instances)"
+        )));
+    }
+    if !tasks::has_succeeded_since(&mut *db, instance_id, None, Operation::Provision.as_str(), row.created_at).await? {
+        return Err(ApiError::Unprocessable(format!("service instance {instance_id} is not provisioned yet")));
+    }
+    Ok(())
+}
+
+/// Writes the version row and its push task; the version number comes from the locked preset row.
+async fn enqueue_push(
+    db: &mut PgConnection,
+    preset: &presets::PresetRow,
+    instance_id: &str,
+    description: Option<&str>,
+    author: Option<&str>,
+    identity: Option<Value>,
+) -> ApiResult<Response> {
+    let version = snapshots::next_version(&mut *db, preset.id).await?;
+    let id = Uuid::new_v4();
+    let key = preset_object_key(&preset.namespace, &preset.name, version, id);
+    let mut task = NewTask::new(kinds::PUSH_PRESET, json!({ "snapshot_id": id }));
+    task.instance_id = Some(instance_id.to_string());
+    task.originating_identity = identity;
+    task.max_attempts = 5;
+    let operation = task.id;
+    tasks::enqueue(&mut *db, task).await?;
+    snapshots::insert(
+        &mut *db,
+        &NewSnapshot {
+            id,
+            kind: snapshots::PRESET,
+            preset_id: Some(preset.id),
+            version: Some(version),
+            instance_id,
+            task_id: operation.0,
+            object_key: &key,
+            description,
+            created_by: author,
+        },
+    )
+    .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({
+            "name": preset.name,
+            "namespace": preset.namespace,
+            "version": version,
+            "snapshot_id": id,
+            "operation": operation.to_string(),
+        })),
+    )
+        .into_response())
+}
+
+async fn push_new(
+    State(state): State<AppState>,
+    OriginatingIdentity(identity): OriginatingIdentity,
+    OsbJson(body): OsbJson<PushNewBody>,
+) -> ApiResult<Response> {
+    check_preset_name(&body.name).map_err(ApiError::BadRequest)?;
+    check_namespace(&body.namespace).map_err(ApiError::BadRequest)?;
+    check_text("description", body.description.as_deref(), 2000)?;
+    check_text("author", body.author.as_deref(), 200)?;
+    if body.post_restore_sql.as_ref().is_some_and(|s| s.len() > 100_000) {
+        return Err(ApiError::bad_request("post_restore_sql must be at most 100000 bytes"));
+    }
+    let mut tx = state.db.begin().await?;
+    source_instance(&state, &mut tx, &body.instance_id).await?;
+    let id = Uuid::new_v4();
+    let inserted = presets::insert(
+        &mut *tx,
+        id,
+        &body.namespace,
+        &body.name,
+        body.post_restore_sql.as_deref(),
+        body.author.as_deref(),
+    )
+    .await?;
+    if !inserted {
+        return Err(ApiError::Conflict(format!(
+            "preset {:?} exists already; push a new version of it with POST /berth/v1/presets/{}/versions",
+            body.name, body.name
+        )));
+    }
+    let preset = presets::get(&mut *tx, &body.namespace, &body.name)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("the preset just inserted is missing"))?;
+    let response =
+        enqueue_push(&mut tx, &preset, &body.instance_id, body.description.as_deref(), body.author.as_deref(), identity)
+            .await?;
+    tx.commit().await?;
+    Ok(response)
+}
+
+async fn push(
+    State(state): State<AppState>,
+    OsbPath(name): OsbPath<String>,
+    OsbQuery(query): OsbQuery<NamespaceQuery>,
+    OriginatingIdentity(identity): OriginatingIdentity,
+    OsbJson(body): OsbJson<PushBody>,
+) -> ApiResult<Response> {
+    let namespace = query.namespace()?;
+    check_text("description", body.description.as_deref(), 2000)?;
+    check_text("author", body.author.as_deref(), 200)?;
+    let mut tx = state.db.begin().await?;
+    let preset = presets::get_for_update(&mut *tx, &namespace, &name).await?.ok_or_else(|| not_found(&name))?;
+    if let Some(held) = &preset.lock_key_hash {
+        let given = body.lock_key.as_deref().map(lock_key_hash);
+        let matches = given.is_some_and(|g| broker::crypto::constant_time_eq(&g, held));
+        if !matches {
+            return Err(ApiError::Locked(format!(
+                "preset {name:?} is locked by {} ({}); push with its lock_key, or ask them to unlock it",
+                preset.locked_by.as_deref().unwrap_or("someone"),
+                preset.lock_reason.as_deref().unwrap_or("no reason given"),
+            )));
+        }
+    }
+    source_instance(&state, &mut tx, &body.instance_id).await?;
+    let response =
+        enqueue_push(&mut tx, &preset, &body.instance_id, body.description.as_deref(), body.author.as_deref(), identity)
+            .await?;
+    tx.commit().await?;
+    Ok(response)
+}
+
+fn not_found(name: &str) -> ApiError {
+    ApiError::NotFound(format!("there is no preset {name:?}"))
+}
+
+async fn show(
+    State(state): State<AppState>,
+    OsbPath(name): OsbPath<String>,
+    OsbQuery(query): OsbQuery<NamespaceQuery>,
+) -> ApiResult<Response> {
+    let namespace = query.namespace()?;
+    let mut conn = state.db.acquire().await?;
+    let preset = presets::get(&mut *conn, &namespace, &name).await?.ok_or_else(|| not_found(&name))?;
+    let versions = version_list(&mut conn, preset.id).await?;
+    Ok(Json(json!({
+        "name": preset.name,
+        "namespace": preset.namespace,
+        "created_at": preset.created_at,
+        "created_by": preset.created_by,
+        "post_restore_sql": preset.post_restore_sql,
+        "lock": lock_json(&preset),
+        "versions": versions,
+    }))
+    .into_response())
+}
+
+async fn version_list(conn: &mut PgConnection, preset_id: Uuid) -> ApiResult<Vec<Value>> {
+    let rows = snapshots::versions(&mut *conn, preset_id).await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let task_state = if row.state == "pending" {
+            tasks::get(&mut *conn, broker::model::TaskId(row.task_id)).await?.map(|t| t.state)
+        } else {
+            None
+        };
+        out.push(snapshot_json(row, task_state.as_deref()));
+    }
+    Ok(out)
+}
+
+async fn versions(
+    State(state): State<AppState>,
+    OsbPath(name): OsbPath<String>,
+    OsbQuery(query): OsbQuery<NamespaceQuery>,
+) -> ApiResult<Response> {
+    let namespace = query.namespace()?;
+    let mut conn = state.db.acquire().await?;
+    let preset = presets::get(&mut *conn, &namespace, &name).await?.ok_or_else(|| not_found(&name))?;
+    let versions = version_list(&mut conn, preset.id).await?;
+    Ok(Json(json!({ "versions": versions })).into_response())
+}
+
+async fn get_lock(
+    State(state): State<AppState>,
+    OsbPath(name): OsbPath<String>,
+    OsbQuery(query): OsbQuery<NamespaceQuery>,
+) -> ApiResult<Response> {
+    let namespace = query.namespace()?;
+    let preset = presets::get(&state.db, &namespace, &name).await?.ok_or_else(|| not_found(&name))?;
+    Ok(Json(lock_json(&preset)).into_response())
+}
+
+async fn lock(
+    State(state): State<AppState>,
+    OsbPath(name): OsbPath<String>,
+    OsbQuery(query): OsbQuery<NamespaceQuery>,
+    OsbJson(body): OsbJson<LockBody>,
+) -> ApiResult<Response> {
+    let namespace = query.namespace()?;
+    if body.by.trim().is_empty() {
+        return Err(ApiError::bad_request("`by` must say who takes the lock"));
+    }
+    check_text("by", Some(&body.by), 200)?;
+    check_text("reason", Some(&body.reason), 2000)?;
+    let preset = presets::get(&state.db, &namespace, &name).await?.ok_or_else(|| not_found(&name))?;
+    let (key, hash) = new_lock_key();
+    if !presets::lock(&state.db, preset.id, &hash, &body.by, &body.reason).await? {
+        let now = presets::get(&state.db, &namespace, &name).await?.ok_or_else(|| not_found(&name))?;
+        return Err(ApiError::Conflict(format!(
+            "preset {name:?} is already locked by {} ({})",
+            now.locked_by.as_deref().unwrap_or("someone"),
+            now.lock_reason.as_deref().unwrap_or("no reason given")
+        )));
+    }
+    Ok(Json(json!({ "locked": true, "lock_key": key, "by": body.by, "reason": body.reason })).into_response())
+}
+
+async fn unlock(
+    State(state): State<AppState>,
+    OsbPath(name): OsbPath<String>,
+    OsbQuery(query): OsbQuery<NamespaceQuery>,
+    OsbJson(body): OsbJson<UnlockBody>,
+) -> ApiResult<Response> {
+    let namespace = query.namespace()?;
+    let preset = presets::get(&state.db, &namespace, &name).await?.ok_or_else(|| not_found(&name))?;
+    if !preset.is_locked() {
+        return Err(ApiError::Conflict(format!("preset {name:?} is not locked")));
+    }
+    if !presets::unlock(&state.db, preset.id, &lock_key_hash(&body.lock_key)).await? {
+        return Err(ApiError::Forbidden(format!("that is not the key of preset {name:?}'s lock")));
+    }
+    Ok(Json(json!({ "locked": false })).into_response())
+}
+
+async fn select(
+    State(state): State<AppState>,
+    OsbPath(instance_id): OsbPath<String>,
+    OriginatingIdentity(identity): OriginatingIdentity,
+    OsbJson(body): OsbJson<SelectBody>,
+) -> ApiResult<Response> {
+    check_id("instance_id", &instance_id)?;
+    check_preset_name(&body.preset).map_err(ApiError::BadRequest)?;
+    check_namespace(&body.namespace).map_err(ApiError::BadRequest)?;
+    let mut tx = state.db.begin().await?;
+    let preset =
+        presets::get(&mut *tx, &body.namespace, &body.preset).await?.ok_or_else(|| not_found(&body.preset))?;
+    let snapshot = snapshots::ready_version(&mut *tx, preset.id, body.version).await?.ok_or_else(|| {
+        ApiError::NotFound(match body.version {
+            Some(v) => format!("preset {:?} has no ready version {v}", body.preset),
+            None => format!("preset {:?} has no ready version yet", body.preset),
+        })
+    })?;
+    let operation = super::backups::enqueue_restore(&mut tx, &state, &instance_id, &snapshot, identity).await?;
+    tx.commit().await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({ "operation": operation.to_string(), "version": snapshot.version })))
+        .into_response())
+}
+
+/// For [`super::backups`]: the task of an instance-level restore (an OSB-visible operation, so it excludes
+/// other operations on the instance while it runs).
+pub(crate) fn restore_task(instance_id: &str, snapshot: Uuid, identity: Option<Value>) -> NewTask {
+    operation_task(Operation::Restore, instance_id, None, json!({ "snapshot_id": snapshot }), identity, None)
+}
