@@ -30,7 +30,9 @@ pub struct Stack {
     pub http: reqwest::Client,
     api: Child,
     worker: Child,
-    dir: PathBuf,
+    /// The stack's folder: logs, keys, and the data dir (`BERTH_DATA_DIR`: snapshot key and `file://` store).
+    pub dir: PathBuf,
+    env: Vec<(&'static str, String)>,
 }
 
 fn server_url() -> String {
@@ -84,7 +86,7 @@ impl Stack {
         let password = broker::crypto::random_password(24);
         let name_prefix = format!("e2e{}_", &tag[..6]);
         let servers_dir = dir.join("servers");
-        let mut env: Vec<(&str, String)> = vec![
+        let mut env: Vec<(&'static str, String)> = vec![
             ("DATABASE_URL", broker_db_url.clone()),
             ("SHARED_POSTGRES_URL", admin_url.clone()),
             ("BERTH_KEY_FILE", key.display().to_string()),
@@ -99,21 +101,11 @@ impl Stack {
             ("LOCAL_SERVERS_DIR", servers_dir.display().to_string()),
             ("RECONCILE_INTERVAL_MS", "500".into()),
             ("RUST_LOG", "info".into()),
+            ("BERTH_DATA_DIR", dir.display().to_string()),
         ];
         env.extend(extra_env);
-        let bins = bin_dir();
-        let spawn = |name: &str, log: &str| -> anyhow::Result<Child> {
-            let log = std::fs::File::create(dir.join(log))?;
-            Command::new(bins.join(name))
-                .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-                .stdout(Stdio::from(log.try_clone()?))
-                .stderr(Stdio::from(log))
-                .kill_on_drop(true)
-                .spawn()
-                .with_context(|| format!("starting {name}"))
-        };
-        let api = spawn("berth-api", "api.log")?;
-        let worker = spawn("berth-worker", "worker.log")?;
+        let api = spawn(&dir, &env, "berth-api", "api.log")?;
+        let worker = spawn(&dir, &env, "berth-worker", "worker.log")?;
         let stack = Self {
             base_url: format!("http://127.0.0.1:{port}"),
             username,
@@ -126,9 +118,43 @@ impl Stack {
             api,
             worker,
             dir,
+            env,
         };
         stack.wait_healthy(Duration::from_secs(30)).await?;
         Ok(stack)
+    }
+
+    /// Kills the worker with SIGKILL (no chance to hand anything back).
+    pub async fn kill_worker(&mut self) {
+        let _ = self.worker.start_kill();
+        let _ = self.worker.wait().await;
+    }
+
+    /// Starts the worker again (after [`Stack::kill_worker`]), with `changes` to its environment.
+    pub fn restart_worker(&mut self, changes: Vec<(&'static str, String)>) -> anyhow::Result<()> {
+        for (key, value) in changes {
+            self.env.retain(|(k, _)| *k != key);
+            self.env.push((key, value));
+        }
+        self.worker = spawn(&self.dir, &self.env, "berth-worker", "worker-restarted.log")?;
+        Ok(())
+    }
+
+    /// Polls `/berth/v1/tasks/{operation}` until the task is finished; returns its body.
+    pub async fn wait_task(&self, operation: &str, timeout: Duration) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (status, body) =
+                self.send(self.request(reqwest::Method::GET, &format!("/berth/v1/tasks/{operation}"))).await?;
+            anyhow::ensure!(status == 200, "task {operation}: {status} {body}");
+            if body["state"] == "succeeded" || body["state"] == "failed" {
+                return Ok(body);
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("task {operation} still {} after {timeout:?}\n{}", body["state"], self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     async fn wait_healthy(&self, timeout: Duration) -> anyhow::Result<()> {
@@ -151,7 +177,12 @@ impl Stack {
     }
 
     pub fn logs(&self) -> String {
-        format!("--- api.log\n{}\n--- worker.log\n{}", self.log("api.log"), self.log("worker.log"))
+        format!(
+            "--- api.log\n{}\n--- worker.log\n{}\n--- worker-restarted.log\n{}",
+            self.log("api.log"),
+            self.log("worker.log"),
+            self.log("worker-restarted.log")
+        )
     }
 
     /// An OSB request with auth and the version header.
@@ -212,6 +243,17 @@ impl Stack {
             }
         }
     }
+}
+
+fn spawn(dir: &std::path::Path, env: &[(&str, String)], name: &str, log: &str) -> anyhow::Result<Child> {
+    let log = std::fs::File::create(dir.join(log))?;
+    Command::new(bin_dir().join(name))
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(Stdio::from(log.try_clone()?))
+        .stderr(Stdio::from(log))
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {name}"))
 }
 
 /// A test that panics never reaches [`Stack::stop`]: its binaries die with their `Child` handles

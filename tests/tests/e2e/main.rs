@@ -3,3 +3,4 @@
 mod dedicated_local;
 mod s3_lifecycle;
 mod shared_lifecycle;
+mod snapshots;
