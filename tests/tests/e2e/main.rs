@@ -1,5 +1,6 @@
 //! End to end: the real binaries over HTTP against a real Postgres.
 
+mod cli;
 mod dedicated_local;
 mod s3_lifecycle;
 mod shared_lifecycle;
