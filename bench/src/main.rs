@@ -5,12 +5,14 @@
 //!   berth-bench provision --url U --username X --password Y [--count N] [--pg-url U (interleaved anchor)]
 //!   berth-bench ddl --pg-url U [--count N]
 //!   berth-bench dedicated --url U --username X --password Y --work-dir D [--count N]   (bench/src/dedicated.rs)
+//!   berth-bench snapshot-seal | snapshot-cycle ...                                     (bench/src/snapshots.rs)
 //!   berth-bench report FILE
 //!   berth-bench gen-key FILE          (a master key for the broker processes)
 
 mod dedicated;
 mod queue;
 mod report;
+mod snapshots;
 
 use std::{
     collections::HashMap,
@@ -104,6 +106,8 @@ async fn main() -> anyhow::Result<()> {
         "provision" => provision(&Args::parse(&argv[1..])?).await,
         "ddl" => ddl(&Args::parse(&argv[1..])?).await,
         "dedicated" => dedicated::run(&Args::parse(&argv[1..])?).await,
+        "snapshot-seal" => snapshots::seal(&Args::parse(&argv[1..])?),
+        "snapshot-cycle" => snapshots::cycle(&Args::parse(&argv[1..])?).await,
         other => bail!("unknown subcommand {other}"),
     }
 }

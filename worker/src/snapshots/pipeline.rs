@@ -203,6 +203,26 @@ impl Snapshots {
     }
 }
 
+/// zstd + seal of `dump` into `out` (what [`Snapshots::take`] does between pg_dump and the store; benchmarks
+/// time it on its own). Returns the bytes read and `out`.
+pub fn compress_and_seal_into<W: Write>(dump: impl Read, out: W, key: &SnapshotKey, level: i32) -> io::Result<(u64, W)> {
+    let mut encoder = encoder(SealWriter::new(key, out, sealed::DEFAULT_CHUNK)?, level)?;
+    let mut counting = HashingReader { inner: dump, digest: Digest256::default() };
+    io::copy(&mut counting, &mut encoder)?;
+    let out = encoder.finish()?.finish()?;
+    Ok((counting.digest.bytes, out))
+}
+
+/// The zstd encoder every snapshot uses: all cores, long-distance matching (repeats across a table's rows far
+/// apart, for little extra time).
+fn encoder<W: Write>(inner: W, level: i32) -> io::Result<zstd::stream::write::Encoder<'static, W>> {
+    let mut encoder = zstd::stream::write::Encoder::new(inner, level)?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    encoder.multithread(threads)?;
+    encoder.long_distance_matching(true)?;
+    Ok(encoder)
+}
+
 /// pg_dump's output → zstd → seal → hash → parts on `tx` (all but `End`, which the caller sends once pg_dump
 /// exited cleanly). Returns the dump's size and the digest of the sealed bytes.
 fn compress_and_seal(
@@ -212,12 +232,7 @@ fn compress_and_seal(
     level: i32,
 ) -> io::Result<(u64, Digest256)> {
     let sink = HashingWriter { inner: PartWriter::new(tx), digest: Digest256::default() };
-    let sealer = SealWriter::new(key, sink, sealed::DEFAULT_CHUNK)?;
-    let mut encoder = zstd::stream::write::Encoder::new(sealer, level)?;
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
-    encoder.multithread(threads)?;
-    // Long-distance matching finds repeats across a table's rows far apart, for little extra time.
-    encoder.long_distance_matching(true)?;
+    let mut encoder = encoder(SealWriter::new(key, sink, sealed::DEFAULT_CHUNK)?, level)?;
     let mut counting = HashingReader { inner: dump, digest: Digest256::default() };
     io::copy(&mut counting, &mut encoder)?;
     let sealer = encoder.finish()?;

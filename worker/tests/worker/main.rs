@@ -1,5 +1,6 @@
 //! The worker's integration tests: real Postgres, a fresh database per test (`#[sqlx::test]`).
 
+mod backup_scheduler;
 mod crash;
 mod helpers;
 mod local_postgres;
