@@ -298,14 +298,19 @@ fn not_found(name: &str) -> ApiError {
     ApiError::NotFound(format!("there is no preset {name:?}"))
 }
 
+/// The preset `name` in the query's namespace, or a 404.
+async fn find(db: &mut PgConnection, query: &NamespaceQuery, name: &str) -> ApiResult<presets::PresetRow> {
+    let namespace = query.namespace()?;
+    presets::get(&mut *db, &namespace, name).await?.ok_or_else(|| not_found(name))
+}
+
 async fn show(
     State(state): State<AppState>,
     OsbPath(name): OsbPath<String>,
     OsbQuery(query): OsbQuery<NamespaceQuery>,
 ) -> ApiResult<Response> {
-    let namespace = query.namespace()?;
     let mut conn = state.db.acquire().await?;
-    let preset = presets::get(&mut *conn, &namespace, &name).await?.ok_or_else(|| not_found(&name))?;
+    let preset = find(&mut conn, &query, &name).await?;
     let versions = version_list(&mut conn, preset.id).await?;
     Ok(Json(json!({
         "name": preset.name,
@@ -338,9 +343,8 @@ async fn versions(
     OsbPath(name): OsbPath<String>,
     OsbQuery(query): OsbQuery<NamespaceQuery>,
 ) -> ApiResult<Response> {
-    let namespace = query.namespace()?;
     let mut conn = state.db.acquire().await?;
-    let preset = presets::get(&mut *conn, &namespace, &name).await?.ok_or_else(|| not_found(&name))?;
+    let preset = find(&mut conn, &query, &name).await?;
     let versions = version_list(&mut conn, preset.id).await?;
     Ok(Json(json!({ "versions": versions })).into_response())
 }
@@ -350,8 +354,7 @@ async fn get_lock(
     OsbPath(name): OsbPath<String>,
     OsbQuery(query): OsbQuery<NamespaceQuery>,
 ) -> ApiResult<Response> {
-    let namespace = query.namespace()?;
-    let preset = presets::get(&state.db, &namespace, &name).await?.ok_or_else(|| not_found(&name))?;
+    let preset = find(&mut *state.db.acquire().await?, &query, &name).await?;
     Ok(Json(lock_json(&preset)).into_response())
 }
 
@@ -361,16 +364,16 @@ async fn lock(
     OsbQuery(query): OsbQuery<NamespaceQuery>,
     OsbJson(body): OsbJson<LockBody>,
 ) -> ApiResult<Response> {
-    let namespace = query.namespace()?;
     if body.by.trim().is_empty() {
         return Err(ApiError::bad_request("`by` must say who takes the lock"));
     }
     check_text("by", Some(&body.by), 200)?;
     check_text("reason", Some(&body.reason), 2000)?;
-    let preset = presets::get(&state.db, &namespace, &name).await?.ok_or_else(|| not_found(&name))?;
+    let mut conn = state.db.acquire().await?;
+    let preset = find(&mut conn, &query, &name).await?;
     let (key, hash) = new_lock_key();
-    if !presets::lock(&state.db, preset.id, &hash, &body.by, &body.reason).await? {
-        let now = presets::get(&state.db, &namespace, &name).await?.ok_or_else(|| not_found(&name))?;
+    if !presets::lock(&mut *conn, preset.id, &hash, &body.by, &body.reason).await? {
+        let now = find(&mut conn, &query, &name).await?;
         return Err(ApiError::Conflict(format!(
             "preset {name:?} is already locked by {} ({})",
             now.locked_by.as_deref().unwrap_or("someone"),
@@ -386,12 +389,12 @@ async fn unlock(
     OsbQuery(query): OsbQuery<NamespaceQuery>,
     OsbJson(body): OsbJson<UnlockBody>,
 ) -> ApiResult<Response> {
-    let namespace = query.namespace()?;
-    let preset = presets::get(&state.db, &namespace, &name).await?.ok_or_else(|| not_found(&name))?;
+    let mut conn = state.db.acquire().await?;
+    let preset = find(&mut conn, &query, &name).await?;
     if !preset.is_locked() {
         return Err(ApiError::Conflict(format!("preset {name:?} is not locked")));
     }
-    if !presets::unlock(&state.db, preset.id, &lock_key_hash(&body.lock_key)).await? {
+    if !presets::unlock(&mut *conn, preset.id, &lock_key_hash(&body.lock_key)).await? {
         return Err(ApiError::Forbidden(format!("that is not the key of preset {name:?}'s lock")));
     }
     Ok(Json(json!({ "locked": false })).into_response())

@@ -12,7 +12,9 @@ use sqlx::{
 };
 
 use crate::{
-    providers::shared_postgres::{connect, create_extensions, database_exists, exec, exec_tolerating},
+    providers::shared_postgres::{
+        connect, create_extensions, database_exists, exec, exec_tolerating, read_only_grants,
+    },
     registry::TaskError,
 };
 
@@ -256,13 +258,7 @@ async fn grant_access(admin: &mut PgConnection, target: &DatabaseTarget) -> Resu
     let owner = quote_ident(&target.owner);
     for binding in read_only {
         let role = quote_ident(&binding.role);
-        let grants = format!(
-            "GRANT USAGE ON SCHEMA public TO {role};
-             GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role};
-             GRANT SELECT ON ALL SEQUENCES IN SCHEMA public TO {role};
-             ALTER DEFAULT PRIVILEGES FOR ROLE {owner} IN SCHEMA public GRANT SELECT ON TABLES TO {role};
-             ALTER DEFAULT PRIVILEGES FOR ROLE {owner} IN SCHEMA public GRANT SELECT ON SEQUENCES TO {role};"
-        );
+        let grants = read_only_grants(&role, &owner);
         exec_tolerating(&mut conn, &grants, &["42704"], "granting a read-only binding SELECT again").await?;
     }
     Ok(())

@@ -35,7 +35,7 @@ use tracing::{info, warn};
 use super::{
     Bound, Progress, Provider, Provisioned,
     shared_postgres::{
-        Access, binding_grants, connect, create_extensions, database_exists, drop_role, ensure_database,
+        Access, binding_grants, connect, read_only_grants, create_extensions, database_exists, drop_role, ensure_database,
         ensure_role, exec, exec_tolerating, lock_out, requested_extensions, role_exists,
     },
 };
@@ -684,13 +684,7 @@ impl Provider for LocalPostgres {
                 "connecting to the app database",
             )
             .await?;
-            let grants = format!(
-                "GRANT USAGE ON SCHEMA public TO {role_q};
-                 GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role_q};
-                 GRANT SELECT ON ALL SEQUENCES IN SCHEMA public TO {role_q};
-                 ALTER DEFAULT PRIVILEGES FOR ROLE {owner_q} IN SCHEMA public GRANT SELECT ON TABLES TO {role_q};
-                 ALTER DEFAULT PRIVILEGES FOR ROLE {owner_q} IN SCHEMA public GRANT SELECT ON SEQUENCES TO {role_q};"
-            );
+            let grants = read_only_grants(&role_q, &owner_q);
             exec(
                 &mut db,
                 &grants,

@@ -363,6 +363,18 @@ pub(crate) async fn create_extensions(
     Ok(())
 }
 
+/// What a read-only binding role gets in its database: SELECT on what is there and on what the owner makes
+/// later. Arguments are quoted identifiers.
+pub(crate) fn read_only_grants(role_q: &str, owner_q: &str) -> String {
+    format!(
+        "GRANT USAGE ON SCHEMA public TO {role_q};
+         GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role_q};
+         GRANT SELECT ON ALL SEQUENCES IN SCHEMA public TO {role_q};
+         ALTER DEFAULT PRIVILEGES FOR ROLE {owner_q} IN SCHEMA public GRANT SELECT ON TABLES TO {role_q};
+         ALTER DEFAULT PRIVILEGES FOR ROLE {owner_q} IN SCHEMA public GRANT SELECT ON SEQUENCES TO {role_q};"
+    )
+}
+
 /// Stops a role's logins and ends its sessions.
 pub(crate) async fn lock_out(conn: &mut PgConnection, role: &str) -> Result<(), TaskError> {
     exec(
@@ -611,13 +623,7 @@ impl Provider for SharedPostgres {
 
         if access == ReadOnly {
             let mut db = self.connect_database(&names.database).await?;
-            let grants = format!(
-                "GRANT USAGE ON SCHEMA public TO {role_q};
-                 GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role_q};
-                 GRANT SELECT ON ALL SEQUENCES IN SCHEMA public TO {role_q};
-                 ALTER DEFAULT PRIVILEGES FOR ROLE {owner_q} IN SCHEMA public GRANT SELECT ON TABLES TO {role_q};
-                 ALTER DEFAULT PRIVILEGES FOR ROLE {owner_q} IN SCHEMA public GRANT SELECT ON SEQUENCES TO {role_q};"
-            );
+            let grants = read_only_grants(&role_q, &owner_q);
             exec(
                 &mut db,
                 &grants,
