@@ -207,10 +207,9 @@ impl Snapshots {
 /// time it on its own). Returns the bytes read and `out`.
 pub fn compress_and_seal_into<W: Write>(dump: impl Read, out: W, key: &SnapshotKey, level: i32) -> io::Result<(u64, W)> {
     let mut encoder = encoder(SealWriter::new(key, out, sealed::DEFAULT_CHUNK)?, level)?;
-    let mut counting = HashingReader { inner: dump, digest: Digest256::default() };
-    io::copy(&mut counting, &mut encoder)?;
+    let read = io::copy(&mut { dump }, &mut encoder)?;
     let out = encoder.finish()?.finish()?;
-    Ok((counting.digest.bytes, out))
+    Ok((read, out))
 }
 
 /// The zstd encoder every snapshot uses: all cores, long-distance matching (repeats across a table's rows far
@@ -233,12 +232,11 @@ fn compress_and_seal(
 ) -> io::Result<(u64, Digest256)> {
     let sink = HashingWriter { inner: PartWriter::new(tx), digest: Digest256::default() };
     let mut encoder = encoder(SealWriter::new(key, sink, sealed::DEFAULT_CHUNK)?, level)?;
-    let mut counting = HashingReader { inner: dump, digest: Digest256::default() };
-    io::copy(&mut counting, &mut encoder)?;
+    let read = io::copy(&mut { dump }, &mut encoder)?;
     let sealer = encoder.finish()?;
     let mut sink = sealer.finish()?;
     sink.inner.flush_part()?;
-    Ok((counting.digest.bytes, sink.digest))
+    Ok((read, sink.digest))
 }
 
 /// store bytes → hash → open → zstd → pg_restore's stdin. Returns the digest of what was read from the store.

@@ -213,8 +213,25 @@ pub async fn swap_in(admin: &mut PgConnection, prefix: &str, target: &DatabaseTa
     }
     exec(admin, &format!("ALTER DATABASE {incoming} RENAME TO {db}"), "renaming the restored database into place")
         .await?;
-    exec(admin, &format!("DROP DATABASE IF EXISTS {outgoing} WITH (FORCE)"), "dropping the replaced database").await?;
-    grant_access(admin, target).await
+    grant_access(admin, target).await?;
+    drop_in_background(target.login.clone(), scratch.outgoing);
+    Ok(())
+}
+
+/// Drops the replaced database after the swap has answered: a DROP DATABASE waits for a checkpoint (a second or
+/// more), which the instance need not wait for. Should this worker die first, the name is the instance's
+/// `outgoing` scratch name, which the next swap and the deprovision drop.
+fn drop_in_background(login: ServerLogin, database: String) {
+    tokio::spawn(async move {
+        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(&database));
+        let dropped = match login.connect("postgres", "connecting to drop a replaced database").await {
+            Ok(mut conn) => exec(&mut conn, &sql, "dropping the replaced database").await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = dropped {
+            tracing::warn!(database, error = %e, "dropping a replaced database failed; the next restore or the deprovision drops it");
+        }
+    });
 }
 
 async fn rename_when_idle(admin: &mut PgConnection, from: &str, to: &str) -> Result<(), TaskError> {
