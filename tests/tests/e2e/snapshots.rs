@@ -294,7 +294,11 @@ async fn a_wrong_key_or_a_damaged_object_changes_nothing() {
     let ids = shared_ids(&stack).await;
     let (instance, url) = provision(&stack, &ids, json!({})).await;
     sql(&url, "CREATE TABLE items (id int PRIMARY KEY, name text); INSERT INTO items VALUES (1, 'preset');").await;
-    let pushed = accepted(&stack, Method::POST, "/berth/v1/presets", json!({"name": "p", "instance_id": instance})).await;
+    // post_restore_sql runs once in the server's template, as the preset's objects' owner.
+    let pushed = accepted(&stack, Method::POST, "/berth/v1/presets", json!({
+        "name": "p", "instance_id": instance, "post_restore_sql": "UPDATE items SET name = name || ' (migrated)';",
+    }))
+    .await;
     succeeded(&stack, &pushed).await;
     sql(&url, "UPDATE items SET name = 'live data';").await;
 
@@ -338,7 +342,7 @@ async fn a_wrong_key_or_a_damaged_object_changes_nothing() {
     stack.restart_worker(vec![("SNAPSHOT_KEY_FILE", stack.dir.join("snapshot.key").display().to_string())]).unwrap();
     let last = select_preset(&stack, &instance, "p").await;
     assert_eq!(last["state"], "succeeded", "{last}\n{}", stack.logs());
-    assert_eq!(names(&url).await, ["preset"]);
+    assert_eq!(names(&url).await, ["preset (migrated)"]);
     deprovision(&stack, &ids, &instance).await;
     stack.stop().await;
 }
