@@ -4,6 +4,7 @@ pub mod bindings;
 pub mod catalog;
 pub mod health;
 pub mod instances;
+pub mod price_check;
 
 use axum::{
     Json,

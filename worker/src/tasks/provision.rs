@@ -1,5 +1,6 @@
 //! `instance.provision`: the provider makes the instance and we record what it made. A failed provision
-//! leaves the row; the deprovision that follows cleans up (orphan mitigation).
+//! leaves the row; the deprovision that follows cleans up (orphan mitigation). A dedicated server's connection is
+//! then delivered where the operator asked (`crate::delivery`).
 
 use anyhow::Context as _;
 use async_trait::async_trait;
@@ -39,6 +40,8 @@ impl TaskHandler for Provision {
         instances::set_details(ctx.pool, instance_id, &made.details, secrets.as_deref())
             .await
             .context("recording what was provisioned")?;
+        // Dedicated servers: the connection JSON to the configured bucket and the setup-finished callback.
+        crate::delivery::after_creation(ctx.services, ctx.pool, instance_id).await;
         Ok(Step::Done)
     }
 }

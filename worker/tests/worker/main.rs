@@ -1,6 +1,7 @@
 //! The worker's integration tests: real Postgres, a fresh database per test (`#[sqlx::test]`).
 
 mod crash;
+mod ec2;
 mod helpers;
 mod local_postgres;
 mod queue;
