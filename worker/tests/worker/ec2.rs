@@ -436,8 +436,18 @@ async fn an_evicted_vm_is_replaced_in_the_volume_zone(_: sqlx::postgres::PgPoolO
     assert_eq!(now["PGHOST"], new_host);
     assert_eq!(row.details["endpoints"][0]["host"], new_host);
 
-    let gone = operate(&pool, &services, Operation::Deprovision, &id, None, json!({})).await;
-    assert_eq!(gone.state, "succeeded", "{:?}", gone.last_error);
+    // expiration_date tears it down by itself: the reconcile loop enqueues the deprovision.
+    sqlx::query(
+        "UPDATE service_instances SET parameters = parameters || '{\"expiration_date\": \"2020-01-01\"}' WHERE id = $1",
+    )
+    .bind(&id)
+    .execute(&pool)
+    .await
+    .unwrap();
+    berth_worker::reconcile::once(&pool, &services).await;
+    drain(&pool, services.clone(), berth_worker::tasks::registry(), config("w")).await;
+    assert!(instances::get(&pool, &id).await.unwrap().is_none());
+    assert!(live_vms(&client, &id).await.is_empty());
     assert!(data_volumes(&client, &id).await.is_empty());
 }
 
@@ -489,4 +499,83 @@ async fn the_callback_is_killed_at_its_limit_with_its_children() {
             .is_err()
     );
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A stand-in for EC2 in front of moto: RunInstances of `blocked` fails with InsufficientInstanceCapacity (moto
+/// never runs out), everything else goes through unchanged (same Host header, so moto's signature check holds).
+async fn capacity_proxy(moto_url: String, blocked: &'static str) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use axum::{body::Bytes, extract::Request, http::StatusCode, response::IntoResponse};
+    let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = refused.clone();
+    let http = reqwest::Client::new();
+    let app = axum::Router::new().fallback(move |request: Request| {
+        let (http, moto_url, counter) = (http.clone(), moto_url.clone(), counter.clone());
+        async move {
+            let (parts, body) = request.into_parts();
+            let body: Bytes = axum::body::to_bytes(body, 1 << 24).await.unwrap();
+            let text = String::from_utf8_lossy(&body);
+            if text.contains("Action=RunInstances") && text.contains(&format!("InstanceType={blocked}")) {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let xml = "<Response><Errors><Error><Code>InsufficientInstanceCapacity</Code><Message>none left\
+                           </Message></Error></Errors><RequestID>x</RequestID></Response>";
+                return (StatusCode::BAD_REQUEST, xml).into_response();
+            }
+            let url = format!("{moto_url}{}", parts.uri.path_and_query().map_or("/", |p| p.as_str()));
+            let mut forward = http.request(parts.method.clone(), url).body(body.to_vec());
+            for (name, value) in &parts.headers {
+                forward = forward.header(name, value);
+            }
+            let answer = forward.send().await.unwrap();
+            let status = StatusCode::from_u16(answer.status().as_u16()).unwrap();
+            let content_type = answer.headers().get("content-type").cloned();
+            let bytes = answer.bytes().await.unwrap();
+            let mut response = (status, bytes).into_response();
+            if let Some(content_type) = content_type {
+                response.headers_mut().insert("content-type", content_type);
+            }
+            response
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, refused)
+}
+
+#[sqlx::test(migrator = "broker::MIGRATOR")]
+async fn a_type_without_capacity_gives_way_to_the_next(_: sqlx::postgres::PgPoolOptions, opts: PgConnectOptions) {
+    let pool = pool(&opts, 8).await;
+    let peer = moto();
+    let client = ec2(&peer);
+    let (proxy, refused) = capacity_proxy(peer.url.clone(), "m5.large").await;
+    let services = services_with(
+        &Peer {
+            url: proxy,
+            key: peer.key.clone(),
+            secret: peer.secret.clone(),
+        },
+        json!({}),
+    )
+    .await;
+    let (id, details) = provision(
+        &pool,
+        &services,
+        json!({ "instance_types": ["m5.xlarge", "m5.large"], "selection_strategy": "cheapest" }),
+    )
+    .await;
+    let state = &details["ec2"];
+    assert_eq!(
+        state["candidates"][0]["instance_type"], "m5.large",
+        "the smaller one comes first"
+    );
+    assert!(
+        refused.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "m5.large was tried"
+    );
+    assert_eq!(state["candidate_index"], 1);
+    let vms = live_vms(&client, &id).await;
+    assert_eq!(vms.len(), 1);
+    assert_eq!(vms[0].instance_type().unwrap().as_str(), "m5.xlarge");
+    operate(&pool, &services, Operation::Deprovision, &id, None, json!({})).await;
+    assert!(data_volumes(&client, &id).await.is_empty());
 }
