@@ -50,6 +50,7 @@ use crate::{
 };
 
 pub use cloud_init::{Rendered, UserData, render as render_user_data};
+pub use recovery::Cycle;
 
 /// The plan engine this provider serves.
 pub const ENGINE: &str = "ec2";
@@ -262,6 +263,18 @@ impl Ec2Postgres {
         )
         .await?
         .len())
+    }
+
+    /// One reconcile pass over the ec2 instances, without the offers refresh: what it looked at and how many
+    /// DescribeInstances calls it made (the benchmark prints both).
+    pub async fn reconcile_cycle(&self, pool: &PgPool, services: &Services) -> anyhow::Result<Cycle> {
+        recovery::reconcile(self, pool, services).await
+    }
+
+    /// The state of one VM (`running`, `terminated`, ...) by a DescribeInstances of its own, `None` when EC2 does
+    /// not know it: what a per-instance check would cost (the benchmark's anchor).
+    pub async fn vm_state(&self, region: &str, vm_id: &str) -> Result<Option<String>, TaskError> {
+        Ok(vm::vm(&self.client(region), vm_id).await?.map(|v| v.state))
     }
 
     fn image_for(&self, arch: &str) -> Option<&str> {
