@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # berth's benchmarks, side by side with their anchors, on one private Postgres with durable default settings.
-#   bench/run.sh [queue|provision|api|all|dedicated]     (default all; dedicated runs only when named; see bench/README.md)
+#   bench/run.sh [queue|provision|api|all|dedicated|ec2]  (default all; dedicated and ec2 run only when named; see bench/README.md)
 # Installs what it needs (Node 22 and graphile-worker under bench/, wrk via apt-get), builds the release binaries,
 # starts everything on 127.0.0.1, prints a table, and stops what it started.
 # Sizes (environment): QUEUE_SMALL=10000 QUEUE_BIG=1000000 QUEUE_SAMPLE=100000 QUEUE_CONCURRENCY=8
 #   QUEUE_MODE=in-process (or process: berth-worker binaries) PGBENCH_CLIENTS=4 PGBENCH_SECS=20 PROVISION_COUNT=30 API_CONNECTIONS=100 API_SECS=10
 set -euo pipefail
 part=${1:-all}
-case $part in queue | provision | api | all | dedicated) ;; *) echo "usage: $0 [queue|provision|api|all|dedicated]" >&2; exit 2 ;; esac
+case $part in queue | provision | api | all | dedicated | ec2) ;; *) echo "usage: $0 [queue|provision|api|all|dedicated|ec2]" >&2; exit 2 ;; esac
 
 cd "$(dirname "$0")/.."
 root=$(pwd)
 source scripts/lib/pg.sh
+source scripts/lib/s3peers.sh
 
 QUEUE_SMALL=${QUEUE_SMALL:-10000}
 QUEUE_BIG=${QUEUE_BIG:-1000000}
@@ -24,6 +25,8 @@ PROVISION_COUNT=${PROVISION_COUNT:-30}
 API_CONNECTIONS=${API_CONNECTIONS:-100}
 API_SECS=${API_SECS:-10}
 DEDICATED_COUNT=${DEDICATED_COUNT:-10}
+EC2_INSTANCES=${EC2_INSTANCES:-1000}
+EC2_CYCLES=${EC2_CYCLES:-5}
 
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/berth-target}
 export SQLX_OFFLINE=true
@@ -48,6 +51,7 @@ cleanup() {
   local rc=$?
   for pid in "${pids[@]}"; do stop_pid "$pid"; done
   pg_stop "$work/pg"
+  s3peers_stop "$work/peers"
   rm -rf "$work/pg"
   if [ $rc -ne 0 ]; then echo "bench failed (exit $rc); logs kept in $work/logs" >&2; else rm -rf "$work"; fi
 }
@@ -197,6 +201,33 @@ if [ "$part" = dedicated ]; then
   stop_pid "$WORKER_PID"
   stop_pid "$API_PID"
   jq -r 'select(.part == "dedicated") | "DEDICATED  local engine, PUT to last_operation=succeeded vs bare initdb + pg_ctl start -w, \(.count) sequential (target <= 1.3x)\n  p50 \(.p50_ms | floor) ms vs \(.anchor.p50_ms | floor) ms, ratio \(.ratio_p50 * 100 | floor / 100)\n  p99 \(.p99_ms | floor) ms vs \(.anchor.p99_ms | floor) ms"' "$results"
+fi
+
+# --- 5. ec2 reconcile cost (only when asked for: bench/run.sh ec2) ------------------------------------------------
+if [ "$part" = ec2 ]; then
+  s3peers_ensure_installed
+  moto_start "$work/peers"
+  log "ec2: $EC2_INSTANCES running VMs on moto ($BERTH_TEST_MOTO_URL), $EC2_CYCLES reconcile passes vs one DescribeInstances per VM"
+  python3 - "$BERTH_TEST_MOTO_URL" "$BERTH_TEST_MOTO_ACCESS_KEY" "$BERTH_TEST_MOTO_SECRET_KEY" "$EC2_INSTANCES" \
+    >"$work/vm-ids" <<'PY'
+import sys, boto3
+url, key, secret, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+ec2 = boto3.client("ec2", endpoint_url=url, region_name="us-east-1", aws_access_key_id=key, aws_secret_access_key=secret)
+image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+tags = [{"ResourceType": "instance", "Tags": [{"Key": "berth:instance", "Value": "bench"}]}]
+left = count
+while left > 0:
+    n = min(left, 100)
+    out = ec2.run_instances(ImageId=image, InstanceType="m5.large", MinCount=n, MaxCount=n, TagSpecifications=tags)
+    print("\n".join(i["InstanceId"] for i in out["Instances"]))
+    left -= n
+PY
+  createdb_ ec2bench
+  "$bin/berth-bench" ec2-reconcile --database-url "$(db_url ec2bench)" --moto-url "$BERTH_TEST_MOTO_URL" \
+    --key "$BERTH_TEST_MOTO_ACCESS_KEY" --secret "$BERTH_TEST_MOTO_SECRET_KEY" --vm-ids "$work/vm-ids" \
+    --cycles "$EC2_CYCLES" | tee -a "$results" >&2
+  jq -r 'select(.part == "ec2_reconcile") | "EC2 RECONCILE  \(.instances) instances on moto, median of \(.cycles) passes\n  berth: \(.describe_calls_per_cycle) DescribeInstances per pass, \(.cycle_ms_p50 | floor) ms per pass, \(.ms_per_instance * 1000 | floor / 1000) ms per instance\n  one DescribeInstances per VM: \(.anchor.describe_calls_per_cycle) calls, \(.anchor.cycle_ms | floor) ms, \(.anchor.ms_per_instance * 1000 | floor / 1000) ms per instance (ratio \(.ratio * 1000 | floor / 1000))"' "$results"
+  exit 0
 fi
 
 echo

@@ -64,6 +64,7 @@ pub fn router(state: AppState) -> Router {
     let berth_v1 = Router::new()
         .merge(routes::presets::router())
         .merge(routes::backups::router())
+        .merge(routes::price_check::router())
         .method_not_allowed_fallback(middleware::method_not_allowed)
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),

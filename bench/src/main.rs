@@ -6,10 +6,12 @@
 //!   berth-bench ddl --pg-url U [--count N]
 //!   berth-bench dedicated --url U --username X --password Y --work-dir D [--count N]   (bench/src/dedicated.rs)
 //!   berth-bench snapshot-seal | snapshot-cycle ...                                     (bench/src/snapshots.rs)
+//!   berth-bench ec2-reconcile --database-url U --moto-url M --key K --secret S --vm-ids FILE   (bench/src/ec2.rs)
 //!   berth-bench report FILE
 //!   berth-bench gen-key FILE          (a master key for the broker processes)
 
 mod dedicated;
+mod ec2;
 mod queue;
 mod report;
 mod snapshots;
@@ -108,6 +110,7 @@ async fn main() -> anyhow::Result<()> {
         "dedicated" => dedicated::run(&Args::parse(&argv[1..])?).await,
         "snapshot-seal" => snapshots::seal(&Args::parse(&argv[1..])?),
         "snapshot-cycle" => snapshots::cycle(&Args::parse(&argv[1..])?).await,
+        "ec2-reconcile" => ec2::run(&Args::parse(&argv[1..])?).await,
         other => bail!("unknown subcommand {other}"),
     }
 }

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// Engines berth knows. A plan names one; the plan is published only where its engine is configured.
-pub const KNOWN_ENGINES: &[&str] = &["s3", "shared", "local"];
+pub const KNOWN_ENGINES: &[&str] = &["s3", "shared", "local", "ec2"];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -53,6 +53,9 @@ pub struct Plan {
     /// Which engine carries the plan out. berth's own field: never published.
     #[serde(skip_serializing)]
     pub engine: String,
+    /// berth's own, never published: other engines the operator may choose for this plan (`DEDICATED_ENGINE`).
+    #[serde(default, skip_serializing)]
+    pub alternative_engines: Vec<String>,
     /// berth's own, never published: what the engine turns on for this plan (`versioning`, `encryption`).
     #[serde(default, skip_serializing)]
     pub features: Vec<String>,
@@ -187,6 +190,17 @@ pub struct ParameterError(pub String);
 impl Catalog {
     /// Loads every `*.json` in `dir`, keeping plans whose engine is in `available_engines`.
     pub fn load(dir: &Path, available_engines: &[&str]) -> anyhow::Result<Self> {
+        Self::from_services(read_services(dir)?, available_engines)
+    }
+
+    pub fn from_services(all: Vec<Service>, available_engines: &[&str]) -> anyhow::Result<Self> {
+        Self::build(all, available_engines)
+    }
+}
+
+/// Every `*.json` service file in `dir`, parsed and checked.
+fn read_services(dir: &Path) -> anyhow::Result<Vec<Service>> {
+    {
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
             .with_context(|| format!("reading the catalog folder {}", dir.display()))?
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -202,10 +216,32 @@ impl Catalog {
                 .with_context(|| format!("reading catalog file {}", file.display()))?;
             services.push(parse_service(file, &text)?);
         }
-        Self::from_services(services, available_engines)
+        Ok(services)
     }
+}
 
-    pub fn from_services(all: Vec<Service>, available_engines: &[&str]) -> anyhow::Result<Self> {
+/// Moves the named plans to the engine the operator chose for them; the plan must list it as an alternative.
+fn choose_engines(services: &mut [Service], choices: &[(&str, String)]) -> anyhow::Result<()> {
+    for (name, engine) in choices {
+        for plan in services.iter_mut().flat_map(|s| s.plans.iter_mut()).filter(|p| p.name == *name) {
+            if plan.engine == *engine {
+                continue;
+            }
+            if !plan.alternative_engines.contains(engine) {
+                anyhow::bail!(
+                    "plan {name:?} cannot run on engine {engine:?} (its engines: {}{})",
+                    plan.engine,
+                    plan.alternative_engines.iter().map(|e| format!(", {e}")).collect::<String>()
+                );
+            }
+            plan.engine = engine.clone();
+        }
+    }
+    Ok(())
+}
+
+impl Catalog {
+    fn build(all: Vec<Service>, available_engines: &[&str]) -> anyhow::Result<Self> {
         check_unique(&all)?;
         let mut validators = HashMap::new();
         let mut services = Vec::new();
@@ -274,7 +310,9 @@ impl Catalog {
 
     /// [`Self::load`], then the engine facts `settings` decide ([`engine_metadata`]): what the API serves.
     pub fn load_for(settings: &crate::config::Settings) -> anyhow::Result<Self> {
-        let mut catalog = Self::load(&settings.plans_dir, &settings.available_engines())?;
+        let mut services = read_services(&settings.plans_dir)?;
+        choose_engines(&mut services, &settings.plan_engines())?;
+        let mut catalog = Self::from_services(services, &settings.available_engines())?;
         for (engine, fields, bullets) in engine_metadata(settings) {
             catalog = catalog.with_engine_metadata(engine, &fields, &bullets)?;
         }
@@ -378,6 +416,9 @@ fn parse_service(file: &Path, text: &str) -> anyhow::Result<Service> {
                 format!("plans[{i}].engine"),
                 &format!("unknown engine {:?} (known: {})", plan.engine, KNOWN_ENGINES.join(", ")),
             ));
+        }
+        if let Some(bad) = plan.alternative_engines.iter().find(|e| !KNOWN_ENGINES.contains(&e.as_str())) {
+            return Err(fail(format!("plans[{i}].alternative_engines"), &format!("unknown engine {bad:?}")));
         }
         let schemas = [
             ("service_instance.create", plan.schemas.service_instance.as_ref().and_then(|s| s.create.as_ref())),
@@ -488,6 +529,32 @@ mod tests {
         }
         // Without an S3 store there is no s3 service to describe.
         assert!(s3_plans(&Catalog::load_for(&settings(serde_json::json!({}))).unwrap()).is_empty());
+    }
+
+    #[test]
+    fn dedicated_spot_needs_aws_and_dedicated_moves_to_ec2_only_when_asked() {
+        let plans_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plans");
+        let load = |extra: Value| {
+            let mut base = serde_json::json!({ "plans_dir": plans_dir, "local_engine": true });
+            base.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            let settings: crate::config::Settings = serde_json::from_value(base).unwrap();
+            settings.check().map(|()| Catalog::load_for(&settings).unwrap())
+        };
+        let engine_of = |catalog: &Catalog, name: &str| {
+            catalog.services().iter().flat_map(|s| &s.plans).find(|p| p.name == name).map(|p| p.engine.clone())
+        };
+        let local = load(serde_json::json!({})).unwrap();
+        assert_eq!(engine_of(&local, "dedicated").as_deref(), Some("local"));
+        assert_eq!(engine_of(&local, "dedicated-spot"), None, "no AWS, no spot plan");
+        let aws = serde_json::json!({ "aws_region": "us-east-1", "aws_access_key_id": "k" });
+        let with_aws = load(aws.clone()).unwrap();
+        assert_eq!(engine_of(&with_aws, "dedicated").as_deref(), Some("local"), "dedicated stays local by default");
+        assert_eq!(engine_of(&with_aws, "dedicated-spot").as_deref(), Some("ec2"));
+        let mut on_ec2 = aws;
+        on_ec2["dedicated_engine"] = "ec2".into();
+        assert_eq!(engine_of(&load(on_ec2).unwrap(), "dedicated").as_deref(), Some("ec2"));
+        assert!(load(serde_json::json!({ "dedicated_engine": "ec2" })).is_err(), "ec2 without AWS is refused");
+        assert!(load(serde_json::json!({ "dedicated_engine": "warp" })).is_err());
     }
 
     #[test]

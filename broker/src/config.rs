@@ -101,6 +101,63 @@ pub struct Settings {
     /// How often a worker looks for due scheduled backups.
     #[serde(default = "default_backup_scheduler_ms")]
     pub backup_scheduler_ms: u64,
+    /// Engine of the `dedicated` plan: `local` (default) or `ec2` (needs AWS settings).
+    #[serde(default = "default_dedicated_engine")]
+    pub dedicated_engine: String,
+    /// AMIs (Debian 12 or Ubuntu, cloud-init) per CPU architecture; unset = the newest Debian 12 image.
+    pub ec2_ami_x86_64: Option<String>,
+    pub ec2_ami_arm64: Option<String>,
+    /// Comma list of subnets berth may launch into (one per zone used); unset = the default VPC's.
+    pub ec2_subnet_ids: Option<String>,
+    /// Who may reach port 5432 (and 22 with `ssh_keys`).
+    #[serde(default = "default_allowed_cidr")]
+    pub ec2_allowed_cidr: String,
+    /// JSON file `{"m6g.large": 0.077, ...}`: on-demand USD/hour per type (default: the list shipped in the
+    /// worker, us-east-1 Linux list prices).
+    pub ec2_on_demand_prices_file: Option<PathBuf>,
+    /// How old cached instance types and prices may be before a worker refreshes them.
+    #[serde(default = "default_offers_ttl")]
+    pub ec2_offers_ttl_secs: u64,
+    /// Wait for Postgres to accept TLS connections before a VM counts as ready (off where nothing listens,
+    /// as under moto).
+    #[serde(default = "yes")]
+    pub ec2_readiness_probe: bool,
+    /// Connection delivery (pg-spot-operator's names): push `{connstr, instance_name, ...}` to this bucket.
+    pub connstr_bucket: Option<String>,
+    /// Object key; `{instance_id}` and `{instance_name}` are replaced.
+    #[serde(default = "default_connstr_key")]
+    pub connstr_bucket_key: String,
+    pub connstr_bucket_region: Option<String>,
+    pub connstr_bucket_endpoint: Option<String>,
+    pub connstr_bucket_access_key: Option<String>,
+    pub connstr_bucket_access_secret: Option<SecretString>,
+    /// An executable run after every (re)creation of a dedicated server with 4 arguments: instance name,
+    /// private connection string, public one or "", tags as JSON.
+    pub setup_finished_callback: Option<PathBuf>,
+    /// Seconds before the callback is killed.
+    #[serde(default = "default_callback_secs")]
+    pub setup_finished_callback_timeout_secs: u64,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_dedicated_engine() -> String {
+    "local".into()
+}
+fn default_allowed_cidr() -> String {
+    "0.0.0.0/0".into()
+}
+fn default_offers_ttl() -> u64 {
+    3600
+}
+fn default_connstr_key() -> String {
+    "berth/{instance_id}/connstr.json".into()
+}
+/// pg-spot-operator's limit for its setup-finished callback.
+pub const DEFAULT_CALLBACK_SECS: u64 = 30;
+fn default_callback_secs() -> u64 {
+    DEFAULT_CALLBACK_SECS
 }
 
 fn default_port() -> u16 {
@@ -197,7 +254,7 @@ impl Settings {
         Ok(settings)
     }
 
-    fn check(&self) -> anyhow::Result<()> {
+    pub(crate) fn check(&self) -> anyhow::Result<()> {
         crate::names::check_prefix(&self.name_prefix)?;
         if self.worker_concurrency == 0 {
             anyhow::bail!("WORKER_CONCURRENCY must be at least 1");
@@ -216,6 +273,20 @@ impl Settings {
         if self.reconcile_interval_ms < 100 {
             anyhow::bail!("RECONCILE_INTERVAL_MS must be at least 100");
         }
+        match self.dedicated_engine.as_str() {
+            "local" => {}
+            "ec2" if self.aws_configured() => {}
+            "ec2" => anyhow::bail!("DEDICATED_ENGINE=ec2 needs AWS settings (AWS_REGION and a credential source)"),
+            other => anyhow::bail!("DEDICATED_ENGINE must be local or ec2, not {other:?}"),
+        }
+        if self.connstr_bucket.is_none()
+            && (self.connstr_bucket_endpoint.is_some() || self.connstr_bucket_access_key.is_some())
+        {
+            anyhow::bail!("CONNSTR_BUCKET_* settings are given but CONNSTR_BUCKET (the bucket) is not");
+        }
+        if self.setup_finished_callback_timeout_secs == 0 {
+            anyhow::bail!("SETUP_FINISHED_CALLBACK_TIMEOUT_SECS must be at least 1");
+        }
         Ok(())
     }
 
@@ -231,7 +302,25 @@ impl Settings {
         if self.local_engine {
             engines.push("local");
         }
+        if self.aws_configured() {
+            engines.push("ec2");
+        }
         engines
+    }
+
+    /// Plans whose engine the operator chose (`DEDICATED_ENGINE`): plan name → engine.
+    pub fn plan_engines(&self) -> Vec<(&'static str, String)> {
+        vec![("dedicated", self.dedicated_engine.clone())]
+    }
+
+    /// AWS counts as configured with a region and a credential source the SDK's chain can use.
+    pub fn aws_configured(&self) -> bool {
+        self.aws_region.is_some()
+            && (self.aws_access_key_id.is_some()
+                || self.aws_profile.is_some()
+                || self.aws_web_identity_token_file.is_some()
+                || self.aws_container_credentials_full_uri.is_some()
+                || self.aws_container_credentials_relative_uri.is_some())
     }
 
     /// The folder of `local` instance servers, absolute.
@@ -263,12 +352,7 @@ impl Settings {
         let compatible = self.s3_compatible_endpoint.is_some()
             && self.s3_compatible_access_key.is_some()
             && self.s3_compatible_secret_key.is_some();
-        let aws = self.aws_region.is_some()
-            && (self.aws_access_key_id.is_some()
-                || self.aws_profile.is_some()
-                || self.aws_web_identity_token_file.is_some()
-                || self.aws_container_credentials_full_uri.is_some()
-                || self.aws_container_credentials_relative_uri.is_some());
+        let aws = self.aws_configured();
         if compatible {
             Some(S3Backend::Compatible)
         } else if aws {

@@ -3,6 +3,7 @@
 pub mod catalog;
 pub mod config;
 pub mod crypto;
+pub mod ec2;
 pub mod db;
 pub mod embedded;
 pub mod model;

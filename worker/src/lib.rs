@@ -3,6 +3,7 @@
 
 pub mod backup_scheduler;
 pub mod context;
+pub mod delivery;
 pub mod providers;
 pub mod queue;
 pub mod reconcile;

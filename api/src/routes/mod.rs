@@ -6,6 +6,7 @@ pub mod catalog;
 pub mod health;
 pub mod instances;
 pub mod presets;
+pub mod price_check;
 
 use axum::{
     Json,

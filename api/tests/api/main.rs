@@ -9,5 +9,6 @@ mod fetch;
 mod helpers;
 mod last_operation;
 mod middleware;
+mod price_check;
 mod provision;
 mod update;

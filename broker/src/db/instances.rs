@@ -215,3 +215,37 @@ pub async fn insert_with_task(
     .await?;
     Ok(id.map(crate::model::TaskId))
 }
+
+/// Replaces the instance's sealed secrets alone: a provider that must keep a secret before the provision ends
+/// (the ec2 engine writes the admin password into the VM's user-data, so it must survive a retry).
+pub async fn set_secrets(db: impl PgExecutor<'_>, id: &str, secrets: &[u8]) -> sqlx::Result<()> {
+    sqlx::query!("UPDATE service_instances SET secrets = $2, updated_at = now() WHERE id = $1", id, secrets)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+/// Instances of `plan_ids` whose provision succeeded (details `ready_at`) with no instance operation pending or
+/// running, in id order from `after`, at most `limit`: what the ec2 reconcile loop looks after, a page at a time.
+pub async fn list_ready_page(
+    db: impl PgExecutor<'_>,
+    plan_ids: &[String],
+    after: &str,
+    limit: i64,
+) -> sqlx::Result<Vec<InstanceRow>> {
+    sqlx::query_as!(
+        InstanceRow,
+        "SELECT * FROM service_instances i
+         WHERE plan_id = ANY($1) AND details->>'ready_at' IS NOT NULL AND id > $2
+           AND NOT EXISTS (
+               SELECT 1 FROM tasks t
+               WHERE t.instance_id = i.id AND t.binding_id IS NULL AND t.operation IS NOT NULL
+                 AND t.state IN ('pending', 'running'))
+         ORDER BY id LIMIT $3",
+        plan_ids,
+        after,
+        limit,
+    )
+    .fetch_all(db)
+    .await
+}

@@ -1,6 +1,7 @@
 //! Database access: small functions next to the table they serve.
 
 pub mod bindings;
+pub mod ec2_offers;
 pub mod instances;
 pub mod presets;
 pub mod snapshots;

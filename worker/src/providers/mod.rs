@@ -1,7 +1,10 @@
 //! Providers carry out the OSB operations for one plan engine. The worker keeps one per configured
 //! engine and picks it by the plan's `engine` field in the catalog.
 
+pub mod aws;
+pub mod ec2_postgres;
 pub mod local_postgres;
+pub mod pg_tuning;
 pub mod s3;
 pub mod shared_postgres;
 
@@ -147,6 +150,10 @@ pub fn configured(settings: &Settings) -> anyhow::Result<HashMap<String, Arc<dyn
     if settings.local_engine {
         let provider = local_postgres::LocalPostgres::new(settings.servers_dir(), settings.local_host())?;
         providers.insert(local_postgres::ENGINE.to_string(), Arc::new(provider));
+    }
+    if settings.aws_configured() {
+        let provider = ec2_postgres::Ec2Postgres::new(settings)?;
+        providers.insert(ec2_postgres::ENGINE.to_string(), Arc::new(provider));
     }
     if let Some(backend) = settings.s3_backend() {
         let provider = s3::S3Provider::new(settings, backend)?;

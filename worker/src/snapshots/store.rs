@@ -19,7 +19,7 @@ use tokio::{
     sync::mpsc,
 };
 
-use crate::providers::s3::{block_on, http_client, static_credentials};
+use crate::providers::aws::{block_on, http_client, static_credentials};
 
 /// One piece of an object on its way to the store. `End` says the producer finished cleanly: a channel that
 /// closes without it is a failed snapshot, and the store discards what it received.

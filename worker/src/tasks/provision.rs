@@ -1,6 +1,7 @@
 //! `instance.provision`: the provider makes the instance and we record what it made; a `preset` or
-//! `restore_from` parameter then fills its database, and a `backups` parameter schedules backups. A failed provision
-//! leaves the row; the deprovision that follows cleans up (orphan mitigation).
+//! `restore_from` parameter then fills its database, and a `backups` parameter schedules backups. A dedicated
+//! server's connection is then delivered where the operator asked (`crate::delivery`). A failed provision leaves
+//! the row; the deprovision that follows cleans up (orphan mitigation).
 
 use anyhow::Context as _;
 use async_trait::async_trait;
@@ -52,6 +53,8 @@ impl TaskHandler for Provision {
             }
         }
         steps::sync_schedule(ctx.pool, instance_id, &instance.parameters).await?;
+        // Dedicated servers: the connection JSON to the configured bucket and the setup-finished callback.
+        crate::delivery::after_creation(ctx.services, ctx.pool, instance_id).await;
         Ok(Step::Done)
     }
 }

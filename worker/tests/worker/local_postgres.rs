@@ -54,16 +54,20 @@ impl Servers {
     }
 
     fn services(&self) -> Arc<Services> {
-        let settings = serde_json::from_value(json!({
+        self.services_with(json!({}))
+    }
+
+    fn services_with(&self, extra: Value) -> Arc<Services> {
+        let mut settings = json!({
             "plans_dir": plans_dir(),
             "name_prefix": PREFIX,
             "shared_postgres_url": admin_url(),
             "local_engine": true,
             "local_servers_dir": self.0,
             "local_engine_host": "test-host",
-        }))
-        .unwrap();
-        Arc::new(Services::new(settings, cipher()).unwrap())
+        });
+        settings.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        Arc::new(Services::new(serde_json::from_value(settings).unwrap(), cipher()).unwrap())
     }
 
     fn root(&self, instance: &str) -> PathBuf {
@@ -716,4 +720,45 @@ async fn servers_too_deep_for_a_unix_socket_listen_on_tcp_only(
         .await,
     );
     no_process_and_no_files(&servers.root(&instance));
+}
+
+#[sqlx::test(migrator = "broker::MIGRATOR")]
+async fn a_new_server_delivers_its_connection(_: PgPoolOptions, opts: PgConnectOptions) {
+    use std::os::unix::fs::PermissionsExt;
+    let pool = pool(&opts, 8).await;
+    let servers = Servers::new();
+    let store = crate::s3::seaweed();
+    let s3 = crate::s3::client(&store.url, &store.key, &store.secret);
+    let bucket = format!("connstr-{}", uuid::Uuid::new_v4().simple());
+    s3.create_bucket().bucket(&bucket).send().await.unwrap();
+    let callback = servers.0.join("callback.sh");
+    let args_file = servers.0.join("args");
+    std::fs::write(&callback, format!("#!/bin/sh\nprintf '%s\\n' \"$@\" > {}\n", args_file.display())).unwrap();
+    std::fs::set_permissions(&callback, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let services = servers.services_with(json!({
+        "connstr_bucket": bucket, "connstr_bucket_endpoint": store.url,
+        "connstr_bucket_access_key": store.key, "connstr_bucket_access_secret": store.secret,
+        "setup_finished_callback": callback,
+    }));
+    let id = new_instance(&pool, json!({ "tags": { "env": "ci" } })).await;
+    succeeded(&operate(&pool, &services, Operation::Provision, &id, None, json!({})).await);
+
+    // The default key, with pg-spot-operator's fields; its connection string works.
+    let object = s3.get_object().bucket(&bucket).key(format!("berth/{id}/connstr.json")).send().await.unwrap();
+    let pushed: Value = serde_json::from_slice(&object.body.collect().await.unwrap().into_bytes()).unwrap();
+    assert_eq!(pushed["instance_name"], id.as_str());
+    assert_eq!(pushed["ip_private"], "127.0.0.1");
+    assert_eq!(pushed["ip_public"], "");
+    assert_eq!(pushed["admin_user"], "app_admin");
+    assert_eq!(pushed["app_db_name"], "app");
+    assert_eq!(pushed["admin_password"], admin_password(&pool, &id).await);
+    let mut conn = connect_url(pushed["connstr"].as_str().unwrap()).await;
+    assert_eq!(scalar::<String>(&mut conn, "SELECT current_user::text").await, "app_admin");
+
+    // The callback: name, private connection string, "" (no public address), tags.
+    let args = std::fs::read_to_string(&args_file).unwrap();
+    let args: Vec<&str> = args.lines().collect();
+    assert_eq!(args, [id.as_str(), pushed["connstr"].as_str().unwrap(), "", r#"{"env":"ci"}"#]);
+    assert_eq!(details(&pool, &id).await["delivery"]["errors"], json!([]));
+    succeeded(&operate(&pool, &services, Operation::Deprovision, &id, None, json!({})).await);
 }

@@ -2,6 +2,7 @@
 
 mod backup_scheduler;
 mod crash;
+mod ec2;
 mod helpers;
 mod local_postgres;
 mod queue;

@@ -53,13 +53,13 @@ fn env(name: &str) -> String {
 }
 
 /// The moto server and its admin keys.
-struct Peer {
-    url: String,
-    key: String,
-    secret: String,
+pub(crate) struct Peer {
+    pub url: String,
+    pub key: String,
+    pub secret: String,
 }
 
-fn moto() -> Peer {
+pub(crate) fn moto() -> Peer {
     Peer {
         url: env("BERTH_TEST_MOTO_URL"),
         key: env("BERTH_TEST_MOTO_ACCESS_KEY"),
@@ -67,7 +67,7 @@ fn moto() -> Peer {
     }
 }
 
-fn seaweed() -> Peer {
+pub(crate) fn seaweed() -> Peer {
     Peer {
         url: env("BERTH_TEST_S3_COMPAT_URL"),
         key: env("BERTH_TEST_S3_COMPAT_ACCESS_KEY"),
@@ -95,7 +95,7 @@ fn compatible_services(peer: &Peer) -> Arc<Services> {
     Arc::new(Services::new(settings, cipher()).expect("services"))
 }
 
-fn client(url: &str, key: &str, secret: &str) -> Client {
+pub(crate) fn client(url: &str, key: &str, secret: &str) -> Client {
     use aws_smithy_http_client::{Builder, tls};
     let http = Builder::new()
         .tls_provider(tls::Provider::Rustls(

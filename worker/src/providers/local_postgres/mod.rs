@@ -8,8 +8,6 @@
 //! its tasks back (a `Wait`, so no attempt is spent) and leave it out of their reconcile loop. Every step
 //! checks what exists first, so a retry after a crash finishes the job.
 
-mod tuning;
-
 use std::{
     path::{Path, PathBuf},
     time::Duration,
@@ -33,7 +31,7 @@ use sqlx::{
 use tracing::{info, warn};
 
 use super::{
-    Bound, Progress, Provider, Provisioned,
+    Bound, Progress, Provider, Provisioned, pg_tuning as tuning,
     shared_postgres::{
         Access, binding_grants, connect, read_only_grants, create_extensions, database_exists, drop_role, ensure_database,
         ensure_role, exec, exec_tolerating, lock_out, requested_extensions, role_exists,
@@ -379,6 +377,7 @@ async fn ensure_login(
 }
 
 fn credentials(
+    host: &str,
     port: u16,
     database: &str,
     user: &str,
@@ -387,7 +386,7 @@ fn credentials(
     let mut url = url::Url::parse("postgres://localhost/")
         .map_err(|e| TaskError::fatal(format!("building the connection URL: {e}")))?;
     let bad = || TaskError::fatal("building the connection URL: a part is not valid in a URL");
-    url.set_host(Some(HOST)).map_err(|_| bad())?;
+    url.set_host(Some(host)).map_err(|_| bad())?;
     url.set_port(Some(port)).map_err(|()| bad())?;
     url.set_username(user).map_err(|()| bad())?;
     url.set_password(Some(password)).map_err(|()| bad())?;
@@ -397,7 +396,7 @@ fn credentials(
     let mut map = Map::new();
     map.insert("DATABASE_URL".into(), Value::String(url.clone()));
     map.insert("uri".into(), Value::String(url));
-    map.insert("PGHOST".into(), Value::String(HOST.into()));
+    map.insert("PGHOST".into(), Value::String(host.into()));
     map.insert("PGPORT".into(), Value::String(port.to_string()));
     map.insert("PGDATABASE".into(), Value::String(database.into()));
     map.insert("PGUSER".into(), Value::String(user.into()));
@@ -619,89 +618,16 @@ impl Provider for LocalPostgres {
         if let Some(wait) = self.elsewhere(instance) {
             return Ok(wait);
         }
-        let access = Access::of(binding)?;
         let server = self.open(ctx, &instance.id)?;
-        let database = instance
-            .details
-            .get("app_db_name")
-            .and_then(Value::as_str)
-            .unwrap_or(DEFAULT_APP_DB);
-        let owner = names::instance_owner_role(ctx.services.name_prefix(), &instance.id);
-        let role = names::binding_role(ctx.services.name_prefix(), &binding.id);
-        let (role_q, owner_q, db_q) = (
-            quote_ident(&role),
-            quote_ident(&owner),
-            quote_ident(database),
-        );
-        let password = random_password(32);
-
-        let mut su = connect(
-            &superuser(&server, "postgres"),
-            "connecting to the instance's server",
-        )
-        .await?;
-        if !database_exists(&mut su, database).await? || !role_exists(&mut su, &owner).await? {
-            return Err(TaskError::fatal(format!(
-                "the app database {database} is missing on the instance's server (did provisioning fail?); \
-                 deprovision the instance and provision it again"
-            )));
-        }
-        ensure_login(&mut su, &role, "", &password).await?;
-        match access {
-            Access::ReadWrite => {
-                exec(
-                    &mut su,
-                    &format!("GRANT {owner_q} TO {role_q}"),
-                    "making the binding role a member of the owner role",
-                )
-                .await?;
-                exec(
-                    &mut su,
-                    &format!("ALTER ROLE {role_q} SET role = {}", quote_literal(&owner)),
-                    "making the binding act as the owner role",
-                )
-                .await?;
-            }
-            Access::ReadOnly => {
-                exec(
-                    &mut su,
-                    &format!("ALTER ROLE {role_q} SET default_transaction_read_only = on"),
-                    "making the binding role read-only",
-                )
-                .await?;
-            }
-        }
-        exec(
-            &mut su,
-            &format!("GRANT CONNECT ON DATABASE {db_q} TO {role_q}"),
-            "letting the binding role connect",
-        )
-        .await?;
-        drop(su);
-        if access == Access::ReadOnly {
-            let mut db = connect(
-                &superuser(&server, database),
-                "connecting to the app database",
-            )
-            .await?;
-            let grants = read_only_grants(&role_q, &owner_q);
-            exec(
-                &mut db,
-                &grants,
-                "granting the read-only binding role SELECT on the app database's tables",
-            )
-            .await?;
-        }
-        let credentials = credentials(server.port, database, &role, &password)?;
-        Ok(Progress::Done(Bound {
-            details: json!({
-                "endpoints": [{ "host": HOST, "ports": [server.port.to_string()] }],
-                "role": role,
-                "database": database,
-                "access": access.as_str(),
-            }),
-            credentials,
-        }))
+        let su = |database: &str| superuser(&server, database);
+        let access = ServerAccess {
+            superuser: &su,
+            host: HOST,
+            port: server.port,
+        };
+        bind_role(&access, ctx.services.name_prefix(), instance, binding)
+            .await
+            .map(Progress::Done)
     }
 
     async fn database_target(
@@ -763,47 +689,15 @@ impl Provider for LocalPostgres {
                 .context("starting the server")
                 .map_err(local)?;
         }
-        let database = instance
-            .details
-            .get("app_db_name")
-            .and_then(Value::as_str)
-            .unwrap_or(DEFAULT_APP_DB);
-        let owner = names::instance_owner_role(ctx.services.name_prefix(), &instance.id);
-        let role = names::binding_role(ctx.services.name_prefix(), &binding.id);
-        let mut su = connect(
-            &superuser(&server, "postgres"),
-            "connecting to the instance's server",
-        )
-        .await?;
-        if !role_exists(&mut su, &role).await? {
-            return Ok(Progress::Done(()));
-        }
-        lock_out(&mut su, &role).await?;
-        if database_exists(&mut su, database).await? {
-            let mut db = connect(
-                &superuser(&server, database),
-                "connecting to the app database",
-            )
-            .await?;
-            exec(
-                &mut db,
-                &format!(
-                    "REASSIGN OWNED BY {} TO {}",
-                    quote_ident(&role),
-                    quote_ident(&owner)
-                ),
-                "handing the binding role's objects to the owner role",
-            )
-            .await?;
-            exec(
-                &mut db,
-                &format!("DROP OWNED BY {}", quote_ident(&role)),
-                "revoking the binding role's privileges",
-            )
-            .await?;
-        }
-        drop_role(&mut su, &role, "dropping the binding role").await?;
-        Ok(Progress::Done(()))
+        let su = |database: &str| superuser(&server, database);
+        let access = ServerAccess {
+            superuser: &su,
+            host: HOST,
+            port: server.port,
+        };
+        unbind_role(&access, ctx.services.name_prefix(), instance, binding)
+            .await
+            .map(Progress::Done)
     }
 
     async fn reconcile(&self, pool: &PgPool, services: &Services) -> anyhow::Result<()> {
@@ -836,6 +730,155 @@ impl Provider for LocalPostgres {
         }
         Ok(())
     }
+}
+
+/// How berth reaches a dedicated server to manage roles: superuser connect options per database, and the
+/// host and port apps are given.
+pub(crate) struct ServerAccess<'a> {
+    pub superuser: &'a (dyn Fn(&str) -> PgConnectOptions + Sync),
+    pub host: &'a str,
+    pub port: u16,
+}
+
+/// A binding on a dedicated server: a login role of its own (member of the owner role, or read-only).
+pub(crate) async fn bind_role(
+    server: &ServerAccess<'_>,
+    prefix: &str,
+    instance: &InstanceRow,
+    binding: &BindingRow,
+) -> Result<Bound, TaskError> {
+    let access = Access::of(binding)?;
+    let database = instance
+        .details
+        .get("app_db_name")
+        .and_then(Value::as_str)
+        .unwrap_or(DEFAULT_APP_DB);
+    let owner = names::instance_owner_role(prefix, &instance.id);
+    let role = names::binding_role(prefix, &binding.id);
+    let (role_q, owner_q, db_q) = (
+        quote_ident(&role),
+        quote_ident(&owner),
+        quote_ident(database),
+    );
+    let password = random_password(32);
+
+    let mut su = connect(
+        &(server.superuser)("postgres"),
+        "connecting to the instance's server",
+    )
+    .await?;
+    if !database_exists(&mut su, database).await? || !role_exists(&mut su, &owner).await? {
+        return Err(TaskError::fatal(format!(
+            "the app database {database} is missing on the instance's server (did provisioning fail?); \
+                 deprovision the instance and provision it again"
+        )));
+    }
+    ensure_login(&mut su, &role, "", &password).await?;
+    match access {
+        Access::ReadWrite => {
+            exec(
+                &mut su,
+                &format!("GRANT {owner_q} TO {role_q}"),
+                "making the binding role a member of the owner role",
+            )
+            .await?;
+            exec(
+                &mut su,
+                &format!("ALTER ROLE {role_q} SET role = {}", quote_literal(&owner)),
+                "making the binding act as the owner role",
+            )
+            .await?;
+        }
+        Access::ReadOnly => {
+            exec(
+                &mut su,
+                &format!("ALTER ROLE {role_q} SET default_transaction_read_only = on"),
+                "making the binding role read-only",
+            )
+            .await?;
+        }
+    }
+    exec(
+        &mut su,
+        &format!("GRANT CONNECT ON DATABASE {db_q} TO {role_q}"),
+        "letting the binding role connect",
+    )
+    .await?;
+    drop(su);
+    if access == Access::ReadOnly {
+        let mut db = connect(
+            &(server.superuser)(database),
+            "connecting to the app database",
+        )
+        .await?;
+        let grants = read_only_grants(&role_q, &owner_q);
+        exec(
+            &mut db,
+            &grants,
+            "granting the read-only binding role SELECT on the app database's tables",
+        )
+        .await?;
+    }
+    let credentials = credentials(server.host, server.port, database, &role, &password)?;
+    Ok(Bound {
+        details: json!({
+            "endpoints": [{ "host": server.host, "ports": [server.port.to_string()] }],
+            "role": role,
+            "database": database,
+            "access": access.as_str(),
+        }),
+        credentials,
+    })
+}
+
+/// Drops a binding's login role, handing what it owns to the owner role.
+pub(crate) async fn unbind_role(
+    server: &ServerAccess<'_>,
+    prefix: &str,
+    instance: &InstanceRow,
+    binding: &BindingRow,
+) -> Result<(), TaskError> {
+    let database = instance
+        .details
+        .get("app_db_name")
+        .and_then(Value::as_str)
+        .unwrap_or(DEFAULT_APP_DB);
+    let owner = names::instance_owner_role(prefix, &instance.id);
+    let role = names::binding_role(prefix, &binding.id);
+    let mut su = connect(
+        &(server.superuser)("postgres"),
+        "connecting to the instance's server",
+    )
+    .await?;
+    if !role_exists(&mut su, &role).await? {
+        return Ok(());
+    }
+    lock_out(&mut su, &role).await?;
+    if database_exists(&mut su, database).await? {
+        let mut db = connect(
+            &(server.superuser)(database),
+            "connecting to the app database",
+        )
+        .await?;
+        exec(
+            &mut db,
+            &format!(
+                "REASSIGN OWNED BY {} TO {}",
+                quote_ident(&role),
+                quote_ident(&owner)
+            ),
+            "handing the binding role's objects to the owner role",
+        )
+        .await?;
+        exec(
+            &mut db,
+            &format!("DROP OWNED BY {}", quote_ident(&role)),
+            "revoking the binding role's privileges",
+        )
+        .await?;
+    }
+    drop_role(&mut su, &role, "dropping the binding role").await?;
+    Ok(())
 }
 
 impl LocalPostgres {

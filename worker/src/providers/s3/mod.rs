@@ -10,7 +10,7 @@ mod iam;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_s3::config::{BehaviorVersion, Region};
 use broker::{
     config::{S3Backend, Settings},
     db::{bindings::BindingRow, instances::InstanceRow},
@@ -22,7 +22,10 @@ use serde_json::{Map, Value, json};
 
 pub use bucket::BucketSpec;
 
-use super::{Bound, Progress, Provider, Provisioned};
+use super::{
+    Bound, Progress, Provider, Provisioned,
+    aws::{self, http_client, static_credentials},
+};
 use crate::{context::TaskContext, registry::TaskError};
 
 /// The plan engine this provider serves.
@@ -70,30 +73,6 @@ impl std::fmt::Debug for S3Provider {
     }
 }
 
-/// An HTTPS-capable client on rustls + ring (the SDK's default would build aws-lc).
-pub(crate) fn http_client() -> aws_sdk_s3::config::SharedHttpClient {
-    use aws_smithy_http_client::{Builder, tls};
-    Builder::new()
-        .tls_provider(tls::Provider::Rustls(
-            tls::rustls_provider::CryptoMode::Ring,
-        ))
-        .build_https()
-}
-
-pub(crate) fn static_credentials(
-    key: &str,
-    secret: &SecretString,
-    token: Option<&SecretString>,
-) -> Credentials {
-    Credentials::new(
-        key,
-        secret.expose_secret(),
-        token.map(|t| t.expose_secret().to_string()),
-        None,
-        "berth-settings",
-    )
-}
-
 impl S3Provider {
     /// Sets up clients for the configured store. Credentials are resolved lazily (on the first request), so a
     /// worker starts even while an instance role is still arriving.
@@ -109,23 +88,7 @@ impl S3Provider {
             .aws_region
             .clone()
             .ok_or_else(|| anyhow::anyhow!("AWS_REGION is required for S3"))?;
-        let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            .http_client(http_client())
-            .region(Region::new(region.clone()));
-        if let Some(endpoint) = &settings.aws_endpoint_url {
-            loader = loader.endpoint_url(endpoint);
-        }
-        if let (Some(key), Some(secret)) =
-            (&settings.aws_access_key_id, &settings.aws_secret_access_key)
-        {
-            loader = loader.credentials_provider(static_credentials(
-                key,
-                secret,
-                settings.aws_session_token.as_ref(),
-            ));
-        }
-        // The loader only resolves settings (no request is made); block on it from sync code.
-        let sdk = block_on(loader.load())?;
+        let sdk = aws::sdk_config(settings, &region)?;
         let s3 = aws_sdk_s3::config::Builder::from(&sdk)
             .force_path_style(settings.aws_endpoint_url.is_some())
             .build();
@@ -270,29 +233,6 @@ impl S3Provider {
     }
 }
 
-/// Runs a future to completion from synchronous start-up code, inside or outside a runtime.
-pub(crate) fn block_on<F: std::future::Future + Send>(future: F) -> anyhow::Result<F::Output>
-where
-    F::Output: Send,
-{
-    match tokio::runtime::Handle::try_current() {
-        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            Ok(tokio::task::block_in_place(|| handle.block_on(future)))
-        }
-        _ => std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .map(|rt| rt.block_on(future))
-                })
-                .join()
-                .map_err(|_| anyhow::anyhow!("loading the AWS settings panicked"))?
-                .map_err(anyhow::Error::from)
-        }),
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Access {

@@ -1,6 +1,6 @@
 //! `tuning_profile` → postgresql.conf settings, scaled to a modest server (a few GB of RAM shared with other
 //! instances on the broker's machine), and the `berth.conf` file that carries them with the TLS and listen
-//! settings.
+//! settings. Shared by the dedicated-server engines (`local` writes the file itself, `ec2` through cloud-init).
 
 use std::{collections::BTreeMap, path::Path};
 
@@ -89,14 +89,19 @@ pub fn settings(profile: &str) -> Vec<(&'static str, &'static str)> {
 /// `berth.conf`: listen on 127.0.0.1:`port` only (and the Unix socket in `socket_dir`, if any), TLS on with the generated certificate, scram passwords,
 /// and the profile's settings. Included from postgresql.conf.
 pub fn render(profile: &str, port: u16, socket_dir: Option<&Path>) -> String {
+    render_listening(profile, "127.0.0.1", port, socket_dir)
+}
+
+/// [`render`] listening on `listen_addresses` (`*` on a VM of its own).
+pub fn render_listening(profile: &str, listen_addresses: &str, port: u16, socket_dir: Option<&Path>) -> String {
     let mut out = String::from(
-        "# Written by berth (local engine): rewritten by every provision and update, do not edit.\n",
+        "# Written by berth: rewritten by every provision and update, do not edit.\n",
     );
     let socket_dir = socket_dir
         .map(|d| d.display().to_string().replace('\'', "''"))
         .unwrap_or_default();
     let base: Vec<(&str, String)> = vec![
-        ("listen_addresses", "'127.0.0.1'".into()),
+        ("listen_addresses", format!("'{listen_addresses}'")),
         ("port", port.to_string()),
         ("unix_socket_directories", format!("'{socket_dir}'")),
         ("ssl", "on".into()),

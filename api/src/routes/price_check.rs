@@ -1,0 +1,128 @@
+//! `GET /berth/v1/price-check?region=...&cpu_min=...`: which instance types a dedicated `ec2` instance with these
+//! parameters would get, cheapest-first or however `selection_strategy` orders them, without launching anything
+//! (pg-spot-operator's `--check-price`). Same basic auth as `/v2`, no OSB version header (curl-friendly).
+//!
+//! The API never calls AWS: workers keep each region's instance types and prices in the broker database
+//! (`ec2_offers`, refreshed when older than `EC2_OFFERS_TTL_SECS`), and the ordering is `broker::ec2`, the code
+//! the worker launches by. So the answer is what a provision would try, as of the cached prices.
+
+use axum::{
+    Json, Router,
+    extract::{Query, State},
+    routing::get,
+};
+use broker::{
+    db::ec2_offers,
+    ec2::{Requirements, candidates},
+};
+use serde_json::{Map, Value, json};
+
+use crate::{AppState, error::ApiError, error::ApiResult};
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/berth/v1/price-check", get(price_check))
+}
+
+/// Query parameters that are numbers, flags or lists in the plan's parameters.
+const NUMBERS: &[&str] = &["cpu_min", "cpu_max", "ram_min", "ram_max", "storage_min", "max_price"];
+const LISTS: &[&str] = &["instance_types", "instance_types_to_avoid"];
+const TEXTS: &[&str] = &[
+    "selection_strategy",
+    "instance_family",
+    "cpu_arch",
+    "storage_type",
+    "zone",
+];
+
+/// The query as plan parameters (`instance_types=a,b` is a list; `spot` and `limit` are the check's own).
+fn parameters(query: &[(String, String)]) -> ApiResult<Map<String, Value>> {
+    let mut out = Map::new();
+    for (key, value) in query {
+        let key = key.as_str();
+        let parsed = if NUMBERS.contains(&key) {
+            let n: f64 = value
+                .parse()
+                .map_err(|_| ApiError::bad_request(format!("`{key}` must be a number")))?;
+            if n < 0.0 {
+                return Err(ApiError::bad_request(format!("`{key}` must not be negative")));
+            }
+            json!(n)
+        } else if LISTS.contains(&key) {
+            json!(
+                value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .collect::<Vec<_>>()
+            )
+        } else if TEXTS.contains(&key) {
+            json!(value)
+        } else if key == "allow_burstable" {
+            json!(value == "true")
+        } else if ["region", "spot", "limit"].contains(&key) {
+            continue;
+        } else {
+            return Err(ApiError::bad_request(format!("unknown query parameter `{key}`")));
+        };
+        out.insert(key.to_string(), parsed);
+    }
+    // Whole numbers where the requirements read integers.
+    for key in ["cpu_min", "cpu_max", "storage_min"] {
+        if let Some(n) = out.get(key).and_then(Value::as_f64) {
+            out.insert(key.into(), json!(n as u64));
+        }
+    }
+    Ok(out)
+}
+
+async fn price_check(
+    State(state): State<AppState>,
+    Query(query): Query<Vec<(String, String)>>,
+) -> ApiResult<Json<Value>> {
+    let get = |key: &str| query.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+    let spot = get("spot").is_none_or(|v| v != "false");
+    let limit = match get("limit") {
+        Some(v) => v
+            .parse::<usize>()
+            .map_err(|_| ApiError::bad_request("`limit` must be a whole number"))?,
+        None => 10,
+    };
+    let params = Value::Object(parameters(&query)?);
+    let requirements = Requirements::from_parameters(&params, spot).map_err(ApiError::BadRequest)?;
+    let cached = ec2_offers::regions(&state.db).await.map_err(anyhow::Error::from)?;
+    let region = match get("region") {
+        Some(region) => region.to_string(),
+        None if cached.len() == 1 => cached[0].clone(),
+        None => {
+            return Err(ApiError::bad_request(format!(
+                "the query parameter `region` is required (prices are cached for: {})",
+                if cached.is_empty() {
+                    "none yet".to_string()
+                } else {
+                    cached.join(", ")
+                }
+            )));
+        }
+    };
+    if !cached.contains(&region) {
+        return Err(ApiError::NotFound(format!(
+            "no instance types or prices are cached for region {region:?}: workers cache AWS_REGION and the regions \
+             instances are provisioned in"
+        )));
+    }
+    let offers = ec2_offers::load_region(&state.db, &region)
+        .await
+        .map_err(anyhow::Error::from)?;
+    let refreshed_at = ec2_offers::refreshed_at(&state.db, &region)
+        .await
+        .map_err(anyhow::Error::from)?;
+    let ordered = candidates(&offers, &requirements, &[], &mut rand::thread_rng());
+    Ok(Json(json!({
+        "region": region,
+        "spot": spot,
+        "selection_strategy": requirements.strategy,
+        "prices_as_of": refreshed_at,
+        "matching_types": ordered.len(),
+        "candidates": ordered.into_iter().take(limit).collect::<Vec<_>>(),
+    })))
+}

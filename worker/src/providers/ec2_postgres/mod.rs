@@ -1,0 +1,779 @@
+//! The `ec2` engine of the dedicated plans (`dedicated-spot`, and `dedicated` with `DEDICATED_ENGINE=ec2`): a
+//! PostgreSQL server per instance on an EC2 VM chosen by price (`broker::ec2`), its data on an encrypted EBS
+//! volume that outlives VMs, set up by cloud-init.
+//!
+//! Provisioning is a state machine over the instance's details (`details.ec2`), one step per task run, so a
+//! retry after a crash goes on where the first try stopped and a booting VM is a `Wait`, not a held worker
+//! slot: candidates → zone → security group → data volume → (Elastic IP) → VM → running → volume attached →
+//! (address associated) → Postgres answers (unless `EC2_READINESS_PROBE=off`). Every resource carries the tag
+//! `berth:instance=<id>` and is looked up by it before it is made; RunInstances also gets a ClientToken
+//! derived from the task id, which AWS itself deduplicates.
+//!
+//! The reconcile loop replaces VMs that vanished (spot interruptions, terminations): see [`recovery`].
+
+mod cloud_init;
+mod errors;
+mod offers;
+mod recovery;
+mod vm;
+
+use std::{collections::HashMap, sync::Mutex, time::Duration};
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use aws_config::SdkConfig;
+use aws_sdk_ec2::Client;
+use broker::{
+    config::Settings,
+    crypto::random_password,
+    db::{bindings::BindingRow, instances, instances::InstanceRow},
+    ec2::{Candidate, Requirements, candidates},
+    model::UpdatePayload,
+    names,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sqlx::{
+    PgPool,
+    postgres::{PgConnectOptions, PgSslMode},
+};
+
+use super::{
+    Bound, Progress, Provider, Provisioned, aws,
+    local_postgres::{ServerAccess, bind_role, unbind_role},
+    pg_tuning,
+    shared_postgres::{connect, create_extensions, exec, requested_extensions},
+};
+use crate::{
+    context::{Services, TaskContext},
+    registry::TaskError,
+};
+
+pub use cloud_init::{Rendered, UserData, render as render_user_data};
+pub use recovery::Cycle;
+
+/// The plan engine this provider serves.
+pub const ENGINE: &str = "ec2";
+const PORT: u16 = 5432;
+/// How long Postgres may take to answer after the VM runs (cloud-init installs it) before the provision fails.
+const READY_LIMIT_SECS: i64 = 20 * 60;
+const DEFAULT_VERSION: &str = "17";
+
+/// What berth knows about an instance's EC2 resources (`details.ec2`), written as each step completes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct State {
+    pub region: Option<String>,
+    pub zone: Option<String>,
+    pub candidates: Vec<Candidate>,
+    /// The candidate the next launch tries (moves on when a type has no capacity).
+    pub candidate_index: usize,
+    pub security_group_id: Option<String>,
+    pub volume_id: Option<String>,
+    pub allocation_id: Option<String>,
+    pub static_ip: Option<String>,
+    pub vm_id: Option<String>,
+    pub instance_type: Option<String>,
+    pub launched_at: Option<i64>,
+    pub ip_private: Option<String>,
+    pub ip_public: Option<String>,
+    /// Types whose VM vanished within five minutes: last in the candidate list from then on.
+    pub short_lived_types: Vec<String>,
+    /// VMs launched by recoveries so far (part of their ClientToken).
+    pub generation: u32,
+    /// A replacement VM is on its way (the reconcile loop drives it).
+    pub recovering: bool,
+}
+
+impl State {
+    pub fn of(details: &Value) -> Self {
+        details
+            .get("ec2")
+            .and_then(|v| serde_json::from_value(v.clone()).ok())
+            .unwrap_or_default()
+    }
+
+    async fn save(&self, pool: &PgPool, instance_id: &str) -> Result<(), TaskError> {
+        instances::merge_details(pool, instance_id, &json!({ "ec2": self }))
+            .await
+            .context("recording the instance's EC2 state")?;
+        Ok(())
+    }
+
+    /// Where apps connect: the Elastic IP, else the public address when asked for, else the private one.
+    pub fn host(&self) -> Option<&str> {
+        self.static_ip
+            .as_deref()
+            .or(self.ip_public.as_deref())
+            .or(self.ip_private.as_deref())
+    }
+}
+
+/// The secrets the VM is set up with, kept (sealed) before the first launch so a retry renders the same ones.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Secrets {
+    admin_password: String,
+    superuser_password: String,
+}
+
+/// The parameters the engine acts on.
+#[derive(Debug, Clone)]
+struct Params {
+    requirements: Requirements,
+    region: Option<String>,
+    postgres_version: String,
+    tuning_profile: String,
+    app_db_name: String,
+    admin_user: String,
+    extensions: Vec<String>,
+    public_ip: bool,
+    static_ip: bool,
+    ssh_keys: Vec<String>,
+    tags: Vec<(String, String)>,
+}
+
+impl Params {
+    fn of(parameters: &Value, spot: bool) -> Result<Self, TaskError> {
+        let text = |key: &str, default: &str| {
+            parameters
+                .get(key)
+                .and_then(Value::as_str)
+                .unwrap_or(default)
+                .to_string()
+        };
+        let flag = |key: &str| parameters.get(key).and_then(Value::as_bool).unwrap_or(false);
+        let requirements = Requirements::from_parameters(parameters, spot).map_err(TaskError::fatal)?;
+        if requirements.local_storage {
+            return Err(TaskError::fatal(
+                "storage_type `local` is not offered by the ec2 engine yet: its data would not survive an eviction; \
+                 use `network` (an EBS volume)",
+            ));
+        }
+        let mut tags = Vec::new();
+        if let Some(extra) = parameters.get("tags").and_then(Value::as_object) {
+            for (k, v) in extra {
+                if k.starts_with("berth:") {
+                    return Err(TaskError::fatal(format!("tag {k:?}: berth:* tags are berth's own")));
+                }
+                tags.push((k.clone(), v.as_str().unwrap_or_default().to_string()));
+            }
+        }
+        Ok(Self {
+            requirements,
+            region: parameters.get("region").and_then(Value::as_str).map(str::to_string),
+            postgres_version: text("postgres_version", DEFAULT_VERSION),
+            tuning_profile: text("tuning_profile", "default"),
+            app_db_name: text("app_db_name", "app"),
+            admin_user: text("admin_user", "app_admin"),
+            extensions: requested_extensions(parameters)?,
+            public_ip: flag("public_ip"),
+            static_ip: flag("static_ip"),
+            ssh_keys: parameters
+                .get("ssh_keys")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+                .unwrap_or_default(),
+            tags,
+        })
+    }
+}
+
+pub struct Ec2Postgres {
+    sdk: SdkConfig,
+    default_region: String,
+    clients: Mutex<HashMap<String, Client>>,
+    on_demand: HashMap<String, f64>,
+    ami_x86_64: Option<String>,
+    ami_arm64: Option<String>,
+    subnets: Vec<String>,
+    allowed_cidr: String,
+    offers_ttl_secs: u64,
+    readiness_probe: bool,
+}
+
+impl std::fmt::Debug for Ec2Postgres {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ec2Postgres")
+            .field("region", &self.default_region)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ec2Postgres {
+    pub fn new(settings: &Settings) -> anyhow::Result<Self> {
+        let region = settings
+            .aws_region
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("AWS_REGION is required for the ec2 engine"))?;
+        Ok(Self {
+            sdk: aws::sdk_config(settings, &region)?,
+            default_region: region,
+            clients: Mutex::new(HashMap::new()),
+            on_demand: offers::on_demand_prices(settings.ec2_on_demand_prices_file.as_deref())?,
+            ami_x86_64: settings.ec2_ami_x86_64.clone(),
+            ami_arm64: settings.ec2_ami_arm64.clone(),
+            subnets: settings
+                .ec2_subnet_ids
+                .as_deref()
+                .map(|s| {
+                    s.split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default(),
+            allowed_cidr: settings.ec2_allowed_cidr.clone(),
+            offers_ttl_secs: settings.ec2_offers_ttl_secs,
+            readiness_probe: settings.ec2_readiness_probe,
+        })
+    }
+
+    /// An EC2 client for `region` (one per region, kept).
+    pub fn client(&self, region: &str) -> Client {
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        clients
+            .entry(region.to_string())
+            .or_insert_with(|| {
+                let config = aws_sdk_ec2::config::Builder::from(&self.sdk)
+                    .region(aws_sdk_ec2::config::Region::new(region.to_string()))
+                    .build();
+                Client::from_conf(config)
+            })
+            .clone()
+    }
+
+    fn region_of(&self, params_region: Option<&str>, state: &State) -> String {
+        state
+            .region
+            .clone()
+            .or(params_region.map(str::to_string))
+            .unwrap_or_else(|| self.default_region.clone())
+    }
+
+    /// Refreshes the cached offers of `region` when stale (the reconcile loop keeps the default region warm for
+    /// the API's price check).
+    pub async fn refresh_offers(&self, pool: &PgPool, region: &str) -> Result<usize, TaskError> {
+        Ok(offers::fresh(
+            pool,
+            &self.client(region),
+            region,
+            self.offers_ttl_secs,
+            &self.on_demand,
+        )
+        .await?
+        .len())
+    }
+
+    /// One reconcile pass over the ec2 instances, without the offers refresh: what it looked at and how many
+    /// DescribeInstances calls it made (the benchmark prints both).
+    pub async fn reconcile_cycle(&self, pool: &PgPool, services: &Services) -> anyhow::Result<Cycle> {
+        recovery::reconcile(self, pool, services).await
+    }
+
+    /// The state of one VM (`running`, `terminated`, ...) by a DescribeInstances of its own, `None` when EC2 does
+    /// not know it: what a per-instance check would cost (the benchmark's anchor).
+    pub async fn vm_state(&self, region: &str, vm_id: &str) -> Result<Option<String>, TaskError> {
+        Ok(vm::vm(&self.client(region), vm_id).await?.map(|v| v.state))
+    }
+
+    fn image_for(&self, arch: &str) -> Option<&str> {
+        if arch == "arm64" {
+            self.ami_arm64.as_deref()
+        } else {
+            self.ami_x86_64.as_deref()
+        }
+    }
+}
+
+fn is_spot(services: &Services, plan_id: &str) -> bool {
+    services
+        .catalog
+        .plan_by_id(plan_id)
+        .is_some_and(|p| p.has_feature("spot"))
+}
+
+/// The security group's name (unique per VPC).
+fn group_name(prefix: &str, instance_id: &str) -> String {
+    format!("{}pg-{}", prefix.replace('_', "-"), names::short_hash(instance_id))
+}
+
+fn resource_tags(prefix: &str, instance_id: &str, extra: &[(String, String)]) -> Vec<(String, String)> {
+    let mut tags = vec![
+        (vm::TAG.to_string(), instance_id.to_string()),
+        (
+            "Name".to_string(),
+            format!("{}pg-{}", prefix.replace('_', "-"), names::short_hash(instance_id)),
+        ),
+    ];
+    tags.extend(extra.iter().filter(|(k, _)| k != "Name").cloned());
+    tags
+}
+
+/// Superuser connect options for `database` on the VM, over TLS.
+fn superuser(host: &str, password: &str, database: &str) -> PgConnectOptions {
+    PgConnectOptions::new()
+        .host(host)
+        .port(PORT)
+        .username(cloud_init::SUPERUSER)
+        .password(password)
+        .database(database)
+        .ssl_mode(PgSslMode::Require)
+        .application_name("berth-worker")
+}
+
+async fn secrets(ctx: &TaskContext<'_>, instance: &InstanceRow) -> Result<Secrets, TaskError> {
+    if let Some(sealed) = &instance.secrets {
+        return ctx
+            .services
+            .cipher
+            .open_json(sealed)
+            .map_err(|e| TaskError::Fatal(e.context("opening the secrets")));
+    }
+    let made = Secrets {
+        admin_password: random_password(32),
+        superuser_password: random_password(32),
+    };
+    instances::set_secrets(ctx.pool, &instance.id, &ctx.services.cipher.seal_json(&made))
+        .await
+        .context("keeping the generated passwords")?;
+    Ok(made)
+}
+
+fn wait<T>(secs: u64, progress: impl Into<String>) -> Result<Progress<T>, TaskError> {
+    Ok(Progress::Wait {
+        after: Duration::from_secs(secs),
+        progress: progress.into(),
+    })
+}
+
+/// What launching a VM for an instance needs besides its state.
+struct LaunchInput<'a> {
+    client: &'a Client,
+    spot: bool,
+    max_price: Option<f64>,
+    public_ip: bool,
+    user_data: &'a str,
+    tags: &'a [(String, String)],
+    /// ClientToken prefix; the candidate index is appended (a new type is a new request).
+    token: String,
+}
+
+impl Ec2Postgres {
+    /// Launches the first candidate with capacity from `state.candidate_index` on. `Ok(false)`: none had any
+    /// (the index goes back to the start, for the next try).
+    async fn launch_next(
+        &self,
+        pool: &PgPool,
+        instance_id: &str,
+        state: &mut State,
+        input: &LaunchInput<'_>,
+    ) -> Result<bool, TaskError> {
+        let zone = state
+            .zone
+            .clone()
+            .ok_or_else(|| TaskError::fatal("no zone chosen before the launch"))?;
+        let group = state
+            .security_group_id
+            .clone()
+            .ok_or_else(|| TaskError::fatal("no security group"))?;
+        let (subnet, _) = vm::subnet(input.client, &zone, &self.subnets).await?;
+        while let Some(candidate) = state.candidates.get(state.candidate_index).cloned() {
+            let image = vm::image(input.client, &candidate.arch, self.image_for(&candidate.arch)).await?;
+            let token = format!("{}.{}", input.token, state.candidate_index);
+            let spec = vm::Launch {
+                image_id: &image,
+                instance_type: &candidate.instance_type,
+                zone: &zone,
+                subnet_id: &subnet,
+                security_group_id: &group,
+                public_ip: input.public_ip,
+                spot: input.spot,
+                max_price: input.max_price,
+                user_data: input.user_data,
+                client_token: &token,
+                tags: input.tags,
+            };
+            match vm::launch(input.client, &spec).await {
+                Ok(launched) => {
+                    tracing::info!(instance_id, vm = %launched.id, instance_type = %candidate.instance_type, zone, "VM launched");
+                    state.vm_id = Some(launched.id);
+                    state.instance_type = Some(candidate.instance_type);
+                    state.launched_at = Some(chrono::Utc::now().timestamp());
+                    state.save(pool, instance_id).await?;
+                    return Ok(true);
+                }
+                Err(vm::LaunchError::NoCapacity(code)) => {
+                    tracing::warn!(instance_id, instance_type = %candidate.instance_type, code, "no capacity; trying the next type");
+                    state.candidate_index += 1;
+                    state.save(pool, instance_id).await?;
+                }
+                Err(vm::LaunchError::Failed(e)) => return Err(e),
+            }
+        }
+        state.candidate_index = 0;
+        state.save(pool, instance_id).await?;
+        Ok(false)
+    }
+
+    /// The VM a step can go on with: `Done` once it runs; a VM that vanished before (an eviction at start) is
+    /// forgotten, its type demoted when it lived under five minutes, and the next launch made.
+    async fn running_vm(
+        &self,
+        pool: &PgPool,
+        instance_id: &str,
+        state: &mut State,
+        input: &LaunchInput<'_>,
+    ) -> Result<Progress<vm::Vm>, TaskError> {
+        if let Some(id) = state.vm_id.clone() {
+            match vm::vm(input.client, &id).await? {
+                Some(found) if found.state == "running" => return Ok(Progress::Done(found)),
+                Some(found) if found.state == "pending" => {
+                    return wait(5, format!("waiting for VM {id} ({}) to run", found.instance_type));
+                }
+                _ => recovery::forget_vm(state),
+            }
+        }
+        // A VM an earlier try launched (its answer lost in a crash) is adopted, not launched again.
+        if let Some(found) = vm::live_vms(input.client, instance_id).await?.into_iter().next() {
+            state.vm_id = Some(found.id.clone());
+            state.instance_type = Some(found.instance_type.clone());
+            state.launched_at = state.launched_at.or(found.launched_at);
+            state.save(pool, instance_id).await?;
+            return wait(2, format!("found VM {} from an earlier try", found.id));
+        }
+        if !self.launch_next(pool, instance_id, state, input).await? {
+            return Err(TaskError::retryable(format!(
+                "no candidate instance type had capacity in {} ({} tried); trying again",
+                state.zone.as_deref().unwrap_or("?"),
+                state.candidates.len()
+            )));
+        }
+        wait(
+            3,
+            format!(
+                "launched VM {}; waiting for it to run",
+                state.vm_id.as_deref().unwrap_or("?")
+            ),
+        )
+    }
+
+    async fn user_data(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+        params: &Params,
+        secrets: &Secrets,
+        volume_id: &str,
+    ) -> Result<Rendered, TaskError> {
+        let owner = names::instance_owner_role(ctx.services.name_prefix(), &instance.id);
+        let instance_name = crate::delivery::instance_name(instance);
+        render_user_data(&UserData {
+            instance_id: &instance.id,
+            instance_name: &instance_name,
+            postgres_version: &params.postgres_version,
+            volume_id,
+            tuning_profile: &params.tuning_profile,
+            app_db_name: &params.app_db_name,
+            admin_user: &params.admin_user,
+            admin_password: &secrets.admin_password,
+            owner_role: &owner,
+            superuser_password: &secrets.superuser_password,
+            extensions: &params.extensions,
+            ssh_keys: &params.ssh_keys,
+        })
+        .map_err(|e| TaskError::Fatal(e.context("rendering the VM's user-data")))
+    }
+
+    /// Whether Postgres on the VM takes a TLS connection from berth's superuser.
+    async fn answers(host: &str, secrets: &Secrets) -> bool {
+        let options = superuser(host, &secrets.superuser_password, "postgres");
+        tokio::time::timeout(Duration::from_secs(5), connect(&options, "probing the server"))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+}
+
+#[async_trait]
+impl Provider for Ec2Postgres {
+    async fn provision(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+    ) -> Result<Progress<Provisioned>, TaskError> {
+        let spot = is_spot(ctx.services, &instance.plan_id);
+        let params = Params::of(&instance.parameters, spot)?;
+        let secrets = secrets(ctx, instance).await?;
+        let prefix = ctx.services.name_prefix();
+        let mut state = State::of(&instance.details);
+        let region = self.region_of(params.region.as_deref(), &state);
+        let client = self.client(&region);
+        if state.region.is_none() {
+            state.region = Some(region.clone());
+        }
+
+        // 1. Candidates, and the zone: the asked one, else the cheapest first candidate's (spot), else the first
+        //    zone of the region. Then the candidates priced in that zone, kept for every later step.
+        if state.candidates.is_empty() {
+            let offers = offers::fresh(ctx.pool, &client, &region, self.offers_ttl_secs, &self.on_demand).await?;
+            let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_entropy();
+            let first = candidates(&offers, &params.requirements, &[], &mut rng);
+            let Some(best) = first.first() else {
+                return Err(TaskError::fatal(format!(
+                    "no instance type in {region} meets the parameters (cpu, ram, arch, family, max_price); \
+                     GET /berth/v1/price-check shows what does"
+                )));
+            };
+            let zone = match params.requirements.zone.clone().or(best.zone.clone()) {
+                Some(zone) => zone,
+                None => recovery::first_zone(&client).await?,
+            };
+            let mut in_zone = params.requirements.clone();
+            in_zone.zone = Some(zone.clone());
+            state.candidates = candidates(&offers, &in_zone, &[], &mut rng);
+            if state.candidates.is_empty() {
+                state.candidates = first.into_iter().filter(|c| c.zone.is_none()).collect();
+            }
+            state.zone = Some(zone);
+            state.save(ctx.pool, &instance.id).await?;
+        }
+        let zone = state.zone.clone().unwrap_or_default();
+        let tags = resource_tags(prefix, &instance.id, &params.tags);
+
+        // 2. Security group, data volume, Elastic IP.
+        if state.security_group_id.is_none() {
+            ctx.progress("creating the security group").await?;
+            let (_, vpc) = vm::subnet(&client, &zone, &self.subnets).await?;
+            let ssh = !params.ssh_keys.is_empty();
+            let id = vm::ensure_security_group(
+                &client,
+                &group_name(prefix, &instance.id),
+                &vpc,
+                &self.allowed_cidr,
+                ssh,
+                &tags,
+            )
+            .await?;
+            state.security_group_id = Some(id);
+            state.save(ctx.pool, &instance.id).await?;
+        }
+        let volume = match &state.volume_id {
+            Some(id) => vm::data_volume(&client, &instance.id).await?.filter(|v| &v.id == id),
+            None => None,
+        };
+        let volume = match volume {
+            Some(v) => v,
+            None => {
+                let token = format!("{}-data", ctx.task.id);
+                let v = vm::ensure_data_volume(
+                    &client,
+                    &instance.id,
+                    &zone,
+                    params.requirements.storage_min_gb,
+                    &token,
+                    &tags,
+                )
+                .await?;
+                state.volume_id = Some(v.id.clone());
+                state.zone = Some(v.zone.clone());
+                state.save(ctx.pool, &instance.id).await?;
+                v
+            }
+        };
+        if params.static_ip && state.allocation_id.is_none() {
+            let (allocation, ip) = vm::ensure_address(&client, &instance.id, &tags).await?;
+            state.allocation_id = Some(allocation);
+            state.static_ip = Some(ip);
+            state.save(ctx.pool, &instance.id).await?;
+        }
+
+        // 3. The VM, running.
+        let user_data = self.user_data(ctx, instance, &params, &secrets, &volume.id).await?;
+        let input = LaunchInput {
+            client: &client,
+            spot,
+            max_price: params.requirements.max_price,
+            public_ip: params.public_ip,
+            user_data: &user_data.0,
+            tags: &tags,
+            token: ctx.task.id.to_string(),
+        };
+        let running = match self.running_vm(ctx.pool, &instance.id, &mut state, &input).await? {
+            Progress::Done(vm) => vm,
+            Progress::Wait { after, progress } => return Ok(Progress::Wait { after, progress }),
+        };
+
+        // 4. Volume and address on it; addresses recorded.
+        recovery::settle(&client, &mut state, &running, &volume).await?;
+        state.save(ctx.pool, &instance.id).await?;
+        let host = state.host().unwrap_or_default().to_string();
+
+        // 5. Postgres answering over TLS.
+        if self.readiness_probe && !Self::answers(&host, &secrets).await {
+            let age = chrono::Utc::now().timestamp() - state.launched_at.unwrap_or(0);
+            if age > READY_LIMIT_SECS {
+                return Err(TaskError::fatal(format!(
+                    "PostgreSQL on {host}:{PORT} did not answer within {} minutes of the VM's launch; see \
+                     /var/log/berth-setup.log on the VM",
+                    READY_LIMIT_SECS / 60
+                )));
+            }
+            return wait(
+                10,
+                format!("waiting for PostgreSQL on {host}:{PORT} (cloud-init is installing it)"),
+            );
+        }
+        let mut details = instance.details.clone();
+        let patch = json!({
+            "ec2": state,
+            "host": host,
+            "port": PORT,
+            "postgres_version": params.postgres_version,
+            "app_db_name": params.app_db_name,
+            "admin_user": params.admin_user,
+            "owner_role": names::instance_owner_role(prefix, &instance.id),
+            "tuning_profile": params.tuning_profile,
+            "tls": true,
+            "ready_at": chrono::Utc::now(),
+            "recoveries": 0,
+        });
+        if let (Some(map), Some(patch)) = (details.as_object_mut(), patch.as_object()) {
+            map.extend(patch.clone());
+        }
+        Ok(Progress::Done(Provisioned {
+            details,
+            secrets: Some(serde_json::to_value(&secrets).unwrap_or_default()),
+        }))
+    }
+
+    async fn update(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+        update: &UpdatePayload,
+    ) -> Result<Progress<()>, TaskError> {
+        if update.plan_id != instance.plan_id {
+            return Err(TaskError::fatal(
+                "an instance cannot move between a dedicated plan and another: provision a new instance",
+            ));
+        }
+        let extensions = requested_extensions(&update.parameters)?;
+        let profile = update.parameters.get("tuning_profile").and_then(Value::as_str);
+        if extensions.is_empty() && profile.is_none() {
+            return Ok(Progress::Done(()));
+        }
+        let secrets = secrets(ctx, instance).await?;
+        let host = State::of(&instance.details).host().unwrap_or_default().to_string();
+        let database = instance
+            .details
+            .get("app_db_name")
+            .and_then(Value::as_str)
+            .unwrap_or("app")
+            .to_string();
+        if let Some(profile) = profile {
+            let mut su = connect(
+                &superuser(&host, &secrets.superuser_password, "postgres"),
+                "connecting to the server",
+            )
+            .await?;
+            // Settings that need a restart take effect at the next one (a replacement VM restarts it too).
+            for (key, value) in pg_tuning::settings(profile) {
+                exec(
+                    &mut su,
+                    &format!("ALTER SYSTEM SET {key} = '{value}'"),
+                    "applying the tuning profile",
+                )
+                .await?;
+            }
+            exec(&mut su, "SELECT pg_reload_conf()", "reloading the configuration").await?;
+            instances::merge_details(ctx.pool, &instance.id, &json!({ "tuning_profile": profile }))
+                .await
+                .context("recording the tuning profile")?;
+        }
+        if !extensions.is_empty() {
+            let mut db = connect(
+                &superuser(&host, &secrets.superuser_password, &database),
+                "connecting to the app database",
+            )
+            .await?;
+            create_extensions(&mut db, &extensions).await?;
+        }
+        Ok(Progress::Done(()))
+    }
+
+    async fn deprovision(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+        _bindings: &[BindingRow],
+    ) -> Result<Progress<()>, TaskError> {
+        let state = State::of(&instance.details);
+        let params_region = instance.parameters.get("region").and_then(Value::as_str);
+        let client = self.client(&self.region_of(params_region, &state));
+        // In order: the VMs, and only once they are gone the volumes, addresses and the security group.
+        let live = vm::live_vms(&client, &instance.id).await?;
+        if !live.is_empty() {
+            let ids: Vec<String> = live.iter().map(|v| v.id.clone()).collect();
+            vm::terminate(&client, &ids).await?;
+            return wait(5, format!("terminating VM {}", ids.join(", ")));
+        }
+        if !vm::all_terminated(&client, &instance.id).await? {
+            return wait(5, "waiting for the VM to terminate");
+        }
+        vm::delete_the_rest(
+            &client,
+            &instance.id,
+            &group_name(ctx.services.name_prefix(), &instance.id),
+        )
+        .await?;
+        Ok(Progress::Done(()))
+    }
+
+    async fn bind(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+        binding: &BindingRow,
+    ) -> Result<Progress<Bound>, TaskError> {
+        let secrets = secrets(ctx, instance).await?;
+        let host = State::of(&instance.details).host().unwrap_or_default().to_string();
+        let su = |database: &str| superuser(&host, &secrets.superuser_password, database);
+        let access = ServerAccess {
+            superuser: &su,
+            host: &host,
+            port: PORT,
+        };
+        bind_role(&access, ctx.services.name_prefix(), instance, binding)
+            .await
+            .map(Progress::Done)
+    }
+
+    async fn unbind(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+        binding: &BindingRow,
+    ) -> Result<Progress<()>, TaskError> {
+        let secrets = secrets(ctx, instance).await?;
+        let host = State::of(&instance.details).host().unwrap_or_default().to_string();
+        let su = |database: &str| superuser(&host, &secrets.superuser_password, database);
+        let access = ServerAccess {
+            superuser: &su,
+            host: &host,
+            port: PORT,
+        };
+        unbind_role(&access, ctx.services.name_prefix(), instance, binding)
+            .await
+            .map(Progress::Done)
+    }
+
+    async fn reconcile(&self, pool: &PgPool, services: &Services) -> anyhow::Result<()> {
+        if services.plan_ids_of_engine(ENGINE).is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = self.refresh_offers(pool, &self.default_region).await {
+            tracing::warn!(error = %e, "refreshing EC2 offers failed");
+        }
+        recovery::reconcile(self, pool, services).await.map(|_| ())
+    }
+}
