@@ -58,6 +58,15 @@ pub fn router(state: AppState) -> Router {
             middleware::require_basic_auth,
         ));
 
+    // berth's own extensions (HA switchover/failover): the same basic auth, no OSB version header needed.
+    let extensions = Router::new()
+        .merge(routes::cluster::router())
+        .method_not_allowed_fallback(middleware::method_not_allowed)
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            middleware::require_basic_auth,
+        ));
+
     let trace = TraceLayer::new_for_http().make_span_with(|req: &Request| {
         let route = req
             .extensions()
@@ -70,6 +79,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(routes::health::router())
         .merge(v2)
+        .merge(extensions)
         .method_not_allowed_fallback(middleware::method_not_allowed)
         .fallback(middleware::not_found)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))

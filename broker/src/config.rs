@@ -199,6 +199,8 @@ impl Settings {
         }
         if self.local_engine {
             engines.push("local");
+            // HA clusters of Patroni + etcd on the same machine (etcd-server and patroni installed).
+            engines.push("ha_local");
         }
         engines
     }

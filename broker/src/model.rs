@@ -105,6 +105,12 @@ pub enum Operation {
     /// The Akkeris action `PUT /v2/service_instances/{id}/actions/credentials`: every binding of the instance
     /// gets new credentials and its old ones are revoked. An instance operation (no binding), like update.
     RotateCredentials,
+    /// `POST /berth/v1/instances/{id}/switchover`: a planned change of an HA cluster's primary to a named or
+    /// any healthy replica. An instance operation, like update.
+    Switchover,
+    /// `POST /berth/v1/instances/{id}/failover`: a forced change of primary, also when the current one is not
+    /// healthy.
+    Failover,
 }
 
 impl Operation {
@@ -116,6 +122,8 @@ impl Operation {
             Self::Bind => "bind",
             Self::Unbind => "unbind",
             Self::RotateCredentials => "rotate_credentials",
+            Self::Switchover => "switchover",
+            Self::Failover => "failover",
         }
     }
 
@@ -127,6 +135,8 @@ impl Operation {
             "bind" => Self::Bind,
             "unbind" => Self::Unbind,
             "rotate_credentials" => Self::RotateCredentials,
+            "switchover" => Self::Switchover,
+            "failover" => Self::Failover,
             _ => return None,
         })
     }
@@ -140,6 +150,7 @@ impl Operation {
             Self::Bind => kinds::BIND,
             Self::Unbind => kinds::UNBIND,
             Self::RotateCredentials => kinds::ROTATE_CREDENTIALS,
+            Self::Switchover | Self::Failover => kinds::CHANGE_PRIMARY,
         }
     }
 }
@@ -152,6 +163,8 @@ pub mod kinds {
     pub const BIND: &str = "binding.create";
     pub const UNBIND: &str = "binding.delete";
     pub const ROTATE_CREDENTIALS: &str = "instance.rotate_credentials";
+    /// Switchover or failover of an HA cluster (the task's `operation` says which).
+    pub const CHANGE_PRIMARY: &str = "instance.change_primary";
     pub const DELIVER_WEBHOOK: &str = "webhook.deliver";
     /// Does nothing (or sleeps `sleep_ms`): the queue's benchmark and crash tests use it.
     pub const NOOP: &str = "noop";
@@ -164,6 +177,13 @@ pub struct UpdatePayload {
     pub parameters: serde_json::Value,
     pub context: serde_json::Value,
     pub maintenance_version: Option<String>,
+}
+
+/// What a switchover or failover task asks for: a member to promote, or any healthy replica.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChangePrimaryPayload {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate: Option<String>,
 }
 
 /// Where to tell someone that a task ended. The secret is sealed before it is stored.

@@ -181,7 +181,15 @@ async fn provision_existing(
     let latest = tasks::latest_instance_operation(&mut *tx, &row.id).await?;
     match latest.as_ref().map(|t| (operation_of(t), t.state())) {
         Some((Some(Operation::Provision), TaskState::Succeeded))
-        | Some((Some(Operation::Update | Operation::RotateCredentials), _)) => Ok(ok_empty()),
+        | Some((
+            Some(
+                Operation::Update
+                | Operation::RotateCredentials
+                | Operation::Switchover
+                | Operation::Failover,
+            ),
+            _,
+        )) => Ok(ok_empty()),
         Some((Some(Operation::Deprovision), _)) => Err(ApiError::Conflict(format!(
             "service instance {} is being deleted (its last deprovision failed); deprovision it again",
             row.id
@@ -201,7 +209,7 @@ async fn provision_existing(
     }
 }
 
-fn concurrency(instance_id: &str, task: &broker::db::tasks::TaskRow) -> ApiError {
+pub(super) fn concurrency(instance_id: &str, task: &broker::db::tasks::TaskRow) -> ApiError {
     let operation = task.operation.as_deref().unwrap_or("an operation");
     let what = match &task.binding_id {
         Some(binding) => format!("binding {binding} of service instance {instance_id}"),
@@ -214,7 +222,7 @@ fn concurrency(instance_id: &str, task: &broker::db::tasks::TaskRow) -> ApiError
 }
 
 /// 404 unless the instance exists and its provision has succeeded.
-async fn provisioned_instance(
+pub(super) async fn provisioned_instance(
     db: &mut PgConnection,
     instance_id: &str,
     lock: bool,

@@ -2,6 +2,7 @@
 
 pub mod bindings;
 pub mod catalog;
+pub mod cluster;
 pub mod health;
 pub mod instances;
 
@@ -203,7 +204,13 @@ pub(crate) fn last_operation_response(task: &TaskRow, instance_flags: bool) -> R
         match operation_of(task) {
             // An update is applied to the row only once it has succeeded: the instance runs as before. A
             // rotation replaces each binding's credentials only once the new ones work: every stored set works.
-            Some(Operation::Update | Operation::RotateCredentials) => {
+            // A switchover or failover that failed leaves the cluster with a primary (Patroni's own checks).
+            Some(
+                Operation::Update
+                | Operation::RotateCredentials
+                | Operation::Switchover
+                | Operation::Failover,
+            ) => {
                 body["instance_usable"] = json!(true);
                 body["update_repeatable"] = json!(true);
             }

@@ -1,6 +1,7 @@
 //! The task kinds, one struct per file, and the one list that registers them.
 
 mod bind;
+mod change_primary;
 mod deliver_webhook;
 mod deprovision;
 mod noop;
@@ -10,6 +11,7 @@ mod unbind;
 mod update;
 
 pub use bind::CreateBinding;
+pub use change_primary::ChangePrimary;
 pub use deliver_webhook::DeliverWebhook;
 pub use deprovision::Deprovision;
 pub use noop::Noop;
@@ -34,6 +36,7 @@ pub fn registry() -> Registry {
         .with(CreateBinding)
         .with(DeleteBinding)
         .with(RotateCredentials)
+        .with(ChangePrimary)
         .with(DeliverWebhook)
         .with(Noop)
 }

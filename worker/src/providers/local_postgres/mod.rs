@@ -8,7 +8,7 @@
 //! its tasks back (a `Wait`, so no attempt is spent) and leave it out of their reconcile loop. Every step
 //! checks what exists first, so a retry after a crash finishes the job.
 
-mod tuning;
+pub(crate) mod tuning;
 
 use std::{
     path::{Path, PathBuf},
@@ -22,22 +22,20 @@ use broker::{
     db::{bindings::BindingRow, instances, instances::InstanceRow, tasks},
     embedded::{self, PgServer},
     model::UpdatePayload,
-    names::{self, quote_ident, quote_literal},
+    names,
 };
 use secrecy::ExposeSecret;
 use serde_json::{Map, Value, json};
 use sqlx::{
-    PgConnection, PgPool,
+    PgPool,
     postgres::{PgConnectOptions, PgSslMode},
 };
 use tracing::{info, warn};
 
 use super::{
     Bound, Progress, Provider, Provisioned,
-    shared_postgres::{
-        Access, connect, create_extensions, database_exists, drop_role, ensure_database,
-        ensure_role, exec, exec_tolerating, lock_out, requested_extensions, role_exists,
-    },
+    app_database::{self, AppDatabase},
+    shared_postgres::{Access, requested_extensions},
 };
 use crate::{
     context::{Services, TaskContext},
@@ -69,16 +67,16 @@ impl std::fmt::Debug for LocalPostgres {
 
 /// The instance parameters the local engine acts on (the cloud-only ones are recorded, nothing more).
 #[derive(Debug, Clone)]
-struct Params {
-    postgres_version: Option<String>,
-    extensions: Vec<String>,
-    tuning_profile: String,
-    app_db_name: String,
-    admin_user: String,
+pub(crate) struct Params {
+    pub postgres_version: Option<String>,
+    pub extensions: Vec<String>,
+    pub tuning_profile: String,
+    pub app_db_name: String,
+    pub admin_user: String,
 }
 
 impl Params {
-    fn of(parameters: &Value) -> Result<Self, TaskError> {
+    pub(crate) fn of(parameters: &Value) -> Result<Self, TaskError> {
         let text = |key: &str, default: &str| -> Result<String, TaskError> {
             match parameters.get(key) {
                 None | Some(Value::Null) => Ok(default.to_string()),
@@ -140,17 +138,7 @@ fn local(err: anyhow::Error) -> TaskError {
 impl LocalPostgres {
     /// `servers_dir` must be absolute; `host` names this machine (see `Settings::local_host`).
     pub fn new(servers_dir: PathBuf, host: String) -> anyhow::Result<Self> {
-        anyhow::ensure!(
-            servers_dir.is_absolute(),
-            "LOCAL_SERVERS_DIR must be absolute (got {})",
-            servers_dir.display()
-        );
-        std::fs::create_dir_all(&servers_dir).with_context(|| {
-            format!(
-                "creating the local servers folder {}",
-                servers_dir.display()
-            )
-        })?;
+        super::ensure_servers_dir(&servers_dir)?;
         Ok(Self { servers_dir, host })
     }
 
@@ -162,14 +150,7 @@ impl LocalPostgres {
 
     /// A `Wait` when the instance's server lives on another host: its workers do the job.
     fn elsewhere<T>(&self, instance: &InstanceRow) -> Option<Progress<T>> {
-        let owner = instance
-            .details
-            .get("engine_host")
-            .and_then(Value::as_str)?;
-        (owner != self.host).then(|| Progress::Wait {
-            after: Duration::from_secs(5),
-            progress: format!("waiting for a worker on host {owner}, where the server lives"),
-        })
+        super::owned_elsewhere(instance, &self.host)
     }
 
     /// The instance's server, which must exist.
@@ -338,41 +319,7 @@ async fn stop_everything(root: &Path) -> anyhow::Result<()> {
     }
 }
 
-/// Key of the advisory lock that serializes a restart by the reconcile loop and a deprovision.
-const LOCK_SQL: &str = "SELECT pg_advisory_xact_lock(hashtextextended('berth.local:' || $1, 0))";
-const TRY_LOCK_SQL: &str =
-    "SELECT pg_try_advisory_xact_lock(hashtextextended('berth.local:' || $1, 0))";
-
-/// Sets a login role's password, creating the role if needed.
-async fn ensure_login(
-    conn: &mut PgConnection,
-    role: &str,
-    attributes: &str,
-    password: &str,
-) -> Result<(), TaskError> {
-    let role_q = quote_ident(role);
-    let login = format!("LOGIN {attributes} PASSWORD {}", quote_literal(password));
-    let created = if role_exists(conn, role).await? {
-        false
-    } else {
-        exec_tolerating(
-            conn,
-            &format!("CREATE ROLE {role_q} {login}"),
-            &["42710", "23505"],
-            "creating a login role",
-        )
-        .await?
-    };
-    if !created {
-        exec(
-            conn,
-            &format!("ALTER ROLE {role_q} WITH {login}"),
-            "setting a login role's password",
-        )
-        .await?;
-    }
-    Ok(())
-}
+use super::{INSTANCE_LOCK_SQL as LOCK_SQL, INSTANCE_TRY_LOCK_SQL as TRY_LOCK_SQL};
 
 fn credentials(
     port: u16,
@@ -445,60 +392,20 @@ impl Provider for LocalPostgres {
         let prefix = ctx.services.name_prefix();
         let owner = names::instance_owner_role(prefix, &instance.id);
         let admin_password = random_password(32);
-        let mut su = connect(
-            &superuser(&server, "postgres"),
-            "connecting to the instance's server",
-        )
-        .await?;
-        ensure_role(
-            &mut su,
-            &owner,
-            "NOLOGIN",
-            "creating the app database's owner role",
-        )
-        .await?;
-        // CREATEDB but not CREATEROLE: on PostgreSQL 15 CREATEROLE could grant pg_execute_server_program.
-        ensure_login(&mut su, &params.admin_user, "CREATEDB", &admin_password).await?;
-        exec(
-            &mut su,
-            &format!(
-                "GRANT {} TO {}",
-                quote_ident(&owner),
-                quote_ident(&params.admin_user)
-            ),
-            "making the admin user a member of the owner role",
-        )
-        .await?;
-        ensure_database(&mut su, &params.app_db_name, &owner).await?;
-        exec(
-            &mut su,
-            &format!(
-                "REVOKE ALL ON DATABASE {} FROM PUBLIC",
-                quote_ident(&params.app_db_name)
-            ),
-            "closing the app database to other roles",
-        )
-        .await?;
-        drop(su);
         let version = server.version().map_err(local)?;
-        // From PostgreSQL 15 the public schema belongs to the database owner already.
-        let old_public = version.parse::<u32>().is_ok_and(|v| v < 15);
-        if old_public || !params.extensions.is_empty() {
-            let mut db = connect(
-                &superuser(&server, &params.app_db_name),
-                "connecting to the app database",
-            )
-            .await?;
-            if old_public {
-                exec(
-                    &mut db,
-                    &format!("ALTER SCHEMA public OWNER TO {}", quote_ident(&owner)),
-                    "handing the public schema to the owner role",
-                )
-                .await?;
-            }
-            create_extensions(&mut db, &params.extensions).await?;
-        }
+        let su = |database: &str| superuser(&server, database);
+        app_database::set_up(
+            &su,
+            &AppDatabase {
+                database: &params.app_db_name,
+                owner: &owner,
+                admin_user: &params.admin_user,
+                admin_password: &admin_password,
+                extensions: &params.extensions,
+            },
+            version.parse().unwrap_or(0),
+        )
+        .await?;
 
         info!(
             instance_id = %instance.id,
@@ -549,19 +456,12 @@ impl Provider for LocalPostgres {
             .await
             .context("applying the server's configuration")
             .map_err(local)?;
-        if !params.extensions.is_empty() {
-            let database = instance
-                .details
-                .get("app_db_name")
-                .and_then(Value::as_str)
-                .unwrap_or(DEFAULT_APP_DB);
-            let mut db = connect(
-                &superuser(&server, database),
-                "connecting to the app database",
-            )
-            .await?;
-            create_extensions(&mut db, &params.extensions).await?;
-        }
+        let database = instance
+            .details
+            .get("app_db_name")
+            .and_then(Value::as_str)
+            .unwrap_or(DEFAULT_APP_DB);
+        app_database::add_extensions(&|db: &str| superuser(&server, db), database, &params.extensions).await?;
         instances::merge_details(
             ctx.pool,
             &instance.id,
@@ -624,76 +524,16 @@ impl Provider for LocalPostgres {
             .unwrap_or(DEFAULT_APP_DB);
         let owner = names::instance_owner_role(ctx.services.name_prefix(), &instance.id);
         let role = names::binding_role(ctx.services.name_prefix(), &binding.id);
-        let (role_q, owner_q, db_q) = (
-            quote_ident(&role),
-            quote_ident(&owner),
-            quote_ident(database),
-        );
         let password = random_password(32);
-
-        let mut su = connect(
-            &superuser(&server, "postgres"),
-            "connecting to the instance's server",
+        app_database::grant_binding(
+            &|db: &str| superuser(&server, db),
+            database,
+            &owner,
+            &role,
+            &password,
+            access,
         )
         .await?;
-        if !database_exists(&mut su, database).await? || !role_exists(&mut su, &owner).await? {
-            return Err(TaskError::fatal(format!(
-                "the app database {database} is missing on the instance's server (did provisioning fail?); \
-                 deprovision the instance and provision it again"
-            )));
-        }
-        ensure_login(&mut su, &role, "", &password).await?;
-        match access {
-            Access::ReadWrite => {
-                exec(
-                    &mut su,
-                    &format!("GRANT {owner_q} TO {role_q}"),
-                    "making the binding role a member of the owner role",
-                )
-                .await?;
-                exec(
-                    &mut su,
-                    &format!("ALTER ROLE {role_q} SET role = {}", quote_literal(&owner)),
-                    "making the binding act as the owner role",
-                )
-                .await?;
-            }
-            Access::ReadOnly => {
-                exec(
-                    &mut su,
-                    &format!("ALTER ROLE {role_q} SET default_transaction_read_only = on"),
-                    "making the binding role read-only",
-                )
-                .await?;
-            }
-        }
-        exec(
-            &mut su,
-            &format!("GRANT CONNECT ON DATABASE {db_q} TO {role_q}"),
-            "letting the binding role connect",
-        )
-        .await?;
-        drop(su);
-        if access == Access::ReadOnly {
-            let mut db = connect(
-                &superuser(&server, database),
-                "connecting to the app database",
-            )
-            .await?;
-            let grants = format!(
-                "GRANT USAGE ON SCHEMA public TO {role_q};
-                 GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role_q};
-                 GRANT SELECT ON ALL SEQUENCES IN SCHEMA public TO {role_q};
-                 ALTER DEFAULT PRIVILEGES FOR ROLE {owner_q} IN SCHEMA public GRANT SELECT ON TABLES TO {role_q};
-                 ALTER DEFAULT PRIVILEGES FOR ROLE {owner_q} IN SCHEMA public GRANT SELECT ON SEQUENCES TO {role_q};"
-            );
-            exec(
-                &mut db,
-                &grants,
-                "granting the read-only binding role SELECT on the app database's tables",
-            )
-            .await?;
-        }
         let credentials = credentials(server.port, database, &role, &password)?;
         Ok(Progress::Done(Bound {
             details: json!({
@@ -734,39 +574,7 @@ impl Provider for LocalPostgres {
             .unwrap_or(DEFAULT_APP_DB);
         let owner = names::instance_owner_role(ctx.services.name_prefix(), &instance.id);
         let role = names::binding_role(ctx.services.name_prefix(), &binding.id);
-        let mut su = connect(
-            &superuser(&server, "postgres"),
-            "connecting to the instance's server",
-        )
-        .await?;
-        if !role_exists(&mut su, &role).await? {
-            return Ok(Progress::Done(()));
-        }
-        lock_out(&mut su, &role).await?;
-        if database_exists(&mut su, database).await? {
-            let mut db = connect(
-                &superuser(&server, database),
-                "connecting to the app database",
-            )
-            .await?;
-            exec(
-                &mut db,
-                &format!(
-                    "REASSIGN OWNED BY {} TO {}",
-                    quote_ident(&role),
-                    quote_ident(&owner)
-                ),
-                "handing the binding role's objects to the owner role",
-            )
-            .await?;
-            exec(
-                &mut db,
-                &format!("DROP OWNED BY {}", quote_ident(&role)),
-                "revoking the binding role's privileges",
-            )
-            .await?;
-        }
-        drop_role(&mut su, &role, "dropping the binding role").await?;
+        app_database::revoke_binding(&|db: &str| superuser(&server, db), database, &owner, &role).await?;
         Ok(Progress::Done(()))
     }
 
