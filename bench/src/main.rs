@@ -5,10 +5,12 @@
 //!   berth-bench provision --url U --username X --password Y [--count N] [--pg-url U (interleaved anchor)]
 //!   berth-bench ddl --pg-url U [--count N]
 //!   berth-bench dedicated --url U --username X --password Y --work-dir D [--count N]   (bench/src/dedicated.rs)
+//!   berth-bench ha --url U --username X --password Y --servers-dir D --name-prefix P --label L [--count N]
 //!   berth-bench report FILE
 //!   berth-bench gen-key FILE          (a master key for the broker processes)
 
 mod dedicated;
+mod ha;
 mod queue;
 mod report;
 
@@ -104,6 +106,7 @@ async fn main() -> anyhow::Result<()> {
         "provision" => provision(&Args::parse(&argv[1..])?).await,
         "ddl" => ddl(&Args::parse(&argv[1..])?).await,
         "dedicated" => dedicated::run(&Args::parse(&argv[1..])?).await,
+        "ha" => ha::run(&Args::parse(&argv[1..])?).await,
         other => bail!("unknown subcommand {other}"),
     }
 }

@@ -174,7 +174,13 @@ pub fn configured(settings: &Settings) -> anyhow::Result<HashMap<String, Arc<dyn
     if settings.local_engine {
         let provider = local_postgres::LocalPostgres::new(settings.servers_dir(), settings.local_host())?;
         providers.insert(local_postgres::ENGINE.to_string(), Arc::new(provider));
-        let provider = ha_local::HaLocal::new(settings.servers_dir(), settings.local_host())?;
+        let defaults = ha_local::DEFAULT_TIMINGS;
+        let timings = ha_local::Timings {
+            ttl: settings.ha_patroni_ttl.unwrap_or(defaults.ttl),
+            loop_wait: settings.ha_patroni_loop_wait.unwrap_or(defaults.loop_wait),
+            retry_timeout: settings.ha_patroni_retry_timeout.unwrap_or(defaults.retry_timeout),
+        };
+        let provider = ha_local::HaLocal::new(settings.servers_dir(), settings.local_host(), timings)?;
         providers.insert(ha_local::ENGINE.to_string(), Arc::new(provider));
     }
     if let Some(backend) = settings.s3_backend() {

@@ -50,7 +50,7 @@ use crate::{
     registry::TaskError,
 };
 
-pub use timings::{FAST as TIMINGS, SEED as SEED_TIMINGS, Timings};
+pub use timings::{FAST as DEFAULT_TIMINGS, Timings};
 
 /// The plan engine this provider serves.
 pub const ENGINE: &str = "ha_local";
@@ -61,6 +61,8 @@ const INLINE_WAIT: Duration = Duration::from_secs(90);
 pub struct HaLocal {
     servers_dir: PathBuf,
     host: String,
+    /// Patroni timings of the clusters this worker makes (kept in etcd: later changes leave existing ones).
+    timings: Timings,
 }
 
 impl std::fmt::Debug for HaLocal {
@@ -68,6 +70,7 @@ impl std::fmt::Debug for HaLocal {
         f.debug_struct("HaLocal")
             .field("servers_dir", &self.servers_dir)
             .field("host", &self.host)
+            .field("timings", &self.timings)
             .finish()
     }
 }
@@ -85,17 +88,18 @@ fn wait<T>(progress: String) -> Progress<T> {
     }
 }
 
-/// Whether `program` is on the PATH.
-fn installed(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
-}
-
 impl HaLocal {
     /// `servers_dir` must be absolute; `host` names this machine (see `Settings::local_host`).
-    pub fn new(servers_dir: PathBuf, host: String) -> anyhow::Result<Self> {
+    pub fn new(servers_dir: PathBuf, host: String, timings: Timings) -> anyhow::Result<Self> {
         super::ensure_servers_dir(&servers_dir)?;
-        Ok(Self { servers_dir, host })
+        timings
+            .check()
+            .map_err(|e| anyhow::anyhow!("HA_PATRONI_TTL, _LOOP_WAIT, _RETRY_TIMEOUT: {e}"))?;
+        Ok(Self {
+            servers_dir,
+            host,
+            timings,
+        })
     }
 
     /// The folder of an instance's cluster.
@@ -254,14 +258,14 @@ fn detail_str<'a>(instance: &'a InstanceRow, key: &str, default: &'a str) -> &'a
 }
 
 /// Cluster settings Patroni keeps in etcd for the synchronous flag and the tuning profile.
-fn dcs_for(instance: &InstanceRow) -> Value {
+fn dcs_for(instance: &InstanceRow, timings: Timings) -> Value {
     let synchronous = instance
         .details
         .get("synchronous")
         .and_then(Value::as_bool)
         .unwrap_or(false);
     config::dcs_config(
-        TIMINGS,
+        timings,
         synchronous,
         detail_str(instance, "tuning_profile", "default"),
     )
@@ -285,9 +289,8 @@ impl Provider for HaLocal {
             return Ok(wait);
         }
         let params = Params::of(&instance.parameters)?;
-        TIMINGS.check().map_err(TaskError::fatal)?;
         for program in ["etcd", "patroni"] {
-            if !installed(program) {
+            if !broker::config::on_path(program) {
                 return Err(TaskError::fatal(format!(
                     "`{program}` is not installed on host {}: the ha plan's local engine needs Debian's etcd-server \
                      and patroni packages (apt-get install etcd-server patroni)",
@@ -349,7 +352,11 @@ impl Provider for HaLocal {
             .await
             .context("starting etcd")
             .map_err(local)?;
-        let dcs = config::dcs_config(TIMINGS, params.synchronous, &params.server.tuning_profile);
+        let dcs = config::dcs_config(
+            self.timings,
+            params.synchronous,
+            &params.server.tuning_profile,
+        );
         for member in &cluster.state.members {
             cluster
                 .ensure_member(member, &dcs)
@@ -408,7 +415,7 @@ impl Provider for HaLocal {
                 "owner_role": owner,
                 "tuning_profile": params.server.tuning_profile,
                 "synchronous": params.synchronous,
-                "patroni": TIMINGS,
+                "patroni": self.timings,
                 "tls": true,
                 "ready_at": chrono::Utc::now(),
                 "restarts": 0,
@@ -441,7 +448,11 @@ impl Provider for HaLocal {
         let mut cluster = self.open_existing(ctx, &instance.id)?;
         let http = &ctx.services.http;
         settings::apply(ctx, instance, &cluster, &params).await?;
-        let dcs = config::dcs_config(TIMINGS, params.synchronous, &params.server.tuning_profile);
+        let dcs = config::dcs_config(
+            self.timings,
+            params.synchronous,
+            &params.server.tuning_profile,
+        );
         if let Some(wait) = scaling::to(ctx, &mut cluster, params.members, &dcs).await? {
             return Ok(wait);
         }
@@ -620,7 +631,7 @@ impl Provider for HaLocal {
                     continue;
                 }
             };
-            if let Err(e) = heal(pool, services, &instance, &cluster).await {
+            if let Err(e) = heal(pool, services, &instance, &cluster, self.timings).await {
                 warn!(instance_id = %instance.id, error = %format!("{e:#}"), "reconciling a cluster failed; will try again");
             }
         }
@@ -641,6 +652,7 @@ async fn heal(
     services: &Services,
     instance: &InstanceRow,
     cluster: &LocalCluster,
+    timings: Timings,
 ) -> anyhow::Result<()> {
     let mut tx = pool.begin().await?;
     let locked: bool = sqlx::query_scalar(INSTANCE_TRY_LOCK_SQL)
@@ -666,7 +678,7 @@ async fn heal(
         warn!(instance_id = %instance.id, "the cluster's etcd was not running; started it again");
         restarted.push("etcd".into());
     }
-    let dcs = dcs_for(&current);
+    let dcs = dcs_for(&current, timings);
     let patroni = Patroni::new(http, &cluster.state, &cluster.secrets);
     let view = patroni.cluster().await.ok();
     let leader = view

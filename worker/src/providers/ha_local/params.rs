@@ -20,22 +20,31 @@ impl Params {
             Some(v) => v
                 .as_u64()
                 .filter(|n| (3..=7).contains(n) && n % 2 == 1)
-                .ok_or_else(|| TaskError::fatal(format!("parameter `members` must be 3, 5 or 7, not {v}")))?
-                as usize,
+                .ok_or_else(|| {
+                    TaskError::fatal(format!("parameter `members` must be 3, 5 or 7, not {v}"))
+                })? as usize,
         };
         let synchronous = match parameters.get("synchronous") {
             None | Some(Value::Null) => false,
             Some(Value::Bool(b)) => *b,
             Some(v) => {
-                return Err(TaskError::fatal(format!("parameter `synchronous` must be true or false, not {v}")));
+                return Err(TaskError::fatal(format!(
+                    "parameter `synchronous` must be true or false, not {v}"
+                )));
             }
         };
         let server = local_postgres::Params::of(parameters)?;
         // `throwaway` turns replication off (wal_level minimal): no use for a cluster.
         if server.tuning_profile == "throwaway" {
-            return Err(TaskError::fatal("parameter `tuning_profile` must be one of default, oltp, web, analytics"));
+            return Err(TaskError::fatal(
+                "parameter `tuning_profile` must be one of default, oltp, web, analytics",
+            ));
         }
-        Ok(Self { members, synchronous, server })
+        Ok(Self {
+            members,
+            synchronous,
+            server,
+        })
     }
 }
 
@@ -47,9 +56,20 @@ mod tests {
     #[test]
     fn defaults_and_bad_values() {
         let p = Params::of(&json!({})).unwrap();
-        assert_eq!((p.members, p.synchronous, p.server.tuning_profile.as_str()), (3, false, "default"));
-        let p = Params::of(&json!({"members": 5, "synchronous": true, "postgres_version": "15"})).unwrap();
-        assert_eq!((p.members, p.synchronous, p.server.postgres_version.as_deref()), (5, true, Some("15")));
+        assert_eq!(
+            (p.members, p.synchronous, p.server.tuning_profile.as_str()),
+            (3, false, "default")
+        );
+        let p = Params::of(&json!({"members": 5, "synchronous": true, "postgres_version": "15"}))
+            .unwrap();
+        assert_eq!(
+            (
+                p.members,
+                p.synchronous,
+                p.server.postgres_version.as_deref()
+            ),
+            (5, true, Some("15"))
+        );
         for bad in [
             json!({"members": 4}),
             json!({"members": 9}),
