@@ -82,6 +82,10 @@ fi
 if [ "$part" = ha ]; then ha_ensure_installed; fi
 log "building release binaries"
 cargo build --release --locked -q -p berth-api -p berth-worker -p berth-bench
+# Copied at once: other worktrees sharing CARGO_TARGET_DIR overwrite target/release/berth-* with their builds.
+mkdir -p "$work/bin"
+cp "$bin/berth-api" "$bin/berth-worker" "$bin/berth-bench" "$work/bin/"
+bin=$work/bin
 pgbin=$(pg_bin_dir)
 
 # --- the one Postgres: defaults (fsync, synchronous_commit, full_page_writes all on) ----------------------------
