@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # berth's benchmarks, side by side with their anchors, on one private Postgres with durable default settings.
-#   bench/run.sh [queue|provision|api|all|dedicated|ec2]  (default all; dedicated and ec2 run only when named; see bench/README.md)
+#   bench/run.sh [queue|provision|api|all|dedicated|ec2|ha]  (default all; dedicated, ec2 and ha run only when named; see bench/README.md)
 # Installs what it needs (Node 22 and graphile-worker under bench/, wrk via apt-get), builds the release binaries,
 # starts everything on 127.0.0.1, prints a table, and stops what it started.
 # Sizes (environment): QUEUE_SMALL=10000 QUEUE_BIG=1000000 QUEUE_SAMPLE=100000 QUEUE_CONCURRENCY=8
 #   QUEUE_MODE=in-process (or process: berth-worker binaries) PGBENCH_CLIENTS=4 PGBENCH_SECS=20 PROVISION_COUNT=30 API_CONNECTIONS=100 API_SECS=10
 set -euo pipefail
 part=${1:-all}
-case $part in queue | provision | api | all | dedicated | ec2) ;; *) echo "usage: $0 [queue|provision|api|all|dedicated|ec2]" >&2; exit 2 ;; esac
+case $part in queue | provision | api | all | dedicated | ec2 | ha) ;; *) echo "usage: $0 [queue|provision|api|all|dedicated|ec2|ha]" >&2; exit 2 ;; esac
 
 cd "$(dirname "$0")/.."
 root=$(pwd)
 source scripts/lib/pg.sh
 source scripts/lib/s3peers.sh
+source scripts/lib/ha.sh
 
 QUEUE_SMALL=${QUEUE_SMALL:-10000}
 QUEUE_BIG=${QUEUE_BIG:-1000000}
@@ -27,6 +28,7 @@ API_SECS=${API_SECS:-10}
 DEDICATED_COUNT=${DEDICATED_COUNT:-10}
 EC2_INSTANCES=${EC2_INSTANCES:-1000}
 EC2_CYCLES=${EC2_CYCLES:-5}
+HA_COUNT=${HA_COUNT:-5}
 
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/berth-target}
 export SQLX_OFFLINE=true
@@ -81,8 +83,13 @@ if [ "$part" = api ] || [ "$part" = all ]; then
       || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
   fi
 fi
+if [ "$part" = ha ]; then ha_ensure_installed; fi
 log "building release binaries"
 cargo build --release --locked -q -p berth-api -p berth-worker -p berth-bench
+# Copied at once: other worktrees sharing CARGO_TARGET_DIR overwrite target/release/berth-* with their builds.
+mkdir -p "$work/bin"
+cp "$bin/berth-api" "$bin/berth-worker" "$bin/berth-bench" "$work/bin/"
+bin=$work/bin
 pgbin=$(pg_bin_dir)
 
 # --- the one Postgres: defaults (fsync, synchronous_commit, full_page_writes all on) ----------------------------
@@ -228,6 +235,30 @@ PY
     --cycles "$EC2_CYCLES" | tee -a "$results" >&2
   jq -r 'select(.part == "ec2_reconcile") | "EC2 RECONCILE  \(.instances) instances on moto, median of \(.cycles) passes\n  berth: \(.describe_calls_per_cycle) DescribeInstances per pass, \(.cycle_ms_p50 | floor) ms per pass, \(.ms_per_instance * 1000 | floor / 1000) ms per instance\n  one DescribeInstances per VM: \(.anchor.describe_calls_per_cycle) calls, \(.anchor.cycle_ms | floor) ms, \(.anchor.ms_per_instance * 1000 | floor / 1000) ms per instance (ratio \(.ratio * 1000 | floor / 1000))"' "$results"
   exit 0
+fi
+
+# --- 6. HA cluster on the ha_local engine (only when asked for: bench/run.sh ha) ---------------------------------
+if [ "$part" = ha ]; then
+  # berth's Patroni timings, then the seed's (Patroni's defaults) on the same engine, machine and binaries.
+  for label in berth seed; do
+    log "ha [$label]: $HA_COUNT x (3-member synchronous cluster: provision→ready, bind, kill -9 of the primary → write through DATABASE_URL)"
+    mkdir -p "$work/servers-$label"
+    if [ $label = berth ]; then
+      LOCAL_ENGINE=on LOCAL_SERVERS_DIR=$work/servers-$label start_broker "ha-$label" "broker_ha_$label" worker
+    else
+      HA_PATRONI_TTL=30 HA_PATRONI_LOOP_WAIT=10 HA_PATRONI_RETRY_TIMEOUT=10 \
+        LOCAL_ENGINE=on LOCAL_SERVERS_DIR=$work/servers-$label start_broker "ha-$label" "broker_ha_$label" worker
+    fi
+    "$bin/berth-bench" ha --url "$API_URL" --username "$BROKER_USERNAME" --password "$BROKER_PASSWORD" \
+      --servers-dir "$work/servers-$label" --name-prefix berth_ --label $label --count "$HA_COUNT" | tee -a "$results" >&2
+    stop_pid "$WORKER_PID"
+    stop_pid "$API_PID"
+  done
+  jq -rs '(map(select(.part == "ha")) | INDEX(.label)) as $h
+    | "HA  3-member synchronous cluster on the ha_local engine, \($h.berth.failover.count) rounds each, berth timings (ttl 7, loop_wait 1, retry_timeout 3) vs the seed timings (ttl 30, loop_wait 10, retry_timeout 10)",
+      "  provision→ready p50  \($h.berth.provision.p50_ms / 100 | floor / 10) s vs \($h.seed.provision.p50_ms / 100 | floor / 10) s",
+      "  crash failover p50   \($h.berth.failover.p50_ms / 100 | floor / 10) s vs \($h.seed.failover.p50_ms / 100 | floor / 10) s, \($h.seed.failover.p50_ms / $h.berth.failover.p50_ms * 10 | floor / 10)x faster (target: < 10 s, >= 3x)",
+      "  crash failover range \($h.berth.failover.min_ms / 100 | floor / 10)-\($h.berth.failover.max_ms / 100 | floor / 10) s vs \($h.seed.failover.min_ms / 100 | floor / 10)-\($h.seed.failover.max_ms / 100 | floor / 10) s"' "$results"
 fi
 
 echo

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Runs every test on a fresh machine: installs what is missing, starts a private Postgres on a free port
 # (unless BERTH_TEST_DATABASE_URL names a superuser URL to use instead) and the S3 peers (moto with IAM
-# enforced, SeaweedFS), builds, runs the whole suite with cargo-nextest, and stops what it started.
+# enforced, SeaweedFS), installs etcd and Patroni (the ha plan's local engine), builds, runs the whole suite
+# with cargo-nextest, and stops what it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 source scripts/lib/pg.sh
 source scripts/lib/s3peers.sh
+source scripts/lib/ha.sh
 
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/berth-target}
 export SQLX_OFFLINE=true
@@ -35,6 +37,9 @@ else
   export DATABASE_URL=$PG_URL
 fi
 echo "test Postgres: 127.0.0.1:${PG_PORT:-external}" >&2
+
+# etcd and Patroni for the ha plan's local engine (its tests start clusters of their own).
+ha_ensure_installed
 
 # S3 peers for the s3 engine's tests: moto (AWS S3 + IAM) and SeaweedFS (S3-compatible, with IAM).
 s3peers_ensure_installed

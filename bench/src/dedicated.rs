@@ -18,16 +18,10 @@ use serde_json::{Value, json};
 use crate::{Args, emit, summary};
 
 pub async fn run(args: &Args) -> anyhow::Result<()> {
-    let api = Api {
-        base: args.get("url")?.trim_end_matches('/').to_string(),
-        user: args.get("username")?.to_string(),
-        pass: args.get("password")?.to_string(),
-        poll: Duration::from_millis(args.num("poll-ms", 5)?),
-        http: reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?,
-    };
+    let api = Api::from_args(args)?;
     let work = PathBuf::from(args.get("work-dir")?);
     let count: usize = args.num("count", 10)?;
-    let (service, plan) = api.dedicated_plan().await?;
+    let (service, plan) = api.plan("dedicated").await?;
     let bin = broker::embedded::find_bin_dir()?;
     let run_as = if is_root() { Some("postgres") } else { None };
     let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
@@ -39,7 +33,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
             bare.push(ms);
         }
         let id = format!("bench-dedicated-{tag}-{i}");
-        let ms = api.provision(&service, &plan, &id).await?;
+        let ms = api.provision(&service, &plan, &id, json!({})).await?;
         api.deprovision(&service, &plan, &id).await?;
         if i > 0 {
             berth.push(ms);
@@ -58,7 +52,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn median(ms: &[f64]) -> f64 {
+pub(crate) fn median(ms: &[f64]) -> f64 {
     let mut v = ms.to_vec();
     v.sort_by(f64::total_cmp);
     crate::percentile(&v, 50.0)
@@ -137,40 +131,58 @@ async fn bare_once(bin: &Path, run_as: Option<&str>, dir: &Path) -> anyhow::Resu
     Ok(ms)
 }
 
-struct Api {
+/// The broker's OSB API, as the benchmarks drive it.
+pub(crate) struct Api {
     base: String,
     user: String,
     pass: String,
-    poll: Duration,
+    pub poll: Duration,
     http: reqwest::Client,
 }
 
 impl Api {
-    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+    /// `--url`, `--username`, `--password`, `--poll-ms` (5).
+    pub(crate) fn from_args(args: &Args) -> anyhow::Result<Self> {
+        Ok(Self {
+            base: args.get("url")?.trim_end_matches('/').to_string(),
+            user: args.get("username")?.to_string(),
+            pass: args.get("password")?.to_string(),
+            poll: Duration::from_millis(args.num("poll-ms", 5)?),
+            http: reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?,
+        })
+    }
+
+    pub(crate) fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         self.http
             .request(method, format!("{}{path}", self.base))
             .basic_auth(&self.user, Some(&self.pass))
             .header("X-Broker-API-Version", "2.17")
     }
 
-    async fn dedicated_plan(&self) -> anyhow::Result<(String, String)> {
+    /// Service and plan ids of the plan named `name`.
+    pub(crate) async fn plan(&self, name: &str) -> anyhow::Result<(String, String)> {
         let catalog: Value = self.request(reqwest::Method::GET, "/v2/catalog").send().await?.json().await?;
         for service in catalog["services"].as_array().into_iter().flatten() {
             for plan in service["plans"].as_array().into_iter().flatten() {
-                if plan["name"] == "dedicated" {
+                if plan["name"] == name {
                     let id = |v: &Value| v.as_str().unwrap_or_default().to_string();
                     return Ok((id(&service["id"]), id(&plan["id"])));
                 }
             }
         }
-        bail!("no dedicated plan in the catalog: start the broker with LOCAL_ENGINE=on")
+        bail!("no {name} plan in the catalog: start the broker with LOCAL_ENGINE=on")
     }
 
     /// Polls last_operation until it says succeeded (or 410: gone, after a deprovision).
-    async fn wait(&self, id: &str) -> anyhow::Result<()> {
+    pub(crate) async fn wait(&self, id: &str) -> anyhow::Result<()> {
+        self.wait_path(&format!("/v2/service_instances/{id}/last_operation"), id).await
+    }
+
+    /// Polls a last_operation path until it says succeeded (or 410).
+    pub(crate) async fn wait_path(&self, path: &str, id: &str) -> anyhow::Result<()> {
         loop {
             let resp = self
-                .request(reqwest::Method::GET, &format!("/v2/service_instances/{id}/last_operation"))
+                .request(reqwest::Method::GET, path)
                 .send()
                 .await?;
             let status = resp.status();
@@ -187,11 +199,13 @@ impl Api {
         }
     }
 
-    async fn provision(&self, service: &str, plan: &str, id: &str) -> anyhow::Result<f64> {
+    /// PUT, then last_operation until succeeded: milliseconds.
+    pub(crate) async fn provision(&self, service: &str, plan: &str, id: &str, parameters: Value) -> anyhow::Result<f64> {
         let t0 = Instant::now();
         let resp = self
             .request(reqwest::Method::PUT, &format!("/v2/service_instances/{id}?accepts_incomplete=true"))
-            .json(&json!({"service_id": service, "plan_id": plan, "organization_guid": "o", "space_guid": "s"}))
+            .json(&json!({"service_id": service, "plan_id": plan, "organization_guid": "o", "space_guid": "s",
+                          "parameters": parameters}))
             .send()
             .await?;
         if resp.status().as_u16() != 202 {
@@ -201,7 +215,7 @@ impl Api {
         Ok(t0.elapsed().as_secs_f64() * 1e3)
     }
 
-    async fn deprovision(&self, service: &str, plan: &str, id: &str) -> anyhow::Result<()> {
+    pub(crate) async fn deprovision(&self, service: &str, plan: &str, id: &str) -> anyhow::Result<()> {
         let path =
             format!("/v2/service_instances/{id}?service_id={service}&plan_id={plan}&accepts_incomplete=true");
         let resp = self.request(reqwest::Method::DELETE, &path).send().await?;

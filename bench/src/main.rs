@@ -7,11 +7,13 @@
 //!   berth-bench dedicated --url U --username X --password Y --work-dir D [--count N]   (bench/src/dedicated.rs)
 //!   berth-bench snapshot-seal | snapshot-cycle ...                                     (bench/src/snapshots.rs)
 //!   berth-bench ec2-reconcile --database-url U --moto-url M --key K --secret S --vm-ids FILE   (bench/src/ec2.rs)
+//!   berth-bench ha --url U --username X --password Y --servers-dir D --name-prefix P --label L [--count N]
 //!   berth-bench report FILE
 //!   berth-bench gen-key FILE          (a master key for the broker processes)
 
 mod dedicated;
 mod ec2;
+mod ha;
 mod queue;
 mod report;
 mod snapshots;
@@ -111,6 +113,7 @@ async fn main() -> anyhow::Result<()> {
         "snapshot-seal" => snapshots::seal(&Args::parse(&argv[1..])?),
         "snapshot-cycle" => snapshots::cycle(&Args::parse(&argv[1..])?).await,
         "ec2-reconcile" => ec2::run(&Args::parse(&argv[1..])?).await,
+        "ha" => ha::run(&Args::parse(&argv[1..])?).await,
         other => bail!("unknown subcommand {other}"),
     }
 }

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// Engines berth knows. A plan names one; the plan is published only where its engine is configured.
-pub const KNOWN_ENGINES: &[&str] = &["s3", "shared", "local", "ec2"];
+pub const KNOWN_ENGINES: &[&str] = &["s3", "shared", "local", "ec2", "ha_local"];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

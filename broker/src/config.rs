@@ -81,6 +81,11 @@ pub struct Settings {
     /// Name of this machine for the `local` engine (default: the host name). An instance belongs to the host
     /// that provisioned it; workers elsewhere leave its tasks and its reconciling alone.
     pub local_engine_host: Option<String>,
+    /// Patroni timings (seconds) of new `ha` clusters on the `ha_local` engine; default 7, 1, 3. The worker
+    /// refuses to start unless `loop_wait + 2 × retry_timeout ≤ ttl`.
+    pub ha_patroni_ttl: Option<u32>,
+    pub ha_patroni_loop_wait: Option<u32>,
+    pub ha_patroni_retry_timeout: Option<u32>,
     /// How often a worker reconciles (restarts stopped `local` servers, deprovisions expired instances).
     #[serde(default = "default_reconcile_ms")]
     pub reconcile_interval_ms: u64,
@@ -203,6 +208,11 @@ fn default_backup_scheduler_ms() -> u64 {
     1000
 }
 
+/// Whether `program` is an executable file on the PATH.
+pub fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+}
+
 /// The store behind the `s3` plans (see [`Settings::s3_backend`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum S3Backend {
@@ -301,6 +311,10 @@ impl Settings {
         }
         if self.local_engine {
             engines.push("local");
+            // HA clusters of Patroni + etcd on the same machine, where Debian's etcd-server and patroni are.
+            if on_path("etcd") && on_path("patroni") {
+                engines.push("ha_local");
+            }
         }
         if self.aws_configured() {
             engines.push("ec2");

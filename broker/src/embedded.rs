@@ -319,7 +319,7 @@ async fn init(
 }
 
 /// Postgres refuses to run as root; when we are root, the server runs as the `postgres` OS user.
-fn os_user_for_postgres() -> anyhow::Result<Option<String>> {
+pub fn os_user_for_postgres() -> anyhow::Result<Option<String>> {
     if !is_root() {
         return Ok(None);
     }
@@ -347,7 +347,8 @@ fn is_root() -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
-fn chown(path: &Path, user: &str) -> anyhow::Result<()> {
+/// `chown -R user path`.
+pub fn chown(path: &Path, user: &str) -> anyhow::Result<()> {
     let status = std::process::Command::new("chown")
         .arg("-R")
         .arg(user)

@@ -107,6 +107,12 @@ pub enum Operation {
     RotateCredentials,
     /// Resets the instance's database to a snapshot: a preset version (`select`) or a backup (`restore`).
     Restore,
+    /// `POST /berth/v1/instances/{id}/switchover`: a planned change of an HA cluster's primary to a named or
+    /// any healthy replica. An instance operation, like update.
+    Switchover,
+    /// `POST /berth/v1/instances/{id}/failover`: a forced change of primary, also when the current one is not
+    /// healthy.
+    Failover,
 }
 
 impl Operation {
@@ -119,6 +125,8 @@ impl Operation {
             Self::Unbind => "unbind",
             Self::RotateCredentials => "rotate_credentials",
             Self::Restore => "restore",
+            Self::Switchover => "switchover",
+            Self::Failover => "failover",
         }
     }
 
@@ -131,6 +139,8 @@ impl Operation {
             "unbind" => Self::Unbind,
             "rotate_credentials" => Self::RotateCredentials,
             "restore" => Self::Restore,
+            "switchover" => Self::Switchover,
+            "failover" => Self::Failover,
             _ => return None,
         })
     }
@@ -145,6 +155,7 @@ impl Operation {
             Self::Unbind => kinds::UNBIND,
             Self::RotateCredentials => kinds::ROTATE_CREDENTIALS,
             Self::Restore => kinds::RESTORE,
+            Self::Switchover | Self::Failover => kinds::CHANGE_PRIMARY,
         }
     }
 }
@@ -157,6 +168,8 @@ pub mod kinds {
     pub const BIND: &str = "binding.create";
     pub const UNBIND: &str = "binding.delete";
     pub const ROTATE_CREDENTIALS: &str = "instance.rotate_credentials";
+    /// Switchover or failover of an HA cluster (the task's `operation` says which).
+    pub const CHANGE_PRIMARY: &str = "instance.change_primary";
     pub const DELIVER_WEBHOOK: &str = "webhook.deliver";
     /// Does nothing (or sleeps `sleep_ms`): the queue's benchmark and crash tests use it.
     pub const NOOP: &str = "noop";
@@ -178,6 +191,13 @@ pub struct UpdatePayload {
     /// The request itself named a `preset`: reset the database to it (db-p's select).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub select_preset: bool,
+}
+
+/// What a switchover or failover task asks for: a member to promote, or any healthy replica.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChangePrimaryPayload {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate: Option<String>,
 }
 
 /// Where to tell someone that a task ended. The secret is sealed before it is stored.

@@ -42,6 +42,11 @@ pub fn instance_server(prefix: &str, instance_id: &str) -> String {
     format!("{prefix}srv_{}", short_hash(instance_id))
 }
 
+/// Folder of an `ha` instance's cluster on the `ha_local` engine (also its Patroni scope).
+pub fn instance_cluster(prefix: &str, instance_id: &str) -> String {
+    format!("{prefix}ha_{}", short_hash(instance_id))
+}
+
 /// Login role of one binding.
 pub fn binding_role(prefix: &str, binding_id: &str) -> String {
     format!("{prefix}bnd_{}", short_hash(binding_id))

@@ -233,14 +233,11 @@ impl Stack {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 
-    /// Kills the `local` engine servers still running under this stack's servers folder.
+    /// Kills the `local` and `ha_local` engine processes still running under this stack's servers folder:
+    /// Postgres servers (by working directory), Patroni and etcd (by an argument naming a path in it).
     fn kill_servers(&self) {
-        if let Ok(entries) = std::fs::read_dir(&self.servers_dir) {
-            for entry in entries.flatten() {
-                for pid in processes_in(&entry.path().join("data")) {
-                    let _ = std::process::Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
-                }
-            }
+        for pid in processes_under(&self.servers_dir) {
+            let _ = std::process::Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
         }
     }
 }
@@ -272,6 +269,21 @@ pub fn processes_in(dir: &std::path::Path) -> Vec<u32> {
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
         .filter(|pid| std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == dir))
+        .collect()
+}
+
+/// Pids of processes working in `dir` or below it, or with an argument naming a path in it.
+pub fn processes_under(dir: &std::path::Path) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let prefix = dir.as_os_str().as_encoded_bytes();
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| {
+            let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(dir));
+            cwd || std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.split(|b| *b == 0).any(|arg| arg.starts_with(prefix)))
+        })
         .collect()
 }
 

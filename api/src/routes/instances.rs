@@ -186,7 +186,15 @@ async fn provision_existing(
     let latest = tasks::latest_instance_operation(&mut *tx, &row.id).await?;
     match latest.as_ref().map(|t| (operation_of(t), t.state())) {
         Some((Some(Operation::Provision), TaskState::Succeeded))
-        | Some((Some(Operation::Update | Operation::RotateCredentials), _)) => Ok(ok_empty()),
+        | Some((
+            Some(
+                Operation::Update
+                | Operation::RotateCredentials
+                | Operation::Switchover
+                | Operation::Failover,
+            ),
+            _,
+        )) => Ok(ok_empty()),
         Some((Some(Operation::Deprovision), _)) => Err(ApiError::Conflict(format!(
             "service instance {} is being deleted (its last deprovision failed); deprovision it again",
             row.id

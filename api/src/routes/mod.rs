@@ -3,6 +3,7 @@
 pub mod backups;
 pub mod bindings;
 pub mod catalog;
+pub mod cluster;
 pub mod health;
 pub mod instances;
 pub mod presets;
@@ -206,7 +207,15 @@ pub(crate) fn last_operation_response(task: &TaskRow, instance_flags: bool) -> R
         match operation_of(task) {
             // An update is applied to the row only once it has succeeded: the instance runs as before. A
             // rotation replaces each binding's credentials only once the new ones work: every stored set works.
-            Some(Operation::Update | Operation::RotateCredentials | Operation::Restore) => {
+            // A switchover or failover that failed leaves the cluster with a primary (Patroni's own checks); a
+            // restore swaps the database in only once it is complete.
+            Some(
+                Operation::Update
+                | Operation::RotateCredentials
+                | Operation::Restore
+                | Operation::Switchover
+                | Operation::Failover,
+            ) => {
                 body["instance_usable"] = json!(true);
                 body["update_repeatable"] = json!(true);
             }

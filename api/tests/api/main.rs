@@ -4,6 +4,7 @@
 mod actions;
 mod bindings;
 mod catalog;
+mod cluster;
 mod deprovision;
 mod fetch;
 mod helpers;

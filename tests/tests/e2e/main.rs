@@ -2,6 +2,7 @@
 
 mod cli;
 mod dedicated_local;
+mod ha_local;
 mod s3_lifecycle;
 mod shared_lifecycle;
 mod snapshots;

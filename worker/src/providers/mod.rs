@@ -3,6 +3,8 @@
 
 pub mod aws;
 pub mod ec2_postgres;
+mod app_database;
+pub mod ha_local;
 pub mod local_postgres;
 pub mod pg_tuning;
 pub mod s3;
@@ -14,7 +16,7 @@ use async_trait::async_trait;
 use broker::{
     config::Settings,
     db::{bindings::BindingRow, instances::InstanceRow},
-    model::UpdatePayload,
+    model::{Operation, UpdatePayload},
 };
 use serde_json::{Map, Value};
 use sqlx::PgPool;
@@ -129,12 +131,48 @@ pub trait Provider: Send + Sync {
         Err(TaskError::fatal("this plan has no database to snapshot or restore"))
     }
 
+    /// A switchover (`Operation::Switchover`) or failover of an HA cluster's primary to `candidate`, or to the
+    /// healthiest replica. Run again after a crash, it must not move the primary a second time.
+    async fn change_primary(
+        &self,
+        _ctx: &TaskContext<'_>,
+        _instance: &InstanceRow,
+        _operation: Operation,
+        _candidate: Option<&str>,
+    ) -> Result<Progress<()>, TaskError> {
+        Err(TaskError::fatal("this plan has no primary to change"))
+    }
+
     /// One pass of the worker's reconcile loop over this engine's instances (bring back what stopped).
     /// Must be safe with many workers running it at once. Most engines have nothing to do.
     async fn reconcile(&self, _pool: &PgPool, _services: &Services) -> anyhow::Result<()> {
         Ok(())
     }
 }
+
+/// A `Wait` when the instance's processes live on another host (details `engine_host`, recorded by engines
+/// that run them on the worker's machine): that host's workers do the job.
+pub(crate) fn owned_elsewhere<T>(instance: &InstanceRow, host: &str) -> Option<Progress<T>> {
+    let owner = instance.details.get("engine_host").and_then(Value::as_str)?;
+    (owner != host).then(|| Progress::Wait {
+        after: Duration::from_secs(5),
+        progress: format!("waiting for a worker on host {owner}, where the instance's processes live"),
+    })
+}
+
+/// Checks and creates the folder where engines that run processes on the worker's machine keep them.
+pub(crate) fn ensure_servers_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    anyhow::ensure!(dir.is_absolute(), "LOCAL_SERVERS_DIR must be absolute (got {})", dir.display());
+    std::fs::create_dir_all(dir)
+        .map_err(|e| anyhow::anyhow!("creating the local servers folder {}: {e}", dir.display()))
+}
+
+/// The advisory lock that serializes an engine's reconcile loop and a deprovision of the same instance (held
+/// for a transaction).
+pub(crate) const INSTANCE_LOCK_SQL: &str =
+    "SELECT pg_advisory_xact_lock(hashtextextended('berth.local:' || $1, 0))";
+pub(crate) const INSTANCE_TRY_LOCK_SQL: &str =
+    "SELECT pg_try_advisory_xact_lock(hashtextextended('berth.local:' || $1, 0))";
 
 /// The providers of every engine configured in `settings`, keyed by engine name.
 pub fn configured(settings: &Settings) -> anyhow::Result<HashMap<String, Arc<dyn Provider>>> {
@@ -150,6 +188,14 @@ pub fn configured(settings: &Settings) -> anyhow::Result<HashMap<String, Arc<dyn
     if settings.local_engine {
         let provider = local_postgres::LocalPostgres::new(settings.servers_dir(), settings.local_host())?;
         providers.insert(local_postgres::ENGINE.to_string(), Arc::new(provider));
+        let defaults = ha_local::DEFAULT_TIMINGS;
+        let timings = ha_local::Timings {
+            ttl: settings.ha_patroni_ttl.unwrap_or(defaults.ttl),
+            loop_wait: settings.ha_patroni_loop_wait.unwrap_or(defaults.loop_wait),
+            retry_timeout: settings.ha_patroni_retry_timeout.unwrap_or(defaults.retry_timeout),
+        };
+        let provider = ha_local::HaLocal::new(settings.servers_dir(), settings.local_host(), timings)?;
+        providers.insert(ha_local::ENGINE.to_string(), Arc::new(provider));
     }
     if settings.aws_configured() {
         let provider = ec2_postgres::Ec2Postgres::new(settings)?;

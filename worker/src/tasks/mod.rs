@@ -2,6 +2,7 @@
 
 mod backup;
 mod bind;
+mod change_primary;
 mod deliver_webhook;
 mod deprovision;
 mod noop;
@@ -14,6 +15,7 @@ mod update;
 
 pub use backup::Backup;
 pub use bind::CreateBinding;
+pub use change_primary::ChangePrimary;
 pub use deliver_webhook::DeliverWebhook;
 pub use deprovision::Deprovision;
 pub use noop::Noop;
@@ -43,6 +45,7 @@ pub fn registry() -> Registry {
         .with(PushPreset)
         .with(Backup)
         .with(Restore)
+        .with(ChangePrimary)
         .with(DeliverWebhook)
         .with(Noop)
 }

@@ -71,16 +71,16 @@ impl std::fmt::Debug for LocalPostgres {
 
 /// The instance parameters the local engine acts on (the cloud-only ones are recorded, nothing more).
 #[derive(Debug, Clone)]
-struct Params {
-    postgres_version: Option<String>,
-    extensions: Vec<String>,
-    tuning_profile: String,
-    app_db_name: String,
-    admin_user: String,
+pub(crate) struct Params {
+    pub(crate) postgres_version: Option<String>,
+    pub(crate) extensions: Vec<String>,
+    pub(crate) tuning_profile: String,
+    pub(crate) app_db_name: String,
+    pub(crate) admin_user: String,
 }
 
 impl Params {
-    fn of(parameters: &Value) -> Result<Self, TaskError> {
+    pub(crate) fn of(parameters: &Value) -> Result<Self, TaskError> {
         let text = |key: &str, default: &str| -> Result<String, TaskError> {
             match parameters.get(key) {
                 None | Some(Value::Null) => Ok(default.to_string()),

@@ -1,0 +1,122 @@
+//! berth's extension routes for HA clusters: `POST /berth/v1/instances/{id}/switchover` (planned: the primary
+//! hands over to a named or any healthy replica) and `/failover` (forced: also when the primary is unhealthy).
+//! Both are asynchronous like an update: 202 with an `operation`, polled on the instance's `last_operation`.
+//! Body (optional): `{"candidate": "<member name>"}`.
+
+use axum::{Router, body::Bytes, extract::State, response::Response, routing::post};
+use broker::{
+    db::tasks,
+    model::{ChangePrimaryPayload, Operation},
+};
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::{
+    OsbParams, accepted, check_id,
+    instances::{concurrency, provisioned_instance},
+    operation_of, operation_task,
+};
+use crate::{
+    AppState,
+    error::{ApiError, ApiResult},
+    extract::{OsbPath, OsbQuery, parse_json},
+    identity::OriginatingIdentity,
+    webhook,
+};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/berth/v1/instances/{instance_id}/switchover",
+            post(switchover),
+        )
+        .route("/berth/v1/instances/{instance_id}/failover", post(failover))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChangePrimaryBody {
+    candidate: Option<String>,
+}
+
+async fn switchover(
+    state: State<AppState>,
+    path: OsbPath<String>,
+    query: OsbQuery<OsbParams>,
+    identity: OriginatingIdentity,
+    body: Bytes,
+) -> ApiResult<Response> {
+    change_primary(Operation::Switchover, state, path, query, identity, body).await
+}
+
+async fn failover(
+    state: State<AppState>,
+    path: OsbPath<String>,
+    query: OsbQuery<OsbParams>,
+    identity: OriginatingIdentity,
+    body: Bytes,
+) -> ApiResult<Response> {
+    change_primary(Operation::Failover, state, path, query, identity, body).await
+}
+
+/// Validates, then writes the task in one transaction. Refused, writing nothing: an unknown or unprovisioned
+/// instance (404), a plan without a cluster (422), a candidate that is not a member (422), another operation in
+/// progress (422 `ConcurrencyError`; the same request again gets its operation).
+async fn change_primary(
+    operation: Operation,
+    State(state): State<AppState>,
+    OsbPath(instance_id): OsbPath<String>,
+    OsbQuery(query): OsbQuery<OsbParams>,
+    OriginatingIdentity(identity): OriginatingIdentity,
+    body: Bytes,
+) -> ApiResult<Response> {
+    check_id("instance_id", &instance_id)?;
+    let body: ChangePrimaryBody = if body.iter().all(u8::is_ascii_whitespace) {
+        ChangePrimaryBody::default()
+    } else {
+        parse_json(&body)?
+    };
+    let hook = webhook::take(
+        &mut serde_json::json!({}),
+        query.webhook.as_deref(),
+        query.secret.as_deref(),
+        &state.cipher,
+    )?;
+
+    let mut tx = state.db.begin().await?;
+    let row = provisioned_instance(&mut tx, &instance_id, true).await?;
+    let plan = state.catalog.plan_by_id(&row.plan_id);
+    if !plan.as_ref().is_some_and(|p| p.has_feature("ha-cluster")) {
+        return Err(ApiError::Unprocessable(format!(
+            "service instance {instance_id} is not an HA cluster: only the `ha` plan has a primary to change"
+        )));
+    }
+    if let Some(candidate) = &body.candidate {
+        let members = row.details.get("members").and_then(Value::as_array);
+        let known = members.is_some_and(|m| m.iter().any(|m| m["name"] == candidate.as_str()));
+        if !known {
+            return Err(ApiError::Unprocessable(format!(
+                "{candidate:?} is not a member of the cluster of service instance {instance_id}"
+            )));
+        }
+    }
+    let payload = ChangePrimaryPayload {
+        candidate: body.candidate,
+    };
+    let payload = serde_json::to_value(&payload)
+        .map_err(|e| anyhow::Error::new(e).context("serializing a switchover"))?;
+    let active = tasks::active_operations(&mut *tx, &instance_id).await?;
+    if let Some(task) = active.first() {
+        let resent = task.binding_id.is_none()
+            && operation_of(task) == Some(operation)
+            && task.payload == payload;
+        if resent {
+            return Ok(accepted(task.task_id()));
+        }
+        return Err(concurrency(&instance_id, task));
+    }
+    let task = operation_task(operation, &instance_id, None, payload, identity, hook);
+    let operation = tasks::enqueue(&mut *tx, task).await?;
+    tx.commit().await?;
+    Ok(accepted(operation))
+}

@@ -1,0 +1,776 @@
+//! The `ha_local` engine of the `ha` plan: a Patroni cluster on this machine. One etcd and N members, each a
+//! Patroni that runs its own Postgres, all on free ports of 127.0.0.1 (Debian's `etcd-server` and `patroni`),
+//! under `<servers dir>/<prefix>ha_<hash of the instance id>`. berth writes no consensus or failover of its
+//! own: Patroni elects the primary and fails over; berth starts the processes, keeps the cluster at N members,
+//! asks Patroni for switchovers, and records who leads.
+//!
+//! Like the `local` engine, an instance belongs to the host that provisioned it, its processes outlive the
+//! worker, and every step checks what exists first, so a retry after a crash finishes the job.
+
+mod cluster;
+mod config;
+mod credentials;
+mod params;
+mod patroni;
+mod procs;
+mod state;
+mod timings;
+mod tls;
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use broker::{
+    crypto::random_password,
+    db::{bindings::BindingRow, instances, instances::InstanceRow, tasks},
+    embedded,
+    model::{Operation, UpdatePayload},
+    names,
+};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tracing::{info, warn};
+
+use self::{
+    cluster::LocalCluster,
+    credentials::Endpoints,
+    params::Params,
+    patroni::{ClusterView, Patroni},
+    state::{ClusterState, Layout},
+};
+use super::{
+    Bound, INSTANCE_LOCK_SQL, INSTANCE_TRY_LOCK_SQL, Progress, Provider, Provisioned,
+    app_database::{self, AppDatabase},
+    owned_elsewhere,
+    shared_postgres::{Access, binding_grants},
+};
+use crate::{
+    context::{Services, TaskContext},
+    registry::TaskError,
+    snapshots::{DatabaseTarget, ServerLogin, target::Host},
+};
+
+pub use timings::{FAST as DEFAULT_TIMINGS, Timings};
+
+/// The plan engine this provider serves.
+pub const ENGINE: &str = "ha_local";
+
+/// How long a task step waits inline for the cluster before it hands the task back to the queue.
+const INLINE_WAIT: Duration = Duration::from_secs(90);
+
+pub struct HaLocal {
+    servers_dir: PathBuf,
+    host: String,
+    /// Patroni timings of the clusters this worker makes (kept in etcd: later changes leave existing ones).
+    timings: Timings,
+}
+
+impl std::fmt::Debug for HaLocal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HaLocal")
+            .field("servers_dir", &self.servers_dir)
+            .field("host", &self.host)
+            .field("timings", &self.timings)
+            .finish()
+    }
+}
+
+/// A step on this machine that failed (processes, files, a cluster that is not ready): worth another try.
+fn local(err: anyhow::Error) -> TaskError {
+    TaskError::Retryable(err)
+}
+
+/// `Wait` until the cluster is ready, with what it is waiting for.
+fn wait<T>(progress: String) -> Progress<T> {
+    Progress::Wait {
+        after: Duration::from_secs(1),
+        progress,
+    }
+}
+
+impl HaLocal {
+    /// `servers_dir` must be absolute; `host` names this machine (see `Settings::local_host`).
+    pub fn new(servers_dir: PathBuf, host: String, timings: Timings) -> anyhow::Result<Self> {
+        super::ensure_servers_dir(&servers_dir)?;
+        timings
+            .check()
+            .map_err(|e| anyhow::anyhow!("HA_PATRONI_TTL, _LOOP_WAIT, _RETRY_TIMEOUT: {e}"))?;
+        Ok(Self {
+            servers_dir,
+            host,
+            timings,
+        })
+    }
+
+    /// The folder of an instance's cluster.
+    pub fn cluster_root(&self, prefix: &str, instance_id: &str) -> PathBuf {
+        self.servers_dir
+            .join(names::instance_cluster(prefix, instance_id))
+    }
+
+    /// The instance's cluster as its folder describes it; `None` when there is none (never made, or removed).
+    fn open(&self, prefix: &str, instance_id: &str) -> Result<Option<LocalCluster>, TaskError> {
+        let layout = Layout::new(self.cluster_root(prefix, instance_id));
+        let (Some(state), Some(secrets)) = (
+            layout.load_state().map_err(local)?,
+            layout.load_secrets().map_err(local)?,
+        ) else {
+            return Ok(None);
+        };
+        let run_as = embedded::os_user_for_postgres().map_err(TaskError::Fatal)?;
+        Ok(Some(LocalCluster {
+            layout,
+            state,
+            secrets,
+            run_as,
+        }))
+    }
+
+    fn open_existing(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance_id: &str,
+    ) -> Result<LocalCluster, TaskError> {
+        self.open(ctx.services.name_prefix(), instance_id)?.ok_or_else(|| {
+            TaskError::fatal(format!(
+                "the instance's cluster is missing from {} on host {} (did provisioning fail?); deprovision the \
+                 instance and provision it again",
+                self.cluster_root(ctx.services.name_prefix(), instance_id).display(),
+                self.host
+            ))
+        })
+    }
+}
+
+/// What the cluster looks like once every member of `state` runs: the view and the primary's name, or what
+/// is still missing. Streaming is checked on the primary itself (`pg_stat_replication`).
+async fn readiness(
+    cluster: &LocalCluster,
+    http: &reqwest::Client,
+) -> Result<(ClusterView, String), String> {
+    let view = Patroni::new(http, &cluster.state, &cluster.secrets)
+        .cluster()
+        .await
+        .map_err(|e| format!("{e:#}"))?;
+    let leader = view.leader().ok_or("no primary elected yet")?.name.clone();
+    let want = cluster.state.members.len() - 1;
+    let missing: Vec<&str> = cluster
+        .state
+        .members
+        .iter()
+        .filter(|m| {
+            m.name != leader && !view.member(&m.name).is_some_and(|v| v.is_healthy_replica())
+        })
+        .map(|m| m.name.as_str())
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!(
+            "waiting for member(s) {} to replicate",
+            missing.join(", ")
+        ));
+    }
+    let port = cluster
+        .state
+        .member(&leader)
+        .ok_or("the primary is not a member berth knows")?
+        .pg_port;
+    let streaming = streaming_replicas(cluster, port)
+        .await
+        .map_err(|e| format!("{e:#}"))?;
+    if streaming < want {
+        return Err(format!(
+            "{streaming} of {want} replicas streaming from the primary {leader}"
+        ));
+    }
+    Ok((view, leader))
+}
+
+async fn streaming_replicas(cluster: &LocalCluster, port: u16) -> anyhow::Result<usize> {
+    use sqlx::Connection as _;
+    let mut conn = sqlx::PgConnection::connect_with(&cluster.superuser(port, "postgres")).await?;
+    let n: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'")
+            .fetch_one(&mut conn)
+            .await?;
+    let _ = conn.close().await;
+    Ok(n as usize)
+}
+
+/// Polls [`readiness`] for up to `limit`.
+async fn wait_ready(
+    cluster: &LocalCluster,
+    http: &reqwest::Client,
+    limit: Duration,
+) -> Result<(ClusterView, String), String> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match readiness(cluster, http).await {
+            Ok(ready) => return Ok(ready),
+            Err(why) if tokio::time::Instant::now() >= deadline => return Err(why),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// The members as the instance's details record them.
+fn members_details(state: &ClusterState, view: Option<&ClusterView>) -> Value {
+    Value::Array(
+        state
+            .members
+            .iter()
+            .map(|m| {
+                let seen = view.and_then(|v| v.member(&m.name));
+                json!({
+                    "name": m.name,
+                    "port": m.pg_port,
+                    "api_port": m.api_port,
+                    "role": seen.map(|s| s.role.as_str()),
+                    "state": seen.map(|s| s.state.as_str()),
+                })
+            })
+            .collect(),
+    )
+}
+
+/// The primary's and the replicas' ports for a binding.
+fn endpoints(state: &ClusterState, leader: &str) -> Result<Endpoints, TaskError> {
+    let primary = state
+        .member(leader)
+        .ok_or_else(|| {
+            TaskError::retryable(format!("the primary {leader} is not a member berth knows"))
+        })?
+        .pg_port;
+    let replicas = state
+        .members
+        .iter()
+        .filter(|m| m.name != leader)
+        .map(|m| m.pg_port)
+        .collect();
+    Ok(Endpoints { primary, replicas })
+}
+
+fn detail_str<'a>(instance: &'a InstanceRow, key: &str, default: &'a str) -> &'a str {
+    instance
+        .details
+        .get(key)
+        .and_then(Value::as_str)
+        .unwrap_or(default)
+}
+
+/// Cluster settings Patroni keeps in etcd for the synchronous flag and the tuning profile.
+fn dcs_for(instance: &InstanceRow, timings: Timings) -> Value {
+    let synchronous = instance
+        .details
+        .get("synchronous")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    config::dcs_config(
+        timings,
+        synchronous,
+        detail_str(instance, "tuning_profile", "default"),
+    )
+}
+
+/// The primary's name, or a `Wait` while there is none (a failover is under way).
+fn leader_or_wait<T>(view: &ClusterView) -> Result<String, Progress<T>> {
+    view.leader().map(|l| l.name.clone()).ok_or_else(|| {
+        wait("the cluster has no primary right now (a failover is under way); waiting".into())
+    })
+}
+
+#[async_trait]
+impl Provider for HaLocal {
+    async fn provision(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+    ) -> Result<Progress<Provisioned>, TaskError> {
+        if let Some(wait) = owned_elsewhere(instance, &self.host) {
+            return Ok(wait);
+        }
+        let params = Params::of(&instance.parameters)?;
+        for program in ["etcd", "patroni"] {
+            if !broker::config::on_path(program) {
+                return Err(TaskError::fatal(format!(
+                    "`{program}` is not installed on host {}: the ha plan's local engine needs Debian's etcd-server \
+                     and patroni packages (apt-get install etcd-server patroni)",
+                    self.host
+                )));
+            }
+        }
+        // Claim the instance for this host before anything exists, so a retry elsewhere waits for us.
+        instances::merge_details(ctx.pool, &instance.id, &json!({ "engine_host": self.host }))
+            .await
+            .context("recording the instance's host")?;
+        let bin_dir = match &params.server.postgres_version {
+            Some(version) => embedded::bin_dir_for_version(version)
+                .map_err(|e| TaskError::Fatal(e.context("parameter `postgres_version`")))?,
+            None => embedded::find_bin_dir()
+                .map_err(|e| TaskError::Fatal(e.context("the ha_local engine")))?,
+        };
+        let prefix = ctx.services.name_prefix();
+        let root = self.cluster_root(prefix, &instance.id);
+        std::fs::create_dir_all(&root)
+            .with_context(|| format!("creating {}", root.display()))
+            .map_err(local)?;
+        let layout = Layout::new(root.clone());
+        let state = match layout.load_state().map_err(local)? {
+            Some(state) => state,
+            None => {
+                // `/usr/lib/postgresql/<major>/bin`, or the version asked for.
+                let version = bin_dir
+                    .parent()
+                    .and_then(|v| v.file_name())
+                    .and_then(|v| v.to_str())
+                    .filter(|v| !v.is_empty() && v.chars().all(|c| c.is_ascii_digit()))
+                    .map(str::to_string)
+                    .or_else(|| params.server.postgres_version.clone())
+                    .unwrap_or_default();
+                let scope = names::instance_cluster(prefix, &instance.id);
+                let state =
+                    ClusterState::new(scope, version, bin_dir, params.members).map_err(local)?;
+                layout.save_state(&state).map_err(local)?;
+                state
+            }
+        };
+        let secrets = layout.ensure_secrets().map_err(local)?;
+        let run_as = embedded::os_user_for_postgres().map_err(TaskError::Fatal)?;
+        let cluster = LocalCluster {
+            layout,
+            state,
+            secrets,
+            run_as,
+        };
+        let t0 = std::time::Instant::now();
+        cluster
+            .prepare()
+            .await
+            .context("preparing the cluster's folder")
+            .map_err(local)?;
+        cluster
+            .ensure_etcd(&ctx.services.http)
+            .await
+            .context("starting etcd")
+            .map_err(local)?;
+        let dcs = config::dcs_config(
+            self.timings,
+            params.synchronous,
+            &params.server.tuning_profile,
+        );
+        for member in &cluster.state.members {
+            cluster
+                .ensure_member(member, &dcs)
+                .await
+                .context("starting Patroni")
+                .map_err(local)?;
+        }
+        ctx.progress(&format!("starting {} members", cluster.state.members.len()))
+            .await?;
+        let (view, leader) = match wait_ready(&cluster, &ctx.services.http, INLINE_WAIT).await {
+            Ok(ready) => ready,
+            Err(why) => return Ok(wait(format!("starting the cluster: {why}"))),
+        };
+        let started_ms = t0.elapsed().as_millis();
+
+        let port = cluster
+            .state
+            .member(&leader)
+            .map(|m| m.pg_port)
+            .unwrap_or_default();
+        let owner = names::instance_owner_role(prefix, &instance.id);
+        let admin_password = random_password(32);
+        app_database::set_up(
+            &|db: &str| cluster.superuser(port, db),
+            &AppDatabase {
+                database: &params.server.app_db_name,
+                owner: &owner,
+                admin_user: &params.server.admin_user,
+                admin_password: &admin_password,
+                extensions: &params.server.extensions,
+            },
+            cluster.state.postgres_version.parse().unwrap_or(0),
+        )
+        .await?;
+        info!(
+            instance_id = %instance.id,
+            members = cluster.state.members.len(),
+            primary = %leader,
+            started_ms,
+            total_ms = t0.elapsed().as_millis(),
+            "ha cluster ready"
+        );
+        let secrets = &cluster.secrets;
+        Ok(Progress::Done(Provisioned {
+            details: json!({
+                "engine_host": self.host,
+                "cluster_dir": root.display().to_string(),
+                "scope": cluster.state.scope,
+                "host": config::HOST,
+                "etcd_port": cluster.state.etcd_client_port,
+                "members": members_details(&cluster.state, Some(&view)),
+                "primary": leader,
+                "postgres_version": cluster.state.postgres_version,
+                "app_db_name": params.server.app_db_name,
+                "admin_user": params.server.admin_user,
+                "owner_role": owner,
+                "tuning_profile": params.server.tuning_profile,
+                "synchronous": params.synchronous,
+                "patroni": self.timings,
+                "tls": true,
+                "ready_at": chrono::Utc::now(),
+                "restarts": 0,
+            }),
+            secrets: Some(json!({
+                "admin_password": admin_password,
+                "superuser_password": secrets.superuser,
+                "replication_password": secrets.replication,
+                "rewind_password": secrets.rewind,
+                "patroni_api_password": secrets.restapi,
+            })),
+        }))
+    }
+
+    async fn update(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+        update: &UpdatePayload,
+    ) -> Result<Progress<()>, TaskError> {
+        if update.plan_id != instance.plan_id {
+            return Err(TaskError::fatal(
+                "an instance cannot move between the ha plan and another: provision a new instance",
+            ));
+        }
+        if let Some(wait) = owned_elsewhere(instance, &self.host) {
+            return Ok(wait);
+        }
+        let params = Params::of(&update.parameters)?;
+        let mut cluster = self.open_existing(ctx, &instance.id)?;
+        let http = &ctx.services.http;
+        settings::apply(ctx, instance, &cluster, &params).await?;
+        let dcs = config::dcs_config(
+            self.timings,
+            params.synchronous,
+            &params.server.tuning_profile,
+        );
+        if let Some(wait) = scaling::to(ctx, &mut cluster, params.members, &dcs).await? {
+            return Ok(wait);
+        }
+        let (view, leader) = match wait_ready(&cluster, http, INLINE_WAIT).await {
+            Ok(ready) => ready,
+            Err(why) => return Ok(wait(why)),
+        };
+        let port = cluster
+            .state
+            .member(&leader)
+            .map(|m| m.pg_port)
+            .unwrap_or_default();
+        app_database::add_extensions(
+            &|db: &str| cluster.superuser(port, db),
+            detail_str(instance, "app_db_name", "app"),
+            &params.server.extensions,
+        )
+        .await?;
+        instances::merge_details(
+            ctx.pool,
+            &instance.id,
+            &json!({ "members": members_details(&cluster.state, Some(&view)), "primary": leader }),
+        )
+        .await
+        .context("recording the cluster's members")?;
+        Ok(Progress::Done(()))
+    }
+
+    async fn deprovision(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+        _bindings: &[BindingRow],
+    ) -> Result<Progress<()>, TaskError> {
+        if let Some(wait) = owned_elsewhere(instance, &self.host) {
+            return Ok(wait);
+        }
+        let root = self.cluster_root(ctx.services.name_prefix(), &instance.id);
+        // Held until the folder is gone, so the reconcile loop cannot start a member again meanwhile.
+        let mut tx = ctx
+            .pool
+            .begin()
+            .await
+            .context("locking the instance against the reconcile loop")?;
+        sqlx::query(INSTANCE_LOCK_SQL)
+            .bind(&instance.id)
+            .execute(&mut *tx)
+            .await
+            .context("locking the instance against the reconcile loop")?;
+        if root.exists() {
+            cluster::stop_all(&Layout::new(root.clone()))
+                .await
+                .context("stopping the cluster")
+                .map_err(local)?;
+            std::fs::remove_dir_all(&root)
+                .with_context(|| format!("removing {}", root.display()))
+                .map_err(local)?;
+        }
+        tx.commit().await.context("releasing the instance lock")?;
+        Ok(Progress::Done(()))
+    }
+
+    async fn bind(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+        binding: &BindingRow,
+    ) -> Result<Progress<Bound>, TaskError> {
+        if let Some(wait) = owned_elsewhere(instance, &self.host) {
+            return Ok(wait);
+        }
+        let access = Access::of(binding)?;
+        let cluster = self.open_existing(ctx, &instance.id)?;
+        let view = Patroni::new(&ctx.services.http, &cluster.state, &cluster.secrets)
+            .cluster()
+            .await
+            .map_err(local)?;
+        let leader = match leader_or_wait(&view) {
+            Ok(leader) => leader,
+            Err(wait) => return Ok(wait),
+        };
+        let endpoints = endpoints(&cluster.state, &leader)?;
+        let database = detail_str(instance, "app_db_name", "app");
+        let owner = names::instance_owner_role(ctx.services.name_prefix(), &instance.id);
+        let role = names::binding_role(ctx.services.name_prefix(), &binding.id);
+        let password = random_password(32);
+        let port = endpoints.primary;
+        app_database::grant_binding(
+            &|db: &str| cluster.superuser(port, db),
+            database,
+            &owner,
+            &role,
+            &password,
+            access,
+        )
+        .await?;
+        let ca = std::fs::read_to_string(cluster.layout.ca_cert())
+            .context("reading the cluster's CA")
+            .map_err(local)?;
+        Ok(Progress::Done(Bound {
+            details: json!({
+                "endpoints": endpoints.osb(),
+                "role": role,
+                "database": database,
+                "access": access.as_str(),
+            }),
+            credentials: credentials::credentials(&endpoints, database, &role, &password, &ca),
+        }))
+    }
+
+    async fn database_target(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+        bindings: &[BindingRow],
+    ) -> Result<Progress<DatabaseTarget>, TaskError> {
+        if let Some(wait) = owned_elsewhere(instance, &self.host) {
+            return Ok(wait);
+        }
+        let cluster = self.open_existing(ctx, &instance.id)?;
+        let view = Patroni::new(&ctx.services.http, &cluster.state, &cluster.secrets)
+            .cluster()
+            .await
+            .map_err(local)?;
+        let leader = match leader_or_wait(&view) {
+            Ok(leader) => leader,
+            Err(wait) => return Ok(wait),
+        };
+        // Snapshots read and write the primary; replicas follow through WAL (template clones included).
+        let port = endpoints(&cluster.state, &leader)?.primary;
+        let prefix = ctx.services.name_prefix();
+        Ok(Progress::Done(DatabaseTarget {
+            login: ServerLogin {
+                host: Host::Tcp("127.0.0.1".into()),
+                port,
+                user: state::SUPERUSER.to_string(),
+                password: Some(secrecy::SecretString::from(cluster.secrets.superuser.clone())),
+                ssl_require: true,
+                bin_dir: cluster.state.bin_dir.clone(),
+            },
+            database: detail_str(instance, "app_db_name", "app").to_string(),
+            owner: names::instance_owner_role(prefix, &instance.id),
+            bindings: binding_grants(prefix, bindings)?,
+            extensions: Params::of(&instance.parameters)?.server.extensions,
+        }))
+    }
+
+    async fn unbind(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+        binding: &BindingRow,
+    ) -> Result<Progress<()>, TaskError> {
+        if let Some(wait) = owned_elsewhere(instance, &self.host) {
+            return Ok(wait);
+        }
+        let Some(cluster) = self.open(ctx.services.name_prefix(), &instance.id)? else {
+            return Ok(Progress::Done(()));
+        };
+        let view = Patroni::new(&ctx.services.http, &cluster.state, &cluster.secrets)
+            .cluster()
+            .await
+            .map_err(local)?;
+        let leader = match leader_or_wait(&view) {
+            Ok(leader) => leader,
+            Err(wait) => return Ok(wait),
+        };
+        let port = endpoints(&cluster.state, &leader)?.primary;
+        let database = detail_str(instance, "app_db_name", "app");
+        let owner = names::instance_owner_role(ctx.services.name_prefix(), &instance.id);
+        let role = names::binding_role(ctx.services.name_prefix(), &binding.id);
+        app_database::revoke_binding(
+            &|db: &str| cluster.superuser(port, db),
+            database,
+            &owner,
+            &role,
+        )
+        .await?;
+        Ok(Progress::Done(()))
+    }
+
+    async fn change_primary(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+        operation: Operation,
+        candidate: Option<&str>,
+    ) -> Result<Progress<()>, TaskError> {
+        if let Some(wait) = owned_elsewhere(instance, &self.host) {
+            return Ok(wait);
+        }
+        let cluster = self.open_existing(ctx, &instance.id)?;
+        switchover::run(ctx, instance, &cluster, operation, candidate).await
+    }
+
+    async fn reconcile(&self, pool: &PgPool, services: &Services) -> anyhow::Result<()> {
+        let plan_ids = services.plan_ids_of_engine(ENGINE);
+        if plan_ids.is_empty() {
+            return Ok(());
+        }
+        let ready = instances::list_ready_on_host(pool, &plan_ids, &self.host)
+            .await
+            .context("listing the ha clusters")?;
+        for instance in ready {
+            let cluster = match self.open(services.name_prefix(), &instance.id) {
+                Ok(Some(cluster)) => cluster,
+                Ok(None) => {
+                    warn!(instance_id = %instance.id, "the instance's cluster folder is missing");
+                    continue;
+                }
+                Err(e) => {
+                    warn!(instance_id = %instance.id, error = %e, "cannot open the instance's cluster");
+                    continue;
+                }
+            };
+            if let Err(e) = heal(pool, services, &instance, &cluster, self.timings).await {
+                warn!(instance_id = %instance.id, error = %format!("{e:#}"), "reconciling a cluster failed; will try again");
+            }
+        }
+        Ok(())
+    }
+}
+
+mod scaling;
+mod settings;
+mod switchover;
+
+/// One reconcile pass over a cluster, under the instance's advisory lock (skipped if another worker or an
+/// operation has it): etcd and every member's Patroni running (restarted where they stopped, once Patroni has
+/// failed over if it was the primary; a member that cannot start given new data from the primary), then the
+/// primary and the members' roles recorded.
+async fn heal(
+    pool: &PgPool,
+    services: &Services,
+    instance: &InstanceRow,
+    cluster: &LocalCluster,
+    timings: Timings,
+) -> anyhow::Result<()> {
+    let mut tx = pool.begin().await?;
+    let locked: bool = sqlx::query_scalar(INSTANCE_TRY_LOCK_SQL)
+        .bind(&instance.id)
+        .fetch_one(&mut *tx)
+        .await?;
+    if !locked {
+        return Ok(());
+    }
+    let busy = tasks::active_operations(&mut *tx, &instance.id)
+        .await?
+        .iter()
+        .any(|t| t.binding_id.is_none());
+    let Some(current) = instances::get(&mut *tx, &instance.id).await? else {
+        return Ok(());
+    };
+    if busy {
+        return Ok(());
+    }
+    let http = &services.http;
+    let mut restarted: Vec<String> = Vec::new();
+    if cluster.ensure_etcd(http).await? {
+        warn!(instance_id = %instance.id, "the cluster's etcd was not running; started it again");
+        restarted.push("etcd".into());
+    }
+    let dcs = dcs_for(&current, timings);
+    let patroni = Patroni::new(http, &cluster.state, &cluster.secrets);
+    let view = patroni.cluster().await.ok();
+    let leader = view
+        .as_ref()
+        .and_then(|v| v.leader())
+        .map(|l| l.name.clone());
+    for member in &cluster.state.members {
+        if cluster.patroni_pids(&member.name).is_empty() {
+            // A crashed primary still holds the leader key until its ttl lapses: leave it to Patroni to promote
+            // a replica then (a restart in place would race that election), and bring it back as a replica.
+            if leader.as_deref() == Some(member.name.as_str()) {
+                continue;
+            }
+            warn!(instance_id = %instance.id, member = %member.name, "a member's Patroni is not running; starting it again");
+            cluster.ensure_member(member, &dcs).await?;
+            restarted.push(member.name.clone());
+            continue;
+        }
+        let failed = patroni
+            .member_state(member.api_port)
+            .await
+            .is_some_and(|s| s["state"] == "start failed" || s["state"] == "crashed");
+        if failed && leader.as_ref().is_some_and(|l| *l != member.name) {
+            cluster.replace_member(member, &dcs).await?;
+            restarted.push(member.name.clone());
+        }
+    }
+    let members = members_details(&cluster.state, view.as_ref());
+    let recorded = (
+        current.details.get("members"),
+        current.details.get("primary").and_then(Value::as_str),
+    );
+    if restarted.is_empty() && recorded == (Some(&members), leader.as_deref()) {
+        return Ok(());
+    }
+    let mut patch = json!({ "members": members });
+    if let Some(leader) = &leader {
+        patch["primary"] = json!(leader);
+    }
+    if !restarted.is_empty() {
+        let restarts = current
+            .details
+            .get("restarts")
+            .and_then(Value::as_i64)
+            .unwrap_or(0)
+            + restarted.len() as i64;
+        patch["restarts"] = json!(restarts);
+        patch["last_recovered_at"] = json!(chrono::Utc::now());
+        patch["last_recovered"] = json!(restarted);
+    }
+    instances::merge_details(&mut *tx, &instance.id, &patch).await?;
+    tx.commit().await?;
+    if !restarted.is_empty() {
+        info!(instance_id = %instance.id, restarted = ?restarted, "the cluster's stopped processes run again");
+    }
+    Ok(())
+}

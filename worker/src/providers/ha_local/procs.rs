@@ -1,0 +1,127 @@
+//! The cluster's processes: started detached (`setsid -f`, their own session, reparented away from the worker)
+//! so they outlive it like the `local` engine's servers, as the `postgres` OS user when the worker is root.
+//! Found again through /proc: Patroni by its config file argument, etcd by its data folder argument, Postgres
+//! by its working directory (a postmaster and its backends chdir to their data folder).
+
+use std::{ffi::OsStr, path::Path, process::Stdio, time::Duration};
+
+use anyhow::Context as _;
+use tokio::process::Command;
+
+/// Starts `program args…` detached, appending its output to `log`.
+pub async fn spawn_detached(
+    run_as: Option<&str>,
+    program: &str,
+    args: &[&OsStr],
+    log: &Path,
+) -> anyhow::Result<()> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
+    let mut cmd = match run_as {
+        Some(user) => {
+            let mut cmd = Command::new("runuser");
+            cmd.args(["-u", user, "--", "setsid", "-f", program]);
+            cmd
+        }
+        None => {
+            let mut cmd = Command::new("setsid");
+            cmd.args(["-f", program]);
+            cmd
+        }
+    };
+    let status = cmd
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out.try_clone()?))
+        .stderr(Stdio::from(out))
+        .status()
+        .await
+        .with_context(|| format!("starting {program}"))?;
+    anyhow::ensure!(status.success(), "starting {program} failed ({status})");
+    Ok(())
+}
+
+/// Every pid in /proc.
+fn all_pids() -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+        .collect()
+}
+
+/// Pids of processes with `arg` as one of their arguments (not the program itself).
+pub fn pids_with_arg(arg: &Path) -> Vec<u32> {
+    let arg = arg.as_os_str().as_encoded_bytes();
+    all_pids()
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|cmdline| cmdline.split(|b| *b == 0).skip(1).any(|a| a == arg))
+        })
+        // A process being started goes through runuser and setsid with the same arguments: only the program.
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| !matches!(comm.trim(), "runuser" | "setsid"))
+        })
+        .collect()
+}
+
+/// Pids of processes whose working directory is `dir` or below it.
+pub fn pids_working_in(dir: &Path) -> Vec<u32> {
+    all_pids()
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(dir))
+        })
+        .collect()
+}
+
+/// Sends `signal` (`TERM`, `KILL`, …) to `pids`; ones already gone are fine.
+pub async fn signal(pids: &[u32], signal: &str) {
+    if pids.is_empty() {
+        return;
+    }
+    let _ = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .args(pids.iter().map(u32::to_string))
+        .stderr(Stdio::null())
+        .status()
+        .await;
+}
+
+/// Asks what `find` finds to stop (SIGTERM), waits up to `grace`, then kills what is left and waits until
+/// nothing is.
+pub async fn stop(find: impl Fn() -> Vec<u32>, grace: Duration) -> anyhow::Result<()> {
+    signal(&find(), "TERM").await;
+    let deadline = tokio::time::Instant::now() + grace;
+    while tokio::time::Instant::now() < deadline {
+        if find().is_empty() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    kill(find).await
+}
+
+/// SIGKILL to what `find` finds until nothing is left (10 s at most).
+pub async fn kill(find: impl Fn() -> Vec<u32>) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = find();
+        if left.is_empty() {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "processes {left:?} did not stop"
+        );
+        signal(&left, "KILL").await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,145 @@
+//! Switchover (planned: the primary hands over cleanly) and failover (forced, also without a healthy primary)
+//! through Patroni's REST API, to a named member or the healthiest replica. A task run again after a crash
+//! recognises its own earlier change (details `change_primary`) instead of moving the primary twice.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use broker::{
+    db::{instances, instances::InstanceRow},
+    model::Operation,
+};
+use serde_json::{Value, json};
+use tracing::info;
+
+use super::{
+    cluster::LocalCluster,
+    local, members_details,
+    patroni::{ClusterView, Patroni},
+};
+use crate::{context::TaskContext, providers::Progress, registry::TaskError};
+
+pub async fn run(
+    ctx: &TaskContext<'_>,
+    instance: &InstanceRow,
+    cluster: &LocalCluster,
+    operation: Operation,
+    candidate: Option<&str>,
+) -> Result<Progress<()>, TaskError> {
+    let patroni = Patroni::new(&ctx.services.http, &cluster.state, &cluster.secrets);
+    let view = patroni.cluster().await.map_err(local)?;
+    let leader = view.leader().map(|l| l.name.clone());
+    let task = ctx.task.id.to_string();
+    if let Some(earlier) = instance
+        .details
+        .get("change_primary")
+        .filter(|c| c["task"] == task.as_str())
+    {
+        let from = earlier["from"].as_str();
+        if leader.is_some() && leader.as_deref() != from {
+            return record(ctx, instance, cluster, &view).await;
+        }
+    }
+    let target = match candidate {
+        Some(name) => name.to_string(),
+        None => best_replica(&view)
+            .ok_or_else(|| TaskError::retryable("no healthy replica to promote right now"))?,
+    };
+    if leader.as_deref() == Some(target.as_str()) {
+        return record(ctx, instance, cluster, &view).await;
+    }
+    let member = view
+        .member(&target)
+        .ok_or_else(|| TaskError::fatal(format!("{target} is not a member of the cluster")))?;
+    if !member.is_healthy_replica() {
+        return Err(TaskError::fatal(format!(
+            "member {target} is not a healthy replica (role {}, state {}); name another or leave the choice to berth",
+            member.role, member.state
+        )));
+    }
+    let (path, body) = match operation {
+        Operation::Switchover => {
+            let Some(leader) = &leader else {
+                return Err(TaskError::fatal(
+                    "the cluster has no healthy primary to switch over from; use /failover",
+                ));
+            };
+            (
+                "/switchover",
+                json!({ "leader": leader, "candidate": target }),
+            )
+        }
+        _ => ("/failover", json!({ "candidate": target })),
+    };
+    instances::merge_details(
+        ctx.pool,
+        &instance.id,
+        &json!({ "change_primary": { "task": task, "from": leader } }),
+    )
+    .await
+    .context("recording the change of primary")?;
+    ctx.progress(&format!("{} to {target}", operation.as_str()))
+        .await?;
+    let (status, text) = patroni
+        .change(reqwest::Method::POST, path, &body)
+        .await
+        .map_err(local)?;
+    if !(200..300).contains(&status) {
+        let hint = if view.members.iter().any(|m| m.role == "sync_standby")
+            && operation == Operation::Switchover
+        {
+            " (in synchronous mode a switchover may only go to the synchronous standby; /failover can force another)"
+        } else {
+            ""
+        };
+        return Err(TaskError::fatal(format!(
+            "Patroni refused the {} ({status}): {text}{hint}",
+            operation.as_str()
+        )));
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(view) = patroni.cluster().await
+            && view.leader().is_some_and(|l| l.name == target)
+        {
+            info!(instance_id = %instance.id, from = ?leader, to = %target, operation = operation.as_str(), "primary changed");
+            return record(ctx, instance, cluster, &view).await;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(TaskError::retryable(format!(
+                "{target} did not become the primary within 60 s"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The synchronous standby if there is one (the only one Patroni promotes without losing commits), else the
+/// running replica with the least lag.
+fn best_replica(view: &ClusterView) -> Option<String> {
+    let healthy: Vec<_> = view.healthy_replicas().collect();
+    if let Some(sync) = healthy.iter().find(|m| m.role == "sync_standby") {
+        return Some(sync.name.clone());
+    }
+    healthy
+        .into_iter()
+        .min_by_key(|m| m.lag.as_ref().and_then(Value::as_u64).unwrap_or(u64::MAX))
+        .map(|m| m.name.clone())
+}
+
+async fn record(
+    ctx: &TaskContext<'_>,
+    instance: &InstanceRow,
+    cluster: &LocalCluster,
+    view: &ClusterView,
+) -> Result<Progress<()>, TaskError> {
+    let primary = view.leader().map(|l| l.name.clone());
+    instances::merge_details(
+        ctx.pool,
+        &instance.id,
+        &json!({ "primary": primary, "members": members_details(&cluster.state, Some(view)) }),
+    )
+    .await
+    .context("recording the new primary")?;
+    Ok(Progress::Done(()))
+}
