@@ -233,7 +233,7 @@ PY
   "$bin/berth-bench" ec2-reconcile --database-url "$(db_url ec2bench)" --moto-url "$BERTH_TEST_MOTO_URL" \
     --key "$BERTH_TEST_MOTO_ACCESS_KEY" --secret "$BERTH_TEST_MOTO_SECRET_KEY" --vm-ids "$work/vm-ids" \
     --cycles "$EC2_CYCLES" | tee -a "$results" >&2
-  jq -r 'select(.part == "ec2_reconcile") | "EC2 RECONCILE  \(.instances) instances on moto, median of \(.cycles) passes\n  berth: \(.describe_calls_per_cycle) DescribeInstances per pass, \(.cycle_ms_p50 | floor) ms per pass, \(.ms_per_instance * 1000 | floor / 1000) ms per instance\n  one DescribeInstances per VM: \(.anchor.describe_calls_per_cycle) calls, \(.anchor.cycle_ms | floor) ms, \(.anchor.ms_per_instance * 1000 | floor / 1000) ms per instance (ratio \(.ratio * 1000 | floor / 1000))"' "$results"
+  jq -r 'select(.part == "ec2_reconcile") | "EC2 RECONCILE  \(.instances) instances on moto, median of \(.cycles) passes\n  berth: \(.describe_calls_per_cycle) DescribeInstances per pass, \(.cycle_ms_p50 | floor) ms per pass, \(.ms_per_instance * 1000 | floor / 1000) ms per instance, of which berth itself (database, matching) \(.own_ms_per_instance * 1000 | floor / 1000) ms\n  one DescribeInstances per VM: \(.anchor.describe_calls_per_cycle) calls, \(.anchor.cycle_ms | floor) ms, \(.anchor.ms_per_instance * 1000 | floor / 1000) ms per instance (ratio \(.ratio * 1000 | floor / 1000))"' "$results"
   exit 0
 fi
 

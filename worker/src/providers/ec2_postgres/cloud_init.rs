@@ -16,7 +16,8 @@ pub const SUPERUSER: &str = "berth_su";
 #[derive(Debug, Serialize)]
 pub struct UserData<'a> {
     pub instance_id: &'a str,
-    pub instance_name: &'a str,
+    /// The VM's name (`<prefix>pg-<hash>`): the TLS certificate's CN.
+    pub server_name: &'a str,
     pub postgres_version: &'a str,
     pub volume_id: &'a str,
     pub tuning_profile: &'a str,
@@ -52,7 +53,7 @@ pub fn render(data: &UserData<'_>) -> anyhow::Result<Rendered> {
         ("owner role", data.owner_role),
         ("admin password", data.admin_password),
         ("superuser password", data.superuser_password),
-        ("instance name", data.instance_name),
+        ("server name", data.server_name),
     ] {
         anyhow::ensure!(safe(value), "{what} has characters the user-data cannot carry safely");
     }
@@ -84,7 +85,7 @@ mod tests {
     fn sample<'a>(extensions: &'a [String], keys: &'a [String]) -> UserData<'a> {
         UserData {
             instance_id: "i-1",
-            instance_name: "pg1",
+            server_name: "bt-pg-0123",
             postgres_version: "17",
             volume_id: "vol-0123456789abcdef0",
             tuning_profile: "oltp",

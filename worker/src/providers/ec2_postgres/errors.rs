@@ -18,6 +18,19 @@ const NO_CAPACITY: &[&str] = &[
     "Unsupported",
 ];
 
+/// Codes that mean "not yet": EC2 is eventually consistent (a VM just launched may be unknown for a moment) and
+/// volumes and groups free up only once their VM is gone.
+const NOT_YET: &[&str] = &[
+    "InvalidInstanceID.NotFound",
+    "InvalidVolume.NotFound",
+    "InvalidAllocationID.NotFound",
+    "InvalidGroup.NotFound",
+    "IncorrectState",
+    "IncorrectInstanceState",
+    "VolumeInUse",
+    "DependencyViolation",
+];
+
 pub fn code<E: ProvideErrorMetadata, R: HttpStatus>(err: &SdkError<E, R>) -> Option<String> {
     common::code(err)
 }
@@ -43,11 +56,57 @@ where
              (RunInstances, CreateVolume, CreateSecurityGroup, ...), then retry the operation"
         )),
         "RequestLimitExceeded" => TaskError::retryable(format!("{what}: EC2 is throttling berth ({message})")),
+        c if NOT_YET.contains(&c) => TaskError::retryable(format!("{what}: not yet ({code}: {message})")),
         "InstanceLimitExceeded" | "VcpuLimitExceeded" | "VolumeLimitExceeded" | "AddressLimitExceeded" => {
             TaskError::fatal(format!(
                 "{what}: an account limit was reached ({code}: {message}); ask AWS for a higher limit or free some"
             ))
         }
         _ => common::classify(err, what, "EC2"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use aws_sdk_ec2::{config::http::HttpResponse, error::ErrorMetadata, operation::run_instances::RunInstancesError};
+    use aws_sdk_s3::primitives::SdkBody;
+
+    use super::*;
+
+    fn service(code: &str, status: u16) -> SdkError<RunInstancesError, HttpResponse> {
+        let err = RunInstancesError::generic(ErrorMetadata::builder().code(code).message("m").build());
+        SdkError::service_error(err, HttpResponse::new(status.try_into().unwrap(), SdkBody::empty()))
+    }
+
+    #[test]
+    fn capacity_moves_on_waits_retry_and_refusals_say_what_to_fix() {
+        for c in [
+            "InsufficientInstanceCapacity",
+            "MaxSpotInstanceCountExceeded",
+            "SpotMaxPriceTooLow",
+        ] {
+            assert!(is_capacity(c), "{c}");
+        }
+        assert!(!is_capacity("UnauthorizedOperation"));
+        for (c, status) in [
+            ("RequestLimitExceeded", 503),
+            ("VolumeInUse", 400),
+            ("InvalidInstanceID.NotFound", 400),
+            ("InternalError", 500),
+        ] {
+            assert!(!classify(service(c, status), "x").is_fatal(), "{c}");
+        }
+        for (c, hint) in [
+            ("UnauthorizedOperation", "RunInstances"),
+            ("VcpuLimitExceeded", "limit"),
+            ("InvalidParameterValue", "refused"),
+        ] {
+            let e = classify(service(c, 400), "launching the VM");
+            assert!(e.is_fatal(), "{c}");
+            assert!(
+                e.to_string().starts_with("launching the VM: ") && e.to_string().contains(hint),
+                "{e}"
+            );
+        }
     }
 }

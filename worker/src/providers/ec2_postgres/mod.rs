@@ -467,10 +467,10 @@ impl Ec2Postgres {
         volume_id: &str,
     ) -> Result<Rendered, TaskError> {
         let owner = names::instance_owner_role(ctx.services.name_prefix(), &instance.id);
-        let instance_name = crate::delivery::instance_name(instance);
+        let server_name = group_name(ctx.services.name_prefix(), &instance.id);
         render_user_data(&UserData {
             instance_id: &instance.id,
-            instance_name: &instance_name,
+            server_name: &server_name,
             postgres_version: &params.postgres_version,
             volume_id,
             tuning_profile: &params.tuning_profile,
@@ -532,7 +532,9 @@ impl Provider for Ec2Postgres {
             in_zone.zone = Some(zone.clone());
             state.candidates = candidates(&offers, &in_zone, &[], &mut rng);
             if state.candidates.is_empty() {
-                state.candidates = first.into_iter().filter(|c| c.zone.is_none()).collect();
+                return Err(TaskError::fatal(format!(
+                    "no matching instance type is offered in zone {zone}"
+                )));
             }
             state.zone = Some(zone);
             state.save(ctx.pool, &instance.id).await?;

@@ -26,10 +26,12 @@ const PAGE: i64 = 1000;
 const LOCK_SQL: &str = "SELECT pg_try_advisory_xact_lock(hashtextextended('berth.ec2:' || $1, 0))";
 
 /// What one reconcile pass did (the benchmark prints it).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct Cycle {
     pub instances: usize,
     pub describe_calls: u32,
+    /// Time spent waiting for EC2's DescribeInstances answers.
+    pub describe_ms: f64,
     pub recovering: usize,
 }
 
@@ -82,8 +84,15 @@ pub async fn settle(
     running: &vm::Vm,
     volume: &vm::Volume,
 ) -> Result<(), TaskError> {
-    if volume.attached_to.as_deref() != Some(running.id.as_str()) {
-        vm::attach(client, &volume.id, &running.id).await?;
+    match volume.attached_to.as_deref() {
+        Some(vm) if vm == running.id => {}
+        // The old VM still holds it (stopping, or terminating): it comes free when that VM is gone.
+        Some(other) => {
+            return Err(TaskError::retryable(format!(
+                "the data volume is still attached to VM {other}; waiting"
+            )));
+        }
+        None => vm::attach(client, &volume.id, &running.id).await?,
     }
     if let Some(allocation) = &state.allocation_id {
         vm::associate(client, allocation, &running.id).await?;
@@ -113,7 +122,9 @@ pub async fn reconcile(engine: &Ec2Postgres, pool: &PgPool, services: &Services)
             let state = State::of(&instance.details);
             let region = engine.region_of(None, &state);
             if !live.contains_key(&region) {
+                let started = std::time::Instant::now();
                 let vms = berth_vms(&engine.client(&region), &mut cycle.describe_calls).await?;
+                cycle.describe_ms += started.elapsed().as_secs_f64() * 1e3;
                 live.insert(region.clone(), vms);
             }
             let has_vm = state.vm_id.as_ref().is_some_and(|id| live[&region].contains_key(id));
@@ -171,6 +182,13 @@ async fn recover(engine: &Ec2Postgres, pool: &PgPool, services: &Services, insta
     let client = engine.client(&region);
     if !state.recovering {
         warn!(instance_id, vm = ?state.vm_id, "the instance's VM is gone; launching a replacement in {:?}", state.zone);
+        // A VM that is merely stopped (or stopping) still holds the volume: it goes for good.
+        // Best effort: one already terminated needs nothing (moto even refuses it).
+        if let Some(old) = &state.vm_id
+            && let Err(e) = vm::terminate(&client, std::slice::from_ref(old)).await
+        {
+            warn!(instance_id, vm = %old, error = %e, "terminating the old VM failed");
+        }
         forget_vm(&mut state);
         state.recovering = true;
         state.generation += 1;
@@ -229,10 +247,10 @@ async fn launch_replacement(
     let secrets: Secrets = services.cipher.open_json(sealed)?;
     let prefix = services.name_prefix();
     let owner = names::instance_owner_role(prefix, &instance.id);
-    let instance_name = crate::delivery::instance_name(instance);
+    let server_name = super::group_name(prefix, &instance.id);
     let user_data = super::render_user_data(&super::UserData {
         instance_id: &instance.id,
-        instance_name: &instance_name,
+        server_name: &server_name,
         postgres_version: &params.postgres_version,
         volume_id: &volume.id,
         tuning_profile: instance
