@@ -40,10 +40,28 @@ pub async fn run(
             return record(ctx, instance, cluster, &view).await;
         }
     }
+    // In synchronous mode Patroni hands over only to the synchronous standby, which it names a loop or two
+    // after a member (re)joins: until it has one, wait rather than pick another replica.
+    let synchronous = instance
+        .details
+        .get("synchronous")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     let target = match candidate {
         Some(name) => name.to_string(),
-        None => best_replica(&view)
-            .ok_or_else(|| TaskError::retryable("no healthy replica to promote right now"))?,
+        None => match best_replica(&view) {
+            Some(name)
+                if !synchronous || view.member(&name).is_some_and(|m| m.role == "sync_standby") =>
+            {
+                name
+            }
+            _ => {
+                return Ok(Progress::Wait {
+                    after: Duration::from_secs(1),
+                    progress: "waiting for a healthy (synchronous) standby to hand over to".into(),
+                });
+            }
+        },
     };
     if leader.as_deref() == Some(target.as_str()) {
         return record(ctx, instance, cluster, &view).await;
@@ -92,10 +110,16 @@ pub async fn run(
         } else {
             ""
         };
-        return Err(TaskError::fatal(format!(
+        let refused = format!(
             "Patroni refused the {} ({status}): {text}{hint}",
             operation.as_str()
-        )));
+        );
+        // A standby berth chose may have lost its role meanwhile: choose again. A named one is the caller's.
+        return Err(if candidate.is_none() && status == 412 {
+            TaskError::retryable(refused)
+        } else {
+            TaskError::fatal(refused)
+        });
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
