@@ -371,6 +371,11 @@ impl Provider for HaLocal {
             Ok(ready) => ready,
             Err(why) => return Ok(wait(format!("starting the cluster: {why}"))),
         };
+        // With `synchronous`, the instance is handed over only once a commit waits for a standby: a write
+        // acknowledged before Patroni chose one could be lost in a failover.
+        if params.synchronous && !view.members.iter().any(|m| m.role == "sync_standby") {
+            return Ok(wait("starting the cluster: waiting for Patroni to choose a synchronous standby".into()));
+        }
         let started_ms = t0.elapsed().as_millis();
 
         let port = cluster
