@@ -7,12 +7,13 @@ use sqlx::{PgConnection, postgres::PgConnectOptions};
 use super::shared_postgres::{
     Access, connect, create_extensions, database_exists, drop_role, ensure_database, ensure_role,
     exec, exec_tolerating, lock_out, role_exists,
+    read_only_grants,
 };
 use crate::registry::TaskError;
 use broker::names::{quote_ident, quote_literal};
 
 /// Superuser connect options for a database of the server.
-pub(crate) type Superuser<'a> = &'a (dyn Fn(&str) -> PgConnectOptions + Send + Sync);
+pub(crate) type Superuser<'a> = &'a (dyn Fn(&str) -> PgConnectOptions + Sync);
 
 /// What [`set_up`] makes.
 pub(crate) struct AppDatabase<'a> {
@@ -143,13 +144,7 @@ pub(crate) async fn grant_binding(
     drop(conn);
     if access == Access::ReadOnly {
         let mut db = connect(&su(database), "connecting to the app database").await?;
-        let grants = format!(
-            "GRANT USAGE ON SCHEMA public TO {role_q};
-             GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role_q};
-             GRANT SELECT ON ALL SEQUENCES IN SCHEMA public TO {role_q};
-             ALTER DEFAULT PRIVILEGES FOR ROLE {owner_q} IN SCHEMA public GRANT SELECT ON TABLES TO {role_q};
-             ALTER DEFAULT PRIVILEGES FOR ROLE {owner_q} IN SCHEMA public GRANT SELECT ON SEQUENCES TO {role_q};"
-        );
+        let grants = read_only_grants(&role_q, &owner_q);
         exec(
             &mut db,
             &grants,

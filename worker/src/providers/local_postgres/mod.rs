@@ -20,21 +20,21 @@ use broker::{
     db::{bindings::BindingRow, instances, instances::InstanceRow, tasks},
     embedded::{self, PgServer},
     model::UpdatePayload,
-    names::{self, quote_ident, quote_literal},
+    names::{self, quote_ident},
 };
 use secrecy::ExposeSecret;
 use serde_json::{Map, Value, json};
 use sqlx::{
-    PgConnection, PgPool,
+    PgPool,
     postgres::{PgConnectOptions, PgSslMode},
 };
 use tracing::{info, warn};
 
 use super::{
-    Bound, Progress, Provider, Provisioned, pg_tuning as tuning,
+    Bound, Progress, Provider, Provisioned, app_database, pg_tuning as tuning,
     shared_postgres::{
-        Access, binding_grants, connect, read_only_grants, create_extensions, database_exists, drop_role, ensure_database,
-        ensure_role, exec, exec_tolerating, lock_out, requested_extensions, role_exists,
+        Access, binding_grants, connect, create_extensions, ensure_database, ensure_role, exec,
+        requested_extensions,
     },
 };
 use crate::{
@@ -345,37 +345,6 @@ const LOCK_SQL: &str = "SELECT pg_advisory_xact_lock(hashtextextended('berth.loc
 const TRY_LOCK_SQL: &str =
     "SELECT pg_try_advisory_xact_lock(hashtextextended('berth.local:' || $1, 0))";
 
-/// Sets a login role's password, creating the role if needed.
-async fn ensure_login(
-    conn: &mut PgConnection,
-    role: &str,
-    attributes: &str,
-    password: &str,
-) -> Result<(), TaskError> {
-    let role_q = quote_ident(role);
-    let login = format!("LOGIN {attributes} PASSWORD {}", quote_literal(password));
-    let created = if role_exists(conn, role).await? {
-        false
-    } else {
-        exec_tolerating(
-            conn,
-            &format!("CREATE ROLE {role_q} {login}"),
-            &["42710", "23505"],
-            "creating a login role",
-        )
-        .await?
-    };
-    if !created {
-        exec(
-            conn,
-            &format!("ALTER ROLE {role_q} WITH {login}"),
-            "setting a login role's password",
-        )
-        .await?;
-    }
-    Ok(())
-}
-
 fn credentials(
     host: &str,
     port: u16,
@@ -461,7 +430,7 @@ impl Provider for LocalPostgres {
         )
         .await?;
         // CREATEDB but not CREATEROLE: on PostgreSQL 15 CREATEROLE could grant pg_execute_server_program.
-        ensure_login(&mut su, &params.admin_user, "CREATEDB", &admin_password).await?;
+        app_database::ensure_login(&mut su, &params.admin_user, "CREATEDB", &admin_password).await?;
         exec(
             &mut su,
             &format!(
@@ -755,70 +724,8 @@ pub(crate) async fn bind_role(
         .unwrap_or(DEFAULT_APP_DB);
     let owner = names::instance_owner_role(prefix, &instance.id);
     let role = names::binding_role(prefix, &binding.id);
-    let (role_q, owner_q, db_q) = (
-        quote_ident(&role),
-        quote_ident(&owner),
-        quote_ident(database),
-    );
     let password = random_password(32);
-
-    let mut su = connect(
-        &(server.superuser)("postgres"),
-        "connecting to the instance's server",
-    )
-    .await?;
-    if !database_exists(&mut su, database).await? || !role_exists(&mut su, &owner).await? {
-        return Err(TaskError::fatal(format!(
-            "the app database {database} is missing on the instance's server (did provisioning fail?); \
-                 deprovision the instance and provision it again"
-        )));
-    }
-    ensure_login(&mut su, &role, "", &password).await?;
-    match access {
-        Access::ReadWrite => {
-            exec(
-                &mut su,
-                &format!("GRANT {owner_q} TO {role_q}"),
-                "making the binding role a member of the owner role",
-            )
-            .await?;
-            exec(
-                &mut su,
-                &format!("ALTER ROLE {role_q} SET role = {}", quote_literal(&owner)),
-                "making the binding act as the owner role",
-            )
-            .await?;
-        }
-        Access::ReadOnly => {
-            exec(
-                &mut su,
-                &format!("ALTER ROLE {role_q} SET default_transaction_read_only = on"),
-                "making the binding role read-only",
-            )
-            .await?;
-        }
-    }
-    exec(
-        &mut su,
-        &format!("GRANT CONNECT ON DATABASE {db_q} TO {role_q}"),
-        "letting the binding role connect",
-    )
-    .await?;
-    drop(su);
-    if access == Access::ReadOnly {
-        let mut db = connect(
-            &(server.superuser)(database),
-            "connecting to the app database",
-        )
-        .await?;
-        let grants = read_only_grants(&role_q, &owner_q);
-        exec(
-            &mut db,
-            &grants,
-            "granting the read-only binding role SELECT on the app database's tables",
-        )
-        .await?;
-    }
+    app_database::grant_binding(server.superuser, database, &owner, &role, &password, access).await?;
     let credentials = credentials(server.host, server.port, database, &role, &password)?;
     Ok(Bound {
         details: json!({
@@ -845,40 +752,7 @@ pub(crate) async fn unbind_role(
         .unwrap_or(DEFAULT_APP_DB);
     let owner = names::instance_owner_role(prefix, &instance.id);
     let role = names::binding_role(prefix, &binding.id);
-    let mut su = connect(
-        &(server.superuser)("postgres"),
-        "connecting to the instance's server",
-    )
-    .await?;
-    if !role_exists(&mut su, &role).await? {
-        return Ok(());
-    }
-    lock_out(&mut su, &role).await?;
-    if database_exists(&mut su, database).await? {
-        let mut db = connect(
-            &(server.superuser)(database),
-            "connecting to the app database",
-        )
-        .await?;
-        exec(
-            &mut db,
-            &format!(
-                "REASSIGN OWNED BY {} TO {}",
-                quote_ident(&role),
-                quote_ident(&owner)
-            ),
-            "handing the binding role's objects to the owner role",
-        )
-        .await?;
-        exec(
-            &mut db,
-            &format!("DROP OWNED BY {}", quote_ident(&role)),
-            "revoking the binding role's privileges",
-        )
-        .await?;
-    }
-    drop_role(&mut su, &role, "dropping the binding role").await?;
-    Ok(())
+    app_database::revoke_binding(server.superuser, database, &owner, &role).await
 }
 
 impl LocalPostgres {
