@@ -5,6 +5,7 @@ pub mod error;
 pub mod extract;
 pub mod identity;
 pub mod middleware;
+pub mod provision_batch;
 pub mod routes;
 pub mod snapshot_params;
 pub mod webhook;
@@ -24,6 +25,9 @@ pub use crate::{
     middleware::BrokerAuth,
 };
 
+/// Writers of the provision batcher: one batch in flight per writer, each on its own pool connection.
+pub const PROVISION_WRITERS: usize = 3;
+
 /// How long one request may take before it is answered with 408.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -35,6 +39,8 @@ pub struct AppState {
     pub cipher: Cipher,
     pub auth: BrokerAuth,
     pub max_body_bytes: usize,
+    /// Group commit of new provisions (see [`provision_batch`]).
+    pub provisions: provision_batch::ProvisionBatcher,
 }
 
 impl std::fmt::Debug for AppState {

@@ -66,12 +66,14 @@ async fn serve_with(settings: &Settings, embedded: Option<&embedded::Embedded>) 
     let db = broker::db::connect(database_url, settings.database_pool_size).await?;
     broker::MIGRATOR.run(&db).await.context("running the broker's migrations")?;
 
+    let provisions = berth_api::provision_batch::ProvisionBatcher::start(db.clone(), berth_api::PROVISION_WRITERS);
     let state = berth_api::AppState {
         db,
         catalog: Arc::new(catalog),
         cipher,
         auth: berth_api::BrokerAuth::new(username, password),
         max_body_bytes: settings.max_body_bytes,
+        provisions,
     };
     let addr: SocketAddr = format!("{}:{}", settings.bind_address, settings.port)
         .parse()

@@ -84,14 +84,16 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         let mut added = 0;
         while pending + added < backlog {
             let n = (backlog - pending - added).min(CHUNK);
+            // Ids from berth's own generator (time-ordered), as `tasks::enqueue` gives them.
+            let ids: Vec<uuid::Uuid> = (0..n).map(|_| broker::model::TaskId::new().0).collect();
             sqlx::query(
                 "INSERT INTO tasks (id, kind, payload, run_at)
-                 SELECT gen_random_uuid(), 'noop', '{}', $1::timestamptz + (($2 + i) * interval '1 microsecond')
-                 FROM generate_series(1, $3::bigint) i",
+                 SELECT u.id, 'noop', '{}', $1::timestamptz + (($2 + u.i) * interval '1 microsecond')
+                 FROM unnest($3::uuid[]) WITH ORDINALITY AS u(id, i)",
             )
             .bind(&base)
             .bind(next)
-            .bind(n)
+            .bind(&ids)
             .execute(&mut db)
             .await?;
             next += n;

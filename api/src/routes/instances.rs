@@ -111,7 +111,7 @@ async fn provision(
         maintenance_version,
     };
 
-    // Fast path, a new id: the row and its task in one statement.
+    // Fast path, a new id: the row and its task in one statement, batched with concurrent provisions.
     let task = operation_task(
         Operation::Provision,
         &instance_id,
@@ -120,7 +120,7 @@ async fn provision(
         identity.clone(),
         hook.clone(),
     );
-    if let Some(operation) = instances::insert_with_task(&state.db, &new, &task).await? {
+    if let Some(operation) = state.provisions.insert(&new, task).await? {
         return Ok(accepted(operation));
     }
 

@@ -130,6 +130,7 @@ impl TestApp {
             cipher: cipher.clone(),
             auth: BrokerAuth::new(USER.into(), PASSWORD.into()),
             max_body_bytes: MAX_BODY,
+            provisions: berth_api::provision_batch::ProvisionBatcher::start(pool.clone(), berth_api::PROVISION_WRITERS),
         };
         Self {
             router: berth_api::router(state),

@@ -392,3 +392,76 @@ async fn a_provisioned_instance_with_a_bind_running_is_still_200(pool: PgPool) {
         StatusCode::OK
     );
 }
+
+#[sqlx::test(migrator = "broker::MIGRATOR")]
+async fn many_concurrent_provisions_are_batched_and_each_answered(pool: PgPool) {
+    let app = TestApp::new(pool);
+    app.provisioned("taken").await;
+    let mut other = provision_body();
+    other["parameters"] = json!({"extensions": ["hstore"]});
+    // 150 new ids, each sent twice at once, and a conflicting request for an existing id, all in flight together.
+    let ids: Vec<String> = (0..150).map(|i| format!("batch-{i}")).collect();
+    let body = provision_body();
+    let (responses, conflict) = tokio::join!(
+        futures_util::future::join_all(ids.iter().chain(ids.iter()).map(|id| app.provision(id, &body))),
+        app.provision("taken", &other),
+    );
+    conflict.assert_osb_error(StatusCode::CONFLICT, None);
+    let mut by_id: std::collections::HashMap<&str, std::collections::HashSet<String>> = Default::default();
+    for (id, response) in ids.iter().chain(ids.iter()).zip(&responses) {
+        by_id.entry(id.as_str()).or_default().insert(response.operation());
+    }
+    for (id, operations) in &by_id {
+        assert_eq!(operations.len(), 1, "both requests for {id} name one operation: {operations:?}");
+        let op = operations.iter().next().unwrap();
+        let task = app.task(op).await;
+        assert_eq!(task.get::<Option<String>, _>("instance_id").as_deref(), Some(*id));
+        assert_eq!(task.get::<Option<String>, _>("operation").as_deref(), Some("provision"));
+    }
+    // The 150 new instances and the provisioned one; one task each, nothing else.
+    assert_eq!(app.counts().await, (151, 0, 151));
+}
+
+#[sqlx::test(migrator = "broker::MIGRATOR")]
+async fn a_failing_batch_is_retried_one_request_at_a_time(pool: PgPool) {
+    use berth_api::provision_batch::ProvisionBatcher;
+    use broker::db::{instances::NewInstance, tasks::NewTask};
+    let batcher = ProvisionBatcher::start(pool.clone(), 1);
+    let (context, parameters) = (json!({}), json!({}));
+    let ids: Vec<String> = (0..20).map(|i| format!("b-{i}")).collect();
+    let news: Vec<NewInstance<'_>> = ids
+        .iter()
+        .map(|id| NewInstance {
+            id,
+            service_id: "svc",
+            plan_id: "plan",
+            organization_guid: "o",
+            space_guid: "s",
+            context: &context,
+            parameters: &parameters,
+            maintenance_version: None,
+        })
+        .collect();
+    let results = futures_util::future::join_all(news.iter().enumerate().map(|(i, new)| {
+        let mut task = NewTask::new("instance.provision", json!({}));
+        task.instance_id = Some(new.id.to_string());
+        task.operation = Some("provision");
+        // One row breaks a CHECK constraint: its batch fails as a whole.
+        if i == 7 {
+            task.max_attempts = 0;
+        }
+        batcher.insert(new, task)
+    }))
+    .await;
+    for (i, result) in results.iter().enumerate() {
+        if i == 7 {
+            assert!(result.is_err(), "the bad row fails alone: {result:?}");
+        } else {
+            assert!(matches!(result, Ok(Some(_))), "row {i} is written: {result:?}");
+        }
+    }
+    let instances: i64 = sqlx::query_scalar("SELECT count(*) FROM service_instances").fetch_one(&pool).await.unwrap();
+    let tasks: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks").fetch_one(&pool).await.unwrap();
+    // The bad request's statement (instance and task together) rolled back as one.
+    assert_eq!((instances, tasks), (19, 19));
+}

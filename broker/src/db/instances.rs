@@ -216,6 +216,120 @@ pub async fn insert_with_task(
     Ok(id.map(crate::model::TaskId))
 }
 
+/// An instance to insert, owned: what [`insert_many_with_tasks`] takes (requests batched from many handlers).
+#[derive(Debug, Clone)]
+pub struct PendingInstance {
+    pub id: String,
+    pub service_id: String,
+    pub plan_id: String,
+    pub organization_guid: String,
+    pub space_guid: String,
+    pub context: Value,
+    pub parameters: Value,
+    pub maintenance_version: Option<String>,
+}
+
+impl NewInstance<'_> {
+    pub fn to_pending(&self) -> PendingInstance {
+        PendingInstance {
+            id: self.id.to_string(),
+            service_id: self.service_id.to_string(),
+            plan_id: self.plan_id.to_string(),
+            organization_guid: self.organization_guid.to_string(),
+            space_guid: self.space_guid.to_string(),
+            context: self.context.clone(),
+            parameters: self.parameters.clone(),
+            maintenance_version: self.maintenance_version.map(str::to_string),
+        }
+    }
+}
+
+/// [`insert_with_task`] for many provisions in one statement (one commit, one NOTIFY): each new instance
+/// with its first task. Returns the ids of the instances inserted; an id that exists already is skipped with
+/// its task (its caller takes the slow path). Ids must be distinct within `batch`.
+pub async fn insert_many_with_tasks(
+    db: impl PgExecutor<'_>,
+    batch: &[(PendingInstance, crate::db::tasks::NewTask)],
+) -> sqlx::Result<Vec<String>> {
+    let mut ids = Vec::with_capacity(batch.len());
+    let mut service_ids = Vec::with_capacity(batch.len());
+    let mut plan_ids = Vec::with_capacity(batch.len());
+    let mut orgs = Vec::with_capacity(batch.len());
+    let mut spaces = Vec::with_capacity(batch.len());
+    let mut contexts = Vec::with_capacity(batch.len());
+    let mut parameters = Vec::with_capacity(batch.len());
+    let mut maintenance = Vec::with_capacity(batch.len());
+    let mut task_ids = Vec::with_capacity(batch.len());
+    let mut kinds = Vec::with_capacity(batch.len());
+    let mut operations = Vec::with_capacity(batch.len());
+    let mut payloads = Vec::with_capacity(batch.len());
+    let mut max_attempts = Vec::with_capacity(batch.len());
+    let mut identities = Vec::with_capacity(batch.len());
+    let mut webhook_urls = Vec::with_capacity(batch.len());
+    let mut webhook_secrets = Vec::with_capacity(batch.len());
+    for (instance, task) in batch {
+        ids.push(instance.id.clone());
+        service_ids.push(instance.service_id.clone());
+        plan_ids.push(instance.plan_id.clone());
+        orgs.push(instance.organization_guid.clone());
+        spaces.push(instance.space_guid.clone());
+        contexts.push(instance.context.clone());
+        parameters.push(instance.parameters.clone());
+        maintenance.push(instance.maintenance_version.clone());
+        task_ids.push(task.id.0);
+        kinds.push(task.kind.to_string());
+        operations.push(task.operation.map(str::to_string));
+        payloads.push(task.payload.clone());
+        max_attempts.push(task.max_attempts);
+        // NULL elements of a jsonb[] come back as SQL NULL, which the column allows.
+        identities.push(task.originating_identity.clone());
+        webhook_urls.push(task.webhook.as_ref().map(|(url, _)| url.clone()));
+        webhook_secrets.push(task.webhook.as_ref().map(|(_, secret)| secret.clone()));
+    }
+    sqlx::query_scalar!(
+        r#"WITH input AS (
+               SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[],
+                                    $7::jsonb[], $8::text[], $9::uuid[], $10::text[], $11::text[], $12::jsonb[],
+                                    $13::int4[], $14::jsonb[], $15::text[], $16::bytea[])
+                   AS i(id, service_id, plan_id, organization_guid, space_guid, context, parameters,
+                        maintenance_version, task_id, kind, operation, payload, max_attempts,
+                        originating_identity, webhook_url, webhook_secret)
+           ),
+           inserted AS (
+               INSERT INTO service_instances
+                   (id, service_id, plan_id, organization_guid, space_guid, context, parameters, maintenance_version)
+               SELECT id, service_id, plan_id, organization_guid, space_guid, context, parameters, maintenance_version
+               FROM input
+               ON CONFLICT (id) DO NOTHING
+               RETURNING id
+           )
+           INSERT INTO tasks (id, kind, instance_id, operation, payload, max_attempts, originating_identity,
+                              webhook_url, webhook_secret)
+           SELECT input.task_id, input.kind, input.id, input.operation, input.payload, input.max_attempts,
+                  input.originating_identity, input.webhook_url, input.webhook_secret
+           FROM input JOIN inserted ON inserted.id = input.id
+           RETURNING instance_id AS "instance_id!""#,
+        &ids,
+        &service_ids,
+        &plan_ids,
+        &orgs,
+        &spaces,
+        &contexts,
+        &parameters,
+        &maintenance as &[Option<String>],
+        &task_ids,
+        &kinds,
+        &operations as &[Option<String>],
+        &payloads,
+        &max_attempts,
+        &identities as &[Option<Value>],
+        &webhook_urls as &[Option<String>],
+        &webhook_secrets as &[Option<Vec<u8>>],
+    )
+    .fetch_all(db)
+    .await
+}
+
 /// Replaces the instance's sealed secrets alone: a provider that must keep a secret before the provision ends
 /// (the ec2 engine writes the admin password into the VM's user-data, so it must survive a retry).
 pub async fn set_secrets(db: impl PgExecutor<'_>, id: &str, secrets: &[u8]) -> sqlx::Result<()> {
