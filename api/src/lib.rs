@@ -26,7 +26,7 @@ pub use crate::{
 };
 
 /// Writers of the provision batcher: one batch in flight per writer, each on its own pool connection.
-pub const PROVISION_WRITERS: usize = 3;
+pub const PROVISION_WRITERS: usize = 2;
 
 /// How long one request may take before it is answered with 408.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
