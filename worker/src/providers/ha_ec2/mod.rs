@@ -1,0 +1,887 @@
+//! The `ha_ec2` engine of the `ha` plan (`HA_ENGINE=ec2`): a Patroni + etcd cluster of N members, each on an EC2
+//! VM of its own, spread round-robin over availability zones. berth writes no consensus or failover: each VM's
+//! cloud-init user-data ([`user_data`]) installs etcd, Patroni and PostgreSQL and starts them with the member
+//! list; Patroni elects and fails over. berth launches and replaces the VMs, scales one member at a time and
+//! asks Patroni (when a worker can reach its REST API) for switchovers.
+//!
+//! Provisioning is a state machine over `details.ha_ec2`, a step per task run, like the dedicated `ec2` engine
+//! (whose EC2 pieces live in `ec2_common`): zones and candidates → security group → a network interface per
+//! member slot (so every member's address is known before any user-data is rendered, and kept across VM
+//! replacements) → a VM per slot → all running → (Patroni reports a primary and streaming replicas, unless
+//! `EC2_READINESS_PROBE=off`). Every resource carries `berth:instance=<id>` (and `berth:member=<slot>`) and is
+//! looked up by its tags before it is made; RunInstances also gets a ClientToken per slot, VM generation and
+//! candidate, which AWS deduplicates.
+//!
+//! Membership without the broker reaching etcd: a VM that joins a running cluster (a replacement, or a
+//! scale-up) removes its slot's old etcd member and adds itself through the surviving peers before its etcd
+//! starts (`etcd-membership.sh join`); members drop the etcd members the broker retired by a scale-down, which
+//! they learn from their own `berth:members` tag in the instance metadata (`etcd-membership.sh prune`).
+
+mod network;
+mod params;
+mod reconcile;
+mod scaling;
+mod state;
+mod user_data;
+
+use std::{collections::HashMap, time::Duration};
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use aws_sdk_ec2::Client;
+use broker::{
+    config::Settings,
+    crypto::random_password,
+    db::{bindings::BindingRow, instances, instances::InstanceRow},
+    ec2::candidates,
+    model::{Operation, UpdatePayload},
+    names,
+};
+use serde_json::{Value, json};
+use sqlx::{
+    PgPool,
+    postgres::{PgConnectOptions, PgSslMode},
+};
+use tracing::{info, warn};
+
+use self::{
+    params::Params,
+    state::{ClusterState, Member, Secrets},
+    user_data::{API_PORT, MemberSetup, PG_PORT},
+};
+use super::{
+    Bound, Progress, Provider, Provisioned,
+    app_database,
+    ec2_common::{Ec2Account, available_zones, offers, vm},
+    ha_local::{
+        credentials::{self, Address, Endpoints},
+        patroni::{ClusterView, Patroni},
+        state::SUPERUSER,
+        switchover,
+        timings::Timings,
+        tls,
+    },
+    shared_postgres::{Access, connect},
+};
+use crate::{
+    context::{Services, TaskContext},
+    registry::TaskError,
+};
+
+pub use user_data::{Rendered, render as render_user_data};
+
+/// The plan engine this provider serves.
+pub const ENGINE: &str = "ha_ec2";
+/// How long the cluster may take to elect a primary after its VMs run (cloud-init installs everything).
+const READY_LIMIT_SECS: i64 = 20 * 60;
+
+pub struct HaEc2 {
+    account: Ec2Account,
+    /// Patroni timings of the clusters this worker makes (kept in etcd: later changes leave existing ones).
+    timings: Timings,
+}
+
+impl std::fmt::Debug for HaEc2 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HaEc2")
+            .field("account", &self.account)
+            .field("timings", &self.timings)
+            .finish()
+    }
+}
+
+fn wait<T>(secs: u64, progress: impl Into<String>) -> Result<Progress<T>, TaskError> {
+    Ok(Progress::Wait {
+        after: Duration::from_secs(secs),
+        progress: progress.into(),
+    })
+}
+
+/// The security group's name (unique per VPC), also the resources' `Name`.
+fn group_name(prefix: &str, instance_id: &str) -> String {
+    format!("{}ha-{}", prefix.replace('_', "-"), names::short_hash(instance_id))
+}
+
+/// Tags of every resource of the cluster.
+fn resource_tags(prefix: &str, instance_id: &str, extra: &[(String, String)]) -> Vec<(String, String)> {
+    let mut tags = vec![
+        (vm::TAG.to_string(), instance_id.to_string()),
+        ("Name".to_string(), group_name(prefix, instance_id)),
+    ];
+    tags.extend(extra.iter().filter(|(k, _)| k != "Name").cloned());
+    tags
+}
+
+/// Tags of one member slot's resources.
+fn member_tags(base: &[(String, String)], member: &str) -> Vec<(String, String)> {
+    base.iter()
+        .map(|(k, v)| {
+            if k == "Name" {
+                (k.clone(), format!("{v}-{member}"))
+            } else {
+                (k.clone(), v.clone())
+            }
+        })
+        .chain([(vm::MEMBER_TAG.to_string(), member.to_string())])
+        .collect()
+}
+
+/// Where apps and berth reach a member: its Elastic IP with `public_ip`, else its private address.
+fn host(member: &Member) -> Option<&str> {
+    member.public_ip.as_deref().or(member.private_ip.as_deref())
+}
+
+/// The members as the instance's details record them (the switchover route checks candidates against it).
+fn members_details(state: &ClusterState, view: Option<&ClusterView>) -> Value {
+    Value::Array(
+        state
+            .members
+            .iter()
+            .filter(|m| !m.retiring)
+            .map(|m| {
+                let seen = view.and_then(|v| v.member(&m.name));
+                json!({
+                    "name": m.name,
+                    "zone": m.zone,
+                    "host": host(m),
+                    "private_ip": m.private_ip,
+                    "public_ip": m.public_ip,
+                    "vm_id": m.vm_id,
+                    "instance_type": m.instance_type,
+                    "role": seen.map(|s| s.role.as_str()),
+                    "state": seen.map(|s| s.state.as_str()),
+                })
+            })
+            .collect(),
+    )
+}
+
+/// The cluster's secrets: opened, or generated (with the cluster's CA) and sealed before anything is launched.
+async fn secrets(ctx: &TaskContext<'_>, instance: &InstanceRow, scope: &str) -> Result<Secrets, TaskError> {
+    if let Some(sealed) = &instance.secrets {
+        return ctx
+            .services
+            .cipher
+            .open_json(sealed)
+            .map_err(|e| TaskError::Fatal(e.context("opening the cluster's secrets")));
+    }
+    let ca = tls::new_ca(scope)
+        .await
+        .map_err(|e| TaskError::Retryable(e.context("making the cluster's CA")))?;
+    let made = Secrets::generate(ca);
+    instances::set_secrets(ctx.pool, &instance.id, &ctx.services.cipher.seal_json(&made))
+        .await
+        .context("keeping the generated secrets")?;
+    Ok(made)
+}
+
+fn open_secrets(services: &Services, instance: &InstanceRow) -> Result<Secrets, TaskError> {
+    let sealed = instance
+        .secrets
+        .as_ref()
+        .ok_or_else(|| TaskError::fatal("the cluster has no stored secrets (did provisioning fail?)"))?;
+    services
+        .cipher
+        .open_json(sealed)
+        .map_err(|e| TaskError::Fatal(e.context("opening the cluster's secrets")))
+}
+
+/// An HTTPS client that trusts the cluster's CA (Patroni's REST API presents the member's certificate).
+fn patroni_http(secrets: &Secrets) -> Result<reqwest::Client, TaskError> {
+    let ca = reqwest::Certificate::from_pem(secrets.ca.cert.as_bytes())
+        .map_err(|e| TaskError::Fatal(anyhow::Error::new(e).context("reading the cluster's CA")))?;
+    reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| TaskError::Fatal(anyhow::Error::new(e).context("building the Patroni client")))
+}
+
+fn patroni_bases(state: &ClusterState) -> Vec<String> {
+    state
+        .members
+        .iter()
+        .filter(|m| !m.retiring)
+        .filter_map(host)
+        .map(|h| format!("https://{h}:{API_PORT}"))
+        .collect()
+}
+
+/// The superuser's connect options for `database` on `host`, over TLS verified against the cluster's CA.
+fn superuser(host: &str, secrets: &Secrets, database: &str) -> PgConnectOptions {
+    PgConnectOptions::new()
+        .host(host)
+        .port(PG_PORT)
+        .username(SUPERUSER)
+        .password(&secrets.superuser)
+        .database(database)
+        .ssl_mode(PgSslMode::VerifyCa)
+        .ssl_root_cert_from_pem(secrets.ca.cert.as_bytes().to_vec())
+        .application_name("berth-worker")
+}
+
+/// The member whose PostgreSQL takes writes, asked of each member in turn (no need for Patroni's REST API).
+async fn find_primary<'a>(state: &'a ClusterState, secrets: &Secrets) -> Result<&'a Member, TaskError> {
+    let mut last = String::from("the cluster has no members");
+    for member in state.members.iter().filter(|m| !m.retiring) {
+        let Some(h) = host(member) else { continue };
+        let probe = async {
+            let mut conn = connect(&superuser(h, secrets, "postgres"), "connecting to a member").await?;
+            let replica: bool = sqlx::query_scalar("SELECT pg_is_in_recovery()")
+                .fetch_one(&mut conn)
+                .await
+                .context("asking a member whether it is the primary")?;
+            Ok::<bool, TaskError>(replica)
+        };
+        match tokio::time::timeout(Duration::from_secs(10), probe).await {
+            Ok(Ok(false)) => return Ok(member),
+            Ok(Ok(true)) => last = format!("{} is a replica", member.name),
+            Ok(Err(e)) => last = format!("{}: {e}", member.name),
+            Err(_) => last = format!("{}: no answer within 10 s", member.name),
+        }
+    }
+    Err(TaskError::retryable(format!(
+        "no member of the cluster answers as its primary on port {PG_PORT} (a failover may be under way, or this \
+         worker cannot reach the members); last: {last}"
+    )))
+}
+
+/// What still keeps the cluster from being ready, by Patroni's view.
+fn not_ready(state: &ClusterState, view: &ClusterView) -> Option<String> {
+    let Some(leader) = view.leader() else {
+        return Some("no primary elected yet".into());
+    };
+    let missing: Vec<&str> = state
+        .members
+        .iter()
+        .filter(|m| !m.retiring && m.name != leader.name)
+        .filter(|m| !view.member(&m.name).is_some_and(|v| v.is_healthy_replica()))
+        .map(|m| m.name.as_str())
+        .collect();
+    (!missing.is_empty()).then(|| format!("waiting for member(s) {} to replicate", missing.join(", ")))
+}
+
+/// The instance's live VMs (pending or running) by member slot.
+async fn live_by_member(client: &Client, instance_id: &str) -> Result<HashMap<String, vm::Vm>, TaskError> {
+    Ok(vm::live_vms(client, instance_id)
+        .await?
+        .into_iter()
+        .filter(|v| v.state == "pending" || v.state == "running")
+        .filter_map(|v| Some((v.member.clone()?, v)))
+        .collect())
+}
+
+/// What became of a VM a slot had, that a tag lookup no longer shows live.
+enum SlotVm {
+    /// Pending or running (a tag lookup can lag a launch), or launched moments ago and not listed yet.
+    Alive,
+    /// Stopping, stopped or shutting down: terminated now, it still holds the slot's interface for a while.
+    Releasing,
+    Gone,
+}
+
+/// A VM launched this recently may not show up in EC2's listings yet (they are eventually consistent).
+const LISTING_GRACE_SECS: i64 = 120;
+
+async fn slot_vm(client: &Client, vm_id: &str, launched_at: Option<i64>) -> Result<SlotVm, TaskError> {
+    let recent = launched_at.is_some_and(|t| chrono::Utc::now().timestamp() - t < LISTING_GRACE_SECS);
+    Ok(match vm::vm(client, vm_id).await? {
+        Some(v) if v.state == "pending" || v.state == "running" => SlotVm::Alive,
+        Some(v) if v.state == "terminated" => SlotVm::Gone,
+        Some(_) => {
+            if let Err(e) = vm::terminate(client, &[vm_id.to_string()]).await {
+                warn!(vm = vm_id, error = %e, "terminating a member's stopped VM failed");
+            }
+            SlotVm::Releasing
+        }
+        None if recent => SlotVm::Alive,
+        None => SlotVm::Gone,
+    })
+}
+
+/// What a member's launch needs besides its slot.
+struct LaunchInput<'a> {
+    client: &'a Client,
+    instance: &'a InstanceRow,
+    params: &'a Params,
+    secrets: &'a Secrets,
+    tags: &'a [(String, String)],
+    owner_role: &'a str,
+}
+
+impl HaEc2 {
+    pub fn new(settings: &Settings, timings: Timings) -> anyhow::Result<Self> {
+        timings
+            .check()
+            .map_err(|e| anyhow::anyhow!("HA_PATRONI_TTL, _LOOP_WAIT, _RETRY_TIMEOUT: {e}"))?;
+        Ok(Self {
+            account: Ec2Account::new(settings, ENGINE)?,
+            timings,
+        })
+    }
+
+    fn region_of(&self, params_region: Option<&str>, state: &ClusterState) -> String {
+        Some(state.region.clone())
+            .filter(|r| !r.is_empty())
+            .or(params_region.map(str::to_string))
+            .unwrap_or_else(|| self.account.default_region.clone())
+    }
+
+    /// A network interface (and with `public_ip` an Elastic IP) for every slot that has none.
+    async fn ensure_interfaces(
+        &self,
+        pool: &PgPool,
+        client: &Client,
+        instance_id: &str,
+        state: &mut ClusterState,
+        public_ip: bool,
+        tags: &[(String, String)],
+    ) -> Result<(), TaskError> {
+        let group = state
+            .security_group_id
+            .clone()
+            .ok_or_else(|| TaskError::fatal("no security group before the members' interfaces"))?;
+        for i in 0..state.members.len() {
+            let member = state.members[i].clone();
+            if member.retiring {
+                continue;
+            }
+            let tags = member_tags(tags, &member.name);
+            if member.interface_id.is_none() {
+                let (subnet, _) = vm::subnet(client, &member.zone, &self.account.subnets).await?;
+                let (id, ip) =
+                    network::ensure_interface(client, instance_id, &member.name, &subnet, &group, &tags).await?;
+                state.members[i].interface_id = Some(id);
+                state.members[i].private_ip = Some(ip);
+                state.save(pool, instance_id).await?;
+            }
+            if public_ip && state.members[i].allocation_id.is_none() {
+                let interface = state.members[i].interface_id.clone().unwrap_or_default();
+                let (allocation, ip) =
+                    network::ensure_address(client, instance_id, &member.name, &interface, &tags).await?;
+                state.members[i].allocation_id = Some(allocation);
+                state.members[i].public_ip = Some(ip);
+                state.save(pool, instance_id).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Launches the slot's VM: the first candidate of its zone with capacity from its `candidate_index` on.
+    /// `Ok(false)`: none had any (the index goes back to the start, for the next try).
+    async fn launch_member(
+        &self,
+        pool: &PgPool,
+        state: &mut ClusterState,
+        name: &str,
+        input: &LaunchInput<'_>,
+    ) -> Result<bool, TaskError> {
+        let instance = input.instance;
+        let member = state
+            .member(name)
+            .cloned()
+            .ok_or_else(|| TaskError::fatal(format!("no member slot {name}")))?;
+        let (Some(interface), Some(private_ip)) = (member.interface_id.clone(), member.private_ip.clone()) else {
+            return Err(TaskError::retryable(format!("member {name} has no network interface yet")));
+        };
+        let peers = state
+            .peers()
+            .ok_or_else(|| TaskError::retryable("not every member has its address yet"))?;
+        let mut sans = vec![format!("IP:{private_ip}")];
+        sans.extend(member.public_ip.iter().map(|ip| format!("IP:{ip}")));
+        let tls = tls::server_cert(&input.secrets.ca, &format!("{}-{name}", state.scope), &sans)
+            .await
+            .map_err(|e| TaskError::Retryable(e.context("signing the member's certificate")))?;
+        let params = input.params;
+        let server = &params.cluster.server;
+        let user_data = user_data::render(&MemberSetup {
+            instance_id: &instance.id,
+            scope: &state.scope,
+            member: name,
+            private_ip: &private_ip,
+            peers: &peers,
+            joins: member.joins,
+            postgres_version: params.postgres_version(),
+            timings: self.timings,
+            synchronous: params.cluster.synchronous,
+            tuning_profile: instance
+                .details
+                .get("tuning_profile")
+                .and_then(Value::as_str)
+                .unwrap_or(&server.tuning_profile),
+            cluster_cidr: state.vpc_cidr.as_deref().unwrap_or_default(),
+            allowed_cidr: &self.account.allowed_cidr,
+            app_db_name: &server.app_db_name,
+            admin_user: &server.admin_user,
+            owner_role: input.owner_role,
+            extensions: &server.extensions,
+            ssh_keys: &params.ssh_keys,
+            secrets: input.secrets,
+            tls: &tls,
+        })
+        .map_err(|e| TaskError::Fatal(e.context("rendering the member's user-data")))?;
+        let mut tags = member_tags(input.tags, name);
+        tags.push((vm::MEMBERS_TAG.to_string(), state.wanted()));
+        let candidates = state.candidates.get(&member.zone).cloned().unwrap_or_default();
+        let hash = names::short_hash(&instance.id);
+        let mut index = member.candidate_index;
+        let launched = loop {
+            let Some(candidate) = candidates.get(index) else {
+                break None;
+            };
+            let image = vm::image(input.client, &candidate.arch, self.account.image_for(&candidate.arch)).await?;
+            let token = format!("{hash}-{name}-g{}-c{index}", member.generation);
+            let spec = vm::Launch {
+                image_id: &image,
+                instance_type: &candidate.instance_type,
+                zone: &member.zone,
+                subnet_id: "",
+                security_group_id: "",
+                public_ip: false,
+                spot: params.requirements.spot,
+                max_price: params.requirements.max_price,
+                user_data: &user_data.0,
+                client_token: &token,
+                tags: &tags,
+                network_interface_id: Some(&interface),
+                scratch_disk_gb: Some(params.requirements.storage_min_gb.max(1)),
+                tags_in_metadata: true,
+            };
+            match vm::launch(input.client, &spec).await {
+                Ok(vm) => break Some((vm, candidate.instance_type.clone())),
+                Err(vm::LaunchError::NoCapacity(code)) => {
+                    warn!(instance_id = %instance.id, member = name, instance_type = %candidate.instance_type, code, "no capacity; trying the next type");
+                    index += 1;
+                    if let Some(m) = state.member_mut(name) {
+                        m.candidate_index = index;
+                    }
+                    state.save(pool, &instance.id).await?;
+                }
+                Err(vm::LaunchError::Failed(e)) => return Err(e),
+            }
+        };
+        let m = state
+            .member_mut(name)
+            .ok_or_else(|| TaskError::fatal(format!("no member slot {name}")))?;
+        match launched {
+            Some((vm, instance_type)) => {
+                info!(instance_id = %instance.id, member = name, vm = %vm.id, instance_type, zone = %m.zone, joins = m.joins, "member VM launched");
+                m.vm_id = Some(vm.id);
+                m.instance_type = Some(instance_type);
+                m.launched_at = Some(chrono::Utc::now().timestamp());
+                state.save(pool, &instance.id).await?;
+                Ok(true)
+            }
+            None => {
+                m.candidate_index = 0;
+                state.save(pool, &instance.id).await?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Every slot without a VM gets one (an earlier try's VM, found by its tags, is adopted; a slot whose VM is
+    /// gone gets a new one that joins its peers). Returns the live VMs by slot.
+    async fn ensure_vms(
+        &self,
+        pool: &PgPool,
+        state: &mut ClusterState,
+        input: &LaunchInput<'_>,
+    ) -> Result<HashMap<String, vm::Vm>, TaskError> {
+        let id = &input.instance.id;
+        let live = live_by_member(input.client, id).await?;
+        let mut launched = false;
+        let slots: Vec<String> = state
+            .members
+            .iter()
+            .filter(|m| !m.retiring)
+            .map(|m| m.name.clone())
+            .collect();
+        for name in slots {
+            let Some(member) = state.member(&name).cloned() else { continue };
+            if let Some(found) = live.get(&name) {
+                if member.vm_id.as_ref() != Some(&found.id) {
+                    let m = state.member_mut(&name).expect("listed above");
+                    m.vm_id = Some(found.id.clone());
+                    m.instance_type = Some(found.instance_type.clone());
+                    m.launched_at = m.launched_at.or(found.launched_at);
+                    state.save(pool, id).await?;
+                }
+                continue;
+            }
+            if let Some(old) = &member.vm_id {
+                match slot_vm(input.client, old, member.launched_at).await? {
+                    SlotVm::Alive => continue,
+                    SlotVm::Releasing => {
+                        return Err(TaskError::retryable(format!(
+                            "member {name}'s old VM {old} is still terminating (it holds the member's interface)"
+                        )));
+                    }
+                    SlotVm::Gone => {
+                        warn!(instance_id = %id, member = %name, vm = %old, "a member's VM is gone; launching another that joins its peers");
+                        let m = state.member_mut(&name).expect("listed above");
+                        m.vm_id = None;
+                        m.launched_at = None;
+                        m.joins = true;
+                        m.generation += 1;
+                        m.candidate_index = 0;
+                        state.save(pool, id).await?;
+                    }
+                }
+            }
+            if !self.launch_member(pool, state, &name, input).await? {
+                return Err(TaskError::retryable(format!(
+                    "no candidate instance type had capacity in {} for member {name}; trying again",
+                    member.zone
+                )));
+            }
+            launched = true;
+        }
+        if launched {
+            return live_by_member(input.client, id).await;
+        }
+        Ok(live)
+    }
+
+    /// Patroni's view of the cluster, when this worker reaches a member's REST API.
+    async fn view(&self, state: &ClusterState, secrets: &Secrets) -> Result<ClusterView, TaskError> {
+        let http = patroni_http(secrets)?;
+        Patroni::at(&http, patroni_bases(state), &secrets.restapi)
+            .cluster()
+            .await
+            .map_err(TaskError::Retryable)
+    }
+}
+
+#[async_trait]
+impl Provider for HaEc2 {
+    async fn provision(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+    ) -> Result<Progress<Provisioned>, TaskError> {
+        let params = Params::of(&instance.parameters)?;
+        let prefix = ctx.services.name_prefix();
+        let mut state = ClusterState::of(&instance.details);
+        let region = self.region_of(params.region.as_deref(), &state);
+        let client = self.account.client(&region);
+        let scope = names::instance_cluster(prefix, &instance.id);
+        let secrets = secrets(ctx, instance, &scope).await?;
+
+        // 1. Zones (the asked ones, else the region's), each zone's candidates, and the member slots.
+        if state.members.is_empty() {
+            let available = available_zones(&client).await?;
+            let explicit = !params.zones.is_empty();
+            let zones = if explicit {
+                if let Some(bad) = params.zones.iter().find(|z| !available.contains(z)) {
+                    return Err(TaskError::fatal(format!(
+                        "zone {bad} is not an available zone of {region} ({})",
+                        available.join(", ")
+                    )));
+                }
+                params.zones.clone()
+            } else {
+                available
+            };
+            let offers =
+                offers::fresh(ctx.pool, &client, &region, self.account.offers_ttl_secs, &self.account.on_demand)
+                    .await?;
+            let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_entropy();
+            for zone in zones {
+                let mut in_zone = params.requirements.clone();
+                in_zone.zone = Some(zone.clone());
+                let list = candidates(&offers, &in_zone, &[], &mut rng);
+                if list.is_empty() {
+                    if explicit {
+                        return Err(TaskError::fatal(format!("no matching instance type is offered in zone {zone}")));
+                    }
+                    continue;
+                }
+                state.zones.push(zone.clone());
+                state.candidates.insert(zone, list);
+            }
+            if state.zones.is_empty() {
+                return Err(TaskError::fatal(format!(
+                    "no instance type in {region} meets the parameters (cpu, ram, arch, family, max_price); \
+                     GET /berth/v1/price-check shows what does"
+                )));
+            }
+            state.region = region.clone();
+            state.scope = scope.clone();
+            for _ in 0..params.cluster.members {
+                state.add_member(false);
+            }
+            state.save(ctx.pool, &instance.id).await?;
+        }
+        let tags = resource_tags(prefix, &instance.id, &params.tags);
+
+        // 2. The security group, and the VPC's range for pg_hba.
+        if state.security_group_id.is_none() {
+            ctx.progress("creating the security group").await?;
+            let (_, vpc) = vm::subnet(&client, &state.zones[0], &self.account.subnets).await?;
+            let id = network::ensure_security_group(
+                &client,
+                &group_name(prefix, &instance.id),
+                &vpc,
+                &self.account.allowed_cidr,
+                !params.ssh_keys.is_empty(),
+                &tags,
+            )
+            .await?;
+            state.vpc_cidr = Some(network::vpc_cidr(&client, &vpc).await?);
+            state.vpc_id = Some(vpc);
+            state.security_group_id = Some(id);
+            state.save(ctx.pool, &instance.id).await?;
+        }
+
+        // 3. A network interface per slot: every member's address, before any user-data is rendered.
+        self.ensure_interfaces(ctx.pool, &client, &instance.id, &mut state, params.public_ip, &tags)
+            .await?;
+
+        // 4. A VM per slot, running.
+        let owner = names::instance_owner_role(prefix, &instance.id);
+        let input = LaunchInput {
+            client: &client,
+            instance,
+            params: &params,
+            secrets: &secrets,
+            tags: &tags,
+            owner_role: &owner,
+        };
+        let live = self.ensure_vms(ctx.pool, &mut state, &input).await?;
+        let running = state
+            .members
+            .iter()
+            .filter(|m| live.get(&m.name).is_some_and(|v| v.state == "running"))
+            .count();
+        if running < state.members.len() {
+            return wait(
+                3,
+                format!("{running} of {} members' VMs running", state.members.len()),
+            );
+        }
+
+        // 5. Patroni reports a primary and every replica streaming.
+        let mut view = None;
+        if self.account.readiness_probe {
+            let why = match self.view(&state, &secrets).await {
+                Ok(seen) => match not_ready(&state, &seen) {
+                    None => {
+                        view = Some(seen);
+                        None
+                    }
+                    Some(why) => Some(why),
+                },
+                Err(e) => Some(format!("Patroni does not answer yet ({e})")),
+            };
+            if let Some(why) = why {
+                let first = state.members.iter().filter_map(|m| m.launched_at).min().unwrap_or(0);
+                if chrono::Utc::now().timestamp() - first > READY_LIMIT_SECS {
+                    return Err(TaskError::fatal(format!(
+                        "the cluster was not ready within {} minutes of its VMs' launch ({why}); see \
+                         /var/log/berth-setup.log on the VMs",
+                        READY_LIMIT_SECS / 60
+                    )));
+                }
+                return wait(10, format!("starting the cluster (cloud-init installs it): {why}"));
+            }
+        }
+        let primary = view.as_ref().and_then(|v| v.leader()).map(|l| l.name.clone());
+        let mut details = instance.details.clone();
+        let patch = json!({
+            "ha_ec2": state,
+            "scope": state.scope,
+            "region": state.region,
+            "members": members_details(&state, view.as_ref()),
+            "primary": primary,
+            "postgres_version": params.postgres_version(),
+            "app_db_name": params.cluster.server.app_db_name,
+            "admin_user": params.cluster.server.admin_user,
+            "owner_role": owner,
+            "tuning_profile": params.cluster.server.tuning_profile,
+            "synchronous": params.cluster.synchronous,
+            "patroni": self.timings,
+            "tls": true,
+            "ready_at": chrono::Utc::now(),
+            "recoveries": 0,
+        });
+        if let (Some(map), Some(patch)) = (details.as_object_mut(), patch.as_object()) {
+            map.extend(patch.clone());
+        }
+        info!(instance_id = %instance.id, members = state.members.len(), zones = ?state.zones, primary = ?primary, "ha cluster on EC2 ready");
+        Ok(Progress::Done(Provisioned {
+            details,
+            secrets: Some(serde_json::to_value(&secrets).context("keeping the secrets")?),
+        }))
+    }
+
+    async fn update(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+        update: &UpdatePayload,
+    ) -> Result<Progress<()>, TaskError> {
+        if update.plan_id != instance.plan_id {
+            return Err(TaskError::fatal(
+                "an instance cannot move between the ha plan and another: provision a new instance",
+            ));
+        }
+        let params = Params::of(&update.parameters)?;
+        let secrets = open_secrets(ctx.services, instance)?;
+        let mut state = ClusterState::of(&instance.details);
+        let client = self.account.client(&self.region_of(None, &state));
+        scaling::apply_settings(self, ctx, instance, &state, &secrets, &params).await?;
+        let prefix = ctx.services.name_prefix();
+        let tags = resource_tags(prefix, &instance.id, &params.tags);
+        let owner = names::instance_owner_role(prefix, &instance.id);
+        // The VMs keep the parameters they were made with (hardware, zones); `members` changes their number.
+        let made_with = Params::of(&instance.parameters)?;
+        let input = LaunchInput {
+            client: &client,
+            instance,
+            params: &made_with,
+            secrets: &secrets,
+            tags: &tags,
+            owner_role: &owner,
+        };
+        if let Some(wait) = scaling::step(self, ctx, &mut state, &input, params.cluster.members).await? {
+            return Ok(wait);
+        }
+        if !params.cluster.server.extensions.is_empty() {
+            let primary = find_primary(&state, &secrets).await?;
+            let h = host(primary).unwrap_or_default().to_string();
+            app_database::add_extensions(
+                &|db: &str| superuser(&h, &secrets, db),
+                instance.details.get("app_db_name").and_then(Value::as_str).unwrap_or("app"),
+                &params.cluster.server.extensions,
+            )
+            .await?;
+        }
+        Ok(Progress::Done(()))
+    }
+
+    async fn deprovision(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+        _bindings: &[BindingRow],
+    ) -> Result<Progress<()>, TaskError> {
+        let state = ClusterState::of(&instance.details);
+        let params_region = instance.parameters.get("region").and_then(Value::as_str);
+        let client = self.account.client(&self.region_of(params_region, &state));
+        // In order: every VM; once all are terminated, the interfaces, addresses, volumes and the group.
+        let live = vm::live_vms(&client, &instance.id).await?;
+        if !live.is_empty() {
+            let ids: Vec<String> = live.iter().map(|v| v.id.clone()).collect();
+            vm::terminate(&client, &ids).await?;
+            return wait(3, format!("terminating VMs {}", ids.join(", ")));
+        }
+        if !vm::all_terminated(&client, &instance.id).await? {
+            return wait(3, "waiting for the VMs to terminate");
+        }
+        vm::delete_the_rest(&client, &instance.id, &group_name(ctx.services.name_prefix(), &instance.id)).await?;
+        Ok(Progress::Done(()))
+    }
+
+    async fn bind(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+        binding: &BindingRow,
+    ) -> Result<Progress<Bound>, TaskError> {
+        let access = Access::of(binding)?;
+        let secrets = open_secrets(ctx.services, instance)?;
+        let state = ClusterState::of(&instance.details);
+        let primary = find_primary(&state, &secrets).await?;
+        let address = |m: &Member| Address {
+            host: host(m).unwrap_or_default().to_string(),
+            port: PG_PORT,
+        };
+        let endpoints = Endpoints {
+            primary: address(primary),
+            replicas: state
+                .members
+                .iter()
+                .filter(|m| !m.retiring && m.name != primary.name)
+                .map(address)
+                .collect(),
+        };
+        let database = instance.details.get("app_db_name").and_then(Value::as_str).unwrap_or("app");
+        let prefix = ctx.services.name_prefix();
+        let owner = names::instance_owner_role(prefix, &instance.id);
+        let role = names::binding_role(prefix, &binding.id);
+        let password = random_password(32);
+        let h = endpoints.primary.host.clone();
+        app_database::grant_binding(
+            &|db: &str| superuser(&h, &secrets, db),
+            database,
+            &owner,
+            &role,
+            &password,
+            access,
+        )
+        .await?;
+        Ok(Progress::Done(Bound {
+            details: json!({
+                "endpoints": endpoints.osb(),
+                "role": role,
+                "database": database,
+                "access": access.as_str(),
+            }),
+            credentials: credentials::credentials(&endpoints, database, &role, &password, &secrets.ca.cert),
+        }))
+    }
+
+    async fn unbind(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+        binding: &BindingRow,
+    ) -> Result<Progress<()>, TaskError> {
+        let state = ClusterState::of(&instance.details);
+        if state.members.is_empty() || instance.secrets.is_none() {
+            return Ok(Progress::Done(()));
+        }
+        let secrets = open_secrets(ctx.services, instance)?;
+        let primary = find_primary(&state, &secrets).await?;
+        let h = host(primary).unwrap_or_default().to_string();
+        let prefix = ctx.services.name_prefix();
+        app_database::revoke_binding(
+            &|db: &str| superuser(&h, &secrets, db),
+            instance.details.get("app_db_name").and_then(Value::as_str).unwrap_or("app"),
+            &names::instance_owner_role(prefix, &instance.id),
+            &names::binding_role(prefix, &binding.id),
+        )
+        .await?;
+        Ok(Progress::Done(()))
+    }
+
+    async fn change_primary(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+        operation: Operation,
+        candidate: Option<&str>,
+    ) -> Result<Progress<()>, TaskError> {
+        let secrets = open_secrets(ctx.services, instance)?;
+        let state = ClusterState::of(&instance.details);
+        let http = patroni_http(&secrets)?;
+        let bases = patroni_bases(&state);
+        let patroni = Patroni::at(&http, bases.clone(), &secrets.restapi);
+        if let Err(e) = patroni.cluster().await {
+            return Err(TaskError::fatal(format!(
+                "this worker cannot reach the cluster's Patroni REST API ({}): a {} is asked of Patroni, so the \
+                 worker must reach port {API_PORT} of the members (EC2_ALLOWED_CIDR and the network); {e:#}",
+                bases.join(", "),
+                operation.as_str()
+            )));
+        }
+        let members = |view: &ClusterView| members_details(&state, Some(view));
+        switchover::run(ctx, instance, &patroni, &members, operation, candidate).await
+    }
+
+    async fn reconcile(&self, pool: &PgPool, services: &Services) -> anyhow::Result<()> {
+        reconcile::pass(self, pool, services).await.map(|_| ())
+    }
+}
