@@ -411,7 +411,7 @@ impl HaEc2 {
                 .and_then(Value::as_str)
                 .unwrap_or(&server.tuning_profile),
             cluster_cidr: state.vpc_cidr.as_deref().unwrap_or_default(),
-            allowed_cidr: &self.account.allowed_cidr,
+            clients_cidr: user_data::clients_range(&self.account.allowed_cidr, member.public_ip.is_some()),
             app_db_name: &server.app_db_name,
             admin_user: &server.admin_user,
             owner_role: input.owner_role,

@@ -45,10 +45,10 @@ pub struct MemberSetup<'a> {
     pub timings: Timings,
     pub synchronous: bool,
     pub tuning_profile: &'a str,
-    /// The VPC's range: members replicate and rewind from there only.
+    /// The VPC's range: the cluster's network. Members replicate and rewind from there only.
     pub cluster_cidr: &'a str,
-    /// Who else may connect (apps, berth's workers), as the security group allows.
-    pub allowed_cidr: &'a str,
+    /// Clients outside it (apps, berth's workers) that pg_hba admits too: see [`clients_range`].
+    pub clients_cidr: Option<&'a str>,
     pub app_db_name: &'a str,
     pub admin_user: &'a str,
     pub owner_role: &'a str,
@@ -88,18 +88,26 @@ fn client_url(ip: &str) -> String {
     format!("http://{ip}:{ETCD_CLIENT_PORT}")
 }
 
+/// The range of clients outside the cluster's network that pg_hba admits: `EC2_ALLOWED_CIDR` (what the security
+/// group admits) when the operator narrowed it, or when the cluster has public addresses; else none. A cluster on
+/// private addresses behind the default "anywhere" is reachable from its network only, so pg_hba says so.
+pub fn clients_range(allowed_cidr: &str, public: bool) -> Option<&str> {
+    let anywhere = matches!(allowed_cidr, "0.0.0.0/0" | "::/0");
+    (public || !anywhere).then_some(allowed_cidr)
+}
+
 /// pg_hba: local superuser by peer (Patroni and its bootstrap script), then TLS with scram only: replication and
-/// everything else from the cluster's network, and apps from the allowed range. No `trust`, no `md5`, no plain
-/// TCP.
-pub fn pg_hba(cluster_cidr: &str, allowed_cidr: &str) -> Vec<String> {
+/// everything else from the cluster's network, and clients from `clients_cidr` when there is one. No `trust`,
+/// no `md5`, no plain TCP.
+pub fn pg_hba(cluster_cidr: &str, clients_cidr: Option<&str>) -> Vec<String> {
     let mut lines = vec![
         format!("local all {SUPERUSER} peer"),
         format!("hostssl replication {REPLICATION_USER} {cluster_cidr} scram-sha-256"),
         "hostssl all all 127.0.0.1/32 scram-sha-256".to_string(),
         format!("hostssl all all {cluster_cidr} scram-sha-256"),
     ];
-    if allowed_cidr != cluster_cidr {
-        lines.push(format!("hostssl all all {allowed_cidr} scram-sha-256"));
+    if let Some(clients) = clients_cidr.filter(|c| *c != cluster_cidr) {
+        lines.push(format!("hostssl all all {clients} scram-sha-256"));
     }
     lines
 }
@@ -203,7 +211,7 @@ pub fn patroni_config(data: &MemberSetup<'_>) -> Value {
                 "ssl_key_file": format!("{TLS_DIR}/server.key"),
                 "ssl_ca_file": ca,
             },
-            "pg_hba": pg_hba(data.cluster_cidr, data.allowed_cidr),
+            "pg_hba": pg_hba(data.cluster_cidr, data.clients_cidr),
         },
         "tags": { "nofailover": false, "noloadbalance": false, "clonefrom": false, "nosync": false },
     })
@@ -269,8 +277,8 @@ pub fn render(data: &MemberSetup<'_>) -> anyhow::Result<Rendered> {
         "the member is not in its own peer list"
     );
     anyhow::ensure!(
-        cidr_ok(data.cluster_cidr) && cidr_ok(data.allowed_cidr),
-        "the cluster's network or the allowed range is not a CIDR"
+        cidr_ok(data.cluster_cidr) && data.clients_cidr.is_none_or(cidr_ok),
+        "the cluster's network or the clients' range is not a CIDR"
     );
     let mut env = minijinja::Environment::new();
     env.set_keep_trailing_newline(true);
@@ -342,7 +350,7 @@ mod tests {
             synchronous: true,
             tuning_profile: "oltp",
             cluster_cidr: "10.0.0.0/16",
-            allowed_cidr: "192.0.2.0/24",
+            clients_cidr: Some("192.0.2.0/24"),
             app_db_name: "shop",
             admin_user: "shop_admin",
             owner_role: "bt_own_abc",
@@ -476,14 +484,19 @@ mod tests {
 
     #[test]
     fn pg_hba_is_tls_scram_and_the_cluster_network_only() {
-        let hba = pg_hba("10.0.0.0/16", "192.0.2.0/24");
+        let hba = pg_hba("10.0.0.0/16", Some("192.0.2.0/24"));
         assert_eq!(hba[0], "local all postgres peer");
         for line in &hba[1..] {
             assert!(line.starts_with("hostssl ") && line.ends_with(" scram-sha-256"), "{line}");
         }
         assert!(hba.contains(&"hostssl replication replicator 10.0.0.0/16 scram-sha-256".to_string()));
         assert!(hba.iter().all(|l| !l.contains("0.0.0.0/0") && !l.contains("md5") && !l.contains("trust")));
-        assert_eq!(pg_hba("10.0.0.0/16", "10.0.0.0/16").len(), 4, "no duplicate line");
+        assert_eq!(pg_hba("10.0.0.0/16", Some("10.0.0.0/16")).len(), 4, "no duplicate line");
+        assert_eq!(pg_hba("10.0.0.0/16", None).len(), 4, "the cluster's network only");
+        // The default "anywhere" reaches pg_hba only for a cluster with public addresses.
+        assert_eq!(clients_range("0.0.0.0/0", false), None);
+        assert_eq!(clients_range("0.0.0.0/0", true), Some("0.0.0.0/0"));
+        assert_eq!(clients_range("10.20.0.0/16", false), Some("10.20.0.0/16"));
         let (secrets, peers, pem) = (secrets(), peers(), member_pem("m1"));
         let patroni = patroni_config(&setup("m1", "10.0.1.11", false, &peers, &secrets, &pem));
         assert_eq!(patroni["postgresql"]["pg_hba"], json!(hba));
