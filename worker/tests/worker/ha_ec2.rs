@@ -403,3 +403,197 @@ async fn members_scale_three_to_five_to_three_one_at_a_time(_: sqlx::postgres::P
     assert_eq!(tagged_count(&client, &id).await.0, 3, "the removed members' interfaces are gone");
     deprovision_leaves_nothing(&pool, &services, &client, &id).await;
 }
+
+/// One local etcd process of the membership test, killed when dropped.
+struct Etcd {
+    name: String,
+    peer: String,
+    client: String,
+    child: std::process::Child,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn etcd_env_file(dir: &std::path::Path, name: &str, peer: &str, client: &str, cluster: &str, token: &str) -> std::path::PathBuf {
+    let path = dir.join(format!("{name}.env"));
+    let data = dir.join(format!("{name}-data"));
+    std::fs::write(
+        &path,
+        format!(
+            "ETCD_NAME={name}\nETCD_DATA_DIR={}\nETCD_LISTEN_PEER_URLS={peer}\nETCD_INITIAL_ADVERTISE_PEER_URLS={peer}\n\
+             ETCD_LISTEN_CLIENT_URLS={client}\nETCD_ADVERTISE_CLIENT_URLS={client}\nETCD_INITIAL_CLUSTER_TOKEN={token}\n\
+             ETCD_INITIAL_CLUSTER={cluster}\nETCD_INITIAL_CLUSTER_STATE=new\n",
+            data.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Starts etcd with the settings of an environment file, as the member's systemd unit does.
+fn start_etcd(env_file: &std::path::Path, log: &std::path::Path) -> Etcd {
+    let text = std::fs::read_to_string(env_file).unwrap();
+    let vars: Vec<(String, String)> = text
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let get = |k: &str| vars.iter().find(|(key, _)| key == k).unwrap().1.clone();
+    let child = std::process::Command::new("etcd")
+        .env_clear()
+        .envs(vars.iter().cloned())
+        .stdout(std::fs::File::create(log).unwrap())
+        .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
+        .spawn()
+        .expect("etcd runs (scripts/lib/ha.sh installs etcd-server and etcd-client)");
+    Etcd {
+        name: get("ETCD_NAME"),
+        peer: get("ETCD_LISTEN_PEER_URLS"),
+        client: get("ETCD_ADVERTISE_CLIENT_URLS"),
+        child,
+    }
+}
+
+fn etcdctl(args: &[&str]) -> Option<String> {
+    let out = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--command-timeout=3s"])
+        .args(args)
+        .output()
+        .expect("etcdctl runs");
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+/// (name, status) of every member, as the members at `endpoint` see them.
+fn member_list(endpoint: &str) -> Vec<(String, String)> {
+    etcdctl(&["--endpoints", endpoint, "member", "list", "-w", "simple"])
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split(", ").collect();
+            (f[2].to_string(), f[1].to_string())
+        })
+        .collect()
+}
+
+async fn healthy(endpoint: &str) {
+    let endpoint = endpoint.to_string();
+    eventually(Duration::from_secs(30), "etcd to answer", || {
+        let ok = etcdctl(&["--endpoints", &endpoint, "endpoint", "health"]).is_some();
+        async move { ok.then_some(()) }
+    })
+    .await;
+}
+
+fn membership(conf: &std::path::Path, mode: &str, extra: &[(&str, &str)]) -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/src/providers/ha_ec2/etcd-membership.sh");
+    let out = std::process::Command::new("bash")
+        .arg(script)
+        .arg(mode)
+        .env("BERTH_MEMBERSHIP_CONF", conf)
+        .envs(extra.iter().copied())
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "etcd-membership.sh {mode}: {text}");
+    text
+}
+
+/// The membership script of the user-data against real etcd processes: a member whose VM died is replaced by a
+/// new one in its slot (same name and peer address, empty data) that joins through the survivors, and a
+/// member the broker retired is pruned once it no longer answers, never while it does.
+#[tokio::test]
+async fn the_membership_script_rejoins_a_replaced_member_and_prunes_a_retired_one() {
+    let dir = std::env::temp_dir().join(format!("berth-etcd-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = || broker::embedded::free_port().unwrap();
+    let names = ["m1", "m2", "m3"];
+    let urls: Vec<(String, String)> = names
+        .iter()
+        .map(|_| (format!("http://127.0.0.1:{}", port()), format!("http://127.0.0.1:{}", port())))
+        .collect();
+    let cluster = names
+        .iter()
+        .zip(&urls)
+        .map(|(n, (peer, _))| format!("{n}={peer}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let token = format!("t{}", uuid::Uuid::new_v4().simple());
+    let mut members: Vec<Etcd> = names
+        .iter()
+        .zip(&urls)
+        .map(|(n, (peer, client))| {
+            let env = etcd_env_file(&dir, n, peer, client, &cluster, &token);
+            start_etcd(&env, &dir.join(format!("{n}.log")))
+        })
+        .collect();
+    for m in &members {
+        healthy(&m.client).await;
+    }
+    let (c1, c3) = (members[0].client.clone(), members[2].client.clone());
+    assert_eq!(member_list(&c1).len(), 3);
+
+    // m2's VM dies; its replacement comes up in the same slot with empty data and joins.
+    let dead = members.remove(1);
+    let (peer2, client2) = (dead.peer.clone(), dead.client.clone());
+    drop(dead);
+    let replacement = dir.join("replacement");
+    std::fs::create_dir_all(&replacement).unwrap();
+    let env = etcd_env_file(&replacement, "m2", &peer2, &client2, &cluster, &token);
+    let conf = replacement.join("membership.env");
+    std::fs::write(
+        &conf,
+        format!(
+            "ETCD_NAME=m2\nPEER_URL={peer2}\nPEER_ENDPOINTS={c1},{c3}\nETCD_ENV={}\nETCD_DATA_DIR={}\n",
+            env.display(),
+            replacement.join("m2-data").display()
+        ),
+    )
+    .unwrap();
+    let said = membership(&conf, "join", &[]);
+    assert!(said.contains("removing member") && said.contains("joined as m2"), "{said}");
+    let written = std::fs::read_to_string(&env).unwrap();
+    assert!(written.lines().any(|l| l == "ETCD_INITIAL_CLUSTER_STATE=existing"), "{written}");
+    assert!(!written.lines().any(|l| l == "ETCD_INITIAL_CLUSTER_STATE=new"), "{written}");
+    members.insert(1, start_etcd(&env, &replacement.join("m2.log")));
+    healthy(&client2).await;
+    let list = eventually(Duration::from_secs(30), "three started members", || {
+        let list = member_list(&c1);
+        async move { (list.len() == 3 && list.iter().all(|(_, s)| s == "started")).then_some(list) }
+    })
+    .await;
+    let mut seen: Vec<&str> = list.iter().map(|(n, _)| n.as_str()).collect();
+    seen.sort();
+    assert_eq!(seen, names, "the slot's name is back, once");
+    // The rejoined member serves reads and writes of the whole cluster.
+    etcdctl(&["--endpoints", &c1, "put", "berth-test", "written-through-m1"]).unwrap();
+    let read = etcdctl(&["--endpoints", &client2, "get", "berth-test", "--print-value-only"]).unwrap();
+    assert_eq!(read.trim(), "written-through-m1");
+
+    // Scale-down: m3 leaves the wanted list. While it answers it stays; once gone it is pruned.
+    let m1_conf = dir.join("m1-membership.env");
+    std::fs::write(&m1_conf, format!("ETCD_NAME=m1\nPEER_URL={}\n", members[0].peer)).unwrap();
+    let prune = [("WANTED", "m1,m2"), ("LOCAL_ENDPOINT", c1.as_str())];
+    membership(&m1_conf, "prune", &prune);
+    assert_eq!(member_list(&c1).len(), 3, "a retired member that still answers is left alone");
+    let m3 = members.pop().unwrap();
+    assert_eq!(m3.name, "m3");
+    drop(m3);
+    let said = membership(&m1_conf, "prune", &prune);
+    assert!(said.contains("removing retired member m3"), "{said}");
+    let list = member_list(&c1);
+    assert_eq!(list.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().len(), 2, "{list:?}");
+    assert!(list.iter().all(|(n, _)| n != "m3"));
+    // Members in the wanted list are never pruned, even when down.
+    let m2 = members.pop().unwrap();
+    drop(m2);
+    membership(&m1_conf, "prune", &prune);
+    assert_eq!(member_list(&c1).len(), 2, "m2 is wanted: kept while it is down");
+    drop(members);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
