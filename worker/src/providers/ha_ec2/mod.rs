@@ -424,7 +424,7 @@ impl HaEc2 {
         let mut tags = member_tags(input.tags, name);
         tags.push((vm::MEMBERS_TAG.to_string(), state.wanted()));
         let candidates = state.candidates.get(&member.zone).cloned().unwrap_or_default();
-        let hash = names::short_hash(&instance.id);
+        let hash = format!("{}{}", state.token_seed, names::short_hash(&instance.id));
         let mut index = member.candidate_index;
         let launched = loop {
             let Some(candidate) = candidates.get(index) else {
@@ -609,6 +609,7 @@ impl Provider for HaEc2 {
             }
             state.region = region.clone();
             state.scope = scope.clone();
+            state.token_seed = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
             for _ in 0..params.cluster.members {
                 state.add_member(false);
             }

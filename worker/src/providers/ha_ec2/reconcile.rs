@@ -134,21 +134,19 @@ async fn heal(engine: &HaEc2, pool: &PgPool, services: &Services, instance_id: &
         tags: &tags,
         owner_role: &owner,
     };
-    let found = vm::live_vms(&client, instance_id).await?;
-    for member in state.members.iter_mut().filter(|m| !m.retiring) {
-        let alive = found
-            .iter()
-            .any(|v| Some(&v.id) == member.vm_id.as_ref() && (v.state == "pending" || v.state == "running"));
-        if !alive && !member.replacing {
-            warn!(instance_id, member = %member.name, vm = ?member.vm_id, zone = %member.zone, "a member's VM is gone; replacing it");
-            member.replacing = true;
-        }
-    }
-    state.save(pool, instance_id).await?;
+    // ensure_vms tells a VM that is gone from one a listing has not caught up with (it asks EC2 about that VM),
+    // and launches a joining VM in each slot whose VM is gone (its generation goes up).
+    let generations: HashMap<String, u32> = state.members.iter().map(|m| (m.name.clone(), m.generation)).collect();
     let live = engine
         .ensure_vms(pool, &mut state, &input)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    for member in state.members.iter_mut() {
+        if generations.get(&member.name).is_some_and(|g| member.generation > *g) {
+            warn!(instance_id, member = %member.name, zone = %member.zone, vm = ?member.vm_id, "a member's VM was gone; a replacement joins its peers");
+            member.replacing = true;
+        }
+    }
     let mut replaced = Vec::new();
     for member in state.members.iter_mut().filter(|m| m.replacing) {
         if live.get(&member.name).is_some_and(|v| v.state == "running") {

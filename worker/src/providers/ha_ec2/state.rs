@@ -53,6 +53,9 @@ pub struct ClusterState {
     pub members: Vec<Member>,
     /// The number of the next slot's name: names are not reused once a scale-down removed them.
     pub next_member: u32,
+    /// Random, chosen with the slots: part of every RunInstances ClientToken, so a cluster provisioned again
+    /// under the same instance id never meets the tokens of the one before.
+    pub token_seed: String,
 }
 
 impl ClusterState {
