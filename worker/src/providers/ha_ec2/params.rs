@@ -38,6 +38,15 @@ impl Params {
                 "the ha plan spreads members over zones: use `zones` (a list), not `zone`",
             ));
         }
+        let tags = ec2_common::extra_tags(parameters)?;
+        // Members read their tags from the instance metadata, which refuses to launch a VM with keys it cannot
+        // serve.
+        if let Some((key, _)) = tags.iter().find(|(k, _)| k.contains('/') || k.contains(' ')) {
+            return Err(TaskError::fatal(format!(
+                "tag {key:?}: the ha plan's VMs expose their tags to their instance metadata, whose keys cannot hold \
+                 `/` or spaces"
+            )));
+        }
         let zones: Vec<String> = parameters
             .get("zones")
             .and_then(Value::as_array)
@@ -50,7 +59,7 @@ impl Params {
             zones,
             public_ip: parameters.get("public_ip").and_then(Value::as_bool).unwrap_or(false),
             ssh_keys: ec2_common::ssh_keys(parameters),
-            tags: ec2_common::extra_tags(parameters)?,
+            tags,
         })
     }
 
@@ -86,6 +95,7 @@ mod tests {
             json!({"storage_type": "local"}),
             json!({"zone": "us-east-1a"}),
             json!({"tags": {"berth:instance": "x"}}),
+            json!({"tags": {"kubernetes.io/cluster": "x"}}),
             json!({"members": 4}),
         ] {
             assert!(Params::of(&bad).is_err(), "{bad}");

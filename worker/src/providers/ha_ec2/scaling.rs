@@ -10,8 +10,11 @@ use serde_json::{Value, json};
 use tracing::info;
 
 use super::{
-    HaEc2, LaunchInput, SlotVm, members_details, network, not_ready, params::Params, patroni_bases, patroni_http,
-    slot_vm,
+    HaEc2, LaunchInput, members_details,
+    members::{SlotVm, slot_vm},
+    network, not_ready,
+    params::Params,
+    patroni_bases, patroni_http,
     state::{ClusterState, Secrets},
     wait,
 };
