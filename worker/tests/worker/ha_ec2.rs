@@ -291,6 +291,9 @@ async fn five_spot_members_round_robin_over_the_asked_zones(_: sqlx::postgres::P
         .unwrap();
     assert_eq!(initial.matches(":2380").count(), 5, "{initial}");
     assert_eq!(details["ha_ec2"]["zones"], json!(["us-east-1b", "us-east-1c"]));
+    // Orphan-safe: with nothing recorded (a provision that crashed before its first record), the deprovision
+    // still finds everything by its tags.
+    instances::set_details(&pool, &id, &json!({}), None).await.unwrap();
     deprovision_leaves_nothing(&pool, &services, &client, &id).await;
 }
 
