@@ -245,6 +245,15 @@ async fn three_members_over_three_zones_each_with_its_own_user_data(
     }
     assert!(!shown.contains("PRIVATE KEY"));
 
+    // A switchover is asked of Patroni's REST API; nothing answers on moto's VMs, so the task says so.
+    let switchover = operate(&pool, &services, Operation::Switchover, &id, None, json!({})).await;
+    assert_eq!(switchover.state, "failed");
+    let error = switchover.last_error.unwrap_or_default();
+    assert!(
+        error.contains("cannot reach the cluster's Patroni REST API") && error.contains(":8008"),
+        "{error}"
+    );
+
     // A retried provision whose first try crashed before recording anything but its secrets adopts what
     // exists: no second VM, interface or address for any slot.
     instances::set_details(&pool, &id, &json!({}), Some(&sealed)).await.unwrap();

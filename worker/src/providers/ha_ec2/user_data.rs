@@ -440,7 +440,7 @@ mod tests {
         let join = setup_script
             .find("/usr/local/sbin/berth-etcd-membership join")
             .expect("the join runs");
-        let start = setup_script.find("systemctl enable --now berth-etcd").unwrap();
+        let start = setup_script.find("systemctl start --no-block berth-etcd").unwrap();
         assert!(join < start, "the join comes before etcd starts");
         let script = file(&text, "/usr/local/sbin/berth-etcd-membership");
         assert!(script.contains("member remove") && script.contains("member add"));
