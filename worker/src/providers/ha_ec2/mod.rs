@@ -56,15 +56,20 @@ use super::{
     ha_local::{
         credentials::{self, Address, Endpoints},
         patroni::{ClusterView, Patroni},
+        state::SUPERUSER,
         switchover,
         timings::Timings,
         tls,
     },
-    shared_postgres::Access,
+    shared_postgres::{Access, binding_grants},
 };
 use crate::{
     context::{Services, TaskContext},
     registry::TaskError,
+    snapshots::{
+        DatabaseTarget, ServerLogin,
+        target::{Host, client_bin_dir},
+    },
 };
 
 pub use user_data::{Rendered, render as render_user_data};
@@ -426,6 +431,38 @@ impl Provider for HaEc2 {
                 "access": access.as_str(),
             }),
             credentials: credentials::credentials(&endpoints, database, &role, &password, &secrets.ca.cert),
+        }))
+    }
+
+    async fn database_target(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+        bindings: &[BindingRow],
+    ) -> Result<Progress<DatabaseTarget>, TaskError> {
+        // Snapshots read and write the primary (replicas follow through WAL), with this worker's client programs.
+        let secrets = open_secrets(ctx.services, instance)?;
+        let state = ClusterState::of(&instance.details);
+        let primary = find_primary(&state, &secrets).await?;
+        let prefix = ctx.services.name_prefix();
+        Ok(Progress::Done(DatabaseTarget {
+            login: ServerLogin {
+                host: Host::Tcp(host(primary).unwrap_or_default().to_string()),
+                port: PG_PORT,
+                user: SUPERUSER.to_string(),
+                password: Some(secrecy::SecretString::from(secrets.superuser.clone())),
+                ssl_require: true,
+                bin_dir: client_bin_dir()?,
+            },
+            database: instance
+                .details
+                .get("app_db_name")
+                .and_then(Value::as_str)
+                .unwrap_or("app")
+                .to_string(),
+            owner: names::instance_owner_role(prefix, &instance.id),
+            bindings: binding_grants(prefix, bindings)?,
+            extensions: Params::of(&instance.parameters)?.cluster.server.extensions,
         }))
     }
 
