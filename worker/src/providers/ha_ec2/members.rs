@@ -238,7 +238,8 @@ impl HaEc2 {
     }
 
     /// Every slot without a VM gets one (an earlier try's VM, found by its tags, is adopted; a slot whose VM is
-    /// gone gets a new one that joins its peers). Returns the live VMs by slot.
+    /// gone gets a new one that joins its peers, once the old one no longer holds its interface). Returns the live
+    /// VMs by slot: a slot missing there is not done yet.
     pub(super) async fn ensure_vms(
         &self,
         pool: &PgPool,
@@ -269,11 +270,8 @@ impl HaEc2 {
             if let Some(old) = &member.vm_id {
                 match slot_vm(input.client, old, member.launched_at).await? {
                     SlotVm::Alive => continue,
-                    SlotVm::Releasing => {
-                        return Err(TaskError::retryable(format!(
-                            "member {name}'s old VM {old} is still terminating (it holds the member's interface)"
-                        )));
-                    }
+                    // It holds the slot's interface until it is terminated: the next step launches.
+                    SlotVm::Releasing => continue,
                     SlotVm::Gone => {
                         warn!(instance_id = %id, member = %name, vm = %old, "a member's VM is gone; launching another that joins its peers");
                         let m = state.member_mut(&name).expect("listed above");
