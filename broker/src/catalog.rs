@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// Engines berth knows. A plan names one; the plan is published only where its engine is configured.
-pub const KNOWN_ENGINES: &[&str] = &["s3", "shared", "local", "ec2", "ha_local"];
+pub const KNOWN_ENGINES: &[&str] = &["s3", "shared", "local", "ec2", "ha_local", "ha_ec2"];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -555,6 +555,33 @@ mod tests {
         assert_eq!(engine_of(&load(on_ec2).unwrap(), "dedicated").as_deref(), Some("ec2"));
         assert!(load(serde_json::json!({ "dedicated_engine": "ec2" })).is_err(), "ec2 without AWS is refused");
         assert!(load(serde_json::json!({ "dedicated_engine": "warp" })).is_err());
+    }
+
+    #[test]
+    fn ha_moves_to_ec2_only_when_asked_and_aws_is_there() {
+        let plans_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plans");
+        let load = |extra: Value| {
+            let mut base = serde_json::json!({ "plans_dir": plans_dir });
+            base.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            let settings: crate::config::Settings = serde_json::from_value(base).unwrap();
+            settings.check().map(|()| Catalog::load_for(&settings).unwrap())
+        };
+        let ha_engine = |catalog: &Catalog| {
+            catalog.services().iter().flat_map(|s| &s.plans).find(|p| p.name == "ha").map(|p| p.engine.clone())
+        };
+        let aws = serde_json::json!({ "aws_region": "us-east-1", "aws_access_key_id": "k" });
+        assert_eq!(ha_engine(&load(aws.clone()).unwrap()), None, "ha stays local by default (not published here)");
+        let mut on_ec2 = aws;
+        on_ec2["ha_engine"] = "ec2".into();
+        let catalog = load(on_ec2).unwrap();
+        assert_eq!(ha_engine(&catalog).as_deref(), Some("ha_ec2"));
+        let plan = catalog.services().iter().flat_map(|s| &s.plans).find(|p| p.name == "ha").unwrap();
+        let schema = &plan.schemas.service_instance.as_ref().unwrap().create.as_ref().unwrap().parameters;
+        for key in ["cpu_min", "ram_min", "storage_min", "instance_types", "zones", "spot", "region", "public_ip"] {
+            assert!(schema["properties"][key].is_object(), "{key} in the ha schema");
+        }
+        assert!(load(serde_json::json!({ "ha_engine": "ec2" })).is_err(), "ec2 without AWS is refused");
+        assert!(load(serde_json::json!({ "ha_engine": "k8s" })).is_err());
     }
 
     #[test]

@@ -81,7 +81,7 @@ pub struct Settings {
     /// Name of this machine for the `local` engine (default: the host name). An instance belongs to the host
     /// that provisioned it; workers elsewhere leave its tasks and its reconciling alone.
     pub local_engine_host: Option<String>,
-    /// Patroni timings (seconds) of new `ha` clusters on the `ha_local` engine; default 7, 1, 3. The worker
+    /// Patroni timings (seconds) of new `ha` clusters (both engines); default 7, 1, 3. The worker
     /// refuses to start unless `loop_wait + 2 × retry_timeout ≤ ttl`.
     pub ha_patroni_ttl: Option<u32>,
     pub ha_patroni_loop_wait: Option<u32>,
@@ -109,6 +109,10 @@ pub struct Settings {
     /// Engine of the `dedicated` plan: `local` (default) or `ec2` (needs AWS settings).
     #[serde(default = "default_dedicated_engine")]
     pub dedicated_engine: String,
+    /// Engine of the `ha` plan: `local` (default: Patroni + etcd on the worker's machine) or `ec2` (a VM per
+    /// member, spread over availability zones; needs AWS settings).
+    #[serde(default = "default_ha_engine")]
+    pub ha_engine: String,
     /// AMIs (Debian 12 or Ubuntu, cloud-init) per CPU architecture; unset = the newest Debian 12 image.
     pub ec2_ami_x86_64: Option<String>,
     pub ec2_ami_arm64: Option<String>,
@@ -148,6 +152,9 @@ fn yes() -> bool {
     true
 }
 fn default_dedicated_engine() -> String {
+    "local".into()
+}
+fn default_ha_engine() -> String {
     "local".into()
 }
 fn default_allowed_cidr() -> String {
@@ -289,6 +296,12 @@ impl Settings {
             "ec2" => anyhow::bail!("DEDICATED_ENGINE=ec2 needs AWS settings (AWS_REGION and a credential source)"),
             other => anyhow::bail!("DEDICATED_ENGINE must be local or ec2, not {other:?}"),
         }
+        match self.ha_engine.as_str() {
+            "local" => {}
+            "ec2" if self.aws_configured() => {}
+            "ec2" => anyhow::bail!("HA_ENGINE=ec2 needs AWS settings (AWS_REGION and a credential source)"),
+            other => anyhow::bail!("HA_ENGINE must be local or ec2, not {other:?}"),
+        }
         if self.connstr_bucket.is_none()
             && (self.connstr_bucket_endpoint.is_some() || self.connstr_bucket_access_key.is_some())
         {
@@ -318,13 +331,15 @@ impl Settings {
         }
         if self.aws_configured() {
             engines.push("ec2");
+            engines.push("ha_ec2");
         }
         engines
     }
 
-    /// Plans whose engine the operator chose (`DEDICATED_ENGINE`): plan name → engine.
+    /// Plans whose engine the operator chose (`DEDICATED_ENGINE`, `HA_ENGINE`): plan name → engine.
     pub fn plan_engines(&self) -> Vec<(&'static str, String)> {
-        vec![("dedicated", self.dedicated_engine.clone())]
+        let ha = if self.ha_engine == "ec2" { "ha_ec2" } else { "ha_local" };
+        vec![("dedicated", self.dedicated_engine.clone()), ("ha", ha.to_string())]
     }
 
     /// AWS counts as configured with a region and a credential source the SDK's chain can use.

@@ -2,8 +2,10 @@
 //! engine and picks it by the plan's `engine` field in the catalog.
 
 pub mod aws;
+pub mod ec2_common;
 pub mod ec2_postgres;
 mod app_database;
+pub mod ha_ec2;
 pub mod ha_local;
 pub mod local_postgres;
 pub mod pg_tuning;
@@ -185,21 +187,23 @@ pub fn configured(settings: &Settings) -> anyhow::Result<HashMap<String, Arc<dyn
         )?;
         providers.insert(shared_postgres::ENGINE.to_string(), Arc::new(provider));
     }
+    let defaults = ha_local::DEFAULT_TIMINGS;
+    let timings = ha_local::Timings {
+        ttl: settings.ha_patroni_ttl.unwrap_or(defaults.ttl),
+        loop_wait: settings.ha_patroni_loop_wait.unwrap_or(defaults.loop_wait),
+        retry_timeout: settings.ha_patroni_retry_timeout.unwrap_or(defaults.retry_timeout),
+    };
     if settings.local_engine {
         let provider = local_postgres::LocalPostgres::new(settings.servers_dir(), settings.local_host())?;
         providers.insert(local_postgres::ENGINE.to_string(), Arc::new(provider));
-        let defaults = ha_local::DEFAULT_TIMINGS;
-        let timings = ha_local::Timings {
-            ttl: settings.ha_patroni_ttl.unwrap_or(defaults.ttl),
-            loop_wait: settings.ha_patroni_loop_wait.unwrap_or(defaults.loop_wait),
-            retry_timeout: settings.ha_patroni_retry_timeout.unwrap_or(defaults.retry_timeout),
-        };
         let provider = ha_local::HaLocal::new(settings.servers_dir(), settings.local_host(), timings)?;
         providers.insert(ha_local::ENGINE.to_string(), Arc::new(provider));
     }
     if settings.aws_configured() {
         let provider = ec2_postgres::Ec2Postgres::new(settings)?;
         providers.insert(ec2_postgres::ENGINE.to_string(), Arc::new(provider));
+        let provider = ha_ec2::HaEc2::new(settings, timings)?;
+        providers.insert(ha_ec2::ENGINE.to_string(), Arc::new(provider));
     }
     if let Some(backend) = settings.s3_backend() {
         let provider = s3::S3Provider::new(settings, backend)?;

@@ -28,7 +28,7 @@ const SERVICE: &str = "3bdd3b6c-801f-470b-a45f-bc1849fa2124";
 const SPOT: &str = "8c4b2a71-3e5d-4f60-9a1b-7d2e6c0f5a13";
 const PREFIX: &str = "bt_";
 
-fn ec2(peer: &Peer) -> Client {
+pub(crate) fn ec2(peer: &Peer) -> Client {
     let http = aws_smithy_http_client::Builder::new()
         .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
             aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
@@ -60,7 +60,7 @@ async fn images(client: &Client) -> (String, String) {
     )
 }
 
-async fn services_with(peer: &Peer, extra: Value) -> Arc<Services> {
+pub(crate) async fn services_with(peer: &Peer, extra: Value) -> Arc<Services> {
     let client = ec2(peer);
     let (x86, arm) = images(&client).await;
     let mut settings = json!({
@@ -84,11 +84,11 @@ async fn provision(pool: &PgPool, services: &Arc<Services>, parameters: Value) -
     (id, details)
 }
 
-fn tagged(instance_id: &str) -> Filter {
+pub(crate) fn tagged(instance_id: &str) -> Filter {
     Filter::builder().name("tag:berth:instance").values(instance_id).build()
 }
 
-async fn live_vms(client: &Client, instance_id: &str) -> Vec<aws_sdk_ec2::types::Instance> {
+pub(crate) async fn live_vms(client: &Client, instance_id: &str) -> Vec<aws_sdk_ec2::types::Instance> {
     let out = client
         .describe_instances()
         .filters(tagged(instance_id))
@@ -118,7 +118,7 @@ async fn data_volumes(client: &Client, instance_id: &str) -> Vec<aws_sdk_ec2::ty
         .to_vec()
 }
 
-fn tag<'a>(tags: &'a [aws_sdk_ec2::types::Tag], key: &str) -> Option<&'a str> {
+pub(crate) fn tag<'a>(tags: &'a [aws_sdk_ec2::types::Tag], key: &str) -> Option<&'a str> {
     tags.iter().find(|t| t.key() == Some(key)).and_then(|t| t.value())
 }
 

@@ -3,6 +3,7 @@
 mod backup_scheduler;
 mod crash;
 mod ec2;
+mod ha_ec2;
 mod helpers;
 mod local_postgres;
 mod queue;

@@ -12,16 +12,12 @@
 //! The reconcile loop replaces VMs that vanished (spot interruptions, terminations): see [`recovery`].
 
 mod cloud_init;
-mod errors;
-mod offers;
 mod recovery;
-mod vm;
 
-use std::{collections::HashMap, sync::Mutex, time::Duration};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use async_trait::async_trait;
-use aws_config::SdkConfig;
 use aws_sdk_ec2::Client;
 use broker::{
     config::Settings,
@@ -39,7 +35,8 @@ use sqlx::{
 };
 
 use super::{
-    Bound, Progress, Provider, Provisioned, aws,
+    Bound, Progress, Provider, Provisioned,
+    ec2_common::{self, Ec2Account, offers, vm},
     local_postgres::{ServerAccess, bind_role, unbind_role},
     pg_tuning,
     shared_postgres::{connect, create_extensions, exec, requested_extensions},
@@ -149,15 +146,7 @@ impl Params {
                  use `network` (an EBS volume)",
             ));
         }
-        let mut tags = Vec::new();
-        if let Some(extra) = parameters.get("tags").and_then(Value::as_object) {
-            for (k, v) in extra {
-                if k.starts_with("berth:") {
-                    return Err(TaskError::fatal(format!("tag {k:?}: berth:* tags are berth's own")));
-                }
-                tags.push((k.clone(), v.as_str().unwrap_or_default().to_string()));
-            }
-        }
+        let tags = ec2_common::extra_tags(parameters)?;
         Ok(Self {
             requirements,
             region: parameters.get("region").and_then(Value::as_str).map(str::to_string),
@@ -168,79 +157,34 @@ impl Params {
             extensions: requested_extensions(parameters)?,
             public_ip: flag("public_ip"),
             static_ip: flag("static_ip"),
-            ssh_keys: parameters
-                .get("ssh_keys")
-                .and_then(Value::as_array)
-                .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
-                .unwrap_or_default(),
+            ssh_keys: ec2_common::ssh_keys(parameters),
             tags,
         })
     }
 }
 
 pub struct Ec2Postgres {
-    sdk: SdkConfig,
-    default_region: String,
-    clients: Mutex<HashMap<String, Client>>,
-    on_demand: HashMap<String, f64>,
-    ami_x86_64: Option<String>,
-    ami_arm64: Option<String>,
-    subnets: Vec<String>,
-    allowed_cidr: String,
-    offers_ttl_secs: u64,
-    readiness_probe: bool,
+    account: Ec2Account,
 }
 
 impl std::fmt::Debug for Ec2Postgres {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ec2Postgres")
-            .field("region", &self.default_region)
+            .field("region", &self.account.default_region)
             .finish_non_exhaustive()
     }
 }
 
 impl Ec2Postgres {
     pub fn new(settings: &Settings) -> anyhow::Result<Self> {
-        let region = settings
-            .aws_region
-            .clone()
-            .ok_or_else(|| anyhow::anyhow!("AWS_REGION is required for the ec2 engine"))?;
         Ok(Self {
-            sdk: aws::sdk_config(settings, &region)?,
-            default_region: region,
-            clients: Mutex::new(HashMap::new()),
-            on_demand: offers::on_demand_prices(settings.ec2_on_demand_prices_file.as_deref())?,
-            ami_x86_64: settings.ec2_ami_x86_64.clone(),
-            ami_arm64: settings.ec2_ami_arm64.clone(),
-            subnets: settings
-                .ec2_subnet_ids
-                .as_deref()
-                .map(|s| {
-                    s.split(',')
-                        .map(str::trim)
-                        .filter(|s| !s.is_empty())
-                        .map(str::to_string)
-                        .collect()
-                })
-                .unwrap_or_default(),
-            allowed_cidr: settings.ec2_allowed_cidr.clone(),
-            offers_ttl_secs: settings.ec2_offers_ttl_secs,
-            readiness_probe: settings.ec2_readiness_probe,
+            account: Ec2Account::new(settings, ENGINE)?,
         })
     }
 
     /// An EC2 client for `region` (one per region, kept).
     pub fn client(&self, region: &str) -> Client {
-        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        clients
-            .entry(region.to_string())
-            .or_insert_with(|| {
-                let config = aws_sdk_ec2::config::Builder::from(&self.sdk)
-                    .region(aws_sdk_ec2::config::Region::new(region.to_string()))
-                    .build();
-                Client::from_conf(config)
-            })
-            .clone()
+        self.account.client(region)
     }
 
     fn region_of(&self, params_region: Option<&str>, state: &State) -> String {
@@ -248,7 +192,7 @@ impl Ec2Postgres {
             .region
             .clone()
             .or(params_region.map(str::to_string))
-            .unwrap_or_else(|| self.default_region.clone())
+            .unwrap_or_else(|| self.account.default_region.clone())
     }
 
     /// Refreshes the cached offers of `region` when stale (the reconcile loop keeps the default region warm for
@@ -258,8 +202,8 @@ impl Ec2Postgres {
             pool,
             &self.client(region),
             region,
-            self.offers_ttl_secs,
-            &self.on_demand,
+            self.account.offers_ttl_secs,
+            &self.account.on_demand,
         )
         .await?
         .len())
@@ -275,14 +219,6 @@ impl Ec2Postgres {
     /// not know it: what a per-instance check would cost (the benchmark's anchor).
     pub async fn vm_state(&self, region: &str, vm_id: &str) -> Result<Option<String>, TaskError> {
         Ok(vm::vm(&self.client(region), vm_id).await?.map(|v| v.state))
-    }
-
-    fn image_for(&self, arch: &str) -> Option<&str> {
-        if arch == "arm64" {
-            self.ami_arm64.as_deref()
-        } else {
-            self.ami_x86_64.as_deref()
-        }
     }
 }
 
@@ -377,9 +313,9 @@ impl Ec2Postgres {
             .security_group_id
             .clone()
             .ok_or_else(|| TaskError::fatal("no security group"))?;
-        let (subnet, _) = vm::subnet(input.client, &zone, &self.subnets).await?;
+        let (subnet, _) = vm::subnet(input.client, &zone, &self.account.subnets).await?;
         while let Some(candidate) = state.candidates.get(state.candidate_index).cloned() {
-            let image = vm::image(input.client, &candidate.arch, self.image_for(&candidate.arch)).await?;
+            let image = vm::image(input.client, &candidate.arch, self.account.image_for(&candidate.arch)).await?;
             let token = format!("{}.{}", input.token, state.candidate_index);
             let spec = vm::Launch {
                 image_id: &image,
@@ -393,6 +329,9 @@ impl Ec2Postgres {
                 user_data: input.user_data,
                 client_token: &token,
                 tags: input.tags,
+                network_interface_id: None,
+                scratch_disk_gb: None,
+                tags_in_metadata: false,
             };
             match vm::launch(input.client, &spec).await {
                 Ok(launched) => {
@@ -515,7 +454,7 @@ impl Provider for Ec2Postgres {
         // 1. Candidates, and the zone: the asked one, else the cheapest first candidate's (spot), else the first
         //    zone of the region. Then the candidates priced in that zone, kept for every later step.
         if state.candidates.is_empty() {
-            let offers = offers::fresh(ctx.pool, &client, &region, self.offers_ttl_secs, &self.on_demand).await?;
+            let offers = offers::fresh(ctx.pool, &client, &region, self.account.offers_ttl_secs, &self.account.on_demand).await?;
             let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_entropy();
             let first = candidates(&offers, &params.requirements, &[], &mut rng);
             let Some(best) = first.first() else {
@@ -545,14 +484,15 @@ impl Provider for Ec2Postgres {
         // 2. Security group, data volume, Elastic IP.
         if state.security_group_id.is_none() {
             ctx.progress("creating the security group").await?;
-            let (_, vpc) = vm::subnet(&client, &zone, &self.subnets).await?;
-            let ssh = !params.ssh_keys.is_empty();
+            let (_, vpc) = vm::subnet(&client, &zone, &self.account.subnets).await?;
+            let ports: &[i32] = if params.ssh_keys.is_empty() { &[5432] } else { &[5432, 22] };
             let id = vm::ensure_security_group(
                 &client,
                 &group_name(prefix, &instance.id),
+                "berth-postgres-5432-and-ssh-22-with-ssh_keys",
                 &vpc,
-                &self.allowed_cidr,
-                ssh,
+                &self.account.allowed_cidr,
+                ports,
                 &tags,
             )
             .await?;
@@ -611,7 +551,7 @@ impl Provider for Ec2Postgres {
         let host = state.host().unwrap_or_default().to_string();
 
         // 5. Postgres answering over TLS.
-        if self.readiness_probe && !Self::answers(&host, &secrets).await {
+        if self.account.readiness_probe && !Self::answers(&host, &secrets).await {
             let age = chrono::Utc::now().timestamp() - state.launched_at.unwrap_or(0);
             if age > READY_LIMIT_SECS {
                 return Err(TaskError::fatal(format!(
@@ -773,7 +713,7 @@ impl Provider for Ec2Postgres {
         if services.plan_ids_of_engine(ENGINE).is_empty() {
             return Ok(());
         }
-        if let Err(e) = self.refresh_offers(pool, &self.default_region).await {
+        if let Err(e) = self.refresh_offers(pool, &self.account.default_region).await {
             tracing::warn!(error = %e, "refreshing EC2 offers failed");
         }
         recovery::reconcile(self, pool, services).await.map(|_| ())

@@ -17,7 +17,8 @@ use serde_json::{Map, Value, json};
 use sqlx::PgPool;
 use tracing::{info, warn};
 
-use super::{ENGINE, Ec2Postgres, LaunchInput, Params, Secrets, State, errors::classify, resource_tags, vm};
+use super::{ENGINE, Ec2Postgres, LaunchInput, Params, Secrets, State, resource_tags};
+use crate::providers::ec2_common::{available_zones, vm};
 use crate::{context::Services, registry::TaskError};
 
 /// A VM that vanished within this many seconds of its launch marks its type as short-lived.
@@ -58,23 +59,7 @@ pub fn forget_vm(state: &mut State) {
 
 /// The region's first available zone (for on-demand types, which have no per-zone price).
 pub async fn first_zone(client: &Client) -> Result<String, TaskError> {
-    let zones = client
-        .describe_availability_zones()
-        .filters(Filter::builder().name("state").values("available").build())
-        .send()
-        .await
-        .map_err(|e| classify(e, "listing availability zones"))?;
-    let mut names: Vec<String> = zones
-        .availability_zones()
-        .iter()
-        .filter_map(|z| z.zone_name())
-        .map(str::to_string)
-        .collect();
-    names.sort();
-    names
-        .into_iter()
-        .next()
-        .ok_or_else(|| TaskError::fatal("the region has no available zone"))
+    Ok(available_zones(client).await?.swap_remove(0))
 }
 
 /// With the VM running: the data volume on it, the Elastic IP on it, its addresses recorded in `state`.

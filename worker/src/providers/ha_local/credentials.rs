@@ -1,26 +1,39 @@
 //! A binding's credentials for a cluster: multi-host URLs that libpq (and drivers that follow it) use to find
 //! the primary by themselves after a failover, and the members as endpoints.
 
+//! Shared by the `ha` plan's engines (`ha_local`: one host, a port per member; `ha_ec2`: a host per member).
+
 use serde_json::{Map, Value, json};
 
-use super::config::HOST;
+/// Where one member's Postgres listens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Address {
+    pub host: String,
+    pub port: u16,
+}
 
-/// Members' ports, the primary's first (connections try hosts in order).
+impl std::fmt::Display for Address {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+/// Members' addresses, the primary's first (connections try hosts in order).
 pub struct Endpoints {
-    pub primary: u16,
-    pub replicas: Vec<u16>,
+    pub primary: Address,
+    pub replicas: Vec<Address>,
 }
 
 impl Endpoints {
-    fn ports(&self) -> impl Iterator<Item = u16> + '_ {
-        std::iter::once(self.primary).chain(self.replicas.iter().copied())
+    fn all(&self) -> impl Iterator<Item = &Address> + '_ {
+        std::iter::once(&self.primary).chain(self.replicas.iter())
     }
 
     /// The OSB binding `endpoints`: one per member.
     pub fn osb(&self) -> Value {
         Value::Array(
-            self.ports()
-                .map(|p| json!({ "host": HOST, "ports": [p.to_string()], "protocol": "tcp" }))
+            self.all()
+                .map(|a| json!({ "host": a.host, "ports": [a.port.to_string()], "protocol": "tcp" }))
                 .collect(),
         )
     }
@@ -40,7 +53,7 @@ fn encode(text: &str) -> String {
 
 /// `postgres://user:password@h:p1,h:p2,…/database?sslmode=require&target_session_attrs=<attrs>`.
 fn url(endpoints: &Endpoints, database: &str, user: &str, password: &str, attrs: &str) -> String {
-    let hosts: Vec<String> = endpoints.ports().map(|p| format!("{HOST}:{p}")).collect();
+    let hosts: Vec<String> = endpoints.all().map(Address::to_string).collect();
     format!(
         "postgres://{}:{}@{}/{}?sslmode=require&target_session_attrs={attrs}",
         encode(user),
@@ -59,8 +72,8 @@ pub fn credentials(
 ) -> Map<String, Value> {
     let read_write = url(endpoints, database, user, password, "read-write");
     let read_only = url(endpoints, database, user, password, "prefer-standby");
-    let ports: Vec<String> = endpoints.ports().map(|p| p.to_string()).collect();
-    let hosts: Vec<&str> = ports.iter().map(|_| HOST).collect();
+    let ports: Vec<String> = endpoints.all().map(|a| a.port.to_string()).collect();
+    let hosts: Vec<&str> = endpoints.all().map(|a| a.host.as_str()).collect();
     let mut map = Map::new();
     let mut put = |k: &str, v: Value| {
         map.insert(k.into(), v);
@@ -78,8 +91,8 @@ pub fn credentials(
     put(
         "endpoints",
         json!({
-            "primary": format!("{HOST}:{}", endpoints.primary),
-            "replicas": endpoints.replicas.iter().map(|p| format!("{HOST}:{p}")).collect::<Vec<_>>(),
+            "primary": endpoints.primary.to_string(),
+            "replicas": endpoints.replicas.iter().map(Address::to_string).collect::<Vec<_>>(),
         }),
     );
     put("ca_certificate", Value::String(ca_pem.into()));
@@ -92,9 +105,13 @@ mod tests {
 
     #[test]
     fn urls_list_every_member_primary_first() {
+        let at = |port| Address {
+            host: "127.0.0.1".into(),
+            port,
+        };
         let endpoints = Endpoints {
-            primary: 6002,
-            replicas: vec![6001, 6003],
+            primary: at(6002),
+            replicas: vec![at(6001), at(6003)],
         };
         let creds = credentials(&endpoints, "app", "berth_bnd_1", "p@ss", "PEM");
         assert_eq!(

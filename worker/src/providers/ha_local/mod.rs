@@ -8,14 +8,14 @@
 //! worker, and every step checks what exists first, so a retry after a crash finishes the job.
 
 mod cluster;
-mod config;
-mod credentials;
-mod params;
-mod patroni;
+pub(crate) mod config;
+pub(crate) mod credentials;
+pub(crate) mod params;
+pub(crate) mod patroni;
 mod procs;
-mod state;
-mod timings;
-mod tls;
+pub(crate) mod state;
+pub(crate) mod timings;
+pub(crate) mod tls;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -34,7 +34,7 @@ use tracing::{info, warn};
 
 use self::{
     cluster::LocalCluster,
-    credentials::Endpoints,
+    credentials::{Address, Endpoints},
     params::Params,
     patroni::{ClusterView, Patroni},
     state::{ClusterState, Layout},
@@ -233,8 +233,12 @@ fn members_details(state: &ClusterState, view: Option<&ClusterView>) -> Value {
     )
 }
 
-/// The primary's and the replicas' ports for a binding.
+/// The primary's and the replicas' addresses for a binding.
 fn endpoints(state: &ClusterState, leader: &str) -> Result<Endpoints, TaskError> {
+    let at = |port| Address {
+        host: config::HOST.to_string(),
+        port,
+    };
     let primary = state
         .member(leader)
         .ok_or_else(|| {
@@ -245,9 +249,12 @@ fn endpoints(state: &ClusterState, leader: &str) -> Result<Endpoints, TaskError>
         .members
         .iter()
         .filter(|m| m.name != leader)
-        .map(|m| m.pg_port)
+        .map(|m| at(m.pg_port))
         .collect();
-    Ok(Endpoints { primary, replicas })
+    Ok(Endpoints {
+        primary: at(primary),
+        replicas,
+    })
 }
 
 fn detail_str<'a>(instance: &'a InstanceRow, key: &str, default: &'a str) -> &'a str {
@@ -545,7 +552,7 @@ impl Provider for HaLocal {
         let owner = names::instance_owner_role(ctx.services.name_prefix(), &instance.id);
         let role = names::binding_role(ctx.services.name_prefix(), &binding.id);
         let password = random_password(32);
-        let port = endpoints.primary;
+        let port = endpoints.primary.port;
         app_database::grant_binding(
             &|db: &str| cluster.superuser(port, db),
             database,
@@ -588,7 +595,7 @@ impl Provider for HaLocal {
             Err(wait) => return Ok(wait),
         };
         // Snapshots read and write the primary; replicas follow through WAL (template clones included).
-        let port = endpoints(&cluster.state, &leader)?.primary;
+        let port = endpoints(&cluster.state, &leader)?.primary.port;
         let prefix = ctx.services.name_prefix();
         Ok(Progress::Done(DatabaseTarget {
             login: ServerLogin {
@@ -626,7 +633,7 @@ impl Provider for HaLocal {
             Ok(leader) => leader,
             Err(wait) => return Ok(wait),
         };
-        let port = endpoints(&cluster.state, &leader)?.primary;
+        let port = endpoints(&cluster.state, &leader)?.primary.port;
         let database = detail_str(instance, "app_db_name", "app");
         let owner = names::instance_owner_role(ctx.services.name_prefix(), &instance.id);
         let role = names::binding_role(ctx.services.name_prefix(), &binding.id);
@@ -651,7 +658,9 @@ impl Provider for HaLocal {
             return Ok(wait);
         }
         let cluster = self.open_existing(ctx, &instance.id)?;
-        switchover::run(ctx, instance, &cluster, operation, candidate).await
+        let patroni = Patroni::new(&ctx.services.http, &cluster.state, &cluster.secrets);
+        let members = |view: &ClusterView| members_details(&cluster.state, Some(view));
+        switchover::run(ctx, instance, &patroni, &members, operation, candidate).await
     }
 
     async fn reconcile(&self, pool: &PgPool, services: &Services) -> anyhow::Result<()> {
@@ -683,8 +692,8 @@ impl Provider for HaLocal {
 }
 
 mod scaling;
-mod settings;
-mod switchover;
+pub(crate) mod settings;
+pub(crate) mod switchover;
 
 /// One reconcile pass over a cluster, under the instance's advisory lock (skipped if another worker or an
 /// operation has it): etcd and every member's Patroni running (restarted where they stopped, once Patroni has

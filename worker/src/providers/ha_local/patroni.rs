@@ -60,16 +60,28 @@ impl ClusterView {
 
 pub struct Patroni<'a> {
     http: &'a reqwest::Client,
-    state: &'a ClusterState,
-    secrets: &'a Secrets,
+    /// Each member's REST API (`http://host:port`), tried in order.
+    bases: Vec<String>,
+    password: &'a str,
 }
 
 impl<'a> Patroni<'a> {
+    /// A local cluster's members.
     pub fn new(http: &'a reqwest::Client, state: &'a ClusterState, secrets: &'a Secrets) -> Self {
+        let bases = state
+            .members
+            .iter()
+            .map(|m| format!("http://{HOST}:{}", m.api_port))
+            .collect();
+        Self::at(http, bases, &secrets.restapi)
+    }
+
+    /// Members elsewhere: `bases` are their REST APIs' base URLs, `password` the cluster's REST API password.
+    pub fn at(http: &'a reqwest::Client, bases: Vec<String>, password: &'a str) -> Self {
         Self {
             http,
-            state,
-            secrets,
+            bases,
+            password,
         }
     }
 
@@ -80,10 +92,10 @@ impl<'a> Patroni<'a> {
     /// The cluster as the first member that answers sees it.
     pub async fn cluster(&self) -> anyhow::Result<ClusterView> {
         let mut last = None;
-        for member in &self.state.members {
+        for base in &self.bases {
             let answer = self
                 .http
-                .get(self.url(member.api_port, "/cluster"))
+                .get(format!("{base}/cluster"))
                 .timeout(Duration::from_secs(2))
                 .send()
                 .await
@@ -120,11 +132,11 @@ impl<'a> Patroni<'a> {
         body: &Value,
     ) -> anyhow::Result<(u16, String)> {
         let mut last = None;
-        for member in &self.state.members {
+        for base in &self.bases {
             let sent = self
                 .http
-                .request(method.clone(), self.url(member.api_port, path))
-                .basic_auth(RESTAPI_USER, Some(&self.secrets.restapi))
+                .request(method.clone(), format!("{base}{path}"))
+                .basic_auth(RESTAPI_USER, Some(self.password))
                 .json(body)
                 .timeout(Duration::from_secs(60))
                 .send()
@@ -151,7 +163,7 @@ impl<'a> Patroni<'a> {
         let response = self
             .http
             .post(self.url(api_port, "/restart"))
-            .basic_auth(RESTAPI_USER, Some(&self.secrets.restapi))
+            .basic_auth(RESTAPI_USER, Some(self.password))
             .json(&serde_json::json!({ "restart_pending": true }))
             .timeout(Duration::from_secs(60))
             .send()

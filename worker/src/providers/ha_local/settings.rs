@@ -65,7 +65,7 @@ pub async fn apply(
 }
 
 /// The new profile's parameters, with `null` for those only the old one set (a PATCH removes them).
-fn parameter_patch(old: &str, new: &str) -> Map<String, Value> {
+pub(crate) fn parameter_patch(old: &str, new: &str) -> Map<String, Value> {
     let mut patch = config::cluster_parameters(new);
     for key in config::cluster_parameters(old).keys() {
         patch.entry(key.clone()).or_insert(Value::Null);

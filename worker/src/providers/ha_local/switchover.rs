@@ -13,20 +13,23 @@ use serde_json::{Value, json};
 use tracing::info;
 
 use super::{
-    cluster::LocalCluster,
-    local, members_details,
+    local,
     patroni::{ClusterView, Patroni},
 };
 use crate::{context::TaskContext, providers::Progress, registry::TaskError};
 
+/// What the instance's details record as `members` for a view of the cluster (engine-specific).
+pub type MembersDetails<'a> = &'a (dyn Fn(&ClusterView) -> Value + Sync);
+
+/// Shared by the `ha` plan's engines: `patroni` reaches the cluster's REST APIs.
 pub async fn run(
     ctx: &TaskContext<'_>,
     instance: &InstanceRow,
-    cluster: &LocalCluster,
+    patroni: &Patroni<'_>,
+    members: MembersDetails<'_>,
     operation: Operation,
     candidate: Option<&str>,
 ) -> Result<Progress<()>, TaskError> {
-    let patroni = Patroni::new(&ctx.services.http, &cluster.state, &cluster.secrets);
     let view = patroni.cluster().await.map_err(local)?;
     let leader = view.leader().map(|l| l.name.clone());
     let task = ctx.task.id.to_string();
@@ -37,7 +40,7 @@ pub async fn run(
     {
         let from = earlier["from"].as_str();
         if leader.is_some() && leader.as_deref() != from {
-            return record(ctx, instance, cluster, &view).await;
+            return record(ctx, instance, members, &view).await;
         }
     }
     // In synchronous mode Patroni hands over only to the synchronous standby, which it names a loop or two
@@ -64,7 +67,7 @@ pub async fn run(
         },
     };
     if leader.as_deref() == Some(target.as_str()) {
-        return record(ctx, instance, cluster, &view).await;
+        return record(ctx, instance, members, &view).await;
     }
     let member = view
         .member(&target)
@@ -127,7 +130,7 @@ pub async fn run(
             && view.leader().is_some_and(|l| l.name == target)
         {
             info!(instance_id = %instance.id, from = ?leader, to = %target, operation = operation.as_str(), "primary changed");
-            return record(ctx, instance, cluster, &view).await;
+            return record(ctx, instance, members, &view).await;
         }
         if tokio::time::Instant::now() > deadline {
             return Err(TaskError::retryable(format!(
@@ -154,14 +157,14 @@ fn best_replica(view: &ClusterView) -> Option<String> {
 async fn record(
     ctx: &TaskContext<'_>,
     instance: &InstanceRow,
-    cluster: &LocalCluster,
+    members: MembersDetails<'_>,
     view: &ClusterView,
 ) -> Result<Progress<()>, TaskError> {
     let primary = view.leader().map(|l| l.name.clone());
     instances::merge_details(
         ctx.pool,
         &instance.id,
-        &json!({ "primary": primary, "members": members_details(&cluster.state, Some(view)) }),
+        &json!({ "primary": primary, "members": members(view) }),
     )
     .await
     .context("recording the new primary")?;

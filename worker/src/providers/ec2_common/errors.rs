@@ -29,6 +29,8 @@ const NOT_YET: &[&str] = &[
     "IncorrectInstanceState",
     "VolumeInUse",
     "DependencyViolation",
+    "InvalidNetworkInterface.InUse",
+    "InvalidNetworkInterfaceID.NotFound",
 ];
 
 pub fn code<E: ProvideErrorMetadata, R: HttpStatus>(err: &SdkError<E, R>) -> Option<String> {

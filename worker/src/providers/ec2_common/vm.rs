@@ -4,7 +4,8 @@
 use aws_sdk_ec2::{
     Client,
     types::{
-        DomainType, Filter, InstanceInterruptionBehavior, InstanceMarketOptionsRequest,
+        BlockDeviceMapping, DomainType, EbsBlockDevice, Filter, InstanceMetadataOptionsRequest,
+        InstanceMetadataTagsState, InstanceInterruptionBehavior, InstanceMarketOptionsRequest,
         InstanceNetworkInterfaceSpecification, InstanceStateName, InstanceType, IpPermission, IpRange, MarketType,
         Placement, ResourceType, SpotInstanceType, SpotMarketOptions, Tag, TagSpecification, VolumeType,
     },
@@ -17,6 +18,10 @@ use crate::registry::TaskError;
 pub const TAG: &str = "berth:instance";
 /// Which of the instance's resources a thing is (`data`: the volume that outlives VMs).
 pub const ROLE_TAG: &str = "berth:role";
+/// Which member slot of an ha cluster a VM, interface or address belongs to (`m1`, `m2`, ...).
+pub const MEMBER_TAG: &str = "berth:member";
+/// On an ha cluster's VMs: the wanted members' names, read by each member from its instance metadata.
+pub const MEMBERS_TAG: &str = "berth:members";
 /// Where the data volume is attached (it shows up as an NVMe disk on Nitro types).
 pub const DEVICE: &str = "/dev/sdf";
 
@@ -43,6 +48,7 @@ pub struct Vm {
     pub public_ip: Option<String>,
     pub launched_at: Option<i64>,
     pub berth_instance: Option<String>,
+    pub member: Option<String>,
 }
 
 impl Vm {
@@ -63,14 +69,18 @@ impl Vm {
             private_ip: i.private_ip_address().map(str::to_string),
             public_ip: i.public_ip_address().map(str::to_string),
             launched_at: i.launch_time().map(|t| t.secs()),
-            berth_instance: i
-                .tags()
-                .iter()
-                .find(|t| t.key() == Some(TAG))
-                .and_then(|t| t.value())
-                .map(str::to_string),
+            berth_instance: tag_value(i, TAG),
+            member: tag_value(i, MEMBER_TAG),
         }
     }
+}
+
+fn tag_value(i: &aws_sdk_ec2::types::Instance, key: &str) -> Option<String> {
+    i.tags()
+        .iter()
+        .find(|t| t.key() == Some(key))
+        .and_then(|t| t.value())
+        .map(str::to_string)
 }
 
 /// VMs in `filters`, every page (`calls` counts the requests, for the benchmark).
@@ -147,13 +157,15 @@ pub async fn subnet(client: &Client, zone: &str, configured: &[String]) -> Resul
         })
 }
 
-/// The instance's security group in `vpc`: 5432 from `cidr`, and 22 when it takes ssh keys.
+/// The instance's security group in `vpc`, with `ports` open to `cidr`. `description` must hold no spaces
+/// (moto re-encodes form bodies with `+` for a space when it checks signatures).
 pub async fn ensure_security_group(
     client: &Client,
     name: &str,
+    description: &str,
     vpc: &str,
     cidr: &str,
-    ssh: bool,
+    ports: &[i32],
     tag_pairs: &[(String, String)],
 ) -> Result<String, TaskError> {
     let found = client
@@ -168,8 +180,7 @@ pub async fn ensure_security_group(
         None => client
             .create_security_group()
             .group_name(name)
-            // No spaces: moto re-encodes form bodies with `+` for a space when it checks signatures.
-            .description("berth-postgres-5432-and-ssh-22-with-ssh_keys")
+            .description(description)
             .vpc_id(vpc)
             .tag_specifications(tags(ResourceType::SecurityGroup, tag_pairs))
             .send()
@@ -179,7 +190,6 @@ pub async fn ensure_security_group(
             .unwrap_or_default()
             .to_string(),
     };
-    let ports: &[i32] = if ssh { &[5432, 22] } else { &[5432] };
     for port in ports {
         let rule = IpPermission::builder()
             .ip_protocol("tcp")
@@ -346,6 +356,13 @@ pub struct Launch<'a> {
     pub user_data: &'a str,
     pub client_token: &'a str,
     pub tags: &'a [(String, String)],
+    /// A network interface made beforehand (its address known before the launch) instead of a new one in
+    /// `subnet_id`; `security_group_id` and `public_ip` are then the interface's own business.
+    pub network_interface_id: Option<&'a str>,
+    /// An encrypted gp3 disk of this size at `/dev/sdf`, deleted with the VM (data that peers can rebuild).
+    pub scratch_disk_gb: Option<u32>,
+    /// Lets the VM read its own tags from the instance metadata service.
+    pub tags_in_metadata: bool,
 }
 
 /// Why a launch did not give a VM.
@@ -357,13 +374,19 @@ pub enum LaunchError {
 }
 
 pub async fn launch(client: &Client, spec: &Launch<'_>) -> Result<Vm, LaunchError> {
-    let nic = InstanceNetworkInterfaceSpecification::builder()
-        .device_index(0)
-        .subnet_id(spec.subnet_id)
-        .groups(spec.security_group_id)
-        .associate_public_ip_address(spec.public_ip)
-        .delete_on_termination(true)
-        .build();
+    let nic = match spec.network_interface_id {
+        Some(id) => InstanceNetworkInterfaceSpecification::builder()
+            .device_index(0)
+            .network_interface_id(id)
+            .build(),
+        None => InstanceNetworkInterfaceSpecification::builder()
+            .device_index(0)
+            .subnet_id(spec.subnet_id)
+            .groups(spec.security_group_id)
+            .associate_public_ip_address(spec.public_ip)
+            .delete_on_termination(true)
+            .build(),
+    };
     let mut request = client
         .run_instances()
         .image_id(spec.image_id)
@@ -375,6 +398,30 @@ pub async fn launch(client: &Client, spec: &Launch<'_>) -> Result<Vm, LaunchErro
         .network_interfaces(nic)
         .user_data(base64::engine::general_purpose::STANDARD.encode(spec.user_data))
         .tag_specifications(tags(ResourceType::Instance, spec.tags));
+    if let Some(size) = spec.scratch_disk_gb {
+        request = request
+            .block_device_mappings(
+                BlockDeviceMapping::builder()
+                    .device_name(DEVICE)
+                    .ebs(
+                        EbsBlockDevice::builder()
+                            .volume_size(size as i32)
+                            .volume_type(VolumeType::Gp3)
+                            .encrypted(true)
+                            .delete_on_termination(true)
+                            .build(),
+                    )
+                    .build(),
+            )
+            .tag_specifications(tags(ResourceType::Volume, spec.tags));
+    }
+    if spec.tags_in_metadata {
+        request = request.metadata_options(
+            InstanceMetadataOptionsRequest::builder()
+                .instance_metadata_tags(InstanceMetadataTagsState::Enabled)
+                .build(),
+        );
+    }
     if spec.spot {
         let mut spot = SpotMarketOptions::builder()
             .spot_instance_type(SpotInstanceType::OneTime)
@@ -424,7 +471,8 @@ pub async fn all_terminated(client: &Client, instance_id: &str) -> Result<bool, 
     Ok(vms.iter().all(|v| v.state == InstanceStateName::Terminated.as_str()))
 }
 
-/// After the VMs: tagged volumes, Elastic IPs, then the security group. Each step skips what is gone.
+/// After the VMs: tagged volumes, Elastic IPs, network interfaces, then the security group. Each step skips
+/// what is gone.
 pub async fn delete_the_rest(client: &Client, instance_id: &str, group_name: &str) -> Result<(), TaskError> {
     let volumes = client
         .describe_volumes()
@@ -450,6 +498,15 @@ pub async fn delete_the_rest(client: &Client, instance_id: &str, group_name: &st
             .send()
             .await
             .map_err(|e| classify(e, "releasing the Elastic IP"))?;
+    }
+    let interfaces = client
+        .describe_network_interfaces()
+        .filters(tag_filter(instance_id))
+        .send()
+        .await
+        .map_err(|e| classify(e, "listing the instance's network interfaces"))?;
+    for interface in interfaces.network_interfaces() {
+        delete_interface(client, interface.network_interface_id().unwrap_or_default()).await?;
     }
     let groups = client
         .describe_security_groups()
@@ -507,4 +564,13 @@ pub async fn image(client: &Client, arch: &str, configured: Option<&str>) -> Res
                 arch.to_uppercase()
             ))
         })
+}
+
+/// Deletes a network interface; gone already is fine, still attached (its VM terminating) is "not yet".
+pub async fn delete_interface(client: &Client, id: &str) -> Result<(), TaskError> {
+    match client.delete_network_interface().network_interface_id(id).send().await {
+        Ok(_) => Ok(()),
+        Err(e) if code(&e).as_deref() == Some("InvalidNetworkInterfaceID.NotFound") => Ok(()),
+        Err(e) => Err(classify(e, "deleting a network interface")),
+    }
 }
