@@ -17,11 +17,11 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use async_trait::async_trait;
 use broker::{
     config::Settings,
-    db::{bindings::BindingRow, instances::InstanceRow},
+    db::{bindings::BindingRow, instances, instances::InstanceRow, tasks},
     model::{Operation, UpdatePayload},
 };
 use serde_json::{Map, Value};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
 use crate::{
     context::{Services, TaskContext},
@@ -169,12 +169,48 @@ pub(crate) fn ensure_servers_dir(dir: &std::path::Path) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("creating the local servers folder {}: {e}", dir.display()))
 }
 
-/// The advisory lock that serializes an engine's reconcile loop and a deprovision of the same instance (held
-/// for a transaction).
-pub(crate) const INSTANCE_LOCK_SQL: &str =
-    "SELECT pg_advisory_xact_lock(hashtextextended('berth.local:' || $1, 0))";
-pub(crate) const INSTANCE_TRY_LOCK_SQL: &str =
-    "SELECT pg_try_advisory_xact_lock(hashtextextended('berth.local:' || $1, 0))";
+/// Namespaces of the per-instance advisory lock that serializes an engine's reconcile loop with the
+/// instance's own tasks (held for a transaction). `local` and `ha_local` share one.
+pub(crate) const LOCAL_LOCKS: &str = "berth.local";
+pub(crate) const EC2_LOCKS: &str = "berth.ec2";
+pub(crate) const HA_EC2_LOCKS: &str = "berth.ha_ec2";
+
+/// Waits for the instance's lock in `locks` and holds it until `conn`'s transaction ends: a reconcile step
+/// under way on the instance finishes first, and later ones see the caller's task and leave the instance alone.
+pub(crate) async fn lock_instance(conn: &mut PgConnection, locks: &str, instance_id: &str) -> sqlx::Result<()> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || ':' || $2, 0))")
+        .bind(locks)
+        .bind(instance_id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// For a reconcile step: takes the instance's lock in `locks` for `conn`'s transaction unless another worker
+/// holds it, and reads the instance. `None` when the lock is taken, the instance is gone, or an instance
+/// operation is pending or running (that task does the work).
+pub(crate) async fn lock_idle_instance(
+    conn: &mut PgConnection,
+    locks: &str,
+    instance_id: &str,
+) -> sqlx::Result<Option<InstanceRow>> {
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtextextended($1 || ':' || $2, 0))")
+        .bind(locks)
+        .bind(instance_id)
+        .fetch_one(&mut *conn)
+        .await?;
+    if !locked {
+        return Ok(None);
+    }
+    let busy = tasks::active_operations(&mut *conn, instance_id)
+        .await?
+        .iter()
+        .any(|t| t.binding_id.is_none());
+    if busy {
+        return Ok(None);
+    }
+    instances::get(&mut *conn, instance_id).await
+}
 
 /// The providers of every engine configured in `settings`, keyed by engine name.
 pub fn configured(settings: &Settings) -> anyhow::Result<HashMap<String, Arc<dyn Provider>>> {

@@ -105,6 +105,20 @@ pub async fn describe(client: &Client, filters: Vec<Filter>, calls: &mut u32) ->
     }
 }
 
+/// Every pending or running VM berth made in the client's region (any engine's: one listing serves the
+/// reconcile passes of both EC2 engines), counting the DescribeInstances pages in `calls`.
+pub async fn berth_vms_in_region(client: &Client, calls: &mut u32) -> Result<Vec<Vm>, TaskError> {
+    let filters = vec![
+        Filter::builder().name("tag-key").values(TAG).build(),
+        Filter::builder()
+            .name("instance-state-name")
+            .values("pending")
+            .values("running")
+            .build(),
+    ];
+    describe(client, filters, calls).await
+}
+
 /// The instance's VMs that are not terminated.
 pub async fn live_vms(client: &Client, instance_id: &str) -> Result<Vec<Vm>, TaskError> {
     let state = Filter::builder()

@@ -8,9 +8,9 @@
 use std::collections::HashMap;
 
 use anyhow::Context as _;
-use aws_sdk_ec2::{Client, types::Filter};
+use aws_sdk_ec2::Client;
 use broker::{
-    db::{bindings, instances, instances::InstanceRow, tasks},
+    db::{bindings, instances, instances::InstanceRow},
     names,
 };
 use serde_json::{Map, Value, json};
@@ -18,14 +18,16 @@ use sqlx::PgPool;
 use tracing::{info, warn};
 
 use super::{ENGINE, Ec2Postgres, LaunchInput, Params, Secrets, State, resource_tags};
-use crate::providers::ec2_common::{available_zones, vm};
+use crate::providers::{
+    EC2_LOCKS,
+    ec2_common::{available_zones, vm},
+    lock_idle_instance,
+};
 use crate::{context::Services, registry::TaskError};
 
 /// A VM that vanished within this many seconds of its launch marks its type as short-lived.
 const SHORT_LIFE_SECS: i64 = 300;
 const PAGE: i64 = 1000;
-const LOCK_SQL: &str = "SELECT pg_try_advisory_xact_lock(hashtextextended('berth.ec2:' || $1, 0))";
-
 /// What one reconcile pass did (the benchmark prints it).
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct Cycle {
@@ -108,7 +110,11 @@ pub async fn reconcile(engine: &Ec2Postgres, pool: &PgPool, services: &Services)
             let region = engine.region_of(None, &state);
             if !live.contains_key(&region) {
                 let started = std::time::Instant::now();
-                let vms = berth_vms(&engine.client(&region), &mut cycle.describe_calls).await?;
+                let vms: HashMap<String, vm::Vm> = vm::berth_vms_in_region(&engine.client(&region), &mut cycle.describe_calls)
+                    .await?
+                    .into_iter()
+                    .map(|v| (v.id.clone(), v))
+                    .collect();
                 cycle.describe_ms += started.elapsed().as_secs_f64() * 1e3;
                 live.insert(region.clone(), vms);
             }
@@ -125,43 +131,12 @@ pub async fn reconcile(engine: &Ec2Postgres, pool: &PgPool, services: &Services)
     Ok(cycle)
 }
 
-/// Every live VM berth made in the region, by VM id.
-async fn berth_vms(client: &Client, calls: &mut u32) -> Result<HashMap<String, vm::Vm>, TaskError> {
-    let filters = vec![
-        Filter::builder().name("tag-key").values(vm::TAG).build(),
-        Filter::builder()
-            .name("instance-state-name")
-            .values("pending")
-            .values("running")
-            .build(),
-    ];
-    Ok(vm::describe(client, filters, calls)
-        .await?
-        .into_iter()
-        .map(|v| (v.id.clone(), v))
-        .collect())
-}
-
 /// One step of replacing an instance's VM, under its advisory lock (so two workers never launch two).
 async fn recover(engine: &Ec2Postgres, pool: &PgPool, services: &Services, instance_id: &str) -> anyhow::Result<()> {
     let mut tx = pool.begin().await?;
-    let locked: bool = sqlx::query_scalar(LOCK_SQL)
-        .bind(instance_id)
-        .fetch_one(&mut *tx)
-        .await?;
-    if !locked {
-        return Ok(());
-    }
-    let busy = tasks::active_operations(&mut *tx, instance_id)
-        .await?
-        .iter()
-        .any(|t| t.binding_id.is_none());
-    let Some(instance) = instances::get(&mut *tx, instance_id).await? else {
+    let Some(instance) = lock_idle_instance(&mut tx, EC2_LOCKS, instance_id).await? else {
         return Ok(());
     };
-    if busy {
-        return Ok(());
-    }
     let mut state = State::of(&instance.details);
     let region = engine.region_of(None, &state);
     let client = engine.client(&region);

@@ -10,9 +10,8 @@
 use std::collections::{HashMap, HashSet};
 
 use anyhow::Context as _;
-use aws_sdk_ec2::{Client, types::Filter};
 use broker::{
-    db::{instances, instances::InstanceRow, tasks},
+    db::{instances, instances::InstanceRow},
     names,
 };
 use serde_json::{Value, json};
@@ -23,11 +22,12 @@ use super::{
     ENGINE, HaEc2, LaunchInput, members_details, not_ready, open_secrets, params::Params, resource_tags,
     state::ClusterState,
 };
-use crate::{context::Services, providers::ec2_common::vm, registry::TaskError};
+use crate::{
+    context::Services,
+    providers::{HA_EC2_LOCKS, ec2_common::vm, lock_idle_instance},
+};
 
 const PAGE: i64 = 1000;
-const LOCK_SQL: &str = "SELECT pg_try_advisory_xact_lock(hashtextextended('berth.ha_ec2:' || $1, 0))";
-
 /// What one pass looked at and did.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct Pass {
@@ -58,7 +58,11 @@ pub async fn pass(engine: &HaEc2, pool: &PgPool, services: &Services) -> anyhow:
             pass.clusters += 1;
             let region = engine.region_of(None, &state);
             if !live.contains_key(&region) {
-                let vms = berth_vms(&engine.account.client(&region), &mut pass.describe_calls).await?;
+                let vms: HashSet<String> = vm::berth_vms_in_region(&engine.account.client(&region), &mut pass.describe_calls)
+                    .await?
+                    .into_iter()
+                    .map(|v| v.id)
+                    .collect();
                 live.insert(region.clone(), vms);
             }
             let vms = &live[&region];
@@ -82,43 +86,12 @@ pub async fn pass(engine: &HaEc2, pool: &PgPool, services: &Services) -> anyhow:
     Ok(pass)
 }
 
-/// Every live VM berth made in the region (the dedicated engine's too: one listing serves both).
-async fn berth_vms(client: &Client, calls: &mut u32) -> Result<HashSet<String>, TaskError> {
-    let filters = vec![
-        Filter::builder().name("tag-key").values(vm::TAG).build(),
-        Filter::builder()
-            .name("instance-state-name")
-            .values("pending")
-            .values("running")
-            .build(),
-    ];
-    Ok(vm::describe(client, filters, calls)
-        .await?
-        .into_iter()
-        .map(|v| v.id)
-        .collect())
-}
-
 /// One step of bringing a cluster back to N members, under its advisory lock.
 async fn heal(engine: &HaEc2, pool: &PgPool, services: &Services, instance_id: &str) -> anyhow::Result<()> {
     let mut tx = pool.begin().await?;
-    let locked: bool = sqlx::query_scalar(LOCK_SQL)
-        .bind(instance_id)
-        .fetch_one(&mut *tx)
-        .await?;
-    if !locked {
-        return Ok(());
-    }
-    let busy = tasks::active_operations(&mut *tx, instance_id)
-        .await?
-        .iter()
-        .any(|t| t.binding_id.is_none());
-    let Some(instance) = instances::get(&mut *tx, instance_id).await? else {
+    let Some(instance) = lock_idle_instance(&mut tx, HA_EC2_LOCKS, instance_id).await? else {
         return Ok(());
     };
-    if busy {
-        return Ok(());
-    }
     let mut state = ClusterState::of(&instance.details);
     let client = engine.account.client(&engine.region_of(None, &state));
     let params = Params::of(&instance.parameters).map_err(|e| anyhow::anyhow!("{e}"))?;

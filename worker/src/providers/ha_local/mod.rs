@@ -23,7 +23,7 @@ use anyhow::Context as _;
 use async_trait::async_trait;
 use broker::{
     crypto::random_password,
-    db::{bindings::BindingRow, instances, instances::InstanceRow, tasks},
+    db::{bindings::BindingRow, instances, instances::InstanceRow},
     embedded,
     model::{Operation, UpdatePayload},
     names,
@@ -40,7 +40,7 @@ use self::{
     state::{ClusterState, Layout},
 };
 use super::{
-    Bound, INSTANCE_LOCK_SQL, INSTANCE_TRY_LOCK_SQL, Progress, Provider, Provisioned,
+    Bound, LOCAL_LOCKS, Progress, Provider, Provisioned, lock_idle_instance, lock_instance,
     app_database::{self, AppDatabase},
     owned_elsewhere,
     shared_postgres::{Access, binding_grants},
@@ -510,9 +510,7 @@ impl Provider for HaLocal {
             .begin()
             .await
             .context("locking the instance against the reconcile loop")?;
-        sqlx::query(INSTANCE_LOCK_SQL)
-            .bind(&instance.id)
-            .execute(&mut *tx)
+        lock_instance(&mut tx, LOCAL_LOCKS, &instance.id)
             .await
             .context("locking the instance against the reconcile loop")?;
         if root.exists() {
@@ -707,23 +705,9 @@ async fn heal(
     timings: Timings,
 ) -> anyhow::Result<()> {
     let mut tx = pool.begin().await?;
-    let locked: bool = sqlx::query_scalar(INSTANCE_TRY_LOCK_SQL)
-        .bind(&instance.id)
-        .fetch_one(&mut *tx)
-        .await?;
-    if !locked {
-        return Ok(());
-    }
-    let busy = tasks::active_operations(&mut *tx, &instance.id)
-        .await?
-        .iter()
-        .any(|t| t.binding_id.is_none());
-    let Some(current) = instances::get(&mut *tx, &instance.id).await? else {
+    let Some(current) = lock_idle_instance(&mut tx, LOCAL_LOCKS, &instance.id).await? else {
         return Ok(());
     };
-    if busy {
-        return Ok(());
-    }
     let http = &services.http;
     let mut restarted: Vec<String> = Vec::new();
     if cluster.ensure_etcd(http).await? {

@@ -17,7 +17,7 @@ use anyhow::Context as _;
 use async_trait::async_trait;
 use broker::{
     crypto::random_password,
-    db::{bindings::BindingRow, instances, instances::InstanceRow, tasks},
+    db::{bindings::BindingRow, instances, instances::InstanceRow},
     embedded::{self, PgServer},
     model::UpdatePayload,
     names::{self, quote_ident},
@@ -31,7 +31,8 @@ use sqlx::{
 use tracing::{info, warn};
 
 use super::{
-    Bound, Progress, Provider, Provisioned, app_database, pg_tuning as tuning,
+    Bound, LOCAL_LOCKS, Progress, Provider, Provisioned, app_database, lock_idle_instance, lock_instance,
+    pg_tuning as tuning,
     shared_postgres::{
         Access, binding_grants, connect, create_extensions, ensure_database, ensure_role, exec,
         requested_extensions,
@@ -340,11 +341,6 @@ async fn stop_everything(root: &Path) -> anyhow::Result<()> {
     }
 }
 
-/// Key of the advisory lock that serializes a restart by the reconcile loop and a deprovision.
-const LOCK_SQL: &str = "SELECT pg_advisory_xact_lock(hashtextextended('berth.local:' || $1, 0))";
-const TRY_LOCK_SQL: &str =
-    "SELECT pg_try_advisory_xact_lock(hashtextextended('berth.local:' || $1, 0))";
-
 fn credentials(
     host: &str,
     port: u16,
@@ -560,9 +556,7 @@ impl Provider for LocalPostgres {
             .begin()
             .await
             .context("locking the instance against the reconcile loop")?;
-        sqlx::query(LOCK_SQL)
-            .bind(&instance.id)
-            .execute(&mut *tx)
+        lock_instance(&mut tx, LOCAL_LOCKS, &instance.id)
             .await
             .context("locking the instance against the reconcile loop")?;
         if root.exists() {
@@ -765,21 +759,10 @@ impl LocalPostgres {
         server: &PgServer,
     ) -> anyhow::Result<()> {
         let mut tx = pool.begin().await?;
-        let locked: bool = sqlx::query_scalar(TRY_LOCK_SQL)
-            .bind(&instance.id)
-            .fetch_one(&mut *tx)
-            .await?;
-        if !locked {
-            return Ok(());
-        }
-        let busy = tasks::active_operations(&mut *tx, &instance.id)
-            .await?
-            .iter()
-            .any(|t| t.binding_id.is_none());
-        let Some(current) = instances::get(&mut *tx, &instance.id).await? else {
+        let Some(current) = lock_idle_instance(&mut tx, LOCAL_LOCKS, &instance.id).await? else {
             return Ok(());
         };
-        if busy || postmaster_alive(server) {
+        if postmaster_alive(server) {
             return Ok(());
         }
         warn!(instance_id = %instance.id, port = server.port, "the instance's server is not running; starting it");
