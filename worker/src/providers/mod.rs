@@ -186,6 +186,15 @@ pub(crate) async fn lock_instance(conn: &mut PgConnection, locks: &str, instance
     Ok(())
 }
 
+/// Waits until no reconcile step holds the instance's lock in `locks`. A deprovision of an engine whose teardown
+/// spans several task runs calls it first: a replacement VM being launched right now would escape its sweep, and
+/// the reconcile steps that come later see the deprovision task and leave the instance alone.
+pub(crate) async fn wait_for_reconcile(pool: &PgPool, locks: &str, instance_id: &str) -> sqlx::Result<()> {
+    let mut tx = pool.begin().await?;
+    lock_instance(&mut tx, locks, instance_id).await?;
+    tx.commit().await
+}
+
 /// For a reconcile step: takes the instance's lock in `locks` for `conn`'s transaction unless another worker
 /// holds it, and reads the instance. `None` when the lock is taken, the instance is gone, or an instance
 /// operation is pending or running (that task does the work).

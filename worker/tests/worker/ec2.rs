@@ -276,8 +276,24 @@ async fn launch_is_idempotent_tagged_and_torn_down_in_full(_: sqlx::postgres::Pg
         1
     );
 
+    // A reconcile step under way (it holds the instance's lock) finishes before the teardown starts: a replacement
+    // it launches must not escape the sweep.
+    let mut reconciling = pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('berth.ec2:' || $1, 0))")
+        .bind(&id)
+        .execute(&mut *reconciling)
+        .await
+        .unwrap();
+    let teardown = {
+        let (pool, services, id) = (pool.clone(), services.clone(), id.clone());
+        tokio::spawn(async move { operate(&pool, &services, Operation::Deprovision, &id, None, json!({})).await })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(live_vms(&client, &id).await.len(), 1, "the teardown waits for the reconcile step");
+    reconciling.rollback().await.unwrap();
+
     // Teardown leaves nothing tagged.
-    let gone = operate(&pool, &services, Operation::Deprovision, &id, None, json!({})).await;
+    let gone = teardown.await.unwrap();
     assert_eq!(gone.state, "succeeded", "{:?}", gone.last_error);
     assert!(live_vms(&client, &id).await.is_empty());
     assert!(data_volumes(&client, &id).await.is_empty());

@@ -649,6 +649,9 @@ impl Provider for Ec2Postgres {
         instance: &InstanceRow,
         _bindings: &[BindingRow],
     ) -> Result<Progress<()>, TaskError> {
+        super::wait_for_reconcile(ctx.pool, super::EC2_LOCKS, &instance.id)
+            .await
+            .context("waiting for the reconcile loop to leave the instance")?;
         let state = State::of(&instance.details);
         let params_region = instance.parameters.get("region").and_then(Value::as_str);
         let client = self.client(&self.region_of(params_region, &state));

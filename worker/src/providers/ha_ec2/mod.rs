@@ -368,6 +368,9 @@ impl Provider for HaEc2 {
         instance: &InstanceRow,
         _bindings: &[BindingRow],
     ) -> Result<Progress<()>, TaskError> {
+        super::wait_for_reconcile(ctx.pool, super::HA_EC2_LOCKS, &instance.id)
+            .await
+            .context("waiting for the reconcile loop to leave the cluster")?;
         let state = ClusterState::of(&instance.details);
         let params_region = instance.parameters.get("region").and_then(Value::as_str);
         let client = self.account.client(&self.region_of(params_region, &state));
