@@ -93,12 +93,13 @@ bin=$work/bin
 pgbin=$(pg_bin_dir)
 
 # --- the one Postgres: defaults (fsync, synchronous_commit, full_page_writes all on) ----------------------------
-PG_EXTRA_OPTS="" pg_start "$work/pg"
+# BENCH_PG_OPTS adds server options for an experiment (e.g. "-c shared_buffers=1GB"); the summary line records them.
+PG_EXTRA_OPTS="${BENCH_PG_OPTS:-}" pg_start "$work/pg"
 db_url() { echo "${PG_URL%/postgres}/$1"; }
 psql_admin() { "$pgbin/psql" -X -q -v ON_ERROR_STOP=1 "$PG_URL" "$@"; }
 createdb_() { psql_admin -c "CREATE DATABASE $1"; }
 log "Postgres on 127.0.0.1:$PG_PORT ($work/pg), $(psql_admin -At -c 'SHOW server_version') fsync=$(psql_admin -At -c 'SHOW fsync') synchronous_commit=$(psql_admin -At -c 'SHOW synchronous_commit')"
-jq -nc --arg s "$(date -u +%FT%TZ), $(nproc) cores, PostgreSQL $(psql_admin -At -c 'SHOW server_version') (fsync=on, defaults), load average at start: $(cut -d' ' -f1-3 /proc/loadavg)" \
+jq -nc --arg s "$(date -u +%FT%TZ), $(nproc) cores, PostgreSQL $(psql_admin -At -c 'SHOW server_version') (fsync=on, defaults${BENCH_PG_OPTS:+ plus $BENCH_PG_OPTS}), load average at start: $(cut -d' ' -f1-3 /proc/loadavg)" \
   '{part:"meta", summary:$s}' >>"$results"
 
 # Broker settings shared by every berth process.

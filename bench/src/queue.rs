@@ -104,8 +104,9 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         for settle in ["VACUUM (ANALYZE) tasks", "CHECKPOINT"] {
             sqlx::raw_sql(settle).execute(&mut db).await?;
         }
-        let cutoff: String = sqlx::query_scalar(
-            "SELECT run_at::text FROM tasks WHERE state = 'pending'
+        // The sample's last task (claim order is run_at order): its id and run_at.
+        let (last_id, cutoff): (uuid::Uuid, chrono::DateTime<chrono::Utc>) = sqlx::query_as(
+            "SELECT id, run_at FROM tasks WHERE state = 'pending'
              ORDER BY run_at OFFSET $1 - 1 LIMIT 1",
         )
         .bind(sample)
@@ -138,21 +139,31 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
             }
         }
         let deadline = t0 + timeout;
-        // The progress query walks the pending index's head, where claimed tasks leave dead entries until vacuum:
-        // on a deep queue it costs milliseconds, taken from the machine under test. Poll a deep queue every
-        // 50 ms, as graphile-worker's harness (drain.js) does; a whole drain (short, small table) every 10 ms.
-        let poll = Duration::from_millis(if sample < backlog { 50 } else { 10 });
+        // Progress, cheaply: the query that counts what is left of the sample walks the dead index entries
+        // claims and completions leave behind (milliseconds on a deep queue, taken from the machine under
+        // test), so it only runs once the sample's last task has left the queue, found by primary key; then
+        // every 10 ms until nothing of the sample is left. drain.js polls graphile-worker the same way.
+        let mut last_done = false;
         let result = loop {
-            let left: i64 = sqlx::query_scalar(
-                "SELECT (SELECT count(*) FROM (SELECT 1 FROM tasks WHERE state = 'pending'
-                                               AND run_at <= $1::timestamptz LIMIT 1) p)
-                      + (SELECT count(*) FROM tasks WHERE state = 'running' AND run_at <= $1::timestamptz)",
-            )
-            .bind(&cutoff)
-            .fetch_one(&mut db)
-            .await?;
-            if left == 0 {
-                break Ok(t0.elapsed());
+            if !last_done {
+                let state: String = sqlx::query_scalar("SELECT state FROM tasks WHERE id = $1")
+                    .bind(last_id)
+                    .fetch_one(&mut db)
+                    .await?;
+                last_done = state != "pending" && state != "running";
+            }
+            if last_done {
+                let left: i64 = sqlx::query_scalar(
+                    "SELECT (SELECT count(*) FROM (SELECT 1 FROM tasks WHERE state = 'pending'
+                                                   AND run_at <= $1 LIMIT 1) p)
+                          + (SELECT count(*) FROM tasks WHERE state = 'running' AND run_at <= $1)",
+                )
+                .bind(cutoff)
+                .fetch_one(&mut db)
+                .await?;
+                if left == 0 {
+                    break Ok(t0.elapsed());
+                }
             }
             if Instant::now() > deadline {
                 break Err(anyhow::anyhow!(
@@ -171,7 +182,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
             if workers.iter().any(|w| w.handle.is_finished()) {
                 break Err(anyhow::anyhow!("a worker stopped early"));
             }
-            tokio::time::sleep(poll).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         };
         for child in &mut children {
             stop(child).await;
@@ -255,6 +266,7 @@ struct Worker {
 impl Worker {
     async fn start(url: &str, concurrency: usize, i: usize) -> anyhow::Result<Self> {
         let settings = Settings::load()?;
+        let prefetch = settings.worker_prefetch;
         let pool = broker::db::connect(
             &SecretString::from(url.to_string()),
             settings.database_pool_size,
@@ -271,6 +283,7 @@ impl Worker {
         let services = Arc::new(Services::new(settings, cipher)?);
         let config = WorkerConfig {
             concurrency,
+            prefetch,
             ..WorkerConfig::new(format!("bench-{i}-{}", std::process::id()))
         };
         let go = CancellationToken::new();

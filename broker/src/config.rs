@@ -41,6 +41,9 @@ pub struct Settings {
     pub max_body_bytes: usize,
     #[serde(default = "default_worker_concurrency")]
     pub worker_concurrency: usize,
+    /// Most claimed tasks a worker keeps buffered beyond its running ones (only for tasks quicker than a claim).
+    #[serde(default = "default_worker_prefetch")]
+    pub worker_prefetch: usize,
     #[serde(default = "default_lease_secs")]
     pub worker_lease_secs: u64,
     #[serde(default = "default_poll_ms")]
@@ -192,6 +195,9 @@ fn default_body_limit() -> usize {
 }
 fn default_worker_concurrency() -> usize {
     8
+}
+fn default_worker_prefetch() -> usize {
+    1024
 }
 fn default_lease_secs() -> u64 {
     30

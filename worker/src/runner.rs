@@ -58,12 +58,12 @@ pub struct WorkerConfig {
 }
 
 impl WorkerConfig {
-    /// Defaults: 8 at once, up to 256 buffered, 30 s lease, 1 s poll, backoff 1 s .. 5 min, 20 s grace.
+    /// Defaults: 8 at once, up to 1024 buffered, 30 s lease, 1 s poll, backoff 1 s .. 5 min, 20 s grace.
     pub fn new(id: impl Into<String>) -> Self {
         Self {
             id: id.into(),
             concurrency: 8,
-            prefetch: 256,
+            prefetch: 1024,
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
             backoff_base: Duration::from_secs(1),
@@ -72,12 +72,13 @@ impl WorkerConfig {
         }
     }
 
-    /// From `WORKER_CONCURRENCY`, `WORKER_LEASE_SECS`, `WORKER_POLL_MS` and `WORKER_ID` (default: a
-    /// fresh unique id).
+    /// From `WORKER_CONCURRENCY`, `WORKER_PREFETCH`, `WORKER_LEASE_SECS`, `WORKER_POLL_MS` and `WORKER_ID`
+    /// (default: a fresh unique id).
     pub fn from_settings(settings: &Settings) -> Self {
         let id = settings.worker_id.clone().unwrap_or_else(default_worker_id);
         Self {
             concurrency: settings.worker_concurrency,
+            prefetch: settings.worker_prefetch,
             lease: Duration::from_secs(settings.worker_lease_secs),
             poll_interval: Duration::from_millis(settings.worker_poll_ms),
             ..Self::new(id)
