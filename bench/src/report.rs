@@ -220,6 +220,23 @@ pub fn print(path: &str) -> anyhow::Result<()> {
                 1000.0 * c / rps
             );
         }
+        if let Some(n) = api["wal_segments_created"].as_i64() {
+            println!(
+                "  WAL segments created during the measured run: {n} (0: it wrote into segments recycled by the \
+                 CHECKPOINT after the first run, as on a database in service)"
+            );
+        }
+        let first = &api["first_run"];
+        if first.is_object() {
+            println!(
+                "  first run on this database ({} s, not the target figure: new WAL segments are zero-filled inside commits): \
+                 p50 {}, p99 {}, {}",
+                api["warmup_secs"],
+                ms(f(first, "p50_ms")),
+                ms(f(first, "p99_ms")),
+                rate(f(first, "rps")),
+            );
+        }
         row(
             "API peak RSS (VmHWM)",
             f(api, "vmhwm_kb").map_or("-".into(), |k| format!("{:.1} MB", k / 1024.0)),
