@@ -15,12 +15,14 @@ async fn main() -> anyhow::Result<()> {
         .database_url
         .clone()
         .context("DATABASE_URL is not set: the worker needs the broker's database")?;
-    let pool = broker::db::connect(&url, settings.database_pool_size).await?;
-    // Idempotent and serialized by sqlx's advisory lock, so a worker started before the API is safe.
-    broker::MIGRATOR.run(&pool).await.context("running the broker's migrations")?;
+    // The key and the catalog first: a bad file stops the worker before it touches the database.
     let cipher = Cipher::from_key_file(&settings.key_path())?;
     let config = WorkerConfig::from_settings(&settings);
+    let database_pool_size = settings.database_pool_size;
     let services = Arc::new(Services::new(settings, cipher)?);
+    let pool = broker::db::connect(&url, database_pool_size).await?;
+    // Idempotent and serialized by sqlx's advisory lock, so a worker started before the API is safe.
+    broker::MIGRATOR.run(&pool).await.context("running the broker's migrations")?;
 
     let shutdown = CancellationToken::new();
     tokio::spawn({

@@ -347,6 +347,30 @@ impl TestApp {
         row
     }
 
+    /// Every broker table's name, row count and a digest of its rows' contents (order-independent), so
+    /// a refused request that changed a row in place shows up as well as one that added or removed one.
+    pub async fn contents(&self) -> Vec<(String, i64, String)> {
+        let tables: Vec<String> = sqlx::query_scalar(
+            "SELECT tablename::text FROM pg_tables
+             WHERE schemaname = 'public' AND tablename NOT LIKE '\\_sqlx%' ORDER BY 1",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap();
+        assert!(tables.len() >= 5, "the broker's tables are there: {tables:?}");
+        let mut out = Vec::with_capacity(tables.len());
+        for table in tables {
+            let (rows, digest): (i64, String) = sqlx::query_as(&format!(
+                "SELECT count(*), md5(coalesce(string_agg(t::text, '|' ORDER BY t::text), '')) FROM \"{table}\" t"
+            ))
+            .fetch_one(&self.pool)
+            .await
+            .unwrap();
+            out.push((table, rows, digest));
+        }
+        out
+    }
+
     pub async fn task(&self, operation: &str) -> sqlx::postgres::PgRow {
         sqlx::query("SELECT * FROM tasks WHERE id = $1")
             .bind(Uuid::parse_str(operation).unwrap())
@@ -356,14 +380,14 @@ impl TestApp {
     }
 }
 
-/// Asserts that `f` (a refused request) leaves the three tables' row counts as they were.
+/// Asserts that `f` (a refused request) leaves every broker table as it was: the same rows, the same contents.
 #[macro_export]
 macro_rules! assert_unchanged {
     ($app:expr, $body:expr) => {{
-        let before = $app.counts().await;
+        let before = $app.contents().await;
         let out = $body;
         assert_eq!(
-            $app.counts().await,
+            $app.contents().await,
             before,
             "a refused request changed rows"
         );

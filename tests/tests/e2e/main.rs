@@ -2,7 +2,9 @@
 
 mod cli;
 mod dedicated_local;
+mod embedded_default;
 mod ha_local;
 mod s3_lifecycle;
 mod shared_lifecycle;
 mod snapshots;
+mod startup;

@@ -34,6 +34,28 @@ async fn bind(stack: &Stack, instance: &str, binding: &str, ids: &(String, Strin
     fetched["credentials"].clone()
 }
 
+/// Every row of every table of the stack's broker database, as text (bytea as hex).
+async fn broker_database_text(stack: &Stack) -> String {
+    let mut conn = PgConnection::connect(&stack.broker_db_url).await.unwrap();
+    let tables: Vec<String> =
+        sqlx::query_scalar("SELECT tablename::text FROM pg_tables WHERE schemaname = 'public'")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    assert!(tables.iter().any(|t| t == "service_bindings"), "{tables:?}");
+    let mut all = String::new();
+    for table in tables {
+        let rows: String =
+            sqlx::query_scalar(&format!("SELECT coalesce(string_agg(t::text, '\n'), '') FROM \"{table}\" t"))
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+        all.push_str(&rows);
+    }
+    conn.close().await.unwrap();
+    all
+}
+
 #[tokio::test]
 async fn shared_database_from_provision_to_deprovision() {
     let stack = Stack::start().await.unwrap();
@@ -68,6 +90,8 @@ async fn shared_database_from_provision_to_deprovision() {
     assert_eq!(hook_body["instance_id"], instance.as_str());
     assert_eq!(hook_body["operation"], operation.as_str());
     assert_eq!(hook_body["state"], "succeeded");
+    assert!(hook_body["description"].is_string(), "{hook_body}");
+    assert!(hook_body.get("binding_id").is_none(), "an instance operation names no binding: {hook_body}");
 
     // The instance can be fetched, without the webhook secret in its parameters.
     let (status, fetched) =
@@ -91,6 +115,14 @@ async fn shared_database_from_provision_to_deprovision() {
 
     // The secret never went into the webhook.
     assert!(!String::from_utf8_lossy(&hook.body).contains(rw["PGPASSWORD"].as_str().unwrap()));
+    // Nor, in the clear, into the broker's database (as text or as bytes) or the logs.
+    let rw_password = rw["PGPASSWORD"].as_str().unwrap();
+    let everything = broker_database_text(&stack).await;
+    for plain in [rw_password, secret] {
+        let hex: String = plain.bytes().map(|b| format!("{b:02x}")).collect();
+        assert!(!everything.contains(plain) && !everything.contains(&hex), "{plain:?} is stored in the clear");
+        assert!(!stack.logs().contains(plain), "{plain:?} reached a log");
+    }
 
     // A read-only binding reads the table and cannot write.
     let ro = bind(&stack, &instance, "ro-binding", &ids, json!({"access": "read-only"})).await;

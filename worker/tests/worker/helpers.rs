@@ -174,6 +174,30 @@ impl TaskHandler for Record {
     }
 }
 
+/// Counts how many of its tasks run at once; keeps the highest count seen. Each run takes 20 ms.
+#[derive(Clone, Default)]
+pub struct Gauge {
+    pub now: Arc<AtomicUsize>,
+    pub most: Arc<AtomicUsize>,
+}
+
+pub const GAUGE: &str = "test.gauge";
+
+#[async_trait]
+impl TaskHandler for Gauge {
+    fn kind(&self) -> &'static str {
+        GAUGE
+    }
+
+    async fn run(&self, _ctx: &TaskContext<'_>) -> Result<Step, TaskError> {
+        let running = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most.fetch_max(running, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        self.now.fetch_sub(1, Ordering::SeqCst);
+        Ok(Step::Done)
+    }
+}
+
 /// One run of [`Flaky`]: (attempt, the run_at it was scheduled for, when it failed or finished).
 pub type FlakyRun = (
     i32,

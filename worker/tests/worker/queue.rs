@@ -53,6 +53,76 @@ async fn two_workers_never_run_the_same_task(_: PgPoolOptions, opts: PgConnectOp
     assert_eq!(by_a + by_b, 500);
 }
 
+/// The claim statement itself under a barrier: eight claimers on their own connections are released together,
+/// round after round, each asking for the same due tasks; no task is claimed twice and none is missed.
+#[sqlx::test(migrator = "broker::MIGRATOR")]
+async fn claims_released_together_by_a_barrier_never_overlap(_: PgPoolOptions, opts: PgConnectOptions) {
+    const CLAIMERS: usize = 8;
+    const TASKS: i64 = 400;
+    let setup = pool(&opts, 2).await;
+    sqlx::query("INSERT INTO tasks (id, kind) SELECT gen_random_uuid(), $1 FROM generate_series(1, $2)")
+        .bind(RECORD)
+        .bind(TASKS)
+        .execute(&setup)
+        .await
+        .unwrap();
+    let claimers = pool(&opts, CLAIMERS as u32).await;
+    let barrier = Arc::new(tokio::sync::Barrier::new(CLAIMERS));
+    let mut handles = Vec::new();
+    for n in 0..CLAIMERS {
+        let (claimers, barrier) = (claimers.clone(), barrier.clone());
+        handles.push(tokio::spawn(async move {
+            let mut conn = claimers.acquire().await.unwrap();
+            let mut got = Vec::new();
+            // 12 rounds x 8 claimers x 7 tasks is more than the queue holds: the last rounds find it empty.
+            for _ in 0..12 {
+                barrier.wait().await;
+                let claimed = queue::claim(&mut *conn, &format!("claimer-{n}"), 7, Duration::from_secs(60), None)
+                    .await
+                    .unwrap();
+                got.extend(claimed.into_iter().map(|t| (t.id, t.worker_id)));
+            }
+            got
+        }));
+    }
+    let mut seen = std::collections::HashMap::new();
+    for (n, handle) in handles.into_iter().enumerate() {
+        for (id, worker) in handle.await.unwrap() {
+            assert_eq!(worker.as_deref(), Some(format!("claimer-{n}").as_str()));
+            assert!(seen.insert(id, n).is_none(), "task {id} claimed twice");
+        }
+    }
+    assert_eq!(seen.len() as i64, TASKS, "every task claimed once");
+    let (running, once): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE state = 'running'), count(*) FILTER (WHERE attempts = 1) FROM tasks",
+    )
+    .fetch_one(&setup)
+    .await
+    .unwrap();
+    assert_eq!((running, once), (TASKS, TASKS));
+}
+
+/// `concurrency` is a ceiling the worker reaches and never passes, however many tasks are due.
+#[sqlx::test(migrator = "broker::MIGRATOR")]
+async fn a_worker_runs_at_most_its_concurrency(_: PgPoolOptions, opts: PgConnectOptions) {
+    let pool = pool(&opts, 8).await;
+    sqlx::query("INSERT INTO tasks (id, kind) SELECT gen_random_uuid(), $1 FROM generate_series(1, 60)")
+        .bind(GAUGE)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let gauge = Gauge::default();
+    let mut cfg = config("w");
+    cfg.concurrency = 3;
+    drain(&pool, services(), Registry::new().with(gauge.clone()), cfg).await;
+    assert_eq!(gauge.most.load(Ordering::SeqCst), 3, "three at once, never more");
+    let succeeded: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE state = 'succeeded'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(succeeded, 60);
+}
+
 #[sqlx::test(migrator = "broker::MIGRATOR")]
 async fn retryable_errors_back_off_then_succeed(_: PgPoolOptions, opts: PgConnectOptions) {
     let pool = pool(&opts, 8).await;
@@ -213,18 +283,7 @@ async fn waiting_spends_no_attempts_and_resumes_on_time(_: PgPoolOptions, opts: 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
 async fn an_idle_worker_wakes_on_notify(_: PgPoolOptions, opts: PgConnectOptions) {
     let pool = pool(&opts, 8).await;
-    let cfg = WorkerConfig {
-        poll_interval: Duration::from_secs(60),
-        ..config("w")
-    };
-    let shutdown = CancellationToken::new();
-    let worker = tokio::spawn(berth_worker::run(
-        pool.clone(),
-        services(),
-        Arc::new(tasks::registry()),
-        cfg,
-        shutdown.clone(),
-    ));
+    let (shutdown, worker) = start_worker(&pool, Duration::from_secs(60));
     // Let it go idle (first claim finds nothing), then enqueue.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let started = Instant::now();
@@ -240,6 +299,52 @@ async fn an_idle_worker_wakes_on_notify(_: PgPoolOptions, opts: PgConnectOptions
         took < Duration::from_secs(5),
         "an idle worker took {took:?} to pick up a task"
     );
+}
+
+/// A worker with the standard task kinds and this poll interval, running until the token is cancelled.
+fn start_worker(
+    pool: &sqlx::PgPool,
+    poll_interval: Duration,
+) -> (CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
+    let cfg = WorkerConfig {
+        poll_interval,
+        ..config("w")
+    };
+    let shutdown = CancellationToken::new();
+    let worker = tokio::spawn(berth_worker::run(
+        pool.clone(),
+        services(),
+        Arc::new(tasks::registry()),
+        cfg,
+        shutdown.clone(),
+    ));
+    (shutdown, worker)
+}
+
+/// With no NOTIFY (the insert trigger switched off for the inserting session), an idle worker still finds a
+/// new task on its next poll.
+#[sqlx::test(migrator = "broker::MIGRATOR")]
+async fn without_notify_the_poll_finds_the_task(_: PgPoolOptions, opts: PgConnectOptions) {
+    let pool = pool(&opts, 8).await;
+    let (shutdown, worker) = start_worker(&pool, Duration::from_millis(300));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut conn = pool.acquire().await.unwrap();
+    // `replica` skips ordinary triggers: the insert sends no NOTIFY.
+    sqlx::query("SET session_replication_role = replica").execute(&mut *conn).await.unwrap();
+    let id: uuid::Uuid = sqlx::query_scalar("INSERT INTO tasks (id, kind) VALUES (gen_random_uuid(), $1) RETURNING id")
+        .bind(kinds::NOOP)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query("SET session_replication_role = origin").execute(&mut *conn).await.unwrap();
+    drop(conn);
+    let id = broker::model::TaskId(id);
+    eventually(Duration::from_secs(10), "the task found by polling", || async {
+        (task(&pool, id).await.state == "succeeded").then_some(())
+    })
+    .await;
+    shutdown.cancel();
+    worker.await.unwrap().unwrap();
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]

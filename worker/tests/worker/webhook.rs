@@ -155,3 +155,38 @@ async fn a_receiver_that_never_answers_2xx_ends_failed(_: PgPoolOptions, opts: P
             .unwrap();
     assert_eq!((state.as_str(), attempts), ("failed", 8));
 }
+
+/// A binding's operation that fails: the webhook says `failed`, names the binding and carries the error as its
+/// description (and still no secret).
+#[sqlx::test(migrator = "broker::MIGRATOR")]
+async fn a_failed_binding_operation_posts_failed_with_the_binding(_: PgPoolOptions, opts: PgConnectOptions) {
+    let pool = pool(&opts, 8).await;
+    let receiver = Receiver::default();
+    let addr = start(receiver.clone()).await;
+    let mut task = operation_task(format!("http://{addr}/hook"));
+    task.kind = "test.no_such_kind";
+    task.binding_id = Some("binding-1".into());
+    task.operation = Some(Operation::Bind.as_str());
+    let id = enqueue_with(&pool, task).await;
+    drain(&pool, services(), tasks::registry(), config("w")).await;
+
+    assert_eq!(task_state(&pool, id).await, "failed");
+    let received = receiver.received.lock().unwrap().clone();
+    assert_eq!(received.len(), 1);
+    let (headers, raw) = &received[0];
+    assert_eq!(
+        headers["x-osb-signature"].to_str().unwrap(),
+        crypto::sign(SECRET, raw)
+    );
+    let body: WebhookBody = serde_json::from_slice(raw).unwrap();
+    assert_eq!(body.instance_id, "instance-1");
+    assert_eq!(body.binding_id.as_deref(), Some("binding-1"));
+    assert_eq!(body.operation, id.to_string());
+    assert_eq!(body.state, "failed");
+    assert!(body.description.contains("test.no_such_kind"), "{}", body.description);
+    assert!(!String::from_utf8_lossy(raw).contains("webhook-secret"));
+}
+
+async fn task_state(pool: &sqlx::PgPool, id: broker::model::TaskId) -> String {
+    task(pool, id).await.state
+}

@@ -1,0 +1,224 @@
+//! The embedded default: `berth-api` with no `DATABASE_URL` and no credentials brings its own Postgres under
+//! its data folder, prints the URL and the credentials it made, runs a worker, serves a `shared` database end
+//! to end, stops everything on SIGTERM, and on the next start finds its credentials and data again.
+
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use berth_tests::{bin_dir, free_port, processes_under, repo_dir};
+use reqwest::Method;
+use serde_json::{Value, json};
+use sqlx::{Connection, PgConnection};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+};
+
+const WAIT: Duration = Duration::from_secs(90);
+
+/// One run of `berth-api` in the embedded default, its stdout collected line by line.
+struct Embedded {
+    child: Child,
+    output: Arc<Mutex<Vec<String>>>,
+    base_url: String,
+    username: String,
+    password: String,
+    http: reqwest::Client,
+}
+
+impl Embedded {
+    /// Starts `berth-api` with a bare environment (no DATABASE_URL, no broker credentials) and waits for its
+    /// banner.
+    async fn start(dir: &Path, port: u16) -> Self {
+        let mut child = Command::new(bin_dir().join("berth-api"))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("BERTH_DATA_DIR", dir.join(".berth"))
+            .env("PLANS_DIR", repo_dir().join("plans"))
+            .env("PORT", port.to_string())
+            .env("RUST_LOG", "info")
+            .current_dir(dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(std::fs::File::create(dir.join(format!("api-{port}.log"))).unwrap()))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("starting berth-api");
+        let output = Arc::new(Mutex::new(Vec::new()));
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let sink = output.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let deadline = Instant::now() + WAIT;
+        let (base_url, username, password) = loop {
+            {
+                let lines = output.lock().unwrap();
+                let field = |name: &str| {
+                    lines.iter().find_map(|l| l.trim().strip_prefix(name).map(|v| v.trim().to_string()))
+                };
+                if let (Some(url), Some(user), Some(pass)) =
+                    (field("broker URL:"), field("username:"), field("password:"))
+                {
+                    break (url, user, pass);
+                }
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("berth-api exited ({status}) before its banner: {:?}\n{}", output.lock().unwrap(), log(dir, port));
+            }
+            assert!(Instant::now() < deadline, "no banner after {WAIT:?}: {:?}", output.lock().unwrap());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+        Self { child, output, base_url, username, password, http }
+    }
+
+    fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.base_url))
+            .basic_auth(&self.username, Some(&self.password))
+            .header("X-Broker-API-Version", "2.17")
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> (u16, Value) {
+        let resp = req.send().await.expect("request");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// Polls a last_operation URL until it leaves `in progress`.
+    async fn wait_operation(&self, path: &str) -> Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let (status, body) = self.send(self.request(Method::GET, path)).await;
+            assert_eq!(status, 200, "{path}: {body}");
+            if body["state"] != "in progress" {
+                return body;
+            }
+            assert!(Instant::now() < deadline, "{path} still in progress: {body}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGTERM, as Ctrl-C would; waits for a clean exit and returns what it printed.
+    async fn stop(mut self) -> Vec<String> {
+        let pid = self.child.id().expect("running");
+        let sent = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status().unwrap();
+        assert!(sent.success());
+        let status = tokio::time::timeout(Duration::from_secs(60), self.child.wait())
+            .await
+            .expect("berth-api stops within 60 s of SIGTERM")
+            .unwrap();
+        assert!(status.success(), "berth-api exited with {status}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        self.output.lock().unwrap().clone()
+    }
+}
+
+fn log(dir: &Path, port: u16) -> String {
+    std::fs::read_to_string(dir.join(format!("api-{port}.log"))).unwrap_or_default()
+}
+
+/// Removes the folder even when the test fails, killing whatever still runs in it first.
+struct Folder(PathBuf);
+
+impl Drop for Folder {
+    fn drop(&mut self) {
+        for pid in processes_under(&self.0) {
+            let _ = std::process::Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+#[tokio::test]
+async fn embedded_default_from_nothing_to_a_working_database_and_back() {
+    let dir = std::env::temp_dir().join(format!("berth-embedded-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]));
+    std::fs::create_dir_all(&dir).unwrap();
+    let folder = Folder(dir.clone());
+    let port = free_port().unwrap();
+
+    let first = Embedded::start(&dir, port).await;
+    assert_eq!(first.base_url, format!("http://127.0.0.1:{port}"));
+    assert_eq!(first.username, "berth");
+    assert!(first.password.len() >= 20, "a generated password");
+    // What it made for itself: the server, the key and the credentials (private).
+    let data = dir.join(".berth");
+    assert!(data.join("postgres/data/PG_VERSION").exists());
+    assert!(data.join("master.key").exists());
+    let credentials = data.join("broker-credentials.json");
+    assert_eq!(std::fs::metadata(&credentials).unwrap().permissions().mode() & 0o077, 0, "credentials file is private");
+    // The password is printed for the operator, and never logged.
+    assert!(!log(&dir, port).contains(&first.password), "the password reached the log");
+
+    // Wrong credentials are refused.
+    let (status, _) = first
+        .send(first.http.get(format!("{}/v2/catalog", first.base_url)).basic_auth("berth", Some("wrong")).header("X-Broker-API-Version", "2.17"))
+        .await;
+    assert_eq!(status, 401);
+
+    // A shared database, provisioned and bound through the embedded worker.
+    let (status, catalog) = first.send(first.request(Method::GET, "/v2/catalog")).await;
+    assert_eq!(status, 200, "{catalog}");
+    let service = catalog["services"].as_array().unwrap().iter().find(|s| s["name"] == "postgres").unwrap().clone();
+    let plan = service["plans"].as_array().unwrap().iter().find(|p| p["name"] == "shared").unwrap().clone();
+    let (service_id, plan_id) = (service["id"].as_str().unwrap(), plan["id"].as_str().unwrap());
+    let (status, body) = first
+        .send(first.request(Method::PUT, "/v2/service_instances/emb-1?accepts_incomplete=true").json(&json!({
+            "service_id": service_id, "plan_id": plan_id, "organization_guid": "o", "space_guid": "s",
+        })))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let last = first.wait_operation("/v2/service_instances/emb-1/last_operation").await;
+    assert_eq!(last["state"], "succeeded", "{last}\n{}", log(&dir, port));
+    let binding = "/v2/service_instances/emb-1/service_bindings/app-1";
+    let (status, body) = first
+        .send(first.request(Method::PUT, &format!("{binding}?accepts_incomplete=true")).json(&json!({
+            "service_id": service_id, "plan_id": plan_id, "bind_resource": {"app_guid": "app"},
+        })))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let last = first.wait_operation(&format!("{binding}/last_operation")).await;
+    assert_eq!(last["state"], "succeeded", "{last}");
+    let (status, fetched) = first.send(first.request(Method::GET, binding)).await;
+    assert_eq!(status, 200, "{fetched}");
+    let url = fetched["credentials"]["DATABASE_URL"].as_str().expect("DATABASE_URL").to_string();
+    let mut conn = PgConnection::connect(&url).await.expect("the binding's DATABASE_URL connects");
+    let user: String = sqlx::query_scalar("SELECT session_user::text").fetch_one(&mut conn).await.unwrap();
+    assert_eq!(user, fetched["credentials"]["PGUSER"].as_str().unwrap());
+    conn.close().await.unwrap();
+    let pg_port = fetched["credentials"]["PGPORT"].as_str().map(str::to_string).unwrap_or_else(|| fetched["credentials"]["PGPORT"].to_string());
+
+    // SIGTERM stops the API, the worker and the embedded Postgres.
+    let password = first.password.clone();
+    let printed = first.stop().await;
+    assert!(printed.iter().any(|l| l.contains("berth: stopped")), "{printed:?}");
+    assert!(
+        std::net::TcpStream::connect(format!("127.0.0.1:{pg_port}")).is_err(),
+        "the embedded Postgres still listens on {pg_port}"
+    );
+    let left = processes_under(&dir);
+    assert!(left.is_empty(), "processes left running under {}: {left:?}", dir.display());
+
+    // The next start reuses the same server, key and credentials: the instance is still there.
+    let port = free_port().unwrap();
+    let second = Embedded::start(&dir, port).await;
+    assert_eq!((second.username.as_str(), second.password.as_str()), ("berth", password.as_str()));
+    let (status, instance) = second.send(second.request(Method::GET, "/v2/service_instances/emb-1")).await;
+    assert_eq!(status, 200, "{instance}");
+    let (status, fetched_again) = second.send(second.request(Method::GET, binding)).await;
+    assert_eq!(status, 200);
+    assert_eq!(fetched_again["credentials"]["DATABASE_URL"], url.as_str(), "the sealed credentials decrypt with the kept key");
+    second.stop().await;
+    assert!(processes_under(&dir).is_empty());
+    drop(folder);
+}
