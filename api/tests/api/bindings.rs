@@ -276,3 +276,50 @@ async fn binding_rotation_names_a_predecessor(pool: PgPool) {
         .assert_osb_error(StatusCode::BAD_REQUEST, None);
     assert!(d.contains("binding_rotatable"), "{d}");
 }
+
+/// A webhook rides on bind (in `parameters`), unbind and deprovision (the Akkeris query form): each task
+/// carries the URL and the sealed secret, and the binding's stored parameters do not.
+#[sqlx::test(migrator = "broker::MIGRATOR")]
+async fn webhooks_ride_on_bind_unbind_and_deprovision(pool: PgPool) {
+    let app = TestApp::new(pool);
+    app.provisioned("i-1").await;
+    let webhook_of = |task: &sqlx::postgres::PgRow| {
+        let sealed: Vec<u8> = task.get("webhook_secret");
+        (
+            task.get::<Option<String>, _>("webhook_url"),
+            String::from_utf8(app.cipher.open(&sealed).unwrap()).unwrap(),
+        )
+    };
+
+    let mut body = bind_body();
+    body["parameters"]["webhook"] = json!({"url": "https://hooks.example/bind", "secret": "bind-secret"});
+    let op = app.bind("i-1", "b-1", &body).await.operation();
+    assert_eq!(
+        webhook_of(&app.task(&op).await),
+        (Some("https://hooks.example/bind".into()), "bind-secret".into())
+    );
+    let stored: Value = sqlx::query_scalar("SELECT parameters FROM service_bindings WHERE id = 'b-1'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, json!({"access": "read-only"}));
+    app.complete_bind(&op, "b-1", &json!({"uri": "x"})).await;
+
+    let hook = "webhook=https%3A%2F%2Fhooks.example%2Fgone&secret=gone-secret";
+    let uri = format!(
+        "/v2/service_instances/i-1/service_bindings/b-1?accepts_incomplete=true&service_id={PG_SERVICE}&plan_id={PG_SHARED}&{hook}"
+    );
+    let op = app.call(Method::DELETE, &uri, None).await.operation();
+    assert_eq!(
+        webhook_of(&app.task(&op).await),
+        (Some("https://hooks.example/gone".into()), "gone-secret".into())
+    );
+    app.complete_unbind(&op, "b-1").await;
+
+    let uri = format!("/v2/service_instances/i-1?accepts_incomplete=true&service_id={PG_SERVICE}&plan_id={PG_SHARED}&{hook}");
+    let op = app.call(Method::DELETE, &uri, None).await.operation();
+    assert_eq!(
+        webhook_of(&app.task(&op).await),
+        (Some("https://hooks.example/gone".into()), "gone-secret".into())
+    );
+}
