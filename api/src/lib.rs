@@ -31,16 +31,19 @@ pub const PROVISION_WRITERS: usize = 2;
 /// How long one request may take before it is answered with 408.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// What every handler needs. Cheap to clone: the pool and catalog are shared, the cipher is a key schedule.
+/// What every handler needs. Cheap to clone (every extractor and middleware with state clones it): pool, catalog,
+/// cipher, credentials and batcher are all shared handles.
 #[derive(Clone)]
 pub struct AppState {
     pub db: sqlx::PgPool,
     pub catalog: Arc<Catalog>,
     pub cipher: Cipher,
-    pub auth: BrokerAuth,
+    pub auth: Arc<BrokerAuth>,
     pub max_body_bytes: usize,
     /// Group commit of new provisions (see [`provision_batch`]).
     pub provisions: provision_batch::ProvisionBatcher,
+    /// Responses by status class, for `/metrics`.
+    pub requests: Arc<middleware::RequestCounts>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -87,8 +90,14 @@ pub fn router(state: AppState) -> Router {
         tracing::info_span!("http", method = %req.method(), route)
     });
 
+    let metrics = routes::metrics::router().route_layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        middleware::require_basic_auth,
+    ));
+
     Router::new()
         .merge(routes::health::router())
+        .merge(metrics)
         .merge(v2)
         .merge(berth_v1)
         .method_not_allowed_fallback(middleware::method_not_allowed)
@@ -100,6 +109,7 @@ pub fn router(state: AppState) -> Router {
         ))
         .layer(trace)
         .layer(axum::middleware::from_fn(middleware::osb_error_bodies))
+        .layer(axum::middleware::from_fn_with_state(state.requests.clone(), middleware::count_requests))
         .layer(PropagateRequestIdLayer::new(HeaderName::from_static(
             middleware::REQUEST_IDENTITY_HEADER,
         )))

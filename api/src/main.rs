@@ -71,9 +71,10 @@ async fn serve_with(settings: &Settings, embedded: Option<&embedded::Embedded>) 
         db,
         catalog: Arc::new(catalog),
         cipher,
-        auth: berth_api::BrokerAuth::new(username, password),
+        auth: Arc::new(berth_api::BrokerAuth::new(username, password)),
         max_body_bytes: settings.max_body_bytes,
         provisions,
+        requests: Default::default(),
     };
     let addr: SocketAddr = format!("{}:{}", settings.bind_address, settings.port)
         .parse()

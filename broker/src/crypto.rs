@@ -17,10 +17,10 @@ use sha2::Sha256;
 const FORMAT_V1: u8 = 1;
 const NONCE_LEN: usize = 12;
 
-/// Seals and opens secrets stored in the broker's database.
+/// Seals and opens secrets stored in the broker's database. Cheap to clone (the key schedule is shared).
 #[derive(Clone)]
 pub struct Cipher {
-    aead: Aes256Gcm,
+    aead: std::sync::Arc<Aes256Gcm>,
 }
 
 impl fmt::Debug for Cipher {
@@ -31,7 +31,7 @@ impl fmt::Debug for Cipher {
 
 impl Cipher {
     pub fn from_key(key: &[u8; 32]) -> Self {
-        Self { aead: Aes256Gcm::new(key.into()) }
+        Self { aead: std::sync::Arc::new(Aes256Gcm::new(key.into())) }
     }
 
     /// Reads a key written by [`generate_key_file`].

@@ -6,6 +6,7 @@ pub mod catalog;
 pub mod cluster;
 pub mod health;
 pub mod instances;
+pub mod metrics;
 pub mod presets;
 pub mod price_check;
 

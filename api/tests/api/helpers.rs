@@ -128,9 +128,10 @@ impl TestApp {
             db: pool.clone(),
             catalog: Arc::new(test_catalog()),
             cipher: cipher.clone(),
-            auth: BrokerAuth::new(USER.into(), PASSWORD.into()),
+            auth: Arc::new(BrokerAuth::new(USER.into(), PASSWORD.into())),
             max_body_bytes: MAX_BODY,
             provisions: berth_api::provision_batch::ProvisionBatcher::start(pool.clone(), berth_api::PROVISION_WRITERS),
+            requests: Default::default(),
         };
         Self {
             router: berth_api::router(state),

@@ -10,6 +10,7 @@ mod deprovision;
 mod fetch;
 mod helpers;
 mod last_operation;
+mod metrics;
 mod middleware;
 mod price_check;
 mod provision;

@@ -3,6 +3,7 @@
 pub mod bindings;
 pub mod ec2_offers;
 pub mod instances;
+pub mod metrics;
 pub mod presets;
 pub mod snapshots;
 pub mod backup_schedules;
