@@ -146,6 +146,37 @@ pub async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
 }
 
+/// Answers this process has given, by status class (1xx..5xx), for `/metrics`.
+#[derive(Debug, Default)]
+pub struct RequestCounts {
+    by_class: [std::sync::atomic::AtomicU64; 5],
+}
+
+impl RequestCounts {
+    fn record(&self, status: StatusCode) {
+        let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
+        self.by_class[class].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// ("1xx", n) .. ("5xx", n).
+    pub fn snapshot(&self) -> [(&'static str, u64); 5] {
+        let names = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+        std::array::from_fn(|i| (names[i], self.by_class[i].load(std::sync::atomic::Ordering::Relaxed)))
+    }
+}
+
+/// Counts every answer by status class: one relaxed atomic add per request (its state is only the counters,
+/// so nothing is cloned per request).
+pub async fn count_requests(
+    State(counts): State<std::sync::Arc<RequestCounts>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let response = next.run(req).await;
+    counts.record(response.status());
+    response
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,35 +232,4 @@ mod shape_tests {
             .unwrap();
         assert_eq!(res.status(), StatusCode::OK);
     }
-}
-
-/// Answers this process has given, by status class (1xx..5xx), for `/metrics`.
-#[derive(Debug, Default)]
-pub struct RequestCounts {
-    by_class: [std::sync::atomic::AtomicU64; 5],
-}
-
-impl RequestCounts {
-    fn record(&self, status: StatusCode) {
-        let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
-        self.by_class[class].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// ("1xx", n) .. ("5xx", n).
-    pub fn snapshot(&self) -> [(&'static str, u64); 5] {
-        let names = ["1xx", "2xx", "3xx", "4xx", "5xx"];
-        std::array::from_fn(|i| (names[i], self.by_class[i].load(std::sync::atomic::Ordering::Relaxed)))
-    }
-}
-
-/// Counts every answer by status class: one relaxed atomic add per request (its state is only the counters,
-/// so nothing is cloned per request).
-pub async fn count_requests(
-    State(counts): State<std::sync::Arc<RequestCounts>>,
-    req: Request,
-    next: Next,
-) -> Response {
-    let response = next.run(req).await;
-    counts.record(response.status());
-    response
 }
