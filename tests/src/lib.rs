@@ -17,9 +17,8 @@ pub const API_VERSION: &str = "2.17";
 
 /// A running broker (API + one worker) on its own database.
 pub struct Stack {
-    pub base_url: String,
-    pub username: String,
-    pub password: String,
+    /// The OSB client for this stack's API (`stack.request(…)`, `stack.base_url`, … through `Deref`).
+    pub client: OsbClient,
     /// Superuser URL of the test server's `postgres` database (also the `shared` plan's server).
     pub admin_url: String,
     /// URL of this stack's broker database.
@@ -27,7 +26,6 @@ pub struct Stack {
     pub name_prefix: String,
     /// Where the worker keeps `local` engine servers (`dedicated` plan).
     pub servers_dir: PathBuf,
-    pub http: reqwest::Client,
     api: Child,
     worker: Child,
     /// The stack's folder: logs, keys, and the data dir (`BERTH_DATA_DIR`: snapshot key and `file://` store).
@@ -107,14 +105,11 @@ impl Stack {
         let api = spawn(&dir, &env, "berth-api", "api.log")?;
         let worker = spawn(&dir, &env, "berth-worker", "worker.log")?;
         let stack = Self {
-            base_url: format!("http://127.0.0.1:{port}"),
-            username,
-            password,
+            client: OsbClient::new(format!("http://127.0.0.1:{port}"), username, password)?,
             admin_url,
             broker_db_url,
             name_prefix,
             servers_dir,
-            http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?,
             api,
             worker,
             dir,
@@ -185,6 +180,56 @@ impl Stack {
         )
     }
 
+    /// Like [`OsbClient::wait_operation`], with the stack's logs in the error.
+    pub async fn wait_operation(&self, path: &str, timeout: Duration) -> anyhow::Result<(u16, Value)> {
+        self.client.wait_operation(path, timeout).await.map_err(|e| anyhow::anyhow!("{e:#}\n{}", self.logs()))
+    }
+
+    pub async fn admin(&self) -> anyhow::Result<PgConnection> {
+        Ok(PgConnection::connect(&self.admin_url).await?)
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.api.start_kill();
+        let _ = self.worker.start_kill();
+        let _ = self.api.wait().await;
+        let _ = self.worker.wait().await;
+        self.kill_servers();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+
+    /// Kills the `local` and `ha_local` engine processes still running under this stack's servers folder:
+    /// Postgres servers (by working directory), Patroni and etcd (by an argument naming a path in it).
+    fn kill_servers(&self) {
+        for pid in processes_under(&self.servers_dir) {
+            let _ = std::process::Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+        }
+    }
+}
+
+impl std::ops::Deref for Stack {
+    type Target = OsbClient;
+
+    fn deref(&self) -> &OsbClient {
+        &self.client
+    }
+}
+
+/// A small OSB client: basic auth and `X-Broker-API-Version` on every request.
+#[derive(Clone)]
+pub struct OsbClient {
+    pub base_url: String,
+    pub username: String,
+    pub password: String,
+    pub http: reqwest::Client,
+}
+
+impl OsbClient {
+    pub fn new(base_url: String, username: String, password: String) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+        Ok(Self { base_url, username, password, http })
+    }
+
     /// An OSB request with auth and the version header.
     pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         self.http
@@ -211,33 +256,12 @@ impl Stack {
                 return Ok((status, body));
             }
             if status != 200 {
-                anyhow::bail!("{path} answered {status}: {body}\n{}", self.logs());
+                anyhow::bail!("{path} answered {status}: {body}");
             }
             if Instant::now() > deadline {
-                anyhow::bail!("{path} still in progress after {timeout:?}: {body}\n{}", self.logs());
+                anyhow::bail!("{path} still in progress after {timeout:?}: {body}");
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    pub async fn admin(&self) -> anyhow::Result<PgConnection> {
-        Ok(PgConnection::connect(&self.admin_url).await?)
-    }
-
-    pub async fn stop(mut self) {
-        let _ = self.api.start_kill();
-        let _ = self.worker.start_kill();
-        let _ = self.api.wait().await;
-        let _ = self.worker.wait().await;
-        self.kill_servers();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-
-    /// Kills the `local` and `ha_local` engine processes still running under this stack's servers folder:
-    /// Postgres servers (by working directory), Patroni and etcd (by an argument naming a path in it).
-    fn kill_servers(&self) {
-        for pid in processes_under(&self.servers_dir) {
-            let _ = std::process::Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
         }
     }
 }

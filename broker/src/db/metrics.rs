@@ -1,4 +1,4 @@
-//! What `/metrics` reads from the broker's database at scrape time: the queue (through its partial indexes),
+//! What `/metrics` reads from the broker's database at scrape time: the queue (only its pending and running rows),
 //! the instances per plan and the webhook deliveries not yet delivered.
 
 use sqlx::PgExecutor;

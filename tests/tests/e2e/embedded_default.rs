@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use berth_tests::{bin_dir, free_port, processes_under, repo_dir};
+use berth_tests::{OsbClient, bin_dir, free_port, processes_under, repo_dir};
 use reqwest::Method;
 use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection};
@@ -25,10 +25,16 @@ const WAIT: Duration = Duration::from_secs(90);
 struct Embedded {
     child: Child,
     output: Arc<Mutex<Vec<String>>>,
-    base_url: String,
-    username: String,
-    password: String,
-    http: reqwest::Client,
+    /// With the URL and credentials the banner printed.
+    client: OsbClient,
+}
+
+impl std::ops::Deref for Embedded {
+    type Target = OsbClient;
+
+    fn deref(&self) -> &OsbClient {
+        &self.client
+    }
 }
 
 impl Embedded {
@@ -75,36 +81,18 @@ impl Embedded {
             assert!(Instant::now() < deadline, "no banner after {WAIT:?}: {:?}", output.lock().unwrap());
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
-        Self { child, output, base_url, username, password, http }
-    }
-
-    fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
-        self.http
-            .request(method, format!("{}{path}", self.base_url))
-            .basic_auth(&self.username, Some(&self.password))
-            .header("X-Broker-API-Version", "2.17")
+        Self { child, output, client: OsbClient::new(base_url, username, password).unwrap() }
     }
 
     async fn send(&self, req: reqwest::RequestBuilder) -> (u16, Value) {
-        let resp = req.send().await.expect("request");
-        let status = resp.status().as_u16();
-        let text = resp.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+        self.client.send(req).await.expect("request")
     }
 
-    /// Polls a last_operation URL until it leaves `in progress`.
+    /// Polls a last_operation URL until it leaves `in progress`; returns its body.
     async fn wait_operation(&self, path: &str) -> Value {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let (status, body) = self.send(self.request(Method::GET, path)).await;
-            assert_eq!(status, 200, "{path}: {body}");
-            if body["state"] != "in progress" {
-                return body;
-            }
-            assert!(Instant::now() < deadline, "{path} still in progress: {body}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let (status, body) = self.client.wait_operation(path, WAIT).await.unwrap();
+        assert_eq!(status, 200, "{path}: {body}");
+        body
     }
 
     /// SIGTERM, as Ctrl-C would; waits for a clean exit and returns what it printed.
