@@ -76,7 +76,75 @@ pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiErro
     })?;
     de.end()
         .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))?;
+    check_no_nul_in_json(bytes)?;
     Ok(value)
+}
+
+/// In valid JSON a NUL can only arrive escaped (`\u0000`): a byte scan rules it out for almost every body, and
+/// only a body holding that sequence is parsed again to name the field.
+const NUL_ESCAPE: &[u8] = b"\\u0000";
+
+/// 400 naming the first string or key that holds U+0000, which Postgres cannot store (text or jsonb).
+fn check_no_nul_in_json(bytes: &[u8]) -> Result<(), ApiError> {
+    if !bytes.windows(NUL_ESCAPE.len()).any(|w| w == NUL_ESCAPE) {
+        return Ok(());
+    }
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(bytes) else {
+        return Ok(());
+    };
+    match nul_path(&value, String::new()) {
+        Some(path) => Err(ApiError::bad_request(format!(
+            "invalid request body: {path} contains the character U+0000, which the broker cannot store"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Where in `value` the first U+0000 is, as "field `a.b`", "a key of `a`" or "the body".
+pub(crate) fn nul_path(value: &serde_json::Value, at: String) -> Option<String> {
+    use serde_json::Value;
+    let field = |at: &str| {
+        if at.is_empty() {
+            "the body".to_string()
+        } else {
+            format!("field `{at}`")
+        }
+    };
+    match value {
+        Value::String(s) if s.contains('\0') => Some(field(&at)),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, item)| nul_path(item, format!("{at}[{i}]"))),
+        Value::Object(map) => map.iter().find_map(|(key, item)| {
+            if key.contains('\0') {
+                return Some(if at.is_empty() {
+                    "a top-level key".to_string()
+                } else {
+                    format!("a key of `{at}`")
+                });
+            }
+            let path = if at.is_empty() { key.clone() } else { format!("{at}.{key}") };
+            nul_path(item, path)
+        }),
+        _ => None,
+    }
+}
+
+/// 400 naming the first query parameter whose name or value holds U+0000 (only `%00` decodes to it).
+fn check_no_nul_in_query(query: Option<&str>) -> Result<(), ApiError> {
+    let Some(query) = query.filter(|q| q.contains("%00")) else {
+        return Ok(());
+    };
+    for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
+        if name.contains('\0') || value.contains('\0') {
+            let name = name.replace('\0', "\\0");
+            return Err(ApiError::bad_request(format!(
+                "the query parameter `{name}` contains the character U+0000, which the broker cannot store"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A query string. Unknown keys are ignored; a malformed one is a 400.
@@ -91,6 +159,7 @@ where
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        check_no_nul_in_query(parts.uri.query())?;
         Query::<T>::try_from_uri(&parts.uri)
             .map(|Query(q)| OsbQuery(q))
             .map_err(|rejection| {

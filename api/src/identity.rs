@@ -1,7 +1,6 @@
 //! `X-Broker-API-Originating-Identity: <platform> <base64 JSON>`: who on the platform asked. Parsed leniently
-//! and recorded with the task; a header that does not parse is kept raw, never refused.
-
-use std::convert::Infallible;
+//! and recorded with the task; a header that does not parse is kept raw. Refused (400) only when it is larger
+//! than [`MAX_BYTES`] or holds U+0000, which the broker could not store.
 
 use axum::{extract::FromRequestParts, http::request::Parts};
 use base64::{
@@ -10,21 +9,38 @@ use base64::{
 };
 use serde_json::{Value, json};
 
+use crate::{error::ApiError, extract::nul_path};
+
 pub const HEADER: &str = "x-broker-api-originating-identity";
+/// The largest header stored with a task. Platforms send a user id or two; 4 KiB leaves room to spare.
+pub const MAX_BYTES: usize = 4096;
 
 /// The parsed header, if the request had one.
 #[derive(Debug, Clone, Default)]
 pub struct OriginatingIdentity(pub Option<Value>);
 
 impl<S: Send + Sync> FromRequestParts<S> for OriginatingIdentity {
-    type Rejection = Infallible;
+    type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        let value = parts
-            .headers
-            .get(HEADER)
-            .map(|v| parse(&String::from_utf8_lossy(v.as_bytes())));
-        Ok(Self(value))
+        let Some(header) = parts.headers.get(HEADER) else {
+            return Ok(Self(None));
+        };
+        if header.len() > MAX_BYTES {
+            return Err(ApiError::bad_request(format!(
+                "header X-Broker-API-Originating-Identity is {} bytes; at most {MAX_BYTES} are accepted",
+                header.len()
+            )));
+        }
+        let value = parse(&String::from_utf8_lossy(header.as_bytes()));
+        if let Some(path) = nul_path(&value, String::new()) {
+            let within = path.replace("field `", "`").replace("value.", "");
+            return Err(ApiError::bad_request(format!(
+                "header X-Broker-API-Originating-Identity contains the character U+0000 (at {within}), which the \
+                 broker cannot store"
+            )));
+        }
+        Ok(Self(Some(value)))
     }
 }
 

@@ -1,8 +1,8 @@
 //! `/v2/service_instances/{instance_id}/service_bindings/{binding_id}`: bind (PUT), unbind (DELETE), fetch (GET)
 //! and `last_operation`. Bindings are always asynchronous; the worker writes the sealed credentials.
 //!
-//! A bind on an instance that does not exist or whose provision has not succeeded is a 404 (the spec leaves
-//! this open; 404 tells the platform the instance is not there to bind to).
+//! A bind on an instance that does not exist is a 404; while its provision runs, 422 `ConcurrencyError`; after
+//! its provision failed, 422 (see `instances::provisioned_instance`).
 
 use axum::{
     Json, Router,
@@ -26,6 +26,7 @@ use serde_json::{Value, json};
 use sqlx::PgConnection;
 
 use super::{
+    instances::provisioned_instance,
     OsbParams, accepted, check_id, gone, is_active, last_operation_response, lookup_plan,
     object_or_empty, operation_of, operation_task, parse_operation,
 };
@@ -77,6 +78,9 @@ async fn bind(
             plan.plan.name
         )));
     }
+    if body.app_guid.as_deref() == Some("") {
+        return Err(ApiError::bad_request("`app_guid` must be a non-empty string when present"));
+    }
     let parameters_given = body.parameters.is_some();
     let mut parameters = object_or_empty(body.parameters, "parameters")?;
     state
@@ -115,24 +119,7 @@ async fn bind(
 
     let mut tx = state.db.begin().await?;
     // Lock order everywhere: instance row, then binding row.
-    let instance = instances::get_for_update(&mut *tx, &instance_id).await?;
-    let not_found = || {
-        ApiError::NotFound(format!(
-            "service instance {instance_id} does not exist or is still being provisioned"
-        ))
-    };
-    let instance = instance.ok_or_else(not_found)?;
-    let provisioned = tasks::has_succeeded_since(
-        &mut *tx,
-        &instance_id,
-        None,
-        Operation::Provision.as_str(),
-        instance.created_at,
-    )
-    .await?;
-    if !provisioned {
-        return Err(not_found());
-    }
+    let instance = provisioned_instance(&mut tx, &instance_id, true).await?;
     if instance.service_id != body.service_id || instance.plan_id != body.plan_id {
         return Err(ApiError::bad_request(format!(
             "service instance {instance_id} is of service_id {:?} and plan_id {:?}, not those in the request",
@@ -298,7 +285,6 @@ async fn unbind(
     check_id("instance_id", &instance_id)?;
     check_id("binding_id", &binding_id)?;
     query.require_service_and_plan()?;
-    query.require_async()?;
     let hook = webhook::take(
         &mut json!({}),
         query.webhook.as_deref(),
@@ -318,6 +304,8 @@ async fn unbind(
         Some(row) if row.instance_id == instance_id => row,
         _ => return Ok(gone()),
     };
+    // OSB: 410 for an unknown binding comes before 422 AsyncRequired.
+    query.require_async()?;
     if let Some(task) = tasks::latest_binding_operation(&mut *tx, &binding_id)
         .await?
         .filter(is_active)

@@ -13,7 +13,7 @@ use broker::{
     catalog::SchemaFor,
     db::{
         instances::{self, InstanceRow, NewInstance},
-        tasks,
+        tasks::{self, TaskRow},
     },
     model::{Operation, TaskState, UpdatePayload},
 };
@@ -71,6 +71,11 @@ async fn provision(
 ) -> ApiResult<Response> {
     check_id("instance_id", &instance_id)?;
     query.require_async()?;
+    for (field, value) in [("organization_guid", &body.organization_guid), ("space_guid", &body.space_guid)] {
+        if value.is_empty() {
+            return Err(ApiError::bad_request(format!("`{field}` must be a non-empty string")));
+        }
+    }
     let plan = lookup_plan(&state.catalog, &body.service_id, &body.plan_id)?;
     let mut parameters = object_or_empty(body.parameters, "parameters")?;
     state
@@ -226,23 +231,60 @@ pub(crate) fn concurrency(instance_id: &str, task: &broker::db::tasks::TaskRow) 
     ))
 }
 
-/// 404 unless the instance exists and its provision has succeeded.
+/// The instance, if it exists and its provision has succeeded; otherwise, for an operation on it: 404 when there
+/// is no such instance, 422 `ConcurrencyError` while its provision (or another operation) runs, and 422 when its
+/// provision failed (the platform deprovisions it, or provisions it again).
 pub(crate) async fn provisioned_instance(
     db: &mut PgConnection,
     instance_id: &str,
     lock: bool,
 ) -> ApiResult<InstanceRow> {
+    match instance_state(db, instance_id, lock).await? {
+        InstanceState::Provisioned(row) => Ok(row),
+        InstanceState::Missing => Err(ApiError::NotFound(format!(
+            "service instance {instance_id} does not exist"
+        ))),
+        InstanceState::Busy(task) => Err(concurrency(instance_id, &task)),
+        InstanceState::ProvisionFailed => Err(ApiError::Unprocessable(format!(
+            "the provision of service instance {instance_id} failed; deprovision it, or provision it again"
+        ))),
+    }
+}
+
+/// The instance for a read (GET): 404 unless it exists and its provision has succeeded, as OSB says.
+pub(crate) async fn visible_instance(
+    db: &mut PgConnection,
+    instance_id: &str,
+) -> ApiResult<InstanceRow> {
+    match instance_state(db, instance_id, false).await? {
+        InstanceState::Provisioned(row) => Ok(row),
+        _ => Err(ApiError::NotFound(format!(
+            "service instance {instance_id} does not exist or is still being provisioned"
+        ))),
+    }
+}
+
+pub(crate) enum InstanceState {
+    Missing,
+    Provisioned(InstanceRow),
+    /// Not provisioned yet: its provision (or a deprovision after a failed one) is running.
+    Busy(TaskRow),
+    ProvisionFailed,
+}
+
+pub(crate) async fn instance_state(
+    db: &mut PgConnection,
+    instance_id: &str,
+    lock: bool,
+) -> ApiResult<InstanceState> {
     let row = if lock {
         instances::get_for_update(&mut *db, instance_id).await?
     } else {
         instances::get(&mut *db, instance_id).await?
     };
-    let not_found = || {
-        ApiError::NotFound(format!(
-            "service instance {instance_id} does not exist or is still being provisioned"
-        ))
+    let Some(row) = row else {
+        return Ok(InstanceState::Missing);
     };
-    let row = row.ok_or_else(not_found)?;
     let provisioned = tasks::has_succeeded_since(
         &mut *db,
         instance_id,
@@ -252,10 +294,13 @@ pub(crate) async fn provisioned_instance(
     )
     .await?;
     if provisioned {
-        Ok(row)
-    } else {
-        Err(not_found())
+        return Ok(InstanceState::Provisioned(row));
     }
+    let active = tasks::active_operations(&mut *db, instance_id).await?;
+    Ok(match active.into_iter().find(|t| t.binding_id.is_none()) {
+        Some(task) => InstanceState::Busy(task),
+        None => InstanceState::ProvisionFailed,
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -429,7 +474,6 @@ async fn deprovision(
 ) -> ApiResult<Response> {
     check_id("instance_id", &instance_id)?;
     query.require_service_and_plan()?;
-    query.require_async()?;
     let hook = webhook::take(
         &mut json!({}),
         query.webhook.as_deref(),
@@ -444,6 +488,8 @@ async fn deprovision(
     {
         return Ok(gone());
     }
+    // OSB: 410 for an unknown instance comes before 422 AsyncRequired.
+    query.require_async()?;
     let active = tasks::active_operations(&mut *tx, &instance_id).await?;
     if let Some(task) = active
         .iter()
@@ -535,7 +581,7 @@ async fn fetch(
     OsbPath(instance_id): OsbPath<String>,
 ) -> ApiResult<Response> {
     let mut conn = state.db.acquire().await?;
-    let row = provisioned_instance(&mut conn, &instance_id, false).await?;
+    let row = visible_instance(&mut conn, &instance_id).await?;
     let active = tasks::active_operations(&mut *conn, &instance_id).await?;
     if let Some(task) = active
         .iter()

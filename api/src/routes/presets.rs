@@ -19,7 +19,7 @@ use axum::{
 };
 use broker::{
     db::{
-        instances, presets,
+        presets,
         snapshots::{self, NewSnapshot, SnapshotRow},
         tasks::{self, NewTask},
     },
@@ -162,17 +162,13 @@ pub(crate) fn snapshot_json(s: &SnapshotRow, task_state: Option<&str>) -> Value 
 /// The source instance of a push: provisioned, with a database, not being deleted.
 async fn source_instance(state: &AppState, db: &mut PgConnection, instance_id: &str) -> ApiResult<()> {
     check_id("instance_id", instance_id)?;
-    let row = instances::get(&mut *db, instance_id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("service instance {instance_id} does not exist")))?;
+    // 404 unknown, 422 ConcurrencyError while its provision runs, 422 if that failed.
+    let row = super::instances::provisioned_instance(&mut *db, instance_id, false).await?;
     let has_db = state.catalog.plan_by_id(&row.plan_id).is_some_and(|p| p.has_database());
     if !has_db {
         return Err(ApiError::Unprocessable(format!(
             "service instance {instance_id} has no database to snapshot (presets are made of postgres instances)"
         )));
-    }
-    if !tasks::has_succeeded_since(&mut *db, instance_id, None, Operation::Provision.as_str(), row.created_at).await? {
-        return Err(ApiError::Unprocessable(format!("service instance {instance_id} is not provisioned yet")));
     }
     Ok(())
 }

@@ -8,7 +8,7 @@
 
 use axum::{
     Json, Router,
-    extract::{Query, State},
+    extract::State,
     routing::get,
 };
 use broker::{
@@ -17,7 +17,7 @@ use broker::{
 };
 use serde_json::{Map, Value, json};
 
-use crate::{AppState, error::ApiError, error::ApiResult};
+use crate::{AppState, error::ApiError, error::ApiResult, extract::OsbQuery};
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/berth/v1/price-check", get(price_check))
@@ -77,7 +77,7 @@ fn parameters(query: &[(String, String)]) -> ApiResult<Map<String, Value>> {
 
 async fn price_check(
     State(state): State<AppState>,
-    Query(query): Query<Vec<(String, String)>>,
+    OsbQuery(query): OsbQuery<Vec<(String, String)>>,
 ) -> ApiResult<Json<Value>> {
     let get = |key: &str| query.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
     let spot = get("spot").is_none_or(|v| v != "false");

@@ -82,7 +82,7 @@ async fn without_accepts_incomplete_is_422_async_required(pool: PgPool) {
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
-async fn missing_guids_are_400_but_empty_ones_are_fine(pool: PgPool) {
+async fn missing_or_empty_guids_are_400(pool: PgPool) {
     let app = TestApp::new(pool);
     for field in ["organization_guid", "space_guid", "service_id", "plan_id"] {
         let mut body = provision_body();
@@ -91,10 +91,15 @@ async fn missing_guids_are_400_but_empty_ones_are_fine(pool: PgPool) {
             .assert_osb_error(StatusCode::BAD_REQUEST, None);
         assert!(description.contains(field), "{description}");
     }
-    let mut body = provision_body();
-    body["organization_guid"] = json!("");
-    body["space_guid"] = json!("");
-    app.provision("i-1", &body).await.operation();
+    // OSB: organization_guid and space_guid MUST be non-empty strings.
+    for field in ["organization_guid", "space_guid"] {
+        let mut body = provision_body();
+        body[field] = json!("");
+        let description = assert_unchanged!(app, app.provision("i-1", &body).await)
+            .assert_osb_error(StatusCode::BAD_REQUEST, None);
+        assert!(description.contains(field), "{description}");
+    }
+    app.provision("i-1", &provision_body()).await.operation();
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
