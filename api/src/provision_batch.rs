@@ -4,10 +4,19 @@
 //! No timer: a few writers take turns at the queue; a writer takes whatever is waiting (at most [`BATCH`])
 //! and writes it, and what arrives meanwhile is the next writer's batch. A lone request is written at once;
 //! under load each commit carries many. A request is answered only after its batch has committed, so a 202
-//! still means the task is durable. A batch that fails is retried one request at a time, so one request's
-//! error never becomes another's.
+//! still means the task is durable.
+//!
+//! A request is written only while someone waits for its answer: a writer takes its connection first, then
+//! drops the jobs whose requester is gone (a 408, a client that disconnected) or that are too old to be answered
+//! before the request timeout, and only then writes. A batch that fails because the database cannot be reached
+//! answers every request 503 at once (the platform retries); a batch that fails on its data is retried one
+//! request at a time, so one request's error never becomes another's.
 
-use std::{collections::HashSet, sync::Arc};
+use std::{
+    collections::HashSet,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use broker::{
     db::{
@@ -20,16 +29,44 @@ use sqlx::PgPool;
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tracing::warn;
 
+use crate::{
+    REQUEST_TIMEOUT,
+    error::{ApiError, ApiResult, is_connection_error},
+};
+
 /// Most provisions in one statement.
 const BATCH: usize = 128;
 /// Requests waiting for a writer before new ones wait for room.
 const QUEUE: usize = 4 * BATCH;
+/// A job not written this long after it was queued is answered 503 instead: its write could otherwise commit
+/// after the request has been answered 408 (which tells the platform nothing was done).
+const WRITE_DEADLINE: Duration = REQUEST_TIMEOUT.saturating_sub(Duration::from_secs(5));
 
 struct Job {
     instance: PendingInstance,
     task: NewTask,
+    queued_at: Instant,
     /// `Some(task)`: inserted; `None`: the id exists (the caller takes the slow path).
-    reply: oneshot::Sender<sqlx::Result<Option<TaskId>>>,
+    reply: oneshot::Sender<ApiResult<Option<TaskId>>>,
+}
+
+impl Job {
+    /// Whether the request still waits for this job, answering it 503 if it is too old to be written.
+    fn still_wanted(&mut self) -> bool {
+        if self.reply.is_closed() {
+            return false;
+        }
+        if self.queued_at.elapsed() > WRITE_DEADLINE {
+            let reply = std::mem::replace(&mut self.reply, oneshot::channel().0);
+            let _ = reply.send(Err(unavailable()));
+            return false;
+        }
+        true
+    }
+}
+
+fn unavailable() -> ApiError {
+    ApiError::Unavailable("the broker's database is not answering; retry the request".into())
 }
 
 /// A handle on the writers; cloned into every request's state. The writers stop when the last handle goes.
@@ -59,11 +96,12 @@ impl ProvisionBatcher {
 
     /// [`instances::insert_with_task`], batched with concurrent calls: `Some(task id)` when the instance and
     /// its task were inserted (and committed), `None` when the id exists already and nothing was written.
-    pub async fn insert(&self, new: &NewInstance<'_>, task: NewTask) -> sqlx::Result<Option<TaskId>> {
+    pub async fn insert(&self, new: &NewInstance<'_>, task: NewTask) -> ApiResult<Option<TaskId>> {
         let (reply, answer) = oneshot::channel();
         let job = Job {
             instance: new.to_pending(),
             task: task.clone(),
+            queued_at: Instant::now(),
             reply,
         };
         if self.jobs.send(job).await.is_ok()
@@ -72,7 +110,7 @@ impl ProvisionBatcher {
             return result;
         }
         // The writers are gone (the server is stopping, or one panicked with our job): write it alone.
-        instances::insert_with_task(&self.db, new, &task).await
+        Ok(instances::insert_with_task(&self.db, new, &task).await?)
     }
 }
 
@@ -97,6 +135,18 @@ async fn write_batches(db: PgPool, queue: Arc<Mutex<mpsc::Receiver<Job>>>) {
 }
 
 async fn write(db: &PgPool, jobs: Vec<Job>) {
+    // The connection first: waiting for it is where a request outlives its client while the database is down.
+    let mut conn = match db.acquire().await {
+        Ok(conn) => conn,
+        Err(e) => {
+            warn!(error = %e, batch = jobs.len(), "no database connection for a batch of provisions");
+            for job in jobs {
+                let _ = job.reply.send(Err(unavailable()));
+            }
+            return;
+        }
+    };
+    let jobs: Vec<Job> = jobs.into_iter().filter_map(|mut job| job.still_wanted().then_some(job)).collect();
     // Ids must be distinct within a statement: a repeated id (the same PUT twice at once) is answered
     // "exists", and its slow path waits for this batch's row and compares.
     let mut seen = HashSet::with_capacity(jobs.len());
@@ -106,7 +156,10 @@ async fn write(db: &PgPool, jobs: Vec<Job>) {
         .iter()
         .map(|job| (job.instance.clone(), job.task.clone()))
         .collect();
-    match instances::insert_many_with_tasks(db, &rows).await {
+    if rows.is_empty() {
+        return;
+    }
+    match instances::insert_many_with_tasks(&mut *conn, &rows).await {
         Ok(inserted) => {
             let inserted: HashSet<String> = inserted.into_iter().collect();
             for job in unique {
@@ -114,9 +167,18 @@ async fn write(db: &PgPool, jobs: Vec<Job>) {
                 let _ = job.reply.send(Ok(outcome));
             }
         }
+        Err(e) if is_connection_error(&e) => {
+            warn!(error = %e, batch = rows.len(), "a batch of provisions lost the database; answering 503");
+            for job in unique {
+                let _ = job.reply.send(Err(unavailable()));
+            }
+        }
         Err(e) => {
             warn!(error = %e, batch = rows.len(), "a batch of provisions failed; writing them one at a time");
-            for job in unique {
+            for mut job in unique {
+                if !job.still_wanted() {
+                    continue;
+                }
                 let new = NewInstance {
                     id: &job.instance.id,
                     service_id: &job.instance.service_id,
@@ -127,8 +189,8 @@ async fn write(db: &PgPool, jobs: Vec<Job>) {
                     parameters: &job.instance.parameters,
                     maintenance_version: job.instance.maintenance_version.as_deref(),
                 };
-                let result = instances::insert_with_task(db, &new, &job.task).await;
-                let _ = job.reply.send(result);
+                let result = instances::insert_with_task(&mut *conn, &new, &job.task).await;
+                let _ = job.reply.send(result.map_err(ApiError::from));
             }
         }
     }

@@ -108,11 +108,12 @@ async fn rotate_credentials_is_an_instance_operation_polled_on_last_operation(po
 #[sqlx::test(migrator = "broker::MIGRATOR")]
 async fn refused_rotations_write_nothing(pool: PgPool) {
     let app = TestApp::new(pool);
-    // Unknown, and not yet provisioned: 404.
+    // Unknown: 404; not yet provisioned: 422 ConcurrencyError.
     assert_unchanged!(app, rotate(&app, "nope").await)
         .assert_osb_error(StatusCode::NOT_FOUND, None);
     let provision = app.provision("i-1", &s3_provision()).await.operation();
-    assert_unchanged!(app, rotate(&app, "i-1").await).assert_osb_error(StatusCode::NOT_FOUND, None);
+    assert_unchanged!(app, rotate(&app, "i-1").await)
+        .assert_osb_error(StatusCode::UNPROCESSABLE_ENTITY, Some("ConcurrencyError"));
     app.finish(&provision, "succeeded", None).await;
 
     // Mid-operation (a bind in progress): 422 ConcurrencyError.

@@ -96,14 +96,15 @@ async fn bind_refusals(pool: PgPool) {
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
-async fn bind_before_the_instance_is_provisioned_is_404(pool: PgPool) {
+async fn bind_before_the_instance_is_provisioned_is_422(pool: PgPool) {
     let app = TestApp::new(pool);
     let op = app.provision("i-1", &provision_body()).await.operation();
     assert_unchanged!(app, app.bind("i-1", "b-1", &bind_body()).await)
-        .assert_osb_error(StatusCode::NOT_FOUND, None);
+        .assert_osb_error(StatusCode::UNPROCESSABLE_ENTITY, Some("ConcurrencyError"));
     app.finish(&op, "failed", None).await;
-    assert_unchanged!(app, app.bind("i-1", "b-1", &bind_body()).await)
-        .assert_osb_error(StatusCode::NOT_FOUND, None);
+    let d = assert_unchanged!(app, app.bind("i-1", "b-1", &bind_body()).await)
+        .assert_osb_error(StatusCode::UNPROCESSABLE_ENTITY, Some("UnprocessableEntity"));
+    assert!(d.contains("failed"), "{d}");
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]

@@ -76,13 +76,14 @@ async fn health_needs_no_auth_and_reports_the_database(pool: PgPool) {
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
-async fn database_failure_is_a_generic_500(pool: PgPool) {
+async fn unreachable_database_is_a_generic_503(pool: PgPool) {
     let app = TestApp::new(pool.clone());
     pool.close().await;
     let res = app
         .provision("i-1", &crate::helpers::provision_body())
         .await;
-    let description = res.assert_osb_error(StatusCode::INTERNAL_SERVER_ERROR, None);
+    // A database the broker cannot reach is 503 (retry later), and the answer names nothing internal.
+    let description = res.assert_osb_error(StatusCode::SERVICE_UNAVAILABLE, Some("ServiceUnavailable"));
     assert!(
         !description.to_lowercase().contains("pool"),
         "{description}"

@@ -28,14 +28,14 @@ async fn payload(app: &TestApp, op: &str) -> UpdatePayload {
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
-async fn unknown_or_unprovisioned_instance_is_404(pool: PgPool) {
+async fn unknown_instance_is_404_and_unprovisioned_is_422(pool: PgPool) {
     let app = TestApp::new(pool);
     let body = json!({"service_id": PG_SERVICE, "parameters": {"extensions": ["hstore"]}});
     assert_unchanged!(app, app.update("nope", &body).await)
         .assert_osb_error(StatusCode::NOT_FOUND, None);
     app.provision("i-1", &provision_body()).await.operation();
     assert_unchanged!(app, app.update("i-1", &body).await)
-        .assert_osb_error(StatusCode::NOT_FOUND, None);
+        .assert_osb_error(StatusCode::UNPROCESSABLE_ENTITY, Some("ConcurrencyError"));
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
