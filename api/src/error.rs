@@ -53,6 +53,9 @@ pub enum ApiError {
     /// 422 `MaintenanceInfoConflict`: `maintenance_info.version` does not match the plan's.
     #[error("{0}")]
     MaintenanceInfoConflict(String),
+    /// 429: too many failed logins from this source; retry after this many seconds.
+    #[error("too many failed logins from this address; retry after {0} seconds")]
+    TooManyRequests(u64),
     /// 500: a bug or a broken dependency. The chain is logged, never sent.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -82,6 +85,7 @@ impl ApiError {
             | Self::Concurrency(_)
             | Self::Unprocessable(_)
             | Self::MaintenanceInfoConflict(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -114,6 +118,7 @@ pub(crate) fn code_for_status(status: StatusCode) -> &'static str {
         StatusCode::UNSUPPORTED_MEDIA_TYPE => "UnsupportedMediaType",
         StatusCode::UNPROCESSABLE_ENTITY => "UnprocessableEntity",
         StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailable",
+        StatusCode::TOO_MANY_REQUESTS => "TooManyRequests",
         s if s.is_server_error() => "InternalError",
         _ => "Error",
     }
@@ -173,6 +178,9 @@ impl IntoResponse for ApiError {
             other => other.to_string(),
         };
         let mut response = error_body(status, self.code(), &description);
+        if let Self::TooManyRequests(secs) = self {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         if matches!(self, Self::Unauthorized) {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,

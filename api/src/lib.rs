@@ -1,6 +1,7 @@
 //! berth's OSB API (v2.17) as a library: `main.rs` builds an [`AppState`] and serves [`router`]; the
 //! in-process tests drive the same router with `oneshot`.
 
+pub mod auth_throttle;
 pub mod error;
 pub mod extract;
 pub mod identity;

@@ -71,7 +71,10 @@ async fn serve_with(settings: &Settings, embedded: Option<&embedded::Embedded>) 
         db,
         catalog: Arc::new(catalog),
         cipher,
-        auth: Arc::new(berth_api::BrokerAuth::new(username, password)),
+        auth: Arc::new(berth_api::BrokerAuth::new(username, password).with_throttle(
+            settings.auth_failure_limit,
+            Duration::from_secs(settings.auth_failure_window_secs),
+        )),
         max_body_bytes: settings.max_body_bytes,
         provisions,
         requests: Default::default(),
@@ -89,7 +92,7 @@ async fn serve_with(settings: &Settings, embedded: Option<&embedded::Embedded>) 
         embedded.spawn_worker(shutdown.clone())?;
         embedded.print_banner(local);
     }
-    axum::serve(listener, berth_api::router(state))
+    axum::serve(listener, berth_api::router(state).into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await
         .context("serving HTTP")?;

@@ -1,10 +1,10 @@
 //! What every `/v2` request passes through: HTTP basic auth and the `X-Broker-API-Version` check; and, for every
 //! response, an OSB-shaped body on errors that lower layers answered without one.
 
-use std::fmt;
+use std::{fmt, net::SocketAddr};
 
 use axum::{
-    extract::{Request, State},
+    extract::{ConnectInfo, Request, State},
     http::{HeaderValue, StatusCode, header},
     middleware::Next,
     response::{IntoResponse, Response},
@@ -15,6 +15,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::{
     AppState,
+    auth_throttle::AuthThrottle,
     error::{ApiError, code_for_status, error_body},
 };
 
@@ -23,11 +24,12 @@ pub const REQUEST_IDENTITY_HEADER: &str = "x-broker-api-request-identity";
 /// The oldest OSB minor version berth answers (2.13 added `maintenance_info`).
 const MIN_MINOR: u32 = 13;
 
-/// The broker's own credentials, which platforms present with HTTP basic auth.
-#[derive(Clone)]
+/// The broker's own credentials, which platforms present with HTTP basic auth, and the per-source count of
+/// failed attempts.
 pub struct BrokerAuth {
     username: SecretString,
     password: SecretString,
+    throttle: AuthThrottle,
 }
 
 impl fmt::Debug for BrokerAuth {
@@ -37,8 +39,20 @@ impl fmt::Debug for BrokerAuth {
 }
 
 impl BrokerAuth {
+    /// With the default throttling of failed attempts ([`crate::auth_throttle::DEFAULT_LIMIT`] per
+    /// [`crate::auth_throttle::DEFAULT_WINDOW`]).
     pub fn new(username: SecretString, password: SecretString) -> Self {
-        Self { username, password }
+        Self {
+            username,
+            password,
+            throttle: AuthThrottle::default(),
+        }
+    }
+
+    /// `limit` failed attempts per source within `window` before that source gets 429 (0: no limit).
+    pub fn with_throttle(mut self, limit: u32, window: std::time::Duration) -> Self {
+        self.throttle = AuthThrottle::new(limit, window);
+        self
     }
 
     /// Whether an `Authorization` header carries these credentials. Both parts are always compared, in
@@ -66,17 +80,34 @@ impl BrokerAuth {
     }
 }
 
-/// 401 with `WWW-Authenticate: Basic realm="berth"` unless the request carries the broker's credentials.
+/// 401 with `WWW-Authenticate: Basic realm="berth"` unless the request carries the broker's credentials; 429 with
+/// `Retry-After` while its source address has failed too often (see [`crate::auth_throttle`]). The source is the
+/// TCP peer (`ConnectInfo`); a request without one (in-process) is not throttled.
 pub async fn require_basic_auth(
     State(state): State<AppState>,
     req: Request,
     next: Next,
 ) -> Response {
-    if state.auth.accepts(req.headers().get(header::AUTHORIZATION)) {
-        next.run(req).await
-    } else {
-        ApiError::Unauthorized.into_response()
+    let source = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|info| info.0.ip());
+    if let Some(source) = source
+        && let Some(wait) = state.auth.throttle.blocked_for(source)
+    {
+        return ApiError::TooManyRequests(wait.as_secs_f64().ceil().max(1.0) as u64).into_response();
     }
+    let authorization = req.headers().get(header::AUTHORIZATION);
+    if state.auth.accepts(authorization) {
+        return next.run(req).await;
+    }
+    // Only a presented credential is a guess; a request without one is a client that has not been set up.
+    if authorization.is_some()
+        && let Some(source) = source
+    {
+        state.auth.throttle.record_failure(source);
+    }
+    ApiError::Unauthorized.into_response()
 }
 
 /// 412 unless `X-Broker-API-Version` is 2.x with x ≥ 13.

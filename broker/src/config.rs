@@ -49,6 +49,12 @@ pub struct Settings {
     #[serde(default = "default_poll_ms")]
     pub worker_poll_ms: u64,
     pub worker_id: Option<String>,
+    /// Failed basic-auth attempts one source address may make within `auth_failure_window_secs` before it gets
+    /// 429 until that window ends (0: no limit).
+    #[serde(default = "default_auth_failure_limit")]
+    pub auth_failure_limit: u32,
+    #[serde(default = "default_auth_failure_window_secs")]
+    pub auth_failure_window_secs: u64,
     /// Connections in the pool of each process.
     #[serde(default = "default_db_pool_size")]
     pub database_pool_size: u32,
@@ -204,6 +210,12 @@ fn default_lease_secs() -> u64 {
 }
 fn default_poll_ms() -> u64 {
     1000
+}
+fn default_auth_failure_limit() -> u32 {
+    20
+}
+fn default_auth_failure_window_secs() -> u64 {
+    60
 }
 fn default_db_pool_size() -> u32 {
     16

@@ -2,6 +2,7 @@
 //! is simulated by changing task and row state directly in SQL.
 
 mod actions;
+mod auth_throttle;
 mod bad_writes;
 mod bindings;
 mod catalog;

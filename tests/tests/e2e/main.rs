@@ -1,6 +1,7 @@
 //! End to end: the real binaries over HTTP against a real Postgres.
 
 mod abandoned_requests;
+mod auth_throttle;
 mod cli;
 mod dedicated_local;
 mod embedded_default;
