@@ -59,8 +59,8 @@ async fn failover(
     change_primary(Operation::Failover, state, path, query, identity, body).await
 }
 
-/// Validates, then writes the task in one transaction. Refused, writing nothing: an unknown or unprovisioned
-/// instance (404), a plan without a cluster (422), a candidate that is not a member (422), another operation in
+/// Validates, then writes the task in one transaction. Refused, writing nothing: an unknown instance (404), one
+/// not provisioned (422; see `provisioned_instance`), a plan without a cluster (422), a candidate that is not a member (422), another operation in
 /// progress (422 `ConcurrencyError`; the same request again gets its operation).
 async fn change_primary(
     operation: Operation,

@@ -516,8 +516,8 @@ async fn deprovision(
 /// The Akkeris action `PUT /v2/service_instances/{id}/actions/credentials`: every binding of the instance gets
 /// new credentials, stored sealed in place of the old ones, which are revoked once the new ones are stored.
 /// Always asynchronous (202 + operation, polled on `last_operation` like an update); the same request while that
-/// rotation runs gets its operation again. Refused, writing nothing: an unknown or unprovisioned instance (404),
-/// one with another operation in progress (422 `ConcurrencyError`), or a plan whose bindings have no credentials
+/// rotation runs gets its operation again. Refused, writing nothing: an unknown instance (404), one not
+/// provisioned or with another operation in progress (422 `ConcurrencyError`; 422 after a failed provision), or a plan whose bindings have no credentials
 /// of their own to rotate (422).
 async fn rotate_credentials(
     State(state): State<AppState>,
