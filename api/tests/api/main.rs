@@ -1,6 +1,7 @@
 //! In-process tests of the OSB API: the real router, a fresh database per test, `oneshot` requests. The worker
 //! is simulated by changing task and row state directly in SQL.
 
+mod abandoned;
 mod actions;
 mod auth_throttle;
 mod bad_writes;
