@@ -32,6 +32,9 @@ fn with(mut body: Value, field: &str, value: Value) -> Value {
     body
 }
 
+/// (method, uri, identity header, body, what the description must name)
+type Case<'a> = (Method, String, Option<&'a str>, Option<Value>, &'static str);
+
 #[sqlx::test(migrator = "broker::MIGRATOR")]
 async fn nul_anywhere_is_400_naming_the_field_and_writes_nothing(pool: PgPool) {
     let app = TestApp::new(pool);
@@ -46,8 +49,7 @@ async fn nul_anywhere_is_400_naming_the_field_and_writes_nothing(pool: PgPool) {
         "service_id": PG_SERVICE, "plan_id": PG_DEDICATED, "organization_guid": "o", "space_guid": "s",
         "parameters": {"tags": {"k": "v\u{0}"}},
     });
-    // (method, uri, identity header, body, what the description must name)
-    let cases: Vec<(Method, String, Option<&str>, Option<Value>, &str)> = vec![
+    let cases: Vec<Case<'_>> = vec![
         (Method::PUT, provision.into(), None, Some(with(provision_body(), "organization_guid", json!("o\u{0}"))), "`organization_guid`"),
         (Method::PUT, provision.into(), None, Some(with(provision_body(), "space_guid", json!("\u{0}"))), "`space_guid`"),
         (Method::PUT, provision.into(), None, Some(with(provision_body(), "context", json!({"foo": "v\u{0}"}))), "`context.foo`"),
