@@ -165,3 +165,17 @@ pub async fn has_succeeded_since(
     .fetch_one(db)
     .await
 }
+
+/// Whether the binding has an unfinished task of `kind` (operation or not).
+pub async fn binding_has_active_kind(db: impl PgExecutor<'_>, binding_id: &str, kind: &str) -> sqlx::Result<bool> {
+    sqlx::query_scalar!(
+        r#"SELECT EXISTS (
+               SELECT 1 FROM tasks
+               WHERE binding_id = $1 AND kind = $2 AND state IN ('pending', 'running')
+           ) AS "exists!""#,
+        binding_id,
+        kind,
+    )
+    .fetch_one(db)
+    .await
+}
