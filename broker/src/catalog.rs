@@ -603,6 +603,54 @@ mod tests {
         assert!(s3_plans(&Catalog::load_for(&settings(serde_json::json!({}))).unwrap()).is_empty());
     }
 
+    /// Plans whose bindings have credentials of their own are `binding_rotatable` and publish `expires_in` with
+    /// their bounds in the bind schema; S3 bindings that share the store's keys (which cannot be revoked one
+    /// by one) are neither.
+    #[test]
+    fn rotatable_and_expiring_bindings_where_credentials_are_their_own() {
+        let plans_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plans");
+        let load = |extra: Value| {
+            let mut base = serde_json::json!({
+                "plans_dir": plans_dir, "local_engine": true, "shared_postgres_url": "postgres://su@127.0.0.1/x",
+            });
+            base.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            let settings: crate::config::Settings = serde_json::from_value(base).unwrap();
+            let catalog = Catalog::load_for(&settings).unwrap();
+            serde_json::from_slice::<Value>(&catalog.rendered()).unwrap()
+        };
+        let plans = |body: &Value, service: &str| -> Vec<Value> {
+            let found = body["services"].as_array().unwrap().iter().find(|s| s["name"] == service);
+            found.map(|s| s["plans"].as_array().unwrap().clone()).unwrap_or_default()
+        };
+        let expires_in = |plan: &Value| plan["schemas"]["service_binding"]["create"]["parameters"]["properties"]
+            [EXPIRES_IN]
+            .clone();
+        let compatible = serde_json::json!({
+            "s3_compatible_endpoint": "http://127.0.0.1:1", "s3_compatible_access_key": "k",
+            "s3_compatible_secret_key": "s",
+        });
+        let mut with_iam = compatible.clone();
+        with_iam["s3_compatible_iam_endpoint"] = "http://127.0.0.1:1".into();
+        let aws = serde_json::json!({ "aws_region": "us-east-1", "aws_access_key_id": "k" });
+        for (extra, own_keys) in [(compatible, false), (with_iam, true), (aws, true)] {
+            let body = load(extra);
+            let postgres = plans(&body, "postgres");
+            assert!(postgres.len() >= 2, "shared and dedicated at least: {}", postgres.len());
+            for plan in postgres.iter().chain(&plans(&body, "s3")) {
+                let own = own_keys || plan["metadata"]["credentials"].is_null();
+                assert_eq!(plan["binding_rotatable"], own, "{}", plan["name"]);
+                if own {
+                    let schema = expires_in(plan);
+                    assert_eq!((schema["type"].as_str(), schema["minimum"].as_u64(), schema["maximum"].as_u64()),
+                               (Some("integer"), Some(600), Some(7200)), "{}", plan["name"]);
+                } else {
+                    assert!(expires_in(plan).is_null(), "{}", plan["name"]);
+                }
+                assert!(plan.get("binding_expiry").is_none(), "berth's own field stays private");
+            }
+        }
+    }
+
     #[test]
     fn dedicated_spot_needs_aws_and_dedicated_moves_to_ec2_only_when_asked() {
         let plans_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plans");

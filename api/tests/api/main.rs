@@ -3,6 +3,7 @@
 
 mod actions;
 mod bad_writes;
+mod binding_expiry;
 mod bindings;
 mod catalog;
 mod cluster;
