@@ -1,5 +1,6 @@
 //! End to end: the real binaries over HTTP against a real Postgres.
 
+mod binding_rotation;
 mod cli;
 mod dedicated_local;
 mod embedded_default;
