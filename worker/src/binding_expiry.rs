@@ -29,11 +29,12 @@ pub async fn enqueue_revocations(pool: &PgPool) -> anyhow::Result<usize> {
             continue;
         };
         // Lock order everywhere: instance row, then binding row.
-        let instance_locked: Option<i32> =
-            sqlx::query_scalar("SELECT 1 FROM service_instances WHERE id = $1 FOR UPDATE SKIP LOCKED")
-                .bind(&instance_id)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let instance_locked: Option<i32> = sqlx::query_scalar(
+            "SELECT 1 FROM service_instances WHERE id = $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(&instance_id)
+        .fetch_optional(&mut *tx)
+        .await?;
         if instance_locked.is_none() {
             continue;
         }
@@ -47,12 +48,18 @@ pub async fn enqueue_revocations(pool: &PgPool) -> anyhow::Result<usize> {
         if tasks::binding_has_active_kind(&mut *tx, &id, kinds::EXPIRE_BINDING).await? {
             continue;
         }
-        let busy = tasks::active_operations(&mut *tx, &instance_id).await?.iter().any(|t| {
-            t.binding_id.as_deref() == Some(id.as_str())
-                || (t.binding_id.is_none()
-                    && [Operation::RotateCredentials.as_str(), Operation::Deprovision.as_str()]
+        let busy = tasks::active_operations(&mut *tx, &instance_id)
+            .await?
+            .iter()
+            .any(|t| {
+                t.binding_id.as_deref() == Some(id.as_str())
+                    || (t.binding_id.is_none()
+                        && [
+                            Operation::RotateCredentials.as_str(),
+                            Operation::Deprovision.as_str(),
+                        ]
                         .contains(&t.operation.as_deref().unwrap_or_default()))
-        });
+            });
         if busy {
             continue;
         }

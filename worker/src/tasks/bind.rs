@@ -29,7 +29,9 @@ impl TaskHandler for CreateBinding {
             .context("reading the binding")?
             .ok_or_else(|| TaskError::fatal("the binding was deleted before it was created"))?;
         if binding.expired(chrono::Utc::now()) {
-            return Err(TaskError::fatal("the binding expired before it was created"));
+            return Err(TaskError::fatal(
+                "the binding expired before it was created",
+            ));
         }
         let instance = instances::get(ctx.pool, &binding.instance_id)
             .await

@@ -23,7 +23,11 @@ const PREFIX: &str = "bt_";
 
 #[track_caller]
 fn succeeded(row: &broker::db::tasks::TaskRow) {
-    assert_eq!(row.state, "succeeded", "{} failed: {:?}", row.kind, row.last_error);
+    assert_eq!(
+        row.state, "succeeded",
+        "{} failed: {:?}",
+        row.kind, row.last_error
+    );
 }
 
 async fn role_exists(role: &str) -> bool {
@@ -42,11 +46,13 @@ async fn database_url_of(pool: &PgPool, binding_id: &str) -> String {
 }
 
 async fn expire_now(pool: &PgPool, binding_id: &str) {
-    sqlx::query("UPDATE service_bindings SET expires_at = now() - interval '1 second' WHERE id = $1")
-        .bind(binding_id)
-        .execute(pool)
-        .await
-        .unwrap();
+    sqlx::query(
+        "UPDATE service_bindings SET expires_at = now() - interval '1 second' WHERE id = $1",
+    )
+    .bind(binding_id)
+    .execute(pool)
+    .await
+    .unwrap();
 }
 
 async fn revocation_tasks(pool: &PgPool, binding_id: &str) -> i64 {
@@ -59,29 +65,63 @@ async fn revocation_tasks(pool: &PgPool, binding_id: &str) -> i64 {
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
-async fn an_expired_shared_binding_loses_its_role_and_its_session(_: PgPoolOptions, opts: PgConnectOptions) {
+async fn an_expired_shared_binding_loses_its_role_and_its_session(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
     let pool = pool(&opts, 8).await;
     let services = services();
     let instance = insert_instance(&pool, SERVICE, PLAN, json!({}), json!({})).await;
-    succeeded(&operate(&pool, &services, Operation::Provision, &instance, None, json!({})).await);
-    let expiring = insert_binding(&pool, &instance, SERVICE, PLAN, json!({ "expires_in": 600 })).await;
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Provision,
+            &instance,
+            None,
+            json!({}),
+        )
+        .await,
+    );
+    let expiring = insert_binding(
+        &pool,
+        &instance,
+        SERVICE,
+        PLAN,
+        json!({ "expires_in": 600 }),
+    )
+    .await;
     let lasting = insert_binding(&pool, &instance, SERVICE, PLAN, json!({})).await;
     for binding in [&expiring, &lasting] {
-        succeeded(&operate(&pool, &services, Operation::Bind, &instance, Some(binding), json!({})).await);
+        succeeded(
+            &operate(
+                &pool,
+                &services,
+                Operation::Bind,
+                &instance,
+                Some(binding),
+                json!({}),
+            )
+            .await,
+        );
     }
     let expiring_role = names::binding_role(PREFIX, &expiring);
 
     // Not expired yet: nothing is queued.
-    sqlx::query("UPDATE service_bindings SET expires_at = now() + interval '10 minutes' WHERE id = $1")
-        .bind(&expiring)
-        .execute(&pool)
-        .await
-        .unwrap();
+    sqlx::query(
+        "UPDATE service_bindings SET expires_at = now() + interval '10 minutes' WHERE id = $1",
+    )
+    .bind(&expiring)
+    .execute(&pool)
+    .await
+    .unwrap();
     reconcile::once(&pool, &services).await;
     assert_eq!(revocation_tasks(&pool, &expiring).await, 0);
 
     // An app holds a session open as the expiring binding.
-    let mut session = PgConnection::connect(&database_url_of(&pool, &expiring).await).await.unwrap();
+    let mut session = PgConnection::connect(&database_url_of(&pool, &expiring).await)
+        .await
+        .unwrap();
     sqlx::query("SELECT 1").execute(&mut session).await.unwrap();
 
     expire_now(&pool, &expiring).await;
@@ -93,33 +133,54 @@ async fn an_expired_shared_binding_loses_its_role_and_its_session(_: PgPoolOptio
     );
     assert_eq!(a.unwrap() + b.unwrap() + c.unwrap(), 1);
     reconcile::once(&pool, &services).await;
-    assert_eq!(revocation_tasks(&pool, &expiring).await, 1, "queued once while one is pending");
-    assert!(role_exists(&expiring_role).await, "revoked by the task, not before");
+    assert_eq!(
+        revocation_tasks(&pool, &expiring).await,
+        1,
+        "queued once while one is pending"
+    );
+    assert!(
+        role_exists(&expiring_role).await,
+        "revoked by the task, not before"
+    );
 
     let before = Utc::now();
-    drain(&pool, services.clone(), berth_worker::tasks::registry(), config("w")).await;
+    drain(
+        &pool,
+        services.clone(),
+        berth_worker::tasks::registry(),
+        config("w"),
+    )
+    .await;
     let after = Utc::now();
-    let state: String = sqlx::query_scalar("SELECT state FROM tasks WHERE kind = $1 AND binding_id = $2")
-        .bind(kinds::EXPIRE_BINDING)
-        .bind(&expiring)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let state: String =
+        sqlx::query_scalar("SELECT state FROM tasks WHERE kind = $1 AND binding_id = $2")
+            .bind(kinds::EXPIRE_BINDING)
+            .bind(&expiring)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     assert_eq!(state, "succeeded");
-    assert!(!role_exists(&expiring_role).await, "the expired binding's role is dropped");
+    assert!(
+        !role_exists(&expiring_role).await,
+        "the expired binding's role is dropped"
+    );
     assert!(
         sqlx::query("SELECT 1").execute(&mut session).await.is_err(),
         "the expired binding's open session is ended"
     );
     assert!(
-        PgConnection::connect(&database_url_of(&pool, &expiring).await).await.is_err(),
+        PgConnection::connect(&database_url_of(&pool, &expiring).await)
+            .await
+            .is_err(),
         "the expired credentials no longer log in"
     );
     let row = bindings::get(&pool, &expiring).await.unwrap().unwrap();
     let revoked_at = row.revoked_at.expect("revoked_at recorded");
     assert!(before <= revoked_at && revoked_at <= after, "{revoked_at}");
     // The binding that does not expire works on.
-    let mut other = PgConnection::connect(&database_url_of(&pool, &lasting).await).await.unwrap();
+    let mut other = PgConnection::connect(&database_url_of(&pool, &lasting).await)
+        .await
+        .unwrap();
     sqlx::query("SELECT 1").execute(&mut other).await.unwrap();
     other.close().await.unwrap();
 
@@ -130,12 +191,35 @@ async fn an_expired_shared_binding_loses_its_role_and_its_session(_: PgPoolOptio
     again.instance_id = Some(instance.clone());
     again.binding_id = Some(expiring.clone());
     let again = enqueue_with(&pool, again).await;
-    drain(&pool, services.clone(), berth_worker::tasks::registry(), config("w")).await;
+    drain(
+        &pool,
+        services.clone(),
+        berth_worker::tasks::registry(),
+        config("w"),
+    )
+    .await;
     succeeded(&task(&pool, again).await);
-    assert_eq!(bindings::get(&pool, &expiring).await.unwrap().unwrap().revoked_at, Some(revoked_at));
+    assert_eq!(
+        bindings::get(&pool, &expiring)
+            .await
+            .unwrap()
+            .unwrap()
+            .revoked_at,
+        Some(revoked_at)
+    );
 
     // The platform's unbind after expiry finds nothing left to revoke and removes the row.
-    succeeded(&operate(&pool, &services, Operation::Unbind, &instance, Some(&expiring), json!({})).await);
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Unbind,
+            &instance,
+            Some(&expiring),
+            json!({}),
+        )
+        .await,
+    );
     assert!(bindings::get(&pool, &expiring).await.unwrap().is_none());
 }
 
@@ -146,8 +230,25 @@ async fn no_revocation_is_queued_while_the_bind_runs(_: PgPoolOptions, opts: PgC
     let pool = pool(&opts, 8).await;
     let services = services();
     let instance = insert_instance(&pool, SERVICE, PLAN, json!({}), json!({})).await;
-    succeeded(&operate(&pool, &services, Operation::Provision, &instance, None, json!({})).await);
-    let binding = insert_binding(&pool, &instance, SERVICE, PLAN, json!({ "expires_in": 600 })).await;
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Provision,
+            &instance,
+            None,
+            json!({}),
+        )
+        .await,
+    );
+    let binding = insert_binding(
+        &pool,
+        &instance,
+        SERVICE,
+        PLAN,
+        json!({ "expires_in": 600 }),
+    )
+    .await;
     let mut bind = NewTask::new(Operation::Bind.task_kind(), json!({}));
     bind.instance_id = Some(instance.clone());
     bind.binding_id = Some(binding.clone());
