@@ -16,10 +16,14 @@ use tracing::info;
 /// Bindings looked at per pass; the rest wait for the next one.
 const PER_PASS: i64 = 500;
 
+/// How long after a revocation failed (all its attempts spent) another is queued.
+const RETRY_FAILED_AFTER: chrono::Duration = chrono::Duration::minutes(10);
+
 /// Queues the revocation of every expired binding that has none yet; returns how many it queued. A binding
 /// whose bind or unbind is running, or whose instance is being rotated or deprovisioned, is taken next pass.
 pub async fn enqueue_revocations(pool: &PgPool) -> anyhow::Result<usize> {
-    let due = bindings::list_expired_unrevoked(pool, PER_PASS)
+    let failed_since = Utc::now() - RETRY_FAILED_AFTER;
+    let due = bindings::list_expired_unrevoked(pool, kinds::EXPIRE_BINDING, failed_since, PER_PASS)
         .await
         .context("listing expired bindings")?;
     let mut queued = 0;
@@ -44,8 +48,16 @@ pub async fn enqueue_revocations(pool: &PgPool) -> anyhow::Result<usize> {
         if binding.revoked_at.is_some() || !binding.expired(Utc::now()) {
             continue;
         }
-        // Checked after taking the locks, so a revocation another worker queued and committed is seen.
-        if tasks::binding_has_active_kind(&mut *tx, &id, kinds::EXPIRE_BINDING).await? {
+        // Checked after taking the locks, so a revocation another worker queued and committed is seen. One
+        // that failed for good is queued again after a pause, not every pass.
+        if tasks::binding_task_active_or_failed_since(
+            &mut *tx,
+            &id,
+            kinds::EXPIRE_BINDING,
+            failed_since,
+        )
+        .await?
+        {
             continue;
         }
         let busy = tasks::active_operations(&mut *tx, &instance_id)

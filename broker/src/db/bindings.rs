@@ -129,12 +129,24 @@ pub async fn count_unexpired_expiring(db: impl PgExecutor<'_>, instance_id: &str
     .await
 }
 
-/// Ids of bindings past their `expires_at` whose credentials are not yet revoked, oldest expiry first.
-pub async fn list_expired_unrevoked(db: impl PgExecutor<'_>, limit: i64) -> sqlx::Result<Vec<String>> {
+/// Ids of bindings past their `expires_at` whose credentials are not yet revoked, oldest expiry first, leaving
+/// out those with a task of `revoke_kind` unfinished or failed after `failed_since`.
+pub async fn list_expired_unrevoked(
+    db: impl PgExecutor<'_>,
+    revoke_kind: &str,
+    failed_since: DateTime<Utc>,
+    limit: i64,
+) -> sqlx::Result<Vec<String>> {
     sqlx::query_scalar!(
-        "SELECT id FROM service_bindings
-         WHERE expires_at <= now() AND revoked_at IS NULL
-         ORDER BY expires_at LIMIT $1",
+        "SELECT b.id FROM service_bindings b
+         WHERE b.expires_at <= now() AND b.revoked_at IS NULL
+           AND NOT EXISTS (
+               SELECT 1 FROM tasks t
+               WHERE t.binding_id = b.id AND t.kind = $1
+                 AND (t.state IN ('pending', 'running') OR (t.state = 'failed' AND t.finished_at > $2)))
+         ORDER BY b.expires_at LIMIT $3",
+        revoke_kind,
+        failed_since,
         limit,
     )
     .fetch_all(db)

@@ -224,9 +224,12 @@ async fn an_expired_shared_binding_loses_its_role_and_its_session(
 }
 
 /// A bind still running when its binding expires is waited for: the revocation comes after it, so a role the
-/// bind makes late is not left behind.
+/// bind makes late is not left behind. A revocation that failed for good is queued again after a pause.
 #[sqlx::test(migrator = "broker::MIGRATOR")]
-async fn no_revocation_is_queued_while_the_bind_runs(_: PgPoolOptions, opts: PgConnectOptions) {
+async fn revocation_waits_for_a_running_bind_and_pauses_after_failing(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
     let pool = pool(&opts, 8).await;
     let services = services();
     let instance = insert_instance(&pool, SERVICE, PLAN, json!({}), json!({})).await;
@@ -261,5 +264,22 @@ async fn no_revocation_is_queued_while_the_bind_runs(_: PgPoolOptions, opts: PgC
         .execute(&pool)
         .await
         .unwrap();
+    assert_eq!(binding_expiry::enqueue_revocations(&pool).await.unwrap(), 1);
+    // A revocation that failed for good is queued again after ten minutes, not every pass.
+    let fail = |ago: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query(&format!(
+                "UPDATE tasks SET state = 'failed', finished_at = now() - interval '{ago}' WHERE kind = $1"
+            ))
+            .bind(kinds::EXPIRE_BINDING)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    };
+    fail("1 minute").await;
+    assert_eq!(binding_expiry::enqueue_revocations(&pool).await.unwrap(), 0);
+    fail("11 minutes").await;
     assert_eq!(binding_expiry::enqueue_revocations(&pool).await.unwrap(), 1);
 }
