@@ -67,6 +67,10 @@ pub struct Plan {
     pub bindable: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub binding_rotatable: Option<bool>,
+    /// berth's own, never published as such: the bounds of the `expires_in` bind parameter, which the catalog
+    /// publishes in the plan's bind schema. Absent: bindings of this plan cannot be asked to expire.
+    #[serde(default, skip_serializing)]
+    pub binding_expiry: Option<BindingExpiry>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan_updateable: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -79,6 +83,35 @@ pub struct Plan {
 
 fn yes() -> bool {
     true
+}
+
+/// The bind parameter a client asks for an expiring binding with: seconds from the bind request.
+pub const EXPIRES_IN: &str = "expires_in";
+
+/// How long an expiring binding of a plan may live, and how many unexpired ones an instance may have.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BindingExpiry {
+    pub min_seconds: u32,
+    pub max_seconds: u32,
+    pub max_per_instance: u32,
+}
+
+impl BindingExpiry {
+    /// The `expires_in` property of the bind schema.
+    fn schema(&self) -> Value {
+        serde_json::json!({
+            "description": format!(
+                "Seconds until the binding expires: its credentials are revoked then, and the bind response and \
+                 GET binding carry metadata.expires_at and renew_before. At most {} unexpired expiring bindings \
+                 per instance. Absent: the binding never expires.",
+                self.max_per_instance
+            ),
+            "type": "integer",
+            "minimum": self.min_seconds,
+            "maximum": self.max_seconds,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -250,6 +283,9 @@ impl Catalog {
             if service.plans.is_empty() {
                 continue;
             }
+            for plan in &mut service.plans {
+                publish_binding_expiry(plan)?;
+            }
             for plan in &service.plans {
                 for (which, schema) in [
                     (SchemaFor::Provision, plan.schemas.service_instance.as_ref().and_then(|s| s.create.as_ref())),
@@ -312,6 +348,9 @@ impl Catalog {
     pub fn load_for(settings: &crate::config::Settings) -> anyhow::Result<Self> {
         let mut services = read_services(&settings.plans_dir)?;
         choose_engines(&mut services, &settings.plan_engines())?;
+        if settings.s3_credentials() == Some(crate::config::S3Credentials::Shared) {
+            without_credentials_of_their_own(&mut services, "s3");
+        }
         let mut catalog = Self::from_services(services, &settings.available_engines())?;
         for (engine, fields, bullets) in engine_metadata(settings) {
             catalog = catalog.with_engine_metadata(engine, &fields, &bullets)?;
@@ -369,6 +408,39 @@ impl Catalog {
             .collect();
         if messages.is_empty() { Ok(()) } else { Err(ParameterError(messages.join("; "))) }
     }
+}
+
+/// Bindings that share the store's keys cannot be revoked one by one: no rotation and no expiry for them.
+fn without_credentials_of_their_own(services: &mut [Service], engine: &str) {
+    for plan in services.iter_mut().flat_map(|s| s.plans.iter_mut()).filter(|p| p.engine == engine) {
+        plan.binding_rotatable = Some(false);
+        plan.binding_expiry = None;
+    }
+}
+
+/// Puts the plan's `expires_in` bounds into its bind schema (or takes a stale one out), so the catalog tells
+/// clients and the schema check enforces them.
+fn publish_binding_expiry(plan: &mut Plan) -> anyhow::Result<()> {
+    if let Some(expiry) = &plan.binding_expiry
+        && (expiry.min_seconds == 0 || expiry.min_seconds > expiry.max_seconds)
+    {
+        anyhow::bail!("plan {:?}: binding_expiry needs 0 < min_seconds <= max_seconds", plan.name);
+    }
+    let Some(expiry) = plan.binding_expiry else {
+        let properties = plan.schemas.service_binding.as_mut().and_then(|s| s.create.as_mut());
+        if let Some(Value::Object(properties)) = properties.and_then(|c| c.parameters.get_mut("properties")) {
+            properties.remove(EXPIRES_IN);
+        }
+        return Ok(());
+    };
+    let create = plan.schemas.service_binding.get_or_insert_with(Default::default).create.get_or_insert_with(|| {
+        InputSchema { parameters: serde_json::json!({"type": "object", "properties": {}}) }
+    });
+    let Some(properties) = create.parameters.get_mut("properties").and_then(Value::as_object_mut) else {
+        anyhow::bail!("plan {:?}: the bind schema needs a `properties` object to publish expires_in in", plan.name);
+    };
+    properties.insert(EXPIRES_IN.into(), expiry.schema());
+    Ok(())
 }
 
 /// Plan metadata that depends on settings, per engine: `(engine, fields, bullets)`.
@@ -529,6 +601,54 @@ mod tests {
         }
         // Without an S3 store there is no s3 service to describe.
         assert!(s3_plans(&Catalog::load_for(&settings(serde_json::json!({}))).unwrap()).is_empty());
+    }
+
+    /// Plans whose bindings have credentials of their own are `binding_rotatable` and publish `expires_in` with
+    /// their bounds in the bind schema; S3 bindings that share the store's keys (which cannot be revoked one
+    /// by one) are neither.
+    #[test]
+    fn rotatable_and_expiring_bindings_where_credentials_are_their_own() {
+        let plans_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plans");
+        let load = |extra: Value| {
+            let mut base = serde_json::json!({
+                "plans_dir": plans_dir, "local_engine": true, "shared_postgres_url": "postgres://su@127.0.0.1/x",
+            });
+            base.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            let settings: crate::config::Settings = serde_json::from_value(base).unwrap();
+            let catalog = Catalog::load_for(&settings).unwrap();
+            serde_json::from_slice::<Value>(&catalog.rendered()).unwrap()
+        };
+        let plans = |body: &Value, service: &str| -> Vec<Value> {
+            let found = body["services"].as_array().unwrap().iter().find(|s| s["name"] == service);
+            found.map(|s| s["plans"].as_array().unwrap().clone()).unwrap_or_default()
+        };
+        let expires_in = |plan: &Value| plan["schemas"]["service_binding"]["create"]["parameters"]["properties"]
+            [EXPIRES_IN]
+            .clone();
+        let compatible = serde_json::json!({
+            "s3_compatible_endpoint": "http://127.0.0.1:1", "s3_compatible_access_key": "k",
+            "s3_compatible_secret_key": "s",
+        });
+        let mut with_iam = compatible.clone();
+        with_iam["s3_compatible_iam_endpoint"] = "http://127.0.0.1:1".into();
+        let aws = serde_json::json!({ "aws_region": "us-east-1", "aws_access_key_id": "k" });
+        for (extra, own_keys) in [(compatible, false), (with_iam, true), (aws, true)] {
+            let body = load(extra);
+            let postgres = plans(&body, "postgres");
+            assert!(postgres.len() >= 2, "shared and dedicated at least: {}", postgres.len());
+            for plan in postgres.iter().chain(&plans(&body, "s3")) {
+                let own = own_keys || plan["metadata"]["credentials"].is_null();
+                assert_eq!(plan["binding_rotatable"], own, "{}", plan["name"]);
+                if own {
+                    let schema = expires_in(plan);
+                    assert_eq!((schema["type"].as_str(), schema["minimum"].as_u64(), schema["maximum"].as_u64()),
+                               (Some("integer"), Some(600), Some(7200)), "{}", plan["name"]);
+                } else {
+                    assert!(expires_in(plan).is_null(), "{}", plan["name"]);
+                }
+                assert!(plan.get("binding_expiry").is_none(), "berth's own field stays private");
+            }
+        }
     }
 
     #[test]

@@ -181,6 +181,8 @@ pub mod kinds {
     pub const BACKUP: &str = "instance.backup";
     /// Resets an instance's database to a snapshot (a preset version or a backup).
     pub const RESTORE: &str = "instance.restore";
+    /// Revokes an expired binding's credentials (enqueued by the reconcile loop, not an OSB operation).
+    pub const EXPIRE_BINDING: &str = "binding.expire";
 }
 
 /// What an update task applies once the provider has made the change.

@@ -2,6 +2,7 @@
 //! and the providers that carry them out. `main.rs` only reads settings and calls [`run`].
 
 pub mod backup_scheduler;
+pub mod binding_expiry;
 pub mod context;
 pub mod delivery;
 pub mod providers;

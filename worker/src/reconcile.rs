@@ -1,6 +1,6 @@
 //! The reconcile loop: every `RECONCILE_INTERVAL_MS`, each provider looks after its instances (the `local`
 //! engine restarts servers that stopped), and instances whose `expiration_date` has passed get their
-//! deprovision enqueued, once. Safe with any number of workers: providers lock per instance, and the expiry
+//! deprovision enqueued, once; expired bindings get their revocation enqueued ([`crate::binding_expiry`]). Safe with any number of workers: providers lock per instance, and the expiry
 //! check runs under the instance row's lock.
 
 use std::{sync::Arc, time::Duration};
@@ -33,10 +33,13 @@ pub async fn run(pool: PgPool, services: Arc<Services>, stop: CancellationToken)
     }
 }
 
-/// One pass: expiries, then every provider's own reconcile.
+/// One pass: expiries (instances, then bindings), then every provider's own reconcile.
 pub async fn once(pool: &PgPool, services: &Services) {
     if let Err(e) = expire(pool).await {
         warn!(error = %format!("{e:#}"), "checking instance expiration dates failed");
+    }
+    if let Err(e) = crate::binding_expiry::enqueue_revocations(pool).await {
+        warn!(error = %format!("{e:#}"), "queueing the revocation of expired bindings failed");
     }
     for (engine, provider) in services.providers() {
         if let Err(e) = provider.reconcile(pool, services).await {

@@ -12,7 +12,7 @@ use axum::{
     routing::get,
 };
 use broker::{
-    catalog::SchemaFor,
+    catalog::{EXPIRES_IN, PlanRef, SchemaFor},
     crypto::Cipher,
     db::{
         bindings::{self, BindingRow, NewBinding},
@@ -21,6 +21,7 @@ use broker::{
     },
     model::{Operation, TaskState},
 };
+use chrono::{DateTime, SubsecRound, Utc};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sqlx::PgConnection;
@@ -93,6 +94,7 @@ async fn bind(
             parameters = inherited;
         }
     }
+    let expiry = expiry_of(&plan, &parameters)?;
     let hook = webhook::take(
         &mut parameters,
         query.webhook.as_deref(),
@@ -115,6 +117,8 @@ async fn bind(
         bind_resource: &bind_resource,
         context: &context,
         parameters: &parameters,
+        expires_at: expiry.map(|e| e.expires_at),
+        renew_before: expiry.map(|e| e.renew_before),
     };
 
     let mut tx = state.db.begin().await?;
@@ -133,6 +137,20 @@ async fn bind(
             task.operation.as_deref().unwrap_or("operation"),
             task.id
         )));
+    }
+
+    if let (Some(expiry), Some(limits)) = (&expiry, plan.plan.binding_expiry) {
+        // Under the instance row's lock, so two binds cannot both take the last place.
+        let unexpired =
+            bindings::count_unexpired_expiring(&mut *tx, &instance_id, &binding_id).await?;
+        if unexpired >= i64::from(limits.max_per_instance) {
+            return Err(ApiError::bad_request(format!(
+                "parameters.{EXPIRES_IN}: service instance {instance_id} already has {unexpired} unexpired \
+                 expiring bindings, the most plan {:?} allows; unbind one or bind without {EXPIRES_IN} \
+                 (asked: {} s)",
+                plan.plan.name, expiry.seconds
+            )));
+        }
     }
 
     for _ in 0..3 {
@@ -168,7 +186,7 @@ async fn bind(
 /// predecessor's parameters, which the new binding takes when the request brings none.
 async fn rotation_parameters(
     state: &AppState,
-    plan: &broker::catalog::PlanRef<'_>,
+    plan: &PlanRef<'_>,
     instance_id: &str,
     predecessor: &str,
 ) -> ApiResult<Value> {
@@ -179,6 +197,13 @@ async fn rotation_parameters(
         )));
     }
     match bindings::get(&state.db, predecessor).await? {
+        Some(row) if row.instance_id == instance_id && row.expired(Utc::now()) => {
+            Err(ApiError::bad_request(format!(
+                "predecessor_binding_id {predecessor:?} expired at {}: a successor needs a binding that has \
+                 not expired",
+                osb_time(row.expires_at.unwrap_or_default())
+            )))
+        }
         Some(row) if row.instance_id == instance_id => {
             let mut parameters = row.parameters;
             if let Some(map) = parameters.as_object_mut() {
@@ -234,6 +259,12 @@ async fn bind_existing(
         } else {
             binding_concurrency(row, task)
         }),
+        // A failed bind is not made again once the binding expired: its credentials would outlive it.
+        _ if row.expired(Utc::now()) => Err(ApiError::bad_request(format!(
+            "binding {} expired at {}; unbind it and bind anew",
+            row.id,
+            osb_time(row.expires_at.unwrap_or_default())
+        ))),
         // The bind failed (or, which should not happen, has no task): binding is idempotent, try again.
         _ => {
             let task = operation_task(
@@ -258,9 +289,67 @@ fn binding_concurrency(row: &BindingRow, task: &TaskRow) -> ApiError {
     ))
 }
 
-/// `{credentials, endpoints?}` (and `parameters` for a fetch) of a binding whose bind succeeded.
+/// When an expiring binding being created stops working, and when its platform should make a successor.
+#[derive(Debug, Clone, Copy)]
+struct Expiry {
+    seconds: u32,
+    expires_at: DateTime<Utc>,
+    renew_before: DateTime<Utc>,
+}
+
+/// The expiry `parameters` ask for (`expires_in`), checked against the plan's bounds. The schema check has
+/// done this for parameters the request brought; this covers ones inherited from a predecessor too.
+fn expiry_of(plan: &PlanRef<'_>, parameters: &Value) -> ApiResult<Option<Expiry>> {
+    let Some(asked) = parameters.get(EXPIRES_IN) else {
+        return Ok(None);
+    };
+    let Some(limits) = plan.plan.binding_expiry else {
+        return Err(ApiError::bad_request(format!(
+            "parameters.{EXPIRES_IN}: bindings of plan {:?} cannot expire",
+            plan.plan.name
+        )));
+    };
+    let seconds = asked
+        .as_u64()
+        .filter(|s| (u64::from(limits.min_seconds)..=u64::from(limits.max_seconds)).contains(s))
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "parameters.{EXPIRES_IN}: must be whole seconds from {} to {} for plan {:?}, not {asked}",
+                limits.min_seconds, limits.max_seconds, plan.plan.name
+            ))
+        })? as u32;
+    // Whole seconds, as the spec's yyyy-mm-ddThh:mm:ss.sZ shows them.
+    let now = Utc::now().trunc_subsecs(0);
+    let expires_at = now + chrono::Duration::seconds(i64::from(seconds));
+    // The last fifth of the lifetime is left for making a successor and switching over to it.
+    let renew_before = expires_at - chrono::Duration::seconds(i64::from(seconds / 5));
+    Ok(Some(Expiry {
+        seconds,
+        expires_at,
+        renew_before,
+    }))
+}
+
+/// A moment in the spec's `yyyy-mm-ddThh:mm:ss.sZ` form (tenths of a second).
+fn osb_time(at: DateTime<Utc>) -> String {
+    format!(
+        "{}.{}Z",
+        at.format("%Y-%m-%dT%H:%M:%S"),
+        at.timestamp_subsec_millis() / 100
+    )
+}
+
+/// `{metadata?, credentials, endpoints?}` (and `parameters` for a fetch) of a binding whose bind succeeded:
+/// the body of every answer that carries a binding. `metadata` only for an expiring binding.
 fn credentials_body(cipher: &Cipher, row: &BindingRow, with_parameters: bool) -> ApiResult<Value> {
     let mut body = json!({});
+    if let Some(expires_at) = row.expires_at {
+        let mut metadata = json!({ "expires_at": osb_time(expires_at) });
+        if let Some(renew_before) = row.renew_before {
+            metadata["renew_before"] = osb_time(renew_before).into();
+        }
+        body["metadata"] = metadata;
+    }
     if let Some(sealed) = &row.credentials {
         let credentials: Value = cipher
             .open_json(sealed)

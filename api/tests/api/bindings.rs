@@ -270,10 +270,14 @@ async fn binding_rotation_names_a_predecessor(pool: PgPool) {
     assert_unchanged!(app, app.bind("s-1", "other", &rotated).await)
         .assert_osb_error(StatusCode::BAD_REQUEST, None);
     // A plan that is not binding_rotatable: 400.
-    app.bound("p-1", "pb-1").await;
-    let mut body = bind_body();
-    body["predecessor_binding_id"] = json!("pb-1");
-    let d = assert_unchanged!(app, app.bind("p-1", "pb-2", &body).await)
+    let body = json!({"service_id": T_SERVICE, "plan_id": T_SMALL, "organization_guid": "o", "space_guid": "s"});
+    let op = app.provision("t-1", &body).await.operation();
+    app.finish(&op, "succeeded", None).await;
+    let mut body = json!({"service_id": T_SERVICE, "plan_id": T_SMALL});
+    let op = app.bind("t-1", "tb-1", &body).await.operation();
+    app.complete_bind(&op, "tb-1", &json!({"k": "v"})).await;
+    body["predecessor_binding_id"] = json!("tb-1");
+    let d = assert_unchanged!(app, app.bind("t-1", "tb-2", &body).await)
         .assert_osb_error(StatusCode::BAD_REQUEST, None);
     assert!(d.contains("binding_rotatable"), "{d}");
 }

@@ -5,6 +5,7 @@ mod abandoned;
 mod actions;
 mod auth_throttle;
 mod bad_writes;
+mod binding_expiry;
 mod bindings;
 mod catalog;
 mod cluster;

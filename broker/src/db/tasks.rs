@@ -165,3 +165,25 @@ pub async fn has_succeeded_since(
     .fetch_one(db)
     .await
 }
+
+/// Whether the binding has a task of `kind` that is unfinished, or that failed after `failed_since` (a task
+/// that keeps failing is not queued again at once).
+pub async fn binding_task_active_or_failed_since(
+    db: impl PgExecutor<'_>,
+    binding_id: &str,
+    kind: &str,
+    failed_since: DateTime<Utc>,
+) -> sqlx::Result<bool> {
+    sqlx::query_scalar!(
+        r#"SELECT EXISTS (
+               SELECT 1 FROM tasks
+               WHERE binding_id = $1 AND kind = $2
+                 AND (state IN ('pending', 'running') OR (state = 'failed' AND finished_at > $3))
+           ) AS "exists!""#,
+        binding_id,
+        kind,
+        failed_since,
+    )
+    .fetch_one(db)
+    .await
+}

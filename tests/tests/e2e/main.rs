@@ -2,6 +2,7 @@
 
 mod abandoned_requests;
 mod auth_throttle;
+mod binding_rotation;
 mod cli;
 mod dedicated_local;
 mod embedded_default;

@@ -28,6 +28,11 @@ impl TaskHandler for CreateBinding {
             .await
             .context("reading the binding")?
             .ok_or_else(|| TaskError::fatal("the binding was deleted before it was created"))?;
+        if binding.expired(chrono::Utc::now()) {
+            return Err(TaskError::fatal(
+                "the binding expired before it was created",
+            ));
+        }
         let instance = instances::get(ctx.pool, &binding.instance_id)
             .await
             .context("reading the binding's instance")?

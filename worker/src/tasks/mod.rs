@@ -5,6 +5,7 @@ mod bind;
 mod change_primary;
 mod deliver_webhook;
 mod deprovision;
+mod expire_binding;
 mod noop;
 mod provision;
 mod push_preset;
@@ -18,6 +19,7 @@ pub use bind::CreateBinding;
 pub use change_primary::ChangePrimary;
 pub use deliver_webhook::DeliverWebhook;
 pub use deprovision::Deprovision;
+pub use expire_binding::ExpireBinding;
 pub use noop::Noop;
 pub use provision::Provision;
 pub use push_preset::PushPreset;
@@ -41,6 +43,7 @@ pub fn registry() -> Registry {
         .with(Deprovision)
         .with(CreateBinding)
         .with(DeleteBinding)
+        .with(ExpireBinding)
         .with(RotateCredentials)
         .with(PushPreset)
         .with(Backup)

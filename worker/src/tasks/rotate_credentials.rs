@@ -37,10 +37,12 @@ impl TaskHandler for RotateCredentials {
         let all = bindings::list_for_instance(ctx.pool, instance_id)
             .await
             .context("reading the instance's bindings")?;
-        // Only bindings whose bind succeeded have credentials; one still binding gets fresh ones anyway.
+        // Only bindings whose bind succeeded have credentials; one still binding gets fresh ones anyway. An
+        // expired binding gets none: its credentials are being (or were) revoked.
+        let now = chrono::Utc::now();
         let bound: Vec<_> = all
             .into_iter()
-            .filter(|b| b.credentials.is_some())
+            .filter(|b| b.credentials.is_some() && !b.expired(now))
             .collect();
         for (done, binding) in bound.iter().enumerate() {
             ctx.progress(&format!(

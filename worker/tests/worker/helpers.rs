@@ -341,6 +341,8 @@ pub async fn insert_binding(pool: &PgPool, instance_id: &str, service: &str, pla
         bind_resource: &empty,
         context: &empty,
         parameters: &parameters,
+        expires_at: None,
+        renew_before: None,
     };
     assert!(bindings::insert(pool, &new).await.unwrap());
     id

@@ -762,3 +762,98 @@ async fn a_new_server_delivers_its_connection(_: PgPoolOptions, opts: PgConnectO
     assert_eq!(details(&pool, &id).await["delivery"]["errors"], json!([]));
     succeeded(&operate(&pool, &services, Operation::Deprovision, &id, None, json!({})).await);
 }
+
+/// An expired binding on a server of its own: the reconcile loop's revocation drops its role and ends its open
+/// session, and records when.
+#[sqlx::test(migrator = "broker::MIGRATOR")]
+async fn an_expired_binding_loses_its_role_and_session(_: PgPoolOptions, opts: PgConnectOptions) {
+    let pool = pool(&opts, 8).await;
+    let servers = Servers::new();
+    let services = servers.services();
+    let instance = new_instance(&pool, json!({})).await;
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Provision,
+            &instance,
+            None,
+            json!({}),
+        )
+        .await,
+    );
+    let binding = new_binding(&pool, &instance, json!({ "expires_in": 600 })).await;
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Bind,
+            &instance,
+            Some(&binding),
+            json!({}),
+        )
+        .await,
+    );
+    let url = credentials(&pool, &binding).await["DATABASE_URL"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut session = connect_url(&url).await;
+    assert_eq!(scalar::<i32>(&mut session, "SELECT 1").await, 1);
+
+    sqlx::query(
+        "UPDATE service_bindings SET expires_at = now() - interval '1 second' WHERE id = $1",
+    )
+    .bind(&binding)
+    .execute(&pool)
+    .await
+    .unwrap();
+    reconcile::once(&pool, &services).await;
+    drain(&pool, services.clone(), tasks::registry(), config("w")).await;
+
+    assert!(
+        sqlx::query("SELECT 1").execute(&mut session).await.is_err(),
+        "the open session is ended"
+    );
+    assert!(
+        PgConnection::connect(&url).await.is_err(),
+        "the expired credentials still log in"
+    );
+    let details = details(&pool, &instance).await;
+    let mut admin = PgConnection::connect_with(&admin_options(
+        &details,
+        &admin_password(&pool, &instance).await,
+    ))
+    .await
+    .unwrap();
+    let role = names::binding_role(PREFIX, &binding);
+    let left: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
+            .bind(&role)
+            .fetch_one(&mut admin)
+            .await
+            .unwrap();
+    assert!(!left, "the role {role} is dropped");
+    admin.close().await.unwrap();
+    assert!(
+        bindings::get(&pool, &binding)
+            .await
+            .unwrap()
+            .unwrap()
+            .revoked_at
+            .is_some()
+    );
+
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Deprovision,
+            &instance,
+            None,
+            json!({}),
+        )
+        .await,
+    );
+    no_process_and_no_files(&servers.root(&instance));
+}

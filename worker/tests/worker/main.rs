@@ -1,6 +1,7 @@
 //! The worker's integration tests: real Postgres, a fresh database per test (`#[sqlx::test]`).
 
 mod backup_scheduler;
+mod binding_expiry;
 mod crash;
 mod ec2;
 mod ha_ec2;

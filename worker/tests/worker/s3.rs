@@ -1162,3 +1162,97 @@ async fn s3_rotate_credentials_fails_where_bindings_share_the_store_keys(
         .await,
     );
 }
+
+/// An expired binding's IAM user and key are deleted by the reconcile loop's revocation; the other binding's key
+/// works on.
+#[sqlx::test(migrator = "broker::MIGRATOR")]
+async fn s3_an_expired_binding_loses_its_key(_: PgPoolOptions, opts: PgConnectOptions) {
+    let pool = pool(&opts, 8).await;
+    let peer = moto();
+    let services = aws_services(&peer);
+    let instance = new_instance(&pool, BASIC, json!({})).await;
+    let bucket = names::bucket_name(PREFIX, &instance);
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Provision,
+            &instance,
+            None,
+            json!({}),
+        )
+        .await,
+    );
+    let expiring = new_binding(&pool, &instance, BASIC, json!({ "expires_in": 600 })).await;
+    let lasting = new_binding(&pool, &instance, BASIC, json!({})).await;
+    for binding in [&expiring, &lasting] {
+        succeeded(
+            &operate(
+                &pool,
+                &services,
+                Operation::Bind,
+                &instance,
+                Some(binding),
+                json!({}),
+            )
+            .await,
+        );
+    }
+    let expiring_client = app_client(&peer, &credentials(&pool, &expiring).await);
+    put(&expiring_client, &bucket, "a", "1")
+        .await
+        .expect("the expiring key works before it expires");
+    let user = names::binding_user(PREFIX, &expiring);
+    assert_eq!(keys_of(&peer, &user).await.len(), 1);
+
+    sqlx::query(
+        "UPDATE service_bindings SET expires_at = now() - interval '1 second' WHERE id = $1",
+    )
+    .bind(&expiring)
+    .execute(&pool)
+    .await
+    .unwrap();
+    berth_worker::reconcile::once(&pool, &services).await;
+    drain(
+        &pool,
+        services.clone(),
+        berth_worker::tasks::registry(),
+        config("w"),
+    )
+    .await;
+
+    assert!(
+        !user_exists(&peer, &user).await,
+        "the expired binding's IAM user is deleted"
+    );
+    assert!(
+        put(&expiring_client, &bucket, "b", "2").await.is_err(),
+        "its key is refused"
+    );
+    assert!(
+        bindings::get(&pool, &expiring)
+            .await
+            .unwrap()
+            .unwrap()
+            .revoked_at
+            .is_some()
+    );
+    let lasting_client = app_client(&peer, &credentials(&pool, &lasting).await);
+    assert_eq!(
+        get(&lasting_client, &bucket, "a").await.unwrap(),
+        "1",
+        "the other binding's key works on"
+    );
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Unbind,
+            &instance,
+            Some(&expiring),
+            json!({}),
+        )
+        .await,
+    );
+    assert!(bindings::get(&pool, &expiring).await.unwrap().is_none());
+}

@@ -1,0 +1,241 @@
+//! Rotating and expiring bindings on the `shared` plan with the real binaries: a successor named by
+//! `predecessor_binding_id` gets credentials of its own and the predecessor's parameters (its lifetime
+//! included); both log in until the old one is unbound; once the successor expires, the worker's reconcile loop
+//! revokes its role, GET binding still answers with `expires_at` in the past, and the unbind works.
+
+use std::time::{Duration, Instant};
+
+use berth_tests::Stack;
+use reqwest::Method;
+use serde_json::{Value, json};
+use sqlx::{Connection, PgConnection};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+async fn bind(stack: &Stack, path: &str, body: Value) -> Value {
+    let (status, answer) = stack
+        .send(
+            stack
+                .request(Method::PUT, &format!("{path}?accepts_incomplete=true"))
+                .json(&body),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 202, "{answer}");
+    let (status, last) = stack
+        .wait_operation(&format!("{path}/last_operation"), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, last["state"].as_str()),
+        (200, Some("succeeded")),
+        "{last}\n{}",
+        stack.logs()
+    );
+    let (status, fetched) = stack.send(stack.request(Method::GET, path)).await.unwrap();
+    assert_eq!(status, 200, "{fetched}");
+    fetched
+}
+
+async fn unbind(stack: &Stack, path: &str, ids: &(String, String)) {
+    let query = format!(
+        "?service_id={}&plan_id={}&accepts_incomplete=true",
+        ids.0, ids.1
+    );
+    let (status, body) = stack
+        .send(stack.request(Method::DELETE, &format!("{path}{query}")))
+        .await
+        .unwrap();
+    assert_eq!(status, 202, "{body}");
+    let (status, _) = stack
+        .wait_operation(&format!("{path}/last_operation"), WAIT)
+        .await
+        .unwrap();
+    assert!(status == 410 || status == 200, "unbind ended with {status}");
+    let (status, _) = stack.send(stack.request(Method::GET, path)).await.unwrap();
+    assert_eq!(status, 404);
+}
+
+async fn logs_in(url: &str) -> bool {
+    match PgConnection::connect(url).await {
+        Ok(mut conn) => sqlx::query("SELECT 1").execute(&mut conn).await.is_ok(),
+        Err(_) => false,
+    }
+}
+
+fn url_of(binding: &Value) -> String {
+    binding["credentials"]["DATABASE_URL"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test]
+async fn shared_binding_rotation_and_expiry() {
+    let stack = Stack::start().await.unwrap();
+    let (_, catalog) = stack
+        .send(stack.request(Method::GET, "/v2/catalog"))
+        .await
+        .unwrap();
+    let service = catalog["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "postgres")
+        .unwrap();
+    let plan = service["plans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "shared")
+        .unwrap();
+    assert_eq!(plan["binding_rotatable"], true, "{plan}");
+    let expires_in =
+        &plan["schemas"]["service_binding"]["create"]["parameters"]["properties"]["expires_in"];
+    assert_eq!(
+        (
+            expires_in["minimum"].as_u64(),
+            expires_in["maximum"].as_u64()
+        ),
+        (Some(600), Some(7200))
+    );
+    let ids = (
+        service["id"].as_str().unwrap().to_string(),
+        plan["id"].as_str().unwrap().to_string(),
+    );
+
+    let instance = uuid::Uuid::new_v4().to_string();
+    let (status, body) = stack
+        .send(stack.request(Method::PUT, &format!("/v2/service_instances/{instance}?accepts_incomplete=true")).json(
+            &json!({"service_id": ids.0, "plan_id": ids.1, "organization_guid": "org", "space_guid": "space"}),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(status, 202, "{body}");
+    let (_, last) = stack
+        .wait_operation(
+            &format!("/v2/service_instances/{instance}/last_operation"),
+            WAIT,
+        )
+        .await
+        .unwrap();
+    assert_eq!(last["state"], "succeeded", "{last}\n{}", stack.logs());
+
+    let old_path = format!("/v2/service_instances/{instance}/service_bindings/old");
+    let new_path = format!("/v2/service_instances/{instance}/service_bindings/new");
+    let old = bind(
+        &stack,
+        &old_path,
+        json!({"service_id": ids.0, "plan_id": ids.1, "parameters": {"access": "read-only", "expires_in": 7200}}),
+    )
+    .await;
+    assert!(old["metadata"]["expires_at"].is_string(), "{old}");
+    let new = bind(
+        &stack,
+        &new_path,
+        json!({"service_id": ids.0, "plan_id": ids.1, "predecessor_binding_id": "old"}),
+    )
+    .await;
+
+    // Credentials of its own, the predecessor's parameters and lifetime.
+    assert_ne!(new["credentials"]["PGUSER"], old["credentials"]["PGUSER"]);
+    assert_ne!(
+        new["credentials"]["PGPASSWORD"],
+        old["credentials"]["PGPASSWORD"]
+    );
+    assert_eq!(
+        new["parameters"],
+        json!({"access": "read-only", "expires_in": 7200})
+    );
+    assert!(
+        new["metadata"]["expires_at"].as_str().unwrap()
+            >= old["metadata"]["expires_at"].as_str().unwrap()
+    );
+    assert!(new["metadata"]["renew_before"].is_string(), "{new}");
+    let (old_url, new_url) = (url_of(&old), url_of(&new));
+    assert!(
+        logs_in(&old_url).await && logs_in(&new_url).await,
+        "both bindings work in parallel"
+    );
+
+    // Unbinding the predecessor leaves the successor working.
+    unbind(&stack, &old_path, &ids).await;
+    assert!(
+        !logs_in(&old_url).await,
+        "the unbound predecessor still logs in"
+    );
+    assert!(
+        logs_in(&new_url).await,
+        "the successor stopped working with its predecessor"
+    );
+
+    // The successor expires (moved forward in the broker's database instead of waiting two hours): the
+    // worker's reconcile loop revokes it.
+    let mut broker_db = PgConnection::connect(&stack.broker_db_url).await.unwrap();
+    sqlx::query(
+        "UPDATE service_bindings SET expires_at = now(), renew_before = now() WHERE id = 'new'",
+    )
+    .execute(&mut broker_db)
+    .await
+    .unwrap();
+    let mut session = PgConnection::connect(&new_url).await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    while logs_in(&new_url).await {
+        assert!(
+            Instant::now() < deadline,
+            "the expired binding still logs in\n{}",
+            stack.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        sqlx::query("SELECT 1").execute(&mut session).await.is_err(),
+        "its open session survived"
+    );
+    let revoked: bool =
+        sqlx::query_scalar("SELECT revoked_at IS NOT NULL FROM service_bindings WHERE id = 'new'")
+            .fetch_one(&mut broker_db)
+            .await
+            .unwrap();
+    assert!(revoked, "revoked_at recorded");
+    let (status, fetched) = stack
+        .send(stack.request(Method::GET, &new_path))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{fetched}");
+    let past: bool = sqlx::query_scalar("SELECT $1::timestamptz <= now()")
+        .bind(fetched["metadata"]["expires_at"].as_str().unwrap())
+        .fetch_one(&mut broker_db)
+        .await
+        .unwrap();
+    assert!(past, "GET binding shows the expiry: {fetched}");
+    // An expired binding cannot be rotated.
+    let (status, body) = stack
+        .send(stack.request(Method::PUT, &format!("/v2/service_instances/{instance}/service_bindings/newer?accepts_incomplete=true"))
+            .json(&json!({"service_id": ids.0, "plan_id": ids.1, "predecessor_binding_id": "new"})))
+        .await
+        .unwrap();
+    assert_eq!(status, 400, "{body}");
+    unbind(&stack, &new_path, &ids).await;
+
+    let (status, _) = stack
+        .send(stack.request(
+            Method::DELETE,
+            &format!(
+                "/v2/service_instances/{instance}?service_id={}&plan_id={}&accepts_incomplete=true",
+                ids.0, ids.1
+            ),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(status, 202);
+    let (status, _) = stack
+        .wait_operation(
+            &format!("/v2/service_instances/{instance}/last_operation"),
+            WAIT,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 410);
+    stack.stop().await;
+}
