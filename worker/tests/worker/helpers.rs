@@ -60,6 +60,8 @@ pub fn settings() -> Settings {
         "plans_dir": plans_dir(),
         "name_prefix": "bt_",
         "shared_postgres_url": admin_url(),
+        // The webhook receivers of the tests listen on 127.0.0.1.
+        "webhook_allow_loopback": true,
     }))
     .expect("test settings deserialize")
 }
