@@ -294,6 +294,9 @@ mod tests {
             "http://127.5.5.5/",
             "http://[::1]/",
             "http://[::ffff:127.0.0.1]/",
+            // Numeric forms the URL parser turns into 127.0.0.1.
+            "http://2130706433/",
+            "http://0x7f.1/",
             "http://localhost:8080/",
             "http://app.localhost/",
         ] {
