@@ -31,7 +31,10 @@ enum Allowed {
     Name(String),
     /// `.example.com`: every name under that domain.
     Suffix(String),
-    Network { base: IpAddr, prefix: u8 },
+    Network {
+        base: IpAddr,
+        prefix: u8,
+    },
 }
 
 /// The operator's webhook target policy (see the module comment).
@@ -70,9 +73,17 @@ impl TargetPolicy {
         let allowed = if entries.is_empty() {
             None
         } else {
-            Some(entries.into_iter().map(parse_entry).collect::<anyhow::Result<_>>()?)
+            Some(
+                entries
+                    .into_iter()
+                    .map(parse_entry)
+                    .collect::<anyhow::Result<_>>()?,
+            )
         };
-        Ok(Self { allow_loopback, allowed })
+        Ok(Self {
+            allow_loopback,
+            allowed,
+        })
     }
 
     /// The check at request time, on the URL's host as written: a literal address is checked fully; a name
@@ -101,7 +112,11 @@ impl TargetPolicy {
 
     /// The check at delivery time: `host` as in the URL and every address it resolved to; connect only to
     /// addresses checked here.
-    pub fn check_resolved(&self, host: &url::Host<&str>, addresses: &[IpAddr]) -> Result<(), Refused> {
+    pub fn check_resolved(
+        &self,
+        host: &url::Host<&str>,
+        addresses: &[IpAddr],
+    ) -> Result<(), Refused> {
         let name = match host {
             url::Host::Domain(name) => {
                 let name = normalize(name);
@@ -131,7 +146,12 @@ impl TargetPolicy {
     }
 
     /// `name`: the host name the address came from, if any (an allow-listed name allows its addresses).
-    fn check_address(&self, shown: &str, name: Option<&str>, address: IpAddr) -> Result<(), Refused> {
+    fn check_address(
+        &self,
+        shown: &str,
+        name: Option<&str>,
+        address: IpAddr,
+    ) -> Result<(), Refused> {
         let address = unmapped(address);
         if let Some(reason) = always_refused(address) {
             return Err(refused(shown, &format!("{address} is {reason}")));
@@ -146,7 +166,10 @@ impl TargetPolicy {
                 _ => false,
             });
             if !by_name && !by_network {
-                return Err(refused(shown, &format!("{address} is not on WEBHOOK_ALLOWED_TARGETS")));
+                return Err(refused(
+                    shown,
+                    &format!("{address} is not on WEBHOOK_ALLOWED_TARGETS"),
+                ));
             }
         }
         Ok(())
@@ -227,23 +250,39 @@ fn in_network(address: IpAddr, base: IpAddr, prefix: u8) -> bool {
 }
 
 fn parse_entry(entry: &str) -> anyhow::Result<Allowed> {
-    let bad = || anyhow::anyhow!("WEBHOOK_ALLOWED_TARGETS: {entry:?} is not a host name, .domain, IP address or CIDR");
+    let bad = || {
+        anyhow::anyhow!(
+            "WEBHOOK_ALLOWED_TARGETS: {entry:?} is not a host name, .domain, IP address or CIDR"
+        )
+    };
     if let Some((base, prefix)) = entry.split_once('/') {
         let base: IpAddr = base.parse().map_err(|_| bad())?;
         let prefix: u8 = prefix.parse().map_err(|_| bad())?;
         let max = if base.is_ipv4() { 32 } else { 128 };
         anyhow::ensure!(prefix <= max, bad());
-        return Ok(Allowed::Network { base: unmapped(base), prefix });
+        return Ok(Allowed::Network {
+            base: unmapped(base),
+            prefix,
+        });
     }
-    if let Ok(ip) = entry.trim_matches(|c| c == '[' || c == ']').parse::<IpAddr>() {
+    if let Ok(ip) = entry
+        .trim_matches(|c| c == '[' || c == ']')
+        .parse::<IpAddr>()
+    {
         let ip = unmapped(ip);
         let prefix = if ip.is_ipv4() { 32 } else { 128 };
         return Ok(Allowed::Network { base: ip, prefix });
     }
     let name = normalize(entry);
-    let label_ok = |l: &str| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    };
     match name.strip_prefix('.') {
-        Some(domain) if domain.split('.').all(label_ok) => Ok(Allowed::Suffix(format!(".{domain}"))),
+        Some(domain) if domain.split('.').all(label_ok) => {
+            Ok(Allowed::Suffix(format!(".{domain}")))
+        }
         None if name.split('.').all(label_ok) => Ok(Allowed::Name(name)),
         _ => Err(bad()),
     }
@@ -280,7 +319,10 @@ mod tests {
             "http://metadata/",
         ] {
             let err = check(&open, url).expect_err(url);
-            assert!(!err.to_string().contains("/latest"), "the refusal shows the path: {err}");
+            assert!(
+                !err.to_string().contains("/latest"),
+                "the refusal shows the path: {err}"
+            );
         }
         assert!(resolved(&open, "hooks.example", &["10.0.0.5", "169.254.169.254"]).is_err());
     }
@@ -323,7 +365,11 @@ mod tests {
 
     #[test]
     fn the_allow_list_narrows_targets() {
-        let policy = TargetPolicy::new(false, Some("hooks.example, .corp.example,10.20.0.0/16, 2001:db8::/32")).unwrap();
+        let policy = TargetPolicy::new(
+            false,
+            Some("hooks.example, .corp.example,10.20.0.0/16, 2001:db8::/32"),
+        )
+        .unwrap();
         for url in [
             "https://hooks.example/x",
             "https://ci.corp.example/x",
@@ -334,12 +380,22 @@ mod tests {
         ] {
             assert_eq!(check(&policy, url), Ok(()), "{url}");
         }
-        for url in ["http://10.21.0.1/", "http://203.0.113.9/", "http://[2001:db9::1]/"] {
+        for url in [
+            "http://10.21.0.1/",
+            "http://203.0.113.9/",
+            "http://[2001:db9::1]/",
+        ] {
             assert!(check(&policy, url).is_err(), "{url}");
         }
-        assert_eq!(resolved(&policy, "elsewhere.example", &["10.20.0.9"]), Ok(()));
+        assert_eq!(
+            resolved(&policy, "elsewhere.example", &["10.20.0.9"]),
+            Ok(())
+        );
         assert!(resolved(&policy, "elsewhere.example", &["10.20.0.9", "10.30.0.1"]).is_err());
-        assert_eq!(resolved(&policy, "hooks.example", &["198.51.100.1"]), Ok(()));
+        assert_eq!(
+            resolved(&policy, "hooks.example", &["198.51.100.1"]),
+            Ok(())
+        );
         // Listed names still never reach forbidden addresses.
         assert!(resolved(&policy, "hooks.example", &["169.254.169.254"]).is_err());
         assert!(resolved(&policy, "hooks.example", &["127.0.0.1"]).is_err());
@@ -352,9 +408,18 @@ mod tests {
 
     #[test]
     fn bad_list_entries_are_refused() {
-        for entry in ["10.0.0.0/33", "::/129", "bad host", "*.example", "10.0.0.0/x"] {
+        for entry in [
+            "10.0.0.0/33",
+            "::/129",
+            "bad host",
+            "*.example",
+            "10.0.0.0/x",
+        ] {
             assert!(TargetPolicy::new(false, Some(entry)).is_err(), "{entry}");
         }
-        assert_eq!(TargetPolicy::new(false, Some(" , ")).unwrap(), TargetPolicy::default());
+        assert_eq!(
+            TargetPolicy::new(false, Some(" , ")).unwrap(),
+            TargetPolicy::default()
+        );
     }
 }

@@ -20,8 +20,12 @@ pub enum VerifierError {
 
 /// `PASSWORD '<verifier>'` for `CREATE/ALTER ROLE`: the clause that sets `password` without sending it.
 pub(crate) fn password_clause(password: &str) -> Result<String, crate::registry::TaskError> {
-    let verifier = verifier(password).map_err(|e| crate::registry::TaskError::fatal(e.to_string()))?;
-    Ok(format!("PASSWORD {}", broker::names::quote_literal(&verifier)))
+    let verifier =
+        verifier(password).map_err(|e| crate::registry::TaskError::fatal(e.to_string()))?;
+    Ok(format!(
+        "PASSWORD {}",
+        broker::names::quote_literal(&verifier)
+    ))
 }
 
 /// The verifier of `password` with 16 fresh salt bytes from the OS RNG.
@@ -56,7 +60,8 @@ pub fn verifier_with(
 }
 
 fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes keys of any length");
+    let mut mac =
+        <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes keys of any length");
     mac.update(data);
     mac.finalize().into_bytes().into()
 }
