@@ -9,7 +9,8 @@ use std::{
 
 use anyhow::Context as _;
 use broker::{
-    catalog::Catalog, config::Settings, crypto::Cipher, db::tasks::TaskRow, webhook_target::TargetPolicy,
+    catalog::Catalog, config::Settings, crypto::Cipher, db::tasks::TaskRow,
+    webhook_target::TargetPolicy,
 };
 use serde::de::DeserializeOwned;
 use sqlx::PgPool;

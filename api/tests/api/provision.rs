@@ -351,7 +351,8 @@ async fn bad_webhooks_are_400(pool: PgPool) {
 /// narrows the rest; a refused target is a 400 naming it, and nothing is written.
 #[sqlx::test(migrator = "broker::MIGRATOR")]
 async fn webhooks_to_forbidden_targets_are_400(pool: PgPool) {
-    let policy = broker::webhook_target::TargetPolicy::new(false, Some("hooks.example,10.20.0.0/16")).unwrap();
+    let policy =
+        broker::webhook_target::TargetPolicy::new(false, Some("hooks.example,10.20.0.0/16")).unwrap();
     let app = TestApp::with_webhook_targets(pool, policy);
     let with_hook = |url: &str| {
         let mut body = provision_body();
@@ -381,7 +382,10 @@ async fn webhooks_to_forbidden_targets_are_400(pool: PgPool) {
                 description.contains(&format!("webhook target {host} is refused")),
                 "{url}: {description}"
             );
-            assert!(!description.contains("/latest") && !description.contains("/hook"), "{description}");
+            assert!(
+                !description.contains("/latest") && !description.contains("/hook"),
+                "{description}"
+            );
         }
         // The query form too.
         let uri = "/v2/service_instances/i-1?accepts_incomplete=true&webhook=http%3A%2F%2F169.254.169.254%2F&secret=s";
@@ -396,7 +400,8 @@ async fn webhooks_to_forbidden_targets_are_400(pool: PgPool) {
         ("i-3", "https://elsewhere.example/hook"),
     ] {
         let op = app.provision(id, &with_hook(url)).await.operation();
-        assert_eq!(app.task(&op).await.get::<Option<String>, _>("webhook_url").as_deref(), Some(url));
+        let task = app.task(&op).await;
+        assert_eq!(task.get::<Option<String>, _>("webhook_url").as_deref(), Some(url));
     }
 }
 

@@ -70,7 +70,9 @@ impl TaskHandler for DeliverWebhook {
                     .context("recording the refused webhook")?;
                 return Err(TaskError::fatal(error));
             }
-            Err(Unreachable::Lookup(error)) => return attempt_failed(ctx, delivery_id, None, error).await,
+            Err(Unreachable::Lookup(error)) => {
+                return attempt_failed(ctx, delivery_id, None, error).await;
+            }
         };
         let sent = client
             .post(&delivery.url)
@@ -134,7 +136,8 @@ enum Unreachable {
 /// the connection pinned to those addresses (a second DNS answer cannot swap in another). No redirects (a
 /// 3xx counts as a failed attempt) and no proxy, so nothing else picks where the request goes.
 async fn pinned_client(policy: &TargetPolicy, url: &str) -> Result<reqwest::Client, Unreachable> {
-    let parsed = url::Url::parse(url).map_err(|e| Unreachable::Lookup(format!("the webhook URL is invalid: {e}")))?;
+    let parsed = url::Url::parse(url)
+        .map_err(|e| Unreachable::Lookup(format!("the webhook URL is invalid: {e}")))?;
     let (Some(host), Some(port)) = (parsed.host(), parsed.port_or_known_default()) else {
         return Err(Unreachable::Lookup("the webhook URL has no host or port".into()));
     };

@@ -473,7 +473,8 @@ mod tests {
         // The setup SQL carries the admin user's SCRAM verifier, never the password.
         let setup = file(text, "/etc/berth/setup.sql");
         assert!(!setup.contains("AdminPassw0rdEEEE"), "{setup}");
-        assert!(setup.contains("CREATE ROLE shop_admin LOGIN CREATEDB PASSWORD 'SCRAM-SHA-256$4096:"), "{setup}");
+        let create_admin = "CREATE ROLE shop_admin LOGIN CREATEDB PASSWORD 'SCRAM-SHA-256$4096:";
+        assert!(setup.contains(create_admin), "{setup}");
         // Passwords only in the root-only files (Patroni's configuration).
         for (secret, file_path) in [("SuperPassw0rdAAAA", "/etc/berth/patroni.yml")] {
             let at = text.find(secret).unwrap();
