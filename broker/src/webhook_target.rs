@@ -407,6 +407,18 @@ mod tests {
     }
 
     #[test]
+    fn settings_with_a_bad_list_do_not_load() {
+        let settings = |list: &str| -> Settings {
+            serde_json::from_value(serde_json::json!({ "webhook_allowed_targets": list })).unwrap()
+        };
+        let err = settings("hooks.example,10.0.0.0/99").check().unwrap_err();
+        assert!(err.to_string().contains("WEBHOOK_ALLOWED_TARGETS"), "{err}");
+        assert!(settings("hooks.example,10.0.0.0/8").check().is_ok());
+        let defaults: Settings = serde_json::from_value(serde_json::json!({})).unwrap();
+        assert_eq!(TargetPolicy::from_settings(&defaults).unwrap(), TargetPolicy::default());
+    }
+
+    #[test]
     fn bad_list_entries_are_refused() {
         for entry in [
             "10.0.0.0/33",
