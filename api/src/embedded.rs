@@ -55,6 +55,10 @@ impl Embedded {
         if std::env::var_os("LOCAL_ENGINE").is_none() {
             settings.local_engine = true;
         }
+        // Everything runs on this machine: webhooks to 127.0.0.1 are the normal case.
+        if std::env::var_os("WEBHOOK_ALLOW_LOOPBACK").is_none() {
+            settings.webhook_allow_loopback = true;
+        }
         settings.data_dir = data_dir.clone();
         let plans_dir = absolute(&settings.plans_dir)?;
         let mut worker_env = vec![
@@ -64,6 +68,7 @@ impl Embedded {
             ("BERTH_DATA_DIR".to_string(), data_dir.display().to_string()),
             ("LOCAL_ENGINE".to_string(), if settings.local_engine { "on" } else { "off" }.to_string()),
             ("LOCAL_SERVERS_DIR".to_string(), settings.servers_dir().display().to_string()),
+            ("WEBHOOK_ALLOW_LOOPBACK".to_string(), settings.webhook_allow_loopback.to_string()),
         ];
         if let Some(shared) = &settings.shared_postgres_url {
             worker_env.push(("SHARED_POSTGRES_URL".into(), shared.expose_secret().to_string()));

@@ -45,6 +45,8 @@ pub struct AppState {
     pub provisions: provision_batch::ProvisionBatcher,
     /// Responses by status class, for `/metrics`.
     pub requests: Arc<middleware::RequestCounts>,
+    /// Which webhook URLs requests may name.
+    pub webhook_targets: Arc<broker::webhook_target::TargetPolicy>,
 }
 
 impl std::fmt::Debug for AppState {

@@ -78,6 +78,7 @@ async fn serve_with(settings: &Settings, embedded: Option<&embedded::Embedded>) 
         max_body_bytes: settings.max_body_bytes,
         provisions,
         requests: Default::default(),
+        webhook_targets: Arc::new(broker::webhook_target::TargetPolicy::from_settings(settings)?),
     };
     let addr: SocketAddr = format!("{}:{}", settings.bind_address, settings.port)
         .parse()

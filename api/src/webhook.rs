@@ -1,7 +1,8 @@
 //! The per-operation webhook: `parameters.webhook = {url, secret}` or the Akkeris query form
-//! `?webhook=URL&secret=S`. Taken out of the parameters before they are stored; the secret is sealed.
+//! `?webhook=URL&secret=S`. Taken out of the parameters before they are stored; the secret is sealed. The
+//! target must pass the operator's policy (`broker::webhook_target`).
 
-use broker::crypto::Cipher;
+use broker::{crypto::Cipher, webhook_target::TargetPolicy};
 use serde_json::Value;
 
 use crate::error::{ApiError, ApiResult};
@@ -13,6 +14,7 @@ pub fn take(
     query_url: Option<&str>,
     query_secret: Option<&str>,
     cipher: &Cipher,
+    targets: &TargetPolicy,
 ) -> ApiResult<Option<(String, Vec<u8>)>> {
     let from_parameters = parameters
         .as_object_mut()
@@ -55,6 +57,10 @@ pub fn take(
     if secret.is_empty() {
         return Err(ApiError::bad_request("webhook secret must not be empty"));
     }
+    // Metadata, link-local and (unless allowed) loopback targets; the worker checks again after DNS.
+    targets
+        .check_url(&parsed)
+        .map_err(|refused| ApiError::bad_request(refused.to_string()))?;
     Ok(Some((url, cipher.seal(secret.as_bytes()))))
 }
 
@@ -68,20 +74,21 @@ mod tests {
     fn strips_and_seals() {
         let cipher = Cipher::from_key(&[1; 32]);
         let mut params = json!({"a": 1, "webhook": {"url": "https://x.example/h", "secret": "s3"}});
-        let (url, sealed) = take(&mut params, None, None, &cipher).unwrap().unwrap();
+        let any = TargetPolicy::default();
+        let (url, sealed) = take(&mut params, None, None, &cipher, &any).unwrap().unwrap();
         assert_eq!(params, json!({"a": 1}));
         assert_eq!(url, "https://x.example/h");
         assert_eq!(cipher.open(&sealed).unwrap(), b"s3");
 
         let mut params = json!({});
-        assert!(take(&mut params, Some("ftp://x"), Some("s"), &cipher).is_err());
-        assert!(take(&mut params, Some("http://x"), Some(""), &cipher).is_err());
-        assert!(take(&mut params, Some("http://x"), None, &cipher).is_err());
+        assert!(take(&mut params, Some("ftp://x"), Some("s"), &cipher, &any).is_err());
+        assert!(take(&mut params, Some("http://x"), Some(""), &cipher, &any).is_err());
+        assert!(take(&mut params, Some("http://x"), None, &cipher, &any).is_err());
         assert!(
-            take(&mut params, Some("http://x/h"), Some("s"), &cipher)
+            take(&mut params, Some("http://x/h"), Some("s"), &cipher, &any)
                 .unwrap()
                 .is_some()
         );
-        assert!(take(&mut params, None, None, &cipher).unwrap().is_none());
+        assert!(take(&mut params, None, None, &cipher, &any).unwrap().is_none());
     }
 }

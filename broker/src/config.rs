@@ -155,6 +155,13 @@ pub struct Settings {
     /// Seconds before the callback is killed.
     #[serde(default = "default_callback_secs")]
     pub setup_finished_callback_timeout_secs: u64,
+    /// Webhooks may call loopback addresses (127.0.0.0/8, ::1, `localhost`). Off; the embedded default turns
+    /// it on. Link-local and metadata addresses are refused regardless (see `webhook_target`).
+    #[serde(default)]
+    pub webhook_allow_loopback: bool,
+    /// Comma list of the only webhook targets allowed: host names, `.domain` suffixes, IP addresses, CIDRs.
+    /// Unset = any address the fixed rules allow (private ranges included).
+    pub webhook_allowed_targets: Option<String>,
 }
 
 fn yes() -> bool {
@@ -328,6 +335,7 @@ impl Settings {
         if self.setup_finished_callback_timeout_secs == 0 {
             anyhow::bail!("SETUP_FINISHED_CALLBACK_TIMEOUT_SECS must be at least 1");
         }
+        crate::webhook_target::TargetPolicy::from_settings(self)?;
         Ok(())
     }
 

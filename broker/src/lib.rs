@@ -10,6 +10,7 @@ pub mod model;
 pub mod names;
 pub mod snapshots;
 pub mod telemetry;
+pub mod webhook_target;
 
 /// The broker's schema, embedded so every binary and test migrates the same way.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");

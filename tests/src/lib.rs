@@ -100,6 +100,8 @@ impl Stack {
             ("RECONCILE_INTERVAL_MS", "500".into()),
             ("RUST_LOG", "info".into()),
             ("BERTH_DATA_DIR", dir.display().to_string()),
+            // The tests' webhook receivers listen on 127.0.0.1.
+            ("WEBHOOK_ALLOW_LOOPBACK", "true".into()),
         ];
         env.extend(extra_env);
         let api = spawn(&dir, &env, "berth-api", "api.log")?;

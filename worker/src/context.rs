@@ -8,7 +8,10 @@ use std::{
 };
 
 use anyhow::Context as _;
-use broker::{catalog::Catalog, config::Settings, crypto::Cipher, db::tasks::TaskRow};
+use broker::{
+    catalog::Catalog, config::Settings, crypto::Cipher, db::tasks::TaskRow,
+    webhook_target::TargetPolicy,
+};
 use serde::de::DeserializeOwned;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -27,6 +30,8 @@ pub struct Services {
     pub cipher: Cipher,
     pub catalog: Catalog,
     pub http: reqwest::Client,
+    /// Which addresses webhook deliveries may call (checked after DNS resolution).
+    pub webhook_targets: TargetPolicy,
     providers: HashMap<String, Arc<dyn Provider>>,
     /// Opened on first use, so a worker that never snapshots never reads (or makes) a key.
     snapshots: OnceLock<Result<Snapshots, String>>,
@@ -54,11 +59,13 @@ impl Services {
             .build()
             .context("building the HTTP client")?;
         let providers = providers::configured(&settings)?;
+        let webhook_targets = TargetPolicy::from_settings(&settings)?;
         Ok(Self {
             settings,
             cipher,
             catalog,
             http,
+            webhook_targets,
             providers,
             snapshots: OnceLock::new(),
         })

@@ -100,6 +100,7 @@ async fn bind(
         query.webhook.as_deref(),
         query.secret.as_deref(),
         &state.cipher,
+        &state.webhook_targets,
     )?;
     let context = object_or_empty(body.context, "context")?;
     let bind_resource = object_or_empty(body.bind_resource, "bind_resource")?;
@@ -379,6 +380,7 @@ async fn unbind(
         query.webhook.as_deref(),
         query.secret.as_deref(),
         &state.cipher,
+        &state.webhook_targets,
     )?;
 
     let mut tx = state.db.begin().await?;

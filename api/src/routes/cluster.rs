@@ -81,6 +81,7 @@ async fn change_primary(
         query.webhook.as_deref(),
         query.secret.as_deref(),
         &state.cipher,
+        &state.webhook_targets,
     )?;
 
     let mut tx = state.db.begin().await?;

@@ -87,6 +87,7 @@ async fn provision(
         query.webhook.as_deref(),
         query.secret.as_deref(),
         &state.cipher,
+        &state.webhook_targets,
     )?;
     if snapshot_params::any(&parameters) {
         let mut conn = state.db.acquire().await?;
@@ -395,6 +396,7 @@ async fn update(
         query.webhook.as_deref(),
         query.secret.as_deref(),
         &state.cipher,
+        &state.webhook_targets,
     )?;
     let requested_version = body
         .maintenance_info
@@ -479,6 +481,7 @@ async fn deprovision(
         query.webhook.as_deref(),
         query.secret.as_deref(),
         &state.cipher,
+        &state.webhook_targets,
     )?;
 
     let mut tx = state.db.begin().await?;
@@ -531,6 +534,7 @@ async fn rotate_credentials(
         query.webhook.as_deref(),
         query.secret.as_deref(),
         &state.cipher,
+        &state.webhook_targets,
     )?;
 
     let mut tx = state.db.begin().await?;

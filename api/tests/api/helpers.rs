@@ -14,6 +14,7 @@ use berth_api::{AppState, BrokerAuth};
 use broker::{
     catalog::{Catalog, KNOWN_ENGINES, Service},
     crypto::Cipher,
+    webhook_target::TargetPolicy,
 };
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
@@ -122,7 +123,12 @@ pub fn bind_body() -> Value {
 }
 
 impl TestApp {
+    /// The suites' webhook receivers listen on 127.0.0.1: loopback targets allowed.
     pub fn new(pool: PgPool) -> Self {
+        Self::with_webhook_targets(pool, TargetPolicy::new(true, None).unwrap())
+    }
+
+    pub fn with_webhook_targets(pool: PgPool, webhook_targets: TargetPolicy) -> Self {
         let cipher = Cipher::from_key(&[42; 32]);
         let state = AppState {
             db: pool.clone(),
@@ -132,6 +138,7 @@ impl TestApp {
             max_body_bytes: MAX_BODY,
             provisions: berth_api::provision_batch::ProvisionBatcher::start(pool.clone(), berth_api::PROVISION_WRITERS),
             requests: Default::default(),
+            webhook_targets: Arc::new(webhook_targets),
         };
         Self {
             router: berth_api::router(state),

@@ -352,6 +352,76 @@ async fn bad_webhooks_are_400(pool: PgPool) {
     });
 }
 
+/// Webhook targets: metadata and link-local always refused, loopback only when allowed, the allow-list
+/// narrows the rest; a refused target is a 400 naming it, and nothing is written.
+#[sqlx::test(migrator = "broker::MIGRATOR")]
+async fn webhooks_to_forbidden_targets_are_400(pool: PgPool) {
+    let policy =
+        broker::webhook_target::TargetPolicy::new(false, Some("hooks.example,10.20.0.0/16")).unwrap();
+    let app = TestApp::with_webhook_targets(pool, policy);
+    let with_hook = |url: &str| {
+        let mut body = provision_body();
+        body["parameters"]["webhook"] = json!({"url": url, "secret": "s"});
+        body
+    };
+    assert_unchanged!(app, {
+        for (url, host) in [
+            ("http://169.254.169.254/latest/meta-data/iam", "169.254.169.254"),
+            ("http://[fd00:ec2::254]/latest", "fd00:ec2::254"),
+            ("http://metadata.google.internal/computeMetadata/v1/", "metadata.google.internal"),
+            ("http://169.254.10.1/hook", "169.254.10.1"),
+            ("http://[fe80::1]/hook", "fe80::1"),
+            ("http://[::ffff:169.254.169.254]/", "::ffff:169.254.169.254"),
+            ("http://0.0.0.0:8080/hook", "0.0.0.0"),
+            ("http://127.0.0.1:8080/hook", "127.0.0.1"),
+            ("http://localhost:8080/hook", "localhost"),
+            ("http://[::1]/hook", "::1"),
+            ("https://10.30.0.1/hook", "10.30.0.1"),
+            ("https://203.0.113.7/hook", "203.0.113.7"),
+        ] {
+            let description = app
+                .provision("i-1", &with_hook(url))
+                .await
+                .assert_osb_error(StatusCode::BAD_REQUEST, None);
+            assert!(
+                description.contains(&format!("webhook target {host} is refused")),
+                "{url}: {description}"
+            );
+            assert!(
+                !description.contains("/latest") && !description.contains("/hook"),
+                "{description}"
+            );
+        }
+        // The query form too.
+        let uri = "/v2/service_instances/i-1?accepts_incomplete=true&webhook=http%3A%2F%2F169.254.169.254%2F&secret=s";
+        app.call(Method::PUT, uri, Some(&provision_body()))
+            .await
+            .assert_osb_error(StatusCode::BAD_REQUEST, None);
+    });
+    // On the list (by name or network), and names that may resolve into a listed network: accepted.
+    for (id, url) in [
+        ("i-1", "https://hooks.example/berth"),
+        ("i-2", "http://10.20.3.4:8080/hook"),
+        ("i-3", "https://elsewhere.example/hook"),
+    ] {
+        let op = app.provision(id, &with_hook(url)).await.operation();
+        let task = app.task(&op).await;
+        assert_eq!(task.get::<Option<String>, _>("webhook_url").as_deref(), Some(url));
+    }
+}
+
+#[sqlx::test(migrator = "broker::MIGRATOR")]
+async fn loopback_webhooks_are_accepted_when_allowed(pool: PgPool) {
+    let app = TestApp::new(pool);
+    let mut body = provision_body();
+    body["parameters"]["webhook"] = json!({"url": "http://127.0.0.1:9/hook", "secret": "s"});
+    app.provision("i-1", &body).await.operation();
+    body["parameters"]["webhook"] = json!({"url": "http://169.254.169.254/", "secret": "s"});
+    app.provision("i-2", &body)
+        .await
+        .assert_osb_error(StatusCode::BAD_REQUEST, None);
+}
+
 #[sqlx::test(migrator = "broker::MIGRATOR")]
 async fn a_garbled_originating_identity_is_kept_raw(pool: PgPool) {
     let app = TestApp::new(pool);

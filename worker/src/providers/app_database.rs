@@ -9,6 +9,7 @@ use super::shared_postgres::{
     exec, exec_tolerating, lock_out, role_exists,
     read_only_grants,
 };
+use super::scram;
 use crate::registry::TaskError;
 use broker::names::{quote_ident, quote_literal};
 
@@ -189,7 +190,7 @@ pub(crate) async fn revoke_binding(
     drop_role(&mut conn, role, "dropping the binding role").await
 }
 
-/// Sets a login role's password, creating the role if needed.
+/// Sets a login role's password (as a SCRAM verifier), creating the role if needed.
 pub(crate) async fn ensure_login(
     conn: &mut PgConnection,
     role: &str,
@@ -197,7 +198,7 @@ pub(crate) async fn ensure_login(
     password: &str,
 ) -> Result<(), TaskError> {
     let role_q = quote_ident(role);
-    let login = format!("LOGIN {attributes} PASSWORD {}", quote_literal(password));
+    let login = format!("LOGIN {attributes} {}", scram::password_clause(password)?);
     let created = if role_exists(conn, role).await? {
         false
     } else {

@@ -10,6 +10,7 @@ pub mod ha_local;
 pub mod local_postgres;
 pub mod pg_tuning;
 pub mod s3;
+pub mod scram;
 pub mod shared_postgres;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};

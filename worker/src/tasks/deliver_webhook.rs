@@ -1,10 +1,22 @@
 //! `webhook.deliver`: POSTs a delivery's body, signed with `X-OSB-Signature: base64(HMAC-SHA256(secret,
 //! body))`. 2xx is delivered; anything else is retried with backoff, and the last attempt marks the
-//! delivery failed. Error messages never carry the URL (it may hold a token).
+//! delivery failed. Error messages never carry the URL (it may hold a token). The target is checked against
+//! the webhook policy after DNS resolution and the connection pinned to the checked addresses; a refused
+//! target fails the delivery at once.
 
 use anyhow::Context as _;
 use async_trait::async_trait;
-use broker::{crypto, db::webhooks, model::kinds};
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use broker::{
+    crypto,
+    db::webhooks,
+    model::kinds,
+    webhook_target::{Refused, TargetPolicy},
+};
 use serde::Deserialize;
 use uuid::Uuid;
 
@@ -48,9 +60,21 @@ impl TaskHandler for DeliverWebhook {
         let body = serde_json::to_vec(&delivery.body).context("serializing the webhook body")?;
         let signature = crypto::sign(&secret, &body);
 
-        let sent = ctx
-            .services
-            .http
+        let client = match pinned_client(&ctx.services.webhook_targets, &delivery.url).await {
+            Ok(client) => client,
+            Err(Unreachable::Refused(refused)) => {
+                // The policy will not change its mind on a retry: the delivery fails now, saying why.
+                let error = refused.to_string();
+                webhooks::record_attempt(ctx.pool, delivery_id, "failed", None, Some(&error))
+                    .await
+                    .context("recording the refused webhook")?;
+                return Err(TaskError::fatal(error));
+            }
+            Err(Unreachable::Lookup(error)) => {
+                return attempt_failed(ctx, delivery_id, None, error).await;
+            }
+        };
+        let sent = client
             .post(&delivery.url)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header(SIGNATURE_HEADER, signature)
@@ -77,16 +101,66 @@ impl TaskHandler for DeliverWebhook {
                 format!("calling the webhook failed: {}", e.without_url()),
             ),
         };
-        let last = ctx.task.attempts >= ctx.task.max_attempts;
-        webhooks::record_attempt(
-            ctx.pool,
-            delivery_id,
-            if last { "failed" } else { "pending" },
-            status,
-            Some(&error),
-        )
-        .await
-        .context("recording the webhook attempt")?;
-        Err(TaskError::retryable(error))
+        attempt_failed(ctx, delivery_id, status, error).await
     }
+}
+
+/// Records a failed attempt: retried with backoff, the last one marks the delivery failed.
+async fn attempt_failed(
+    ctx: &TaskContext<'_>,
+    delivery_id: Uuid,
+    status: Option<i32>,
+    error: String,
+) -> Result<Step, TaskError> {
+    let last = ctx.task.attempts >= ctx.task.max_attempts;
+    webhooks::record_attempt(
+        ctx.pool,
+        delivery_id,
+        if last { "failed" } else { "pending" },
+        status,
+        Some(&error),
+    )
+    .await
+    .context("recording the webhook attempt")?;
+    Err(TaskError::retryable(error))
+}
+
+enum Unreachable {
+    /// The policy refuses the target (final).
+    Refused(Refused),
+    /// The URL or its host name could not be resolved (worth a retry); never names the URL.
+    Lookup(String),
+}
+
+/// A client for one delivery: the URL's host resolved once, every address checked against the policy, and
+/// the connection pinned to those addresses (a second DNS answer cannot swap in another). No redirects (a
+/// 3xx counts as a failed attempt) and no proxy, so nothing else picks where the request goes.
+async fn pinned_client(policy: &TargetPolicy, url: &str) -> Result<reqwest::Client, Unreachable> {
+    let parsed = url::Url::parse(url)
+        .map_err(|e| Unreachable::Lookup(format!("the webhook URL is invalid: {e}")))?;
+    let (Some(host), Some(port)) = (parsed.host(), parsed.port_or_known_default()) else {
+        return Err(Unreachable::Lookup("the webhook URL has no host or port".into()));
+    };
+    let addresses: Vec<SocketAddr> = match host {
+        url::Host::Ipv4(ip) => vec![SocketAddr::new(IpAddr::V4(ip), port)],
+        url::Host::Ipv6(ip) => vec![SocketAddr::new(IpAddr::V6(ip), port)],
+        url::Host::Domain(name) => tokio::net::lookup_host((name, port))
+            .await
+            .map_err(|e| Unreachable::Lookup(format!("resolving the webhook host {name}: {e}")))?
+            .collect(),
+    };
+    let ips: Vec<IpAddr> = addresses.iter().map(SocketAddr::ip).collect();
+    policy.check_resolved(&host, &ips).map_err(Unreachable::Refused)?;
+    let mut builder = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .connect_timeout(Duration::from_secs(5))
+        .user_agent(concat!("berth-worker/", env!("CARGO_PKG_VERSION")))
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy();
+    if let url::Host::Domain(name) = host {
+        builder = builder.resolve_to_addrs(name, &addresses);
+    }
+    builder
+        .build()
+        .map_err(|e| Unreachable::Lookup(format!("building the webhook client: {e}")))
 }

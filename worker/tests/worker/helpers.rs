@@ -60,6 +60,8 @@ pub fn settings() -> Settings {
         "plans_dir": plans_dir(),
         "name_prefix": "bt_",
         "shared_postgres_url": admin_url(),
+        // The webhook receivers of the tests listen on 127.0.0.1.
+        "webhook_allow_loopback": true,
     }))
     .expect("test settings deserialize")
 }
@@ -366,4 +368,34 @@ pub async fn operate(
     let id = enqueue_with(pool, new).await;
     drain(pool, services.clone(), berth_worker::tasks::registry(), config("w")).await;
     task(pool, id).await
+}
+
+/// Turns on `log_statement = 'all'` on the server under `root` (a `broker::embedded::PgServer`, which logs
+/// to `root/postgres.log`), so a test can read every statement berth sends it.
+pub async fn log_every_statement(server: &broker::embedded::PgServer) {
+    use secrecy::ExposeSecret;
+    use sqlx::Connection;
+    let mut su = sqlx::PgConnection::connect(server.url("postgres").expose_secret())
+        .await
+        .expect("superuser connects");
+    for sql in ["ALTER SYSTEM SET log_statement = 'all'", "SELECT pg_reload_conf()"] {
+        sqlx::raw_sql(sql).execute(&mut su).await.unwrap();
+    }
+    // The reload is asynchronous: wait until a new session sees it.
+    eventually(Duration::from_secs(10), "log_statement = all", || async {
+        let mut conn = sqlx::PgConnection::connect(server.url("postgres").expose_secret())
+            .await
+            .ok()?;
+        let value: String = sqlx::query_scalar("SHOW log_statement")
+            .fetch_one(&mut conn)
+            .await
+            .ok()?;
+        (value == "all").then_some(())
+    })
+    .await;
+}
+
+/// The server's log (`root/postgres.log`) as text.
+pub fn server_log(server: &broker::embedded::PgServer) -> String {
+    String::from_utf8_lossy(&std::fs::read(server.root().join("postgres.log")).unwrap()).into_owned()
 }

@@ -857,3 +857,45 @@ async fn an_expired_binding_loses_its_role_and_session(_: PgPoolOptions, opts: P
     );
     no_process_and_no_files(&servers.root(&instance));
 }
+
+#[sqlx::test(migrator = "broker::MIGRATOR")]
+async fn passwords_never_reach_the_servers_statement_log(_: PgPoolOptions, opts: PgConnectOptions) {
+    use secrecy::ExposeSecret;
+    let pool = pool(&opts, 8).await;
+    let servers = Servers::new();
+    let services = servers.services();
+    let instance = new_instance(&pool, json!({ "admin_user": "boss" })).await;
+    succeeded(&operate(&pool, &services, Operation::Provision, &instance, None, json!({})).await);
+    let server = broker::embedded::PgServer::open(&servers.root(&instance)).unwrap();
+    log_every_statement(&server).await;
+
+    // Provision again (it sets the admin user's password anew), then bind read-write and read-only.
+    succeeded(&operate(&pool, &services, Operation::Provision, &instance, None, json!({})).await);
+    let admin = admin_password(&pool, &instance).await;
+    let details = details(&pool, &instance).await;
+    PgConnection::connect_with(&admin_options(&details, &admin))
+        .await
+        .expect("the admin user logs in with its password");
+    let mut passwords = vec![admin];
+    for access in ["read-write", "read-only"] {
+        let binding = new_binding(&pool, &instance, json!({ "access": access })).await;
+        succeeded(&operate(&pool, &services, Operation::Bind, &instance, Some(&binding), json!({})).await);
+        let creds = credentials(&pool, &binding).await;
+        connect_url(creds["uri"].as_str().unwrap()).await;
+        let mut su = connect_url(server.url("postgres").expose_secret()).await;
+        let stored: String = sqlx::query_scalar("SELECT rolpassword FROM pg_authid WHERE rolname = $1")
+            .bind(creds["PGUSER"].as_str().unwrap())
+            .fetch_one(&mut su)
+            .await
+            .unwrap();
+        assert!(stored.starts_with("SCRAM-SHA-256$4096:"), "{stored}");
+        passwords.push(creds["PGPASSWORD"].as_str().unwrap().to_string());
+    }
+    let log = server_log(&server);
+    assert!(log.contains("statement: ALTER ROLE"), "{log}");
+    for password in &passwords {
+        assert!(!log.contains(password.as_str()), "a password is in the server log:\n{log}");
+    }
+    assert!(log.contains("PASSWORD 'SCRAM-SHA-256$4096:"), "{log}");
+    succeeded(&operate(&pool, &services, Operation::Deprovision, &instance, None, json!({})).await);
+}

@@ -479,3 +479,105 @@ async fn bad_requests_fail_with_a_message(_: PgPoolOptions, opts: PgConnectOptio
         .await,
     );
 }
+
+#[sqlx::test(migrator = "broker::MIGRATOR")]
+async fn binding_roles_get_scram_verifiers_and_log_in(_: PgPoolOptions, opts: PgConnectOptions) {
+    let pool = pool(&opts, 8).await;
+    let services = services();
+    let instance = new_instance(&pool, json!({})).await;
+    succeeded(&operate(&pool, &services, Operation::Provision, &instance, None, json!({})).await);
+    let binding = new_binding(&pool, &instance, json!({})).await;
+    // Twice: the retry's ALTER ROLE sets a new verifier and the stored credentials still work.
+    for _ in 0..2 {
+        succeeded(
+            &operate(&pool, &services, Operation::Bind, &instance, Some(&binding), json!({})).await,
+        );
+        let creds = credentials(&pool, &binding).await;
+        let role = creds["PGUSER"].as_str().unwrap();
+        let stored: String =
+            sqlx::query_scalar("SELECT rolpassword FROM pg_authid WHERE rolname = $1")
+                .bind(role)
+                .fetch_one(&mut admin().await)
+                .await
+                .unwrap();
+        assert!(stored.starts_with("SCRAM-SHA-256$4096:"), "{stored}");
+        let mut app = PgConnection::connect(&url_of(&creds))
+            .await
+            .expect("the binding logs in with its password");
+        let user: String = sqlx::query_scalar("SELECT session_user::text")
+            .fetch_one(&mut app)
+            .await
+            .unwrap();
+        assert_eq!(user, role);
+    }
+    succeeded(&operate(&pool, &services, Operation::Deprovision, &instance, None, json!({})).await);
+}
+
+/// A private server of the test's own, stopped and removed when dropped.
+struct PrivateServer {
+    dir: std::path::PathBuf,
+    server: broker::embedded::PgServer,
+}
+
+impl PrivateServer {
+    async fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!("berth-scram-{}", uuid::Uuid::new_v4().simple()));
+        let server = broker::embedded::PgServer::ensure_started(&dir).await.unwrap();
+        Self { dir, server }
+    }
+}
+
+impl Drop for PrivateServer {
+    fn drop(&mut self) {
+        for pid in berth_worker::providers::local_postgres::processes_in(&self.server.data_dir()) {
+            let _ = std::process::Command::new("kill")
+                .arg("-KILL")
+                .arg(pid.to_string())
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[sqlx::test(migrator = "broker::MIGRATOR")]
+async fn binding_passwords_never_reach_the_servers_statement_log(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    use secrecy::ExposeSecret;
+    let pool = pool(&opts, 8).await;
+    let private = PrivateServer::start().await;
+    log_every_statement(&private.server).await;
+    let services = Arc::new(
+        Services::new(
+            serde_json::from_value(json!({
+                "plans_dir": plans_dir(),
+                "name_prefix": PREFIX,
+                "shared_postgres_url": private.server.url("postgres").expose_secret(),
+            }))
+            .unwrap(),
+            cipher(),
+        )
+        .unwrap(),
+    );
+    let instance = new_instance(&pool, json!({})).await;
+    succeeded(&operate(&pool, &services, Operation::Provision, &instance, None, json!({})).await);
+    let writer = new_binding(&pool, &instance, json!({})).await;
+    let reader = new_binding(&pool, &instance, json!({ "access": "read-only" })).await;
+    let mut passwords = vec![];
+    for binding in [&writer, &writer, &reader] {
+        succeeded(&operate(&pool, &services, Operation::Bind, &instance, Some(binding), json!({})).await);
+        let creds = credentials(&pool, binding).await;
+        PgConnection::connect(&url_of(&creds)).await.expect("the binding logs in");
+        passwords.push(creds["PGPASSWORD"].as_str().unwrap().to_string());
+    }
+    let log = server_log(&private.server);
+    // The log did record the role statements (with a verifier in place of the password).
+    assert!(log.contains("statement: CREATE ROLE"), "{log}");
+    for password in &passwords {
+        assert!(!log.contains(password.as_str()), "a binding's password is in the server log:\n{log}");
+    }
+    assert!(log.contains("PASSWORD 'SCRAM-SHA-256$4096:"), "{log}");
+    private.server.stop().await.unwrap();
+}

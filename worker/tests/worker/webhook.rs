@@ -190,3 +190,82 @@ async fn a_failed_binding_operation_posts_failed_with_the_binding(_: PgPoolOptio
 async fn task_state(pool: &sqlx::PgPool, id: broker::model::TaskId) -> String {
     task(pool, id).await.state
 }
+
+fn services_allowing_loopback(allow: bool) -> std::sync::Arc<berth_worker::Services> {
+    let mut settings = settings();
+    settings.webhook_allow_loopback = allow;
+    std::sync::Arc::new(berth_worker::Services::new(settings, cipher()).unwrap())
+}
+
+async fn delivery(pool: &sqlx::PgPool) -> (String, i32, Option<String>) {
+    sqlx::query_as("SELECT state, attempts, last_error FROM webhook_deliveries")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// The worker checks the target again after resolving it: a name that resolves to loopback is refused
+/// unless loopback is allowed (the delivery fails at once, saying why, without calling anything).
+#[sqlx::test(migrator = "broker::MIGRATOR")]
+async fn a_name_resolving_to_loopback_is_delivered_only_when_allowed(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let pool = pool(&opts, 8).await;
+    let receiver = Receiver::default();
+    let addr = start(receiver.clone()).await;
+    // `localhost`, and this machine's own name where it resolves to loopback only (a name no rule knows).
+    let mut names = vec!["localhost".to_string()];
+    let own = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string();
+    let resolved: Vec<_> = match tokio::net::lookup_host((own.as_str(), 80)).await {
+        Ok(addresses) => addresses.collect(),
+        Err(_) => vec![],
+    };
+    if own != "localhost" && !resolved.is_empty() && resolved.iter().all(|a| a.ip().is_loopback()) {
+        names.push(own);
+    }
+    names.push("127.0.0.1".into());
+    for name in &names {
+        sqlx::query("TRUNCATE webhook_deliveries, tasks").execute(&pool).await.unwrap();
+        let url = format!("http://{name}:{}/hook?token=t0ken", addr.port());
+        enqueue_with(&pool, operation_task(url.clone())).await;
+        drain(&pool, services_allowing_loopback(false), tasks::registry(), config("w")).await;
+        let (state, attempts, error) = delivery(&pool).await;
+        let error = error.unwrap_or_default();
+        assert_eq!((state.as_str(), attempts), ("failed", 1), "{name}: {error}");
+        assert!(error.contains("is refused") && error.contains("WEBHOOK_ALLOW_LOOPBACK"), "{name}: {error}");
+        assert!(!error.contains("t0ken") && !error.contains("webhook-secret"), "{error}");
+        assert!(receiver.received.lock().unwrap().is_empty(), "{name} was called");
+
+        sqlx::query("TRUNCATE webhook_deliveries, tasks").execute(&pool).await.unwrap();
+        enqueue_with(&pool, operation_task(url)).await;
+        drain(&pool, services_allowing_loopback(true), tasks::registry(), config("w")).await;
+        assert_eq!(delivery(&pool).await.0, "delivered", "{name}");
+        assert_eq!(receiver.received.lock().unwrap().len(), 1, "{name}");
+        receiver.received.lock().unwrap().clear();
+    }
+}
+
+/// A redirect is not followed (it could point anywhere): the attempt fails with the 3xx.
+#[sqlx::test(migrator = "broker::MIGRATOR")]
+async fn redirects_are_not_followed(_: PgPoolOptions, opts: PgConnectOptions) {
+    let pool = pool(&opts, 8).await;
+    let receiver = Receiver::default();
+    let target = start(receiver.clone()).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let redirector = listener.local_addr().unwrap();
+    let location = format!("http://{target}/hook");
+    let app = Router::new().route(
+        "/hook",
+        post(move || async move { (StatusCode::TEMPORARY_REDIRECT, [("location", location)]) }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let mut task = operation_task(format!("http://{redirector}/hook"));
+    task.max_attempts = 1;
+    enqueue_with(&pool, task).await;
+    drain(&pool, services(), tasks::registry(), config("w")).await;
+    let (state, _, error) = delivery(&pool).await;
+    assert_eq!(state, "failed");
+    assert!(error.unwrap_or_default().contains("307"));
+    assert!(receiver.received.lock().unwrap().is_empty(), "the redirect was followed");
+}

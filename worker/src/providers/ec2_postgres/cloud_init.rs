@@ -2,11 +2,11 @@
 //! data volume (formatting it only when it is blank), install the requested PostgreSQL from apt.postgresql.org,
 //! write the tuning profile, TLS and pg_hba, start it, and create berth's superuser, the admin user and the app
 //! database. Every value that reaches SQL or the script is an identifier the schema restricts to `[a-z0-9_]`,
-//! a generated alphanumeric password, or a volume id; the rest goes through `tojson`.
+//! a SCRAM verifier of a generated alphanumeric password, or a volume id; the rest goes through `tojson`.
 
 use serde::Serialize;
 
-use crate::providers::pg_tuning;
+use crate::providers::{pg_tuning, scram};
 
 const TEMPLATE: &str = include_str!("cloud-init.yaml.j2");
 
@@ -73,6 +73,9 @@ pub fn render(data: &UserData<'_>) -> anyhow::Result<Rendered> {
     let text = env.get_template("cloud-init")?.render(minijinja::context! {
         postgresql_conf => postgresql_conf.trim_end(),
         superuser => SUPERUSER,
+        // The setup SQL sets the passwords as SCRAM verifiers: no password text a server log could keep.
+        superuser_verifier => scram::verifier(data.superuser_password)?,
+        admin_verifier => scram::verifier(data.admin_password)?,
         ..minijinja::Value::from_serialize(data)
     })?;
     Ok(Rendered(text))
@@ -118,8 +121,8 @@ mod tests {
             "      # tuning_profile: oltp\n      checkpoint_completion_target = '0.9'\n",
             "      max_connections = '200'\n",
             "hostssl  all  all       0.0.0.0/0     scram-sha-256",
-            "ALTER ROLE berth_su WITH SUPERUSER LOGIN PASSWORD 'SuPassw0rd';",
-            "ALTER ROLE shop_admin WITH LOGIN CREATEDB PASSWORD 'Adm1nPassw0rd';",
+            "ALTER ROLE berth_su WITH SUPERUSER LOGIN PASSWORD 'SCRAM-SHA-256$4096:",
+            "ALTER ROLE shop_admin WITH LOGIN CREATEDB PASSWORD 'SCRAM-SHA-256$4096:",
             "GRANT bt_own_abc TO shop_admin;",
             "CREATE DATABASE shop OWNER bt_own_abc",
             "\\c shop\n      CREATE EXTENSION IF NOT EXISTS \"pg_trgm\";\n      CREATE EXTENSION IF NOT EXISTS \"citext\";\n",
@@ -127,6 +130,10 @@ mod tests {
             "runcmd:\n  - [/usr/local/sbin/berth-setup]\n",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
+        // Passwords never in the user-data's SQL (nor anywhere in it).
+        for password in ["SuPassw0rd", "Adm1nPassw0rd"] {
+            assert!(!text.contains(password), "{password} in:\n{text}");
         }
         // Without ssh keys there is no key section; every line of a block stays inside it (YAML indentation).
         let plain = render(&sample(&[], &[])).unwrap().0;

@@ -18,6 +18,7 @@ use crate::providers::ha_local::{
 };
 
 use super::state::Secrets;
+use crate::providers::scram;
 
 const TEMPLATE: &str = include_str!("cloud-init.yaml.j2");
 const MEMBERSHIP_SCRIPT: &str = include_str!("etcd-membership.sh");
@@ -218,11 +219,13 @@ pub fn patroni_config(data: &MemberSetup<'_>) -> Value {
 }
 
 /// The app database, its owner and admin user, and the extensions: run once on the first primary.
-fn setup_sql(data: &MemberSetup<'_>) -> String {
+/// The admin user's password goes as a SCRAM verifier, never as text a server log could keep.
+fn setup_sql(data: &MemberSetup<'_>) -> anyhow::Result<String> {
     let (owner, admin, db) = (data.owner_role, data.admin_user, data.app_db_name);
+    let admin_verifier = scram::verifier(&data.secrets.admin_password)?;
     let mut sql = vec![
         format!("CREATE ROLE {owner} NOLOGIN;"),
-        format!("CREATE ROLE {admin} LOGIN CREATEDB PASSWORD '{}';", data.secrets.admin_password),
+        format!("CREATE ROLE {admin} LOGIN CREATEDB PASSWORD '{admin_verifier}';"),
         format!("GRANT {owner} TO {admin};"),
         format!("CREATE DATABASE {db} OWNER {owner};"),
         format!("REVOKE ALL ON DATABASE {db} FROM PUBLIC;"),
@@ -234,7 +237,7 @@ fn setup_sql(data: &MemberSetup<'_>) -> String {
             .iter()
             .map(|e| format!("CREATE EXTENSION IF NOT EXISTS \"{e}\";")),
     );
-    sql.join("\n")
+    Ok(sql.join("\n"))
 }
 
 pub fn render(data: &MemberSetup<'_>) -> anyhow::Result<Rendered> {
@@ -297,7 +300,7 @@ pub fn render(data: &MemberSetup<'_>) -> anyhow::Result<Rendered> {
         etcd_env => etcd_env(data),
         membership_env => membership_env(data),
         patroni_config => patroni,
-        setup_sql => setup_sql(data),
+        setup_sql => setup_sql(data)?,
         membership_script => MEMBERSHIP_SCRIPT.trim_end(),
     })?;
     Ok(Rendered(text))
@@ -467,11 +470,13 @@ mod tests {
                 assert!(!shown.contains(secret), "{secret} in {shown}");
             }
         }
-        // Passwords only in the root-only files (Patroni's configuration, the setup SQL).
-        for (secret, file_path) in [
-            ("SuperPassw0rdAAAA", "/etc/berth/patroni.yml"),
-            ("AdminPassw0rdEEEE", "/etc/berth/setup.sql"),
-        ] {
+        // The setup SQL carries the admin user's SCRAM verifier, never the password.
+        let setup = file(text, "/etc/berth/setup.sql");
+        assert!(!setup.contains("AdminPassw0rdEEEE"), "{setup}");
+        let create_admin = "CREATE ROLE shop_admin LOGIN CREATEDB PASSWORD 'SCRAM-SHA-256$4096:";
+        assert!(setup.contains(create_admin), "{setup}");
+        // Passwords only in the root-only files (Patroni's configuration).
+        for (secret, file_path) in [("SuperPassw0rdAAAA", "/etc/berth/patroni.yml")] {
             let at = text.find(secret).unwrap();
             let owner = text[..at].rfind("  - path: ").unwrap();
             assert!(text[owner..].starts_with(&format!("  - path: {file_path}\n    permissions: \"0600\"")));

@@ -24,7 +24,7 @@ use sqlx::{
 
 pub use errors::classify;
 
-use super::{Bound, Progress, Provider, Provisioned};
+use super::{Bound, Progress, Provider, Provisioned, scram};
 use crate::{
     context::TaskContext,
     registry::TaskError,
@@ -196,7 +196,7 @@ impl SharedPostgres {
 pub(crate) type Sql<'a, T> = Pin<Box<dyn Future<Output = Result<T, TaskError>> + Send + 'a>>;
 
 /// Runs one statement (or several, `;`-separated). `what` describes it for errors; the statement itself never
-/// reaches a message or a log (CREATE ROLE ... PASSWORD carries a password). Not prepared, so not cached.
+/// reaches a message or a log (it may name a role's password verifier). Not prepared, so not cached.
 pub(crate) fn exec<'a>(conn: &'a mut PgConnection, sql: &'a str, what: &'a str) -> Sql<'a, ()> {
     Box::pin(async move {
         sqlx::Executor::execute(&mut *conn, sqlx::raw_sql(sql))
@@ -559,7 +559,7 @@ impl Provider for SharedPostgres {
             )));
         }
         // A retry finds the role from the first try: give it the new password so the stored credentials match.
-        let login = format!("LOGIN PASSWORD {}", quote_literal(&password));
+        let login = format!("LOGIN {}", scram::password_clause(&password)?);
         if role_exists(&mut admin, &role).await? {
             exec(
                 &mut admin,
