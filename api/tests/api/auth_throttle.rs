@@ -36,6 +36,7 @@ fn router(pool: PgPool) -> Router {
         max_body_bytes: MAX_BODY,
         provisions: berth_api::provision_batch::ProvisionBatcher::start(pool, 1),
         requests: Default::default(),
+        webhook_targets: Arc::new(broker::webhook_target::TargetPolicy::new(true, None).unwrap()),
     })
 }
 
