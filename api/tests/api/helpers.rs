@@ -123,6 +123,11 @@ pub fn bind_body() -> Value {
 
 impl TestApp {
     pub fn new(pool: PgPool) -> Self {
+        Self::with_sync_wait(pool, std::time::Duration::from_secs(5))
+    }
+
+    /// With `sync_wait` as the longest wait of a request answered synchronously.
+    pub fn with_sync_wait(pool: PgPool, sync_wait: std::time::Duration) -> Self {
         let cipher = Cipher::from_key(&[42; 32]);
         let state = AppState {
             db: pool.clone(),
@@ -132,6 +137,8 @@ impl TestApp {
             max_body_bytes: MAX_BODY,
             provisions: berth_api::provision_batch::ProvisionBatcher::start(pool.clone(), berth_api::PROVISION_WRITERS),
             requests: Default::default(),
+            task_waits: berth_api::task_waits::TaskWaits::start(pool.clone()),
+            sync_wait,
         };
         Self {
             router: berth_api::router(state),
