@@ -14,4 +14,5 @@ mod metrics;
 mod middleware;
 mod price_check;
 mod provision;
+mod synchronous;
 mod update;
