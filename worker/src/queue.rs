@@ -388,8 +388,12 @@ pub async fn cancel_or_await_creation(
     .bind(creation.as_str())
     .bind(undoing.created_at)
     .bind(format!(
-        "cancelled: a {} was requested before it started",
-        undoing.operation.as_deref().unwrap_or("deletion")
+        "cancelled: {} was requested before it started",
+        match undoing.operation.as_deref() {
+            Some("unbind") => "an unbind",
+            Some("deprovision") => "a deprovision",
+            _ => "a deletion",
+        }
     ))
     .fetch_all(&mut *tx)
     .await?;
