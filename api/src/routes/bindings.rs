@@ -23,6 +23,7 @@ use broker::{
     model::{Operation, TaskState},
 };
 use serde::Deserialize;
+use tokio::time::Instant;
 use serde_json::{Value, json};
 use sqlx::PgConnection;
 
@@ -70,9 +71,10 @@ async fn bind(
     OsbJson(body): OsbJson<BindBody>,
 ) -> ApiResult<Response> {
     // Every plan binds synchronously for a client that does not accept asynchronous answers.
+    let started = Instant::now();
     let mode = query.answer_mode(true)?;
     let response = start_bind(&state, instance_id, binding_id.clone(), query, identity, body).await?;
-    match synchronous::settle(&state, mode, response).await? {
+    match synchronous::settle(&state, mode, response, started).await? {
         Settled::Answered(response) => Ok(response),
         Settled::Succeeded => {
             let row = bindings::get(&state.db, &binding_id).await?.ok_or_else(|| {
@@ -325,9 +327,10 @@ async fn unbind(
     OsbQuery(query): OsbQuery<OsbParams>,
     OriginatingIdentity(identity): OriginatingIdentity,
 ) -> ApiResult<Response> {
+    let started = Instant::now();
     let mode = query.answer_mode(true)?;
     let response = start_unbind(&state, instance_id, binding_id, query, identity).await?;
-    match synchronous::settle(&state, mode, response).await? {
+    match synchronous::settle(&state, mode, response, started).await? {
         Settled::Answered(response) => Ok(response),
         Settled::Succeeded => Ok(ok_empty()),
     }

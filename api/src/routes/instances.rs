@@ -18,6 +18,7 @@ use broker::{
     model::{Operation, TaskState, UpdatePayload},
 };
 use serde::Deserialize;
+use tokio::time::Instant;
 use serde_json::{Value, json};
 use sqlx::PgConnection;
 
@@ -70,9 +71,10 @@ async fn provision(
     OriginatingIdentity(identity): OriginatingIdentity,
     OsbJson(body): OsbJson<ProvisionBody>,
 ) -> ApiResult<Response> {
+    let started = Instant::now();
     let mut mode = Mode::Async;
     let response = start_provision(&state, instance_id, query, identity, body, &mut mode).await?;
-    match synchronous::settle(&state, mode, response).await? {
+    match synchronous::settle(&state, mode, response, started).await? {
         Settled::Answered(response) => Ok(response),
         Settled::Succeeded => Ok((StatusCode::CREATED, Json(json!({}))).into_response()),
     }
@@ -292,9 +294,10 @@ async fn update(
     OriginatingIdentity(identity): OriginatingIdentity,
     OsbJson(body): OsbJson<UpdateBody>,
 ) -> ApiResult<Response> {
+    let started = Instant::now();
     let mut mode = Mode::Async;
     let response = start_update(&state, instance_id, query, identity, body, &mut mode).await?;
-    match synchronous::settle(&state, mode, response).await? {
+    match synchronous::settle(&state, mode, response, started).await? {
         Settled::Answered(response) => Ok(response),
         Settled::Succeeded => Ok(ok_empty()),
     }
@@ -469,9 +472,10 @@ async fn deprovision(
     OsbQuery(query): OsbQuery<OsbParams>,
     OriginatingIdentity(identity): OriginatingIdentity,
 ) -> ApiResult<Response> {
+    let started = Instant::now();
     let mut mode = Mode::Async;
     let response = start_deprovision(&state, instance_id, query, identity, &mut mode).await?;
-    match synchronous::settle(&state, mode, response).await? {
+    match synchronous::settle(&state, mode, response, started).await? {
         Settled::Answered(response) => Ok(response),
         Settled::Succeeded => Ok(ok_empty()),
     }

@@ -6,9 +6,9 @@
 //! a 408); the task goes on, and the unbind or deprovision that follows is accepted while it runs (the worker
 //! holds it back until the creation has ended).
 
-use axum::http::StatusCode;
-use axum::response::Response;
+use axum::{http::StatusCode, response::Response};
 use broker::model::{TaskId, TaskState};
+use tokio::time::Instant;
 
 use super::OsbParams;
 use crate::{
@@ -47,8 +47,14 @@ pub(crate) enum Settled {
     Succeeded,
 }
 
-/// In `Sync` mode turns a 202 into the task's outcome (waiting for it); anything else stands.
-pub(crate) async fn settle(state: &AppState, mode: Mode, response: Response) -> ApiResult<Settled> {
+/// In `Sync` mode turns a 202 into the task's outcome (waiting for it until `SYNC_WAIT_SECS` after `started`, when
+/// the handler began, so the answer comes before the request timeout's 408); anything else stands.
+pub(crate) async fn settle(
+    state: &AppState,
+    mode: Mode,
+    response: Response,
+    started: Instant,
+) -> ApiResult<Settled> {
     if mode == Mode::Async || response.status() != StatusCode::ACCEPTED {
         return Ok(Settled::Answered(response));
     }
@@ -57,7 +63,7 @@ pub(crate) async fn settle(state: &AppState, mode: Mode, response: Response) -> 
     };
     match state
         .task_waits
-        .until_finished(operation, state.sync_wait)
+        .until_finished(operation, state.sync_wait.saturating_sub(started.elapsed()))
         .await?
     {
         Waited::Finished(task) if task.state() == TaskState::Succeeded => Ok(Settled::Succeeded),
