@@ -9,7 +9,7 @@ use axum::{
     http::{HeaderValue, Method, StatusCode},
 };
 use serde_json::{Value, json};
-use sqlx::{PgPool, Row};
+use sqlx::{Connection, PgPool, Row};
 use uuid::Uuid;
 
 use crate::{
@@ -295,36 +295,52 @@ async fn a_provision_that_times_out_can_be_deprovisioned_while_it_runs(pool: PgP
     assert_eq!(deprovisions, 1);
 }
 
-/// The listener's connection is killed while a request waits, and the task finishes while nobody listens:
-/// once the listener is back it wakes every waiter, which reads its task again.
+/// The listener's connection is lost while a request waits, and the task finishes while nobody can listen (the
+/// database refuses new connections): once the listener is back it wakes every waiter, which reads its task again.
 #[sqlx::test(migrator = "broker::MIGRATOR")]
 async fn a_lost_listener_wakes_its_waiters_when_back(pool: PgPool) {
     let app = TestApp::with_sync_wait(pool.clone(), Duration::from_secs(10));
     app.provisioned("i-1").await;
+    let options = (*pool.connect_options()).clone();
     let killer = tokio::spawn(async move {
         let id = wait_for_task(&pool, "bind", "i-1", Some("b-1")).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
-        // Finish the task in the same transaction that kills the listener: its NOTIFY goes out when the
-        // listener is already gone.
-        let mut tx = pool.begin().await.unwrap();
-        let killed: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-             WHERE datname = current_database() AND query LIKE 'LISTEN%' AND pid <> pg_backend_pid()) k",
-        )
-        .fetch_one(&mut *tx)
-        .await
-        .unwrap();
-        sqlx::query("UPDATE tasks SET state = 'succeeded', finished_at = now() WHERE id = $1")
-            .bind(id)
-            .execute(&mut *tx)
+        let mut own = sqlx::PgConnection::connect_with(&options).await.unwrap();
+        let database: String = sqlx::query_scalar("SELECT current_database()::text")
+            .fetch_one(&mut own)
             .await
             .unwrap();
-        tx.commit().await.unwrap();
-        killed
+        // A database cannot refuse connections by its own say: from the server's `postgres` database.
+        let mut admin = sqlx::PgConnection::connect_with(&options.clone().database("postgres"))
+            .await
+            .unwrap();
+        sqlx::query(&format!("ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS false"))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        let listeners: i64 = sqlx::query_scalar(
+            "SELECT count(*) FILTER (WHERE query LIKE 'LISTEN%') FROM pg_stat_activity, pg_terminate_backend(pid)
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .fetch_one(&mut own)
+        .await
+        .unwrap();
+        // Every other connection is gone and none can be made: this NOTIFY reaches nobody.
+        sqlx::query("UPDATE tasks SET state = 'succeeded', finished_at = now() WHERE id = $1")
+            .bind(id)
+            .execute(&mut own)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        sqlx::query(&format!("ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS true"))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        listeners
     });
     let started = std::time::Instant::now();
     let res = call_213(&app, Method::PUT, &binding_uri("i-1", "b-1"), Some(&bind_body())).await;
-    assert_eq!(killer.await.unwrap(), 1, "the listener was found and killed");
+    assert_eq!(killer.await.unwrap(), 1, "the listener was found and cut off");
     assert_eq!(res.status, StatusCode::CREATED, "{res:?}");
     assert!(started.elapsed() < Duration::from_secs(8), "woken by the reconnect, not the timeout");
 }
