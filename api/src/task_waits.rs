@@ -72,7 +72,9 @@ impl TaskWaits {
         let deadline = Instant::now() + within;
         let registration = self.register(id.0);
         loop {
-            let task = tasks::get(&self.db, id).await?.ok_or(sqlx::Error::RowNotFound)?;
+            let task = tasks::get(&self.db, id)
+                .await?
+                .ok_or(sqlx::Error::RowNotFound)?;
             if task.state().is_finished() {
                 return Ok(Waited::Finished(task));
             }
@@ -89,7 +91,10 @@ impl TaskWaits {
     fn register(&self, id: Uuid) -> Registration {
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
         let wake = Arc::new(Notify::new());
-        lock(&self.waiters).entry(id).or_default().push((key, wake.clone()));
+        lock(&self.waiters)
+            .entry(id)
+            .or_default()
+            .push((key, wake.clone()));
         Registration {
             id,
             key,
@@ -121,7 +126,9 @@ impl Drop for Registration {
 
 fn lock(waiters: &Mutex<Waiters>) -> std::sync::MutexGuard<'_, Waiters> {
     // The table stays consistent whatever panicked while holding it: every change is one call.
-    waiters.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    waiters
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn wake(waiters: &Mutex<Waiters>, id: Uuid) {
@@ -157,7 +164,10 @@ async fn listen(db: PgPool, waiters: Arc<Mutex<Waiters>>) {
             match listener.try_recv().await {
                 Ok(Some(notification)) => match Uuid::parse_str(notification.payload()) {
                     Ok(id) => wake(&waiters, id),
-                    Err(_) => warn!(payload = notification.payload(), "a task-finished notice without a task id"),
+                    Err(_) => warn!(
+                        payload = notification.payload(),
+                        "a task-finished notice without a task id"
+                    ),
                 },
                 // The connection was lost and listens again (sqlx re-subscribes): re-check everyone.
                 Ok(None) => wake_all(&waiters),

@@ -23,9 +23,9 @@ use broker::{
     model::{Operation, TaskState},
 };
 use serde::Deserialize;
-use tokio::time::Instant;
 use serde_json::{Value, json};
 use sqlx::PgConnection;
+use tokio::time::Instant;
 
 use super::{
     OsbParams, accepted, check_id, gone, is_active, last_operation_response, lookup_plan,
@@ -73,15 +73,25 @@ async fn bind(
     // Every plan binds synchronously for a client that does not accept asynchronous answers.
     let started = Instant::now();
     let mode = query.answer_mode(true)?;
-    let response = start_bind(&state, instance_id, binding_id.clone(), query, identity, body).await?;
+    let response = start_bind(
+        &state,
+        instance_id,
+        binding_id.clone(),
+        query,
+        identity,
+        body,
+    )
+    .await?;
     match synchronous::settle(&state, mode, response, started).await? {
         Settled::Answered(response) => Ok(response),
         Settled::Succeeded => {
-            let row = bindings::get(&state.db, &binding_id).await?.ok_or_else(|| {
-                ApiError::OperationFailed(format!(
-                    "binding {binding_id} was deleted while it was being created"
-                ))
-            })?;
+            let row = bindings::get(&state.db, &binding_id)
+                .await?
+                .ok_or_else(|| {
+                    ApiError::OperationFailed(format!(
+                        "binding {binding_id} was deleted while it was being created"
+                    ))
+                })?;
             Ok((
                 StatusCode::CREATED,
                 Json(credentials_body(&state.cipher, &row, false)?),

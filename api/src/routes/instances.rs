@@ -18,15 +18,15 @@ use broker::{
     model::{Operation, TaskState, UpdatePayload},
 };
 use serde::Deserialize;
-use tokio::time::Instant;
 use serde_json::{Value, json};
 use sqlx::PgConnection;
+use tokio::time::Instant;
 
 use super::{
-    synchronous::{self, Mode, Settled},
     MaintenanceInfoBody, OsbParams, accepted, check_id, check_maintenance, gone,
     last_operation_response, lookup_plan, object_or_empty, ok_empty, operation_of, operation_task,
     parse_operation,
+    synchronous::{self, Mode, Settled},
 };
 use crate::{
     AppState,
@@ -517,7 +517,10 @@ async fn start_deprovision(
     }
     // A provision still in progress (the platform cleaning up after a provision that timed out) does not
     // block: the worker cancels it if it has not started, or runs the deprovision once it has ended.
-    if let Some(task) = active.iter().find(|t| operation_of(t) != Some(Operation::Provision)) {
+    if let Some(task) = active
+        .iter()
+        .find(|t| operation_of(t) != Some(Operation::Provision))
+    {
         return Err(concurrency(&instance_id, task));
     }
     let task = operation_task(

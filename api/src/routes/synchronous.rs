@@ -70,7 +70,12 @@ pub(crate) async fn settle(
         Waited::Finished(task) => {
             let what = task.operation.as_deref().unwrap_or("operation");
             Err(ApiError::OperationFailed(
-                match task.last_error.as_deref().map(str::trim).filter(|e| !e.is_empty()) {
+                match task
+                    .last_error
+                    .as_deref()
+                    .map(str::trim)
+                    .filter(|e| !e.is_empty())
+                {
                     Some(error) => format!("The {what} failed: {error} (operation {operation})"),
                     None => format!("The {what} failed (operation {operation})."),
                 },

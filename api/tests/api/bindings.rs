@@ -201,7 +201,10 @@ async fn unbind_while_binding_is_accepted(pool: PgPool) {
     let bind = app.bind("i-1", "b-1", &bind_body()).await.operation();
     let unbind = app.unbind("i-1", "b-1").await.operation();
     assert_ne!(bind, unbind);
-    assert_eq!(assert_unchanged!(app, app.unbind("i-1", "b-1").await).operation(), unbind);
+    assert_eq!(
+        assert_unchanged!(app, app.unbind("i-1", "b-1").await).operation(),
+        unbind
+    );
     // The bind again while the unbind is in progress: 422.
     assert_unchanged!(app, app.bind("i-1", "b-1", &bind_body()).await)
         .assert_osb_error(StatusCode::UNPROCESSABLE_ENTITY, Some("ConcurrencyError"));

@@ -15,7 +15,8 @@ use uuid::Uuid;
 use crate::{
     assert_unchanged,
     helpers::{
-        PG_SERVICE, PG_SHARED, S3_BASIC, S3_SERVICE, TestApp, TestResponse, bind_body, provision_body,
+        PG_SERVICE, PG_SHARED, S3_BASIC, S3_SERVICE, TestApp, TestResponse, bind_body,
+        provision_body,
     },
 };
 
@@ -54,7 +55,12 @@ fn deprovision_uri(instance: &str) -> String {
 }
 
 /// The unfinished task of `operation` on the instance (and binding), once the request has recorded it.
-async fn wait_for_task(pool: &PgPool, operation: &str, instance: &str, binding: Option<&str>) -> Uuid {
+async fn wait_for_task(
+    pool: &PgPool,
+    operation: &str,
+    instance: &str,
+    binding: Option<&str>,
+) -> Uuid {
     for _ in 0..500 {
         let id: Option<Uuid> = sqlx::query_scalar(
             "SELECT id FROM tasks WHERE operation = $1 AND instance_id = $2 AND binding_id IS NOT DISTINCT FROM $3
@@ -76,7 +82,13 @@ async fn wait_for_task(pool: &PgPool, operation: &str, instance: &str, binding: 
 
 /// Plays the worker: once the request has recorded its task, does what the worker would, after a pause long
 /// enough that the request is surely waiting.
-fn finish_soon(app: &TestApp, operation: &'static str, instance: &str, binding: Option<&str>, state: &'static str) {
+fn finish_soon(
+    app: &TestApp,
+    operation: &'static str,
+    instance: &str,
+    binding: Option<&str>,
+    state: &'static str,
+) {
     let pool = app.pool.clone();
     let cipher = app.cipher.clone();
     let (instance, binding) = (instance.to_string(), binding.map(str::to_string));
@@ -123,12 +135,14 @@ fn finish_soon(app: &TestApp, operation: &'static str, instance: &str, binding: 
 }
 
 async fn task_state(pool: &PgPool, operation: &str, binding: &str) -> Vec<String> {
-    sqlx::query_scalar("SELECT state FROM tasks WHERE operation = $1 AND binding_id = $2 ORDER BY created_at")
-        .bind(operation)
-        .bind(binding)
-        .fetch_all(pool)
-        .await
-        .unwrap()
+    sqlx::query_scalar(
+        "SELECT state FROM tasks WHERE operation = $1 AND binding_id = $2 ORDER BY created_at",
+    )
+    .bind(operation)
+    .bind(binding)
+    .fetch_all(pool)
+    .await
+    .unwrap()
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
@@ -138,23 +152,48 @@ async fn bind_and_unbind_without_accepts_incomplete_answer_when_done(pool: PgPoo
 
     finish_soon(&app, "bind", "i-1", Some("b-1"), "succeeded");
     let started = std::time::Instant::now();
-    let res = call_213(&app, Method::PUT, &binding_uri("i-1", "b-1"), Some(&bind_body())).await;
+    let res = call_213(
+        &app,
+        Method::PUT,
+        &binding_uri("i-1", "b-1"),
+        Some(&bind_body()),
+    )
+    .await;
     assert_eq!(res.status, StatusCode::CREATED, "{res:?}");
-    assert_eq!(res.body["credentials"], json!({"uri": "postgres://u:p@db.example/d"}));
-    assert!(started.elapsed() >= Duration::from_millis(200), "answered before the task finished");
+    assert_eq!(
+        res.body["credentials"],
+        json!({"uri": "postgres://u:p@db.example/d"})
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(200),
+        "answered before the task finished"
+    );
     assert_eq!(task_state(&app.pool, "bind", "b-1").await, ["succeeded"]);
 
     // The identical request again: 200 with the same credentials, nothing new recorded.
     let res = assert_unchanged!(
         app,
-        call_213(&app, Method::PUT, &binding_uri("i-1", "b-1"), Some(&bind_body())).await
+        call_213(
+            &app,
+            Method::PUT,
+            &binding_uri("i-1", "b-1"),
+            Some(&bind_body())
+        )
+        .await
     );
     assert_eq!(res.status, StatusCode::OK, "{res:?}");
-    assert_eq!(res.body["credentials"], json!({"uri": "postgres://u:p@db.example/d"}));
+    assert_eq!(
+        res.body["credentials"],
+        json!({"uri": "postgres://u:p@db.example/d"})
+    );
 
     finish_soon(&app, "unbind", "i-1", Some("b-1"), "succeeded");
     let res = call_213(&app, Method::DELETE, &unbind_uri("i-1", "b-1"), None).await;
-    assert_eq!((res.status, &res.body), (StatusCode::OK, &json!({})), "{res:?}");
+    assert_eq!(
+        (res.status, &res.body),
+        (StatusCode::OK, &json!({})),
+        "{res:?}"
+    );
     // Gone now: 410.
     let res = call_213(&app, Method::DELETE, &unbind_uri("i-1", "b-1"), None).await;
     assert_eq!(res.status, StatusCode::GONE);
@@ -165,8 +204,15 @@ async fn a_failed_synchronous_bind_is_a_500_in_the_osb_shape(pool: PgPool) {
     let app = TestApp::new(pool);
     app.provisioned("i-1").await;
     finish_soon(&app, "bind", "i-1", Some("b-1"), "failed");
-    let res = call_213(&app, Method::PUT, &binding_uri("i-1", "b-1"), Some(&bind_body())).await;
-    let description = res.assert_osb_error(StatusCode::INTERNAL_SERVER_ERROR, Some("OperationFailed"));
+    let res = call_213(
+        &app,
+        Method::PUT,
+        &binding_uri("i-1", "b-1"),
+        Some(&bind_body()),
+    )
+    .await;
+    let description =
+        res.assert_osb_error(StatusCode::INTERNAL_SERVER_ERROR, Some("OperationFailed"));
     assert!(description.contains("the server said no"), "{description}");
 }
 
@@ -175,7 +221,13 @@ async fn a_bind_that_times_out_is_a_504_and_the_unbind_that_follows_is_accepted(
     let app = TestApp::with_sync_wait(pool, Duration::from_millis(300));
     app.provisioned("i-1").await;
     // Nobody finishes the task: the wait runs out. A 5xx (not 408) so that the platform cleans up.
-    let res = call_213(&app, Method::PUT, &binding_uri("i-1", "b-1"), Some(&bind_body())).await;
+    let res = call_213(
+        &app,
+        Method::PUT,
+        &binding_uri("i-1", "b-1"),
+        Some(&bind_body()),
+    )
+    .await;
     res.assert_osb_error(StatusCode::GATEWAY_TIMEOUT, Some("OperationTimedOut"));
     assert_eq!(task_state(&app.pool, "bind", "b-1").await, ["pending"]);
 
@@ -190,7 +242,10 @@ async fn a_bind_that_times_out_is_a_504_and_the_unbind_that_follows_is_accepted(
         .fetch_one(&app.pool)
         .await
         .unwrap();
-    assert_eq!(app.unbind("i-1", "b-1").await.operation(), unbind.to_string());
+    assert_eq!(
+        app.unbind("i-1", "b-1").await.operation(),
+        unbind.to_string()
+    );
 
     // Once the unbind has run, the synchronous retry says so.
     finish_soon(&app, "unbind", "i-1", Some("b-1"), "succeeded");
@@ -203,30 +258,69 @@ async fn a_bind_that_times_out_is_a_504_and_the_unbind_that_follows_is_accepted(
 async fn shared_and_s3_plans_run_their_whole_lifecycle_synchronously(pool: PgPool) {
     let app = TestApp::new(pool);
     finish_soon(&app, "provision", "i-1", None, "succeeded");
-    let res = call_213(&app, Method::PUT, "/v2/service_instances/i-1", Some(&provision_body())).await;
-    assert_eq!((res.status, &res.body), (StatusCode::CREATED, &json!({})), "{res:?}");
+    let res = call_213(
+        &app,
+        Method::PUT,
+        "/v2/service_instances/i-1",
+        Some(&provision_body()),
+    )
+    .await;
+    assert_eq!(
+        (res.status, &res.body),
+        (StatusCode::CREATED, &json!({})),
+        "{res:?}"
+    );
     // The identical provision again: 200.
     let res = assert_unchanged!(
         app,
-        call_213(&app, Method::PUT, "/v2/service_instances/i-1", Some(&provision_body())).await
+        call_213(
+            &app,
+            Method::PUT,
+            "/v2/service_instances/i-1",
+            Some(&provision_body())
+        )
+        .await
     );
-    assert_eq!((res.status, &res.body), (StatusCode::OK, &json!({})), "{res:?}");
+    assert_eq!(
+        (res.status, &res.body),
+        (StatusCode::OK, &json!({})),
+        "{res:?}"
+    );
 
     finish_soon(&app, "update", "i-1", None, "succeeded");
     let update = json!({"service_id": PG_SERVICE, "parameters": {"extensions": ["hstore"]}});
-    let res = call_213(&app, Method::PATCH, "/v2/service_instances/i-1", Some(&update)).await;
-    assert_eq!((res.status, &res.body), (StatusCode::OK, &json!({})), "{res:?}");
+    let res = call_213(
+        &app,
+        Method::PATCH,
+        "/v2/service_instances/i-1",
+        Some(&update),
+    )
+    .await;
+    assert_eq!(
+        (res.status, &res.body),
+        (StatusCode::OK, &json!({})),
+        "{res:?}"
+    );
 
     // A failed update: 500, the instance as before.
     finish_soon(&app, "update", "i-1", None, "failed");
     let update = json!({"service_id": PG_SERVICE, "parameters": {"extensions": ["citext"]}});
-    call_213(&app, Method::PATCH, "/v2/service_instances/i-1", Some(&update))
-        .await
-        .assert_osb_error(StatusCode::INTERNAL_SERVER_ERROR, Some("OperationFailed"));
+    call_213(
+        &app,
+        Method::PATCH,
+        "/v2/service_instances/i-1",
+        Some(&update),
+    )
+    .await
+    .assert_osb_error(StatusCode::INTERNAL_SERVER_ERROR, Some("OperationFailed"));
 
     finish_soon(&app, "deprovision", "i-1", None, "succeeded");
     let res = call_213(&app, Method::DELETE, &deprovision_uri("i-1"), None).await;
-    assert_eq!((res.status, &res.body), (StatusCode::OK, &json!({})), "{res:?}");
+    assert_eq!(
+        (res.status, &res.body),
+        (StatusCode::OK, &json!({})),
+        "{res:?}"
+    );
     assert_eq!(app.counts().await.0, 0);
 
     // An s3 plan too.
@@ -259,7 +353,8 @@ async fn slow_plans_still_require_accepts_incomplete(pool: PgPool) {
         )
         .await
         .assert_osb_error(StatusCode::UNPROCESSABLE_ENTITY, Some("AsyncRequired"));
-        let uri = format!("/v2/service_instances/d-1?service_id={PG_SERVICE}&plan_id={PG_DEDICATED}");
+        let uri =
+            format!("/v2/service_instances/d-1?service_id={PG_SERVICE}&plan_id={PG_DEDICATED}");
         call_213(&app, Method::DELETE, &uri, None)
             .await
             .assert_osb_error(StatusCode::UNPROCESSABLE_ENTITY, Some("AsyncRequired"));
@@ -276,9 +371,14 @@ async fn slow_plans_still_require_accepts_incomplete(pool: PgPool) {
 #[sqlx::test(migrator = "broker::MIGRATOR")]
 async fn a_provision_that_times_out_can_be_deprovisioned_while_it_runs(pool: PgPool) {
     let app = TestApp::with_sync_wait(pool, Duration::from_millis(300));
-    call_213(&app, Method::PUT, "/v2/service_instances/i-1", Some(&provision_body()))
-        .await
-        .assert_osb_error(StatusCode::GATEWAY_TIMEOUT, Some("OperationTimedOut"));
+    call_213(
+        &app,
+        Method::PUT,
+        "/v2/service_instances/i-1",
+        Some(&provision_body()),
+    )
+    .await
+    .assert_osb_error(StatusCode::GATEWAY_TIMEOUT, Some("OperationTimedOut"));
     let provision = wait_for_task(&app.pool, "provision", "i-1", None).await;
     app.set_running(&provision.to_string(), None).await;
     // The platform's orphan mitigation while the provision runs: accepted (the worker holds it back).
@@ -288,10 +388,11 @@ async fn a_provision_that_times_out_can_be_deprovisioned_while_it_runs(pool: PgP
     call_213(&app, Method::DELETE, &deprovision_uri("i-1"), None)
         .await
         .assert_osb_error(StatusCode::GATEWAY_TIMEOUT, Some("OperationTimedOut"));
-    let deprovisions: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE operation = 'deprovision'")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let deprovisions: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM tasks WHERE operation = 'deprovision'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
     assert_eq!(deprovisions, 1);
 }
 
@@ -314,10 +415,12 @@ async fn a_lost_listener_wakes_its_waiters_when_back(pool: PgPool) {
         let mut admin = sqlx::PgConnection::connect_with(&options.clone().database("postgres"))
             .await
             .unwrap();
-        sqlx::query(&format!("ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS false"))
-            .execute(&mut admin)
-            .await
-            .unwrap();
+        sqlx::query(&format!(
+            "ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS false"
+        ))
+        .execute(&mut admin)
+        .await
+        .unwrap();
         let listeners: i64 = sqlx::query_scalar(
             "SELECT count(*) FILTER (WHERE query LIKE 'LISTEN%') FROM pg_stat_activity, pg_terminate_backend(pid)
              WHERE datname = current_database() AND pid <> pg_backend_pid()",
@@ -332,15 +435,30 @@ async fn a_lost_listener_wakes_its_waiters_when_back(pool: PgPool) {
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(500)).await;
-        sqlx::query(&format!("ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS true"))
-            .execute(&mut admin)
-            .await
-            .unwrap();
+        sqlx::query(&format!(
+            "ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS true"
+        ))
+        .execute(&mut admin)
+        .await
+        .unwrap();
         listeners
     });
     let started = std::time::Instant::now();
-    let res = call_213(&app, Method::PUT, &binding_uri("i-1", "b-1"), Some(&bind_body())).await;
-    assert_eq!(killer.await.unwrap(), 1, "the listener was found and cut off");
+    let res = call_213(
+        &app,
+        Method::PUT,
+        &binding_uri("i-1", "b-1"),
+        Some(&bind_body()),
+    )
+    .await;
+    assert_eq!(
+        killer.await.unwrap(),
+        1,
+        "the listener was found and cut off"
+    );
     assert_eq!(res.status, StatusCode::CREATED, "{res:?}");
-    assert!(started.elapsed() < Duration::from_secs(8), "woken by the reconnect, not the timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "woken by the reconnect, not the timeout"
+    );
 }

@@ -18,7 +18,10 @@ fn request_213(stack: &Stack, method: Method, path: &str) -> reqwest::RequestBui
 }
 
 fn shared_ids() -> (&'static str, &'static str) {
-    ("3bdd3b6c-801f-470b-a45f-bc1849fa2124", "707a3e6f-f8db-4339-88da-1533837a9810")
+    (
+        "3bdd3b6c-801f-470b-a45f-bc1849fa2124",
+        "707a3e6f-f8db-4339-88da-1533837a9810",
+    )
 }
 
 fn provision_body() -> Value {
@@ -60,8 +63,14 @@ async fn database_exists(stack: &Stack, instance: &str) -> bool {
 async fn delete_until_done(stack: &Stack, path: &str) -> Vec<u16> {
     let mut seen = Vec::new();
     for _ in 0..30 {
-        let (status, body) =
-            stack.send(request_213(stack, Method::DELETE, &format!("{path}?{}", delete_query()))).await.unwrap();
+        let (status, body) = stack
+            .send(request_213(
+                stack,
+                Method::DELETE,
+                &format!("{path}?{}", delete_query()),
+            ))
+            .await
+            .unwrap();
         seen.push(status);
         match status {
             200 | 410 => return seen,
@@ -78,46 +87,81 @@ async fn a_2_13_client_runs_the_shared_lifecycle_without_accepts_incomplete() {
     let instance = uuid::Uuid::new_v4().to_string();
     let path = format!("/v2/service_instances/{instance}");
 
-    let (status, body) = stack.send(request_213(&stack, Method::PUT, &path).json(&provision_body())).await.unwrap();
+    let (status, body) = stack
+        .send(request_213(&stack, Method::PUT, &path).json(&provision_body()))
+        .await
+        .unwrap();
     assert_eq!((status, &body), (201, &json!({})), "{}", stack.logs());
     assert!(database_exists(&stack, &instance).await);
     // The identical provision again: 200.
-    let (status, _) = stack.send(request_213(&stack, Method::PUT, &path).json(&provision_body())).await.unwrap();
+    let (status, _) = stack
+        .send(request_213(&stack, Method::PUT, &path).json(&provision_body()))
+        .await
+        .unwrap();
     assert_eq!(status, 200);
 
     let (service, _) = shared_ids();
     let update = json!({"service_id": service, "parameters": {"extensions": ["citext"]}});
-    let (status, body) = stack.send(request_213(&stack, Method::PATCH, &path).json(&update)).await.unwrap();
+    let (status, body) = stack
+        .send(request_213(&stack, Method::PATCH, &path).json(&update))
+        .await
+        .unwrap();
     assert_eq!((status, &body), (200, &json!({})), "{}", stack.logs());
 
     let binding_path = format!("{path}/service_bindings/b-1");
-    let (status, body) =
-        stack.send(request_213(&stack, Method::PUT, &binding_path).json(&bind_body())).await.unwrap();
-    assert_eq!(status, 201, "{body}\n{}", stack.logs());
-    let url = body["credentials"]["DATABASE_URL"].as_str().expect("credentials in the 201").to_string();
-    let mut app = PgConnection::connect(&url).await.expect("the binding's credentials log in");
-    let citext: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citext')")
-        .fetch_one(&mut app)
+    let (status, body) = stack
+        .send(request_213(&stack, Method::PUT, &binding_path).json(&bind_body()))
         .await
         .unwrap();
+    assert_eq!(status, 201, "{body}\n{}", stack.logs());
+    let url = body["credentials"]["DATABASE_URL"]
+        .as_str()
+        .expect("credentials in the 201")
+        .to_string();
+    let mut app = PgConnection::connect(&url)
+        .await
+        .expect("the binding's credentials log in");
+    let citext: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citext')")
+            .fetch_one(&mut app)
+            .await
+            .unwrap();
     assert!(citext, "the synchronous update was applied before its 200");
     app.close().await.unwrap();
-    let (status, again) =
-        stack.send(request_213(&stack, Method::PUT, &binding_path).json(&bind_body())).await.unwrap();
+    let (status, again) = stack
+        .send(request_213(&stack, Method::PUT, &binding_path).json(&bind_body()))
+        .await
+        .unwrap();
     assert_eq!((status, &again["credentials"]), (200, &body["credentials"]));
 
     let (status, body) = stack
-        .send(request_213(&stack, Method::DELETE, &format!("{binding_path}?{}", delete_query())))
+        .send(request_213(
+            &stack,
+            Method::DELETE,
+            &format!("{binding_path}?{}", delete_query()),
+        ))
         .await
         .unwrap();
     assert_eq!((status, &body), (200, &json!({})), "{}", stack.logs());
-    assert!(PgConnection::connect(&url).await.is_err(), "an unbound role still logs in");
+    assert!(
+        PgConnection::connect(&url).await.is_err(),
+        "an unbound role still logs in"
+    );
 
-    let (status, body) =
-        stack.send(request_213(&stack, Method::DELETE, &format!("{path}?{}", delete_query()))).await.unwrap();
+    let (status, body) = stack
+        .send(request_213(
+            &stack,
+            Method::DELETE,
+            &format!("{path}?{}", delete_query()),
+        ))
+        .await
+        .unwrap();
     assert_eq!((status, &body), (200, &json!({})), "{}", stack.logs());
     assert!(!database_exists(&stack, &instance).await);
-    assert_eq!(roles_like(&stack, &format!("{}%", stack.name_prefix)).await, 0);
+    assert_eq!(
+        roles_like(&stack, &format!("{}%", stack.name_prefix)).await,
+        0
+    );
     stack.stop().await;
 }
 
@@ -126,38 +170,81 @@ async fn a_2_13_client_runs_the_shared_lifecycle_without_accepts_incomplete() {
 /// tasks are still queued; once a worker runs, they succeed and nothing is left on the shared server.
 #[tokio::test]
 async fn a_synchronous_bind_or_provision_that_times_out_is_cleaned_up() {
-    let mut stack = Stack::start_with(vec![("SYNC_WAIT_SECS", "2".into())]).await.unwrap();
+    let mut stack = Stack::start_with(vec![("SYNC_WAIT_SECS", "2".into())])
+        .await
+        .unwrap();
     // An instance to bind to, made while the worker runs.
     let instance = uuid::Uuid::new_v4().to_string();
     let path = format!("/v2/service_instances/{instance}");
     let (status, body) = stack
-        .send(stack.request(Method::PUT, &format!("{path}?accepts_incomplete=true")).json(&provision_body()))
+        .send(
+            stack
+                .request(Method::PUT, &format!("{path}?accepts_incomplete=true"))
+                .json(&provision_body()),
+        )
         .await
         .unwrap();
     assert_eq!(status, 202, "{body}");
-    let (status, last) = stack.wait_operation(&format!("{path}/last_operation"), Duration::from_secs(60)).await.unwrap();
-    assert_eq!((status, last["state"].as_str()), (200, Some("succeeded")), "{last}");
+    let (status, last) = stack
+        .wait_operation(&format!("{path}/last_operation"), Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, last["state"].as_str()),
+        (200, Some("succeeded")),
+        "{last}"
+    );
 
     stack.kill_worker().await;
     let binding_path = format!("{path}/service_bindings/b-1");
-    let (status, body) =
-        stack.send(request_213(&stack, Method::PUT, &binding_path).json(&bind_body())).await.unwrap();
-    assert_eq!((status, body["error"].as_str()), (504, Some("OperationTimedOut")), "{body}");
+    let (status, body) = stack
+        .send(request_213(&stack, Method::PUT, &binding_path).json(&bind_body()))
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (504, Some("OperationTimedOut")),
+        "{body}"
+    );
     let orphan = uuid::Uuid::new_v4().to_string();
     let orphan_path = format!("/v2/service_instances/{orphan}");
-    let (status, body) =
-        stack.send(request_213(&stack, Method::PUT, &orphan_path).json(&provision_body())).await.unwrap();
-    assert_eq!((status, body["error"].as_str()), (504, Some("OperationTimedOut")), "{body}");
+    let (status, body) = stack
+        .send(request_213(&stack, Method::PUT, &orphan_path).json(&provision_body()))
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (504, Some("OperationTimedOut")),
+        "{body}"
+    );
 
     // Orphan mitigation starts while no worker runs: accepted, and timing out again.
     let (status, body) = stack
-        .send(request_213(&stack, Method::DELETE, &format!("{binding_path}?{}", delete_query())))
+        .send(request_213(
+            &stack,
+            Method::DELETE,
+            &format!("{binding_path}?{}", delete_query()),
+        ))
         .await
         .unwrap();
-    assert_eq!((status, body["error"].as_str()), (504, Some("OperationTimedOut")), "{body}");
-    let (status, body) =
-        stack.send(request_213(&stack, Method::DELETE, &format!("{orphan_path}?{}", delete_query()))).await.unwrap();
-    assert_eq!((status, body["error"].as_str()), (504, Some("OperationTimedOut")), "{body}");
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (504, Some("OperationTimedOut")),
+        "{body}"
+    );
+    let (status, body) = stack
+        .send(request_213(
+            &stack,
+            Method::DELETE,
+            &format!("{orphan_path}?{}", delete_query()),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (504, Some("OperationTimedOut")),
+        "{body}"
+    );
 
     // A worker again: the platform's retries succeed.
     stack.restart_worker(Vec::new()).unwrap();
@@ -167,12 +254,22 @@ async fn a_synchronous_bind_or_provision_that_times_out_is_cleaned_up() {
     assert_eq!(statuses.last(), Some(&200), "{statuses:?}");
 
     let binding_role = broker::names::binding_role(&stack.name_prefix, "b-1");
-    assert_eq!(roles_like(&stack, &binding_role).await, 0, "the timed-out binding's role was left behind");
-    assert!(!database_exists(&stack, &orphan).await, "the timed-out provision's database was left behind");
+    assert_eq!(
+        roles_like(&stack, &binding_role).await,
+        0,
+        "the timed-out binding's role was left behind"
+    );
+    assert!(
+        !database_exists(&stack, &orphan).await,
+        "the timed-out provision's database was left behind"
+    );
     let owner = broker::names::instance_owner_role(&stack.name_prefix, &orphan);
     assert_eq!(roles_like(&stack, &owner).await, 0);
     // The bound instance is still there and usable; deleting it leaves nothing.
     assert_eq!(delete_until_done(&stack, &path).await.last(), Some(&200));
-    assert_eq!(roles_like(&stack, &format!("{}%", stack.name_prefix)).await, 0);
+    assert_eq!(
+        roles_like(&stack, &format!("{}%", stack.name_prefix)).await,
+        0
+    );
     stack.stop().await;
 }

@@ -59,7 +59,10 @@ const CREATION_WAIT: Duration = Duration::from_millis(500);
 
 /// For an unbind or deprovision: cancels the `creation` (bind, provision) if it has not started, or a Wait while
 /// it runs (see [`crate::queue::cancel_or_await_creation`]).
-async fn await_creation(ctx: &TaskContext<'_>, creation: Operation) -> Result<Option<Step>, TaskError> {
+async fn await_creation(
+    ctx: &TaskContext<'_>,
+    creation: Operation,
+) -> Result<Option<Step>, TaskError> {
     let running = crate::queue::cancel_or_await_creation(ctx.pool, ctx.task, creation)
         .await
         .with_context(|| format!("checking for a {} in progress", creation.as_str()))?;

@@ -481,7 +481,12 @@ async fn bad_requests_fail_with_a_message(_: PgPoolOptions, opts: PgConnectOptio
 }
 
 /// Enqueues an operation's task without running it.
-async fn enqueue_operation(pool: &PgPool, op: Operation, instance_id: &str, binding_id: Option<&str>) -> TaskId {
+async fn enqueue_operation(
+    pool: &PgPool,
+    op: Operation,
+    instance_id: &str,
+    binding_id: Option<&str>,
+) -> TaskId {
     let mut new = NewTask::new(op.task_kind(), json!({}));
     new.instance_id = Some(instance_id.to_string());
     new.binding_id = binding_id.map(str::to_string);
@@ -497,11 +502,29 @@ async fn an_unbind_waits_for_its_running_bind(_: PgPoolOptions, opts: PgConnectO
     let pool = pool(&opts, 8).await;
     let services = services();
     let instance = new_instance(&pool, json!({})).await;
-    succeeded(&operate(&pool, &services, Operation::Provision, &instance, None, json!({})).await);
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Provision,
+            &instance,
+            None,
+            json!({}),
+        )
+        .await,
+    );
     let binding = new_binding(&pool, &instance, json!({})).await;
     let role = names::binding_role(PREFIX, &binding);
     // The bind has made its role, and is still running on another worker.
-    let bind = operate(&pool, &services, Operation::Bind, &instance, Some(&binding), json!({})).await;
+    let bind = operate(
+        &pool,
+        &services,
+        Operation::Bind,
+        &instance,
+        Some(&binding),
+        json!({}),
+    )
+    .await;
     succeeded(&bind);
     assert!(role_exists(&role).await);
     sqlx::query(
@@ -522,8 +545,14 @@ async fn an_unbind_waits_for_its_running_bind(_: PgPoolOptions, opts: PgConnectO
     let waiting = task(&pool, unbind).await;
     assert_eq!(waiting.state, "pending", "{waiting:?}");
     assert_eq!(waiting.attempts, 0, "waiting spends no attempt");
-    assert_eq!(waiting.progress.as_deref(), Some("waiting for the bind in progress to end"));
-    assert!(role_exists(&role).await, "the unbind did not run beside the bind");
+    assert_eq!(
+        waiting.progress.as_deref(),
+        Some("waiting for the bind in progress to end")
+    );
+    assert!(
+        role_exists(&role).await,
+        "the unbind did not run beside the bind"
+    );
 
     // The bind ends; the unbind goes ahead.
     sqlx::query("UPDATE tasks SET state = 'succeeded', finished_at = now() WHERE id = $1")
@@ -544,7 +573,17 @@ async fn a_queued_bind_and_its_unbind_leave_nothing(_: PgPoolOptions, opts: PgCo
     let pool = pool(&opts, 8).await;
     let services = services();
     let instance = new_instance(&pool, json!({})).await;
-    succeeded(&operate(&pool, &services, Operation::Provision, &instance, None, json!({})).await);
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Provision,
+            &instance,
+            None,
+            json!({}),
+        )
+        .await,
+    );
     let mut roles = Vec::new();
     let mut binds = Vec::new();
     let mut unbinds = Vec::new();
@@ -560,7 +599,8 @@ async fn a_queued_bind_and_its_unbind_leave_nothing(_: PgPoolOptions, opts: PgCo
         let bind = task(&pool, *bind).await;
         assert!(
             bind.state == "succeeded"
-                || bind.last_error.as_deref() == Some("cancelled: an unbind was requested before it started"),
+                || bind.last_error.as_deref()
+                    == Some("cancelled: an unbind was requested before it started"),
             "{bind:?}"
         );
         assert!(!role_exists(role).await, "role {role} left behind");
@@ -570,7 +610,10 @@ async fn a_queued_bind_and_its_unbind_leave_nothing(_: PgPoolOptions, opts: PgCo
 
 /// The same for a provision and the deprovision that follows it.
 #[sqlx::test(migrator = "broker::MIGRATOR")]
-async fn a_queued_provision_and_its_deprovision_leave_nothing(_: PgPoolOptions, opts: PgConnectOptions) {
+async fn a_queued_provision_and_its_deprovision_leave_nothing(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
     let pool = pool(&opts, 8).await;
     let services = services();
     let instance = new_instance(&pool, json!({})).await;
@@ -581,7 +624,8 @@ async fn a_queued_provision_and_its_deprovision_leave_nothing(_: PgPoolOptions, 
     let provision = task(&pool, provision).await;
     assert!(
         provision.state == "succeeded"
-            || provision.last_error.as_deref() == Some("cancelled: a deprovision was requested before it started"),
+            || provision.last_error.as_deref()
+                == Some("cancelled: a deprovision was requested before it started"),
         "{provision:?}"
     );
     assert!(!database_exists(&names::instance_database(PREFIX, &instance)).await);
