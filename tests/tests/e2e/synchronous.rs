@@ -273,3 +273,81 @@ async fn a_synchronous_bind_or_provision_that_times_out_is_cleaned_up() {
     );
     stack.stop().await;
 }
+
+/// An `s3` bucket on moto, the whole lifecycle without `accepts_incomplete` (moto from ./scripts/test.sh).
+#[tokio::test]
+async fn a_2_13_client_runs_an_s3_bucket_lifecycle_without_accepts_incomplete() {
+    let env = |name: &str| {
+        std::env::var(name).unwrap_or_else(|_| {
+            panic!("{name} is not set: run ./scripts/test.sh, which starts moto")
+        })
+    };
+    let stack = Stack::start_with(vec![
+        ("AWS_REGION", "us-east-1".into()),
+        ("AWS_ENDPOINT_URL", env("BERTH_TEST_MOTO_URL")),
+        ("AWS_ACCESS_KEY_ID", env("BERTH_TEST_MOTO_ACCESS_KEY")),
+        ("AWS_SECRET_ACCESS_KEY", env("BERTH_TEST_MOTO_SECRET_KEY")),
+    ])
+    .await
+    .unwrap();
+    let service = "6f0c2f4e-3b1a-4c55-9d0e-8a4b7c2e1f01";
+    let (basic, versioned) = (
+        "b1c7a3e0-52d4-4f0a-8e61-3d2f9a7c5b11",
+        "c2d8b4f1-63e5-4a1b-9f72-4e3a0b8d6c22",
+    );
+    let instance = uuid::Uuid::new_v4().to_string();
+    let path = format!("/v2/service_instances/{instance}");
+    let provision = json!({"service_id": service, "plan_id": basic, "organization_guid": "org", "space_guid": "space"});
+    let (status, body) = stack
+        .send(request_213(&stack, Method::PUT, &path).json(&provision))
+        .await
+        .unwrap();
+    assert_eq!((status, &body), (201, &json!({})), "{}", stack.logs());
+
+    // A plan change (versioning on) is an update the worker makes: 200 once made.
+    let update = json!({"service_id": service, "plan_id": versioned});
+    let (status, body) = stack
+        .send(request_213(&stack, Method::PATCH, &path).json(&update))
+        .await
+        .unwrap();
+    assert_eq!((status, &body), (200, &json!({})), "{}", stack.logs());
+    let (status, fetched) = stack.send(stack.request(Method::GET, &path)).await.unwrap();
+    assert_eq!(
+        (status, fetched["plan_id"].as_str()),
+        (200, Some(versioned))
+    );
+
+    let binding = format!("{path}/service_bindings/b-1");
+    let (status, body) = stack
+        .send(
+            request_213(&stack, Method::PUT, &binding)
+                .json(&json!({"service_id": service, "plan_id": versioned})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{body}\n{}", stack.logs());
+    assert!(body["credentials"]["S3_ACCESS_KEY"].is_string(), "{body}");
+
+    let query = format!("service_id={service}&plan_id={versioned}");
+    let (status, body) = stack
+        .send(request_213(
+            &stack,
+            Method::DELETE,
+            &format!("{binding}?{query}"),
+        ))
+        .await
+        .unwrap();
+    assert_eq!((status, &body), (200, &json!({})), "{}", stack.logs());
+    let (status, body) = stack
+        .send(request_213(
+            &stack,
+            Method::DELETE,
+            &format!("{path}?{query}"),
+        ))
+        .await
+        .unwrap();
+    assert_eq!((status, &body), (200, &json!({})), "{}", stack.logs());
+    let (status, _) = stack.send(stack.request(Method::GET, &path)).await.unwrap();
+    assert_eq!(status, 404);
+    stack.stop().await;
+}
