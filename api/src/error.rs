@@ -59,6 +59,13 @@ pub enum ApiError {
     /// 500: a bug or a broken dependency. The chain is logged, never sent.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
+    /// 500 `OperationFailed`: an operation answered synchronously failed (the platform cleans up, per OSB).
+    #[error("{0}")]
+    OperationFailed(String),
+    /// 504 `OperationTimedOut`: an operation answered synchronously did not finish in time. A 5xx, not a 408:
+    /// OSB platforms clean up (orphan mitigation) after a 5xx on provision and bind, never after a 408.
+    #[error("{0}")]
+    OperationTimedOut(String),
     /// 503: the broker's database cannot be reached.
     #[error("{0}")]
     Unavailable(String),
@@ -86,7 +93,8 @@ impl ApiError {
             | Self::Unprocessable(_)
             | Self::MaintenanceInfoConflict(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
-            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Internal(_) | Self::OperationFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::OperationTimedOut(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -97,6 +105,8 @@ impl ApiError {
             Self::AsyncRequired => "AsyncRequired",
             Self::Concurrency(_) => "ConcurrencyError",
             Self::MaintenanceInfoConflict(_) => "MaintenanceInfoConflict",
+            Self::OperationFailed(_) => "OperationFailed",
+            Self::OperationTimedOut(_) => "OperationTimedOut",
             other => code_for_status(other.status_code()),
         }
     }

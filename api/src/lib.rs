@@ -9,6 +9,7 @@ pub mod middleware;
 pub mod provision_batch;
 pub mod routes;
 pub mod snapshot_params;
+pub mod task_waits;
 pub mod webhook;
 
 use std::{sync::Arc, time::Duration};
@@ -47,12 +48,17 @@ pub struct AppState {
     pub requests: Arc<middleware::RequestCounts>,
     /// Which webhook URLs requests may name.
     pub webhook_targets: Arc<broker::webhook_target::TargetPolicy>,
+    /// The process's listener for finished tasks, for requests answered synchronously.
+    pub task_waits: task_waits::TaskWaits,
+    /// How long such a request waits for its task (`SYNC_WAIT_SECS`; below [`REQUEST_TIMEOUT`]).
+    pub sync_wait: Duration,
 }
 
 impl std::fmt::Debug for AppState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AppState")
             .field("max_body_bytes", &self.max_body_bytes)
+            .field("sync_wait", &self.sync_wait)
             .finish_non_exhaustive()
     }
 }

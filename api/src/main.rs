@@ -67,6 +67,7 @@ async fn serve_with(settings: &Settings, embedded: Option<&embedded::Embedded>) 
     broker::MIGRATOR.run(&db).await.context("running the broker's migrations")?;
 
     let provisions = berth_api::provision_batch::ProvisionBatcher::start(db.clone(), berth_api::PROVISION_WRITERS);
+    let task_waits = berth_api::task_waits::TaskWaits::start(db.clone());
     let state = berth_api::AppState {
         db,
         catalog: Arc::new(catalog),
@@ -79,6 +80,8 @@ async fn serve_with(settings: &Settings, embedded: Option<&embedded::Embedded>) 
         provisions,
         requests: Default::default(),
         webhook_targets: Arc::new(broker::webhook_target::TargetPolicy::from_settings(settings)?),
+        task_waits,
+        sync_wait: Duration::from_secs(settings.sync_wait_secs),
     };
     let addr: SocketAddr = format!("{}:{}", settings.bind_address, settings.port)
         .parse()

@@ -59,6 +59,10 @@ pub struct Plan {
     /// berth's own, never published: what the engine turns on for this plan (`versioning`, `encryption`).
     #[serde(default, skip_serializing)]
     pub features: Vec<String>,
+    /// berth's own, never published: provision, update and deprovision finish quickly enough to be answered
+    /// synchronously to a client that does not send `accepts_incomplete=true` (others get 422 `AsyncRequired`).
+    #[serde(default, skip_serializing)]
+    pub synchronous: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<Value>,
     #[serde(default = "yes")]
@@ -185,6 +189,10 @@ impl PlanRef<'_> {
     /// "per-binding"`, set at start-up from settings; see [`engine_metadata`]).
     pub fn can_rotate_credentials(&self) -> bool {
         self.plan.metadata.as_ref().and_then(|m| m.get("credentials")).and_then(Value::as_str) == Some("per-binding")
+    }
+    /// Whether a client that does not accept asynchronous answers may provision, update or deprovision it.
+    pub fn synchronous(&self) -> bool {
+        self.plan.synchronous
     }
     pub fn has_feature(&self, feature: &str) -> bool {
         self.plan.features.iter().any(|f| f == feature)

@@ -55,6 +55,11 @@ pub struct Settings {
     pub auth_failure_limit: u32,
     #[serde(default = "default_auth_failure_window_secs")]
     pub auth_failure_window_secs: u64,
+    /// How long the API waits for an operation it answers synchronously (a request without
+    /// `accepts_incomplete=true`) before answering 504 so that the platform cleans up. Below the API's 30 s
+    /// request timeout, which answers 408 (which platforms take as "never received": no cleanup).
+    #[serde(default = "default_sync_wait_secs")]
+    pub sync_wait_secs: u64,
     /// Connections in the pool of each process.
     #[serde(default = "default_db_pool_size")]
     pub database_pool_size: u32,
@@ -224,6 +229,11 @@ fn default_auth_failure_limit() -> u32 {
 fn default_auth_failure_window_secs() -> u64 {
     60
 }
+/// Longest `SYNC_WAIT_SECS`: the API's request timeout (30 s) less time for the writes before the wait.
+pub const MAX_SYNC_WAIT_SECS: u64 = 25;
+fn default_sync_wait_secs() -> u64 {
+    20
+}
 fn default_db_pool_size() -> u32 {
     16
 }
@@ -303,6 +313,12 @@ impl Settings {
         }
         if self.worker_lease_secs < 2 {
             anyhow::bail!("WORKER_LEASE_SECS must be at least 2");
+        }
+        if !(1..=MAX_SYNC_WAIT_SECS).contains(&self.sync_wait_secs) {
+            anyhow::bail!(
+                "SYNC_WAIT_SECS must be from 1 to {MAX_SYNC_WAIT_SECS} (the API answers 408 after 30 s, and a 408 \
+                 tells a platform not to clean up)"
+            );
         }
         if !(1..=19).contains(&self.snapshot_zstd_level) {
             anyhow::bail!("SNAPSHOT_ZSTD_LEVEL must be from 1 to 19");

@@ -10,7 +10,7 @@ use broker::{
         tasks::{self, NewTask, TaskRow},
         webhooks,
     },
-    model::{WebhookBody, kinds},
+    model::{Operation, TaskId, WebhookBody, kinds},
 };
 use sqlx::{PgExecutor, PgPool, Postgres, Transaction};
 use uuid::Uuid;
@@ -364,6 +364,59 @@ pub async fn reclaim_expired(pool: &PgPool) -> sqlx::Result<usize> {
     }
     tx.commit().await?;
     Ok(pending)
+}
+
+/// Before an unbind (deprovision) runs: fails the binding's (instance's) `creation` tasks (bind, provision) that
+/// have not started, as cancelled, and says whether one is still running, in which case the caller waits and
+/// tries again: undoing never runs beside the creation it undoes (a platform cleaning up after a synchronous
+/// request that timed out sends it while the creation goes on), so a creation cannot leave a role or key behind.
+/// A claim and the cancel both lock the row first, so a task is either claimed (then seen running) or cancelled.
+pub async fn cancel_or_await_creation(
+    pool: &PgPool,
+    undoing: &TaskRow,
+    creation: Operation,
+) -> sqlx::Result<bool> {
+    let mut tx = pool.begin().await?;
+    let cancelled: Vec<Uuid> = sqlx::query_scalar(
+        "UPDATE tasks SET state = 'failed', last_error = $5, finished_at = now(), updated_at = now()
+         WHERE instance_id = $1 AND binding_id IS NOT DISTINCT FROM $2 AND operation = $3 AND state = 'pending'
+           AND created_at <= $4
+         RETURNING id",
+    )
+    .bind(&undoing.instance_id)
+    .bind(&undoing.binding_id)
+    .bind(creation.as_str())
+    .bind(undoing.created_at)
+    .bind(format!(
+        "cancelled: {} was requested before it started",
+        match undoing.operation.as_deref() {
+            Some("unbind") => "an unbind",
+            Some("deprovision") => "a deprovision",
+            _ => "a deletion",
+        }
+    ))
+    .fetch_all(&mut *tx)
+    .await?;
+    for id in cancelled {
+        if let Some(row) = tasks::get(&mut *tx, TaskId(id)).await? {
+            on_finished(&mut tx, &row).await?;
+        }
+    }
+    let running: bool = sqlx::query_scalar(
+        "SELECT EXISTS (
+             SELECT 1 FROM tasks
+             WHERE instance_id = $1 AND binding_id IS NOT DISTINCT FROM $2 AND operation = $3
+               AND state IN ('pending', 'running') AND created_at <= $4
+         )",
+    )
+    .bind(&undoing.instance_id)
+    .bind(&undoing.binding_id)
+    .bind(creation.as_str())
+    .bind(undoing.created_at)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(running)
 }
 
 /// A finished operation with a webhook owes a delivery: the row plus the task that sends it.

@@ -1,5 +1,6 @@
 //! `/v2/service_instances/{instance_id}/service_bindings/{binding_id}`: bind (PUT), unbind (DELETE), fetch (GET)
-//! and `last_operation`. Bindings are always asynchronous; the worker writes the sealed credentials.
+//! and `last_operation`. The worker writes the sealed credentials; a client that does not send
+//! `accepts_incomplete=true` gets its answer once the task has finished (see `synchronous`).
 //!
 //! A bind on an instance that does not exist is a 404; while its provision runs, 422 `ConcurrencyError`; after
 //! its provision failed, 422 (see `instances::provisioned_instance`).
@@ -25,11 +26,13 @@ use chrono::{DateTime, SubsecRound, Utc};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sqlx::PgConnection;
+use tokio::time::Instant;
 
 use super::{
     instances::provisioned_instance,
     OsbParams, accepted, check_id, gone, is_active, last_operation_response, lookup_plan,
-    object_or_empty, operation_of, operation_task, parse_operation,
+    object_or_empty, ok_empty, operation_of, operation_task, parse_operation,
+    synchronous::{self, Settled},
 };
 use crate::{
     AppState,
@@ -69,9 +72,48 @@ async fn bind(
     OriginatingIdentity(identity): OriginatingIdentity,
     OsbJson(body): OsbJson<BindBody>,
 ) -> ApiResult<Response> {
+    // Every plan binds synchronously for a client that does not accept asynchronous answers.
+    let started = Instant::now();
+    let mode = query.answer_mode(true)?;
+    let response = start_bind(
+        &state,
+        instance_id,
+        binding_id.clone(),
+        query,
+        identity,
+        body,
+    )
+    .await?;
+    match synchronous::settle(&state, mode, response, started).await? {
+        Settled::Answered(response) => Ok(response),
+        Settled::Succeeded => {
+            let row = bindings::get(&state.db, &binding_id)
+                .await?
+                .ok_or_else(|| {
+                    ApiError::OperationFailed(format!(
+                        "binding {binding_id} was deleted while it was being created"
+                    ))
+                })?;
+            Ok((
+                StatusCode::CREATED,
+                Json(credentials_body(&state.cipher, &row, false)?),
+            )
+                .into_response())
+        }
+    }
+}
+
+/// Validates and records a bind; answers 202 (or the answer to a repeated request).
+async fn start_bind(
+    state: &AppState,
+    instance_id: String,
+    binding_id: String,
+    query: OsbParams,
+    identity: Option<Value>,
+    body: BindBody,
+) -> ApiResult<Response> {
     check_id("instance_id", &instance_id)?;
     check_id("binding_id", &binding_id)?;
-    query.require_async()?;
     let plan = lookup_plan(&state.catalog, &body.service_id, &body.plan_id)?;
     if !plan.bindable() {
         return Err(ApiError::bad_request(format!(
@@ -89,7 +131,7 @@ async fn bind(
         .validate(&plan.plan.id, SchemaFor::Bind, &parameters)
         .map_err(|e| ApiError::BadRequest(e.0))?;
     if let Some(predecessor) = &body.predecessor_binding_id {
-        let inherited = rotation_parameters(&state, &plan, &instance_id, predecessor).await?;
+        let inherited = rotation_parameters(state, &plan, &instance_id, predecessor).await?;
         if !parameters_given {
             parameters = inherited;
         }
@@ -372,6 +414,23 @@ async fn unbind(
     OsbQuery(query): OsbQuery<OsbParams>,
     OriginatingIdentity(identity): OriginatingIdentity,
 ) -> ApiResult<Response> {
+    let started = Instant::now();
+    let mode = query.answer_mode(true)?;
+    let response = start_unbind(&state, instance_id, binding_id, query, identity).await?;
+    match synchronous::settle(&state, mode, response, started).await? {
+        Settled::Answered(response) => Ok(response),
+        Settled::Succeeded => Ok(ok_empty()),
+    }
+}
+
+/// Records an unbind; answers 202 (or 410).
+async fn start_unbind(
+    state: &AppState,
+    instance_id: String,
+    binding_id: String,
+    query: OsbParams,
+    identity: Option<Value>,
+) -> ApiResult<Response> {
     check_id("instance_id", &instance_id)?;
     check_id("binding_id", &binding_id)?;
     query.require_service_and_plan()?;
@@ -395,16 +454,17 @@ async fn unbind(
         Some(row) if row.instance_id == instance_id => row,
         _ => return Ok(gone()),
     };
-    // OSB: 410 for an unknown binding comes before 422 AsyncRequired.
-    query.require_async()?;
     if let Some(task) = tasks::latest_binding_operation(&mut *tx, &binding_id)
         .await?
         .filter(is_active)
     {
-        return match operation_of(&task) {
-            Some(Operation::Unbind) => Ok(accepted(task.task_id())),
-            _ => Err(binding_concurrency(&row, &task)),
-        };
+        match operation_of(&task) {
+            Some(Operation::Unbind) => return Ok(accepted(task.task_id())),
+            // A bind still in progress (the platform cleaning up after a bind that timed out) does not block:
+            // the worker cancels it if it has not started, or runs the unbind once it has ended.
+            Some(Operation::Bind) => {}
+            _ => return Err(binding_concurrency(&row, &task)),
+        }
     }
     // A credentials rotation is giving this binding a new key: unbinding under it would leave the rotation a
     // user to rotate that is being deleted.

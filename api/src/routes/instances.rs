@@ -20,11 +20,13 @@ use broker::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sqlx::PgConnection;
+use tokio::time::Instant;
 
 use super::{
     MaintenanceInfoBody, OsbParams, accepted, check_id, check_maintenance, gone,
     last_operation_response, lookup_plan, object_or_empty, ok_empty, operation_of, operation_task,
     parse_operation,
+    synchronous::{self, Mode, Settled},
 };
 use crate::{
     AppState,
@@ -69,14 +71,32 @@ async fn provision(
     OriginatingIdentity(identity): OriginatingIdentity,
     OsbJson(body): OsbJson<ProvisionBody>,
 ) -> ApiResult<Response> {
+    let started = Instant::now();
+    let mut mode = Mode::Async;
+    let response = start_provision(&state, instance_id, query, identity, body, &mut mode).await?;
+    match synchronous::settle(&state, mode, response, started).await? {
+        Settled::Answered(response) => Ok(response),
+        Settled::Succeeded => Ok((StatusCode::CREATED, Json(json!({}))).into_response()),
+    }
+}
+
+/// Validates and records a provision; answers 202 (or the answer to a repeated request). Sets `mode`.
+async fn start_provision(
+    state: &AppState,
+    instance_id: String,
+    query: OsbParams,
+    identity: Option<Value>,
+    body: ProvisionBody,
+    mode: &mut Mode,
+) -> ApiResult<Response> {
     check_id("instance_id", &instance_id)?;
-    query.require_async()?;
     for (field, value) in [("organization_guid", &body.organization_guid), ("space_guid", &body.space_guid)] {
         if value.is_empty() {
             return Err(ApiError::bad_request(format!("`{field}` must be a non-empty string")));
         }
     }
     let plan = lookup_plan(&state.catalog, &body.service_id, &body.plan_id)?;
+    *mode = query.answer_mode(plan.synchronous())?;
     let mut parameters = object_or_empty(body.parameters, "parameters")?;
     state
         .catalog
@@ -320,6 +340,24 @@ async fn update(
     OriginatingIdentity(identity): OriginatingIdentity,
     OsbJson(body): OsbJson<UpdateBody>,
 ) -> ApiResult<Response> {
+    let started = Instant::now();
+    let mut mode = Mode::Async;
+    let response = start_update(&state, instance_id, query, identity, body, &mut mode).await?;
+    match synchronous::settle(&state, mode, response, started).await? {
+        Settled::Answered(response) => Ok(response),
+        Settled::Succeeded => Ok(ok_empty()),
+    }
+}
+
+/// Validates and records an update; answers 202 (or 200 for a context-only change). Sets `mode`.
+async fn start_update(
+    state: &AppState,
+    instance_id: String,
+    query: OsbParams,
+    identity: Option<Value>,
+    body: UpdateBody,
+    mode: &mut Mode,
+) -> ApiResult<Response> {
     check_id("instance_id", &instance_id)?;
     let catalog = &state.catalog;
     let service = catalog.service(&body.service_id).ok_or_else(|| {
@@ -432,14 +470,21 @@ async fn update(
     let payload = serde_json::to_value(&payload)
         .map_err(|e| anyhow::Error::new(e).context("serializing an update"))?;
 
+    // Synchronous only when both the current and the target plan are.
+    let sync_allowed = target.synchronous()
+        && catalog
+            .plan_by_id(&row.plan_id)
+            .is_some_and(|current| current.synchronous());
     let active = tasks::active_operations(&mut *tx, &instance_id).await?;
     if let Some(task) = active.first() {
-        // OSB: a re-sent PATCH whose update has not completed yet is 202 with the same operation.
+        // OSB: a re-sent PATCH whose update has not completed yet is 202 with the same operation (a synchronous
+        // client waits for it again).
         let resent = !context_only
             && task.binding_id.is_none()
             && operation_of(task) == Some(Operation::Update)
             && task.payload == payload;
-        if resent && query.accepts_incomplete() {
+        if resent && (query.accepts_incomplete() || sync_allowed) {
+            *mode = query.answer_mode(sync_allowed)?;
             return Ok(accepted(task.task_id()));
         }
         return Err(concurrency(&instance_id, task));
@@ -453,7 +498,7 @@ async fn update(
         tx.commit().await?;
         return Ok(ok_empty());
     }
-    query.require_async()?;
+    *mode = query.answer_mode(sync_allowed)?;
 
     let task = operation_task(
         Operation::Update,
@@ -474,6 +519,23 @@ async fn deprovision(
     OsbQuery(query): OsbQuery<OsbParams>,
     OriginatingIdentity(identity): OriginatingIdentity,
 ) -> ApiResult<Response> {
+    let started = Instant::now();
+    let mut mode = Mode::Async;
+    let response = start_deprovision(&state, instance_id, query, identity, &mut mode).await?;
+    match synchronous::settle(&state, mode, response, started).await? {
+        Settled::Answered(response) => Ok(response),
+        Settled::Succeeded => Ok(ok_empty()),
+    }
+}
+
+/// Records a deprovision; answers 202 (or 410). Sets `mode`.
+async fn start_deprovision(
+    state: &AppState,
+    instance_id: String,
+    query: OsbParams,
+    identity: Option<Value>,
+    mode: &mut Mode,
+) -> ApiResult<Response> {
     check_id("instance_id", &instance_id)?;
     query.require_service_and_plan()?;
     let hook = webhook::take(
@@ -485,14 +547,15 @@ async fn deprovision(
     )?;
 
     let mut tx = state.db.begin().await?;
-    if instances::get_for_update(&mut *tx, &instance_id)
-        .await?
-        .is_none()
-    {
+    let Some(row) = instances::get_for_update(&mut *tx, &instance_id).await? else {
         return Ok(gone());
-    }
-    // OSB: 410 for an unknown instance comes before 422 AsyncRequired.
-    query.require_async()?;
+    };
+    // The instance's plan (not the query's) says whether it may be deleted synchronously.
+    let sync_allowed = state
+        .catalog
+        .plan_by_id(&row.plan_id)
+        .is_some_and(|plan| plan.synchronous());
+    *mode = query.answer_mode(sync_allowed)?;
     let active = tasks::active_operations(&mut *tx, &instance_id).await?;
     if let Some(task) = active
         .iter()
@@ -500,7 +563,12 @@ async fn deprovision(
     {
         return Ok(accepted(task.task_id()));
     }
-    if let Some(task) = active.first() {
+    // A provision still in progress (the platform cleaning up after a provision that timed out) does not
+    // block: the worker cancels it if it has not started, or runs the deprovision once it has ended.
+    if let Some(task) = active
+        .iter()
+        .find(|t| operation_of(t) != Some(Operation::Provision))
+    {
         return Err(concurrency(&instance_id, task));
     }
     let task = operation_task(

@@ -9,6 +9,7 @@ pub mod instances;
 pub mod metrics;
 pub mod presets;
 pub mod price_check;
+pub(crate) mod synchronous;
 
 use axum::{
     Json,
@@ -163,13 +164,16 @@ pub(crate) fn operation_of(task: &TaskRow) -> Option<Operation> {
     task.operation.as_deref().and_then(Operation::parse)
 }
 
-/// 202 `{"operation": "<task id>"}`.
+/// 202 `{"operation": "<task id>"}`. The task id also rides along as an extension, for
+/// [`synchronous::settle`].
 pub(crate) fn accepted(operation: TaskId) -> Response {
-    (
+    let mut response = (
         StatusCode::ACCEPTED,
         Json(json!({ "operation": operation.to_string() })),
     )
-        .into_response()
+        .into_response();
+    response.extensions_mut().insert(operation);
+    response
 }
 
 /// 200 `{}`.

@@ -34,9 +34,11 @@ fn router(pool: PgPool) -> Router {
         cipher: Cipher::from_key(&[42; 32]),
         auth: Arc::new(BrokerAuth::new(USER.into(), PASSWORD.into()).with_throttle(LIMIT, WINDOW)),
         max_body_bytes: MAX_BODY,
-        provisions: berth_api::provision_batch::ProvisionBatcher::start(pool, 1),
+        provisions: berth_api::provision_batch::ProvisionBatcher::start(pool.clone(), 1),
         requests: Default::default(),
         webhook_targets: Arc::new(broker::webhook_target::TargetPolicy::new(true, None).unwrap()),
+        task_waits: berth_api::task_waits::TaskWaits::start(pool.clone()),
+        sync_wait: Duration::from_secs(5),
     })
 }
 

@@ -125,10 +125,19 @@ pub fn bind_body() -> Value {
 impl TestApp {
     /// The suites' webhook receivers listen on 127.0.0.1: loopback targets allowed.
     pub fn new(pool: PgPool) -> Self {
-        Self::with_webhook_targets(pool, TargetPolicy::new(true, None).unwrap())
+        Self::with_options(pool, TargetPolicy::new(true, None).unwrap(), std::time::Duration::from_secs(5))
     }
 
     pub fn with_webhook_targets(pool: PgPool, webhook_targets: TargetPolicy) -> Self {
+        Self::with_options(pool, webhook_targets, std::time::Duration::from_secs(5))
+    }
+
+    /// With `sync_wait` as the longest wait of a request answered synchronously.
+    pub fn with_sync_wait(pool: PgPool, sync_wait: std::time::Duration) -> Self {
+        Self::with_options(pool, TargetPolicy::new(true, None).unwrap(), sync_wait)
+    }
+
+    fn with_options(pool: PgPool, webhook_targets: TargetPolicy, sync_wait: std::time::Duration) -> Self {
         let cipher = Cipher::from_key(&[42; 32]);
         let state = AppState {
             db: pool.clone(),
@@ -139,6 +148,8 @@ impl TestApp {
             provisions: berth_api::provision_batch::ProvisionBatcher::start(pool.clone(), berth_api::PROVISION_WRITERS),
             requests: Default::default(),
             webhook_targets: Arc::new(webhook_targets),
+            task_waits: berth_api::task_waits::TaskWaits::start(pool.clone()),
+            sync_wait,
         };
         Self {
             router: berth_api::router(state),

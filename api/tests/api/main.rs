@@ -18,4 +18,5 @@ mod middleware;
 mod price_check;
 mod provision;
 mod spec_edges;
+mod synchronous;
 mod update;

@@ -69,12 +69,16 @@ async fn new_instance_is_202_with_row_and_one_task(pool: PgPool) {
 #[sqlx::test(migrator = "broker::MIGRATOR")]
 async fn without_accepts_incomplete_is_422_async_required(pool: PgPool) {
     let app = TestApp::new(pool);
+    // A plan the catalog does not mark synchronous (`dedicated`; `shared` is: tests/api/synchronous.rs).
+    let mut body = provision_body();
+    body["plan_id"] = json!("5f0c2d8e-9b41-4c7a-a6e3-2d7f1b8c4e90");
+    body["parameters"] = json!({});
     assert_unchanged!(app, {
         for uri in [
             "/v2/service_instances/i-1",
             "/v2/service_instances/i-1?accepts_incomplete=false",
         ] {
-            app.call(Method::PUT, uri, Some(&provision_body()))
+            app.call(Method::PUT, uri, Some(&body))
                 .await
                 .assert_osb_error(StatusCode::UNPROCESSABLE_ENTITY, Some("AsyncRequired"));
         }

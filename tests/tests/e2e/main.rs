@@ -11,3 +11,4 @@ mod s3_lifecycle;
 mod shared_lifecycle;
 mod snapshots;
 mod startup;
+mod synchronous;

@@ -5,11 +5,11 @@ use anyhow::Context as _;
 use async_trait::async_trait;
 use broker::{
     db::{bindings, instances},
-    model::kinds,
+    model::{Operation, kinds},
     snapshots::{BackupPolicy, OnDelete},
 };
 
-use super::ready;
+use super::{await_creation, ready};
 use crate::{
     context::TaskContext,
     registry::{Step, TaskError, TaskHandler},
@@ -26,6 +26,9 @@ impl TaskHandler for Deprovision {
 
     async fn run(&self, ctx: &TaskContext<'_>) -> Result<Step, TaskError> {
         let instance_id = ctx.instance_id()?;
+        if let Some(wait) = await_creation(ctx, Operation::Provision).await? {
+            return Ok(wait);
+        }
         let Some(instance) = instances::get(ctx.pool, instance_id)
             .await
             .context("reading the instance")?

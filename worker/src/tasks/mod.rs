@@ -30,9 +30,13 @@ pub use update::Update;
 
 use std::time::Duration;
 
+use anyhow::Context as _;
+use broker::model::Operation;
+
 use crate::{
+    context::TaskContext,
     providers::Progress,
-    registry::{Registry, Step},
+    registry::{Registry, Step, TaskError},
 };
 
 /// Every kind this worker runs.
@@ -51,6 +55,26 @@ pub fn registry() -> Registry {
         .with(ChangePrimary)
         .with(DeliverWebhook)
         .with(Noop)
+}
+
+/// How soon an unbind or deprovision looks again whether the creation it undoes has ended.
+const CREATION_WAIT: Duration = Duration::from_millis(500);
+
+/// For an unbind or deprovision: cancels the `creation` (bind, provision) if it has not started, or a Wait while
+/// it runs (see [`crate::queue::cancel_or_await_creation`]).
+async fn await_creation(
+    ctx: &TaskContext<'_>,
+    creation: Operation,
+) -> Result<Option<Step>, TaskError> {
+    let running = crate::queue::cancel_or_await_creation(ctx.pool, ctx.task, creation)
+        .await
+        .with_context(|| format!("checking for a {} in progress", creation.as_str()))?;
+    Ok(running.then(|| {
+        wait(
+            CREATION_WAIT,
+            format!("waiting for the {} in progress to end", creation.as_str()),
+        )
+    }))
 }
 
 /// A provider asked to wait: turn that into the queue's Wait.

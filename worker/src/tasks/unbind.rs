@@ -5,10 +5,10 @@ use anyhow::Context as _;
 use async_trait::async_trait;
 use broker::{
     db::{bindings, instances},
-    model::kinds,
+    model::{Operation, kinds},
 };
 
-use super::ready;
+use super::{await_creation, ready};
 use crate::{
     context::TaskContext,
     registry::{Step, TaskError, TaskHandler},
@@ -24,6 +24,9 @@ impl TaskHandler for DeleteBinding {
 
     async fn run(&self, ctx: &TaskContext<'_>) -> Result<Step, TaskError> {
         let binding_id = ctx.binding_id()?;
+        if let Some(wait) = await_creation(ctx, Operation::Bind).await? {
+            return Ok(wait);
+        }
         let Some(binding) = bindings::get(ctx.pool, binding_id)
             .await
             .context("reading the binding")?

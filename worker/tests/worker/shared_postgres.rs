@@ -10,7 +10,7 @@ use broker::{
         instances,
         tasks::{NewTask, TaskRow},
     },
-    model::{Operation, UpdatePayload},
+    model::{Operation, TaskId, UpdatePayload},
     names,
 };
 use serde_json::{Map, Value, json};
@@ -580,4 +580,157 @@ async fn binding_passwords_never_reach_the_servers_statement_log(
     }
     assert!(log.contains("PASSWORD 'SCRAM-SHA-256$4096:"), "{log}");
     private.server.stop().await.unwrap();
+}
+
+/// Enqueues an operation's task without running it.
+async fn enqueue_operation(
+    pool: &PgPool,
+    op: Operation,
+    instance_id: &str,
+    binding_id: Option<&str>,
+) -> TaskId {
+    let mut new = NewTask::new(op.task_kind(), json!({}));
+    new.instance_id = Some(instance_id.to_string());
+    new.binding_id = binding_id.map(str::to_string);
+    new.operation = Some(op.as_str());
+    new.max_attempts = 3;
+    enqueue_with(pool, new).await
+}
+
+/// An unbind sent while its bind still runs (a platform cleaning up after a synchronous bind that timed out)
+/// waits, without spending attempts, until the bind has ended, then drops the role the bind made.
+#[sqlx::test(migrator = "broker::MIGRATOR")]
+async fn an_unbind_waits_for_its_running_bind(_: PgPoolOptions, opts: PgConnectOptions) {
+    let pool = pool(&opts, 8).await;
+    let services = services();
+    let instance = new_instance(&pool, json!({})).await;
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Provision,
+            &instance,
+            None,
+            json!({}),
+        )
+        .await,
+    );
+    let binding = new_binding(&pool, &instance, json!({})).await;
+    let role = names::binding_role(PREFIX, &binding);
+    // The bind has made its role, and is still running on another worker.
+    let bind = operate(
+        &pool,
+        &services,
+        Operation::Bind,
+        &instance,
+        Some(&binding),
+        json!({}),
+    )
+    .await;
+    succeeded(&bind);
+    assert!(role_exists(&role).await);
+    sqlx::query(
+        "UPDATE tasks SET state = 'running', worker_id = 'elsewhere', lease_until = now() + interval '1 hour',
+                          finished_at = NULL WHERE id = $1",
+    )
+    .bind(bind.id)
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let unbind = enqueue_operation(&pool, Operation::Unbind, &instance, Some(&binding)).await;
+    let worker = tokio::spawn({
+        let (pool, services) = (pool.clone(), services.clone());
+        async move { drain(&pool, services, tasks::registry(), config("w")).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let waiting = task(&pool, unbind).await;
+    assert_eq!(waiting.state, "pending", "{waiting:?}");
+    assert_eq!(waiting.attempts, 0, "waiting spends no attempt");
+    assert_eq!(
+        waiting.progress.as_deref(),
+        Some("waiting for the bind in progress to end")
+    );
+    assert!(
+        role_exists(&role).await,
+        "the unbind did not run beside the bind"
+    );
+
+    // The bind ends; the unbind goes ahead.
+    sqlx::query("UPDATE tasks SET state = 'succeeded', finished_at = now() WHERE id = $1")
+        .bind(bind.id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    worker.await.unwrap();
+    succeeded(&task(&pool, unbind).await);
+    assert!(!role_exists(&role).await);
+    assert!(bindings::get(&pool, &binding).await.unwrap().is_none());
+}
+
+/// A bind and the unbind that follows it, both queued (the bind timed out before a worker took it): whichever
+/// way the worker takes them, nothing is left: the bind is cancelled, or it runs first and the unbind after.
+#[sqlx::test(migrator = "broker::MIGRATOR")]
+async fn a_queued_bind_and_its_unbind_leave_nothing(_: PgPoolOptions, opts: PgConnectOptions) {
+    let pool = pool(&opts, 8).await;
+    let services = services();
+    let instance = new_instance(&pool, json!({})).await;
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Provision,
+            &instance,
+            None,
+            json!({}),
+        )
+        .await,
+    );
+    let mut roles = Vec::new();
+    let mut binds = Vec::new();
+    let mut unbinds = Vec::new();
+    for _ in 0..4 {
+        let binding = new_binding(&pool, &instance, json!({})).await;
+        roles.push((binding.clone(), names::binding_role(PREFIX, &binding)));
+        binds.push(enqueue_operation(&pool, Operation::Bind, &instance, Some(&binding)).await);
+        unbinds.push(enqueue_operation(&pool, Operation::Unbind, &instance, Some(&binding)).await);
+    }
+    drain(&pool, services.clone(), tasks::registry(), config("w")).await;
+    for ((binding, role), (bind, unbind)) in roles.iter().zip(binds.iter().zip(&unbinds)) {
+        succeeded(&task(&pool, *unbind).await);
+        let bind = task(&pool, *bind).await;
+        assert!(
+            bind.state == "succeeded"
+                || bind.last_error.as_deref()
+                    == Some("cancelled: an unbind was requested before it started"),
+            "{bind:?}"
+        );
+        assert!(!role_exists(role).await, "role {role} left behind");
+        assert!(bindings::get(&pool, binding).await.unwrap().is_none());
+    }
+}
+
+/// The same for a provision and the deprovision that follows it.
+#[sqlx::test(migrator = "broker::MIGRATOR")]
+async fn a_queued_provision_and_its_deprovision_leave_nothing(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let pool = pool(&opts, 8).await;
+    let services = services();
+    let instance = new_instance(&pool, json!({})).await;
+    let provision = enqueue_operation(&pool, Operation::Provision, &instance, None).await;
+    let deprovision = enqueue_operation(&pool, Operation::Deprovision, &instance, None).await;
+    drain(&pool, services.clone(), tasks::registry(), config("w")).await;
+    succeeded(&task(&pool, deprovision).await);
+    let provision = task(&pool, provision).await;
+    assert!(
+        provision.state == "succeeded"
+            || provision.last_error.as_deref()
+                == Some("cancelled: a deprovision was requested before it started"),
+        "{provision:?}"
+    );
+    assert!(!database_exists(&names::instance_database(PREFIX, &instance)).await);
+    assert!(!role_exists(&names::instance_owner_role(PREFIX, &instance)).await);
+    assert!(instances::get(&pool, &instance).await.unwrap().is_none());
 }
