@@ -19,7 +19,10 @@ use broker::{
     db::tasks::{self, TaskRow},
     model::TaskId,
 };
-use sqlx::{PgPool, postgres::PgListener};
+use sqlx::{
+    PgPool,
+    postgres::{PgListener, PgPoolOptions},
+};
 use tokio::{sync::Notify, time::Instant};
 use tracing::warn;
 use uuid::Uuid;
@@ -148,10 +151,22 @@ fn wake_all(waiters: &Mutex<Waiters>) {
 }
 
 async fn listen(db: PgPool, waiters: Arc<Mutex<Waiters>>) {
+    // A connection of its own, outside the request pool: the listener holds it for good, and requests (and the
+    // pool's size, which operators tune) must not lose one to it. It closes with the request pool.
+    let own = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_lazy_with((*db.connect_options()).clone());
+    tokio::select! {
+        () = listen_on(&own, &waiters) => {}
+        () = db.close_event() => {}
+    }
+    own.close().await;
+}
+
+async fn listen_on(own: &PgPool, waiters: &Mutex<Waiters>) {
     loop {
-        let mut listener = match connect(&db).await {
+        let mut listener = match connect(own).await {
             Ok(listener) => listener,
-            Err(_) if db.is_closed() => return,
             Err(e) => {
                 warn!(error = %e, "cannot listen for finished tasks; trying again");
                 tokio::time::sleep(RECONNECT_PAUSE).await;
@@ -159,19 +174,18 @@ async fn listen(db: PgPool, waiters: Arc<Mutex<Waiters>>) {
             }
         };
         // Listening (again): whatever finished while nobody listened has not been heard.
-        wake_all(&waiters);
+        wake_all(waiters);
         loop {
             match listener.try_recv().await {
                 Ok(Some(notification)) => match Uuid::parse_str(notification.payload()) {
-                    Ok(id) => wake(&waiters, id),
+                    Ok(id) => wake(waiters, id),
                     Err(_) => warn!(
                         payload = notification.payload(),
                         "a task-finished notice without a task id"
                     ),
                 },
                 // The connection was lost and listens again (sqlx re-subscribes): re-check everyone.
-                Ok(None) => wake_all(&waiters),
-                Err(_) if db.is_closed() => return,
+                Ok(None) => wake_all(waiters),
                 Err(e) => {
                     warn!(error = %e, "lost the listener for finished tasks");
                     break;

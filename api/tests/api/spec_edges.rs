@@ -168,11 +168,16 @@ async fn delete_of_unknown_is_410_before_async_required(pool: PgPool) {
             assert_eq!(r.status, StatusCode::GONE, "DELETE {uri}: {r:?}");
             assert_eq!(r.body, json!({}));
         }
-        // What exists still needs accepts_incomplete.
-        app.call(Method::DELETE, &format!("/v2/service_instances/i-1?{q}"), None)
-            .await
-            .assert_osb_error(StatusCode::UNPROCESSABLE_ENTITY, Some("AsyncRequired"));
     });
+    // What exists on a plan that is not synchronous still needs accepts_incomplete.
+    const PG_DEDICATED: &str = "5f0c2d8e-9b41-4c7a-a6e3-2d7f1b8c4e90";
+    let mut body = provision_body();
+    body["plan_id"] = json!(PG_DEDICATED);
+    let op = app.provision("d-1", &body).await.operation();
+    app.finish(&op, "succeeded", None).await;
+    let uri = format!("/v2/service_instances/d-1?service_id={PG_SERVICE}&plan_id={PG_DEDICATED}");
+    assert_unchanged!(app, app.call(Method::DELETE, &uri, None).await)
+        .assert_osb_error(StatusCode::UNPROCESSABLE_ENTITY, Some("AsyncRequired"));
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
