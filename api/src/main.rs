@@ -60,11 +60,15 @@ async fn serve_with(settings: &Settings, embedded: Option<&embedded::Embedded>) 
             settings.key_path().display()
         )
     })?;
+    if let Some(warning) = broker::crypto::key_file_permission_warning(&settings.key_path()) {
+        eprintln!("berth-api: {warning}");
+    }
     let engines = settings.available_engines();
     // The catalog files, plus what only the settings know (which credentials S3 bindings get).
     let catalog = Catalog::load_for(settings)?;
     let db = broker::db::connect(database_url, settings.database_pool_size).await?;
     broker::MIGRATOR.run(&db).await.context("running the broker's migrations")?;
+    broker::db::key_checks::verify_key_file(&db, &settings.key_path(), "BERTH_KEY_FILE").await?;
 
     let provisions = berth_api::provision_batch::ProvisionBatcher::start(db.clone(), berth_api::PROVISION_WRITERS);
     let state = berth_api::AppState {

@@ -135,6 +135,20 @@ impl Stack {
         Ok(())
     }
 
+    /// A command running `binary` (`berth-api`, `berth-worker`) with this stack's environment and `changes`
+    /// to it, for a process of one's own next to the stack's.
+    pub fn command(&self, binary: &str, changes: &[(&str, String)]) -> std::process::Command {
+        let mut cmd = std::process::Command::new(bin_dir().join(binary));
+        cmd.env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
+        for (key, value) in &self.env {
+            if !changes.iter().any(|(k, _)| k == key) {
+                cmd.env(key, value);
+            }
+        }
+        cmd.envs(changes.iter().map(|(k, v)| (*k, v.as_str())));
+        cmd
+    }
+
     /// Polls `/berth/v1/tasks/{operation}` until the task is finished; returns its body.
     pub async fn wait_task(&self, operation: &str, timeout: Duration) -> anyhow::Result<Value> {
         let deadline = Instant::now() + timeout;

@@ -16,13 +16,18 @@ async fn main() -> anyhow::Result<()> {
         .clone()
         .context("DATABASE_URL is not set: the worker needs the broker's database")?;
     // The key and the catalog first: a bad file stops the worker before it touches the database.
-    let cipher = Cipher::from_key_file(&settings.key_path())?;
+    let key_path = settings.key_path();
+    let cipher = Cipher::from_key_file(&key_path)?;
+    if let Some(warning) = broker::crypto::key_file_permission_warning(&key_path) {
+        eprintln!("berth-worker: {warning}");
+    }
     let config = WorkerConfig::from_settings(&settings);
     let database_pool_size = settings.database_pool_size;
     let services = Arc::new(Services::new(settings, cipher)?);
     let pool = broker::db::connect(&url, database_pool_size).await?;
     // Idempotent and serialized by sqlx's advisory lock, so a worker started before the API is safe.
     broker::MIGRATOR.run(&pool).await.context("running the broker's migrations")?;
+    broker::db::key_checks::verify_key_file(&pool, &key_path, "BERTH_KEY_FILE").await?;
 
     let shutdown = CancellationToken::new();
     tokio::spawn({
