@@ -7,6 +7,7 @@ pub mod identity;
 pub mod middleware;
 pub mod provision_batch;
 pub mod routes;
+pub mod server;
 pub mod snapshot_params;
 pub mod webhook;
 

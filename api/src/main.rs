@@ -85,7 +85,14 @@ async fn serve_with(settings: &Settings, embedded: Option<&embedded::Embedded>) 
         .with_context(|| format!("BIND_ADDRESS {:?} is not an IP address", settings.bind_address))?;
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
     let local = listener.local_addr()?;
-    tracing::info!(%local, engines = ?engines, "berth-api listening");
+    let limits = berth_api::server::ConnectionLimits {
+        header_read_timeout: Duration::from_secs(settings.http_header_read_timeout_secs),
+        max_connections: berth_api::server::connection_cap(
+            settings.http_max_connections,
+            settings.database_pool_size,
+        ),
+    };
+    tracing::info!(%local, engines = ?engines, max_connections = limits.max_connections, "berth-api listening");
 
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
@@ -93,8 +100,7 @@ async fn serve_with(settings: &Settings, embedded: Option<&embedded::Embedded>) 
         embedded.spawn_worker(shutdown.clone())?;
         embedded.print_banner(local);
     }
-    axum::serve(listener, berth_api::router(state))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+    berth_api::server::serve(listener, berth_api::router(state), limits, shutdown.clone())
         .await
         .context("serving HTTP")?;
     if let Some(embedded) = embedded {

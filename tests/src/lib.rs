@@ -138,7 +138,19 @@ impl Stack {
     /// A command running `binary` (`berth-api`, `berth-worker`) with this stack's environment and `changes`
     /// to it, for a process of one's own next to the stack's.
     pub fn command(&self, binary: &str, changes: &[(&str, String)]) -> std::process::Command {
-        let mut cmd = std::process::Command::new(bin_dir().join(binary));
+        self.command_under(&[], binary, changes)
+    }
+
+    /// [`Stack::command`] run by another program (`prefix`: `["prlimit", "--nofile=256:256", "--"]`, say).
+    pub fn command_under(&self, prefix: &[&str], binary: &str, changes: &[(&str, String)]) -> std::process::Command {
+        let mut cmd = match prefix.split_first() {
+            Some((program, args)) => {
+                let mut cmd = std::process::Command::new(program);
+                cmd.args(args).arg(bin_dir().join(binary));
+                cmd
+            }
+            None => std::process::Command::new(bin_dir().join(binary)),
+        };
         cmd.env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
         for (key, value) in &self.env {
             if !changes.iter().any(|(k, _)| k == key) {

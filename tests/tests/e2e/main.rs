@@ -6,5 +6,6 @@ mod embedded_default;
 mod ha_local;
 mod s3_lifecycle;
 mod shared_lifecycle;
+mod slow_clients;
 mod snapshots;
 mod startup;
