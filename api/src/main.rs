@@ -98,6 +98,7 @@ async fn serve_with(settings: &Settings, embedded: Option<&embedded::Embedded>) 
     tokio::spawn(stop_on_signal(shutdown.clone()));
     if let Some(embedded) = embedded {
         embedded.spawn_worker(shutdown.clone())?;
+        embedded.supervise_postgres(shutdown.clone());
         embedded.print_banner(local);
     }
     berth_api::server::serve(listener, berth_api::router(state), limits, shutdown.clone())
