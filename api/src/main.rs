@@ -68,7 +68,7 @@ async fn serve_with(settings: &Settings, embedded: Option<&embedded::Embedded>) 
     let catalog = Catalog::load_for(settings)?;
     let db = broker::db::connect(database_url, settings.database_pool_size).await?;
     broker::MIGRATOR.run(&db).await.context("running the broker's migrations")?;
-    broker::db::key_checks::verify_key_file(&db, &settings.key_path(), "BERTH_KEY_FILE").await?;
+    broker::db::key_checks::verify_master_key(&db, &settings.key_path()).await?;
 
     let provisions = berth_api::provision_batch::ProvisionBatcher::start(db.clone(), berth_api::PROVISION_WRITERS);
     let state = berth_api::AppState {

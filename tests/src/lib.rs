@@ -161,6 +161,11 @@ impl Stack {
         cmd
     }
 
+    /// Waits up to `timeout` for the worker to exit by itself; its exit status, or `None` if it still runs.
+    pub async fn wait_worker_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        tokio::time::timeout(timeout, self.worker.wait()).await.ok().and_then(Result::ok)
+    }
+
     /// Polls `/berth/v1/tasks/{operation}` until the task is finished; returns its body.
     pub async fn wait_task(&self, operation: &str, timeout: Duration) -> anyhow::Result<Value> {
         let deadline = Instant::now() + timeout;

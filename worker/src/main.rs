@@ -27,7 +27,12 @@ async fn main() -> anyhow::Result<()> {
     let pool = broker::db::connect(&url, database_pool_size).await?;
     // Idempotent and serialized by sqlx's advisory lock, so a worker started before the API is safe.
     broker::MIGRATOR.run(&pool).await.context("running the broker's migrations")?;
-    broker::db::key_checks::verify_key_file(&pool, &key_path, "BERTH_KEY_FILE").await?;
+    broker::db::key_checks::verify_master_key(&pool, &key_path).await?;
+    // The snapshot key too, when snapshots are usable here (else their tasks fail, saying why, as before).
+    if let Ok(snapshots) = services.snapshots() {
+        let (snapshot_key_path, _) = services.settings.snapshot_key_path();
+        broker::db::key_checks::verify_snapshot_key(&pool, &snapshot_key_path, &snapshots.key_id()).await?;
+    }
 
     let shutdown = CancellationToken::new();
     tokio::spawn({

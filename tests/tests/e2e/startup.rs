@@ -95,6 +95,15 @@ async fn a_process_with_another_sealing_key_refuses_to_start_naming_the_key_file
         );
     }
 
+    // The snapshot key is checked the same way (the stack's worker recorded its default one).
+    let (ok, said) = run_to_end(
+        stack.command("berth-worker", &[("SNAPSHOT_KEY_FILE", other_key.display().to_string())]),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(!ok, "a worker started with another snapshot key: {said}");
+    assert!(said.contains(&other_key.display().to_string()) && said.contains("SNAPSHOT_KEY_FILE"), "{said}");
+
     // Key A again: another API starts and serves.
     let port = free_port().unwrap();
     let mut again = tokio::process::Command::from(stack.command("berth-api", &[("PORT", port.to_string())]))
