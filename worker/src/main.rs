@@ -28,10 +28,14 @@ async fn main() -> anyhow::Result<()> {
     // Idempotent and serialized by sqlx's advisory lock, so a worker started before the API is safe.
     broker::MIGRATOR.run(&pool).await.context("running the broker's migrations")?;
     broker::db::key_checks::verify_master_key(&pool, &key_path).await?;
-    // The snapshot key too, when snapshots are usable here (else their tasks fail, saying why, as before).
-    if let Ok(snapshots) = services.snapshots() {
-        let (snapshot_key_path, _) = services.settings.snapshot_key_path();
-        broker::db::key_checks::verify_snapshot_key(&pool, &snapshot_key_path, &snapshots.key_id()).await?;
+    // The snapshot key too, once this worker has one (the default file is made on first use, not here).
+    let (snapshot_key_path, _) = services.settings.snapshot_key_path();
+    if snapshot_key_path.exists() {
+        let key = broker::crypto::read_key_file(&snapshot_key_path).context("reading the snapshot key")?;
+        let key_id = berth_worker::snapshots::sealed::SnapshotKey::new(key).id();
+        broker::db::key_checks::verify_snapshot_key(&pool, &snapshot_key_path, &key_id).await?;
+    } else {
+        broker::db::key_checks::refuse_a_missing_key(&pool, broker::db::key_checks::SNAPSHOT_KEY, &snapshot_key_path, "SNAPSHOT_KEY_FILE").await?;
     }
 
     let shutdown = CancellationToken::new();

@@ -39,6 +39,19 @@ pub async fn verify_snapshot_key(pool: &PgPool, path: &Path, key_id: &str) -> an
     verify(pool, SNAPSHOT_KEY, &key, path, "SNAPSHOT_KEY_FILE", fits).await
 }
 
+/// For a key file that does not exist yet: fails, naming it, when another process already recorded a key
+/// under `name` (a key made here would differ from the one the others use).
+pub async fn refuse_a_missing_key(pool: &PgPool, name: &str, path: &Path, setting: &str) -> anyhow::Result<()> {
+    if recorded(pool, name).await?.is_some() {
+        anyhow::bail!(
+            "the key file {} ({setting}) does not exist, but other processes of this broker already use a key: \
+             copy their key file there, or point {setting} at it",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 /// Records `key`'s check value under `name` unless one is there (insert-if-absent, then compare, so two
 /// processes starting at once on a fresh database agree on one), then compares. `fits_existing_data` says
 /// whether the key opens what the database already refers to; it only matters while nothing is recorded.

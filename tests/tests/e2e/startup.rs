@@ -95,7 +95,35 @@ async fn a_process_with_another_sealing_key_refuses_to_start_naming_the_key_file
         );
     }
 
-    // The snapshot key is checked the same way (the stack's worker recorded its default one).
+    // The snapshot key is checked the same way: a worker with one records it; one with another, or with
+    // none while the others have one, refuses.
+    let snapshot_key = stack.dir.join("snapshot-a.key");
+    broker::crypto::generate_key_file(&snapshot_key).unwrap();
+    let mut first = tokio::process::Command::from(
+        stack.command("berth-worker", &[("SNAPSHOT_KEY_FILE", snapshot_key.display().to_string())]),
+    )
+    .kill_on_drop(true)
+    .spawn()
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut db = sqlx::PgConnection::connect(&stack.broker_db_url).await.unwrap();
+    while sqlx::query("SELECT 1 FROM sealing_key_checks WHERE name = 'snapshot'")
+        .fetch_optional(&mut db)
+        .await
+        .unwrap()
+        .is_none()
+    {
+        assert!(std::time::Instant::now() < deadline, "no snapshot key check value recorded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    first.kill().await.unwrap();
+    let missing = stack.dir.join("no-such-snapshot.key");
+    let (ok, said) = run_to_end(
+        stack.command("berth-worker", &[("SNAPSHOT_KEY_FILE", missing.display().to_string())]),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(!ok && said.contains(&missing.display().to_string()) && said.contains("SNAPSHOT_KEY_FILE"), "{said}");
     let (ok, said) = run_to_end(
         stack.command("berth-worker", &[("SNAPSHOT_KEY_FILE", other_key.display().to_string())]),
         Duration::from_secs(30),
