@@ -286,6 +286,12 @@ async fn an_embedded_postgres_stopped_under_a_running_api_is_started_again() {
     let (dir, _folder) = new_folder();
     let api = Embedded::start(&dir, free_port().unwrap()).await;
     wait_healthy(&api, Duration::from_secs(30)).await;
+    // The worker too (a worker that cannot reach its database while it starts exits, and takes the API along).
+    let deadline = Instant::now() + WAIT;
+    while !api.output.lock().unwrap().iter().any(|l| l.contains("worker started")) {
+        assert!(Instant::now() < deadline, "the embedded worker did not start: {:?}", api.output.lock().unwrap());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     let server = broker::embedded::PgServer::open(&dir.join(".berth/postgres")).unwrap();
     let before = server.postmaster_pid().expect("a running postmaster");
