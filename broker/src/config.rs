@@ -40,7 +40,8 @@ pub struct Settings {
     /// previous response (so an idle keep-alive connection is closed after it too).
     #[serde(default = "default_header_read_timeout_secs")]
     pub http_header_read_timeout_secs: u64,
-    /// Most client connections open at once (kept below the open-file limit); more wait in the backlog.
+    /// Most client connections open at once (kept below the open-file limit); at the cap a new one closes the
+    /// oldest idle one, or waits in the backlog while all are busy.
     #[serde(default = "default_max_connections")]
     pub http_max_connections: usize,
     /// Largest accepted request body, in bytes.

@@ -1,6 +1,7 @@
 //! Slow clients cannot take the API down: under a 256-file limit, hundreds of connections that send nothing
-//! or stall halfway through a request are closed after the header-read timeout, and `/health` and
-//! `/v2/catalog` keep answering meanwhile.
+//! or stall halfway through a request are closed (the oldest idle ones as new clients arrive at the connection
+//! cap, the rest after the header-read timeout), and `/health` and `/v2/catalog` keep answering meanwhile,
+//! without waiting for that timeout.
 
 use std::{
     process::Stdio,
@@ -13,7 +14,7 @@ use tokio::{
     net::TcpStream,
 };
 
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(2);
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Reads until the server closes `stream` (EOF or reset), or fails at `deadline`.
 async fn closed_by_server(stream: &mut TcpStream, deadline: Instant) -> bool {
@@ -92,10 +93,10 @@ async fn idle_and_half_sent_connections_are_closed_and_the_api_keeps_answering_u
     slow.push(kept);
     eprintln!("a keep-alive request behind {} slow connections answered after {:?}", slow.len() - 1, opened.elapsed());
 
-    // The API keeps answering. The cap (256 files less the pool and a reserve) leaves the newest connections
-    // in the backlog until the header-read timeout frees slots: an answer takes at most a few timeouts.
-    let bound = HEADER_READ_TIMEOUT * 3 + Duration::from_secs(3);
-    assert!(opened.elapsed() < bound, "the keep-alive request took {:?}", opened.elapsed());
+    // The API keeps answering at once: at the cap (256 files less the pool and a reserve: 176 connections) a
+    // new client closes the oldest idle connection instead of queueing behind it.
+    let bound = Duration::from_secs(2);
+    assert!(opened.elapsed() < HEADER_READ_TIMEOUT, "the keep-alive request took {:?}", opened.elapsed());
     for round in 0..3 {
         let started = Instant::now();
         let health = http.get(format!("{base}/health")).send().await.unwrap();
@@ -115,7 +116,7 @@ async fn idle_and_half_sent_connections_are_closed_and_the_api_keeps_answering_u
     }
 
     // Every slow connection is closed by the server.
-    let close_deadline = opened + bound + Duration::from_secs(5);
+    let close_deadline = opened + HEADER_READ_TIMEOUT + Duration::from_secs(5);
     let mut open_left = 0;
     for stream in &mut slow {
         if !closed_by_server(stream, close_deadline).await {
