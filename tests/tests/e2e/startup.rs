@@ -207,3 +207,55 @@ async fn a_key_file_readable_by_others_is_warned_about_naming_the_file_and_the_f
     );
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn a_database_sealed_before_key_checks_existed_accepts_only_the_key_that_opens_its_secrets() {
+    let stack = Stack::start().await.unwrap();
+    let key_a = stack.dir.join("master.key");
+    let other_key = stack.dir.join("other.key");
+    broker::crypto::generate_key_file(&other_key).unwrap();
+    // The stack's worker past its own check first, so that nothing records a value behind the test's back.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !stack.log("worker.log").contains("worker started") {
+        assert!(std::time::Instant::now() < deadline, "{}", stack.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A secret sealed with key A, and no check value: a database from before the check.
+    let mut db = sqlx::PgConnection::connect(&stack.broker_db_url).await.unwrap();
+    let sealed = broker::crypto::Cipher::from_key_file(&key_a).unwrap().seal(b"webhook secret");
+    sqlx::query("INSERT INTO webhook_deliveries (id, task_id, url, secret, body) VALUES ($1, $1, 'http://x', $2, '{}')")
+        .bind(uuid::Uuid::new_v4())
+        .bind(sealed)
+        .execute(&mut db)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM sealing_key_checks").execute(&mut db).await.unwrap();
+
+    // Key B cannot open it: refused, and nothing recorded.
+    let cmd = stack.command(
+        "berth-api",
+        &[("BERTH_KEY_FILE", other_key.display().to_string()), ("PORT", free_port().unwrap().to_string())],
+    );
+    let (ok, said) = run_to_end(cmd, Duration::from_secs(30)).await;
+    assert!(!ok && said.contains(&other_key.display().to_string()), "{said}");
+    let recorded: Option<Vec<u8>> = sqlx::query_scalar("SELECT check_value FROM sealing_key_checks WHERE name = 'master'")
+        .fetch_optional(&mut db)
+        .await
+        .unwrap();
+    assert_eq!(recorded, None);
+
+    // Key A opens it: it starts and records its check value.
+    let port = free_port().unwrap();
+    let mut api = tokio::process::Command::from(stack.command("berth-api", &[("PORT", port.to_string())]))
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_health(port, Duration::from_secs(30)).await;
+    api.kill().await.unwrap();
+    let recorded: Vec<u8> = sqlx::query_scalar("SELECT check_value FROM sealing_key_checks WHERE name = 'master'")
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    assert_eq!(recorded, broker::crypto::key_check_value(&broker::crypto::read_key_file(&key_a).unwrap()));
+    stack.stop().await;
+}
