@@ -28,15 +28,7 @@ async fn main() -> anyhow::Result<()> {
     // Idempotent and serialized by sqlx's advisory lock, so a worker started before the API is safe.
     broker::MIGRATOR.run(&pool).await.context("running the broker's migrations")?;
     broker::db::key_checks::verify_master_key(&pool, &key_path).await?;
-    // The snapshot key too, once this worker has one (the default file is made on first use, not here).
-    let (snapshot_key_path, _) = services.settings.snapshot_key_path();
-    if snapshot_key_path.exists() {
-        let key = broker::crypto::read_key_file(&snapshot_key_path).context("reading the snapshot key")?;
-        let key_id = berth_worker::snapshots::sealed::SnapshotKey::new(key).id();
-        broker::db::key_checks::verify_snapshot_key(&pool, &snapshot_key_path, &key_id).await?;
-    } else {
-        broker::db::key_checks::refuse_a_missing_key(&pool, broker::db::key_checks::SNAPSHOT_KEY, &snapshot_key_path, "SNAPSHOT_KEY_FILE").await?;
-    }
+    verify_snapshot_key(&pool, &services.settings).await?;
 
     let shutdown = CancellationToken::new();
     tokio::spawn({
@@ -55,6 +47,19 @@ async fn main() -> anyhow::Result<()> {
         shutdown,
     )
     .await
+}
+
+/// The snapshot key is checked like the master key once this worker has one (the default file is made on first
+/// use, not here); without one, it must not be the odd one out either.
+async fn verify_snapshot_key(pool: &sqlx::PgPool, settings: &Settings) -> anyhow::Result<()> {
+    use broker::db::key_checks;
+    let (path, _) = settings.snapshot_key_path();
+    if !path.exists() {
+        return key_checks::refuse_a_missing_key(pool, key_checks::SNAPSHOT_KEY, &path, "SNAPSHOT_KEY_FILE").await;
+    }
+    let key = broker::crypto::read_key_file(&path).context("reading the snapshot key")?;
+    let key_id = berth_worker::snapshots::sealed::SnapshotKey::new(key).id();
+    key_checks::verify_snapshot_key(pool, &path, &key_id).await
 }
 
 async fn wait_for_signal() {
