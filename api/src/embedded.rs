@@ -1,19 +1,31 @@
 //! The embedded default: no `DATABASE_URL`, so berth brings its own. A private Postgres under the data folder
 //! (`.berth/`) holds the broker's database and serves the `shared` plan; a key and broker credentials are made
 //! on first start and kept there; one worker runs as a child process. Ctrl-C stops the API, then the worker,
-//! then Postgres.
+//! then Postgres. The running API owns its data folder (a lock the kernel releases when the process dies, so a
+//! second start in the same folder is refused while a crashed one never blocks the next), and starts its
+//! Postgres again if it stops underneath.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Mutex, time::Duration};
+use std::{
+    fs::{File, TryLockError},
+    net::SocketAddr,
+    os::unix::fs::FileExt,
+    path::{Path, PathBuf},
+    sync::Mutex,
+    time::Duration,
+};
 
 use anyhow::Context;
 use broker::{config::Settings, embedded::PgServer};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
-use tokio::process::Child;
+use tokio::{process::Child, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 pub struct Embedded {
+    /// Held for the life of this process: the folder is ours.
+    lock: FolderLock,
     server: PgServer,
+    supervisor: Mutex<Option<JoinHandle<()>>>,
     worker: Mutex<Option<Child>>,
     worker_env: Vec<(String, String)>,
     username: String,
@@ -31,6 +43,7 @@ impl Embedded {
     pub async fn start(settings: &mut Settings) -> anyhow::Result<Self> {
         let data_dir = absolute(&settings.data_dir)?;
         std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+        let lock = FolderLock::acquire(&data_dir)?;
         println!("berth: starting the embedded Postgres under {} ...", data_dir.join("postgres").display());
         let server = PgServer::ensure_started(&data_dir.join("postgres")).await?;
         server.ensure_database("berth").await?;
@@ -73,7 +86,15 @@ impl Embedded {
         if let Some(shared) = &settings.shared_postgres_url {
             worker_env.push(("SHARED_POSTGRES_URL".into(), shared.expose_secret().to_string()));
         }
-        Ok(Self { server, worker: Mutex::new(None), worker_env, username, password })
+        Ok(Self {
+            lock,
+            server,
+            supervisor: Mutex::new(None),
+            worker: Mutex::new(None),
+            worker_env,
+            username,
+            password,
+        })
     }
 
     /// Starts `berth-worker` (next to this binary) in its own process group, so Ctrl-C reaches only the API,
@@ -89,8 +110,18 @@ impl Embedded {
         Ok(())
     }
 
+    /// Watches the embedded Postgres until `shutdown` and starts it again whenever it stops underneath the
+    /// API (a crash, an OOM kill, someone's `pg_ctl stop`); the API's pool reconnects by itself.
+    pub fn supervise_postgres(&self, shutdown: CancellationToken) {
+        let handle = tokio::spawn(supervise(self.server.clone(), shutdown));
+        *self.supervisor.lock().expect("supervisor lock") = Some(handle);
+    }
+
     pub fn print_banner(&self, addr: SocketAddr) {
         let url = format!("http://{addr}");
+        if let Err(e) = self.lock.describe(&format!("pid {}, {url}", std::process::id())) {
+            eprintln!("berth: writing {}: {e:#}", self.lock.path.display());
+        }
         let password = self.password.expose_secret();
         println!();
         println!("berth is running (embedded default)");
@@ -117,12 +148,80 @@ impl Embedded {
     }
 
     pub async fn stop(self) {
+        let supervisor = self.supervisor.lock().expect("supervisor lock").take();
+        if let Some(supervisor) = supervisor {
+            supervisor.abort();
+            let _ = supervisor.await;
+        }
         self.stop_worker(Duration::from_secs(25)).await;
         if let Err(e) = self.server.stop().await {
             eprintln!("berth: stopping the embedded Postgres: {e:#}");
         } else {
             println!("berth: stopped");
         }
+    }
+}
+
+async fn supervise(server: PgServer, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        // No process started for the check: postmaster.pid and /proc (a zombie counts as gone).
+        if server.postmaster_alive() {
+            continue;
+        }
+        eprintln!("berth: the embedded Postgres stopped; starting it again");
+        match server.start().await {
+            Ok(()) => eprintln!("berth: the embedded Postgres runs again"),
+            Err(e) => eprintln!("berth: starting the embedded Postgres again failed (retrying): {e:#}"),
+        }
+    }
+}
+
+/// `<data dir>/berth.lock`, locked (flock) by the API that owns the folder and naming it (pid, URL). The
+/// kernel drops the lock with the process, however it ends, so the file itself never blocks a start.
+struct FolderLock {
+    file: File,
+    path: PathBuf,
+}
+
+impl FolderLock {
+    fn acquire(data_dir: &Path) -> anyhow::Result<Self> {
+        let path = data_dir.join("berth.lock");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                let holder = if holder.trim().is_empty() { "another berth-api" } else { holder.trim() };
+                anyhow::bail!(
+                    "berth is already running in {} ({holder}); stop that one first (Ctrl-C, or kill -TERM its \
+                     pid), or start this one in another folder (BERTH_DATA_DIR)",
+                    data_dir.display()
+                );
+            }
+            Err(TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("locking {}", path.display()));
+            }
+        }
+        let lock = Self { file, path };
+        lock.describe(&format!("pid {}, starting", std::process::id()))?;
+        Ok(lock)
+    }
+
+    /// Replaces what the file says about its holder.
+    fn describe(&self, holder: &str) -> anyhow::Result<()> {
+        self.file.set_len(0)?;
+        self.file.write_all_at(format!("{holder}\n").as_bytes(), 0)?;
+        Ok(())
     }
 }
 

@@ -8,6 +8,7 @@ pub mod identity;
 pub mod middleware;
 pub mod provision_batch;
 pub mod routes;
+pub mod server;
 pub mod snapshot_params;
 pub mod task_waits;
 pub mod webhook;

@@ -60,11 +60,15 @@ async fn serve_with(settings: &Settings, embedded: Option<&embedded::Embedded>) 
             settings.key_path().display()
         )
     })?;
+    if let Some(warning) = broker::crypto::key_file_permission_warning(&settings.key_path()) {
+        eprintln!("berth-api: {warning}");
+    }
     let engines = settings.available_engines();
     // The catalog files, plus what only the settings know (which credentials S3 bindings get).
     let catalog = Catalog::load_for(settings)?;
     let db = broker::db::connect(database_url, settings.database_pool_size).await?;
     broker::MIGRATOR.run(&db).await.context("running the broker's migrations")?;
+    broker::db::key_checks::verify_master_key(&db, &settings.key_path()).await?;
 
     let provisions = berth_api::provision_batch::ProvisionBatcher::start(db.clone(), berth_api::PROVISION_WRITERS);
     let task_waits = berth_api::task_waits::TaskWaits::start(db.clone());
@@ -88,16 +92,23 @@ async fn serve_with(settings: &Settings, embedded: Option<&embedded::Embedded>) 
         .with_context(|| format!("BIND_ADDRESS {:?} is not an IP address", settings.bind_address))?;
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
     let local = listener.local_addr()?;
-    tracing::info!(%local, engines = ?engines, "berth-api listening");
+    let limits = berth_api::server::ConnectionLimits {
+        header_read_timeout: Duration::from_secs(settings.http_header_read_timeout_secs),
+        max_connections: berth_api::server::connection_cap(
+            settings.http_max_connections,
+            settings.database_pool_size,
+        ),
+    };
+    tracing::info!(%local, engines = ?engines, max_connections = limits.max_connections, "berth-api listening");
 
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     if let Some(embedded) = embedded {
         embedded.spawn_worker(shutdown.clone())?;
+        embedded.supervise_postgres(shutdown.clone());
         embedded.print_banner(local);
     }
-    axum::serve(listener, berth_api::router(state).into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+    berth_api::server::serve(listener, berth_api::router(state), limits, shutdown.clone())
         .await
         .context("serving HTTP")?;
     if let Some(embedded) = embedded {

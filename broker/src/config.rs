@@ -36,6 +36,14 @@ pub struct Settings {
     /// Host and port written into `shared` credentials, when apps reach the server under another name.
     pub shared_postgres_public_host: Option<String>,
     pub shared_postgres_public_port: Option<u16>,
+    /// Seconds a client connection has to send a request's head, counted from when it opens or from its
+    /// previous response (so an idle keep-alive connection is closed after it too).
+    #[serde(default = "default_header_read_timeout_secs")]
+    pub http_header_read_timeout_secs: u64,
+    /// Most client connections open at once (kept below the open-file limit); at the cap a new one closes the
+    /// oldest idle one, or waits in the backlog while all are busy.
+    #[serde(default = "default_max_connections")]
+    pub http_max_connections: usize,
     /// Largest accepted request body, in bytes.
     #[serde(default = "default_body_limit")]
     pub max_body_bytes: usize,
@@ -208,6 +216,12 @@ fn default_plans_dir() -> PathBuf {
 fn default_data_dir() -> PathBuf {
     ".berth".into()
 }
+fn default_header_read_timeout_secs() -> u64 {
+    10
+}
+fn default_max_connections() -> usize {
+    1024
+}
 fn default_body_limit() -> usize {
     256 * 1024
 }
@@ -310,6 +324,12 @@ impl Settings {
         crate::names::check_prefix(&self.name_prefix)?;
         if self.worker_concurrency == 0 {
             anyhow::bail!("WORKER_CONCURRENCY must be at least 1");
+        }
+        if self.http_header_read_timeout_secs == 0 {
+            anyhow::bail!("HTTP_HEADER_READ_TIMEOUT_SECS must be at least 1");
+        }
+        if self.http_max_connections == 0 {
+            anyhow::bail!("HTTP_MAX_CONNECTIONS must be at least 1");
         }
         if self.worker_lease_secs < 2 {
             anyhow::bail!("WORKER_LEASE_SECS must be at least 2");

@@ -72,6 +72,34 @@ impl Cipher {
     }
 }
 
+/// A value that tells whether two processes hold the same key, and helps nobody find it: HMAC-SHA256 of a
+/// fixed label under a key derived from `key` (itself an HMAC under `key`). Stored in the broker's database.
+pub fn key_check_value(key: &[u8; 32]) -> [u8; 32] {
+    let derived = hmac_sha256(key, b"berth sealing key check: derive");
+    hmac_sha256(&derived, b"berth sealing key check v1")
+}
+
+fn hmac_sha256(key: &[u8], data: &[u8]) -> [u8; 32] {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes keys of any length");
+    mac.update(data);
+    mac.finalize().into_bytes().into()
+}
+
+/// A key file that others may read (or, worse, write): a warning naming the file and the fix, or `None`.
+/// Not a refusal: Kubernetes mounts secrets 0644 by default, where "others" are no one in the container.
+pub fn key_file_permission_warning(path: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "warning: the key file {} has mode {mode:04o}: users other than its owner may read it; \
+             run `chmod 600 {}` (or set defaultMode: 0400 on a Kubernetes secret volume)",
+            path.display(),
+            path.display()
+        )
+    })
+}
+
 /// Reads a 32-byte key (base64 in a file) written by [`generate_key_file`].
 pub fn read_key_file(path: &Path) -> anyhow::Result<[u8; 32]> {
     let text = std::fs::read_to_string(path)
@@ -179,6 +207,28 @@ mod tests {
         assert!(constant_time_eq(b"abc", b"abc"));
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+
+    #[test]
+    fn key_check_values_tell_keys_apart_and_hide_them() {
+        let a = key_check_value(&[7; 32]);
+        assert_eq!(a, key_check_value(&[7; 32]));
+        assert_ne!(a, key_check_value(&[8; 32]));
+        assert_ne!(&a[..], &[7; 32][..]);
+        assert_ne!(a, hmac_sha256(&[7; 32], b"berth sealing key check v1"), "under a derived key, not the key");
+    }
+
+    #[test]
+    fn a_key_file_readable_by_others_is_warned_about() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("berth-key-{}", uuid::Uuid::new_v4()));
+        let path = dir.join("master.key");
+        generate_key_file(&path).unwrap();
+        assert_eq!(key_file_permission_warning(&path), None, "generated keys are 0600");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let warning = key_file_permission_warning(&path).expect("0644 is warned about");
+        assert!(warning.contains(&path.display().to_string()) && warning.contains("chmod 600"), "{warning}");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     fn hex(s: &str) -> Vec<u8> {

@@ -29,6 +29,7 @@ impl PgServer {
     /// Starts the server kept under `root` (`root/data`), creating it on first use.
     pub async fn ensure_started(root: &Path) -> anyhow::Result<Self> {
         let server = Self::ensure_initialized(root, None).await?;
+        server.wait_for_dead_postmaster().await;
         if !server.is_running().await {
             server.start().await?;
         }
@@ -113,6 +114,24 @@ impl PgServer {
             .ok()
     }
 
+    /// Whether the postmaster named in postmaster.pid is alive (cheap: no process started). `false` when the
+    /// file is gone, as after a stop, or names a dead process, as after a crash.
+    pub fn postmaster_alive(&self) -> bool {
+        self.postmaster_pid().is_some_and(|pid| process_state(pid).is_some_and(|state| state != 'Z'))
+    }
+
+    /// Waits (up to 10 s) until a killed postmaster named in postmaster.pid is reaped: while it lingers as a
+    /// zombie, `pg_ctl status` calls it running and a new postmaster refuses the data folder.
+    async fn wait_for_dead_postmaster(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while let Some(pid) = self.postmaster_pid()
+            && process_state(pid) == Some('Z')
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Writes `content` to `data/<name>` (mode 0600), owned by the OS user that runs the server.
     pub fn write_data_file(&self, name: &str, content: &[u8]) -> anyhow::Result<()> {
         let path = self.data_dir().join(name);
@@ -152,6 +171,7 @@ impl PgServer {
             "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories='{socket_dir}'",
             self.port
         );
+        self.wait_for_dead_postmaster().await;
         // A postmaster.pid left by a killed server says `ready` too: only a new pid counts.
         let stale = self.postmaster_pid();
         let mut pg_ctl = self
@@ -272,6 +292,12 @@ impl PgServer {
     fn command(&self, program: &str) -> Command {
         command(&self.bin_dir, &self.run_as, program)
     }
+}
+
+/// The state letter of process `pid` (`R`, `S`, `Z` for a zombie, ...), or `None` when there is no such process.
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?.1.chars().next()
 }
 
 fn command(bin_dir: &Path, run_as: &Option<String>, program: &str) -> Command {

@@ -137,6 +137,37 @@ impl Stack {
         Ok(())
     }
 
+    /// A command running `binary` (`berth-api`, `berth-worker`) with this stack's environment and `changes`
+    /// to it, for a process of one's own next to the stack's.
+    pub fn command(&self, binary: &str, changes: &[(&str, String)]) -> std::process::Command {
+        self.command_under(&[], binary, changes)
+    }
+
+    /// [`Stack::command`] run by another program (`prefix`: `["prlimit", "--nofile=256:256", "--"]`, say).
+    pub fn command_under(&self, prefix: &[&str], binary: &str, changes: &[(&str, String)]) -> std::process::Command {
+        let mut cmd = match prefix.split_first() {
+            Some((program, args)) => {
+                let mut cmd = std::process::Command::new(program);
+                cmd.args(args).arg(bin_dir().join(binary));
+                cmd
+            }
+            None => std::process::Command::new(bin_dir().join(binary)),
+        };
+        cmd.env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
+        for (key, value) in &self.env {
+            if !changes.iter().any(|(k, _)| k == key) {
+                cmd.env(key, value);
+            }
+        }
+        cmd.envs(changes.iter().map(|(k, v)| (*k, v.as_str())));
+        cmd
+    }
+
+    /// Waits up to `timeout` for the worker to exit by itself; its exit status, or `None` if it still runs.
+    pub async fn wait_worker_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        tokio::time::timeout(timeout, self.worker.wait()).await.ok().and_then(Result::ok)
+    }
+
     /// Polls `/berth/v1/tasks/{operation}` until the task is finished; returns its body.
     pub async fn wait_task(&self, operation: &str, timeout: Duration) -> anyhow::Result<Value> {
         let deadline = Instant::now() + timeout;

@@ -16,13 +16,19 @@ async fn main() -> anyhow::Result<()> {
         .clone()
         .context("DATABASE_URL is not set: the worker needs the broker's database")?;
     // The key and the catalog first: a bad file stops the worker before it touches the database.
-    let cipher = Cipher::from_key_file(&settings.key_path())?;
+    let key_path = settings.key_path();
+    let cipher = Cipher::from_key_file(&key_path)?;
+    if let Some(warning) = broker::crypto::key_file_permission_warning(&key_path) {
+        eprintln!("berth-worker: {warning}");
+    }
     let config = WorkerConfig::from_settings(&settings);
     let database_pool_size = settings.database_pool_size;
     let services = Arc::new(Services::new(settings, cipher)?);
     let pool = broker::db::connect(&url, database_pool_size).await?;
     // Idempotent and serialized by sqlx's advisory lock, so a worker started before the API is safe.
     broker::MIGRATOR.run(&pool).await.context("running the broker's migrations")?;
+    broker::db::key_checks::verify_master_key(&pool, &key_path).await?;
+    verify_snapshot_key(&pool, &services.settings).await?;
 
     let shutdown = CancellationToken::new();
     tokio::spawn({
@@ -41,6 +47,19 @@ async fn main() -> anyhow::Result<()> {
         shutdown,
     )
     .await
+}
+
+/// The snapshot key is checked like the master key once this worker has one (the default file is made on first
+/// use, not here); without one, it must not be the odd one out either.
+async fn verify_snapshot_key(pool: &sqlx::PgPool, settings: &Settings) -> anyhow::Result<()> {
+    use broker::db::key_checks;
+    let (path, _) = settings.snapshot_key_path();
+    if !path.exists() {
+        return key_checks::refuse_a_missing_key(pool, key_checks::SNAPSHOT_KEY, &path, "SNAPSHOT_KEY_FILE").await;
+    }
+    let key = broker::crypto::read_key_file(&path).context("reading the snapshot key")?;
+    let key_id = berth_worker::snapshots::sealed::SnapshotKey::new(key).id();
+    key_checks::verify_snapshot_key(pool, &path, &key_id).await
 }
 
 async fn wait_for_signal() {

@@ -3,6 +3,7 @@
 pub mod bindings;
 pub mod ec2_offers;
 pub mod instances;
+pub mod key_checks;
 pub mod metrics;
 pub mod presets;
 pub mod snapshots;

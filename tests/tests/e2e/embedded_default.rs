@@ -41,14 +41,7 @@ impl Embedded {
     /// Starts `berth-api` with a bare environment (no DATABASE_URL, no broker credentials) and waits for its
     /// banner.
     async fn start(dir: &Path, port: u16) -> Self {
-        let mut child = Command::new(bin_dir().join("berth-api"))
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("BERTH_DATA_DIR", dir.join(".berth"))
-            .env("PLANS_DIR", repo_dir().join("plans"))
-            .env("PORT", port.to_string())
-            .env("RUST_LOG", "info")
-            .current_dir(dir)
+        let mut child = command(dir, port)
             .stdout(Stdio::piped())
             .stderr(Stdio::from(std::fs::File::create(dir.join(format!("api-{port}.log"))).unwrap()))
             .kill_on_drop(true)
@@ -108,6 +101,19 @@ impl Embedded {
         tokio::time::sleep(Duration::from_millis(200)).await;
         self.output.lock().unwrap().clone()
     }
+}
+
+/// `berth-api` with a bare environment (no DATABASE_URL, no broker credentials) in `dir`.
+fn command(dir: &Path, port: u16) -> Command {
+    let mut cmd = Command::new(bin_dir().join("berth-api"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("BERTH_DATA_DIR", dir.join(".berth"))
+        .env("PLANS_DIR", repo_dir().join("plans"))
+        .env("PORT", port.to_string())
+        .env("RUST_LOG", "info")
+        .current_dir(dir);
+    cmd
 }
 
 fn log(dir: &Path, port: u16) -> String {
@@ -209,4 +215,107 @@ async fn embedded_default_from_nothing_to_a_working_database_and_back() {
     second.stop().await;
     assert!(processes_under(&dir).is_empty());
     drop(folder);
+}
+
+/// A fresh folder for one test, removed (and its processes killed) when the test ends.
+fn new_folder() -> (PathBuf, Folder) {
+    let dir = std::env::temp_dir().join(format!("berth-embedded-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]));
+    std::fs::create_dir_all(&dir).unwrap();
+    (dir.clone(), Folder(dir))
+}
+
+/// Polls `/health` (which asks the broker's database) until it answers 200, for up to `limit`.
+async fn wait_healthy(api: &Embedded, limit: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let health = api.http.get(format!("{}/health", api.base_url)).send().await;
+        if health.is_ok_and(|r| r.status() == 200) {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < limit, "/health did not answer 200 within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_second_start_in_the_same_folder_is_refused_and_a_killed_first_blocks_nothing() {
+    let (dir, _folder) = new_folder();
+    let first = Embedded::start(&dir, free_port().unwrap()).await;
+    let first_pid = first.child.id().unwrap();
+
+    // A second start in the same folder exits non-zero, naming the running one (pid and URL).
+    let second = tokio::time::timeout(WAIT, command(&dir, free_port().unwrap()).kill_on_drop(true).output())
+        .await
+        .expect("the second start ends by itself")
+        .unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&second.stdout), String::from_utf8_lossy(&second.stderr));
+    assert!(!second.status.success(), "a second start in the same folder ran: {said}");
+    assert!(
+        said.contains("already running") && said.contains(&format!("pid {first_pid}")) && said.contains(&first.base_url),
+        "{said}"
+    );
+
+    // The first keeps working, its database included.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    wait_healthy(&first, Duration::from_secs(1)).await;
+    let (status, catalog) = first.send(first.request(Method::GET, "/v2/catalog")).await;
+    assert_eq!(status, 200, "{catalog}");
+    let (status, body) = first.send(first.request(Method::GET, "/v2/service_instances/none")).await;
+    assert_eq!(status, 404, "{body}");
+
+    // kill -9 of the first and everything it started: its lock goes with it, so the next start works.
+    let mut first = first;
+    first.child.start_kill().unwrap();
+    first.child.wait().await.unwrap();
+    for pid in processes_under(&dir) {
+        let _ = std::process::Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !processes_under(&dir).is_empty() {
+        assert!(Instant::now() < deadline, "killed processes still there: {:?}", processes_under(&dir));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(dir.join(".berth/berth.lock").exists(), "the lock file stays behind");
+    let next = Embedded::start(&dir, free_port().unwrap()).await;
+    wait_healthy(&next, Duration::from_secs(30)).await;
+    next.stop().await;
+}
+
+#[tokio::test]
+async fn an_embedded_postgres_stopped_under_a_running_api_is_started_again() {
+    let (dir, _folder) = new_folder();
+    let api = Embedded::start(&dir, free_port().unwrap()).await;
+    wait_healthy(&api, Duration::from_secs(30)).await;
+    // The worker too (a worker that cannot reach its database while it starts exits, and takes the API along).
+    let deadline = Instant::now() + WAIT;
+    while !api.output.lock().unwrap().iter().any(|l| l.contains("worker started")) {
+        assert!(Instant::now() < deadline, "the embedded worker did not start: {:?}", api.output.lock().unwrap());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let server = broker::embedded::PgServer::open(&dir.join(".berth/postgres")).unwrap();
+    let before = server.postmaster_pid().expect("a running postmaster");
+    let pg_ctl = server.bin_dir().join("pg_ctl");
+    let mut stop = match broker::embedded::os_user_for_postgres().unwrap() {
+        Some(user) => {
+            let mut cmd = std::process::Command::new("runuser");
+            cmd.args(["-u", &user, "--"]).arg(&pg_ctl);
+            cmd
+        }
+        None => std::process::Command::new(&pg_ctl),
+    };
+    let stopped = stop.arg("stop").arg("-D").arg(server.data_dir()).args(["-m", "immediate", "-w"]).status().unwrap();
+    assert!(stopped.success());
+    let stopped_at = Instant::now();
+
+    // Started again, and the API's pool reconnects: its database answers within a bounded time.
+    let took = wait_healthy(&api, Duration::from_secs(30)).await;
+    let after = server.postmaster_pid().expect("a postmaster again");
+    assert_ne!(after, before, "a new postmaster");
+    let (status, body) = api.send(api.request(Method::GET, "/v2/service_instances/none")).await;
+    assert_eq!(status, 404, "{body}");
+    eprintln!("the API answered again {:?} after its Postgres was stopped ({took:?} of polling)", stopped_at.elapsed());
+    let printed = api.stop().await;
+    assert!(printed.iter().any(|l| l.contains("berth: stopped")), "{printed:?}");
+    assert!(processes_under(&dir).is_empty(), "SIGTERM still stops everything, the restarted Postgres included");
 }

@@ -9,6 +9,7 @@ mod embedded_default;
 mod ha_local;
 mod s3_lifecycle;
 mod shared_lifecycle;
+mod slow_clients;
 mod snapshots;
 mod startup;
 mod synchronous;
