@@ -3,6 +3,7 @@
 mod abandoned_requests;
 mod auth_throttle;
 mod binding_rotation;
+mod chaos;
 mod cli;
 mod dedicated_local;
 mod embedded_default;
