@@ -279,6 +279,19 @@ impl OsbClient {
         Ok((status, body))
     }
 
+    /// Waits until the API answers `/health` with 200.
+    pub async fn wait_healthy(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let health = self.http.get(format!("{}/health", self.base_url)).send().await;
+            if health.is_ok_and(|r| r.status().is_success()) {
+                return Ok(());
+            }
+            anyhow::ensure!(Instant::now() < deadline, "berth-api at {} never became healthy", self.base_url);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Polls a last_operation URL until it leaves `in progress` (or answers 410); returns (status, body).
     pub async fn wait_operation(&self, path: &str, timeout: Duration) -> anyhow::Result<(u16, Value)> {
         let deadline = Instant::now() + timeout;
@@ -316,6 +329,21 @@ fn spawn(dir: &std::path::Path, env: &[(&str, String)], name: &str, log: &str) -
 impl Drop for Stack {
     fn drop(&mut self) {
         self.kill_servers();
+    }
+}
+
+/// A test's own folder: whatever still runs under it (a Postgres, a worker's servers) is killed and the folder
+/// removed when the guard drops, also when the test panics (then the folder stays, for a look at the logs).
+pub struct TestFolder(pub std::path::PathBuf);
+
+impl Drop for TestFolder {
+    fn drop(&mut self) {
+        for pid in processes_under(&self.0) {
+            let _ = std::process::Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 }
 

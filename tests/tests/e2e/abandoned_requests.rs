@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use berth_tests::{OsbClient, bin_dir, free_port, processes_under, repo_dir};
+use berth_tests::{OsbClient, TestFolder, bin_dir, free_port, repo_dir};
 use broker::embedded::PgServer;
 use reqwest::Method;
 use secrecy::ExposeSecret;
@@ -32,7 +32,7 @@ async fn provisions_abandoned_while_the_database_is_down_are_never_written() {
     let tag = uuid::Uuid::new_v4().simple().to_string()[..10].to_string();
     let dir = std::env::temp_dir().join(format!("berth-e2e-abandoned-{tag}"));
     std::fs::create_dir_all(&dir).unwrap();
-    let cleanup = Cleanup(dir.clone());
+    let folder = TestFolder(dir.clone());
     // The broker's own Postgres, which this test stops and starts.
     let pg = PgServer::ensure_started(&dir.join("pg")).await.expect("a private Postgres");
     pg.ensure_database("broker").await.unwrap();
@@ -59,13 +59,7 @@ async fn provisions_abandoned_while_the_database_is_down_are_never_written() {
         .spawn()
         .expect("starting berth-api");
     let client = OsbClient::new(format!("http://127.0.0.1:{port}"), "e2e".into(), password).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while client.http.get(format!("{}/health", client.base_url)).send().await.map(|r| r.status().as_u16()).ok()
-        != Some(200)
-    {
-        assert!(Instant::now() < deadline, "berth-api never became healthy");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    client.wait_healthy(Duration::from_secs(60)).await.unwrap();
     let first = client
         .send(client.request(Method::PUT, "/v2/service_instances/before?accepts_incomplete=true").json(&provision_body()))
         .await
@@ -130,19 +124,5 @@ async fn provisions_abandoned_while_the_database_is_down_are_never_written() {
     let _ = api.start_kill();
     let _ = api.wait().await;
     let _ = pg.stop().await;
-    drop(cleanup);
-}
-
-/// Stops whatever runs under the test's folder (its Postgres) and removes it, also when the test panics.
-struct Cleanup(std::path::PathBuf);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for pid in processes_under(&self.0) {
-            let _ = std::process::Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
-        }
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    drop(folder);
 }

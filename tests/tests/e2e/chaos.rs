@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use berth_tests::{OsbClient, bin_dir, free_port, processes_under, repo_dir};
+use berth_tests::{OsbClient, TestFolder, bin_dir, free_port, repo_dir};
 use broker::embedded::PgServer;
 use reqwest::Method;
 use secrecy::ExposeSecret;
@@ -180,7 +180,7 @@ async fn kill_9_of_workers_and_a_postgres_restart_under_load_lose_and_duplicate_
     let tag = uuid::Uuid::new_v4().simple().to_string()[..10].to_string();
     let dir = std::env::temp_dir().join(format!("berth-e2e-chaos-{tag}"));
     std::fs::create_dir_all(&dir).unwrap();
-    let _cleanup = Cleanup(dir.clone());
+    let _folder = TestFolder(dir.clone());
     let pg = Arc::new(PgServer::ensure_started(&dir.join("pg")).await.expect("a private Postgres"));
     pg.ensure_database("broker").await.unwrap();
     let broker_url = pg.url("broker").expose_secret().to_string();
@@ -215,13 +215,7 @@ async fn kill_9_of_workers_and_a_postgres_restart_under_load_lose_and_duplicate_
         .spawn()
         .expect("starting berth-api");
     let client = OsbClient::new(format!("http://127.0.0.1:{port}"), "chaos".into(), password).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while client.http.get(format!("{}/health", client.base_url)).send().await.map(|r| r.status().as_u16()).ok()
-        != Some(200)
-    {
-        assert!(Instant::now() < deadline, "berth-api never became healthy");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    client.wait_healthy(Duration::from_secs(60)).await.unwrap();
 
     // The chaos: one worker killed and replaced every 300 ms, alternately, until told to stop (and at least KILLS).
     let stop = Arc::new(AtomicBool::new(false));
@@ -322,18 +316,4 @@ async fn kill_9_of_workers_and_a_postgres_restart_under_load_lose_and_duplicate_
         let _ = child.wait().await;
     }
     let _ = pg.stop().await;
-}
-
-/// Stops whatever runs under the test's folder (its Postgres) and removes it, also when the test panics.
-struct Cleanup(PathBuf);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for pid in processes_under(&self.0) {
-            let _ = std::process::Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
-        }
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 }

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use berth_tests::{OsbClient, bin_dir, free_port, processes_under, repo_dir};
+use berth_tests::{OsbClient, TestFolder, bin_dir, free_port, processes_under, repo_dir};
 use reqwest::Method;
 use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection};
@@ -120,25 +120,12 @@ fn log(dir: &Path, port: u16) -> String {
     std::fs::read_to_string(dir.join(format!("api-{port}.log"))).unwrap_or_default()
 }
 
-/// Removes the folder even when the test fails, killing whatever still runs in it first.
-struct Folder(PathBuf);
-
-impl Drop for Folder {
-    fn drop(&mut self) {
-        for pid in processes_under(&self.0) {
-            let _ = std::process::Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
-        }
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
 
 #[tokio::test]
 async fn embedded_default_from_nothing_to_a_working_database_and_back() {
     let dir = std::env::temp_dir().join(format!("berth-embedded-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]));
     std::fs::create_dir_all(&dir).unwrap();
-    let folder = Folder(dir.clone());
+    let folder = TestFolder(dir.clone());
     let port = free_port().unwrap();
 
     let first = Embedded::start(&dir, port).await;
@@ -218,10 +205,10 @@ async fn embedded_default_from_nothing_to_a_working_database_and_back() {
 }
 
 /// A fresh folder for one test, removed (and its processes killed) when the test ends.
-fn new_folder() -> (PathBuf, Folder) {
+fn new_folder() -> (PathBuf, TestFolder) {
     let dir = std::env::temp_dir().join(format!("berth-embedded-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]));
     std::fs::create_dir_all(&dir).unwrap();
-    (dir.clone(), Folder(dir))
+    (dir.clone(), TestFolder(dir))
 }
 
 /// Polls `/health` (which asks the broker's database) until it answers 200, for up to `limit`.

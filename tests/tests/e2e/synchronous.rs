@@ -246,12 +246,13 @@ async fn a_synchronous_bind_or_provision_that_times_out_is_cleaned_up() {
         "{body}"
     );
 
-    // A worker again: the platform's retries succeed.
+    // A worker again: the platform's retries succeed (200 while the deletion was still running, 410 when the
+    // worker finished it before the retry arrived: both end orphan mitigation).
     stack.restart_worker(Vec::new()).unwrap();
     let statuses = delete_until_done(&stack, &binding_path).await;
-    assert_eq!(statuses.last(), Some(&200), "{statuses:?}");
+    assert!(matches!(statuses.last(), Some(200 | 410)), "{statuses:?}");
     let statuses = delete_until_done(&stack, &orphan_path).await;
-    assert_eq!(statuses.last(), Some(&200), "{statuses:?}");
+    assert!(matches!(statuses.last(), Some(200 | 410)), "{statuses:?}");
 
     let binding_role = broker::names::binding_role(&stack.name_prefix, "b-1");
     assert_eq!(
@@ -266,7 +267,8 @@ async fn a_synchronous_bind_or_provision_that_times_out_is_cleaned_up() {
     let owner = broker::names::instance_owner_role(&stack.name_prefix, &orphan);
     assert_eq!(roles_like(&stack, &owner).await, 0);
     // The bound instance is still there and usable; deleting it leaves nothing.
-    assert_eq!(delete_until_done(&stack, &path).await.last(), Some(&200));
+    let statuses = delete_until_done(&stack, &path).await;
+    assert!(matches!(statuses.last(), Some(200 | 410)), "{statuses:?}");
     assert_eq!(
         roles_like(&stack, &format!("{}%", stack.name_prefix)).await,
         0
