@@ -152,6 +152,7 @@ impl From<sqlx::Error> for ApiError {
             return Self::BadRequest(format!("the request holds text the broker cannot store: {}", db.message()));
         }
         if is_connection_error(&err) {
+            broker::db::note_connection_failure();
             tracing::warn!(error = %err, "the broker's database is not answering");
             return Self::Unavailable("the broker's database is not answering; retry the request".into());
         }

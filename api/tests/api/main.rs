@@ -8,6 +8,7 @@ mod bad_writes;
 mod binding_expiry;
 mod bindings;
 mod catalog;
+mod database_restart;
 mod cluster;
 mod deprovision;
 mod fetch;
