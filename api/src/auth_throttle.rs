@@ -9,7 +9,10 @@
 use std::{
     collections::HashMap,
     net::IpAddr,
-    sync::Mutex,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -23,6 +26,10 @@ pub struct AuthThrottle {
     limit: u32,
     window: Duration,
     sources: Mutex<HashMap<IpAddr, Failures>>,
+    /// When the last block to end ends, in ms after `created`: past it no source is blocked, and the check on
+    /// every authenticated request skips the lock.
+    blocks_end_ms: AtomicU64,
+    created: Instant,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -44,12 +51,20 @@ impl AuthThrottle {
             limit,
             window,
             sources: Mutex::new(HashMap::new()),
+            blocks_end_ms: AtomicU64::new(0),
+            created: Instant::now(),
         }
+    }
+
+    fn ms_since_created(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.created).as_millis()).unwrap_or(u64::MAX)
     }
 
     /// `Some(how long)` while `source` is refused.
     pub fn blocked_for(&self, source: IpAddr) -> Option<Duration> {
-        if self.limit == 0 {
+        let no_block_left =
+            self.ms_since_created(Instant::now()) >= self.blocks_end_ms.load(Ordering::Acquire);
+        if self.limit == 0 || no_block_left {
             return None;
         }
         let key = source_key(source);
@@ -83,6 +98,10 @@ impl AuthThrottle {
             *entry = Failures { since: now, count: 0 };
         }
         entry.count = entry.count.saturating_add(1);
+        if entry.count >= self.limit {
+            let ends = self.ms_since_created(entry.since + self.window).saturating_add(1);
+            self.blocks_end_ms.fetch_max(ends, Ordering::AcqRel);
+        }
     }
 
     #[cfg(test)]
