@@ -103,6 +103,9 @@ impl Embedded {
         let exe = std::env::current_exe()?.with_file_name("berth-worker");
         let mut cmd = tokio::process::Command::new(&exe);
         cmd.envs(self.worker_env.iter().map(|(k, v)| (k, v))).process_group(0).kill_on_drop(true);
+        // The worker's stdin stays open as long as this process lives (the handle sits in `Child`): when the API
+        // dies, even by kill -9, the worker reads end of file and stops rather than outliving it.
+        cmd.env("BERTH_STOP_WHEN_STDIN_CLOSES", "1").stdin(std::process::Stdio::piped());
         let child = cmd.spawn().with_context(|| format!("starting {}", exe.display()))?;
         let pid = child.id();
         *self.worker.lock().expect("worker lock") = Some(child);

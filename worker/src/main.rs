@@ -39,6 +39,9 @@ async fn main() -> anyhow::Result<()> {
             shutdown.cancel();
         }
     });
+    if std::env::var_os(STOP_WHEN_STDIN_CLOSES).is_some() {
+        stop_when_stdin_closes(shutdown.clone());
+    }
     berth_worker::run(
         pool,
         services,
@@ -60,6 +63,22 @@ async fn verify_snapshot_key(pool: &sqlx::PgPool, settings: &Settings) -> anyhow
     let key = broker::crypto::read_key_file(&path).context("reading the snapshot key")?;
     let key_id = berth_worker::snapshots::sealed::SnapshotKey::new(key).id();
     key_checks::verify_snapshot_key(pool, &path, &key_id).await
+}
+
+/// Set by the embedded default's API, which holds the worker's stdin: when the API is gone, however it ended (a
+/// kill -9 included), stdin reads end of file and the worker stops as on SIGTERM instead of living on alone.
+const STOP_WHEN_STDIN_CLOSES: &str = "BERTH_STOP_WHEN_STDIN_CLOSES";
+
+fn stop_when_stdin_closes(shutdown: CancellationToken) {
+    // A thread of its own, not Tokio's blocking pool: the runtime would wait for a read that never ends on exit.
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut buf = [0u8; 64];
+        let mut stdin = std::io::stdin();
+        while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
+        tracing::info!("stdin closed (the embedded API is gone): shutting down");
+        shutdown.cancel();
+    });
 }
 
 async fn wait_for_signal() {

@@ -211,6 +211,12 @@ fn new_folder() -> (PathBuf, TestFolder) {
     (dir.clone(), TestFolder(dir))
 }
 
+/// A live `berth-worker` process (a zombie waiting for its reaper has exited).
+fn is_berth_worker(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.contains("(berth-worker)") && !stat.contains(") Z ")
+}
+
 /// Polls `/health` (which asks the broker's database) until it answers 200, for up to `limit`.
 async fn wait_healthy(api: &Embedded, limit: Duration) -> Duration {
     let started = Instant::now();
@@ -250,10 +256,18 @@ async fn a_second_start_in_the_same_folder_is_refused_and_a_killed_first_blocks_
     let (status, body) = first.send(first.request(Method::GET, "/v2/service_instances/none")).await;
     assert_eq!(status, 404, "{body}");
 
-    // kill -9 of the first and everything it started: its lock goes with it, so the next start works.
+    // kill -9 of the first: its worker, left alone, stops by itself.
     let mut first = first;
+    let workers = || processes_under(&dir).into_iter().filter(|pid| is_berth_worker(*pid)).collect::<Vec<_>>();
+    assert_eq!(workers().len(), 1, "one embedded worker");
     first.child.start_kill().unwrap();
     first.child.wait().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !workers().is_empty() {
+        assert!(Instant::now() < deadline, "the worker outlived its API: {:?}", workers());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // And everything else it started: its lock goes with it, so the next start works.
     for pid in processes_under(&dir) {
         let _ = std::process::Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
     }
