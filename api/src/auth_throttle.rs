@@ -93,13 +93,21 @@ impl AuthThrottle {
                 sources.retain(|_, f| f.since > cutoff);
             }
         }
-        let entry = sources.entry(key).or_insert(Failures { since: now, count: 0 });
+        let entry = sources.entry(key).or_insert(Failures {
+            since: now,
+            count: 0,
+        });
         if now.duration_since(entry.since) >= self.window {
-            *entry = Failures { since: now, count: 0 };
+            *entry = Failures {
+                since: now,
+                count: 0,
+            };
         }
         entry.count = entry.count.saturating_add(1);
         if entry.count >= self.limit {
-            let ends = self.ms_since_created(entry.since + self.window).saturating_add(1);
+            let ends = self
+                .ms_since_created(entry.since + self.window)
+                .saturating_add(1);
             self.blocks_end_ms.fetch_max(ends, Ordering::AcqRel);
         }
     }
@@ -141,7 +149,11 @@ mod tests {
         }
         assert_eq!(throttle.blocked_for(a), None);
         throttle.record_failure(a);
-        assert!(throttle.blocked_for(a).is_some_and(|d| d <= Duration::from_secs(60)));
+        assert!(
+            throttle
+                .blocked_for(a)
+                .is_some_and(|d| d <= Duration::from_secs(60))
+        );
         assert_eq!(throttle.blocked_for(b), None);
     }
 

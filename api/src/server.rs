@@ -108,7 +108,9 @@ pub async fn serve(
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let connections = Arc::new(Mutex::new(Connections::default()));
     let mut builder = http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
     'accept: loop {
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -128,7 +130,10 @@ pub async fn serve(
             if let Ok(permit) = permits.clone().try_acquire_owned() {
                 break permit;
             }
-            connections.lock().expect("connections lock").evict_oldest_idle();
+            connections
+                .lock()
+                .expect("connections lock")
+                .evict_oldest_idle();
             tokio::select! {
                 () = shutdown.cancelled() => break 'accept,
                 permit = permits.clone().acquire_owned() => break permit.expect("the semaphore is never closed"),
@@ -144,23 +149,31 @@ pub async fn serve(
             open.next_id += 1;
             open.open.insert(
                 id,
-                Connection { opened: Instant::now(), in_flight: in_flight.clone(), close: close.clone() },
+                Connection {
+                    opened: Instant::now(),
+                    in_flight: in_flight.clone(),
+                    close: close.clone(),
+                },
             );
             id
         };
         let service = {
             let (router, in_flight) = (router.clone(), in_flight.clone());
             hyper::service::service_fn(move |mut request: Request<Incoming>| {
-                request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+                request
+                    .extensions_mut()
+                    .insert(ConnectInfo::<SocketAddr>(peer));
                 let router = router.clone();
                 let busy = InFlight::new(&in_flight);
                 async move {
                     let response = router.oneshot(request).await.unwrap_or_else(|e| match e {});
                     // Busy until hyper has written the body out (and drops it).
-                    Ok::<_, Infallible>(response.map(|body| Body::new(body.map_frame(move |frame| {
-                        let _ = &busy;
-                        frame
-                    }))))
+                    Ok::<_, Infallible>(response.map(|body| {
+                        Body::new(body.map_frame(move |frame| {
+                            let _ = &busy;
+                            frame
+                        }))
+                    }))
                 }
             })
         };
@@ -183,7 +196,11 @@ pub async fn serve(
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection closed");
             }
-            connections.lock().expect("connections lock").open.remove(&id);
+            connections
+                .lock()
+                .expect("connections lock")
+                .open
+                .remove(&id);
             drop(permit);
         });
     }
@@ -217,7 +234,10 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     async fn send(stream: &mut tokio::net::TcpStream, path: &str) -> String {
-        stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: berth\r\n\r\n").as_bytes()).await.unwrap();
+        stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: berth\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
         let mut buf = vec![0u8; 1024];
         let n = stream.read(&mut buf).await.unwrap();
         String::from_utf8_lossy(&buf[..n]).into_owned()
@@ -235,17 +255,25 @@ mod tests {
             )
             .route(
                 "/peer",
-                axum::routing::get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move { peer.to_string() }),
+                axum::routing::get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move {
+                    peer.to_string()
+                }),
             );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        let limits = ConnectionLimits { header_read_timeout: Duration::from_secs(5), max_connections: 8 };
+        let limits = ConnectionLimits {
+            header_read_timeout: Duration::from_secs(5),
+            max_connections: 8,
+        };
         let server = tokio::spawn(serve(listener, router, limits, shutdown.clone()));
 
         let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
         let answer = send(&mut client, "/peer").await;
-        assert!(answer.ends_with(&client.local_addr().unwrap().to_string()), "{answer}");
+        assert!(
+            answer.ends_with(&client.local_addr().unwrap().to_string()),
+            "{answer}"
+        );
 
         let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
         let mut busy = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -253,12 +281,22 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         shutdown.cancel();
         let answer = slow.await.unwrap();
-        assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("done"), "{answer}");
-        tokio::time::timeout(Duration::from_secs(5), server).await.expect("serve returns").unwrap().unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.ends_with("done"),
+            "{answer}"
+        );
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("serve returns")
+            .unwrap()
+            .unwrap();
         // The idle connection was closed, not left waiting for its header-read timeout.
         let mut buf = [0u8; 16];
         assert!(matches!(idle.read(&mut buf).await, Ok(0) | Err(_)));
-        assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "the listener is closed");
+        assert!(
+            tokio::net::TcpStream::connect(addr).await.is_err(),
+            "the listener is closed"
+        );
     }
 
     #[tokio::test]
@@ -276,7 +314,10 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         // A header-read timeout far beyond the test: only eviction can close the idle ones.
-        let limits = ConnectionLimits { header_read_timeout: Duration::from_secs(60), max_connections: 2 };
+        let limits = ConnectionLimits {
+            header_read_timeout: Duration::from_secs(60),
+            max_connections: 2,
+        };
         let server = tokio::spawn(serve(listener, router, limits, shutdown.clone()));
 
         let mut oldest = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -285,11 +326,18 @@ mod tests {
         half.write_all(b"GET /hea").await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let answer = tokio::time::timeout(Duration::from_secs(5), send(&mut third, "/health")).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(5), send(&mut third, "/health"))
+            .await
+            .unwrap();
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         let mut buf = [0u8; 16];
-        let closed = tokio::time::timeout(Duration::from_secs(1), oldest.read(&mut buf)).await.unwrap();
-        assert!(matches!(closed, Ok(0) | Err(_)), "the oldest idle connection was closed");
+        let closed = tokio::time::timeout(Duration::from_secs(1), oldest.read(&mut buf))
+            .await
+            .unwrap();
+        assert!(
+            matches!(closed, Ok(0) | Err(_)),
+            "the oldest idle connection was closed"
+        );
 
         // Both slots busy: a newcomer waits for a request to finish instead of closing one in flight.
         drop((third, half));
@@ -304,15 +352,28 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let started = Instant::now();
         let mut newcomer = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let answer = tokio::time::timeout(Duration::from_secs(5), send(&mut newcomer, "/health")).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(5), send(&mut newcomer, "/health"))
+            .await
+            .unwrap();
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-        assert!(started.elapsed() >= Duration::from_millis(400), "it waited for a slot: {:?}", started.elapsed());
+        assert!(
+            started.elapsed() >= Duration::from_millis(400),
+            "it waited for a slot: {:?}",
+            started.elapsed()
+        );
         for slow in busy {
             let slow = slow.await.unwrap();
-            assert!(slow.starts_with("HTTP/1.1 200") && slow.ends_with("done"), "{slow}");
+            assert!(
+                slow.starts_with("HTTP/1.1 200") && slow.ends_with("done"),
+                "{slow}"
+            );
         }
         shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(5), server).await.unwrap().unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
     }
 
     #[test]

@@ -415,7 +415,10 @@ mod tests {
         assert!(err.to_string().contains("WEBHOOK_ALLOWED_TARGETS"), "{err}");
         assert!(settings("hooks.example,10.0.0.0/8").check().is_ok());
         let defaults: Settings = serde_json::from_value(serde_json::json!({})).unwrap();
-        assert_eq!(TargetPolicy::from_settings(&defaults).unwrap(), TargetPolicy::default());
+        assert_eq!(
+            TargetPolicy::from_settings(&defaults).unwrap(),
+            TargetPolicy::default()
+        );
     }
 
     #[test]

@@ -18,16 +18,24 @@ async fn a_provision_abandoned_while_waiting_for_a_connection_is_not_written(poo
         .unwrap();
     let app = TestApp::new(one.clone());
     let held = one.acquire().await.unwrap();
-    let gave_up = tokio::time::timeout(Duration::from_millis(500), app.provision("i-1", &provision_body())).await;
-    assert!(gave_up.is_err(), "the provision cannot be answered while the only connection is held");
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(500),
+        app.provision("i-1", &provision_body()),
+    )
+    .await;
+    assert!(
+        gave_up.is_err(),
+        "the provision cannot be answered while the only connection is held"
+    );
     drop(held);
     // The connection is free again: a waiting writer would have written by now.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let counts: (i64, i64) =
-        sqlx::query_as("SELECT (SELECT count(*) FROM service_instances), (SELECT count(*) FROM tasks)")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let counts: (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM service_instances), (SELECT count(*) FROM tasks)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
     assert_eq!(counts, (0, 0), "the abandoned provision was written");
     // And the batcher still serves the next one.
     app.provision("i-2", &provision_body()).await.operation();
@@ -50,7 +58,11 @@ async fn an_update_abandoned_inside_its_transaction_is_rolled_back(pool: PgPool)
     assert!(gave_up.is_err(), "the update waits for the row lock");
     lock.rollback().await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(app.contents().await, before, "the abandoned update changed rows");
+    assert_eq!(
+        app.contents().await,
+        before,
+        "the abandoned update changed rows"
+    );
     // The pool's connections are sound: the same update from a patient client is accepted.
     app.update("i-1", &body).await.operation();
 }

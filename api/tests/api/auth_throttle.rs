@@ -43,10 +43,17 @@ fn router(pool: PgPool) -> Router {
 }
 
 /// GET /v2/catalog from `source` (as the server's `ConnectInfo` would say), with these credentials.
-async fn catalog(router: &Router, source: Option<&str>, password: &str) -> (StatusCode, Option<String>, Value) {
+async fn catalog(
+    router: &Router,
+    source: Option<&str>,
+    password: &str,
+) -> (StatusCode, Option<String>, Value) {
     let mut request = Request::get("/v2/catalog")
         .header("x-broker-api-version", "2.17")
-        .header("authorization", format!("Basic {}", STANDARD.encode(format!("{USER}:{password}"))))
+        .header(
+            "authorization",
+            format!("Basic {}", STANDARD.encode(format!("{USER}:{password}"))),
+        )
         .body(Body::empty())
         .unwrap();
     if let Some(source) = source {
@@ -55,9 +62,16 @@ async fn catalog(router: &Router, source: Option<&str>, password: &str) -> (Stat
     }
     let response = router.clone().oneshot(request).await.unwrap();
     let status = response.status();
-    let retry_after = response.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_string());
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    (status, retry_after, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    (
+        status,
+        retry_after,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
@@ -65,10 +79,17 @@ async fn guessing_from_one_source_is_429_and_never_locks_out_another(pool: PgPoo
     let router = router(pool);
     let (guesser, platform) = (Some("203.0.113.7:40000"), Some("198.51.100.2:50000"));
     for _ in 0..LIMIT {
-        assert_eq!(catalog(&router, guesser, "guess").await.0, StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            catalog(&router, guesser, "guess").await.0,
+            StatusCode::UNAUTHORIZED
+        );
     }
     // The guesser is refused, whatever it sends and from whichever of its ports.
-    for (source, password) in [(guesser, "guess"), (guesser, PASSWORD), (Some("203.0.113.7:40001"), PASSWORD)] {
+    for (source, password) in [
+        (guesser, "guess"),
+        (guesser, PASSWORD),
+        (Some("203.0.113.7:40001"), PASSWORD),
+    ] {
         let (status, retry_after, body) = catalog(&router, source, password).await;
         assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
         assert_eq!(body["error"], "TooManyRequests", "{body}");
@@ -77,7 +98,10 @@ async fn guessing_from_one_source_is_429_and_never_locks_out_another(pool: PgPoo
     }
     // Meanwhile the platform, elsewhere, is served; its own wrong attempts are its own.
     assert_eq!(catalog(&router, platform, PASSWORD).await.0, StatusCode::OK);
-    assert_eq!(catalog(&router, platform, "typo").await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        catalog(&router, platform, "typo").await.0,
+        StatusCode::UNAUTHORIZED
+    );
     assert_eq!(catalog(&router, platform, PASSWORD).await.0, StatusCode::OK);
     // Requests the server cannot place (no peer address, as in-process) are not throttled.
     assert_eq!(catalog(&router, None, PASSWORD).await.0, StatusCode::OK);
@@ -85,5 +109,8 @@ async fn guessing_from_one_source_is_429_and_never_locks_out_another(pool: PgPoo
     // Once the window has passed the guesser's source may log in again.
     tokio::time::sleep(WINDOW + Duration::from_millis(200)).await;
     assert_eq!(catalog(&router, guesser, PASSWORD).await.0, StatusCode::OK);
-    assert_eq!(catalog(&router, guesser, "guess").await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        catalog(&router, guesser, "guess").await.0,
+        StatusCode::UNAUTHORIZED
+    );
 }

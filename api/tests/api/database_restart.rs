@@ -18,7 +18,10 @@ async fn after_a_restart_one_request_fails_not_one_per_pooled_connection(
     opts: PgConnectOptions,
 ) {
     let opts = opts.application_name("berth-restart-test");
-    let pool = broker::db::pool_options(POOLED as u32).connect_with(opts.clone()).await.unwrap();
+    let pool = broker::db::pool_options(POOLED as u32)
+        .connect_with(opts.clone())
+        .await
+        .unwrap();
     let app = TestApp::new(pool.clone());
     app.provisioned("i-1").await;
     // Every connection of the pool open and idle.
@@ -37,7 +40,9 @@ async fn after_a_restart_one_request_fails_not_one_per_pooled_connection(
     assert_eq!(pool.num_idle(), POOLED);
 
     // What a restart does to them: the server ends every session.
-    let mut admin = PgConnection::connect_with(&opts.clone().application_name("admin")).await.unwrap();
+    let mut admin = PgConnection::connect_with(&opts.clone().application_name("admin"))
+        .await
+        .unwrap();
     let ended: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
          WHERE application_name = 'berth-restart-test') AS t",
@@ -50,10 +55,29 @@ async fn after_a_restart_one_request_fails_not_one_per_pooled_connection(
 
     let mut statuses = Vec::new();
     for _ in 0..2 * POOLED {
-        statuses.push(app.call(Method::GET, "/v2/service_instances/i-1/last_operation", None).await.status);
+        statuses.push(
+            app.call(
+                Method::GET,
+                "/v2/service_instances/i-1/last_operation",
+                None,
+            )
+            .await
+            .status,
+        );
     }
-    let failed = statuses.iter().filter(|s| **s == StatusCode::SERVICE_UNAVAILABLE).count();
-    assert!(failed <= 1, "{failed} requests failed on dead pooled connections: {statuses:?}");
-    assert!(statuses.iter().all(|s| *s == StatusCode::OK || *s == StatusCode::SERVICE_UNAVAILABLE), "{statuses:?}");
+    let failed = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::SERVICE_UNAVAILABLE)
+        .count();
+    assert!(
+        failed <= 1,
+        "{failed} requests failed on dead pooled connections: {statuses:?}"
+    );
+    assert!(
+        statuses
+            .iter()
+            .all(|s| *s == StatusCode::OK || *s == StatusCode::SERVICE_UNAVAILABLE),
+        "{statuses:?}"
+    );
     assert_eq!(statuses.last(), Some(&StatusCode::OK));
 }

@@ -18,7 +18,13 @@ use crate::{
 const PG_DEDICATED: &str = "5f0c2d8e-9b41-4c7a-a6e3-2d7f1b8c4e90";
 const IDENTITY: &str = "x-broker-api-originating-identity";
 
-async fn send(app: &TestApp, method: Method, uri: &str, headers: &[(&str, &str)], body: Option<&Value>) -> TestResponse {
+async fn send(
+    app: &TestApp,
+    method: Method,
+    uri: &str,
+    headers: &[(&str, &str)],
+    body: Option<&Value>,
+) -> TestResponse {
     let mut builder = TestApp::request(method, uri).header("content-type", "application/json");
     for (name, value) in headers {
         builder = builder.header(*name, *value);
@@ -40,7 +46,10 @@ async fn nul_anywhere_is_400_naming_the_field_and_writes_nothing(pool: PgPool) {
     let app = TestApp::new(pool);
     app.provisioned("i-1").await;
     app.provisioned("i-2").await;
-    let nul_identity = format!("cloudfoundry {}", STANDARD.encode(r#"{"user_id":"a\u0000b"}"#));
+    let nul_identity = format!(
+        "cloudfoundry {}",
+        STANDARD.encode(r#"{"user_id":"a\u0000b"}"#)
+    );
     let provision = "/v2/service_instances/i-new?accepts_incomplete=true";
     let patch = "/v2/service_instances/i-2?accepts_incomplete=true";
     let bind = "/v2/service_instances/i-1/service_bindings/b-1?accepts_incomplete=true";
@@ -50,28 +59,168 @@ async fn nul_anywhere_is_400_naming_the_field_and_writes_nothing(pool: PgPool) {
         "parameters": {"tags": {"k": "v\u{0}"}},
     });
     let cases: Vec<Case<'_>> = vec![
-        (Method::PUT, provision.into(), None, Some(with(provision_body(), "organization_guid", json!("o\u{0}"))), "`organization_guid`"),
-        (Method::PUT, provision.into(), None, Some(with(provision_body(), "space_guid", json!("\u{0}"))), "`space_guid`"),
-        (Method::PUT, provision.into(), None, Some(with(provision_body(), "context", json!({"foo": "v\u{0}"}))), "`context.foo`"),
-        (Method::PUT, provision.into(), None, Some(with(provision_body(), "context", json!({"f\u{0}": "v"}))), "a key of `context`"),
-        (Method::PUT, provision.into(), None, Some(with(provision_body(), "context", json!({"a": [1, {"b": "\u{0}"}]}))), "`context.a[1].b`"),
-        (Method::PUT, provision.into(), None, Some(dedicated), "`parameters.tags.k`"),
-        (Method::PUT, format!("{provision}&webhook=https%3A%2F%2Fexample.com%2F%00"), None, Some(provision_body()), "the query parameter `webhook`"),
-        (Method::PUT, provision.into(), Some(&nul_identity), Some(provision_body()), "X-Broker-API-Originating-Identity"),
-        (Method::PATCH, patch.into(), None, Some(with(patch_body.clone(), "context", json!({"k": "\u{0}"}))), "`context.k`"),
-        (Method::PATCH, patch.into(), Some(&nul_identity), Some(patch_body), "X-Broker-API-Originating-Identity"),
-        (Method::PUT, bind.into(), None, Some(with(bind_body(), "app_guid", json!("app\u{0}"))), "`app_guid`"),
-        (Method::PUT, bind.into(), None, Some(with(bind_body(), "bind_resource", json!({"app_guid": "\u{0}"}))), "`bind_resource.app_guid`"),
-        (Method::PUT, bind.into(), None, Some(with(bind_body(), "context", json!({"platform": "x\u{0}"}))), "`context.platform`"),
-        (Method::PUT, format!("{bind}&secret=s%00"), None, Some(bind_body()), "the query parameter `secret`"),
-        (Method::PUT, bind.into(), Some(&nul_identity), Some(bind_body()), "X-Broker-API-Originating-Identity"),
-        (Method::PUT, "/v2/service_instances/i-1/actions/credentials?webhook=%00".into(), None, None, "the query parameter `webhook`"),
-        (Method::POST, "/berth/v1/presets".into(), None, Some(json!({"name": "p", "instance_id": "i-1", "description": "d\u{0}"})), "`description`"),
-        (Method::POST, "/berth/v1/presets".into(), None, Some(json!({"name": "p", "instance_id": "i-1", "post_restore_sql": "select 1\u{0}"})), "`post_restore_sql`"),
-        (Method::POST, "/berth/v1/presets/p/lock".into(), None, Some(json!({"by": "me\u{0}"})), "`by`"),
-        (Method::POST, "/berth/v1/instances/i-1/select".into(), None, Some(json!({"preset": "p\u{0}"})), "`preset`"),
-        (Method::POST, "/berth/v1/instances/i-1/switchover".into(), None, Some(json!({"candidate": "m\u{0}"})), "`candidate`"),
-        (Method::GET, "/berth/v1/price-check?region=us%00".into(), None, None, "the query parameter `region`"),
+        (
+            Method::PUT,
+            provision.into(),
+            None,
+            Some(with(provision_body(), "organization_guid", json!("o\u{0}"))),
+            "`organization_guid`",
+        ),
+        (
+            Method::PUT,
+            provision.into(),
+            None,
+            Some(with(provision_body(), "space_guid", json!("\u{0}"))),
+            "`space_guid`",
+        ),
+        (
+            Method::PUT,
+            provision.into(),
+            None,
+            Some(with(provision_body(), "context", json!({"foo": "v\u{0}"}))),
+            "`context.foo`",
+        ),
+        (
+            Method::PUT,
+            provision.into(),
+            None,
+            Some(with(provision_body(), "context", json!({"f\u{0}": "v"}))),
+            "a key of `context`",
+        ),
+        (
+            Method::PUT,
+            provision.into(),
+            None,
+            Some(with(
+                provision_body(),
+                "context",
+                json!({"a": [1, {"b": "\u{0}"}]}),
+            )),
+            "`context.a[1].b`",
+        ),
+        (
+            Method::PUT,
+            provision.into(),
+            None,
+            Some(dedicated),
+            "`parameters.tags.k`",
+        ),
+        (
+            Method::PUT,
+            format!("{provision}&webhook=https%3A%2F%2Fexample.com%2F%00"),
+            None,
+            Some(provision_body()),
+            "the query parameter `webhook`",
+        ),
+        (
+            Method::PUT,
+            provision.into(),
+            Some(&nul_identity),
+            Some(provision_body()),
+            "X-Broker-API-Originating-Identity",
+        ),
+        (
+            Method::PATCH,
+            patch.into(),
+            None,
+            Some(with(patch_body.clone(), "context", json!({"k": "\u{0}"}))),
+            "`context.k`",
+        ),
+        (
+            Method::PATCH,
+            patch.into(),
+            Some(&nul_identity),
+            Some(patch_body),
+            "X-Broker-API-Originating-Identity",
+        ),
+        (
+            Method::PUT,
+            bind.into(),
+            None,
+            Some(with(bind_body(), "app_guid", json!("app\u{0}"))),
+            "`app_guid`",
+        ),
+        (
+            Method::PUT,
+            bind.into(),
+            None,
+            Some(with(
+                bind_body(),
+                "bind_resource",
+                json!({"app_guid": "\u{0}"}),
+            )),
+            "`bind_resource.app_guid`",
+        ),
+        (
+            Method::PUT,
+            bind.into(),
+            None,
+            Some(with(bind_body(), "context", json!({"platform": "x\u{0}"}))),
+            "`context.platform`",
+        ),
+        (
+            Method::PUT,
+            format!("{bind}&secret=s%00"),
+            None,
+            Some(bind_body()),
+            "the query parameter `secret`",
+        ),
+        (
+            Method::PUT,
+            bind.into(),
+            Some(&nul_identity),
+            Some(bind_body()),
+            "X-Broker-API-Originating-Identity",
+        ),
+        (
+            Method::PUT,
+            "/v2/service_instances/i-1/actions/credentials?webhook=%00".into(),
+            None,
+            None,
+            "the query parameter `webhook`",
+        ),
+        (
+            Method::POST,
+            "/berth/v1/presets".into(),
+            None,
+            Some(json!({"name": "p", "instance_id": "i-1", "description": "d\u{0}"})),
+            "`description`",
+        ),
+        (
+            Method::POST,
+            "/berth/v1/presets".into(),
+            None,
+            Some(json!({"name": "p", "instance_id": "i-1", "post_restore_sql": "select 1\u{0}"})),
+            "`post_restore_sql`",
+        ),
+        (
+            Method::POST,
+            "/berth/v1/presets/p/lock".into(),
+            None,
+            Some(json!({"by": "me\u{0}"})),
+            "`by`",
+        ),
+        (
+            Method::POST,
+            "/berth/v1/instances/i-1/select".into(),
+            None,
+            Some(json!({"preset": "p\u{0}"})),
+            "`preset`",
+        ),
+        (
+            Method::POST,
+            "/berth/v1/instances/i-1/switchover".into(),
+            None,
+            Some(json!({"candidate": "m\u{0}"})),
+            "`candidate`",
+        ),
+        (
+            Method::GET,
+            "/berth/v1/price-check?region=us%00".into(),
+            None,
+            None,
+            "the query parameter `region`",
+        ),
     ];
     assert_unchanged!(app, {
         for (method, uri, identity, body, field) in cases {
@@ -79,7 +228,10 @@ async fn nul_anywhere_is_400_naming_the_field_and_writes_nothing(pool: PgPool) {
             let d = send(&app, method.clone(), &uri, &headers, body.as_ref())
                 .await
                 .assert_osb_error(StatusCode::BAD_REQUEST, Some("BadRequest"));
-            assert!(d.contains(field) && d.contains("U+0000"), "{method} {uri}: {d:?} should name {field}");
+            assert!(
+                d.contains(field) && d.contains("U+0000"),
+                "{method} {uri}: {d:?} should name {field}"
+            );
         }
     });
     // An escaped backslash before `u0000` is ordinary text, not a NUL.
@@ -90,8 +242,15 @@ async fn nul_anywhere_is_400_naming_the_field_and_writes_nothing(pool: PgPool) {
 /// The backstop: any text Postgres refuses to store (a NUL the extractors did not see) is a 400, not a 500.
 #[sqlx::test(migrator = "broker::MIGRATOR")]
 async fn text_postgres_cannot_store_maps_to_400(pool: PgPool) {
-    for (sql, value) in [("SELECT $1::text", "a\u{0}b"), ("SELECT $1::text::jsonb", r#"{"k": "\u0000"}"#)] {
-        let err = sqlx::query(sql).bind(value).execute(&pool).await.expect_err("Postgres refuses it");
+    for (sql, value) in [
+        ("SELECT $1::text", "a\u{0}b"),
+        ("SELECT $1::text::jsonb", r#"{"k": "\u0000"}"#),
+    ] {
+        let err = sqlx::query(sql)
+            .bind(value)
+            .execute(&pool)
+            .await
+            .expect_err("Postgres refuses it");
         let api = berth_api::ApiError::from(err);
         assert_eq!(api.status_code(), StatusCode::BAD_REQUEST, "{sql}: {api:?}");
         assert!(api.to_string().contains("cannot store"), "{api}");
@@ -102,8 +261,12 @@ async fn text_postgres_cannot_store_maps_to_400(pool: PgPool) {
 async fn empty_app_guid_is_400(pool: PgPool) {
     let app = TestApp::new(pool);
     app.provisioned("i-1").await;
-    let d = assert_unchanged!(app, app.bind("i-1", "b-1", &with(bind_body(), "app_guid", json!(""))).await)
-        .assert_osb_error(StatusCode::BAD_REQUEST, None);
+    let d = assert_unchanged!(
+        app,
+        app.bind("i-1", "b-1", &with(bind_body(), "app_guid", json!("")))
+            .await
+    )
+    .assert_osb_error(StatusCode::BAD_REQUEST, None);
     assert!(d.contains("app_guid"), "{d}");
 }
 
@@ -115,13 +278,33 @@ async fn operations_during_provisioning_are_concurrency_errors(pool: PgPool) {
     let provision_op = app.provision("i-1", &provision_body()).await.operation();
     let patch_body = json!({"service_id": PG_SERVICE, "parameters": {"extensions": ["hstore"]}});
     let operations: Vec<(Method, &str, Option<Value>)> = vec![
-        (Method::PATCH, "/v2/service_instances/i-1?accepts_incomplete=true", Some(patch_body)),
-        (Method::PUT, "/v2/service_instances/i-1/service_bindings/b-1?accepts_incomplete=true", Some(bind_body())),
-        (Method::PUT, "/v2/service_instances/i-1/actions/credentials", None),
-        (Method::PUT, "/v2/service_instances/i-1/actions/backups", None),
+        (
+            Method::PATCH,
+            "/v2/service_instances/i-1?accepts_incomplete=true",
+            Some(patch_body),
+        ),
+        (
+            Method::PUT,
+            "/v2/service_instances/i-1/service_bindings/b-1?accepts_incomplete=true",
+            Some(bind_body()),
+        ),
+        (
+            Method::PUT,
+            "/v2/service_instances/i-1/actions/credentials",
+            None,
+        ),
+        (
+            Method::PUT,
+            "/v2/service_instances/i-1/actions/backups",
+            None,
+        ),
         (Method::POST, "/berth/v1/instances/i-1/backups", None),
         (Method::POST, "/berth/v1/instances/i-1/switchover", None),
-        (Method::POST, "/berth/v1/presets", Some(json!({"name": "p", "instance_id": "i-1"}))),
+        (
+            Method::POST,
+            "/berth/v1/presets",
+            Some(json!({"name": "p", "instance_id": "i-1"})),
+        ),
     ];
     let run = |expected_code: &'static str| {
         let app = &app;
@@ -133,24 +316,38 @@ async fn operations_during_provisioning_are_concurrency_errors(pool: PgPool) {
                     .assert_osb_error(StatusCode::UNPROCESSABLE_ENTITY, Some(expected_code));
                 assert!(d.contains("i-1"), "{method} {uri}: {d}");
             }
-            app.fetch_instance("i-1").await.assert_osb_error(StatusCode::NOT_FOUND, None);
-            app.fetch_binding("i-1", "b-1").await.assert_osb_error(StatusCode::NOT_FOUND, None);
+            app.fetch_instance("i-1")
+                .await
+                .assert_osb_error(StatusCode::NOT_FOUND, None);
+            app.fetch_binding("i-1", "b-1")
+                .await
+                .assert_osb_error(StatusCode::NOT_FOUND, None);
         }
     };
     assert_unchanged!(app, run("ConcurrencyError").await);
-    app.set_running(&provision_op, Some("creating the database")).await;
+    app.set_running(&provision_op, Some("creating the database"))
+        .await;
     assert_unchanged!(app, run("ConcurrencyError").await);
-    app.finish(&provision_op, "failed", Some("no capacity")).await;
+    app.finish(&provision_op, "failed", Some("no capacity"))
+        .await;
     assert_unchanged!(app, run("UnprocessableEntity").await);
     let d = app
-        .call(Method::PATCH, "/v2/service_instances/i-1?accepts_incomplete=true", Some(&json!({"service_id": PG_SERVICE, "parameters": {}})))
+        .call(
+            Method::PATCH,
+            "/v2/service_instances/i-1?accepts_incomplete=true",
+            Some(&json!({"service_id": PG_SERVICE, "parameters": {}})),
+        )
         .await
         .assert_osb_error(StatusCode::UNPROCESSABLE_ENTITY, None);
     assert!(d.contains("failed"), "{d}");
     // Unknown instances are still 404.
-    app.call(Method::PUT, "/v2/service_instances/nope/service_bindings/b-1?accepts_incomplete=true", Some(&bind_body()))
-        .await
-        .assert_osb_error(StatusCode::NOT_FOUND, None);
+    app.call(
+        Method::PUT,
+        "/v2/service_instances/nope/service_bindings/b-1?accepts_incomplete=true",
+        Some(&bind_body()),
+    )
+    .await
+    .assert_osb_error(StatusCode::NOT_FOUND, None);
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
@@ -185,16 +382,46 @@ async fn originating_identity_is_capped_and_parsed_leniently(pool: PgPool) {
     let app = TestApp::new(pool);
     let uri = "/v2/service_instances/i-1?accepts_incomplete=true";
     let huge = format!("cloudfoundry {}", "A".repeat(100 * 1024));
-    let d = assert_unchanged!(app, send(&app, Method::PUT, uri, &[(IDENTITY, &huge)], Some(&provision_body())).await)
-        .assert_osb_error(StatusCode::BAD_REQUEST, None);
-    assert!(d.contains("X-Broker-API-Originating-Identity") && d.contains("4096"), "{d}");
-    let just_over = format!("k {}", "x".repeat(4095));
-    send(&app, Method::PUT, uri, &[(IDENTITY, &just_over)], Some(&provision_body()))
+    let d = assert_unchanged!(
+        app,
+        send(
+            &app,
+            Method::PUT,
+            uri,
+            &[(IDENTITY, &huge)],
+            Some(&provision_body())
+        )
         .await
-        .assert_osb_error(StatusCode::BAD_REQUEST, None);
+    )
+    .assert_osb_error(StatusCode::BAD_REQUEST, None);
+    assert!(
+        d.contains("X-Broker-API-Originating-Identity") && d.contains("4096"),
+        "{d}"
+    );
+    let just_over = format!("k {}", "x".repeat(4095));
+    send(
+        &app,
+        Method::PUT,
+        uri,
+        &[(IDENTITY, &just_over)],
+        Some(&provision_body()),
+    )
+    .await
+    .assert_osb_error(StatusCode::BAD_REQUEST, None);
     // Within the cap, a value that is not base64 JSON is kept raw.
     let garbage = format!("kubernetes {}", "!".repeat(3000));
-    let op = send(&app, Method::PUT, uri, &[(IDENTITY, &garbage)], Some(&provision_body())).await.operation();
+    let op = send(
+        &app,
+        Method::PUT,
+        uri,
+        &[(IDENTITY, &garbage)],
+        Some(&provision_body()),
+    )
+    .await
+    .operation();
     let stored: Value = sqlx::Row::get(&app.task(&op).await, "originating_identity");
-    assert_eq!(stored, json!({"platform": "kubernetes", "raw": "!".repeat(3000)}));
+    assert_eq!(
+        stored,
+        json!({"platform": "kubernetes", "raw": "!".repeat(3000)})
+    );
 }

@@ -41,7 +41,12 @@ pub async fn verify_snapshot_key(pool: &PgPool, path: &Path, key_id: &str) -> an
 
 /// For a key file that does not exist yet: fails, naming it, when another process already recorded a key
 /// under `name` (a key made here would differ from the one the others use).
-pub async fn refuse_a_missing_key(pool: &PgPool, name: &str, path: &Path, setting: &str) -> anyhow::Result<()> {
+pub async fn refuse_a_missing_key(
+    pool: &PgPool,
+    name: &str,
+    path: &Path,
+    setting: &str,
+) -> anyhow::Result<()> {
     if recorded(pool, name).await?.is_some() {
         anyhow::bail!(
             "the key file {} ({setting}) does not exist, but other processes of this broker already use a key: \
@@ -84,7 +89,9 @@ async fn verify(
         .await
         .context("recording the sealing key's check value")?;
     }
-    let recorded = recorded(pool, name).await?.context("the sealing key's check value vanished")?;
+    let recorded = recorded(pool, name)
+        .await?
+        .context("the sealing key's check value vanished")?;
     if !crate::crypto::constant_time_eq(&recorded, &ours) {
         return Err(wrong_key());
     }

@@ -20,7 +20,9 @@ fn provision_body() -> serde_json::Value {
 }
 
 async fn rows(url: &str) -> (i64, i64) {
-    let mut conn = PgConnection::connect(url).await.expect("the broker database is back");
+    let mut conn = PgConnection::connect(url)
+        .await
+        .expect("the broker database is back");
     sqlx::query_as("SELECT (SELECT count(*) FROM service_instances), (SELECT count(*) FROM tasks)")
         .fetch_one(&mut conn)
         .await
@@ -34,7 +36,9 @@ async fn provisions_abandoned_while_the_database_is_down_are_never_written() {
     std::fs::create_dir_all(&dir).unwrap();
     let folder = TestFolder(dir.clone());
     // The broker's own Postgres, which this test stops and starts.
-    let pg = PgServer::ensure_started(&dir.join("pg")).await.expect("a private Postgres");
+    let pg = PgServer::ensure_started(&dir.join("pg"))
+        .await
+        .expect("a private Postgres");
     pg.ensure_database("broker").await.unwrap();
     let broker_url = pg.url("broker").expose_secret().to_string();
 
@@ -58,10 +62,18 @@ async fn provisions_abandoned_while_the_database_is_down_are_never_written() {
         .kill_on_drop(true)
         .spawn()
         .expect("starting berth-api");
-    let client = OsbClient::new(format!("http://127.0.0.1:{port}"), "e2e".into(), password).unwrap();
+    let client =
+        OsbClient::new(format!("http://127.0.0.1:{port}"), "e2e".into(), password).unwrap();
     client.wait_healthy(Duration::from_secs(60)).await.unwrap();
     let first = client
-        .send(client.request(Method::PUT, "/v2/service_instances/before?accepts_incomplete=true").json(&provision_body()))
+        .send(
+            client
+                .request(
+                    Method::PUT,
+                    "/v2/service_instances/before?accepts_incomplete=true",
+                )
+                .json(&provision_body()),
+        )
         .await
         .unwrap();
     assert_eq!(first.0, 202, "{first:?}");
@@ -70,18 +82,26 @@ async fn provisions_abandoned_while_the_database_is_down_are_never_written() {
     pg.stop().await.expect("stopping the broker's Postgres");
     // Clients that give up after a second, in waves over a few seconds, so some wait on a connection the
     // broker is still trying to open when the database comes back.
-    let impatient = reqwest::Client::builder().timeout(Duration::from_secs(1)).build().unwrap();
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
     let mut abandoned = Vec::new();
     let mut sends = Vec::new();
     for wave in 0..4 {
         for i in 0..5 {
             let id = format!("abandoned-{wave}-{i}");
             let req = impatient
-                .put(format!("{}/v2/service_instances/{id}?accepts_incomplete=true", client.base_url))
+                .put(format!(
+                    "{}/v2/service_instances/{id}?accepts_incomplete=true",
+                    client.base_url
+                ))
                 .basic_auth(&client.username, Some(&client.password))
                 .header("X-Broker-API-Version", "2.17")
                 .json(&provision_body());
-            sends.push(tokio::spawn(async move { req.send().await.map(|r| r.status().as_u16()) }));
+            sends.push(tokio::spawn(async move {
+                req.send().await.map(|r| r.status().as_u16())
+            }));
             abandoned.push(id);
         }
         tokio::time::sleep(Duration::from_millis(700)).await;
@@ -89,35 +109,59 @@ async fn provisions_abandoned_while_the_database_is_down_are_never_written() {
     for send in sends {
         // A timeout (the client walked away) or a refusal; never an acceptance.
         match send.await.unwrap() {
-            Ok(status) => assert!(status >= 500, "a provision was answered {status} while the database was down"),
+            Ok(status) => assert!(
+                status >= 500,
+                "a provision was answered {status} while the database was down"
+            ),
             Err(e) => assert!(e.is_timeout(), "{e}"),
         }
     }
-    pg.start().await.expect("starting the broker's Postgres again");
+    pg.start()
+        .await
+        .expect("starting the broker's Postgres again");
 
     // The broker works again: a patient client's provision is accepted.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (status, body) = client
-            .send(client.request(Method::PUT, "/v2/service_instances/after?accepts_incomplete=true").json(&provision_body()))
+            .send(
+                client
+                    .request(
+                        Method::PUT,
+                        "/v2/service_instances/after?accepts_incomplete=true",
+                    )
+                    .json(&provision_body()),
+            )
             .await
             .unwrap();
         if status == 202 {
             break;
         }
-        assert!(status == 503 && Instant::now() < deadline, "after the restart: {status} {body}");
+        assert!(
+            status == 503 && Instant::now() < deadline,
+            "after the restart: {status} {body}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // Longer than the pool's acquire timeout (10 s): a request still queued in the broker would be written by now.
     let watch_until = Instant::now() + Duration::from_secs(12);
     while Instant::now() < watch_until {
-        assert_eq!(rows(&broker_url).await, (2, 2), "an abandoned provision was written after its client left");
+        assert_eq!(
+            rows(&broker_url).await,
+            (2, 2),
+            "an abandoned provision was written after its client left"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     // And the platform's cleanup of an abandoned one agrees: there is nothing.
     for id in abandoned.iter().take(3) {
-        let uri = format!("/v2/service_instances/{id}?service_id={PG_SERVICE}&plan_id={PG_SHARED}&accepts_incomplete=true");
-        let (status, _) = client.send(client.request(Method::DELETE, &uri)).await.unwrap();
+        let uri = format!(
+            "/v2/service_instances/{id}?service_id={PG_SERVICE}&plan_id={PG_SHARED}&accepts_incomplete=true"
+        );
+        let (status, _) = client
+            .send(client.request(Method::DELETE, &uri))
+            .await
+            .unwrap();
         assert_eq!(status, 410, "{id}");
     }
 

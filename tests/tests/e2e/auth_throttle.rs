@@ -7,9 +7,12 @@ use berth_tests::Stack;
 
 #[tokio::test]
 async fn guesses_from_one_address_do_not_lock_out_another() {
-    let stack = Stack::start_with(vec![("AUTH_FAILURE_LIMIT", "3".into()), ("AUTH_FAILURE_WINDOW_SECS", "60".into())])
-        .await
-        .expect("stack");
+    let stack = Stack::start_with(vec![
+        ("AUTH_FAILURE_LIMIT", "3".into()),
+        ("AUTH_FAILURE_WINDOW_SECS", "60".into()),
+    ])
+    .await
+    .expect("stack");
     let guesser = reqwest::Client::builder()
         .local_address("127.0.0.2".parse::<IpAddr>().unwrap())
         .timeout(Duration::from_secs(10))
@@ -23,12 +26,26 @@ async fn guesses_from_one_address_do_not_lock_out_another() {
             .send()
     };
     for _ in 0..3 {
-        assert_eq!(catalog(&guesser, "guess").await.unwrap().status().as_u16(), 401);
+        assert_eq!(
+            catalog(&guesser, "guess").await.unwrap().status().as_u16(),
+            401
+        );
     }
     let refused = catalog(&guesser, &stack.password).await.unwrap();
     assert_eq!(refused.status().as_u16(), 429);
-    let retry_after: u64 = refused.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let retry_after: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!((1..=60).contains(&retry_after), "{retry_after}");
-    assert_eq!(catalog(&stack.http, &stack.password).await.unwrap().status().as_u16(), 200);
+    assert_eq!(
+        catalog(&stack.http, &stack.password)
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
     stack.stop().await;
 }

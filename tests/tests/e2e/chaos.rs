@@ -47,7 +47,12 @@ struct Workers {
 
 impl Workers {
     fn start(env: Vec<(&'static str, String)>, dir: &Path) -> Self {
-        let mut workers = Self { env, dir: dir.to_path_buf(), children: Vec::new(), started: 0 };
+        let mut workers = Self {
+            env,
+            dir: dir.to_path_buf(),
+            children: Vec::new(),
+            started: 0,
+        };
         for _ in 0..2 {
             let child = workers.spawn();
             workers.children.push(child);
@@ -57,7 +62,8 @@ impl Workers {
 
     fn spawn(&mut self) -> Child {
         self.started += 1;
-        let log = std::fs::File::create(self.dir.join(format!("worker-{}.log", self.started))).unwrap();
+        let log =
+            std::fs::File::create(self.dir.join(format!("worker-{}.log", self.started))).unwrap();
         Command::new(bin_dir().join("berth-worker"))
             .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("WORKER_ID", format!("chaos-{}", self.started))
@@ -92,7 +98,12 @@ impl Workers {
 
 /// Sends the request until the broker accepts it (2xx), as a platform retries a 5xx, a 408 or a dropped
 /// connection. Anything else (a 4xx) is a refusal the test did not expect.
-async fn until_accepted(client: &OsbClient, method: Method, path: &str, body: Option<&Value>) -> u16 {
+async fn until_accepted(
+    client: &OsbClient,
+    method: Method,
+    path: &str,
+    body: Option<&Value>,
+) -> u16 {
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let mut request = client.request(method.clone(), path);
@@ -102,10 +113,16 @@ async fn until_accepted(client: &OsbClient, method: Method, path: &str, body: Op
         match client.send(request).await {
             Ok((status, _)) if (200..300).contains(&status) => return status,
             Ok((status, body)) if status >= 500 || status == 408 => {
-                assert!(Instant::now() < deadline, "{method} {path} still {status} {body}");
+                assert!(
+                    Instant::now() < deadline,
+                    "{method} {path} still {status} {body}"
+                );
             }
             Ok((status, body)) => panic!("{method} {path} was refused: {status} {body}"),
-            Err(e) => assert!(Instant::now() < deadline, "{method} {path} still failing: {e:#}"),
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "{method} {path} still failing: {e:#}"
+            ),
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -116,7 +133,8 @@ async fn send_all(client: &OsbClient, method: Method, paths: Vec<String>, body: 
     let limit = Arc::new(Semaphore::new(IN_FLIGHT));
     let mut sends = JoinSet::new();
     for path in paths {
-        let (client, method, body, limit) = (client.clone(), method.clone(), body.clone(), limit.clone());
+        let (client, method, body, limit) =
+            (client.clone(), method.clone(), body.clone(), limit.clone());
         sends.spawn(async move {
             let _slot = limit.acquire().await.unwrap();
             until_accepted(&client, method, &path, body.as_ref()).await
@@ -152,25 +170,46 @@ async fn settled(broker_url: &str, operation: &str, expected: i64) -> (i64, i64)
         .fetch_one(&mut conn)
         .await;
         if let Ok((all, succeeded, failed)) = counts {
-            assert!(all <= expected, "{all} {operation} tasks for {expected} requests: a duplicate");
+            assert!(
+                all <= expected,
+                "{all} {operation} tasks for {expected} requests: a duplicate"
+            );
             if all == expected && succeeded + failed == all {
                 return (succeeded, failed);
             }
-            assert!(Instant::now() < deadline, "{operation}: {succeeded} + {failed} of {expected} finished");
+            assert!(
+                Instant::now() < deadline,
+                "{operation}: {succeeded} + {failed} of {expected} finished"
+            );
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
 async fn count(url: &str, sql: &str) -> i64 {
-    sqlx::query_scalar(sql).fetch_one(&mut connect(url).await).await.unwrap()
+    sqlx::query_scalar(sql)
+        .fetch_one(&mut connect(url).await)
+        .await
+        .unwrap()
 }
 
 async fn server_objects(server_url: &str) -> (i64, i64, i64) {
     (
-        count(server_url, "SELECT count(*) FROM pg_database WHERE datname LIKE 'chaos\\_db\\_%'").await,
-        count(server_url, "SELECT count(*) FROM pg_roles WHERE rolname LIKE 'chaos\\_own\\_%'").await,
-        count(server_url, "SELECT count(*) FROM pg_roles WHERE rolname LIKE 'chaos\\_bnd\\_%'").await,
+        count(
+            server_url,
+            "SELECT count(*) FROM pg_database WHERE datname LIKE 'chaos\\_db\\_%'",
+        )
+        .await,
+        count(
+            server_url,
+            "SELECT count(*) FROM pg_roles WHERE rolname LIKE 'chaos\\_own\\_%'",
+        )
+        .await,
+        count(
+            server_url,
+            "SELECT count(*) FROM pg_roles WHERE rolname LIKE 'chaos\\_bnd\\_%'",
+        )
+        .await,
     )
 }
 
@@ -181,7 +220,11 @@ async fn kill_9_of_workers_and_a_postgres_restart_under_load_lose_and_duplicate_
     let dir = std::env::temp_dir().join(format!("berth-e2e-chaos-{tag}"));
     std::fs::create_dir_all(&dir).unwrap();
     let _folder = TestFolder(dir.clone());
-    let pg = Arc::new(PgServer::ensure_started(&dir.join("pg")).await.expect("a private Postgres"));
+    let pg = Arc::new(
+        PgServer::ensure_started(&dir.join("pg"))
+            .await
+            .expect("a private Postgres"),
+    );
     pg.ensure_database("broker").await.unwrap();
     let broker_url = pg.url("broker").expose_secret().to_string();
     let server_url = pg.url("postgres").expose_secret().to_string();
@@ -214,7 +257,8 @@ async fn kill_9_of_workers_and_a_postgres_restart_under_load_lose_and_duplicate_
         .kill_on_drop(true)
         .spawn()
         .expect("starting berth-api");
-    let client = OsbClient::new(format!("http://127.0.0.1:{port}"), "chaos".into(), password).unwrap();
+    let client =
+        OsbClient::new(format!("http://127.0.0.1:{port}"), "chaos".into(), password).unwrap();
     client.wait_healthy(Duration::from_secs(60)).await.unwrap();
 
     // The chaos: one worker killed and replaced every 300 ms, alternately, until told to stop (and at least KILLS).
@@ -234,16 +278,27 @@ async fn kill_9_of_workers_and_a_postgres_restart_under_load_lose_and_duplicate_
     });
 
     let instances: Vec<String> = (0..INSTANCES).map(|i| format!("chaos-i-{i}")).collect();
-    let bindings: Vec<(String, String)> =
-        instances.iter().take(BINDINGS).enumerate().map(|(b, i)| (i.clone(), format!("chaos-b-{b}"))).collect();
+    let bindings: Vec<(String, String)> = instances
+        .iter()
+        .take(BINDINGS)
+        .enumerate()
+        .map(|(b, i)| (i.clone(), format!("chaos-b-{b}")))
+        .collect();
     let provision = json!({"service_id": PG_SERVICE, "plan_id": PG_SHARED, "organization_guid": "o", "space_guid": "s"});
     let bind = json!({"service_id": PG_SERVICE, "plan_id": PG_SHARED, "app_guid": "app"});
-    let delete_query = format!("service_id={PG_SERVICE}&plan_id={PG_SHARED}&accepts_incomplete=true");
+    let delete_query =
+        format!("service_id={PG_SERVICE}&plan_id={PG_SHARED}&accepts_incomplete=true");
 
     // 1. Provisions.
-    let paths = instances.iter().map(|i| format!("/v2/service_instances/{i}?accepts_incomplete=true")).collect();
+    let paths = instances
+        .iter()
+        .map(|i| format!("/v2/service_instances/{i}?accepts_incomplete=true"))
+        .collect();
     send_all(&client, Method::PUT, paths, Some(provision)).await;
-    assert_eq!(settled(&broker_url, "provision", INSTANCES as i64).await, (INSTANCES as i64, 0));
+    assert_eq!(
+        settled(&broker_url, "provision", INSTANCES as i64).await,
+        (INSTANCES as i64, 0)
+    );
 
     // 2. Binds, with the broker's Postgres (and the plan's server) restarted while they arrive and run.
     let restart = tokio::spawn({
@@ -257,52 +312,107 @@ async fn kill_9_of_workers_and_a_postgres_restart_under_load_lose_and_duplicate_
     });
     let paths = bindings
         .iter()
-        .map(|(i, b)| format!("/v2/service_instances/{i}/service_bindings/{b}?accepts_incomplete=true"))
+        .map(|(i, b)| {
+            format!("/v2/service_instances/{i}/service_bindings/{b}?accepts_incomplete=true")
+        })
         .collect();
     send_all(&client, Method::PUT, paths, Some(bind)).await;
     restart.await.unwrap();
-    assert_eq!(settled(&broker_url, "bind", BINDINGS as i64).await, (BINDINGS as i64, 0));
+    assert_eq!(
+        settled(&broker_url, "bind", BINDINGS as i64).await,
+        (BINDINGS as i64, 0)
+    );
 
     // Everything exists once, and every binding's credentials log in.
-    assert_eq!(server_objects(&server_url).await, (INSTANCES as i64, INSTANCES as i64, BINDINGS as i64));
+    assert_eq!(
+        server_objects(&server_url).await,
+        (INSTANCES as i64, INSTANCES as i64, BINDINGS as i64)
+    );
     for (instance, binding) in &bindings {
         let path = format!("/v2/service_instances/{instance}/service_bindings/{binding}");
         // A pooled connection the restart broke fails its next request with 503 (the pool does not ping before
         // each checkout), which a platform retries.
-        let mut answer = client.send(client.request(Method::GET, &path)).await.unwrap();
+        let mut answer = client
+            .send(client.request(Method::GET, &path))
+            .await
+            .unwrap();
         for _ in 0..20 {
             if answer.0 != 503 {
                 break;
             }
-            answer = client.send(client.request(Method::GET, &path)).await.unwrap();
+            answer = client
+                .send(client.request(Method::GET, &path))
+                .await
+                .unwrap();
         }
         let (status, body) = answer;
         assert_eq!(status, 200, "{body}");
-        let url = body["credentials"]["DATABASE_URL"].as_str().expect("DATABASE_URL");
-        let mut app = PgConnection::connect(url).await.unwrap_or_else(|e| panic!("{binding} cannot log in: {e}"));
-        let one: i32 = sqlx::query_scalar("SELECT 1").fetch_one(&mut app).await.unwrap();
+        let url = body["credentials"]["DATABASE_URL"]
+            .as_str()
+            .expect("DATABASE_URL");
+        let mut app = PgConnection::connect(url)
+            .await
+            .unwrap_or_else(|e| panic!("{binding} cannot log in: {e}"));
+        let one: i32 = sqlx::query_scalar("SELECT 1")
+            .fetch_one(&mut app)
+            .await
+            .unwrap();
         assert_eq!(one, 1);
     }
 
     // 3. Unbinds, then deprovisions.
-    let paths = bindings.iter().map(|(i, b)| format!("/v2/service_instances/{i}/service_bindings/{b}?{delete_query}")).collect();
+    let paths = bindings
+        .iter()
+        .map(|(i, b)| format!("/v2/service_instances/{i}/service_bindings/{b}?{delete_query}"))
+        .collect();
     send_all(&client, Method::DELETE, paths, None).await;
-    assert_eq!(settled(&broker_url, "unbind", BINDINGS as i64).await, (BINDINGS as i64, 0));
-    let paths = instances.iter().map(|i| format!("/v2/service_instances/{i}?{delete_query}")).collect();
+    assert_eq!(
+        settled(&broker_url, "unbind", BINDINGS as i64).await,
+        (BINDINGS as i64, 0)
+    );
+    let paths = instances
+        .iter()
+        .map(|i| format!("/v2/service_instances/{i}?{delete_query}"))
+        .collect();
     send_all(&client, Method::DELETE, paths, None).await;
 
     stop.store(true, Ordering::SeqCst);
     let (mut workers, kills) = killer.await.unwrap();
     let revived = workers.revive();
-    assert_eq!(settled(&broker_url, "deprovision", INSTANCES as i64).await, (INSTANCES as i64, 0));
+    assert_eq!(
+        settled(&broker_url, "deprovision", INSTANCES as i64).await,
+        (INSTANCES as i64, 0)
+    );
 
     // Nothing left behind, on the server or in the broker.
-    assert_eq!(server_objects(&server_url).await, (0, 0, 0), "an orphan on the plan's server");
-    assert_eq!(count(&broker_url, "SELECT count(*) FROM service_instances").await, 0);
-    assert_eq!(count(&broker_url, "SELECT count(*) FROM service_bindings").await, 0);
-    let operations = count(&broker_url, "SELECT count(*) FROM tasks WHERE operation IS NOT NULL").await;
-    assert_eq!(operations, (2 * INSTANCES + 2 * BINDINGS) as i64, "one task per accepted operation");
-    let rerun = count(&broker_url, "SELECT count(*) FROM tasks WHERE operation IS NOT NULL AND attempts > 1").await;
+    assert_eq!(
+        server_objects(&server_url).await,
+        (0, 0, 0),
+        "an orphan on the plan's server"
+    );
+    assert_eq!(
+        count(&broker_url, "SELECT count(*) FROM service_instances").await,
+        0
+    );
+    assert_eq!(
+        count(&broker_url, "SELECT count(*) FROM service_bindings").await,
+        0
+    );
+    let operations = count(
+        &broker_url,
+        "SELECT count(*) FROM tasks WHERE operation IS NOT NULL",
+    )
+    .await;
+    assert_eq!(
+        operations,
+        (2 * INSTANCES + 2 * BINDINGS) as i64,
+        "one task per accepted operation"
+    );
+    let rerun = count(
+        &broker_url,
+        "SELECT count(*) FROM tasks WHERE operation IS NOT NULL AND attempts > 1",
+    )
+    .await;
     assert!(kills >= KILLS);
     eprintln!(
         "chaos: {INSTANCES} provisions, {BINDINGS} binds, {BINDINGS} unbinds, {INSTANCES} deprovisions under {kills} \

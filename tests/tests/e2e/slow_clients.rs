@@ -44,25 +44,49 @@ fn without_colors(text: &str) -> String {
 }
 
 #[tokio::test]
-async fn idle_and_half_sent_connections_are_closed_and_the_api_keeps_answering_under_a_low_file_limit() {
+async fn idle_and_half_sent_connections_are_closed_and_the_api_keeps_answering_under_a_low_file_limit()
+ {
     let stack = Stack::start().await.unwrap();
     let port = free_port().unwrap();
     let log = stack.dir.join("api-limited.log");
     let mut cmd = stack.command_under(
         &["prlimit", "--nofile=256:256", "--"],
         "berth-api",
-        &[("PORT", port.to_string()), ("HTTP_HEADER_READ_TIMEOUT_SECS", HEADER_READ_TIMEOUT.as_secs().to_string())],
+        &[
+            ("PORT", port.to_string()),
+            (
+                "HTTP_HEADER_READ_TIMEOUT_SECS",
+                HEADER_READ_TIMEOUT.as_secs().to_string(),
+            ),
+        ],
     );
-    cmd.stdout(Stdio::from(std::fs::File::create(&log).unwrap())).stderr(Stdio::from(
-        std::fs::OpenOptions::new().append(true).open(&log).unwrap(),
-    ));
-    let mut api = tokio::process::Command::from(cmd).kill_on_drop(true).spawn().unwrap();
+    cmd.stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
+        .stderr(Stdio::from(
+            std::fs::OpenOptions::new().append(true).open(&log).unwrap(),
+        ));
+    let mut api = tokio::process::Command::from(cmd)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
     let base = format!("http://127.0.0.1:{port}");
     // A new connection for every request, as a platform's first call would make.
-    let http = reqwest::Client::builder().pool_max_idle_per_host(0).timeout(Duration::from_secs(30)).build().unwrap();
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !http.get(format!("{base}/health")).send().await.is_ok_and(|r| r.status().is_success()) {
-        assert!(Instant::now() < deadline, "the limited API did not start:\n{}", std::fs::read_to_string(&log).unwrap());
+    while !http
+        .get(format!("{base}/health"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the limited API did not start:\n{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
@@ -81,22 +105,42 @@ async fn idle_and_half_sent_connections_are_closed_and_the_api_keeps_answering_u
     }
     for _ in 0..30 {
         let mut stream = TcpStream::connect(&addr).await.unwrap();
-        stream.write_all(b"GET /health HTTP/1.1\r\nHost: berth\r\nX-Slow: ").await.unwrap();
+        stream
+            .write_all(b"GET /health HTTP/1.1\r\nHost: berth\r\nX-Slow: ")
+            .await
+            .unwrap();
         slow.push(stream);
     }
     // One keep-alive connection, idle after a complete request and its answer.
     let mut kept = TcpStream::connect(&addr).await.unwrap();
-    kept.write_all(b"GET /health HTTP/1.1\r\nHost: berth\r\n\r\n").await.unwrap();
+    kept.write_all(b"GET /health HTTP/1.1\r\nHost: berth\r\n\r\n")
+        .await
+        .unwrap();
     let mut answer = [0u8; 512];
-    let n = tokio::time::timeout(Duration::from_secs(30), kept.read(&mut answer)).await.unwrap().unwrap();
-    assert!(String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer[..n]));
+    let n = tokio::time::timeout(Duration::from_secs(30), kept.read(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer[..n])
+    );
     slow.push(kept);
-    eprintln!("a keep-alive request behind {} slow connections answered after {:?}", slow.len() - 1, opened.elapsed());
+    eprintln!(
+        "a keep-alive request behind {} slow connections answered after {:?}",
+        slow.len() - 1,
+        opened.elapsed()
+    );
 
     // The API keeps answering at once: at the cap (256 files less the pool and a reserve: 176 connections) a
     // new client closes the oldest idle connection instead of queueing behind it.
     let bound = Duration::from_secs(2);
-    assert!(opened.elapsed() < HEADER_READ_TIMEOUT, "the keep-alive request took {:?}", opened.elapsed());
+    assert!(
+        opened.elapsed() < HEADER_READ_TIMEOUT,
+        "the keep-alive request took {:?}",
+        opened.elapsed()
+    );
     for round in 0..3 {
         let started = Instant::now();
         let health = http.get(format!("{base}/health")).send().await.unwrap();
@@ -110,7 +154,10 @@ async fn idle_and_half_sent_connections_are_closed_and_the_api_keeps_answering_u
             .unwrap();
         assert_eq!(catalog.status(), 200, "round {round}");
         let took = started.elapsed();
-        assert!(took < bound, "round {round}: /health and /v2/catalog took {took:?} (bound {bound:?})");
+        assert!(
+            took < bound,
+            "round {round}: /health and /v2/catalog took {took:?} (bound {bound:?})"
+        );
         eprintln!("round {round}: /health and /v2/catalog answered in {took:?}");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -123,16 +170,35 @@ async fn idle_and_half_sent_connections_are_closed_and_the_api_keeps_answering_u
             open_left += 1;
         }
     }
-    assert_eq!(open_left, 0, "{open_left} of {} slow connections still open after {:?}", slow.len(), opened.elapsed());
+    assert_eq!(
+        open_left,
+        0,
+        "{open_left} of {} slow connections still open after {:?}",
+        slow.len(),
+        opened.elapsed()
+    );
     let closed_after = opened.elapsed();
 
     // And the API still answers at once.
     let started = Instant::now();
-    assert_eq!(http.get(format!("{base}/health")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        http.get(format!("{base}/health"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     assert!(started.elapsed() < Duration::from_secs(2));
-    eprintln!("{} slow connections closed {closed_after:?} after they opened", slow.len());
+    eprintln!(
+        "{} slow connections closed {closed_after:?} after they opened",
+        slow.len()
+    );
     let said = without_colors(&std::fs::read_to_string(&log).unwrap());
-    assert!(said.contains("max_connections=176"), "the cap under 256 files: {said}");
+    assert!(
+        said.contains("max_connections=176"),
+        "the cap under 256 files: {said}"
+    );
     api.kill().await.unwrap();
     stack.stop().await;
 }
