@@ -14,6 +14,9 @@ use sqlx::{Connection, PgConnection};
 use tokio::process::{Child, Command};
 
 pub const API_VERSION: &str = "2.17";
+/// The shipped `postgres` service and its `shared` plan (plans/postgres.json).
+pub const PG_SERVICE: &str = "3bdd3b6c-801f-470b-a45f-bc1849fa2124";
+pub const PG_SHARED: &str = "707a3e6f-f8db-4339-88da-1533837a9810";
 
 /// A running broker (API + one worker) on its own database.
 pub struct Stack {
@@ -372,9 +375,7 @@ pub fn processes_under(dir: &std::path::Path) -> Vec<u32> {
         .collect()
 }
 
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
+pub use broker::embedded::free_port;
 
 /// One POST a [`WebhookReceiver`] got.
 #[derive(Debug, Clone)]

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use berth_tests::{OsbClient, TestFolder, bin_dir, free_port, repo_dir};
+use berth_tests::{OsbClient, PG_SERVICE, PG_SHARED, TestFolder, bin_dir, free_port, repo_dir};
 use broker::embedded::PgServer;
 use reqwest::Method;
 use secrecy::ExposeSecret;
@@ -12,8 +12,6 @@ use serde_json::json;
 use sqlx::{Connection, PgConnection};
 use tokio::process::Command;
 
-const PG_SERVICE: &str = "3bdd3b6c-801f-470b-a45f-bc1849fa2124";
-const PG_SHARED: &str = "707a3e6f-f8db-4339-88da-1533837a9810";
 
 fn provision_body() -> serde_json::Value {
     json!({"service_id": PG_SERVICE, "plan_id": PG_SHARED, "organization_guid": "o", "space_guid": "s"})

@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use berth_tests::{OsbClient, TestFolder, bin_dir, free_port, repo_dir};
+use berth_tests::{OsbClient, PG_SERVICE, PG_SHARED, TestFolder, bin_dir, free_port, repo_dir};
 use broker::embedded::PgServer;
 use reqwest::Method;
 use secrecy::ExposeSecret;
@@ -28,8 +28,6 @@ use tokio::{
     task::JoinSet,
 };
 
-const PG_SERVICE: &str = "3bdd3b6c-801f-470b-a45f-bc1849fa2124";
-const PG_SHARED: &str = "707a3e6f-f8db-4339-88da-1533837a9810";
 const INSTANCES: usize = 300;
 const BINDINGS: usize = 100;
 const KILLS: usize = 60;

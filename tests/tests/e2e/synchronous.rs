@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use berth_tests::Stack;
+use berth_tests::{PG_SERVICE, PG_SHARED, Stack};
 use reqwest::Method;
 use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection};
@@ -18,10 +18,7 @@ fn request_213(stack: &Stack, method: Method, path: &str) -> reqwest::RequestBui
 }
 
 fn shared_ids() -> (&'static str, &'static str) {
-    (
-        "3bdd3b6c-801f-470b-a45f-bc1849fa2124",
-        "707a3e6f-f8db-4339-88da-1533837a9810",
-    )
+    (PG_SERVICE, PG_SHARED)
 }
 
 fn provision_body() -> Value {

@@ -399,3 +399,9 @@ pub async fn log_every_statement(server: &broker::embedded::PgServer) {
 pub fn server_log(server: &broker::embedded::PgServer) -> String {
     String::from_utf8_lossy(&std::fs::read(server.root().join("postgres.log")).unwrap()).into_owned()
 }
+
+/// Asserts that a task succeeded, showing its error when it did not.
+#[track_caller]
+pub fn succeeded(row: &TaskRow) {
+    assert_eq!(row.state, "succeeded", "{} failed: {:?}", row.kind, row.last_error);
+}

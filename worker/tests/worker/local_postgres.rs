@@ -13,7 +13,7 @@ use broker::{
     db::{
         bindings,
         instances,
-        tasks::{NewTask, TaskRow},
+        tasks::NewTask,
     },
     model::{Operation, UpdatePayload},
     names,
@@ -92,13 +92,6 @@ impl Drop for Servers {
     }
 }
 
-fn succeeded(row: &TaskRow) {
-    assert_eq!(
-        row.state, "succeeded",
-        "{} failed: {:?}",
-        row.kind, row.last_error
-    );
-}
 
 async fn details(pool: &PgPool, instance: &str) -> Value {
     instances::get(pool, instance)

@@ -15,7 +15,7 @@ use broker::{
     db::{
         bindings,
         instances,
-        tasks::{NewTask, TaskRow},
+        tasks::NewTask,
     },
     model::{Operation, UpdatePayload},
     names,
@@ -140,14 +140,6 @@ fn admin(peer: &Peer) -> Client {
     client(&peer.url, &peer.key, &peer.secret)
 }
 
-#[track_caller]
-fn succeeded(row: &TaskRow) {
-    assert_eq!(
-        row.state, "succeeded",
-        "{} failed: {:?}",
-        row.kind, row.last_error
-    );
-}
 
 async fn credentials(pool: &PgPool, binding_id: &str) -> Map<String, Value> {
     let row = bindings::get(pool, binding_id).await.unwrap().unwrap();

@@ -65,13 +65,6 @@ async fn operate_with_webhook(
     task(pool, id).await
 }
 
-fn succeeded(row: &TaskRow) {
-    assert_eq!(
-        row.state, "succeeded",
-        "{} failed: {:?}",
-        row.kind, row.last_error
-    );
-}
 
 async fn admin() -> PgConnection {
     PgConnection::connect(&admin_url()).await.unwrap()
