@@ -53,7 +53,7 @@ impl std::fmt::Debug for TaskWaits {
 #[derive(Debug)]
 pub enum Waited {
     /// The task succeeded or failed: its row.
-    Finished(TaskRow),
+    Finished(Box<TaskRow>),
     /// The time ran out first; the task goes on.
     TimedOut,
 }
@@ -79,7 +79,7 @@ impl TaskWaits {
                 .await?
                 .ok_or(sqlx::Error::RowNotFound)?;
             if task.state().is_finished() {
-                return Ok(Waited::Finished(task));
+                return Ok(Waited::Finished(Box::new(task)));
             }
             // A wake-up that came since registering is kept by `Notify` (one permit), so none is missed.
             if tokio::time::timeout_at(deadline, registration.wake.notified())

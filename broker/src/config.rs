@@ -343,10 +343,10 @@ impl Settings {
         if !(1..=19).contains(&self.snapshot_zstd_level) {
             anyhow::bail!("SNAPSHOT_ZSTD_LEVEL must be from 1 to 19");
         }
-        if let Some(url) = &self.snapshot_store_url {
-            if !(url.starts_with("file:///") || url.starts_with("s3://")) {
-                anyhow::bail!("SNAPSHOT_STORE_URL must be file:///<absolute dir> or s3://<bucket>/<prefix>");
-            }
+        if let Some(url) = &self.snapshot_store_url
+            && !(url.starts_with("file:///") || url.starts_with("s3://"))
+        {
+            anyhow::bail!("SNAPSHOT_STORE_URL must be file:///<absolute dir> or s3://<bucket>/<prefix>");
         }
         if self.reconcile_interval_ms < 100 {
             anyhow::bail!("RECONCILE_INTERVAL_MS must be at least 100");

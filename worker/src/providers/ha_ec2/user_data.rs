@@ -475,12 +475,10 @@ mod tests {
         assert!(!setup.contains("AdminPassw0rdEEEE"), "{setup}");
         let create_admin = "CREATE ROLE shop_admin LOGIN CREATEDB PASSWORD 'SCRAM-SHA-256$4096:";
         assert!(setup.contains(create_admin), "{setup}");
-        // Passwords only in the root-only files (Patroni's configuration).
-        for (secret, file_path) in [("SuperPassw0rdAAAA", "/etc/berth/patroni.yml")] {
-            let at = text.find(secret).unwrap();
-            let owner = text[..at].rfind("  - path: ").unwrap();
-            assert!(text[owner..].starts_with(&format!("  - path: {file_path}\n    permissions: \"0600\"")));
-        }
+        // The superuser's password only in the root-only file (Patroni's configuration).
+        let at = text.find("SuperPassw0rdAAAA").unwrap();
+        let owner = text[..at].rfind("  - path: ").unwrap();
+        assert!(text[owner..].starts_with("  - path: /etc/berth/patroni.yml\n    permissions: \"0600\""));
         for public in ["/etc/berth/etcd.env", "/etc/berth/membership.env", "/usr/local/sbin/berth-setup"] {
             let content = file(text, public);
             assert!(!content.contains("Passw0rd"), "{public}: {content}");
