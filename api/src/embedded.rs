@@ -42,9 +42,13 @@ impl Embedded {
     /// Starts (or reuses) the private Postgres and fills `settings` in for it.
     pub async fn start(settings: &mut Settings) -> anyhow::Result<Self> {
         let data_dir = absolute(&settings.data_dir)?;
-        std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+        std::fs::create_dir_all(&data_dir)
+            .with_context(|| format!("creating {}", data_dir.display()))?;
         let lock = FolderLock::acquire(&data_dir)?;
-        println!("berth: starting the embedded Postgres under {} ...", data_dir.join("postgres").display());
+        println!(
+            "berth: starting the embedded Postgres under {} ...",
+            data_dir.join("postgres").display()
+        );
         let server = PgServer::ensure_started(&data_dir.join("postgres")).await?;
         server.ensure_database("berth").await?;
 
@@ -75,16 +79,31 @@ impl Embedded {
         settings.data_dir = data_dir.clone();
         let plans_dir = absolute(&settings.plans_dir)?;
         let mut worker_env = vec![
-            ("DATABASE_URL".to_string(), server.url("berth").expose_secret().to_string()),
+            (
+                "DATABASE_URL".to_string(),
+                server.url("berth").expose_secret().to_string(),
+            ),
             ("BERTH_KEY_FILE".to_string(), key_path.display().to_string()),
             ("PLANS_DIR".to_string(), plans_dir.display().to_string()),
             ("BERTH_DATA_DIR".to_string(), data_dir.display().to_string()),
-            ("LOCAL_ENGINE".to_string(), if settings.local_engine { "on" } else { "off" }.to_string()),
-            ("LOCAL_SERVERS_DIR".to_string(), settings.servers_dir().display().to_string()),
-            ("WEBHOOK_ALLOW_LOOPBACK".to_string(), settings.webhook_allow_loopback.to_string()),
+            (
+                "LOCAL_ENGINE".to_string(),
+                if settings.local_engine { "on" } else { "off" }.to_string(),
+            ),
+            (
+                "LOCAL_SERVERS_DIR".to_string(),
+                settings.servers_dir().display().to_string(),
+            ),
+            (
+                "WEBHOOK_ALLOW_LOOPBACK".to_string(),
+                settings.webhook_allow_loopback.to_string(),
+            ),
         ];
         if let Some(shared) = &settings.shared_postgres_url {
-            worker_env.push(("SHARED_POSTGRES_URL".into(), shared.expose_secret().to_string()));
+            worker_env.push((
+                "SHARED_POSTGRES_URL".into(),
+                shared.expose_secret().to_string(),
+            ));
         }
         Ok(Self {
             lock,
@@ -102,11 +121,16 @@ impl Embedded {
     pub fn spawn_worker(&self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let exe = std::env::current_exe()?.with_file_name("berth-worker");
         let mut cmd = tokio::process::Command::new(&exe);
-        cmd.envs(self.worker_env.iter().map(|(k, v)| (k, v))).process_group(0).kill_on_drop(true);
+        cmd.envs(self.worker_env.iter().map(|(k, v)| (k, v)))
+            .process_group(0)
+            .kill_on_drop(true);
         // The worker's stdin stays open as long as this process lives (the handle sits in `Child`): when the API
         // dies, even by kill -9, the worker reads end of file and stops rather than outliving it.
-        cmd.env("BERTH_STOP_WHEN_STDIN_CLOSES", "1").stdin(std::process::Stdio::piped());
-        let child = cmd.spawn().with_context(|| format!("starting {}", exe.display()))?;
+        cmd.env("BERTH_STOP_WHEN_STDIN_CLOSES", "1")
+            .stdin(std::process::Stdio::piped());
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", exe.display()))?;
         let pid = child.id();
         *self.worker.lock().expect("worker lock") = Some(child);
         tokio::spawn(watch_worker(pid, shutdown));
@@ -122,7 +146,10 @@ impl Embedded {
 
     pub fn print_banner(&self, addr: SocketAddr) {
         let url = format!("http://{addr}");
-        if let Err(e) = self.lock.describe(&format!("pid {}, {url}", std::process::id())) {
+        if let Err(e) = self
+            .lock
+            .describe(&format!("pid {}, {url}", std::process::id()))
+        {
             eprintln!("berth: writing {}: {e:#}", self.lock.path.display());
         }
         let password = self.password.expose_secret();
@@ -131,8 +158,15 @@ impl Embedded {
         println!("  broker URL: {url}");
         println!("  username:   {}", self.username);
         println!("  password:   {password}");
-        println!("  Postgres:   127.0.0.1:{} (data in {})", self.server.port, self.server.data_dir().display());
-        println!("  try:        curl -s -u '{}:{password}' -H 'X-Broker-API-Version: 2.17' {url}/v2/catalog", self.username);
+        println!(
+            "  Postgres:   127.0.0.1:{} (data in {})",
+            self.server.port,
+            self.server.data_dir().display()
+        );
+        println!(
+            "  try:        curl -s -u '{}:{password}' -H 'X-Broker-API-Version: 2.17' {url}/v2/catalog",
+            self.username
+        );
         println!("Ctrl-C stops the API, the worker and the embedded Postgres.");
         println!();
     }
@@ -142,7 +176,11 @@ impl Embedded {
         let child = self.worker.lock().expect("worker lock").take();
         let Some(mut child) = child else { return };
         if let Some(pid) = child.id() {
-            let _ = tokio::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
+            let _ = tokio::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status()
+                .await;
         }
         if tokio::time::timeout(grace, child.wait()).await.is_err() {
             eprintln!("berth: the worker did not stop in {grace:?}; killing it");
@@ -178,7 +216,9 @@ async fn supervise(server: PgServer, shutdown: CancellationToken) {
         eprintln!("berth: the embedded Postgres stopped; starting it again");
         match server.start().await {
             Ok(()) => eprintln!("berth: the embedded Postgres runs again"),
-            Err(e) => eprintln!("berth: starting the embedded Postgres again failed (retrying): {e:#}"),
+            Err(e) => {
+                eprintln!("berth: starting the embedded Postgres again failed (retrying): {e:#}")
+            }
         }
     }
 }
@@ -204,7 +244,11 @@ impl FolderLock {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
                 let holder = std::fs::read_to_string(&path).unwrap_or_default();
-                let holder = if holder.trim().is_empty() { "another berth-api" } else { holder.trim() };
+                let holder = if holder.trim().is_empty() {
+                    "another berth-api"
+                } else {
+                    holder.trim()
+                };
                 anyhow::bail!(
                     "berth is already running in {} ({holder}); stop that one first (Ctrl-C, or kill -TERM its \
                      pid), or start this one in another folder (BERTH_DATA_DIR)",
@@ -223,7 +267,8 @@ impl FolderLock {
     /// Replaces what the file says about its holder.
     fn describe(&self, holder: &str) -> anyhow::Result<()> {
         self.file.set_len(0)?;
-        self.file.write_all_at(format!("{holder}\n").as_bytes(), 0)?;
+        self.file
+            .write_all_at(format!("{holder}\n").as_bytes(), 0)?;
         Ok(())
     }
 }
@@ -236,7 +281,8 @@ async fn watch_worker(pid: Option<u32>, shutdown: CancellationToken) {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
         if !std::path::Path::new(&format!("/proc/{pid}")).exists()
-            || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.contains(") Z "))
         {
             eprintln!("berth: the worker exited; stopping");
             shutdown.cancel();
@@ -247,17 +293,23 @@ async fn watch_worker(pid: Option<u32>, shutdown: CancellationToken) {
 
 /// BROKER_USERNAME/BROKER_PASSWORD when set; else the pair kept in `<data dir>/broker-credentials.json`;
 /// else a new pair (password from the OS RNG), kept there (mode 0600).
-fn load_or_make_credentials(data_dir: &std::path::Path, settings: &Settings) -> anyhow::Result<(String, SecretString)> {
+fn load_or_make_credentials(
+    data_dir: &std::path::Path,
+    settings: &Settings,
+) -> anyhow::Result<(String, SecretString)> {
     if let (Some(u), Some(p)) = (&settings.broker_username, &settings.broker_password) {
         return Ok((u.expose_secret().to_string(), p.clone()));
     }
     let file = data_dir.join("broker-credentials.json");
     if let Ok(text) = std::fs::read_to_string(&file) {
-        let stored: StoredCredentials =
-            serde_json::from_str(&text).with_context(|| format!("{} is not valid", file.display()))?;
+        let stored: StoredCredentials = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid", file.display()))?;
         return Ok((stored.username, SecretString::from(stored.password)));
     }
-    let stored = StoredCredentials { username: "berth".into(), password: broker::crypto::random_password(24) };
+    let stored = StoredCredentials {
+        username: "berth".into(),
+        password: broker::crypto::random_password(24),
+    };
     write_private(&file, &serde_json::to_string_pretty(&stored)?)?;
     Ok((stored.username, SecretString::from(stored.password)))
 }
@@ -275,5 +327,9 @@ fn write_private(path: &std::path::Path, content: &str) -> anyhow::Result<()> {
 }
 
 fn absolute(path: &std::path::Path) -> anyhow::Result<PathBuf> {
-    Ok(if path.is_absolute() { path.to_path_buf() } else { std::env::current_dir()?.join(path) })
+    Ok(if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(path)
+    })
 }

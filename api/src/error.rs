@@ -146,15 +146,23 @@ pub(crate) fn error_body(status: StatusCode, code: &str, description: &str) -> R
 impl From<sqlx::Error> for ApiError {
     fn from(err: sqlx::Error) -> Self {
         if let sqlx::Error::Database(db) = &err
-            && matches!(db.code().as_deref(), Some(UNTRANSLATABLE_CHARACTER | CHARACTER_NOT_IN_REPERTOIRE))
+            && matches!(
+                db.code().as_deref(),
+                Some(UNTRANSLATABLE_CHARACTER | CHARACTER_NOT_IN_REPERTOIRE)
+            )
         {
             // The extractors name the field for NULs; this catches any text they did not see.
-            return Self::BadRequest(format!("the request holds text the broker cannot store: {}", db.message()));
+            return Self::BadRequest(format!(
+                "the request holds text the broker cannot store: {}",
+                db.message()
+            ));
         }
         if is_connection_error(&err) {
             broker::db::note_connection_failure();
             tracing::warn!(error = %err, "the broker's database is not answering");
-            return Self::Unavailable("the broker's database is not answering; retry the request".into());
+            return Self::Unavailable(
+                "the broker's database is not answering; retry the request".into(),
+            );
         }
         Self::Internal(anyhow::Error::new(err).context("querying the broker's database"))
     }
@@ -169,7 +177,10 @@ const CHARACTER_NOT_IN_REPERTOIRE: &str = "22021";
 /// from the pool in time, a broken or refused connection, or a server shutting down (SQLSTATE class 57P, 08).
 pub fn is_connection_error(err: &sqlx::Error) -> bool {
     match err {
-        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => true,
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_) => true,
         sqlx::Error::Database(db) => db
             .code()
             .is_some_and(|code| code.starts_with("08") || code.starts_with("57P")),
@@ -190,7 +201,9 @@ impl IntoResponse for ApiError {
         };
         let mut response = error_body(status, self.code(), &description);
         if let Self::TooManyRequests(secs) = self {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         if matches!(self, Self::Unauthorized) {
             response.headers_mut().insert(

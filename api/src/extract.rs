@@ -124,7 +124,11 @@ pub(crate) fn nul_path(value: &serde_json::Value, at: String) -> Option<String> 
                     format!("a key of `{at}`")
                 });
             }
-            let path = if at.is_empty() { key.clone() } else { format!("{at}.{key}") };
+            let path = if at.is_empty() {
+                key.clone()
+            } else {
+                format!("{at}.{key}")
+            };
             nul_path(item, path)
         }),
         _ => None,

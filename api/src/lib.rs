@@ -119,7 +119,10 @@ pub fn router(state: AppState) -> Router {
         ))
         .layer(trace)
         .layer(axum::middleware::from_fn(middleware::osb_error_bodies))
-        .layer(axum::middleware::from_fn_with_state(state.requests.clone(), middleware::count_requests))
+        .layer(axum::middleware::from_fn_with_state(
+            state.requests.clone(),
+            middleware::count_requests,
+        ))
         .layer(PropagateRequestIdLayer::new(HeaderName::from_static(
             middleware::REQUEST_IDENTITY_HEADER,
         )))

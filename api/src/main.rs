@@ -19,7 +19,9 @@ async fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         None | Some("serve") => serve().await,
         Some("gen-key") => gen_key(args.get(1)),
-        Some(other) => Err(anyhow::anyhow!("unknown command {other:?} (commands: serve, gen-key PATH)")),
+        Some(other) => Err(anyhow::anyhow!(
+            "unknown command {other:?} (commands: serve, gen-key PATH)"
+        )),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -51,8 +53,14 @@ async fn serve() -> anyhow::Result<()> {
     result
 }
 
-async fn serve_with(settings: &Settings, embedded: Option<&embedded::Embedded>) -> anyhow::Result<()> {
-    let database_url = settings.database_url.as_ref().context("DATABASE_URL is not set")?;
+async fn serve_with(
+    settings: &Settings,
+    embedded: Option<&embedded::Embedded>,
+) -> anyhow::Result<()> {
+    let database_url = settings
+        .database_url
+        .as_ref()
+        .context("DATABASE_URL is not set")?;
     let (username, password) = broker_credentials(settings)?;
     let cipher = Cipher::from_key_file(&settings.key_path()).with_context(|| {
         format!(
@@ -67,30 +75,47 @@ async fn serve_with(settings: &Settings, embedded: Option<&embedded::Embedded>) 
     // The catalog files, plus what only the settings know (which credentials S3 bindings get).
     let catalog = Catalog::load_for(settings)?;
     let db = broker::db::connect(database_url, settings.database_pool_size).await?;
-    broker::MIGRATOR.run(&db).await.context("running the broker's migrations")?;
+    broker::MIGRATOR
+        .run(&db)
+        .await
+        .context("running the broker's migrations")?;
     broker::db::key_checks::verify_master_key(&db, &settings.key_path()).await?;
 
-    let provisions = berth_api::provision_batch::ProvisionBatcher::start(db.clone(), berth_api::PROVISION_WRITERS);
+    let provisions = berth_api::provision_batch::ProvisionBatcher::start(
+        db.clone(),
+        berth_api::PROVISION_WRITERS,
+    );
     let task_waits = berth_api::task_waits::TaskWaits::start(db.clone());
     let state = berth_api::AppState {
         db,
         catalog: Arc::new(catalog),
         cipher,
-        auth: Arc::new(berth_api::BrokerAuth::new(username, password).with_throttle(
-            settings.auth_failure_limit,
-            Duration::from_secs(settings.auth_failure_window_secs),
-        )),
+        auth: Arc::new(
+            berth_api::BrokerAuth::new(username, password).with_throttle(
+                settings.auth_failure_limit,
+                Duration::from_secs(settings.auth_failure_window_secs),
+            ),
+        ),
         max_body_bytes: settings.max_body_bytes,
         provisions,
         requests: Default::default(),
-        webhook_targets: Arc::new(broker::webhook_target::TargetPolicy::from_settings(settings)?),
+        webhook_targets: Arc::new(broker::webhook_target::TargetPolicy::from_settings(
+            settings,
+        )?),
         task_waits,
         sync_wait: Duration::from_secs(settings.sync_wait_secs),
     };
     let addr: SocketAddr = format!("{}:{}", settings.bind_address, settings.port)
         .parse()
-        .with_context(|| format!("BIND_ADDRESS {:?} is not an IP address", settings.bind_address))?;
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
+        .with_context(|| {
+            format!(
+                "BIND_ADDRESS {:?} is not an IP address",
+                settings.bind_address
+            )
+        })?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on {addr}"))?;
     let local = listener.local_addr()?;
     let limits = berth_api::server::ConnectionLimits {
         header_read_timeout: Duration::from_secs(settings.http_header_read_timeout_secs),

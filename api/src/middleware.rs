@@ -95,7 +95,8 @@ pub async fn require_basic_auth(
     if let Some(source) = source
         && let Some(wait) = state.auth.throttle.blocked_for(source)
     {
-        return ApiError::TooManyRequests(wait.as_secs_f64().ceil().max(1.0) as u64).into_response();
+        return ApiError::TooManyRequests(wait.as_secs_f64().ceil().max(1.0) as u64)
+            .into_response();
     }
     let authorization = req.headers().get(header::AUTHORIZATION);
     if state.auth.accepts(authorization) {
@@ -192,7 +193,12 @@ impl RequestCounts {
     /// ("1xx", n) .. ("5xx", n).
     pub fn snapshot(&self) -> [(&'static str, u64); 5] {
         let names = ["1xx", "2xx", "3xx", "4xx", "5xx"];
-        std::array::from_fn(|i| (names[i], self.by_class[i].load(std::sync::atomic::Ordering::Relaxed)))
+        std::array::from_fn(|i| {
+            (
+                names[i],
+                self.by_class[i].load(std::sync::atomic::Ordering::Relaxed),
+            )
+        })
     }
 }
 

@@ -146,12 +146,16 @@ async fn write(db: &PgPool, jobs: Vec<Job>) {
             return;
         }
     };
-    let jobs: Vec<Job> = jobs.into_iter().filter_map(|mut job| job.still_wanted().then_some(job)).collect();
+    let jobs: Vec<Job> = jobs
+        .into_iter()
+        .filter_map(|mut job| job.still_wanted().then_some(job))
+        .collect();
     // Ids must be distinct within a statement: a repeated id (the same PUT twice at once) is answered
     // "exists", and its slow path waits for this batch's row and compares.
     let mut seen = HashSet::with_capacity(jobs.len());
-    let (unique, repeated): (Vec<Job>, Vec<Job>) =
-        jobs.into_iter().partition(|job| seen.insert(job.instance.id.clone()));
+    let (unique, repeated): (Vec<Job>, Vec<Job>) = jobs
+        .into_iter()
+        .partition(|job| seen.insert(job.instance.id.clone()));
     let rows: Vec<(PendingInstance, NewTask)> = unique
         .iter()
         .map(|job| (job.instance.clone(), job.task.clone()))

@@ -23,16 +23,32 @@ pub async fn check(db: &mut PgConnection, parameters: &Value, at: At) -> ApiResu
     let preset = PresetRef::of(parameters).map_err(ApiError::BadRequest)?;
     let restore_from = RestoreFrom::of(parameters).map_err(ApiError::BadRequest)?;
     if preset.is_some() && restore_from.is_some() {
-        return Err(ApiError::bad_request("give either `preset` or `restore_from`, not both"));
+        return Err(ApiError::bad_request(
+            "give either `preset` or `restore_from`, not both",
+        ));
     }
     if let Some(preset) = preset {
         let row = presets::get(&mut *db, &preset.namespace, &preset.name)
             .await?
-            .ok_or_else(|| ApiError::BadRequest(format!("parameter preset: there is no preset {:?}", preset.name)))?;
-        if snapshots::ready_version(&mut *db, row.id, preset.version).await?.is_none() {
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "parameter preset: there is no preset {:?}",
+                    preset.name
+                ))
+            })?;
+        if snapshots::ready_version(&mut *db, row.id, preset.version)
+            .await?
+            .is_none()
+        {
             return Err(ApiError::BadRequest(match preset.version {
-                Some(v) => format!("parameter preset: preset {:?} has no ready version {v}", preset.name),
-                None => format!("parameter preset: preset {:?} has no ready version yet", preset.name),
+                Some(v) => format!(
+                    "parameter preset: preset {:?} has no ready version {v}",
+                    preset.name
+                ),
+                None => format!(
+                    "parameter preset: preset {:?} has no ready version yet",
+                    preset.name
+                ),
             }));
         }
     }
@@ -45,7 +61,8 @@ pub async fn check(db: &mut PgConnection, parameters: &Value, at: At) -> ApiResu
         }
         let backup = snapshots::get(&mut *db, from.backup_id).await?;
         let belongs = backup.as_ref().is_some_and(|b| {
-            b.kind == snapshots::BACKUP && b.instance_id.as_deref() == Some(from.instance_id.as_str())
+            b.kind == snapshots::BACKUP
+                && b.instance_id.as_deref() == Some(from.instance_id.as_str())
         });
         if !belongs {
             return Err(ApiError::BadRequest(format!(
@@ -54,7 +71,10 @@ pub async fn check(db: &mut PgConnection, parameters: &Value, at: At) -> ApiResu
             )));
         }
         if !backup.is_some_and(|b| b.is_ready()) {
-            return Err(ApiError::BadRequest(format!("parameter restore_from: backup {} is not complete", from.backup_id)));
+            return Err(ApiError::BadRequest(format!(
+                "parameter restore_from: backup {} is not complete",
+                from.backup_id
+            )));
         }
     }
     Ok(())
@@ -62,5 +82,7 @@ pub async fn check(db: &mut PgConnection, parameters: &Value, at: At) -> ApiResu
 
 /// Whether the parameters name anything [`check`] has to look up.
 pub fn any(parameters: &Value) -> bool {
-    ["preset", "restore_from", "backups"].iter().any(|k| parameters.get(k).is_some_and(|v| !v.is_null()))
+    ["preset", "restore_from", "backups"]
+        .iter()
+        .any(|k| parameters.get(k).is_some_and(|v| !v.is_null()))
 }

@@ -75,7 +75,9 @@ mod tests {
         let cipher = Cipher::from_key(&[1; 32]);
         let mut params = json!({"a": 1, "webhook": {"url": "https://x.example/h", "secret": "s3"}});
         let any = TargetPolicy::default();
-        let (url, sealed) = take(&mut params, None, None, &cipher, &any).unwrap().unwrap();
+        let (url, sealed) = take(&mut params, None, None, &cipher, &any)
+            .unwrap()
+            .unwrap();
         assert_eq!(params, json!({"a": 1}));
         assert_eq!(url, "https://x.example/h");
         assert_eq!(cipher.open(&sealed).unwrap(), b"s3");
@@ -89,6 +91,10 @@ mod tests {
                 .unwrap()
                 .is_some()
         );
-        assert!(take(&mut params, None, None, &cipher, &any).unwrap().is_none());
+        assert!(
+            take(&mut params, None, None, &cipher, &any)
+                .unwrap()
+                .is_none()
+        );
     }
 }

@@ -77,9 +77,16 @@ fn command(bin: &Path, run_as: Option<&str>, program: &str) -> tokio::process::C
 }
 
 async fn checked(cmd: &mut tokio::process::Command, what: &str) -> anyhow::Result<()> {
-    let out = cmd.stdout(Stdio::null()).output().await.with_context(|| format!("running {what}"))?;
+    let out = cmd
+        .stdout(Stdio::null())
+        .output()
+        .await
+        .with_context(|| format!("running {what}"))?;
     if !out.status.success() {
-        bail!("{what} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{what} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -90,16 +97,30 @@ async fn bare_once(bin: &Path, run_as: Option<&str>, dir: &Path) -> anyhow::Resu
     let pwfile = dir.join("pw");
     std::fs::write(&pwfile, "bench-password")?;
     if let Some(user) = run_as {
-        checked(tokio::process::Command::new("chown").arg("-R").arg(user).arg(dir), "chown").await?;
+        checked(
+            tokio::process::Command::new("chown")
+                .arg("-R")
+                .arg(user)
+                .arg(dir),
+            "chown",
+        )
+        .await?;
     }
     let data = dir.join("data");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let t0 = Instant::now();
     checked(
         command(bin, run_as, "initdb")
             .arg("-D")
             .arg(&data)
-            .args(["-U", "postgres", "--auth-host=scram-sha-256", "--auth-local=trust"])
+            .args([
+                "-U",
+                "postgres",
+                "--auth-host=scram-sha-256",
+                "--auth-local=trust",
+            ])
             .args(["--encoding=UTF8", "--locale=C", "--data-checksums"])
             .arg("--pwfile")
             .arg(&pwfile),
@@ -123,7 +144,11 @@ async fn bare_once(bin: &Path, run_as: Option<&str>, dir: &Path) -> anyhow::Resu
     .await?;
     let ms = t0.elapsed().as_secs_f64() * 1e3;
     checked(
-        command(bin, run_as, "pg_ctl").arg("stop").arg("-D").arg(&data).args(["-m", "fast", "-w"]),
+        command(bin, run_as, "pg_ctl")
+            .arg("stop")
+            .arg("-D")
+            .arg(&data)
+            .args(["-m", "fast", "-w"]),
         "pg_ctl stop",
     )
     .await?;
@@ -148,7 +173,9 @@ impl Api {
             user: args.get("username")?.to_string(),
             pass: args.get("password")?.to_string(),
             poll: Duration::from_millis(args.num("poll-ms", 5)?),
-            http: reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()?,
         })
     }
 
@@ -161,7 +188,12 @@ impl Api {
 
     /// Service and plan ids of the plan named `name`.
     pub(crate) async fn plan(&self, name: &str) -> anyhow::Result<(String, String)> {
-        let catalog: Value = self.request(reqwest::Method::GET, "/v2/catalog").send().await?.json().await?;
+        let catalog: Value = self
+            .request(reqwest::Method::GET, "/v2/catalog")
+            .send()
+            .await?
+            .json()
+            .await?;
         for service in catalog["services"].as_array().into_iter().flatten() {
             for plan in service["plans"].as_array().into_iter().flatten() {
                 if plan["name"] == name {
@@ -175,16 +207,14 @@ impl Api {
 
     /// Polls last_operation until it says succeeded (or 410: gone, after a deprovision).
     pub(crate) async fn wait(&self, id: &str) -> anyhow::Result<()> {
-        self.wait_path(&format!("/v2/service_instances/{id}/last_operation"), id).await
+        self.wait_path(&format!("/v2/service_instances/{id}/last_operation"), id)
+            .await
     }
 
     /// Polls a last_operation path until it says succeeded (or 410).
     pub(crate) async fn wait_path(&self, path: &str, id: &str) -> anyhow::Result<()> {
         loop {
-            let resp = self
-                .request(reqwest::Method::GET, path)
-                .send()
-                .await?;
+            let resp = self.request(reqwest::Method::GET, path).send().await?;
             let status = resp.status();
             if status.as_u16() == 410 {
                 return Ok(());
@@ -200,7 +230,13 @@ impl Api {
     }
 
     /// PUT, then last_operation until succeeded: milliseconds.
-    pub(crate) async fn provision(&self, service: &str, plan: &str, id: &str, parameters: Value) -> anyhow::Result<f64> {
+    pub(crate) async fn provision(
+        &self,
+        service: &str,
+        plan: &str,
+        id: &str,
+        parameters: Value,
+    ) -> anyhow::Result<f64> {
         let t0 = Instant::now();
         let resp = self
             .request(reqwest::Method::PUT, &format!("/v2/service_instances/{id}?accepts_incomplete=true"))
@@ -209,15 +245,25 @@ impl Api {
             .send()
             .await?;
         if resp.status().as_u16() != 202 {
-            bail!("provision {id}: HTTP {}: {}", resp.status(), resp.text().await.unwrap_or_default());
+            bail!(
+                "provision {id}: HTTP {}: {}",
+                resp.status(),
+                resp.text().await.unwrap_or_default()
+            );
         }
         self.wait(id).await?;
         Ok(t0.elapsed().as_secs_f64() * 1e3)
     }
 
-    pub(crate) async fn deprovision(&self, service: &str, plan: &str, id: &str) -> anyhow::Result<()> {
-        let path =
-            format!("/v2/service_instances/{id}?service_id={service}&plan_id={plan}&accepts_incomplete=true");
+    pub(crate) async fn deprovision(
+        &self,
+        service: &str,
+        plan: &str,
+        id: &str,
+    ) -> anyhow::Result<()> {
+        let path = format!(
+            "/v2/service_instances/{id}?service_id={service}&plan_id={plan}&accepts_incomplete=true"
+        );
         let resp = self.request(reqwest::Method::DELETE, &path).send().await?;
         if resp.status().as_u16() != 202 {
             bail!("deprovision {id}: HTTP {}", resp.status());

@@ -71,7 +71,11 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
             "the pass saw {} of {count} instances",
             cycle.instances
         );
-        anyhow::ensure!(cycle.recovering == 0, "{} instances looked evicted", cycle.recovering);
+        anyhow::ensure!(
+            cycle.recovering == 0,
+            "{} instances looked evicted",
+            cycle.recovering
+        );
         calls = cycle.describe_calls;
     }
     ms.sort_by(f64::total_cmp);
@@ -82,7 +86,10 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     // The anchor: one DescribeInstances per VM.
     let t0 = Instant::now();
     for id in &vm_ids {
-        let state = engine.vm_state(REGION, id).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        let state = engine
+            .vm_state(REGION, id)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         anyhow::ensure!(state.as_deref() == Some("running"), "VM {id} is {state:?}");
     }
     let anchor_ms = t0.elapsed().as_secs_f64() * 1e3;

@@ -12,7 +12,8 @@ use std::{io, path::PathBuf, time::Instant};
 
 use anyhow::Context;
 use berth_worker::snapshots::{
-    BindingGrant, DatabaseTarget, ServerLogin, Snapshots, apply, pipeline, sealed::SnapshotKey, store,
+    BindingGrant, DatabaseTarget, ServerLogin, Snapshots, apply, pipeline, sealed::SnapshotKey,
+    store,
 };
 use broker::db::snapshots::SnapshotRow;
 use secrecy::SecretString;
@@ -50,10 +51,15 @@ pub fn seal(args: &Args) -> anyhow::Result<()> {
     let file = std::fs::File::open(args.get("file")?).context("opening the dump")?;
     let level = args.num("level", 6)?;
     let t0 = Instant::now();
-    let (read, sealed) = pipeline::compress_and_seal_into(io::BufReader::new(file), Counter(0), &key(), level)?;
+    let (read, sealed) =
+        pipeline::compress_and_seal_into(io::BufReader::new(file), Counter(0), &key(), level)?;
     let ms = t0.elapsed().as_secs_f64() * 1e3;
     eprintln!("sealed {read} dump bytes into {} bytes", sealed.0);
-    emit(&format!("zstd-{level}+seal of the dump file"), ms, Some(sealed.0));
+    emit(
+        &format!("zstd-{level}+seal of the dump file"),
+        ms,
+        Some(sealed.0),
+    );
     Ok(())
 }
 
@@ -66,14 +72,27 @@ pub async fn cycle(args: &Args) -> anyhow::Result<()> {
         "snapshot_store_url": format!("file://{}", store_dir.display()),
     }))?;
     let snaps = Snapshots::new(store::open(&settings)?, key(), level);
-    let login = ServerLogin::from_url(&SecretString::from(pg_url.to_string()), pipeline::bin_dir()?)?;
+    let login = ServerLogin::from_url(
+        &SecretString::from(pg_url.to_string()),
+        pipeline::bin_dir()?,
+    )?;
 
     // Take.
     let object_key = "bench/snapshot.bsnap";
     let t0 = Instant::now();
-    let taken = snaps.take(&login, database, object_key).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    emit("berth snapshot: pg_dump → zstd → seal → store", t0.elapsed().as_secs_f64() * 1e3, Some(taken.size_bytes));
-    eprintln!("dump {} bytes, stored {} bytes", taken.dump_bytes, taken.size_bytes);
+    let taken = snaps
+        .take(&login, database, object_key)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    emit(
+        "berth snapshot: pg_dump → zstd → seal → store",
+        t0.elapsed().as_secs_f64() * 1e3,
+        Some(taken.size_bytes),
+    );
+    eprintln!(
+        "dump {} bytes, stored {} bytes",
+        taken.dump_bytes, taken.size_bytes
+    );
     let row = SnapshotRow {
         id: uuid::Uuid::new_v4(),
         kind: "preset".into(),
@@ -97,20 +116,41 @@ pub async fn cycle(args: &Args) -> anyhow::Result<()> {
     // Restore into a new database (the backup path, before its swap).
     let mut admin = PgConnection::connect(pg_url).await?;
     for db in ["bench_restored", "bench_app_a", "bench_app_b"] {
-        sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).execute(&mut admin).await?;
+        sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+            .execute(&mut admin)
+            .await?;
     }
-    sqlx::raw_sql("DROP ROLE IF EXISTS bench_owner; CREATE ROLE bench_owner NOLOGIN").execute(&mut admin).await?;
-    sqlx::raw_sql("CREATE DATABASE bench_restored OWNER bench_owner").execute(&mut admin).await?;
+    sqlx::raw_sql("DROP ROLE IF EXISTS bench_owner; CREATE ROLE bench_owner NOLOGIN")
+        .execute(&mut admin)
+        .await?;
+    sqlx::raw_sql("CREATE DATABASE bench_restored OWNER bench_owner")
+        .execute(&mut admin)
+        .await?;
     let t0 = Instant::now();
-    snaps.restore(&row, &login, "bench_restored", "bench_owner").await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    emit("berth restore: store → open → zstd → pg_restore", t0.elapsed().as_secs_f64() * 1e3, None);
+    snaps
+        .restore(&row, &login, "bench_restored", "bench_owner")
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    emit(
+        "berth restore: store → open → zstd → pg_restore",
+        t0.elapsed().as_secs_f64() * 1e3,
+        None,
+    );
 
     // A preset: the first instance builds the template (a restore), the next is a clone.
     for (db, figure) in [
-        ("bench_app_a", "preset, first instance on the server (template built)"),
-        ("bench_app_b", "preset, next instance (template clone + swap)"),
+        (
+            "bench_app_a",
+            "preset, first instance on the server (template built)",
+        ),
+        (
+            "bench_app_b",
+            "preset, next instance (template clone + swap)",
+        ),
     ] {
-        sqlx::raw_sql(&format!("CREATE DATABASE {db} OWNER bench_owner")).execute(&mut admin).await?;
+        sqlx::raw_sql(&format!("CREATE DATABASE {db} OWNER bench_owner"))
+            .execute(&mut admin)
+            .await?;
         let target = DatabaseTarget {
             login: login.clone(),
             database: db.into(),
@@ -119,12 +159,15 @@ pub async fn cycle(args: &Args) -> anyhow::Result<()> {
             extensions: Vec::new(),
         };
         let t0 = Instant::now();
-        apply::select_preset(&snaps, "bench_", &target, &row, None).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        apply::select_preset(&snaps, "bench_", &target, &row, None)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         emit(figure, t0.elapsed().as_secs_f64() * 1e3, None);
     }
-    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname = 'bench_app_b'")
-        .fetch_one(&mut admin)
-        .await?;
+    let count: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname = 'bench_app_b'")
+            .fetch_one(&mut admin)
+            .await?;
     anyhow::ensure!(count == 1, "the cloned database is missing");
     Ok(())
 }

@@ -182,13 +182,20 @@ impl PlanRef<'_> {
         self.plan.bindable.unwrap_or(self.service.bindable)
     }
     pub fn plan_updateable(&self) -> bool {
-        self.plan.plan_updateable.unwrap_or(self.service.plan_updateable)
+        self.plan
+            .plan_updateable
+            .unwrap_or(self.service.plan_updateable)
     }
     /// Whether the instance's bindings can be given new credentials (the Akkeris `credentials` action): only
     /// where each binding has credentials of its own, which the plan's metadata says (`"credentials":
     /// "per-binding"`, set at start-up from settings; see [`engine_metadata`]).
     pub fn can_rotate_credentials(&self) -> bool {
-        self.plan.metadata.as_ref().and_then(|m| m.get("credentials")).and_then(Value::as_str) == Some("per-binding")
+        self.plan
+            .metadata
+            .as_ref()
+            .and_then(|m| m.get("credentials"))
+            .and_then(Value::as_str)
+            == Some("per-binding")
     }
     /// Whether a client that does not accept asynchronous answers may provision, update or deprovision it.
     pub fn synchronous(&self) -> bool {
@@ -205,7 +212,12 @@ impl PlanRef<'_> {
             .iter()
             .filter(|f| !target.features.contains(f))
             .find_map(|f| self.service.one_way_features.get(f))
-            .map(|why| format!("plan {:?} cannot change to plan {:?}: {why}", self.plan.name, target.name))
+            .map(|why| {
+                format!(
+                    "plan {:?} cannot change to plan {:?}: {why}",
+                    self.plan.name, target.name
+                )
+            })
     }
 }
 
@@ -219,7 +231,9 @@ pub struct Catalog {
 
 impl std::fmt::Debug for Catalog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Catalog").field("services", &self.services.len()).finish()
+        f.debug_struct("Catalog")
+            .field("services", &self.services.len())
+            .finish()
     }
 }
 
@@ -249,7 +263,10 @@ fn read_services(dir: &Path) -> anyhow::Result<Vec<Service>> {
             .collect();
         files.sort();
         if files.is_empty() {
-            anyhow::bail!("the catalog folder {} has no *.json service files", dir.display());
+            anyhow::bail!(
+                "the catalog folder {} has no *.json service files",
+                dir.display()
+            );
         }
         let mut services = Vec::new();
         for file in &files {
@@ -264,7 +281,11 @@ fn read_services(dir: &Path) -> anyhow::Result<Vec<Service>> {
 /// Moves the named plans to the engine the operator chose for them; the plan must list it as an alternative.
 fn choose_engines(services: &mut [Service], choices: &[(&str, String)]) -> anyhow::Result<()> {
     for (name, engine) in choices {
-        for plan in services.iter_mut().flat_map(|s| s.plans.iter_mut()).filter(|p| p.name == *name) {
+        for plan in services
+            .iter_mut()
+            .flat_map(|s| s.plans.iter_mut())
+            .filter(|p| p.name == *name)
+        {
             if plan.engine == *engine {
                 continue;
             }
@@ -272,7 +293,10 @@ fn choose_engines(services: &mut [Service], choices: &[(&str, String)]) -> anyho
                 anyhow::bail!(
                     "plan {name:?} cannot run on engine {engine:?} (its engines: {}{})",
                     plan.engine,
-                    plan.alternative_engines.iter().map(|e| format!(", {e}")).collect::<String>()
+                    plan.alternative_engines
+                        .iter()
+                        .map(|e| format!(", {e}"))
+                        .collect::<String>()
                 );
             }
             plan.engine = engine.clone();
@@ -287,7 +311,9 @@ impl Catalog {
         let mut validators = HashMap::new();
         let mut services = Vec::new();
         for mut service in all {
-            service.plans.retain(|p| available_engines.contains(&p.engine.as_str()));
+            service
+                .plans
+                .retain(|p| available_engines.contains(&p.engine.as_str()));
             if service.plans.is_empty() {
                 continue;
             }
@@ -296,9 +322,27 @@ impl Catalog {
             }
             for plan in &service.plans {
                 for (which, schema) in [
-                    (SchemaFor::Provision, plan.schemas.service_instance.as_ref().and_then(|s| s.create.as_ref())),
-                    (SchemaFor::Update, plan.schemas.service_instance.as_ref().and_then(|s| s.update.as_ref())),
-                    (SchemaFor::Bind, plan.schemas.service_binding.as_ref().and_then(|s| s.create.as_ref())),
+                    (
+                        SchemaFor::Provision,
+                        plan.schemas
+                            .service_instance
+                            .as_ref()
+                            .and_then(|s| s.create.as_ref()),
+                    ),
+                    (
+                        SchemaFor::Update,
+                        plan.schemas
+                            .service_instance
+                            .as_ref()
+                            .and_then(|s| s.update.as_ref()),
+                    ),
+                    (
+                        SchemaFor::Bind,
+                        plan.schemas
+                            .service_binding
+                            .as_ref()
+                            .and_then(|s| s.create.as_ref()),
+                    ),
                 ] {
                     if let Some(schema) = schema {
                         let validator = jsonschema::validator_for(&schema.parameters).map_err(|e| {
@@ -315,7 +359,11 @@ impl Catalog {
             services.push(service);
         }
         let rendered = serde_json::to_vec(&serde_json::json!({ "services": &services }))?.into();
-        Ok(Self { services, validators, rendered })
+        Ok(Self {
+            services,
+            validators,
+            rendered,
+        })
     }
 
     /// Adds what start-up knows about an engine to the `metadata` of each of its plans, then renders the
@@ -328,16 +376,28 @@ impl Catalog {
         fields: &serde_json::Map<String, Value>,
         bullets: &[&str],
     ) -> anyhow::Result<Self> {
-        for plan in self.services.iter_mut().flat_map(|s| s.plans.iter_mut()).filter(|p| p.engine == engine) {
-            let metadata = plan.metadata.get_or_insert_with(|| Value::Object(Default::default()));
+        for plan in self
+            .services
+            .iter_mut()
+            .flat_map(|s| s.plans.iter_mut())
+            .filter(|p| p.engine == engine)
+        {
+            let metadata = plan
+                .metadata
+                .get_or_insert_with(|| Value::Object(Default::default()));
             let Value::Object(metadata) = metadata else {
-                anyhow::bail!("plan {:?}: `metadata` must be a JSON object to add engine facts to it", plan.name);
+                anyhow::bail!(
+                    "plan {:?}: `metadata` must be a JSON object to add engine facts to it",
+                    plan.name
+                );
             };
             for (key, value) in fields {
                 metadata.insert(key.clone(), value.clone());
             }
             if !bullets.is_empty() {
-                let list = metadata.entry("bullets").or_insert_with(|| Value::Array(Vec::new()));
+                let list = metadata
+                    .entry("bullets")
+                    .or_insert_with(|| Value::Array(Vec::new()));
                 let Value::Array(list) = list else {
                     anyhow::bail!("plan {:?}: `metadata.bullets` must be a list", plan.name);
                 };
@@ -348,7 +408,8 @@ impl Catalog {
                 }
             }
         }
-        self.rendered = serde_json::to_vec(&serde_json::json!({ "services": &self.services }))?.into();
+        self.rendered =
+            serde_json::to_vec(&serde_json::json!({ "services": &self.services }))?.into();
         Ok(self)
     }
 
@@ -395,7 +456,12 @@ impl Catalog {
     }
 
     /// Checks `parameters` against the plan's schema for `which`. Without a schema, any object passes.
-    pub fn validate(&self, plan_id: &str, which: SchemaFor, parameters: &Value) -> Result<(), ParameterError> {
+    pub fn validate(
+        &self,
+        plan_id: &str,
+        which: SchemaFor,
+        parameters: &Value,
+    ) -> Result<(), ParameterError> {
         if !parameters.is_object() {
             return Err(ParameterError("parameters must be a JSON object".into()));
         }
@@ -414,13 +480,21 @@ impl Catalog {
                 }
             })
             .collect();
-        if messages.is_empty() { Ok(()) } else { Err(ParameterError(messages.join("; "))) }
+        if messages.is_empty() {
+            Ok(())
+        } else {
+            Err(ParameterError(messages.join("; ")))
+        }
     }
 }
 
 /// Bindings that share the store's keys cannot be revoked one by one: no rotation and no expiry for them.
 fn without_credentials_of_their_own(services: &mut [Service], engine: &str) {
-    for plan in services.iter_mut().flat_map(|s| s.plans.iter_mut()).filter(|p| p.engine == engine) {
+    for plan in services
+        .iter_mut()
+        .flat_map(|s| s.plans.iter_mut())
+        .filter(|p| p.engine == engine)
+    {
         plan.binding_rotatable = Some(false);
         plan.binding_expiry = None;
     }
@@ -432,20 +506,41 @@ fn publish_binding_expiry(plan: &mut Plan) -> anyhow::Result<()> {
     if let Some(expiry) = &plan.binding_expiry
         && (expiry.min_seconds == 0 || expiry.min_seconds > expiry.max_seconds)
     {
-        anyhow::bail!("plan {:?}: binding_expiry needs 0 < min_seconds <= max_seconds", plan.name);
+        anyhow::bail!(
+            "plan {:?}: binding_expiry needs 0 < min_seconds <= max_seconds",
+            plan.name
+        );
     }
     let Some(expiry) = plan.binding_expiry else {
-        let properties = plan.schemas.service_binding.as_mut().and_then(|s| s.create.as_mut());
-        if let Some(Value::Object(properties)) = properties.and_then(|c| c.parameters.get_mut("properties")) {
+        let properties = plan
+            .schemas
+            .service_binding
+            .as_mut()
+            .and_then(|s| s.create.as_mut());
+        if let Some(Value::Object(properties)) =
+            properties.and_then(|c| c.parameters.get_mut("properties"))
+        {
             properties.remove(EXPIRES_IN);
         }
         return Ok(());
     };
-    let create = plan.schemas.service_binding.get_or_insert_with(Default::default).create.get_or_insert_with(|| {
-        InputSchema { parameters: serde_json::json!({"type": "object", "properties": {}}) }
-    });
-    let Some(properties) = create.parameters.get_mut("properties").and_then(Value::as_object_mut) else {
-        anyhow::bail!("plan {:?}: the bind schema needs a `properties` object to publish expires_in in", plan.name);
+    let create = plan
+        .schemas
+        .service_binding
+        .get_or_insert_with(Default::default)
+        .create
+        .get_or_insert_with(|| InputSchema {
+            parameters: serde_json::json!({"type": "object", "properties": {}}),
+        });
+    let Some(properties) = create
+        .parameters
+        .get_mut("properties")
+        .and_then(Value::as_object_mut)
+    else {
+        anyhow::bail!(
+            "plan {:?}: the bind schema needs a `properties` object to publish expires_in in",
+            plan.name
+        );
     };
     properties.insert(EXPIRES_IN.into(), expiry.schema());
     Ok(())
@@ -458,7 +553,11 @@ fn publish_binding_expiry(plan: &mut Plan) -> anyhow::Result<()> {
 /// configured with.
 pub fn engine_metadata(
     settings: &crate::config::Settings,
-) -> Vec<(&'static str, serde_json::Map<String, Value>, Vec<&'static str>)> {
+) -> Vec<(
+    &'static str,
+    serde_json::Map<String, Value>,
+    Vec<&'static str>,
+)> {
     let mut out = Vec::new();
     if let Some(mode) = settings.s3_credentials() {
         let mut fields = serde_json::Map::new();
@@ -472,9 +571,16 @@ fn parse_service(file: &Path, text: &str) -> anyhow::Result<Service> {
     let de = &mut serde_json::Deserializer::from_str(text);
     let service: Service = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
-        anyhow::anyhow!("catalog file {}: field `{}`: {}", file.display(), path, e.inner())
+        anyhow::anyhow!(
+            "catalog file {}: field `{}`: {}",
+            file.display(),
+            path,
+            e.inner()
+        )
     })?;
-    let fail = |field: String, why: &str| anyhow::anyhow!("catalog file {}: field `{field}`: {why}", file.display());
+    let fail = |field: String, why: &str| {
+        anyhow::anyhow!("catalog file {}: field `{field}`: {why}", file.display())
+    };
     if service.id.trim().is_empty() {
         return Err(fail("id".into(), "must not be empty"));
     }
@@ -494,20 +600,52 @@ fn parse_service(file: &Path, text: &str) -> anyhow::Result<Service> {
         if !KNOWN_ENGINES.contains(&plan.engine.as_str()) {
             return Err(fail(
                 format!("plans[{i}].engine"),
-                &format!("unknown engine {:?} (known: {})", plan.engine, KNOWN_ENGINES.join(", ")),
+                &format!(
+                    "unknown engine {:?} (known: {})",
+                    plan.engine,
+                    KNOWN_ENGINES.join(", ")
+                ),
             ));
         }
-        if let Some(bad) = plan.alternative_engines.iter().find(|e| !KNOWN_ENGINES.contains(&e.as_str())) {
-            return Err(fail(format!("plans[{i}].alternative_engines"), &format!("unknown engine {bad:?}")));
+        if let Some(bad) = plan
+            .alternative_engines
+            .iter()
+            .find(|e| !KNOWN_ENGINES.contains(&e.as_str()))
+        {
+            return Err(fail(
+                format!("plans[{i}].alternative_engines"),
+                &format!("unknown engine {bad:?}"),
+            ));
         }
         let schemas = [
-            ("service_instance.create", plan.schemas.service_instance.as_ref().and_then(|s| s.create.as_ref())),
-            ("service_instance.update", plan.schemas.service_instance.as_ref().and_then(|s| s.update.as_ref())),
-            ("service_binding.create", plan.schemas.service_binding.as_ref().and_then(|s| s.create.as_ref())),
+            (
+                "service_instance.create",
+                plan.schemas
+                    .service_instance
+                    .as_ref()
+                    .and_then(|s| s.create.as_ref()),
+            ),
+            (
+                "service_instance.update",
+                plan.schemas
+                    .service_instance
+                    .as_ref()
+                    .and_then(|s| s.update.as_ref()),
+            ),
+            (
+                "service_binding.create",
+                plan.schemas
+                    .service_binding
+                    .as_ref()
+                    .and_then(|s| s.create.as_ref()),
+            ),
         ];
         for (name, schema) in schemas {
             if let Some(Err(e)) = schema.map(|s| jsonschema::validator_for(&s.parameters)) {
-                return Err(fail(format!("plans[{i}].schemas.{name}.parameters"), &e.to_string()));
+                return Err(fail(
+                    format!("plans[{i}].schemas.{name}.parameters"),
+                    &e.to_string(),
+                ));
             }
         }
     }
@@ -530,7 +668,11 @@ fn check_unique(services: &[Service]) -> anyhow::Result<()> {
                 anyhow::bail!("catalog: id {:?} is used twice", plan.id);
             }
             if !plan_names.insert(plan.name.as_str()) {
-                anyhow::bail!("catalog: service {:?} has two plans named {:?}", service.name, plan.name);
+                anyhow::bail!(
+                    "catalog: service {:?} has two plans named {:?}",
+                    service.name,
+                    plan.name
+                );
             }
         }
     }
@@ -562,7 +704,14 @@ mod tests {
 
         // A shared database cannot become a dedicated server (the dedicated plan is not plan_updateable).
         let plan = |name: &str| {
-            catalog.services().iter().flat_map(|s| &s.plans).find(|p| p.name == name).unwrap().id.clone()
+            catalog
+                .services()
+                .iter()
+                .flat_map(|s| &s.plans)
+                .find(|p| p.name == name)
+                .unwrap()
+                .id
+                .clone()
         };
         let shared = catalog.plan_by_id(&plan("shared")).unwrap();
         let dedicated = catalog.plan_by_id(&plan("dedicated")).unwrap();
@@ -572,8 +721,14 @@ mod tests {
 
     fn s3_plans(catalog: &Catalog) -> Vec<Value> {
         let body: Value = serde_json::from_slice(&catalog.rendered()).unwrap();
-        let s3 = body["services"].as_array().unwrap().iter().find(|s| s["name"] == "s3").cloned();
-        s3.map(|s| s["plans"].as_array().unwrap().clone()).unwrap_or_default()
+        let s3 = body["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == "s3")
+            .cloned();
+        s3.map(|s| s["plans"].as_array().unwrap().clone())
+            .unwrap_or_default()
     }
 
     #[test]
@@ -581,7 +736,9 @@ mod tests {
         let plans_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plans");
         let settings = |extra: Value| -> crate::config::Settings {
             let mut base = serde_json::json!({ "plans_dir": plans_dir });
-            base.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            base.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
             serde_json::from_value(base).unwrap()
         };
         let compatible = serde_json::json!({
@@ -602,9 +759,24 @@ mod tests {
             for plan in plans {
                 assert_eq!(plan["metadata"]["credentials"], mode, "{plan}");
                 let bullets = plan["metadata"]["bullets"].as_array().unwrap();
-                assert!(bullets.iter().any(|b| b.as_str().unwrap().starts_with(bullet)), "{plan}");
-                assert_eq!(bullets.iter().filter(|b| b.as_str().unwrap().contains("key")).count(), 1, "{plan}");
-                assert!(plan["metadata"]["displayName"].is_string(), "the file's metadata stays");
+                assert!(
+                    bullets
+                        .iter()
+                        .any(|b| b.as_str().unwrap().starts_with(bullet)),
+                    "{plan}"
+                );
+                assert_eq!(
+                    bullets
+                        .iter()
+                        .filter(|b| b.as_str().unwrap().contains("key"))
+                        .count(),
+                    1,
+                    "{plan}"
+                );
+                assert!(
+                    plan["metadata"]["displayName"].is_string(),
+                    "the file's metadata stays"
+                );
             }
         }
         // Without an S3 store there is no s3 service to describe.
@@ -621,18 +793,27 @@ mod tests {
             let mut base = serde_json::json!({
                 "plans_dir": plans_dir, "local_engine": true, "shared_postgres_url": "postgres://su@127.0.0.1/x",
             });
-            base.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            base.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
             let settings: crate::config::Settings = serde_json::from_value(base).unwrap();
             let catalog = Catalog::load_for(&settings).unwrap();
             serde_json::from_slice::<Value>(&catalog.rendered()).unwrap()
         };
         let plans = |body: &Value, service: &str| -> Vec<Value> {
-            let found = body["services"].as_array().unwrap().iter().find(|s| s["name"] == service);
-            found.map(|s| s["plans"].as_array().unwrap().clone()).unwrap_or_default()
+            let found = body["services"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|s| s["name"] == service);
+            found
+                .map(|s| s["plans"].as_array().unwrap().clone())
+                .unwrap_or_default()
         };
-        let expires_in = |plan: &Value| plan["schemas"]["service_binding"]["create"]["parameters"]["properties"]
-            [EXPIRES_IN]
-            .clone();
+        let expires_in = |plan: &Value| {
+            plan["schemas"]["service_binding"]["create"]["parameters"]["properties"][EXPIRES_IN]
+                .clone()
+        };
         let compatible = serde_json::json!({
             "s3_compatible_endpoint": "http://127.0.0.1:1", "s3_compatible_access_key": "k",
             "s3_compatible_secret_key": "s",
@@ -643,18 +824,33 @@ mod tests {
         for (extra, own_keys) in [(compatible, false), (with_iam, true), (aws, true)] {
             let body = load(extra);
             let postgres = plans(&body, "postgres");
-            assert!(postgres.len() >= 2, "shared and dedicated at least: {}", postgres.len());
+            assert!(
+                postgres.len() >= 2,
+                "shared and dedicated at least: {}",
+                postgres.len()
+            );
             for plan in postgres.iter().chain(&plans(&body, "s3")) {
                 let own = own_keys || plan["metadata"]["credentials"].is_null();
                 assert_eq!(plan["binding_rotatable"], own, "{}", plan["name"]);
                 if own {
                     let schema = expires_in(plan);
-                    assert_eq!((schema["type"].as_str(), schema["minimum"].as_u64(), schema["maximum"].as_u64()),
-                               (Some("integer"), Some(600), Some(7200)), "{}", plan["name"]);
+                    assert_eq!(
+                        (
+                            schema["type"].as_str(),
+                            schema["minimum"].as_u64(),
+                            schema["maximum"].as_u64()
+                        ),
+                        (Some("integer"), Some(600), Some(7200)),
+                        "{}",
+                        plan["name"]
+                    );
                 } else {
                     assert!(expires_in(plan).is_null(), "{}", plan["name"]);
                 }
-                assert!(plan.get("binding_expiry").is_none(), "berth's own field stays private");
+                assert!(
+                    plan.get("binding_expiry").is_none(),
+                    "berth's own field stays private"
+                );
             }
         }
     }
@@ -664,24 +860,50 @@ mod tests {
         let plans_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plans");
         let load = |extra: Value| {
             let mut base = serde_json::json!({ "plans_dir": plans_dir, "local_engine": true });
-            base.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            base.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
             let settings: crate::config::Settings = serde_json::from_value(base).unwrap();
-            settings.check().map(|()| Catalog::load_for(&settings).unwrap())
+            settings
+                .check()
+                .map(|()| Catalog::load_for(&settings).unwrap())
         };
         let engine_of = |catalog: &Catalog, name: &str| {
-            catalog.services().iter().flat_map(|s| &s.plans).find(|p| p.name == name).map(|p| p.engine.clone())
+            catalog
+                .services()
+                .iter()
+                .flat_map(|s| &s.plans)
+                .find(|p| p.name == name)
+                .map(|p| p.engine.clone())
         };
         let local = load(serde_json::json!({})).unwrap();
         assert_eq!(engine_of(&local, "dedicated").as_deref(), Some("local"));
-        assert_eq!(engine_of(&local, "dedicated-spot"), None, "no AWS, no spot plan");
+        assert_eq!(
+            engine_of(&local, "dedicated-spot"),
+            None,
+            "no AWS, no spot plan"
+        );
         let aws = serde_json::json!({ "aws_region": "us-east-1", "aws_access_key_id": "k" });
         let with_aws = load(aws.clone()).unwrap();
-        assert_eq!(engine_of(&with_aws, "dedicated").as_deref(), Some("local"), "dedicated stays local by default");
-        assert_eq!(engine_of(&with_aws, "dedicated-spot").as_deref(), Some("ec2"));
+        assert_eq!(
+            engine_of(&with_aws, "dedicated").as_deref(),
+            Some("local"),
+            "dedicated stays local by default"
+        );
+        assert_eq!(
+            engine_of(&with_aws, "dedicated-spot").as_deref(),
+            Some("ec2")
+        );
         let mut on_ec2 = aws;
         on_ec2["dedicated_engine"] = "ec2".into();
-        assert_eq!(engine_of(&load(on_ec2).unwrap(), "dedicated").as_deref(), Some("ec2"));
-        assert!(load(serde_json::json!({ "dedicated_engine": "ec2" })).is_err(), "ec2 without AWS is refused");
+        assert_eq!(
+            engine_of(&load(on_ec2).unwrap(), "dedicated").as_deref(),
+            Some("ec2")
+        );
+        assert!(
+            load(serde_json::json!({ "dedicated_engine": "ec2" })).is_err(),
+            "ec2 without AWS is refused"
+        );
         assert!(load(serde_json::json!({ "dedicated_engine": "warp" })).is_err());
     }
 
@@ -690,25 +912,66 @@ mod tests {
         let plans_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plans");
         let load = |extra: Value| {
             let mut base = serde_json::json!({ "plans_dir": plans_dir });
-            base.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            base.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
             let settings: crate::config::Settings = serde_json::from_value(base).unwrap();
-            settings.check().map(|()| Catalog::load_for(&settings).unwrap())
+            settings
+                .check()
+                .map(|()| Catalog::load_for(&settings).unwrap())
         };
         let ha_engine = |catalog: &Catalog| {
-            catalog.services().iter().flat_map(|s| &s.plans).find(|p| p.name == "ha").map(|p| p.engine.clone())
+            catalog
+                .services()
+                .iter()
+                .flat_map(|s| &s.plans)
+                .find(|p| p.name == "ha")
+                .map(|p| p.engine.clone())
         };
         let aws = serde_json::json!({ "aws_region": "us-east-1", "aws_access_key_id": "k" });
-        assert_eq!(ha_engine(&load(aws.clone()).unwrap()), None, "ha stays local by default (not published here)");
+        assert_eq!(
+            ha_engine(&load(aws.clone()).unwrap()),
+            None,
+            "ha stays local by default (not published here)"
+        );
         let mut on_ec2 = aws;
         on_ec2["ha_engine"] = "ec2".into();
         let catalog = load(on_ec2).unwrap();
         assert_eq!(ha_engine(&catalog).as_deref(), Some("ha_ec2"));
-        let plan = catalog.services().iter().flat_map(|s| &s.plans).find(|p| p.name == "ha").unwrap();
-        let schema = &plan.schemas.service_instance.as_ref().unwrap().create.as_ref().unwrap().parameters;
-        for key in ["cpu_min", "ram_min", "storage_min", "instance_types", "zones", "spot", "region", "public_ip"] {
-            assert!(schema["properties"][key].is_object(), "{key} in the ha schema");
+        let plan = catalog
+            .services()
+            .iter()
+            .flat_map(|s| &s.plans)
+            .find(|p| p.name == "ha")
+            .unwrap();
+        let schema = &plan
+            .schemas
+            .service_instance
+            .as_ref()
+            .unwrap()
+            .create
+            .as_ref()
+            .unwrap()
+            .parameters;
+        for key in [
+            "cpu_min",
+            "ram_min",
+            "storage_min",
+            "instance_types",
+            "zones",
+            "spot",
+            "region",
+            "public_ip",
+        ] {
+            assert!(
+                schema["properties"][key].is_object(),
+                "{key} in the ha schema"
+            );
         }
-        assert!(load(serde_json::json!({ "ha_engine": "ec2" })).is_err(), "ec2 without AWS is refused");
+        assert!(
+            load(serde_json::json!({ "ha_engine": "ec2" })).is_err(),
+            "ec2 without AWS is refused"
+        );
         assert!(load(serde_json::json!({ "ha_engine": "k8s" })).is_err());
     }
 
@@ -730,15 +993,31 @@ mod tests {
             .unwrap();
         let body: Value = serde_json::from_slice(&catalog.rendered()).unwrap();
         let plans = &body["services"][0]["plans"];
-        assert_eq!(plans[0]["metadata"], serde_json::json!({"credentials": "shared", "bullets": ["one"]}));
+        assert_eq!(
+            plans[0]["metadata"],
+            serde_json::json!({"credentials": "shared", "bullets": ["one"]})
+        );
         assert_eq!(plans[1]["metadata"], serde_json::json!({"bullets": ["b"]}));
-        assert_eq!(catalog.plan_by_id("a").unwrap().plan.metadata.as_ref().unwrap()["credentials"], "shared");
+        assert_eq!(
+            catalog
+                .plan_by_id("a")
+                .unwrap()
+                .plan
+                .metadata
+                .as_ref()
+                .unwrap()["credentials"],
+            "shared"
+        );
     }
 
     #[test]
     fn a_bad_field_names_file_and_field() {
         let dir = tmp();
-        write(&dir, "x.json", r#"{"id":"s","name":"x","description":"d","bindable":"yes","plans":[]}"#);
+        write(
+            &dir,
+            "x.json",
+            r#"{"id":"s","name":"x","description":"d","bindable":"yes","plans":[]}"#,
+        );
         let err = Catalog::load(&dir, KNOWN_ENGINES).unwrap_err().to_string();
         assert!(err.contains("x.json") && err.contains("bindable"), "{err}");
 
@@ -766,10 +1045,24 @@ mod tests {
         );
         assert!(Catalog::load(&dir, &[]).unwrap().services().is_empty());
         let catalog = Catalog::load(&dir, &["shared"]).unwrap();
-        assert!(catalog.validate("p", SchemaFor::Provision, &serde_json::json!({"size": 3})).is_ok());
-        let err = catalog.validate("p", SchemaFor::Provision, &serde_json::json!({"size": "big"})).unwrap_err();
+        assert!(
+            catalog
+                .validate("p", SchemaFor::Provision, &serde_json::json!({"size": 3}))
+                .is_ok()
+        );
+        let err = catalog
+            .validate(
+                "p",
+                SchemaFor::Provision,
+                &serde_json::json!({"size": "big"}),
+            )
+            .unwrap_err();
         assert!(err.0.contains("/size"), "{err}");
-        assert!(catalog.validate("p", SchemaFor::Bind, &serde_json::json!({"any": 1})).is_ok());
+        assert!(
+            catalog
+                .validate("p", SchemaFor::Bind, &serde_json::json!({"any": 1}))
+                .is_ok()
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -266,7 +266,8 @@ fn default_backup_scheduler_ms() -> u64 {
 
 /// Whether `program` is an executable file on the PATH.
 pub fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
 }
 
 /// The store behind the `s3` plans (see [`Settings::s3_backend`]).
@@ -299,7 +300,9 @@ impl S3Credentials {
     pub fn bullet(self) -> &'static str {
         match self {
             Self::PerBinding => "Access key per binding",
-            Self::Shared => "Bindings share the store's keys (no key of their own, no read-only keys)",
+            Self::Shared => {
+                "Bindings share the store's keys (no key of their own, no read-only keys)"
+            }
         }
     }
 }
@@ -346,7 +349,9 @@ impl Settings {
         if let Some(url) = &self.snapshot_store_url
             && !(url.starts_with("file:///") || url.starts_with("s3://"))
         {
-            anyhow::bail!("SNAPSHOT_STORE_URL must be file:///<absolute dir> or s3://<bucket>/<prefix>");
+            anyhow::bail!(
+                "SNAPSHOT_STORE_URL must be file:///<absolute dir> or s3://<bucket>/<prefix>"
+            );
         }
         if self.reconcile_interval_ms < 100 {
             anyhow::bail!("RECONCILE_INTERVAL_MS must be at least 100");
@@ -354,19 +359,25 @@ impl Settings {
         match self.dedicated_engine.as_str() {
             "local" => {}
             "ec2" if self.aws_configured() => {}
-            "ec2" => anyhow::bail!("DEDICATED_ENGINE=ec2 needs AWS settings (AWS_REGION and a credential source)"),
+            "ec2" => anyhow::bail!(
+                "DEDICATED_ENGINE=ec2 needs AWS settings (AWS_REGION and a credential source)"
+            ),
             other => anyhow::bail!("DEDICATED_ENGINE must be local or ec2, not {other:?}"),
         }
         match self.ha_engine.as_str() {
             "local" => {}
             "ec2" if self.aws_configured() => {}
-            "ec2" => anyhow::bail!("HA_ENGINE=ec2 needs AWS settings (AWS_REGION and a credential source)"),
+            "ec2" => anyhow::bail!(
+                "HA_ENGINE=ec2 needs AWS settings (AWS_REGION and a credential source)"
+            ),
             other => anyhow::bail!("HA_ENGINE must be local or ec2, not {other:?}"),
         }
         if self.connstr_bucket.is_none()
             && (self.connstr_bucket_endpoint.is_some() || self.connstr_bucket_access_key.is_some())
         {
-            anyhow::bail!("CONNSTR_BUCKET_* settings are given but CONNSTR_BUCKET (the bucket) is not");
+            anyhow::bail!(
+                "CONNSTR_BUCKET_* settings are given but CONNSTR_BUCKET (the bucket) is not"
+            );
         }
         if self.setup_finished_callback_timeout_secs == 0 {
             anyhow::bail!("SETUP_FINISHED_CALLBACK_TIMEOUT_SECS must be at least 1");
@@ -400,8 +411,15 @@ impl Settings {
 
     /// Plans whose engine the operator chose (`DEDICATED_ENGINE`, `HA_ENGINE`): plan name → engine.
     pub fn plan_engines(&self) -> Vec<(&'static str, String)> {
-        let ha = if self.ha_engine == "ec2" { "ha_ec2" } else { "ha_local" };
-        vec![("dedicated", self.dedicated_engine.clone()), ("ha", ha.to_string())]
+        let ha = if self.ha_engine == "ec2" {
+            "ha_ec2"
+        } else {
+            "ha_local"
+        };
+        vec![
+            ("dedicated", self.dedicated_engine.clone()),
+            ("ha", ha.to_string()),
+        ]
     }
 
     /// AWS counts as configured with a region and a credential source the SDK's chain can use.
@@ -416,11 +434,16 @@ impl Settings {
 
     /// The folder of `local` instance servers, absolute.
     pub fn servers_dir(&self) -> PathBuf {
-        let dir = self.local_servers_dir.clone().unwrap_or_else(|| self.data_dir.join("servers"));
+        let dir = self
+            .local_servers_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("servers"));
         if dir.is_absolute() {
             dir
         } else {
-            std::env::current_dir().map(|cwd| cwd.join(&dir)).unwrap_or(dir)
+            std::env::current_dir()
+                .map(|cwd| cwd.join(&dir))
+                .unwrap_or(dir)
         }
     }
 
@@ -458,7 +481,9 @@ impl Settings {
     pub fn s3_credentials(&self) -> Option<S3Credentials> {
         match self.s3_backend()? {
             S3Backend::Aws => Some(S3Credentials::PerBinding),
-            S3Backend::Compatible if self.s3_compatible_iam_endpoint.is_some() => Some(S3Credentials::PerBinding),
+            S3Backend::Compatible if self.s3_compatible_iam_endpoint.is_some() => {
+                Some(S3Credentials::PerBinding)
+            }
             S3Backend::Compatible => Some(S3Credentials::Shared),
         }
     }
@@ -470,7 +495,9 @@ impl Settings {
             let dir = if dir.is_absolute() {
                 dir
             } else {
-                std::env::current_dir().map(|cwd| cwd.join(&dir)).unwrap_or(dir)
+                std::env::current_dir()
+                    .map(|cwd| cwd.join(&dir))
+                    .unwrap_or(dir)
             };
             format!("file://{}", dir.display())
         })
@@ -486,6 +513,8 @@ impl Settings {
 
     /// The key file: the configured one, or `<data dir>/master.key`.
     pub fn key_path(&self) -> PathBuf {
-        self.key_file.clone().unwrap_or_else(|| self.data_dir.join("master.key"))
+        self.key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("master.key"))
     }
 }

@@ -31,7 +31,9 @@ impl fmt::Debug for Cipher {
 
 impl Cipher {
     pub fn from_key(key: &[u8; 32]) -> Self {
-        Self { aead: std::sync::Arc::new(Aes256Gcm::new(key.into())) }
+        Self {
+            aead: std::sync::Arc::new(Aes256Gcm::new(key.into())),
+        }
     }
 
     /// Reads a key written by [`generate_key_file`].
@@ -59,7 +61,11 @@ impl Cipher {
         let nonce = Nonce::from_slice(&sealed[1..1 + NONCE_LEN]);
         self.aead
             .decrypt(nonce, &sealed[1 + NONCE_LEN..])
-            .map_err(|_| anyhow::anyhow!("sealed secret does not open with this key (wrong key or corrupted)"))
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "sealed secret does not open with this key (wrong key or corrupted)"
+                )
+            })
     }
 
     pub fn seal_json<T: serde::Serialize>(&self, value: &T) -> Vec<u8> {
@@ -80,7 +86,8 @@ pub fn key_check_value(key: &[u8; 32]) -> [u8; 32] {
 }
 
 fn hmac_sha256(key: &[u8], data: &[u8]) -> [u8; 32] {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes keys of any length");
+    let mut mac =
+        <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes keys of any length");
     mac.update(data);
     mac.finalize().into_bytes().into()
 }
@@ -127,7 +134,10 @@ pub fn generate_key_file(path: &Path) -> anyhow::Result<()> {
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
     let mut file = options.open(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AlreadyExists {
-            anyhow::anyhow!("{} already exists; refusing to overwrite a key", path.display())
+            anyhow::anyhow!(
+                "{} already exists; refusing to overwrite a key",
+                path.display()
+            )
         } else {
             anyhow::anyhow!("creating {}: {e}", path.display())
         }
@@ -139,12 +149,17 @@ pub fn generate_key_file(path: &Path) -> anyhow::Result<()> {
 
 /// A password of `len` alphanumeric characters from the OS RNG (about 5.95 bits each).
 pub fn random_password(len: usize) -> String {
-    OsRng.sample_iter(&Alphanumeric).take(len).map(char::from).collect()
+    OsRng
+        .sample_iter(&Alphanumeric)
+        .take(len)
+        .map(char::from)
+        .collect()
 }
 
 /// `base64(HMAC-SHA256(secret, body))`, the value of `X-OSB-Signature`.
 pub fn sign(secret: &[u8], body: &[u8]) -> String {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes keys of any length");
+    let mut mac =
+        <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes keys of any length");
     mac.update(body);
     B64.encode(mac.finalize().into_bytes())
 }
@@ -203,7 +218,12 @@ mod tests {
     fn signature_matches_a_known_vector() {
         // RFC 4231 test case 2.
         let sig = sign(b"Jefe", b"what do ya want for nothing?");
-        assert_eq!(sig, B64.encode(hex("5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843")));
+        assert_eq!(
+            sig,
+            B64.encode(hex(
+                "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+            ))
+        );
         assert!(constant_time_eq(b"abc", b"abc"));
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"abcd"));
@@ -215,7 +235,11 @@ mod tests {
         assert_eq!(a, key_check_value(&[7; 32]));
         assert_ne!(a, key_check_value(&[8; 32]));
         assert_ne!(&a[..], &[7; 32][..]);
-        assert_ne!(a, hmac_sha256(&[7; 32], b"berth sealing key check v1"), "under a derived key, not the key");
+        assert_ne!(
+            a,
+            hmac_sha256(&[7; 32], b"berth sealing key check v1"),
+            "under a derived key, not the key"
+        );
     }
 
     #[test]
@@ -224,14 +248,24 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("berth-key-{}", uuid::Uuid::new_v4()));
         let path = dir.join("master.key");
         generate_key_file(&path).unwrap();
-        assert_eq!(key_file_permission_warning(&path), None, "generated keys are 0600");
+        assert_eq!(
+            key_file_permission_warning(&path),
+            None,
+            "generated keys are 0600"
+        );
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let warning = key_file_permission_warning(&path).expect("0644 is warned about");
-        assert!(warning.contains(&path.display().to_string()) && warning.contains("chmod 600"), "{warning}");
+        assert!(
+            warning.contains(&path.display().to_string()) && warning.contains("chmod 600"),
+            "{warning}"
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 
     fn hex(s: &str) -> Vec<u8> {
-        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
     }
 }

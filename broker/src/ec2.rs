@@ -77,14 +77,29 @@ impl Requirements {
     /// Reads the plan parameters (already checked against the plan's schema; this checks what a schema
     /// cannot: ranges that contradict each other, a family that is not a regular expression).
     pub fn from_parameters(parameters: &Value, spot: bool) -> Result<Self, String> {
-        let int = |key: &str| parameters.get(key).and_then(Value::as_u64).map(|v| v as u32);
+        let int = |key: &str| {
+            parameters
+                .get(key)
+                .and_then(Value::as_u64)
+                .map(|v| v as u32)
+        };
         let num = |key: &str| parameters.get(key).and_then(Value::as_f64);
-        let text = |key: &str| parameters.get(key).and_then(Value::as_str).map(str::to_string);
+        let text = |key: &str| {
+            parameters
+                .get(key)
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        };
         let list = |key: &str| -> Vec<String> {
             parameters
                 .get(key)
                 .and_then(Value::as_array)
-                .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .map(str::to_string)
+                        .collect()
+                })
                 .unwrap_or_default()
         };
         let strategy = match text("selection_strategy").as_deref() {
@@ -128,7 +143,8 @@ impl Requirements {
             return Err("ram_max is below ram_min".into());
         }
         if let Some(family) = &req.instance_family {
-            regex::Regex::new(family).map_err(|e| format!("instance_family is not a regular expression: {e}"))?;
+            regex::Regex::new(family)
+                .map_err(|e| format!("instance_family is not a regular expression: {e}"))?;
         }
         Ok(req)
     }
@@ -181,7 +197,10 @@ impl Requirements {
             return Some((offer.on_demand_price, self.zone.clone()));
         }
         match &self.zone {
-            Some(zone) => offer.spot_prices.get(zone).map(|p| (Some(*p), Some(zone.clone()))),
+            Some(zone) => offer
+                .spot_prices
+                .get(zone)
+                .map(|p| (Some(*p), Some(zone.clone()))),
             None => offer
                 .spot_prices
                 .iter()
@@ -200,7 +219,10 @@ pub fn candidates(
     demoted: &[String],
     rng: &mut impl rand::Rng,
 ) -> Vec<Candidate> {
-    let family = req.instance_family.as_deref().and_then(|f| regex::Regex::new(f).ok());
+    let family = req
+        .instance_family
+        .as_deref()
+        .and_then(|f| regex::Regex::new(f).ok());
     let mut out: Vec<Candidate> = offers
         .iter()
         .filter(|o| req.fits(o, family.as_ref()))
@@ -213,7 +235,11 @@ pub fn candidates(
             }
             let arch = match &req.cpu_arch {
                 Some(a) => a.clone(),
-                None => o.architectures.first().cloned().unwrap_or_else(|| "x86_64".into()),
+                None => o
+                    .architectures
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| "x86_64".into()),
             };
             Some(Candidate {
                 instance_type: o.instance_type.clone(),
@@ -245,7 +271,9 @@ pub fn candidates(
         Strategy::Random => out.shuffle(rng),
     }
     // A stable partition: demoted types keep their relative order at the end.
-    let (kept, late): (Vec<_>, Vec<_>) = out.into_iter().partition(|c| !demoted.contains(&c.instance_type));
+    let (kept, late): (Vec<_>, Vec<_>) = out
+        .into_iter()
+        .partition(|c| !demoted.contains(&c.instance_type));
     kept.into_iter().chain(late).collect()
 }
 
@@ -255,13 +283,26 @@ mod tests {
     use rand::SeedableRng;
     use serde_json::json;
 
-    fn offer(name: &str, vcpus: u32, gb: u64, spot: &[(&str, f64)], on_demand: Option<f64>) -> Offer {
+    fn offer(
+        name: &str,
+        vcpus: u32,
+        gb: u64,
+        spot: &[(&str, f64)],
+        on_demand: Option<f64>,
+    ) -> Offer {
         let family = name.split('.').next().unwrap();
         Offer {
             instance_type: name.into(),
             vcpus,
             memory_mib: gb * 1024,
-            architectures: vec![if family.contains('g') { "arm64" } else { "x86_64" }.into()],
+            architectures: vec![
+                if family.contains('g') {
+                    "arm64"
+                } else {
+                    "x86_64"
+                }
+                .into(),
+            ],
             burstable: name.starts_with('t'),
             instance_storage_gb: if family.contains('d') { 118 } else { 0 },
             current_generation: true,
@@ -276,9 +317,27 @@ mod tests {
         vec![
             offer("m5.large", 2, 8, &[("a", 0.040), ("b", 0.035)], Some(0.096)),
             offer("c5.large", 2, 4, &[("a", 0.033), ("b", 0.038)], Some(0.085)),
-            offer("r5.large", 2, 16, &[("a", 0.045), ("b", 0.050)], Some(0.126)),
-            offer("m5.xlarge", 4, 16, &[("a", 0.070), ("b", 0.072)], Some(0.192)),
-            offer("m6g.large", 2, 8, &[("a", 0.031), ("b", 0.036)], Some(0.077)),
+            offer(
+                "r5.large",
+                2,
+                16,
+                &[("a", 0.045), ("b", 0.050)],
+                Some(0.126),
+            ),
+            offer(
+                "m5.xlarge",
+                4,
+                16,
+                &[("a", 0.070), ("b", 0.072)],
+                Some(0.192),
+            ),
+            offer(
+                "m6g.large",
+                2,
+                8,
+                &[("a", 0.031), ("b", 0.036)],
+                Some(0.077),
+            ),
             offer("t3.large", 2, 8, &[("a", 0.020)], Some(0.083)),
             offer("m5d.large", 2, 8, &[("a", 0.050)], None),
             offer("m5.metal", 96, 384, &[], Some(4.608)),
@@ -305,7 +364,11 @@ mod tests {
 
     #[test]
     fn cheapest_orders_by_price_in_the_cheapest_zone() {
-        let c = pick(json!({"selection_strategy": "cheapest", "cpu_max": 4}), true, &[]);
+        let c = pick(
+            json!({"selection_strategy": "cheapest", "cpu_max": 4}),
+            true,
+            &[],
+        );
         assert_eq!(
             names(&c),
             [
@@ -351,7 +414,11 @@ mod tests {
 
     #[test]
     fn on_demand_uses_the_price_list_and_unknown_prices_go_last() {
-        let c = pick(json!({"selection_strategy": "cheapest", "cpu_max": 4}), false, &[]);
+        let c = pick(
+            json!({"selection_strategy": "cheapest", "cpu_max": 4}),
+            false,
+            &[],
+        );
         assert_eq!(
             names(&c),
             [
@@ -368,10 +435,22 @@ mod tests {
 
     #[test]
     fn max_price_caps_and_filters_narrow() {
-        let c = pick(json!({"selection_strategy": "cheapest", "max_price": 0.09}), false, &[]);
-        assert_eq!(names(&c), ["m6g.large", "c5.large"], "unknown prices never pass a cap");
+        let c = pick(
+            json!({"selection_strategy": "cheapest", "max_price": 0.09}),
+            false,
+            &[],
+        );
+        assert_eq!(
+            names(&c),
+            ["m6g.large", "c5.large"],
+            "unknown prices never pass a cap"
+        );
         let c = pick(json!({"ram_min": 16, "cpu_arch": "x86_64"}), true, &[]);
-        assert_eq!(names(&c), ["r5.large", "m5.xlarge"], "m5.metal has no spot price");
+        assert_eq!(
+            names(&c),
+            ["r5.large", "m5.xlarge"],
+            "m5.metal has no spot price"
+        );
         let c = pick(
             json!({"allow_burstable": true, "selection_strategy": "cheapest", "cpu_max": 2}),
             true,
@@ -384,7 +463,11 @@ mod tests {
             &[],
         );
         assert_eq!(names(&c), ["m5.large", "m5.xlarge"]);
-        let c = pick(json!({"storage_type": "local", "storage_min": 100}), true, &[]);
+        let c = pick(
+            json!({"storage_type": "local", "storage_min": 100}),
+            true,
+            &[],
+        );
         assert_eq!(names(&c), ["m5d.large"]);
         // Named types are taken as asked, even a burstable one.
         let c = pick(
@@ -397,8 +480,16 @@ mod tests {
 
     #[test]
     fn random_is_a_permutation_and_demoted_types_go_last() {
-        let all = pick(json!({"selection_strategy": "cheapest", "cpu_max": 4}), true, &[]);
-        let shuffled = pick(json!({"selection_strategy": "random", "cpu_max": 4}), true, &[]);
+        let all = pick(
+            json!({"selection_strategy": "cheapest", "cpu_max": 4}),
+            true,
+            &[],
+        );
+        let shuffled = pick(
+            json!({"selection_strategy": "random", "cpu_max": 4}),
+            true,
+            &[],
+        );
         let mut a = names(&all);
         let mut b = names(&shuffled);
         assert_ne!(a, b, "seed 7 does not give the sorted order");

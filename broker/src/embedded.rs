@@ -82,7 +82,13 @@ impl PgServer {
             .trim()
             .to_string();
         let port = remembered_port(&root)?;
-        Ok(Self { root, bin_dir, run_as, port, password: SecretString::from(password) })
+        Ok(Self {
+            root,
+            bin_dir,
+            run_as,
+            port,
+            password: SecretString::from(password),
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -100,7 +106,9 @@ impl PgServer {
 
     /// The major version in `data/PG_VERSION`.
     pub fn version(&self) -> anyhow::Result<String> {
-        Ok(std::fs::read_to_string(self.data_dir().join("PG_VERSION"))?.trim().to_string())
+        Ok(std::fs::read_to_string(self.data_dir().join("PG_VERSION"))?
+            .trim()
+            .to_string())
     }
 
     /// The postmaster's pid from `data/postmaster.pid`, if the file is there (the process may be gone).
@@ -117,7 +125,8 @@ impl PgServer {
     /// Whether the postmaster named in postmaster.pid is alive (cheap: no process started). `false` when the
     /// file is gone, as after a stop, or names a dead process, as after a crash.
     pub fn postmaster_alive(&self) -> bool {
-        self.postmaster_pid().is_some_and(|pid| process_state(pid).is_some_and(|state| state != 'Z'))
+        self.postmaster_pid()
+            .is_some_and(|pid| process_state(pid).is_some_and(|state| state != 'Z'))
     }
 
     /// Waits (up to 10 s) until a killed postmaster named in postmaster.pid is reaped: while it lingers as a
@@ -166,7 +175,10 @@ impl PgServer {
     pub async fn start(&self) -> anyhow::Result<()> {
         let data = self.data_dir();
         let log = self.root.join("postgres.log");
-        let socket_dir = self.socket_dir().map(|d| d.display().to_string()).unwrap_or_default();
+        let socket_dir = self
+            .socket_dir()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default();
         let options = format!(
             "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories='{socket_dir}'",
             self.port
@@ -251,7 +263,10 @@ impl PgServer {
 
     /// Re-reads the configuration files (`pg_ctl reload`).
     pub async fn reload(&self) -> anyhow::Result<()> {
-        let status = self.pg_ctl(&["reload", "-D"]).await.context("running pg_ctl reload")?;
+        let status = self
+            .pg_ctl(&["reload", "-D"])
+            .await
+            .context("running pg_ctl reload")?;
         if !status.success() {
             anyhow::bail!("pg_ctl reload failed");
         }
@@ -272,10 +287,11 @@ impl PgServer {
         let mut conn = sqlx::PgConnection::connect(self.url("postgres").expose_secret())
             .await
             .context("connecting to the embedded Postgres")?;
-        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-            .bind(name)
-            .fetch_one(&mut conn)
-            .await?;
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+                .bind(name)
+                .fetch_one(&mut conn)
+                .await?;
         if !exists {
             let sql = format!("CREATE DATABASE {}", crate::names::quote_ident(name));
             sqlx::query(&sql).execute(&mut conn).await?;
@@ -285,7 +301,9 @@ impl PgServer {
 
     async fn pg_ctl(&self, args: &[&str]) -> std::io::Result<std::process::ExitStatus> {
         let mut cmd = self.command("pg_ctl");
-        cmd.args(args).arg(self.data_dir()).stdout(std::process::Stdio::null());
+        cmd.args(args)
+            .arg(self.data_dir())
+            .stdout(std::process::Stdio::null());
         cmd.status().await
     }
 
@@ -339,7 +357,10 @@ async fn init(
         .await
         .context("running initdb")?;
     if !output.status.success() {
-        anyhow::bail!("initdb failed: {}", String::from_utf8_lossy(&output.stderr).trim());
+        anyhow::bail!(
+            "initdb failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -394,7 +415,11 @@ pub fn find_bin_dir() -> anyhow::Result<PathBuf> {
         return Ok(dir.into());
     }
     let mut candidates: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|entries| entries.filter_map(|e| e.ok().map(|e| e.path().join("bin"))).collect())
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+                .collect()
+        })
         .unwrap_or_default();
     candidates.sort_by_key(|p| {
         p.parent()
@@ -403,10 +428,17 @@ pub fn find_bin_dir() -> anyhow::Result<PathBuf> {
             .and_then(|v| v.parse::<u32>().ok())
             .unwrap_or(0)
     });
-    if let Some(dir) = candidates.into_iter().rev().find(|d| d.join("initdb").exists()) {
+    if let Some(dir) = candidates
+        .into_iter()
+        .rev()
+        .find(|d| d.join("initdb").exists())
+    {
         return Ok(dir);
     }
-    if let Ok(out) = std::process::Command::new("pg_config").arg("--bindir").output() {
+    if let Ok(out) = std::process::Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+    {
         let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
         if dir.join("initdb").exists() {
             return Ok(dir);
@@ -463,7 +495,10 @@ pub fn bin_dir_for_version(version: &str) -> anyhow::Result<PathBuf> {
 
 /// The major version of the `initdb` in `bin_dir` (`initdb (PostgreSQL) 15.4` → `15`).
 fn major_version_of(bin_dir: &Path) -> Option<String> {
-    let out = std::process::Command::new(bin_dir.join("initdb")).arg("--version").output().ok()?;
+    let out = std::process::Command::new(bin_dir.join("initdb"))
+        .arg("--version")
+        .output()
+        .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let version = text.split_whitespace().last()?;
     Some(version.split('.').next()?.to_string())
@@ -472,7 +507,10 @@ fn major_version_of(bin_dir: &Path) -> Option<String> {
 /// The port in `root/port`, or a free one, remembered there.
 fn remembered_port(root: &Path) -> anyhow::Result<u16> {
     let file = root.join("port");
-    if let Some(port) = std::fs::read_to_string(&file).ok().and_then(|s| s.trim().parse().ok()) {
+    if let Some(port) = std::fs::read_to_string(&file)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+    {
         return Ok(port);
     }
     let port = free_port()?;
@@ -495,13 +533,19 @@ fn write_private_bytes(path: &Path, content: &[u8]) -> anyhow::Result<()> {
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(path).with_context(|| format!("writing {}", path.display()))?;
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
     file.write_all(content)?;
     Ok(())
 }
 
 fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
-    Ok(if path.is_absolute() { path.to_path_buf() } else { std::env::current_dir()?.join(path) })
+    Ok(if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(path)
+    })
 }
 
 /// Waits until `url` accepts connections, for up to `timeout`.
@@ -532,10 +576,15 @@ mod tests {
         let server = PgServer::ensure_started(&root).await.unwrap();
         server.ensure_database("berth").await.unwrap();
         server.ensure_database("berth").await.unwrap();
-        wait_ready(&server.url("berth"), Duration::from_secs(10)).await.unwrap();
+        wait_ready(&server.url("berth"), Duration::from_secs(10))
+            .await
+            .unwrap();
 
         // Host connections need the generated password.
-        let wrong = format!("postgres://{SUPERUSER}:wrong@127.0.0.1:{}/berth", server.port);
+        let wrong = format!(
+            "postgres://{SUPERUSER}:wrong@127.0.0.1:{}/berth",
+            server.port
+        );
         use sqlx::Connection;
         assert!(sqlx::PgConnection::connect(&wrong).await.is_err());
 
@@ -545,8 +594,13 @@ mod tests {
         server.stop().await.unwrap();
         let restarted = PgServer::ensure_started(&root).await.unwrap();
         assert_eq!(restarted.port, server.port);
-        let mut conn = sqlx::PgConnection::connect(restarted.url("berth").expose_secret()).await.unwrap();
-        let one: i32 = sqlx::query_scalar("SELECT 1").fetch_one(&mut conn).await.unwrap();
+        let mut conn = sqlx::PgConnection::connect(restarted.url("berth").expose_secret())
+            .await
+            .unwrap();
+        let one: i32 = sqlx::query_scalar("SELECT 1")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
         assert_eq!(one, 1);
         conn.close().await.unwrap();
         restarted.stop().await.unwrap();

@@ -3,8 +3,8 @@
 pub mod catalog;
 pub mod config;
 pub mod crypto;
-pub mod ec2;
 pub mod db;
+pub mod ec2;
 pub mod embedded;
 pub mod model;
 pub mod names;

@@ -56,7 +56,10 @@ pub fn binding_role(prefix: &str, binding_id: &str) -> String {
 /// `-`, valid in every region. Prefixes S3 reserves (`xn--`, `sthree-`, `amzn-s3-demo-`) get a `b` in front.
 pub fn bucket_name(prefix: &str, instance_id: &str) -> String {
     let name = format!("{}{}", prefix.replace('_', "-"), short_hash(instance_id));
-    if ["xn--", "sthree-", "amzn-s3-demo-"].iter().any(|p| name.starts_with(p)) {
+    if ["xn--", "sthree-", "amzn-s3-demo-"]
+        .iter()
+        .any(|p| name.starts_with(p))
+    {
         format!("b{name}")
     } else {
         name
@@ -96,7 +99,10 @@ mod tests {
     fn bucket_names_are_valid_everywhere() {
         let name = bucket_name("berth_", "some-instance");
         assert!(name.starts_with("berth-") && name.len() <= 63, "{name}");
-        assert!(name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'));
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        );
         assert!(bucket_name(&"p".repeat(MAX_PREFIX), "x").len() <= 63);
         assert!(bucket_name("xn__", "x").starts_with("bxn--"));
         assert!(binding_user(&"p".repeat(MAX_PREFIX), "x").len() <= 64);

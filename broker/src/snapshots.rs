@@ -41,20 +41,31 @@ impl BackupPolicy {
             .get("schedule")
             .and_then(Value::as_str)
             .ok_or("backups.schedule must be a cron expression such as \"0 3 * * *\"")?;
-        parse_cron(schedule).map_err(|e| format!("backups.schedule {schedule:?} is not a cron expression: {e}"))?;
+        parse_cron(schedule)
+            .map_err(|e| format!("backups.schedule {schedule:?} is not a cron expression: {e}"))?;
         let retention = match backups.get("retention") {
             None | Some(Value::Null) => 7,
             Some(v) => v
                 .as_i64()
                 .filter(|n| (1..=MAX_RETENTION).contains(n))
-                .ok_or(format!("backups.retention must be a whole number from 1 to {MAX_RETENTION}"))?,
+                .ok_or(format!(
+                    "backups.retention must be a whole number from 1 to {MAX_RETENTION}"
+                ))?,
         };
         let on_delete = match backups.get("on_delete").and_then(Value::as_str) {
             None | Some("keep") => OnDelete::Keep,
             Some("delete") => OnDelete::Delete,
-            Some(other) => return Err(format!("backups.on_delete must be \"keep\" or \"delete\", not {other:?}")),
+            Some(other) => {
+                return Err(format!(
+                    "backups.on_delete must be \"keep\" or \"delete\", not {other:?}"
+                ));
+            }
         };
-        Ok(Some(Self { schedule: schedule.to_string(), retention: retention as i32, on_delete }))
+        Ok(Some(Self {
+            schedule: schedule.to_string(),
+            retention: retention as i32,
+            on_delete,
+        }))
     }
 
     /// The first run strictly after `after`.
@@ -70,7 +81,10 @@ fn parse_cron(schedule: &str) -> Result<Cron, croner::errors::CronError> {
 
 /// The first time `schedule` fires strictly after `after`; `None` for a bad or never-firing expression.
 pub fn next_run(schedule: &str, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
-    parse_cron(schedule).ok()?.find_next_occurrence(&after, false).ok()
+    parse_cron(schedule)
+        .ok()?
+        .find_next_occurrence(&after, false)
+        .ok()
 }
 
 /// A preset and, optionally, one of its versions (the newest ready one when absent).
@@ -90,7 +104,9 @@ impl PresetRef {
         let (name, namespace, version) = match preset {
             Value::String(name) => (name.as_str(), "", None),
             Value::Object(o) => (
-                o.get("name").and_then(Value::as_str).ok_or("preset.name must be a string")?,
+                o.get("name")
+                    .and_then(Value::as_str)
+                    .ok_or("preset.name must be a string")?,
                 o.get("namespace").and_then(Value::as_str).unwrap_or(""),
                 match o.get("version") {
                     None | Some(Value::Null) => None,
@@ -106,7 +122,11 @@ impl PresetRef {
         };
         check_preset_name(name)?;
         check_namespace(namespace)?;
-        Ok(Some(Self { namespace: namespace.to_string(), name: name.to_string(), version }))
+        Ok(Some(Self {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            version,
+        }))
     }
 }
 
@@ -131,8 +151,13 @@ impl RestoreFrom {
             .get("backup")
             .and_then(Value::as_str)
             .and_then(|s| Uuid::from_str(s).ok())
-            .ok_or("restore_from.backup must be a backup id (a UUID from the instance's backups list)")?;
-        Ok(Some(Self { instance_id: instance_id.to_string(), backup_id }))
+            .ok_or(
+                "restore_from.backup must be a backup id (a UUID from the instance's backups list)",
+            )?;
+        Ok(Some(Self {
+            instance_id: instance_id.to_string(),
+            backup_id,
+        }))
     }
 }
 
@@ -140,7 +165,9 @@ impl RestoreFrom {
 pub fn check_preset_name(name: &str) -> Result<(), String> {
     let ok = (1..=100).contains(&name.len())
         && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
     if ok {
         Ok(())
     } else {
@@ -155,7 +182,9 @@ pub fn check_preset_name(name: &str) -> Result<(), String> {
 pub fn check_namespace(namespace: &str) -> Result<(), String> {
     let ok = namespace.is_empty()
         || (namespace.len() <= 200
-            && namespace.split('/').all(|part| check_preset_name(part).is_ok()));
+            && namespace
+                .split('/')
+                .all(|part| check_preset_name(part).is_ok()));
     if ok {
         Ok(())
     } else {
@@ -179,7 +208,11 @@ pub fn lock_key_hash(key: &str) -> Vec<u8> {
 
 /// Object key of a preset version, under the store's prefix.
 pub fn preset_object_key(namespace: &str, name: &str, version: i32, snapshot: Uuid) -> String {
-    let ns = if namespace.is_empty() { "_".to_string() } else { namespace.to_string() };
+    let ns = if namespace.is_empty() {
+        "_".to_string()
+    } else {
+        namespace.to_string()
+    };
     format!("presets/{ns}/{name}/v{version}-{snapshot}.bsnap")
 }
 
@@ -201,15 +234,20 @@ mod tests {
 
     #[test]
     fn backup_policy_reads_defaults_and_names_bad_fields() {
-        let policy = BackupPolicy::of(&json!({"backups": {"schedule": "0 3 * * *"}})).unwrap().unwrap();
+        let policy = BackupPolicy::of(&json!({"backups": {"schedule": "0 3 * * *"}}))
+            .unwrap()
+            .unwrap();
         assert_eq!(policy.retention, 7);
         assert_eq!(policy.on_delete, OnDelete::Keep);
         assert_eq!(BackupPolicy::of(&json!({})).unwrap(), None);
         let err = BackupPolicy::of(&json!({"backups": {"schedule": "every day"}})).unwrap_err();
         assert!(err.contains("backups.schedule"), "{err}");
-        let err = BackupPolicy::of(&json!({"backups": {"schedule": "* * * * *", "retention": 0}})).unwrap_err();
+        let err = BackupPolicy::of(&json!({"backups": {"schedule": "* * * * *", "retention": 0}}))
+            .unwrap_err();
         assert!(err.contains("backups.retention"), "{err}");
-        let err = BackupPolicy::of(&json!({"backups": {"schedule": "* * * * *", "on_delete": "x"}})).unwrap_err();
+        let err =
+            BackupPolicy::of(&json!({"backups": {"schedule": "* * * * *", "on_delete": "x"}}))
+                .unwrap_err();
         assert!(err.contains("on_delete"), "{err}");
     }
 
@@ -224,9 +262,13 @@ mod tests {
 
     #[test]
     fn preset_refs_and_names() {
-        let r = PresetRef::of(&json!({"preset": {"name": "orders", "version": 2}})).unwrap().unwrap();
+        let r = PresetRef::of(&json!({"preset": {"name": "orders", "version": 2}}))
+            .unwrap()
+            .unwrap();
         assert_eq!((r.name.as_str(), r.version), ("orders", Some(2)));
-        let r = PresetRef::of(&json!({"preset": "orders"})).unwrap().unwrap();
+        let r = PresetRef::of(&json!({"preset": "orders"}))
+            .unwrap()
+            .unwrap();
         assert_eq!(r.version, None);
         assert!(PresetRef::of(&json!({"preset": {"name": "../etc"}})).is_err());
         assert!(PresetRef::of(&json!({"preset": {"name": "a", "version": 0}})).is_err());
@@ -247,10 +289,14 @@ mod tests {
     #[test]
     fn restore_from_needs_instance_and_backup_uuid() {
         let id = Uuid::new_v4();
-        let r = RestoreFrom::of(&json!({"restore_from": {"instance": "i1", "backup": id.to_string()}}))
-            .unwrap()
-            .unwrap();
+        let r =
+            RestoreFrom::of(&json!({"restore_from": {"instance": "i1", "backup": id.to_string()}}))
+                .unwrap()
+                .unwrap();
         assert_eq!(r.backup_id, id);
-        assert!(RestoreFrom::of(&json!({"restore_from": {"instance": "i1", "backup": "latest"}})).is_err());
+        assert!(
+            RestoreFrom::of(&json!({"restore_from": {"instance": "i1", "backup": "latest"}}))
+                .is_err()
+        );
     }
 }

@@ -20,7 +20,11 @@ const WAIT_LIMIT: Duration = Duration::from_secs(3600);
 impl Client {
     /// From `--url`/`--user`/`--password` (or `BERTH_URL`, `BROKER_USERNAME`, `BROKER_PASSWORD`), else the
     /// embedded default's `.berth/broker-credentials.json`.
-    pub fn new(url: Option<String>, user: Option<String>, password: Option<String>) -> anyhow::Result<Self> {
+    pub fn new(
+        url: Option<String>,
+        user: Option<String>,
+        password: Option<String>,
+    ) -> anyhow::Result<Self> {
         let (user, password) = match (user, password) {
             (Some(u), Some(p)) => (u, p),
             _ => embedded_credentials().context(
@@ -29,14 +33,29 @@ impl Client {
             )?,
         };
         let base = url.unwrap_or_else(|| {
-            format!("http://127.0.0.1:{}", std::env::var("PORT").unwrap_or_else(|_| "8080".into()))
+            format!(
+                "http://127.0.0.1:{}",
+                std::env::var("PORT").unwrap_or_else(|_| "8080".into())
+            )
         });
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?;
-        Ok(Self { base: base.trim_end_matches('/').to_string(), user, password, http })
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()?;
+        Ok(Self {
+            base: base.trim_end_matches('/').to_string(),
+            user,
+            password,
+            http,
+        })
     }
 
     /// Sends a request; a 2xx body (or `{}`), else an error with the broker's description.
-    pub async fn call(&self, method: Method, path: &str, body: Option<&Value>) -> anyhow::Result<(u16, Value)> {
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<(u16, Value)> {
         let mut request = self
             .http
             .request(method.clone(), format!("{}{path}", self.base))
@@ -45,7 +64,10 @@ impl Client {
         if let Some(body) = body {
             request = request.json(body);
         }
-        let response = request.send().await.with_context(|| format!("reaching the broker at {}", self.base))?;
+        let response = request
+            .send()
+            .await
+            .with_context(|| format!("reaching the broker at {}", self.base))?;
         let status = response.status().as_u16();
         let text = response.text().await.unwrap_or_default();
         let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
@@ -53,7 +75,10 @@ impl Client {
             return Ok((status, value));
         }
         let description = value["description"].as_str().unwrap_or(text.as_str());
-        bail!("{method} {path}: {status} {}: {description}", value["error"].as_str().unwrap_or(""))
+        bail!(
+            "{method} {path}: {status} {}: {description}",
+            value["error"].as_str().unwrap_or("")
+        )
     }
 
     /// Polls an OSB last_operation path until it is not `in progress`; 410 counts as done (a deprovision).
@@ -73,7 +98,10 @@ impl Client {
             if body["state"] != "in progress" {
                 return Ok(body);
             }
-            anyhow::ensure!(Instant::now() < deadline, "still in progress after {WAIT_LIMIT:?}");
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "still in progress after {WAIT_LIMIT:?}"
+            );
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
@@ -83,7 +111,9 @@ impl Client {
         let deadline = Instant::now() + WAIT_LIMIT;
         let mut said = String::new();
         loop {
-            let (_, task) = self.call(Method::GET, &format!("/berth/v1/tasks/{operation}"), None).await?;
+            let (_, task) = self
+                .call(Method::GET, &format!("/berth/v1/tasks/{operation}"), None)
+                .await?;
             let description = task["description"].as_str().unwrap_or_default().to_string();
             if !description.is_empty() && description != said {
                 eprintln!("  {description}");
@@ -92,7 +122,10 @@ impl Client {
             if task["state"] == "succeeded" || task["state"] == "failed" {
                 return Ok(task);
             }
-            anyhow::ensure!(Instant::now() < deadline, "still running after {WAIT_LIMIT:?}");
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "still running after {WAIT_LIMIT:?}"
+            );
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }

@@ -157,7 +157,9 @@ struct PushArgs {
 
 #[derive(Subcommand)]
 enum Backups {
-    List { instance: String },
+    List {
+        instance: String,
+    },
     /// Take a backup now.
     Take {
         instance: String,
@@ -188,7 +190,10 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::GenKey { out } = &cli.command {
         broker::crypto::generate_key_file(out)?;
-        eprintln!("wrote a new snapshot key to {} (keep it: snapshots sealed with it need it)", out.display());
+        eprintln!(
+            "wrote a new snapshot key to {} (keep it: snapshots sealed with it need it)",
+            out.display()
+        );
         return Ok(());
     }
     let client = Client::new(cli.url, cli.user, cli.password)?;
@@ -217,7 +222,9 @@ fn ns_query(namespace: &Option<String>) -> String {
 fn url_escape(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()
@@ -233,8 +240,11 @@ fn parameters(pairs: &[String], json_text: Option<&str>) -> anyhow::Result<Map<S
         None => Map::new(),
     };
     for pair in pairs {
-        let (key, value) = pair.split_once('=').with_context(|| format!("parameter {pair:?} is not key=value"))?;
-        let value = serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.to_string()));
+        let (key, value) = pair
+            .split_once('=')
+            .with_context(|| format!("parameter {pair:?} is not key=value"))?;
+        let value =
+            serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.to_string()));
         params.insert(key.to_string(), value);
     }
     Ok(params)
@@ -251,22 +261,38 @@ async fn provision(client: &Client, p: Provision) -> anyhow::Result<()> {
         .and_then(|ps| ps.iter().find(|x| x["name"] == p.plan.as_str()))
         .with_context(|| format!("service {:?} has no plan {:?}", p.service, p.plan))?;
     let (service_id, plan_id) = (service["id"].clone(), plan["id"].clone());
-    let id = p.name.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let id = p
+        .name
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let body = json!({
         "service_id": service_id, "plan_id": plan_id,
         "organization_guid": "berth-cli", "space_guid": "berth-cli",
         "parameters": parameters(&p.params, p.params_json.as_deref())?,
     });
     let path = format!("/v2/service_instances/{id}");
-    client.call(Method::PUT, &format!("{path}?accepts_incomplete=true"), Some(&body)).await?;
+    client
+        .call(
+            Method::PUT,
+            &format!("{path}?accepts_incomplete=true"),
+            Some(&body),
+        )
+        .await?;
     eprintln!("instance {id}: provisioning");
     if !p.wait {
         println!("{id}");
         return Ok(());
     }
-    let last = client.wait_last_operation(&format!("{path}/last_operation")).await?;
+    let last = client
+        .wait_last_operation(&format!("{path}/last_operation"))
+        .await?;
     if last["state"] != "succeeded" {
-        bail!("instance {id}: {}", last["description"].as_str().unwrap_or("provisioning failed"));
+        bail!(
+            "instance {id}: {}",
+            last["description"]
+                .as_str()
+                .unwrap_or("provisioning failed")
+        );
     }
     eprintln!("instance {id}: ready");
     if !p.connstr_only {
@@ -275,10 +301,21 @@ async fn provision(client: &Client, p: Provision) -> anyhow::Result<()> {
     }
     let binding = format!("{path}/service_bindings/cli-{}", uuid::Uuid::new_v4());
     let bind = json!({ "service_id": service_id, "plan_id": plan_id });
-    client.call(Method::PUT, &format!("{binding}?accepts_incomplete=true"), Some(&bind)).await?;
-    let last = client.wait_last_operation(&format!("{binding}/last_operation")).await?;
+    client
+        .call(
+            Method::PUT,
+            &format!("{binding}?accepts_incomplete=true"),
+            Some(&bind),
+        )
+        .await?;
+    let last = client
+        .wait_last_operation(&format!("{binding}/last_operation"))
+        .await?;
     if last["state"] != "succeeded" {
-        bail!("binding: {}", last["description"].as_str().unwrap_or("binding failed"));
+        bail!(
+            "binding: {}",
+            last["description"].as_str().unwrap_or("binding failed")
+        );
     }
     let (_, bound) = client.call(Method::GET, &binding, None).await?;
     let credentials = &bound["credentials"];
@@ -294,17 +331,28 @@ async fn deprovision(client: &Client, instance: &str, wait: bool) -> anyhow::Res
     let path = format!("/v2/service_instances/{instance}");
     let (_, fetched) = client.call(Method::GET, &path, None).await?;
     let (service_id, plan_id) = (
-        fetched["service_id"].as_str().context("the instance has no service_id")?,
-        fetched["plan_id"].as_str().context("the instance has no plan_id")?,
+        fetched["service_id"]
+            .as_str()
+            .context("the instance has no service_id")?,
+        fetched["plan_id"]
+            .as_str()
+            .context("the instance has no plan_id")?,
     );
     // The instance's bindings go with it (their roles and keys are removed by the deprovision).
     let query = format!("service_id={service_id}&plan_id={plan_id}&accepts_incomplete=true");
-    client.call(Method::DELETE, &format!("{path}?{query}"), None).await?;
+    client
+        .call(Method::DELETE, &format!("{path}?{query}"), None)
+        .await?;
     eprintln!("instance {instance}: deprovisioning");
     if wait {
-        let last = client.wait_last_operation(&format!("{path}/last_operation")).await?;
+        let last = client
+            .wait_last_operation(&format!("{path}/last_operation"))
+            .await?;
         if last["state"] != "succeeded" {
-            bail!("instance {instance}: {}", last["description"].as_str().unwrap_or("deprovision failed"));
+            bail!(
+                "instance {instance}: {}",
+                last["description"].as_str().unwrap_or("deprovision failed")
+            );
         }
         eprintln!("instance {instance}: gone");
     }
@@ -314,10 +362,15 @@ async fn deprovision(client: &Client, instance: &str, wait: bool) -> anyhow::Res
 /// Prints the answer of a 202, waiting for its task first when asked.
 async fn finish(client: &Client, answer: Value, wait: bool) -> anyhow::Result<()> {
     if wait {
-        let operation = answer["operation"].as_str().context("the broker gave no operation")?;
+        let operation = answer["operation"]
+            .as_str()
+            .context("the broker gave no operation")?;
         let task = client.wait_task(operation).await?;
         if task["state"] != "succeeded" {
-            bail!("{}", task["error"].as_str().unwrap_or("the operation failed"));
+            bail!(
+                "{}",
+                task["error"].as_str().unwrap_or("the operation failed")
+            );
         }
     }
     print(&answer)
@@ -325,48 +378,115 @@ async fn finish(client: &Client, answer: Value, wait: bool) -> anyhow::Result<()
 
 async fn presets(client: &Client, command: Presets) -> anyhow::Result<()> {
     match command {
-        Presets::List { namespace } => {
-            print(&client.call(Method::GET, &format!("/berth/v1/presets{}", ns_query(&namespace)), None).await?.1)
-        }
-        Presets::PushNew { name, instance, push, post_restore_sql } => {
+        Presets::List { namespace } => print(
+            &client
+                .call(
+                    Method::GET,
+                    &format!("/berth/v1/presets{}", ns_query(&namespace)),
+                    None,
+                )
+                .await?
+                .1,
+        ),
+        Presets::PushNew {
+            name,
+            instance,
+            push,
+            post_restore_sql,
+        } => {
             let sql = post_restore_sql
-                .map(|p| std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display())))
+                .map(|p| {
+                    std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
+                })
                 .transpose()?;
             let body = json!({
                 "name": name, "namespace": push.namespace, "instance_id": instance,
                 "description": push.description, "author": push.author, "post_restore_sql": sql,
             });
-            let (_, answer) = client.call(Method::POST, "/berth/v1/presets", Some(&body)).await?;
+            let (_, answer) = client
+                .call(Method::POST, "/berth/v1/presets", Some(&body))
+                .await?;
             finish(client, answer, push.wait).await
         }
-        Presets::Push { name, instance, push, lock_key } => {
+        Presets::Push {
+            name,
+            instance,
+            push,
+            lock_key,
+        } => {
             let body = json!({
                 "instance_id": instance, "description": push.description, "author": push.author, "lock_key": lock_key,
             });
-            let path = format!("/berth/v1/presets/{}/versions{}", url_escape(&name), ns_query(&Some(push.namespace)));
+            let path = format!(
+                "/berth/v1/presets/{}/versions{}",
+                url_escape(&name),
+                ns_query(&Some(push.namespace))
+            );
             let (_, answer) = client.call(Method::POST, &path, Some(&body)).await?;
             finish(client, answer, push.wait).await
         }
         Presets::Versions { name, namespace } => {
-            let path = format!("/berth/v1/presets/{}/versions{}", url_escape(&name), ns_query(&namespace));
+            let path = format!(
+                "/berth/v1/presets/{}/versions{}",
+                url_escape(&name),
+                ns_query(&namespace)
+            );
             print(&client.call(Method::GET, &path, None).await?.1)
         }
-        Presets::Lock { name, by, reason, namespace } => {
-            let path = format!("/berth/v1/presets/{}/lock{}", url_escape(&name), ns_query(&namespace));
-            let (_, answer) = client.call(Method::POST, &path, Some(&json!({"by": by, "reason": reason}))).await?;
+        Presets::Lock {
+            name,
+            by,
+            reason,
+            namespace,
+        } => {
+            let path = format!(
+                "/berth/v1/presets/{}/lock{}",
+                url_escape(&name),
+                ns_query(&namespace)
+            );
+            let (_, answer) = client
+                .call(
+                    Method::POST,
+                    &path,
+                    Some(&json!({"by": by, "reason": reason})),
+                )
+                .await?;
             eprintln!("locked; pushes and unlock need this key:");
             println!("{}", answer["lock_key"].as_str().unwrap_or_default());
             Ok(())
         }
-        Presets::Unlock { name, lock_key, namespace } => {
-            let path = format!("/berth/v1/presets/{}/lock{}", url_escape(&name), ns_query(&namespace));
-            print(&client.call(Method::DELETE, &path, Some(&json!({"lock_key": lock_key}))).await?.1)
+        Presets::Unlock {
+            name,
+            lock_key,
+            namespace,
+        } => {
+            let path = format!(
+                "/berth/v1/presets/{}/lock{}",
+                url_escape(&name),
+                ns_query(&namespace)
+            );
+            print(
+                &client
+                    .call(Method::DELETE, &path, Some(&json!({"lock_key": lock_key})))
+                    .await?
+                    .1,
+            )
         }
         Presets::GetLock { name, namespace } => {
-            let path = format!("/berth/v1/presets/{}/lock{}", url_escape(&name), ns_query(&namespace));
+            let path = format!(
+                "/berth/v1/presets/{}/lock{}",
+                url_escape(&name),
+                ns_query(&namespace)
+            );
             print(&client.call(Method::GET, &path, None).await?.1)
         }
-        Presets::Select { name, instance, version, namespace, wait } => {
+        Presets::Select {
+            name,
+            instance,
+            version,
+            namespace,
+            wait,
+        } => {
             let body = json!({"preset": name, "namespace": namespace, "version": version});
             let path = format!("/berth/v1/instances/{instance}/select");
             let (_, answer) = client.call(Method::POST, &path, Some(&body)).await?;
@@ -377,15 +497,31 @@ async fn presets(client: &Client, command: Presets) -> anyhow::Result<()> {
 
 async fn backups(client: &Client, command: Backups) -> anyhow::Result<()> {
     match command {
-        Backups::List { instance } => {
-            print(&client.call(Method::GET, &format!("/berth/v1/instances/{instance}/backups"), None).await?.1)
-        }
+        Backups::List { instance } => print(
+            &client
+                .call(
+                    Method::GET,
+                    &format!("/berth/v1/instances/{instance}/backups"),
+                    None,
+                )
+                .await?
+                .1,
+        ),
         Backups::Take { instance, wait } => {
-            let (_, answer) =
-                client.call(Method::POST, &format!("/berth/v1/instances/{instance}/backups"), Some(&json!({}))).await?;
+            let (_, answer) = client
+                .call(
+                    Method::POST,
+                    &format!("/berth/v1/instances/{instance}/backups"),
+                    Some(&json!({})),
+                )
+                .await?;
             finish(client, answer, wait).await
         }
-        Backups::Restore { instance, backup, wait } => {
+        Backups::Restore {
+            instance,
+            backup,
+            wait,
+        } => {
             let path = format!("/berth/v1/instances/{instance}/backups/{backup}/restore");
             let (_, answer) = client.call(Method::POST, &path, Some(&json!({}))).await?;
             finish(client, answer, wait).await

@@ -37,7 +37,8 @@ pub struct Stack {
 }
 
 fn server_url() -> String {
-    std::env::var("DATABASE_URL").expect("DATABASE_URL must name a superuser URL of the test Postgres")
+    std::env::var("DATABASE_URL")
+        .expect("DATABASE_URL must name a superuser URL of the test Postgres")
 }
 
 /// `url` with its database replaced by `db`.
@@ -50,7 +51,11 @@ pub fn with_database(url: &str, db: &str) -> String {
 /// The folder holding the workspace's binaries (`target/debug`), found from this test executable.
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>/deps/<test>").to_path_buf();
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>/deps/<test>")
+        .to_path_buf();
     assert!(
         dir.join("berth-api").exists() && dir.join("berth-worker").exists(),
         "berth-api/berth-worker not found in {}: run `cargo build --workspace --bins` first (scripts/test.sh does)",
@@ -73,8 +78,12 @@ impl Stack {
         let tag = uuid::Uuid::new_v4().simple().to_string()[..10].to_string();
         let admin_url = with_database(&server_url(), "postgres");
         let db_name = format!("e2e_{tag}");
-        let mut admin = PgConnection::connect(&admin_url).await.context("connecting to the test Postgres")?;
-        sqlx::query(&format!("CREATE DATABASE {db_name}")).execute(&mut admin).await?;
+        let mut admin = PgConnection::connect(&admin_url)
+            .await
+            .context("connecting to the test Postgres")?;
+        sqlx::query(&format!("CREATE DATABASE {db_name}"))
+            .execute(&mut admin)
+            .await?;
         admin.close().await?;
         let broker_db_url = with_database(&server_url(), &db_name);
 
@@ -147,7 +156,12 @@ impl Stack {
     }
 
     /// [`Stack::command`] run by another program (`prefix`: `["prlimit", "--nofile=256:256", "--"]`, say).
-    pub fn command_under(&self, prefix: &[&str], binary: &str, changes: &[(&str, String)]) -> std::process::Command {
+    pub fn command_under(
+        &self,
+        prefix: &[&str],
+        binary: &str,
+        changes: &[(&str, String)],
+    ) -> std::process::Command {
         let mut cmd = match prefix.split_first() {
             Some((program, args)) => {
                 let mut cmd = std::process::Command::new(program);
@@ -156,7 +170,8 @@ impl Stack {
             }
             None => std::process::Command::new(bin_dir().join(binary)),
         };
-        cmd.env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default());
         for (key, value) in &self.env {
             if !changes.iter().any(|(k, _)| k == key) {
                 cmd.env(key, value);
@@ -167,22 +182,36 @@ impl Stack {
     }
 
     /// Waits up to `timeout` for the worker to exit by itself; its exit status, or `None` if it still runs.
-    pub async fn wait_worker_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        tokio::time::timeout(timeout, self.worker.wait()).await.ok().and_then(Result::ok)
+    pub async fn wait_worker_exit(
+        &mut self,
+        timeout: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        tokio::time::timeout(timeout, self.worker.wait())
+            .await
+            .ok()
+            .and_then(Result::ok)
     }
 
     /// Polls `/berth/v1/tasks/{operation}` until the task is finished; returns its body.
     pub async fn wait_task(&self, operation: &str, timeout: Duration) -> anyhow::Result<Value> {
         let deadline = Instant::now() + timeout;
         loop {
-            let (status, body) =
-                self.send(self.request(reqwest::Method::GET, &format!("/berth/v1/tasks/{operation}"))).await?;
+            let (status, body) = self
+                .send(self.request(
+                    reqwest::Method::GET,
+                    &format!("/berth/v1/tasks/{operation}"),
+                ))
+                .await?;
             anyhow::ensure!(status == 200, "task {operation}: {status} {body}");
             if body["state"] == "succeeded" || body["state"] == "failed" {
                 return Ok(body);
             }
             if Instant::now() > deadline {
-                anyhow::bail!("task {operation} still {} after {timeout:?}\n{}", body["state"], self.logs());
+                anyhow::bail!(
+                    "task {operation} still {} after {timeout:?}\n{}",
+                    body["state"],
+                    self.logs()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -191,12 +220,19 @@ impl Stack {
     async fn wait_healthy(&self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            let health = self.http.get(format!("{}/health", self.base_url)).send().await;
+            let health = self
+                .http
+                .get(format!("{}/health", self.base_url))
+                .send()
+                .await;
             if health.is_ok_and(|r| r.status().is_success()) {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                anyhow::bail!("berth-api did not become healthy; its log:\n{}", self.log("api.log"));
+                anyhow::bail!(
+                    "berth-api did not become healthy; its log:\n{}",
+                    self.log("api.log")
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -217,8 +253,15 @@ impl Stack {
     }
 
     /// Like [`OsbClient::wait_operation`], with the stack's logs in the error.
-    pub async fn wait_operation(&self, path: &str, timeout: Duration) -> anyhow::Result<(u16, Value)> {
-        self.client.wait_operation(path, timeout).await.map_err(|e| anyhow::anyhow!("{e:#}\n{}", self.logs()))
+    pub async fn wait_operation(
+        &self,
+        path: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<(u16, Value)> {
+        self.client
+            .wait_operation(path, timeout)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e:#}\n{}", self.logs()))
     }
 
     pub async fn admin(&self) -> anyhow::Result<PgConnection> {
@@ -238,7 +281,10 @@ impl Stack {
     /// Postgres servers (by working directory), Patroni and etcd (by an argument naming a path in it).
     fn kill_servers(&self) {
         for pid in processes_under(&self.servers_dir) {
-            let _ = std::process::Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+            let _ = std::process::Command::new("kill")
+                .arg("-KILL")
+                .arg(pid.to_string())
+                .status();
         }
     }
 }
@@ -262,8 +308,15 @@ pub struct OsbClient {
 
 impl OsbClient {
     pub fn new(base_url: String, username: String, password: String) -> anyhow::Result<Self> {
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
-        Ok(Self { base_url, username, password, http })
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()?;
+        Ok(Self {
+            base_url,
+            username,
+            password,
+            http,
+        })
     }
 
     /// An OSB request with auth and the version header.
@@ -278,7 +331,11 @@ impl OsbClient {
         let resp = req.send().await?;
         let status = resp.status().as_u16();
         let text = resp.text().await?;
-        let body = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        let body = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
         Ok((status, body))
     }
 
@@ -286,17 +343,29 @@ impl OsbClient {
     pub async fn wait_healthy(&self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            let health = self.http.get(format!("{}/health", self.base_url)).send().await;
+            let health = self
+                .http
+                .get(format!("{}/health", self.base_url))
+                .send()
+                .await;
             if health.is_ok_and(|r| r.status().is_success()) {
                 return Ok(());
             }
-            anyhow::ensure!(Instant::now() < deadline, "berth-api at {} never became healthy", self.base_url);
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "berth-api at {} never became healthy",
+                self.base_url
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
     /// Polls a last_operation URL until it leaves `in progress` (or answers 410); returns (status, body).
-    pub async fn wait_operation(&self, path: &str, timeout: Duration) -> anyhow::Result<(u16, Value)> {
+    pub async fn wait_operation(
+        &self,
+        path: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<(u16, Value)> {
         let deadline = Instant::now() + timeout;
         loop {
             let (status, body) = self.send(self.request(reqwest::Method::GET, path)).await?;
@@ -315,7 +384,12 @@ impl OsbClient {
     }
 }
 
-fn spawn(dir: &std::path::Path, env: &[(&str, String)], name: &str, log: &str) -> anyhow::Result<Child> {
+fn spawn(
+    dir: &std::path::Path,
+    env: &[(&str, String)],
+    name: &str,
+    log: &str,
+) -> anyhow::Result<Child> {
     let log = std::fs::File::create(dir.join(log))?;
     Command::new(bin_dir().join(name))
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
@@ -342,7 +416,10 @@ pub struct TestFolder(pub std::path::PathBuf);
 impl Drop for TestFolder {
     fn drop(&mut self) {
         for pid in processes_under(&self.0) {
-            let _ = std::process::Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+            let _ = std::process::Command::new("kill")
+                .arg("-KILL")
+                .arg(pid.to_string())
+                .status();
         }
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.0);
@@ -352,7 +429,9 @@ impl Drop for TestFolder {
 
 /// Pids of processes working in `dir` (a Postgres postmaster and its children chdir to their data folder).
 pub fn processes_in(dir: &std::path::Path) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     entries
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
@@ -362,13 +441,16 @@ pub fn processes_in(dir: &std::path::Path) -> Vec<u32> {
 
 /// Pids of processes working in `dir` or below it, or with an argument naming a path in it.
 pub fn processes_under(dir: &std::path::Path) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     let prefix = dir.as_os_str().as_encoded_bytes();
     entries
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
         .filter(|pid| {
-            let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(dir));
+            let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"))
+                .is_ok_and(|cwd| cwd.starts_with(dir));
             cwd || std::fs::read(format!("/proc/{pid}/cmdline"))
                 .is_ok_and(|c| c.split(|b| *b == 0).any(|arg| arg.starts_with(prefix)))
         })
@@ -399,9 +481,14 @@ impl WebhookReceiver {
             post(move |headers: HeaderMap, body: Bytes| {
                 let tx = tx.clone();
                 async move {
-                    let signature =
-                        headers.get("x-osb-signature").and_then(|v| v.to_str().ok()).map(str::to_string);
-                    let _ = tx.send(ReceivedWebhook { signature, body: body.to_vec() });
+                    let signature = headers
+                        .get("x-osb-signature")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string);
+                    let _ = tx.send(ReceivedWebhook {
+                        signature,
+                        body: body.to_vec(),
+                    });
                     "ok"
                 }
             }),

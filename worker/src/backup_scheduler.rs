@@ -29,20 +29,29 @@ pub async fn run(pool: PgPool, services: Arc<Services>, stop: CancellationToken)
         match once(&pool).await {
             Ok(0) => {}
             Ok(n) => info!(backups = n, "scheduled backups enqueued"),
-            Err(e) => warn!(error = %format!("{e:#}"), "the backup scheduler failed; trying again next tick"),
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "the backup scheduler failed; trying again next tick")
+            }
         }
     }
 }
 
 /// One pass: enqueues a backup for every due schedule. Returns how many were enqueued.
 pub async fn once(pool: &PgPool) -> anyhow::Result<usize> {
-    let mut tx = pool.begin().await.context("starting the scheduler transaction")?;
-    let due = backup_schedules::claim_due(&mut *tx, 100).await.context("reading due schedules")?;
+    let mut tx = pool
+        .begin()
+        .await
+        .context("starting the scheduler transaction")?;
+    let due = backup_schedules::claim_due(&mut *tx, 100)
+        .await
+        .context("reading due schedules")?;
     let mut enqueued = 0;
     for schedule in &due {
         let now = Utc::now();
         // Savepoint per instance: a refused insert (a backup still running) must not undo the others.
-        let mut sp = sqlx::Acquire::begin(&mut *tx).await.context("starting a savepoint")?;
+        let mut sp = sqlx::Acquire::begin(&mut *tx)
+            .await
+            .context("starting a savepoint")?;
         match snapshots::enqueue_backup(&mut sp, &schedule.instance_id, "scheduler").await {
             Ok(_) => {
                 sp.commit().await.context("releasing the savepoint")?;
@@ -54,8 +63,12 @@ pub async fn once(pool: &PgPool) -> anyhow::Result<usize> {
             Err(e) => return Err(e).context("enqueueing a scheduled backup"),
         }
         let next = next_run(&schedule.cron, now).unwrap_or(now + chrono::Duration::days(1));
-        backup_schedules::set_next(&mut *tx, &schedule.instance_id, next).await.context("moving the schedule on")?;
+        backup_schedules::set_next(&mut *tx, &schedule.instance_id, next)
+            .await
+            .context("moving the schedule on")?;
     }
-    tx.commit().await.context("committing the scheduled backups")?;
+    tx.commit()
+        .await
+        .context("committing the scheduled backups")?;
     Ok(enqueued)
 }

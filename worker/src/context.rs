@@ -115,7 +115,10 @@ impl Services {
     pub fn with_snapshots(self, snapshots: Snapshots) -> Self {
         let cell = OnceLock::new();
         let _ = cell.set(Ok(snapshots));
-        Self { snapshots: cell, ..self }
+        Self {
+            snapshots: cell,
+            ..self
+        }
     }
 
     pub fn name_prefix(&self) -> &str {

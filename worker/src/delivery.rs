@@ -61,18 +61,33 @@ fn connstr(user: &str, password: &str, host: &str, port: u64, database: &str) ->
 }
 
 /// The connection of a provisioned dedicated server, from its details and secrets; `None` for other plans.
-pub fn connection_of(instance: &InstanceRow, secrets: &Value) -> Option<(Connection, String, String)> {
+pub fn connection_of(
+    instance: &InstanceRow,
+    secrets: &Value,
+) -> Option<(Connection, String, String)> {
     let d = &instance.details;
     let admin_user = d.get("admin_user")?.as_str()?.to_string();
     let app_db_name = d.get("app_db_name")?.as_str()?.to_string();
     let port = d.get("port")?.as_u64()?;
     let admin_password = secrets.get("admin_password")?.as_str()?.to_string();
     let ec2 = d.get("ec2");
-    let field = |key: &str| ec2.and_then(|e| e.get(key)).and_then(Value::as_str).map(str::to_string);
+    let field = |key: &str| {
+        ec2.and_then(|e| e.get(key))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
     let host = d.get("host")?.as_str()?.to_string();
     let ip_private = field("ip_private").unwrap_or_else(|| host.clone());
-    let ip_public = field("static_ip").or_else(|| field("ip_public")).unwrap_or_default();
-    let private = connstr(&admin_user, &admin_password, &ip_private, port, &app_db_name);
+    let ip_public = field("static_ip")
+        .or_else(|| field("ip_public"))
+        .unwrap_or_default();
+    let private = connstr(
+        &admin_user,
+        &admin_password,
+        &ip_private,
+        port,
+        &app_db_name,
+    );
     let public = if ip_public.is_empty() {
         String::new()
     } else {
@@ -121,9 +136,18 @@ pub async fn after_creation(services: &Services, pool: &PgPool, instance_id: &st
         errors.push(format!("connstr push: {e:#}"));
     }
     if let Some(program) = &settings.setup_finished_callback {
-        let tags = instance.parameters.get("tags").cloned().unwrap_or_else(|| json!({}));
+        let tags = instance
+            .parameters
+            .get("tags")
+            .cloned()
+            .unwrap_or_else(|| json!({}));
         let limit = Duration::from_secs(settings.setup_finished_callback_timeout_secs);
-        let args = [connection.instance_name.clone(), private, public, tags.to_string()];
+        let args = [
+            connection.instance_name.clone(),
+            private,
+            public,
+            tags.to_string(),
+        ];
         if let Err(e) = run_callback(program, &args, limit).await {
             errors.push(format!("setup-finished callback: {e:#}"));
         }
@@ -147,7 +171,12 @@ pub fn object_key(template: &str, instance_id: &str, instance_name: &str) -> Str
         .replace("{instance_name}", instance_name)
 }
 
-async fn push(settings: &Settings, bucket: &str, instance_id: &str, connection: &Connection) -> anyhow::Result<()> {
+async fn push(
+    settings: &Settings,
+    bucket: &str,
+    instance_id: &str,
+    connection: &Connection,
+) -> anyhow::Result<()> {
     let region = settings
         .connstr_bucket_region
         .clone()
@@ -161,7 +190,9 @@ async fn push(settings: &Settings, bucket: &str, instance_id: &str, connection: 
         &settings.connstr_bucket_access_key,
         &settings.connstr_bucket_access_secret,
     ) {
-        (Some(key), Some(secret)) => config = config.credentials_provider(aws::static_credentials(key, secret, None)),
+        (Some(key), Some(secret)) => {
+            config = config.credentials_provider(aws::static_credentials(key, secret, None))
+        }
         _ => {
             let sdk = aws::sdk_config(settings, &region)?;
             config = aws_sdk_s3::config::Builder::from(&sdk).http_client(aws::http_client());
@@ -171,7 +202,11 @@ async fn push(settings: &Settings, bucket: &str, instance_id: &str, connection: 
         config = config.endpoint_url(endpoint).force_path_style(true);
     }
     let client = aws_sdk_s3::Client::from_conf(config.build());
-    let key = object_key(&settings.connstr_bucket_key, instance_id, &connection.instance_name);
+    let key = object_key(
+        &settings.connstr_bucket_key,
+        instance_id,
+        &connection.instance_name,
+    );
     let body = serde_json::to_vec_pretty(connection)?;
     client
         .put_object()
@@ -204,7 +239,11 @@ pub async fn run_callback(program: &Path, args: &[String], limit: Duration) -> a
     match tokio::time::timeout(limit, child.wait()).await {
         Ok(status) => {
             let status = status?;
-            anyhow::ensure!(status.success(), "{} exited with {status}", program.display());
+            anyhow::ensure!(
+                status.success(),
+                "{} exited with {status}",
+                program.display()
+            );
             Ok(())
         }
         Err(_) => {

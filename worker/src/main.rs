@@ -26,7 +26,10 @@ async fn main() -> anyhow::Result<()> {
     let services = Arc::new(Services::new(settings, cipher)?);
     let pool = broker::db::connect(&url, database_pool_size).await?;
     // Idempotent and serialized by sqlx's advisory lock, so a worker started before the API is safe.
-    broker::MIGRATOR.run(&pool).await.context("running the broker's migrations")?;
+    broker::MIGRATOR
+        .run(&pool)
+        .await
+        .context("running the broker's migrations")?;
     broker::db::key_checks::verify_master_key(&pool, &key_path).await?;
     verify_snapshot_key(&pool, &services.settings).await?;
 
@@ -58,7 +61,13 @@ async fn verify_snapshot_key(pool: &sqlx::PgPool, settings: &Settings) -> anyhow
     use broker::db::key_checks;
     let (path, _) = settings.snapshot_key_path();
     if !path.exists() {
-        return key_checks::refuse_a_missing_key(pool, key_checks::SNAPSHOT_KEY, &path, "SNAPSHOT_KEY_FILE").await;
+        return key_checks::refuse_a_missing_key(
+            pool,
+            key_checks::SNAPSHOT_KEY,
+            &path,
+            "SNAPSHOT_KEY_FILE",
+        )
+        .await;
     }
     let key = broker::crypto::read_key_file(&path).context("reading the snapshot key")?;
     let key_id = berth_worker::snapshots::sealed::SnapshotKey::new(key).id();

@@ -182,7 +182,14 @@ pub async fn finish_batch(
     let attempts: Vec<i32> = finished.iter().map(|f| f.attempts).collect();
     let states: Vec<String> = finished
         .iter()
-        .map(|f| if f.error.is_some() { "failed" } else { "succeeded" }.to_string())
+        .map(|f| {
+            if f.error.is_some() {
+                "failed"
+            } else {
+                "succeeded"
+            }
+            .to_string()
+        })
         .collect();
     let errors: Vec<String> = finished
         .iter()

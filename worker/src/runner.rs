@@ -387,7 +387,10 @@ async fn claim_loop(worker: &Arc<Worker>, runs: &mut JoinSet<()>, shutdown: &Can
     if !buffer.is_empty() {
         let claims: Vec<(Uuid, i32)> = buffer.iter().map(|t| (t.id, t.attempts)).collect();
         match queue::release_many(&worker.pool, &config.id, &claims).await {
-            Ok(n) => info!(released = n, "claimed tasks not started are back in the queue"),
+            Ok(n) => info!(
+                released = n,
+                "claimed tasks not started are back in the queue"
+            ),
             Err(e) => {
                 warn!(error = %e, "handing back claimed tasks failed; their leases will expire")
             }
@@ -417,7 +420,12 @@ fn hold(worker: &Worker, tasks: &[TaskRow]) {
 }
 
 /// Starts a buffered task in a free slot, unless its lease was lost while it waited.
-fn start(worker: &Arc<Worker>, runs: &mut JoinSet<()>, task: TaskRow, permit: OwnedSemaphorePermit) {
+fn start(
+    worker: &Arc<Worker>,
+    runs: &mut JoinSet<()>,
+    task: TaskRow,
+    permit: OwnedSemaphorePermit,
+) {
     let cancel = worker
         .held
         .lock()

@@ -43,25 +43,45 @@ use crate::{
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/berth/v1/instances/{instance_id}/backups", get(list).post(take))
-        .route("/berth/v1/instances/{instance_id}/backups/{backup_id}", get(show))
-        .route("/berth/v1/instances/{instance_id}/backups/{backup_id}/restore", post(restore))
+        .route(
+            "/berth/v1/instances/{instance_id}/backups",
+            get(list).post(take),
+        )
+        .route(
+            "/berth/v1/instances/{instance_id}/backups/{backup_id}",
+            get(show),
+        )
+        .route(
+            "/berth/v1/instances/{instance_id}/backups/{backup_id}/restore",
+            post(restore),
+        )
         .route("/berth/v1/tasks/{task_id}", get(task))
 }
 
 /// The Akkeris `actions/backups` routes (under `/v2`, with its version check and auth).
 pub fn akkeris_router() -> Router<AppState> {
     Router::new()
-        .route("/v2/service_instances/{instance_id}/actions/backups", get(list).put(take))
-        .route("/v2/service_instances/{instance_id}/actions/backups/{backup_id}", get(show).put(restore))
+        .route(
+            "/v2/service_instances/{instance_id}/actions/backups",
+            get(list).put(take),
+        )
+        .route(
+            "/v2/service_instances/{instance_id}/actions/backups/{backup_id}",
+            get(show).put(restore),
+        )
 }
 
-async fn list(State(state): State<AppState>, OsbPath(instance_id): OsbPath<String>) -> ApiResult<Response> {
+async fn list(
+    State(state): State<AppState>,
+    OsbPath(instance_id): OsbPath<String>,
+) -> ApiResult<Response> {
     check_id("instance_id", &instance_id)?;
     let mut conn = state.db.acquire().await?;
     let rows = snapshots::backups_of(&mut *conn, &instance_id).await?;
     if rows.is_empty() && instances::get(&mut *conn, &instance_id).await?.is_none() {
-        return Err(ApiError::NotFound(format!("service instance {instance_id} does not exist and has no backups")));
+        return Err(ApiError::NotFound(format!(
+            "service instance {instance_id} does not exist and has no backups"
+        )));
     }
     let mut backups = Vec::with_capacity(rows.len());
     for row in &rows {
@@ -72,20 +92,30 @@ async fn list(State(state): State<AppState>, OsbPath(instance_id): OsbPath<Strin
 
 async fn backup_json(conn: &mut PgConnection, row: &SnapshotRow) -> ApiResult<Value> {
     let task_state = if row.state == "pending" {
-        tasks::get(&mut *conn, TaskId(row.task_id)).await?.map(|t| t.state)
+        tasks::get(&mut *conn, TaskId(row.task_id))
+            .await?
+            .map(|t| t.state)
     } else {
         None
     };
     Ok(snapshot_json(row, task_state.as_deref()))
 }
 
-async fn backup_of(conn: &mut PgConnection, instance_id: &str, backup_id: &str) -> ApiResult<SnapshotRow> {
+async fn backup_of(
+    conn: &mut PgConnection,
+    instance_id: &str,
+    backup_id: &str,
+) -> ApiResult<SnapshotRow> {
     let id = Uuid::parse_str(backup_id)
         .map_err(|_| ApiError::bad_request(format!("backup id {backup_id:?} is not a UUID")))?;
     snapshots::get(&mut *conn, id)
         .await?
         .filter(|b| b.kind == snapshots::BACKUP && b.instance_id.as_deref() == Some(instance_id))
-        .ok_or_else(|| ApiError::NotFound(format!("service instance {instance_id} has no backup {backup_id}")))
+        .ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "service instance {instance_id} has no backup {backup_id}"
+            ))
+        })
 }
 
 async fn show(
@@ -98,27 +128,44 @@ async fn show(
     Ok(Json(backup_json(&mut conn, &row).await?).into_response())
 }
 
-async fn take(State(state): State<AppState>, OsbPath(instance_id): OsbPath<String>) -> ApiResult<Response> {
+async fn take(
+    State(state): State<AppState>,
+    OsbPath(instance_id): OsbPath<String>,
+) -> ApiResult<Response> {
     check_id("instance_id", &instance_id)?;
     let mut tx = state.db.begin().await?;
     let row = provisioned_instance(&mut tx, &instance_id, false).await?;
-    if !state.catalog.plan_by_id(&row.plan_id).is_some_and(|p| p.has_database()) {
-        return Err(ApiError::Unprocessable(format!("service instance {instance_id} has no database to back up")));
+    if !state
+        .catalog
+        .plan_by_id(&row.plan_id)
+        .is_some_and(|p| p.has_database())
+    {
+        return Err(ApiError::Unprocessable(format!(
+            "service instance {instance_id} has no database to back up"
+        )));
     }
     let mut sp = sqlx::Acquire::begin(&mut *tx).await?;
     match snapshots::enqueue_backup(&mut sp, &instance_id, "api").await {
         Ok((backup_id, task_id)) => {
             sp.commit().await?;
             tx.commit().await?;
-            Ok((StatusCode::ACCEPTED, Json(json!({ "backup_id": backup_id, "operation": task_id.to_string() })))
+            Ok((
+                StatusCode::ACCEPTED,
+                Json(json!({ "backup_id": backup_id, "operation": task_id.to_string() })),
+            )
                 .into_response())
         }
         Err(e) if broker::db::is_unique_violation(&e) => {
             sp.rollback().await?;
-            let running = snapshots::backups_of(&mut *tx, &instance_id).await?.into_iter().find(|b| b.state == "pending");
+            let running = snapshots::backups_of(&mut *tx, &instance_id)
+                .await?
+                .into_iter()
+                .find(|b| b.state == "pending");
             Err(ApiError::Conflict(format!(
                 "a backup of service instance {instance_id} is already running{}; wait for it",
-                running.map(|b| format!(" (backup {}, operation {})", b.id, b.task_id)).unwrap_or_default()
+                running
+                    .map(|b| format!(" (backup {}, operation {})", b.id, b.task_id))
+                    .unwrap_or_default()
             )))
         }
         Err(e) => Err(e.into()),
@@ -134,11 +181,18 @@ async fn restore(
     let mut tx = state.db.begin().await?;
     let backup = backup_of(&mut tx, &instance_id, &backup_id).await?;
     if !backup.is_ready() {
-        return Err(ApiError::Unprocessable(format!("backup {backup_id} is not complete (state {})", backup.state)));
+        return Err(ApiError::Unprocessable(format!(
+            "backup {backup_id} is not complete (state {})",
+            backup.state
+        )));
     }
     let operation = enqueue_restore(&mut tx, &state, &instance_id, &backup, identity).await?;
     tx.commit().await?;
-    Ok((StatusCode::ACCEPTED, Json(json!({ "operation": operation.to_string() }))).into_response())
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "operation": operation.to_string() })),
+    )
+        .into_response())
 }
 
 /// Enqueues the restore of `snapshot` into the instance: refused while another operation runs on it.
@@ -150,8 +204,14 @@ pub(crate) async fn enqueue_restore(
     identity: Option<Value>,
 ) -> ApiResult<TaskId> {
     let row = provisioned_instance(&mut *tx, instance_id, true).await?;
-    if !state.catalog.plan_by_id(&row.plan_id).is_some_and(|p| p.has_database()) {
-        return Err(ApiError::Unprocessable(format!("service instance {instance_id} has no database to restore into")));
+    if !state
+        .catalog
+        .plan_by_id(&row.plan_id)
+        .is_some_and(|p| p.has_database())
+    {
+        return Err(ApiError::Unprocessable(format!(
+            "service instance {instance_id} has no database to restore into"
+        )));
     }
     let active = tasks::active_operations(&mut *tx, instance_id).await?;
     if let Some(task) = active.first() {
@@ -166,7 +226,10 @@ pub(crate) async fn enqueue_restore(
     Ok(tasks::enqueue(&mut *tx, restore_task(instance_id, snapshot.id, identity)).await?)
 }
 
-async fn task(State(state): State<AppState>, OsbPath(task_id): OsbPath<String>) -> ApiResult<Response> {
+async fn task(
+    State(state): State<AppState>,
+    OsbPath(task_id): OsbPath<String>,
+) -> ApiResult<Response> {
     let id = parse_operation(&task_id)?;
     let task = tasks::get(&state.db, id)
         .await?

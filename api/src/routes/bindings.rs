@@ -29,9 +29,10 @@ use sqlx::PgConnection;
 use tokio::time::Instant;
 
 use super::{
+    OsbParams, accepted, check_id, gone,
     instances::provisioned_instance,
-    OsbParams, accepted, check_id, gone, is_active, last_operation_response, lookup_plan,
-    object_or_empty, ok_empty, operation_of, operation_task, parse_operation,
+    is_active, last_operation_response, lookup_plan, object_or_empty, ok_empty, operation_of,
+    operation_task, parse_operation,
     synchronous::{self, Settled},
 };
 use crate::{
@@ -122,7 +123,9 @@ async fn start_bind(
         )));
     }
     if body.app_guid.as_deref() == Some("") {
-        return Err(ApiError::bad_request("`app_guid` must be a non-empty string when present"));
+        return Err(ApiError::bad_request(
+            "`app_guid` must be a non-empty string when present",
+        ));
     }
     let parameters_given = body.parameters.is_some();
     let mut parameters = object_or_empty(body.parameters, "parameters")?;

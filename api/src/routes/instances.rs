@@ -90,9 +90,14 @@ async fn start_provision(
     mode: &mut Mode,
 ) -> ApiResult<Response> {
     check_id("instance_id", &instance_id)?;
-    for (field, value) in [("organization_guid", &body.organization_guid), ("space_guid", &body.space_guid)] {
+    for (field, value) in [
+        ("organization_guid", &body.organization_guid),
+        ("space_guid", &body.space_guid),
+    ] {
         if value.is_empty() {
-            return Err(ApiError::bad_request(format!("`{field}` must be a non-empty string")));
+            return Err(ApiError::bad_request(format!(
+                "`{field}` must be a non-empty string"
+            )));
         }
     }
     let plan = lookup_plan(&state.catalog, &body.service_id, &body.plan_id)?;
@@ -608,9 +613,10 @@ async fn rotate_credentials(
     let mut tx = state.db.begin().await?;
     let row = provisioned_instance(&mut tx, &instance_id, true).await?;
     let active = tasks::active_operations(&mut *tx, &instance_id).await?;
-    if let Some(task) = active.iter().find(|t| {
-        t.binding_id.is_none() && operation_of(t) == Some(Operation::RotateCredentials)
-    }) {
+    if let Some(task) = active
+        .iter()
+        .find(|t| t.binding_id.is_none() && operation_of(t) == Some(Operation::RotateCredentials))
+    {
         return Ok(accepted(task.task_id()));
     }
     if let Some(task) = active.first() {

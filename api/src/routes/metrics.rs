@@ -29,11 +29,31 @@ async fn render(State(state): State<AppState>) -> ApiResult<Response> {
 
     let mut out = String::with_capacity(2048);
     let kinds = |pick: fn(&metrics::QueueDepth) -> i64| {
-        queue.iter().map(move |q| (format!("kind=\"{}\"", escape(&q.kind)), pick(q) as f64))
+        queue
+            .iter()
+            .map(move |q| (format!("kind=\"{}\"", escape(&q.kind)), pick(q) as f64))
     };
-    family(&mut out, "berth_tasks_pending", "gauge", "Tasks waiting in the queue (due now or later), by kind.", kinds(|q| q.pending));
-    family(&mut out, "berth_tasks_due", "gauge", "Pending tasks that are due now, by kind.", kinds(|q| q.due));
-    family(&mut out, "berth_tasks_running", "gauge", "Tasks a worker holds, by kind.", kinds(|q| q.running));
+    family(
+        &mut out,
+        "berth_tasks_pending",
+        "gauge",
+        "Tasks waiting in the queue (due now or later), by kind.",
+        kinds(|q| q.pending),
+    );
+    family(
+        &mut out,
+        "berth_tasks_due",
+        "gauge",
+        "Pending tasks that are due now, by kind.",
+        kinds(|q| q.due),
+    );
+    family(
+        &mut out,
+        "berth_tasks_running",
+        "gauge",
+        "Tasks a worker holds, by kind.",
+        kinds(|q| q.running),
+    );
     family(
         &mut out,
         "berth_tasks_lease_expired",
@@ -50,25 +70,41 @@ async fn render(State(state): State<AppState>) -> ApiResult<Response> {
     );
     let instances = instances.iter().map(|(plan_id, count)| {
         let labels = match state.catalog.plan_by_id(plan_id) {
-            Some(plan) => format!("service=\"{}\",plan=\"{}\"", escape(&plan.service.name), escape(&plan.plan.name)),
+            Some(plan) => format!(
+                "service=\"{}\",plan=\"{}\"",
+                escape(&plan.service.name),
+                escape(&plan.plan.name)
+            ),
             None => format!("service=\"\",plan=\"{}\"", escape(plan_id)),
         };
         (labels, *count as f64)
     });
-    family(&mut out, "berth_service_instances", "gauge", "Service instances, by service and plan.", instances);
+    family(
+        &mut out,
+        "berth_service_instances",
+        "gauge",
+        "Service instances, by service and plan.",
+        instances,
+    );
     family(
         &mut out,
         "berth_webhook_deliveries_undelivered",
         "gauge",
         "Webhook deliveries not delivered: pending (being retried) or failed (given up).",
-        webhooks.iter().map(|(s, n)| (format!("state=\"{}\"", escape(s)), *n as f64)),
+        webhooks
+            .iter()
+            .map(|(s, n)| (format!("state=\"{}\"", escape(s)), *n as f64)),
     );
     family(
         &mut out,
         "berth_http_responses_total",
         "counter",
         "Responses this API process has given, by status class.",
-        state.requests.snapshot().into_iter().map(|(class, n)| (format!("code=\"{class}\""), n as f64)),
+        state
+            .requests
+            .snapshot()
+            .into_iter()
+            .map(|(class, n)| (format!("code=\"{class}\""), n as f64)),
     );
     let mut response = out.into_response();
     response.headers_mut().insert(
@@ -79,7 +115,13 @@ async fn render(State(state): State<AppState>) -> ApiResult<Response> {
 }
 
 /// One metric family: HELP, TYPE and a sample per label set (an empty label set gives a bare name).
-fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: impl IntoIterator<Item = (String, f64)>) {
+fn family(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (String, f64)>,
+) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
     for (labels, value) in samples {
@@ -93,5 +135,8 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: impl In
 
 /// A label value as the text format wants it.
 fn escape(value: &str) -> String {
-    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

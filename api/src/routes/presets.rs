@@ -24,7 +24,9 @@ use broker::{
         tasks::{self, NewTask},
     },
     model::{Operation, kinds},
-    snapshots::{check_namespace, check_preset_name, lock_key_hash, new_lock_key, preset_object_key},
+    snapshots::{
+        check_namespace, check_preset_name, lock_key_hash, new_lock_key, preset_object_key,
+    },
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -43,8 +45,14 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/berth/v1/presets", get(list).post(push_new))
         .route("/berth/v1/presets/{name}", get(show))
-        .route("/berth/v1/presets/{name}/versions", get(versions).post(push))
-        .route("/berth/v1/presets/{name}/lock", get(get_lock).post(lock).delete(unlock))
+        .route(
+            "/berth/v1/presets/{name}/versions",
+            get(versions).post(push),
+        )
+        .route(
+            "/berth/v1/presets/{name}/lock",
+            get(get_lock).post(lock).delete(unlock),
+        )
         .route("/berth/v1/instances/{instance_id}/select", post(select))
 }
 
@@ -103,13 +111,22 @@ struct SelectBody {
 
 fn check_text(what: &str, value: Option<&str>, max: usize) -> ApiResult<()> {
     if value.is_some_and(|v| v.len() > max || v.chars().any(|c| c.is_control() && c != '\n')) {
-        return Err(ApiError::BadRequest(format!("{what} must be at most {max} printable characters")));
+        return Err(ApiError::BadRequest(format!(
+            "{what} must be at most {max} printable characters"
+        )));
     }
     Ok(())
 }
 
-async fn list(State(state): State<AppState>, OsbQuery(query): OsbQuery<NamespaceQuery>) -> ApiResult<Response> {
-    let namespace = query.namespace.as_deref().map(|_| query.namespace()).transpose()?;
+async fn list(
+    State(state): State<AppState>,
+    OsbQuery(query): OsbQuery<NamespaceQuery>,
+) -> ApiResult<Response> {
+    let namespace = query
+        .namespace
+        .as_deref()
+        .map(|_| query.namespace())
+        .transpose()?;
     let rows = presets::list(&state.db, namespace.as_deref()).await?;
     let presets: Vec<Value> = rows
         .iter()
@@ -160,11 +177,18 @@ pub(crate) fn snapshot_json(s: &SnapshotRow, task_state: Option<&str>) -> Value 
 }
 
 /// The source instance of a push: provisioned, with a database, not being deleted.
-async fn source_instance(state: &AppState, db: &mut PgConnection, instance_id: &str) -> ApiResult<()> {
+async fn source_instance(
+    state: &AppState,
+    db: &mut PgConnection,
+    instance_id: &str,
+) -> ApiResult<()> {
     check_id("instance_id", instance_id)?;
     // 404 unknown, 422 ConcurrencyError while its provision runs, 422 if that failed.
     let row = super::instances::provisioned_instance(&mut *db, instance_id, false).await?;
-    let has_db = state.catalog.plan_by_id(&row.plan_id).is_some_and(|p| p.has_database());
+    let has_db = state
+        .catalog
+        .plan_by_id(&row.plan_id)
+        .is_some_and(|p| p.has_database());
     if !has_db {
         return Err(ApiError::Unprocessable(format!(
             "service instance {instance_id} has no database to snapshot (presets are made of postgres instances)"
@@ -228,8 +252,14 @@ async fn push_new(
     check_namespace(&body.namespace).map_err(ApiError::BadRequest)?;
     check_text("description", body.description.as_deref(), 2000)?;
     check_text("author", body.author.as_deref(), 200)?;
-    if body.post_restore_sql.as_ref().is_some_and(|s| s.len() > 100_000) {
-        return Err(ApiError::bad_request("post_restore_sql must be at most 100000 bytes"));
+    if body
+        .post_restore_sql
+        .as_ref()
+        .is_some_and(|s| s.len() > 100_000)
+    {
+        return Err(ApiError::bad_request(
+            "post_restore_sql must be at most 100000 bytes",
+        ));
     }
     let mut tx = state.db.begin().await?;
     source_instance(&state, &mut tx, &body.instance_id).await?;
@@ -252,9 +282,15 @@ async fn push_new(
     let preset = presets::get(&mut *tx, &body.namespace, &body.name)
         .await?
         .ok_or_else(|| anyhow::anyhow!("the preset just inserted is missing"))?;
-    let response =
-        enqueue_push(&mut tx, &preset, &body.instance_id, body.description.as_deref(), body.author.as_deref(), identity)
-            .await?;
+    let response = enqueue_push(
+        &mut tx,
+        &preset,
+        &body.instance_id,
+        body.description.as_deref(),
+        body.author.as_deref(),
+        identity,
+    )
+    .await?;
     tx.commit().await?;
     Ok(response)
 }
@@ -270,7 +306,9 @@ async fn push(
     check_text("description", body.description.as_deref(), 2000)?;
     check_text("author", body.author.as_deref(), 200)?;
     let mut tx = state.db.begin().await?;
-    let preset = presets::get_for_update(&mut *tx, &namespace, &name).await?.ok_or_else(|| not_found(&name))?;
+    let preset = presets::get_for_update(&mut *tx, &namespace, &name)
+        .await?
+        .ok_or_else(|| not_found(&name))?;
     if let Some(held) = &preset.lock_key_hash {
         let given = body.lock_key.as_deref().map(lock_key_hash);
         let matches = given.is_some_and(|g| broker::crypto::constant_time_eq(&g, held));
@@ -283,9 +321,15 @@ async fn push(
         }
     }
     source_instance(&state, &mut tx, &body.instance_id).await?;
-    let response =
-        enqueue_push(&mut tx, &preset, &body.instance_id, body.description.as_deref(), body.author.as_deref(), identity)
-            .await?;
+    let response = enqueue_push(
+        &mut tx,
+        &preset,
+        &body.instance_id,
+        body.description.as_deref(),
+        body.author.as_deref(),
+        identity,
+    )
+    .await?;
     tx.commit().await?;
     Ok(response)
 }
@@ -295,9 +339,15 @@ fn not_found(name: &str) -> ApiError {
 }
 
 /// The preset `name` in the query's namespace, or a 404.
-async fn find(db: &mut PgConnection, query: &NamespaceQuery, name: &str) -> ApiResult<presets::PresetRow> {
+async fn find(
+    db: &mut PgConnection,
+    query: &NamespaceQuery,
+    name: &str,
+) -> ApiResult<presets::PresetRow> {
     let namespace = query.namespace()?;
-    presets::get(&mut *db, &namespace, name).await?.ok_or_else(|| not_found(name))
+    presets::get(&mut *db, &namespace, name)
+        .await?
+        .ok_or_else(|| not_found(name))
 }
 
 async fn show(
@@ -325,7 +375,9 @@ async fn version_list(conn: &mut PgConnection, preset_id: Uuid) -> ApiResult<Vec
     let mut out = Vec::with_capacity(rows.len());
     for row in &rows {
         let task_state = if row.state == "pending" {
-            tasks::get(&mut *conn, broker::model::TaskId(row.task_id)).await?.map(|t| t.state)
+            tasks::get(&mut *conn, broker::model::TaskId(row.task_id))
+                .await?
+                .map(|t| t.state)
         } else {
             None
         };
@@ -376,7 +428,10 @@ async fn lock(
             now.lock_reason.as_deref().unwrap_or("no reason given")
         )));
     }
-    Ok(Json(json!({ "locked": true, "lock_key": key, "by": body.by, "reason": body.reason })).into_response())
+    Ok(
+        Json(json!({ "locked": true, "lock_key": key, "by": body.by, "reason": body.reason }))
+            .into_response(),
+    )
 }
 
 async fn unlock(
@@ -391,7 +446,9 @@ async fn unlock(
         return Err(ApiError::Conflict(format!("preset {name:?} is not locked")));
     }
     if !presets::unlock(&mut *conn, preset.id, &lock_key_hash(&body.lock_key)).await? {
-        return Err(ApiError::Forbidden(format!("that is not the key of preset {name:?}'s lock")));
+        return Err(ApiError::Forbidden(format!(
+            "that is not the key of preset {name:?}'s lock"
+        )));
     }
     Ok(Json(json!({ "locked": false })).into_response())
 }
@@ -406,22 +463,36 @@ async fn select(
     check_preset_name(&body.preset).map_err(ApiError::BadRequest)?;
     check_namespace(&body.namespace).map_err(ApiError::BadRequest)?;
     let mut tx = state.db.begin().await?;
-    let preset =
-        presets::get(&mut *tx, &body.namespace, &body.preset).await?.ok_or_else(|| not_found(&body.preset))?;
-    let snapshot = snapshots::ready_version(&mut *tx, preset.id, body.version).await?.ok_or_else(|| {
-        ApiError::NotFound(match body.version {
-            Some(v) => format!("preset {:?} has no ready version {v}", body.preset),
-            None => format!("preset {:?} has no ready version yet", body.preset),
-        })
-    })?;
-    let operation = super::backups::enqueue_restore(&mut tx, &state, &instance_id, &snapshot, identity).await?;
+    let preset = presets::get(&mut *tx, &body.namespace, &body.preset)
+        .await?
+        .ok_or_else(|| not_found(&body.preset))?;
+    let snapshot = snapshots::ready_version(&mut *tx, preset.id, body.version)
+        .await?
+        .ok_or_else(|| {
+            ApiError::NotFound(match body.version {
+                Some(v) => format!("preset {:?} has no ready version {v}", body.preset),
+                None => format!("preset {:?} has no ready version yet", body.preset),
+            })
+        })?;
+    let operation =
+        super::backups::enqueue_restore(&mut tx, &state, &instance_id, &snapshot, identity).await?;
     tx.commit().await?;
-    Ok((StatusCode::ACCEPTED, Json(json!({ "operation": operation.to_string(), "version": snapshot.version })))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "operation": operation.to_string(), "version": snapshot.version })),
+    )
         .into_response())
 }
 
 /// For [`super::backups`]: the task of an instance-level restore (an OSB-visible operation, so it excludes
 /// other operations on the instance while it runs).
 pub(crate) fn restore_task(instance_id: &str, snapshot: Uuid, identity: Option<Value>) -> NewTask {
-    operation_task(Operation::Restore, instance_id, None, json!({ "snapshot_id": snapshot }), identity, None)
+    operation_task(
+        Operation::Restore,
+        instance_id,
+        None,
+        json!({ "snapshot_id": snapshot }),
+        identity,
+        None,
+    )
 }

@@ -6,11 +6,7 @@
 //! (`ec2_offers`, refreshed when older than `EC2_OFFERS_TTL_SECS`), and the ordering is `broker::ec2`, the code
 //! the worker launches by. So the answer is what a provision would try, as of the cached prices.
 
-use axum::{
-    Json, Router,
-    extract::State,
-    routing::get,
-};
+use axum::{Json, Router, extract::State, routing::get};
 use broker::{
     db::ec2_offers,
     ec2::{Requirements, candidates},
@@ -24,7 +20,14 @@ pub fn router() -> Router<AppState> {
 }
 
 /// Query parameters that are numbers, flags or lists in the plan's parameters.
-const NUMBERS: &[&str] = &["cpu_min", "cpu_max", "ram_min", "ram_max", "storage_min", "max_price"];
+const NUMBERS: &[&str] = &[
+    "cpu_min",
+    "cpu_max",
+    "ram_min",
+    "ram_max",
+    "storage_min",
+    "max_price",
+];
 const LISTS: &[&str] = &["instance_types", "instance_types_to_avoid"];
 const TEXTS: &[&str] = &[
     "selection_strategy",
@@ -44,7 +47,9 @@ fn parameters(query: &[(String, String)]) -> ApiResult<Map<String, Value>> {
                 .parse()
                 .map_err(|_| ApiError::bad_request(format!("`{key}` must be a number")))?;
             if n < 0.0 {
-                return Err(ApiError::bad_request(format!("`{key}` must not be negative")));
+                return Err(ApiError::bad_request(format!(
+                    "`{key}` must not be negative"
+                )));
             }
             json!(n)
         } else if LISTS.contains(&key) {
@@ -62,7 +67,9 @@ fn parameters(query: &[(String, String)]) -> ApiResult<Map<String, Value>> {
         } else if ["region", "spot", "limit"].contains(&key) {
             continue;
         } else {
-            return Err(ApiError::bad_request(format!("unknown query parameter `{key}`")));
+            return Err(ApiError::bad_request(format!(
+                "unknown query parameter `{key}`"
+            )));
         };
         out.insert(key.to_string(), parsed);
     }
@@ -79,7 +86,12 @@ async fn price_check(
     State(state): State<AppState>,
     OsbQuery(query): OsbQuery<Vec<(String, String)>>,
 ) -> ApiResult<Json<Value>> {
-    let get = |key: &str| query.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+    let get = |key: &str| {
+        query
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    };
     let spot = get("spot").is_none_or(|v| v != "false");
     let limit = match get("limit") {
         Some(v) => v
@@ -88,8 +100,11 @@ async fn price_check(
         None => 10,
     };
     let params = Value::Object(parameters(&query)?);
-    let requirements = Requirements::from_parameters(&params, spot).map_err(ApiError::BadRequest)?;
-    let cached = ec2_offers::regions(&state.db).await.map_err(anyhow::Error::from)?;
+    let requirements =
+        Requirements::from_parameters(&params, spot).map_err(ApiError::BadRequest)?;
+    let cached = ec2_offers::regions(&state.db)
+        .await
+        .map_err(anyhow::Error::from)?;
     let region = match get("region") {
         Some(region) => region.to_string(),
         None if cached.len() == 1 => cached[0].clone(),

@@ -95,8 +95,10 @@ async fn bind_before_the_instance_is_provisioned_is_422(pool: PgPool) {
     assert_unchanged!(app, app.bind("i-1", "b-1", &bind_body()).await)
         .assert_osb_error(StatusCode::UNPROCESSABLE_ENTITY, Some("ConcurrencyError"));
     app.finish(&op, "failed", None).await;
-    let d = assert_unchanged!(app, app.bind("i-1", "b-1", &bind_body()).await)
-        .assert_osb_error(StatusCode::UNPROCESSABLE_ENTITY, Some("UnprocessableEntity"));
+    let d = assert_unchanged!(app, app.bind("i-1", "b-1", &bind_body()).await).assert_osb_error(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        Some("UnprocessableEntity"),
+    );
     assert!(d.contains("failed"), "{d}");
 }
 
@@ -293,16 +295,21 @@ async fn webhooks_ride_on_bind_unbind_and_deprovision(pool: PgPool) {
     };
 
     let mut body = bind_body();
-    body["parameters"]["webhook"] = json!({"url": "https://hooks.example/bind", "secret": "bind-secret"});
+    body["parameters"]["webhook"] =
+        json!({"url": "https://hooks.example/bind", "secret": "bind-secret"});
     let op = app.bind("i-1", "b-1", &body).await.operation();
     assert_eq!(
         webhook_of(&app.task(&op).await),
-        (Some("https://hooks.example/bind".into()), "bind-secret".into())
+        (
+            Some("https://hooks.example/bind".into()),
+            "bind-secret".into()
+        )
     );
-    let stored: Value = sqlx::query_scalar("SELECT parameters FROM service_bindings WHERE id = 'b-1'")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let stored: Value =
+        sqlx::query_scalar("SELECT parameters FROM service_bindings WHERE id = 'b-1'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
     assert_eq!(stored, json!({"access": "read-only"}));
     app.complete_bind(&op, "b-1", &json!({"uri": "x"})).await;
 
@@ -313,14 +320,22 @@ async fn webhooks_ride_on_bind_unbind_and_deprovision(pool: PgPool) {
     let op = app.call(Method::DELETE, &uri, None).await.operation();
     assert_eq!(
         webhook_of(&app.task(&op).await),
-        (Some("https://hooks.example/gone".into()), "gone-secret".into())
+        (
+            Some("https://hooks.example/gone".into()),
+            "gone-secret".into()
+        )
     );
     app.complete_unbind(&op, "b-1").await;
 
-    let uri = format!("/v2/service_instances/i-1?accepts_incomplete=true&service_id={PG_SERVICE}&plan_id={PG_SHARED}&{hook}");
+    let uri = format!(
+        "/v2/service_instances/i-1?accepts_incomplete=true&service_id={PG_SERVICE}&plan_id={PG_SHARED}&{hook}"
+    );
     let op = app.call(Method::DELETE, &uri, None).await.operation();
     assert_eq!(
         webhook_of(&app.task(&op).await),
-        (Some("https://hooks.example/gone".into()), "gone-secret".into())
+        (
+            Some("https://hooks.example/gone".into()),
+            "gone-secret".into()
+        )
     );
 }

@@ -28,9 +28,20 @@ async fn catalog_is_the_rendered_catalog(pool: PgPool) {
     assert_eq!(pg["bindings_retrievable"], true, "{pg}");
     assert!(pg["plan_updateable"].is_boolean(), "{pg}");
     let plans = pg["plans"].as_array().unwrap();
-    let shared = plans.iter().find(|p| p["name"] == "shared").expect("plan shared");
-    assert!(shared["maximum_polling_duration"].as_u64().is_some_and(|s| s > 0), "{shared}");
-    assert!(shared["maintenance_info"]["version"].is_string(), "{shared}");
+    let shared = plans
+        .iter()
+        .find(|p| p["name"] == "shared")
+        .expect("plan shared");
+    assert!(
+        shared["maximum_polling_duration"]
+            .as_u64()
+            .is_some_and(|s| s > 0),
+        "{shared}"
+    );
+    assert!(
+        shared["maintenance_info"]["version"].is_string(),
+        "{shared}"
+    );
     let schemas = &shared["schemas"];
     for (resource, action) in [
         ("service_instance", "create"),
@@ -38,7 +49,10 @@ async fn catalog_is_the_rendered_catalog(pool: PgPool) {
         ("service_binding", "create"),
     ] {
         let schema = &schemas[resource][action]["parameters"];
-        assert!(schema.is_object(), "schemas.{resource}.{action}.parameters: {schemas}");
+        assert!(
+            schema.is_object(),
+            "schemas.{resource}.{action}.parameters: {schemas}"
+        );
     }
     assert!(
         schemas["service_instance"]["create"]["parameters"]["properties"]["extensions"].is_object(),
@@ -51,10 +65,19 @@ async fn catalog_is_the_rendered_catalog(pool: PgPool) {
     // Every plan of every service has an id, a name and a description; ids are unique.
     let mut ids = std::collections::HashSet::new();
     for service in services {
-        assert!(ids.insert(service["id"].as_str().unwrap().to_string()), "{service}");
+        assert!(
+            ids.insert(service["id"].as_str().unwrap().to_string()),
+            "{service}"
+        );
         for plan in service["plans"].as_array().unwrap() {
-            assert!(plan["name"].is_string() && plan["description"].is_string(), "{plan}");
-            assert!(ids.insert(plan["id"].as_str().unwrap().to_string()), "duplicate id {plan}");
+            assert!(
+                plan["name"].is_string() && plan["description"].is_string(),
+                "{plan}"
+            );
+            assert!(
+                ids.insert(plan["id"].as_str().unwrap().to_string()),
+                "duplicate id {plan}"
+            );
         }
     }
 }
@@ -83,7 +106,8 @@ async fn unreachable_database_is_a_generic_503(pool: PgPool) {
         .provision("i-1", &crate::helpers::provision_body())
         .await;
     // A database the broker cannot reach is 503 (retry later), and the answer names nothing internal.
-    let description = res.assert_osb_error(StatusCode::SERVICE_UNAVAILABLE, Some("ServiceUnavailable"));
+    let description =
+        res.assert_osb_error(StatusCode::SERVICE_UNAVAILABLE, Some("ServiceUnavailable"));
     assert!(
         !description.to_lowercase().contains("pool"),
         "{description}"

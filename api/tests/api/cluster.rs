@@ -29,8 +29,18 @@ async fn ha_provisioned(app: &TestApp, id: &str) {
         .unwrap();
 }
 
-async fn post(app: &TestApp, id: &str, action: &str, body: Option<&Value>) -> crate::helpers::TestResponse {
-    app.call(Method::POST, &format!("/berth/v1/instances/{id}/{action}"), body).await
+async fn post(
+    app: &TestApp,
+    id: &str,
+    action: &str,
+    body: Option<&Value>,
+) -> crate::helpers::TestResponse {
+    app.call(
+        Method::POST,
+        &format!("/berth/v1/instances/{id}/{action}"),
+        body,
+    )
+    .await
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
@@ -41,24 +51,41 @@ async fn switchover_and_failover_are_instance_operations(pool: PgPool) {
     let op = post(&app, "ha-1", "switchover", None).await.operation();
     let task = app.task(&op).await;
     assert_eq!(task.get::<String, _>("kind"), kinds::CHANGE_PRIMARY);
-    assert_eq!(task.get::<Option<String>, _>("operation").as_deref(), Some("switchover"));
+    assert_eq!(
+        task.get::<Option<String>, _>("operation").as_deref(),
+        Some("switchover")
+    );
     assert_eq!(task.get::<Value, _>("payload"), json!({}));
     // The same request again while it runs: the same operation; another one: 422 ConcurrencyError.
-    assert_eq!(assert_unchanged!(app, post(&app, "ha-1", "switchover", None).await).operation(), op);
+    assert_eq!(
+        assert_unchanged!(app, post(&app, "ha-1", "switchover", None).await).operation(),
+        op
+    );
     assert_unchanged!(app, post(&app, "ha-1", "failover", None).await)
         .assert_osb_error(StatusCode::UNPROCESSABLE_ENTITY, Some("ConcurrencyError"));
     let last = app.last_operation("ha-1", Some(&op)).await;
     assert_eq!(last.body["state"], "in progress", "{last:?}");
     app.finish(&op, "succeeded", None).await;
 
-    let op = post(&app, "ha-1", "failover", Some(&json!({"candidate": "m3"}))).await.operation();
+    let op = post(&app, "ha-1", "failover", Some(&json!({"candidate": "m3"})))
+        .await
+        .operation();
     let task = app.task(&op).await;
-    assert_eq!(task.get::<Option<String>, _>("operation").as_deref(), Some("failover"));
+    assert_eq!(
+        task.get::<Option<String>, _>("operation").as_deref(),
+        Some("failover")
+    );
     assert_eq!(task.get::<Value, _>("payload"), json!({"candidate": "m3"}));
     // A failed change of primary leaves a usable instance.
     app.finish(&op, "failed", Some("Patroni refused")).await;
     let last = app.last_operation("ha-1", None).await;
-    assert_eq!((last.body["state"].as_str(), last.body["instance_usable"].as_bool()), (Some("failed"), Some(true)));
+    assert_eq!(
+        (
+            last.body["state"].as_str(),
+            last.body["instance_usable"].as_bool()
+        ),
+        (Some("failed"), Some(true))
+    );
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
@@ -72,16 +99,33 @@ async fn refused_requests_change_nothing(pool: PgPool) {
         .uri("/berth/v1/instances/ha-1/switchover")
         .body(Body::empty())
         .unwrap();
-    assert_unchanged!(app, app.send(anonymous).await).assert_osb_error(StatusCode::UNAUTHORIZED, None);
-    assert_unchanged!(app, post(&app, "nope", "switchover", None).await).assert_osb_error(StatusCode::NOT_FOUND, None);
+    assert_unchanged!(app, app.send(anonymous).await)
+        .assert_osb_error(StatusCode::UNAUTHORIZED, None);
+    assert_unchanged!(app, post(&app, "nope", "switchover", None).await)
+        .assert_osb_error(StatusCode::NOT_FOUND, None);
     let why = assert_unchanged!(app, post(&app, "shared-1", "failover", None).await)
         .assert_osb_error(StatusCode::UNPROCESSABLE_ENTITY, None);
     assert!(why.contains("not an HA cluster"), "{why}");
-    let why = assert_unchanged!(app, post(&app, "ha-1", "switchover", Some(&json!({"candidate": "m9"}))).await)
-        .assert_osb_error(StatusCode::UNPROCESSABLE_ENTITY, None);
+    let why = assert_unchanged!(
+        app,
+        post(
+            &app,
+            "ha-1",
+            "switchover",
+            Some(&json!({"candidate": "m9"}))
+        )
+        .await
+    )
+    .assert_osb_error(StatusCode::UNPROCESSABLE_ENTITY, None);
     assert!(why.contains("not a member"), "{why}");
-    assert_unchanged!(app, post(&app, "ha-1", "switchover", Some(&json!({"candidate": 3}))).await)
-        .assert_osb_error(StatusCode::BAD_REQUEST, None);
-    assert_unchanged!(app, post(&app, "ha-1", "switchover", Some(&json!({"leader": "m1"}))).await)
-        .assert_osb_error(StatusCode::BAD_REQUEST, None);
+    assert_unchanged!(
+        app,
+        post(&app, "ha-1", "switchover", Some(&json!({"candidate": 3}))).await
+    )
+    .assert_osb_error(StatusCode::BAD_REQUEST, None);
+    assert_unchanged!(
+        app,
+        post(&app, "ha-1", "switchover", Some(&json!({"leader": "m1"}))).await
+    )
+    .assert_osb_error(StatusCode::BAD_REQUEST, None);
 }

@@ -125,7 +125,11 @@ pub fn bind_body() -> Value {
 impl TestApp {
     /// The suites' webhook receivers listen on 127.0.0.1: loopback targets allowed.
     pub fn new(pool: PgPool) -> Self {
-        Self::with_options(pool, TargetPolicy::new(true, None).unwrap(), std::time::Duration::from_secs(5))
+        Self::with_options(
+            pool,
+            TargetPolicy::new(true, None).unwrap(),
+            std::time::Duration::from_secs(5),
+        )
     }
 
     pub fn with_webhook_targets(pool: PgPool, webhook_targets: TargetPolicy) -> Self {
@@ -137,7 +141,11 @@ impl TestApp {
         Self::with_options(pool, TargetPolicy::new(true, None).unwrap(), sync_wait)
     }
 
-    fn with_options(pool: PgPool, webhook_targets: TargetPolicy, sync_wait: std::time::Duration) -> Self {
+    fn with_options(
+        pool: PgPool,
+        webhook_targets: TargetPolicy,
+        sync_wait: std::time::Duration,
+    ) -> Self {
         let cipher = Cipher::from_key(&[42; 32]);
         let state = AppState {
             db: pool.clone(),
@@ -145,7 +153,10 @@ impl TestApp {
             cipher: cipher.clone(),
             auth: Arc::new(BrokerAuth::new(USER.into(), PASSWORD.into())),
             max_body_bytes: MAX_BODY,
-            provisions: berth_api::provision_batch::ProvisionBatcher::start(pool.clone(), berth_api::PROVISION_WRITERS),
+            provisions: berth_api::provision_batch::ProvisionBatcher::start(
+                pool.clone(),
+                berth_api::PROVISION_WRITERS,
+            ),
             requests: Default::default(),
             webhook_targets: Arc::new(webhook_targets),
             task_waits: berth_api::task_waits::TaskWaits::start(pool.clone()),
@@ -376,7 +387,10 @@ impl TestApp {
         .fetch_all(&self.pool)
         .await
         .unwrap();
-        assert!(tables.len() >= 5, "the broker's tables are there: {tables:?}");
+        assert!(
+            tables.len() >= 5,
+            "the broker's tables are there: {tables:?}"
+        );
         let mut out = Vec::with_capacity(tables.len());
         for table in tables {
             let (rows, digest): (i64, String) = sqlx::query_as(&format!(

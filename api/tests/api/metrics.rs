@@ -10,7 +10,10 @@ use crate::helpers::TestApp;
 /// The value of the sample `name{labels}` (or bare `name`) in a text-format body.
 fn sample(body: &str, series: &str) -> Option<f64> {
     body.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
         .map(|v| v.parse().unwrap())
 }
 
@@ -19,9 +22,14 @@ async fn metrics_report_the_queue_instances_and_responses(pool: PgPool) {
     let app = TestApp::new(pool);
     app.provisioned("i-1").await;
     app.provisioned("i-2").await;
-    let running = app.provision("i-3", &crate::helpers::provision_body()).await.operation();
+    let running = app
+        .provision("i-3", &crate::helpers::provision_body())
+        .await
+        .operation();
     app.set_running(&running, None).await;
-    app.provision("i-4", &crate::helpers::provision_body()).await.operation();
+    app.provision("i-4", &crate::helpers::provision_body())
+        .await
+        .operation();
     // A running task whose worker has gone (lease in the past), and a pending one due later.
     sqlx::query("UPDATE tasks SET lease_until = now() - interval '1 minute' WHERE id = $1::uuid")
         .bind(&running)
@@ -33,30 +41,85 @@ async fn metrics_report_the_queue_instances_and_responses(pool: PgPool) {
         .await
         .unwrap();
     // A 400 to count.
-    app.provision("i-5", &serde_json::json!({})).await.assert_osb_error(StatusCode::BAD_REQUEST, None);
+    app.provision("i-5", &serde_json::json!({}))
+        .await
+        .assert_osb_error(StatusCode::BAD_REQUEST, None);
 
     let res = app.call(Method::GET, "/metrics", None).await;
     assert_eq!(res.status, StatusCode::OK, "{}", res.text);
-    assert_eq!(res.headers["content-type"], "text/plain; version=0.0.4; charset=utf-8");
+    assert_eq!(
+        res.headers["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
     let body = &res.text;
     let provision = format!("{{kind=\"{}\"}}", kinds::PROVISION);
-    assert_eq!(sample(body, &format!("berth_tasks_pending{provision}")), Some(1.0), "{body}");
-    assert_eq!(sample(body, &format!("berth_tasks_due{provision}")), Some(1.0), "{body}");
-    assert_eq!(sample(body, &format!("berth_tasks_running{provision}")), Some(1.0), "{body}");
-    assert_eq!(sample(body, &format!("berth_tasks_lease_expired{provision}")), Some(1.0), "{body}");
-    assert_eq!(sample(body, "berth_tasks_pending{kind=\"noop\"}"), Some(1.0), "{body}");
-    assert_eq!(sample(body, "berth_tasks_due{kind=\"noop\"}"), Some(0.0), "due in an hour: {body}");
-    assert!(sample(body, "berth_task_oldest_due_seconds").is_some_and(|s| s >= 0.0), "{body}");
-    assert_eq!(sample(body, "berth_service_instances{service=\"postgres\",plan=\"shared\"}"), Some(4.0), "{body}");
-    assert!(sample(body, "berth_http_responses_total{code=\"2xx\"}").is_some_and(|n| n >= 4.0), "{body}");
-    assert_eq!(sample(body, "berth_http_responses_total{code=\"4xx\"}"), Some(1.0), "{body}");
-    assert_eq!(sample(body, "berth_http_responses_total{code=\"5xx\"}"), Some(0.0), "{body}");
+    assert_eq!(
+        sample(body, &format!("berth_tasks_pending{provision}")),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(body, &format!("berth_tasks_due{provision}")),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(body, &format!("berth_tasks_running{provision}")),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(body, &format!("berth_tasks_lease_expired{provision}")),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(body, "berth_tasks_pending{kind=\"noop\"}"),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(body, "berth_tasks_due{kind=\"noop\"}"),
+        Some(0.0),
+        "due in an hour: {body}"
+    );
+    assert!(
+        sample(body, "berth_task_oldest_due_seconds").is_some_and(|s| s >= 0.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(
+            body,
+            "berth_service_instances{service=\"postgres\",plan=\"shared\"}"
+        ),
+        Some(4.0),
+        "{body}"
+    );
+    assert!(
+        sample(body, "berth_http_responses_total{code=\"2xx\"}").is_some_and(|n| n >= 4.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(body, "berth_http_responses_total{code=\"4xx\"}"),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(body, "berth_http_responses_total{code=\"5xx\"}"),
+        Some(0.0),
+        "{body}"
+    );
     for line in body.lines().filter(|l| !l.starts_with('#')) {
         let (_, value) = line.rsplit_once(' ').unwrap();
-        assert!(value.parse::<f64>().is_ok(), "every sample ends in a number: {line}");
+        assert!(
+            value.parse::<f64>().is_ok(),
+            "every sample ends in a number: {line}"
+        );
     }
 
     // The broker's credentials are required.
-    let res = app.send(Request::get("/metrics").body(Body::empty()).unwrap()).await;
+    let res = app
+        .send(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await;
     assert_eq!(res.status, StatusCode::UNAUTHORIZED);
 }

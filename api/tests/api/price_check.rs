@@ -31,12 +31,20 @@ fn offer(name: &str, vcpus: u32, gb: u64, spot: &[(&str, f64)], on_demand: f64) 
 
 async fn cache(pool: &PgPool) {
     let offers = [
-        offer("m5.large", 2, 8, &[("eu-west-1a", 0.04), ("eu-west-1b", 0.03)], 0.096),
+        offer(
+            "m5.large",
+            2,
+            8,
+            &[("eu-west-1a", 0.04), ("eu-west-1b", 0.03)],
+            0.096,
+        ),
         offer("c5.large", 2, 4, &[("eu-west-1a", 0.035)], 0.085),
         offer("r5.large", 2, 16, &[("eu-west-1a", 0.05)], 0.126),
         offer("t3.large", 2, 8, &[("eu-west-1a", 0.01)], 0.083),
     ];
-    ec2_offers::replace_region(pool, "eu-west-1", &offers).await.unwrap();
+    ec2_offers::replace_region(pool, "eu-west-1", &offers)
+        .await
+        .unwrap();
 }
 
 fn types(body: &serde_json::Value) -> Vec<&str> {
@@ -54,7 +62,11 @@ async fn price_check_orders_cached_offers_like_the_worker(pool: PgPool) {
     let app = TestApp::new(pool);
     // Basic auth, but no OSB version header needed.
     let unauthenticated = app
-        .send(Request::get("/berth/v1/price-check").body(Body::empty()).unwrap())
+        .send(
+            Request::get("/berth/v1/price-check")
+                .body(Body::empty())
+                .unwrap(),
+        )
         .await;
     assert_eq!(unauthenticated.status, StatusCode::UNAUTHORIZED);
     let get = |uri: &str| {
@@ -66,9 +78,14 @@ async fn price_check_orders_cached_offers_like_the_worker(pool: PgPool) {
             .unwrap()
     };
 
-    let res = app.send(get("/berth/v1/price-check?selection_strategy=cheapest")).await;
+    let res = app
+        .send(get("/berth/v1/price-check?selection_strategy=cheapest"))
+        .await;
     assert_eq!(res.status, StatusCode::OK, "{res:?}");
-    assert_eq!(res.body["region"], "eu-west-1", "the only cached region is the default");
+    assert_eq!(
+        res.body["region"], "eu-west-1",
+        "the only cached region is the default"
+    );
     assert_eq!(
         types(&res.body),
         ["m5.large", "c5.large", "r5.large"],
@@ -78,7 +95,11 @@ async fn price_check_orders_cached_offers_like_the_worker(pool: PgPool) {
     assert!(res.body["prices_as_of"].is_string());
 
     let res = app.send(get("/berth/v1/price-check?region=eu-west-1&spot=false&selection_strategy=cheapest&max_price=0.1&allow_burstable=true")).await;
-    assert_eq!(types(&res.body), ["t3.large", "c5.large", "m5.large"], "{res:?}");
+    assert_eq!(
+        types(&res.body),
+        ["t3.large", "c5.large", "m5.large"],
+        "{res:?}"
+    );
     let res = app
         .send(get(
             "/berth/v1/price-check?region=eu-west-1&ram_min=8&instance_types_to_avoid=m5.large&limit=1",

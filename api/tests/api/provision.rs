@@ -361,7 +361,8 @@ async fn bad_webhooks_are_400(pool: PgPool) {
 #[sqlx::test(migrator = "broker::MIGRATOR")]
 async fn webhooks_to_forbidden_targets_are_400(pool: PgPool) {
     let policy =
-        broker::webhook_target::TargetPolicy::new(false, Some("hooks.example,10.20.0.0/16")).unwrap();
+        broker::webhook_target::TargetPolicy::new(false, Some("hooks.example,10.20.0.0/16"))
+            .unwrap();
     let app = TestApp::with_webhook_targets(pool, policy);
     let with_hook = |url: &str| {
         let mut body = provision_body();
@@ -370,9 +371,15 @@ async fn webhooks_to_forbidden_targets_are_400(pool: PgPool) {
     };
     assert_unchanged!(app, {
         for (url, host) in [
-            ("http://169.254.169.254/latest/meta-data/iam", "169.254.169.254"),
+            (
+                "http://169.254.169.254/latest/meta-data/iam",
+                "169.254.169.254",
+            ),
             ("http://[fd00:ec2::254]/latest", "fd00:ec2::254"),
-            ("http://metadata.google.internal/computeMetadata/v1/", "metadata.google.internal"),
+            (
+                "http://metadata.google.internal/computeMetadata/v1/",
+                "metadata.google.internal",
+            ),
             ("http://169.254.10.1/hook", "169.254.10.1"),
             ("http://[fe80::1]/hook", "fe80::1"),
             ("http://[::ffff:169.254.169.254]/", "::ffff:169.254.169.254"),
@@ -410,7 +417,10 @@ async fn webhooks_to_forbidden_targets_are_400(pool: PgPool) {
     ] {
         let op = app.provision(id, &with_hook(url)).await.operation();
         let task = app.task(&op).await;
-        assert_eq!(task.get::<Option<String>, _>("webhook_url").as_deref(), Some(url));
+        assert_eq!(
+            task.get::<Option<String>, _>("webhook_url").as_deref(),
+            Some(url)
+        );
     }
 }
 
@@ -482,20 +492,38 @@ async fn many_concurrent_provisions_are_batched_and_each_answered(pool: PgPool) 
     let ids: Vec<String> = (0..150).map(|i| format!("batch-{i}")).collect();
     let body = provision_body();
     let (responses, conflict) = tokio::join!(
-        futures_util::future::join_all(ids.iter().chain(ids.iter()).map(|id| app.provision(id, &body))),
+        futures_util::future::join_all(
+            ids.iter()
+                .chain(ids.iter())
+                .map(|id| app.provision(id, &body))
+        ),
         app.provision("taken", &other),
     );
     conflict.assert_osb_error(StatusCode::CONFLICT, None);
-    let mut by_id: std::collections::HashMap<&str, std::collections::HashSet<String>> = Default::default();
+    let mut by_id: std::collections::HashMap<&str, std::collections::HashSet<String>> =
+        Default::default();
     for (id, response) in ids.iter().chain(ids.iter()).zip(&responses) {
-        by_id.entry(id.as_str()).or_default().insert(response.operation());
+        by_id
+            .entry(id.as_str())
+            .or_default()
+            .insert(response.operation());
     }
     for (id, operations) in &by_id {
-        assert_eq!(operations.len(), 1, "both requests for {id} name one operation: {operations:?}");
+        assert_eq!(
+            operations.len(),
+            1,
+            "both requests for {id} name one operation: {operations:?}"
+        );
         let op = operations.iter().next().unwrap();
         let task = app.task(op).await;
-        assert_eq!(task.get::<Option<String>, _>("instance_id").as_deref(), Some(*id));
-        assert_eq!(task.get::<Option<String>, _>("operation").as_deref(), Some("provision"));
+        assert_eq!(
+            task.get::<Option<String>, _>("instance_id").as_deref(),
+            Some(*id)
+        );
+        assert_eq!(
+            task.get::<Option<String>, _>("operation").as_deref(),
+            Some("provision")
+        );
     }
     // The 150 new instances and the provisioned one; one task each, nothing else.
     assert_eq!(app.counts().await, (151, 0, 151));
@@ -536,11 +564,20 @@ async fn a_failing_batch_is_retried_one_request_at_a_time(pool: PgPool) {
         if i == 7 {
             assert!(result.is_err(), "the bad row fails alone: {result:?}");
         } else {
-            assert!(matches!(result, Ok(Some(_))), "row {i} is written: {result:?}");
+            assert!(
+                matches!(result, Ok(Some(_))),
+                "row {i} is written: {result:?}"
+            );
         }
     }
-    let instances: i64 = sqlx::query_scalar("SELECT count(*) FROM service_instances").fetch_one(&pool).await.unwrap();
-    let tasks: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks").fetch_one(&pool).await.unwrap();
+    let instances: i64 = sqlx::query_scalar("SELECT count(*) FROM service_instances")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let tasks: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     // The bad request's statement (instance and task together) rolled back as one.
     assert_eq!((instances, tasks), (19, 19));
 }

@@ -60,7 +60,9 @@ async fn context_only_update_is_applied_at_once(pool: PgPool) {
                       "maintenance_info": {"version": "1.0.0"}});
     // No accepts_incomplete needed: nothing runs asynchronously.
     let before = app.counts().await;
-    let res = app.call(Method::PATCH, "/v2/service_instances/i-1", Some(&body)).await;
+    let res = app
+        .call(Method::PATCH, "/v2/service_instances/i-1", Some(&body))
+        .await;
     assert_eq!(app.counts().await, before, "no task: applied at once");
     assert_eq!(res.status, StatusCode::OK, "{res:?}");
     assert_eq!(res.body, json!({}));

@@ -36,14 +36,23 @@ pub async fn upsert(
 }
 
 pub async fn delete(db: impl PgExecutor<'_>, instance_id: &str) -> sqlx::Result<()> {
-    sqlx::query!("DELETE FROM backup_schedules WHERE instance_id = $1", instance_id).execute(db).await?;
+    sqlx::query!(
+        "DELETE FROM backup_schedules WHERE instance_id = $1",
+        instance_id
+    )
+    .execute(db)
+    .await?;
     Ok(())
 }
 
 pub async fn get(db: impl PgExecutor<'_>, instance_id: &str) -> sqlx::Result<Option<ScheduleRow>> {
-    sqlx::query_as!(ScheduleRow, "SELECT * FROM backup_schedules WHERE instance_id = $1", instance_id)
-        .fetch_optional(db)
-        .await
+    sqlx::query_as!(
+        ScheduleRow,
+        "SELECT * FROM backup_schedules WHERE instance_id = $1",
+        instance_id
+    )
+    .fetch_optional(db)
+    .await
 }
 
 /// Due schedules, locked for this transaction; other schedulers skip them.
@@ -58,7 +67,11 @@ pub async fn claim_due(db: impl PgExecutor<'_>, limit: i64) -> sqlx::Result<Vec<
     .await
 }
 
-pub async fn set_next(db: impl PgExecutor<'_>, instance_id: &str, next_run_at: DateTime<Utc>) -> sqlx::Result<()> {
+pub async fn set_next(
+    db: impl PgExecutor<'_>,
+    instance_id: &str,
+    next_run_at: DateTime<Utc>,
+) -> sqlx::Result<()> {
     sqlx::query!(
         "UPDATE backup_schedules SET next_run_at = $2 WHERE instance_id = $1",
         instance_id,

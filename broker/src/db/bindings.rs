@@ -48,18 +48,29 @@ pub struct NewBinding<'a> {
 }
 
 pub async fn get(db: impl PgExecutor<'_>, id: &str) -> sqlx::Result<Option<BindingRow>> {
-    sqlx::query_as!(BindingRow, "SELECT * FROM service_bindings WHERE id = $1", id)
-        .fetch_optional(db)
-        .await
+    sqlx::query_as!(
+        BindingRow,
+        "SELECT * FROM service_bindings WHERE id = $1",
+        id
+    )
+    .fetch_optional(db)
+    .await
 }
 
 pub async fn get_for_update(db: impl PgExecutor<'_>, id: &str) -> sqlx::Result<Option<BindingRow>> {
-    sqlx::query_as!(BindingRow, "SELECT * FROM service_bindings WHERE id = $1 FOR UPDATE", id)
-        .fetch_optional(db)
-        .await
+    sqlx::query_as!(
+        BindingRow,
+        "SELECT * FROM service_bindings WHERE id = $1 FOR UPDATE",
+        id
+    )
+    .fetch_optional(db)
+    .await
 }
 
-pub async fn list_for_instance(db: impl PgExecutor<'_>, instance_id: &str) -> sqlx::Result<Vec<BindingRow>> {
+pub async fn list_for_instance(
+    db: impl PgExecutor<'_>,
+    instance_id: &str,
+) -> sqlx::Result<Vec<BindingRow>> {
     sqlx::query_as!(
         BindingRow,
         "SELECT * FROM service_bindings WHERE instance_id = $1 ORDER BY created_at",
@@ -94,7 +105,9 @@ pub async fn insert(db: impl PgExecutor<'_>, new: &NewBinding<'_>) -> sqlx::Resu
 }
 
 pub async fn delete(db: impl PgExecutor<'_>, id: &str) -> sqlx::Result<()> {
-    sqlx::query!("DELETE FROM service_bindings WHERE id = $1", id).execute(db).await?;
+    sqlx::query!("DELETE FROM service_bindings WHERE id = $1", id)
+        .execute(db)
+        .await?;
     Ok(())
 }
 
@@ -118,7 +131,11 @@ pub async fn set_credentials(
 
 /// How many bindings of the instance, other than `except`, have an expiry still ahead (the plan's
 /// `max_per_instance` bounds it).
-pub async fn count_unexpired_expiring(db: impl PgExecutor<'_>, instance_id: &str, except: &str) -> sqlx::Result<i64> {
+pub async fn count_unexpired_expiring(
+    db: impl PgExecutor<'_>,
+    instance_id: &str,
+    except: &str,
+) -> sqlx::Result<i64> {
     sqlx::query_scalar!(
         r#"SELECT count(*) AS "count!" FROM service_bindings
            WHERE instance_id = $1 AND id <> $2 AND expires_at > now()"#,
@@ -155,9 +172,13 @@ pub async fn list_expired_unrevoked(
 
 /// Locks the binding row unless another transaction holds it (then `None`: someone else is on it).
 pub async fn try_lock(db: impl PgExecutor<'_>, id: &str) -> sqlx::Result<Option<BindingRow>> {
-    sqlx::query_as!(BindingRow, "SELECT * FROM service_bindings WHERE id = $1 FOR UPDATE SKIP LOCKED", id)
-        .fetch_optional(db)
-        .await
+    sqlx::query_as!(
+        BindingRow,
+        "SELECT * FROM service_bindings WHERE id = $1 FOR UPDATE SKIP LOCKED",
+        id
+    )
+    .fetch_optional(db)
+    .await
 }
 
 /// Records that the binding's credentials were revoked; the first time is kept.

@@ -19,7 +19,10 @@ pub async fn replace_region(pool: &PgPool, region: &str, offers: &[Offer]) -> sq
     // Postgres arrays cannot nest ragged: the architectures travel as comma lists and are split back.
     let archs: Vec<String> = offers.iter().map(|o| o.architectures.join(",")).collect();
     let burstable: Vec<bool> = offers.iter().map(|o| o.burstable).collect();
-    let storage: Vec<i32> = offers.iter().map(|o| o.instance_storage_gb as i32).collect();
+    let storage: Vec<i32> = offers
+        .iter()
+        .map(|o| o.instance_storage_gb as i32)
+        .collect();
     let current: Vec<bool> = offers.iter().map(|o| o.current_generation).collect();
     let spot: Vec<bool> = offers.iter().map(|o| o.spot_supported).collect();
     let spot_prices: Vec<serde_json::Value> = offers
@@ -61,10 +64,16 @@ pub async fn replace_region(pool: &PgPool, region: &str, offers: &[Offer]) -> sq
 }
 
 /// When the region was last refreshed, if ever.
-pub async fn refreshed_at(db: impl PgExecutor<'_>, region: &str) -> sqlx::Result<Option<DateTime<Utc>>> {
-    sqlx::query_scalar!("SELECT refreshed_at FROM ec2_offer_regions WHERE region = $1", region)
-        .fetch_optional(db)
-        .await
+pub async fn refreshed_at(
+    db: impl PgExecutor<'_>,
+    region: &str,
+) -> sqlx::Result<Option<DateTime<Utc>>> {
+    sqlx::query_scalar!(
+        "SELECT refreshed_at FROM ec2_offer_regions WHERE region = $1",
+        region
+    )
+    .fetch_optional(db)
+    .await
 }
 
 /// The region's offers (empty when it was never refreshed).
@@ -88,7 +97,8 @@ pub async fn load_region(db: impl PgExecutor<'_>, region: &str) -> sqlx::Result<
             instance_storage_gb: r.instance_storage_gb.max(0) as u32,
             current_generation: r.current_generation,
             spot_supported: r.spot_supported,
-            spot_prices: serde_json::from_value::<BTreeMap<String, f64>>(r.spot_prices).unwrap_or_default(),
+            spot_prices: serde_json::from_value::<BTreeMap<String, f64>>(r.spot_prices)
+                .unwrap_or_default(),
             on_demand_price: r.on_demand_price,
         })
         .collect())

@@ -33,16 +33,27 @@ pub struct NewInstance<'a> {
 }
 
 pub async fn get(db: impl PgExecutor<'_>, id: &str) -> sqlx::Result<Option<InstanceRow>> {
-    sqlx::query_as!(InstanceRow, "SELECT * FROM service_instances WHERE id = $1", id)
-        .fetch_optional(db)
-        .await
+    sqlx::query_as!(
+        InstanceRow,
+        "SELECT * FROM service_instances WHERE id = $1",
+        id
+    )
+    .fetch_optional(db)
+    .await
 }
 
 /// Locks the row for the rest of the transaction, so concurrent requests on one instance serialize.
-pub async fn get_for_update(db: impl PgExecutor<'_>, id: &str) -> sqlx::Result<Option<InstanceRow>> {
-    sqlx::query_as!(InstanceRow, "SELECT * FROM service_instances WHERE id = $1 FOR UPDATE", id)
-        .fetch_optional(db)
-        .await
+pub async fn get_for_update(
+    db: impl PgExecutor<'_>,
+    id: &str,
+) -> sqlx::Result<Option<InstanceRow>> {
+    sqlx::query_as!(
+        InstanceRow,
+        "SELECT * FROM service_instances WHERE id = $1 FOR UPDATE",
+        id
+    )
+    .fetch_optional(db)
+    .await
 }
 
 /// Inserts the row; `false` when another request inserted the same id first.
@@ -67,7 +78,9 @@ pub async fn insert(db: impl PgExecutor<'_>, new: &NewInstance<'_>) -> sqlx::Res
 }
 
 pub async fn delete(db: impl PgExecutor<'_>, id: &str) -> sqlx::Result<()> {
-    sqlx::query!("DELETE FROM service_instances WHERE id = $1", id).execute(db).await?;
+    sqlx::query!("DELETE FROM service_instances WHERE id = $1", id)
+        .execute(db)
+        .await?;
     Ok(())
 }
 
@@ -116,9 +129,13 @@ pub async fn apply_update(
 
 /// Replaces the instance's context (an update that changes nothing else is applied at once).
 pub async fn set_context(db: impl PgExecutor<'_>, id: &str, context: &Value) -> sqlx::Result<()> {
-    sqlx::query!("UPDATE service_instances SET context = $2, updated_at = now() WHERE id = $1", id, context)
-        .execute(db)
-        .await?;
+    sqlx::query!(
+        "UPDATE service_instances SET context = $2, updated_at = now() WHERE id = $1",
+        id,
+        context
+    )
+    .execute(db)
+    .await?;
     Ok(())
 }
 
@@ -167,7 +184,10 @@ pub async fn list_expiring(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<(String,
     )
     .fetch_all(db)
     .await?;
-    Ok(rows.into_iter().map(|r| (r.id, r.expiration_date)).collect())
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.id, r.expiration_date))
+        .collect())
 }
 
 /// Inserts a new instance and its first task in one statement (one round trip, one commit): the fast path of
@@ -333,9 +353,13 @@ pub async fn insert_many_with_tasks(
 /// Replaces the instance's sealed secrets alone: a provider that must keep a secret before the provision ends
 /// (the ec2 engine writes the admin password into the VM's user-data, so it must survive a retry).
 pub async fn set_secrets(db: impl PgExecutor<'_>, id: &str, secrets: &[u8]) -> sqlx::Result<()> {
-    sqlx::query!("UPDATE service_instances SET secrets = $2, updated_at = now() WHERE id = $1", id, secrets)
-        .execute(db)
-        .await?;
+    sqlx::query!(
+        "UPDATE service_instances SET secrets = $2, updated_at = now() WHERE id = $1",
+        id,
+        secrets
+    )
+    .execute(db)
+    .await?;
     Ok(())
 }
 

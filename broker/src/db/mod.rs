@@ -1,5 +1,6 @@
 //! Database access: small functions next to the table they serve.
 
+pub mod backup_schedules;
 pub mod bindings;
 pub mod ec2_offers;
 pub mod instances;
@@ -7,7 +8,6 @@ pub mod key_checks;
 pub mod metrics;
 pub mod presets;
 pub mod snapshots;
-pub mod backup_schedules;
 pub mod tasks;
 pub mod webhooks;
 
@@ -61,7 +61,9 @@ static LAST_CONNECTION_FAILURE_MS: AtomicU64 = AtomicU64::new(0);
 const PING_AFTER_FAILURE: Duration = Duration::from_secs(30);
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Records that a query failed for want of a working connection (a restart, a network cut): for the next

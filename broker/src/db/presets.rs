@@ -56,14 +56,27 @@ pub async fn insert(
     Ok(done.rows_affected() == 1)
 }
 
-pub async fn get(db: impl PgExecutor<'_>, namespace: &str, name: &str) -> sqlx::Result<Option<PresetRow>> {
-    sqlx::query_as!(PresetRow, "SELECT * FROM presets WHERE namespace = $1 AND name = $2", namespace, name)
-        .fetch_optional(db)
-        .await
+pub async fn get(
+    db: impl PgExecutor<'_>,
+    namespace: &str,
+    name: &str,
+) -> sqlx::Result<Option<PresetRow>> {
+    sqlx::query_as!(
+        PresetRow,
+        "SELECT * FROM presets WHERE namespace = $1 AND name = $2",
+        namespace,
+        name
+    )
+    .fetch_optional(db)
+    .await
 }
 
 /// Like [`get`], holding the row until the transaction ends: pushes and lock changes then go one at a time.
-pub async fn get_for_update(db: impl PgExecutor<'_>, namespace: &str, name: &str) -> sqlx::Result<Option<PresetRow>> {
+pub async fn get_for_update(
+    db: impl PgExecutor<'_>,
+    namespace: &str,
+    name: &str,
+) -> sqlx::Result<Option<PresetRow>> {
     sqlx::query_as!(
         PresetRow,
         "SELECT * FROM presets WHERE namespace = $1 AND name = $2 FOR UPDATE",
@@ -75,11 +88,16 @@ pub async fn get_for_update(db: impl PgExecutor<'_>, namespace: &str, name: &str
 }
 
 pub async fn get_by_id(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<PresetRow>> {
-    sqlx::query_as!(PresetRow, "SELECT * FROM presets WHERE id = $1", id).fetch_optional(db).await
+    sqlx::query_as!(PresetRow, "SELECT * FROM presets WHERE id = $1", id)
+        .fetch_optional(db)
+        .await
 }
 
 /// Presets (of one namespace, or all), with their newest ready version.
-pub async fn list(db: impl PgExecutor<'_>, namespace: Option<&str>) -> sqlx::Result<Vec<PresetSummary>> {
+pub async fn list(
+    db: impl PgExecutor<'_>,
+    namespace: Option<&str>,
+) -> sqlx::Result<Vec<PresetSummary>> {
     let rows = sqlx::query!(
         r#"SELECT p.id, p.namespace, p.name, p.post_restore_sql, p.created_by, p.created_at, p.lock_key_hash,
                   p.locked_by, p.lock_reason, p.locked_at,

@@ -82,7 +82,9 @@ pub async fn next_version(db: impl PgExecutor<'_>, preset_id: Uuid) -> sqlx::Res
 }
 
 pub async fn get(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<SnapshotRow>> {
-    sqlx::query_as!(SnapshotRow, "SELECT * FROM snapshots WHERE id = $1", id).fetch_optional(db).await
+    sqlx::query_as!(SnapshotRow, "SELECT * FROM snapshots WHERE id = $1", id)
+        .fetch_optional(db)
+        .await
 }
 
 /// Every version of a preset, newest first (pending and failed ones too: the change log).
@@ -114,7 +116,10 @@ pub async fn ready_version(
 }
 
 /// Backups of an instance, newest first.
-pub async fn backups_of(db: impl PgExecutor<'_>, instance_id: &str) -> sqlx::Result<Vec<SnapshotRow>> {
+pub async fn backups_of(
+    db: impl PgExecutor<'_>,
+    instance_id: &str,
+) -> sqlx::Result<Vec<SnapshotRow>> {
     sqlx::query_as!(
         SnapshotRow,
         "SELECT * FROM snapshots WHERE kind = 'backup' AND instance_id = $1 ORDER BY created_at DESC",
@@ -126,7 +131,13 @@ pub async fn backups_of(db: impl PgExecutor<'_>, instance_id: &str) -> sqlx::Res
 
 /// The snapshot a task is making (a retried task finds its row again).
 pub async fn of_task(db: impl PgExecutor<'_>, task_id: Uuid) -> sqlx::Result<Option<SnapshotRow>> {
-    sqlx::query_as!(SnapshotRow, "SELECT * FROM snapshots WHERE task_id = $1", task_id).fetch_optional(db).await
+    sqlx::query_as!(
+        SnapshotRow,
+        "SELECT * FROM snapshots WHERE task_id = $1",
+        task_id
+    )
+    .fetch_optional(db)
+    .await
 }
 
 /// What the pipeline measured once the object is complete in the store.
@@ -139,7 +150,11 @@ pub struct Completed<'a> {
     pub roles: &'a Value,
 }
 
-pub async fn mark_ready(db: impl PgExecutor<'_>, id: Uuid, done: &Completed<'_>) -> sqlx::Result<()> {
+pub async fn mark_ready(
+    db: impl PgExecutor<'_>,
+    id: Uuid,
+    done: &Completed<'_>,
+) -> sqlx::Result<()> {
     sqlx::query!(
         "UPDATE snapshots SET state = 'ready', size_bytes = $2, sha256 = $3, dump_bytes = $4, key_id = $5,
                 roles = $6, completed_at = now()
@@ -157,14 +172,21 @@ pub async fn mark_ready(db: impl PgExecutor<'_>, id: Uuid, done: &Completed<'_>)
 }
 
 pub async fn mark_failed(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<()> {
-    sqlx::query!("UPDATE snapshots SET state = 'failed' WHERE id = $1 AND state = 'pending'", id)
-        .execute(db)
-        .await?;
+    sqlx::query!(
+        "UPDATE snapshots SET state = 'failed' WHERE id = $1 AND state = 'pending'",
+        id
+    )
+    .execute(db)
+    .await?;
     Ok(())
 }
 
 /// Ready backups of an instance beyond the newest `keep`, oldest first: what retention deletes.
-pub async fn backups_beyond(db: impl PgExecutor<'_>, instance_id: &str, keep: i64) -> sqlx::Result<Vec<SnapshotRow>> {
+pub async fn backups_beyond(
+    db: impl PgExecutor<'_>,
+    instance_id: &str,
+    keep: i64,
+) -> sqlx::Result<Vec<SnapshotRow>> {
     sqlx::query_as!(
         SnapshotRow,
         "SELECT * FROM snapshots WHERE kind = 'backup' AND instance_id = $1 AND state = 'ready'
@@ -177,7 +199,9 @@ pub async fn backups_beyond(db: impl PgExecutor<'_>, instance_id: &str, keep: i6
 }
 
 pub async fn delete(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<()> {
-    sqlx::query!("DELETE FROM snapshots WHERE id = $1", id).execute(db).await?;
+    sqlx::query!("DELETE FROM snapshots WHERE id = $1", id)
+        .execute(db)
+        .await?;
     Ok(())
 }
 

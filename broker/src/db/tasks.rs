@@ -100,11 +100,16 @@ pub async fn enqueue(db: impl PgExecutor<'_>, task: NewTask) -> sqlx::Result<Tas
 }
 
 pub async fn get(db: impl PgExecutor<'_>, id: TaskId) -> sqlx::Result<Option<TaskRow>> {
-    sqlx::query_as!(TaskRow, "SELECT * FROM tasks WHERE id = $1", id.0).fetch_optional(db).await
+    sqlx::query_as!(TaskRow, "SELECT * FROM tasks WHERE id = $1", id.0)
+        .fetch_optional(db)
+        .await
 }
 
 /// The newest instance-level operation (provision, update, deprovision) on an instance.
-pub async fn latest_instance_operation(db: impl PgExecutor<'_>, instance_id: &str) -> sqlx::Result<Option<TaskRow>> {
+pub async fn latest_instance_operation(
+    db: impl PgExecutor<'_>,
+    instance_id: &str,
+) -> sqlx::Result<Option<TaskRow>> {
     sqlx::query_as!(
         TaskRow,
         "SELECT * FROM tasks
@@ -117,7 +122,10 @@ pub async fn latest_instance_operation(db: impl PgExecutor<'_>, instance_id: &st
 }
 
 /// The newest operation (bind, unbind) on a binding.
-pub async fn latest_binding_operation(db: impl PgExecutor<'_>, binding_id: &str) -> sqlx::Result<Option<TaskRow>> {
+pub async fn latest_binding_operation(
+    db: impl PgExecutor<'_>,
+    binding_id: &str,
+) -> sqlx::Result<Option<TaskRow>> {
     sqlx::query_as!(
         TaskRow,
         "SELECT * FROM tasks
@@ -130,7 +138,10 @@ pub async fn latest_binding_operation(db: impl PgExecutor<'_>, binding_id: &str)
 }
 
 /// Unfinished operations on an instance or any of its bindings, newest first.
-pub async fn active_operations(db: impl PgExecutor<'_>, instance_id: &str) -> sqlx::Result<Vec<TaskRow>> {
+pub async fn active_operations(
+    db: impl PgExecutor<'_>,
+    instance_id: &str,
+) -> sqlx::Result<Vec<TaskRow>> {
     sqlx::query_as!(
         TaskRow,
         "SELECT * FROM tasks

@@ -12,7 +12,6 @@ use serde_json::json;
 use sqlx::{Connection, PgConnection};
 use tokio::process::Command;
 
-
 fn provision_body() -> serde_json::Value {
     json!({"service_id": PG_SERVICE, "plan_id": PG_SHARED, "organization_guid": "o", "space_guid": "s"})
 }

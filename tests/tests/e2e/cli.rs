@@ -27,18 +27,54 @@ async fn provision_connstr_only_presets_and_deprovision() {
     let stack = Stack::start().await.unwrap();
 
     // stdout is exactly the connection string; progress goes to stderr.
-    let out = berth(&stack, &["provision", "postgres", "dedicated", "--name", "cli-db", "--wait", "--connstr-only"]).await;
-    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), stack.logs());
+    let out = berth(
+        &stack,
+        &[
+            "provision",
+            "postgres",
+            "dedicated",
+            "--name",
+            "cli-db",
+            "--wait",
+            "--connstr-only",
+        ],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        stack.logs()
+    );
     let lines: Vec<String> = stdout(&out).lines().map(str::to_string).collect();
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert!(lines[0].starts_with("postgres://"), "{lines:?}");
     let mut conn = PgConnection::connect(&lines[0]).await.unwrap();
-    sqlx::raw_sql("CREATE TABLE t (x int); INSERT INTO t VALUES (42);").execute(&mut conn).await.unwrap();
+    sqlx::raw_sql("CREATE TABLE t (x int); INSERT INTO t VALUES (42);")
+        .execute(&mut conn)
+        .await
+        .unwrap();
     conn.close().await.unwrap();
 
     // Presets from the command line.
-    let out = berth(&stack, &["presets", "push-new", "answer", "--instance", "cli-db", "--wait"]).await;
-    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), stack.logs());
+    let out = berth(
+        &stack,
+        &[
+            "presets",
+            "push-new",
+            "answer",
+            "--instance",
+            "cli-db",
+            "--wait",
+        ],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        stack.logs()
+    );
     let out = berth(&stack, &["presets", "list"]).await;
     let listed: Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(listed["presets"][0]["name"], "answer");
@@ -46,20 +82,67 @@ async fn provision_connstr_only_presets_and_deprovision() {
     let out = berth(&stack, &["presets", "lock", "answer", "--by", "ci"]).await;
     let key = stdout(&out).trim().to_string();
     assert!(key.starts_with("lk_"), "{key}");
-    let out = berth(&stack, &["presets", "push", "answer", "--instance", "cli-db"]).await;
-    assert!(!out.status.success(), "a locked preset refuses a push without the key");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("locked"), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = berth(&stack, &["presets", "push", "answer", "--instance", "cli-db", "--lock-key", &key, "--wait"]).await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = berth(
+        &stack,
+        &["presets", "push", "answer", "--instance", "cli-db"],
+    )
+    .await;
+    assert!(
+        !out.status.success(),
+        "a locked preset refuses a push without the key"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("locked"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = berth(
+        &stack,
+        &[
+            "presets",
+            "push",
+            "answer",
+            "--instance",
+            "cli-db",
+            "--lock-key",
+            &key,
+            "--wait",
+        ],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // A failing provision exits non-zero and prints nothing on stdout.
-    let out = berth(&stack, &["provision", "postgres", "dedicated", "-p", "tuning_profile=turbo", "--wait", "--connstr-only"]).await;
+    let out = berth(
+        &stack,
+        &[
+            "provision",
+            "postgres",
+            "dedicated",
+            "-p",
+            "tuning_profile=turbo",
+            "--wait",
+            "--connstr-only",
+        ],
+    )
+    .await;
     assert!(!out.status.success());
     assert!(stdout(&out).is_empty());
 
     let out = berth(&stack, &["deprovision", "cli-db", "--wait"]).await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let (status, _) = stack.send(stack.request(Method::GET, "/v2/service_instances/cli-db")).await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (status, _) = stack
+        .send(stack.request(Method::GET, "/v2/service_instances/cli-db"))
+        .await
+        .unwrap();
     assert_eq!(status, 404);
 
     // gen-key writes a key once and never overwrites it.

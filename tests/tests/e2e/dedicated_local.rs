@@ -24,11 +24,20 @@ fn dedicated_ids(catalog: &Value) -> (String, String) {
         .iter()
         .find(|p| p["name"] == "dedicated")
         .expect("dedicated plan in the catalog (LOCAL_ENGINE=on)");
-    (service["id"].as_str().unwrap().into(), plan["id"].as_str().unwrap().into())
+    (
+        service["id"].as_str().unwrap().into(),
+        plan["id"].as_str().unwrap().into(),
+    )
 }
 
 fn postmaster_pid(data: &Path) -> Option<u32> {
-    std::fs::read_to_string(data.join("postmaster.pid")).ok()?.lines().next()?.trim().parse().ok()
+    std::fs::read_to_string(data.join("postmaster.pid"))
+        .ok()?
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 async fn instance_details(stack: &Stack, instance: &str) -> Value {
@@ -45,7 +54,10 @@ async fn instance_details(stack: &Stack, instance: &str) -> Value {
 #[tokio::test]
 async fn dedicated_server_survives_a_killed_postmaster_and_leaves_nothing_behind() {
     let stack = Stack::start().await.unwrap();
-    let (_, catalog) = stack.send(stack.request(Method::GET, "/v2/catalog")).await.unwrap();
+    let (_, catalog) = stack
+        .send(stack.request(Method::GET, "/v2/catalog"))
+        .await
+        .unwrap();
     let ids = dedicated_ids(&catalog);
     let instance = uuid::Uuid::new_v4().to_string();
     let base = format!("/v2/service_instances/{instance}");
@@ -59,29 +71,60 @@ async fn dedicated_server_survives_a_killed_postmaster_and_leaves_nothing_behind
         .await
         .unwrap();
     assert_eq!(status, 202, "{body}");
-    let (status, last) = stack.wait_operation(&format!("{base}/last_operation"), WAIT).await.unwrap();
-    assert_eq!((status, last["state"].as_str()), (200, Some("succeeded")), "{last}\n{}", stack.logs());
+    let (status, last) = stack
+        .wait_operation(&format!("{base}/last_operation"), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, last["state"].as_str()),
+        (200, Some("succeeded")),
+        "{last}\n{}",
+        stack.logs()
+    );
 
     // Bind and connect over TLS with DATABASE_URL.
     let path = format!("{base}/service_bindings/app");
     let (status, body) = stack
-        .send(stack.request(Method::PUT, &format!("{path}?accepts_incomplete=true")).json(&json!({
-            "service_id": ids.0, "plan_id": ids.1, "app_guid": "app-1",
-        })))
+        .send(
+            stack
+                .request(Method::PUT, &format!("{path}?accepts_incomplete=true"))
+                .json(&json!({
+                    "service_id": ids.0, "plan_id": ids.1, "app_guid": "app-1",
+                })),
+        )
         .await
         .unwrap();
     assert_eq!(status, 202, "{body}");
-    let (status, last) = stack.wait_operation(&format!("{path}/last_operation"), WAIT).await.unwrap();
-    assert_eq!((status, last["state"].as_str()), (200, Some("succeeded")), "{last}\n{}", stack.logs());
+    let (status, last) = stack
+        .wait_operation(&format!("{path}/last_operation"), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, last["state"].as_str()),
+        (200, Some("succeeded")),
+        "{last}\n{}",
+        stack.logs()
+    );
     let (status, fetched) = stack.send(stack.request(Method::GET, &path)).await.unwrap();
     assert_eq!(status, 200, "{fetched}");
     let creds = &fetched["credentials"];
-    for key in ["DATABASE_URL", "uri", "PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGPASSWORD", "PGSSLMODE"] {
+    for key in [
+        "DATABASE_URL",
+        "uri",
+        "PGHOST",
+        "PGPORT",
+        "PGDATABASE",
+        "PGUSER",
+        "PGPASSWORD",
+        "PGSSLMODE",
+    ] {
         assert!(creds[key].is_string(), "credentials lack {key}: {creds}");
     }
     let url = creds["DATABASE_URL"].as_str().unwrap().to_string();
     assert!(url.ends_with("/orders?sslmode=require"), "{url}");
-    let mut conn = PgConnection::connect(&url).await.expect("connect over TLS with DATABASE_URL");
+    let mut conn = PgConnection::connect(&url)
+        .await
+        .expect("connect over TLS with DATABASE_URL");
     sqlx::raw_sql("CREATE TABLE kept (id int PRIMARY KEY); INSERT INTO kept VALUES (42)")
         .execute(&mut conn)
         .await
@@ -93,60 +136,101 @@ async fn dedicated_server_survives_a_killed_postmaster_and_leaves_nothing_behind
     assert_eq!(digest.len(), 64);
     conn.close().await.unwrap();
     let plain = url.replace("sslmode=require", "sslmode=disable");
-    assert!(PgConnection::connect(&plain).await.is_err(), "a connection without TLS was accepted");
+    assert!(
+        PgConnection::connect(&plain).await.is_err(),
+        "a connection without TLS was accepted"
+    );
 
     // kill -9 the postmaster: the worker's reconcile loop starts the server again.
-    let root = stack.servers_dir.join(broker::names::instance_server(&stack.name_prefix, &instance));
+    let root = stack.servers_dir.join(broker::names::instance_server(
+        &stack.name_prefix,
+        &instance,
+    ));
     let data = root.join("data");
     let killed = postmaster_pid(&data).expect("postmaster.pid");
-    let status = std::process::Command::new("kill").arg("-KILL").arg(killed.to_string()).status().unwrap();
+    let status = std::process::Command::new("kill")
+        .arg("-KILL")
+        .arg(killed.to_string())
+        .status()
+        .unwrap();
     assert!(status.success());
     // Back means: a new postmaster, the restart recorded (committed just after the start), and DATABASE_URL
     // working again with the data intact.
     let deadline = Instant::now() + WAIT;
     loop {
         let restarted = postmaster_pid(&data).is_some_and(|pid| pid != killed);
-        let recorded = instance_details(&stack, &instance).await["restarts"].as_i64().unwrap_or(0) >= 1;
+        let recorded = instance_details(&stack, &instance).await["restarts"]
+            .as_i64()
+            .unwrap_or(0)
+            >= 1;
         if restarted
             && recorded
             && let Ok(mut conn) = PgConnection::connect(&url).await
         {
-            let kept: i32 = sqlx::query_scalar("SELECT id FROM kept").fetch_one(&mut conn).await.unwrap();
+            let kept: i32 = sqlx::query_scalar("SELECT id FROM kept")
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
             assert_eq!(kept, 42, "the data survived the crash");
             conn.close().await.unwrap();
             break;
         }
-        assert!(Instant::now() < deadline, "the server did not come back\n{}", stack.logs());
+        assert!(
+            Instant::now() < deadline,
+            "the server did not come back\n{}",
+            stack.logs()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let details = instance_details(&stack, &instance).await;
     assert!(details["last_recovered_at"].is_string(), "{details}");
-    assert!(stack.log("worker.log").contains("starting it"), "the restart is logged");
+    assert!(
+        stack.log("worker.log").contains("starting it"),
+        "the restart is logged"
+    );
 
     // Unbind, then deprovision: no process and no files are left.
     let (status, body) = stack
         .send(stack.request(
             Method::DELETE,
-            &format!("{path}?service_id={}&plan_id={}&accepts_incomplete=true", ids.0, ids.1),
+            &format!(
+                "{path}?service_id={}&plan_id={}&accepts_incomplete=true",
+                ids.0, ids.1
+            ),
         ))
         .await
         .unwrap();
     assert_eq!(status, 202, "{body}");
-    let (status, _) = stack.wait_operation(&format!("{path}/last_operation"), WAIT).await.unwrap();
+    let (status, _) = stack
+        .wait_operation(&format!("{path}/last_operation"), WAIT)
+        .await
+        .unwrap();
     assert!(status == 410 || status == 200, "unbind ended with {status}");
-    assert!(PgConnection::connect(&url).await.is_err(), "an unbound role still logs in");
+    assert!(
+        PgConnection::connect(&url).await.is_err(),
+        "an unbound role still logs in"
+    );
 
     let (status, body) = stack
         .send(stack.request(
             Method::DELETE,
-            &format!("{base}?service_id={}&plan_id={}&accepts_incomplete=true", ids.0, ids.1),
+            &format!(
+                "{base}?service_id={}&plan_id={}&accepts_incomplete=true",
+                ids.0, ids.1
+            ),
         ))
         .await
         .unwrap();
     assert_eq!(status, 202, "{body}");
-    let (status, last) = stack.wait_operation(&format!("{base}/last_operation"), WAIT).await.unwrap();
+    let (status, last) = stack
+        .wait_operation(&format!("{base}/last_operation"), WAIT)
+        .await
+        .unwrap();
     assert_eq!(status, 410, "{last}\n{}", stack.logs());
-    assert!(processes_in(&data).is_empty(), "a server process survived deprovision");
+    assert!(
+        processes_in(&data).is_empty(),
+        "a server process survived deprovision"
+    );
     assert!(!root.exists(), "{} survived deprovision", root.display());
     stack.stop().await;
 }

@@ -43,7 +43,9 @@ impl Embedded {
     async fn start(dir: &Path, port: u16) -> Self {
         let mut child = command(dir, port)
             .stdout(Stdio::piped())
-            .stderr(Stdio::from(std::fs::File::create(dir.join(format!("api-{port}.log"))).unwrap()))
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.join(format!("api-{port}.log"))).unwrap(),
+            ))
             .kill_on_drop(true)
             .spawn()
             .expect("starting berth-api");
@@ -60,7 +62,9 @@ impl Embedded {
             {
                 let lines = output.lock().unwrap();
                 let field = |name: &str| {
-                    lines.iter().find_map(|l| l.trim().strip_prefix(name).map(|v| v.trim().to_string()))
+                    lines
+                        .iter()
+                        .find_map(|l| l.trim().strip_prefix(name).map(|v| v.trim().to_string()))
                 };
                 if let (Some(url), Some(user), Some(pass)) =
                     (field("broker URL:"), field("username:"), field("password:"))
@@ -69,12 +73,24 @@ impl Embedded {
                 }
             }
             if let Ok(Some(status)) = child.try_wait() {
-                panic!("berth-api exited ({status}) before its banner: {:?}\n{}", output.lock().unwrap(), log(dir, port));
+                panic!(
+                    "berth-api exited ({status}) before its banner: {:?}\n{}",
+                    output.lock().unwrap(),
+                    log(dir, port)
+                );
             }
-            assert!(Instant::now() < deadline, "no banner after {WAIT:?}: {:?}", output.lock().unwrap());
+            assert!(
+                Instant::now() < deadline,
+                "no banner after {WAIT:?}: {:?}",
+                output.lock().unwrap()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
-        Self { child, output, client: OsbClient::new(base_url, username, password).unwrap() }
+        Self {
+            child,
+            output,
+            client: OsbClient::new(base_url, username, password).unwrap(),
+        }
     }
 
     async fn send(&self, req: reqwest::RequestBuilder) -> (u16, Value) {
@@ -91,7 +107,11 @@ impl Embedded {
     /// SIGTERM, as Ctrl-C would; waits for a clean exit and returns what it printed.
     async fn stop(mut self) -> Vec<String> {
         let pid = self.child.id().expect("running");
-        let sent = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status().unwrap();
+        let sent = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
         assert!(sent.success());
         let status = tokio::time::timeout(Duration::from_secs(60), self.child.wait())
             .await
@@ -120,10 +140,12 @@ fn log(dir: &Path, port: u16) -> String {
     std::fs::read_to_string(dir.join(format!("api-{port}.log"))).unwrap_or_default()
 }
 
-
 #[tokio::test]
 async fn embedded_default_from_nothing_to_a_working_database_and_back() {
-    let dir = std::env::temp_dir().join(format!("berth-embedded-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]));
+    let dir = std::env::temp_dir().join(format!(
+        "berth-embedded-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..10]
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let folder = TestFolder(dir.clone());
     let port = free_port().unwrap();
@@ -137,29 +159,63 @@ async fn embedded_default_from_nothing_to_a_working_database_and_back() {
     assert!(data.join("postgres/data/PG_VERSION").exists());
     assert!(data.join("master.key").exists());
     let credentials = data.join("broker-credentials.json");
-    assert_eq!(std::fs::metadata(&credentials).unwrap().permissions().mode() & 0o077, 0, "credentials file is private");
+    assert_eq!(
+        std::fs::metadata(&credentials)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o077,
+        0,
+        "credentials file is private"
+    );
     // The password is printed for the operator, and never logged.
-    assert!(!log(&dir, port).contains(&first.password), "the password reached the log");
+    assert!(
+        !log(&dir, port).contains(&first.password),
+        "the password reached the log"
+    );
 
     // Wrong credentials are refused.
     let (status, _) = first
-        .send(first.http.get(format!("{}/v2/catalog", first.base_url)).basic_auth("berth", Some("wrong")).header("X-Broker-API-Version", "2.17"))
+        .send(
+            first
+                .http
+                .get(format!("{}/v2/catalog", first.base_url))
+                .basic_auth("berth", Some("wrong"))
+                .header("X-Broker-API-Version", "2.17"),
+        )
         .await;
     assert_eq!(status, 401);
 
     // A shared database, provisioned and bound through the embedded worker.
     let (status, catalog) = first.send(first.request(Method::GET, "/v2/catalog")).await;
     assert_eq!(status, 200, "{catalog}");
-    let service = catalog["services"].as_array().unwrap().iter().find(|s| s["name"] == "postgres").unwrap().clone();
-    let plan = service["plans"].as_array().unwrap().iter().find(|p| p["name"] == "shared").unwrap().clone();
-    let (service_id, plan_id) = (service["id"].as_str().unwrap(), plan["id"].as_str().unwrap());
+    let service = catalog["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "postgres")
+        .unwrap()
+        .clone();
+    let plan = service["plans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "shared")
+        .unwrap()
+        .clone();
+    let (service_id, plan_id) = (
+        service["id"].as_str().unwrap(),
+        plan["id"].as_str().unwrap(),
+    );
     let (status, body) = first
         .send(first.request(Method::PUT, "/v2/service_instances/emb-1?accepts_incomplete=true").json(&json!({
             "service_id": service_id, "plan_id": plan_id, "organization_guid": "o", "space_guid": "s",
         })))
         .await;
     assert_eq!(status, 202, "{body}");
-    let last = first.wait_operation("/v2/service_instances/emb-1/last_operation").await;
+    let last = first
+        .wait_operation("/v2/service_instances/emb-1/last_operation")
+        .await;
     assert_eq!(last["state"], "succeeded", "{last}\n{}", log(&dir, port));
     let binding = "/v2/service_instances/emb-1/service_bindings/app-1";
     let (status, body) = first
@@ -168,37 +224,66 @@ async fn embedded_default_from_nothing_to_a_working_database_and_back() {
         })))
         .await;
     assert_eq!(status, 202, "{body}");
-    let last = first.wait_operation(&format!("{binding}/last_operation")).await;
+    let last = first
+        .wait_operation(&format!("{binding}/last_operation"))
+        .await;
     assert_eq!(last["state"], "succeeded", "{last}");
     let (status, fetched) = first.send(first.request(Method::GET, binding)).await;
     assert_eq!(status, 200, "{fetched}");
-    let url = fetched["credentials"]["DATABASE_URL"].as_str().expect("DATABASE_URL").to_string();
-    let mut conn = PgConnection::connect(&url).await.expect("the binding's DATABASE_URL connects");
-    let user: String = sqlx::query_scalar("SELECT session_user::text").fetch_one(&mut conn).await.unwrap();
+    let url = fetched["credentials"]["DATABASE_URL"]
+        .as_str()
+        .expect("DATABASE_URL")
+        .to_string();
+    let mut conn = PgConnection::connect(&url)
+        .await
+        .expect("the binding's DATABASE_URL connects");
+    let user: String = sqlx::query_scalar("SELECT session_user::text")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
     assert_eq!(user, fetched["credentials"]["PGUSER"].as_str().unwrap());
     conn.close().await.unwrap();
-    let pg_port = fetched["credentials"]["PGPORT"].as_str().map(str::to_string).unwrap_or_else(|| fetched["credentials"]["PGPORT"].to_string());
+    let pg_port = fetched["credentials"]["PGPORT"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| fetched["credentials"]["PGPORT"].to_string());
 
     // SIGTERM stops the API, the worker and the embedded Postgres.
     let password = first.password.clone();
     let printed = first.stop().await;
-    assert!(printed.iter().any(|l| l.contains("berth: stopped")), "{printed:?}");
+    assert!(
+        printed.iter().any(|l| l.contains("berth: stopped")),
+        "{printed:?}"
+    );
     assert!(
         std::net::TcpStream::connect(format!("127.0.0.1:{pg_port}")).is_err(),
         "the embedded Postgres still listens on {pg_port}"
     );
     let left = processes_under(&dir);
-    assert!(left.is_empty(), "processes left running under {}: {left:?}", dir.display());
+    assert!(
+        left.is_empty(),
+        "processes left running under {}: {left:?}",
+        dir.display()
+    );
 
     // The next start reuses the same server, key and credentials: the instance is still there.
     let port = free_port().unwrap();
     let second = Embedded::start(&dir, port).await;
-    assert_eq!((second.username.as_str(), second.password.as_str()), ("berth", password.as_str()));
-    let (status, instance) = second.send(second.request(Method::GET, "/v2/service_instances/emb-1")).await;
+    assert_eq!(
+        (second.username.as_str(), second.password.as_str()),
+        ("berth", password.as_str())
+    );
+    let (status, instance) = second
+        .send(second.request(Method::GET, "/v2/service_instances/emb-1"))
+        .await;
     assert_eq!(status, 200, "{instance}");
     let (status, fetched_again) = second.send(second.request(Method::GET, binding)).await;
     assert_eq!(status, 200);
-    assert_eq!(fetched_again["credentials"]["DATABASE_URL"], url.as_str(), "the sealed credentials decrypt with the kept key");
+    assert_eq!(
+        fetched_again["credentials"]["DATABASE_URL"],
+        url.as_str(),
+        "the sealed credentials decrypt with the kept key"
+    );
     second.stop().await;
     assert!(processes_under(&dir).is_empty());
     drop(folder);
@@ -206,7 +291,10 @@ async fn embedded_default_from_nothing_to_a_working_database_and_back() {
 
 /// A fresh folder for one test, removed (and its processes killed) when the test ends.
 fn new_folder() -> (PathBuf, TestFolder) {
-    let dir = std::env::temp_dir().join(format!("berth-embedded-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]));
+    let dir = std::env::temp_dir().join(format!(
+        "berth-embedded-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..10]
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     (dir.clone(), TestFolder(dir))
 }
@@ -221,11 +309,18 @@ fn is_berth_worker(pid: u32) -> bool {
 async fn wait_healthy(api: &Embedded, limit: Duration) -> Duration {
     let started = Instant::now();
     loop {
-        let health = api.http.get(format!("{}/health", api.base_url)).send().await;
+        let health = api
+            .http
+            .get(format!("{}/health", api.base_url))
+            .send()
+            .await;
         if health.is_ok_and(|r| r.status() == 200) {
             return started.elapsed();
         }
-        assert!(started.elapsed() < limit, "/health did not answer 200 within {limit:?}");
+        assert!(
+            started.elapsed() < limit,
+            "/health did not answer 200 within {limit:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -237,14 +332,28 @@ async fn a_second_start_in_the_same_folder_is_refused_and_a_killed_first_blocks_
     let first_pid = first.child.id().unwrap();
 
     // A second start in the same folder exits non-zero, naming the running one (pid and URL).
-    let second = tokio::time::timeout(WAIT, command(&dir, free_port().unwrap()).kill_on_drop(true).output())
-        .await
-        .expect("the second start ends by itself")
-        .unwrap();
-    let said = format!("{}{}", String::from_utf8_lossy(&second.stdout), String::from_utf8_lossy(&second.stderr));
-    assert!(!second.status.success(), "a second start in the same folder ran: {said}");
+    let second = tokio::time::timeout(
+        WAIT,
+        command(&dir, free_port().unwrap())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the second start ends by itself")
+    .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&second.stdout),
+        String::from_utf8_lossy(&second.stderr)
+    );
     assert!(
-        said.contains("already running") && said.contains(&format!("pid {first_pid}")) && said.contains(&first.base_url),
+        !second.status.success(),
+        "a second start in the same folder ran: {said}"
+    );
+    assert!(
+        said.contains("already running")
+            && said.contains(&format!("pid {first_pid}"))
+            && said.contains(&first.base_url),
         "{said}"
     );
 
@@ -253,30 +362,51 @@ async fn a_second_start_in_the_same_folder_is_refused_and_a_killed_first_blocks_
     wait_healthy(&first, Duration::from_secs(1)).await;
     let (status, catalog) = first.send(first.request(Method::GET, "/v2/catalog")).await;
     assert_eq!(status, 200, "{catalog}");
-    let (status, body) = first.send(first.request(Method::GET, "/v2/service_instances/none")).await;
+    let (status, body) = first
+        .send(first.request(Method::GET, "/v2/service_instances/none"))
+        .await;
     assert_eq!(status, 404, "{body}");
 
     // kill -9 of the first: its worker, left alone, stops by itself.
     let mut first = first;
-    let workers = || processes_under(&dir).into_iter().filter(|pid| is_berth_worker(*pid)).collect::<Vec<_>>();
+    let workers = || {
+        processes_under(&dir)
+            .into_iter()
+            .filter(|pid| is_berth_worker(*pid))
+            .collect::<Vec<_>>()
+    };
     assert_eq!(workers().len(), 1, "one embedded worker");
     first.child.start_kill().unwrap();
     first.child.wait().await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !workers().is_empty() {
-        assert!(Instant::now() < deadline, "the worker outlived its API: {:?}", workers());
+        assert!(
+            Instant::now() < deadline,
+            "the worker outlived its API: {:?}",
+            workers()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // And everything else it started: its lock goes with it, so the next start works.
     for pid in processes_under(&dir) {
-        let _ = std::process::Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+        let _ = std::process::Command::new("kill")
+            .arg("-KILL")
+            .arg(pid.to_string())
+            .status();
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     while !processes_under(&dir).is_empty() {
-        assert!(Instant::now() < deadline, "killed processes still there: {:?}", processes_under(&dir));
+        assert!(
+            Instant::now() < deadline,
+            "killed processes still there: {:?}",
+            processes_under(&dir)
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(dir.join(".berth/berth.lock").exists(), "the lock file stays behind");
+    assert!(
+        dir.join(".berth/berth.lock").exists(),
+        "the lock file stays behind"
+    );
     let next = Embedded::start(&dir, free_port().unwrap()).await;
     wait_healthy(&next, Duration::from_secs(30)).await;
     next.stop().await;
@@ -289,8 +419,18 @@ async fn an_embedded_postgres_stopped_under_a_running_api_is_started_again() {
     wait_healthy(&api, Duration::from_secs(30)).await;
     // The worker too (a worker that cannot reach its database while it starts exits, and takes the API along).
     let deadline = Instant::now() + WAIT;
-    while !api.output.lock().unwrap().iter().any(|l| l.contains("worker started")) {
-        assert!(Instant::now() < deadline, "the embedded worker did not start: {:?}", api.output.lock().unwrap());
+    while !api
+        .output
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("worker started"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the embedded worker did not start: {:?}",
+            api.output.lock().unwrap()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
@@ -305,7 +445,13 @@ async fn an_embedded_postgres_stopped_under_a_running_api_is_started_again() {
         }
         None => std::process::Command::new(&pg_ctl),
     };
-    let stopped = stop.arg("stop").arg("-D").arg(server.data_dir()).args(["-m", "immediate", "-w"]).status().unwrap();
+    let stopped = stop
+        .arg("stop")
+        .arg("-D")
+        .arg(server.data_dir())
+        .args(["-m", "immediate", "-w"])
+        .status()
+        .unwrap();
     assert!(stopped.success());
     let stopped_at = Instant::now();
 
@@ -313,10 +459,21 @@ async fn an_embedded_postgres_stopped_under_a_running_api_is_started_again() {
     let took = wait_healthy(&api, Duration::from_secs(30)).await;
     let after = server.postmaster_pid().expect("a postmaster again");
     assert_ne!(after, before, "a new postmaster");
-    let (status, body) = api.send(api.request(Method::GET, "/v2/service_instances/none")).await;
+    let (status, body) = api
+        .send(api.request(Method::GET, "/v2/service_instances/none"))
+        .await;
     assert_eq!(status, 404, "{body}");
-    eprintln!("the API answered again {:?} after its Postgres was stopped ({took:?} of polling)", stopped_at.elapsed());
+    eprintln!(
+        "the API answered again {:?} after its Postgres was stopped ({took:?} of polling)",
+        stopped_at.elapsed()
+    );
     let printed = api.stop().await;
-    assert!(printed.iter().any(|l| l.contains("berth: stopped")), "{printed:?}");
-    assert!(processes_under(&dir).is_empty(), "SIGTERM still stops everything, the restarted Postgres included");
+    assert!(
+        printed.iter().any(|l| l.contains("berth: stopped")),
+        "{printed:?}"
+    );
+    assert!(
+        processes_under(&dir).is_empty(),
+        "SIGTERM still stops everything, the restarted Postgres included"
+    );
 }

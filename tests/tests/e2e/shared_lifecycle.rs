@@ -14,11 +14,25 @@ fn postgres_shared_ids(catalog: &Value) -> (String, String) {
         .iter()
         .find(|s| s["name"] == "postgres")
         .expect("postgres service in the catalog");
-    let plan = service["plans"].as_array().unwrap().iter().find(|p| p["name"] == "shared").expect("shared plan");
-    (service["id"].as_str().unwrap().into(), plan["id"].as_str().unwrap().into())
+    let plan = service["plans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "shared")
+        .expect("shared plan");
+    (
+        service["id"].as_str().unwrap().into(),
+        plan["id"].as_str().unwrap().into(),
+    )
 }
 
-async fn bind(stack: &Stack, instance: &str, binding: &str, ids: &(String, String), params: Value) -> Value {
+async fn bind(
+    stack: &Stack,
+    instance: &str,
+    binding: &str,
+    ids: &(String, String),
+    params: Value,
+) -> Value {
     let path = format!("/v2/service_instances/{instance}/service_bindings/{binding}");
     let (status, body) = stack
         .send(stack.request(Method::PUT, &format!("{path}?accepts_incomplete=true")).json(&json!({
@@ -27,8 +41,16 @@ async fn bind(stack: &Stack, instance: &str, binding: &str, ids: &(String, Strin
         .await
         .unwrap();
     assert_eq!(status, 202, "{body}");
-    let (status, last) = stack.wait_operation(&format!("{path}/last_operation"), WAIT).await.unwrap();
-    assert_eq!((status, last["state"].as_str()), (200, Some("succeeded")), "{last}\n{}", stack.logs());
+    let (status, last) = stack
+        .wait_operation(&format!("{path}/last_operation"), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, last["state"].as_str()),
+        (200, Some("succeeded")),
+        "{last}\n{}",
+        stack.logs()
+    );
     let (status, fetched) = stack.send(stack.request(Method::GET, &path)).await.unwrap();
     assert_eq!(status, 200, "{fetched}");
     fetched["credentials"].clone()
@@ -45,11 +67,12 @@ async fn broker_database_text(stack: &Stack) -> String {
     assert!(tables.iter().any(|t| t == "service_bindings"), "{tables:?}");
     let mut all = String::new();
     for table in tables {
-        let rows: String =
-            sqlx::query_scalar(&format!("SELECT coalesce(string_agg(t::text, '\n'), '') FROM \"{table}\" t"))
-                .fetch_one(&mut conn)
-                .await
-                .unwrap();
+        let rows: String = sqlx::query_scalar(&format!(
+            "SELECT coalesce(string_agg(t::text, '\n'), '') FROM \"{table}\" t"
+        ))
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
         all.push_str(&rows);
     }
     conn.close().await.unwrap();
@@ -60,7 +83,10 @@ async fn broker_database_text(stack: &Stack) -> String {
 async fn shared_database_from_provision_to_deprovision() {
     let stack = Stack::start().await.unwrap();
     let mut hooks = WebhookReceiver::start().await.unwrap();
-    let (_, catalog) = stack.send(stack.request(Method::GET, "/v2/catalog")).await.unwrap();
+    let (_, catalog) = stack
+        .send(stack.request(Method::GET, "/v2/catalog"))
+        .await
+        .unwrap();
     let ids = postgres_shared_ids(&catalog);
     let instance = uuid::Uuid::new_v4().to_string();
     let secret = "webhook-secret-e2e";
@@ -79,37 +105,73 @@ async fn shared_database_from_provision_to_deprovision() {
         .unwrap();
     assert_eq!(status, 202, "{body}");
     let operation = body["operation"].as_str().expect("operation").to_string();
-    let (status, last) =
-        stack.wait_operation(&format!("/v2/service_instances/{instance}/last_operation"), WAIT).await.unwrap();
-    assert_eq!((status, last["state"].as_str()), (200, Some("succeeded")), "{last}\n{}", stack.logs());
+    let (status, last) = stack
+        .wait_operation(
+            &format!("/v2/service_instances/{instance}/last_operation"),
+            WAIT,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, last["state"].as_str()),
+        (200, Some("succeeded")),
+        "{last}\n{}",
+        stack.logs()
+    );
 
     // The webhook arrives signed, and says what happened without any credentials.
     let hook = hooks.next(WAIT).await.unwrap();
-    assert_eq!(hook.signature.as_deref(), Some(broker::crypto::sign(secret.as_bytes(), &hook.body).as_str()));
+    assert_eq!(
+        hook.signature.as_deref(),
+        Some(broker::crypto::sign(secret.as_bytes(), &hook.body).as_str())
+    );
     let hook_body: Value = serde_json::from_slice(&hook.body).unwrap();
     assert_eq!(hook_body["instance_id"], instance.as_str());
     assert_eq!(hook_body["operation"], operation.as_str());
     assert_eq!(hook_body["state"], "succeeded");
     assert!(hook_body["description"].is_string(), "{hook_body}");
-    assert!(hook_body.get("binding_id").is_none(), "an instance operation names no binding: {hook_body}");
+    assert!(
+        hook_body.get("binding_id").is_none(),
+        "an instance operation names no binding: {hook_body}"
+    );
 
     // The instance can be fetched, without the webhook secret in its parameters.
-    let (status, fetched) =
-        stack.send(stack.request(Method::GET, &format!("/v2/service_instances/{instance}"))).await.unwrap();
+    let (status, fetched) = stack
+        .send(stack.request(Method::GET, &format!("/v2/service_instances/{instance}")))
+        .await
+        .unwrap();
     assert_eq!(status, 200, "{fetched}");
     assert_eq!(fetched["parameters"], json!({"extensions": ["citext"]}));
 
     // A read-write binding: a working DATABASE_URL.
     let rw = bind(&stack, &instance, "rw-binding", &ids, json!({})).await;
-    for key in ["DATABASE_URL", "uri", "PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGPASSWORD"] {
+    for key in [
+        "DATABASE_URL",
+        "uri",
+        "PGHOST",
+        "PGPORT",
+        "PGDATABASE",
+        "PGUSER",
+        "PGPASSWORD",
+    ] {
         assert!(rw[key].is_string(), "credentials lack {key}: {rw}");
     }
     let rw_url = rw["DATABASE_URL"].as_str().unwrap().to_string();
-    let mut conn = PgConnection::connect(&rw_url).await.expect("connect with the binding's DATABASE_URL");
-    sqlx::query("CREATE TABLE notes (id serial PRIMARY KEY, body citext)").execute(&mut conn).await.unwrap();
-    sqlx::query("INSERT INTO notes (body) VALUES ('Hello')").execute(&mut conn).await.unwrap();
-    let found: String =
-        sqlx::query_scalar("SELECT body::text FROM notes WHERE body = 'HELLO'").fetch_one(&mut conn).await.unwrap();
+    let mut conn = PgConnection::connect(&rw_url)
+        .await
+        .expect("connect with the binding's DATABASE_URL");
+    sqlx::query("CREATE TABLE notes (id serial PRIMARY KEY, body citext)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO notes (body) VALUES ('Hello')")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let found: String = sqlx::query_scalar("SELECT body::text FROM notes WHERE body = 'HELLO'")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
     assert_eq!(found, "Hello");
     conn.close().await.unwrap();
 
@@ -120,17 +182,34 @@ async fn shared_database_from_provision_to_deprovision() {
     let everything = broker_database_text(&stack).await;
     for plain in [rw_password, secret] {
         let hex: String = plain.bytes().map(|b| format!("{b:02x}")).collect();
-        assert!(!everything.contains(plain) && !everything.contains(&hex), "{plain:?} is stored in the clear");
+        assert!(
+            !everything.contains(plain) && !everything.contains(&hex),
+            "{plain:?} is stored in the clear"
+        );
         assert!(!stack.logs().contains(plain), "{plain:?} reached a log");
     }
 
     // A read-only binding reads the table and cannot write.
-    let ro = bind(&stack, &instance, "ro-binding", &ids, json!({"access": "read-only"})).await;
+    let ro = bind(
+        &stack,
+        &instance,
+        "ro-binding",
+        &ids,
+        json!({"access": "read-only"}),
+    )
+    .await;
     assert_ne!(ro["PGUSER"], rw["PGUSER"]);
-    let mut conn = PgConnection::connect(ro["DATABASE_URL"].as_str().unwrap()).await.unwrap();
-    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM notes").fetch_one(&mut conn).await.unwrap();
+    let mut conn = PgConnection::connect(ro["DATABASE_URL"].as_str().unwrap())
+        .await
+        .unwrap();
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM notes")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
     assert_eq!(count, 1);
-    let write = sqlx::query("INSERT INTO notes (body) VALUES ('nope')").execute(&mut conn).await;
+    let write = sqlx::query("INSERT INTO notes (body) VALUES ('nope')")
+        .execute(&mut conn)
+        .await;
     assert!(write.is_err(), "a read-only binding wrote a row");
     conn.close().await.unwrap();
 
@@ -139,14 +218,23 @@ async fn shared_database_from_provision_to_deprovision() {
     let (status, body) = stack
         .send(stack.request(
             Method::DELETE,
-            &format!("{path}?service_id={}&plan_id={}&accepts_incomplete=true", ids.0, ids.1),
+            &format!(
+                "{path}?service_id={}&plan_id={}&accepts_incomplete=true",
+                ids.0, ids.1
+            ),
         ))
         .await
         .unwrap();
     assert_eq!(status, 202, "{body}");
-    let (status, _) = stack.wait_operation(&format!("{path}/last_operation"), WAIT).await.unwrap();
+    let (status, _) = stack
+        .wait_operation(&format!("{path}/last_operation"), WAIT)
+        .await
+        .unwrap();
     assert!(status == 410 || status == 200, "unbind ended with {status}");
-    assert!(PgConnection::connect(&rw_url).await.is_err(), "an unbound role still logs in");
+    assert!(
+        PgConnection::connect(&rw_url).await.is_err(),
+        "an unbound role still logs in"
+    );
     let (status, _) = stack.send(stack.request(Method::GET, &path)).await.unwrap();
     assert_eq!(status, 404);
 
@@ -154,13 +242,21 @@ async fn shared_database_from_provision_to_deprovision() {
     let (status, body) = stack
         .send(stack.request(
             Method::DELETE,
-            &format!("/v2/service_instances/{instance}?service_id={}&plan_id={}&accepts_incomplete=true", ids.0, ids.1),
+            &format!(
+                "/v2/service_instances/{instance}?service_id={}&plan_id={}&accepts_incomplete=true",
+                ids.0, ids.1
+            ),
         ))
         .await
         .unwrap();
     assert_eq!(status, 202, "{body}");
-    let (status, last) =
-        stack.wait_operation(&format!("/v2/service_instances/{instance}/last_operation"), WAIT).await.unwrap();
+    let (status, last) = stack
+        .wait_operation(
+            &format!("/v2/service_instances/{instance}/last_operation"),
+            WAIT,
+        )
+        .await
+        .unwrap();
     assert_eq!(status, 410, "{last}\n{}", stack.logs());
     let database = broker::names::instance_database(&stack.name_prefix, &instance);
     let mut admin = stack.admin().await.unwrap();
@@ -176,14 +272,20 @@ async fn shared_database_from_provision_to_deprovision() {
         .await
         .unwrap();
     assert_eq!(roles, 0, "roles survived deprovision");
-    let (status, _) =
-        stack.send(stack.request(Method::GET, &format!("/v2/service_instances/{instance}"))).await.unwrap();
+    let (status, _) = stack
+        .send(stack.request(Method::GET, &format!("/v2/service_instances/{instance}")))
+        .await
+        .unwrap();
     assert_eq!(status, 404);
     admin.close().await.unwrap();
 
     // Nothing in either log carries a credential.
     let logs = stack.logs();
-    for secret in [rw["PGPASSWORD"].as_str().unwrap(), ro["PGPASSWORD"].as_str().unwrap(), secret] {
+    for secret in [
+        rw["PGPASSWORD"].as_str().unwrap(),
+        ro["PGPASSWORD"].as_str().unwrap(),
+        secret,
+    ] {
         assert!(!logs.contains(secret), "a secret reached a log");
     }
     stack.stop().await;

@@ -11,13 +11,29 @@ use sqlx::{Connection, PgConnection, Row};
 const WAIT: Duration = Duration::from_secs(120);
 
 fn plan_ids(catalog: &Value, plan: &str) -> (String, String) {
-    let service = catalog["services"].as_array().unwrap().iter().find(|s| s["name"] == "postgres").unwrap();
-    let plan = service["plans"].as_array().unwrap().iter().find(|p| p["name"] == plan).unwrap();
-    (service["id"].as_str().unwrap().into(), plan["id"].as_str().unwrap().into())
+    let service = catalog["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "postgres")
+        .unwrap();
+    let plan = service["plans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == plan)
+        .unwrap();
+    (
+        service["id"].as_str().unwrap().into(),
+        plan["id"].as_str().unwrap().into(),
+    )
 }
 
 async fn shared_ids(stack: &Stack) -> (String, String) {
-    let (_, catalog) = stack.send(stack.request(Method::GET, "/v2/catalog")).await.unwrap();
+    let (_, catalog) = stack
+        .send(stack.request(Method::GET, "/v2/catalog"))
+        .await
+        .unwrap();
     plan_ids(&catalog, "shared")
 }
 
@@ -32,32 +48,70 @@ async fn provision(stack: &Stack, ids: &(String, String), parameters: Value) -> 
         .await
         .unwrap();
     assert_eq!(status, 202, "{body}");
-    let (_, last) = stack.wait_operation(&format!("/v2/service_instances/{instance}/last_operation"), WAIT).await.unwrap();
+    let (_, last) = stack
+        .wait_operation(
+            &format!("/v2/service_instances/{instance}/last_operation"),
+            WAIT,
+        )
+        .await
+        .unwrap();
     assert_eq!(last["state"], "succeeded", "{last}\n{}", stack.logs());
     let path = format!("/v2/service_instances/{instance}/service_bindings/b-{instance}");
     let (status, body) = stack
-        .send(stack.request(Method::PUT, &format!("{path}?accepts_incomplete=true")).json(&json!({
-            "service_id": ids.0, "plan_id": ids.1, "app_guid": "app",
-        })))
+        .send(
+            stack
+                .request(Method::PUT, &format!("{path}?accepts_incomplete=true"))
+                .json(&json!({
+                    "service_id": ids.0, "plan_id": ids.1, "app_guid": "app",
+                })),
+        )
         .await
         .unwrap();
     assert_eq!(status, 202, "{body}");
-    let (_, last) = stack.wait_operation(&format!("{path}/last_operation"), WAIT).await.unwrap();
+    let (_, last) = stack
+        .wait_operation(&format!("{path}/last_operation"), WAIT)
+        .await
+        .unwrap();
     assert_eq!(last["state"], "succeeded", "{last}\n{}", stack.logs());
     let (_, binding) = stack.send(stack.request(Method::GET, &path)).await.unwrap();
-    (instance, binding["credentials"]["DATABASE_URL"].as_str().unwrap().to_string())
+    (
+        instance,
+        binding["credentials"]["DATABASE_URL"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+    )
 }
 
 async fn deprovision(stack: &Stack, ids: &(String, String), instance: &str) {
     let path = format!("/v2/service_instances/{instance}/service_bindings/b-{instance}");
-    let query = format!("service_id={}&plan_id={}&accepts_incomplete=true", ids.0, ids.1);
-    let (status, _) = stack.send(stack.request(Method::DELETE, &format!("{path}?{query}"))).await.unwrap();
+    let query = format!(
+        "service_id={}&plan_id={}&accepts_incomplete=true",
+        ids.0, ids.1
+    );
+    let (status, _) = stack
+        .send(stack.request(Method::DELETE, &format!("{path}?{query}")))
+        .await
+        .unwrap();
     assert!(status == 202 || status == 410, "unbind answered {status}");
-    let _ = stack.wait_operation(&format!("{path}/last_operation"), WAIT).await;
-    let (status, body) =
-        stack.send(stack.request(Method::DELETE, &format!("/v2/service_instances/{instance}?{query}"))).await.unwrap();
+    let _ = stack
+        .wait_operation(&format!("{path}/last_operation"), WAIT)
+        .await;
+    let (status, body) = stack
+        .send(stack.request(
+            Method::DELETE,
+            &format!("/v2/service_instances/{instance}?{query}"),
+        ))
+        .await
+        .unwrap();
     assert_eq!(status, 202, "{body}");
-    let (status, _) = stack.wait_operation(&format!("/v2/service_instances/{instance}/last_operation"), WAIT).await.unwrap();
+    let (status, _) = stack
+        .wait_operation(
+            &format!("/v2/service_instances/{instance}/last_operation"),
+            WAIT,
+        )
+        .await
+        .unwrap();
     assert_eq!(status, 410, "{}", stack.logs());
 }
 
@@ -69,19 +123,28 @@ async fn sql(url: &str, statements: &str) {
 
 async fn names(url: &str) -> Vec<String> {
     let mut conn = PgConnection::connect(url).await.unwrap();
-    let rows = sqlx::query("SELECT name FROM items ORDER BY id").fetch_all(&mut conn).await.unwrap();
+    let rows = sqlx::query("SELECT name FROM items ORDER BY id")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
     rows.iter().map(|r| r.get::<String, _>(0)).collect()
 }
 
 /// 202 from a `/berth/v1` POST; returns its body.
 async fn accepted(stack: &Stack, method: Method, path: &str, body: Value) -> Value {
-    let (status, answer) = stack.send(stack.request(method, path).json(&body)).await.unwrap();
+    let (status, answer) = stack
+        .send(stack.request(method, path).json(&body))
+        .await
+        .unwrap();
     assert_eq!(status, 202, "{path}: {answer}\n{}", stack.logs());
     answer
 }
 
 async fn succeeded(stack: &Stack, answer: &Value) {
-    let task = stack.wait_task(answer["operation"].as_str().unwrap(), WAIT).await.unwrap();
+    let task = stack
+        .wait_task(answer["operation"].as_str().unwrap(), WAIT)
+        .await
+        .unwrap();
     assert_eq!(task["state"], "succeeded", "{task}\n{}", stack.logs());
 }
 
@@ -92,7 +155,10 @@ async fn concurrently(requests: Vec<reqwest::RequestBuilder>) -> Vec<(u16, Value
         set.spawn(async move {
             let response = request.send().await.unwrap();
             let status = response.status().as_u16();
-            (status, response.json::<Value>().await.unwrap_or(Value::Null))
+            (
+                status,
+                response.json::<Value>().await.unwrap_or(Value::Null),
+            )
         });
     }
     set.join_all().await
@@ -100,7 +166,9 @@ async fn concurrently(requests: Vec<reqwest::RequestBuilder>) -> Vec<(u16, Value
 
 fn files_under(dir: &Path, suffix: &str) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else { return out };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
     for entry in entries.flatten() {
         let path = entry.path();
         if path.is_dir() {
@@ -128,9 +196,14 @@ async fn preset_round_trip(stack: &Stack) {
     sql(&source_url, "CREATE TABLE items (id int PRIMARY KEY, name text); INSERT INTO items VALUES (1, 'a'), (2, 'b');")
         .await;
 
-    let v1 = accepted(stack, Method::POST, "/berth/v1/presets", json!({
-        "name": "shop", "instance_id": source, "description": "two items", "author": "alice",
-    }))
+    let v1 = accepted(
+        stack,
+        Method::POST,
+        "/berth/v1/presets",
+        json!({
+            "name": "shop", "instance_id": source, "description": "two items", "author": "alice",
+        }),
+    )
     .await;
     assert_eq!(v1["version"], 1);
     succeeded(stack, &v1).await;
@@ -138,20 +211,39 @@ async fn preset_round_trip(stack: &Stack) {
     // Many concurrent push-new of one name: exactly one wins.
     let racers = (0..8)
         .map(|i| {
-            stack.request(Method::POST, "/berth/v1/presets").json(&json!({
-                "name": "race", "instance_id": source, "author": format!("racer-{i}"),
-            }))
+            stack
+                .request(Method::POST, "/berth/v1/presets")
+                .json(&json!({
+                    "name": "race", "instance_id": source, "author": format!("racer-{i}"),
+                }))
         })
         .collect();
-    let statuses: Vec<u16> = concurrently(racers).await.into_iter().map(|(s, _)| s).collect();
-    assert_eq!(statuses.iter().filter(|s| **s == 202).count(), 1, "{statuses:?}");
-    assert_eq!(statuses.iter().filter(|s| **s == 409).count(), 7, "{statuses:?}");
+    let statuses: Vec<u16> = concurrently(racers)
+        .await
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 202).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 409).count(),
+        7,
+        "{statuses:?}"
+    );
 
     // A second version; the first stays restorable.
     sql(&source_url, "INSERT INTO items VALUES (3, 'c');").await;
-    let v2 = accepted(stack, Method::POST, "/berth/v1/presets/shop/versions", json!({
-        "instance_id": source, "description": "three items", "author": "bob",
-    }))
+    let v2 = accepted(
+        stack,
+        Method::POST,
+        "/berth/v1/presets/shop/versions",
+        json!({
+            "instance_id": source, "description": "three items", "author": "bob",
+        }),
+    )
     .await;
     assert_eq!(v2["version"], 2);
     succeeded(stack, &v2).await;
@@ -165,49 +257,104 @@ async fn preset_round_trip(stack: &Stack) {
         })
         .collect();
     let answers = concurrently(lockers).await;
-    let winners: Vec<&Value> = answers.iter().filter(|(s, _)| *s == 200).map(|(_, b)| b).collect();
+    let winners: Vec<&Value> = answers
+        .iter()
+        .filter(|(s, _)| *s == 200)
+        .map(|(_, b)| b)
+        .collect();
     assert_eq!(winners.len(), 1, "{answers:?}");
-    assert_eq!(answers.iter().filter(|(s, _)| *s == 409).count(), 9, "{answers:?}");
+    assert_eq!(
+        answers.iter().filter(|(s, _)| *s == 409).count(),
+        9,
+        "{answers:?}"
+    );
     let key = winners[0]["lock_key"].as_str().unwrap().to_string();
-    let (status, lock) = stack.send(stack.request(Method::GET, "/berth/v1/presets/shop/lock")).await.unwrap();
+    let (status, lock) = stack
+        .send(stack.request(Method::GET, "/berth/v1/presets/shop/lock"))
+        .await
+        .unwrap();
     assert_eq!((status, &lock["locked"]), (200, &json!(true)));
-    assert!(lock.get("lock_key").is_none(), "the key is never shown again: {lock}");
+    assert!(
+        lock.get("lock_key").is_none(),
+        "the key is never shown again: {lock}"
+    );
 
     // Locked: pushes need the key.
     let push = json!({"instance_id": source});
-    let (status, body) =
-        stack.send(stack.request(Method::POST, "/berth/v1/presets/shop/versions").json(&push)).await.unwrap();
+    let (status, body) = stack
+        .send(
+            stack
+                .request(Method::POST, "/berth/v1/presets/shop/versions")
+                .json(&push),
+        )
+        .await
+        .unwrap();
     assert_eq!(status, 423, "{body}");
     let wrong = json!({"instance_id": source, "lock_key": "lk_not-the-key"});
-    let (status, _) = stack.send(stack.request(Method::POST, "/berth/v1/presets/shop/versions").json(&wrong)).await.unwrap();
+    let (status, _) = stack
+        .send(
+            stack
+                .request(Method::POST, "/berth/v1/presets/shop/versions")
+                .json(&wrong),
+        )
+        .await
+        .unwrap();
     assert_eq!(status, 423);
-    let v3 = accepted(stack, Method::POST, "/berth/v1/presets/shop/versions", json!({
-        "instance_id": source, "lock_key": key, "description": "locked push",
-    }))
+    let v3 = accepted(
+        stack,
+        Method::POST,
+        "/berth/v1/presets/shop/versions",
+        json!({
+            "instance_id": source, "lock_key": key, "description": "locked push",
+        }),
+    )
     .await;
     assert_eq!(v3["version"], 3);
     succeeded(stack, &v3).await;
     let (status, _) = stack
-        .send(stack.request(Method::DELETE, "/berth/v1/presets/shop/lock").json(&json!({"lock_key": "lk_wrong"})))
+        .send(
+            stack
+                .request(Method::DELETE, "/berth/v1/presets/shop/lock")
+                .json(&json!({"lock_key": "lk_wrong"})),
+        )
         .await
         .unwrap();
     assert_eq!(status, 403);
-    let (status, _) =
-        stack.send(stack.request(Method::DELETE, "/berth/v1/presets/shop/lock").json(&json!({"lock_key": key}))).await.unwrap();
+    let (status, _) = stack
+        .send(
+            stack
+                .request(Method::DELETE, "/berth/v1/presets/shop/lock")
+                .json(&json!({"lock_key": key})),
+        )
+        .await
+        .unwrap();
     assert_eq!(status, 200);
 
     // The change log.
-    let (_, shown) = stack.send(stack.request(Method::GET, "/berth/v1/presets/shop")).await.unwrap();
+    let (_, shown) = stack
+        .send(stack.request(Method::GET, "/berth/v1/presets/shop"))
+        .await
+        .unwrap();
     let versions = shown["versions"].as_array().unwrap();
     assert_eq!(versions.len(), 3, "{shown}");
-    assert!(versions.iter().all(|v| v["state"] == "ready" && v["size_bytes"].as_i64().unwrap() > 0), "{shown}");
+    assert!(
+        versions
+            .iter()
+            .all(|v| v["state"] == "ready" && v["size_bytes"].as_i64().unwrap() > 0),
+        "{shown}"
+    );
     assert_eq!(versions[2]["created_by"], "alice");
     assert_eq!(versions[1]["description"], "three items");
 
     // Three instances from version 1: the first restores the template, the others clone it.
     let mut made = Vec::new();
     for _ in 0..3 {
-        let (instance, url) = provision(stack, &ids, json!({"preset": {"name": "shop", "version": 1}})).await;
+        let (instance, url) = provision(
+            stack,
+            &ids,
+            json!({"preset": {"name": "shop", "version": 1}}),
+        )
+        .await;
         assert_eq!(names(&url).await, ["a", "b"]);
         // The app owns what the preset brought: it can change the table.
         sql(&url, "ALTER TABLE items ADD COLUMN note text;").await;
@@ -215,31 +362,64 @@ async fn preset_round_trip(stack: &Stack) {
     }
     let v1_id = versions[2]["id"].as_str().unwrap().replace('-', "");
     let templates = databases_like(stack, &format!("{}tpl_%", stack.name_prefix)).await;
-    assert_eq!(templates, [format!("{}tpl_{v1_id}", stack.name_prefix)], "one template, for version 1");
+    assert_eq!(
+        templates,
+        [format!("{}tpl_{v1_id}", stack.name_prefix)],
+        "one template, for version 1"
+    );
 
     // Select (db-p): reset the source to version 1 while its binding stays valid.
     let (status, body) = stack
-        .send(stack.request(Method::POST, &format!("/berth/v1/instances/{source}/select")).json(&json!({"preset": "shop", "version": 1})))
+        .send(
+            stack
+                .request(
+                    Method::POST,
+                    &format!("/berth/v1/instances/{source}/select"),
+                )
+                .json(&json!({"preset": "shop", "version": 1})),
+        )
         .await
         .unwrap();
     assert_eq!(status, 202, "{body}");
-    let (_, last) = stack.wait_operation(&format!("/v2/service_instances/{source}/last_operation"), WAIT).await.unwrap();
+    let (_, last) = stack
+        .wait_operation(
+            &format!("/v2/service_instances/{source}/last_operation"),
+            WAIT,
+        )
+        .await
+        .unwrap();
     assert_eq!(last["state"], "succeeded", "{last}\n{}", stack.logs());
     assert_eq!(names(&source_url).await, ["a", "b"]);
     // And an OSB update naming a preset selects it too.
     let (status, body) = stack
-        .send(stack.request(Method::PATCH, &format!("/v2/service_instances/{source}?accepts_incomplete=true")).json(&json!({
-            "service_id": ids.0, "parameters": {"preset": {"name": "shop", "version": 2}},
-        })))
+        .send(
+            stack
+                .request(
+                    Method::PATCH,
+                    &format!("/v2/service_instances/{source}?accepts_incomplete=true"),
+                )
+                .json(&json!({
+                    "service_id": ids.0, "parameters": {"preset": {"name": "shop", "version": 2}},
+                })),
+        )
         .await
         .unwrap();
     assert_eq!(status, 202, "{body}");
-    let (_, last) = stack.wait_operation(&format!("/v2/service_instances/{source}/last_operation"), WAIT).await.unwrap();
+    let (_, last) = stack
+        .wait_operation(
+            &format!("/v2/service_instances/{source}/last_operation"),
+            WAIT,
+        )
+        .await
+        .unwrap();
     assert_eq!(last["state"], "succeeded", "{last}\n{}", stack.logs());
     assert_eq!(names(&source_url).await, ["a", "b", "c"]);
 
     // Bad input changes nothing: an unknown preset, a missing version.
-    for parameters in [json!({"preset": "nope"}), json!({"preset": {"name": "shop", "version": 9}})] {
+    for parameters in [
+        json!({"preset": "nope"}),
+        json!({"preset": {"name": "shop", "version": 9}}),
+    ] {
         let id = uuid::Uuid::new_v4();
         let (status, body) = stack
             .send(stack.request(Method::PUT, &format!("/v2/service_instances/{id}?accepts_incomplete=true")).json(&json!({
@@ -248,7 +428,10 @@ async fn preset_round_trip(stack: &Stack) {
             .await
             .unwrap();
         assert_eq!(status, 400, "{body}");
-        let (status, _) = stack.send(stack.request(Method::GET, &format!("/v2/service_instances/{id}"))).await.unwrap();
+        let (status, _) = stack
+            .send(stack.request(Method::GET, &format!("/v2/service_instances/{id}")))
+            .await
+            .unwrap();
         assert_eq!(status, 404);
     }
 
@@ -264,7 +447,11 @@ async fn presets_through_a_file_store() {
     let stack = Stack::start().await.unwrap();
     preset_round_trip(&stack).await;
     let objects = files_under(&stack.dir.join("snapshots"), ".bsnap");
-    assert_eq!(objects.len(), 4, "three versions of shop and one of race: {objects:?}");
+    assert_eq!(
+        objects.len(),
+        4,
+        "three versions of shop and one of race: {objects:?}"
+    );
     assert!(files_under(&stack.dir.join("snapshots"), ".partial").is_empty());
     stack.stop().await;
 }
@@ -274,15 +461,27 @@ async fn presets_through_seaweedfs() {
     let url = std::env::var("BERTH_TEST_S3_COMPAT_URL").expect("scripts/test.sh starts SeaweedFS");
     let tag = &uuid::Uuid::new_v4().simple().to_string()[..8];
     let stack = Stack::start_with(vec![
-        ("SNAPSHOT_STORE_URL", format!("s3://berth-snapshots-{tag}/e2e")),
+        (
+            "SNAPSHOT_STORE_URL",
+            format!("s3://berth-snapshots-{tag}/e2e"),
+        ),
         ("SNAPSHOT_S3_ENDPOINT", url),
-        ("SNAPSHOT_S3_ACCESS_KEY", std::env::var("BERTH_TEST_S3_COMPAT_ACCESS_KEY").unwrap()),
-        ("SNAPSHOT_S3_SECRET_KEY", std::env::var("BERTH_TEST_S3_COMPAT_SECRET_KEY").unwrap()),
+        (
+            "SNAPSHOT_S3_ACCESS_KEY",
+            std::env::var("BERTH_TEST_S3_COMPAT_ACCESS_KEY").unwrap(),
+        ),
+        (
+            "SNAPSHOT_S3_SECRET_KEY",
+            std::env::var("BERTH_TEST_S3_COMPAT_SECRET_KEY").unwrap(),
+        ),
     ])
     .await
     .unwrap();
     preset_round_trip(&stack).await;
-    assert!(files_under(&stack.dir.join("snapshots"), ".bsnap").is_empty(), "nothing went to the file store");
+    assert!(
+        files_under(&stack.dir.join("snapshots"), ".bsnap").is_empty(),
+        "nothing went to the file store"
+    );
     stack.stop().await;
 }
 
@@ -302,7 +501,9 @@ async fn a_wrong_key_or_a_damaged_object_changes_nothing() {
     succeeded(&stack, &pushed).await;
     sql(&url, "UPDATE items SET name = 'live data';").await;
 
-    let object = files_under(&stack.dir.join("snapshots"), ".bsnap").pop().expect("the preset's object");
+    let object = files_under(&stack.dir.join("snapshots"), ".bsnap")
+        .pop()
+        .expect("the preset's object");
     let original = std::fs::read(&object).unwrap();
 
     // A flipped byte in the middle.
@@ -313,14 +514,20 @@ async fn a_wrong_key_or_a_damaged_object_changes_nothing() {
     let last = select_preset(&stack, &instance, "p").await;
     assert_eq!(last["state"], "failed", "{last}");
     let why = last["description"].as_str().unwrap();
-    assert!(why.contains("corrupted") || why.contains("SHA-256"), "{why}");
+    assert!(
+        why.contains("corrupted") || why.contains("SHA-256"),
+        "{why}"
+    );
     assert_eq!(names(&url).await, ["live data"]);
 
     // A truncated object.
     std::fs::write(&object, &original[..original.len() - 100]).unwrap();
     let last = select_preset(&stack, &instance, "p").await;
     assert_eq!(last["state"], "failed", "{last}");
-    assert!(last["description"].as_str().unwrap().contains("damaged"), "{last}");
+    assert!(
+        last["description"].as_str().unwrap().contains("damaged"),
+        "{last}"
+    );
     assert_eq!(names(&url).await, ["live data"]);
 
     // The right object, but a worker with another key: it refuses to start (the broker's database holds the
@@ -329,18 +536,35 @@ async fn a_wrong_key_or_a_damaged_object_changes_nothing() {
     stack.kill_worker().await;
     let other_key = stack.dir.join("other-snapshot.key");
     broker::crypto::generate_key_file(&other_key).unwrap();
-    stack.restart_worker(vec![("SNAPSHOT_KEY_FILE", other_key.display().to_string())]).unwrap();
-    let exited = stack.wait_worker_exit(Duration::from_secs(30)).await.expect("the worker refuses to start");
+    stack
+        .restart_worker(vec![("SNAPSHOT_KEY_FILE", other_key.display().to_string())])
+        .unwrap();
+    let exited = stack
+        .wait_worker_exit(Duration::from_secs(30))
+        .await
+        .expect("the worker refuses to start");
     assert!(!exited.success());
     let said = stack.log("worker-restarted.log");
-    assert!(said.contains(&other_key.display().to_string()) && said.contains("SNAPSHOT_KEY_FILE"), "{said}");
+    assert!(
+        said.contains(&other_key.display().to_string()) && said.contains("SNAPSHOT_KEY_FILE"),
+        "{said}"
+    );
     assert_eq!(names(&url).await, ["live data"]);
     // Nothing was touched.
-    assert!(databases_like(&stack, &format!("{}rs_%", stack.name_prefix)).await.is_empty());
+    assert!(
+        databases_like(&stack, &format!("{}rs_%", stack.name_prefix))
+            .await
+            .is_empty()
+    );
 
     // With its own key back, the same object restores.
     stack.kill_worker().await;
-    stack.restart_worker(vec![("SNAPSHOT_KEY_FILE", stack.dir.join("snapshot.key").display().to_string())]).unwrap();
+    stack
+        .restart_worker(vec![(
+            "SNAPSHOT_KEY_FILE",
+            stack.dir.join("snapshot.key").display().to_string(),
+        )])
+        .unwrap();
     let last = select_preset(&stack, &instance, "p").await;
     assert_eq!(last["state"], "succeeded", "{last}\n{}", stack.logs());
     assert_eq!(names(&url).await, ["preset (migrated)"]);
@@ -350,16 +574,32 @@ async fn a_wrong_key_or_a_damaged_object_changes_nothing() {
 
 /// `POST /berth/v1/instances/{id}/select` and the instance's last_operation once it is finished.
 async fn select_preset(stack: &Stack, instance: &str, preset: &str) -> Value {
-    let request = stack.request(Method::POST, &format!("/berth/v1/instances/{instance}/select")).json(&json!({"preset": preset}));
+    let request = stack
+        .request(
+            Method::POST,
+            &format!("/berth/v1/instances/{instance}/select"),
+        )
+        .json(&json!({"preset": preset}));
     let (status, body) = stack.send(request).await.unwrap();
     assert_eq!(status, 202, "{body}");
-    let (_, last) = stack.wait_operation(&format!("/v2/service_instances/{instance}/last_operation"), WAIT).await.unwrap();
+    let (_, last) = stack
+        .wait_operation(
+            &format!("/v2/service_instances/{instance}/last_operation"),
+            WAIT,
+        )
+        .await
+        .unwrap();
     last
 }
 
 async fn backups(stack: &Stack, instance: &str) -> Vec<Value> {
-    let (status, body) =
-        stack.send(stack.request(Method::GET, &format!("/berth/v1/instances/{instance}/backups"))).await.unwrap();
+    let (status, body) = stack
+        .send(stack.request(
+            Method::GET,
+            &format!("/berth/v1/instances/{instance}/backups"),
+        ))
+        .await
+        .unwrap();
     assert_eq!(status, 200, "{body}");
     body["backups"].as_array().unwrap().clone()
 }
@@ -368,11 +608,21 @@ async fn backups(stack: &Stack, instance: &str) -> Vec<Value> {
 /// same instance and into a new one.
 #[tokio::test]
 async fn backups_fire_prune_and_restore() {
-    let stack = Stack::start_with(vec![("BACKUP_SCHEDULER_MS", "200".into())]).await.unwrap();
+    let stack = Stack::start_with(vec![("BACKUP_SCHEDULER_MS", "200".into())])
+        .await
+        .unwrap();
     let ids = shared_ids(&stack).await;
-    let (instance, url) =
-        provision(&stack, &ids, json!({"backups": {"schedule": "*/2 * * * * *", "retention": 2}})).await;
-    sql(&url, "CREATE TABLE items (id int PRIMARY KEY, name text); INSERT INTO items VALUES (1, 'kept');").await;
+    let (instance, url) = provision(
+        &stack,
+        &ids,
+        json!({"backups": {"schedule": "*/2 * * * * *", "retention": 2}}),
+    )
+    .await;
+    sql(
+        &url,
+        "CREATE TABLE items (id int PRIMARY KEY, name text); INSERT INTO items VALUES (1, 'kept');",
+    )
+    .await;
 
     // The schedule fires every 2 s; retention keeps the newest 2.
     let mut seen = std::collections::BTreeSet::new();
@@ -386,52 +636,118 @@ async fn backups_fire_prune_and_restore() {
         }
         let ready = list.iter().filter(|b| b["state"] == "ready").count();
         if seen.len() >= 4 {
-            assert!(ready <= 2, "retention 2 but {ready} ready backups: {list:?}");
+            assert!(
+                ready <= 2,
+                "retention 2 but {ready} ready backups: {list:?}"
+            );
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "backups did not fire: {list:?}\n{}", stack.logs());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "backups did not fire: {list:?}\n{}",
+            stack.logs()
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     // Stop the schedule; pruned objects are gone from the store.
     let (status, body) = stack
-        .send(stack.request(Method::PATCH, &format!("/v2/service_instances/{instance}?accepts_incomplete=true")).json(&json!({
-            "service_id": ids.0, "parameters": {"backups": null},
-        })))
+        .send(
+            stack
+                .request(
+                    Method::PATCH,
+                    &format!("/v2/service_instances/{instance}?accepts_incomplete=true"),
+                )
+                .json(&json!({
+                    "service_id": ids.0, "parameters": {"backups": null},
+                })),
+        )
         .await
         .unwrap();
     assert_eq!(status, 202, "{body}");
-    stack.wait_operation(&format!("/v2/service_instances/{instance}/last_operation"), WAIT).await.unwrap();
+    stack
+        .wait_operation(
+            &format!("/v2/service_instances/{instance}/last_operation"),
+            WAIT,
+        )
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let ready: Vec<Value> = backups(&stack, &instance).await.into_iter().filter(|b| b["state"] == "ready").collect();
+    let ready: Vec<Value> = backups(&stack, &instance)
+        .await
+        .into_iter()
+        .filter(|b| b["state"] == "ready")
+        .collect();
     let objects = files_under(&stack.dir.join("snapshots").join("backups"), ".bsnap");
     assert_eq!(objects.len(), ready.len(), "{objects:?} vs {ready:?}");
 
     // Take one now, lose data, restore it.
     sql(&url, "INSERT INTO items VALUES (2, 'also kept');").await;
-    let taken = accepted(&stack, Method::POST, &format!("/berth/v1/instances/{instance}/backups"), json!({})).await;
+    let taken = accepted(
+        &stack,
+        Method::POST,
+        &format!("/berth/v1/instances/{instance}/backups"),
+        json!({}),
+    )
+    .await;
     succeeded(&stack, &taken).await;
     let backup = taken["backup_id"].as_str().unwrap().to_string();
-    sql(&url, "DELETE FROM items; INSERT INTO items VALUES (3, 'after the backup');").await;
-    let restore = accepted(&stack, Method::POST, &format!("/berth/v1/instances/{instance}/backups/{backup}/restore"), json!({})).await;
+    sql(
+        &url,
+        "DELETE FROM items; INSERT INTO items VALUES (3, 'after the backup');",
+    )
+    .await;
+    let restore = accepted(
+        &stack,
+        Method::POST,
+        &format!("/berth/v1/instances/{instance}/backups/{backup}/restore"),
+        json!({}),
+    )
+    .await;
     assert!(restore["operation"].is_string());
-    let (_, last) = stack.wait_operation(&format!("/v2/service_instances/{instance}/last_operation"), WAIT).await.unwrap();
+    let (_, last) = stack
+        .wait_operation(
+            &format!("/v2/service_instances/{instance}/last_operation"),
+            WAIT,
+        )
+        .await
+        .unwrap();
     assert_eq!(last["state"], "succeeded", "{last}\n{}", stack.logs());
     assert_eq!(names(&url).await, ["kept", "also kept"]);
 
     // The Akkeris face lists the same backups.
-    let (status, body) =
-        stack.send(stack.request(Method::GET, &format!("/v2/service_instances/{instance}/actions/backups"))).await.unwrap();
+    let (status, body) = stack
+        .send(stack.request(
+            Method::GET,
+            &format!("/v2/service_instances/{instance}/actions/backups"),
+        ))
+        .await
+        .unwrap();
     assert_eq!(status, 200, "{body}");
-    assert!(body["backups"].as_array().unwrap().iter().any(|b| b["id"] == backup.as_str()));
+    assert!(
+        body["backups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["id"] == backup.as_str())
+    );
 
     // A new instance from the backup.
-    let (copy, copy_url) =
-        provision(&stack, &ids, json!({"restore_from": {"instance": instance, "backup": backup}})).await;
+    let (copy, copy_url) = provision(
+        &stack,
+        &ids,
+        json!({"restore_from": {"instance": instance, "backup": backup}}),
+    )
+    .await;
     assert_eq!(names(&copy_url).await, ["kept", "also kept"]);
 
     // Deprovision keeps the backups (the default): still listed after the instance is gone.
     deprovision(&stack, &ids, &instance).await;
-    assert!(backups(&stack, &instance).await.iter().any(|b| b["id"] == backup.as_str()));
+    assert!(
+        backups(&stack, &instance)
+            .await
+            .iter()
+            .any(|b| b["id"] == backup.as_str())
+    );
     deprovision(&stack, &ids, &copy).await;
     stack.stop().await;
 }
@@ -440,7 +756,9 @@ async fn backups_fire_prune_and_restore() {
 /// picked up again once its lease runs out and the backup completes.
 #[tokio::test]
 async fn a_worker_killed_during_upload_leaves_no_half_backup() {
-    let mut stack = Stack::start_with(vec![("WORKER_LEASE_SECS", "3".into())]).await.unwrap();
+    let mut stack = Stack::start_with(vec![("WORKER_LEASE_SECS", "3".into())])
+        .await
+        .unwrap();
     let ids = shared_ids(&stack).await;
     let (instance, url) = provision(&stack, &ids, json!({})).await;
     // About 40 MB of text that compresses poorly, so the dump takes a while.
@@ -451,23 +769,40 @@ async fn a_worker_killed_during_upload_leaves_no_half_backup() {
                                     || md5(random()::text) FROM generate_series(1, 300000) g;",
     )
     .await;
-    let taken = accepted(&stack, Method::POST, &format!("/berth/v1/instances/{instance}/backups"), json!({})).await;
+    let taken = accepted(
+        &stack,
+        Method::POST,
+        &format!("/berth/v1/instances/{instance}/backups"),
+        json!({}),
+    )
+    .await;
     let operation = taken["operation"].as_str().unwrap().to_string();
     let backup = taken["backup_id"].as_str().unwrap().to_string();
     // A second backup is refused while this one runs.
-    let (status, body) =
-        stack.send(stack.request(Method::POST, &format!("/berth/v1/instances/{instance}/backups"))).await.unwrap();
+    let (status, body) = stack
+        .send(stack.request(
+            Method::POST,
+            &format!("/berth/v1/instances/{instance}/backups"),
+        ))
+        .await
+        .unwrap();
     assert_eq!(status, 409, "{body}");
 
     // Kill the worker once the upload is under way.
     let deadline = std::time::Instant::now() + WAIT;
     loop {
-        let (_, task) = stack.send(stack.request(Method::GET, &format!("/berth/v1/tasks/{operation}"))).await.unwrap();
+        let (_, task) = stack
+            .send(stack.request(Method::GET, &format!("/berth/v1/tasks/{operation}")))
+            .await
+            .unwrap();
         let uploading = !files_under(&stack.dir.join("snapshots"), ".partial").is_empty();
         if task["state"] == "running" && uploading {
             break;
         }
-        assert_ne!(task["state"], "succeeded", "the backup finished before the worker could be killed");
+        assert_ne!(
+            task["state"], "succeeded",
+            "the backup finished before the worker could be killed"
+        );
         assert!(std::time::Instant::now() < deadline, "{task}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -475,7 +810,10 @@ async fn a_worker_killed_during_upload_leaves_no_half_backup() {
     let listed = backups(&stack, &instance).await;
     let row = listed.iter().find(|b| b["id"] == backup.as_str()).unwrap();
     assert_eq!(row["state"], "pending", "{row}");
-    assert!(files_under(&stack.dir.join("snapshots"), ".bsnap").is_empty(), "no complete object");
+    assert!(
+        files_under(&stack.dir.join("snapshots"), ".bsnap").is_empty(),
+        "no complete object"
+    );
 
     // Another worker finishes it: one object, no partial left, the backup restorable.
     stack.restart_worker(vec![]).unwrap();
@@ -484,7 +822,11 @@ async fn a_worker_killed_during_upload_leaves_no_half_backup() {
     assert_eq!(files_under(&stack.dir.join("snapshots"), ".bsnap").len(), 1);
     assert!(files_under(&stack.dir.join("snapshots"), ".partial").is_empty());
     let listed = backups(&stack, &instance).await;
-    assert_eq!(listed.iter().filter(|b| b["state"] == "ready").count(), 1, "{listed:?}");
+    assert_eq!(
+        listed.iter().filter(|b| b["state"] == "ready").count(),
+        1,
+        "{listed:?}"
+    );
     deprovision(&stack, &ids, &instance).await;
     stack.stop().await;
 }

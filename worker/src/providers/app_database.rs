@@ -4,12 +4,11 @@
 
 use sqlx::{PgConnection, postgres::PgConnectOptions};
 
+use super::scram;
 use super::shared_postgres::{
     Access, connect, create_extensions, database_exists, drop_role, ensure_database, ensure_role,
-    exec, exec_tolerating, lock_out, role_exists,
-    read_only_grants,
+    exec, exec_tolerating, lock_out, read_only_grants, role_exists,
 };
-use super::scram;
 use crate::registry::TaskError;
 use broker::names::{quote_ident, quote_literal};
 

@@ -10,11 +10,17 @@ use secrecy::{ExposeSecret, SecretString};
 pub fn http_client() -> SharedHttpClient {
     use aws_smithy_http_client::{Builder, tls};
     Builder::new()
-        .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring))
+        .tls_provider(tls::Provider::Rustls(
+            tls::rustls_provider::CryptoMode::Ring,
+        ))
         .build_https()
 }
 
-pub fn static_credentials(key: &str, secret: &SecretString, token: Option<&SecretString>) -> Credentials {
+pub fn static_credentials(
+    key: &str,
+    secret: &SecretString,
+    token: Option<&SecretString>,
+) -> Credentials {
     Credentials::new(
         key,
         secret.expose_secret(),
@@ -34,8 +40,14 @@ pub fn sdk_config(settings: &Settings, region: &str) -> anyhow::Result<SdkConfig
     if let Some(endpoint) = &settings.aws_endpoint_url {
         loader = loader.endpoint_url(endpoint);
     }
-    if let (Some(key), Some(secret)) = (&settings.aws_access_key_id, &settings.aws_secret_access_key) {
-        loader = loader.credentials_provider(static_credentials(key, secret, settings.aws_session_token.as_ref()));
+    if let (Some(key), Some(secret)) =
+        (&settings.aws_access_key_id, &settings.aws_secret_access_key)
+    {
+        loader = loader.credentials_provider(static_credentials(
+            key,
+            secret,
+            settings.aws_session_token.as_ref(),
+        ));
     }
     // The loader only resolves settings (no request is made); block on it from sync code.
     block_on(loader.load())

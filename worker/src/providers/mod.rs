@@ -1,10 +1,10 @@
 //! Providers carry out the OSB operations for one plan engine. The worker keeps one per configured
 //! engine and picks it by the plan's `engine` field in the catalog.
 
+mod app_database;
 pub mod aws;
 pub mod ec2_common;
 pub mod ec2_postgres;
-mod app_database;
 pub mod ha_ec2;
 pub mod ha_local;
 pub mod local_postgres;
@@ -131,7 +131,9 @@ pub trait Provider: Send + Sync {
         _instance: &InstanceRow,
         _bindings: &[BindingRow],
     ) -> Result<Progress<DatabaseTarget>, TaskError> {
-        Err(TaskError::fatal("this plan has no database to snapshot or restore"))
+        Err(TaskError::fatal(
+            "this plan has no database to snapshot or restore",
+        ))
     }
 
     /// A switchover (`Operation::Switchover`) or failover of an HA cluster's primary to `candidate`, or to the
@@ -156,16 +158,25 @@ pub trait Provider: Send + Sync {
 /// A `Wait` when the instance's processes live on another host (details `engine_host`, recorded by engines
 /// that run them on the worker's machine): that host's workers do the job.
 pub(crate) fn owned_elsewhere<T>(instance: &InstanceRow, host: &str) -> Option<Progress<T>> {
-    let owner = instance.details.get("engine_host").and_then(Value::as_str)?;
+    let owner = instance
+        .details
+        .get("engine_host")
+        .and_then(Value::as_str)?;
     (owner != host).then(|| Progress::Wait {
         after: Duration::from_secs(5),
-        progress: format!("waiting for a worker on host {owner}, where the instance's processes live"),
+        progress: format!(
+            "waiting for a worker on host {owner}, where the instance's processes live"
+        ),
     })
 }
 
 /// Checks and creates the folder where engines that run processes on the worker's machine keep them.
 pub(crate) fn ensure_servers_dir(dir: &std::path::Path) -> anyhow::Result<()> {
-    anyhow::ensure!(dir.is_absolute(), "LOCAL_SERVERS_DIR must be absolute (got {})", dir.display());
+    anyhow::ensure!(
+        dir.is_absolute(),
+        "LOCAL_SERVERS_DIR must be absolute (got {})",
+        dir.display()
+    );
     std::fs::create_dir_all(dir)
         .map_err(|e| anyhow::anyhow!("creating the local servers folder {}: {e}", dir.display()))
 }
@@ -178,7 +189,11 @@ pub(crate) const HA_EC2_LOCKS: &str = "berth.ha_ec2";
 
 /// Waits for the instance's lock in `locks` and holds it until `conn`'s transaction ends: a reconcile step
 /// under way on the instance finishes first, and later ones see the caller's task and leave the instance alone.
-pub(crate) async fn lock_instance(conn: &mut PgConnection, locks: &str, instance_id: &str) -> sqlx::Result<()> {
+pub(crate) async fn lock_instance(
+    conn: &mut PgConnection,
+    locks: &str,
+    instance_id: &str,
+) -> sqlx::Result<()> {
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || ':' || $2, 0))")
         .bind(locks)
         .bind(instance_id)
@@ -190,7 +205,11 @@ pub(crate) async fn lock_instance(conn: &mut PgConnection, locks: &str, instance
 /// Waits until no reconcile step holds the instance's lock in `locks`. A deprovision of an engine whose teardown
 /// spans several task runs calls it first: a replacement VM being launched right now would escape its sweep, and
 /// the reconcile steps that come later see the deprovision task and leave the instance alone.
-pub(crate) async fn wait_for_reconcile(pool: &PgPool, locks: &str, instance_id: &str) -> sqlx::Result<()> {
+pub(crate) async fn wait_for_reconcile(
+    pool: &PgPool,
+    locks: &str,
+    instance_id: &str,
+) -> sqlx::Result<()> {
     let mut tx = pool.begin().await?;
     lock_instance(&mut tx, locks, instance_id).await?;
     tx.commit().await
@@ -204,11 +223,13 @@ pub(crate) async fn lock_idle_instance(
     locks: &str,
     instance_id: &str,
 ) -> sqlx::Result<Option<InstanceRow>> {
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtextextended($1 || ':' || $2, 0))")
-        .bind(locks)
-        .bind(instance_id)
-        .fetch_one(&mut *conn)
-        .await?;
+    let locked: bool = sqlx::query_scalar(
+        "SELECT pg_try_advisory_xact_lock(hashtextextended($1 || ':' || $2, 0))",
+    )
+    .bind(locks)
+    .bind(instance_id)
+    .fetch_one(&mut *conn)
+    .await?;
     if !locked {
         return Ok(None);
     }
@@ -237,12 +258,16 @@ pub fn configured(settings: &Settings) -> anyhow::Result<HashMap<String, Arc<dyn
     let timings = ha_local::Timings {
         ttl: settings.ha_patroni_ttl.unwrap_or(defaults.ttl),
         loop_wait: settings.ha_patroni_loop_wait.unwrap_or(defaults.loop_wait),
-        retry_timeout: settings.ha_patroni_retry_timeout.unwrap_or(defaults.retry_timeout),
+        retry_timeout: settings
+            .ha_patroni_retry_timeout
+            .unwrap_or(defaults.retry_timeout),
     };
     if settings.local_engine {
-        let provider = local_postgres::LocalPostgres::new(settings.servers_dir(), settings.local_host())?;
+        let provider =
+            local_postgres::LocalPostgres::new(settings.servers_dir(), settings.local_host())?;
         providers.insert(local_postgres::ENGINE.to_string(), Arc::new(provider));
-        let provider = ha_local::HaLocal::new(settings.servers_dir(), settings.local_host(), timings)?;
+        let provider =
+            ha_local::HaLocal::new(settings.servers_dir(), settings.local_host(), timings)?;
         providers.insert(ha_local::ENGINE.to_string(), Arc::new(provider));
     }
     if settings.aws_configured() {

@@ -93,10 +93,14 @@ pub fn render(profile: &str, port: u16, socket_dir: Option<&Path>) -> String {
 }
 
 /// [`render`] listening on `listen_addresses` (`*` on a VM of its own).
-pub fn render_listening(profile: &str, listen_addresses: &str, port: u16, socket_dir: Option<&Path>) -> String {
-    let mut out = String::from(
-        "# Written by berth: rewritten by every provision and update, do not edit.\n",
-    );
+pub fn render_listening(
+    profile: &str,
+    listen_addresses: &str,
+    port: u16,
+    socket_dir: Option<&Path>,
+) -> String {
+    let mut out =
+        String::from("# Written by berth: rewritten by every provision and update, do not edit.\n");
     let socket_dir = socket_dir
         .map(|d| d.display().to_string().replace('\'', "''"))
         .unwrap_or_default();

@@ -62,11 +62,19 @@ impl Snapshots {
             }
         }
         let key = broker::crypto::read_key_file(&path).context("reading the snapshot key")?;
-        Ok(Self::new(store::open(settings)?, SnapshotKey::new(key), settings.snapshot_zstd_level))
+        Ok(Self::new(
+            store::open(settings)?,
+            SnapshotKey::new(key),
+            settings.snapshot_zstd_level,
+        ))
     }
 
     pub fn new(store: Arc<dyn ObjectStore>, key: SnapshotKey, zstd_level: i32) -> Self {
-        Self { store, key, zstd_level }
+        Self {
+            store,
+            key,
+            zstd_level,
+        }
     }
 
     pub fn key_id(&self) -> String {
@@ -74,9 +82,19 @@ impl Snapshots {
     }
 
     /// Dumps `database` into the object `object_key`. The object appears only if the dump succeeded.
-    pub async fn take(&self, login: &ServerLogin, database: &str, object_key: &str) -> Result<Taken, TaskError> {
+    pub async fn take(
+        &self,
+        login: &ServerLogin,
+        database: &str,
+        object_key: &str,
+    ) -> Result<Taken, TaskError> {
         let mut child = Command::new(login.program("pg_dump"))
-            .args(["--format=custom", "--compress=0", "--no-owner", "--no-privileges"])
+            .args([
+                "--format=custom",
+                "--compress=0",
+                "--no-owner",
+                "--no-privileges",
+            ])
             .env_clear()
             .envs(login.env(database))
             .stdin(Stdio::null())
@@ -84,28 +102,48 @@ impl Snapshots {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| TaskError::fatal(format!("starting pg_dump from {}: {e}", login.bin_dir.display())))?;
+            .map_err(|e| {
+                TaskError::fatal(format!(
+                    "starting pg_dump from {}: {e}",
+                    login.bin_dir.display()
+                ))
+            })?;
         let stdout = child.stdout.take().expect("piped");
         let stderr = tokio::spawn(read_tail(child.stderr.take().expect("piped")));
 
         let (tx, rx) = mpsc::channel::<Part>(2);
         let producer_tx = tx.clone();
         let (key, level) = (self.key.clone(), self.zstd_level);
-        let producer = tokio::task::spawn_blocking(move || compress_and_seal(SyncIoBridge::new(stdout), producer_tx, &key, level));
+        let producer = tokio::task::spawn_blocking(move || {
+            compress_and_seal(SyncIoBridge::new(stdout), producer_tx, &key, level)
+        });
         let finish = async move {
-            let produced = producer.await.map_err(|e| anyhow::anyhow!("the snapshot thread failed: {e}"))?;
+            let produced = producer
+                .await
+                .map_err(|e| anyhow::anyhow!("the snapshot thread failed: {e}"))?;
             let status = child.wait().await.context("waiting for pg_dump")?;
             let stderr = stderr.await.unwrap_or_default();
             let (dump_bytes, digest) = produced.context("compressing and sealing the dump")?;
-            anyhow::ensure!(status.success(), "pg_dump failed ({status}): {}", stderr.trim());
+            anyhow::ensure!(
+                status.success(),
+                "pg_dump failed ({status}): {}",
+                stderr.trim()
+            );
             // Only now may the store publish the object.
-            tx.send(Part::End).await.map_err(|_| anyhow::anyhow!("the upload stopped early"))?;
+            tx.send(Part::End)
+                .await
+                .map_err(|_| anyhow::anyhow!("the upload stopped early"))?;
             Ok::<_, anyhow::Error>((dump_bytes, digest))
         };
         let (produced, uploaded) = tokio::join!(finish, self.store.put(object_key, rx));
         uploaded.with_context(|| format!("uploading the snapshot to {}", self.store.location()))?;
         let (dump_bytes, digest) = produced?;
-        Ok(Taken { size_bytes: digest.bytes, sha256: digest.hex(), dump_bytes, key_id: self.key.id() })
+        Ok(Taken {
+            size_bytes: digest.bytes,
+            sha256: digest.hex(),
+            dump_bytes,
+            key_id: self.key.id(),
+        })
     }
 
     /// Restores a ready snapshot into `database` (empty, made for it) as `role`. The object's size is checked
@@ -119,7 +157,10 @@ impl Snapshots {
         role: &str,
     ) -> Result<(), TaskError> {
         let (Some(size), Some(sha256)) = (snapshot.size_bytes, snapshot.sha256.clone()) else {
-            return Err(TaskError::fatal(format!("snapshot {} is not complete", snapshot.id)));
+            return Err(TaskError::fatal(format!(
+                "snapshot {} is not complete",
+                snapshot.id
+            )));
         };
         if let Some(key_id) = &snapshot.key_id
             && *key_id != self.key.id()
@@ -162,7 +203,12 @@ impl Snapshots {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| TaskError::fatal(format!("starting pg_restore from {}: {e}", login.bin_dir.display())))?;
+            .map_err(|e| {
+                TaskError::fatal(format!(
+                    "starting pg_restore from {}: {e}",
+                    login.bin_dir.display()
+                ))
+            })?;
         let stdin = child.stdin.take().expect("piped");
         let stderr = tokio::spawn(read_tail(child.stderr.take().expect("piped")));
         let key = self.key.clone();
@@ -182,7 +228,9 @@ impl Snapshots {
                         let tail = stderr.await.unwrap_or_default();
                         TaskError::fatal(format!("pg_restore failed ({status:?}): {}", tail.trim()))
                     }
-                    None => TaskError::fatal(format!("snapshot {} could not be read: {e}", snapshot.id)),
+                    None => {
+                        TaskError::fatal(format!("snapshot {} could not be read: {e}", snapshot.id))
+                    }
                 });
             }
         };
@@ -197,7 +245,10 @@ impl Snapshots {
         let status = child.wait().await.context("waiting for pg_restore")?;
         if !status.success() {
             let tail = stderr.await.unwrap_or_default();
-            return Err(TaskError::fatal(format!("pg_restore failed ({status}): {}", tail.trim())));
+            return Err(TaskError::fatal(format!(
+                "pg_restore failed ({status}): {}",
+                tail.trim()
+            )));
         }
         Ok(())
     }
@@ -205,7 +256,12 @@ impl Snapshots {
 
 /// zstd + seal of `dump` into `out` (what [`Snapshots::take`] does between pg_dump and the store; benchmarks
 /// time it on its own). Returns the bytes read and `out`.
-pub fn compress_and_seal_into<W: Write>(dump: impl Read, out: W, key: &SnapshotKey, level: i32) -> io::Result<(u64, W)> {
+pub fn compress_and_seal_into<W: Write>(
+    dump: impl Read,
+    out: W,
+    key: &SnapshotKey,
+    level: i32,
+) -> io::Result<(u64, W)> {
     let mut encoder = encoder(SealWriter::new(key, out, sealed::DEFAULT_CHUNK)?, level)?;
     let read = io::copy(&mut { dump }, &mut encoder)?;
     let out = encoder.finish()?.finish()?;
@@ -230,7 +286,10 @@ fn compress_and_seal(
     key: &SnapshotKey,
     level: i32,
 ) -> io::Result<(u64, Digest256)> {
-    let sink = HashingWriter { inner: PartWriter::new(tx), digest: Digest256::default() };
+    let sink = HashingWriter {
+        inner: PartWriter::new(tx),
+        digest: Digest256::default(),
+    };
     let mut encoder = encoder(SealWriter::new(key, sink, sealed::DEFAULT_CHUNK)?, level)?;
     let read = io::copy(&mut { dump }, &mut encoder)?;
     let sealer = encoder.finish()?;
@@ -240,8 +299,15 @@ fn compress_and_seal(
 }
 
 /// store bytes → hash → open → zstd → pg_restore's stdin. Returns the digest of what was read from the store.
-fn open_and_decompress(object: impl Read, mut restore: impl Write, key: &SnapshotKey) -> io::Result<Digest256> {
-    let hashing = HashingReader { inner: object, digest: Digest256::default() };
+fn open_and_decompress(
+    object: impl Read,
+    mut restore: impl Write,
+    key: &SnapshotKey,
+) -> io::Result<Digest256> {
+    let hashing = HashingReader {
+        inner: object,
+        digest: Digest256::default(),
+    };
     let opened = OpenReader::new(key, hashing)?;
     let mut decoder = zstd::stream::read::Decoder::new(opened)?;
     io::copy(&mut decoder, &mut restore)?;
@@ -261,14 +327,20 @@ struct PartWriter {
 
 impl PartWriter {
     fn new(tx: mpsc::Sender<Part>) -> Self {
-        Self { tx, buf: Vec::with_capacity(PART_SIZE) }
+        Self {
+            tx,
+            buf: Vec::with_capacity(PART_SIZE),
+        }
     }
 
     fn flush_part(&mut self) -> io::Result<()> {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let part = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(PART_SIZE)));
+        let part = Bytes::from(std::mem::replace(
+            &mut self.buf,
+            Vec::with_capacity(PART_SIZE),
+        ));
         self.tx
             .blocking_send(Part::Data(part))
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the upload stopped"))
@@ -301,7 +373,9 @@ async fn read_tail(mut stderr: impl tokio::io::AsyncRead + Unpin) -> String {
 /// Roles the database's objects belong to or are granted to, recorded beside a snapshot (the dump itself
 /// carries no owners or grants: a restore gives everything to the target's owner).
 pub async fn roles_of(login: &ServerLogin, database: &str) -> Result<Value, TaskError> {
-    let mut conn = login.connect(database, "connecting to the database to list its roles").await?;
+    let mut conn = login
+        .connect(database, "connecting to the database to list its roles")
+        .await?;
     let roles: Vec<String> = sqlx::query_scalar(
         "SELECT DISTINCT r.rolname::text FROM pg_class c JOIN pg_roles r ON r.oid = c.relowner
          JOIN pg_namespace n ON n.oid = c.relnamespace

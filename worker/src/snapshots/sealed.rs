@@ -54,7 +54,10 @@ impl SnapshotKey {
     }
 
     fn id_bytes(&self) -> [u8; 8] {
-        let digest = Sha256::new().chain_update(b"berth snapshot key id").chain_update(self.key).finalize();
+        let digest = Sha256::new()
+            .chain_update(b"berth snapshot key id")
+            .chain_update(self.key)
+            .finalize();
         digest[..8].try_into().expect("8 bytes")
     }
 
@@ -64,7 +67,8 @@ impl SnapshotKey {
         let mut okm = [0u8; 32];
         let mut info = b"berth snapshot v1".to_vec();
         info.extend_from_slice(header);
-        hk.expand(&info, &mut okm).expect("32 bytes is a valid HKDF length");
+        hk.expand(&info, &mut okm)
+            .expect("32 bytes is a valid HKDF length");
         Aes256Gcm::new(GenericArray::from_slice(&okm))
     }
 }
@@ -117,8 +121,16 @@ impl<W: Write> SealWriter<W> {
         header[48..52].copy_from_slice(&(chunk as u32).to_be_bytes());
         inner.write_all(&header)?;
         // The per-object key is fresh, so a fixed nonce prefix never repeats under it.
-        let stream = EncryptorBE32::from_aead(key.object_cipher(&header), GenericArray::from_slice(&[0u8; 7]));
-        Ok(Self { inner, stream: Some(stream), buf: Vec::with_capacity(chunk), chunk })
+        let stream = EncryptorBE32::from_aead(
+            key.object_cipher(&header),
+            GenericArray::from_slice(&[0u8; 7]),
+        );
+        Ok(Self {
+            inner,
+            stream: Some(stream),
+            buf: Vec::with_capacity(chunk),
+            chunk,
+        })
     }
 
     fn seal_full_chunk(&mut self) -> io::Result<()> {
@@ -182,19 +194,30 @@ impl<R: Read> OpenReader<R> {
     pub fn new(key: &SnapshotKey, mut inner: R) -> io::Result<Self> {
         let mut header = [0u8; HEADER_LEN];
         read_full(&mut inner, &mut header).and_then(|n| {
-            if n == HEADER_LEN { Ok(()) } else { Err(OpenError::NotASnapshot.into()) }
+            if n == HEADER_LEN {
+                Ok(())
+            } else {
+                Err(OpenError::NotASnapshot.into())
+            }
         })?;
         if &header[..8] != MAGIC || header[52..].iter().any(|b| *b != 0) {
             return Err(OpenError::NotASnapshot.into());
         }
         if header[8..16] != key.id_bytes() {
-            return Err(OpenError::WrongKey { object: hex(&header[8..16]), ours: key.id() }.into());
+            return Err(OpenError::WrongKey {
+                object: hex(&header[8..16]),
+                ours: key.id(),
+            }
+            .into());
         }
         let chunk = u32::from_be_bytes(header[48..52].try_into().expect("4 bytes")) as usize;
         if chunk == 0 || chunk > 64 << 20 {
             return Err(OpenError::NotASnapshot.into());
         }
-        let stream = DecryptorBE32::from_aead(key.object_cipher(&header), GenericArray::from_slice(&[0u8; 7]));
+        let stream = DecryptorBE32::from_aead(
+            key.object_cipher(&header),
+            GenericArray::from_slice(&[0u8; 7]),
+        );
         Ok(Self {
             inner,
             stream: Some(stream),
@@ -221,11 +244,15 @@ impl<R: Read> OpenReader<R> {
         let chunk_no = self.chunks;
         self.plain = if n == self.sealed_chunk {
             let stream = self.stream.as_mut().expect("not done");
-            stream.decrypt_next(sealed.as_slice()).map_err(|_| OpenError::Corrupted(chunk_no))?
+            stream
+                .decrypt_next(sealed.as_slice())
+                .map_err(|_| OpenError::Corrupted(chunk_no))?
         } else {
             // A short chunk is the last one; a cut-off object fails here too (its tag does not match).
             let stream = self.stream.take().expect("not done");
-            let plain = stream.decrypt_last(sealed.as_slice()).map_err(|_| OpenError::Corrupted(chunk_no))?;
+            let plain = stream
+                .decrypt_last(sealed.as_slice())
+                .map_err(|_| OpenError::Corrupted(chunk_no))?;
             let mut extra = [0u8; 1];
             if read_full(&mut self.inner, &mut extra)? != 0 {
                 return Err(OpenError::TrailingData.into());
@@ -337,7 +364,9 @@ mod tests {
     }
 
     fn kind(err: io::Error) -> OpenError {
-        open_error(&err).cloned().unwrap_or_else(|| panic!("not an OpenError: {err}"))
+        open_error(&err)
+            .cloned()
+            .unwrap_or_else(|| panic!("not an OpenError: {err}"))
     }
 
     #[test]
@@ -363,12 +392,21 @@ mod tests {
         let data = vec![9u8; 64 * 3 + 10];
         let sealed = seal(&key, &data, 64);
         let at_border = &sealed[..HEADER_LEN + 2 * (64 + TAG_LEN)];
-        assert_eq!(kind(open(&key, at_border).unwrap_err()), OpenError::Truncated(2));
+        assert_eq!(
+            kind(open(&key, at_border).unwrap_err()),
+            OpenError::Truncated(2)
+        );
         let inside = &sealed[..sealed.len() - 5];
-        assert!(matches!(kind(open(&key, inside).unwrap_err()), OpenError::Corrupted(_)));
+        assert!(matches!(
+            kind(open(&key, inside).unwrap_err()),
+            OpenError::Corrupted(_)
+        ));
         // Dropping the short final chunk entirely is a truncation too.
         let no_last = &sealed[..HEADER_LEN + 3 * (64 + TAG_LEN)];
-        assert_eq!(kind(open(&key, no_last).unwrap_err()), OpenError::Truncated(3));
+        assert_eq!(
+            kind(open(&key, no_last).unwrap_err()),
+            OpenError::Truncated(3)
+        );
     }
 
     #[test]

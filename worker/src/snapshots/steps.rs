@@ -20,7 +20,10 @@ use super::{DatabaseTarget, apply, pipeline};
 use crate::{context::TaskContext, providers::Progress, registry::TaskError};
 
 /// The instance's database as its provider sees it.
-pub async fn target_of(ctx: &TaskContext<'_>, instance: &InstanceRow) -> Result<Progress<DatabaseTarget>, TaskError> {
+pub async fn target_of(
+    ctx: &TaskContext<'_>,
+    instance: &InstanceRow,
+) -> Result<Progress<DatabaseTarget>, TaskError> {
     let bindings = bindings::list_for_instance(ctx.pool, &instance.id)
         .await
         .context("listing the instance's bindings")?;
@@ -30,7 +33,11 @@ pub async fn target_of(ctx: &TaskContext<'_>, instance: &InstanceRow) -> Result<
 
 /// Dumps the instance's database into `snapshot`'s object and marks the row ready. A ready row is left alone
 /// (the task ran before), so this can run any number of times.
-pub async fn take(ctx: &TaskContext<'_>, instance: &InstanceRow, snapshot: &SnapshotRow) -> Result<Progress<()>, TaskError> {
+pub async fn take(
+    ctx: &TaskContext<'_>,
+    instance: &InstanceRow,
+    snapshot: &SnapshotRow,
+) -> Result<Progress<()>, TaskError> {
     if snapshot.is_ready() {
         return Ok(Progress::Done(()));
     }
@@ -39,9 +46,12 @@ pub async fn take(ctx: &TaskContext<'_>, instance: &InstanceRow, snapshot: &Snap
         Progress::Wait { after, progress } => return Ok(Progress::Wait { after, progress }),
     };
     let snaps = ctx.services.snapshots()?;
-    ctx.progress("dumping, compressing and uploading the database").await?;
+    ctx.progress("dumping, compressing and uploading the database")
+        .await?;
     let roles = pipeline::roles_of(&target.login, &target.database).await?;
-    let taken = snaps.take(&target.login, &target.database, &snapshot.object_key).await?;
+    let taken = snaps
+        .take(&target.login, &target.database, &snapshot.object_key)
+        .await?;
     snapshots::mark_ready(
         ctx.pool,
         snapshot.id,
@@ -66,9 +76,16 @@ pub async fn take(ctx: &TaskContext<'_>, instance: &InstanceRow, snapshot: &Snap
 }
 
 /// Puts `snapshot` into the instance's database: a preset version by template clone, a backup by restore.
-pub async fn put_into(ctx: &TaskContext<'_>, instance: &InstanceRow, snapshot: &SnapshotRow) -> Result<Progress<()>, TaskError> {
+pub async fn put_into(
+    ctx: &TaskContext<'_>,
+    instance: &InstanceRow,
+    snapshot: &SnapshotRow,
+) -> Result<Progress<()>, TaskError> {
     if !snapshot.is_ready() {
-        return Err(TaskError::fatal(format!("snapshot {} is not complete (state {})", snapshot.id, snapshot.state)));
+        return Err(TaskError::fatal(format!(
+            "snapshot {} is not complete (state {})",
+            snapshot.id, snapshot.state
+        )));
     }
     let target = match target_of(ctx, instance).await? {
         Progress::Done(target) => target,
@@ -82,9 +99,20 @@ pub async fn put_into(ctx: &TaskContext<'_>, instance: &InstanceRow, snapshot: &
                 .await
                 .context("reading the preset")?
                 .ok_or_else(|| TaskError::fatal("the preset was deleted"))?;
-            ctx.progress(&format!("resetting the database to preset {} version {}", preset.name, snapshot.version.unwrap_or(0)))
-                .await?;
-            apply::select_preset(snaps, prefix, &target, snapshot, preset.post_restore_sql.as_deref()).await
+            ctx.progress(&format!(
+                "resetting the database to preset {} version {}",
+                preset.name,
+                snapshot.version.unwrap_or(0)
+            ))
+            .await?;
+            apply::select_preset(
+                snaps,
+                prefix,
+                &target,
+                snapshot,
+                preset.post_restore_sql.as_deref(),
+            )
+            .await
         }
         None => {
             ctx.progress("restoring the backup").await?;
@@ -95,7 +123,10 @@ pub async fn put_into(ctx: &TaskContext<'_>, instance: &InstanceRow, snapshot: &
 }
 
 /// The snapshot the instance's `preset` or `restore_from` parameter names, if any.
-pub async fn requested_snapshot(pool: &PgPool, parameters: &Value) -> Result<Option<SnapshotRow>, TaskError> {
+pub async fn requested_snapshot(
+    pool: &PgPool,
+    parameters: &Value,
+) -> Result<Option<SnapshotRow>, TaskError> {
     if let Some(preset) = PresetRef::of(parameters).map_err(TaskError::fatal)? {
         let row = presets::get(pool, &preset.namespace, &preset.name)
             .await
@@ -104,14 +135,22 @@ pub async fn requested_snapshot(pool: &PgPool, parameters: &Value) -> Result<Opt
         let version = snapshots::ready_version(pool, row.id, preset.version)
             .await
             .context("reading the preset's versions")?
-            .ok_or_else(|| TaskError::fatal(format!("preset {:?} has no such ready version", preset.name)))?;
+            .ok_or_else(|| {
+                TaskError::fatal(format!(
+                    "preset {:?} has no such ready version",
+                    preset.name
+                ))
+            })?;
         return Ok(Some(version));
     }
     if let Some(from) = RestoreFrom::of(parameters).map_err(TaskError::fatal)? {
         let backup = snapshots::get(pool, from.backup_id)
             .await
             .context("reading the backup")?
-            .filter(|b| b.kind == snapshots::BACKUP && b.instance_id.as_deref() == Some(from.instance_id.as_str()))
+            .filter(|b| {
+                b.kind == snapshots::BACKUP
+                    && b.instance_id.as_deref() == Some(from.instance_id.as_str())
+            })
             .ok_or_else(|| TaskError::fatal("restore_from names no backup of that instance"))?;
         return Ok(Some(backup));
     }
@@ -119,7 +158,11 @@ pub async fn requested_snapshot(pool: &PgPool, parameters: &Value) -> Result<Opt
 }
 
 /// Makes the instance's backup schedule match its parameters (adds, changes or removes it).
-pub async fn sync_schedule(pool: &PgPool, instance_id: &str, parameters: &Value) -> Result<(), TaskError> {
+pub async fn sync_schedule(
+    pool: &PgPool,
+    instance_id: &str,
+    parameters: &Value,
+) -> Result<(), TaskError> {
     match BackupPolicy::of(parameters).map_err(TaskError::fatal)? {
         Some(policy) => {
             let next = policy
@@ -129,18 +172,32 @@ pub async fn sync_schedule(pool: &PgPool, instance_id: &str, parameters: &Value)
                 .await
                 .context("recording the backup schedule")?;
         }
-        None => backup_schedules::delete(pool, instance_id).await.context("removing the backup schedule")?,
+        None => backup_schedules::delete(pool, instance_id)
+            .await
+            .context("removing the backup schedule")?,
     }
     Ok(())
 }
 
 /// Deletes the instance's ready backups beyond the newest `keep`: the object first, then the row.
-pub async fn prune(ctx: &TaskContext<'_>, instance_id: &str, keep: i64) -> Result<usize, TaskError> {
-    let old = snapshots::backups_beyond(ctx.pool, instance_id, keep).await.context("listing old backups")?;
+pub async fn prune(
+    ctx: &TaskContext<'_>,
+    instance_id: &str,
+    keep: i64,
+) -> Result<usize, TaskError> {
+    let old = snapshots::backups_beyond(ctx.pool, instance_id, keep)
+        .await
+        .context("listing old backups")?;
     let snaps = ctx.services.snapshots()?;
     for backup in &old {
-        snaps.store.delete(&backup.object_key).await.context("deleting an old backup")?;
-        snapshots::delete(ctx.pool, backup.id).await.context("forgetting an old backup")?;
+        snaps
+            .store
+            .delete(&backup.object_key)
+            .await
+            .context("deleting an old backup")?;
+        snapshots::delete(ctx.pool, backup.id)
+            .await
+            .context("forgetting an old backup")?;
     }
     Ok(old.len())
 }

@@ -48,13 +48,23 @@ pub fn open(settings: &Settings) -> anyhow::Result<Arc<dyn ObjectStore>> {
     let url = settings.snapshot_store();
     if let Some(dir) = url.strip_prefix("file://") {
         let dir = PathBuf::from(dir);
-        anyhow::ensure!(dir.is_absolute(), "SNAPSHOT_STORE_URL: a file:// store needs an absolute path");
+        anyhow::ensure!(
+            dir.is_absolute(),
+            "SNAPSHOT_STORE_URL: a file:// store needs an absolute path"
+        );
         return Ok(Arc::new(FileStore { dir }));
     }
     if let Some(rest) = url.strip_prefix("s3://") {
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-        anyhow::ensure!(!bucket.is_empty(), "SNAPSHOT_STORE_URL: s3:// needs a bucket");
-        return Ok(Arc::new(S3Store::new(settings, bucket, prefix.trim_end_matches('/'))?));
+        anyhow::ensure!(
+            !bucket.is_empty(),
+            "SNAPSHOT_STORE_URL: s3:// needs a bucket"
+        );
+        return Ok(Arc::new(S3Store::new(
+            settings,
+            bucket,
+            prefix.trim_end_matches('/'),
+        )?));
     }
     bail!("SNAPSHOT_STORE_URL must be file:///<dir> or s3://<bucket>/<prefix>")
 }
@@ -68,7 +78,8 @@ impl FileStore {
     fn path(&self, key: &str) -> anyhow::Result<PathBuf> {
         // Keys are made by berth, but never let one climb out of the folder.
         anyhow::ensure!(
-            !key.split('/').any(|p| p.is_empty() || p == "." || p == ".."),
+            !key.split('/')
+                .any(|p| p.is_empty() || p == "." || p == ".."),
             "object key {key:?} is not a plain relative path"
         );
         Ok(self.dir.join(key))
@@ -80,7 +91,9 @@ impl ObjectStore for FileStore {
     async fn put(&self, key: &str, mut parts: mpsc::Receiver<Part>) -> anyhow::Result<()> {
         let path = self.path(key)?;
         let dir = path.parent().expect("a key has a folder").to_path_buf();
-        tokio::fs::create_dir_all(&dir).await.with_context(|| format!("creating {}", dir.display()))?;
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .with_context(|| format!("creating {}", dir.display()))?;
         let partial = path.with_extension("partial");
         let mut file = tokio::fs::File::create(&partial)
             .await
@@ -88,7 +101,10 @@ impl ObjectStore for FileStore {
         let mut ended = false;
         while let Some(part) = parts.recv().await {
             match part {
-                Part::Data(bytes) => file.write_all(&bytes).await.context("writing the snapshot file")?,
+                Part::Data(bytes) => file
+                    .write_all(&bytes)
+                    .await
+                    .context("writing the snapshot file")?,
                 Part::End => {
                     ended = true;
                     break;
@@ -102,7 +118,9 @@ impl ObjectStore for FileStore {
         }
         file.sync_all().await.context("syncing the snapshot file")?;
         drop(file);
-        tokio::fs::rename(&partial, &path).await.context("publishing the snapshot file")?;
+        tokio::fs::rename(&partial, &path)
+            .await
+            .context("publishing the snapshot file")?;
         Ok(())
     }
 
@@ -178,7 +196,9 @@ impl S3Store {
                 if let Some(endpoint) = &settings.aws_endpoint_url {
                     loader = loader.endpoint_url(endpoint);
                 }
-                if let (Some(key), Some(secret)) = (&settings.aws_access_key_id, &settings.aws_secret_access_key) {
+                if let (Some(key), Some(secret)) =
+                    (&settings.aws_access_key_id, &settings.aws_secret_access_key)
+                {
                     loader = loader.credentials_provider(static_credentials(
                         key,
                         secret,
@@ -191,27 +211,58 @@ impl S3Store {
                     .build();
                 aws_sdk_s3::Client::from_conf(config)
             }
-            _ => bail!("SNAPSHOT_S3_ENDPOINT, SNAPSHOT_S3_ACCESS_KEY and SNAPSHOT_S3_SECRET_KEY go together"),
+            _ => bail!(
+                "SNAPSHOT_S3_ENDPOINT, SNAPSHOT_S3_ACCESS_KEY and SNAPSHOT_S3_SECRET_KEY go together"
+            ),
         };
-        Ok(Self { client, bucket: bucket.to_string(), prefix: prefix.to_string() })
+        Ok(Self {
+            client,
+            bucket: bucket.to_string(),
+            prefix: prefix.to_string(),
+        })
     }
 
     fn key(&self, key: &str) -> String {
-        if self.prefix.is_empty() { key.to_string() } else { format!("{}/{key}", self.prefix) }
+        if self.prefix.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}/{key}", self.prefix)
+        }
     }
 
     async fn ensure_bucket(&self) -> anyhow::Result<()> {
-        if self.client.head_bucket().bucket(&self.bucket).send().await.is_ok() {
+        if self
+            .client
+            .head_bucket()
+            .bucket(&self.bucket)
+            .send()
+            .await
+            .is_ok()
+        {
             return Ok(());
         }
-        match self.client.create_bucket().bucket(&self.bucket).send().await {
+        match self
+            .client
+            .create_bucket()
+            .bucket(&self.bucket)
+            .send()
+            .await
+        {
             Ok(_) => Ok(()),
             Err(e) => {
-                let code = e.as_service_error().and_then(|s| s.meta().code()).unwrap_or_default().to_string();
+                let code = e
+                    .as_service_error()
+                    .and_then(|s| s.meta().code())
+                    .unwrap_or_default()
+                    .to_string();
                 if code == "BucketAlreadyOwnedByYou" || code == "BucketAlreadyExists" {
                     Ok(())
                 } else {
-                    Err(anyhow::anyhow!("creating the snapshot bucket {}: {}", self.bucket, aws_message(&e)))
+                    Err(anyhow::anyhow!(
+                        "creating the snapshot bucket {}: {}",
+                        self.bucket,
+                        aws_message(&e)
+                    ))
                 }
             }
         }
@@ -232,7 +283,10 @@ impl S3Store {
             .send()
             .await
             .map_err(|e| anyhow::anyhow!("starting the snapshot upload: {}", aws_message(&e)))?;
-        let upload_id = created.upload_id().context("the store gave no upload id")?.to_string();
+        let upload_id = created
+            .upload_id()
+            .context("the store gave no upload id")?
+            .to_string();
         let result = self.upload_parts(key, &upload_id, first, parts).await;
         if result.is_err() {
             // Incomplete uploads are invisible but cost storage: abort, best effort.
@@ -270,8 +324,18 @@ impl S3Store {
                 .body(ByteStream::from(body))
                 .send()
                 .await
-                .map_err(|e| anyhow::anyhow!("uploading part {number} of the snapshot: {}", aws_message(&e)))?;
-            done.push(CompletedPart::builder().part_number(number).set_e_tag(sent.e_tag().map(str::to_string)).build());
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "uploading part {number} of the snapshot: {}",
+                        aws_message(&e)
+                    )
+                })?;
+            done.push(
+                CompletedPart::builder()
+                    .part_number(number)
+                    .set_e_tag(sent.e_tag().map(str::to_string))
+                    .build(),
+            );
             number += 1;
             match parts.recv().await {
                 Some(Part::Data(bytes)) => next = Some(bytes),
@@ -279,13 +343,20 @@ impl S3Store {
                 None => {}
             }
         }
-        anyhow::ensure!(ended, "the snapshot stream ended early; the upload was abandoned");
+        anyhow::ensure!(
+            ended,
+            "the snapshot stream ended early; the upload was abandoned"
+        );
         self.client
             .complete_multipart_upload()
             .bucket(&self.bucket)
             .key(key)
             .upload_id(upload_id)
-            .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(done)).build())
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(done))
+                    .build(),
+            )
             .send()
             .await
             .map_err(|e| anyhow::anyhow!("completing the snapshot upload: {}", aws_message(&e)))?;
@@ -329,13 +400,23 @@ impl ObjectStore for S3Store {
 
     async fn get(&self, key: &str) -> anyhow::Result<Option<(ObjectReader, u64)>> {
         let key = self.key(key);
-        match self.client.get_object().bucket(&self.bucket).key(&key).send().await {
+        match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&key)
+            .send()
+            .await
+        {
             Ok(out) => {
                 let size = out.content_length().unwrap_or_default().max(0) as u64;
                 Ok(Some((Box::pin(out.body.into_async_read()), size)))
             }
             Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
-            Err(e) => Err(anyhow::anyhow!("reading the snapshot object: {}", aws_message(&e))),
+            Err(e) => Err(anyhow::anyhow!(
+                "reading the snapshot object: {}",
+                aws_message(&e)
+            )),
         }
     }
 
@@ -363,7 +444,11 @@ where
     R: std::fmt::Debug,
 {
     match err.as_service_error() {
-        Some(e) => format!("{} {}", e.code().unwrap_or("error"), e.message().unwrap_or_default()),
+        Some(e) => format!(
+            "{} {}",
+            e.code().unwrap_or("error"),
+            e.message().unwrap_or_default()
+        ),
         None => format!("{}", aws_sdk_s3::error::DisplayErrorContext(err)),
     }
 }

@@ -52,7 +52,8 @@ impl std::fmt::Debug for ServerLogin {
 impl ServerLogin {
     /// From a `postgres://user:password@host:port/db?sslmode=...` URL.
     pub fn from_url(url: &SecretString, bin_dir: PathBuf) -> anyhow::Result<Self> {
-        let parsed = url::Url::parse(url.expose_secret()).map_err(|_| anyhow::anyhow!("not a Postgres URL"))?;
+        let parsed = url::Url::parse(url.expose_secret())
+            .map_err(|_| anyhow::anyhow!("not a Postgres URL"))?;
         let decode = |s: &str| {
             url::form_urlencoded::parse(format!("x={s}").as_bytes())
                 .next()
@@ -60,9 +61,9 @@ impl ServerLogin {
                 .unwrap_or_default()
         };
         let options = PgConnectOptions::from_str(url.expose_secret())?;
-        let ssl_require = parsed
-            .query_pairs()
-            .any(|(k, v)| k == "sslmode" && matches!(v.as_ref(), "require" | "verify-ca" | "verify-full"));
+        let ssl_require = parsed.query_pairs().any(|(k, v)| {
+            k == "sslmode" && matches!(v.as_ref(), "require" | "verify-ca" | "verify-full")
+        });
         Ok(Self {
             host: Host::Tcp(options.get_host().to_string()),
             port: options.get_port(),
@@ -101,7 +102,15 @@ impl ServerLogin {
             ("PGUSER", self.user.clone()),
             ("PGDATABASE", database.to_string()),
             ("PGAPPNAME", "berth-worker".to_string()),
-            ("PGSSLMODE", if self.ssl_require { "require" } else { "prefer" }.to_string()),
+            (
+                "PGSSLMODE",
+                if self.ssl_require {
+                    "require"
+                } else {
+                    "prefer"
+                }
+                .to_string(),
+            ),
             ("PGCONNECT_TIMEOUT", "15".to_string()),
         ];
         if let Some(password) = &self.password {
@@ -147,7 +156,10 @@ pub struct ScratchNames {
 impl ScratchNames {
     pub fn of(prefix: &str, database: &str) -> Self {
         let hash = names::short_hash(database);
-        Self { incoming: format!("{prefix}rs_{hash}"), outgoing: format!("{prefix}old_{hash}") }
+        Self {
+            incoming: format!("{prefix}rs_{hash}"),
+            outgoing: format!("{prefix}old_{hash}"),
+        }
     }
 }
 
@@ -163,19 +175,38 @@ pub fn preset_role(prefix: &str) -> String {
 }
 
 /// Drops the scratch databases a failed or interrupted restore left behind.
-pub async fn drop_scratch(admin: &mut PgConnection, prefix: &str, database: &str) -> Result<(), TaskError> {
+pub async fn drop_scratch(
+    admin: &mut PgConnection,
+    prefix: &str,
+    database: &str,
+) -> Result<(), TaskError> {
     let scratch = ScratchNames::of(prefix, database);
     for db in [&scratch.incoming, &scratch.outgoing] {
-        exec(admin, &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(db)), "dropping a scratch database")
-            .await?;
+        exec(
+            admin,
+            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(db)),
+            "dropping a scratch database",
+        )
+        .await?;
     }
     Ok(())
 }
 
 /// Makes an empty `incoming` database owned by the target's owner, closed to everyone else.
-pub async fn create_incoming(admin: &mut PgConnection, target: &DatabaseTarget, incoming: &str) -> Result<(), TaskError> {
-    exec(admin, &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(incoming)), "dropping a scratch database")
-        .await?;
+pub async fn create_incoming(
+    admin: &mut PgConnection,
+    target: &DatabaseTarget,
+    incoming: &str,
+) -> Result<(), TaskError> {
+    exec(
+        admin,
+        &format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            quote_ident(incoming)
+        ),
+        "dropping a scratch database",
+    )
+    .await?;
     exec(
         admin,
         &format!(
@@ -188,7 +219,10 @@ pub async fn create_incoming(admin: &mut PgConnection, target: &DatabaseTarget, 
     .await?;
     exec(
         admin,
-        &format!("REVOKE ALL ON DATABASE {} FROM PUBLIC", quote_ident(incoming)),
+        &format!(
+            "REVOKE ALL ON DATABASE {} FROM PUBLIC",
+            quote_ident(incoming)
+        ),
         "closing the scratch database",
     )
     .await
@@ -196,23 +230,48 @@ pub async fn create_incoming(admin: &mut PgConnection, target: &DatabaseTarget, 
 
 /// Swaps `incoming` in for the target database, then gives the bindings their access again. A crash midway
 /// is finished by the next run: if the target is gone, the incoming database is renamed into its place.
-pub async fn swap_in(admin: &mut PgConnection, prefix: &str, target: &DatabaseTarget) -> Result<(), TaskError> {
+pub async fn swap_in(
+    admin: &mut PgConnection,
+    prefix: &str,
+    target: &DatabaseTarget,
+) -> Result<(), TaskError> {
     let scratch = ScratchNames::of(prefix, &target.database);
-    let (db, incoming, outgoing) =
-        (quote_ident(&target.database), quote_ident(&scratch.incoming), quote_ident(&scratch.outgoing));
+    let (db, incoming, outgoing) = (
+        quote_ident(&target.database),
+        quote_ident(&scratch.incoming),
+        quote_ident(&scratch.outgoing),
+    );
     if database_exists(admin, &target.database).await? {
-        exec(admin, &format!("DROP DATABASE IF EXISTS {outgoing} WITH (FORCE)"), "dropping a scratch database").await?;
+        exec(
+            admin,
+            &format!("DROP DATABASE IF EXISTS {outgoing} WITH (FORCE)"),
+            "dropping a scratch database",
+        )
+        .await?;
         // No new sessions, then end the ones there are: a rename needs the database to itself.
-        exec(admin, &format!("ALTER DATABASE {db} WITH ALLOW_CONNECTIONS false"), "closing the database for the swap")
-            .await?;
+        exec(
+            admin,
+            &format!("ALTER DATABASE {db} WITH ALLOW_CONNECTIONS false"),
+            "closing the database for the swap",
+        )
+        .await?;
         let renamed = rename_when_idle(admin, &target.database, &scratch.outgoing).await;
         if let Err(e) = renamed {
-            let _ = exec(admin, &format!("ALTER DATABASE {db} WITH ALLOW_CONNECTIONS true"), "reopening").await;
+            let _ = exec(
+                admin,
+                &format!("ALTER DATABASE {db} WITH ALLOW_CONNECTIONS true"),
+                "reopening",
+            )
+            .await;
             return Err(e);
         }
     }
-    exec(admin, &format!("ALTER DATABASE {incoming} RENAME TO {db}"), "renaming the restored database into place")
-        .await?;
+    exec(
+        admin,
+        &format!("ALTER DATABASE {incoming} RENAME TO {db}"),
+        "renaming the restored database into place",
+    )
+    .await?;
     grant_access(admin, target).await?;
     drop_in_background(target.login.clone(), scratch.outgoing);
     Ok(())
@@ -223,8 +282,14 @@ pub async fn swap_in(admin: &mut PgConnection, prefix: &str, target: &DatabaseTa
 /// `outgoing` scratch name, which the next swap and the deprovision drop.
 fn drop_in_background(login: ServerLogin, database: String) {
     tokio::spawn(async move {
-        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(&database));
-        let dropped = match login.connect("postgres", "connecting to drop a replaced database").await {
+        let sql = format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            quote_ident(&database)
+        );
+        let dropped = match login
+            .connect("postgres", "connecting to drop a replaced database")
+            .await
+        {
             Ok(mut conn) => exec(&mut conn, &sql, "dropping the replaced database").await,
             Err(e) => Err(e),
         };
@@ -235,7 +300,11 @@ fn drop_in_background(login: ServerLogin, database: String) {
 }
 
 async fn rename_when_idle(admin: &mut PgConnection, from: &str, to: &str) -> Result<(), TaskError> {
-    let sql = format!("ALTER DATABASE {} RENAME TO {}", quote_ident(from), quote_ident(to));
+    let sql = format!(
+        "ALTER DATABASE {} RENAME TO {}",
+        quote_ident(from),
+        quote_ident(to)
+    );
     let terminate = format!(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = {} AND pid <> pg_backend_pid()",
         quote_literal(from)
@@ -243,24 +312,41 @@ async fn rename_when_idle(admin: &mut PgConnection, from: &str, to: &str) -> Res
     for _ in 0..50 {
         exec(admin, &terminate, "ending the database's sessions").await?;
         // 55006: still in use by a session that was ending.
-        if exec_tolerating(admin, &sql, &["55006"], "renaming the replaced database away").await? {
+        if exec_tolerating(
+            admin,
+            &sql,
+            &["55006"],
+            "renaming the replaced database away",
+        )
+        .await?
+        {
             return Ok(());
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    Err(TaskError::retryable("the database stayed in use; the swap will be tried again"))
+    Err(TaskError::retryable(
+        "the database stayed in use; the swap will be tried again",
+    ))
 }
 
 /// Database-level access the target had: closed to PUBLIC, CONNECT for each binding, SELECT for read-only
 /// ones, and the instance's extensions.
 async fn grant_access(admin: &mut PgConnection, target: &DatabaseTarget) -> Result<(), TaskError> {
     let db = quote_ident(&target.database);
-    exec(admin, &format!("REVOKE ALL ON DATABASE {db} FROM PUBLIC"), "closing the database to other roles").await?;
+    exec(
+        admin,
+        &format!("REVOKE ALL ON DATABASE {db} FROM PUBLIC"),
+        "closing the database to other roles",
+    )
+    .await?;
     // A binding still being made has no role yet (42704): its bind grants what it needs.
     for binding in &target.bindings {
         exec_tolerating(
             admin,
-            &format!("GRANT CONNECT ON DATABASE {db} TO {}", quote_ident(&binding.role)),
+            &format!(
+                "GRANT CONNECT ON DATABASE {db} TO {}",
+                quote_ident(&binding.role)
+            ),
             &["42704"],
             "letting a binding role connect again",
         )
@@ -270,18 +356,28 @@ async fn grant_access(admin: &mut PgConnection, target: &DatabaseTarget) -> Resu
     if read_only.is_empty() && target.extensions.is_empty() {
         return Ok(());
     }
-    let mut conn = target.login.connect(&target.database, "connecting to the restored database").await?;
+    let mut conn = target
+        .login
+        .connect(&target.database, "connecting to the restored database")
+        .await?;
     create_extensions(&mut conn, &target.extensions).await?;
     let owner = quote_ident(&target.owner);
     for binding in read_only {
         let role = quote_ident(&binding.role);
         let grants = read_only_grants(&role, &owner);
-        exec_tolerating(&mut conn, &grants, &["42704"], "granting a read-only binding SELECT again").await?;
+        exec_tolerating(
+            &mut conn,
+            &grants,
+            &["42704"],
+            "granting a read-only binding SELECT again",
+        )
+        .await?;
     }
     Ok(())
 }
 
 /// The newest PostgreSQL client programs on this machine.
 pub fn client_bin_dir() -> Result<PathBuf, TaskError> {
-    broker::embedded::find_bin_dir().map_err(|e| TaskError::Fatal(e.context("finding pg_dump and pg_restore")))
+    broker::embedded::find_bin_dir()
+        .map_err(|e| TaskError::Fatal(e.context("finding pg_dump and pg_restore")))
 }

@@ -27,11 +27,18 @@ impl TaskHandler for Backup {
 
     async fn run(&self, ctx: &TaskContext<'_>) -> Result<Step, TaskError> {
         let snapshot = steps::snapshot_of_payload(ctx).await?;
-        let instance = match instances::get(ctx.pool, ctx.instance_id()?).await.context("reading the instance")? {
+        let instance = match instances::get(ctx.pool, ctx.instance_id()?)
+            .await
+            .context("reading the instance")?
+        {
             Some(instance) => instance,
             None => {
-                snapshots::mark_failed(ctx.pool, snapshot.id).await.context("recording the failed backup")?;
-                return Err(TaskError::fatal("the instance was deleted before it was backed up"));
+                snapshots::mark_failed(ctx.pool, snapshot.id)
+                    .await
+                    .context("recording the failed backup")?;
+                return Err(TaskError::fatal(
+                    "the instance was deleted before it was backed up",
+                ));
             }
         };
         match steps::take(ctx, &instance, &snapshot).await {
@@ -42,7 +49,9 @@ impl TaskHandler for Backup {
             }
             Err(e) => {
                 if e.is_fatal() {
-                    snapshots::mark_failed(ctx.pool, snapshot.id).await.context("recording the failed backup")?;
+                    snapshots::mark_failed(ctx.pool, snapshot.id)
+                        .await
+                        .context("recording the failed backup")?;
                 }
                 return Err(e);
             }

@@ -139,7 +139,9 @@ async fn pinned_client(policy: &TargetPolicy, url: &str) -> Result<reqwest::Clie
     let parsed = url::Url::parse(url)
         .map_err(|e| Unreachable::Lookup(format!("the webhook URL is invalid: {e}")))?;
     let (Some(host), Some(port)) = (parsed.host(), parsed.port_or_known_default()) else {
-        return Err(Unreachable::Lookup("the webhook URL has no host or port".into()));
+        return Err(Unreachable::Lookup(
+            "the webhook URL has no host or port".into(),
+        ));
     };
     let addresses: Vec<SocketAddr> = match host {
         url::Host::Ipv4(ip) => vec![SocketAddr::new(IpAddr::V4(ip), port)],
@@ -150,7 +152,9 @@ async fn pinned_client(policy: &TargetPolicy, url: &str) -> Result<reqwest::Clie
             .collect(),
     };
     let ips: Vec<IpAddr> = addresses.iter().map(SocketAddr::ip).collect();
-    policy.check_resolved(&host, &ips).map_err(Unreachable::Refused)?;
+    policy
+        .check_resolved(&host, &ips)
+        .map_err(Unreachable::Refused)?;
     let mut builder = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .connect_timeout(Duration::from_secs(5))

@@ -47,7 +47,9 @@ impl TaskHandler for Provision {
             let instance = instances::get(ctx.pool, instance_id)
                 .await
                 .context("reading the instance")?
-                .ok_or_else(|| TaskError::fatal("the instance was deleted while it was provisioned"))?;
+                .ok_or_else(|| {
+                    TaskError::fatal("the instance was deleted while it was provisioned")
+                })?;
             if let Err(wait) = ready(steps::put_into(ctx, &instance, &snapshot).await?) {
                 return Ok(wait);
             }

@@ -29,7 +29,11 @@ impl TaskHandler for PushPreset {
             let instance = instances::get(ctx.pool, ctx.instance_id()?)
                 .await
                 .context("reading the source instance")?
-                .ok_or_else(|| TaskError::fatal("the source instance was deleted before its snapshot was taken"))?;
+                .ok_or_else(|| {
+                    TaskError::fatal(
+                        "the source instance was deleted before its snapshot was taken",
+                    )
+                })?;
             steps::take(ctx, &instance, &snapshot).await
         }
         .await;
@@ -39,10 +43,14 @@ impl TaskHandler for PushPreset {
                 Err(wait) => wait,
             }),
             Err(e) if e.is_fatal() => {
-                snapshots::mark_failed(ctx.pool, snapshot.id).await.context("recording the failed push")?;
+                snapshots::mark_failed(ctx.pool, snapshot.id)
+                    .await
+                    .context("recording the failed push")?;
                 // A push-new that never produced a version frees the name again.
                 if let Some(preset_id) = snapshot.preset_id {
-                    presets::delete_if_empty(ctx.pool, preset_id).await.context("releasing the preset name")?;
+                    presets::delete_if_empty(ctx.pool, preset_id)
+                        .await
+                        .context("releasing the preset name")?;
                 }
                 Err(e)
             }

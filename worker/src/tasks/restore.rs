@@ -26,9 +26,11 @@ impl TaskHandler for Restore {
             .await
             .context("reading the instance")?
             .ok_or_else(|| TaskError::fatal("the instance was deleted before the restore ran"))?;
-        Ok(match ready(steps::put_into(ctx, &instance, &snapshot).await?) {
-            Ok(()) => Step::Done,
-            Err(wait) => wait,
-        })
+        Ok(
+            match ready(steps::put_into(ctx, &instance, &snapshot).await?) {
+                Ok(()) => Step::Done,
+                Err(wait) => wait,
+            },
+        )
     }
 }

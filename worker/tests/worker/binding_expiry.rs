@@ -21,7 +21,6 @@ const SERVICE: &str = "3bdd3b6c-801f-470b-a45f-bc1849fa2124";
 const PLAN: &str = "707a3e6f-f8db-4339-88da-1533837a9810";
 const PREFIX: &str = "bt_";
 
-
 async fn role_exists(role: &str) -> bool {
     let mut admin = PgConnection::connect(&admin_url()).await.unwrap();
     sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")

@@ -84,7 +84,10 @@ async fn kill_9_mid_task_loses_nothing_and_runs_once_more(
 /// SIGTERM to a real `berth-worker`: it claims nothing more, lets its running tasks finish, records them, and
 /// exits cleanly; a task enqueued after the signal stays in the queue for another worker.
 #[sqlx::test(migrator = "broker::MIGRATOR")]
-async fn sigterm_stops_claiming_and_finishes_running_tasks(_: PgPoolOptions, opts: PgConnectOptions) {
+async fn sigterm_stops_claiming_and_finishes_running_tasks(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
     let pool = pool(&opts, 4).await;
     let dir = std::env::temp_dir().join(format!("berth-worker-test-{}", uuid::Uuid::new_v4()));
     let key_file = dir.join("master.key");
@@ -104,7 +107,13 @@ async fn sigterm_stops_claiming_and_finishes_running_tasks(_: PgPoolOptions, opt
     })
     .await;
     let pid = worker.id().expect("running").to_string();
-    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     let late = enqueue(&pool, kinds::NOOP, json!({})).await;
 
@@ -116,10 +125,17 @@ async fn sigterm_stops_claiming_and_finishes_running_tasks(_: PgPoolOptions, opt
     assert!(status.success(), "exit status {status}");
     for id in running {
         let row = task(&pool, id).await;
-        assert_eq!(row.state, "succeeded", "a running task finished and was recorded");
+        assert_eq!(
+            row.state, "succeeded",
+            "a running task finished and was recorded"
+        );
         assert_eq!(row.attempts, 1);
         assert_eq!(row.worker_id.as_deref(), Some("stopping"));
     }
     let row = task(&pool, late).await;
-    assert_eq!((row.state.as_str(), row.attempts), ("pending", 0), "nothing claimed after SIGTERM");
+    assert_eq!(
+        (row.state.as_str(), row.attempts),
+        ("pending", 0),
+        "nothing claimed after SIGTERM"
+    );
 }

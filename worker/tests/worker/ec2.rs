@@ -39,14 +39,25 @@ pub(crate) fn ec2(peer: &Peer) -> Client {
         .http_client(http)
         .region(Region::new("us-east-1"))
         .endpoint_url(&peer.url)
-        .credentials_provider(Credentials::new(&peer.key, &peer.secret, None, None, "test"))
+        .credentials_provider(Credentials::new(
+            &peer.key,
+            &peer.secret,
+            None,
+            None,
+            "test",
+        ))
         .build();
     Client::from_conf(config)
 }
 
 /// An x86_64 and an arm64 image moto knows (it has no Debian owner).
 async fn images(client: &Client) -> (String, String) {
-    let all = client.describe_images().owners("amazon").send().await.unwrap();
+    let all = client
+        .describe_images()
+        .owners("amazon")
+        .send()
+        .await
+        .unwrap();
     let pick = |arch: &str| {
         all.images()
             .iter()
@@ -77,18 +88,35 @@ pub(crate) async fn services_with(peer: &Peer, extra: Value) -> Arc<Services> {
 }
 
 async fn provision(pool: &PgPool, services: &Arc<Services>, parameters: Value) -> (String, Value) {
-    let id = insert_instance(pool, SERVICE, SPOT, json!({ "instance_name": "pg-test" }), parameters).await;
+    let id = insert_instance(
+        pool,
+        SERVICE,
+        SPOT,
+        json!({ "instance_name": "pg-test" }),
+        parameters,
+    )
+    .await;
     let task = operate(pool, services, Operation::Provision, &id, None, json!({})).await;
-    assert_eq!(task.state, "succeeded", "{:?} {:?}", task.last_error, task.progress);
+    assert_eq!(
+        task.state, "succeeded",
+        "{:?} {:?}",
+        task.last_error, task.progress
+    );
     let details = instances::get(pool, &id).await.unwrap().unwrap().details;
     (id, details)
 }
 
 pub(crate) fn tagged(instance_id: &str) -> Filter {
-    Filter::builder().name("tag:berth:instance").values(instance_id).build()
+    Filter::builder()
+        .name("tag:berth:instance")
+        .values(instance_id)
+        .build()
 }
 
-pub(crate) async fn live_vms(client: &Client, instance_id: &str) -> Vec<aws_sdk_ec2::types::Instance> {
+pub(crate) async fn live_vms(
+    client: &Client,
+    instance_id: &str,
+) -> Vec<aws_sdk_ec2::types::Instance> {
     let out = client
         .describe_instances()
         .filters(tagged(instance_id))
@@ -119,11 +147,16 @@ async fn data_volumes(client: &Client, instance_id: &str) -> Vec<aws_sdk_ec2::ty
 }
 
 pub(crate) fn tag<'a>(tags: &'a [aws_sdk_ec2::types::Tag], key: &str) -> Option<&'a str> {
-    tags.iter().find(|t| t.key() == Some(key)).and_then(|t| t.value())
+    tags.iter()
+        .find(|t| t.key() == Some(key))
+        .and_then(|t| t.value())
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
-async fn launch_is_idempotent_tagged_and_torn_down_in_full(_: sqlx::postgres::PgPoolOptions, opts: PgConnectOptions) {
+async fn launch_is_idempotent_tagged_and_torn_down_in_full(
+    _: sqlx::postgres::PgPoolOptions,
+    opts: PgConnectOptions,
+) {
     let pool = pool(&opts, 8).await;
     let peer = moto();
     let client = ec2(&peer);
@@ -174,7 +207,12 @@ async fn launch_is_idempotent_tagged_and_torn_down_in_full(_: sqlx::postgres::Pg
         vm.instance_type().unwrap().as_str(),
         state["candidates"][0]["instance_type"].as_str().unwrap()
     );
-    let zone = vm.placement().unwrap().availability_zone().unwrap().to_string();
+    let zone = vm
+        .placement()
+        .unwrap()
+        .availability_zone()
+        .unwrap()
+        .to_string();
     assert_eq!(state["zone"], zone.as_str());
 
     // The data volume: encrypted, tagged, sized, attached, same zone.
@@ -207,10 +245,18 @@ async fn launch_is_idempotent_tagged_and_torn_down_in_full(_: sqlx::postgres::Pg
     assert_eq!(ports, [22, 5432]);
 
     // The Elastic IP is the host, associated with the VM.
-    let addresses = client.describe_addresses().filters(tagged(&id)).send().await.unwrap();
+    let addresses = client
+        .describe_addresses()
+        .filters(tagged(&id))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(addresses.addresses().len(), 1);
     assert_eq!(addresses.addresses()[0].instance_id(), vm.instance_id());
-    assert_eq!(details["host"], addresses.addresses()[0].public_ip().unwrap());
+    assert_eq!(
+        details["host"],
+        addresses.addresses()[0].public_ip().unwrap()
+    );
 
     // The user-data is the rendered cloud-config for this volume.
     let attribute = client
@@ -221,7 +267,12 @@ async fn launch_is_idempotent_tagged_and_torn_down_in_full(_: sqlx::postgres::Pg
         .await
         .unwrap();
     let encoded = attribute.user_data().and_then(|u| u.value()).unwrap();
-    let user_data = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(encoded).unwrap()).unwrap();
+    let user_data = String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .unwrap(),
+    )
+    .unwrap();
     assert!(user_data.starts_with("#cloud-config"), "{user_data}");
     assert!(user_data.contains(&format!("VOLUME_ID={}", volume.volume_id().unwrap())));
     assert!(user_data.contains(keys[0]) && user_data.contains("max_connections = '300'"));
@@ -234,9 +285,17 @@ async fn launch_is_idempotent_tagged_and_torn_down_in_full(_: sqlx::postgres::Pg
         .send()
         .await
         .unwrap();
-    let pushed: Value = serde_json::from_slice(&object.body.collect().await.unwrap().into_bytes()).unwrap();
+    let pushed: Value =
+        serde_json::from_slice(&object.body.collect().await.unwrap().into_bytes()).unwrap();
     let secrets: Value = cipher()
-        .open_json(&instances::get(&pool, &id).await.unwrap().unwrap().secrets.unwrap())
+        .open_json(
+            &instances::get(&pool, &id)
+                .await
+                .unwrap()
+                .unwrap()
+                .secrets
+                .unwrap(),
+        )
         .unwrap();
     assert_eq!(pushed["instance_name"], "pg-test");
     assert_eq!(pushed["admin_user"], "app_admin");
@@ -252,17 +311,26 @@ async fn launch_is_idempotent_tagged_and_torn_down_in_full(_: sqlx::postgres::Pg
     let args: Vec<&str> = args.lines().collect();
     assert_eq!(args.len(), 4, "{args:?}");
     assert_eq!(args[0], "pg-test");
-    assert!(args[1].contains(vm.private_ip_address().unwrap()) && args[2].contains(details["host"].as_str().unwrap()));
+    assert!(
+        args[1].contains(vm.private_ip_address().unwrap())
+            && args[2].contains(details["host"].as_str().unwrap())
+    );
     assert_eq!(
         serde_json::from_str::<Value>(args[3]).unwrap(),
         json!({ "team": "data" })
     );
 
     // A retried provision whose first try crashed before recording anything adopts what exists.
-    instances::set_details(&pool, &id, &json!({}), None).await.unwrap();
+    instances::set_details(&pool, &id, &json!({}), None)
+        .await
+        .unwrap();
     let again = operate(&pool, &services, Operation::Provision, &id, None, json!({})).await;
     assert_eq!(again.state, "succeeded", "{:?}", again.last_error);
-    assert_eq!(live_vms(&client, &id).await.len(), 1, "a retried task makes one VM");
+    assert_eq!(
+        live_vms(&client, &id).await.len(),
+        1,
+        "a retried task makes one VM"
+    );
     assert_eq!(data_volumes(&client, &id).await.len(), 1);
     assert_eq!(
         client
@@ -286,10 +354,24 @@ async fn launch_is_idempotent_tagged_and_torn_down_in_full(_: sqlx::postgres::Pg
         .unwrap();
     let teardown = {
         let (pool, services, id) = (pool.clone(), services.clone(), id.clone());
-        tokio::spawn(async move { operate(&pool, &services, Operation::Deprovision, &id, None, json!({})).await })
+        tokio::spawn(async move {
+            operate(
+                &pool,
+                &services,
+                Operation::Deprovision,
+                &id,
+                None,
+                json!({}),
+            )
+            .await
+        })
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(live_vms(&client, &id).await.len(), 1, "the teardown waits for the reconcile step");
+    assert_eq!(
+        live_vms(&client, &id).await.len(),
+        1,
+        "the teardown waits for the reconcile step"
+    );
     reconciling.rollback().await.unwrap();
 
     // Teardown leaves nothing tagged.
@@ -322,7 +404,10 @@ async fn launch_is_idempotent_tagged_and_torn_down_in_full(_: sqlx::postgres::Pg
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
-async fn each_strategy_launches_its_first_candidate(_: sqlx::postgres::PgPoolOptions, opts: PgConnectOptions) {
+async fn each_strategy_launches_its_first_candidate(
+    _: sqlx::postgres::PgPoolOptions,
+    opts: PgConnectOptions,
+) {
     let pool = pool(&opts, 8).await;
     let peer = moto();
     let client = ec2(&peer);
@@ -361,13 +446,24 @@ async fn each_strategy_launches_its_first_candidate(_: sqlx::postgres::PgPoolOpt
             "{strategy} launches its first candidate"
         );
         launched.push(got);
-        operate(&pool, &services, Operation::Deprovision, &id, None, json!({})).await;
+        operate(
+            &pool,
+            &services,
+            Operation::Deprovision,
+            &id,
+            None,
+            json!({}),
+        )
+        .await;
     }
     assert!(launched.iter().all(|c| !c.is_empty()));
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
-async fn an_evicted_vm_is_replaced_in_the_volume_zone(_: sqlx::postgres::PgPoolOptions, opts: PgConnectOptions) {
+async fn an_evicted_vm_is_replaced_in_the_volume_zone(
+    _: sqlx::postgres::PgPoolOptions,
+    opts: PgConnectOptions,
+) {
     let pool = pool(&opts, 8).await;
     let peer = moto();
     let client = ec2(&peer);
@@ -400,7 +496,12 @@ async fn an_evicted_vm_is_replaced_in_the_volume_zone(_: sqlx::postgres::PgPoolO
     .unwrap();
 
     // The spot VM goes away (moto cannot interrupt spot; a termination looks the same to berth).
-    client.terminate_instances().instance_ids(&old_vm).send().await.unwrap();
+    client
+        .terminate_instances()
+        .instance_ids(&old_vm)
+        .send()
+        .await
+        .unwrap();
     let state = eventually(Duration::from_secs(30), "a running replacement", || {
         let (pool, services) = (pool.clone(), services.clone());
         let (id, old_vm) = (id.clone(), old_vm.clone());
@@ -408,7 +509,8 @@ async fn an_evicted_vm_is_replaced_in_the_volume_zone(_: sqlx::postgres::PgPoolO
             berth_worker::reconcile::once(&pool, &services).await;
             let details = instances::get(&pool, &id).await.unwrap().unwrap().details;
             let state = details["ec2"].clone();
-            (state["recovering"] == false && state["vm_id"].as_str().is_some_and(|v| v != old_vm)).then_some(details)
+            (state["recovering"] == false && state["vm_id"].as_str().is_some_and(|v| v != old_vm))
+                .then_some(details)
         }
     })
     .await;
@@ -425,7 +527,10 @@ async fn an_evicted_vm_is_replaced_in_the_volume_zone(_: sqlx::postgres::PgPoolO
     assert_eq!(volumes.len(), 1, "the same volume, not a new one");
     assert_eq!(volumes[0].volume_id(), old["volume_id"].as_str());
     assert_eq!(
-        volumes[0].attachments().first().and_then(|a| a.instance_id()),
+        volumes[0]
+            .attachments()
+            .first()
+            .and_then(|a| a.instance_id()),
         new["vm_id"].as_str()
     );
     assert_eq!(state["recoveries"], 1);
@@ -461,7 +566,13 @@ async fn an_evicted_vm_is_replaced_in_the_volume_zone(_: sqlx::postgres::PgPoolO
     .await
     .unwrap();
     berth_worker::reconcile::once(&pool, &services).await;
-    drain(&pool, services.clone(), berth_worker::tasks::registry(), config("w")).await;
+    drain(
+        &pool,
+        services.clone(),
+        berth_worker::tasks::registry(),
+        config("w"),
+    )
+    .await;
     assert!(instances::get(&pool, &id).await.unwrap().is_none());
     assert!(live_vms(&client, &id).await.is_empty());
     assert!(data_volumes(&client, &id).await.is_empty());
@@ -496,13 +607,25 @@ async fn the_callback_is_killed_at_its_limit_with_its_children() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("killed"), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
-    let pid = std::fs::read_to_string(&pid_file).unwrap().trim().to_string();
-    eventually(Duration::from_secs(5), "the callback's child to be gone", || {
-        let gone = !Path::new(&format!("/proc/{pid}")).exists()
-            || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "));
-        async move { gone.then_some(()) }
-    })
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    let pid = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    eventually(
+        Duration::from_secs(5),
+        "the callback's child to be gone",
+        || {
+            let gone = !Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|s| s.contains(") Z "));
+            async move { gone.then_some(()) }
+        },
+    )
     .await;
     // A quick one with 4 arguments succeeds; a failing one reports its status.
     let ok = write_script(&dir, "ok.sh", "[ $# -eq 4 ]\n");
@@ -519,7 +642,10 @@ async fn the_callback_is_killed_at_its_limit_with_its_children() {
 
 /// A stand-in for EC2 in front of moto: RunInstances of `blocked` fails with InsufficientInstanceCapacity (moto
 /// never runs out), everything else goes through unchanged (same Host header, so moto's signature check holds).
-async fn capacity_proxy(moto_url: String, blocked: &'static str) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+async fn capacity_proxy(
+    moto_url: String,
+    blocked: &'static str,
+) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
     use axum::{body::Bytes, extract::Request, http::StatusCode, response::IntoResponse};
     let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = refused.clone();
@@ -559,7 +685,10 @@ async fn capacity_proxy(moto_url: String, blocked: &'static str) -> (String, Arc
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
-async fn a_type_without_capacity_gives_way_to_the_next(_: sqlx::postgres::PgPoolOptions, opts: PgConnectOptions) {
+async fn a_type_without_capacity_gives_way_to_the_next(
+    _: sqlx::postgres::PgPoolOptions,
+    opts: PgConnectOptions,
+) {
     let pool = pool(&opts, 8).await;
     let peer = moto();
     let client = ec2(&peer);
@@ -592,6 +721,14 @@ async fn a_type_without_capacity_gives_way_to_the_next(_: sqlx::postgres::PgPool
     let vms = live_vms(&client, &id).await;
     assert_eq!(vms.len(), 1);
     assert_eq!(vms[0].instance_type().unwrap().as_str(), "m5.xlarge");
-    operate(&pool, &services, Operation::Deprovision, &id, None, json!({})).await;
+    operate(
+        &pool,
+        &services,
+        Operation::Deprovision,
+        &id,
+        None,
+        json!({}),
+    )
+    .await;
     assert!(data_volumes(&client, &id).await.is_empty());
 }

@@ -35,7 +35,11 @@ async fn ha_services() -> (Arc<Services>, Client) {
 async fn provision(pool: &PgPool, services: &Arc<Services>, parameters: Value) -> (String, Value) {
     let id = insert_instance(pool, SERVICE, HA, json!({}), parameters).await;
     let task = operate(pool, services, Operation::Provision, &id, None, json!({})).await;
-    assert_eq!(task.state, "succeeded", "{:?} {:?}", task.last_error, task.progress);
+    assert_eq!(
+        task.state, "succeeded",
+        "{:?} {:?}",
+        task.last_error, task.progress
+    );
     (id.clone(), details_of(pool, &id).await)
 }
 
@@ -53,7 +57,11 @@ async fn update_members(pool: &PgPool, services: &Arc<Services>, id: &str, param
     };
     let payload = serde_json::to_value(&update).unwrap();
     let task = operate(pool, services, Operation::Update, id, None, payload).await;
-    assert_eq!(task.state, "succeeded", "{:?} {:?}", task.last_error, task.progress);
+    assert_eq!(
+        task.state, "succeeded",
+        "{:?} {:?}",
+        task.last_error, task.progress
+    );
 }
 
 /// The cluster's live VMs by member slot.
@@ -61,7 +69,14 @@ async fn members(client: &Client, id: &str) -> BTreeMap<String, Instance> {
     live_vms(client, id)
         .await
         .into_iter()
-        .map(|vm| (tag(vm.tags(), "berth:member").expect("a member tag").to_string(), vm))
+        .map(|vm| {
+            (
+                tag(vm.tags(), "berth:member")
+                    .expect("a member tag")
+                    .to_string(),
+                vm,
+            )
+        })
         .collect()
 }
 
@@ -74,11 +89,20 @@ async fn user_data(client: &Client, vm: &Instance) -> String {
         .await
         .unwrap();
     let encoded = attribute.user_data().and_then(|u| u.value()).unwrap();
-    String::from_utf8(base64::engine::general_purpose::STANDARD.decode(encoded).unwrap()).unwrap()
+    String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .unwrap(),
+    )
+    .unwrap()
 }
 
 fn zone(vm: &Instance) -> String {
-    vm.placement().unwrap().availability_zone().unwrap().to_string()
+    vm.placement()
+        .unwrap()
+        .availability_zone()
+        .unwrap()
+        .to_string()
 }
 
 fn state_member<'a>(details: &'a Value, name: &str) -> &'a Value {
@@ -126,7 +150,12 @@ async fn tagged_count(client: &Client, id: &str) -> (usize, usize, usize, usize)
     (interfaces, volumes, groups, addresses)
 }
 
-async fn deprovision_leaves_nothing(pool: &PgPool, services: &Arc<Services>, client: &Client, id: &str) {
+async fn deprovision_leaves_nothing(
+    pool: &PgPool,
+    services: &Arc<Services>,
+    client: &Client,
+    id: &str,
+) {
     let gone = operate(pool, services, Operation::Deprovision, id, None, json!({})).await;
     assert_eq!(gone.state, "succeeded", "{:?}", gone.last_error);
     assert!(live_vms(client, id).await.is_empty(), "no VM left");
@@ -160,7 +189,15 @@ async fn three_members_over_three_zones_each_with_its_own_user_data(
 
     let peers: Vec<(String, String)> = ["m1", "m2", "m3"]
         .iter()
-        .map(|m| (m.to_string(), state_member(&details, m)["private_ip"].as_str().unwrap().to_string()))
+        .map(|m| {
+            (
+                m.to_string(),
+                state_member(&details, m)["private_ip"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            )
+        })
         .collect();
     let initial = peers
         .iter()
@@ -180,7 +217,10 @@ async fn three_members_over_three_zones_each_with_its_own_user_data(
         assert_eq!(tag(vm.tags(), "berth:instance"), Some(id.as_str()));
         assert_eq!(tag(vm.tags(), "berth:members"), Some("m1,m2,m3"));
         assert_eq!(tag(vm.tags(), "team"), Some("data"));
-        assert_eq!(vm.instance_type().unwrap().as_str(), member["instance_type"].as_str().unwrap());
+        assert_eq!(
+            vm.instance_type().unwrap().as_str(),
+            member["instance_type"].as_str().unwrap()
+        );
         // Its user-data: its own name and address, every peer in etcd's initial cluster, forming it.
         let text = user_data(&client, vm).await;
         assert!(text.starts_with("#cloud-config\n"), "{text}");
@@ -197,9 +237,15 @@ async fn three_members_over_three_zones_each_with_its_own_user_data(
             assert!(text.contains(&needle), "{name}: missing {needle:?}");
         }
         for (other, _) in peers.iter().filter(|(n, _)| n != name) {
-            assert!(!text.contains(&format!("ETCD_NAME={other}\n")), "{name} has {other}'s name");
+            assert!(
+                !text.contains(&format!("ETCD_NAME={other}\n")),
+                "{name} has {other}'s name"
+            );
         }
-        assert!(!text.contains("berth-etcd-membership join\n      cat"), "a founding member does not join");
+        assert!(
+            !text.contains("berth-etcd-membership join\n      cat"),
+            "a founding member does not join"
+        );
         // Its scratch disk: encrypted, sized, tagged, going with the VM.
         let volume = vm
             .block_device_mappings()
@@ -210,12 +256,27 @@ async fn three_members_over_three_zones_each_with_its_own_user_data(
         // With public_ip, an Elastic IP on the slot's interface.
         assert_eq!(vm.public_ip_address(), member["public_ip"].as_str());
     }
-    let volumes = client.describe_volumes().filters(tagged(&id)).send().await.unwrap();
+    let volumes = client
+        .describe_volumes()
+        .filters(tagged(&id))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(volumes.volumes().len(), 3);
-    assert!(volumes.volumes().iter().all(|v| v.encrypted() == Some(true) && v.size() == Some(12)));
+    assert!(
+        volumes
+            .volumes()
+            .iter()
+            .all(|v| v.encrypted() == Some(true) && v.size() == Some(12))
+    );
 
     // The group: 5432 and 8008 from the allowed range; etcd, PostgreSQL and the REST API between members.
-    let groups = client.describe_security_groups().filters(tagged(&id)).send().await.unwrap();
+    let groups = client
+        .describe_security_groups()
+        .filters(tagged(&id))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(groups.security_groups().len(), 1);
     let group = &groups.security_groups()[0];
     let mut open: Vec<i32> = group
@@ -229,24 +290,47 @@ async fn three_members_over_three_zones_each_with_its_own_user_data(
     let mut between: Vec<(i32, i32)> = group
         .ip_permissions()
         .iter()
-        .filter(|p| p.user_id_group_pairs().iter().any(|g| g.group_id() == group.group_id()))
+        .filter(|p| {
+            p.user_id_group_pairs()
+                .iter()
+                .any(|g| g.group_id() == group.group_id())
+        })
         .map(|p| (p.from_port().unwrap(), p.to_port().unwrap()))
         .collect();
     between.sort();
     assert_eq!(between, [(2379, 2380), (5432, 5432), (8008, 8008)]);
 
     // Secrets are sealed, never in the details.
-    let sealed = instances::get(&pool, &id).await.unwrap().unwrap().secrets.unwrap();
+    let sealed = instances::get(&pool, &id)
+        .await
+        .unwrap()
+        .unwrap()
+        .secrets
+        .unwrap();
     let secrets: Value = cipher().open_json(&sealed).unwrap();
     let shown = details.to_string();
-    for key in ["superuser", "replication", "rewind", "restapi", "admin_password"] {
+    for key in [
+        "superuser",
+        "replication",
+        "rewind",
+        "restapi",
+        "admin_password",
+    ] {
         let secret = secrets[key].as_str().unwrap();
         assert!(secret.len() >= 32 && !shown.contains(secret), "{key}");
     }
     assert!(!shown.contains("PRIVATE KEY"));
 
     // A switchover is asked of Patroni's REST API; nothing answers on moto's VMs, so the task says so.
-    let switchover = operate(&pool, &services, Operation::Switchover, &id, None, json!({})).await;
+    let switchover = operate(
+        &pool,
+        &services,
+        Operation::Switchover,
+        &id,
+        None,
+        json!({}),
+    )
+    .await;
     assert_eq!(switchover.state, "failed");
     let error = switchover.last_error.unwrap_or_default();
     assert!(
@@ -256,13 +340,19 @@ async fn three_members_over_three_zones_each_with_its_own_user_data(
 
     // A retried provision whose first try crashed before recording anything but its secrets adopts what
     // exists: no second VM, interface or address for any slot.
-    instances::set_details(&pool, &id, &json!({}), Some(&sealed)).await.unwrap();
+    instances::set_details(&pool, &id, &json!({}), Some(&sealed))
+        .await
+        .unwrap();
     let again = operate(&pool, &services, Operation::Provision, &id, None, json!({})).await;
     assert_eq!(again.state, "succeeded", "{:?}", again.last_error);
     let after = members(&client, &id).await;
     assert_eq!(after.len(), 3, "a retried provision makes no VM twice");
     for (name, vm) in &after {
-        assert_eq!(vm.instance_id(), vms[name].instance_id(), "{name} kept its VM");
+        assert_eq!(
+            vm.instance_id(),
+            vms[name].instance_id(),
+            "{name} kept its VM"
+        );
     }
     assert_eq!(tagged_count(&client, &id).await, (3, 3, 1, 3));
 
@@ -270,7 +360,10 @@ async fn three_members_over_three_zones_each_with_its_own_user_data(
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
-async fn five_spot_members_round_robin_over_the_asked_zones(_: sqlx::postgres::PgPoolOptions, opts: PgConnectOptions) {
+async fn five_spot_members_round_robin_over_the_asked_zones(
+    _: sqlx::postgres::PgPoolOptions,
+    opts: PgConnectOptions,
+) {
     let pool = pool(&opts, 8).await;
     let (services, client) = ha_services().await;
     let (id, details) = provision(
@@ -281,7 +374,10 @@ async fn five_spot_members_round_robin_over_the_asked_zones(_: sqlx::postgres::P
     .await;
     let vms = members(&client, &id).await;
     assert_eq!(vms.len(), 5);
-    let placed: Vec<(String, String)> = vms.iter().map(|(name, vm)| (name.clone(), zone(vm))).collect();
+    let placed: Vec<(String, String)> = vms
+        .iter()
+        .map(|(name, vm)| (name.clone(), zone(vm)))
+        .collect();
     assert_eq!(
         placed,
         [
@@ -292,17 +388,25 @@ async fn five_spot_members_round_robin_over_the_asked_zones(_: sqlx::postgres::P
             ("m5".into(), "us-east-1b".into()),
         ]
     );
-    assert!(vms.values().all(|vm| vm.instance_lifecycle().map(|l| l.as_str()) == Some("spot")));
+    assert!(
+        vms.values()
+            .all(|vm| vm.instance_lifecycle().map(|l| l.as_str()) == Some("spot"))
+    );
     let text = user_data(&client, &vms["m4"]).await;
     let initial = text
         .lines()
         .find(|l| l.trim_start().starts_with("ETCD_INITIAL_CLUSTER="))
         .unwrap();
     assert_eq!(initial.matches(":2380").count(), 5, "{initial}");
-    assert_eq!(details["ha_ec2"]["zones"], json!(["us-east-1b", "us-east-1c"]));
+    assert_eq!(
+        details["ha_ec2"]["zones"],
+        json!(["us-east-1b", "us-east-1c"])
+    );
     // Orphan-safe: with nothing recorded (a provision that crashed before its first record), the deprovision
     // still finds everything by its tags.
-    instances::set_details(&pool, &id, &json!({}), None).await.unwrap();
+    instances::set_details(&pool, &id, &json!({}), None)
+        .await
+        .unwrap();
     deprovision_leaves_nothing(&pool, &services, &client, &id).await;
 }
 
@@ -318,18 +422,30 @@ async fn a_terminated_member_is_replaced_in_its_slot_and_joins_its_peers(
     let old_vm = old["vm_id"].as_str().unwrap().to_string();
     let others: Vec<String> = ["m1", "m3"]
         .iter()
-        .map(|m| state_member(&before, m)["vm_id"].as_str().unwrap().to_string())
+        .map(|m| {
+            state_member(&before, m)["vm_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect();
 
     // The member's VM goes away (a spot interruption looks the same to berth).
-    client.terminate_instances().instance_ids(&old_vm).send().await.unwrap();
+    client
+        .terminate_instances()
+        .instance_ids(&old_vm)
+        .send()
+        .await
+        .unwrap();
     let after = eventually(Duration::from_secs(60), "m2 on a new running VM", || {
-        let (pool, services, id, old_vm) = (pool.clone(), services.clone(), id.clone(), old_vm.clone());
+        let (pool, services, id, old_vm) =
+            (pool.clone(), services.clone(), id.clone(), old_vm.clone());
         async move {
             berth_worker::reconcile::once(&pool, &services).await;
             let details = details_of(&pool, &id).await;
             let m2 = state_member(&details, "m2");
-            (m2["replacing"] == false && m2["vm_id"].as_str().is_some_and(|v| v != old_vm)).then_some(details)
+            (m2["replacing"] == false && m2["vm_id"].as_str().is_some_and(|v| v != old_vm))
+                .then_some(details)
         }
     })
     .await;
@@ -338,8 +454,16 @@ async fn a_terminated_member_is_replaced_in_its_slot_and_joins_its_peers(
     let new = &vms["m2"];
     let m2 = state_member(&after, "m2");
     assert_eq!(new.instance_id(), m2["vm_id"].as_str());
-    assert_eq!(zone(new), old["zone"].as_str().unwrap(), "the same slot: its zone");
-    assert_eq!(new.private_ip_address(), old["private_ip"].as_str(), "its address");
+    assert_eq!(
+        zone(new),
+        old["zone"].as_str().unwrap(),
+        "the same slot: its zone"
+    );
+    assert_eq!(
+        new.private_ip_address(),
+        old["private_ip"].as_str(),
+        "its address"
+    );
     assert_eq!(
         new.network_interfaces()[0].network_interface_id(),
         old["interface_id"].as_str(),
@@ -347,11 +471,18 @@ async fn a_terminated_member_is_replaced_in_its_slot_and_joins_its_peers(
     );
     assert_eq!(m2["generation"], 1);
     for (name, vm_id) in ["m1", "m3"].iter().zip(&others) {
-        assert_eq!(vms[*name].instance_id(), Some(vm_id.as_str()), "{name} untouched");
+        assert_eq!(
+            vms[*name].instance_id(),
+            Some(vm_id.as_str()),
+            "{name} untouched"
+        );
     }
     // The new VM joins the running cluster: etcd through its surviving peers, then as an existing member.
     let text = user_data(&client, new).await;
-    assert!(text.contains("      ETCD_INITIAL_CLUSTER_STATE=existing\n"), "{text}");
+    assert!(
+        text.contains("      ETCD_INITIAL_CLUSTER_STATE=existing\n"),
+        "{text}"
+    );
     assert!(text.contains("      /usr/local/sbin/berth-etcd-membership join\n"));
     let peers = format!(
         "PEER_ENDPOINTS=http://{}:2379,http://{}:2379",
@@ -369,7 +500,10 @@ async fn a_terminated_member_is_replaced_in_its_slot_and_joins_its_peers(
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
-async fn members_scale_three_to_five_to_three_one_at_a_time(_: sqlx::postgres::PgPoolOptions, opts: PgConnectOptions) {
+async fn members_scale_three_to_five_to_three_one_at_a_time(
+    _: sqlx::postgres::PgPoolOptions,
+    opts: PgConnectOptions,
+) {
     let pool = pool(&opts, 8).await;
     let (services, client) = ha_services().await;
     let base = json!({ "cpu_min": 2, "cpu_max": 2 });
@@ -384,16 +518,30 @@ async fn members_scale_three_to_five_to_three_one_at_a_time(_: sqlx::postgres::P
     five["members"] = json!(5);
     update_members(&pool, &services, &id, five).await;
     let vms = members(&client, &id).await;
-    assert_eq!(vms.keys().collect::<Vec<_>>(), ["m1", "m2", "m3", "m4", "m5"]);
+    assert_eq!(
+        vms.keys().collect::<Vec<_>>(),
+        ["m1", "m2", "m3", "m4", "m5"]
+    );
     for (name, vm_id) in &first {
-        assert_eq!(vms[name].instance_id(), Some(vm_id.as_str()), "{name} kept its VM");
+        assert_eq!(
+            vms[name].instance_id(),
+            Some(vm_id.as_str()),
+            "{name} kept its VM"
+        );
     }
     for name in ["m4", "m5"] {
         let text = user_data(&client, &vms[name]).await;
-        assert!(text.contains("      ETCD_INITIAL_CLUSTER_STATE=existing\n"), "{name} joins");
+        assert!(
+            text.contains("      ETCD_INITIAL_CLUSTER_STATE=existing\n"),
+            "{name} joins"
+        );
     }
     for (name, vm) in &vms {
-        assert_eq!(tag(vm.tags(), "berth:members"), Some("m1,m2,m3,m4,m5"), "{name}");
+        assert_eq!(
+            tag(vm.tags(), "berth:members"),
+            Some("m1,m2,m3,m4,m5"),
+            "{name}"
+        );
     }
     let mut zones: Vec<String> = vms.values().map(zone).collect();
     zones.sort();
@@ -404,7 +552,11 @@ async fn members_scale_three_to_five_to_three_one_at_a_time(_: sqlx::postgres::P
 
     update_members(&pool, &services, &id, base.clone()).await;
     let vms = members(&client, &id).await;
-    assert_eq!(vms.keys().collect::<Vec<_>>(), ["m1", "m2", "m3"], "the newest members went");
+    assert_eq!(
+        vms.keys().collect::<Vec<_>>(),
+        ["m1", "m2", "m3"],
+        "the newest members went"
+    );
     for (name, vm) in &vms {
         assert_eq!(tag(vm.tags(), "berth:members"), Some("m1,m2,m3"), "{name}");
         assert_eq!(vm.instance_id(), Some(first[name].as_str()));
@@ -412,7 +564,11 @@ async fn members_scale_three_to_five_to_three_one_at_a_time(_: sqlx::postgres::P
     let details = details_of(&pool, &id).await;
     assert_eq!(details["members"].as_array().unwrap().len(), 3);
     assert_eq!(details["ha_ec2"]["members"].as_array().unwrap().len(), 3);
-    assert_eq!(tagged_count(&client, &id).await.0, 3, "the removed members' interfaces are gone");
+    assert_eq!(
+        tagged_count(&client, &id).await.0,
+        3,
+        "the removed members' interfaces are gone"
+    );
     deprovision_leaves_nothing(&pool, &services, &client, &id).await;
 }
 
@@ -431,7 +587,14 @@ impl Drop for Etcd {
     }
 }
 
-fn etcd_env_file(dir: &std::path::Path, name: &str, peer: &str, client: &str, cluster: &str, token: &str) -> std::path::PathBuf {
+fn etcd_env_file(
+    dir: &std::path::Path,
+    name: &str,
+    peer: &str,
+    client: &str,
+    cluster: &str,
+    token: &str,
+) -> std::path::PathBuf {
     let path = dir.join(format!("{name}.env"));
     let data = dir.join(format!("{name}-data"));
     std::fs::write(
@@ -478,7 +641,9 @@ fn etcdctl(args: &[&str]) -> Option<String> {
         .args(args)
         .output()
         .expect("etcdctl runs");
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).to_string())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).to_string())
 }
 
 /// (name, status) of every member, as the members at `endpoint` see them.
@@ -503,7 +668,10 @@ async fn healthy(endpoint: &str) {
 }
 
 fn membership(conf: &std::path::Path, mode: &str, extra: &[(&str, &str)]) -> String {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/src/providers/ha_ec2/etcd-membership.sh");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/src/providers/ha_ec2/etcd-membership.sh"
+    );
     let out = std::process::Command::new("bash")
         .arg(script)
         .arg(mode)
@@ -511,7 +679,11 @@ fn membership(conf: &std::path::Path, mode: &str, extra: &[(&str, &str)]) -> Str
         .envs(extra.iter().copied())
         .output()
         .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success(), "etcd-membership.sh {mode}: {text}");
     text
 }
@@ -527,7 +699,12 @@ async fn the_membership_script_rejoins_a_replaced_member_and_prunes_a_retired_on
     let names = ["m1", "m2", "m3"];
     let urls: Vec<(String, String)> = names
         .iter()
-        .map(|_| (format!("http://127.0.0.1:{}", port()), format!("http://127.0.0.1:{}", port())))
+        .map(|_| {
+            (
+                format!("http://127.0.0.1:{}", port()),
+                format!("http://127.0.0.1:{}", port()),
+            )
+        })
         .collect();
     let cluster = names
         .iter()
@@ -568,10 +745,23 @@ async fn the_membership_script_rejoins_a_replaced_member_and_prunes_a_retired_on
     )
     .unwrap();
     let said = membership(&conf, "join", &[]);
-    assert!(said.contains("removing member") && said.contains("joined as m2"), "{said}");
+    assert!(
+        said.contains("removing member") && said.contains("joined as m2"),
+        "{said}"
+    );
     let written = std::fs::read_to_string(&env).unwrap();
-    assert!(written.lines().any(|l| l == "ETCD_INITIAL_CLUSTER_STATE=existing"), "{written}");
-    assert!(!written.lines().any(|l| l == "ETCD_INITIAL_CLUSTER_STATE=new"), "{written}");
+    assert!(
+        written
+            .lines()
+            .any(|l| l == "ETCD_INITIAL_CLUSTER_STATE=existing"),
+        "{written}"
+    );
+    assert!(
+        !written
+            .lines()
+            .any(|l| l == "ETCD_INITIAL_CLUSTER_STATE=new"),
+        "{written}"
+    );
     members.insert(1, start_etcd(&env, &replacement.join("m2.log")));
     healthy(&client2).await;
     let list = eventually(Duration::from_secs(30), "three started members", || {
@@ -583,29 +773,62 @@ async fn the_membership_script_rejoins_a_replaced_member_and_prunes_a_retired_on
     seen.sort();
     assert_eq!(seen, names, "the slot's name is back, once");
     // The rejoined member serves reads and writes of the whole cluster.
-    etcdctl(&["--endpoints", &c1, "put", "berth-test", "written-through-m1"]).unwrap();
-    let read = etcdctl(&["--endpoints", &client2, "get", "berth-test", "--print-value-only"]).unwrap();
+    etcdctl(&[
+        "--endpoints",
+        &c1,
+        "put",
+        "berth-test",
+        "written-through-m1",
+    ])
+    .unwrap();
+    let read = etcdctl(&[
+        "--endpoints",
+        &client2,
+        "get",
+        "berth-test",
+        "--print-value-only",
+    ])
+    .unwrap();
     assert_eq!(read.trim(), "written-through-m1");
 
     // Scale-down: m3 leaves the wanted list. While it answers it stays; once gone it is pruned.
     let m1_conf = dir.join("m1-membership.env");
-    std::fs::write(&m1_conf, format!("ETCD_NAME=m1\nPEER_URL={}\n", members[0].peer)).unwrap();
+    std::fs::write(
+        &m1_conf,
+        format!("ETCD_NAME=m1\nPEER_URL={}\n", members[0].peer),
+    )
+    .unwrap();
     let prune = [("WANTED", "m1,m2"), ("LOCAL_ENDPOINT", c1.as_str())];
     membership(&m1_conf, "prune", &prune);
-    assert_eq!(member_list(&c1).len(), 3, "a retired member that still answers is left alone");
+    assert_eq!(
+        member_list(&c1).len(),
+        3,
+        "a retired member that still answers is left alone"
+    );
     let m3 = members.pop().unwrap();
     assert_eq!(m3.name, "m3");
     drop(m3);
     let said = membership(&m1_conf, "prune", &prune);
     assert!(said.contains("removing retired member m3"), "{said}");
     let list = member_list(&c1);
-    assert_eq!(list.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().len(), 2, "{list:?}");
+    assert_eq!(
+        list.iter()
+            .map(|(n, _)| n.as_str())
+            .collect::<Vec<_>>()
+            .len(),
+        2,
+        "{list:?}"
+    );
     assert!(list.iter().all(|(n, _)| n != "m3"));
     // Members in the wanted list are never pruned, even when down.
     let m2 = members.pop().unwrap();
     drop(m2);
     membership(&m1_conf, "prune", &prune);
-    assert_eq!(member_list(&c1).len(), 2, "m2 is wanted: kept while it is down");
+    assert_eq!(
+        member_list(&c1).len(),
+        2,
+        "m2 is wanted: kept while it is down"
+    );
     drop(members);
     std::fs::remove_dir_all(&dir).unwrap();
 }

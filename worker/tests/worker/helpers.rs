@@ -312,10 +312,20 @@ impl TaskHandler for Hang {
 }
 
 /// Inserts an instance row with a fresh id, as the API would (org/space from `context`, else "org"/"space").
-pub async fn insert_instance(pool: &PgPool, service: &str, plan: &str, context: Value, parameters: Value) -> String {
+pub async fn insert_instance(
+    pool: &PgPool,
+    service: &str,
+    plan: &str,
+    context: Value,
+    parameters: Value,
+) -> String {
     let id = Uuid::new_v4().to_string();
-    let guid = |key: &str, default: &'static str| context[key].as_str().unwrap_or(default).to_string();
-    let (organization_guid, space_guid) = (guid("organization_guid", "org"), guid("space_guid", "space"));
+    let guid =
+        |key: &str, default: &'static str| context[key].as_str().unwrap_or(default).to_string();
+    let (organization_guid, space_guid) = (
+        guid("organization_guid", "org"),
+        guid("space_guid", "space"),
+    );
     let new = NewInstance {
         id: &id,
         service_id: service,
@@ -331,7 +341,13 @@ pub async fn insert_instance(pool: &PgPool, service: &str, plan: &str, context: 
 }
 
 /// Inserts a binding row with a fresh id, as the API would.
-pub async fn insert_binding(pool: &PgPool, instance_id: &str, service: &str, plan: &str, parameters: Value) -> String {
+pub async fn insert_binding(
+    pool: &PgPool,
+    instance_id: &str,
+    service: &str,
+    plan: &str,
+    parameters: Value,
+) -> String {
     let id = Uuid::new_v4().to_string();
     let empty = json!({});
     let new = NewBinding {
@@ -366,7 +382,13 @@ pub async fn operate(
     new.operation = Some(op.as_str());
     new.max_attempts = 3;
     let id = enqueue_with(pool, new).await;
-    drain(pool, services.clone(), berth_worker::tasks::registry(), config("w")).await;
+    drain(
+        pool,
+        services.clone(),
+        berth_worker::tasks::registry(),
+        config("w"),
+    )
+    .await;
     task(pool, id).await
 }
 
@@ -378,7 +400,10 @@ pub async fn log_every_statement(server: &broker::embedded::PgServer) {
     let mut su = sqlx::PgConnection::connect(server.url("postgres").expose_secret())
         .await
         .expect("superuser connects");
-    for sql in ["ALTER SYSTEM SET log_statement = 'all'", "SELECT pg_reload_conf()"] {
+    for sql in [
+        "ALTER SYSTEM SET log_statement = 'all'",
+        "SELECT pg_reload_conf()",
+    ] {
         sqlx::raw_sql(sql).execute(&mut su).await.unwrap();
     }
     // The reload is asynchronous: wait until a new session sees it.
@@ -397,11 +422,16 @@ pub async fn log_every_statement(server: &broker::embedded::PgServer) {
 
 /// The server's log (`root/postgres.log`) as text.
 pub fn server_log(server: &broker::embedded::PgServer) -> String {
-    String::from_utf8_lossy(&std::fs::read(server.root().join("postgres.log")).unwrap()).into_owned()
+    String::from_utf8_lossy(&std::fs::read(server.root().join("postgres.log")).unwrap())
+        .into_owned()
 }
 
 /// Asserts that a task succeeded, showing its error when it did not.
 #[track_caller]
 pub fn succeeded(row: &TaskRow) {
-    assert_eq!(row.state, "succeeded", "{} failed: {:?}", row.kind, row.last_error);
+    assert_eq!(
+        row.state, "succeeded",
+        "{} failed: {:?}",
+        row.kind, row.last_error
+    );
 }

@@ -10,11 +10,7 @@ use std::{
 
 use berth_worker::{Services, providers::local_postgres, reconcile, tasks};
 use broker::{
-    db::{
-        bindings,
-        instances,
-        tasks::NewTask,
-    },
+    db::{bindings, instances, tasks::NewTask},
     model::{Operation, UpdatePayload},
     names,
 };
@@ -66,7 +62,10 @@ impl Servers {
             "local_servers_dir": self.0,
             "local_engine_host": "test-host",
         });
-        settings.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        settings
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
         Arc::new(Services::new(serde_json::from_value(settings).unwrap(), cipher()).unwrap())
     }
 
@@ -91,7 +90,6 @@ impl Drop for Servers {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
-
 
 async fn details(pool: &PgPool, instance: &str) -> Value {
     instances::get(pool, instance)
@@ -698,8 +696,13 @@ async fn servers_too_deep_for_a_unix_socket_listen_on_tcp_only(
     let mut app = connect_url(creds["DATABASE_URL"].as_str().unwrap()).await;
     assert_eq!(scalar::<i32>(&mut app, "SELECT 1").await, 1);
     let port = creds["PGPORT"].as_str().unwrap();
-    let socket = servers.root(&instance).join(format!("data/.s.PGSQL.{port}"));
-    assert!(!socket.exists(), "no Unix socket where its path is too long");
+    let socket = servers
+        .root(&instance)
+        .join(format!("data/.s.PGSQL.{port}"));
+    assert!(
+        !socket.exists(),
+        "no Unix socket where its path is too long"
+    );
     app.close().await.unwrap();
     succeeded(
         &operate(
@@ -726,7 +729,14 @@ async fn a_new_server_delivers_its_connection(_: PgPoolOptions, opts: PgConnectO
     s3.create_bucket().bucket(&bucket).send().await.unwrap();
     let callback = servers.0.join("callback.sh");
     let args_file = servers.0.join("args");
-    std::fs::write(&callback, format!("#!/bin/sh\nprintf '%s\\n' \"$@\" > {}\n", args_file.display())).unwrap();
+    std::fs::write(
+        &callback,
+        format!(
+            "#!/bin/sh\nprintf '%s\\n' \"$@\" > {}\n",
+            args_file.display()
+        ),
+    )
+    .unwrap();
     std::fs::set_permissions(&callback, std::fs::Permissions::from_mode(0o755)).unwrap();
     let services = servers.services_with(json!({
         "connstr_bucket": bucket, "connstr_bucket_endpoint": store.url,
@@ -737,8 +747,15 @@ async fn a_new_server_delivers_its_connection(_: PgPoolOptions, opts: PgConnectO
     succeeded(&operate(&pool, &services, Operation::Provision, &id, None, json!({})).await);
 
     // The default key, with pg-spot-operator's fields; its connection string works.
-    let object = s3.get_object().bucket(&bucket).key(format!("berth/{id}/connstr.json")).send().await.unwrap();
-    let pushed: Value = serde_json::from_slice(&object.body.collect().await.unwrap().into_bytes()).unwrap();
+    let object = s3
+        .get_object()
+        .bucket(&bucket)
+        .key(format!("berth/{id}/connstr.json"))
+        .send()
+        .await
+        .unwrap();
+    let pushed: Value =
+        serde_json::from_slice(&object.body.collect().await.unwrap().into_bytes()).unwrap();
     assert_eq!(pushed["instance_name"], id.as_str());
     assert_eq!(pushed["ip_private"], "127.0.0.1");
     assert_eq!(pushed["ip_public"], "");
@@ -746,14 +763,35 @@ async fn a_new_server_delivers_its_connection(_: PgPoolOptions, opts: PgConnectO
     assert_eq!(pushed["app_db_name"], "app");
     assert_eq!(pushed["admin_password"], admin_password(&pool, &id).await);
     let mut conn = connect_url(pushed["connstr"].as_str().unwrap()).await;
-    assert_eq!(scalar::<String>(&mut conn, "SELECT current_user::text").await, "app_admin");
+    assert_eq!(
+        scalar::<String>(&mut conn, "SELECT current_user::text").await,
+        "app_admin"
+    );
 
     // The callback: name, private connection string, "" (no public address), tags.
     let args = std::fs::read_to_string(&args_file).unwrap();
     let args: Vec<&str> = args.lines().collect();
-    assert_eq!(args, [id.as_str(), pushed["connstr"].as_str().unwrap(), "", r#"{"env":"ci"}"#]);
+    assert_eq!(
+        args,
+        [
+            id.as_str(),
+            pushed["connstr"].as_str().unwrap(),
+            "",
+            r#"{"env":"ci"}"#
+        ]
+    );
     assert_eq!(details(&pool, &id).await["delivery"]["errors"], json!([]));
-    succeeded(&operate(&pool, &services, Operation::Deprovision, &id, None, json!({})).await);
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Deprovision,
+            &id,
+            None,
+            json!({}),
+        )
+        .await,
+    );
 }
 
 /// An expired binding on a server of its own: the reconcile loop's revocation drops its role and ends its open
@@ -858,12 +896,32 @@ async fn passwords_never_reach_the_servers_statement_log(_: PgPoolOptions, opts:
     let servers = Servers::new();
     let services = servers.services();
     let instance = new_instance(&pool, json!({ "admin_user": "boss" })).await;
-    succeeded(&operate(&pool, &services, Operation::Provision, &instance, None, json!({})).await);
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Provision,
+            &instance,
+            None,
+            json!({}),
+        )
+        .await,
+    );
     let server = broker::embedded::PgServer::open(&servers.root(&instance)).unwrap();
     log_every_statement(&server).await;
 
     // Provision again (it sets the admin user's password anew), then bind read-write and read-only.
-    succeeded(&operate(&pool, &services, Operation::Provision, &instance, None, json!({})).await);
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Provision,
+            &instance,
+            None,
+            json!({}),
+        )
+        .await,
+    );
     let admin = admin_password(&pool, &instance).await;
     let details = details(&pool, &instance).await;
     PgConnection::connect_with(&admin_options(&details, &admin))
@@ -872,23 +930,47 @@ async fn passwords_never_reach_the_servers_statement_log(_: PgPoolOptions, opts:
     let mut passwords = vec![admin];
     for access in ["read-write", "read-only"] {
         let binding = new_binding(&pool, &instance, json!({ "access": access })).await;
-        succeeded(&operate(&pool, &services, Operation::Bind, &instance, Some(&binding), json!({})).await);
+        succeeded(
+            &operate(
+                &pool,
+                &services,
+                Operation::Bind,
+                &instance,
+                Some(&binding),
+                json!({}),
+            )
+            .await,
+        );
         let creds = credentials(&pool, &binding).await;
         connect_url(creds["uri"].as_str().unwrap()).await;
         let mut su = connect_url(server.url("postgres").expose_secret()).await;
-        let stored: String = sqlx::query_scalar("SELECT rolpassword FROM pg_authid WHERE rolname = $1")
-            .bind(creds["PGUSER"].as_str().unwrap())
-            .fetch_one(&mut su)
-            .await
-            .unwrap();
+        let stored: String =
+            sqlx::query_scalar("SELECT rolpassword FROM pg_authid WHERE rolname = $1")
+                .bind(creds["PGUSER"].as_str().unwrap())
+                .fetch_one(&mut su)
+                .await
+                .unwrap();
         assert!(stored.starts_with("SCRAM-SHA-256$4096:"), "{stored}");
         passwords.push(creds["PGPASSWORD"].as_str().unwrap().to_string());
     }
     let log = server_log(&server);
     assert!(log.contains("statement: ALTER ROLE"), "{log}");
     for password in &passwords {
-        assert!(!log.contains(password.as_str()), "a password is in the server log:\n{log}");
+        assert!(
+            !log.contains(password.as_str()),
+            "a password is in the server log:\n{log}"
+        );
     }
     assert!(log.contains("PASSWORD 'SCRAM-SHA-256$4096:"), "{log}");
-    succeeded(&operate(&pool, &services, Operation::Deprovision, &instance, None, json!({})).await);
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Deprovision,
+            &instance,
+            None,
+            json!({}),
+        )
+        .await,
+    );
 }

@@ -56,16 +56,21 @@ async fn two_workers_never_run_the_same_task(_: PgPoolOptions, opts: PgConnectOp
 /// The claim statement itself under a barrier: eight claimers on their own connections are released together,
 /// round after round, each asking for the same due tasks; no task is claimed twice and none is missed.
 #[sqlx::test(migrator = "broker::MIGRATOR")]
-async fn claims_released_together_by_a_barrier_never_overlap(_: PgPoolOptions, opts: PgConnectOptions) {
+async fn claims_released_together_by_a_barrier_never_overlap(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
     const CLAIMERS: usize = 8;
     const TASKS: i64 = 400;
     let setup = pool(&opts, 2).await;
-    sqlx::query("INSERT INTO tasks (id, kind) SELECT gen_random_uuid(), $1 FROM generate_series(1, $2)")
-        .bind(RECORD)
-        .bind(TASKS)
-        .execute(&setup)
-        .await
-        .unwrap();
+    sqlx::query(
+        "INSERT INTO tasks (id, kind) SELECT gen_random_uuid(), $1 FROM generate_series(1, $2)",
+    )
+    .bind(RECORD)
+    .bind(TASKS)
+    .execute(&setup)
+    .await
+    .unwrap();
     let claimers = pool(&opts, CLAIMERS as u32).await;
     let barrier = Arc::new(tokio::sync::Barrier::new(CLAIMERS));
     let mut handles = Vec::new();
@@ -77,9 +82,15 @@ async fn claims_released_together_by_a_barrier_never_overlap(_: PgPoolOptions, o
             // 12 rounds x 8 claimers x 7 tasks is more than the queue holds: the last rounds find it empty.
             for _ in 0..12 {
                 barrier.wait().await;
-                let claimed = queue::claim(&mut *conn, &format!("claimer-{n}"), 7, Duration::from_secs(60), None)
-                    .await
-                    .unwrap();
+                let claimed = queue::claim(
+                    &mut *conn,
+                    &format!("claimer-{n}"),
+                    7,
+                    Duration::from_secs(60),
+                    None,
+                )
+                .await
+                .unwrap();
                 got.extend(claimed.into_iter().map(|t| (t.id, t.worker_id)));
             }
             got
@@ -106,16 +117,22 @@ async fn claims_released_together_by_a_barrier_never_overlap(_: PgPoolOptions, o
 #[sqlx::test(migrator = "broker::MIGRATOR")]
 async fn a_worker_runs_at_most_its_concurrency(_: PgPoolOptions, opts: PgConnectOptions) {
     let pool = pool(&opts, 8).await;
-    sqlx::query("INSERT INTO tasks (id, kind) SELECT gen_random_uuid(), $1 FROM generate_series(1, 60)")
-        .bind(GAUGE)
-        .execute(&pool)
-        .await
-        .unwrap();
+    sqlx::query(
+        "INSERT INTO tasks (id, kind) SELECT gen_random_uuid(), $1 FROM generate_series(1, 60)",
+    )
+    .bind(GAUGE)
+    .execute(&pool)
+    .await
+    .unwrap();
     let gauge = Gauge::default();
     let mut cfg = config("w");
     cfg.concurrency = 3;
     drain(&pool, services(), Registry::new().with(gauge.clone()), cfg).await;
-    assert_eq!(gauge.most.load(Ordering::SeqCst), 3, "three at once, never more");
+    assert_eq!(
+        gauge.most.load(Ordering::SeqCst),
+        3,
+        "three at once, never more"
+    );
     let succeeded: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE state = 'succeeded'")
         .fetch_one(&pool)
         .await
@@ -305,7 +322,10 @@ async fn an_idle_worker_wakes_on_notify(_: PgPoolOptions, opts: PgConnectOptions
 fn start_worker(
     pool: &sqlx::PgPool,
     poll_interval: Duration,
-) -> (CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
     let cfg = WorkerConfig {
         poll_interval,
         ..config("w")
@@ -330,18 +350,28 @@ async fn without_notify_the_poll_finds_the_task(_: PgPoolOptions, opts: PgConnec
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut conn = pool.acquire().await.unwrap();
     // `replica` skips ordinary triggers: the insert sends no NOTIFY.
-    sqlx::query("SET session_replication_role = replica").execute(&mut *conn).await.unwrap();
-    let id: uuid::Uuid = sqlx::query_scalar("INSERT INTO tasks (id, kind) VALUES (gen_random_uuid(), $1) RETURNING id")
-        .bind(kinds::NOOP)
-        .fetch_one(&mut *conn)
+    sqlx::query("SET session_replication_role = replica")
+        .execute(&mut *conn)
         .await
         .unwrap();
-    sqlx::query("SET session_replication_role = origin").execute(&mut *conn).await.unwrap();
+    let id: uuid::Uuid = sqlx::query_scalar(
+        "INSERT INTO tasks (id, kind) VALUES (gen_random_uuid(), $1) RETURNING id",
+    )
+    .bind(kinds::NOOP)
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    sqlx::query("SET session_replication_role = origin")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
     drop(conn);
     let id = broker::model::TaskId(id);
-    eventually(Duration::from_secs(10), "the task found by polling", || async {
-        (task(&pool, id).await.state == "succeeded").then_some(())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the task found by polling",
+        || async { (task(&pool, id).await.state == "succeeded").then_some(()) },
+    )
     .await;
     shutdown.cancel();
     worker.await.unwrap().unwrap();
@@ -506,7 +536,10 @@ async fn the_claim_walks_the_pending_index(_: PgPoolOptions, opts: PgConnectOpti
         .unwrap();
         let plan = plan.join("\n");
         assert!(plan.contains("tasks_pending_run_at"), "{plan}");
-        assert!(!plan.contains("Seq Scan") && !plan.contains("Sort"), "{plan}");
+        assert!(
+            !plan.contains("Seq Scan") && !plan.contains("Sort"),
+            "{plan}"
+        );
     }
 }
 
@@ -551,7 +584,10 @@ async fn many_outcomes_are_recorded_in_batches(_: PgPoolOptions, opts: PgConnect
         assert!(ours && no_lease && finished, "{kind} {state}");
         if kind == DOOMED {
             assert_eq!(state, "failed");
-            assert_eq!(last_error.as_deref(), Some("this cannot work: fix the input"));
+            assert_eq!(
+                last_error.as_deref(),
+                Some("this cannot work: fix the input")
+            );
         } else {
             assert_eq!(state, "succeeded");
             assert_eq!(last_error, None);
@@ -585,7 +621,10 @@ async fn a_stale_batch_entry_is_not_overwritten(_: PgPoolOptions, opts: PgConnec
         .await
         .unwrap();
     let stolen = queue::claim(&pool, "b", 10, lease, None).await.unwrap();
-    assert_eq!(stolen.iter().map(|t| t.id).collect::<Vec<_>>(), vec![lost.0]);
+    assert_eq!(
+        stolen.iter().map(|t| t.id).collect::<Vec<_>>(),
+        vec![lost.0]
+    );
     sqlx::query("UPDATE tasks SET run_at = now() WHERE id = $1")
         .bind(again.0)
         .execute(&pool)
@@ -601,7 +640,11 @@ async fn a_stale_batch_entry_is_not_overwritten(_: PgPoolOptions, opts: PgConnec
         error: None,
     });
     let recorded = queue::finish_batch(&pool, "a", &batch).await.unwrap();
-    assert_eq!(recorded, vec![kept.0], "only the claim still held is recorded");
+    assert_eq!(
+        recorded,
+        vec![kept.0],
+        "only the claim still held is recorded"
+    );
 
     let row = task(&pool, lost).await;
     assert_eq!(
@@ -623,7 +666,9 @@ async fn a_stale_batch_entry_is_not_overwritten(_: PgPoolOptions, opts: PgConnec
     let claims = [(lost.0, 1), (again.0, 1)];
     assert_eq!(queue::release_many(&pool, "a", &claims).await.unwrap(), 0);
     assert_eq!(
-        queue::release_many(&pool, "a", &[(again.0, 2)]).await.unwrap(),
+        queue::release_many(&pool, "a", &[(again.0, 2)])
+            .await
+            .unwrap(),
         1
     );
     let row = task(&pool, again).await;

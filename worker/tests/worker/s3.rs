@@ -12,11 +12,7 @@ use aws_sdk_s3::{
 };
 use berth_worker::Services;
 use broker::{
-    db::{
-        bindings,
-        instances,
-        tasks::NewTask,
-    },
+    db::{bindings, instances, tasks::NewTask},
     model::{Operation, UpdatePayload},
     names,
 };
@@ -139,7 +135,6 @@ fn iam_client(peer: &Peer) -> aws_sdk_iam::Client {
 fn admin(peer: &Peer) -> Client {
     client(&peer.url, &peer.key, &peer.secret)
 }
-
 
 async fn credentials(pool: &PgPool, binding_id: &str) -> Map<String, Value> {
     let row = bindings::get(pool, binding_id).await.unwrap().unwrap();

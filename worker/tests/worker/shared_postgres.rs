@@ -6,8 +6,7 @@ use std::sync::Arc;
 use berth_worker::{Services, tasks};
 use broker::{
     db::{
-        bindings,
-        instances,
+        bindings, instances,
         tasks::{NewTask, TaskRow},
     },
     model::{Operation, TaskId, UpdatePayload},
@@ -64,7 +63,6 @@ async fn operate_with_webhook(
     drain(pool, services.clone(), tasks::registry(), config("w")).await;
     task(pool, id).await
 }
-
 
 async fn admin() -> PgConnection {
     PgConnection::connect(&admin_url()).await.unwrap()
@@ -478,12 +476,30 @@ async fn binding_roles_get_scram_verifiers_and_log_in(_: PgPoolOptions, opts: Pg
     let pool = pool(&opts, 8).await;
     let services = services();
     let instance = new_instance(&pool, json!({})).await;
-    succeeded(&operate(&pool, &services, Operation::Provision, &instance, None, json!({})).await);
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Provision,
+            &instance,
+            None,
+            json!({}),
+        )
+        .await,
+    );
     let binding = new_binding(&pool, &instance, json!({})).await;
     // Twice: the retry's ALTER ROLE sets a new verifier and the stored credentials still work.
     for _ in 0..2 {
         succeeded(
-            &operate(&pool, &services, Operation::Bind, &instance, Some(&binding), json!({})).await,
+            &operate(
+                &pool,
+                &services,
+                Operation::Bind,
+                &instance,
+                Some(&binding),
+                json!({}),
+            )
+            .await,
         );
         let creds = credentials(&pool, &binding).await;
         let role = creds["PGUSER"].as_str().unwrap();
@@ -503,7 +519,17 @@ async fn binding_roles_get_scram_verifiers_and_log_in(_: PgPoolOptions, opts: Pg
             .unwrap();
         assert_eq!(user, role);
     }
-    succeeded(&operate(&pool, &services, Operation::Deprovision, &instance, None, json!({})).await);
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Deprovision,
+            &instance,
+            None,
+            json!({}),
+        )
+        .await,
+    );
 }
 
 /// A private server of the test's own, stopped and removed when dropped.
@@ -514,8 +540,11 @@ struct PrivateServer {
 
 impl PrivateServer {
     async fn start() -> Self {
-        let dir = std::env::temp_dir().join(format!("berth-scram-{}", uuid::Uuid::new_v4().simple()));
-        let server = broker::embedded::PgServer::ensure_started(&dir).await.unwrap();
+        let dir =
+            std::env::temp_dir().join(format!("berth-scram-{}", uuid::Uuid::new_v4().simple()));
+        let server = broker::embedded::PgServer::ensure_started(&dir)
+            .await
+            .unwrap();
         Self { dir, server }
     }
 }
@@ -555,21 +584,46 @@ async fn binding_passwords_never_reach_the_servers_statement_log(
         .unwrap(),
     );
     let instance = new_instance(&pool, json!({})).await;
-    succeeded(&operate(&pool, &services, Operation::Provision, &instance, None, json!({})).await);
+    succeeded(
+        &operate(
+            &pool,
+            &services,
+            Operation::Provision,
+            &instance,
+            None,
+            json!({}),
+        )
+        .await,
+    );
     let writer = new_binding(&pool, &instance, json!({})).await;
     let reader = new_binding(&pool, &instance, json!({ "access": "read-only" })).await;
     let mut passwords = vec![];
     for binding in [&writer, &writer, &reader] {
-        succeeded(&operate(&pool, &services, Operation::Bind, &instance, Some(binding), json!({})).await);
+        succeeded(
+            &operate(
+                &pool,
+                &services,
+                Operation::Bind,
+                &instance,
+                Some(binding),
+                json!({}),
+            )
+            .await,
+        );
         let creds = credentials(&pool, binding).await;
-        PgConnection::connect(&url_of(&creds)).await.expect("the binding logs in");
+        PgConnection::connect(&url_of(&creds))
+            .await
+            .expect("the binding logs in");
         passwords.push(creds["PGPASSWORD"].as_str().unwrap().to_string());
     }
     let log = server_log(&private.server);
     // The log did record the role statements (with a verifier in place of the password).
     assert!(log.contains("statement: CREATE ROLE"), "{log}");
     for password in &passwords {
-        assert!(!log.contains(password.as_str()), "a binding's password is in the server log:\n{log}");
+        assert!(
+            !log.contains(password.as_str()),
+            "a binding's password is in the server log:\n{log}"
+        );
     }
     assert!(log.contains("PASSWORD 'SCRAM-SHA-256$4096:"), "{log}");
     private.server.stop().await.unwrap();

@@ -159,7 +159,10 @@ async fn a_receiver_that_never_answers_2xx_ends_failed(_: PgPoolOptions, opts: P
 /// A binding's operation that fails: the webhook says `failed`, names the binding and carries the error as its
 /// description (and still no secret).
 #[sqlx::test(migrator = "broker::MIGRATOR")]
-async fn a_failed_binding_operation_posts_failed_with_the_binding(_: PgPoolOptions, opts: PgConnectOptions) {
+async fn a_failed_binding_operation_posts_failed_with_the_binding(
+    _: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
     let pool = pool(&opts, 8).await;
     let receiver = Receiver::default();
     let addr = start(receiver.clone()).await;
@@ -183,7 +186,11 @@ async fn a_failed_binding_operation_posts_failed_with_the_binding(_: PgPoolOptio
     assert_eq!(body.binding_id.as_deref(), Some("binding-1"));
     assert_eq!(body.operation, id.to_string());
     assert_eq!(body.state, "failed");
-    assert!(body.description.contains("test.no_such_kind"), "{}", body.description);
+    assert!(
+        body.description.contains("test.no_such_kind"),
+        "{}",
+        body.description
+    );
     assert!(!String::from_utf8_lossy(raw).contains("webhook-secret"));
 }
 
@@ -216,7 +223,10 @@ async fn a_name_resolving_to_loopback_is_delivered_only_when_allowed(
     let addr = start(receiver.clone()).await;
     // `localhost`, and this machine's own name where it resolves to loopback only (a name no rule knows).
     let mut names = vec!["localhost".to_string()];
-    let own = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string();
+    let own = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
     let resolved: Vec<_> = match tokio::net::lookup_host((own.as_str(), 80)).await {
         Ok(addresses) => addresses.collect(),
         Err(_) => vec![],
@@ -226,20 +236,47 @@ async fn a_name_resolving_to_loopback_is_delivered_only_when_allowed(
     }
     names.push("127.0.0.1".into());
     for name in &names {
-        sqlx::query("TRUNCATE webhook_deliveries, tasks").execute(&pool).await.unwrap();
+        sqlx::query("TRUNCATE webhook_deliveries, tasks")
+            .execute(&pool)
+            .await
+            .unwrap();
         let url = format!("http://{name}:{}/hook?token=t0ken", addr.port());
         enqueue_with(&pool, operation_task(url.clone())).await;
-        drain(&pool, services_allowing_loopback(false), tasks::registry(), config("w")).await;
+        drain(
+            &pool,
+            services_allowing_loopback(false),
+            tasks::registry(),
+            config("w"),
+        )
+        .await;
         let (state, attempts, error) = delivery(&pool).await;
         let error = error.unwrap_or_default();
         assert_eq!((state.as_str(), attempts), ("failed", 1), "{name}: {error}");
-        assert!(error.contains("is refused") && error.contains("WEBHOOK_ALLOW_LOOPBACK"), "{name}: {error}");
-        assert!(!error.contains("t0ken") && !error.contains("webhook-secret"), "{error}");
-        assert!(receiver.received.lock().unwrap().is_empty(), "{name} was called");
+        assert!(
+            error.contains("is refused") && error.contains("WEBHOOK_ALLOW_LOOPBACK"),
+            "{name}: {error}"
+        );
+        assert!(
+            !error.contains("t0ken") && !error.contains("webhook-secret"),
+            "{error}"
+        );
+        assert!(
+            receiver.received.lock().unwrap().is_empty(),
+            "{name} was called"
+        );
 
-        sqlx::query("TRUNCATE webhook_deliveries, tasks").execute(&pool).await.unwrap();
+        sqlx::query("TRUNCATE webhook_deliveries, tasks")
+            .execute(&pool)
+            .await
+            .unwrap();
         enqueue_with(&pool, operation_task(url)).await;
-        drain(&pool, services_allowing_loopback(true), tasks::registry(), config("w")).await;
+        drain(
+            &pool,
+            services_allowing_loopback(true),
+            tasks::registry(),
+            config("w"),
+        )
+        .await;
         assert_eq!(delivery(&pool).await.0, "delivered", "{name}");
         assert_eq!(receiver.received.lock().unwrap().len(), 1, "{name}");
         receiver.received.lock().unwrap().clear();
@@ -267,5 +304,8 @@ async fn redirects_are_not_followed(_: PgPoolOptions, opts: PgConnectOptions) {
     let (state, _, error) = delivery(&pool).await;
     assert_eq!(state, "failed");
     assert!(error.unwrap_or_default().contains("307"));
-    assert!(receiver.received.lock().unwrap().is_empty(), "the redirect was followed");
+    assert!(
+        receiver.received.lock().unwrap().is_empty(),
+        "the redirect was followed"
+    );
 }

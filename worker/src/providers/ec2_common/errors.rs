@@ -57,27 +57,39 @@ where
             "{what}: EC2 denied berth's identity ({code}: {message}); give it the ec2 actions listed in the README \
              (RunInstances, CreateVolume, CreateSecurityGroup, ...), then retry the operation"
         )),
-        "RequestLimitExceeded" => TaskError::retryable(format!("{what}: EC2 is throttling berth ({message})")),
-        c if NOT_YET.contains(&c) => TaskError::retryable(format!("{what}: not yet ({code}: {message})")),
-        "InstanceLimitExceeded" | "VcpuLimitExceeded" | "VolumeLimitExceeded" | "AddressLimitExceeded" => {
-            TaskError::fatal(format!(
-                "{what}: an account limit was reached ({code}: {message}); ask AWS for a higher limit or free some"
-            ))
+        "RequestLimitExceeded" => {
+            TaskError::retryable(format!("{what}: EC2 is throttling berth ({message})"))
         }
+        c if NOT_YET.contains(&c) => {
+            TaskError::retryable(format!("{what}: not yet ({code}: {message})"))
+        }
+        "InstanceLimitExceeded"
+        | "VcpuLimitExceeded"
+        | "VolumeLimitExceeded"
+        | "AddressLimitExceeded" => TaskError::fatal(format!(
+            "{what}: an account limit was reached ({code}: {message}); ask AWS for a higher limit or free some"
+        )),
         _ => common::classify(err, what, "EC2"),
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use aws_sdk_ec2::{config::http::HttpResponse, error::ErrorMetadata, operation::run_instances::RunInstancesError};
+    use aws_sdk_ec2::{
+        config::http::HttpResponse, error::ErrorMetadata,
+        operation::run_instances::RunInstancesError,
+    };
     use aws_sdk_s3::primitives::SdkBody;
 
     use super::*;
 
     fn service(code: &str, status: u16) -> SdkError<RunInstancesError, HttpResponse> {
-        let err = RunInstancesError::generic(ErrorMetadata::builder().code(code).message("m").build());
-        SdkError::service_error(err, HttpResponse::new(status.try_into().unwrap(), SdkBody::empty()))
+        let err =
+            RunInstancesError::generic(ErrorMetadata::builder().code(code).message("m").build());
+        SdkError::service_error(
+            err,
+            HttpResponse::new(status.try_into().unwrap(), SdkBody::empty()),
+        )
     }
 
     #[test]

@@ -120,7 +120,9 @@ pub fn extra_tags(parameters: &Value) -> Result<Vec<(String, String)>, TaskError
     if let Some(extra) = parameters.get("tags").and_then(Value::as_object) {
         for (k, v) in extra {
             if k.starts_with("berth:") {
-                return Err(TaskError::fatal(format!("tag {k:?}: berth:* tags are berth's own")));
+                return Err(TaskError::fatal(format!(
+                    "tag {k:?}: berth:* tags are berth's own"
+                )));
             }
             tags.push((k.clone(), v.as_str().unwrap_or_default().to_string()));
         }
@@ -133,6 +135,11 @@ pub fn ssh_keys(parameters: &Value) -> Vec<String> {
     parameters
         .get("ssh_keys")
         .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect()
+        })
         .unwrap_or_default()
 }

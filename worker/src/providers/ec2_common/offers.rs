@@ -21,11 +21,15 @@ pub fn on_demand_prices(file: Option<&std::path::Path>) -> anyhow::Result<HashMa
             .with_context(|| format!("reading EC2_ON_DEMAND_PRICES_FILE {}", path.display()))?,
         None => DEFAULT_ON_DEMAND.to_string(),
     };
-    serde_json::from_str(&text).context("the on-demand price list must be a JSON object of type -> USD/hour")
+    serde_json::from_str(&text)
+        .context("the on-demand price list must be a JSON object of type -> USD/hour")
 }
 
 /// Every instance type of the region with its prices, straight from EC2.
-pub async fn fetch(client: &Client, on_demand: &HashMap<String, f64>) -> Result<Vec<Offer>, TaskError> {
+pub async fn fetch(
+    client: &Client,
+    on_demand: &HashMap<String, f64>,
+) -> Result<Vec<Offer>, TaskError> {
     let mut offers = Vec::new();
     let mut pages = client
         .describe_instance_types()
@@ -39,8 +43,16 @@ pub async fn fetch(client: &Client, on_demand: &HashMap<String, f64>) -> Result<
                 continue;
             };
             offers.push(Offer {
-                vcpus: t.v_cpu_info().and_then(|v| v.default_v_cpus()).unwrap_or(0).max(0) as u32,
-                memory_mib: t.memory_info().and_then(|m| m.size_in_mib()).unwrap_or(0).max(0) as u64,
+                vcpus: t
+                    .v_cpu_info()
+                    .and_then(|v| v.default_v_cpus())
+                    .unwrap_or(0)
+                    .max(0) as u32,
+                memory_mib: t
+                    .memory_info()
+                    .and_then(|m| m.size_in_mib())
+                    .unwrap_or(0)
+                    .max(0) as u64,
                 architectures: t
                     .processor_info()
                     .map(|p| {
@@ -125,6 +137,10 @@ pub async fn fresh(
     ec2_offers::replace_region(pool, region, &offers)
         .await
         .context("caching offers")?;
-    tracing::info!(region, types = offers.len(), "refreshed EC2 instance types and prices");
+    tracing::info!(
+        region,
+        types = offers.len(),
+        "refreshed EC2 instance types and prices"
+    );
     Ok(offers)
 }

@@ -4,10 +4,11 @@
 use aws_sdk_ec2::{
     Client,
     types::{
-        BlockDeviceMapping, DomainType, EbsBlockDevice, Filter, InstanceMetadataOptionsRequest,
-        InstanceMetadataTagsState, InstanceInterruptionBehavior, InstanceMarketOptionsRequest,
-        InstanceNetworkInterfaceSpecification, InstanceStateName, InstanceType, IpPermission, IpRange, MarketType,
-        Placement, ResourceType, SpotInstanceType, SpotMarketOptions, Tag, TagSpecification, VolumeType,
+        BlockDeviceMapping, DomainType, EbsBlockDevice, Filter, InstanceInterruptionBehavior,
+        InstanceMarketOptionsRequest, InstanceMetadataOptionsRequest, InstanceMetadataTagsState,
+        InstanceNetworkInterfaceSpecification, InstanceStateName, InstanceType, IpPermission,
+        IpRange, MarketType, Placement, ResourceType, SpotInstanceType, SpotMarketOptions, Tag,
+        TagSpecification, VolumeType,
     },
 };
 use base64::Engine as _;
@@ -26,7 +27,10 @@ pub const MEMBERS_TAG: &str = "berth:members";
 pub const DEVICE: &str = "/dev/sdf";
 
 pub fn tag_filter(instance_id: &str) -> Filter {
-    Filter::builder().name(format!("tag:{TAG}")).values(instance_id).build()
+    Filter::builder()
+        .name(format!("tag:{TAG}"))
+        .values(instance_id)
+        .build()
 }
 
 pub fn tags(resource: ResourceType, pairs: &[(String, String)]) -> TagSpecification {
@@ -60,7 +64,10 @@ impl Vm {
                 .and_then(|s| s.name())
                 .map(|n| n.as_str().to_string())
                 .unwrap_or_default(),
-            instance_type: i.instance_type().map(|t| t.as_str().to_string()).unwrap_or_default(),
+            instance_type: i
+                .instance_type()
+                .map(|t| t.as_str().to_string())
+                .unwrap_or_default(),
             zone: i
                 .placement()
                 .and_then(|p| p.availability_zone())
@@ -84,7 +91,11 @@ fn tag_value(i: &aws_sdk_ec2::types::Instance, key: &str) -> Option<String> {
 }
 
 /// VMs in `filters`, every page (`calls` counts the requests, for the benchmark).
-pub async fn describe(client: &Client, filters: Vec<Filter>, calls: &mut u32) -> Result<Vec<Vm>, TaskError> {
+pub async fn describe(
+    client: &Client,
+    filters: Vec<Filter>,
+    calls: &mut u32,
+) -> Result<Vec<Vm>, TaskError> {
     let mut out = Vec::new();
     let mut token: Option<String> = None;
     loop {
@@ -97,8 +108,16 @@ pub async fn describe(client: &Client, filters: Vec<Filter>, calls: &mut u32) ->
             .send()
             .await
             .map_err(|e| classify(e, "describing VMs"))?;
-        out.extend(page.reservations().iter().flat_map(|r| r.instances()).map(Vm::of));
-        token = page.next_token().filter(|t| !t.is_empty()).map(str::to_string);
+        out.extend(
+            page.reservations()
+                .iter()
+                .flat_map(|r| r.instances())
+                .map(Vm::of),
+        );
+        token = page
+            .next_token()
+            .filter(|t| !t.is_empty())
+            .map(str::to_string);
         if token.is_none() {
             return Ok(out);
         }
@@ -135,17 +154,32 @@ pub async fn live_vms(client: &Client, instance_id: &str) -> Result<Vec<Vm>, Tas
 
 pub async fn vm(client: &Client, vm_id: &str) -> Result<Option<Vm>, TaskError> {
     let filter = Filter::builder().name("instance-id").values(vm_id).build();
-    Ok(describe(client, vec![filter], &mut 0).await?.into_iter().next())
+    Ok(describe(client, vec![filter], &mut 0)
+        .await?
+        .into_iter()
+        .next())
 }
 
 /// The subnet to launch into in `zone`: one of the configured ones there, else the default VPC's. Returns
 /// (subnet, its VPC).
-pub async fn subnet(client: &Client, zone: &str, configured: &[String]) -> Result<(String, String), TaskError> {
-    let mut request = client
-        .describe_subnets()
-        .filters(Filter::builder().name("availability-zone").values(zone).build());
+pub async fn subnet(
+    client: &Client,
+    zone: &str,
+    configured: &[String],
+) -> Result<(String, String), TaskError> {
+    let mut request = client.describe_subnets().filters(
+        Filter::builder()
+            .name("availability-zone")
+            .values(zone)
+            .build(),
+    );
     request = if configured.is_empty() {
-        request.filters(Filter::builder().name("default-for-az").values("true").build())
+        request.filters(
+            Filter::builder()
+                .name("default-for-az")
+                .values("true")
+                .build(),
+        )
     } else {
         request.filters(
             Filter::builder()
@@ -154,7 +188,10 @@ pub async fn subnet(client: &Client, zone: &str, configured: &[String]) -> Resul
                 .build(),
         )
     };
-    let subnets = request.send().await.map_err(|e| classify(e, "finding a subnet"))?;
+    let subnets = request
+        .send()
+        .await
+        .map_err(|e| classify(e, "finding a subnet"))?;
     subnets
         .subnets()
         .iter()
@@ -238,7 +275,12 @@ pub async fn data_volume(client: &Client, instance_id: &str) -> Result<Option<Vo
     let found = client
         .describe_volumes()
         .filters(tag_filter(instance_id))
-        .filters(Filter::builder().name(format!("tag:{ROLE_TAG}")).values("data").build())
+        .filters(
+            Filter::builder()
+                .name(format!("tag:{ROLE_TAG}"))
+                .values("data")
+                .build(),
+        )
         .send()
         .await
         .map_err(|e| classify(e, "looking for the data volume"))?;
@@ -319,7 +361,9 @@ pub async fn address(
         (
             a.allocation_id().unwrap_or_default().to_string(),
             a.public_ip().unwrap_or_default().to_string(),
-            a.association_id().filter(|s| !s.is_empty()).map(str::to_string),
+            a.association_id()
+                .filter(|s| !s.is_empty())
+                .map(str::to_string),
         )
     }))
 }
@@ -451,11 +495,9 @@ pub async fn launch(client: &Client, spec: &Launch<'_>) -> Result<Vm, LaunchErro
         );
     }
     match request.send().await {
-        Ok(out) => out
-            .instances()
-            .first()
-            .map(Vm::of)
-            .ok_or_else(|| LaunchError::Failed(TaskError::retryable("RunInstances returned no VM"))),
+        Ok(out) => out.instances().first().map(Vm::of).ok_or_else(|| {
+            LaunchError::Failed(TaskError::retryable("RunInstances returned no VM"))
+        }),
         Err(e) => match code(&e) {
             Some(c) if is_capacity(&c) => Err(LaunchError::NoCapacity(c)),
             _ => Err(LaunchError::Failed(classify(e, "launching the VM"))),
@@ -482,12 +524,18 @@ pub async fn terminate(client: &Client, vm_ids: &[String]) -> Result<(), TaskErr
 /// Whether every VM of the instance is gone (terminated): the volume and the group can go next.
 pub async fn all_terminated(client: &Client, instance_id: &str) -> Result<bool, TaskError> {
     let vms = describe(client, vec![tag_filter(instance_id)], &mut 0).await?;
-    Ok(vms.iter().all(|v| v.state == InstanceStateName::Terminated.as_str()))
+    Ok(vms
+        .iter()
+        .all(|v| v.state == InstanceStateName::Terminated.as_str()))
 }
 
 /// After the VMs: tagged volumes, Elastic IPs, network interfaces, then the security group. Each step skips
 /// what is gone.
-pub async fn delete_the_rest(client: &Client, instance_id: &str, group_name: &str) -> Result<(), TaskError> {
+pub async fn delete_the_rest(
+    client: &Client,
+    instance_id: &str,
+    group_name: &str,
+) -> Result<(), TaskError> {
     let volumes = client
         .describe_volumes()
         .filters(tag_filter(instance_id))
@@ -504,7 +552,11 @@ pub async fn delete_the_rest(client: &Client, instance_id: &str, group_name: &st
     }
     while let Some((allocation, _, association)) = address(client, instance_id).await? {
         if let Some(association) = association {
-            let _ = client.disassociate_address().association_id(association).send().await;
+            let _ = client
+                .disassociate_address()
+                .association_id(association)
+                .send()
+                .await;
         }
         client
             .release_address()
@@ -524,7 +576,12 @@ pub async fn delete_the_rest(client: &Client, instance_id: &str, group_name: &st
     }
     let groups = client
         .describe_security_groups()
-        .filters(Filter::builder().name("group-name").values(group_name).build())
+        .filters(
+            Filter::builder()
+                .name("group-name")
+                .values(group_name)
+                .build(),
+        )
         .send()
         .await
         .map_err(|e| classify(e, "looking for the security group"))?;
@@ -539,7 +596,9 @@ pub async fn delete_the_rest(client: &Client, instance_id: &str, group_name: &st
             Err(e) if code(&e).as_deref() == Some("InvalidGroup.NotFound") => {}
             // Still in use by a network interface that is going away with its VM.
             Err(e) if code(&e).as_deref() == Some("DependencyViolation") => {
-                return Err(TaskError::retryable("the security group is still in use; trying again"));
+                return Err(TaskError::retryable(
+                    "the security group is still in use; trying again",
+                ));
             }
             Err(e) => return Err(classify(e, "deleting the security group")),
         }
@@ -548,7 +607,11 @@ pub async fn delete_the_rest(client: &Client, instance_id: &str, group_name: &st
 }
 
 /// The AMI for `arch`: the configured one, else the newest official Debian 12 image.
-pub async fn image(client: &Client, arch: &str, configured: Option<&str>) -> Result<String, TaskError> {
+pub async fn image(
+    client: &Client,
+    arch: &str,
+    configured: Option<&str>,
+) -> Result<String, TaskError> {
     if let Some(id) = configured {
         return Ok(id.to_string());
     }
@@ -582,7 +645,12 @@ pub async fn image(client: &Client, arch: &str, configured: Option<&str>) -> Res
 
 /// Deletes a network interface; gone already is fine, still attached (its VM terminating) is "not yet".
 pub async fn delete_interface(client: &Client, id: &str) -> Result<(), TaskError> {
-    match client.delete_network_interface().network_interface_id(id).send().await {
+    match client
+        .delete_network_interface()
+        .network_interface_id(id)
+        .send()
+        .await
+    {
         Ok(_) => Ok(()),
         Err(e) if code(&e).as_deref() == Some("InvalidNetworkInterfaceID.NotFound") => Ok(()),
         Err(e) => Err(classify(e, "deleting a network interface")),

@@ -55,7 +55,10 @@ pub fn render(data: &UserData<'_>) -> anyhow::Result<Rendered> {
         ("superuser password", data.superuser_password),
         ("server name", data.server_name),
     ] {
-        anyhow::ensure!(safe(value), "{what} has characters the user-data cannot carry safely");
+        anyhow::ensure!(
+            safe(value),
+            "{what} has characters the user-data cannot carry safely"
+        );
     }
     anyhow::ensure!(
         data.extensions.iter().all(|e| safe(e)),
@@ -70,14 +73,16 @@ pub fn render(data: &UserData<'_>) -> anyhow::Result<Rendered> {
     let mut env = minijinja::Environment::new();
     env.set_keep_trailing_newline(true);
     env.add_template("cloud-init", TEMPLATE)?;
-    let text = env.get_template("cloud-init")?.render(minijinja::context! {
-        postgresql_conf => postgresql_conf.trim_end(),
-        superuser => SUPERUSER,
-        // The setup SQL sets the passwords as SCRAM verifiers: no password text a server log could keep.
-        superuser_verifier => scram::verifier(data.superuser_password)?,
-        admin_verifier => scram::verifier(data.admin_password)?,
-        ..minijinja::Value::from_serialize(data)
-    })?;
+    let text = env
+        .get_template("cloud-init")?
+        .render(minijinja::context! {
+            postgresql_conf => postgresql_conf.trim_end(),
+            superuser => SUPERUSER,
+            // The setup SQL sets the passwords as SCRAM verifiers: no password text a server log could keep.
+            superuser_verifier => scram::verifier(data.superuser_password)?,
+            admin_verifier => scram::verifier(data.admin_password)?,
+            ..minijinja::Value::from_serialize(data)
+        })?;
     Ok(Rendered(text))
 }
 
@@ -139,7 +144,10 @@ mod tests {
         let plain = render(&sample(&[], &[])).unwrap().0;
         assert!(!plain.contains("ssh_authorized_keys"));
         assert!(!plain.contains("CREATE EXTENSION"));
-        let in_blocks = plain.lines().skip_while(|l| !l.starts_with("write_files:")).skip(1);
+        let in_blocks = plain
+            .lines()
+            .skip_while(|l| !l.starts_with("write_files:"))
+            .skip(1);
         for line in in_blocks.take_while(|l| !l.starts_with("runcmd:")) {
             assert!(
                 line.is_empty() || line.starts_with("  "),

@@ -138,8 +138,14 @@ impl Params {
                 .unwrap_or(default)
                 .to_string()
         };
-        let flag = |key: &str| parameters.get(key).and_then(Value::as_bool).unwrap_or(false);
-        let requirements = Requirements::from_parameters(parameters, spot).map_err(TaskError::fatal)?;
+        let flag = |key: &str| {
+            parameters
+                .get(key)
+                .and_then(Value::as_bool)
+                .unwrap_or(false)
+        };
+        let requirements =
+            Requirements::from_parameters(parameters, spot).map_err(TaskError::fatal)?;
         if requirements.local_storage {
             return Err(TaskError::fatal(
                 "storage_type `local` is not offered by the ec2 engine yet: its data would not survive an eviction; \
@@ -149,7 +155,10 @@ impl Params {
         let tags = ec2_common::extra_tags(parameters)?;
         Ok(Self {
             requirements,
-            region: parameters.get("region").and_then(Value::as_str).map(str::to_string),
+            region: parameters
+                .get("region")
+                .and_then(Value::as_str)
+                .map(str::to_string),
             postgres_version: text("postgres_version", DEFAULT_VERSION),
             tuning_profile: text("tuning_profile", "default"),
             app_db_name: text("app_db_name", "app"),
@@ -211,7 +220,11 @@ impl Ec2Postgres {
 
     /// One reconcile pass over the ec2 instances, without the offers refresh: what it looked at and how many
     /// DescribeInstances calls it made (the benchmark prints both).
-    pub async fn reconcile_cycle(&self, pool: &PgPool, services: &Services) -> anyhow::Result<Cycle> {
+    pub async fn reconcile_cycle(
+        &self,
+        pool: &PgPool,
+        services: &Services,
+    ) -> anyhow::Result<Cycle> {
         recovery::reconcile(self, pool, services).await
     }
 
@@ -231,15 +244,27 @@ fn is_spot(services: &Services, plan_id: &str) -> bool {
 
 /// The security group's name (unique per VPC).
 fn group_name(prefix: &str, instance_id: &str) -> String {
-    format!("{}pg-{}", prefix.replace('_', "-"), names::short_hash(instance_id))
+    format!(
+        "{}pg-{}",
+        prefix.replace('_', "-"),
+        names::short_hash(instance_id)
+    )
 }
 
-fn resource_tags(prefix: &str, instance_id: &str, extra: &[(String, String)]) -> Vec<(String, String)> {
+fn resource_tags(
+    prefix: &str,
+    instance_id: &str,
+    extra: &[(String, String)],
+) -> Vec<(String, String)> {
     let mut tags = vec![
         (vm::TAG.to_string(), instance_id.to_string()),
         (
             "Name".to_string(),
-            format!("{}pg-{}", prefix.replace('_', "-"), names::short_hash(instance_id)),
+            format!(
+                "{}pg-{}",
+                prefix.replace('_', "-"),
+                names::short_hash(instance_id)
+            ),
         ),
     ];
     tags.extend(extra.iter().filter(|(k, _)| k != "Name").cloned());
@@ -270,9 +295,13 @@ async fn secrets(ctx: &TaskContext<'_>, instance: &InstanceRow) -> Result<Secret
         admin_password: random_password(32),
         superuser_password: random_password(32),
     };
-    instances::set_secrets(ctx.pool, &instance.id, &ctx.services.cipher.seal_json(&made))
-        .await
-        .context("keeping the generated passwords")?;
+    instances::set_secrets(
+        ctx.pool,
+        &instance.id,
+        &ctx.services.cipher.seal_json(&made),
+    )
+    .await
+    .context("keeping the generated passwords")?;
     Ok(made)
 }
 
@@ -315,7 +344,12 @@ impl Ec2Postgres {
             .ok_or_else(|| TaskError::fatal("no security group"))?;
         let (subnet, _) = vm::subnet(input.client, &zone, &self.account.subnets).await?;
         while let Some(candidate) = state.candidates.get(state.candidate_index).cloned() {
-            let image = vm::image(input.client, &candidate.arch, self.account.image_for(&candidate.arch)).await?;
+            let image = vm::image(
+                input.client,
+                &candidate.arch,
+                self.account.image_for(&candidate.arch),
+            )
+            .await?;
             let token = format!("{}.{}", input.token, state.candidate_index);
             let spec = vm::Launch {
                 image_id: &image,
@@ -368,13 +402,20 @@ impl Ec2Postgres {
             match vm::vm(input.client, &id).await? {
                 Some(found) if found.state == "running" => return Ok(Progress::Done(found)),
                 Some(found) if found.state == "pending" => {
-                    return wait(5, format!("waiting for VM {id} ({}) to run", found.instance_type));
+                    return wait(
+                        5,
+                        format!("waiting for VM {id} ({}) to run", found.instance_type),
+                    );
                 }
                 _ => recovery::forget_vm(state),
             }
         }
         // A VM an earlier try launched (its answer lost in a crash) is adopted, not launched again.
-        if let Some(found) = vm::live_vms(input.client, instance_id).await?.into_iter().next() {
+        if let Some(found) = vm::live_vms(input.client, instance_id)
+            .await?
+            .into_iter()
+            .next()
+        {
             state.vm_id = Some(found.id.clone());
             state.instance_type = Some(found.instance_type.clone());
             state.launched_at = state.launched_at.or(found.launched_at);
@@ -427,9 +468,12 @@ impl Ec2Postgres {
     /// Whether Postgres on the VM takes a TLS connection from berth's superuser.
     async fn answers(host: &str, secrets: &Secrets) -> bool {
         let options = superuser(host, &secrets.superuser_password, "postgres");
-        tokio::time::timeout(Duration::from_secs(5), connect(&options, "probing the server"))
-            .await
-            .is_ok_and(|r| r.is_ok())
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            connect(&options, "probing the server"),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok())
     }
 }
 
@@ -454,7 +498,14 @@ impl Provider for Ec2Postgres {
         // 1. Candidates, and the zone: the asked one, else the cheapest first candidate's (spot), else the first
         //    zone of the region. Then the candidates priced in that zone, kept for every later step.
         if state.candidates.is_empty() {
-            let offers = offers::fresh(ctx.pool, &client, &region, self.account.offers_ttl_secs, &self.account.on_demand).await?;
+            let offers = offers::fresh(
+                ctx.pool,
+                &client,
+                &region,
+                self.account.offers_ttl_secs,
+                &self.account.on_demand,
+            )
+            .await?;
             let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_entropy();
             let first = candidates(&offers, &params.requirements, &[], &mut rng);
             let Some(best) = first.first() else {
@@ -485,7 +536,11 @@ impl Provider for Ec2Postgres {
         if state.security_group_id.is_none() {
             ctx.progress("creating the security group").await?;
             let (_, vpc) = vm::subnet(&client, &zone, &self.account.subnets).await?;
-            let ports: &[i32] = if params.ssh_keys.is_empty() { &[5432] } else { &[5432, 22] };
+            let ports: &[i32] = if params.ssh_keys.is_empty() {
+                &[5432]
+            } else {
+                &[5432, 22]
+            };
             let id = vm::ensure_security_group(
                 &client,
                 &group_name(prefix, &instance.id),
@@ -500,7 +555,9 @@ impl Provider for Ec2Postgres {
             state.save(ctx.pool, &instance.id).await?;
         }
         let volume = match &state.volume_id {
-            Some(id) => vm::data_volume(&client, &instance.id).await?.filter(|v| &v.id == id),
+            Some(id) => vm::data_volume(&client, &instance.id)
+                .await?
+                .filter(|v| &v.id == id),
             None => None,
         };
         let volume = match volume {
@@ -530,7 +587,9 @@ impl Provider for Ec2Postgres {
         }
 
         // 3. The VM, running.
-        let user_data = self.user_data(ctx, instance, &params, &secrets, &volume.id).await?;
+        let user_data = self
+            .user_data(ctx, instance, &params, &secrets, &volume.id)
+            .await?;
         let input = LaunchInput {
             client: &client,
             spot,
@@ -540,7 +599,10 @@ impl Provider for Ec2Postgres {
             tags: &tags,
             token: ctx.task.id.to_string(),
         };
-        let running = match self.running_vm(ctx.pool, &instance.id, &mut state, &input).await? {
+        let running = match self
+            .running_vm(ctx.pool, &instance.id, &mut state, &input)
+            .await?
+        {
             Progress::Done(vm) => vm,
             Progress::Wait { after, progress } => return Ok(Progress::Wait { after, progress }),
         };
@@ -600,12 +662,18 @@ impl Provider for Ec2Postgres {
             ));
         }
         let extensions = requested_extensions(&update.parameters)?;
-        let profile = update.parameters.get("tuning_profile").and_then(Value::as_str);
+        let profile = update
+            .parameters
+            .get("tuning_profile")
+            .and_then(Value::as_str);
         if extensions.is_empty() && profile.is_none() {
             return Ok(Progress::Done(()));
         }
         let secrets = secrets(ctx, instance).await?;
-        let host = State::of(&instance.details).host().unwrap_or_default().to_string();
+        let host = State::of(&instance.details)
+            .host()
+            .unwrap_or_default()
+            .to_string();
         let database = instance
             .details
             .get("app_db_name")
@@ -627,10 +695,19 @@ impl Provider for Ec2Postgres {
                 )
                 .await?;
             }
-            exec(&mut su, "SELECT pg_reload_conf()", "reloading the configuration").await?;
-            instances::merge_details(ctx.pool, &instance.id, &json!({ "tuning_profile": profile }))
-                .await
-                .context("recording the tuning profile")?;
+            exec(
+                &mut su,
+                "SELECT pg_reload_conf()",
+                "reloading the configuration",
+            )
+            .await?;
+            instances::merge_details(
+                ctx.pool,
+                &instance.id,
+                &json!({ "tuning_profile": profile }),
+            )
+            .await
+            .context("recording the tuning profile")?;
         }
         if !extensions.is_empty() {
             let mut db = connect(
@@ -681,7 +758,10 @@ impl Provider for Ec2Postgres {
         binding: &BindingRow,
     ) -> Result<Progress<Bound>, TaskError> {
         let secrets = secrets(ctx, instance).await?;
-        let host = State::of(&instance.details).host().unwrap_or_default().to_string();
+        let host = State::of(&instance.details)
+            .host()
+            .unwrap_or_default()
+            .to_string();
         let su = |database: &str| superuser(&host, &secrets.superuser_password, database);
         let access = ServerAccess {
             superuser: &su,
@@ -700,7 +780,10 @@ impl Provider for Ec2Postgres {
         binding: &BindingRow,
     ) -> Result<Progress<()>, TaskError> {
         let secrets = secrets(ctx, instance).await?;
-        let host = State::of(&instance.details).host().unwrap_or_default().to_string();
+        let host = State::of(&instance.details)
+            .host()
+            .unwrap_or_default()
+            .to_string();
         let su = |database: &str| superuser(&host, &secrets.superuser_password, database);
         let access = ServerAccess {
             superuser: &su,
@@ -716,7 +799,10 @@ impl Provider for Ec2Postgres {
         if services.plan_ids_of_engine(ENGINE).is_empty() {
             return Ok(());
         }
-        if let Err(e) = self.refresh_offers(pool, &self.account.default_region).await {
+        if let Err(e) = self
+            .refresh_offers(pool, &self.account.default_region)
+            .await
+        {
             tracing::warn!(error = %e, "refreshing EC2 offers failed");
         }
         recovery::reconcile(self, pool, services).await.map(|_| ())

@@ -90,7 +90,11 @@ pub async fn settle(
 }
 
 /// One pass over every provisioned `ec2` instance no operation is working on.
-pub async fn reconcile(engine: &Ec2Postgres, pool: &PgPool, services: &Services) -> anyhow::Result<Cycle> {
+pub async fn reconcile(
+    engine: &Ec2Postgres,
+    pool: &PgPool,
+    services: &Services,
+) -> anyhow::Result<Cycle> {
     let mut cycle = Cycle::default();
     let plan_ids = services.plan_ids_of_engine(ENGINE);
     if plan_ids.is_empty() {
@@ -110,15 +114,19 @@ pub async fn reconcile(engine: &Ec2Postgres, pool: &PgPool, services: &Services)
             let region = engine.region_of(None, &state);
             if !live.contains_key(&region) {
                 let started = std::time::Instant::now();
-                let vms: HashMap<String, vm::Vm> = vm::berth_vms_in_region(&engine.client(&region), &mut cycle.describe_calls)
-                    .await?
-                    .into_iter()
-                    .map(|v| (v.id.clone(), v))
-                    .collect();
+                let vms: HashMap<String, vm::Vm> =
+                    vm::berth_vms_in_region(&engine.client(&region), &mut cycle.describe_calls)
+                        .await?
+                        .into_iter()
+                        .map(|v| (v.id.clone(), v))
+                        .collect();
                 cycle.describe_ms += started.elapsed().as_secs_f64() * 1e3;
                 live.insert(region.clone(), vms);
             }
-            let has_vm = state.vm_id.as_ref().is_some_and(|id| live[&region].contains_key(id));
+            let has_vm = state
+                .vm_id
+                .as_ref()
+                .is_some_and(|id| live[&region].contains_key(id));
             if has_vm && !state.recovering {
                 continue;
             }
@@ -132,7 +140,12 @@ pub async fn reconcile(engine: &Ec2Postgres, pool: &PgPool, services: &Services)
 }
 
 /// One step of replacing an instance's VM, under its advisory lock (so two workers never launch two).
-async fn recover(engine: &Ec2Postgres, pool: &PgPool, services: &Services, instance_id: &str) -> anyhow::Result<()> {
+async fn recover(
+    engine: &Ec2Postgres,
+    pool: &PgPool,
+    services: &Services,
+    instance_id: &str,
+) -> anyhow::Result<()> {
     let mut tx = pool.begin().await?;
     let Some(instance) = lock_idle_instance(&mut tx, EC2_LOCKS, instance_id).await? else {
         return Ok(());
@@ -156,10 +169,17 @@ async fn recover(engine: &Ec2Postgres, pool: &PgPool, services: &Services, insta
     }
     let volume = vm::data_volume(&client, instance_id)
         .await?
-        .ok_or_else(|| anyhow::anyhow!("the instance's data volume is gone; deprovision and provision it again"))?;
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "the instance's data volume is gone; deprovision and provision it again"
+            )
+        })?;
     state.zone = Some(volume.zone.clone());
     let Some(vm_id) = state.vm_id.clone() else {
-        launch_replacement(engine, pool, services, &instance, &mut state, &client, &volume).await?;
+        launch_replacement(
+            engine, pool, services, &instance, &mut state, &client, &volume,
+        )
+        .await?;
         return Ok(tx.commit().await?);
     };
     let running = match vm::vm(&client, &vm_id).await? {
@@ -175,7 +195,12 @@ async fn recover(engine: &Ec2Postgres, pool: &PgPool, services: &Services, insta
     super::recovery::settle(&client, &mut state, &running, &volume).await?;
     state.recovering = false;
     let host = state.host().unwrap_or_default().to_string();
-    let recoveries = instance.details.get("recoveries").and_then(Value::as_i64).unwrap_or(0) + 1;
+    let recoveries = instance
+        .details
+        .get("recoveries")
+        .and_then(Value::as_i64)
+        .unwrap_or(0)
+        + 1;
     instances::merge_details(
         &mut *tx,
         instance_id,
@@ -257,7 +282,9 @@ async fn point_bindings_at(
     host: &str,
 ) -> anyhow::Result<()> {
     for binding in bindings::list_for_instance(&mut **tx, instance_id).await? {
-        let Some(sealed) = &binding.credentials else { continue };
+        let Some(sealed) = &binding.credentials else {
+            continue;
+        };
         let mut credentials: Map<String, Value> = services.cipher.open_json(sealed)?;
         for key in ["DATABASE_URL", "uri"] {
             if let Some(Value::String(text)) = credentials.get(key)

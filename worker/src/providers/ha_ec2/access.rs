@@ -55,11 +55,13 @@ pub(super) fn members_details(state: &ClusterState, view: Option<&ClusterView>) 
     )
 }
 
-pub(super) fn open_secrets(services: &Services, instance: &InstanceRow) -> Result<Secrets, TaskError> {
-    let sealed = instance
-        .secrets
-        .as_ref()
-        .ok_or_else(|| TaskError::fatal("the cluster has no stored secrets (did provisioning fail?)"))?;
+pub(super) fn open_secrets(
+    services: &Services,
+    instance: &InstanceRow,
+) -> Result<Secrets, TaskError> {
+    let sealed = instance.secrets.as_ref().ok_or_else(|| {
+        TaskError::fatal("the cluster has no stored secrets (did provisioning fail?)")
+    })?;
     services
         .cipher
         .open_json(sealed)
@@ -102,12 +104,16 @@ pub(super) fn superuser(host: &str, secrets: &Secrets, database: &str) -> PgConn
 }
 
 /// The member whose PostgreSQL takes writes, asked of each member in turn (no need for Patroni's REST API).
-pub(super) async fn find_primary<'a>(state: &'a ClusterState, secrets: &Secrets) -> Result<&'a Member, TaskError> {
+pub(super) async fn find_primary<'a>(
+    state: &'a ClusterState,
+    secrets: &Secrets,
+) -> Result<&'a Member, TaskError> {
     let mut last = String::from("the cluster has no members");
     for member in state.members.iter().filter(|m| !m.retiring) {
         let Some(h) = host(member) else { continue };
         let probe = async {
-            let mut conn = connect(&superuser(h, secrets, "postgres"), "connecting to a member").await?;
+            let mut conn =
+                connect(&superuser(h, secrets, "postgres"), "connecting to a member").await?;
             let replica: bool = sqlx::query_scalar("SELECT pg_is_in_recovery()")
                 .fetch_one(&mut conn)
                 .await
@@ -139,12 +145,17 @@ pub(super) fn not_ready(state: &ClusterState, view: &ClusterView) -> Option<Stri
         .filter(|m| !view.member(&m.name).is_some_and(|v| v.is_healthy_replica()))
         .map(|m| m.name.as_str())
         .collect();
-    (!missing.is_empty()).then(|| format!("waiting for member(s) {} to replicate", missing.join(", ")))
+    (!missing.is_empty())
+        .then(|| format!("waiting for member(s) {} to replicate", missing.join(", ")))
 }
 
 impl HaEc2 {
     /// Patroni's view of the cluster, when this worker reaches a member's REST API.
-    pub(super) async fn view(&self, state: &ClusterState, secrets: &Secrets) -> Result<ClusterView, TaskError> {
+    pub(super) async fn view(
+        &self,
+        state: &ClusterState,
+        secrets: &Secrets,
+    ) -> Result<ClusterView, TaskError> {
         let http = patroni_http(secrets)?;
         Patroni::at(&http, patroni_bases(state), &secrets.restapi)
             .cluster()

@@ -36,7 +36,10 @@ pub(super) fn member_tags(base: &[(String, String)], member: &str) -> Vec<(Strin
 }
 
 /// The instance's live VMs (pending or running) by member slot.
-pub(super) async fn live_by_member(client: &Client, instance_id: &str) -> Result<HashMap<String, vm::Vm>, TaskError> {
+pub(super) async fn live_by_member(
+    client: &Client,
+    instance_id: &str,
+) -> Result<HashMap<String, vm::Vm>, TaskError> {
     Ok(vm::live_vms(client, instance_id)
         .await?
         .into_iter()
@@ -57,8 +60,13 @@ pub(super) enum SlotVm {
 /// A VM launched this recently may not show up in EC2's listings yet (they are eventually consistent).
 const LISTING_GRACE_SECS: i64 = 120;
 
-pub(super) async fn slot_vm(client: &Client, vm_id: &str, launched_at: Option<i64>) -> Result<SlotVm, TaskError> {
-    let recent = launched_at.is_some_and(|t| chrono::Utc::now().timestamp() - t < LISTING_GRACE_SECS);
+pub(super) async fn slot_vm(
+    client: &Client,
+    vm_id: &str,
+    launched_at: Option<i64>,
+) -> Result<SlotVm, TaskError> {
+    let recent =
+        launched_at.is_some_and(|t| chrono::Utc::now().timestamp() - t < LISTING_GRACE_SECS);
     Ok(match vm::vm(client, vm_id).await? {
         Some(v) if v.state == "pending" || v.state == "running" => SlotVm::Alive,
         Some(v) if v.state == "terminated" => SlotVm::Gone,
@@ -106,8 +114,15 @@ impl HaEc2 {
             let tags = member_tags(tags, &member.name);
             if member.interface_id.is_none() {
                 let (subnet, _) = vm::subnet(client, &member.zone, &self.account.subnets).await?;
-                let (id, ip) =
-                    network::ensure_interface(client, instance_id, &member.name, &subnet, &group, &tags).await?;
+                let (id, ip) = network::ensure_interface(
+                    client,
+                    instance_id,
+                    &member.name,
+                    &subnet,
+                    &group,
+                    &tags,
+                )
+                .await?;
                 state.members[i].interface_id = Some(id);
                 state.members[i].private_ip = Some(ip);
                 state.save(pool, instance_id).await?;
@@ -115,7 +130,8 @@ impl HaEc2 {
             if public_ip && state.members[i].allocation_id.is_none() {
                 let interface = state.members[i].interface_id.clone().unwrap_or_default();
                 let (allocation, ip) =
-                    network::ensure_address(client, instance_id, &member.name, &interface, &tags).await?;
+                    network::ensure_address(client, instance_id, &member.name, &interface, &tags)
+                        .await?;
                 state.members[i].allocation_id = Some(allocation);
                 state.members[i].public_ip = Some(ip);
                 state.save(pool, instance_id).await?;
@@ -138,8 +154,12 @@ impl HaEc2 {
             .member(name)
             .cloned()
             .ok_or_else(|| TaskError::fatal(format!("no member slot {name}")))?;
-        let (Some(interface), Some(private_ip)) = (member.interface_id.clone(), member.private_ip.clone()) else {
-            return Err(TaskError::retryable(format!("member {name} has no network interface yet")));
+        let (Some(interface), Some(private_ip)) =
+            (member.interface_id.clone(), member.private_ip.clone())
+        else {
+            return Err(TaskError::retryable(format!(
+                "member {name} has no network interface yet"
+            )));
         };
         let peers = state
             .peers()
@@ -167,7 +187,10 @@ impl HaEc2 {
                 .and_then(Value::as_str)
                 .unwrap_or(&server.tuning_profile),
             cluster_cidr: state.vpc_cidr.as_deref().unwrap_or_default(),
-            clients_cidr: user_data::clients_range(&self.account.allowed_cidr, member.public_ip.is_some()),
+            clients_cidr: user_data::clients_range(
+                &self.account.allowed_cidr,
+                member.public_ip.is_some(),
+            ),
             app_db_name: &server.app_db_name,
             admin_user: &server.admin_user,
             owner_role: input.owner_role,
@@ -179,14 +202,23 @@ impl HaEc2 {
         .map_err(|e| TaskError::Fatal(e.context("rendering the member's user-data")))?;
         let mut tags = member_tags(input.tags, name);
         tags.push((vm::MEMBERS_TAG.to_string(), state.wanted()));
-        let candidates = state.candidates.get(&member.zone).cloned().unwrap_or_default();
+        let candidates = state
+            .candidates
+            .get(&member.zone)
+            .cloned()
+            .unwrap_or_default();
         let hash = format!("{}{}", state.token_seed, names::short_hash(&instance.id));
         let mut index = member.candidate_index;
         let launched = loop {
             let Some(candidate) = candidates.get(index) else {
                 break None;
             };
-            let image = vm::image(input.client, &candidate.arch, self.account.image_for(&candidate.arch)).await?;
+            let image = vm::image(
+                input.client,
+                &candidate.arch,
+                self.account.image_for(&candidate.arch),
+            )
+            .await?;
             let token = format!("{hash}-{name}-g{}-c{index}", member.generation);
             let spec = vm::Launch {
                 image_id: &image,
@@ -256,7 +288,9 @@ impl HaEc2 {
             .map(|m| m.name.clone())
             .collect();
         for name in slots {
-            let Some(member) = state.member(&name).cloned() else { continue };
+            let Some(member) = state.member(&name).cloned() else {
+                continue;
+            };
             if let Some(found) = live.get(&name) {
                 if member.vm_id.as_ref() != Some(&found.id) {
                     let m = state.member_mut(&name).expect("listed above");

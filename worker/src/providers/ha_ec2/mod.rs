@@ -43,15 +43,17 @@ use sqlx::PgPool;
 use tracing::info;
 
 use self::{
-    access::{find_primary, host, members_details, not_ready, open_secrets, patroni_bases, patroni_http, superuser},
+    access::{
+        find_primary, host, members_details, not_ready, open_secrets, patroni_bases, patroni_http,
+        superuser,
+    },
     members::LaunchInput,
     params::Params,
     state::{ClusterState, Member, Secrets},
     user_data::{API_PORT, PG_PORT},
 };
 use super::{
-    Bound, Progress, Provider, Provisioned,
-    app_database,
+    Bound, Progress, Provider, Provisioned, app_database,
     ec2_common::{Ec2Account, available_zones, offers, vm},
     ha_local::{
         credentials::{self, Address, Endpoints},
@@ -103,11 +105,19 @@ fn wait<T>(secs: u64, progress: impl Into<String>) -> Result<Progress<T>, TaskEr
 
 /// The security group's name (unique per VPC), also the resources' `Name`.
 fn group_name(prefix: &str, instance_id: &str) -> String {
-    format!("{}ha-{}", prefix.replace('_', "-"), names::short_hash(instance_id))
+    format!(
+        "{}ha-{}",
+        prefix.replace('_', "-"),
+        names::short_hash(instance_id)
+    )
 }
 
 /// Tags of every resource of the cluster.
-fn resource_tags(prefix: &str, instance_id: &str, extra: &[(String, String)]) -> Vec<(String, String)> {
+fn resource_tags(
+    prefix: &str,
+    instance_id: &str,
+    extra: &[(String, String)],
+) -> Vec<(String, String)> {
     let mut tags = vec![
         (vm::TAG.to_string(), instance_id.to_string()),
         ("Name".to_string(), group_name(prefix, instance_id)),
@@ -117,7 +127,11 @@ fn resource_tags(prefix: &str, instance_id: &str, extra: &[(String, String)]) ->
 }
 
 /// The cluster's secrets: opened, or generated (with the cluster's CA) and sealed before anything is launched.
-async fn secrets(ctx: &TaskContext<'_>, instance: &InstanceRow, scope: &str) -> Result<Secrets, TaskError> {
+async fn secrets(
+    ctx: &TaskContext<'_>,
+    instance: &InstanceRow,
+    scope: &str,
+) -> Result<Secrets, TaskError> {
     if let Some(sealed) = &instance.secrets {
         return ctx
             .services
@@ -129,9 +143,13 @@ async fn secrets(ctx: &TaskContext<'_>, instance: &InstanceRow, scope: &str) -> 
         .await
         .map_err(|e| TaskError::Retryable(e.context("making the cluster's CA")))?;
     let made = Secrets::generate(ca);
-    instances::set_secrets(ctx.pool, &instance.id, &ctx.services.cipher.seal_json(&made))
-        .await
-        .context("keeping the generated secrets")?;
+    instances::set_secrets(
+        ctx.pool,
+        &instance.id,
+        &ctx.services.cipher.seal_json(&made),
+    )
+    .await
+    .context("keeping the generated secrets")?;
     Ok(made)
 }
 
@@ -184,9 +202,14 @@ impl Provider for HaEc2 {
             } else {
                 available
             };
-            let offers =
-                offers::fresh(ctx.pool, &client, &region, self.account.offers_ttl_secs, &self.account.on_demand)
-                    .await?;
+            let offers = offers::fresh(
+                ctx.pool,
+                &client,
+                &region,
+                self.account.offers_ttl_secs,
+                &self.account.on_demand,
+            )
+            .await?;
             let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_entropy();
             for zone in zones {
                 let mut in_zone = params.requirements.clone();
@@ -194,7 +217,9 @@ impl Provider for HaEc2 {
                 let list = candidates(&offers, &in_zone, &[], &mut rng);
                 if list.is_empty() {
                     if explicit {
-                        return Err(TaskError::fatal(format!("no matching instance type is offered in zone {zone}")));
+                        return Err(TaskError::fatal(format!(
+                            "no matching instance type is offered in zone {zone}"
+                        )));
                     }
                     continue;
                 }
@@ -237,8 +262,15 @@ impl Provider for HaEc2 {
         }
 
         // 3. A network interface per slot: every member's address, before any user-data is rendered.
-        self.ensure_interfaces(ctx.pool, &client, &instance.id, &mut state, params.public_ip, &tags)
-            .await?;
+        self.ensure_interfaces(
+            ctx.pool,
+            &client,
+            &instance.id,
+            &mut state,
+            params.public_ip,
+            &tags,
+        )
+        .await?;
 
         // 4. A VM per slot, running.
         let owner = names::instance_owner_role(prefix, &instance.id);
@@ -277,7 +309,12 @@ impl Provider for HaEc2 {
                 Err(e) => Some(format!("Patroni does not answer yet ({e})")),
             };
             if let Some(why) = why {
-                let first = state.members.iter().filter_map(|m| m.launched_at).min().unwrap_or(0);
+                let first = state
+                    .members
+                    .iter()
+                    .filter_map(|m| m.launched_at)
+                    .min()
+                    .unwrap_or(0);
                 if chrono::Utc::now().timestamp() - first > READY_LIMIT_SECS {
                     return Err(TaskError::fatal(format!(
                         "the cluster was not ready within {} minutes of its VMs' launch ({why}); see \
@@ -285,10 +322,16 @@ impl Provider for HaEc2 {
                         READY_LIMIT_SECS / 60
                     )));
                 }
-                return wait(10, format!("starting the cluster (cloud-init installs it): {why}"));
+                return wait(
+                    10,
+                    format!("starting the cluster (cloud-init installs it): {why}"),
+                );
             }
         }
-        let primary = view.as_ref().and_then(|v| v.leader()).map(|l| l.name.clone());
+        let primary = view
+            .as_ref()
+            .and_then(|v| v.leader())
+            .map(|l| l.name.clone());
         let mut details = instance.details.clone();
         let patch = json!({
             "ha_ec2": state,
@@ -346,7 +389,9 @@ impl Provider for HaEc2 {
             tags: &tags,
             owner_role: &owner,
         };
-        if let Some(wait) = scaling::step(self, ctx, &mut state, &input, params.cluster.members).await? {
+        if let Some(wait) =
+            scaling::step(self, ctx, &mut state, &input, params.cluster.members).await?
+        {
             return Ok(wait);
         }
         if !params.cluster.server.extensions.is_empty() {
@@ -354,7 +399,11 @@ impl Provider for HaEc2 {
             let h = host(primary).unwrap_or_default().to_string();
             app_database::add_extensions(
                 &|db: &str| superuser(&h, &secrets, db),
-                instance.details.get("app_db_name").and_then(Value::as_str).unwrap_or("app"),
+                instance
+                    .details
+                    .get("app_db_name")
+                    .and_then(Value::as_str)
+                    .unwrap_or("app"),
                 &params.cluster.server.extensions,
             )
             .await?;
@@ -384,7 +433,12 @@ impl Provider for HaEc2 {
         if !vm::all_terminated(&client, &instance.id).await? {
             return wait(3, "waiting for the VMs to terminate");
         }
-        vm::delete_the_rest(&client, &instance.id, &group_name(ctx.services.name_prefix(), &instance.id)).await?;
+        vm::delete_the_rest(
+            &client,
+            &instance.id,
+            &group_name(ctx.services.name_prefix(), &instance.id),
+        )
+        .await?;
         Ok(Progress::Done(()))
     }
 
@@ -411,7 +465,11 @@ impl Provider for HaEc2 {
                 .map(address)
                 .collect(),
         };
-        let database = instance.details.get("app_db_name").and_then(Value::as_str).unwrap_or("app");
+        let database = instance
+            .details
+            .get("app_db_name")
+            .and_then(Value::as_str)
+            .unwrap_or("app");
         let prefix = ctx.services.name_prefix();
         let owner = names::instance_owner_role(prefix, &instance.id);
         let role = names::binding_role(prefix, &binding.id);
@@ -433,7 +491,13 @@ impl Provider for HaEc2 {
                 "database": database,
                 "access": access.as_str(),
             }),
-            credentials: credentials::credentials(&endpoints, database, &role, &password, &secrets.ca.cert),
+            credentials: credentials::credentials(
+                &endpoints,
+                database,
+                &role,
+                &password,
+                &secrets.ca.cert,
+            ),
         }))
     }
 
@@ -485,7 +549,11 @@ impl Provider for HaEc2 {
         let prefix = ctx.services.name_prefix();
         app_database::revoke_binding(
             &|db: &str| superuser(&h, &secrets, db),
-            instance.details.get("app_db_name").and_then(Value::as_str).unwrap_or("app"),
+            instance
+                .details
+                .get("app_db_name")
+                .and_then(Value::as_str)
+                .unwrap_or("app"),
             &names::instance_owner_role(prefix, &instance.id),
             &names::binding_role(prefix, &binding.id),
         )

@@ -18,7 +18,10 @@ use crate::{
 };
 
 fn member_filter(member: &str) -> Filter {
-    Filter::builder().name(format!("tag:{MEMBER_TAG}")).values(member).build()
+    Filter::builder()
+        .name(format!("tag:{MEMBER_TAG}"))
+        .values(member)
+        .build()
 }
 
 /// The group: PostgreSQL and Patroni's REST API (and ssh with keys) from `cidr`; between members, etcd's client
@@ -118,9 +121,14 @@ pub async fn ensure_interface(
             .cloned()
             .ok_or_else(|| TaskError::retryable("CreateNetworkInterface returned no interface"))?,
     };
-    match (interface.network_interface_id(), interface.private_ip_address()) {
+    match (
+        interface.network_interface_id(),
+        interface.private_ip_address(),
+    ) {
         (Some(id), Some(ip)) => Ok((id.to_string(), ip.to_string())),
-        _ => Err(TaskError::retryable("the member's network interface has no address yet")),
+        _ => Err(TaskError::retryable(
+            "the member's network interface has no address yet",
+        )),
     }
 }
 
@@ -175,7 +183,12 @@ pub async fn ensure_address(
 
 /// Releases a slot's Elastic IP (a scale-down).
 pub async fn release_address(client: &Client, allocation_id: &str) -> Result<(), TaskError> {
-    match client.release_address().allocation_id(allocation_id).send().await {
+    match client
+        .release_address()
+        .allocation_id(allocation_id)
+        .send()
+        .await
+    {
         Ok(_) => Ok(()),
         Err(e) if code(&e).as_deref() == Some("InvalidAllocationID.NotFound") => Ok(()),
         Err(e) => Err(classify(e, "releasing the member's Elastic IP")),

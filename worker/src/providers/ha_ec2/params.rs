@@ -26,8 +26,12 @@ pub struct Params {
 impl Params {
     pub fn of(parameters: &Value) -> Result<Self, TaskError> {
         let cluster = ha_local::params::Params::of(parameters)?;
-        let spot = parameters.get("spot").and_then(Value::as_bool).unwrap_or(false);
-        let requirements = Requirements::from_parameters(parameters, spot).map_err(TaskError::fatal)?;
+        let spot = parameters
+            .get("spot")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let requirements =
+            Requirements::from_parameters(parameters, spot).map_err(TaskError::fatal)?;
         if requirements.local_storage {
             return Err(TaskError::fatal(
                 "storage_type `local` is not offered by the ha plan's ec2 engine: use `network` (an EBS disk per member)",
@@ -41,7 +45,10 @@ impl Params {
         let tags = ec2_common::extra_tags(parameters)?;
         // Members read their tags from the instance metadata, which refuses to launch a VM with keys it cannot
         // serve.
-        if let Some((key, _)) = tags.iter().find(|(k, _)| k.contains('/') || k.contains(' ')) {
+        if let Some((key, _)) = tags
+            .iter()
+            .find(|(k, _)| k.contains('/') || k.contains(' '))
+        {
             return Err(TaskError::fatal(format!(
                 "tag {key:?}: the ha plan's VMs expose their tags to their instance metadata, whose keys cannot hold \
                  `/` or spaces"
@@ -50,14 +57,25 @@ impl Params {
         let zones: Vec<String> = parameters
             .get("zones")
             .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect()
+            })
             .unwrap_or_default();
         Ok(Self {
             cluster,
             requirements,
-            region: parameters.get("region").and_then(Value::as_str).map(str::to_string),
+            region: parameters
+                .get("region")
+                .and_then(Value::as_str)
+                .map(str::to_string),
             zones,
-            public_ip: parameters.get("public_ip").and_then(Value::as_bool).unwrap_or(false),
+            public_ip: parameters
+                .get("public_ip")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
             ssh_keys: ec2_common::ssh_keys(parameters),
             tags,
         })

@@ -19,8 +19,8 @@ use sqlx::PgPool;
 use tracing::{info, warn};
 
 use super::{
-    ENGINE, HaEc2, LaunchInput, members_details, not_ready, open_secrets, params::Params, resource_tags,
-    state::ClusterState,
+    ENGINE, HaEc2, LaunchInput, members_details, not_ready, open_secrets, params::Params,
+    resource_tags, state::ClusterState,
 };
 use crate::{
     context::Services,
@@ -58,11 +58,14 @@ pub async fn pass(engine: &HaEc2, pool: &PgPool, services: &Services) -> anyhow:
             pass.clusters += 1;
             let region = engine.region_of(None, &state);
             if !live.contains_key(&region) {
-                let vms: HashSet<String> = vm::berth_vms_in_region(&engine.account.client(&region), &mut pass.describe_calls)
-                    .await?
-                    .into_iter()
-                    .map(|v| v.id)
-                    .collect();
+                let vms: HashSet<String> = vm::berth_vms_in_region(
+                    &engine.account.client(&region),
+                    &mut pass.describe_calls,
+                )
+                .await?
+                .into_iter()
+                .map(|v| v.id)
+                .collect();
                 live.insert(region.clone(), vms);
             }
             let vms = &live[&region];
@@ -87,7 +90,12 @@ pub async fn pass(engine: &HaEc2, pool: &PgPool, services: &Services) -> anyhow:
 }
 
 /// One step of bringing a cluster back to N members, under its advisory lock.
-async fn heal(engine: &HaEc2, pool: &PgPool, services: &Services, instance_id: &str) -> anyhow::Result<()> {
+async fn heal(
+    engine: &HaEc2,
+    pool: &PgPool,
+    services: &Services,
+    instance_id: &str,
+) -> anyhow::Result<()> {
     let mut tx = pool.begin().await?;
     let Some(instance) = lock_idle_instance(&mut tx, HA_EC2_LOCKS, instance_id).await? else {
         return Ok(());
@@ -109,13 +117,20 @@ async fn heal(engine: &HaEc2, pool: &PgPool, services: &Services, instance_id: &
     };
     // ensure_vms tells a VM that is gone from one a listing has not caught up with (it asks EC2 about that VM),
     // and launches a joining VM in each slot whose VM is gone (its generation goes up).
-    let generations: HashMap<String, u32> = state.members.iter().map(|m| (m.name.clone(), m.generation)).collect();
+    let generations: HashMap<String, u32> = state
+        .members
+        .iter()
+        .map(|m| (m.name.clone(), m.generation))
+        .collect();
     let live = engine
         .ensure_vms(pool, &mut state, &input)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     for member in state.members.iter_mut() {
-        if generations.get(&member.name).is_some_and(|g| member.generation > *g) {
+        if generations
+            .get(&member.name)
+            .is_some_and(|g| member.generation > *g)
+        {
             warn!(instance_id, member = %member.name, zone = %member.zone, vm = ?member.vm_id, "a member's VM was gone; a replacement joins its peers");
             member.replacing = true;
         }
@@ -131,7 +146,12 @@ async fn heal(engine: &HaEc2, pool: &PgPool, services: &Services, instance_id: &
         state.save(pool, instance_id).await?;
         return Ok(tx.commit().await?);
     }
-    let recoveries = instance.details.get("recoveries").and_then(Value::as_i64).unwrap_or(0) + replaced.len() as i64;
+    let recoveries = instance
+        .details
+        .get("recoveries")
+        .and_then(Value::as_i64)
+        .unwrap_or(0)
+        + replaced.len() as i64;
     instances::merge_details(
         &mut *tx,
         instance_id,
@@ -158,7 +178,10 @@ async fn record_roles(
     state: &ClusterState,
 ) -> anyhow::Result<()> {
     let secrets = open_secrets(services, instance).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let view = engine.view(state, &secrets).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let view = engine
+        .view(state, &secrets)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let members = members_details(state, Some(&view));
     let primary = view.leader().map(|l| l.name.clone());
     let recorded = (

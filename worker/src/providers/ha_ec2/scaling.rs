@@ -10,9 +10,9 @@ use serde_json::{Value, json};
 use tracing::info;
 
 use super::{
-    HaEc2, LaunchInput, members_details,
+    HaEc2, LaunchInput,
     members::{SlotVm, slot_vm},
-    network, not_ready,
+    members_details, network, not_ready,
     params::Params,
     patroni_bases, patroni_http,
     state::{ClusterState, Secrets},
@@ -47,13 +47,22 @@ pub async fn step(
             .collect();
         if !left.is_empty() {
             vm::terminate(client, &left).await?;
-            return Ok(Some(wait(2, format!("removing member {}: terminating its VM", victim.name))?));
+            return Ok(Some(wait(
+                2,
+                format!("removing member {}: terminating its VM", victim.name),
+            )?));
         }
         // Until it is terminated it holds the interface.
         if let Some(vm_id) = &victim.vm_id
             && !matches!(slot_vm(client, vm_id, None).await?, SlotVm::Gone)
         {
-            return Ok(Some(wait(2, format!("removing member {}: waiting for its VM to terminate", victim.name))?));
+            return Ok(Some(wait(
+                2,
+                format!(
+                    "removing member {}: waiting for its VM to terminate",
+                    victim.name
+                ),
+            )?));
         }
         if let Some(interface) = &victim.interface_id {
             vm::delete_interface(client, interface).await?;
@@ -78,7 +87,10 @@ pub async fn step(
         .count();
     let have = state.members.len();
     if running < have {
-        return Ok(Some(wait(3, format!("{running} of {have} members' VMs running"))?));
+        return Ok(Some(wait(
+            3,
+            format!("{running} of {have} members' VMs running"),
+        )?));
     }
     let view = if engine.account.readiness_probe {
         let view = engine.view(state, input.secrets).await.ok();
@@ -125,7 +137,8 @@ pub async fn step(
     if have < want {
         let name = state.add_member(true);
         state.save(pool, id).await?;
-        ctx.progress(&format!("adding member {name} ({} of {want})", have + 1)).await?;
+        ctx.progress(&format!("adding member {name} ({} of {want})", have + 1))
+            .await?;
         // The others learn the new name before it exists, so their prune never takes it for a retired member.
         network::tag_wanted(client, &vm_ids(state), &state.wanted()).await?;
         engine
@@ -133,7 +146,10 @@ pub async fn step(
             .await?;
         engine.ensure_vms(pool, state, input).await?;
         info!(instance_id = %id, member = %name, "member added");
-        return Ok(Some(wait(3, format!("adding member {name} ({} of {want})", have + 1))?));
+        return Ok(Some(wait(
+            3,
+            format!("adding member {name} ({} of {want})", have + 1),
+        )?));
     }
     if have > want {
         // The newest plain replica first; the synchronous standby only when no other is left; never the primary.
@@ -154,12 +170,19 @@ pub async fn step(
             m.retiring = true;
         }
         state.save(pool, id).await?;
-        ctx.progress(&format!("removing member {victim} ({} of {want})", have - 1)).await?;
+        ctx.progress(&format!(
+            "removing member {victim} ({} of {want})",
+            have - 1
+        ))
+        .await?;
         network::tag_wanted(client, &vm_ids(state), &state.wanted()).await?;
         if let Some(vm_id) = state.member(&victim).and_then(|m| m.vm_id.clone()) {
             vm::terminate(client, &[vm_id]).await?;
         }
-        return Ok(Some(wait(2, format!("removing member {victim} ({} of {want})", have - 1))?));
+        return Ok(Some(wait(
+            2,
+            format!("removing member {victim} ({} of {want})", have - 1),
+        )?));
     }
     Ok(None)
 }
@@ -217,10 +240,20 @@ pub async fn apply_settings(
     let mut order: Vec<_> = state.members.iter().filter(|m| !m.retiring).collect();
     order.sort_by_key(|m| view.member(&m.name).is_some_and(|v| v.is_leader()));
     for member in order {
-        let Some(host) = super::host(member) else { continue };
-        let one = Patroni::at(&http, vec![format!("https://{host}:{}", super::API_PORT)], &secrets.restapi);
+        let Some(host) = super::host(member) else {
+            continue;
+        };
+        let one = Patroni::at(
+            &http,
+            vec![format!("https://{host}:{}", super::API_PORT)],
+            &secrets.restapi,
+        );
         let (status, text) = one
-            .change(reqwest::Method::POST, "/restart", &json!({ "restart_pending": true }))
+            .change(
+                reqwest::Method::POST,
+                "/restart",
+                &json!({ "restart_pending": true }),
+            )
             .await
             .map_err(TaskError::Retryable)?;
         // 503 "restart conditions are not satisfied": nothing pending.

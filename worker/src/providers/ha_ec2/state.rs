@@ -89,7 +89,12 @@ impl ClusterState {
         let zone = self
             .zones
             .iter()
-            .min_by_key(|z| self.members.iter().filter(|m| &m.zone == *z && !m.retiring).count())
+            .min_by_key(|z| {
+                self.members
+                    .iter()
+                    .filter(|m| &m.zone == *z && !m.retiring)
+                    .count()
+            })
             .cloned()
             .unwrap_or_default();
         self.members.push(Member {

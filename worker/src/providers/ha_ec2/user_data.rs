@@ -125,7 +125,11 @@ fn etcd_env(data: &MemberSetup<'_>) -> String {
         format!("ETCD_NAME={}", data.member),
         "ETCD_DATA_DIR=/var/lib/berth/etcd".into(),
         format!("ETCD_LISTEN_PEER_URLS={}", peer_url(me)),
-        format!("ETCD_LISTEN_CLIENT_URLS={},{}", client_url(me), client_url("127.0.0.1")),
+        format!(
+            "ETCD_LISTEN_CLIENT_URLS={},{}",
+            client_url(me),
+            client_url("127.0.0.1")
+        ),
         format!("ETCD_ADVERTISE_CLIENT_URLS={}", client_url(me)),
         format!("ETCD_INITIAL_ADVERTISE_PEER_URLS={}", peer_url(me)),
         format!("ETCD_INITIAL_CLUSTER_TOKEN={}", data.scope),
@@ -163,9 +167,7 @@ fn membership_env(data: &MemberSetup<'_>) -> String {
 /// This member's Patroni configuration (JSON, which Patroni's YAML reader takes).
 pub fn patroni_config(data: &MemberSetup<'_>) -> Value {
     let ca = format!("{TLS_DIR}/ca.crt");
-    let login = |user: &str, password: &str| {
-        json!({ "username": user, "password": password, "sslmode": "verify-ca", "sslrootcert": ca })
-    };
+    let login = |user: &str, password: &str| json!({ "username": user, "password": password, "sslmode": "verify-ca", "sslrootcert": ca });
     // Its own etcd first; the peers' when it is down.
     let mut etcd_hosts = vec![format!("127.0.0.1:{ETCD_CLIENT_PORT}")];
     etcd_hosts.extend(
@@ -259,7 +261,10 @@ pub fn render(data: &MemberSetup<'_>) -> anyhow::Result<Rendered> {
         ("REST API password", secrets.restapi.as_str()),
         ("admin password", secrets.admin_password.as_str()),
     ] {
-        anyhow::ensure!(safe(value), "{what} has characters the user-data cannot carry safely");
+        anyhow::ensure!(
+            safe(value),
+            "{what} has characters the user-data cannot carry safely"
+        );
     }
     anyhow::ensure!(
         data.extensions.iter().all(|e| safe(e)),
@@ -287,22 +292,24 @@ pub fn render(data: &MemberSetup<'_>) -> anyhow::Result<Rendered> {
     env.set_keep_trailing_newline(true);
     env.add_template("cloud-init", TEMPLATE)?;
     let patroni = serde_json::to_string_pretty(&patroni_config(data))?;
-    let text = env.get_template("cloud-init")?.render(minijinja::context! {
-        instance_id => data.instance_id,
-        scope => data.scope,
-        member => data.member,
-        joins => data.joins,
-        postgres_version => data.postgres_version,
-        ssh_keys => data.ssh_keys,
-        ca_cert => secrets.ca.cert.trim_end(),
-        server_cert => data.tls.cert.trim_end(),
-        server_key => data.tls.key.trim_end(),
-        etcd_env => etcd_env(data),
-        membership_env => membership_env(data),
-        patroni_config => patroni,
-        setup_sql => setup_sql(data)?,
-        membership_script => MEMBERSHIP_SCRIPT.trim_end(),
-    })?;
+    let text = env
+        .get_template("cloud-init")?
+        .render(minijinja::context! {
+            instance_id => data.instance_id,
+            scope => data.scope,
+            member => data.member,
+            joins => data.joins,
+            postgres_version => data.postgres_version,
+            ssh_keys => data.ssh_keys,
+            ca_cert => secrets.ca.cert.trim_end(),
+            server_cert => data.tls.cert.trim_end(),
+            server_key => data.tls.key.trim_end(),
+            etcd_env => etcd_env(data),
+            membership_env => membership_env(data),
+            patroni_config => patroni,
+            setup_sql => setup_sql(data)?,
+            membership_script => MEMBERSHIP_SCRIPT.trim_end(),
+        })?;
     Ok(Rendered(text))
 }
 
@@ -389,8 +396,12 @@ mod tests {
     fn each_member_gets_its_own_name_address_and_certificate() {
         let (secrets, peers) = (secrets(), peers());
         let (pem1, pem2) = (member_pem("m1"), member_pem("m2"));
-        let one = render(&setup("m1", "10.0.1.11", false, &peers, &secrets, &pem1)).unwrap().0;
-        let two = render(&setup("m2", "10.0.2.12", false, &peers, &secrets, &pem2)).unwrap().0;
+        let one = render(&setup("m1", "10.0.1.11", false, &peers, &secrets, &pem1))
+            .unwrap()
+            .0;
+        let two = render(&setup("m2", "10.0.2.12", false, &peers, &secrets, &pem2))
+            .unwrap()
+            .0;
         assert!(one.starts_with("#cloud-config\n"), "{one}");
         let etcd = file(&one, "/etc/berth/etcd.env");
         for needle in [
@@ -401,9 +412,16 @@ mod tests {
             "ETCD_INITIAL_CLUSTER_STATE=new",
             "ETCD_INITIAL_CLUSTER_TOKEN=bt_ha_0123",
         ] {
-            assert!(etcd.lines().any(|l| l == needle), "missing {needle:?} in:\n{etcd}");
+            assert!(
+                etcd.lines().any(|l| l == needle),
+                "missing {needle:?} in:\n{etcd}"
+            );
         }
-        assert!(file(&two, "/etc/berth/etcd.env").lines().any(|l| l == "ETCD_NAME=m2"));
+        assert!(
+            file(&two, "/etc/berth/etcd.env")
+                .lines()
+                .any(|l| l == "ETCD_NAME=m2")
+        );
         // The same initial cluster on every member; the rest is each member's own.
         let initial = |t: &str| {
             file(t, "/etc/berth/etcd.env")
@@ -423,27 +441,41 @@ mod tests {
         );
         assert!(one.contains("CERT-m1") && one.contains("KEY-m1") && !one.contains("CERT-m2"));
         assert!(two.contains("CERT-m2") && !two.contains("KEY-m1"));
-        assert!(one.contains("CACERT") && !one.contains("CAKEYSECRET"), "the CA's key stays with berth");
+        assert!(
+            one.contains("CACERT") && !one.contains("CAKEYSECRET"),
+            "the CA's key stays with berth"
+        );
         let membership = file(&two, "/etc/berth/membership.env");
         assert!(
             membership.contains("PEER_ENDPOINTS=http://10.0.1.11:2379,http://10.0.3.13:2379"),
             "{membership}"
         );
         // A member that forms the cluster does not run the join.
-        assert!(!one.contains("\nberth-etcd-membership join") && !one.contains("      /usr/local/sbin/berth-etcd-membership join"));
+        assert!(
+            !one.contains("\nberth-etcd-membership join")
+                && !one.contains("      /usr/local/sbin/berth-etcd-membership join")
+        );
     }
 
     #[test]
     fn a_joining_member_joins_through_its_peers_before_etcd_starts() {
         let (secrets, peers, pem) = (secrets(), peers(), member_pem("m2"));
-        let text = render(&setup("m2", "10.0.2.12", true, &peers, &secrets, &pem)).unwrap().0;
+        let text = render(&setup("m2", "10.0.2.12", true, &peers, &secrets, &pem))
+            .unwrap()
+            .0;
         let etcd = file(&text, "/etc/berth/etcd.env");
-        assert!(etcd.lines().any(|l| l == "ETCD_INITIAL_CLUSTER_STATE=existing"), "{etcd}");
+        assert!(
+            etcd.lines()
+                .any(|l| l == "ETCD_INITIAL_CLUSTER_STATE=existing"),
+            "{etcd}"
+        );
         let setup_script = file(&text, "/usr/local/sbin/berth-setup");
         let join = setup_script
             .find("/usr/local/sbin/berth-etcd-membership join")
             .expect("the join runs");
-        let start = setup_script.find("systemctl start --no-block berth-etcd").unwrap();
+        let start = setup_script
+            .find("systemctl start --no-block berth-etcd")
+            .unwrap();
         assert!(join < start, "the join comes before etcd starts");
         let script = file(&text, "/usr/local/sbin/berth-etcd-membership");
         assert!(script.contains("member remove") && script.contains("member add"));
@@ -457,7 +489,11 @@ mod tests {
         let rendered = render(&data).unwrap();
         let text = &rendered.0;
         // Nothing berth may log shows a secret: the rendered text's Debug, the inputs' Debug.
-        for shown in [format!("{rendered:?}"), format!("{secrets:?}"), format!("{pem:?}")] {
+        for shown in [
+            format!("{rendered:?}"),
+            format!("{secrets:?}"),
+            format!("{pem:?}"),
+        ] {
             for secret in [
                 "SuperPassw0rd",
                 "ReplPassw0rd",
@@ -478,8 +514,15 @@ mod tests {
         // The superuser's password only in the root-only file (Patroni's configuration).
         let at = text.find("SuperPassw0rdAAAA").unwrap();
         let owner = text[..at].rfind("  - path: ").unwrap();
-        assert!(text[owner..].starts_with("  - path: /etc/berth/patroni.yml\n    permissions: \"0600\""));
-        for public in ["/etc/berth/etcd.env", "/etc/berth/membership.env", "/usr/local/sbin/berth-setup"] {
+        assert!(
+            text[owner..]
+                .starts_with("  - path: /etc/berth/patroni.yml\n    permissions: \"0600\"")
+        );
+        for public in [
+            "/etc/berth/etcd.env",
+            "/etc/berth/membership.env",
+            "/usr/local/sbin/berth-setup",
+        ] {
             let content = file(text, public);
             assert!(!content.contains("Passw0rd"), "{public}: {content}");
         }
@@ -490,12 +533,28 @@ mod tests {
         let hba = pg_hba("10.0.0.0/16", Some("192.0.2.0/24"));
         assert_eq!(hba[0], "local all postgres peer");
         for line in &hba[1..] {
-            assert!(line.starts_with("hostssl ") && line.ends_with(" scram-sha-256"), "{line}");
+            assert!(
+                line.starts_with("hostssl ") && line.ends_with(" scram-sha-256"),
+                "{line}"
+            );
         }
-        assert!(hba.contains(&"hostssl replication replicator 10.0.0.0/16 scram-sha-256".to_string()));
-        assert!(hba.iter().all(|l| !l.contains("0.0.0.0/0") && !l.contains("md5") && !l.contains("trust")));
-        assert_eq!(pg_hba("10.0.0.0/16", Some("10.0.0.0/16")).len(), 4, "no duplicate line");
-        assert_eq!(pg_hba("10.0.0.0/16", None).len(), 4, "the cluster's network only");
+        assert!(
+            hba.contains(&"hostssl replication replicator 10.0.0.0/16 scram-sha-256".to_string())
+        );
+        assert!(
+            hba.iter()
+                .all(|l| !l.contains("0.0.0.0/0") && !l.contains("md5") && !l.contains("trust"))
+        );
+        assert_eq!(
+            pg_hba("10.0.0.0/16", Some("10.0.0.0/16")).len(),
+            4,
+            "no duplicate line"
+        );
+        assert_eq!(
+            pg_hba("10.0.0.0/16", None).len(),
+            4,
+            "the cluster's network only"
+        );
         // The default "anywhere" reaches pg_hba only for a cluster with public addresses.
         assert_eq!(clients_range("0.0.0.0/0", false), None);
         assert_eq!(clients_range("0.0.0.0/0", true), Some("0.0.0.0/0"));
@@ -503,7 +562,10 @@ mod tests {
         let (secrets, peers, pem) = (secrets(), peers(), member_pem("m1"));
         let patroni = patroni_config(&setup("m1", "10.0.1.11", false, &peers, &secrets, &pem));
         assert_eq!(patroni["postgresql"]["pg_hba"], json!(hba));
-        assert_eq!(patroni["postgresql"]["authentication"]["replication"]["sslmode"], "verify-ca");
+        assert_eq!(
+            patroni["postgresql"]["authentication"]["replication"]["sslmode"],
+            "verify-ca"
+        );
         assert_eq!(patroni["postgresql"]["parameters"]["ssl"], "on");
     }
 
@@ -514,11 +576,18 @@ mod tests {
         let patroni = patroni_config(&data);
         let dcs = &patroni["bootstrap"]["dcs"];
         assert_eq!(
-            (dcs["ttl"].as_u64(), dcs["loop_wait"].as_u64(), dcs["retry_timeout"].as_u64()),
+            (
+                dcs["ttl"].as_u64(),
+                dcs["loop_wait"].as_u64(),
+                dcs["retry_timeout"].as_u64()
+            ),
             (Some(7), Some(1), Some(3))
         );
         assert_eq!(dcs["synchronous_mode"], true);
-        assert_eq!(dcs["postgresql"]["parameters"]["max_connections"], "200", "oltp applies");
+        assert_eq!(
+            dcs["postgresql"]["parameters"]["max_connections"], "200",
+            "oltp applies"
+        );
         data.timings = Timings {
             ttl: 10,
             loop_wait: 5,
@@ -534,7 +603,20 @@ mod tests {
         let mut bad = secrets.clone();
         bad.admin_password = "x'; DROP ROLE postgres; --".into();
         assert!(render(&setup("m1", "10.0.1.11", false, &peers, &bad, &pem)).is_err());
-        assert!(render(&setup("m1", "10.0.1.11; reboot", false, &peers, &secrets, &pem)).is_err());
-        assert!(render(&setup("m9", "10.0.9.9", false, &peers, &secrets, &pem)).is_err(), "not a peer");
+        assert!(
+            render(&setup(
+                "m1",
+                "10.0.1.11; reboot",
+                false,
+                &peers,
+                &secrets,
+                &pem
+            ))
+            .is_err()
+        );
+        assert!(
+            render(&setup("m9", "10.0.9.9", false, &peers, &secrets, &pem)).is_err(),
+            "not a peer"
+        );
     }
 }

@@ -33,7 +33,9 @@ impl Endpoints {
     pub fn osb(&self) -> Value {
         Value::Array(
             self.all()
-                .map(|a| json!({ "host": a.host, "ports": [a.port.to_string()], "protocol": "tcp" }))
+                .map(
+                    |a| json!({ "host": a.host, "ports": [a.port.to_string()], "protocol": "tcp" }),
+                )
                 .collect(),
         )
     }

@@ -40,9 +40,9 @@ use self::{
     state::{ClusterState, Layout},
 };
 use super::{
-    Bound, LOCAL_LOCKS, Progress, Provider, Provisioned, lock_idle_instance, lock_instance,
+    Bound, LOCAL_LOCKS, Progress, Provider, Provisioned,
     app_database::{self, AppDatabase},
-    owned_elsewhere,
+    lock_idle_instance, lock_instance, owned_elsewhere,
     shared_postgres::{Access, binding_grants},
 };
 use crate::{
@@ -381,7 +381,9 @@ impl Provider for HaLocal {
         // With `synchronous`, the instance is handed over only once a commit waits for a standby: a write
         // acknowledged before Patroni chose one could be lost in a failover.
         if params.synchronous && !view.members.iter().any(|m| m.role == "sync_standby") {
-            return Ok(wait("starting the cluster: waiting for Patroni to choose a synchronous standby".into()));
+            return Ok(wait(
+                "starting the cluster: waiting for Patroni to choose a synchronous standby".into(),
+            ));
         }
         let started_ms = t0.elapsed().as_millis();
 
@@ -600,7 +602,9 @@ impl Provider for HaLocal {
                 host: Host::Tcp("127.0.0.1".into()),
                 port,
                 user: state::SUPERUSER.to_string(),
-                password: Some(secrecy::SecretString::from(cluster.secrets.superuser.clone())),
+                password: Some(secrecy::SecretString::from(
+                    cluster.secrets.superuser.clone(),
+                )),
                 ssl_require: true,
                 bin_dir: cluster.state.bin_dir.clone(),
             },

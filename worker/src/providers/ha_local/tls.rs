@@ -17,7 +17,13 @@ pub async fn ensure(dir: &Path, common_name: &str) -> anyhow::Result<()> {
         return Ok(());
     }
     make_ca(dir, common_name).await?;
-    sign(dir, "127.0.0.1", &["IP:127.0.0.1".into(), "DNS:localhost".into()], "server").await
+    sign(
+        dir,
+        "127.0.0.1",
+        &["IP:127.0.0.1".into(), "DNS:localhost".into()],
+        "server",
+    )
+    .await
 }
 
 const EC: [&str; 5] = [
@@ -71,7 +77,10 @@ async fn sign(dir: &Path, common_name: &str, sans: &[String], stem: &str) -> any
         .concat(),
     )
     .await?;
-    std::fs::write(dir.join(&ext), format!("subjectAltName={}\n", sans.join(",")))?;
+    std::fs::write(
+        dir.join(&ext),
+        format!("subjectAltName={}\n", sans.join(",")),
+    )?;
     openssl(
         dir,
         &[

@@ -31,8 +31,8 @@ use sqlx::{
 use tracing::{info, warn};
 
 use super::{
-    Bound, LOCAL_LOCKS, Progress, Provider, Provisioned, app_database, lock_idle_instance, lock_instance,
-    pg_tuning as tuning,
+    Bound, LOCAL_LOCKS, Progress, Provider, Provisioned, app_database, lock_idle_instance,
+    lock_instance, pg_tuning as tuning,
     shared_postgres::{
         Access, binding_grants, connect, create_extensions, ensure_database, ensure_role, exec,
         requested_extensions,
@@ -41,10 +41,7 @@ use super::{
 use crate::{
     context::{Services, TaskContext},
     registry::TaskError,
-    snapshots::{
-        DatabaseTarget, ServerLogin,
-        target::Host,
-    },
+    snapshots::{DatabaseTarget, ServerLogin, target::Host},
 };
 
 pub use tuning::PROFILES;
@@ -426,7 +423,8 @@ impl Provider for LocalPostgres {
         )
         .await?;
         // CREATEDB but not CREATEROLE: on PostgreSQL 15 CREATEROLE could grant pg_execute_server_program.
-        app_database::ensure_login(&mut su, &params.admin_user, "CREATEDB", &admin_password).await?;
+        app_database::ensure_login(&mut su, &params.admin_user, "CREATEDB", &admin_password)
+            .await?;
         exec(
             &mut su,
             &format!(
@@ -719,7 +717,8 @@ pub(crate) async fn bind_role(
     let owner = names::instance_owner_role(prefix, &instance.id);
     let role = names::binding_role(prefix, &binding.id);
     let password = random_password(32);
-    app_database::grant_binding(server.superuser, database, &owner, &role, &password, access).await?;
+    app_database::grant_binding(server.superuser, database, &owner, &role, &password, access)
+        .await?;
     let credentials = credentials(server.host, server.port, database, &role, &password)?;
     Ok(Bound {
         details: json!({

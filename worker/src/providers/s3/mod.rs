@@ -233,7 +233,6 @@ impl S3Provider {
     }
 }
 
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Access {
     ReadWrite,
@@ -410,9 +409,15 @@ impl Provider for S3Provider {
         current: &Map<String, Value>,
     ) -> Result<Progress<Bound>, TaskError> {
         let (iam, user) = self.rotation_user(ctx, binding)?;
-        let current_key = current.get("S3_ACCESS_KEY").and_then(Value::as_str).ok_or_else(|| {
-            TaskError::fatal(format!("binding {}: its stored credentials have no S3_ACCESS_KEY", binding.id))
-        })?;
+        let current_key = current
+            .get("S3_ACCESS_KEY")
+            .and_then(Value::as_str)
+            .ok_or_else(|| {
+                TaskError::fatal(format!(
+                    "binding {}: its stored credentials have no S3_ACCESS_KEY",
+                    binding.id
+                ))
+            })?;
         let bucket = Self::bucket(ctx, &instance.id);
         let region = self.region_of(instance);
         // A key an earlier, interrupted try made was never stored: nobody has it.
@@ -437,9 +442,15 @@ impl Provider for S3Provider {
         current: &Map<String, Value>,
     ) -> Result<Progress<()>, TaskError> {
         let (iam, user) = self.rotation_user(ctx, binding)?;
-        let keep = current.get("S3_ACCESS_KEY").and_then(Value::as_str).ok_or_else(|| {
-            TaskError::fatal(format!("binding {}: its new credentials have no S3_ACCESS_KEY", binding.id))
-        })?;
+        let keep = current
+            .get("S3_ACCESS_KEY")
+            .and_then(Value::as_str)
+            .ok_or_else(|| {
+                TaskError::fatal(format!(
+                    "binding {}: its new credentials have no S3_ACCESS_KEY",
+                    binding.id
+                ))
+            })?;
         iam::delete_keys_except(&self.store, iam, &user, Some(keep)).await?;
         Ok(Progress::Done(()))
     }
@@ -501,14 +512,21 @@ impl S3Provider {
 
     /// The IAM client and the binding's user, for rotation; a store without an identity API has no
     /// per-binding key to rotate.
-    fn rotation_user(&self, ctx: &TaskContext<'_>, binding: &BindingRow) -> Result<(&aws_sdk_iam::Client, String), TaskError> {
+    fn rotation_user(
+        &self,
+        ctx: &TaskContext<'_>,
+        binding: &BindingRow,
+    ) -> Result<(&aws_sdk_iam::Client, String), TaskError> {
         let iam = self.iam.as_ref().ok_or_else(|| {
             TaskError::fatal(
                 "this plan cannot rotate credentials: bindings share the store's keys (set S3_COMPATIBLE_IAM_ENDPOINT \
                  for per-binding keys)",
             )
         })?;
-        Ok((iam, names::binding_user(ctx.services.name_prefix(), &binding.id)))
+        Ok((
+            iam,
+            names::binding_user(ctx.services.name_prefix(), &binding.id),
+        ))
     }
 
     /// The OSB `endpoints` entry for the bucket's region.

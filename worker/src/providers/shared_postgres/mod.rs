@@ -391,7 +391,11 @@ pub(crate) async fn lock_out(conn: &mut PgConnection, role: &str) -> Result<(), 
 }
 
 /// Drops a role after revoking what it holds in the admin database and on shared objects (databases).
-pub(crate) async fn drop_role(conn: &mut PgConnection, role: &str, what: &str) -> Result<(), TaskError> {
+pub(crate) async fn drop_role(
+    conn: &mut PgConnection,
+    role: &str,
+    what: &str,
+) -> Result<(), TaskError> {
     if !role_exists(conn, role).await? {
         return Ok(());
     }
@@ -405,7 +409,10 @@ pub(crate) async fn drop_role(conn: &mut PgConnection, role: &str, what: &str) -
 }
 
 /// The binding roles of `bindings` and whether each is read-only (for grants after a restore).
-pub(crate) fn binding_grants(prefix: &str, bindings: &[BindingRow]) -> Result<Vec<BindingGrant>, TaskError> {
+pub(crate) fn binding_grants(
+    prefix: &str,
+    bindings: &[BindingRow],
+) -> Result<Vec<BindingGrant>, TaskError> {
     bindings
         .iter()
         .map(|b| {
