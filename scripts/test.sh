@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test on a fresh machine: installs what is missing, starts a private Postgres on a free port
 # (unless BERTH_TEST_DATABASE_URL names a superuser URL to use instead) and the S3 peers (moto with IAM
-# enforced, SeaweedFS), installs etcd and Patroni (the ha plan's local engine), builds, runs the whole suite
-# with cargo-nextest, and stops what it started.
+# enforced, SeaweedFS), installs etcd and Patroni (the ha plan's local engine), checks formatting
+# (cargo fmt) and lints (clippy, warnings are errors), builds, runs the whole suite with cargo-nextest,
+# and stops what it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -46,6 +47,10 @@ s3peers_ensure_installed
 moto_start "$workdir/s3"
 weed_start "$workdir/s3"
 echo "test moto: $BERTH_TEST_MOTO_URL, SeaweedFS: $BERTH_TEST_S3_COMPAT_URL" >&2
+
+# One style and no lint warnings, checked before anything is built for the tests.
+cargo fmt --all --check
+cargo clippy --locked --workspace --all-targets -- -D warnings
 
 # The end-to-end suite starts the real binaries, so build them first.
 cargo build --locked --workspace --bins

@@ -62,12 +62,59 @@ impl TaskError {
     }
 }
 
-/// `?` on an `anyhow::Result` (usually after `.context("what we were doing")`) retries.
+/// `?` on an `anyhow::Result` (usually after `.context("what we were doing")`) retries, unless the
+/// cause is a bug: a statement Postgres cannot parse or a row that does not decode fails the same way
+/// on every attempt, so it fails at once and says so rather than after ten retries.
 impl From<anyhow::Error> for TaskError {
     fn from(err: anyhow::Error) -> Self {
-        Self::Retryable(err)
+        match bug_in(&err) {
+            Some(what) => Self::Fatal(err.context(format!(
+                "a bug in berth ({what}): retrying would fail the same way; please report it"
+            ))),
+            None => Self::Retryable(err),
+        }
     }
 }
+
+/// What kind of bug, if any cause in the chain is one.
+fn bug_in(err: &anyhow::Error) -> Option<&'static str> {
+    err.chain()
+        .filter_map(|cause| cause.downcast_ref::<sqlx::Error>())
+        .find_map(sqlx_bug)
+}
+
+fn sqlx_bug(err: &sqlx::Error) -> Option<&'static str> {
+    match err {
+        sqlx::Error::ColumnNotFound(_)
+        | sqlx::Error::ColumnIndexOutOfBounds { .. }
+        | sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::TypeNotFound { .. }
+        | sqlx::Error::Decode(_)
+        | sqlx::Error::Encode(_) => Some("a query does not match the rows it reads"),
+        sqlx::Error::Database(db) => db
+            .code()
+            .filter(|code| STATEMENT_BUGS.contains(&code.as_ref()))
+            .map(|_| "a statement Postgres rejects"),
+        _ => None,
+    }
+}
+
+/// SQLSTATEs that only a wrong statement raises: syntax, names that do not exist, type mismatches.
+/// Not `42501` (privileges) or `42P01` (a table that may not exist yet): those can be passing.
+const STATEMENT_BUGS: &[&str] = &[
+    "42601", // syntax_error
+    "42602", // invalid_name
+    "42702", // ambiguous_column
+    "42703", // undefined_column
+    "42725", // ambiguous_function
+    "42803", // grouping_error
+    "42804", // datatype_mismatch
+    "42846", // cannot_coerce
+    "42883", // undefined_function
+    "42P02", // undefined_parameter
+    "42P08", // ambiguous_parameter
+    "42P18", // indeterminate_datatype
+];
 
 /// The kinds a worker serves.
 #[derive(Default, Clone)]

@@ -616,11 +616,24 @@ async fn run_handler(
             error: format!("{e:#}"),
         },
         Some(Ok(Err(TaskError::Retryable(e)))) => retry_or_fail(worker, &task, format!("{e:#}")),
-        Some(Err(joined)) if joined.is_panic() => {
-            retry_or_fail(worker, &task, "the task panicked".into())
-        }
+        // A panic is a bug: running the same step again would panic again.
+        Some(Err(joined)) if joined.is_panic() => Outcome::Failed {
+            error: format!(
+                "a bug in berth (the task panicked: {}); please report it",
+                panic_message(joined.into_panic())
+            ),
+        },
         Some(Err(_)) => retry_or_fail(worker, &task, "the task was cancelled".into()),
     })
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    match payload.downcast::<String>() {
+        Ok(text) => *text,
+        Err(payload) => payload
+            .downcast_ref::<&str>()
+            .map_or_else(|| "no message".to_owned(), |text| (*text).to_owned()),
+    }
 }
 
 fn retry_or_fail(worker: &Worker, task: &TaskRow, error: String) -> Outcome {
