@@ -75,7 +75,7 @@ impl TaskHandler for Unreachable {
     }
 
     async fn run(&self, _ctx: &TaskContext<'_>) -> Result<Step, TaskError> {
-        let port = broker::embedded::free_port().map_err(anyhow::Error::from)?;
+        let port = broker::embedded::free_port()?;
         let url = format!("postgres://nobody@127.0.0.1:{port}/none?connect_timeout=2");
         use sqlx::Connection as _;
         sqlx::PgConnection::connect(&url)
