@@ -6,15 +6,15 @@ use aws_sdk_ec2::{
     types::{
         BlockDeviceMapping, DomainType, EbsBlockDevice, Filter, InstanceInterruptionBehavior,
         InstanceMarketOptionsRequest, InstanceMetadataOptionsRequest, InstanceMetadataTagsState,
-        InstanceNetworkInterfaceSpecification, InstanceStateName, InstanceType, IpPermission,
-        IpRange, MarketType, Placement, ResourceType, SpotInstanceType, SpotMarketOptions, Tag,
-        TagSpecification, VolumeType,
+        InstanceNetworkInterfaceSpecification, InstanceType, IpPermission, IpRange, MarketType,
+        Placement, ResourceType, SpotInstanceType, SpotMarketOptions, Tag, TagSpecification,
+        VolumeType,
     },
 };
 use base64::Engine as _;
 
 use super::errors::{classify, code, is_capacity};
-use crate::registry::TaskError;
+use crate::{providers::aws::errors::tolerate, registry::TaskError};
 
 pub const TAG: &str = "berth:instance";
 /// Which of the instance's resources a thing is (`data`: the volume that outlives VMs).
@@ -248,18 +248,26 @@ pub async fn ensure_security_group(
             .to_port(*port)
             .ip_ranges(IpRange::builder().cidr_ip(cidr).build())
             .build();
-        if let Err(e) = client
-            .authorize_security_group_ingress()
-            .group_id(&id)
-            .ip_permissions(rule)
-            .send()
-            .await
-            && code(&e).as_deref() != Some("InvalidPermission.Duplicate")
-        {
-            return Err(classify(e, "opening the security group's port"));
-        }
+        authorize_ingress(client, &id, rule, "opening the security group's port").await?;
     }
     Ok(id)
+}
+
+/// Lets `rule` in through the security group `group_id`; a rule it has already is fine.
+pub async fn authorize_ingress(
+    client: &Client,
+    group_id: &str,
+    rule: IpPermission,
+    what: &str,
+) -> Result<(), TaskError> {
+    let result = client
+        .authorize_security_group_ingress()
+        .group_id(group_id)
+        .ip_permissions(rule)
+        .send()
+        .await;
+    tolerate(result, &["InvalidPermission.Duplicate"]).map_err(|e| classify(e, what))?;
+    Ok(())
 }
 
 /// A volume as DescribeVolumes shows it.
@@ -332,18 +340,15 @@ pub async fn ensure_data_volume(
 }
 
 pub async fn attach(client: &Client, volume_id: &str, vm_id: &str) -> Result<(), TaskError> {
-    match client
+    let result = client
         .attach_volume()
         .volume_id(volume_id)
         .instance_id(vm_id)
         .device(DEVICE)
         .send()
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(e) if code(&e).as_deref() == Some("VolumeInUse") => Ok(()),
-        Err(e) => Err(classify(e, "attaching the data volume")),
-    }
+        .await;
+    tolerate(result, &["VolumeInUse"]).map_err(|e| classify(e, "attaching the data volume"))?;
+    Ok(())
 }
 
 /// The instance's Elastic IP: (allocation id, address, association id).
@@ -509,100 +514,13 @@ pub async fn terminate(client: &Client, vm_ids: &[String]) -> Result<(), TaskErr
     if vm_ids.is_empty() {
         return Ok(());
     }
-    match client
+    let result = client
         .terminate_instances()
         .set_instance_ids(Some(vm_ids.to_vec()))
         .send()
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(e) if code(&e).as_deref() == Some("InvalidInstanceID.NotFound") => Ok(()),
-        Err(e) => Err(classify(e, "terminating the VM")),
-    }
-}
-
-/// Whether every VM of the instance is gone (terminated): the volume and the group can go next.
-pub async fn all_terminated(client: &Client, instance_id: &str) -> Result<bool, TaskError> {
-    let vms = describe(client, vec![tag_filter(instance_id)], &mut 0).await?;
-    Ok(vms
-        .iter()
-        .all(|v| v.state == InstanceStateName::Terminated.as_str()))
-}
-
-/// After the VMs: tagged volumes, Elastic IPs, network interfaces, then the security group. Each step skips
-/// what is gone.
-pub async fn delete_the_rest(
-    client: &Client,
-    instance_id: &str,
-    group_name: &str,
-) -> Result<(), TaskError> {
-    let volumes = client
-        .describe_volumes()
-        .filters(tag_filter(instance_id))
-        .send()
-        .await
-        .map_err(|e| classify(e, "listing the instance's volumes"))?;
-    for volume in volumes.volumes() {
-        let id = volume.volume_id().unwrap_or_default();
-        match client.delete_volume().volume_id(id).send().await {
-            Ok(_) => {}
-            Err(e) if code(&e).as_deref() == Some("InvalidVolume.NotFound") => {}
-            Err(e) => return Err(classify(e, "deleting a volume")),
-        }
-    }
-    while let Some((allocation, _, association)) = address(client, instance_id).await? {
-        if let Some(association) = association {
-            let _ = client
-                .disassociate_address()
-                .association_id(association)
-                .send()
-                .await;
-        }
-        client
-            .release_address()
-            .allocation_id(&allocation)
-            .send()
-            .await
-            .map_err(|e| classify(e, "releasing the Elastic IP"))?;
-    }
-    let interfaces = client
-        .describe_network_interfaces()
-        .filters(tag_filter(instance_id))
-        .send()
-        .await
-        .map_err(|e| classify(e, "listing the instance's network interfaces"))?;
-    for interface in interfaces.network_interfaces() {
-        delete_interface(client, interface.network_interface_id().unwrap_or_default()).await?;
-    }
-    let groups = client
-        .describe_security_groups()
-        .filters(
-            Filter::builder()
-                .name("group-name")
-                .values(group_name)
-                .build(),
-        )
-        .send()
-        .await
-        .map_err(|e| classify(e, "looking for the security group"))?;
-    for group in groups.security_groups() {
-        match client
-            .delete_security_group()
-            .group_id(group.group_id().unwrap_or_default())
-            .send()
-            .await
-        {
-            Ok(_) => {}
-            Err(e) if code(&e).as_deref() == Some("InvalidGroup.NotFound") => {}
-            // Still in use by a network interface that is going away with its VM.
-            Err(e) if code(&e).as_deref() == Some("DependencyViolation") => {
-                return Err(TaskError::retryable(
-                    "the security group is still in use; trying again",
-                ));
-            }
-            Err(e) => return Err(classify(e, "deleting the security group")),
-        }
-    }
+        .await;
+    tolerate(result, &["InvalidInstanceID.NotFound"])
+        .map_err(|e| classify(e, "terminating the VM"))?;
     Ok(())
 }
 
@@ -645,14 +563,12 @@ pub async fn image(
 
 /// Deletes a network interface; gone already is fine, still attached (its VM terminating) is "not yet".
 pub async fn delete_interface(client: &Client, id: &str) -> Result<(), TaskError> {
-    match client
+    let result = client
         .delete_network_interface()
         .network_interface_id(id)
         .send()
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(e) if code(&e).as_deref() == Some("InvalidNetworkInterfaceID.NotFound") => Ok(()),
-        Err(e) => Err(classify(e, "deleting a network interface")),
-    }
+        .await;
+    tolerate(result, &["InvalidNetworkInterfaceID.NotFound"])
+        .map_err(|e| classify(e, "deleting a network interface"))?;
+    Ok(())
 }

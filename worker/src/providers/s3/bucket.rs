@@ -15,8 +15,12 @@ use aws_sdk_s3::{
 };
 use serde_json::{Value, json};
 
-use super::{Store, errors::code};
-use crate::{context::TaskContext, registry::TaskError};
+use super::Store;
+use crate::{
+    context::TaskContext,
+    providers::aws::errors::{ProvideErrorMetadata, SdkError, code, tolerate},
+    registry::TaskError,
+};
 
 /// What a plan and its parameters ask of a bucket.
 #[derive(Debug, Clone)]
@@ -49,23 +53,50 @@ pub async fn create(
                 .build(),
         );
     }
-    match request.send().await {
-        Ok(_) => Ok(()),
-        Err(e) if code(&e).as_deref() == Some("BucketAlreadyOwnedByYou") => Ok(()),
-        Err(e) => Err(store.classify(e, "creating the bucket")),
-    }
+    tolerate(request.send().await, &["BucketAlreadyOwnedByYou"])
+        .map_err(|e| store.classify(e, "creating the bucket"))?;
+    Ok(())
 }
 
 /// Applies tags, public access, versioning, lifecycle, encryption and CORS. Turning versioning or encryption
-/// on is all an update can do to them (the API refuses plan changes that would turn them off).
+/// on is all an update can do to them (the API refuses plan changes that would turn them off). Each step sets
+/// the whole of its setting, so a run after a crash simply does them all again.
 pub async fn configure(
     store: &Store,
     s3: &Client,
     bucket: &str,
     spec: &BucketSpec,
 ) -> Result<(), TaskError> {
+    set_tags(store, s3, bucket, &spec.tags).await?;
+    if spec.public_read {
+        allow_public_reads(store, s3, bucket).await?;
+    } else {
+        block_public_access(store, s3, bucket).await?;
+    }
+    if spec.versioning {
+        turn_versioning_on(store, s3, bucket).await?;
+    }
+    if let Some(rule) = lifecycle_rule(spec, store.is_aws)? {
+        set_lifecycle(store, s3, bucket, rule).await?;
+    }
+    if spec.encryption {
+        turn_encryption_on(store, s3, bucket).await?;
+    }
+    match spec.cors.as_deref() {
+        Some([]) => remove_cors(store, s3, bucket).await,
+        Some(rules) => set_cors(store, s3, bucket, rules).await,
+        None => Ok(()),
+    }
+}
+
+async fn set_tags(
+    store: &Store,
+    s3: &Client,
+    bucket: &str,
+    pairs: &[(String, String)],
+) -> Result<(), TaskError> {
     let mut tags = Vec::new();
-    for (k, v) in &spec.tags {
+    for (k, v) in pairs {
         tags.push(
             Tag::builder()
                 .key(k)
@@ -74,162 +105,160 @@ pub async fn configure(
                 .map_err(build_err("building a bucket tag"))?,
         );
     }
+    let tagging = Tagging::builder()
+        .set_tag_set(Some(tags))
+        .build()
+        .map_err(build_err("building the tags"))?;
     s3.put_bucket_tagging()
         .bucket(bucket)
-        .tagging(
-            Tagging::builder()
-                .set_tag_set(Some(tags))
-                .build()
-                .map_err(build_err("building the tags"))?,
-        )
+        .tagging(tagging)
         .send()
         .await
         .map_err(|e| store.classify(e, "tagging the bucket"))?;
+    Ok(())
+}
 
-    if spec.public_read {
-        tolerate_unsupported(
-            s3.delete_public_access_block()
-                .bucket(bucket)
-                .send()
-                .await
-                .map(|_| ()),
-            store,
-            "lifting the bucket's public-access block",
-        )?;
-        let policy = json!({
-            "Version": "2012-10-17",
-            "Statement": [{ "Sid": "BerthPublicRead", "Effect": "Allow", "Principal": "*",
-                            "Action": "s3:GetObject", "Resource": format!("arn:aws:s3:::{bucket}/*") }]
-        });
-        s3.put_bucket_policy()
-            .bucket(bucket)
-            .policy(policy.to_string())
-            .send()
-            .await
-            .map_err(|e| store.classify(e, "making the bucket's objects publicly readable"))?;
-    } else {
-        match s3.delete_bucket_policy().bucket(bucket).send().await {
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    code(&e).as_deref(),
-                    Some("NoSuchBucketPolicy" | "NotImplemented")
-                ) => {}
-            Err(e) => return Err(store.classify(e, "removing the bucket's public-read policy")),
+/// Lifts the public-access block and lets anyone read the bucket's objects.
+async fn allow_public_reads(store: &Store, s3: &Client, bucket: &str) -> Result<(), TaskError> {
+    let lifted = s3.delete_public_access_block().bucket(bucket).send().await;
+    tolerate_unsupported(lifted, store, "lifting the bucket's public-access block")?;
+    let policy = json!({
+        "Version": "2012-10-17",
+        "Statement": [{ "Sid": "BerthPublicRead", "Effect": "Allow", "Principal": "*",
+                        "Action": "s3:GetObject", "Resource": format!("arn:aws:s3:::{bucket}/*") }]
+    });
+    s3.put_bucket_policy()
+        .bucket(bucket)
+        .policy(policy.to_string())
+        .send()
+        .await
+        .map_err(|e| store.classify(e, "making the bucket's objects publicly readable"))?;
+    Ok(())
+}
+
+/// Removes the public-read policy and blocks public access.
+async fn block_public_access(store: &Store, s3: &Client, bucket: &str) -> Result<(), TaskError> {
+    tolerate(
+        s3.delete_bucket_policy().bucket(bucket).send().await,
+        &["NoSuchBucketPolicy", "NotImplemented"],
+    )
+    .map_err(|e| store.classify(e, "removing the bucket's public-read policy"))?;
+    let block = PublicAccessBlockConfiguration::builder()
+        .block_public_acls(true)
+        .ignore_public_acls(true)
+        .block_public_policy(true)
+        .restrict_public_buckets(true)
+        .build();
+    let blocked = s3
+        .put_public_access_block()
+        .bucket(bucket)
+        .public_access_block_configuration(block)
+        .send()
+        .await;
+    tolerate_unsupported(blocked, store, "blocking public access to the bucket")
+}
+
+async fn turn_versioning_on(store: &Store, s3: &Client, bucket: &str) -> Result<(), TaskError> {
+    let enabled = VersioningConfiguration::builder()
+        .status(BucketVersioningStatus::Enabled)
+        .build();
+    s3.put_bucket_versioning()
+        .bucket(bucket)
+        .versioning_configuration(enabled)
+        .send()
+        .await
+        .map_err(|e| store.classify(e, "turning versioning on"))?;
+    Ok(())
+}
+
+async fn set_lifecycle(
+    store: &Store,
+    s3: &Client,
+    bucket: &str,
+    rule: LifecycleRule,
+) -> Result<(), TaskError> {
+    let config = BucketLifecycleConfiguration::builder()
+        .rules(rule)
+        .build()
+        .map_err(build_err("building the lifecycle"))?;
+    s3.put_bucket_lifecycle_configuration()
+        .bucket(bucket)
+        .lifecycle_configuration(config)
+        .send()
+        .await
+        .map_err(|e| store.classify(e, "setting the bucket's lifecycle"))?;
+    Ok(())
+}
+
+/// Default encryption with the configured KMS key, else with S3's own keys (AES256).
+async fn turn_encryption_on(store: &Store, s3: &Client, bucket: &str) -> Result<(), TaskError> {
+    let default = match &store.kms_key_id {
+        Some(key) => ServerSideEncryptionByDefault::builder()
+            .sse_algorithm(ServerSideEncryption::AwsKms)
+            .kms_master_key_id(key),
+        None => {
+            ServerSideEncryptionByDefault::builder().sse_algorithm(ServerSideEncryption::Aes256)
         }
-        let block = PublicAccessBlockConfiguration::builder()
-            .block_public_acls(true)
-            .ignore_public_acls(true)
-            .block_public_policy(true)
-            .restrict_public_buckets(true)
-            .build();
-        tolerate_unsupported(
-            s3.put_public_access_block()
-                .bucket(bucket)
-                .public_access_block_configuration(block)
-                .send()
-                .await
-                .map(|_| ()),
-            store,
-            "blocking public access to the bucket",
-        )?;
     }
-
-    if spec.versioning {
-        s3.put_bucket_versioning()
-            .bucket(bucket)
-            .versioning_configuration(
-                VersioningConfiguration::builder()
-                    .status(BucketVersioningStatus::Enabled)
-                    .build(),
-            )
-            .send()
-            .await
-            .map_err(|e| store.classify(e, "turning versioning on"))?;
-    }
-    if let Some(rule) = lifecycle_rule(spec, store.is_aws)? {
-        let config = BucketLifecycleConfiguration::builder()
-            .rules(rule)
-            .build()
-            .map_err(build_err("building the lifecycle"))?;
-        s3.put_bucket_lifecycle_configuration()
-            .bucket(bucket)
-            .lifecycle_configuration(config)
-            .send()
-            .await
-            .map_err(|e| store.classify(e, "setting the bucket's lifecycle"))?;
-    }
-
-    if spec.encryption {
-        let default = match &store.kms_key_id {
-            Some(key) => ServerSideEncryptionByDefault::builder()
-                .sse_algorithm(ServerSideEncryption::AwsKms)
-                .kms_master_key_id(key),
-            None => {
-                ServerSideEncryptionByDefault::builder().sse_algorithm(ServerSideEncryption::Aes256)
-            }
-        }
+    .build()
+    .map_err(build_err("building the encryption settings"))?;
+    let rule = ServerSideEncryptionRule::builder()
+        .apply_server_side_encryption_by_default(default)
+        .bucket_key_enabled(store.kms_key_id.is_some())
+        .build();
+    let config = ServerSideEncryptionConfiguration::builder()
+        .rules(rule)
         .build()
         .map_err(build_err("building the encryption settings"))?;
-        let rule = ServerSideEncryptionRule::builder()
-            .apply_server_side_encryption_by_default(default)
-            .bucket_key_enabled(store.kms_key_id.is_some())
-            .build();
-        s3.put_bucket_encryption()
-            .bucket(bucket)
-            .server_side_encryption_configuration(
-                ServerSideEncryptionConfiguration::builder()
-                    .rules(rule)
-                    .build()
-                    .map_err(build_err("building the encryption settings"))?,
-            )
-            .send()
-            .await
-            .map_err(|e| store.classify(e, "turning server-side encryption on"))?;
-    }
+    s3.put_bucket_encryption()
+        .bucket(bucket)
+        .server_side_encryption_configuration(config)
+        .send()
+        .await
+        .map_err(|e| store.classify(e, "turning server-side encryption on"))?;
+    Ok(())
+}
 
-    match &spec.cors {
-        Some(rules) if !rules.is_empty() => {
-            let mut built = Vec::new();
-            for rule in rules {
-                built.push(cors_rule(rule)?);
-            }
-            s3.put_bucket_cors()
-                .bucket(bucket)
-                .cors_configuration(
-                    CorsConfiguration::builder()
-                        .set_cors_rules(Some(built))
-                        .build()
-                        .map_err(build_err("building the CORS rules"))?,
-                )
-                .send()
-                .await
-                .map_err(|e| store.classify(e, "setting the bucket's CORS rules"))?;
-        }
-        Some(_) => {
-            s3.delete_bucket_cors()
-                .bucket(bucket)
-                .send()
-                .await
-                .map_err(|e| store.classify(e, "removing the bucket's CORS rules"))?;
-        }
-        None => {}
-    }
+async fn set_cors(
+    store: &Store,
+    s3: &Client,
+    bucket: &str,
+    rules: &[Value],
+) -> Result<(), TaskError> {
+    let rules = rules.iter().map(cors_rule).collect::<Result<Vec<_>, _>>()?;
+    let config = CorsConfiguration::builder()
+        .set_cors_rules(Some(rules))
+        .build()
+        .map_err(build_err("building the CORS rules"))?;
+    s3.put_bucket_cors()
+        .bucket(bucket)
+        .cors_configuration(config)
+        .send()
+        .await
+        .map_err(|e| store.classify(e, "setting the bucket's CORS rules"))?;
+    Ok(())
+}
+
+async fn remove_cors(store: &Store, s3: &Client, bucket: &str) -> Result<(), TaskError> {
+    s3.delete_bucket_cors()
+        .bucket(bucket)
+        .send()
+        .await
+        .map_err(|e| store.classify(e, "removing the bucket's CORS rules"))?;
     Ok(())
 }
 
 /// Public-access blocks are an AWS feature; a store without them has nothing to block or lift.
-fn tolerate_unsupported<E, R>(
-    result: Result<(), aws_sdk_s3::error::SdkError<E, R>>,
+fn tolerate_unsupported<T, E>(
+    result: Result<T, SdkError<E>>,
     store: &Store,
     what: &str,
 ) -> Result<(), TaskError>
 where
-    E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: super::errors::HttpStatus + std::fmt::Debug,
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
-    match result {
-        Ok(()) => Ok(()),
+    match tolerate(result, &["NoSuchPublicAccessBlockConfiguration"]) {
+        Ok(_) => Ok(()),
         Err(e)
             if !store.is_aws
                 && matches!(
@@ -240,7 +269,6 @@ where
             tracing::info!("{what}: the store does not support it; skipped");
             Ok(())
         }
-        Err(e) if code(&e).as_deref() == Some("NoSuchPublicAccessBlockConfiguration") => Ok(()),
         Err(e) => Err(store.classify(e, what)),
     }
 }
@@ -325,66 +353,84 @@ fn cors_rule(rule: &Value) -> Result<CorsRule, TaskError> {
 
 /// Whether the bucket exists (in this account).
 pub async fn exists(store: &Store, s3: &Client, bucket: &str) -> Result<bool, TaskError> {
-    match s3.head_bucket().bucket(bucket).send().await {
-        Ok(_) => Ok(true),
-        Err(e) if matches!(code(&e).as_deref(), Some("NotFound" | "NoSuchBucket")) => Ok(false),
-        Err(e) => Err(store.classify(e, "looking up the bucket")),
-    }
+    let found = tolerate(
+        s3.head_bucket().bucket(bucket).send().await,
+        &["NotFound", "NoSuchBucket"],
+    )
+    .map_err(|e| store.classify(e, "looking up the bucket"))?;
+    Ok(found.is_some())
 }
 
 /// Largest batch DeleteObjects takes.
 pub const BATCH: i32 = 1000;
 
-/// One listing page as (key, version) pairs: object versions and delete markers, or plain keys.
+/// One listing page as (key, version) pairs: object versions and delete markers, or plain keys. `None`: the
+/// bucket is gone.
 async fn list_batch(
     store: &Store,
     s3: &Client,
     bucket: &str,
     versions: bool,
 ) -> Result<Option<Vec<(String, Option<String>)>>, TaskError> {
-    let mut ids = Vec::new();
     if versions {
-        let page = match s3
-            .list_object_versions()
-            .bucket(bucket)
-            .max_keys(BATCH)
-            .send()
-            .await
-        {
-            Ok(page) => page,
-            Err(e) if code(&e).as_deref() == Some("NoSuchBucket") => return Ok(None),
-            Err(e) => return Err(store.classify(e, "listing the bucket's object versions")),
-        };
-        for v in page.versions() {
-            if let Some(key) = v.key() {
-                ids.push((key.to_string(), v.version_id().map(str::to_string)));
-            }
-        }
-        for m in page.delete_markers() {
-            if let Some(key) = m.key() {
-                ids.push((key.to_string(), m.version_id().map(str::to_string)));
-            }
-        }
+        list_versions(store, s3, bucket).await
     } else {
-        let page = match s3
-            .list_objects_v2()
-            .bucket(bucket)
-            .max_keys(BATCH)
-            .send()
-            .await
-        {
-            Ok(page) => page,
-            Err(e) if code(&e).as_deref() == Some("NoSuchBucket") => return Ok(None),
-            Err(e) => return Err(store.classify(e, "listing the bucket's objects")),
-        };
-        ids.extend(
-            page.contents()
-                .iter()
-                .filter_map(|o| o.key())
-                .map(|k| (k.to_string(), None)),
-        );
+        list_keys(store, s3, bucket).await
     }
-    Ok(Some(ids))
+}
+
+async fn list_versions(
+    store: &Store,
+    s3: &Client,
+    bucket: &str,
+) -> Result<Option<Vec<(String, Option<String>)>>, TaskError> {
+    let listed = s3
+        .list_object_versions()
+        .bucket(bucket)
+        .max_keys(BATCH)
+        .send()
+        .await;
+    let Some(page) = tolerate(listed, &["NoSuchBucket"])
+        .map_err(|e| store.classify(e, "listing the bucket's object versions"))?
+    else {
+        return Ok(None);
+    };
+    let versions = page.versions().iter().map(|v| (v.key(), v.version_id()));
+    let markers = page
+        .delete_markers()
+        .iter()
+        .map(|m| (m.key(), m.version_id()));
+    Ok(Some(
+        versions
+            .chain(markers)
+            .filter_map(|(key, version)| Some((key?.to_string(), version.map(str::to_string))))
+            .collect(),
+    ))
+}
+
+async fn list_keys(
+    store: &Store,
+    s3: &Client,
+    bucket: &str,
+) -> Result<Option<Vec<(String, Option<String>)>>, TaskError> {
+    let listed = s3
+        .list_objects_v2()
+        .bucket(bucket)
+        .max_keys(BATCH)
+        .send()
+        .await;
+    let Some(page) = tolerate(listed, &["NoSuchBucket"])
+        .map_err(|e| store.classify(e, "listing the bucket's objects"))?
+    else {
+        return Ok(None);
+    };
+    Ok(Some(
+        page.contents()
+            .iter()
+            .filter_map(|o| o.key())
+            .map(|k| (k.to_string(), None))
+            .collect(),
+    ))
 }
 
 /// Deletes every object version, delete marker and unfinished upload, a batch of at most 1,000 at a time.
@@ -469,12 +515,11 @@ async fn delete_batch(
 
 async fn abort_uploads(store: &Store, s3: &Client, bucket: &str) -> Result<(), TaskError> {
     loop {
-        let page = match s3.list_multipart_uploads().bucket(bucket).send().await {
-            Ok(page) => page,
-            Err(e) if matches!(code(&e).as_deref(), Some("NoSuchBucket" | "NotImplemented")) => {
-                return Ok(());
-            }
-            Err(e) => return Err(store.classify(e, "listing unfinished uploads")),
+        let listed = s3.list_multipart_uploads().bucket(bucket).send().await;
+        let Some(page) = tolerate(listed, &["NoSuchBucket", "NotImplemented"])
+            .map_err(|e| store.classify(e, "listing unfinished uploads"))?
+        else {
+            return Ok(());
         };
         if page.uploads().is_empty() {
             return Ok(());
@@ -483,27 +528,26 @@ async fn abort_uploads(store: &Store, s3: &Client, bucket: &str) -> Result<(), T
             let (Some(key), Some(id)) = (upload.key(), upload.upload_id()) else {
                 continue;
             };
-            match s3
+            let aborted = s3
                 .abort_multipart_upload()
                 .bucket(bucket)
                 .key(key)
                 .upload_id(id)
                 .send()
-                .await
-            {
-                Ok(_) => {}
-                Err(e) if code(&e).as_deref() == Some("NoSuchUpload") => {}
-                Err(e) => return Err(store.classify(e, "aborting an unfinished upload")),
-            }
+                .await;
+            tolerate(aborted, &["NoSuchUpload"])
+                .map_err(|e| store.classify(e, "aborting an unfinished upload"))?;
         }
     }
 }
 
 /// Deletes the (empty) bucket; a bucket that is gone already counts as deleted.
 pub async fn delete(store: &Store, s3: &Client, bucket: &str) -> Result<(), TaskError> {
-    match s3.delete_bucket().bucket(bucket).send().await {
+    match tolerate(
+        s3.delete_bucket().bucket(bucket).send().await,
+        &["NoSuchBucket", "NotFound"],
+    ) {
         Ok(_) => Ok(()),
-        Err(e) if matches!(code(&e).as_deref(), Some("NoSuchBucket" | "NotFound")) => Ok(()),
         // Something was written between emptying and deleting (a binding deleted moments ago): go round again.
         Err(e) if code(&e).as_deref() == Some("BucketNotEmpty") => Err(TaskError::retryable(
             "deleting the bucket: it is not empty yet; emptying it again",

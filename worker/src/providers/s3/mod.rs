@@ -24,7 +24,11 @@ pub use bucket::BucketSpec;
 
 use super::{
     Bound, Progress, Provider, Provisioned,
-    aws::{self, http_client, static_credentials},
+    aws::{
+        self,
+        errors::{ProvideErrorMetadata, SdkError, code},
+        http_client, static_credentials,
+    },
 };
 use crate::{context::TaskContext, registry::TaskError};
 
@@ -43,10 +47,9 @@ pub struct Store {
 }
 
 impl Store {
-    pub fn classify<E, R>(&self, err: aws_sdk_s3::error::SdkError<E, R>, what: &str) -> TaskError
+    pub fn classify<E>(&self, err: SdkError<E>, what: &str) -> TaskError
     where
-        E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-        R: errors::HttpStatus + std::fmt::Debug,
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
         errors::classify(err, what, self.label)
     }
@@ -201,16 +204,7 @@ impl S3Provider {
         if !space.is_empty() {
             tags.push(("berth:space".into(), space));
         }
-        if let Some(extra) = parameters.get("tags").and_then(Value::as_object) {
-            for (k, v) in extra {
-                if k.starts_with("berth:") {
-                    return Err(TaskError::fatal(format!(
-                        "tag {k:?}: berth:* tags are berth's own"
-                    )));
-                }
-                tags.push((k.clone(), v.as_str().unwrap_or_default().to_string()));
-            }
-        }
+        tags.extend(aws::extra_tags(parameters)?);
         Ok(BucketSpec {
             versioning: plan.has_feature("versioning"),
             encryption: plan.has_feature("encryption"),
@@ -240,12 +234,15 @@ enum Access {
 }
 
 impl Access {
+    /// Strict, like the Postgres engines: the catalog's bind schema only lets these two strings through, so an
+    /// `access` of another type can only come from a row written by hand, and is refused rather than guessed.
     fn of(binding: &BindingRow) -> Result<Self, TaskError> {
-        match binding.parameters.get("access").and_then(Value::as_str) {
-            None | Some("read-write") => Ok(Self::ReadWrite),
-            Some("read-only") => Ok(Self::ReadOnly),
+        match binding.parameters.get("access") {
+            None | Some(Value::Null) => Ok(Self::ReadWrite),
+            Some(Value::String(s)) if s == "read-write" => Ok(Self::ReadWrite),
+            Some(Value::String(s)) if s == "read-only" => Ok(Self::ReadOnly),
             Some(other) => Err(TaskError::fatal(format!(
-                "binding parameter `access` must be \"read-write\" or \"read-only\", not {other:?}"
+                "binding parameter `access` must be \"read-write\" or \"read-only\", not {other}"
             ))),
         }
     }
@@ -409,15 +406,7 @@ impl Provider for S3Provider {
         current: &Map<String, Value>,
     ) -> Result<Progress<Bound>, TaskError> {
         let (iam, user) = self.rotation_user(ctx, binding)?;
-        let current_key = current
-            .get("S3_ACCESS_KEY")
-            .and_then(Value::as_str)
-            .ok_or_else(|| {
-                TaskError::fatal(format!(
-                    "binding {}: its stored credentials have no S3_ACCESS_KEY",
-                    binding.id
-                ))
-            })?;
+        let current_key = access_key_of(current, binding, "stored")?;
         let bucket = Self::bucket(ctx, &instance.id);
         let region = self.region_of(instance);
         // A key an earlier, interrupted try made was never stored: nobody has it.
@@ -442,15 +431,7 @@ impl Provider for S3Provider {
         current: &Map<String, Value>,
     ) -> Result<Progress<()>, TaskError> {
         let (iam, user) = self.rotation_user(ctx, binding)?;
-        let keep = current
-            .get("S3_ACCESS_KEY")
-            .and_then(Value::as_str)
-            .ok_or_else(|| {
-                TaskError::fatal(format!(
-                    "binding {}: its new credentials have no S3_ACCESS_KEY",
-                    binding.id
-                ))
-            })?;
+        let keep = access_key_of(current, binding, "new")?;
         iam::delete_keys_except(&self.store, iam, &user, Some(keep)).await?;
         Ok(Progress::Done(()))
     }
@@ -494,14 +475,16 @@ impl S3Provider {
                 async move {
                     // A one-key listing (s3:ListBucket, which every binding has): HeadBucket is
                     // the same permission on AWS, but moto checks a made-up s3:HeadBucket for it.
-                    match client.list_objects_v2().bucket(&bucket).max_keys(1).send().await {
+                    match client
+                        .list_objects_v2()
+                        .bucket(&bucket)
+                        .max_keys(1)
+                        .send()
+                        .await
+                    {
                         Ok(_) => Ok(true),
-                        Err(e) => match errors::code(&e).as_deref() {
-                            // Unknown key, or known but its policy not yet in force.
-                            Some("InvalidAccessKeyId" | "AccessDenied" | "Forbidden" | "SignatureDoesNotMatch") => Ok(false),
-                            _ if matches!(&e, aws_sdk_s3::error::SdkError::ServiceError(s) if s.raw().status().as_u16() == 403) => Ok(false),
-                            _ => Err(store.classify(e, "trying the binding's new key")),
-                        },
+                        Err(e) if not_valid_yet(&e) => Ok(false),
+                        Err(e) => Err(store.classify(e, "trying the binding's new key")),
                     }
                 }
             },
@@ -568,5 +551,35 @@ impl S3Provider {
         c.insert("S3_ENDPOINT".into(), json!(self.public_endpoint));
         c.insert("uri".into(), json!(String::from(uri)));
         c
+    }
+}
+
+/// The access key in a binding's `credentials` (`which`: "stored", "new", for the message).
+fn access_key_of<'a>(
+    credentials: &'a Map<String, Value>,
+    binding: &BindingRow,
+    which: &str,
+) -> Result<&'a str, TaskError> {
+    credentials
+        .get("S3_ACCESS_KEY")
+        .and_then(Value::as_str)
+        .ok_or_else(|| {
+            TaskError::fatal(format!(
+                "binding {}: its {which} credentials have no S3_ACCESS_KEY",
+                binding.id
+            ))
+        })
+}
+
+/// A new key refused as unknown, or known but its policy not yet in force: IAM has not caught up yet.
+fn not_valid_yet<E: ProvideErrorMetadata>(err: &SdkError<E>) -> bool {
+    match err {
+        SdkError::ServiceError(service) => {
+            matches!(
+                code(err).as_deref(),
+                Some("InvalidAccessKeyId" | "AccessDenied" | "Forbidden" | "SignatureDoesNotMatch")
+            ) || service.raw().status().as_u16() == 403
+        }
+        _ => false,
     }
 }

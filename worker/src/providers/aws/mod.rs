@@ -1,10 +1,16 @@
-//! AWS plumbing shared by the engines that call AWS (`s3`, `ec2`, connection pushes): an HTTPS client on
-//! rustls + ring (the SDK's default would build aws-lc) and the SDK's standard chain read from berth's settings.
+//! AWS plumbing shared by the engines that call AWS (`s3`, `ec2`, `ha_ec2`, connection pushes): an HTTPS client
+//! on rustls + ring (the SDK's default would build aws-lc), the SDK's standard chain read from berth's settings,
+//! the sorting of AWS errors ([`errors`]) and the `tags` parameter every AWS resource takes.
+
+pub mod errors;
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_s3::config::{Credentials, SharedHttpClient};
 use broker::config::Settings;
 use secrecy::{ExposeSecret, SecretString};
+use serde_json::Value;
+
+use crate::registry::TaskError;
 
 /// An HTTPS-capable client on rustls + ring.
 pub fn http_client() -> SharedHttpClient {
@@ -75,4 +81,20 @@ where
                 .map_err(anyhow::Error::from)
         }),
     }
+}
+
+/// The `tags` parameter: labels for every resource, besides berth's own `berth:*` ones.
+pub fn extra_tags(parameters: &Value) -> Result<Vec<(String, String)>, TaskError> {
+    let mut tags = Vec::new();
+    if let Some(extra) = parameters.get("tags").and_then(Value::as_object) {
+        for (k, v) in extra {
+            if k.starts_with("berth:") {
+                return Err(TaskError::fatal(format!(
+                    "tag {k:?}: berth:* tags are berth's own"
+                )));
+            }
+            tags.push((k.clone(), v.as_str().unwrap_or_default().to_string()));
+        }
+    }
+    Ok(tags)
 }
