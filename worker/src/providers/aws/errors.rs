@@ -106,8 +106,9 @@ pub fn code<E: ProvideErrorMetadata>(err: &SdkError<E>) -> Option<String> {
 }
 
 /// `result`, with an error whose code is one of `fine` turned into `Ok(None)`: what the call was for is so already
-/// ("already exists", "already gone"), so a retry after a crash goes on.
-pub fn tolerate<T, E: ProvideErrorMetadata>(
+/// ("already exists", "already gone"), so a retry after a crash goes on. The services' modules pair it with their
+/// classification (`Store::tolerate`, `ec2_common::errors::tolerate`).
+pub fn tolerate_codes<T, E: ProvideErrorMetadata>(
     result: Result<T, SdkError<E>>,
     fine: &[&str],
 ) -> Result<Option<T>, SdkError<E>> {
@@ -180,6 +181,21 @@ fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
+/// A service's answer with `code` (message "m") and HTTP `status`, for the services' tests.
+#[cfg(test)]
+pub(crate) fn service_error(
+    code: &str,
+    status: u16,
+) -> SdkError<aws_sdk_s3::operation::head_bucket::HeadBucketError> {
+    use aws_sdk_s3::{
+        config::http::HttpResponse, error::ErrorMetadata, operation::head_bucket::HeadBucketError,
+        primitives::SdkBody,
+    };
+    let err = HeadBucketError::generic(ErrorMetadata::builder().code(code).message("m").build());
+    let raw = HttpResponse::new(status.try_into().unwrap(), SdkBody::empty());
+    SdkError::service_error(err, raw)
+}
+
 #[cfg(test)]
 mod tests {
     use aws_sdk_s3::{
@@ -187,14 +203,7 @@ mod tests {
         primitives::SdkBody,
     };
 
-    use super::*;
-
-    fn service(code: &str, status: u16) -> SdkError<HeadBucketError, HttpResponse> {
-        let err =
-            HeadBucketError::generic(ErrorMetadata::builder().code(code).message("m").build());
-        let raw = HttpResponse::new(status.try_into().unwrap(), SdkBody::empty());
-        SdkError::service_error(err, raw)
-    }
+    use super::{service_error as service, *};
 
     #[test]
     fn codes_are_read_and_a_head_404_is_not_found() {
@@ -216,8 +225,8 @@ mod tests {
     #[test]
     fn tolerated_codes_read_as_done() {
         let gone: Result<(), _> = Err(service("NoSuchEntity", 404));
-        assert!(matches!(tolerate(gone, &["NoSuchEntity"]), Ok(None)));
+        assert!(matches!(tolerate_codes(gone, &["NoSuchEntity"]), Ok(None)));
         let denied: Result<(), _> = Err(service("AccessDenied", 403));
-        assert!(tolerate(denied, &["NoSuchEntity"]).is_err());
+        assert!(tolerate_codes(denied, &["NoSuchEntity"]).is_err());
     }
 }

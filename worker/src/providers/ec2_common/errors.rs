@@ -3,7 +3,9 @@
 
 pub use crate::providers::aws::errors::code;
 use crate::{
-    providers::aws::errors::{self as aws, Answer, ProvideErrorMetadata, SdkError, Service},
+    providers::aws::errors::{
+        self as aws, Answer, ProvideErrorMetadata, SdkError, Service, tolerate_codes,
+    },
     registry::TaskError,
 };
 
@@ -50,6 +52,19 @@ where
     own_codes(&Answer::of(&err), what).unwrap_or_else(|| aws::classify(err, what, &EC2))
 }
 
+/// `result`, with the errors whose code is one of `fine` read as `Ok(None)` ("already so") and the others classified
+/// as met while doing `what`.
+pub fn tolerate<T, E>(
+    result: Result<T, SdkError<E>>,
+    fine: &[&str],
+    what: &str,
+) -> Result<Option<T>, TaskError>
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    tolerate_codes(result, fine).map_err(|e| classify(e, what))
+}
+
 fn own_codes(answer: &Answer, what: &str) -> Option<TaskError> {
     let Answer { code, message, .. } = answer;
     Some(match code.as_str() {
@@ -71,22 +86,8 @@ fn own_codes(answer: &Answer, what: &str) -> Option<TaskError> {
 
 #[cfg(test)]
 mod tests {
-    use aws_sdk_ec2::{
-        config::http::HttpResponse, error::ErrorMetadata,
-        operation::run_instances::RunInstancesError,
-    };
-    use aws_sdk_s3::primitives::SdkBody;
-
     use super::*;
-
-    fn service(code: &str, status: u16) -> SdkError<RunInstancesError, HttpResponse> {
-        let err =
-            RunInstancesError::generic(ErrorMetadata::builder().code(code).message("m").build());
-        SdkError::service_error(
-            err,
-            HttpResponse::new(status.try_into().unwrap(), SdkBody::empty()),
-        )
-    }
+    use crate::providers::aws::errors::service_error as service;
 
     #[test]
     fn capacity_moves_on_waits_retry_and_refusals_say_what_to_fix() {

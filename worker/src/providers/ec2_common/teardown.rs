@@ -10,11 +10,11 @@ use aws_sdk_ec2::{
 };
 
 use super::{
-    errors::{classify, code},
+    errors::{classify, code, tolerate},
     vm::{self, address, delete_interface, describe, tag_filter},
 };
 use crate::{
-    providers::{Progress, aws::errors::tolerate},
+    providers::{Progress, aws::errors::tolerate_codes},
     registry::TaskError,
 };
 
@@ -67,8 +67,8 @@ async fn delete_volumes(client: &Client, instance_id: &str) -> Result<(), TaskEr
         tolerate(
             client.delete_volume().volume_id(id).send().await,
             &["InvalidVolume.NotFound"],
-        )
-        .map_err(|e| classify(e, "deleting a volume"))?;
+            "deleting a volume",
+        )?;
     }
     Ok(())
 }
@@ -123,7 +123,7 @@ async fn delete_security_group(client: &Client, group_name: &str) -> Result<(), 
             .group_id(group.group_id().unwrap_or_default())
             .send()
             .await;
-        match tolerate(deleted, &["InvalidGroup.NotFound"]) {
+        match tolerate_codes(deleted, &["InvalidGroup.NotFound"]) {
             Ok(_) => {}
             // Still in use by a network interface that is going away with its VM.
             Err(e) if code(&e).as_deref() == Some("DependencyViolation") => {

@@ -13,8 +13,8 @@ use aws_sdk_ec2::{
 };
 use base64::Engine as _;
 
-use super::errors::{classify, code, is_capacity};
-use crate::{providers::aws::errors::tolerate, registry::TaskError};
+use super::errors::{classify, code, is_capacity, tolerate};
+use crate::registry::TaskError;
 
 pub const TAG: &str = "berth:instance";
 /// Which of the instance's resources a thing is (`data`: the volume that outlives VMs).
@@ -266,7 +266,7 @@ pub async fn authorize_ingress(
         .ip_permissions(rule)
         .send()
         .await;
-    tolerate(result, &["InvalidPermission.Duplicate"]).map_err(|e| classify(e, what))?;
+    tolerate(result, &["InvalidPermission.Duplicate"], what)?;
     Ok(())
 }
 
@@ -347,7 +347,7 @@ pub async fn attach(client: &Client, volume_id: &str, vm_id: &str) -> Result<(),
         .device(DEVICE)
         .send()
         .await;
-    tolerate(result, &["VolumeInUse"]).map_err(|e| classify(e, "attaching the data volume"))?;
+    tolerate(result, &["VolumeInUse"], "attaching the data volume")?;
     Ok(())
 }
 
@@ -437,19 +437,6 @@ pub enum LaunchError {
 }
 
 pub async fn launch(client: &Client, spec: &Launch<'_>) -> Result<Vm, LaunchError> {
-    let nic = match spec.network_interface_id {
-        Some(id) => InstanceNetworkInterfaceSpecification::builder()
-            .device_index(0)
-            .network_interface_id(id)
-            .build(),
-        None => InstanceNetworkInterfaceSpecification::builder()
-            .device_index(0)
-            .subnet_id(spec.subnet_id)
-            .groups(spec.security_group_id)
-            .associate_public_ip_address(spec.public_ip)
-            .delete_on_termination(true)
-            .build(),
-    };
     let mut request = client
         .run_instances()
         .image_id(spec.image_id)
@@ -458,24 +445,12 @@ pub async fn launch(client: &Client, spec: &Launch<'_>) -> Result<Vm, LaunchErro
         .max_count(1)
         .client_token(spec.client_token)
         .placement(Placement::builder().availability_zone(spec.zone).build())
-        .network_interfaces(nic)
+        .network_interfaces(network_interface(spec))
         .user_data(base64::engine::general_purpose::STANDARD.encode(spec.user_data))
         .tag_specifications(tags(ResourceType::Instance, spec.tags));
     if let Some(size) = spec.scratch_disk_gb {
         request = request
-            .block_device_mappings(
-                BlockDeviceMapping::builder()
-                    .device_name(DEVICE)
-                    .ebs(
-                        EbsBlockDevice::builder()
-                            .volume_size(size as i32)
-                            .volume_type(VolumeType::Gp3)
-                            .encrypted(true)
-                            .delete_on_termination(true)
-                            .build(),
-                    )
-                    .build(),
-            )
+            .block_device_mappings(scratch_disk(size))
             .tag_specifications(tags(ResourceType::Volume, spec.tags));
     }
     if spec.tags_in_metadata {
@@ -486,18 +461,7 @@ pub async fn launch(client: &Client, spec: &Launch<'_>) -> Result<Vm, LaunchErro
         );
     }
     if spec.spot {
-        let mut spot = SpotMarketOptions::builder()
-            .spot_instance_type(SpotInstanceType::OneTime)
-            .instance_interruption_behavior(InstanceInterruptionBehavior::Terminate);
-        if let Some(cap) = spec.max_price {
-            spot = spot.max_price(format!("{cap}"));
-        }
-        request = request.instance_market_options(
-            InstanceMarketOptionsRequest::builder()
-                .market_type(MarketType::Spot)
-                .spot_options(spot.build())
-                .build(),
-        );
+        request = request.instance_market_options(spot_market(spec.max_price));
     }
     match request.send().await {
         Ok(out) => out.instances().first().map(Vm::of).ok_or_else(|| {
@@ -510,6 +474,52 @@ pub async fn launch(client: &Client, spec: &Launch<'_>) -> Result<Vm, LaunchErro
     }
 }
 
+/// The VM's network interface: the one made beforehand, or a new one in the subnet.
+fn network_interface(spec: &Launch<'_>) -> InstanceNetworkInterfaceSpecification {
+    match spec.network_interface_id {
+        Some(id) => InstanceNetworkInterfaceSpecification::builder()
+            .device_index(0)
+            .network_interface_id(id)
+            .build(),
+        None => InstanceNetworkInterfaceSpecification::builder()
+            .device_index(0)
+            .subnet_id(spec.subnet_id)
+            .groups(spec.security_group_id)
+            .associate_public_ip_address(spec.public_ip)
+            .delete_on_termination(true)
+            .build(),
+    }
+}
+
+/// An encrypted gp3 disk of `size_gb` at `/dev/sdf`, deleted with the VM.
+fn scratch_disk(size_gb: u32) -> BlockDeviceMapping {
+    BlockDeviceMapping::builder()
+        .device_name(DEVICE)
+        .ebs(
+            EbsBlockDevice::builder()
+                .volume_size(size_gb as i32)
+                .volume_type(VolumeType::Gp3)
+                .encrypted(true)
+                .delete_on_termination(true)
+                .build(),
+        )
+        .build()
+}
+
+/// A one-time spot request, terminated on interruption, capped at `max_price` when given.
+fn spot_market(max_price: Option<f64>) -> InstanceMarketOptionsRequest {
+    let mut spot = SpotMarketOptions::builder()
+        .spot_instance_type(SpotInstanceType::OneTime)
+        .instance_interruption_behavior(InstanceInterruptionBehavior::Terminate);
+    if let Some(cap) = max_price {
+        spot = spot.max_price(format!("{cap}"));
+    }
+    InstanceMarketOptionsRequest::builder()
+        .market_type(MarketType::Spot)
+        .spot_options(spot.build())
+        .build()
+}
+
 pub async fn terminate(client: &Client, vm_ids: &[String]) -> Result<(), TaskError> {
     if vm_ids.is_empty() {
         return Ok(());
@@ -519,8 +529,11 @@ pub async fn terminate(client: &Client, vm_ids: &[String]) -> Result<(), TaskErr
         .set_instance_ids(Some(vm_ids.to_vec()))
         .send()
         .await;
-    tolerate(result, &["InvalidInstanceID.NotFound"])
-        .map_err(|e| classify(e, "terminating the VM"))?;
+    tolerate(
+        result,
+        &["InvalidInstanceID.NotFound"],
+        "terminating the VM",
+    )?;
     Ok(())
 }
 
@@ -568,7 +581,10 @@ pub async fn delete_interface(client: &Client, id: &str) -> Result<(), TaskError
         .network_interface_id(id)
         .send()
         .await;
-    tolerate(result, &["InvalidNetworkInterfaceID.NotFound"])
-        .map_err(|e| classify(e, "deleting a network interface"))?;
+    tolerate(
+        result,
+        &["InvalidNetworkInterfaceID.NotFound"],
+        "deleting a network interface",
+    )?;
     Ok(())
 }

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use super::Store;
 use crate::{
     context::TaskContext,
-    providers::aws::errors::{ProvideErrorMetadata, SdkError, code, tolerate},
+    providers::aws::errors::{ProvideErrorMetadata, SdkError, code, tolerate_codes},
     registry::TaskError,
 };
 
@@ -53,8 +53,11 @@ pub async fn create(
                 .build(),
         );
     }
-    tolerate(request.send().await, &["BucketAlreadyOwnedByYou"])
-        .map_err(|e| store.classify(e, "creating the bucket"))?;
+    store.tolerate(
+        request.send().await,
+        &["BucketAlreadyOwnedByYou"],
+        "creating the bucket",
+    )?;
     Ok(())
 }
 
@@ -138,11 +141,11 @@ async fn allow_public_reads(store: &Store, s3: &Client, bucket: &str) -> Result<
 
 /// Removes the public-read policy and blocks public access.
 async fn block_public_access(store: &Store, s3: &Client, bucket: &str) -> Result<(), TaskError> {
-    tolerate(
+    store.tolerate(
         s3.delete_bucket_policy().bucket(bucket).send().await,
         &["NoSuchBucketPolicy", "NotImplemented"],
-    )
-    .map_err(|e| store.classify(e, "removing the bucket's public-read policy"))?;
+        "removing the bucket's public-read policy",
+    )?;
     let block = PublicAccessBlockConfiguration::builder()
         .block_public_acls(true)
         .ignore_public_acls(true)
@@ -257,7 +260,7 @@ fn tolerate_unsupported<T, E>(
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
-    match tolerate(result, &["NoSuchPublicAccessBlockConfiguration"]) {
+    match tolerate_codes(result, &["NoSuchPublicAccessBlockConfiguration"]) {
         Ok(_) => Ok(()),
         Err(e)
             if !store.is_aws
@@ -353,11 +356,11 @@ fn cors_rule(rule: &Value) -> Result<CorsRule, TaskError> {
 
 /// Whether the bucket exists (in this account).
 pub async fn exists(store: &Store, s3: &Client, bucket: &str) -> Result<bool, TaskError> {
-    let found = tolerate(
+    let found = store.tolerate(
         s3.head_bucket().bucket(bucket).send().await,
         &["NotFound", "NoSuchBucket"],
-    )
-    .map_err(|e| store.classify(e, "looking up the bucket"))?;
+        "looking up the bucket",
+    )?;
     Ok(found.is_some())
 }
 
@@ -390,8 +393,11 @@ async fn list_versions(
         .max_keys(BATCH)
         .send()
         .await;
-    let Some(page) = tolerate(listed, &["NoSuchBucket"])
-        .map_err(|e| store.classify(e, "listing the bucket's object versions"))?
+    let Some(page) = store.tolerate(
+        listed,
+        &["NoSuchBucket"],
+        "listing the bucket's object versions",
+    )?
     else {
         return Ok(None);
     };
@@ -419,8 +425,7 @@ async fn list_keys(
         .max_keys(BATCH)
         .send()
         .await;
-    let Some(page) = tolerate(listed, &["NoSuchBucket"])
-        .map_err(|e| store.classify(e, "listing the bucket's objects"))?
+    let Some(page) = store.tolerate(listed, &["NoSuchBucket"], "listing the bucket's objects")?
     else {
         return Ok(None);
     };
@@ -516,8 +521,11 @@ async fn delete_batch(
 async fn abort_uploads(store: &Store, s3: &Client, bucket: &str) -> Result<(), TaskError> {
     loop {
         let listed = s3.list_multipart_uploads().bucket(bucket).send().await;
-        let Some(page) = tolerate(listed, &["NoSuchBucket", "NotImplemented"])
-            .map_err(|e| store.classify(e, "listing unfinished uploads"))?
+        let Some(page) = store.tolerate(
+            listed,
+            &["NoSuchBucket", "NotImplemented"],
+            "listing unfinished uploads",
+        )?
         else {
             return Ok(());
         };
@@ -535,15 +543,14 @@ async fn abort_uploads(store: &Store, s3: &Client, bucket: &str) -> Result<(), T
                 .upload_id(id)
                 .send()
                 .await;
-            tolerate(aborted, &["NoSuchUpload"])
-                .map_err(|e| store.classify(e, "aborting an unfinished upload"))?;
+            store.tolerate(aborted, &["NoSuchUpload"], "aborting an unfinished upload")?;
         }
     }
 }
 
 /// Deletes the (empty) bucket; a bucket that is gone already counts as deleted.
 pub async fn delete(store: &Store, s3: &Client, bucket: &str) -> Result<(), TaskError> {
-    match tolerate(
+    match tolerate_codes(
         s3.delete_bucket().bucket(bucket).send().await,
         &["NoSuchBucket", "NotFound"],
     ) {

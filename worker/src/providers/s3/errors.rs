@@ -49,19 +49,10 @@ fn own_codes(answer: &Answer, what: &str, store: &str) -> Option<TaskError> {
 
 #[cfg(test)]
 mod tests {
-    use aws_sdk_s3::{
-        config::http::HttpResponse, error::ErrorMetadata, operation::head_bucket::HeadBucketError,
-        primitives::SdkBody,
-    };
+    use aws_sdk_s3::{config::http::HttpResponse, operation::head_bucket::HeadBucketError};
 
     use super::*;
-
-    fn service(code: &str, status: u16) -> SdkError<HeadBucketError, HttpResponse> {
-        let err =
-            HeadBucketError::generic(ErrorMetadata::builder().code(code).message("m").build());
-        let raw = HttpResponse::new(status.try_into().unwrap(), SdkBody::empty());
-        SdkError::service_error(err, raw)
-    }
+    use crate::providers::aws::errors::service_error as service;
 
     #[test]
     fn throttling_and_5xx_retry_and_refusals_say_what_to_fix() {

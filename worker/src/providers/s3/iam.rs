@@ -10,7 +10,7 @@ use serde_json::json;
 
 use super::Store;
 use crate::{
-    providers::aws::errors::{code, tolerate},
+    providers::aws::errors::{code, tolerate_codes},
     registry::TaskError,
 };
 
@@ -84,8 +84,11 @@ pub async fn ensure_binding_user(
         .path(user_path(bucket))
         .send()
         .await;
-    tolerate(created, &["EntityAlreadyExists"])
-        .map_err(|e| store.classify(e, "creating the binding's IAM user"))?;
+    store.tolerate(
+        created,
+        &["EntityAlreadyExists"],
+        "creating the binding's IAM user",
+    )?;
     iam.put_user_policy()
         .user_name(user)
         .policy_name(POLICY)
@@ -126,8 +129,8 @@ pub async fn delete_keys_except(
     keep: Option<&str>,
 ) -> Result<(), TaskError> {
     let listed = iam.list_access_keys().user_name(user).send().await;
-    let Some(keys) = tolerate(listed, &[NO_SUCH_ENTITY])
-        .map_err(|e| store.classify(e, "listing the binding user's keys"))?
+    let Some(keys) =
+        store.tolerate(listed, &[NO_SUCH_ENTITY], "listing the binding user's keys")?
     else {
         return Ok(());
     };
@@ -141,8 +144,7 @@ pub async fn delete_keys_except(
             .access_key_id(id)
             .send()
             .await;
-        tolerate(deleted, &[NO_SUCH_ENTITY])
-            .map_err(|e| store.classify(e, "deleting a binding user's key"))?;
+        store.tolerate(deleted, &[NO_SUCH_ENTITY], "deleting a binding user's key")?;
     }
     Ok(())
 }
@@ -151,8 +153,11 @@ pub async fn delete_keys_except(
 pub async fn delete_user(store: &Store, iam: &Client, user: &str) -> Result<(), TaskError> {
     delete_keys(store, iam, user).await?;
     let listed = iam.list_user_policies().user_name(user).send().await;
-    let Some(policies) = tolerate(listed, &[NO_SUCH_ENTITY])
-        .map_err(|e| store.classify(e, "listing the binding user's policies"))?
+    let Some(policies) = store.tolerate(
+        listed,
+        &[NO_SUCH_ENTITY],
+        "listing the binding user's policies",
+    )?
     else {
         return Ok(());
     };
@@ -163,10 +168,13 @@ pub async fn delete_user(store: &Store, iam: &Client, user: &str) -> Result<(), 
             .policy_name(name)
             .send()
             .await;
-        tolerate(deleted, &[NO_SUCH_ENTITY])
-            .map_err(|e| store.classify(e, "deleting a binding user's policy"))?;
+        store.tolerate(
+            deleted,
+            &[NO_SUCH_ENTITY],
+            "deleting a binding user's policy",
+        )?;
     }
-    match tolerate(
+    match tolerate_codes(
         iam.delete_user().user_name(user).send().await,
         &[NO_SUCH_ENTITY],
     ) {
