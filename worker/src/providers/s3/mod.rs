@@ -5,7 +5,7 @@
 
 mod bucket;
 mod credentials;
-pub mod errors;
+mod errors;
 mod iam;
 mod store;
 

@@ -1,13 +1,12 @@
-//! Bucket operations: create, configure (tags, public access, versioning, lifecycle, encryption, CORS),
-//! empty and delete. Each checks or tolerates what exists, so a retry after a crash finishes the job.
+//! A bucket's settings, each set whole by a step of its own: tags, public access, versioning, lifecycle,
+//! encryption and CORS.
 
 use aws_sdk_s3::{
     Client,
     types::{
-        AbortIncompleteMultipartUpload, BucketLifecycleConfiguration, BucketLocationConstraint,
-        BucketVersioningStatus, CorsConfiguration, CorsRule, CreateBucketConfiguration, Delete,
-        ExpirationStatus, LifecycleExpiration, LifecycleRule, LifecycleRuleFilter,
-        NoncurrentVersionExpiration, NoncurrentVersionTransition, ObjectIdentifier,
+        AbortIncompleteMultipartUpload, BucketLifecycleConfiguration, BucketVersioningStatus,
+        CorsConfiguration, CorsRule, ExpirationStatus, LifecycleExpiration, LifecycleRule,
+        LifecycleRuleFilter, NoncurrentVersionExpiration, NoncurrentVersionTransition,
         PublicAccessBlockConfiguration, ServerSideEncryption, ServerSideEncryptionByDefault,
         ServerSideEncryptionConfiguration, ServerSideEncryptionRule, Tag, Tagging,
         TransitionStorageClass, VersioningConfiguration,
@@ -15,51 +14,11 @@ use aws_sdk_s3::{
 };
 use serde_json::{Value, json};
 
-use super::Store;
+use super::{super::Store, BucketSpec, build_err};
 use crate::{
-    context::TaskContext,
     providers::aws::errors::{ProvideErrorMetadata, SdkError, code, tolerate_codes},
     registry::TaskError,
 };
-
-/// What a plan and its parameters ask of a bucket.
-#[derive(Debug, Clone)]
-pub struct BucketSpec {
-    pub versioning: bool,
-    pub encryption: bool,
-    pub public_read: bool,
-    pub cors: Option<Vec<Value>>,
-    pub lifecycle: Value,
-    pub tags: Vec<(String, String)>,
-}
-
-fn build_err(what: &str) -> impl Fn(aws_sdk_s3::error::BuildError) -> TaskError + '_ {
-    move |e| TaskError::fatal(format!("{what}: {e}"))
-}
-
-/// Creates the bucket unless this account has it already.
-pub async fn create(
-    store: &Store,
-    s3: &Client,
-    bucket: &str,
-    region: &str,
-) -> Result<(), TaskError> {
-    let mut request = s3.create_bucket().bucket(bucket);
-    // us-east-1 takes no location constraint (it refuses one); every other region needs it.
-    if region != "us-east-1" {
-        request = request.create_bucket_configuration(
-            CreateBucketConfiguration::builder()
-                .location_constraint(BucketLocationConstraint::from(region))
-                .build(),
-        );
-    }
-    store.tolerate(
-        request.send().await,
-        &["BucketAlreadyOwnedByYou"],
-        "creating the bucket",
-    )?;
-    Ok(())
-}
 
 /// Applies tags, public access, versioning, lifecycle, encryption and CORS. Turning versioning or encryption
 /// on is all an update can do to them (the API refuses plan changes that would turn them off). Each step sets
@@ -352,213 +311,4 @@ fn cors_rule(rule: &Value) -> Result<CorsRule, TaskError> {
         )
         .build()
         .map_err(build_err("parameter `cors`"))
-}
-
-/// Whether the bucket exists (in this account).
-pub async fn exists(store: &Store, s3: &Client, bucket: &str) -> Result<bool, TaskError> {
-    let found = store.tolerate(
-        s3.head_bucket().bucket(bucket).send().await,
-        &["NotFound", "NoSuchBucket"],
-        "looking up the bucket",
-    )?;
-    Ok(found.is_some())
-}
-
-/// Largest batch DeleteObjects takes.
-pub const BATCH: i32 = 1000;
-
-/// One listing page as (key, version) pairs: object versions and delete markers, or plain keys. `None`: the
-/// bucket is gone.
-async fn list_batch(
-    store: &Store,
-    s3: &Client,
-    bucket: &str,
-    versions: bool,
-) -> Result<Option<Vec<(String, Option<String>)>>, TaskError> {
-    if versions {
-        list_versions(store, s3, bucket).await
-    } else {
-        list_keys(store, s3, bucket).await
-    }
-}
-
-async fn list_versions(
-    store: &Store,
-    s3: &Client,
-    bucket: &str,
-) -> Result<Option<Vec<(String, Option<String>)>>, TaskError> {
-    let listed = s3
-        .list_object_versions()
-        .bucket(bucket)
-        .max_keys(BATCH)
-        .send()
-        .await;
-    let Some(page) = store.tolerate(
-        listed,
-        &["NoSuchBucket"],
-        "listing the bucket's object versions",
-    )?
-    else {
-        return Ok(None);
-    };
-    let versions = page.versions().iter().map(|v| (v.key(), v.version_id()));
-    let markers = page
-        .delete_markers()
-        .iter()
-        .map(|m| (m.key(), m.version_id()));
-    Ok(Some(
-        versions
-            .chain(markers)
-            .filter_map(|(key, version)| Some((key?.to_string(), version.map(str::to_string))))
-            .collect(),
-    ))
-}
-
-async fn list_keys(
-    store: &Store,
-    s3: &Client,
-    bucket: &str,
-) -> Result<Option<Vec<(String, Option<String>)>>, TaskError> {
-    let listed = s3
-        .list_objects_v2()
-        .bucket(bucket)
-        .max_keys(BATCH)
-        .send()
-        .await;
-    let Some(page) = store.tolerate(listed, &["NoSuchBucket"], "listing the bucket's objects")?
-    else {
-        return Ok(None);
-    };
-    Ok(Some(
-        page.contents()
-            .iter()
-            .filter_map(|o| o.key())
-            .map(|k| (k.to_string(), None))
-            .collect(),
-    ))
-}
-
-/// Deletes every object version, delete marker and unfinished upload, a batch of at most 1,000 at a time.
-/// Each round lists from the start, so a run after a crash simply goes on where the last one stopped. A
-/// bucket berth never versioned is listed plainly (cheaper on most stores) and checked for versions once at
-/// the end; a versioned one is listed by versions, with a plain listing for stores that list no versions.
-pub async fn empty(
-    ctx: &TaskContext<'_>,
-    store: &Store,
-    s3: &Client,
-    bucket: &str,
-    versioned: bool,
-) -> Result<u64, TaskError> {
-    let mut deleted: u64 = 0;
-    loop {
-        if ctx.cancel.is_cancelled() {
-            return Err(TaskError::retryable("stopped while emptying the bucket"));
-        }
-        let Some(mut ids) = list_batch(store, s3, bucket, versioned).await? else {
-            return Ok(deleted);
-        };
-        if ids.is_empty() {
-            let Some(other) = list_batch(store, s3, bucket, !versioned).await? else {
-                return Ok(deleted);
-            };
-            ids = other;
-        }
-        if ids.is_empty() {
-            break;
-        }
-        ids.truncate(BATCH as usize);
-        let count = ids.len() as u64;
-        delete_batch(store, s3, bucket, ids).await?;
-        deleted += count;
-        ctx.progress(&format!(
-            "emptying the bucket: {deleted} objects and versions deleted so far"
-        ))
-        .await?;
-    }
-    abort_uploads(store, s3, bucket).await?;
-    Ok(deleted)
-}
-
-async fn delete_batch(
-    store: &Store,
-    s3: &Client,
-    bucket: &str,
-    ids: Vec<(String, Option<String>)>,
-) -> Result<(), TaskError> {
-    let mut objects = Vec::with_capacity(ids.len());
-    for (key, version) in ids {
-        objects.push(
-            ObjectIdentifier::builder()
-                .key(key)
-                .set_version_id(version)
-                .build()
-                .map_err(build_err("building a delete batch"))?,
-        );
-    }
-    let delete = Delete::builder()
-        .set_objects(Some(objects))
-        .quiet(true)
-        .build()
-        .map_err(build_err("building a delete batch"))?;
-    let out = s3
-        .delete_objects()
-        .bucket(bucket)
-        .delete(delete)
-        .send()
-        .await
-        .map_err(|e| store.classify(e, "deleting a batch of objects"))?;
-    if let Some(first) = out.errors().first() {
-        return Err(TaskError::retryable(format!(
-            "deleting a batch of objects: {} of them failed, the first with {} ({})",
-            out.errors().len(),
-            first.code().unwrap_or("no code"),
-            first.message().unwrap_or("")
-        )));
-    }
-    Ok(())
-}
-
-async fn abort_uploads(store: &Store, s3: &Client, bucket: &str) -> Result<(), TaskError> {
-    loop {
-        let listed = s3.list_multipart_uploads().bucket(bucket).send().await;
-        let Some(page) = store.tolerate(
-            listed,
-            &["NoSuchBucket", "NotImplemented"],
-            "listing unfinished uploads",
-        )?
-        else {
-            return Ok(());
-        };
-        if page.uploads().is_empty() {
-            return Ok(());
-        }
-        for upload in page.uploads() {
-            let (Some(key), Some(id)) = (upload.key(), upload.upload_id()) else {
-                continue;
-            };
-            let aborted = s3
-                .abort_multipart_upload()
-                .bucket(bucket)
-                .key(key)
-                .upload_id(id)
-                .send()
-                .await;
-            store.tolerate(aborted, &["NoSuchUpload"], "aborting an unfinished upload")?;
-        }
-    }
-}
-
-/// Deletes the (empty) bucket; a bucket that is gone already counts as deleted.
-pub async fn delete(store: &Store, s3: &Client, bucket: &str) -> Result<(), TaskError> {
-    match tolerate_codes(
-        s3.delete_bucket().bucket(bucket).send().await,
-        &["NoSuchBucket", "NotFound"],
-    ) {
-        Ok(_) => Ok(()),
-        // Something was written between emptying and deleting (a binding deleted moments ago): go round again.
-        Err(e) if code(&e).as_deref() == Some("BucketNotEmpty") => Err(TaskError::retryable(
-            "deleting the bucket: it is not empty yet; emptying it again",
-        )),
-        Err(e) => Err(store.classify(e, "deleting the bucket")),
-    }
 }
