@@ -7,6 +7,10 @@ pub use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 
 use crate::registry::TaskError;
 
+/// An operation's error type, as every SDK generates them.
+pub trait ServiceError: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static {}
+impl<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static> ServiceError for E {}
+
 /// Codes that mean "busy or broken for a moment": back off and retry.
 const RETRYABLE: &[&str] = &[
     "Throttling",
@@ -121,10 +125,7 @@ pub fn tolerate_codes<T, E: ProvideErrorMetadata>(
 
 /// Maps an SDK error met while doing `what` on `service` to Retryable or Fatal (the service's own codes are
 /// looked at before, by its module).
-pub fn classify<E>(err: SdkError<E>, what: &str, service: &Service<'_>) -> TaskError
-where
-    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-{
+pub fn classify<E: ServiceError>(err: SdkError<E>, what: &str, service: &Service<'_>) -> TaskError {
     let name = service.name;
     let answer = Answer::of(&err);
     let code = answer.code.as_str();

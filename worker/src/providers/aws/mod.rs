@@ -59,6 +59,30 @@ pub fn sdk_config(settings: &Settings, region: &str) -> anyhow::Result<SdkConfig
     block_on(loader.load())
 }
 
+/// The S3 configuration of the standard chain (`sdk`, from [`sdk_config`]): bucket names go in the path when
+/// `AWS_ENDPOINT_URL` names an endpoint of its own (moto, LocalStack), as such endpoints have no bucket hosts.
+pub fn s3_config(sdk: &SdkConfig, settings: &Settings) -> aws_sdk_s3::Config {
+    aws_sdk_s3::config::Builder::from(sdk)
+        .force_path_style(settings.aws_endpoint_url.is_some())
+        .build()
+}
+
+/// The S3 configuration of an S3-compatible store at `endpoint`, with static keys (bucket names in the path).
+pub fn compatible_s3_config(
+    endpoint: &str,
+    region: &str,
+    credentials: Credentials,
+) -> aws_sdk_s3::Config {
+    aws_sdk_s3::config::Builder::new()
+        .behavior_version(BehaviorVersion::latest())
+        .http_client(http_client())
+        .region(Region::new(region.to_string()))
+        .credentials_provider(credentials)
+        .endpoint_url(endpoint)
+        .force_path_style(true)
+        .build()
+}
+
 /// Runs a future to completion from synchronous start-up code, inside or outside a runtime.
 pub fn block_on<F: std::future::Future + Send>(future: F) -> anyhow::Result<F::Output>
 where

@@ -4,7 +4,7 @@
 pub use crate::providers::aws::errors::code;
 use crate::{
     providers::aws::errors::{
-        self as aws, Answer, ProvideErrorMetadata, SdkError, Service, tolerate_codes,
+        self as aws, Answer, SdkError, Service, ServiceError, tolerate_codes,
     },
     registry::TaskError,
 };
@@ -45,23 +45,17 @@ pub fn is_capacity(code: &str) -> bool {
 }
 
 /// Maps an EC2 error met while doing `what`.
-pub fn classify<E>(err: SdkError<E>, what: &str) -> TaskError
-where
-    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-{
+pub fn classify<E: ServiceError>(err: SdkError<E>, what: &str) -> TaskError {
     own_codes(&Answer::of(&err), what).unwrap_or_else(|| aws::classify(err, what, &EC2))
 }
 
 /// `result`, with the errors whose code is one of `fine` read as `Ok(None)` ("already so") and the others classified
 /// as met while doing `what`.
-pub fn tolerate<T, E>(
+pub fn tolerate<T, E: ServiceError>(
     result: Result<T, SdkError<E>>,
     fine: &[&str],
     what: &str,
-) -> Result<Option<T>, TaskError>
-where
-    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-{
+) -> Result<Option<T>, TaskError> {
     tolerate_codes(result, fine).map_err(|e| classify(e, what))
 }
 

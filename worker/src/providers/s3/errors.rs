@@ -1,7 +1,7 @@
 //! The S3 and IAM codes that need their own words (bucket names, account limits, regions, KMS keys); the rest of
 //! the sorting into "try again" and "a person must act" is every AWS service's ([`aws::errors`]).
 
-use crate::providers::aws::errors::{self as aws, Answer, ProvideErrorMetadata, SdkError, Service};
+use crate::providers::aws::errors::{self as aws, Answer, SdkError, Service, ServiceError};
 use crate::registry::TaskError;
 
 /// What berth's identity needs on the store (the fix when it is denied).
@@ -10,10 +10,7 @@ const PERMISSIONS: &str = "s3:* on the buckets named after NAME_PREFIX and iam:C
 
 /// Maps an S3 or IAM error met while doing `what` to Retryable or Fatal. `store` names the store in messages
 /// ("AWS", "the S3-compatible store").
-pub fn classify<E>(err: SdkError<E>, what: &str, store: &str) -> TaskError
-where
-    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-{
+pub fn classify<E: ServiceError>(err: SdkError<E>, what: &str, store: &str) -> TaskError {
     let service = Service {
         name: store,
         permissions: PERMISSIONS,

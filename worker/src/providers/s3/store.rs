@@ -9,7 +9,7 @@ use super::{S3Provider, errors};
 use crate::{
     providers::aws::{
         self,
-        errors::{ProvideErrorMetadata, SdkError},
+        errors::{SdkError, ServiceError},
         http_client, static_credentials,
     },
     registry::TaskError,
@@ -24,24 +24,18 @@ pub struct Store {
 }
 
 impl Store {
-    pub fn classify<E>(&self, err: SdkError<E>, what: &str) -> TaskError
-    where
-        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    {
+    pub fn classify<E: ServiceError>(&self, err: SdkError<E>, what: &str) -> TaskError {
         errors::classify(err, what, self.label)
     }
 
     /// `result`, with the errors whose code is one of `fine` read as `Ok(None)` ("already so") and the others
     /// classified as met while doing `what`.
-    pub fn tolerate<T, E>(
+    pub fn tolerate<T, E: ServiceError>(
         &self,
         result: Result<T, SdkError<E>>,
         fine: &[&str],
         what: &str,
-    ) -> Result<Option<T>, TaskError>
-    where
-        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    {
+    ) -> Result<Option<T>, TaskError> {
         aws::errors::tolerate_codes(result, fine).map_err(|e| self.classify(e, what))
     }
 }
@@ -62,9 +56,7 @@ impl S3Provider {
             .clone()
             .ok_or_else(|| anyhow::anyhow!("AWS_REGION is required for S3"))?;
         let sdk = aws::sdk_config(settings, &region)?;
-        let s3 = aws_sdk_s3::config::Builder::from(&sdk)
-            .force_path_style(settings.aws_endpoint_url.is_some())
-            .build();
+        let s3 = aws::s3_config(&sdk, settings);
         Ok(Self {
             store: Store {
                 is_aws: true,
@@ -93,14 +85,11 @@ impl S3Provider {
             .map_err(|_| anyhow::anyhow!("S3_COMPATIBLE_ENDPOINT is not a URL"))?;
         let credentials = static_credentials(key.expose_secret(), secret, None);
         let region = Region::new(settings.s3_compatible_region.clone());
-        let s3 = aws_sdk_s3::config::Builder::new()
-            .behavior_version(BehaviorVersion::latest())
-            .http_client(http_client())
-            .region(region.clone())
-            .credentials_provider(credentials.clone())
-            .endpoint_url(endpoint)
-            .force_path_style(true)
-            .build();
+        let s3 = aws::compatible_s3_config(
+            endpoint,
+            &settings.s3_compatible_region,
+            credentials.clone(),
+        );
         let iam = settings
             .s3_compatible_iam_endpoint
             .as_ref()

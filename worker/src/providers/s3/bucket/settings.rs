@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 
 use super::{super::Store, BucketSpec, build_err};
 use crate::{
-    providers::aws::errors::{ProvideErrorMetadata, SdkError, code, tolerate_codes},
+    providers::aws::errors::{SdkError, ServiceError, code, tolerate_codes},
     registry::TaskError,
 };
 
@@ -211,14 +211,11 @@ async fn remove_cors(store: &Store, s3: &Client, bucket: &str) -> Result<(), Tas
 }
 
 /// Public-access blocks are an AWS feature; a store without them has nothing to block or lift.
-fn tolerate_unsupported<T, E>(
+fn tolerate_unsupported<T, E: ServiceError>(
     result: Result<T, SdkError<E>>,
     store: &Store,
     what: &str,
-) -> Result<(), TaskError>
-where
-    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-{
+) -> Result<(), TaskError> {
     match tolerate_codes(result, &["NoSuchPublicAccessBlockConfiguration"]) {
         Ok(_) => Ok(()),
         Err(e)
