@@ -112,6 +112,8 @@ pub fn code<E: ProvideErrorMetadata>(err: &SdkError<E>) -> Option<String> {
 /// `result`, with an error whose code is one of `fine` turned into `Ok(None)`: what the call was for is so already
 /// ("already exists", "already gone"), so a retry after a crash goes on. The services' modules pair it with their
 /// classification (`Store::tolerate`, `ec2_common::errors::tolerate`).
+// The error is the SDK's own, handed back as the call gave it (boxing it would only move the size).
+#[allow(clippy::result_large_err)]
 pub fn tolerate_codes<T, E: ProvideErrorMetadata>(
     result: Result<T, SdkError<E>>,
     fine: &[&str],
