@@ -7,7 +7,6 @@ use std::{path::PathBuf, pin::Pin, sync::Arc};
 use anyhow::{Context as _, bail};
 use async_trait::async_trait;
 use aws_sdk_s3::{
-    config::{BehaviorVersion, Region},
     primitives::ByteStream,
     types::{CompletedMultipartUpload, CompletedPart},
 };
@@ -19,7 +18,7 @@ use tokio::{
     sync::mpsc,
 };
 
-use crate::providers::aws::{block_on, http_client, static_credentials};
+use crate::providers::aws;
 
 /// One piece of an object on its way to the store. `End` says the producer finished cleanly: a channel that
 /// closes without it is a failed snapshot, and the store discards what it received.
@@ -179,37 +178,16 @@ impl S3Store {
             &settings.snapshot_s3_secret_key,
         ) {
             (Some(endpoint), Some(key), Some(secret)) => {
-                let config = aws_sdk_s3::config::Builder::new()
-                    .behavior_version(BehaviorVersion::latest())
-                    .http_client(http_client())
-                    .region(Region::new(region))
-                    .credentials_provider(static_credentials(key.expose_secret(), secret, None))
-                    .endpoint_url(endpoint)
-                    .force_path_style(true)
-                    .build();
-                aws_sdk_s3::Client::from_conf(config)
+                let credentials = aws::static_credentials(key.expose_secret(), secret, None);
+                aws_sdk_s3::Client::from_conf(aws::compatible_s3_config(
+                    endpoint,
+                    &region,
+                    credentials,
+                ))
             }
             (None, None, None) => {
-                let mut loader = aws_config::defaults(BehaviorVersion::latest())
-                    .http_client(http_client())
-                    .region(Region::new(region));
-                if let Some(endpoint) = &settings.aws_endpoint_url {
-                    loader = loader.endpoint_url(endpoint);
-                }
-                if let (Some(key), Some(secret)) =
-                    (&settings.aws_access_key_id, &settings.aws_secret_access_key)
-                {
-                    loader = loader.credentials_provider(static_credentials(
-                        key,
-                        secret,
-                        settings.aws_session_token.as_ref(),
-                    ));
-                }
-                let sdk = block_on(loader.load())?;
-                let config = aws_sdk_s3::config::Builder::from(&sdk)
-                    .force_path_style(settings.aws_endpoint_url.is_some())
-                    .build();
-                aws_sdk_s3::Client::from_conf(config)
+                let sdk = aws::sdk_config(settings, &region)?;
+                aws_sdk_s3::Client::from_conf(aws::s3_config(&sdk, settings))
             }
             _ => bail!(
                 "SNAPSHOT_S3_ENDPOINT, SNAPSHOT_S3_ACCESS_KEY and SNAPSHOT_S3_SECRET_KEY go together"

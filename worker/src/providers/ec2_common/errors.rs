@@ -1,11 +1,18 @@
-//! EC2 errors sorted, in one place, into "try the next instance type", "try again" and "a person must act".
-//! The generic cases (throttling, 5xx, timeouts, bad keys) are the S3 engine's mapping; EC2's own codes first.
+//! EC2's own codes: "try the next instance type", "not yet" and account limits. The rest of the sorting into
+//! "try again" and "a person must act" is every AWS service's ([`aws::errors`](crate::providers::aws::errors)).
 
-use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
-
+pub use crate::providers::aws::errors::code;
 use crate::{
-    providers::s3::errors::{self as common, HttpStatus},
+    providers::aws::errors::{
+        self as aws, Answer, SdkError, Service, ServiceError, tolerate_codes,
+    },
     registry::TaskError,
+};
+
+/// The service as messages name it, and what berth's identity needs there.
+const EC2: Service<'static> = Service {
+    name: "EC2",
+    permissions: "the ec2 actions listed in the README (RunInstances, CreateVolume, CreateSecurityGroup, ...)",
 };
 
 /// Codes that mean "this type cannot run here now": the launch moves on to the next candidate.
@@ -33,30 +40,28 @@ const NOT_YET: &[&str] = &[
     "InvalidNetworkInterfaceID.NotFound",
 ];
 
-pub fn code<E: ProvideErrorMetadata, R: HttpStatus>(err: &SdkError<E, R>) -> Option<String> {
-    common::code(err)
-}
-
 pub fn is_capacity(code: &str) -> bool {
     NO_CAPACITY.contains(&code)
 }
 
-/// Maps an SDK error met while doing `what`.
-pub fn classify<E, R>(err: SdkError<E, R>, what: &str) -> TaskError
-where
-    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: HttpStatus + std::fmt::Debug,
-{
-    let code = code(&err).unwrap_or_default();
-    let message = match &err {
-        SdkError::ServiceError(service) => service.err().message().unwrap_or("").to_string(),
-        _ => String::new(),
-    };
-    match code.as_str() {
-        "UnauthorizedOperation" | "AccessDenied" | "AuthFailure" => TaskError::fatal(format!(
-            "{what}: EC2 denied berth's identity ({code}: {message}); give it the ec2 actions listed in the README \
-             (RunInstances, CreateVolume, CreateSecurityGroup, ...), then retry the operation"
-        )),
+/// Maps an EC2 error met while doing `what`.
+pub fn classify<E: ServiceError>(err: SdkError<E>, what: &str) -> TaskError {
+    own_codes(&Answer::of(&err), what).unwrap_or_else(|| aws::classify(err, what, &EC2))
+}
+
+/// `result`, with the errors whose code is one of `fine` read as `Ok(None)` ("already so") and the others classified
+/// as met while doing `what`.
+pub fn tolerate<T, E: ServiceError>(
+    result: Result<T, SdkError<E>>,
+    fine: &[&str],
+    what: &str,
+) -> Result<Option<T>, TaskError> {
+    tolerate_codes(result, fine).map_err(|e| classify(e, what))
+}
+
+fn own_codes(answer: &Answer, what: &str) -> Option<TaskError> {
+    let Answer { code, message, .. } = answer;
+    Some(match code.as_str() {
         "RequestLimitExceeded" => {
             TaskError::retryable(format!("{what}: EC2 is throttling berth ({message})"))
         }
@@ -69,28 +74,14 @@ where
         | "AddressLimitExceeded" => TaskError::fatal(format!(
             "{what}: an account limit was reached ({code}: {message}); ask AWS for a higher limit or free some"
         )),
-        _ => common::classify(err, what, "EC2"),
-    }
+        _ => return None,
+    })
 }
 
 #[cfg(test)]
 mod tests {
-    use aws_sdk_ec2::{
-        config::http::HttpResponse, error::ErrorMetadata,
-        operation::run_instances::RunInstancesError,
-    };
-    use aws_sdk_s3::primitives::SdkBody;
-
     use super::*;
-
-    fn service(code: &str, status: u16) -> SdkError<RunInstancesError, HttpResponse> {
-        let err =
-            RunInstancesError::generic(ErrorMetadata::builder().code(code).message("m").build());
-        SdkError::service_error(
-            err,
-            HttpResponse::new(status.try_into().unwrap(), SdkBody::empty()),
-        )
-    }
+    use crate::providers::aws::errors::service_error as service;
 
     #[test]
     fn capacity_moves_on_waits_retry_and_refusals_say_what_to_fix() {

@@ -1,9 +1,10 @@
 //! What the engines that run VMs on EC2 (`ec2` for the dedicated plans, `ha_ec2` for the `ha` plan) share: the
 //! account's settings and one client per region ([`Ec2Account`]), the offers cache ([`offers`]), the tagged
-//! resources and the launch ([`vm`]), and the mapping of EC2's errors ([`errors`]).
+//! resources and the launch ([`vm`]), their teardown ([`teardown`]), and EC2's own error codes ([`errors`]).
 
 pub mod errors;
 pub mod offers;
+pub mod teardown;
 pub mod vm;
 
 use std::{collections::HashMap, sync::Mutex};
@@ -14,6 +15,7 @@ use broker::config::Settings;
 use serde_json::Value;
 
 use super::aws;
+pub use super::aws::extra_tags;
 use crate::registry::TaskError;
 
 /// The EC2 settings berth was started with, and one client per region.
@@ -112,22 +114,6 @@ pub async fn available_zones(client: &Client) -> Result<Vec<String>, TaskError> 
         return Err(TaskError::fatal("the region has no available zone"));
     }
     Ok(names)
-}
-
-/// The `tags` parameter: labels for every resource, besides berth's own `berth:*` ones.
-pub fn extra_tags(parameters: &Value) -> Result<Vec<(String, String)>, TaskError> {
-    let mut tags = Vec::new();
-    if let Some(extra) = parameters.get("tags").and_then(Value::as_object) {
-        for (k, v) in extra {
-            if k.starts_with("berth:") {
-                return Err(TaskError::fatal(format!(
-                    "tag {k:?}: berth:* tags are berth's own"
-                )));
-            }
-            tags.push((k.clone(), v.as_str().unwrap_or_default().to_string()));
-        }
-    }
-    Ok(tags)
 }
 
 /// The `ssh_keys` parameter.

@@ -5,7 +5,11 @@
 use std::collections::{BTreeMap, HashMap};
 
 use anyhow::Context as _;
-use aws_sdk_ec2::{Client, primitives::DateTime, types::UsageClassType};
+use aws_sdk_ec2::{
+    Client,
+    primitives::DateTime,
+    types::{InstanceTypeInfo, UsageClassType},
+};
 use broker::{db::ec2_offers, ec2::Offer};
 use sqlx::PgPool;
 
@@ -30,6 +34,25 @@ pub async fn fetch(
     client: &Client,
     on_demand: &HashMap<String, f64>,
 ) -> Result<Vec<Offer>, TaskError> {
+    let mut offers = instance_types(client, on_demand).await?;
+    let index: HashMap<String, usize> = offers
+        .iter()
+        .enumerate()
+        .map(|(i, o)| (o.instance_type.clone(), i))
+        .collect();
+    for ((name, zone), price) in spot_prices(client).await? {
+        if let Some(&i) = index.get(&name) {
+            offers[i].spot_prices.insert(zone, price);
+        }
+    }
+    Ok(offers)
+}
+
+/// Every instance type of the region, with its on-demand price from the operator's list (no spot prices yet).
+async fn instance_types(
+    client: &Client,
+    on_demand: &HashMap<String, f64>,
+) -> Result<Vec<Offer>, TaskError> {
     let mut offers = Vec::new();
     let mut pages = client
         .describe_instance_types()
@@ -38,45 +61,53 @@ pub async fn fetch(
         .send();
     while let Some(page) = pages.next().await {
         let page = page.map_err(|e| classify(e, "listing instance types"))?;
-        for t in page.instance_types() {
-            let Some(name) = t.instance_type().map(|n| n.as_str().to_string()) else {
-                continue;
-            };
-            offers.push(Offer {
-                vcpus: t
-                    .v_cpu_info()
-                    .and_then(|v| v.default_v_cpus())
-                    .unwrap_or(0)
-                    .max(0) as u32,
-                memory_mib: t
-                    .memory_info()
-                    .and_then(|m| m.size_in_mib())
-                    .unwrap_or(0)
-                    .max(0) as u64,
-                architectures: t
-                    .processor_info()
-                    .map(|p| {
-                        p.supported_architectures()
-                            .iter()
-                            .map(|a| a.as_str().to_string())
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-                burstable: t.burstable_performance_supported().unwrap_or(false),
-                instance_storage_gb: t
-                    .instance_storage_info()
-                    .and_then(|s| s.total_size_in_gb())
-                    .unwrap_or(0)
-                    .max(0) as u32,
-                current_generation: t.current_generation().unwrap_or(false),
-                spot_supported: t.supported_usage_classes().contains(&UsageClassType::Spot),
-                spot_prices: BTreeMap::new(),
-                on_demand_price: on_demand.get(&name).copied(),
-                instance_type: name,
-            });
-        }
+        offers.extend(
+            page.instance_types()
+                .iter()
+                .filter_map(|t| offer(t, on_demand)),
+        );
     }
-    // The latest price per (type, zone): history from now on holds the price in force now.
+    Ok(offers)
+}
+
+fn offer(t: &InstanceTypeInfo, on_demand: &HashMap<String, f64>) -> Option<Offer> {
+    let name = t.instance_type()?.as_str().to_string();
+    Some(Offer {
+        vcpus: t
+            .v_cpu_info()
+            .and_then(|v| v.default_v_cpus())
+            .unwrap_or(0)
+            .max(0) as u32,
+        memory_mib: t
+            .memory_info()
+            .and_then(|m| m.size_in_mib())
+            .unwrap_or(0)
+            .max(0) as u64,
+        architectures: t
+            .processor_info()
+            .map(|p| {
+                p.supported_architectures()
+                    .iter()
+                    .map(|a| a.as_str().to_string())
+                    .collect()
+            })
+            .unwrap_or_default(),
+        burstable: t.burstable_performance_supported().unwrap_or(false),
+        instance_storage_gb: t
+            .instance_storage_info()
+            .and_then(|s| s.total_size_in_gb())
+            .unwrap_or(0)
+            .max(0) as u32,
+        current_generation: t.current_generation().unwrap_or(false),
+        spot_supported: t.supported_usage_classes().contains(&UsageClassType::Spot),
+        spot_prices: BTreeMap::new(),
+        on_demand_price: on_demand.get(&name).copied(),
+        instance_type: name,
+    })
+}
+
+/// The latest spot price per (type, zone): history from now on holds the price in force now.
+async fn spot_prices(client: &Client) -> Result<HashMap<(String, String), f64>, TaskError> {
     let mut latest: HashMap<(String, String), (i64, f64)> = HashMap::new();
     let now = DateTime::from_secs(chrono::Utc::now().timestamp());
     let mut pages = client
@@ -103,17 +134,10 @@ pub async fn fetch(
             }
         }
     }
-    let index: HashMap<String, usize> = offers
-        .iter()
-        .enumerate()
-        .map(|(i, o)| (o.instance_type.clone(), i))
-        .collect();
-    for ((name, zone), (_, price)) in latest {
-        if let Some(&i) = index.get(&name) {
-            offers[i].spot_prices.insert(zone, price);
-        }
-    }
-    Ok(offers)
+    Ok(latest
+        .into_iter()
+        .map(|(key, (_, price))| (key, price))
+        .collect())
 }
 
 /// The region's offers, refreshed first when older than `ttl_secs` (or never fetched).

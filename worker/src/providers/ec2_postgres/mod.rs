@@ -732,23 +732,15 @@ impl Provider for Ec2Postgres {
         let state = State::of(&instance.details);
         let params_region = instance.parameters.get("region").and_then(Value::as_str);
         let client = self.client(&self.region_of(params_region, &state));
-        // In order: the VMs, and only once they are gone the volumes, addresses and the security group.
-        let live = vm::live_vms(&client, &instance.id).await?;
-        if !live.is_empty() {
-            let ids: Vec<String> = live.iter().map(|v| v.id.clone()).collect();
-            vm::terminate(&client, &ids).await?;
-            return wait(5, format!("terminating VM {}", ids.join(", ")));
-        }
-        if !vm::all_terminated(&client, &instance.id).await? {
-            return wait(5, "waiting for the VM to terminate");
-        }
-        vm::delete_the_rest(
+        let group = group_name(ctx.services.name_prefix(), &instance.id);
+        super::ec2_common::teardown::tear_down(
             &client,
             &instance.id,
-            &group_name(ctx.services.name_prefix(), &instance.id),
+            &group,
+            Duration::from_secs(5),
+            "VM",
         )
-        .await?;
-        Ok(Progress::Done(()))
+        .await
     }
 
     async fn bind(

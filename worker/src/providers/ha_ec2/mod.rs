@@ -423,23 +423,15 @@ impl Provider for HaEc2 {
         let state = ClusterState::of(&instance.details);
         let params_region = instance.parameters.get("region").and_then(Value::as_str);
         let client = self.account.client(&self.region_of(params_region, &state));
-        // In order: every VM; once all are terminated, the interfaces, addresses, volumes and the group.
-        let live = vm::live_vms(&client, &instance.id).await?;
-        if !live.is_empty() {
-            let ids: Vec<String> = live.iter().map(|v| v.id.clone()).collect();
-            vm::terminate(&client, &ids).await?;
-            return wait(3, format!("terminating VMs {}", ids.join(", ")));
-        }
-        if !vm::all_terminated(&client, &instance.id).await? {
-            return wait(3, "waiting for the VMs to terminate");
-        }
-        vm::delete_the_rest(
+        let group = group_name(ctx.services.name_prefix(), &instance.id);
+        super::ec2_common::teardown::tear_down(
             &client,
             &instance.id,
-            &group_name(ctx.services.name_prefix(), &instance.id),
+            &group,
+            Duration::from_secs(3),
+            "VMs",
         )
-        .await?;
-        Ok(Progress::Done(()))
+        .await
     }
 
     async fn bind(

@@ -60,16 +60,13 @@ pub async fn ensure_security_group(
             .to_port(to as i32)
             .user_id_group_pairs(UserIdGroupPair::builder().group_id(&id).build())
             .build();
-        if let Err(e) = client
-            .authorize_security_group_ingress()
-            .group_id(&id)
-            .ip_permissions(rule)
-            .send()
-            .await
-            && code(&e).as_deref() != Some("InvalidPermission.Duplicate")
-        {
-            return Err(classify(e, "opening the security group between members"));
-        }
+        vm::authorize_ingress(
+            client,
+            &id,
+            rule,
+            "opening the security group between members",
+        )
+        .await?;
     }
     Ok(id)
 }

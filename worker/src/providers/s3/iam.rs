@@ -8,11 +8,17 @@ use aws_sdk_iam::Client;
 use secrecy::SecretString;
 use serde_json::json;
 
-use super::{Store, errors::code};
-use crate::registry::TaskError;
+use super::Store;
+use crate::{
+    providers::aws::errors::{code, tolerate_codes},
+    registry::TaskError,
+};
 
 /// The inline policy's name on every binding user.
 const POLICY: &str = "berth-bucket-access";
+
+/// IAM's "no such user (or key, or policy)": gone already.
+const NO_SUCH_ENTITY: &str = "NoSuchEntity";
 
 /// The path of every user made for `bucket`.
 pub fn user_path(bucket: &str) -> String {
@@ -72,17 +78,17 @@ pub async fn ensure_binding_user(
     bucket: &str,
     read_only: bool,
 ) -> Result<AccessKey, TaskError> {
-    match iam
+    let created = iam
         .create_user()
         .user_name(user)
         .path(user_path(bucket))
         .send()
-        .await
-    {
-        Ok(_) => {}
-        Err(e) if code(&e).as_deref() == Some("EntityAlreadyExists") => {}
-        Err(e) => return Err(store.classify(e, "creating the binding's IAM user")),
-    }
+        .await;
+    store.tolerate(
+        created,
+        &["EntityAlreadyExists"],
+        "creating the binding's IAM user",
+    )?;
     iam.put_user_policy()
         .user_name(user)
         .policy_name(POLICY)
@@ -122,26 +128,23 @@ pub async fn delete_keys_except(
     user: &str,
     keep: Option<&str>,
 ) -> Result<(), TaskError> {
-    let keys = match iam.list_access_keys().user_name(user).send().await {
-        Ok(out) => out,
-        Err(e) if code(&e).as_deref() == Some("NoSuchEntity") => return Ok(()),
-        Err(e) => return Err(store.classify(e, "listing the binding user's keys")),
+    let listed = iam.list_access_keys().user_name(user).send().await;
+    let Some(keys) =
+        store.tolerate(listed, &[NO_SUCH_ENTITY], "listing the binding user's keys")?
+    else {
+        return Ok(());
     };
     for key in keys.access_key_metadata() {
         let Some(id) = key.access_key_id().filter(|id| Some(*id) != keep) else {
             continue;
         };
-        match iam
+        let deleted = iam
             .delete_access_key()
             .user_name(user)
             .access_key_id(id)
             .send()
-            .await
-        {
-            Ok(_) => {}
-            Err(e) if code(&e).as_deref() == Some("NoSuchEntity") => {}
-            Err(e) => return Err(store.classify(e, "deleting a binding user's key")),
-        }
+            .await;
+        store.tolerate(deleted, &[NO_SUCH_ENTITY], "deleting a binding user's key")?;
     }
     Ok(())
 }
@@ -149,27 +152,33 @@ pub async fn delete_keys_except(
 /// Deletes the user with its keys and inline policies; a user that is gone counts as deleted.
 pub async fn delete_user(store: &Store, iam: &Client, user: &str) -> Result<(), TaskError> {
     delete_keys(store, iam, user).await?;
-    let policies = match iam.list_user_policies().user_name(user).send().await {
-        Ok(out) => out.policy_names().to_vec(),
-        Err(e) if code(&e).as_deref() == Some("NoSuchEntity") => return Ok(()),
-        Err(e) => return Err(store.classify(e, "listing the binding user's policies")),
+    let listed = iam.list_user_policies().user_name(user).send().await;
+    let Some(policies) = store.tolerate(
+        listed,
+        &[NO_SUCH_ENTITY],
+        "listing the binding user's policies",
+    )?
+    else {
+        return Ok(());
     };
-    for name in policies {
-        match iam
+    for name in policies.policy_names() {
+        let deleted = iam
             .delete_user_policy()
             .user_name(user)
-            .policy_name(&name)
+            .policy_name(name)
             .send()
-            .await
-        {
-            Ok(_) => {}
-            Err(e) if code(&e).as_deref() == Some("NoSuchEntity") => {}
-            Err(e) => return Err(store.classify(e, "deleting a binding user's policy")),
-        }
+            .await;
+        store.tolerate(
+            deleted,
+            &[NO_SUCH_ENTITY],
+            "deleting a binding user's policy",
+        )?;
     }
-    match iam.delete_user().user_name(user).send().await {
+    match tolerate_codes(
+        iam.delete_user().user_name(user).send().await,
+        &[NO_SUCH_ENTITY],
+    ) {
         Ok(_) => Ok(()),
-        Err(e) if code(&e).as_deref() == Some("NoSuchEntity") => Ok(()),
         // A key or policy added concurrently (a retried bind): go round again.
         Err(e) if code(&e).as_deref() == Some("DeleteConflict") => Err(TaskError::retryable(
             "deleting the binding's IAM user: it still has a key or policy",

@@ -4,53 +4,29 @@
 //! Names are derived from OSB ids (`broker::names`), so a retry finds what the first try made.
 
 mod bucket;
-pub mod errors;
+mod credentials;
+mod errors;
 mod iam;
-
-use std::time::Duration;
+mod store;
 
 use async_trait::async_trait;
-use aws_sdk_s3::config::{BehaviorVersion, Region};
 use broker::{
-    config::{S3Backend, Settings},
     db::{bindings::BindingRow, instances::InstanceRow},
     model::UpdatePayload,
     names,
 };
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use serde_json::{Map, Value, json};
 
 pub use bucket::BucketSpec;
+pub use store::Store;
 
-use super::{
-    Bound, Progress, Provider, Provisioned,
-    aws::{self, http_client, static_credentials},
-};
+use self::credentials::{Access, access_key_of};
+use super::{Bound, Progress, Provider, Provisioned, aws};
 use crate::{context::TaskContext, registry::TaskError};
 
 /// The plan engine this provider serves.
 pub const ENGINE: &str = "s3";
-
-/// How long a bind waits for a new key to be accepted before it retries the whole bind.
-const KEY_PROPAGATION_LIMIT: Duration = Duration::from_secs(30);
-
-/// Facts about the store that shape requests and messages.
-#[derive(Debug, Clone)]
-pub struct Store {
-    pub is_aws: bool,
-    pub label: &'static str,
-    pub kms_key_id: Option<String>,
-}
-
-impl Store {
-    pub fn classify<E, R>(&self, err: aws_sdk_s3::error::SdkError<E, R>, what: &str) -> TaskError
-    where
-        E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-        R: errors::HttpStatus + std::fmt::Debug,
-    {
-        errors::classify(err, what, self.label)
-    }
-}
 
 pub struct S3Provider {
     store: Store,
@@ -74,100 +50,6 @@ impl std::fmt::Debug for S3Provider {
 }
 
 impl S3Provider {
-    /// Sets up clients for the configured store. Credentials are resolved lazily (on the first request), so a
-    /// worker starts even while an instance role is still arriving.
-    pub fn new(settings: &Settings, backend: S3Backend) -> anyhow::Result<Self> {
-        match backend {
-            S3Backend::Aws => Self::aws(settings),
-            S3Backend::Compatible => Self::compatible(settings),
-        }
-    }
-
-    fn aws(settings: &Settings) -> anyhow::Result<Self> {
-        let region = settings
-            .aws_region
-            .clone()
-            .ok_or_else(|| anyhow::anyhow!("AWS_REGION is required for S3"))?;
-        let sdk = aws::sdk_config(settings, &region)?;
-        let s3 = aws_sdk_s3::config::Builder::from(&sdk)
-            .force_path_style(settings.aws_endpoint_url.is_some())
-            .build();
-        Ok(Self {
-            store: Store {
-                is_aws: true,
-                label: "AWS",
-                kms_key_id: settings.s3_kms_key_id.clone(),
-            },
-            s3,
-            iam: Some(aws_sdk_iam::Client::new(&sdk)),
-            shared_keys: None,
-            default_region: region,
-            public_endpoint: settings.aws_endpoint_url.clone().unwrap_or_default(),
-        })
-    }
-
-    fn compatible(settings: &Settings) -> anyhow::Result<Self> {
-        let (Some(endpoint), Some(key), Some(secret)) = (
-            &settings.s3_compatible_endpoint,
-            &settings.s3_compatible_access_key,
-            &settings.s3_compatible_secret_key,
-        ) else {
-            anyhow::bail!(
-                "S3_COMPATIBLE_ENDPOINT, S3_COMPATIBLE_ACCESS_KEY and S3_COMPATIBLE_SECRET_KEY are required"
-            );
-        };
-        url::Url::parse(endpoint)
-            .map_err(|_| anyhow::anyhow!("S3_COMPATIBLE_ENDPOINT is not a URL"))?;
-        let credentials = static_credentials(key.expose_secret(), secret, None);
-        let region = Region::new(settings.s3_compatible_region.clone());
-        let s3 = aws_sdk_s3::config::Builder::new()
-            .behavior_version(BehaviorVersion::latest())
-            .http_client(http_client())
-            .region(region.clone())
-            .credentials_provider(credentials.clone())
-            .endpoint_url(endpoint)
-            .force_path_style(true)
-            .build();
-        let iam = settings
-            .s3_compatible_iam_endpoint
-            .as_ref()
-            .map(|iam_endpoint| {
-                let config = aws_sdk_iam::config::Builder::new()
-                    .behavior_version(BehaviorVersion::latest())
-                    .http_client(http_client())
-                    .region(region.clone())
-                    .credentials_provider(credentials.clone())
-                    .endpoint_url(iam_endpoint)
-                    .build();
-                aws_sdk_iam::Client::from_conf(config)
-            });
-        let shared_keys = iam
-            .is_none()
-            .then(|| (key.expose_secret().to_string(), secret.clone()));
-        Ok(Self {
-            store: Store {
-                is_aws: false,
-                label: "the S3-compatible store",
-                kms_key_id: settings.s3_kms_key_id.clone(),
-            },
-            s3,
-            iam,
-            shared_keys,
-            default_region: settings.s3_compatible_region.clone(),
-            public_endpoint: endpoint.clone(),
-        })
-    }
-
-    /// An S3 client for the bucket's region.
-    fn s3(&self, region: &str) -> aws_sdk_s3::Client {
-        aws_sdk_s3::Client::from_conf(
-            self.s3
-                .to_builder()
-                .region(Region::new(region.to_string()))
-                .build(),
-        )
-    }
-
     fn region_of(&self, instance: &InstanceRow) -> String {
         instance
             .parameters
@@ -201,16 +83,7 @@ impl S3Provider {
         if !space.is_empty() {
             tags.push(("berth:space".into(), space));
         }
-        if let Some(extra) = parameters.get("tags").and_then(Value::as_object) {
-            for (k, v) in extra {
-                if k.starts_with("berth:") {
-                    return Err(TaskError::fatal(format!(
-                        "tag {k:?}: berth:* tags are berth's own"
-                    )));
-                }
-                tags.push((k.clone(), v.as_str().unwrap_or_default().to_string()));
-            }
-        }
+        tags.extend(aws::extra_tags(parameters)?);
         Ok(BucketSpec {
             versioning: plan.has_feature("versioning"),
             encryption: plan.has_feature("encryption"),
@@ -230,30 +103,6 @@ impl S3Provider {
 
     fn iam_or_none(&self) -> Option<&aws_sdk_iam::Client> {
         self.iam.as_ref()
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Access {
-    ReadWrite,
-    ReadOnly,
-}
-
-impl Access {
-    fn of(binding: &BindingRow) -> Result<Self, TaskError> {
-        match binding.parameters.get("access").and_then(Value::as_str) {
-            None | Some("read-write") => Ok(Self::ReadWrite),
-            Some("read-only") => Ok(Self::ReadOnly),
-            Some(other) => Err(TaskError::fatal(format!(
-                "binding parameter `access` must be \"read-write\" or \"read-only\", not {other:?}"
-            ))),
-        }
-    }
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::ReadWrite => "read-write",
-            Self::ReadOnly => "read-only",
-        }
     }
 }
 
@@ -409,15 +258,7 @@ impl Provider for S3Provider {
         current: &Map<String, Value>,
     ) -> Result<Progress<Bound>, TaskError> {
         let (iam, user) = self.rotation_user(ctx, binding)?;
-        let current_key = current
-            .get("S3_ACCESS_KEY")
-            .and_then(Value::as_str)
-            .ok_or_else(|| {
-                TaskError::fatal(format!(
-                    "binding {}: its stored credentials have no S3_ACCESS_KEY",
-                    binding.id
-                ))
-            })?;
+        let current_key = access_key_of(current, binding, "stored")?;
         let bucket = Self::bucket(ctx, &instance.id);
         let region = self.region_of(instance);
         // A key an earlier, interrupted try made was never stored: nobody has it.
@@ -442,15 +283,7 @@ impl Provider for S3Provider {
         current: &Map<String, Value>,
     ) -> Result<Progress<()>, TaskError> {
         let (iam, user) = self.rotation_user(ctx, binding)?;
-        let keep = current
-            .get("S3_ACCESS_KEY")
-            .and_then(Value::as_str)
-            .ok_or_else(|| {
-                TaskError::fatal(format!(
-                    "binding {}: its new credentials have no S3_ACCESS_KEY",
-                    binding.id
-                ))
-            })?;
+        let keep = access_key_of(current, binding, "new")?;
         iam::delete_keys_except(&self.store, iam, &user, Some(keep)).await?;
         Ok(Progress::Done(()))
     }
@@ -466,107 +299,5 @@ impl Provider for S3Provider {
             iam::delete_user(&self.store, iam, &user).await?;
         }
         Ok(Progress::Done(()))
-    }
-}
-
-impl S3Provider {
-    /// Waits (bounded) until a new key is accepted for the bucket: IAM is eventually consistent, and a key
-    /// handed to an app must work at once.
-    async fn wait_until_key_works(
-        &self,
-        region: &str,
-        bucket: &str,
-        key: &iam::AccessKey,
-    ) -> Result<(), TaskError> {
-        let probe_client = aws_sdk_s3::Client::from_conf(
-            self.s3
-                .to_builder()
-                .region(Region::new(region.to_string()))
-                .credentials_provider(static_credentials(&key.id, &key.secret, None))
-                .build(),
-        );
-        let store = &self.store;
-        let bucket_name = bucket.to_string();
-        iam::wait_until_valid(
-            || {
-                let client = probe_client.clone();
-                let bucket = bucket_name.clone();
-                async move {
-                    // A one-key listing (s3:ListBucket, which every binding has): HeadBucket is
-                    // the same permission on AWS, but moto checks a made-up s3:HeadBucket for it.
-                    match client.list_objects_v2().bucket(&bucket).max_keys(1).send().await {
-                        Ok(_) => Ok(true),
-                        Err(e) => match errors::code(&e).as_deref() {
-                            // Unknown key, or known but its policy not yet in force.
-                            Some("InvalidAccessKeyId" | "AccessDenied" | "Forbidden" | "SignatureDoesNotMatch") => Ok(false),
-                            _ if matches!(&e, aws_sdk_s3::error::SdkError::ServiceError(s) if s.raw().status().as_u16() == 403) => Ok(false),
-                            _ => Err(store.classify(e, "trying the binding's new key")),
-                        },
-                    }
-                }
-            },
-            KEY_PROPAGATION_LIMIT,
-        )
-        .await
-    }
-
-    /// The IAM client and the binding's user, for rotation; a store without an identity API has no
-    /// per-binding key to rotate.
-    fn rotation_user(
-        &self,
-        ctx: &TaskContext<'_>,
-        binding: &BindingRow,
-    ) -> Result<(&aws_sdk_iam::Client, String), TaskError> {
-        let iam = self.iam.as_ref().ok_or_else(|| {
-            TaskError::fatal(
-                "this plan cannot rotate credentials: bindings share the store's keys (set S3_COMPATIBLE_IAM_ENDPOINT \
-                 for per-binding keys)",
-            )
-        })?;
-        Ok((
-            iam,
-            names::binding_user(ctx.services.name_prefix(), &binding.id),
-        ))
-    }
-
-    /// The OSB `endpoints` entry for the bucket's region.
-    fn endpoint(&self, region: &str) -> Value {
-        match url::Url::parse(&self.public_endpoint) {
-            Ok(url) => json!({
-                "host": url.host_str().unwrap_or_default(),
-                "ports": [url.port_or_known_default().unwrap_or(443).to_string()],
-                "protocol": "tcp",
-            }),
-            Err(_) => {
-                json!({ "host": format!("s3.{region}.amazonaws.com"), "ports": ["443"], "protocol": "tcp" })
-            }
-        }
-    }
-
-    fn credentials(
-        &self,
-        bucket: &str,
-        region: &str,
-        key_id: &str,
-        secret: &SecretString,
-    ) -> Map<String, Value> {
-        let mut uri = url::Url::parse("s3://bucket").expect("static URL");
-        let _ = uri.set_host(Some(bucket));
-        let _ = uri.set_username(key_id);
-        let _ = uri.set_password(Some(secret.expose_secret()));
-        uri.query_pairs_mut().append_pair("region", region);
-        if !self.public_endpoint.is_empty() {
-            uri.query_pairs_mut()
-                .append_pair("endpoint", &self.public_endpoint);
-        }
-        let mut c = Map::new();
-        c.insert("S3_BUCKET".into(), json!(bucket));
-        c.insert("S3_LOCATION".into(), json!(format!("s3://{bucket}")));
-        c.insert("S3_ACCESS_KEY".into(), json!(key_id));
-        c.insert("S3_SECRET_KEY".into(), json!(secret.expose_secret()));
-        c.insert("S3_REGION".into(), json!(region));
-        c.insert("S3_ENDPOINT".into(), json!(self.public_endpoint));
-        c.insert("uri".into(), json!(String::from(uri)));
-        c
     }
 }

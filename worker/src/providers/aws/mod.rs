@@ -1,10 +1,16 @@
-//! AWS plumbing shared by the engines that call AWS (`s3`, `ec2`, connection pushes): an HTTPS client on
-//! rustls + ring (the SDK's default would build aws-lc) and the SDK's standard chain read from berth's settings.
+//! AWS plumbing shared by the engines that call AWS (`s3`, `ec2`, `ha_ec2`, connection pushes): an HTTPS client
+//! on rustls + ring (the SDK's default would build aws-lc), the SDK's standard chain read from berth's settings,
+//! the sorting of AWS errors ([`errors`]) and the `tags` parameter every AWS resource takes.
+
+pub mod errors;
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_s3::config::{Credentials, SharedHttpClient};
 use broker::config::Settings;
 use secrecy::{ExposeSecret, SecretString};
+use serde_json::Value;
+
+use crate::registry::TaskError;
 
 /// An HTTPS-capable client on rustls + ring.
 pub fn http_client() -> SharedHttpClient {
@@ -53,6 +59,30 @@ pub fn sdk_config(settings: &Settings, region: &str) -> anyhow::Result<SdkConfig
     block_on(loader.load())
 }
 
+/// The S3 configuration of the standard chain (`sdk`, from [`sdk_config`]): bucket names go in the path when
+/// `AWS_ENDPOINT_URL` names an endpoint of its own (moto, LocalStack), as such endpoints have no bucket hosts.
+pub fn s3_config(sdk: &SdkConfig, settings: &Settings) -> aws_sdk_s3::Config {
+    aws_sdk_s3::config::Builder::from(sdk)
+        .force_path_style(settings.aws_endpoint_url.is_some())
+        .build()
+}
+
+/// The S3 configuration of an S3-compatible store at `endpoint`, with static keys (bucket names in the path).
+pub fn compatible_s3_config(
+    endpoint: &str,
+    region: &str,
+    credentials: Credentials,
+) -> aws_sdk_s3::Config {
+    aws_sdk_s3::config::Builder::new()
+        .behavior_version(BehaviorVersion::latest())
+        .http_client(http_client())
+        .region(Region::new(region.to_string()))
+        .credentials_provider(credentials)
+        .endpoint_url(endpoint)
+        .force_path_style(true)
+        .build()
+}
+
 /// Runs a future to completion from synchronous start-up code, inside or outside a runtime.
 pub fn block_on<F: std::future::Future + Send>(future: F) -> anyhow::Result<F::Output>
 where
@@ -75,4 +105,20 @@ where
                 .map_err(anyhow::Error::from)
         }),
     }
+}
+
+/// The `tags` parameter: labels for every resource, besides berth's own `berth:*` ones.
+pub fn extra_tags(parameters: &Value) -> Result<Vec<(String, String)>, TaskError> {
+    let mut tags = Vec::new();
+    if let Some(extra) = parameters.get("tags").and_then(Value::as_object) {
+        for (k, v) in extra {
+            if k.starts_with("berth:") {
+                return Err(TaskError::fatal(format!(
+                    "tag {k:?}: berth:* tags are berth's own"
+                )));
+            }
+            tags.push((k.clone(), v.as_str().unwrap_or_default().to_string()));
+        }
+    }
+    Ok(tags)
 }
