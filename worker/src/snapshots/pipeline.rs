@@ -387,7 +387,7 @@ pub async fn roles_of(login: &ServerLogin, database: &str) -> Result<Value, Task
     )
     .fetch_all(&mut conn)
     .await
-    .map_err(|e| crate::providers::shared_postgres::classify(e, "listing the database's roles"))?;
+    .map_err(|e| crate::providers::postgres::classify(e, "listing the database's roles"))?;
     Ok(json!(roles))
 }
 

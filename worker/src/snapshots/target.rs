@@ -12,7 +12,7 @@ use sqlx::{
 };
 
 use crate::{
-    providers::shared_postgres::{
+    providers::postgres::{
         connect, create_extensions, database_exists, exec, exec_tolerating, read_only_grants,
     },
     registry::TaskError,

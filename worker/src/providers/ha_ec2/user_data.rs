@@ -18,7 +18,7 @@ use crate::providers::ha_local::{
 };
 
 use super::state::Secrets;
-use crate::providers::scram;
+use crate::providers::postgres::scram;
 
 const TEMPLATE: &str = include_str!("cloud-init.yaml.j2");
 const MEMBERSHIP_SCRIPT: &str = include_str!("etcd-membership.sh");
