@@ -39,7 +39,7 @@ use super::{
     ec2_common::{self, Ec2Account, offers, vm},
     postgres::{
         DEFAULT_ADMIN, DEFAULT_APP_DB, ServerAccess, add_extensions, app_db_name, bind_role,
-        connect, exec, requested_extensions, tuning, unbind_role,
+        connect, exec, requested_extensions, revoke_binding_role, tuning,
     },
 };
 use crate::{
@@ -306,10 +306,50 @@ async fn secrets(ctx: &TaskContext<'_>, instance: &InstanceRow) -> Result<Secret
     Ok(made)
 }
 
+/// Where the instance's server is reached and its (sealed) passwords.
+async fn server_of(
+    ctx: &TaskContext<'_>,
+    instance: &InstanceRow,
+) -> Result<(String, Secrets), TaskError> {
+    let secrets = secrets(ctx, instance).await?;
+    let host = State::of(&instance.details)
+        .host()
+        .unwrap_or_default()
+        .to_string();
+    Ok((host, secrets))
+}
+
 fn wait<T>(secs: u64, progress: impl Into<String>) -> Result<Progress<T>, TaskError> {
     Ok(Progress::Wait {
         after: Duration::from_secs(secs),
         progress: progress.into(),
+    })
+}
+
+/// The cloud-init user-data that sets the instance's server up on the data volume `volume_id`.
+fn user_data(
+    prefix: &str,
+    instance: &InstanceRow,
+    params: &Params,
+    secrets: &Secrets,
+    volume_id: &str,
+    tuning_profile: &str,
+) -> anyhow::Result<Rendered> {
+    let owner = names::instance_owner_role(prefix, &instance.id);
+    let server_name = group_name(prefix, &instance.id);
+    render_user_data(&UserData {
+        instance_id: &instance.id,
+        server_name: &server_name,
+        postgres_version: &params.postgres_version,
+        volume_id,
+        tuning_profile,
+        app_db_name: &params.app_db_name,
+        admin_user: &params.admin_user,
+        admin_password: &secrets.admin_password,
+        owner_role: &owner,
+        superuser_password: &secrets.superuser_password,
+        extensions: &params.extensions,
+        ssh_keys: &params.ssh_keys,
     })
 }
 
@@ -437,33 +477,6 @@ impl Ec2Postgres {
                 state.vm_id.as_deref().unwrap_or("?")
             ),
         )
-    }
-
-    async fn user_data(
-        &self,
-        ctx: &TaskContext<'_>,
-        instance: &InstanceRow,
-        params: &Params,
-        secrets: &Secrets,
-        volume_id: &str,
-    ) -> Result<Rendered, TaskError> {
-        let owner = names::instance_owner_role(ctx.services.name_prefix(), &instance.id);
-        let server_name = group_name(ctx.services.name_prefix(), &instance.id);
-        render_user_data(&UserData {
-            instance_id: &instance.id,
-            server_name: &server_name,
-            postgres_version: &params.postgres_version,
-            volume_id,
-            tuning_profile: &params.tuning_profile,
-            app_db_name: &params.app_db_name,
-            admin_user: &params.admin_user,
-            admin_password: &secrets.admin_password,
-            owner_role: &owner,
-            superuser_password: &secrets.superuser_password,
-            extensions: &params.extensions,
-            ssh_keys: &params.ssh_keys,
-        })
-        .map_err(|e| TaskError::Fatal(e.context("rendering the VM's user-data")))
     }
 
     /// Whether Postgres on the VM takes a TLS connection from berth's superuser.
@@ -616,9 +629,15 @@ impl Ec2Postgres {
         volume: &vm::Volume,
         state: &mut State,
     ) -> Result<Progress<vm::Vm>, TaskError> {
-        let user_data = self
-            .user_data(run.ctx, run.instance, run.params, secrets, &volume.id)
-            .await?;
+        let user_data = user_data(
+            run.ctx.services.name_prefix(),
+            run.instance,
+            run.params,
+            secrets,
+            &volume.id,
+            &run.params.tuning_profile,
+        )
+        .map_err(|e| TaskError::Fatal(e.context("rendering the VM's user-data")))?;
         let input = LaunchInput {
             client: run.client,
             spot,
@@ -751,11 +770,7 @@ impl Provider for Ec2Postgres {
         if extensions.is_empty() && profile.is_none() {
             return Ok(Progress::Done(()));
         }
-        let secrets = secrets(ctx, instance).await?;
-        let host = State::of(&instance.details)
-            .host()
-            .unwrap_or_default()
-            .to_string();
+        let (host, secrets) = server_of(ctx, instance).await?;
         if let Some(profile) = profile {
             let mut su = connect(
                 &superuser(&host, &secrets.superuser_password, "postgres"),
@@ -831,11 +846,7 @@ impl Provider for Ec2Postgres {
         instance: &InstanceRow,
         binding: &BindingRow,
     ) -> Result<Progress<Bound>, TaskError> {
-        let secrets = secrets(ctx, instance).await?;
-        let host = State::of(&instance.details)
-            .host()
-            .unwrap_or_default()
-            .to_string();
+        let (host, secrets) = server_of(ctx, instance).await?;
         let su = |database: &str| superuser(&host, &secrets.superuser_password, database);
         let access = ServerAccess {
             superuser: &su,
@@ -853,20 +864,15 @@ impl Provider for Ec2Postgres {
         instance: &InstanceRow,
         binding: &BindingRow,
     ) -> Result<Progress<()>, TaskError> {
-        let secrets = secrets(ctx, instance).await?;
-        let host = State::of(&instance.details)
-            .host()
-            .unwrap_or_default()
-            .to_string();
-        let su = |database: &str| superuser(&host, &secrets.superuser_password, database);
-        let access = ServerAccess {
-            superuser: &su,
-            host: &host,
-            port: PORT,
-        };
-        unbind_role(&access, ctx.services.name_prefix(), instance, binding)
-            .await
-            .map(Progress::Done)
+        let (host, secrets) = server_of(ctx, instance).await?;
+        revoke_binding_role(
+            &|database: &str| superuser(&host, &secrets.superuser_password, database),
+            ctx.services.name_prefix(),
+            instance,
+            binding,
+        )
+        .await
+        .map(Progress::Done)
     }
 
     async fn reconcile(&self, pool: &PgPool, services: &Services) -> anyhow::Result<()> {

@@ -34,7 +34,7 @@ use super::{
     Bound, LOCAL_LOCKS, Progress, Provider, Provisioned, lock_idle_instance, lock_instance,
     postgres::{
         AppDatabase, ServerAccess, ServerParams, add_extensions, app_db_name, bind_role,
-        binding_grants, set_up, tuning, unbind_role,
+        binding_grants, revoke_binding_role, set_up, tuning,
     },
 };
 use crate::{
@@ -523,15 +523,14 @@ impl Provider for LocalPostgres {
                 .context("starting the server")
                 .map_err(local)?;
         }
-        let su = |database: &str| superuser(&server, database);
-        let access = ServerAccess {
-            superuser: &su,
-            host: HOST,
-            port: server.port,
-        };
-        unbind_role(&access, ctx.services.name_prefix(), instance, binding)
-            .await
-            .map(Progress::Done)
+        revoke_binding_role(
+            &|database: &str| superuser(&server, database),
+            ctx.services.name_prefix(),
+            instance,
+            binding,
+        )
+        .await
+        .map(Progress::Done)
     }
 
     async fn reconcile(&self, pool: &PgPool, services: &Services) -> anyhow::Result<()> {

@@ -50,16 +50,6 @@ pub(crate) async fn bind_role(
     })
 }
 
-/// Drops a binding's login role on a dedicated server, handing what it owns to the owner role.
-pub(crate) async fn unbind_role(
-    server: &ServerAccess<'_>,
-    prefix: &str,
-    instance: &InstanceRow,
-    binding: &BindingRow,
-) -> Result<(), TaskError> {
-    revoke_binding_role(server.superuser, prefix, instance, binding).await
-}
-
 /// The login role a binding got, with its fresh password.
 pub(crate) struct BindingRole {
     pub database: String,

@@ -35,7 +35,7 @@ pub(crate) use {
     app_database::{AppDatabase, DEFAULT_APP_DB, add_extensions, app_db_name, set_up},
     bindings::{
         BindingRole, ServerAccess, bind_role, binding_details, credentials, grant_binding_role,
-        make_binding_role, revoke_binding_role, unbind_role,
+        make_binding_role, revoke_binding_role,
     },
     databases::{database_exists, ensure_database},
     extensions::{create_extensions, requested_extensions},
