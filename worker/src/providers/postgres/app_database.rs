@@ -7,7 +7,7 @@ use serde_json::Value;
 use sqlx::postgres::PgConnectOptions;
 
 use super::{
-    databases::ensure_database,
+    databases::{close_to_public, ensure_database},
     extensions::create_extensions,
     roles::{ensure_login, ensure_role},
     sql::{connect, exec},
@@ -66,12 +66,9 @@ pub(crate) async fn set_up(
     )
     .await?;
     ensure_database(&mut conn, app.database, app.owner).await?;
-    exec(
+    close_to_public(
         &mut conn,
-        &format!(
-            "REVOKE ALL ON DATABASE {} FROM PUBLIC",
-            quote_ident(app.database)
-        ),
+        app.database,
         "closing the app database to other roles",
     )
     .await?;

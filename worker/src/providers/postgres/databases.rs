@@ -3,7 +3,7 @@
 use broker::names::quote_ident;
 use sqlx::PgConnection;
 
-use super::sql::{Sql, exec_tolerating, exists};
+use super::sql::{Sql, exec, exec_tolerating, exists};
 use crate::registry::TaskError;
 
 pub(crate) fn database_exists<'a>(conn: &'a mut PgConnection, database: &'a str) -> Sql<'a, bool> {
@@ -38,4 +38,17 @@ pub(crate) async fn ensure_database(
     )
     .await?;
     Ok(())
+}
+
+/// Takes CONNECT (and TEMP) away from PUBLIC: only roles granted CONNECT reach the database.
+pub(crate) async fn close_to_public(
+    conn: &mut PgConnection,
+    database: &str,
+    what: &str,
+) -> Result<(), TaskError> {
+    let sql = format!(
+        "REVOKE ALL ON DATABASE {} FROM PUBLIC",
+        quote_ident(database)
+    );
+    exec(conn, &sql, what).await
 }

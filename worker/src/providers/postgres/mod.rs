@@ -37,7 +37,7 @@ pub(crate) use {
         BindingRole, ServerAccess, bind_role, binding_details, credentials, grant_binding_role,
         make_binding_role, revoke_binding_role,
     },
-    databases::{database_exists, ensure_database},
+    databases::{close_to_public, database_exists, ensure_database},
     extensions::{create_extensions, requested_extensions},
     grants::{RoleGrant, binding_grants, read_only_grants},
     roles::{drop_role, ensure_role, lock_out, members_of, role_exists},

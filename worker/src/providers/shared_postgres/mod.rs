@@ -23,9 +23,10 @@ use sqlx::{
 use super::{
     Bound, Progress, Provider, Provisioned,
     postgres::{
-        Access, BindingRole, RoleGrant, binding_details, binding_grants, classify, connect,
-        create_extensions, credentials, database_exists, drop_role, ensure_database, ensure_role,
-        exec, lock_out, make_binding_role, members_of, requested_extensions, role_exists,
+        Access, BindingRole, RoleGrant, binding_details, binding_grants, classify, close_to_public,
+        connect, create_extensions, credentials, database_exists, drop_role, ensure_database,
+        ensure_role, exec, lock_out, make_binding_role, members_of, requested_extensions,
+        role_exists,
     },
 };
 use crate::{
@@ -141,12 +142,9 @@ impl Provider for SharedPostgres {
         )
         .await?;
         ensure_database(&mut admin, &names.database, &names.owner).await?;
-        exec(
+        close_to_public(
             &mut admin,
-            &format!(
-                "REVOKE ALL ON DATABASE {} FROM PUBLIC",
-                quote_ident(&names.database)
-            ),
+            &names.database,
             "closing the instance's database to other roles",
         )
         .await?;
