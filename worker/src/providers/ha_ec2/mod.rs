@@ -471,7 +471,13 @@ impl Provider for HaEc2 {
             access,
         )
         .await?;
-        let (database, role, password) = (&made.database, &made.role, &made.password);
+        let postgres::BindingRole {
+            database,
+            role,
+            password,
+            ..
+        } = made;
+        let database = database.as_str();
         Ok(Progress::Done(Bound {
             details: json!({
                 "endpoints": endpoints.osb(),

@@ -559,7 +559,13 @@ impl Provider for HaLocal {
             access,
         )
         .await?;
-        let (database, role, password) = (&made.database, &made.role, &made.password);
+        let postgres::BindingRole {
+            database,
+            role,
+            password,
+            ..
+        } = made;
+        let database = database.as_str();
         let ca = std::fs::read_to_string(cluster.layout.ca_cert())
             .context("reading the cluster's CA")
             .map_err(local)?;
