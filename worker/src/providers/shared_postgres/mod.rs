@@ -80,6 +80,22 @@ impl InstanceNames {
     }
 }
 
+impl InstanceNames {
+    /// Fatal when the instance's database or owner role is missing (a provision that failed).
+    async fn check_present(&self, admin: &mut PgConnection) -> Result<(), TaskError> {
+        if !database_exists(admin, &self.database).await?
+            || !role_exists(admin, &self.owner).await?
+        {
+            return Err(TaskError::fatal(format!(
+                "the instance's database {} is missing on the shared server (did provisioning fail?); \
+                 deprovision the instance and provision it again",
+                self.database
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl SharedPostgres {
     /// `admin_url` is a superuser (or CREATEROLE + CREATEDB) URL of the server; `public_host`/`public_port`
     /// override what goes into credentials when apps reach the server under another name.
@@ -251,15 +267,7 @@ impl Provider for SharedPostgres {
             access,
         };
         let mut admin = self.connect_admin().await?;
-        if !database_exists(&mut admin, &names.database).await?
-            || !role_exists(&mut admin, &names.owner).await?
-        {
-            return Err(TaskError::fatal(format!(
-                "the instance's database {} is missing on the shared server (did provisioning fail?); \
-                 deprovision the instance and provision it again",
-                names.database
-            )));
-        }
+        names.check_present(&mut admin).await?;
         let grant = RoleGrant {
             database: &names.database,
             owner: &names.owner,
