@@ -471,12 +471,7 @@ impl Provider for HaEc2 {
             access,
         )
         .await?;
-        let postgres::BindingRole {
-            database,
-            role,
-            password,
-            ..
-        } = made;
+        let (database, role, password) = made.into_parts();
         let database = database.as_str();
         Ok(Progress::Done(Bound {
             details: json!({

@@ -559,12 +559,7 @@ impl Provider for HaLocal {
             access,
         )
         .await?;
-        let postgres::BindingRole {
-            database,
-            role,
-            password,
-            ..
-        } = made;
+        let (database, role, password) = made.into_parts();
         let database = database.as_str();
         let ca = std::fs::read_to_string(cluster.layout.ca_cert())
             .context("reading the cluster's CA")

@@ -58,6 +58,13 @@ pub(crate) struct BindingRole {
     pub access: Access,
 }
 
+impl BindingRole {
+    /// The database, role and password, for credentials.
+    pub(crate) fn into_parts(self) -> (String, String, String) {
+        (self.database, self.role, self.password)
+    }
+}
+
 /// Makes `binding`'s login role on the server of an instance of its own (`su` reaches its primary as
 /// superuser) with a new password, in the instance's app database.
 pub(crate) async fn grant_binding_role(
