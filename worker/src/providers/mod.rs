@@ -1,16 +1,14 @@
 //! Providers carry out the OSB operations for one plan engine. The worker keeps one per configured
 //! engine and picks it by the plan's `engine` field in the catalog.
 
-mod app_database;
 pub mod aws;
 pub mod ec2_common;
 pub mod ec2_postgres;
 pub mod ha_ec2;
 pub mod ha_local;
 pub mod local_postgres;
-pub mod pg_tuning;
+pub mod postgres;
 pub mod s3;
-pub mod scram;
 pub mod shared_postgres;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};

@@ -20,7 +20,7 @@ use super::{
 use crate::{
     providers::{
         Progress,
-        shared_postgres::{database_exists, ensure_role, exec},
+        postgres::{database_exists, ensure_role, exec},
     },
     registry::TaskError,
 };
@@ -138,9 +138,7 @@ async fn build_template(
     let locked: bool = sqlx::query_scalar(&lock)
         .fetch_one(&mut *admin)
         .await
-        .map_err(|e| {
-            crate::providers::shared_postgres::classify(e, "locking the preset template")
-        })?;
+        .map_err(|e| crate::providers::postgres::classify(e, "locking the preset template"))?;
     if !locked {
         return Ok(Progress::Wait {
             after: Duration::from_secs(2),
@@ -277,8 +275,6 @@ async fn server_version(admin: &mut PgConnection) -> Result<i32, TaskError> {
     let v: String = sqlx::query_scalar("SHOW server_version_num")
         .fetch_one(&mut *admin)
         .await
-        .map_err(|e| {
-            crate::providers::shared_postgres::classify(e, "reading the server version")
-        })?;
+        .map_err(|e| crate::providers::postgres::classify(e, "reading the server version"))?;
     Ok(v.parse().unwrap_or(0))
 }

@@ -19,7 +19,7 @@ use tracing::info;
 
 use super::{
     sealed::{self, Digest256, HashingReader, HashingWriter, OpenReader, SealWriter, SnapshotKey},
-    store::{self, ObjectStore, PART_SIZE, Part},
+    store::{self, ObjectReader, ObjectStore, PART_SIZE, Part},
     target::ServerLogin,
 };
 use crate::registry::TaskError;
@@ -146,16 +146,12 @@ impl Snapshots {
         })
     }
 
-    /// Restores a ready snapshot into `database` (empty, made for it) as `role`. The object's size is checked
-    /// before anything runs; its key, every chunk and its SHA-256 are checked as it streams. Any failure leaves
-    /// `database` half-filled, so callers restore only into scratch databases.
-    pub async fn restore(
+    /// A ready snapshot's object, its recorded size and SHA-256: Fatal when the snapshot is incomplete, sealed
+    /// with another key, missing from the store or of another size there.
+    async fn checked_object(
         &self,
         snapshot: &SnapshotRow,
-        login: &ServerLogin,
-        database: &str,
-        role: &str,
-    ) -> Result<(), TaskError> {
+    ) -> Result<(ObjectReader, i64, String), TaskError> {
         let (Some(size), Some(sha256)) = (snapshot.size_bytes, snapshot.sha256.clone()) else {
             return Err(TaskError::fatal(format!(
                 "snapshot {} is not complete",
@@ -191,7 +187,20 @@ impl Snapshots {
                 snapshot.id
             )));
         }
+        Ok((reader, size, sha256))
+    }
 
+    /// Restores a ready snapshot into `database` (empty, made for it) as `role`. The object's size is checked
+    /// before anything runs; its key, every chunk and its SHA-256 are checked as it streams. Any failure leaves
+    /// `database` half-filled, so callers restore only into scratch databases.
+    pub async fn restore(
+        &self,
+        snapshot: &SnapshotRow,
+        login: &ServerLogin,
+        database: &str,
+        role: &str,
+    ) -> Result<(), TaskError> {
+        let (reader, size, sha256) = self.checked_object(snapshot).await?;
         let mut child = Command::new(login.program("pg_restore"))
             .args(["--no-owner", "--no-privileges", "--exit-on-error"])
             .arg(format!("--role={role}"))
@@ -387,7 +396,7 @@ pub async fn roles_of(login: &ServerLogin, database: &str) -> Result<Value, Task
     )
     .fetch_all(&mut conn)
     .await
-    .map_err(|e| crate::providers::shared_postgres::classify(e, "listing the database's roles"))?;
+    .map_err(|e| crate::providers::postgres::classify(e, "listing the database's roles"))?;
     Ok(json!(roles))
 }
 

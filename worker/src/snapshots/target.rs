@@ -12,8 +12,9 @@ use sqlx::{
 };
 
 use crate::{
-    providers::shared_postgres::{
-        connect, create_extensions, database_exists, exec, exec_tolerating, read_only_grants,
+    providers::postgres::{
+        close_to_public, connect, create_extensions, database_exists, exec, exec_tolerating,
+        read_only_grants,
     },
     registry::TaskError,
 };
@@ -217,15 +218,7 @@ pub async fn create_incoming(
         "creating the scratch database for the restore",
     )
     .await?;
-    exec(
-        admin,
-        &format!(
-            "REVOKE ALL ON DATABASE {} FROM PUBLIC",
-            quote_ident(incoming)
-        ),
-        "closing the scratch database",
-    )
-    .await
+    close_to_public(admin, incoming, "closing the scratch database").await
 }
 
 /// Swaps `incoming` in for the target database, then gives the bindings their access again. A crash midway
@@ -333,9 +326,9 @@ async fn rename_when_idle(admin: &mut PgConnection, from: &str, to: &str) -> Res
 /// ones, and the instance's extensions.
 async fn grant_access(admin: &mut PgConnection, target: &DatabaseTarget) -> Result<(), TaskError> {
     let db = quote_ident(&target.database);
-    exec(
+    close_to_public(
         admin,
-        &format!("REVOKE ALL ON DATABASE {db} FROM PUBLIC"),
+        &target.database,
         "closing the database to other roles",
     )
     .await?;

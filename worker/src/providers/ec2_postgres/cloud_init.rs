@@ -6,7 +6,7 @@
 
 use serde::Serialize;
 
-use crate::providers::{pg_tuning, scram};
+use crate::providers::postgres::{scram, tuning};
 
 const TEMPLATE: &str = include_str!("cloud-init.yaml.j2");
 
@@ -64,7 +64,7 @@ pub fn render(data: &UserData<'_>) -> anyhow::Result<Rendered> {
         data.extensions.iter().all(|e| safe(e)),
         "an extension name has characters the user-data cannot carry safely"
     );
-    let postgresql_conf = pg_tuning::render_listening(
+    let postgresql_conf = tuning::render_listening(
         data.tuning_profile,
         "*",
         5432,

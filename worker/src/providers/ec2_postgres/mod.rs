@@ -37,9 +37,10 @@ use sqlx::{
 use super::{
     Bound, Progress, Provider, Provisioned,
     ec2_common::{self, Ec2Account, offers, vm},
-    local_postgres::{ServerAccess, bind_role, unbind_role},
-    pg_tuning,
-    shared_postgres::{connect, create_extensions, exec, requested_extensions},
+    postgres::{
+        DEFAULT_ADMIN, DEFAULT_APP_DB, ServerAccess, add_extensions, app_db_name, bind_role,
+        connect, exec, requested_extensions, revoke_binding_role, tuning,
+    },
 };
 use crate::{
     context::{Services, TaskContext},
@@ -161,8 +162,8 @@ impl Params {
                 .map(str::to_string),
             postgres_version: text("postgres_version", DEFAULT_VERSION),
             tuning_profile: text("tuning_profile", "default"),
-            app_db_name: text("app_db_name", "app"),
-            admin_user: text("admin_user", "app_admin"),
+            app_db_name: text("app_db_name", DEFAULT_APP_DB),
+            admin_user: text("admin_user", DEFAULT_ADMIN),
             extensions: requested_extensions(parameters)?,
             public_ip: flag("public_ip"),
             static_ip: flag("static_ip"),
@@ -305,10 +306,50 @@ async fn secrets(ctx: &TaskContext<'_>, instance: &InstanceRow) -> Result<Secret
     Ok(made)
 }
 
+/// Where the instance's server is reached and its (sealed) passwords.
+async fn server_of(
+    ctx: &TaskContext<'_>,
+    instance: &InstanceRow,
+) -> Result<(String, Secrets), TaskError> {
+    let secrets = secrets(ctx, instance).await?;
+    let host = State::of(&instance.details)
+        .host()
+        .unwrap_or_default()
+        .to_string();
+    Ok((host, secrets))
+}
+
 fn wait<T>(secs: u64, progress: impl Into<String>) -> Result<Progress<T>, TaskError> {
     Ok(Progress::Wait {
         after: Duration::from_secs(secs),
         progress: progress.into(),
+    })
+}
+
+/// The cloud-init user-data that sets the instance's server up on the data volume `volume_id`.
+fn user_data(
+    prefix: &str,
+    instance: &InstanceRow,
+    params: &Params,
+    secrets: &Secrets,
+    volume_id: &str,
+    tuning_profile: &str,
+) -> anyhow::Result<Rendered> {
+    let owner = names::instance_owner_role(prefix, &instance.id);
+    let server_name = group_name(prefix, &instance.id);
+    render_user_data(&UserData {
+        instance_id: &instance.id,
+        server_name: &server_name,
+        postgres_version: &params.postgres_version,
+        volume_id,
+        tuning_profile,
+        app_db_name: &params.app_db_name,
+        admin_user: &params.admin_user,
+        admin_password: &secrets.admin_password,
+        owner_role: &owner,
+        superuser_password: &secrets.superuser_password,
+        extensions: &params.extensions,
+        ssh_keys: &params.ssh_keys,
     })
 }
 
@@ -438,33 +479,6 @@ impl Ec2Postgres {
         )
     }
 
-    async fn user_data(
-        &self,
-        ctx: &TaskContext<'_>,
-        instance: &InstanceRow,
-        params: &Params,
-        secrets: &Secrets,
-        volume_id: &str,
-    ) -> Result<Rendered, TaskError> {
-        let owner = names::instance_owner_role(ctx.services.name_prefix(), &instance.id);
-        let server_name = group_name(ctx.services.name_prefix(), &instance.id);
-        render_user_data(&UserData {
-            instance_id: &instance.id,
-            server_name: &server_name,
-            postgres_version: &params.postgres_version,
-            volume_id,
-            tuning_profile: &params.tuning_profile,
-            app_db_name: &params.app_db_name,
-            admin_user: &params.admin_user,
-            admin_password: &secrets.admin_password,
-            owner_role: &owner,
-            superuser_password: &secrets.superuser_password,
-            extensions: &params.extensions,
-            ssh_keys: &params.ssh_keys,
-        })
-        .map_err(|e| TaskError::Fatal(e.context("rendering the VM's user-data")))
-    }
-
     /// Whether Postgres on the VM takes a TLS connection from berth's superuser.
     async fn answers(host: &str, secrets: &Secrets) -> bool {
         let options = superuser(host, &secrets.superuser_password, "postgres");
@@ -474,6 +488,219 @@ impl Ec2Postgres {
         )
         .await
         .is_ok_and(|r| r.is_ok())
+    }
+}
+
+/// What every step of one provision run reads.
+struct Run<'a> {
+    ctx: &'a TaskContext<'a>,
+    instance: &'a InstanceRow,
+    params: &'a Params,
+    client: &'a Client,
+    tags: &'a [(String, String)],
+}
+
+impl Ec2Postgres {
+    /// Candidates, and the zone: the asked one, else the cheapest first candidate's (spot), else the first zone
+    /// of the region. Then the candidates priced in that zone, kept for every later step.
+    async fn choose_candidates(
+        &self,
+        run: &Run<'_>,
+        region: &str,
+        state: &mut State,
+    ) -> Result<(), TaskError> {
+        if !state.candidates.is_empty() {
+            return Ok(());
+        }
+        let (client, params) = (run.client, run.params);
+        let offers = offers::fresh(
+            run.ctx.pool,
+            client,
+            region,
+            self.account.offers_ttl_secs,
+            &self.account.on_demand,
+        )
+        .await?;
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_entropy();
+        let first = candidates(&offers, &params.requirements, &[], &mut rng);
+        let Some(best) = first.first() else {
+            return Err(TaskError::fatal(format!(
+                "no instance type in {region} meets the parameters (cpu, ram, arch, family, max_price); \
+                 GET /berth/v1/price-check shows what does"
+            )));
+        };
+        let zone = match params.requirements.zone.clone().or(best.zone.clone()) {
+            Some(zone) => zone,
+            None => recovery::first_zone(client).await?,
+        };
+        let mut in_zone = params.requirements.clone();
+        in_zone.zone = Some(zone.clone());
+        state.candidates = candidates(&offers, &in_zone, &[], &mut rng);
+        if state.candidates.is_empty() {
+            return Err(TaskError::fatal(format!(
+                "no matching instance type is offered in zone {zone}"
+            )));
+        }
+        state.zone = Some(zone);
+        state.save(run.ctx.pool, &run.instance.id).await
+    }
+
+    async fn ensure_security_group(
+        &self,
+        run: &Run<'_>,
+        state: &mut State,
+    ) -> Result<(), TaskError> {
+        if state.security_group_id.is_some() {
+            return Ok(());
+        }
+        let (ctx, instance, client) = (run.ctx, run.instance, run.client);
+        let zone = state.zone.clone().unwrap_or_default();
+        ctx.progress("creating the security group").await?;
+        let (_, vpc) = vm::subnet(client, &zone, &self.account.subnets).await?;
+        let ports: &[i32] = if run.params.ssh_keys.is_empty() {
+            &[5432]
+        } else {
+            &[5432, 22]
+        };
+        let id = vm::ensure_security_group(
+            client,
+            &group_name(ctx.services.name_prefix(), &instance.id),
+            "berth-postgres-5432-and-ssh-22-with-ssh_keys",
+            &vpc,
+            &self.account.allowed_cidr,
+            ports,
+            run.tags,
+        )
+        .await?;
+        state.security_group_id = Some(id);
+        state.save(ctx.pool, &instance.id).await
+    }
+
+    /// The data volume: the recorded one while it exists, else a new one (its zone is the instance's from then).
+    async fn ensure_volume(
+        &self,
+        run: &Run<'_>,
+        state: &mut State,
+    ) -> Result<vm::Volume, TaskError> {
+        let (ctx, instance, client) = (run.ctx, run.instance, run.client);
+        let volume = match &state.volume_id {
+            Some(id) => vm::data_volume(client, &instance.id)
+                .await?
+                .filter(|v| &v.id == id),
+            None => None,
+        };
+        if let Some(v) = volume {
+            return Ok(v);
+        }
+        let zone = state.zone.clone().unwrap_or_default();
+        let token = format!("{}-data", ctx.task.id);
+        let v = vm::ensure_data_volume(
+            client,
+            &instance.id,
+            &zone,
+            run.params.requirements.storage_min_gb,
+            &token,
+            run.tags,
+        )
+        .await?;
+        state.volume_id = Some(v.id.clone());
+        state.zone = Some(v.zone.clone());
+        state.save(ctx.pool, &instance.id).await?;
+        Ok(v)
+    }
+
+    /// The Elastic IP, with `static_ip`.
+    async fn ensure_static_ip(&self, run: &Run<'_>, state: &mut State) -> Result<(), TaskError> {
+        if !run.params.static_ip || state.allocation_id.is_some() {
+            return Ok(());
+        }
+        let (allocation, ip) = vm::ensure_address(run.client, &run.instance.id, run.tags).await?;
+        state.allocation_id = Some(allocation);
+        state.static_ip = Some(ip);
+        state.save(run.ctx.pool, &run.instance.id).await
+    }
+
+    /// The VM, running (launched with the user-data that sets the server up on `volume`).
+    async fn running(
+        &self,
+        run: &Run<'_>,
+        spot: bool,
+        secrets: &Secrets,
+        volume: &vm::Volume,
+        state: &mut State,
+    ) -> Result<Progress<vm::Vm>, TaskError> {
+        let user_data = user_data(
+            run.ctx.services.name_prefix(),
+            run.instance,
+            run.params,
+            secrets,
+            &volume.id,
+            &run.params.tuning_profile,
+        )
+        .map_err(|e| TaskError::Fatal(e.context("rendering the VM's user-data")))?;
+        let input = LaunchInput {
+            client: run.client,
+            spot,
+            max_price: run.params.requirements.max_price,
+            public_ip: run.params.public_ip,
+            user_data: &user_data.0,
+            tags: run.tags,
+            token: run.ctx.task.id.to_string(),
+        };
+        self.running_vm(run.ctx.pool, &run.instance.id, state, &input)
+            .await
+    }
+
+    /// `None` once Postgres answers over TLS (or the probe is off); a `Wait` while cloud-init installs it, Fatal
+    /// when it has not answered long after the launch.
+    async fn postgres_waited_for(
+        &self,
+        host: &str,
+        secrets: &Secrets,
+        state: &State,
+    ) -> Result<Option<Progress<Provisioned>>, TaskError> {
+        if !self.account.readiness_probe || Self::answers(host, secrets).await {
+            return Ok(None);
+        }
+        let age = chrono::Utc::now().timestamp() - state.launched_at.unwrap_or(0);
+        if age > READY_LIMIT_SECS {
+            return Err(TaskError::fatal(format!(
+                "PostgreSQL on {host}:{PORT} did not answer within {} minutes of the VM's launch; see \
+                 /var/log/berth-setup.log on the VM",
+                READY_LIMIT_SECS / 60
+            )));
+        }
+        wait(
+            10,
+            format!("waiting for PostgreSQL on {host}:{PORT} (cloud-init is installing it)"),
+        )
+        .map(Some)
+    }
+}
+
+/// The instance's details once its server answers, and its secrets.
+fn provisioned(run: &Run<'_>, state: State, host: String, secrets: &Secrets) -> Provisioned {
+    let params = run.params;
+    let mut details = run.instance.details.clone();
+    let patch = json!({
+        "ec2": state,
+        "host": host,
+        "port": PORT,
+        "postgres_version": params.postgres_version,
+        "app_db_name": params.app_db_name,
+        "admin_user": params.admin_user,
+        "owner_role": names::instance_owner_role(run.ctx.services.name_prefix(), &run.instance.id),
+        "tuning_profile": params.tuning_profile,
+        "tls": true,
+        "ready_at": chrono::Utc::now(),
+        "recoveries": 0,
+    });
+    if let (Some(map), Some(patch)) = (details.as_object_mut(), patch.as_object()) {
+        map.extend(patch.clone());
+    }
+    Provisioned {
+        details,
+        secrets: Some(serde_json::to_value(secrets).unwrap_or_default()),
     }
 }
 
@@ -494,160 +721,34 @@ impl Provider for Ec2Postgres {
         if state.region.is_none() {
             state.region = Some(region.clone());
         }
-
-        // 1. Candidates, and the zone: the asked one, else the cheapest first candidate's (spot), else the first
-        //    zone of the region. Then the candidates priced in that zone, kept for every later step.
-        if state.candidates.is_empty() {
-            let offers = offers::fresh(
-                ctx.pool,
-                &client,
-                &region,
-                self.account.offers_ttl_secs,
-                &self.account.on_demand,
-            )
-            .await?;
-            let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_entropy();
-            let first = candidates(&offers, &params.requirements, &[], &mut rng);
-            let Some(best) = first.first() else {
-                return Err(TaskError::fatal(format!(
-                    "no instance type in {region} meets the parameters (cpu, ram, arch, family, max_price); \
-                     GET /berth/v1/price-check shows what does"
-                )));
-            };
-            let zone = match params.requirements.zone.clone().or(best.zone.clone()) {
-                Some(zone) => zone,
-                None => recovery::first_zone(&client).await?,
-            };
-            let mut in_zone = params.requirements.clone();
-            in_zone.zone = Some(zone.clone());
-            state.candidates = candidates(&offers, &in_zone, &[], &mut rng);
-            if state.candidates.is_empty() {
-                return Err(TaskError::fatal(format!(
-                    "no matching instance type is offered in zone {zone}"
-                )));
-            }
-            state.zone = Some(zone);
-            state.save(ctx.pool, &instance.id).await?;
-        }
-        let zone = state.zone.clone().unwrap_or_default();
         let tags = resource_tags(prefix, &instance.id, &params.tags);
-
-        // 2. Security group, data volume, Elastic IP.
-        if state.security_group_id.is_none() {
-            ctx.progress("creating the security group").await?;
-            let (_, vpc) = vm::subnet(&client, &zone, &self.account.subnets).await?;
-            let ports: &[i32] = if params.ssh_keys.is_empty() {
-                &[5432]
-            } else {
-                &[5432, 22]
-            };
-            let id = vm::ensure_security_group(
-                &client,
-                &group_name(prefix, &instance.id),
-                "berth-postgres-5432-and-ssh-22-with-ssh_keys",
-                &vpc,
-                &self.account.allowed_cidr,
-                ports,
-                &tags,
-            )
-            .await?;
-            state.security_group_id = Some(id);
-            state.save(ctx.pool, &instance.id).await?;
-        }
-        let volume = match &state.volume_id {
-            Some(id) => vm::data_volume(&client, &instance.id)
-                .await?
-                .filter(|v| &v.id == id),
-            None => None,
-        };
-        let volume = match volume {
-            Some(v) => v,
-            None => {
-                let token = format!("{}-data", ctx.task.id);
-                let v = vm::ensure_data_volume(
-                    &client,
-                    &instance.id,
-                    &zone,
-                    params.requirements.storage_min_gb,
-                    &token,
-                    &tags,
-                )
-                .await?;
-                state.volume_id = Some(v.id.clone());
-                state.zone = Some(v.zone.clone());
-                state.save(ctx.pool, &instance.id).await?;
-                v
-            }
-        };
-        if params.static_ip && state.allocation_id.is_none() {
-            let (allocation, ip) = vm::ensure_address(&client, &instance.id, &tags).await?;
-            state.allocation_id = Some(allocation);
-            state.static_ip = Some(ip);
-            state.save(ctx.pool, &instance.id).await?;
-        }
-
-        // 3. The VM, running.
-        let user_data = self
-            .user_data(ctx, instance, &params, &secrets, &volume.id)
-            .await?;
-        let input = LaunchInput {
+        let run = Run {
+            ctx,
+            instance,
+            params: &params,
             client: &client,
-            spot,
-            max_price: params.requirements.max_price,
-            public_ip: params.public_ip,
-            user_data: &user_data.0,
             tags: &tags,
-            token: ctx.task.id.to_string(),
         };
+        // Each step records what it made in `state` (saved) and is skipped once that is there.
+        self.choose_candidates(&run, &region, &mut state).await?;
+        self.ensure_security_group(&run, &mut state).await?;
+        let volume = self.ensure_volume(&run, &mut state).await?;
+        self.ensure_static_ip(&run, &mut state).await?;
         let running = match self
-            .running_vm(ctx.pool, &instance.id, &mut state, &input)
+            .running(&run, spot, &secrets, &volume, &mut state)
             .await?
         {
             Progress::Done(vm) => vm,
             Progress::Wait { after, progress } => return Ok(Progress::Wait { after, progress }),
         };
-
-        // 4. Volume and address on it; addresses recorded.
+        // Volume and address on the VM; addresses recorded.
         recovery::settle(&client, &mut state, &running, &volume).await?;
         state.save(ctx.pool, &instance.id).await?;
         let host = state.host().unwrap_or_default().to_string();
-
-        // 5. Postgres answering over TLS.
-        if self.account.readiness_probe && !Self::answers(&host, &secrets).await {
-            let age = chrono::Utc::now().timestamp() - state.launched_at.unwrap_or(0);
-            if age > READY_LIMIT_SECS {
-                return Err(TaskError::fatal(format!(
-                    "PostgreSQL on {host}:{PORT} did not answer within {} minutes of the VM's launch; see \
-                     /var/log/berth-setup.log on the VM",
-                    READY_LIMIT_SECS / 60
-                )));
-            }
-            return wait(
-                10,
-                format!("waiting for PostgreSQL on {host}:{PORT} (cloud-init is installing it)"),
-            );
+        if let Some(wait) = self.postgres_waited_for(&host, &secrets, &state).await? {
+            return Ok(wait);
         }
-        let mut details = instance.details.clone();
-        let patch = json!({
-            "ec2": state,
-            "host": host,
-            "port": PORT,
-            "postgres_version": params.postgres_version,
-            "app_db_name": params.app_db_name,
-            "admin_user": params.admin_user,
-            "owner_role": names::instance_owner_role(prefix, &instance.id),
-            "tuning_profile": params.tuning_profile,
-            "tls": true,
-            "ready_at": chrono::Utc::now(),
-            "recoveries": 0,
-        });
-        if let (Some(map), Some(patch)) = (details.as_object_mut(), patch.as_object()) {
-            map.extend(patch.clone());
-        }
-        Ok(Progress::Done(Provisioned {
-            details,
-            secrets: Some(serde_json::to_value(&secrets).unwrap_or_default()),
-        }))
+        Ok(Progress::Done(provisioned(&run, state, host, &secrets)))
     }
 
     async fn update(
@@ -669,17 +770,7 @@ impl Provider for Ec2Postgres {
         if extensions.is_empty() && profile.is_none() {
             return Ok(Progress::Done(()));
         }
-        let secrets = secrets(ctx, instance).await?;
-        let host = State::of(&instance.details)
-            .host()
-            .unwrap_or_default()
-            .to_string();
-        let database = instance
-            .details
-            .get("app_db_name")
-            .and_then(Value::as_str)
-            .unwrap_or("app")
-            .to_string();
+        let (host, secrets) = server_of(ctx, instance).await?;
         if let Some(profile) = profile {
             let mut su = connect(
                 &superuser(&host, &secrets.superuser_password, "postgres"),
@@ -687,7 +778,7 @@ impl Provider for Ec2Postgres {
             )
             .await?;
             // Settings that need a restart take effect at the next one (a replacement VM restarts it too).
-            for (key, value) in pg_tuning::settings(profile) {
+            for (key, value) in tuning::settings(profile) {
                 exec(
                     &mut su,
                     &format!("ALTER SYSTEM SET {key} = '{value}'"),
@@ -709,14 +800,12 @@ impl Provider for Ec2Postgres {
             .await
             .context("recording the tuning profile")?;
         }
-        if !extensions.is_empty() {
-            let mut db = connect(
-                &superuser(&host, &secrets.superuser_password, &database),
-                "connecting to the app database",
-            )
-            .await?;
-            create_extensions(&mut db, &extensions).await?;
-        }
+        add_extensions(
+            &|database: &str| superuser(&host, &secrets.superuser_password, database),
+            app_db_name(instance),
+            &extensions,
+        )
+        .await?;
         Ok(Progress::Done(()))
     }
 
@@ -749,11 +838,7 @@ impl Provider for Ec2Postgres {
         instance: &InstanceRow,
         binding: &BindingRow,
     ) -> Result<Progress<Bound>, TaskError> {
-        let secrets = secrets(ctx, instance).await?;
-        let host = State::of(&instance.details)
-            .host()
-            .unwrap_or_default()
-            .to_string();
+        let (host, secrets) = server_of(ctx, instance).await?;
         let su = |database: &str| superuser(&host, &secrets.superuser_password, database);
         let access = ServerAccess {
             superuser: &su,
@@ -771,20 +856,15 @@ impl Provider for Ec2Postgres {
         instance: &InstanceRow,
         binding: &BindingRow,
     ) -> Result<Progress<()>, TaskError> {
-        let secrets = secrets(ctx, instance).await?;
-        let host = State::of(&instance.details)
-            .host()
-            .unwrap_or_default()
-            .to_string();
-        let su = |database: &str| superuser(&host, &secrets.superuser_password, database);
-        let access = ServerAccess {
-            superuser: &su,
-            host: &host,
-            port: PORT,
-        };
-        unbind_role(&access, ctx.services.name_prefix(), instance, binding)
-            .await
-            .map(Progress::Done)
+        let (host, secrets) = server_of(ctx, instance).await?;
+        revoke_binding_role(
+            &|database: &str| superuser(&host, &secrets.superuser_password, database),
+            ctx.services.name_prefix(),
+            instance,
+            binding,
+        )
+        .await
+        .map(Progress::Done)
     }
 
     async fn reconcile(&self, pool: &PgPool, services: &Services) -> anyhow::Result<()> {

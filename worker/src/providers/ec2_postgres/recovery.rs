@@ -231,26 +231,20 @@ async fn launch_replacement(
         .ok_or_else(|| anyhow::anyhow!("the instance has no stored secrets"))?;
     let secrets: Secrets = services.cipher.open_json(sealed)?;
     let prefix = services.name_prefix();
-    let owner = names::instance_owner_role(prefix, &instance.id);
-    let server_name = super::group_name(prefix, &instance.id);
-    let user_data = super::render_user_data(&super::UserData {
-        instance_id: &instance.id,
-        server_name: &server_name,
-        postgres_version: &params.postgres_version,
-        volume_id: &volume.id,
-        tuning_profile: instance
-            .details
-            .get("tuning_profile")
-            .and_then(Value::as_str)
-            .unwrap_or(&params.tuning_profile),
-        app_db_name: &params.app_db_name,
-        admin_user: &params.admin_user,
-        admin_password: &secrets.admin_password,
-        owner_role: &owner,
-        superuser_password: &secrets.superuser_password,
-        extensions: &params.extensions,
-        ssh_keys: &params.ssh_keys,
-    })?;
+    // The tuning profile an update applied since, else the one it was made with.
+    let tuning_profile = instance
+        .details
+        .get("tuning_profile")
+        .and_then(Value::as_str)
+        .unwrap_or(&params.tuning_profile);
+    let user_data = super::user_data(
+        prefix,
+        instance,
+        &params,
+        &secrets,
+        &volume.id,
+        tuning_profile,
+    )?;
     let tags = resource_tags(prefix, &instance.id, &params.tags);
     let input = LaunchInput {
         client,

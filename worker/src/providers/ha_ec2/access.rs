@@ -20,7 +20,7 @@ use crate::{
             patroni::{ClusterView, Patroni},
             state::SUPERUSER,
         },
-        shared_postgres::connect,
+        postgres::connect,
     },
     registry::TaskError,
 };

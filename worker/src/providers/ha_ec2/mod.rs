@@ -32,7 +32,6 @@ use anyhow::Context as _;
 use async_trait::async_trait;
 use broker::{
     config::Settings,
-    crypto::random_password,
     db::{bindings::BindingRow, instances, instances::InstanceRow},
     ec2::candidates,
     model::{Operation, UpdatePayload},
@@ -53,7 +52,7 @@ use self::{
     user_data::{API_PORT, PG_PORT},
 };
 use super::{
-    Bound, Progress, Provider, Provisioned, app_database,
+    Bound, Progress, Provider, Provisioned,
     ec2_common::{Ec2Account, available_zones, offers, vm},
     ha_local::{
         credentials::{self, Address, Endpoints},
@@ -63,7 +62,9 @@ use super::{
         timings::Timings,
         tls,
     },
-    shared_postgres::{Access, binding_grants},
+    postgres::{
+        self, Access, app_db_name, binding_grants, grant_binding_role, revoke_binding_role,
+    },
 };
 use crate::{
     context::{Services, TaskContext},
@@ -397,13 +398,9 @@ impl Provider for HaEc2 {
         if !params.cluster.server.extensions.is_empty() {
             let primary = find_primary(&state, &secrets).await?;
             let h = host(primary).unwrap_or_default().to_string();
-            app_database::add_extensions(
+            postgres::add_extensions(
                 &|db: &str| superuser(&h, &secrets, db),
-                instance
-                    .details
-                    .get("app_db_name")
-                    .and_then(Value::as_str)
-                    .unwrap_or("app"),
+                app_db_name(instance),
                 &params.cluster.server.extensions,
             )
             .await?;
@@ -457,25 +454,17 @@ impl Provider for HaEc2 {
                 .map(address)
                 .collect(),
         };
-        let database = instance
-            .details
-            .get("app_db_name")
-            .and_then(Value::as_str)
-            .unwrap_or("app");
-        let prefix = ctx.services.name_prefix();
-        let owner = names::instance_owner_role(prefix, &instance.id);
-        let role = names::binding_role(prefix, &binding.id);
-        let password = random_password(32);
         let h = endpoints.primary.host.clone();
-        app_database::grant_binding(
+        let made = grant_binding_role(
             &|db: &str| superuser(&h, &secrets, db),
-            database,
-            &owner,
-            &role,
-            &password,
+            ctx.services.name_prefix(),
+            instance,
+            binding,
             access,
         )
         .await?;
+        let (database, role, password) = made.into_parts();
+        let database = database.as_str();
         Ok(Progress::Done(Bound {
             details: json!({
                 "endpoints": endpoints.osb(),
@@ -513,12 +502,7 @@ impl Provider for HaEc2 {
                 ssl_require: true,
                 bin_dir: client_bin_dir()?,
             },
-            database: instance
-                .details
-                .get("app_db_name")
-                .and_then(Value::as_str)
-                .unwrap_or("app")
-                .to_string(),
+            database: app_db_name(instance).to_string(),
             owner: names::instance_owner_role(prefix, &instance.id),
             bindings: binding_grants(prefix, bindings)?,
             extensions: Params::of(&instance.parameters)?.cluster.server.extensions,
@@ -538,16 +522,11 @@ impl Provider for HaEc2 {
         let secrets = open_secrets(ctx.services, instance)?;
         let primary = find_primary(&state, &secrets).await?;
         let h = host(primary).unwrap_or_default().to_string();
-        let prefix = ctx.services.name_prefix();
-        app_database::revoke_binding(
+        revoke_binding_role(
             &|db: &str| superuser(&h, &secrets, db),
-            instance
-                .details
-                .get("app_db_name")
-                .and_then(Value::as_str)
-                .unwrap_or("app"),
-            &names::instance_owner_role(prefix, &instance.id),
-            &names::binding_role(prefix, &binding.id),
+            ctx.services.name_prefix(),
+            instance,
+            binding,
         )
         .await?;
         Ok(Progress::Done(()))

@@ -18,7 +18,7 @@ use crate::providers::ha_local::{
 };
 
 use super::state::Secrets;
-use crate::providers::scram;
+use crate::providers::postgres::scram;
 
 const TEMPLATE: &str = include_str!("cloud-init.yaml.j2");
 const MEMBERSHIP_SCRIPT: &str = include_str!("etcd-membership.sh");
@@ -379,7 +379,7 @@ mod tests {
     }
 
     /// A write_files entry's content, unindented.
-    fn file<'a>(text: &'a str, path: &str) -> String {
+    fn file(text: &str, path: &str) -> String {
         let start = text
             .find(&format!("  - path: {path}\n"))
             .unwrap_or_else(|| panic!("no {path} in:\n{text}"));

@@ -12,7 +12,7 @@ use super::{
     },
     timings::Timings,
 };
-use crate::providers::pg_tuning as tuning;
+use crate::providers::postgres::tuning;
 
 pub const HOST: &str = "127.0.0.1";
 

@@ -40,10 +40,12 @@ use self::{
     state::{ClusterState, Layout},
 };
 use super::{
-    Bound, LOCAL_LOCKS, Progress, Provider, Provisioned,
-    app_database::{self, AppDatabase},
-    lock_idle_instance, lock_instance, owned_elsewhere,
-    shared_postgres::{Access, binding_grants},
+    Bound, LOCAL_LOCKS, Progress, Provider, Provisioned, lock_idle_instance, lock_instance,
+    owned_elsewhere,
+    postgres::{
+        self, Access, AppDatabase, app_db_name, binding_grants, grant_binding_role,
+        revoke_binding_role,
+    },
 };
 use crate::{
     context::{Services, TaskContext},
@@ -394,7 +396,7 @@ impl Provider for HaLocal {
             .unwrap_or_default();
         let owner = names::instance_owner_role(prefix, &instance.id);
         let admin_password = random_password(32);
-        app_database::set_up(
+        postgres::set_up(
             &|db: &str| cluster.superuser(port, db),
             &AppDatabase {
                 database: &params.server.app_db_name,
@@ -480,9 +482,9 @@ impl Provider for HaLocal {
             .member(&leader)
             .map(|m| m.pg_port)
             .unwrap_or_default();
-        app_database::add_extensions(
+        postgres::add_extensions(
             &|db: &str| cluster.superuser(port, db),
-            detail_str(instance, "app_db_name", "app"),
+            app_db_name(instance),
             &params.server.extensions,
         )
         .await?;
@@ -548,20 +550,17 @@ impl Provider for HaLocal {
             Err(wait) => return Ok(wait),
         };
         let endpoints = endpoints(&cluster.state, &leader)?;
-        let database = detail_str(instance, "app_db_name", "app");
-        let owner = names::instance_owner_role(ctx.services.name_prefix(), &instance.id);
-        let role = names::binding_role(ctx.services.name_prefix(), &binding.id);
-        let password = random_password(32);
         let port = endpoints.primary.port;
-        app_database::grant_binding(
+        let made = grant_binding_role(
             &|db: &str| cluster.superuser(port, db),
-            database,
-            &owner,
-            &role,
-            &password,
+            ctx.services.name_prefix(),
+            instance,
+            binding,
             access,
         )
         .await?;
+        let (database, role, password) = made.into_parts();
+        let database = database.as_str();
         let ca = std::fs::read_to_string(cluster.layout.ca_cert())
             .context("reading the cluster's CA")
             .map_err(local)?;
@@ -608,7 +607,7 @@ impl Provider for HaLocal {
                 ssl_require: true,
                 bin_dir: cluster.state.bin_dir.clone(),
             },
-            database: detail_str(instance, "app_db_name", "app").to_string(),
+            database: app_db_name(instance).to_string(),
             owner: names::instance_owner_role(prefix, &instance.id),
             bindings: binding_grants(prefix, bindings)?,
             extensions: Params::of(&instance.parameters)?.server.extensions,
@@ -636,14 +635,11 @@ impl Provider for HaLocal {
             Err(wait) => return Ok(wait),
         };
         let port = endpoints(&cluster.state, &leader)?.primary.port;
-        let database = detail_str(instance, "app_db_name", "app");
-        let owner = names::instance_owner_role(ctx.services.name_prefix(), &instance.id);
-        let role = names::binding_role(ctx.services.name_prefix(), &binding.id);
-        app_database::revoke_binding(
+        revoke_binding_role(
             &|db: &str| cluster.superuser(port, db),
-            database,
-            &owner,
-            &role,
+            ctx.services.name_prefix(),
+            instance,
+            binding,
         )
         .await?;
         Ok(Progress::Done(()))

@@ -20,10 +20,10 @@ use broker::{
     db::{bindings::BindingRow, instances, instances::InstanceRow},
     embedded::{self, PgServer},
     model::UpdatePayload,
-    names::{self, quote_ident},
+    names,
 };
 use secrecy::ExposeSecret;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use sqlx::{
     PgPool,
     postgres::{PgConnectOptions, PgSslMode},
@@ -31,11 +31,10 @@ use sqlx::{
 use tracing::{info, warn};
 
 use super::{
-    Bound, LOCAL_LOCKS, Progress, Provider, Provisioned, app_database, lock_idle_instance,
-    lock_instance, pg_tuning as tuning,
-    shared_postgres::{
-        Access, binding_grants, connect, create_extensions, ensure_database, ensure_role, exec,
-        requested_extensions,
+    Bound, LOCAL_LOCKS, Progress, Provider, Provisioned, lock_idle_instance, lock_instance,
+    postgres::{
+        AppDatabase, ServerAccess, ServerParams, add_extensions, app_db_name, bind_role,
+        binding_grants, revoke_binding_role, set_up, tuning,
     },
 };
 use crate::{
@@ -44,13 +43,9 @@ use crate::{
     snapshots::{DatabaseTarget, ServerLogin, target::Host},
 };
 
-pub use tuning::PROFILES;
-
 /// The plan engine this provider serves.
 pub const ENGINE: &str = "local";
 
-const DEFAULT_APP_DB: &str = "app";
-const DEFAULT_ADMIN: &str = "app_admin";
 const HOST: &str = "127.0.0.1";
 
 pub struct LocalPostgres {
@@ -65,71 +60,6 @@ impl std::fmt::Debug for LocalPostgres {
             .field("host", &self.host)
             .finish()
     }
-}
-
-/// The instance parameters the local engine acts on (the cloud-only ones are recorded, nothing more).
-#[derive(Debug, Clone)]
-pub(crate) struct Params {
-    pub(crate) postgres_version: Option<String>,
-    pub(crate) extensions: Vec<String>,
-    pub(crate) tuning_profile: String,
-    pub(crate) app_db_name: String,
-    pub(crate) admin_user: String,
-}
-
-impl Params {
-    pub(crate) fn of(parameters: &Value) -> Result<Self, TaskError> {
-        let text = |key: &str, default: &str| -> Result<String, TaskError> {
-            match parameters.get(key) {
-                None | Some(Value::Null) => Ok(default.to_string()),
-                Some(Value::String(s)) => Ok(s.clone()),
-                Some(other) => Err(TaskError::fatal(format!(
-                    "parameter `{key}` must be a string, not {other}"
-                ))),
-            }
-        };
-        let tuning_profile = text("tuning_profile", "default")?;
-        if !tuning::PROFILES.contains(&tuning_profile.as_str()) {
-            return Err(TaskError::fatal(format!(
-                "parameter `tuning_profile` must be one of {}",
-                tuning::PROFILES.join(", ")
-            )));
-        }
-        let app_db_name = text("app_db_name", DEFAULT_APP_DB)?;
-        let admin_user = text("admin_user", DEFAULT_ADMIN)?;
-        for (key, value) in [("app_db_name", &app_db_name), ("admin_user", &admin_user)] {
-            if !is_plain_identifier(value) || value == "postgres" || value.starts_with("pg_") {
-                return Err(TaskError::fatal(format!(
-                    "parameter `{key}` must be 1-63 characters of a-z, 0-9 and _ (not postgres or pg_*)"
-                )));
-            }
-        }
-        let postgres_version = match parameters.get("postgres_version") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) => Some(s.clone()),
-            Some(Value::Number(n)) => Some(n.to_string()),
-            Some(other) => {
-                return Err(TaskError::fatal(format!(
-                    "parameter `postgres_version` must be a string, not {other}"
-                )));
-            }
-        };
-        Ok(Self {
-            postgres_version,
-            extensions: requested_extensions(parameters)?,
-            tuning_profile,
-            app_db_name,
-            admin_user,
-        })
-    }
-}
-
-fn is_plain_identifier(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-        && !s.starts_with(|c: char| c.is_ascii_digit())
 }
 
 /// A step of the engine that failed on this machine (initdb, pg_ctl, files): worth another try.
@@ -338,33 +268,69 @@ async fn stop_everything(root: &Path) -> anyhow::Result<()> {
     }
 }
 
-fn credentials(
-    host: &str,
-    port: u16,
-    database: &str,
-    user: &str,
-    password: &str,
-) -> Result<Map<String, Value>, TaskError> {
-    let mut url = url::Url::parse("postgres://localhost/")
-        .map_err(|e| TaskError::fatal(format!("building the connection URL: {e}")))?;
-    let bad = || TaskError::fatal("building the connection URL: a part is not valid in a URL");
-    url.set_host(Some(host)).map_err(|_| bad())?;
-    url.set_port(Some(port)).map_err(|()| bad())?;
-    url.set_username(user).map_err(|()| bad())?;
-    url.set_password(Some(password)).map_err(|()| bad())?;
-    url.set_path(database);
-    url.set_query(Some("sslmode=require"));
-    let url: String = url.into();
-    let mut map = Map::new();
-    map.insert("DATABASE_URL".into(), Value::String(url.clone()));
-    map.insert("uri".into(), Value::String(url));
-    map.insert("PGHOST".into(), Value::String(host.into()));
-    map.insert("PGPORT".into(), Value::String(port.to_string()));
-    map.insert("PGDATABASE".into(), Value::String(database.into()));
-    map.insert("PGUSER".into(), Value::String(user.into()));
-    map.insert("PGPASSWORD".into(), Value::String(password.into()));
-    map.insert("PGSSLMODE".into(), Value::String("require".into()));
-    Ok(map)
+impl LocalPostgres {
+    /// Claims the instance for this host before anything exists, so a retry elsewhere waits for us.
+    async fn claim(&self, ctx: &TaskContext<'_>, instance: &InstanceRow) -> Result<(), TaskError> {
+        instances::merge_details(ctx.pool, &instance.id, &json!({ "engine_host": self.host }))
+            .await
+            .context("recording the instance's host")?;
+        Ok(())
+    }
+
+    /// What provisioning made: where the server lives and listens, and the admin user's password.
+    fn provisioned(
+        &self,
+        server: &PgServer,
+        params: &ServerParams,
+        app: &AppDatabase<'_>,
+        version: &str,
+    ) -> Provisioned {
+        Provisioned {
+            details: json!({
+                "engine_host": self.host,
+                "server_dir": server.root().display().to_string(),
+                "host": HOST,
+                "port": server.port,
+                "postgres_version": version,
+                "app_db_name": params.app_db_name,
+                "admin_user": params.admin_user,
+                "owner_role": app.owner,
+                "tuning_profile": params.tuning_profile,
+                "tls": true,
+                "ready_at": chrono::Utc::now(),
+                "restarts": 0,
+            }),
+            secrets: Some(json!({ "admin_password": app.admin_password })),
+        }
+    }
+}
+
+/// The server's data folder made by initdb with the asked PostgreSQL version (once).
+async fn initialize(root: &Path, params: &ServerParams) -> Result<PgServer, TaskError> {
+    let bin_dir = match &params.postgres_version {
+        Some(version) => embedded::bin_dir_for_version(version)
+            .map_err(|e| TaskError::Fatal(e.context("parameter `postgres_version`")))?,
+        None => {
+            embedded::find_bin_dir().map_err(|e| TaskError::Fatal(e.context("the local engine")))?
+        }
+    };
+    PgServer::ensure_initialized(root, Some(bin_dir))
+        .await
+        .context("creating the server (initdb)")
+        .map_err(local)
+}
+
+/// TLS certificate, configuration for `profile`, and the server running with it.
+async fn configure_and_start(server: &PgServer, profile: &str) -> Result<(), TaskError> {
+    ensure_tls(server)
+        .await
+        .context("making the server's TLS certificate")
+        .map_err(local)?;
+    let change = write_config(server, profile).context("writing the server's configuration")?;
+    run_with(server, change)
+        .await
+        .context("starting the server")
+        .map_err(local)
 }
 
 #[async_trait]
@@ -377,95 +343,28 @@ impl Provider for LocalPostgres {
         if let Some(wait) = self.elsewhere(instance) {
             return Ok(wait);
         }
-        let params = Params::of(&instance.parameters)?;
-        // Claim the instance for this host before anything exists, so a retry elsewhere waits for us.
-        instances::merge_details(ctx.pool, &instance.id, &json!({ "engine_host": self.host }))
-            .await
-            .context("recording the instance's host")?;
-        let bin_dir = match &params.postgres_version {
-            Some(version) => embedded::bin_dir_for_version(version)
-                .map_err(|e| TaskError::Fatal(e.context("parameter `postgres_version`")))?,
-            None => embedded::find_bin_dir()
-                .map_err(|e| TaskError::Fatal(e.context("the local engine")))?,
-        };
+        let params = ServerParams::of(&instance.parameters)?;
+        self.claim(ctx, instance).await?;
         let root = self.server_root(ctx.services.name_prefix(), &instance.id);
         let t0 = std::time::Instant::now();
-        let server = PgServer::ensure_initialized(&root, Some(bin_dir))
-            .await
-            .context("creating the server (initdb)")
-            .map_err(local)?;
+        let server = initialize(&root, &params).await?;
         let initdb_ms = t0.elapsed().as_millis();
-        ensure_tls(&server)
-            .await
-            .context("making the server's TLS certificate")
-            .map_err(local)?;
-        let change = write_config(&server, &params.tuning_profile)
-            .context("writing the server's configuration")?;
-        run_with(&server, change)
-            .await
-            .context("starting the server")
-            .map_err(local)?;
+        configure_and_start(&server, &params.tuning_profile).await?;
         let started_ms = t0.elapsed().as_millis();
-
-        let prefix = ctx.services.name_prefix();
-        let owner = names::instance_owner_role(prefix, &instance.id);
-        let admin_password = random_password(32);
-        let mut su = connect(
-            &superuser(&server, "postgres"),
-            "connecting to the instance's server",
-        )
-        .await?;
-        ensure_role(
-            &mut su,
-            &owner,
-            "NOLOGIN",
-            "creating the app database's owner role",
-        )
-        .await?;
-        // CREATEDB but not CREATEROLE: on PostgreSQL 15 CREATEROLE could grant pg_execute_server_program.
-        app_database::ensure_login(&mut su, &params.admin_user, "CREATEDB", &admin_password)
-            .await?;
-        exec(
-            &mut su,
-            &format!(
-                "GRANT {} TO {}",
-                quote_ident(&owner),
-                quote_ident(&params.admin_user)
-            ),
-            "making the admin user a member of the owner role",
-        )
-        .await?;
-        ensure_database(&mut su, &params.app_db_name, &owner).await?;
-        exec(
-            &mut su,
-            &format!(
-                "REVOKE ALL ON DATABASE {} FROM PUBLIC",
-                quote_ident(&params.app_db_name)
-            ),
-            "closing the app database to other roles",
-        )
-        .await?;
-        drop(su);
+        let app = AppDatabase {
+            database: &params.app_db_name,
+            owner: &names::instance_owner_role(ctx.services.name_prefix(), &instance.id),
+            admin_user: &params.admin_user,
+            admin_password: &random_password(32),
+            extensions: &params.extensions,
+        };
         let version = server.version().map_err(local)?;
-        // From PostgreSQL 15 the public schema belongs to the database owner already.
-        let old_public = version.parse::<u32>().is_ok_and(|v| v < 15);
-        if old_public || !params.extensions.is_empty() {
-            let mut db = connect(
-                &superuser(&server, &params.app_db_name),
-                "connecting to the app database",
-            )
-            .await?;
-            if old_public {
-                exec(
-                    &mut db,
-                    &format!("ALTER SCHEMA public OWNER TO {}", quote_ident(&owner)),
-                    "handing the public schema to the owner role",
-                )
-                .await?;
-            }
-            create_extensions(&mut db, &params.extensions).await?;
-        }
-
+        set_up(
+            &|database: &str| superuser(&server, database),
+            &app,
+            version.parse().unwrap_or(0),
+        )
+        .await?;
         info!(
             instance_id = %instance.id,
             port = server.port,
@@ -474,23 +373,9 @@ impl Provider for LocalPostgres {
             roles_database_extensions_ms = t0.elapsed().as_millis() - started_ms,
             "dedicated server ready"
         );
-        Ok(Progress::Done(Provisioned {
-            details: json!({
-                "engine_host": self.host,
-                "server_dir": root.display().to_string(),
-                "host": HOST,
-                "port": server.port,
-                "postgres_version": version,
-                "app_db_name": params.app_db_name,
-                "admin_user": params.admin_user,
-                "owner_role": owner,
-                "tuning_profile": params.tuning_profile,
-                "tls": true,
-                "ready_at": chrono::Utc::now(),
-                "restarts": 0,
-            }),
-            secrets: Some(json!({ "admin_password": admin_password })),
-        }))
+        Ok(Progress::Done(
+            self.provisioned(&server, &params, &app, &version),
+        ))
     }
 
     async fn update(
@@ -507,7 +392,7 @@ impl Provider for LocalPostgres {
         if let Some(wait) = self.elsewhere(instance) {
             return Ok(wait);
         }
-        let params = Params::of(&update.parameters)?;
+        let params = ServerParams::of(&update.parameters)?;
         let server = self.open(ctx, &instance.id)?;
         let change = write_config(&server, &params.tuning_profile)
             .context("writing the server's configuration")?;
@@ -515,19 +400,12 @@ impl Provider for LocalPostgres {
             .await
             .context("applying the server's configuration")
             .map_err(local)?;
-        if !params.extensions.is_empty() {
-            let database = instance
-                .details
-                .get("app_db_name")
-                .and_then(Value::as_str)
-                .unwrap_or(DEFAULT_APP_DB);
-            let mut db = connect(
-                &superuser(&server, database),
-                "connecting to the app database",
-            )
-            .await?;
-            create_extensions(&mut db, &params.extensions).await?;
-        }
+        add_extensions(
+            &|database: &str| superuser(&server, database),
+            app_db_name(instance),
+            &params.extensions,
+        )
+        .await?;
         instances::merge_details(
             ctx.pool,
             &instance.id,
@@ -601,12 +479,7 @@ impl Provider for LocalPostgres {
             return Ok(wait);
         }
         let server = self.open(ctx, &instance.id)?;
-        let database = instance
-            .details
-            .get("app_db_name")
-            .and_then(Value::as_str)
-            .unwrap_or(DEFAULT_APP_DB)
-            .to_string();
+        let database = app_db_name(instance).to_string();
         let (host, ssl_require) = match server.socket_dir() {
             Some(dir) => (Host::Socket(dir), false),
             None => (Host::Tcp(HOST.to_string()), true),
@@ -625,7 +498,7 @@ impl Provider for LocalPostgres {
             database,
             owner: names::instance_owner_role(prefix, &instance.id),
             bindings: binding_grants(prefix, bindings)?,
-            extensions: Params::of(&instance.parameters)?.extensions,
+            extensions: ServerParams::of(&instance.parameters)?.extensions,
         }))
     }
 
@@ -650,15 +523,14 @@ impl Provider for LocalPostgres {
                 .context("starting the server")
                 .map_err(local)?;
         }
-        let su = |database: &str| superuser(&server, database);
-        let access = ServerAccess {
-            superuser: &su,
-            host: HOST,
-            port: server.port,
-        };
-        unbind_role(&access, ctx.services.name_prefix(), instance, binding)
-            .await
-            .map(Progress::Done)
+        revoke_binding_role(
+            &|database: &str| superuser(&server, database),
+            ctx.services.name_prefix(),
+            instance,
+            binding,
+        )
+        .await
+        .map(Progress::Done)
     }
 
     async fn reconcile(&self, pool: &PgPool, services: &Services) -> anyhow::Result<()> {
@@ -691,61 +563,6 @@ impl Provider for LocalPostgres {
         }
         Ok(())
     }
-}
-
-/// How berth reaches a dedicated server to manage roles: superuser connect options per database, and the
-/// host and port apps are given.
-pub(crate) struct ServerAccess<'a> {
-    pub superuser: &'a (dyn Fn(&str) -> PgConnectOptions + Sync),
-    pub host: &'a str,
-    pub port: u16,
-}
-
-/// A binding on a dedicated server: a login role of its own (member of the owner role, or read-only).
-pub(crate) async fn bind_role(
-    server: &ServerAccess<'_>,
-    prefix: &str,
-    instance: &InstanceRow,
-    binding: &BindingRow,
-) -> Result<Bound, TaskError> {
-    let access = Access::of(binding)?;
-    let database = instance
-        .details
-        .get("app_db_name")
-        .and_then(Value::as_str)
-        .unwrap_or(DEFAULT_APP_DB);
-    let owner = names::instance_owner_role(prefix, &instance.id);
-    let role = names::binding_role(prefix, &binding.id);
-    let password = random_password(32);
-    app_database::grant_binding(server.superuser, database, &owner, &role, &password, access)
-        .await?;
-    let credentials = credentials(server.host, server.port, database, &role, &password)?;
-    Ok(Bound {
-        details: json!({
-            "endpoints": [{ "host": server.host, "ports": [server.port.to_string()] }],
-            "role": role,
-            "database": database,
-            "access": access.as_str(),
-        }),
-        credentials,
-    })
-}
-
-/// Drops a binding's login role, handing what it owns to the owner role.
-pub(crate) async fn unbind_role(
-    server: &ServerAccess<'_>,
-    prefix: &str,
-    instance: &InstanceRow,
-    binding: &BindingRow,
-) -> Result<(), TaskError> {
-    let database = instance
-        .details
-        .get("app_db_name")
-        .and_then(Value::as_str)
-        .unwrap_or(DEFAULT_APP_DB);
-    let owner = names::instance_owner_role(prefix, &instance.id);
-    let role = names::binding_role(prefix, &binding.id);
-    app_database::revoke_binding(server.superuser, database, &owner, &role).await
 }
 
 impl LocalPostgres {

@@ -3,61 +3,43 @@
 //! crash finishes the job. Names come from `broker::names` and reach SQL only through `quote_ident` /
 //! `quote_literal`.
 
-mod errors;
-
-use std::{future::Future, pin::Pin, str::FromStr};
+use std::str::FromStr;
 
 use async_trait::async_trait;
 use broker::{
     crypto::random_password,
     db::{bindings::BindingRow, instances::InstanceRow},
     model::UpdatePayload,
-    names::{self, quote_ident, quote_literal},
+    names::{self, quote_ident},
 };
 use secrecy::{ExposeSecret, SecretString};
-use serde_json::{Map, Value, json};
+use serde_json::json;
 use sqlx::{
-    Connection, PgConnection, PgPool,
+    PgConnection, PgPool,
     pool::PoolConnection,
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 
-pub use errors::classify;
-
-use super::{Bound, Progress, Provider, Provisioned, scram};
+use super::{
+    Bound, Progress, Provider, Provisioned,
+    postgres::{
+        Access, BindingRole, RoleGrant, binding_details, binding_grants, classify, close_to_public,
+        connect, create_extensions, credentials, database_exists, drop_role, ensure_database,
+        ensure_role, exec, lock_out, make_binding_role, members_of, requested_extensions,
+        role_exists,
+    },
+};
 use crate::{
     context::TaskContext,
     registry::TaskError,
     snapshots::{
-        BindingGrant, DatabaseTarget, ServerLogin,
+        DatabaseTarget, ServerLogin,
         target::{client_bin_dir, drop_scratch},
     },
 };
 
 /// The plan engine this provider serves.
 pub const ENGINE: &str = "shared";
-
-/// Extensions an instance may ask for; the plan's JSON schema lists the same ones.
-pub const ALLOWED_EXTENSIONS: &[&str] = &[
-    "btree_gin",
-    "btree_gist",
-    "citext",
-    "cube",
-    "earthdistance",
-    "fuzzystrmatch",
-    "hstore",
-    "intarray",
-    "isn",
-    "lo",
-    "ltree",
-    "pg_trgm",
-    "pgcrypto",
-    "seg",
-    "tablefunc",
-    "tsm_system_rows",
-    "unaccent",
-    "uuid-ossp",
-];
 
 pub struct SharedPostgres {
     admin_url: SecretString,
@@ -79,32 +61,8 @@ impl std::fmt::Debug for SharedPostgres {
     }
 }
 
-/// Access a binding asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Access {
-    ReadWrite,
-    ReadOnly,
-}
-
-impl Access {
-    pub(crate) fn of(binding: &BindingRow) -> Result<Self, TaskError> {
-        match binding.parameters.get("access") {
-            None | Some(Value::Null) => Ok(Self::ReadWrite),
-            Some(Value::String(s)) if s == "read-write" => Ok(Self::ReadWrite),
-            Some(Value::String(s)) if s == "read-only" => Ok(Self::ReadOnly),
-            Some(other) => Err(TaskError::fatal(format!(
-                "binding parameter `access` must be \"read-write\" or \"read-only\", not {other}"
-            ))),
-        }
-    }
-
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            Self::ReadWrite => "read-write",
-            Self::ReadOnly => "read-only",
-        }
-    }
-}
+const CONNECTING_DATABASE: &str =
+    "connecting to the instance's database on the shared Postgres server";
 
 /// The names of one instance's objects on the server.
 struct InstanceNames {
@@ -119,6 +77,22 @@ impl InstanceNames {
             database: names::instance_database(prefix, instance_id),
             owner: names::instance_owner_role(prefix, instance_id),
         }
+    }
+}
+
+impl InstanceNames {
+    /// Fatal when the instance's database or owner role is missing (a provision that failed).
+    async fn check_present(&self, admin: &mut PgConnection) -> Result<(), TaskError> {
+        if !database_exists(admin, &self.database).await?
+            || !role_exists(admin, &self.owner).await?
+        {
+            return Err(TaskError::fatal(format!(
+                "the instance's database {} is missing on the shared server (did provisioning fail?); \
+                 deprovision the instance and provision it again",
+                self.database
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -157,271 +131,13 @@ impl SharedPostgres {
             .map_err(|e| classify(e, "connecting to the shared Postgres server"))
     }
 
+    fn database_options(&self, database: &str) -> PgConnectOptions {
+        self.admin.clone().database(database)
+    }
+
     async fn connect_database(&self, database: &str) -> Result<PgConnection, TaskError> {
-        let options = self.admin.clone().database(database);
-        connect(
-            &options,
-            "connecting to the instance's database on the shared Postgres server",
-        )
-        .await
+        connect(&self.database_options(database), CONNECTING_DATABASE).await
     }
-
-    fn database_url(
-        &self,
-        user: &str,
-        password: &str,
-        database: &str,
-    ) -> Result<String, TaskError> {
-        let mut url = url::Url::parse("postgres://localhost/")
-            .map_err(|e| TaskError::fatal(format!("building the connection URL: {e}")))?;
-        let bad = |what: &str| {
-            TaskError::fatal(format!(
-                "building the connection URL: the {what} is not valid in a URL"
-            ))
-        };
-        url.set_host(Some(&self.public_host))
-            .map_err(|_| bad("host"))?;
-        url.set_port(Some(self.public_port))
-            .map_err(|()| bad("port"))?;
-        url.set_username(user).map_err(|()| bad("user name"))?;
-        url.set_password(Some(password))
-            .map_err(|()| bad("password"))?;
-        url.set_path(database);
-        Ok(url.into())
-    }
-}
-
-/// Boxed, `Send` futures for the SQL helpers: sqlx's executor bounds are higher-ranked, and proving `Send`
-/// for them inside `#[async_trait]` bodies trips a compiler limitation; boxing checks each helper on its own.
-pub(crate) type Sql<'a, T> = Pin<Box<dyn Future<Output = Result<T, TaskError>> + Send + 'a>>;
-
-/// Runs one statement (or several, `;`-separated). `what` describes it for errors; the statement itself never
-/// reaches a message or a log (it may name a role's password verifier). Not prepared, so not cached.
-pub(crate) fn exec<'a>(conn: &'a mut PgConnection, sql: &'a str, what: &'a str) -> Sql<'a, ()> {
-    Box::pin(async move {
-        sqlx::Executor::execute(&mut *conn, sqlx::raw_sql(sql))
-            .await
-            .map_err(|e| classify(e, what))?;
-        Ok(())
-    })
-}
-
-/// Like [`exec`], but an error with one of the SQLSTATEs in `tolerated` counts as done; `false` then.
-pub(crate) fn exec_tolerating<'a>(
-    conn: &'a mut PgConnection,
-    sql: &'a str,
-    tolerated: &'a [&'a str],
-    what: &'a str,
-) -> Sql<'a, bool> {
-    Box::pin(async move {
-        match sqlx::Executor::execute(&mut *conn, sqlx::raw_sql(sql)).await {
-            Ok(_) => Ok(true),
-            Err(e) if errors::code(&e).is_some_and(|c| tolerated.contains(&c.as_str())) => {
-                Ok(false)
-            }
-            Err(e) => Err(classify(e, what)),
-        }
-    })
-}
-
-pub(crate) fn exists<'a>(
-    conn: &'a mut PgConnection,
-    sql: &'static str,
-    name: &'a str,
-    what: &'a str,
-) -> Sql<'a, bool> {
-    Box::pin(async move {
-        sqlx::query_scalar::<_, bool>(sql)
-            .bind(name)
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(|e| classify(e, what))
-    })
-}
-
-pub(crate) fn role_exists<'a>(conn: &'a mut PgConnection, role: &'a str) -> Sql<'a, bool> {
-    exists(
-        conn,
-        "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)",
-        role,
-        "looking up a role",
-    )
-}
-
-pub(crate) fn database_exists<'a>(conn: &'a mut PgConnection, database: &'a str) -> Sql<'a, bool> {
-    exists(
-        conn,
-        "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)",
-        database,
-        "looking up a database",
-    )
-}
-
-/// Roles that are members of `owner` (read-write binding roles).
-pub(crate) fn members_of<'a>(conn: &'a mut PgConnection, owner: &'a str) -> Sql<'a, Vec<String>> {
-    Box::pin(async move {
-        sqlx::query_scalar::<_, String>(
-            "SELECT m.rolname::text FROM pg_auth_members a
-             JOIN pg_roles o ON o.oid = a.roleid
-             JOIN pg_roles m ON m.oid = a.member
-             WHERE o.rolname = $1",
-        )
-        .bind(owner)
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(|e| classify(e, "listing the binding roles of the instance"))
-    })
-}
-
-pub(crate) fn connect<'a>(options: &'a PgConnectOptions, what: &'a str) -> Sql<'a, PgConnection> {
-    Box::pin(async move {
-        PgConnection::connect_with(options)
-            .await
-            .map_err(|e| classify(e, what))
-    })
-}
-
-/// Creates the role unless it exists; a concurrent creation counts as success.
-pub(crate) async fn ensure_role(
-    conn: &mut PgConnection,
-    role: &str,
-    options: &str,
-    what: &str,
-) -> Result<(), TaskError> {
-    if role_exists(conn, role).await? {
-        return Ok(());
-    }
-    let sql = format!("CREATE ROLE {} {options}", quote_ident(role));
-    exec_tolerating(conn, &sql, &["42710", "23505"], what).await?;
-    Ok(())
-}
-
-/// Creates the database unless it exists. CREATE DATABASE cannot run in a transaction and may race a
-/// concurrent one: "already exists" is success.
-pub(crate) async fn ensure_database(
-    conn: &mut PgConnection,
-    database: &str,
-    owner: &str,
-) -> Result<(), TaskError> {
-    if database_exists(conn, database).await? {
-        return Ok(());
-    }
-    let sql = format!(
-        "CREATE DATABASE {} OWNER {}",
-        quote_ident(database),
-        quote_ident(owner)
-    );
-    exec_tolerating(
-        conn,
-        &sql,
-        &["42P04", "23505"],
-        "creating the instance's database",
-    )
-    .await?;
-    Ok(())
-}
-
-/// The `extensions` parameter, re-checked against the allow-list (the schema checked it already).
-pub(crate) fn requested_extensions(parameters: &Value) -> Result<Vec<String>, TaskError> {
-    let Some(list) = parameters.get("extensions") else {
-        return Ok(Vec::new());
-    };
-    let Some(list) = list.as_array() else {
-        return Err(TaskError::fatal(
-            "parameter `extensions` must be a list of extension names",
-        ));
-    };
-    let mut out = Vec::new();
-    for item in list {
-        match item.as_str() {
-            Some(name) if ALLOWED_EXTENSIONS.contains(&name) => {
-                if !out.iter().any(|e| e == name) {
-                    out.push(name.to_string());
-                }
-            }
-            _ => {
-                return Err(TaskError::fatal(format!(
-                    "extension {item} is not offered on this plan; choose from: {}",
-                    ALLOWED_EXTENSIONS.join(", ")
-                )));
-            }
-        }
-    }
-    Ok(out)
-}
-
-pub(crate) async fn create_extensions(
-    conn: &mut PgConnection,
-    extensions: &[String],
-) -> Result<(), TaskError> {
-    for extension in extensions {
-        let sql = format!("CREATE EXTENSION IF NOT EXISTS {}", quote_ident(extension));
-        let what = format!("creating extension {extension:?}");
-        // Created concurrently by another run: fine.
-        exec_tolerating(conn, &sql, &["23505", "42710"], &what).await?;
-    }
-    Ok(())
-}
-
-/// What a read-only binding role gets in its database: SELECT on what is there and on what the owner makes
-/// later. Arguments are quoted identifiers.
-pub(crate) fn read_only_grants(role_q: &str, owner_q: &str) -> String {
-    format!(
-        "GRANT USAGE ON SCHEMA public TO {role_q};
-         GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role_q};
-         GRANT SELECT ON ALL SEQUENCES IN SCHEMA public TO {role_q};
-         ALTER DEFAULT PRIVILEGES FOR ROLE {owner_q} IN SCHEMA public GRANT SELECT ON TABLES TO {role_q};
-         ALTER DEFAULT PRIVILEGES FOR ROLE {owner_q} IN SCHEMA public GRANT SELECT ON SEQUENCES TO {role_q};"
-    )
-}
-
-/// Stops a role's logins and ends its sessions.
-pub(crate) async fn lock_out(conn: &mut PgConnection, role: &str) -> Result<(), TaskError> {
-    exec(
-        conn,
-        &format!("ALTER ROLE {} NOLOGIN", quote_ident(role)),
-        "disabling a binding role's login",
-    )
-    .await?;
-    let terminate = format!(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = {} AND pid <> pg_backend_pid()",
-        quote_literal(role)
-    );
-    exec(conn, &terminate, "ending a binding role's sessions").await
-}
-
-/// Drops a role after revoking what it holds in the admin database and on shared objects (databases).
-pub(crate) async fn drop_role(
-    conn: &mut PgConnection,
-    role: &str,
-    what: &str,
-) -> Result<(), TaskError> {
-    if !role_exists(conn, role).await? {
-        return Ok(());
-    }
-    exec(conn, &format!("DROP OWNED BY {}", quote_ident(role)), what).await?;
-    exec(
-        conn,
-        &format!("DROP ROLE IF EXISTS {}", quote_ident(role)),
-        what,
-    )
-    .await
-}
-
-/// The binding roles of `bindings` and whether each is read-only (for grants after a restore).
-pub(crate) fn binding_grants(
-    prefix: &str,
-    bindings: &[BindingRow],
-) -> Result<Vec<BindingGrant>, TaskError> {
-    bindings
-        .iter()
-        .map(|b| {
-            Ok(BindingGrant {
-                role: names::binding_role(prefix, &b.id),
-                read_only: Access::of(b)? == ReadOnly,
-            })
-        })
-        .collect()
 }
 
 #[async_trait]
@@ -442,12 +158,9 @@ impl Provider for SharedPostgres {
         )
         .await?;
         ensure_database(&mut admin, &names.database, &names.owner).await?;
-        exec(
+        close_to_public(
             &mut admin,
-            &format!(
-                "REVOKE ALL ON DATABASE {} FROM PUBLIC",
-                quote_ident(&names.database)
-            ),
+            &names.database,
             "closing the instance's database to other roles",
         )
         .await?;
@@ -547,115 +260,41 @@ impl Provider for SharedPostgres {
     ) -> Result<Progress<Bound>, TaskError> {
         let access = Access::of(binding)?;
         let names = InstanceNames::of(ctx, &instance.id);
-        let role = names::binding_role(ctx.services.name_prefix(), &binding.id);
-        let (role_q, owner_q, db_q) = (
-            quote_ident(&role),
-            quote_ident(&names.owner),
-            quote_ident(&names.database),
-        );
-        let password = random_password(32);
-
+        let made = BindingRole {
+            database: names.database.clone(),
+            role: names::binding_role(ctx.services.name_prefix(), &binding.id),
+            password: random_password(32),
+            access,
+        };
         let mut admin = self.connect_admin().await?;
-        if !database_exists(&mut admin, &names.database).await?
-            || !role_exists(&mut admin, &names.owner).await?
-        {
-            return Err(TaskError::fatal(format!(
-                "the instance's database {} is missing on the shared server (did provisioning fail?); \
-                 deprovision the instance and provision it again",
-                names.database
-            )));
-        }
-        // A retry finds the role from the first try: give it the new password so the stored credentials match.
-        let login = format!("LOGIN {}", scram::password_clause(&password)?);
-        if role_exists(&mut admin, &role).await? {
-            exec(
-                &mut admin,
-                &format!("ALTER ROLE {role_q} WITH {login}"),
-                "setting the binding role's password",
-            )
-            .await?;
-        } else {
-            let create = format!("CREATE ROLE {role_q} {login}");
-            let created = exec_tolerating(
-                &mut admin,
-                &create,
-                &["42710", "23505"],
-                "creating the binding role",
-            )
-            .await?;
-            if !created {
-                exec(
-                    &mut admin,
-                    &format!("ALTER ROLE {role_q} WITH {login}"),
-                    "setting the binding role's password",
-                )
-                .await?;
-            }
-        }
-        match access {
-            ReadWrite => {
-                exec(
-                    &mut admin,
-                    &format!("GRANT {owner_q} TO {role_q}"),
-                    "making the binding role a member of the owner role",
-                )
-                .await?;
-                // Objects the app creates belong to the owner role, so every binding sees and can change them.
-                exec(
-                    &mut admin,
-                    &format!(
-                        "ALTER ROLE {role_q} SET role = {}",
-                        quote_literal(&names.owner)
-                    ),
-                    "making the binding act as the owner role",
-                )
-                .await?;
-            }
-            ReadOnly => {
-                exec(
-                    &mut admin,
-                    &format!("ALTER ROLE {role_q} SET default_transaction_read_only = on"),
-                    "making the binding role read-only",
-                )
-                .await?;
-            }
-        }
-        exec(
+        names.check_present(&mut admin).await?;
+        let grant = RoleGrant {
+            database: &names.database,
+            owner: &names.owner,
+            role: &made.role,
+            access,
+        };
+        let database = self.database_options(&names.database);
+        make_binding_role(
             &mut admin,
-            &format!("GRANT CONNECT ON DATABASE {db_q} TO {role_q}"),
-            "letting the binding role connect",
+            &database,
+            CONNECTING_DATABASE,
+            &grant,
+            &made.password,
         )
         .await?;
         drop(admin);
-
-        if access == ReadOnly {
-            let mut db = self.connect_database(&names.database).await?;
-            let grants = read_only_grants(&role_q, &owner_q);
-            exec(
-                &mut db,
-                &grants,
-                "granting the read-only binding role SELECT on the database's tables",
-            )
-            .await?;
-        }
-
-        let url = self.database_url(&role, &password, &names.database)?;
-        let mut credentials = Map::new();
-        credentials.insert("DATABASE_URL".into(), Value::String(url.clone()));
-        credentials.insert("uri".into(), Value::String(url));
-        credentials.insert("PGHOST".into(), Value::String(self.public_host.clone()));
-        credentials.insert("PGPORT".into(), Value::String(self.public_port.to_string()));
-        credentials.insert("PGDATABASE".into(), Value::String(names.database.clone()));
-        credentials.insert("PGUSER".into(), Value::String(role.clone()));
-        credentials.insert("PGPASSWORD".into(), Value::String(password));
+        let (host, port) = (&self.public_host, self.public_port);
         Ok(Progress::Done(Bound {
-            details: json!({
-                "endpoints": [{ "host": self.public_host, "ports": [self.public_port.to_string()] }],
-                "role": role,
-                "database": names.database,
-                "access": access.as_str(),
-            }),
-            credentials,
+            details: binding_details(host, port, &made),
+            credentials: credentials(
+                host,
+                port,
+                &made.database,
+                &made.role,
+                &made.password,
+                false,
+            )?,
         }))
     }
 
@@ -716,5 +355,3 @@ impl Provider for SharedPostgres {
         Ok(Progress::Done(()))
     }
 }
-
-use Access::{ReadOnly, ReadWrite};
