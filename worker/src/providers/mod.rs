@@ -2,6 +2,7 @@
 //! engine and picks it by the plan's `engine` field in the catalog.
 
 pub mod aws;
+pub mod binding_access;
 pub mod ec2_common;
 pub mod ec2_postgres;
 pub mod ha_ec2;

@@ -10,14 +10,13 @@ use serde_json::{Map, Value, json};
 use sqlx::postgres::PgConnectOptions;
 
 use super::{
-    access::Access,
     app_database::{Superuser, app_db_name},
     databases::database_exists,
     grants::{RoleGrant, grant_access},
     roles::{drop_role, ensure_login, lock_out, role_exists},
     sql::{connect, exec},
 };
-use crate::{providers::Bound, registry::TaskError};
+use crate::{providers::Bound, providers::binding_access::Access, registry::TaskError};
 
 /// How berth reaches a dedicated server to manage roles: superuser connect options per database, and the
 /// host and port apps are given.

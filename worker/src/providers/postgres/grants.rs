@@ -7,11 +7,8 @@ use broker::{
 };
 use sqlx::{PgConnection, postgres::PgConnectOptions};
 
-use super::{
-    access::Access,
-    sql::{connect, exec},
-};
-use crate::{registry::TaskError, snapshots::BindingGrant};
+use super::sql::{connect, exec};
+use crate::{providers::binding_access::Access, registry::TaskError, snapshots::BindingGrant};
 
 /// What a read-only binding role gets in its database: SELECT on what is there and on what the owner makes
 /// later. Arguments are quoted identifiers.

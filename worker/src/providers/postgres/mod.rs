@@ -8,14 +8,12 @@
 //! - [`scram`]: SCRAM-SHA-256 verifiers sent instead of passwords
 //! - [`databases`]: `database_exists`, `ensure_database`
 //! - [`extensions`]: the allow-list, the `extensions` parameter, `create_extensions`
-//! - [`access`]: a binding's `access` (read-write / read-only)
 //! - [`grants`]: what a binding role may do in its database; the grants a restore gives again
 //! - [`bindings`]: a binding's login role made and dropped, its credentials and details
 //! - [`app_database`]: the app database and admin user on a server of an instance's own
 //! - [`server_params`]: the parameters such a server is made with
 //! - [`tuning`]: `tuning_profile` → postgresql.conf settings
 
-pub(crate) mod access;
 pub(crate) mod app_database;
 pub(crate) mod bindings;
 pub(crate) mod databases;
@@ -28,10 +26,10 @@ pub(crate) mod server_params;
 pub(crate) mod sql;
 pub mod tuning;
 
+pub(crate) use super::binding_access::Access;
 pub use errors::classify;
 pub use extensions::ALLOWED_EXTENSIONS;
 pub(crate) use {
-    access::Access,
     app_database::{AppDatabase, DEFAULT_APP_DB, add_extensions, app_db_name, set_up},
     bindings::{
         BindingRole, ServerAccess, bind_role, binding_details, credentials, grant_binding_role,

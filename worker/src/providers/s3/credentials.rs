@@ -21,33 +21,6 @@ use crate::{
 /// How long a bind waits for a new key to be accepted before it retries the whole bind.
 const KEY_PROPAGATION_LIMIT: Duration = Duration::from_secs(30);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Access {
-    ReadWrite,
-    ReadOnly,
-}
-
-impl Access {
-    /// Strict, like the Postgres engines: the catalog's bind schema only lets these two strings through, so an
-    /// `access` of another type can only come from a row written by hand, and is refused rather than guessed.
-    pub(super) fn of(binding: &BindingRow) -> Result<Self, TaskError> {
-        match binding.parameters.get("access") {
-            None | Some(Value::Null) => Ok(Self::ReadWrite),
-            Some(Value::String(s)) if s == "read-write" => Ok(Self::ReadWrite),
-            Some(Value::String(s)) if s == "read-only" => Ok(Self::ReadOnly),
-            Some(other) => Err(TaskError::fatal(format!(
-                "binding parameter `access` must be \"read-write\" or \"read-only\", not {other}"
-            ))),
-        }
-    }
-    pub(super) fn as_str(self) -> &'static str {
-        match self {
-            Self::ReadWrite => "read-write",
-            Self::ReadOnly => "read-only",
-        }
-    }
-}
-
 impl S3Provider {
     /// Waits (bounded) until a new key is accepted for the bucket: IAM is eventually consistent, and a key
     /// handed to an app must work at once.

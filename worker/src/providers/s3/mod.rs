@@ -21,7 +21,8 @@ use serde_json::{Map, Value, json};
 pub use bucket::BucketSpec;
 pub use store::Store;
 
-use self::credentials::{Access, access_key_of};
+use self::credentials::access_key_of;
+use super::binding_access::Access;
 use super::{Bound, Progress, Provider, Provisioned, aws};
 use crate::{context::TaskContext, registry::TaskError};
 

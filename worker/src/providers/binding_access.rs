@@ -1,11 +1,12 @@
-//! The access a binding asks for (`access` binding parameter).
+//! The access a binding asks for (the `access` bind parameter): shared by every engine that binds.
 
 use broker::db::bindings::BindingRow;
 use serde_json::Value;
 
 use crate::registry::TaskError;
 
-/// Access a binding asks for: absent or null is read-write; anything but the two names is Fatal.
+/// Absent or null is read-write; anything but the two names is Fatal (the catalog's bind schemas only let
+/// the two names through, so anything else is a row written by hand, refused rather than guessed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Access {
     ReadWrite,
