@@ -17,7 +17,10 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 use tracing::{info, warn};
 
-use crate::{context::Services, providers::aws};
+use crate::{
+    context::Services,
+    providers::aws::{self, errors::describe},
+};
 
 /// What the bucket object holds (pg-spot-operator's format).
 #[derive(Clone, Serialize)]
@@ -216,12 +219,7 @@ async fn push(
         .body(body.into())
         .send()
         .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "putting s3://{bucket}/{key}: {}",
-                aws_sdk_s3::error::DisplayErrorContext(e)
-            )
-        })?;
+        .map_err(|e| anyhow::anyhow!("putting s3://{bucket}/{key}: {}", describe(&e)))?;
     Ok(())
 }
 

@@ -18,7 +18,7 @@ use tokio::{
     sync::mpsc,
 };
 
-use crate::providers::aws;
+use crate::providers::aws::{self, errors::describe};
 
 /// One piece of an object on its way to the store. `End` says the producer finished cleanly: a channel that
 /// closes without it is a failed snapshot, and the store discards what it received.
@@ -219,31 +219,21 @@ impl S3Store {
         {
             return Ok(());
         }
-        match self
+        let created = self
             .client
             .create_bucket()
             .bucket(&self.bucket)
             .send()
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                let code = e
-                    .as_service_error()
-                    .and_then(|s| s.meta().code())
-                    .unwrap_or_default()
-                    .to_string();
-                if code == "BucketAlreadyOwnedByYou" || code == "BucketAlreadyExists" {
-                    Ok(())
-                } else {
-                    Err(anyhow::anyhow!(
-                        "creating the snapshot bucket {}: {}",
-                        self.bucket,
-                        aws_message(&e)
-                    ))
-                }
-            }
-        }
+            .await;
+        aws::errors::tolerate_codes(created, &["BucketAlreadyOwnedByYou", "BucketAlreadyExists"])
+            .map(|_| ())
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "creating the snapshot bucket {}: {}",
+                    self.bucket,
+                    describe(&e)
+                )
+            })
     }
 
     /// Uploads from the second part on; the caller holds the first.
@@ -260,7 +250,7 @@ impl S3Store {
             .key(key)
             .send()
             .await
-            .map_err(|e| anyhow::anyhow!("starting the snapshot upload: {}", aws_message(&e)))?;
+            .map_err(|e| anyhow::anyhow!("starting the snapshot upload: {}", describe(&e)))?;
         let upload_id = created
             .upload_id()
             .context("the store gave no upload id")?
@@ -303,10 +293,7 @@ impl S3Store {
                 .send()
                 .await
                 .map_err(|e| {
-                    anyhow::anyhow!(
-                        "uploading part {number} of the snapshot: {}",
-                        aws_message(&e)
-                    )
+                    anyhow::anyhow!("uploading part {number} of the snapshot: {}", describe(&e))
                 })?;
             done.push(
                 CompletedPart::builder()
@@ -337,7 +324,7 @@ impl S3Store {
             )
             .send()
             .await
-            .map_err(|e| anyhow::anyhow!("completing the snapshot upload: {}", aws_message(&e)))?;
+            .map_err(|e| anyhow::anyhow!("completing the snapshot upload: {}", describe(&e)))?;
         Ok(())
     }
 }
@@ -370,7 +357,7 @@ impl ObjectStore for S3Store {
                 .body(ByteStream::from(first))
                 .send()
                 .await
-                .map_err(|e| anyhow::anyhow!("storing the snapshot: {}", aws_message(&e)))?;
+                .map_err(|e| anyhow::anyhow!("storing the snapshot: {}", describe(&e)))?;
             return Ok(());
         }
         self.multipart(&key, first, &mut parts).await
@@ -393,7 +380,7 @@ impl ObjectStore for S3Store {
             Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
             Err(e) => Err(anyhow::anyhow!(
                 "reading the snapshot object: {}",
-                aws_message(&e)
+                describe(&e)
             )),
         }
     }
@@ -406,27 +393,11 @@ impl ObjectStore for S3Store {
             .key(&key)
             .send()
             .await
-            .map_err(|e| anyhow::anyhow!("deleting the snapshot object: {}", aws_message(&e)))?;
+            .map_err(|e| anyhow::anyhow!("deleting the snapshot object: {}", describe(&e)))?;
         Ok(())
     }
 
     fn location(&self) -> String {
         format!("s3://{}/{}", self.bucket, self.prefix)
-    }
-}
-
-/// The store's error code and message, never the request (it may carry signed headers).
-fn aws_message<E, R>(err: &aws_sdk_s3::error::SdkError<E, R>) -> String
-where
-    E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
-{
-    match err.as_service_error() {
-        Some(e) => format!(
-            "{} {}",
-            e.code().unwrap_or("error"),
-            e.message().unwrap_or_default()
-        ),
-        None => format!("{}", aws_sdk_s3::error::DisplayErrorContext(err)),
     }
 }

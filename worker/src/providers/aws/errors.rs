@@ -165,12 +165,23 @@ pub fn classify<E: ServiceError>(err: SdkError<E>, what: &str, service: &Service
             "{what}: {name} does not support this ({detail}); choose a plan that does not need it"
         ));
     }
-    let detail = if detail.is_empty() {
-        error_chain(&err)
+    TaskError::fatal(format!(
+        "{what}: {name} refused the request ({})",
+        describe(&err)
+    ))
+}
+
+/// What went wrong, for a message: the service's `Code: message`, else the chain of a network error;
+/// never the request (it may carry signed headers).
+pub fn describe<E: ProvideErrorMetadata + std::error::Error + 'static>(
+    err: &SdkError<E>,
+) -> String {
+    let detail = Answer::of(err).detail();
+    if detail.is_empty() {
+        error_chain(err)
     } else {
         detail
-    };
-    TaskError::fatal(format!("{what}: {name} refused the request ({detail})"))
+    }
 }
 
 fn error_chain(err: &dyn std::error::Error) -> String {
