@@ -305,13 +305,6 @@ async fn secrets(ctx: &TaskContext<'_>, instance: &InstanceRow) -> Result<Secret
     Ok(made)
 }
 
-fn wait<T>(secs: u64, progress: impl Into<String>) -> Result<Progress<T>, TaskError> {
-    Ok(Progress::Wait {
-        after: Duration::from_secs(secs),
-        progress: progress.into(),
-    })
-}
-
 /// What launching a VM for an instance needs besides its state.
 struct LaunchInput<'a> {
     client: &'a Client,
@@ -402,10 +395,10 @@ impl Ec2Postgres {
             match vm::vm(input.client, &id).await? {
                 Some(found) if found.state == "running" => return Ok(Progress::Done(found)),
                 Some(found) if found.state == "pending" => {
-                    return wait(
+                    return Ok(Progress::wait_secs(
                         5,
                         format!("waiting for VM {id} ({}) to run", found.instance_type),
-                    );
+                    ));
                 }
                 _ => recovery::forget_vm(state),
             }
@@ -420,7 +413,10 @@ impl Ec2Postgres {
             state.instance_type = Some(found.instance_type.clone());
             state.launched_at = state.launched_at.or(found.launched_at);
             state.save(pool, instance_id).await?;
-            return wait(2, format!("found VM {} from an earlier try", found.id));
+            return Ok(Progress::wait_secs(
+                2,
+                format!("found VM {} from an earlier try", found.id),
+            ));
         }
         if !self.launch_next(pool, instance_id, state, input).await? {
             return Err(TaskError::retryable(format!(
@@ -429,13 +425,13 @@ impl Ec2Postgres {
                 state.candidates.len()
             )));
         }
-        wait(
+        Ok(Progress::wait_secs(
             3,
             format!(
                 "launched VM {}; waiting for it to run",
                 state.vm_id.as_deref().unwrap_or("?")
             ),
-        )
+        ))
     }
 
     async fn user_data(
@@ -622,10 +618,10 @@ impl Provider for Ec2Postgres {
                     READY_LIMIT_SECS / 60
                 )));
             }
-            return wait(
+            return Ok(Progress::wait_secs(
                 10,
                 format!("waiting for PostgreSQL on {host}:{PORT} (cloud-init is installing it)"),
-            );
+            ));
         }
         let mut details = instance.details.clone();
         let patch = json!({
@@ -737,10 +733,13 @@ impl Provider for Ec2Postgres {
         if !live.is_empty() {
             let ids: Vec<String> = live.iter().map(|v| v.id.clone()).collect();
             vm::terminate(&client, &ids).await?;
-            return wait(5, format!("terminating VM {}", ids.join(", ")));
+            return Ok(Progress::wait_secs(
+                5,
+                format!("terminating VM {}", ids.join(", ")),
+            ));
         }
         if !vm::all_terminated(&client, &instance.id).await? {
-            return wait(5, "waiting for the VM to terminate");
+            return Ok(Progress::wait_secs(5, "waiting for the VM to terminate"));
         }
         vm::delete_the_rest(
             &client,

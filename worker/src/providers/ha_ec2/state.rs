@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
-use crate::{providers::ha_local::tls::Pem, registry::TaskError};
+use crate::{providers::patroni::tls::Pem, registry::TaskError};
 
 /// One member slot (`m1`, `m2`, ...): a network interface that keeps its private address, and the VM on it.
 /// A replacement VM takes the same slot (name, zone, address).

@@ -10,9 +10,9 @@ use std::net::IpAddr;
 
 use serde_json::{Value, json};
 
-use crate::providers::ha_local::{
-    config::{NAMESPACE, dcs_config},
-    state::{REPLICATION_USER, RESTAPI_USER, REWIND_USER, SUPERUSER},
+use crate::providers::patroni::{
+    REPLICATION_USER, RESTAPI_USER, REWIND_USER, SUPERUSER,
+    dcs::{NAMESPACE, dcs_config},
     timings::Timings,
     tls::Pem,
 };
@@ -316,7 +316,7 @@ pub fn render(data: &MemberSetup<'_>) -> anyhow::Result<Rendered> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::providers::ha_local::timings::FAST;
+    use crate::providers::patroni::timings::FAST;
 
     fn secrets() -> Secrets {
         Secrets {

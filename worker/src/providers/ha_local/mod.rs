@@ -9,13 +9,8 @@
 
 mod cluster;
 pub(crate) mod config;
-pub(crate) mod credentials;
-pub(crate) mod params;
-pub(crate) mod patroni;
-mod procs;
+mod scaling;
 pub(crate) mod state;
-pub(crate) mod timings;
-pub(crate) mod tls;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -34,15 +29,18 @@ use tracing::{info, warn};
 
 use self::{
     cluster::LocalCluster,
-    credentials::{Address, Endpoints},
-    params::Params,
-    patroni::{ClusterView, Patroni},
     state::{ClusterState, Layout},
 };
 use super::{
     Bound, LOCAL_LOCKS, Progress, Provider, Provisioned,
     app_database::{self, AppDatabase},
+    local_processes::ensure_servers_dir,
     lock_idle_instance, lock_instance, owned_elsewhere,
+    patroni::{
+        ClusterView, Params, SUPERUSER, Timings,
+        credentials::{self, Address, Endpoints},
+        dcs, settings, switchover,
+    },
     shared_postgres::{Access, binding_grants},
 };
 use crate::{
@@ -50,8 +48,6 @@ use crate::{
     registry::TaskError,
     snapshots::{DatabaseTarget, ServerLogin, target::Host},
 };
-
-pub use timings::{FAST as DEFAULT_TIMINGS, Timings};
 
 /// The plan engine this provider serves.
 pub const ENGINE: &str = "ha_local";
@@ -81,18 +77,10 @@ fn local(err: anyhow::Error) -> TaskError {
     TaskError::Retryable(err)
 }
 
-/// `Wait` until the cluster is ready, with what it is waiting for.
-fn wait<T>(progress: String) -> Progress<T> {
-    Progress::Wait {
-        after: Duration::from_secs(1),
-        progress,
-    }
-}
-
 impl HaLocal {
     /// `servers_dir` must be absolute; `host` names this machine (see `Settings::local_host`).
     pub fn new(servers_dir: PathBuf, host: String, timings: Timings) -> anyhow::Result<Self> {
-        super::ensure_servers_dir(&servers_dir)?;
+        ensure_servers_dir(&servers_dir)?;
         timings
             .check()
             .map_err(|e| anyhow::anyhow!("HA_PATRONI_TTL, _LOOP_WAIT, _RETRY_TIMEOUT: {e}"))?;
@@ -149,27 +137,16 @@ async fn readiness(
     cluster: &LocalCluster,
     http: &reqwest::Client,
 ) -> Result<(ClusterView, String), String> {
-    let view = Patroni::new(http, &cluster.state, &cluster.secrets)
+    let view = cluster
+        .patroni(http)
         .cluster()
         .await
         .map_err(|e| format!("{e:#}"))?;
-    let leader = view.leader().ok_or("no primary elected yet")?.name.clone();
+    let leader = view
+        .ready_primary(cluster.state.members.iter().map(|m| m.name.as_str()))?
+        .name
+        .clone();
     let want = cluster.state.members.len() - 1;
-    let missing: Vec<&str> = cluster
-        .state
-        .members
-        .iter()
-        .filter(|m| {
-            m.name != leader && !view.member(&m.name).is_some_and(|v| v.is_healthy_replica())
-        })
-        .map(|m| m.name.as_str())
-        .collect();
-    if !missing.is_empty() {
-        return Err(format!(
-            "waiting for member(s) {} to replicate",
-            missing.join(", ")
-        ));
-    }
     let port = cluster
         .state
         .member(&leader)
@@ -267,73 +244,91 @@ fn detail_str<'a>(instance: &'a InstanceRow, key: &str, default: &'a str) -> &'a
 
 /// Cluster settings Patroni keeps in etcd for the synchronous flag and the tuning profile.
 fn dcs_for(instance: &InstanceRow, timings: Timings) -> Value {
-    let synchronous = instance
-        .details
-        .get("synchronous")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-    config::dcs_config(
-        timings,
-        synchronous,
-        detail_str(instance, "tuning_profile", "default"),
-    )
+    let (synchronous, profile) = settings::recorded(instance);
+    dcs::dcs_config(timings, synchronous, profile)
 }
 
 /// The primary's name, or a `Wait` while there is none (a failover is under way).
 fn leader_or_wait<T>(view: &ClusterView) -> Result<String, Progress<T>> {
     view.leader().map(|l| l.name.clone()).ok_or_else(|| {
-        wait("the cluster has no primary right now (a failover is under way); waiting".into())
+        Progress::wait_secs(
+            1,
+            "the cluster has no primary right now (a failover is under way); waiting",
+        )
     })
 }
 
-#[async_trait]
-impl Provider for HaLocal {
-    async fn provision(
+/// The primary's Postgres port, as Patroni reports who leads; a `Wait` while no member does.
+async fn primary_port<T>(
+    ctx: &TaskContext<'_>,
+    cluster: &LocalCluster,
+) -> Result<Result<u16, Progress<T>>, TaskError> {
+    let view = cluster
+        .patroni(&ctx.services.http)
+        .cluster()
+        .await
+        .map_err(local)?;
+    Ok(match leader_or_wait(&view) {
+        Ok(leader) => Ok(endpoints(&cluster.state, &leader)?.primary.port),
+        Err(wait) => Err(wait),
+    })
+}
+
+/// `etcd` and `patroni` must be installed on this host.
+fn check_programs(host: &str) -> Result<(), TaskError> {
+    for program in ["etcd", "patroni"] {
+        if !broker::config::on_path(program) {
+            return Err(TaskError::fatal(format!(
+                "`{program}` is not installed on host {host}: the ha plan's local engine needs Debian's etcd-server \
+                 and patroni packages (apt-get install etcd-server patroni)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The Postgres programs the members run: those of the version asked for, else the newest installed.
+fn bin_dir(params: &Params) -> Result<PathBuf, TaskError> {
+    match &params.server.postgres_version {
+        Some(version) => embedded::bin_dir_for_version(version)
+            .map_err(|e| TaskError::Fatal(e.context("parameter `postgres_version`"))),
+        None => {
+            embedded::find_bin_dir().map_err(|e| TaskError::Fatal(e.context("the ha_local engine")))
+        }
+    }
+}
+
+/// The major version of the programs in `bin_dir` (`/usr/lib/postgresql/<major>/bin`), or the version asked for.
+fn major_version(bin_dir: &std::path::Path, params: &Params) -> String {
+    bin_dir
+        .parent()
+        .and_then(|v| v.file_name())
+        .and_then(|v| v.to_str())
+        .filter(|v| !v.is_empty() && v.chars().all(|c| c.is_ascii_digit()))
+        .map(str::to_string)
+        .or_else(|| params.server.postgres_version.clone())
+        .unwrap_or_default()
+}
+
+impl HaLocal {
+    /// Provision, step 1: the cluster's folder, its state (ports and members, chosen once) and its secrets.
+    fn create(
         &self,
         ctx: &TaskContext<'_>,
         instance: &InstanceRow,
-    ) -> Result<Progress<Provisioned>, TaskError> {
-        if let Some(wait) = owned_elsewhere(instance, &self.host) {
-            return Ok(wait);
-        }
-        let params = Params::of(&instance.parameters)?;
-        for program in ["etcd", "patroni"] {
-            if !broker::config::on_path(program) {
-                return Err(TaskError::fatal(format!(
-                    "`{program}` is not installed on host {}: the ha plan's local engine needs Debian's etcd-server \
-                     and patroni packages (apt-get install etcd-server patroni)",
-                    self.host
-                )));
-            }
-        }
-        // Claim the instance for this host before anything exists, so a retry elsewhere waits for us.
-        instances::merge_details(ctx.pool, &instance.id, &json!({ "engine_host": self.host }))
-            .await
-            .context("recording the instance's host")?;
-        let bin_dir = match &params.server.postgres_version {
-            Some(version) => embedded::bin_dir_for_version(version)
-                .map_err(|e| TaskError::Fatal(e.context("parameter `postgres_version`")))?,
-            None => embedded::find_bin_dir()
-                .map_err(|e| TaskError::Fatal(e.context("the ha_local engine")))?,
-        };
+        params: &Params,
+    ) -> Result<LocalCluster, TaskError> {
+        let bin_dir = bin_dir(params)?;
         let prefix = ctx.services.name_prefix();
         let root = self.cluster_root(prefix, &instance.id);
         std::fs::create_dir_all(&root)
             .with_context(|| format!("creating {}", root.display()))
             .map_err(local)?;
-        let layout = Layout::new(root.clone());
+        let layout = Layout::new(root);
         let state = match layout.load_state().map_err(local)? {
             Some(state) => state,
             None => {
-                // `/usr/lib/postgresql/<major>/bin`, or the version asked for.
-                let version = bin_dir
-                    .parent()
-                    .and_then(|v| v.file_name())
-                    .and_then(|v| v.to_str())
-                    .filter(|v| !v.is_empty() && v.chars().all(|c| c.is_ascii_digit()))
-                    .map(str::to_string)
-                    .or_else(|| params.server.postgres_version.clone())
-                    .unwrap_or_default();
+                let version = major_version(&bin_dir, params);
                 let scope = names::instance_cluster(prefix, &instance.id);
                 let state =
                     ClusterState::new(scope, version, bin_dir, params.members).map_err(local)?;
@@ -343,13 +338,22 @@ impl Provider for HaLocal {
         };
         let secrets = layout.ensure_secrets().map_err(local)?;
         let run_as = embedded::os_user_for_postgres().map_err(TaskError::Fatal)?;
-        let cluster = LocalCluster {
+        Ok(LocalCluster {
             layout,
             state,
             secrets,
             run_as,
-        };
-        let t0 = std::time::Instant::now();
+        })
+    }
+
+    /// Provision, step 2: etcd and every member's Patroni running, until a primary leads streaming replicas
+    /// (and, with `synchronous`, a synchronous standby is chosen). A `Wait` while it is not so.
+    async fn start<T>(
+        &self,
+        ctx: &TaskContext<'_>,
+        cluster: &LocalCluster,
+        params: &Params,
+    ) -> Result<Result<(ClusterView, String), Progress<T>>, TaskError> {
         cluster
             .prepare()
             .await
@@ -360,7 +364,7 @@ impl Provider for HaLocal {
             .await
             .context("starting etcd")
             .map_err(local)?;
-        let dcs = config::dcs_config(
+        let dcs = dcs::dcs_config(
             self.timings,
             params.synchronous,
             &params.server.tuning_profile,
@@ -374,17 +378,110 @@ impl Provider for HaLocal {
         }
         ctx.progress(&format!("starting {} members", cluster.state.members.len()))
             .await?;
-        let (view, leader) = match wait_ready(&cluster, &ctx.services.http, INLINE_WAIT).await {
+        let (view, leader) = match wait_ready(cluster, &ctx.services.http, INLINE_WAIT).await {
             Ok(ready) => ready,
-            Err(why) => return Ok(wait(format!("starting the cluster: {why}"))),
+            Err(why) => {
+                return Ok(Err(Progress::wait_secs(
+                    1,
+                    format!("starting the cluster: {why}"),
+                )));
+            }
         };
         // With `synchronous`, the instance is handed over only once a commit waits for a standby: a write
         // acknowledged before Patroni chose one could be lost in a failover.
         if params.synchronous && !view.members.iter().any(|m| m.role == "sync_standby") {
-            return Ok(wait(
-                "starting the cluster: waiting for Patroni to choose a synchronous standby".into(),
-            ));
+            return Ok(Err(Progress::wait_secs(
+                1,
+                "starting the cluster: waiting for Patroni to choose a synchronous standby",
+            )));
         }
+        Ok(Ok((view, leader)))
+    }
+
+    /// What the instance's details and secrets keep of a cluster that is ready.
+    fn provisioned(
+        &self,
+        cluster: &LocalCluster,
+        (view, leader): (&ClusterView, &str),
+        params: &Params,
+        owner: &str,
+        admin_password: &str,
+    ) -> Provisioned {
+        let secrets = &cluster.secrets;
+        Provisioned {
+            details: json!({
+                "engine_host": self.host,
+                "cluster_dir": cluster.layout.root.display().to_string(),
+                "scope": cluster.state.scope,
+                "host": config::HOST,
+                "etcd_port": cluster.state.etcd_client_port,
+                "members": members_details(&cluster.state, Some(view)),
+                "primary": leader,
+                "postgres_version": cluster.state.postgres_version,
+                "app_db_name": params.server.app_db_name,
+                "admin_user": params.server.admin_user,
+                "owner_role": owner,
+                "tuning_profile": params.server.tuning_profile,
+                "synchronous": params.synchronous,
+                "patroni": self.timings,
+                "tls": true,
+                "ready_at": chrono::Utc::now(),
+                "restarts": 0,
+            }),
+            secrets: Some(json!({
+                "admin_password": admin_password,
+                "superuser_password": secrets.superuser,
+                "replication_password": secrets.replication,
+                "rewind_password": secrets.rewind,
+                "patroni_api_password": secrets.restapi,
+            })),
+        }
+    }
+}
+
+/// Update: `synchronous` and `tuning_profile` to Patroni's configuration, when they change.
+async fn apply_settings(
+    ctx: &TaskContext<'_>,
+    instance: &InstanceRow,
+    cluster: &LocalCluster,
+    params: &Params,
+) -> Result<(), TaskError> {
+    let Some(old_profile) = settings::changed_from(instance, params) else {
+        return Ok(());
+    };
+    let patroni = cluster.patroni(&ctx.services.http);
+    let view = patroni.cluster().await.map_err(local)?;
+    let members = cluster
+        .state
+        .members
+        .iter()
+        .map(|m| (m.name.clone(), cluster::api_base(m)))
+        .collect();
+    settings::apply(ctx, instance, &patroni, &view, members, old_profile, params).await
+}
+
+#[async_trait]
+impl Provider for HaLocal {
+    async fn provision(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+    ) -> Result<Progress<Provisioned>, TaskError> {
+        if let Some(wait) = owned_elsewhere(instance, &self.host) {
+            return Ok(wait);
+        }
+        let params = Params::of(&instance.parameters)?;
+        check_programs(&self.host)?;
+        // Claim the instance for this host before anything exists, so a retry elsewhere waits for us.
+        instances::merge_details(ctx.pool, &instance.id, &json!({ "engine_host": self.host }))
+            .await
+            .context("recording the instance's host")?;
+        let cluster = self.create(ctx, instance, &params)?;
+        let t0 = std::time::Instant::now();
+        let (view, leader) = match self.start(ctx, &cluster, &params).await? {
+            Ok(ready) => ready,
+            Err(wait) => return Ok(wait),
+        };
         let started_ms = t0.elapsed().as_millis();
 
         let port = cluster
@@ -392,7 +489,7 @@ impl Provider for HaLocal {
             .member(&leader)
             .map(|m| m.pg_port)
             .unwrap_or_default();
-        let owner = names::instance_owner_role(prefix, &instance.id);
+        let owner = names::instance_owner_role(ctx.services.name_prefix(), &instance.id);
         let admin_password = random_password(32);
         app_database::set_up(
             &|db: &str| cluster.superuser(port, db),
@@ -414,35 +511,13 @@ impl Provider for HaLocal {
             total_ms = t0.elapsed().as_millis(),
             "ha cluster ready"
         );
-        let secrets = &cluster.secrets;
-        Ok(Progress::Done(Provisioned {
-            details: json!({
-                "engine_host": self.host,
-                "cluster_dir": root.display().to_string(),
-                "scope": cluster.state.scope,
-                "host": config::HOST,
-                "etcd_port": cluster.state.etcd_client_port,
-                "members": members_details(&cluster.state, Some(&view)),
-                "primary": leader,
-                "postgres_version": cluster.state.postgres_version,
-                "app_db_name": params.server.app_db_name,
-                "admin_user": params.server.admin_user,
-                "owner_role": owner,
-                "tuning_profile": params.server.tuning_profile,
-                "synchronous": params.synchronous,
-                "patroni": self.timings,
-                "tls": true,
-                "ready_at": chrono::Utc::now(),
-                "restarts": 0,
-            }),
-            secrets: Some(json!({
-                "admin_password": admin_password,
-                "superuser_password": secrets.superuser,
-                "replication_password": secrets.replication,
-                "rewind_password": secrets.rewind,
-                "patroni_api_password": secrets.restapi,
-            })),
-        }))
+        Ok(Progress::Done(self.provisioned(
+            &cluster,
+            (&view, &leader),
+            &params,
+            &owner,
+            &admin_password,
+        )))
     }
 
     async fn update(
@@ -462,8 +537,8 @@ impl Provider for HaLocal {
         let params = Params::of(&update.parameters)?;
         let mut cluster = self.open_existing(ctx, &instance.id)?;
         let http = &ctx.services.http;
-        settings::apply(ctx, instance, &cluster, &params).await?;
-        let dcs = config::dcs_config(
+        apply_settings(ctx, instance, &cluster, &params).await?;
+        let dcs = dcs::dcs_config(
             self.timings,
             params.synchronous,
             &params.server.tuning_profile,
@@ -473,7 +548,7 @@ impl Provider for HaLocal {
         }
         let (view, leader) = match wait_ready(&cluster, http, INLINE_WAIT).await {
             Ok(ready) => ready,
-            Err(why) => return Ok(wait(why)),
+            Err(why) => return Ok(Progress::wait_secs(1, why)),
         };
         let port = cluster
             .state
@@ -539,7 +614,8 @@ impl Provider for HaLocal {
         }
         let access = Access::of(binding)?;
         let cluster = self.open_existing(ctx, &instance.id)?;
-        let view = Patroni::new(&ctx.services.http, &cluster.state, &cluster.secrets)
+        let view = cluster
+            .patroni(&ctx.services.http)
             .cluster()
             .await
             .map_err(local)?;
@@ -586,22 +662,17 @@ impl Provider for HaLocal {
             return Ok(wait);
         }
         let cluster = self.open_existing(ctx, &instance.id)?;
-        let view = Patroni::new(&ctx.services.http, &cluster.state, &cluster.secrets)
-            .cluster()
-            .await
-            .map_err(local)?;
-        let leader = match leader_or_wait(&view) {
-            Ok(leader) => leader,
+        // Snapshots read and write the primary; replicas follow through WAL (template clones included).
+        let port = match primary_port(ctx, &cluster).await? {
+            Ok(port) => port,
             Err(wait) => return Ok(wait),
         };
-        // Snapshots read and write the primary; replicas follow through WAL (template clones included).
-        let port = endpoints(&cluster.state, &leader)?.primary.port;
         let prefix = ctx.services.name_prefix();
         Ok(Progress::Done(DatabaseTarget {
             login: ServerLogin {
                 host: Host::Tcp("127.0.0.1".into()),
                 port,
-                user: state::SUPERUSER.to_string(),
+                user: SUPERUSER.to_string(),
                 password: Some(secrecy::SecretString::from(
                     cluster.secrets.superuser.clone(),
                 )),
@@ -627,15 +698,10 @@ impl Provider for HaLocal {
         let Some(cluster) = self.open(ctx.services.name_prefix(), &instance.id)? else {
             return Ok(Progress::Done(()));
         };
-        let view = Patroni::new(&ctx.services.http, &cluster.state, &cluster.secrets)
-            .cluster()
-            .await
-            .map_err(local)?;
-        let leader = match leader_or_wait(&view) {
-            Ok(leader) => leader,
+        let port = match primary_port(ctx, &cluster).await? {
+            Ok(port) => port,
             Err(wait) => return Ok(wait),
         };
-        let port = endpoints(&cluster.state, &leader)?.primary.port;
         let database = detail_str(instance, "app_db_name", "app");
         let owner = names::instance_owner_role(ctx.services.name_prefix(), &instance.id);
         let role = names::binding_role(ctx.services.name_prefix(), &binding.id);
@@ -660,7 +726,7 @@ impl Provider for HaLocal {
             return Ok(wait);
         }
         let cluster = self.open_existing(ctx, &instance.id)?;
-        let patroni = Patroni::new(&ctx.services.http, &cluster.state, &cluster.secrets);
+        let patroni = cluster.patroni(&ctx.services.http);
         let members = |view: &ClusterView| members_details(&cluster.state, Some(view));
         switchover::run(ctx, instance, &patroni, &members, operation, candidate).await
     }
@@ -693,10 +759,6 @@ impl Provider for HaLocal {
     }
 }
 
-mod scaling;
-pub(crate) mod settings;
-pub(crate) mod switchover;
-
 /// One reconcile pass over a cluster, under the instance's advisory lock (skipped if another worker or an
 /// operation has it): etcd and every member's Patroni running (restarted where they stopped, once Patroni has
 /// failed over if it was the primary; a member that cannot start given new data from the primary), then the
@@ -719,7 +781,7 @@ async fn heal(
         restarted.push("etcd".into());
     }
     let dcs = dcs_for(&current, timings);
-    let patroni = Patroni::new(http, &cluster.state, &cluster.secrets);
+    let patroni = cluster.patroni(http);
     let view = patroni.cluster().await.ok();
     let leader = view
         .as_ref()
@@ -738,7 +800,7 @@ async fn heal(
             continue;
         }
         let failed = patroni
-            .member_state(member.api_port)
+            .member_state(&cluster::api_base(member))
             .await
             .is_some_and(|s| s["state"] == "start failed" || s["state"] == "crashed");
         if failed && leader.as_ref().is_some_and(|l| *l != member.name) {

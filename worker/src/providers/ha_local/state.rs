@@ -51,11 +51,6 @@ impl std::fmt::Debug for Secrets {
     }
 }
 
-pub const SUPERUSER: &str = "postgres";
-pub const REPLICATION_USER: &str = "replicator";
-pub const REWIND_USER: &str = "rewinder";
-pub const RESTAPI_USER: &str = "berth";
-
 impl Secrets {
     pub fn generate() -> Self {
         Self {

@@ -8,10 +8,7 @@
 //! its tasks back (a `Wait`, so no attempt is spent) and leave it out of their reconcile loop. Every step
 //! checks what exists first, so a retry after a crash finishes the job.
 
-use std::{
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use async_trait::async_trait;
@@ -31,11 +28,12 @@ use sqlx::{
 use tracing::{info, warn};
 
 use super::{
-    Bound, LOCAL_LOCKS, Progress, Provider, Provisioned, app_database, lock_idle_instance,
-    lock_instance, pg_tuning as tuning,
+    Bound, LOCAL_LOCKS, Progress, Provider, Provisioned, app_database,
+    local_processes::{ensure_servers_dir, stop_server},
+    lock_idle_instance, lock_instance, pg_tuning as tuning,
+    server_params::Params,
     shared_postgres::{
         Access, binding_grants, connect, create_extensions, ensure_database, ensure_role, exec,
-        requested_extensions,
     },
 };
 use crate::{
@@ -50,7 +48,6 @@ pub use tuning::PROFILES;
 pub const ENGINE: &str = "local";
 
 const DEFAULT_APP_DB: &str = "app";
-const DEFAULT_ADMIN: &str = "app_admin";
 const HOST: &str = "127.0.0.1";
 
 pub struct LocalPostgres {
@@ -67,71 +64,6 @@ impl std::fmt::Debug for LocalPostgres {
     }
 }
 
-/// The instance parameters the local engine acts on (the cloud-only ones are recorded, nothing more).
-#[derive(Debug, Clone)]
-pub(crate) struct Params {
-    pub(crate) postgres_version: Option<String>,
-    pub(crate) extensions: Vec<String>,
-    pub(crate) tuning_profile: String,
-    pub(crate) app_db_name: String,
-    pub(crate) admin_user: String,
-}
-
-impl Params {
-    pub(crate) fn of(parameters: &Value) -> Result<Self, TaskError> {
-        let text = |key: &str, default: &str| -> Result<String, TaskError> {
-            match parameters.get(key) {
-                None | Some(Value::Null) => Ok(default.to_string()),
-                Some(Value::String(s)) => Ok(s.clone()),
-                Some(other) => Err(TaskError::fatal(format!(
-                    "parameter `{key}` must be a string, not {other}"
-                ))),
-            }
-        };
-        let tuning_profile = text("tuning_profile", "default")?;
-        if !tuning::PROFILES.contains(&tuning_profile.as_str()) {
-            return Err(TaskError::fatal(format!(
-                "parameter `tuning_profile` must be one of {}",
-                tuning::PROFILES.join(", ")
-            )));
-        }
-        let app_db_name = text("app_db_name", DEFAULT_APP_DB)?;
-        let admin_user = text("admin_user", DEFAULT_ADMIN)?;
-        for (key, value) in [("app_db_name", &app_db_name), ("admin_user", &admin_user)] {
-            if !is_plain_identifier(value) || value == "postgres" || value.starts_with("pg_") {
-                return Err(TaskError::fatal(format!(
-                    "parameter `{key}` must be 1-63 characters of a-z, 0-9 and _ (not postgres or pg_*)"
-                )));
-            }
-        }
-        let postgres_version = match parameters.get("postgres_version") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) => Some(s.clone()),
-            Some(Value::Number(n)) => Some(n.to_string()),
-            Some(other) => {
-                return Err(TaskError::fatal(format!(
-                    "parameter `postgres_version` must be a string, not {other}"
-                )));
-            }
-        };
-        Ok(Self {
-            postgres_version,
-            extensions: requested_extensions(parameters)?,
-            tuning_profile,
-            app_db_name,
-            admin_user,
-        })
-    }
-}
-
-fn is_plain_identifier(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-        && !s.starts_with(|c: char| c.is_ascii_digit())
-}
-
 /// A step of the engine that failed on this machine (initdb, pg_ctl, files): worth another try.
 fn local(err: anyhow::Error) -> TaskError {
     TaskError::Retryable(err)
@@ -140,17 +72,7 @@ fn local(err: anyhow::Error) -> TaskError {
 impl LocalPostgres {
     /// `servers_dir` must be absolute; `host` names this machine (see `Settings::local_host`).
     pub fn new(servers_dir: PathBuf, host: String) -> anyhow::Result<Self> {
-        anyhow::ensure!(
-            servers_dir.is_absolute(),
-            "LOCAL_SERVERS_DIR must be absolute (got {})",
-            servers_dir.display()
-        );
-        std::fs::create_dir_all(&servers_dir).with_context(|| {
-            format!(
-                "creating the local servers folder {}",
-                servers_dir.display()
-            )
-        })?;
+        ensure_servers_dir(&servers_dir)?;
         Ok(Self { servers_dir, host })
     }
 
@@ -288,54 +210,11 @@ async fn run_with(server: &PgServer, change: tuning::Change) -> anyhow::Result<(
     }
 }
 
-/// Pids of processes whose working directory is `data` (a postmaster and its children chdir there).
-pub fn processes_in(data: &Path) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
-        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == data))
-        .collect()
-}
-
 /// Whether the server's postmaster runs: the pid in postmaster.pid is alive and works in the data folder.
 fn postmaster_alive(server: &PgServer) -> bool {
     server.postmaster_pid().is_some_and(|pid| {
         std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == server.data_dir())
     })
-}
-
-/// Stops whatever runs in `root/data` (fast shutdown, then SIGKILL for anything left, such as backends
-/// orphaned by a killed postmaster) and waits until nothing does.
-async fn stop_everything(root: &Path) -> anyhow::Result<()> {
-    let data = root.join("data");
-    if let Ok(server) = PgServer::open(root)
-        && server.is_running().await
-        && let Err(e) = server.stop().await
-    {
-        warn!(error = %format!("{e:#}"), "pg_ctl stop failed; killing the server's processes");
-    }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let left = processes_in(&data);
-        if left.is_empty() {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            anyhow::bail!("processes {left:?} in {} did not stop", data.display());
-        }
-        for pid in left {
-            let _ = tokio::process::Command::new("kill")
-                .arg("-KILL")
-                .arg(pid.to_string())
-                .stderr(std::process::Stdio::null())
-                .status()
-                .await;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn credentials(
@@ -558,7 +437,7 @@ impl Provider for LocalPostgres {
             .await
             .context("locking the instance against the reconcile loop")?;
         if root.exists() {
-            stop_everything(&root)
+            stop_server(&root)
                 .await
                 .context("stopping the server")
                 .map_err(local)?;
@@ -766,7 +645,7 @@ impl LocalPostgres {
         }
         warn!(instance_id = %instance.id, port = server.port, "the instance's server is not running; starting it");
         // Backends orphaned by a killed postmaster hold its shared memory: end them first.
-        stop_everything(server.root()).await?;
+        stop_server(server.root()).await?;
         server.start().await?;
         let restarts = current
             .details

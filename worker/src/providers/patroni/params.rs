@@ -4,13 +4,13 @@
 
 use serde_json::Value;
 
-use crate::{providers::local_postgres, registry::TaskError};
+use crate::{providers::server_params, registry::TaskError};
 
 #[derive(Debug, Clone)]
 pub struct Params {
     pub members: usize,
     pub synchronous: bool,
-    pub server: local_postgres::Params,
+    pub server: server_params::Params,
 }
 
 impl Params {
@@ -33,7 +33,7 @@ impl Params {
                 )));
             }
         };
-        let server = local_postgres::Params::of(parameters)?;
+        let server = server_params::Params::of(parameters)?;
         // `throwaway` turns replication off (wal_level minimal): no use for a cluster.
         if server.tuning_profile == "throwaway" {
             return Err(TaskError::fatal(

@@ -1,0 +1,24 @@
+//! What the `ha` plan's engines share (`ha_local`: a cluster on this machine; `ha_ec2`: a VM per member): Patroni's
+//! REST API client, the cluster-wide settings Patroni keeps in etcd and their updates, switchover and failover,
+//! the cluster's parameters, failure-detection timings, certificates, the roles Patroni logs in as, and a
+//! binding's multi-host credentials. Engines import this module; it imports no engine.
+
+pub mod client;
+pub mod credentials;
+pub mod dcs;
+pub mod params;
+pub mod settings;
+pub mod switchover;
+pub mod timings;
+pub mod tls;
+
+pub use client::{ClusterView, MemberView, Patroni};
+pub use params::Params;
+pub use timings::Timings;
+
+/// The roles Patroni creates and logs in as (the same on every engine).
+pub const SUPERUSER: &str = "postgres";
+pub const REPLICATION_USER: &str = "replicator";
+pub const REWIND_USER: &str = "rewinder";
+/// Basic auth of Patroni's REST API for changes (switchover, failover, configuration, restart).
+pub const RESTAPI_USER: &str = "berth";
