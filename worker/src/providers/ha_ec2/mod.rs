@@ -36,7 +36,7 @@ use broker::{
     model::{Operation, UpdatePayload},
     names,
 };
-use serde_json::{Value, json};
+use serde_json::Value;
 use sqlx::PgPool;
 
 use self::{
@@ -53,7 +53,7 @@ use super::{
     Bound, Progress, Provider, Provisioned, app_database,
     ec2_common::{Ec2Account, vm},
     patroni::{
-        ClusterView, Patroni, SUPERUSER, Timings,
+        ClusterView, Patroni, SUPERUSER, Timings, app_db_name,
         credentials::{self, Address, Endpoints},
         switchover,
     },
@@ -228,11 +228,7 @@ impl Provider for HaEc2 {
             let h = host(primary).unwrap_or_default().to_string();
             app_database::add_extensions(
                 &|db: &str| superuser(&h, &secrets, db),
-                instance
-                    .details
-                    .get("app_db_name")
-                    .and_then(Value::as_str)
-                    .unwrap_or("app"),
+                app_db_name(instance),
                 &params.cluster.server.extensions,
             )
             .await?;
@@ -297,11 +293,7 @@ impl Provider for HaEc2 {
                 .map(address)
                 .collect(),
         };
-        let database = instance
-            .details
-            .get("app_db_name")
-            .and_then(Value::as_str)
-            .unwrap_or("app");
+        let database = app_db_name(instance);
         let prefix = ctx.services.name_prefix();
         let owner = names::instance_owner_role(prefix, &instance.id);
         let role = names::binding_role(prefix, &binding.id);
@@ -316,21 +308,12 @@ impl Provider for HaEc2 {
             access,
         )
         .await?;
-        Ok(Progress::Done(Bound {
-            details: json!({
-                "endpoints": endpoints.osb(),
-                "role": role,
-                "database": database,
-                "access": access.as_str(),
-            }),
-            credentials: credentials::credentials(
-                &endpoints,
-                database,
-                &role,
-                &password,
-                &secrets.ca.cert,
-            ),
-        }))
+        Ok(Progress::Done(credentials::bound(
+            &endpoints,
+            database,
+            (&role, &password, access.as_str()),
+            &secrets.ca.cert,
+        )))
     }
 
     async fn database_target(
@@ -353,12 +336,7 @@ impl Provider for HaEc2 {
                 ssl_require: true,
                 bin_dir: client_bin_dir()?,
             },
-            database: instance
-                .details
-                .get("app_db_name")
-                .and_then(Value::as_str)
-                .unwrap_or("app")
-                .to_string(),
+            database: app_db_name(instance).to_string(),
             owner: names::instance_owner_role(prefix, &instance.id),
             bindings: binding_grants(prefix, bindings)?,
             extensions: Params::of(&instance.parameters)?.cluster.server.extensions,
@@ -381,11 +359,7 @@ impl Provider for HaEc2 {
         let prefix = ctx.services.name_prefix();
         app_database::revoke_binding(
             &|db: &str| superuser(&h, &secrets, db),
-            instance
-                .details
-                .get("app_db_name")
-                .and_then(Value::as_str)
-                .unwrap_or("app"),
+            app_db_name(instance),
             &names::instance_owner_role(prefix, &instance.id),
             &names::binding_role(prefix, &binding.id),
         )

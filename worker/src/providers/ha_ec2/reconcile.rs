@@ -126,22 +126,7 @@ async fn heal(
         .ensure_vms(pool, &mut state, &input)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    for member in state.members.iter_mut() {
-        if generations
-            .get(&member.name)
-            .is_some_and(|g| member.generation > *g)
-        {
-            warn!(instance_id, member = %member.name, zone = %member.zone, vm = ?member.vm_id, "a member's VM was gone; a replacement joins its peers");
-            member.replacing = true;
-        }
-    }
-    let mut replaced = Vec::new();
-    for member in state.members.iter_mut().filter(|m| m.replacing) {
-        if live.get(&member.name).is_some_and(|v| v.state == "running") {
-            member.replacing = false;
-            replaced.push(member.name.clone());
-        }
-    }
+    let replaced = replaced(&mut state, instance_id, &generations, &live);
     if replaced.is_empty() {
         state.save(pool, instance_id).await?;
         return Ok(tx.commit().await?);
@@ -167,6 +152,33 @@ async fn heal(
     tx.commit().await?;
     info!(instance_id, replaced = ?replaced, recoveries, "the cluster's lost members run on new VMs");
     Ok(())
+}
+
+/// Marks the slots whose VM `ensure_vms` replaced (their generation went up since `generations`) as replacing,
+/// and returns those whose replacement now runs (no longer replacing).
+fn replaced(
+    state: &mut ClusterState,
+    instance_id: &str,
+    generations: &HashMap<String, u32>,
+    live: &HashMap<String, vm::Vm>,
+) -> Vec<String> {
+    for member in state.members.iter_mut() {
+        if generations
+            .get(&member.name)
+            .is_some_and(|g| member.generation > *g)
+        {
+            warn!(instance_id, member = %member.name, zone = %member.zone, vm = ?member.vm_id, "a member's VM was gone; a replacement joins its peers");
+            member.replacing = true;
+        }
+    }
+    let mut replaced = Vec::new();
+    for member in state.members.iter_mut().filter(|m| m.replacing) {
+        if live.get(&member.name).is_some_and(|v| v.state == "running") {
+            member.replacing = false;
+            replaced.push(member.name.clone());
+        }
+    }
+    replaced
 }
 
 /// Records the primary and the members' roles as Patroni reports them, when they changed.

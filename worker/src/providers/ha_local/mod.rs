@@ -37,7 +37,7 @@ use super::{
     local_processes::ensure_servers_dir,
     lock_idle_instance, lock_instance, owned_elsewhere,
     patroni::{
-        ClusterView, Params, SUPERUSER, Timings,
+        ClusterView, Params, SUPERUSER, Timings, app_db_name,
         credentials::{self, Address, Endpoints},
         dcs, settings, switchover,
     },
@@ -232,14 +232,6 @@ fn endpoints(state: &ClusterState, leader: &str) -> Result<Endpoints, TaskError>
         primary: at(primary),
         replicas,
     })
-}
-
-fn detail_str<'a>(instance: &'a InstanceRow, key: &str, default: &'a str) -> &'a str {
-    instance
-        .details
-        .get(key)
-        .and_then(Value::as_str)
-        .unwrap_or(default)
 }
 
 /// Cluster settings Patroni keeps in etcd for the synchronous flag and the tuning profile.
@@ -557,7 +549,7 @@ impl Provider for HaLocal {
             .unwrap_or_default();
         app_database::add_extensions(
             &|db: &str| cluster.superuser(port, db),
-            detail_str(instance, "app_db_name", "app"),
+            app_db_name(instance),
             &params.server.extensions,
         )
         .await?;
@@ -624,7 +616,7 @@ impl Provider for HaLocal {
             Err(wait) => return Ok(wait),
         };
         let endpoints = endpoints(&cluster.state, &leader)?;
-        let database = detail_str(instance, "app_db_name", "app");
+        let database = app_db_name(instance);
         let owner = names::instance_owner_role(ctx.services.name_prefix(), &instance.id);
         let role = names::binding_role(ctx.services.name_prefix(), &binding.id);
         let password = random_password(32);
@@ -641,15 +633,12 @@ impl Provider for HaLocal {
         let ca = std::fs::read_to_string(cluster.layout.ca_cert())
             .context("reading the cluster's CA")
             .map_err(local)?;
-        Ok(Progress::Done(Bound {
-            details: json!({
-                "endpoints": endpoints.osb(),
-                "role": role,
-                "database": database,
-                "access": access.as_str(),
-            }),
-            credentials: credentials::credentials(&endpoints, database, &role, &password, &ca),
-        }))
+        Ok(Progress::Done(credentials::bound(
+            &endpoints,
+            database,
+            (&role, &password, access.as_str()),
+            &ca,
+        )))
     }
 
     async fn database_target(
@@ -679,7 +668,7 @@ impl Provider for HaLocal {
                 ssl_require: true,
                 bin_dir: cluster.state.bin_dir.clone(),
             },
-            database: detail_str(instance, "app_db_name", "app").to_string(),
+            database: app_db_name(instance).to_string(),
             owner: names::instance_owner_role(prefix, &instance.id),
             bindings: binding_grants(prefix, bindings)?,
             extensions: Params::of(&instance.parameters)?.server.extensions,
@@ -702,7 +691,7 @@ impl Provider for HaLocal {
             Ok(port) => port,
             Err(wait) => return Ok(wait),
         };
-        let database = detail_str(instance, "app_db_name", "app");
+        let database = app_db_name(instance);
         let owner = names::instance_owner_role(ctx.services.name_prefix(), &instance.id);
         let role = names::binding_role(ctx.services.name_prefix(), &binding.id);
         app_database::revoke_binding(
@@ -759,6 +748,41 @@ impl Provider for HaLocal {
     }
 }
 
+/// Each member's Patroni running again where it stopped (a primary that crashed is left to Patroni's election;
+/// a member that cannot start gets new data from the primary). Returns the members restarted.
+async fn restart_members(
+    cluster: &LocalCluster,
+    instance_id: &str,
+    dcs: &Value,
+    http: &reqwest::Client,
+    leader: Option<&str>,
+) -> anyhow::Result<Vec<String>> {
+    let mut restarted: Vec<String> = Vec::new();
+    let patroni = cluster.patroni(http);
+    for member in &cluster.state.members {
+        if cluster.patroni_pids(&member.name).is_empty() {
+            // A crashed primary still holds the leader key until its ttl lapses: leave it to Patroni to promote
+            // a replica then (a restart in place would race that election), and bring it back as a replica.
+            if leader == Some(member.name.as_str()) {
+                continue;
+            }
+            warn!(instance_id, member = %member.name, "a member's Patroni is not running; starting it again");
+            cluster.ensure_member(member, dcs).await?;
+            restarted.push(member.name.clone());
+            continue;
+        }
+        let failed = patroni
+            .member_state(&cluster::api_base(member))
+            .await
+            .is_some_and(|s| s["state"] == "start failed" || s["state"] == "crashed");
+        if failed && leader.is_some_and(|l| l != member.name) {
+            cluster.replace_member(member, dcs).await?;
+            restarted.push(member.name.clone());
+        }
+    }
+    Ok(restarted)
+}
+
 /// One reconcile pass over a cluster, under the instance's advisory lock (skipped if another worker or an
 /// operation has it): etcd and every member's Patroni running (restarted where they stopped, once Patroni has
 /// failed over if it was the primary; a member that cannot start given new data from the primary), then the
@@ -781,33 +805,12 @@ async fn heal(
         restarted.push("etcd".into());
     }
     let dcs = dcs_for(&current, timings);
-    let patroni = cluster.patroni(http);
-    let view = patroni.cluster().await.ok();
+    let view = cluster.patroni(http).cluster().await.ok();
     let leader = view
         .as_ref()
         .and_then(|v| v.leader())
         .map(|l| l.name.clone());
-    for member in &cluster.state.members {
-        if cluster.patroni_pids(&member.name).is_empty() {
-            // A crashed primary still holds the leader key until its ttl lapses: leave it to Patroni to promote
-            // a replica then (a restart in place would race that election), and bring it back as a replica.
-            if leader.as_deref() == Some(member.name.as_str()) {
-                continue;
-            }
-            warn!(instance_id = %instance.id, member = %member.name, "a member's Patroni is not running; starting it again");
-            cluster.ensure_member(member, &dcs).await?;
-            restarted.push(member.name.clone());
-            continue;
-        }
-        let failed = patroni
-            .member_state(&cluster::api_base(member))
-            .await
-            .is_some_and(|s| s["state"] == "start failed" || s["state"] == "crashed");
-        if failed && leader.as_ref().is_some_and(|l| *l != member.name) {
-            cluster.replace_member(member, &dcs).await?;
-            restarted.push(member.name.clone());
-        }
-    }
+    restarted.extend(restart_members(cluster, &instance.id, &dcs, http, leader.as_deref()).await?);
     let members = members_details(&cluster.state, view.as_ref());
     let recorded = (
         current.details.get("members"),

@@ -12,6 +12,9 @@ pub mod switchover;
 pub mod timings;
 pub mod tls;
 
+use broker::db::instances::InstanceRow;
+use serde_json::Value;
+
 pub use client::{ClusterView, MemberView, Patroni};
 pub use params::Params;
 pub use timings::Timings;
@@ -22,3 +25,12 @@ pub const REPLICATION_USER: &str = "replicator";
 pub const REWIND_USER: &str = "rewinder";
 /// Basic auth of Patroni's REST API for changes (switchover, failover, configuration, restart).
 pub const RESTAPI_USER: &str = "berth";
+
+/// The app database's name as the instance's details record it.
+pub fn app_db_name(instance: &InstanceRow) -> &str {
+    instance
+        .details
+        .get("app_db_name")
+        .and_then(Value::as_str)
+        .unwrap_or(super::server_params::DEFAULT_APP_DB)
+}
