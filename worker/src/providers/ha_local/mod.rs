@@ -9,6 +9,9 @@
 
 mod cluster;
 pub(crate) mod config;
+mod provision;
+mod readiness;
+mod reconcile;
 mod scaling;
 pub(crate) mod state;
 
@@ -29,13 +32,15 @@ use tracing::{info, warn};
 
 use self::{
     cluster::LocalCluster,
+    provision::check_programs,
+    readiness::wait_ready,
     state::{ClusterState, Layout},
 };
 use super::{
     Bound, LOCAL_LOCKS, Progress, Provider, Provisioned,
     app_database::{self, AppDatabase},
     local_processes::ensure_servers_dir,
-    lock_idle_instance, lock_instance, owned_elsewhere,
+    lock_instance, owned_elsewhere,
     patroni::{
         ClusterView, Params, SUPERUSER, Timings, app_db_name,
         credentials::{self, Address, Endpoints},
@@ -131,65 +136,6 @@ impl HaLocal {
     }
 }
 
-/// What the cluster looks like once every member of `state` runs: the view and the primary's name, or what
-/// is still missing. Streaming is checked on the primary itself (`pg_stat_replication`).
-async fn readiness(
-    cluster: &LocalCluster,
-    http: &reqwest::Client,
-) -> Result<(ClusterView, String), String> {
-    let view = cluster
-        .patroni(http)
-        .cluster()
-        .await
-        .map_err(|e| format!("{e:#}"))?;
-    let leader = view
-        .ready_primary(cluster.state.members.iter().map(|m| m.name.as_str()))?
-        .name
-        .clone();
-    let want = cluster.state.members.len() - 1;
-    let port = cluster
-        .state
-        .member(&leader)
-        .ok_or("the primary is not a member berth knows")?
-        .pg_port;
-    let streaming = streaming_replicas(cluster, port)
-        .await
-        .map_err(|e| format!("{e:#}"))?;
-    if streaming < want {
-        return Err(format!(
-            "{streaming} of {want} replicas streaming from the primary {leader}"
-        ));
-    }
-    Ok((view, leader))
-}
-
-async fn streaming_replicas(cluster: &LocalCluster, port: u16) -> anyhow::Result<usize> {
-    use sqlx::Connection as _;
-    let mut conn = sqlx::PgConnection::connect_with(&cluster.superuser(port, "postgres")).await?;
-    let n: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'")
-            .fetch_one(&mut conn)
-            .await?;
-    let _ = conn.close().await;
-    Ok(n as usize)
-}
-
-/// Polls [`readiness`] for up to `limit`.
-async fn wait_ready(
-    cluster: &LocalCluster,
-    http: &reqwest::Client,
-    limit: Duration,
-) -> Result<(ClusterView, String), String> {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        match readiness(cluster, http).await {
-            Ok(ready) => return Ok(ready),
-            Err(why) if tokio::time::Instant::now() >= deadline => return Err(why),
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
-}
-
 /// The members as the instance's details record them.
 fn members_details(state: &ClusterState, view: Option<&ClusterView>) -> Value {
     Value::Array(
@@ -264,171 +210,6 @@ async fn primary_port<T>(
         Ok(leader) => Ok(endpoints(&cluster.state, &leader)?.primary.port),
         Err(wait) => Err(wait),
     })
-}
-
-/// `etcd` and `patroni` must be installed on this host.
-fn check_programs(host: &str) -> Result<(), TaskError> {
-    for program in ["etcd", "patroni"] {
-        if !broker::config::on_path(program) {
-            return Err(TaskError::fatal(format!(
-                "`{program}` is not installed on host {host}: the ha plan's local engine needs Debian's etcd-server \
-                 and patroni packages (apt-get install etcd-server patroni)"
-            )));
-        }
-    }
-    Ok(())
-}
-
-/// The Postgres programs the members run: those of the version asked for, else the newest installed.
-fn bin_dir(params: &Params) -> Result<PathBuf, TaskError> {
-    match &params.server.postgres_version {
-        Some(version) => embedded::bin_dir_for_version(version)
-            .map_err(|e| TaskError::Fatal(e.context("parameter `postgres_version`"))),
-        None => {
-            embedded::find_bin_dir().map_err(|e| TaskError::Fatal(e.context("the ha_local engine")))
-        }
-    }
-}
-
-/// The major version of the programs in `bin_dir` (`/usr/lib/postgresql/<major>/bin`), or the version asked for.
-fn major_version(bin_dir: &std::path::Path, params: &Params) -> String {
-    bin_dir
-        .parent()
-        .and_then(|v| v.file_name())
-        .and_then(|v| v.to_str())
-        .filter(|v| !v.is_empty() && v.chars().all(|c| c.is_ascii_digit()))
-        .map(str::to_string)
-        .or_else(|| params.server.postgres_version.clone())
-        .unwrap_or_default()
-}
-
-impl HaLocal {
-    /// Provision, step 1: the cluster's folder, its state (ports and members, chosen once) and its secrets.
-    fn create(
-        &self,
-        ctx: &TaskContext<'_>,
-        instance: &InstanceRow,
-        params: &Params,
-    ) -> Result<LocalCluster, TaskError> {
-        let bin_dir = bin_dir(params)?;
-        let prefix = ctx.services.name_prefix();
-        let root = self.cluster_root(prefix, &instance.id);
-        std::fs::create_dir_all(&root)
-            .with_context(|| format!("creating {}", root.display()))
-            .map_err(local)?;
-        let layout = Layout::new(root);
-        let state = match layout.load_state().map_err(local)? {
-            Some(state) => state,
-            None => {
-                let version = major_version(&bin_dir, params);
-                let scope = names::instance_cluster(prefix, &instance.id);
-                let state =
-                    ClusterState::new(scope, version, bin_dir, params.members).map_err(local)?;
-                layout.save_state(&state).map_err(local)?;
-                state
-            }
-        };
-        let secrets = layout.ensure_secrets().map_err(local)?;
-        let run_as = embedded::os_user_for_postgres().map_err(TaskError::Fatal)?;
-        Ok(LocalCluster {
-            layout,
-            state,
-            secrets,
-            run_as,
-        })
-    }
-
-    /// Provision, step 2: etcd and every member's Patroni running, until a primary leads streaming replicas
-    /// (and, with `synchronous`, a synchronous standby is chosen). A `Wait` while it is not so.
-    async fn start<T>(
-        &self,
-        ctx: &TaskContext<'_>,
-        cluster: &LocalCluster,
-        params: &Params,
-    ) -> Result<Result<(ClusterView, String), Progress<T>>, TaskError> {
-        cluster
-            .prepare()
-            .await
-            .context("preparing the cluster's folder")
-            .map_err(local)?;
-        cluster
-            .ensure_etcd(&ctx.services.http)
-            .await
-            .context("starting etcd")
-            .map_err(local)?;
-        let dcs = dcs::dcs_config(
-            self.timings,
-            params.synchronous,
-            &params.server.tuning_profile,
-        );
-        for member in &cluster.state.members {
-            cluster
-                .ensure_member(member, &dcs)
-                .await
-                .context("starting Patroni")
-                .map_err(local)?;
-        }
-        ctx.progress(&format!("starting {} members", cluster.state.members.len()))
-            .await?;
-        let (view, leader) = match wait_ready(cluster, &ctx.services.http, INLINE_WAIT).await {
-            Ok(ready) => ready,
-            Err(why) => {
-                return Ok(Err(Progress::wait_secs(
-                    1,
-                    format!("starting the cluster: {why}"),
-                )));
-            }
-        };
-        // With `synchronous`, the instance is handed over only once a commit waits for a standby: a write
-        // acknowledged before Patroni chose one could be lost in a failover.
-        if params.synchronous && !view.members.iter().any(|m| m.role == "sync_standby") {
-            return Ok(Err(Progress::wait_secs(
-                1,
-                "starting the cluster: waiting for Patroni to choose a synchronous standby",
-            )));
-        }
-        Ok(Ok((view, leader)))
-    }
-
-    /// What the instance's details and secrets keep of a cluster that is ready.
-    fn provisioned(
-        &self,
-        cluster: &LocalCluster,
-        (view, leader): (&ClusterView, &str),
-        params: &Params,
-        owner: &str,
-        admin_password: &str,
-    ) -> Provisioned {
-        let secrets = &cluster.secrets;
-        Provisioned {
-            details: json!({
-                "engine_host": self.host,
-                "cluster_dir": cluster.layout.root.display().to_string(),
-                "scope": cluster.state.scope,
-                "host": config::HOST,
-                "etcd_port": cluster.state.etcd_client_port,
-                "members": members_details(&cluster.state, Some(view)),
-                "primary": leader,
-                "postgres_version": cluster.state.postgres_version,
-                "app_db_name": params.server.app_db_name,
-                "admin_user": params.server.admin_user,
-                "owner_role": owner,
-                "tuning_profile": params.server.tuning_profile,
-                "synchronous": params.synchronous,
-                "patroni": self.timings,
-                "tls": true,
-                "ready_at": chrono::Utc::now(),
-                "restarts": 0,
-            }),
-            secrets: Some(json!({
-                "admin_password": admin_password,
-                "superuser_password": secrets.superuser,
-                "replication_password": secrets.replication,
-                "rewind_password": secrets.rewind,
-                "patroni_api_password": secrets.restapi,
-            })),
-        }
-    }
 }
 
 /// Update: `synchronous` and `tuning_profile` to Patroni's configuration, when they change.
@@ -740,104 +521,11 @@ impl Provider for HaLocal {
                     continue;
                 }
             };
-            if let Err(e) = heal(pool, services, &instance, &cluster, self.timings).await {
+            if let Err(e) = reconcile::heal(pool, services, &instance, &cluster, self.timings).await
+            {
                 warn!(instance_id = %instance.id, error = %format!("{e:#}"), "reconciling a cluster failed; will try again");
             }
         }
         Ok(())
     }
-}
-
-/// Each member's Patroni running again where it stopped (a primary that crashed is left to Patroni's election;
-/// a member that cannot start gets new data from the primary). Returns the members restarted.
-async fn restart_members(
-    cluster: &LocalCluster,
-    instance_id: &str,
-    dcs: &Value,
-    http: &reqwest::Client,
-    leader: Option<&str>,
-) -> anyhow::Result<Vec<String>> {
-    let mut restarted: Vec<String> = Vec::new();
-    let patroni = cluster.patroni(http);
-    for member in &cluster.state.members {
-        if cluster.patroni_pids(&member.name).is_empty() {
-            // A crashed primary still holds the leader key until its ttl lapses: leave it to Patroni to promote
-            // a replica then (a restart in place would race that election), and bring it back as a replica.
-            if leader == Some(member.name.as_str()) {
-                continue;
-            }
-            warn!(instance_id, member = %member.name, "a member's Patroni is not running; starting it again");
-            cluster.ensure_member(member, dcs).await?;
-            restarted.push(member.name.clone());
-            continue;
-        }
-        let failed = patroni
-            .member_state(&cluster::api_base(member))
-            .await
-            .is_some_and(|s| s["state"] == "start failed" || s["state"] == "crashed");
-        if failed && leader.is_some_and(|l| l != member.name) {
-            cluster.replace_member(member, dcs).await?;
-            restarted.push(member.name.clone());
-        }
-    }
-    Ok(restarted)
-}
-
-/// One reconcile pass over a cluster, under the instance's advisory lock (skipped if another worker or an
-/// operation has it): etcd and every member's Patroni running (restarted where they stopped, once Patroni has
-/// failed over if it was the primary; a member that cannot start given new data from the primary), then the
-/// primary and the members' roles recorded.
-async fn heal(
-    pool: &PgPool,
-    services: &Services,
-    instance: &InstanceRow,
-    cluster: &LocalCluster,
-    timings: Timings,
-) -> anyhow::Result<()> {
-    let mut tx = pool.begin().await?;
-    let Some(current) = lock_idle_instance(&mut tx, LOCAL_LOCKS, &instance.id).await? else {
-        return Ok(());
-    };
-    let http = &services.http;
-    let mut restarted: Vec<String> = Vec::new();
-    if cluster.ensure_etcd(http).await? {
-        warn!(instance_id = %instance.id, "the cluster's etcd was not running; started it again");
-        restarted.push("etcd".into());
-    }
-    let dcs = dcs_for(&current, timings);
-    let view = cluster.patroni(http).cluster().await.ok();
-    let leader = view
-        .as_ref()
-        .and_then(|v| v.leader())
-        .map(|l| l.name.clone());
-    restarted.extend(restart_members(cluster, &instance.id, &dcs, http, leader.as_deref()).await?);
-    let members = members_details(&cluster.state, view.as_ref());
-    let recorded = (
-        current.details.get("members"),
-        current.details.get("primary").and_then(Value::as_str),
-    );
-    if restarted.is_empty() && recorded == (Some(&members), leader.as_deref()) {
-        return Ok(());
-    }
-    let mut patch = json!({ "members": members });
-    if let Some(leader) = &leader {
-        patch["primary"] = json!(leader);
-    }
-    if !restarted.is_empty() {
-        let restarts = current
-            .details
-            .get("restarts")
-            .and_then(Value::as_i64)
-            .unwrap_or(0)
-            + restarted.len() as i64;
-        patch["restarts"] = json!(restarts);
-        patch["last_recovered_at"] = json!(chrono::Utc::now());
-        patch["last_recovered"] = json!(restarted);
-    }
-    instances::merge_details(&mut *tx, &instance.id, &patch).await?;
-    tx.commit().await?;
-    if !restarted.is_empty() {
-        info!(instance_id = %instance.id, restarted = ?restarted, "the cluster's stopped processes run again");
-    }
-    Ok(())
 }

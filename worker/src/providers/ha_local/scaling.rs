@@ -8,7 +8,7 @@ use broker::db::instances;
 use serde_json::{Value, json};
 use tracing::info;
 
-use super::{INLINE_WAIT, cluster::LocalCluster, local, members_details, wait_ready};
+use super::{INLINE_WAIT, cluster::LocalCluster, local, members_details, readiness::wait_ready};
 use crate::{
     context::TaskContext,
     providers::{Progress, patroni::ClusterView},
