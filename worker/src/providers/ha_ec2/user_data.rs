@@ -379,7 +379,7 @@ mod tests {
     }
 
     /// A write_files entry's content, unindented.
-    fn file<'a>(text: &'a str, path: &str) -> String {
+    fn file(text: &str, path: &str) -> String {
         let start = text
             .find(&format!("  - path: {path}\n"))
             .unwrap_or_else(|| panic!("no {path} in:\n{text}"));

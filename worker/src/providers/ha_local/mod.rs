@@ -9,6 +9,7 @@
 
 mod cluster;
 pub(crate) mod config;
+mod members;
 mod provision;
 mod readiness;
 mod reconcile;
@@ -32,9 +33,10 @@ use tracing::{info, warn};
 
 use self::{
     cluster::LocalCluster,
+    members::{endpoints, leader_or_wait, members_details, primary_port},
     provision::check_programs,
     readiness::wait_ready,
-    state::{ClusterState, Layout},
+    state::Layout,
 };
 use super::{
     Bound, LOCAL_LOCKS, Progress, Provider, Provisioned,
@@ -42,9 +44,8 @@ use super::{
     local_processes::ensure_servers_dir,
     lock_instance, owned_elsewhere,
     patroni::{
-        ClusterView, Params, SUPERUSER, Timings, app_db_name,
-        credentials::{self, Address, Endpoints},
-        dcs, settings, switchover,
+        ClusterView, Params, SUPERUSER, Timings, app_db_name, credentials, dcs, settings,
+        switchover,
     },
     shared_postgres::{Access, binding_grants},
 };
@@ -136,80 +137,10 @@ impl HaLocal {
     }
 }
 
-/// The members as the instance's details record them.
-fn members_details(state: &ClusterState, view: Option<&ClusterView>) -> Value {
-    Value::Array(
-        state
-            .members
-            .iter()
-            .map(|m| {
-                let seen = view.and_then(|v| v.member(&m.name));
-                json!({
-                    "name": m.name,
-                    "port": m.pg_port,
-                    "api_port": m.api_port,
-                    "role": seen.map(|s| s.role.as_str()),
-                    "state": seen.map(|s| s.state.as_str()),
-                })
-            })
-            .collect(),
-    )
-}
-
-/// The primary's and the replicas' addresses for a binding.
-fn endpoints(state: &ClusterState, leader: &str) -> Result<Endpoints, TaskError> {
-    let at = |port| Address {
-        host: config::HOST.to_string(),
-        port,
-    };
-    let primary = state
-        .member(leader)
-        .ok_or_else(|| {
-            TaskError::retryable(format!("the primary {leader} is not a member berth knows"))
-        })?
-        .pg_port;
-    let replicas = state
-        .members
-        .iter()
-        .filter(|m| m.name != leader)
-        .map(|m| at(m.pg_port))
-        .collect();
-    Ok(Endpoints {
-        primary: at(primary),
-        replicas,
-    })
-}
-
 /// Cluster settings Patroni keeps in etcd for the synchronous flag and the tuning profile.
 fn dcs_for(instance: &InstanceRow, timings: Timings) -> Value {
     let (synchronous, profile) = settings::recorded(instance);
     dcs::dcs_config(timings, synchronous, profile)
-}
-
-/// The primary's name, or a `Wait` while there is none (a failover is under way).
-fn leader_or_wait<T>(view: &ClusterView) -> Result<String, Progress<T>> {
-    view.leader().map(|l| l.name.clone()).ok_or_else(|| {
-        Progress::wait_secs(
-            1,
-            "the cluster has no primary right now (a failover is under way); waiting",
-        )
-    })
-}
-
-/// The primary's Postgres port, as Patroni reports who leads; a `Wait` while no member does.
-async fn primary_port<T>(
-    ctx: &TaskContext<'_>,
-    cluster: &LocalCluster,
-) -> Result<Result<u16, Progress<T>>, TaskError> {
-    let view = cluster
-        .patroni(&ctx.services.http)
-        .cluster()
-        .await
-        .map_err(local)?;
-    Ok(match leader_or_wait(&view) {
-        Ok(leader) => Ok(endpoints(&cluster.state, &leader)?.primary.port),
-        Err(wait) => Err(wait),
-    })
 }
 
 /// Update: `synchronous` and `tuning_profile` to Patroni's configuration, when they change.

@@ -38,7 +38,7 @@ pub async fn to(
         };
         instances::merge_details(
             ctx.pool,
-            &ctx.instance_id()?.to_string(),
+            ctx.instance_id()?,
             &json!({ "members": members_details(&cluster.state, Some(&view)), "primary": leader }),
         )
         .await
