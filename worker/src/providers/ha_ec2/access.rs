@@ -98,7 +98,7 @@ pub(super) fn superuser(host: &str, secrets: &Secrets, database: &str) -> PgConn
         .host(host)
         .port(PG_PORT)
         .username(SUPERUSER)
-        .password(&secrets.superuser)
+        .password(&secrets.passwords.superuser)
         .database(database)
         .ssl_mode(PgSslMode::VerifyCa)
         .ssl_root_cert_from_pem(secrets.ca.cert.as_bytes().to_vec())
@@ -149,7 +149,7 @@ impl HaEc2 {
         secrets: &Secrets,
     ) -> Result<ClusterView, TaskError> {
         let http = patroni_http(secrets)?;
-        Patroni::at(&http, patroni_bases(state), &secrets.restapi)
+        Patroni::at(&http, patroni_bases(state), &secrets.passwords.restapi)
             .cluster()
             .await
             .map_err(TaskError::Retryable)

@@ -332,7 +332,9 @@ impl Provider for HaEc2 {
                 host: Host::Tcp(host(primary).unwrap_or_default().to_string()),
                 port: PG_PORT,
                 user: SUPERUSER.to_string(),
-                password: Some(secrecy::SecretString::from(secrets.superuser.clone())),
+                password: Some(secrecy::SecretString::from(
+                    secrets.passwords.superuser.clone(),
+                )),
                 ssl_require: true,
                 bin_dir: client_bin_dir()?,
             },
@@ -378,7 +380,7 @@ impl Provider for HaEc2 {
         let state = ClusterState::of(&instance.details);
         let http = patroni_http(&secrets)?;
         let bases = patroni_bases(&state);
-        let patroni = Patroni::at(&http, bases.clone(), &secrets.restapi);
+        let patroni = Patroni::at(&http, bases.clone(), &secrets.passwords.restapi);
         if let Err(e) = patroni.cluster().await {
             return Err(TaskError::fatal(format!(
                 "this worker cannot reach the cluster's Patroni REST API ({}): a {} is asked of Patroni, so the \

@@ -270,7 +270,7 @@ pub async fn apply_settings(
     };
     let http = patroni_http(secrets)?;
     let bases = patroni_bases(state);
-    let patroni = Patroni::at(&http, bases.clone(), &secrets.restapi);
+    let patroni = Patroni::at(&http, bases.clone(), &secrets.passwords.restapi);
     let view = engine.view(state, secrets).await.map_err(|e| {
         TaskError::fatal(format!(
             "changing `synchronous` or `tuning_profile` is asked of Patroni, and this worker cannot reach its REST \

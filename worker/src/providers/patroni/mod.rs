@@ -12,7 +12,8 @@ pub mod switchover;
 pub mod timings;
 pub mod tls;
 
-use broker::db::instances::InstanceRow;
+use broker::{crypto::random_password, db::instances::InstanceRow};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use client::{ClusterView, MemberView, Patroni};
@@ -25,6 +26,33 @@ pub const REPLICATION_USER: &str = "replicator";
 pub const REWIND_USER: &str = "rewinder";
 /// Basic auth of Patroni's REST API for changes (switchover, failover, configuration, restart).
 pub const RESTAPI_USER: &str = "berth";
+
+/// A cluster's generated passwords: the roles Patroni logs in as, and its REST API's.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Passwords {
+    pub superuser: String,
+    pub replication: String,
+    pub rewind: String,
+    /// Basic auth of Patroni's REST API for changes (switchover, failover, configuration, restart).
+    pub restapi: String,
+}
+
+impl std::fmt::Debug for Passwords {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Passwords(<redacted>)")
+    }
+}
+
+impl Passwords {
+    pub fn generate() -> Self {
+        Self {
+            superuser: random_password(32),
+            replication: random_password(32),
+            rewind: random_password(32),
+            restapi: random_password(32),
+        }
+    }
+}
 
 /// The app database's name as the instance's details record it.
 pub fn app_db_name(instance: &InstanceRow) -> &str {
