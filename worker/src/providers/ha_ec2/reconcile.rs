@@ -24,7 +24,7 @@ use super::{
 };
 use crate::{
     context::Services,
-    providers::{HA_EC2_LOCKS, ec2_common::vm, lock_idle_instance},
+    providers::{HA_EC2_LOCKS, ec2_common::vm, lock_idle_instance, patroni::roles_patch},
 };
 
 const PAGE: i64 = 1000;
@@ -195,20 +195,12 @@ async fn record_roles(
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let members = members_details(state, Some(&view));
-    let primary = view.leader().map(|l| l.name.clone());
-    let recorded = (
-        instance.details.get("members"),
-        instance.details.get("primary").and_then(Value::as_str),
-    );
-    if recorded == (Some(&members), primary.as_deref()) {
+    let primary = view.leader().map(|l| l.name.as_str());
+    let Some(patch) = roles_patch(&instance.details, members, primary) else {
         return Ok(());
-    }
+    };
     if let Some(why) = not_ready(state, &view) {
         info!(instance_id = %instance.id, why, "the cluster is degraded");
-    }
-    let mut patch = json!({ "members": members });
-    if let Some(primary) = primary {
-        patch["primary"] = json!(primary);
     }
     instances::merge_details(pool, &instance.id, &patch).await?;
     Ok(())

@@ -6,7 +6,7 @@
 
 use anyhow::Context as _;
 use broker::db::{instances, instances::InstanceRow};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tracing::info;
 
 use super::{
@@ -24,7 +24,7 @@ use crate::{
     providers::{
         Progress,
         ec2_common::vm,
-        patroni::{ClusterView, Patroni, settings},
+        patroni::{ClusterView, Patroni, roles, settings},
     },
     registry::TaskError,
 };
@@ -157,10 +157,7 @@ async fn running_members<T>(
                 .and_then(Value::as_str)
                 .map(str::to_string)
         });
-    let mut patch = json!({ "members": members_details(state, view.as_ref()) });
-    if let Some(primary) = &primary {
-        patch["primary"] = json!(primary);
-    }
+    let patch = roles(members_details(state, view.as_ref()), primary.as_deref());
     instances::merge_details(pool, id, &patch)
         .await
         .context("recording the cluster's members")?;

@@ -9,7 +9,10 @@ use tracing::{info, warn};
 use super::{cluster, cluster::LocalCluster, dcs_for, members_details};
 use crate::{
     context::Services,
-    providers::{LOCAL_LOCKS, lock_idle_instance, patroni::Timings},
+    providers::{
+        LOCAL_LOCKS, lock_idle_instance,
+        patroni::{Timings, roles, roles_patch},
+    },
 };
 
 /// Each member's Patroni running again where it stopped (a primary that crashed is left to Patroni's election;
@@ -76,17 +79,11 @@ pub(super) async fn heal(
         .map(|l| l.name.clone());
     restarted.extend(restart_members(cluster, &instance.id, &dcs, http, leader.as_deref()).await?);
     let members = members_details(&cluster.state, view.as_ref());
-    let recorded = (
-        current.details.get("members"),
-        current.details.get("primary").and_then(Value::as_str),
-    );
-    if restarted.is_empty() && recorded == (Some(&members), leader.as_deref()) {
+    let unchanged = roles_patch(&current.details, members.clone(), leader.as_deref()).is_none();
+    if restarted.is_empty() && unchanged {
         return Ok(());
     }
-    let mut patch = json!({ "members": members });
-    if let Some(leader) = &leader {
-        patch["primary"] = json!(leader);
-    }
+    let mut patch = roles(members, leader.as_deref());
     if !restarted.is_empty() {
         let restarts = current
             .details

@@ -14,7 +14,7 @@ pub mod tls;
 
 use broker::{crypto::random_password, db::instances::InstanceRow};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 pub use client::{ClusterView, MemberView, Patroni};
 pub use params::Params;
@@ -52,6 +52,25 @@ impl Passwords {
             restapi: random_password(32),
         }
     }
+}
+
+/// The instance's details for its members and, when one leads, its primary (the one recorded stays while none
+/// does).
+pub fn roles(members: Value, primary: Option<&str>) -> Value {
+    let mut patch = json!({ "members": members });
+    if let Some(primary) = primary {
+        patch["primary"] = json!(primary);
+    }
+    patch
+}
+
+/// [`roles`], or `None` when `details` record these members and this primary already.
+pub fn roles_patch(details: &Value, members: Value, primary: Option<&str>) -> Option<Value> {
+    let recorded = (
+        details.get("members"),
+        details.get("primary").and_then(Value::as_str),
+    );
+    (recorded != (Some(&members), primary)).then(|| roles(members, primary))
 }
 
 /// The app database's name as the instance's details record it.
