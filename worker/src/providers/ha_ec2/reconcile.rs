@@ -14,7 +14,7 @@ use broker::{
     db::{instances, instances::InstanceRow},
     names,
 };
-use serde_json::{Value, json};
+use serde_json::json;
 use sqlx::PgPool;
 use tracing::{info, warn};
 
@@ -24,7 +24,12 @@ use super::{
 };
 use crate::{
     context::Services,
-    providers::{HA_EC2_LOCKS, ec2_common::vm, lock_idle_instance, patroni::roles_patch},
+    providers::{
+        HA_EC2_LOCKS,
+        ec2_common::vm,
+        lock_idle_instance,
+        patroni::{record_recovery, roles_patch},
+    },
 };
 
 const PAGE: i64 = 1000;
@@ -131,24 +136,9 @@ async fn heal(
         state.save(pool, instance_id).await?;
         return Ok(tx.commit().await?);
     }
-    let recoveries = instance
-        .details
-        .get("recoveries")
-        .and_then(Value::as_i64)
-        .unwrap_or(0)
-        + replaced.len() as i64;
-    instances::merge_details(
-        &mut *tx,
-        instance_id,
-        &json!({
-            "ha_ec2": state,
-            "members": members_details(&state, None),
-            "recoveries": recoveries,
-            "last_recovered_at": chrono::Utc::now(),
-            "last_recovered": replaced,
-        }),
-    )
-    .await?;
+    let mut patch = json!({ "ha_ec2": state, "members": members_details(&state, None) });
+    let recoveries = record_recovery(&mut patch, &instance.details, "recoveries", &replaced);
+    instances::merge_details(&mut *tx, instance_id, &patch).await?;
     tx.commit().await?;
     info!(instance_id, replaced = ?replaced, recoveries, "the cluster's lost members run on new VMs");
     Ok(())

@@ -2,7 +2,7 @@
 //! members' roles are recorded.
 
 use broker::db::{instances, instances::InstanceRow};
-use serde_json::{Value, json};
+use serde_json::Value;
 use sqlx::PgPool;
 use tracing::{info, warn};
 
@@ -11,7 +11,7 @@ use crate::{
     context::Services,
     providers::{
         LOCAL_LOCKS, lock_idle_instance,
-        patroni::{Timings, roles, roles_patch},
+        patroni::{Timings, record_recovery, roles, roles_patch},
     },
 };
 
@@ -85,15 +85,7 @@ pub(super) async fn heal(
     }
     let mut patch = roles(members, leader.as_deref());
     if !restarted.is_empty() {
-        let restarts = current
-            .details
-            .get("restarts")
-            .and_then(Value::as_i64)
-            .unwrap_or(0)
-            + restarted.len() as i64;
-        patch["restarts"] = json!(restarts);
-        patch["last_recovered_at"] = json!(chrono::Utc::now());
-        patch["last_recovered"] = json!(restarted);
+        record_recovery(&mut patch, &current.details, "restarts", &restarted);
     }
     instances::merge_details(&mut *tx, &instance.id, &patch).await?;
     tx.commit().await?;

@@ -73,6 +73,21 @@ pub fn roles_patch(details: &Value, members: Value, primary: Option<&str>) -> Op
     (recorded != (Some(&members), primary)).then(|| roles(members, primary))
 }
 
+/// Records in `patch` that the reconcile loop brought `recovered` back: the instance's counter `counter`
+/// (`restarts`, `recoveries`) up by their number, when, and which. Returns the new count.
+pub fn record_recovery(
+    patch: &mut Value,
+    details: &Value,
+    counter: &str,
+    recovered: &[String],
+) -> i64 {
+    let count = details.get(counter).and_then(Value::as_i64).unwrap_or(0) + recovered.len() as i64;
+    patch[counter] = json!(count);
+    patch["last_recovered_at"] = json!(chrono::Utc::now());
+    patch["last_recovered"] = json!(recovered);
+    count
+}
+
 /// The app database's name as the instance's details record it.
 pub fn app_db_name(instance: &InstanceRow) -> &str {
     instance
