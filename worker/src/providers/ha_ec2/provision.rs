@@ -13,6 +13,7 @@ use tracing::info;
 
 use super::{
     HaEc2, LaunchInput, READY_LIMIT_SECS, group_name, members_details, network, not_ready,
+    open_secrets,
     params::Params,
     state::{ClusterState, Secrets},
 };
@@ -32,12 +33,8 @@ pub(super) async fn secrets(
     instance: &InstanceRow,
     scope: &str,
 ) -> Result<Secrets, TaskError> {
-    if let Some(sealed) = &instance.secrets {
-        return ctx
-            .services
-            .cipher
-            .open_json(sealed)
-            .map_err(|e| TaskError::Fatal(e.context("opening the cluster's secrets")));
+    if instance.secrets.is_some() {
+        return open_secrets(ctx.services, instance);
     }
     let ca = tls::new_ca(scope)
         .await
