@@ -8,6 +8,8 @@ pub mod ec2_postgres;
 pub mod ha_ec2;
 pub mod ha_local;
 pub mod local_postgres;
+pub mod local_processes;
+pub mod patroni;
 pub mod postgres;
 pub mod s3;
 pub mod shared_postgres;
@@ -34,6 +36,21 @@ use crate::{
 pub enum Progress<T> {
     Done(T),
     Wait { after: Duration, progress: String },
+}
+
+impl<T> Progress<T> {
+    /// "Not yet": look again after `after`; `progress` says what it waits for.
+    pub fn wait(after: Duration, progress: impl Into<String>) -> Self {
+        Self::Wait {
+            after,
+            progress: progress.into(),
+        }
+    }
+
+    /// [`Progress::wait`] after `secs` seconds.
+    pub fn wait_secs(secs: u64, progress: impl Into<String>) -> Self {
+        Self::wait(Duration::from_secs(secs), progress)
+    }
 }
 
 /// What provisioning made: non-secret facts (shown to nobody but the broker) and optional secrets.
@@ -161,23 +178,12 @@ pub(crate) fn owned_elsewhere<T>(instance: &InstanceRow, host: &str) -> Option<P
         .details
         .get("engine_host")
         .and_then(Value::as_str)?;
-    (owner != host).then(|| Progress::Wait {
-        after: Duration::from_secs(5),
-        progress: format!(
-            "waiting for a worker on host {owner}, where the instance's processes live"
-        ),
+    (owner != host).then(|| {
+        Progress::wait_secs(
+            5,
+            format!("waiting for a worker on host {owner}, where the instance's processes live"),
+        )
     })
-}
-
-/// Checks and creates the folder where engines that run processes on the worker's machine keep them.
-pub(crate) fn ensure_servers_dir(dir: &std::path::Path) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        dir.is_absolute(),
-        "LOCAL_SERVERS_DIR must be absolute (got {})",
-        dir.display()
-    );
-    std::fs::create_dir_all(dir)
-        .map_err(|e| anyhow::anyhow!("creating the local servers folder {}: {e}", dir.display()))
 }
 
 /// Namespaces of the per-instance advisory lock that serializes an engine's reconcile loop with the
@@ -253,8 +259,8 @@ pub fn configured(settings: &Settings) -> anyhow::Result<HashMap<String, Arc<dyn
         )?;
         providers.insert(shared_postgres::ENGINE.to_string(), Arc::new(provider));
     }
-    let defaults = ha_local::DEFAULT_TIMINGS;
-    let timings = ha_local::Timings {
+    let defaults = patroni::timings::FAST;
+    let timings = patroni::Timings {
         ttl: settings.ha_patroni_ttl.unwrap_or(defaults.ttl),
         loop_wait: settings.ha_patroni_loop_wait.unwrap_or(defaults.loop_wait),
         retry_timeout: settings

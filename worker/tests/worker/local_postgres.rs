@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use berth_worker::{Services, providers::local_postgres, reconcile, tasks};
+use berth_worker::{Services, providers::local_processes, reconcile, tasks};
 use broker::{
     db::{bindings, instances, tasks::NewTask},
     model::{Operation, UpdatePayload},
@@ -79,7 +79,7 @@ impl Drop for Servers {
         // A failed test may leave servers running: stop them before removing the folder.
         if let Ok(entries) = std::fs::read_dir(&self.0) {
             for entry in entries.flatten() {
-                for pid in local_postgres::processes_in(&entry.path().join("data")) {
+                for pid in local_processes::processes_in(&entry.path().join("data")) {
                     let _ = std::process::Command::new("kill")
                         .arg("-KILL")
                         .arg(pid.to_string())
@@ -138,7 +138,7 @@ fn admin_options(details: &Value, password: &str) -> PgConnectOptions {
 
 fn no_process_and_no_files(root: &Path) {
     assert!(
-        local_postgres::processes_in(&root.join("data")).is_empty(),
+        local_processes::processes_in(&root.join("data")).is_empty(),
         "a server process is left"
     );
     assert!(!root.exists(), "{} is left", root.display());

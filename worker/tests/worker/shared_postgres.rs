@@ -551,7 +551,7 @@ impl PrivateServer {
 
 impl Drop for PrivateServer {
     fn drop(&mut self) {
-        for pid in berth_worker::providers::local_postgres::processes_in(&self.server.data_dir()) {
+        for pid in berth_worker::providers::local_processes::processes_in(&self.server.data_dir()) {
             let _ = std::process::Command::new("kill")
                 .arg("-KILL")
                 .arg(pid.to_string())

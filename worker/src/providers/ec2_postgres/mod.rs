@@ -319,13 +319,6 @@ async fn server_of(
     Ok((host, secrets))
 }
 
-fn wait<T>(secs: u64, progress: impl Into<String>) -> Result<Progress<T>, TaskError> {
-    Ok(Progress::Wait {
-        after: Duration::from_secs(secs),
-        progress: progress.into(),
-    })
-}
-
 /// The cloud-init user-data that sets the instance's server up on the data volume `volume_id`.
 fn user_data(
     prefix: &str,
@@ -443,10 +436,10 @@ impl Ec2Postgres {
             match vm::vm(input.client, &id).await? {
                 Some(found) if found.state == "running" => return Ok(Progress::Done(found)),
                 Some(found) if found.state == "pending" => {
-                    return wait(
+                    return Ok(Progress::wait_secs(
                         5,
                         format!("waiting for VM {id} ({}) to run", found.instance_type),
-                    );
+                    ));
                 }
                 _ => recovery::forget_vm(state),
             }
@@ -461,7 +454,10 @@ impl Ec2Postgres {
             state.instance_type = Some(found.instance_type.clone());
             state.launched_at = state.launched_at.or(found.launched_at);
             state.save(pool, instance_id).await?;
-            return wait(2, format!("found VM {} from an earlier try", found.id));
+            return Ok(Progress::wait_secs(
+                2,
+                format!("found VM {} from an earlier try", found.id),
+            ));
         }
         if !self.launch_next(pool, instance_id, state, input).await? {
             return Err(TaskError::retryable(format!(
@@ -470,13 +466,13 @@ impl Ec2Postgres {
                 state.candidates.len()
             )));
         }
-        wait(
+        Ok(Progress::wait_secs(
             3,
             format!(
                 "launched VM {}; waiting for it to run",
                 state.vm_id.as_deref().unwrap_or("?")
             ),
-        )
+        ))
     }
 
     /// Whether Postgres on the VM takes a TLS connection from berth's superuser.
@@ -670,11 +666,10 @@ impl Ec2Postgres {
                 READY_LIMIT_SECS / 60
             )));
         }
-        wait(
+        Ok(Some(Progress::wait_secs(
             10,
             format!("waiting for PostgreSQL on {host}:{PORT} (cloud-init is installing it)"),
-        )
-        .map(Some)
+        )))
     }
 }
 

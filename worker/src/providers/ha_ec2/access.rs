@@ -16,10 +16,7 @@ use super::{
 use crate::{
     context::Services,
     providers::{
-        ha_local::{
-            patroni::{ClusterView, Patroni},
-            state::SUPERUSER,
-        },
+        patroni::{ClusterView, Patroni, SUPERUSER},
         postgres::connect,
     },
     registry::TaskError,
@@ -80,13 +77,18 @@ pub(super) fn patroni_http(secrets: &Secrets) -> Result<reqwest::Client, TaskErr
         .map_err(|e| TaskError::Fatal(anyhow::Error::new(e).context("building the Patroni client")))
 }
 
+/// A member's REST API base URL.
+pub(super) fn api_base(host: &str) -> String {
+    format!("https://{host}:{API_PORT}")
+}
+
 pub(super) fn patroni_bases(state: &ClusterState) -> Vec<String> {
     state
         .members
         .iter()
         .filter(|m| !m.retiring)
         .filter_map(host)
-        .map(|h| format!("https://{h}:{API_PORT}"))
+        .map(api_base)
         .collect()
 }
 
@@ -96,7 +98,7 @@ pub(super) fn superuser(host: &str, secrets: &Secrets, database: &str) -> PgConn
         .host(host)
         .port(PG_PORT)
         .username(SUPERUSER)
-        .password(&secrets.superuser)
+        .password(&secrets.passwords.superuser)
         .database(database)
         .ssl_mode(PgSslMode::VerifyCa)
         .ssl_root_cert_from_pem(secrets.ca.cert.as_bytes().to_vec())
@@ -135,18 +137,8 @@ pub(super) async fn find_primary<'a>(
 
 /// What still keeps the cluster from being ready, by Patroni's view.
 pub(super) fn not_ready(state: &ClusterState, view: &ClusterView) -> Option<String> {
-    let Some(leader) = view.leader() else {
-        return Some("no primary elected yet".into());
-    };
-    let missing: Vec<&str> = state
-        .members
-        .iter()
-        .filter(|m| !m.retiring && m.name != leader.name)
-        .filter(|m| !view.member(&m.name).is_some_and(|v| v.is_healthy_replica()))
-        .map(|m| m.name.as_str())
-        .collect();
-    (!missing.is_empty())
-        .then(|| format!("waiting for member(s) {} to replicate", missing.join(", ")))
+    let members = state.members.iter().filter(|m| !m.retiring);
+    view.ready_primary(members.map(|m| m.name.as_str())).err()
 }
 
 impl HaEc2 {
@@ -157,7 +149,7 @@ impl HaEc2 {
         secrets: &Secrets,
     ) -> Result<ClusterView, TaskError> {
         let http = patroni_http(secrets)?;
-        Patroni::at(&http, patroni_bases(state), &secrets.restapi)
+        Patroni::at(&http, patroni_bases(state), &secrets.passwords.restapi)
             .cluster()
             .await
             .map_err(TaskError::Retryable)

@@ -17,7 +17,7 @@ use super::{
     user_data::{self, MemberSetup},
 };
 use crate::{
-    providers::{ec2_common::vm, ha_local::tls},
+    providers::{ec2_common::vm, patroni::tls},
     registry::TaskError,
 };
 
@@ -150,12 +150,42 @@ impl HaEc2 {
         input: &LaunchInput<'_>,
     ) -> Result<bool, TaskError> {
         let instance = input.instance;
+        let user_data = self.user_data(state, name, input).await?;
+        let launched = self
+            .launch_first_with_capacity(pool, state, name, input, &user_data)
+            .await?;
+        let m = state
+            .member_mut(name)
+            .ok_or_else(|| TaskError::fatal(format!("no member slot {name}")))?;
+        match launched {
+            Some((vm, instance_type)) => {
+                info!(instance_id = %instance.id, member = name, vm = %vm.id, instance_type, zone = %m.zone, joins = m.joins, "member VM launched");
+                m.vm_id = Some(vm.id);
+                m.instance_type = Some(instance_type);
+                m.launched_at = Some(chrono::Utc::now().timestamp());
+                state.save(pool, &instance.id).await?;
+                Ok(true)
+            }
+            None => {
+                m.candidate_index = 0;
+                state.save(pool, &instance.id).await?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// The slot's user-data, with a certificate for its addresses signed by the cluster's CA.
+    async fn user_data(
+        &self,
+        state: &ClusterState,
+        name: &str,
+        input: &LaunchInput<'_>,
+    ) -> Result<user_data::Rendered, TaskError> {
+        let instance = input.instance;
         let member = state
             .member(name)
-            .cloned()
             .ok_or_else(|| TaskError::fatal(format!("no member slot {name}")))?;
-        let (Some(interface), Some(private_ip)) =
-            (member.interface_id.clone(), member.private_ip.clone())
+        let (Some(_), Some(private_ip)) = (&member.interface_id, member.private_ip.as_deref())
         else {
             return Err(TaskError::retryable(format!(
                 "member {name} has no network interface yet"
@@ -171,11 +201,11 @@ impl HaEc2 {
             .map_err(|e| TaskError::Retryable(e.context("signing the member's certificate")))?;
         let params = input.params;
         let server = &params.cluster.server;
-        let user_data = user_data::render(&MemberSetup {
+        user_data::render(&MemberSetup {
             instance_id: &instance.id,
             scope: &state.scope,
             member: name,
-            private_ip: &private_ip,
+            private_ip,
             peers: &peers,
             joins: member.joins,
             postgres_version: params.postgres_version(),
@@ -199,7 +229,30 @@ impl HaEc2 {
             secrets: input.secrets,
             tls: &tls,
         })
-        .map_err(|e| TaskError::Fatal(e.context("rendering the member's user-data")))?;
+        .map_err(|e| TaskError::Fatal(e.context("rendering the member's user-data")))
+    }
+
+    /// RunInstances on the slot's interface with the zone's candidates in turn, from the slot's
+    /// `candidate_index` on (kept as it moves past a type without capacity): the VM and its type, or `None`
+    /// when no candidate had capacity.
+    async fn launch_first_with_capacity(
+        &self,
+        pool: &PgPool,
+        state: &mut ClusterState,
+        name: &str,
+        input: &LaunchInput<'_>,
+        user_data: &user_data::Rendered,
+    ) -> Result<Option<(vm::Vm, String)>, TaskError> {
+        let (instance, params) = (input.instance, input.params);
+        let member = state
+            .member(name)
+            .cloned()
+            .ok_or_else(|| TaskError::fatal(format!("no member slot {name}")))?;
+        let Some(interface) = member.interface_id.as_deref() else {
+            return Err(TaskError::retryable(format!(
+                "member {name} has no network interface yet"
+            )));
+        };
         let mut tags = member_tags(input.tags, name);
         tags.push((vm::MEMBERS_TAG.to_string(), state.wanted()));
         let candidates = state
@@ -209,10 +262,7 @@ impl HaEc2 {
             .unwrap_or_default();
         let hash = format!("{}{}", state.token_seed, names::short_hash(&instance.id));
         let mut index = member.candidate_index;
-        let launched = loop {
-            let Some(candidate) = candidates.get(index) else {
-                break None;
-            };
+        while let Some(candidate) = candidates.get(index) {
             let image = vm::image(
                 input.client,
                 &candidate.arch,
@@ -232,12 +282,12 @@ impl HaEc2 {
                 user_data: &user_data.0,
                 client_token: &token,
                 tags: &tags,
-                network_interface_id: Some(&interface),
+                network_interface_id: Some(interface),
                 scratch_disk_gb: Some(params.requirements.storage_min_gb.max(1)),
                 tags_in_metadata: true,
             };
             match vm::launch(input.client, &spec).await {
-                Ok(vm) => break Some((vm, candidate.instance_type.clone())),
+                Ok(vm) => return Ok(Some((vm, candidate.instance_type.clone()))),
                 Err(vm::LaunchError::NoCapacity(code)) => {
                     warn!(instance_id = %instance.id, member = name, instance_type = %candidate.instance_type, code, "no capacity; trying the next type");
                     index += 1;
@@ -248,25 +298,8 @@ impl HaEc2 {
                 }
                 Err(vm::LaunchError::Failed(e)) => return Err(e),
             }
-        };
-        let m = state
-            .member_mut(name)
-            .ok_or_else(|| TaskError::fatal(format!("no member slot {name}")))?;
-        match launched {
-            Some((vm, instance_type)) => {
-                info!(instance_id = %instance.id, member = name, vm = %vm.id, instance_type, zone = %m.zone, joins = m.joins, "member VM launched");
-                m.vm_id = Some(vm.id);
-                m.instance_type = Some(instance_type);
-                m.launched_at = Some(chrono::Utc::now().timestamp());
-                state.save(pool, &instance.id).await?;
-                Ok(true)
-            }
-            None => {
-                m.candidate_index = 0;
-                state.save(pool, &instance.id).await?;
-                Ok(false)
-            }
         }
+        Ok(None)
     }
 
     /// Every slot without a VM gets one (an earlier try's VM, found by its tags, is adopted; a slot whose VM is

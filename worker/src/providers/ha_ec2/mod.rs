@@ -21,25 +21,22 @@ mod access;
 mod members;
 mod network;
 mod params;
+mod provision;
 mod reconcile;
 mod scaling;
 mod state;
 mod user_data;
 
-use std::time::Duration;
-
 use anyhow::Context as _;
 use async_trait::async_trait;
 use broker::{
     config::Settings,
-    db::{bindings::BindingRow, instances, instances::InstanceRow},
-    ec2::candidates,
+    db::{bindings::BindingRow, instances::InstanceRow},
     model::{Operation, UpdatePayload},
     names,
 };
-use serde_json::{Value, json};
+use serde_json::Value;
 use sqlx::PgPool;
-use tracing::info;
 
 use self::{
     access::{
@@ -48,19 +45,16 @@ use self::{
     },
     members::LaunchInput,
     params::Params,
-    state::{ClusterState, Member, Secrets},
+    state::{ClusterState, Member},
     user_data::{API_PORT, PG_PORT},
 };
 use super::{
     Bound, Progress, Provider, Provisioned,
-    ec2_common::{Ec2Account, available_zones, offers, vm},
-    ha_local::{
+    ec2_common::{Ec2Account, vm},
+    patroni::{
+        ClusterView, Patroni, SUPERUSER, Timings,
         credentials::{self, Address, Endpoints},
-        patroni::{ClusterView, Patroni},
-        state::SUPERUSER,
         switchover,
-        timings::Timings,
-        tls,
     },
     postgres::{
         self, Access, app_db_name, binding_grants, grant_binding_role, revoke_binding_role,
@@ -97,13 +91,6 @@ impl std::fmt::Debug for HaEc2 {
     }
 }
 
-fn wait<T>(secs: u64, progress: impl Into<String>) -> Result<Progress<T>, TaskError> {
-    Ok(Progress::Wait {
-        after: Duration::from_secs(secs),
-        progress: progress.into(),
-    })
-}
-
 /// The security group's name (unique per VPC), also the resources' `Name`.
 fn group_name(prefix: &str, instance_id: &str) -> String {
     format!(
@@ -125,33 +112,6 @@ fn resource_tags(
     ];
     tags.extend(extra.iter().filter(|(k, _)| k != "Name").cloned());
     tags
-}
-
-/// The cluster's secrets: opened, or generated (with the cluster's CA) and sealed before anything is launched.
-async fn secrets(
-    ctx: &TaskContext<'_>,
-    instance: &InstanceRow,
-    scope: &str,
-) -> Result<Secrets, TaskError> {
-    if let Some(sealed) = &instance.secrets {
-        return ctx
-            .services
-            .cipher
-            .open_json(sealed)
-            .map_err(|e| TaskError::Fatal(e.context("opening the cluster's secrets")));
-    }
-    let ca = tls::new_ca(scope)
-        .await
-        .map_err(|e| TaskError::Retryable(e.context("making the cluster's CA")))?;
-    let made = Secrets::generate(ca);
-    instances::set_secrets(
-        ctx.pool,
-        &instance.id,
-        &ctx.services.cipher.seal_json(&made),
-    )
-    .await
-    .context("keeping the generated secrets")?;
-    Ok(made)
 }
 
 impl HaEc2 {
@@ -186,82 +146,17 @@ impl Provider for HaEc2 {
         let region = self.region_of(params.region.as_deref(), &state);
         let client = self.account.client(&region);
         let scope = names::instance_cluster(prefix, &instance.id);
-        let secrets = secrets(ctx, instance, &scope).await?;
-
+        let secrets = provision::secrets(ctx, instance, &scope).await?;
         // 1. Zones (the asked ones, else the region's), each zone's candidates, and the member slots.
         if state.members.is_empty() {
-            let available = available_zones(&client).await?;
-            let explicit = !params.zones.is_empty();
-            let zones = if explicit {
-                if let Some(bad) = params.zones.iter().find(|z| !available.contains(z)) {
-                    return Err(TaskError::fatal(format!(
-                        "zone {bad} is not an available zone of {region} ({})",
-                        available.join(", ")
-                    )));
-                }
-                params.zones.clone()
-            } else {
-                available
-            };
-            let offers = offers::fresh(
-                ctx.pool,
-                &client,
-                &region,
-                self.account.offers_ttl_secs,
-                &self.account.on_demand,
-            )
-            .await?;
-            let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_entropy();
-            for zone in zones {
-                let mut in_zone = params.requirements.clone();
-                in_zone.zone = Some(zone.clone());
-                let list = candidates(&offers, &in_zone, &[], &mut rng);
-                if list.is_empty() {
-                    if explicit {
-                        return Err(TaskError::fatal(format!(
-                            "no matching instance type is offered in zone {zone}"
-                        )));
-                    }
-                    continue;
-                }
-                state.zones.push(zone.clone());
-                state.candidates.insert(zone, list);
-            }
-            if state.zones.is_empty() {
-                return Err(TaskError::fatal(format!(
-                    "no instance type in {region} meets the parameters (cpu, ram, arch, family, max_price); \
-                     GET /berth/v1/price-check shows what does"
-                )));
-            }
-            state.region = region.clone();
-            state.scope = scope.clone();
-            state.token_seed = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
-            for _ in 0..params.cluster.members {
-                state.add_member(false);
-            }
+            self.plan_slots(ctx, &client, &params, &mut state, (&region, &scope))
+                .await?;
             state.save(ctx.pool, &instance.id).await?;
         }
         let tags = resource_tags(prefix, &instance.id, &params.tags);
-
         // 2. The security group, and the VPC's range for pg_hba.
-        if state.security_group_id.is_none() {
-            ctx.progress("creating the security group").await?;
-            let (_, vpc) = vm::subnet(&client, &state.zones[0], &self.account.subnets).await?;
-            let id = network::ensure_security_group(
-                &client,
-                &group_name(prefix, &instance.id),
-                &vpc,
-                &self.account.allowed_cidr,
-                !params.ssh_keys.is_empty(),
-                &tags,
-            )
+        self.ensure_group(ctx, &client, instance, &params, &mut state, &tags)
             .await?;
-            state.vpc_cidr = Some(network::vpc_cidr(&client, &vpc).await?);
-            state.vpc_id = Some(vpc);
-            state.security_group_id = Some(id);
-            state.save(ctx.pool, &instance.id).await?;
-        }
-
         // 3. A network interface per slot: every member's address, before any user-data is rendered.
         self.ensure_interfaces(
             ctx.pool,
@@ -272,7 +167,6 @@ impl Provider for HaEc2 {
             &tags,
         )
         .await?;
-
         // 4. A VM per slot, running.
         let owner = names::instance_owner_role(prefix, &instance.id);
         let input = LaunchInput {
@@ -283,82 +177,17 @@ impl Provider for HaEc2 {
             tags: &tags,
             owner_role: &owner,
         };
-        let live = self.ensure_vms(ctx.pool, &mut state, &input).await?;
-        let running = state
-            .members
-            .iter()
-            .filter(|m| live.get(&m.name).is_some_and(|v| v.state == "running"))
-            .count();
-        if running < state.members.len() {
-            return wait(
-                3,
-                format!("{running} of {} members' VMs running", state.members.len()),
-            );
+        if let Some(wait) = self.members_running(ctx, &mut state, &input).await? {
+            return Ok(wait);
         }
-
         // 5. Patroni reports a primary and every replica streaming.
-        let mut view = None;
-        if self.account.readiness_probe {
-            let why = match self.view(&state, &secrets).await {
-                Ok(seen) => match not_ready(&state, &seen) {
-                    None => {
-                        view = Some(seen);
-                        None
-                    }
-                    Some(why) => Some(why),
-                },
-                Err(e) => Some(format!("Patroni does not answer yet ({e})")),
-            };
-            if let Some(why) = why {
-                let first = state
-                    .members
-                    .iter()
-                    .filter_map(|m| m.launched_at)
-                    .min()
-                    .unwrap_or(0);
-                if chrono::Utc::now().timestamp() - first > READY_LIMIT_SECS {
-                    return Err(TaskError::fatal(format!(
-                        "the cluster was not ready within {} minutes of its VMs' launch ({why}); see \
-                         /var/log/berth-setup.log on the VMs",
-                        READY_LIMIT_SECS / 60
-                    )));
-                }
-                return wait(
-                    10,
-                    format!("starting the cluster (cloud-init installs it): {why}"),
-                );
-            }
-        }
-        let primary = view
-            .as_ref()
-            .and_then(|v| v.leader())
-            .map(|l| l.name.clone());
-        let mut details = instance.details.clone();
-        let patch = json!({
-            "ha_ec2": state,
-            "scope": state.scope,
-            "region": state.region,
-            "members": members_details(&state, view.as_ref()),
-            "primary": primary,
-            "postgres_version": params.postgres_version(),
-            "app_db_name": params.cluster.server.app_db_name,
-            "admin_user": params.cluster.server.admin_user,
-            "owner_role": owner,
-            "tuning_profile": params.cluster.server.tuning_profile,
-            "synchronous": params.cluster.synchronous,
-            "patroni": self.timings,
-            "tls": true,
-            "ready_at": chrono::Utc::now(),
-            "recoveries": 0,
-        });
-        if let (Some(map), Some(patch)) = (details.as_object_mut(), patch.as_object()) {
-            map.extend(patch.clone());
-        }
-        info!(instance_id = %instance.id, members = state.members.len(), zones = ?state.zones, primary = ?primary, "ha cluster on EC2 ready");
-        Ok(Progress::Done(Provisioned {
-            details,
-            secrets: Some(serde_json::to_value(&secrets).context("keeping the secrets")?),
-        }))
+        let view = match self.probe_ready(&state, &secrets).await? {
+            Ok(view) => view,
+            Err(wait) => return Ok(wait),
+        };
+        Ok(Progress::Done(self.provisioned(
+            instance, &state, &params, &secrets, view, &owner,
+        )?))
     }
 
     async fn update(
@@ -425,7 +254,7 @@ impl Provider for HaEc2 {
             &client,
             &instance.id,
             &group,
-            Duration::from_secs(3),
+            std::time::Duration::from_secs(3),
             "VMs",
         )
         .await
@@ -464,22 +293,12 @@ impl Provider for HaEc2 {
         )
         .await?;
         let (database, role, password) = made.into_parts();
-        let database = database.as_str();
-        Ok(Progress::Done(Bound {
-            details: json!({
-                "endpoints": endpoints.osb(),
-                "role": role,
-                "database": database,
-                "access": access.as_str(),
-            }),
-            credentials: credentials::credentials(
-                &endpoints,
-                database,
-                &role,
-                &password,
-                &secrets.ca.cert,
-            ),
-        }))
+        Ok(Progress::Done(credentials::bound(
+            &endpoints,
+            &database,
+            (&role, &password, access.as_str()),
+            &secrets.ca.cert,
+        )))
     }
 
     async fn database_target(
@@ -498,7 +317,9 @@ impl Provider for HaEc2 {
                 host: Host::Tcp(host(primary).unwrap_or_default().to_string()),
                 port: PG_PORT,
                 user: SUPERUSER.to_string(),
-                password: Some(secrecy::SecretString::from(secrets.superuser.clone())),
+                password: Some(secrecy::SecretString::from(
+                    secrets.passwords.superuser.clone(),
+                )),
                 ssl_require: true,
                 bin_dir: client_bin_dir()?,
             },
@@ -543,7 +364,7 @@ impl Provider for HaEc2 {
         let state = ClusterState::of(&instance.details);
         let http = patroni_http(&secrets)?;
         let bases = patroni_bases(&state);
-        let patroni = Patroni::at(&http, bases.clone(), &secrets.restapi);
+        let patroni = Patroni::at(&http, bases.clone(), &secrets.passwords.restapi);
         if let Err(e) = patroni.cluster().await {
             return Err(TaskError::fatal(format!(
                 "this worker cannot reach the cluster's Patroni REST API ({}): a {} is asked of Patroni, so the \

@@ -5,7 +5,7 @@ use broker::ec2::Requirements;
 use serde_json::Value;
 
 use crate::{
-    providers::{ec2_common, ha_local},
+    providers::{ec2_common, patroni},
     registry::TaskError,
 };
 
@@ -13,7 +13,7 @@ pub const DEFAULT_VERSION: &str = "17";
 
 #[derive(Debug, Clone)]
 pub struct Params {
-    pub cluster: ha_local::params::Params,
+    pub cluster: patroni::Params,
     pub requirements: Requirements,
     pub region: Option<String>,
     /// Zones to spread members over; empty = the region's available zones.
@@ -25,7 +25,7 @@ pub struct Params {
 
 impl Params {
     pub fn of(parameters: &Value) -> Result<Self, TaskError> {
-        let cluster = ha_local::params::Params::of(parameters)?;
+        let cluster = patroni::Params::of(parameters)?;
         let spot = parameters
             .get("spot")
             .and_then(Value::as_bool)

@@ -14,7 +14,7 @@ use broker::{
     db::{instances, instances::InstanceRow},
     names,
 };
-use serde_json::{Value, json};
+use serde_json::json;
 use sqlx::PgPool;
 use tracing::{info, warn};
 
@@ -24,7 +24,12 @@ use super::{
 };
 use crate::{
     context::Services,
-    providers::{HA_EC2_LOCKS, ec2_common::vm, lock_idle_instance},
+    providers::{
+        HA_EC2_LOCKS,
+        ec2_common::vm,
+        lock_idle_instance,
+        patroni::{record_recovery, roles_patch},
+    },
 };
 
 const PAGE: i64 = 1000;
@@ -126,6 +131,27 @@ async fn heal(
         .ensure_vms(pool, &mut state, &input)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let replaced = replaced(&mut state, instance_id, &generations, &live);
+    if replaced.is_empty() {
+        state.save(pool, instance_id).await?;
+        return Ok(tx.commit().await?);
+    }
+    let mut patch = json!({ "ha_ec2": state, "members": members_details(&state, None) });
+    let recoveries = record_recovery(&mut patch, &instance.details, "recoveries", &replaced);
+    instances::merge_details(&mut *tx, instance_id, &patch).await?;
+    tx.commit().await?;
+    info!(instance_id, replaced = ?replaced, recoveries, "the cluster's lost members run on new VMs");
+    Ok(())
+}
+
+/// Marks the slots whose VM `ensure_vms` replaced (their generation went up since `generations`) as replacing,
+/// and returns those whose replacement now runs (no longer replacing).
+fn replaced(
+    state: &mut ClusterState,
+    instance_id: &str,
+    generations: &HashMap<String, u32>,
+    live: &HashMap<String, vm::Vm>,
+) -> Vec<String> {
     for member in state.members.iter_mut() {
         if generations
             .get(&member.name)
@@ -142,31 +168,7 @@ async fn heal(
             replaced.push(member.name.clone());
         }
     }
-    if replaced.is_empty() {
-        state.save(pool, instance_id).await?;
-        return Ok(tx.commit().await?);
-    }
-    let recoveries = instance
-        .details
-        .get("recoveries")
-        .and_then(Value::as_i64)
-        .unwrap_or(0)
-        + replaced.len() as i64;
-    instances::merge_details(
-        &mut *tx,
-        instance_id,
-        &json!({
-            "ha_ec2": state,
-            "members": members_details(&state, None),
-            "recoveries": recoveries,
-            "last_recovered_at": chrono::Utc::now(),
-            "last_recovered": replaced,
-        }),
-    )
-    .await?;
-    tx.commit().await?;
-    info!(instance_id, replaced = ?replaced, recoveries, "the cluster's lost members run on new VMs");
-    Ok(())
+    replaced
 }
 
 /// Records the primary and the members' roles as Patroni reports them, when they changed.
@@ -183,20 +185,12 @@ async fn record_roles(
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let members = members_details(state, Some(&view));
-    let primary = view.leader().map(|l| l.name.clone());
-    let recorded = (
-        instance.details.get("members"),
-        instance.details.get("primary").and_then(Value::as_str),
-    );
-    if recorded == (Some(&members), primary.as_deref()) {
+    let primary = view.leader().map(|l| l.name.as_str());
+    let Some(patch) = roles_patch(&instance.details, members, primary) else {
         return Ok(());
-    }
+    };
     if let Some(why) = not_ready(state, &view) {
         info!(instance_id = %instance.id, why, "the cluster is degraded");
-    }
-    let mut patch = json!({ "members": members });
-    if let Some(primary) = primary {
-        patch["primary"] = json!(primary);
     }
     instances::merge_details(pool, &instance.id, &patch).await?;
     Ok(())

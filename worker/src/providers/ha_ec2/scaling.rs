@@ -6,24 +6,25 @@
 
 use anyhow::Context as _;
 use broker::db::{instances, instances::InstanceRow};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tracing::info;
 
 use super::{
     HaEc2, LaunchInput,
+    access::api_base,
+    host,
     members::{SlotVm, slot_vm},
     members_details, network, not_ready,
     params::Params,
     patroni_bases, patroni_http,
     state::{ClusterState, Secrets},
-    wait,
 };
 use crate::{
     context::TaskContext,
     providers::{
         Progress,
         ec2_common::vm,
-        ha_local::{patroni::Patroni, settings::parameter_patch},
+        patroni::{ClusterView, Patroni, roles, settings},
     },
     registry::TaskError,
 };
@@ -36,46 +37,85 @@ pub async fn step(
     input: &LaunchInput<'_>,
     want: usize,
 ) -> Result<Option<Progress<()>>, TaskError> {
-    let (pool, client, id) = (ctx.pool, input.client, &input.instance.id);
     // 1. A member being removed: its VM terminated, then its interface and address, then its slot.
-    if let Some(victim) = state.members.iter().find(|m| m.retiring).cloned() {
-        let left: Vec<String> = vm::live_vms(client, id)
-            .await?
-            .into_iter()
-            .filter(|v| v.member.as_deref() == Some(victim.name.as_str()))
-            .map(|v| v.id)
-            .collect();
-        if !left.is_empty() {
-            vm::terminate(client, &left).await?;
-            return Ok(Some(wait(
-                2,
-                format!("removing member {}: terminating its VM", victim.name),
-            )?));
-        }
-        // Until it is terminated it holds the interface.
-        if let Some(vm_id) = &victim.vm_id
-            && !matches!(slot_vm(client, vm_id, None).await?, SlotVm::Gone)
-        {
-            return Ok(Some(wait(
-                2,
-                format!(
-                    "removing member {}: waiting for its VM to terminate",
-                    victim.name
-                ),
-            )?));
-        }
-        if let Some(interface) = &victim.interface_id {
-            vm::delete_interface(client, interface).await?;
-        }
-        if let Some(allocation) = &victim.allocation_id {
-            network::release_address(client, allocation).await?;
-        }
-        state.members.retain(|m| m.name != victim.name);
-        state.save(pool, id).await?;
-        info!(instance_id = %id, member = %victim.name, "member removed");
+    if let Some(wait) = finish_removal(ctx, state, input).await? {
+        return Ok(Some(wait));
     }
-
     // 2. Every slot has a running VM (a new member's included); with the probe, Patroni sees them streaming.
+    let (view, primary) = match running_members(engine, ctx, state, input).await? {
+        Ok(seen) => seen,
+        Err(wait) => return Ok(Some(wait)),
+    };
+    // 3. One change toward `want`.
+    let have = state.members.len();
+    if have < want {
+        return add_member(engine, ctx, state, input, want).await.map(Some);
+    }
+    if have > want {
+        let victim = victim(state, view.as_ref(), primary.as_deref())?;
+        return retire_member(ctx, state, input, victim, want)
+            .await
+            .map(Some);
+    }
+    Ok(None)
+}
+
+/// Step 1: the rest of a removal under way, if any. `Some(wait)` while its VM is still terminating.
+async fn finish_removal(
+    ctx: &TaskContext<'_>,
+    state: &mut ClusterState,
+    input: &LaunchInput<'_>,
+) -> Result<Option<Progress<()>>, TaskError> {
+    let (client, id) = (input.client, &input.instance.id);
+    let Some(victim) = state.members.iter().find(|m| m.retiring).cloned() else {
+        return Ok(None);
+    };
+    let left: Vec<String> = vm::live_vms(client, id)
+        .await?
+        .into_iter()
+        .filter(|v| v.member.as_deref() == Some(victim.name.as_str()))
+        .map(|v| v.id)
+        .collect();
+    if !left.is_empty() {
+        vm::terminate(client, &left).await?;
+        return Ok(Some(Progress::wait_secs(
+            2,
+            format!("removing member {}: terminating its VM", victim.name),
+        )));
+    }
+    // Until it is terminated it holds the interface.
+    if let Some(vm_id) = &victim.vm_id
+        && !matches!(slot_vm(client, vm_id, None).await?, SlotVm::Gone)
+    {
+        return Ok(Some(Progress::wait_secs(
+            2,
+            format!(
+                "removing member {}: waiting for its VM to terminate",
+                victim.name
+            ),
+        )));
+    }
+    if let Some(interface) = &victim.interface_id {
+        vm::delete_interface(client, interface).await?;
+    }
+    if let Some(allocation) = &victim.allocation_id {
+        network::release_address(client, allocation).await?;
+    }
+    state.members.retain(|m| m.name != victim.name);
+    state.save(ctx.pool, id).await?;
+    info!(instance_id = %id, member = %victim.name, "member removed");
+    Ok(None)
+}
+
+/// Step 2: every slot's VM running and, with the readiness probe, Patroni's view of them all replicating;
+/// the members and the primary recorded. `Err(wait)` until then.
+async fn running_members<T>(
+    engine: &HaEc2,
+    ctx: &TaskContext<'_>,
+    state: &mut ClusterState,
+    input: &LaunchInput<'_>,
+) -> Result<Result<(Option<ClusterView>, Option<String>), Progress<T>>, TaskError> {
+    let (pool, client, id) = (ctx.pool, input.client, &input.instance.id);
     engine
         .ensure_interfaces(pool, client, id, state, input.params.public_ip, input.tags)
         .await?;
@@ -87,10 +127,10 @@ pub async fn step(
         .count();
     let have = state.members.len();
     if running < have {
-        return Ok(Some(wait(
+        return Ok(Err(Progress::wait_secs(
             3,
             format!("{running} of {have} members' VMs running"),
-        )?));
+        )));
     }
     let view = if engine.account.readiness_probe {
         let view = engine.view(state, input.secrets).await.ok();
@@ -99,7 +139,7 @@ pub async fn step(
             None => Some("Patroni does not answer yet".into()),
         };
         if let Some(why) = why {
-            return Ok(Some(wait(5, why)?));
+            return Ok(Err(Progress::wait_secs(5, why)));
         }
         view
     } else {
@@ -117,74 +157,99 @@ pub async fn step(
                 .and_then(Value::as_str)
                 .map(str::to_string)
         });
-    let mut patch = json!({ "members": members_details(state, view.as_ref()) });
-    if let Some(primary) = &primary {
-        patch["primary"] = json!(primary);
-    }
+    let patch = roles(members_details(state, view.as_ref()), primary.as_deref());
     instances::merge_details(pool, id, &patch)
         .await
         .context("recording the cluster's members")?;
+    Ok(Ok((view, primary)))
+}
 
-    // 3. One change toward `want`.
-    let vm_ids = |state: &ClusterState| -> Vec<String> {
-        state
-            .members
-            .iter()
-            .filter(|m| !m.retiring)
-            .filter_map(|m| m.vm_id.clone())
-            .collect()
-    };
-    if have < want {
-        let name = state.add_member(true);
-        state.save(pool, id).await?;
-        ctx.progress(&format!("adding member {name} ({} of {want})", have + 1))
-            .await?;
-        // The others learn the new name before it exists, so their prune never takes it for a retired member.
-        network::tag_wanted(client, &vm_ids(state), &state.wanted()).await?;
-        engine
-            .ensure_interfaces(pool, client, id, state, input.params.public_ip, input.tags)
-            .await?;
-        engine.ensure_vms(pool, state, input).await?;
-        info!(instance_id = %id, member = %name, "member added");
-        return Ok(Some(wait(
-            3,
-            format!("adding member {name} ({} of {want})", have + 1),
-        )?));
-    }
-    if have > want {
-        // The newest plain replica first; the synchronous standby only when no other is left; never the primary.
-        let sync = |name: &str| {
-            view.as_ref()
-                .and_then(|v| v.member(name))
-                .is_some_and(|m| m.role == "sync_standby")
-        };
-        let victim = state
-            .members
-            .iter()
-            .rev()
-            .filter(|m| Some(&m.name) != primary.as_ref())
-            .min_by_key(|m| sync(&m.name))
-            .map(|m| m.name.clone())
-            .ok_or_else(|| TaskError::fatal("no replica to remove"))?;
-        if let Some(m) = state.member_mut(&victim) {
-            m.retiring = true;
-        }
-        state.save(pool, id).await?;
-        ctx.progress(&format!(
-            "removing member {victim} ({} of {want})",
-            have - 1
-        ))
+/// The VMs of the members that stay.
+fn staying_vms(state: &ClusterState) -> Vec<String> {
+    state
+        .members
+        .iter()
+        .filter(|m| !m.retiring)
+        .filter_map(|m| m.vm_id.clone())
+        .collect()
+}
+
+/// Step 3, up: a new slot, its interface and its VM, which joins the others.
+async fn add_member(
+    engine: &HaEc2,
+    ctx: &TaskContext<'_>,
+    state: &mut ClusterState,
+    input: &LaunchInput<'_>,
+    want: usize,
+) -> Result<Progress<()>, TaskError> {
+    let (pool, client, id) = (ctx.pool, input.client, &input.instance.id);
+    let have = state.members.len();
+    let name = state.add_member(true);
+    state.save(pool, id).await?;
+    ctx.progress(&format!("adding member {name} ({} of {want})", have + 1))
         .await?;
-        network::tag_wanted(client, &vm_ids(state), &state.wanted()).await?;
-        if let Some(vm_id) = state.member(&victim).and_then(|m| m.vm_id.clone()) {
-            vm::terminate(client, &[vm_id]).await?;
-        }
-        return Ok(Some(wait(
-            2,
-            format!("removing member {victim} ({} of {want})", have - 1),
-        )?));
+    // The others learn the new name before it exists, so their prune never takes it for a retired member.
+    network::tag_wanted(client, &staying_vms(state), &state.wanted()).await?;
+    engine
+        .ensure_interfaces(pool, client, id, state, input.params.public_ip, input.tags)
+        .await?;
+    engine.ensure_vms(pool, state, input).await?;
+    info!(instance_id = %id, member = %name, "member added");
+    Ok(Progress::wait_secs(
+        3,
+        format!("adding member {name} ({} of {want})", have + 1),
+    ))
+}
+
+/// The member a scale-down removes: the newest plain replica first; the synchronous standby only when no other
+/// is left; never the primary.
+fn victim(
+    state: &ClusterState,
+    view: Option<&ClusterView>,
+    primary: Option<&str>,
+) -> Result<String, TaskError> {
+    let sync = |name: &str| {
+        view.and_then(|v| v.member(name))
+            .is_some_and(|m| m.role == "sync_standby")
+    };
+    state
+        .members
+        .iter()
+        .rev()
+        .filter(|m| Some(m.name.as_str()) != primary)
+        .min_by_key(|m| sync(&m.name))
+        .map(|m| m.name.clone())
+        .ok_or_else(|| TaskError::fatal("no replica to remove"))
+}
+
+/// Step 3, down: `victim` marked retiring, its name gone from the others' tag, its VM terminated (step 1 of
+/// the next runs finishes the removal).
+async fn retire_member(
+    ctx: &TaskContext<'_>,
+    state: &mut ClusterState,
+    input: &LaunchInput<'_>,
+    victim: String,
+    want: usize,
+) -> Result<Progress<()>, TaskError> {
+    let (client, id) = (input.client, &input.instance.id);
+    let have = state.members.len();
+    if let Some(m) = state.member_mut(&victim) {
+        m.retiring = true;
     }
-    Ok(None)
+    state.save(ctx.pool, id).await?;
+    ctx.progress(&format!(
+        "removing member {victim} ({} of {want})",
+        have - 1
+    ))
+    .await?;
+    network::tag_wanted(client, &staying_vms(state), &state.wanted()).await?;
+    if let Some(vm_id) = state.member(&victim).and_then(|m| m.vm_id.clone()) {
+        vm::terminate(client, &[vm_id]).await?;
+    }
+    Ok(Progress::wait_secs(
+        2,
+        format!("removing member {victim} ({} of {want})", have - 1),
+    ))
 }
 
 /// `synchronous` and `tuning_profile` to Patroni's configuration (`PATCH /config`), then the members that need
@@ -197,23 +262,12 @@ pub async fn apply_settings(
     secrets: &Secrets,
     params: &Params,
 ) -> Result<(), TaskError> {
-    let synchronous = instance
-        .details
-        .get("synchronous")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-    let profile = instance
-        .details
-        .get("tuning_profile")
-        .and_then(Value::as_str)
-        .unwrap_or("default");
-    let new_profile = params.cluster.server.tuning_profile.as_str();
-    if synchronous == params.cluster.synchronous && profile == new_profile {
+    let Some(old_profile) = settings::changed_from(instance, &params.cluster) else {
         return Ok(());
-    }
+    };
     let http = patroni_http(secrets)?;
     let bases = patroni_bases(state);
-    let patroni = Patroni::at(&http, bases.clone(), &secrets.restapi);
+    let patroni = Patroni::at(&http, bases.clone(), &secrets.passwords.restapi);
     let view = engine.view(state, secrets).await.map_err(|e| {
         TaskError::fatal(format!(
             "changing `synchronous` or `tuning_profile` is asked of Patroni, and this worker cannot reach its REST \
@@ -221,55 +275,20 @@ pub async fn apply_settings(
             bases.join(", ")
         ))
     })?;
-    ctx.progress("applying the cluster's settings").await?;
-    let patch = json!({
-        "synchronous_mode": params.cluster.synchronous,
-        "postgresql": { "parameters": parameter_patch(profile, new_profile) },
-    });
-    let (status, text) = patroni
-        .change(reqwest::Method::PATCH, "/config", &patch)
-        .await
-        .map_err(TaskError::Retryable)?;
-    if !(200..300).contains(&status) {
-        return Err(TaskError::retryable(format!(
-            "Patroni refused the new configuration ({status}): {text}"
-        )));
-    }
-    // Patroni applies it within a loop; a pending restart shows up only then.
-    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-    let mut order: Vec<_> = state.members.iter().filter(|m| !m.retiring).collect();
-    order.sort_by_key(|m| view.member(&m.name).is_some_and(|v| v.is_leader()));
-    for member in order {
-        let Some(host) = super::host(member) else {
-            continue;
-        };
-        let one = Patroni::at(
-            &http,
-            vec![format!("https://{host}:{}", super::API_PORT)],
-            &secrets.restapi,
-        );
-        let (status, text) = one
-            .change(
-                reqwest::Method::POST,
-                "/restart",
-                &json!({ "restart_pending": true }),
-            )
-            .await
-            .map_err(TaskError::Retryable)?;
-        // 503 "restart conditions are not satisfied": nothing pending.
-        if !(200..300).contains(&status) && status != 503 {
-            return Err(TaskError::retryable(format!(
-                "Patroni refused to restart member {} ({status}): {text}",
-                member.name
-            )));
-        }
-    }
-    instances::merge_details(
-        ctx.pool,
-        &instance.id,
-        &json!({ "synchronous": params.cluster.synchronous, "tuning_profile": new_profile }),
+    let members = state
+        .members
+        .iter()
+        .filter(|m| !m.retiring)
+        .filter_map(|m| Some((m.name.clone(), api_base(host(m)?))))
+        .collect();
+    settings::apply(
+        ctx,
+        instance,
+        &patroni,
+        &view,
+        members,
+        old_profile,
+        &params.cluster,
     )
     .await
-    .context("recording the cluster's settings")?;
-    Ok(())
 }

@@ -9,7 +9,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
-use crate::{providers::ha_local::tls::Pem, registry::TaskError};
+use crate::{
+    providers::patroni::{Passwords, tls::Pem},
+    registry::TaskError,
+};
 
 /// One member slot (`m1`, `m2`, ...): a network interface that keeps its private address, and the VM on it.
 /// A replacement VM takes the same slot (name, zone, address).
@@ -130,11 +133,8 @@ impl ClusterState {
 /// retry renders the same ones). The CA's key never leaves berth; each member gets a certificate it signs.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct Secrets {
-    pub superuser: String,
-    pub replication: String,
-    pub rewind: String,
-    /// Basic auth of Patroni's REST API for changes (switchover, failover, configuration).
-    pub restapi: String,
+    #[serde(flatten)]
+    pub passwords: Passwords,
     pub admin_password: String,
     pub ca: Pem,
 }
@@ -148,10 +148,7 @@ impl std::fmt::Debug for Secrets {
 impl Secrets {
     pub fn generate(ca: Pem) -> Self {
         Self {
-            superuser: random_password(32),
-            replication: random_password(32),
-            rewind: random_password(32),
-            restapi: random_password(32),
+            passwords: Passwords::generate(),
             admin_password: random_password(32),
             ca,
         }

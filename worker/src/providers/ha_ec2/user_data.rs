@@ -10,9 +10,9 @@ use std::net::IpAddr;
 
 use serde_json::{Value, json};
 
-use crate::providers::ha_local::{
-    config::{NAMESPACE, dcs_config},
-    state::{REPLICATION_USER, RESTAPI_USER, REWIND_USER, SUPERUSER},
+use crate::providers::patroni::{
+    REPLICATION_USER, RESTAPI_USER, REWIND_USER, SUPERUSER,
+    dcs::{NAMESPACE, dcs_config},
     timings::Timings,
     tls::Pem,
 };
@@ -187,7 +187,7 @@ pub fn patroni_config(data: &MemberSetup<'_>) -> Value {
             "connect_address": format!("{}:{API_PORT}", data.private_ip),
             "certfile": format!("{TLS_DIR}/server.crt"),
             "keyfile": format!("{TLS_DIR}/server.key"),
-            "authentication": { "username": RESTAPI_USER, "password": secrets.restapi },
+            "authentication": { "username": RESTAPI_USER, "password": secrets.passwords.restapi },
         },
         "etcd3": { "hosts": etcd_hosts },
         "bootstrap": {
@@ -203,9 +203,9 @@ pub fn patroni_config(data: &MemberSetup<'_>) -> Value {
             "bin_dir": format!("/usr/lib/postgresql/{}/bin", data.postgres_version),
             "pgpass": "/var/lib/berth/pgpass",
             "authentication": {
-                "superuser": login(SUPERUSER, &secrets.superuser),
-                "replication": login(REPLICATION_USER, &secrets.replication),
-                "rewind": login(REWIND_USER, &secrets.rewind),
+                "superuser": login(SUPERUSER, &secrets.passwords.superuser),
+                "replication": login(REPLICATION_USER, &secrets.passwords.replication),
+                "rewind": login(REWIND_USER, &secrets.passwords.rewind),
             },
             "parameters": {
                 "unix_socket_directories": "/var/run/postgresql",
@@ -255,10 +255,13 @@ pub fn render(data: &MemberSetup<'_>) -> anyhow::Result<Rendered> {
         ("admin_user", data.admin_user),
         ("owner role", data.owner_role),
         ("tuning profile", data.tuning_profile),
-        ("superuser password", secrets.superuser.as_str()),
-        ("replication password", secrets.replication.as_str()),
-        ("rewind password", secrets.rewind.as_str()),
-        ("REST API password", secrets.restapi.as_str()),
+        ("superuser password", secrets.passwords.superuser.as_str()),
+        (
+            "replication password",
+            secrets.passwords.replication.as_str(),
+        ),
+        ("rewind password", secrets.passwords.rewind.as_str()),
+        ("REST API password", secrets.passwords.restapi.as_str()),
         ("admin password", secrets.admin_password.as_str()),
     ] {
         anyhow::ensure!(
@@ -316,14 +319,16 @@ pub fn render(data: &MemberSetup<'_>) -> anyhow::Result<Rendered> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::providers::ha_local::timings::FAST;
+    use crate::providers::patroni::{Passwords, timings::FAST};
 
     fn secrets() -> Secrets {
         Secrets {
-            superuser: "SuperPassw0rdAAAA".into(),
-            replication: "ReplPassw0rdBBBB".into(),
-            rewind: "RewindPassw0rdCCCC".into(),
-            restapi: "RestPassw0rdDDDD".into(),
+            passwords: Passwords {
+                superuser: "SuperPassw0rdAAAA".into(),
+                replication: "ReplPassw0rdBBBB".into(),
+                rewind: "RewindPassw0rdCCCC".into(),
+                restapi: "RestPassw0rdDDDD".into(),
+            },
             admin_password: "AdminPassw0rdEEEE".into(),
             ca: Pem {
                 cert: "-----BEGIN CERTIFICATE-----\nCACERT\n-----END CERTIFICATE-----\n".into(),

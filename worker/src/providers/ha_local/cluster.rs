@@ -11,9 +11,11 @@ use tracing::{info, warn};
 
 use super::{
     config::{self, HOST},
-    procs,
-    state::{ClusterState, Layout, Member, SUPERUSER, Secrets},
-    tls,
+    state::{ClusterState, Layout, Member, Secrets},
+};
+use crate::providers::{
+    local_processes,
+    patroni::{Patroni, SUPERUSER, tls},
 };
 
 pub struct LocalCluster {
@@ -24,7 +26,18 @@ pub struct LocalCluster {
     pub run_as: Option<String>,
 }
 
+/// A member's REST API base URL.
+pub fn api_base(member: &Member) -> String {
+    format!("http://{HOST}:{}", member.api_port)
+}
+
 impl LocalCluster {
+    /// Patroni's REST API on the cluster's members.
+    pub fn patroni<'a>(&'a self, http: &'a reqwest::Client) -> Patroni<'a> {
+        let bases = self.state.members.iter().map(api_base).collect();
+        Patroni::at(http, bases, &self.secrets.restapi)
+    }
+
     /// The folder's ownership, the members' folders and the certificates.
     pub async fn prepare(&self) -> anyhow::Result<()> {
         let root = &self.layout.root;
@@ -63,7 +76,7 @@ impl LocalCluster {
         if started {
             let args = config::etcd_args(&self.state, &self.layout);
             let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
-            procs::spawn_detached(
+            local_processes::spawn_detached(
                 self.run_as.as_deref(),
                 "etcd",
                 &args,
@@ -121,8 +134,8 @@ impl LocalCluster {
             return Ok(false);
         }
         let name = member.name.clone();
-        procs::kill(|| self.postgres_pids(&name)).await?;
-        procs::spawn_detached(
+        local_processes::kill(|| self.postgres_pids(&name), Duration::from_secs(10)).await?;
+        local_processes::spawn_detached(
             self.run_as.as_deref(),
             "patroni",
             &[path.as_os_str()],
@@ -135,8 +148,8 @@ impl LocalCluster {
     /// Stops a member: Patroni first (it stops its Postgres, handing over leadership if it has it), then
     /// whatever is left.
     pub async fn stop_member(&self, name: &str) -> anyhow::Result<()> {
-        procs::stop(|| self.patroni_pids(name), Duration::from_secs(30)).await?;
-        procs::stop(|| self.postgres_pids(name), Duration::from_secs(10)).await
+        local_processes::stop(|| self.patroni_pids(name), Duration::from_secs(30)).await?;
+        local_processes::stop(|| self.postgres_pids(name), Duration::from_secs(10)).await
     }
 
     /// Superuser connect options for `database` on the member listening on `port`, verifying the cluster's CA.
@@ -184,16 +197,16 @@ fn log_tail(path: &std::path::Path) -> String {
 }
 
 fn etcd_pids(layout: &Layout) -> Vec<u32> {
-    procs::pids_with_arg(&layout.etcd_dir())
+    local_processes::pids_with_arg(&layout.etcd_dir())
 }
 
 fn patroni_pids(layout: &Layout, name: &str) -> Vec<u32> {
-    procs::pids_with_arg(&layout.member_config(name))
+    local_processes::pids_with_arg(&layout.member_config(name))
 }
 
 /// Postgres processes of a member (a postmaster and backends, orphaned ones included).
 fn postgres_pids(layout: &Layout, name: &str) -> Vec<u32> {
-    procs::pids_working_in(&layout.member_data(name))
+    local_processes::processes_in(&layout.member_data(name))
 }
 
 /// Stops every process of the cluster in `layout`'s folder, whatever its state file says (a half-built one
@@ -206,13 +219,13 @@ pub async fn stop_all(layout: &Layout) -> anyhow::Result<()> {
             .flat_map(|n| patroni_pids(layout, n))
             .collect::<Vec<_>>()
     };
-    procs::stop(patroni, Duration::from_secs(30)).await?;
-    procs::stop(
-        || procs::pids_working_in(&layout.root),
+    local_processes::stop(patroni, Duration::from_secs(30)).await?;
+    local_processes::stop(
+        || local_processes::processes_in(&layout.root),
         Duration::from_secs(10),
     )
     .await?;
-    procs::stop(|| etcd_pids(layout), Duration::from_secs(10)).await
+    local_processes::stop(|| etcd_pids(layout), Duration::from_secs(10)).await
 }
 
 /// Names of the member folders present (`m<n>`), whatever the state file says: a deprovision stops them all.

@@ -3,21 +3,14 @@
 
 use std::{ffi::OsString, path::Path};
 
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
-use super::{
-    state::{
-        ClusterState, Layout, Member, REPLICATION_USER, RESTAPI_USER, REWIND_USER, SUPERUSER,
-        Secrets,
-    },
-    timings::Timings,
+use super::state::{ClusterState, Layout, Member, Secrets};
+use crate::providers::patroni::{
+    REPLICATION_USER, RESTAPI_USER, REWIND_USER, SUPERUSER, dcs::NAMESPACE,
 };
-use crate::providers::postgres::tuning;
 
 pub const HOST: &str = "127.0.0.1";
-
-/// Patroni's etcd namespace: every cluster's keys live under `/berth/<scope>/`.
-pub const NAMESPACE: &str = "/berth/";
 
 /// etcd's arguments: one member, listening on 127.0.0.1 only, compacting its history so the keys Patroni
 /// rewrites every loop do not grow it without bound.
@@ -52,45 +45,6 @@ pub fn pg_hba() -> Vec<String> {
         format!("hostssl replication {REPLICATION_USER} {HOST}/32 scram-sha-256"),
         format!("hostssl all all {HOST}/32 scram-sha-256"),
     ]
-}
-
-/// Cluster-wide Postgres settings (kept in etcd, the same on every member): the tuning profile plus what
-/// streaming replication and pg_rewind need.
-pub fn cluster_parameters(profile: &str) -> Map<String, Value> {
-    let mut params: Map<String, Value> = tuning::settings(profile)
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), Value::String(v.into())))
-        .collect();
-    for (k, v) in [
-        ("wal_level", "replica"),
-        ("hot_standby", "on"),
-        ("wal_log_hints", "on"),
-        ("max_wal_senders", "12"),
-        ("max_replication_slots", "12"),
-        ("wal_keep_size", "128MB"),
-        ("password_encryption", "scram-sha-256"),
-        ("ssl_min_protocol_version", "TLSv1.2"),
-    ] {
-        params.insert(k.into(), Value::String(v.into()));
-    }
-    params
-}
-
-/// The settings Patroni keeps in etcd for the whole cluster: timings, synchronous mode, Postgres settings.
-pub fn dcs_config(timings: Timings, synchronous: bool, profile: &str) -> Value {
-    json!({
-        "ttl": timings.ttl,
-        "loop_wait": timings.loop_wait,
-        "retry_timeout": timings.retry_timeout,
-        // A replica further behind than 1 MB is not promoted by a failover.
-        "maximum_lag_on_failover": 1_048_576,
-        "synchronous_mode": synchronous,
-        "postgresql": {
-            "use_pg_rewind": true,
-            "use_slots": true,
-            "parameters": cluster_parameters(profile),
-        },
-    })
 }
 
 /// One member's Patroni configuration.
@@ -148,7 +102,7 @@ pub fn patroni_config(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::providers::ha_local::timings::FAST;
+    use crate::providers::patroni::{dcs::dcs_config, timings::FAST};
 
     fn cluster() -> (ClusterState, Layout) {
         let state = ClusterState {

@@ -9,13 +9,12 @@
 
 mod cluster;
 pub(crate) mod config;
-pub(crate) mod credentials;
-pub(crate) mod params;
-pub(crate) mod patroni;
-mod procs;
+mod members;
+mod provision;
+mod readiness;
+mod reconcile;
+mod scaling;
 pub(crate) mod state;
-pub(crate) mod timings;
-pub(crate) mod tls;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -34,14 +33,16 @@ use tracing::{info, warn};
 
 use self::{
     cluster::LocalCluster,
-    credentials::{Address, Endpoints},
-    params::Params,
-    patroni::{ClusterView, Patroni},
-    state::{ClusterState, Layout},
+    members::{endpoints, leader_or_wait, members_details, primary_port},
+    provision::check_programs,
+    readiness::wait_ready,
+    state::Layout,
 };
 use super::{
-    Bound, LOCAL_LOCKS, Progress, Provider, Provisioned, lock_idle_instance, lock_instance,
-    owned_elsewhere,
+    Bound, LOCAL_LOCKS, Progress, Provider, Provisioned,
+    local_processes::ensure_servers_dir,
+    lock_instance, owned_elsewhere,
+    patroni::{ClusterView, Params, SUPERUSER, Timings, credentials, dcs, settings, switchover},
     postgres::{
         self, Access, AppDatabase, app_db_name, binding_grants, grant_binding_role,
         revoke_binding_role,
@@ -52,8 +53,6 @@ use crate::{
     registry::TaskError,
     snapshots::{DatabaseTarget, ServerLogin, target::Host},
 };
-
-pub use timings::{FAST as DEFAULT_TIMINGS, Timings};
 
 /// The plan engine this provider serves.
 pub const ENGINE: &str = "ha_local";
@@ -83,18 +82,10 @@ fn local(err: anyhow::Error) -> TaskError {
     TaskError::Retryable(err)
 }
 
-/// `Wait` until the cluster is ready, with what it is waiting for.
-fn wait<T>(progress: String) -> Progress<T> {
-    Progress::Wait {
-        after: Duration::from_secs(1),
-        progress,
-    }
-}
-
 impl HaLocal {
     /// `servers_dir` must be absolute; `host` names this machine (see `Settings::local_host`).
     pub fn new(servers_dir: PathBuf, host: String, timings: Timings) -> anyhow::Result<Self> {
-        super::ensure_servers_dir(&servers_dir)?;
+        ensure_servers_dir(&servers_dir)?;
         timings
             .check()
             .map_err(|e| anyhow::anyhow!("HA_PATRONI_TTL, _LOOP_WAIT, _RETRY_TIMEOUT: {e}"))?;
@@ -145,147 +136,31 @@ impl HaLocal {
     }
 }
 
-/// What the cluster looks like once every member of `state` runs: the view and the primary's name, or what
-/// is still missing. Streaming is checked on the primary itself (`pg_stat_replication`).
-async fn readiness(
-    cluster: &LocalCluster,
-    http: &reqwest::Client,
-) -> Result<(ClusterView, String), String> {
-    let view = Patroni::new(http, &cluster.state, &cluster.secrets)
-        .cluster()
-        .await
-        .map_err(|e| format!("{e:#}"))?;
-    let leader = view.leader().ok_or("no primary elected yet")?.name.clone();
-    let want = cluster.state.members.len() - 1;
-    let missing: Vec<&str> = cluster
-        .state
-        .members
-        .iter()
-        .filter(|m| {
-            m.name != leader && !view.member(&m.name).is_some_and(|v| v.is_healthy_replica())
-        })
-        .map(|m| m.name.as_str())
-        .collect();
-    if !missing.is_empty() {
-        return Err(format!(
-            "waiting for member(s) {} to replicate",
-            missing.join(", ")
-        ));
-    }
-    let port = cluster
-        .state
-        .member(&leader)
-        .ok_or("the primary is not a member berth knows")?
-        .pg_port;
-    let streaming = streaming_replicas(cluster, port)
-        .await
-        .map_err(|e| format!("{e:#}"))?;
-    if streaming < want {
-        return Err(format!(
-            "{streaming} of {want} replicas streaming from the primary {leader}"
-        ));
-    }
-    Ok((view, leader))
-}
-
-async fn streaming_replicas(cluster: &LocalCluster, port: u16) -> anyhow::Result<usize> {
-    use sqlx::Connection as _;
-    let mut conn = sqlx::PgConnection::connect_with(&cluster.superuser(port, "postgres")).await?;
-    let n: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'")
-            .fetch_one(&mut conn)
-            .await?;
-    let _ = conn.close().await;
-    Ok(n as usize)
-}
-
-/// Polls [`readiness`] for up to `limit`.
-async fn wait_ready(
-    cluster: &LocalCluster,
-    http: &reqwest::Client,
-    limit: Duration,
-) -> Result<(ClusterView, String), String> {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        match readiness(cluster, http).await {
-            Ok(ready) => return Ok(ready),
-            Err(why) if tokio::time::Instant::now() >= deadline => return Err(why),
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
-}
-
-/// The members as the instance's details record them.
-fn members_details(state: &ClusterState, view: Option<&ClusterView>) -> Value {
-    Value::Array(
-        state
-            .members
-            .iter()
-            .map(|m| {
-                let seen = view.and_then(|v| v.member(&m.name));
-                json!({
-                    "name": m.name,
-                    "port": m.pg_port,
-                    "api_port": m.api_port,
-                    "role": seen.map(|s| s.role.as_str()),
-                    "state": seen.map(|s| s.state.as_str()),
-                })
-            })
-            .collect(),
-    )
-}
-
-/// The primary's and the replicas' addresses for a binding.
-fn endpoints(state: &ClusterState, leader: &str) -> Result<Endpoints, TaskError> {
-    let at = |port| Address {
-        host: config::HOST.to_string(),
-        port,
-    };
-    let primary = state
-        .member(leader)
-        .ok_or_else(|| {
-            TaskError::retryable(format!("the primary {leader} is not a member berth knows"))
-        })?
-        .pg_port;
-    let replicas = state
-        .members
-        .iter()
-        .filter(|m| m.name != leader)
-        .map(|m| at(m.pg_port))
-        .collect();
-    Ok(Endpoints {
-        primary: at(primary),
-        replicas,
-    })
-}
-
-fn detail_str<'a>(instance: &'a InstanceRow, key: &str, default: &'a str) -> &'a str {
-    instance
-        .details
-        .get(key)
-        .and_then(Value::as_str)
-        .unwrap_or(default)
-}
-
 /// Cluster settings Patroni keeps in etcd for the synchronous flag and the tuning profile.
 fn dcs_for(instance: &InstanceRow, timings: Timings) -> Value {
-    let synchronous = instance
-        .details
-        .get("synchronous")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-    config::dcs_config(
-        timings,
-        synchronous,
-        detail_str(instance, "tuning_profile", "default"),
-    )
+    let (synchronous, profile) = settings::recorded(instance);
+    dcs::dcs_config(timings, synchronous, profile)
 }
 
-/// The primary's name, or a `Wait` while there is none (a failover is under way).
-fn leader_or_wait<T>(view: &ClusterView) -> Result<String, Progress<T>> {
-    view.leader().map(|l| l.name.clone()).ok_or_else(|| {
-        wait("the cluster has no primary right now (a failover is under way); waiting".into())
-    })
+/// Update: `synchronous` and `tuning_profile` to Patroni's configuration, when they change.
+async fn apply_settings(
+    ctx: &TaskContext<'_>,
+    instance: &InstanceRow,
+    cluster: &LocalCluster,
+    params: &Params,
+) -> Result<(), TaskError> {
+    let Some(old_profile) = settings::changed_from(instance, params) else {
+        return Ok(());
+    };
+    let patroni = cluster.patroni(&ctx.services.http);
+    let view = patroni.cluster().await.map_err(local)?;
+    let members = cluster
+        .state
+        .members
+        .iter()
+        .map(|m| (m.name.clone(), cluster::api_base(m)))
+        .collect();
+    settings::apply(ctx, instance, &patroni, &view, members, old_profile, params).await
 }
 
 #[async_trait]
@@ -299,94 +174,17 @@ impl Provider for HaLocal {
             return Ok(wait);
         }
         let params = Params::of(&instance.parameters)?;
-        for program in ["etcd", "patroni"] {
-            if !broker::config::on_path(program) {
-                return Err(TaskError::fatal(format!(
-                    "`{program}` is not installed on host {}: the ha plan's local engine needs Debian's etcd-server \
-                     and patroni packages (apt-get install etcd-server patroni)",
-                    self.host
-                )));
-            }
-        }
+        check_programs(&self.host)?;
         // Claim the instance for this host before anything exists, so a retry elsewhere waits for us.
         instances::merge_details(ctx.pool, &instance.id, &json!({ "engine_host": self.host }))
             .await
             .context("recording the instance's host")?;
-        let bin_dir = match &params.server.postgres_version {
-            Some(version) => embedded::bin_dir_for_version(version)
-                .map_err(|e| TaskError::Fatal(e.context("parameter `postgres_version`")))?,
-            None => embedded::find_bin_dir()
-                .map_err(|e| TaskError::Fatal(e.context("the ha_local engine")))?,
-        };
-        let prefix = ctx.services.name_prefix();
-        let root = self.cluster_root(prefix, &instance.id);
-        std::fs::create_dir_all(&root)
-            .with_context(|| format!("creating {}", root.display()))
-            .map_err(local)?;
-        let layout = Layout::new(root.clone());
-        let state = match layout.load_state().map_err(local)? {
-            Some(state) => state,
-            None => {
-                // `/usr/lib/postgresql/<major>/bin`, or the version asked for.
-                let version = bin_dir
-                    .parent()
-                    .and_then(|v| v.file_name())
-                    .and_then(|v| v.to_str())
-                    .filter(|v| !v.is_empty() && v.chars().all(|c| c.is_ascii_digit()))
-                    .map(str::to_string)
-                    .or_else(|| params.server.postgres_version.clone())
-                    .unwrap_or_default();
-                let scope = names::instance_cluster(prefix, &instance.id);
-                let state =
-                    ClusterState::new(scope, version, bin_dir, params.members).map_err(local)?;
-                layout.save_state(&state).map_err(local)?;
-                state
-            }
-        };
-        let secrets = layout.ensure_secrets().map_err(local)?;
-        let run_as = embedded::os_user_for_postgres().map_err(TaskError::Fatal)?;
-        let cluster = LocalCluster {
-            layout,
-            state,
-            secrets,
-            run_as,
-        };
+        let cluster = self.create(ctx, instance, &params)?;
         let t0 = std::time::Instant::now();
-        cluster
-            .prepare()
-            .await
-            .context("preparing the cluster's folder")
-            .map_err(local)?;
-        cluster
-            .ensure_etcd(&ctx.services.http)
-            .await
-            .context("starting etcd")
-            .map_err(local)?;
-        let dcs = config::dcs_config(
-            self.timings,
-            params.synchronous,
-            &params.server.tuning_profile,
-        );
-        for member in &cluster.state.members {
-            cluster
-                .ensure_member(member, &dcs)
-                .await
-                .context("starting Patroni")
-                .map_err(local)?;
-        }
-        ctx.progress(&format!("starting {} members", cluster.state.members.len()))
-            .await?;
-        let (view, leader) = match wait_ready(&cluster, &ctx.services.http, INLINE_WAIT).await {
+        let (view, leader) = match self.start(ctx, &cluster, &params).await? {
             Ok(ready) => ready,
-            Err(why) => return Ok(wait(format!("starting the cluster: {why}"))),
+            Err(wait) => return Ok(wait),
         };
-        // With `synchronous`, the instance is handed over only once a commit waits for a standby: a write
-        // acknowledged before Patroni chose one could be lost in a failover.
-        if params.synchronous && !view.members.iter().any(|m| m.role == "sync_standby") {
-            return Ok(wait(
-                "starting the cluster: waiting for Patroni to choose a synchronous standby".into(),
-            ));
-        }
         let started_ms = t0.elapsed().as_millis();
 
         let port = cluster
@@ -394,7 +192,7 @@ impl Provider for HaLocal {
             .member(&leader)
             .map(|m| m.pg_port)
             .unwrap_or_default();
-        let owner = names::instance_owner_role(prefix, &instance.id);
+        let owner = names::instance_owner_role(ctx.services.name_prefix(), &instance.id);
         let admin_password = random_password(32);
         postgres::set_up(
             &|db: &str| cluster.superuser(port, db),
@@ -416,35 +214,13 @@ impl Provider for HaLocal {
             total_ms = t0.elapsed().as_millis(),
             "ha cluster ready"
         );
-        let secrets = &cluster.secrets;
-        Ok(Progress::Done(Provisioned {
-            details: json!({
-                "engine_host": self.host,
-                "cluster_dir": root.display().to_string(),
-                "scope": cluster.state.scope,
-                "host": config::HOST,
-                "etcd_port": cluster.state.etcd_client_port,
-                "members": members_details(&cluster.state, Some(&view)),
-                "primary": leader,
-                "postgres_version": cluster.state.postgres_version,
-                "app_db_name": params.server.app_db_name,
-                "admin_user": params.server.admin_user,
-                "owner_role": owner,
-                "tuning_profile": params.server.tuning_profile,
-                "synchronous": params.synchronous,
-                "patroni": self.timings,
-                "tls": true,
-                "ready_at": chrono::Utc::now(),
-                "restarts": 0,
-            }),
-            secrets: Some(json!({
-                "admin_password": admin_password,
-                "superuser_password": secrets.superuser,
-                "replication_password": secrets.replication,
-                "rewind_password": secrets.rewind,
-                "patroni_api_password": secrets.restapi,
-            })),
-        }))
+        Ok(Progress::Done(self.provisioned(
+            &cluster,
+            (&view, &leader),
+            &params,
+            &owner,
+            &admin_password,
+        )))
     }
 
     async fn update(
@@ -464,8 +240,8 @@ impl Provider for HaLocal {
         let params = Params::of(&update.parameters)?;
         let mut cluster = self.open_existing(ctx, &instance.id)?;
         let http = &ctx.services.http;
-        settings::apply(ctx, instance, &cluster, &params).await?;
-        let dcs = config::dcs_config(
+        apply_settings(ctx, instance, &cluster, &params).await?;
+        let dcs = dcs::dcs_config(
             self.timings,
             params.synchronous,
             &params.server.tuning_profile,
@@ -475,7 +251,7 @@ impl Provider for HaLocal {
         }
         let (view, leader) = match wait_ready(&cluster, http, INLINE_WAIT).await {
             Ok(ready) => ready,
-            Err(why) => return Ok(wait(why)),
+            Err(why) => return Ok(Progress::wait_secs(1, why)),
         };
         let port = cluster
             .state
@@ -541,7 +317,8 @@ impl Provider for HaLocal {
         }
         let access = Access::of(binding)?;
         let cluster = self.open_existing(ctx, &instance.id)?;
-        let view = Patroni::new(&ctx.services.http, &cluster.state, &cluster.secrets)
+        let view = cluster
+            .patroni(&ctx.services.http)
             .cluster()
             .await
             .map_err(local)?;
@@ -564,15 +341,12 @@ impl Provider for HaLocal {
         let ca = std::fs::read_to_string(cluster.layout.ca_cert())
             .context("reading the cluster's CA")
             .map_err(local)?;
-        Ok(Progress::Done(Bound {
-            details: json!({
-                "endpoints": endpoints.osb(),
-                "role": role,
-                "database": database,
-                "access": access.as_str(),
-            }),
-            credentials: credentials::credentials(&endpoints, database, &role, &password, &ca),
-        }))
+        Ok(Progress::Done(credentials::bound(
+            &endpoints,
+            database,
+            (&role, &password, access.as_str()),
+            &ca,
+        )))
     }
 
     async fn database_target(
@@ -585,22 +359,17 @@ impl Provider for HaLocal {
             return Ok(wait);
         }
         let cluster = self.open_existing(ctx, &instance.id)?;
-        let view = Patroni::new(&ctx.services.http, &cluster.state, &cluster.secrets)
-            .cluster()
-            .await
-            .map_err(local)?;
-        let leader = match leader_or_wait(&view) {
-            Ok(leader) => leader,
+        // Snapshots read and write the primary; replicas follow through WAL (template clones included).
+        let port = match primary_port(ctx, &cluster).await? {
+            Ok(port) => port,
             Err(wait) => return Ok(wait),
         };
-        // Snapshots read and write the primary; replicas follow through WAL (template clones included).
-        let port = endpoints(&cluster.state, &leader)?.primary.port;
         let prefix = ctx.services.name_prefix();
         Ok(Progress::Done(DatabaseTarget {
             login: ServerLogin {
                 host: Host::Tcp("127.0.0.1".into()),
                 port,
-                user: state::SUPERUSER.to_string(),
+                user: SUPERUSER.to_string(),
                 password: Some(secrecy::SecretString::from(
                     cluster.secrets.superuser.clone(),
                 )),
@@ -626,15 +395,10 @@ impl Provider for HaLocal {
         let Some(cluster) = self.open(ctx.services.name_prefix(), &instance.id)? else {
             return Ok(Progress::Done(()));
         };
-        let view = Patroni::new(&ctx.services.http, &cluster.state, &cluster.secrets)
-            .cluster()
-            .await
-            .map_err(local)?;
-        let leader = match leader_or_wait(&view) {
-            Ok(leader) => leader,
+        let port = match primary_port(ctx, &cluster).await? {
+            Ok(port) => port,
             Err(wait) => return Ok(wait),
         };
-        let port = endpoints(&cluster.state, &leader)?.primary.port;
         revoke_binding_role(
             &|db: &str| cluster.superuser(port, db),
             ctx.services.name_prefix(),
@@ -656,7 +420,7 @@ impl Provider for HaLocal {
             return Ok(wait);
         }
         let cluster = self.open_existing(ctx, &instance.id)?;
-        let patroni = Patroni::new(&ctx.services.http, &cluster.state, &cluster.secrets);
+        let patroni = cluster.patroni(&ctx.services.http);
         let members = |view: &ClusterView| members_details(&cluster.state, Some(view));
         switchover::run(ctx, instance, &patroni, &members, operation, candidate).await
     }
@@ -681,94 +445,11 @@ impl Provider for HaLocal {
                     continue;
                 }
             };
-            if let Err(e) = heal(pool, services, &instance, &cluster, self.timings).await {
+            if let Err(e) = reconcile::heal(pool, services, &instance, &cluster, self.timings).await
+            {
                 warn!(instance_id = %instance.id, error = %format!("{e:#}"), "reconciling a cluster failed; will try again");
             }
         }
         Ok(())
     }
-}
-
-mod scaling;
-pub(crate) mod settings;
-pub(crate) mod switchover;
-
-/// One reconcile pass over a cluster, under the instance's advisory lock (skipped if another worker or an
-/// operation has it): etcd and every member's Patroni running (restarted where they stopped, once Patroni has
-/// failed over if it was the primary; a member that cannot start given new data from the primary), then the
-/// primary and the members' roles recorded.
-async fn heal(
-    pool: &PgPool,
-    services: &Services,
-    instance: &InstanceRow,
-    cluster: &LocalCluster,
-    timings: Timings,
-) -> anyhow::Result<()> {
-    let mut tx = pool.begin().await?;
-    let Some(current) = lock_idle_instance(&mut tx, LOCAL_LOCKS, &instance.id).await? else {
-        return Ok(());
-    };
-    let http = &services.http;
-    let mut restarted: Vec<String> = Vec::new();
-    if cluster.ensure_etcd(http).await? {
-        warn!(instance_id = %instance.id, "the cluster's etcd was not running; started it again");
-        restarted.push("etcd".into());
-    }
-    let dcs = dcs_for(&current, timings);
-    let patroni = Patroni::new(http, &cluster.state, &cluster.secrets);
-    let view = patroni.cluster().await.ok();
-    let leader = view
-        .as_ref()
-        .and_then(|v| v.leader())
-        .map(|l| l.name.clone());
-    for member in &cluster.state.members {
-        if cluster.patroni_pids(&member.name).is_empty() {
-            // A crashed primary still holds the leader key until its ttl lapses: leave it to Patroni to promote
-            // a replica then (a restart in place would race that election), and bring it back as a replica.
-            if leader.as_deref() == Some(member.name.as_str()) {
-                continue;
-            }
-            warn!(instance_id = %instance.id, member = %member.name, "a member's Patroni is not running; starting it again");
-            cluster.ensure_member(member, &dcs).await?;
-            restarted.push(member.name.clone());
-            continue;
-        }
-        let failed = patroni
-            .member_state(member.api_port)
-            .await
-            .is_some_and(|s| s["state"] == "start failed" || s["state"] == "crashed");
-        if failed && leader.as_ref().is_some_and(|l| *l != member.name) {
-            cluster.replace_member(member, &dcs).await?;
-            restarted.push(member.name.clone());
-        }
-    }
-    let members = members_details(&cluster.state, view.as_ref());
-    let recorded = (
-        current.details.get("members"),
-        current.details.get("primary").and_then(Value::as_str),
-    );
-    if restarted.is_empty() && recorded == (Some(&members), leader.as_deref()) {
-        return Ok(());
-    }
-    let mut patch = json!({ "members": members });
-    if let Some(leader) = &leader {
-        patch["primary"] = json!(leader);
-    }
-    if !restarted.is_empty() {
-        let restarts = current
-            .details
-            .get("restarts")
-            .and_then(Value::as_i64)
-            .unwrap_or(0)
-            + restarted.len() as i64;
-        patch["restarts"] = json!(restarts);
-        patch["last_recovered_at"] = json!(chrono::Utc::now());
-        patch["last_recovered"] = json!(restarted);
-    }
-    instances::merge_details(&mut *tx, &instance.id, &patch).await?;
-    tx.commit().await?;
-    if !restarted.is_empty() {
-        info!(instance_id = %instance.id, restarted = ?restarted, "the cluster's stopped processes run again");
-    }
-    Ok(())
 }

@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use broker::{crypto::random_password, embedded::free_port};
+use broker::embedded::free_port;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -35,37 +35,8 @@ pub struct ClusterState {
     pub next_member: u32,
 }
 
-/// The cluster's generated passwords.
-#[derive(Clone, Serialize, Deserialize)]
-pub struct Secrets {
-    pub superuser: String,
-    pub replication: String,
-    pub rewind: String,
-    /// Basic auth of Patroni's REST API for changes (switchover, failover, config, restart).
-    pub restapi: String,
-}
-
-impl std::fmt::Debug for Secrets {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secrets(<redacted>)")
-    }
-}
-
-pub const SUPERUSER: &str = "postgres";
-pub const REPLICATION_USER: &str = "replicator";
-pub const REWIND_USER: &str = "rewinder";
-pub const RESTAPI_USER: &str = "berth";
-
-impl Secrets {
-    pub fn generate() -> Self {
-        Self {
-            superuser: random_password(32),
-            replication: random_password(32),
-            rewind: random_password(32),
-            restapi: random_password(32),
-        }
-    }
-}
+/// The cluster's generated passwords (`secrets.json`).
+pub use crate::providers::patroni::Passwords as Secrets;
 
 /// The paths of a cluster folder.
 #[derive(Debug, Clone)]

@@ -31,7 +31,9 @@ use sqlx::{
 use tracing::{info, warn};
 
 use super::{
-    Bound, LOCAL_LOCKS, Progress, Provider, Provisioned, lock_idle_instance, lock_instance,
+    Bound, LOCAL_LOCKS, Progress, Provider, Provisioned,
+    local_processes::{ensure_servers_dir, stop_server},
+    lock_idle_instance, lock_instance,
     postgres::{
         AppDatabase, ServerAccess, ServerParams, add_extensions, app_db_name, bind_role,
         binding_grants, revoke_binding_role, set_up, tuning,
@@ -70,17 +72,7 @@ fn local(err: anyhow::Error) -> TaskError {
 impl LocalPostgres {
     /// `servers_dir` must be absolute; `host` names this machine (see `Settings::local_host`).
     pub fn new(servers_dir: PathBuf, host: String) -> anyhow::Result<Self> {
-        anyhow::ensure!(
-            servers_dir.is_absolute(),
-            "LOCAL_SERVERS_DIR must be absolute (got {})",
-            servers_dir.display()
-        );
-        std::fs::create_dir_all(&servers_dir).with_context(|| {
-            format!(
-                "creating the local servers folder {}",
-                servers_dir.display()
-            )
-        })?;
+        ensure_servers_dir(&servers_dir)?;
         Ok(Self { servers_dir, host })
     }
 
@@ -218,54 +210,11 @@ async fn run_with(server: &PgServer, change: tuning::Change) -> anyhow::Result<(
     }
 }
 
-/// Pids of processes whose working directory is `data` (a postmaster and its children chdir there).
-pub fn processes_in(data: &Path) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
-        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == data))
-        .collect()
-}
-
 /// Whether the server's postmaster runs: the pid in postmaster.pid is alive and works in the data folder.
 fn postmaster_alive(server: &PgServer) -> bool {
     server.postmaster_pid().is_some_and(|pid| {
         std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == server.data_dir())
     })
-}
-
-/// Stops whatever runs in `root/data` (fast shutdown, then SIGKILL for anything left, such as backends
-/// orphaned by a killed postmaster) and waits until nothing does.
-async fn stop_everything(root: &Path) -> anyhow::Result<()> {
-    let data = root.join("data");
-    if let Ok(server) = PgServer::open(root)
-        && server.is_running().await
-        && let Err(e) = server.stop().await
-    {
-        warn!(error = %format!("{e:#}"), "pg_ctl stop failed; killing the server's processes");
-    }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let left = processes_in(&data);
-        if left.is_empty() {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            anyhow::bail!("processes {left:?} in {} did not stop", data.display());
-        }
-        for pid in left {
-            let _ = tokio::process::Command::new("kill")
-                .arg("-KILL")
-                .arg(pid.to_string())
-                .stderr(std::process::Stdio::null())
-                .status()
-                .await;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 impl LocalPostgres {
@@ -436,7 +385,7 @@ impl Provider for LocalPostgres {
             .await
             .context("locking the instance against the reconcile loop")?;
         if root.exists() {
-            stop_everything(&root)
+            stop_server(&root)
                 .await
                 .context("stopping the server")
                 .map_err(local)?;
@@ -583,7 +532,7 @@ impl LocalPostgres {
         }
         warn!(instance_id = %instance.id, port = server.port, "the instance's server is not running; starting it");
         // Backends orphaned by a killed postmaster hold its shared memory: end them first.
-        stop_everything(server.root()).await?;
+        stop_server(server.root()).await?;
         server.start().await?;
         let restarts = current
             .details

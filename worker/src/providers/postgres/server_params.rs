@@ -11,7 +11,7 @@ pub(crate) const DEFAULT_ADMIN: &str = "app_admin";
 
 /// The instance parameters a dedicated server is made with (the cloud-only ones are recorded, nothing more).
 #[derive(Debug, Clone)]
-pub(crate) struct ServerParams {
+pub struct ServerParams {
     pub(crate) postgres_version: Option<String>,
     pub(crate) extensions: Vec<String>,
     pub(crate) tuning_profile: String,

@@ -1,12 +1,27 @@
-//! The cluster's processes: started detached (`setsid -f`, their own session, reparented away from the worker)
-//! so they outlive it like the `local` engine's servers, as the `postgres` OS user when the worker is root.
-//! Found again through /proc: Patroni by its config file argument, etcd by its data folder argument, Postgres
-//! by its working directory (a postmaster and its backends chdir to their data folder).
+//! Server processes on the worker's machine (the `local` engine's servers, the `ha_local` engine's etcd and
+//! Patroni): kept under one folder, started detached (`setsid -f`, their own session, reparented away from the
+//! worker) so they outlive it, as the `postgres` OS user when the worker is root. Found again through /proc:
+//! Patroni by its config file argument, etcd by its data folder argument, Postgres by its working directory (a
+//! postmaster and its backends chdir to their data folder). Stopping escalates from SIGTERM to SIGKILL and
+//! waits until nothing is left.
 
 use std::{ffi::OsStr, path::Path, process::Stdio, time::Duration};
 
 use anyhow::Context as _;
+use broker::embedded::PgServer;
 use tokio::process::Command;
+use tracing::warn;
+
+/// Checks and creates the folder where engines that run processes on the worker's machine keep them.
+pub fn ensure_servers_dir(dir: &Path) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        dir.is_absolute(),
+        "LOCAL_SERVERS_DIR must be absolute (got {})",
+        dir.display()
+    );
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating the local servers folder {}", dir.display()))
+}
 
 /// Starts `program args…` detached, appending its output to `log`.
 pub async fn spawn_detached(
@@ -72,8 +87,9 @@ pub fn pids_with_arg(arg: &Path) -> Vec<u32> {
         .collect()
 }
 
-/// Pids of processes whose working directory is `dir` or below it.
-pub fn pids_working_in(dir: &Path) -> Vec<u32> {
+/// Pids of processes whose working directory is `dir` or below it (a postmaster and its backends work in
+/// their data folder).
+pub fn processes_in(dir: &Path) -> Vec<u32> {
     all_pids()
         .into_iter()
         .filter(|pid| {
@@ -106,12 +122,12 @@ pub async fn stop(find: impl Fn() -> Vec<u32>, grace: Duration) -> anyhow::Resul
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    kill(find).await
+    kill(find, Duration::from_secs(10)).await
 }
 
-/// SIGKILL to what `find` finds until nothing is left (10 s at most).
-pub async fn kill(find: impl Fn() -> Vec<u32>) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+/// SIGKILL to what `find` finds until nothing is left (`limit` at most).
+pub async fn kill(find: impl Fn() -> Vec<u32>, limit: Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + limit;
     loop {
         let left = find();
         if left.is_empty() {
@@ -124,4 +140,19 @@ pub async fn kill(find: impl Fn() -> Vec<u32>) -> anyhow::Result<()> {
         signal(&left, "KILL").await;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Stops the server whose folder is `root` and whatever else runs in `root/data` (fast shutdown, then SIGKILL
+/// for anything left, such as backends orphaned by a killed postmaster) and waits until nothing does.
+pub async fn stop_server(root: &Path) -> anyhow::Result<()> {
+    let data = root.join("data");
+    if let Ok(server) = PgServer::open(root)
+        && server.is_running().await
+        && let Err(e) = server.stop().await
+    {
+        warn!(error = %format!("{e:#}"), "pg_ctl stop failed; killing the server's processes");
+    }
+    kill(|| processes_in(&data), Duration::from_secs(30))
+        .await
+        .with_context(|| format!("stopping what runs in {}", data.display()))
 }

@@ -7,10 +7,7 @@ use anyhow::Context as _;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{
-    config::HOST,
-    state::{ClusterState, RESTAPI_USER, Secrets},
-};
+use super::RESTAPI_USER;
 
 /// A member as `GET /cluster` lists it.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -56,6 +53,28 @@ impl ClusterView {
     pub fn healthy_replicas(&self) -> impl Iterator<Item = &MemberView> {
         self.members.iter().filter(|m| m.is_healthy_replica())
     }
+
+    /// The primary once every one of `members` is it or a healthy replica; else what is still missing.
+    pub fn ready_primary<'v>(
+        &self,
+        members: impl IntoIterator<Item = &'v str>,
+    ) -> Result<&MemberView, String> {
+        let leader = self.leader().ok_or("no primary elected yet")?;
+        let missing: Vec<&str> = members
+            .into_iter()
+            .filter(|m| {
+                *m != leader.name && !self.member(m).is_some_and(|v| v.is_healthy_replica())
+            })
+            .collect();
+        if missing.is_empty() {
+            Ok(leader)
+        } else {
+            Err(format!(
+                "waiting for member(s) {} to replicate",
+                missing.join(", ")
+            ))
+        }
+    }
 }
 
 pub struct Patroni<'a> {
@@ -66,27 +85,14 @@ pub struct Patroni<'a> {
 }
 
 impl<'a> Patroni<'a> {
-    /// A local cluster's members.
-    pub fn new(http: &'a reqwest::Client, state: &'a ClusterState, secrets: &'a Secrets) -> Self {
-        let bases = state
-            .members
-            .iter()
-            .map(|m| format!("http://{HOST}:{}", m.api_port))
-            .collect();
-        Self::at(http, bases, &secrets.restapi)
-    }
-
-    /// Members elsewhere: `bases` are their REST APIs' base URLs, `password` the cluster's REST API password.
+    /// `bases` are the members' REST APIs' base URLs (`http://127.0.0.1:8008`), `password` the cluster's REST
+    /// API password.
     pub fn at(http: &'a reqwest::Client, bases: Vec<String>, password: &'a str) -> Self {
         Self {
             http,
             bases,
             password,
         }
-    }
-
-    fn url(&self, api_port: u16, path: &str) -> String {
-        format!("http://{HOST}:{api_port}{path}")
     }
 
     /// The cluster as the first member that answers sees it.
@@ -111,11 +117,11 @@ impl<'a> Patroni<'a> {
         ))
     }
 
-    /// One member's own state (`GET /patroni`); `None` when its REST API does not answer.
-    pub async fn member_state(&self, api_port: u16) -> Option<Value> {
+    /// One member's own state (`GET /patroni` of the REST API at `base`); `None` when it does not answer.
+    pub async fn member_state(&self, base: &str) -> Option<Value> {
         let response = self
             .http
-            .get(self.url(api_port, "/patroni"))
+            .get(format!("{base}/patroni"))
             .timeout(Duration::from_secs(2))
             .send()
             .await
@@ -158,11 +164,12 @@ impl<'a> Patroni<'a> {
         ))
     }
 
-    /// Restarts one member's Postgres when a setting needs it (`POST /restart`, only if pending).
-    pub async fn restart_pending(&self, api_port: u16) -> anyhow::Result<()> {
+    /// Restarts one member's Postgres (its REST API at `base`) when a setting needs it (`POST /restart`, only
+    /// if pending).
+    pub async fn restart_pending(&self, base: &str) -> anyhow::Result<()> {
         let response = self
             .http
-            .post(self.url(api_port, "/restart"))
+            .post(format!("{base}/restart"))
             .basic_auth(RESTAPI_USER, Some(self.password))
             .json(&serde_json::json!({ "restart_pending": true }))
             .timeout(Duration::from_secs(60))
@@ -173,8 +180,8 @@ impl<'a> Patroni<'a> {
         // 503 "restart conditions are not satisfied": nothing pending.
         anyhow::ensure!(
             status.is_success() || status.as_u16() == 503,
-            "Patroni refused the restart: {}",
-            response.text().await.unwrap_or_default()
+            "Patroni refused the restart ({status}): {}",
+            response.text().await.unwrap_or_default().trim()
         );
         Ok(())
     }

@@ -5,6 +5,8 @@
 
 use serde_json::{Map, Value, json};
 
+use crate::providers::Bound;
+
 /// Where one member's Postgres listens.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Address {
@@ -63,6 +65,25 @@ fn url(endpoints: &Endpoints, database: &str, user: &str, password: &str, attrs:
         hosts.join(","),
         encode(database)
     )
+}
+
+/// A binding of `role` (with `access`, `read-only` or `read-write`) to `database`: the endpoints and role in its
+/// details, multi-host URLs in its credentials.
+pub fn bound(
+    endpoints: &Endpoints,
+    database: &str,
+    (role, password, access): (&str, &str, &str),
+    ca_pem: &str,
+) -> Bound {
+    Bound {
+        details: json!({
+            "endpoints": endpoints.osb(),
+            "role": role,
+            "database": database,
+            "access": access,
+        }),
+        credentials: credentials(endpoints, database, role, password, ca_pem),
+    }
 }
 
 pub fn credentials(
