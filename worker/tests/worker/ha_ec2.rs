@@ -4,11 +4,7 @@
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
-use aws_sdk_ec2::{
-    Client,
-    types::{Instance, InstanceAttributeName},
-};
-use base64::Engine as _;
+use aws_sdk_ec2::{Client, types::Instance};
 use berth_worker::Services;
 use broker::{
     db::instances,
@@ -18,9 +14,9 @@ use serde_json::{Value, json};
 use sqlx::{PgPool, postgres::PgConnectOptions};
 
 use crate::{
-    ec2::{ec2, live_vms, services_with, tag, tagged},
+    ec2::{live_vms, services_with, tag, tagged, user_data, zone},
     helpers::*,
-    s3::moto,
+    peers::{ec2_client as ec2, moto},
 };
 
 const SERVICE: &str = "3bdd3b6c-801f-470b-a45f-bc1849fa2124";
@@ -78,31 +74,6 @@ async fn members(client: &Client, id: &str) -> BTreeMap<String, Instance> {
             )
         })
         .collect()
-}
-
-async fn user_data(client: &Client, vm: &Instance) -> String {
-    let attribute = client
-        .describe_instance_attribute()
-        .instance_id(vm.instance_id().unwrap())
-        .attribute(InstanceAttributeName::UserData)
-        .send()
-        .await
-        .unwrap();
-    let encoded = attribute.user_data().and_then(|u| u.value()).unwrap();
-    String::from_utf8(
-        base64::engine::general_purpose::STANDARD
-            .decode(encoded)
-            .unwrap(),
-    )
-    .unwrap()
-}
-
-fn zone(vm: &Instance) -> String {
-    vm.placement()
-        .unwrap()
-        .availability_zone()
-        .unwrap()
-        .to_string()
 }
 
 fn state_member<'a>(details: &'a Value, name: &str) -> &'a Value {

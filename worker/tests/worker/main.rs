@@ -7,6 +7,7 @@ mod ec2;
 mod ha_ec2;
 mod helpers;
 mod local_postgres;
+mod peers;
 mod queue;
 mod s3;
 mod shared_postgres;
