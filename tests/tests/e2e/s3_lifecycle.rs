@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use berth_tests::Stack;
+use berth_tests::{Stack, find_service, plan_ids};
 use reqwest::Method;
-use serde_json::{Value, json};
+use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -18,35 +18,10 @@ fn env(name: &str) -> String {
     })
 }
 
-fn s3_ids(catalog: &Value) -> Option<(String, Value)> {
-    let service = catalog["services"]
-        .as_array()?
-        .iter()
-        .find(|s| s["name"] == "s3")?;
-    Some((
-        service["id"].as_str()?.to_string(),
-        service["plans"].clone(),
-    ))
-}
-
-fn plan_id(plans: &Value, name: &str) -> String {
-    plans
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == name)
-        .expect(name)["id"]
-        .as_str()
-        .unwrap()
-        .into()
-}
-
 async fn lifecycle(stack: &Stack, endpoint: &str) {
-    let (_, catalog) = stack
-        .send(stack.request(Method::GET, "/v2/catalog"))
-        .await
-        .unwrap();
-    let (service, plans) = s3_ids(&catalog).expect("the s3 service is in the catalog");
+    let catalog = stack.catalog().await.unwrap();
+    let s3 = find_service(&catalog, "s3").expect("the s3 service is in the catalog");
+    let (service, plans) = (s3["id"].as_str().unwrap().to_string(), &s3["plans"]);
     let names: Vec<&str> = plans
         .as_array()
         .unwrap()
@@ -67,7 +42,8 @@ async fn lifecycle(stack: &Stack, endpoint: &str) {
             "the catalog says which credentials bindings get: {plan}"
         );
     }
-    let (versioned, basic) = (plan_id(&plans, "versioned"), plan_id(&plans, "basic"));
+    let (_, versioned) = plan_ids(&catalog, "s3", "versioned");
+    let (_, basic) = plan_ids(&catalog, "s3", "basic");
 
     let instance = uuid::Uuid::new_v4().to_string();
     let path = format!("/v2/service_instances/{instance}");
@@ -79,11 +55,7 @@ async fn lifecycle(stack: &Stack, endpoint: &str) {
         .await
         .unwrap();
     assert_eq!(status, 202, "{body}");
-    let (_, last) = stack
-        .wait_operation(&format!("{path}/last_operation"), WAIT)
-        .await
-        .unwrap();
-    assert_eq!(last["state"], "succeeded", "{last}\n{}", stack.logs());
+    stack.wait_succeeded(&path, WAIT).await;
 
     // versioned -> basic: S3 cannot turn versioning off, so the API refuses it at once.
     let (status, body) = stack
@@ -108,11 +80,7 @@ async fn lifecycle(stack: &Stack, endpoint: &str) {
         .await
         .unwrap();
     assert_eq!(status, 202, "{body}");
-    let (_, last) = stack
-        .wait_operation(&format!("{binding}/last_operation"), WAIT)
-        .await
-        .unwrap();
-    assert_eq!(last["state"], "succeeded", "{last}\n{}", stack.logs());
+    stack.wait_succeeded(&binding, WAIT).await;
     let (status, fetched) = stack
         .send(stack.request(Method::GET, &binding))
         .await
@@ -146,11 +114,7 @@ async fn lifecycle(stack: &Stack, endpoint: &str) {
         .await
         .unwrap();
     assert_eq!(status, 202, "{body}");
-    let (_, last) = stack
-        .wait_operation(&format!("{path}/last_operation"), WAIT)
-        .await
-        .unwrap();
-    assert_eq!(last["state"], "succeeded", "{last}\n{}", stack.logs());
+    stack.wait_succeeded(&path, WAIT).await;
     let (_, rotated) = stack
         .send(stack.request(Method::GET, &binding))
         .await
@@ -237,10 +201,7 @@ async fn no_s3_store_means_no_s3_service() {
         panic!("this test needs an environment without AWS_REGION and S3_COMPATIBLE_ENDPOINT");
     }
     let stack = Stack::start().await.unwrap();
-    let (_, catalog) = stack
-        .send(stack.request(Method::GET, "/v2/catalog"))
-        .await
-        .unwrap();
-    assert!(s3_ids(&catalog).is_none(), "{catalog}");
+    let catalog = stack.catalog().await.unwrap();
+    assert!(find_service(&catalog, "s3").is_none(), "{catalog}");
     stack.stop().await;
 }

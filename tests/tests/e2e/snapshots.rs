@@ -3,83 +3,36 @@
 
 use std::{path::Path, time::Duration};
 
-use berth_tests::Stack;
+use berth_tests::{Stack, plan_ids};
 use reqwest::Method;
 use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection, Row};
 
 const WAIT: Duration = Duration::from_secs(120);
 
-fn plan_ids(catalog: &Value, plan: &str) -> (String, String) {
-    let service = catalog["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "postgres")
-        .unwrap();
-    let plan = service["plans"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == plan)
-        .unwrap();
-    (
-        service["id"].as_str().unwrap().into(),
-        plan["id"].as_str().unwrap().into(),
-    )
-}
-
 async fn shared_ids(stack: &Stack) -> (String, String) {
-    let (_, catalog) = stack
-        .send(stack.request(Method::GET, "/v2/catalog"))
-        .await
-        .unwrap();
-    plan_ids(&catalog, "shared")
+    plan_ids(&stack.catalog().await.unwrap(), "postgres", "shared")
 }
 
 /// Provisions a `shared` instance with `parameters`; returns (instance id, DATABASE_URL of a new binding).
 async fn provision(stack: &Stack, ids: &(String, String), parameters: Value) -> (String, String) {
     let instance = uuid::Uuid::new_v4().to_string();
-    let (status, body) = stack
-        .send(stack.request(Method::PUT, &format!("/v2/service_instances/{instance}?accepts_incomplete=true")).json(
-            &json!({ "service_id": ids.0, "plan_id": ids.1, "organization_guid": "o", "space_guid": "s",
-                     "parameters": parameters }),
-        ))
-        .await
-        .unwrap();
-    assert_eq!(status, 202, "{body}");
-    let (_, last) = stack
-        .wait_operation(
-            &format!("/v2/service_instances/{instance}/last_operation"),
+    let provision = json!({ "service_id": ids.0, "plan_id": ids.1, "organization_guid": "o", "space_guid": "s",
+                            "parameters": parameters });
+    stack
+        .put_until_done(
+            &format!("/v2/service_instances/{instance}"),
+            &provision,
             WAIT,
         )
-        .await
-        .unwrap();
-    assert_eq!(last["state"], "succeeded", "{last}\n{}", stack.logs());
+        .await;
     let path = format!("/v2/service_instances/{instance}/service_bindings/b-{instance}");
-    let (status, body) = stack
-        .send(
-            stack
-                .request(Method::PUT, &format!("{path}?accepts_incomplete=true"))
-                .json(&json!({
-                    "service_id": ids.0, "plan_id": ids.1, "app_guid": "app",
-                })),
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, 202, "{body}");
-    let (_, last) = stack
-        .wait_operation(&format!("{path}/last_operation"), WAIT)
-        .await
-        .unwrap();
-    assert_eq!(last["state"], "succeeded", "{last}\n{}", stack.logs());
-    let (_, binding) = stack.send(stack.request(Method::GET, &path)).await.unwrap();
+    let bind = json!({ "service_id": ids.0, "plan_id": ids.1, "app_guid": "app" });
+    stack.put_until_done(&path, &bind, WAIT).await;
+    let credentials = stack.fetch_credentials(&path).await;
     (
         instance,
-        binding["credentials"]["DATABASE_URL"]
-            .as_str()
-            .unwrap()
-            .to_string(),
+        credentials["DATABASE_URL"].as_str().unwrap().to_string(),
     )
 }
 
@@ -97,21 +50,9 @@ async fn deprovision(stack: &Stack, ids: &(String, String), instance: &str) {
     let _ = stack
         .wait_operation(&format!("{path}/last_operation"), WAIT)
         .await;
-    let (status, body) = stack
-        .send(stack.request(
-            Method::DELETE,
-            &format!("/v2/service_instances/{instance}?{query}"),
-        ))
-        .await
-        .unwrap();
-    assert_eq!(status, 202, "{body}");
     let (status, _) = stack
-        .wait_operation(
-            &format!("/v2/service_instances/{instance}/last_operation"),
-            WAIT,
-        )
-        .await
-        .unwrap();
+        .delete_until_done(&format!("/v2/service_instances/{instance}"), ids, WAIT)
+        .await;
     assert_eq!(status, 410, "{}", stack.logs());
 }
 
@@ -381,14 +322,9 @@ async fn preset_round_trip(stack: &Stack) {
         .await
         .unwrap();
     assert_eq!(status, 202, "{body}");
-    let (_, last) = stack
-        .wait_operation(
-            &format!("/v2/service_instances/{source}/last_operation"),
-            WAIT,
-        )
-        .await
-        .unwrap();
-    assert_eq!(last["state"], "succeeded", "{last}\n{}", stack.logs());
+    stack
+        .wait_succeeded(&format!("/v2/service_instances/{source}"), WAIT)
+        .await;
     assert_eq!(names(&source_url).await, ["a", "b"]);
     // And an OSB update naming a preset selects it too.
     let (status, body) = stack
@@ -405,14 +341,9 @@ async fn preset_round_trip(stack: &Stack) {
         .await
         .unwrap();
     assert_eq!(status, 202, "{body}");
-    let (_, last) = stack
-        .wait_operation(
-            &format!("/v2/service_instances/{source}/last_operation"),
-            WAIT,
-        )
-        .await
-        .unwrap();
-    assert_eq!(last["state"], "succeeded", "{last}\n{}", stack.logs());
+    stack
+        .wait_succeeded(&format!("/v2/service_instances/{source}"), WAIT)
+        .await;
     assert_eq!(names(&source_url).await, ["a", "b", "c"]);
 
     // Bad input changes nothing: an unknown preset, a missing version.
@@ -704,14 +635,9 @@ async fn backups_fire_prune_and_restore() {
     )
     .await;
     assert!(restore["operation"].is_string());
-    let (_, last) = stack
-        .wait_operation(
-            &format!("/v2/service_instances/{instance}/last_operation"),
-            WAIT,
-        )
-        .await
-        .unwrap();
-    assert_eq!(last["state"], "succeeded", "{last}\n{}", stack.logs());
+    stack
+        .wait_succeeded(&format!("/v2/service_instances/{instance}"), WAIT)
+        .await;
     assert_eq!(names(&url).await, ["kept", "also kept"]);
 
     // The Akkeris face lists the same backups.
