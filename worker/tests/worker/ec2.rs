@@ -102,7 +102,10 @@ pub(crate) async fn live_vms(
         .collect()
 }
 
-async fn data_volumes(client: &Client, instance_id: &str) -> Vec<aws_sdk_ec2::types::Volume> {
+pub(crate) async fn data_volumes(
+    client: &Client,
+    instance_id: &str,
+) -> Vec<aws_sdk_ec2::types::Volume> {
     client
         .describe_volumes()
         .filters(tagged(instance_id))
@@ -232,7 +235,7 @@ async fn addresses(client: &Client, instance_id: &str) -> Vec<aws_sdk_ec2::types
 }
 
 /// The security groups tagged with the instance.
-async fn security_groups(
+pub(crate) async fn security_groups(
     client: &Client,
     instance_id: &str,
 ) -> Vec<aws_sdk_ec2::types::SecurityGroup> {

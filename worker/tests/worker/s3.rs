@@ -248,77 +248,9 @@ async fn s3_each_plan_on_moto(_: PgPoolOptions, opts: PgConnectOptions) {
         operate_ok(&pool, &services, Operation::Provision, &instance, None).await;
         operate_ok(&pool, &services, Operation::Provision, &instance, None).await;
         assert!(bucket_exists(&root, &bucket).await, "{bucket}");
-        let details = instances::get(&pool, &instance)
-            .await
-            .unwrap()
-            .unwrap()
-            .details;
-        assert_eq!(details["bucket"], json!(bucket));
-
-        let tags = root
-            .get_bucket_tagging()
-            .bucket(&bucket)
-            .send()
-            .await
-            .unwrap();
-        let tag = |k: &str| {
-            tags.tag_set()
-                .iter()
-                .find(|t| t.key() == k)
-                .map(|t| t.value().to_string())
-        };
-        assert_eq!(tag("berth:instance").as_deref(), Some(instance.as_str()));
-        assert_eq!(tag("berth:organization").as_deref(), Some("org-1"));
-        assert_eq!(tag("berth:space").as_deref(), Some("space-1"));
-        assert_eq!(tag("team").as_deref(), Some("data"));
-
-        let block = root
-            .get_public_access_block()
-            .bucket(&bucket)
-            .send()
-            .await
-            .unwrap();
-        let block = block.public_access_block_configuration().unwrap();
-        assert_eq!(block.block_public_acls(), Some(true));
-        assert_eq!(block.restrict_public_buckets(), Some(true));
-        let cors = root.get_bucket_cors().bucket(&bucket).send().await.unwrap();
-        assert_eq!(cors.cors_rules().len(), 1);
-
-        assert_eq!(
-            versioning_enabled(&root, &bucket).await,
-            versioned,
-            "{plan}"
-        );
-        if versioned {
-            let lifecycle = root
-                .get_bucket_lifecycle_configuration()
-                .bucket(&bucket)
-                .send()
-                .await
-                .unwrap();
-            let rule = &lifecycle.rules()[0];
-            assert_eq!(
-                rule.noncurrent_version_transitions()[0].noncurrent_days(),
-                Some(30)
-            );
-            assert_eq!(
-                rule.noncurrent_version_expiration()
-                    .unwrap()
-                    .noncurrent_days(),
-                Some(180)
-            );
-        }
-        let encryption = root.get_bucket_encryption().bucket(&bucket).send().await;
-        let algorithm = encryption.ok().and_then(|e| {
-            e.server_side_encryption_configuration()?
-                .rules()
-                .first()?
-                .apply_server_side_encryption_by_default()
-                .map(|d| d.sse_algorithm().as_str().to_string())
-        });
-        if encrypted {
-            assert_eq!(algorithm.as_deref(), Some("AES256"), "{plan}");
-        }
+        assert_eq!(details(&pool, &instance).await["bucket"], json!(bucket));
+        assert_tagged_private_with_cors(&root, &bucket, &instance).await;
+        assert_versioning_and_encryption(&root, &bucket, plan, versioned, encrypted).await;
 
         if plan == BASIC {
             two_bindings(&pool, &services, &peer, &instance, plan).await;
@@ -338,6 +270,80 @@ async fn s3_each_plan_on_moto(_: PgPoolOptions, opts: PgConnectOptions) {
             "IAM users remain"
         );
         assert!(instances::get(&pool, &instance).await.unwrap().is_none());
+    }
+}
+
+/// The bucket carries berth's tags (instance, organization, space) and the requested ones, blocks public
+/// access, and has the requested CORS rule.
+async fn assert_tagged_private_with_cors(root: &Client, bucket: &str, instance: &str) {
+    let tags = root
+        .get_bucket_tagging()
+        .bucket(bucket)
+        .send()
+        .await
+        .unwrap();
+    let tag = |k: &str| {
+        tags.tag_set()
+            .iter()
+            .find(|t| t.key() == k)
+            .map(|t| t.value().to_string())
+    };
+    assert_eq!(tag("berth:instance").as_deref(), Some(instance));
+    assert_eq!(tag("berth:organization").as_deref(), Some("org-1"));
+    assert_eq!(tag("berth:space").as_deref(), Some("space-1"));
+    assert_eq!(tag("team").as_deref(), Some("data"));
+
+    let block = root
+        .get_public_access_block()
+        .bucket(bucket)
+        .send()
+        .await
+        .unwrap();
+    let block = block.public_access_block_configuration().unwrap();
+    assert_eq!(block.block_public_acls(), Some(true));
+    assert_eq!(block.restrict_public_buckets(), Some(true));
+    let cors = root.get_bucket_cors().bucket(bucket).send().await.unwrap();
+    assert_eq!(cors.cors_rules().len(), 1);
+}
+
+/// Versioning (with its lifecycle rule) and default encryption as the plan says.
+async fn assert_versioning_and_encryption(
+    root: &Client,
+    bucket: &str,
+    plan: &str,
+    versioned: bool,
+    encrypted: bool,
+) {
+    assert_eq!(versioning_enabled(root, bucket).await, versioned, "{plan}");
+    if versioned {
+        let lifecycle = root
+            .get_bucket_lifecycle_configuration()
+            .bucket(bucket)
+            .send()
+            .await
+            .unwrap();
+        let rule = &lifecycle.rules()[0];
+        assert_eq!(
+            rule.noncurrent_version_transitions()[0].noncurrent_days(),
+            Some(30)
+        );
+        assert_eq!(
+            rule.noncurrent_version_expiration()
+                .unwrap()
+                .noncurrent_days(),
+            Some(180)
+        );
+    }
+    let encryption = root.get_bucket_encryption().bucket(bucket).send().await;
+    let algorithm = encryption.ok().and_then(|e| {
+        e.server_side_encryption_configuration()?
+            .rules()
+            .first()?
+            .apply_server_side_encryption_by_default()
+            .map(|d| d.sse_algorithm().as_str().to_string())
+    });
+    if encrypted {
+        assert_eq!(algorithm.as_deref(), Some("AES256"), "{plan}");
     }
 }
 
