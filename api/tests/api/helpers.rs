@@ -204,7 +204,15 @@ impl TestApp {
     }
 
     pub async fn call(&self, method: Method, uri: &str, body: Option<&Value>) -> TestResponse {
-        let builder = Self::request(method, uri);
+        self.send_with_body(Self::request(method, uri), body).await
+    }
+
+    /// Sends the request `builder` makes, with `body` as JSON (or no body).
+    pub async fn send_with_body(
+        &self,
+        builder: axum::http::request::Builder,
+        body: Option<&Value>,
+    ) -> TestResponse {
         let request = match body {
             Some(body) => builder
                 .header("content-type", "application/json")
