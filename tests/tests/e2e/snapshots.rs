@@ -150,6 +150,47 @@ async fn preset_round_trip(stack: &Stack) {
     succeeded(stack, &v1).await;
 
     // Many concurrent push-new of one name: exactly one wins.
+    assert_one_of_eight_racing_pushes_wins(stack, &source).await;
+
+    // A second version; the first stays restorable.
+    sql(&source_url, "INSERT INTO items VALUES (3, 'c');").await;
+    let v2 = accepted(
+        stack,
+        Method::POST,
+        "/berth/v1/presets/shop/versions",
+        json!({
+            "instance_id": source, "description": "three items", "author": "bob",
+        }),
+    )
+    .await;
+    assert_eq!(v2["version"], 2);
+    succeeded(stack, &v2).await;
+
+    // Many concurrent lockers: exactly one gets the key; while locked, pushes need it.
+    lock_push_with_the_key_and_unlock(stack, &source).await;
+
+    // The change log.
+    let versions = change_log(stack).await;
+
+    // Three instances from version 1: the first restores the template, the others clone it.
+    let made = three_instances_from_version_one(stack, &ids, &versions).await;
+
+    // Select (db-p): reset the source to version 1 while its binding stays valid; an OSB update naming a
+    // preset selects it too.
+    select_version_one_then_two(stack, &ids, &source, &source_url).await;
+
+    // Bad input changes nothing: an unknown preset, a missing version.
+    assert_unknown_presets_are_refused(stack, &ids).await;
+
+    for instance in made.iter().chain([&source]) {
+        deprovision(stack, &ids, instance).await;
+    }
+    let scratch = databases_like(stack, &format!("{}rs_%", stack.name_prefix)).await;
+    assert!(scratch.is_empty(), "scratch databases left: {scratch:?}");
+}
+
+/// Eight concurrent pushes of a new preset name: one 202, seven 409.
+async fn assert_one_of_eight_racing_pushes_wins(stack: &Stack, source: &str) {
     let racers = (0..8)
         .map(|i| {
             stack
@@ -174,22 +215,11 @@ async fn preset_round_trip(stack: &Stack) {
         7,
         "{statuses:?}"
     );
+}
 
-    // A second version; the first stays restorable.
-    sql(&source_url, "INSERT INTO items VALUES (3, 'c');").await;
-    let v2 = accepted(
-        stack,
-        Method::POST,
-        "/berth/v1/presets/shop/versions",
-        json!({
-            "instance_id": source, "description": "three items", "author": "bob",
-        }),
-    )
-    .await;
-    assert_eq!(v2["version"], 2);
-    succeeded(stack, &v2).await;
-
-    // Many concurrent lockers: exactly one gets the key.
+/// Ten concurrent lockers of `shop`: one gets the key (never shown again); a push without it or with a wrong one
+/// is 423, with it version 3 is made; a wrong key cannot unlock, the right one does.
+async fn lock_push_with_the_key_and_unlock(stack: &Stack, source: &str) {
     let lockers = (0..10)
         .map(|i| {
             stack
@@ -270,8 +300,10 @@ async fn preset_round_trip(stack: &Stack) {
         .await
         .unwrap();
     assert_eq!(status, 200);
+}
 
-    // The change log.
+/// `shop`'s versions, newest first: three, all ready and non-empty, with their authors and descriptions.
+async fn change_log(stack: &Stack) -> Vec<Value> {
     let (_, shown) = stack
         .send(stack.request(Method::GET, "/berth/v1/presets/shop"))
         .await
@@ -286,13 +318,21 @@ async fn preset_round_trip(stack: &Stack) {
     );
     assert_eq!(versions[2]["created_by"], "alice");
     assert_eq!(versions[1]["description"], "three items");
+    versions.clone()
+}
 
-    // Three instances from version 1: the first restores the template, the others clone it.
+/// Three instances from version 1 (the first restores the template, the others clone it; the app owns the
+/// table), and one template database, for version 1. Returns the instances.
+async fn three_instances_from_version_one(
+    stack: &Stack,
+    ids: &(String, String),
+    versions: &[Value],
+) -> Vec<String> {
     let mut made = Vec::new();
     for _ in 0..3 {
         let (instance, url) = provision(
             stack,
-            &ids,
+            ids,
             json!({"preset": {"name": "shop", "version": 1}}),
         )
         .await;
@@ -308,8 +348,17 @@ async fn preset_round_trip(stack: &Stack) {
         [format!("{}tpl_{v1_id}", stack.name_prefix)],
         "one template, for version 1"
     );
+    made
+}
 
-    // Select (db-p): reset the source to version 1 while its binding stays valid.
+/// Selects version 1 of `shop` for the source (berth's endpoint), then version 2 (an OSB update); the source's
+/// binding sees each.
+async fn select_version_one_then_two(
+    stack: &Stack,
+    ids: &(String, String),
+    source: &str,
+    source_url: &str,
+) {
     let (status, body) = stack
         .send(
             stack
@@ -325,7 +374,7 @@ async fn preset_round_trip(stack: &Stack) {
     stack
         .wait_succeeded(&format!("/v2/service_instances/{source}"), WAIT)
         .await;
-    assert_eq!(names(&source_url).await, ["a", "b"]);
+    assert_eq!(names(source_url).await, ["a", "b"]);
     // And an OSB update naming a preset selects it too.
     let (status, body) = stack
         .send(
@@ -344,9 +393,11 @@ async fn preset_round_trip(stack: &Stack) {
     stack
         .wait_succeeded(&format!("/v2/service_instances/{source}"), WAIT)
         .await;
-    assert_eq!(names(&source_url).await, ["a", "b", "c"]);
+    assert_eq!(names(source_url).await, ["a", "b", "c"]);
+}
 
-    // Bad input changes nothing: an unknown preset, a missing version.
+/// A provision naming an unknown preset, or a missing version, is 400 and makes nothing.
+async fn assert_unknown_presets_are_refused(stack: &Stack, ids: &(String, String)) {
     for parameters in [
         json!({"preset": "nope"}),
         json!({"preset": {"name": "shop", "version": 9}}),
@@ -365,12 +416,6 @@ async fn preset_round_trip(stack: &Stack) {
             .unwrap();
         assert_eq!(status, 404);
     }
-
-    for instance in made.iter().chain([&source]) {
-        deprovision(stack, &ids, instance).await;
-    }
-    let scratch = databases_like(stack, &format!("{}rs_%", stack.name_prefix)).await;
-    assert!(scratch.is_empty(), "scratch databases left: {scratch:?}");
 }
 
 #[tokio::test]
