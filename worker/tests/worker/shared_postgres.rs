@@ -113,20 +113,7 @@ async fn shared_lifecycle(_: PgPoolOptions, opts: PgConnectOptions) {
     )
     .await;
     operate_ok(&pool, &services, Operation::Bind, &instance, Some(&second)).await;
-    let mut app2 = PgConnection::connect(&url_of(&credentials(&pool, &second).await))
-        .await
-        .unwrap();
-    sqlx::raw_sql("INSERT INTO notes (body) VALUES ('there'); CREATE TABLE later (x int); INSERT INTO later VALUES (1)")
-        .execute(&mut app2)
-        .await
-        .unwrap();
-    app2.close().await.unwrap();
-    let mut ro = PgConnection::connect(&url_of(&reader_creds)).await.unwrap();
-    let later: i64 = sqlx::query_scalar("SELECT count(*) FROM later")
-        .fetch_one(&mut ro)
-        .await
-        .unwrap();
-    assert_eq!(later, 1, "default privileges give the reader new tables");
+    let mut ro = assert_a_second_writer_shares_the_tables(&pool, &second, &reader_creds).await;
 
     // Unbind the reader (with a session open): the role is gone and can no longer log in.
     let reader_role = names::binding_role(PREFIX, &reader);
@@ -178,6 +165,30 @@ async fn shared_lifecycle(_: PgPoolOptions, opts: PgConnectOptions) {
     assert!(bindings::get(&pool, &writer).await.unwrap().is_none());
     // And again: nothing left to do.
     operate_ok(&pool, &services, Operation::Deprovision, &instance, None).await;
+}
+
+/// A second read-write binding inserts into `notes` and creates `later`; the reader sees the new table (default
+/// privileges). Returns the reader's open session.
+async fn assert_a_second_writer_shares_the_tables(
+    pool: &PgPool,
+    second: &str,
+    reader_creds: &Map<String, Value>,
+) -> PgConnection {
+    let mut app2 = PgConnection::connect(&url_of(&credentials(pool, second).await))
+        .await
+        .unwrap();
+    sqlx::raw_sql("INSERT INTO notes (body) VALUES ('there'); CREATE TABLE later (x int); INSERT INTO later VALUES (1)")
+        .execute(&mut app2)
+        .await
+        .unwrap();
+    app2.close().await.unwrap();
+    let mut ro = PgConnection::connect(&url_of(reader_creds)).await.unwrap();
+    let later: i64 = sqlx::query_scalar("SELECT count(*) FROM later")
+        .fetch_one(&mut ro)
+        .await
+        .unwrap();
+    assert_eq!(later, 1, "default privileges give the reader new tables");
+    ro
 }
 
 /// The database and its owner exist, the details name them and the requested extension is there. Returns a
