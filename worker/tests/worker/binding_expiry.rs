@@ -81,31 +81,7 @@ async fn an_expired_shared_binding_loses_its_role_and_its_session(
     let before = Utc::now();
     drain_all(&pool, &services).await;
     let after = Utc::now();
-    let state: String =
-        sqlx::query_scalar("SELECT state FROM tasks WHERE kind = $1 AND binding_id = $2")
-            .bind(kinds::EXPIRE_BINDING)
-            .bind(&expiring)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    assert_eq!(state, "succeeded");
-    assert!(
-        !role_exists(&expiring_role).await,
-        "the expired binding's role is dropped"
-    );
-    assert!(
-        sqlx::query("SELECT 1").execute(&mut session).await.is_err(),
-        "the expired binding's open session is ended"
-    );
-    assert!(
-        PgConnection::connect(&url_of(&credentials(&pool, &expiring).await))
-            .await
-            .is_err(),
-        "the expired credentials no longer log in"
-    );
-    let row = bindings::get(&pool, &expiring).await.unwrap().unwrap();
-    let revoked_at = row.revoked_at.expect("revoked_at recorded");
-    assert!(before <= revoked_at && revoked_at <= after, "{revoked_at}");
+    let revoked_at = assert_revoked(&pool, &expiring, &mut session, before..=after).await;
     // The binding that does not expire works on.
     let mut other = PgConnection::connect(&url_of(&credentials(&pool, &lasting).await))
         .await
@@ -141,6 +117,46 @@ async fn an_expired_shared_binding_loses_its_role_and_its_session(
     )
     .await;
     assert!(bindings::get(&pool, &expiring).await.unwrap().is_none());
+}
+
+/// The expired binding's revocation task succeeded: its role is dropped, its open session ended, its
+/// credentials refused, and `revoked_at` recorded within `window`. Returns `revoked_at`.
+async fn assert_revoked(
+    pool: &PgPool,
+    expiring: &str,
+    session: &mut PgConnection,
+    window: std::ops::RangeInclusive<chrono::DateTime<Utc>>,
+) -> chrono::DateTime<Utc> {
+    let expiring_role = names::binding_role(PREFIX, expiring);
+    let state: String =
+        sqlx::query_scalar("SELECT state FROM tasks WHERE kind = $1 AND binding_id = $2")
+            .bind(kinds::EXPIRE_BINDING)
+            .bind(expiring)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(state, "succeeded");
+    assert!(
+        !role_exists(&expiring_role).await,
+        "the expired binding's role is dropped"
+    );
+    assert!(
+        sqlx::query("SELECT 1")
+            .execute(&mut *session)
+            .await
+            .is_err(),
+        "the expired binding's open session is ended"
+    );
+    assert!(
+        PgConnection::connect(&url_of(&credentials(pool, expiring).await))
+            .await
+            .is_err(),
+        "the expired credentials no longer log in"
+    );
+    let row = bindings::get(pool, expiring).await.unwrap().unwrap();
+    let revoked_at = row.revoked_at.expect("revoked_at recorded");
+    assert!(window.contains(&revoked_at), "{revoked_at}");
+    revoked_at
 }
 
 /// A bind still running when its binding expires is waited for: the revocation comes after it, so a role the
