@@ -56,15 +56,13 @@ async fn shared_binding_rotation_and_expiry() {
     let ids = plan_ids(&catalog, "postgres", "shared");
 
     let instance = uuid::Uuid::new_v4().to_string();
-    let (status, body) = stack
-        .send(stack.request(Method::PUT, &format!("/v2/service_instances/{instance}?accepts_incomplete=true")).json(
-            &json!({"service_id": ids.0, "plan_id": ids.1, "organization_guid": "org", "space_guid": "space"}),
-        ))
-        .await
-        .unwrap();
-    assert_eq!(status, 202, "{body}");
+    let provision = json!({"service_id": ids.0, "plan_id": ids.1, "organization_guid": "org", "space_guid": "space"});
     stack
-        .wait_succeeded(&format!("/v2/service_instances/{instance}"), WAIT)
+        .put_until_done(
+            &format!("/v2/service_instances/{instance}"),
+            &provision,
+            WAIT,
+        )
         .await;
 
     let old_path = format!("/v2/service_instances/{instance}/service_bindings/old");
@@ -117,6 +115,26 @@ async fn shared_binding_rotation_and_expiry() {
 
     // The successor expires (moved forward in the broker's database instead of waiting two hours): the
     // worker's reconcile loop revokes it.
+    assert_expired_and_revoked(&stack, &new_path, &new_url).await;
+    // An expired binding cannot be rotated.
+    let (status, body) = stack
+        .send(stack.request(Method::PUT, &format!("/v2/service_instances/{instance}/service_bindings/newer?accepts_incomplete=true"))
+            .json(&json!({"service_id": ids.0, "plan_id": ids.1, "predecessor_binding_id": "new"})))
+        .await
+        .unwrap();
+    assert_eq!(status, 400, "{body}");
+    unbind(&stack, &new_path, &ids).await;
+
+    let (status, _) = stack
+        .delete_until_done(&format!("/v2/service_instances/{instance}"), &ids, WAIT)
+        .await;
+    assert_eq!(status, 410);
+    stack.stop().await;
+}
+
+/// Moves the binding `new`'s expiry to now: the worker's reconcile loop revokes it (its login and open session
+/// end, `revoked_at` is recorded), and GET binding shows the expiry in the past.
+async fn assert_expired_and_revoked(stack: &Stack, new_path: &str, new_url: &str) {
     let mut broker_db = PgConnection::connect(&stack.broker_db_url).await.unwrap();
     sqlx::query(
         "UPDATE service_bindings SET expires_at = now(), renew_before = now() WHERE id = 'new'",
@@ -124,9 +142,9 @@ async fn shared_binding_rotation_and_expiry() {
     .execute(&mut broker_db)
     .await
     .unwrap();
-    let mut session = PgConnection::connect(&new_url).await.unwrap();
+    let mut session = PgConnection::connect(new_url).await.unwrap();
     let deadline = Instant::now() + WAIT;
-    while logs_in(&new_url).await {
+    while logs_in(new_url).await {
         assert!(
             Instant::now() < deadline,
             "the expired binding still logs in\n{}",
@@ -145,7 +163,7 @@ async fn shared_binding_rotation_and_expiry() {
             .unwrap();
     assert!(revoked, "revoked_at recorded");
     let (status, fetched) = stack
-        .send(stack.request(Method::GET, &new_path))
+        .send(stack.request(Method::GET, new_path))
         .await
         .unwrap();
     assert_eq!(status, 200, "{fetched}");
@@ -155,33 +173,4 @@ async fn shared_binding_rotation_and_expiry() {
         .await
         .unwrap();
     assert!(past, "GET binding shows the expiry: {fetched}");
-    // An expired binding cannot be rotated.
-    let (status, body) = stack
-        .send(stack.request(Method::PUT, &format!("/v2/service_instances/{instance}/service_bindings/newer?accepts_incomplete=true"))
-            .json(&json!({"service_id": ids.0, "plan_id": ids.1, "predecessor_binding_id": "new"})))
-        .await
-        .unwrap();
-    assert_eq!(status, 400, "{body}");
-    unbind(&stack, &new_path, &ids).await;
-
-    let (status, _) = stack
-        .send(stack.request(
-            Method::DELETE,
-            &format!(
-                "/v2/service_instances/{instance}?service_id={}&plan_id={}&accepts_incomplete=true",
-                ids.0, ids.1
-            ),
-        ))
-        .await
-        .unwrap();
-    assert_eq!(status, 202);
-    let (status, _) = stack
-        .wait_operation(
-            &format!("/v2/service_instances/{instance}/last_operation"),
-            WAIT,
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, 410);
-    stack.stop().await;
 }
