@@ -47,15 +47,11 @@ async fn lifecycle(stack: &Stack, endpoint: &str) {
 
     let instance = uuid::Uuid::new_v4().to_string();
     let path = format!("/v2/service_instances/{instance}");
-    let (status, body) = stack
-        .send(stack.request(Method::PUT, &format!("{path}?accepts_incomplete=true")).json(&json!({
-            "service_id": service, "plan_id": versioned, "organization_guid": "org", "space_guid": "space",
-            "parameters": { "tags": { "team": "e2e" } },
-        })))
-        .await
-        .unwrap();
-    assert_eq!(status, 202, "{body}");
-    stack.wait_succeeded(&path, WAIT).await;
+    let provision = json!({
+        "service_id": service, "plan_id": versioned, "organization_guid": "org", "space_guid": "space",
+        "parameters": { "tags": { "team": "e2e" } },
+    });
+    stack.put_until_done(&path, &provision, WAIT).await;
 
     // versioned -> basic: S3 cannot turn versioning off, so the API refuses it at once.
     let (status, body) = stack
@@ -73,20 +69,11 @@ async fn lifecycle(stack: &Stack, endpoint: &str) {
     );
 
     let binding = format!("{path}/service_bindings/app-1");
-    let (status, body) = stack
-        .send(stack.request(Method::PUT, &format!("{binding}?accepts_incomplete=true")).json(&json!({
-            "service_id": service, "plan_id": versioned, "parameters": { "access": "read-only" },
-        })))
-        .await
-        .unwrap();
-    assert_eq!(status, 202, "{body}");
-    stack.wait_succeeded(&binding, WAIT).await;
-    let (status, fetched) = stack
-        .send(stack.request(Method::GET, &binding))
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{fetched}");
-    let creds = &fetched["credentials"];
+    let bind = json!({
+        "service_id": service, "plan_id": versioned, "parameters": { "access": "read-only" },
+    });
+    stack.put_until_done(&binding, &bind, WAIT).await;
+    let creds = &stack.fetch_credentials(&binding).await;
     for key in [
         "S3_BUCKET",
         "S3_LOCATION",
@@ -133,26 +120,10 @@ async fn lifecycle(stack: &Stack, endpoint: &str) {
         "a secret key reached a log"
     );
 
-    let query = format!("service_id={service}&plan_id={versioned}&accepts_incomplete=true");
-    let (status, _) = stack
-        .send(stack.request(Method::DELETE, &format!("{binding}?{query}")))
-        .await
-        .unwrap();
-    assert_eq!(status, 202);
-    let (status, _) = stack
-        .wait_operation(&format!("{binding}/last_operation"), WAIT)
-        .await
-        .unwrap();
+    let ids = (service, versioned);
+    let (status, _) = stack.delete_until_done(&binding, &ids, WAIT).await;
     assert!(status == 410 || status == 200);
-    let (status, _) = stack
-        .send(stack.request(Method::DELETE, &format!("{path}?{query}")))
-        .await
-        .unwrap();
-    assert_eq!(status, 202);
-    let (status, last) = stack
-        .wait_operation(&format!("{path}/last_operation"), WAIT)
-        .await
-        .unwrap();
+    let (status, last) = stack.delete_until_done(&path, &ids, WAIT).await;
     assert_eq!(status, 410, "{last}\n{}", stack.logs());
 }
 
