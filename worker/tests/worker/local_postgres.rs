@@ -14,7 +14,7 @@ use broker::{
     model::{Operation, UpdatePayload},
     names,
 };
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use sqlx::{
     Connection, PgConnection,
     postgres::{PgConnectOptions, PgPoolOptions, PgSslMode},
@@ -150,32 +150,7 @@ async fn dedicated_local_lifecycle(_: PgPoolOptions, opts: PgConnectOptions) {
     operate_ok(&pool, &services, Operation::Bind, &instance, Some(&ro)).await;
     let rw_creds = credentials(&pool, &rw).await;
     let ro_creds = credentials(&pool, &ro).await;
-    for creds in [&rw_creds, &ro_creds] {
-        assert!(
-            url_of(creds).ends_with("/shop?sslmode=require"),
-            "{creds:?}"
-        );
-        assert_eq!(creds["PGSSLMODE"], "require");
-        assert_eq!(creds["PGPORT"], json!(details["port"].to_string()));
-        assert_eq!(creds["PGDATABASE"], "shop");
-    }
-    // pg_hba admits hostssl only, so a session at all is a TLS session.
-    let mut app = connect_url(&url_of(&rw_creds)).await;
-    sqlx::raw_sql("CREATE TABLE items (id int PRIMARY KEY); INSERT INTO items VALUES (1)")
-        .execute(&mut app)
-        .await
-        .unwrap();
-    let mut reader = connect_url(&url_of(&ro_creds)).await;
-    assert_eq!(
-        scalar::<i64>(&mut reader, "SELECT count(*) FROM items").await,
-        1
-    );
-    assert!(
-        sqlx::query("INSERT INTO items VALUES (2)")
-            .execute(&mut reader)
-            .await
-            .is_err()
-    );
+    let (mut app, reader) = write_and_read_over_tls(&rw_creds, &ro_creds, &details).await;
 
     // Unbind drops the role and ends its sessions.
     operate_ok(&pool, &services, Operation::Unbind, &instance, Some(&rw)).await;
@@ -230,6 +205,42 @@ async fn dedicated_local_lifecycle(_: PgPoolOptions, opts: PgConnectOptions) {
     operate_ok(&pool, &services, Operation::Deprovision, &instance, None).await;
     no_process_and_no_files(&servers.root(&instance));
     assert!(instances::get(&pool, &instance).await.unwrap().is_none());
+}
+
+/// Both bindings name the app database over TLS; the read-write one creates `items` (one row), the read-only one
+/// reads it and cannot write. Returns both sessions, still open.
+async fn write_and_read_over_tls(
+    rw_creds: &Map<String, Value>,
+    ro_creds: &Map<String, Value>,
+    details: &Value,
+) -> (PgConnection, PgConnection) {
+    for creds in [rw_creds, ro_creds] {
+        assert!(
+            url_of(creds).ends_with("/shop?sslmode=require"),
+            "{creds:?}"
+        );
+        assert_eq!(creds["PGSSLMODE"], "require");
+        assert_eq!(creds["PGPORT"], json!(details["port"].to_string()));
+        assert_eq!(creds["PGDATABASE"], "shop");
+    }
+    // pg_hba admits hostssl only, so a session at all is a TLS session.
+    let mut app = connect_url(&url_of(rw_creds)).await;
+    sqlx::raw_sql("CREATE TABLE items (id int PRIMARY KEY); INSERT INTO items VALUES (1)")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    let mut reader = connect_url(&url_of(ro_creds)).await;
+    assert_eq!(
+        scalar::<i64>(&mut reader, "SELECT count(*) FROM items").await,
+        1
+    );
+    assert!(
+        sqlx::query("INSERT INTO items VALUES (2)")
+            .execute(&mut reader)
+            .await
+            .is_err()
+    );
+    (app, reader)
 }
 
 const HAS_HSTORE: &str = "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'hstore')";
