@@ -116,25 +116,15 @@ async fn shared_lifecycle(_: PgPoolOptions, opts: PgConnectOptions) {
     let mut ro = assert_a_second_writer_shares_the_tables(&pool, &second, &reader_creds).await;
 
     // Unbind the reader (with a session open): the role is gone and can no longer log in.
-    let reader_role = names::binding_role(PREFIX, &reader);
-    operate_ok(
+    unbind_the_reader_with_a_session_open(
         &pool,
         &services,
-        Operation::Unbind,
         &instance,
-        Some(&reader),
+        &reader,
+        &reader_creds,
+        &mut ro,
     )
     .await;
-    assert!(!role_exists(&reader_role).await);
-    assert!(bindings::get(&pool, &reader).await.unwrap().is_none());
-    assert!(
-        sqlx::query("SELECT 1").execute(&mut ro).await.is_err(),
-        "the open session was ended"
-    );
-    assert!(
-        PgConnection::connect(&url_of(&reader_creds)).await.is_err(),
-        "an unbound role cannot log in"
-    );
     // Unbinding again finds nothing to do.
     let reader_again = new_binding(
         &pool,
@@ -165,6 +155,29 @@ async fn shared_lifecycle(_: PgPoolOptions, opts: PgConnectOptions) {
     assert!(bindings::get(&pool, &writer).await.unwrap().is_none());
     // And again: nothing left to do.
     operate_ok(&pool, &services, Operation::Deprovision, &instance, None).await;
+}
+
+/// Unbinds the reader while `ro`, its session, is open: the role is gone, the session ended, the login refused.
+async fn unbind_the_reader_with_a_session_open(
+    pool: &PgPool,
+    services: &Arc<Services>,
+    instance: &str,
+    reader: &str,
+    reader_creds: &Map<String, Value>,
+    ro: &mut PgConnection,
+) {
+    let reader_role = names::binding_role(PREFIX, reader);
+    operate_ok(pool, services, Operation::Unbind, instance, Some(reader)).await;
+    assert!(!role_exists(&reader_role).await);
+    assert!(bindings::get(pool, reader).await.unwrap().is_none());
+    assert!(
+        sqlx::query("SELECT 1").execute(&mut *ro).await.is_err(),
+        "the open session was ended"
+    );
+    assert!(
+        PgConnection::connect(&url_of(reader_creds)).await.is_err(),
+        "an unbound role cannot log in"
+    );
 }
 
 /// A second read-write binding inserts into `notes` and creates `later`; the reader sees the new table (default
