@@ -103,15 +103,7 @@ async fn shared_database_from_provision_to_deprovision() {
     assert!(!String::from_utf8_lossy(&hook.body).contains(rw["PGPASSWORD"].as_str().unwrap()));
     // Nor, in the clear, into the broker's database (as text or as bytes) or the logs.
     let rw_password = rw["PGPASSWORD"].as_str().unwrap();
-    let everything = broker_database_text(&stack).await;
-    for plain in [rw_password, secret] {
-        let hex: String = plain.bytes().map(|b| format!("{b:02x}")).collect();
-        assert!(
-            !everything.contains(plain) && !everything.contains(&hex),
-            "{plain:?} is stored in the clear"
-        );
-        assert!(!stack.logs().contains(plain), "{plain:?} reached a log");
-    }
+    assert_never_in_the_clear(&stack, &[rw_password, secret]).await;
 
     // A read-only binding reads the table and cannot write.
     let ro = bind(
@@ -235,4 +227,17 @@ async fn assert_no_database_and_no_role_left(stack: &Stack, instance: &str) {
         .unwrap();
     assert_eq!(status, 404);
     admin.close().await.unwrap();
+}
+
+/// None of `secrets` is stored in the clear in the broker's database (as text or as hex bytes) or in a log.
+async fn assert_never_in_the_clear(stack: &Stack, secrets: &[&str]) {
+    let everything = broker_database_text(stack).await;
+    for plain in secrets {
+        let hex: String = plain.bytes().map(|b| format!("{b:02x}")).collect();
+        assert!(
+            !everything.contains(plain) && !everything.contains(&hex),
+            "{plain:?} is stored in the clear"
+        );
+        assert!(!stack.logs().contains(plain), "{plain:?} reached a log");
+    }
 }
