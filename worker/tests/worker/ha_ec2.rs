@@ -32,7 +32,7 @@ async fn provision(pool: &PgPool, services: &Arc<Services>, parameters: Value) -
 
 async fn update_members(pool: &PgPool, services: &Arc<Services>, id: &str, parameters: Value) {
     let payload = update_payload(HA, parameters, json!({}));
-    succeeded(&operate(pool, services, Operation::Update, id, None, payload).await);
+    update_ok(pool, services, id, payload).await;
 }
 
 /// The cluster's live VMs by member slot.

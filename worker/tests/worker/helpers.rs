@@ -454,6 +454,26 @@ pub async fn operate_ok(
     row
 }
 
+/// Runs an update with `payload`, asserting that it succeeded.
+pub async fn update_ok(
+    pool: &PgPool,
+    services: &Arc<Services>,
+    instance_id: &str,
+    payload: Value,
+) -> TaskRow {
+    let row = operate(
+        pool,
+        services,
+        Operation::Update,
+        instance_id,
+        None,
+        payload,
+    )
+    .await;
+    succeeded(&row);
+    row
+}
+
 /// An update's payload: `plan_id` and `parameters` as given, the rest empty.
 pub fn update_payload(plan_id: &str, parameters: Value, context: Value) -> Value {
     let update = UpdatePayload {

@@ -180,17 +180,7 @@ async fn dedicated_local_lifecycle(_: PgPoolOptions, opts: PgConnectOptions) {
         select_preset: false,
     };
     let payload = serde_json::to_value(&update).unwrap();
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Update,
-            &instance,
-            None,
-            payload,
-        )
-        .await,
-    );
+    update_ok(&pool, &services, &instance, payload).await;
     let mut conn = connect_tls(&options).await;
     assert_eq!(scalar::<String>(&mut conn, "SHOW work_mem").await, "64MB");
     assert_eq!(

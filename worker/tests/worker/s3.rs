@@ -134,6 +134,22 @@ async fn users_of(peer: &Peer, bucket: &str) -> Vec<String> {
         .collect()
 }
 
+/// What a test reaches a provisioned bucket with: pool, peer, services, the peer's admin client, instance id and
+/// bucket name.
+type OnMoto = (PgPool, Peer, Arc<Services>, Client, String, String);
+
+/// Provisions an instance of `plan` with `parameters` on moto.
+async fn provisioned_on_moto(opts: &PgConnectOptions, plan: &str, parameters: Value) -> OnMoto {
+    let pool = pool(opts, 8).await;
+    let peer = moto();
+    let services = aws_services(&peer);
+    let root = admin(&peer);
+    let instance = new_bucket(&pool, plan, parameters).await;
+    let bucket = names::bucket_name(PREFIX, &instance);
+    operate_ok(&pool, &services, Operation::Provision, &instance, None).await;
+    (pool, peer, services, root, instance, bucket)
+}
+
 /// Bind A (read-write) and B (read-only); each works as its access says, A cannot reach another bucket;
 /// unbinding A revokes A only.
 async fn two_bindings(
@@ -349,29 +365,14 @@ async fn assert_versioning_and_encryption(
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
 async fn s3_update_turns_versioning_and_encryption_on(_: PgPoolOptions, opts: PgConnectOptions) {
-    let pool = pool(&opts, 8).await;
-    let peer = moto();
-    let services = aws_services(&peer);
-    let root = admin(&peer);
-    let instance = new_bucket(&pool, BASIC, json!({})).await;
-    let bucket = names::bucket_name(PREFIX, &instance);
-    operate_ok(&pool, &services, Operation::Provision, &instance, None).await;
+    let (pool, _, services, root, instance, bucket) =
+        provisioned_on_moto(&opts, BASIC, json!({})).await;
     let payload = update_payload(
         ENCRYPTED_VERSIONED,
         json!({ "public_read": false }),
         json!({ "organization_guid": "org-1", "space_guid": "space-2" }),
     );
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Update,
-            &instance,
-            None,
-            payload,
-        )
-        .await,
-    );
+    update_ok(&pool, &services, &instance, payload).await;
     assert!(versioning_enabled(&root, &bucket).await);
     assert!(
         root.get_bucket_encryption()
@@ -435,13 +436,8 @@ async fn s3_deprovision_empties_1000_objects_with_versions(
     _: PgPoolOptions,
     opts: PgConnectOptions,
 ) {
-    let pool = pool(&opts, 8).await;
-    let peer = moto();
-    let services = aws_services(&peer);
-    let root = admin(&peer);
-    let instance = new_bucket(&pool, VERSIONED, json!({})).await;
-    let bucket = names::bucket_name(PREFIX, &instance);
-    operate_ok(&pool, &services, Operation::Provision, &instance, None).await;
+    let (pool, peer, services, root, instance, bucket) =
+        provisioned_on_moto(&opts, VERSIONED, json!({})).await;
     let b = new_s3_binding(&pool, &instance, VERSIONED, json!({})).await;
     operate_ok(&pool, &services, Operation::Bind, &instance, Some(&b)).await;
     fill(&root, &bucket, 1000, true).await;
@@ -559,13 +555,8 @@ async fn s3_kill_9_mid_empty_then_another_worker_finishes(
     opts: PgConnectOptions,
 ) {
     use std::time::Duration;
-    let pool = pool(&opts, 8).await;
-    let peer = moto();
-    let services = aws_services(&peer);
-    let root = admin(&peer);
-    let instance = new_bucket(&pool, VERSIONED, json!({})).await;
-    let bucket = names::bucket_name(PREFIX, &instance);
-    operate_ok(&pool, &services, Operation::Provision, &instance, None).await;
+    let (pool, peer, _, root, instance, bucket) =
+        provisioned_on_moto(&opts, VERSIONED, json!({})).await;
     fill(&root, &bucket, 4000, true).await;
 
     let dir = std::env::temp_dir().join(format!("berth-s3-crash-{}", uuid::Uuid::new_v4()));
@@ -618,13 +609,8 @@ async fn s3_kill_9_mid_empty_then_another_worker_finishes(
 /// and the block comes back.
 #[sqlx::test(migrator = "broker::MIGRATOR")]
 async fn s3_public_read_on_and_off(_: PgPoolOptions, opts: PgConnectOptions) {
-    let pool = pool(&opts, 8).await;
-    let peer = moto();
-    let services = aws_services(&peer);
-    let root = admin(&peer);
-    let instance = new_bucket(&pool, BASIC, json!({ "public_read": true })).await;
-    let bucket = names::bucket_name(PREFIX, &instance);
-    operate_ok(&pool, &services, Operation::Provision, &instance, None).await;
+    let (pool, _, services, root, instance, bucket) =
+        provisioned_on_moto(&opts, BASIC, json!({ "public_read": true })).await;
     let policy = root
         .get_bucket_policy()
         .bucket(&bucket)
@@ -642,17 +628,7 @@ async fn s3_public_read_on_and_off(_: PgPoolOptions, opts: PgConnectOptions) {
     );
 
     let payload = update_payload(BASIC, json!({ "public_read": false }), json!({}));
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Update,
-            &instance,
-            None,
-            payload,
-        )
-        .await,
-    );
+    update_ok(&pool, &services, &instance, payload).await;
     assert!(
         root.get_bucket_policy()
             .bucket(&bucket)
@@ -696,12 +672,8 @@ async fn s3_rotate_credentials_gives_each_binding_a_new_key_and_revokes_the_old(
     _: PgPoolOptions,
     opts: PgConnectOptions,
 ) {
-    let pool = pool(&opts, 8).await;
-    let peer = moto();
-    let services = aws_services(&peer);
-    let instance = new_bucket(&pool, BASIC, json!({})).await;
-    let bucket = names::bucket_name(PREFIX, &instance);
-    operate_ok(&pool, &services, Operation::Provision, &instance, None).await;
+    let (pool, peer, services, _, instance, bucket) =
+        provisioned_on_moto(&opts, BASIC, json!({})).await;
     // A read-write and a read-only binding (two_bindings unbinds its first one).
     let a = new_s3_binding(&pool, &instance, BASIC, json!({})).await;
     let b = new_s3_binding(&pool, &instance, BASIC, json!({ "access": "read-only" })).await;
@@ -820,12 +792,8 @@ async fn s3_rotate_credentials_fails_where_bindings_share_the_store_keys(
 /// works on.
 #[sqlx::test(migrator = "broker::MIGRATOR")]
 async fn s3_an_expired_binding_loses_its_key(_: PgPoolOptions, opts: PgConnectOptions) {
-    let pool = pool(&opts, 8).await;
-    let peer = moto();
-    let services = aws_services(&peer);
-    let instance = new_bucket(&pool, BASIC, json!({})).await;
-    let bucket = names::bucket_name(PREFIX, &instance);
-    operate_ok(&pool, &services, Operation::Provision, &instance, None).await;
+    let (pool, peer, services, _, instance, bucket) =
+        provisioned_on_moto(&opts, BASIC, json!({})).await;
     let expiring = new_s3_binding(&pool, &instance, BASIC, json!({ "expires_in": 600 })).await;
     let lasting = new_s3_binding(&pool, &instance, BASIC, json!({})).await;
     for binding in [&expiring, &lasting] {

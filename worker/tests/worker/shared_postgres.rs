@@ -56,17 +56,7 @@ async fn shared_lifecycle(_: PgPoolOptions, opts: PgConnectOptions) {
         select_preset: false,
     };
     let payload = serde_json::to_value(&update).unwrap();
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Update,
-            &instance,
-            None,
-            payload,
-        )
-        .await,
-    );
+    update_ok(&pool, &services, &instance, payload).await;
     let has_hstore: bool =
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'hstore')")
             .fetch_one(&mut as_admin)
