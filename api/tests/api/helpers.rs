@@ -412,6 +412,15 @@ impl TestApp {
         out
     }
 
+    /// A binding's stored parameters.
+    pub async fn binding_parameters(&self, binding_id: &str) -> Value {
+        sqlx::query_scalar("SELECT parameters FROM service_bindings WHERE id = $1")
+            .bind(binding_id)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
     pub async fn task(&self, operation: &str) -> sqlx::postgres::PgRow {
         sqlx::query("SELECT * FROM tasks WHERE id = $1")
             .bind(Uuid::parse_str(operation).unwrap())
