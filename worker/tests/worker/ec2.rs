@@ -478,21 +478,7 @@ async fn an_evicted_vm_is_replaced_in_the_volume_zone(
 
     // A bound app, as a bind leaves it (bind itself needs a Postgres that answers, which moto's VM has not).
     let binding = new_binding(&pool, &id, SPOT, json!({})).await;
-    let host = details["host"].as_str().unwrap();
-    let mut credentials = Map::new();
-    credentials.insert(
-        "DATABASE_URL".into(),
-        json!(format!("postgres://r:p@{host}:5432/app?sslmode=require")),
-    );
-    credentials.insert("PGHOST".into(), json!(host));
-    bindings::set_credentials(
-        &pool,
-        &binding,
-        &json!({ "endpoints": [{ "host": host }] }),
-        Some(&cipher().seal_json(&credentials)),
-    )
-    .await
-    .unwrap();
+    store_bound_credentials(&pool, &binding, details["host"].as_str().unwrap()).await;
 
     // The spot VM goes away (moto cannot interrupt spot; a termination looks the same to berth).
     client
@@ -545,7 +531,7 @@ async fn an_evicted_vm_is_replaced_in_the_volume_zone(
     let new_host = vms[0].public_ip_address().unwrap();
     assert_eq!(state["host"], new_host);
     let row = bindings::get(&pool, &binding).await.unwrap().unwrap();
-    let now = crate::helpers::credentials(&pool, &binding).await;
+    let now = credentials(&pool, &binding).await;
     assert!(
         now["DATABASE_URL"]
             .as_str()
@@ -569,6 +555,24 @@ async fn an_evicted_vm_is_replaced_in_the_volume_zone(
     assert!(instances::get(&pool, &id).await.unwrap().is_none());
     assert!(live_vms(&client, &id).await.is_empty());
     assert!(data_volumes(&client, &id).await.is_empty());
+}
+
+/// Stores a bound app's credentials and endpoints for `host`, as a bind leaves them.
+async fn store_bound_credentials(pool: &PgPool, binding: &str, host: &str) {
+    let mut credentials = Map::new();
+    credentials.insert(
+        "DATABASE_URL".into(),
+        json!(format!("postgres://r:p@{host}:5432/app?sslmode=require")),
+    );
+    credentials.insert("PGHOST".into(), json!(host));
+    bindings::set_credentials(
+        pool,
+        binding,
+        &json!({ "endpoints": [{ "host": host }] }),
+        Some(&cipher().seal_json(&credentials)),
+    )
+    .await
+    .unwrap();
 }
 
 fn write_script(dir: &Path, name: &str, body: &str) -> std::path::PathBuf {
