@@ -218,24 +218,12 @@ impl Stack {
     }
 
     async fn wait_healthy(&self, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let health = self
-                .http
-                .get(format!("{}/health", self.base_url))
-                .send()
-                .await;
-            if health.is_ok_and(|r| r.status().is_success()) {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                anyhow::bail!(
-                    "berth-api did not become healthy; its log:\n{}",
-                    self.log("api.log")
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        self.client.wait_healthy(timeout).await.map_err(|e| {
+            anyhow::anyhow!(
+                "berth-api did not become healthy ({e}); its log:\n{}",
+                self.log("api.log")
+            )
+        })
     }
 
     /// What a process wrote (for failure messages).
@@ -264,6 +252,91 @@ impl Stack {
             .map_err(|e| anyhow::anyhow!("{e:#}\n{}", self.logs()))
     }
 
+    /// PUTs `body` to `path` (an instance or a binding) with `accepts_incomplete=true`, asserts the 202, and
+    /// waits for the operation to succeed; returns the last operation's body.
+    pub async fn put_until_done(&self, path: &str, body: &Value, timeout: Duration) -> Value {
+        let (status, answer) = self
+            .send(
+                self.request(
+                    reqwest::Method::PUT,
+                    &format!("{path}?accepts_incomplete=true"),
+                )
+                .json(body),
+            )
+            .await
+            .unwrap();
+        assert_eq!(status, 202, "{answer}");
+        self.wait_succeeded(path, timeout).await
+    }
+
+    /// Waits for the last operation of `path` (an instance or a binding) and asserts that it succeeded; returns
+    /// its body.
+    pub async fn wait_succeeded(&self, path: &str, timeout: Duration) -> Value {
+        let (status, last) = self
+            .wait_operation(&format!("{path}/last_operation"), timeout)
+            .await
+            .unwrap();
+        assert_eq!(
+            (status, last["state"].as_str()),
+            (200, Some("succeeded")),
+            "{last}\n{}",
+            self.logs()
+        );
+        last
+    }
+
+    /// DELETEs `path` (an instance or a binding of the plan `ids`) with `accepts_incomplete=true`, asserts the
+    /// 202, and waits for the operation to end; returns the last operation's status (410 once it is gone) and body.
+    pub async fn delete_until_done(
+        &self,
+        path: &str,
+        ids: &(String, String),
+        timeout: Duration,
+    ) -> (u16, Value) {
+        let (status, body) = self
+            .send(self.request(
+                reqwest::Method::DELETE,
+                &format!(
+                    "{path}?service_id={}&plan_id={}&accepts_incomplete=true",
+                    ids.0, ids.1
+                ),
+            ))
+            .await
+            .unwrap();
+        assert_eq!(status, 202, "{body}");
+        self.wait_operation(&format!("{path}/last_operation"), timeout)
+            .await
+            .unwrap()
+    }
+
+    /// GETs a binding (`path`).
+    pub async fn fetch_binding(&self, path: &str) -> Value {
+        let (status, fetched) = self
+            .send(self.request(reqwest::Method::GET, path))
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{fetched}");
+        fetched
+    }
+
+    /// GETs a binding (`path`) and returns its credentials.
+    pub async fn fetch_credentials(&self, path: &str) -> Value {
+        self.fetch_binding(path).await["credentials"].clone()
+    }
+
+    /// An instance's `details` column, read from the broker database.
+    pub async fn instance_details(&self, instance: &str) -> Value {
+        let mut db = PgConnection::connect(&self.broker_db_url).await.unwrap();
+        let details: Value =
+            sqlx::query_scalar("SELECT details FROM service_instances WHERE id = $1")
+                .bind(instance)
+                .fetch_one(&mut db)
+                .await
+                .unwrap();
+        db.close().await.unwrap();
+        details
+    }
+
     pub async fn admin(&self) -> anyhow::Result<PgConnection> {
         Ok(PgConnection::connect(&self.admin_url).await?)
     }
@@ -280,12 +353,7 @@ impl Stack {
     /// Kills the `local` and `ha_local` engine processes still running under this stack's servers folder:
     /// Postgres servers (by working directory), Patroni and etcd (by an argument naming a path in it).
     fn kill_servers(&self) {
-        for pid in processes_under(&self.servers_dir) {
-            let _ = std::process::Command::new("kill")
-                .arg("-KILL")
-                .arg(pid.to_string())
-                .status();
-        }
+        kill_all(processes_under(&self.servers_dir));
     }
 }
 
@@ -339,6 +407,14 @@ impl OsbClient {
         Ok((status, body))
     }
 
+    /// The catalog (`GET /v2/catalog`'s body).
+    pub async fn catalog(&self) -> anyhow::Result<Value> {
+        let (_, catalog) = self
+            .send(self.request(reqwest::Method::GET, "/v2/catalog"))
+            .await?;
+        Ok(catalog)
+    }
+
     /// Waits until the API answers `/health` with 200.
     pub async fn wait_healthy(&self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
@@ -384,6 +460,56 @@ impl OsbClient {
     }
 }
 
+/// A catalog's service by name, if it is offered.
+pub fn find_service<'a>(catalog: &'a Value, name: &str) -> Option<&'a Value> {
+    catalog["services"]
+        .as_array()?
+        .iter()
+        .find(|s| s["name"] == name)
+}
+
+/// A catalog's plan by service and plan name (panics naming what is missing).
+pub fn find_plan<'a>(catalog: &'a Value, service: &str, plan: &str) -> &'a Value {
+    let offered = find_service(catalog, service)
+        .unwrap_or_else(|| panic!("no service {service} in the catalog: {catalog}"));
+    offered["plans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == plan)
+        .unwrap_or_else(|| panic!("no plan {plan} of {service} in the catalog: {catalog}"))
+}
+
+/// The (service id, plan id) of a catalog's plan, by service and plan name.
+pub fn plan_ids(catalog: &Value, service: &str, plan: &str) -> (String, String) {
+    let service_id = find_service(catalog, service).unwrap()["id"]
+        .as_str()
+        .unwrap();
+    let plan_id = find_plan(catalog, service, plan)["id"].as_str().unwrap();
+    (service_id.to_string(), plan_id.to_string())
+}
+
+/// The pid in a Postgres data folder's `postmaster.pid`, if there is one.
+pub fn postmaster_pid(data: &std::path::Path) -> Option<u32> {
+    std::fs::read_to_string(data.join("postmaster.pid"))
+        .ok()?
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Sends SIGKILL to each process.
+pub fn kill_all(pids: impl IntoIterator<Item = u32>) {
+    for pid in pids {
+        let _ = std::process::Command::new("kill")
+            .arg("-KILL")
+            .arg(pid.to_string())
+            .status();
+    }
+}
+
 fn spawn(
     dir: &std::path::Path,
     env: &[(&str, String)],
@@ -415,28 +541,11 @@ pub struct TestFolder(pub std::path::PathBuf);
 
 impl Drop for TestFolder {
     fn drop(&mut self) {
-        for pid in processes_under(&self.0) {
-            let _ = std::process::Command::new("kill")
-                .arg("-KILL")
-                .arg(pid.to_string())
-                .status();
-        }
+        kill_all(processes_under(&self.0));
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.0);
         }
     }
-}
-
-/// Pids of processes working in `dir` (a Postgres postmaster and its children chdir to their data folder).
-pub fn processes_in(dir: &std::path::Path) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
-        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == dir))
-        .collect()
 }
 
 /// Pids of processes working in `dir` or below it, or with an argument naming a path in it.

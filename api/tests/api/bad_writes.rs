@@ -68,36 +68,25 @@ async fn writes_without_credentials_or_version_write_nothing(pool: PgPool) {
     assert_unchanged!(app, {
         for (method, uri, body) in writes() {
             let body = body.to_string().into_bytes();
-            let r = app
-                .send(raw(
-                    &method,
-                    uri,
-                    None,
-                    Some("2.17"),
-                    "application/json",
-                    body.clone(),
-                ))
-                .await;
-            assert_eq!(
-                r.status,
-                StatusCode::UNAUTHORIZED,
-                "{method} {uri} without credentials"
-            );
-            let r = app
-                .send(raw(
-                    &method,
-                    uri,
+            for (auth, how) in [
+                (None, "without credentials"),
+                (
                     Some("Basic d3Jvbmc6d3Jvbmc=".into()),
-                    Some("2.17"),
-                    "application/json",
-                    body.clone(),
-                ))
-                .await;
-            assert_eq!(
-                r.status,
-                StatusCode::UNAUTHORIZED,
-                "{method} {uri} with wrong credentials"
-            );
+                    "with wrong credentials",
+                ),
+            ] {
+                let r = app
+                    .send(raw(
+                        &method,
+                        uri,
+                        auth,
+                        Some("2.17"),
+                        "application/json",
+                        body.clone(),
+                    ))
+                    .await;
+                assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{method} {uri} {how}");
+            }
             for version in [None, Some("2.12"), Some("1.0")] {
                 let d = app
                     .send(raw(

@@ -236,12 +236,8 @@ async fn a_successor_inherits_the_predecessors_lifetime(pool: PgPool) {
     let rotate =
         json!({"service_id": PG_SERVICE, "plan_id": PG_SHARED, "predecessor_binding_id": "old"});
     app.bind("i-1", "new", &rotate).await.operation();
-    let row = sqlx::query("SELECT parameters FROM service_bindings WHERE id = 'new'")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
     assert_eq!(
-        row.get::<Value, _>("parameters"),
+        app.binding_parameters("new").await,
         json!({"access": "read-only", "expires_in": 1200})
     );
     let (expires_at, _) = stored_expiry(&app, "new").await;

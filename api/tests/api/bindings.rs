@@ -250,12 +250,8 @@ async fn binding_rotation_names_a_predecessor(pool: PgPool) {
 
     let mut rotated = json!({"service_id": S3, "plan_id": BASIC, "predecessor_binding_id": "old"});
     app.bind("s-1", "new", &rotated).await.operation();
-    let row = sqlx::query("SELECT parameters FROM service_bindings WHERE id = 'new'")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
     assert_eq!(
-        row.get::<Value, _>("parameters"),
+        app.binding_parameters("new").await,
         json!({"access": "read-only"})
     );
     assert_eq!(app.counts().await.1, 2, "the predecessor stays");

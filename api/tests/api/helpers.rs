@@ -204,7 +204,15 @@ impl TestApp {
     }
 
     pub async fn call(&self, method: Method, uri: &str, body: Option<&Value>) -> TestResponse {
-        let builder = Self::request(method, uri);
+        self.send_with_body(Self::request(method, uri), body).await
+    }
+
+    /// Sends the request `builder` makes, with `body` as JSON (or no body).
+    pub async fn send_with_body(
+        &self,
+        builder: axum::http::request::Builder,
+        body: Option<&Value>,
+    ) -> TestResponse {
         let request = match body {
             Some(body) => builder
                 .header("content-type", "application/json")
@@ -402,6 +410,15 @@ impl TestApp {
             out.push((table, rows, digest));
         }
         out
+    }
+
+    /// A binding's stored parameters.
+    pub async fn binding_parameters(&self, binding_id: &str) -> Value {
+        sqlx::query_scalar("SELECT parameters FROM service_bindings WHERE id = $1")
+            .bind(binding_id)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
     }
 
     pub async fn task(&self, operation: &str) -> sqlx::postgres::PgRow {

@@ -53,60 +53,29 @@ async fn metrics_report_the_queue_instances_and_responses(pool: PgPool) {
     );
     let body = &res.text;
     let provision = format!("{{kind=\"{}\"}}", kinds::PROVISION);
-    assert_eq!(
-        sample(body, &format!("berth_tasks_pending{provision}")),
-        Some(1.0),
-        "{body}"
-    );
-    assert_eq!(
-        sample(body, &format!("berth_tasks_due{provision}")),
-        Some(1.0),
-        "{body}"
-    );
-    assert_eq!(
-        sample(body, &format!("berth_tasks_running{provision}")),
-        Some(1.0),
-        "{body}"
-    );
-    assert_eq!(
-        sample(body, &format!("berth_tasks_lease_expired{provision}")),
-        Some(1.0),
-        "{body}"
-    );
-    assert_eq!(
-        sample(body, "berth_tasks_pending{kind=\"noop\"}"),
-        Some(1.0),
-        "{body}"
-    );
-    assert_eq!(
-        sample(body, "berth_tasks_due{kind=\"noop\"}"),
-        Some(0.0),
-        "due in an hour: {body}"
-    );
+    for (series, expected) in [
+        (format!("berth_tasks_pending{provision}"), 1.0),
+        (format!("berth_tasks_due{provision}"), 1.0),
+        (format!("berth_tasks_running{provision}"), 1.0),
+        (format!("berth_tasks_lease_expired{provision}"), 1.0),
+        ("berth_tasks_pending{kind=\"noop\"}".into(), 1.0),
+        // Due in an hour.
+        ("berth_tasks_due{kind=\"noop\"}".into(), 0.0),
+        (
+            "berth_service_instances{service=\"postgres\",plan=\"shared\"}".into(),
+            4.0,
+        ),
+        ("berth_http_responses_total{code=\"4xx\"}".into(), 1.0),
+        ("berth_http_responses_total{code=\"5xx\"}".into(), 0.0),
+    ] {
+        assert_eq!(sample(body, &series), Some(expected), "{series}: {body}");
+    }
     assert!(
         sample(body, "berth_task_oldest_due_seconds").is_some_and(|s| s >= 0.0),
         "{body}"
     );
-    assert_eq!(
-        sample(
-            body,
-            "berth_service_instances{service=\"postgres\",plan=\"shared\"}"
-        ),
-        Some(4.0),
-        "{body}"
-    );
     assert!(
         sample(body, "berth_http_responses_total{code=\"2xx\"}").is_some_and(|n| n >= 4.0),
-        "{body}"
-    );
-    assert_eq!(
-        sample(body, "berth_http_responses_total{code=\"4xx\"}"),
-        Some(1.0),
-        "{body}"
-    );
-    assert_eq!(
-        sample(body, "berth_http_responses_total{code=\"5xx\"}"),
-        Some(0.0),
         "{body}"
     );
     for line in body.lines().filter(|l| !l.starts_with('#')) {

@@ -50,15 +50,38 @@ async fn nul_anywhere_is_400_naming_the_field_and_writes_nothing(pool: PgPool) {
         "cloudfoundry {}",
         STANDARD.encode(r#"{"user_id":"a\u0000b"}"#)
     );
+    let cases = [
+        provision_nul_cases(&nul_identity),
+        update_nul_cases(&nul_identity),
+        bind_nul_cases(&nul_identity),
+        berth_api_nul_cases(),
+    ]
+    .concat();
+    assert_unchanged!(app, {
+        for (method, uri, identity, body, field) in cases {
+            let headers: Vec<(&str, &str)> = identity.map(|v| (IDENTITY, v)).into_iter().collect();
+            let d = send(&app, method.clone(), &uri, &headers, body.as_ref())
+                .await
+                .assert_osb_error(StatusCode::BAD_REQUEST, Some("BadRequest"));
+            assert!(
+                d.contains(field) && d.contains("U+0000"),
+                "{method} {uri}: {d:?} should name {field}"
+            );
+        }
+    });
+    // An escaped backslash before `u0000` is ordinary text, not a NUL.
+    let body = with(provision_body(), "context", json!({"path": "C:\\u0000"}));
+    app.provision("i-3", &body).await.operation();
+}
+
+/// NUL in a provision: its guids, context (values, keys, nested), parameters, query and identity.
+fn provision_nul_cases<'a>(identity: &'a str) -> Vec<Case<'a>> {
     let provision = "/v2/service_instances/i-new?accepts_incomplete=true";
-    let patch = "/v2/service_instances/i-2?accepts_incomplete=true";
-    let bind = "/v2/service_instances/i-1/service_bindings/b-1?accepts_incomplete=true";
-    let patch_body = json!({"service_id": PG_SERVICE, "parameters": {"extensions": ["hstore"]}});
     let dedicated = json!({
         "service_id": PG_SERVICE, "plan_id": PG_DEDICATED, "organization_guid": "o", "space_guid": "s",
         "parameters": {"tags": {"k": "v\u{0}"}},
     });
-    let cases: Vec<Case<'_>> = vec![
+    vec![
         (
             Method::PUT,
             provision.into(),
@@ -115,10 +138,18 @@ async fn nul_anywhere_is_400_naming_the_field_and_writes_nothing(pool: PgPool) {
         (
             Method::PUT,
             provision.into(),
-            Some(&nul_identity),
+            Some(identity),
             Some(provision_body()),
             "X-Broker-API-Originating-Identity",
         ),
+    ]
+}
+
+/// NUL in an update: its context and identity.
+fn update_nul_cases<'a>(identity: &'a str) -> Vec<Case<'a>> {
+    let patch = "/v2/service_instances/i-2?accepts_incomplete=true";
+    let patch_body = json!({"service_id": PG_SERVICE, "parameters": {"extensions": ["hstore"]}});
+    vec![
         (
             Method::PATCH,
             patch.into(),
@@ -129,10 +160,17 @@ async fn nul_anywhere_is_400_naming_the_field_and_writes_nothing(pool: PgPool) {
         (
             Method::PATCH,
             patch.into(),
-            Some(&nul_identity),
+            Some(identity),
             Some(patch_body),
             "X-Broker-API-Originating-Identity",
         ),
+    ]
+}
+
+/// NUL in a bind: its app guid, bind resource, context, query and identity.
+fn bind_nul_cases<'a>(identity: &'a str) -> Vec<Case<'a>> {
+    let bind = "/v2/service_instances/i-1/service_bindings/b-1?accepts_incomplete=true";
+    vec![
         (
             Method::PUT,
             bind.into(),
@@ -168,10 +206,16 @@ async fn nul_anywhere_is_400_naming_the_field_and_writes_nothing(pool: PgPool) {
         (
             Method::PUT,
             bind.into(),
-            Some(&nul_identity),
+            Some(identity),
             Some(bind_body()),
             "X-Broker-API-Originating-Identity",
         ),
+    ]
+}
+
+/// NUL in berth's own endpoints: actions, presets, select, switchover, price check.
+fn berth_api_nul_cases<'a>() -> Vec<Case<'a>> {
+    vec![
         (
             Method::PUT,
             "/v2/service_instances/i-1/actions/credentials?webhook=%00".into(),
@@ -221,22 +265,7 @@ async fn nul_anywhere_is_400_naming_the_field_and_writes_nothing(pool: PgPool) {
             None,
             "the query parameter `region`",
         ),
-    ];
-    assert_unchanged!(app, {
-        for (method, uri, identity, body, field) in cases {
-            let headers: Vec<(&str, &str)> = identity.map(|v| (IDENTITY, v)).into_iter().collect();
-            let d = send(&app, method.clone(), &uri, &headers, body.as_ref())
-                .await
-                .assert_osb_error(StatusCode::BAD_REQUEST, Some("BadRequest"));
-            assert!(
-                d.contains(field) && d.contains("U+0000"),
-                "{method} {uri}: {d:?} should name {field}"
-            );
-        }
-    });
-    // An escaped backslash before `u0000` is ordinary text, not a NUL.
-    let body = with(provision_body(), "context", json!({"path": "C:\\u0000"}));
-    app.provision("i-3", &body).await.operation();
+    ]
 }
 
 /// The backstop: any text Postgres refuses to store (a NUL the extractors did not see) is a 400, not a 500.

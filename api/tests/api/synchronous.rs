@@ -4,10 +4,7 @@
 
 use std::time::Duration;
 
-use axum::{
-    body::Body,
-    http::{HeaderValue, Method, StatusCode},
-};
+use axum::http::{HeaderValue, Method, StatusCode};
 use serde_json::{Value, json};
 use sqlx::{Connection, PgPool, Row};
 use uuid::Uuid;
@@ -29,14 +26,23 @@ async fn call_213(app: &TestApp, method: Method, uri: &str, body: Option<&Value>
         .headers_mut()
         .unwrap()
         .insert("x-broker-api-version", HeaderValue::from_static("2.13"));
-    let request = match body {
-        Some(body) => builder
-            .header("content-type", "application/json")
-            .body(Body::from(serde_json::to_vec(body).unwrap()))
-            .unwrap(),
-        None => builder.body(Body::empty()).unwrap(),
-    };
-    app.send(request).await
+    app.send_with_body(builder, body).await
+}
+
+/// A 2.13 bind (the usual body) of `binding` to `instance`.
+async fn bind_213(app: &TestApp, instance: &str, binding: &str) -> TestResponse {
+    call_213(
+        app,
+        Method::PUT,
+        &binding_uri(instance, binding),
+        Some(&bind_body()),
+    )
+    .await
+}
+
+/// A 2.13 unbind of `binding` from `instance`.
+async fn unbind_213(app: &TestApp, instance: &str, binding: &str) -> TestResponse {
+    call_213(app, Method::DELETE, &unbind_uri(instance, binding), None).await
 }
 
 fn binding_uri(instance: &str, binding: &str) -> String {
@@ -152,13 +158,7 @@ async fn bind_and_unbind_without_accepts_incomplete_answer_when_done(pool: PgPoo
 
     finish_soon(&app, "bind", "i-1", Some("b-1"), "succeeded");
     let started = std::time::Instant::now();
-    let res = call_213(
-        &app,
-        Method::PUT,
-        &binding_uri("i-1", "b-1"),
-        Some(&bind_body()),
-    )
-    .await;
+    let res = bind_213(&app, "i-1", "b-1").await;
     assert_eq!(res.status, StatusCode::CREATED, "{res:?}");
     assert_eq!(
         res.body["credentials"],
@@ -171,16 +171,7 @@ async fn bind_and_unbind_without_accepts_incomplete_answer_when_done(pool: PgPoo
     assert_eq!(task_state(&app.pool, "bind", "b-1").await, ["succeeded"]);
 
     // The identical request again: 200 with the same credentials, nothing new recorded.
-    let res = assert_unchanged!(
-        app,
-        call_213(
-            &app,
-            Method::PUT,
-            &binding_uri("i-1", "b-1"),
-            Some(&bind_body())
-        )
-        .await
-    );
+    let res = assert_unchanged!(app, bind_213(&app, "i-1", "b-1").await);
     assert_eq!(res.status, StatusCode::OK, "{res:?}");
     assert_eq!(
         res.body["credentials"],
@@ -188,14 +179,14 @@ async fn bind_and_unbind_without_accepts_incomplete_answer_when_done(pool: PgPoo
     );
 
     finish_soon(&app, "unbind", "i-1", Some("b-1"), "succeeded");
-    let res = call_213(&app, Method::DELETE, &unbind_uri("i-1", "b-1"), None).await;
+    let res = unbind_213(&app, "i-1", "b-1").await;
     assert_eq!(
         (res.status, &res.body),
         (StatusCode::OK, &json!({})),
         "{res:?}"
     );
     // Gone now: 410.
-    let res = call_213(&app, Method::DELETE, &unbind_uri("i-1", "b-1"), None).await;
+    let res = unbind_213(&app, "i-1", "b-1").await;
     assert_eq!(res.status, StatusCode::GONE);
 }
 
@@ -204,13 +195,7 @@ async fn a_failed_synchronous_bind_is_a_500_in_the_osb_shape(pool: PgPool) {
     let app = TestApp::new(pool);
     app.provisioned("i-1").await;
     finish_soon(&app, "bind", "i-1", Some("b-1"), "failed");
-    let res = call_213(
-        &app,
-        Method::PUT,
-        &binding_uri("i-1", "b-1"),
-        Some(&bind_body()),
-    )
-    .await;
+    let res = bind_213(&app, "i-1", "b-1").await;
     let description =
         res.assert_osb_error(StatusCode::INTERNAL_SERVER_ERROR, Some("OperationFailed"));
     assert!(description.contains("the server said no"), "{description}");
@@ -221,19 +206,13 @@ async fn a_bind_that_times_out_is_a_504_and_the_unbind_that_follows_is_accepted(
     let app = TestApp::with_sync_wait(pool, Duration::from_millis(300));
     app.provisioned("i-1").await;
     // Nobody finishes the task: the wait runs out. A 5xx (not 408) so that the platform cleans up.
-    let res = call_213(
-        &app,
-        Method::PUT,
-        &binding_uri("i-1", "b-1"),
-        Some(&bind_body()),
-    )
-    .await;
+    let res = bind_213(&app, "i-1", "b-1").await;
     res.assert_osb_error(StatusCode::GATEWAY_TIMEOUT, Some("OperationTimedOut"));
     assert_eq!(task_state(&app.pool, "bind", "b-1").await, ["pending"]);
 
     // The platform's orphan mitigation: an unbind while the bind is still pending is accepted (recorded; the
     // worker cancels the bind or waits for it), synchronously...
-    let res = call_213(&app, Method::DELETE, &unbind_uri("i-1", "b-1"), None).await;
+    let res = unbind_213(&app, "i-1", "b-1").await;
     res.assert_osb_error(StatusCode::GATEWAY_TIMEOUT, Some("OperationTimedOut"));
     let unbinds = task_state(&app.pool, "unbind", "b-1").await;
     assert_eq!(unbinds, ["pending"]);
@@ -250,7 +229,7 @@ async fn a_bind_that_times_out_is_a_504_and_the_unbind_that_follows_is_accepted(
     // Once the unbind has run, the synchronous retry says so.
     finish_soon(&app, "unbind", "i-1", Some("b-1"), "succeeded");
     let patient = TestApp::with_sync_wait(app.pool.clone(), Duration::from_secs(5));
-    let res = call_213(&patient, Method::DELETE, &unbind_uri("i-1", "b-1"), None).await;
+    let res = unbind_213(&patient, "i-1", "b-1").await;
     assert_eq!(res.status, StatusCode::OK, "{res:?}");
 }
 
@@ -444,13 +423,7 @@ async fn a_lost_listener_wakes_its_waiters_when_back(pool: PgPool) {
         listeners
     });
     let started = std::time::Instant::now();
-    let res = call_213(
-        &app,
-        Method::PUT,
-        &binding_uri("i-1", "b-1"),
-        Some(&bind_body()),
-    )
-    .await;
+    let res = bind_213(&app, "i-1", "b-1").await;
     assert_eq!(
         killer.await.unwrap(),
         1,

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use berth_tests::Stack;
+use berth_tests::{Stack, find_plan, plan_ids};
 use reqwest::Method;
 use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection};
@@ -13,44 +13,12 @@ use sqlx::{Connection, PgConnection};
 const WAIT: Duration = Duration::from_secs(60);
 
 async fn bind(stack: &Stack, path: &str, body: Value) -> Value {
-    let (status, answer) = stack
-        .send(
-            stack
-                .request(Method::PUT, &format!("{path}?accepts_incomplete=true"))
-                .json(&body),
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, 202, "{answer}");
-    let (status, last) = stack
-        .wait_operation(&format!("{path}/last_operation"), WAIT)
-        .await
-        .unwrap();
-    assert_eq!(
-        (status, last["state"].as_str()),
-        (200, Some("succeeded")),
-        "{last}\n{}",
-        stack.logs()
-    );
-    let (status, fetched) = stack.send(stack.request(Method::GET, path)).await.unwrap();
-    assert_eq!(status, 200, "{fetched}");
-    fetched
+    stack.put_until_done(path, &body, WAIT).await;
+    stack.fetch_binding(path).await
 }
 
 async fn unbind(stack: &Stack, path: &str, ids: &(String, String)) {
-    let query = format!(
-        "?service_id={}&plan_id={}&accepts_incomplete=true",
-        ids.0, ids.1
-    );
-    let (status, body) = stack
-        .send(stack.request(Method::DELETE, &format!("{path}{query}")))
-        .await
-        .unwrap();
-    assert_eq!(status, 202, "{body}");
-    let (status, _) = stack
-        .wait_operation(&format!("{path}/last_operation"), WAIT)
-        .await
-        .unwrap();
+    let (status, _) = stack.delete_until_done(path, ids, WAIT).await;
     assert!(status == 410 || status == 200, "unbind ended with {status}");
     let (status, _) = stack.send(stack.request(Method::GET, path)).await.unwrap();
     assert_eq!(status, 404);
@@ -73,22 +41,8 @@ fn url_of(binding: &Value) -> String {
 #[tokio::test]
 async fn shared_binding_rotation_and_expiry() {
     let stack = Stack::start().await.unwrap();
-    let (_, catalog) = stack
-        .send(stack.request(Method::GET, "/v2/catalog"))
-        .await
-        .unwrap();
-    let service = catalog["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "postgres")
-        .unwrap();
-    let plan = service["plans"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "shared")
-        .unwrap();
+    let catalog = stack.catalog().await.unwrap();
+    let plan = find_plan(&catalog, "postgres", "shared");
     assert_eq!(plan["binding_rotatable"], true, "{plan}");
     let expires_in =
         &plan["schemas"]["service_binding"]["create"]["parameters"]["properties"]["expires_in"];
@@ -99,27 +53,17 @@ async fn shared_binding_rotation_and_expiry() {
         ),
         (Some(600), Some(7200))
     );
-    let ids = (
-        service["id"].as_str().unwrap().to_string(),
-        plan["id"].as_str().unwrap().to_string(),
-    );
+    let ids = plan_ids(&catalog, "postgres", "shared");
 
     let instance = uuid::Uuid::new_v4().to_string();
-    let (status, body) = stack
-        .send(stack.request(Method::PUT, &format!("/v2/service_instances/{instance}?accepts_incomplete=true")).json(
-            &json!({"service_id": ids.0, "plan_id": ids.1, "organization_guid": "org", "space_guid": "space"}),
-        ))
-        .await
-        .unwrap();
-    assert_eq!(status, 202, "{body}");
-    let (_, last) = stack
-        .wait_operation(
-            &format!("/v2/service_instances/{instance}/last_operation"),
+    let provision = json!({"service_id": ids.0, "plan_id": ids.1, "organization_guid": "org", "space_guid": "space"});
+    stack
+        .put_until_done(
+            &format!("/v2/service_instances/{instance}"),
+            &provision,
             WAIT,
         )
-        .await
-        .unwrap();
-    assert_eq!(last["state"], "succeeded", "{last}\n{}", stack.logs());
+        .await;
 
     let old_path = format!("/v2/service_instances/{instance}/service_bindings/old");
     let new_path = format!("/v2/service_instances/{instance}/service_bindings/new");
@@ -171,6 +115,26 @@ async fn shared_binding_rotation_and_expiry() {
 
     // The successor expires (moved forward in the broker's database instead of waiting two hours): the
     // worker's reconcile loop revokes it.
+    assert_expired_and_revoked(&stack, &new_path, &new_url).await;
+    // An expired binding cannot be rotated.
+    let (status, body) = stack
+        .send(stack.request(Method::PUT, &format!("/v2/service_instances/{instance}/service_bindings/newer?accepts_incomplete=true"))
+            .json(&json!({"service_id": ids.0, "plan_id": ids.1, "predecessor_binding_id": "new"})))
+        .await
+        .unwrap();
+    assert_eq!(status, 400, "{body}");
+    unbind(&stack, &new_path, &ids).await;
+
+    let (status, _) = stack
+        .delete_until_done(&format!("/v2/service_instances/{instance}"), &ids, WAIT)
+        .await;
+    assert_eq!(status, 410);
+    stack.stop().await;
+}
+
+/// Moves the binding `new`'s expiry to now: the worker's reconcile loop revokes it (its login and open session
+/// end, `revoked_at` is recorded), and GET binding shows the expiry in the past.
+async fn assert_expired_and_revoked(stack: &Stack, new_path: &str, new_url: &str) {
     let mut broker_db = PgConnection::connect(&stack.broker_db_url).await.unwrap();
     sqlx::query(
         "UPDATE service_bindings SET expires_at = now(), renew_before = now() WHERE id = 'new'",
@@ -178,9 +142,9 @@ async fn shared_binding_rotation_and_expiry() {
     .execute(&mut broker_db)
     .await
     .unwrap();
-    let mut session = PgConnection::connect(&new_url).await.unwrap();
+    let mut session = PgConnection::connect(new_url).await.unwrap();
     let deadline = Instant::now() + WAIT;
-    while logs_in(&new_url).await {
+    while logs_in(new_url).await {
         assert!(
             Instant::now() < deadline,
             "the expired binding still logs in\n{}",
@@ -199,7 +163,7 @@ async fn shared_binding_rotation_and_expiry() {
             .unwrap();
     assert!(revoked, "revoked_at recorded");
     let (status, fetched) = stack
-        .send(stack.request(Method::GET, &new_path))
+        .send(stack.request(Method::GET, new_path))
         .await
         .unwrap();
     assert_eq!(status, 200, "{fetched}");
@@ -209,33 +173,4 @@ async fn shared_binding_rotation_and_expiry() {
         .await
         .unwrap();
     assert!(past, "GET binding shows the expiry: {fetched}");
-    // An expired binding cannot be rotated.
-    let (status, body) = stack
-        .send(stack.request(Method::PUT, &format!("/v2/service_instances/{instance}/service_bindings/newer?accepts_incomplete=true"))
-            .json(&json!({"service_id": ids.0, "plan_id": ids.1, "predecessor_binding_id": "new"})))
-        .await
-        .unwrap();
-    assert_eq!(status, 400, "{body}");
-    unbind(&stack, &new_path, &ids).await;
-
-    let (status, _) = stack
-        .send(stack.request(
-            Method::DELETE,
-            &format!(
-                "/v2/service_instances/{instance}?service_id={}&plan_id={}&accepts_incomplete=true",
-                ids.0, ids.1
-            ),
-        ))
-        .await
-        .unwrap();
-    assert_eq!(status, 202);
-    let (status, _) = stack
-        .wait_operation(
-            &format!("/v2/service_instances/{instance}/last_operation"),
-            WAIT,
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, 410);
-    stack.stop().await;
 }

@@ -247,17 +247,7 @@ async fn kill_9_of_workers_and_a_postgres_restart_under_load_lose_and_duplicate_
         ("WORKER_POLL_MS", "200".into()),
         ("RUST_LOG", "warn".into()),
     ];
-    let api_log = std::fs::File::create(dir.join("api.log")).unwrap();
-    let mut api = Command::new(bin_dir().join("berth-api"))
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .stdout(api_log.try_clone().unwrap())
-        .stderr(api_log)
-        .kill_on_drop(true)
-        .spawn()
-        .expect("starting berth-api");
-    let client =
-        OsbClient::new(format!("http://127.0.0.1:{port}"), "chaos".into(), password).unwrap();
-    client.wait_healthy(Duration::from_secs(60)).await.unwrap();
+    let (mut api, client) = start_api(&env, &dir, port, password).await;
 
     // The chaos: one worker killed and replaced every 300 ms, alternately, until told to stop (and at least KILLS).
     let stop = Arc::new(AtomicBool::new(false));
@@ -326,7 +316,79 @@ async fn kill_9_of_workers_and_a_postgres_restart_under_load_lose_and_duplicate_
         server_objects(&server_url).await,
         (INSTANCES as i64, INSTANCES as i64, BINDINGS as i64)
     );
-    for (instance, binding) in &bindings {
+    assert_every_binding_logs_in(&client, &bindings).await;
+
+    // 3. Unbinds, then deprovisions.
+    let paths = bindings
+        .iter()
+        .map(|(i, b)| format!("/v2/service_instances/{i}/service_bindings/{b}?{delete_query}"))
+        .collect();
+    send_all(&client, Method::DELETE, paths, None).await;
+    assert_eq!(
+        settled(&broker_url, "unbind", BINDINGS as i64).await,
+        (BINDINGS as i64, 0)
+    );
+    let paths = instances
+        .iter()
+        .map(|i| format!("/v2/service_instances/{i}?{delete_query}"))
+        .collect();
+    send_all(&client, Method::DELETE, paths, None).await;
+
+    stop.store(true, Ordering::SeqCst);
+    let (mut workers, kills) = killer.await.unwrap();
+    let revived = workers.revive();
+    assert_eq!(
+        settled(&broker_url, "deprovision", INSTANCES as i64).await,
+        (INSTANCES as i64, 0)
+    );
+
+    // Nothing left behind, on the server or in the broker; one task per accepted operation.
+    let operations = assert_nothing_left_and_one_task_each(&broker_url, &server_url).await;
+    let rerun = count(
+        &broker_url,
+        "SELECT count(*) FROM tasks WHERE operation IS NOT NULL AND attempts > 1",
+    )
+    .await;
+    assert!(kills >= KILLS);
+    eprintln!(
+        "chaos: {INSTANCES} provisions, {BINDINGS} binds, {BINDINGS} unbinds, {INSTANCES} deprovisions under {kills} \
+         kill -9s of workers and 1 Postgres restart: {operations} tasks, all succeeded, none duplicated, \
+         {rerun} run again after a kill, {revived} workers exited by themselves, nothing left; {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    for child in workers.children.iter_mut().chain(std::iter::once(&mut api)) {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+    }
+    let _ = pg.stop().await;
+}
+
+/// Starts `berth-api` with `env` (its log in `dir/api.log`) and waits until it is healthy.
+async fn start_api(
+    env: &[(&'static str, String)],
+    dir: &std::path::Path,
+    port: u16,
+    password: String,
+) -> (Child, OsbClient) {
+    let api_log = std::fs::File::create(dir.join("api.log")).unwrap();
+    let api = Command::new(bin_dir().join("berth-api"))
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(api_log.try_clone().unwrap())
+        .stderr(api_log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starting berth-api");
+    let client =
+        OsbClient::new(format!("http://127.0.0.1:{port}"), "chaos".into(), password).unwrap();
+    client.wait_healthy(Duration::from_secs(60)).await.unwrap();
+    (api, client)
+}
+
+/// Every binding's credentials log in (a pooled connection the restart broke fails its next request with 503,
+/// which a platform retries).
+async fn assert_every_binding_logs_in(client: &OsbClient, bindings: &[(String, String)]) {
+    for (instance, binding) in bindings {
         let path = format!("/v2/service_instances/{instance}/service_bindings/{binding}");
         // A pooled connection the restart broke fails its next request with 503 (the pool does not ping before
         // each checkout), which a platform retries.
@@ -357,47 +419,25 @@ async fn kill_9_of_workers_and_a_postgres_restart_under_load_lose_and_duplicate_
             .unwrap();
         assert_eq!(one, 1);
     }
+}
 
-    // 3. Unbinds, then deprovisions.
-    let paths = bindings
-        .iter()
-        .map(|(i, b)| format!("/v2/service_instances/{i}/service_bindings/{b}?{delete_query}"))
-        .collect();
-    send_all(&client, Method::DELETE, paths, None).await;
+/// Nothing left behind, on the server or in the broker; one task per accepted operation. Returns the task count.
+async fn assert_nothing_left_and_one_task_each(broker_url: &str, server_url: &str) -> i64 {
     assert_eq!(
-        settled(&broker_url, "unbind", BINDINGS as i64).await,
-        (BINDINGS as i64, 0)
-    );
-    let paths = instances
-        .iter()
-        .map(|i| format!("/v2/service_instances/{i}?{delete_query}"))
-        .collect();
-    send_all(&client, Method::DELETE, paths, None).await;
-
-    stop.store(true, Ordering::SeqCst);
-    let (mut workers, kills) = killer.await.unwrap();
-    let revived = workers.revive();
-    assert_eq!(
-        settled(&broker_url, "deprovision", INSTANCES as i64).await,
-        (INSTANCES as i64, 0)
-    );
-
-    // Nothing left behind, on the server or in the broker.
-    assert_eq!(
-        server_objects(&server_url).await,
+        server_objects(server_url).await,
         (0, 0, 0),
         "an orphan on the plan's server"
     );
     assert_eq!(
-        count(&broker_url, "SELECT count(*) FROM service_instances").await,
+        count(broker_url, "SELECT count(*) FROM service_instances").await,
         0
     );
     assert_eq!(
-        count(&broker_url, "SELECT count(*) FROM service_bindings").await,
+        count(broker_url, "SELECT count(*) FROM service_bindings").await,
         0
     );
     let operations = count(
-        &broker_url,
+        broker_url,
         "SELECT count(*) FROM tasks WHERE operation IS NOT NULL",
     )
     .await;
@@ -406,22 +446,5 @@ async fn kill_9_of_workers_and_a_postgres_restart_under_load_lose_and_duplicate_
         (2 * INSTANCES + 2 * BINDINGS) as i64,
         "one task per accepted operation"
     );
-    let rerun = count(
-        &broker_url,
-        "SELECT count(*) FROM tasks WHERE operation IS NOT NULL AND attempts > 1",
-    )
-    .await;
-    assert!(kills >= KILLS);
-    eprintln!(
-        "chaos: {INSTANCES} provisions, {BINDINGS} binds, {BINDINGS} unbinds, {INSTANCES} deprovisions under {kills} \
-         kill -9s of workers and 1 Postgres restart: {operations} tasks, all succeeded, none duplicated, \
-         {rerun} run again after a kill, {revived} workers exited by themselves, nothing left; {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
-
-    for child in workers.children.iter_mut().chain(std::iter::once(&mut api)) {
-        let _ = child.start_kill();
-        let _ = child.wait().await;
-    }
-    let _ = pg.stop().await;
+    operations
 }

@@ -3,111 +3,61 @@ use std::{
     time::{Duration, Instant},
 };
 
-use berth_tests::{Stack, processes_in};
-use reqwest::Method;
+use berth_tests::{Stack, plan_ids, postmaster_pid, processes_under};
 use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection};
 
 /// initdb and the first start take a few seconds on a busy 2-core machine; leave room.
 const WAIT: Duration = Duration::from_secs(180);
 
-fn dedicated_ids(catalog: &Value) -> (String, String) {
-    let service = catalog["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "postgres")
-        .expect("postgres service in the catalog");
-    let plan = service["plans"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "dedicated")
-        .expect("dedicated plan in the catalog (LOCAL_ENGINE=on)");
-    (
-        service["id"].as_str().unwrap().into(),
-        plan["id"].as_str().unwrap().into(),
-    )
-}
-
-fn postmaster_pid(data: &Path) -> Option<u32> {
-    std::fs::read_to_string(data.join("postmaster.pid"))
-        .ok()?
-        .lines()
-        .next()?
-        .trim()
-        .parse()
-        .ok()
-}
-
-async fn instance_details(stack: &Stack, instance: &str) -> Value {
-    let mut db = PgConnection::connect(&stack.broker_db_url).await.unwrap();
-    let details: Value = sqlx::query_scalar("SELECT details FROM service_instances WHERE id = $1")
-        .bind(instance)
-        .fetch_one(&mut db)
-        .await
-        .unwrap();
-    db.close().await.unwrap();
-    details
-}
-
 #[tokio::test]
 async fn dedicated_server_survives_a_killed_postmaster_and_leaves_nothing_behind() {
     let stack = Stack::start().await.unwrap();
-    let (_, catalog) = stack
-        .send(stack.request(Method::GET, "/v2/catalog"))
-        .await
-        .unwrap();
-    let ids = dedicated_ids(&catalog);
+    let ids = plan_ids(&stack.catalog().await.unwrap(), "postgres", "dedicated");
     let instance = uuid::Uuid::new_v4().to_string();
     let base = format!("/v2/service_instances/{instance}");
 
     // Provision a dedicated server.
-    let (status, body) = stack
-        .send(stack.request(Method::PUT, &format!("{base}?accepts_incomplete=true")).json(&json!({
-            "service_id": ids.0, "plan_id": ids.1, "organization_guid": "org", "space_guid": "space",
-            "parameters": {"tuning_profile": "web", "extensions": ["pgcrypto"], "app_db_name": "orders"},
-        })))
-        .await
-        .unwrap();
-    assert_eq!(status, 202, "{body}");
-    let (status, last) = stack
-        .wait_operation(&format!("{base}/last_operation"), WAIT)
-        .await
-        .unwrap();
-    assert_eq!(
-        (status, last["state"].as_str()),
-        (200, Some("succeeded")),
-        "{last}\n{}",
-        stack.logs()
-    );
+    let provision = json!({
+        "service_id": ids.0, "plan_id": ids.1, "organization_guid": "org", "space_guid": "space",
+        "parameters": {"tuning_profile": "web", "extensions": ["pgcrypto"], "app_db_name": "orders"},
+    });
+    stack.put_until_done(&base, &provision, WAIT).await;
 
     // Bind and connect over TLS with DATABASE_URL.
     let path = format!("{base}/service_bindings/app");
-    let (status, body) = stack
-        .send(
-            stack
-                .request(Method::PUT, &format!("{path}?accepts_incomplete=true"))
-                .json(&json!({
-                    "service_id": ids.0, "plan_id": ids.1, "app_guid": "app-1",
-                })),
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, 202, "{body}");
-    let (status, last) = stack
-        .wait_operation(&format!("{path}/last_operation"), WAIT)
-        .await
-        .unwrap();
-    assert_eq!(
-        (status, last["state"].as_str()),
-        (200, Some("succeeded")),
-        "{last}\n{}",
-        stack.logs()
+    let bind = json!({ "service_id": ids.0, "plan_id": ids.1, "app_guid": "app-1" });
+    stack.put_until_done(&path, &bind, WAIT).await;
+    let url = connect_over_tls_and_keep_a_row(&stack.fetch_credentials(&path).await).await;
+
+    // kill -9 the postmaster: the worker's reconcile loop starts the server again.
+    let root = stack.servers_dir.join(broker::names::instance_server(
+        &stack.name_prefix,
+        &instance,
+    ));
+    let data = root.join("data");
+    kill_the_postmaster_and_wait_for_its_return(&stack, &instance, &data, &url).await;
+
+    // Unbind, then deprovision: no process and no files are left.
+    let (status, _) = stack.delete_until_done(&path, &ids, WAIT).await;
+    assert!(status == 410 || status == 200, "unbind ended with {status}");
+    assert!(
+        PgConnection::connect(&url).await.is_err(),
+        "an unbound role still logs in"
     );
-    let (status, fetched) = stack.send(stack.request(Method::GET, &path)).await.unwrap();
-    assert_eq!(status, 200, "{fetched}");
-    let creds = &fetched["credentials"];
+    let (status, last) = stack.delete_until_done(&base, &ids, WAIT).await;
+    assert_eq!(status, 410, "{last}\n{}", stack.logs());
+    assert!(
+        processes_under(&data).is_empty(),
+        "a server process survived deprovision"
+    );
+    assert!(!root.exists(), "{} survived deprovision", root.display());
+    stack.stop().await;
+}
+
+/// The binding's credentials are complete; DATABASE_URL connects over TLS only, pgcrypto is there, and the table
+/// `kept` gets a row. Returns DATABASE_URL.
+async fn connect_over_tls_and_keep_a_row(creds: &Value) -> String {
     for key in [
         "DATABASE_URL",
         "uri",
@@ -140,32 +90,34 @@ async fn dedicated_server_survives_a_killed_postmaster_and_leaves_nothing_behind
         PgConnection::connect(&plain).await.is_err(),
         "a connection without TLS was accepted"
     );
+    url
+}
 
-    // kill -9 the postmaster: the worker's reconcile loop starts the server again.
-    let root = stack.servers_dir.join(broker::names::instance_server(
-        &stack.name_prefix,
-        &instance,
-    ));
-    let data = root.join("data");
-    let killed = postmaster_pid(&data).expect("postmaster.pid");
+/// kill -9 of the postmaster in `data`; back means: a new postmaster, the restart recorded (committed just after
+/// the start), and DATABASE_URL working again with the data intact.
+async fn kill_the_postmaster_and_wait_for_its_return(
+    stack: &Stack,
+    instance: &str,
+    data: &Path,
+    url: &str,
+) {
+    let killed = postmaster_pid(data).expect("postmaster.pid");
     let status = std::process::Command::new("kill")
         .arg("-KILL")
         .arg(killed.to_string())
         .status()
         .unwrap();
     assert!(status.success());
-    // Back means: a new postmaster, the restart recorded (committed just after the start), and DATABASE_URL
-    // working again with the data intact.
     let deadline = Instant::now() + WAIT;
     loop {
-        let restarted = postmaster_pid(&data).is_some_and(|pid| pid != killed);
-        let recorded = instance_details(&stack, &instance).await["restarts"]
+        let restarted = postmaster_pid(data).is_some_and(|pid| pid != killed);
+        let recorded = stack.instance_details(instance).await["restarts"]
             .as_i64()
             .unwrap_or(0)
             >= 1;
         if restarted
             && recorded
-            && let Ok(mut conn) = PgConnection::connect(&url).await
+            && let Ok(mut conn) = PgConnection::connect(url).await
         {
             let kept: i32 = sqlx::query_scalar("SELECT id FROM kept")
                 .fetch_one(&mut conn)
@@ -182,55 +134,10 @@ async fn dedicated_server_survives_a_killed_postmaster_and_leaves_nothing_behind
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let details = instance_details(&stack, &instance).await;
+    let details = stack.instance_details(instance).await;
     assert!(details["last_recovered_at"].is_string(), "{details}");
     assert!(
         stack.log("worker.log").contains("starting it"),
         "the restart is logged"
     );
-
-    // Unbind, then deprovision: no process and no files are left.
-    let (status, body) = stack
-        .send(stack.request(
-            Method::DELETE,
-            &format!(
-                "{path}?service_id={}&plan_id={}&accepts_incomplete=true",
-                ids.0, ids.1
-            ),
-        ))
-        .await
-        .unwrap();
-    assert_eq!(status, 202, "{body}");
-    let (status, _) = stack
-        .wait_operation(&format!("{path}/last_operation"), WAIT)
-        .await
-        .unwrap();
-    assert!(status == 410 || status == 200, "unbind ended with {status}");
-    assert!(
-        PgConnection::connect(&url).await.is_err(),
-        "an unbound role still logs in"
-    );
-
-    let (status, body) = stack
-        .send(stack.request(
-            Method::DELETE,
-            &format!(
-                "{base}?service_id={}&plan_id={}&accepts_incomplete=true",
-                ids.0, ids.1
-            ),
-        ))
-        .await
-        .unwrap();
-    assert_eq!(status, 202, "{body}");
-    let (status, last) = stack
-        .wait_operation(&format!("{base}/last_operation"), WAIT)
-        .await
-        .unwrap();
-    assert_eq!(status, 410, "{last}\n{}", stack.logs());
-    assert!(
-        processes_in(&data).is_empty(),
-        "a server process survived deprovision"
-    );
-    assert!(!root.exists(), "{} survived deprovision", root.display());
-    stack.stop().await;
 }

@@ -10,7 +10,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use berth_tests::{OsbClient, TestFolder, bin_dir, free_port, processes_under, repo_dir};
+use berth_tests::{
+    OsbClient, TestFolder, bin_dir, free_port, kill_all, plan_ids, processes_under, repo_dir,
+};
 use reqwest::Method;
 use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection};
@@ -189,24 +191,7 @@ async fn embedded_default_from_nothing_to_a_working_database_and_back() {
     // A shared database, provisioned and bound through the embedded worker.
     let (status, catalog) = first.send(first.request(Method::GET, "/v2/catalog")).await;
     assert_eq!(status, 200, "{catalog}");
-    let service = catalog["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "postgres")
-        .unwrap()
-        .clone();
-    let plan = service["plans"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "shared")
-        .unwrap()
-        .clone();
-    let (service_id, plan_id) = (
-        service["id"].as_str().unwrap(),
-        plan["id"].as_str().unwrap(),
-    );
+    let (service_id, plan_id) = plan_ids(&catalog, "postgres", "shared");
     let (status, body) = first
         .send(first.request(Method::PUT, "/v2/service_instances/emb-1?accepts_incomplete=true").json(&json!({
             "service_id": service_id, "plan_id": plan_id, "organization_guid": "o", "space_guid": "s",
@@ -388,12 +373,7 @@ async fn a_second_start_in_the_same_folder_is_refused_and_a_killed_first_blocks_
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // And everything else it started: its lock goes with it, so the next start works.
-    for pid in processes_under(&dir) {
-        let _ = std::process::Command::new("kill")
-            .arg("-KILL")
-            .arg(pid.to_string())
-            .status();
-    }
+    kill_all(processes_under(&dir));
     let deadline = Instant::now() + Duration::from_secs(10);
     while !processes_under(&dir).is_empty() {
         assert!(

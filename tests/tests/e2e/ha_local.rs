@@ -4,12 +4,12 @@
 //! the reconcile loop, switches over on request, scales 3 → 5 → 3, and leaves nothing behind.
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use berth_tests::{Stack, processes_under};
+use berth_tests::{Stack, kill_all, plan_ids, postmaster_pid, processes_under};
 use reqwest::Method;
 use serde_json::{Value, json};
 use sqlx::{
@@ -19,36 +19,6 @@ use sqlx::{
 
 /// Cluster bootstraps and base backups on a busy 2-core machine: leave room.
 const WAIT: Duration = Duration::from_secs(300);
-
-fn ha_ids(catalog: &Value) -> (String, String) {
-    let service = catalog["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "postgres")
-        .unwrap();
-    let plan = service["plans"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "ha")
-        .expect("ha plan in the catalog (LOCAL_ENGINE=on)");
-    (
-        service["id"].as_str().unwrap().into(),
-        plan["id"].as_str().unwrap().into(),
-    )
-}
-
-async fn details(stack: &Stack, instance: &str) -> Value {
-    let mut db = PgConnection::connect(&stack.broker_db_url).await.unwrap();
-    let details: Value = sqlx::query_scalar("SELECT details FROM service_instances WHERE id = $1")
-        .bind(instance)
-        .fetch_one(&mut db)
-        .await
-        .unwrap();
-    db.close().await.unwrap();
-    details
-}
 
 /// The cluster's folder and what it remembers (ports, members, passwords), as the engine wrote them.
 struct ClusterFiles {
@@ -194,15 +164,6 @@ fn run_psql(url: &str, sql: &str) -> Result<String, String> {
     }
 }
 
-fn kill9(pids: &[u32]) {
-    for pid in pids {
-        let _ = std::process::Command::new("kill")
-            .arg("-KILL")
-            .arg(pid.to_string())
-            .status();
-    }
-}
-
 fn patroni_pid(files: &ClusterFiles, member: &str) -> Vec<u32> {
     let config = files.root.join(member).join("patroni.yml");
     let config = config.as_os_str().as_encoded_bytes().to_vec();
@@ -218,34 +179,10 @@ fn patroni_pid(files: &ClusterFiles, member: &str) -> Vec<u32> {
         .collect()
 }
 
-fn postmaster_pid(data: &Path) -> Option<u32> {
-    std::fs::read_to_string(data.join("postmaster.pid"))
-        .ok()?
-        .lines()
-        .next()?
-        .trim()
-        .parse()
-        .ok()
-}
-
-async fn operation_succeeds(stack: &Stack, path: &str) {
-    let (status, last) = stack.wait_operation(path, WAIT).await.unwrap();
-    assert_eq!(
-        (status, last["state"].as_str()),
-        (200, Some("succeeded")),
-        "{last}\n{}",
-        stack.logs()
-    );
-}
-
 #[tokio::test]
 async fn ha_cluster_fails_over_heals_switches_scales_and_leaves_nothing() {
     let stack = Stack::start().await.unwrap();
-    let (_, catalog) = stack
-        .send(stack.request(Method::GET, "/v2/catalog"))
-        .await
-        .unwrap();
-    let ids = ha_ids(&catalog);
+    let ids = plan_ids(&stack.catalog().await.unwrap(), "postgres", "ha");
     let instance = uuid::Uuid::new_v4().to_string();
     let base = format!("/v2/service_instances/{instance}");
     let files = ClusterFiles {
@@ -266,17 +203,98 @@ async fn ha_cluster_fails_over_heals_switches_scales_and_leaves_nothing() {
     assert_eq!(status, 400, "{body}");
 
     // Provision: 3 members, synchronous.
-    let (status, body) = stack
-        .send(stack.request(Method::PUT, &format!("{base}?accepts_incomplete=true")).json(&json!({
-            "service_id": ids.0, "plan_id": ids.1, "organization_guid": "org", "space_guid": "space",
-            "parameters": {"members": 3, "synchronous": true, "extensions": ["pgcrypto"]},
-        })))
-        .await
-        .unwrap();
-    assert_eq!(status, 202, "{body}");
-    operation_succeeds(&stack, &format!("{base}/last_operation")).await;
+    let provision = json!({
+        "service_id": ids.0, "plan_id": ids.1, "organization_guid": "org", "space_guid": "space",
+        "parameters": {"members": 3, "synchronous": true, "extensions": ["pgcrypto"]},
+    });
+    stack.put_until_done(&base, &provision, WAIT).await;
     let first_leader = wait_healthy(&stack, &files, 3).await;
-    let recorded = details(&stack, &instance).await;
+    assert_a_synchronous_tls_only_cluster(&stack, &files, &instance, &first_leader).await;
+
+    // Bind: multi-host URLs, endpoints for every member.
+    let binding = format!("{base}/service_bindings/app");
+    let bind = json!({ "service_id": ids.0, "plan_id": ids.1, "app_guid": "app-1" });
+    stack.put_until_done(&binding, &bind, WAIT).await;
+    let fetched = stack.fetch_binding(&binding).await;
+    let creds = &fetched["credentials"];
+    let url = assert_multi_host_urls(&fetched);
+
+    // A writer commits rows one by one on the primary while its Patroni and postmaster die (kill -9); a new
+    // primary takes writes through the same DATABASE_URL with every acknowledged write.
+    let (acked, killed_at) = kill_the_primary_under_a_writer(&files, &first_leader, creds).await;
+    assert_a_new_primary_has_every_acked_write(&stack, &url, &acked, killed_at).await;
+
+    // The reconcile loop brings the dead member back: 3 healthy members again, the new primary recorded.
+    let healed_leader = wait_healthy(&stack, &files, 3).await;
+    assert_ne!(
+        healed_leader, first_leader,
+        "the crashed primary came back as a replica"
+    );
+    wait_for_the_recovery_record(&stack, &instance, &first_leader, &healed_leader).await;
+    assert_eq!(
+        patroni_pid(&files, &first_leader).len(),
+        1,
+        "the crashed member's Patroni runs again"
+    );
+
+    // Switchover through berth's endpoint: auth required, unknown candidates refused, then any healthy replica.
+    request_a_switchover(&stack, &instance).await;
+    let switched = wait_healthy(&stack, &files, 3).await;
+    assert_ne!(switched, healed_leader, "the switchover moved the primary");
+    assert_eq!(
+        stack.instance_details(&instance).await["primary"],
+        switched.as_str()
+    );
+    assert!(
+        run_psql(&url, "INSERT INTO acked VALUES (-2)").is_ok(),
+        "DATABASE_URL follows the switchover"
+    );
+
+    // Scale 3 → 5 → 3, one member at a time.
+    scale_three_to_five_to_three(&stack, &files, &instance, &ids).await;
+    assert_eq!(
+        run_psql(&url, "SELECT count(*) > 0 FROM acked").unwrap(),
+        "t",
+        "the data survived the scaling"
+    );
+
+    // Unbind and deprovision: no process, port or file is left.
+    let ports = files.all_ports();
+    let (status, _) = stack.delete_until_done(&binding, &ids, WAIT).await;
+    assert!(status == 200 || status == 410);
+    assert!(
+        run_psql(&url, "SELECT 1").is_err(),
+        "an unbound role still logs in"
+    );
+    let (status, last) = stack.delete_until_done(&base, &ids, WAIT).await;
+    assert_eq!(status, 410, "{last}\n{}", stack.logs());
+    assert!(
+        !files.root.exists(),
+        "{} survived deprovision",
+        files.root.display()
+    );
+    assert!(
+        processes_under(&files.root).is_empty(),
+        "a cluster process survived deprovision"
+    );
+    for port in ports {
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "port {port} still listens"
+        );
+    }
+    stack.stop().await;
+}
+
+/// Recorded with 3 members, synchronous, a short TTL; the leader is a primary naming a synchronous standby,
+/// admitting only TLS from 127.0.0.1; the superuser's password is in no log.
+async fn assert_a_synchronous_tls_only_cluster(
+    stack: &Stack,
+    files: &ClusterFiles,
+    instance: &str,
+    leader: &str,
+) {
+    let recorded = stack.instance_details(instance).await;
     assert_eq!(
         recorded["members"].as_array().unwrap().len(),
         3,
@@ -287,7 +305,7 @@ async fn ha_cluster_fails_over_heals_switches_scales_and_leaves_nothing() {
         recorded["patroni"]["ttl"].as_u64().unwrap() <= 10,
         "{recorded}"
     );
-    let leader_port = files.member(&first_leader)["pg_port"].as_u64().unwrap() as u16;
+    let leader_port = files.member(leader)["pg_port"].as_u64().unwrap() as u16;
     let mut su = files.superuser(leader_port).await;
     let in_recovery: bool = sqlx::query_scalar("SELECT pg_is_in_recovery()")
         .fetch_one(&mut su)
@@ -312,7 +330,7 @@ async fn ha_cluster_fails_over_heals_switches_scales_and_leaves_nothing() {
         "pg_hba admits only TLS from 127.0.0.1: {hba:?}"
     );
     su.close().await.unwrap();
-    let log = std::fs::read_to_string(files.root.join(format!("{first_leader}/patroni.log")))
+    let log = std::fs::read_to_string(files.root.join(format!("{leader}/patroni.log")))
         .unwrap_or_default();
     assert!(
         !log.contains(&files.superuser_password()),
@@ -322,26 +340,11 @@ async fn ha_cluster_fails_over_heals_switches_scales_and_leaves_nothing() {
         !stack.logs().contains(&files.superuser_password()),
         "a password reached berth's logs"
     );
+}
 
-    // Bind: multi-host URLs, endpoints for every member.
-    let binding = format!("{base}/service_bindings/app");
-    let (status, body) = stack
-        .send(
-            stack
-                .request(Method::PUT, &format!("{binding}?accepts_incomplete=true"))
-                .json(&json!({
-                    "service_id": ids.0, "plan_id": ids.1, "app_guid": "app-1",
-                })),
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, 202, "{body}");
-    operation_succeeds(&stack, &format!("{binding}/last_operation")).await;
-    let (status, fetched) = stack
-        .send(stack.request(Method::GET, &binding))
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{fetched}");
+/// The binding's DATABASE_URL names all 3 members and reaches the primary; its read-only URL prefers a standby;
+/// endpoints for every member and the CA come with it. Creates the table `acked` (row 0); returns DATABASE_URL.
+fn assert_multi_host_urls(fetched: &Value) -> String {
     let creds = &fetched["credentials"];
     let url = creds["DATABASE_URL"].as_str().unwrap().to_string();
     let readonly_url = creds["DATABASE_READONLY_URL"].as_str().unwrap().to_string();
@@ -382,8 +385,16 @@ async fn ha_cluster_fails_over_heals_switches_scales_and_leaves_nothing() {
         "t",
         "the read-only URL prefers a standby"
     );
+    url
+}
 
-    // A writer commits rows one by one on the primary; every acknowledged id is remembered.
+/// Starts a writer committing rows one by one on the primary, then kill -9s the primary's Patroni and postmaster;
+/// returns every id the primary acknowledged and when it was killed.
+async fn kill_the_primary_under_a_writer(
+    files: &ClusterFiles,
+    leader: &str,
+    creds: &Value,
+) -> (Vec<i32>, Instant) {
     let primary_port: u16 = creds["endpoints"]["primary"]
         .as_str()
         .unwrap()
@@ -418,13 +429,12 @@ async fn ha_cluster_fails_over_heals_switches_scales_and_leaves_nothing() {
     };
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
-    // kill -9 the primary's Patroni and postmaster.
-    let data = files.root.join(&first_leader).join("data");
-    let mut victims = patroni_pid(&files, &first_leader);
-    assert_eq!(victims.len(), 1, "one Patroni for {first_leader}");
+    let data = files.root.join(leader).join("data");
+    let mut victims = patroni_pid(files, leader);
+    assert_eq!(victims.len(), 1, "one Patroni for {leader}");
     victims.push(postmaster_pid(&data).expect("the primary's postmaster.pid"));
     let killed_at = Instant::now();
-    kill9(&victims);
+    kill_all(victims);
     tokio::time::timeout(Duration::from_secs(30), writer)
         .await
         .expect("the writer stops with the primary")
@@ -435,10 +445,18 @@ async fn ha_cluster_fails_over_heals_switches_scales_and_leaves_nothing() {
         "the writer committed rows before the crash ({})",
         acked.len()
     );
+    (acked, killed_at)
+}
 
-    // A new primary takes writes through the same DATABASE_URL.
+/// A new primary takes writes through DATABASE_URL within 2 minutes, and no acknowledged write was lost.
+async fn assert_a_new_primary_has_every_acked_write(
+    stack: &Stack,
+    url: &str,
+    acked: &[i32],
+    killed_at: Instant,
+) {
     loop {
-        if run_psql(&url, "INSERT INTO acked VALUES (-1)").is_ok() {
+        if run_psql(url, "INSERT INTO acked VALUES (-1)").is_ok() {
             break;
         }
         assert!(
@@ -458,7 +476,7 @@ async fn ha_cluster_fails_over_heals_switches_scales_and_leaves_nothing() {
         .collect::<Vec<_>>()
         .join(",");
     let present = run_psql(
-        &url,
+        url,
         &format!("SELECT count(*) FROM acked WHERE id IN ({list})"),
     )
     .unwrap();
@@ -467,20 +485,17 @@ async fn ha_cluster_fails_over_heals_switches_scales_and_leaves_nothing() {
         acked.len().to_string(),
         "an acknowledged write was lost in the failover"
     );
+}
 
-    // The reconcile loop brings the dead member back: 3 healthy members again, the new primary recorded.
-    let healed_leader = wait_healthy(&stack, &files, 3).await;
-    assert_ne!(
-        healed_leader, first_leader,
-        "the crashed primary came back as a replica"
-    );
+/// Waits until the instance's details record the crashed member as recovered and the new primary.
+async fn wait_for_the_recovery_record(stack: &Stack, instance: &str, crashed: &str, primary: &str) {
     let deadline = Instant::now() + WAIT;
     loop {
-        let recorded = details(&stack, &instance).await;
+        let recorded = stack.instance_details(instance).await;
         let restored = recorded["last_recovered"]
             .as_array()
-            .is_some_and(|r| r.iter().any(|m| m == first_leader.as_str()));
-        if restored && recorded["primary"] == healed_leader.as_str() {
+            .is_some_and(|r| r.iter().any(|m| m == crashed));
+        if restored && recorded["primary"] == primary {
             break;
         }
         assert!(
@@ -490,13 +505,11 @@ async fn ha_cluster_fails_over_heals_switches_scales_and_leaves_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    assert_eq!(
-        patroni_pid(&files, &first_leader).len(),
-        1,
-        "the crashed member's Patroni runs again"
-    );
+}
 
-    // Switchover through berth's endpoint: auth required, unknown candidates refused, then any healthy replica.
+/// POSTs berth's switchover endpoint: refused without auth and for an unknown candidate; then accepted
+/// (any healthy replica) and waited for.
+async fn request_a_switchover(stack: &Stack, instance: &str) {
     let switchover = format!("/berth/v1/instances/{instance}/switchover");
     let anonymous = stack
         .http
@@ -519,19 +532,20 @@ async fn ha_cluster_fails_over_heals_switches_scales_and_leaves_nothing() {
         .await
         .unwrap();
     assert_eq!(status, 202, "{body}");
-    operation_succeeds(&stack, &format!("{base}/last_operation")).await;
-    let switched = wait_healthy(&stack, &files, 3).await;
-    assert_ne!(switched, healed_leader, "the switchover moved the primary");
-    assert_eq!(
-        details(&stack, &instance).await["primary"],
-        switched.as_str()
-    );
-    assert!(
-        run_psql(&url, "INSERT INTO acked VALUES (-2)").is_ok(),
-        "DATABASE_URL follows the switchover"
-    );
+    stack
+        .wait_succeeded(&format!("/v2/service_instances/{instance}"), WAIT)
+        .await;
+}
 
-    // Scale 3 → 5 → 3, one member at a time.
+/// Updates the member count to 5, then back to 3; each time the cluster is healthy with that many members,
+/// recorded; the removed members' Patroni no longer runs.
+async fn scale_three_to_five_to_three(
+    stack: &Stack,
+    files: &ClusterFiles,
+    instance: &str,
+    ids: &(String, String),
+) {
+    let base = format!("/v2/service_instances/{instance}");
     for members in [5, 3] {
         let (status, body) = stack
             .send(
@@ -544,11 +558,11 @@ async fn ha_cluster_fails_over_heals_switches_scales_and_leaves_nothing() {
             .await
             .unwrap();
         assert_eq!(status, 202, "{body}");
-        operation_succeeds(&stack, &format!("{base}/last_operation")).await;
-        wait_healthy(&stack, &files, members).await;
+        stack.wait_succeeded(&base, WAIT).await;
+        wait_healthy(stack, files, members).await;
         assert_eq!(files.state()["members"].as_array().unwrap().len(), members);
         assert_eq!(
-            details(&stack, &instance).await["members"]
+            stack.instance_details(instance).await["members"]
                 .as_array()
                 .unwrap()
                 .len(),
@@ -563,68 +577,8 @@ async fn ha_cluster_fails_over_heals_switches_scales_and_leaves_nothing() {
             .all(|x| x["name"] != **m)
     }) {
         assert!(
-            patroni_pid(&files, removed).is_empty(),
+            patroni_pid(files, removed).is_empty(),
             "removed member {removed} still runs"
         );
     }
-    assert_eq!(
-        run_psql(&url, "SELECT count(*) > 0 FROM acked").unwrap(),
-        "t",
-        "the data survived the scaling"
-    );
-
-    // Unbind and deprovision: no process, port or file is left.
-    let ports = files.all_ports();
-    let (status, _) = stack
-        .send(stack.request(
-            Method::DELETE,
-            &format!(
-                "{binding}?service_id={}&plan_id={}&accepts_incomplete=true",
-                ids.0, ids.1
-            ),
-        ))
-        .await
-        .unwrap();
-    assert_eq!(status, 202);
-    let (status, _) = stack
-        .wait_operation(&format!("{binding}/last_operation"), WAIT)
-        .await
-        .unwrap();
-    assert!(status == 200 || status == 410);
-    assert!(
-        run_psql(&url, "SELECT 1").is_err(),
-        "an unbound role still logs in"
-    );
-    let (status, body) = stack
-        .send(stack.request(
-            Method::DELETE,
-            &format!(
-                "{base}?service_id={}&plan_id={}&accepts_incomplete=true",
-                ids.0, ids.1
-            ),
-        ))
-        .await
-        .unwrap();
-    assert_eq!(status, 202, "{body}");
-    let (status, last) = stack
-        .wait_operation(&format!("{base}/last_operation"), WAIT)
-        .await
-        .unwrap();
-    assert_eq!(status, 410, "{last}\n{}", stack.logs());
-    assert!(
-        !files.root.exists(),
-        "{} survived deprovision",
-        files.root.display()
-    );
-    assert!(
-        processes_under(&files.root).is_empty(),
-        "a cluster process survived deprovision"
-    );
-    for port in ports {
-        assert!(
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
-            "port {port} still listens"
-        );
-    }
-    stack.stop().await;
 }

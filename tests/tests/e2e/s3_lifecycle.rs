@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use berth_tests::Stack;
+use berth_tests::{Stack, find_service, plan_ids};
 use reqwest::Method;
-use serde_json::{Value, json};
+use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -18,35 +18,10 @@ fn env(name: &str) -> String {
     })
 }
 
-fn s3_ids(catalog: &Value) -> Option<(String, Value)> {
-    let service = catalog["services"]
-        .as_array()?
-        .iter()
-        .find(|s| s["name"] == "s3")?;
-    Some((
-        service["id"].as_str()?.to_string(),
-        service["plans"].clone(),
-    ))
-}
-
-fn plan_id(plans: &Value, name: &str) -> String {
-    plans
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == name)
-        .expect(name)["id"]
-        .as_str()
-        .unwrap()
-        .into()
-}
-
 async fn lifecycle(stack: &Stack, endpoint: &str) {
-    let (_, catalog) = stack
-        .send(stack.request(Method::GET, "/v2/catalog"))
-        .await
-        .unwrap();
-    let (service, plans) = s3_ids(&catalog).expect("the s3 service is in the catalog");
+    let catalog = stack.catalog().await.unwrap();
+    let s3 = find_service(&catalog, "s3").expect("the s3 service is in the catalog");
+    let (service, plans) = (s3["id"].as_str().unwrap().to_string(), &s3["plans"]);
     let names: Vec<&str> = plans
         .as_array()
         .unwrap()
@@ -67,23 +42,16 @@ async fn lifecycle(stack: &Stack, endpoint: &str) {
             "the catalog says which credentials bindings get: {plan}"
         );
     }
-    let (versioned, basic) = (plan_id(&plans, "versioned"), plan_id(&plans, "basic"));
+    let (_, versioned) = plan_ids(&catalog, "s3", "versioned");
+    let (_, basic) = plan_ids(&catalog, "s3", "basic");
 
     let instance = uuid::Uuid::new_v4().to_string();
     let path = format!("/v2/service_instances/{instance}");
-    let (status, body) = stack
-        .send(stack.request(Method::PUT, &format!("{path}?accepts_incomplete=true")).json(&json!({
-            "service_id": service, "plan_id": versioned, "organization_guid": "org", "space_guid": "space",
-            "parameters": { "tags": { "team": "e2e" } },
-        })))
-        .await
-        .unwrap();
-    assert_eq!(status, 202, "{body}");
-    let (_, last) = stack
-        .wait_operation(&format!("{path}/last_operation"), WAIT)
-        .await
-        .unwrap();
-    assert_eq!(last["state"], "succeeded", "{last}\n{}", stack.logs());
+    let provision = json!({
+        "service_id": service, "plan_id": versioned, "organization_guid": "org", "space_guid": "space",
+        "parameters": { "tags": { "team": "e2e" } },
+    });
+    stack.put_until_done(&path, &provision, WAIT).await;
 
     // versioned -> basic: S3 cannot turn versioning off, so the API refuses it at once.
     let (status, body) = stack
@@ -101,24 +69,11 @@ async fn lifecycle(stack: &Stack, endpoint: &str) {
     );
 
     let binding = format!("{path}/service_bindings/app-1");
-    let (status, body) = stack
-        .send(stack.request(Method::PUT, &format!("{binding}?accepts_incomplete=true")).json(&json!({
-            "service_id": service, "plan_id": versioned, "parameters": { "access": "read-only" },
-        })))
-        .await
-        .unwrap();
-    assert_eq!(status, 202, "{body}");
-    let (_, last) = stack
-        .wait_operation(&format!("{binding}/last_operation"), WAIT)
-        .await
-        .unwrap();
-    assert_eq!(last["state"], "succeeded", "{last}\n{}", stack.logs());
-    let (status, fetched) = stack
-        .send(stack.request(Method::GET, &binding))
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{fetched}");
-    let creds = &fetched["credentials"];
+    let bind = json!({
+        "service_id": service, "plan_id": versioned, "parameters": { "access": "read-only" },
+    });
+    stack.put_until_done(&binding, &bind, WAIT).await;
+    let creds = &stack.fetch_credentials(&binding).await;
     for key in [
         "S3_BUCKET",
         "S3_LOCATION",
@@ -146,11 +101,7 @@ async fn lifecycle(stack: &Stack, endpoint: &str) {
         .await
         .unwrap();
     assert_eq!(status, 202, "{body}");
-    let (_, last) = stack
-        .wait_operation(&format!("{path}/last_operation"), WAIT)
-        .await
-        .unwrap();
-    assert_eq!(last["state"], "succeeded", "{last}\n{}", stack.logs());
+    stack.wait_succeeded(&path, WAIT).await;
     let (_, rotated) = stack
         .send(stack.request(Method::GET, &binding))
         .await
@@ -169,26 +120,10 @@ async fn lifecycle(stack: &Stack, endpoint: &str) {
         "a secret key reached a log"
     );
 
-    let query = format!("service_id={service}&plan_id={versioned}&accepts_incomplete=true");
-    let (status, _) = stack
-        .send(stack.request(Method::DELETE, &format!("{binding}?{query}")))
-        .await
-        .unwrap();
-    assert_eq!(status, 202);
-    let (status, _) = stack
-        .wait_operation(&format!("{binding}/last_operation"), WAIT)
-        .await
-        .unwrap();
+    let ids = (service, versioned);
+    let (status, _) = stack.delete_until_done(&binding, &ids, WAIT).await;
     assert!(status == 410 || status == 200);
-    let (status, _) = stack
-        .send(stack.request(Method::DELETE, &format!("{path}?{query}")))
-        .await
-        .unwrap();
-    assert_eq!(status, 202);
-    let (status, last) = stack
-        .wait_operation(&format!("{path}/last_operation"), WAIT)
-        .await
-        .unwrap();
+    let (status, last) = stack.delete_until_done(&path, &ids, WAIT).await;
     assert_eq!(status, 410, "{last}\n{}", stack.logs());
 }
 
@@ -237,10 +172,7 @@ async fn no_s3_store_means_no_s3_service() {
         panic!("this test needs an environment without AWS_REGION and S3_COMPATIBLE_ENDPOINT");
     }
     let stack = Stack::start().await.unwrap();
-    let (_, catalog) = stack
-        .send(stack.request(Method::GET, "/v2/catalog"))
-        .await
-        .unwrap();
-    assert!(s3_ids(&catalog).is_none(), "{catalog}");
+    let catalog = stack.catalog().await.unwrap();
+    assert!(find_service(&catalog, "s3").is_none(), "{catalog}");
     stack.stop().await;
 }

@@ -1,30 +1,11 @@
 use std::time::Duration;
 
-use berth_tests::{Stack, WebhookReceiver};
+use berth_tests::{ReceivedWebhook, Stack, WebhookReceiver, plan_ids};
 use reqwest::Method;
 use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn postgres_shared_ids(catalog: &Value) -> (String, String) {
-    let service = catalog["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "postgres")
-        .expect("postgres service in the catalog");
-    let plan = service["plans"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "shared")
-        .expect("shared plan");
-    (
-        service["id"].as_str().unwrap().into(),
-        plan["id"].as_str().unwrap().into(),
-    )
-}
 
 async fn bind(
     stack: &Stack,
@@ -34,26 +15,11 @@ async fn bind(
     params: Value,
 ) -> Value {
     let path = format!("/v2/service_instances/{instance}/service_bindings/{binding}");
-    let (status, body) = stack
-        .send(stack.request(Method::PUT, &format!("{path}?accepts_incomplete=true")).json(&json!({
-            "service_id": ids.0, "plan_id": ids.1, "app_guid": "app-1", "parameters": params,
-        })))
-        .await
-        .unwrap();
-    assert_eq!(status, 202, "{body}");
-    let (status, last) = stack
-        .wait_operation(&format!("{path}/last_operation"), WAIT)
-        .await
-        .unwrap();
-    assert_eq!(
-        (status, last["state"].as_str()),
-        (200, Some("succeeded")),
-        "{last}\n{}",
-        stack.logs()
-    );
-    let (status, fetched) = stack.send(stack.request(Method::GET, &path)).await.unwrap();
-    assert_eq!(status, 200, "{fetched}");
-    fetched["credentials"].clone()
+    let body = json!({
+        "service_id": ids.0, "plan_id": ids.1, "app_guid": "app-1", "parameters": params,
+    });
+    stack.put_until_done(&path, &body, WAIT).await;
+    stack.fetch_credentials(&path).await
 }
 
 /// Every row of every table of the stack's broker database, as text (bytea as hex).
@@ -83,11 +49,7 @@ async fn broker_database_text(stack: &Stack) -> String {
 async fn shared_database_from_provision_to_deprovision() {
     let stack = Stack::start().await.unwrap();
     let mut hooks = WebhookReceiver::start().await.unwrap();
-    let (_, catalog) = stack
-        .send(stack.request(Method::GET, "/v2/catalog"))
-        .await
-        .unwrap();
-    let ids = postgres_shared_ids(&catalog);
+    let ids = plan_ids(&stack.catalog().await.unwrap(), "postgres", "shared");
     let instance = uuid::Uuid::new_v4().to_string();
     let secret = "webhook-secret-e2e";
 
@@ -105,35 +67,13 @@ async fn shared_database_from_provision_to_deprovision() {
         .unwrap();
     assert_eq!(status, 202, "{body}");
     let operation = body["operation"].as_str().expect("operation").to_string();
-    let (status, last) = stack
-        .wait_operation(
-            &format!("/v2/service_instances/{instance}/last_operation"),
-            WAIT,
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        (status, last["state"].as_str()),
-        (200, Some("succeeded")),
-        "{last}\n{}",
-        stack.logs()
-    );
+    stack
+        .wait_succeeded(&format!("/v2/service_instances/{instance}"), WAIT)
+        .await;
 
     // The webhook arrives signed, and says what happened without any credentials.
     let hook = hooks.next(WAIT).await.unwrap();
-    assert_eq!(
-        hook.signature.as_deref(),
-        Some(broker::crypto::sign(secret.as_bytes(), &hook.body).as_str())
-    );
-    let hook_body: Value = serde_json::from_slice(&hook.body).unwrap();
-    assert_eq!(hook_body["instance_id"], instance.as_str());
-    assert_eq!(hook_body["operation"], operation.as_str());
-    assert_eq!(hook_body["state"], "succeeded");
-    assert!(hook_body["description"].is_string(), "{hook_body}");
-    assert!(
-        hook_body.get("binding_id").is_none(),
-        "an instance operation names no binding: {hook_body}"
-    );
+    assert_signed_instance_webhook(&hook, secret, &instance, &operation);
 
     // The instance can be fetched, without the webhook secret in its parameters.
     let (status, fetched) = stack
@@ -157,7 +97,81 @@ async fn shared_database_from_provision_to_deprovision() {
         assert!(rw[key].is_string(), "credentials lack {key}: {rw}");
     }
     let rw_url = rw["DATABASE_URL"].as_str().unwrap().to_string();
-    let mut conn = PgConnection::connect(&rw_url)
+    write_a_citext_note(&rw_url).await;
+
+    // The secret never went into the webhook.
+    assert!(!String::from_utf8_lossy(&hook.body).contains(rw["PGPASSWORD"].as_str().unwrap()));
+    // Nor, in the clear, into the broker's database (as text or as bytes) or the logs.
+    let rw_password = rw["PGPASSWORD"].as_str().unwrap();
+    assert_never_in_the_clear(&stack, &[rw_password, secret]).await;
+
+    // A read-only binding reads the table and cannot write.
+    let ro = bind(
+        &stack,
+        &instance,
+        "ro-binding",
+        &ids,
+        json!({"access": "read-only"}),
+    )
+    .await;
+    assert_ne!(ro["PGUSER"], rw["PGUSER"]);
+    assert_reads_but_cannot_write(ro["DATABASE_URL"].as_str().unwrap()).await;
+
+    // Unbind the read-write binding: its role can no longer log in.
+    let path = format!("/v2/service_instances/{instance}/service_bindings/rw-binding");
+    let (status, _) = stack.delete_until_done(&path, &ids, WAIT).await;
+    assert!(status == 410 || status == 200, "unbind ended with {status}");
+    assert!(
+        PgConnection::connect(&rw_url).await.is_err(),
+        "an unbound role still logs in"
+    );
+    let (status, _) = stack.send(stack.request(Method::GET, &path)).await.unwrap();
+    assert_eq!(status, 404);
+
+    // Deprovision: the database and every role are gone.
+    let (status, last) = stack
+        .delete_until_done(&format!("/v2/service_instances/{instance}"), &ids, WAIT)
+        .await;
+    assert_eq!(status, 410, "{last}\n{}", stack.logs());
+    assert_no_database_and_no_role_left(&stack, &instance).await;
+
+    // Nothing in either log carries a credential.
+    let logs = stack.logs();
+    for secret in [
+        rw["PGPASSWORD"].as_str().unwrap(),
+        ro["PGPASSWORD"].as_str().unwrap(),
+        secret,
+    ] {
+        assert!(!logs.contains(secret), "a secret reached a log");
+    }
+    stack.stop().await;
+}
+
+/// The webhook of an instance operation: signed with `secret`, naming the instance and the operation, no binding.
+fn assert_signed_instance_webhook(
+    hook: &ReceivedWebhook,
+    secret: &str,
+    instance: &str,
+    operation: &str,
+) {
+    assert_eq!(
+        hook.signature.as_deref(),
+        Some(broker::crypto::sign(secret.as_bytes(), &hook.body).as_str())
+    );
+    let hook_body: Value = serde_json::from_slice(&hook.body).unwrap();
+    assert_eq!(hook_body["instance_id"], instance);
+    assert_eq!(hook_body["operation"], operation);
+    assert_eq!(hook_body["state"], "succeeded");
+    assert!(hook_body["description"].is_string(), "{hook_body}");
+    assert!(
+        hook_body.get("binding_id").is_none(),
+        "an instance operation names no binding: {hook_body}"
+    );
+}
+
+/// Creates the table `notes` (a citext column) with the row 'Hello', and finds it case-insensitively.
+async fn write_a_citext_note(url: &str) {
+    let mut conn = PgConnection::connect(url)
         .await
         .expect("connect with the binding's DATABASE_URL");
     sqlx::query("CREATE TABLE notes (id serial PRIMARY KEY, body citext)")
@@ -174,34 +188,11 @@ async fn shared_database_from_provision_to_deprovision() {
         .unwrap();
     assert_eq!(found, "Hello");
     conn.close().await.unwrap();
+}
 
-    // The secret never went into the webhook.
-    assert!(!String::from_utf8_lossy(&hook.body).contains(rw["PGPASSWORD"].as_str().unwrap()));
-    // Nor, in the clear, into the broker's database (as text or as bytes) or the logs.
-    let rw_password = rw["PGPASSWORD"].as_str().unwrap();
-    let everything = broker_database_text(&stack).await;
-    for plain in [rw_password, secret] {
-        let hex: String = plain.bytes().map(|b| format!("{b:02x}")).collect();
-        assert!(
-            !everything.contains(plain) && !everything.contains(&hex),
-            "{plain:?} is stored in the clear"
-        );
-        assert!(!stack.logs().contains(plain), "{plain:?} reached a log");
-    }
-
-    // A read-only binding reads the table and cannot write.
-    let ro = bind(
-        &stack,
-        &instance,
-        "ro-binding",
-        &ids,
-        json!({"access": "read-only"}),
-    )
-    .await;
-    assert_ne!(ro["PGUSER"], rw["PGUSER"]);
-    let mut conn = PgConnection::connect(ro["DATABASE_URL"].as_str().unwrap())
-        .await
-        .unwrap();
+/// A read-only binding reads the table `notes` (one row) and cannot write it.
+async fn assert_reads_but_cannot_write(url: &str) {
+    let mut conn = PgConnection::connect(url).await.unwrap();
     let count: i64 = sqlx::query_scalar("SELECT count(*) FROM notes")
         .fetch_one(&mut conn)
         .await
@@ -212,53 +203,11 @@ async fn shared_database_from_provision_to_deprovision() {
         .await;
     assert!(write.is_err(), "a read-only binding wrote a row");
     conn.close().await.unwrap();
+}
 
-    // Unbind the read-write binding: its role can no longer log in.
-    let path = format!("/v2/service_instances/{instance}/service_bindings/rw-binding");
-    let (status, body) = stack
-        .send(stack.request(
-            Method::DELETE,
-            &format!(
-                "{path}?service_id={}&plan_id={}&accepts_incomplete=true",
-                ids.0, ids.1
-            ),
-        ))
-        .await
-        .unwrap();
-    assert_eq!(status, 202, "{body}");
-    let (status, _) = stack
-        .wait_operation(&format!("{path}/last_operation"), WAIT)
-        .await
-        .unwrap();
-    assert!(status == 410 || status == 200, "unbind ended with {status}");
-    assert!(
-        PgConnection::connect(&rw_url).await.is_err(),
-        "an unbound role still logs in"
-    );
-    let (status, _) = stack.send(stack.request(Method::GET, &path)).await.unwrap();
-    assert_eq!(status, 404);
-
-    // Deprovision: the database and every role are gone.
-    let (status, body) = stack
-        .send(stack.request(
-            Method::DELETE,
-            &format!(
-                "/v2/service_instances/{instance}?service_id={}&plan_id={}&accepts_incomplete=true",
-                ids.0, ids.1
-            ),
-        ))
-        .await
-        .unwrap();
-    assert_eq!(status, 202, "{body}");
-    let (status, last) = stack
-        .wait_operation(
-            &format!("/v2/service_instances/{instance}/last_operation"),
-            WAIT,
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, 410, "{last}\n{}", stack.logs());
-    let database = broker::names::instance_database(&stack.name_prefix, &instance);
+/// Deprovisioned: the instance's database and every role of the stack are gone, and the instance is not found.
+async fn assert_no_database_and_no_role_left(stack: &Stack, instance: &str) {
+    let database = broker::names::instance_database(&stack.name_prefix, instance);
     let mut admin = stack.admin().await.unwrap();
     let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname = $1")
         .bind(&database)
@@ -278,15 +227,17 @@ async fn shared_database_from_provision_to_deprovision() {
         .unwrap();
     assert_eq!(status, 404);
     admin.close().await.unwrap();
+}
 
-    // Nothing in either log carries a credential.
-    let logs = stack.logs();
-    for secret in [
-        rw["PGPASSWORD"].as_str().unwrap(),
-        ro["PGPASSWORD"].as_str().unwrap(),
-        secret,
-    ] {
-        assert!(!logs.contains(secret), "a secret reached a log");
+/// None of `secrets` is stored in the clear in the broker's database (as text or as hex bytes) or in a log.
+async fn assert_never_in_the_clear(stack: &Stack, secrets: &[&str]) {
+    let everything = broker_database_text(stack).await;
+    for plain in secrets {
+        let hex: String = plain.bytes().map(|b| format!("{b:02x}")).collect();
+        assert!(
+            !everything.contains(plain) && !everything.contains(&hex),
+            "{plain:?} is stored in the clear"
+        );
+        assert!(!stack.logs().contains(plain), "{plain:?} reached a log");
     }
-    stack.stop().await;
 }

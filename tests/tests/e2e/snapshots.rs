@@ -3,83 +3,36 @@
 
 use std::{path::Path, time::Duration};
 
-use berth_tests::Stack;
+use berth_tests::{Stack, plan_ids};
 use reqwest::Method;
 use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection, Row};
 
 const WAIT: Duration = Duration::from_secs(120);
 
-fn plan_ids(catalog: &Value, plan: &str) -> (String, String) {
-    let service = catalog["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "postgres")
-        .unwrap();
-    let plan = service["plans"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == plan)
-        .unwrap();
-    (
-        service["id"].as_str().unwrap().into(),
-        plan["id"].as_str().unwrap().into(),
-    )
-}
-
 async fn shared_ids(stack: &Stack) -> (String, String) {
-    let (_, catalog) = stack
-        .send(stack.request(Method::GET, "/v2/catalog"))
-        .await
-        .unwrap();
-    plan_ids(&catalog, "shared")
+    plan_ids(&stack.catalog().await.unwrap(), "postgres", "shared")
 }
 
 /// Provisions a `shared` instance with `parameters`; returns (instance id, DATABASE_URL of a new binding).
 async fn provision(stack: &Stack, ids: &(String, String), parameters: Value) -> (String, String) {
     let instance = uuid::Uuid::new_v4().to_string();
-    let (status, body) = stack
-        .send(stack.request(Method::PUT, &format!("/v2/service_instances/{instance}?accepts_incomplete=true")).json(
-            &json!({ "service_id": ids.0, "plan_id": ids.1, "organization_guid": "o", "space_guid": "s",
-                     "parameters": parameters }),
-        ))
-        .await
-        .unwrap();
-    assert_eq!(status, 202, "{body}");
-    let (_, last) = stack
-        .wait_operation(
-            &format!("/v2/service_instances/{instance}/last_operation"),
+    let provision = json!({ "service_id": ids.0, "plan_id": ids.1, "organization_guid": "o", "space_guid": "s",
+                            "parameters": parameters });
+    stack
+        .put_until_done(
+            &format!("/v2/service_instances/{instance}"),
+            &provision,
             WAIT,
         )
-        .await
-        .unwrap();
-    assert_eq!(last["state"], "succeeded", "{last}\n{}", stack.logs());
+        .await;
     let path = format!("/v2/service_instances/{instance}/service_bindings/b-{instance}");
-    let (status, body) = stack
-        .send(
-            stack
-                .request(Method::PUT, &format!("{path}?accepts_incomplete=true"))
-                .json(&json!({
-                    "service_id": ids.0, "plan_id": ids.1, "app_guid": "app",
-                })),
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, 202, "{body}");
-    let (_, last) = stack
-        .wait_operation(&format!("{path}/last_operation"), WAIT)
-        .await
-        .unwrap();
-    assert_eq!(last["state"], "succeeded", "{last}\n{}", stack.logs());
-    let (_, binding) = stack.send(stack.request(Method::GET, &path)).await.unwrap();
+    let bind = json!({ "service_id": ids.0, "plan_id": ids.1, "app_guid": "app" });
+    stack.put_until_done(&path, &bind, WAIT).await;
+    let credentials = stack.fetch_credentials(&path).await;
     (
         instance,
-        binding["credentials"]["DATABASE_URL"]
-            .as_str()
-            .unwrap()
-            .to_string(),
+        credentials["DATABASE_URL"].as_str().unwrap().to_string(),
     )
 }
 
@@ -97,21 +50,9 @@ async fn deprovision(stack: &Stack, ids: &(String, String), instance: &str) {
     let _ = stack
         .wait_operation(&format!("{path}/last_operation"), WAIT)
         .await;
-    let (status, body) = stack
-        .send(stack.request(
-            Method::DELETE,
-            &format!("/v2/service_instances/{instance}?{query}"),
-        ))
-        .await
-        .unwrap();
-    assert_eq!(status, 202, "{body}");
     let (status, _) = stack
-        .wait_operation(
-            &format!("/v2/service_instances/{instance}/last_operation"),
-            WAIT,
-        )
-        .await
-        .unwrap();
+        .delete_until_done(&format!("/v2/service_instances/{instance}"), ids, WAIT)
+        .await;
     assert_eq!(status, 410, "{}", stack.logs());
 }
 
@@ -209,6 +150,47 @@ async fn preset_round_trip(stack: &Stack) {
     succeeded(stack, &v1).await;
 
     // Many concurrent push-new of one name: exactly one wins.
+    assert_one_of_eight_racing_pushes_wins(stack, &source).await;
+
+    // A second version; the first stays restorable.
+    sql(&source_url, "INSERT INTO items VALUES (3, 'c');").await;
+    let v2 = accepted(
+        stack,
+        Method::POST,
+        "/berth/v1/presets/shop/versions",
+        json!({
+            "instance_id": source, "description": "three items", "author": "bob",
+        }),
+    )
+    .await;
+    assert_eq!(v2["version"], 2);
+    succeeded(stack, &v2).await;
+
+    // Many concurrent lockers: exactly one gets the key; while locked, pushes need it.
+    lock_push_with_the_key_and_unlock(stack, &source).await;
+
+    // The change log.
+    let versions = change_log(stack).await;
+
+    // Three instances from version 1: the first restores the template, the others clone it.
+    let made = three_instances_from_version_one(stack, &ids, &versions).await;
+
+    // Select (db-p): reset the source to version 1 while its binding stays valid; an OSB update naming a
+    // preset selects it too.
+    select_version_one_then_two(stack, &ids, &source, &source_url).await;
+
+    // Bad input changes nothing: an unknown preset, a missing version.
+    assert_unknown_presets_are_refused(stack, &ids).await;
+
+    for instance in made.iter().chain([&source]) {
+        deprovision(stack, &ids, instance).await;
+    }
+    let scratch = databases_like(stack, &format!("{}rs_%", stack.name_prefix)).await;
+    assert!(scratch.is_empty(), "scratch databases left: {scratch:?}");
+}
+
+/// Eight concurrent pushes of a new preset name: one 202, seven 409.
+async fn assert_one_of_eight_racing_pushes_wins(stack: &Stack, source: &str) {
     let racers = (0..8)
         .map(|i| {
             stack
@@ -233,22 +215,11 @@ async fn preset_round_trip(stack: &Stack) {
         7,
         "{statuses:?}"
     );
+}
 
-    // A second version; the first stays restorable.
-    sql(&source_url, "INSERT INTO items VALUES (3, 'c');").await;
-    let v2 = accepted(
-        stack,
-        Method::POST,
-        "/berth/v1/presets/shop/versions",
-        json!({
-            "instance_id": source, "description": "three items", "author": "bob",
-        }),
-    )
-    .await;
-    assert_eq!(v2["version"], 2);
-    succeeded(stack, &v2).await;
-
-    // Many concurrent lockers: exactly one gets the key.
+/// Ten concurrent lockers of `shop`: one gets the key (never shown again); a push without it or with a wrong one
+/// is 423, with it version 3 is made; a wrong key cannot unlock, the right one does.
+async fn lock_push_with_the_key_and_unlock(stack: &Stack, source: &str) {
     let lockers = (0..10)
         .map(|i| {
             stack
@@ -329,8 +300,10 @@ async fn preset_round_trip(stack: &Stack) {
         .await
         .unwrap();
     assert_eq!(status, 200);
+}
 
-    // The change log.
+/// `shop`'s versions, newest first: three, all ready and non-empty, with their authors and descriptions.
+async fn change_log(stack: &Stack) -> Vec<Value> {
     let (_, shown) = stack
         .send(stack.request(Method::GET, "/berth/v1/presets/shop"))
         .await
@@ -345,13 +318,21 @@ async fn preset_round_trip(stack: &Stack) {
     );
     assert_eq!(versions[2]["created_by"], "alice");
     assert_eq!(versions[1]["description"], "three items");
+    versions.clone()
+}
 
-    // Three instances from version 1: the first restores the template, the others clone it.
+/// Three instances from version 1 (the first restores the template, the others clone it; the app owns the
+/// table), and one template database, for version 1. Returns the instances.
+async fn three_instances_from_version_one(
+    stack: &Stack,
+    ids: &(String, String),
+    versions: &[Value],
+) -> Vec<String> {
     let mut made = Vec::new();
     for _ in 0..3 {
         let (instance, url) = provision(
             stack,
-            &ids,
+            ids,
             json!({"preset": {"name": "shop", "version": 1}}),
         )
         .await;
@@ -367,8 +348,17 @@ async fn preset_round_trip(stack: &Stack) {
         [format!("{}tpl_{v1_id}", stack.name_prefix)],
         "one template, for version 1"
     );
+    made
+}
 
-    // Select (db-p): reset the source to version 1 while its binding stays valid.
+/// Selects version 1 of `shop` for the source (berth's endpoint), then version 2 (an OSB update); the source's
+/// binding sees each.
+async fn select_version_one_then_two(
+    stack: &Stack,
+    ids: &(String, String),
+    source: &str,
+    source_url: &str,
+) {
     let (status, body) = stack
         .send(
             stack
@@ -381,15 +371,10 @@ async fn preset_round_trip(stack: &Stack) {
         .await
         .unwrap();
     assert_eq!(status, 202, "{body}");
-    let (_, last) = stack
-        .wait_operation(
-            &format!("/v2/service_instances/{source}/last_operation"),
-            WAIT,
-        )
-        .await
-        .unwrap();
-    assert_eq!(last["state"], "succeeded", "{last}\n{}", stack.logs());
-    assert_eq!(names(&source_url).await, ["a", "b"]);
+    stack
+        .wait_succeeded(&format!("/v2/service_instances/{source}"), WAIT)
+        .await;
+    assert_eq!(names(source_url).await, ["a", "b"]);
     // And an OSB update naming a preset selects it too.
     let (status, body) = stack
         .send(
@@ -405,17 +390,14 @@ async fn preset_round_trip(stack: &Stack) {
         .await
         .unwrap();
     assert_eq!(status, 202, "{body}");
-    let (_, last) = stack
-        .wait_operation(
-            &format!("/v2/service_instances/{source}/last_operation"),
-            WAIT,
-        )
-        .await
-        .unwrap();
-    assert_eq!(last["state"], "succeeded", "{last}\n{}", stack.logs());
-    assert_eq!(names(&source_url).await, ["a", "b", "c"]);
+    stack
+        .wait_succeeded(&format!("/v2/service_instances/{source}"), WAIT)
+        .await;
+    assert_eq!(names(source_url).await, ["a", "b", "c"]);
+}
 
-    // Bad input changes nothing: an unknown preset, a missing version.
+/// A provision naming an unknown preset, or a missing version, is 400 and makes nothing.
+async fn assert_unknown_presets_are_refused(stack: &Stack, ids: &(String, String)) {
     for parameters in [
         json!({"preset": "nope"}),
         json!({"preset": {"name": "shop", "version": 9}}),
@@ -434,12 +416,6 @@ async fn preset_round_trip(stack: &Stack) {
             .unwrap();
         assert_eq!(status, 404);
     }
-
-    for instance in made.iter().chain([&source]) {
-        deprovision(stack, &ids, instance).await;
-    }
-    let scratch = databases_like(stack, &format!("{}rs_%", stack.name_prefix)).await;
-    assert!(scratch.is_empty(), "scratch databases left: {scratch:?}");
 }
 
 #[tokio::test]
@@ -704,14 +680,9 @@ async fn backups_fire_prune_and_restore() {
     )
     .await;
     assert!(restore["operation"].is_string());
-    let (_, last) = stack
-        .wait_operation(
-            &format!("/v2/service_instances/{instance}/last_operation"),
-            WAIT,
-        )
-        .await
-        .unwrap();
-    assert_eq!(last["state"], "succeeded", "{last}\n{}", stack.logs());
+    stack
+        .wait_succeeded(&format!("/v2/service_instances/{instance}"), WAIT)
+        .await;
     assert_eq!(names(&url).await, ["kept", "also kept"]);
 
     // The Akkeris face lists the same backups.

@@ -194,54 +194,38 @@ async fn a_synchronous_bind_or_provision_that_times_out_is_cleaned_up() {
 
     stack.kill_worker().await;
     let binding_path = format!("{path}/service_bindings/b-1");
-    let (status, body) = stack
-        .send(request_213(&stack, Method::PUT, &binding_path).json(&bind_body()))
-        .await
-        .unwrap();
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (504, Some("OperationTimedOut")),
-        "{body}"
-    );
+    assert_times_out(
+        &stack,
+        request_213(&stack, Method::PUT, &binding_path).json(&bind_body()),
+    )
+    .await;
     let orphan = uuid::Uuid::new_v4().to_string();
     let orphan_path = format!("/v2/service_instances/{orphan}");
-    let (status, body) = stack
-        .send(request_213(&stack, Method::PUT, &orphan_path).json(&provision_body()))
-        .await
-        .unwrap();
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (504, Some("OperationTimedOut")),
-        "{body}"
-    );
+    assert_times_out(
+        &stack,
+        request_213(&stack, Method::PUT, &orphan_path).json(&provision_body()),
+    )
+    .await;
 
     // Orphan mitigation starts while no worker runs: accepted, and timing out again.
-    let (status, body) = stack
-        .send(request_213(
+    assert_times_out(
+        &stack,
+        request_213(
             &stack,
             Method::DELETE,
             &format!("{binding_path}?{}", delete_query()),
-        ))
-        .await
-        .unwrap();
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (504, Some("OperationTimedOut")),
-        "{body}"
-    );
-    let (status, body) = stack
-        .send(request_213(
+        ),
+    )
+    .await;
+    assert_times_out(
+        &stack,
+        request_213(
             &stack,
             Method::DELETE,
             &format!("{orphan_path}?{}", delete_query()),
-        ))
-        .await
-        .unwrap();
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (504, Some("OperationTimedOut")),
-        "{body}"
-    );
+        ),
+    )
+    .await;
 
     // A worker again: the platform's retries succeed (200 while the deletion was still running, 410 when the
     // worker finished it before the retry arrived: both end orphan mitigation).
@@ -349,4 +333,14 @@ async fn a_2_13_client_runs_an_s3_bucket_lifecycle_without_accepts_incomplete() 
     let (status, _) = stack.send(stack.request(Method::GET, &path)).await.unwrap();
     assert_eq!(status, 404);
     stack.stop().await;
+}
+
+/// Sends a request the API cannot finish in time: 504 OperationTimedOut.
+async fn assert_times_out(stack: &Stack, request: reqwest::RequestBuilder) {
+    let (status, body) = stack.send(request).await.unwrap();
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (504, Some("OperationTimedOut")),
+        "{body}"
+    );
 }

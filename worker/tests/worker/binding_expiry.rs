@@ -9,42 +9,13 @@ use broker::{
     names,
 };
 use chrono::Utc;
-use serde_json::{Map, Value, json};
+use serde_json::json;
 use sqlx::{
     Connection, PgConnection, PgPool,
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 
 use crate::helpers::*;
-
-const SERVICE: &str = "3bdd3b6c-801f-470b-a45f-bc1849fa2124";
-const PLAN: &str = "707a3e6f-f8db-4339-88da-1533837a9810";
-const PREFIX: &str = "bt_";
-
-async fn role_exists(role: &str) -> bool {
-    let mut admin = PgConnection::connect(&admin_url()).await.unwrap();
-    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
-        .bind(role)
-        .fetch_one(&mut admin)
-        .await
-        .unwrap()
-}
-
-async fn database_url_of(pool: &PgPool, binding_id: &str) -> String {
-    let row = bindings::get(pool, binding_id).await.unwrap().unwrap();
-    let creds: Map<String, Value> = cipher().open_json(&row.credentials.unwrap()).unwrap();
-    creds["DATABASE_URL"].as_str().unwrap().to_string()
-}
-
-async fn expire_now(pool: &PgPool, binding_id: &str) {
-    sqlx::query(
-        "UPDATE service_bindings SET expires_at = now() - interval '1 second' WHERE id = $1",
-    )
-    .bind(binding_id)
-    .execute(pool)
-    .await
-    .unwrap();
-}
 
 async fn revocation_tasks(pool: &PgPool, binding_id: &str) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM tasks WHERE kind = $1 AND binding_id = $2")
@@ -62,39 +33,12 @@ async fn an_expired_shared_binding_loses_its_role_and_its_session(
 ) {
     let pool = pool(&opts, 8).await;
     let services = services();
-    let instance = insert_instance(&pool, SERVICE, PLAN, json!({}), json!({})).await;
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Provision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
-    let expiring = insert_binding(
-        &pool,
-        &instance,
-        SERVICE,
-        PLAN,
-        json!({ "expires_in": 600 }),
-    )
-    .await;
-    let lasting = insert_binding(&pool, &instance, SERVICE, PLAN, json!({})).await;
+    let instance = new_instance(&pool, SHARED_PLAN, json!({})).await;
+    operate_ok(&pool, &services, Operation::Provision, &instance, None).await;
+    let expiring = new_binding(&pool, &instance, SHARED_PLAN, json!({ "expires_in": 600 })).await;
+    let lasting = new_binding(&pool, &instance, SHARED_PLAN, json!({})).await;
     for binding in [&expiring, &lasting] {
-        succeeded(
-            &operate(
-                &pool,
-                &services,
-                Operation::Bind,
-                &instance,
-                Some(binding),
-                json!({}),
-            )
-            .await,
-        );
+        operate_ok(&pool, &services, Operation::Bind, &instance, Some(binding)).await;
     }
     let expiring_role = names::binding_role(PREFIX, &expiring);
 
@@ -110,7 +54,7 @@ async fn an_expired_shared_binding_loses_its_role_and_its_session(
     assert_eq!(revocation_tasks(&pool, &expiring).await, 0);
 
     // An app holds a session open as the expiring binding.
-    let mut session = PgConnection::connect(&database_url_of(&pool, &expiring).await)
+    let mut session = PgConnection::connect(&url_of(&credentials(&pool, &expiring).await))
         .await
         .unwrap();
     sqlx::query("SELECT 1").execute(&mut session).await.unwrap();
@@ -135,41 +79,11 @@ async fn an_expired_shared_binding_loses_its_role_and_its_session(
     );
 
     let before = Utc::now();
-    drain(
-        &pool,
-        services.clone(),
-        berth_worker::tasks::registry(),
-        config("w"),
-    )
-    .await;
+    drain_all(&pool, &services).await;
     let after = Utc::now();
-    let state: String =
-        sqlx::query_scalar("SELECT state FROM tasks WHERE kind = $1 AND binding_id = $2")
-            .bind(kinds::EXPIRE_BINDING)
-            .bind(&expiring)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    assert_eq!(state, "succeeded");
-    assert!(
-        !role_exists(&expiring_role).await,
-        "the expired binding's role is dropped"
-    );
-    assert!(
-        sqlx::query("SELECT 1").execute(&mut session).await.is_err(),
-        "the expired binding's open session is ended"
-    );
-    assert!(
-        PgConnection::connect(&database_url_of(&pool, &expiring).await)
-            .await
-            .is_err(),
-        "the expired credentials no longer log in"
-    );
-    let row = bindings::get(&pool, &expiring).await.unwrap().unwrap();
-    let revoked_at = row.revoked_at.expect("revoked_at recorded");
-    assert!(before <= revoked_at && revoked_at <= after, "{revoked_at}");
+    let revoked_at = assert_revoked(&pool, &expiring, &mut session, before..=after).await;
     // The binding that does not expire works on.
-    let mut other = PgConnection::connect(&database_url_of(&pool, &lasting).await)
+    let mut other = PgConnection::connect(&url_of(&credentials(&pool, &lasting).await))
         .await
         .unwrap();
     sqlx::query("SELECT 1").execute(&mut other).await.unwrap();
@@ -182,13 +96,7 @@ async fn an_expired_shared_binding_loses_its_role_and_its_session(
     again.instance_id = Some(instance.clone());
     again.binding_id = Some(expiring.clone());
     let again = enqueue_with(&pool, again).await;
-    drain(
-        &pool,
-        services.clone(),
-        berth_worker::tasks::registry(),
-        config("w"),
-    )
-    .await;
+    drain_all(&pool, &services).await;
     succeeded(&task(&pool, again).await);
     assert_eq!(
         bindings::get(&pool, &expiring)
@@ -200,18 +108,55 @@ async fn an_expired_shared_binding_loses_its_role_and_its_session(
     );
 
     // The platform's unbind after expiry finds nothing left to revoke and removes the row.
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Unbind,
-            &instance,
-            Some(&expiring),
-            json!({}),
-        )
-        .await,
-    );
+    operate_ok(
+        &pool,
+        &services,
+        Operation::Unbind,
+        &instance,
+        Some(&expiring),
+    )
+    .await;
     assert!(bindings::get(&pool, &expiring).await.unwrap().is_none());
+}
+
+/// The expired binding's revocation task succeeded: its role is dropped, its open session ended, its
+/// credentials refused, and `revoked_at` recorded within `window`. Returns `revoked_at`.
+async fn assert_revoked(
+    pool: &PgPool,
+    expiring: &str,
+    session: &mut PgConnection,
+    window: std::ops::RangeInclusive<chrono::DateTime<Utc>>,
+) -> chrono::DateTime<Utc> {
+    let expiring_role = names::binding_role(PREFIX, expiring);
+    let state: String =
+        sqlx::query_scalar("SELECT state FROM tasks WHERE kind = $1 AND binding_id = $2")
+            .bind(kinds::EXPIRE_BINDING)
+            .bind(expiring)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(state, "succeeded");
+    assert!(
+        !role_exists(&expiring_role).await,
+        "the expired binding's role is dropped"
+    );
+    assert!(
+        sqlx::query("SELECT 1")
+            .execute(&mut *session)
+            .await
+            .is_err(),
+        "the expired binding's open session is ended"
+    );
+    assert!(
+        PgConnection::connect(&url_of(&credentials(pool, expiring).await))
+            .await
+            .is_err(),
+        "the expired credentials no longer log in"
+    );
+    let row = bindings::get(pool, expiring).await.unwrap().unwrap();
+    let revoked_at = row.revoked_at.expect("revoked_at recorded");
+    assert!(window.contains(&revoked_at), "{revoked_at}");
+    revoked_at
 }
 
 /// A bind still running when its binding expires is waited for: the revocation comes after it, so a role the
@@ -223,30 +168,10 @@ async fn revocation_waits_for_a_running_bind_and_pauses_after_failing(
 ) {
     let pool = pool(&opts, 8).await;
     let services = services();
-    let instance = insert_instance(&pool, SERVICE, PLAN, json!({}), json!({})).await;
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Provision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
-    let binding = insert_binding(
-        &pool,
-        &instance,
-        SERVICE,
-        PLAN,
-        json!({ "expires_in": 600 }),
-    )
-    .await;
-    let mut bind = NewTask::new(Operation::Bind.task_kind(), json!({}));
-    bind.instance_id = Some(instance.clone());
-    bind.binding_id = Some(binding.clone());
-    bind.operation = Some(Operation::Bind.as_str());
+    let instance = new_instance(&pool, SHARED_PLAN, json!({})).await;
+    operate_ok(&pool, &services, Operation::Provision, &instance, None).await;
+    let binding = new_binding(&pool, &instance, SHARED_PLAN, json!({ "expires_in": 600 })).await;
+    let bind = operation_task(Operation::Bind, &instance, Some(&binding), json!({}));
     let bind = enqueue_with(&pool, bind).await;
     expire_now(&pool, &binding).await;
     assert_eq!(binding_expiry::enqueue_revocations(&pool).await.unwrap(), 0);

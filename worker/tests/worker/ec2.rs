@@ -4,11 +4,7 @@
 
 use std::{path::Path, sync::Arc, time::Duration};
 
-use aws_sdk_ec2::{
-    Client,
-    config::{BehaviorVersion, Credentials, Region},
-    types::Filter,
-};
+use aws_sdk_ec2::{Client, types::Filter};
 use base64::Engine as _;
 use berth_worker::Services;
 use broker::{
@@ -21,34 +17,10 @@ use sqlx::{PgPool, postgres::PgConnectOptions};
 
 use crate::{
     helpers::*,
-    s3::{self, Peer, moto, seaweed},
+    peers::{Peer, ec2_client as ec2, moto, s3_client, s3_json, seaweed},
 };
 
-const SERVICE: &str = "3bdd3b6c-801f-470b-a45f-bc1849fa2124";
 const SPOT: &str = "8c4b2a71-3e5d-4f60-9a1b-7d2e6c0f5a13";
-const PREFIX: &str = "bt_";
-
-pub(crate) fn ec2(peer: &Peer) -> Client {
-    let http = aws_smithy_http_client::Builder::new()
-        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
-            aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
-        ))
-        .build_https();
-    let config = aws_sdk_ec2::config::Builder::new()
-        .behavior_version(BehaviorVersion::latest())
-        .http_client(http)
-        .region(Region::new("us-east-1"))
-        .endpoint_url(&peer.url)
-        .credentials_provider(Credentials::new(
-            &peer.key,
-            &peer.secret,
-            None,
-            None,
-            "test",
-        ))
-        .build();
-    Client::from_conf(config)
-}
 
 /// An x86_64 and an arm64 image moto knows (it has no Debian owner).
 async fn images(client: &Client) -> (String, String) {
@@ -90,19 +62,14 @@ pub(crate) async fn services_with(peer: &Peer, extra: Value) -> Arc<Services> {
 async fn provision(pool: &PgPool, services: &Arc<Services>, parameters: Value) -> (String, Value) {
     let id = insert_instance(
         pool,
-        SERVICE,
+        POSTGRES,
         SPOT,
         json!({ "instance_name": "pg-test" }),
         parameters,
     )
     .await;
-    let task = operate(pool, services, Operation::Provision, &id, None, json!({})).await;
-    assert_eq!(
-        task.state, "succeeded",
-        "{:?} {:?}",
-        task.last_error, task.progress
-    );
-    let details = instances::get(pool, &id).await.unwrap().unwrap().details;
+    operate_ok(pool, services, Operation::Provision, &id, None).await;
+    let details = details(pool, &id).await;
     (id, details)
 }
 
@@ -135,7 +102,10 @@ pub(crate) async fn live_vms(
         .collect()
 }
 
-async fn data_volumes(client: &Client, instance_id: &str) -> Vec<aws_sdk_ec2::types::Volume> {
+pub(crate) async fn data_volumes(
+    client: &Client,
+    instance_id: &str,
+) -> Vec<aws_sdk_ec2::types::Volume> {
     client
         .describe_volumes()
         .filters(tagged(instance_id))
@@ -144,6 +114,33 @@ async fn data_volumes(client: &Client, instance_id: &str) -> Vec<aws_sdk_ec2::ty
         .unwrap()
         .volumes()
         .to_vec()
+}
+
+/// A VM's user-data, decoded.
+pub(crate) async fn user_data(client: &Client, vm: &aws_sdk_ec2::types::Instance) -> String {
+    let attribute = client
+        .describe_instance_attribute()
+        .instance_id(vm.instance_id().unwrap())
+        .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
+        .send()
+        .await
+        .unwrap();
+    let encoded = attribute.user_data().and_then(|u| u.value()).unwrap();
+    String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+/// A VM's availability zone.
+pub(crate) fn zone(vm: &aws_sdk_ec2::types::Instance) -> String {
+    vm.placement()
+        .unwrap()
+        .availability_zone()
+        .unwrap()
+        .to_string()
 }
 
 pub(crate) fn tag<'a>(tags: &'a [aws_sdk_ec2::types::Tag], key: &str) -> Option<&'a str> {
@@ -161,13 +158,7 @@ async fn launch_is_idempotent_tagged_and_torn_down_in_full(
     let peer = moto();
     let client = ec2(&peer);
     let store = seaweed();
-    let bucket = format!("connstr-{}", uuid::Uuid::new_v4().simple());
-    s3::client(&store.url, &store.key, &store.secret)
-        .create_bucket()
-        .bucket(&bucket)
-        .send()
-        .await
-        .unwrap();
+    let bucket = new_store_bucket(&store).await;
     let dir = std::env::temp_dir().join(format!("berth-cb-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
     let callback = write_script(
@@ -193,32 +184,94 @@ async fn launch_is_idempotent_tagged_and_torn_down_in_full(
                 "public_ip": true, "ssh_keys": keys, "tags": { "team": "data" }, "tuning_profile": "web" }),
     )
     .await;
-    let state = &details["ec2"];
 
-    // One spot VM, tagged, in the volume's zone.
-    let vms = live_vms(&client, &id).await;
+    let (vm, volume) = one_tagged_spot_vm_with_its_volume(&client, &id, &details["ec2"]).await;
+    assert_only_postgres_and_ssh_are_open(&client, &id).await;
+    // The Elastic IP is the host, associated with the VM.
+    let addresses = addresses(&client, &id).await;
+    assert_eq!(addresses.len(), 1);
+    assert_eq!(addresses[0].instance_id(), vm.instance_id());
+    assert_eq!(details["host"], addresses[0].public_ip().unwrap());
+    // The user-data is the rendered cloud-config for this volume.
+    let user_data = user_data(&client, &vm).await;
+    assert!(user_data.starts_with("#cloud-config"), "{user_data}");
+    assert!(user_data.contains(&format!("VOLUME_ID={}", volume.volume_id().unwrap())));
+    assert!(user_data.contains(keys[0]) && user_data.contains("max_connections = '300'"));
+    let delivered = Delivered {
+        store: &store,
+        bucket: &bucket,
+        args_file: &dir.join("args"),
+    };
+    assert_the_connection_was_delivered(&pool, &delivered, &id, &vm, &details).await;
+
+    assert_a_retried_provision_adopts_what_exists(&pool, &services, &client, &id).await;
+    assert_the_teardown_waits_for_reconcile_and_leaves_nothing(&pool, &services, &client, &id)
+        .await;
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A bucket of its own on the S3-compatible store, for connection delivery.
+async fn new_store_bucket(store: &Peer) -> String {
+    let bucket = format!("connstr-{}", uuid::Uuid::new_v4().simple());
+    s3_client(&store.url, &store.key, &store.secret)
+        .create_bucket()
+        .bucket(&bucket)
+        .send()
+        .await
+        .unwrap();
+    bucket
+}
+
+/// The Elastic IPs tagged with the instance.
+async fn addresses(client: &Client, instance_id: &str) -> Vec<aws_sdk_ec2::types::Address> {
+    client
+        .describe_addresses()
+        .filters(tagged(instance_id))
+        .send()
+        .await
+        .unwrap()
+        .addresses()
+        .to_vec()
+}
+
+/// The security groups tagged with the instance.
+pub(crate) async fn security_groups(
+    client: &Client,
+    instance_id: &str,
+) -> Vec<aws_sdk_ec2::types::SecurityGroup> {
+    client
+        .describe_security_groups()
+        .filters(tagged(instance_id))
+        .send()
+        .await
+        .unwrap()
+        .security_groups()
+        .to_vec()
+}
+
+/// One spot VM, tagged, in its data volume's zone; the volume encrypted, tagged, sized and attached.
+async fn one_tagged_spot_vm_with_its_volume(
+    client: &Client,
+    id: &str,
+    state: &Value,
+) -> (aws_sdk_ec2::types::Instance, aws_sdk_ec2::types::Volume) {
+    let vms = live_vms(client, id).await;
     assert_eq!(vms.len(), 1);
-    let vm = &vms[0];
+    let vm = vms[0].clone();
     assert_eq!(vm.instance_id(), state["vm_id"].as_str());
     assert_eq!(vm.instance_lifecycle().map(|l| l.as_str()), Some("spot"));
-    assert_eq!(tag(vm.tags(), "berth:instance"), Some(id.as_str()));
+    assert_eq!(tag(vm.tags(), "berth:instance"), Some(id));
     assert_eq!(tag(vm.tags(), "team"), Some("data"));
     assert_eq!(
         vm.instance_type().unwrap().as_str(),
         state["candidates"][0]["instance_type"].as_str().unwrap()
     );
-    let zone = vm
-        .placement()
-        .unwrap()
-        .availability_zone()
-        .unwrap()
-        .to_string();
+    let zone = zone(&vm);
     assert_eq!(state["zone"], zone.as_str());
 
-    // The data volume: encrypted, tagged, sized, attached, same zone.
-    let volumes = data_volumes(&client, &id).await;
+    let volumes = data_volumes(client, id).await;
     assert_eq!(volumes.len(), 1);
-    let volume = &volumes[0];
+    let volume = volumes[0].clone();
     assert_eq!(volume.encrypted(), Some(true));
     assert_eq!(volume.size(), Some(12));
     assert_eq!(tag(volume.tags(), "berth:role"), Some("data"));
@@ -227,79 +280,43 @@ async fn launch_is_idempotent_tagged_and_torn_down_in_full(
         volume.attachments().first().and_then(|a| a.instance_id()),
         vm.instance_id()
     );
+    (vm, volume)
+}
 
-    // The security group opens 5432 and, with ssh keys, 22; nothing else.
-    let groups = client
-        .describe_security_groups()
-        .filters(tagged(&id))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(groups.security_groups().len(), 1);
-    let mut ports: Vec<i32> = groups.security_groups()[0]
+/// The security group opens 5432 and, with ssh keys, 22; nothing else.
+async fn assert_only_postgres_and_ssh_are_open(client: &Client, id: &str) {
+    let groups = security_groups(client, id).await;
+    assert_eq!(groups.len(), 1);
+    let mut ports: Vec<i32> = groups[0]
         .ip_permissions()
         .iter()
         .filter_map(|p| p.from_port())
         .collect();
     ports.sort();
     assert_eq!(ports, [22, 5432]);
+}
 
-    // The Elastic IP is the host, associated with the VM.
-    let addresses = client
-        .describe_addresses()
-        .filters(tagged(&id))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(addresses.addresses().len(), 1);
-    assert_eq!(addresses.addresses()[0].instance_id(), vm.instance_id());
-    assert_eq!(
-        details["host"],
-        addresses.addresses()[0].public_ip().unwrap()
-    );
+/// Where a provision delivers its connection: the store's bucket and the callback's arguments file.
+struct Delivered<'a> {
+    store: &'a Peer,
+    bucket: &'a str,
+    args_file: &'a Path,
+}
 
-    // The user-data is the rendered cloud-config for this volume.
-    let attribute = client
-        .describe_instance_attribute()
-        .instance_id(vm.instance_id().unwrap())
-        .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
-        .send()
-        .await
-        .unwrap();
-    let encoded = attribute.user_data().and_then(|u| u.value()).unwrap();
-    let user_data = String::from_utf8(
-        base64::engine::general_purpose::STANDARD
-            .decode(encoded)
-            .unwrap(),
-    )
-    .unwrap();
-    assert!(user_data.starts_with("#cloud-config"), "{user_data}");
-    assert!(user_data.contains(&format!("VOLUME_ID={}", volume.volume_id().unwrap())));
-    assert!(user_data.contains(keys[0]) && user_data.contains("max_connections = '300'"));
-
-    // The connection landed in the bucket, and the callback got its 4 arguments.
-    let object = s3::client(&store.url, &store.key, &store.secret)
-        .get_object()
-        .bucket(&bucket)
-        .key("berth/pg-test.json")
-        .send()
-        .await
-        .unwrap();
-    let pushed: Value =
-        serde_json::from_slice(&object.body.collect().await.unwrap().into_bytes()).unwrap();
-    let secrets: Value = cipher()
-        .open_json(
-            &instances::get(&pool, &id)
-                .await
-                .unwrap()
-                .unwrap()
-                .secrets
-                .unwrap(),
-        )
-        .unwrap();
+/// The connection landed in the bucket, and the callback got its 4 arguments.
+async fn assert_the_connection_was_delivered(
+    pool: &PgPool,
+    delivered: &Delivered<'_>,
+    id: &str,
+    vm: &aws_sdk_ec2::types::Instance,
+    details: &Value,
+) {
+    let store = delivered.store;
+    let s3 = s3_client(&store.url, &store.key, &store.secret);
+    let pushed = s3_json(&s3, delivered.bucket, "berth/pg-test.json").await;
     assert_eq!(pushed["instance_name"], "pg-test");
     assert_eq!(pushed["admin_user"], "app_admin");
-    assert_eq!(pushed["admin_password"], secrets["admin_password"]);
+    assert_eq!(pushed["admin_password"], admin_password(pool, id).await);
     assert_eq!(pushed["app_db_name"], "app");
     assert_eq!(pushed["ip_public"], details["host"]);
     assert_eq!(pushed["ip_private"], vm.private_ip_address().unwrap());
@@ -307,7 +324,7 @@ async fn launch_is_idempotent_tagged_and_torn_down_in_full(
         "@{}:5432/app?sslmode=require",
         details["host"].as_str().unwrap()
     )));
-    let args = std::fs::read_to_string(dir.join("args")).unwrap();
+    let args = std::fs::read_to_string(delivered.args_file).unwrap();
     let args: Vec<&str> = args.lines().collect();
     assert_eq!(args.len(), 4, "{args:?}");
     assert_eq!(args[0], "pg-test");
@@ -319,41 +336,44 @@ async fn launch_is_idempotent_tagged_and_torn_down_in_full(
         serde_json::from_str::<Value>(args[3]).unwrap(),
         json!({ "team": "data" })
     );
+}
 
-    // A retried provision whose first try crashed before recording anything adopts what exists.
-    instances::set_details(&pool, &id, &json!({}), None)
+/// A retried provision whose first try crashed before recording anything adopts what exists.
+async fn assert_a_retried_provision_adopts_what_exists(
+    pool: &PgPool,
+    services: &Arc<Services>,
+    client: &Client,
+    id: &str,
+) {
+    instances::set_details(pool, id, &json!({}), None)
         .await
         .unwrap();
-    let again = operate(&pool, &services, Operation::Provision, &id, None, json!({})).await;
-    assert_eq!(again.state, "succeeded", "{:?}", again.last_error);
+    operate_ok(pool, services, Operation::Provision, id, None).await;
     assert_eq!(
-        live_vms(&client, &id).await.len(),
+        live_vms(client, id).await.len(),
         1,
         "a retried task makes one VM"
     );
-    assert_eq!(data_volumes(&client, &id).await.len(), 1);
-    assert_eq!(
-        client
-            .describe_addresses()
-            .filters(tagged(&id))
-            .send()
-            .await
-            .unwrap()
-            .addresses()
-            .len(),
-        1
-    );
+    assert_eq!(data_volumes(client, id).await.len(), 1);
+    assert_eq!(addresses(client, id).await.len(), 1);
+}
 
-    // A reconcile step under way (it holds the instance's lock) finishes before the teardown starts: a replacement
-    // it launches must not escape the sweep.
+/// A reconcile step under way (it holds the instance's lock) finishes before the teardown starts: a replacement
+/// it launches must not escape the sweep. The teardown leaves nothing tagged.
+async fn assert_the_teardown_waits_for_reconcile_and_leaves_nothing(
+    pool: &PgPool,
+    services: &Arc<Services>,
+    client: &Client,
+    id: &str,
+) {
     let mut reconciling = pool.begin().await.unwrap();
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('berth.ec2:' || $1, 0))")
-        .bind(&id)
+        .bind(id)
         .execute(&mut *reconciling)
         .await
         .unwrap();
     let teardown = {
-        let (pool, services, id) = (pool.clone(), services.clone(), id.clone());
+        let (pool, services, id) = (pool.clone(), services.clone(), id.to_string());
         tokio::spawn(async move {
             operate(
                 &pool,
@@ -368,39 +388,18 @@ async fn launch_is_idempotent_tagged_and_torn_down_in_full(
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
-        live_vms(&client, &id).await.len(),
+        live_vms(client, id).await.len(),
         1,
         "the teardown waits for the reconcile step"
     );
     reconciling.rollback().await.unwrap();
 
-    // Teardown leaves nothing tagged.
-    let gone = teardown.await.unwrap();
-    assert_eq!(gone.state, "succeeded", "{:?}", gone.last_error);
-    assert!(live_vms(&client, &id).await.is_empty());
-    assert!(data_volumes(&client, &id).await.is_empty());
-    assert!(
-        client
-            .describe_addresses()
-            .filters(tagged(&id))
-            .send()
-            .await
-            .unwrap()
-            .addresses()
-            .is_empty()
-    );
-    assert!(
-        client
-            .describe_security_groups()
-            .filters(tagged(&id))
-            .send()
-            .await
-            .unwrap()
-            .security_groups()
-            .is_empty()
-    );
-    assert!(instances::get(&pool, &id).await.unwrap().is_none());
-    std::fs::remove_dir_all(dir).unwrap();
+    succeeded(&teardown.await.unwrap());
+    assert!(live_vms(client, id).await.is_empty());
+    assert!(data_volumes(client, id).await.is_empty());
+    assert!(addresses(client, id).await.is_empty());
+    assert!(security_groups(client, id).await.is_empty());
+    assert!(instances::get(pool, id).await.unwrap().is_none());
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
@@ -478,22 +477,8 @@ async fn an_evicted_vm_is_replaced_in_the_volume_zone(
     let old_vm = old["vm_id"].as_str().unwrap().to_string();
 
     // A bound app, as a bind leaves it (bind itself needs a Postgres that answers, which moto's VM has not).
-    let binding = insert_binding(&pool, &id, SERVICE, SPOT, json!({})).await;
-    let host = details["host"].as_str().unwrap();
-    let mut credentials = Map::new();
-    credentials.insert(
-        "DATABASE_URL".into(),
-        json!(format!("postgres://r:p@{host}:5432/app?sslmode=require")),
-    );
-    credentials.insert("PGHOST".into(), json!(host));
-    bindings::set_credentials(
-        &pool,
-        &binding,
-        &json!({ "endpoints": [{ "host": host }] }),
-        Some(&cipher().seal_json(&credentials)),
-    )
-    .await
-    .unwrap();
+    let binding = new_binding(&pool, &id, SPOT, json!({})).await;
+    store_bound_credentials(&pool, &binding, details["host"].as_str().unwrap()).await;
 
     // The spot VM goes away (moto cannot interrupt spot; a termination looks the same to berth).
     client
@@ -507,7 +492,7 @@ async fn an_evicted_vm_is_replaced_in_the_volume_zone(
         let (id, old_vm) = (id.clone(), old_vm.clone());
         async move {
             berth_worker::reconcile::once(&pool, &services).await;
-            let details = instances::get(&pool, &id).await.unwrap().unwrap().details;
+            let details = crate::helpers::details(&pool, &id).await;
             let state = details["ec2"].clone();
             (state["recovering"] == false && state["vm_id"].as_str().is_some_and(|v| v != old_vm))
                 .then_some(details)
@@ -546,7 +531,7 @@ async fn an_evicted_vm_is_replaced_in_the_volume_zone(
     let new_host = vms[0].public_ip_address().unwrap();
     assert_eq!(state["host"], new_host);
     let row = bindings::get(&pool, &binding).await.unwrap().unwrap();
-    let now: Map<String, Value> = cipher().open_json(&row.credentials.unwrap()).unwrap();
+    let now = credentials(&pool, &binding).await;
     assert!(
         now["DATABASE_URL"]
             .as_str()
@@ -566,16 +551,28 @@ async fn an_evicted_vm_is_replaced_in_the_volume_zone(
     .await
     .unwrap();
     berth_worker::reconcile::once(&pool, &services).await;
-    drain(
-        &pool,
-        services.clone(),
-        berth_worker::tasks::registry(),
-        config("w"),
-    )
-    .await;
+    drain_all(&pool, &services).await;
     assert!(instances::get(&pool, &id).await.unwrap().is_none());
     assert!(live_vms(&client, &id).await.is_empty());
     assert!(data_volumes(&client, &id).await.is_empty());
+}
+
+/// Stores a bound app's credentials and endpoints for `host`, as a bind leaves them.
+async fn store_bound_credentials(pool: &PgPool, binding: &str, host: &str) {
+    let mut credentials = Map::new();
+    credentials.insert(
+        "DATABASE_URL".into(),
+        json!(format!("postgres://r:p@{host}:5432/app?sslmode=require")),
+    );
+    credentials.insert("PGHOST".into(), json!(host));
+    bindings::set_credentials(
+        pool,
+        binding,
+        &json!({ "endpoints": [{ "host": host }] }),
+        Some(&cipher().seal_json(&credentials)),
+    )
+    .await
+    .unwrap();
 }
 
 fn write_script(dir: &Path, name: &str, body: &str) -> std::path::PathBuf {

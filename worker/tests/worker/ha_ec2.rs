@@ -4,26 +4,18 @@
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
-use aws_sdk_ec2::{
-    Client,
-    types::{Instance, InstanceAttributeName},
-};
-use base64::Engine as _;
+use aws_sdk_ec2::{Client, types::Instance};
 use berth_worker::Services;
-use broker::{
-    db::instances,
-    model::{Operation, UpdatePayload},
-};
+use broker::{db::instances, model::Operation};
 use serde_json::{Value, json};
 use sqlx::{PgPool, postgres::PgConnectOptions};
 
 use crate::{
-    ec2::{ec2, live_vms, services_with, tag, tagged},
+    ec2::{data_volumes, live_vms, security_groups, services_with, tag, tagged, user_data, zone},
     helpers::*,
-    s3::moto,
+    peers::{ec2_client as ec2, moto},
 };
 
-const SERVICE: &str = "3bdd3b6c-801f-470b-a45f-bc1849fa2124";
 const HA: &str = "82d9fed1-cf5e-4477-8b7e-9a78f10e59b3";
 
 async fn ha_services() -> (Arc<Services>, Client) {
@@ -33,35 +25,14 @@ async fn ha_services() -> (Arc<Services>, Client) {
 }
 
 async fn provision(pool: &PgPool, services: &Arc<Services>, parameters: Value) -> (String, Value) {
-    let id = insert_instance(pool, SERVICE, HA, json!({}), parameters).await;
-    let task = operate(pool, services, Operation::Provision, &id, None, json!({})).await;
-    assert_eq!(
-        task.state, "succeeded",
-        "{:?} {:?}",
-        task.last_error, task.progress
-    );
-    (id.clone(), details_of(pool, &id).await)
-}
-
-async fn details_of(pool: &PgPool, id: &str) -> Value {
-    instances::get(pool, id).await.unwrap().unwrap().details
+    let id = new_instance(pool, HA, parameters).await;
+    operate_ok(pool, services, Operation::Provision, &id, None).await;
+    (id.clone(), details(pool, &id).await)
 }
 
 async fn update_members(pool: &PgPool, services: &Arc<Services>, id: &str, parameters: Value) {
-    let update = UpdatePayload {
-        plan_id: HA.into(),
-        parameters,
-        context: json!({}),
-        maintenance_version: None,
-        select_preset: false,
-    };
-    let payload = serde_json::to_value(&update).unwrap();
-    let task = operate(pool, services, Operation::Update, id, None, payload).await;
-    assert_eq!(
-        task.state, "succeeded",
-        "{:?} {:?}",
-        task.last_error, task.progress
-    );
+    let payload = update_payload(HA, parameters, json!({}));
+    update_ok(pool, services, id, payload).await;
 }
 
 /// The cluster's live VMs by member slot.
@@ -78,31 +49,6 @@ async fn members(client: &Client, id: &str) -> BTreeMap<String, Instance> {
             )
         })
         .collect()
-}
-
-async fn user_data(client: &Client, vm: &Instance) -> String {
-    let attribute = client
-        .describe_instance_attribute()
-        .instance_id(vm.instance_id().unwrap())
-        .attribute(InstanceAttributeName::UserData)
-        .send()
-        .await
-        .unwrap();
-    let encoded = attribute.user_data().and_then(|u| u.value()).unwrap();
-    String::from_utf8(
-        base64::engine::general_purpose::STANDARD
-            .decode(encoded)
-            .unwrap(),
-    )
-    .unwrap()
-}
-
-fn zone(vm: &Instance) -> String {
-    vm.placement()
-        .unwrap()
-        .availability_zone()
-        .unwrap()
-        .to_string()
 }
 
 fn state_member<'a>(details: &'a Value, name: &str) -> &'a Value {
@@ -156,8 +102,7 @@ async fn deprovision_leaves_nothing(
     client: &Client,
     id: &str,
 ) {
-    let gone = operate(pool, services, Operation::Deprovision, id, None, json!({})).await;
-    assert_eq!(gone.state, "succeeded", "{:?}", gone.last_error);
+    operate_ok(pool, services, Operation::Deprovision, id, None).await;
     assert!(live_vms(client, id).await.is_empty(), "no VM left");
     assert_eq!(
         tagged_count(client, id).await,
@@ -199,127 +144,21 @@ async fn three_members_over_three_zones_each_with_its_own_user_data(
             )
         })
         .collect();
-    let initial = peers
-        .iter()
-        .map(|(name, ip)| format!("{name}={}", format!("http://{ip}:2380")))
-        .collect::<Vec<_>>()
-        .join(",");
     for (name, vm) in &vms {
         let member = state_member(&details, name);
-        // The VM sits on the slot's interface, in the slot's zone, tagged.
-        assert_eq!(vm.instance_id(), member["vm_id"].as_str());
-        assert_eq!(zone(vm), member["zone"].as_str().unwrap());
-        assert_eq!(vm.private_ip_address(), member["private_ip"].as_str());
-        assert_eq!(
-            vm.network_interfaces()[0].network_interface_id(),
-            member["interface_id"].as_str()
-        );
-        assert_eq!(tag(vm.tags(), "berth:instance"), Some(id.as_str()));
-        assert_eq!(tag(vm.tags(), "berth:members"), Some("m1,m2,m3"));
-        assert_eq!(tag(vm.tags(), "team"), Some("data"));
-        assert_eq!(
-            vm.instance_type().unwrap().as_str(),
-            member["instance_type"].as_str().unwrap()
-        );
-        // Its user-data: its own name and address, every peer in etcd's initial cluster, forming it.
-        let text = user_data(&client, vm).await;
-        assert!(text.starts_with("#cloud-config\n"), "{text}");
-        let ip = member["private_ip"].as_str().unwrap();
-        for needle in [
-            format!("      ETCD_NAME={name}\n"),
-            format!("      ETCD_LISTEN_PEER_URLS=http://{ip}:2380\n"),
-            format!("      ETCD_INITIAL_CLUSTER={initial}\n"),
-            "      ETCD_INITIAL_CLUSTER_STATE=new\n".to_string(),
-            format!("\"name\": \"{name}\""),
-            format!("\"connect_address\": \"{ip}:5432\""),
-            "\"ttl\": 7".to_string(),
-        ] {
-            assert!(text.contains(&needle), "{name}: missing {needle:?}");
-        }
-        for (other, _) in peers.iter().filter(|(n, _)| n != name) {
-            assert!(
-                !text.contains(&format!("ETCD_NAME={other}\n")),
-                "{name} has {other}'s name"
-            );
-        }
-        assert!(
-            !text.contains("berth-etcd-membership join\n      cat"),
-            "a founding member does not join"
-        );
-        // Its scratch disk: encrypted, sized, tagged, going with the VM.
-        let volume = vm
-            .block_device_mappings()
-            .iter()
-            .find(|b| b.device_name() == Some("/dev/sdf"))
-            .expect("the scratch disk");
-        assert_eq!(volume.ebs().unwrap().delete_on_termination(), Some(true));
-        // With public_ip, an Elastic IP on the slot's interface.
-        assert_eq!(vm.public_ip_address(), member["public_ip"].as_str());
+        assert_member_vm(&client, vm, name, member, &id, &peers).await;
     }
-    let volumes = client
-        .describe_volumes()
-        .filters(tagged(&id))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(volumes.volumes().len(), 3);
+    let volumes = data_volumes(&client, &id).await;
+    assert_eq!(volumes.len(), 3);
     assert!(
         volumes
-            .volumes()
             .iter()
             .all(|v| v.encrypted() == Some(true) && v.size() == Some(12))
     );
-
-    // The group: 5432 and 8008 from the allowed range; etcd, PostgreSQL and the REST API between members.
-    let groups = client
-        .describe_security_groups()
-        .filters(tagged(&id))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(groups.security_groups().len(), 1);
-    let group = &groups.security_groups()[0];
-    let mut open: Vec<i32> = group
-        .ip_permissions()
-        .iter()
-        .filter(|p| !p.ip_ranges().is_empty())
-        .filter_map(|p| p.from_port())
-        .collect();
-    open.sort();
-    assert_eq!(open, [5432, 8008]);
-    let mut between: Vec<(i32, i32)> = group
-        .ip_permissions()
-        .iter()
-        .filter(|p| {
-            p.user_id_group_pairs()
-                .iter()
-                .any(|g| g.group_id() == group.group_id())
-        })
-        .map(|p| (p.from_port().unwrap(), p.to_port().unwrap()))
-        .collect();
-    between.sort();
-    assert_eq!(between, [(2379, 2380), (5432, 5432), (8008, 8008)]);
+    assert_members_only_talk_to_each_other(&client, &id).await;
 
     // Secrets are sealed, never in the details.
-    let sealed = instances::get(&pool, &id)
-        .await
-        .unwrap()
-        .unwrap()
-        .secrets
-        .unwrap();
-    let secrets: Value = cipher().open_json(&sealed).unwrap();
-    let shown = details.to_string();
-    for key in [
-        "superuser",
-        "replication",
-        "rewind",
-        "restapi",
-        "admin_password",
-    ] {
-        let secret = secrets[key].as_str().unwrap();
-        assert!(secret.len() >= 32 && !shown.contains(secret), "{key}");
-    }
-    assert!(!shown.contains("PRIVATE KEY"));
+    let sealed = assert_secrets_sealed(&pool, &id, &details).await;
 
     // A switchover is asked of Patroni's REST API; nothing answers on moto's VMs, so the task says so.
     let switchover = operate(
@@ -343,8 +182,7 @@ async fn three_members_over_three_zones_each_with_its_own_user_data(
     instances::set_details(&pool, &id, &json!({}), Some(&sealed))
         .await
         .unwrap();
-    let again = operate(&pool, &services, Operation::Provision, &id, None, json!({})).await;
-    assert_eq!(again.state, "succeeded", "{:?}", again.last_error);
+    operate_ok(&pool, &services, Operation::Provision, &id, None).await;
     let after = members(&client, &id).await;
     assert_eq!(after.len(), 3, "a retried provision makes no VM twice");
     for (name, vm) in &after {
@@ -357,6 +195,123 @@ async fn three_members_over_three_zones_each_with_its_own_user_data(
     assert_eq!(tagged_count(&client, &id).await, (3, 3, 1, 3));
 
     deprovision_leaves_nothing(&pool, &services, &client, &id).await;
+}
+
+/// A founding member's VM: on its slot's interface, in its zone, tagged; its user-data names itself and every
+/// peer (etcd's initial cluster, formed, not joined); a scratch disk going with the VM; its Elastic IP.
+async fn assert_member_vm(
+    client: &Client,
+    vm: &Instance,
+    name: &str,
+    member: &Value,
+    id: &str,
+    peers: &[(String, String)],
+) {
+    let initial = peers
+        .iter()
+        .map(|(name, ip)| format!("{name}=http://{ip}:2380"))
+        .collect::<Vec<_>>()
+        .join(",");
+    // The VM sits on the slot's interface, in the slot's zone, tagged.
+    assert_eq!(vm.instance_id(), member["vm_id"].as_str());
+    assert_eq!(zone(vm), member["zone"].as_str().unwrap());
+    assert_eq!(vm.private_ip_address(), member["private_ip"].as_str());
+    assert_eq!(
+        vm.network_interfaces()[0].network_interface_id(),
+        member["interface_id"].as_str()
+    );
+    assert_eq!(tag(vm.tags(), "berth:instance"), Some(id));
+    assert_eq!(tag(vm.tags(), "berth:members"), Some("m1,m2,m3"));
+    assert_eq!(tag(vm.tags(), "team"), Some("data"));
+    assert_eq!(
+        vm.instance_type().unwrap().as_str(),
+        member["instance_type"].as_str().unwrap()
+    );
+    // Its user-data: its own name and address, every peer in etcd's initial cluster, forming it.
+    let text = user_data(client, vm).await;
+    assert!(text.starts_with("#cloud-config\n"), "{text}");
+    let ip = member["private_ip"].as_str().unwrap();
+    for needle in [
+        format!("      ETCD_NAME={name}\n"),
+        format!("      ETCD_LISTEN_PEER_URLS=http://{ip}:2380\n"),
+        format!("      ETCD_INITIAL_CLUSTER={initial}\n"),
+        "      ETCD_INITIAL_CLUSTER_STATE=new\n".to_string(),
+        format!("\"name\": \"{name}\""),
+        format!("\"connect_address\": \"{ip}:5432\""),
+        "\"ttl\": 7".to_string(),
+    ] {
+        assert!(text.contains(&needle), "{name}: missing {needle:?}");
+    }
+    for (other, _) in peers.iter().filter(|(n, _)| n != name) {
+        assert!(
+            !text.contains(&format!("ETCD_NAME={other}\n")),
+            "{name} has {other}'s name"
+        );
+    }
+    assert!(
+        !text.contains("berth-etcd-membership join\n      cat"),
+        "a founding member does not join"
+    );
+    // Its scratch disk: encrypted, sized, tagged, going with the VM.
+    let volume = vm
+        .block_device_mappings()
+        .iter()
+        .find(|b| b.device_name() == Some("/dev/sdf"))
+        .expect("the scratch disk");
+    assert_eq!(volume.ebs().unwrap().delete_on_termination(), Some(true));
+    // With public_ip, an Elastic IP on the slot's interface.
+    assert_eq!(vm.public_ip_address(), member["public_ip"].as_str());
+}
+
+/// The group: 5432 and 8008 from the allowed range; etcd, PostgreSQL and the REST API between members.
+async fn assert_members_only_talk_to_each_other(client: &Client, id: &str) {
+    let groups = security_groups(client, id).await;
+    assert_eq!(groups.len(), 1);
+    let group = &groups[0];
+    let mut open: Vec<i32> = group
+        .ip_permissions()
+        .iter()
+        .filter(|p| !p.ip_ranges().is_empty())
+        .filter_map(|p| p.from_port())
+        .collect();
+    open.sort();
+    assert_eq!(open, [5432, 8008]);
+    let mut between: Vec<(i32, i32)> = group
+        .ip_permissions()
+        .iter()
+        .filter(|p| {
+            p.user_id_group_pairs()
+                .iter()
+                .any(|g| g.group_id() == group.group_id())
+        })
+        .map(|p| (p.from_port().unwrap(), p.to_port().unwrap()))
+        .collect();
+    between.sort();
+    assert_eq!(between, [(2379, 2380), (5432, 5432), (8008, 8008)]);
+}
+
+/// The cluster's secrets are sealed in the instance's row, long, and never in its details; returns them sealed.
+async fn assert_secrets_sealed(pool: &PgPool, id: &str, details: &Value) -> Vec<u8> {
+    let sealed = instances::get(pool, id)
+        .await
+        .unwrap()
+        .unwrap()
+        .secrets
+        .unwrap();
+    let secrets: Value = cipher().open_json(&sealed).unwrap();
+    let shown = details.to_string();
+    for key in [
+        "superuser",
+        "replication",
+        "rewind",
+        "restapi",
+        "admin_password",
+    ] {
+        let secret = secrets[key].as_str().unwrap();
+        assert!(secret.len() >= 32 && !shown.contains(secret), "{key}");
+    }
+    assert!(!shown.contains("PRIVATE KEY"));
+    sealed
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
@@ -442,7 +397,7 @@ async fn a_terminated_member_is_replaced_in_its_slot_and_joins_its_peers(
             (pool.clone(), services.clone(), id.clone(), old_vm.clone());
         async move {
             berth_worker::reconcile::once(&pool, &services).await;
-            let details = details_of(&pool, &id).await;
+            let details = details(&pool, &id).await;
             let m2 = state_member(&details, "m2");
             (m2["replacing"] == false && m2["vm_id"].as_str().is_some_and(|v| v != old_vm))
                 .then_some(details)
@@ -547,7 +502,7 @@ async fn members_scale_three_to_five_to_three_one_at_a_time(
     zones.sort();
     zones.dedup();
     assert_eq!(zones.len(), 5, "the new members go to zones that had none");
-    let details = details_of(&pool, &id).await;
+    let details = details(&pool, &id).await;
     assert_eq!(details["members"].as_array().unwrap().len(), 5);
 
     update_members(&pool, &services, &id, base.clone()).await;
@@ -561,7 +516,7 @@ async fn members_scale_three_to_five_to_three_one_at_a_time(
         assert_eq!(tag(vm.tags(), "berth:members"), Some("m1,m2,m3"), "{name}");
         assert_eq!(vm.instance_id(), Some(first[name].as_str()));
     }
-    let details = details_of(&pool, &id).await;
+    let details = crate::helpers::details(&pool, &id).await;
     assert_eq!(details["members"].as_array().unwrap().len(), 3);
     assert_eq!(details["ha_ec2"]["members"].as_array().unwrap().len(), 3);
     assert_eq!(

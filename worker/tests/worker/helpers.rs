@@ -19,9 +19,9 @@ use broker::{
         instances::{self, NewInstance},
         tasks::{self, NewTask, TaskRow},
     },
-    model::{Operation, TaskId},
+    model::{Operation, TaskId, UpdatePayload},
 };
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use sqlx::{
     PgPool,
     postgres::{PgConnectOptions, PgPoolOptions},
@@ -366,6 +366,64 @@ pub async fn insert_binding(
     id
 }
 
+/// The catalog's Postgres service, and the plans of it the tests use.
+pub const POSTGRES: &str = "3bdd3b6c-801f-470b-a45f-bc1849fa2124";
+pub const SHARED_PLAN: &str = "707a3e6f-f8db-4339-88da-1533837a9810";
+/// The `name_prefix` of the tests' settings.
+pub const PREFIX: &str = "bt_";
+
+/// Inserts an instance of a Postgres plan (no context), as the API would.
+pub async fn new_instance(pool: &PgPool, plan: &str, parameters: Value) -> String {
+    insert_instance(pool, POSTGRES, plan, json!({}), parameters).await
+}
+
+/// Inserts a binding of an instance of a Postgres plan, as the API would.
+pub async fn new_binding(
+    pool: &PgPool,
+    instance_id: &str,
+    plan: &str,
+    parameters: Value,
+) -> String {
+    insert_binding(pool, instance_id, POSTGRES, plan, parameters).await
+}
+
+/// An OSB operation's task, as the API enqueues it (without the API's attempt limit).
+pub fn operation_task(
+    op: Operation,
+    instance_id: &str,
+    binding_id: Option<&str>,
+    payload: Value,
+) -> NewTask {
+    let mut new = NewTask::new(op.task_kind(), payload);
+    new.instance_id = Some(instance_id.to_string());
+    new.binding_id = binding_id.map(str::to_string);
+    new.operation = Some(op.as_str());
+    new
+}
+
+/// Enqueues an OSB operation's task (empty payload, 3 attempts at most) without running it.
+pub async fn enqueue_operation(
+    pool: &PgPool,
+    op: Operation,
+    instance_id: &str,
+    binding_id: Option<&str>,
+) -> TaskId {
+    let mut new = operation_task(op, instance_id, binding_id, json!({}));
+    new.max_attempts = 3;
+    enqueue_with(pool, new).await
+}
+
+/// Runs a worker with the real registry until the queue is idle.
+pub async fn drain_all(pool: &PgPool, services: &Arc<Services>) {
+    drain(
+        pool,
+        services.clone(),
+        berth_worker::tasks::registry(),
+        config("w"),
+    )
+    .await;
+}
+
 /// Enqueues an OSB operation's task (3 attempts at most), drains the queue with the real registry, and
 /// returns the finished task.
 pub async fn operate(
@@ -376,20 +434,122 @@ pub async fn operate(
     binding_id: Option<&str>,
     payload: Value,
 ) -> TaskRow {
-    let mut new = NewTask::new(op.task_kind(), payload);
-    new.instance_id = Some(instance_id.to_string());
-    new.binding_id = binding_id.map(str::to_string);
-    new.operation = Some(op.as_str());
+    let mut new = operation_task(op, instance_id, binding_id, payload);
     new.max_attempts = 3;
     let id = enqueue_with(pool, new).await;
-    drain(
+    drain_all(pool, services).await;
+    task(pool, id).await
+}
+
+/// [`operate`] with an empty payload, asserting that the task succeeded.
+pub async fn operate_ok(
+    pool: &PgPool,
+    services: &Arc<Services>,
+    op: Operation,
+    instance_id: &str,
+    binding_id: Option<&str>,
+) -> TaskRow {
+    let row = operate(pool, services, op, instance_id, binding_id, json!({})).await;
+    succeeded(&row);
+    row
+}
+
+/// Runs an update with `payload`, asserting that it succeeded.
+pub async fn update_ok(
+    pool: &PgPool,
+    services: &Arc<Services>,
+    instance_id: &str,
+    payload: Value,
+) -> TaskRow {
+    let row = operate(
         pool,
-        services.clone(),
-        berth_worker::tasks::registry(),
-        config("w"),
+        services,
+        Operation::Update,
+        instance_id,
+        None,
+        payload,
     )
     .await;
-    task(pool, id).await
+    succeeded(&row);
+    row
+}
+
+/// An update's payload: `plan_id` and `parameters` as given, the rest empty.
+pub fn update_payload(plan_id: &str, parameters: Value, context: Value) -> Value {
+    let update = UpdatePayload {
+        plan_id: plan_id.into(),
+        parameters,
+        context,
+        maintenance_version: None,
+        select_preset: false,
+    };
+    serde_json::to_value(&update).unwrap()
+}
+
+/// A binding's credentials, unsealed.
+pub async fn credentials(pool: &PgPool, binding_id: &str) -> Map<String, Value> {
+    let row = bindings::get(pool, binding_id).await.unwrap().unwrap();
+    cipher()
+        .open_json(&row.credentials.expect("credentials stored"))
+        .unwrap()
+}
+
+/// The `DATABASE_URL` of a Postgres binding's credentials.
+pub fn url_of(creds: &Map<String, Value>) -> String {
+    creds["DATABASE_URL"].as_str().unwrap().to_string()
+}
+
+/// An instance's details.
+pub async fn details(pool: &PgPool, instance_id: &str) -> Value {
+    instances::get(pool, instance_id)
+        .await
+        .unwrap()
+        .unwrap()
+        .details
+}
+
+/// The admin password an engine stored in the instance's sealed secrets.
+pub async fn admin_password(pool: &PgPool, instance_id: &str) -> String {
+    let row = instances::get(pool, instance_id).await.unwrap().unwrap();
+    let secrets: Value = cipher()
+        .open_json(&row.secrets.expect("secrets stored"))
+        .unwrap();
+    secrets["admin_password"].as_str().unwrap().to_string()
+}
+
+/// Makes a binding expired a second ago.
+pub async fn expire_now(pool: &PgPool, binding_id: &str) {
+    sqlx::query(
+        "UPDATE service_bindings SET expires_at = now() - interval '1 second' WHERE id = $1",
+    )
+    .bind(binding_id)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// A connection to the test server's `postgres` database as its superuser.
+pub async fn admin_connection() -> sqlx::PgConnection {
+    use sqlx::Connection;
+    sqlx::PgConnection::connect(&admin_url()).await.unwrap()
+}
+
+/// Whether a role exists on the test server.
+pub async fn role_exists(role: &str) -> bool {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
+        .bind(role)
+        .fetch_one(&mut admin_connection().await)
+        .await
+        .unwrap()
+}
+
+/// Whether a database exists on the test server.
+pub async fn database_exists(database: &str) -> bool {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(database)
+        .fetch_one(&mut admin_connection().await)
+        .await
+        .unwrap()
 }
 
 /// Turns on `log_statement = 'all'` on the server under `root` (a `broker::embedded::PgServer`, which logs
@@ -431,7 +591,7 @@ pub fn server_log(server: &broker::embedded::PgServer) -> String {
 pub fn succeeded(row: &TaskRow) {
     assert_eq!(
         row.state, "succeeded",
-        "{} failed: {:?}",
-        row.kind, row.last_error
+        "{} failed: {:?} (progress {:?})",
+        row.kind, row.last_error, row.progress
     );
 }

@@ -10,29 +10,19 @@ use std::{
 
 use berth_worker::{Services, providers::local_processes, reconcile, tasks};
 use broker::{
-    db::{bindings, instances, tasks::NewTask},
+    db::{bindings, instances},
     model::{Operation, UpdatePayload},
     names,
 };
 use serde_json::{Map, Value, json};
 use sqlx::{
-    Connection, PgConnection, PgPool,
+    Connection, PgConnection,
     postgres::{PgConnectOptions, PgPoolOptions, PgSslMode},
 };
 
 use crate::helpers::*;
 
-async fn new_instance(pool: &PgPool, parameters: Value) -> String {
-    insert_instance(pool, SERVICE, PLAN, json!({}), parameters).await
-}
-
-async fn new_binding(pool: &PgPool, instance_id: &str, parameters: Value) -> String {
-    insert_binding(pool, instance_id, SERVICE, PLAN, parameters).await
-}
-
-const SERVICE: &str = "3bdd3b6c-801f-470b-a45f-bc1849fa2124";
 const PLAN: &str = "5f0c2d8e-9b41-4c7a-a6e3-2d7f1b8c4e90";
-const PREFIX: &str = "bt_";
 
 /// A servers folder of its own, removed when dropped.
 struct Servers(PathBuf);
@@ -91,29 +81,6 @@ impl Drop for Servers {
     }
 }
 
-async fn details(pool: &PgPool, instance: &str) -> Value {
-    instances::get(pool, instance)
-        .await
-        .unwrap()
-        .unwrap()
-        .details
-}
-
-async fn admin_password(pool: &PgPool, instance: &str) -> String {
-    let row = instances::get(pool, instance).await.unwrap().unwrap();
-    let secrets: Value = cipher()
-        .open_json(&row.secrets.expect("secrets stored"))
-        .unwrap();
-    secrets["admin_password"].as_str().unwrap().to_string()
-}
-
-async fn credentials(pool: &PgPool, binding_id: &str) -> Map<String, Value> {
-    let row = bindings::get(pool, binding_id).await.unwrap().unwrap();
-    cipher()
-        .open_json(&row.credentials.expect("credentials stored"))
-        .unwrap()
-}
-
 async fn connect_url(url: &str) -> PgConnection {
     PgConnection::connect(url)
         .await
@@ -151,35 +118,16 @@ async fn dedicated_local_lifecycle(_: PgPoolOptions, opts: PgConnectOptions) {
     let services = servers.services();
     let instance = new_instance(
         &pool,
+        PLAN,
         json!({ "tuning_profile": "oltp", "extensions": ["citext"], "app_db_name": "shop", "admin_user": "boss",
                 "cpu_min": 4, "tags": { "team": "a" } }),
     )
     .await;
 
     // Provision twice: the second run finds everything and is harmless.
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Provision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
+    operate_ok(&pool, &services, Operation::Provision, &instance, None).await;
     let first = details(&pool, &instance).await;
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Provision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
+    operate_ok(&pool, &services, Operation::Provision, &instance, None).await;
     let details = self::details(&pool, &instance).await;
     assert_eq!(details["port"], first["port"]);
     assert_eq!(details["engine_host"], "test-host");
@@ -191,135 +139,27 @@ async fn dedicated_local_lifecycle(_: PgPoolOptions, opts: PgConnectOptions) {
         (Some("shop"), Some("boss"))
     );
     assert!(servers.root(&instance).join("data/server.crt").exists());
-
-    // The admin user connects over TLS only; tuning, checksums and extensions are in place.
     let password = admin_password(&pool, &instance).await;
     let options = admin_options(&details, &password);
-    let mut conn = PgConnection::connect_with(&options.clone().ssl_mode(PgSslMode::Require))
-        .await
-        .unwrap();
-    assert!(
-        scalar::<bool>(
-            &mut conn,
-            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
-        )
-        .await
-    );
-    assert_eq!(
-        scalar::<String>(&mut conn, "SHOW max_connections").await,
-        "200"
-    );
-    assert_eq!(
-        scalar::<String>(&mut conn, "SHOW shared_buffers").await,
-        "256MB"
-    );
-    assert_eq!(
-        scalar::<String>(&mut conn, "SHOW data_checksums").await,
-        "on"
-    );
-    assert_eq!(
-        scalar::<String>(&mut conn, "SHOW listen_addresses").await,
-        "127.0.0.1"
-    );
-    assert!(
-        scalar::<bool>(
-            &mut conn,
-            "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citext')"
-        )
-        .await
-    );
-    assert!(
-        !scalar::<bool>(
-            &mut conn,
-            "SELECT rolsuper FROM pg_roles WHERE rolname = current_user"
-        )
-        .await
-    );
-    conn.close().await.unwrap();
-    let plain = PgConnection::connect_with(&options.clone().ssl_mode(PgSslMode::Disable)).await;
-    assert!(plain.is_err(), "a connection without TLS must be refused");
+    assert_admin_on_tls_only_with_tuning_in_place(&options).await;
 
     // A read-write and a read-only binding.
-    let rw = new_binding(&pool, &instance, json!({})).await;
-    let ro = new_binding(&pool, &instance, json!({ "access": "read-only" })).await;
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Bind,
-            &instance,
-            Some(&rw),
-            json!({}),
-        )
-        .await,
-    );
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Bind,
-            &instance,
-            Some(&ro),
-            json!({}),
-        )
-        .await,
-    );
+    let rw = new_binding(&pool, &instance, PLAN, json!({})).await;
+    let ro = new_binding(&pool, &instance, PLAN, json!({ "access": "read-only" })).await;
+    operate_ok(&pool, &services, Operation::Bind, &instance, Some(&rw)).await;
+    operate_ok(&pool, &services, Operation::Bind, &instance, Some(&ro)).await;
     let rw_creds = credentials(&pool, &rw).await;
     let ro_creds = credentials(&pool, &ro).await;
-    for creds in [&rw_creds, &ro_creds] {
-        assert!(
-            creds["DATABASE_URL"]
-                .as_str()
-                .unwrap()
-                .ends_with("/shop?sslmode=require"),
-            "{creds:?}"
-        );
-        assert_eq!(creds["PGSSLMODE"], "require");
-        assert_eq!(creds["PGPORT"], json!(details["port"].to_string()));
-        assert_eq!(creds["PGDATABASE"], "shop");
-    }
-    // pg_hba admits hostssl only, so a session at all is a TLS session.
-    let mut app = connect_url(rw_creds["DATABASE_URL"].as_str().unwrap()).await;
-    sqlx::raw_sql("CREATE TABLE items (id int PRIMARY KEY); INSERT INTO items VALUES (1)")
-        .execute(&mut app)
-        .await
-        .unwrap();
-    let mut reader = connect_url(ro_creds["DATABASE_URL"].as_str().unwrap()).await;
-    assert_eq!(
-        scalar::<i64>(&mut reader, "SELECT count(*) FROM items").await,
-        1
-    );
-    assert!(
-        sqlx::query("INSERT INTO items VALUES (2)")
-            .execute(&mut reader)
-            .await
-            .is_err()
-    );
+    let (mut app, reader) = write_and_read_over_tls(&rw_creds, &ro_creds, &details).await;
 
     // Unbind drops the role and ends its sessions.
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Unbind,
-            &instance,
-            Some(&rw),
-            json!({}),
-        )
-        .await,
-    );
+    operate_ok(&pool, &services, Operation::Unbind, &instance, Some(&rw)).await;
     assert!(
         sqlx::query("SELECT 1").execute(&mut app).await.is_err(),
         "the unbound session must be ended"
     );
-    assert!(
-        PgConnection::connect(rw_creds["DATABASE_URL"].as_str().unwrap())
-            .await
-            .is_err()
-    );
-    let mut conn = PgConnection::connect_with(&options.clone().ssl_mode(PgSslMode::Require))
-        .await
-        .unwrap();
+    assert!(PgConnection::connect(&url_of(&rw_creds)).await.is_err());
+    let mut conn = connect_tls(&options).await;
     let role = names::binding_role(PREFIX, &rw);
     let sql = format!("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{role}')");
     assert!(!scalar::<bool>(&mut conn, &sql).await);
@@ -340,49 +180,106 @@ async fn dedicated_local_lifecycle(_: PgPoolOptions, opts: PgConnectOptions) {
         select_preset: false,
     };
     let payload = serde_json::to_value(&update).unwrap();
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Update,
-            &instance,
-            None,
-            payload,
-        )
-        .await,
-    );
-    let mut conn = PgConnection::connect_with(&options.clone().ssl_mode(PgSslMode::Require))
-        .await
-        .unwrap();
+    update_ok(&pool, &services, &instance, payload).await;
+    let mut conn = connect_tls(&options).await;
     assert_eq!(scalar::<String>(&mut conn, "SHOW work_mem").await, "64MB");
     assert_eq!(
         scalar::<String>(&mut conn, "SHOW max_connections").await,
         "40"
     );
-    assert!(
-        scalar::<bool>(
-            &mut conn,
-            "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'hstore')"
-        )
-        .await
-    );
+    assert!(scalar::<bool>(&mut conn, HAS_HSTORE).await);
     conn.close().await.unwrap();
     drop(reader);
 
     // Deprovision (twice): no process, no files.
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Deprovision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
+    operate_ok(&pool, &services, Operation::Deprovision, &instance, None).await;
     no_process_and_no_files(&servers.root(&instance));
     assert!(instances::get(&pool, &instance).await.unwrap().is_none());
+}
+
+/// Both bindings name the app database over TLS; the read-write one creates `items` (one row), the read-only one
+/// reads it and cannot write. Returns both sessions, still open.
+async fn write_and_read_over_tls(
+    rw_creds: &Map<String, Value>,
+    ro_creds: &Map<String, Value>,
+    details: &Value,
+) -> (PgConnection, PgConnection) {
+    for creds in [rw_creds, ro_creds] {
+        assert!(
+            url_of(creds).ends_with("/shop?sslmode=require"),
+            "{creds:?}"
+        );
+        assert_eq!(creds["PGSSLMODE"], "require");
+        assert_eq!(creds["PGPORT"], json!(details["port"].to_string()));
+        assert_eq!(creds["PGDATABASE"], "shop");
+    }
+    // pg_hba admits hostssl only, so a session at all is a TLS session.
+    let mut app = connect_url(&url_of(rw_creds)).await;
+    sqlx::raw_sql("CREATE TABLE items (id int PRIMARY KEY); INSERT INTO items VALUES (1)")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    let mut reader = connect_url(&url_of(ro_creds)).await;
+    assert_eq!(
+        scalar::<i64>(&mut reader, "SELECT count(*) FROM items").await,
+        1
+    );
+    assert!(
+        sqlx::query("INSERT INTO items VALUES (2)")
+            .execute(&mut reader)
+            .await
+            .is_err()
+    );
+    (app, reader)
+}
+
+const HAS_HSTORE: &str = "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'hstore')";
+
+/// A TLS session as the admin user.
+async fn connect_tls(options: &PgConnectOptions) -> PgConnection {
+    PgConnection::connect_with(&options.clone().ssl_mode(PgSslMode::Require))
+        .await
+        .unwrap()
+}
+
+/// The admin user connects over TLS only, is no superuser; tuning, checksums and extensions are in place.
+async fn assert_admin_on_tls_only_with_tuning_in_place(options: &PgConnectOptions) {
+    let mut conn = connect_tls(options).await;
+    assert!(
+        scalar::<bool>(
+            &mut conn,
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+        )
+        .await
+    );
+    for (setting, value) in [
+        ("max_connections", "200"),
+        ("shared_buffers", "256MB"),
+        ("data_checksums", "on"),
+        ("listen_addresses", "127.0.0.1"),
+    ] {
+        assert_eq!(
+            scalar::<String>(&mut conn, &format!("SHOW {setting}")).await,
+            value
+        );
+    }
+    assert!(
+        scalar::<bool>(
+            &mut conn,
+            "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citext')"
+        )
+        .await
+    );
+    assert!(
+        !scalar::<bool>(
+            &mut conn,
+            "SELECT rolsuper FROM pg_roles WHERE rolname = current_user"
+        )
+        .await
+    );
+    conn.close().await.unwrap();
+    let plain = PgConnection::connect_with(&options.clone().ssl_mode(PgSslMode::Disable)).await;
+    assert!(plain.is_err(), "a connection without TLS must be refused");
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
@@ -390,18 +287,8 @@ async fn reconcile_restarts_a_killed_server(_: PgPoolOptions, opts: PgConnectOpt
     let pool = pool(&opts, 8).await;
     let servers = Servers::new();
     let services = servers.services();
-    let instance = new_instance(&pool, json!({})).await;
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Provision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
+    let instance = new_instance(&pool, PLAN, json!({})).await;
+    operate_ok(&pool, &services, Operation::Provision, &instance, None).await;
     let root = servers.root(&instance);
     let pid_of = || -> u32 {
         std::fs::read_to_string(root.join("data/postmaster.pid"))
@@ -452,17 +339,7 @@ async fn reconcile_restarts_a_killed_server(_: PgPoolOptions, opts: PgConnectOpt
     reconcile::once(&pool, &services).await;
     assert_eq!(details(&pool, &instance).await["restarts"], 1);
 
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Deprovision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
+    operate_ok(&pool, &services, Operation::Deprovision, &instance, None).await;
     no_process_and_no_files(&root);
 }
 
@@ -473,73 +350,33 @@ async fn half_built_servers_are_finished_or_removed(_: PgPoolOptions, opts: PgCo
     let services = servers.services();
 
     // A crash during initdb left a partial data folder: the retried provision starts afresh and finishes.
-    let instance = new_instance(&pool, json!({ "tuning_profile": "throwaway" })).await;
+    let instance = new_instance(&pool, PLAN, json!({ "tuning_profile": "throwaway" })).await;
     let root = servers.root(&instance);
     std::fs::create_dir_all(root.join("data.partial/base")).unwrap();
     std::fs::write(root.join("data.partial/PG_VERSION"), "15\n").unwrap();
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Provision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
+    operate_ok(&pool, &services, Operation::Provision, &instance, None).await;
     assert!(!root.join("data.partial").exists());
     assert_eq!(
         details(&pool, &instance).await["tuning_profile"],
         "throwaway"
     );
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Deprovision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
+    operate_ok(&pool, &services, Operation::Deprovision, &instance, None).await;
     no_process_and_no_files(&root);
 
     // A server initialized and started, but the provision never finished (no admin user, no details):
     // deprovision stops and removes it.
-    let instance = new_instance(&pool, json!({})).await;
+    let instance = new_instance(&pool, PLAN, json!({})).await;
     let root = servers.root(&instance);
     let server = broker::embedded::PgServer::ensure_started(&root)
         .await
         .unwrap();
     assert!(server.is_running().await);
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Deprovision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
+    operate_ok(&pool, &services, Operation::Deprovision, &instance, None).await;
     no_process_and_no_files(&root);
 
     // Nothing at all: deprovision is still fine.
-    let instance = new_instance(&pool, json!({})).await;
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Deprovision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
+    let instance = new_instance(&pool, PLAN, json!({})).await;
+    operate_ok(&pool, &services, Operation::Deprovision, &instance, None).await;
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
@@ -550,7 +387,7 @@ async fn unknown_postgres_version_fails_with_a_clear_message(
     let pool = pool(&opts, 8).await;
     let servers = Servers::new();
     let services = servers.services();
-    let instance = new_instance(&pool, json!({ "postgres_version": "99" })).await;
+    let instance = new_instance(&pool, PLAN, json!({ "postgres_version": "99" })).await;
     let row = operate(
         &pool,
         &services,
@@ -567,17 +404,7 @@ async fn unknown_postgres_version_fails_with_a_clear_message(
         error.contains("postgres_version") && error.contains("99") && error.contains("installed"),
         "{error}"
     );
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Deprovision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
+    operate_ok(&pool, &services, Operation::Deprovision, &instance, None).await;
     assert!(!servers.root(&instance).exists());
 }
 
@@ -586,8 +413,13 @@ async fn expired_instances_are_deprovisioned_once(_: PgPoolOptions, opts: PgConn
     let pool = pool(&opts, 8).await;
     let servers = Servers::new();
     let services = servers.services();
-    let expired = new_instance(&pool, json!({ "expiration_date": "2020-01-01" })).await;
-    let later = new_instance(&pool, json!({ "expiration_date": "2999-01-01T00:00:00Z" })).await;
+    let expired = new_instance(&pool, PLAN, json!({ "expiration_date": "2020-01-01" })).await;
+    let later = new_instance(
+        &pool,
+        PLAN,
+        json!({ "expiration_date": "2999-01-01T00:00:00Z" }),
+    )
+    .await;
     for _ in 0..3 {
         reconcile::once(&pool, &services).await;
     }
@@ -605,7 +437,7 @@ async fn expired_instances_are_deprovisioned_once(_: PgPoolOptions, opts: PgConn
     };
     assert_eq!(count(expired.clone()).await, 1);
     assert_eq!(count(later.clone()).await, 0);
-    drain(&pool, services.clone(), tasks::registry(), config("w")).await;
+    drain_all(&pool, &services).await;
     assert!(instances::get(&pool, &expired).await.unwrap().is_none());
     assert!(instances::get(&pool, &later).await.unwrap().is_some());
 }
@@ -615,14 +447,12 @@ async fn workers_on_other_hosts_leave_the_instance_alone(_: PgPoolOptions, opts:
     let pool = pool(&opts, 8).await;
     let servers = Servers::new();
     let services = servers.services();
-    let instance = new_instance(&pool, json!({})).await;
+    let instance = new_instance(&pool, PLAN, json!({})).await;
     instances::merge_details(&pool, &instance, &json!({ "engine_host": "other-host" }))
         .await
         .unwrap();
-    let mut new = NewTask::new(Operation::Deprovision.task_kind(), json!({}));
-    new.instance_id = Some(instance.clone());
-    new.operation = Some(Operation::Deprovision.as_str());
-    let id = enqueue_with(&pool, new).await;
+    let deprovision = operation_task(Operation::Deprovision, &instance, None, json!({}));
+    let id = enqueue_with(&pool, deprovision).await;
     let shutdown = tokio_util::sync::CancellationToken::new();
     let worker = tokio::spawn(berth_worker::run(
         pool.clone(),
@@ -668,30 +498,10 @@ async fn servers_too_deep_for_a_unix_socket_listen_on_tcp_only(
         .join("a-folder-name-long-enough-that-no-unix-socket-path-fits-under-it");
     let servers = Servers::in_dir(deep);
     let services = servers.services();
-    let instance = new_instance(&pool, json!({})).await;
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Provision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
-    let binding = new_binding(&pool, &instance, json!({})).await;
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Bind,
-            &instance,
-            Some(&binding),
-            json!({}),
-        )
-        .await,
-    );
+    let instance = new_instance(&pool, PLAN, json!({})).await;
+    operate_ok(&pool, &services, Operation::Provision, &instance, None).await;
+    let binding = new_binding(&pool, &instance, PLAN, json!({})).await;
+    operate_ok(&pool, &services, Operation::Bind, &instance, Some(&binding)).await;
     let creds = credentials(&pool, &binding).await;
     let mut app = connect_url(creds["DATABASE_URL"].as_str().unwrap()).await;
     assert_eq!(scalar::<i32>(&mut app, "SELECT 1").await, 1);
@@ -704,17 +514,7 @@ async fn servers_too_deep_for_a_unix_socket_listen_on_tcp_only(
         "no Unix socket where its path is too long"
     );
     app.close().await.unwrap();
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Deprovision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
+    operate_ok(&pool, &services, Operation::Deprovision, &instance, None).await;
     no_process_and_no_files(&servers.root(&instance));
 }
 
@@ -723,8 +523,8 @@ async fn a_new_server_delivers_its_connection(_: PgPoolOptions, opts: PgConnectO
     use std::os::unix::fs::PermissionsExt;
     let pool = pool(&opts, 8).await;
     let servers = Servers::new();
-    let store = crate::s3::seaweed();
-    let s3 = crate::s3::client(&store.url, &store.key, &store.secret);
+    let store = crate::peers::seaweed();
+    let s3 = crate::peers::s3_client(&store.url, &store.key, &store.secret);
     let bucket = format!("connstr-{}", uuid::Uuid::new_v4().simple());
     s3.create_bucket().bucket(&bucket).send().await.unwrap();
     let callback = servers.0.join("callback.sh");
@@ -743,19 +543,11 @@ async fn a_new_server_delivers_its_connection(_: PgPoolOptions, opts: PgConnectO
         "connstr_bucket_access_key": store.key, "connstr_bucket_access_secret": store.secret,
         "setup_finished_callback": callback,
     }));
-    let id = new_instance(&pool, json!({ "tags": { "env": "ci" } })).await;
-    succeeded(&operate(&pool, &services, Operation::Provision, &id, None, json!({})).await);
+    let id = new_instance(&pool, PLAN, json!({ "tags": { "env": "ci" } })).await;
+    operate_ok(&pool, &services, Operation::Provision, &id, None).await;
 
     // The default key, with pg-spot-operator's fields; its connection string works.
-    let object = s3
-        .get_object()
-        .bucket(&bucket)
-        .key(format!("berth/{id}/connstr.json"))
-        .send()
-        .await
-        .unwrap();
-    let pushed: Value =
-        serde_json::from_slice(&object.body.collect().await.unwrap().into_bytes()).unwrap();
+    let pushed = crate::peers::s3_json(&s3, &bucket, &format!("berth/{id}/connstr.json")).await;
     assert_eq!(pushed["instance_name"], id.as_str());
     assert_eq!(pushed["ip_private"], "127.0.0.1");
     assert_eq!(pushed["ip_public"], "");
@@ -781,17 +573,7 @@ async fn a_new_server_delivers_its_connection(_: PgPoolOptions, opts: PgConnectO
         ]
     );
     assert_eq!(details(&pool, &id).await["delivery"]["errors"], json!([]));
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Deprovision,
-            &id,
-            None,
-            json!({}),
-        )
-        .await,
-    );
+    operate_ok(&pool, &services, Operation::Deprovision, &id, None).await;
 }
 
 /// An expired binding on a server of its own: the reconcile loop's revocation drops its role and ends its open
@@ -801,30 +583,10 @@ async fn an_expired_binding_loses_its_role_and_session(_: PgPoolOptions, opts: P
     let pool = pool(&opts, 8).await;
     let servers = Servers::new();
     let services = servers.services();
-    let instance = new_instance(&pool, json!({})).await;
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Provision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
-    let binding = new_binding(&pool, &instance, json!({ "expires_in": 600 })).await;
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Bind,
-            &instance,
-            Some(&binding),
-            json!({}),
-        )
-        .await,
-    );
+    let instance = new_instance(&pool, PLAN, json!({})).await;
+    operate_ok(&pool, &services, Operation::Provision, &instance, None).await;
+    let binding = new_binding(&pool, &instance, PLAN, json!({ "expires_in": 600 })).await;
+    operate_ok(&pool, &services, Operation::Bind, &instance, Some(&binding)).await;
     let url = credentials(&pool, &binding).await["DATABASE_URL"]
         .as_str()
         .unwrap()
@@ -832,15 +594,9 @@ async fn an_expired_binding_loses_its_role_and_session(_: PgPoolOptions, opts: P
     let mut session = connect_url(&url).await;
     assert_eq!(scalar::<i32>(&mut session, "SELECT 1").await, 1);
 
-    sqlx::query(
-        "UPDATE service_bindings SET expires_at = now() - interval '1 second' WHERE id = $1",
-    )
-    .bind(&binding)
-    .execute(&pool)
-    .await
-    .unwrap();
+    expire_now(&pool, &binding).await;
     reconcile::once(&pool, &services).await;
-    drain(&pool, services.clone(), tasks::registry(), config("w")).await;
+    drain_all(&pool, &services).await;
 
     assert!(
         sqlx::query("SELECT 1").execute(&mut session).await.is_err(),
@@ -875,17 +631,7 @@ async fn an_expired_binding_loses_its_role_and_session(_: PgPoolOptions, opts: P
             .is_some()
     );
 
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Deprovision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
+    operate_ok(&pool, &services, Operation::Deprovision, &instance, None).await;
     no_process_and_no_files(&servers.root(&instance));
 }
 
@@ -895,33 +641,13 @@ async fn passwords_never_reach_the_servers_statement_log(_: PgPoolOptions, opts:
     let pool = pool(&opts, 8).await;
     let servers = Servers::new();
     let services = servers.services();
-    let instance = new_instance(&pool, json!({ "admin_user": "boss" })).await;
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Provision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
+    let instance = new_instance(&pool, PLAN, json!({ "admin_user": "boss" })).await;
+    operate_ok(&pool, &services, Operation::Provision, &instance, None).await;
     let server = broker::embedded::PgServer::open(&servers.root(&instance)).unwrap();
     log_every_statement(&server).await;
 
     // Provision again (it sets the admin user's password anew), then bind read-write and read-only.
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Provision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
+    operate_ok(&pool, &services, Operation::Provision, &instance, None).await;
     let admin = admin_password(&pool, &instance).await;
     let details = details(&pool, &instance).await;
     PgConnection::connect_with(&admin_options(&details, &admin))
@@ -929,18 +655,8 @@ async fn passwords_never_reach_the_servers_statement_log(_: PgPoolOptions, opts:
         .expect("the admin user logs in with its password");
     let mut passwords = vec![admin];
     for access in ["read-write", "read-only"] {
-        let binding = new_binding(&pool, &instance, json!({ "access": access })).await;
-        succeeded(
-            &operate(
-                &pool,
-                &services,
-                Operation::Bind,
-                &instance,
-                Some(&binding),
-                json!({}),
-            )
-            .await,
-        );
+        let binding = new_binding(&pool, &instance, PLAN, json!({ "access": access })).await;
+        operate_ok(&pool, &services, Operation::Bind, &instance, Some(&binding)).await;
         let creds = credentials(&pool, &binding).await;
         connect_url(creds["uri"].as_str().unwrap()).await;
         let mut su = connect_url(server.url("postgres").expose_secret()).await;
@@ -962,15 +678,5 @@ async fn passwords_never_reach_the_servers_statement_log(_: PgPoolOptions, opts:
         );
     }
     assert!(log.contains("PASSWORD 'SCRAM-SHA-256$4096:"), "{log}");
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Deprovision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
+    operate_ok(&pool, &services, Operation::Deprovision, &instance, None).await;
 }

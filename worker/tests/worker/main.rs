@@ -8,6 +8,7 @@ mod ha_ec2;
 mod helpers;
 mod layout;
 mod local_postgres;
+mod peers;
 mod queue;
 mod s3;
 mod shared_postgres;

@@ -407,6 +407,28 @@ async fn an_expired_lease_is_reclaimed_by_another_worker(_: PgPoolOptions, opts:
     assert_eq!(task(&pool, id).await.state, "succeeded");
 }
 
+/// A worker running only [`Hang`], once its run of the queued task has started; `shutdown` stops it.
+async fn hanging_worker(
+    pool: &sqlx::PgPool,
+    hang: &Hang,
+    config: WorkerConfig,
+    shutdown: &CancellationToken,
+) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+    let registry = Arc::new(Registry::new().with(hang.clone()));
+    let worker = tokio::spawn(berth_worker::run(
+        pool.clone(),
+        services(),
+        registry,
+        config,
+        shutdown.clone(),
+    ));
+    eventually(Duration::from_secs(10), "the run to start", || async {
+        (hang.started.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+    worker
+}
+
 #[sqlx::test(migrator = "broker::MIGRATOR")]
 async fn lease_lost_stops_the_run_and_is_exhausted_after_max_attempts(
     _: PgPoolOptions,
@@ -420,18 +442,7 @@ async fn lease_lost_stops_the_run_and_is_exhausted_after_max_attempts(
         ..config("w")
     };
     let shutdown = CancellationToken::new();
-    let registry = Arc::new(Registry::new().with(hang.clone()));
-    let worker = tokio::spawn(berth_worker::run(
-        pool.clone(),
-        services(),
-        registry,
-        cfg,
-        shutdown.clone(),
-    ));
-    eventually(Duration::from_secs(10), "the run to start", || async {
-        (hang.started.load(Ordering::SeqCst) == 1).then_some(())
-    })
-    .await;
+    let worker = hanging_worker(&pool, &hang, cfg, &shutdown).await;
     // Someone else takes the task over (as a reclaim after a network partition would).
     sqlx::query("UPDATE tasks SET worker_id = 'thief', lease_until = now() + interval '1 hour' WHERE id = $1").bind(id.0).execute(&pool).await.unwrap();
     eventually(
@@ -474,18 +485,7 @@ async fn shutdown_hands_unfinished_tasks_back(_: PgPoolOptions, opts: PgConnectO
         ..config("w")
     };
     let shutdown = CancellationToken::new();
-    let registry = Arc::new(Registry::new().with(hang.clone()));
-    let worker = tokio::spawn(berth_worker::run(
-        pool.clone(),
-        services(),
-        registry,
-        cfg,
-        shutdown.clone(),
-    ));
-    eventually(Duration::from_secs(10), "the run to start", || async {
-        (hang.started.load(Ordering::SeqCst) == 1).then_some(())
-    })
-    .await;
+    let worker = hanging_worker(&pool, &hang, cfg, &shutdown).await;
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(10), worker)
         .await

@@ -4,16 +4,11 @@
 
 use std::sync::Arc;
 
-use aws_sdk_s3::{
-    Client,
-    config::{BehaviorVersion, Credentials, Region},
-    primitives::ByteStream,
-    types::BucketVersioningStatus,
-};
+use aws_sdk_s3::{Client, primitives::ByteStream, types::BucketVersioningStatus};
 use berth_worker::Services;
 use broker::{
-    db::{bindings, instances, tasks::NewTask},
-    model::{Operation, UpdatePayload},
+    db::{bindings, instances},
+    model::Operation,
     names,
 };
 use serde_json::{Map, Value, json};
@@ -22,125 +17,53 @@ use sqlx::{
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 
-use crate::helpers::*;
+use crate::{
+    helpers::*,
+    peers::{Peer, iam_client, moto, s3_client as client, seaweed},
+};
 
-async fn new_instance(pool: &PgPool, plan: &str, parameters: Value) -> String {
-    let context = json!({ "platform": "cloudfoundry", "organization_guid": "org-1", "space_guid": "space-1" });
-    insert_instance(pool, SERVICE, plan, context, parameters).await
-}
-
-async fn new_binding(pool: &PgPool, instance_id: &str, plan: &str, parameters: Value) -> String {
-    insert_binding(pool, instance_id, SERVICE, plan, parameters).await
-}
-
+/// The catalog's S3 service and its plans.
 const SERVICE: &str = "6f0c2f4e-3b1a-4c55-9d0e-8a4b7c2e1f01";
 const BASIC: &str = "b1c7a3e0-52d4-4f0a-8e61-3d2f9a7c5b11";
 const VERSIONED: &str = "c2d8b4f1-63e5-4a1b-9f72-4e3a0b8d6c22";
 const ENCRYPTED: &str = "d3e9c5a2-74f6-4b2c-8a83-5f4b1c9e7d33";
 const ENCRYPTED_VERSIONED: &str = "e4fad6b3-8507-4c3d-9b94-6a5c2daf8e44";
-const PREFIX: &str = "bt_";
 
-fn env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| {
-        panic!(
-            "{name} is not set: run ./scripts/test.sh, which starts moto and SeaweedFS and sets it"
-        )
-    })
+/// An instance of an S3 plan, with the organization and space the bucket's tags are checked against.
+async fn new_bucket(pool: &PgPool, plan: &str, parameters: Value) -> String {
+    let context = json!({ "platform": "cloudfoundry", "organization_guid": "org-1", "space_guid": "space-1" });
+    insert_instance(pool, SERVICE, plan, context, parameters).await
 }
 
-/// The moto server and its admin keys.
-pub(crate) struct Peer {
-    pub url: String,
-    pub key: String,
-    pub secret: String,
+async fn new_s3_binding(pool: &PgPool, instance_id: &str, plan: &str, parameters: Value) -> String {
+    insert_binding(pool, instance_id, SERVICE, plan, parameters).await
 }
 
-pub(crate) fn moto() -> Peer {
-    Peer {
-        url: env("BERTH_TEST_MOTO_URL"),
-        key: env("BERTH_TEST_MOTO_ACCESS_KEY"),
-        secret: env("BERTH_TEST_MOTO_SECRET_KEY"),
-    }
-}
-
-pub(crate) fn seaweed() -> Peer {
-    Peer {
-        url: env("BERTH_TEST_S3_COMPAT_URL"),
-        key: env("BERTH_TEST_S3_COMPAT_ACCESS_KEY"),
-        secret: env("BERTH_TEST_S3_COMPAT_SECRET_KEY"),
-    }
-}
-
+/// Services on AWS (moto).
 fn aws_services(peer: &Peer) -> Arc<Services> {
-    let settings = serde_json::from_value(json!({
+    services_from(json!({
         "plans_dir": plans_dir(), "name_prefix": PREFIX,
         "aws_region": "us-east-1", "aws_endpoint_url": peer.url,
         "aws_access_key_id": peer.key, "aws_secret_access_key": peer.secret,
     }))
-    .unwrap();
-    Arc::new(Services::new(settings, cipher()).expect("services"))
 }
 
+/// Services on an S3-compatible store with its IAM-style API (SeaweedFS).
 fn compatible_services(peer: &Peer) -> Arc<Services> {
-    let settings = serde_json::from_value(json!({
+    services_from(json!({
         "plans_dir": plans_dir(), "name_prefix": PREFIX,
         "s3_compatible_endpoint": peer.url, "s3_compatible_iam_endpoint": peer.url,
         "s3_compatible_access_key": peer.key, "s3_compatible_secret_key": peer.secret,
     }))
-    .unwrap();
+}
+
+fn services_from(settings: Value) -> Arc<Services> {
+    let settings = serde_json::from_value(settings).unwrap();
     Arc::new(Services::new(settings, cipher()).expect("services"))
-}
-
-pub(crate) fn client(url: &str, key: &str, secret: &str) -> Client {
-    use aws_smithy_http_client::{Builder, tls};
-    let http = Builder::new()
-        .tls_provider(tls::Provider::Rustls(
-            tls::rustls_provider::CryptoMode::Ring,
-        ))
-        .build_https();
-    let config = aws_sdk_s3::config::Builder::new()
-        .behavior_version(BehaviorVersion::latest())
-        .http_client(http)
-        .region(Region::new("us-east-1"))
-        .endpoint_url(url)
-        .force_path_style(true)
-        .credentials_provider(Credentials::new(key, secret, None, None, "test"))
-        .build();
-    Client::from_conf(config)
-}
-
-fn iam_client(peer: &Peer) -> aws_sdk_iam::Client {
-    use aws_smithy_http_client::{Builder, tls};
-    let http = Builder::new()
-        .tls_provider(tls::Provider::Rustls(
-            tls::rustls_provider::CryptoMode::Ring,
-        ))
-        .build_https();
-    let config = aws_sdk_iam::config::Builder::new()
-        .behavior_version(BehaviorVersion::latest())
-        .http_client(http)
-        .region(Region::new("us-east-1"))
-        .endpoint_url(&peer.url)
-        .credentials_provider(Credentials::new(
-            &peer.key,
-            &peer.secret,
-            None,
-            None,
-            "test",
-        ))
-        .build();
-    aws_sdk_iam::Client::from_conf(config)
 }
 
 fn admin(peer: &Peer) -> Client {
     client(&peer.url, &peer.key, &peer.secret)
-}
-
-async fn credentials(pool: &PgPool, binding_id: &str) -> Map<String, Value> {
-    let row = bindings::get(pool, binding_id).await.unwrap().unwrap();
-    cipher()
-        .open_json(&row.credentials.expect("credentials stored"))
-        .unwrap()
 }
 
 fn app_client(peer: &Peer, creds: &Map<String, Value>) -> Client {
@@ -211,6 +134,22 @@ async fn users_of(peer: &Peer, bucket: &str) -> Vec<String> {
         .collect()
 }
 
+/// What a test reaches a provisioned bucket with: pool, peer, services, the peer's admin client, instance id and
+/// bucket name.
+type OnMoto = (PgPool, Peer, Arc<Services>, Client, String, String);
+
+/// Provisions an instance of `plan` with `parameters` on moto.
+async fn provisioned_on_moto(opts: &PgConnectOptions, plan: &str, parameters: Value) -> OnMoto {
+    let pool = pool(opts, 8).await;
+    let peer = moto();
+    let services = aws_services(&peer);
+    let root = admin(&peer);
+    let instance = new_bucket(&pool, plan, parameters).await;
+    let bucket = names::bucket_name(PREFIX, &instance);
+    operate_ok(&pool, &services, Operation::Provision, &instance, None).await;
+    (pool, peer, services, root, instance, bucket)
+}
+
 /// Bind A (read-write) and B (read-only); each works as its access says, A cannot reach another bucket;
 /// unbinding A revokes A only.
 async fn two_bindings(
@@ -221,30 +160,10 @@ async fn two_bindings(
     plan: &str,
 ) -> [String; 2] {
     let bucket = names::bucket_name(PREFIX, instance);
-    let a = new_binding(pool, instance, plan, json!({})).await;
-    let b = new_binding(pool, instance, plan, json!({ "access": "read-only" })).await;
-    succeeded(
-        &operate(
-            pool,
-            services,
-            Operation::Bind,
-            instance,
-            Some(&a),
-            json!({}),
-        )
-        .await,
-    );
-    succeeded(
-        &operate(
-            pool,
-            services,
-            Operation::Bind,
-            instance,
-            Some(&b),
-            json!({}),
-        )
-        .await,
-    );
+    let a = new_s3_binding(pool, instance, plan, json!({})).await;
+    let b = new_s3_binding(pool, instance, plan, json!({ "access": "read-only" })).await;
+    operate_ok(pool, services, Operation::Bind, instance, Some(&a)).await;
+    operate_ok(pool, services, Operation::Bind, instance, Some(&b)).await;
     let (ca, cb) = (credentials(pool, &a).await, credentials(pool, &b).await);
     assert_eq!(ca["S3_BUCKET"], json!(bucket));
     assert_eq!(ca["S3_LOCATION"], json!(format!("s3://{bucket}")));
@@ -302,17 +221,7 @@ async fn two_bindings(
     root.delete_bucket().bucket(&other).send().await.unwrap();
 
     // Unbind A: A is refused, B still reads.
-    succeeded(
-        &operate(
-            pool,
-            services,
-            Operation::Unbind,
-            instance,
-            Some(&a),
-            json!({}),
-        )
-        .await,
-    );
+    operate_ok(pool, services, Operation::Unbind, instance, Some(&a)).await;
     assert!(bindings::get(pool, &a).await.unwrap().is_none());
     assert!(
         get(&app_a, &bucket, "hello.txt").await.is_err(),
@@ -349,136 +258,28 @@ async fn s3_each_plan_on_moto(_: PgPoolOptions, opts: PgConnectOptions) {
     ] {
         let params = json!({ "tags": { "team": "data" },
             "cors": [{ "allowed_methods": ["GET"], "allowed_origins": ["https://example.com"] }] });
-        let instance = new_instance(&pool, plan, params).await;
+        let instance = new_bucket(&pool, plan, params).await;
         let bucket = names::bucket_name(PREFIX, &instance);
         // Twice: the second run finds everything and is harmless.
-        succeeded(
-            &operate(
-                &pool,
-                &services,
-                Operation::Provision,
-                &instance,
-                None,
-                json!({}),
-            )
-            .await,
-        );
-        succeeded(
-            &operate(
-                &pool,
-                &services,
-                Operation::Provision,
-                &instance,
-                None,
-                json!({}),
-            )
-            .await,
-        );
+        operate_ok(&pool, &services, Operation::Provision, &instance, None).await;
+        operate_ok(&pool, &services, Operation::Provision, &instance, None).await;
         assert!(bucket_exists(&root, &bucket).await, "{bucket}");
-        let details = instances::get(&pool, &instance)
-            .await
-            .unwrap()
-            .unwrap()
-            .details;
-        assert_eq!(details["bucket"], json!(bucket));
-
-        let tags = root
-            .get_bucket_tagging()
-            .bucket(&bucket)
-            .send()
-            .await
-            .unwrap();
-        let tag = |k: &str| {
-            tags.tag_set()
-                .iter()
-                .find(|t| t.key() == k)
-                .map(|t| t.value().to_string())
-        };
-        assert_eq!(tag("berth:instance").as_deref(), Some(instance.as_str()));
-        assert_eq!(tag("berth:organization").as_deref(), Some("org-1"));
-        assert_eq!(tag("berth:space").as_deref(), Some("space-1"));
-        assert_eq!(tag("team").as_deref(), Some("data"));
-
-        let block = root
-            .get_public_access_block()
-            .bucket(&bucket)
-            .send()
-            .await
-            .unwrap();
-        let block = block.public_access_block_configuration().unwrap();
-        assert_eq!(block.block_public_acls(), Some(true));
-        assert_eq!(block.restrict_public_buckets(), Some(true));
-        let cors = root.get_bucket_cors().bucket(&bucket).send().await.unwrap();
-        assert_eq!(cors.cors_rules().len(), 1);
-
-        assert_eq!(
-            versioning_enabled(&root, &bucket).await,
-            versioned,
-            "{plan}"
-        );
-        if versioned {
-            let lifecycle = root
-                .get_bucket_lifecycle_configuration()
-                .bucket(&bucket)
-                .send()
-                .await
-                .unwrap();
-            let rule = &lifecycle.rules()[0];
-            assert_eq!(
-                rule.noncurrent_version_transitions()[0].noncurrent_days(),
-                Some(30)
-            );
-            assert_eq!(
-                rule.noncurrent_version_expiration()
-                    .unwrap()
-                    .noncurrent_days(),
-                Some(180)
-            );
-        }
-        let encryption = root.get_bucket_encryption().bucket(&bucket).send().await;
-        let algorithm = encryption.ok().and_then(|e| {
-            e.server_side_encryption_configuration()?
-                .rules()
-                .first()?
-                .apply_server_side_encryption_by_default()
-                .map(|d| d.sse_algorithm().as_str().to_string())
-        });
-        if encrypted {
-            assert_eq!(algorithm.as_deref(), Some("AES256"), "{plan}");
-        }
+        assert_eq!(details(&pool, &instance).await["bucket"], json!(bucket));
+        assert_tagged_private_with_cors(&root, &bucket, &instance).await;
+        assert_versioning_and_encryption(&root, &bucket, plan, versioned, encrypted).await;
 
         if plan == BASIC {
             two_bindings(&pool, &services, &peer, &instance, plan).await;
         } else {
-            let b = new_binding(&pool, &instance, plan, json!({})).await;
-            succeeded(
-                &operate(
-                    &pool,
-                    &services,
-                    Operation::Bind,
-                    &instance,
-                    Some(&b),
-                    json!({}),
-                )
-                .await,
-            );
+            let b = new_s3_binding(&pool, &instance, plan, json!({})).await;
+            operate_ok(&pool, &services, Operation::Bind, &instance, Some(&b)).await;
             let app = app_client(&peer, &credentials(&pool, &b).await);
             put(&app, &bucket, "k", "v")
                 .await
                 .expect("write with the binding's key");
         }
         // Deprovision with bindings still there: bucket, users, keys and policies all go.
-        succeeded(
-            &operate(
-                &pool,
-                &services,
-                Operation::Deprovision,
-                &instance,
-                None,
-                json!({}),
-            )
-            .await,
-        );
+        operate_ok(&pool, &services, Operation::Deprovision, &instance, None).await;
         assert!(!bucket_exists(&root, &bucket).await, "{bucket} remains");
         assert!(
             users_of(&peer, &bucket).await.is_empty(),
@@ -488,44 +289,90 @@ async fn s3_each_plan_on_moto(_: PgPoolOptions, opts: PgConnectOptions) {
     }
 }
 
+/// The bucket carries berth's tags (instance, organization, space) and the requested ones, blocks public
+/// access, and has the requested CORS rule.
+async fn assert_tagged_private_with_cors(root: &Client, bucket: &str, instance: &str) {
+    let tags = root
+        .get_bucket_tagging()
+        .bucket(bucket)
+        .send()
+        .await
+        .unwrap();
+    let tag = |k: &str| {
+        tags.tag_set()
+            .iter()
+            .find(|t| t.key() == k)
+            .map(|t| t.value().to_string())
+    };
+    assert_eq!(tag("berth:instance").as_deref(), Some(instance));
+    assert_eq!(tag("berth:organization").as_deref(), Some("org-1"));
+    assert_eq!(tag("berth:space").as_deref(), Some("space-1"));
+    assert_eq!(tag("team").as_deref(), Some("data"));
+
+    let block = root
+        .get_public_access_block()
+        .bucket(bucket)
+        .send()
+        .await
+        .unwrap();
+    let block = block.public_access_block_configuration().unwrap();
+    assert_eq!(block.block_public_acls(), Some(true));
+    assert_eq!(block.restrict_public_buckets(), Some(true));
+    let cors = root.get_bucket_cors().bucket(bucket).send().await.unwrap();
+    assert_eq!(cors.cors_rules().len(), 1);
+}
+
+/// Versioning (with its lifecycle rule) and default encryption as the plan says.
+async fn assert_versioning_and_encryption(
+    root: &Client,
+    bucket: &str,
+    plan: &str,
+    versioned: bool,
+    encrypted: bool,
+) {
+    assert_eq!(versioning_enabled(root, bucket).await, versioned, "{plan}");
+    if versioned {
+        let lifecycle = root
+            .get_bucket_lifecycle_configuration()
+            .bucket(bucket)
+            .send()
+            .await
+            .unwrap();
+        let rule = &lifecycle.rules()[0];
+        assert_eq!(
+            rule.noncurrent_version_transitions()[0].noncurrent_days(),
+            Some(30)
+        );
+        assert_eq!(
+            rule.noncurrent_version_expiration()
+                .unwrap()
+                .noncurrent_days(),
+            Some(180)
+        );
+    }
+    let encryption = root.get_bucket_encryption().bucket(bucket).send().await;
+    let algorithm = encryption.ok().and_then(|e| {
+        e.server_side_encryption_configuration()?
+            .rules()
+            .first()?
+            .apply_server_side_encryption_by_default()
+            .map(|d| d.sse_algorithm().as_str().to_string())
+    });
+    if encrypted {
+        assert_eq!(algorithm.as_deref(), Some("AES256"), "{plan}");
+    }
+}
+
 #[sqlx::test(migrator = "broker::MIGRATOR")]
 async fn s3_update_turns_versioning_and_encryption_on(_: PgPoolOptions, opts: PgConnectOptions) {
-    let pool = pool(&opts, 8).await;
-    let peer = moto();
-    let services = aws_services(&peer);
-    let root = admin(&peer);
-    let instance = new_instance(&pool, BASIC, json!({})).await;
-    let bucket = names::bucket_name(PREFIX, &instance);
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Provision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
+    let (pool, _, services, root, instance, bucket) =
+        provisioned_on_moto(&opts, BASIC, json!({})).await;
+    let payload = update_payload(
+        ENCRYPTED_VERSIONED,
+        json!({ "public_read": false }),
+        json!({ "organization_guid": "org-1", "space_guid": "space-2" }),
     );
-    let update = UpdatePayload {
-        plan_id: ENCRYPTED_VERSIONED.into(),
-        parameters: json!({ "public_read": false }),
-        context: json!({ "organization_guid": "org-1", "space_guid": "space-2" }),
-        maintenance_version: None,
-        select_preset: false,
-    };
-    let payload = serde_json::to_value(&update).unwrap();
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Update,
-            &instance,
-            None,
-            payload,
-        )
-        .await,
-    );
+    update_ok(&pool, &services, &instance, payload).await;
     assert!(versioning_enabled(&root, &bucket).await);
     assert!(
         root.get_bucket_encryption()
@@ -553,17 +400,7 @@ async fn s3_update_turns_versioning_and_encryption_on(_: PgPoolOptions, opts: Pg
             .plan_id,
         ENCRYPTED_VERSIONED
     );
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Deprovision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
+    operate_ok(&pool, &services, Operation::Deprovision, &instance, None).await;
     assert!(!bucket_exists(&root, &bucket).await);
 }
 
@@ -599,35 +436,10 @@ async fn s3_deprovision_empties_1000_objects_with_versions(
     _: PgPoolOptions,
     opts: PgConnectOptions,
 ) {
-    let pool = pool(&opts, 8).await;
-    let peer = moto();
-    let services = aws_services(&peer);
-    let root = admin(&peer);
-    let instance = new_instance(&pool, VERSIONED, json!({})).await;
-    let bucket = names::bucket_name(PREFIX, &instance);
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Provision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
-    let b = new_binding(&pool, &instance, VERSIONED, json!({})).await;
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Bind,
-            &instance,
-            Some(&b),
-            json!({}),
-        )
-        .await,
-    );
+    let (pool, peer, services, root, instance, bucket) =
+        provisioned_on_moto(&opts, VERSIONED, json!({})).await;
+    let b = new_s3_binding(&pool, &instance, VERSIONED, json!({})).await;
+    operate_ok(&pool, &services, Operation::Bind, &instance, Some(&b)).await;
     fill(&root, &bucket, 1000, true).await;
     let listed = root
         .list_object_versions()
@@ -647,17 +459,7 @@ async fn s3_deprovision_empties_1000_objects_with_versions(
         .await
         .unwrap();
     assert_eq!(users_of(&peer, &bucket).await.len(), 1);
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Deprovision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
+    operate_ok(&pool, &services, Operation::Deprovision, &instance, None).await;
     assert!(!bucket_exists(&root, &bucket).await, "{bucket} remains");
     assert!(
         users_of(&peer, &bucket).await.is_empty(),
@@ -671,35 +473,15 @@ async fn s3_deprovision_of_a_half_built_instance(_: PgPoolOptions, opts: PgConne
     let peer = moto();
     let services = aws_services(&peer);
     // Never provisioned: nothing exists, deprovision succeeds.
-    let instance = new_instance(&pool, BASIC, json!({})).await;
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Deprovision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
+    let instance = new_bucket(&pool, BASIC, json!({})).await;
+    operate_ok(&pool, &services, Operation::Deprovision, &instance, None).await;
     // Bucket made by hand under the instance's name, unconfigured, with objects: cleaned up too.
-    let instance = new_instance(&pool, BASIC, json!({})).await;
+    let instance = new_bucket(&pool, BASIC, json!({})).await;
     let bucket = names::bucket_name(PREFIX, &instance);
     let root = admin(&peer);
     root.create_bucket().bucket(&bucket).send().await.unwrap();
     fill(&root, &bucket, 20, false).await;
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Deprovision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
+    operate_ok(&pool, &services, Operation::Deprovision, &instance, None).await;
     assert!(!bucket_exists(&root, &bucket).await);
 }
 
@@ -709,19 +491,9 @@ async fn s3_compatible_engine_on_seaweedfs(_: PgPoolOptions, opts: PgConnectOpti
     let peer = seaweed();
     let services = compatible_services(&peer);
     let root = admin(&peer);
-    let instance = new_instance(&pool, VERSIONED, json!({ "tags": { "team": "data" } })).await;
+    let instance = new_bucket(&pool, VERSIONED, json!({ "tags": { "team": "data" } })).await;
     let bucket = names::bucket_name(PREFIX, &instance);
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Provision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
+    operate_ok(&pool, &services, Operation::Provision, &instance, None).await;
     assert!(bucket_exists(&root, &bucket).await);
     assert!(versioning_enabled(&root, &bucket).await);
     let tags = root
@@ -738,17 +510,7 @@ async fn s3_compatible_engine_on_seaweedfs(_: PgPoolOptions, opts: PgConnectOpti
 
     let [a, b] = two_bindings(&pool, &services, &peer, &instance, VERSIONED).await;
     fill(&root, &bucket, 50, true).await;
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Deprovision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
+    operate_ok(&pool, &services, Operation::Deprovision, &instance, None).await;
     assert!(!bucket_exists(&root, &bucket).await, "{bucket} remains");
     // SeaweedFS keeps no IAM paths: look the users up by name.
     for binding in [a, b] {
@@ -793,32 +555,15 @@ async fn s3_kill_9_mid_empty_then_another_worker_finishes(
     opts: PgConnectOptions,
 ) {
     use std::time::Duration;
-    let pool = pool(&opts, 8).await;
-    let peer = moto();
-    let services = aws_services(&peer);
-    let root = admin(&peer);
-    let instance = new_instance(&pool, VERSIONED, json!({})).await;
-    let bucket = names::bucket_name(PREFIX, &instance);
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Provision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
+    let (pool, peer, _, root, instance, bucket) =
+        provisioned_on_moto(&opts, VERSIONED, json!({})).await;
     fill(&root, &bucket, 4000, true).await;
 
     let dir = std::env::temp_dir().join(format!("berth-s3-crash-{}", uuid::Uuid::new_v4()));
     let key_file = dir.join("master.key");
     broker::crypto::generate_key_file(&key_file).unwrap();
-    let mut new = NewTask::new(Operation::Deprovision.task_kind(), json!({}));
-    new.instance_id = Some(instance.clone());
-    new.operation = Some(Operation::Deprovision.as_str());
-    let id = enqueue_with(&pool, new).await;
+    let deprovision = operation_task(Operation::Deprovision, &instance, None, json!({}));
+    let id = enqueue_with(&pool, deprovision).await;
 
     let mut first = spawn_s3_worker(&opts, &key_file, &peer, "victim");
     eventually(
@@ -864,23 +609,8 @@ async fn s3_kill_9_mid_empty_then_another_worker_finishes(
 /// and the block comes back.
 #[sqlx::test(migrator = "broker::MIGRATOR")]
 async fn s3_public_read_on_and_off(_: PgPoolOptions, opts: PgConnectOptions) {
-    let pool = pool(&opts, 8).await;
-    let peer = moto();
-    let services = aws_services(&peer);
-    let root = admin(&peer);
-    let instance = new_instance(&pool, BASIC, json!({ "public_read": true })).await;
-    let bucket = names::bucket_name(PREFIX, &instance);
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Provision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
+    let (pool, _, services, root, instance, bucket) =
+        provisioned_on_moto(&opts, BASIC, json!({ "public_read": true })).await;
     let policy = root
         .get_bucket_policy()
         .bucket(&bucket)
@@ -897,25 +627,8 @@ async fn s3_public_read_on_and_off(_: PgPoolOptions, opts: PgConnectOptions) {
         "no block"
     );
 
-    let update = UpdatePayload {
-        plan_id: BASIC.into(),
-        parameters: json!({ "public_read": false }),
-        context: json!({}),
-        maintenance_version: None,
-        select_preset: false,
-    };
-    let payload = serde_json::to_value(&update).unwrap();
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Update,
-            &instance,
-            None,
-            payload,
-        )
-        .await,
-    );
+    let payload = update_payload(BASIC, json!({ "public_read": false }), json!({}));
+    update_ok(&pool, &services, &instance, payload).await;
     assert!(
         root.get_bucket_policy()
             .bucket(&bucket)
@@ -937,17 +650,7 @@ async fn s3_public_read_on_and_off(_: PgPoolOptions, opts: PgConnectOptions) {
             .block_public_policy(),
         Some(true)
     );
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Deprovision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
+    operate_ok(&pool, &services, Operation::Deprovision, &instance, None).await;
 }
 
 /// The keys each binding's IAM user has now.
@@ -969,37 +672,13 @@ async fn s3_rotate_credentials_gives_each_binding_a_new_key_and_revokes_the_old(
     _: PgPoolOptions,
     opts: PgConnectOptions,
 ) {
-    let pool = pool(&opts, 8).await;
-    let peer = moto();
-    let services = aws_services(&peer);
-    let instance = new_instance(&pool, BASIC, json!({})).await;
-    let bucket = names::bucket_name(PREFIX, &instance);
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Provision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
+    let (pool, peer, services, _, instance, bucket) =
+        provisioned_on_moto(&opts, BASIC, json!({})).await;
     // A read-write and a read-only binding (two_bindings unbinds its first one).
-    let a = new_binding(&pool, &instance, BASIC, json!({})).await;
-    let b = new_binding(&pool, &instance, BASIC, json!({ "access": "read-only" })).await;
+    let a = new_s3_binding(&pool, &instance, BASIC, json!({})).await;
+    let b = new_s3_binding(&pool, &instance, BASIC, json!({ "access": "read-only" })).await;
     for binding in [&a, &b] {
-        succeeded(
-            &operate(
-                &pool,
-                &services,
-                Operation::Bind,
-                &instance,
-                Some(binding),
-                json!({}),
-            )
-            .await,
-        );
+        operate_ok(&pool, &services, Operation::Bind, &instance, Some(binding)).await;
     }
     let (old_a, old_b) = (credentials(&pool, &a).await, credentials(&pool, &b).await);
     put(&app_client(&peer, &old_a), &bucket, "before", "1")
@@ -1065,17 +744,7 @@ async fn s3_rotate_credentials_gives_each_binding_a_new_key_and_revokes_the_old(
         vec![new_b["S3_ACCESS_KEY"].as_str().unwrap().to_string()]
     );
 
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Deprovision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
+    operate_ok(&pool, &services, Operation::Deprovision, &instance, None).await;
     assert!(!bucket_exists(&admin(&peer), &bucket).await);
 }
 
@@ -1086,37 +755,16 @@ async fn s3_rotate_credentials_fails_where_bindings_share_the_store_keys(
 ) {
     let pool = pool(&opts, 8).await;
     let peer = seaweed();
-    let settings = serde_json::from_value(json!({
+    // No IAM endpoint: every binding gets the store's own keys.
+    let services = services_from(json!({
         "plans_dir": plans_dir(), "name_prefix": PREFIX,
         "s3_compatible_endpoint": peer.url,
         "s3_compatible_access_key": peer.key, "s3_compatible_secret_key": peer.secret,
-    }))
-    .unwrap();
-    let services = Arc::new(Services::new(settings, cipher()).expect("services"));
-    let instance = new_instance(&pool, BASIC, json!({})).await;
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Provision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
-    let binding = new_binding(&pool, &instance, BASIC, json!({})).await;
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Bind,
-            &instance,
-            Some(&binding),
-            json!({}),
-        )
-        .await,
-    );
+    }));
+    let instance = new_bucket(&pool, BASIC, json!({})).await;
+    operate_ok(&pool, &services, Operation::Provision, &instance, None).await;
+    let binding = new_s3_binding(&pool, &instance, BASIC, json!({})).await;
+    operate_ok(&pool, &services, Operation::Bind, &instance, Some(&binding)).await;
     let before = credentials(&pool, &binding).await;
 
     let rotation = operate(
@@ -1137,53 +785,19 @@ async fn s3_rotate_credentials_fails_where_bindings_share_the_store_keys(
         "nothing changed"
     );
 
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Deprovision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
+    operate_ok(&pool, &services, Operation::Deprovision, &instance, None).await;
 }
 
 /// An expired binding's IAM user and key are deleted by the reconcile loop's revocation; the other binding's key
 /// works on.
 #[sqlx::test(migrator = "broker::MIGRATOR")]
 async fn s3_an_expired_binding_loses_its_key(_: PgPoolOptions, opts: PgConnectOptions) {
-    let pool = pool(&opts, 8).await;
-    let peer = moto();
-    let services = aws_services(&peer);
-    let instance = new_instance(&pool, BASIC, json!({})).await;
-    let bucket = names::bucket_name(PREFIX, &instance);
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Provision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
-    let expiring = new_binding(&pool, &instance, BASIC, json!({ "expires_in": 600 })).await;
-    let lasting = new_binding(&pool, &instance, BASIC, json!({})).await;
+    let (pool, peer, services, _, instance, bucket) =
+        provisioned_on_moto(&opts, BASIC, json!({})).await;
+    let expiring = new_s3_binding(&pool, &instance, BASIC, json!({ "expires_in": 600 })).await;
+    let lasting = new_s3_binding(&pool, &instance, BASIC, json!({})).await;
     for binding in [&expiring, &lasting] {
-        succeeded(
-            &operate(
-                &pool,
-                &services,
-                Operation::Bind,
-                &instance,
-                Some(binding),
-                json!({}),
-            )
-            .await,
-        );
+        operate_ok(&pool, &services, Operation::Bind, &instance, Some(binding)).await;
     }
     let expiring_client = app_client(&peer, &credentials(&pool, &expiring).await);
     put(&expiring_client, &bucket, "a", "1")
@@ -1192,21 +806,9 @@ async fn s3_an_expired_binding_loses_its_key(_: PgPoolOptions, opts: PgConnectOp
     let user = names::binding_user(PREFIX, &expiring);
     assert_eq!(keys_of(&peer, &user).await.len(), 1);
 
-    sqlx::query(
-        "UPDATE service_bindings SET expires_at = now() - interval '1 second' WHERE id = $1",
-    )
-    .bind(&expiring)
-    .execute(&pool)
-    .await
-    .unwrap();
+    expire_now(&pool, &expiring).await;
     berth_worker::reconcile::once(&pool, &services).await;
-    drain(
-        &pool,
-        services.clone(),
-        berth_worker::tasks::registry(),
-        config("w"),
-    )
-    .await;
+    drain_all(&pool, &services).await;
 
     assert!(
         !user_exists(&peer, &user).await,
@@ -1230,16 +832,13 @@ async fn s3_an_expired_binding_loses_its_key(_: PgPoolOptions, opts: PgConnectOp
         "1",
         "the other binding's key works on"
     );
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Unbind,
-            &instance,
-            Some(&expiring),
-            json!({}),
-        )
-        .await,
-    );
+    operate_ok(
+        &pool,
+        &services,
+        Operation::Unbind,
+        &instance,
+        Some(&expiring),
+    )
+    .await;
     assert!(bindings::get(&pool, &expiring).await.unwrap().is_none());
 }

@@ -5,11 +5,8 @@ use std::sync::Arc;
 
 use berth_worker::{Services, tasks};
 use broker::{
-    db::{
-        bindings, instances,
-        tasks::{NewTask, TaskRow},
-    },
-    model::{Operation, TaskId, UpdatePayload},
+    db::{bindings, instances, tasks::TaskRow},
+    model::{Operation, UpdatePayload},
     names,
 };
 use serde_json::{Map, Value, json};
@@ -20,149 +17,46 @@ use sqlx::{
 
 use crate::{helpers::*, webhook};
 
-async fn new_instance(pool: &PgPool, parameters: Value) -> String {
-    insert_instance(pool, SERVICE, PLAN, json!({}), parameters).await
-}
-
-async fn new_binding(pool: &PgPool, instance_id: &str, parameters: Value) -> String {
-    insert_binding(pool, instance_id, SERVICE, PLAN, parameters).await
-}
-
-const SERVICE: &str = "3bdd3b6c-801f-470b-a45f-bc1849fa2124";
-const PLAN: &str = "707a3e6f-f8db-4339-88da-1533837a9810";
-const PREFIX: &str = "bt_";
-
-/// Enqueues the operation's task, drains the queue, returns the finished task.
-async fn operate(
-    pool: &PgPool,
-    services: &Arc<Services>,
-    op: Operation,
-    instance_id: &str,
-    binding_id: Option<&str>,
-    payload: Value,
-) -> TaskRow {
-    operate_with_webhook(pool, services, op, instance_id, binding_id, payload, None).await
-}
-
+/// [`operate`] with a webhook to notify when the task ends.
 async fn operate_with_webhook(
     pool: &PgPool,
     services: &Arc<Services>,
     op: Operation,
     instance_id: &str,
     binding_id: Option<&str>,
-    payload: Value,
-    webhook: Option<String>,
+    webhook: String,
 ) -> TaskRow {
-    let mut new = NewTask::new(op.task_kind(), payload);
-    new.webhook = webhook.map(|url| (url, cipher().seal(webhook::SECRET)));
-    new.instance_id = Some(instance_id.to_string());
-    new.binding_id = binding_id.map(str::to_string);
-    new.operation = Some(op.as_str());
+    let mut new = operation_task(op, instance_id, binding_id, json!({}));
+    new.webhook = Some((webhook, cipher().seal(webhook::SECRET)));
     new.max_attempts = 3;
     let id = enqueue_with(pool, new).await;
-    drain(pool, services.clone(), tasks::registry(), config("w")).await;
+    drain_all(pool, services).await;
     task(pool, id).await
-}
-
-async fn admin() -> PgConnection {
-    PgConnection::connect(&admin_url()).await.unwrap()
-}
-
-async fn role_exists(role: &str) -> bool {
-    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
-        .bind(role)
-        .fetch_one(&mut admin().await)
-        .await
-        .unwrap()
-}
-
-async fn database_exists(database: &str) -> bool {
-    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-        .bind(database)
-        .fetch_one(&mut admin().await)
-        .await
-        .unwrap()
-}
-
-async fn credentials(pool: &PgPool, binding_id: &str) -> Map<String, Value> {
-    let row = bindings::get(pool, binding_id).await.unwrap().unwrap();
-    cipher()
-        .open_json(&row.credentials.expect("credentials stored"))
-        .unwrap()
-}
-
-fn url_of(creds: &Map<String, Value>) -> String {
-    creds["DATABASE_URL"].as_str().unwrap().to_string()
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
 async fn shared_lifecycle(_: PgPoolOptions, opts: PgConnectOptions) {
     let pool = pool(&opts, 8).await;
     let services = services();
-    let instance = new_instance(&pool, json!({ "extensions": ["citext"] })).await;
+    let instance = new_instance(&pool, SHARED_PLAN, json!({ "extensions": ["citext"] })).await;
     let database = names::instance_database(PREFIX, &instance);
     let owner = names::instance_owner_role(PREFIX, &instance);
 
     // Provision (twice: the second run finds everything and is harmless).
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Provision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Provision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
-    assert!(database_exists(&database).await && role_exists(&owner).await);
-    let details = instances::get(&pool, &instance)
-        .await
-        .unwrap()
-        .unwrap()
-        .details;
-    assert_eq!(details["database"], json!(database));
-    assert_eq!(details["owner_role"], json!(owner));
-    let mut options: PgConnectOptions = admin_url().parse().unwrap();
-    options = options.database(&database);
-    let mut as_admin = PgConnection::connect_with(&options).await.unwrap();
-    let extensions: Vec<String> = sqlx::query_scalar("SELECT extname::text FROM pg_extension")
-        .fetch_all(&mut as_admin)
-        .await
-        .unwrap();
-    assert!(extensions.contains(&"citext".to_string()), "{extensions:?}");
+    operate_ok(&pool, &services, Operation::Provision, &instance, None).await;
+    operate_ok(&pool, &services, Operation::Provision, &instance, None).await;
+    let mut as_admin = assert_provisioned(&pool, &instance, &database, &owner).await;
 
     // Update: a newly requested extension is created and the parameters recorded.
     let update = UpdatePayload {
-        plan_id: PLAN.into(),
+        plan_id: SHARED_PLAN.into(),
         parameters: json!({ "extensions": ["hstore"] }),
         context: json!({ "space": "new" }),
         maintenance_version: Some("1.0.0".into()),
         select_preset: false,
     };
     let payload = serde_json::to_value(&update).unwrap();
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Update,
-            &instance,
-            None,
-            payload,
-        )
-        .await,
-    );
+    update_ok(&pool, &services, &instance, payload).await;
     let has_hstore: bool =
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'hstore')")
             .fetch_one(&mut as_admin)
@@ -174,22 +68,177 @@ async fn shared_lifecycle(_: PgPoolOptions, opts: PgConnectOptions) {
     assert_eq!(row.parameters, json!({ "extensions": ["hstore"] }));
 
     // A read-write binding: connect, create a table, insert.
-    let writer = new_binding(&pool, &instance, json!({})).await;
+    let writer = new_binding(&pool, &instance, SHARED_PLAN, json!({})).await;
+    bind_the_writer_with_a_webhook(&pool, &services, &instance, &writer, &database).await;
+    create_a_table_as(&credentials(&pool, &writer).await, &owner).await;
+
+    // Binding again (a retry) is harmless and leaves working credentials.
+    operate_ok(&pool, &services, Operation::Bind, &instance, Some(&writer)).await;
+    let creds = credentials(&pool, &writer).await;
+    PgConnection::connect(&url_of(&creds))
+        .await
+        .expect("credentials of the retried bind work")
+        .close()
+        .await
+        .unwrap();
+
+    // A read-only binding sees the table but cannot write.
+    let reader = new_binding(
+        &pool,
+        &instance,
+        SHARED_PLAN,
+        json!({ "access": "read-only" }),
+    )
+    .await;
+    operate_ok(&pool, &services, Operation::Bind, &instance, Some(&reader)).await;
+    let reader_creds = credentials(&pool, &reader).await;
+    assert_reads_but_cannot_write(&reader_creds).await;
+
+    // A second read-write binding sees and changes the same table; tables it creates are readable by the reader.
+    let second = new_binding(
+        &pool,
+        &instance,
+        SHARED_PLAN,
+        json!({ "access": "read-write" }),
+    )
+    .await;
+    operate_ok(&pool, &services, Operation::Bind, &instance, Some(&second)).await;
+    let mut ro = assert_a_second_writer_shares_the_tables(&pool, &second, &reader_creds).await;
+
+    // Unbind the reader (with a session open): the role is gone and can no longer log in.
+    unbind_the_reader_with_a_session_open(
+        &pool,
+        &services,
+        &instance,
+        &reader,
+        &reader_creds,
+        &mut ro,
+    )
+    .await;
+    // Unbinding again finds nothing to do.
+    let reader_again = new_binding(
+        &pool,
+        &instance,
+        SHARED_PLAN,
+        json!({ "access": "read-only" }),
+    )
+    .await;
+    bindings::delete(&pool, &reader_again).await.unwrap();
+    operate_ok(
+        &pool,
+        &services,
+        Operation::Unbind,
+        &instance,
+        Some(&reader_again),
+    )
+    .await;
+
+    // Deprovision: database and every role gone, rows gone (bindings cascade).
+    let writer_role = names::binding_role(PREFIX, &writer);
+    let second_role = names::binding_role(PREFIX, &second);
+    operate_ok(&pool, &services, Operation::Deprovision, &instance, None).await;
+    assert!(!database_exists(&database).await);
+    for role in [&owner, &writer_role, &second_role] {
+        assert!(!role_exists(role).await, "{role} still exists");
+    }
+    assert!(instances::get(&pool, &instance).await.unwrap().is_none());
+    assert!(bindings::get(&pool, &writer).await.unwrap().is_none());
+    // And again: nothing left to do.
+    operate_ok(&pool, &services, Operation::Deprovision, &instance, None).await;
+}
+
+/// Unbinds the reader while `ro`, its session, is open: the role is gone, the session ended, the login refused.
+async fn unbind_the_reader_with_a_session_open(
+    pool: &PgPool,
+    services: &Arc<Services>,
+    instance: &str,
+    reader: &str,
+    reader_creds: &Map<String, Value>,
+    ro: &mut PgConnection,
+) {
+    let reader_role = names::binding_role(PREFIX, reader);
+    operate_ok(pool, services, Operation::Unbind, instance, Some(reader)).await;
+    assert!(!role_exists(&reader_role).await);
+    assert!(bindings::get(pool, reader).await.unwrap().is_none());
+    assert!(
+        sqlx::query("SELECT 1").execute(&mut *ro).await.is_err(),
+        "the open session was ended"
+    );
+    assert!(
+        PgConnection::connect(&url_of(reader_creds)).await.is_err(),
+        "an unbound role cannot log in"
+    );
+}
+
+/// A second read-write binding inserts into `notes` and creates `later`; the reader sees the new table (default
+/// privileges). Returns the reader's open session.
+async fn assert_a_second_writer_shares_the_tables(
+    pool: &PgPool,
+    second: &str,
+    reader_creds: &Map<String, Value>,
+) -> PgConnection {
+    let mut app2 = PgConnection::connect(&url_of(&credentials(pool, second).await))
+        .await
+        .unwrap();
+    sqlx::raw_sql("INSERT INTO notes (body) VALUES ('there'); CREATE TABLE later (x int); INSERT INTO later VALUES (1)")
+        .execute(&mut app2)
+        .await
+        .unwrap();
+    app2.close().await.unwrap();
+    let mut ro = PgConnection::connect(&url_of(reader_creds)).await.unwrap();
+    let later: i64 = sqlx::query_scalar("SELECT count(*) FROM later")
+        .fetch_one(&mut ro)
+        .await
+        .unwrap();
+    assert_eq!(later, 1, "default privileges give the reader new tables");
+    ro
+}
+
+/// The database and its owner exist, the details name them and the requested extension is there. Returns a
+/// superuser session in the database (kept open across the update that follows).
+async fn assert_provisioned(
+    pool: &PgPool,
+    instance: &str,
+    database: &str,
+    owner: &str,
+) -> PgConnection {
+    assert!(database_exists(database).await && role_exists(owner).await);
+    let details = details(pool, instance).await;
+    assert_eq!(details["database"], json!(database));
+    assert_eq!(details["owner_role"], json!(owner));
+    let mut options: PgConnectOptions = admin_url().parse().unwrap();
+    options = options.database(database);
+    let mut as_admin = PgConnection::connect_with(&options).await.unwrap();
+    let extensions: Vec<String> = sqlx::query_scalar("SELECT extname::text FROM pg_extension")
+        .fetch_all(&mut as_admin)
+        .await
+        .unwrap();
+    assert!(extensions.contains(&"citext".to_string()), "{extensions:?}");
+    as_admin
+}
+
+/// Binds `writer` with a webhook: its credentials are complete and appear nowhere but in the sealed column
+/// (not in the task, not in the webhook body, not in the details).
+async fn bind_the_writer_with_a_webhook(
+    pool: &PgPool,
+    services: &Arc<Services>,
+    instance: &str,
+    writer: &str,
+    database: &str,
+) {
     let receiver = webhook::Receiver::default();
     let hook = format!("http://{}/hook", webhook::start(receiver.clone()).await);
     let bind = operate_with_webhook(
-        &pool,
-        &services,
+        pool,
+        services,
         Operation::Bind,
-        &instance,
-        Some(&writer),
-        json!({}),
-        Some(hook),
+        instance,
+        Some(writer),
+        hook,
     )
     .await;
     succeeded(&bind);
-    let creds = credentials(&pool, &writer).await;
-    // Credentials appear nowhere but in the sealed column: not in the task, not in the webhook body.
+    let creds = credentials(pool, writer).await;
     let password = creds["PGPASSWORD"].as_str().unwrap().to_string();
     let bind_row = format!("{:?} {:?} {}", bind.progress, bind.last_error, bind.payload);
     assert!(!bind_row.contains(&password));
@@ -217,18 +266,14 @@ async fn shared_lifecycle(_: PgPoolOptions, opts: PgConnectOptions) {
         );
     }
     assert_eq!(creds["PGDATABASE"], json!(database));
-    let details = bindings::get(&pool, &writer)
-        .await
-        .unwrap()
-        .unwrap()
-        .details;
+    let details = bindings::get(pool, writer).await.unwrap().unwrap().details;
     assert!(details["endpoints"][0]["host"].is_string());
-    assert!(
-        !details
-            .to_string()
-            .contains(creds["PGPASSWORD"].as_str().unwrap())
-    );
-    let mut app = PgConnection::connect(&url_of(&creds))
+    assert!(!details.to_string().contains(&password));
+}
+
+/// Connects with a read-write binding's credentials and creates the table `notes`, owned by the owner role.
+async fn create_a_table_as(creds: &Map<String, Value>, owner: &str) {
+    let mut app = PgConnection::connect(&url_of(creds))
         .await
         .expect("the read-write binding connects");
     sqlx::raw_sql("CREATE TABLE notes (id serial PRIMARY KEY, body text); INSERT INTO notes (body) VALUES ('hi')")
@@ -242,42 +287,11 @@ async fn shared_lifecycle(_: PgPoolOptions, opts: PgConnectOptions) {
             .unwrap();
     assert_eq!(table_owner, owner, "objects belong to the owner role");
     app.close().await.unwrap();
+}
 
-    // Binding again (a retry) is harmless and leaves working credentials.
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Bind,
-            &instance,
-            Some(&writer),
-            json!({}),
-        )
-        .await,
-    );
-    let creds = credentials(&pool, &writer).await;
-    PgConnection::connect(&url_of(&creds))
-        .await
-        .expect("credentials of the retried bind work")
-        .close()
-        .await
-        .unwrap();
-
-    // A read-only binding sees the table but cannot write.
-    let reader = new_binding(&pool, &instance, json!({ "access": "read-only" })).await;
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Bind,
-            &instance,
-            Some(&reader),
-            json!({}),
-        )
-        .await,
-    );
-    let reader_creds = credentials(&pool, &reader).await;
-    let mut ro = PgConnection::connect(&url_of(&reader_creds))
+/// A read-only binding sees the table `notes` but cannot write it or create tables.
+async fn assert_reads_but_cannot_write(creds: &Map<String, Value>) {
+    let mut ro = PgConnection::connect(&url_of(creds))
         .await
         .expect("the read-only binding connects");
     let count: i64 = sqlx::query_scalar("SELECT count(*) FROM notes")
@@ -298,132 +312,23 @@ async fn shared_lifecycle(_: PgPoolOptions, opts: PgConnectOptions) {
             .is_err()
     );
     ro.close().await.unwrap();
-
-    // A second read-write binding sees and changes the same table; tables it creates are readable by the reader.
-    let second = new_binding(&pool, &instance, json!({ "access": "read-write" })).await;
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Bind,
-            &instance,
-            Some(&second),
-            json!({}),
-        )
-        .await,
-    );
-    let mut app2 = PgConnection::connect(&url_of(&credentials(&pool, &second).await))
-        .await
-        .unwrap();
-    sqlx::raw_sql("INSERT INTO notes (body) VALUES ('there'); CREATE TABLE later (x int); INSERT INTO later VALUES (1)")
-        .execute(&mut app2)
-        .await
-        .unwrap();
-    app2.close().await.unwrap();
-    let mut ro = PgConnection::connect(&url_of(&reader_creds)).await.unwrap();
-    let later: i64 = sqlx::query_scalar("SELECT count(*) FROM later")
-        .fetch_one(&mut ro)
-        .await
-        .unwrap();
-    assert_eq!(later, 1, "default privileges give the reader new tables");
-
-    // Unbind the reader (with a session open): the role is gone and can no longer log in.
-    let reader_role = names::binding_role(PREFIX, &reader);
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Unbind,
-            &instance,
-            Some(&reader),
-            json!({}),
-        )
-        .await,
-    );
-    assert!(!role_exists(&reader_role).await);
-    assert!(bindings::get(&pool, &reader).await.unwrap().is_none());
-    assert!(
-        sqlx::query("SELECT 1").execute(&mut ro).await.is_err(),
-        "the open session was ended"
-    );
-    assert!(
-        PgConnection::connect(&url_of(&reader_creds)).await.is_err(),
-        "an unbound role cannot log in"
-    );
-    // Unbinding again finds nothing to do.
-    let reader_again = new_binding(&pool, &instance, json!({ "access": "read-only" })).await;
-    bindings::delete(&pool, &reader_again).await.unwrap();
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Unbind,
-            &instance,
-            Some(&reader_again),
-            json!({}),
-        )
-        .await,
-    );
-
-    // Deprovision: database and every role gone, rows gone (bindings cascade).
-    let writer_role = names::binding_role(PREFIX, &writer);
-    let second_role = names::binding_role(PREFIX, &second);
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Deprovision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
-    assert!(!database_exists(&database).await);
-    for role in [&owner, &writer_role, &second_role] {
-        assert!(!role_exists(role).await, "{role} still exists");
-    }
-    assert!(instances::get(&pool, &instance).await.unwrap().is_none());
-    assert!(bindings::get(&pool, &writer).await.unwrap().is_none());
-    // And again: nothing left to do.
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Deprovision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
 async fn deprovision_cleans_up_a_half_built_instance(_: PgPoolOptions, opts: PgConnectOptions) {
     let pool = pool(&opts, 8).await;
     let services = services();
-    let instance = new_instance(&pool, json!({})).await;
+    let instance = new_instance(&pool, SHARED_PLAN, json!({})).await;
     let owner = names::instance_owner_role(PREFIX, &instance);
     // A provision that died after its first step.
     sqlx::raw_sql(&format!(
         "CREATE ROLE {} NOLOGIN",
         names::quote_ident(&owner)
     ))
-    .execute(&mut admin().await)
+    .execute(&mut admin_connection().await)
     .await
     .unwrap();
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Deprovision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
+    operate_ok(&pool, &services, Operation::Deprovision, &instance, None).await;
     assert!(!role_exists(&owner).await);
     assert!(instances::get(&pool, &instance).await.unwrap().is_none());
 }
@@ -433,7 +338,7 @@ async fn bad_requests_fail_with_a_message(_: PgPoolOptions, opts: PgConnectOptio
     let pool = pool(&opts, 8).await;
     let services = services();
     // Not on the allow-list (the API's schema check would refuse it; the worker checks again).
-    let instance = new_instance(&pool, json!({ "extensions": ["plpython3u"] })).await;
+    let instance = new_instance(&pool, SHARED_PLAN, json!({ "extensions": ["plpython3u"] })).await;
     let row = operate(
         &pool,
         &services,
@@ -446,7 +351,7 @@ async fn bad_requests_fail_with_a_message(_: PgPoolOptions, opts: PgConnectOptio
     assert_eq!((row.state.as_str(), row.attempts), ("failed", 1));
     assert!(row.last_error.unwrap().contains("not offered"));
     // Binding an instance whose database was never made.
-    let binding = new_binding(&pool, &instance, json!({})).await;
+    let binding = new_binding(&pool, &instance, SHARED_PLAN, json!({})).await;
     let row = operate(
         &pool,
         &services,
@@ -458,55 +363,25 @@ async fn bad_requests_fail_with_a_message(_: PgPoolOptions, opts: PgConnectOptio
     .await;
     assert_eq!((row.state.as_str(), row.attempts), ("failed", 1));
     assert!(row.last_error.unwrap().contains("missing"));
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Deprovision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
+    operate_ok(&pool, &services, Operation::Deprovision, &instance, None).await;
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
 async fn binding_roles_get_scram_verifiers_and_log_in(_: PgPoolOptions, opts: PgConnectOptions) {
     let pool = pool(&opts, 8).await;
     let services = services();
-    let instance = new_instance(&pool, json!({})).await;
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Provision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
-    let binding = new_binding(&pool, &instance, json!({})).await;
+    let instance = new_instance(&pool, SHARED_PLAN, json!({})).await;
+    operate_ok(&pool, &services, Operation::Provision, &instance, None).await;
+    let binding = new_binding(&pool, &instance, SHARED_PLAN, json!({})).await;
     // Twice: the retry's ALTER ROLE sets a new verifier and the stored credentials still work.
     for _ in 0..2 {
-        succeeded(
-            &operate(
-                &pool,
-                &services,
-                Operation::Bind,
-                &instance,
-                Some(&binding),
-                json!({}),
-            )
-            .await,
-        );
+        operate_ok(&pool, &services, Operation::Bind, &instance, Some(&binding)).await;
         let creds = credentials(&pool, &binding).await;
         let role = creds["PGUSER"].as_str().unwrap();
         let stored: String =
             sqlx::query_scalar("SELECT rolpassword FROM pg_authid WHERE rolname = $1")
                 .bind(role)
-                .fetch_one(&mut admin().await)
+                .fetch_one(&mut admin_connection().await)
                 .await
                 .unwrap();
         assert!(stored.starts_with("SCRAM-SHA-256$4096:"), "{stored}");
@@ -519,17 +394,7 @@ async fn binding_roles_get_scram_verifiers_and_log_in(_: PgPoolOptions, opts: Pg
             .unwrap();
         assert_eq!(user, role);
     }
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Deprovision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
+    operate_ok(&pool, &services, Operation::Deprovision, &instance, None).await;
 }
 
 /// A private server of the test's own, stopped and removed when dropped.
@@ -583,33 +448,19 @@ async fn binding_passwords_never_reach_the_servers_statement_log(
         )
         .unwrap(),
     );
-    let instance = new_instance(&pool, json!({})).await;
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Provision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
-    let writer = new_binding(&pool, &instance, json!({})).await;
-    let reader = new_binding(&pool, &instance, json!({ "access": "read-only" })).await;
+    let instance = new_instance(&pool, SHARED_PLAN, json!({})).await;
+    operate_ok(&pool, &services, Operation::Provision, &instance, None).await;
+    let writer = new_binding(&pool, &instance, SHARED_PLAN, json!({})).await;
+    let reader = new_binding(
+        &pool,
+        &instance,
+        SHARED_PLAN,
+        json!({ "access": "read-only" }),
+    )
+    .await;
     let mut passwords = vec![];
     for binding in [&writer, &writer, &reader] {
-        succeeded(
-            &operate(
-                &pool,
-                &services,
-                Operation::Bind,
-                &instance,
-                Some(binding),
-                json!({}),
-            )
-            .await,
-        );
+        operate_ok(&pool, &services, Operation::Bind, &instance, Some(binding)).await;
         let creds = credentials(&pool, binding).await;
         PgConnection::connect(&url_of(&creds))
             .await
@@ -629,40 +480,15 @@ async fn binding_passwords_never_reach_the_servers_statement_log(
     private.server.stop().await.unwrap();
 }
 
-/// Enqueues an operation's task without running it.
-async fn enqueue_operation(
-    pool: &PgPool,
-    op: Operation,
-    instance_id: &str,
-    binding_id: Option<&str>,
-) -> TaskId {
-    let mut new = NewTask::new(op.task_kind(), json!({}));
-    new.instance_id = Some(instance_id.to_string());
-    new.binding_id = binding_id.map(str::to_string);
-    new.operation = Some(op.as_str());
-    new.max_attempts = 3;
-    enqueue_with(pool, new).await
-}
-
 /// An unbind sent while its bind still runs (a platform cleaning up after a synchronous bind that timed out)
 /// waits, without spending attempts, until the bind has ended, then drops the role the bind made.
 #[sqlx::test(migrator = "broker::MIGRATOR")]
 async fn an_unbind_waits_for_its_running_bind(_: PgPoolOptions, opts: PgConnectOptions) {
     let pool = pool(&opts, 8).await;
     let services = services();
-    let instance = new_instance(&pool, json!({})).await;
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Provision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
-    let binding = new_binding(&pool, &instance, json!({})).await;
+    let instance = new_instance(&pool, SHARED_PLAN, json!({})).await;
+    operate_ok(&pool, &services, Operation::Provision, &instance, None).await;
+    let binding = new_binding(&pool, &instance, SHARED_PLAN, json!({})).await;
     let role = names::binding_role(PREFIX, &binding);
     // The bind has made its role, and is still running on another worker.
     let bind = operate(
@@ -721,28 +547,18 @@ async fn an_unbind_waits_for_its_running_bind(_: PgPoolOptions, opts: PgConnectO
 async fn a_queued_bind_and_its_unbind_leave_nothing(_: PgPoolOptions, opts: PgConnectOptions) {
     let pool = pool(&opts, 8).await;
     let services = services();
-    let instance = new_instance(&pool, json!({})).await;
-    succeeded(
-        &operate(
-            &pool,
-            &services,
-            Operation::Provision,
-            &instance,
-            None,
-            json!({}),
-        )
-        .await,
-    );
+    let instance = new_instance(&pool, SHARED_PLAN, json!({})).await;
+    operate_ok(&pool, &services, Operation::Provision, &instance, None).await;
     let mut roles = Vec::new();
     let mut binds = Vec::new();
     let mut unbinds = Vec::new();
     for _ in 0..4 {
-        let binding = new_binding(&pool, &instance, json!({})).await;
+        let binding = new_binding(&pool, &instance, SHARED_PLAN, json!({})).await;
         roles.push((binding.clone(), names::binding_role(PREFIX, &binding)));
         binds.push(enqueue_operation(&pool, Operation::Bind, &instance, Some(&binding)).await);
         unbinds.push(enqueue_operation(&pool, Operation::Unbind, &instance, Some(&binding)).await);
     }
-    drain(&pool, services.clone(), tasks::registry(), config("w")).await;
+    drain_all(&pool, &services).await;
     for ((binding, role), (bind, unbind)) in roles.iter().zip(binds.iter().zip(&unbinds)) {
         succeeded(&task(&pool, *unbind).await);
         let bind = task(&pool, *bind).await;
@@ -765,10 +581,10 @@ async fn a_queued_provision_and_its_deprovision_leave_nothing(
 ) {
     let pool = pool(&opts, 8).await;
     let services = services();
-    let instance = new_instance(&pool, json!({})).await;
+    let instance = new_instance(&pool, SHARED_PLAN, json!({})).await;
     let provision = enqueue_operation(&pool, Operation::Provision, &instance, None).await;
     let deprovision = enqueue_operation(&pool, Operation::Deprovision, &instance, None).await;
-    drain(&pool, services.clone(), tasks::registry(), config("w")).await;
+    drain_all(&pool, &services).await;
     succeeded(&task(&pool, deprovision).await);
     let provision = task(&pool, provision).await;
     assert!(
