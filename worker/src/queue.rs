@@ -10,7 +10,7 @@ use broker::{
         tasks::{self, NewTask, TaskRow},
         webhooks,
     },
-    model::{Operation, TaskId, WebhookBody, kinds},
+    model::{Operation, TaskId, TaskState, WebhookBody, kinds},
 };
 use sqlx::{PgExecutor, PgPool, Postgres, Transaction};
 use uuid::Uuid;
@@ -42,8 +42,7 @@ pub async fn claim(
     from: Option<DateTime<Utc>>,
 ) -> sqlx::Result<Vec<TaskRow>> {
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    sqlx::query_as!(
-        TaskRow,
+    sqlx::query_as(
         "WITH next AS (
              SELECT ctid FROM tasks
              WHERE state = 'pending' AND run_at <= now() AND run_at >= COALESCE($4, '-infinity'::timestamptz)
@@ -56,11 +55,11 @@ pub async fn claim(
              worker_id = $3, updated_at = now()
          WHERE ctid = ANY(ARRAY(SELECT ctid FROM next))
          RETURNING *",
-        limit,
-        secs(lease),
-        worker_id,
-        from,
     )
+    .bind(limit)
+    .bind(secs(lease))
+    .bind(worker_id)
+    .bind(from)
     .fetch_all(db)
     .await
 }
@@ -223,63 +222,59 @@ async fn record_outcome(
 ) -> sqlx::Result<Option<TaskRow>> {
     match outcome {
         Outcome::Succeeded => {
-            sqlx::query_as!(
-                TaskRow,
+            sqlx::query_as(
                 "UPDATE tasks SET state = 'succeeded', lease_until = NULL, finished_at = now(), updated_at = now()
                  WHERE id = $1 AND worker_id = $2 AND state = 'running' AND attempts = $3
                  RETURNING *",
-                task.id,
-                worker_id,
-                task.attempts,
             )
+            .bind(task.id)
+            .bind(worker_id)
+            .bind(task.attempts)
             .fetch_optional(db)
             .await
         }
         Outcome::Failed { error } => {
-            sqlx::query_as!(
-                TaskRow,
+            sqlx::query_as(
                 "UPDATE tasks SET state = 'failed', last_error = $4, lease_until = NULL, finished_at = now(),
                                   updated_at = now()
                  WHERE id = $1 AND worker_id = $2 AND state = 'running' AND attempts = $3
                  RETURNING *",
-                task.id,
-                worker_id,
-                task.attempts,
-                error,
             )
+            .bind(task.id)
+            .bind(worker_id)
+            .bind(task.attempts)
+            .bind(error)
             .fetch_optional(db)
             .await
         }
         Outcome::Retry { after, error } => {
-            sqlx::query_as!(
-                TaskRow,
+            sqlx::query_as(
                 "UPDATE tasks SET state = 'pending', last_error = $4, run_at = now() + make_interval(secs => $5),
                                   lease_until = NULL, worker_id = NULL, updated_at = now()
                  WHERE id = $1 AND worker_id = $2 AND state = 'running' AND attempts = $3
                  RETURNING *",
-                task.id,
-                worker_id,
-                task.attempts,
-                error,
-                secs(*after),
             )
+            .bind(task.id)
+            .bind(worker_id)
+            .bind(task.attempts)
+            .bind(error)
+            .bind(secs(*after))
             .fetch_optional(db)
             .await
         }
         Outcome::Wait { after, progress } => {
-            sqlx::query_as!(
-                TaskRow,
+            sqlx::query_as(
                 "UPDATE tasks SET state = 'pending', progress = $4, attempts = attempts - 1,
                                   run_at = now() + make_interval(secs => $5),
                                   lease_until = NULL, worker_id = NULL, updated_at = now()
                  WHERE id = $1 AND worker_id = $2 AND state = 'running' AND attempts = $3
                  RETURNING *",
-                task.id,
-                worker_id,
-                task.attempts,
-                progress,
-                secs(*after),
             )
+            .bind(task.id)
+            .bind(worker_id)
+            .bind(task.attempts)
+            .bind(progress)
+            .bind(secs(*after))
             .fetch_optional(db)
             .await
         }
@@ -338,8 +333,7 @@ pub async fn release_many(
 /// they used every attempt. Returns how many became pending again.
 pub async fn reclaim_expired(pool: &PgPool) -> sqlx::Result<usize> {
     let mut tx = pool.begin().await?;
-    let rows = sqlx::query_as!(
-        TaskRow,
+    let rows: Vec<TaskRow> = sqlx::query_as(
         "WITH lost AS (
              SELECT id FROM tasks
              WHERE state = 'running' AND lease_until < now()
@@ -352,7 +346,7 @@ pub async fn reclaim_expired(pool: &PgPool) -> sqlx::Result<usize> {
              run_at = CASE WHEN attempts >= max_attempts THEN run_at ELSE now() END,
              worker_id = NULL, lease_until = NULL, updated_at = now()
          WHERE id IN (SELECT id FROM lost)
-         RETURNING *"
+         RETURNING *",
     )
     .fetch_all(&mut *tx)
     .await?;
@@ -396,9 +390,9 @@ pub async fn cancel_or_await_creation(
     .bind(undoing.created_at)
     .bind(format!(
         "cancelled: {} was requested before it started",
-        match undoing.operation.as_deref() {
-            Some("unbind") => "an unbind",
-            Some("deprovision") => "a deprovision",
+        match undoing.operation {
+            Some(Operation::Unbind) => "an unbind",
+            Some(Operation::Deprovision) => "a deprovision",
             _ => "a deletion",
         }
     ))
@@ -433,7 +427,7 @@ async fn on_finished(tx: &mut Transaction<'_, Postgres>, row: &TaskRow) -> sqlx:
     else {
         return Ok(());
     };
-    let succeeded = row.state == "succeeded";
+    let succeeded = row.state == TaskState::Succeeded;
     let description = if succeeded {
         row.progress
             .clone()
@@ -447,7 +441,7 @@ async fn on_finished(tx: &mut Transaction<'_, Postgres>, row: &TaskRow) -> sqlx:
         instance_id: row.instance_id.clone().unwrap_or_default(),
         binding_id: row.binding_id.clone(),
         operation: row.id.to_string(),
-        state: row.state.clone(),
+        state: row.state.to_string(),
         description,
     };
     let body = serde_json::to_value(&body).expect("a webhook body serializes");

@@ -19,7 +19,7 @@ use axum::{
 use broker::{
     db::{
         instances,
-        snapshots::{self, SnapshotRow},
+        snapshots::{self, SnapshotRow, SnapshotState},
         tasks,
     },
     model::{Operation, TaskId},
@@ -31,7 +31,7 @@ use uuid::Uuid;
 use super::{
     check_id,
     instances::{concurrency, provisioned_instance},
-    operation_of, parse_operation,
+    parse_operation,
     presets::{restore_task, snapshot_json},
 };
 use crate::{
@@ -91,14 +91,14 @@ async fn list(
 }
 
 async fn backup_json(conn: &mut PgConnection, row: &SnapshotRow) -> ApiResult<Value> {
-    let task_state = if row.state == "pending" {
+    let task_state = if row.state == SnapshotState::Pending {
         tasks::get(&mut *conn, TaskId(row.task_id))
             .await?
             .map(|t| t.state)
     } else {
         None
     };
-    Ok(snapshot_json(row, task_state.as_deref()))
+    Ok(snapshot_json(row, task_state))
 }
 
 async fn backup_of(
@@ -160,7 +160,7 @@ async fn take(
             let running = snapshots::backups_of(&mut *tx, &instance_id)
                 .await?
                 .into_iter()
-                .find(|b| b.state == "pending");
+                .find(|b| b.state == SnapshotState::Pending);
             Err(ApiError::Conflict(format!(
                 "a backup of service instance {instance_id} is already running{}; wait for it",
                 running
@@ -218,7 +218,7 @@ pub(crate) async fn enqueue_restore(
         return Err(concurrency(instance_id, task));
     }
     let latest = tasks::latest_instance_operation(&mut *tx, instance_id).await?;
-    if latest.as_ref().and_then(operation_of) == Some(Operation::Deprovision) {
+    if latest.as_ref().and_then(|t| t.operation) == Some(Operation::Deprovision) {
         return Err(ApiError::Unprocessable(format!(
             "service instance {instance_id} is being deleted (its last deprovision failed); deprovision it again"
         )));

@@ -31,8 +31,8 @@ use tokio::time::Instant;
 use super::{
     OsbParams, accepted, check_id, gone,
     instances::provisioned_instance,
-    is_active, last_operation_response, lookup_plan, object_or_empty, ok_empty, operation_of,
-    operation_task, parse_operation,
+    is_active, last_operation_response, lookup_plan, object_or_empty, ok_empty, operation_task,
+    parse_operation,
     synchronous::{self, Settled},
 };
 use crate::{
@@ -180,7 +180,7 @@ async fn start_bind(
     if let Some(task) = active.iter().find(|t| t.binding_id.is_none()) {
         return Err(ApiError::Concurrency(format!(
             "service instance {instance_id} has a {} in progress (operation {}); try again when it has finished",
-            task.operation.as_deref().unwrap_or("operation"),
+            task.operation.map_or("operation", Operation::as_str),
             task.id
         )));
     }
@@ -290,7 +290,7 @@ async fn bind_existing(
         )));
     }
     let latest = tasks::latest_binding_operation(&mut *tx, &row.id).await?;
-    match latest.as_ref().map(|t| (operation_of(t), t.state(), t)) {
+    match latest.as_ref().map(|t| (t.operation, t.state, t)) {
         Some((Some(Operation::Bind), TaskState::Pending | TaskState::Running, task)) => {
             Ok(accepted(task.task_id()))
         }
@@ -330,7 +330,7 @@ fn binding_concurrency(row: &BindingRow, task: &TaskRow) -> ApiError {
     ApiError::Concurrency(format!(
         "binding {} has a {} in progress (operation {}); try again when it has finished",
         row.id,
-        task.operation.as_deref().unwrap_or("operation"),
+        task.operation.map_or("operation", Operation::as_str),
         task.id
     ))
 }
@@ -461,7 +461,7 @@ async fn start_unbind(
         .await?
         .filter(is_active)
     {
-        match operation_of(&task) {
+        match task.operation {
             Some(Operation::Unbind) => return Ok(accepted(task.task_id())),
             // A bind still in progress (the platform cleaning up after a bind that timed out) does not block:
             // the worker cancels it if it has not started, or runs the unbind once it has ended.
@@ -474,7 +474,7 @@ async fn start_unbind(
     if let Some(task) = tasks::active_operations(&mut *tx, &instance_id)
         .await?
         .into_iter()
-        .find(|t| operation_of(t) == Some(Operation::RotateCredentials))
+        .find(|t| t.operation == Some(Operation::RotateCredentials))
     {
         return Err(ApiError::Concurrency(format!(
             "service instance {instance_id} has a credentials rotation in progress (operation {}); try again \
@@ -513,7 +513,7 @@ async fn fetch(
         &mut *conn,
         &instance_id,
         Some(&binding_id),
-        Operation::Bind.as_str(),
+        Operation::Bind,
         row.created_at,
     )
     .await?;
@@ -563,8 +563,8 @@ async fn last_operation(
         )));
     };
     if row.is_none()
-        && operation_of(&task) == Some(Operation::Unbind)
-        && task.state() == TaskState::Succeeded
+        && task.operation == Some(Operation::Unbind)
+        && task.state == TaskState::Succeeded
     {
         return Ok(gone());
     }

@@ -14,7 +14,7 @@ use serde_json::Value;
 use super::{
     OsbParams, accepted, check_id,
     instances::{concurrency, provisioned_instance},
-    operation_of, operation_task,
+    operation_task,
 };
 use crate::{
     AppState,
@@ -109,7 +109,7 @@ async fn change_primary(
     let active = tasks::active_operations(&mut *tx, &instance_id).await?;
     if let Some(task) = active.first() {
         let resent = task.binding_id.is_none()
-            && operation_of(task) == Some(operation)
+            && task.operation == Some(operation)
             && task.payload == payload;
         if resent {
             return Ok(accepted(task.task_id()));

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 
 use super::{
     MaintenanceInfoBody, OsbParams, accepted, check_id, check_maintenance, gone,
-    last_operation_response, lookup_plan, object_or_empty, ok_empty, operation_of, operation_task,
+    last_operation_response, lookup_plan, object_or_empty, ok_empty, operation_task,
     parse_operation,
     synchronous::{self, Mode, Settled},
 };
@@ -209,13 +209,13 @@ async fn provision_existing(
     }
     let active = tasks::active_operations(&mut *tx, &row.id).await?;
     if let Some(task) = active.iter().find(|t| t.binding_id.is_none()) {
-        return match operation_of(task) {
+        return match task.operation {
             Some(Operation::Provision) => Ok(accepted(task.task_id())),
             _ => Err(concurrency(&row.id, task)),
         };
     }
     let latest = tasks::latest_instance_operation(&mut *tx, &row.id).await?;
-    match latest.as_ref().map(|t| (operation_of(t), t.state())) {
+    match latest.as_ref().map(|t| (t.operation, t.state)) {
         Some((Some(Operation::Provision), TaskState::Succeeded))
         | Some((
             Some(
@@ -246,7 +246,7 @@ async fn provision_existing(
 }
 
 pub(crate) fn concurrency(instance_id: &str, task: &broker::db::tasks::TaskRow) -> ApiError {
-    let operation = task.operation.as_deref().unwrap_or("an operation");
+    let operation = task.operation.map_or("an operation", Operation::as_str);
     let what = match &task.binding_id {
         Some(binding) => format!("binding {binding} of service instance {instance_id}"),
         None => format!("service instance {instance_id}"),
@@ -315,7 +315,7 @@ pub(crate) async fn instance_state(
         &mut *db,
         instance_id,
         None,
-        Operation::Provision.as_str(),
+        Operation::Provision,
         row.created_at,
     )
     .await?;
@@ -486,7 +486,7 @@ async fn start_update(
         // client waits for it again).
         let resent = !context_only
             && task.binding_id.is_none()
-            && operation_of(task) == Some(Operation::Update)
+            && task.operation == Some(Operation::Update)
             && task.payload == payload;
         if resent && (query.accepts_incomplete() || sync_allowed) {
             *mode = query.answer_mode(sync_allowed)?;
@@ -564,7 +564,7 @@ async fn start_deprovision(
     let active = tasks::active_operations(&mut *tx, &instance_id).await?;
     if let Some(task) = active
         .iter()
-        .find(|t| t.binding_id.is_none() && operation_of(t) == Some(Operation::Deprovision))
+        .find(|t| t.binding_id.is_none() && t.operation == Some(Operation::Deprovision))
     {
         return Ok(accepted(task.task_id()));
     }
@@ -572,7 +572,7 @@ async fn start_deprovision(
     // block: the worker cancels it if it has not started, or runs the deprovision once it has ended.
     if let Some(task) = active
         .iter()
-        .find(|t| operation_of(t) != Some(Operation::Provision))
+        .find(|t| t.operation != Some(Operation::Provision))
     {
         return Err(concurrency(&instance_id, task));
     }
@@ -615,7 +615,7 @@ async fn rotate_credentials(
     let active = tasks::active_operations(&mut *tx, &instance_id).await?;
     if let Some(task) = active
         .iter()
-        .find(|t| t.binding_id.is_none() && operation_of(t) == Some(Operation::RotateCredentials))
+        .find(|t| t.binding_id.is_none() && t.operation == Some(Operation::RotateCredentials))
     {
         return Ok(accepted(task.task_id()));
     }
@@ -636,7 +636,7 @@ async fn rotate_credentials(
         )));
     }
     let latest = tasks::latest_instance_operation(&mut *tx, &instance_id).await?;
-    if latest.as_ref().and_then(operation_of) == Some(Operation::Deprovision) {
+    if latest.as_ref().and_then(|t| t.operation) == Some(Operation::Deprovision) {
         return Err(ApiError::Unprocessable(format!(
             "service instance {instance_id} is being deleted (its last deprovision failed); deprovision it again"
         )));
@@ -663,7 +663,7 @@ async fn fetch(
     let active = tasks::active_operations(&mut *conn, &instance_id).await?;
     if let Some(task) = active
         .iter()
-        .find(|t| t.binding_id.is_none() && operation_of(t) == Some(Operation::Update))
+        .find(|t| t.binding_id.is_none() && t.operation == Some(Operation::Update))
     {
         return Err(concurrency(&instance_id, task));
     }
@@ -711,8 +711,8 @@ async fn last_operation(
         )));
     };
     if row.is_none()
-        && operation_of(&task) == Some(Operation::Deprovision)
-        && task.state() == TaskState::Succeeded
+        && task.operation == Some(Operation::Deprovision)
+        && task.state == TaskState::Succeeded
     {
         return Ok(gone());
     }

@@ -148,7 +148,7 @@ pub(crate) fn operation_task(
     webhook: Option<(String, Vec<u8>)>,
 ) -> NewTask {
     let mut task = NewTask::new(operation.task_kind(), payload);
-    task.operation = Some(operation.as_str());
+    task.operation = Some(operation);
     task.instance_id = Some(instance_id.to_string());
     task.binding_id = binding_id.map(str::to_string);
     task.originating_identity = originating_identity;
@@ -157,11 +157,7 @@ pub(crate) fn operation_task(
 }
 
 pub(crate) fn is_active(task: &TaskRow) -> bool {
-    !task.state().is_finished()
-}
-
-pub(crate) fn operation_of(task: &TaskRow) -> Option<Operation> {
-    task.operation.as_deref().and_then(Operation::parse)
+    !task.state.is_finished()
 }
 
 /// 202 `{"operation": "<task id>"}`. The task id also rides along as an extension, for
@@ -189,8 +185,8 @@ pub(crate) fn gone() -> Response {
 /// The `last_operation` body for a task. `instance_flags` adds `instance_usable`/`update_repeatable` to a failed
 /// update or deprovision.
 pub(crate) fn last_operation_response(task: &TaskRow, instance_flags: bool) -> Response {
-    let operation = task.operation.as_deref().unwrap_or("operation");
-    let state = task.state();
+    let operation = task.operation.map_or("operation", Operation::as_str);
+    let state = task.state;
     let mut body = match state {
         TaskState::Pending | TaskState::Running => json!({
             "state": "in progress",
@@ -209,7 +205,7 @@ pub(crate) fn last_operation_response(task: &TaskRow, instance_flags: bool) -> R
         }),
     };
     if instance_flags && state == TaskState::Failed {
-        match operation_of(task) {
+        match task.operation {
             // An update is applied to the row only once it has succeeded: the instance runs as before. A
             // rotation replaces each binding's credentials only once the new ones work: every stored set works.
             // A switchover or failover that failed leaves the cluster with a primary (Patroni's own checks); a

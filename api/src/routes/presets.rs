@@ -20,10 +20,10 @@ use axum::{
 use broker::{
     db::{
         presets,
-        snapshots::{self, NewSnapshot, SnapshotRow},
+        snapshots::{self, NewSnapshot, SnapshotRow, SnapshotState},
         tasks::{self, NewTask},
     },
-    model::{Operation, kinds},
+    model::{Operation, TaskState, kinds},
     snapshots::{
         check_namespace, check_preset_name, lock_key_hash, new_lock_key, preset_object_key,
     },
@@ -154,10 +154,10 @@ fn lock_json(preset: &presets::PresetRow) -> Value {
     }
 }
 
-pub(crate) fn snapshot_json(s: &SnapshotRow, task_state: Option<&str>) -> Value {
+pub(crate) fn snapshot_json(s: &SnapshotRow, task_state: Option<TaskState>) -> Value {
     // A pending snapshot whose task gave up is failed, whatever the row still says.
-    let state = match (s.state.as_str(), task_state) {
-        ("pending", Some("failed")) => "failed",
+    let state = match (s.state, task_state) {
+        (SnapshotState::Pending, Some(TaskState::Failed)) => SnapshotState::Failed,
         (state, _) => state,
     };
     json!({
@@ -374,14 +374,14 @@ async fn version_list(conn: &mut PgConnection, preset_id: Uuid) -> ApiResult<Vec
     let rows = snapshots::versions(&mut *conn, preset_id).await?;
     let mut out = Vec::with_capacity(rows.len());
     for row in &rows {
-        let task_state = if row.state == "pending" {
+        let task_state = if row.state == SnapshotState::Pending {
             tasks::get(&mut *conn, broker::model::TaskId(row.task_id))
                 .await?
                 .map(|t| t.state)
         } else {
             None
         };
-        out.push(snapshot_json(row, task_state.as_deref()));
+        out.push(snapshot_json(row, task_state));
     }
     Ok(out)
 }

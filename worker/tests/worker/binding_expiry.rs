@@ -246,7 +246,7 @@ async fn revocation_waits_for_a_running_bind_and_pauses_after_failing(
     let mut bind = NewTask::new(Operation::Bind.task_kind(), json!({}));
     bind.instance_id = Some(instance.clone());
     bind.binding_id = Some(binding.clone());
-    bind.operation = Some(Operation::Bind.as_str());
+    bind.operation = Some(Operation::Bind);
     let bind = enqueue_with(&pool, bind).await;
     expire_now(&pool, &binding).await;
     assert_eq!(binding_expiry::enqueue_revocations(&pool).await.unwrap(), 0);

@@ -621,7 +621,7 @@ async fn workers_on_other_hosts_leave_the_instance_alone(_: PgPoolOptions, opts:
         .unwrap();
     let mut new = NewTask::new(Operation::Deprovision.task_kind(), json!({}));
     new.instance_id = Some(instance.clone());
-    new.operation = Some(Operation::Deprovision.as_str());
+    new.operation = Some(Operation::Deprovision);
     let id = enqueue_with(&pool, new).await;
     let shutdown = tokio_util::sync::CancellationToken::new();
     let worker = tokio::spawn(berth_worker::run(

@@ -817,7 +817,7 @@ async fn s3_kill_9_mid_empty_then_another_worker_finishes(
     broker::crypto::generate_key_file(&key_file).unwrap();
     let mut new = NewTask::new(Operation::Deprovision.task_kind(), json!({}));
     new.instance_id = Some(instance.clone());
-    new.operation = Some(Operation::Deprovision.as_str());
+    new.operation = Some(Operation::Deprovision);
     let id = enqueue_with(&pool, new).await;
 
     let mut first = spawn_s3_worker(&opts, &key_file, &peer, "victim");

@@ -57,7 +57,7 @@ async fn operate_with_webhook(
     new.webhook = webhook.map(|url| (url, cipher().seal(webhook::SECRET)));
     new.instance_id = Some(instance_id.to_string());
     new.binding_id = binding_id.map(str::to_string);
-    new.operation = Some(op.as_str());
+    new.operation = Some(op);
     new.max_attempts = 3;
     let id = enqueue_with(pool, new).await;
     drain(pool, services.clone(), tasks::registry(), config("w")).await;
@@ -639,7 +639,7 @@ async fn enqueue_operation(
     let mut new = NewTask::new(op.task_kind(), json!({}));
     new.instance_id = Some(instance_id.to_string());
     new.binding_id = binding_id.map(str::to_string);
-    new.operation = Some(op.as_str());
+    new.operation = Some(op);
     new.max_attempts = 3;
     enqueue_with(pool, new).await
 }
