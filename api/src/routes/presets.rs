@@ -13,17 +13,16 @@
 use axum::{
     Json, Router,
     extract::State,
-    http::StatusCode,
     response::{IntoResponse, Response},
     routing::{get, post},
 };
 use broker::{
     db::{
         presets,
-        snapshots::{self, NewSnapshot, SnapshotRow, SnapshotState},
+        snapshots::{self, NewSnapshot},
         tasks::{self, NewTask},
     },
-    model::{Operation, TaskState, kinds},
+    model::kinds,
     snapshots::{
         check_namespace, check_preset_name, lock_key_hash, new_lock_key, preset_object_key,
     },
@@ -33,7 +32,10 @@ use serde_json::{Value, json};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::{check_id, operation_task};
+use super::{
+    accepted_with, check_id,
+    snapshot_common::{enqueue_restore, instance_with_database, snapshot_json},
+};
 use crate::{
     AppState,
     error::{ApiError, ApiResult},
@@ -154,28 +156,6 @@ fn lock_json(preset: &presets::PresetRow) -> Value {
     }
 }
 
-pub(crate) fn snapshot_json(s: &SnapshotRow, task_state: Option<TaskState>) -> Value {
-    // A pending snapshot whose task gave up is failed, whatever the row still says.
-    let state = match (s.state, task_state) {
-        (SnapshotState::Pending, Some(TaskState::Failed)) => SnapshotState::Failed,
-        (state, _) => state,
-    };
-    json!({
-        "id": s.id,
-        "version": s.version,
-        "state": state,
-        "instance_id": s.instance_id,
-        "operation": s.task_id,
-        "description": s.description,
-        "created_by": s.created_by,
-        "created_at": s.created_at,
-        "completed_at": s.completed_at,
-        "size_bytes": s.size_bytes,
-        "dump_bytes": s.dump_bytes,
-        "sha256": s.sha256,
-    })
-}
-
 /// The source instance of a push: provisioned, with a database, not being deleted.
 async fn source_instance(
     state: &AppState,
@@ -183,17 +163,8 @@ async fn source_instance(
     instance_id: &str,
 ) -> ApiResult<()> {
     check_id("instance_id", instance_id)?;
-    // 404 unknown, 422 ConcurrencyError while its provision runs, 422 if that failed.
-    let row = super::instances::provisioned_instance(&mut *db, instance_id, false).await?;
-    let has_db = state
-        .catalog
-        .plan_by_id(&row.plan_id)
-        .is_some_and(|p| p.has_database());
-    if !has_db {
-        return Err(ApiError::Unprocessable(format!(
-            "service instance {instance_id} has no database to snapshot (presets are made of postgres instances)"
-        )));
-    }
+    let to = "to snapshot (presets are made of postgres instances)";
+    instance_with_database(db, state, instance_id, false, to).await?;
     Ok(())
 }
 
@@ -230,17 +201,13 @@ async fn enqueue_push(
         },
     )
     .await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({
-            "name": preset.name,
-            "namespace": preset.namespace,
-            "version": version,
-            "snapshot_id": id,
-            "operation": operation.to_string(),
-        })),
-    )
-        .into_response())
+    Ok(accepted_with(json!({
+        "name": preset.name,
+        "namespace": preset.namespace,
+        "version": version,
+        "snapshot_id": id,
+        "operation": operation.to_string(),
+    })))
 }
 
 async fn push_new(
@@ -374,14 +341,7 @@ async fn version_list(conn: &mut PgConnection, preset_id: Uuid) -> ApiResult<Vec
     let rows = snapshots::versions(&mut *conn, preset_id).await?;
     let mut out = Vec::with_capacity(rows.len());
     for row in &rows {
-        let task_state = if row.state == SnapshotState::Pending {
-            tasks::get(&mut *conn, broker::model::TaskId(row.task_id))
-                .await?
-                .map(|t| t.state)
-        } else {
-            None
-        };
-        out.push(snapshot_json(row, task_state));
+        out.push(snapshot_json(&mut *conn, row).await?);
     }
     Ok(out)
 }
@@ -474,25 +434,9 @@ async fn select(
                 None => format!("preset {:?} has no ready version yet", body.preset),
             })
         })?;
-    let operation =
-        super::backups::enqueue_restore(&mut tx, &state, &instance_id, &snapshot, identity).await?;
+    let operation = enqueue_restore(&mut tx, &state, &instance_id, &snapshot, identity).await?;
     tx.commit().await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({ "operation": operation.to_string(), "version": snapshot.version })),
-    )
-        .into_response())
-}
-
-/// For [`super::backups`]: the task of an instance-level restore (an OSB-visible operation, so it excludes
-/// other operations on the instance while it runs).
-pub(crate) fn restore_task(instance_id: &str, snapshot: Uuid, identity: Option<Value>) -> NewTask {
-    operation_task(
-        Operation::Restore,
-        instance_id,
-        None,
-        json!({ "snapshot_id": snapshot }),
-        identity,
-        None,
-    )
+    Ok(accepted_with(
+        json!({ "operation": operation.to_string(), "version": snapshot.version }),
+    ))
 }

@@ -42,6 +42,11 @@ impl TaskRow {
     pub fn state(&self) -> TaskState {
         self.state
     }
+
+    /// Whether this task is `operation` on the instance itself (not on one of its bindings).
+    pub fn is_instance(&self, operation: Operation) -> bool {
+        self.binding_id.is_none() && self.operation == Some(operation)
+    }
 }
 
 /// A task to enqueue.
