@@ -213,72 +213,60 @@ pub async fn finish_batch(
     .await
 }
 
-/// The fenced UPDATE for an outcome; `None` when this worker no longer holds the task.
+/// The fenced UPDATE for an outcome; `None` when this worker no longer holds the task. Every statement takes
+/// the task ($1), this worker ($2) and the claim's attempt ($3); then the error or progress text ($4) and the
+/// delay in seconds ($5) where the outcome has them.
 async fn record_outcome(
     db: impl PgExecutor<'_>,
     task: &TaskRow,
     worker_id: &str,
     outcome: &Outcome,
 ) -> sqlx::Result<Option<TaskRow>> {
-    match outcome {
-        Outcome::Succeeded => {
-            sqlx::query_as(
-                "UPDATE tasks SET state = 'succeeded', lease_until = NULL, finished_at = now(), updated_at = now()
-                 WHERE id = $1 AND worker_id = $2 AND state = 'running' AND attempts = $3
-                 RETURNING *",
-            )
-            .bind(task.id)
-            .bind(worker_id)
-            .bind(task.attempts)
-            .fetch_optional(db)
-            .await
-        }
-        Outcome::Failed { error } => {
-            sqlx::query_as(
-                "UPDATE tasks SET state = 'failed', last_error = $4, lease_until = NULL, finished_at = now(),
-                                  updated_at = now()
-                 WHERE id = $1 AND worker_id = $2 AND state = 'running' AND attempts = $3
-                 RETURNING *",
-            )
-            .bind(task.id)
-            .bind(worker_id)
-            .bind(task.attempts)
-            .bind(error)
-            .fetch_optional(db)
-            .await
-        }
-        Outcome::Retry { after, error } => {
-            sqlx::query_as(
-                "UPDATE tasks SET state = 'pending', last_error = $4, run_at = now() + make_interval(secs => $5),
-                                  lease_until = NULL, worker_id = NULL, updated_at = now()
-                 WHERE id = $1 AND worker_id = $2 AND state = 'running' AND attempts = $3
-                 RETURNING *",
-            )
-            .bind(task.id)
-            .bind(worker_id)
-            .bind(task.attempts)
-            .bind(error)
-            .bind(secs(*after))
-            .fetch_optional(db)
-            .await
-        }
-        Outcome::Wait { after, progress } => {
-            sqlx::query_as(
-                "UPDATE tasks SET state = 'pending', progress = $4, attempts = attempts - 1,
-                                  run_at = now() + make_interval(secs => $5),
-                                  lease_until = NULL, worker_id = NULL, updated_at = now()
-                 WHERE id = $1 AND worker_id = $2 AND state = 'running' AND attempts = $3
-                 RETURNING *",
-            )
-            .bind(task.id)
-            .bind(worker_id)
-            .bind(task.attempts)
-            .bind(progress)
-            .bind(secs(*after))
-            .fetch_optional(db)
-            .await
-        }
+    let (sql, text, after) = match outcome {
+        Outcome::Succeeded => (
+            "UPDATE tasks SET state = 'succeeded', lease_until = NULL, finished_at = now(), updated_at = now()
+             WHERE id = $1 AND worker_id = $2 AND state = 'running' AND attempts = $3
+             RETURNING *",
+            None,
+            None,
+        ),
+        Outcome::Failed { error } => (
+            "UPDATE tasks SET state = 'failed', last_error = $4, lease_until = NULL, finished_at = now(),
+                              updated_at = now()
+             WHERE id = $1 AND worker_id = $2 AND state = 'running' AND attempts = $3
+             RETURNING *",
+            Some(error),
+            None,
+        ),
+        Outcome::Retry { after, error } => (
+            "UPDATE tasks SET state = 'pending', last_error = $4, run_at = now() + make_interval(secs => $5),
+                              lease_until = NULL, worker_id = NULL, updated_at = now()
+             WHERE id = $1 AND worker_id = $2 AND state = 'running' AND attempts = $3
+             RETURNING *",
+            Some(error),
+            Some(secs(*after)),
+        ),
+        Outcome::Wait { after, progress } => (
+            "UPDATE tasks SET state = 'pending', progress = $4, attempts = attempts - 1,
+                              run_at = now() + make_interval(secs => $5),
+                              lease_until = NULL, worker_id = NULL, updated_at = now()
+             WHERE id = $1 AND worker_id = $2 AND state = 'running' AND attempts = $3
+             RETURNING *",
+            Some(progress),
+            Some(secs(*after)),
+        ),
+    };
+    let mut query = sqlx::query_as(sql)
+        .bind(task.id)
+        .bind(worker_id)
+        .bind(task.attempts);
+    if let Some(text) = text {
+        query = query.bind(text);
     }
+    if let Some(after) = after {
+        query = query.bind(after);
+    }
+    query.fetch_optional(db).await
 }
 
 /// Hands a task back to the queue untouched (hard shutdown): the run did not count as an attempt.

@@ -29,7 +29,7 @@ use broker::{
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
-use sqlx::PgConnection;
+use sqlx::{PgConnection, Postgres, Transaction};
 use uuid::Uuid;
 
 use super::{
@@ -168,46 +168,57 @@ async fn source_instance(
     Ok(())
 }
 
-/// Writes the version row and its push task; the version number comes from the locked preset row.
-async fn enqueue_push(
-    db: &mut PgConnection,
-    preset: &presets::PresetRow,
-    instance_id: &str,
-    description: Option<&str>,
-    author: Option<&str>,
+/// What a push of a version names: its source instance and the change log's text.
+struct VersionPush<'a> {
+    instance_id: &'a str,
+    description: Option<&'a str>,
+    author: Option<&'a str>,
     identity: Option<Value>,
-) -> ApiResult<Response> {
-    let version = snapshots::next_version(&mut *db, preset.id).await?;
-    let id = Uuid::new_v4();
-    let key = preset_object_key(&preset.namespace, &preset.name, version, id);
-    let mut task = NewTask::new(kinds::PUSH_PRESET, json!({ "snapshot_id": id }));
-    task.instance_id = Some(instance_id.to_string());
-    task.originating_identity = identity;
-    task.max_attempts = 5;
-    let operation = task.id;
-    tasks::enqueue(&mut *db, task).await?;
-    snapshots::insert(
-        &mut *db,
-        &NewSnapshot {
+}
+
+impl VersionPush<'_> {
+    fn check_text(&self) -> ApiResult<()> {
+        check_text("description", self.description, 2000)?;
+        check_text("author", self.author, 200)
+    }
+
+    /// Writes the version row and its push task, and commits; the version number comes from the locked preset
+    /// row.
+    async fn commit(
+        self,
+        mut tx: Transaction<'_, Postgres>,
+        preset: &presets::PresetRow,
+    ) -> ApiResult<Response> {
+        let version = snapshots::next_version(&mut *tx, preset.id).await?;
+        let id = Uuid::new_v4();
+        let key = preset_object_key(&preset.namespace, &preset.name, version, id);
+        let mut task = NewTask::new(kinds::PUSH_PRESET, json!({ "snapshot_id": id }));
+        task.instance_id = Some(self.instance_id.to_string());
+        task.originating_identity = self.identity;
+        task.max_attempts = 5;
+        let operation = task.id;
+        tasks::enqueue(&mut *tx, task).await?;
+        let snapshot = NewSnapshot {
             id,
             kind: snapshots::PRESET,
             preset_id: Some(preset.id),
             version: Some(version),
-            instance_id,
+            instance_id: self.instance_id,
             task_id: operation.0,
             object_key: &key,
-            description,
-            created_by: author,
-        },
-    )
-    .await?;
-    Ok(accepted_with(json!({
-        "name": preset.name,
-        "namespace": preset.namespace,
-        "version": version,
-        "snapshot_id": id,
-        "operation": operation.to_string(),
-    })))
+            description: self.description,
+            created_by: self.author,
+        };
+        snapshots::insert(&mut *tx, &snapshot).await?;
+        tx.commit().await?;
+        Ok(accepted_with(json!({
+            "name": preset.name,
+            "namespace": preset.namespace,
+            "version": version,
+            "snapshot_id": id,
+            "operation": operation.to_string(),
+        })))
+    }
 }
 
 async fn push_new(
@@ -217,8 +228,13 @@ async fn push_new(
 ) -> ApiResult<Response> {
     check_preset_name(&body.name).map_err(ApiError::BadRequest)?;
     check_namespace(&body.namespace).map_err(ApiError::BadRequest)?;
-    check_text("description", body.description.as_deref(), 2000)?;
-    check_text("author", body.author.as_deref(), 200)?;
+    let push = VersionPush {
+        instance_id: &body.instance_id,
+        description: body.description.as_deref(),
+        author: body.author.as_deref(),
+        identity,
+    };
+    push.check_text()?;
     if body
         .post_restore_sql
         .as_ref()
@@ -249,17 +265,7 @@ async fn push_new(
     let preset = presets::get(&mut *tx, &body.namespace, &body.name)
         .await?
         .ok_or_else(|| anyhow::anyhow!("the preset just inserted is missing"))?;
-    let response = enqueue_push(
-        &mut tx,
-        &preset,
-        &body.instance_id,
-        body.description.as_deref(),
-        body.author.as_deref(),
-        identity,
-    )
-    .await?;
-    tx.commit().await?;
-    Ok(response)
+    push.commit(tx, &preset).await
 }
 
 async fn push(
@@ -270,8 +276,13 @@ async fn push(
     OsbJson(body): OsbJson<PushBody>,
 ) -> ApiResult<Response> {
     let namespace = query.namespace()?;
-    check_text("description", body.description.as_deref(), 2000)?;
-    check_text("author", body.author.as_deref(), 200)?;
+    let push = VersionPush {
+        instance_id: &body.instance_id,
+        description: body.description.as_deref(),
+        author: body.author.as_deref(),
+        identity,
+    };
+    push.check_text()?;
     let mut tx = state.db.begin().await?;
     let preset = presets::get_for_update(&mut *tx, &namespace, &name)
         .await?
@@ -288,17 +299,7 @@ async fn push(
         }
     }
     source_instance(&state, &mut tx, &body.instance_id).await?;
-    let response = enqueue_push(
-        &mut tx,
-        &preset,
-        &body.instance_id,
-        body.description.as_deref(),
-        body.author.as_deref(),
-        identity,
-    )
-    .await?;
-    tx.commit().await?;
-    Ok(response)
+    push.commit(tx, &preset).await
 }
 
 fn not_found(name: &str) -> ApiError {
