@@ -27,7 +27,7 @@ use super::{
     exclusive::{self, Again, concurrency},
     gone,
     last_operation::{self, Polled},
-    lookup_plan, object_or_empty, ok_empty,
+    lookup_plan, lookup_service, object_or_empty, ok_empty,
     synchronous::{self, Mode, Settled},
 };
 use crate::{
@@ -345,12 +345,7 @@ async fn start_update(
 ) -> ApiResult<Response> {
     check_id("instance_id", &instance_id)?;
     let catalog = &state.catalog;
-    let service = catalog.service(&body.service_id).ok_or_else(|| {
-        ApiError::bad_request(format!(
-            "service_id {:?} is not a service in the catalog",
-            body.service_id
-        ))
-    })?;
+    let service = lookup_service(catalog, &body.service_id)?;
     let request_parameters = optional_object(body.parameters.clone(), "parameters")?;
     let context = optional_object(body.context.clone(), "context")?;
 
@@ -365,28 +360,23 @@ async fn start_update(
     let (target, plan_changes) = target_plan(catalog, service, &row, body.plan_id.as_deref())?;
     let (parameters, hook) =
         checked_parameters(state, &mut tx, &query, &target, request_parameters).await?;
-    let requested_version = body
-        .maintenance_info
-        .as_ref()
-        .and_then(|m| m.version.as_deref());
-    check_maintenance(requested_version, &target)?;
     let change = UpdateChange {
         row: &row,
         target: &target,
         plan_changes,
         parameters: &parameters,
         has_hook: hook.is_some(),
-        requested_version,
+        requested_version: body
+            .maintenance_info
+            .as_ref()
+            .and_then(|m| m.version.as_deref()),
         context: context.as_ref(),
     };
-    let context_only = change.context_only();
-    let payload = change.payload()?;
-
+    check_maintenance(change.requested_version, &target)?;
+    let (context_only, payload) = (change.context_only(), change.payload()?);
     // Synchronous only when both the current and the target plan are.
     let sync_allowed = target.synchronous()
-        && catalog
-            .plan_by_id(&row.plan_id)
-            .is_some_and(|current| current.synchronous());
+        && (catalog.plan_by_id(&row.plan_id)).is_some_and(|current| current.synchronous());
     // OSB: a re-sent PATCH whose update has not completed yet is 202 with the same operation (a synchronous
     // client waits for it again).
     let resent = |t: &TaskRow| {
@@ -401,7 +391,7 @@ async fn start_update(
         return Ok(accepted(task));
     }
     if context_only {
-        // Only the context (or nothing) changes: nothing to do on the provider, so apply it now.
+        // Nothing to do on the provider, so the context is applied now.
         if let Some(context) = &context {
             instances::set_context(&mut *tx, &instance_id, context).await?;
         }

@@ -20,7 +20,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use broker::{
-    catalog::{Catalog, PlanRef},
+    catalog::{Catalog, PlanRef, Service},
     db::tasks::{NewTask, TaskRow},
     model::{Operation, TaskId},
 };
@@ -110,17 +110,22 @@ pub(crate) fn check_id(what: &str, id: &str) -> ApiResult<()> {
     Ok(())
 }
 
+/// The published service `service_id`, or a 400.
+pub(crate) fn lookup_service<'c>(catalog: &'c Catalog, service_id: &str) -> ApiResult<&'c Service> {
+    catalog.service(service_id).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "service_id {service_id:?} is not a service in the catalog"
+        ))
+    })
+}
+
 /// The published plan `plan_id` of service `service_id`, or a 400 saying which is unknown.
 pub(crate) fn lookup_plan<'c>(
     catalog: &'c Catalog,
     service_id: &str,
     plan_id: &str,
 ) -> ApiResult<PlanRef<'c>> {
-    let service = catalog.service(service_id).ok_or_else(|| {
-        ApiError::bad_request(format!(
-            "service_id {service_id:?} is not a service in the catalog"
-        ))
-    })?;
+    let service = lookup_service(catalog, service_id)?;
     catalog.plan(service_id, plan_id).ok_or_else(|| {
         ApiError::bad_request(format!(
             "plan_id {plan_id:?} is not a plan of service {:?}",
