@@ -5,6 +5,7 @@ use broker::{
     db::{
         snapshots,
         tasks::{self, NewTask},
+        webhooks,
     },
     model::{Operation, TaskId, TaskState},
 };
@@ -100,5 +101,37 @@ async fn an_unknown_snapshot_state_is_an_error(pool: PgPool) {
         snapshots::get(&pool, backup).await.unwrap_err(),
         "state",
         "lost",
+    );
+}
+
+#[sqlx::test(migrator = "broker::MIGRATOR")]
+async fn an_unknown_webhook_delivery_state_is_an_error(pool: PgPool) {
+    let task = a_task(&pool).await;
+    let id = uuid::Uuid::new_v4();
+    webhooks::insert(
+        &pool,
+        id,
+        task.0,
+        "https://x.example/h",
+        b"sealed",
+        &json!({}),
+    )
+    .await
+    .unwrap();
+    let row = webhooks::get(&pool, id).await.unwrap().unwrap();
+    assert_eq!(row.state, webhooks::DeliveryState::Pending);
+    sqlx::raw_sql("ALTER TABLE webhook_deliveries DROP CONSTRAINT webhook_deliveries_state_check")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE webhook_deliveries SET state = 'bounced' WHERE id = $1")
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_names(
+        webhooks::get(&pool, id).await.unwrap_err(),
+        "state",
+        "bounced",
     );
 }
