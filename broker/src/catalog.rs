@@ -148,6 +148,32 @@ pub struct Schemas {
     pub service_binding: Option<BindingSchemas>,
 }
 
+impl Schemas {
+    /// Each parameter schema a plan may have, with what it checks and its place in the file.
+    fn each(&self) -> [(SchemaFor, &'static str, Option<&InputSchema>); 3] {
+        let instance = self.service_instance.as_ref();
+        [
+            (
+                SchemaFor::Provision,
+                "service_instance.create",
+                instance.and_then(|s| s.create.as_ref()),
+            ),
+            (
+                SchemaFor::Update,
+                "service_instance.update",
+                instance.and_then(|s| s.update.as_ref()),
+            ),
+            (
+                SchemaFor::Bind,
+                "service_binding.create",
+                self.service_binding
+                    .as_ref()
+                    .and_then(|s| s.create.as_ref()),
+            ),
+        ]
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InstanceSchemas {
@@ -338,29 +364,7 @@ impl Catalog {
                 publish_binding_expiry(plan)?;
             }
             for plan in &service.plans {
-                for (which, schema) in [
-                    (
-                        SchemaFor::Provision,
-                        plan.schemas
-                            .service_instance
-                            .as_ref()
-                            .and_then(|s| s.create.as_ref()),
-                    ),
-                    (
-                        SchemaFor::Update,
-                        plan.schemas
-                            .service_instance
-                            .as_ref()
-                            .and_then(|s| s.update.as_ref()),
-                    ),
-                    (
-                        SchemaFor::Bind,
-                        plan.schemas
-                            .service_binding
-                            .as_ref()
-                            .and_then(|s| s.create.as_ref()),
-                    ),
-                ] {
+                for (which, _, schema) in plan.schemas.each() {
                     if let Some(schema) = schema {
                         let validator = jsonschema::validator_for(&schema.parameters).map_err(|e| {
                             anyhow::anyhow!(
@@ -610,30 +614,7 @@ fn parse_service(file: &Path, text: &str) -> anyhow::Result<Service> {
         if plan.name.trim().is_empty() {
             return Err(fail(format!("plans[{i}].name"), "must not be empty"));
         }
-        let schemas = [
-            (
-                "service_instance.create",
-                plan.schemas
-                    .service_instance
-                    .as_ref()
-                    .and_then(|s| s.create.as_ref()),
-            ),
-            (
-                "service_instance.update",
-                plan.schemas
-                    .service_instance
-                    .as_ref()
-                    .and_then(|s| s.update.as_ref()),
-            ),
-            (
-                "service_binding.create",
-                plan.schemas
-                    .service_binding
-                    .as_ref()
-                    .and_then(|s| s.create.as_ref()),
-            ),
-        ];
-        for (name, schema) in schemas {
+        for (_, name, schema) in plan.schemas.each() {
             if let Some(Err(e)) = schema.map(|s| jsonschema::validator_for(&s.parameters)) {
                 return Err(fail(
                     format!("plans[{i}].schemas.{name}.parameters"),
