@@ -176,7 +176,21 @@ struct VersionPush<'a> {
     identity: Option<Value>,
 }
 
-impl VersionPush<'_> {
+impl<'a> VersionPush<'a> {
+    fn new(
+        instance_id: &'a str,
+        description: &'a Option<String>,
+        author: &'a Option<String>,
+        identity: Option<Value>,
+    ) -> Self {
+        Self {
+            instance_id,
+            description: description.as_deref(),
+            author: author.as_deref(),
+            identity,
+        }
+    }
+
     fn check_text(&self) -> ApiResult<()> {
         check_text("description", self.description, 2000)?;
         check_text("author", self.author, 200)
@@ -228,12 +242,7 @@ async fn push_new(
 ) -> ApiResult<Response> {
     check_preset_name(&body.name).map_err(ApiError::BadRequest)?;
     check_namespace(&body.namespace).map_err(ApiError::BadRequest)?;
-    let push = VersionPush {
-        instance_id: &body.instance_id,
-        description: body.description.as_deref(),
-        author: body.author.as_deref(),
-        identity,
-    };
+    let push = VersionPush::new(&body.instance_id, &body.description, &body.author, identity);
     push.check_text()?;
     if body
         .post_restore_sql
@@ -276,12 +285,7 @@ async fn push(
     OsbJson(body): OsbJson<PushBody>,
 ) -> ApiResult<Response> {
     let namespace = query.namespace()?;
-    let push = VersionPush {
-        instance_id: &body.instance_id,
-        description: body.description.as_deref(),
-        author: body.author.as_deref(),
-        identity,
-    };
+    let push = VersionPush::new(&body.instance_id, &body.description, &body.author, identity);
     push.check_text()?;
     let mut tx = state.db.begin().await?;
     let preset = presets::get_for_update(&mut *tx, &namespace, &name)
