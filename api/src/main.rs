@@ -124,7 +124,7 @@ async fn serve_with(
             settings.database_pool_size,
         ),
     };
-    tracing::info!(%local, engines = ?engines, max_connections = limits.max_connections, "berth-api listening");
+    tracing::info!(%local, engines = ?engines.iter().map(|e| e.as_str()).collect::<Vec<_>>(), max_connections = limits.max_connections, "berth-api listening");
 
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));

@@ -21,7 +21,10 @@ use axum::{Router, body::Body, extract::ConnectInfo};
 use http_body_util::BodyExt;
 use hyper::{Request, body::Incoming, server::conn::http1};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::{
+    net::TcpListener,
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
@@ -81,6 +84,21 @@ struct Connections {
 }
 
 impl Connections {
+    /// Records a new connection; returns its id.
+    fn open(&mut self, in_flight: Arc<AtomicUsize>, close: CancellationToken) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.open.insert(
+            id,
+            Connection {
+                opened: Instant::now(),
+                in_flight,
+                close,
+            },
+        );
+        id
+    }
+
     /// Asks the oldest connection with no request in flight to close, unless one is closing already.
     fn evict_oldest_idle(&self) {
         if self.open.values().any(|c| c.close.is_cancelled()) {
@@ -111,72 +129,21 @@ pub async fn serve(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
-    'accept: loop {
-        let (stream, peer) = tokio::select! {
-            () = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of files or a connection reset before accept: wait a little rather than spin.
-                    tracing::warn!(error = %e, "accepting a connection");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+    loop {
+        let Some((stream, peer)) = accept(&listener, &shutdown).await else {
+            break;
         };
-        // At the cap, the oldest idle connection makes room; while every one is busy, this one waits (and the
-        // next ones in the kernel's backlog), trying again as connections finish requests.
-        let permit = loop {
-            if let Ok(permit) = permits.clone().try_acquire_owned() {
-                break permit;
-            }
-            connections
-                .lock()
-                .expect("connections lock")
-                .evict_oldest_idle();
-            tokio::select! {
-                () = shutdown.cancelled() => break 'accept,
-                permit = permits.clone().acquire_owned() => break permit.expect("the semaphore is never closed"),
-                () = tokio::time::sleep(Duration::from_millis(50)) => {}
-            }
+        let Some(permit) = connection_slot(&permits, &connections, &shutdown).await else {
+            break;
         };
         let _ = stream.set_nodelay(true);
         let in_flight = Arc::new(AtomicUsize::new(0));
         let close = shutdown.child_token();
-        let id = {
-            let mut open = connections.lock().expect("connections lock");
-            let id = open.next_id;
-            open.next_id += 1;
-            open.open.insert(
-                id,
-                Connection {
-                    opened: Instant::now(),
-                    in_flight: in_flight.clone(),
-                    close: close.clone(),
-                },
-            );
-            id
-        };
-        let service = {
-            let (router, in_flight) = (router.clone(), in_flight.clone());
-            hyper::service::service_fn(move |mut request: Request<Incoming>| {
-                request
-                    .extensions_mut()
-                    .insert(ConnectInfo::<SocketAddr>(peer));
-                let router = router.clone();
-                let busy = InFlight::new(&in_flight);
-                async move {
-                    let response = router.oneshot(request).await.unwrap_or_else(|e| match e {});
-                    // Busy until hyper has written the body out (and drops it).
-                    Ok::<_, Infallible>(response.map(|body| {
-                        Body::new(body.map_frame(move |frame| {
-                            let _ = &busy;
-                            frame
-                        }))
-                    }))
-                }
-            })
-        };
+        let id = connections
+            .lock()
+            .expect("connections lock")
+            .open(in_flight.clone(), close.clone());
+        let service = request_service(router.clone(), peer, in_flight.clone());
         let connection = builder.serve_connection(TokioIo::new(stream), service);
         let connections = connections.clone();
         tokio::spawn(async move {
@@ -209,6 +176,83 @@ pub async fn serve(
     let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
     let _ = permits.acquire_many(all).await;
     Ok(())
+}
+
+/// The next connection, or `None` on shutdown.
+async fn accept(
+    listener: &TcpListener,
+    shutdown: &CancellationToken,
+) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => return Some(accepted),
+                Err(e) => {
+                    // Out of files or a connection reset before accept: wait a little rather than spin.
+                    tracing::warn!(error = %e, "accepting a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}
+
+/// A slot for one more connection, or `None` on shutdown. At the cap, the oldest idle connection makes room;
+/// while every one is busy, this one waits (and the next ones in the kernel's backlog), trying again as
+/// connections finish requests.
+async fn connection_slot(
+    permits: &Arc<Semaphore>,
+    connections: &Mutex<Connections>,
+    shutdown: &CancellationToken,
+) -> Option<OwnedSemaphorePermit> {
+    loop {
+        if let Ok(permit) = permits.clone().try_acquire_owned() {
+            return Some(permit);
+        }
+        connections
+            .lock()
+            .expect("connections lock")
+            .evict_oldest_idle();
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            permit = permits.clone().acquire_owned() => {
+                return Some(permit.expect("the semaphore is never closed"));
+            }
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+}
+
+/// The connection's service: `router`, with the peer's address on each request and each request counted in
+/// flight until its response body is written out.
+fn request_service(
+    router: Router,
+    peer: SocketAddr,
+    in_flight: Arc<AtomicUsize>,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = axum::response::Response,
+    Error = Infallible,
+    Future = impl Future<Output = Result<axum::response::Response, Infallible>> + Send,
+> + Send {
+    hyper::service::service_fn(move |mut request: Request<Incoming>| {
+        request
+            .extensions_mut()
+            .insert(ConnectInfo::<SocketAddr>(peer));
+        let router = router.clone();
+        let busy = InFlight::new(&in_flight);
+        async move {
+            let response = router.oneshot(request).await.unwrap_or_else(|e| match e {});
+            // Busy until hyper has written the body out (and drops it).
+            Ok::<_, Infallible>(response.map(|body| {
+                Body::new(body.map_frame(move |frame| {
+                    let _ = &busy;
+                    frame
+                }))
+            }))
+        }
+    })
 }
 
 /// Counts one request in flight for as long as it lives.

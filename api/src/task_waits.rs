@@ -78,7 +78,7 @@ impl TaskWaits {
             let task = tasks::get(&self.db, id)
                 .await?
                 .ok_or(sqlx::Error::RowNotFound)?;
-            if task.state().is_finished() {
+            if task.state.is_finished() {
                 return Ok(Waited::Finished(Box::new(task)));
             }
             // A wake-up that came since registering is kept by `Notify` (one permit), so none is missed.

@@ -100,7 +100,7 @@ pub async fn cycle(args: &Args) -> anyhow::Result<()> {
         version: Some(1),
         instance_id: None,
         task_id: uuid::Uuid::new_v4(),
-        state: "ready".into(),
+        state: broker::db::snapshots::SnapshotState::Ready,
         object_key: object_key.into(),
         size_bytes: Some(taken.size_bytes as i64),
         sha256: Some(taken.sha256.clone()),

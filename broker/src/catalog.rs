@@ -11,8 +11,21 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// Engines berth knows. A plan names one; the plan is published only where its engine is configured.
-pub const KNOWN_ENGINES: &[&str] = &["s3", "shared", "local", "ec2", "ha_local", "ha_ec2"];
+text_enum! {
+    /// Engines berth knows. A plan names one; the plan is published only where its engine is configured. A
+    /// catalog file naming another fails to load, naming the file and the field.
+    pub enum Engine ("engine") {
+        S3 = "s3",
+        Shared = "shared",
+        Local = "local",
+        Ec2 = "ec2",
+        HaLocal = "ha_local",
+        HaEc2 = "ha_ec2",
+    }
+}
+
+/// Every engine berth knows.
+pub const KNOWN_ENGINES: &[Engine] = Engine::ALL;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -52,10 +65,10 @@ pub struct Plan {
     pub description: String,
     /// Which engine carries the plan out. berth's own field: never published.
     #[serde(skip_serializing)]
-    pub engine: String,
+    pub engine: Engine,
     /// berth's own, never published: other engines the operator may choose for this plan (`DEDICATED_ENGINE`).
     #[serde(default, skip_serializing)]
-    pub alternative_engines: Vec<String>,
+    pub alternative_engines: Vec<Engine>,
     /// berth's own, never published: what the engine turns on for this plan (`versioning`, `encryption`).
     #[serde(default, skip_serializing)]
     pub features: Vec<String>,
@@ -133,6 +146,32 @@ pub struct Schemas {
     pub service_instance: Option<InstanceSchemas>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_binding: Option<BindingSchemas>,
+}
+
+impl Schemas {
+    /// Each parameter schema a plan may have, with what it checks and its place in the file.
+    fn each(&self) -> [(SchemaFor, &'static str, Option<&InputSchema>); 3] {
+        let instance = self.service_instance.as_ref();
+        [
+            (
+                SchemaFor::Provision,
+                "service_instance.create",
+                instance.and_then(|s| s.create.as_ref()),
+            ),
+            (
+                SchemaFor::Update,
+                "service_instance.update",
+                instance.and_then(|s| s.update.as_ref()),
+            ),
+            (
+                SchemaFor::Bind,
+                "service_binding.create",
+                self.service_binding
+                    .as_ref()
+                    .and_then(|s| s.create.as_ref()),
+            ),
+        ]
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -244,11 +283,11 @@ pub struct ParameterError(pub String);
 
 impl Catalog {
     /// Loads every `*.json` in `dir`, keeping plans whose engine is in `available_engines`.
-    pub fn load(dir: &Path, available_engines: &[&str]) -> anyhow::Result<Self> {
+    pub fn load(dir: &Path, available_engines: &[Engine]) -> anyhow::Result<Self> {
         Self::from_services(read_services(dir)?, available_engines)
     }
 
-    pub fn from_services(all: Vec<Service>, available_engines: &[&str]) -> anyhow::Result<Self> {
+    pub fn from_services(all: Vec<Service>, available_engines: &[Engine]) -> anyhow::Result<Self> {
         Self::build(all, available_engines)
     }
 }
@@ -286,10 +325,14 @@ fn choose_engines(services: &mut [Service], choices: &[(&str, String)]) -> anyho
             .flat_map(|s| s.plans.iter_mut())
             .filter(|p| p.name == *name)
         {
-            if plan.engine == *engine {
+            if plan.engine == engine.as_str() {
                 continue;
             }
-            if !plan.alternative_engines.contains(engine) {
+            let alternative = plan
+                .alternative_engines
+                .iter()
+                .find(|e| **e == engine.as_str());
+            let Some(&chosen) = alternative else {
                 anyhow::bail!(
                     "plan {name:?} cannot run on engine {engine:?} (its engines: {}{})",
                     plan.engine,
@@ -298,22 +341,22 @@ fn choose_engines(services: &mut [Service], choices: &[(&str, String)]) -> anyho
                         .map(|e| format!(", {e}"))
                         .collect::<String>()
                 );
-            }
-            plan.engine = engine.clone();
+            };
+            plan.engine = chosen;
         }
     }
     Ok(())
 }
 
 impl Catalog {
-    fn build(all: Vec<Service>, available_engines: &[&str]) -> anyhow::Result<Self> {
+    fn build(all: Vec<Service>, available_engines: &[Engine]) -> anyhow::Result<Self> {
         check_unique(&all)?;
         let mut validators = HashMap::new();
         let mut services = Vec::new();
         for mut service in all {
             service
                 .plans
-                .retain(|p| available_engines.contains(&p.engine.as_str()));
+                .retain(|p| available_engines.contains(&p.engine));
             if service.plans.is_empty() {
                 continue;
             }
@@ -321,29 +364,7 @@ impl Catalog {
                 publish_binding_expiry(plan)?;
             }
             for plan in &service.plans {
-                for (which, schema) in [
-                    (
-                        SchemaFor::Provision,
-                        plan.schemas
-                            .service_instance
-                            .as_ref()
-                            .and_then(|s| s.create.as_ref()),
-                    ),
-                    (
-                        SchemaFor::Update,
-                        plan.schemas
-                            .service_instance
-                            .as_ref()
-                            .and_then(|s| s.update.as_ref()),
-                    ),
-                    (
-                        SchemaFor::Bind,
-                        plan.schemas
-                            .service_binding
-                            .as_ref()
-                            .and_then(|s| s.create.as_ref()),
-                    ),
-                ] {
+                for (which, _, schema) in plan.schemas.each() {
                     if let Some(schema) = schema {
                         let validator = jsonschema::validator_for(&schema.parameters).map_err(|e| {
                             anyhow::anyhow!(
@@ -372,7 +393,7 @@ impl Catalog {
     /// its own key), which no catalog file can know.
     pub fn with_engine_metadata(
         mut self,
-        engine: &str,
+        engine: Engine,
         fields: &serde_json::Map<String, Value>,
         bullets: &[&str],
     ) -> anyhow::Result<Self> {
@@ -418,7 +439,7 @@ impl Catalog {
         let mut services = read_services(&settings.plans_dir)?;
         choose_engines(&mut services, &settings.plan_engines())?;
         if settings.s3_credentials() == Some(crate::config::S3Credentials::Shared) {
-            without_credentials_of_their_own(&mut services, "s3");
+            without_credentials_of_their_own(&mut services, Engine::S3);
         }
         let mut catalog = Self::from_services(services, &settings.available_engines())?;
         for (engine, fields, bullets) in engine_metadata(settings) {
@@ -489,7 +510,7 @@ impl Catalog {
 }
 
 /// Bindings that share the store's keys cannot be revoked one by one: no rotation and no expiry for them.
-fn without_credentials_of_their_own(services: &mut [Service], engine: &str) {
+fn without_credentials_of_their_own(services: &mut [Service], engine: Engine) {
     for plan in services
         .iter_mut()
         .flat_map(|s| s.plans.iter_mut())
@@ -553,16 +574,12 @@ fn publish_binding_expiry(plan: &mut Plan) -> anyhow::Result<()> {
 /// configured with.
 pub fn engine_metadata(
     settings: &crate::config::Settings,
-) -> Vec<(
-    &'static str,
-    serde_json::Map<String, Value>,
-    Vec<&'static str>,
-)> {
+) -> Vec<(Engine, serde_json::Map<String, Value>, Vec<&'static str>)> {
     let mut out = Vec::new();
     if let Some(mode) = settings.s3_credentials() {
         let mut fields = serde_json::Map::new();
         fields.insert("credentials".into(), Value::from(mode.as_str()));
-        out.push(("s3", fields, vec![mode.bullet()]));
+        out.push((Engine::S3, fields, vec![mode.bullet()]));
     }
     out
 }
@@ -597,50 +614,7 @@ fn parse_service(file: &Path, text: &str) -> anyhow::Result<Service> {
         if plan.name.trim().is_empty() {
             return Err(fail(format!("plans[{i}].name"), "must not be empty"));
         }
-        if !KNOWN_ENGINES.contains(&plan.engine.as_str()) {
-            return Err(fail(
-                format!("plans[{i}].engine"),
-                &format!(
-                    "unknown engine {:?} (known: {})",
-                    plan.engine,
-                    KNOWN_ENGINES.join(", ")
-                ),
-            ));
-        }
-        if let Some(bad) = plan
-            .alternative_engines
-            .iter()
-            .find(|e| !KNOWN_ENGINES.contains(&e.as_str()))
-        {
-            return Err(fail(
-                format!("plans[{i}].alternative_engines"),
-                &format!("unknown engine {bad:?}"),
-            ));
-        }
-        let schemas = [
-            (
-                "service_instance.create",
-                plan.schemas
-                    .service_instance
-                    .as_ref()
-                    .and_then(|s| s.create.as_ref()),
-            ),
-            (
-                "service_instance.update",
-                plan.schemas
-                    .service_instance
-                    .as_ref()
-                    .and_then(|s| s.update.as_ref()),
-            ),
-            (
-                "service_binding.create",
-                plan.schemas
-                    .service_binding
-                    .as_ref()
-                    .and_then(|s| s.create.as_ref()),
-            ),
-        ];
-        for (name, schema) in schemas {
+        for (_, name, schema) in plan.schemas.each() {
             if let Some(Err(e)) = schema.map(|s| jsonschema::validator_for(&s.parameters)) {
                 return Err(fail(
                     format!("plans[{i}].schemas.{name}.parameters"),
@@ -874,10 +848,10 @@ mod tests {
                 .iter()
                 .flat_map(|s| &s.plans)
                 .find(|p| p.name == name)
-                .map(|p| p.engine.clone())
+                .map(|p| p.engine.as_str())
         };
         let local = load(serde_json::json!({})).unwrap();
-        assert_eq!(engine_of(&local, "dedicated").as_deref(), Some("local"));
+        assert_eq!(engine_of(&local, "dedicated"), Some("local"));
         assert_eq!(
             engine_of(&local, "dedicated-spot"),
             None,
@@ -886,20 +860,14 @@ mod tests {
         let aws = serde_json::json!({ "aws_region": "us-east-1", "aws_access_key_id": "k" });
         let with_aws = load(aws.clone()).unwrap();
         assert_eq!(
-            engine_of(&with_aws, "dedicated").as_deref(),
+            engine_of(&with_aws, "dedicated"),
             Some("local"),
             "dedicated stays local by default"
         );
-        assert_eq!(
-            engine_of(&with_aws, "dedicated-spot").as_deref(),
-            Some("ec2")
-        );
+        assert_eq!(engine_of(&with_aws, "dedicated-spot"), Some("ec2"));
         let mut on_ec2 = aws;
         on_ec2["dedicated_engine"] = "ec2".into();
-        assert_eq!(
-            engine_of(&load(on_ec2).unwrap(), "dedicated").as_deref(),
-            Some("ec2")
-        );
+        assert_eq!(engine_of(&load(on_ec2).unwrap(), "dedicated"), Some("ec2"));
         assert!(
             load(serde_json::json!({ "dedicated_engine": "ec2" })).is_err(),
             "ec2 without AWS is refused"
@@ -926,7 +894,7 @@ mod tests {
                 .iter()
                 .flat_map(|s| &s.plans)
                 .find(|p| p.name == "ha")
-                .map(|p| p.engine.clone())
+                .map(|p| p.engine.as_str())
         };
         let aws = serde_json::json!({ "aws_region": "us-east-1", "aws_access_key_id": "k" });
         assert_eq!(
@@ -937,7 +905,7 @@ mod tests {
         let mut on_ec2 = aws;
         on_ec2["ha_engine"] = "ec2".into();
         let catalog = load(on_ec2).unwrap();
-        assert_eq!(ha_engine(&catalog).as_deref(), Some("ha_ec2"));
+        assert_eq!(ha_engine(&catalog), Some("ha_ec2"));
         let plan = catalog
             .services()
             .iter()
@@ -987,9 +955,9 @@ mod tests {
         fields.insert("credentials".into(), "shared".into());
         let catalog = Catalog::from_services(services, KNOWN_ENGINES)
             .unwrap()
-            .with_engine_metadata("s3", &fields, &["one"])
+            .with_engine_metadata(Engine::S3, &fields, &["one"])
             .unwrap()
-            .with_engine_metadata("s3", &fields, &["one"])
+            .with_engine_metadata(Engine::S3, &fields, &["one"])
             .unwrap();
         let body: Value = serde_json::from_slice(&catalog.rendered()).unwrap();
         let plans = &body["services"][0]["plans"];
@@ -1033,6 +1001,37 @@ mod tests {
     }
 
     #[test]
+    fn an_unknown_engine_fails_loading_naming_file_field_and_name() {
+        let dir = tmp();
+        for (plan, field) in [
+            (
+                r#"{"id":"p","name":"p","description":"d","engine":"warp"}"#,
+                "plans[0].engine",
+            ),
+            (
+                r#"{"id":"p","name":"p","description":"d","engine":"local","alternative_engines":["ec2","k8s"]}"#,
+                "plans[0].alternative_engines[1]",
+            ),
+        ] {
+            let service = format!(
+                r#"{{"id":"s","name":"x","description":"d","bindable":true,"plans":[{plan}]}}"#
+            );
+            write(&dir, "engines.json", &service);
+            let err = Catalog::load(&dir, KNOWN_ENGINES).unwrap_err().to_string();
+            let bad = if field.ends_with("engine") {
+                "warp"
+            } else {
+                "k8s"
+            };
+            assert!(
+                err.contains("engines.json") && err.contains(field) && err.contains(bad),
+                "{err}"
+            );
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn unavailable_engines_hide_plans_and_schemas_validate() {
         let dir = tmp();
         write(
@@ -1044,7 +1043,7 @@ mod tests {
                      "type":"object","properties":{"size":{"type":"integer"}},"additionalProperties":false}}}}}]}"#,
         );
         assert!(Catalog::load(&dir, &[]).unwrap().services().is_empty());
-        let catalog = Catalog::load(&dir, &["shared"]).unwrap();
+        let catalog = Catalog::load(&dir, &[Engine::Shared]).unwrap();
         assert!(
             catalog
                 .validate("p", SchemaFor::Provision, &serde_json::json!({"size": 3}))

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use secrecy::SecretString;
 use serde::Deserialize;
 
+use crate::catalog::Engine;
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct Settings {
     /// HTTP port of the API.
@@ -387,24 +389,24 @@ impl Settings {
     }
 
     /// Engines this process can serve: a plan appears in the catalog only when its engine is here.
-    pub fn available_engines(&self) -> Vec<&'static str> {
+    pub fn available_engines(&self) -> Vec<Engine> {
         let mut engines = Vec::new();
         if self.shared_postgres_url.is_some() {
-            engines.push("shared");
+            engines.push(Engine::Shared);
         }
         if self.s3_backend().is_some() {
-            engines.push("s3");
+            engines.push(Engine::S3);
         }
         if self.local_engine {
-            engines.push("local");
+            engines.push(Engine::Local);
             // HA clusters of Patroni + etcd on the same machine, where Debian's etcd-server and patroni are.
             if on_path("etcd") && on_path("patroni") {
-                engines.push("ha_local");
+                engines.push(Engine::HaLocal);
             }
         }
         if self.aws_configured() {
-            engines.push("ec2");
-            engines.push("ha_ec2");
+            engines.push(Engine::Ec2);
+            engines.push(Engine::HaEc2);
         }
         engines
     }

@@ -1,5 +1,8 @@
 //! berth's shared library: everything both `berth-api` and `berth-worker` need.
 
+#[macro_use]
+mod text_enum;
+
 pub mod catalog;
 pub mod config;
 pub mod crypto;

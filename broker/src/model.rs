@@ -60,93 +60,45 @@ impl fmt::Display for TaskId {
     }
 }
 
-/// Where a task is in its life. Stored as text in `tasks.state`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TaskState {
-    Pending,
-    Running,
-    Succeeded,
-    Failed,
+text_enum! {
+    /// Where a task is in its life. Stored as text in `tasks.state`.
+    pub enum TaskState ("task state") {
+        Pending = "pending",
+        Running = "running",
+        Succeeded = "succeeded",
+        Failed = "failed",
+    }
 }
 
 impl TaskState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "pending",
-            Self::Running => "running",
-            Self::Succeeded => "succeeded",
-            Self::Failed => "failed",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "pending" => Self::Pending,
-            "running" => Self::Running,
-            "succeeded" => Self::Succeeded,
-            "failed" => Self::Failed,
-            _ => return None,
-        })
-    }
-
     pub fn is_finished(self) -> bool {
         matches!(self, Self::Succeeded | Self::Failed)
     }
 }
 
-/// The OSB operation a task answers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Operation {
-    Provision,
-    Update,
-    Deprovision,
-    Bind,
-    Unbind,
-    /// The Akkeris action `PUT /v2/service_instances/{id}/actions/credentials`: every binding of the instance
-    /// gets new credentials and its old ones are revoked. An instance operation (no binding), like update.
-    RotateCredentials,
-    /// Resets the instance's database to a snapshot: a preset version (`select`) or a backup (`restore`).
-    Restore,
-    /// `POST /berth/v1/instances/{id}/switchover`: a planned change of an HA cluster's primary to a named or
-    /// any healthy replica. An instance operation, like update.
-    Switchover,
-    /// `POST /berth/v1/instances/{id}/failover`: a forced change of primary, also when the current one is not
-    /// healthy.
-    Failover,
+text_enum! {
+    /// The OSB operation a task answers. Stored as text in `tasks.operation`.
+    pub enum Operation ("operation") {
+        Provision = "provision",
+        Update = "update",
+        Deprovision = "deprovision",
+        Bind = "bind",
+        Unbind = "unbind",
+        /// The Akkeris action `PUT /v2/service_instances/{id}/actions/credentials`: every binding of the instance
+        /// gets new credentials and its old ones are revoked. An instance operation (no binding), like update.
+        RotateCredentials = "rotate_credentials",
+        /// Resets the instance's database to a snapshot: a preset version (`select`) or a backup (`restore`).
+        Restore = "restore",
+        /// `POST /berth/v1/instances/{id}/switchover`: a planned change of an HA cluster's primary to a named or
+        /// any healthy replica. An instance operation, like update.
+        Switchover = "switchover",
+        /// `POST /berth/v1/instances/{id}/failover`: a forced change of primary, also when the current one is not
+        /// healthy.
+        Failover = "failover",
+    }
 }
 
 impl Operation {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Provision => "provision",
-            Self::Update => "update",
-            Self::Deprovision => "deprovision",
-            Self::Bind => "bind",
-            Self::Unbind => "unbind",
-            Self::RotateCredentials => "rotate_credentials",
-            Self::Restore => "restore",
-            Self::Switchover => "switchover",
-            Self::Failover => "failover",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "provision" => Self::Provision,
-            "update" => Self::Update,
-            "deprovision" => Self::Deprovision,
-            "bind" => Self::Bind,
-            "unbind" => Self::Unbind,
-            "rotate_credentials" => Self::RotateCredentials,
-            "restore" => Self::Restore,
-            "switchover" => Self::Switchover,
-            "failover" => Self::Failover,
-            _ => return None,
-        })
-    }
-
     /// The task kind that carries this operation out.
     pub fn task_kind(self) -> &'static str {
         match self {

@@ -66,11 +66,10 @@ pub async fn enqueue_revocations(pool: &PgPool) -> anyhow::Result<usize> {
             .any(|t| {
                 t.binding_id.as_deref() == Some(id.as_str())
                     || (t.binding_id.is_none()
-                        && [
-                            Operation::RotateCredentials.as_str(),
-                            Operation::Deprovision.as_str(),
-                        ]
-                        .contains(&t.operation.as_deref().unwrap_or_default()))
+                        && matches!(
+                            t.operation,
+                            Some(Operation::RotateCredentials | Operation::Deprovision)
+                        ))
             });
         if busy {
             continue;

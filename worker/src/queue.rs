@@ -10,7 +10,7 @@ use broker::{
         tasks::{self, NewTask, TaskRow},
         webhooks,
     },
-    model::{Operation, TaskId, WebhookBody, kinds},
+    model::{Operation, TaskId, TaskState, WebhookBody, kinds},
 };
 use sqlx::{PgExecutor, PgPool, Postgres, Transaction};
 use uuid::Uuid;
@@ -42,8 +42,7 @@ pub async fn claim(
     from: Option<DateTime<Utc>>,
 ) -> sqlx::Result<Vec<TaskRow>> {
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    sqlx::query_as!(
-        TaskRow,
+    sqlx::query_as(
         "WITH next AS (
              SELECT ctid FROM tasks
              WHERE state = 'pending' AND run_at <= now() AND run_at >= COALESCE($4, '-infinity'::timestamptz)
@@ -56,11 +55,11 @@ pub async fn claim(
              worker_id = $3, updated_at = now()
          WHERE ctid = ANY(ARRAY(SELECT ctid FROM next))
          RETURNING *",
-        limit,
-        secs(lease),
-        worker_id,
-        from,
     )
+    .bind(limit)
+    .bind(secs(lease))
+    .bind(worker_id)
+    .bind(from)
     .fetch_all(db)
     .await
 }
@@ -214,76 +213,60 @@ pub async fn finish_batch(
     .await
 }
 
-/// The fenced UPDATE for an outcome; `None` when this worker no longer holds the task.
+/// The fenced UPDATE for an outcome; `None` when this worker no longer holds the task. Every statement takes
+/// the task ($1), this worker ($2) and the claim's attempt ($3); then the error or progress text ($4) and the
+/// delay in seconds ($5) where the outcome has them.
 async fn record_outcome(
     db: impl PgExecutor<'_>,
     task: &TaskRow,
     worker_id: &str,
     outcome: &Outcome,
 ) -> sqlx::Result<Option<TaskRow>> {
-    match outcome {
-        Outcome::Succeeded => {
-            sqlx::query_as!(
-                TaskRow,
-                "UPDATE tasks SET state = 'succeeded', lease_until = NULL, finished_at = now(), updated_at = now()
-                 WHERE id = $1 AND worker_id = $2 AND state = 'running' AND attempts = $3
-                 RETURNING *",
-                task.id,
-                worker_id,
-                task.attempts,
-            )
-            .fetch_optional(db)
-            .await
-        }
-        Outcome::Failed { error } => {
-            sqlx::query_as!(
-                TaskRow,
-                "UPDATE tasks SET state = 'failed', last_error = $4, lease_until = NULL, finished_at = now(),
-                                  updated_at = now()
-                 WHERE id = $1 AND worker_id = $2 AND state = 'running' AND attempts = $3
-                 RETURNING *",
-                task.id,
-                worker_id,
-                task.attempts,
-                error,
-            )
-            .fetch_optional(db)
-            .await
-        }
-        Outcome::Retry { after, error } => {
-            sqlx::query_as!(
-                TaskRow,
-                "UPDATE tasks SET state = 'pending', last_error = $4, run_at = now() + make_interval(secs => $5),
-                                  lease_until = NULL, worker_id = NULL, updated_at = now()
-                 WHERE id = $1 AND worker_id = $2 AND state = 'running' AND attempts = $3
-                 RETURNING *",
-                task.id,
-                worker_id,
-                task.attempts,
-                error,
-                secs(*after),
-            )
-            .fetch_optional(db)
-            .await
-        }
-        Outcome::Wait { after, progress } => {
-            sqlx::query_as!(
-                TaskRow,
-                "UPDATE tasks SET state = 'pending', progress = $4, attempts = attempts - 1,
-                                  run_at = now() + make_interval(secs => $5),
-                                  lease_until = NULL, worker_id = NULL, updated_at = now()
-                 WHERE id = $1 AND worker_id = $2 AND state = 'running' AND attempts = $3
-                 RETURNING *",
-                task.id,
-                worker_id,
-                task.attempts,
-                progress,
-                secs(*after),
-            )
-            .fetch_optional(db)
-            .await
-        }
+    let (sql, text, after) = match outcome {
+        Outcome::Succeeded => (
+            "UPDATE tasks SET state = 'succeeded', lease_until = NULL, finished_at = now(), updated_at = now()
+             WHERE id = $1 AND worker_id = $2 AND state = 'running' AND attempts = $3
+             RETURNING *",
+            None,
+            None,
+        ),
+        Outcome::Failed { error } => (
+            "UPDATE tasks SET state = 'failed', last_error = $4, lease_until = NULL, finished_at = now(),
+                              updated_at = now()
+             WHERE id = $1 AND worker_id = $2 AND state = 'running' AND attempts = $3
+             RETURNING *",
+            Some(error),
+            None,
+        ),
+        Outcome::Retry { after, error } => (
+            "UPDATE tasks SET state = 'pending', last_error = $4, run_at = now() + make_interval(secs => $5),
+                              lease_until = NULL, worker_id = NULL, updated_at = now()
+             WHERE id = $1 AND worker_id = $2 AND state = 'running' AND attempts = $3
+             RETURNING *",
+            Some(error),
+            Some(secs(*after)),
+        ),
+        Outcome::Wait { after, progress } => (
+            "UPDATE tasks SET state = 'pending', progress = $4, attempts = attempts - 1,
+                              run_at = now() + make_interval(secs => $5),
+                              lease_until = NULL, worker_id = NULL, updated_at = now()
+             WHERE id = $1 AND worker_id = $2 AND state = 'running' AND attempts = $3
+             RETURNING *",
+            Some(progress),
+            Some(secs(*after)),
+        ),
+    };
+    let mut query = sqlx::query_as(sql)
+        .bind(task.id)
+        .bind(worker_id)
+        .bind(task.attempts);
+    if let Some(text) = text {
+        query = query.bind(text);
     }
+    if let Some(after) = after {
+        query = query.bind(after);
+    }
+    query.fetch_optional(db).await
 }
 
 /// Hands a task back to the queue untouched (hard shutdown): the run did not count as an attempt.
@@ -338,8 +321,7 @@ pub async fn release_many(
 /// they used every attempt. Returns how many became pending again.
 pub async fn reclaim_expired(pool: &PgPool) -> sqlx::Result<usize> {
     let mut tx = pool.begin().await?;
-    let rows = sqlx::query_as!(
-        TaskRow,
+    let rows: Vec<TaskRow> = sqlx::query_as(
         "WITH lost AS (
              SELECT id FROM tasks
              WHERE state = 'running' AND lease_until < now()
@@ -352,7 +334,7 @@ pub async fn reclaim_expired(pool: &PgPool) -> sqlx::Result<usize> {
              run_at = CASE WHEN attempts >= max_attempts THEN run_at ELSE now() END,
              worker_id = NULL, lease_until = NULL, updated_at = now()
          WHERE id IN (SELECT id FROM lost)
-         RETURNING *"
+         RETURNING *",
     )
     .fetch_all(&mut *tx)
     .await?;
@@ -396,9 +378,9 @@ pub async fn cancel_or_await_creation(
     .bind(undoing.created_at)
     .bind(format!(
         "cancelled: {} was requested before it started",
-        match undoing.operation.as_deref() {
-            Some("unbind") => "an unbind",
-            Some("deprovision") => "a deprovision",
+        match undoing.operation {
+            Some(Operation::Unbind) => "an unbind",
+            Some(Operation::Deprovision) => "a deprovision",
             _ => "a deletion",
         }
     ))
@@ -433,7 +415,7 @@ async fn on_finished(tx: &mut Transaction<'_, Postgres>, row: &TaskRow) -> sqlx:
     else {
         return Ok(());
     };
-    let succeeded = row.state == "succeeded";
+    let succeeded = row.state == TaskState::Succeeded;
     let description = if succeeded {
         row.progress
             .clone()
@@ -447,7 +429,7 @@ async fn on_finished(tx: &mut Transaction<'_, Postgres>, row: &TaskRow) -> sqlx:
         instance_id: row.instance_id.clone().unwrap_or_default(),
         binding_id: row.binding_id.clone(),
         operation: row.id.to_string(),
-        state: row.state.clone(),
+        state: row.state.to_string(),
         description,
     };
     let body = serde_json::to_value(&body).expect("a webhook body serializes");

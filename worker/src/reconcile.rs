@@ -82,16 +82,15 @@ async fn expire(pool: &PgPool) -> anyhow::Result<()> {
             continue;
         }
         let active = tasks::active_operations(&mut *tx, &id).await?;
-        let deprovisioning = active.iter().any(|t| {
-            t.binding_id.is_none()
-                && t.operation.as_deref() == Some(Operation::Deprovision.as_str())
-        });
+        let deprovisioning = active
+            .iter()
+            .any(|t| t.binding_id.is_none() && t.operation == Some(Operation::Deprovision));
         if !active.is_empty() && !deprovisioning {
             continue;
         }
         if !deprovisioning {
             let mut task = tasks::NewTask::new(Operation::Deprovision.task_kind(), json!({}));
-            task.operation = Some(Operation::Deprovision.as_str());
+            task.operation = Some(Operation::Deprovision);
             task.instance_id = Some(id.clone());
             task.originating_identity =
                 Some(json!({ "platform": "berth", "value": { "reason": "expiration_date" } }));

@@ -12,27 +12,21 @@
 use axum::{
     Json, Router,
     extract::State,
-    http::StatusCode,
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use broker::{
-    db::{
-        instances,
-        snapshots::{self, SnapshotRow},
-        tasks,
-    },
-    model::{Operation, TaskId},
+use broker::db::{
+    instances,
+    snapshots::{self, SnapshotRow, SnapshotState},
+    tasks,
 };
-use serde_json::{Value, json};
+use serde_json::json;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::{
-    check_id,
-    instances::{concurrency, provisioned_instance},
-    operation_of, parse_operation,
-    presets::{restore_task, snapshot_json},
+    accepted_with, check_id, parse_operation,
+    snapshot_common::{enqueue_restore, instance_with_database, snapshot_json},
 };
 use crate::{
     AppState,
@@ -85,20 +79,9 @@ async fn list(
     }
     let mut backups = Vec::with_capacity(rows.len());
     for row in &rows {
-        backups.push(backup_json(&mut conn, row).await?);
+        backups.push(snapshot_json(&mut conn, row).await?);
     }
     Ok(Json(json!({ "backups": backups })).into_response())
-}
-
-async fn backup_json(conn: &mut PgConnection, row: &SnapshotRow) -> ApiResult<Value> {
-    let task_state = if row.state == "pending" {
-        tasks::get(&mut *conn, TaskId(row.task_id))
-            .await?
-            .map(|t| t.state)
-    } else {
-        None
-    };
-    Ok(snapshot_json(row, task_state.as_deref()))
 }
 
 async fn backup_of(
@@ -125,7 +108,7 @@ async fn show(
     check_id("instance_id", &instance_id)?;
     let mut conn = state.db.acquire().await?;
     let row = backup_of(&mut conn, &instance_id, &backup_id).await?;
-    Ok(Json(backup_json(&mut conn, &row).await?).into_response())
+    Ok(Json(snapshot_json(&mut conn, &row).await?).into_response())
 }
 
 async fn take(
@@ -134,33 +117,22 @@ async fn take(
 ) -> ApiResult<Response> {
     check_id("instance_id", &instance_id)?;
     let mut tx = state.db.begin().await?;
-    let row = provisioned_instance(&mut tx, &instance_id, false).await?;
-    if !state
-        .catalog
-        .plan_by_id(&row.plan_id)
-        .is_some_and(|p| p.has_database())
-    {
-        return Err(ApiError::Unprocessable(format!(
-            "service instance {instance_id} has no database to back up"
-        )));
-    }
+    instance_with_database(&mut tx, &state, &instance_id, false, "to back up").await?;
     let mut sp = sqlx::Acquire::begin(&mut *tx).await?;
     match snapshots::enqueue_backup(&mut sp, &instance_id, "api").await {
         Ok((backup_id, task_id)) => {
             sp.commit().await?;
             tx.commit().await?;
-            Ok((
-                StatusCode::ACCEPTED,
-                Json(json!({ "backup_id": backup_id, "operation": task_id.to_string() })),
-            )
-                .into_response())
+            Ok(accepted_with(
+                json!({ "backup_id": backup_id, "operation": task_id.to_string() }),
+            ))
         }
         Err(e) if broker::db::is_unique_violation(&e) => {
             sp.rollback().await?;
             let running = snapshots::backups_of(&mut *tx, &instance_id)
                 .await?
                 .into_iter()
-                .find(|b| b.state == "pending");
+                .find(|b| b.state == SnapshotState::Pending);
             Err(ApiError::Conflict(format!(
                 "a backup of service instance {instance_id} is already running{}; wait for it",
                 running
@@ -188,42 +160,7 @@ async fn restore(
     }
     let operation = enqueue_restore(&mut tx, &state, &instance_id, &backup, identity).await?;
     tx.commit().await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({ "operation": operation.to_string() })),
-    )
-        .into_response())
-}
-
-/// Enqueues the restore of `snapshot` into the instance: refused while another operation runs on it.
-pub(crate) async fn enqueue_restore(
-    tx: &mut PgConnection,
-    state: &AppState,
-    instance_id: &str,
-    snapshot: &SnapshotRow,
-    identity: Option<Value>,
-) -> ApiResult<TaskId> {
-    let row = provisioned_instance(&mut *tx, instance_id, true).await?;
-    if !state
-        .catalog
-        .plan_by_id(&row.plan_id)
-        .is_some_and(|p| p.has_database())
-    {
-        return Err(ApiError::Unprocessable(format!(
-            "service instance {instance_id} has no database to restore into"
-        )));
-    }
-    let active = tasks::active_operations(&mut *tx, instance_id).await?;
-    if let Some(task) = active.first() {
-        return Err(concurrency(instance_id, task));
-    }
-    let latest = tasks::latest_instance_operation(&mut *tx, instance_id).await?;
-    if latest.as_ref().and_then(operation_of) == Some(Operation::Deprovision) {
-        return Err(ApiError::Unprocessable(format!(
-            "service instance {instance_id} is being deleted (its last deprovision failed); deprovision it again"
-        )));
-    }
-    Ok(tasks::enqueue(&mut *tx, restore_task(instance_id, snapshot.id, identity)).await?)
+    Ok(accepted_with(json!({ "operation": operation.to_string() })))
 }
 
 async fn task(

@@ -25,14 +25,17 @@ use broker::{
 use chrono::{DateTime, SubsecRound, Utc};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use sqlx::PgConnection;
+use sqlx::{PgConnection, Postgres, Transaction};
 use tokio::time::Instant;
 
 use super::{
-    OsbParams, accepted, check_id, gone,
+    Origin, OsbParams, accepted, check_id,
+    exclusive::{self, Again},
+    gone,
     instances::provisioned_instance,
-    is_active, last_operation_response, lookup_plan, object_or_empty, ok_empty, operation_of,
-    operation_task, parse_operation,
+    is_active,
+    last_operation::{self, Polled},
+    lookup_plan, object_or_empty, ok_empty,
     synchronous::{self, Settled},
 };
 use crate::{
@@ -40,7 +43,6 @@ use crate::{
     error::{ApiError, ApiResult},
     extract::{OsbJson, OsbPath, OsbQuery},
     identity::OriginatingIdentity,
-    webhook,
 };
 
 const BINDING_PATH: &str = "/v2/service_instances/{instance_id}/service_bindings/{binding_id}";
@@ -116,39 +118,9 @@ async fn start_bind(
     check_id("instance_id", &instance_id)?;
     check_id("binding_id", &binding_id)?;
     let plan = lookup_plan(&state.catalog, &body.service_id, &body.plan_id)?;
-    if !plan.bindable() {
-        return Err(ApiError::bad_request(format!(
-            "plan {:?} is not bindable",
-            plan.plan.name
-        )));
-    }
-    if body.app_guid.as_deref() == Some("") {
-        return Err(ApiError::bad_request(
-            "`app_guid` must be a non-empty string when present",
-        ));
-    }
-    let parameters_given = body.parameters.is_some();
-    let mut parameters = object_or_empty(body.parameters, "parameters")?;
-    state
-        .catalog
-        .validate(&plan.plan.id, SchemaFor::Bind, &parameters)
-        .map_err(|e| ApiError::BadRequest(e.0))?;
-    if let Some(predecessor) = &body.predecessor_binding_id {
-        let inherited = rotation_parameters(state, &plan, &instance_id, predecessor).await?;
-        if !parameters_given {
-            parameters = inherited;
-        }
-    }
-    let expiry = expiry_of(&plan, &parameters)?;
-    let hook = webhook::take(
-        &mut parameters,
-        query.webhook.as_deref(),
-        query.secret.as_deref(),
-        &state.cipher,
-        &state.webhook_targets,
-    )?;
-    let context = object_or_empty(body.context, "context")?;
-    let bind_resource = object_or_empty(body.bind_resource, "bind_resource")?;
+    let request = checked_bind_request(state, &plan, &instance_id, &query, &body).await?;
+    let context = object_or_empty(body.context.clone(), "context")?;
+    let bind_resource = object_or_empty(body.bind_resource.clone(), "bind_resource")?;
     // `app_guid` is deprecated in favour of `bind_resource.app_guid`; keep whichever the platform sent.
     let app_guid = body
         .app_guid
@@ -162,9 +134,9 @@ async fn start_bind(
         app_guid: app_guid.as_deref(),
         bind_resource: &bind_resource,
         context: &context,
-        parameters: &parameters,
-        expires_at: expiry.map(|e| e.expires_at),
-        renew_before: expiry.map(|e| e.renew_before),
+        parameters: &request.parameters,
+        expires_at: request.expiry.map(|e| e.expires_at),
+        renew_before: request.expiry.map(|e| e.renew_before),
     };
 
     let mut tx = state.db.begin().await?;
@@ -176,56 +148,115 @@ async fn start_bind(
             instance.service_id, instance.plan_id
         )));
     }
-    let active = tasks::active_operations(&mut *tx, &instance_id).await?;
-    if let Some(task) = active.iter().find(|t| t.binding_id.is_none()) {
-        return Err(ApiError::Concurrency(format!(
-            "service instance {instance_id} has a {} in progress (operation {}); try again when it has finished",
-            task.operation.as_deref().unwrap_or("operation"),
-            task.id
+    let of_the_instance = |t: &TaskRow| t.binding_id.is_none();
+    exclusive::check(&mut tx, &instance_id, Again::Never, of_the_instance).await?;
+    if let Some(expiry) = &request.expiry {
+        check_room_for_expiring(&mut tx, &plan, &new, expiry).await?;
+    }
+    let origin = Origin {
+        identity,
+        hook: request.hook,
+    };
+    insert_binding(tx, state, &new, origin).await
+}
+
+/// A bind request's parameters, checked: against the plan's schema, inherited from the predecessor when a
+/// rotation brings none, with the expiry they ask for, and the webhook taken out of them.
+struct BindRequest {
+    parameters: Value,
+    expiry: Option<Expiry>,
+    hook: Option<(String, Vec<u8>)>,
+}
+
+async fn checked_bind_request(
+    state: &AppState,
+    plan: &PlanRef<'_>,
+    instance_id: &str,
+    query: &OsbParams,
+    body: &BindBody,
+) -> ApiResult<BindRequest> {
+    if !plan.bindable() {
+        return Err(ApiError::bad_request(format!(
+            "plan {:?} is not bindable",
+            plan.plan.name
         )));
     }
-
-    if let (Some(expiry), Some(limits)) = (&expiry, plan.plan.binding_expiry) {
-        // Under the instance row's lock, so two binds cannot both take the last place.
-        let unexpired =
-            bindings::count_unexpired_expiring(&mut *tx, &instance_id, &binding_id).await?;
-        if unexpired >= i64::from(limits.max_per_instance) {
-            return Err(ApiError::bad_request(format!(
-                "parameters.{EXPIRES_IN}: service instance {instance_id} already has {unexpired} unexpired \
-                 expiring bindings, the most plan {:?} allows; unbind one or bind without {EXPIRES_IN} \
-                 (asked: {} s)",
-                plan.plan.name, expiry.seconds
-            )));
+    if body.app_guid.as_deref() == Some("") {
+        return Err(ApiError::bad_request(
+            "`app_guid` must be a non-empty string when present",
+        ));
+    }
+    let parameters_given = body.parameters.is_some();
+    let mut parameters = object_or_empty(body.parameters.clone(), "parameters")?;
+    state
+        .catalog
+        .validate(&plan.plan.id, SchemaFor::Bind, &parameters)
+        .map_err(|e| ApiError::BadRequest(e.0))?;
+    if let Some(predecessor) = &body.predecessor_binding_id {
+        let inherited = rotation_parameters(state, plan, instance_id, predecessor).await?;
+        if !parameters_given {
+            parameters = inherited;
         }
     }
+    let expiry = expiry_of(plan, &parameters)?;
+    let hook = query.take_webhook(state, &mut parameters)?;
+    Ok(BindRequest {
+        parameters,
+        expiry,
+        hook,
+    })
+}
 
+/// 400 when the instance already has as many unexpired expiring bindings as its plan allows. Called under the
+/// instance row's lock, so two binds cannot both take the last place.
+async fn check_room_for_expiring(
+    tx: &mut PgConnection,
+    plan: &PlanRef<'_>,
+    new: &NewBinding<'_>,
+    expiry: &Expiry,
+) -> ApiResult<()> {
+    let Some(limits) = plan.plan.binding_expiry else {
+        return Ok(());
+    };
+    let unexpired = bindings::count_unexpired_expiring(&mut *tx, new.instance_id, new.id).await?;
+    if unexpired >= i64::from(limits.max_per_instance) {
+        return Err(ApiError::bad_request(format!(
+            "parameters.{EXPIRES_IN}: service instance {} already has {unexpired} unexpired \
+             expiring bindings, the most plan {:?} allows; unbind one or bind without {EXPIRES_IN} \
+             (asked: {} s)",
+            new.instance_id, plan.plan.name, expiry.seconds
+        )));
+    }
+    Ok(())
+}
+
+/// Inserts the binding row and its bind task, or answers for a binding id that exists already (see
+/// [`bind_existing`]).
+async fn insert_binding(
+    mut tx: Transaction<'_, Postgres>,
+    state: &AppState,
+    new: &NewBinding<'_>,
+    origin: Origin,
+) -> ApiResult<Response> {
     for _ in 0..3 {
-        if bindings::insert(&mut *tx, &new).await? {
-            let task = operation_task(
-                Operation::Bind,
-                &instance_id,
-                Some(&binding_id),
-                json!({}),
-                identity,
-                hook,
-            );
-            let operation = tasks::enqueue(&mut *tx, task).await?;
-            tx.commit().await?;
-            return Ok(accepted(operation));
+        if bindings::insert(&mut *tx, new).await? {
+            let task = origin.task(Operation::Bind, new.instance_id, Some(new.id), json!({}));
+            return exclusive::start(tx, task).await;
         }
-        let Some(row) = bindings::get_for_update(&mut *tx, &binding_id).await? else {
+        let Some(row) = bindings::get_for_update(&mut *tx, new.id).await? else {
             continue;
         };
-        let outcome = bind_existing(&mut tx, &state.cipher, &row, &new, identity, hook).await?;
+        let outcome = bind_existing(&mut tx, &state.cipher, &row, new, origin).await?;
         if outcome.status() == StatusCode::ACCEPTED {
             tx.commit().await?;
         }
         return Ok(outcome);
     }
-    Err(
-        anyhow::anyhow!("binding {binding_id} was created and deleted repeatedly while binding it")
-            .into(),
+    Err(anyhow::anyhow!(
+        "binding {} was created and deleted repeatedly while binding it",
+        new.id
     )
+    .into())
 }
 
 /// Checks a rotation (the plan allows it, the predecessor is a binding of this instance) and returns the
@@ -269,8 +300,7 @@ async fn bind_existing(
     cipher: &Cipher,
     row: &BindingRow,
     new: &NewBinding<'_>,
-    identity: Option<Value>,
-    hook: Option<(String, Vec<u8>)>,
+    origin: Origin,
 ) -> ApiResult<Response> {
     if row.instance_id != new.instance_id {
         return Err(ApiError::Conflict(format!(
@@ -290,7 +320,7 @@ async fn bind_existing(
         )));
     }
     let latest = tasks::latest_binding_operation(&mut *tx, &row.id).await?;
-    match latest.as_ref().map(|t| (operation_of(t), t.state(), t)) {
+    match latest.as_ref().map(|t| (t.operation, t.state, t)) {
         Some((Some(Operation::Bind), TaskState::Pending | TaskState::Running, task)) => {
             Ok(accepted(task.task_id()))
         }
@@ -313,14 +343,7 @@ async fn bind_existing(
         ))),
         // The bind failed (or, which should not happen, has no task): binding is idempotent, try again.
         _ => {
-            let task = operation_task(
-                Operation::Bind,
-                &row.instance_id,
-                Some(&row.id),
-                json!({}),
-                identity,
-                hook,
-            );
+            let task = origin.task(Operation::Bind, &row.instance_id, Some(&row.id), json!({}));
             Ok(accepted(tasks::enqueue(&mut *tx, task).await?))
         }
     }
@@ -330,7 +353,7 @@ fn binding_concurrency(row: &BindingRow, task: &TaskRow) -> ApiError {
     ApiError::Concurrency(format!(
         "binding {} has a {} in progress (operation {}); try again when it has finished",
         row.id,
-        task.operation.as_deref().unwrap_or("operation"),
+        task.operation.map_or("operation", Operation::as_str),
         task.id
     ))
 }
@@ -437,13 +460,7 @@ async fn start_unbind(
     check_id("instance_id", &instance_id)?;
     check_id("binding_id", &binding_id)?;
     query.require_service_and_plan()?;
-    let hook = webhook::take(
-        &mut json!({}),
-        query.webhook.as_deref(),
-        query.secret.as_deref(),
-        &state.cipher,
-        &state.webhook_targets,
-    )?;
+    let hook = query.webhook(state)?;
 
     let mut tx = state.db.begin().await?;
     // Lock order everywhere: instance row, then binding row.
@@ -461,7 +478,7 @@ async fn start_unbind(
         .await?
         .filter(is_active)
     {
-        match operation_of(&task) {
+        match task.operation {
             Some(Operation::Unbind) => return Ok(accepted(task.task_id())),
             // A bind still in progress (the platform cleaning up after a bind that timed out) does not block:
             // the worker cancels it if it has not started, or runs the unbind once it has ended.
@@ -474,7 +491,7 @@ async fn start_unbind(
     if let Some(task) = tasks::active_operations(&mut *tx, &instance_id)
         .await?
         .into_iter()
-        .find(|t| operation_of(t) == Some(Operation::RotateCredentials))
+        .find(|t| t.operation == Some(Operation::RotateCredentials))
     {
         return Err(ApiError::Concurrency(format!(
             "service instance {instance_id} has a credentials rotation in progress (operation {}); try again \
@@ -482,17 +499,13 @@ async fn start_unbind(
             task.id
         )));
     }
-    let task = operation_task(
+    let task = Origin { identity, hook }.task(
         Operation::Unbind,
         &instance_id,
         Some(&binding_id),
         json!({}),
-        identity,
-        hook,
     );
-    let operation = tasks::enqueue(&mut *tx, task).await?;
-    tx.commit().await?;
-    Ok(accepted(operation))
+    exclusive::start(tx, task).await
 }
 
 async fn fetch(
@@ -513,7 +526,7 @@ async fn fetch(
         &mut *conn,
         &instance_id,
         Some(&binding_id),
-        Operation::Bind.as_str(),
+        Operation::Bind,
         row.created_at,
     )
     .await?;
@@ -533,40 +546,12 @@ async fn last_operation(
     OsbQuery(query): OsbQuery<OsbParams>,
 ) -> ApiResult<Response> {
     let mut conn = state.db.acquire().await?;
-    let row = bindings::get(&mut *conn, &binding_id)
+    let exists = bindings::get(&mut *conn, &binding_id)
         .await?
-        .filter(|r| r.instance_id == instance_id);
-    let belongs = |task: &TaskRow| {
-        task.binding_id.as_deref() == Some(&binding_id)
-            && task.instance_id.as_deref() == Some(&instance_id)
+        .is_some_and(|r| r.instance_id == instance_id);
+    let polled = Polled::Binding {
+        instance_id: &instance_id,
+        binding_id: &binding_id,
     };
-    let task = match query.operation.as_deref().filter(|o| !o.is_empty()) {
-        Some(operation) => {
-            let id = parse_operation(operation)?;
-            match tasks::get(&mut *conn, id).await? {
-                Some(task) if belongs(&task) => Some(task),
-                None if row.is_none() => None,
-                _ => {
-                    return Err(ApiError::bad_request(format!(
-                        "operation {operation} is not an operation on binding {binding_id}"
-                    )));
-                }
-            }
-        }
-        None => tasks::latest_binding_operation(&mut *conn, &binding_id)
-            .await?
-            .filter(belongs),
-    };
-    let Some(task) = task else {
-        return Err(ApiError::NotFound(format!(
-            "binding {binding_id} does not exist"
-        )));
-    };
-    if row.is_none()
-        && operation_of(&task) == Some(Operation::Unbind)
-        && task.state() == TaskState::Succeeded
-    {
-        return Ok(gone());
-    }
-    Ok(last_operation_response(&task, false))
+    last_operation::answer(&mut conn, polled, exists, query.operation.as_deref()).await
 }

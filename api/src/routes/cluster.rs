@@ -3,34 +3,39 @@
 //! Both are asynchronous like an update: 202 with an `operation`, polled on the instance's `last_operation`.
 //! Body (optional): `{"candidate": "<member name>"}`.
 
-use axum::{Router, body::Bytes, extract::State, response::Response, routing::post};
-use broker::{
-    db::tasks,
-    model::{ChangePrimaryPayload, Operation},
+use axum::{
+    Router,
+    body::Bytes,
+    extract::State,
+    response::Response,
+    routing::{MethodRouter, post},
 };
+use broker::model::{ChangePrimaryPayload, Operation};
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::{
-    OsbParams, accepted, check_id,
-    instances::{concurrency, provisioned_instance},
-    operation_of, operation_task,
+    Origin, OsbParams, accepted, check_id,
+    exclusive::{self, Again},
+    instances::provisioned_instance,
 };
 use crate::{
     AppState,
     error::{ApiError, ApiResult},
     extract::{OsbPath, OsbQuery, parse_json},
     identity::OriginatingIdentity,
-    webhook,
 };
 
 pub fn router() -> Router<AppState> {
     Router::new()
         .route(
             "/berth/v1/instances/{instance_id}/switchover",
-            post(switchover),
+            change_primary_route(Operation::Switchover),
         )
-        .route("/berth/v1/instances/{instance_id}/failover", post(failover))
+        .route(
+            "/berth/v1/instances/{instance_id}/failover",
+            change_primary_route(Operation::Failover),
+        )
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -39,29 +44,21 @@ struct ChangePrimaryBody {
     candidate: Option<String>,
 }
 
-async fn switchover(
-    state: State<AppState>,
-    path: OsbPath<String>,
-    query: OsbQuery<OsbParams>,
-    identity: OriginatingIdentity,
-    body: Bytes,
-) -> ApiResult<Response> {
-    change_primary(Operation::Switchover, state, path, query, identity, body).await
-}
-
-async fn failover(
-    state: State<AppState>,
-    path: OsbPath<String>,
-    query: OsbQuery<OsbParams>,
-    identity: OriginatingIdentity,
-    body: Bytes,
-) -> ApiResult<Response> {
-    change_primary(Operation::Failover, state, path, query, identity, body).await
+/// `POST` of a switchover or failover.
+fn change_primary_route(operation: Operation) -> MethodRouter<AppState> {
+    post(
+        move |state: State<AppState>,
+              path: OsbPath<String>,
+              query: OsbQuery<OsbParams>,
+              identity: OriginatingIdentity,
+              body: Bytes| change_primary(operation, state, path, query, identity, body),
+    )
 }
 
 /// Validates, then writes the task in one transaction. Refused, writing nothing: an unknown instance (404), one
-/// not provisioned (422; see `provisioned_instance`), a plan without a cluster (422), a candidate that is not a member (422), another operation in
-/// progress (422 `ConcurrencyError`; the same request again gets its operation).
+/// not provisioned (422; see `provisioned_instance`), a plan without a cluster (422), a candidate that is not a
+/// member (422), another operation in progress (422 `ConcurrencyError`; the same request again gets its
+/// operation).
 async fn change_primary(
     operation: Operation,
     State(state): State<AppState>,
@@ -76,13 +73,7 @@ async fn change_primary(
     } else {
         parse_json(&body)?
     };
-    let hook = webhook::take(
-        &mut serde_json::json!({}),
-        query.webhook.as_deref(),
-        query.secret.as_deref(),
-        &state.cipher,
-        &state.webhook_targets,
-    )?;
+    let hook = query.webhook(&state)?;
 
     let mut tx = state.db.begin().await?;
     let row = provisioned_instance(&mut tx, &instance_id, true).await?;
@@ -106,18 +97,12 @@ async fn change_primary(
     };
     let payload = serde_json::to_value(&payload)
         .map_err(|e| anyhow::Error::new(e).context("serializing a switchover"))?;
-    let active = tasks::active_operations(&mut *tx, &instance_id).await?;
-    if let Some(task) = active.first() {
-        let resent = task.binding_id.is_none()
-            && operation_of(task) == Some(operation)
-            && task.payload == payload;
-        if resent {
-            return Ok(accepted(task.task_id()));
-        }
-        return Err(concurrency(&instance_id, task));
+    let same = |t: &broker::db::tasks::TaskRow| t.is_instance(operation) && t.payload == payload;
+    if let Some(task) =
+        exclusive::check(&mut tx, &instance_id, Again::Newest(&same), exclusive::any).await?
+    {
+        return Ok(accepted(task));
     }
-    let task = operation_task(operation, &instance_id, None, payload, identity, hook);
-    let operation = tasks::enqueue(&mut *tx, task).await?;
-    tx.commit().await?;
-    Ok(accepted(operation))
+    let task = Origin { identity, hook }.task(operation, &instance_id, None, payload);
+    exclusive::start(tx, task).await
 }

@@ -10,7 +10,7 @@ use axum::{
     routing::{get, put},
 };
 use broker::{
-    catalog::SchemaFor,
+    catalog::{Catalog, PlanRef, SchemaFor, Service},
     db::{
         instances::{self, InstanceRow, NewInstance},
         tasks::{self, TaskRow},
@@ -23,9 +23,11 @@ use sqlx::PgConnection;
 use tokio::time::Instant;
 
 use super::{
-    MaintenanceInfoBody, OsbParams, accepted, check_id, check_maintenance, gone,
-    last_operation_response, lookup_plan, object_or_empty, ok_empty, operation_of, operation_task,
-    parse_operation,
+    MaintenanceInfoBody, Origin, OsbParams, accepted, check_id, check_maintenance,
+    exclusive::{self, Again, concurrency},
+    gone,
+    last_operation::{self, Polled},
+    lookup_plan, lookup_service, object_or_empty, ok_empty,
     synchronous::{self, Mode, Settled},
 };
 use crate::{
@@ -34,7 +36,6 @@ use crate::{
     extract::{OsbJson, OsbPath, OsbQuery},
     identity::OriginatingIdentity,
     snapshot_params::{self, At},
-    webhook,
 };
 
 pub fn router() -> Router<AppState> {
@@ -64,6 +65,22 @@ struct ProvisionBody {
     maintenance_info: Option<MaintenanceInfoBody>,
 }
 
+impl ProvisionBody {
+    fn check_guids(&self) -> ApiResult<()> {
+        for (field, value) in [
+            ("organization_guid", &self.organization_guid),
+            ("space_guid", &self.space_guid),
+        ] {
+            if value.is_empty() {
+                return Err(ApiError::bad_request(format!(
+                    "`{field}` must be a non-empty string"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 async fn provision(
     State(state): State<AppState>,
     OsbPath(instance_id): OsbPath<String>,
@@ -90,35 +107,12 @@ async fn start_provision(
     mode: &mut Mode,
 ) -> ApiResult<Response> {
     check_id("instance_id", &instance_id)?;
-    for (field, value) in [
-        ("organization_guid", &body.organization_guid),
-        ("space_guid", &body.space_guid),
-    ] {
-        if value.is_empty() {
-            return Err(ApiError::bad_request(format!(
-                "`{field}` must be a non-empty string"
-            )));
-        }
-    }
+    body.check_guids()?;
     let plan = lookup_plan(&state.catalog, &body.service_id, &body.plan_id)?;
     *mode = query.answer_mode(plan.synchronous())?;
-    let mut parameters = object_or_empty(body.parameters, "parameters")?;
-    state
-        .catalog
-        .validate(&plan.plan.id, SchemaFor::Provision, &parameters)
-        .map_err(|e| ApiError::BadRequest(e.0))?;
-    let hook = webhook::take(
-        &mut parameters,
-        query.webhook.as_deref(),
-        query.secret.as_deref(),
-        &state.cipher,
-        &state.webhook_targets,
-    )?;
-    if snapshot_params::any(&parameters) {
-        let mut conn = state.db.acquire().await?;
-        snapshot_params::check(&mut conn, &parameters, At::Provision).await?;
-    }
-    let context = object_or_empty(body.context, "context")?;
+    let (parameters, hook) = checked_provision_parameters(state, &query, &plan, &body).await?;
+    let origin = Origin { identity, hook };
+    let context = object_or_empty(body.context.clone(), "context")?;
     check_maintenance(
         body.maintenance_info
             .as_ref()
@@ -143,14 +137,9 @@ async fn start_provision(
     };
 
     // Fast path, a new id: the row and its task in one statement, batched with concurrent provisions.
-    let task = operation_task(
-        Operation::Provision,
-        &instance_id,
-        None,
-        json!({}),
-        identity.clone(),
-        hook.clone(),
-    );
+    let task = origin
+        .clone()
+        .task(Operation::Provision, &instance_id, None, json!({}));
     if let Some(operation) = state.provisions.insert(&new, task).await? {
         return Ok(accepted(operation));
     }
@@ -160,22 +149,13 @@ async fn start_provision(
     // a deprovision may delete the row between our insert and our read: go round again.
     for _ in 0..3 {
         if instances::insert(&mut *tx, &new).await? {
-            let task = operation_task(
-                Operation::Provision,
-                &instance_id,
-                None,
-                json!({}),
-                identity,
-                hook,
-            );
-            let operation = tasks::enqueue(&mut *tx, task).await?;
-            tx.commit().await?;
-            return Ok(accepted(operation));
+            let task = origin.task(Operation::Provision, &instance_id, None, json!({}));
+            return exclusive::start(tx, task).await;
         }
         let Some(row) = instances::get_for_update(&mut *tx, &instance_id).await? else {
             continue;
         };
-        let outcome = provision_existing(&mut tx, &row, &new, identity, hook).await?;
+        let outcome = provision_existing(&mut tx, &row, &new, origin).await?;
         if outcome.status() == StatusCode::ACCEPTED {
             tx.commit().await?;
         }
@@ -187,13 +167,33 @@ async fn start_provision(
     .into())
 }
 
+/// The provision's parameters, checked against the plan's schema (and what they name, such as a backup to
+/// restore, against the database), with the webhook taken out of them.
+async fn checked_provision_parameters(
+    state: &AppState,
+    query: &OsbParams,
+    plan: &PlanRef<'_>,
+    body: &ProvisionBody,
+) -> ApiResult<(Value, Option<(String, Vec<u8>)>)> {
+    let mut parameters = object_or_empty(body.parameters.clone(), "parameters")?;
+    state
+        .catalog
+        .validate(&plan.plan.id, SchemaFor::Provision, &parameters)
+        .map_err(|e| ApiError::BadRequest(e.0))?;
+    let hook = query.take_webhook(state, &mut parameters)?;
+    if snapshot_params::any(&parameters) {
+        let mut conn = state.db.acquire().await?;
+        snapshot_params::check(&mut conn, &parameters, At::Provision).await?;
+    }
+    Ok((parameters, hook))
+}
+
 /// A provision request for an id that exists: the same request again (answered from its task), or a conflict.
 async fn provision_existing(
     tx: &mut PgConnection,
     row: &InstanceRow,
     new: &NewInstance<'_>,
-    identity: Option<Value>,
-    hook: Option<(String, Vec<u8>)>,
+    origin: Origin,
 ) -> ApiResult<Response> {
     let identical = row.service_id == new.service_id
         && row.plan_id == new.plan_id
@@ -207,15 +207,14 @@ async fn provision_existing(
             row.id
         )));
     }
-    let active = tasks::active_operations(&mut *tx, &row.id).await?;
-    if let Some(task) = active.iter().find(|t| t.binding_id.is_none()) {
-        return match operation_of(task) {
-            Some(Operation::Provision) => Ok(accepted(task.task_id())),
-            _ => Err(concurrency(&row.id, task)),
-        };
+    let provision = |t: &TaskRow| t.operation == Some(Operation::Provision);
+    let of_the_instance = |t: &TaskRow| t.binding_id.is_none();
+    let again = Again::Newest(&provision);
+    if let Some(task) = exclusive::check(&mut *tx, &row.id, again, of_the_instance).await? {
+        return Ok(accepted(task));
     }
     let latest = tasks::latest_instance_operation(&mut *tx, &row.id).await?;
-    match latest.as_ref().map(|t| (operation_of(t), t.state())) {
+    match latest.as_ref().map(|t| (t.operation, t.state)) {
         Some((Some(Operation::Provision), TaskState::Succeeded))
         | Some((
             Some(
@@ -232,29 +231,10 @@ async fn provision_existing(
         ))),
         // The provision failed (or, which should not happen, has no task): provisioning is idempotent, try again.
         _ => {
-            let task = operation_task(
-                Operation::Provision,
-                &row.id,
-                None,
-                json!({}),
-                identity,
-                hook,
-            );
+            let task = origin.task(Operation::Provision, &row.id, None, json!({}));
             Ok(accepted(tasks::enqueue(&mut *tx, task).await?))
         }
     }
-}
-
-pub(crate) fn concurrency(instance_id: &str, task: &broker::db::tasks::TaskRow) -> ApiError {
-    let operation = task.operation.as_deref().unwrap_or("an operation");
-    let what = match &task.binding_id {
-        Some(binding) => format!("binding {binding} of service instance {instance_id}"),
-        None => format!("service instance {instance_id}"),
-    };
-    ApiError::Concurrency(format!(
-        "{what} has a {operation} in progress (operation {}); try again when it has finished",
-        task.id
-    ))
 }
 
 /// The instance, if it exists and its provision has succeeded; otherwise, for an operation on it: 404 when there
@@ -315,7 +295,7 @@ pub(crate) async fn instance_state(
         &mut *db,
         instance_id,
         None,
-        Operation::Provision.as_str(),
+        Operation::Provision,
         row.created_at,
     )
     .await?;
@@ -365,21 +345,9 @@ async fn start_update(
 ) -> ApiResult<Response> {
     check_id("instance_id", &instance_id)?;
     let catalog = &state.catalog;
-    let service = catalog.service(&body.service_id).ok_or_else(|| {
-        ApiError::bad_request(format!(
-            "service_id {:?} is not a service in the catalog",
-            body.service_id
-        ))
-    })?;
-    let request_parameters = body
-        .parameters
-        .map(|p| object_or_empty(Some(p), "parameters"))
-        .transpose()?;
-    let parameters_given = request_parameters.is_some();
-    let context = body
-        .context
-        .map(|c| object_or_empty(Some(c), "context"))
-        .transpose()?;
+    let service = lookup_service(catalog, &body.service_id)?;
+    let request_parameters = optional_object(body.parameters.clone(), "parameters")?;
+    let context = optional_object(body.context.clone(), "context")?;
 
     let mut tx = state.db.begin().await?;
     let row = provisioned_instance(&mut tx, &instance_id, true).await?;
@@ -389,114 +357,41 @@ async fn start_update(
             row.service_id, body.service_id
         )));
     }
-    let target_plan_id = body.plan_id.clone().unwrap_or_else(|| row.plan_id.clone());
-    let plan_changes = target_plan_id != row.plan_id;
-    let target = catalog
-        .plan(&row.service_id, &target_plan_id)
-        .ok_or_else(|| {
-            if catalog.plan_by_id(&target_plan_id).is_some() {
-                ApiError::bad_request(format!(
-                    "plan_id {target_plan_id:?} belongs to another service than {:?}",
-                    service.name
-                ))
-            } else {
-                ApiError::bad_request(format!(
-                    "plan_id {target_plan_id:?} is not a plan of service {:?}",
-                    service.name
-                ))
-            }
-        })?;
-    if plan_changes {
-        let updateable = catalog
-            .plan_by_id(&row.plan_id)
-            .map_or(service.plan_updateable, |p| p.plan_updateable());
-        if !updateable {
-            return Err(ApiError::Unprocessable(format!(
-                "the plan of service instance {instance_id} cannot be changed (its plan is not plan_updateable)"
-            )));
-        }
-        // A change the engine cannot make (turning S3 versioning off) is refused now, not queued to fail.
-        if let Some(why) = catalog
-            .plan_by_id(&row.plan_id)
-            .and_then(|current| current.cannot_change_to(target.plan))
-        {
-            return Err(ApiError::Unprocessable(why));
-        }
-    }
-    // Only parameters the request carries are checked: an update without any (a plan or context change)
-    // must not fail a schema's `required`.
-    let mut parameters = request_parameters.unwrap_or_else(|| json!({}));
-    if parameters_given {
-        catalog
-            .validate(&target.plan.id, SchemaFor::Update, &parameters)
-            .map_err(|e| ApiError::BadRequest(e.0))?;
-        if snapshot_params::any(&parameters) {
-            snapshot_params::check(&mut tx, &parameters, At::Update).await?;
-        }
-    }
-    let hook = webhook::take(
-        &mut parameters,
-        query.webhook.as_deref(),
-        query.secret.as_deref(),
-        &state.cipher,
-        &state.webhook_targets,
-    )?;
-    let requested_version = body
-        .maintenance_info
-        .as_ref()
-        .and_then(|m| m.version.as_deref());
-    check_maintenance(requested_version, &target)?;
-
-    let parameters_change = parameters.as_object().is_some_and(|m| !m.is_empty()) || hook.is_some();
-    let maintenance_changes =
-        requested_version.is_some_and(|v| Some(v) != row.maintenance_version.as_deref());
-    let context_only = !plan_changes && !parameters_change && !maintenance_changes;
-
-    let mut merged = row.parameters.as_object().cloned().unwrap_or_default();
-    merged.extend(parameters.as_object().cloned().unwrap_or_default());
-    merged.remove("webhook");
-    let maintenance_version = match requested_version {
-        Some(v) => Some(v.to_string()),
-        None if plan_changes => target
-            .plan
+    let (target, plan_changes) = target_plan(catalog, service, &row, body.plan_id.as_deref())?;
+    let (parameters, hook) =
+        checked_parameters(state, &mut tx, &query, &target, request_parameters).await?;
+    let change = UpdateChange {
+        row: &row,
+        target: &target,
+        plan_changes,
+        parameters: &parameters,
+        has_hook: hook.is_some(),
+        requested_version: body
             .maintenance_info
             .as_ref()
-            .map(|m| m.version.clone()),
-        None => None,
+            .and_then(|m| m.version.as_deref()),
+        context: context.as_ref(),
     };
-    let select_preset = parameters.get("preset").is_some_and(|p| !p.is_null());
-    let payload = UpdatePayload {
-        plan_id: target_plan_id,
-        parameters: Value::Object(merged),
-        context: context.clone().unwrap_or_else(|| row.context.clone()),
-        maintenance_version,
-        select_preset,
-    };
-    let payload = serde_json::to_value(&payload)
-        .map_err(|e| anyhow::Error::new(e).context("serializing an update"))?;
-
+    check_maintenance(change.requested_version, &target)?;
+    let (context_only, payload) = (change.context_only(), change.payload()?);
     // Synchronous only when both the current and the target plan are.
     let sync_allowed = target.synchronous()
-        && catalog
-            .plan_by_id(&row.plan_id)
-            .is_some_and(|current| current.synchronous());
-    let active = tasks::active_operations(&mut *tx, &instance_id).await?;
-    if let Some(task) = active.first() {
-        // OSB: a re-sent PATCH whose update has not completed yet is 202 with the same operation (a synchronous
-        // client waits for it again).
-        let resent = !context_only
-            && task.binding_id.is_none()
-            && operation_of(task) == Some(Operation::Update)
-            && task.payload == payload;
-        if resent && (query.accepts_incomplete() || sync_allowed) {
-            *mode = query.answer_mode(sync_allowed)?;
-            return Ok(accepted(task.task_id()));
-        }
-        return Err(concurrency(&instance_id, task));
+        && (catalog.plan_by_id(&row.plan_id)).is_some_and(|current| current.synchronous());
+    // OSB: a re-sent PATCH whose update has not completed yet is 202 with the same operation (a synchronous
+    // client waits for it again).
+    let resent = |t: &TaskRow| {
+        !context_only
+            && t.is_instance(Operation::Update)
+            && t.payload == payload
+            && (query.accepts_incomplete() || sync_allowed)
+    };
+    let again = Again::Newest(&resent);
+    if let Some(task) = exclusive::check(&mut tx, &instance_id, again, exclusive::any).await? {
+        *mode = query.answer_mode(sync_allowed)?;
+        return Ok(accepted(task));
     }
-
     if context_only {
-        // Only the context (or nothing) changes: nothing to do on the provider, so apply it now.
+        // Nothing to do on the provider, so the context is applied now.
         if let Some(context) = &context {
             instances::set_context(&mut *tx, &instance_id, context).await?;
         }
@@ -504,18 +399,130 @@ async fn start_update(
         return Ok(ok_empty());
     }
     *mode = query.answer_mode(sync_allowed)?;
+    let task = Origin { identity, hook }.task(Operation::Update, &instance_id, None, payload);
+    exclusive::start(tx, task).await
+}
 
-    let task = operation_task(
-        Operation::Update,
-        &instance_id,
-        None,
-        payload,
-        identity,
-        hook,
-    );
-    let operation = tasks::enqueue(&mut *tx, task).await?;
-    tx.commit().await?;
-    Ok(accepted(operation))
+/// An optional JSON object from an update body: absent stays `None` (the update does not touch it).
+fn optional_object(value: Option<Value>, field: &str) -> ApiResult<Option<Value>> {
+    value.map(|v| object_or_empty(Some(v), field)).transpose()
+}
+
+/// The plan an update moves the instance to (its own when the request names none), and whether that is a change;
+/// a change the current plan does not allow is refused now, not queued to fail.
+fn target_plan<'c>(
+    catalog: &'c Catalog,
+    service: &Service,
+    row: &InstanceRow,
+    plan_id: Option<&str>,
+) -> ApiResult<(PlanRef<'c>, bool)> {
+    let target_plan_id = plan_id.unwrap_or(&row.plan_id);
+    let target = catalog
+        .plan(&row.service_id, target_plan_id)
+        .ok_or_else(|| {
+            let whose = if catalog.plan_by_id(target_plan_id).is_some() {
+                "belongs to another service than"
+            } else {
+                "is not a plan of service"
+            };
+            ApiError::bad_request(format!(
+                "plan_id {target_plan_id:?} {whose} {:?}",
+                service.name
+            ))
+        })?;
+    let plan_changes = target_plan_id != row.plan_id;
+    if plan_changes {
+        let current = catalog.plan_by_id(&row.plan_id);
+        let updateable = current
+            .as_ref()
+            .map_or(service.plan_updateable, |p| p.plan_updateable());
+        if !updateable {
+            return Err(ApiError::Unprocessable(format!(
+                "the plan of service instance {} cannot be changed (its plan is not plan_updateable)",
+                row.id
+            )));
+        }
+        // A change the engine cannot make (turning S3 versioning off).
+        if let Some(why) = current.and_then(|current| current.cannot_change_to(target.plan)) {
+            return Err(ApiError::Unprocessable(why));
+        }
+    }
+    Ok((target, plan_changes))
+}
+
+/// The update's parameters, checked against the target plan (only those the request carries: an update without
+/// any must not fail a schema's `required`), with the webhook taken out of them.
+async fn checked_parameters(
+    state: &AppState,
+    tx: &mut PgConnection,
+    query: &OsbParams,
+    target: &PlanRef<'_>,
+    request_parameters: Option<Value>,
+) -> ApiResult<(Value, Option<(String, Vec<u8>)>)> {
+    let parameters_given = request_parameters.is_some();
+    let mut parameters = request_parameters.unwrap_or_else(|| json!({}));
+    if parameters_given {
+        state
+            .catalog
+            .validate(&target.plan.id, SchemaFor::Update, &parameters)
+            .map_err(|e| ApiError::BadRequest(e.0))?;
+        if snapshot_params::any(&parameters) {
+            snapshot_params::check(tx, &parameters, At::Update).await?;
+        }
+    }
+    let hook = query.take_webhook(state, &mut parameters)?;
+    Ok((parameters, hook))
+}
+
+/// What a checked update request changes.
+struct UpdateChange<'a> {
+    row: &'a InstanceRow,
+    target: &'a PlanRef<'a>,
+    plan_changes: bool,
+    /// The request's parameters (without the webhook).
+    parameters: &'a Value,
+    has_hook: bool,
+    requested_version: Option<&'a str>,
+    context: Option<&'a Value>,
+}
+
+impl UpdateChange<'_> {
+    /// Only the context (or nothing) changes: nothing for the provider to do.
+    fn context_only(&self) -> bool {
+        let parameters_change =
+            self.parameters.as_object().is_some_and(|m| !m.is_empty()) || self.has_hook;
+        let maintenance_changes = self
+            .requested_version
+            .is_some_and(|v| Some(v) != self.row.maintenance_version.as_deref());
+        !self.plan_changes && !parameters_change && !maintenance_changes
+    }
+
+    /// The update task's payload: the plan, the parameters merged over the stored ones, the context and the
+    /// maintenance version the instance ends up with.
+    fn payload(&self) -> ApiResult<Value> {
+        let mut merged = self.row.parameters.as_object().cloned().unwrap_or_default();
+        merged.extend(self.parameters.as_object().cloned().unwrap_or_default());
+        merged.remove("webhook");
+        let maintenance_version = match self.requested_version {
+            Some(v) => Some(v.to_string()),
+            None if self.plan_changes => self
+                .target
+                .plan
+                .maintenance_info
+                .as_ref()
+                .map(|m| m.version.clone()),
+            None => None,
+        };
+        let payload = UpdatePayload {
+            plan_id: self.target.plan.id.clone(),
+            parameters: Value::Object(merged),
+            context: self.context.unwrap_or(&self.row.context).clone(),
+            maintenance_version,
+            select_preset: self.parameters.get("preset").is_some_and(|p| !p.is_null()),
+        };
+        Ok(serde_json::to_value(&payload)
+            .map_err(|e| anyhow::Error::new(e).context("serializing an update"))?)
+    }
 }
 
 async fn deprovision(
@@ -543,13 +550,7 @@ async fn start_deprovision(
 ) -> ApiResult<Response> {
     check_id("instance_id", &instance_id)?;
     query.require_service_and_plan()?;
-    let hook = webhook::take(
-        &mut json!({}),
-        query.webhook.as_deref(),
-        query.secret.as_deref(),
-        &state.cipher,
-        &state.webhook_targets,
-    )?;
+    let hook = query.webhook(state)?;
 
     let mut tx = state.db.begin().await?;
     let Some(row) = instances::get_for_update(&mut *tx, &instance_id).await? else {
@@ -561,32 +562,17 @@ async fn start_deprovision(
         .plan_by_id(&row.plan_id)
         .is_some_and(|plan| plan.synchronous());
     *mode = query.answer_mode(sync_allowed)?;
-    let active = tasks::active_operations(&mut *tx, &instance_id).await?;
-    if let Some(task) = active
-        .iter()
-        .find(|t| t.binding_id.is_none() && operation_of(t) == Some(Operation::Deprovision))
-    {
-        return Ok(accepted(task.task_id()));
-    }
+    let deprovision = |t: &TaskRow| t.is_instance(Operation::Deprovision);
     // A provision still in progress (the platform cleaning up after a provision that timed out) does not
     // block: the worker cancels it if it has not started, or runs the deprovision once it has ended.
-    if let Some(task) = active
-        .iter()
-        .find(|t| operation_of(t) != Some(Operation::Provision))
-    {
-        return Err(concurrency(&instance_id, task));
+    let in_the_way = |t: &TaskRow| t.operation != Some(Operation::Provision);
+    let again = Again::Anywhere(&deprovision);
+    if let Some(task) = exclusive::check(&mut tx, &instance_id, again, in_the_way).await? {
+        return Ok(accepted(task));
     }
-    let task = operation_task(
-        Operation::Deprovision,
-        &instance_id,
-        None,
-        json!({}),
-        identity,
-        hook,
-    );
-    let operation = tasks::enqueue(&mut *tx, task).await?;
-    tx.commit().await?;
-    Ok(accepted(operation))
+    let task =
+        Origin { identity, hook }.task(Operation::Deprovision, &instance_id, None, json!({}));
+    exclusive::start(tx, task).await
 }
 
 /// The Akkeris action `PUT /v2/service_instances/{id}/actions/credentials`: every binding of the instance gets
@@ -602,25 +588,14 @@ async fn rotate_credentials(
     OriginatingIdentity(identity): OriginatingIdentity,
 ) -> ApiResult<Response> {
     check_id("instance_id", &instance_id)?;
-    let hook = webhook::take(
-        &mut json!({}),
-        query.webhook.as_deref(),
-        query.secret.as_deref(),
-        &state.cipher,
-        &state.webhook_targets,
-    )?;
+    let hook = query.webhook(&state)?;
 
     let mut tx = state.db.begin().await?;
     let row = provisioned_instance(&mut tx, &instance_id, true).await?;
-    let active = tasks::active_operations(&mut *tx, &instance_id).await?;
-    if let Some(task) = active
-        .iter()
-        .find(|t| t.binding_id.is_none() && operation_of(t) == Some(Operation::RotateCredentials))
-    {
-        return Ok(accepted(task.task_id()));
-    }
-    if let Some(task) = active.first() {
-        return Err(concurrency(&instance_id, task));
+    let rotation = |t: &TaskRow| t.is_instance(Operation::RotateCredentials);
+    let again = Again::Anywhere(&rotation);
+    if let Some(task) = exclusive::check(&mut tx, &instance_id, again, exclusive::any).await? {
+        return Ok(accepted(task));
     }
     let plan = state.catalog.plan_by_id(&row.plan_id).ok_or_else(|| {
         ApiError::Unprocessable(format!(
@@ -635,23 +610,10 @@ async fn rotate_credentials(
             plan.plan.name
         )));
     }
-    let latest = tasks::latest_instance_operation(&mut *tx, &instance_id).await?;
-    if latest.as_ref().and_then(operation_of) == Some(Operation::Deprovision) {
-        return Err(ApiError::Unprocessable(format!(
-            "service instance {instance_id} is being deleted (its last deprovision failed); deprovision it again"
-        )));
-    }
-    let task = operation_task(
-        Operation::RotateCredentials,
-        &instance_id,
-        None,
-        json!({}),
-        identity,
-        hook,
-    );
-    let operation = tasks::enqueue(&mut *tx, task).await?;
-    tx.commit().await?;
-    Ok(accepted(operation))
+    exclusive::not_being_deleted(&mut tx, &instance_id).await?;
+    let origin = Origin { identity, hook };
+    let task = origin.task(Operation::RotateCredentials, &instance_id, None, json!({}));
+    exclusive::start(tx, task).await
 }
 
 async fn fetch(
@@ -661,10 +623,7 @@ async fn fetch(
     let mut conn = state.db.acquire().await?;
     let row = visible_instance(&mut conn, &instance_id).await?;
     let active = tasks::active_operations(&mut *conn, &instance_id).await?;
-    if let Some(task) = active
-        .iter()
-        .find(|t| t.binding_id.is_none() && operation_of(t) == Some(Operation::Update))
-    {
+    if let Some(task) = active.iter().find(|t| t.is_instance(Operation::Update)) {
         return Err(concurrency(&instance_id, task));
     }
     let mut body = json!({
@@ -684,37 +643,9 @@ async fn last_operation(
     OsbQuery(query): OsbQuery<OsbParams>,
 ) -> ApiResult<Response> {
     let mut conn = state.db.acquire().await?;
-    let row = instances::get(&mut *conn, &instance_id).await?;
-    let task = match query.operation.as_deref().filter(|o| !o.is_empty()) {
-        Some(operation) => {
-            let id = parse_operation(operation)?;
-            match tasks::get(&mut *conn, id).await? {
-                Some(task)
-                    if task.instance_id.as_deref() == Some(&instance_id)
-                        && task.binding_id.is_none() =>
-                {
-                    Some(task)
-                }
-                None if row.is_none() => None,
-                _ => {
-                    return Err(ApiError::bad_request(format!(
-                        "operation {operation} is not an operation on service instance {instance_id}"
-                    )));
-                }
-            }
-        }
-        None => tasks::latest_instance_operation(&mut *conn, &instance_id).await?,
+    let exists = instances::get(&mut *conn, &instance_id).await?.is_some();
+    let polled = Polled::Instance {
+        instance_id: &instance_id,
     };
-    let Some(task) = task else {
-        return Err(ApiError::NotFound(format!(
-            "service instance {instance_id} does not exist"
-        )));
-    };
-    if row.is_none()
-        && operation_of(&task) == Some(Operation::Deprovision)
-        && task.state() == TaskState::Succeeded
-    {
-        return Ok(gone());
-    }
-    Ok(last_operation_response(&task, true))
+    last_operation::answer(&mut conn, polled, exists, query.operation.as_deref()).await
 }

@@ -4,27 +4,34 @@ pub mod backups;
 pub mod bindings;
 pub mod catalog;
 pub mod cluster;
+pub(crate) mod exclusive;
 pub mod health;
 pub mod instances;
+pub(crate) mod last_operation;
 pub mod metrics;
 pub mod presets;
 pub mod price_check;
+pub(crate) mod snapshot_common;
 pub(crate) mod synchronous;
 
 use axum::{
     Json,
-    http::{HeaderValue, StatusCode, header},
+    http::StatusCode,
     response::{IntoResponse, Response},
 };
 use broker::{
-    catalog::{Catalog, PlanRef},
+    catalog::{Catalog, PlanRef, Service},
     db::tasks::{NewTask, TaskRow},
-    model::{Operation, TaskId, TaskState},
+    model::{Operation, TaskId},
 };
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use crate::error::{ApiError, ApiResult};
+use crate::{
+    AppState,
+    error::{ApiError, ApiResult},
+    webhook,
+};
 
 /// The query parameters OSB and berth use on instance and binding routes. Unknown keys are ignored.
 #[derive(Debug, Default, Deserialize)]
@@ -65,6 +72,26 @@ impl OsbParams {
         }
         Ok(())
     }
+
+    /// The request's webhook, taken out of `parameters` (or from the query form), its secret sealed.
+    pub fn take_webhook(
+        &self,
+        state: &AppState,
+        parameters: &mut Value,
+    ) -> ApiResult<Option<(String, Vec<u8>)>> {
+        webhook::take(
+            parameters,
+            self.webhook.as_deref(),
+            self.secret.as_deref(),
+            &state.cipher,
+            &state.webhook_targets,
+        )
+    }
+
+    /// The webhook of a request without parameters: the query form only.
+    pub fn webhook(&self, state: &AppState) -> ApiResult<Option<(String, Vec<u8>)>> {
+        self.take_webhook(state, &mut json!({}))
+    }
 }
 
 /// `maintenance_info` in a request body.
@@ -83,17 +110,22 @@ pub(crate) fn check_id(what: &str, id: &str) -> ApiResult<()> {
     Ok(())
 }
 
+/// The published service `service_id`, or a 400.
+pub(crate) fn lookup_service<'c>(catalog: &'c Catalog, service_id: &str) -> ApiResult<&'c Service> {
+    catalog.service(service_id).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "service_id {service_id:?} is not a service in the catalog"
+        ))
+    })
+}
+
 /// The published plan `plan_id` of service `service_id`, or a 400 saying which is unknown.
 pub(crate) fn lookup_plan<'c>(
     catalog: &'c Catalog,
     service_id: &str,
     plan_id: &str,
 ) -> ApiResult<PlanRef<'c>> {
-    let service = catalog.service(service_id).ok_or_else(|| {
-        ApiError::bad_request(format!(
-            "service_id {service_id:?} is not a service in the catalog"
-        ))
-    })?;
+    let service = lookup_service(catalog, service_id)?;
     catalog.plan(service_id, plan_id).ok_or_else(|| {
         ApiError::bad_request(format!(
             "plan_id {plan_id:?} is not a plan of service {:?}",
@@ -138,30 +170,36 @@ pub(crate) fn check_maintenance(requested: Option<&str>, plan: &PlanRef<'_>) -> 
     }))
 }
 
-/// A task for an OSB operation on an instance (and binding).
-pub(crate) fn operation_task(
-    operation: Operation,
-    instance_id: &str,
-    binding_id: Option<&str>,
-    payload: Value,
-    originating_identity: Option<Value>,
-    webhook: Option<(String, Vec<u8>)>,
-) -> NewTask {
-    let mut task = NewTask::new(operation.task_kind(), payload);
-    task.operation = Some(operation.as_str());
-    task.instance_id = Some(instance_id.to_string());
-    task.binding_id = binding_id.map(str::to_string);
-    task.originating_identity = originating_identity;
-    task.webhook = webhook;
-    task
+/// Who asked for an operation and whom to tell when it ends: what every task a request writes carries.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Origin {
+    /// The `X-Broker-API-Originating-Identity` header, decoded.
+    pub identity: Option<Value>,
+    /// The webhook's URL and sealed secret.
+    pub hook: Option<(String, Vec<u8>)>,
+}
+
+impl Origin {
+    /// The task for an OSB `operation` on the instance (and binding).
+    pub fn task(
+        self,
+        operation: Operation,
+        instance_id: &str,
+        binding_id: Option<&str>,
+        payload: Value,
+    ) -> NewTask {
+        let mut task = NewTask::new(operation.task_kind(), payload);
+        task.operation = Some(operation);
+        task.instance_id = Some(instance_id.to_string());
+        task.binding_id = binding_id.map(str::to_string);
+        task.originating_identity = self.identity;
+        task.webhook = self.hook;
+        task
+    }
 }
 
 pub(crate) fn is_active(task: &TaskRow) -> bool {
-    !task.state().is_finished()
-}
-
-pub(crate) fn operation_of(task: &TaskRow) -> Option<Operation> {
-    task.operation.as_deref().and_then(Operation::parse)
+    !task.state.is_finished()
 }
 
 /// 202 `{"operation": "<task id>"}`. The task id also rides along as an extension, for
@@ -176,6 +214,11 @@ pub(crate) fn accepted(operation: TaskId) -> Response {
     response
 }
 
+/// 202 with `body`, for berth's own routes that answer more than the operation.
+pub(crate) fn accepted_with(body: Value) -> Response {
+    (StatusCode::ACCEPTED, Json(body)).into_response()
+}
+
 /// 200 `{}`.
 pub(crate) fn ok_empty() -> Response {
     (StatusCode::OK, Json(json!({}))).into_response()
@@ -184,62 +227,6 @@ pub(crate) fn ok_empty() -> Response {
 /// 410 `{}`.
 pub(crate) fn gone() -> Response {
     (StatusCode::GONE, Json(json!({}))).into_response()
-}
-
-/// The `last_operation` body for a task. `instance_flags` adds `instance_usable`/`update_repeatable` to a failed
-/// update or deprovision.
-pub(crate) fn last_operation_response(task: &TaskRow, instance_flags: bool) -> Response {
-    let operation = task.operation.as_deref().unwrap_or("operation");
-    let state = task.state();
-    let mut body = match state {
-        TaskState::Pending | TaskState::Running => json!({
-            "state": "in progress",
-            "description": task.progress.clone().filter(|p| !p.trim().is_empty())
-                .unwrap_or_else(|| format!("{operation} in progress")),
-        }),
-        TaskState::Succeeded => {
-            json!({ "state": "succeeded", "description": format!("{operation} succeeded") })
-        }
-        TaskState::Failed => json!({
-            "state": "failed",
-            "description": match task.last_error.as_deref().map(str::trim).filter(|e| !e.is_empty()) {
-                Some(error) => format!("The {operation} failed: {error}"),
-                None => format!("The {operation} failed."),
-            },
-        }),
-    };
-    if instance_flags && state == TaskState::Failed {
-        match operation_of(task) {
-            // An update is applied to the row only once it has succeeded: the instance runs as before. A
-            // rotation replaces each binding's credentials only once the new ones work: every stored set works.
-            // A switchover or failover that failed leaves the cluster with a primary (Patroni's own checks); a
-            // restore swaps the database in only once it is complete.
-            Some(
-                Operation::Update
-                | Operation::RotateCredentials
-                | Operation::Restore
-                | Operation::Switchover
-                | Operation::Failover,
-            ) => {
-                body["instance_usable"] = json!(true);
-                body["update_repeatable"] = json!(true);
-            }
-            // A deprovision may have dropped part of the instance already: it is not safe to use or update;
-            // repeating the deprovision is the way forward.
-            Some(Operation::Deprovision) => {
-                body["instance_usable"] = json!(false);
-                body["update_repeatable"] = json!(false);
-            }
-            _ => {}
-        }
-    }
-    let mut response = (StatusCode::OK, Json(body)).into_response();
-    if !state.is_finished() {
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
-    }
-    response
 }
 
 /// Parses `?operation=` as a task id, or a 400.

@@ -13,27 +13,29 @@
 use axum::{
     Json, Router,
     extract::State,
-    http::StatusCode,
     response::{IntoResponse, Response},
     routing::{get, post},
 };
 use broker::{
     db::{
         presets,
-        snapshots::{self, NewSnapshot, SnapshotRow},
+        snapshots::{self, NewSnapshot},
         tasks::{self, NewTask},
     },
-    model::{Operation, kinds},
+    model::kinds,
     snapshots::{
         check_namespace, check_preset_name, lock_key_hash, new_lock_key, preset_object_key,
     },
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
-use sqlx::PgConnection;
+use sqlx::{PgConnection, Postgres, Transaction};
 use uuid::Uuid;
 
-use super::{check_id, operation_task};
+use super::{
+    accepted_with, check_id,
+    snapshot_common::{enqueue_restore, instance_with_database, snapshot_json},
+};
 use crate::{
     AppState,
     error::{ApiError, ApiResult},
@@ -154,28 +156,6 @@ fn lock_json(preset: &presets::PresetRow) -> Value {
     }
 }
 
-pub(crate) fn snapshot_json(s: &SnapshotRow, task_state: Option<&str>) -> Value {
-    // A pending snapshot whose task gave up is failed, whatever the row still says.
-    let state = match (s.state.as_str(), task_state) {
-        ("pending", Some("failed")) => "failed",
-        (state, _) => state,
-    };
-    json!({
-        "id": s.id,
-        "version": s.version,
-        "state": state,
-        "instance_id": s.instance_id,
-        "operation": s.task_id,
-        "description": s.description,
-        "created_by": s.created_by,
-        "created_at": s.created_at,
-        "completed_at": s.completed_at,
-        "size_bytes": s.size_bytes,
-        "dump_bytes": s.dump_bytes,
-        "sha256": s.sha256,
-    })
-}
-
 /// The source instance of a push: provisioned, with a database, not being deleted.
 async fn source_instance(
     state: &AppState,
@@ -183,64 +163,76 @@ async fn source_instance(
     instance_id: &str,
 ) -> ApiResult<()> {
     check_id("instance_id", instance_id)?;
-    // 404 unknown, 422 ConcurrencyError while its provision runs, 422 if that failed.
-    let row = super::instances::provisioned_instance(&mut *db, instance_id, false).await?;
-    let has_db = state
-        .catalog
-        .plan_by_id(&row.plan_id)
-        .is_some_and(|p| p.has_database());
-    if !has_db {
-        return Err(ApiError::Unprocessable(format!(
-            "service instance {instance_id} has no database to snapshot (presets are made of postgres instances)"
-        )));
-    }
+    let to = "to snapshot (presets are made of postgres instances)";
+    instance_with_database(db, state, instance_id, false, to).await?;
     Ok(())
 }
 
-/// Writes the version row and its push task; the version number comes from the locked preset row.
-async fn enqueue_push(
-    db: &mut PgConnection,
-    preset: &presets::PresetRow,
-    instance_id: &str,
-    description: Option<&str>,
-    author: Option<&str>,
+/// What a push of a version names: its source instance and the change log's text.
+struct VersionPush<'a> {
+    instance_id: &'a str,
+    description: Option<&'a str>,
+    author: Option<&'a str>,
     identity: Option<Value>,
-) -> ApiResult<Response> {
-    let version = snapshots::next_version(&mut *db, preset.id).await?;
-    let id = Uuid::new_v4();
-    let key = preset_object_key(&preset.namespace, &preset.name, version, id);
-    let mut task = NewTask::new(kinds::PUSH_PRESET, json!({ "snapshot_id": id }));
-    task.instance_id = Some(instance_id.to_string());
-    task.originating_identity = identity;
-    task.max_attempts = 5;
-    let operation = task.id;
-    tasks::enqueue(&mut *db, task).await?;
-    snapshots::insert(
-        &mut *db,
-        &NewSnapshot {
+}
+
+impl<'a> VersionPush<'a> {
+    fn new(
+        instance_id: &'a str,
+        description: &'a Option<String>,
+        author: &'a Option<String>,
+        identity: Option<Value>,
+    ) -> Self {
+        Self {
+            instance_id,
+            description: description.as_deref(),
+            author: author.as_deref(),
+            identity,
+        }
+    }
+
+    fn check_text(&self) -> ApiResult<()> {
+        check_text("description", self.description, 2000)?;
+        check_text("author", self.author, 200)
+    }
+
+    /// Writes the version row and its push task, and commits; the version number comes from the locked preset
+    /// row.
+    async fn commit(
+        self,
+        mut tx: Transaction<'_, Postgres>,
+        preset: &presets::PresetRow,
+    ) -> ApiResult<Response> {
+        let version = snapshots::next_version(&mut *tx, preset.id).await?;
+        let id = Uuid::new_v4();
+        let key = preset_object_key(&preset.namespace, &preset.name, version, id);
+        let mut task = NewTask::new(kinds::PUSH_PRESET, json!({ "snapshot_id": id }));
+        task.instance_id = Some(self.instance_id.to_string());
+        task.originating_identity = self.identity;
+        task.max_attempts = 5;
+        let operation = task.id;
+        tasks::enqueue(&mut *tx, task).await?;
+        let snapshot = NewSnapshot {
             id,
             kind: snapshots::PRESET,
             preset_id: Some(preset.id),
             version: Some(version),
-            instance_id,
+            instance_id: self.instance_id,
             task_id: operation.0,
             object_key: &key,
-            description,
-            created_by: author,
-        },
-    )
-    .await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({
+            description: self.description,
+            created_by: self.author,
+        };
+        snapshots::insert(&mut *tx, &snapshot).await?;
+        tx.commit().await?;
+        Ok(accepted_with(json!({
             "name": preset.name,
             "namespace": preset.namespace,
             "version": version,
             "snapshot_id": id,
             "operation": operation.to_string(),
-        })),
-    )
-        .into_response())
+        })))
+    }
 }
 
 async fn push_new(
@@ -250,8 +242,8 @@ async fn push_new(
 ) -> ApiResult<Response> {
     check_preset_name(&body.name).map_err(ApiError::BadRequest)?;
     check_namespace(&body.namespace).map_err(ApiError::BadRequest)?;
-    check_text("description", body.description.as_deref(), 2000)?;
-    check_text("author", body.author.as_deref(), 200)?;
+    let push = VersionPush::new(&body.instance_id, &body.description, &body.author, identity);
+    push.check_text()?;
     if body
         .post_restore_sql
         .as_ref()
@@ -282,17 +274,7 @@ async fn push_new(
     let preset = presets::get(&mut *tx, &body.namespace, &body.name)
         .await?
         .ok_or_else(|| anyhow::anyhow!("the preset just inserted is missing"))?;
-    let response = enqueue_push(
-        &mut tx,
-        &preset,
-        &body.instance_id,
-        body.description.as_deref(),
-        body.author.as_deref(),
-        identity,
-    )
-    .await?;
-    tx.commit().await?;
-    Ok(response)
+    push.commit(tx, &preset).await
 }
 
 async fn push(
@@ -303,8 +285,8 @@ async fn push(
     OsbJson(body): OsbJson<PushBody>,
 ) -> ApiResult<Response> {
     let namespace = query.namespace()?;
-    check_text("description", body.description.as_deref(), 2000)?;
-    check_text("author", body.author.as_deref(), 200)?;
+    let push = VersionPush::new(&body.instance_id, &body.description, &body.author, identity);
+    push.check_text()?;
     let mut tx = state.db.begin().await?;
     let preset = presets::get_for_update(&mut *tx, &namespace, &name)
         .await?
@@ -321,17 +303,7 @@ async fn push(
         }
     }
     source_instance(&state, &mut tx, &body.instance_id).await?;
-    let response = enqueue_push(
-        &mut tx,
-        &preset,
-        &body.instance_id,
-        body.description.as_deref(),
-        body.author.as_deref(),
-        identity,
-    )
-    .await?;
-    tx.commit().await?;
-    Ok(response)
+    push.commit(tx, &preset).await
 }
 
 fn not_found(name: &str) -> ApiError {
@@ -374,14 +346,7 @@ async fn version_list(conn: &mut PgConnection, preset_id: Uuid) -> ApiResult<Vec
     let rows = snapshots::versions(&mut *conn, preset_id).await?;
     let mut out = Vec::with_capacity(rows.len());
     for row in &rows {
-        let task_state = if row.state == "pending" {
-            tasks::get(&mut *conn, broker::model::TaskId(row.task_id))
-                .await?
-                .map(|t| t.state)
-        } else {
-            None
-        };
-        out.push(snapshot_json(row, task_state.as_deref()));
+        out.push(snapshot_json(&mut *conn, row).await?);
     }
     Ok(out)
 }
@@ -474,25 +439,9 @@ async fn select(
                 None => format!("preset {:?} has no ready version yet", body.preset),
             })
         })?;
-    let operation =
-        super::backups::enqueue_restore(&mut tx, &state, &instance_id, &snapshot, identity).await?;
+    let operation = enqueue_restore(&mut tx, &state, &instance_id, &snapshot, identity).await?;
     tx.commit().await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({ "operation": operation.to_string(), "version": snapshot.version })),
-    )
-        .into_response())
-}
-
-/// For [`super::backups`]: the task of an instance-level restore (an OSB-visible operation, so it excludes
-/// other operations on the instance while it runs).
-pub(crate) fn restore_task(instance_id: &str, snapshot: Uuid, identity: Option<Value>) -> NewTask {
-    operation_task(
-        Operation::Restore,
-        instance_id,
-        None,
-        json!({ "snapshot_id": snapshot }),
-        identity,
-        None,
-    )
+    Ok(accepted_with(
+        json!({ "operation": operation.to_string(), "version": snapshot.version }),
+    ))
 }

@@ -7,7 +7,7 @@
 //! holds it back until the creation has ended).
 
 use axum::{http::StatusCode, response::Response};
-use broker::model::{TaskId, TaskState};
+use broker::model::{Operation, TaskId, TaskState};
 use tokio::time::Instant;
 
 use super::OsbParams;
@@ -66,9 +66,9 @@ pub(crate) async fn settle(
         .until_finished(operation, state.sync_wait.saturating_sub(started.elapsed()))
         .await?
     {
-        Waited::Finished(task) if task.state() == TaskState::Succeeded => Ok(Settled::Succeeded),
+        Waited::Finished(task) if task.state == TaskState::Succeeded => Ok(Settled::Succeeded),
         Waited::Finished(task) => {
-            let what = task.operation.as_deref().unwrap_or("operation");
+            let what = task.operation.map_or("operation", Operation::as_str);
             Err(ApiError::OperationFailed(
                 match task
                     .last_error

@@ -101,7 +101,7 @@ fn test_catalog() -> Catalog {
     per_binding.insert("credentials".into(), json!("per-binding"));
     Catalog::from_services(services, KNOWN_ENGINES)
         .unwrap()
-        .with_engine_metadata("s3", &per_binding, &[])
+        .with_engine_metadata(broker::catalog::Engine::S3, &per_binding, &[])
         .unwrap()
 }
 

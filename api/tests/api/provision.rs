@@ -552,7 +552,7 @@ async fn a_failing_batch_is_retried_one_request_at_a_time(pool: PgPool) {
     let results = futures_util::future::join_all(news.iter().enumerate().map(|(i, new)| {
         let mut task = NewTask::new("instance.provision", json!({}));
         task.instance_id = Some(new.id.to_string());
-        task.operation = Some("provision");
+        task.operation = Some(broker::model::Operation::Provision);
         // One row breaks a CHECK constraint: its batch fails as a whole.
         if i == 7 {
             task.max_attempts = 0;

@@ -224,7 +224,7 @@ pub async fn insert_with_task(
         task.id.0,
         task.kind,
         task.binding_id,
-        task.operation,
+        task.operation.map(crate::model::Operation::as_str),
         task.payload,
         task.max_attempts,
         task.originating_identity,
@@ -298,7 +298,7 @@ pub async fn insert_many_with_tasks(
         maintenance.push(instance.maintenance_version.clone());
         task_ids.push(task.id.0);
         kinds.push(task.kind.to_string());
-        operations.push(task.operation.map(str::to_string));
+        operations.push(task.operation.map(|o| o.as_str().to_string()));
         payloads.push(task.payload.clone());
         max_attempts.push(task.max_attempts);
         // NULL elements of a jsonb[] come back as SQL NULL, which the column allows.

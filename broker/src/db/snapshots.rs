@@ -9,7 +9,18 @@ use uuid::Uuid;
 use super::tasks::NewTask;
 use crate::{model::kinds, snapshots::backup_object_key};
 
-#[derive(Debug, Clone)]
+text_enum! {
+    /// Where a snapshot is: `pending` while its task makes it, `ready` once the object is complete and checked,
+    /// `failed` when its task gave up. Stored as text in `snapshots.state`.
+    pub enum SnapshotState ("snapshot state") {
+        Pending = "pending",
+        Ready = "ready",
+        Failed = "failed",
+    }
+}
+
+/// A row of `snapshots`, read with runtime queries so that `state` is checked as it is decoded.
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct SnapshotRow {
     pub id: Uuid,
     pub kind: String,
@@ -17,7 +28,7 @@ pub struct SnapshotRow {
     pub version: Option<i32>,
     pub instance_id: Option<String>,
     pub task_id: Uuid,
-    pub state: String,
+    pub state: SnapshotState,
     pub object_key: String,
     pub size_bytes: Option<i64>,
     pub sha256: Option<String>,
@@ -32,7 +43,7 @@ pub struct SnapshotRow {
 
 impl SnapshotRow {
     pub fn is_ready(&self) -> bool {
-        self.state == "ready"
+        self.state == SnapshotState::Ready
     }
 }
 
@@ -82,20 +93,18 @@ pub async fn next_version(db: impl PgExecutor<'_>, preset_id: Uuid) -> sqlx::Res
 }
 
 pub async fn get(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<SnapshotRow>> {
-    sqlx::query_as!(SnapshotRow, "SELECT * FROM snapshots WHERE id = $1", id)
+    sqlx::query_as("SELECT * FROM snapshots WHERE id = $1")
+        .bind(id)
         .fetch_optional(db)
         .await
 }
 
 /// Every version of a preset, newest first (pending and failed ones too: the change log).
 pub async fn versions(db: impl PgExecutor<'_>, preset_id: Uuid) -> sqlx::Result<Vec<SnapshotRow>> {
-    sqlx::query_as!(
-        SnapshotRow,
-        "SELECT * FROM snapshots WHERE preset_id = $1 ORDER BY version DESC",
-        preset_id
-    )
-    .fetch_all(db)
-    .await
+    sqlx::query_as("SELECT * FROM snapshots WHERE preset_id = $1 ORDER BY version DESC")
+        .bind(preset_id)
+        .fetch_all(db)
+        .await
 }
 
 /// A ready version of a preset: `version`, or the newest.
@@ -104,13 +113,12 @@ pub async fn ready_version(
     preset_id: Uuid,
     version: Option<i32>,
 ) -> sqlx::Result<Option<SnapshotRow>> {
-    sqlx::query_as!(
-        SnapshotRow,
+    sqlx::query_as(
         "SELECT * FROM snapshots WHERE preset_id = $1 AND state = 'ready' AND ($2::int IS NULL OR version = $2)
          ORDER BY version DESC LIMIT 1",
-        preset_id,
-        version
     )
+    .bind(preset_id)
+    .bind(version)
     .fetch_optional(db)
     .await
 }
@@ -120,24 +128,20 @@ pub async fn backups_of(
     db: impl PgExecutor<'_>,
     instance_id: &str,
 ) -> sqlx::Result<Vec<SnapshotRow>> {
-    sqlx::query_as!(
-        SnapshotRow,
+    sqlx::query_as(
         "SELECT * FROM snapshots WHERE kind = 'backup' AND instance_id = $1 ORDER BY created_at DESC",
-        instance_id
     )
+    .bind(instance_id)
     .fetch_all(db)
     .await
 }
 
 /// The snapshot a task is making (a retried task finds its row again).
 pub async fn of_task(db: impl PgExecutor<'_>, task_id: Uuid) -> sqlx::Result<Option<SnapshotRow>> {
-    sqlx::query_as!(
-        SnapshotRow,
-        "SELECT * FROM snapshots WHERE task_id = $1",
-        task_id
-    )
-    .fetch_optional(db)
-    .await
+    sqlx::query_as("SELECT * FROM snapshots WHERE task_id = $1")
+        .bind(task_id)
+        .fetch_optional(db)
+        .await
 }
 
 /// What the pipeline measured once the object is complete in the store.
@@ -187,13 +191,12 @@ pub async fn backups_beyond(
     instance_id: &str,
     keep: i64,
 ) -> sqlx::Result<Vec<SnapshotRow>> {
-    sqlx::query_as!(
-        SnapshotRow,
+    sqlx::query_as(
         "SELECT * FROM snapshots WHERE kind = 'backup' AND instance_id = $1 AND state = 'ready'
          ORDER BY created_at DESC OFFSET $2",
-        instance_id,
-        keep
     )
+    .bind(instance_id)
+    .bind(keep)
     .fetch_all(db)
     .await
 }

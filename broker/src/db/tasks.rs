@@ -6,17 +6,19 @@ use serde_json::Value;
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
-use crate::model::{TaskId, TaskState};
+use crate::model::{Operation, TaskId, TaskState};
 
-#[derive(Debug, Clone)]
+/// A row of `tasks`. Read with runtime queries (`sqlx::FromRow`), so `state` and `operation` are checked as
+/// they are decoded: a word berth does not know is a decode error naming it, never a state it guessed.
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct TaskRow {
     pub id: Uuid,
     pub kind: String,
     pub instance_id: Option<String>,
     pub binding_id: Option<String>,
-    pub operation: Option<String>,
+    pub operation: Option<Operation>,
     pub payload: Value,
-    pub state: String,
+    pub state: TaskState,
     pub attempts: i32,
     pub max_attempts: i32,
     pub run_at: DateTime<Utc>,
@@ -38,7 +40,12 @@ impl TaskRow {
     }
 
     pub fn state(&self) -> TaskState {
-        TaskState::parse(&self.state).unwrap_or(TaskState::Failed)
+        self.state
+    }
+
+    /// Whether this task is `operation` on the instance itself (not on one of its bindings).
+    pub fn is_instance(&self, operation: Operation) -> bool {
+        self.binding_id.is_none() && self.operation == Some(operation)
     }
 }
 
@@ -49,7 +56,7 @@ pub struct NewTask {
     pub kind: &'static str,
     pub instance_id: Option<String>,
     pub binding_id: Option<String>,
-    pub operation: Option<&'static str>,
+    pub operation: Option<Operation>,
     pub payload: Value,
     pub max_attempts: i32,
     pub originating_identity: Option<Value>,
@@ -87,7 +94,7 @@ pub async fn enqueue(db: impl PgExecutor<'_>, task: NewTask) -> sqlx::Result<Tas
         task.kind,
         task.instance_id,
         task.binding_id,
-        task.operation,
+        task.operation.map(Operation::as_str),
         task.payload,
         task.max_attempts,
         task.originating_identity,
@@ -100,7 +107,8 @@ pub async fn enqueue(db: impl PgExecutor<'_>, task: NewTask) -> sqlx::Result<Tas
 }
 
 pub async fn get(db: impl PgExecutor<'_>, id: TaskId) -> sqlx::Result<Option<TaskRow>> {
-    sqlx::query_as!(TaskRow, "SELECT * FROM tasks WHERE id = $1", id.0)
+    sqlx::query_as("SELECT * FROM tasks WHERE id = $1")
+        .bind(id.0)
         .fetch_optional(db)
         .await
 }
@@ -110,13 +118,12 @@ pub async fn latest_instance_operation(
     db: impl PgExecutor<'_>,
     instance_id: &str,
 ) -> sqlx::Result<Option<TaskRow>> {
-    sqlx::query_as!(
-        TaskRow,
+    sqlx::query_as(
         "SELECT * FROM tasks
          WHERE instance_id = $1 AND binding_id IS NULL AND operation IS NOT NULL
          ORDER BY created_at DESC LIMIT 1",
-        instance_id
     )
+    .bind(instance_id)
     .fetch_optional(db)
     .await
 }
@@ -126,13 +133,12 @@ pub async fn latest_binding_operation(
     db: impl PgExecutor<'_>,
     binding_id: &str,
 ) -> sqlx::Result<Option<TaskRow>> {
-    sqlx::query_as!(
-        TaskRow,
+    sqlx::query_as(
         "SELECT * FROM tasks
          WHERE binding_id = $1 AND operation IS NOT NULL
          ORDER BY created_at DESC LIMIT 1",
-        binding_id
     )
+    .bind(binding_id)
     .fetch_optional(db)
     .await
 }
@@ -142,13 +148,12 @@ pub async fn active_operations(
     db: impl PgExecutor<'_>,
     instance_id: &str,
 ) -> sqlx::Result<Vec<TaskRow>> {
-    sqlx::query_as!(
-        TaskRow,
+    sqlx::query_as(
         "SELECT * FROM tasks
          WHERE instance_id = $1 AND operation IS NOT NULL AND state IN ('pending', 'running')
          ORDER BY created_at DESC",
-        instance_id
     )
+    .bind(instance_id)
     .fetch_all(db)
     .await
 }
@@ -159,7 +164,7 @@ pub async fn has_succeeded_since(
     db: impl PgExecutor<'_>,
     instance_id: &str,
     binding_id: Option<&str>,
-    operation: &str,
+    operation: Operation,
     since: DateTime<Utc>,
 ) -> sqlx::Result<bool> {
     sqlx::query_scalar!(
@@ -170,7 +175,7 @@ pub async fn has_succeeded_since(
            ) AS "exists!""#,
         instance_id,
         binding_id,
-        operation,
+        operation.as_str(),
         since,
     )
     .fetch_one(db)

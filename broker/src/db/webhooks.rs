@@ -4,14 +4,26 @@ use serde_json::Value;
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
-#[derive(Debug, Clone)]
+text_enum! {
+    /// Where a webhook delivery is. Stored as text in `webhook_deliveries.state`.
+    pub enum DeliveryState ("webhook delivery state") {
+        /// Not delivered yet; the next attempt is due.
+        Pending = "pending",
+        Delivered = "delivered",
+        /// Every attempt failed.
+        Failed = "failed",
+    }
+}
+
+/// A row of `webhook_deliveries`, read with a runtime query so that `state` is checked as it is decoded.
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct DeliveryRow {
     pub id: Uuid,
     pub task_id: Uuid,
     pub url: String,
     pub secret: Vec<u8>,
     pub body: Value,
-    pub state: String,
+    pub state: DeliveryState,
     pub attempts: i32,
     pub last_status: Option<i32>,
     pub last_error: Option<String>,
@@ -40,21 +52,20 @@ pub async fn insert(
 }
 
 pub async fn get(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<DeliveryRow>> {
-    sqlx::query_as!(
-        DeliveryRow,
+    sqlx::query_as(
         "SELECT id, task_id, url, secret, body, state, attempts, last_status, last_error
          FROM webhook_deliveries WHERE id = $1",
-        id
     )
+    .bind(id)
     .fetch_optional(db)
     .await
 }
 
-/// Records one attempt; `state` is `pending` (will retry), `delivered` or `failed`.
+/// Records one attempt; `state` is `Pending` when it will be retried.
 pub async fn record_attempt(
     db: impl PgExecutor<'_>,
     id: Uuid,
-    state: &str,
+    state: DeliveryState,
     status: Option<i32>,
     error: Option<&str>,
 ) -> sqlx::Result<()> {
@@ -64,7 +75,7 @@ pub async fn record_attempt(
              delivered_at = CASE WHEN $2 = 'delivered' THEN now() ELSE delivered_at END
          WHERE id = $1",
         id,
-        state,
+        state.as_str(),
         status,
         error,
     )

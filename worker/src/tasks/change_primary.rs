@@ -24,7 +24,7 @@ impl TaskHandler for ChangePrimary {
 
     async fn run(&self, ctx: &TaskContext<'_>) -> Result<Step, TaskError> {
         let payload: ChangePrimaryPayload = ctx.payload()?;
-        let operation = match ctx.task.operation.as_deref().and_then(Operation::parse) {
+        let operation = match ctx.task.operation {
             Some(op @ (Operation::Switchover | Operation::Failover)) => op,
             other => {
                 return Err(TaskError::fatal(format!(

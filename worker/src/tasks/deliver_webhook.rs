@@ -13,7 +13,7 @@ use std::{
 
 use broker::{
     crypto,
-    db::webhooks,
+    db::webhooks::{self, DeliveryState},
     model::kinds,
     webhook_target::{Refused, TargetPolicy},
 };
@@ -49,7 +49,7 @@ impl TaskHandler for DeliverWebhook {
             .ok_or_else(|| {
                 TaskError::fatal(format!("webhook delivery {delivery_id} does not exist"))
             })?;
-        if delivery.state != "pending" {
+        if delivery.state != DeliveryState::Pending {
             return Ok(Step::Done);
         }
         let secret = ctx
@@ -65,9 +65,15 @@ impl TaskHandler for DeliverWebhook {
             Err(Unreachable::Refused(refused)) => {
                 // The policy will not change its mind on a retry: the delivery fails now, saying why.
                 let error = refused.to_string();
-                webhooks::record_attempt(ctx.pool, delivery_id, "failed", None, Some(&error))
-                    .await
-                    .context("recording the refused webhook")?;
+                webhooks::record_attempt(
+                    ctx.pool,
+                    delivery_id,
+                    DeliveryState::Failed,
+                    None,
+                    Some(&error),
+                )
+                .await
+                .context("recording the refused webhook")?;
                 return Err(TaskError::fatal(error));
             }
             Err(Unreachable::Lookup(error)) => {
@@ -84,9 +90,15 @@ impl TaskHandler for DeliverWebhook {
         let (status, error) = match sent {
             Ok(response) if response.status().is_success() => {
                 let status = i32::from(response.status().as_u16());
-                webhooks::record_attempt(ctx.pool, delivery_id, "delivered", Some(status), None)
-                    .await
-                    .context("recording the webhook delivery")?;
+                webhooks::record_attempt(
+                    ctx.pool,
+                    delivery_id,
+                    DeliveryState::Delivered,
+                    Some(status),
+                    None,
+                )
+                .await
+                .context("recording the webhook delivery")?;
                 return Ok(Step::Done);
             }
             Ok(response) => {
@@ -116,7 +128,11 @@ async fn attempt_failed(
     webhooks::record_attempt(
         ctx.pool,
         delivery_id,
-        if last { "failed" } else { "pending" },
+        if last {
+            DeliveryState::Failed
+        } else {
+            DeliveryState::Pending
+        },
         status,
         Some(&error),
     )

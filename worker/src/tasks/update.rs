@@ -35,12 +35,11 @@ impl TaskHandler for Update {
             return Ok(wait);
         }
         // A `preset` in the update request re-selects it (db-p's select).
-        if update.select_preset {
-            if let Some(snapshot) = steps::requested_snapshot(ctx.pool, &update.parameters).await? {
-                if let Err(wait) = ready(steps::put_into(ctx, &instance, &snapshot).await?) {
-                    return Ok(wait);
-                }
-            }
+        if update.select_preset
+            && let Some(snapshot) = steps::requested_snapshot(ctx.pool, &update.parameters).await?
+            && let Err(wait) = ready(steps::put_into(ctx, &instance, &snapshot).await?)
+        {
+            return Ok(wait);
         }
         steps::sync_schedule(ctx.pool, instance_id, &update.parameters).await?;
         instances::apply_update(

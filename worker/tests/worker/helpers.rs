@@ -397,7 +397,7 @@ pub fn operation_task(
     let mut new = NewTask::new(op.task_kind(), payload);
     new.instance_id = Some(instance_id.to_string());
     new.binding_id = binding_id.map(str::to_string);
-    new.operation = Some(op.as_str());
+    new.operation = Some(op);
     new
 }
 

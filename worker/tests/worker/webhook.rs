@@ -56,7 +56,7 @@ pub async fn start(receiver: Receiver) -> SocketAddr {
 fn operation_task(url: String) -> NewTask {
     let mut task = NewTask::new(kinds::NOOP, json!({}));
     task.instance_id = Some("instance-1".into());
-    task.operation = Some(Operation::Provision.as_str());
+    task.operation = Some(Operation::Provision);
     task.webhook = Some((url, cipher().seal(SECRET)));
     task
 }
@@ -169,7 +169,7 @@ async fn a_failed_binding_operation_posts_failed_with_the_binding(
     let mut task = operation_task(format!("http://{addr}/hook"));
     task.kind = "test.no_such_kind";
     task.binding_id = Some("binding-1".into());
-    task.operation = Some(Operation::Bind.as_str());
+    task.operation = Some(Operation::Bind);
     let id = enqueue_with(&pool, task).await;
     drain(&pool, services(), tasks::registry(), config("w")).await;
 
@@ -194,7 +194,7 @@ async fn a_failed_binding_operation_posts_failed_with_the_binding(
     assert!(!String::from_utf8_lossy(raw).contains("webhook-secret"));
 }
 
-async fn task_state(pool: &sqlx::PgPool, id: broker::model::TaskId) -> String {
+async fn task_state(pool: &sqlx::PgPool, id: broker::model::TaskId) -> broker::model::TaskState {
     task(pool, id).await.state
 }
 

@@ -1,0 +1,163 @@
+//! `last_operation` for instances and bindings: which task a poll is about (the one `?operation=` names, or the
+//! newest), 410 once the deletion it reports on has succeeded, and the body OSB wants for the task.
+
+use axum::{
+    Json,
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use broker::{
+    db::tasks::{self, TaskRow},
+    model::{Operation, TaskState},
+};
+use serde_json::json;
+use sqlx::PgConnection;
+
+use super::{gone, parse_operation};
+use crate::error::{ApiError, ApiResult};
+
+/// What a `last_operation` poll is about.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Polled<'a> {
+    Instance {
+        instance_id: &'a str,
+    },
+    Binding {
+        instance_id: &'a str,
+        binding_id: &'a str,
+    },
+}
+
+impl Polled<'_> {
+    /// Whether `task` is one of this resource's operations.
+    fn owns(&self, task: &TaskRow) -> bool {
+        match *self {
+            Self::Instance { instance_id } => {
+                task.instance_id.as_deref() == Some(instance_id) && task.binding_id.is_none()
+            }
+            Self::Binding {
+                instance_id,
+                binding_id,
+            } => {
+                task.binding_id.as_deref() == Some(binding_id)
+                    && task.instance_id.as_deref() == Some(instance_id)
+            }
+        }
+    }
+
+    fn name(&self) -> String {
+        match self {
+            Self::Instance { instance_id } => format!("service instance {instance_id}"),
+            Self::Binding { binding_id, .. } => format!("binding {binding_id}"),
+        }
+    }
+
+    /// The operation whose success deletes the resource.
+    fn deletion(&self) -> Operation {
+        match self {
+            Self::Instance { .. } => Operation::Deprovision,
+            Self::Binding { .. } => Operation::Unbind,
+        }
+    }
+
+    async fn latest(&self, conn: &mut PgConnection) -> sqlx::Result<Option<TaskRow>> {
+        let latest = match self {
+            Self::Instance { instance_id } => {
+                tasks::latest_instance_operation(conn, instance_id).await?
+            }
+            Self::Binding { binding_id, .. } => {
+                tasks::latest_binding_operation(conn, binding_id).await?
+            }
+        };
+        Ok(latest.filter(|task| self.owns(task)))
+    }
+}
+
+/// Answers a poll of `polled`, whose row `exists` or not, for the operation the query names (or the newest).
+pub(crate) async fn answer(
+    conn: &mut PgConnection,
+    polled: Polled<'_>,
+    exists: bool,
+    operation: Option<&str>,
+) -> ApiResult<Response> {
+    let task = match operation.filter(|o| !o.is_empty()) {
+        Some(operation) => match tasks::get(&mut *conn, parse_operation(operation)?).await? {
+            Some(task) if polled.owns(&task) => Some(task),
+            None if !exists => None,
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "operation {operation} is not an operation on {}",
+                    polled.name()
+                )));
+            }
+        },
+        None => polled.latest(conn).await?,
+    };
+    let Some(task) = task else {
+        return Err(ApiError::NotFound(format!(
+            "{} does not exist",
+            polled.name()
+        )));
+    };
+    if !exists && task.operation == Some(polled.deletion()) && task.state == TaskState::Succeeded {
+        return Ok(gone());
+    }
+    let instance_flags = matches!(polled, Polled::Instance { .. });
+    Ok(body_for(&task, instance_flags))
+}
+
+/// The `last_operation` body for a task. `instance_flags` adds `instance_usable`/`update_repeatable` to a failed
+/// update or deprovision.
+fn body_for(task: &TaskRow, instance_flags: bool) -> Response {
+    let operation = task.operation.map_or("operation", Operation::as_str);
+    let state = task.state;
+    let mut body = match state {
+        TaskState::Pending | TaskState::Running => json!({
+            "state": "in progress",
+            "description": task.progress.clone().filter(|p| !p.trim().is_empty())
+                .unwrap_or_else(|| format!("{operation} in progress")),
+        }),
+        TaskState::Succeeded => {
+            json!({ "state": "succeeded", "description": format!("{operation} succeeded") })
+        }
+        TaskState::Failed => json!({
+            "state": "failed",
+            "description": match task.last_error.as_deref().map(str::trim).filter(|e| !e.is_empty()) {
+                Some(error) => format!("The {operation} failed: {error}"),
+                None => format!("The {operation} failed."),
+            },
+        }),
+    };
+    if instance_flags && state == TaskState::Failed {
+        match task.operation {
+            // An update is applied to the row only once it has succeeded: the instance runs as before. A
+            // rotation replaces each binding's credentials only once the new ones work: every stored set works.
+            // A switchover or failover that failed leaves the cluster with a primary (Patroni's own checks); a
+            // restore swaps the database in only once it is complete.
+            Some(
+                Operation::Update
+                | Operation::RotateCredentials
+                | Operation::Restore
+                | Operation::Switchover
+                | Operation::Failover,
+            ) => {
+                body["instance_usable"] = json!(true);
+                body["update_repeatable"] = json!(true);
+            }
+            // A deprovision may have dropped part of the instance already: it is not safe to use or update;
+            // repeating the deprovision is the way forward.
+            Some(Operation::Deprovision) => {
+                body["instance_usable"] = json!(false);
+                body["update_repeatable"] = json!(false);
+            }
+            _ => {}
+        }
+    }
+    let mut response = (StatusCode::OK, Json(body)).into_response();
+    if !state.is_finished() {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+    }
+    response
+}

@@ -1,0 +1,95 @@
+//! What backups and presets share: a snapshot as JSON, and the restore of one into an instance.
+
+use broker::{
+    db::{
+        instances::InstanceRow,
+        snapshots::{SnapshotRow, SnapshotState},
+        tasks,
+    },
+    model::{Operation, TaskId, TaskState},
+};
+use serde_json::{Value, json};
+use sqlx::PgConnection;
+
+use super::{
+    Origin,
+    exclusive::{self, Again},
+    instances::provisioned_instance,
+};
+use crate::{
+    AppState,
+    error::{ApiError, ApiResult},
+};
+
+/// A snapshot (backup or preset version) as the API shows it. A pending snapshot whose task gave up is
+/// failed, whatever the row still says.
+pub(crate) async fn snapshot_json(conn: &mut PgConnection, s: &SnapshotRow) -> ApiResult<Value> {
+    let task_state = if s.state == SnapshotState::Pending {
+        tasks::get(&mut *conn, TaskId(s.task_id))
+            .await?
+            .map(|t| t.state)
+    } else {
+        None
+    };
+    let state = match (s.state, task_state) {
+        (SnapshotState::Pending, Some(TaskState::Failed)) => SnapshotState::Failed,
+        (state, _) => state,
+    };
+    Ok(json!({
+        "id": s.id,
+        "version": s.version,
+        "state": state,
+        "instance_id": s.instance_id,
+        "operation": s.task_id,
+        "description": s.description,
+        "created_by": s.created_by,
+        "created_at": s.created_at,
+        "completed_at": s.completed_at,
+        "size_bytes": s.size_bytes,
+        "dump_bytes": s.dump_bytes,
+        "sha256": s.sha256,
+    }))
+}
+
+/// The instance, provisioned (404 unknown, 422 `ConcurrencyError` while its provision runs, 422 when that failed)
+/// and with a database (422 "has no database `to`..."). `lock` takes its row lock.
+pub(crate) async fn instance_with_database(
+    db: &mut PgConnection,
+    state: &AppState,
+    instance_id: &str,
+    lock: bool,
+    to: &str,
+) -> ApiResult<InstanceRow> {
+    let row = provisioned_instance(&mut *db, instance_id, lock).await?;
+    if !state
+        .catalog
+        .plan_by_id(&row.plan_id)
+        .is_some_and(|p| p.has_database())
+    {
+        return Err(ApiError::Unprocessable(format!(
+            "service instance {instance_id} has no database {to}"
+        )));
+    }
+    Ok(row)
+}
+
+/// Enqueues the restore of `snapshot` into the instance: an instance operation (OSB-visible), so refused while
+/// another operation runs on it.
+pub(crate) async fn enqueue_restore(
+    tx: &mut PgConnection,
+    state: &AppState,
+    instance_id: &str,
+    snapshot: &SnapshotRow,
+    identity: Option<Value>,
+) -> ApiResult<TaskId> {
+    instance_with_database(&mut *tx, state, instance_id, true, "to restore into").await?;
+    exclusive::check(&mut *tx, instance_id, Again::Never, exclusive::any).await?;
+    exclusive::not_being_deleted(&mut *tx, instance_id).await?;
+    let origin = Origin {
+        identity,
+        hook: None,
+    };
+    let payload = json!({ "snapshot_id": snapshot.id });
+    let task = origin.task(Operation::Restore, instance_id, None, payload);
+    Ok(tasks::enqueue(&mut *tx, task).await?)
+}
