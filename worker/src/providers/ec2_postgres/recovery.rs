@@ -17,7 +17,7 @@ use serde_json::{Map, Value, json};
 use sqlx::PgPool;
 use tracing::{info, warn};
 
-use super::{ENGINE, Ec2Postgres, LaunchInput, Params, Secrets, State, resource_tags};
+use super::{ENGINE, Ec2Postgres, Params, Secrets, State, provision::LaunchInput, resource_tags};
 use crate::providers::{
     EC2_LOCKS,
     ec2_common::{available_zones, vm},
