@@ -376,6 +376,15 @@ async fn finish(client: &Client, answer: Value, wait: bool) -> anyhow::Result<()
     print(&answer)
 }
 
+/// `/berth/v1/presets/{name}/{what}` in `namespace`.
+fn preset_path(name: &str, what: &str, namespace: &Option<String>) -> String {
+    format!(
+        "/berth/v1/presets/{}/{what}{}",
+        url_escape(name),
+        ns_query(namespace)
+    )
+}
+
 async fn presets(client: &Client, command: Presets) -> anyhow::Result<()> {
     match command {
         Presets::List { namespace } => print(
@@ -417,20 +426,12 @@ async fn presets(client: &Client, command: Presets) -> anyhow::Result<()> {
             let body = json!({
                 "instance_id": instance, "description": push.description, "author": push.author, "lock_key": lock_key,
             });
-            let path = format!(
-                "/berth/v1/presets/{}/versions{}",
-                url_escape(&name),
-                ns_query(&Some(push.namespace))
-            );
+            let path = preset_path(&name, "versions", &Some(push.namespace));
             let (_, answer) = client.call(Method::POST, &path, Some(&body)).await?;
             finish(client, answer, push.wait).await
         }
         Presets::Versions { name, namespace } => {
-            let path = format!(
-                "/berth/v1/presets/{}/versions{}",
-                url_escape(&name),
-                ns_query(&namespace)
-            );
+            let path = preset_path(&name, "versions", &namespace);
             print(&client.call(Method::GET, &path, None).await?.1)
         }
         Presets::Lock {
@@ -439,11 +440,7 @@ async fn presets(client: &Client, command: Presets) -> anyhow::Result<()> {
             reason,
             namespace,
         } => {
-            let path = format!(
-                "/berth/v1/presets/{}/lock{}",
-                url_escape(&name),
-                ns_query(&namespace)
-            );
+            let path = preset_path(&name, "lock", &namespace);
             let (_, answer) = client
                 .call(
                     Method::POST,
@@ -460,11 +457,7 @@ async fn presets(client: &Client, command: Presets) -> anyhow::Result<()> {
             lock_key,
             namespace,
         } => {
-            let path = format!(
-                "/berth/v1/presets/{}/lock{}",
-                url_escape(&name),
-                ns_query(&namespace)
-            );
+            let path = preset_path(&name, "lock", &namespace);
             print(
                 &client
                     .call(Method::DELETE, &path, Some(&json!({"lock_key": lock_key})))
@@ -473,11 +466,7 @@ async fn presets(client: &Client, command: Presets) -> anyhow::Result<()> {
             )
         }
         Presets::GetLock { name, namespace } => {
-            let path = format!(
-                "/berth/v1/presets/{}/lock{}",
-                url_escape(&name),
-                ns_query(&namespace)
-            );
+            let path = preset_path(&name, "lock", &namespace);
             print(&client.call(Method::GET, &path, None).await?.1)
         }
         Presets::Select {
