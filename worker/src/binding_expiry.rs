@@ -29,60 +29,73 @@ pub async fn enqueue_revocations(pool: &PgPool) -> anyhow::Result<usize> {
     let mut queued = 0;
     for id in due {
         let mut tx = pool.begin().await?;
-        let Some(instance_id) = bindings::get(&mut *tx, &id).await?.map(|b| b.instance_id) else {
-            continue;
-        };
-        // Lock order everywhere: instance row, then binding row.
-        let instance_locked: Option<i32> = sqlx::query_scalar(
-            "SELECT 1 FROM service_instances WHERE id = $1 FOR UPDATE SKIP LOCKED",
-        )
-        .bind(&instance_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if instance_locked.is_none() {
-            continue;
+        match revocation_due(&mut tx, &id, failed_since).await? {
+            Some(task) => {
+                let instance_id = task.instance_id.clone().unwrap_or_default();
+                tasks::enqueue(&mut *tx, task).await?;
+                tx.commit().await?;
+                queued += 1;
+                info!(binding_id = %id, %instance_id, "the binding expired; revocation enqueued");
+            }
+            // Rolled back here rather than on drop (which sqlx does later, in the background): the rows
+            // locked while checking are free for the next pass, or another worker, at once.
+            None => tx.rollback().await?,
         }
-        let Some(binding) = bindings::try_lock(&mut *tx, &id).await? else {
-            continue;
-        };
-        if binding.revoked_at.is_some() || !binding.expired(Utc::now()) {
-            continue;
-        }
-        // Checked after taking the locks, so a revocation another worker queued and committed is seen. One
-        // that failed for good is queued again after a pause, not every pass.
-        if tasks::binding_task_active_or_failed_since(
-            &mut *tx,
-            &id,
-            kinds::EXPIRE_BINDING,
-            failed_since,
-        )
-        .await?
-        {
-            continue;
-        }
-        let busy = tasks::active_operations(&mut *tx, &instance_id)
-            .await?
-            .iter()
-            .any(|t| {
-                t.binding_id.as_deref() == Some(id.as_str())
-                    || (t.binding_id.is_none()
-                        && matches!(
-                            t.operation,
-                            Some(Operation::RotateCredentials | Operation::Deprovision)
-                        ))
-            });
-        if busy {
-            continue;
-        }
-        let mut task = tasks::NewTask::new(kinds::EXPIRE_BINDING, json!({}));
-        task.instance_id = Some(instance_id.clone());
-        task.binding_id = Some(id.clone());
-        task.originating_identity =
-            Some(json!({ "platform": "berth", "value": { "reason": "binding expired" } }));
-        tasks::enqueue(&mut *tx, task).await?;
-        tx.commit().await?;
-        queued += 1;
-        info!(binding_id = %id, %instance_id, expires_at = ?binding.expires_at, "the binding expired; revocation enqueued");
     }
     Ok(queued)
+}
+
+/// The revocation task for binding `id`, with its instance and binding rows locked; `None` when someone else
+/// holds them, it is revoked or not expired, a revocation is queued (or failed since `failed_since`), or its
+/// bind, unbind, rotation or deprovision is running.
+async fn revocation_due(
+    tx: &mut sqlx::PgConnection,
+    id: &str,
+    failed_since: chrono::DateTime<Utc>,
+) -> anyhow::Result<Option<tasks::NewTask>> {
+    let Some(instance_id) = bindings::get(&mut *tx, id).await?.map(|b| b.instance_id) else {
+        return Ok(None);
+    };
+    // Lock order everywhere: instance row, then binding row.
+    let instance_locked: Option<i32> =
+        sqlx::query_scalar("SELECT 1 FROM service_instances WHERE id = $1 FOR UPDATE SKIP LOCKED")
+            .bind(&instance_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if instance_locked.is_none() {
+        return Ok(None);
+    }
+    let Some(binding) = bindings::try_lock(&mut *tx, id).await? else {
+        return Ok(None);
+    };
+    if binding.revoked_at.is_some() || !binding.expired(Utc::now()) {
+        return Ok(None);
+    }
+    // Checked after taking the locks, so a revocation another worker queued and committed is seen. One
+    // that failed for good is queued again after a pause, not every pass.
+    if tasks::binding_task_active_or_failed_since(&mut *tx, id, kinds::EXPIRE_BINDING, failed_since)
+        .await?
+    {
+        return Ok(None);
+    }
+    let busy = tasks::active_operations(&mut *tx, &instance_id)
+        .await?
+        .iter()
+        .any(|t| {
+            t.binding_id.as_deref() == Some(id)
+                || (t.binding_id.is_none()
+                    && matches!(
+                        t.operation,
+                        Some(Operation::RotateCredentials | Operation::Deprovision)
+                    ))
+        });
+    if busy {
+        return Ok(None);
+    }
+    let mut task = tasks::NewTask::new(kinds::EXPIRE_BINDING, json!({}));
+    task.instance_id = Some(instance_id);
+    task.binding_id = Some(id.to_string());
+    task.originating_identity =
+        Some(json!({ "platform": "berth", "value": { "reason": "binding expired" } }));
+    Ok(Some(task))
 }
