@@ -18,6 +18,16 @@ async fn berth(stack: &Stack, args: &[&str]) -> Output {
         .expect("running berth")
 }
 
+/// The command exited 0; else its stderr and the broker's logs say why.
+fn assert_succeeded(out: &Output, stack: &Stack) {
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        stack.logs()
+    );
+}
+
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -40,12 +50,7 @@ async fn provision_connstr_only_presets_and_deprovision() {
         ],
     )
     .await;
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        stack.logs()
-    );
+    assert_succeeded(&out, &stack);
     let lines: Vec<String> = stdout(&out).lines().map(str::to_string).collect();
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert!(lines[0].starts_with("postgres://"), "{lines:?}");
@@ -69,12 +74,7 @@ async fn provision_connstr_only_presets_and_deprovision() {
         ],
     )
     .await;
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        stack.logs()
-    );
+    assert_succeeded(&out, &stack);
     let out = berth(&stack, &["presets", "list"]).await;
     let listed: Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(listed["presets"][0]["name"], "answer");
@@ -110,11 +110,7 @@ async fn provision_connstr_only_presets_and_deprovision() {
         ],
     )
     .await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out, &stack);
 
     // A failing provision exits non-zero and prints nothing on stdout.
     let out = berth(
@@ -134,11 +130,7 @@ async fn provision_connstr_only_presets_and_deprovision() {
     assert!(stdout(&out).is_empty());
 
     let out = berth(&stack, &["deprovision", "cli-db", "--wait"]).await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out, &stack);
     let (status, _) = stack
         .send(stack.request(Method::GET, "/v2/service_instances/cli-db"))
         .await
