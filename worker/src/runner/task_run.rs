@@ -152,13 +152,13 @@ pub(super) async fn run_handler(
     })
 }
 
+/// The panic's message when it is a literal (`panic!("…")`, `expect("…")`); a formatted one (an `unwrap` on an
+/// error, say) may carry a value such as a connection string, and the task's error is shown to platforms.
 pub(super) fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
-    match payload.downcast::<String>() {
-        Ok(text) => *text,
-        Err(payload) => payload
-            .downcast_ref::<&str>()
-            .map_or_else(|| "no message".to_owned(), |text| (*text).to_owned()),
-    }
+    payload.downcast_ref::<&'static str>().map_or_else(
+        || "its message is not recorded: it may hold a secret".to_owned(),
+        |text| (*text).to_owned(),
+    )
 }
 
 pub(super) fn retry_or_fail(worker: &Worker, task: &TaskRow, error: String) -> Outcome {

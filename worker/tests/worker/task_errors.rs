@@ -65,6 +65,21 @@ impl TaskHandler for Panics {
     }
 }
 
+/// Panics with a formatted message holding a secret, as an `unwrap` on an error can.
+struct PanicsWithAValue;
+
+#[async_trait]
+impl TaskHandler for PanicsWithAValue {
+    fn kind(&self) -> &'static str {
+        "test.panics_with_a_value"
+    }
+
+    async fn run(&self, _ctx: &TaskContext<'_>) -> Result<Step, TaskError> {
+        let url = "postgres://app:hunter2-secret@db/app";
+        panic!("could not use {url}")
+    }
+}
+
 /// Cannot reach its peer: a connection refused is a passing fault and retries.
 struct Unreachable;
 
@@ -102,8 +117,15 @@ async fn bugs_fail_at_once_and_passing_faults_retry(_: PgPoolOptions, opts: PgCo
     let decode = enqueue(&pool, "test.wrong_decode", json!({})).await;
     let panics = enqueue(&pool, "test.panics", json!({})).await;
     let unreachable = enqueue(&pool, "test.unreachable", json!({})).await;
+    let with_a_value = enqueue(&pool, "test.panics_with_a_value", json!({})).await;
     sqlx::query("UPDATE tasks SET max_attempts = 3 WHERE id = ANY($1)")
-        .bind(vec![statement.0, decode.0, panics.0, unreachable.0])
+        .bind(vec![
+            statement.0,
+            decode.0,
+            panics.0,
+            unreachable.0,
+            with_a_value.0,
+        ])
         .execute(&pool)
         .await
         .unwrap();
@@ -111,7 +133,8 @@ async fn bugs_fail_at_once_and_passing_faults_retry(_: PgPoolOptions, opts: PgCo
         .with(WrongStatement)
         .with(WrongDecode)
         .with(Panics)
-        .with(Unreachable);
+        .with(Unreachable)
+        .with(PanicsWithAValue);
     let mut cfg = config("w");
     cfg.backoff_base = std::time::Duration::from_millis(10);
     cfg.backoff_cap = std::time::Duration::from_millis(20);
@@ -139,6 +162,14 @@ async fn bugs_fail_at_once_and_passing_faults_retry(_: PgPoolOptions, opts: PgCo
     assert_eq!((state.as_str(), attempts), ("failed", 1), "{error}");
     assert!(
         error.contains("the task panicked: the invariant this step relies on broke"),
+        "{error}"
+    );
+
+    // A formatted panic message is not recorded: it may hold a secret, and the error is shown to platforms.
+    let (state, attempts, error) = outcome(&pool, with_a_value).await;
+    assert_eq!((state.as_str(), attempts), ("failed", 1), "{error}");
+    assert!(
+        error.contains("the task panicked") && !error.contains("hunter2"),
         "{error}"
     );
 
