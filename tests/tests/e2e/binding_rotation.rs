@@ -136,13 +136,14 @@ async fn shared_binding_rotation_and_expiry() {
 /// end, `revoked_at` is recorded), and GET binding shows the expiry in the past.
 async fn assert_expired_and_revoked(stack: &Stack, new_path: &str, new_url: &str) {
     let mut broker_db = PgConnection::connect(&stack.broker_db_url).await.unwrap();
+    // The session opens before the expiry moves: the reconcile loop may revoke at once after it.
+    let mut session = PgConnection::connect(new_url).await.unwrap();
     sqlx::query(
         "UPDATE service_bindings SET expires_at = now(), renew_before = now() WHERE id = 'new'",
     )
     .execute(&mut broker_db)
     .await
     .unwrap();
-    let mut session = PgConnection::connect(new_url).await.unwrap();
     let deadline = Instant::now() + WAIT;
     while logs_in(new_url).await {
         assert!(
