@@ -14,6 +14,8 @@ use std::{
     time::Duration,
 };
 
+mod banner;
+
 use anyhow::Context;
 use broker::{config::Settings, embedded::PgServer};
 use secrecy::{ExposeSecret, SecretString};
@@ -30,6 +32,8 @@ pub struct Embedded {
     worker_env: Vec<(String, String)>,
     username: String,
     password: SecretString,
+    /// Plans of the catalog files this start leaves out, with what would add them (for the banner).
+    missing_plans: Vec<banner::MissingPlans>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -105,6 +109,9 @@ impl Embedded {
                 shared.expose_secret().to_string(),
             ));
         }
+        // A bad catalog stops start-up right after this, with its own message: no hints then.
+        let unpublished = broker::catalog::unpublished_plans(settings).unwrap_or_default();
+        let missing_plans = banner::missing_plans(settings, &unpublished);
         Ok(Self {
             lock,
             server,
@@ -113,6 +120,7 @@ impl Embedded {
             worker_env,
             username,
             password,
+            missing_plans,
         })
     }
 
@@ -145,30 +153,22 @@ impl Embedded {
     }
 
     pub fn print_banner(&self, addr: SocketAddr) {
-        let url = format!("http://{addr}");
+        let banner = banner::Banner {
+            addr,
+            tls: false,
+            username: &self.username,
+            password: self.password.expose_secret(),
+            postgres_port: self.server.port,
+            postgres_data: &self.server.data_dir(),
+            missing: &self.missing_plans,
+        };
         if let Err(e) = self
             .lock
-            .describe(&format!("pid {}, {url}", std::process::id()))
+            .describe(&format!("pid {}, {}", std::process::id(), banner.url()))
         {
             eprintln!("berth: writing {}: {e:#}", self.lock.path.display());
         }
-        let password = self.password.expose_secret();
-        println!();
-        println!("berth is running (embedded default)");
-        println!("  broker URL: {url}");
-        println!("  username:   {}", self.username);
-        println!("  password:   {password}");
-        println!(
-            "  Postgres:   127.0.0.1:{} (data in {})",
-            self.server.port,
-            self.server.data_dir().display()
-        );
-        println!(
-            "  try:        curl -s -u '{}:{password}' -H 'X-Broker-API-Version: 2.17' {url}/v2/catalog",
-            self.username
-        );
-        println!("Ctrl-C stops the API, the worker and the embedded Postgres.");
-        println!();
+        print!("{}", banner.text());
     }
 
     /// Asks the worker to stop (SIGTERM) and waits up to `grace` before killing it.

@@ -584,6 +584,39 @@ pub fn engine_metadata(
     out
 }
 
+/// A plan of the catalog files that these settings leave out of the catalog: its engine is not configured here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnpublishedPlan {
+    pub service: String,
+    pub plan: String,
+    pub engine: Engine,
+}
+
+/// The plans [`Catalog::load_for`] would leave out under `settings`, in catalog order, so start-up can tell an
+/// operator what to install or set for them.
+pub fn unpublished_plans(
+    settings: &crate::config::Settings,
+) -> anyhow::Result<Vec<UnpublishedPlan>> {
+    let mut services = read_services(&settings.plans_dir)?;
+    choose_engines(&mut services, &settings.plan_engines())?;
+    let available = settings.available_engines();
+    Ok(services
+        .into_iter()
+        .flat_map(|service| {
+            let name = service.name;
+            service
+                .plans
+                .into_iter()
+                .filter(|plan| !available.contains(&plan.engine))
+                .map(move |plan| UnpublishedPlan {
+                    service: name.clone(),
+                    plan: plan.name,
+                    engine: plan.engine,
+                })
+        })
+        .collect())
+}
+
 fn parse_service(file: &Path, text: &str) -> anyhow::Result<Service> {
     let de = &mut serde_json::Deserializer::from_str(text);
     let service: Service = serde_path_to_error::deserialize(de).map_err(|e| {

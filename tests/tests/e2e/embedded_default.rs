@@ -156,6 +156,11 @@ async fn embedded_default_from_nothing_to_a_working_database_and_back() {
     assert_eq!(first.base_url, format!("http://127.0.0.1:{port}"));
     assert_eq!(first.username, "berth");
     assert!(first.password.len() >= 20, "a generated password");
+    let banner = first.output.lock().unwrap().join("\n");
+    assert!(
+        banner.contains("plain HTTP (no TLS) on 127.0.0.1: only this machine can reach it"),
+        "the banner says how and where it listens: {banner}"
+    );
     // What it made for itself: the server, the key and the credentials (private).
     let data = dir.join(".berth");
     assert!(data.join("postgres/data/PG_VERSION").exists());
