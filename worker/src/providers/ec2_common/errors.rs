@@ -12,7 +12,7 @@ use crate::{
 /// The service as messages name it, and what berth's identity needs there.
 const EC2: Service<'static> = Service {
     name: "EC2",
-    permissions: "the ec2 actions listed in the README (RunInstances, CreateVolume, CreateSecurityGroup, ...)",
+    permissions: "the ec2 actions listed in docs/dedicated.md (RunInstances, CreateVolume, CreateSecurityGroup, ...)",
 };
 
 /// Codes that mean "this type cannot run here now": the launch moves on to the next candidate.
