@@ -303,3 +303,106 @@ async fn the_port_comes_from_the_flag_then_the_environment_then_the_config_file(
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn the_embedded_default_keeps_settings_of_the_config_file_and_hands_its_flags_to_its_worker()
+{
+    let dir = TestFolder(std::env::temp_dir().join(format!("berth-embedded-flags-{}", tag())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    // The embedded default turns the local engine on unless the operator said otherwise: here, in a file.
+    let config = dir.0.join("berth.toml");
+    std::fs::write(&config, "local_engine = false\n").unwrap();
+    let port = free_port().unwrap();
+    let worker_id = format!("embedded-{}", tag());
+    let config_arg = config.display().to_string();
+    let port_arg = port.to_string();
+    let mut api = tokio::process::Command::new(bin_dir().join("berth-api"))
+        .args([
+            "--config",
+            &config_arg,
+            "--port",
+            &port_arg,
+            "--worker-id",
+            &worker_id,
+        ])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("BERTH_DATA_DIR", dir.0.join(".berth"))
+        .env("PLANS_DIR", repo_dir().join("plans"))
+        .current_dir(&dir.0)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.0.join("api.log")).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let log = || std::fs::read_to_string(dir.0.join("api.log")).unwrap_or_default();
+    assert!(
+        answers(port, Duration::from_secs(120)).await,
+        "no API on {port}: {}",
+        log()
+    );
+
+    let stored: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.0.join(".berth/broker-credentials.json")).unwrap(),
+    )
+    .unwrap();
+    let client = berth_tests::OsbClient::new(
+        format!("http://127.0.0.1:{port}"),
+        stored["username"].as_str().unwrap().to_string(),
+        stored["password"].as_str().unwrap().to_string(),
+    )
+    .unwrap();
+    let catalog = client.catalog().await.unwrap();
+    let plans: Vec<&str> = berth_tests::find_service(&catalog, "postgres").unwrap()["plans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|plan| plan["name"].as_str())
+        .collect();
+    assert!(
+        plans.contains(&"shared") && !plans.contains(&"dedicated"),
+        "plans: {plans:?}"
+    );
+
+    // The worker it started read the same config file and the API's flags.
+    let worker = berth_tests::processes_under(&dir.0)
+        .into_iter()
+        .find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|stat| stat.contains("(berth-worker)"))
+        })
+        .expect("the embedded worker runs");
+    let environ = std::fs::read(format!("/proc/{worker}/environ")).unwrap();
+    let environ: Vec<String> = environ
+        .split(|b| *b == 0)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect();
+    for wanted in [
+        format!("WORKER_ID={worker_id}"),
+        format!("BERTH_CONFIG={config_arg}"),
+        "LOCAL_ENGINE=off".to_string(),
+    ] {
+        assert!(
+            environ.contains(&wanted),
+            "the worker's environment lacks {wanted}"
+        );
+    }
+
+    let pid = api.id().unwrap().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = tokio::time::timeout(Duration::from_secs(60), api.wait())
+        .await
+        .expect("berth-api stops on SIGTERM")
+        .unwrap();
+    assert!(
+        status.success(),
+        "berth-api exited with {status}: {}",
+        log()
+    );
+}
