@@ -9,7 +9,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=BERTH_GIT_COMMIT");
     let version = std::env::var("CARGO_PKG_VERSION").expect("cargo sets CARGO_PKG_VERSION");
     let release = std::env::var("PROFILE").is_ok_and(|p| p == "release");
-    let line = match commit().filter(|_| release) {
+    let line = match release.then(commit).flatten() {
         Some(commit) => format!("{version} (commit {commit})"),
         None => version,
     };

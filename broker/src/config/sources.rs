@@ -48,10 +48,11 @@ impl SettingSources {
             .map_err(|e| anyhow::anyhow!("invalid setting: {e}"))?;
         settings.check()?;
         for name in unknown_berth_variables() {
-            tracing::warn!(
-                variable = %name,
-                "{name} is set but is no berth setting (a typo? the settings are in docs/settings.md)"
-            );
+            let hint = match nearest_field(&name.to_ascii_lowercase()) {
+                Some(near) => format!("did you mean {}?", near.to_ascii_uppercase()),
+                None => "a typo? the settings are in docs/settings.md".to_string(),
+            };
+            tracing::warn!(variable = %name, "{name} is set but is no berth setting ({hint})");
         }
         Ok(settings)
     }

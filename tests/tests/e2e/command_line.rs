@@ -187,6 +187,23 @@ fn both_binaries_read_the_example_config_file() {
 }
 
 #[test]
+fn a_berth_variable_that_is_no_setting_is_warned_about() {
+    let env = [
+        ("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none"),
+        ("BERTH_KEY_FILE", "/nonexistent/master.key"),
+        ("BERTH_DATA_DRI", "/srv/berth"),
+    ];
+    let out = run("berth-worker", &[], &env);
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        said.contains(
+            "BERTH_DATA_DRI is set but is no berth setting (did you mean BERTH_DATA_DIR?)"
+        ),
+        "{said}"
+    );
+}
+
+#[test]
 fn a_worker_flag_wins_over_the_environment() {
     let env = [
         ("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none"),
