@@ -165,14 +165,20 @@ fn both_binaries_read_the_example_config_file() {
         ("BROKER_USERNAME", "u"),
         ("BROKER_PASSWORD", "p"),
     ];
+    let mut with_config = env.to_vec();
+    with_config.push(("BERTH_CONFIG", &example));
     for binary in BINARIES {
-        let out = run(binary, &["--config", &example], &env);
-        let stderr = text(&out.stderr);
-        assert!(!out.status.success());
-        assert!(
-            stderr.contains("/etc/berth/master.key"),
-            "{binary} said: {stderr}"
-        );
+        for out in [
+            run(binary, &["--config", &example], &env),
+            run(binary, &[], &with_config),
+        ] {
+            let stderr = text(&out.stderr);
+            assert!(!out.status.success());
+            assert!(
+                stderr.contains("/etc/berth/master.key"),
+                "{binary} said: {stderr}"
+            );
+        }
         let out = run(
             binary,
             &["--config", &example, "--key-file", "/nonexistent/k.key"],
