@@ -72,7 +72,8 @@ impl Embedded {
         settings.broker_username = Some(SecretString::from(username.clone()));
         settings.broker_password = Some(password.clone());
 
-        // The local engine (a Postgres server per `dedicated` instance) needs no cloud: on unless LOCAL_ENGINE says.
+        // The local engine (a Postgres server per `dedicated` instance) needs no cloud: on unless LOCAL_ENGINE
+        // is given (as a flag, in the environment or in the config file).
         if !sources.is_given("LOCAL_ENGINE") {
             settings.local_engine = true;
         }
