@@ -17,7 +17,10 @@ use std::{
 mod banner;
 
 use anyhow::Context;
-use broker::{config::Settings, embedded::PgServer};
+use broker::{
+    config::{SettingSources, Settings},
+    embedded::PgServer,
+};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use tokio::{process::Child, task::JoinHandle};
@@ -43,8 +46,9 @@ struct StoredCredentials {
 }
 
 impl Embedded {
-    /// Starts (or reuses) the private Postgres and fills `settings` in for it.
-    pub async fn start(settings: &mut Settings) -> anyhow::Result<Self> {
+    /// Starts (or reuses) the private Postgres and fills `settings` in for it (and, where `sources` gave
+    /// none, picks the defaults of a machine of one's own).
+    pub async fn start(settings: &mut Settings, sources: &SettingSources) -> anyhow::Result<Self> {
         let data_dir = absolute(&settings.data_dir)?;
         std::fs::create_dir_all(&data_dir)
             .with_context(|| format!("creating {}", data_dir.display()))?;
@@ -60,7 +64,7 @@ impl Embedded {
         if settings.shared_postgres_url.is_none() {
             settings.shared_postgres_url = Some(server.url("postgres"));
         }
-        if std::env::var_os("BIND_ADDRESS").is_none() {
+        if !sources.is_given("BIND_ADDRESS") {
             settings.bind_address = "127.0.0.1".into();
         }
         let key_path = absolute(&settings.key_path())?;
@@ -72,17 +76,21 @@ impl Embedded {
         settings.broker_username = Some(SecretString::from(username.clone()));
         settings.broker_password = Some(password.clone());
 
-        // The local engine (a Postgres server per `dedicated` instance) needs no cloud: on unless LOCAL_ENGINE says.
-        if std::env::var_os("LOCAL_ENGINE").is_none() {
+        // The local engine (a Postgres server per `dedicated` instance) needs no cloud: on unless LOCAL_ENGINE
+        // is given (as a flag, in the environment or in the config file).
+        if !sources.is_given("LOCAL_ENGINE") {
             settings.local_engine = true;
         }
         // Everything runs on this machine: webhooks to 127.0.0.1 are the normal case.
-        if std::env::var_os("WEBHOOK_ALLOW_LOOPBACK").is_none() {
+        if !sources.is_given("WEBHOOK_ALLOW_LOOPBACK") {
             settings.webhook_allow_loopback = true;
         }
         settings.data_dir = data_dir.clone();
         let plans_dir = absolute(&settings.plans_dir)?;
-        let mut worker_env = vec![
+        // The API's config file and flags first, so that the worker reads what the API read; then what
+        // the embedded default decided, which wins.
+        let mut worker_env = sources.child_env();
+        worker_env.extend([
             (
                 "DATABASE_URL".to_string(),
                 server.url("berth").expose_secret().to_string(),
@@ -102,7 +110,7 @@ impl Embedded {
                 "WEBHOOK_ALLOW_LOOPBACK".to_string(),
                 settings.webhook_allow_loopback.to_string(),
             ),
-        ];
+        ]);
         if let Some(shared) = &settings.shared_postgres_url {
             worker_env.push((
                 "SHARED_POSTGRES_URL".into(),

@@ -1,27 +1,30 @@
 //! `berth-api`: the OSB API server. With no `DATABASE_URL` it runs the embedded default (see embedded.rs).
 //!
-//!   berth-api              serve
-//!   berth-api gen-key PATH write a new secrets key to PATH (refuses to overwrite)
+//!   berth-api [SETTINGS]              serve (the default; `berth-api --help` lists the settings)
+//!   berth-api gen-key PATH            write a new secrets key to PATH (refuses to overwrite)
 
+mod args;
 mod embedded;
 
-use std::{net::SocketAddr, process::ExitCode, sync::Arc, time::Duration};
+use std::{net::SocketAddr, path::Path, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use broker::{catalog::Catalog, config::Settings, crypto::Cipher};
+use broker::{
+    catalog::Catalog,
+    config::{SettingSources, Settings},
+    crypto::Cipher,
+};
+use clap::Parser;
 use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    let (command, sources) = args::Cli::parse().into_parts();
     broker::telemetry::init();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args.first().map(String::as_str) {
-        None | Some("serve") => serve().await,
-        Some("gen-key") => gen_key(args.get(1)),
-        Some(other) => Err(anyhow::anyhow!(
-            "unknown command {other:?} (commands: serve, gen-key PATH)"
-        )),
+    let result = match command {
+        args::Command::Serve => serve(sources).await,
+        args::Command::GenKey { path } => gen_key(&path),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -32,17 +35,19 @@ async fn main() -> ExitCode {
     }
 }
 
-fn gen_key(path: Option<&String>) -> anyhow::Result<()> {
-    let path = path.context("usage: berth-api gen-key PATH")?;
-    broker::crypto::generate_key_file(path.as_ref())?;
-    println!("wrote a new key to {path}; set BERTH_KEY_FILE={path}");
+fn gen_key(path: &Path) -> anyhow::Result<()> {
+    broker::crypto::generate_key_file(path)?;
+    println!(
+        "wrote a new key to {path}; set BERTH_KEY_FILE={path}",
+        path = path.display()
+    );
     Ok(())
 }
 
-async fn serve() -> anyhow::Result<()> {
-    let mut settings = Settings::load()?;
+async fn serve(sources: SettingSources) -> anyhow::Result<()> {
+    let mut settings = sources.load()?;
     let embedded = if settings.database_url.is_none() {
-        Some(embedded::Embedded::start(&mut settings).await?)
+        Some(embedded::Embedded::start(&mut settings, &sources).await?)
     } else {
         None
     };

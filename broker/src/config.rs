@@ -1,4 +1,5 @@
 //! Settings, read once at start from the environment (and an optional TOML file named by `BERTH_CONFIG`).
+//! Every field has a row in `config/table.rs` (its default and meaning, for `--help` and docs/settings.md).
 //! Names follow the Akkeris brokers where they overlap: `PORT`, `BROKER_USERNAME`, `BROKER_PASSWORD`,
 //! `DATABASE_URL`, `NAME_PREFIX`.
 
@@ -8,6 +9,15 @@ use secrecy::SecretString;
 use serde::Deserialize;
 
 use crate::catalog::Engine;
+
+pub mod flags;
+pub mod other_variables;
+mod sources;
+pub mod table;
+#[cfg(test)]
+mod tests;
+
+pub use sources::SettingSources;
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Settings {
@@ -311,18 +321,9 @@ impl S3Credentials {
 
 impl Settings {
     /// Reads the environment (and `BERTH_CONFIG`, if set). Fails with a message naming the bad setting.
+    /// The binaries call [`SettingSources::load`] with their flags instead.
     pub fn load() -> anyhow::Result<Self> {
-        let mut builder = config::Config::builder();
-        if let Ok(path) = std::env::var("BERTH_CONFIG") {
-            builder = builder.add_source(config::File::with_name(&path).required(true));
-        }
-        let settings: Settings = builder
-            .add_source(config::Environment::default().try_parsing(false))
-            .build()?
-            .try_deserialize()
-            .map_err(|e| anyhow::anyhow!("invalid setting: {e}"))?;
-        settings.check()?;
-        Ok(settings)
+        SettingSources::default().load()
     }
 
     pub(crate) fn check(&self) -> anyhow::Result<()> {

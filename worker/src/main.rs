@@ -1,16 +1,32 @@
 //! berth-worker: reads settings, connects, and runs the claim loop until SIGTERM or SIGINT.
+//!
+//!   berth-worker [SETTINGS]           run (the default; `berth-worker --help` lists the settings)
+
+mod args;
 
 use std::sync::Arc;
 
 use anyhow::Context as _;
 use berth_worker::{Services, WorkerConfig, tasks};
-use broker::{config::Settings, crypto::Cipher};
+use broker::{
+    config::{SettingSources, Settings},
+    crypto::Cipher,
+};
+use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let (command, sources) = args::Cli::parse().into_parts();
     broker::telemetry::init();
-    let settings = Settings::load()?;
+    match command {
+        args::Command::Run => run(sources).await,
+    }
+}
+
+/// Checks the keys and the catalog, migrates, and claims tasks until a signal.
+async fn run(sources: SettingSources) -> anyhow::Result<()> {
+    let settings = sources.load()?;
     let url = settings
         .database_url
         .clone()

@@ -5,6 +5,7 @@ mod auth_throttle;
 mod binding_rotation;
 mod chaos;
 mod cli;
+mod command_line;
 mod dedicated_local;
 mod embedded_default;
 mod ha_local;
