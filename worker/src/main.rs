@@ -11,14 +11,21 @@ use tokio_util::sync::CancellationToken;
 async fn main() -> anyhow::Result<()> {
     broker::telemetry::init();
     let settings = Settings::load()?;
+    if std::env::args().nth(1).as_deref() == Some("rekey") {
+        berth_worker::rekey::run(settings, Default::default()).await?;
+        return Ok(());
+    }
     let url = settings
         .database_url
         .clone()
         .context("DATABASE_URL is not set: the worker needs the broker's database")?;
     // The key and the catalog first: a bad file stops the worker before it touches the database.
-    let key_path = settings.key_path();
-    let cipher = Cipher::from_key_file(&key_path)?;
-    if let Some(warning) = broker::crypto::key_file_permission_warning(&key_path) {
+    let key_paths = settings.key_paths();
+    let cipher = Cipher::from_key_files(&key_paths)?;
+    for warning in key_paths
+        .iter()
+        .filter_map(|p| broker::crypto::key_file_permission_warning(p))
+    {
         eprintln!("berth-worker: {warning}");
     }
     let config = WorkerConfig::from_settings(&settings);
@@ -30,7 +37,7 @@ async fn main() -> anyhow::Result<()> {
         .run(&pool)
         .await
         .context("running the broker's migrations")?;
-    broker::db::key_checks::verify_master_key(&pool, &key_path).await?;
+    broker::db::key_checks::verify_master_keys(&pool, &key_paths).await?;
     verify_snapshot_key(&pool, &services.settings).await?;
 
     let shutdown = CancellationToken::new();
@@ -55,8 +62,8 @@ async fn main() -> anyhow::Result<()> {
     .await
 }
 
-/// The snapshot key is checked like the master key once this worker has one (the default file is made on first
-/// use, not here); without one, it must not be the odd one out either.
+/// The snapshot keys are checked like the master keys once this worker has one (the default file is made on
+/// first use, not here); without one, it must not be the odd one out either.
 async fn verify_snapshot_key(pool: &sqlx::PgPool, settings: &Settings) -> anyhow::Result<()> {
     use broker::db::key_checks;
     let (path, _) = settings.snapshot_key_path();
@@ -69,9 +76,9 @@ async fn verify_snapshot_key(pool: &sqlx::PgPool, settings: &Settings) -> anyhow
         )
         .await;
     }
-    let key = broker::crypto::read_key_file(&path).context("reading the snapshot key")?;
-    let key_id = berth_worker::snapshots::sealed::SnapshotKey::new(key).id();
-    key_checks::verify_snapshot_key(pool, &path, &key_id).await
+    let snapshots = berth_worker::snapshots::Snapshots::open(settings)?;
+    let list = berth_worker::rekey::snapshot_key_list(settings, &snapshots);
+    key_checks::verify_snapshot_keys(pool, &list).await
 }
 
 /// Set by the embedded default's API, which holds the worker's stdin: when the API is gone, however it ended (a
