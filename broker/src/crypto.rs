@@ -160,7 +160,7 @@ impl Cipher {
 
     pub fn open(&self, sealed: &[u8]) -> anyhow::Result<Vec<u8>> {
         match sealed.first() {
-            Some(&FORMAT_V1) if sealed.len() >= 1 + NONCE_LEN => {
+            Some(&FORMAT_V1) if sealed.len() > NONCE_LEN => {
                 let nonce = Nonce::from_slice(&sealed[1..1 + NONCE_LEN]);
                 self.keys
                     .iter()

@@ -192,6 +192,15 @@ async fn verify(pool: &PgPool, list: &KeyList, fits_existing_data: bool) -> anyh
     for key in &list.keys {
         record(pool, purpose, key).await?;
     }
+    // For the previous release's binaries, when a database lost the value (or never had it).
+    sqlx::query(
+        "INSERT INTO sealing_key_checks (name, check_value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+    )
+    .bind(purpose)
+    .bind(&primary.check_value[..])
+    .execute(pool)
+    .await
+    .context("recording the sealing key's check value")?;
     Ok(())
 }
 

@@ -217,7 +217,7 @@ async fn rekey_moves_everything_to_the_primary_keys_without_losing_a_concurrent_
             .fetch_all(&pool)
             .await
             .unwrap();
-    let last_written = last_written.lock().unwrap();
+    let last_written = last_written.lock().unwrap().clone();
     for (id, sealed) in &rows {
         let opened = String::from_utf8(only_b.open(sealed).unwrap()).unwrap();
         let expected = last_written
