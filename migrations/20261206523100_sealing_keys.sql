@@ -9,6 +9,8 @@ CREATE TABLE sealing_keys (
     check_value bytea NOT NULL,
     added_at    timestamptz NOT NULL DEFAULT now(),
     retired_at  timestamptz,
+    -- Order of first sight: rekey retires only keys seen before its primary, never the next rotation's new key.
+    seq         bigint GENERATED ALWAYS AS IDENTITY,
     PRIMARY KEY (purpose, key_id)
 );
 

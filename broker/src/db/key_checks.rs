@@ -110,8 +110,9 @@ pub async fn recorded(pool: &PgPool, purpose: &str) -> anyhow::Result<Vec<Record
     .context("reading the recorded sealing keys")
 }
 
-/// Marks every recorded key of `purpose` but `keep` as retired (`berth-worker rekey`, once nothing is sealed
-/// with them any more); the ids it retired.
+/// Marks the recorded keys of `purpose` first seen before `keep` (the primary) as retired (`berth-worker rekey`,
+/// once nothing is sealed with another key); the ids it retired. Keys first seen after it are the next
+/// rotation's, listed second ahead of becoming primary: retiring them would refuse them as primary later.
 pub async fn retire_all_but(
     pool: &PgPool,
     purpose: &str,
@@ -119,7 +120,9 @@ pub async fn retire_all_but(
 ) -> anyhow::Result<Vec<String>> {
     sqlx::query_scalar(
         "UPDATE sealing_keys SET retired_at = now()
-         WHERE purpose = $1 AND key_id <> $2 AND retired_at IS NULL RETURNING key_id",
+         WHERE purpose = $1 AND key_id <> $2 AND retired_at IS NULL
+           AND seq < (SELECT seq FROM sealing_keys WHERE purpose = $1 AND key_id = $2)
+         RETURNING key_id",
     )
     .bind(purpose)
     .bind(keep)
@@ -189,7 +192,8 @@ async fn verify(pool: &PgPool, list: &KeyList, fits_existing_data: bool) -> anyh
             primary.id
         );
     }
-    for key in &list.keys {
+    // The last listed first: a list names its older keys after the primary.
+    for key in list.keys.iter().rev() {
         record(pool, purpose, key).await?;
     }
     // For the previous release's binaries, when a database lost the value (or never had it).

@@ -30,6 +30,8 @@ use crate::helpers::*;
 
 const A: [u8; 32] = [0xa1; 32];
 const B: [u8; 32] = [0xb2; 32];
+/// The next rotation's key, already listed second somewhere: first seen after B, so never retired with A.
+const C: [u8; 32] = [0xc3; 32];
 const ROWS: usize = 3_000;
 /// Rows the concurrent writer rewrites (as an API holding [B, A] would).
 const WRITTEN: usize = 300;
@@ -75,6 +77,7 @@ async fn insert_rows(pool: &PgPool) {
     for (purpose, key) in [
         ("master", A),
         ("master", B),
+        ("master", C),
         ("snapshot", A),
         ("snapshot", B),
     ] {
