@@ -137,6 +137,8 @@ pub async fn retire_all_but(
 async fn verify(pool: &PgPool, list: &KeyList, fits_existing_data: bool) -> anyhow::Result<()> {
     let (purpose, setting) = (list.purpose, list.setting);
     let primary = list.keys.first().context("no key listed")?;
+    // Whether this process set the legacy value on a fresh database: then its list alone orders the records.
+    let mut first_here = false;
     if recorded(pool, purpose).await?.is_empty() {
         if !fits_existing_data {
             anyhow::bail!(
@@ -146,16 +148,20 @@ async fn verify(pool: &PgPool, list: &KeyList, fits_existing_data: bool) -> anyh
             );
         }
         // Also what the previous release's binaries compare against.
-        sqlx::query(
+        first_here = sqlx::query(
             "INSERT INTO sealing_key_checks (name, check_value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
         )
         .bind(purpose)
         .bind(&primary.check_value[..])
         .execute(pool)
         .await
-        .context("recording the sealing key's check value")?;
+        .context("recording the sealing key's check value")?
+        .rows_affected()
+            == 1;
     }
-    adopt_legacy_key(pool, list).await?;
+    if !first_here {
+        adopt_legacy_key(pool, list).await?;
+    }
 
     let recorded = recorded(pool, purpose).await?;
     for key in &list.keys {
