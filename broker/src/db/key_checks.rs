@@ -98,11 +98,11 @@ pub async fn refuse_a_missing_key(
     Ok(())
 }
 
-/// Every key recorded for `purpose`, oldest first.
+/// Every key recorded for `purpose`, in the order first seen.
 pub async fn recorded(pool: &PgPool, purpose: &str) -> anyhow::Result<Vec<RecordedKey>> {
     sqlx::query_as(
         "SELECT key_id, check_value, retired_at IS NOT NULL AS retired FROM sealing_keys WHERE purpose = $1
-         ORDER BY added_at, key_id",
+         ORDER BY seq",
     )
     .bind(purpose)
     .fetch_all(pool)
