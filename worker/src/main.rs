@@ -12,7 +12,11 @@ async fn main() -> anyhow::Result<()> {
     broker::telemetry::init();
     let settings = Settings::load()?;
     if std::env::args().nth(1).as_deref() == Some("rekey") {
-        berth_worker::rekey::run(settings, Default::default()).await?;
+        let report = berth_worker::rekey::run(settings, Default::default()).await?;
+        anyhow::ensure!(
+            report.complete(),
+            "rekey is not complete: see the summary above"
+        );
         return Ok(());
     }
     let url = settings

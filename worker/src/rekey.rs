@@ -59,6 +59,15 @@ pub struct RekeyReport {
 }
 
 impl RekeyReport {
+    /// Whether everything is sealed with the primary keys now (else no key was retired: run again once the
+    /// cause is fixed).
+    pub fn complete(&self) -> bool {
+        self.secrets_left == 0
+            && self.secrets_unopenable == 0
+            && self.snapshots_left == 0
+            && self.snapshots_failed == 0
+    }
+
     /// The summary `berth-worker rekey` prints.
     pub fn summary(&self) -> String {
         let rate = self.secrets_resealed as f64 / self.secrets_seconds.max(1e-6);
