@@ -393,6 +393,48 @@ mod tests {
     }
 
     #[test]
+    fn key_lists_in_settings_name_the_primary_first_and_refuse_both_forms() {
+        use crate::config::Settings;
+        let settings =
+            |value: serde_json::Value| -> Settings { serde_json::from_value(value).unwrap() };
+        let listed = settings(serde_json::json!({
+            "berth_key_files": " /k/new.key , /k/old.key,", "berth_data_dir": "/data",
+        }));
+        listed.check().unwrap();
+        assert_eq!(
+            listed.key_paths(),
+            [std::path::PathBuf::from("/k/new.key"), "/k/old.key".into()]
+        );
+        assert_eq!(listed.key_path(), std::path::PathBuf::from("/k/new.key"));
+        let default = settings(serde_json::json!({"berth_data_dir": "/data"}));
+        assert_eq!(
+            default.key_paths(),
+            [std::path::PathBuf::from("/data/master.key")]
+        );
+        let both =
+            settings(serde_json::json!({"berth_key_file": "/k/a", "berth_key_files": "/k/b"}));
+        let err = both.check().unwrap_err().to_string();
+        assert!(
+            err.contains("BERTH_KEY_FILE ") && err.contains("BERTH_KEY_FILES"),
+            "{err}"
+        );
+        let both = settings(
+            serde_json::json!({"snapshot_key_file": "/k/a", "snapshot_key_files": "/k/b,/k/c"}),
+        );
+        let err = both.check().unwrap_err().to_string();
+        assert!(err.contains("SNAPSHOT_KEY_FILES"), "{err}");
+        let snapshots = settings(serde_json::json!({"snapshot_key_files": "/k/b,/k/c"}));
+        assert_eq!(
+            snapshots.snapshot_key_paths(),
+            (vec!["/k/b".into(), "/k/c".into()], false)
+        );
+        // An empty single-key setting beside a list counts as unset (a process manager may only blank it).
+        settings(serde_json::json!({"berth_key_file": "", "berth_key_files": "/k/b"}))
+            .check()
+            .unwrap();
+    }
+
+    #[test]
     fn key_file_is_never_overwritten() {
         let dir = std::env::temp_dir().join(format!("berth-key-{}", uuid::Uuid::new_v4()));
         let path = dir.join("master.key");

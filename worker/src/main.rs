@@ -80,8 +80,7 @@ async fn verify_snapshot_key(pool: &sqlx::PgPool, settings: &Settings) -> anyhow
         )
         .await;
     }
-    let snapshots = berth_worker::snapshots::Snapshots::open(settings)?;
-    let list = berth_worker::rekey::snapshot_key_list(settings, &snapshots);
+    let list = berth_worker::rekey::snapshot_key_list(settings)?;
     key_checks::verify_snapshot_keys(pool, &list).await
 }
 

@@ -16,7 +16,7 @@ use broker::{
 use sqlx::PgPool;
 use tracing::{info, warn};
 
-use crate::snapshots::Snapshots;
+use crate::snapshots::{Snapshots, sealed::SnapshotKey};
 
 /// How `rekey` runs.
 #[derive(Debug, Clone)]
@@ -164,7 +164,7 @@ pub async fn run(settings: Settings, options: RekeyOptions) -> anyhow::Result<Re
         None
     } else {
         let snapshots = Snapshots::open(&settings)?;
-        key_checks::verify_snapshot_keys(&pool, &snapshot_key_list(&settings, &snapshots)).await?;
+        key_checks::verify_snapshot_keys(&pool, &snapshot_key_list(&settings)?).await?;
         Some(snapshots)
     };
     let report = rekey(&pool, &cipher, snapshots.as_ref(), &options).await?;
@@ -172,24 +172,29 @@ pub async fn run(settings: Settings, options: RekeyOptions) -> anyhow::Result<Re
     Ok(report)
 }
 
-/// The snapshot keys of `snapshots` as the start-up check sees them.
-pub fn snapshot_key_list(settings: &Settings, snapshots: &Snapshots) -> key_checks::KeyList {
+/// The snapshot key files of `settings` as the start-up check sees them (the files must exist).
+pub fn snapshot_key_list(settings: &Settings) -> anyhow::Result<key_checks::KeyList> {
     let (paths, _) = settings.snapshot_key_paths();
-    let keys = snapshots
-        .keys()
-        .iter()
-        .zip(paths)
-        .map(|(key, path)| key_checks::ListedKey {
+    let mut keys = Vec::with_capacity(paths.len());
+    for path in paths {
+        let key = SnapshotKey::new(broker::crypto::read_key_file(&path)?);
+        anyhow::ensure!(
+            keys.iter()
+                .all(|k: &key_checks::ListedKey| k.id != key.id()),
+            "the snapshot key with id {} is listed twice in SNAPSHOT_KEY_FILES",
+            key.id()
+        );
+        keys.push(key_checks::ListedKey {
             id: key.id(),
             check_value: key.check_value(),
             path,
-        })
-        .collect();
-    key_checks::KeyList {
+        });
+    }
+    Ok(key_checks::KeyList {
         purpose: SNAPSHOT_KEY,
         setting: "SNAPSHOT_KEY_FILES (or SNAPSHOT_KEY_FILE)",
         keys,
-    }
+    })
 }
 
 /// Re-seals secrets (two passes: the second catches values written by a process that still sealed with an old
