@@ -68,10 +68,17 @@ impl Embedded {
             settings.bind_address = "127.0.0.1".into();
         }
         let key_path = absolute(&settings.key_path())?;
-        if !key_path.exists() {
-            broker::crypto::generate_key_file(&key_path)?;
-        }
-        settings.key_file = Some(key_path.clone());
+        // A list of keys (BERTH_KEY_FILES) is the operator's: used as it is, never made here.
+        let key_setting = match settings.key_files.clone() {
+            Some(list) => ("BERTH_KEY_FILES".to_string(), list),
+            None => {
+                if !key_path.exists() {
+                    broker::crypto::generate_key_file(&key_path)?;
+                }
+                settings.key_file = Some(key_path.clone());
+                ("BERTH_KEY_FILE".to_string(), key_path.display().to_string())
+            }
+        };
         let (username, password) = load_or_make_credentials(&data_dir, settings)?;
         settings.broker_username = Some(SecretString::from(username.clone()));
         settings.broker_password = Some(password.clone());
@@ -95,7 +102,7 @@ impl Embedded {
                 "DATABASE_URL".to_string(),
                 server.url("berth").expose_secret().to_string(),
             ),
-            ("BERTH_KEY_FILE".to_string(), key_path.display().to_string()),
+            key_setting,
             ("PLANS_DIR".to_string(), plans_dir.display().to_string()),
             ("BERTH_DATA_DIR".to_string(), data_dir.display().to_string()),
             (

@@ -67,7 +67,7 @@ async fn serve_with(
         .as_ref()
         .context("DATABASE_URL is not set")?;
     let (username, password) = broker_credentials(settings)?;
-    let cipher = Cipher::from_key_file(&settings.key_path()).with_context(|| {
+    let cipher = Cipher::from_key_files(&settings.key_paths()).with_context(|| {
         format!(
             "no usable secrets key (create one with `berth-api gen-key {}` and set BERTH_KEY_FILE)",
             settings.key_path().display()
@@ -84,7 +84,7 @@ async fn serve_with(
         .run(&db)
         .await
         .context("running the broker's migrations")?;
-    broker::db::key_checks::verify_master_key(&db, &settings.key_path()).await?;
+    broker::db::key_checks::verify_master_keys(&db, &settings.key_paths()).await?;
 
     let provisions = berth_api::provision_batch::ProvisionBatcher::start(
         db.clone(),

@@ -187,6 +187,14 @@ pub struct Settings {
     /// Comma list of the only webhook targets allowed: host names, `.domain` suffixes, IP addresses, CIDRs.
     /// Unset = any address the fixed rules allow (private ranges included).
     pub webhook_allowed_targets: Option<String>,
+    /// Comma list of the key files that seal secrets in the broker's database (docs/keys.md): the first seals,
+    /// all of them open. Unset = `BERTH_KEY_FILE` alone (default `<BERTH_DATA_DIR>/master.key`); setting both is
+    /// an error.
+    #[serde(rename = "berth_key_files")]
+    pub key_files: Option<String>,
+    /// Comma list of snapshot key files: the first seals new presets and backups, all of them open. Unset =
+    /// `SNAPSHOT_KEY_FILE` alone; setting both is an error.
+    pub snapshot_key_files: Option<String>,
 }
 
 fn yes() -> bool {
@@ -356,6 +364,32 @@ impl Settings {
                 "SNAPSHOT_STORE_URL must be file:///<absolute dir> or s3://<bucket>/<prefix>"
             );
         }
+        for (list, one, list_name, one_name) in [
+            (
+                &self.key_files,
+                &self.key_file,
+                "BERTH_KEY_FILES",
+                "BERTH_KEY_FILE",
+            ),
+            (
+                &self.snapshot_key_files,
+                &self.snapshot_key_file,
+                "SNAPSHOT_KEY_FILES",
+                "SNAPSHOT_KEY_FILE",
+            ),
+        ] {
+            if list.as_deref().is_some_and(|l| !l.trim().is_empty()) {
+                anyhow::ensure!(
+                    one.as_ref().is_none_or(|p| p.as_os_str().is_empty()),
+                    "{one_name} and {list_name} are both set: list every key in {list_name} (the first seals) \
+                     and unset {one_name}"
+                );
+                anyhow::ensure!(
+                    !split_paths(list.as_deref()).is_empty(),
+                    "{list_name} lists no key file"
+                );
+            }
+        }
         if self.reconcile_interval_ms < 100 {
             anyhow::bail!("RECONCILE_INTERVAL_MS must be at least 100");
         }
@@ -508,16 +542,58 @@ impl Settings {
 
     /// The snapshot key file, and whether berth may create it (only the default one).
     pub fn snapshot_key_path(&self) -> (PathBuf, bool) {
+        if let Some(first) = split_paths(self.snapshot_key_files.as_deref())
+            .into_iter()
+            .next()
+        {
+            return (first, false);
+        }
         match &self.snapshot_key_file {
             Some(path) => (path.clone(), false),
             None => (self.data_dir.join("snapshot.key"), true),
         }
     }
 
-    /// The key file: the configured one, or `<data dir>/master.key`.
+    /// The key file: the configured one, or `<data dir>/master.key`. With `BERTH_KEY_FILES`, its first (the
+    /// primary).
     pub fn key_path(&self) -> PathBuf {
+        if let Some(first) = split_paths(self.key_files.as_deref()).into_iter().next() {
+            return first;
+        }
         self.key_file
             .clone()
             .unwrap_or_else(|| self.data_dir.join("master.key"))
     }
+
+    /// The master key files, the primary first: `BERTH_KEY_FILES`, else the one [`Settings::key_path`].
+    pub fn key_paths(&self) -> Vec<PathBuf> {
+        let listed = split_paths(self.key_files.as_deref());
+        if listed.is_empty() {
+            vec![self.key_path()]
+        } else {
+            listed
+        }
+    }
+
+    /// The snapshot key files, the primary first, and whether berth may create the primary (only the default
+    /// one): `SNAPSHOT_KEY_FILES`, else [`Settings::snapshot_key_path`].
+    pub fn snapshot_key_paths(&self) -> (Vec<PathBuf>, bool) {
+        let listed = split_paths(self.snapshot_key_files.as_deref());
+        if listed.is_empty() {
+            let (path, may_create) = self.snapshot_key_path();
+            (vec![path], may_create)
+        } else {
+            (listed, false)
+        }
+    }
+}
+
+/// A comma list of paths (blanks around the commas and empty items ignored).
+fn split_paths(list: Option<&str>) -> Vec<PathBuf> {
+    list.unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .collect()
 }

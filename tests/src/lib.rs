@@ -149,6 +149,30 @@ impl Stack {
         Ok(())
     }
 
+    /// Stops the API and starts it again with `changes` to the environment (kept for later restarts), waiting
+    /// until it is healthy.
+    pub async fn restart_api(
+        &mut self,
+        changes: Vec<(&'static str, String)>,
+    ) -> anyhow::Result<()> {
+        let _ = self.api.start_kill();
+        let _ = self.api.wait().await;
+        for (key, value) in changes {
+            self.env.retain(|(k, _)| *k != key);
+            self.env.push((key, value));
+        }
+        self.api = spawn(&self.dir, &self.env, "berth-api", "api-restarted.log")?;
+        self.client
+            .wait_healthy(Duration::from_secs(30))
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "berth-api did not become healthy again ({e}); its log:\n{}",
+                    self.log("api-restarted.log")
+                )
+            })
+    }
+
     /// A command running `binary` (`berth-api`, `berth-worker`) with this stack's environment and `changes`
     /// to it, for a process of one's own next to the stack's.
     pub fn command(&self, binary: &str, changes: &[(&str, String)]) -> std::process::Command {

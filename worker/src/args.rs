@@ -25,6 +25,17 @@ pub struct Cli {
 pub enum Command {
     /// Claim and run tasks until SIGTERM or SIGINT (the default).
     Run,
+    /// Re-seal every stored secret and snapshot with the primary keys (the first of BERTH_KEY_FILES and of
+    /// SNAPSHOT_KEY_FILES) while the broker serves, then retire the keys nothing is sealed with any more.
+    /// Exits non-zero while anything is left under an older key. See docs/keys.md.
+    Rekey {
+        /// Rows re-sealed per statement (each batch is its own short transaction).
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(i64).range(1..=100_000))]
+        batch_size: i64,
+        /// Leave snapshots alone (re-seal only the secrets in the broker's database).
+        #[arg(long)]
+        skip_snapshots: bool,
+    },
     // More commands go here (each a function of the worker's library called from main.rs).
 }
 

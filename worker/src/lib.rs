@@ -9,6 +9,7 @@ pub mod providers;
 pub mod queue;
 pub mod reconcile;
 pub mod registry;
+pub mod rekey;
 pub mod runner;
 pub mod snapshots;
 pub mod tasks;

@@ -1,6 +1,8 @@
 //! berth-worker: reads settings, connects, and runs the claim loop until SIGTERM or SIGINT.
 //!
 //!   berth-worker [SETTINGS]           run (the default; `berth-worker --help` lists the settings)
+//!   berth-worker rekey [--batch-size N] [--skip-snapshots]
+//!                                     re-seal every secret and snapshot with the primary keys
 
 mod args;
 
@@ -21,7 +23,30 @@ async fn main() -> anyhow::Result<()> {
     broker::telemetry::init();
     match command {
         args::Command::Run => run(sources).await,
+        args::Command::Rekey {
+            batch_size,
+            skip_snapshots,
+        } => rekey(sources, batch_size, skip_snapshots).await,
     }
+}
+
+/// Re-seals every stored secret and snapshot with the primary keys, then retires keys nothing uses.
+async fn rekey(
+    sources: SettingSources,
+    batch_size: i64,
+    skip_snapshots: bool,
+) -> anyhow::Result<()> {
+    let settings = sources.load()?;
+    let options = berth_worker::rekey::RekeyOptions {
+        batch_size,
+        skip_snapshots,
+    };
+    let report = berth_worker::rekey::run(settings, options).await?;
+    anyhow::ensure!(
+        report.complete(),
+        "rekey is not complete: see the summary above"
+    );
+    Ok(())
 }
 
 /// Checks the keys and the catalog, migrates, and claims tasks until a signal.
@@ -32,9 +57,12 @@ async fn run(sources: SettingSources) -> anyhow::Result<()> {
         .clone()
         .context("DATABASE_URL is not set: the worker needs the broker's database")?;
     // The key and the catalog first: a bad file stops the worker before it touches the database.
-    let key_path = settings.key_path();
-    let cipher = Cipher::from_key_file(&key_path)?;
-    if let Some(warning) = broker::crypto::key_file_permission_warning(&key_path) {
+    let key_paths = settings.key_paths();
+    let cipher = Cipher::from_key_files(&key_paths)?;
+    for warning in key_paths
+        .iter()
+        .filter_map(|p| broker::crypto::key_file_permission_warning(p))
+    {
         eprintln!("berth-worker: {warning}");
     }
     let config = WorkerConfig::from_settings(&settings);
@@ -46,7 +74,7 @@ async fn run(sources: SettingSources) -> anyhow::Result<()> {
         .run(&pool)
         .await
         .context("running the broker's migrations")?;
-    broker::db::key_checks::verify_master_key(&pool, &key_path).await?;
+    broker::db::key_checks::verify_master_keys(&pool, &key_paths).await?;
     verify_snapshot_key(&pool, &services.settings).await?;
 
     let shutdown = CancellationToken::new();
@@ -71,8 +99,8 @@ async fn run(sources: SettingSources) -> anyhow::Result<()> {
     .await
 }
 
-/// The snapshot key is checked like the master key once this worker has one (the default file is made on first
-/// use, not here); without one, it must not be the odd one out either.
+/// The snapshot keys are checked like the master keys once this worker has one (the default file is made on
+/// first use, not here); without one, it must not be the odd one out either.
 async fn verify_snapshot_key(pool: &sqlx::PgPool, settings: &Settings) -> anyhow::Result<()> {
     use broker::db::key_checks;
     let (path, _) = settings.snapshot_key_path();
@@ -85,9 +113,8 @@ async fn verify_snapshot_key(pool: &sqlx::PgPool, settings: &Settings) -> anyhow
         )
         .await;
     }
-    let key = broker::crypto::read_key_file(&path).context("reading the snapshot key")?;
-    let key_id = berth_worker::snapshots::sealed::SnapshotKey::new(key).id();
-    key_checks::verify_snapshot_key(pool, &path, &key_id).await
+    let list = berth_worker::rekey::snapshot_key_list(settings)?;
+    key_checks::verify_snapshot_keys(pool, &list).await
 }
 
 /// Set by the embedded default's API, which holds the worker's stdin: when the API is gone, however it ended (a

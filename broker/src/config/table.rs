@@ -190,6 +190,11 @@ const STORAGE: &[Setting] = &[
         "File with the 32-byte key (base64) that seals secrets at rest (`berth-api gen-key PATH` writes one).",
     ),
     both(
+        "BERTH_KEY_FILES",
+        Fallback("BERTH_KEY_FILE alone"),
+        "Comma list of key files that seal secrets at rest: the first seals, all of them open (key rotation, docs/keys.md). Setting it and BERTH_KEY_FILE is an error.",
+    ),
+    both(
         "PLANS_DIR",
         Value("plans"),
         "Folder with one catalog file per service.",
@@ -451,6 +456,11 @@ const SNAPSHOTS: &[Setting] = &[
         "SNAPSHOT_KEY_FILE",
         Fallback("<BERTH_DATA_DIR>/snapshot.key, made on first start"),
         "The key snapshots are sealed with (`berth gen-key` writes one); a configured file must exist.",
+    ),
+    worker(
+        "SNAPSHOT_KEY_FILES",
+        Fallback("SNAPSHOT_KEY_FILE alone"),
+        "Comma list of snapshot key files: the first seals new presets and backups, all of them open (docs/keys.md). Setting it and SNAPSHOT_KEY_FILE is an error.",
     ),
     worker(
         "SNAPSHOT_ZSTD_LEVEL",

@@ -9,6 +9,7 @@ mod command_line;
 mod dedicated_local;
 mod embedded_default;
 mod ha_local;
+mod key_rotation;
 mod s3_lifecycle;
 mod shared_lifecycle;
 mod slow_clients;

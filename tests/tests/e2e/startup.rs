@@ -331,6 +331,10 @@ async fn a_database_sealed_before_key_checks_existed_accepts_only_the_key_that_o
         .execute(&mut db)
         .await
         .unwrap();
+    sqlx::query("DELETE FROM sealing_keys")
+        .execute(&mut db)
+        .await
+        .unwrap();
 
     // Key B cannot open it: refused, and nothing recorded.
     let cmd = stack.command(

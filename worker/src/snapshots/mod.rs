@@ -3,6 +3,7 @@
 
 pub mod apply;
 pub mod pipeline;
+pub mod reseal;
 pub mod sealed;
 pub mod steps;
 pub mod store;

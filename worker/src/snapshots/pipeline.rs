@@ -24,11 +24,13 @@ use super::{
 };
 use crate::registry::TaskError;
 
-/// The worker's snapshot machinery: the store, the key and the compression level.
+/// The worker's snapshot machinery: the store, the keys (the first seals, all open) and the compression level.
 #[derive(Debug, Clone)]
 pub struct Snapshots {
     pub store: Arc<dyn ObjectStore>,
-    key: SnapshotKey,
+    pub(super) key: SnapshotKey,
+    /// Keys that only open (`SNAPSHOT_KEY_FILES` after the first).
+    pub(super) older_keys: Vec<SnapshotKey>,
     zstd_level: i32,
 }
 
@@ -44,9 +46,10 @@ pub struct Taken {
 }
 
 impl Snapshots {
-    /// Opens the configured store and reads the key, making the default key file on first start.
+    /// Opens the configured store and reads the keys, making the default key file on first start.
     pub fn open(settings: &Settings) -> anyhow::Result<Self> {
-        let (path, may_create) = settings.snapshot_key_path();
+        let (paths, may_create) = settings.snapshot_key_paths();
+        let path = paths[0].clone();
         if !path.exists() {
             anyhow::ensure!(
                 may_create,
@@ -61,24 +64,51 @@ impl Snapshots {
                 Err(e) => return Err(e.context("making the snapshot key")),
             }
         }
-        let key = broker::crypto::read_key_file(&path).context("reading the snapshot key")?;
+        let mut keys = Vec::with_capacity(paths.len());
+        for path in &paths {
+            let key = broker::crypto::read_key_file(path).context("reading a snapshot key")?;
+            keys.push(SnapshotKey::new(key));
+        }
+        let primary = keys.remove(0);
         Ok(Self::new(
             store::open(settings)?,
-            SnapshotKey::new(key),
+            primary,
             settings.snapshot_zstd_level,
-        ))
+        )
+        .with_older_keys(keys))
     }
 
     pub fn new(store: Arc<dyn ObjectStore>, key: SnapshotKey, zstd_level: i32) -> Self {
         Self {
             store,
             key,
+            older_keys: Vec::new(),
             zstd_level,
         }
     }
 
+    /// Also opens (never seals) objects sealed with `keys`.
+    pub fn with_older_keys(self, keys: Vec<SnapshotKey>) -> Self {
+        Self {
+            older_keys: keys,
+            ..self
+        }
+    }
+
+    /// The id of the key new snapshots are sealed with.
     pub fn key_id(&self) -> String {
         self.key.id()
+    }
+
+    /// Every key, the primary first.
+    pub fn keys(&self) -> Vec<SnapshotKey> {
+        std::iter::once(self.key.clone())
+            .chain(self.older_keys.iter().cloned())
+            .collect()
+    }
+
+    pub fn holds_key(&self, key_id: &str) -> bool {
+        self.keys().iter().any(|k| k.id() == key_id)
     }
 
     /// Dumps `database` into the object `object_key`. The object appears only if the dump succeeded.
@@ -148,7 +178,7 @@ impl Snapshots {
 
     /// A ready snapshot's object, its recorded size and SHA-256: Fatal when the snapshot is incomplete, sealed
     /// with another key, missing from the store or of another size there.
-    async fn checked_object(
+    pub(super) async fn checked_object(
         &self,
         snapshot: &SnapshotRow,
     ) -> Result<(ObjectReader, i64, String), TaskError> {
@@ -159,13 +189,17 @@ impl Snapshots {
             )));
         };
         if let Some(key_id) = &snapshot.key_id
-            && *key_id != self.key.id()
+            && !self.holds_key(key_id)
         {
             return Err(TaskError::fatal(format!(
-                "snapshot {} was sealed with snapshot key {key_id}, but this worker's key is {}; configure the \
-                 key it was made with (SNAPSHOT_KEY_FILE)",
+                "snapshot {} was sealed with snapshot key {key_id}, which this worker does not hold (its keys: \
+                 {}); add the key file with id {key_id} to SNAPSHOT_KEY_FILES",
                 snapshot.id,
-                self.key.id()
+                self.keys()
+                    .iter()
+                    .map(SnapshotKey::id)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )));
         }
         let (reader, stored_size) = self
@@ -220,9 +254,9 @@ impl Snapshots {
             })?;
         let stdin = child.stdin.take().expect("piped");
         let stderr = tokio::spawn(read_tail(child.stderr.take().expect("piped")));
-        let key = self.key.clone();
+        let keys = self.keys();
         let fed = tokio::task::spawn_blocking(move || {
-            open_and_decompress(SyncIoBridge::new(reader), SyncIoBridge::new(stdin), &key)
+            open_and_decompress(SyncIoBridge::new(reader), SyncIoBridge::new(stdin), &keys)
         })
         .await
         .map_err(|e| anyhow::anyhow!("the restore thread failed: {e}"))?;
@@ -311,13 +345,13 @@ fn compress_and_seal(
 fn open_and_decompress(
     object: impl Read,
     mut restore: impl Write,
-    key: &SnapshotKey,
+    keys: &[SnapshotKey],
 ) -> io::Result<Digest256> {
     let hashing = HashingReader {
         inner: object,
         digest: Digest256::default(),
     };
-    let opened = OpenReader::new(key, hashing)?;
+    let opened = OpenReader::with_keys(keys, hashing)?;
     let mut decoder = zstd::stream::read::Decoder::new(opened)?;
     io::copy(&mut decoder, &mut restore)?;
     restore.flush()?;
@@ -329,20 +363,20 @@ fn open_and_decompress(
 }
 
 /// Collects bytes into parts of [`PART_SIZE`] for the store.
-struct PartWriter {
+pub(super) struct PartWriter {
     tx: mpsc::Sender<Part>,
     buf: Vec<u8>,
 }
 
 impl PartWriter {
-    fn new(tx: mpsc::Sender<Part>) -> Self {
+    pub(super) fn new(tx: mpsc::Sender<Part>) -> Self {
         Self {
             tx,
             buf: Vec::with_capacity(PART_SIZE),
         }
     }
 
-    fn flush_part(&mut self) -> io::Result<()> {
+    pub(super) fn flush_part(&mut self) -> io::Result<()> {
         if self.buf.is_empty() {
             return Ok(());
         }
@@ -372,7 +406,7 @@ impl Write for PartWriter {
 }
 
 /// The last few KiB a child wrote to stderr (its error message).
-async fn read_tail(mut stderr: impl tokio::io::AsyncRead + Unpin) -> String {
+pub(super) async fn read_tail(mut stderr: impl tokio::io::AsyncRead + Unpin) -> String {
     let mut all = Vec::new();
     let _ = stderr.read_to_end(&mut all).await;
     let start = all.len().saturating_sub(4096);

@@ -53,6 +53,11 @@ impl SnapshotKey {
         hex(&self.id_bytes())
     }
 
+    /// What the start-up check compares (see [`broker::crypto::key_check_value`]).
+    pub fn check_value(&self) -> [u8; 32] {
+        broker::crypto::key_check_value(&self.key)
+    }
+
     fn id_bytes(&self) -> [u8; 8] {
         let digest = Sha256::new()
             .chain_update(b"berth snapshot key id")
@@ -82,7 +87,10 @@ pub fn hex(bytes: &[u8]) -> String {
 pub enum OpenError {
     #[error("the object is not a berth snapshot (bad header)")]
     NotASnapshot,
-    #[error("the object was sealed with snapshot key {object}, but this worker's key is {ours}")]
+    #[error(
+        "the object was sealed with snapshot key {object}, which this worker does not hold (its keys: {ours}); \
+         add the key file with id {object} to SNAPSHOT_KEY_FILES"
+    )]
     WrongKey { object: String, ours: String },
     #[error("the object is corrupted: chunk {0} failed authentication")]
     Corrupted(u64),
@@ -191,7 +199,12 @@ pub struct OpenReader<R: Read> {
 }
 
 impl<R: Read> OpenReader<R> {
-    pub fn new(key: &SnapshotKey, mut inner: R) -> io::Result<Self> {
+    pub fn new(key: &SnapshotKey, inner: R) -> io::Result<Self> {
+        Self::with_keys(std::slice::from_ref(key), inner)
+    }
+
+    /// Opens with whichever of `keys` the object's header names.
+    pub fn with_keys(keys: &[SnapshotKey], mut inner: R) -> io::Result<Self> {
         let mut header = [0u8; HEADER_LEN];
         read_full(&mut inner, &mut header).and_then(|n| {
             if n == HEADER_LEN {
@@ -203,13 +216,17 @@ impl<R: Read> OpenReader<R> {
         if &header[..8] != MAGIC || header[52..].iter().any(|b| *b != 0) {
             return Err(OpenError::NotASnapshot.into());
         }
-        if header[8..16] != key.id_bytes() {
+        let Some(key) = keys.iter().find(|k| header[8..16] == k.id_bytes()) else {
             return Err(OpenError::WrongKey {
                 object: hex(&header[8..16]),
-                ours: key.id(),
+                ours: keys
+                    .iter()
+                    .map(SnapshotKey::id)
+                    .collect::<Vec<_>>()
+                    .join(", "),
             }
             .into());
-        }
+        };
         let chunk = u32::from_be_bytes(header[48..52].try_into().expect("4 bytes")) as usize;
         if chunk == 0 || chunk > 64 << 20 {
             return Err(OpenError::NotASnapshot.into());
@@ -384,6 +401,31 @@ mod tests {
         let sealed = seal(&SnapshotKey::new([1; 32]), b"hello", 64);
         let err = open(&SnapshotKey::new([2; 32]), &sealed).unwrap_err();
         assert!(matches!(kind(err), OpenError::WrongKey { .. }));
+    }
+
+    #[test]
+    fn a_keyring_opens_objects_of_each_of_its_keys() {
+        let (a, b) = (SnapshotKey::new([1; 32]), SnapshotKey::new([2; 32]));
+        let ring = [b.clone(), a.clone()];
+        for key in [&a, &b] {
+            let sealed = seal(key, b"hello", 64);
+            let mut out = Vec::new();
+            OpenReader::with_keys(&ring, sealed.as_slice())
+                .unwrap()
+                .read_to_end(&mut out)
+                .unwrap();
+            assert_eq!(out, b"hello");
+        }
+        let other = seal(&SnapshotKey::new([3; 32]), b"x", 64);
+        let err = OpenReader::with_keys(&ring, other.as_slice())
+            .err()
+            .expect("an unknown key");
+        let message = err.to_string();
+        assert!(
+            message.contains(&SnapshotKey::new([3; 32]).id())
+                && message.contains("SNAPSHOT_KEY_FILES"),
+            "{message}"
+        );
     }
 
     #[test]

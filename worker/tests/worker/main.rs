@@ -10,6 +10,7 @@ mod layout;
 mod local_postgres;
 mod peers;
 mod queue;
+mod rekey;
 mod s3;
 mod shared_postgres;
 mod task_errors;
