@@ -144,8 +144,9 @@ impl Embedded {
         *self.supervisor.lock().expect("supervisor lock") = Some(handle);
     }
 
-    pub fn print_banner(&self, addr: SocketAddr) {
-        let url = format!("http://{addr}");
+    /// `https`: TLS files are set (the embedded default itself serves plain HTTP on 127.0.0.1).
+    pub fn print_banner(&self, addr: SocketAddr, https: bool) {
+        let url = format!("{}://{addr}", if https { "https" } else { "http" });
         if let Err(e) = self
             .lock
             .describe(&format!("pid {}, {url}", std::process::id()))
@@ -156,6 +157,11 @@ impl Embedded {
         println!();
         println!("berth is running (embedded default)");
         println!("  broker URL: {url}");
+        if !https {
+            println!(
+                "              plain HTTP, for this machine only (HTTPS: TLS_CERT_FILE, docs/tls.md)"
+            );
+        }
         println!("  username:   {}", self.username);
         println!("  password:   {password}");
         println!(

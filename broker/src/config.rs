@@ -177,6 +177,15 @@ pub struct Settings {
     /// Comma list of the only webhook targets allowed: host names, `.domain` suffixes, IP addresses, CIDRs.
     /// Unset = any address the fixed rules allow (private ranges included).
     pub webhook_allowed_targets: Option<String>,
+    /// TLS on the API: a PEM file with the certificate chain, leaf first. Set with `TLS_KEY_FILE`, or neither
+    /// (plain HTTP). See docs/tls.md.
+    pub tls_cert_file: Option<PathBuf>,
+    /// The PEM private key of the leaf certificate (PKCS#8, SEC1 EC or PKCS#1 RSA).
+    pub tls_key_file: Option<PathBuf>,
+    /// Seconds between checks of the TLS files for a new certificate (10); a changed pair serves new
+    /// connections without a restart.
+    #[serde(default = "default_tls_reload_secs")]
+    pub tls_reload_secs: u64,
 }
 
 fn yes() -> bool {
@@ -519,4 +528,8 @@ impl Settings {
             .clone()
             .unwrap_or_else(|| self.data_dir.join("master.key"))
     }
+}
+
+fn default_tls_reload_secs() -> u64 {
+    10
 }
