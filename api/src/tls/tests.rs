@@ -105,9 +105,8 @@ fn ec_keys_in_pkcs8_and_sec1_and_rsa_keys_in_pkcs8_and_pkcs1_load() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
-#[test]
-fn a_chain_loads_leaf_first() {
-    let dir = temp_dir();
+/// A CA and a certificate for `localhost` it signed: (CA PEM, chain PEM leaf first, leaf key PEM, leaf DER).
+fn ca_and_leaf() -> (String, String, String, Vec<u8>) {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -118,11 +117,21 @@ fn a_chain_loads_leaf_first() {
         .signed_by(&leaf_key, &ca)
         .unwrap();
     let chain = format!("{}{}", leaf_cert.pem(), ca.pem());
-    let loaded = files(&dir, &chain, &leaf_key.serialize_pem())
-        .load()
-        .unwrap();
+    (
+        ca.pem(),
+        chain,
+        leaf_key.serialize_pem(),
+        leaf_cert.der().to_vec(),
+    )
+}
+
+#[test]
+fn a_chain_loads_leaf_first() {
+    let dir = temp_dir();
+    let (_, chain, key, leaf_der) = ca_and_leaf();
+    let loaded = files(&dir, &chain, &key).load().unwrap();
     assert_eq!(loaded.cert.len(), 2);
-    assert_eq!(leaf(&loaded), leaf_cert.der().to_vec());
+    assert_eq!(leaf(&loaded), leaf_der);
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -293,4 +302,102 @@ async fn a_changed_pair_is_swapped_in_and_a_broken_one_keeps_the_old_one() {
         .expect("the reload task ends on shutdown")
         .unwrap();
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Serves `/health` over TLS with `limits`; the port and the CA to trust.
+async fn tls_server(
+    limits: crate::server::ConnectionLimits,
+    shutdown: CancellationToken,
+) -> (SocketAddr, String) {
+    let dir = temp_dir();
+    let (ca, chain, key, _) = ca_and_leaf();
+    let cert = ReloadingCert::new(files(&dir, &chain, &key).load().unwrap());
+    std::fs::remove_dir_all(dir).unwrap();
+    let router = axum::Router::new().route("/health", axum::routing::get(|| async { "ok" }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tls = acceptor(Arc::new(cert)).unwrap();
+    tokio::spawn(crate::server::serve_with_tls(
+        listener,
+        router,
+        limits,
+        Some(tls),
+        shutdown,
+    ));
+    (addr, ca)
+}
+
+/// A TLS connection trusting `ca`, then `GET /health`; the answer's first line.
+async fn get_health(addr: SocketAddr, ca: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca.as_bytes()).unwrap())
+        .unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = stream.read(&mut buf).await.unwrap();
+    String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Whether the server closes `stream` within `within`.
+async fn closed_within(stream: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut byte = [0u8; 1];
+    matches!(
+        tokio::time::timeout(within, stream.read(&mut byte)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+#[tokio::test]
+async fn a_silent_handshake_is_closed_after_the_header_timeout_and_at_the_cap_by_a_newcomer() {
+    let shutdown = CancellationToken::new();
+    let limits = crate::server::ConnectionLimits {
+        header_read_timeout: Duration::from_secs(1),
+        max_connections: 8,
+    };
+    let (addr, ca) = tls_server(limits, shutdown.clone()).await;
+    assert_eq!(get_health(addr, &ca).await, "HTTP/1.1 200 OK");
+    let started = std::time::Instant::now();
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    assert!(closed_within(&mut silent, Duration::from_secs(5)).await);
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // One slot and a timeout far beyond the test: only the newcomer can close the silent one.
+    let limits = crate::server::ConnectionLimits {
+        header_read_timeout: Duration::from_secs(60),
+        max_connections: 1,
+    };
+    let (addr, ca) = tls_server(limits, shutdown.clone()).await;
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let answer = tokio::time::timeout(Duration::from_secs(5), get_health(addr, &ca))
+        .await
+        .expect("the newcomer is served");
+    assert_eq!(answer, "HTTP/1.1 200 OK");
+    assert!(closed_within(&mut silent, Duration::from_secs(1)).await);
+    shutdown.cancel();
 }
