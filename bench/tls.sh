@@ -59,6 +59,26 @@ measure() {
   done | sort -n | awk '{ t[NR] = $1 * 1000 } END { printf "median %.2f ms, p90 %.2f ms", t[int(NR / 2) + 1], t[int(NR * 0.9)] }'
 }
 
+# handshake URL: "median" of curl's TLS handshake (time_appconnect - time_connect) in ms; this includes curl's own
+# TLS set-up, paid once per curl process.
+handshake() {
+  local i
+  for i in $(seq 1 "$n"); do
+    curl -fsS --cacert "$work/tls.crt" -o /dev/null -w '%{time_connect} %{time_appconnect}\n' "$1/health"
+  done | awk '{ print ($2 - $1) * 1000 }' | sort -n | awk '{ t[NR] = $1 } END { printf "median %.2f ms", t[int(NR / 2) + 1] }'
+}
+
+# s_time URL: new TLS connections one after another, each with GET /health, for 5 s, by one openssl process
+# (no per-process set-up): the time per connection.
+s_time() {
+  local start end count
+  start=$(date +%s%N)
+  count=$(openssl s_time -connect "${1#https://}" -new -time 5 -CAfile "$work/tls.crt" -www /health 2>/dev/null |
+    awk '/connections in .* real seconds/ { print $1 }')
+  end=$(date +%s%N)
+  awk -v c="$count" -v ns=$((end - start)) 'BEGIN { printf "%.2f ms per connection (%d in %.1f s)", ns / 1e6 / c, c, ns / 1e9 }'
+}
+
 start plain
 plain=$URL
 start tls TLS_CERT_FILE="$work/tls.crt" TLS_KEY_FILE="$work/tls.key"
@@ -68,3 +88,5 @@ measure "$https" 20 >/dev/null
 echo "GET /v2/catalog on a new connection, $n each, $(nproc) cores, release build:"
 echo "  http:  $(measure "$plain")"
 echo "  https: $(measure "$https")  (TLS 1.3, EC P-256, curl $(curl --version | head -1 | cut -d' ' -f2))"
+echo "  https handshake alone (curl): $(handshake "$https")"
+echo "  https, openssl s_time (handshake + GET /health, one client process): $(s_time "$https")"
