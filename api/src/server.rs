@@ -4,7 +4,8 @@
 //! closes idle keep-alive connections). At most `max_connections` are open at once, a cap kept below the
 //! process's open-file limit; a connection that arrives at the cap closes the oldest idle one (no request in
 //! flight: a client that sent nothing, half a request head, or waits between requests), and waits in the
-//! kernel's backlog only when every open connection is busy.
+//! kernel's backlog only when every open connection is busy. Over TLS (tls.rs) the same holds, and the
+//! handshake itself must finish within the header-read timeout.
 
 use std::{
     collections::HashMap,
