@@ -167,10 +167,11 @@ impl Embedded {
         *self.supervisor.lock().expect("supervisor lock") = Some(handle);
     }
 
-    pub fn print_banner(&self, addr: SocketAddr) {
+    /// `tls`: TLS files are set (the embedded default itself serves plain HTTP on 127.0.0.1).
+    pub fn print_banner(&self, addr: SocketAddr, tls: bool) {
         let banner = banner::Banner {
             addr,
-            tls: false,
+            tls,
             username: &self.username,
             password: self.password.expose_secret(),
             postgres_port: self.server.port,

@@ -11,6 +11,7 @@ pub mod routes;
 pub mod server;
 pub mod snapshot_params;
 pub mod task_waits;
+pub mod tls;
 pub mod webhook;
 
 use std::{sync::Arc, time::Duration};

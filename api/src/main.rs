@@ -132,13 +132,15 @@ async fn serve_with(
     tracing::info!(%local, engines = ?engines.iter().map(|e| e.as_str()).collect::<Vec<_>>(), max_connections = limits.max_connections, "berth-api listening");
 
     let shutdown = CancellationToken::new();
+    let tls = berth_api::tls::start(settings, local, shutdown.clone())?;
     tokio::spawn(stop_on_signal(shutdown.clone()));
     if let Some(embedded) = embedded {
         embedded.spawn_worker(shutdown.clone())?;
         embedded.supervise_postgres(shutdown.clone());
-        embedded.print_banner(local);
+        embedded.print_banner(local, tls.is_some());
     }
-    berth_api::server::serve(listener, berth_api::router(state), limits, shutdown.clone())
+    let router = berth_api::router(state);
+    berth_api::server::serve_with_tls(listener, router, limits, tls, shutdown.clone())
         .await
         .context("serving HTTP")?;
     if let Some(embedded) = embedded {

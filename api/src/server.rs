@@ -4,7 +4,8 @@
 //! closes idle keep-alive connections). At most `max_connections` are open at once, a cap kept below the
 //! process's open-file limit; a connection that arrives at the cap closes the oldest idle one (no request in
 //! flight: a client that sent nothing, half a request head, or waits between requests), and waits in the
-//! kernel's backlog only when every open connection is busy.
+//! kernel's backlog only when every open connection is busy. Over TLS (tls.rs) the same holds, and the
+//! handshake itself must finish within the header-read timeout.
 
 use std::{
     collections::HashMap,
@@ -22,10 +23,10 @@ use http_body_util::BodyExt;
 use hyper::{Request, body::Incoming, server::conn::http1};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
-    net::TcpListener,
+    net::{TcpListener, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore},
 };
-use tokio_util::sync::CancellationToken;
+use tokio_util::{either::Either, sync::CancellationToken};
 use tower::ServiceExt;
 
 /// Files the process keeps for other things than client connections (besides the database pool): the
@@ -123,6 +124,19 @@ pub async fn serve(
     limits: ConnectionLimits,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    serve_with_tls(listener, router, limits, None, shutdown).await
+}
+
+/// [`serve`], over TLS when `tls` is given. A TLS handshake must complete within the header-read timeout
+/// (a client that connects and sends nothing holds its slot no longer than over plain HTTP), and a
+/// connection still in its handshake counts as idle, so a newcomer at the cap may close it.
+pub async fn serve_with_tls(
+    listener: TcpListener,
+    router: Router,
+    limits: ConnectionLimits,
+    tls: Option<crate::tls::Acceptor>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let connections = Arc::new(Mutex::new(Connections::default()));
     let mut builder = http1::Builder::new();
@@ -144,24 +158,34 @@ pub async fn serve(
             .expect("connections lock")
             .open(in_flight.clone(), close.clone());
         let service = request_service(router.clone(), peer, in_flight.clone());
-        let connection = builder.serve_connection(TokioIo::new(stream), service);
+        let builder = builder.clone();
+        let tls = tls.clone();
         let connections = connections.clone();
         tokio::spawn(async move {
-            let mut connection = std::pin::pin!(connection);
-            let result = tokio::select! {
-                result = connection.as_mut() => result,
-                () = close.cancelled() => {
-                    if in_flight.load(Ordering::Acquire) == 0 {
-                        // Nothing to finish: drop it (and a half-sent request head with it).
-                        Ok(())
-                    } else {
-                        connection.as_mut().graceful_shutdown();
-                        connection.await
-                    }
-                }
+            let stream = match tls {
+                None => Some(Either::Left(stream)),
+                Some(tls) => handshake(&tls, stream, limits.header_read_timeout, &close, peer)
+                    .await
+                    .map(|s| Either::Right(Box::new(s))),
             };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "connection closed");
+            if let Some(stream) = stream {
+                let connection = builder.serve_connection(TokioIo::new(stream), service);
+                let mut connection = std::pin::pin!(connection);
+                let result = tokio::select! {
+                    result = connection.as_mut() => result,
+                    () = close.cancelled() => {
+                        if in_flight.load(Ordering::Acquire) == 0 {
+                            // Nothing to finish: drop it (and a half-sent request head with it).
+                            Ok(())
+                        } else {
+                            connection.as_mut().graceful_shutdown();
+                            connection.await
+                        }
+                    }
+                };
+                if let Err(e) = result {
+                    tracing::debug!(%peer, error = %e, "connection closed");
+                }
             }
             connections
                 .lock()
@@ -178,11 +202,36 @@ pub async fn serve(
     Ok(())
 }
 
+/// The TLS side of a new connection, or `None` when the handshake fails, takes longer than `timeout`, or the
+/// connection is asked to close first.
+async fn handshake(
+    tls: &crate::tls::Acceptor,
+    stream: TcpStream,
+    timeout: Duration,
+    close: &CancellationToken,
+    peer: SocketAddr,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    tokio::select! {
+        () = close.cancelled() => None,
+        done = tokio::time::timeout(timeout, tls.accept(stream)) => match done {
+            Ok(Ok(stream)) => Some(stream),
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "TLS handshake timed out");
+                None
+            }
+        },
+    }
+}
+
 /// The next connection, or `None` on shutdown.
 async fn accept(
     listener: &TcpListener,
     shutdown: &CancellationToken,
-) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+) -> Option<(TcpStream, SocketAddr)> {
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return None,

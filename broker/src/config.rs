@@ -195,6 +195,15 @@ pub struct Settings {
     /// Comma list of snapshot key files: the first seals new presets and backups, all of them open. Unset =
     /// `SNAPSHOT_KEY_FILE` alone; setting both is an error.
     pub snapshot_key_files: Option<String>,
+    /// TLS on the API: a PEM file with the certificate chain, leaf first. Set with `TLS_KEY_FILE`, or neither
+    /// (plain HTTP). See docs/tls.md.
+    pub tls_cert_file: Option<PathBuf>,
+    /// The PEM private key of the leaf certificate (PKCS#8, SEC1 EC or PKCS#1 RSA).
+    pub tls_key_file: Option<PathBuf>,
+    /// Seconds between checks of the TLS files for a new certificate (10); a changed pair serves new
+    /// connections without a restart.
+    #[serde(default = "default_tls_reload_secs")]
+    pub tls_reload_secs: u64,
 }
 
 fn yes() -> bool {
@@ -596,4 +605,8 @@ fn split_paths(list: Option<&str>) -> Vec<PathBuf> {
         .filter(|p| !p.is_empty())
         .map(PathBuf::from)
         .collect()
+}
+
+fn default_tls_reload_secs() -> u64 {
+    10
 }

@@ -132,6 +132,22 @@ const API: &[Setting] = &[
     )
     .secret(),
     api(
+        "TLS_CERT_FILE",
+        Unset,
+        "PEM file with the API's certificate chain, leaf first; with TLS_KEY_FILE the API serves HTTPS \
+         (docs/tls.md). Unset: plain HTTP.",
+    ),
+    api(
+        "TLS_KEY_FILE",
+        Unset,
+        "PEM private key of the leaf certificate (PKCS#8, SEC1 EC or PKCS#1 RSA); set with TLS_CERT_FILE.",
+    ),
+    api(
+        "TLS_RELOAD_SECS",
+        Value("10"),
+        "Seconds between checks of the TLS files; a changed pair serves new connections without a restart.",
+    ),
+    api(
         "HTTP_HEADER_READ_TIMEOUT_SECS",
         Value("10"),
         "Seconds a connection has to send a request's head, from its opening or its previous response \

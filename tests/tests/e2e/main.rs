@@ -16,3 +16,4 @@ mod slow_clients;
 mod snapshots;
 mod startup;
 mod synchronous;
+mod tls;
