@@ -46,6 +46,8 @@ fn gen_key(path: &Path) -> anyhow::Result<()> {
 
 async fn serve(sources: SettingSources) -> anyhow::Result<()> {
     let mut settings = sources.load()?;
+    // Bad TLS files stop the API before it starts a Postgres or touches the database.
+    berth_api::tls::check(&settings)?;
     let embedded = if settings.database_url.is_none() {
         Some(embedded::Embedded::start(&mut settings, &sources).await?)
     } else {

@@ -172,6 +172,17 @@ impl ResolvesServerCert for ReloadingCert {
     }
 }
 
+/// Loads the TLS files once, as [`start`] will, to fail early on a bad pair.
+pub fn check(settings: &Settings) -> anyhow::Result<()> {
+    if let Some(files) = TlsFiles::from_settings(settings)? {
+        if settings.tls_reload_secs == 0 {
+            anyhow::bail!("TLS_RELOAD_SECS must be at least 1");
+        }
+        files.read()?.certified_key(&files)?;
+    }
+    Ok(())
+}
+
 /// TLS from the settings: `None` (plain HTTP) when neither file is set. Loads the pair (an error names the
 /// bad file), starts the reload task (it ends with `shutdown`), and logs which mode the API serves on `local`.
 pub fn start(

@@ -338,7 +338,7 @@ async fn tls_settings_that_do_not_work_stop_the_api_with_an_error_naming_them() 
     std::fs::write(dir.join("two.key"), &two.key).unwrap();
     let path = |name: &str| dir.join(name).display().to_string();
     // The settings given, and what the error must say.
-    let cases: [(Settings, &[&str]); 3] = [
+    let cases: [(Settings, &[&str]); 4] = [
         (
             vec![("TLS_CERT_FILE", path("one.crt"))],
             &["TLS_CERT_FILE", "TLS_KEY_FILE"],
@@ -356,6 +356,21 @@ async fn tls_settings_that_do_not_work_stop_the_api_with_an_error_naming_them() 
                 ("TLS_KEY_FILE", path("two.key")),
             ],
             &["TLS_CERT_FILE", "absent.crt"],
+        ),
+        // Checked before the database: a bad pair is named even where no database answers.
+        (
+            vec![
+                ("TLS_CERT_FILE", path("one.crt")),
+                ("TLS_KEY_FILE", path("two.key")),
+                (
+                    "DATABASE_URL",
+                    format!(
+                        "postgres://postgres@127.0.0.1:{}/none",
+                        free_port().unwrap()
+                    ),
+                ),
+            ],
+            &["does not belong", "two.key"],
         ),
     ];
     for (mut env, expected) in cases {
