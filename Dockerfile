@@ -2,17 +2,19 @@
 # client and server programs the local engines (initdb, pg_ctl, postgres) and snapshots (pg_dump, pg_restore,
 # psql) run. docs/deploy.md tells how to build and run it.
 #
-#   docker build -t berth .                       compiles the release binaries in a Rust stage (needs rust:1-bookworm)
-#   docker build -t berth --target prebuilt \
-#     --build-arg BIN_DIR=target/release .        takes binaries already built on a bookworm-compatible host
+#   docker build -t berth .            compiles the release binaries in a rust:1-bookworm stage
+#   docker build -t berth --build-arg BIN_DIR=target/release --build-arg BUILD_IMAGE=debian:bookworm-slim .
+#                                      takes binaries built on a bookworm-compatible host instead (no Rust image)
 #
-# The stages are ordered so that `--target prebuilt` never needs the Rust image: the legacy builder (no BuildKit)
-# builds every stage up to its target.
+# One final image either way: only where its binaries come from changes. The image test (scripts/image-test.sh)
+# takes the second path with its host's debug build.
 
 ARG BASE_IMAGE=debian:bookworm-slim
-ARG RUST_IMAGE=rust:1-bookworm
+# The stage that makes or takes the binaries: a Rust image to compile them; any image with a shell when BIN_DIR
+# names binaries built elsewhere.
+ARG BUILD_IMAGE=rust:1-bookworm
 
-# What both final images share: packages, the user, the folders, how a container starts.
+# The runtime: packages, the user, the folders, how a container starts.
 FROM ${BASE_IMAGE} AS runtime-base
 ARG PG_MAJOR=15
 ARG BERTH_UID=10001
@@ -44,20 +46,22 @@ USER ${BERTH_UID}:${BERTH_UID}
 ENTRYPOINT ["/usr/bin/tini", "--"]
 CMD ["berth-api"]
 
-# Binaries built outside Docker (the image test feeds its host's build here). BIN_DIR is relative to the context.
-FROM runtime-base AS prebuilt
-ARG BIN_DIR=target/release
-COPY ${BIN_DIR}/berth-api ${BIN_DIR}/berth-worker ${BIN_DIR}/berth /usr/local/bin/
-
-# The release build, for whoever can pull the Rust image.
-FROM ${RUST_IMAGE} AS build
+# The binaries: compiled here (BIN_DIR empty), or taken from BIN_DIR in the build context.
+FROM ${BUILD_IMAGE} AS binaries
+ARG BIN_DIR=
 WORKDIR /src
 COPY . .
-RUN set -eux; \
-    SQLX_OFFLINE=true cargo build --release --locked -p berth-api -p berth-worker -p berth-cli --bins; \
+RUN set -eu; \
     mkdir /out; \
-    cp target/release/berth-api target/release/berth-worker target/release/berth /out/
+    if [ -n "$BIN_DIR" ]; then \
+        for bin in berth-api berth-worker berth; do \
+            test -x "$BIN_DIR/$bin" || { echo "BIN_DIR: $BIN_DIR/$bin is missing from the build context" >&2; exit 1; }; \
+            cp "$BIN_DIR/$bin" /out/; \
+        done; \
+    else \
+        SQLX_OFFLINE=true cargo build --release --locked -p berth-api -p berth-worker -p berth-cli --bins; \
+        cp target/release/berth-api target/release/berth-worker target/release/berth /out/; \
+    fi
 
-# The default target: the runtime with the binaries compiled above.
 FROM runtime-base AS runtime
-COPY --from=build /out/ /usr/local/bin/
+COPY --from=binaries /out/ /usr/local/bin/

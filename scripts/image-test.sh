@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The container image test: builds the image from the repo's Dockerfile (its `prebuilt` target, fed with the host's
-# binaries from $CARGO_TARGET_DIR/debug) and smoke-tests it: berth-api and berth-worker from the image, as its non-root
+# The container image test: builds the image from the repo's Dockerfile, fed with the host's binaries from
+# $CARGO_TARGET_DIR/debug (BIN_DIR), and smoke-tests it: berth-api and berth-worker from the image, as its non-root
 # user, against a Postgres on the host; a `shared` provision and bind through the API; then both are stopped with
 # SIGTERM and must exit 0 in time.
 #
@@ -140,13 +140,14 @@ fi
 
 # --- the image -------------------------------------------------------------------------------------------------
 # The context is a tar: the Dockerfile, .dockerignore, plans/ and the host's binaries as host-bin/ (no copy in
-# the clone). Same Dockerfile as `docker build .`; its `prebuilt` target comes before the Rust stage.
+# the clone). Same Dockerfile and final stage as `docker build .`: BIN_DIR makes its `binaries` stage take these
+# instead of compiling, so that stage runs on the base image and needs no Rust image.
 ctx=$work/context.tar
 tar -cf "$ctx" Dockerfile .dockerignore plans
 tar -rf "$ctx" --transform 's,^,host-bin/,' -C "$bin_dir" berth-api berth-worker berth
 echo "image test: building $image (debug binaries from $bin_dir)..."
 t0=$(now_ms)
-docker build --network host --target prebuilt --build-arg BASE_IMAGE="$base" --build-arg BIN_DIR=host-bin \
+docker build --network host --build-arg BASE_IMAGE="$base" --build-arg BUILD_IMAGE="$base" --build-arg BIN_DIR=host-bin \
   -t "$image" - <"$ctx" >"$work/build.log" 2>&1 || { tail -n 40 "$work/build.log" >&2; fail "docker build"; }
 build_ms=$(elapsed "$t0")
 size=$(docker image inspect -f '{{.Size}}' "$image")
@@ -234,7 +235,7 @@ for s in json.load(sys.stdin)["services"]:
 [ -n "${plan_id:-}" ] || logs_and_fail "the catalog has no postgres/shared plan"
 
 for c in "$api" "$worker"; do
-  uids=$(docker top "$c" -eo uid,comm | awk 'NR > 1 && $2 ~ /^berth/ {print $1}' | sort -u)
+  uids=$(docker top "$c" -eo pid,uid,comm | awk 'NR > 1 && $3 ~ /^berth/ {print $2}' | sort -u)
   [ "$uids" = "$uid" ] || logs_and_fail "$c runs berth as uid '${uids:-none}', not $uid"
 done
 
@@ -250,6 +251,20 @@ wait_succeeded() { # PATH: polls a last_operation until it succeeded (60 s)
     sleep 0.2
   done
   logs_and_fail "$1 did not succeed within 60 s (last: $(body_of "$r"))"
+}
+
+wait_gone() { # PATH: polls the last_operation of a deletion until it succeeded or the resource is gone (410)
+  local r
+  for _ in $(seq 1 300); do
+    r=$(osb GET "$1")
+    [ "$(status_of "$r")" = 410 ] && return 0
+    case $(body_of "$r" | json state 2>/dev/null || true) in
+      succeeded) return 0 ;;
+      failed) logs_and_fail "$1: $(body_of "$r")" ;;
+    esac
+    sleep 0.2
+  done
+  logs_and_fail "$1 did not finish within 60 s (last: $(status_of "$r") $(body_of "$r"))"
 }
 
 instance=$(python3 -c 'import uuid; print(uuid.uuid4())')
@@ -277,19 +292,13 @@ answer=$(psql_host "$app_url" -c 'CREATE TABLE image_test (n int); INSERT INTO i
 # Unbind and deprovision, so the shared server is left as it was.
 r=$(osb DELETE "/v2/service_instances/$instance/service_bindings/$binding?accepts_incomplete=true&service_id=$service_id&plan_id=$plan_id")
 case $(status_of "$r") in
-  202) wait_succeeded "/v2/service_instances/$instance/service_bindings/$binding/last_operation?service_id=$service_id&plan_id=$plan_id" ;;
+  202) wait_gone "/v2/service_instances/$instance/service_bindings/$binding/last_operation?service_id=$service_id&plan_id=$plan_id" ;;
   200) ;;
   *) logs_and_fail "unbind answered $(status_of "$r"): $(body_of "$r")" ;;
 esac
 r=$(osb DELETE "/v2/service_instances/$instance?accepts_incomplete=true&service_id=$service_id&plan_id=$plan_id")
 case $(status_of "$r") in
-  202)
-    for _ in $(seq 1 300); do
-      r=$(osb GET "/v2/service_instances/$instance/last_operation?service_id=$service_id&plan_id=$plan_id")
-      [ "$(status_of "$r")" = 410 ] && break
-      [ "$(body_of "$r" | json state 2>/dev/null || true)" = succeeded ] && break
-      sleep 0.2
-    done ;;
+  202) wait_gone "/v2/service_instances/$instance/last_operation?service_id=$service_id&plan_id=$plan_id" ;;
   200) ;;
   *) logs_and_fail "deprovision answered $(status_of "$r"): $(body_of "$r")" ;;
 esac
