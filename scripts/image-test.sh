@@ -14,7 +14,6 @@
 # Postgres: BERTH_TEST_DATABASE_URL (a superuser URL, as scripts/test.sh passes), else a private one started here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-root=$(pwd)
 source scripts/lib/pg.sh
 
 mode=${BERTH_IMAGE_TEST:-auto}
@@ -107,17 +106,12 @@ fi
 
 # --- the base image: Debian bookworm minbase, made once ---------------------------------------------------------
 mirror=http://deb.debian.org/debian
-# Bump base_recipe when the steps below change: it names the cached image.
-base_recipe="v1 bookworm minbase $mirror slim-dpkg-excludes security+updates sources"
-base=berth-base:bookworm-$(printf '%s' "$base_recipe" | sha256sum | cut -c1-12)
-if ! docker image inspect "$base" >/dev/null 2>&1; then
-  echo "image test: making the base image $base (debootstrap)..."
-  t0=$(now_ms)
-  rootfs=$docker_dir/rootfs.partial
-  rm -rf "$rootfs"
+# make_base ROOTFS: a Debian bookworm minbase tree, shaped like debian:bookworm-slim (updates and security sources,
+# no docs, man pages or locales from later installs).
+make_base() {
+  local rootfs=$1
   debootstrap --variant=minbase bookworm "$rootfs" "$mirror" >"$work/debootstrap.log" 2>&1 \
     || { tail -n 30 "$work/debootstrap.log" >&2; fail "debootstrap failed"; }
-  # As debian:bookworm-slim: updates and security sources, no docs/man pages/locales from later installs.
   cat >"$rootfs/etc/apt/sources.list" <<EOF
 deb $mirror bookworm main
 deb $mirror bookworm-updates main
@@ -131,9 +125,19 @@ path-exclude /usr/share/info/*
 path-exclude /usr/share/locale/*
 EOF
   rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/cache/apt/archives/*.deb
-  tar -C "$rootfs" -c . | docker import - "$base" >/dev/null
-  rm -rf "$rootfs"
+}
+# Named after its recipe (make_base's text and the mirror): a changed recipe makes a new base.
+base=berth-base:bookworm-$({ declare -f make_base; echo "$mirror"; } | sha256sum | cut -c1-12)
+if ! docker image inspect "$base" >/dev/null 2>&1; then
+  echo "image test: making the base image $base (debootstrap)..."
+  t0=$(now_ms)
+  rm -rf "$docker_dir/rootfs.partial"
+  make_base "$docker_dir/rootfs.partial"
+  tar -C "$docker_dir/rootfs.partial" -c . | docker import - "$base" >/dev/null
+  rm -rf "$docker_dir/rootfs.partial"
   echo "image test: base image made in $(elapsed "$t0") ms"
+  # Older bases are untagged (their layers go with the next prune, once no image uses them).
+  docker images --format '{{.Repository}}:{{.Tag}}' berth-base | grep -vxF "$base" | xargs -r docker rmi >/dev/null 2>&1 || true
 else
   echo "image test: base image $base cached"
 fi
@@ -170,7 +174,7 @@ db_to_drop=berth_image_test_$(head -c 6 /dev/urandom | od -An -tx1 | tr -d ' \n'
 psql_host "$admin_url" -c "CREATE DATABASE \"$db_to_drop\""
 broker_url=$(python3 -c 'import sys, urllib.parse as u; p = u.urlsplit(sys.argv[1]); print(u.urlunsplit(p._replace(path="/" + sys.argv[2])))' "$admin_url" "$db_to_drop")
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-user=image-test
+user="image-test"
 password=$(head -c 18 /dev/urandom | base64 | tr -dc 'A-Za-z0-9')
 
 # Keys and settings as an operator would hand them over: a key file in a volume, secrets in an env file.
