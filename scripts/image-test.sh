@@ -192,6 +192,8 @@ BERTH_KEY_FILE=/etc/berth/keys/master.key
 BIND_ADDRESS=127.0.0.1
 PORT=$port
 NAME_PREFIX=berthimg_
+LOCAL_ENGINE=on
+LOCAL_ENGINE_HOST=127.0.0.1
 EOF
 umask 022
 
@@ -232,12 +234,6 @@ for _ in $(seq 1 300); do
 done
 [ -n "$ready" ] || logs_and_fail "the API did not answer /v2/catalog within 60 s"
 catalog=$(body_of "$r")
-read -r service_id plan_id < <(python3 -c 'import json, sys
-for s in json.load(sys.stdin)["services"]:
-    for p in s["plans"]:
-        if s["name"] == "postgres" and p["name"] == "shared": print(s["id"], p["id"])' <<<"$catalog")
-[ -n "${plan_id:-}" ] || logs_and_fail "the catalog has no postgres/shared plan"
-
 for c in "$api" "$worker"; do
   uids=$(docker top "$c" -eo pid,uid,comm | awk 'NR > 1 && $3 ~ /^berth/ {print $2}' | sort -u)
   [ "$uids" = "$uid" ] || logs_and_fail "$c runs berth as uid '${uids:-none}', not $uid"
@@ -271,42 +267,61 @@ wait_gone() { # PATH: polls the last_operation of a deletion until it succeeded 
   logs_and_fail "$1 did not finish within 60 s (last: $(status_of "$r") $(body_of "$r"))"
 }
 
-instance=$(python3 -c 'import uuid; print(uuid.uuid4())')
-binding=$(python3 -c 'import uuid; print(uuid.uuid4())')
-r=$(osb PUT "/v2/service_instances/$instance?accepts_incomplete=true" \
-  "{\"service_id\":\"$service_id\",\"plan_id\":\"$plan_id\",\"organization_guid\":\"org\",\"space_guid\":\"space\"}")
-case $(status_of "$r") in
-  202) wait_succeeded "/v2/service_instances/$instance/last_operation" ;;
-  201 | 200) ;;
-  *) logs_and_fail "provision answered $(status_of "$r"): $(body_of "$r")" ;;
-esac
-r=$(osb PUT "/v2/service_instances/$instance/service_bindings/$binding?accepts_incomplete=true" \
-  "{\"service_id\":\"$service_id\",\"plan_id\":\"$plan_id\"}")
-case $(status_of "$r") in
-  202) wait_succeeded "/v2/service_instances/$instance/service_bindings/$binding/last_operation" ;;
-  201 | 200) ;;
-  *) logs_and_fail "bind answered $(status_of "$r"): $(body_of "$r")" ;;
-esac
-r=$(osb GET "/v2/service_instances/$instance/service_bindings/$binding")
-[ "$(status_of "$r")" = 200 ] || logs_and_fail "fetching the binding answered $(status_of "$r")"
-app_url=$(body_of "$r" | json credentials DATABASE_URL)
-answer=$(psql_host "$app_url" -c 'CREATE TABLE image_test (n int); INSERT INTO image_test VALUES (42); SELECT n FROM image_test')
-[ "$answer" = 42 ] || logs_and_fail "the binding's database answered '$answer', not 42"
+# lifecycle PLAN: provision, bind, use the binding's DATABASE_URL from the host, unbind, deprovision.
+lifecycle() {
+  local plan=$1 service_id plan_id instance binding r app_url answer t0
+  t0=$(now_ms)
+  read -r service_id plan_id < <(python3 -c 'import json, sys
+for s in json.load(sys.stdin)["services"]:
+    for p in s["plans"]:
+        if s["name"] == "postgres" and p["name"] == sys.argv[1]: print(s["id"], p["id"])' "$plan" <<<"$catalog")
+  [ -n "${plan_id:-}" ] || logs_and_fail "the catalog has no postgres/$plan plan"
+  instance=$(python3 -c 'import uuid; print(uuid.uuid4())')
+  binding=$(python3 -c 'import uuid; print(uuid.uuid4())')
+  r=$(osb PUT "/v2/service_instances/$instance?accepts_incomplete=true" \
+    "{\"service_id\":\"$service_id\",\"plan_id\":\"$plan_id\",\"organization_guid\":\"org\",\"space_guid\":\"space\"}")
+  case $(status_of "$r") in
+    202) wait_succeeded "/v2/service_instances/$instance/last_operation" ;;
+    201 | 200) ;;
+    *) logs_and_fail "$plan: provision answered $(status_of "$r"): $(body_of "$r")" ;;
+  esac
+  r=$(osb PUT "/v2/service_instances/$instance/service_bindings/$binding?accepts_incomplete=true" \
+    "{\"service_id\":\"$service_id\",\"plan_id\":\"$plan_id\"}")
+  case $(status_of "$r") in
+    202) wait_succeeded "/v2/service_instances/$instance/service_bindings/$binding/last_operation" ;;
+    201 | 200) ;;
+    *) logs_and_fail "$plan: bind answered $(status_of "$r"): $(body_of "$r")" ;;
+  esac
+  r=$(osb GET "/v2/service_instances/$instance/service_bindings/$binding")
+  [ "$(status_of "$r")" = 200 ] || logs_and_fail "$plan: fetching the binding answered $(status_of "$r")"
+  app_url=$(body_of "$r" | json credentials DATABASE_URL)
+  answer=$(psql_host "$app_url" -c 'CREATE TABLE image_test (n int); INSERT INTO image_test VALUES (42); SELECT n FROM image_test')
+  [ "$answer" = 42 ] || logs_and_fail "$plan: the binding's database answered '$answer', not 42"
 
-# Unbind and deprovision, so the shared server is left as it was.
-r=$(osb DELETE "/v2/service_instances/$instance/service_bindings/$binding?accepts_incomplete=true&service_id=$service_id&plan_id=$plan_id")
-case $(status_of "$r") in
-  202) wait_gone "/v2/service_instances/$instance/service_bindings/$binding/last_operation?service_id=$service_id&plan_id=$plan_id" ;;
-  200) ;;
-  *) logs_and_fail "unbind answered $(status_of "$r"): $(body_of "$r")" ;;
-esac
-r=$(osb DELETE "/v2/service_instances/$instance?accepts_incomplete=true&service_id=$service_id&plan_id=$plan_id")
-case $(status_of "$r") in
-  202) wait_gone "/v2/service_instances/$instance/last_operation?service_id=$service_id&plan_id=$plan_id" ;;
-  200) ;;
-  *) logs_and_fail "deprovision answered $(status_of "$r"): $(body_of "$r")" ;;
-esac
-psql_host "$app_url" -c 'SELECT 1' >/dev/null 2>&1 && logs_and_fail "the binding still connects after deprovision"
+  # Unbind and deprovision: nothing is left behind, and the credentials stop working.
+  local ids="service_id=$service_id&plan_id=$plan_id"
+  r=$(osb DELETE "/v2/service_instances/$instance/service_bindings/$binding?accepts_incomplete=true&$ids")
+  case $(status_of "$r") in
+    202) wait_gone "/v2/service_instances/$instance/service_bindings/$binding/last_operation?$ids" ;;
+    200) ;;
+    *) logs_and_fail "$plan: unbind answered $(status_of "$r"): $(body_of "$r")" ;;
+  esac
+  r=$(osb DELETE "/v2/service_instances/$instance?accepts_incomplete=true&$ids")
+  case $(status_of "$r") in
+    202) wait_gone "/v2/service_instances/$instance/last_operation?$ids" ;;
+    200) ;;
+    *) logs_and_fail "$plan: deprovision answered $(status_of "$r"): $(body_of "$r")" ;;
+  esac
+  if psql_host "$app_url" -c 'SELECT 1' >/dev/null 2>&1; then
+    logs_and_fail "$plan: the binding still connects after deprovision"
+  fi
+  echo "image test: $plan: provision, bind, connect, unbind, deprovision in $(elapsed "$t0") ms"
+}
+# shared: a database on the host's server; dedicated (the local engine): initdb, pg_ctl and postgres in the
+# worker's container, as its user, on its read-only root.
+lifecycle shared
+lifecycle dedicated
+
 
 # SIGTERM: both stop by themselves (exit 0) well before docker would SIGKILL them.
 stop_timeout=40
