@@ -36,7 +36,7 @@ uid=10001 # the image's user (Dockerfile: BERTH_UID)
 # What the image and the test are made of. Working-tree contents (not only the index), so an uncommitted edit
 # counts; untracked files that git would add count too.
 inputs_hash() {
-  git ls-files -z -co --exclude-standard -- Dockerfile .dockerignore scripts/image-test.sh scripts/lib/pg.sh \
+  git ls-files -z -co --exclude-standard -- Dockerfile .dockerignore scripts/image-test.sh scripts/lib/pg.sh deploy \
     Cargo.toml Cargo.lock .cargo .sqlx api broker worker cli plans migrations \
     | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-32
 }
@@ -220,20 +220,27 @@ body_of() { sed '$d' <<<"$1"; }
 json() { python3 -c 'import json, sys; v = json.load(sys.stdin)
 for k in sys.argv[1:]: v = v[int(k)] if isinstance(v, list) else v[k]
 print(v)' "$@"; }
-logs_and_fail() {
+show_logs() {
   echo "--- api logs" >&2; docker logs --tail 40 "$api" >&2 2>&1 || true
   echo "--- worker logs" >&2; docker logs --tail 40 "$worker" >&2 2>&1 || true
+}
+logs_and_fail() {
+  show_logs
   fail "$*"
 }
 
-ready=
-for _ in $(seq 1 300); do
-  if r=$(osb GET /v2/catalog 2>/dev/null) && [ "$(status_of "$r")" = 200 ]; then ready=1; break; fi
-  [ "$(docker inspect -f '{{.State.Running}}' "$api")" = true ] || logs_and_fail "the API container stopped"
-  sleep 0.2
-done
-[ -n "$ready" ] || logs_and_fail "the API did not answer /v2/catalog within 60 s"
-catalog=$(body_of "$r")
+wait_for_api() { # sets catalog
+  local r
+  for _ in $(seq 1 300); do
+    if r=$(osb GET /v2/catalog 2>/dev/null) && [ "$(status_of "$r")" = 200 ]; then
+      catalog=$(body_of "$r")
+      return 0
+    fi
+    sleep 0.2
+  done
+  logs_and_fail "the API did not answer /v2/catalog within 60 s"
+}
+wait_for_api
 for c in "$api" "$worker"; do
   uids=$(docker top "$c" -eo pid,uid,comm | awk 'NR > 1 && $3 ~ /^berth/ {print $2}' | sort -u)
   [ "$uids" = "$uid" ] || logs_and_fail "$c runs berth as uid '${uids:-none}', not $uid"
@@ -336,6 +343,67 @@ for c in "$api" "$worker"; do
 done
 smoke_ms=$(elapsed "$t_smoke")
 
+# --- the systemd units, run by systemd ------------------------------------------------------------------------
+# Installed as docs/deploy.md says (binaries in /usr/local/bin, plans in /usr/local/share/berth, the user from
+# berth.sysusers.conf, /etc/berth/berth.env) in a container whose PID 1 is systemd: berth-api and two workers start
+# with all their hardening, serve the same lifecycles, and `systemctl stop` ends each with status 0.
+t_units=$(now_ms)
+units_ctx=$work/units
+mkdir -p "$units_ctx/bin"
+cp deploy/systemd/* "$units_ctx/"
+cp -r plans "$units_ctx/"
+cp "$bin_dir/berth-api" "$bin_dir/berth-worker" "$bin_dir/berth" "$units_ctx/bin/"
+cat >"$units_ctx/Dockerfile" <<EOF
+FROM $base
+RUN mkdir -p /etc/postgresql-common/createcluster.d \\
+ && echo 'create_main_cluster = false' > /etc/postgresql-common/createcluster.d/berth.conf \\
+ && apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends systemd systemd-sysv \\
+      ca-certificates postgresql-15 && rm -rf /var/lib/apt/lists/* \\
+ && systemctl mask systemd-logind.service getty@tty1.service console-getty.service postgresql.service
+COPY bin/ /usr/local/bin/
+COPY plans/ /usr/local/share/berth/plans/
+COPY berth-api.service berth-worker@.service /etc/systemd/system/
+COPY berth.sysusers.conf /etc/sysusers.d/berth.conf
+ENTRYPOINT ["/lib/systemd/systemd"]
+EOF
+docker build --network host -t berth:units-test "$units_ctx" >"$work/units-build.log" 2>&1 \
+  || { tail -n 30 "$work/units-build.log" >&2; fail "building the systemd test image"; }
+units=berth-image-test-units-$$
+containers+=("$units")
+docker run -d --name "$units" --network host --cap-add SYS_ADMIN --tmpfs /run --tmpfs /run/lock --tmpfs /tmp \
+  -v /sys/fs/cgroup:/sys/fs/cgroup:ro berth:units-test >/dev/null
+booted=
+for _ in $(seq 1 150); do
+  case $(docker exec "$units" systemctl is-system-running 2>/dev/null || true) in
+    running | degraded) booted=1; break ;;
+  esac
+  sleep 0.2
+done
+[ -n "$booted" ] || { docker logs --tail 30 "$units" >&2; fail "systemd did not boot in the test container"; }
+show_logs() { docker exec "$units" journalctl --no-pager -n 60 -u berth-api -u 'berth-worker@*' >&2 2>&1 || true; }
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+base_url=http://127.0.0.1:$port
+sed -e "s/^PORT=.*/PORT=$port/" -e 's#^BERTH_KEY_FILE=.*#BERTH_KEY_FILE=/etc/berth/master.key#' "$work/berth.env" \
+  | docker exec -i "$units" sh -c 'umask 027 && mkdir -p /etc/berth && cat > /etc/berth/berth.env'
+docker exec -i "$units" sh -c 'umask 077 && cat > /etc/berth/master.key' <"$work/keys/master.key"
+docker exec "$units" sh -c 'chgrp berth /etc/berth /etc/berth/berth.env && chown berth: /etc/berth/master.key'
+docker exec "$units" systemctl enable --now berth-api.service berth-worker@1.service berth-worker@2.service 2>/dev/null \
+  || logs_and_fail "systemctl enable --now failed"
+wait_for_api
+lifecycle shared
+lifecycle dedicated
+for unit in berth-api berth-worker@1 berth-worker@2; do
+  [ "$(docker exec "$units" systemctl show -p User --value "$unit")" = berth ] || logs_and_fail "$unit: not User=berth"
+done
+docker exec "$units" systemctl stop berth-api.service berth-worker@1.service berth-worker@2.service
+for unit in berth-api berth-worker@1 berth-worker@2; do
+  outcome=$(docker exec "$units" systemctl show -p Result -p ExecMainCode -p ExecMainStatus --value "$unit" | tr '\n' ' ')
+  # Result success, code 1 (CLD_EXITED: it exited by itself, not killed), status 0.
+  [ "$outcome" = "success 1 0 " ] || logs_and_fail "$unit stopped with '$outcome', not 'success 1 0'"
+done
+echo "image test: systemd units: berth-api, berth-worker@1, @2 ran hardened, served shared and dedicated, stopped with status 0 ($(elapsed "$t_units") ms)"
+
+
 date -u '+%Y-%m-%dT%H:%M:%SZ' >"$stamp"
 echo "image test: PASSED"
-echo "image test: image $image $((size / 1000000)) MB ($size bytes, debug binaries); build ${build_ms} ms; smoke test ${smoke_ms} ms"
+echo "image test: image $image $((size / 1000000)) MB ($size bytes, debug binaries); build ${build_ms} ms; smoke test ${smoke_ms} ms; systemd units $(elapsed "$t_units") ms"
