@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The container image test: builds the image from the repo's Dockerfile, fed with the host's binaries from
 # $CARGO_TARGET_DIR/debug (BIN_DIR), and smoke-tests it: berth-api and berth-worker from the image, as its non-root
-# user, against a Postgres on the host; a `shared` provision and bind through the API; then both are stopped with
+# user, against a Postgres on the host; `shared` and `dedicated` (local engine) lifecycles through the API; then both are
 # SIGTERM and must exit 0 in time.
 #
 # Runs a private Docker engine (Debian's docker.io, no iptables, no bridge) with its data under
 # $BERTH_DOCKER_DIR (default /var/tmp/berth-docker, so the base image and the layer cache survive between runs) and
 # stops it at exit. The base image is made once with debootstrap (no registry needed).
 #
-# Cached: skipped when its inputs (the Dockerfile, .dockerignore, this script, Cargo.lock and the crates, plans/,
+# Then the systemd units from deploy/systemd run under systemd (a container whose PID 1 is systemd) the same way.
+#
+# Cached: skipped when its inputs (the Dockerfile, .dockerignore, this script, deploy/, Cargo.lock, the crates, plans/,
 # migrations/) match a previous passing run recorded in $BERTH_IMAGE_CACHE_DIR (default /var/tmp/berth-image-cache).
 # BERTH_IMAGE_TEST=always forces it, never skips it, auto (default) decides by the inputs.
 # Postgres: BERTH_TEST_DATABASE_URL (a superuser URL, as scripts/test.sh passes), else a private one started here.
