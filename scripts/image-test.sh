@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The container image test: builds the image from the repo's Dockerfile, fed with the host's binaries from
 # $CARGO_TARGET_DIR/debug (BIN_DIR), and smoke-tests it: berth-api and berth-worker from the image, as its non-root
-# user, against a Postgres on the host; `shared` and `dedicated` (local engine) lifecycles through the API; then both are
-# SIGTERM and must exit 0 in time.
+# user, against a Postgres on the host; `shared` and `dedicated` (local engine) lifecycles through the API; then
+# both are stopped with SIGTERM and must exit 0 in time.
 #
 # Runs a private Docker engine (Debian's docker.io, no iptables, no bridge) with its data under
 # $BERTH_DOCKER_DIR (default /var/tmp/berth-docker, so the base image and the layer cache survive between runs) and
