@@ -213,8 +213,11 @@ run_container "$api" -v "$work/api-data:/var/lib/berth" "$image"
 run_container "$worker" -v "$work/worker-data:/var/lib/berth" -e WORKER_ID=image-test-1 "$image" berth-worker
 
 base_url=http://127.0.0.1:$port
+# The broker's credentials go to curl in a file, not on its command line (where ps shows them).
+printf 'user = "%s:%s"\n' "$user" "$password" >"$work/curl.conf"
+chmod 600 "$work/curl.conf"
 osb() { # METHOD PATH [BODY]: prints the body, then the status on the last line
-  curl -sS -u "$user:$password" -H 'X-Broker-API-Version: 2.17' -H 'Content-Type: application/json' \
+  curl -sS -K "$work/curl.conf" -H 'X-Broker-API-Version: 2.17' -H 'Content-Type: application/json' \
     -X "$1" -w '\n%{http_code}' "$base_url$2" ${3:+--data "$3"}
 }
 status_of() { tail -n 1 <<<"$1"; }
