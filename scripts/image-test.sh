@@ -45,7 +45,7 @@ inputs_hash() {
 inputs=$(inputs_hash)
 stamp=$cache_dir/passed-$inputs
 if [ "$mode" = auto ] && [ -f "$stamp" ]; then
-  echo "image test: SKIPPED: its inputs (Dockerfile, .dockerignore, scripts/image-test.sh, sources, plans/,"
+  echo "image test: SKIPPED: its inputs (Dockerfile, .dockerignore, scripts/image-test.sh, deploy/, sources, plans/,"
   echo "  migrations/; hash $inputs) are those of a run that passed on $(cat "$stamp")."
   echo "  BERTH_IMAGE_TEST=always runs it anyway."
   exit 0
