@@ -2,7 +2,8 @@
 # Runs every test on a fresh machine: installs what is missing, starts a private Postgres on a free port
 # (unless BERTH_TEST_DATABASE_URL names a superuser URL to use instead) and the S3 peers (moto with IAM
 # enforced, SeaweedFS), installs etcd and Patroni (the ha plan's local engine), checks formatting
-# (cargo fmt) and lints (clippy, warnings are errors), builds, runs the whole suite with cargo-nextest,
+# (cargo fmt) and lints (clippy, warnings are errors), builds, checks the systemd units, runs the whole suite
+# with cargo-nextest, builds and smoke-tests the container image (scripts/image-test.sh),
 # and stops what it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +11,7 @@ root=$(pwd)
 source scripts/lib/pg.sh
 source scripts/lib/s3peers.sh
 source scripts/lib/ha.sh
+source scripts/lib/units.sh
 
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/berth-target}
 export SQLX_OFFLINE=true
@@ -54,4 +56,17 @@ cargo clippy --locked --workspace --all-targets -- -D warnings
 
 # The end-to-end suite starts the real binaries, so build them first.
 cargo build --locked --workspace --bins
+
+# The systemd units (deploy/systemd), checked against the binaries just built.
+units_verify "$CARGO_TARGET_DIR/debug"
+
 cargo nextest run --locked --workspace --no-fail-fast "$@"
+
+# The container image, built from the Dockerfile with these binaries and smoke-tested against the test Postgres.
+# Skipped when its inputs match a passing run (BERTH_IMAGE_TEST=always|never|auto, docs/deploy.md), and on a
+# filtered run (arguments given) unless BERTH_IMAGE_TEST=always.
+if [ $# -gt 0 ] && [ "${BERTH_IMAGE_TEST:-auto}" != always ]; then
+  echo "image test: SKIPPED (a filtered run; BERTH_IMAGE_TEST=always runs it too)"
+else
+  BERTH_TEST_DATABASE_URL=$DATABASE_URL ./scripts/image-test.sh
+fi
