@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 
 use broker::{
     db::{
-        tasks::{self, NewTask, TaskRow},
+        tasks::{self, LOST_LEASE_FACTOR, NewTask, TaskRow},
         webhooks,
     },
     model::{Operation, TaskId, TaskState, WebhookBody, kinds},
@@ -317,25 +317,30 @@ pub async fn release_many(
     Ok(released)
 }
 
-/// Turns running tasks whose lease expired (their worker died or hung) back to pending, or to failed once
-/// they used every attempt. Returns how many became pending again.
+/// Turns running tasks whose lease expired (their worker died or hung) back to pending. The lost run is counted
+/// in `lost_leases`, not against `max_attempts` (a worker's death is not the task's error), until
+/// [`LOST_LEASE_FACTOR`] × `max_attempts` lost runs fail it. Returns how many became pending again.
 pub async fn reclaim_expired(pool: &PgPool) -> sqlx::Result<usize> {
     let mut tx = pool.begin().await?;
     let rows: Vec<TaskRow> = sqlx::query_as(
         "WITH lost AS (
-             SELECT id FROM tasks
+             SELECT id, lost_leases + 1 >= $1 * max_attempts AS give_up FROM tasks
              WHERE state = 'running' AND lease_until < now()
              FOR UPDATE SKIP LOCKED
          )
-         UPDATE tasks
-         SET state = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'pending' END,
-             last_error = 'worker lost (lease expired) ' || attempts || CASE WHEN attempts = 1 THEN ' time' ELSE ' times' END,
-             finished_at = CASE WHEN attempts >= max_attempts THEN now() END,
-             run_at = CASE WHEN attempts >= max_attempts THEN run_at ELSE now() END,
+         UPDATE tasks t
+         SET state = CASE WHEN lost.give_up THEN 'failed' ELSE 'pending' END,
+             lost_leases = t.lost_leases + 1,
+             last_error = 'worker lost (lease expired) ' || (t.lost_leases + 1)
+                 || CASE WHEN t.lost_leases = 0 THEN ' time' ELSE ' times' END,
+             finished_at = CASE WHEN lost.give_up THEN now() END,
+             run_at = CASE WHEN lost.give_up THEN t.run_at ELSE now() END,
              worker_id = NULL, lease_until = NULL, updated_at = now()
-         WHERE id IN (SELECT id FROM lost)
-         RETURNING *",
+         FROM lost
+         WHERE t.id = lost.id
+         RETURNING t.*",
     )
+    .bind(LOST_LEASE_FACTOR)
     .fetch_all(&mut *tx)
     .await?;
     let mut pending = 0;

@@ -32,9 +32,21 @@ pub struct TaskRow {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// Runs lost with their worker (lease expired); they do not count against `max_attempts`.
+    #[sqlx(default)]
+    pub lost_leases: i32,
 }
 
+/// How many lost runs (lease expired) a task may have per attempt it is allowed: past
+/// `LOST_LEASE_FACTOR × max_attempts` it fails, so a task that kills each worker running it does not do so forever.
+pub const LOST_LEASE_FACTOR: i32 = 3;
+
 impl TaskRow {
+    /// Runs that ended in an error (or are running now): the claims, less those lost with their worker.
+    pub fn attempts_spent(&self) -> i32 {
+        self.attempts - self.lost_leases
+    }
+
     pub fn task_id(&self) -> TaskId {
         TaskId(self.id)
     }

@@ -162,7 +162,7 @@ pub(super) fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
 }
 
 pub(super) fn retry_or_fail(worker: &Worker, task: &TaskRow, error: String) -> Outcome {
-    if task.attempts >= task.max_attempts {
+    if task.attempts_spent() >= task.max_attempts {
         Outcome::Failed { error }
     } else {
         let after = queue::backoff(

@@ -124,7 +124,7 @@ async fn attempt_failed(
     status: Option<i32>,
     error: String,
 ) -> Result<Step, TaskError> {
-    let last = ctx.task.attempts >= ctx.task.max_attempts;
+    let last = ctx.task.attempts_spent() >= ctx.task.max_attempts;
     webhooks::record_attempt(
         ctx.pool,
         delivery_id,

@@ -430,7 +430,7 @@ async fn hanging_worker(
 }
 
 #[sqlx::test(migrator = "broker::MIGRATOR")]
-async fn lease_lost_stops_the_run_and_is_exhausted_after_max_attempts(
+async fn lease_lost_stops_the_run_and_lost_runs_have_a_budget_of_their_own(
     _: PgPoolOptions,
     opts: PgConnectOptions,
 ) {
@@ -460,18 +460,40 @@ async fn lease_lost_stops_the_run_and_is_exhausted_after_max_attempts(
         "fenced: not overwritten"
     );
 
-    // A task that lost its worker on its last attempt fails, saying why.
+    // A lost run does not spend an attempt: on its last attempt, the task goes back to pending, saying why.
     sqlx::query("UPDATE tasks SET lease_until = now() - interval '1 second', max_attempts = 1 WHERE id = $1")
         .bind(id.0)
         .execute(&pool)
         .await
         .unwrap();
+    assert_eq!(queue::reclaim_expired(&pool).await.unwrap(), 1);
+    let row = task(&pool, id).await;
+    assert_eq!(
+        (row.state.as_str(), row.lost_leases, row.attempts_spent()),
+        ("pending", 1, 0)
+    );
+    assert_eq!(
+        row.last_error.as_deref(),
+        Some("worker lost (lease expired) 1 time")
+    );
+
+    // Lost runs have a budget of their own: the last one it allows fails the task.
+    let factor = broker::db::tasks::LOST_LEASE_FACTOR;
+    sqlx::query(
+        "UPDATE tasks SET state = 'running', worker_id = 'w', lease_until = now() - interval '1 second',
+         lost_leases = $2 - 1 WHERE id = $1",
+    )
+    .bind(id.0)
+    .bind(factor)
+    .execute(&pool)
+    .await
+    .unwrap();
     assert_eq!(queue::reclaim_expired(&pool).await.unwrap(), 0);
     let row = task(&pool, id).await;
     assert_eq!(row.state, "failed");
     assert_eq!(
-        row.last_error.as_deref(),
-        Some("worker lost (lease expired) 1 time")
+        row.last_error,
+        Some(format!("worker lost (lease expired) {factor} times"))
     );
 }
 
