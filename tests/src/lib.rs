@@ -216,6 +216,13 @@ impl Stack {
             .and_then(Result::ok)
     }
 
+    /// Waits for the task of an accepted request (`answer["operation"]`) and asserts it succeeded.
+    pub async fn assert_task_succeeded(&self, answer: &Value, timeout: Duration) {
+        let operation = answer["operation"].as_str().expect("an operation");
+        let task = self.wait_task(operation, timeout).await.unwrap();
+        assert_eq!(task["state"], "succeeded", "{task}\n{}", self.logs());
+    }
+
     /// Polls `/berth/v1/tasks/{operation}` until the task is finished; returns its body.
     pub async fn wait_task(&self, operation: &str, timeout: Duration) -> anyhow::Result<Value> {
         let deadline = Instant::now() + timeout;
@@ -641,4 +648,18 @@ impl WebhookReceiver {
             .context("no webhook arrived in time")?
             .context("receiver closed")
     }
+}
+
+/// Runs `cmd` to its end (at most `limit`); returns its success and what it wrote to stderr and stdout.
+pub async fn run_to_end(cmd: std::process::Command, limit: Duration) -> (bool, String) {
+    let out = tokio::time::timeout(limit, Command::from(cmd).kill_on_drop(true).output())
+        .await
+        .expect("the process ends by itself")
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    (out.status.success(), text)
 }

@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use berth_tests::{OsbClient, Stack, WebhookReceiver, free_port, plan_ids};
+use berth_tests::{OsbClient, Stack, WebhookReceiver, free_port, plan_ids, run_to_end};
 use broker::crypto::{Cipher, KeyId, read_key_file, seal_v1};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -51,7 +51,7 @@ async fn keys_rotate_under_load_and_the_old_keys_can_go() {
         json!({"name": "keys", "instance_id": bindings[0].0}),
     )
     .await;
-    succeeded(&stack, &pushed).await;
+    stack.assert_task_succeeded(&pushed, WAIT).await;
     let a = read_key_file(&key_a).unwrap();
     insert_synthetic(&stack, &a).await;
 
@@ -242,14 +242,6 @@ async fn post(stack: &Stack, path: &str, body: Value) -> Value {
     answer
 }
 
-async fn succeeded(stack: &Stack, answer: &Value) {
-    let task = stack
-        .wait_task(answer["operation"].as_str().unwrap(), WAIT)
-        .await
-        .unwrap();
-    assert_eq!(task["state"], "succeeded", "{task}\n{}", stack.logs());
-}
-
 async fn sql(url: &str, statements: &str) {
     let mut conn = PgConnection::connect(url).await.unwrap();
     sqlx::raw_sql(statements).execute(&mut conn).await.unwrap();
@@ -411,7 +403,7 @@ async fn assert_refused(
     and: &str,
 ) {
     env.push(("PORT", free_port().unwrap().to_string()));
-    let (ok, said) = run_rekey_like(stack.command(binary, &env)).await;
+    let (ok, said) = run_to_end(stack.command(binary, &env), Duration::from_secs(60)).await;
     assert!(!ok, "{binary} started: {said}");
     assert!(
         said.contains(names) && said.contains(and),
@@ -421,26 +413,7 @@ async fn assert_refused(
 
 async fn run_rekey(mut cmd: std::process::Command) -> (bool, String) {
     cmd.arg("rekey");
-    run_rekey_like(cmd).await
-}
-
-/// Runs `cmd` to its end (60 s at most); whether it succeeded and what it said.
-async fn run_rekey_like(cmd: std::process::Command) -> (bool, String) {
-    let out = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::from(cmd)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("the process ends by itself")
-    .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    run_to_end(cmd, Duration::from_secs(60)).await
 }
 
 /// What one load period measured.

@@ -81,14 +81,6 @@ async fn accepted(stack: &Stack, method: Method, path: &str, body: Value) -> Val
     answer
 }
 
-async fn succeeded(stack: &Stack, answer: &Value) {
-    let task = stack
-        .wait_task(answer["operation"].as_str().unwrap(), WAIT)
-        .await
-        .unwrap();
-    assert_eq!(task["state"], "succeeded", "{task}\n{}", stack.logs());
-}
-
 /// Sends the requests all at once; their (status, body) in any order.
 async fn concurrently(requests: Vec<reqwest::RequestBuilder>) -> Vec<(u16, Value)> {
     let mut set = tokio::task::JoinSet::new();
@@ -147,7 +139,7 @@ async fn preset_round_trip(stack: &Stack) {
     )
     .await;
     assert_eq!(v1["version"], 1);
-    succeeded(stack, &v1).await;
+    stack.assert_task_succeeded(&v1, WAIT).await;
 
     // Many concurrent push-new of one name: exactly one wins.
     assert_one_of_eight_racing_pushes_wins(stack, &source).await;
@@ -164,7 +156,7 @@ async fn preset_round_trip(stack: &Stack) {
     )
     .await;
     assert_eq!(v2["version"], 2);
-    succeeded(stack, &v2).await;
+    stack.assert_task_succeeded(&v2, WAIT).await;
 
     // Many concurrent lockers: exactly one gets the key; while locked, pushes need it.
     lock_push_with_the_key_and_unlock(stack, &source).await;
@@ -275,7 +267,7 @@ async fn lock_push_with_the_key_and_unlock(stack: &Stack, source: &str) {
     )
     .await;
     assert_eq!(v3["version"], 3);
-    succeeded(stack, &v3).await;
+    stack.assert_task_succeeded(&v3, WAIT).await;
     let (status, _) = stack
         .send(
             stack
@@ -468,7 +460,7 @@ async fn a_wrong_key_or_a_damaged_object_changes_nothing() {
         "name": "p", "instance_id": instance, "post_restore_sql": "UPDATE items SET name = name || ' (migrated)';",
     }))
     .await;
-    succeeded(&stack, &pushed).await;
+    stack.assert_task_succeeded(&pushed, WAIT).await;
     sql(&url, "UPDATE items SET name = 'live data';").await;
 
     let object = files_under(&stack.dir.join("snapshots"), ".bsnap")
@@ -660,7 +652,7 @@ async fn backups_fire_prune_and_restore() {
         json!({}),
     )
     .await;
-    succeeded(&stack, &taken).await;
+    stack.assert_task_succeeded(&taken, WAIT).await;
     let backup = taken["backup_id"].as_str().unwrap().to_string();
     sql(
         &url,

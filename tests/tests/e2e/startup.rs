@@ -4,7 +4,7 @@
 
 use std::{process::Command, time::Duration};
 
-use berth_tests::{Stack, bin_dir, free_port, repo_dir};
+use berth_tests::{Stack, bin_dir, free_port, repo_dir, run_to_end};
 use sqlx::Connection;
 
 #[test]
@@ -51,25 +51,6 @@ fn a_bad_catalog_file_stops_both_binaries_naming_file_and_field() {
         );
     }
     std::fs::remove_dir_all(dir).unwrap();
-}
-
-/// Runs `cmd` to its end (at most `limit`); returns its success and what it wrote to stderr and stdout.
-async fn run_to_end(cmd: Command, limit: Duration) -> (bool, String) {
-    let out = tokio::time::timeout(
-        limit,
-        tokio::process::Command::from(cmd)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("the process ends by itself")
-    .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    (out.status.success(), text)
 }
 
 /// Waits until an API on `port` answers /health, failing after `limit`.
