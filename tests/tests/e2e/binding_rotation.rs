@@ -157,12 +157,24 @@ async fn assert_expired_and_revoked(stack: &Stack, new_path: &str, new_url: &str
         sqlx::query("SELECT 1").execute(&mut session).await.is_err(),
         "its open session survived"
     );
-    let revoked: bool =
-        sqlx::query_scalar("SELECT revoked_at IS NOT NULL FROM service_bindings WHERE id = 'new'")
-            .fetch_one(&mut broker_db)
-            .await
-            .unwrap();
-    assert!(revoked, "revoked_at recorded");
+    // The role goes first, then the task's completion records `revoked_at`: wait for it, not only for the login.
+    loop {
+        let revoked: bool = sqlx::query_scalar(
+            "SELECT revoked_at IS NOT NULL FROM service_bindings WHERE id = 'new'",
+        )
+        .fetch_one(&mut broker_db)
+        .await
+        .unwrap();
+        if revoked {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "revoked_at recorded\n{}",
+            stack.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let (status, fetched) = stack
         .send(stack.request(Method::GET, new_path))
         .await
