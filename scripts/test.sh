@@ -12,6 +12,7 @@ source scripts/lib/pg.sh
 source scripts/lib/s3peers.sh
 source scripts/lib/ha.sh
 source scripts/lib/units.sh
+source scripts/lib/schemathesis.sh
 
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/berth-target}
 export SQLX_OFFLINE=true
@@ -49,6 +50,9 @@ s3peers_ensure_installed
 moto_start "$workdir/s3"
 weed_start "$workdir/s3"
 echo "test moto: $BERTH_TEST_MOTO_URL, SeaweedFS: $BERTH_TEST_S3_COMPAT_URL" >&2
+
+# schemathesis, which the OpenAPI test (tests/tests/e2e/openapi.rs) runs against a broker.
+schemathesis_ensure_installed
 
 # One style and no lint warnings, checked before anything is built for the tests.
 cargo fmt --all --check

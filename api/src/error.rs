@@ -6,7 +6,8 @@ use axum::{
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -134,13 +135,24 @@ pub(crate) fn code_for_status(status: StatusCode) -> &'static str {
     }
 }
 
+/// The OSB error shape, the body of every refusal.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// A code a program can act on: OSB's (`AsyncRequired`, `ConcurrencyError`, `MaintenanceInfoConflict`, ...)
+    /// or berth's in the same style (`BadRequest`, `NotFound`, ...).
+    #[schema(example = "AsyncRequired")]
+    pub error: String,
+    /// What went wrong, for a person.
+    pub description: String,
+}
+
 /// The OSB error body for `status`.
 pub(crate) fn error_body(status: StatusCode, code: &str, description: &str) -> Response {
-    (
-        status,
-        Json(json!({ "error": code, "description": description })),
-    )
-        .into_response()
+    let body = ErrorBody {
+        error: code.to_string(),
+        description: description.to_string(),
+    };
+    (status, Json(body)).into_response()
 }
 
 impl From<sqlx::Error> for ApiError {

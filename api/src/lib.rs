@@ -6,6 +6,7 @@ pub mod error;
 pub mod extract;
 pub mod identity;
 pub mod middleware;
+pub mod openapi;
 pub mod provision_batch;
 pub mod routes;
 pub mod server;
@@ -108,6 +109,7 @@ pub fn router(state: AppState) -> Router {
 
     Router::new()
         .merge(routes::health::router())
+        .merge(openapi::router())
         .merge(metrics)
         .merge(v2)
         .merge(berth_v1)

@@ -10,6 +10,7 @@ use std::{
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use utoipa::ToSchema;
 
 text_enum! {
     /// Engines berth knows. A plan names one; the plan is published only where its engine is configured. A
@@ -27,7 +28,7 @@ text_enum! {
 /// Every engine berth knows.
 pub const KNOWN_ENGINES: &[Engine] = Engine::ALL;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Service {
     pub id: String,
@@ -46,9 +47,13 @@ pub struct Service {
     pub allow_context_updates: bool,
     #[serde(default)]
     pub plan_updateable: bool,
+    /// OSB's free-form service metadata (display name, documentation URL, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Object)]
     pub metadata: Option<Value>,
+    /// OSB's dashboard client, as the catalog file gives it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Object)]
     pub dashboard_client: Option<Value>,
     /// berth's own, never published: features (of those plans list in `features`) that cannot be turned off
     /// once on, each with the reason a person is told when a plan change would drop it.
@@ -57,7 +62,7 @@ pub struct Service {
     pub plans: Vec<Plan>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Plan {
     pub id: String,
@@ -76,7 +81,9 @@ pub struct Plan {
     /// synchronously to a client that does not send `accepts_incomplete=true` (others get 422 `AsyncRequired`).
     #[serde(default, skip_serializing)]
     pub synchronous: bool,
+    /// OSB's free-form plan metadata, with what start-up adds for the plan's engine.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Object)]
     pub metadata: Option<Value>,
     #[serde(default = "yes")]
     pub free: bool,
@@ -131,7 +138,7 @@ impl BindingExpiry {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MaintenanceInfo {
     pub version: String,
@@ -139,7 +146,7 @@ pub struct MaintenanceInfo {
     pub description: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Schemas {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -174,7 +181,7 @@ impl Schemas {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InstanceSchemas {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -183,16 +190,18 @@ pub struct InstanceSchemas {
     pub update: Option<InputSchema>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BindingSchemas {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub create: Option<InputSchema>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InputSchema {
+    /// A JSON schema the request's `parameters` are checked against.
+    #[schema(value_type = Object)]
     pub parameters: Value,
 }
 
@@ -258,6 +267,12 @@ impl PlanRef<'_> {
                 )
             })
     }
+}
+
+/// The `GET /v2/catalog` body.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CatalogBody<'a> {
+    pub services: &'a [Service],
 }
 
 /// The loaded catalog: services with only the plans whose engines are available, compiled parameter
@@ -379,7 +394,10 @@ impl Catalog {
             }
             services.push(service);
         }
-        let rendered = serde_json::to_vec(&serde_json::json!({ "services": &services }))?.into();
+        let rendered = serde_json::to_vec(&CatalogBody {
+            services: &services,
+        })?
+        .into();
         Ok(Self {
             services,
             validators,
@@ -429,8 +447,10 @@ impl Catalog {
                 }
             }
         }
-        self.rendered =
-            serde_json::to_vec(&serde_json::json!({ "services": &self.services }))?.into();
+        self.rendered = serde_json::to_vec(&CatalogBody {
+            services: &self.services,
+        })?
+        .into();
         Ok(self)
     }
 

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use utoipa::ToSchema;
 
 /// One instance type in one region as DescribeInstanceTypes describes it, with its latest prices.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -26,7 +27,7 @@ pub struct Offer {
     pub on_demand_price: Option<f64>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Strategy {
     /// Lowest hourly price first.
@@ -63,7 +64,7 @@ pub const DEFAULT_CPU_MIN: u32 = 2;
 pub const DEFAULT_STORAGE_GB: u32 = 20;
 
 /// A type that fits, priced for this instance (in `zone`, the cheapest zone for spot unless one was asked).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Candidate {
     pub instance_type: String,
     pub price: Option<f64>,

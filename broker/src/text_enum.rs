@@ -12,7 +12,9 @@ macro_rules! text_enum {
         }
     ) => {
         $(#[$doc])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ::serde::Serialize, ::serde::Deserialize)]
+        #[derive(
+            Debug, Clone, Copy, PartialEq, Eq, Hash, ::serde::Serialize, ::serde::Deserialize, ::utoipa::ToSchema,
+        )]
         $vis enum $name {
             $( $(#[$variant_doc])* #[serde(rename = $text)] $variant, )+
         }

@@ -15,22 +15,29 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use broker::db::{
-    instances,
-    snapshots::{self, SnapshotRow, SnapshotState},
-    tasks,
+use broker::{
+    db::{
+        instances,
+        snapshots::{self, SnapshotRow, SnapshotState},
+        tasks,
+    },
+    model::TaskState,
 };
-use serde_json::json;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
 use sqlx::PgConnection;
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::{
-    accepted_with, check_id, parse_operation,
-    snapshot_common::{enqueue_restore, instance_with_database, snapshot_json},
+    Accepted, accepted_with, check_id,
+    params::{BackupIdPath, InstanceIdPath},
+    parse_operation,
+    snapshot_common::{Snapshot, enqueue_restore, instance_with_database, snapshot_json},
 };
 use crate::{
     AppState,
-    error::{ApiError, ApiResult},
+    error::{ApiError, ApiResult, ErrorBody},
     extract::OsbPath,
     identity::OriginatingIdentity,
 };
@@ -57,15 +64,146 @@ pub fn akkeris_router() -> Router<AppState> {
     Router::new()
         .route(
             "/v2/service_instances/{instance_id}/actions/backups",
-            get(list).put(take),
+            get(akkeris_list).put(akkeris_take),
         )
         .route(
             "/v2/service_instances/{instance_id}/actions/backups/{backup_id}",
-            get(show).put(restore),
+            get(akkeris_show).put(akkeris_restore),
         )
 }
 
-async fn list(
+/// The backups of an instance.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct BackupList {
+    /// Newest first.
+    backups: Vec<Snapshot>,
+}
+
+/// A backup started.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct BackupStarted {
+    backup_id: Uuid,
+    /// Its task (`/berth/v1/tasks/{operation}`).
+    #[schema(format = Uuid)]
+    operation: String,
+}
+
+/// Any task berth answered with an operation.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct TaskStatus {
+    id: Uuid,
+    /// What the task does (`provision`, `backup`, `push_preset`, ...).
+    kind: String,
+    state: TaskState,
+    instance_id: Option<String>,
+    binding_id: Option<String>,
+    /// The worker's progress.
+    description: Option<String>,
+    /// Why the last attempt failed.
+    error: Option<String>,
+    attempts: i32,
+    created_at: DateTime<Utc>,
+    finished_at: Option<DateTime<Utc>>,
+}
+
+/// The Akkeris form of [`list`].
+#[utoipa::path(
+    get,
+    path = "/v2/service_instances/{instance_id}/actions/backups",
+    tag = "backups",
+    operation_id = "akkeris_list_backups",
+    params(InstanceIdPath),
+    responses(
+        (status = 200, description = "The instance's backups (also after the instance is gone)", body = BackupList),
+        (status = 400, description = "A malformed instance id", body = ErrorBody),
+        (status = 404, description = "No such instance, and no backups of one", body = ErrorBody),
+    )
+)]
+pub(crate) async fn akkeris_list(
+    state: State<AppState>,
+    path: OsbPath<String>,
+) -> ApiResult<Response> {
+    list(state, path).await
+}
+
+/// The Akkeris form of [`take`].
+#[utoipa::path(
+    put,
+    path = "/v2/service_instances/{instance_id}/actions/backups",
+    tag = "backups",
+    operation_id = "akkeris_take_backup",
+    params(InstanceIdPath),
+    responses(
+        (status = 202, description = "Started", body = BackupStarted),
+        (status = 400, description = "A malformed instance id", body = ErrorBody),
+        (status = 404, description = "No such instance", body = ErrorBody),
+        (status = 409, description = "A backup of the instance is already running", body = ErrorBody),
+        (status = 422, description = "`ConcurrencyError`, a failed provision, or an instance without a database", body = ErrorBody),
+    )
+)]
+pub(crate) async fn akkeris_take(
+    state: State<AppState>,
+    path: OsbPath<String>,
+) -> ApiResult<Response> {
+    take(state, path).await
+}
+
+/// The Akkeris form of [`show`].
+#[utoipa::path(
+    get,
+    path = "/v2/service_instances/{instance_id}/actions/backups/{backup_id}",
+    tag = "backups",
+    operation_id = "akkeris_show_backup",
+    params(BackupIdPath),
+    responses(
+        (status = 200, description = "The backup", body = Snapshot),
+        (status = 400, description = "A backup id that is not a UUID", body = ErrorBody),
+        (status = 404, description = "The instance has no such backup", body = ErrorBody),
+    )
+)]
+pub(crate) async fn akkeris_show(
+    state: State<AppState>,
+    path: OsbPath<(String, String)>,
+) -> ApiResult<Response> {
+    show(state, path).await
+}
+
+/// The Akkeris form of [`restore`].
+#[utoipa::path(
+    put,
+    path = "/v2/service_instances/{instance_id}/actions/backups/{backup_id}",
+    tag = "backups",
+    operation_id = "akkeris_restore_backup",
+    params(BackupIdPath),
+    responses(
+        (status = 202, description = "Accepted: poll the instance's `last_operation` with this operation", body = Accepted),
+        (status = 400, description = "A backup id that is not a UUID", body = ErrorBody),
+        (status = 404, description = "No such instance, or it has no such backup", body = ErrorBody),
+        (status = 422, description = "`ConcurrencyError`, a backup that is not complete, or an instance without a database", body = ErrorBody),
+    )
+)]
+pub(crate) async fn akkeris_restore(
+    state: State<AppState>,
+    path: OsbPath<(String, String)>,
+    identity: OriginatingIdentity,
+) -> ApiResult<Response> {
+    restore(state, path, identity).await
+}
+
+/// List the backups of an instance.
+#[utoipa::path(
+    get,
+    path = "/berth/v1/instances/{instance_id}/backups",
+    tag = "backups",
+    operation_id = "list_backups",
+    params(InstanceIdPath),
+    responses(
+        (status = 200, description = "The instance's backups (also after the instance is gone)", body = BackupList),
+        (status = 400, description = "A malformed instance id", body = ErrorBody),
+        (status = 404, description = "No such instance, and no backups of one", body = ErrorBody),
+    )
+)]
+pub(crate) async fn list(
     State(state): State<AppState>,
     OsbPath(instance_id): OsbPath<String>,
 ) -> ApiResult<Response> {
@@ -81,7 +219,7 @@ async fn list(
     for row in &rows {
         backups.push(snapshot_json(&mut conn, row).await?);
     }
-    Ok(Json(json!({ "backups": backups })).into_response())
+    Ok(Json(BackupList { backups }).into_response())
 }
 
 async fn backup_of(
@@ -101,7 +239,20 @@ async fn backup_of(
         })
 }
 
-async fn show(
+/// One backup of an instance.
+#[utoipa::path(
+    get,
+    path = "/berth/v1/instances/{instance_id}/backups/{backup_id}",
+    tag = "backups",
+    operation_id = "show_backup",
+    params(BackupIdPath),
+    responses(
+        (status = 200, description = "The backup", body = Snapshot),
+        (status = 400, description = "A backup id that is not a UUID", body = ErrorBody),
+        (status = 404, description = "The instance has no such backup", body = ErrorBody),
+    )
+)]
+pub(crate) async fn show(
     State(state): State<AppState>,
     OsbPath((instance_id, backup_id)): OsbPath<(String, String)>,
 ) -> ApiResult<Response> {
@@ -111,7 +262,22 @@ async fn show(
     Ok(Json(snapshot_json(&mut conn, &row).await?).into_response())
 }
 
-async fn take(
+/// Take a backup of an instance now.
+#[utoipa::path(
+    post,
+    path = "/berth/v1/instances/{instance_id}/backups",
+    tag = "backups",
+    operation_id = "take_backup",
+    params(InstanceIdPath),
+    responses(
+        (status = 202, description = "Started", body = BackupStarted),
+        (status = 400, description = "A malformed instance id", body = ErrorBody),
+        (status = 404, description = "No such instance", body = ErrorBody),
+        (status = 409, description = "A backup of the instance is already running", body = ErrorBody),
+        (status = 422, description = "`ConcurrencyError`, a failed provision, or an instance without a database", body = ErrorBody),
+    )
+)]
+pub(crate) async fn take(
     State(state): State<AppState>,
     OsbPath(instance_id): OsbPath<String>,
 ) -> ApiResult<Response> {
@@ -123,9 +289,10 @@ async fn take(
         Ok((backup_id, task_id)) => {
             sp.commit().await?;
             tx.commit().await?;
-            Ok(accepted_with(
-                json!({ "backup_id": backup_id, "operation": task_id.to_string() }),
-            ))
+            Ok(accepted_with(BackupStarted {
+                backup_id,
+                operation: task_id.to_string(),
+            }))
         }
         Err(e) if broker::db::is_unique_violation(&e) => {
             sp.rollback().await?;
@@ -144,7 +311,21 @@ async fn take(
     }
 }
 
-async fn restore(
+/// Reset an instance's database to one of its backups.
+#[utoipa::path(
+    post,
+    path = "/berth/v1/instances/{instance_id}/backups/{backup_id}/restore",
+    tag = "backups",
+    operation_id = "restore_backup",
+    params(BackupIdPath),
+    responses(
+        (status = 202, description = "Accepted: poll the instance's `last_operation` with this operation", body = Accepted),
+        (status = 400, description = "A backup id that is not a UUID", body = ErrorBody),
+        (status = 404, description = "No such instance, or it has no such backup", body = ErrorBody),
+        (status = 422, description = "`ConcurrencyError`, a backup that is not complete, or an instance without a database", body = ErrorBody),
+    )
+)]
+pub(crate) async fn restore(
     State(state): State<AppState>,
     OsbPath((instance_id, backup_id)): OsbPath<(String, String)>,
     OriginatingIdentity(identity): OriginatingIdentity,
@@ -160,10 +341,25 @@ async fn restore(
     }
     let operation = enqueue_restore(&mut tx, &state, &instance_id, &backup, identity).await?;
     tx.commit().await?;
-    Ok(accepted_with(json!({ "operation": operation.to_string() })))
+    Ok(accepted_with(Accepted {
+        operation: operation.to_string(),
+    }))
 }
 
-async fn task(
+/// The state of any task berth answered with an operation (backups, preset pushes, OSB operations).
+#[utoipa::path(
+    get,
+    path = "/berth/v1/tasks/{task_id}",
+    tag = "tasks",
+    operation_id = "task",
+    params(("task_id" = String, Path, description = "An operation berth answered with (a UUID).")),
+    responses(
+        (status = 200, description = "The task", body = TaskStatus),
+        (status = 400, description = "Not a UUID", body = ErrorBody),
+        (status = 404, description = "No such task", body = ErrorBody),
+    )
+)]
+pub(crate) async fn task(
     State(state): State<AppState>,
     OsbPath(task_id): OsbPath<String>,
 ) -> ApiResult<Response> {
@@ -171,17 +367,17 @@ async fn task(
     let task = tasks::get(&state.db, id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("there is no task {task_id}")))?;
-    Ok(Json(json!({
-        "id": task.id,
-        "kind": task.kind,
-        "state": task.state,
-        "instance_id": task.instance_id,
-        "binding_id": task.binding_id,
-        "description": task.progress,
-        "error": task.last_error,
-        "attempts": task.attempts,
-        "created_at": task.created_at,
-        "finished_at": task.finished_at,
-    }))
+    Ok(Json(TaskStatus {
+        id: task.id,
+        kind: task.kind,
+        state: task.state,
+        instance_id: task.instance_id,
+        binding_id: task.binding_id,
+        description: task.progress,
+        error: task.last_error,
+        attempts: task.attempts,
+        created_at: task.created_at,
+        finished_at: task.finished_at,
+    })
     .into_response())
 }

@@ -23,24 +23,26 @@ use broker::{
     model::{Operation, TaskState},
 };
 use chrono::{DateTime, SubsecRound, Utc};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sqlx::{PgConnection, Postgres, Transaction};
 use tokio::time::Instant;
+use utoipa::ToSchema;
 
 use super::{
-    Origin, OsbParams, accepted, check_id,
+    Accepted, Empty, Origin, OsbParams, accepted, check_id,
     exclusive::{self, Again},
     gone,
     instances::provisioned_instance,
     is_active,
-    last_operation::{self, Polled},
+    last_operation::{self, LastOperation, Polled},
     lookup_plan, object_or_empty, ok_empty,
+    params::{AcceptsIncomplete, BindingIdPath, DeleteQuery, PollQuery, WebhookQuery},
     synchronous::{self, Settled},
 };
 use crate::{
     AppState,
-    error::{ApiError, ApiResult},
+    error::{ApiError, ApiResult, ErrorBody},
     extract::{OsbJson, OsbPath, OsbQuery},
     identity::OriginatingIdentity,
 };
@@ -56,19 +58,56 @@ pub fn router() -> Router<AppState> {
         )
 }
 
-#[derive(Debug, Deserialize)]
-struct BindBody {
+/// A bind request. The example is the shipped catalog's `postgres` service and its `shared` plan.
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(examples(json!({
+    "service_id": "3bdd3b6c-801f-470b-a45f-bc1849fa2124",
+    "plan_id": "707a3e6f-f8db-4339-88da-1533837a9810",
+    "parameters": {"access": "read-only"},
+})))]
+pub(crate) struct BindBody {
+    /// The instance's service.
     service_id: String,
+    /// The instance's plan.
     plan_id: String,
+    /// The platform's context object.
+    #[schema(value_type = Option<Object>)]
     context: Option<Value>,
+    /// Deprecated by OSB in favour of `bind_resource.app_guid`; non-empty when present.
     app_guid: Option<String>,
+    /// OSB's `bind_resource` object (`app_guid`, `route`, ...).
+    #[schema(value_type = Option<Object>)]
     bind_resource: Option<Value>,
+    /// Checked against the plan's `schemas.service_binding.create`: `access` (`read-only`), `expires_in` where
+    /// the plan has expiring bindings, a `webhook` object `{url, secret}`.
+    #[schema(value_type = Option<Object>)]
     parameters: Option<Value>,
     /// OSB binding rotation: the binding this one replaces. Both stay valid until the old one is deleted.
     predecessor_binding_id: Option<String>,
 }
 
-async fn bind(
+/// Create a binding (OSB): credentials of its own for the instance. A client that does not send
+/// `accepts_incomplete=true` gets its answer once the bind is done, on every plan.
+#[utoipa::path(
+    put,
+    path = "/v2/service_instances/{instance_id}/service_bindings/{binding_id}",
+    tag = "service bindings",
+    operation_id = "bind",
+    params(BindingIdPath, AcceptsIncomplete, WebhookQuery),
+    request_body = BindBody,
+    responses(
+        (status = 200, description = "The same bind again, and it has succeeded", body = Binding),
+        (status = 201, description = "Bound (synchronous request)", body = Binding),
+        (status = 202, description = "Accepted: poll the binding's `last_operation` with this operation", body = Accepted),
+        (status = 400, description = "A malformed request, a plan that is not the instance's or not bindable, parameters the plan's schema refuses", body = ErrorBody),
+        (status = 404, description = "No such instance", body = ErrorBody),
+        (status = 409, description = "The binding exists with different attributes, or for another instance", body = ErrorBody),
+        (status = 422, description = "`ConcurrencyError`, or an instance whose provision failed", body = ErrorBody),
+        (status = 500, description = "`OperationFailed`: a synchronous bind failed", body = ErrorBody),
+        (status = 504, description = "`OperationTimedOut`: a synchronous bind did not finish in time; it goes on", body = ErrorBody),
+    )
+)]
+pub(crate) async fn bind(
     State(state): State<AppState>,
     OsbPath((instance_id, binding_id)): OsbPath<(String, String)>,
     OsbQuery(query): OsbQuery<OsbParams>,
@@ -408,33 +447,83 @@ fn osb_time(at: DateTime<Utc>) -> String {
     )
 }
 
-/// `{metadata?, credentials, endpoints?}` (and `parameters` for a fetch) of a binding whose bind succeeded:
-/// the body of every answer that carries a binding. `metadata` only for an expiring binding.
-fn credentials_body(cipher: &Cipher, row: &BindingRow, with_parameters: bool) -> ApiResult<Value> {
-    let mut body = json!({});
-    if let Some(expires_at) = row.expires_at {
-        let mut metadata = json!({ "expires_at": osb_time(expires_at) });
-        if let Some(renew_before) = row.renew_before {
-            metadata["renew_before"] = osb_time(renew_before).into();
-        }
-        body["metadata"] = metadata;
-    }
-    if let Some(sealed) = &row.credentials {
-        let credentials: Value = cipher
-            .open_json(sealed)
-            .map_err(|e| e.context(format!("opening the credentials of binding {}", row.id)))?;
-        body["credentials"] = credentials;
-    }
-    if let Some(endpoints) = row.details.get("endpoints").filter(|e| !e.is_null()) {
-        body["endpoints"] = endpoints.clone();
-    }
-    if with_parameters {
-        body["parameters"] = row.parameters.clone();
-    }
-    Ok(body)
+/// A binding whose bind succeeded: the body of every answer that carries one.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Binding {
+    /// Only for an expiring binding.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metadata: Option<BindingMetadata>,
+    /// What the app connects with (`DATABASE_URL`, `S3_*`, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Object)]
+    credentials: Option<Value>,
+    /// The hosts and ports the credentials reach, where the engine names them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Vec<Object>)]
+    endpoints: Option<Value>,
+    /// The binding's parameters (a fetch only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Object)]
+    parameters: Option<Value>,
 }
 
-async fn unbind(
+/// When an expiring binding stops working, and when its platform should make a successor (OSB's
+/// `yyyy-mm-ddThh:mm:ss.sZ`).
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct BindingMetadata {
+    #[schema(example = "2026-12-07T10:00:00.0Z")]
+    expires_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    renew_before: Option<String>,
+}
+
+/// The [`Binding`] body (with `parameters` for a fetch) of a binding whose bind succeeded.
+fn credentials_body(
+    cipher: &Cipher,
+    row: &BindingRow,
+    with_parameters: bool,
+) -> ApiResult<Binding> {
+    let metadata = row.expires_at.map(|expires_at| BindingMetadata {
+        expires_at: osb_time(expires_at),
+        renew_before: row.renew_before.map(osb_time),
+    });
+    let credentials =
+        match &row.credentials {
+            Some(sealed) => Some(cipher.open_json(sealed).map_err(|e| {
+                e.context(format!("opening the credentials of binding {}", row.id))
+            })?),
+            None => None,
+        };
+    Ok(Binding {
+        metadata,
+        credentials,
+        endpoints: row
+            .details
+            .get("endpoints")
+            .filter(|e| !e.is_null())
+            .cloned(),
+        parameters: with_parameters.then(|| row.parameters.clone()),
+    })
+}
+
+/// Delete a binding (OSB): its credentials stop working.
+#[utoipa::path(
+    delete,
+    path = "/v2/service_instances/{instance_id}/service_bindings/{binding_id}",
+    tag = "service bindings",
+    operation_id = "unbind",
+    params(BindingIdPath, DeleteQuery, AcceptsIncomplete, WebhookQuery),
+    responses(
+        (status = 200, description = "Unbound (synchronous request)", body = Empty),
+        (status = 202, description = "Accepted: poll the binding's `last_operation` with this operation", body = Accepted),
+        (status = 400, description = "`service_id` or `plan_id` missing, or a malformed request", body = ErrorBody),
+        (status = 410, description = "No such binding (or instance)", body = Empty),
+        (status = 422, description = "`ConcurrencyError`", body = ErrorBody),
+        (status = 500, description = "`OperationFailed`: a synchronous unbind failed", body = ErrorBody),
+        (status = 504, description = "`OperationTimedOut`: a synchronous unbind did not finish in time; it goes on", body = ErrorBody),
+    )
+)]
+pub(crate) async fn unbind(
     State(state): State<AppState>,
     OsbPath((instance_id, binding_id)): OsbPath<(String, String)>,
     OsbQuery(query): OsbQuery<OsbParams>,
@@ -508,7 +597,20 @@ async fn start_unbind(
     exclusive::start(tx, task).await
 }
 
-async fn fetch(
+/// Fetch a binding (OSB; the catalog marks every service `bindings_retrievable`).
+#[utoipa::path(
+    get,
+    path = "/v2/service_instances/{instance_id}/service_bindings/{binding_id}",
+    tag = "service bindings",
+    operation_id = "fetch_binding",
+    params(BindingIdPath),
+    responses(
+        (status = 200, description = "The binding", body = Binding),
+        (status = 400, description = "A malformed request", body = ErrorBody),
+        (status = 404, description = "No such binding, or its bind has not succeeded", body = ErrorBody),
+    )
+)]
+pub(crate) async fn fetch(
     State(state): State<AppState>,
     OsbPath((instance_id, binding_id)): OsbPath<(String, String)>,
 ) -> ApiResult<Response> {
@@ -540,7 +642,22 @@ async fn fetch(
         .into_response())
 }
 
-async fn last_operation(
+/// Poll an operation on a binding (OSB).
+#[utoipa::path(
+    get,
+    path = "/v2/service_instances/{instance_id}/service_bindings/{binding_id}/last_operation",
+    tag = "service bindings",
+    operation_id = "binding_last_operation",
+    params(BindingIdPath, PollQuery),
+    responses(
+        (status = 200, description = "The operation's state; `Retry-After` while it is in progress", body = LastOperation,
+            headers(("Retry-After" = Option<u32>, description = "Seconds until the next poll, while in progress"))),
+        (status = 400, description = "An operation that is not one of this binding's", body = ErrorBody),
+        (status = 404, description = "No such binding, or no operation on it", body = ErrorBody),
+        (status = 410, description = "The binding's unbind has succeeded", body = Empty),
+    )
+)]
+pub(crate) async fn last_operation(
     State(state): State<AppState>,
     OsbPath((instance_id, binding_id)): OsbPath<(String, String)>,
     OsbQuery(query): OsbQuery<OsbParams>,

@@ -15,7 +15,18 @@ pub fn router() -> Router<AppState> {
     Router::new().route("/v2/catalog", get(catalog))
 }
 
-async fn catalog(State(state): State<AppState>) -> Response {
+/// The services and plans this broker serves (only plans whose engine is configured), with each plan's
+/// parameter schemas. Rendered once at start.
+#[utoipa::path(
+    get,
+    path = "/v2/catalog",
+    tag = "catalog",
+    operation_id = "catalog",
+    responses(
+        (status = 200, description = "The catalog", body = broker::catalog::CatalogBody<'static>),
+    )
+)]
+pub(crate) async fn catalog(State(state): State<AppState>) -> Response {
     let mut response = Response::new(Body::from(axum::body::Bytes::from_owner(
         state.catalog.rendered(),
     )));

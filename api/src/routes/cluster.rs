@@ -3,25 +3,21 @@
 //! Both are asynchronous like an update: 202 with an `operation`, polled on the instance's `last_operation`.
 //! Body (optional): `{"candidate": "<member name>"}`.
 
-use axum::{
-    Router,
-    body::Bytes,
-    extract::State,
-    response::Response,
-    routing::{MethodRouter, post},
-};
+use axum::{Router, body::Bytes, extract::State, response::Response, routing::post};
 use broker::model::{ChangePrimaryPayload, Operation};
 use serde::Deserialize;
 use serde_json::Value;
+use utoipa::ToSchema;
 
 use super::{
-    Origin, OsbParams, accepted, check_id,
+    Accepted, Origin, OsbParams, accepted, check_id,
     exclusive::{self, Again},
     instances::provisioned_instance,
+    params::{InstanceIdPath, WebhookQuery},
 };
 use crate::{
     AppState,
-    error::{ApiError, ApiResult},
+    error::{ApiError, ApiResult, ErrorBody},
     extract::{OsbPath, OsbQuery, parse_json},
     identity::OriginatingIdentity,
 };
@@ -30,29 +26,67 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route(
             "/berth/v1/instances/{instance_id}/switchover",
-            change_primary_route(Operation::Switchover),
+            post(switchover),
         )
-        .route(
-            "/berth/v1/instances/{instance_id}/failover",
-            change_primary_route(Operation::Failover),
-        )
+        .route("/berth/v1/instances/{instance_id}/failover", post(failover))
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// The body of a switchover or failover (optional: an empty body lets Patroni choose).
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ChangePrimaryBody {
+pub(crate) struct ChangePrimaryBody {
+    /// The member to become the primary (any healthy replica when absent).
     candidate: Option<String>,
 }
 
-/// `POST` of a switchover or failover.
-fn change_primary_route(operation: Operation) -> MethodRouter<AppState> {
-    post(
-        move |state: State<AppState>,
-              path: OsbPath<String>,
-              query: OsbQuery<OsbParams>,
-              identity: OriginatingIdentity,
-              body: Bytes| change_primary(operation, state, path, query, identity, body),
+/// Planned: the primary hands over to a healthy replica.
+#[utoipa::path(
+    post,
+    path = "/berth/v1/instances/{instance_id}/switchover",
+    tag = "ha clusters",
+    operation_id = "switchover",
+    params(InstanceIdPath, WebhookQuery),
+    request_body(content = Option<ChangePrimaryBody>, description = "Optional"),
+    responses(
+        (status = 202, description = "Accepted: poll the instance's `last_operation` with this operation", body = Accepted),
+        (status = 400, description = "A malformed request", body = ErrorBody),
+        (status = 404, description = "No such instance", body = ErrorBody),
+        (status = 422, description = "`ConcurrencyError`, not an HA cluster, a candidate that is not a member, or a failed provision", body = ErrorBody),
     )
+)]
+pub(crate) async fn switchover(
+    state: State<AppState>,
+    path: OsbPath<String>,
+    query: OsbQuery<OsbParams>,
+    identity: OriginatingIdentity,
+    body: Bytes,
+) -> ApiResult<Response> {
+    change_primary(Operation::Switchover, state, path, query, identity, body).await
+}
+
+/// Forced: a replica becomes the primary, also when the primary is unhealthy.
+#[utoipa::path(
+    post,
+    path = "/berth/v1/instances/{instance_id}/failover",
+    tag = "ha clusters",
+    operation_id = "failover",
+    params(InstanceIdPath, WebhookQuery),
+    request_body(content = Option<ChangePrimaryBody>, description = "Optional"),
+    responses(
+        (status = 202, description = "Accepted: poll the instance's `last_operation` with this operation", body = Accepted),
+        (status = 400, description = "A malformed request", body = ErrorBody),
+        (status = 404, description = "No such instance", body = ErrorBody),
+        (status = 422, description = "`ConcurrencyError`, not an HA cluster, a candidate that is not a member, or a failed provision", body = ErrorBody),
+    )
+)]
+pub(crate) async fn failover(
+    state: State<AppState>,
+    path: OsbPath<String>,
+    query: OsbQuery<OsbParams>,
+    identity: OriginatingIdentity,
+    body: Bytes,
+) -> ApiResult<Response> {
+    change_primary(Operation::Failover, state, path, query, identity, body).await
 }
 
 /// Validates, then writes the task in one transaction. Refused, writing nothing: an unknown instance (404), one

@@ -17,22 +17,25 @@ use broker::{
     },
     model::{Operation, TaskState, UpdatePayload},
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sqlx::PgConnection;
 use tokio::time::Instant;
+use utoipa::ToSchema;
 
 use super::{
-    MaintenanceInfoBody, Origin, OsbParams, accepted, check_id, check_maintenance,
+    Accepted, Empty, MaintenanceInfoBody, Origin, OsbParams, accepted, check_id, check_maintenance,
+    created_empty,
     exclusive::{self, Again, concurrency},
     gone,
-    last_operation::{self, Polled},
+    last_operation::{self, LastOperation, Polled},
     lookup_plan, lookup_service, object_or_empty, ok_empty,
+    params::{AcceptsIncomplete, DeleteQuery, InstanceIdPath, PollQuery, WebhookQuery},
     synchronous::{self, Mode, Settled},
 };
 use crate::{
     AppState,
-    error::{ApiError, ApiResult},
+    error::{ApiError, ApiResult, ErrorBody},
     extract::{OsbJson, OsbPath, OsbQuery},
     identity::OriginatingIdentity,
     snapshot_params::{self, At},
@@ -54,13 +57,29 @@ pub fn router() -> Router<AppState> {
         )
 }
 
-#[derive(Debug, Deserialize)]
-struct ProvisionBody {
+/// A provision request. The example is the shipped catalog's `postgres` service and its `shared` plan.
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(examples(json!({
+    "service_id": "3bdd3b6c-801f-470b-a45f-bc1849fa2124",
+    "plan_id": "707a3e6f-f8db-4339-88da-1533837a9810",
+    "organization_guid": "org",
+    "space_guid": "space",
+})))]
+pub(crate) struct ProvisionBody {
+    /// A service of the catalog.
     service_id: String,
+    /// A plan of that service.
     plan_id: String,
+    /// Non-empty.
     organization_guid: String,
+    /// Non-empty.
     space_guid: String,
+    /// The platform's context object, stored with the instance.
+    #[schema(value_type = Option<Object>)]
     context: Option<Value>,
+    /// Checked against the plan's `schemas.service_instance.create` (published in the catalog); may carry a
+    /// `webhook` object `{url, secret}`.
+    #[schema(value_type = Option<Object>)]
     parameters: Option<Value>,
     maintenance_info: Option<MaintenanceInfoBody>,
 }
@@ -81,7 +100,27 @@ impl ProvisionBody {
     }
 }
 
-async fn provision(
+/// Provision an instance (OSB). The synchronous answers (200, 201, 500, 504) are for clients that do not send
+/// `accepts_incomplete=true`, on plans the catalog marks synchronous.
+#[utoipa::path(
+    put,
+    path = "/v2/service_instances/{instance_id}",
+    tag = "service instances",
+    operation_id = "provision",
+    params(InstanceIdPath, AcceptsIncomplete, WebhookQuery),
+    request_body = ProvisionBody,
+    responses(
+        (status = 200, description = "The same provision again, and it has succeeded", body = Empty),
+        (status = 201, description = "Provisioned (synchronous request)", body = Empty),
+        (status = 202, description = "Accepted: poll `last_operation` with this operation", body = Accepted),
+        (status = 400, description = "A malformed request, an unknown service or plan, parameters the plan's schema refuses", body = ErrorBody),
+        (status = 409, description = "The instance exists with different attributes", body = ErrorBody),
+        (status = 422, description = "`AsyncRequired`, `ConcurrencyError` or `MaintenanceInfoConflict`", body = ErrorBody),
+        (status = 500, description = "`OperationFailed`: a synchronous provision failed", body = ErrorBody),
+        (status = 504, description = "`OperationTimedOut`: a synchronous provision did not finish in time; it goes on", body = ErrorBody),
+    )
+)]
+pub(crate) async fn provision(
     State(state): State<AppState>,
     OsbPath(instance_id): OsbPath<String>,
     OsbQuery(query): OsbQuery<OsbParams>,
@@ -93,7 +132,7 @@ async fn provision(
     let response = start_provision(&state, instance_id, query, identity, body, &mut mode).await?;
     match synchronous::settle(&state, mode, response, started).await? {
         Settled::Answered(response) => Ok(response),
-        Settled::Succeeded => Ok((StatusCode::CREATED, Json(json!({}))).into_response()),
+        Settled::Succeeded => Ok(created_empty()),
     }
 }
 
@@ -309,16 +348,41 @@ pub(crate) async fn instance_state(
     })
 }
 
-#[derive(Debug, Deserialize)]
-struct UpdateBody {
+/// An update request.
+#[derive(Debug, Deserialize, ToSchema)]
+pub(crate) struct UpdateBody {
+    /// The instance's service.
     service_id: String,
+    /// A plan to move to (the instance's own when absent).
     plan_id: Option<String>,
+    /// Merged over the stored parameters; checked against the target plan's `schemas.service_instance.update`.
+    #[schema(value_type = Option<Object>)]
     parameters: Option<Value>,
+    /// A new context object (alone, it is applied at once: 200).
+    #[schema(value_type = Option<Object>)]
     context: Option<Value>,
     maintenance_info: Option<MaintenanceInfoBody>,
 }
 
-async fn update(
+/// Update an instance (OSB): its plan, parameters, context or maintenance version.
+#[utoipa::path(
+    patch,
+    path = "/v2/service_instances/{instance_id}",
+    tag = "service instances",
+    operation_id = "update",
+    params(InstanceIdPath, AcceptsIncomplete, WebhookQuery),
+    request_body = UpdateBody,
+    responses(
+        (status = 200, description = "Done: a context-only change, or a synchronous update that succeeded", body = Empty),
+        (status = 202, description = "Accepted: poll `last_operation` with this operation", body = Accepted),
+        (status = 400, description = "A malformed request, a plan of another service, parameters the plan's schema refuses", body = ErrorBody),
+        (status = 404, description = "No such instance", body = ErrorBody),
+        (status = 422, description = "`AsyncRequired`, `ConcurrencyError`, `MaintenanceInfoConflict`, a plan change the plan does not allow, or an instance whose provision failed", body = ErrorBody),
+        (status = 500, description = "`OperationFailed`: a synchronous update failed", body = ErrorBody),
+        (status = 504, description = "`OperationTimedOut`: a synchronous update did not finish in time; it goes on", body = ErrorBody),
+    )
+)]
+pub(crate) async fn update(
     State(state): State<AppState>,
     OsbPath(instance_id): OsbPath<String>,
     OsbQuery(query): OsbQuery<OsbParams>,
@@ -525,7 +589,24 @@ impl UpdateChange<'_> {
     }
 }
 
-async fn deprovision(
+/// Deprovision an instance (OSB).
+#[utoipa::path(
+    delete,
+    path = "/v2/service_instances/{instance_id}",
+    tag = "service instances",
+    operation_id = "deprovision",
+    params(InstanceIdPath, DeleteQuery, AcceptsIncomplete, WebhookQuery),
+    responses(
+        (status = 200, description = "Deprovisioned (synchronous request)", body = Empty),
+        (status = 202, description = "Accepted: poll `last_operation` with this operation", body = Accepted),
+        (status = 400, description = "`service_id` or `plan_id` missing, or a malformed request", body = ErrorBody),
+        (status = 410, description = "No such instance", body = Empty),
+        (status = 422, description = "`AsyncRequired` or `ConcurrencyError`", body = ErrorBody),
+        (status = 500, description = "`OperationFailed`: a synchronous deprovision failed", body = ErrorBody),
+        (status = 504, description = "`OperationTimedOut`: a synchronous deprovision did not finish in time; it goes on", body = ErrorBody),
+    )
+)]
+pub(crate) async fn deprovision(
     State(state): State<AppState>,
     OsbPath(instance_id): OsbPath<String>,
     OsbQuery(query): OsbQuery<OsbParams>,
@@ -581,7 +662,20 @@ async fn start_deprovision(
 /// rotation runs gets its operation again. Refused, writing nothing: an unknown instance (404), one not
 /// provisioned or with another operation in progress (422 `ConcurrencyError`; 422 after a failed provision), or a plan whose bindings have no credentials
 /// of their own to rotate (422).
-async fn rotate_credentials(
+#[utoipa::path(
+    put,
+    path = "/v2/service_instances/{instance_id}/actions/credentials",
+    tag = "service instances",
+    operation_id = "rotate_credentials",
+    params(InstanceIdPath, WebhookQuery),
+    responses(
+        (status = 202, description = "Accepted: poll the instance's `last_operation` with this operation", body = Accepted),
+        (status = 400, description = "A malformed request", body = ErrorBody),
+        (status = 404, description = "No such instance", body = ErrorBody),
+        (status = 422, description = "`ConcurrencyError`, a failed provision, or a plan whose bindings have no credentials of their own", body = ErrorBody),
+    )
+)]
+pub(crate) async fn rotate_credentials(
     State(state): State<AppState>,
     OsbPath(instance_id): OsbPath<String>,
     OsbQuery(query): OsbQuery<OsbParams>,
@@ -616,7 +710,38 @@ async fn rotate_credentials(
     exclusive::start(tx, task).await
 }
 
-async fn fetch(
+/// `GET /v2/service_instances/{instance_id}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct InstanceFetched {
+    service_id: String,
+    plan_id: String,
+    /// The stored parameters (without the webhook).
+    #[schema(value_type = Object)]
+    parameters: Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    maintenance_info: Option<MaintenanceVersion>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct MaintenanceVersion {
+    version: String,
+}
+
+/// Fetch an instance (OSB; the catalog marks every service `instances_retrievable`).
+#[utoipa::path(
+    get,
+    path = "/v2/service_instances/{instance_id}",
+    tag = "service instances",
+    operation_id = "fetch_instance",
+    params(InstanceIdPath),
+    responses(
+        (status = 200, description = "The instance", body = InstanceFetched),
+        (status = 400, description = "A malformed request", body = ErrorBody),
+        (status = 404, description = "No such instance, or its provision has not succeeded", body = ErrorBody),
+        (status = 422, description = "`ConcurrencyError`: an update is in progress", body = ErrorBody),
+    )
+)]
+pub(crate) async fn fetch(
     State(state): State<AppState>,
     OsbPath(instance_id): OsbPath<String>,
 ) -> ApiResult<Response> {
@@ -626,18 +751,33 @@ async fn fetch(
     if let Some(task) = active.iter().find(|t| t.is_instance(Operation::Update)) {
         return Err(concurrency(&instance_id, task));
     }
-    let mut body = json!({
-        "service_id": row.service_id,
-        "plan_id": row.plan_id,
-        "parameters": row.parameters,
-    });
-    if let Some(version) = row.maintenance_version {
-        body["maintenance_info"] = json!({ "version": version });
-    }
+    let body = InstanceFetched {
+        service_id: row.service_id,
+        plan_id: row.plan_id,
+        parameters: row.parameters,
+        maintenance_info: row
+            .maintenance_version
+            .map(|version| MaintenanceVersion { version }),
+    };
     Ok((StatusCode::OK, Json(body)).into_response())
 }
 
-async fn last_operation(
+/// Poll an operation on an instance (OSB).
+#[utoipa::path(
+    get,
+    path = "/v2/service_instances/{instance_id}/last_operation",
+    tag = "service instances",
+    operation_id = "instance_last_operation",
+    params(InstanceIdPath, PollQuery),
+    responses(
+        (status = 200, description = "The operation's state; `Retry-After` while it is in progress", body = LastOperation,
+            headers(("Retry-After" = Option<u32>, description = "Seconds until the next poll, while in progress"))),
+        (status = 400, description = "An operation that is not one of this instance's", body = ErrorBody),
+        (status = 404, description = "No such instance, or no operation on it", body = ErrorBody),
+        (status = 410, description = "The instance's deprovision has succeeded", body = Empty),
+    )
+)]
+pub(crate) async fn last_operation(
     State(state): State<AppState>,
     OsbPath(instance_id): OsbPath<String>,
     OsbQuery(query): OsbQuery<OsbParams>,

@@ -10,8 +10,9 @@ use broker::{
     db::tasks::{self, TaskRow},
     model::{Operation, TaskState},
 };
-use serde_json::json;
+use serde::Serialize;
 use sqlx::PgConnection;
+use utoipa::ToSchema;
 
 use super::{gone, parse_operation};
 use crate::error::{ApiError, ApiResult};
@@ -106,27 +107,63 @@ pub(crate) async fn answer(
     Ok(body_for(&task, instance_flags))
 }
 
+/// The state of an operation, as OSB names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+pub(crate) enum OperationState {
+    #[serde(rename = "in progress")]
+    InProgress,
+    #[serde(rename = "succeeded")]
+    Succeeded,
+    #[serde(rename = "failed")]
+    Failed,
+}
+
+/// A `last_operation` answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct LastOperation {
+    state: OperationState,
+    /// The worker's progress while in progress; the error when failed.
+    description: String,
+    /// After a failed update or deprovision: whether the instance still works as before.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    instance_usable: Option<bool>,
+    /// After a failed update or deprovision: whether the update may be repeated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    update_repeatable: Option<bool>,
+}
+
 /// The `last_operation` body for a task. `instance_flags` adds `instance_usable`/`update_repeatable` to a failed
 /// update or deprovision.
 fn body_for(task: &TaskRow, instance_flags: bool) -> Response {
     let operation = task.operation.map_or("operation", Operation::as_str);
     let state = task.state;
-    let mut body = match state {
-        TaskState::Pending | TaskState::Running => json!({
-            "state": "in progress",
-            "description": task.progress.clone().filter(|p| !p.trim().is_empty())
+    let (osb_state, description) = match state {
+        TaskState::Pending | TaskState::Running => (
+            OperationState::InProgress,
+            task.progress
+                .clone()
+                .filter(|p| !p.trim().is_empty())
                 .unwrap_or_else(|| format!("{operation} in progress")),
-        }),
-        TaskState::Succeeded => {
-            json!({ "state": "succeeded", "description": format!("{operation} succeeded") })
-        }
-        TaskState::Failed => json!({
-            "state": "failed",
-            "description": match task.last_error.as_deref().map(str::trim).filter(|e| !e.is_empty()) {
+        ),
+        TaskState::Succeeded => (OperationState::Succeeded, format!("{operation} succeeded")),
+        TaskState::Failed => (
+            OperationState::Failed,
+            match task
+                .last_error
+                .as_deref()
+                .map(str::trim)
+                .filter(|e| !e.is_empty())
+            {
                 Some(error) => format!("The {operation} failed: {error}"),
                 None => format!("The {operation} failed."),
             },
-        }),
+        ),
+    };
+    let mut body = LastOperation {
+        state: osb_state,
+        description,
+        instance_usable: None,
+        update_repeatable: None,
     };
     if instance_flags && state == TaskState::Failed {
         match task.operation {
@@ -141,14 +178,14 @@ fn body_for(task: &TaskRow, instance_flags: bool) -> Response {
                 | Operation::Switchover
                 | Operation::Failover,
             ) => {
-                body["instance_usable"] = json!(true);
-                body["update_repeatable"] = json!(true);
+                body.instance_usable = Some(true);
+                body.update_repeatable = Some(true);
             }
             // A deprovision may have dropped part of the instance already: it is not safe to use or update;
             // repeating the deprovision is the way forward.
             Some(Operation::Deprovision) => {
-                body["instance_usable"] = json!(false);
-                body["update_repeatable"] = json!(false);
+                body.instance_usable = Some(false);
+                body.update_repeatable = Some(false);
             }
             _ => {}
         }

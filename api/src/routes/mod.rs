@@ -9,6 +9,7 @@ pub mod health;
 pub mod instances;
 pub(crate) mod last_operation;
 pub mod metrics;
+pub(crate) mod params;
 pub mod presets;
 pub mod price_check;
 pub(crate) mod snapshot_common;
@@ -24,8 +25,9 @@ use broker::{
     db::tasks::{NewTask, TaskRow},
     model::{Operation, TaskId},
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
+use utoipa::ToSchema;
 
 use crate::{
     AppState,
@@ -95,7 +97,7 @@ impl OsbParams {
 }
 
 /// `maintenance_info` in a request body.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 pub(crate) struct MaintenanceInfoBody {
     pub version: Option<String>,
 }
@@ -202,31 +204,47 @@ pub(crate) fn is_active(task: &TaskRow) -> bool {
     !task.state.is_finished()
 }
 
+/// The body of a 202: the operation to poll (`last_operation?operation=`, or `/berth/v1/tasks/{operation}`).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Accepted {
+    /// The task's id.
+    #[schema(format = Uuid)]
+    pub operation: String,
+}
+
+/// `{}`: the body of an answer that has nothing more to say.
+#[derive(Debug, Default, Serialize, ToSchema)]
+pub struct Empty {}
+
 /// 202 `{"operation": "<task id>"}`. The task id also rides along as an extension, for
 /// [`synchronous::settle`].
 pub(crate) fn accepted(operation: TaskId) -> Response {
-    let mut response = (
-        StatusCode::ACCEPTED,
-        Json(json!({ "operation": operation.to_string() })),
-    )
-        .into_response();
+    let body = Accepted {
+        operation: operation.to_string(),
+    };
+    let mut response = (StatusCode::ACCEPTED, Json(body)).into_response();
     response.extensions_mut().insert(operation);
     response
 }
 
 /// 202 with `body`, for berth's own routes that answer more than the operation.
-pub(crate) fn accepted_with(body: Value) -> Response {
+pub(crate) fn accepted_with(body: impl Serialize) -> Response {
     (StatusCode::ACCEPTED, Json(body)).into_response()
 }
 
 /// 200 `{}`.
 pub(crate) fn ok_empty() -> Response {
-    (StatusCode::OK, Json(json!({}))).into_response()
+    (StatusCode::OK, Json(Empty {})).into_response()
+}
+
+/// 201 `{}`.
+pub(crate) fn created_empty() -> Response {
+    (StatusCode::CREATED, Json(Empty {})).into_response()
 }
 
 /// 410 `{}`.
 pub(crate) fn gone() -> Response {
-    (StatusCode::GONE, Json(json!({}))).into_response()
+    (StatusCode::GONE, Json(Empty {})).into_response()
 }
 
 /// Parses `?operation=` as a task id, or a 400.

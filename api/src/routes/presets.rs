@@ -27,18 +27,21 @@ use broker::{
         check_namespace, check_preset_name, lock_key_hash, new_lock_key, preset_object_key,
     },
 };
-use serde::Deserialize;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sqlx::{PgConnection, Postgres, Transaction};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::{
     accepted_with, check_id,
-    snapshot_common::{enqueue_restore, instance_with_database, snapshot_json},
+    params::{InstanceIdPath, NamespaceParam, PresetNamePath},
+    snapshot_common::{Snapshot, enqueue_restore, instance_with_database, snapshot_json},
 };
 use crate::{
     AppState,
-    error::{ApiError, ApiResult},
+    error::{ApiError, ApiResult, ErrorBody},
     extract::{OsbJson, OsbPath, OsbQuery},
     identity::OriginatingIdentity,
 };
@@ -59,7 +62,7 @@ pub fn router() -> Router<AppState> {
 }
 
 #[derive(Debug, Default, Deserialize)]
-struct NamespaceQuery {
+pub(crate) struct NamespaceQuery {
     namespace: Option<String>,
 }
 
@@ -71,43 +74,131 @@ impl NamespaceQuery {
     }
 }
 
-#[derive(Debug, Deserialize)]
-struct PushNewBody {
+/// A new preset, made of an instance's database.
+#[derive(Debug, Deserialize, ToSchema)]
+pub(crate) struct PushNewBody {
     name: String,
     #[serde(default)]
     namespace: String,
+    /// A provisioned postgres instance, whose database becomes version 1.
     instance_id: String,
+    /// The change log's text (at most 2000 characters).
     description: Option<String>,
+    /// Run after each restore of the preset (at most 100000 bytes).
     post_restore_sql: Option<String>,
     /// Who pushes (the change log's author).
     author: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
-struct PushBody {
+/// A new version of a preset.
+#[derive(Debug, Deserialize, ToSchema)]
+pub(crate) struct PushBody {
     instance_id: String,
     description: Option<String>,
     author: Option<String>,
+    /// The lock's key, when the preset is locked.
     lock_key: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
-struct LockBody {
+#[derive(Debug, Deserialize, ToSchema)]
+pub(crate) struct LockBody {
+    /// Who takes the lock (not blank).
     by: String,
     #[serde(default)]
     reason: String,
 }
 
-#[derive(Debug, Deserialize)]
-struct UnlockBody {
+#[derive(Debug, Deserialize, ToSchema)]
+pub(crate) struct UnlockBody {
+    /// The key the lock was taken with.
     lock_key: String,
 }
 
-#[derive(Debug, Deserialize)]
-struct SelectBody {
+/// Which preset version an instance is reset to.
+#[derive(Debug, Deserialize, ToSchema)]
+pub(crate) struct SelectBody {
     preset: String,
     #[serde(default)]
     namespace: String,
+    /// The newest ready version when absent.
+    version: Option<i32>,
+}
+
+/// A preset lock as shown.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct PresetLock {
+    locked: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    by: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    at: Option<DateTime<Utc>>,
+}
+
+/// A lock taken: its key, which pushes and the unlock need.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct LockTaken {
+    locked: bool,
+    lock_key: String,
+    by: String,
+    reason: String,
+}
+
+/// A preset in the list.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct PresetSummary {
+    name: String,
+    namespace: String,
+    latest_version: Option<i32>,
+    latest_at: Option<DateTime<Utc>>,
+    /// How many versions it has.
+    versions: i64,
+    created_at: DateTime<Utc>,
+    created_by: Option<String>,
+    lock: PresetLock,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct PresetList {
+    presets: Vec<PresetSummary>,
+}
+
+/// One preset with its versions (the change log).
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct PresetDetail {
+    name: String,
+    namespace: String,
+    created_at: DateTime<Utc>,
+    created_by: Option<String>,
+    post_restore_sql: Option<String>,
+    lock: PresetLock,
+    versions: Vec<Snapshot>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct VersionList {
+    versions: Vec<Snapshot>,
+}
+
+/// A push started.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct PushStarted {
+    name: String,
+    namespace: String,
+    version: i32,
+    snapshot_id: Uuid,
+    /// Its task (`/berth/v1/tasks/{operation}`).
+    #[schema(format = Uuid)]
+    operation: String,
+}
+
+/// A reset to a preset started.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct SelectStarted {
+    /// Poll the instance's `last_operation` with it.
+    #[schema(format = Uuid)]
+    operation: String,
     version: Option<i32>,
 }
 
@@ -120,7 +211,19 @@ fn check_text(what: &str, value: Option<&str>, max: usize) -> ApiResult<()> {
     Ok(())
 }
 
-async fn list(
+/// List presets, each with its newest version.
+#[utoipa::path(
+    get,
+    path = "/berth/v1/presets",
+    tag = "presets",
+    operation_id = "list_presets",
+    params(NamespaceParam),
+    responses(
+        (status = 200, description = "The presets (of one namespace, when it is given)", body = PresetList),
+        (status = 400, description = "A malformed namespace", body = ErrorBody),
+    )
+)]
+pub(crate) async fn list(
     State(state): State<AppState>,
     OsbQuery(query): OsbQuery<NamespaceQuery>,
 ) -> ApiResult<Response> {
@@ -130,29 +233,37 @@ async fn list(
         .map(|_| query.namespace())
         .transpose()?;
     let rows = presets::list(&state.db, namespace.as_deref()).await?;
-    let presets: Vec<Value> = rows
+    let presets = rows
         .iter()
-        .map(|r| {
-            json!({
-                "name": r.preset.name,
-                "namespace": r.preset.namespace,
-                "latest_version": r.latest_version,
-                "latest_at": r.latest_at,
-                "versions": r.versions,
-                "created_at": r.preset.created_at,
-                "created_by": r.preset.created_by,
-                "lock": lock_json(&r.preset),
-            })
+        .map(|r| PresetSummary {
+            name: r.preset.name.clone(),
+            namespace: r.preset.namespace.clone(),
+            latest_version: r.latest_version,
+            latest_at: r.latest_at,
+            versions: r.versions,
+            created_at: r.preset.created_at,
+            created_by: r.preset.created_by.clone(),
+            lock: lock_json(&r.preset),
         })
         .collect();
-    Ok(Json(json!({ "presets": presets })).into_response())
+    Ok(Json(PresetList { presets }).into_response())
 }
 
-fn lock_json(preset: &presets::PresetRow) -> Value {
+fn lock_json(preset: &presets::PresetRow) -> PresetLock {
     if preset.is_locked() {
-        json!({ "locked": true, "by": preset.locked_by, "reason": preset.lock_reason, "at": preset.locked_at })
+        PresetLock {
+            locked: true,
+            by: preset.locked_by.clone(),
+            reason: preset.lock_reason.clone(),
+            at: preset.locked_at,
+        }
     } else {
-        json!({ "locked": false })
+        PresetLock {
+            locked: false,
+            by: None,
+            reason: None,
+            at: None,
+        }
     }
 }
 
@@ -225,17 +336,32 @@ impl<'a> VersionPush<'a> {
         };
         snapshots::insert(&mut *tx, &snapshot).await?;
         tx.commit().await?;
-        Ok(accepted_with(json!({
-            "name": preset.name,
-            "namespace": preset.namespace,
-            "version": version,
-            "snapshot_id": id,
-            "operation": operation.to_string(),
-        })))
+        Ok(accepted_with(PushStarted {
+            name: preset.name.clone(),
+            namespace: preset.namespace.clone(),
+            version,
+            snapshot_id: id,
+            operation: operation.to_string(),
+        }))
     }
 }
 
-async fn push_new(
+/// Make a new preset of an instance's database (version 1).
+#[utoipa::path(
+    post,
+    path = "/berth/v1/presets",
+    tag = "presets",
+    operation_id = "push_new_preset",
+    request_body = PushNewBody,
+    responses(
+        (status = 202, description = "Started: poll `/berth/v1/tasks/{operation}`", body = PushStarted),
+        (status = 400, description = "A malformed name, namespace or text", body = ErrorBody),
+        (status = 404, description = "No such instance", body = ErrorBody),
+        (status = 409, description = "The preset exists already", body = ErrorBody),
+        (status = 422, description = "`ConcurrencyError`, a failed provision, or an instance without a database", body = ErrorBody),
+    )
+)]
+pub(crate) async fn push_new(
     State(state): State<AppState>,
     OriginatingIdentity(identity): OriginatingIdentity,
     OsbJson(body): OsbJson<PushNewBody>,
@@ -277,7 +403,23 @@ async fn push_new(
     push.commit(tx, &preset).await
 }
 
-async fn push(
+/// Push a new version of a preset, made of an instance's database.
+#[utoipa::path(
+    post,
+    path = "/berth/v1/presets/{name}/versions",
+    tag = "presets",
+    operation_id = "push_preset_version",
+    params(PresetNamePath),
+    request_body = PushBody,
+    responses(
+        (status = 202, description = "Started: poll `/berth/v1/tasks/{operation}`", body = PushStarted),
+        (status = 400, description = "A malformed namespace or text", body = ErrorBody),
+        (status = 404, description = "No such preset or instance", body = ErrorBody),
+        (status = 422, description = "`ConcurrencyError`, a failed provision, or an instance without a database", body = ErrorBody),
+        (status = 423, description = "The preset is locked and the request has not its key", body = ErrorBody),
+    )
+)]
+pub(crate) async fn push(
     State(state): State<AppState>,
     OsbPath(name): OsbPath<String>,
     OsbQuery(query): OsbQuery<NamespaceQuery>,
@@ -322,7 +464,20 @@ async fn find(
         .ok_or_else(|| not_found(name))
 }
 
-async fn show(
+/// One preset, with its versions (the change log).
+#[utoipa::path(
+    get,
+    path = "/berth/v1/presets/{name}",
+    tag = "presets",
+    operation_id = "show_preset",
+    params(PresetNamePath),
+    responses(
+        (status = 200, description = "The preset", body = PresetDetail),
+        (status = 400, description = "A malformed namespace", body = ErrorBody),
+        (status = 404, description = "No such preset", body = ErrorBody),
+    )
+)]
+pub(crate) async fn show(
     State(state): State<AppState>,
     OsbPath(name): OsbPath<String>,
     OsbQuery(query): OsbQuery<NamespaceQuery>,
@@ -330,19 +485,19 @@ async fn show(
     let mut conn = state.db.acquire().await?;
     let preset = find(&mut conn, &query, &name).await?;
     let versions = version_list(&mut conn, preset.id).await?;
-    Ok(Json(json!({
-        "name": preset.name,
-        "namespace": preset.namespace,
-        "created_at": preset.created_at,
-        "created_by": preset.created_by,
-        "post_restore_sql": preset.post_restore_sql,
-        "lock": lock_json(&preset),
-        "versions": versions,
-    }))
+    Ok(Json(PresetDetail {
+        lock: lock_json(&preset),
+        name: preset.name,
+        namespace: preset.namespace,
+        created_at: preset.created_at,
+        created_by: preset.created_by,
+        post_restore_sql: preset.post_restore_sql,
+        versions,
+    })
     .into_response())
 }
 
-async fn version_list(conn: &mut PgConnection, preset_id: Uuid) -> ApiResult<Vec<Value>> {
+async fn version_list(conn: &mut PgConnection, preset_id: Uuid) -> ApiResult<Vec<Snapshot>> {
     let rows = snapshots::versions(&mut *conn, preset_id).await?;
     let mut out = Vec::with_capacity(rows.len());
     for row in &rows {
@@ -351,7 +506,20 @@ async fn version_list(conn: &mut PgConnection, preset_id: Uuid) -> ApiResult<Vec
     Ok(out)
 }
 
-async fn versions(
+/// A preset's versions (the change log).
+#[utoipa::path(
+    get,
+    path = "/berth/v1/presets/{name}/versions",
+    tag = "presets",
+    operation_id = "preset_versions",
+    params(PresetNamePath),
+    responses(
+        (status = 200, description = "The versions, oldest first", body = VersionList),
+        (status = 400, description = "A malformed namespace", body = ErrorBody),
+        (status = 404, description = "No such preset", body = ErrorBody),
+    )
+)]
+pub(crate) async fn versions(
     State(state): State<AppState>,
     OsbPath(name): OsbPath<String>,
     OsbQuery(query): OsbQuery<NamespaceQuery>,
@@ -359,10 +527,23 @@ async fn versions(
     let mut conn = state.db.acquire().await?;
     let preset = find(&mut conn, &query, &name).await?;
     let versions = version_list(&mut conn, preset.id).await?;
-    Ok(Json(json!({ "versions": versions })).into_response())
+    Ok(Json(VersionList { versions }).into_response())
 }
 
-async fn get_lock(
+/// Who holds a preset's lock.
+#[utoipa::path(
+    get,
+    path = "/berth/v1/presets/{name}/lock",
+    tag = "presets",
+    operation_id = "preset_lock",
+    params(PresetNamePath),
+    responses(
+        (status = 200, description = "The lock", body = PresetLock),
+        (status = 400, description = "A malformed namespace", body = ErrorBody),
+        (status = 404, description = "No such preset", body = ErrorBody),
+    )
+)]
+pub(crate) async fn get_lock(
     State(state): State<AppState>,
     OsbPath(name): OsbPath<String>,
     OsbQuery(query): OsbQuery<NamespaceQuery>,
@@ -371,7 +552,22 @@ async fn get_lock(
     Ok(Json(lock_json(&preset)).into_response())
 }
 
-async fn lock(
+/// Lock a preset: pushes then need the lock's key.
+#[utoipa::path(
+    post,
+    path = "/berth/v1/presets/{name}/lock",
+    tag = "presets",
+    operation_id = "lock_preset",
+    params(PresetNamePath),
+    request_body = LockBody,
+    responses(
+        (status = 200, description = "Locked; keep the key", body = LockTaken),
+        (status = 400, description = "A blank `by`, or text too long", body = ErrorBody),
+        (status = 404, description = "No such preset", body = ErrorBody),
+        (status = 409, description = "Locked already", body = ErrorBody),
+    )
+)]
+pub(crate) async fn lock(
     State(state): State<AppState>,
     OsbPath(name): OsbPath<String>,
     OsbQuery(query): OsbQuery<NamespaceQuery>,
@@ -393,13 +589,32 @@ async fn lock(
             now.lock_reason.as_deref().unwrap_or("no reason given")
         )));
     }
-    Ok(
-        Json(json!({ "locked": true, "lock_key": key, "by": body.by, "reason": body.reason }))
-            .into_response(),
-    )
+    Ok(Json(LockTaken {
+        locked: true,
+        lock_key: key,
+        by: body.by,
+        reason: body.reason,
+    })
+    .into_response())
 }
 
-async fn unlock(
+/// Unlock a preset with its lock's key.
+#[utoipa::path(
+    delete,
+    path = "/berth/v1/presets/{name}/lock",
+    tag = "presets",
+    operation_id = "unlock_preset",
+    params(PresetNamePath),
+    request_body = UnlockBody,
+    responses(
+        (status = 200, description = "Unlocked", body = PresetLock),
+        (status = 400, description = "A malformed namespace", body = ErrorBody),
+        (status = 403, description = "Not the lock's key", body = ErrorBody),
+        (status = 404, description = "No such preset", body = ErrorBody),
+        (status = 409, description = "Not locked", body = ErrorBody),
+    )
+)]
+pub(crate) async fn unlock(
     State(state): State<AppState>,
     OsbPath(name): OsbPath<String>,
     OsbQuery(query): OsbQuery<NamespaceQuery>,
@@ -415,10 +630,31 @@ async fn unlock(
             "that is not the key of preset {name:?}'s lock"
         )));
     }
-    Ok(Json(json!({ "locked": false })).into_response())
+    Ok(Json(PresetLock {
+        locked: false,
+        by: None,
+        reason: None,
+        at: None,
+    })
+    .into_response())
 }
 
-async fn select(
+/// Reset an instance's database to a preset version.
+#[utoipa::path(
+    post,
+    path = "/berth/v1/instances/{instance_id}/select",
+    tag = "presets",
+    operation_id = "select_preset",
+    params(InstanceIdPath),
+    request_body = SelectBody,
+    responses(
+        (status = 202, description = "Accepted: poll the instance's `last_operation` with this operation", body = SelectStarted),
+        (status = 400, description = "A malformed request", body = ErrorBody),
+        (status = 404, description = "No such instance, preset or ready version", body = ErrorBody),
+        (status = 422, description = "`ConcurrencyError`, a failed provision, or an instance without a database", body = ErrorBody),
+    )
+)]
+pub(crate) async fn select(
     State(state): State<AppState>,
     OsbPath(instance_id): OsbPath<String>,
     OriginatingIdentity(identity): OriginatingIdentity,
@@ -441,7 +677,8 @@ async fn select(
         })?;
     let operation = enqueue_restore(&mut tx, &state, &instance_id, &snapshot, identity).await?;
     tx.commit().await?;
-    Ok(accepted_with(
-        json!({ "operation": operation.to_string(), "version": snapshot.version }),
-    ))
+    Ok(accepted_with(SelectStarted {
+        operation: operation.to_string(),
+        version: snapshot.version,
+    }))
 }

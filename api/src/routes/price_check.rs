@@ -9,11 +9,18 @@
 use axum::{Json, Router, extract::State, routing::get};
 use broker::{
     db::ec2_offers,
-    ec2::{Requirements, candidates},
+    ec2::{Candidate, Requirements, Strategy, candidates},
 };
+use chrono::{DateTime, Utc};
+use serde::Serialize;
 use serde_json::{Map, Value, json};
+use utoipa::ToSchema;
 
-use crate::{AppState, error::ApiError, error::ApiResult, extract::OsbQuery};
+use crate::{
+    AppState,
+    error::{ApiError, ApiResult, ErrorBody},
+    extract::OsbQuery,
+};
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/berth/v1/price-check", get(price_check))
@@ -82,10 +89,55 @@ fn parameters(query: &[(String, String)]) -> ApiResult<Map<String, Value>> {
     Ok(out)
 }
 
-async fn price_check(
+/// What a provision with these parameters would try, in order.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct PriceCheck {
+    region: String,
+    spot: bool,
+    selection_strategy: Strategy,
+    /// When the workers last refreshed the region's types and prices.
+    prices_as_of: Option<DateTime<Utc>>,
+    /// How many types match (`candidates` shows at most `limit` of them).
+    matching_types: usize,
+    candidates: Vec<Candidate>,
+}
+
+/// Which EC2 instance types a dedicated `ec2` instance with these parameters would get, in the order a provision
+/// tries them, from the prices the workers cached (nothing is launched).
+#[utoipa::path(
+    get,
+    path = "/berth/v1/price-check",
+    tag = "dedicated servers",
+    operation_id = "price_check",
+    params(
+        ("region" = Option<String>, Query, description = "The AWS region (required unless prices are cached for one region only)"),
+        ("spot" = Option<bool>, Query, description = "Spot prices (the default) or on-demand (`false`)"),
+        ("limit" = Option<u32>, Query, description = "How many candidates to show (10)"),
+        ("cpu_min" = Option<f64>, Query, description = "As the plan parameter"),
+        ("cpu_max" = Option<f64>, Query, description = "As the plan parameter"),
+        ("ram_min" = Option<f64>, Query, description = "As the plan parameter (GB)"),
+        ("ram_max" = Option<f64>, Query, description = "As the plan parameter (GB)"),
+        ("storage_min" = Option<f64>, Query, description = "As the plan parameter (GB)"),
+        ("max_price" = Option<f64>, Query, description = "As the plan parameter (USD per hour)"),
+        ("instance_types" = Option<String>, Query, description = "Comma-separated"),
+        ("instance_types_to_avoid" = Option<String>, Query, description = "Comma-separated"),
+        ("selection_strategy" = Option<Strategy>, Query, description = "As the plan parameter"),
+        ("instance_family" = Option<String>, Query, description = "As the plan parameter (a regular expression)"),
+        ("cpu_arch" = Option<String>, Query, description = "As the plan parameter"),
+        ("storage_type" = Option<String>, Query, description = "As the plan parameter"),
+        ("zone" = Option<String>, Query, description = "As the plan parameter"),
+        ("allow_burstable" = Option<bool>, Query, description = "As the plan parameter"),
+    ),
+    responses(
+        (status = 200, description = "The candidates", body = PriceCheck),
+        (status = 400, description = "A parameter that is malformed, unknown or out of range, or no region", body = ErrorBody),
+        (status = 404, description = "No prices cached for the region", body = ErrorBody),
+    )
+)]
+pub(crate) async fn price_check(
     State(state): State<AppState>,
     OsbQuery(query): OsbQuery<Vec<(String, String)>>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<PriceCheck>> {
     let get = |key: &str| {
         query
             .iter()
@@ -132,12 +184,12 @@ async fn price_check(
         .await
         .map_err(anyhow::Error::from)?;
     let ordered = candidates(&offers, &requirements, &[], &mut rand::thread_rng());
-    Ok(Json(json!({
-        "region": region,
-        "spot": spot,
-        "selection_strategy": requirements.strategy,
-        "prices_as_of": refreshed_at,
-        "matching_types": ordered.len(),
-        "candidates": ordered.into_iter().take(limit).collect::<Vec<_>>(),
-    })))
+    Ok(Json(PriceCheck {
+        region,
+        spot,
+        selection_strategy: requirements.strategy,
+        prices_as_of: refreshed_at,
+        matching_types: ordered.len(),
+        candidates: ordered.into_iter().take(limit).collect(),
+    }))
 }

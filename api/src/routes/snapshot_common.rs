@@ -8,8 +8,12 @@ use broker::{
     },
     model::{Operation, TaskId, TaskState},
 };
+use chrono::{DateTime, Utc};
+use serde::Serialize;
 use serde_json::{Value, json};
 use sqlx::PgConnection;
+use utoipa::ToSchema;
+use uuid::Uuid;
 
 use super::{
     Origin,
@@ -21,9 +25,32 @@ use crate::{
     error::{ApiError, ApiResult},
 };
 
-/// A snapshot (backup or preset version) as the API shows it. A pending snapshot whose task gave up is
-/// failed, whatever the row still says.
-pub(crate) async fn snapshot_json(conn: &mut PgConnection, s: &SnapshotRow) -> ApiResult<Value> {
+/// A snapshot (backup or preset version) as the API shows it.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Snapshot {
+    id: Uuid,
+    /// A preset's version number (null for a backup).
+    version: Option<i32>,
+    state: SnapshotState,
+    /// The instance it was taken of.
+    instance_id: Option<String>,
+    /// The task that makes it (`/berth/v1/tasks/{operation}`).
+    operation: Uuid,
+    description: Option<String>,
+    created_by: Option<String>,
+    created_at: DateTime<Utc>,
+    completed_at: Option<DateTime<Utc>>,
+    /// The stored object's size (compressed, encrypted).
+    size_bytes: Option<i64>,
+    /// The dump's size before compression.
+    dump_bytes: Option<i64>,
+    /// Of the stored object.
+    sha256: Option<String>,
+}
+
+/// A snapshot as the API shows it. A pending snapshot whose task gave up is failed, whatever the row still
+/// says.
+pub(crate) async fn snapshot_json(conn: &mut PgConnection, s: &SnapshotRow) -> ApiResult<Snapshot> {
     let task_state = if s.state == SnapshotState::Pending {
         tasks::get(&mut *conn, TaskId(s.task_id))
             .await?
@@ -35,20 +62,20 @@ pub(crate) async fn snapshot_json(conn: &mut PgConnection, s: &SnapshotRow) -> A
         (SnapshotState::Pending, Some(TaskState::Failed)) => SnapshotState::Failed,
         (state, _) => state,
     };
-    Ok(json!({
-        "id": s.id,
-        "version": s.version,
-        "state": state,
-        "instance_id": s.instance_id,
-        "operation": s.task_id,
-        "description": s.description,
-        "created_by": s.created_by,
-        "created_at": s.created_at,
-        "completed_at": s.completed_at,
-        "size_bytes": s.size_bytes,
-        "dump_bytes": s.dump_bytes,
-        "sha256": s.sha256,
-    }))
+    Ok(Snapshot {
+        id: s.id,
+        version: s.version,
+        state,
+        instance_id: s.instance_id.clone(),
+        operation: s.task_id,
+        description: s.description.clone(),
+        created_by: s.created_by.clone(),
+        created_at: s.created_at,
+        completed_at: s.completed_at,
+        size_bytes: s.size_bytes,
+        dump_bytes: s.dump_bytes,
+        sha256: s.sha256.clone(),
+    })
 }
 
 /// The instance, provisioned (404 unknown, 422 `ConcurrencyError` while its provision runs, 422 when that failed)

@@ -16,6 +16,7 @@ mod helpers;
 mod last_operation;
 mod metrics;
 mod middleware;
+mod openapi;
 mod price_check;
 mod provision;
 mod spec_edges;
