@@ -12,9 +12,7 @@ macro_rules! text_enum {
         }
     ) => {
         $(#[$doc])*
-        #[derive(
-            Debug, Clone, Copy, PartialEq, Eq, Hash, ::serde::Serialize, ::serde::Deserialize, ::utoipa::ToSchema,
-        )]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ::serde::Serialize, ::serde::Deserialize)]
         $vis enum $name {
             $( $(#[$variant_doc])* #[serde(rename = $text)] $variant, )+
         }
@@ -35,6 +33,23 @@ macro_rules! text_enum {
                     $( $text => Some(Self::$variant), )+
                     _ => None,
                 }
+            }
+        }
+
+        // By hand, not derived: utoipa's derive does not see the serde renames this macro writes, and would
+        // document the variants' Rust names instead of the words.
+        impl ::utoipa::PartialSchema for $name {
+            fn schema() -> ::utoipa::openapi::RefOr<::utoipa::openapi::schema::Schema> {
+                ::utoipa::openapi::ObjectBuilder::new()
+                    .schema_type(::utoipa::openapi::schema::Type::String)
+                    .enum_values(Some([$($text),+]))
+                    .into()
+            }
+        }
+
+        impl ::utoipa::ToSchema for $name {
+            fn name() -> ::std::borrow::Cow<'static, str> {
+                ::std::borrow::Cow::Borrowed(stringify!($name))
             }
         }
 

@@ -100,6 +100,11 @@ async fn the_document_is_served_without_credentials_and_parses_as_openapi_3_1(po
             }
         }
     }
+    // Stored words are documented as the words (not the Rust variant names).
+    assert_eq!(
+        res.body["components"]["schemas"]["SnapshotState"]["enum"],
+        serde_json::json!(["pending", "ready", "failed"])
+    );
     let error = &res.body["components"]["schemas"]["ErrorBody"];
     assert_eq!(
         error["required"],
