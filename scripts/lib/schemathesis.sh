@@ -11,6 +11,11 @@ schemathesis_ensure_installed() {
   if [ ! -e "$venv/.installed" ]; then
     echo "installing schemathesis $SCHEMATHESIS_VERSION into $venv (pip)..." >&2
     rm -rf "$venv"
+    # Debian's python3 makes virtualenvs only with python3-venv.
+    if ! python3 -c 'import ensurepip' 2>/dev/null; then
+      echo "installing python3-venv (apt-get)..." >&2
+      apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+    fi
     python3 -m venv "$venv"
     "$venv/bin/python" -m pip install -q "schemathesis==$SCHEMATHESIS_VERSION" >&2
     touch "$venv/.installed"
