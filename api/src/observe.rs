@@ -55,7 +55,10 @@ pub async fn request_id_and_latency(mut req: Request, next: Next) -> Response {
 /// `route`, and when known `instance_id`, `binding_id` and `user` (platform/user id of the originating
 /// identity, never the whole header).
 pub fn request_span(req: &Request) -> Span {
-    let matched = req.extensions().get::<MatchedPath>().map(MatchedPath::as_str);
+    let matched = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(MatchedPath::as_str);
     let request_id = req
         .headers()
         .get(REQUEST_IDENTITY_HEADER)
@@ -136,7 +139,9 @@ fn originating_actor(headers: &HeaderMap) -> Option<Actor> {
     if header.len() > identity::MAX_BYTES {
         return None;
     }
-    Actor::from_identity(&identity::parse(&String::from_utf8_lossy(header.as_bytes())))
+    Actor::from_identity(&identity::parse(&String::from_utf8_lossy(
+        header.as_bytes(),
+    )))
 }
 
 #[cfg(test)]
@@ -168,7 +173,10 @@ mod tests {
             h.insert(REQUEST_IDENTITY_HEADER, HeaderValue::from_str(v).unwrap());
             h
         };
-        assert_eq!(usable_request_id(&headers("req-1")).as_deref(), Some("req-1"));
+        assert_eq!(
+            usable_request_id(&headers("req-1")).as_deref(),
+            Some("req-1")
+        );
         assert_eq!(usable_request_id(&headers("has space")), None);
         assert_eq!(usable_request_id(&headers(&"x".repeat(129))), None);
         assert_eq!(usable_request_id(&HeaderMap::new()), None);

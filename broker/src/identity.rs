@@ -44,15 +44,23 @@ mod tests {
 
     #[test]
     fn actors_name_the_platform_and_user_only() {
-        let cf = json!({"platform": "cloudfoundry", "value": {"user_id": "683ea748", "email": "a@b.c"}});
+        let cf =
+            json!({"platform": "cloudfoundry", "value": {"user_id": "683ea748", "email": "a@b.c"}});
         let actor = Actor::from_identity(&cf).unwrap();
         assert_eq!(actor.label(), "cloudfoundry/683ea748");
-        let k8s = json!({"platform": "kubernetes", "value": {"username": "admin", "groups": ["x"]}});
-        assert_eq!(Actor::from_identity(&k8s).unwrap().label(), "kubernetes/admin");
+        let k8s =
+            json!({"platform": "kubernetes", "value": {"username": "admin", "groups": ["x"]}});
+        assert_eq!(
+            Actor::from_identity(&k8s).unwrap().label(),
+            "kubernetes/admin"
+        );
         let raw = json!({"platform": "custom", "raw": "not-base64"});
         assert_eq!(
             Actor::from_identity(&raw).unwrap(),
-            Actor { platform: "custom".into(), user_id: None }
+            Actor {
+                platform: "custom".into(),
+                user_id: None
+            }
         );
         assert_eq!(Actor::from_identity(&json!({"value": {}})), None);
     }

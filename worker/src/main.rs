@@ -92,7 +92,7 @@ async fn run(sources: SettingSources) -> anyhow::Result<()> {
         stop_when_stdin_closes(shutdown.clone());
     }
     let registry = tasks::registry();
-    berth_worker::http::zero_counters(&registry.kinds());
+    berth_worker::http::zero_counters(&registry.kinds().collect::<Vec<_>>());
     if let Some(addr) = services.settings.worker_http_addr.as_deref() {
         berth_worker::http::start(
             addr,

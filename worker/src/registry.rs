@@ -147,13 +147,6 @@ impl Registry {
         assert!(previous.is_none(), "task kind {kind:?} registered twice");
     }
 
-    /// The kinds registered, sorted.
-    pub fn kinds(&self) -> Vec<&'static str> {
-        let mut kinds: Vec<&'static str> = self.handlers.keys().copied().collect();
-        kinds.sort_unstable();
-        kinds
-    }
-
     pub fn get(&self, kind: &str) -> Option<Arc<dyn TaskHandler>> {
         self.handlers.get(kind).cloned()
     }

@@ -61,7 +61,10 @@ impl From<EventRow> for Event {
             detail: row.detail,
             task_id: row.task_id,
             request_id: row.request_id,
-            actor: row.originating_identity.as_ref().and_then(Actor::from_identity),
+            actor: row
+                .originating_identity
+                .as_ref()
+                .and_then(Actor::from_identity),
             requested_at: row.requested_at,
             outcome: row.outcome,
             error: row.error,

@@ -103,7 +103,10 @@ async fn a_requests_log_lines_join_its_tasks_and_the_audit_trail_records_who_ask
     // A bind without a request id gets one made up, echoed as well.
     let binding_path = format!("{path}/service_bindings/b1");
     let response = stack
-        .request(Method::PUT, &format!("{binding_path}?accepts_incomplete=true"))
+        .request(
+            Method::PUT,
+            &format!("{binding_path}?accepts_incomplete=true"),
+        )
         .json(&json!({"service_id": ids.0, "plan_id": ids.1}))
         .send()
         .await
@@ -133,7 +136,11 @@ async fn a_requests_log_lines_join_its_tasks_and_the_audit_trail_records_who_ask
     let task_lines = lines_of_request(&worker, &request_id);
     assert!(!task_lines.is_empty(), "{}", stack.log("worker.log"));
     for line in &task_lines {
-        assert_eq!(span_field(line, "task_id"), Some(&json!(operation)), "{line}");
+        assert_eq!(
+            span_field(line, "task_id"),
+            Some(&json!(operation)),
+            "{line}"
+        );
         assert_eq!(span_field(line, "kind"), Some(&json!("instance.provision")));
         assert_eq!(span_field(line, "instance_id"), Some(&json!(instance)));
         assert_eq!(span_field(line, "attempt"), Some(&json!(1)));
@@ -156,7 +163,10 @@ async fn a_requests_log_lines_join_its_tasks_and_the_audit_trail_records_who_ask
     let (status, trail) = events(&stack, &instance, "").await;
     assert_eq!(status, 200, "{trail}");
     let listed = trail["events"].as_array().unwrap();
-    let actions: Vec<&str> = listed.iter().map(|e| e["action"].as_str().unwrap()).collect();
+    let actions: Vec<&str> = listed
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
     assert_eq!(actions, ["bind", "provision"], "{trail}");
     let provision = &listed[1];
     assert_eq!(provision["request_id"], request_id.as_str());
@@ -239,7 +249,11 @@ async fn workers_serve_health_and_every_metric_the_alerts_and_dashboard_use_is_e
     let (stack, worker_url) = observed_stack().await;
     let http = reqwest::Client::new();
 
-    let health = http.get(format!("{worker_url}/health")).send().await.unwrap();
+    let health = http
+        .get(format!("{worker_url}/health"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(health.status(), 200);
     let health: Value = health.json().await.unwrap();
     assert_eq!(health["status"], "ok", "{health}");
@@ -247,7 +261,9 @@ async fn workers_serve_health_and_every_metric_the_alerts_and_dashboard_use_is_e
     // Some traffic: a provision and a deprovision (tasks, claims, requests of several routes).
     let ids = plan_ids(&stack.catalog().await.unwrap(), "postgres", "shared");
     let path = format!("/v2/service_instances/{}", uuid::Uuid::new_v4());
-    stack.put_until_done(&path, &provision_body(&ids), WAIT).await;
+    stack
+        .put_until_done(&path, &provision_body(&ids), WAIT)
+        .await;
     stack.delete_until_done(&path, &ids, WAIT).await;
 
     let api_text = stack
@@ -286,7 +302,10 @@ async fn workers_serve_health_and_every_metric_the_alerts_and_dashboard_use_is_e
         .chain(exported_names(&worker_text))
         .collect();
     let repo = repo_dir();
-    for file in ["docs/prometheus/berth-alerts.yml", "docs/grafana/berth.json"] {
+    for file in [
+        "docs/prometheus/berth-alerts.yml",
+        "docs/grafana/berth.json",
+    ] {
         let used = metric_names(&std::fs::read_to_string(repo.join(file)).unwrap());
         assert!(!used.is_empty(), "{file} uses no berth metric");
         let missing: Vec<&String> = used.difference(&exported).collect();

@@ -7,9 +7,9 @@ use std::{
 };
 
 use broker::db::tasks::TaskRow;
+use broker::telemetry::names;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
-use broker::telemetry::names;
 use tracing::{Instrument as _, Span, debug, error, field, info, warn};
 use uuid::Uuid;
 
