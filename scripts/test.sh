@@ -2,8 +2,8 @@
 # Runs every test on a fresh machine: installs what is missing, starts a private Postgres on a free port
 # (unless BERTH_TEST_DATABASE_URL names a superuser URL to use instead) and the S3 peers (moto with IAM
 # enforced, SeaweedFS), installs etcd and Patroni (the ha plan's local engine), checks formatting
-# (cargo fmt) and lints (clippy, warnings are errors), builds, checks the systemd units, runs the whole suite
-# with cargo-nextest, builds and smoke-tests the container image (scripts/image-test.sh),
+# (cargo fmt) and lints (clippy, warnings are errors), checks the Prometheus alert rules (promtool), builds,
+# checks the systemd units, runs the whole suite with cargo-nextest, builds and smoke-tests the container image (scripts/image-test.sh),
 # and stops what it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -57,6 +57,16 @@ schemathesis_ensure_installed
 # One style and no lint warnings, checked before anything is built for the tests.
 cargo fmt --all --check
 cargo clippy --locked --workspace --all-targets -- -D warnings
+
+# The Prometheus alert rules (docs/prometheus) are valid and behave as their tests say: promtool, from Debian's
+# prometheus package (installed without its recommends when missing; nothing here starts its daemon).
+if ! command -v promtool >/dev/null; then
+  echo "installing promtool (apt-get install prometheus)..." >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+promtool check rules docs/prometheus/berth-alerts.yml
+promtool test rules docs/prometheus/berth-alerts.test.yml
 
 # The end-to-end suite starts the real binaries, so build them first.
 cargo build --locked --workspace --bins

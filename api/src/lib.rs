@@ -7,6 +7,7 @@ pub mod extract;
 pub mod identity;
 pub mod middleware;
 pub mod openapi;
+pub mod observe;
 pub mod provision_batch;
 pub mod routes;
 pub mod server;
@@ -19,11 +20,14 @@ use std::{sync::Arc, time::Duration};
 
 use axum::{
     Router,
-    extract::{DefaultBodyLimit, MatchedPath, Request},
-    http::{HeaderName, StatusCode},
+    extract::{DefaultBodyLimit, Request},
+    http::StatusCode,
 };
 use broker::{catalog::Catalog, crypto::Cipher};
-use tower_http::{request_id::PropagateRequestIdLayer, timeout::TimeoutLayer, trace::TraceLayer};
+use tower_http::{
+    timeout::TimeoutLayer,
+    trace::{DefaultOnResponse, TraceLayer},
+};
 
 pub use crate::{
     error::{ApiError, ApiResult},
@@ -66,7 +70,8 @@ impl std::fmt::Debug for AppState {
     }
 }
 
-/// The whole HTTP surface, fully layered: basic auth and the version check on `/v2`, the request-identity echo,
+/// The whole HTTP surface, fully layered: basic auth and the version check on `/v2`, the request id (echoed, in
+/// the request's span and on its tasks) and latency histogram,
 /// the body limit, tracing and the request timeout everywhere.
 pub fn router(state: AppState) -> Router {
     let v2 = Router::new()
@@ -87,20 +92,17 @@ pub fn router(state: AppState) -> Router {
         .merge(routes::backups::router())
         .merge(routes::price_check::router())
         .merge(routes::cluster::router())
+        .merge(routes::events::router())
         .method_not_allowed_fallback(middleware::method_not_allowed)
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             middleware::require_basic_auth,
         ));
 
-    let trace = TraceLayer::new_for_http().make_span_with(|req: &Request| {
-        let route = req
-            .extensions()
-            .get::<MatchedPath>()
-            .map(MatchedPath::as_str)
-            .unwrap_or("-");
-        tracing::info_span!("http", method = %req.method(), route)
-    });
+    // One line per answer at info (status and latency), in the request's span: the access log.
+    let trace = TraceLayer::new_for_http()
+        .make_span_with(|req: &Request| observe::request_span(req))
+        .on_response(DefaultOnResponse::new().level(tracing::Level::INFO));
 
     let metrics = routes::metrics::router().route_layer(axum::middleware::from_fn_with_state(
         state.clone(),
@@ -126,8 +128,6 @@ pub fn router(state: AppState) -> Router {
             state.requests.clone(),
             middleware::count_requests,
         ))
-        .layer(PropagateRequestIdLayer::new(HeaderName::from_static(
-            middleware::REQUEST_IDENTITY_HEADER,
-        )))
+        .layer(axum::middleware::from_fn(observe::request_id_and_latency))
         .with_state(state)
 }

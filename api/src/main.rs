@@ -21,7 +21,6 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() -> ExitCode {
     let (command, sources) = args::Cli::parse().into_parts();
-    broker::telemetry::init();
     let result = match command {
         args::Command::Serve => serve(sources).await,
         args::Command::GenKey { path } => gen_key(&path),
@@ -46,6 +45,8 @@ fn gen_key(path: &Path) -> anyhow::Result<()> {
 
 async fn serve(sources: SettingSources) -> anyhow::Result<()> {
     let mut settings = sources.load()?;
+    broker::telemetry::init(settings.log_format);
+    broker::telemetry::spawn_metrics_upkeep();
     // Bad TLS files stop the API before it starts a Postgres or touches the database.
     berth_api::tls::check(&settings)?;
     let embedded = if settings.database_url.is_none() {

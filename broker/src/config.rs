@@ -204,6 +204,16 @@ pub struct Settings {
     /// connections without a restart.
     #[serde(default = "default_tls_reload_secs")]
     pub tls_reload_secs: u64,
+    /// How both binaries write their log lines: `text` (for people) or `json` (one object a line, for log
+    /// collectors); docs/observability.md lists the fields.
+    #[serde(default)]
+    pub log_format: crate::telemetry::LogFormat,
+    /// `host:port` where a worker serves `/health` and `/metrics` (no credentials: keep it on a private address).
+    /// Unset = no HTTP listener. Each worker on a machine needs a port of its own.
+    pub worker_http_addr: Option<String>,
+    /// Days an instance's audit trail (`/berth/v1/instances/{id}/events`) is kept once the instance is gone.
+    #[serde(default = "default_event_retention_days")]
+    pub event_retention_days: u64,
 }
 
 fn yes() -> bool {
@@ -228,6 +238,10 @@ fn default_connstr_key() -> String {
 pub const DEFAULT_CALLBACK_SECS: u64 = 30;
 fn default_callback_secs() -> u64 {
     DEFAULT_CALLBACK_SECS
+}
+
+fn default_event_retention_days() -> u64 {
+    90
 }
 
 fn default_port() -> u16 {

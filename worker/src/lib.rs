@@ -5,6 +5,8 @@ pub mod backup_scheduler;
 pub mod binding_expiry;
 pub mod context;
 pub mod delivery;
+pub mod event_retention;
+pub mod http;
 pub mod providers;
 pub mod queue;
 pub mod reconcile;

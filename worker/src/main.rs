@@ -20,7 +20,6 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let (command, sources) = args::Cli::parse().into_parts();
-    broker::telemetry::init();
     match command {
         args::Command::Run => run(sources).await,
         args::Command::Rekey {
@@ -37,6 +36,7 @@ async fn rekey(
     skip_snapshots: bool,
 ) -> anyhow::Result<()> {
     let settings = sources.load()?;
+    broker::telemetry::init(settings.log_format);
     let options = berth_worker::rekey::RekeyOptions {
         batch_size,
         skip_snapshots,
@@ -52,6 +52,8 @@ async fn rekey(
 /// Checks the keys and the catalog, migrates, and claims tasks until a signal.
 async fn run(sources: SettingSources) -> anyhow::Result<()> {
     let settings = sources.load()?;
+    broker::telemetry::init(settings.log_format);
+    broker::telemetry::spawn_metrics_upkeep();
     let url = settings
         .database_url
         .clone()
@@ -89,14 +91,19 @@ async fn run(sources: SettingSources) -> anyhow::Result<()> {
     if std::env::var_os(STOP_WHEN_STDIN_CLOSES).is_some() {
         stop_when_stdin_closes(shutdown.clone());
     }
-    berth_worker::run(
-        pool,
-        services,
-        Arc::new(tasks::registry()),
-        config,
-        shutdown,
-    )
-    .await
+    let registry = tasks::registry();
+    berth_worker::http::zero_counters(&registry.kinds().collect::<Vec<_>>());
+    if let Some(addr) = services.settings.worker_http_addr.as_deref() {
+        berth_worker::http::start(
+            addr,
+            pool.clone(),
+            config.liveness.clone(),
+            config.poll_interval,
+            shutdown.clone(),
+        )
+        .await?;
+    }
+    berth_worker::run(pool, services, Arc::new(registry), config, shutdown).await
 }
 
 /// The snapshot keys are checked like the master keys once this worker has one (the default file is made on

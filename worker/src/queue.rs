@@ -11,6 +11,7 @@ use broker::{
         webhooks,
     },
     model::{Operation, TaskId, TaskState, WebhookBody, kinds},
+    telemetry::names,
 };
 use sqlx::{PgExecutor, PgPool, Postgres, Transaction};
 use uuid::Uuid;
@@ -120,6 +121,18 @@ pub enum Outcome {
     Failed { error: String },
     Retry { after: Duration, error: String },
     Wait { after: Duration, progress: String },
+}
+
+impl Outcome {
+    /// The word logs and metrics use: `succeeded`, `failed`, `retry`, `wait`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Succeeded => "succeeded",
+            Self::Failed { .. } => "failed",
+            Self::Retry { .. } => "retry",
+            Self::Wait { .. } => "wait",
+        }
+    }
 }
 
 /// Records the end of a run. Fenced: returns `false` (and changes nothing) when this worker no longer holds
@@ -345,6 +358,7 @@ pub async fn reclaim_expired(pool: &PgPool) -> sqlx::Result<usize> {
     .await?;
     let mut pending = 0;
     for row in &rows {
+        metrics::counter!(names::TASK_LEASE_EXPIRIES, "kind" => row.kind.clone()).increment(1);
         if row.state().is_finished() {
             on_finished(&mut tx, row).await?;
         } else {
@@ -445,6 +459,7 @@ async fn on_finished(tx: &mut Transaction<'_, Postgres>, row: &TaskRow) -> sqlx:
         serde_json::json!({ "delivery_id": delivery_id }),
     );
     task.max_attempts = WEBHOOK_MAX_ATTEMPTS;
+    task.request_id = row.request_id.clone();
     tasks::enqueue(&mut **tx, task).await?;
     Ok(())
 }

@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use broker::{config::Settings, db::tasks::TaskRow};
+use broker::{config::Settings, db::tasks::TaskRow, telemetry::names};
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tokio::{
@@ -60,6 +60,38 @@ pub struct WorkerConfig {
     pub backoff_cap: Duration,
     /// On shutdown, how long running tasks may take to finish before they are handed back.
     pub shutdown_grace: Duration,
+    /// Where the claim loop notes that it went round, for `/health` ([`crate::http`]).
+    pub liveness: Arc<Liveness>,
+}
+
+/// When the claim loop last went round (it does at least once per poll interval, busy or idle).
+#[derive(Debug)]
+pub struct Liveness {
+    started: Instant,
+    /// Milliseconds after `started`.
+    last_round_ms: AtomicU64,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Self {
+            started: Instant::now(),
+            last_round_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Liveness {
+    fn beat(&self) {
+        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_round_ms.store(now, Ordering::Relaxed);
+    }
+
+    /// How long ago the claim loop last went round (since start, before its first round).
+    pub fn age(&self) -> Duration {
+        let last = Duration::from_millis(self.last_round_ms.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(last)
+    }
 }
 
 impl WorkerConfig {
@@ -74,6 +106,7 @@ impl WorkerConfig {
             backoff_base: Duration::from_secs(1),
             backoff_cap: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(20),
+            liveness: Arc::default(),
         }
     }
 
@@ -210,6 +243,11 @@ pub async fn run(
         worker.services.clone(),
         background.clone(),
     ));
+    helpers.spawn(crate::event_retention::run(
+        worker.pool.clone(),
+        worker.services.settings.event_retention_days,
+        background.clone(),
+    ));
     helpers.spawn(crate::backup_scheduler::run(
         worker.pool.clone(),
         worker.services.clone(),
@@ -324,7 +362,11 @@ async fn claim_loop(worker: &Arc<Worker>, runs: &mut JoinSet<()>, shutdown: &Can
     let mut idle_until: Option<tokio::time::Instant> = None;
     // Moving average of a claim's round trip, in microseconds.
     let mut claim_micros: Option<f64> = None;
+    // Goes round at least this often, also while every slot is busy, so `/health` sees the loop alive.
+    let mut alive = tokio::time::interval(config.poll_interval);
+    alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        config.liveness.beat();
         while !buffer.is_empty() {
             let Ok(permit) = slots.clone().try_acquire_owned() else {
                 break;
@@ -379,6 +421,7 @@ async fn claim_loop(worker: &Arc<Worker>, runs: &mut JoinSet<()>, shutdown: &Can
             Some(_) = runs.join_next(), if !runs.is_empty() => {}
             () = worker.wake.notified(), if idle_until.is_some() => idle_until = None,
             () = tokio::time::sleep_until(idle_deadline), if idle_until.is_some() => idle_until = None,
+            _ = alive.tick() => {}
         }
     }
 
@@ -475,6 +518,12 @@ async fn claim(worker: Arc<Worker>, wanted: usize, mut scan: Scan) -> sqlx::Resu
         scan.last_full = Instant::now();
     }
     let took = started.elapsed();
+    let now = Utc::now();
+    for task in &claimed {
+        let waited = (now - task.run_at).to_std().unwrap_or_default();
+        metrics::histogram!(names::TASK_QUEUE_WAIT, "kind" => task.kind.clone())
+            .record(waited.as_secs_f64());
+    }
     if let Some(latest) = claimed.iter().map(|t| t.run_at).max() {
         scan.floor = Some(scan.floor.map_or(latest, |f| f.max(latest)));
     }

@@ -1,6 +1,6 @@
 //! `GET /metrics` (broker credentials): Prometheus text format. Queue depth and age, instances per plan and
 //! undelivered webhooks come from the broker's database at scrape time, so every API process reports the
-//! same queue; request counts are this process's own.
+//! same queue; request counts and the latency histogram (`broker::telemetry`) are this process's own.
 
 use std::fmt::Write as _;
 
@@ -106,6 +106,8 @@ async fn render(State(state): State<AppState>) -> ApiResult<Response> {
             .into_iter()
             .map(|(class, n)| (format!("code=\"{class}\""), n as f64)),
     );
+    // The histograms and counters this process records (latency per route and status), after the gauges.
+    out.push_str(&broker::telemetry::render_metrics());
     let mut response = out.into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -11,6 +11,7 @@ mod catalog;
 mod cluster;
 mod database_restart;
 mod deprovision;
+mod events;
 mod fetch;
 mod helpers;
 mod last_operation;

@@ -120,3 +120,41 @@ async fn unauthenticated_requests_learn_nothing(pool: PgPool) {
         res.assert_osb_error(StatusCode::UNAUTHORIZED, Some("Unauthorized"));
     }
 }
+
+#[sqlx::test(migrator = "broker::MIGRATOR")]
+async fn a_request_without_a_usable_id_gets_one_made_up_and_its_tasks_keep_it(pool: PgPool) {
+    let app = TestApp::new(pool.clone());
+    for sent in [None, Some("has spaces"), Some(&*"x".repeat(129))] {
+        let mut request = TestApp::request(Method::GET, "/v2/catalog");
+        if let Some(sent) = sent {
+            request = request.header("x-broker-api-request-identity", sent);
+        }
+        let res = app.send(request.body(Body::empty()).unwrap()).await;
+        let made_up = res.headers["x-broker-api-request-identity"]
+            .to_str()
+            .unwrap();
+        assert!(
+            uuid::Uuid::parse_str(made_up).is_ok(),
+            "{sent:?}: {made_up}"
+        );
+    }
+
+    // A provision's task is stored with the request's id.
+    let request = TestApp::request(
+        Method::PUT,
+        "/v2/service_instances/i-req?accepts_incomplete=true",
+    )
+    .header("x-broker-api-request-identity", "req-provision-1")
+    .header("content-type", "application/json")
+    .body(Body::from(crate::helpers::provision_body().to_string()))
+    .unwrap();
+    let res = app.send(request).await;
+    let operation = res.operation();
+    let stored: Option<String> =
+        sqlx::query_scalar("SELECT request_id FROM tasks WHERE id = $1::uuid")
+            .bind(&operation)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(stored.as_deref(), Some("req-provision-1"));
+}

@@ -255,6 +255,22 @@ const WORKERS: &[Setting] = &[
          least 100).",
     ),
     worker(
+        "WORKER_HTTP_ADDR",
+        Unset,
+        "host:port where a worker serves /health and /metrics, without credentials (unset: none); each worker on \
+         a machine needs its own port.",
+    ),
+    worker(
+        "EVENT_RETENTION_DAYS",
+        Value("90"),
+        "Days an instance's audit trail (/berth/v1/instances/{id}/events) is kept after the instance is gone.",
+    ),
+    both(
+        "LOG_FORMAT",
+        Value("text"),
+        "Log lines as `text` or `json` (one JSON object a line; fields in docs/observability.md).",
+    ),
+    worker(
         "BACKUP_SCHEDULER_MS",
         Value("1000"),
         "How often a worker looks for due scheduled backups.",

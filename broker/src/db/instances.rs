@@ -210,8 +210,8 @@ pub async fn insert_with_task(
              RETURNING id
          )
          INSERT INTO tasks (id, kind, instance_id, binding_id, operation, payload, max_attempts,
-                            originating_identity, webhook_url, webhook_secret)
-         SELECT $9, $10, inserted.id, $11, $12, $13, $14, $15, $16, $17 FROM inserted
+                            originating_identity, webhook_url, webhook_secret, request_id)
+         SELECT $9, $10, inserted.id, $11, $12, $13, $14, $15, $16, $17, $18 FROM inserted
          RETURNING id",
         new.id,
         new.service_id,
@@ -230,6 +230,7 @@ pub async fn insert_with_task(
         task.originating_identity,
         webhook_url,
         webhook_secret,
+        task.request_id,
     )
     .fetch_optional(db)
     .await?;
@@ -287,6 +288,7 @@ pub async fn insert_many_with_tasks(
     let mut identities = Vec::with_capacity(batch.len());
     let mut webhook_urls = Vec::with_capacity(batch.len());
     let mut webhook_secrets = Vec::with_capacity(batch.len());
+    let mut request_ids = Vec::with_capacity(batch.len());
     for (instance, task) in batch {
         ids.push(instance.id.clone());
         service_ids.push(instance.service_id.clone());
@@ -305,15 +307,16 @@ pub async fn insert_many_with_tasks(
         identities.push(task.originating_identity.clone());
         webhook_urls.push(task.webhook.as_ref().map(|(url, _)| url.clone()));
         webhook_secrets.push(task.webhook.as_ref().map(|(_, secret)| secret.clone()));
+        request_ids.push(task.request_id.clone());
     }
     sqlx::query_scalar!(
         r#"WITH input AS (
                SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[],
                                     $7::jsonb[], $8::text[], $9::uuid[], $10::text[], $11::text[], $12::jsonb[],
-                                    $13::int4[], $14::jsonb[], $15::text[], $16::bytea[])
+                                    $13::int4[], $14::jsonb[], $15::text[], $16::bytea[], $17::text[])
                    AS i(id, service_id, plan_id, organization_guid, space_guid, context, parameters,
                         maintenance_version, task_id, kind, operation, payload, max_attempts,
-                        originating_identity, webhook_url, webhook_secret)
+                        originating_identity, webhook_url, webhook_secret, request_id)
            ),
            inserted AS (
                INSERT INTO service_instances
@@ -324,9 +327,9 @@ pub async fn insert_many_with_tasks(
                RETURNING id
            )
            INSERT INTO tasks (id, kind, instance_id, operation, payload, max_attempts, originating_identity,
-                              webhook_url, webhook_secret)
+                              webhook_url, webhook_secret, request_id)
            SELECT input.task_id, input.kind, input.id, input.operation, input.payload, input.max_attempts,
-                  input.originating_identity, input.webhook_url, input.webhook_secret
+                  input.originating_identity, input.webhook_url, input.webhook_secret, input.request_id
            FROM input JOIN inserted ON inserted.id = input.id
            RETURNING instance_id AS "instance_id!""#,
         &ids,
@@ -345,6 +348,7 @@ pub async fn insert_many_with_tasks(
         &identities as &[Option<Value>],
         &webhook_urls as &[Option<String>],
         &webhook_secrets as &[Option<Vec<u8>>],
+        &request_ids as &[Option<String>],
     )
     .fetch_all(db)
     .await

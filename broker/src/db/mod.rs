@@ -3,6 +3,7 @@
 pub mod backup_schedules;
 pub mod bindings;
 pub mod ec2_offers;
+pub mod events;
 pub mod instances;
 pub mod key_checks;
 pub mod metrics;

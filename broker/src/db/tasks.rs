@@ -35,6 +35,9 @@ pub struct TaskRow {
     /// Runs lost with their worker (lease expired); they do not count against `max_attempts`.
     #[sqlx(default)]
     pub lost_leases: i32,
+    /// The API request that wrote the task (see [`crate::request_context`]); on the task's log lines.
+    #[sqlx(default)]
+    pub request_id: Option<String>,
 }
 
 /// How many lost runs (lease expired) a task may have per attempt it is allowed: past
@@ -74,6 +77,8 @@ pub struct NewTask {
     pub originating_identity: Option<Value>,
     /// URL and sealed secret of the webhook to call when the task ends.
     pub webhook: Option<(String, Vec<u8>)>,
+    /// The request that asked for it; [`NewTask::new`] takes the current one ([`crate::request_context`]).
+    pub request_id: Option<String>,
 }
 
 impl NewTask {
@@ -88,6 +93,7 @@ impl NewTask {
             max_attempts: 10,
             originating_identity: None,
             webhook: None,
+            request_id: crate::request_context::current_id(),
         }
     }
 }
@@ -100,8 +106,8 @@ pub async fn enqueue(db: impl PgExecutor<'_>, task: NewTask) -> sqlx::Result<Tas
     };
     sqlx::query!(
         "INSERT INTO tasks (id, kind, instance_id, binding_id, operation, payload, max_attempts,
-                            originating_identity, webhook_url, webhook_secret)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                            originating_identity, webhook_url, webhook_secret, request_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         task.id.0,
         task.kind,
         task.instance_id,
@@ -112,6 +118,7 @@ pub async fn enqueue(db: impl PgExecutor<'_>, task: NewTask) -> sqlx::Result<Tas
         task.originating_identity,
         webhook_url,
         webhook_secret,
+        task.request_id,
     )
     .execute(db)
     .await?;

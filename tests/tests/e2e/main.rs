@@ -11,6 +11,7 @@ mod embedded_default;
 mod ha_local;
 mod key_rotation;
 mod openapi;
+mod observability;
 mod s3_lifecycle;
 mod shared_lifecycle;
 mod slow_clients;

@@ -7,9 +7,10 @@ use std::{
 };
 
 use broker::db::tasks::TaskRow;
+use broker::telemetry::names;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument as _, debug, error, info, warn};
+use tracing::{Instrument as _, Span, debug, error, field, info, warn};
 use uuid::Uuid;
 
 use super::Worker;
@@ -22,7 +23,21 @@ use crate::{
 /// Runs one claimed task and hands its outcome on. The slot is freed when the outcome is handed to the
 /// completer (plain success or failure) or written (everything else); the claim stays in the heartbeat set
 /// until its outcome is durable.
-#[tracing::instrument(skip_all, fields(task_id = %task.id, kind = %task.kind, attempt = task.attempts))]
+/// Its span carries the task's id, kind, instance, binding, attempt and the request that wrote it, and, once
+/// known, the run's outcome.
+#[tracing::instrument(
+    name = "task",
+    skip_all,
+    fields(
+        task_id = %task.id,
+        kind = %task.kind,
+        instance_id = task.instance_id.as_deref(),
+        binding_id = task.binding_id.as_deref(),
+        attempt = task.attempts,
+        request_id = task.request_id.as_deref(),
+        outcome = field::Empty,
+    )
+)]
 pub(super) async fn run_task(
     worker: Arc<Worker>,
     task: TaskRow,
@@ -30,11 +45,17 @@ pub(super) async fn run_task(
     permit: OwnedSemaphorePermit,
 ) {
     let task = Arc::new(task);
+    let started = Instant::now();
     let Some(outcome) = run_handler(&worker, task.clone(), cancel).await else {
+        observe_run(&task, "stopped", started.elapsed());
         worker.forget(task.id, task.attempts);
         drop(permit);
         return;
     };
+    observe_run(&task, outcome.label(), started.elapsed());
+    if matches!(outcome, Outcome::Retry { .. }) {
+        metrics::counter!(names::TASK_RETRIES, "kind" => task.kind.clone()).increment(1);
+    }
     match &outcome {
         Outcome::Succeeded => info!("task succeeded"),
         Outcome::Failed { error } => warn!(%error, "task failed"),
@@ -73,6 +94,13 @@ pub(super) async fn run_task(
     drop(permit);
 }
 
+/// The run's outcome on its span and in the task duration histogram.
+fn observe_run(task: &TaskRow, outcome: &'static str, took: Duration) {
+    Span::current().record("outcome", outcome);
+    metrics::histogram!(names::TASK_DURATION, "kind" => task.kind.clone(), "outcome" => outcome)
+        .record(took.as_secs_f64());
+}
+
 /// Runs the handler; `None` when the run was stopped (lease lost, or handed back at the end of the grace).
 pub(super) async fn run_handler(
     worker: &Arc<Worker>,
@@ -105,7 +133,11 @@ pub(super) async fn run_handler(
                     cancel,
                     worker_id: &worker_id,
                 };
-                handler.run(&ctx).await
+                // Tasks the handler enqueues carry the same request id.
+                match task.request_id.clone() {
+                    Some(id) => broker::request_context::scope(id, handler.run(&ctx)).await,
+                    None => handler.run(&ctx).await,
+                }
             }
             .in_current_span(),
         )

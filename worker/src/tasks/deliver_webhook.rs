@@ -125,6 +125,11 @@ async fn attempt_failed(
     error: String,
 ) -> Result<Step, TaskError> {
     let last = ctx.task.attempts_spent() >= ctx.task.max_attempts;
+    metrics::counter!(
+        broker::telemetry::names::WEBHOOK_FAILURES,
+        "final" => if last { "true" } else { "false" },
+    )
+    .increment(1);
     webhooks::record_attempt(
         ctx.pool,
         delivery_id,
