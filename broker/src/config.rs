@@ -204,6 +204,17 @@ pub struct Settings {
     /// connections without a restart.
     #[serde(default = "default_tls_reload_secs")]
     pub tls_reload_secs: u64,
+    /// The broker's address as browsers reach it (`https://broker.example.com`), the base of dashboard links;
+    /// unset = the scheme and `Host` of the request that asks for the link.
+    pub broker_public_url: Option<String>,
+    /// How long a dashboard link stays good, in seconds (a fresh one comes with every GET of the instance).
+    #[serde(default = "default_dashboard_link_ttl_secs")]
+    pub dashboard_link_ttl_secs: u64,
+}
+
+/// 30 days: a platform stores the link of the provision answer and shows it for a while.
+fn default_dashboard_link_ttl_secs() -> u64 {
+    30 * 24 * 3600
 }
 
 fn yes() -> bool {

@@ -5,7 +5,7 @@
 use axum::{
     Json, Router,
     extract::State,
-    http::StatusCode,
+    http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     routing::{get, put},
 };
@@ -83,6 +83,7 @@ impl ProvisionBody {
 
 async fn provision(
     State(state): State<AppState>,
+    headers: HeaderMap,
     OsbPath(instance_id): OsbPath<String>,
     OsbQuery(query): OsbQuery<OsbParams>,
     OriginatingIdentity(identity): OriginatingIdentity,
@@ -90,11 +91,51 @@ async fn provision(
 ) -> ApiResult<Response> {
     let started = Instant::now();
     let mut mode = Mode::Async;
-    let response = start_provision(&state, instance_id, query, identity, body, &mut mode).await?;
-    match synchronous::settle(&state, mode, response, started).await? {
-        Settled::Answered(response) => Ok(response),
-        Settled::Succeeded => Ok((StatusCode::CREATED, Json(json!({}))).into_response()),
+    let response = start_provision(
+        &state,
+        instance_id.clone(),
+        query,
+        identity,
+        body,
+        &mut mode,
+    )
+    .await?;
+    let response = match synchronous::settle(&state, mode, response, started).await? {
+        Settled::Answered(response) => response,
+        Settled::Succeeded => (StatusCode::CREATED, Json(json!({}))).into_response(),
+    };
+    with_dashboard_url(&state, &headers, &instance_id, response).await
+}
+
+/// OSB: a provision's 200, 201 and 202 carry the instance's `dashboard_url` (a fresh signed link; see
+/// docs/dashboard.md). Other answers stand as they are.
+async fn with_dashboard_url(
+    state: &AppState,
+    headers: &HeaderMap,
+    instance_id: &str,
+    response: Response,
+) -> ApiResult<Response> {
+    if !matches!(response.status().as_u16(), 200..=202) {
+        return Ok(response);
     }
+    let Some(row) = instances::get(&state.db, instance_id).await? else {
+        return Ok(response);
+    };
+    let Some(url) = state.dashboard.url_for(&state.cipher, headers, &row) else {
+        return Ok(response);
+    };
+    let (mut parts, body) = response.into_parts();
+    // The bodies here are the small JSON objects this module wrote.
+    let bytes = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .map_err(|e| anyhow::anyhow!("reading a provision answer: {e}"))?;
+    let mut object: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| anyhow::anyhow!("a provision answer is not JSON: {e}"))?;
+    object["dashboard_url"] = json!(url);
+    let body = serde_json::to_vec(&object)
+        .map_err(|e| anyhow::anyhow!("serializing a provision answer: {e}"))?;
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    Ok(Response::from_parts(parts, axum::body::Body::from(body)))
 }
 
 /// Validates and records a provision; answers 202 (or the answer to a repeated request). Sets `mode`.
@@ -618,6 +659,7 @@ async fn rotate_credentials(
 
 async fn fetch(
     State(state): State<AppState>,
+    headers: HeaderMap,
     OsbPath(instance_id): OsbPath<String>,
 ) -> ApiResult<Response> {
     let mut conn = state.db.acquire().await?;
@@ -631,6 +673,9 @@ async fn fetch(
         "plan_id": row.plan_id,
         "parameters": row.parameters,
     });
+    if let Some(url) = state.dashboard.url_for(&state.cipher, &headers, &row) {
+        body["dashboard_url"] = json!(url);
+    }
     if let Some(version) = row.maintenance_version {
         body["maintenance_info"] = json!({ "version": version });
     }

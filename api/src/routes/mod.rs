@@ -4,6 +4,7 @@ pub mod backups;
 pub mod bindings;
 pub mod catalog;
 pub mod cluster;
+pub mod dashboard;
 pub(crate) mod exclusive;
 pub mod health;
 pub mod instances;
