@@ -388,9 +388,7 @@ fn members(details: &Value) -> Vec<Member> {
             role: get(m, "role").unwrap_or_else(|| "unknown".into()),
             state: get(m, "state").unwrap_or_else(|| "unknown".into()),
             lag: match m.get("lag") {
-                Some(Value::Number(n)) => {
-                    n.as_i64().map_or_else(|| n.to_string(), text::bytes)
-                }
+                Some(Value::Number(n)) => n.as_i64().map_or_else(|| n.to_string(), text::bytes),
                 Some(v) if !v.is_null() => scalar(v),
                 _ => "-".into(),
             },
