@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 
 /// The key W3C WebDriver names an element reference with.
-const ELEMENT_KEY: &str = "element-6066-11e4-a52e-4f735466cecc";
+const ELEMENT_KEY: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 /// A headless Chromium session. Dropping it stops chromedriver (and with it the browser).
 pub struct Browser {
