@@ -118,8 +118,14 @@ async fn with_dashboard_url(
     if !matches!(response.status().as_u16(), 200..=202) {
         return Ok(response);
     }
-    let Some(row) = instances::get(&state.db, instance_id).await? else {
-        return Ok(response);
+    // The provision is recorded already: a failed read costs the link, not the answer.
+    let row = match instances::get(&state.db, instance_id).await {
+        Ok(Some(row)) => row,
+        Ok(None) => return Ok(response),
+        Err(e) => {
+            tracing::warn!(instance_id, error = %e, "reading the instance for its dashboard_url failed");
+            return Ok(response);
+        }
     };
     let Some(url) = state.dashboard.url_for(&state.cipher, headers, &row) else {
         return Ok(response);
