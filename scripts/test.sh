@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test on a fresh machine: installs what is missing, starts a private Postgres on a free port
 # (unless BERTH_TEST_DATABASE_URL names a superuser URL to use instead) and the S3 peers (moto with IAM
-# enforced, SeaweedFS), installs etcd and Patroni (the ha plan's local engine), checks formatting
-# (cargo fmt) and lints (clippy, warnings are errors), checks the Prometheus alert rules (promtool), builds,
+# enforced, SeaweedFS), installs etcd and Patroni (the ha plan's local engine) and Chromium with chromedriver
+# (the dashboard's page tests), checks formatting (cargo fmt) and lints (clippy, warnings are errors), checks the
+# Prometheus alert rules (promtool), builds,
 # checks the systemd units, runs the whole suite with cargo-nextest, builds and smoke-tests the container image (scripts/image-test.sh),
 # and stops what it started.
 set -euo pipefail
@@ -13,6 +14,7 @@ source scripts/lib/s3peers.sh
 source scripts/lib/ha.sh
 source scripts/lib/units.sh
 source scripts/lib/schemathesis.sh
+source scripts/lib/browser.sh
 
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/berth-target}
 export SQLX_OFFLINE=true
@@ -44,6 +46,9 @@ echo "test Postgres: 127.0.0.1:${PG_PORT:-external}" >&2
 
 # etcd and Patroni for the ha plan's local engine (its tests start clusters of their own).
 ha_ensure_installed
+
+# A headless browser for the dashboard's page tests: Debian's chromium and its chromedriver.
+browser_ensure_installed
 
 # S3 peers for the s3 engine's tests: moto (AWS S3 + IAM) and SeaweedFS (S3-compatible, with IAM).
 s3peers_ensure_installed

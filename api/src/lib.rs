@@ -2,6 +2,7 @@
 //! in-process tests drive the same router with `oneshot`.
 
 pub mod auth_throttle;
+pub mod dashboard;
 pub mod error;
 pub mod extract;
 pub mod identity;
@@ -59,6 +60,8 @@ pub struct AppState {
     pub task_waits: task_waits::TaskWaits,
     /// How long such a request waits for its task (`SYNC_WAIT_SECS`; below [`REQUEST_TIMEOUT`]).
     pub sync_wait: Duration,
+    /// How `dashboard_url` links are made (`BROKER_PUBLIC_URL`, `DASHBOARD_LINK_TTL_SECS`).
+    pub dashboard: Arc<dashboard::DashboardLinks>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -93,6 +96,7 @@ pub fn router(state: AppState) -> Router {
         .merge(routes::price_check::router())
         .merge(routes::cluster::router())
         .merge(routes::events::router())
+        .merge(routes::dashboard::operator_router())
         .method_not_allowed_fallback(middleware::method_not_allowed)
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -112,6 +116,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(routes::health::router())
         .merge(openapi::router())
+        .merge(routes::dashboard::public_router())
         .merge(metrics)
         .merge(v2)
         .merge(berth_v1)

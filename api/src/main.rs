@@ -94,7 +94,7 @@ async fn serve_with(
         berth_api::PROVISION_WRITERS,
     );
     let task_waits = berth_api::task_waits::TaskWaits::start(db.clone());
-    let state = berth_api::AppState {
+    let mut state = berth_api::AppState {
         db,
         catalog: Arc::new(catalog),
         cipher,
@@ -112,6 +112,7 @@ async fn serve_with(
         )?),
         task_waits,
         sync_wait: Duration::from_secs(settings.sync_wait_secs),
+        dashboard: Default::default(),
     };
     let addr: SocketAddr = format!("{}:{}", settings.bind_address, settings.port)
         .parse()
@@ -125,6 +126,7 @@ async fn serve_with(
         .await
         .with_context(|| format!("listening on {addr}"))?;
     let local = listener.local_addr()?;
+    state.dashboard = Arc::new(dashboard_links(settings, embedded.is_some(), local)?);
     let limits = berth_api::server::ConnectionLimits {
         header_read_timeout: Duration::from_secs(settings.http_header_read_timeout_secs),
         max_connections: berth_api::server::connection_cap(
@@ -150,6 +152,37 @@ async fn serve_with(
         embedded.stop_worker(Duration::from_secs(25)).await;
     }
     Ok(())
+}
+
+/// How dashboard links are made: `BROKER_PUBLIC_URL` when set (checked here), else the embedded default's own
+/// address (it listens on this machine only), else the address each request came to.
+fn dashboard_links(
+    settings: &Settings,
+    embedded: bool,
+    local: SocketAddr,
+) -> anyhow::Result<berth_api::dashboard::DashboardLinks> {
+    let https = settings.tls_cert_file.is_some();
+    let public_url = match &settings.broker_public_url {
+        Some(url) => {
+            let parsed = url::Url::parse(url)
+                .with_context(|| format!("BROKER_PUBLIC_URL {url:?} is not a URL"))?;
+            anyhow::ensure!(
+                matches!(parsed.scheme(), "http" | "https") && parsed.host().is_some(),
+                "BROKER_PUBLIC_URL {url:?} must be an http(s) URL with a host"
+            );
+            Some(url.clone())
+        }
+        None if embedded => Some(format!(
+            "{}://{local}",
+            if https { "https" } else { "http" }
+        )),
+        None => None,
+    };
+    Ok(berth_api::dashboard::DashboardLinks {
+        public_url,
+        ttl: Duration::from_secs(settings.dashboard_link_ttl_secs),
+        https,
+    })
 }
 
 /// `BROKER_USERNAME`/`BROKER_PASSWORD`: required outside the embedded default (which fills them in).

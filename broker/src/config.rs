@@ -214,6 +214,17 @@ pub struct Settings {
     /// Days an instance's audit trail (`/berth/v1/instances/{id}/events`) is kept once the instance is gone.
     #[serde(default = "default_event_retention_days")]
     pub event_retention_days: u64,
+    /// The broker's address as browsers reach it (`https://broker.example.com`), the base of dashboard links;
+    /// unset = the scheme and `Host` of the request that asks for the link.
+    pub broker_public_url: Option<String>,
+    /// How long a dashboard link stays good, in seconds (a fresh one comes with every GET of the instance).
+    #[serde(default = "default_dashboard_link_ttl_secs")]
+    pub dashboard_link_ttl_secs: u64,
+}
+
+/// 30 days: a platform stores the link of the provision answer and shows it for a while.
+fn default_dashboard_link_ttl_secs() -> u64 {
+    30 * 24 * 3600
 }
 
 fn yes() -> bool {

@@ -62,7 +62,12 @@ struct RingKey {
     id: KeyId,
     check_value: [u8; 32],
     aead: Aes256Gcm,
+    /// The key dashboard links are signed with, derived from this one (never the sealing key itself).
+    link_key: [u8; 32],
 }
+
+/// What a dashboard link's key is derived for: a label of its own, so the derived key serves nothing else.
+const LINK_KEY_LABEL: &[u8] = b"berth dashboard link key v1";
 
 /// Seals and opens secrets stored in the broker's database with a keyring (`BERTH_KEY_FILES`): seals with the
 /// primary (the first key), opens with whichever key a value names. Cheap to clone (the keys are shared).
@@ -102,6 +107,7 @@ impl Cipher {
                 id,
                 check_value: key_check_value(key),
                 aead: Aes256Gcm::new(key.into()),
+                link_key: hmac_sha256(key, LINK_KEY_LABEL),
             });
         }
         Ok(Self {
@@ -199,6 +205,19 @@ impl Cipher {
     /// `sealed` opened and sealed again with the primary key.
     pub fn reseal(&self, sealed: &[u8]) -> anyhow::Result<Vec<u8>> {
         Ok(self.seal(&self.open(sealed)?))
+    }
+
+    /// HMAC-SHA256 of `message` under the primary key's link key (a dashboard link's signature).
+    pub fn sign_link(&self, message: &[u8]) -> [u8; 32] {
+        hmac_sha256(&self.keys[0].link_key, message)
+    }
+
+    /// Whether `tag` is [`Cipher::sign_link`] of `message` under any key of the ring: a link signed before a
+    /// key rotation stays good while its key is listed, and dies with it.
+    pub fn verify_link(&self, message: &[u8], tag: &[u8]) -> bool {
+        self.keys.iter().fold(false, |good, k| {
+            good | constant_time_eq(&hmac_sha256(&k.link_key, message), tag)
+        })
     }
 
     pub fn seal_json<T: serde::Serialize>(&self, value: &T) -> Vec<u8> {

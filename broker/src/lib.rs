@@ -6,6 +6,7 @@ mod text_enum;
 pub mod catalog;
 pub mod config;
 pub mod crypto;
+pub mod dashboard_link;
 pub mod db;
 pub mod ec2;
 pub mod embedded;

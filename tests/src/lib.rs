@@ -13,6 +13,8 @@ use serde_json::Value;
 use sqlx::{Connection, PgConnection};
 use tokio::process::{Child, Command};
 
+pub mod browser;
+
 pub const API_VERSION: &str = "2.17";
 /// The shipped `postgres` service and its `shared` plan (plans/postgres.json).
 pub const PG_SERVICE: &str = "3bdd3b6c-801f-470b-a45f-bc1849fa2124";

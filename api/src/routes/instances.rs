@@ -5,7 +5,7 @@
 use axum::{
     Json, Router,
     extract::State,
-    http::StatusCode,
+    http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     routing::{get, put},
 };
@@ -122,6 +122,7 @@ impl ProvisionBody {
 )]
 pub(crate) async fn provision(
     State(state): State<AppState>,
+    headers: HeaderMap,
     OsbPath(instance_id): OsbPath<String>,
     OsbQuery(query): OsbQuery<OsbParams>,
     OriginatingIdentity(identity): OriginatingIdentity,
@@ -129,11 +130,57 @@ pub(crate) async fn provision(
 ) -> ApiResult<Response> {
     let started = Instant::now();
     let mut mode = Mode::Async;
-    let response = start_provision(&state, instance_id, query, identity, body, &mut mode).await?;
-    match synchronous::settle(&state, mode, response, started).await? {
-        Settled::Answered(response) => Ok(response),
-        Settled::Succeeded => Ok(created_empty()),
+    let response = start_provision(
+        &state,
+        instance_id.clone(),
+        query,
+        identity,
+        body,
+        &mut mode,
+    )
+    .await?;
+    let response = match synchronous::settle(&state, mode, response, started).await? {
+        Settled::Answered(response) => response,
+        Settled::Succeeded => created_empty(),
+    };
+    with_dashboard_url(&state, &headers, &instance_id, response).await
+}
+
+/// OSB: a provision's 200, 201 and 202 carry the instance's `dashboard_url` (a fresh signed link; see
+/// docs/dashboard.md). Other answers stand as they are.
+async fn with_dashboard_url(
+    state: &AppState,
+    headers: &HeaderMap,
+    instance_id: &str,
+    response: Response,
+) -> ApiResult<Response> {
+    if !matches!(response.status().as_u16(), 200..=202) {
+        return Ok(response);
     }
+    // The provision is recorded already: a failed read costs the link, not the answer.
+    let row = match instances::get(&state.db, instance_id).await {
+        Ok(Some(row)) => row,
+        Ok(None) => return Ok(response),
+        Err(e) => {
+            tracing::warn!(instance_id, error = %e, "reading the instance for its dashboard_url failed");
+            return Ok(response);
+        }
+    };
+    let Some(url) = state.dashboard.url_for(&state.cipher, headers, &row) else {
+        return Ok(response);
+    };
+    let (mut parts, body) = response.into_parts();
+    // The bodies here are the small JSON objects this module wrote.
+    let bytes = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .map_err(|e| anyhow::anyhow!("reading a provision answer: {e}"))?;
+    let mut object: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| anyhow::anyhow!("a provision answer is not JSON: {e}"))?;
+    object["dashboard_url"] = json!(url);
+    let body = serde_json::to_vec(&object)
+        .map_err(|e| anyhow::anyhow!("serializing a provision answer: {e}"))?;
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    Ok(Response::from_parts(parts, axum::body::Body::from(body)))
 }
 
 /// Validates and records a provision; answers 202 (or the answer to a repeated request). Sets `mode`.
@@ -720,6 +767,9 @@ pub(crate) struct InstanceFetched {
     parameters: Value,
     #[serde(skip_serializing_if = "Option::is_none")]
     maintenance_info: Option<MaintenanceVersion>,
+    /// A signed link to the instance's page (docs/dashboard.md).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dashboard_url: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -743,6 +793,7 @@ pub(crate) struct MaintenanceVersion {
 )]
 pub(crate) async fn fetch(
     State(state): State<AppState>,
+    headers: HeaderMap,
     OsbPath(instance_id): OsbPath<String>,
 ) -> ApiResult<Response> {
     let mut conn = state.db.acquire().await?;
@@ -758,6 +809,7 @@ pub(crate) async fn fetch(
         maintenance_info: row
             .maintenance_version
             .map(|version| MaintenanceVersion { version }),
+        dashboard_url: state.dashboard.url_for(&state.cipher, &headers, &row),
     };
     Ok((StatusCode::OK, Json(body)).into_response())
 }

@@ -5,6 +5,7 @@ pub mod bindings;
 pub mod catalog;
 pub mod cluster;
 pub mod events;
+pub mod dashboard;
 pub(crate) mod exclusive;
 pub mod health;
 pub mod instances;

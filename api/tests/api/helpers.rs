@@ -45,6 +45,7 @@ pub struct TestApp {
     pub router: Router,
     pub pool: PgPool,
     pub cipher: Cipher,
+    state: AppState,
 }
 
 #[derive(Debug)]
@@ -141,6 +142,17 @@ impl TestApp {
         Self::with_options(pool, TargetPolicy::new(true, None).unwrap(), sync_wait)
     }
 
+    /// With dashboard links made as `links` says.
+    pub fn with_dashboard(pool: PgPool, links: berth_api::dashboard::DashboardLinks) -> Self {
+        let mut app = Self::new(pool);
+        let state = app.state.clone();
+        app.router = berth_api::router(AppState {
+            dashboard: Arc::new(links),
+            ..state
+        });
+        app
+    }
+
     fn with_options(
         pool: PgPool,
         webhook_targets: TargetPolicy,
@@ -161,11 +173,13 @@ impl TestApp {
             webhook_targets: Arc::new(webhook_targets),
             task_waits: berth_api::task_waits::TaskWaits::start(pool.clone()),
             sync_wait,
+            dashboard: Default::default(),
         };
         Self {
-            router: berth_api::router(state),
+            router: berth_api::router(state.clone()),
             pool,
             cipher,
+            state,
         }
     }
 

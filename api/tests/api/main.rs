@@ -9,6 +9,7 @@ mod binding_expiry;
 mod bindings;
 mod catalog;
 mod cluster;
+mod dashboard;
 mod database_restart;
 mod deprovision;
 mod events;

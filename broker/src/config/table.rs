@@ -181,6 +181,18 @@ const API: &[Setting] = &[
         "How long a request without accepts_incomplete=true waits for its operation before a 504 (1 to 25: \
          below the 30 s request timeout).",
     ),
+    api(
+        "BROKER_PUBLIC_URL",
+        Fallback("the scheme and Host of the request that asks for the link"),
+        "The broker's address as browsers reach it, the base of dashboard_url links (docs/dashboard.md); \
+         the embedded default sets its own.",
+    ),
+    api(
+        "DASHBOARD_LINK_TTL_SECS",
+        Value("2592000"),
+        "How long a dashboard_url link stays good, in seconds (30 days); every GET of the instance answers \
+         a fresh one.",
+    ),
 ];
 
 const STORAGE: &[Setting] = &[

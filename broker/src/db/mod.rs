@@ -2,6 +2,7 @@
 
 pub mod backup_schedules;
 pub mod bindings;
+pub mod dashboard;
 pub mod ec2_offers;
 pub mod events;
 pub mod instances;

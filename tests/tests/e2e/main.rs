@@ -6,6 +6,7 @@ mod binding_rotation;
 mod chaos;
 mod cli;
 mod command_line;
+mod dashboard;
 mod dedicated_local;
 mod embedded_default;
 mod ha_local;

@@ -30,6 +30,8 @@ pub(super) fn members_details(state: &ClusterState, view: Option<&ClusterView>) 
                     "api_port": m.api_port,
                     "role": seen.map(|s| s.role.as_str()),
                     "state": seen.map(|s| s.state.as_str()),
+                    // Bytes behind the primary when recorded (the dashboard shows it); null on the leader.
+                    "lag": seen.and_then(|s| s.lag.clone()),
                 })
             })
             .collect(),
