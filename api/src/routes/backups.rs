@@ -4,6 +4,7 @@
 //! - `POST /berth/v1/instances/{id}/backups`                    take one now → 202 `{backup_id, operation}`
 //! - `GET  /berth/v1/instances/{id}/backups/{backup}`           one backup
 //! - `POST /berth/v1/instances/{id}/backups/{backup}/restore`   reset the instance to it → 202 `{operation}`
+//! - `DELETE /berth/v1/instances/{id}/backups/{backup}`         delete it (the row now, the object by a task) → 202
 //! - `GET  /berth/v1/tasks/{operation}`                         state of any task berth answered with
 //!
 //! Akkeris clients find the same under `/v2/service_instances/{id}/actions/backups` (GET list, PUT take,
@@ -26,7 +27,7 @@ use uuid::Uuid;
 
 use super::{
     accepted_with, check_id, parse_operation,
-    snapshot_common::{enqueue_restore, instance_with_database, snapshot_json},
+    snapshot_common::{delete_snapshots, enqueue_restore, instance_with_database, snapshot_json},
 };
 use crate::{
     AppState,
@@ -43,7 +44,7 @@ pub fn router() -> Router<AppState> {
         )
         .route(
             "/berth/v1/instances/{instance_id}/backups/{backup_id}",
-            get(show),
+            get(show).delete(delete_backup),
         )
         .route(
             "/berth/v1/instances/{instance_id}/backups/{backup_id}/restore",
@@ -161,6 +162,21 @@ async fn restore(
     let operation = enqueue_restore(&mut tx, &state, &instance_id, &backup, identity).await?;
     tx.commit().await?;
     Ok(accepted_with(json!({ "operation": operation.to_string() })))
+}
+
+async fn delete_backup(
+    State(state): State<AppState>,
+    OsbPath((instance_id, backup_id)): OsbPath<(String, String)>,
+) -> ApiResult<Response> {
+    check_id("instance_id", &instance_id)?;
+    let mut tx = state.db.begin().await?;
+    let backup = backup_of(&mut tx, &instance_id, &backup_id).await?;
+    let what = format!("backup {backup_id}");
+    let operation = delete_snapshots(&mut tx, std::slice::from_ref(&backup), None, &what).await?;
+    tx.commit().await?;
+    Ok(accepted_with(
+        json!({ "backup_id": backup.id, "operation": operation.to_string() }),
+    ))
 }
 
 async fn task(

@@ -6,6 +6,7 @@ pub mod catalog;
 pub mod cluster;
 pub(crate) mod exclusive;
 pub mod health;
+pub mod instance_list;
 pub mod instances;
 pub(crate) mod last_operation;
 pub mod metrics;
