@@ -237,7 +237,13 @@ impl Ctx<'_> {
             .await?;
         let what = format!("instance {instance}");
         let summary = self
-            .finish_osb(&path, answer, wait, &what, json!({ "instance_id": instance }))
+            .finish_osb(
+                &path,
+                answer,
+                wait,
+                &what,
+                json!({ "instance_id": instance }),
+            )
             .await?;
         if self.json {
             self.print(&summary)?;
@@ -352,7 +358,13 @@ impl Ctx<'_> {
             .await?;
         let what = format!("instance {instance}");
         let summary = self
-            .finish_osb(&path, answer, wait, &what, json!({ "instance_id": instance }))
+            .finish_osb(
+                &path,
+                answer,
+                wait,
+                &what,
+                json!({ "instance_id": instance }),
+            )
             .await?;
         if self.json {
             self.print(&summary)?;
@@ -370,7 +382,11 @@ impl Ctx<'_> {
     ) -> anyhow::Result<Value> {
         let (service_id, plan_id) = self.ids_of(instance).await?;
         let binding = name.unwrap_or_else(|| format!("cli-{}", uuid::Uuid::new_v4()));
-        let path = format!("{}/service_bindings/{}", instance_path(instance), escape(&binding));
+        let path = format!(
+            "{}/service_bindings/{}",
+            instance_path(instance),
+            escape(&binding)
+        );
         let body = json!({ "service_id": service_id, "plan_id": plan_id, "parameters": params });
         let answer = self
             .client
@@ -412,7 +428,11 @@ impl Ctx<'_> {
 
     pub async fn unbind(&self, instance: &str, binding: &str, wait: Wait) -> anyhow::Result<()> {
         let (service_id, plan_id) = self.ids_of(instance).await?;
-        let path = format!("{}/service_bindings/{}", instance_path(instance), escape(binding));
+        let path = format!(
+            "{}/service_bindings/{}",
+            instance_path(instance),
+            escape(binding)
+        );
         let query = format!(
             "service_id={}&plan_id={}&accepts_incomplete=true",
             escape(&service_id),
@@ -443,7 +463,13 @@ impl Ctx<'_> {
             .await?;
         let what = format!("credentials of {instance}");
         let summary = self
-            .finish_osb(&path, answer, wait, &what, json!({ "instance_id": instance }))
+            .finish_osb(
+                &path,
+                answer,
+                wait,
+                &what,
+                json!({ "instance_id": instance }),
+            )
             .await?;
         if self.json {
             self.print(&summary)?;
@@ -608,9 +634,7 @@ impl Ctx<'_> {
         name: &str,
         namespace: &Option<String>,
     ) -> anyhow::Result<()> {
-        let listed = self
-            .get(&preset_path(name, "/versions", namespace))
-            .await?;
+        let listed = self.get(&preset_path(name, "/versions", namespace)).await?;
         if self.json {
             return self.print(&listed);
         }
@@ -710,7 +734,9 @@ impl Ctx<'_> {
         namespace: &Option<String>,
         wait: Wait,
     ) -> anyhow::Result<()> {
-        let rest = version.map(|v| format!("/versions/{v}")).unwrap_or_default();
+        let rest = version
+            .map(|v| format!("/versions/{v}"))
+            .unwrap_or_default();
         let path = preset_path(name, &rest, namespace);
         let (_, answer) = self.client.call(Method::DELETE, &path, None).await?;
         let what = match version {

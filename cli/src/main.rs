@@ -57,7 +57,8 @@ impl Wait {
 
 /// `90s`, `10m`, `2h`, `1h30m` or a number of seconds.
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    let wrong = || format!("{text:?} is not a duration: write 90s, 10m, 1h30m or a number of seconds");
+    let wrong =
+        || format!("{text:?} is not a duration: write 90s, 10m, 1h30m or a number of seconds");
     if let Ok(seconds) = text.parse::<u64>() {
         return Ok(Duration::from_secs(seconds));
     }
@@ -465,7 +466,8 @@ async fn presets(c: &commands::Ctx<'_>, command: Presets) -> anyhow::Result<()> 
             namespace,
             wait,
         } => {
-            let body = serde_json::json!({"preset": name, "namespace": namespace, "version": version});
+            let body =
+                serde_json::json!({"preset": name, "namespace": namespace, "version": version});
             let path = format!("/berth/v1/instances/{}/select", commands::escape(&instance));
             c.post_task(&path, &body, wait, &format!("instance {instance}"))
                 .await
@@ -483,7 +485,10 @@ async fn backups(c: &commands::Ctx<'_>, command: Backups) -> anyhow::Result<()> 
     match command {
         Backups::List { instance } => c.backups_list(&instance).await,
         Backups::Take { instance, wait } => {
-            let path = format!("/berth/v1/instances/{}/backups", commands::escape(&instance));
+            let path = format!(
+                "/berth/v1/instances/{}/backups",
+                commands::escape(&instance)
+            );
             let what = format!("backup of {instance}");
             c.post_task(&path, &serde_json::json!({}), wait, &what)
                 .await

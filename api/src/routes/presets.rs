@@ -501,11 +501,11 @@ async fn delete_version(
     OsbPath((name, version)): OsbPath<(String, String)>,
     OsbQuery(query): OsbQuery<NamespaceQuery>,
 ) -> ApiResult<Response> {
-    let number: i32 = version
-        .parse()
-        .ok()
-        .filter(|n| *n > 0)
-        .ok_or_else(|| ApiError::bad_request(format!("version {version:?} is not a positive whole number")))?;
+    let number: i32 = version.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "version {version:?} is not a positive whole number"
+        ))
+    })?;
     let mut tx = state.db.begin().await?;
     let preset = unlocked_for_delete(&mut tx, &query, &name).await?;
     let row = snapshots::versions(&mut *tx, preset.id)

@@ -18,6 +18,7 @@ mod metrics;
 mod middleware;
 mod price_check;
 mod provision;
+mod snapshot_deletes;
 mod spec_edges;
 mod synchronous;
 mod update;

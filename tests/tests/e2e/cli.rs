@@ -53,7 +53,11 @@ async fn berth_json(stack: &Stack, args: &[&str]) -> Value {
 /// The command failed with exit code 1 and said `needle` (the broker's description) on stderr.
 fn assert_refused(out: &Output, needle: &str) {
     assert_eq!(out.status.code(), Some(1), "{}", stderr(out));
-    assert!(stderr(out).contains(needle), "{needle:?} not in {}", stderr(out));
+    assert!(
+        stderr(out).contains(needle),
+        "{needle:?} not in {}",
+        stderr(out)
+    );
 }
 
 /// Piped output has no escape sequences, carriage returns or other control characters but newlines.
@@ -223,7 +227,14 @@ async fn every_command_with_json_piped_output_errors_timeout_and_deletions() {
     // provision --json: what a script reads.
     let made = berth_json(
         &stack,
-        &["provision", "postgres", "shared", "--name", "cli-s1", "--wait"],
+        &[
+            "provision",
+            "postgres",
+            "shared",
+            "--name",
+            "cli-s1",
+            "--wait",
+        ],
     )
     .await;
     assert_eq!(made["instance_id"], "cli-s1");
@@ -232,7 +243,10 @@ async fn every_command_with_json_piped_output_errors_timeout_and_deletions() {
     // bind --json: the credentials work.
     let bound = berth_json(&stack, &["bind", "cli-s1", "--name", "app1"]).await;
     assert_eq!(bound["binding_id"], "app1");
-    let url = bound["credentials"]["DATABASE_URL"].as_str().unwrap().to_string();
+    let url = bound["credentials"]["DATABASE_URL"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let mut conn = PgConnection::connect(&url).await.unwrap();
     sqlx::raw_sql("CREATE TABLE t (x int); INSERT INTO t VALUES (7);")
         .execute(&mut conn)
@@ -243,7 +257,9 @@ async fn every_command_with_json_piped_output_errors_timeout_and_deletions() {
     let out = berth(&stack, &["bind", "cli-s1", "--name", "app2"]).await;
     assert_succeeded(&out, &stack);
     assert!(
-        stdout(&out).lines().any(|l| l.starts_with("DATABASE_URL=postgres://")),
+        stdout(&out)
+            .lines()
+            .any(|l| l.starts_with("DATABASE_URL=postgres://")),
         "{}",
         stdout(&out)
     );
@@ -279,7 +295,13 @@ async fn every_command_with_json_piped_output_errors_timeout_and_deletions() {
     // update waits, and the parameters show in status.
     let updated = berth_json(
         &stack,
-        &["update", "cli-s1", "-p", r#"extensions=["citext"]"#, "--wait"],
+        &[
+            "update",
+            "cli-s1",
+            "-p",
+            r#"extensions=["citext"]"#,
+            "--wait",
+        ],
     )
     .await;
     assert_eq!(updated["state"], "succeeded");
@@ -300,7 +322,7 @@ async fn every_command_with_json_piped_output_errors_timeout_and_deletions() {
     );
     assert_refused(
         &berth(&stack, &["switchover", "cli-s1", "--wait"]).await,
-        "cli-s1",
+        "not an HA cluster",
     );
     assert_refused(
         &berth(&stack, &["price-check", "cpu_min=2"]).await,
@@ -343,13 +365,24 @@ async fn every_command_with_json_piped_output_errors_timeout_and_deletions() {
     let deleted = berth_json(&stack, &["backups", "delete", "cli-s1", &backup, "--wait"]).await;
     assert_eq!(deleted["state"], "succeeded");
     assert!(!backup_file.exists(), "{}", backup_file.display());
-    assert!(object_keys(&stack, &format!("id = '{backup}'")).await.is_empty());
+    assert!(
+        object_keys(&stack, &format!("id = '{backup}'"))
+            .await
+            .is_empty()
+    );
     let listed = berth_json(&stack, &["backups", "list", "cli-s1"]).await;
     assert_eq!(listed["backups"], serde_json::json!([]));
 
     // Presets: two versions, and an instance made from version 1 (its template is cached on the server).
     for args in [
-        &["presets", "push-new", "shop", "--instance", "cli-s1", "--wait"][..],
+        &[
+            "presets",
+            "push-new",
+            "shop",
+            "--instance",
+            "cli-s1",
+            "--wait",
+        ][..],
         &["presets", "push", "shop", "--instance", "cli-s1", "--wait"],
     ] {
         assert_succeeded(&berth(&stack, args).await, &stack);
@@ -386,7 +419,15 @@ async fn every_command_with_json_piped_output_errors_timeout_and_deletions() {
     assert!(started.elapsed() < Duration::from_secs(20));
     let out = berth(
         &stack,
-        &["provision", "postgres", "shared", "--name", "cli-s3", "-p", "preset=shop"],
+        &[
+            "provision",
+            "postgres",
+            "shared",
+            "--name",
+            "cli-s3",
+            "-p",
+            "preset=shop",
+        ],
     )
     .await;
     assert_succeeded(&out, &stack);
@@ -401,7 +442,11 @@ async fn every_command_with_json_piped_output_errors_timeout_and_deletions() {
     assert!(template_exists(&stack, versions[1].0).await);
 
     // Deleting version 1: its object and its template go, version 2 stays.
-    let deleted = berth_json(&stack, &["presets", "delete", "shop", "--version", "1", "--wait"]).await;
+    let deleted = berth_json(
+        &stack,
+        &["presets", "delete", "shop", "--version", "1", "--wait"],
+    )
+    .await;
     assert_eq!(deleted["deleted_versions"], serde_json::json!([1]));
     assert!(!store.join(&versions[0].1).exists());
     assert!(store.join(&versions[1].1).exists());
@@ -414,7 +459,10 @@ async fn every_command_with_json_piped_output_errors_timeout_and_deletions() {
     // A locked preset is not deleted; unlocked, the whole preset goes: objects, template, rows.
     let out = berth(&stack, &["presets", "lock", "shop", "--by", "ci"]).await;
     let key = stdout(&out).trim().to_string();
-    assert_refused(&berth(&stack, &["presets", "delete", "shop"]).await, "locked");
+    assert_refused(
+        &berth(&stack, &["presets", "delete", "shop"]).await,
+        "locked",
+    );
     assert_succeeded(
         &berth(&stack, &["presets", "unlock", "shop", "--lock-key", &key]).await,
         &stack,
@@ -424,15 +472,31 @@ async fn every_command_with_json_piped_output_errors_timeout_and_deletions() {
     assert!(!store.join(&versions[1].1).exists());
     assert!(!template_exists(&stack, versions[1].0).await);
     assert_eq!(count(&stack, "SELECT count(*) FROM presets").await, 0);
-    assert_eq!(count(&stack, "SELECT count(*) FROM snapshots WHERE kind = 'preset'").await, 0);
-    assert_eq!(count(&stack, "SELECT count(*) FROM snapshot_objects_to_delete").await, 0);
-    assert_refused(&berth(&stack, &["presets", "versions", "shop"]).await, "no preset");
+    assert_eq!(
+        count(
+            &stack,
+            "SELECT count(*) FROM snapshots WHERE kind = 'preset'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(&stack, "SELECT count(*) FROM snapshot_objects_to_delete").await,
+        0
+    );
+    assert_refused(
+        &berth(&stack, &["presets", "versions", "shop"]).await,
+        "no preset",
+    );
     // The instances made from it keep their data.
     let bound = berth_json(&stack, &["bind", "cli-s2"]).await;
     let mut conn = PgConnection::connect(bound["credentials"]["DATABASE_URL"].as_str().unwrap())
         .await
         .unwrap();
-    let x: i32 = sqlx::query_scalar("SELECT x FROM t").fetch_one(&mut conn).await.unwrap();
+    let x: i32 = sqlx::query_scalar("SELECT x FROM t")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
     assert_eq!(x, 7);
     conn.close().await.unwrap();
 

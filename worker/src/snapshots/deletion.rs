@@ -61,7 +61,12 @@ pub async fn drop_templates(
         .services()
         .iter()
         .flat_map(|s| &s.plans)
-        .filter(|p| services.catalog.plan_by_id(&p.id).is_some_and(|p| p.has_database()))
+        .filter(|p| {
+            services
+                .catalog
+                .plan_by_id(&p.id)
+                .is_some_and(|p| p.has_database())
+        })
         .filter(|p| services.provider_for_plan(&p.id).is_ok())
         .map(|p| p.id.clone())
         .collect();
