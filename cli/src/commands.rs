@@ -68,11 +68,11 @@ pub fn parameters(params: &Params) -> anyhow::Result<Map<String, Value>> {
     Ok(out)
 }
 
-/// The `description` of a finished operation that did not succeed.
+/// Why a finished operation did not succeed: a task's `error`, or an OSB last_operation's `description`.
 fn failure(answer: &Value, fallback: &str) -> String {
-    answer["description"]
+    answer["error"]
         .as_str()
-        .or_else(|| answer["error"].as_str())
+        .or_else(|| answer["description"].as_str())
         .unwrap_or(fallback)
         .to_string()
 }

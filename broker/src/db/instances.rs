@@ -426,3 +426,27 @@ pub async fn list_page_with_operation(
     .fetch_all(db)
     .await
 }
+
+/// Ids of instances of `plan_ids` whose provision succeeded, in id order from `after` (exclusive), at most `limit`
+/// (every engine, including those that record no `ready_at`).
+pub async fn provisioned_ids_page(
+    db: impl PgExecutor<'_>,
+    plan_ids: &[String],
+    after: &str,
+    limit: i64,
+) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar(
+        "SELECT id FROM service_instances i
+         WHERE plan_id = ANY($1) AND id > $2
+           AND EXISTS (
+               SELECT 1 FROM tasks t
+               WHERE t.instance_id = i.id AND t.binding_id IS NULL AND t.operation = 'provision'
+                 AND t.state = 'succeeded')
+         ORDER BY id LIMIT $3",
+    )
+    .bind(plan_ids)
+    .bind(after)
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}

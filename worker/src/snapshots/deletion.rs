@@ -10,7 +10,14 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::{Snapshots, target::template_names};
-use crate::{context::TaskContext, providers::Progress, registry::TaskError};
+use crate::{
+    context::TaskContext,
+    providers::{
+        Progress,
+        postgres::{database_exists, exec},
+    },
+    registry::TaskError,
+};
 
 /// Deletes every queued object from the store, then its queue row; a run cut short leaves the rest queued for the
 /// next run. An object a snapshot row points at again (its key reused) is never deleted.
@@ -44,7 +51,7 @@ pub async fn delete_queued_objects(pool: &PgPool, snapshots: &Snapshots) -> anyh
 /// How many instances each page of the template sweep reads.
 const PAGE: i64 = 200;
 
-/// Drops the template databases of `snapshot_ids` (preset versions) on every server a ready postgres instance of
+/// Drops the template databases of `snapshot_ids` (preset versions) on every server a provisioned postgres instance of
 /// this worker's engines lives on: a template is built on the server of an instance selected or provisioned from
 /// the version. A server that cannot be reached is skipped with a warning (its template is named by the deleted
 /// snapshot's id, so nothing uses it again); returns how many templates were dropped.
@@ -75,15 +82,21 @@ pub async fn drop_templates(
     let mut dropped = 0;
     let mut after = String::new();
     loop {
-        let page = instances::list_ready_page(ctx.pool, &plan_ids, &after, PAGE)
+        let page = instances::provisioned_ids_page(ctx.pool, &plan_ids, &after, PAGE)
             .await
             .context("listing the instances whose servers may hold templates")?;
         let Some(last) = page.last() else {
             return Ok(dropped);
         };
-        after = last.id.clone();
-        for instance in &page {
-            let target = match super::steps::target_of(ctx, instance).await {
+        after = last.clone();
+        for id in &page {
+            let Some(instance) = instances::get(ctx.pool, id)
+                .await
+                .context("reading an instance")?
+            else {
+                continue;
+            };
+            let target = match super::steps::target_of(ctx, &instance).await {
                 Ok(Progress::Done(target)) => target,
                 Ok(Progress::Wait { .. }) => continue,
                 Err(e) => {
@@ -109,21 +122,24 @@ pub async fn drop_templates(
             for id in snapshot_ids {
                 let (template, building) = template_names(prefix, *id);
                 for name in [template, building] {
-                    let existed: bool = sqlx::query_scalar(
-                        "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)",
-                    )
-                    .bind(&name)
-                    .fetch_one(&mut admin)
-                    .await
-                    .context("looking for a preset template")?;
+                    let existed = database_exists(&mut admin, &name).await?;
                     if existed {
-                        sqlx::query(&format!(
-                            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                            quote_ident(&name)
-                        ))
-                        .execute(&mut admin)
-                        .await
-                        .with_context(|| format!("dropping the preset template {name}"))?;
+                        // A published template is marked IS_TEMPLATE, which Postgres refuses to drop.
+                        let quoted = quote_ident(&name);
+                        // Two statements: DROP DATABASE refuses to run in a multi-statement query.
+                        let what = "dropping a preset template";
+                        exec(
+                            &mut admin,
+                            &format!("ALTER DATABASE {quoted} WITH IS_TEMPLATE false"),
+                            what,
+                        )
+                        .await?;
+                        exec(
+                            &mut admin,
+                            &format!("DROP DATABASE IF EXISTS {quoted} WITH (FORCE)"),
+                            what,
+                        )
+                        .await?;
                         dropped += 1;
                     }
                 }
