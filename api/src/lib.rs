@@ -97,6 +97,7 @@ pub fn router(state: AppState) -> Router {
         .merge(routes::cluster::router())
         .merge(routes::events::router())
         .merge(routes::dashboard::operator_router())
+        .merge(routes::instance_list::router())
         .method_not_allowed_fallback(middleware::method_not_allowed)
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),

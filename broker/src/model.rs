@@ -135,6 +135,9 @@ pub mod kinds {
     pub const RESTORE: &str = "instance.restore";
     /// Revokes an expired binding's credentials (enqueued by the reconcile loop, not an OSB operation).
     pub const EXPIRE_BINDING: &str = "binding.expire";
+    /// Deletes the store objects queued in `snapshot_objects_to_delete` and the cached templates of deleted
+    /// preset versions (enqueued by the delete routes of presets and backups).
+    pub const DELETE_SNAPSHOTS: &str = "snapshot.delete";
 }
 
 /// What an update task applies once the provider has made the change.

@@ -1,16 +1,17 @@
-//! `berth`: the broker from a terminal. Provision and deprovision through the OSB API (pipe-friendly:
-//! `--connstr-only` prints only the connection string on stdout), presets and backups through `/berth/v1`,
-//! and `gen-key` for the snapshot key. Progress goes to stderr; a failure exits non-zero.
+//! `berth`: the broker from a terminal. Instances and bindings through the OSB API (pipe-friendly:
+//! `--connstr-only` prints only the connection string on stdout), listing, HA switchover and failover, presets
+//! and backups through `/berth/v1`, and `gen-key` for the snapshot key. Progress goes to stderr, data to stdout
+//! (`--json` for scripts); a failure exits 1 with the broker's description, a `--timeout` that runs out exits 124.
 
 mod client;
+mod commands;
+mod output;
+mod progress;
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use client::Client;
-use reqwest::Method;
-use serde_json::{Map, Value, json};
+use client::{Client, TimedOut};
 
 #[derive(Parser)]
 #[command(name = "berth", version, about = "Talk to a berth broker")]
@@ -22,8 +23,78 @@ struct Cli {
     user: Option<String>,
     #[arg(long, env = "BROKER_PASSWORD", global = true, hide_env_values = true)]
     password: Option<String>,
+    /// Print data as JSON (for scripts) instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How long `--wait` waits when no `--timeout` is given.
+const DEFAULT_WAIT: Duration = Duration::from_secs(3600);
+
+/// `--wait` and `--timeout`, on every command that starts an operation.
+#[derive(Args, Clone, Copy, Debug)]
+pub struct Wait {
+    /// Wait until the operation has finished.
+    #[arg(long)]
+    wait: bool,
+    /// Give up waiting after this long (`90s`, `10m`, `1h`, or seconds) and exit 124; implies --wait
+    /// (default: an hour).
+    #[arg(long, value_parser = parse_duration)]
+    timeout: Option<Duration>,
+}
+
+impl Wait {
+    pub fn waiting(&self) -> bool {
+        self.wait || self.timeout.is_some()
+    }
+
+    pub fn limit(&self) -> Duration {
+        self.timeout.unwrap_or(DEFAULT_WAIT)
+    }
+}
+
+/// `90s`, `10m`, `2h`, `1h30m` or a number of seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let wrong =
+        || format!("{text:?} is not a duration: write 90s, 10m, 1h30m or a number of seconds");
+    if let Ok(seconds) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(seconds));
+    }
+    let (mut total, mut number) = (0u64, String::new());
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let unit = match c {
+            'h' => 3600,
+            'm' => 60,
+            's' => 1,
+            _ => return Err(wrong()),
+        };
+        let n: u64 = number.parse().map_err(|_| wrong())?;
+        total = total
+            .checked_add(n.checked_mul(unit).ok_or_else(wrong)?)
+            .ok_or_else(wrong)?;
+        number.clear();
+    }
+    if !number.is_empty() || text.is_empty() {
+        return Err(wrong());
+    }
+    Ok(Duration::from_secs(total))
+}
+
+/// Parameters of a provision, bind or update.
+#[derive(Args, Debug)]
+pub struct Params {
+    /// A parameter, `key=value` (value parsed as JSON when it is JSON); repeatable.
+    #[arg(short = 'p', long = "param")]
+    pub params: Vec<String>,
+    /// All parameters as one JSON object.
+    #[arg(long)]
+    pub params_json: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -40,8 +111,61 @@ enum Command {
     /// Delete an instance (its id, as `provision` printed it).
     Deprovision {
         instance: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Every instance with its plan and latest operation.
+    List {
+        /// Instances per request to the broker (all pages are printed).
+        #[arg(long, default_value_t = 100)]
+        page_size: u32,
+    },
+    /// An instance: plan, parameters, latest operation.
+    Status { instance: String },
+    /// Change an instance's plan or parameters.
+    Update {
+        instance: String,
+        /// The new plan's name (default: the current plan).
         #[arg(long)]
-        wait: bool,
+        plan: Option<String>,
+        #[command(flatten)]
+        params: Params,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Bind an instance and print the binding's credentials (waits for them).
+    Bind {
+        instance: String,
+        /// The binding id (default: a new UUID).
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        params: Params,
+        /// Give up waiting after this long and exit 124 (default: an hour).
+        #[arg(long, value_parser = parse_duration)]
+        timeout: Option<Duration>,
+    },
+    /// Delete a binding (its credentials stop working).
+    Unbind {
+        instance: String,
+        binding: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// New credentials for every binding of an instance.
+    RotateCredentials {
+        instance: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// HA clusters: the primary hands over to a healthy replica (planned).
+    Switchover(ChangePrimary),
+    /// HA clusters: promote a replica also when the primary is unhealthy (forced).
+    Failover(ChangePrimary),
+    /// Which EC2 instance types a dedicated instance with these requirements would get, with prices.
+    PriceCheck {
+        /// Requirements as `key=value` (region=eu-west-1 cpu_min=2 spot=false limit=5 ...).
+        requirements: Vec<String>,
     },
     /// Named, versioned database snapshots.
     #[command(subcommand)]
@@ -58,18 +182,23 @@ struct Provision {
     /// The instance id (default: a new UUID).
     #[arg(long)]
     name: Option<String>,
-    /// A parameter, `key=value` (value parsed as JSON when it is JSON); repeatable.
-    #[arg(short = 'p', long = "param")]
-    params: Vec<String>,
-    /// All parameters as one JSON object.
-    #[arg(long)]
-    params_json: Option<String>,
-    /// Wait until the instance is ready.
-    #[arg(long)]
-    wait: bool,
+    #[command(flatten)]
+    params: Params,
+    #[command(flatten)]
+    wait: Wait,
     /// With --wait: bind it and print only its DATABASE_URL (or uri) on stdout.
-    #[arg(long, requires = "wait")]
+    #[arg(long)]
     connstr_only: bool,
+}
+
+#[derive(Args)]
+pub struct ChangePrimary {
+    instance: String,
+    /// The member to promote (default: the healthiest replica).
+    #[arg(long)]
+    candidate: Option<String>,
+    #[command(flatten)]
+    wait: Wait,
 }
 
 #[derive(Subcommand)]
@@ -138,8 +267,20 @@ enum Presets {
         version: Option<i32>,
         #[arg(long, default_value = "")]
         namespace: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Delete a preset with all its versions, or one version: the objects in the snapshot store and the template
+    /// databases cached on servers go too.
+    Delete {
+        name: String,
+        /// Only this version.
         #[arg(long)]
-        wait: bool,
+        version: Option<i32>,
+        #[arg(long)]
+        namespace: Option<String>,
+        #[command(flatten)]
+        wait: Wait,
     },
 }
 
@@ -151,8 +292,8 @@ struct PushArgs {
     description: Option<String>,
     #[arg(long, env = "USER")]
     author: Option<String>,
-    #[arg(long)]
-    wait: bool,
+    #[command(flatten)]
+    wait: Wait,
 }
 
 #[derive(Subcommand)]
@@ -163,15 +304,22 @@ enum Backups {
     /// Take a backup now.
     Take {
         instance: String,
-        #[arg(long)]
-        wait: bool,
+        #[command(flatten)]
+        wait: Wait,
     },
     /// Reset the instance's database to a backup.
     Restore {
         instance: String,
         backup: String,
-        #[arg(long)]
-        wait: bool,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Delete a backup (its object in the snapshot store too).
+    Delete {
+        instance: String,
+        backup: String,
+        #[command(flatten)]
+        wait: Wait,
     },
 }
 
@@ -181,8 +329,12 @@ async fn main() -> ExitCode {
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("berth: {e:#}");
-            ExitCode::FAILURE
+            eprintln!("berth: {}", progress::plain(&format!("{e:#}")));
+            if e.downcast_ref::<TimedOut>().is_some() {
+                ExitCode::from(TimedOut::EXIT_CODE)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -197,206 +349,70 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         return Ok(());
     }
     let client = Client::new(cli.url, cli.user, cli.password)?;
+    let c = commands::Ctx {
+        client: &client,
+        json: cli.json,
+    };
     match cli.command {
         Command::GenKey { .. } => unreachable!("handled above"),
-        Command::Catalog => print(&client.call(Method::GET, "/v2/catalog", None).await?.1),
-        Command::Provision(p) => provision(&client, p).await,
-        Command::Deprovision { instance, wait } => deprovision(&client, &instance, wait).await,
-        Command::Presets(p) => presets(&client, p).await,
-        Command::Backups(b) => backups(&client, b).await,
-    }
-}
-
-fn print(value: &Value) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
-    Ok(())
-}
-
-fn ns_query(namespace: &Option<String>) -> String {
-    match namespace {
-        Some(ns) => format!("?namespace={}", url_escape(ns)),
-        None => String::new(),
-    }
-}
-
-fn url_escape(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-/// `key=value` pairs (and `--params-json`) as one JSON object.
-fn parameters(pairs: &[String], json_text: Option<&str>) -> anyhow::Result<Map<String, Value>> {
-    let mut params = match json_text {
-        Some(text) => match serde_json::from_str(text).context("--params-json is not JSON")? {
-            Value::Object(map) => map,
-            _ => bail!("--params-json must be a JSON object"),
-        },
-        None => Map::new(),
-    };
-    for pair in pairs {
-        let (key, value) = pair
-            .split_once('=')
-            .with_context(|| format!("parameter {pair:?} is not key=value"))?;
-        let value =
-            serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.to_string()));
-        params.insert(key.to_string(), value);
-    }
-    Ok(params)
-}
-
-async fn provision(client: &Client, p: Provision) -> anyhow::Result<()> {
-    let (_, catalog) = client.call(Method::GET, "/v2/catalog", None).await?;
-    let service = catalog["services"]
-        .as_array()
-        .and_then(|s| s.iter().find(|s| s["name"] == p.service.as_str()))
-        .with_context(|| format!("the catalog has no service {:?}", p.service))?;
-    let plan = service["plans"]
-        .as_array()
-        .and_then(|ps| ps.iter().find(|x| x["name"] == p.plan.as_str()))
-        .with_context(|| format!("service {:?} has no plan {:?}", p.service, p.plan))?;
-    let (service_id, plan_id) = (service["id"].clone(), plan["id"].clone());
-    let id = p
-        .name
-        .clone()
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let body = json!({
-        "service_id": service_id, "plan_id": plan_id,
-        "organization_guid": "berth-cli", "space_guid": "berth-cli",
-        "parameters": parameters(&p.params, p.params_json.as_deref())?,
-    });
-    let path = format!("/v2/service_instances/{id}");
-    client
-        .call(
-            Method::PUT,
-            &format!("{path}?accepts_incomplete=true"),
-            Some(&body),
-        )
-        .await?;
-    eprintln!("instance {id}: provisioning");
-    if !p.wait {
-        println!("{id}");
-        return Ok(());
-    }
-    let last = client
-        .wait_last_operation(&format!("{path}/last_operation"))
-        .await?;
-    if last["state"] != "succeeded" {
-        bail!(
-            "instance {id}: {}",
-            last["description"]
-                .as_str()
-                .unwrap_or("provisioning failed")
-        );
-    }
-    eprintln!("instance {id}: ready");
-    if !p.connstr_only {
-        println!("{id}");
-        return Ok(());
-    }
-    let binding = format!("{path}/service_bindings/cli-{}", uuid::Uuid::new_v4());
-    let bind = json!({ "service_id": service_id, "plan_id": plan_id });
-    client
-        .call(
-            Method::PUT,
-            &format!("{binding}?accepts_incomplete=true"),
-            Some(&bind),
-        )
-        .await?;
-    let last = client
-        .wait_last_operation(&format!("{binding}/last_operation"))
-        .await?;
-    if last["state"] != "succeeded" {
-        bail!(
-            "binding: {}",
-            last["description"].as_str().unwrap_or("binding failed")
-        );
-    }
-    let (_, bound) = client.call(Method::GET, &binding, None).await?;
-    let credentials = &bound["credentials"];
-    let connstr = credentials["DATABASE_URL"]
-        .as_str()
-        .or_else(|| credentials["uri"].as_str())
-        .context("the binding has no DATABASE_URL or uri")?;
-    println!("{connstr}");
-    Ok(())
-}
-
-async fn deprovision(client: &Client, instance: &str, wait: bool) -> anyhow::Result<()> {
-    let path = format!("/v2/service_instances/{instance}");
-    let (_, fetched) = client.call(Method::GET, &path, None).await?;
-    let (service_id, plan_id) = (
-        fetched["service_id"]
-            .as_str()
-            .context("the instance has no service_id")?,
-        fetched["plan_id"]
-            .as_str()
-            .context("the instance has no plan_id")?,
-    );
-    // The instance's bindings go with it (their roles and keys are removed by the deprovision).
-    let query = format!("service_id={service_id}&plan_id={plan_id}&accepts_incomplete=true");
-    client
-        .call(Method::DELETE, &format!("{path}?{query}"), None)
-        .await?;
-    eprintln!("instance {instance}: deprovisioning");
-    if wait {
-        let last = client
-            .wait_last_operation(&format!("{path}/last_operation"))
-            .await?;
-        if last["state"] != "succeeded" {
-            bail!(
-                "instance {instance}: {}",
-                last["description"].as_str().unwrap_or("deprovision failed")
-            );
+        Command::Catalog => c.catalog().await,
+        Command::Provision(p) => {
+            c.provision(
+                &p.service,
+                &p.plan,
+                p.name,
+                &p.params,
+                p.wait,
+                p.connstr_only,
+            )
+            .await
         }
-        eprintln!("instance {instance}: gone");
-    }
-    Ok(())
-}
-
-/// Prints the answer of a 202, waiting for its task first when asked.
-async fn finish(client: &Client, answer: Value, wait: bool) -> anyhow::Result<()> {
-    if wait {
-        let operation = answer["operation"]
-            .as_str()
-            .context("the broker gave no operation")?;
-        let task = client.wait_task(operation).await?;
-        if task["state"] != "succeeded" {
-            bail!(
-                "{}",
-                task["error"].as_str().unwrap_or("the operation failed")
-            );
+        Command::Deprovision { instance, wait } => c.deprovision(&instance, wait).await,
+        Command::List { page_size } => c.list(page_size).await,
+        Command::Status { instance } => c.status(&instance).await,
+        Command::Update {
+            instance,
+            plan,
+            params,
+            wait,
+        } => c.update(&instance, plan.as_deref(), &params, wait).await,
+        Command::Bind {
+            instance,
+            name,
+            params,
+            timeout,
+        } => {
+            let wait = Wait {
+                wait: true,
+                timeout,
+            };
+            c.bind(&instance, name, &params, wait).await
         }
+        Command::Unbind {
+            instance,
+            binding,
+            wait,
+        } => c.unbind(&instance, &binding, wait).await,
+        Command::RotateCredentials { instance, wait } => {
+            c.rotate_credentials(&instance, wait).await
+        }
+        Command::Switchover(s) => {
+            c.change_primary("switchover", &s.instance, s.candidate, s.wait)
+                .await
+        }
+        Command::Failover(f) => {
+            c.change_primary("failover", &f.instance, f.candidate, f.wait)
+                .await
+        }
+        Command::PriceCheck { requirements } => c.price_check(&requirements).await,
+        Command::Presets(p) => presets(&c, p).await,
+        Command::Backups(b) => backups(&c, b).await,
     }
-    print(&answer)
 }
 
-/// `/berth/v1/presets/{name}/{what}` in `namespace`.
-fn preset_path(name: &str, what: &str, namespace: &Option<String>) -> String {
-    format!(
-        "/berth/v1/presets/{}/{what}{}",
-        url_escape(name),
-        ns_query(namespace)
-    )
-}
-
-async fn presets(client: &Client, command: Presets) -> anyhow::Result<()> {
+async fn presets(c: &commands::Ctx<'_>, command: Presets) -> anyhow::Result<()> {
     match command {
-        Presets::List { namespace } => print(
-            &client
-                .call(
-                    Method::GET,
-                    &format!("/berth/v1/presets{}", ns_query(&namespace)),
-                    None,
-                )
-                .await?
-                .1,
-        ),
+        Presets::List { namespace } => c.presets_list(&namespace).await,
         Presets::PushNew {
             name,
             instance,
@@ -405,17 +421,17 @@ async fn presets(client: &Client, command: Presets) -> anyhow::Result<()> {
         } => {
             let sql = post_restore_sql
                 .map(|p| {
-                    std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
+                    std::fs::read_to_string(&p)
+                        .map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))
                 })
                 .transpose()?;
-            let body = json!({
+            let body = serde_json::json!({
                 "name": name, "namespace": push.namespace, "instance_id": instance,
                 "description": push.description, "author": push.author, "post_restore_sql": sql,
             });
-            let (_, answer) = client
-                .call(Method::POST, "/berth/v1/presets", Some(&body))
-                .await?;
-            finish(client, answer, push.wait).await
+            let what = format!("preset {name}");
+            c.post_task("/berth/v1/presets", &body, push.wait, &what)
+                .await
         }
         Presets::Push {
             name,
@@ -423,52 +439,26 @@ async fn presets(client: &Client, command: Presets) -> anyhow::Result<()> {
             push,
             lock_key,
         } => {
-            let body = json!({
+            let body = serde_json::json!({
                 "instance_id": instance, "description": push.description, "author": push.author, "lock_key": lock_key,
             });
-            let path = preset_path(&name, "versions", &Some(push.namespace));
-            let (_, answer) = client.call(Method::POST, &path, Some(&body)).await?;
-            finish(client, answer, push.wait).await
+            let path = commands::preset_path(&name, "/versions", &Some(push.namespace));
+            c.post_task(&path, &body, push.wait, &format!("preset {name}"))
+                .await
         }
-        Presets::Versions { name, namespace } => {
-            let path = preset_path(&name, "versions", &namespace);
-            print(&client.call(Method::GET, &path, None).await?.1)
-        }
+        Presets::Versions { name, namespace } => c.presets_versions(&name, &namespace).await,
         Presets::Lock {
             name,
             by,
             reason,
             namespace,
-        } => {
-            let path = preset_path(&name, "lock", &namespace);
-            let (_, answer) = client
-                .call(
-                    Method::POST,
-                    &path,
-                    Some(&json!({"by": by, "reason": reason})),
-                )
-                .await?;
-            eprintln!("locked; pushes and unlock need this key:");
-            println!("{}", answer["lock_key"].as_str().unwrap_or_default());
-            Ok(())
-        }
+        } => c.presets_lock(&name, &by, &reason, &namespace).await,
         Presets::Unlock {
             name,
             lock_key,
             namespace,
-        } => {
-            let path = preset_path(&name, "lock", &namespace);
-            print(
-                &client
-                    .call(Method::DELETE, &path, Some(&json!({"lock_key": lock_key})))
-                    .await?
-                    .1,
-            )
-        }
-        Presets::GetLock { name, namespace } => {
-            let path = preset_path(&name, "lock", &namespace);
-            print(&client.call(Method::GET, &path, None).await?.1)
-        }
+        } => c.presets_unlock(&name, &lock_key, &namespace).await,
+        Presets::GetLock { name, namespace } => c.presets_get_lock(&name, &namespace).await,
         Presets::Select {
             name,
             instance,
@@ -476,44 +466,88 @@ async fn presets(client: &Client, command: Presets) -> anyhow::Result<()> {
             namespace,
             wait,
         } => {
-            let body = json!({"preset": name, "namespace": namespace, "version": version});
-            let path = format!("/berth/v1/instances/{instance}/select");
-            let (_, answer) = client.call(Method::POST, &path, Some(&body)).await?;
-            finish(client, answer, wait).await
+            let body =
+                serde_json::json!({"preset": name, "namespace": namespace, "version": version});
+            let path = format!("/berth/v1/instances/{}/select", commands::escape(&instance));
+            c.post_task(&path, &body, wait, &format!("instance {instance}"))
+                .await
         }
+        Presets::Delete {
+            name,
+            version,
+            namespace,
+            wait,
+        } => c.presets_delete(&name, version, &namespace, wait).await,
     }
 }
 
-async fn backups(client: &Client, command: Backups) -> anyhow::Result<()> {
+async fn backups(c: &commands::Ctx<'_>, command: Backups) -> anyhow::Result<()> {
     match command {
-        Backups::List { instance } => print(
-            &client
-                .call(
-                    Method::GET,
-                    &format!("/berth/v1/instances/{instance}/backups"),
-                    None,
-                )
-                .await?
-                .1,
-        ),
+        Backups::List { instance } => c.backups_list(&instance).await,
         Backups::Take { instance, wait } => {
-            let (_, answer) = client
-                .call(
-                    Method::POST,
-                    &format!("/berth/v1/instances/{instance}/backups"),
-                    Some(&json!({})),
-                )
-                .await?;
-            finish(client, answer, wait).await
+            let path = format!(
+                "/berth/v1/instances/{}/backups",
+                commands::escape(&instance)
+            );
+            let what = format!("backup of {instance}");
+            c.post_task(&path, &serde_json::json!({}), wait, &what)
+                .await
         }
         Backups::Restore {
             instance,
             backup,
             wait,
         } => {
-            let path = format!("/berth/v1/instances/{instance}/backups/{backup}/restore");
-            let (_, answer) = client.call(Method::POST, &path, Some(&json!({}))).await?;
-            finish(client, answer, wait).await
+            let path = format!(
+                "/berth/v1/instances/{}/backups/{}/restore",
+                commands::escape(&instance),
+                commands::escape(&backup)
+            );
+            let what = format!("instance {instance}");
+            c.post_task(&path, &serde_json::json!({}), wait, &what)
+                .await
         }
+        Backups::Delete {
+            instance,
+            backup,
+            wait,
+        } => c.backups_delete(&instance, &backup, wait).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        for bad in ["", "s", "10x", "1.5m", "m10", "10m5"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn timeout_implies_wait() {
+        let cli = Cli::try_parse_from(["berth", "deprovision", "db1", "--timeout", "2s"]).unwrap();
+        let Command::Deprovision { wait, .. } = cli.command else {
+            panic!("not deprovision");
+        };
+        assert!(wait.waiting());
+        assert_eq!(wait.limit(), Duration::from_secs(2));
+        let cli = Cli::try_parse_from(["berth", "deprovision", "db1"]).unwrap();
+        let Command::Deprovision { wait, .. } = cli.command else {
+            panic!("not deprovision");
+        };
+        assert!(!wait.waiting());
     }
 }

@@ -392,30 +392,7 @@ async fn reseal_snapshots(
 
 /// Deletes the objects re-sealed copies replaced (this run's, and those a killed run left).
 async fn delete_replaced_objects(pool: &PgPool, snapshots: &Snapshots) -> anyhow::Result<()> {
-    let queued: Vec<String> =
-        sqlx::query_scalar("SELECT object_key FROM snapshot_objects_to_delete")
-            .fetch_all(pool)
-            .await
-            .context("reading replaced snapshot objects")?;
-    for object_key in queued {
-        // A snapshot may point at it again only if someone reused the name; never delete a live object.
-        let live: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM snapshots WHERE object_key = $1)")
-                .bind(&object_key)
-                .fetch_one(pool)
-                .await?;
-        if !live {
-            snapshots
-                .store
-                .delete(&object_key)
-                .await
-                .with_context(|| format!("deleting the replaced snapshot object {object_key}"))?;
-        }
-        sqlx::query("DELETE FROM snapshot_objects_to_delete WHERE object_key = $1")
-            .bind(&object_key)
-            .execute(pool)
-            .await?;
-    }
+    crate::snapshots::deletion::delete_queued_objects(pool, snapshots).await?;
     Ok(())
 }
 

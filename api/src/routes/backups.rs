@@ -4,6 +4,7 @@
 //! - `POST /berth/v1/instances/{id}/backups`                    take one now → 202 `{backup_id, operation}`
 //! - `GET  /berth/v1/instances/{id}/backups/{backup}`           one backup
 //! - `POST /berth/v1/instances/{id}/backups/{backup}/restore`   reset the instance to it → 202 `{operation}`
+//! - `DELETE /berth/v1/instances/{id}/backups/{backup}`         delete it (the row now, the object by a task) → 202
 //! - `GET  /berth/v1/tasks/{operation}`                         state of any task berth answered with
 //!
 //! Akkeris clients find the same under `/v2/service_instances/{id}/actions/backups` (GET list, PUT take,
@@ -33,7 +34,7 @@ use super::{
     Accepted, accepted_with, check_id,
     params::{BackupIdPath, InstanceIdPath},
     parse_operation,
-    snapshot_common::{Snapshot, enqueue_restore, instance_with_database, snapshot_json},
+    snapshot_common::{Snapshot, delete_snapshots, enqueue_restore, instance_with_database, snapshot_json},
 };
 use crate::{
     AppState,
@@ -50,7 +51,7 @@ pub fn router() -> Router<AppState> {
         )
         .route(
             "/berth/v1/instances/{instance_id}/backups/{backup_id}",
-            get(show),
+            get(show).delete(delete_backup),
         )
         .route(
             "/berth/v1/instances/{instance_id}/backups/{backup_id}/restore",
@@ -344,6 +345,21 @@ pub(crate) async fn restore(
     Ok(accepted_with(Accepted {
         operation: operation.to_string(),
     }))
+}
+
+async fn delete_backup(
+    State(state): State<AppState>,
+    OsbPath((instance_id, backup_id)): OsbPath<(String, String)>,
+) -> ApiResult<Response> {
+    check_id("instance_id", &instance_id)?;
+    let mut tx = state.db.begin().await?;
+    let backup = backup_of(&mut tx, &instance_id, &backup_id).await?;
+    let what = format!("backup {backup_id}");
+    let operation = delete_snapshots(&mut tx, std::slice::from_ref(&backup), None, &what).await?;
+    tx.commit().await?;
+    Ok(accepted_with(
+        json!({ "backup_id": backup.id, "operation": operation.to_string() }),
+    ))
 }
 
 /// The state of any task berth answered with an operation (backups, preset pushes, OSB operations).

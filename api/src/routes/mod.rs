@@ -8,6 +8,7 @@ pub mod events;
 pub mod dashboard;
 pub(crate) mod exclusive;
 pub mod health;
+pub mod instance_list;
 pub mod instances;
 pub(crate) mod last_operation;
 pub mod metrics;

@@ -9,12 +9,17 @@
 //! - `POST   /berth/v1/presets/{name}/lock`                  lock `{by, reason}` → `{lock_key}`
 //! - `DELETE /berth/v1/presets/{name}/lock`                  unlock `{lock_key}`
 //! - `POST   /berth/v1/instances/{id}/select`                reset an instance to `{preset, namespace?, version?}`
+//! - `DELETE /berth/v1/presets/{name}[?namespace=]`          delete the preset and every version → 202 `{operation}`
+//! - `DELETE /berth/v1/presets/{name}/versions/{version}`    delete one version → 202 `{operation}`
+//!
+//! A delete forgets the rows at once and leaves the store objects and cached templates to a `snapshot.delete` task;
+//! it is refused (409) while a task still reads what it deletes, and (423) while the preset is locked.
 
 use axum::{
     Json, Router,
     extract::State,
     response::{IntoResponse, Response},
-    routing::{get, post},
+    routing::{delete, get, post},
 };
 use broker::{
     db::{
@@ -37,7 +42,7 @@ use uuid::Uuid;
 use super::{
     accepted_with, check_id,
     params::{InstanceIdPath, NamespaceParam, PresetNamePath},
-    snapshot_common::{Snapshot, enqueue_restore, instance_with_database, snapshot_json},
+    snapshot_common::{Snapshot, delete_snapshots, enqueue_restore, instance_with_database, snapshot_json},
 };
 use crate::{
     AppState,
@@ -49,7 +54,11 @@ use crate::{
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/berth/v1/presets", get(list).post(push_new))
-        .route("/berth/v1/presets/{name}", get(show))
+        .route("/berth/v1/presets/{name}", get(show).delete(delete_preset))
+        .route(
+            "/berth/v1/presets/{name}/versions/{version}",
+            delete(delete_version),
+        )
         .route(
             "/berth/v1/presets/{name}/versions",
             get(versions).post(push),
@@ -681,4 +690,73 @@ pub(crate) async fn select(
         operation: operation.to_string(),
         version: snapshot.version,
     }))
+}
+
+/// The preset, its row locked against pushes and locks, and refused (423) while someone holds its lock.
+async fn unlocked_for_delete(
+    tx: &mut PgConnection,
+    query: &NamespaceQuery,
+    name: &str,
+) -> ApiResult<presets::PresetRow> {
+    let namespace = query.namespace()?;
+    let preset = presets::get_for_update(&mut *tx, &namespace, name)
+        .await?
+        .ok_or_else(|| not_found(name))?;
+    if preset.is_locked() {
+        return Err(ApiError::Locked(format!(
+            "preset {name:?} is locked by {} ({}); unlock it before deleting",
+            preset.locked_by.as_deref().unwrap_or("someone"),
+            preset.lock_reason.as_deref().unwrap_or("no reason given"),
+        )));
+    }
+    Ok(preset)
+}
+
+async fn delete_preset(
+    State(state): State<AppState>,
+    OsbPath(name): OsbPath<String>,
+    OsbQuery(query): OsbQuery<NamespaceQuery>,
+) -> ApiResult<Response> {
+    let mut tx = state.db.begin().await?;
+    let preset = unlocked_for_delete(&mut tx, &query, &name).await?;
+    let rows = snapshots::versions(&mut *tx, preset.id).await?;
+    let what = format!("preset {name:?}");
+    let operation = delete_snapshots(&mut tx, &rows, Some(&preset.name), &what).await?;
+    presets::delete(&mut *tx, preset.id).await?;
+    tx.commit().await?;
+    let versions: Vec<Option<i32>> = rows.iter().map(|r| r.version).collect();
+    Ok(accepted_with(json!({
+        "name": preset.name,
+        "namespace": preset.namespace,
+        "deleted_versions": versions,
+        "operation": operation.to_string(),
+    })))
+}
+
+async fn delete_version(
+    State(state): State<AppState>,
+    OsbPath((name, version)): OsbPath<(String, String)>,
+    OsbQuery(query): OsbQuery<NamespaceQuery>,
+) -> ApiResult<Response> {
+    let number: i32 = version.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "version {version:?} is not a positive whole number"
+        ))
+    })?;
+    let mut tx = state.db.begin().await?;
+    let preset = unlocked_for_delete(&mut tx, &query, &name).await?;
+    let row = snapshots::versions(&mut *tx, preset.id)
+        .await?
+        .into_iter()
+        .find(|r| r.version == Some(number))
+        .ok_or_else(|| ApiError::NotFound(format!("preset {name:?} has no version {number}")))?;
+    let what = format!("version {number} of preset {name:?}");
+    let operation = delete_snapshots(&mut tx, std::slice::from_ref(&row), None, &what).await?;
+    tx.commit().await?;
+    Ok(accepted_with(json!({
+        "name": preset.name,
+        "namespace": preset.namespace,
+        "deleted_versions": [number],
+        "operation": operation.to_string(),
+    })))
 }

@@ -120,3 +120,37 @@ pub(crate) async fn enqueue_restore(
     let task = origin.task(Operation::Restore, instance_id, None, payload);
     Ok(tasks::enqueue(&mut *tx, task).await?)
 }
+
+/// Deletes snapshots (preset versions or backups) in the caller's transaction: refuses (409) while a task still
+/// reads one of them or, for a whole preset, names `preset_name`; then forgets the rows, queues their objects and
+/// enqueues the `snapshot.delete` task that deletes the objects from the store and drops the preset versions'
+/// template databases. Returns that task's id.
+pub(crate) async fn delete_snapshots(
+    tx: &mut PgConnection,
+    rows: &[SnapshotRow],
+    preset_name: Option<&str>,
+    what: &str,
+) -> ApiResult<TaskId> {
+    let ids: Vec<uuid::Uuid> = rows.iter().map(|s| s.id).collect();
+    let users = broker::db::snapshots::active_users(&mut *tx, &ids, preset_name).await?;
+    if let Some((task, kind, instance)) = users.first() {
+        return Err(ApiError::Conflict(format!(
+            "{what} is in use by a running {kind} task ({task}{}); delete it once that has finished",
+            instance
+                .as_deref()
+                .map(|i| format!(", service instance {i}"))
+                .unwrap_or_default()
+        )));
+    }
+    broker::db::snapshots::forget_and_queue_objects(&mut *tx, rows).await?;
+    let templates: Vec<uuid::Uuid> = rows
+        .iter()
+        .filter(|s| s.preset_id.is_some())
+        .map(|s| s.id)
+        .collect();
+    let task = tasks::NewTask::new(
+        broker::model::kinds::DELETE_SNAPSHOTS,
+        json!({ "template_snapshot_ids": templates }),
+    );
+    Ok(tasks::enqueue(&mut *tx, task).await?)
+}

@@ -21,6 +21,7 @@ mod middleware;
 mod openapi;
 mod price_check;
 mod provision;
+mod snapshot_deletes;
 mod spec_edges;
 mod synchronous;
 mod update;

@@ -391,3 +391,66 @@ pub async fn list_ready_page(
     .fetch_all(db)
     .await
 }
+
+/// An instance as `GET /berth/v1/instances` lists it: its plan and its latest instance operation.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ListedInstance {
+    pub id: String,
+    pub service_id: String,
+    pub plan_id: String,
+    pub parameters: Value,
+    pub created_at: DateTime<Utc>,
+    pub operation: Option<String>,
+    pub operation_state: Option<String>,
+    pub progress: Option<String>,
+    pub last_error: Option<String>,
+}
+
+/// Every instance in id order from `after` (exclusive), at most `limit`, with its latest instance operation; only
+/// instance `only` when given.
+pub async fn list_page_with_operation(
+    db: impl PgExecutor<'_>,
+    after: &str,
+    limit: i64,
+    only: Option<&str>,
+) -> sqlx::Result<Vec<ListedInstance>> {
+    sqlx::query_as(
+        "SELECT i.id, i.service_id, i.plan_id, i.parameters, i.created_at, t.operation, t.state AS operation_state, t.progress,
+                t.last_error
+         FROM service_instances i
+         LEFT JOIN LATERAL (
+             SELECT operation, state, progress, last_error FROM tasks
+             WHERE instance_id = i.id AND binding_id IS NULL AND operation IS NOT NULL
+             ORDER BY created_at DESC LIMIT 1) t ON true
+         WHERE i.id > $1 AND ($3::text IS NULL OR i.id = $3) ORDER BY i.id LIMIT $2",
+    )
+    .bind(after)
+    .bind(limit)
+    .bind(only)
+    .fetch_all(db)
+    .await
+}
+
+/// Ids of instances of `plan_ids` whose provision succeeded, in id order from `after` (exclusive), at most `limit`
+/// (every engine, including those that record no `ready_at`).
+pub async fn provisioned_ids_page(
+    db: impl PgExecutor<'_>,
+    plan_ids: &[String],
+    after: &str,
+    limit: i64,
+) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar(
+        "SELECT id FROM service_instances i
+         WHERE plan_id = ANY($1) AND id > $2
+           AND EXISTS (
+               SELECT 1 FROM tasks t
+               WHERE t.instance_id = i.id AND t.binding_id IS NULL AND t.operation = 'provision'
+                 AND t.state = 'succeeded')
+         ORDER BY id LIMIT $3",
+    )
+    .bind(plan_ids)
+    .bind(after)
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}

@@ -181,3 +181,12 @@ pub async fn delete_if_empty(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<
     .await?;
     Ok(done.rows_affected() == 1)
 }
+
+/// Removes the preset row (its versions' rows go with it: `ON DELETE CASCADE`).
+pub async fn delete(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<()> {
+    sqlx::query("DELETE FROM presets WHERE id = $1")
+        .bind(id)
+        .execute(db)
+        .await?;
+    Ok(())
+}

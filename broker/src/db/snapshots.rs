@@ -238,3 +238,53 @@ pub async fn enqueue_backup(
     .await?;
     Ok((id, task_id))
 }
+
+/// Active tasks (pending or running) that would read one of `snapshot_ids`, or the preset `preset_name` by name:
+/// a push or backup still making it, a restore or select putting it into an instance, a provision or update whose
+/// `preset` or `restore_from` parameter names it. Deleting the snapshots under them would fail them, so deletion
+/// is refused while any runs. Returns (task id, kind, instance id).
+pub async fn active_users(
+    db: impl PgExecutor<'_>,
+    snapshot_ids: &[Uuid],
+    preset_name: Option<&str>,
+) -> sqlx::Result<Vec<(Uuid, String, Option<String>)>> {
+    let ids: Vec<String> = snapshot_ids.iter().map(Uuid::to_string).collect();
+    sqlx::query_as(
+        "SELECT t.id, t.kind, t.instance_id FROM tasks t LEFT JOIN service_instances i ON i.id = t.instance_id
+         WHERE t.state IN ('pending', 'running') AND (
+             (t.kind IN ('instance.restore', 'preset.push', 'instance.backup')
+                 AND t.payload->>'snapshot_id' = ANY($1))
+             OR (t.kind IN ('instance.provision', 'instance.update') AND (
+                 i.parameters->'restore_from'->>'backup' = ANY($1)
+                 OR t.payload->'parameters'->'restore_from'->>'backup' = ANY($1)
+                 OR coalesce(i.parameters->'preset'->>'name', i.parameters->>'preset') = $2
+                 OR coalesce(t.payload->'parameters'->'preset'->>'name', t.payload->'parameters'->>'preset') = $2)))
+         ORDER BY t.created_at",
+    )
+    .bind(&ids)
+    .bind(preset_name)
+    .fetch_all(db)
+    .await
+}
+
+/// Forgets the snapshots and queues their objects for deletion from the store, in the caller's transaction, so a
+/// row is never gone while its object is neither deleted nor queued. A worker's `snapshot.delete` task then
+/// deletes the queued objects (see `snapshot_objects_to_delete`).
+pub async fn forget_and_queue_objects(
+    conn: &mut sqlx::PgConnection,
+    snapshots: &[SnapshotRow],
+) -> sqlx::Result<()> {
+    let ids: Vec<Uuid> = snapshots.iter().map(|s| s.id).collect();
+    let keys: Vec<&str> = snapshots.iter().map(|s| s.object_key.as_str()).collect();
+    sqlx::query(
+        "INSERT INTO snapshot_objects_to_delete (object_key) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
+    )
+    .bind(&keys)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("DELETE FROM snapshots WHERE id = ANY($1)")
+        .bind(&ids)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}

@@ -507,8 +507,8 @@ async fn wait_for_the_recovery_record(stack: &Stack, instance: &str, crashed: &s
     }
 }
 
-/// POSTs berth's switchover endpoint: refused without auth and for an unknown candidate; then accepted
-/// (any healthy replica) and waited for.
+/// POSTs berth's switchover endpoint: refused without auth and for an unknown candidate; then `berth switchover`
+/// (any healthy replica) waits for it.
 async fn request_a_switchover(stack: &Stack, instance: &str) {
     let switchover = format!("/berth/v1/instances/{instance}/switchover");
     let anonymous = stack
@@ -527,11 +527,19 @@ async fn request_a_switchover(stack: &Stack, instance: &str) {
         .await
         .unwrap();
     assert_eq!(status, 422, "{body}");
-    let (status, body) = stack
-        .send(stack.request(Method::POST, &switchover))
+    // Accepted and waited for by the command line, as a person would.
+    let out = tokio::process::Command::new(berth_tests::bin_dir().join("berth"))
+        .args(["switchover", instance, "--timeout", "10m", "--json"])
+        .env("BERTH_URL", &stack.base_url)
+        .env("BROKER_USERNAME", &stack.username)
+        .env("BROKER_PASSWORD", &stack.password)
+        .output()
         .await
         .unwrap();
-    assert_eq!(status, 202, "{body}");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}\n{}", stack.logs());
+    let done: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(done["state"], "succeeded", "{done}");
     stack
         .wait_succeeded(&format!("/v2/service_instances/{instance}"), WAIT)
         .await;

@@ -2,6 +2,7 @@
 //! into an instance's database.
 
 pub mod apply;
+pub mod deletion;
 pub mod pipeline;
 pub mod reseal;
 pub mod sealed;

@@ -3,6 +3,7 @@
 mod backup;
 mod bind;
 mod change_primary;
+mod delete_snapshots;
 mod deliver_webhook;
 mod deprovision;
 mod expire_binding;
@@ -17,6 +18,7 @@ mod update;
 pub use backup::Backup;
 pub use bind::CreateBinding;
 pub use change_primary::ChangePrimary;
+pub use delete_snapshots::DeleteSnapshots;
 pub use deliver_webhook::DeliverWebhook;
 pub use deprovision::Deprovision;
 pub use expire_binding::ExpireBinding;
@@ -53,6 +55,7 @@ pub fn registry() -> Registry {
         .with(Backup)
         .with(Restore)
         .with(ChangePrimary)
+        .with(DeleteSnapshots)
         .with(DeliverWebhook)
         .with(Noop)
 }
