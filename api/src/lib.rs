@@ -6,6 +6,7 @@ pub mod error;
 pub mod extract;
 pub mod identity;
 pub mod middleware;
+pub(crate) mod pool_claim;
 pub mod provision_batch;
 pub mod routes;
 pub mod server;
@@ -54,6 +55,8 @@ pub struct AppState {
     pub task_waits: task_waits::TaskWaits,
     /// How long such a request waits for its task (`SYNC_WAIT_SECS`; below [`REQUEST_TIMEOUT`]).
     pub sync_wait: Duration,
+    /// Warm pools' targets by plan (`POOL_TARGETS`): a provision of a pooled plan tries its pool first.
+    pub pool_targets: Arc<broker::pools::PoolTargets>,
 }
 
 impl std::fmt::Debug for AppState {

@@ -204,6 +204,15 @@ pub struct Settings {
     /// connections without a restart.
     #[serde(default = "default_tls_reload_secs")]
     pub tls_reload_secs: u64,
+    /// Warm pools: how many items each plan keeps ready, as `plan=count` pairs separated by commas (plan name or
+    /// id). Unset: none, except under the embedded default (see docs/pools.md).
+    pub pool_targets: Option<String>,
+    /// Seconds a pooled item may wait for a provision before it is removed and made again.
+    #[serde(default = "default_pool_max_age_secs")]
+    pub pool_max_age_secs: u64,
+    /// Milliseconds between a worker's checks of the pools (fill, recycle, drain).
+    #[serde(default = "default_pool_check_ms")]
+    pub pool_check_ms: u64,
 }
 
 fn yes() -> bool {
@@ -609,4 +618,10 @@ fn split_paths(list: Option<&str>) -> Vec<PathBuf> {
 
 fn default_tls_reload_secs() -> u64 {
     10
+}
+fn default_pool_max_age_secs() -> u64 {
+    86_400
+}
+fn default_pool_check_ms() -> u64 {
+    1000
 }

@@ -11,6 +11,7 @@ pub mod ec2;
 pub mod embedded;
 pub mod model;
 pub mod names;
+pub mod pools;
 pub mod snapshots;
 pub mod telemetry;
 pub mod webhook_target;

@@ -135,6 +135,10 @@ pub mod kinds {
     pub const RESTORE: &str = "instance.restore";
     /// Revokes an expired binding's credentials (enqueued by the reconcile loop, not an OSB operation).
     pub const EXPIRE_BINDING: &str = "binding.expire";
+    /// Makes one warm-pool item (berth's own, not an OSB instance).
+    pub const POOL_FILL: &str = "pool.fill";
+    /// Removes one warm-pool item and everything it made.
+    pub const POOL_REMOVE: &str = "pool.remove";
 }
 
 /// What an update task applies once the provider has made the change.

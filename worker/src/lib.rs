@@ -5,6 +5,7 @@ pub mod backup_scheduler;
 pub mod binding_expiry;
 pub mod context;
 pub mod delivery;
+pub mod pools;
 pub mod providers;
 pub mod queue;
 pub mod reconcile;

@@ -39,6 +39,7 @@ fn router(pool: PgPool) -> Router {
         webhook_targets: Arc::new(broker::webhook_target::TargetPolicy::new(true, None).unwrap()),
         task_waits: berth_api::task_waits::TaskWaits::start(pool.clone()),
         sync_wait: Duration::from_secs(5),
+        pool_targets: Default::default(),
     })
 }
 

@@ -161,6 +161,7 @@ impl TestApp {
             webhook_targets: Arc::new(webhook_targets),
             task_waits: berth_api::task_waits::TaskWaits::start(pool.clone()),
             sync_wait,
+            pool_targets: Default::default(),
         };
         Self {
             router: berth_api::router(state),

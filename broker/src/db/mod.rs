@@ -6,6 +6,7 @@ pub mod ec2_offers;
 pub mod instances;
 pub mod key_checks;
 pub mod metrics;
+pub mod pools;
 pub mod presets;
 pub mod snapshots;
 pub mod tasks;

@@ -10,6 +10,7 @@ mod dedicated_local;
 mod embedded_default;
 mod ha_local;
 mod key_rotation;
+mod pools;
 mod s3_lifecycle;
 mod shared_lifecycle;
 mod slow_clients;
