@@ -206,7 +206,7 @@ async fn dedicated_pool_hit_renames_and_replaces_every_password_and_a_miss_falls
         format!("postgres://{user}:{pooled_admin_password}@127.0.0.1:{port}/{db}?sslmode=require")
     };
     // The item works with what it was made with, before it is taken.
-    PgConnection::connect(&old_admin_url("admin", "app"))
+    PgConnection::connect(&old_admin_url("app_admin", "app"))
         .await
         .expect("the pooled admin logs in before the item is taken")
         .close()
@@ -222,6 +222,13 @@ async fn dedicated_pool_hit_renames_and_replaces_every_password_and_a_miss_falls
     let took = started.elapsed();
     assert_eq!(status, 201, "{answer}\n{}", stack.logs());
     println!("dedicated provision from the pool answered in {took:?}");
+    for line in stack
+        .log("worker.log")
+        .lines()
+        .filter(|l| l.contains("adopted"))
+    {
+        println!("{line}");
+    }
     let details = stack.instance_details(&instance).await;
     assert_eq!(details["pool_item"], json!(item.id));
     assert_eq!(details["port"], json!(port));
@@ -231,7 +238,7 @@ async fn dedicated_pool_hit_renames_and_replaces_every_password_and_a_miss_falls
     // No credential made while pooled survives: the old admin (under either name) and the old superuser
     // password are refused.
     for url in [
-        old_admin_url("admin", "app"),
+        old_admin_url("app_admin", "app"),
         old_admin_url("boss", "orders"),
     ] {
         assert!(

@@ -385,6 +385,7 @@ impl Provider for LocalPostgres {
             return Ok(wait);
         }
         let params = ServerParams::of(&instance.parameters)?;
+        let t0 = std::time::Instant::now();
         let mut server = self.open(ctx, instance)?;
         if !postmaster_alive(&server) {
             server
@@ -420,6 +421,7 @@ impl Provider for LocalPostgres {
                 owner.clone(),
             ),
         ];
+        let opened_ms = t0.elapsed().as_millis();
         let admin_password = random_password(32);
         let superuser_password = server.next_superuser_password().map_err(local)?;
         {
@@ -448,12 +450,21 @@ impl Provider for LocalPostgres {
             .commit_superuser_password()
             .context("storing the superuser's new password")
             .map_err(local)?;
+        let renamed_ms = t0.elapsed().as_millis();
         add_extensions(
             &|database: &str| superuser(&server, database),
             &params.app_db_name,
             &params.extensions,
         )
         .await?;
+        info!(
+            instance_id = %instance.id,
+            pool_item,
+            opened_ms,
+            renames_passwords_ms = renamed_ms - opened_ms,
+            extensions_ms = t0.elapsed().as_millis() - renamed_ms,
+            "pooled server adopted"
+        );
         let app = AppDatabase {
             database: &params.app_db_name,
             owner: &owner,
