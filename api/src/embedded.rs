@@ -92,6 +92,10 @@ impl Embedded {
         if !sources.is_given("WEBHOOK_ALLOW_LOOPBACK") {
             settings.webhook_allow_loopback = true;
         }
+        // Warm pools of local servers: a `dedicated` provision is ready in milliseconds (docs/pools.md).
+        if !sources.is_given("POOL_TARGETS") && settings.dedicated_engine == "local" {
+            settings.pool_targets = Some(broker::pools::EMBEDDED_DEFAULT_TARGETS.to_string());
+        }
         settings.data_dir = data_dir.clone();
         let plans_dir = absolute(&settings.plans_dir)?;
         // The API's config file and flags first, so that the worker reads what the API read; then what
@@ -116,6 +120,10 @@ impl Embedded {
             (
                 "WEBHOOK_ALLOW_LOOPBACK".to_string(),
                 settings.webhook_allow_loopback.to_string(),
+            ),
+            (
+                "POOL_TARGETS".to_string(),
+                settings.pool_targets.clone().unwrap_or_default(),
             ),
         ]);
         if let Some(shared) = &settings.shared_postgres_url {

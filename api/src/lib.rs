@@ -9,6 +9,7 @@ pub mod identity;
 pub mod middleware;
 pub mod openapi;
 pub mod observe;
+pub(crate) mod pool_claim;
 pub mod provision_batch;
 pub mod routes;
 pub mod server;
@@ -62,6 +63,8 @@ pub struct AppState {
     pub sync_wait: Duration,
     /// How `dashboard_url` links are made (`BROKER_PUBLIC_URL`, `DASHBOARD_LINK_TTL_SECS`).
     pub dashboard: Arc<dashboard::DashboardLinks>,
+    /// Warm pools' targets by plan (`POOL_TARGETS`): a provision of a pooled plan tries its pool first.
+    pub pool_targets: Arc<broker::pools::PoolTargets>,
 }
 
 impl std::fmt::Debug for AppState {

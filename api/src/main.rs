@@ -82,6 +82,7 @@ async fn serve_with(
     let engines = settings.available_engines();
     // The catalog files, plus what only the settings know (which credentials S3 bindings get).
     let catalog = Catalog::load_for(settings)?;
+    let pool_targets = broker::pools::PoolTargets::from_settings(settings, &catalog)?;
     let db = broker::db::connect(database_url, settings.database_pool_size).await?;
     broker::MIGRATOR
         .run(&db)
@@ -113,6 +114,7 @@ async fn serve_with(
         task_waits,
         sync_wait: Duration::from_secs(settings.sync_wait_secs),
         dashboard: Default::default(),
+        pool_targets: Arc::new(pool_targets),
     };
     let addr: SocketAddr = format!("{}:{}", settings.bind_address, settings.port)
         .parse()

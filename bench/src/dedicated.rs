@@ -58,7 +58,7 @@ pub(crate) fn median(ms: &[f64]) -> f64 {
     crate::percentile(&v, 50.0)
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     std::process::Command::new("id")
         .arg("-u")
         .output()
@@ -92,7 +92,7 @@ async fn checked(cmd: &mut tokio::process::Command, what: &str) -> anyhow::Resul
 }
 
 /// initdb + pg_ctl start -w (timed), then stop and remove (untimed).
-async fn bare_once(bin: &Path, run_as: Option<&str>, dir: &Path) -> anyhow::Result<f64> {
+pub(crate) async fn bare_once(bin: &Path, run_as: Option<&str>, dir: &Path) -> anyhow::Result<f64> {
     std::fs::create_dir_all(dir)?;
     let pwfile = dir.join("pw");
     std::fs::write(&pwfile, "bench-password")?;

@@ -8,12 +8,15 @@
 //!   berth-bench snapshot-seal | snapshot-cycle ...                                     (bench/src/snapshots.rs)
 //!   berth-bench ec2-reconcile --database-url U --moto-url M --key K --secret S --vm-ids FILE   (bench/src/ec2.rs)
 //!   berth-bench ha --url U --username X --password Y --servers-dir D --name-prefix P --label L [--count N]
+//!   berth-bench pools --url U --username X --password Y --pg-url PG --work-dir D --targets shared=2,dedicated=2
+//!                     [--pooled false] [--count N]                                  (bench/src/pools.rs)
 //!   berth-bench report FILE
 //!   berth-bench gen-key FILE          (a master key for the broker processes)
 
 mod dedicated;
 mod ec2;
 mod ha;
+mod pools;
 mod queue;
 mod report;
 mod snapshots;
@@ -114,6 +117,7 @@ async fn main() -> anyhow::Result<()> {
         "snapshot-cycle" => snapshots::cycle(&Args::parse(&argv[1..])?).await,
         "ec2-reconcile" => ec2::run(&Args::parse(&argv[1..])?).await,
         "ha" => ha::run(&Args::parse(&argv[1..])?).await,
+        "pools" => pools::run(&Args::parse(&argv[1..])?).await,
         other => bail!("unknown subcommand {other}"),
     }
 }

@@ -220,6 +220,15 @@ pub struct Settings {
     /// How long a dashboard link stays good, in seconds (a fresh one comes with every GET of the instance).
     #[serde(default = "default_dashboard_link_ttl_secs")]
     pub dashboard_link_ttl_secs: u64,
+    /// Warm pools: how many items each plan keeps ready, as `plan=count` pairs separated by commas (plan name or
+    /// id). Unset: none, except under the embedded default (see docs/pools.md).
+    pub pool_targets: Option<String>,
+    /// Seconds a pooled item may wait for a provision before it is removed and made again.
+    #[serde(default = "default_pool_max_age_secs")]
+    pub pool_max_age_secs: u64,
+    /// Milliseconds between a worker's checks of the pools (fill, recycle, drain).
+    #[serde(default = "default_pool_check_ms")]
+    pub pool_check_ms: u64,
 }
 
 /// 30 days: a platform stores the link of the provision answer and shows it for a while.
@@ -634,4 +643,10 @@ fn split_paths(list: Option<&str>) -> Vec<PathBuf> {
 
 fn default_tls_reload_secs() -> u64 {
     10
+}
+fn default_pool_max_age_secs() -> u64 {
+    86_400
+}
+fn default_pool_check_ms() -> u64 {
+    1000
 }

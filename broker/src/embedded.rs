@@ -104,6 +104,32 @@ impl PgServer {
         &self.password
     }
 
+    /// A new superuser password, step one: made once and kept in `root/superuser-password.next` until
+    /// [`Self::commit_superuser_password`], so a retry after a crash sets the same one. The caller sets it on the
+    /// server in between (over the Unix socket, where the superuser needs no password).
+    pub fn next_superuser_password(&self) -> anyhow::Result<SecretString> {
+        let next = self.root.join("superuser-password.next");
+        if !next.exists() {
+            write_private(&next, &crate::crypto::random_password(32))?;
+        }
+        let password = std::fs::read_to_string(&next)
+            .with_context(|| format!("reading {}", next.display()))?;
+        Ok(SecretString::from(password.trim().to_string()))
+    }
+
+    /// Step two: the password from [`Self::next_superuser_password`], now set on the server, replaces the old one.
+    pub fn commit_superuser_password(&mut self) -> anyhow::Result<()> {
+        let next = self.root.join("superuser-password.next");
+        if !next.exists() {
+            return Ok(());
+        }
+        let password = self.next_superuser_password()?;
+        std::fs::rename(&next, self.root.join("superuser-password"))
+            .with_context(|| format!("moving {} into place", next.display()))?;
+        self.password = password;
+        Ok(())
+    }
+
     /// The major version in `data/PG_VERSION`.
     pub fn version(&self) -> anyhow::Result<String> {
         Ok(std::fs::read_to_string(self.data_dir().join("PG_VERSION"))?

@@ -14,6 +14,7 @@ pub mod identity;
 pub mod model;
 pub mod names;
 pub mod request_context;
+pub mod pools;
 pub mod snapshots;
 pub mod telemetry;
 pub mod webhook_target;

@@ -138,6 +138,10 @@ pub mod kinds {
     /// Deletes the store objects queued in `snapshot_objects_to_delete` and the cached templates of deleted
     /// preset versions (enqueued by the delete routes of presets and backups).
     pub const DELETE_SNAPSHOTS: &str = "snapshot.delete";
+    /// Makes one warm-pool item (berth's own, not an OSB instance).
+    pub const POOL_FILL: &str = "pool.fill";
+    /// Removes one warm-pool item and everything it made.
+    pub const POOL_REMOVE: &str = "pool.remove";
 }
 
 /// What an update task applies once the provider has made the change.

@@ -35,6 +35,10 @@ pub struct Services {
     providers: HashMap<String, Arc<dyn Provider>>,
     /// Opened on first use, so a worker that never snapshots never reads (or makes) a key.
     snapshots: OnceLock<Result<Snapshots, String>>,
+    /// Warm pools' targets by plan (`POOL_TARGETS`, read against the catalog).
+    pub pool_targets: broker::pools::PoolTargets,
+    /// Wakes this worker's pool check before its next tick (a pool item was taken).
+    pub pool_check_now: tokio::sync::Notify,
 }
 
 impl fmt::Debug for Services {
@@ -60,6 +64,7 @@ impl Services {
             .context("building the HTTP client")?;
         let providers = providers::configured(&settings)?;
         let webhook_targets = TargetPolicy::from_settings(&settings)?;
+        let pool_targets = broker::pools::PoolTargets::from_settings(&settings, &catalog)?;
         Ok(Self {
             settings,
             cipher,
@@ -68,6 +73,8 @@ impl Services {
             webhook_targets,
             providers,
             snapshots: OnceLock::new(),
+            pool_targets,
+            pool_check_now: tokio::sync::Notify::new(),
         })
     }
 

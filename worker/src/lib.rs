@@ -7,6 +7,7 @@ pub mod context;
 pub mod delivery;
 pub mod event_retention;
 pub mod http;
+pub mod pools;
 pub mod providers;
 pub mod queue;
 pub mod reconcile;

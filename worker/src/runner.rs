@@ -253,6 +253,11 @@ pub async fn run(
         worker.services.clone(),
         background.clone(),
     ));
+    helpers.spawn(crate::pools::run(
+        worker.pool.clone(),
+        worker.services.clone(),
+        background.clone(),
+    ));
     let completer_stop = CancellationToken::new();
     let completer = tokio::spawn(completer::run(
         worker.clone(),

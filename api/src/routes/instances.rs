@@ -38,6 +38,7 @@ use crate::{
     error::{ApiError, ApiResult, ErrorBody},
     extract::{OsbJson, OsbPath, OsbQuery},
     identity::OriginatingIdentity,
+    pool_claim::{self, Taken},
     snapshot_params::{self, At},
 };
 
@@ -195,7 +196,9 @@ async fn start_provision(
     check_id("instance_id", &instance_id)?;
     body.check_guids()?;
     let plan = lookup_plan(&state.catalog, &body.service_id, &body.plan_id)?;
-    *mode = query.answer_mode(plan.synchronous())?;
+    // A plan with a warm pool answers synchronously when an item is taken (checked below).
+    let pool_target = state.pool_targets.target(&plan.plan.id);
+    *mode = query.answer_mode(plan.synchronous() || pool_target > 0)?;
     let (parameters, hook) = checked_provision_parameters(state, &query, &plan, &body).await?;
     let origin = Origin { identity, hook };
     let context = object_or_empty(body.context.clone(), "context")?;
@@ -221,6 +224,20 @@ async fn start_provision(
         parameters: &parameters,
         maintenance_version,
     };
+
+    if pool_target > 0 {
+        let servable = broker::pools::can_serve(plan.plan.engine, &parameters);
+        match pool_claim::take(state, &new, &origin, servable).await? {
+            Taken::Item(response) => return Ok(response),
+            Taken::Exists => {}
+            Taken::Nothing => {
+                // Only a pool hit is quick enough to answer a plan like this one synchronously.
+                if *mode == Mode::Sync && !plan.synchronous() {
+                    query.require_async()?;
+                }
+            }
+        }
+    }
 
     // Fast path, a new id: the row and its task in one statement, batched with concurrent provisions.
     let task = origin

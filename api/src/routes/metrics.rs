@@ -25,6 +25,7 @@ async fn render(State(state): State<AppState>) -> ApiResult<Response> {
     let oldest = metrics::oldest_due_secs(&mut *conn).await?;
     let instances = metrics::instances_per_plan(&mut *conn).await?;
     let webhooks = metrics::undelivered_webhooks(&mut *conn).await?;
+    let pools = broker::db::pools::stats(&mut *conn).await?;
     drop(conn);
 
     let mut out = String::with_capacity(2048);
@@ -68,23 +69,57 @@ async fn render(State(state): State<AppState>) -> ApiResult<Response> {
         "How long the longest-waiting due task has waited.",
         [(String::new(), oldest)],
     );
-    let instances = instances.iter().map(|(plan_id, count)| {
-        let labels = match state.catalog.plan_by_id(plan_id) {
-            Some(plan) => format!(
-                "service=\"{}\",plan=\"{}\"",
-                escape(&plan.service.name),
-                escape(&plan.plan.name)
-            ),
-            None => format!("service=\"\",plan=\"{}\"", escape(plan_id)),
-        };
-        (labels, *count as f64)
-    });
+    let plan_labels = |plan_id: &str| match state.catalog.plan_by_id(plan_id) {
+        Some(plan) => format!(
+            "service=\"{}\",plan=\"{}\"",
+            escape(&plan.service.name),
+            escape(&plan.plan.name)
+        ),
+        None => format!("service=\"\",plan=\"{}\"", escape(plan_id)),
+    };
+    let instances = instances
+        .iter()
+        .map(|(plan_id, count)| (plan_labels(plan_id), *count as f64));
     family(
         &mut out,
         "berth_service_instances",
         "gauge",
         "Service instances, by service and plan.",
         instances,
+    );
+    family(
+        &mut out,
+        "berth_pool_items",
+        "gauge",
+        "Warm-pool items (berth's own, not counted as service instances), by plan and state: ready to be taken, \
+         filling, or removing.",
+        pools.iter().flat_map(|p| {
+            let labels = plan_labels(&p.plan_id);
+            [
+                ("ready", p.ready),
+                ("filling", p.filling),
+                ("removing", p.removing),
+            ]
+            .map(|(state, n)| (format!("{labels},state=\"{state}\""), n as f64))
+        }),
+    );
+    family(
+        &mut out,
+        "berth_pool_hits_total",
+        "counter",
+        "Provisions of a plan with a pool that took a ready item, by plan.",
+        pools
+            .iter()
+            .map(|p| (plan_labels(&p.plan_id), p.hits as f64)),
+    );
+    family(
+        &mut out,
+        "berth_pool_misses_total",
+        "counter",
+        "Provisions of a plan with a pool that found no item they could use (and took the ordinary path), by plan.",
+        pools
+            .iter()
+            .map(|p| (plan_labels(&p.plan_id), p.misses as f64)),
     );
     family(
         &mut out,

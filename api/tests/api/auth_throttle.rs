@@ -40,6 +40,7 @@ fn router(pool: PgPool) -> Router {
         task_waits: berth_api::task_waits::TaskWaits::start(pool.clone()),
         sync_wait: Duration::from_secs(5),
         dashboard: Default::default(),
+        pool_targets: Default::default(),
     })
 }
 

@@ -174,6 +174,7 @@ impl TestApp {
             task_waits: berth_api::task_waits::TaskWaits::start(pool.clone()),
             sync_wait,
             dashboard: Default::default(),
+            pool_targets: Default::default(),
         };
         Self {
             router: berth_api::router(state.clone()),

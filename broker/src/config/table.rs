@@ -287,6 +287,22 @@ const WORKERS: &[Setting] = &[
         Value("1000"),
         "How often a worker looks for due scheduled backups.",
     ),
+    both(
+        "POOL_TARGETS",
+        Fallback("unset: no pools (the embedded default: `dedicated=2`)"),
+        "Warm pools: items each plan keeps made ahead of time, as `plan=count` pairs separated by commas (plan \
+         name or id), e.g. `shared=4,dedicated=2`. A provision the pool can serve takes one (docs/pools.md).",
+    ),
+    worker(
+        "POOL_MAX_AGE_SECS",
+        Value("86400"),
+        "Seconds a pooled item may wait for a provision before it is removed and made again.",
+    ),
+    worker(
+        "POOL_CHECK_MS",
+        Value("1000"),
+        "How often a worker checks the pools: fills them, recycles old items, drains plans whose target fell.",
+    ),
 ];
 
 const SHARED: &[Setting] = &[

@@ -8,6 +8,7 @@ pub mod events;
 pub mod instances;
 pub mod key_checks;
 pub mod metrics;
+pub mod pools;
 pub mod presets;
 pub mod snapshots;
 pub mod tasks;

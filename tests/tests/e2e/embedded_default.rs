@@ -134,6 +134,8 @@ fn command(dir: &Path, port: u16) -> Command {
         .env("PLANS_DIR", repo_dir().join("plans"))
         .env("PORT", port.to_string())
         .env("RUST_LOG", "info")
+        // No warm pool: its pooled servers would outlive the stop these tests check (as instances' servers do).
+        .env("POOL_TARGETS", "")
         .current_dir(dir);
     cmd
 }

@@ -13,6 +13,7 @@ mod ha_local;
 mod key_rotation;
 mod openapi;
 mod observability;
+mod pools;
 mod s3_lifecycle;
 mod shared_lifecycle;
 mod slow_clients;

@@ -86,6 +86,19 @@ pub trait Provider: Send + Sync {
         instance: &InstanceRow,
     ) -> Result<Progress<Provisioned>, TaskError>;
 
+    /// Finishes a warm-pool item (made by `provision` under the id `pool_item`, with no parameters) as
+    /// `instance`, whose details and secrets are the item's: new names where names show, a new password for
+    /// every role the item has, and what the instance's parameters ask that the pool could serve (see
+    /// `broker::pools::can_serve`). Idempotent like every step; returns what `provision` would have.
+    async fn adopt(
+        &self,
+        _ctx: &TaskContext<'_>,
+        _instance: &InstanceRow,
+        _pool_item: &str,
+    ) -> Result<Progress<Provisioned>, TaskError> {
+        Err(TaskError::fatal("this plan has no warm pool"))
+    }
+
     async fn update(
         &self,
         ctx: &TaskContext<'_>,

@@ -8,6 +8,8 @@ mod deliver_webhook;
 mod deprovision;
 mod expire_binding;
 mod noop;
+mod pool_fill;
+mod pool_remove;
 mod provision;
 mod push_preset;
 mod restore;
@@ -23,6 +25,8 @@ pub use deliver_webhook::DeliverWebhook;
 pub use deprovision::Deprovision;
 pub use expire_binding::ExpireBinding;
 pub use noop::Noop;
+pub use pool_fill::PoolFill;
+pub use pool_remove::PoolRemove;
 pub use provision::Provision;
 pub use push_preset::PushPreset;
 pub use restore::Restore;
@@ -58,6 +62,8 @@ pub fn registry() -> Registry {
         .with(DeleteSnapshots)
         .with(DeliverWebhook)
         .with(Noop)
+        .with(PoolFill)
+        .with(PoolRemove)
 }
 
 /// How soon an unbind or deprovision looks again whether the creation it undoes has ended.

@@ -1,7 +1,8 @@
 //! `instance.provision`: the provider makes the instance and we record what it made; a `preset` or
 //! `restore_from` parameter then fills its database, and a `backups` parameter schedules backups. A dedicated
 //! server's connection is then delivered where the operator asked (`crate::delivery`). A failed provision leaves
-//! the row; the deprovision that follows cleans up (orphan mitigation).
+//! the row; the deprovision that follows cleans up (orphan mitigation). An instance that took a warm-pool item
+//! (details `pool_item`) has its item finished by the provider's `adopt` instead of a provision.
 
 use anyhow::Context as _;
 use async_trait::async_trait;
@@ -31,7 +32,13 @@ impl TaskHandler for Provision {
                 TaskError::fatal("the instance was deleted before it was provisioned")
             })?;
         let provider = ctx.services.provider_for_plan(&instance.plan_id)?;
-        let made = match ready(provider.provision(ctx, &instance).await?) {
+        // Taken from a warm pool (docs/pools.md): the item exists; finish it as this instance.
+        let pooled = instance.details.get("pool_item").and_then(|v| v.as_str());
+        let progress = match pooled {
+            Some(item) => provider.adopt(ctx, &instance, item).await?,
+            None => provider.provision(ctx, &instance).await?,
+        };
+        let made = match ready(progress) {
             Ok(made) => made,
             Err(wait) => return Ok(wait),
         };
@@ -57,6 +64,10 @@ impl TaskHandler for Provision {
         steps::sync_schedule(ctx.pool, instance_id, &instance.parameters).await?;
         // Dedicated servers: the connection JSON to the configured bucket and the setup-finished callback.
         crate::delivery::after_creation(ctx.services, ctx.pool, instance_id).await;
+        if pooled.is_some() {
+            // Refill now rather than at the next check, without making this task wait for it.
+            ctx.services.pool_check_now.notify_one();
+        }
         Ok(Step::Done)
     }
 }

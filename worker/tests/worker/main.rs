@@ -9,6 +9,7 @@ mod helpers;
 mod layout;
 mod local_postgres;
 mod peers;
+mod pools;
 mod queue;
 mod rekey;
 mod s3;

@@ -20,7 +20,7 @@ use broker::{
     db::{bindings::BindingRow, instances, instances::InstanceRow},
     embedded::{self, PgServer},
     model::UpdatePayload,
-    names,
+    names::{self, quote_ident},
 };
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
@@ -35,8 +35,9 @@ use super::{
     local_processes::{ensure_servers_dir, stop_server},
     lock_idle_instance, lock_instance,
     postgres::{
-        AppDatabase, ServerAccess, ServerParams, add_extensions, app_db_name, bind_role,
-        binding_grants, revoke_binding_role, set_up, tuning,
+        AppDatabase, DEFAULT_ADMIN, DEFAULT_APP_DB, ServerAccess, ServerParams, add_extensions,
+        app_db_name, bind_role, binding_grants, connect, database_exists, exec,
+        revoke_binding_role, role_exists, roles::ensure_login, scram, set_up, tuning,
     },
 };
 use crate::{
@@ -82,6 +83,15 @@ impl LocalPostgres {
             .join(names::instance_server(prefix, instance_id))
     }
 
+    /// The folder of `instance`'s server: the one its details record (a server taken from a warm pool keeps
+    /// the folder it was made in, named after the pool item), else the one named after its id.
+    fn root_of(&self, prefix: &str, instance: &InstanceRow) -> PathBuf {
+        match instance.details.get("server_dir").and_then(Value::as_str) {
+            Some(dir) => PathBuf::from(dir),
+            None => self.server_root(prefix, &instance.id),
+        }
+    }
+
     /// A `Wait` when the instance's server lives on another host: its workers do the job.
     fn elsewhere<T>(&self, instance: &InstanceRow) -> Option<Progress<T>> {
         let owner = instance
@@ -95,8 +105,8 @@ impl LocalPostgres {
     }
 
     /// The instance's server, which must exist.
-    fn open(&self, ctx: &TaskContext<'_>, instance_id: &str) -> Result<PgServer, TaskError> {
-        let root = self.server_root(ctx.services.name_prefix(), instance_id);
+    fn open(&self, ctx: &TaskContext<'_>, instance: &InstanceRow) -> Result<PgServer, TaskError> {
+        let root = self.root_of(ctx.services.name_prefix(), instance);
         if !root.join("data/PG_VERSION").exists() {
             return Err(TaskError::fatal(format!(
                 "the instance's server is missing from {} on host {} (did provisioning fail?); deprovision the \
@@ -254,6 +264,44 @@ impl LocalPostgres {
     }
 }
 
+/// What a pooled server's object is renamed as.
+#[derive(Debug, Clone, Copy)]
+enum Rename {
+    Database,
+    Role,
+}
+
+impl Rename {
+    /// Renames `from` to `to` unless that is done (a retry: `from` is gone and `to` exists) or not needed.
+    async fn apply(
+        self,
+        conn: &mut sqlx::PgConnection,
+        from: &str,
+        to: &str,
+    ) -> Result<(), TaskError> {
+        if from == to {
+            return Ok(());
+        }
+        let (exists_from, keyword) = match self {
+            Rename::Database => (database_exists(conn, from).await?, "DATABASE"),
+            Rename::Role => (role_exists(conn, from).await?, "ROLE"),
+        };
+        if !exists_from {
+            return Ok(());
+        }
+        exec(
+            conn,
+            &format!(
+                "ALTER {keyword} {} RENAME TO {}",
+                quote_ident(from),
+                quote_ident(to)
+            ),
+            "renaming the pooled server's objects for the instance",
+        )
+        .await
+    }
+}
+
 /// The server's data folder made by initdb with the asked PostgreSQL version (once).
 async fn initialize(root: &Path, params: &ServerParams) -> Result<PgServer, TaskError> {
     let bin_dir = match &params.postgres_version {
@@ -294,7 +342,7 @@ impl Provider for LocalPostgres {
         }
         let params = ServerParams::of(&instance.parameters)?;
         self.claim(ctx, instance).await?;
-        let root = self.server_root(ctx.services.name_prefix(), &instance.id);
+        let root = self.root_of(ctx.services.name_prefix(), instance);
         let t0 = std::time::Instant::now();
         let server = initialize(&root, &params).await?;
         let initdb_ms = t0.elapsed().as_millis();
@@ -327,6 +375,109 @@ impl Provider for LocalPostgres {
         ))
     }
 
+    async fn adopt(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+        pool_item: &str,
+    ) -> Result<Progress<Provisioned>, TaskError> {
+        if let Some(wait) = self.elsewhere(instance) {
+            return Ok(wait);
+        }
+        let params = ServerParams::of(&instance.parameters)?;
+        let t0 = std::time::Instant::now();
+        let mut server = self.open(ctx, instance)?;
+        if !postmaster_alive(&server) {
+            server
+                .start()
+                .await
+                .context("starting the pooled server")
+                .map_err(local)?;
+        }
+        let prefix = ctx.services.name_prefix();
+        let recorded = |key: &str, default: &str| -> String {
+            instance
+                .details
+                .get(key)
+                .and_then(Value::as_str)
+                .unwrap_or(default)
+                .to_string()
+        };
+        let owner = names::instance_owner_role(prefix, &instance.id);
+        let renames = [
+            (
+                Rename::Database,
+                recorded("app_db_name", DEFAULT_APP_DB),
+                params.app_db_name.clone(),
+            ),
+            (
+                Rename::Role,
+                recorded("admin_user", DEFAULT_ADMIN),
+                params.admin_user.clone(),
+            ),
+            (
+                Rename::Role,
+                recorded("owner_role", &names::instance_owner_role(prefix, pool_item)),
+                owner.clone(),
+            ),
+        ];
+        let opened_ms = t0.elapsed().as_millis();
+        let admin_password = random_password(32);
+        let superuser_password = server.next_superuser_password().map_err(local)?;
+        {
+            let mut conn = connect(
+                &superuser(&server, "postgres"),
+                "connecting to the pooled server",
+            )
+            .await?;
+            for (kind, from, to) in &renames {
+                kind.apply(&mut conn, from, to).await?;
+            }
+            // Every password the item was made with is replaced: the admin user's and the superuser's.
+            ensure_login(&mut conn, &params.admin_user, "CREATEDB", &admin_password).await?;
+            exec(
+                &mut conn,
+                &format!(
+                    "ALTER ROLE {} WITH {}",
+                    quote_ident(embedded::SUPERUSER),
+                    scram::password_clause(superuser_password.expose_secret())?
+                ),
+                "setting the superuser's new password",
+            )
+            .await?;
+        }
+        server
+            .commit_superuser_password()
+            .context("storing the superuser's new password")
+            .map_err(local)?;
+        let renamed_ms = t0.elapsed().as_millis();
+        add_extensions(
+            &|database: &str| superuser(&server, database),
+            &params.app_db_name,
+            &params.extensions,
+        )
+        .await?;
+        info!(
+            instance_id = %instance.id,
+            pool_item,
+            opened_ms,
+            renames_passwords_ms = renamed_ms - opened_ms,
+            extensions_ms = t0.elapsed().as_millis() - renamed_ms,
+            "pooled server adopted"
+        );
+        let app = AppDatabase {
+            database: &params.app_db_name,
+            owner: &owner,
+            admin_user: &params.admin_user,
+            admin_password: &admin_password,
+            extensions: &params.extensions,
+        };
+        let version = server.version().map_err(local)?;
+        let mut made = self.provisioned(&server, &params, &app, &version);
+        made.details["pool_item"] = json!(pool_item);
+        Ok(Progress::Done(made))
+    }
+
     async fn update(
         &self,
         ctx: &TaskContext<'_>,
@@ -342,7 +493,7 @@ impl Provider for LocalPostgres {
             return Ok(wait);
         }
         let params = ServerParams::of(&update.parameters)?;
-        let server = self.open(ctx, &instance.id)?;
+        let server = self.open(ctx, instance)?;
         let change = write_config(&server, &params.tuning_profile)
             .context("writing the server's configuration")?;
         run_with(&server, change)
@@ -374,7 +525,7 @@ impl Provider for LocalPostgres {
         if let Some(wait) = self.elsewhere(instance) {
             return Ok(wait);
         }
-        let root = self.server_root(ctx.services.name_prefix(), &instance.id);
+        let root = self.root_of(ctx.services.name_prefix(), instance);
         // Held until the folder is gone, so the reconcile loop cannot start the server again meanwhile.
         let mut tx = ctx
             .pool
@@ -406,7 +557,7 @@ impl Provider for LocalPostgres {
         if let Some(wait) = self.elsewhere(instance) {
             return Ok(wait);
         }
-        let server = self.open(ctx, &instance.id)?;
+        let server = self.open(ctx, instance)?;
         let su = |database: &str| superuser(&server, database);
         let access = ServerAccess {
             superuser: &su,
@@ -427,7 +578,7 @@ impl Provider for LocalPostgres {
         if let Some(wait) = self.elsewhere(instance) {
             return Ok(wait);
         }
-        let server = self.open(ctx, &instance.id)?;
+        let server = self.open(ctx, instance)?;
         let database = app_db_name(instance).to_string();
         let (host, ssl_require) = match server.socket_dir() {
             Some(dir) => (Host::Socket(dir), false),
@@ -460,7 +611,7 @@ impl Provider for LocalPostgres {
         if let Some(wait) = self.elsewhere(instance) {
             return Ok(wait);
         }
-        let root = self.server_root(ctx.services.name_prefix(), &instance.id);
+        let root = self.root_of(ctx.services.name_prefix(), instance);
         if !root.join("data/PG_VERSION").exists() {
             return Ok(Progress::Done(()));
         }
@@ -491,7 +642,7 @@ impl Provider for LocalPostgres {
             .await
             .context("listing the local instances")?;
         for instance in ready {
-            let root = self.server_root(services.name_prefix(), &instance.id);
+            let root = self.root_of(services.name_prefix(), &instance);
             if !root.join("data/PG_VERSION").exists() {
                 warn!(instance_id = %instance.id, dir = %root.display(), "the instance's server folder is missing");
                 continue;

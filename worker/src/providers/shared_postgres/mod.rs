@@ -180,6 +180,60 @@ impl Provider for SharedPostgres {
         }))
     }
 
+    async fn adopt(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+        pool_item: &str,
+    ) -> Result<Progress<Provisioned>, TaskError> {
+        let pooled = InstanceNames::of(ctx, pool_item);
+        let names = InstanceNames::of(ctx, &instance.id);
+        let extensions = requested_extensions(&instance.parameters)?;
+        let mut admin = self.connect_admin().await?;
+        // The names show in every credential: the item's become the instance's (a retry finds them renamed).
+        // The owner role has no password (NOLOGIN) and the item has no binding roles: no credential to replace.
+        if database_exists(&mut admin, &pooled.database).await? {
+            exec(
+                &mut admin,
+                &format!(
+                    "ALTER DATABASE {} RENAME TO {}",
+                    quote_ident(&pooled.database),
+                    quote_ident(&names.database)
+                ),
+                "renaming the pooled database for the instance",
+            )
+            .await?;
+        }
+        if role_exists(&mut admin, &pooled.owner).await? {
+            exec(
+                &mut admin,
+                &format!(
+                    "ALTER ROLE {} RENAME TO {}",
+                    quote_ident(&pooled.owner),
+                    quote_ident(&names.owner)
+                ),
+                "renaming the pooled owner role for the instance",
+            )
+            .await?;
+        }
+        names.check_present(&mut admin).await?;
+        drop(admin);
+        if !extensions.is_empty() {
+            let mut db = self.connect_database(&names.database).await?;
+            create_extensions(&mut db, &extensions).await?;
+        }
+        Ok(Progress::Done(Provisioned {
+            details: json!({
+                "database": names.database,
+                "owner_role": names.owner,
+                "host": self.public_host,
+                "port": self.public_port,
+                "pool_item": pool_item,
+            }),
+            secrets: None,
+        }))
+    }
+
     async fn update(
         &self,
         ctx: &TaskContext<'_>,
@@ -249,6 +303,20 @@ impl Provider for SharedPostgres {
             "dropping the instance's owner role",
         )
         .await?;
+        // Taken from a warm pool but deleted before the item was renamed: the item's names.
+        if let Some(item) = instance.details.get("pool_item").and_then(|v| v.as_str()) {
+            let pooled = InstanceNames::of(ctx, item);
+            exec(
+                &mut admin,
+                &format!(
+                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                    quote_ident(&pooled.database)
+                ),
+                "dropping the pooled database",
+            )
+            .await?;
+            drop_role(&mut admin, &pooled.owner, "dropping the pooled owner role").await?;
+        }
         Ok(Progress::Done(()))
     }
 

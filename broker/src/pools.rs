@@ -1,0 +1,142 @@
+//! Warm pools (docs/pools.md): how many items each plan keeps made ahead of time, and which provisions an item
+//! can serve. The API and the workers read both from here, so they agree on what a pool holds.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
+use crate::{
+    catalog::{Catalog, Engine},
+    config::Settings,
+};
+
+/// The embedded default's pools: two `dedicated` servers (a warm one answers in milliseconds instead of the
+/// 0.8 s of initdb + start).
+pub const EMBEDDED_DEFAULT_TARGETS: &str = "dedicated=2";
+
+/// Engines whose items a pool can hold (their finishing step renames and re-keys an item).
+const POOLED_ENGINES: &[Engine] = &[Engine::Shared, Engine::Local];
+
+/// Items to keep ready, by plan id (plans with a target above zero only).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PoolTargets {
+    by_plan: BTreeMap<String, u32>,
+}
+
+impl PoolTargets {
+    /// `POOL_TARGETS` read against the catalog: every plan named must exist and have an engine pools serve.
+    /// Plans of the catalog that are not published (engine not configured) are left out without an error.
+    pub fn from_settings(settings: &Settings, catalog: &Catalog) -> anyhow::Result<Self> {
+        Self::parse(settings.pool_targets.as_deref().unwrap_or(""), catalog)
+    }
+
+    pub fn parse(text: &str, catalog: &Catalog) -> anyhow::Result<Self> {
+        let mut by_plan = BTreeMap::new();
+        for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (plan, count) = pair
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("POOL_TARGETS: `{pair}` is not `plan=count`"))?;
+            let (plan, count) = (plan.trim(), count.trim());
+            let count: u32 = count.parse().map_err(|_| {
+                anyhow::anyhow!(
+                    "POOL_TARGETS: the count of `{plan}` must be a whole number, not `{count}`"
+                )
+            })?;
+            let found: Vec<_> = catalog
+                .services()
+                .iter()
+                .flat_map(|s| &s.plans)
+                .filter(|p| p.id == plan || p.name == plan)
+                .collect();
+            if found.is_empty() {
+                // A plan whose engine is not configured here is not in the catalog: no pool for it.
+                continue;
+            }
+            for p in found {
+                if !POOLED_ENGINES.contains(&p.engine) {
+                    anyhow::bail!(
+                        "POOL_TARGETS: plan `{}` (engine {}) has no pool; pools serve the engines {}",
+                        p.name,
+                        p.engine.as_str(),
+                        POOLED_ENGINES
+                            .iter()
+                            .map(|e| e.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                }
+                if count > 0 {
+                    by_plan.insert(p.id.clone(), count);
+                } else {
+                    by_plan.remove(&p.id);
+                }
+            }
+        }
+        Ok(Self { by_plan })
+    }
+
+    /// The target of `plan_id` (0: no pool).
+    pub fn target(&self, plan_id: &str) -> u32 {
+        self.by_plan.get(plan_id).copied().unwrap_or(0)
+    }
+
+    /// (plan id, target) of every plan with a pool.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, u32)> {
+        self.by_plan.iter().map(|(k, v)| (k.as_str(), *v))
+    }
+}
+
+/// Whether an item made with the plan's defaults can become an instance asked for with `parameters` (the
+/// webhook already taken out): only parameters the finishing step applies cheaply. Anything else (a preset,
+/// another Postgres version, a tuning profile) takes the ordinary path.
+pub fn can_serve(engine: Engine, parameters: &Value) -> bool {
+    let allowed: &[&str] = match engine {
+        // Extensions are created by the finishing step; `backups` only schedules.
+        Engine::Shared => &["extensions", "backups"],
+        // Names are renamed and the admin password set by the finishing step; tags mean nothing locally.
+        Engine::Local => &["extensions", "backups", "app_db_name", "admin_user", "tags"],
+        _ => return false,
+    };
+    match parameters {
+        Value::Object(map) => map
+            .iter()
+            .all(|(k, v)| v.is_null() || allowed.contains(&k.as_str())),
+        Value::Null => true,
+        _ => false,
+    }
+}
+
+/// The id of a new pool item: never an OSB id in practice, and its names (derived from it) are berth's own.
+pub fn new_item_id() -> String {
+    format!("pool-{}", uuid::Uuid::new_v4())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn serves_only_cheap_parameters() {
+        assert!(can_serve(Engine::Shared, &json!({})));
+        assert!(can_serve(
+            Engine::Shared,
+            &json!({"extensions": ["pg_trgm"]})
+        ));
+        assert!(!can_serve(Engine::Shared, &json!({"preset": "p"})));
+        assert!(can_serve(
+            Engine::Local,
+            &json!({"app_db_name": "app", "admin_user": "me"})
+        ));
+        assert!(!can_serve(
+            Engine::Local,
+            &json!({"postgres_version": "16"})
+        ));
+        assert!(!can_serve(
+            Engine::Local,
+            &json!({"tuning_profile": "oltp"})
+        ));
+        assert!(!can_serve(Engine::S3, &json!({})));
+    }
+}

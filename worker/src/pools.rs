@@ -1,0 +1,183 @@
+//! Warm pools on the worker side (docs/pools.md). Every `POOL_CHECK_MS` one worker at a time (an advisory lock)
+//! looks at the pools: it recycles ready items older than `POOL_MAX_AGE_SECS`, drains plans whose target fell
+//! (or that lost it), removes what a fill that failed for good left, and, when no user task is due, starts fills
+//! up to each plan's target. Fills and removals are tasks (`pool.fill`, `pool.remove`) with the queue's leases,
+//! so a worker killed while filling leaves the task to another, which finishes the item with the same
+//! idempotent provision steps.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use broker::db::{instances::InstanceRow, pools};
+use chrono::Utc;
+use serde_json::json;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::context::Services;
+
+/// A fill is due this long after it is enqueued: user tasks enqueued meanwhile are claimed before it (claims
+/// go in `run_at` order), so filling a pool never delays a provision that is waiting.
+pub const FILL_DELAY_MS: i64 = 200;
+
+/// Runs until `stop` is cancelled.
+pub async fn run(pool: PgPool, services: Arc<Services>, stop: CancellationToken) {
+    let every = Duration::from_millis(services.settings.pool_check_ms.max(50));
+    loop {
+        if let Err(e) = check(&pool, &services).await {
+            warn!(error = %format!("{e:#}"), "checking the warm pools failed; trying again next tick");
+        }
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = services.pool_check_now.notified() => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+/// What one check did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Checked {
+    pub fills: usize,
+    pub removals: usize,
+}
+
+/// One pass over the pools (see the module's comment). Another worker's pass under way: nothing.
+pub async fn check(pool: &PgPool, services: &Services) -> anyhow::Result<Checked> {
+    let mut tx = pool.begin().await.context("starting the pool check")?;
+    let locked: bool =
+        sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtext('berth.pools'))")
+            .fetch_one(&mut *tx)
+            .await
+            .context("taking the pools lock")?;
+    if !locked {
+        return Ok(Checked::default());
+    }
+    let targets = &services.pool_targets;
+    let max_age = chrono::Duration::seconds(
+        i64::try_from(services.settings.pool_max_age_secs).unwrap_or(i64::MAX / 1000),
+    );
+    let served_here = |plan_id: &str| services.provider_for_plan(plan_id).is_ok();
+    let mut done = Checked::default();
+
+    let items = pools::list(&mut *tx).await.context("listing pool items")?;
+    let mut live: HashMap<&str, u32> = HashMap::new();
+    let mut ready_by_plan: HashMap<&str, Vec<&pools::PoolItem>> = HashMap::new();
+    for item in &items {
+        if !served_here(&item.plan_id) {
+            continue;
+        }
+        match item.state.as_str() {
+            pools::READY => {
+                let old = item.ready_at.is_some_and(|at| Utc::now() - at > max_age);
+                if old || targets.target(&item.plan_id) == 0 {
+                    // Recycled (too old) or drained (no pool any more).
+                    pools::start_remove(&mut tx, &item.id).await?;
+                    done.removals += 1;
+                    continue;
+                }
+                ready_by_plan.entry(&item.plan_id).or_default().push(item);
+                *live.entry(&item.plan_id).or_default() += 1;
+            }
+            pools::FILLING => *live.entry(&item.plan_id).or_default() += 1,
+            _ => {}
+        }
+    }
+    // A target that fell: the oldest ready items go first (a filling one becomes ready and goes next time).
+    for (plan_id, ready) in &ready_by_plan {
+        let have = live.get(*plan_id).copied().unwrap_or(0);
+        let excess = have.saturating_sub(targets.target(plan_id)) as usize;
+        for item in ready.iter().take(excess) {
+            pools::start_remove(&mut tx, &item.id).await?;
+            done.removals += 1;
+            let n = live.entry(*plan_id).or_default();
+            *n = n.saturating_sub(1);
+        }
+    }
+    for id in pools::abandoned_fills(&mut *tx).await? {
+        let Some(plan) = items
+            .iter()
+            .find(|i| i.id == id)
+            .map(|i| i.plan_id.as_str())
+        else {
+            continue;
+        };
+        if served_here(plan) && pools::start_remove(&mut tx, &id).await? {
+            done.removals += 1;
+            let n = live.entry(plan).or_default();
+            *n = n.saturating_sub(1);
+        }
+    }
+    for id in pools::stalled_removals(&mut *tx).await? {
+        let plan = items
+            .iter()
+            .find(|i| i.id == id)
+            .map(|i| i.plan_id.as_str());
+        if plan.is_some_and(|p| served_here(p)) {
+            pools::enqueue_remove(&mut tx, &id).await?;
+            done.removals += 1;
+        }
+    }
+    if !user_work_due(&mut tx).await? {
+        for (plan_id, target) in targets.iter() {
+            if !served_here(plan_id) {
+                continue;
+            }
+            let have = live.get(plan_id).copied().unwrap_or(0);
+            for _ in have..target {
+                pools::start_fill(
+                    &mut tx,
+                    plan_id,
+                    &broker::pools::new_item_id(),
+                    FILL_DELAY_MS,
+                )
+                .await?;
+                done.fills += 1;
+            }
+        }
+    }
+    tx.commit().await.context("committing the pool check")?;
+    if done != Checked::default() {
+        info!(
+            fills = done.fills,
+            removals = done.removals,
+            "warm pools adjusted"
+        );
+    }
+    Ok(done)
+}
+
+/// Whether a task other than the pools' own is due: fills wait for the queue to be clear of user work.
+async fn user_work_due(db: &mut sqlx::PgConnection) -> sqlx::Result<bool> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM tasks
+                        WHERE state = 'pending' AND run_at <= now() AND kind NOT LIKE 'pool.%')",
+    )
+    .fetch_one(db)
+    .await
+}
+
+/// A pool item as the instance its provider makes or removes: the item's id (its names derive from it), the
+/// plan's defaults for parameters, and the item's details.
+pub fn item_as_instance(services: &Services, item: &pools::PoolItem) -> InstanceRow {
+    let service_id = services
+        .catalog
+        .plan_by_id(&item.plan_id)
+        .map(|p| p.service.id.clone())
+        .unwrap_or_default();
+    InstanceRow {
+        id: item.id.clone(),
+        service_id,
+        plan_id: item.plan_id.clone(),
+        organization_guid: String::new(),
+        space_guid: String::new(),
+        context: json!({}),
+        parameters: json!({}),
+        maintenance_version: None,
+        details: item.details.clone(),
+        secrets: item.secrets.clone(),
+        created_at: item.created_at,
+        updated_at: item.created_at,
+    }
+}
