@@ -86,6 +86,8 @@ class Emulator:
         self.vms = {}
         # (region, vpc id) -> docker network name
         self.networks = {}
+        # docker network name -> its bridge on the host
+        self.bridges = {}
         # volume id -> {file, loop}
         self.loops = {}
         # (public ip, port) -> {target, server}
@@ -168,8 +170,12 @@ class Emulator:
                 )
 
     def bridge_of(self, network):
-        network_id = docker("network", "inspect", "-f", "{{.Id}}", network, check=False)
-        return "br-" + network_id[:12] if network_id else ""
+        if network not in self.bridges:
+            network_id = docker("network", "inspect", "-f", "{{.Id}}", network, check=False)
+            if not network_id:
+                return ""
+            self.bridges[network] = "br-" + network_id[:12]
+        return self.bridges[network]
 
     def prune_networks(self):
         used = {vm["network"] for vm in self.vms.values()}
@@ -177,6 +183,7 @@ class Emulator:
             if name not in used:
                 docker("network", "rm", name, check=False)
                 del self.networks[key]
+                self.bridges.pop(name, None)
                 log.info("network %s removed (no VM on it)", name)
 
     # --- VMs --------------------------------------------------------------------------------------------------
@@ -417,6 +424,7 @@ class Emulator:
                 os.unlink(os.path.join(self.loop_dir, entry))
         self.vms.clear()
         self.networks.clear()
+        self.bridges.clear()
         self.loops.clear()
 
 
