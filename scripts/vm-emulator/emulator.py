@@ -340,7 +340,12 @@ class Emulator:
             if not ipaddress.ip_address(public_ip).is_loopback:
                 log.warning("address %s of %s is not on the loopback: not served", public_ip, vm_id)
                 continue
-            group_ids = [g["GroupId"] for g in by_id.get(vm_id, {}).get("SecurityGroups", [])]
+            # The groups of the instance and of its network interfaces (a launch with an interface spec names
+            # them there only).
+            instance = by_id.get(vm_id, {})
+            group_ids = {g["GroupId"] for g in instance.get("SecurityGroups", [])}
+            for interface in instance.get("NetworkInterfaces", []):
+                group_ids.update(g["GroupId"] for g in interface.get("Groups", []))
             for group_id in group_ids:
                 if group_id not in groups:
                     found = self.ec2(region).describe_security_groups(GroupIds=[group_id])["SecurityGroups"]
