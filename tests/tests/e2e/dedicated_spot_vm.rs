@@ -188,7 +188,7 @@ async fn dedicated_spot_boots_survives_an_interruption_and_leaves_nothing() {
     // the offers refresh and the resources made before the launch.
     let vm_to_ready = details["ready_at"]
         .as_str()
-        .and_then(|t| chrono_seconds(t))
+        .and_then(chrono_seconds)
         .zip(details["ec2"]["launched_at"].as_i64())
         .map(|(ready, launched)| ready - launched as f64)
         .expect("ready_at and launched_at are recorded");
