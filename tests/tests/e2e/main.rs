@@ -8,6 +8,7 @@ mod cli;
 mod command_line;
 mod dashboard;
 mod dedicated_local;
+mod dedicated_spot_vm;
 mod embedded_default;
 mod ha_local;
 mod key_rotation;
