@@ -7,6 +7,7 @@ use broker::{
     db::{
         bindings::{self, BindingRow},
         dashboard::{self, InstanceSnapshot},
+        events,
         instances::InstanceRow,
         snapshots::SnapshotState,
         tasks::TaskRow,
@@ -25,6 +26,8 @@ use super::{
 
 /// How many of the instance's newest tasks the page reads (the history and the chart).
 const TASKS_SHOWN: i64 = 50;
+/// The newest audit events the page lists (the rest: `/berth/v1/instances/{id}/events`).
+const EVENTS_SHOWN: i64 = 50;
 /// How many snapshots (backups and preset versions) it lists.
 const SNAPSHOTS_SHOWN: i64 = 100;
 
@@ -172,6 +175,7 @@ pub async fn load(
     let binding_rows = bindings::list_for_instance(&mut *conn, &instance.id).await?;
     let snapshot_rows =
         dashboard::instance_snapshots(&mut *conn, &instance.id, SNAPSHOTS_SHOWN).await?;
+    let event_rows = events::for_instance(&mut *conn, &instance.id, None, EVENTS_SHOWN).await?;
 
     let plan = catalog.plan_by_id(&instance.plan_id);
     let latest = tasks
@@ -240,11 +244,34 @@ pub async fn load(
         server: fields(details, SERVER_FIELDS),
         vm: vm(details),
         members: members(details),
-        events: Vec::new(),
+        events: event_rows.iter().map(event).collect(),
         generated: text::timestamp(now),
         link_expires: DateTime::from_timestamp(link_expires, 0)
             .map_or_else(|| link_expires.to_string(), text::timestamp),
     })
+}
+
+/// An audit event as the page lists it: who is the platform and user (never the whole identity), and a
+/// failure's error is redacted like every other error on the page.
+fn event(row: &events::Event) -> Event {
+    let what = match &row.binding_id {
+        Some(binding) => format!("{} (binding {binding})", row.action),
+        None => row.action.clone(),
+    };
+    let outcome = match (&row.outcome, &row.error) {
+        (Some(outcome), Some(error)) => format!("{outcome}: {}", text::redact(error)),
+        (Some(outcome), None) => outcome.clone(),
+        (None, _) => "in progress".to_string(),
+    };
+    Event {
+        at: text::timestamp(row.requested_at),
+        who: row
+            .actor
+            .as_ref()
+            .map_or_else(|| "unknown".to_string(), |actor| actor.label()),
+        what,
+        outcome,
+    }
 }
 
 /// What a task did, in words: its operation (with the binding it was for), else its kind.

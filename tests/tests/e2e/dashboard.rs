@@ -273,9 +273,19 @@ async fn instance_pages_in_a_browser_show_each_plan_refuse_bad_links_and_no_secr
                 .unwrap()
                 .is_empty()
         );
+        // The audit trail: the provision and the bind, each with how it ended.
+        let events = browser.texts("tr.event").await.unwrap();
         assert!(
-            browser.texts("#events").await.unwrap().is_empty(),
-            "no audit events, no section"
+            events
+                .iter()
+                .any(|e| e.contains("provision") && e.contains("succeeded")),
+            "{events:?}"
+        );
+        assert!(
+            events
+                .iter()
+                .any(|e| e.contains("bind (binding") && e.contains("succeeded")),
+            "{events:?}"
         );
         let rendered = browser.source().await.unwrap();
         assert_no_secret(
