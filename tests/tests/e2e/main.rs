@@ -8,6 +8,7 @@ mod cli;
 mod command_line;
 mod dedicated_local;
 mod embedded_default;
+mod ha_ec2_vm;
 mod ha_local;
 mod key_rotation;
 mod s3_lifecycle;

@@ -1,0 +1,580 @@
+//! The `ha` plan on `HA_ENGINE=ec2` with VMs that really boot: moto keeps the EC2 state and the VM emulator
+//! (docs/vm-emulator.md, started by scripts/test.sh) boots a container for each running instance at its private
+//! address on a network matching its subnet, and runs its user-data. The worker sees only moto; the tests reach the
+//! members the way an app in the VPC would (their private addresses, through the bridge).
+//!
+//! Each test makes its own VPC in moto (10.202.0.0/17 and 10.202.128.0/17: other emulated tests use other ranges)
+//! with a subnet per zone, as the engine spreads members over zones.
+
+use std::{
+    collections::BTreeMap,
+    process::Command,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use berth_tests::{Stack, plan_ids};
+use reqwest::Method;
+use serde_json::{Value, json};
+use sqlx::{
+    Connection, PgConnection,
+    postgres::{PgConnectOptions, PgSslMode},
+};
+
+/// Boots, base backups and elections of several VMs on a busy 2-core machine: leave room.
+const WAIT: Duration = Duration::from_secs(600);
+const ZONES: [&str; 3] = ["us-east-1a", "us-east-1b", "us-east-1c"];
+
+/// moto's EC2, through Python's boto3 (installed with moto; the tests crate has no AWS SDK).
+struct Moto {
+    url: String,
+    key: String,
+    secret: String,
+}
+
+fn required(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run ./scripts/test.sh, which starts moto and the VM emulator")
+    })
+}
+
+impl Moto {
+    fn from_env() -> Self {
+        Self {
+            url: required("BERTH_TEST_MOTO_URL"),
+            key: required("BERTH_TEST_MOTO_ACCESS_KEY"),
+            secret: required("BERTH_TEST_MOTO_SECRET_KEY"),
+        }
+    }
+
+    /// One EC2 API call (boto3's method name and keyword arguments); its answer.
+    fn ec2(&self, action: &str, params: Value) -> Value {
+        const CALL: &str = "import boto3, json, sys\n\
+            c = boto3.client('ec2', endpoint_url=sys.argv[1], region_name='us-east-1',\n\
+                             aws_access_key_id=sys.argv[2], aws_secret_access_key=sys.argv[3])\n\
+            r = getattr(c, sys.argv[4])(**json.loads(sys.argv[5]))\n\
+            r.pop('ResponseMetadata', None)\n\
+            print(json.dumps(r, default=str))\n";
+        let out = Command::new("python3")
+            .args(["-c", CALL, &self.url, &self.key, &self.secret, action])
+            .arg(params.to_string())
+            .output()
+            .expect("python3 runs");
+        assert!(
+            out.status.success(),
+            "ec2 {action} {params}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// The first x86_64 image moto offers (the emulator boots its baked image whatever the AMI).
+    fn image(&self) -> String {
+        let images = self.ec2(
+            "describe_images",
+            json!({ "Owners": ["amazon"], "Filters": [{"Name": "architecture", "Values": ["x86_64"]}] }),
+        );
+        images["Images"][0]["ImageId"].as_str().unwrap().to_string()
+    }
+
+    fn terminate(&self, vm: &str) {
+        self.ec2("terminate_instances", json!({ "InstanceIds": [vm] }));
+    }
+
+    /// A VPC of `cidr` (a /17) with a /24 subnet per zone; the subnets' ids.
+    fn own_network(&self, cidr: &str) -> (String, Vec<String>) {
+        let vpc = self.ec2("create_vpc", json!({ "CidrBlock": cidr }))["Vpc"]["VpcId"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let base: std::net::Ipv4Addr = cidr.split('/').next().unwrap().parse().unwrap();
+        let [a, b, c, _] = base.octets();
+        let subnets = ZONES
+            .iter()
+            .enumerate()
+            .map(|(i, zone)| {
+                let block = format!("{a}.{b}.{}.0/24", c as usize + i + 1);
+                self.ec2(
+                    "create_subnet",
+                    json!({ "VpcId": vpc, "CidrBlock": block, "AvailabilityZone": zone }),
+                )["Subnet"]["SubnetId"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        (vpc, subnets)
+    }
+
+    /// What is left in moto of an instance: (live VMs, interfaces, volumes, security groups, addresses).
+    fn leftovers(&self, instance: &str) -> (usize, usize, usize, usize, usize) {
+        let tagged = json!({ "Filters": [{"Name": "tag:berth:instance", "Values": [instance]}] });
+        let vms = self.ec2("describe_instances", tagged.clone())["Reservations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| r["Instances"].as_array().unwrap().clone())
+            .filter(|i| i["State"]["Name"] != "terminated")
+            .count();
+        let count = |action: &str, key: &str| {
+            self.ec2(action, tagged.clone())[key]
+                .as_array()
+                .map_or(0, Vec::len)
+        };
+        (
+            vms,
+            count("describe_network_interfaces", "NetworkInterfaces"),
+            count("describe_volumes", "Volumes"),
+            count("describe_security_groups", "SecurityGroups"),
+            count("describe_addresses", "Addresses"),
+        )
+    }
+}
+
+/// The emulator's docker (its own daemon's socket), for what an operator of real VMs would do to the network.
+struct Docker {
+    host: String,
+}
+
+impl Docker {
+    fn from_env() -> Self {
+        Self {
+            host: required("BERTH_TEST_VM_DOCKER_HOST"),
+        }
+    }
+
+    fn run(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new("docker")
+            .arg("-H")
+            .arg(&self.host)
+            .args(args)
+            .output()
+            .expect("docker runs");
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        }
+    }
+}
+
+/// One cluster under test: the stack, its instance, and how the tests reach its members.
+struct Cluster {
+    stack: Stack,
+    moto: Moto,
+    instance: String,
+    ids: (String, String),
+    /// The cluster's CA (from a binding): Patroni's REST API and Postgres are TLS.
+    ca: Option<String>,
+}
+
+impl Cluster {
+    async fn start(moto: Moto, vpc_cidr: &str) -> Self {
+        let (_, subnets) = moto.own_network(vpc_cidr);
+        let stack = Stack::start_with(vec![
+            ("HA_ENGINE", "ec2".into()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_ENDPOINT_URL", moto.url.clone()),
+            ("AWS_ACCESS_KEY_ID", moto.key.clone()),
+            ("AWS_SECRET_ACCESS_KEY", moto.secret.clone()),
+            ("EC2_AMI_X86_64", moto.image()),
+            ("EC2_AMI_ARM64", moto.image()),
+            ("EC2_SUBNET_IDS", subnets.join(",")),
+            ("EC2_READINESS_PROBE", "true".into()),
+        ])
+        .await
+        .unwrap();
+        let ids = plan_ids(&stack.catalog().await.unwrap(), "postgres", "ha");
+        Self {
+            stack,
+            moto,
+            instance: uuid::Uuid::new_v4().to_string(),
+            ids,
+            ca: None,
+        }
+    }
+
+    fn base(&self) -> String {
+        format!("/v2/service_instances/{}", self.instance)
+    }
+
+    /// Provisions 3 synchronous members on PostgreSQL 15 (the VM image's) over the 3 zones; how long it took.
+    async fn provision(&self) -> Duration {
+        let started = Instant::now();
+        let body = json!({
+            "service_id": self.ids.0, "plan_id": self.ids.1, "organization_guid": "org", "space_guid": "space",
+            "parameters": {
+                "members": 3, "synchronous": true, "postgres_version": "15", "zones": ZONES,
+                "storage_min": 2, "extensions": ["pgcrypto"],
+            },
+        });
+        self.stack.put_until_done(&self.base(), &body, WAIT).await;
+        started.elapsed()
+    }
+
+    /// Binds an app; its credentials (and the CA kept for the REST API).
+    async fn bind(&mut self, app: &str) -> Value {
+        let path = format!("{}/service_bindings/{app}", self.base());
+        let body = json!({ "service_id": self.ids.0, "plan_id": self.ids.1, "app_guid": app });
+        self.stack.put_until_done(&path, &body, WAIT).await;
+        let creds = self.stack.fetch_credentials(&path).await;
+        self.ca = Some(creds["ca_certificate"].as_str().unwrap().to_string());
+        creds
+    }
+
+    /// The member slots as the engine records them: name → (private address, VM id).
+    async fn members(&self) -> BTreeMap<String, (String, String)> {
+        let details = self.stack.instance_details(&self.instance).await;
+        details["ha_ec2"]["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["retiring"] != true)
+            .map(|m| {
+                (
+                    m["name"].as_str().unwrap().to_string(),
+                    (
+                        m["private_ip"].as_str().unwrap_or_default().to_string(),
+                        m["vm_id"].as_str().unwrap_or_default().to_string(),
+                    ),
+                )
+            })
+            .collect()
+    }
+
+    fn http(&self) -> reqwest::Client {
+        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(3));
+        if let Some(ca) = &self.ca {
+            builder = builder
+                .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).unwrap());
+        }
+        builder.build().unwrap()
+    }
+
+    /// Patroni's view of the cluster (`GET /cluster` over TLS), from the first member in `from` that answers.
+    async fn patroni(&self, from: &[String]) -> Option<Value> {
+        let http = self.http();
+        for ip in from {
+            if let Ok(response) = http.get(format!("https://{ip}:8008/cluster")).send().await
+                && let Ok(body) = response.json::<Value>().await
+            {
+                return Some(body);
+            }
+        }
+        None
+    }
+
+    /// Waits until Patroni lists `n` members, one leader and `n - 1` streaming replicas; the leader's name.
+    async fn wait_healthy(&self, n: usize) -> String {
+        let deadline = Instant::now() + WAIT;
+        let mut seen = Value::Null;
+        loop {
+            let ips: Vec<String> = self.members().await.into_values().map(|m| m.0).collect();
+            if let Some(cluster) = self.patroni(&ips).await {
+                let members = cluster["members"].as_array().cloned().unwrap_or_default();
+                let leader = members
+                    .iter()
+                    .find(|m| m["role"] == "leader" && m["state"] == "running");
+                let streaming = members
+                    .iter()
+                    .filter(|m| {
+                        m["role"] != "leader"
+                            && (m["state"] == "streaming" || m["state"] == "running")
+                            && m["lag"].is_number()
+                    })
+                    .count();
+                if let Some(leader) = leader
+                    && members.len() == n
+                    && streaming == n - 1
+                {
+                    return leader["name"].as_str().unwrap().to_string();
+                }
+                seen = cluster;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster did not reach {n} healthy members; Patroni last said {seen}\n{}",
+                self.stack.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// etcd's members (through etcd's JSON gateway on a member that answers): name → (id, peer URL).
+    async fn etcd_members(&self) -> BTreeMap<String, (String, String)> {
+        let http = self.http();
+        for (ip, _) in self.members().await.into_values() {
+            let Ok(response) = http
+                .post(format!("http://{ip}:2379/v3/cluster/member/list"))
+                .json(&json!({}))
+                .send()
+                .await
+            else {
+                continue;
+            };
+            let Ok(body) = response.json::<Value>().await else {
+                continue;
+            };
+            return body["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| {
+                    (
+                        m["name"].as_str().unwrap_or("-").to_string(),
+                        (
+                            m["ID"].as_str().unwrap_or_default().to_string(),
+                            m["peerURLs"][0].as_str().unwrap_or_default().to_string(),
+                        ),
+                    )
+                })
+                .collect();
+        }
+        panic!("no member's etcd answered");
+    }
+
+    async fn update_members(&self, members: usize) {
+        let (status, body) = self
+            .stack
+            .send(
+                self.stack
+                    .request(
+                        Method::PATCH,
+                        &format!("{}?accepts_incomplete=true", self.base()),
+                    )
+                    .json(&json!({ "service_id": self.ids.0, "parameters": {"members": members} })),
+            )
+            .await
+            .unwrap();
+        assert_eq!(status, 202, "{body}");
+        self.stack.wait_succeeded(&self.base(), WAIT).await;
+    }
+
+    /// Deprovisions; nothing of the instance is left in moto.
+    async fn deprovision(self) {
+        let (status, last) = self
+            .stack
+            .delete_until_done(&self.base(), &self.ids, WAIT)
+            .await;
+        assert_eq!(status, 410, "{last}\n{}", self.stack.logs());
+        assert_eq!(
+            self.moto.leftovers(&self.instance),
+            (0, 0, 0, 0, 0),
+            "no VM, interface, volume, security group or address is left in moto"
+        );
+        self.stack.stop().await;
+    }
+}
+
+fn psql() -> std::path::PathBuf {
+    broker::embedded::find_bin_dir().unwrap().join("psql")
+}
+
+/// Runs `sql` through libpq (psql) with `url`; the output, or the error.
+fn run_psql(url: &str, sql: &str) -> Result<String, String> {
+    let out = Command::new(psql())
+        .arg(url)
+        .args(["-v", "ON_ERROR_STOP=1", "-qAtc", sql])
+        .env("PGCONNECT_TIMEOUT", "3")
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+/// A writer committing rows one by one on `primary` (one connection, as an app would keep it): the ids the
+/// primary acknowledged, and when its first write failed, once it stops.
+struct Writer {
+    acked: Arc<Mutex<Vec<i32>>>,
+    task: tokio::task::JoinHandle<Instant>,
+}
+
+impl Writer {
+    async fn start(creds: &Value, primary: &str) -> Self {
+        let options = PgConnectOptions::new()
+            .host(primary)
+            .port(5432)
+            .username(creds["PGUSER"].as_str().unwrap())
+            .password(creds["PGPASSWORD"].as_str().unwrap())
+            .database(creds["PGDATABASE"].as_str().unwrap())
+            .ssl_mode(PgSslMode::Require);
+        let acked = Arc::new(Mutex::new(Vec::<i32>::new()));
+        let mut conn = PgConnection::connect_with(&options).await.unwrap();
+        let task = {
+            let acked = acked.clone();
+            tokio::spawn(async move {
+                for id in 1.. {
+                    let write = sqlx::query("INSERT INTO acked VALUES ($1)")
+                        .bind(id)
+                        .execute(&mut conn);
+                    match tokio::time::timeout(Duration::from_secs(5), write).await {
+                        Ok(Ok(_)) => acked.lock().unwrap().push(id),
+                        _ => break,
+                    }
+                }
+                Instant::now()
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+        Self { acked, task }
+    }
+
+    /// Waits for the writer to stop; every acknowledged id and when it stopped.
+    async fn stopped(self) -> (Vec<i32>, Instant) {
+        let stopped = tokio::time::timeout(Duration::from_secs(60), self.task)
+            .await
+            .expect("the writer stops with its primary")
+            .unwrap();
+        let acked = self.acked.lock().unwrap().clone();
+        assert!(
+            acked.len() > 5,
+            "the writer committed rows first ({})",
+            acked.len()
+        );
+        (acked, stopped)
+    }
+}
+
+/// Waits for a write through DATABASE_URL to succeed (a new primary); when it did.
+async fn first_write(stack: &Stack, url: &str, since: Instant) -> Instant {
+    loop {
+        if run_psql(url, "INSERT INTO acked VALUES (-1) ON CONFLICT DO NOTHING").is_ok() {
+            return Instant::now();
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(180),
+            "no new primary took a write\n{}",
+            stack.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn assert_every_acked_write_is_there(url: &str, acked: &[i32]) {
+    let list = acked
+        .iter()
+        .map(i32::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let present = run_psql(
+        url,
+        &format!("SELECT count(*) FROM acked WHERE id IN ({list})"),
+    )
+    .unwrap();
+    assert_eq!(
+        present,
+        acked.len().to_string(),
+        "an acknowledged write was lost"
+    );
+}
+
+#[tokio::test]
+async fn ha_ec2_vms_form_a_cluster_lose_the_primary_vm_and_heal() {
+    let mut cluster = Cluster::start(Moto::from_env(), "10.202.0.0/17").await;
+    let provisioned = cluster.provision().await;
+    eprintln!("bench: ha_ec2 provision→ready (3 VMs): {provisioned:.1?}");
+    let creds = cluster.bind("app").await;
+    let first_leader = cluster.wait_healthy(3).await;
+    let members = cluster.members().await;
+    assert_eq!(members.len(), 3);
+    // One etcd cluster and one Patroni cluster across the three VMs, one per subnet (zone).
+    let etcd = cluster.etcd_members().await;
+    assert_eq!(
+        etcd.keys().collect::<Vec<_>>(),
+        ["m1", "m2", "m3"],
+        "{etcd:?}"
+    );
+    let subnets: std::collections::BTreeSet<String> = members
+        .values()
+        .map(|(ip, _)| ip.rsplitn(2, '.').nth(1).unwrap().to_string())
+        .collect();
+    assert_eq!(subnets.len(), 3, "one member per zone's subnet: {members:?}");
+
+    // The binding's multi-host DATABASE_URL names the three VMs and writes on the primary.
+    let url = creds["DATABASE_URL"].as_str().unwrap().to_string();
+    for (ip, _) in members.values() {
+        assert!(url.contains(&format!("{ip}:5432")), "{url}");
+    }
+    run_psql(&url, "CREATE TABLE acked (id int PRIMARY KEY)").unwrap();
+    assert_eq!(run_psql(&url, "SELECT pg_is_in_recovery()").unwrap(), "f");
+
+    // The primary's VM is terminated under a writer: a new primary takes writes through the same URL, with every
+    // write the old one acknowledged (synchronous mode).
+    let (primary_ip, primary_vm) = members[&first_leader].clone();
+    let writer = Writer::start(&creds, &primary_ip).await;
+    let killed = Instant::now();
+    cluster.moto.terminate(&primary_vm);
+    let (acked, writer_stopped) = writer.stopped().await;
+    let written = first_write(&cluster.stack, &url, killed).await;
+    eprintln!(
+        "bench: ha_ec2 kill-VM failover: write outage {:.1?} from TerminateInstances ({:.1?} from the writer's \
+         first failed write) to the first acknowledged write on the new primary",
+        written - killed,
+        written.saturating_duration_since(writer_stopped)
+    );
+    assert_every_acked_write_is_there(&url, &acked);
+    let new_leader = cluster.wait_healthy(3).await;
+    assert_ne!(new_leader, first_leader, "the killed member does not lead");
+
+    // The reconcile loop launches a replacement in the dead member's slot (same address); it removes the dead
+    // etcd member and joins in its place, and Patroni clones it.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let now = cluster.members().await;
+        if now[&first_leader].1 != primary_vm && !now[&first_leader].1.is_empty() {
+            assert_eq!(now[&first_leader].0, primary_ip, "the slot keeps its address");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no replacement VM\n{}",
+            cluster.stack.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(cluster.wait_healthy(3).await, new_leader);
+    let healed = cluster.etcd_members().await;
+    assert_eq!(
+        healed.keys().collect::<Vec<_>>(),
+        ["m1", "m2", "m3"],
+        "{healed:?}"
+    );
+    assert_ne!(
+        healed[&first_leader].0, etcd[&first_leader].0,
+        "the dead etcd member was removed and the replacement added"
+    );
+    assert_every_acked_write_is_there(&url, &acked);
+
+    cluster.deprovision().await;
+}
+
+#[tokio::test]
+async fn ha_ec2_vms_scale_and_survive_a_partition_of_the_primary() {
+    let docker = Docker::from_env();
+    let mut cluster = Cluster::start(Moto::from_env(), "10.202.128.0/17").await;
+    cluster.provision().await;
+    let creds = cluster.bind("app").await;
+    let url = creds["DATABASE_URL"].as_str().unwrap().to_string();
+    cluster.wait_healthy(3).await;
+    run_psql(&url, "CREATE TABLE acked (id int PRIMARY KEY)").unwrap();
+
+    // Scale 3 → 5 → 3, one member at a time; etcd follows (the scale-down's members are pruned by the others).
+    for n in [5, 3] {
+        cluster.update_members(n).await;
+        cluster.wait_healthy(n).await;
+        let deadline = Instant::now() + WAIT;
+        while cluster.etcd_members().await.len() != n {
+            assert!(
+                Instant::now() < deadline,
+                "etcd never had {n} members: {:?}",
+                cluster.etcd_members().await
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+    let _ = docker;
+    cluster.deprovision().await;
+}
