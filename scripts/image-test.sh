@@ -4,7 +4,7 @@
 # user, against a Postgres on the host; `shared` and `dedicated` (local engine) lifecycles through the API; then
 # both are stopped with SIGTERM and must exit 0 in time.
 #
-# Runs a private Docker engine (Debian's docker.io, no iptables, no bridge) with its data under
+# Runs a private Docker engine (Debian's docker.io, no iptables, no bridge; scripts/lib/docker.sh) with its data under
 # $BERTH_DOCKER_DIR (default /var/tmp/berth-docker, so the base image and the layer cache survive between runs) and
 # stops it at exit. The base image is made once with debootstrap (no registry needed).
 #
@@ -17,6 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/pg.sh
+source scripts/lib/docker.sh
 
 mode=${BERTH_IMAGE_TEST:-auto}
 case $mode in
@@ -38,7 +39,7 @@ uid=10001 # the image's user (Dockerfile: BERTH_UID)
 # What the image and the test are made of. Working-tree contents (not only the index), so an uncommitted edit
 # counts; untracked files that git would add count too.
 inputs_hash() {
-  git ls-files -z -co --exclude-standard -- Dockerfile .dockerignore scripts/image-test.sh scripts/lib/pg.sh deploy \
+  git ls-files -z -co --exclude-standard -- Dockerfile .dockerignore scripts/image-test.sh scripts/lib/pg.sh scripts/lib/docker.sh deploy \
     Cargo.toml Cargo.lock .cargo .sqlx api broker worker cli plans migrations \
     | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-32
 }
@@ -59,18 +60,10 @@ for bin in berth-api berth-worker berth; do
   }
 done
 
-if ! command -v dockerd >/dev/null || ! command -v debootstrap >/dev/null; then
-  echo "installing docker.io and debootstrap (apt-get)..." >&2
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq && apt-get install -y -qq docker.io debootstrap >/dev/null
-fi
+docker_ensure_installed
 
 work=$(mktemp -d /tmp/berth-image-test.XXXXXX)
 chmod 755 "$work"
-sock=$docker_dir/docker.sock
-export DOCKER_HOST=unix://$sock
-export DOCKER_BUILDKIT=0
-started_dockerd=
 containers=()
 db_to_drop=
 cleanup() {
@@ -79,10 +72,7 @@ cleanup() {
   if [ -n "$db_to_drop" ]; then
     psql_host "$admin_url" -c "DROP DATABASE IF EXISTS \"$db_to_drop\" WITH (FORCE)" >/dev/null 2>&1 || true
   fi
-  if [ -n "$started_dockerd" ]; then
-    kill -TERM "$started_dockerd" 2>/dev/null || true
-    for _ in $(seq 1 100); do kill -0 "$started_dockerd" 2>/dev/null || break; sleep 0.2; done
-  fi
+  docker_stop
   pg_stop "$work/pg"
   rm -rf "$work"
   exit "$rc"
@@ -94,55 +84,11 @@ now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
 fail() { echo "image test: FAILED: $*" >&2; exit 1; }
 
 # --- the engine --------------------------------------------------------------------------------------------------
-mkdir -p "$docker_dir" "$cache_dir"
-exec 9>"$docker_dir/lock"
-flock -w 600 9 || fail "another image test holds $docker_dir/lock"
-if ! docker version >/dev/null 2>&1; then
-  rm -f "$sock"
-  setsid dockerd --iptables=false --bridge=none --data-root "$docker_dir/data" --exec-root "$docker_dir/exec" \
-    --pidfile "$docker_dir/dockerd.pid" -H "$DOCKER_HOST" >"$docker_dir/dockerd.log" 2>&1 &
-  started_dockerd=$!
-  for _ in $(seq 1 150); do docker version >/dev/null 2>&1 && break; sleep 0.2; done
-  docker version >/dev/null 2>&1 || { tail -n 20 "$docker_dir/dockerd.log" >&2; fail "dockerd did not start"; }
-fi
+mkdir -p "$cache_dir"
+docker_start "$docker_dir" || fail "no Docker engine"
 
 # --- the base image: Debian bookworm minbase, made once ---------------------------------------------------------
-mirror=http://deb.debian.org/debian
-# make_base ROOTFS: a Debian bookworm minbase tree, shaped like debian:bookworm-slim (updates and security sources,
-# no docs, man pages or locales from later installs).
-make_base() {
-  local rootfs=$1
-  debootstrap --variant=minbase bookworm "$rootfs" "$mirror" >"$work/debootstrap.log" 2>&1 \
-    || { tail -n 30 "$work/debootstrap.log" >&2; fail "debootstrap failed"; }
-  cat >"$rootfs/etc/apt/sources.list" <<EOF
-deb $mirror bookworm main
-deb $mirror bookworm-updates main
-deb http://deb.debian.org/debian-security bookworm-security main
-EOF
-  cat >"$rootfs/etc/dpkg/dpkg.cfg.d/slim" <<'EOF'
-path-exclude /usr/share/doc/*
-path-include /usr/share/doc/*/copyright
-path-exclude /usr/share/man/*
-path-exclude /usr/share/info/*
-path-exclude /usr/share/locale/*
-EOF
-  rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/cache/apt/archives/*.deb
-}
-# Named after its recipe (make_base's text and the mirror): a changed recipe makes a new base.
-base=berth-base:bookworm-$({ declare -f make_base; echo "$mirror"; } | sha256sum | cut -c1-12)
-if ! docker image inspect "$base" >/dev/null 2>&1; then
-  echo "image test: making the base image $base (debootstrap)..."
-  t0=$(now_ms)
-  rm -rf "$docker_dir/rootfs.partial"
-  make_base "$docker_dir/rootfs.partial"
-  tar -C "$docker_dir/rootfs.partial" -c . | docker import - "$base" >/dev/null
-  rm -rf "$docker_dir/rootfs.partial"
-  echo "image test: base image made in $(elapsed "$t0") ms"
-  # Older bases are untagged (their layers go with the next prune, once no image uses them).
-  docker images --format '{{.Repository}}:{{.Tag}}' berth-base | grep -vxF "$base" | xargs -r docker rmi >/dev/null 2>&1 || true
-else
-  echo "image test: base image $base cached"
-fi
+base=$(docker_base_image "$work") || fail "making the base image"
 
 # --- the image -------------------------------------------------------------------------------------------------
 # The context is a tar: the Dockerfile, .dockerignore, plans/ and the host's binaries as host-bin/ (no copy in

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test on a fresh machine: installs what is missing, starts a private Postgres on a free port
 # (unless BERTH_TEST_DATABASE_URL names a superuser URL to use instead) and the S3 peers (moto with IAM
-# enforced, SeaweedFS), installs etcd and Patroni (the ha plan's local engine), checks formatting
+# enforced, SeaweedFS) and the VM emulator (moto's instances boot as containers: docs/vm-emulator.md), installs etcd
+# and Patroni (the ha plan's local engine), checks formatting
 # (cargo fmt) and lints (clippy, warnings are errors), builds, checks the systemd units, runs the whole suite
 # with cargo-nextest, builds and smoke-tests the container image (scripts/image-test.sh),
 # and stops what it started.
@@ -12,6 +13,8 @@ source scripts/lib/pg.sh
 source scripts/lib/s3peers.sh
 source scripts/lib/ha.sh
 source scripts/lib/units.sh
+source scripts/lib/docker.sh
+source scripts/lib/vmemu.sh
 
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/berth-target}
 export SQLX_OFFLINE=true
@@ -26,6 +29,7 @@ fi
 workdir=$(mktemp -d /tmp/berth-test.XXXXXX)
 chmod 755 "$workdir"
 cleanup() {
+  vmemu_stop "$workdir"
   s3peers_stop "$workdir/s3"
   pg_stop "$workdir/pg"
   rm -rf "$workdir"
@@ -49,6 +53,11 @@ s3peers_ensure_installed
 moto_start "$workdir/s3"
 weed_start "$workdir/s3"
 echo "test moto: $BERTH_TEST_MOTO_URL, SeaweedFS: $BERTH_TEST_S3_COMPAT_URL" >&2
+
+# The VM emulator beside moto: instances in VPCs tagged berth:vm-emulator boot as systemd containers on a private
+# Docker engine (docs/vm-emulator.md); the image is baked once and cached.
+vmemu_start "$workdir"
+echo "test VM emulator: $BERTH_TEST_VM_IMAGE on $BERTH_TEST_VM_DOCKER_HOST (log: $BERTH_TEST_VM_STATE_DIR/emulator.log)" >&2
 
 # One style and no lint warnings, checked before anything is built for the tests.
 cargo fmt --all --check
