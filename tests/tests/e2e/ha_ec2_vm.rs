@@ -40,6 +40,11 @@ fn required(name: &str) -> String {
 
 impl Moto {
     fn from_env() -> Self {
+        assert_eq!(
+            std::env::var("BERTH_TEST_VM_EMULATOR").as_deref(),
+            Ok("1"),
+            "the VM emulator is not running: run ./scripts/test.sh (docs/vm-emulator.md)"
+        );
         Self {
             url: required("BERTH_TEST_MOTO_URL"),
             key: required("BERTH_TEST_MOTO_ACCESS_KEY"),
@@ -47,99 +52,56 @@ impl Moto {
         }
     }
 
-    /// One EC2 API call (boto3's method name and keyword arguments); its answer.
-    fn ec2(&self, action: &str, params: Value) -> Value {
-        const CALL: &str = "import boto3, json, sys\n\
-            c = boto3.client('ec2', endpoint_url=sys.argv[1], region_name='us-east-1',\n\
-                             aws_access_key_id=sys.argv[2], aws_secret_access_key=sys.argv[3])\n\
-            r = getattr(c, sys.argv[4])(**json.loads(sys.argv[5]))\n\
-            r.pop('ResponseMetadata', None)\n\
-            print(json.dumps(r, default=str))\n";
+    /// `aws_helper.py` (the emulator's hands on moto, docs/vm-emulator.md): one command, its JSON answer.
+    fn helper(&self, args: &[&str]) -> Value {
         let out = Command::new("python3")
-            .args(["-c", CALL, &self.url, &self.key, &self.secret, action])
-            .arg(params.to_string())
+            .arg(berth_tests::repo_dir().join("scripts/vm-emulator/aws_helper.py"))
+            .args(args)
+            .env("BERTH_TEST_MOTO_URL", &self.url)
+            .env("BERTH_TEST_MOTO_ACCESS_KEY", &self.key)
+            .env("BERTH_TEST_MOTO_SECRET_KEY", &self.secret)
             .output()
             .expect("python3 runs");
         assert!(
             out.status.success(),
-            "ec2 {action} {params}: {}",
+            "aws_helper.py {args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
-    /// The first x86_64 image moto offers (the emulator boots its baked image whatever the AMI).
-    fn image(&self) -> String {
-        let images = self.ec2(
-            "describe_images",
-            json!({ "Owners": ["amazon"], "Filters": [{"Name": "architecture", "Values": ["x86_64"]}] }),
-        );
-        images["Images"][0]["ImageId"].as_str().unwrap().to_string()
-    }
-
     fn terminate(&self, vm: &str) {
-        self.ec2("terminate_instances", json!({ "InstanceIds": [vm] }));
+        self.helper(&["terminate", vm]);
     }
 
-    /// A VPC of `cidr` (a /17) with a /24 subnet per zone; the subnets' ids.
-    fn own_network(&self, cidr: &str) -> (String, Vec<String>) {
-        let vpc = self.ec2("create_vpc", json!({ "CidrBlock": cidr }))["Vpc"]["VpcId"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        let base: std::net::Ipv4Addr = cidr.split('/').next().unwrap().parse().unwrap();
-        let [a, b, c, _] = base.octets();
-        let subnets = ZONES
-            .iter()
-            .enumerate()
-            .map(|(i, zone)| {
-                let block = format!("{a}.{b}.{}.0/24", c as usize + i + 1);
-                self.ec2(
-                    "create_subnet",
-                    json!({ "VpcId": vpc, "CidrBlock": block, "AvailabilityZone": zone }),
-                )["Subnet"]["SubnetId"]
-                    .as_str()
-                    .unwrap()
-                    .to_string()
-            })
-            .collect();
-        (vpc, subnets)
-    }
-
-    /// What is left in moto of an instance: (live VMs, interfaces, volumes, security groups, addresses).
-    fn leftovers(&self, instance: &str) -> (usize, usize, usize, usize, usize) {
-        let tagged = json!({ "Filters": [{"Name": "tag:berth:instance", "Values": [instance]}] });
-        let vms = self.ec2("describe_instances", tagged.clone())["Reservations"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .flat_map(|r| r["Instances"].as_array().unwrap().clone())
-            .filter(|i| i["State"]["Name"] != "terminated")
-            .count();
-        let count = |action: &str, key: &str| {
-            self.ec2(action, tagged.clone())[key]
-                .as_array()
-                .map_or(0, Vec::len)
-        };
-        (
-            vms,
-            count("describe_network_interfaces", "NetworkInterfaces"),
-            count("describe_volumes", "Volumes"),
-            count("describe_security_groups", "SecurityGroups"),
-            count("describe_addresses", "Addresses"),
-        )
+    /// The instance's network interfaces left in moto (`aws_helper.py tagged` counts the rest).
+    fn interfaces(&self, instance: &str) -> usize {
+        const CALL: &str = "import boto3, json, sys\n\
+            c = boto3.client('ec2', endpoint_url=sys.argv[1], region_name='us-east-1',\n\
+                             aws_access_key_id=sys.argv[2], aws_secret_access_key=sys.argv[3])\n\
+            f = [{'Name': 'tag:berth:instance', 'Values': [sys.argv[4]]}]\n\
+            print(len(c.describe_network_interfaces(Filters=f)['NetworkInterfaces']))\n";
+        let out = Command::new("python3")
+            .args(["-c", CALL, &self.url, &self.key, &self.secret, instance])
+            .output()
+            .expect("python3 runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
     }
 }
 
-/// The emulator's docker (its own daemon's socket), for what an operator of real VMs would do to the network.
+/// The emulator's docker engine: the VMs' containers and the VPC's network.
 struct Docker {
     host: String,
+    /// The emulator's name: its containers are `<name>-<VM id>`, a VPC's network `<name>-us-east-1-<VPC id>`.
+    name: String,
 }
 
 impl Docker {
     fn from_env() -> Self {
         Self {
             host: required("BERTH_TEST_VM_DOCKER_HOST"),
+            name: required("BERTH_TEST_VM_NAME"),
         }
     }
 
@@ -156,29 +118,55 @@ impl Docker {
             Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
         }
     }
+
+    fn container(&self, vm: &str) -> String {
+        format!("{}-{vm}", self.name)
+    }
+
+    fn network(&self, vpc: &str) -> String {
+        format!("{}-us-east-1-{vpc}", self.name)
+    }
+
+    /// `sql` run as the VM's postgres superuser on its Unix socket (reachable whatever its network does).
+    fn psql_in(&self, vm: &str, sql: &str) -> Result<String, String> {
+        self.run(&[
+            "exec", "-u", "postgres", &self.container(vm), "psql", "-h", "/var/run/postgresql", "-XqAtc", sql,
+        ])
+    }
 }
 
 /// One cluster under test: the stack, its instance, and how the tests reach its members.
 struct Cluster {
     stack: Stack,
     moto: Moto,
+    docker: Docker,
+    vpc: String,
     instance: String,
     ids: (String, String),
     /// The cluster's CA (from a binding): Patroni's REST API and Postgres are TLS.
     ca: Option<String>,
+    /// Every VM the cluster had: none may be left in docker after the deprovision.
+    vms_seen: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Cluster {
-    async fn start(moto: Moto, vpc_cidr: &str) -> Self {
-        let (_, subnets) = moto.own_network(vpc_cidr);
+    /// A stack on `HA_ENGINE=ec2` and moto, in a VPC of its own (`vpc_cidr`) that the emulator follows.
+    async fn start(vpc_cidr: &str) -> Self {
+        let moto = Moto::from_env();
+        let docker = Docker::from_env();
+        let network = moto.helper(&["vpc", vpc_cidr, "ha-ec2-vm"]);
+        let subnets: Vec<&str> = ZONES
+            .iter()
+            .map(|z| network["subnets"][z].as_str().unwrap())
+            .collect();
         let stack = Stack::start_with(vec![
             ("HA_ENGINE", "ec2".into()),
             ("AWS_REGION", "us-east-1".into()),
             ("AWS_ENDPOINT_URL", moto.url.clone()),
             ("AWS_ACCESS_KEY_ID", moto.key.clone()),
             ("AWS_SECRET_ACCESS_KEY", moto.secret.clone()),
-            ("EC2_AMI_X86_64", moto.image()),
-            ("EC2_AMI_ARM64", moto.image()),
+            ("EC2_AMI_X86_64", network["ami_x86_64"].as_str().unwrap().into()),
+            ("EC2_AMI_ARM64", network["ami_arm64"].as_str().unwrap().into()),
             ("EC2_SUBNET_IDS", subnets.join(",")),
             ("EC2_READINESS_PROBE", "true".into()),
         ])
@@ -188,9 +176,12 @@ impl Cluster {
         Self {
             stack,
             moto,
+            docker,
+            vpc: network["vpc"].as_str().unwrap().to_string(),
             instance: uuid::Uuid::new_v4().to_string(),
             ids,
             ca: None,
+            vms_seen: Default::default(),
         }
     }
 
@@ -225,9 +216,12 @@ impl Cluster {
     /// The member slots as the engine records them: name → (private address, VM id).
     async fn members(&self) -> BTreeMap<String, (String, String)> {
         let details = self.stack.instance_details(&self.instance).await;
-        details["ha_ec2"]["members"]
-            .as_array()
+        let slots = details["ha_ec2"]["members"].as_array().cloned().unwrap_or_default();
+        self.vms_seen
+            .lock()
             .unwrap()
+            .extend(slots.iter().filter_map(|m| m["vm_id"].as_str()).map(str::to_string));
+        slots
             .iter()
             .filter(|m| m["retiring"] != true)
             .map(|m| {
@@ -350,18 +344,58 @@ impl Cluster {
         self.stack.wait_succeeded(&self.base(), WAIT).await;
     }
 
-    /// Deprovisions; nothing of the instance is left in moto.
+    /// Deprovisions: nothing of the instance is left in moto, and no container, network or loop device of it in
+    /// the emulator's docker.
     async fn deprovision(self) {
+        self.members().await;
+        let volumes: Vec<String> = self.moto.helper(&["tagged", &self.instance])["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["id"].as_str().unwrap().to_string())
+            .collect();
         let (status, last) = self
             .stack
             .delete_until_done(&self.base(), &self.ids, WAIT)
             .await;
         assert_eq!(status, 410, "{last}\n{}", self.stack.logs());
-        assert_eq!(
-            self.moto.leftovers(&self.instance),
-            (0, 0, 0, 0, 0),
-            "no VM, interface, volume, security group or address is left in moto"
-        );
+        let left = self.moto.helper(&["tagged", &self.instance]);
+        for kind in ["vms", "volumes", "addresses", "security_groups"] {
+            assert_eq!(left[kind], json!([]), "{kind} left in moto: {left}");
+        }
+        assert_eq!(self.moto.interfaces(&self.instance), 0, "interfaces left in moto");
+        // The emulator follows within a poll or two.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let containers = self.docker.run(&["ps", "-a", "--format", "{{.Names}}"]).unwrap();
+            let networks = self.docker.run(&["network", "ls", "--format", "{{.Name}}"]).unwrap();
+            let status = std::fs::read_to_string(
+                std::path::Path::new(&required("BERTH_TEST_VM_STATE_DIR")).join("status.json"),
+            )
+            .unwrap_or_default();
+            let left: Vec<String> = self
+                .vms_seen
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|vm| self.docker.container(vm))
+                .filter(|c| containers.lines().any(|l| l == c))
+                .chain(
+                    Some(self.docker.network(&self.vpc))
+                        .filter(|n| networks.lines().any(|l| l == n)),
+                )
+                .chain(volumes.iter().filter(|v| status.contains(v.as_str())).cloned())
+                .collect();
+            if left.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "left in the emulator's docker after the deprovision: {left:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        self.moto.helper(&["delete-vpc", &self.vpc]);
         self.stack.stop().await;
     }
 }
@@ -473,7 +507,7 @@ fn assert_every_acked_write_is_there(url: &str, acked: &[i32]) {
 
 #[tokio::test]
 async fn ha_ec2_vms_form_a_cluster_lose_the_primary_vm_and_heal() {
-    let mut cluster = Cluster::start(Moto::from_env(), "10.202.0.0/17").await;
+    let mut cluster = Cluster::start("10.202.0.0/17").await;
     let provisioned = cluster.provision().await;
     eprintln!("bench: ha_ec2 provision→ready (3 VMs): {provisioned:.1?}");
     let creds = cluster.bind("app").await;
@@ -553,8 +587,7 @@ async fn ha_ec2_vms_form_a_cluster_lose_the_primary_vm_and_heal() {
 
 #[tokio::test]
 async fn ha_ec2_vms_scale_and_survive_a_partition_of_the_primary() {
-    let docker = Docker::from_env();
-    let mut cluster = Cluster::start(Moto::from_env(), "10.202.128.0/17").await;
+    let mut cluster = Cluster::start("10.202.128.0/17").await;
     cluster.provision().await;
     let creds = cluster.bind("app").await;
     let url = creds["DATABASE_URL"].as_str().unwrap().to_string();
@@ -575,6 +608,85 @@ async fn ha_ec2_vms_scale_and_survive_a_partition_of_the_primary() {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
-    let _ = docker;
+
+    // A partition of the primary's VM (docker network disconnect: its cable pulled). Cut off from etcd's quorum,
+    // its Patroni cannot renew the leader key and demotes it: it stops taking writes. The others elect a new
+    // primary, which takes writes through the same DATABASE_URL. When the partition heals, the old primary
+    // rejoins as a replica of the new one (pg_rewind).
+    let leader = cluster.wait_healthy(3).await;
+    let members = cluster.members().await;
+    let (old_ip, old_vm) = members[&leader].clone();
+    run_psql(&url, "INSERT INTO acked VALUES (1)").unwrap();
+    let (container, network) = (
+        cluster.docker.container(&old_vm),
+        cluster.docker.network(&cluster.vpc),
+    );
+    let cut = Instant::now();
+    cluster
+        .docker
+        .run(&["network", "disconnect", &network, &container])
+        .unwrap();
+    loop {
+        if cluster.docker.psql_in(&old_vm, "SELECT pg_is_in_recovery()").as_deref() == Ok("t") {
+            break;
+        }
+        assert!(
+            cut.elapsed() < Duration::from_secs(90),
+            "the cut-off primary never stopped taking writes: {:?}",
+            cluster.docker.psql_in(&old_vm, "SELECT pg_is_in_recovery()")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let demoted = cut.elapsed();
+    let refused = cluster.docker.psql_in(&old_vm, "INSERT INTO acked VALUES (2)");
+    assert!(
+        refused.as_ref().is_err_and(|e| e.contains("read-only")),
+        "the cut-off old primary refuses writes: {refused:?}"
+    );
+    let others: Vec<String> = members
+        .iter()
+        .filter(|(name, _)| **name != leader)
+        .map(|(_, (ip, _))| ip.clone())
+        .collect();
+    let new_leader = loop {
+        let view = cluster.patroni(&others).await.unwrap_or_default();
+        let elected = view["members"].as_array().and_then(|m| {
+            m.iter()
+                .find(|m| m["role"] == "leader" && m["state"] == "running" && m["name"] != leader.as_str())
+        });
+        if let Some(elected) = elected {
+            break elected["name"].as_str().unwrap().to_string();
+        }
+        assert!(
+            cut.elapsed() < Duration::from_secs(120),
+            "no new primary was elected: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let written = first_write(&cluster.stack, &url, cut).await;
+    eprintln!(
+        "partition of the primary's VM: it was read-only after {demoted:.1?}; the new primary took a write through \
+         DATABASE_URL after {:.1?}",
+        written - cut
+    );
+    cluster
+        .docker
+        .run(&["network", "connect", "--ip", &old_ip, &network, &container])
+        .unwrap();
+    assert_eq!(
+        cluster.wait_healthy(3).await,
+        new_leader,
+        "the healed member rejoins as a replica"
+    );
+    assert_eq!(
+        cluster.docker.psql_in(&old_vm, "SELECT pg_is_in_recovery()").as_deref(),
+        Ok("t")
+    );
+    assert_eq!(
+        run_psql(&url, "SELECT count(*) FROM acked WHERE id IN (1, -1)").unwrap(),
+        "2",
+        "the writes before and during the partition are on the new primary"
+    );
+
     cluster.deprovision().await;
 }
