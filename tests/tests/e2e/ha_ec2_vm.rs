@@ -412,7 +412,11 @@ impl Cluster {
             .stack
             .delete_until_done(&self.base(), &self.ids, WAIT)
             .await;
-        assert_eq!(status, 410, "{last}\n{}", self.stack.logs());
+        assert!(
+            status == 410 || (status == 200 && last["state"] == "succeeded"),
+            "{status} {last}\n{}",
+            self.stack.logs()
+        );
         let left = self.moto.helper(&["tagged", &self.instance]);
         for kind in ["vms", "volumes", "addresses", "security_groups"] {
             assert_eq!(left[kind], json!([]), "{kind} left in moto: {left}");
