@@ -31,8 +31,6 @@ import time
 
 import boto3
 
-import imds
-
 log = logging.getLogger("vm-emulator")
 
 LABEL = "berth.vm.emulator"
@@ -198,7 +196,6 @@ class Emulator:
             # EBS volumes are loop devices (major 7), made in /dev when attached.
             "--device-cgroup-rule", "b 7:* rmw",
             "--label", f"{LABEL}={self.name}", "--label", f"berth.vm.instance={vm_id}",
-            *imds.create_args(self.state_dir, vm_id),
             self.image,
         )
         with tempfile.TemporaryDirectory() as seed:
@@ -211,7 +208,6 @@ class Emulator:
         # No default route: nothing a VM sends can leave the machine, whatever the host's forwarding says.
         pid = docker("inspect", "-f", "{{.State.Pid}}", container)
         run("nsenter", "-t", pid, "-n", "ip", "route", "del", "default", check=False)
-        imds.start(docker, run, container, pid)
         self.vms[vm_id] = {
             "container": container, "region": region, "ip": ip, "network": network,
             "running": True, "devices": {}, "booted_at": time.time(),
@@ -232,7 +228,6 @@ class Emulator:
             docker("start", vm["container"])
             pid = docker("inspect", "-f", "{{.State.Pid}}", vm["container"])
             run("nsenter", "-t", pid, "-n", "ip", "route", "del", "default", check=False)
-            imds.start(docker, run, vm["container"], pid)
             vm["running"] = True
             log.info("started %s again", vm_id)
 
@@ -240,7 +235,6 @@ class Emulator:
         vm = self.vms.pop(vm_id)
         self.keep_logs(vm_id, vm["container"])
         docker("rm", "-f", vm["container"], check=False)
-        imds.forget(self.state_dir, vm_id)
         log.info("removed %s (%s)", vm_id, vm["container"])
 
     def keep_logs(self, vm_id, container):
@@ -361,7 +355,6 @@ class Emulator:
                             self.start_again(vm_id)
                         else:
                             self.boot(region, instance)
-                        imds.publish(self.state_dir, instance)
                     except Exception as e:  # noqa: BLE001 - one VM's failure must not stop the others
                         log.error("booting %s failed: %s", vm_id, e)
                 elif state in STOPPED_STATES and vm_id in self.vms:
@@ -404,7 +397,6 @@ class Emulator:
         for entry in os.listdir(self.loop_dir):
             if entry.startswith(f"{self.name}-") and entry.endswith(".img"):
                 os.unlink(os.path.join(self.loop_dir, entry))
-        imds.forget_all(self.state_dir)
         self.vms.clear()
         self.networks.clear()
         self.loops.clear()
