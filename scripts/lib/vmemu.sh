@@ -75,5 +75,10 @@ vmemu_stop() {
     kill -KILL "$pid" 2>/dev/null || true
     rm -f "$dir/emulator.pid"
   fi
+  # Loop devices over its volume files, should it have been killed before removing them.
+  if [ -n "${BERTH_TEST_VM_LOOP_DIR:-}" ]; then
+    losetup --list --noheadings --output NAME,BACK-FILE 2>/dev/null \
+      | awk -v d="$BERTH_TEST_VM_LOOP_DIR/" 'index($2, d) == 1 { print $1 }' | xargs -r -n1 losetup -d 2>/dev/null || true
+  fi
   docker_stop
 }

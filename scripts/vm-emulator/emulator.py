@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +40,7 @@ LABEL = "berth.vm.emulator"
 FOLLOW_TAG = "berth:vm-emulator"
 BOOTING_STATES = {"pending", "running"}
 STOPPED_STATES = {"stopping", "stopped"}
+IMDS_ADDRESS = "169.254.169.254"
 # Volumes bigger than this are made with this size: the files are sparse, but mkfs still writes its tables.
 MAX_VOLUME_GIB = 64
 
@@ -84,10 +86,14 @@ class Emulator:
         self.vms = {}
         # (region, vpc id) -> docker network name
         self.networks = {}
+        # docker network name -> its bridge on the host
+        self.bridges = {}
         # volume id -> {file, loop}
         self.loops = {}
         # (public ip, port) -> {target, server}
         self.proxies = {}
+        # bridge -> the metadata server bound to it
+        self.metadata_servers = {}
         self.last_status = None
 
     # --- moto -------------------------------------------------------------------------------------------------
@@ -140,6 +146,9 @@ class Emulator:
         )
         log.info("network %s for %s (%s)", name, vpc_id, cidr)
         self.networks[key] = name
+        # The instance metadata service answers on the bridge (a server bound to this bridge only, so another
+        # emulator's bridge can hold the same address).
+        run("ip", "addr", "add", f"{IMDS_ADDRESS}/32", "dev", self.bridge_of(name), check=False)
         return name
 
     def refuse_overlap(self, cidr):
@@ -161,8 +170,12 @@ class Emulator:
                 )
 
     def bridge_of(self, network):
-        network_id = docker("network", "inspect", "-f", "{{.Id}}", network, check=False)
-        return "br-" + network_id[:12] if network_id else ""
+        if network not in self.bridges:
+            network_id = docker("network", "inspect", "-f", "{{.Id}}", network, check=False)
+            if not network_id:
+                return ""
+            self.bridges[network] = "br-" + network_id[:12]
+        return self.bridges[network]
 
     def prune_networks(self):
         used = {vm["network"] for vm in self.vms.values()}
@@ -170,6 +183,7 @@ class Emulator:
             if name not in used:
                 docker("network", "rm", name, check=False)
                 del self.networks[key]
+                self.bridges.pop(name, None)
                 log.info("network %s removed (no VM on it)", name)
 
     # --- VMs --------------------------------------------------------------------------------------------------
@@ -205,14 +219,20 @@ class Emulator:
                 f.write(user_data)
             docker("cp", seed + "/.", f"{container}:/var/lib/cloud/seed/nocloud")
         docker("start", container)
-        # No default route: nothing a VM sends can leave the machine, whatever the host's forwarding says.
-        pid = docker("inspect", "-f", "{{.State.Pid}}", container)
-        run("nsenter", "-t", pid, "-n", "ip", "route", "del", "default", check=False)
+        self.route(container, network)
         self.vms[vm_id] = {
             "container": container, "region": region, "ip": ip, "network": network,
-            "running": True, "devices": {}, "booted_at": time.time(),
+            "running": True, "devices": {}, "booted_at": time.time(), "metadata": metadata_of(instance),
         }
         log.info("booted %s as %s at %s on %s", vm_id, container, ip, network)
+
+    def route(self, container, network):
+        """No default route (nothing a VM sends can leave the machine, whatever the host forwards); the metadata
+        address through the bridge."""
+        pid = docker("inspect", "-f", "{{.State.Pid}}", container)
+        gateway = docker("network", "inspect", "-f", "{{(index .IPAM.Config 0).Gateway}}", network)
+        run("nsenter", "-t", pid, "-n", "ip", "route", "del", "default", check=False)
+        run("nsenter", "-t", pid, "-n", "ip", "route", "replace", f"{IMDS_ADDRESS}/32", "via", gateway, check=False)
 
     def stop(self, vm_id):
         vm = self.vms[vm_id]
@@ -226,8 +246,7 @@ class Emulator:
         vm = self.vms[vm_id]
         if not vm["running"]:
             docker("start", vm["container"])
-            pid = docker("inspect", "-f", "{{.State.Pid}}", vm["container"])
-            run("nsenter", "-t", pid, "-n", "ip", "route", "del", "default", check=False)
+            self.route(vm["container"], vm["network"])
             vm["running"] = True
             log.info("started %s again", vm_id)
 
@@ -321,7 +340,12 @@ class Emulator:
             if not ipaddress.ip_address(public_ip).is_loopback:
                 log.warning("address %s of %s is not on the loopback: not served", public_ip, vm_id)
                 continue
-            group_ids = [g["GroupId"] for g in by_id.get(vm_id, {}).get("SecurityGroups", [])]
+            # The groups of the instance and of its network interfaces (a launch with an interface spec names
+            # them there only).
+            instance = by_id.get(vm_id, {})
+            group_ids = {g["GroupId"] for g in instance.get("SecurityGroups", [])}
+            for interface in instance.get("NetworkInterfaces", []):
+                group_ids.update(g["GroupId"] for g in interface.get("Groups", []))
             for group_id in group_ids:
                 if group_id not in groups:
                     found = self.ec2(region).describe_security_groups(GroupIds=[group_id])["SecurityGroups"]
@@ -338,7 +362,8 @@ class Emulator:
 
     # --- one pass ---------------------------------------------------------------------------------------------
     def reconcile(self):
-        """Brings docker in line with moto; returns the wanted address forwarders."""
+        """Brings docker in line with moto; returns the wanted address forwarders and the bridges (each gets a
+        metadata server)."""
         proxies = {}
         for region in self.regions:
             instances, volumes, addresses = self.snapshot(region)
@@ -349,6 +374,8 @@ class Emulator:
             for instance in instances:
                 vm_id = instance["InstanceId"]
                 state = instance["State"]["Name"]
+                if vm_id in self.vms:
+                    self.vms[vm_id]["metadata"] = metadata_of(instance)
                 if state in BOOTING_STATES:
                     try:
                         if vm_id in self.vms:
@@ -365,7 +392,10 @@ class Emulator:
             self.sync_devices(region, volumes, {i["InstanceId"]: i.get("RootDeviceName") for i in instances})
             proxies.update(self.wanted_proxies(region, addresses, instances))
         self.prune_networks()
-        return proxies
+        return proxies, {self.bridge_of(n) for n in self.networks.values()}
+
+    def vm_at(self, ip):
+        return next((vm for vm in self.vms.values() if vm["ip"] == ip), None)
 
     def write_status(self, proxies):
         status = {
@@ -399,7 +429,91 @@ class Emulator:
                 os.unlink(os.path.join(self.loop_dir, entry))
         self.vms.clear()
         self.networks.clear()
+        self.bridges.clear()
         self.loops.clear()
+
+
+def metadata_of(instance):
+    """What the metadata service tells a VM about itself."""
+    options = instance.get("MetadataOptions", {})
+    return {
+        "instance-id": instance["InstanceId"],
+        "instance-type": instance.get("InstanceType", ""),
+        "local-ipv4": instance.get("PrivateIpAddress", ""),
+        "public-ipv4": instance.get("PublicIpAddress", ""),
+        "placement/availability-zone": instance.get("Placement", {}).get("AvailabilityZone", ""),
+        "tags": {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+        if options.get("InstanceMetadataTags") == "enabled"
+        else None,
+    }
+
+
+def metadata_answer(emulator, peer, method, path):
+    """(status, body) of an IMDSv2 request from the VM at `peer`."""
+    if method == "PUT" and path == "/latest/api/token":
+        return 200, "berth-vm-emulator-token"
+    vm = emulator.vm_at(peer)
+    prefix = "/latest/meta-data/"
+    if method != "GET" or vm is None or not path.startswith(prefix):
+        return 404, "Not Found"
+    facts = vm.get("metadata", {})
+    key = path[len(prefix):]
+    if key.startswith("tags/instance"):
+        tags = facts.get("tags")
+        if tags is None:
+            return 404, "Not Found"
+        name = key[len("tags/instance"):].strip("/")
+        if not name:
+            return 200, "\n".join(sorted(tags))
+        return (200, tags[name]) if name in tags else (404, "Not Found")
+    value = facts.get(key)
+    return (200, value) if isinstance(value, str) and value else (404, "Not Found")
+
+
+async def serve_metadata(emulator, reader, writer):
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        method, path = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")[:2]
+        length = 0
+        for line in head.decode("latin-1").split("\r\n")[1:]:
+            if line.lower().startswith("content-length:"):
+                length = int(line.split(":", 1)[1])
+        if length:
+            await reader.readexactly(length)
+        status, body = metadata_answer(emulator, writer.get_extra_info("peername")[0], method, path)
+        data = body.encode()
+        reason = "OK" if status == 200 else "Not Found"
+        writer.write(
+            f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {len(data)}\r\n"
+            f"Connection: close\r\n\r\n".encode() + data
+        )
+        await writer.drain()
+    except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, ValueError):
+        pass
+    finally:
+        writer.close()
+
+
+async def sync_metadata_servers(emulator, bridges):
+    for bridge, server in list(emulator.metadata_servers.items()):
+        if bridge not in bridges:
+            server.close()
+            del emulator.metadata_servers[bridge]
+    for bridge in bridges:
+        if not bridge or bridge in emulator.metadata_servers:
+            continue
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, bridge.encode())
+            sock.bind((IMDS_ADDRESS, 80))
+            server = await asyncio.start_server(lambda r, w: serve_metadata(emulator, r, w), sock=sock)
+        except OSError as e:
+            sock.close()
+            log.error("the metadata service on %s failed: %s", bridge, e)
+            continue
+        emulator.metadata_servers[bridge] = server
+        log.info("metadata service on %s", bridge)
 
 
 async def pipe(reader, writer):
@@ -458,8 +572,9 @@ async def main():
     try:
         while not stop.is_set():
             try:
-                wanted = await asyncio.to_thread(emulator.reconcile)
+                wanted, bridges = await asyncio.to_thread(emulator.reconcile)
                 await sync_proxies(emulator, wanted)
+                await sync_metadata_servers(emulator, bridges)
                 emulator.write_status(wanted)
             except Exception as e:  # noqa: BLE001 - moto may be busy or going away; the next pass retries
                 log.warning("pass failed: %s", e)
@@ -471,6 +586,7 @@ async def main():
         for entry in emulator.proxies.values():
             entry["server"].close()
         emulator.proxies.clear()
+        await sync_metadata_servers(emulator, set())
         await asyncio.to_thread(emulator.clean_everything)
         emulator.write_status({})
         log.info("stopped; everything it made is removed")

@@ -7,6 +7,7 @@ mod chaos;
 mod cli;
 mod command_line;
 mod dedicated_local;
+mod dedicated_spot_vm;
 mod embedded_default;
 mod ha_ec2_vm;
 mod ha_local;

@@ -132,6 +132,10 @@ mod tests {
             "CREATE DATABASE shop OWNER bt_own_abc",
             "\\c shop\n      CREATE EXTENSION IF NOT EXISTS \"pg_trgm\";\n      CREATE EXTENSION IF NOT EXISTS \"citext\";\n",
             "systemctl enable --now berth-postgres",
+            // An image with PostgreSQL baked in installs nothing (the VM emulator's, say).
+            "if ! dpkg -s \"postgresql-$PGV\" >/dev/null 2>&1",
+            // setup.sql is root's (0600): psql, run as postgres, reads it from its standard input.
+            "-d postgres </etc/berth/setup.sql",
             "runcmd:\n  - [/usr/local/sbin/berth-setup]\n",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
