@@ -118,10 +118,9 @@ async fn dedicated_spot_boots_survives_an_interruption_and_leaves_nothing() {
         .values()
         .map(|s| s.as_str().unwrap())
         .collect();
-    let folder = TestFolder(std::env::temp_dir().join(format!(
-        "berth-spot-vm-{}",
-        uuid::Uuid::new_v4().simple()
-    )));
+    let folder = TestFolder(
+        std::env::temp_dir().join(format!("berth-spot-vm-{}", uuid::Uuid::new_v4().simple())),
+    );
     std::fs::create_dir_all(&folder.0).unwrap();
     let args_file = folder.0.join("callback-args");
     let callback = folder.0.join("callback.sh");
@@ -193,7 +192,10 @@ async fn dedicated_spot_boots_survives_an_interruption_and_leaves_nothing() {
     let private_ip = vm["private_ip"].as_str().unwrap().to_string();
     assert!(private_ip.starts_with("10.201."), "{vm}");
     assert_eq!(state["ip_private"], private_ip.as_str());
-    let static_ip = state["static_ip"].as_str().expect("an Elastic IP").to_string();
+    let static_ip = state["static_ip"]
+        .as_str()
+        .expect("an Elastic IP")
+        .to_string();
     assert_eq!(details["host"], static_ip.as_str(), "{details}");
     assert!(
         container_runs(&vm_id),
@@ -247,9 +249,11 @@ async fn dedicated_spot_boots_survives_an_interruption_and_leaves_nothing() {
     assert_eq!(volume["attached_to"], vm_id.as_str());
     let interrupted = Instant::now();
     aws(&["terminate", &vm_id]);
-    eventually(Duration::from_secs(60), "the interrupted VM's container is gone", || {
-        docker(&["inspect", &container(&vm_id)]).is_none()
-    })
+    eventually(
+        Duration::from_secs(60),
+        "the interrupted VM's container is gone",
+        || docker(&["inspect", &container(&vm_id)]).is_none(),
+    )
     .await;
     let deadline = Instant::now() + WAIT;
     let rows = loop {
@@ -270,24 +274,37 @@ async fn dedicated_spot_boots_survives_an_interruption_and_leaves_nothing() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     let interruption_to_recovered = interrupted.elapsed();
-    assert_eq!(rows, ROWS, "the rows written before the interruption are there");
+    assert_eq!(
+        rows, ROWS,
+        "the rows written before the interruption are there"
+    );
     let replacement = the_vm(&instance);
     let replacement_id = replacement["id"].as_str().unwrap().to_string();
     assert_ne!(replacement_id, vm_id);
-    assert_eq!(replacement["zone"], volume["zone"], "recovered in the volume's zone");
+    assert_eq!(
+        replacement["zone"], volume["zone"],
+        "recovered in the volume's zone"
+    );
     let held = tagged(&instance);
     assert_eq!(held["volumes"][0]["id"], volume["id"], "{held}");
     assert_eq!(held["volumes"][0]["attached_to"], replacement_id.as_str());
     assert!(container_runs(&replacement_id));
     let new_private_ip = replacement["private_ip"].as_str().unwrap().to_string();
     let credentials = stack.fetch_credentials(&binding).await;
-    assert_eq!(credentials["DATABASE_URL"], url.as_str(), "static_ip keeps DATABASE_URL");
+    assert_eq!(
+        credentials["DATABASE_URL"],
+        url.as_str(),
+        "static_ip keeps DATABASE_URL"
+    );
     let mut db = PgConnection::connect(&url).await.unwrap();
     let server: String = sqlx::query_scalar("SELECT host(inet_server_addr())")
         .fetch_one(&mut db)
         .await
         .unwrap();
-    assert_eq!(server, new_private_ip, "the server runs on the replacement VM");
+    assert_eq!(
+        server, new_private_ip,
+        "the server runs on the replacement VM"
+    );
     sqlx::query("INSERT INTO kept VALUES ($1, 'after')")
         .bind(ROWS + 1)
         .execute(&mut db)
@@ -295,7 +312,10 @@ async fn dedicated_spot_boots_survives_an_interruption_and_leaves_nothing() {
         .expect("the binding writes again");
     db.close().await.unwrap();
     let details = stack.instance_details(&instance).await;
-    assert!(details["recoveries"].as_i64().unwrap_or(0) >= 1, "{details}");
+    assert!(
+        details["recoveries"].as_i64().unwrap_or(0) >= 1,
+        "{details}"
+    );
     assert_eq!(details["ec2"]["vm_id"], replacement_id.as_str());
     delivered
         .assert_addresses(&new_private_ip, &static_ip)

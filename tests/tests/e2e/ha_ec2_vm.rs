@@ -721,21 +721,17 @@ async fn ha_ec2_vms_scale_and_survive_a_partition_of_the_primary() {
         .docker
         .run(&["network", "disconnect", &network, &container])
         .unwrap();
+    // Patroni demotes it "offline": PostgreSQL stops, and later starts again read-only. Either way no write.
     loop {
-        if cluster
+        let primary = cluster
             .docker
-            .psql_in(&old_vm, &database, "SELECT pg_is_in_recovery()")
-            .as_deref()
-            == Ok("t")
-        {
+            .psql_in(&old_vm, &database, "SELECT pg_is_in_recovery()");
+        if primary.as_deref() != Ok("f") {
             break;
         }
         assert!(
             cut.elapsed() < Duration::from_secs(90),
-            "the cut-off primary never stopped taking writes: {:?}",
-            cluster
-                .docker
-                .psql_in(&old_vm, &database, "SELECT pg_is_in_recovery()")
+            "the cut-off primary never stopped taking writes"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -744,7 +740,7 @@ async fn ha_ec2_vms_scale_and_survive_a_partition_of_the_primary() {
         .docker
         .psql_in(&old_vm, &database, "INSERT INTO acked VALUES (2)");
     assert!(
-        refused.as_ref().is_err_and(|e| e.contains("read-only")),
+        refused.is_err(),
         "the cut-off old primary refuses writes: {refused:?}"
     );
     let others: Vec<String> = members
@@ -770,7 +766,7 @@ async fn ha_ec2_vms_scale_and_survive_a_partition_of_the_primary() {
     };
     let written = first_write(&cluster.stack, &url, cut).await;
     eprintln!(
-        "partition of the primary's VM: it was read-only after {demoted:.1?}; the new primary took a write through \
+        "partition of the primary's VM: it stopped taking writes after {demoted:.1?}; the new primary took a write through \
          DATABASE_URL after {:.1?}",
         written - cut
     );
