@@ -207,8 +207,13 @@ async fn ha_cluster_fails_over_heals_switches_scales_and_leaves_nothing() {
         "service_id": ids.0, "plan_id": ids.1, "organization_guid": "org", "space_guid": "space",
         "parameters": {"members": 3, "synchronous": true, "extensions": ["pgcrypto"]},
     });
+    let provisioning = Instant::now();
     stack.put_until_done(&base, &provision, WAIT).await;
     let first_leader = wait_healthy(&stack, &files, 3).await;
+    eprintln!(
+        "bench: ha_local provision→ready (3 members): {:.1?}",
+        provisioning.elapsed()
+    );
     assert_a_synchronous_tls_only_cluster(&stack, &files, &instance, &first_leader).await;
 
     // Bind: multi-host URLs, endpoints for every member.
@@ -467,7 +472,8 @@ async fn assert_a_new_primary_has_every_acked_write(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     eprintln!(
-        "failover: a write through DATABASE_URL succeeded {:?} after kill -9",
+        "bench: ha_local kill -9 failover: write outage {:.1?} (a write through DATABASE_URL succeeded after the \
+         primary's Patroni and postmaster were killed)",
         killed_at.elapsed()
     );
     let list = acked

@@ -10,6 +10,7 @@ mod dashboard;
 mod dedicated_local;
 mod dedicated_spot_vm;
 mod embedded_default;
+mod ha_ec2_vm;
 mod ha_local;
 mod key_rotation;
 mod openapi;
