@@ -6,7 +6,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 /// The platform and the user id of an originating identity.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Actor {
     /// `cloudfoundry`, `kubernetes`, `berth` (berth itself: an expiry), ...
     pub platform: String,

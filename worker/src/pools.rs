@@ -114,7 +114,7 @@ pub async fn check(pool: &PgPool, services: &Services) -> anyhow::Result<Checked
             .iter()
             .find(|i| i.id == id)
             .map(|i| i.plan_id.as_str());
-        if plan.is_some_and(|p| served_here(p)) {
+        if plan.is_some_and(&served_here) {
             pools::enqueue_remove(&mut tx, &id).await?;
             done.removals += 1;
         }

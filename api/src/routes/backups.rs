@@ -34,7 +34,9 @@ use super::{
     Accepted, accepted_with, check_id,
     params::{BackupIdPath, InstanceIdPath},
     parse_operation,
-    snapshot_common::{Snapshot, delete_snapshots, enqueue_restore, instance_with_database, snapshot_json},
+    snapshot_common::{
+        Snapshot, delete_snapshots, enqueue_restore, instance_with_database, snapshot_json,
+    },
 };
 use crate::{
     AppState,
@@ -347,7 +349,31 @@ pub(crate) async fn restore(
     }))
 }
 
-async fn delete_backup(
+/// What a backup's delete started.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct BackupDeleted {
+    #[schema(format = Uuid)]
+    backup_id: String,
+    /// The task deleting its object: poll `/berth/v1/tasks/{operation}`.
+    #[schema(format = Uuid)]
+    operation: String,
+}
+
+/// Deletes a backup: its row now, its object in the snapshot store by a task.
+#[utoipa::path(
+    delete,
+    path = "/berth/v1/instances/{instance_id}/backups/{backup_id}",
+    tag = "backups",
+    operation_id = "delete_backup",
+    params(BackupIdPath),
+    responses(
+        (status = 202, description = "Deleted; the task removes its object", body = BackupDeleted),
+        (status = 400, description = "A malformed id", body = ErrorBody),
+        (status = 404, description = "No such instance or backup", body = ErrorBody),
+        (status = 409, description = "A task still reads the backup", body = ErrorBody),
+    )
+)]
+pub(crate) async fn delete_backup(
     State(state): State<AppState>,
     OsbPath((instance_id, backup_id)): OsbPath<(String, String)>,
 ) -> ApiResult<Response> {
@@ -357,9 +383,10 @@ async fn delete_backup(
     let what = format!("backup {backup_id}");
     let operation = delete_snapshots(&mut tx, std::slice::from_ref(&backup), None, &what).await?;
     tx.commit().await?;
-    Ok(accepted_with(
-        json!({ "backup_id": backup.id, "operation": operation.to_string() }),
-    ))
+    Ok(accepted_with(BackupDeleted {
+        backup_id: backup.id.to_string(),
+        operation: operation.to_string(),
+    }))
 }
 
 /// The state of any task berth answered with an operation (backups, preset pushes, OSB operations).

@@ -107,7 +107,18 @@ fn not_a_good_link() -> Response {
     )
 }
 
-async fn operator_overview(State(state): State<AppState>) -> Response {
+/// The operator overview, an HTML page: instances per plan and state, the queue by kind, recent failures.
+#[utoipa::path(
+    get,
+    path = "/berth/v1/dashboard",
+    tag = "dashboard",
+    operation_id = "operator_overview",
+    responses(
+        (status = 200, description = "The overview page", content_type = "text/html", body = String),
+        (status = 500, description = "The database could not be read (an HTML page)", content_type = "text/html", body = String),
+    )
+)]
+pub(crate) async fn operator_overview(State(state): State<AppState>) -> Response {
     let loaded = async {
         let mut conn = state.db.acquire().await?;
         overview::load(&mut conn, &state.catalog).await

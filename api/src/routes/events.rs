@@ -10,13 +10,13 @@ use axum::{
     routing::get,
 };
 use broker::db::{events, instances};
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
-use super::check_id;
+use super::{check_id, params::EventsQuery, params::InstanceIdPath};
 use crate::{
     AppState,
-    error::{ApiError, ApiResult},
+    error::{ApiError, ApiResult, ErrorBody},
     extract::{OsbPath, OsbQuery},
 };
 
@@ -29,12 +29,34 @@ pub fn router() -> Router<AppState> {
 }
 
 #[derive(Debug, Default, Deserialize)]
-struct Page {
+pub(crate) struct Page {
     limit: Option<i64>,
     before: Option<i64>,
 }
 
-async fn list(
+/// A page of an instance's audit trail.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct EventsPage {
+    events: Vec<events::Event>,
+    /// The `before` of the next page; absent on the last one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<i64>,
+}
+
+/// An instance's audit trail, newest first: who asked for what, when, from which request, and how it ended.
+#[utoipa::path(
+    get,
+    path = "/berth/v1/instances/{instance_id}/events",
+    tag = "audit trail",
+    operation_id = "list_instance_events",
+    params(InstanceIdPath, EventsQuery),
+    responses(
+        (status = 200, description = "A page of events", body = EventsPage),
+        (status = 400, description = "A malformed id, `limit` or `before`", body = ErrorBody),
+        (status = 404, description = "No such instance, and no events left of one", body = ErrorBody),
+    )
+)]
+pub(crate) async fn list(
     State(state): State<AppState>,
     OsbPath(instance_id): OsbPath<String>,
     OsbQuery(page): OsbQuery<Page>,
@@ -59,9 +81,10 @@ async fn list(
     }
     let more = rows.len() as i64 > limit;
     rows.truncate(limit as usize);
-    let mut body = json!({ "events": rows });
-    if more && let Some(last) = rows.last() {
-        body["next"] = json!(last.id);
-    }
-    Ok(Json(body).into_response())
+    let next = if more {
+        rows.last().map(|last| last.id)
+    } else {
+        None
+    };
+    Ok(Json(EventsPage { events: rows, next }).into_response())
 }

@@ -10,13 +10,18 @@ use axum::{
     routing::get,
 };
 use broker::db::instances;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
 
-use super::check_id;
+use super::{
+    check_id,
+    params::{InstanceIdPath, InstancePageQuery},
+};
 use crate::{
     AppState,
-    error::{ApiError, ApiResult},
+    error::{ApiError, ApiResult, ErrorBody},
     extract::{OsbPath, OsbQuery},
 };
 
@@ -31,7 +36,7 @@ pub fn router() -> Router<AppState> {
 }
 
 #[derive(Debug, Default, Deserialize)]
-struct ListQuery {
+pub(crate) struct ListQuery {
     limit: Option<String>,
     after: Option<String>,
 }
@@ -52,7 +57,53 @@ fn page_size(limit: Option<&str>) -> ApiResult<i64> {
     }
 }
 
-async fn list(
+/// An instance as `berth list` and `berth status` show it.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ListedInstance {
+    id: String,
+    /// The service's and plan's names; absent when the catalog no longer has the plan.
+    service: Option<String>,
+    plan: Option<String>,
+    service_id: String,
+    plan_id: String,
+    #[schema(value_type = Object)]
+    parameters: Value,
+    created_at: DateTime<Utc>,
+    last_operation: Option<ListedOperation>,
+}
+
+/// An instance's latest operation.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ListedOperation {
+    /// `provision`, `update`, `deprovision`, ...
+    #[serde(rename = "type")]
+    kind: String,
+    state: Option<String>,
+    /// Its progress, or its error when it failed.
+    description: Option<String>,
+}
+
+/// A page of instances.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct InstancePage {
+    instances: Vec<ListedInstance>,
+    /// The `after` of the next page; `null` on the last one.
+    next_after: Option<String>,
+}
+
+/// Every instance, a page at a time in id order, with its plan and latest operation.
+#[utoipa::path(
+    get,
+    path = "/berth/v1/instances",
+    tag = "service instances",
+    operation_id = "list_instances",
+    params(InstancePageQuery),
+    responses(
+        (status = 200, description = "A page of instances", body = InstancePage),
+        (status = 400, description = "A malformed `limit`", body = ErrorBody),
+    )
+)]
+pub(crate) async fn list(
     State(state): State<AppState>,
     OsbQuery(query): OsbQuery<ListQuery>,
 ) -> ApiResult<Response> {
@@ -62,16 +113,33 @@ async fn list(
     let mut rows = instances::list_page_with_operation(&state.db, &after, limit + 1, None).await?;
     let more = rows.len() as i64 > limit;
     rows.truncate(limit as usize);
-    let listed: Vec<Value> = rows.iter().map(|row| instance_json(&state, row)).collect();
+    let listed: Vec<ListedInstance> = rows.iter().map(|row| listed(&state, row)).collect();
     let next_after = if more {
         rows.last().map(|r| r.id.clone())
     } else {
         None
     };
-    Ok(Json(json!({ "instances": listed, "next_after": next_after })).into_response())
+    Ok(Json(InstancePage {
+        instances: listed,
+        next_after,
+    })
+    .into_response())
 }
 
-async fn show(
+/// One instance, at any point of its life, in the shape of the list.
+#[utoipa::path(
+    get,
+    path = "/berth/v1/instances/{instance_id}",
+    tag = "service instances",
+    operation_id = "show_instance",
+    params(InstanceIdPath),
+    responses(
+        (status = 200, description = "The instance", body = ListedInstance),
+        (status = 400, description = "A malformed id", body = ErrorBody),
+        (status = 404, description = "No such instance", body = ErrorBody),
+    )
+)]
+pub(crate) async fn show(
     State(state): State<AppState>,
     OsbPath(instance_id): OsbPath<String>,
 ) -> ApiResult<Response> {
@@ -82,25 +150,25 @@ async fn show(
         .ok_or_else(|| {
             ApiError::NotFound(format!("service instance {instance_id} does not exist"))
         })?;
-    Ok(Json(instance_json(&state, &row)).into_response())
+    Ok(Json(listed(&state, &row)).into_response())
 }
 
-fn instance_json(state: &AppState, row: &instances::ListedInstance) -> Value {
+fn listed(state: &AppState, row: &instances::ListedInstance) -> ListedInstance {
     let plan = state.catalog.plan_by_id(&row.plan_id);
-    json!({
-        "id": row.id,
-        "service": plan.as_ref().map(|p| p.service.name.as_str()),
-        "plan": plan.as_ref().map(|p| p.plan.name.as_str()),
-        "service_id": row.service_id,
-        "plan_id": row.plan_id,
-        "parameters": row.parameters,
-        "created_at": row.created_at,
-        "last_operation": row.operation.as_ref().map(|operation| json!({
-            "type": operation,
-            "state": row.operation_state,
-            "description": row.last_error.as_ref().or(row.progress.as_ref()),
-        })),
-    })
+    ListedInstance {
+        id: row.id.clone(),
+        service: plan.as_ref().map(|p| p.service.name.clone()),
+        plan: plan.as_ref().map(|p| p.plan.name.clone()),
+        service_id: row.service_id.clone(),
+        plan_id: row.plan_id.clone(),
+        parameters: row.parameters.clone(),
+        created_at: row.created_at,
+        last_operation: row.operation.as_ref().map(|operation| ListedOperation {
+            kind: operation.clone(),
+            state: row.operation_state.clone(),
+            description: row.last_error.clone().or_else(|| row.progress.clone()),
+        }),
+    }
 }
 
 #[cfg(test)]

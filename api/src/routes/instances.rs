@@ -819,6 +819,7 @@ pub(crate) async fn fetch(
     if let Some(task) = active.iter().find(|t| t.is_instance(Operation::Update)) {
         return Err(concurrency(&instance_id, task));
     }
+    let dashboard_url = state.dashboard.url_for(&state.cipher, &headers, &row);
     let body = InstanceFetched {
         service_id: row.service_id,
         plan_id: row.plan_id,
@@ -826,7 +827,7 @@ pub(crate) async fn fetch(
         maintenance_info: row
             .maintenance_version
             .map(|version| MaintenanceVersion { version }),
-        dashboard_url: state.dashboard.url_for(&state.cipher, &headers, &row),
+        dashboard_url,
     };
     Ok((StatusCode::OK, Json(body)).into_response())
 }

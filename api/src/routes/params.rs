@@ -122,3 +122,31 @@ parameter_set!(
             absent)."),
     ]
 );
+
+parameter_set!(
+    /// A page of an instance's audit trail.
+    EventsQuery => [
+        typed("limit", ParameterIn::Query, false, "Events on the page, 1 to 500 (50).", Type::Integer),
+        typed("before", ParameterIn::Query, false, "The `next` of the previous page: events older than this \
+            one.", Type::Integer),
+    ]
+);
+
+parameter_set!(
+    /// A page of the list of instances.
+    InstancePageQuery => [
+        typed("limit", ParameterIn::Query, false, "Instances on the page, 1 to 1000 (100).", Type::Integer),
+        string("after", ParameterIn::Query, false, "The `next_after` of the previous page: instances whose id \
+            sorts after this one."),
+    ]
+);
+
+parameter_set!(
+    /// A preset's name and one of its versions in the path.
+    PresetVersionPath => [
+        string("name", ParameterIn::Path, true, "The preset's name."),
+        typed("version", ParameterIn::Path, true, "The version's number (1, 2, ...).", Type::Integer),
+        string("namespace", ParameterIn::Query, false, "The preset's namespace (the default, empty one when \
+            absent)."),
+    ]
+);

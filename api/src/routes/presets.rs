@@ -41,8 +41,10 @@ use uuid::Uuid;
 
 use super::{
     accepted_with, check_id,
-    params::{InstanceIdPath, NamespaceParam, PresetNamePath},
-    snapshot_common::{Snapshot, delete_snapshots, enqueue_restore, instance_with_database, snapshot_json},
+    params::{InstanceIdPath, NamespaceParam, PresetNamePath, PresetVersionPath},
+    snapshot_common::{
+        Snapshot, delete_snapshots, enqueue_restore, instance_with_database, snapshot_json,
+    },
 };
 use crate::{
     AppState,
@@ -712,7 +714,34 @@ async fn unlocked_for_delete(
     Ok(preset)
 }
 
-async fn delete_preset(
+/// What a delete of a preset or of one of its versions started.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct PresetDeleted {
+    name: String,
+    namespace: String,
+    /// The versions deleted (their objects go by the task).
+    deleted_versions: Vec<Option<i32>>,
+    /// The task deleting the objects and cached templates: poll `/berth/v1/tasks/{operation}`.
+    #[schema(format = Uuid)]
+    operation: String,
+}
+
+/// Deletes a preset with every version: the rows now, the store objects and cached templates by a task.
+#[utoipa::path(
+    delete,
+    path = "/berth/v1/presets/{name}",
+    tag = "presets",
+    operation_id = "delete_preset",
+    params(PresetNamePath),
+    responses(
+        (status = 202, description = "Deleted; the task removes its objects", body = PresetDeleted),
+        (status = 400, description = "A malformed name or namespace", body = ErrorBody),
+        (status = 404, description = "No such preset", body = ErrorBody),
+        (status = 409, description = "A task still reads a version of it", body = ErrorBody),
+        (status = 423, description = "The preset is locked", body = ErrorBody),
+    )
+)]
+pub(crate) async fn delete_preset(
     State(state): State<AppState>,
     OsbPath(name): OsbPath<String>,
     OsbQuery(query): OsbQuery<NamespaceQuery>,
@@ -724,16 +753,30 @@ async fn delete_preset(
     let operation = delete_snapshots(&mut tx, &rows, Some(&preset.name), &what).await?;
     presets::delete(&mut *tx, preset.id).await?;
     tx.commit().await?;
-    let versions: Vec<Option<i32>> = rows.iter().map(|r| r.version).collect();
-    Ok(accepted_with(json!({
-        "name": preset.name,
-        "namespace": preset.namespace,
-        "deleted_versions": versions,
-        "operation": operation.to_string(),
-    })))
+    Ok(accepted_with(PresetDeleted {
+        name: preset.name,
+        namespace: preset.namespace,
+        deleted_versions: rows.iter().map(|r| r.version).collect(),
+        operation: operation.to_string(),
+    }))
 }
 
-async fn delete_version(
+/// Deletes one version of a preset: its row now, its object and cached template by a task.
+#[utoipa::path(
+    delete,
+    path = "/berth/v1/presets/{name}/versions/{version}",
+    tag = "presets",
+    operation_id = "delete_preset_version",
+    params(PresetVersionPath),
+    responses(
+        (status = 202, description = "Deleted; the task removes its object", body = PresetDeleted),
+        (status = 400, description = "A malformed name, namespace or version", body = ErrorBody),
+        (status = 404, description = "No such preset or version", body = ErrorBody),
+        (status = 409, description = "A task still reads the version", body = ErrorBody),
+        (status = 423, description = "The preset is locked", body = ErrorBody),
+    )
+)]
+pub(crate) async fn delete_version(
     State(state): State<AppState>,
     OsbPath((name, version)): OsbPath<(String, String)>,
     OsbQuery(query): OsbQuery<NamespaceQuery>,
@@ -753,10 +796,10 @@ async fn delete_version(
     let what = format!("version {number} of preset {name:?}");
     let operation = delete_snapshots(&mut tx, std::slice::from_ref(&row), None, &what).await?;
     tx.commit().await?;
-    Ok(accepted_with(json!({
-        "name": preset.name,
-        "namespace": preset.namespace,
-        "deleted_versions": [number],
-        "operation": operation.to_string(),
-    })))
+    Ok(accepted_with(PresetDeleted {
+        name: preset.name,
+        namespace: preset.namespace,
+        deleted_versions: vec![Some(number)],
+        operation: operation.to_string(),
+    }))
 }

@@ -11,7 +11,7 @@ use uuid::Uuid;
 use crate::identity::Actor;
 
 /// One audited action on an instance, as `/berth/v1/instances/{id}/events` and the dashboard show it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Event {
     /// Increasing with time; the paging cursor.
     pub id: i64,
@@ -21,6 +21,7 @@ pub struct Event {
     /// kind (`instance.backup`, `preset.push`, `binding.expire`).
     pub action: String,
     /// Safe fields of the request: `snapshot_id`, `plan_id`.
+    #[schema(value_type = Object)]
     pub detail: Value,
     /// The task that carries it out (the OSB `operation`).
     pub task_id: Uuid,
