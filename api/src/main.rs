@@ -46,6 +46,7 @@ fn gen_key(path: &Path) -> anyhow::Result<()> {
 async fn serve(sources: SettingSources) -> anyhow::Result<()> {
     let mut settings = sources.load()?;
     broker::telemetry::init(settings.log_format);
+    sources.warn_about_unknown_variables();
     broker::telemetry::spawn_metrics_upkeep();
     // Bad TLS files stop the API before it starts a Postgres or touches the database.
     berth_api::tls::check(&settings)?;

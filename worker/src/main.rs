@@ -37,6 +37,7 @@ async fn rekey(
 ) -> anyhow::Result<()> {
     let settings = sources.load()?;
     broker::telemetry::init(settings.log_format);
+    sources.warn_about_unknown_variables();
     let options = berth_worker::rekey::RekeyOptions {
         batch_size,
         skip_snapshots,
@@ -53,6 +54,7 @@ async fn rekey(
 async fn run(sources: SettingSources) -> anyhow::Result<()> {
     let settings = sources.load()?;
     broker::telemetry::init(settings.log_format);
+    sources.warn_about_unknown_variables();
     broker::telemetry::spawn_metrics_upkeep();
     let url = settings
         .database_url

@@ -47,6 +47,12 @@ impl SettingSources {
             .try_deserialize()
             .map_err(|e| anyhow::anyhow!("invalid setting: {e}"))?;
         settings.check()?;
+        Ok(settings)
+    }
+
+    /// Warns about each `BERTH_*` variable that names no setting (a typo, most likely). Called once logging is
+    /// set up, which needs the loaded settings (`LOG_FORMAT`), so the warning is not lost.
+    pub fn warn_about_unknown_variables(&self) {
         for name in unknown_berth_variables() {
             let hint = match nearest_field(&name.to_ascii_lowercase()) {
                 Some(near) => format!("did you mean {}?", near.to_ascii_uppercase()),
@@ -54,7 +60,6 @@ impl SettingSources {
             };
             tracing::warn!(variable = %name, "{name} is set but is no berth setting ({hint})");
         }
-        Ok(settings)
     }
 
     /// Whether the setting `name` (its environment name) was given at all: as a flag, in the environment, or

@@ -88,7 +88,7 @@ async fn a_2_13_client_runs_the_shared_lifecycle_without_accepts_incomplete() {
         .send(request_213(&stack, Method::PUT, &path).json(&provision_body()))
         .await
         .unwrap();
-    assert_eq!((status, &body), (201, &json!({})), "{}", stack.logs());
+    assert_created_with_a_dashboard_link(&stack, &instance, status, &body);
     assert!(database_exists(&stack, &instance).await);
     // The identical provision again: 200.
     let (status, _) = stack
@@ -285,7 +285,7 @@ async fn a_2_13_client_runs_an_s3_bucket_lifecycle_without_accepts_incomplete() 
         .send(request_213(&stack, Method::PUT, &path).json(&provision))
         .await
         .unwrap();
-    assert_eq!((status, &body), (201, &json!({})), "{}", stack.logs());
+    assert_created_with_a_dashboard_link(&stack, &instance, status, &body);
 
     // A plan change (versioning on) is an update the worker makes: 200 once made.
     let update = json!({"service_id": service, "plan_id": versioned});
@@ -342,5 +342,20 @@ async fn assert_times_out(stack: &Stack, request: reqwest::RequestBuilder) {
         (status, body["error"].as_str()),
         (504, Some("OperationTimedOut")),
         "{body}"
+    );
+}
+
+/// A synchronous provision's 201: `{}` but for the instance's `dashboard_url` (OSB lets a provision answer carry it).
+fn assert_created_with_a_dashboard_link(stack: &Stack, instance: &str, status: u16, body: &Value) {
+    assert_eq!(status, 201, "{body}\n{}", stack.logs());
+    let fields = body.as_object().expect("a JSON object");
+    assert_eq!(fields.len(), 1, "{body}");
+    let link = body["dashboard_url"].as_str().expect("dashboard_url");
+    assert!(
+        link.starts_with(&format!(
+            "{}/dashboard/instances/{instance}?",
+            stack.base_url
+        )),
+        "{link}"
     );
 }
