@@ -82,6 +82,27 @@ impl Ctx<'_> {
         output::json(value)
     }
 
+    /// Prints a listing answer: whole as JSON with `--json`, else its array `key` as a table, a row per item.
+    fn print_listing(
+        &self,
+        listed: &Value,
+        key: &str,
+        headers: &[&str],
+        row: impl Fn(&Value) -> Vec<String>,
+    ) -> anyhow::Result<()> {
+        if self.json {
+            return self.print(listed);
+        }
+        let rows: Vec<Vec<String>> = listed[key]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(row)
+            .collect();
+        println!("{}", table(headers, &rows));
+        Ok(())
+    }
+
     async fn get(&self, path: &str) -> anyhow::Result<Value> {
         Ok(self.client.call(Method::GET, path, None).await?.1)
     }
@@ -267,12 +288,11 @@ impl Ctx<'_> {
                 None => break,
             }
         }
-        if self.json {
-            return self.print(&json!({ "instances": all }));
-        }
-        let rows: Vec<Vec<String>> = all
-            .iter()
-            .map(|i| {
+        self.print_listing(
+            &json!({ "instances": all }),
+            "instances",
+            &["ID", "SERVICE", "PLAN", "OPERATION", "STATE", "CREATED"],
+            |i| {
                 let last = &i["last_operation"];
                 vec![
                     cell(&i["id"]),
@@ -282,16 +302,8 @@ impl Ctx<'_> {
                     cell(&last["state"]),
                     cell(&i["created_at"]),
                 ]
-            })
-            .collect();
-        println!(
-            "{}",
-            table(
-                &["ID", "SERVICE", "PLAN", "OPERATION", "STATE", "CREATED"],
-                &rows
-            )
-        );
-        Ok(())
+            },
+        )
     }
 
     pub async fn status(&self, instance: &str) -> anyhow::Result<()> {
@@ -598,14 +610,11 @@ impl Ctx<'_> {
         let listed = self
             .get(&format!("/berth/v1/presets{}", ns_query(namespace)))
             .await?;
-        if self.json {
-            return self.print(&listed);
-        }
-        let rows: Vec<Vec<String>> = listed["presets"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|p| {
+        self.print_listing(
+            &listed,
+            "presets",
+            &["NAME", "NAMESPACE", "LATEST", "VERSIONS", "LOCKED"],
+            |p| {
                 vec![
                     cell(&p["name"]),
                     cell(&p["namespace"]),
@@ -617,16 +626,8 @@ impl Ctx<'_> {
                         "-".into()
                     },
                 ]
-            })
-            .collect();
-        println!(
-            "{}",
-            table(
-                &["NAME", "NAMESPACE", "LATEST", "VERSIONS", "LOCKED"],
-                &rows
-            )
-        );
-        Ok(())
+            },
+        )
     }
 
     pub async fn presets_versions(
@@ -635,14 +636,11 @@ impl Ctx<'_> {
         namespace: &Option<String>,
     ) -> anyhow::Result<()> {
         let listed = self.get(&preset_path(name, "/versions", namespace)).await?;
-        if self.json {
-            return self.print(&listed);
-        }
-        let rows: Vec<Vec<String>> = listed["versions"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|v| {
+        self.print_listing(
+            &listed,
+            "versions",
+            &["VERSION", "STATE", "SIZE", "CREATED", "BY", "DESCRIPTION"],
+            |v| {
                 vec![
                     cell(&v["version"]),
                     cell(&v["state"]),
@@ -651,16 +649,8 @@ impl Ctx<'_> {
                     cell(&v["created_by"]),
                     cell(&v["description"]),
                 ]
-            })
-            .collect();
-        println!(
-            "{}",
-            table(
-                &["VERSION", "STATE", "SIZE", "CREATED", "BY", "DESCRIPTION"],
-                &rows
-            )
-        );
-        Ok(())
+            },
+        )
     }
 
     pub async fn presets_lock(
@@ -750,14 +740,11 @@ impl Ctx<'_> {
         let listed = self
             .get(&format!("/berth/v1/instances/{}/backups", escape(instance)))
             .await?;
-        if self.json {
-            return self.print(&listed);
-        }
-        let rows: Vec<Vec<String>> = listed["backups"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|b| {
+        self.print_listing(
+            &listed,
+            "backups",
+            &["ID", "STATE", "SIZE", "CREATED", "BY"],
+            |b| {
                 vec![
                     cell(&b["id"]),
                     cell(&b["state"]),
@@ -765,13 +752,8 @@ impl Ctx<'_> {
                     cell(&b["created_at"]),
                     cell(&b["created_by"]),
                 ]
-            })
-            .collect();
-        println!(
-            "{}",
-            table(&["ID", "STATE", "SIZE", "CREATED", "BY"], &rows)
-        );
-        Ok(())
+            },
+        )
     }
 
     pub async fn backups_delete(

@@ -663,12 +663,9 @@ pub(crate) async fn last_operation(
     OsbQuery(query): OsbQuery<OsbParams>,
 ) -> ApiResult<Response> {
     let mut conn = state.db.acquire().await?;
-    let exists = bindings::get(&mut *conn, &binding_id)
-        .await?
-        .is_some_and(|r| r.instance_id == instance_id);
     let polled = Polled::Binding {
         instance_id: &instance_id,
         binding_id: &binding_id,
     };
-    last_operation::answer(&mut conn, polled, exists, query.operation.as_deref()).await
+    last_operation::answer(&mut conn, polled, query.operation.as_deref()).await
 }

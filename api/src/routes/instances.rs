@@ -853,9 +853,8 @@ pub(crate) async fn last_operation(
     OsbQuery(query): OsbQuery<OsbParams>,
 ) -> ApiResult<Response> {
     let mut conn = state.db.acquire().await?;
-    let exists = instances::get(&mut *conn, &instance_id).await?.is_some();
     let polled = Polled::Instance {
         instance_id: &instance_id,
     };
-    last_operation::answer(&mut conn, polled, exists, query.operation.as_deref()).await
+    last_operation::answer(&mut conn, polled, query.operation.as_deref()).await
 }

@@ -7,7 +7,10 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use broker::{
-    db::tasks::{self, TaskRow},
+    db::{
+        bindings, instances,
+        tasks::{self, TaskRow},
+    },
     model::{Operation, TaskState},
 };
 use serde::Serialize;
@@ -61,6 +64,19 @@ impl Polled<'_> {
         }
     }
 
+    /// Whether the resource's row exists (a binding: under this instance).
+    async fn exists(&self, conn: &mut PgConnection) -> sqlx::Result<bool> {
+        Ok(match *self {
+            Self::Instance { instance_id } => instances::get(conn, instance_id).await?.is_some(),
+            Self::Binding {
+                instance_id,
+                binding_id,
+            } => bindings::get(conn, binding_id)
+                .await?
+                .is_some_and(|row| row.instance_id == instance_id),
+        })
+    }
+
     async fn latest(&self, conn: &mut PgConnection) -> sqlx::Result<Option<TaskRow>> {
         let latest = match self {
             Self::Instance { instance_id } => {
@@ -74,15 +90,29 @@ impl Polled<'_> {
     }
 }
 
-/// Answers a poll of `polled`, whose row `exists` or not, for the operation the query names (or the newest).
+/// Answers a poll of `polled` for the operation the query names (or the newest).
 pub(crate) async fn answer(
     conn: &mut PgConnection,
     polled: Polled<'_>,
-    exists: bool,
     operation: Option<&str>,
 ) -> ApiResult<Response> {
-    let task = match operation.filter(|o| !o.is_empty()) {
-        Some(operation) => match tasks::get(&mut *conn, parse_operation(operation)?).await? {
+    // The task is read before the row: a deletion removes the row before its task succeeds, so a succeeded
+    // deletion read here has no row left below. Read the other way round, a deletion finishing between the two
+    // reads showed a row that was still there and a task that had succeeded: 200 for a resource already gone.
+    let named = match operation.filter(|o| !o.is_empty()) {
+        Some(operation) => Some((
+            operation,
+            tasks::get(&mut *conn, parse_operation(operation)?).await?,
+        )),
+        None => None,
+    };
+    let latest = match named {
+        Some(_) => None,
+        None => polled.latest(&mut *conn).await?,
+    };
+    let exists = polled.exists(&mut *conn).await?;
+    let task = match named {
+        Some((operation, named)) => match named {
             Some(task) if polled.owns(&task) => Some(task),
             None if !exists => None,
             _ => {
@@ -92,7 +122,7 @@ pub(crate) async fn answer(
                 )));
             }
         },
-        None => polled.latest(conn).await?,
+        None => latest,
     };
     let Some(task) = task else {
         return Err(ApiError::NotFound(format!(

@@ -180,7 +180,7 @@ async fn shared_pool_hit_is_answered_at_once_renamed_and_refilled() {
     let (status, _) = stack
         .delete_until_done(&format!("/v2/service_instances/{instance}"), &ids, WAIT)
         .await;
-    assert_eq!(status, 410);
+    assert_eq!(status, 410, "{}", stack.logs());
     assert!(!database_exists(&stack, &database).await);
     stack.stop().await;
 }
@@ -326,10 +326,10 @@ async fn dedicated_pool_hit_renames_and_replaces_every_password_and_a_miss_falls
 
     // Deprovisioning removes the pooled server's folder (named after the item) like any other.
     for id in [&instance, &other] {
-        let (status, _) = stack
+        let (status, last) = stack
             .delete_until_done(&format!("/v2/service_instances/{id}"), &ids, WAIT)
             .await;
-        assert_eq!(status, 410);
+        assert_eq!(status, 410, "deprovision of {id}: {last}\n{}", stack.logs());
     }
     assert!(
         !server_dir.exists(),
