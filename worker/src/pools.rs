@@ -6,7 +6,11 @@
 //! idempotent provision steps. A pool of a preset's clones follows the preset: clones of a version it no longer
 //! clones (a newer one is ready, or the version is gone) are recycled and the pool refilled with the current one.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, hash_map::Entry},
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use broker::{
@@ -75,9 +79,9 @@ pub async fn check(pool: &PgPool, services: &Services) -> anyhow::Result<Checked
         .filter_map(|(key, _)| key.preset.as_ref().map(PresetPin::label))
         .chain(items.iter().filter_map(|i| i.preset_target.clone()));
     for label in labels {
-        if !versions.contains_key(&label) {
-            let version = current_version(&mut tx, &label).await?;
-            versions.insert(label, version);
+        if let Entry::Vacant(slot) = versions.entry(label) {
+            let version = current_version(&mut tx, slot.key()).await?;
+            slot.insert(version);
         }
     }
     let key_of = |item: &pools::PoolItem| PoolKey {
