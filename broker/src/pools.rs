@@ -17,31 +17,92 @@ pub const EMBEDDED_DEFAULT_TARGETS: &str = "dedicated=2";
 /// Engines whose items a pool can hold (their finishing step renames and re-keys an item).
 const POOLED_ENGINES: &[Engine] = &[Engine::Shared, Engine::Local];
 
-/// Items to keep ready, by plan id (plans with a target above zero only).
+/// A preset whose clones a pool keeps: a name in the default namespace and a version (`None`: the newest ready
+/// one, so the pool follows each new version).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PresetPin {
+    pub name: String,
+    pub version: Option<i32>,
+}
+
+impl PresetPin {
+    /// `name` or `name@version`, as written in `POOL_TARGETS`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (name, version) = match text.split_once('@') {
+            Some((name, version)) => {
+                let number = version
+                    .parse::<i32>()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| {
+                        format!("the version of preset `{name}` must be a positive whole number, not `{version}`")
+                    })?;
+                (name, Some(number))
+            }
+            None => (text, None),
+        };
+        crate::snapshots::check_preset_name(name)?;
+        Ok(Self {
+            name: name.to_string(),
+            version,
+        })
+    }
+
+    /// The form `parse` reads, also kept in `pool_items.preset_target`.
+    pub fn label(&self) -> String {
+        match self.version {
+            Some(v) => format!("{}@{v}", self.name),
+            None => self.name.clone(),
+        }
+    }
+}
+
+/// What a pool holds: items of a plan made with its defaults, or clones of a preset version for it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PoolKey {
+    pub plan_id: String,
+    pub preset: Option<PresetPin>,
+}
+
+/// Items to keep ready, by pool (pools with a target above zero only).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PoolTargets {
-    by_plan: BTreeMap<String, u32>,
+    by_key: BTreeMap<PoolKey, u32>,
 }
 
 impl PoolTargets {
     /// `POOL_TARGETS` read against the catalog: every plan named must exist and have an engine pools serve.
     /// Plans of the catalog that are not published (engine not configured) are left out without an error.
+    /// Presets are only checked for their syntax: they are made at run time, and a pool of a preset that does
+    /// not exist (yet) stays empty.
     pub fn from_settings(settings: &Settings, catalog: &Catalog) -> anyhow::Result<Self> {
         Self::parse(settings.pool_targets.as_deref().unwrap_or(""), catalog)
     }
 
     pub fn parse(text: &str, catalog: &Catalog) -> anyhow::Result<Self> {
-        let mut by_plan = BTreeMap::new();
+        let mut by_key = BTreeMap::new();
         for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (plan, count) = pair
-                .split_once('=')
-                .ok_or_else(|| anyhow::anyhow!("POOL_TARGETS: `{pair}` is not `plan=count`"))?;
-            let (plan, count) = (plan.trim(), count.trim());
-            let count: u32 = count.parse().map_err(|_| {
+            let (pool, count) = pair.split_once('=').ok_or_else(|| {
                 anyhow::anyhow!(
-                    "POOL_TARGETS: the count of `{plan}` must be a whole number, not `{count}`"
+                    "POOL_TARGETS: `{pair}` is not `plan=count` or `plan/preset[@version]=count`"
                 )
             })?;
+            let (pool, count) = (pool.trim(), count.trim());
+            let count: u32 = count.parse().map_err(|_| {
+                anyhow::anyhow!(
+                    "POOL_TARGETS: the count of `{pool}` must be a whole number, not `{count}`"
+                )
+            })?;
+            let (plan, preset) = match pool.split_once('/') {
+                Some((plan, preset)) => (
+                    plan.trim(),
+                    Some(
+                        PresetPin::parse(preset.trim())
+                            .map_err(|e| anyhow::anyhow!("POOL_TARGETS: `{pool}`: {e}"))?,
+                    ),
+                ),
+                None => (pool, None),
+            };
             let found: Vec<_> = catalog
                 .services()
                 .iter()
@@ -65,24 +126,48 @@ impl PoolTargets {
                             .join(", ")
                     );
                 }
+                let key = PoolKey {
+                    plan_id: p.id.clone(),
+                    preset: preset.clone(),
+                };
                 if count > 0 {
-                    by_plan.insert(p.id.clone(), count);
+                    by_key.insert(key, count);
                 } else {
-                    by_plan.remove(&p.id);
+                    by_key.remove(&key);
                 }
             }
         }
-        Ok(Self { by_plan })
+        Ok(Self { by_key })
     }
 
-    /// The target of `plan_id` (0: no pool).
+    /// The target of `plan_id`'s pool of items made with its defaults (0: no pool).
     pub fn target(&self, plan_id: &str) -> u32 {
-        self.by_plan.get(plan_id).copied().unwrap_or(0)
+        self.target_of(plan_id, None)
     }
 
-    /// (plan id, target) of every plan with a pool.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, u32)> {
-        self.by_plan.iter().map(|(k, v)| (k.as_str(), *v))
+    /// The target of the pool of `plan_id` holding `preset`'s clones (`None`: the plan's defaults).
+    pub fn target_of(&self, plan_id: &str, preset: Option<&PresetPin>) -> u32 {
+        self.by_key
+            .iter()
+            .find(|(k, _)| k.plan_id == plan_id && k.preset.as_ref() == preset)
+            .map_or(0, |(_, n)| *n)
+    }
+
+    /// Whether `plan_id` has any pool (of its defaults or of a preset).
+    pub fn has_pool(&self, plan_id: &str) -> bool {
+        self.by_key.keys().any(|k| k.plan_id == plan_id)
+    }
+
+    /// Whether `plan_id` has a pool of preset clones.
+    pub fn has_preset_pool(&self, plan_id: &str) -> bool {
+        self.by_key
+            .keys()
+            .any(|k| k.plan_id == plan_id && k.preset.is_some())
+    }
+
+    /// Every pool with its target.
+    pub fn iter(&self) -> impl Iterator<Item = (&PoolKey, u32)> {
+        self.by_key.iter().map(|(k, v)| (k, *v))
     }
 }
 
@@ -104,6 +189,18 @@ pub fn can_serve(engine: Engine, parameters: &Value) -> bool {
         Value::Null => true,
         _ => false,
     }
+}
+
+/// Whether a clone of a preset version, made for the plan, can become an instance asked for with `parameters`:
+/// the `preset` parameter is matched by the claim (the version it names or the newest), the rest must be what
+/// `can_serve` allows.
+pub fn can_serve_preset(engine: Engine, parameters: &Value) -> bool {
+    let Value::Object(map) = parameters else {
+        return false;
+    };
+    let mut rest = map.clone();
+    rest.remove("preset");
+    can_serve(engine, &Value::Object(rest))
 }
 
 /// The id of a new pool item: never an OSB id in practice, and its names (derived from it) are berth's own.
@@ -138,5 +235,35 @@ mod tests {
             &json!({"tuning_profile": "oltp"})
         ));
         assert!(!can_serve(Engine::S3, &json!({})));
+        assert!(can_serve_preset(
+            Engine::Shared,
+            &json!({"preset": "p", "extensions": ["pg_trgm"]})
+        ));
+        assert!(!can_serve_preset(
+            Engine::Shared,
+            &json!({"preset": "p", "restore_from": {}})
+        ));
+        assert!(!can_serve_preset(
+            Engine::Local,
+            &json!({"preset": "p", "tuning_profile": "oltp"})
+        ));
+    }
+
+    #[test]
+    fn preset_pins_read_a_name_and_an_optional_version() {
+        let pin = PresetPin::parse("orders-demo").unwrap();
+        assert_eq!((pin.name.as_str(), pin.version), ("orders-demo", None));
+        assert_eq!(pin.label(), "orders-demo");
+        let pin = PresetPin::parse("orders-demo@3").unwrap();
+        assert_eq!(pin.version, Some(3));
+        assert_eq!(pin.label(), "orders-demo@3");
+        assert!(
+            PresetPin::parse("orders@0")
+                .unwrap_err()
+                .contains("positive")
+        );
+        assert!(PresetPin::parse("orders@x").is_err());
+        assert!(PresetPin::parse("../etc").is_err());
+        assert!(PresetPin::parse("").is_err());
     }
 }

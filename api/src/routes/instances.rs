@@ -197,8 +197,8 @@ async fn start_provision(
     body.check_guids()?;
     let plan = lookup_plan(&state.catalog, &body.service_id, &body.plan_id)?;
     // A plan with a warm pool answers synchronously when an item is taken (checked below).
-    let pool_target = state.pool_targets.target(&plan.plan.id);
-    *mode = query.answer_mode(plan.synchronous() || pool_target > 0)?;
+    let pooled = state.pool_targets.has_pool(&plan.plan.id);
+    *mode = query.answer_mode(plan.synchronous() || pooled)?;
     let (parameters, hook) = checked_provision_parameters(state, &query, &plan, &body).await?;
     let origin = Origin { identity, hook };
     let context = object_or_empty(body.context.clone(), "context")?;
@@ -225,9 +225,10 @@ async fn start_provision(
         maintenance_version,
     };
 
-    if pool_target > 0 {
-        let servable = broker::pools::can_serve(plan.plan.engine, &parameters);
-        match pool_claim::take(state, &new, &origin, servable).await? {
+    if pooled {
+        let wanted =
+            pool_claim::wanted(state, &plan.plan.id, plan.plan.engine, &parameters).await?;
+        match pool_claim::take(state, &new, &origin, wanted).await? {
             Taken::Item(response) => return Ok(response),
             Taken::Exists => {}
             Taken::Nothing => {

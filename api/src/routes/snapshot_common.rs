@@ -148,6 +148,10 @@ pub(crate) async fn delete_snapshots(
         .filter(|s| s.preset_id.is_some())
         .map(|s| s.id)
         .collect();
+    // Warm pools' clones of these versions go with them (docs/pools.md).
+    if !templates.is_empty() {
+        broker::db::pools::drain_clones_of(&mut *tx, &templates).await?;
+    }
     let task = tasks::NewTask::new(
         broker::model::kinds::DELETE_SNAPSHOTS,
         json!({ "template_snapshot_ids": templates }),

@@ -291,7 +291,9 @@ const WORKERS: &[Setting] = &[
         "POOL_TARGETS",
         Fallback("unset: no pools (the embedded default: `dedicated=2`)"),
         "Warm pools: items each plan keeps made ahead of time, as `plan=count` pairs separated by commas (plan \
-         name or id), e.g. `shared=4,dedicated=2`. A provision the pool can serve takes one (docs/pools.md).",
+         name or id), e.g. `shared=4,dedicated=2`; `plan/preset=count` keeps clones of a preset's newest version \
+         (`plan/preset@version=count`: of that version), e.g. `shared/orders-demo=1`. A provision the pool can \
+         serve takes one (docs/pools.md).",
     ),
     worker(
         "POOL_MAX_AGE_SECS",

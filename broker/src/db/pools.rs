@@ -18,6 +18,9 @@ pub struct PoolItem {
     pub task_id: Option<uuid::Uuid>,
     pub created_at: DateTime<Utc>,
     pub ready_at: Option<DateTime<Utc>>,
+    /// A preset clone's pool (`name` or `name@version`) and the version's snapshot; `None` for the plan's own.
+    pub preset_target: Option<String>,
+    pub preset_snapshot_id: Option<uuid::Uuid>,
 }
 
 pub const FILLING: &str = "filling";
@@ -34,15 +37,22 @@ pub struct ClaimedItem {
 
 /// Takes the oldest ready item of `plan_id`, if any, for the caller's transaction: the row is deleted, so
 /// the item is the caller's once it commits and back in the pool if it rolls back. `SKIP LOCKED`: two
-/// provisions never wait for each other nor get the same item.
-pub async fn claim(db: impl PgExecutor<'_>, plan_id: &str) -> sqlx::Result<Option<ClaimedItem>> {
+/// provisions never wait for each other nor get the same item. `preset_snapshot`: a clone of that preset
+/// version; `None`: an item made with the plan's defaults (never a clone).
+pub async fn claim(
+    db: impl PgExecutor<'_>,
+    plan_id: &str,
+    preset_snapshot: Option<uuid::Uuid>,
+) -> sqlx::Result<Option<ClaimedItem>> {
     sqlx::query_as(
         "DELETE FROM pool_items WHERE id = (
-             SELECT id FROM pool_items WHERE plan_id = $1 AND state = 'ready'
+             SELECT id FROM pool_items
+             WHERE plan_id = $1 AND state = 'ready' AND preset_snapshot_id IS NOT DISTINCT FROM $2
              ORDER BY ready_at LIMIT 1 FOR UPDATE SKIP LOCKED)
          RETURNING id, details, secrets",
     )
     .bind(plan_id)
+    .bind(preset_snapshot)
     .fetch_optional(db)
     .await
 }
@@ -116,22 +126,57 @@ pub async fn delete(db: impl PgExecutor<'_>, id: &str) -> sqlx::Result<()> {
     Ok(())
 }
 
-/// Inserts a filling item of `plan_id` and its `pool.fill` task, due after `delay_ms` (user tasks enqueued
-/// meanwhile go first: claims take tasks in `run_at` order).
+/// What a pool.fill clones into its item: the pool's `POOL_TARGETS` entry and the preset version's snapshot.
+#[derive(Debug, Clone, Copy)]
+pub struct CloneOf<'a> {
+    pub target: &'a str,
+    pub snapshot_id: uuid::Uuid,
+}
+
+/// Inserts a filling item of `plan_id` (a clone of `clone`'s version, if given) and its `pool.fill` task, due
+/// after `delay_ms` (user tasks enqueued meanwhile go first: claims take tasks in `run_at` order).
 pub async fn start_fill(
     db: &mut sqlx::PgConnection,
     plan_id: &str,
     id: &str,
+    clone: Option<CloneOf<'_>>,
     delay_ms: i64,
 ) -> sqlx::Result<TaskId> {
     let task = enqueue(db, kinds::POOL_FILL, id, delay_ms).await?;
-    sqlx::query("INSERT INTO pool_items (id, plan_id, task_id) VALUES ($1, $2, $3)")
-        .bind(id)
-        .bind(plan_id)
-        .bind(task.0)
-        .execute(&mut *db)
-        .await?;
+    sqlx::query(
+        "INSERT INTO pool_items (id, plan_id, task_id, preset_target, preset_snapshot_id)
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(id)
+    .bind(plan_id)
+    .bind(task.0)
+    .bind(clone.map(|c| c.target))
+    .bind(clone.map(|c| c.snapshot_id))
+    .execute(&mut *db)
+    .await?;
     Ok(task)
+}
+
+/// Starts removing the ready clones of the given preset versions (their preset or version was deleted). A
+/// clone still filling fails to find its version, and the pool check removes what it made. Returns how many.
+pub async fn drain_clones_of(
+    db: &mut sqlx::PgConnection,
+    snapshot_ids: &[uuid::Uuid],
+) -> sqlx::Result<usize> {
+    let ids: Vec<String> = sqlx::query_scalar(
+        "SELECT id FROM pool_items WHERE state = 'ready' AND preset_snapshot_id = ANY($1)
+         ORDER BY id FOR UPDATE",
+    )
+    .bind(snapshot_ids)
+    .fetch_all(&mut *db)
+    .await?;
+    let mut started = 0;
+    for id in &ids {
+        if start_remove(db, id).await? {
+            started += 1;
+        }
+    }
+    Ok(started)
 }
 
 /// Marks an item `removing` and enqueues its `pool.remove` task (unless it is being removed already).

@@ -484,3 +484,325 @@ async fn old_items_are_recycled() {
     }
     stack.stop().await;
 }
+
+/// The broker database's pool items of `plan_id` as (id, state, preset_target, preset_snapshot_id, details).
+async fn clone_rows(
+    stack: &Stack,
+    plan_id: &str,
+) -> Vec<(String, String, Option<String>, Option<uuid::Uuid>, Value)> {
+    let mut db = PgConnection::connect(&stack.broker_db_url).await.unwrap();
+    let rows = sqlx::query_as(
+        "SELECT id, state, preset_target, preset_snapshot_id, details FROM pool_items
+         WHERE plan_id = $1 ORDER BY created_at",
+    )
+    .bind(plan_id)
+    .fetch_all(&mut db)
+    .await
+    .unwrap();
+    db.close().await.unwrap();
+    rows
+}
+
+/// Waits until the pool of `plan_id` holds exactly `plain` ready items of its defaults and `clones` ready
+/// clones of `snapshot`, and nothing else; returns the clones' ids and databases.
+async fn wait_clones(
+    stack: &Stack,
+    plan_id: &str,
+    plain: usize,
+    clones: usize,
+    snapshot: Option<uuid::Uuid>,
+) -> Vec<(String, String)> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let rows = clone_rows(stack, plan_id).await;
+        let ready_plain = rows
+            .iter()
+            .filter(|r| r.1 == "ready" && r.3.is_none())
+            .count();
+        let ready_clones: Vec<_> = rows
+            .iter()
+            .filter(|r| r.1 == "ready" && r.3.is_some() && r.3 == snapshot)
+            .map(|r| {
+                (
+                    r.0.clone(),
+                    r.4["database"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect();
+        if ready_plain == plain && ready_clones.len() == clones && rows.len() == plain + clones {
+            return ready_clones;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pools never held {plain} plain items and {clones} clones of {snapshot:?}: {rows:?}\n{}",
+            stack.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The snapshot of version `version` of preset `name`.
+async fn preset_snapshot(stack: &Stack, name: &str, version: i32) -> uuid::Uuid {
+    let mut db = PgConnection::connect(&stack.broker_db_url).await.unwrap();
+    let id = sqlx::query_scalar(
+        "SELECT s.id FROM snapshots s JOIN presets p ON p.id = s.preset_id
+         WHERE p.name = $1 AND s.version = $2",
+    )
+    .bind(name)
+    .bind(version)
+    .fetch_one(&mut db)
+    .await
+    .unwrap();
+    db.close().await.unwrap();
+    id
+}
+
+/// POSTs to a `/berth/v1` preset route and waits for its task to succeed.
+async fn push_preset(stack: &Stack, path: &str, body: Value) {
+    let (status, answer) = stack
+        .send(stack.request(Method::POST, path).json(&body))
+        .await
+        .unwrap();
+    assert_eq!(status, 202, "{path}: {answer}\n{}", stack.logs());
+    stack.assert_task_succeeded(&answer, WAIT).await;
+}
+
+/// Provisions with `accepts_incomplete` and polls `last_operation` every 5 ms; returns the instance id and the
+/// time from the PUT to `succeeded`.
+async fn provision_timed(
+    stack: &Stack,
+    ids: &(String, String),
+    parameters: Value,
+) -> (String, Duration) {
+    let instance = uuid::Uuid::new_v4().to_string();
+    let path = format!("/v2/service_instances/{instance}");
+    let started = Instant::now();
+    let (status, answer) = stack
+        .send(
+            stack
+                .request(Method::PUT, &format!("{path}?accepts_incomplete=true"))
+                .json(&body(ids, parameters)),
+        )
+        .await
+        .unwrap();
+    assert!(
+        status == 202 || status == 201,
+        "{status} {answer}\n{}",
+        stack.logs()
+    );
+    loop {
+        let (status, last) = stack
+            .send(stack.request(Method::GET, &format!("{path}/last_operation")))
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{last}");
+        match last["state"].as_str() {
+            Some("succeeded") => return (instance, started.elapsed()),
+            Some("failed") => panic!("provision failed: {last}\n{}", stack.logs()),
+            _ => {}
+        }
+        assert!(started.elapsed() < WAIT, "provision never finished: {last}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A new binding's DATABASE_URL.
+async fn bind_url(stack: &Stack, ids: &(String, String), instance: &str) -> String {
+    let path = format!("/v2/service_instances/{instance}/service_bindings/b-{instance}");
+    let bind = json!({ "service_id": ids.0, "plan_id": ids.1, "app_guid": "app" });
+    stack.put_until_done(&path, &bind, WAIT).await;
+    stack.fetch_credentials(&path).await["DATABASE_URL"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// The names in the table `items` of the database at `url` (`None`: no such table).
+async fn item_names(url: &str) -> Option<Vec<String>> {
+    let mut db = PgConnection::connect(url).await.unwrap();
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('items') IS NOT NULL")
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    let names = if exists {
+        Some(
+            sqlx::query_scalar("SELECT name FROM items ORDER BY id")
+                .fetch_all(&mut db)
+                .await
+                .unwrap(),
+        )
+    } else {
+        None
+    };
+    db.close().await.unwrap();
+    names
+}
+
+async fn wait_databases_gone(stack: &Stack, databases: &[(String, String)]) {
+    let deadline = Instant::now() + WAIT;
+    for (_, database) in databases {
+        while database_exists(stack, database).await {
+            assert!(
+                Instant::now() < deadline,
+                "the removed clone's database {database} survived\n{}",
+                stack.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn preset_clone_pools_serve_their_preset_follow_new_versions_and_drain_on_delete() {
+    let stack = Stack::start_with(vec![
+        ("POOL_TARGETS", "shared=1,shared/pooled-shop=2".into()),
+        ("POOL_CHECK_MS", "200".into()),
+    ])
+    .await
+    .unwrap();
+    let ids = (PG_SERVICE.to_string(), PG_SHARED.to_string());
+    // The preset does not exist yet: only the plan's own pool fills.
+    wait_clones(&stack, PG_SHARED, 1, 0, None).await;
+
+    // A source database with two items, published as version 1.
+    let (source, _) = provision_timed(&stack, &ids, json!({})).await;
+    let source_url = bind_url(&stack, &ids, &source).await;
+    let mut db = PgConnection::connect(&source_url).await.unwrap();
+    sqlx::raw_sql("CREATE TABLE items (id int PRIMARY KEY, name text); INSERT INTO items VALUES (1, 'a'), (2, 'b');")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    push_preset(
+        &stack,
+        "/berth/v1/presets",
+        json!({"name": "pooled-shop", "instance_id": source}),
+    )
+    .await;
+    let v1 = preset_snapshot(&stack, "pooled-shop", 1).await;
+    let clones_v1 = wait_clones(&stack, PG_SHARED, 1, 2, Some(v1)).await;
+
+    // A hit: the oldest clone becomes the instance, with the preset's data, and the version recorded.
+    let (hit, hit_v1_took) = provision_timed(&stack, &ids, json!({"preset": "pooled-shop"})).await;
+    let details = stack.instance_details(&hit).await;
+    assert_eq!(details["pool_item"], json!(clones_v1[0].0), "{details}");
+    assert_eq!(
+        details["preset"],
+        json!({"namespace": "", "name": "pooled-shop", "version": 1, "snapshot_id": v1}),
+        "{details}"
+    );
+    assert!(
+        !database_exists(&stack, &clones_v1[0].1).await,
+        "the clone's name survived"
+    );
+    let hit_url = bind_url(&stack, &ids, &hit).await;
+    assert_eq!(
+        item_names(&hit_url).await,
+        Some(vec!["a".into(), "b".into()])
+    );
+
+    // The plan's defaults take the plan's own item, never a clone.
+    let plain_item = clone_rows(&stack, PG_SHARED)
+        .await
+        .into_iter()
+        .find(|r| r.1 == "ready" && r.3.is_none())
+        .expect("the plan's own item")
+        .0;
+    let (plain, _) = provision_timed(&stack, &ids, json!({})).await;
+    assert_eq!(
+        stack.instance_details(&plain).await["pool_item"],
+        json!(plain_item)
+    );
+    let plain_url = bind_url(&stack, &ids, &plain).await;
+    assert_eq!(
+        item_names(&plain_url).await,
+        None,
+        "a plain provision got a clone"
+    );
+
+    // Another preset is not served by the clones: the ordinary path, which records its version the same way.
+    push_preset(
+        &stack,
+        "/berth/v1/presets",
+        json!({"name": "other-shop", "instance_id": source}),
+    )
+    .await;
+    let (other, _) = provision_timed(&stack, &ids, json!({"preset": "other-shop"})).await;
+    let details = stack.instance_details(&other).await;
+    assert!(details.get("pool_item").is_none(), "{details}");
+    assert_eq!(details["preset"]["name"], "other-shop", "{details}");
+    assert_eq!(details["preset"]["version"], 1, "{details}");
+
+    // Version 2: the pooled clones of version 1 are recycled (their databases dropped) and replaced.
+    sqlx::raw_sql("INSERT INTO items VALUES (3, 'c');")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    db.close().await.unwrap();
+    push_preset(
+        &stack,
+        "/berth/v1/presets/pooled-shop/versions",
+        json!({"instance_id": source}),
+    )
+    .await;
+    let v2 = preset_snapshot(&stack, "pooled-shop", 2).await;
+    let clones_v2 = wait_clones(&stack, PG_SHARED, 1, 2, Some(v2)).await;
+    wait_databases_gone(&stack, &clones_v1[1..]).await;
+
+    // The newest version from the pool, beside a miss of the same preset (version 1, no longer pooled, cloned
+    // from the template cached on the server by the ordinary path).
+    let (hit_v2, hit_took) = provision_timed(&stack, &ids, json!({"preset": "pooled-shop"})).await;
+    let details = stack.instance_details(&hit_v2).await;
+    assert_eq!(details["pool_item"], json!(clones_v2[0].0), "{details}");
+    assert_eq!(details["preset"]["version"], 2, "{details}");
+    let url = bind_url(&stack, &ids, &hit_v2).await;
+    assert_eq!(
+        item_names(&url).await,
+        Some(vec!["a".into(), "b".into(), "c".into()])
+    );
+    let (miss, miss_took) = provision_timed(
+        &stack,
+        &ids,
+        json!({"preset": {"name": "pooled-shop", "version": 1}}),
+    )
+    .await;
+    let details = stack.instance_details(&miss).await;
+    assert!(details.get("pool_item").is_none(), "{details}");
+    assert_eq!(details["preset"]["snapshot_id"], json!(v1), "{details}");
+    let url = bind_url(&stack, &ids, &miss).await;
+    assert_eq!(item_names(&url).await, Some(vec!["a".into(), "b".into()]));
+    println!(
+        "preset provision→succeeded: pool hit {hit_took:?} (first hit {hit_v1_took:?}), miss (template clone) {miss_took:?}"
+    );
+
+    // Deleting the preset drains its clones (their databases too), and none are made again.
+    wait_clones(&stack, PG_SHARED, 1, 2, Some(v2)).await;
+    let pooled: Vec<(String, String)> = clone_rows(&stack, PG_SHARED)
+        .await
+        .into_iter()
+        .filter(|r| r.3.is_some())
+        .map(|r| (r.0, r.4["database"].as_str().unwrap().to_string()))
+        .collect();
+    let (status, answer) = stack
+        .send(stack.request(Method::DELETE, "/berth/v1/presets/pooled-shop"))
+        .await
+        .unwrap();
+    assert_eq!(status, 202, "{answer}");
+    let deadline = Instant::now() + WAIT;
+    while clone_rows(&stack, PG_SHARED)
+        .await
+        .iter()
+        .any(|r| r.2.is_some())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the clones never drained\n{}",
+            stack.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_databases_gone(&stack, &pooled).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rows = clone_rows(&stack, PG_SHARED).await;
+    assert!(rows.iter().all(|r| r.2.is_none()), "refilled: {rows:?}");
+    stack.stop().await;
+}

@@ -1,11 +1,15 @@
 //! `pool.fill`: makes one warm-pool item with the plan's provider, exactly as a provision with no parameters
-//! would (the same idempotent steps, names derived from the item's id), then offers it. A run lost with its
+//! would (the same idempotent steps, names derived from the item's id), then, for a pool of a preset's clones,
+//! puts the item's preset version in as a provision naming it would, and offers it. A run lost with its
 //! worker is run again by another and finishes the same item; a fill that fails for good leaves the item
 //! `filling`, and the pool check removes what it made.
 
 use anyhow::Context as _;
 use async_trait::async_trait;
-use broker::{db::pools, model::kinds};
+use broker::{
+    db::{pools, snapshots},
+    model::kinds,
+};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -14,6 +18,7 @@ use crate::{
     context::TaskContext,
     pools::item_as_instance,
     registry::{Step, TaskError, TaskHandler},
+    snapshots::steps,
 };
 
 pub struct PoolFill;
@@ -57,6 +62,19 @@ impl TaskHandler for PoolFill {
             .secrets
             .as_ref()
             .map(|s| ctx.services.cipher.seal_json(s));
+        // A preset clone: the version goes in as in a provision naming it (a template clone swapped in).
+        if let Some(snapshot_id) = item.preset_snapshot_id {
+            let snapshot = snapshots::get(ctx.pool, snapshot_id)
+                .await
+                .context("reading the pooled preset version")?
+                .ok_or_else(|| TaskError::fatal("the pooled preset version was deleted"))?;
+            let mut made_item = instance.clone();
+            made_item.details = made.details.clone();
+            made_item.secrets = secrets.clone();
+            if let Err(wait) = ready(steps::put_into(ctx, &made_item, &snapshot).await?) {
+                return Ok(wait);
+            }
+        }
         let offered = pools::mark_ready(ctx.pool, &item.id, &made.details, secrets.as_deref())
             .await
             .context("offering the pool item")?;

@@ -70,7 +70,7 @@ async fn concurrent_claims_never_share_an_item(_: PgPoolOptions, opts: PgConnect
         handles.push(tokio::spawn(async move {
             let mut tx = pool.begin().await.unwrap();
             start.wait().await;
-            let item = pools::claim(&mut *tx, SHARED_PLAN).await.unwrap();
+            let item = pools::claim(&mut *tx, SHARED_PLAN, None).await.unwrap();
             claimed.wait().await;
             tx.commit().await.unwrap();
             item.map(|i| i.id)
@@ -147,4 +147,26 @@ async fn pool_targets_are_checked_at_start() {
     assert!(format!("{err:#}").contains("whole number"), "{err:#}");
     let services = services_with_targets("shared=3");
     assert_eq!(services.pool_targets.target(SHARED_PLAN), 3);
+
+    // Pools of a preset's clones: `plan/preset` (the newest version) or `plan/preset@version`.
+    let services = services_with_targets("shared/orders-demo=2,shared/orders-demo@3=1");
+    let targets = &services.pool_targets;
+    assert_eq!(targets.target(SHARED_PLAN), 0, "no pool of the defaults");
+    assert!(targets.has_pool(SHARED_PLAN) && targets.has_preset_pool(SHARED_PLAN));
+    let newest = broker::pools::PresetPin::parse("orders-demo").unwrap();
+    let third = broker::pools::PresetPin::parse("orders-demo@3").unwrap();
+    assert_eq!(targets.target_of(SHARED_PLAN, Some(&newest)), 2);
+    assert_eq!(targets.target_of(SHARED_PLAN, Some(&third)), 1);
+    for (bad, says) in [
+        ("shared/=1", "preset name"),
+        ("shared/orders@0=1", "positive whole number"),
+        ("shared/orders@two=1", "positive whole number"),
+        ("shared/../etc=1", "preset name"),
+        ("shared/orders", "plan/preset[@version]=count"),
+    ] {
+        let mut bad_settings = crate::helpers::settings();
+        bad_settings.pool_targets = Some(bad.into());
+        let err = Services::new(bad_settings, cipher()).unwrap_err();
+        assert!(format!("{err:#}").contains(says), "{bad}: {err:#}");
+    }
 }
