@@ -11,10 +11,17 @@ use crate::{
 };
 
 /// The embedded default's pools: two `dedicated` servers (a warm one answers in milliseconds instead of the
-/// 0.8 s of initdb + start) and one `ha` cluster (instead of Patroni's bootstrap, 8-15 s). The `ha` plan is
-/// published there only where etcd and Patroni are installed; elsewhere its target is left out like any
-/// plan that is not published.
-pub const EMBEDDED_DEFAULT_TARGETS: &str = "dedicated=2,ha=1";
+/// 0.8 s of initdb + start) and, when the `ha` plan runs on this machine (`HA_ENGINE=local`), one `ha` cluster
+/// (instead of Patroni's bootstrap, 8-15 s). The `ha` plan is published there only where etcd and Patroni are
+/// installed; elsewhere its target is left out like any plan that is not published. With `HA_ENGINE=ec2` an
+/// `ha` pool would stop start-up, so it is not asked for.
+pub fn embedded_default_targets(ha_engine: &str) -> String {
+    if ha_engine == "local" {
+        "dedicated=2,ha=1".to_string()
+    } else {
+        "dedicated=2".to_string()
+    }
+}
 
 /// Engines whose items a pool can hold (their finishing step renames and re-keys an item).
 const POOLED_ENGINES: &[Engine] = &[Engine::Shared, Engine::Local, Engine::HaLocal, Engine::S3];
@@ -202,6 +209,9 @@ mod tests {
             err.contains("HA_ENGINE=ec2") && err.contains("`ha`"),
             "{err}"
         );
+        // The embedded default asks for no ha pool there, so it starts.
+        assert!(PoolTargets::parse(&embedded_default_targets("ec2"), &catalog).is_ok());
+        assert!(embedded_default_targets("local").contains("ha=1"));
         assert_eq!(
             PoolTargets::parse("dedicated=1", &catalog)
                 .unwrap()
