@@ -32,6 +32,8 @@ EC2_CYCLES=${EC2_CYCLES:-5}
 HA_COUNT=${HA_COUNT:-5}
 POOLS_COUNT=${POOLS_COUNT:-20}
 POOLS_TARGETS=${POOLS_TARGETS:-shared=2,dedicated=2}
+# The ha plan's pool (a whole Patroni cluster per item) on a broker of its own, fewer rounds: 0 leaves it out.
+POOLS_HA_COUNT=${POOLS_HA_COUNT:-5}
 # BENCH_PROFILE=debug measures debug builds (a busy machine: no release build); the results say which.
 BENCH_PROFILE=${BENCH_PROFILE:-release}
 
@@ -258,7 +260,31 @@ if [ "$part" = pools ]; then
   stop_pid "$API_PID"
   # The pooled servers still running (the worker leaves local servers up): stop them.
   for d in "$work"/servers/*/data; do [ -f "$d/postmaster.pid" ] && "$pgbin/pg_ctl" stop -D "$d" -m immediate >/dev/null 2>&1 || true; done
-  jq -r 'select(.part == "pools") | "POOLS  \(.plan) \(if .pooled then "from a warm pool of \(.target)" else "without a pool" end), PUT to last_operation=succeeded (poll \(.poll_ms) ms), \(.count) sequential\n  p50 \(.p50_ms * 10 | floor / 10) ms, p99 \(.p99_ms * 10 | floor / 10) ms; anchor (\(if .plan == "dedicated" then "initdb + pg_ctl start" else "CREATE ROLE + CREATE DATABASE" end)) p50 \(.anchor.p50_ms * 10 | floor / 10) ms, p99 \(.anchor.p99_ms * 10 | floor / 10) ms\(if .pooled then "\n  201 without accepts_incomplete p50 \(.sync_201.p50_ms * 10 | floor / 10) ms, p99 \(.sync_201.p99_ms * 10 | floor / 10) ms; refill after one take p50 \(.refill_one.p50_ms | floor) ms; drained pool full again in \(.refill_drained_ms | floor) ms" else "" end)"' "$results"
+  if [ "$POOLS_HA_COUNT" -gt 0 ] && command -v etcd >/dev/null && command -v patroni >/dev/null; then
+    mkdir -p "$work/servers-ha" "$work/servers-ha-cold"
+    log "pools: $POOLS_HA_COUNT x ha provision from a warm pool (ha=1), then without a pool"
+    POOL_TARGETS=ha=1 POOL_CHECK_MS=100 LOCAL_ENGINE=on LOCAL_SERVERS_DIR=$work/servers-ha \
+      start_broker poolsha broker_poolsha worker
+    "$bin/berth-bench" pools --url "$API_URL" --username "$BROKER_USERNAME" --password "$BROKER_PASSWORD" \
+      --pg-url "$PG_URL" --work-dir "$work/bare" --targets ha=1 --count "$POOLS_HA_COUNT" | tee -a "$results" >&2
+    stop_pid "$WORKER_PID"
+    stop_pid "$API_PID"
+    LOCAL_ENGINE=on LOCAL_SERVERS_DIR=$work/servers-ha-cold start_broker nopoolsha broker_nopoolsha worker
+    "$bin/berth-bench" pools --url "$API_URL" --username "$BROKER_USERNAME" --password "$BROKER_PASSWORD" \
+      --pg-url "$PG_URL" --work-dir "$work/bare" --targets ha=1 --count "$POOLS_HA_COUNT" --pooled false \
+      | tee -a "$results" >&2
+    stop_pid "$WORKER_PID"
+    stop_pid "$API_PID"
+    # The pooled cluster left running (etcd and Patroni outlive the worker; Patroni stops its Postgres): stop it.
+    for pid in $(grep -lz -- "$work/servers-ha/" /proc/[0-9]*/cmdline 2>/dev/null | cut -d/ -f3); do
+      kill -TERM "$pid" 2>/dev/null || true
+    done
+    sleep 3
+    for d in "$work"/servers-ha/*/m*/data; do
+      [ -f "$d/postmaster.pid" ] && "$pgbin/pg_ctl" stop -D "$d" -m immediate >/dev/null 2>&1 || true
+    done
+  fi
+  jq -r 'select(.part == "pools") | "POOLS  \(.plan) \(if .pooled then "from a warm pool of \(.target)" else "without a pool" end), PUT to last_operation=succeeded (poll \(.poll_ms) ms), \(.count) sequential\n  p50 \(.p50_ms * 10 | floor / 10) ms, p99 \(.p99_ms * 10 | floor / 10) ms; \(if .anchor == null then "no bare anchor" else "anchor (\(if .plan == "dedicated" then "initdb + pg_ctl start" else "CREATE ROLE + CREATE DATABASE" end)) p50 \(.anchor.p50_ms * 10 | floor / 10) ms, p99 \(.anchor.p99_ms * 10 | floor / 10) ms" end)\(if .pooled then "\n  201 without accepts_incomplete p50 \(.sync_201.p50_ms * 10 | floor / 10) ms, p99 \(.sync_201.p99_ms * 10 | floor / 10) ms; refill after one take p50 \(.refill_one.p50_ms | floor) ms; drained pool full again in \(.refill_drained_ms | floor) ms" else "" end)"' "$results"
   echo "akkeris database broker pool (measured earlier on this machine): 17.8 ms"
 fi
 

@@ -94,7 +94,8 @@ impl Embedded {
         }
         // Warm pools of local servers: a `dedicated` provision is ready in milliseconds (docs/pools.md).
         if !sources.is_given("POOL_TARGETS") && settings.dedicated_engine == "local" {
-            settings.pool_targets = Some(broker::pools::EMBEDDED_DEFAULT_TARGETS.to_string());
+            settings.pool_targets =
+                Some(broker::pools::embedded_default_targets(&settings.ha_engine));
         }
         settings.data_dir = data_dir.clone();
         let plans_dir = absolute(&settings.plans_dir)?;

@@ -1,7 +1,7 @@
-//! `berth-bench pools`: provision→`succeeded` of the `shared` and `dedicated` plans taken from a warm pool, or
-//! (`--pooled false`, a broker without pools) built from nothing, each round beside its anchor on the same
+//! `berth-bench pools`: provision→`succeeded` of the `shared`, `dedicated` and `ha` plans taken from a warm pool,
+//! or (`--pooled false`, a broker without pools) built from nothing, each round beside its anchor on the same
 //! machine: a bare `CREATE ROLE` + `CREATE DATABASE` on the shared server for `shared`, a bare `initdb` +
-//! `pg_ctl start -w` for `dedicated`. Rounds are sequential; with a pool each round first waits until the pool
+//! `pg_ctl start -w` for `dedicated` (`ha` has no bare anchor: its figure without a pool is the comparison). Rounds are sequential; with a pool each round first waits until the pool
 //! is full again (so every provision finds it warm) and records how long that refill took. Each instance is
 //! deprovisioned (untimed) before the next round. With a pool, also: how long a drained pool takes to fill
 //! again (all its items taken at once), and the synchronous answer (`201` without `accepts_incomplete`).
@@ -49,8 +49,13 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         let (mut berth, mut anchor, mut refill, mut sync) = (vec![], vec![], vec![], vec![]);
         for i in 0..=count {
             let ms = match plan_name.as_str() {
-                "dedicated" => bare_once(&bin, run_as, &work.join(format!("bare-{i}"))).await?,
-                _ => ddl_once(&mut pg, &format!("pool_ddl_{tag}_{plan_name}_{i}")).await?,
+                "dedicated" => {
+                    Some(bare_once(&bin, run_as, &work.join(format!("bare-{i}"))).await?)
+                }
+                "shared" => {
+                    Some(ddl_once(&mut pg, &format!("pool_ddl_{tag}_{plan_name}_{i}")).await?)
+                }
+                _ => None,
             };
             if pooled {
                 let ms = wait_full(&api, plan_name, *target).await?;
@@ -62,7 +67,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
             let ms_berth = api.provision(&service, &plan, &id, json!({})).await?;
             api.deprovision(&service, &plan, &id).await?;
             if i > 0 {
-                anchor.push(ms);
+                anchor.extend(ms);
                 berth.push(ms_berth);
             }
             if pooled && i > 0 {
@@ -72,12 +77,17 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
                 api.deprovision(&service, &plan, &id).await?;
             }
         }
-        let (b50, a50) = (median(&berth), median(&anchor));
+        let b50 = median(&berth);
+        let a50 = (!anchor.is_empty()).then(|| median(&anchor));
         let mut line = summary(berth);
         line["plan"] = json!(plan_name);
         line["pooled"] = json!(pooled);
-        line["anchor"] = summary(anchor);
-        line["ratio_p50"] = json!(b50 / a50);
+        line["anchor"] = if anchor.is_empty() {
+            json!(null)
+        } else {
+            summary(anchor)
+        };
+        line["ratio_p50"] = json!(a50.map(|a| b50 / a));
         line["poll_ms"] = json!(api.poll.as_millis());
         if pooled {
             line["target"] = json!(target);
@@ -87,8 +97,9 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
                 json!(drained_refill(&api, &service, &plan, plan_name, *target, &tag).await?);
         }
         eprintln!(
-            "pools: {plan_name} ({}) provision→succeeded p50 {b50:.1} ms, anchor p50 {a50:.1} ms",
-            if pooled { "from the pool" } else { "no pool" }
+            "pools: {plan_name} ({}) provision→succeeded p50 {b50:.1} ms, anchor p50 {}",
+            if pooled { "from the pool" } else { "no pool" },
+            a50.map_or("none".to_string(), |a| format!("{a:.1} ms"))
         );
         emit(line, "pools");
     }

@@ -11,11 +11,23 @@ use crate::{
 };
 
 /// The embedded default's pools: two `dedicated` servers (a warm one answers in milliseconds instead of the
-/// 0.8 s of initdb + start).
-pub const EMBEDDED_DEFAULT_TARGETS: &str = "dedicated=2";
+/// 0.8 s of initdb + start) and, when the `ha` plan runs on this machine (`HA_ENGINE=local`), one `ha` cluster
+/// (instead of Patroni's bootstrap, 8-15 s). The `ha` plan is published there only where etcd and Patroni are
+/// installed; elsewhere its target is left out like any plan that is not published. With `HA_ENGINE=ec2` an
+/// `ha` pool would stop start-up, so it is not asked for.
+pub fn embedded_default_targets(ha_engine: &str) -> String {
+    if ha_engine == "local" {
+        "dedicated=2,ha=1".to_string()
+    } else {
+        "dedicated=2".to_string()
+    }
+}
 
 /// Engines whose items a pool can hold (their finishing step renames and re-keys an item).
-const POOLED_ENGINES: &[Engine] = &[Engine::Shared, Engine::Local];
+const POOLED_ENGINES: &[Engine] = &[Engine::Shared, Engine::Local, Engine::HaLocal, Engine::S3];
+
+/// Engines whose pools can also hold clones of a preset version (the fill clones the version's template).
+const PRESET_POOLED_ENGINES: &[Engine] = &[Engine::Shared, Engine::Local];
 
 /// A preset whose clones a pool keeps: a name in the default namespace and a version (`None`: the newest ready
 /// one, so the pool follows each new version).
@@ -114,6 +126,13 @@ impl PoolTargets {
                 continue;
             }
             for p in found {
+                if p.engine == Engine::HaEc2 {
+                    anyhow::bail!(
+                        "POOL_TARGETS: plan `{}` runs on EC2 here (HA_ENGINE=ec2), and EC2 clusters have no pool; \
+                         remove it from POOL_TARGETS, or set HA_ENGINE=local for pools of local clusters",
+                        p.name
+                    );
+                }
                 if !POOLED_ENGINES.contains(&p.engine) {
                     anyhow::bail!(
                         "POOL_TARGETS: plan `{}` (engine {}) has no pool; pools serve the engines {}",
@@ -124,6 +143,19 @@ impl PoolTargets {
                             .map(|e| e.as_str())
                             .collect::<Vec<_>>()
                             .join(", ")
+                    );
+                }
+                if preset.is_some() && !PRESET_POOLED_ENGINES.contains(&p.engine) {
+                    anyhow::bail!(
+                        "POOL_TARGETS: `{pool}`: pools of preset clones serve the plans of the engines {}, not `{}` \
+                         (engine {})",
+                        PRESET_POOLED_ENGINES
+                            .iter()
+                            .map(|e| e.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        p.name,
+                        p.engine.as_str()
                     );
                 }
                 let key = PoolKey {
@@ -179,13 +211,27 @@ pub fn can_serve(engine: Engine, parameters: &Value) -> bool {
         // Extensions are created by the finishing step; `backups` only schedules.
         Engine::Shared => &["extensions", "backups"],
         // Names are renamed and the admin password set by the finishing step; tags mean nothing locally.
-        Engine::Local => &["extensions", "backups", "app_db_name", "admin_user", "tags"],
+        Engine::Local | Engine::HaLocal => {
+            &["extensions", "backups", "app_db_name", "admin_user", "tags"]
+        }
+        // The finishing step sets the bucket's tags, public access, CORS and lifecycle (one call each); a
+        // bucket cannot move to another region.
+        Engine::S3 => &["tags", "public_read", "cors", "lifecycle"],
         _ => return false,
     };
+    // A cluster's own parameters are served when they ask what a pooled cluster is made with: its member
+    // count and asynchronous replication (changing either means new members or a wait for a standby).
+    let default_of = |key: &str| -> Option<Value> {
+        match (engine, key) {
+            (Engine::HaLocal, "members") => Some(Value::from(HA_DEFAULT_MEMBERS)),
+            (Engine::HaLocal, "synchronous") => Some(Value::Bool(false)),
+            _ => None,
+        }
+    };
     match parameters {
-        Value::Object(map) => map
-            .iter()
-            .all(|(k, v)| v.is_null() || allowed.contains(&k.as_str())),
+        Value::Object(map) => map.iter().all(|(k, v)| {
+            v.is_null() || allowed.contains(&k.as_str()) || default_of(k).as_ref() == Some(v)
+        }),
         Value::Null => true,
         _ => false,
     }
@@ -202,6 +248,8 @@ pub fn can_serve_preset(engine: Engine, parameters: &Value) -> bool {
     rest.remove("preset");
     can_serve(engine, &Value::Object(rest))
 }
+/// The member count of an `ha` cluster made with no parameters (what a pooled one has).
+pub const HA_DEFAULT_MEMBERS: u64 = 3;
 
 /// The id of a new pool item: never an OSB id in practice, and its names (derived from it) are berth's own.
 pub fn new_item_id() -> String {
@@ -234,7 +282,6 @@ mod tests {
             Engine::Local,
             &json!({"tuning_profile": "oltp"})
         ));
-        assert!(!can_serve(Engine::S3, &json!({})));
         assert!(can_serve_preset(
             Engine::Shared,
             &json!({"preset": "p", "extensions": ["pg_trgm"]})
@@ -265,5 +312,86 @@ mod tests {
         assert!(PresetPin::parse("orders@x").is_err());
         assert!(PresetPin::parse("../etc").is_err());
         assert!(PresetPin::parse("").is_err());
+        assert!(can_serve(Engine::S3, &json!({})));
+        assert!(can_serve(
+            Engine::S3,
+            &json!({"tags": {"team": "a"}, "public_read": false})
+        ));
+        assert!(!can_serve(Engine::S3, &json!({"region": "eu-west-1"})));
+        assert!(can_serve(
+            Engine::HaLocal,
+            &json!({"members": 3, "synchronous": false, "admin_user": "me"})
+        ));
+        assert!(!can_serve(Engine::HaLocal, &json!({"members": 5})));
+        assert!(!can_serve(Engine::HaLocal, &json!({"synchronous": true})));
+        assert!(!can_serve(
+            Engine::HaLocal,
+            &json!({"postgres_version": "16"})
+        ));
+        assert!(!can_serve(Engine::HaEc2, &json!({})));
+    }
+
+    #[test]
+    fn an_ec2_ha_plan_has_no_pool() {
+        let plans_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../plans");
+        let settings: Settings = serde_json::from_value(json!({
+            "plans_dir": plans_dir,
+            "aws_region": "us-east-1",
+            "aws_access_key_id": "k",
+            "ha_engine": "ec2",
+            "local_engine": true,
+        }))
+        .unwrap();
+        settings.check().unwrap();
+        let catalog = Catalog::load_for(&settings).unwrap();
+        let err = PoolTargets::parse("ha=1", &catalog)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("HA_ENGINE=ec2") && err.contains("`ha`"),
+            "{err}"
+        );
+        // The embedded default asks for no ha pool there, so it starts.
+        assert!(PoolTargets::parse(&embedded_default_targets("ec2"), &catalog).is_ok());
+        assert!(embedded_default_targets("local").contains("ha=1"));
+        assert_eq!(
+            PoolTargets::parse("dedicated=1", &catalog)
+                .unwrap()
+                .target(&catalog_plan_id(&catalog, "dedicated")),
+            1
+        );
+    }
+
+    #[test]
+    fn preset_clones_are_pooled_for_postgres_plans_with_templates_only() {
+        let plans_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../plans");
+        let settings: Settings = serde_json::from_value(json!({
+            "plans_dir": plans_dir,
+            "ha_engine": "local",
+            "local_engine": true,
+        }))
+        .unwrap();
+        settings.check().unwrap();
+        let catalog = Catalog::load_for(&settings).unwrap();
+        let err = PoolTargets::parse("ha/orders=1", &catalog)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("preset clones") && err.contains("`ha`"),
+            "{err}"
+        );
+        let targets = PoolTargets::parse("dedicated/orders=1,ha=1", &catalog).unwrap();
+        assert!(targets.has_preset_pool(&catalog_plan_id(&catalog, "dedicated")));
+        assert_eq!(targets.target(&catalog_plan_id(&catalog, "ha")), 1);
+    }
+
+    fn catalog_plan_id(catalog: &Catalog, name: &str) -> String {
+        catalog
+            .services()
+            .iter()
+            .flat_map(|s| &s.plans)
+            .find(|p| p.name == name)
+            .map(|p| p.id.clone())
+            .unwrap()
     }
 }

@@ -289,7 +289,9 @@ const WORKERS: &[Setting] = &[
     ),
     both(
         "POOL_TARGETS",
-        Fallback("unset: no pools (the embedded default: `dedicated=2`)"),
+        Fallback(
+            "unset: no pools (the embedded default: `dedicated=2,ha=1`, the `ha` pool where etcd and Patroni are installed)",
+        ),
         "Warm pools: items each plan keeps made ahead of time, as `plan=count` pairs separated by commas (plan \
          name or id), e.g. `shared=4,dedicated=2`; `plan/preset=count` keeps clones of a preset's newest version \
          (`plan/preset@version=count`: of that version), e.g. `shared/orders-demo=1`. A provision the pool can \

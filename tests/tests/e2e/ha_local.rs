@@ -18,24 +18,24 @@ use sqlx::{
 };
 
 /// Cluster bootstraps and base backups on a busy 2-core machine: leave room.
-const WAIT: Duration = Duration::from_secs(300);
+pub(crate) const WAIT: Duration = Duration::from_secs(300);
 
 /// The cluster's folder and what it remembers (ports, members, passwords), as the engine wrote them.
-struct ClusterFiles {
-    root: PathBuf,
+pub(crate) struct ClusterFiles {
+    pub(crate) root: PathBuf,
 }
 
 impl ClusterFiles {
-    fn state(&self) -> Value {
+    pub(crate) fn state(&self) -> Value {
         serde_json::from_slice(&std::fs::read(self.root.join("cluster.json")).unwrap()).unwrap()
     }
-    fn superuser_password(&self) -> String {
+    pub(crate) fn superuser_password(&self) -> String {
         let secrets: Value =
             serde_json::from_slice(&std::fs::read(self.root.join("secrets.json")).unwrap())
                 .unwrap();
         secrets["superuser"].as_str().unwrap().to_string()
     }
-    fn member(&self, name: &str) -> Value {
+    pub(crate) fn member(&self, name: &str) -> Value {
         self.state()["members"]
             .as_array()
             .unwrap()
@@ -44,7 +44,7 @@ impl ClusterFiles {
             .cloned()
             .unwrap()
     }
-    fn api_ports(&self) -> Vec<u64> {
+    pub(crate) fn api_ports(&self) -> Vec<u64> {
         self.state()["members"]
             .as_array()
             .unwrap()
@@ -52,7 +52,7 @@ impl ClusterFiles {
             .map(|m| m["api_port"].as_u64().unwrap())
             .collect()
     }
-    fn all_ports(&self) -> Vec<u16> {
+    pub(crate) fn all_ports(&self) -> Vec<u16> {
         let state = self.state();
         let mut ports: Vec<u16> = state["members"]
             .as_array()
@@ -70,7 +70,7 @@ impl ClusterFiles {
         ports
     }
     /// A superuser connection to one member (TLS, the cluster's CA).
-    async fn superuser(&self, port: u16) -> PgConnection {
+    pub(crate) async fn superuser(&self, port: u16) -> PgConnection {
         let options = PgConnectOptions::new()
             .host("127.0.0.1")
             .port(port)
@@ -104,7 +104,7 @@ async fn patroni_cluster(files: &ClusterFiles) -> Option<Value> {
 
 /// Waits until Patroni lists `n` members, one leader and `n - 1` running replicas with a known lag, and the
 /// leader streams to all of them; returns the leader's name.
-async fn wait_healthy(stack: &Stack, files: &ClusterFiles, n: usize) -> String {
+pub(crate) async fn wait_healthy(stack: &Stack, files: &ClusterFiles, n: usize) -> String {
     let deadline = Instant::now() + WAIT;
     loop {
         if let Some(cluster) = patroni_cluster(files).await {
@@ -150,7 +150,7 @@ fn psql() -> PathBuf {
 }
 
 /// Runs `sql` through libpq (psql) with `url`; the output, or the error.
-fn run_psql(url: &str, sql: &str) -> Result<String, String> {
+pub(crate) fn run_psql(url: &str, sql: &str) -> Result<String, String> {
     let out = std::process::Command::new(psql())
         .arg(url)
         .args(["-v", "ON_ERROR_STOP=1", "-qAtc", sql])
@@ -515,7 +515,7 @@ async fn wait_for_the_recovery_record(stack: &Stack, instance: &str, crashed: &s
 
 /// POSTs berth's switchover endpoint: refused without auth and for an unknown candidate; then `berth switchover`
 /// (any healthy replica) waits for it.
-async fn request_a_switchover(stack: &Stack, instance: &str) {
+pub(crate) async fn request_a_switchover(stack: &Stack, instance: &str) {
     let switchover = format!("/berth/v1/instances/{instance}/switchover");
     let anonymous = stack
         .http

@@ -16,6 +16,8 @@ mod key_rotation;
 mod observability;
 mod openapi;
 mod pools;
+mod pools_ha;
+mod pools_s3;
 mod s3_lifecycle;
 mod shared_lifecycle;
 mod slow_clients;

@@ -16,14 +16,14 @@ use sqlx::{Connection, PgConnection};
 const WAIT: Duration = Duration::from_secs(180);
 
 #[derive(Debug, Clone)]
-struct Item {
-    id: String,
-    state: String,
-    details: Value,
-    secrets: Option<Vec<u8>>,
+pub(crate) struct Item {
+    pub(crate) id: String,
+    pub(crate) state: String,
+    pub(crate) details: Value,
+    pub(crate) secrets: Option<Vec<u8>>,
 }
 
-async fn pool_items(stack: &Stack, plan_id: &str) -> Vec<Item> {
+pub(crate) async fn pool_items(stack: &Stack, plan_id: &str) -> Vec<Item> {
     let mut db = PgConnection::connect(&stack.broker_db_url).await.unwrap();
     let rows: Vec<(String, String, Value, Option<Vec<u8>>)> = sqlx::query_as(
         "SELECT id, state, details, secrets FROM pool_items WHERE plan_id = $1 ORDER BY created_at",
@@ -44,7 +44,12 @@ async fn pool_items(stack: &Stack, plan_id: &str) -> Vec<Item> {
 }
 
 /// Waits until `plan_id`'s pool holds exactly `count` items, all ready; returns them.
-async fn wait_pool(stack: &Stack, plan_id: &str, count: usize, timeout: Duration) -> Vec<Item> {
+pub(crate) async fn wait_pool(
+    stack: &Stack,
+    plan_id: &str,
+    count: usize,
+    timeout: Duration,
+) -> Vec<Item> {
     let deadline = Instant::now() + timeout;
     loop {
         let items = pool_items(stack, plan_id).await;
@@ -61,7 +66,7 @@ async fn wait_pool(stack: &Stack, plan_id: &str, count: usize, timeout: Duration
 }
 
 /// PUT without `accepts_incomplete` (a platform that cannot poll).
-async fn provision_sync(stack: &Stack, instance: &str, body: &Value) -> (u16, Value) {
+pub(crate) async fn provision_sync(stack: &Stack, instance: &str, body: &Value) -> (u16, Value) {
     stack
         .send(
             stack
@@ -72,14 +77,14 @@ async fn provision_sync(stack: &Stack, instance: &str, body: &Value) -> (u16, Va
         .unwrap()
 }
 
-fn body(ids: &(String, String), parameters: Value) -> Value {
+pub(crate) fn body(ids: &(String, String), parameters: Value) -> Value {
     json!({
         "service_id": ids.0, "plan_id": ids.1, "organization_guid": "org", "space_guid": "space",
         "parameters": parameters,
     })
 }
 
-async fn metrics(stack: &Stack) -> String {
+pub(crate) async fn metrics(stack: &Stack) -> String {
     stack
         .request(Method::GET, "/metrics")
         .send()
@@ -91,7 +96,7 @@ async fn metrics(stack: &Stack) -> String {
 }
 
 /// The value of the sample of `name` whose labels include `plan="<plan>"` (and `extra`, if given).
-fn sample(text: &str, name: &str, plan: &str, extra: &str) -> Option<f64> {
+pub(crate) fn sample(text: &str, name: &str, plan: &str, extra: &str) -> Option<f64> {
     text.lines()
         .filter(|l| l.starts_with(&format!("{name}{{")))
         .filter(|l| l.contains(&format!("plan=\"{plan}\"")) && l.contains(extra))

@@ -10,7 +10,7 @@ use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn env(name: &str) -> String {
+pub(crate) fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
         panic!(
             "{name} is not set: run ./scripts/test.sh, which starts moto and SeaweedFS and sets it"

@@ -7,6 +7,7 @@
 //! Like the `local` engine, an instance belongs to the host that provisioned it, its processes outlive the
 //! worker, and every step checks what exists first, so a retry after a crash finishes the job.
 
+mod adopt;
 mod cluster;
 pub(crate) mod config;
 mod members;
@@ -102,9 +103,22 @@ impl HaLocal {
             .join(names::instance_cluster(prefix, instance_id))
     }
 
+    /// The folder of `instance`'s cluster: the one its details record (a cluster taken from a warm pool keeps
+    /// the folder it was made in, named after the pool item), else the one named after its id.
+    pub fn root_of(&self, prefix: &str, instance: &InstanceRow) -> PathBuf {
+        match instance.details.get("cluster_dir").and_then(Value::as_str) {
+            Some(dir) => PathBuf::from(dir),
+            None => self.cluster_root(prefix, &instance.id),
+        }
+    }
+
     /// The instance's cluster as its folder describes it; `None` when there is none (never made, or removed).
-    fn open(&self, prefix: &str, instance_id: &str) -> Result<Option<LocalCluster>, TaskError> {
-        let layout = Layout::new(self.cluster_root(prefix, instance_id));
+    fn open(
+        &self,
+        prefix: &str,
+        instance: &InstanceRow,
+    ) -> Result<Option<LocalCluster>, TaskError> {
+        let layout = Layout::new(self.root_of(prefix, instance));
         let (Some(state), Some(secrets)) = (
             layout.load_state().map_err(local)?,
             layout.load_secrets().map_err(local)?,
@@ -123,13 +137,13 @@ impl HaLocal {
     fn open_existing(
         &self,
         ctx: &TaskContext<'_>,
-        instance_id: &str,
+        instance: &InstanceRow,
     ) -> Result<LocalCluster, TaskError> {
-        self.open(ctx.services.name_prefix(), instance_id)?.ok_or_else(|| {
+        self.open(ctx.services.name_prefix(), instance)?.ok_or_else(|| {
             TaskError::fatal(format!(
                 "the instance's cluster is missing from {} on host {} (did provisioning fail?); deprovision the \
                  instance and provision it again",
-                self.cluster_root(ctx.services.name_prefix(), instance_id).display(),
+                self.root_of(ctx.services.name_prefix(), instance).display(),
                 self.host
             ))
         })
@@ -223,6 +237,19 @@ impl Provider for HaLocal {
         )))
     }
 
+    async fn adopt(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+        pool_item: &str,
+    ) -> Result<Progress<Provisioned>, TaskError> {
+        if let Some(wait) = owned_elsewhere(instance, &self.host) {
+            return Ok(wait);
+        }
+        check_programs(&self.host)?;
+        self.adopt_cluster(ctx, instance, pool_item).await
+    }
+
     async fn update(
         &self,
         ctx: &TaskContext<'_>,
@@ -238,7 +265,7 @@ impl Provider for HaLocal {
             return Ok(wait);
         }
         let params = Params::of(&update.parameters)?;
-        let mut cluster = self.open_existing(ctx, &instance.id)?;
+        let mut cluster = self.open_existing(ctx, instance)?;
         let http = &ctx.services.http;
         apply_settings(ctx, instance, &cluster, &params).await?;
         let dcs = dcs::dcs_config(
@@ -283,7 +310,7 @@ impl Provider for HaLocal {
         if let Some(wait) = owned_elsewhere(instance, &self.host) {
             return Ok(wait);
         }
-        let root = self.cluster_root(ctx.services.name_prefix(), &instance.id);
+        let root = self.root_of(ctx.services.name_prefix(), instance);
         // Held until the folder is gone, so the reconcile loop cannot start a member again meanwhile.
         let mut tx = ctx
             .pool
@@ -316,7 +343,7 @@ impl Provider for HaLocal {
             return Ok(wait);
         }
         let access = Access::of(binding)?;
-        let cluster = self.open_existing(ctx, &instance.id)?;
+        let cluster = self.open_existing(ctx, instance)?;
         let view = cluster
             .patroni(&ctx.services.http)
             .cluster()
@@ -358,7 +385,7 @@ impl Provider for HaLocal {
         if let Some(wait) = owned_elsewhere(instance, &self.host) {
             return Ok(wait);
         }
-        let cluster = self.open_existing(ctx, &instance.id)?;
+        let cluster = self.open_existing(ctx, instance)?;
         // Snapshots read and write the primary; replicas follow through WAL (template clones included).
         let port = match primary_port(ctx, &cluster).await? {
             Ok(port) => port,
@@ -392,7 +419,7 @@ impl Provider for HaLocal {
         if let Some(wait) = owned_elsewhere(instance, &self.host) {
             return Ok(wait);
         }
-        let Some(cluster) = self.open(ctx.services.name_prefix(), &instance.id)? else {
+        let Some(cluster) = self.open(ctx.services.name_prefix(), instance)? else {
             return Ok(Progress::Done(()));
         };
         let port = match primary_port(ctx, &cluster).await? {
@@ -419,7 +446,7 @@ impl Provider for HaLocal {
         if let Some(wait) = owned_elsewhere(instance, &self.host) {
             return Ok(wait);
         }
-        let cluster = self.open_existing(ctx, &instance.id)?;
+        let cluster = self.open_existing(ctx, instance)?;
         let patroni = cluster.patroni(&ctx.services.http);
         let members = |view: &ClusterView| members_details(&cluster.state, Some(view));
         switchover::run(ctx, instance, &patroni, &members, operation, candidate).await
@@ -434,7 +461,7 @@ impl Provider for HaLocal {
             .await
             .context("listing the ha clusters")?;
         for instance in ready {
-            let cluster = match self.open(services.name_prefix(), &instance.id) {
+            let cluster = match self.open(services.name_prefix(), &instance) {
                 Ok(Some(cluster)) => cluster,
                 Ok(None) => {
                     warn!(instance_id = %instance.id, "the instance's cluster folder is missing");

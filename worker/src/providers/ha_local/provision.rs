@@ -69,7 +69,7 @@ impl HaLocal {
     ) -> Result<LocalCluster, TaskError> {
         let bin_dir = bin_dir(params)?;
         let prefix = ctx.services.name_prefix();
-        let root = self.cluster_root(prefix, &instance.id);
+        let root = self.root_of(prefix, instance);
         std::fs::create_dir_all(&root)
             .with_context(|| format!("creating {}", root.display()))
             .map_err(local)?;

@@ -91,6 +91,32 @@ impl Layout {
         read_json(&self.secrets_file())
     }
 
+    /// The passwords a pooled cluster is moving to while it is adopted (`secrets.next.json`): generated once, so
+    /// a retry after a crash sets the same ones.
+    pub fn next_secrets_file(&self) -> PathBuf {
+        self.root.join("secrets.next.json")
+    }
+
+    /// The next passwords, generated and saved on first use.
+    pub fn ensure_next_secrets(&self) -> anyhow::Result<Secrets> {
+        if let Some(next) = read_json(&self.next_secrets_file())? {
+            return Ok(next);
+        }
+        let next = Secrets::generate();
+        write_atomic(&self.next_secrets_file(), &serde_json::to_vec(&next)?)?;
+        Ok(next)
+    }
+
+    /// `next` becomes the cluster's passwords (`secrets.json`), and the next ones are forgotten.
+    pub fn commit_next_secrets(&self, next: &Secrets) -> anyhow::Result<()> {
+        write_atomic(&self.secrets_file(), &serde_json::to_vec(next)?)?;
+        match std::fs::remove_file(self.next_secrets_file()) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(anyhow::Error::new(e).context("removing secrets.next.json")),
+        }
+    }
+
     /// The secrets, generated and saved on first use.
     pub fn ensure_secrets(&self) -> anyhow::Result<Secrets> {
         if let Some(secrets) = self.load_secrets()? {

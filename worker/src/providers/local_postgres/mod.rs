@@ -35,9 +35,9 @@ use super::{
     local_processes::{ensure_servers_dir, stop_server},
     lock_idle_instance, lock_instance,
     postgres::{
-        AppDatabase, DEFAULT_ADMIN, DEFAULT_APP_DB, ServerAccess, ServerParams, add_extensions,
-        app_db_name, bind_role, binding_grants, connect, database_exists, exec,
-        revoke_binding_role, role_exists, roles::ensure_login, scram, set_up, tuning,
+        AppDatabase, DEFAULT_ADMIN, DEFAULT_APP_DB, Rename, ServerAccess, ServerParams,
+        add_extensions, app_db_name, bind_role, binding_grants, connect, exec, revoke_binding_role,
+        roles::ensure_login, scram, set_up, tuning,
     },
 };
 use crate::{
@@ -261,44 +261,6 @@ impl LocalPostgres {
             }),
             secrets: Some(json!({ "admin_password": app.admin_password })),
         }
-    }
-}
-
-/// What a pooled server's object is renamed as.
-#[derive(Debug, Clone, Copy)]
-enum Rename {
-    Database,
-    Role,
-}
-
-impl Rename {
-    /// Renames `from` to `to` unless that is done (a retry: `from` is gone and `to` exists) or not needed.
-    async fn apply(
-        self,
-        conn: &mut sqlx::PgConnection,
-        from: &str,
-        to: &str,
-    ) -> Result<(), TaskError> {
-        if from == to {
-            return Ok(());
-        }
-        let (exists_from, keyword) = match self {
-            Rename::Database => (database_exists(conn, from).await?, "DATABASE"),
-            Rename::Role => (role_exists(conn, from).await?, "ROLE"),
-        };
-        if !exists_from {
-            return Ok(());
-        }
-        exec(
-            conn,
-            &format!(
-                "ALTER {keyword} {} RENAME TO {}",
-                quote_ident(from),
-                quote_ident(to)
-            ),
-            "renaming the pooled server's objects for the instance",
-        )
-        .await
     }
 }
 

@@ -16,7 +16,7 @@ pub struct Params {
 impl Params {
     pub fn of(parameters: &Value) -> Result<Self, TaskError> {
         let members = match parameters.get("members") {
-            None | Some(Value::Null) => 3,
+            None | Some(Value::Null) => broker::pools::HA_DEFAULT_MEMBERS as usize,
             Some(v) => v
                 .as_u64()
                 .filter(|n| (3..=7).contains(n) && n % 2 == 1)

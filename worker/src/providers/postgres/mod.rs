@@ -11,6 +11,7 @@
 //! - [`grants`]: what a binding role may do in its database; the grants a restore gives again
 //! - [`bindings`]: a binding's login role made and dropped, its credentials and details
 //! - [`app_database`]: the app database and admin user on a server of an instance's own
+//! - [`rename`]: a pooled server's database and roles renamed for the instance that takes it
 //! - [`server_params`]: the parameters such a server is made with
 //! - [`tuning`]: `tuning_profile` → postgresql.conf settings
 
@@ -20,6 +21,7 @@ pub(crate) mod databases;
 pub mod errors;
 pub(crate) mod extensions;
 pub(crate) mod grants;
+pub(crate) mod rename;
 pub(crate) mod roles;
 pub mod scram;
 pub(crate) mod server_params;
@@ -38,6 +40,7 @@ pub(crate) use {
     databases::{close_to_public, database_exists, ensure_database},
     extensions::{create_extensions, requested_extensions},
     grants::{RoleGrant, binding_grants, read_only_grants},
+    rename::Rename,
     roles::{drop_role, ensure_role, lock_out, members_of, role_exists},
     server_params::{DEFAULT_ADMIN, ServerParams},
     sql::{connect, exec, exec_tolerating},

@@ -102,6 +102,31 @@ impl S3Provider {
         names::bucket_name(ctx.services.name_prefix(), instance_id)
     }
 
+    /// The instance's bucket: the one its details record (a bucket taken from a warm pool keeps the name it was
+    /// made with, since buckets cannot be renamed), else the one named after its id.
+    fn bucket_of(ctx: &TaskContext<'_>, instance: &InstanceRow) -> String {
+        instance
+            .details
+            .get("bucket")
+            .and_then(Value::as_str)
+            .map_or_else(|| Self::bucket(ctx, &instance.id), str::to_string)
+    }
+
+    /// What the instance's details keep of its bucket.
+    fn provisioned(&self, bucket: &str, region: &str, spec: &BucketSpec) -> Provisioned {
+        Provisioned {
+            details: json!({
+                "bucket": bucket,
+                "region": region,
+                "endpoint": self.public_endpoint,
+                "versioning": spec.versioning,
+                "encryption": spec.encryption.then(|| if self.store.kms_key_id.is_some() { "aws:kms" } else { "AES256" }),
+                "per_binding_credentials": self.iam.is_some(),
+            }),
+            secrets: None,
+        }
+    }
+
     fn iam_or_none(&self) -> Option<&aws_sdk_iam::Client> {
         self.iam.as_ref()
     }
@@ -114,7 +139,7 @@ impl Provider for S3Provider {
         ctx: &TaskContext<'_>,
         instance: &InstanceRow,
     ) -> Result<Progress<Provisioned>, TaskError> {
-        let bucket = Self::bucket(ctx, &instance.id);
+        let bucket = Self::bucket_of(ctx, instance);
         let region = self.region_of(instance);
         let spec = self.spec(
             ctx,
@@ -126,17 +151,37 @@ impl Provider for S3Provider {
         let s3 = self.s3(&region);
         bucket::create(&self.store, &s3, &bucket, &region).await?;
         bucket::configure(&self.store, &s3, &bucket, &spec).await?;
-        Ok(Progress::Done(Provisioned {
-            details: json!({
-                "bucket": bucket,
-                "region": region,
-                "endpoint": self.public_endpoint,
-                "versioning": spec.versioning,
-                "encryption": spec.encryption.then(|| if self.store.kms_key_id.is_some() { "aws:kms" } else { "AES256" }),
-                "per_binding_credentials": self.iam.is_some(),
-            }),
-            secrets: None,
-        }))
+        Ok(Progress::Done(self.provisioned(&bucket, &region, &spec)))
+    }
+
+    /// A pooled bucket keeps its name (buckets cannot be renamed; the name is berth's, derived from the pool
+    /// item's id) and gets the instance's tags and settings. It has no credential to replace: binding users are
+    /// made at bind time, and the item had no binding.
+    async fn adopt(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+        pool_item: &str,
+    ) -> Result<Progress<Provisioned>, TaskError> {
+        let bucket = Self::bucket_of(ctx, instance);
+        let region = self.region_of(instance);
+        let spec = self.spec(
+            ctx,
+            instance,
+            &instance.plan_id,
+            &instance.parameters,
+            &instance.context,
+        )?;
+        let s3 = self.s3(&region);
+        if !bucket::exists(&self.store, &s3, &bucket).await? {
+            return Err(TaskError::fatal(format!(
+                "the pooled bucket {bucket} is missing; deprovision the instance and provision it again"
+            )));
+        }
+        bucket::configure(&self.store, &s3, &bucket, &spec).await?;
+        let mut made = self.provisioned(&bucket, &region, &spec);
+        made.details["pool_item"] = json!(pool_item);
+        Ok(Progress::Done(made))
     }
 
     async fn update(
@@ -145,7 +190,7 @@ impl Provider for S3Provider {
         instance: &InstanceRow,
         update: &UpdatePayload,
     ) -> Result<Progress<()>, TaskError> {
-        let bucket = Self::bucket(ctx, &instance.id);
+        let bucket = Self::bucket_of(ctx, instance);
         let region = self.region_of(instance);
         let spec = self.spec(
             ctx,
@@ -170,7 +215,7 @@ impl Provider for S3Provider {
         instance: &InstanceRow,
         bindings: &[BindingRow],
     ) -> Result<Progress<()>, TaskError> {
-        let bucket = Self::bucket(ctx, &instance.id);
+        let bucket = Self::bucket_of(ctx, instance);
         let prefix = ctx.services.name_prefix();
         // Revoke every app first, so nothing writes while the bucket is emptied.
         if let Some(iam) = self.iam_or_none() {
@@ -210,7 +255,7 @@ impl Provider for S3Provider {
         binding: &BindingRow,
     ) -> Result<Progress<Bound>, TaskError> {
         let access = Access::of(binding)?;
-        let bucket = Self::bucket(ctx, &instance.id);
+        let bucket = Self::bucket_of(ctx, instance);
         let region = self.region_of(instance);
         let s3 = self.s3(&region);
         if !bucket::exists(&self.store, &s3, &bucket).await? {
@@ -260,7 +305,7 @@ impl Provider for S3Provider {
     ) -> Result<Progress<Bound>, TaskError> {
         let (iam, user) = self.rotation_user(ctx, binding)?;
         let current_key = access_key_of(current, binding, "stored")?;
-        let bucket = Self::bucket(ctx, &instance.id);
+        let bucket = Self::bucket_of(ctx, instance);
         let region = self.region_of(instance);
         // A key an earlier, interrupted try made was never stored: nobody has it.
         iam::delete_keys_except(&self.store, iam, &user, Some(current_key)).await?;
