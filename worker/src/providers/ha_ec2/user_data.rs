@@ -172,13 +172,14 @@ fn membership_env(data: &MemberSetup<'_>) -> String {
 pub fn patroni_config(data: &MemberSetup<'_>) -> Value {
     let ca = format!("{TLS_DIR}/ca.crt");
     let login = |user: &str, password: &str| json!({ "username": user, "password": password, "sslmode": "verify-ca", "sslrootcert": ca });
-    // Its own VM's etcd only, without discovering the others (`use_proxies`). Patroni reads etcd without quorum, so
-    // a member that has just come back from a partition serves the old state (the old primary's leader key) until it
-    // catches up. Patroni before 4.0.6 (Debian 12 ships 3.0.2) switches servers on any timeout and, reading that
-    // state on the new primary, demotes it (patroni#3314): the leadership moves again after a healed partition.
-    // The local etcd is never behind its own member's writes, and on the cut-off side it has no quorum, so that
-    // primary still cannot renew its key and demotes.
-    let etcd_hosts = [format!("127.0.0.1:{ETCD_CLIENT_PORT}")];
+    // Its own etcd first; the peers' when it is down.
+    let mut etcd_hosts = vec![format!("127.0.0.1:{ETCD_CLIENT_PORT}")];
+    etcd_hosts.extend(
+        data.peers
+            .iter()
+            .filter(|(name, _)| name != data.member)
+            .map(|(_, ip)| format!("{ip}:{ETCD_CLIENT_PORT}")),
+    );
     let secrets = data.secrets;
     json!({
         "scope": data.scope,
@@ -192,7 +193,7 @@ pub fn patroni_config(data: &MemberSetup<'_>) -> Value {
             "keyfile": format!("{TLS_DIR}/server.key"),
             "authentication": { "username": RESTAPI_USER, "password": secrets.passwords.restapi },
         },
-        "etcd3": { "hosts": etcd_hosts, "use_proxies": true },
+        "etcd3": { "hosts": etcd_hosts },
         "bootstrap": {
             "dcs": dcs_config(data.timings, data.synchronous, data.tuning_profile),
             "initdb": [{ "encoding": "UTF8" }, { "locale": "C" }, "data-checksums"],
@@ -444,9 +445,10 @@ mod tests {
         assert_eq!(patroni["name"], "m2");
         assert_eq!(patroni["postgresql"]["connect_address"], "10.0.2.12:5432");
         assert_eq!(patroni["restapi"]["connect_address"], "10.0.2.12:8008");
-        // Patroni reads its own VM's etcd only: a peer back from a partition may serve a stale leader key.
-        assert_eq!(patroni["etcd3"]["hosts"], json!(["127.0.0.1:2379"]));
-        assert_eq!(patroni["etcd3"]["use_proxies"], true);
+        assert_eq!(
+            patroni["etcd3"]["hosts"],
+            json!(["127.0.0.1:2379", "10.0.1.11:2379", "10.0.3.13:2379"])
+        );
         assert!(one.contains("CERT-m1") && one.contains("KEY-m1") && !one.contains("CERT-m2"));
         assert!(two.contains("CERT-m2") && !two.contains("KEY-m1"));
         assert!(
