@@ -781,6 +781,34 @@ async fn ha_ec2_vms_scale_and_survive_a_partition_of_the_primary() {
         new_leader,
         "the healed member rejoins as a replica"
     );
+    // Streaming for real: on the new primary's timeline (rewound), not the read-only restart of its old data.
+    let leader_ip = members[&new_leader].0.clone();
+    loop {
+        let view = cluster
+            .patroni(std::slice::from_ref(&leader_ip))
+            .await
+            .unwrap_or_default();
+        let listed = view["members"].as_array().cloned().unwrap_or_default();
+        let timeline_of = |name: &str| {
+            listed
+                .iter()
+                .find(|m| m["name"] == name)
+                .map(|m| m["timeline"].clone())
+        };
+        let old = listed.iter().find(|m| m["name"] == leader.as_str());
+        if let (Some(old), Some(timeline)) = (old, timeline_of(&new_leader))
+            && timeline.is_number()
+            && old["timeline"] == timeline
+            && old["lag"].is_number()
+        {
+            break;
+        }
+        assert!(
+            healed.elapsed() < WAIT,
+            "the old primary never streamed on the new timeline: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let streaming = healed.elapsed();
     assert_eq!(
         cluster
