@@ -679,11 +679,7 @@ async fn ha_ec2_vms_form_a_cluster_lose_the_primary_vm_and_heal() {
     cluster.deprovision().await;
 }
 
-// Ignored until the heal is understood: scale 3 -> 5 -> 3, the demotion of the cut-off primary (2.2 s) and the
-// election of a new one (a write after 15.4 s) pass, but after the partition heals the leader changes once more
-// (m2 -> m1 in the last run) instead of staying with the one elected during the partition. Issue 19 is open for it.
 #[tokio::test]
-#[ignore = "after a healed partition the Patroni leader changes again; see the comment above and issue 19"]
 async fn ha_ec2_vms_scale_and_survive_a_partition_of_the_primary() {
     let mut cluster = Cluster::start("10.202.128.0/17").await;
     cluster.provision().await;
@@ -711,7 +707,8 @@ async fn ha_ec2_vms_scale_and_survive_a_partition_of_the_primary() {
     // A partition of the primary's VM (docker network disconnect: its cable pulled). Cut off from etcd's quorum,
     // its Patroni cannot renew the leader key and demotes it: it stops taking writes. The others elect a new
     // primary, which takes writes through the same DATABASE_URL. When the partition heals, the old primary
-    // rejoins as a replica of the new one (pg_rewind).
+    // rejoins as a replica of the new one (pg_rewind), and the new primary keeps leading: the healed member's
+    // etcd, stale until it catches up, must not make it step down (docs/ha.md).
     let leader = cluster.wait_healthy(3).await;
     let members = cluster.members().await;
     let (old_ip, old_vm) = members[&leader].clone();
@@ -774,6 +771,7 @@ async fn ha_ec2_vms_scale_and_survive_a_partition_of_the_primary() {
          DATABASE_URL after {:.1?}",
         written - cut
     );
+    let healed = Instant::now();
     cluster
         .docker
         .run(&["network", "connect", "--ip", &old_ip, &network, &container])
@@ -783,6 +781,35 @@ async fn ha_ec2_vms_scale_and_survive_a_partition_of_the_primary() {
         new_leader,
         "the healed member rejoins as a replica"
     );
+    // Streaming for real: on the new primary's timeline (rewound), not the read-only restart of its old data.
+    let leader_ip = members[&new_leader].0.clone();
+    loop {
+        let view = cluster
+            .patroni(std::slice::from_ref(&leader_ip))
+            .await
+            .unwrap_or_default();
+        let listed = view["members"].as_array().cloned().unwrap_or_default();
+        let timeline_of = |name: &str| {
+            listed
+                .iter()
+                .find(|m| m["name"] == name)
+                .map(|m| m["timeline"].clone())
+        };
+        let old = listed.iter().find(|m| m["name"] == leader.as_str());
+        if let (Some(old), Some(timeline)) = (old, timeline_of(&new_leader))
+            && timeline.is_number()
+            && old["timeline"] == timeline
+            && old["lag"].is_number()
+        {
+            break;
+        }
+        assert!(
+            healed.elapsed() < WAIT,
+            "the old primary never streamed on the new timeline: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let streaming = healed.elapsed();
     assert_eq!(
         cluster
             .docker
@@ -790,6 +817,33 @@ async fn ha_ec2_vms_scale_and_survive_a_partition_of_the_primary() {
             .as_deref(),
         Ok("t")
     );
+    eprintln!(
+        "partition healed: the old primary streams as a replica of the new one after {streaming:.1?}"
+    );
+    // The leadership stays put once the old primary is back: every member's Patroni names the new primary for
+    // longer than a leader key lives (a new primary made to step down would lose its key within the ttl).
+    let all: Vec<String> = members.values().map(|(ip, _)| ip.clone()).collect();
+    let steady = Instant::now();
+    while steady.elapsed() < Duration::from_secs(10) {
+        for ip in &all {
+            // A member slow to answer (3 s) is asked again on the next round.
+            let Some(view) = cluster.patroni(std::slice::from_ref(ip)).await else {
+                continue;
+            };
+            let leader = view["members"].as_array().and_then(|listed| {
+                listed.iter().find_map(|m| {
+                    (m["role"] == "leader")
+                        .then(|| m["name"].as_str().unwrap_or_default().to_string())
+                })
+            });
+            assert_eq!(
+                leader.as_deref(),
+                Some(new_leader.as_str()),
+                "the leadership moved after the heal (view from {ip}): {view}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     assert_eq!(
         run_psql(&url, "SELECT count(*) FROM acked WHERE id IN (1, -1)").unwrap(),
         "2",
