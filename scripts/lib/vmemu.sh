@@ -29,8 +29,15 @@ vmemu_image() {
   else
     echo "baking the VM image $image (PostgreSQL 15, etcd, Patroni, cloud-init, systemd)..." >&2
     t0=$(date +%s%N)
-    docker build --network host --build-arg BASE_IMAGE="$base" -t "$image" "$_vmemu_root/scripts/vm-emulator" \
+    # The build context: the emulator's folder and the Patroni wheel the Dockerfile names, fetched here (the
+    # image's own pip would not trust this machine's certificate authorities).
+    local context=$work/vm-image-context patroni
+    rm -rf "$context" && cp -r "$_vmemu_root/scripts/vm-emulator" "$context" || return 1
+    patroni=$(sed -n 's/^ARG PATRONI_VERSION=//p' "$context/Dockerfile")
+    python3 -m pip download --quiet --no-deps --only-binary :all: -d "$context" "patroni==$patroni" >&2 || return 1
+    docker build --network host --build-arg BASE_IMAGE="$base" -t "$image" "$context" \
       >"$work/vm-image-build.log" 2>&1 || { tail -n 30 "$work/vm-image-build.log" >&2; return 1; }
+    rm -rf "$context"
     echo "VM image $image baked in $(( ($(date +%s%N) - t0) / 1000000 )) ms" >&2
     mkdir -p "$cache"
     docker save -o "$cache/$hash.tar.partial" "$image" && mv "$cache/$hash.tar.partial" "$cache/$hash.tar"

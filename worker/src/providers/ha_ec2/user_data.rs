@@ -104,6 +104,9 @@ pub fn pg_hba(cluster_cidr: &str, clients_cidr: Option<&str>) -> Vec<String> {
     let mut lines = vec![
         format!("local all {SUPERUSER} peer"),
         format!("hostssl replication {REPLICATION_USER} {cluster_cidr} scram-sha-256"),
+        // Patroni 4 reads a stopped old primary's timeline over a local replication connection before it rewinds
+        // it; without this line a primary cut off by a partition never rejoins.
+        format!("hostssl replication {REPLICATION_USER} 127.0.0.1/32 scram-sha-256"),
         "hostssl all all 127.0.0.1/32 scram-sha-256".to_string(),
         format!("hostssl all all {cluster_cidr} scram-sha-256"),
     ];
@@ -552,17 +555,21 @@ mod tests {
             hba.contains(&"hostssl replication replicator 10.0.0.0/16 scram-sha-256".to_string())
         );
         assert!(
+            hba.contains(&"hostssl replication replicator 127.0.0.1/32 scram-sha-256".to_string()),
+            "Patroni 4 reads a stopped primary's timeline over a local replication connection"
+        );
+        assert!(
             hba.iter()
                 .all(|l| !l.contains("0.0.0.0/0") && !l.contains("md5") && !l.contains("trust"))
         );
         assert_eq!(
             pg_hba("10.0.0.0/16", Some("10.0.0.0/16")).len(),
-            4,
+            5,
             "no duplicate line"
         );
         assert_eq!(
             pg_hba("10.0.0.0/16", None).len(),
-            4,
+            5,
             "the cluster's network only"
         );
         // The default "anywhere" reaches pg_hba only for a cluster with public addresses.
