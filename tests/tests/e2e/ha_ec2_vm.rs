@@ -679,13 +679,7 @@ async fn ha_ec2_vms_form_a_cluster_lose_the_primary_vm_and_heal() {
     cluster.deprovision().await;
 }
 
-// Ignored in the suite: Debian 12's Patroni (3.0.2, baked into the VM image) reads etcd without a quorum and may read
-// a healed member's stale leader key, so on a loaded machine the leadership can move once more after the heal
-// (patroni#3314, fixed in Patroni 4.0.6 and 3.3.7; docs/ha.md). It passed its last five runs, but earlier runs
-// flipped in two of three, and a flaky test in the suite would hide real failures. Run it with
-// `./scripts/test.sh -E 'test(/partition_of_the_primary/)' --run-ignored all`.
 #[tokio::test]
-#[ignore = "Patroni < 4.0.6 may follow a healed member's stale leader key (patroni#3314); see the comment above"]
 async fn ha_ec2_vms_scale_and_survive_a_partition_of_the_primary() {
     let mut cluster = Cluster::start("10.202.128.0/17").await;
     cluster.provision().await;
