@@ -123,7 +123,7 @@ export BROKER_USERNAME=bench
 BROKER_PASSWORD=$(head -c 18 /dev/urandom | base64 | tr -dc 'A-Za-z0-9')
 export BROKER_PASSWORD
 export BIND_ADDRESS=127.0.0.1
-export RUST_LOG=warn
+export RUST_LOG=${BENCH_RUST_LOG:-warn}
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 

@@ -1,10 +1,11 @@
 //! `berth-bench pools`: provision→`succeeded` of the `shared`, `dedicated` and `ha` plans taken from a warm pool,
 //! or (`--pooled false`, a broker without pools) built from nothing, each round beside its anchor on the same
 //! machine: a bare `CREATE ROLE` + `CREATE DATABASE` on the shared server for `shared`, a bare `initdb` +
-//! `pg_ctl start -w` for `dedicated` (`ha` has no bare anchor: its figure without a pool is the comparison). Rounds are sequential; with a pool each round first waits until the pool
-//! is full again (so every provision finds it warm) and records how long that refill took. Each instance is
-//! deprovisioned (untimed) before the next round. With a pool, also: how long a drained pool takes to fill
-//! again (all its items taken at once), and the synchronous answer (`201` without `accepts_incomplete`).
+//! `pg_ctl start -w` for `dedicated` (`ha` has no bare anchor: its figure without a pool is the comparison).
+//! Rounds are sequential; with a pool each round first waits until the pool is full (so every provision finds it
+//! warm), and after each take records how long the pool took to be full again. Each instance is deprovisioned
+//! (untimed) before the next round. With a pool, also: how long a drained pool takes to fill again (all its items
+//! taken at once), and the synchronous answer (`201` without `accepts_incomplete`).
 //!
 //!   berth-bench pools --url U --username X --password Y --pg-url PG --work-dir D --targets shared=2,dedicated=2
 //!                     [--pooled true] [--count N] [--poll-ms 5]
@@ -58,13 +59,15 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
                 _ => None,
             };
             if pooled {
-                let ms = wait_full(&api, plan_name, *target).await?;
-                if i > 0 {
-                    refill.push(ms);
-                }
+                wait_full(&api, plan_name, *target).await?;
             }
             let id = format!("bench-pool-{tag}-{plan_name}-{i}");
             let ms_berth = api.provision(&service, &plan, &id, json!({})).await?;
+            // The refill after this take, timed from the provision's success (the anchor's time, spent before
+            // the next round, must not hide it).
+            if pooled && i > 0 {
+                refill.push(wait_full(&api, plan_name, *target).await?);
+            }
             api.deprovision(&service, &plan, &id).await?;
             if i > 0 {
                 anchor.extend(ms);

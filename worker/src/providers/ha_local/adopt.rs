@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use sqlx::postgres::PgConnectOptions;
 use tracing::info;
 
-use super::{HaLocal, cluster, cluster::LocalCluster, local, state::Secrets};
+use super::{HaLocal, cluster, cluster::LocalCluster, local, readiness::readiness, state::Secrets};
 use crate::{
     context::TaskContext,
     providers::{
@@ -43,10 +43,18 @@ impl HaLocal {
         let params = Params::of(&instance.parameters)?;
         let t0 = std::time::Instant::now();
         let mut cluster = self.open_existing(ctx, instance)?;
-        // A pooled cluster that stopped (the machine restarted) runs again; a running one is left alone.
-        let (view, leader) = match self.start(ctx, &cluster, &Params::of(&json!({}))?).await? {
-            Ok(ready) => ready,
-            Err(wait) => return Ok(wait),
+        // A pooled cluster still running as it was left is used as it is (the usual case: one look at its
+        // processes and one at Patroni's view); one that stopped (the machine restarted) runs again.
+        let running = match still_running(&cluster) {
+            true => readiness(&cluster, &ctx.services.http).await.ok(),
+            false => None,
+        };
+        let (view, leader) = match running {
+            Some(ready) => ready,
+            None => match self.start(ctx, &cluster, &Params::of(&json!({}))?).await? {
+                Ok(ready) => ready,
+                Err(wait) => return Ok(wait),
+            },
         };
         let port = cluster
             .state
@@ -90,6 +98,9 @@ impl HaLocal {
         let admin_password = random_password(32);
         {
             let mut conn = connect_either(&cluster, &next, port).await?;
+            // One transaction: one commit to wait for instead of one per statement, and a crash leaves all of
+            // it or none for the retry.
+            exec(&mut conn, "BEGIN", "starting the pooled cluster's changes").await?;
             for (kind, from, to) in &renames {
                 kind.apply(&mut conn, from, to).await?;
             }
@@ -118,6 +129,12 @@ impl HaLocal {
                 )
                 .await?;
             }
+            exec(
+                &mut conn,
+                "COMMIT",
+                "committing the pooled cluster's changes",
+            )
+            .await?;
         }
         let old_restapi = cluster.secrets.restapi.clone();
         cluster
@@ -184,7 +201,7 @@ async fn connect_either(
 
 /// Every member's Patroni reads its configuration again (SIGHUP), woken at once rather than at its next loop
 /// (a no-op change of the cluster's settings wakes the member it is sent to); done when each one's REST API
-/// takes the new password.
+/// takes the new password. The members are asked side by side.
 async fn reload_members(
     ctx: &TaskContext<'_>,
     cluster: &LocalCluster,
@@ -199,13 +216,10 @@ async fn reload_members(
     local_processes::signal(&pids, "HUP").await;
     let http = &ctx.services.http;
     let new_restapi = cluster.secrets.restapi.as_str();
-    for member in &cluster.state.members {
+    let deadline = tokio::time::Instant::now() + RELOAD_WAIT;
+    let reloads = cluster.state.members.iter().map(|member| async move {
         let base = cluster::api_base(member);
         wake(http, &base, &[old_restapi, new_restapi]).await;
-    }
-    let deadline = tokio::time::Instant::now() + RELOAD_WAIT;
-    for member in &cluster.state.members {
-        let base = cluster::api_base(member);
         loop {
             let accepted = http
                 .post(format!("{base}/reload"))
@@ -215,7 +229,7 @@ async fn reload_members(
                 .await
                 .is_ok_and(|r| r.status().is_success());
             if accepted {
-                break;
+                return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(TaskError::retryable(format!(
@@ -224,9 +238,10 @@ async fn reload_members(
                     RELOAD_WAIT.as_secs()
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-    }
+    });
+    futures_util::future::try_join_all(reloads).await?;
     Ok(())
 }
 
@@ -262,4 +277,14 @@ async fn wake(http: &reqwest::Client, base: &str, passwords: &[&str]) {
             return;
         }
     }
+}
+
+/// Whether etcd and every member's Patroni of a pooled cluster still run (one look at the processes).
+fn still_running(cluster: &LocalCluster) -> bool {
+    !cluster.etcd_pids().is_empty()
+        && cluster
+            .state
+            .members
+            .iter()
+            .all(|m| !cluster.patroni_pids(&m.name).is_empty())
 }

@@ -392,6 +392,8 @@ impl Provider for LocalPostgres {
                 "connecting to the pooled server",
             )
             .await?;
+            // One transaction: one commit to wait for, and a crash leaves all of it or none for the retry.
+            exec(&mut conn, "BEGIN", "starting the pooled server's changes").await?;
             for (kind, from, to) in &renames {
                 kind.apply(&mut conn, from, to).await?;
             }
@@ -405,6 +407,12 @@ impl Provider for LocalPostgres {
                     scram::password_clause(superuser_password.expose_secret())?
                 ),
                 "setting the superuser's new password",
+            )
+            .await?;
+            exec(
+                &mut conn,
+                "COMMIT",
+                "committing the pooled server's changes",
             )
             .await?;
         }
