@@ -91,16 +91,22 @@ async fn render(State(state): State<AppState>) -> ApiResult<Response> {
         &mut out,
         "berth_pool_items",
         "gauge",
-        "Warm-pool items (berth's own, not counted as service instances), by plan and state: ready to be taken, \
-         filling, or removing.",
+        "Warm-pool items (berth's own, not counted as service instances), by plan, state (ready to be taken, \
+         filling, or removing) and pool (empty: the plan's own items; else the preset whose clones they are).",
         pools.iter().flat_map(|p| {
             let labels = plan_labels(&p.plan_id);
+            let pool = escape(&p.pool);
             [
                 ("ready", p.ready),
                 ("filling", p.filling),
                 ("removing", p.removing),
             ]
-            .map(|(state, n)| (format!("{labels},state=\"{state}\""), n as f64))
+            .map(|(state, n)| {
+                (
+                    format!("{labels},state=\"{state}\",pool=\"{pool}\""),
+                    n as f64,
+                )
+            })
         }),
     );
     family(
@@ -110,6 +116,7 @@ async fn render(State(state): State<AppState>) -> ApiResult<Response> {
         "Provisions of a plan with a pool that took a ready item, by plan.",
         pools
             .iter()
+            .filter(|p| p.pool.is_empty())
             .map(|p| (plan_labels(&p.plan_id), p.hits as f64)),
     );
     family(
@@ -119,6 +126,7 @@ async fn render(State(state): State<AppState>) -> ApiResult<Response> {
         "Provisions of a plan with a pool that found no item they could use (and took the ordinary path), by plan.",
         pools
             .iter()
+            .filter(|p| p.pool.is_empty())
             .map(|p| (plan_labels(&p.plan_id), p.misses as f64)),
     );
     family(

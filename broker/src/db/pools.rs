@@ -248,10 +248,13 @@ pub async fn stalled_removals(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<Strin
     .await
 }
 
-/// Per plan: ready, filling and removing items, hits and misses (every plan with items or counts).
+/// Per pool: ready, filling and removing items, and per plan hits and misses (every plan with items or counts).
+/// `pool` is `""` for the plan's own items (and the plan's hits and misses, which count every provision of it),
+/// or the `POOL_TARGETS` preset (`name` or `name@version`) whose clones the row counts.
 #[derive(Debug, Clone, FromRow, PartialEq, Eq)]
 pub struct PoolStats {
     pub plan_id: String,
+    pub pool: String,
     pub ready: i64,
     pub filling: i64,
     pub removing: i64,
@@ -261,19 +264,20 @@ pub struct PoolStats {
 
 pub async fn stats(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<PoolStats>> {
     sqlx::query_as(
-        "SELECT plan_id,
+        "SELECT plan_id, pool,
                 coalesce(sum(ready), 0)::int8 AS ready, coalesce(sum(filling), 0)::int8 AS filling,
                 coalesce(sum(removing), 0)::int8 AS removing,
                 coalesce(sum(hits), 0)::int8 AS hits, coalesce(sum(misses), 0)::int8 AS misses
          FROM (
-             SELECT plan_id, count(*) FILTER (WHERE state = 'ready') AS ready,
+             SELECT plan_id, coalesce(preset_target, '') AS pool,
+                    count(*) FILTER (WHERE state = 'ready') AS ready,
                     count(*) FILTER (WHERE state = 'filling') AS filling,
                     count(*) FILTER (WHERE state = 'removing') AS removing, 0 AS hits, 0 AS misses
-             FROM pool_items GROUP BY plan_id
+             FROM pool_items GROUP BY 1, 2
              UNION ALL
-             SELECT plan_id, 0, 0, 0, hits, misses FROM pool_stats
+             SELECT plan_id, '', 0, 0, 0, hits, misses FROM pool_stats
          ) s
-         GROUP BY plan_id ORDER BY plan_id",
+         GROUP BY plan_id, pool ORDER BY plan_id, pool",
     )
     .fetch_all(db)
     .await

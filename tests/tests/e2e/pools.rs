@@ -685,6 +685,28 @@ async fn preset_clone_pools_serve_their_preset_follow_new_versions_and_drain_on_
     .await;
     let v1 = preset_snapshot(&stack, "pooled-shop", 1).await;
     let clones_v1 = wait_clones(&stack, PG_SHARED, 1, 2, Some(v1)).await;
+    // The metrics count the clones apart from the plan's own items.
+    let text = metrics(&stack).await;
+    assert_eq!(
+        sample(
+            &text,
+            "berth_pool_items",
+            "shared",
+            "state=\"ready\",pool=\"pooled-shop\""
+        ),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "berth_pool_items",
+            "shared",
+            "state=\"ready\",pool=\"\""
+        ),
+        Some(1.0),
+        "{text}"
+    );
 
     // A hit: the oldest clone becomes the instance, with the preset's data, and the version recorded.
     let (hit, hit_v1_took) = provision_timed(&stack, &ids, json!({"preset": "pooled-shop"})).await;
