@@ -70,6 +70,39 @@ fn all_pids() -> Vec<u32> {
         .collect()
 }
 
+/// For each of `args`, the pids of processes with it as one of their arguments (not the program itself), from
+/// one pass over /proc (what [`pids_with_arg`] finds for each).
+pub fn pids_with_args(args: &[&Path]) -> Vec<Vec<u32>> {
+    let wanted: Vec<&[u8]> = args
+        .iter()
+        .map(|a| a.as_os_str().as_encoded_bytes())
+        .collect();
+    let mut found = vec![Vec::new(); args.len()];
+    for pid in all_pids() {
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let matching: Vec<usize> = cmdline
+            .split(|b| *b == 0)
+            .skip(1)
+            .filter_map(|a| wanted.iter().position(|w| *w == a))
+            .collect();
+        if matching.is_empty() || !is_started(pid) {
+            continue;
+        }
+        for i in matching {
+            found[i].push(pid);
+        }
+    }
+    found
+}
+
+/// Not a process being started: those go through runuser and setsid with the same arguments.
+fn is_started(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .is_ok_and(|comm| !matches!(comm.trim(), "runuser" | "setsid"))
+}
+
 /// Pids of processes with `arg` as one of their arguments (not the program itself).
 pub fn pids_with_arg(arg: &Path) -> Vec<u32> {
     let arg = arg.as_os_str().as_encoded_bytes();
@@ -79,11 +112,7 @@ pub fn pids_with_arg(arg: &Path) -> Vec<u32> {
             std::fs::read(format!("/proc/{pid}/cmdline"))
                 .is_ok_and(|cmdline| cmdline.split(|b| *b == 0).skip(1).any(|a| a == arg))
         })
-        // A process being started goes through runuser and setsid with the same arguments: only the program.
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .is_ok_and(|comm| !matches!(comm.trim(), "runuser" | "setsid"))
-        })
+        .filter(|pid| is_started(*pid))
         .collect()
 }
 

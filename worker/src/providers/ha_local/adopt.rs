@@ -17,12 +17,16 @@ use serde_json::{Value, json};
 use sqlx::postgres::PgConnectOptions;
 use tracing::info;
 
-use super::{HaLocal, cluster, cluster::LocalCluster, local, readiness::readiness, state::Secrets};
+use super::{
+    HaLocal, cluster, cluster::LocalCluster, local, readiness::streaming_count, state::Secrets,
+};
 use crate::{
     context::TaskContext,
     providers::{
         Progress, Provisioned, local_processes,
-        patroni::{Params, REPLICATION_USER, RESTAPI_USER, REWIND_USER, SUPERUSER, dcs},
+        patroni::{
+            ClusterView, Params, REPLICATION_USER, RESTAPI_USER, REWIND_USER, SUPERUSER, dcs,
+        },
         postgres::{
             self, DEFAULT_ADMIN, DEFAULT_APP_DB, Rename, connect, exec, roles::ensure_login, scram,
         },
@@ -43,24 +47,40 @@ impl HaLocal {
         let params = Params::of(&instance.parameters)?;
         let t0 = std::time::Instant::now();
         let mut cluster = self.open_existing(ctx, instance)?;
-        // A pooled cluster still running as it was left is used as it is (the usual case: one look at its
-        // processes and one at Patroni's view); one that stopped (the machine restarted) runs again.
-        let running = match still_running(&cluster) {
-            true => readiness(&cluster, &ctx.services.http).await.ok(),
-            false => None,
+        let next = cluster
+            .layout
+            .ensure_next_secrets()
+            .context("keeping the cluster's new passwords")
+            .map_err(local)?;
+        // A pooled cluster still running as it was left is taken as it is (the usual case: one look at its
+        // processes, at Patroni's view and, on the connection the changes then use, at its replicas); one that
+        // stopped (the machine restarted) goes through the start path.
+        let found = match as_found(ctx, &cluster, &next).await {
+            Some(found) => found,
+            None => {
+                let (view, leader) =
+                    match self.start(ctx, &cluster, &Params::of(&json!({}))?).await? {
+                        Ok(ready) => ready,
+                        Err(wait) => return Ok(wait),
+                    };
+                let port = primary_port(&cluster, &leader);
+                let (_, patroni_pids) = cluster.running_processes();
+                Found {
+                    conn: connect_either(&cluster, &next, port).await?,
+                    view,
+                    leader,
+                    port,
+                    patroni_pids: patroni_pids.concat(),
+                }
+            }
         };
-        let (view, leader) = match running {
-            Some(ready) => ready,
-            None => match self.start(ctx, &cluster, &Params::of(&json!({}))?).await? {
-                Ok(ready) => ready,
-                Err(wait) => return Ok(wait),
-            },
-        };
-        let port = cluster
-            .state
-            .member(&leader)
-            .map(|m| m.pg_port)
-            .unwrap_or_default();
+        let Found {
+            view,
+            leader,
+            port,
+            mut conn,
+            patroni_pids,
+        } = found;
         let ready_ms = t0.elapsed().as_millis();
 
         let prefix = ctx.services.name_prefix();
@@ -90,14 +110,8 @@ impl HaLocal {
                 owner.clone(),
             ),
         ];
-        let next = cluster
-            .layout
-            .ensure_next_secrets()
-            .context("keeping the cluster's new passwords")
-            .map_err(local)?;
         let admin_password = random_password(32);
         {
-            let mut conn = connect_either(&cluster, &next, port).await?;
             // One transaction: one commit to wait for instead of one per statement, and a crash leaves all of
             // it or none for the retry.
             exec(&mut conn, "BEGIN", "starting the pooled cluster's changes").await?;
@@ -136,6 +150,7 @@ impl HaLocal {
             )
             .await?;
         }
+        drop(conn);
         let old_restapi = cluster.secrets.restapi.clone();
         cluster
             .layout
@@ -146,13 +161,12 @@ impl HaLocal {
         let dcs = dcs::dcs_config(self.timings, false, &params.server.tuning_profile);
         for member in &cluster.state.members {
             cluster
-                .ensure_member(member, &dcs)
-                .await
+                .write_member_config(member, &dcs)
                 .context("writing a member's new Patroni configuration")
                 .map_err(local)?;
         }
         let altered_ms = t0.elapsed().as_millis();
-        reload_members(ctx, &cluster, &old_restapi).await?;
+        reload_members(ctx, &cluster, &patroni_pids, &old_restapi).await?;
         let reloaded_ms = t0.elapsed().as_millis();
         postgres::add_extensions(
             &|db: &str| cluster.superuser(port, db),
@@ -205,15 +219,10 @@ async fn connect_either(
 async fn reload_members(
     ctx: &TaskContext<'_>,
     cluster: &LocalCluster,
+    patroni_pids: &[u32],
     old_restapi: &str,
 ) -> Result<(), TaskError> {
-    let pids: Vec<u32> = cluster
-        .state
-        .members
-        .iter()
-        .flat_map(|m| cluster.patroni_pids(&m.name))
-        .collect();
-    local_processes::signal(&pids, "HUP").await;
+    local_processes::signal(patroni_pids, "HUP").await;
     let http = &ctx.services.http;
     let new_restapi = cluster.secrets.restapi.as_str();
     let deadline = tokio::time::Instant::now() + RELOAD_WAIT;
@@ -279,12 +288,44 @@ async fn wake(http: &reqwest::Client, base: &str, passwords: &[&str]) {
     }
 }
 
-/// Whether etcd and every member's Patroni of a pooled cluster still run (one look at the processes).
-fn still_running(cluster: &LocalCluster) -> bool {
-    !cluster.etcd_pids().is_empty()
-        && cluster
-            .state
-            .members
-            .iter()
-            .all(|m| !cluster.patroni_pids(&m.name).is_empty())
+/// A pooled cluster found running, and the superuser's connection to its primary.
+struct Found {
+    view: ClusterView,
+    leader: String,
+    port: u16,
+    conn: sqlx::PgConnection,
+    patroni_pids: Vec<u32>,
+}
+
+/// The cluster as it is, when etcd and every member's Patroni run, Patroni's view has a primary and healthy
+/// replicas, and the primary sees each of them streaming; `None` otherwise (the start path then follows).
+async fn as_found(ctx: &TaskContext<'_>, cluster: &LocalCluster, next: &Secrets) -> Option<Found> {
+    let (etcd, patroni) = cluster.running_processes();
+    if etcd.is_empty() || patroni.iter().any(Vec::is_empty) {
+        return None;
+    }
+    let view = cluster.patroni(&ctx.services.http).cluster().await.ok()?;
+    let leader = view
+        .ready_primary(cluster.state.members.iter().map(|m| m.name.as_str()))
+        .ok()?
+        .name
+        .clone();
+    let port = primary_port(cluster, &leader);
+    let mut conn = connect_either(cluster, next, port).await.ok()?;
+    let streaming = streaming_count(&mut conn).await.ok()?;
+    (streaming + 1 >= cluster.state.members.len()).then_some(Found {
+        view,
+        leader,
+        port,
+        conn,
+        patroni_pids: patroni.concat(),
+    })
+}
+
+fn primary_port(cluster: &LocalCluster, leader: &str) -> u16 {
+    cluster
+        .state
+        .member(leader)
+        .map(|m| m.pg_port)
+        .unwrap_or_default()
 }

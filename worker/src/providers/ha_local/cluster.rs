@@ -2,7 +2,7 @@
 //! Postgres). Starting is idempotent (what runs is left alone); stopping escalates from SIGTERM to SIGKILL and
 //! waits until nothing of it runs.
 
-use std::time::Duration;
+use std::{path::Path, time::Duration};
 
 use anyhow::Context as _;
 use serde_json::Value;
@@ -107,6 +107,41 @@ impl LocalCluster {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The pids of etcd and of each member's Patroni (in `state.members`' order), from one look at the processes.
+    pub fn running_processes(&self) -> (Vec<u32>, Vec<Vec<u32>>) {
+        let etcd = self.layout.etcd_dir();
+        let configs: Vec<_> = self
+            .state
+            .members
+            .iter()
+            .map(|m| self.layout.member_config(&m.name))
+            .collect();
+        let mut args: Vec<&Path> = vec![etcd.as_path()];
+        args.extend(configs.iter().map(|c| c.as_path()));
+        let mut found = local_processes::pids_with_args(&args);
+        let patroni = found.split_off(1);
+        (found.remove(0), patroni)
+    }
+
+    /// Rewrites only the member's Patroni configuration, owned as its folder is (a running Patroni reads it
+    /// again on a reload): none of [`Self::ensure_member`]'s folder and process work.
+    pub fn write_member_config(&self, member: &Member, dcs: &Value) -> anyhow::Result<()> {
+        use std::os::unix::fs::MetadataExt as _;
+        let config = config::patroni_config(
+            &self.state,
+            &self.layout,
+            member,
+            &self.secrets,
+            dcs.clone(),
+        );
+        let path = self.layout.member_config(&member.name);
+        super::state::write_atomic(&path, &serde_json::to_vec_pretty(&config)?)?;
+        let folder = std::fs::metadata(self.layout.member_dir(&member.name))?;
+        std::os::unix::fs::chown(&path, Some(folder.uid()), Some(folder.gid()))
+            .with_context(|| format!("handing {} to the member's owner", path.display()))?;
+        Ok(())
     }
 
     /// Writes the member's Patroni configuration (its `bootstrap.dcs` is `dcs`: used only when the cluster is

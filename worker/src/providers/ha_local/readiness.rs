@@ -41,11 +41,17 @@ pub(super) async fn readiness(
 async fn streaming_replicas(cluster: &LocalCluster, port: u16) -> anyhow::Result<usize> {
     use sqlx::Connection as _;
     let mut conn = sqlx::PgConnection::connect_with(&cluster.superuser(port, "postgres")).await?;
+    let n = streaming_count(&mut conn).await?;
+    let _ = conn.close().await;
+    Ok(n)
+}
+
+/// Replicas streaming from the primary `conn` is connected to, by its own account.
+pub(super) async fn streaming_count(conn: &mut sqlx::PgConnection) -> anyhow::Result<usize> {
     let n: i64 =
         sqlx::query_scalar("SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'")
-            .fetch_one(&mut conn)
+            .fetch_one(conn)
             .await?;
-    let _ = conn.close().await;
     Ok(n as usize)
 }
 
