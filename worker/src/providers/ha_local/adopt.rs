@@ -152,19 +152,37 @@ impl HaLocal {
         }
         drop(conn);
         let old_restapi = cluster.secrets.restapi.clone();
-        cluster
-            .layout
-            .commit_next_secrets(&next)
-            .context("storing the cluster's new passwords")
-            .map_err(local)?;
         cluster.secrets = next;
+        // `secrets.json` and every member's configuration written side by side: their syncs to disk overlap.
         let dcs = dcs::dcs_config(self.timings, false, &params.server.tuning_profile);
-        for member in &cluster.state.members {
-            cluster
-                .write_member_config(member, &dcs)
-                .context("writing a member's new Patroni configuration")
-                .map_err(local)?;
-        }
+        std::thread::scope(|scope| {
+            let secrets = scope.spawn(|| {
+                cluster
+                    .layout
+                    .commit_next_secrets(&cluster.secrets)
+                    .context("storing the cluster's new passwords")
+            });
+            let configs: Vec<_> = cluster
+                .state
+                .members
+                .iter()
+                .map(|member| {
+                    scope.spawn(|| {
+                        cluster
+                            .write_member_config(member, &dcs)
+                            .context("writing a member's new Patroni configuration")
+                    })
+                })
+                .collect();
+            std::iter::once(secrets)
+                .chain(configs)
+                .try_for_each(|written| {
+                    written
+                        .join()
+                        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+                })
+        })
+        .map_err(local)?;
         let altered_ms = t0.elapsed().as_millis();
         reload_members(ctx, &cluster, &patroni_pids, &old_restapi).await?;
         let reloaded_ms = t0.elapsed().as_millis();
@@ -255,30 +273,14 @@ async fn reload_members(
 }
 
 /// Wakes the Patroni at `base` from its loop's sleep: a PATCH of the cluster's settings that changes nothing
-/// (its own `loop_wait`), with whichever REST API password it takes. Best effort: without it the reload waits
-/// for the member's next loop.
+/// (an empty `postgresql` section: berth's clusters always have one), with whichever REST API password it
+/// takes. Best effort: without it the reload waits for the member's next loop.
 async fn wake(http: &reqwest::Client, base: &str, passwords: &[&str]) {
-    let Ok(response) = http
-        .get(format!("{base}/config"))
-        .timeout(Duration::from_secs(2))
-        .send()
-        .await
-    else {
-        return;
-    };
-    let Some(loop_wait) = response
-        .json::<Value>()
-        .await
-        .ok()
-        .and_then(|c| c.get("loop_wait").cloned())
-    else {
-        return;
-    };
     for password in passwords {
         let sent = http
             .patch(format!("{base}/config"))
             .basic_auth(RESTAPI_USER, Some(*password))
-            .json(&json!({ "loop_wait": loop_wait }))
+            .json(&json!({ "postgresql": {} }))
             .timeout(Duration::from_secs(2))
             .send()
             .await;
