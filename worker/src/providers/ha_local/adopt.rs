@@ -47,11 +47,19 @@ impl HaLocal {
         let params = Params::of(&instance.parameters)?;
         let t0 = std::time::Instant::now();
         let mut cluster = self.open_existing(ctx, instance)?;
-        let next = cluster
+        // The new passwords, generated once: a retry after a crash finds them and sets the same ones. They
+        // must be on disk before Postgres commits them; the write overlaps the look at the cluster and the
+        // statements, and is waited for before the commit.
+        let kept = cluster
             .layout
-            .ensure_next_secrets()
-            .context("keeping the cluster's new passwords")
+            .load_next_secrets()
+            .context("reading the cluster's new passwords")
             .map_err(local)?;
+        let next = kept.clone().unwrap_or_else(Secrets::generate);
+        let keeping = kept.is_none().then(|| {
+            let (layout, next) = (cluster.layout.clone(), next.clone());
+            tokio::task::spawn_blocking(move || layout.keep_next_secrets(&next))
+        });
         // A pooled cluster still running as it was left is taken as it is (the usual case: one look at its
         // processes, at Patroni's view and, on the connection the changes then use, at its replicas); one that
         // stopped (the machine restarted) goes through the start path.
@@ -142,6 +150,13 @@ impl HaLocal {
                     "setting a cluster role's new password",
                 )
                 .await?;
+            }
+            if let Some(keeping) = keeping {
+                keeping
+                    .await
+                    .map_err(|e| TaskError::retryable(format!("keeping the new passwords: {e}")))?
+                    .context("keeping the cluster's new passwords")
+                    .map_err(local)?;
             }
             exec(
                 &mut conn,
@@ -265,7 +280,7 @@ async fn reload_members(
                     RELOAD_WAIT.as_secs()
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     });
     futures_util::future::try_join_all(reloads).await?;

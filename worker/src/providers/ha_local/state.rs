@@ -97,14 +97,14 @@ impl Layout {
         self.root.join("secrets.next.json")
     }
 
-    /// The next passwords, generated and saved on first use.
-    pub fn ensure_next_secrets(&self) -> anyhow::Result<Secrets> {
-        if let Some(next) = read_json(&self.next_secrets_file())? {
-            return Ok(next);
-        }
-        let next = Secrets::generate();
-        write_atomic(&self.next_secrets_file(), &serde_json::to_vec(&next)?)?;
-        Ok(next)
+    /// The next passwords, if an earlier try kept them.
+    pub fn load_next_secrets(&self) -> anyhow::Result<Option<Secrets>> {
+        read_json(&self.next_secrets_file())
+    }
+
+    /// Keeps `next` as the next passwords (on disk when this returns).
+    pub fn keep_next_secrets(&self, next: &Secrets) -> anyhow::Result<()> {
+        write_atomic(&self.next_secrets_file(), &serde_json::to_vec(next)?)
     }
 
     /// `next` becomes the cluster's passwords (`secrets.json`), and the next ones are forgotten.
