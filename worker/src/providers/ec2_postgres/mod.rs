@@ -47,6 +47,7 @@ use super::{
 };
 use crate::{
     context::{Services, TaskContext},
+    records::Record,
     registry::TaskError,
 };
 
@@ -94,10 +95,12 @@ impl State {
             .unwrap_or_default()
     }
 
-    async fn save(&self, pool: &PgPool, instance_id: &str) -> Result<(), TaskError> {
-        instances::merge_details(pool, instance_id, &json!({ "ec2": self }))
+    /// Records the state where the step's progress is kept (the instance, or the pool item being filled).
+    async fn save(&self, pool: &PgPool, record: &Record) -> Result<(), TaskError> {
+        record
+            .merge_details(pool, &json!({ "ec2": self }))
             .await
-            .context("recording the instance's EC2 state")?;
+            .context("recording the EC2 state")?;
         Ok(())
     }
 
@@ -299,13 +302,10 @@ async fn secrets(ctx: &TaskContext<'_>, instance: &InstanceRow) -> Result<Secret
         admin_password: random_password(32),
         superuser_password: random_password(32),
     };
-    instances::set_secrets(
-        ctx.pool,
-        &instance.id,
-        &ctx.services.cipher.seal_json(&made),
-    )
-    .await
-    .context("keeping the generated passwords")?;
+    Record::of(ctx, &instance.id)
+        .set_secrets(ctx.pool, &ctx.services.cipher.seal_json(&made))
+        .await
+        .context("keeping the generated passwords")?;
     Ok(made)
 }
 
@@ -370,6 +370,7 @@ impl Provider for Ec2Postgres {
         let run = Run {
             ctx,
             instance,
+            record: Record::of(ctx, &instance.id),
             params: &params,
             client: &client,
             tags: &tags,
@@ -388,7 +389,7 @@ impl Provider for Ec2Postgres {
         };
         // Volume and address on the VM; addresses recorded.
         recovery::settle(&client, &mut state, &running, &volume).await?;
-        state.save(ctx.pool, &instance.id).await?;
+        state.save(ctx.pool, &run.record).await?;
         let host = state.host().unwrap_or_default().to_string();
         if let Some(wait) = self.postgres_waited_for(&host, &secrets, &state).await? {
             return Ok(wait);

@@ -23,7 +23,7 @@ use crate::providers::{
     ec2_common::{available_zones, vm},
     lock_idle_instance,
 };
-use crate::{context::Services, registry::TaskError};
+use crate::{context::Services, records::Record, registry::TaskError};
 
 /// A VM that vanished within this many seconds of its launch marks its type as short-lived.
 const SHORT_LIFE_SECS: i64 = 300;
@@ -165,7 +165,7 @@ async fn recover(
         forget_vm(&mut state);
         state.recovering = true;
         state.generation += 1;
-        state.save(pool, instance_id).await?;
+        state.save(pool, &Record::Instance(instance_id.to_string())).await?;
     }
     let volume = vm::data_volume(&client, instance_id)
         .await?
@@ -188,7 +188,7 @@ async fn recover(
         // Evicted again before it ran: the next cycle launches another.
         _ => {
             forget_vm(&mut state);
-            state.save(pool, instance_id).await?;
+            state.save(pool, &Record::Instance(instance_id.to_string())).await?;
             return Ok(tx.commit().await?);
         }
     };
@@ -256,7 +256,7 @@ async fn launch_replacement(
         token: format!("{}-r{}", names::short_hash(&instance.id), state.generation),
     };
     if !engine
-        .launch_next(pool, &instance.id, state, &input)
+        .launch_next(pool, &Record::Instance(instance.id.clone()), state, &input)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?
     {
