@@ -106,16 +106,22 @@ pub async fn merge_filling_details(
     id: &str,
     patch: &Value,
 ) -> sqlx::Result<()> {
-    sqlx::query("UPDATE pool_items SET details = details || $2 WHERE id = $1 AND state = 'filling'")
-        .bind(id)
-        .bind(patch)
-        .execute(db)
-        .await?;
+    sqlx::query(
+        "UPDATE pool_items SET details = details || $2 WHERE id = $1 AND state = 'filling'",
+    )
+    .bind(id)
+    .bind(patch)
+    .execute(db)
+    .await?;
     Ok(())
 }
 
 /// A filling item's sealed secrets, kept before its engine makes anything with them (a retry uses the same).
-pub async fn set_filling_secrets(db: impl PgExecutor<'_>, id: &str, secrets: &[u8]) -> sqlx::Result<()> {
+pub async fn set_filling_secrets(
+    db: impl PgExecutor<'_>,
+    id: &str,
+    secrets: &[u8],
+) -> sqlx::Result<()> {
     sqlx::query("UPDATE pool_items SET secrets = $2 WHERE id = $1 AND state = 'filling'")
         .bind(id)
         .bind(secrets)

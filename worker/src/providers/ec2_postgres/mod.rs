@@ -11,6 +11,7 @@
 //!
 //! The reconcile loop replaces VMs that vanished (spot interruptions, terminations): see [`recovery`].
 
+mod adopt;
 mod cloud_init;
 mod provision;
 
@@ -118,6 +119,20 @@ impl State {
 struct Secrets {
     admin_password: String,
     superuser_password: String,
+    /// While a pool item is adopted: the superuser password it was made with, until the new one is set (a retry
+    /// after a crash between setting and storing connects with either). Gone once the instance is provisioned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pooled_superuser_password: Option<String>,
+}
+
+impl Secrets {
+    fn generate() -> Self {
+        Self {
+            admin_password: random_password(32),
+            superuser_password: random_password(32),
+            pooled_superuser_password: None,
+        }
+    }
 }
 
 /// The parameters the engine acts on.
@@ -298,10 +313,7 @@ async fn secrets(ctx: &TaskContext<'_>, instance: &InstanceRow) -> Result<Secret
             .open_json(sealed)
             .map_err(|e| TaskError::Fatal(e.context("opening the secrets")));
     }
-    let made = Secrets {
-        admin_password: random_password(32),
-        superuser_password: random_password(32),
-    };
+    let made = Secrets::generate();
     Record::of(ctx, &instance.id)
         .set_secrets(ctx.pool, &ctx.services.cipher.seal_json(&made))
         .await
@@ -397,6 +409,15 @@ impl Provider for Ec2Postgres {
         Ok(Progress::Done(provisioned(&run, state, host, &secrets)))
     }
 
+    async fn adopt(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+        pool_item: &str,
+    ) -> Result<Progress<Provisioned>, TaskError> {
+        self.adopt_vm(ctx, instance, pool_item).await
+    }
+
     async fn update(
         &self,
         ctx: &TaskContext<'_>,
@@ -467,11 +488,19 @@ impl Provider for Ec2Postgres {
         let state = State::of(&instance.details);
         let params_region = instance.parameters.get("region").and_then(Value::as_str);
         let client = self.client(&self.region_of(params_region, &state));
-        let group = group_name(ctx.services.name_prefix(), &instance.id);
-        super::ec2_common::teardown::tear_down(
+        // An instance that took a pool item: what a failed take left under the item's id goes too, and its
+        // security group keeps the item's name.
+        let pool_item = instance.details.get("pool_item").and_then(Value::as_str);
+        let keys: Vec<&str> = std::iter::once(instance.id.as_str())
+            .chain(pool_item)
+            .collect();
+        let prefix = ctx.services.name_prefix();
+        let groups: Vec<String> = keys.iter().map(|key| group_name(prefix, key)).collect();
+        let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
+        super::ec2_common::teardown::tear_down_all(
             &client,
-            &instance.id,
-            &group,
+            &keys,
+            &groups,
             Duration::from_secs(5),
             "VM",
         )

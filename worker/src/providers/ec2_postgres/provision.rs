@@ -15,12 +15,12 @@ use super::{
 };
 use crate::{
     context::TaskContext,
-    records::Record,
     providers::{
         Progress, Provisioned,
         ec2_common::{offers, vm},
         postgres::connect,
     },
+    records::Record,
     registry::TaskError,
 };
 

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use anyhow::Context as _;
 use aws_sdk_ec2::Client;
 use broker::{
-    db::{bindings, instances, instances::InstanceRow},
+    db::{bindings, instances, instances::InstanceRow, pools},
     names,
 };
 use serde_json::{Map, Value, json};
@@ -100,6 +100,7 @@ pub async fn reconcile(
     if plan_ids.is_empty() {
         return Ok(cycle);
     }
+    let started = chrono::Utc::now();
     let mut live: HashMap<String, HashMap<String, vm::Vm>> = HashMap::new();
     let mut after = String::new();
     loop {
@@ -136,7 +137,51 @@ pub async fn reconcile(
             }
         }
     }
+    remove_pooled_without_vm(engine, pool, &plan_ids, &mut live, &mut cycle, started).await?;
     Ok(cycle)
+}
+
+/// Ready warm-pool items whose VM went while they waited (a spot interruption): nobody's instance yet, so no
+/// recovery; the item is removed (its `pool.remove` tears down what is left by the item's tag) and the pool
+/// check makes another. Only items ready before this pass began: their VMs ran before it described any region.
+async fn remove_pooled_without_vm(
+    engine: &Ec2Postgres,
+    pool: &PgPool,
+    plan_ids: &[String],
+    live: &mut HashMap<String, HashMap<String, vm::Vm>>,
+    cycle: &mut Cycle,
+    started: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<()> {
+    let items = pools::list(pool).await.context("listing pool items")?;
+    for item in items.iter().filter(|i| {
+        i.state == pools::READY
+            && plan_ids.contains(&i.plan_id)
+            && i.ready_at.is_some_and(|at| at < started)
+    }) {
+        let state = State::of(&item.details);
+        let region = engine.region_of(None, &state);
+        if !live.contains_key(&region) {
+            let vms = vm::berth_vms_in_region(&engine.client(&region), &mut cycle.describe_calls)
+                .await?
+                .into_iter()
+                .map(|v| (v.id.clone(), v))
+                .collect();
+            live.insert(region.clone(), vms);
+        }
+        if state
+            .vm_id
+            .as_ref()
+            .is_some_and(|id| live[&region].contains_key(id))
+        {
+            continue;
+        }
+        let mut tx = pool.begin().await?;
+        if pools::start_remove(&mut tx, &item.id).await? {
+            warn!(pool_item = %item.id, vm = ?state.vm_id, "a pooled VM is gone (interrupted while it waited); removing the item");
+        }
+        tx.commit().await?;
+    }
+    Ok(())
 }
 
 /// One step of replacing an instance's VM, under its advisory lock (so two workers never launch two).
@@ -165,7 +210,9 @@ async fn recover(
         forget_vm(&mut state);
         state.recovering = true;
         state.generation += 1;
-        state.save(pool, &Record::Instance(instance_id.to_string())).await?;
+        state
+            .save(pool, &Record::Instance(instance_id.to_string()))
+            .await?;
     }
     let volume = vm::data_volume(&client, instance_id)
         .await?
@@ -188,7 +235,9 @@ async fn recover(
         // Evicted again before it ran: the next cycle launches another.
         _ => {
             forget_vm(&mut state);
-            state.save(pool, &Record::Instance(instance_id.to_string())).await?;
+            state
+                .save(pool, &Record::Instance(instance_id.to_string()))
+                .await?;
             return Ok(tx.commit().await?);
         }
     };
