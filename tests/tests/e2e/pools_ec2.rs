@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use berth_tests::{Stack, plan_ids};
+use berth_tests::{Stack, TestFolder, plan_ids, repo_dir};
 use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection};
 
@@ -22,6 +22,30 @@ const WAIT: Duration = Duration::from_secs(600);
 
 fn container_gone(vm: &str) -> bool {
     docker(&["inspect", &format!("{}-{vm}", env("BERTH_TEST_VM_NAME"))]).is_none()
+}
+
+/// A copy of the plans in which `dedicated-spot` defaults to PostgreSQL 15, the VM image's (its VMs cannot
+/// install another): pool items are made with the plan's defaults. Returns the folder.
+fn plans_on_the_image_version(folder: &TestFolder) -> String {
+    let dir = folder.0.join("plans");
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(repo_dir().join("plans")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+    }
+    let file = dir.join("postgres.json");
+    let mut service: Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let plan = service["plans"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|p| p["name"] == "dedicated-spot")
+        .unwrap();
+    plan["schemas"]["service_instance"]["create"]["parameters"]["properties"]["postgres_version"]
+        ["default"] = json!("15");
+    std::fs::write(&file, serde_json::to_string_pretty(&service).unwrap()).unwrap();
+    dir.display().to_string()
 }
 
 /// Nothing tagged `berth:instance=<key>` is left in moto.
@@ -69,7 +93,12 @@ async fn ec2_pool_item_survives_a_killed_filler_is_taken_in_seconds_and_drains()
         .values()
         .map(|s| s.as_str().unwrap())
         .collect();
+    let folder = TestFolder(
+        std::env::temp_dir().join(format!("berth-pools-ec2-{}", uuid::Uuid::new_v4().simple())),
+    );
+    let plans_dir = plans_on_the_image_version(&folder);
     let mut stack = Stack::start_with(vec![
+        ("PLANS_DIR", plans_dir),
         ("AWS_REGION", "us-east-1".into()),
         ("AWS_ENDPOINT_URL", env("BERTH_TEST_MOTO_URL")),
         ("AWS_ACCESS_KEY_ID", env("BERTH_TEST_MOTO_ACCESS_KEY")),
@@ -177,6 +206,10 @@ async fn ec2_pool_item_survives_a_killed_filler_is_taken_in_seconds_and_drains()
     );
     assert_eq!(details["app_db_name"], "shop");
     assert_eq!(details["admin_user"], "boss");
+    assert_eq!(
+        details["postgres_version"], "15",
+        "the plan's default: {details}"
+    );
     let text = metrics(&stack).await;
     assert_eq!(
         sample(&text, "berth_pool_hits_total", "dedicated-spot", ""),

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use tracing::{info, warn};
 
 use super::{
-    Ec2Postgres, Params, Secrets, State, cloud_init, group_name, is_spot,
+    Ec2Postgres, Params, Secrets, State, cloud_init, default_version, group_name, is_spot,
     provision::{Run, provisioned},
     resource_tags, superuser,
 };
@@ -52,6 +52,7 @@ impl Ec2Postgres {
         let params = Params::of(
             &instance.parameters,
             is_spot(ctx.services, &instance.plan_id),
+            &default_version(ctx.services, &instance.plan_id),
         )?;
         let prefix = ctx.services.name_prefix();
         let state = State::of(&instance.details);

@@ -152,7 +152,8 @@ struct Params {
 }
 
 impl Params {
-    fn of(parameters: &Value, spot: bool) -> Result<Self, TaskError> {
+    /// `default_version`: the plan's (see [`default_version`]), for a provision that names none.
+    fn of(parameters: &Value, spot: bool, default_version: &str) -> Result<Self, TaskError> {
         let text = |key: &str, default: &str| {
             parameters
                 .get(key)
@@ -181,7 +182,7 @@ impl Params {
                 .get("region")
                 .and_then(Value::as_str)
                 .map(str::to_string),
-            postgres_version: text("postgres_version", DEFAULT_VERSION),
+            postgres_version: text("postgres_version", default_version),
             tuning_profile: text("tuning_profile", "default"),
             app_db_name: text("app_db_name", DEFAULT_APP_DB),
             admin_user: text("admin_user", DEFAULT_ADMIN),
@@ -255,6 +256,22 @@ impl Ec2Postgres {
     pub async fn vm_state(&self, region: &str, vm_id: &str) -> Result<Option<String>, TaskError> {
         Ok(vm::vm(&self.client(region), vm_id).await?.map(|v| v.state))
     }
+}
+
+/// The PostgreSQL version a provision of `plan_id` that names none gets: the default of the plan's
+/// `postgres_version` parameter where its plan file sets one (what a warm pool's items, made with no parameters,
+/// run), else the engine's.
+fn default_version(services: &Services, plan_id: &str) -> String {
+    services
+        .catalog
+        .plan_by_id(plan_id)
+        .and_then(|p| {
+            let create = p.plan.schemas.service_instance.as_ref()?.create.as_ref()?;
+            create.parameters["properties"]["postgres_version"]["default"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| DEFAULT_VERSION.to_string())
 }
 
 fn is_spot(services: &Services, plan_id: &str) -> bool {
@@ -369,7 +386,11 @@ impl Provider for Ec2Postgres {
         instance: &InstanceRow,
     ) -> Result<Progress<Provisioned>, TaskError> {
         let spot = is_spot(ctx.services, &instance.plan_id);
-        let params = Params::of(&instance.parameters, spot)?;
+        let params = Params::of(
+            &instance.parameters,
+            spot,
+            &default_version(ctx.services, &instance.plan_id),
+        )?;
         let secrets = secrets(ctx, instance).await?;
         let prefix = ctx.services.name_prefix();
         let mut state = State::of(&instance.details);

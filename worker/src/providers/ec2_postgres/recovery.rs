@@ -273,7 +273,17 @@ async fn launch_replacement(
     volume: &vm::Volume,
 ) -> anyhow::Result<()> {
     let spot = super::is_spot(services, &instance.plan_id);
-    let params = Params::of(&instance.parameters, spot).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // The version the instance was made with (recorded), not what the plan's default may be by now.
+    let version = instance
+        .details
+        .get("postgres_version")
+        .and_then(Value::as_str)
+        .map_or_else(
+            || super::default_version(services, &instance.plan_id),
+            str::to_string,
+        );
+    let params =
+        Params::of(&instance.parameters, spot, &version).map_err(|e| anyhow::anyhow!("{e}"))?;
     let sealed = instance
         .secrets
         .as_ref()
