@@ -1,8 +1,9 @@
 //! Warm pools of the `ec2` engine (docs/pools.md) on VMs that boot under the VM emulator (docs/vm-emulator.md):
 //! a worker killed while it fills an item leaves the fill to another, which finishes the same VM; a provision
 //! takes the ready item in seconds, its resources get the instance's tags, its names and passwords are the
-//! instance's (the item's superuser password is refused); deprovision leaves nothing in moto or in docker, and a
-//! worker restarted with the target at 0 removes a ready item and its VM. Two VM boots in all.
+//! instance's (the item's superuser password is refused); deprovision leaves nothing in moto or in docker; a
+//! pooled VM interrupted while it waits is removed by the reconcile loop and replaced; a worker restarted with
+//! the target at 0 removes a ready item and its VM. Three VM boots in all.
 
 use std::time::{Duration, Instant};
 
@@ -197,6 +198,13 @@ async fn ec2_pool_item_survives_a_killed_filler_is_taken_in_seconds_and_drains()
         "a pooled take took {pooled_take:?}\n{}",
         stack.logs()
     );
+    for line in stack
+        .log("worker-restarted.log")
+        .lines()
+        .filter(|l| l.contains("pooled VM adopted"))
+    {
+        println!("{line}");
+    }
     let details = stack.instance_details(&instance).await;
     assert_eq!(details["pool_item"], item.id.as_str(), "{details}");
     assert_eq!(
@@ -302,11 +310,41 @@ async fn ec2_pool_item_survives_a_killed_filler_is_taken_in_seconds_and_drains()
     )
     .await;
 
-    // The pool was refilled meanwhile (the second boot). A worker restarted with the target at 0 drains it:
-    // the item and its VM go.
-    let refill = wait_pool(&stack, &ids.1, 1, WAIT).await.remove(0);
+    // The pool was refilled meanwhile (the second boot). Its spot VM is interrupted while it waits: the
+    // reconcile loop removes the item (nothing of it is left) and the pool is filled again (the third boot).
+    let interrupted = wait_pool(&stack, &ids.1, 1, WAIT).await.remove(0);
+    let interrupted_vm = interrupted.details["ec2"]["vm_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let refill_seconds = fill_seconds(&stack, &interrupted.id).await;
+    aws(&["terminate", &interrupted_vm]);
+    let deadline = Instant::now() + WAIT;
+    let refill = loop {
+        let items = pool_items(&stack, &ids.1).await;
+        if let [only] = items.as_slice()
+            && only.id != interrupted.id
+            && only.state == "ready"
+        {
+            break only.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the interrupted item was not replaced: {items:?}\n{}",
+            stack.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_nothing_tagged(&interrupted.id);
+    crate::dedicated_spot_vm::eventually(
+        Duration::from_secs(60),
+        "the interrupted item's VM container is gone",
+        || container_gone(&interrupted_vm),
+    )
+    .await;
+
+    // A worker restarted with the target at 0 drains the pool: the ready item and its VM go.
     let refill_vm = refill.details["ec2"]["vm_id"].as_str().unwrap().to_string();
-    let refill_seconds = fill_seconds(&stack, &refill.id).await;
     stack.kill_worker().await;
     stack
         .restart_worker(vec![("POOL_TARGETS", "dedicated-spot=0".into())])
