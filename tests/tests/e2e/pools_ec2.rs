@@ -13,7 +13,7 @@ use sqlx::{Connection, PgConnection};
 
 use crate::{
     dedicated_spot_vm::{aws, container_runs, docker, env, setup_log, tagged},
-    pools::{Item, metrics, pool_items, sample, wait_pool},
+    pools::{Item, body, metrics, pool_items, provision_sync, sample, wait_pool},
 };
 
 /// This test's VPC: a CIDR no other test uses (docs/vm-emulator.md).
@@ -218,9 +218,24 @@ async fn ec2_pool_item_survives_a_killed_filler_is_taken_in_seconds_and_drains()
         details["postgres_version"], "15",
         "the plan's default: {details}"
     );
+    // A miss: a parameter that shapes the VM takes the ordinary path, which a client that cannot poll is refused
+    // (422 AsyncRequired, nothing written; no VM boots for it here).
+    let missed = uuid::Uuid::new_v4().to_string();
+    let (status, answer) =
+        provision_sync(&stack, &missed, &body(&ids, json!({ "cpu_min": 4 }))).await;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (422, Some("AsyncRequired")),
+        "{answer}"
+    );
     let text = metrics(&stack).await;
     assert_eq!(
         sample(&text, "berth_pool_hits_total", "dedicated-spot", ""),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "berth_pool_misses_total", "dedicated-spot", ""),
         Some(1.0),
         "{text}"
     );
