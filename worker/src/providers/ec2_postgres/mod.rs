@@ -2,14 +2,16 @@
 //! PostgreSQL server per instance on an EC2 VM chosen by price (`broker::ec2`), its data on an encrypted EBS
 //! volume that outlives VMs, set up by cloud-init.
 //!
-//! Provisioning is a state machine over the instance's details (`details.ec2`), one step per task run, so a
+//! Provisioning is a state machine over the instance's details (`details.ec2`; a warm-pool item's while
+//! `pool.fill` makes one, see `crate::records`), one step per task run, so a
 //! retry after a crash goes on where the first try stopped and a booting VM is a `Wait`, not a held worker
 //! slot: candidates → zone → security group → data volume → (Elastic IP) → VM → running → volume attached →
 //! (address associated) → Postgres answers (unless `EC2_READINESS_PROBE=off`). Every resource carries the tag
 //! `berth:instance=<id>` and is looked up by it before it is made; RunInstances also gets a ClientToken
 //! derived from the task id, which AWS itself deduplicates.
 //!
-//! The reconcile loop replaces VMs that vanished (spot interruptions, terminations): see [`recovery`].
+//! The reconcile loop replaces VMs that vanished (spot interruptions, terminations): see [`recovery`]. A warm-pool
+//! item taken by a provision is made the instance's by [`adopt`] (docs/pools.md).
 
 mod adopt;
 mod cloud_init;

@@ -100,7 +100,11 @@ pub async fn reconcile(
     if plan_ids.is_empty() {
         return Ok(cycle);
     }
-    let started = chrono::Utc::now();
+    // In the database's clock, which stamps pool items `ready_at`.
+    let started: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(pool)
+        .await
+        .context("reading the database's clock")?;
     let mut live: HashMap<String, HashMap<String, vm::Vm>> = HashMap::new();
     let mut after = String::new();
     loop {
@@ -143,7 +147,8 @@ pub async fn reconcile(
 
 /// Ready warm-pool items whose VM went while they waited (a spot interruption): nobody's instance yet, so no
 /// recovery; the item is removed (its `pool.remove` tears down what is left by the item's tag) and the pool
-/// check makes another. Only items ready before this pass began: their VMs ran before it described any region.
+/// check makes another. Only items ready before this pass began (the database's clock): their VMs ran before it
+/// described any region.
 async fn remove_pooled_without_vm(
     engine: &Ec2Postgres,
     pool: &PgPool,
