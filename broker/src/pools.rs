@@ -23,8 +23,16 @@ pub fn embedded_default_targets(ha_engine: &str) -> String {
     }
 }
 
-/// Engines whose items a pool can hold (their finishing step renames and re-keys an item).
-const POOLED_ENGINES: &[Engine] = &[Engine::Shared, Engine::Local, Engine::HaLocal, Engine::S3];
+/// Engines whose items a pool can hold (their finishing step renames and re-keys an item). An `ec2` item is a
+/// running VM that costs money while it waits: its pool exists only when the operator sets a target (never in
+/// a default one).
+const POOLED_ENGINES: &[Engine] = &[
+    Engine::Shared,
+    Engine::Local,
+    Engine::HaLocal,
+    Engine::S3,
+    Engine::Ec2,
+];
 
 /// Engines whose pools can also hold clones of a preset version (the fill clones the version's template).
 const PRESET_POOLED_ENGINES: &[Engine] = &[Engine::Shared, Engine::Local];
@@ -214,6 +222,10 @@ pub fn can_serve(engine: Engine, parameters: &Value) -> bool {
         Engine::Local | Engine::HaLocal => {
             &["extensions", "backups", "app_db_name", "admin_user", "tags"]
         }
+        // The same on a VM (the finishing step re-tags its resources with `tags`); anything that shapes the
+        // VM (its type's requirements, region or zone, addresses, ssh keys, the Postgres version, the tuning
+        // profile) needs a VM of its own.
+        Engine::Ec2 => &["extensions", "backups", "app_db_name", "admin_user", "tags"],
         // The finishing step sets the bucket's tags, public access, CORS and lifecycle (one call each); a
         // bucket cannot move to another region.
         Engine::S3 => &["tags", "public_read", "cors", "lifecycle"],
@@ -225,6 +237,8 @@ pub fn can_serve(engine: Engine, parameters: &Value) -> bool {
         match (engine, key) {
             (Engine::HaLocal, "members") => Some(Value::from(HA_DEFAULT_MEMBERS)),
             (Engine::HaLocal, "synchronous") => Some(Value::Bool(false)),
+            // What a pooled VM is made with: a private address only.
+            (Engine::Ec2, "public_ip" | "static_ip") => Some(Value::Bool(false)),
             _ => None,
         }
     };
@@ -329,6 +343,93 @@ mod tests {
             &json!({"postgres_version": "16"})
         ));
         assert!(!can_serve(Engine::HaEc2, &json!({})));
+    }
+
+    #[test]
+    fn ec2_items_serve_names_extensions_and_tags_only() {
+        assert!(can_serve(Engine::Ec2, &json!({})));
+        assert!(can_serve(Engine::Ec2, &Value::Null));
+        assert!(can_serve(
+            Engine::Ec2,
+            &json!({"app_db_name": "shop", "admin_user": "boss", "extensions": ["pgcrypto"],
+                    "tags": {"team": "a"}, "backups": null, "public_ip": false, "static_ip": false})
+        ));
+        for other in [
+            json!({"cpu_min": 4}),
+            json!({"ram_min": 16}),
+            json!({"instance_types": ["m7g.large"]}),
+            json!({"region": "eu-west-1"}),
+            json!({"zone": "us-east-1b"}),
+            json!({"public_ip": true}),
+            json!({"static_ip": true}),
+            json!({"ssh_keys": ["ssh-ed25519 AAAA me"]}),
+            json!({"postgres_version": "16"}),
+            json!({"tuning_profile": "oltp"}),
+            json!({"max_price": 0.1}),
+            json!({"preset": "p"}),
+            json!({"restore_from": {}}),
+        ] {
+            assert!(!can_serve(Engine::Ec2, &other), "{other}");
+        }
+    }
+
+    /// The `ec2` plans get a pool only from an operator's target, and never one of preset clones.
+    #[test]
+    fn ec2_plans_are_pooled_when_the_operator_asks() {
+        let catalog_with = |dedicated_engine: &str| {
+            let plans_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../plans");
+            let settings: Settings = serde_json::from_value(json!({
+                "plans_dir": plans_dir,
+                "aws_region": "us-east-1",
+                "aws_access_key_id": "k",
+                "dedicated_engine": dedicated_engine,
+                "ha_engine": "local",
+                "local_engine": true,
+            }))
+            .unwrap();
+            settings.check().unwrap();
+            Catalog::load_for(&settings).unwrap()
+        };
+        let on_ec2 = catalog_with("ec2");
+        let targets = PoolTargets::parse("dedicated-spot=1,dedicated=2", &on_ec2).unwrap();
+        assert_eq!(
+            targets.target(&catalog_plan_id(&on_ec2, "dedicated-spot")),
+            1
+        );
+        assert_eq!(targets.target(&catalog_plan_id(&on_ec2, "dedicated")), 2);
+        let engine_of = |catalog: &Catalog, key: &PoolKey| {
+            catalog.plan_by_id(&key.plan_id).map(|p| p.plan.engine)
+        };
+        assert!(
+            targets
+                .iter()
+                .all(|(key, _)| engine_of(&on_ec2, key) == Some(Engine::Ec2))
+        );
+        let err = PoolTargets::parse("dedicated-spot/orders=1", &on_ec2)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("preset clones") && err.contains("`dedicated-spot`"),
+            "{err}"
+        );
+        assert!(
+            PoolTargets::parse("dedicated-spot=0", &on_ec2)
+                .unwrap()
+                .iter()
+                .next()
+                .is_none()
+        );
+        // The embedded default (set only with DEDICATED_ENGINE=local) names no ec2 plan, even with AWS.
+        let local = catalog_with("local");
+        for ha_engine in ["local", "ec2"] {
+            let default = PoolTargets::parse(&embedded_default_targets(ha_engine), &local).unwrap();
+            assert!(
+                default
+                    .iter()
+                    .all(|(key, _)| engine_of(&local, key) != Some(Engine::Ec2)),
+                "{default:?}"
+            );
+        }
     }
 
     #[test]

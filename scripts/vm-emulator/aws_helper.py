@@ -7,8 +7,8 @@ region from AWS_REGION (default us-east-1).
                           per zone (CIDR's 2nd, 3rd, ... /24); prints {vpc, subnets: {zone: id}, ami_x86_64, ami_arm64}
   delete-vpc VPC_ID       deletes the VPC's subnets and the VPC
   terminate VM_ID         terminates a VM (what a spot interruption does)
-  tagged INSTANCE_ID      what moto holds tagged berth:instance=INSTANCE_ID: {vms (not terminated), volumes,
-                          addresses, security_groups}
+  tagged INSTANCE_ID      what moto holds tagged berth:instance=INSTANCE_ID: {vms (not terminated, with their
+                          tags), volumes, addresses, security_groups}
   s3-bucket URL KEY SECRET BUCKET        creates a bucket
   s3-get URL KEY SECRET BUCKET OBJECT    prints the object (a JSON document)
 """
@@ -89,6 +89,7 @@ def tagged(instance_id):
                 "private_ip": vm.get("PrivateIpAddress"),
                 "public_ip": vm.get("PublicIpAddress"),
                 "lifecycle": vm.get("InstanceLifecycle"),
+                "tags": {t["Key"]: t["Value"] for t in vm.get("Tags", [])},
             })
     volumes = [
         {

@@ -11,6 +11,7 @@ pub mod pools;
 pub mod providers;
 pub mod queue;
 pub mod reconcile;
+pub mod records;
 pub mod registry;
 pub mod rekey;
 pub mod runner;

@@ -99,6 +99,37 @@ pub async fn set_filling_details(
     Ok(())
 }
 
+/// Merges `patch` into a filling item's details: what its engine's steps made so far, so a fill run again
+/// (after a `Wait`, or by another worker) goes on where the last run stopped.
+pub async fn merge_filling_details(
+    db: impl PgExecutor<'_>,
+    id: &str,
+    patch: &Value,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE pool_items SET details = details || $2 WHERE id = $1 AND state = 'filling'",
+    )
+    .bind(id)
+    .bind(patch)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// A filling item's sealed secrets, kept before its engine makes anything with them (a retry uses the same).
+pub async fn set_filling_secrets(
+    db: impl PgExecutor<'_>,
+    id: &str,
+    secrets: &[u8],
+) -> sqlx::Result<()> {
+    sqlx::query("UPDATE pool_items SET secrets = $2 WHERE id = $1 AND state = 'filling'")
+        .bind(id)
+        .bind(secrets)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
 /// Records what the fill made and offers the item. `false` when the item is no longer filling (being removed).
 pub async fn mark_ready(
     db: impl PgExecutor<'_>,

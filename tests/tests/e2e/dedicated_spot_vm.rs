@@ -21,7 +21,7 @@ const WAIT: Duration = Duration::from_secs(600);
 const INSTANCE_NAME: &str = "spot-vm";
 const ROWS: i64 = 100;
 
-fn env(name: &str) -> String {
+pub(crate) fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
         panic!(
             "{name} is not set: this test needs moto, SeaweedFS and the VM emulator, which scripts/test.sh \
@@ -31,7 +31,7 @@ fn env(name: &str) -> String {
 }
 
 /// scripts/vm-emulator/aws_helper.py: the test's hands on moto's EC2 and on the S3 store.
-fn aws(args: &[&str]) -> Value {
+pub(crate) fn aws(args: &[&str]) -> Value {
     let out = Command::new("python3")
         .arg(repo_dir().join("scripts/vm-emulator/aws_helper.py"))
         .args(args)
@@ -46,7 +46,7 @@ fn aws(args: &[&str]) -> Value {
 }
 
 /// `docker ARGS` against the emulator's engine; its output, or `None` when it failed.
-fn docker(args: &[&str]) -> Option<String> {
+pub(crate) fn docker(args: &[&str]) -> Option<String> {
     let out = Command::new("docker")
         .env("DOCKER_HOST", env("BERTH_TEST_VM_DOCKER_HOST"))
         .args(args)
@@ -57,16 +57,16 @@ fn docker(args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-fn container(vm: &str) -> String {
+pub(crate) fn container(vm: &str) -> String {
     format!("{}-{vm}", env("BERTH_TEST_VM_NAME"))
 }
 
-fn container_runs(vm: &str) -> bool {
+pub(crate) fn container_runs(vm: &str) -> bool {
     docker(&["inspect", "-f", "{{.State.Running}}", &container(vm)]).as_deref() == Some("true")
 }
 
 /// The VM's setup log (from the running VM, else the copy the emulator kept), for failure messages.
-fn setup_log(vm: &str) -> String {
+pub(crate) fn setup_log(vm: &str) -> String {
     docker(&["exec", &container(vm), "cat", "/var/log/berth-setup.log"])
         .or_else(|| {
             let kept = PathBuf::from(env("BERTH_TEST_VM_STATE_DIR"))
@@ -78,13 +78,13 @@ fn setup_log(vm: &str) -> String {
         .unwrap_or_else(|| format!("(no setup log of {vm})"))
 }
 
-fn emulator_status() -> Value {
+pub(crate) fn emulator_status() -> Value {
     let path = PathBuf::from(env("BERTH_TEST_VM_STATE_DIR")).join("status.json");
     serde_json::from_str(&std::fs::read_to_string(path).unwrap_or_default()).unwrap_or_default()
 }
 
 /// Polls `check` every half second until it holds, or panics with `what` after `limit`.
-async fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+pub(crate) async fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !check() {
         assert!(Instant::now() < deadline, "{what} (after {limit:?})");
@@ -93,7 +93,7 @@ async fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool
 }
 
 /// What moto holds for the instance (VMs not terminated, volumes, addresses, security groups).
-fn tagged(instance: &str) -> Value {
+pub(crate) fn tagged(instance: &str) -> Value {
     aws(&["tagged", instance])
 }
 

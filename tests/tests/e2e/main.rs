@@ -16,6 +16,7 @@ mod key_rotation;
 mod observability;
 mod openapi;
 mod pools;
+mod pools_ec2;
 mod pools_ha;
 mod pools_s3;
 mod s3_lifecycle;

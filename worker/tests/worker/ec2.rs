@@ -8,7 +8,7 @@ use aws_sdk_ec2::{Client, types::Filter};
 use base64::Engine as _;
 use berth_worker::Services;
 use broker::{
-    db::{bindings, ec2_offers, instances},
+    db::{bindings, ec2_offers, instances, pools},
     ec2::{Requirements, candidates},
     model::Operation,
 };
@@ -727,5 +727,104 @@ async fn a_type_without_capacity_gives_way_to_the_next(
         json!({}),
     )
     .await;
+    assert!(data_volumes(&client, &id).await.is_empty());
+}
+
+/// Warm-pool items of `dedicated-spot` (docs/pools.md): the fill records its progress on the item's row and tags
+/// everything with the item's id; an item whose VM is interrupted while it waits is removed by the reconcile
+/// pass, leaving nothing; a take whose VM went before that pass saw it tears the item down and provisions the
+/// instance the ordinary way, with passwords of its own.
+#[sqlx::test(migrator = "broker::MIGRATOR")]
+async fn pooled_vms_that_went_are_removed_or_replaced_by_the_ordinary_path(
+    _: sqlx::postgres::PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let pool = pool(&opts, 8).await;
+    let peer = moto();
+    let client = ec2(&peer);
+    let services = services_with(&peer, json!({ "pool_targets": "dedicated-spot=2" })).await;
+    let checked = berth_worker::pools::check(&pool, &services).await.unwrap();
+    assert_eq!(checked.fills, 2);
+    drain_all(&pool, &services).await;
+    let items: Vec<pools::PoolItem> = pools::list(&pool).await.unwrap();
+    assert!(
+        items.len() == 2 && items.iter().all(|i| i.state == pools::READY),
+        "{items:?}"
+    );
+    let vm_of = |item: &pools::PoolItem| item.details["ec2"]["vm_id"].as_str().unwrap().to_string();
+    for item in &items {
+        let vms = live_vms(&client, &item.id).await;
+        assert_eq!(vms.len(), 1, "{}", item.id);
+        assert_eq!(vms[0].instance_id(), Some(vm_of(item).as_str()));
+        assert_eq!(data_volumes(&client, &item.id).await.len(), 1);
+    }
+    let terminate = |vm: String| {
+        let client = client.clone();
+        async move {
+            client
+                .terminate_instances()
+                .instance_ids(vm)
+                .send()
+                .await
+                .unwrap();
+        }
+    };
+
+    // Interrupted while pooled: the reconcile pass marks the item for removal, its pool.remove leaves nothing.
+    let (interrupted, taken) = (&items[0], &items[1]);
+    terminate(vm_of(interrupted)).await;
+    berth_worker::reconcile::once(&pool, &services).await;
+    let after = pools::get(&pool, &interrupted.id).await.unwrap();
+    assert_eq!(
+        after.map(|i| i.state),
+        Some(pools::REMOVING.to_string()),
+        "the reconcile pass did not remove the item"
+    );
+    assert_eq!(
+        pools::get(&pool, &taken.id).await.unwrap().map(|i| i.state),
+        Some(pools::READY.to_string()),
+        "an item whose VM runs stays"
+    );
+    drain_all(&pool, &services).await;
+    assert!(pools::get(&pool, &interrupted.id).await.unwrap().is_none());
+    assert!(live_vms(&client, &interrupted.id).await.is_empty());
+    assert!(data_volumes(&client, &interrupted.id).await.is_empty());
+
+    // Taken (as the API's claim takes it) after its VM went: the item is torn down, the instance provisioned.
+    terminate(vm_of(taken)).await;
+    let claimed = pools::claim(&pool, SPOT, None).await.unwrap().unwrap();
+    assert_eq!(claimed.id, taken.id);
+    let id = insert_instance(
+        &pool,
+        POSTGRES,
+        SPOT,
+        json!({}),
+        json!({"admin_user": "boss"}),
+    )
+    .await;
+    let mut claimed_details = claimed.details.clone();
+    claimed_details["pool_item"] = json!(claimed.id);
+    instances::set_details(&pool, &id, &claimed_details, claimed.secrets.as_deref())
+        .await
+        .unwrap();
+    operate_ok(&pool, &services, Operation::Provision, &id, None).await;
+    let details = details(&pool, &id).await;
+    assert_eq!(details["pool_fell_back"], true, "{details}");
+    assert_eq!(details["admin_user"], "boss");
+    let vms = live_vms(&client, &id).await;
+    assert_eq!(vms.len(), 1);
+    assert_ne!(vms[0].instance_id(), Some(vm_of(taken).as_str()));
+    assert_eq!(details["ec2"]["vm_id"].as_str(), vms[0].instance_id());
+    assert!(live_vms(&client, &taken.id).await.is_empty());
+    assert!(data_volumes(&client, &taken.id).await.is_empty());
+    let pooled: Value = cipher().open_json(taken.secrets.as_ref().unwrap()).unwrap();
+    assert_ne!(
+        admin_password(&pool, &id).await,
+        pooled["admin_password"].as_str().unwrap(),
+        "a password made while pooled survived"
+    );
+
+    operate_ok(&pool, &services, Operation::Deprovision, &id, None).await;
+    assert!(live_vms(&client, &id).await.is_empty());
     assert!(data_volumes(&client, &id).await.is_empty());
 }

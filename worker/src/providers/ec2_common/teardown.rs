@@ -27,23 +27,45 @@ pub async fn tear_down(
     poll: Duration,
     vms: &str,
 ) -> Result<Progress<()>, TaskError> {
+    tear_down_all(client, &[instance_id], &[group_name], poll, vms).await
+}
+
+/// [`tear_down`] of the resources tagged with any of `keys` (an instance that took a warm-pool item may hold
+/// some under the item's id) and the security groups named `group_names`: every VM is terminated before any
+/// volume or group goes, whichever key it carries.
+pub async fn tear_down_all(
+    client: &Client,
+    keys: &[&str],
+    group_names: &[&str],
+    poll: Duration,
+    vms: &str,
+) -> Result<Progress<()>, TaskError> {
     let wait = |progress: String| Progress::Wait {
         after: poll,
         progress,
     };
-    let live = vm::live_vms(client, instance_id).await?;
+    let mut live = Vec::new();
+    for key in keys {
+        live.extend(vm::live_vms(client, key).await?);
+    }
     if !live.is_empty() {
         let ids: Vec<String> = live.iter().map(|v| v.id.clone()).collect();
         vm::terminate(client, &ids).await?;
         return Ok(wait(format!("terminating {vms} {}", ids.join(", "))));
     }
-    if !all_terminated(client, instance_id).await? {
-        return Ok(wait(format!("waiting for the {vms} to terminate")));
+    for key in keys {
+        if !all_terminated(client, key).await? {
+            return Ok(wait(format!("waiting for the {vms} to terminate")));
+        }
     }
-    delete_volumes(client, instance_id).await?;
-    release_addresses(client, instance_id).await?;
-    delete_interfaces(client, instance_id).await?;
-    delete_security_group(client, group_name).await?;
+    for key in keys {
+        delete_volumes(client, key).await?;
+        release_addresses(client, key).await?;
+        delete_interfaces(client, key).await?;
+    }
+    for group_name in group_names {
+        delete_security_group(client, group_name).await?;
+    }
     Ok(Progress::Done(()))
 }
 

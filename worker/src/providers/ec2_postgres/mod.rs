@@ -2,15 +2,18 @@
 //! PostgreSQL server per instance on an EC2 VM chosen by price (`broker::ec2`), its data on an encrypted EBS
 //! volume that outlives VMs, set up by cloud-init.
 //!
-//! Provisioning is a state machine over the instance's details (`details.ec2`), one step per task run, so a
+//! Provisioning is a state machine over the instance's details (`details.ec2`; a warm-pool item's while
+//! `pool.fill` makes one, see `crate::records`), one step per task run, so a
 //! retry after a crash goes on where the first try stopped and a booting VM is a `Wait`, not a held worker
 //! slot: candidates → zone → security group → data volume → (Elastic IP) → VM → running → volume attached →
 //! (address associated) → Postgres answers (unless `EC2_READINESS_PROBE=off`). Every resource carries the tag
 //! `berth:instance=<id>` and is looked up by it before it is made; RunInstances also gets a ClientToken
 //! derived from the task id, which AWS itself deduplicates.
 //!
-//! The reconcile loop replaces VMs that vanished (spot interruptions, terminations): see [`recovery`].
+//! The reconcile loop replaces VMs that vanished (spot interruptions, terminations): see [`recovery`]. A warm-pool
+//! item taken by a provision is made the instance's by [`adopt`] (docs/pools.md).
 
+mod adopt;
 mod cloud_init;
 mod provision;
 
@@ -47,6 +50,7 @@ use super::{
 };
 use crate::{
     context::{Services, TaskContext},
+    records::Record,
     registry::TaskError,
 };
 
@@ -94,10 +98,12 @@ impl State {
             .unwrap_or_default()
     }
 
-    async fn save(&self, pool: &PgPool, instance_id: &str) -> Result<(), TaskError> {
-        instances::merge_details(pool, instance_id, &json!({ "ec2": self }))
+    /// Records the state where the step's progress is kept (the instance, or the pool item being filled).
+    async fn save(&self, pool: &PgPool, record: &Record) -> Result<(), TaskError> {
+        record
+            .merge_details(pool, &json!({ "ec2": self }))
             .await
-            .context("recording the instance's EC2 state")?;
+            .context("recording the EC2 state")?;
         Ok(())
     }
 
@@ -115,6 +121,20 @@ impl State {
 struct Secrets {
     admin_password: String,
     superuser_password: String,
+    /// While a pool item is adopted: the superuser password it was made with, until the new one is set (a retry
+    /// after a crash between setting and storing connects with either). Gone once the instance is provisioned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pooled_superuser_password: Option<String>,
+}
+
+impl Secrets {
+    fn generate() -> Self {
+        Self {
+            admin_password: random_password(32),
+            superuser_password: random_password(32),
+            pooled_superuser_password: None,
+        }
+    }
 }
 
 /// The parameters the engine acts on.
@@ -134,7 +154,8 @@ struct Params {
 }
 
 impl Params {
-    fn of(parameters: &Value, spot: bool) -> Result<Self, TaskError> {
+    /// `default_version`: the plan's (see [`default_version`]), for a provision that names none.
+    fn of(parameters: &Value, spot: bool, default_version: &str) -> Result<Self, TaskError> {
         let text = |key: &str, default: &str| {
             parameters
                 .get(key)
@@ -163,7 +184,7 @@ impl Params {
                 .get("region")
                 .and_then(Value::as_str)
                 .map(str::to_string),
-            postgres_version: text("postgres_version", DEFAULT_VERSION),
+            postgres_version: text("postgres_version", default_version),
             tuning_profile: text("tuning_profile", "default"),
             app_db_name: text("app_db_name", DEFAULT_APP_DB),
             admin_user: text("admin_user", DEFAULT_ADMIN),
@@ -239,6 +260,22 @@ impl Ec2Postgres {
     }
 }
 
+/// The PostgreSQL version a provision of `plan_id` that names none gets: the default of the plan's
+/// `postgres_version` parameter where its plan file sets one (what a warm pool's items, made with no parameters,
+/// run), else the engine's.
+fn default_version(services: &Services, plan_id: &str) -> String {
+    services
+        .catalog
+        .plan_by_id(plan_id)
+        .and_then(|p| {
+            let create = p.plan.schemas.service_instance.as_ref()?.create.as_ref()?;
+            create.parameters["properties"]["postgres_version"]["default"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| DEFAULT_VERSION.to_string())
+}
+
 fn is_spot(services: &Services, plan_id: &str) -> bool {
     services
         .catalog
@@ -295,17 +332,11 @@ async fn secrets(ctx: &TaskContext<'_>, instance: &InstanceRow) -> Result<Secret
             .open_json(sealed)
             .map_err(|e| TaskError::Fatal(e.context("opening the secrets")));
     }
-    let made = Secrets {
-        admin_password: random_password(32),
-        superuser_password: random_password(32),
-    };
-    instances::set_secrets(
-        ctx.pool,
-        &instance.id,
-        &ctx.services.cipher.seal_json(&made),
-    )
-    .await
-    .context("keeping the generated passwords")?;
+    let made = Secrets::generate();
+    Record::of(ctx, &instance.id)
+        .set_secrets(ctx.pool, &ctx.services.cipher.seal_json(&made))
+        .await
+        .context("keeping the generated passwords")?;
     Ok(made)
 }
 
@@ -357,7 +388,11 @@ impl Provider for Ec2Postgres {
         instance: &InstanceRow,
     ) -> Result<Progress<Provisioned>, TaskError> {
         let spot = is_spot(ctx.services, &instance.plan_id);
-        let params = Params::of(&instance.parameters, spot)?;
+        let params = Params::of(
+            &instance.parameters,
+            spot,
+            &default_version(ctx.services, &instance.plan_id),
+        )?;
         let secrets = secrets(ctx, instance).await?;
         let prefix = ctx.services.name_prefix();
         let mut state = State::of(&instance.details);
@@ -370,6 +405,7 @@ impl Provider for Ec2Postgres {
         let run = Run {
             ctx,
             instance,
+            record: Record::of(ctx, &instance.id),
             params: &params,
             client: &client,
             tags: &tags,
@@ -388,12 +424,21 @@ impl Provider for Ec2Postgres {
         };
         // Volume and address on the VM; addresses recorded.
         recovery::settle(&client, &mut state, &running, &volume).await?;
-        state.save(ctx.pool, &instance.id).await?;
+        state.save(ctx.pool, &run.record).await?;
         let host = state.host().unwrap_or_default().to_string();
         if let Some(wait) = self.postgres_waited_for(&host, &secrets, &state).await? {
             return Ok(wait);
         }
         Ok(Progress::Done(provisioned(&run, state, host, &secrets)))
+    }
+
+    async fn adopt(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+        pool_item: &str,
+    ) -> Result<Progress<Provisioned>, TaskError> {
+        self.adopt_vm(ctx, instance, pool_item).await
     }
 
     async fn update(
@@ -466,11 +511,19 @@ impl Provider for Ec2Postgres {
         let state = State::of(&instance.details);
         let params_region = instance.parameters.get("region").and_then(Value::as_str);
         let client = self.client(&self.region_of(params_region, &state));
-        let group = group_name(ctx.services.name_prefix(), &instance.id);
-        super::ec2_common::teardown::tear_down(
+        // An instance that took a pool item: what a failed take left under the item's id goes too, and its
+        // security group keeps the item's name.
+        let pool_item = instance.details.get("pool_item").and_then(Value::as_str);
+        let keys: Vec<&str> = std::iter::once(instance.id.as_str())
+            .chain(pool_item)
+            .collect();
+        let prefix = ctx.services.name_prefix();
+        let groups: Vec<String> = keys.iter().map(|key| group_name(prefix, key)).collect();
+        let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
+        super::ec2_common::teardown::tear_down_all(
             &client,
-            &instance.id,
-            &group,
+            &keys,
+            &groups,
             Duration::from_secs(5),
             "VM",
         )

@@ -20,6 +20,7 @@ use crate::{
         ec2_common::{offers, vm},
         postgres::connect,
     },
+    records::Record,
     registry::TaskError,
 };
 
@@ -41,10 +42,11 @@ impl Ec2Postgres {
     pub(super) async fn launch_next(
         &self,
         pool: &PgPool,
-        instance_id: &str,
+        record: &Record,
         state: &mut State,
         input: &LaunchInput<'_>,
     ) -> Result<bool, TaskError> {
+        let instance_id = record.id();
         let zone = state
             .zone
             .clone()
@@ -84,19 +86,19 @@ impl Ec2Postgres {
                     state.vm_id = Some(launched.id);
                     state.instance_type = Some(candidate.instance_type);
                     state.launched_at = Some(chrono::Utc::now().timestamp());
-                    state.save(pool, instance_id).await?;
+                    state.save(pool, record).await?;
                     return Ok(true);
                 }
                 Err(vm::LaunchError::NoCapacity(code)) => {
                     tracing::warn!(instance_id, instance_type = %candidate.instance_type, code, "no capacity; trying the next type");
                     state.candidate_index += 1;
-                    state.save(pool, instance_id).await?;
+                    state.save(pool, record).await?;
                 }
                 Err(vm::LaunchError::Failed(e)) => return Err(e),
             }
         }
         state.candidate_index = 0;
-        state.save(pool, instance_id).await?;
+        state.save(pool, record).await?;
         Ok(false)
     }
 
@@ -105,10 +107,11 @@ impl Ec2Postgres {
     pub(super) async fn running_vm(
         &self,
         pool: &PgPool,
-        instance_id: &str,
+        record: &Record,
         state: &mut State,
         input: &LaunchInput<'_>,
     ) -> Result<Progress<vm::Vm>, TaskError> {
+        let instance_id = record.id();
         if let Some(id) = state.vm_id.clone() {
             match vm::vm(input.client, &id).await? {
                 Some(found) if found.state == "running" => return Ok(Progress::Done(found)),
@@ -130,13 +133,13 @@ impl Ec2Postgres {
             state.vm_id = Some(found.id.clone());
             state.instance_type = Some(found.instance_type.clone());
             state.launched_at = state.launched_at.or(found.launched_at);
-            state.save(pool, instance_id).await?;
+            state.save(pool, record).await?;
             return Ok(Progress::wait_secs(
                 2,
                 format!("found VM {} from an earlier try", found.id),
             ));
         }
-        if !self.launch_next(pool, instance_id, state, input).await? {
+        if !self.launch_next(pool, record, state, input).await? {
             return Err(TaskError::retryable(format!(
                 "no candidate instance type had capacity in {} ({} tried); trying again",
                 state.zone.as_deref().unwrap_or("?"),
@@ -168,6 +171,8 @@ impl Ec2Postgres {
 pub(super) struct Run<'a> {
     pub(super) ctx: &'a TaskContext<'a>,
     pub(super) instance: &'a InstanceRow,
+    /// Where the steps record their progress (the instance, or the pool item being filled).
+    pub(super) record: Record,
     pub(super) params: &'a Params,
     pub(super) client: &'a Client,
     pub(super) tags: &'a [(String, String)],
@@ -215,7 +220,7 @@ impl Ec2Postgres {
             )));
         }
         state.zone = Some(zone);
-        state.save(run.ctx.pool, &run.instance.id).await
+        state.save(run.ctx.pool, &run.record).await
     }
 
     pub(super) async fn ensure_security_group(
@@ -246,7 +251,7 @@ impl Ec2Postgres {
         )
         .await?;
         state.security_group_id = Some(id);
-        state.save(ctx.pool, &instance.id).await
+        state.save(ctx.pool, &run.record).await
     }
 
     /// The data volume: the recorded one while it exists, else a new one (its zone is the instance's from then).
@@ -278,7 +283,7 @@ impl Ec2Postgres {
         .await?;
         state.volume_id = Some(v.id.clone());
         state.zone = Some(v.zone.clone());
-        state.save(ctx.pool, &instance.id).await?;
+        state.save(ctx.pool, &run.record).await?;
         Ok(v)
     }
 
@@ -294,7 +299,7 @@ impl Ec2Postgres {
         let (allocation, ip) = vm::ensure_address(run.client, &run.instance.id, run.tags).await?;
         state.allocation_id = Some(allocation);
         state.static_ip = Some(ip);
-        state.save(run.ctx.pool, &run.instance.id).await
+        state.save(run.ctx.pool, &run.record).await
     }
 
     /// The VM, running (launched with the user-data that sets the server up on `volume`).
@@ -324,7 +329,7 @@ impl Ec2Postgres {
             tags: run.tags,
             token: run.ctx.task.id.to_string(),
         };
-        self.running_vm(run.ctx.pool, &run.instance.id, state, &input)
+        self.running_vm(run.ctx.pool, &run.record, state, &input)
             .await
     }
 

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use anyhow::Context as _;
 use aws_sdk_ec2::Client;
 use broker::{
-    db::{bindings, instances, instances::InstanceRow},
+    db::{bindings, instances, instances::InstanceRow, pools},
     names,
 };
 use serde_json::{Map, Value, json};
@@ -23,7 +23,7 @@ use crate::providers::{
     ec2_common::{available_zones, vm},
     lock_idle_instance,
 };
-use crate::{context::Services, registry::TaskError};
+use crate::{context::Services, records::Record, registry::TaskError};
 
 /// A VM that vanished within this many seconds of its launch marks its type as short-lived.
 const SHORT_LIFE_SECS: i64 = 300;
@@ -100,6 +100,11 @@ pub async fn reconcile(
     if plan_ids.is_empty() {
         return Ok(cycle);
     }
+    // In the database's clock, which stamps pool items `ready_at`.
+    let started: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(pool)
+        .await
+        .context("reading the database's clock")?;
     let mut live: HashMap<String, HashMap<String, vm::Vm>> = HashMap::new();
     let mut after = String::new();
     loop {
@@ -136,7 +141,52 @@ pub async fn reconcile(
             }
         }
     }
+    remove_pooled_without_vm(engine, pool, &plan_ids, &mut live, &mut cycle, started).await?;
     Ok(cycle)
+}
+
+/// Ready warm-pool items whose VM went while they waited (a spot interruption): nobody's instance yet, so no
+/// recovery; the item is removed (its `pool.remove` tears down what is left by the item's tag) and the pool
+/// check makes another. Only items ready before this pass began (the database's clock): their VMs ran before it
+/// described any region.
+async fn remove_pooled_without_vm(
+    engine: &Ec2Postgres,
+    pool: &PgPool,
+    plan_ids: &[String],
+    live: &mut HashMap<String, HashMap<String, vm::Vm>>,
+    cycle: &mut Cycle,
+    started: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<()> {
+    let items = pools::list(pool).await.context("listing pool items")?;
+    for item in items.iter().filter(|i| {
+        i.state == pools::READY
+            && plan_ids.contains(&i.plan_id)
+            && i.ready_at.is_some_and(|at| at < started)
+    }) {
+        let state = State::of(&item.details);
+        let region = engine.region_of(None, &state);
+        if !live.contains_key(&region) {
+            let vms = vm::berth_vms_in_region(&engine.client(&region), &mut cycle.describe_calls)
+                .await?
+                .into_iter()
+                .map(|v| (v.id.clone(), v))
+                .collect();
+            live.insert(region.clone(), vms);
+        }
+        if state
+            .vm_id
+            .as_ref()
+            .is_some_and(|id| live[&region].contains_key(id))
+        {
+            continue;
+        }
+        let mut tx = pool.begin().await?;
+        if pools::start_remove(&mut tx, &item.id).await? {
+            warn!(pool_item = %item.id, vm = ?state.vm_id, "a pooled VM is gone (interrupted while it waited); removing the item");
+        }
+        tx.commit().await?;
+    }
+    Ok(())
 }
 
 /// One step of replacing an instance's VM, under its advisory lock (so two workers never launch two).
@@ -165,7 +215,9 @@ async fn recover(
         forget_vm(&mut state);
         state.recovering = true;
         state.generation += 1;
-        state.save(pool, instance_id).await?;
+        state
+            .save(pool, &Record::Instance(instance_id.to_string()))
+            .await?;
     }
     let volume = vm::data_volume(&client, instance_id)
         .await?
@@ -188,7 +240,9 @@ async fn recover(
         // Evicted again before it ran: the next cycle launches another.
         _ => {
             forget_vm(&mut state);
-            state.save(pool, instance_id).await?;
+            state
+                .save(pool, &Record::Instance(instance_id.to_string()))
+                .await?;
             return Ok(tx.commit().await?);
         }
     };
@@ -224,7 +278,17 @@ async fn launch_replacement(
     volume: &vm::Volume,
 ) -> anyhow::Result<()> {
     let spot = super::is_spot(services, &instance.plan_id);
-    let params = Params::of(&instance.parameters, spot).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // The version the instance was made with (recorded), not what the plan's default may be by now.
+    let version = instance
+        .details
+        .get("postgres_version")
+        .and_then(Value::as_str)
+        .map_or_else(
+            || super::default_version(services, &instance.plan_id),
+            str::to_string,
+        );
+    let params =
+        Params::of(&instance.parameters, spot, &version).map_err(|e| anyhow::anyhow!("{e}"))?;
     let sealed = instance
         .secrets
         .as_ref()
@@ -256,7 +320,7 @@ async fn launch_replacement(
         token: format!("{}-r{}", names::short_hash(&instance.id), state.generation),
     };
     if !engine
-        .launch_next(pool, &instance.id, state, &input)
+        .launch_next(pool, &Record::Instance(instance.id.clone()), state, &input)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?
     {

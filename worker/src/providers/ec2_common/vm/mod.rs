@@ -46,6 +46,46 @@ pub fn tags(resource: ResourceType, pairs: &[(String, String)]) -> TagSpecificat
     spec.build()
 }
 
+/// Gives `pairs` (its `berth:instance` replacing the old one) to every resource tagged `berth:instance=<from>`
+/// and to `also` (resources the caller knows of, tagged already on a retry): one DescribeTags and one
+/// CreateTags, so doing it again is harmless. Returns the resources tagged.
+pub async fn retag(
+    client: &Client,
+    from: &str,
+    also: &[String],
+    pairs: &[(String, String)],
+) -> Result<Vec<String>, TaskError> {
+    let found = client
+        .describe_tags()
+        .filters(Filter::builder().name("key").values(TAG).build())
+        .filters(Filter::builder().name("value").values(from).build())
+        .send()
+        .await
+        .map_err(|e| classify(e, "listing the resources to tag again"))?;
+    let mut ids = also.to_vec();
+    for id in found.tags().iter().filter_map(|t| t.resource_id()) {
+        if !ids.iter().any(|known| known == id) {
+            ids.push(id.to_string());
+        }
+    }
+    if ids.is_empty() {
+        return Ok(ids);
+    }
+    client
+        .create_tags()
+        .set_resources(Some(ids.clone()))
+        .set_tags(Some(
+            pairs
+                .iter()
+                .map(|(k, v)| Tag::builder().key(k).value(v).build())
+                .collect(),
+        ))
+        .send()
+        .await
+        .map_err(|e| classify(e, "tagging the resources again"))?;
+    Ok(ids)
+}
+
 /// A VM as DescribeInstances shows it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Vm {
