@@ -11,9 +11,9 @@
 use anyhow::Context as _;
 use broker::{
     db::{instances, instances::InstanceRow},
-    names::{self, quote_ident},
+    names::quote_ident,
 };
-use serde_json::{Value, json};
+use serde_json::json;
 use tracing::{info, warn};
 
 use super::{
@@ -26,10 +26,7 @@ use crate::{
     providers::{
         Progress, Provisioned,
         ec2_common::{teardown, vm},
-        postgres::{
-            DEFAULT_ADMIN, DEFAULT_APP_DB, Rename, add_extensions, connect, exec,
-            roles::ensure_login, scram,
-        },
+        postgres::{add_extensions, connect, exec, pooled_renames, roles::ensure_login, scram},
     },
     records::Record,
     registry::TaskError,
@@ -82,32 +79,13 @@ impl Ec2Postgres {
 
         let secrets = next_secrets(ctx, instance).await?;
         let host = state.host().unwrap_or_default().to_string();
-        let recorded = |key: &str, default: &str| -> String {
-            instance
-                .details
-                .get(key)
-                .and_then(Value::as_str)
-                .unwrap_or(default)
-                .to_string()
-        };
-        let owner = names::instance_owner_role(prefix, &instance.id);
-        let renames = [
-            (
-                Rename::Database,
-                recorded("app_db_name", DEFAULT_APP_DB),
-                params.app_db_name.clone(),
-            ),
-            (
-                Rename::Role,
-                recorded("admin_user", DEFAULT_ADMIN),
-                params.admin_user.clone(),
-            ),
-            (
-                Rename::Role,
-                recorded("owner_role", &names::instance_owner_role(prefix, pool_item)),
-                owner,
-            ),
-        ];
+        let renames = pooled_renames(
+            instance,
+            prefix,
+            pool_item,
+            &params.app_db_name,
+            &params.admin_user,
+        );
         {
             let mut conn = match connect_either(&host, &secrets).await {
                 Ok(conn) => conn,

@@ -13,7 +13,7 @@ use broker::{
     db::instances::InstanceRow,
     names::{self, quote_ident},
 };
-use serde_json::{Value, json};
+use serde_json::json;
 use sqlx::postgres::PgConnectOptions;
 use tracing::info;
 
@@ -27,9 +27,7 @@ use crate::{
         patroni::{
             ClusterView, Params, REPLICATION_USER, RESTAPI_USER, REWIND_USER, SUPERUSER, dcs,
         },
-        postgres::{
-            self, DEFAULT_ADMIN, DEFAULT_APP_DB, Rename, connect, exec, roles::ensure_login, scram,
-        },
+        postgres::{self, connect, exec, pooled_renames, roles::ensure_login, scram},
     },
     registry::TaskError,
 };
@@ -92,32 +90,14 @@ impl HaLocal {
         let ready_ms = t0.elapsed().as_millis();
 
         let prefix = ctx.services.name_prefix();
-        let recorded = |key: &str, default: &str| -> String {
-            instance
-                .details
-                .get(key)
-                .and_then(Value::as_str)
-                .unwrap_or(default)
-                .to_string()
-        };
         let owner = names::instance_owner_role(prefix, &instance.id);
-        let renames = [
-            (
-                Rename::Database,
-                recorded("app_db_name", DEFAULT_APP_DB),
-                params.server.app_db_name.clone(),
-            ),
-            (
-                Rename::Role,
-                recorded("admin_user", DEFAULT_ADMIN),
-                params.server.admin_user.clone(),
-            ),
-            (
-                Rename::Role,
-                recorded("owner_role", &names::instance_owner_role(prefix, pool_item)),
-                owner.clone(),
-            ),
-        ];
+        let renames = pooled_renames(
+            instance,
+            prefix,
+            pool_item,
+            &params.server.app_db_name,
+            &params.server.admin_user,
+        );
         let admin_password = random_password(32);
         {
             // One transaction: one commit to wait for instead of one per statement, and a crash leaves all of

@@ -35,9 +35,9 @@ use super::{
     local_processes::{ensure_servers_dir, stop_server},
     lock_idle_instance, lock_instance,
     postgres::{
-        AppDatabase, DEFAULT_ADMIN, DEFAULT_APP_DB, Rename, ServerAccess, ServerParams,
-        add_extensions, app_db_name, bind_role, binding_grants, connect, exec, revoke_binding_role,
-        roles::ensure_login, scram, set_up, tuning,
+        AppDatabase, ServerAccess, ServerParams, add_extensions, app_db_name, bind_role,
+        binding_grants, connect, exec, pooled_renames, revoke_binding_role, roles::ensure_login,
+        scram, set_up, tuning,
     },
 };
 use crate::{
@@ -357,32 +357,14 @@ impl Provider for LocalPostgres {
                 .map_err(local)?;
         }
         let prefix = ctx.services.name_prefix();
-        let recorded = |key: &str, default: &str| -> String {
-            instance
-                .details
-                .get(key)
-                .and_then(Value::as_str)
-                .unwrap_or(default)
-                .to_string()
-        };
         let owner = names::instance_owner_role(prefix, &instance.id);
-        let renames = [
-            (
-                Rename::Database,
-                recorded("app_db_name", DEFAULT_APP_DB),
-                params.app_db_name.clone(),
-            ),
-            (
-                Rename::Role,
-                recorded("admin_user", DEFAULT_ADMIN),
-                params.admin_user.clone(),
-            ),
-            (
-                Rename::Role,
-                recorded("owner_role", &names::instance_owner_role(prefix, pool_item)),
-                owner.clone(),
-            ),
-        ];
+        let renames = pooled_renames(
+            instance,
+            prefix,
+            pool_item,
+            &params.app_db_name,
+            &params.admin_user,
+        );
         let opened_ms = t0.elapsed().as_millis();
         let admin_password = random_password(32);
         let superuser_password = server.next_superuser_password().map_err(local)?;

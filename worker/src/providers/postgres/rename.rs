@@ -1,9 +1,13 @@
 //! Renaming a pooled server's objects for the instance that takes it (the `local` and `ha_local` engines' adopt
 //! step): a database or a role, idempotently.
 
-use broker::names::quote_ident;
+use broker::{
+    db::instances::InstanceRow,
+    names::{self, quote_ident},
+};
+use serde_json::Value;
 
-use super::{database_exists, exec, role_exists};
+use super::{DEFAULT_ADMIN, DEFAULT_APP_DB, database_exists, exec, role_exists};
 use crate::registry::TaskError;
 
 /// What a pooled server's object is renamed as.
@@ -42,4 +46,41 @@ impl Rename {
         )
         .await
     }
+}
+
+/// What a pooled server's objects are renamed as when `instance` takes the item `pool_item`: the app database
+/// and the admin user to the names the instance asks for, the owner role to the instance's. The item's names
+/// are the ones its details recorded (the defaults when it recorded none).
+pub(crate) fn pooled_renames(
+    instance: &InstanceRow,
+    prefix: &str,
+    pool_item: &str,
+    app_db_name: &str,
+    admin_user: &str,
+) -> [(Rename, String, String); 3] {
+    let recorded = |key: &str, default: &str| -> String {
+        instance
+            .details
+            .get(key)
+            .and_then(Value::as_str)
+            .unwrap_or(default)
+            .to_string()
+    };
+    [
+        (
+            Rename::Database,
+            recorded("app_db_name", DEFAULT_APP_DB),
+            app_db_name.to_string(),
+        ),
+        (
+            Rename::Role,
+            recorded("admin_user", DEFAULT_ADMIN),
+            admin_user.to_string(),
+        ),
+        (
+            Rename::Role,
+            recorded("owner_role", &names::instance_owner_role(prefix, pool_item)),
+            names::instance_owner_role(prefix, &instance.id),
+        ),
+    ]
 }
