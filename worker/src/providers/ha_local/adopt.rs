@@ -27,7 +27,7 @@ use crate::{
         patroni::{
             ClusterView, Params, REPLICATION_USER, RESTAPI_USER, REWIND_USER, SUPERUSER, dcs,
         },
-        postgres::{self, connect, exec, pooled_renames, roles::ensure_login, scram},
+        postgres::{self, connect, exec, pooled_renames, rename_statements, scram},
     },
     registry::TaskError,
 };
@@ -99,52 +99,39 @@ impl HaLocal {
             &params.server.admin_user,
         );
         let admin_password = random_password(32);
-        {
-            // One transaction: one commit to wait for instead of one per statement, and a crash leaves all of
-            // it or none for the retry.
-            exec(&mut conn, "BEGIN", "starting the pooled cluster's changes").await?;
-            for (kind, from, to) in &renames {
-                kind.apply(&mut conn, from, to).await?;
-            }
-            ensure_login(
-                &mut conn,
-                &params.server.admin_user,
-                "CREATEDB",
-                &admin_password,
-            )
-            .await?;
-            // The roles Patroni logs in as keep their attributes; only their passwords change. Replicas follow
-            // through WAL.
-            for (role, password) in [
-                (SUPERUSER, &next.superuser),
-                (REPLICATION_USER, &next.replication),
-                (REWIND_USER, &next.rewind),
-            ] {
-                exec(
-                    &mut conn,
-                    &format!(
-                        "ALTER ROLE {} WITH {}",
-                        quote_ident(role),
-                        scram::password_clause(password)?
-                    ),
-                    "setting a cluster role's new password",
-                )
-                .await?;
-            }
-            if let Some(keeping) = keeping {
-                keeping
-                    .await
-                    .map_err(|e| TaskError::retryable(format!("keeping the new passwords: {e}")))?
-                    .context("keeping the cluster's new passwords")
-                    .map_err(local)?;
-            }
-            exec(
-                &mut conn,
-                "COMMIT",
-                "committing the pooled cluster's changes",
-            )
-            .await?;
+        // Every change in one batch: one round trip and one commit (a batch of statements runs as one
+        // transaction), so a crash leaves all of it or none for the retry. The roles Patroni logs in as keep
+        // their attributes; only their passwords change. Replicas follow through WAL.
+        let mut batch = rename_statements(&mut conn, &renames).await?;
+        batch.push(format!(
+            "ALTER ROLE {} WITH LOGIN CREATEDB {}",
+            quote_ident(&params.server.admin_user),
+            scram::password_clause(&admin_password)?
+        ));
+        for (role, password) in [
+            (SUPERUSER, &next.superuser),
+            (REPLICATION_USER, &next.replication),
+            (REWIND_USER, &next.rewind),
+        ] {
+            batch.push(format!(
+                "ALTER ROLE {} WITH {}",
+                quote_ident(role),
+                scram::password_clause(password)?
+            ));
         }
+        if let Some(keeping) = keeping {
+            keeping
+                .await
+                .map_err(|e| TaskError::retryable(format!("keeping the new passwords: {e}")))?
+                .context("keeping the cluster's new passwords")
+                .map_err(local)?;
+        }
+        exec(
+            &mut conn,
+            &batch.join(";\n"),
+            "renaming the pooled cluster's objects and setting its new passwords",
+        )
+        .await?;
         drop(conn);
         let old_restapi = cluster.secrets.restapi.clone();
         cluster.secrets = next;

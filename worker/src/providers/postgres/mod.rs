@@ -40,7 +40,7 @@ pub(crate) use {
     databases::{close_to_public, database_exists, ensure_database},
     extensions::{create_extensions, requested_extensions},
     grants::{RoleGrant, binding_grants, read_only_grants},
-    rename::pooled_renames,
+    rename::{pooled_renames, rename_statements},
     roles::{drop_role, ensure_role, lock_out, members_of, role_exists},
     server_params::{DEFAULT_ADMIN, ServerParams},
     sql::{connect, exec, exec_tolerating},

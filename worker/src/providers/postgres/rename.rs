@@ -7,7 +7,9 @@ use broker::{
 };
 use serde_json::Value;
 
-use super::{DEFAULT_ADMIN, DEFAULT_APP_DB, database_exists, exec, role_exists};
+use super::{
+    DEFAULT_ADMIN, DEFAULT_APP_DB, database_exists, errors::classify, exec, role_exists, sql::Sql,
+};
 use crate::registry::TaskError;
 
 /// What a pooled server's object is renamed as.
@@ -46,6 +48,51 @@ impl Rename {
         )
         .await
     }
+}
+
+/// The statements of `renames` still to run, from one look at the server (a retry finds `from` gone and `to`
+/// there), for a caller that sends them in one batch with its other changes.
+pub(crate) fn rename_statements<'a>(
+    conn: &'a mut sqlx::PgConnection,
+    renames: &'a [(Rename, String, String)],
+) -> Sql<'a, Vec<String>> {
+    Box::pin(async move {
+        let pending: Vec<&(Rename, String, String)> =
+            renames.iter().filter(|(_, from, to)| from != to).collect();
+        let named = |database: bool| -> Vec<String> {
+            pending
+                .iter()
+                .filter(|(kind, ..)| matches!(kind, Rename::Database) == database)
+                .map(|(_, from, _)| from.clone())
+                .collect()
+        };
+        let existing: Vec<(bool, String)> = sqlx::query_as(
+            "SELECT true, datname::text FROM pg_database WHERE datname = ANY($1)
+             UNION ALL SELECT false, rolname::text FROM pg_roles WHERE rolname = ANY($2)",
+        )
+        .bind(named(true))
+        .bind(named(false))
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(|e| classify(e, "reading the pooled server's names"))?;
+        Ok(pending
+            .into_iter()
+            .filter(|(kind, from, _)| {
+                existing.contains(&(matches!(kind, Rename::Database), from.clone()))
+            })
+            .map(|(kind, from, to)| {
+                let keyword = match kind {
+                    Rename::Database => "DATABASE",
+                    Rename::Role => "ROLE",
+                };
+                format!(
+                    "ALTER {keyword} {} RENAME TO {}",
+                    quote_ident(from),
+                    quote_ident(to)
+                )
+            })
+            .collect())
+    })
 }
 
 /// What a pooled server's objects are renamed as when `instance` takes the item `pool_item`: the app database
