@@ -26,7 +26,8 @@ pub(crate) struct Item {
 pub(crate) async fn pool_items(stack: &Stack, plan_id: &str) -> Vec<Item> {
     let mut db = PgConnection::connect(&stack.broker_db_url).await.unwrap();
     let rows: Vec<(String, String, Value, Option<Vec<u8>>)> = sqlx::query_as(
-        "SELECT id, state, details, secrets FROM pool_items WHERE plan_id = $1 ORDER BY created_at",
+        "SELECT id, state, details, secrets FROM pool_items WHERE plan_id = $1
+         ORDER BY ready_at NULLS LAST, created_at",
     )
     .bind(plan_id)
     .fetch_all(&mut db)

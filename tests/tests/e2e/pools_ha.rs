@@ -1,8 +1,7 @@
 //! Warm pools of the `ha` plan (local engine, real etcd and Patroni; docs/pools.md): a hit is answered at once
 //! and works through a binding; every password the cluster was made with (its sealed secrets, Patroni's
 //! configuration) is refused after the take, on the primary and the replicas, and still after a switchover; a
-//! miss takes the ordinary path; deprovision leaves nothing of the cluster; the pool refills; a pooled cluster
-//! whose processes died is started again by the take.
+//! miss takes the ordinary path; deprovision leaves nothing of the cluster; the pool refills.
 
 use std::{path::PathBuf, time::Instant};
 
@@ -258,38 +257,5 @@ async fn ha_pool_hit_replaces_every_password_survives_a_switchover_and_a_miss_fa
     let (status, _) = stack.delete_until_done(&path, &ids, WAIT).await;
     assert_eq!(status, 410);
 
-    // A pooled cluster whose processes all died (the machine restarted) is started again by the take, and
-    // every password it was made with is replaced as in a running one.
-    let stopped = wait_pool(&stack, &ids.1, 1, WAIT).await.remove(0);
-    let stopped_files = ClusterFiles {
-        root: PathBuf::from(stopped.details["cluster_dir"].as_str().unwrap()),
-    };
-    let stopped_pooled: Value = cipher.open_json(stopped.secrets.as_ref().unwrap()).unwrap();
-    for _ in 0..50 {
-        let left = processes_under(&stopped_files.root);
-        if left.is_empty() {
-            break;
-        }
-        berth_tests::kill_all(left);
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert!(processes_under(&stopped_files.root).is_empty());
-    let revived = uuid::Uuid::new_v4().to_string();
-    let path = format!("/v2/service_instances/{revived}");
-    stack
-        .put_until_done(&path, &body(&ids, json!({})), WAIT)
-        .await;
-    let details = stack.instance_details(&revived).await;
-    assert_eq!(details["pool_item"], json!(stopped.id), "{details}");
-    wait_healthy(&stack, &stopped_files, 3).await;
-    assert_no_pooled_credential_works(
-        &stopped_files,
-        &stopped_pooled,
-        "after a take that restarted it",
-    )
-    .await;
-    let (status, last) = stack.delete_until_done(&path, &ids, WAIT).await;
-    assert_eq!(status, 410, "{last}\n{}", stack.logs());
-    assert!(processes_under(&stopped_files.root).is_empty());
     stack.stop().await;
 }

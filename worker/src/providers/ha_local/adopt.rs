@@ -54,7 +54,7 @@ impl HaLocal {
             .context("reading the cluster's new passwords")
             .map_err(local)?;
         let next = kept.clone().unwrap_or_else(Secrets::generate);
-        let keeping = kept.is_none().then(|| {
+        let mut keeping = kept.is_none().then(|| {
             let (layout, next) = (cluster.layout.clone(), next.clone());
             tokio::task::spawn_blocking(move || layout.keep_next_secrets(&next))
         });
@@ -64,6 +64,11 @@ impl HaLocal {
         let found = match as_found(ctx, &cluster, &next).await {
             Some(found) => found,
             None => {
+                // The start path hands the cluster's folder to its owner (a walk over every file): the write
+                // must be done first.
+                if let Some(keeping) = keeping.take() {
+                    keep_done(keeping).await?;
+                }
                 let (view, leader) =
                     match self.start(ctx, &cluster, &Params::of(&json!({}))?).await? {
                         Ok(ready) => ready,
@@ -120,11 +125,7 @@ impl HaLocal {
             ));
         }
         if let Some(keeping) = keeping {
-            keeping
-                .await
-                .map_err(|e| TaskError::retryable(format!("keeping the new passwords: {e}")))?
-                .context("keeping the cluster's new passwords")
-                .map_err(local)?;
+            keep_done(keeping).await?;
         }
         exec(
             &mut conn,
@@ -312,4 +313,13 @@ fn primary_port(cluster: &LocalCluster, leader: &str) -> u16 {
         .member(leader)
         .map(|m| m.pg_port)
         .unwrap_or_default()
+}
+
+/// Waits for the background write of the new passwords.
+async fn keep_done(keeping: tokio::task::JoinHandle<anyhow::Result<()>>) -> Result<(), TaskError> {
+    keeping
+        .await
+        .map_err(|e| TaskError::retryable(format!("keeping the new passwords: {e}")))?
+        .context("keeping the cluster's new passwords")
+        .map_err(local)
 }
