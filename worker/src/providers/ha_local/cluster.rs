@@ -148,20 +148,13 @@ impl LocalCluster {
     /// first made) and starts Patroni unless it runs; leftovers of a crashed Postgres are ended first, since
     /// they hold its shared memory. `true` when it had to start it.
     pub async fn ensure_member(&self, member: &Member, dcs: &Value) -> anyhow::Result<bool> {
-        let config = config::patroni_config(
-            &self.state,
-            &self.layout,
-            member,
-            &self.secrets,
-            dcs.clone(),
-        );
         let path = self.layout.member_config(&member.name);
         let dir = self.layout.member_dir(&member.name);
         if !dir.exists() {
             std::fs::create_dir_all(&dir)?;
             set_mode(&dir, 0o700)?;
         }
-        super::state::write_atomic(&path, &serde_json::to_vec_pretty(&config)?)?;
+        self.write_member_config(member, dcs)?;
         if let Some(user) = &self.run_as {
             broker::embedded::chown(&dir, user)?;
         }
