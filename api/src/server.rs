@@ -20,7 +20,12 @@ use std::{
 
 use axum::{Router, body::Body, extract::ConnectInfo};
 use http_body_util::BodyExt;
-use hyper::{Request, body::Incoming, server::conn::http1};
+use hyper::{
+    Request,
+    body::Incoming,
+    header::{HeaderName, HeaderValue},
+    server::conn::http1,
+};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -139,6 +144,13 @@ pub async fn serve_with_tls(
 ) -> anyhow::Result<()> {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let connections = Arc::new(Mutex::new(Connections::default()));
+    // Tells HTTP/1.1 clients how long an idle connection stays open, so that those which read it (browsers,
+    // Node's agents) stop reusing it before the server closes it under a request.
+    let keep_alive = HeaderValue::from_str(&format!(
+        "timeout={}",
+        limits.header_read_timeout.as_secs().max(1)
+    ))
+    .expect("a number is a header value");
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -157,7 +169,7 @@ pub async fn serve_with_tls(
             .lock()
             .expect("connections lock")
             .open(in_flight.clone(), close.clone());
-        let service = request_service(router.clone(), peer, in_flight.clone());
+        let service = request_service(router.clone(), peer, in_flight.clone(), keep_alive.clone());
         let builder = builder.clone();
         let tls = tls.clone();
         let connections = connections.clone();
@@ -279,6 +291,7 @@ fn request_service(
     router: Router,
     peer: SocketAddr,
     in_flight: Arc<AtomicUsize>,
+    keep_alive: HeaderValue,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = axum::response::Response,
@@ -291,8 +304,12 @@ fn request_service(
             .insert(ConnectInfo::<SocketAddr>(peer));
         let router = router.clone();
         let busy = InFlight::new(&in_flight);
+        let keep_alive = keep_alive.clone();
         async move {
-            let response = router.oneshot(request).await.unwrap_or_else(|e| match e {});
+            let mut response = router.oneshot(request).await.unwrap_or_else(|e| match e {});
+            response
+                .headers_mut()
+                .insert(HeaderName::from_static("keep-alive"), keep_alive);
             // Busy until hyper has written the body out (and drops it).
             Ok::<_, Infallible>(response.map(|body| {
                 Body::new(body.map_frame(move |frame| {
@@ -337,7 +354,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn shutdown_lets_a_request_in_flight_finish_and_requests_carry_the_peer_address() {
+    async fn shutdown_lets_a_request_in_flight_finish_and_responses_carry_the_peer_address_and_keep_alive()
+     {
         let router = Router::new()
             .route(
                 "/slow",
@@ -365,6 +383,13 @@ mod tests {
         let answer = send(&mut client, "/peer").await;
         assert!(
             answer.ends_with(&client.local_addr().unwrap().to_string()),
+            "{answer}"
+        );
+        // Clients learn how long the idle connection stays open (the header-read timeout).
+        assert!(
+            answer
+                .to_ascii_lowercase()
+                .contains("\r\nkeep-alive: timeout=5\r\n"),
             "{answer}"
         );
 

@@ -411,6 +411,9 @@ impl OsbClient {
     pub fn new(base_url: String, username: String, password: String) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
+            // Below every header-read timeout the stacks set: a request must never go out on a connection the
+            // broker is closing as idle at that moment.
+            .pool_idle_timeout(Duration::from_secs(1))
             .build()?;
         Ok(Self {
             base_url,
