@@ -58,10 +58,24 @@ impl HaLocal {
             let (layout, next) = (cluster.layout.clone(), next.clone());
             tokio::task::spawn_blocking(move || layout.keep_next_secrets(&next))
         });
+        // The password statements' SCRAM verifiers (thousands of hash rounds each) are computed on a blocking
+        // thread while the cluster is looked at.
+        let admin_password = random_password(32);
+        let hashing = {
+            let (next, admin_user, admin_password) = (
+                next.clone(),
+                params.server.admin_user.clone(),
+                admin_password.clone(),
+            );
+            tokio::task::spawn_blocking(move || {
+                password_statements(&next, &admin_user, &admin_password)
+            })
+        };
         // A pooled cluster still running as it was left is taken as it is (the usual case: one look at its
         // processes, at Patroni's view and, on the connection the changes then use, at its replicas); one that
         // stopped (the machine restarted) goes through the start path.
-        let found = match as_found(ctx, &cluster, &next).await {
+        let presumed_primary = instance.details["primary"].as_str();
+        let found = match as_found(ctx, &cluster, &next, presumed_primary).await {
             Some(found) => found,
             None => {
                 // The start path hands the cluster's folder to its owner (a walk over every file): the write
@@ -103,27 +117,15 @@ impl HaLocal {
             &params.server.app_db_name,
             &params.server.admin_user,
         );
-        let admin_password = random_password(32);
         // Every change in one batch: one round trip and one commit (a batch of statements runs as one
         // transaction), so a crash leaves all of it or none for the retry. The roles Patroni logs in as keep
         // their attributes; only their passwords change. Replicas follow through WAL.
         let mut batch = rename_statements(&mut conn, &renames).await?;
-        batch.push(format!(
-            "ALTER ROLE {} WITH LOGIN CREATEDB {}",
-            quote_ident(&params.server.admin_user),
-            scram::password_clause(&admin_password)?
-        ));
-        for (role, password) in [
-            (SUPERUSER, &next.superuser),
-            (REPLICATION_USER, &next.replication),
-            (REWIND_USER, &next.rewind),
-        ] {
-            batch.push(format!(
-                "ALTER ROLE {} WITH {}",
-                quote_ident(role),
-                scram::password_clause(password)?
-            ));
-        }
+        batch.extend(
+            hashing
+                .await
+                .map_err(|e| TaskError::retryable(format!("hashing the new passwords: {e}")))??,
+        );
         if let Some(keeping) = keeping {
             keep_done(keeping).await?;
         }
@@ -189,6 +191,32 @@ impl HaLocal {
         made.details["pool_item"] = json!(pool_item);
         Ok(Progress::Done(made))
     }
+}
+
+/// The statements that give the admin user and the roles Patroni logs in as their new passwords (as SCRAM
+/// verifiers: no password in SQL text). The roles keep their attributes.
+fn password_statements(
+    next: &Secrets,
+    admin_user: &str,
+    admin_password: &str,
+) -> Result<Vec<String>, TaskError> {
+    let mut statements = vec![format!(
+        "ALTER ROLE {} WITH LOGIN CREATEDB {}",
+        quote_ident(admin_user),
+        scram::password_clause(admin_password)?
+    )];
+    for (role, password) in [
+        (SUPERUSER, &next.superuser),
+        (REPLICATION_USER, &next.replication),
+        (REWIND_USER, &next.rewind),
+    ] {
+        statements.push(format!(
+            "ALTER ROLE {} WITH {}",
+            quote_ident(role),
+            scram::password_clause(password)?
+        ));
+    }
+    Ok(statements)
 }
 
 /// The superuser's connection to the primary, with the cluster's current password or, after a crash between
@@ -284,19 +312,38 @@ struct Found {
 
 /// The cluster as it is, when etcd and every member's Patroni run, Patroni's view has a primary and healthy
 /// replicas, and the primary sees each of them streaming; `None` otherwise (the start path then follows).
-async fn as_found(ctx: &TaskContext<'_>, cluster: &LocalCluster, next: &Secrets) -> Option<Found> {
+/// The connection to `presumed_primary` (the primary when the cluster was made) opens while Patroni is asked,
+/// and is used when Patroni names the same primary.
+async fn as_found(
+    ctx: &TaskContext<'_>,
+    cluster: &LocalCluster,
+    next: &Secrets,
+    presumed_primary: Option<&str>,
+) -> Option<Found> {
     let (etcd, patroni) = cluster.running_processes();
     if etcd.is_empty() || patroni.iter().any(Vec::is_empty) {
         return None;
     }
-    let view = cluster.patroni(&ctx.services.http).cluster().await.ok()?;
+    let presumed_port = presumed_primary.map(|name| primary_port(cluster, name));
+    let patroni_api = cluster.patroni(&ctx.services.http);
+    let presumed_conn = async {
+        match presumed_port {
+            Some(port) => connect_either(cluster, next, port).await.ok(),
+            None => None,
+        }
+    };
+    let (view, presumed_conn) = tokio::join!(patroni_api.cluster(), presumed_conn);
+    let view = view.ok()?;
     let leader = view
         .ready_primary(cluster.state.members.iter().map(|m| m.name.as_str()))
         .ok()?
         .name
         .clone();
     let port = primary_port(cluster, &leader);
-    let mut conn = connect_either(cluster, next, port).await.ok()?;
+    let mut conn = match presumed_conn {
+        Some(conn) if presumed_port == Some(port) => conn,
+        _ => connect_either(cluster, next, port).await.ok()?,
+    };
     let streaming = streaming_count(&mut conn).await.ok()?;
     (streaming + 1 >= cluster.state.members.len()).then_some(Found {
         view,
