@@ -147,6 +147,27 @@ async fn ha_pool_hit_replaces_every_password_survives_a_switchover_and_a_miss_fa
             "the pooled {role} logs in before the take"
         );
     }
+    // The item was offered once settled: each replica streams through the slot Patroni gave it.
+    let mut primary = PgConnection::connect_with(
+        &PgConnectOptions::new()
+            .host("127.0.0.1")
+            .port(leader_port)
+            .username("postgres")
+            .password(pooled["superuser_password"].as_str().unwrap())
+            .database("postgres")
+            .ssl_mode(PgSslMode::Require),
+    )
+    .await
+    .unwrap();
+    let slotted: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_replication r JOIN pg_replication_slots s ON s.active_pid = r.pid \
+         WHERE r.state = 'streaming'",
+    )
+    .fetch_one(&mut primary)
+    .await
+    .unwrap();
+    assert_eq!(slotted, 2, "both replicas stream through their slots");
+    primary.close().await.unwrap();
 
     // A hit: 201 without accepts_incomplete, the names asked for.
     let instance = uuid::Uuid::new_v4().to_string();

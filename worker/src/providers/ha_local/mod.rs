@@ -220,6 +220,9 @@ impl Provider for HaLocal {
             cluster.state.postgres_version.parse().unwrap_or(0),
         )
         .await?;
+        if ctx.task.kind == broker::model::kinds::POOL_FILL {
+            readiness::settle(&cluster, port).await;
+        }
         info!(
             instance_id = %instance.id,
             members = cluster.state.members.len(),

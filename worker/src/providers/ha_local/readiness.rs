@@ -70,3 +70,37 @@ pub(super) async fn wait_ready(
         }
     }
 }
+
+/// A warm-pool cluster is offered once it has settled: Patroni has given every replica its replication slot
+/// (a replica that started streaming without one restarts its WAL receiver when it gets it) and a checkpoint
+/// has written out the bootstrap's pages, so a take does not share the CPU with that work. Best effort, for at
+/// most a few seconds: the cluster works either way.
+pub(super) async fn settle(cluster: &LocalCluster, primary_port: u16) {
+    use sqlx::Connection as _;
+    let t0 = std::time::Instant::now();
+    let Ok(mut conn) =
+        sqlx::PgConnection::connect_with(&cluster.superuser(primary_port, "postgres")).await
+    else {
+        return;
+    };
+    let want = (cluster.state.members.len() - 1) as i64;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tokio::time::Instant::now() < deadline {
+        let slotted: Result<i64, _> = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_replication r JOIN pg_replication_slots s ON s.active_pid = r.pid \
+             WHERE r.state = 'streaming'",
+        )
+        .fetch_one(&mut conn)
+        .await;
+        if slotted.is_ok_and(|n| n >= want) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = sqlx::query("CHECKPOINT").execute(&mut conn).await;
+    let _ = conn.close().await;
+    tracing::info!(
+        settle_ms = t0.elapsed().as_millis(),
+        "pooled ha cluster settled"
+    );
+}
