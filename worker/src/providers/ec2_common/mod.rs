@@ -16,7 +16,23 @@ use serde_json::Value;
 
 use super::aws;
 pub use super::aws::extra_tags;
-use crate::registry::TaskError;
+use crate::{context::Services, registry::TaskError};
+
+/// The default a plan file gives the create parameter `parameter` (e.g. `postgres_version`), if it gives one:
+/// what a warm pool's items, made with no parameters, get.
+pub fn plan_default(services: &Services, plan_id: &str, parameter: &str) -> Option<String> {
+    let plan = services.catalog.plan_by_id(plan_id)?;
+    let create = plan
+        .plan
+        .schemas
+        .service_instance
+        .as_ref()?
+        .create
+        .as_ref()?;
+    create.parameters["properties"][parameter]["default"]
+        .as_str()
+        .map(str::to_string)
+}
 
 /// The EC2 settings berth was started with, and one client per region.
 pub struct Ec2Account {

@@ -264,15 +264,7 @@ impl Ec2Postgres {
 /// `postgres_version` parameter where its plan file sets one (what a warm pool's items, made with no parameters,
 /// run), else the engine's.
 fn default_version(services: &Services, plan_id: &str) -> String {
-    services
-        .catalog
-        .plan_by_id(plan_id)
-        .and_then(|p| {
-            let create = p.plan.schemas.service_instance.as_ref()?.create.as_ref()?;
-            create.parameters["properties"]["postgres_version"]["default"]
-                .as_str()
-                .map(str::to_string)
-        })
+    ec2_common::plan_default(services, plan_id, "postgres_version")
         .unwrap_or_else(|| DEFAULT_VERSION.to_string())
 }
 

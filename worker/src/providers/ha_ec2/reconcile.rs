@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 
 use anyhow::Context as _;
 use broker::{
-    db::{instances, instances::InstanceRow},
+    db::{instances, instances::InstanceRow, pools},
     names,
 };
 use serde_json::json;
@@ -30,6 +30,7 @@ use crate::{
         lock_idle_instance,
         patroni::{record_recovery, roles_patch},
     },
+    records::Record,
 };
 
 const PAGE: i64 = 1000;
@@ -47,6 +48,11 @@ pub async fn pass(engine: &HaEc2, pool: &PgPool, services: &Services) -> anyhow:
     if plan_ids.is_empty() {
         return Ok(pass);
     }
+    // In the database's clock, which stamps pool items `ready_at`.
+    let started: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(pool)
+        .await
+        .context("reading the database's clock")?;
     let mut live: HashMap<String, HashSet<String>> = HashMap::new();
     let mut after = String::new();
     loop {
@@ -91,7 +97,56 @@ pub async fn pass(engine: &HaEc2, pool: &PgPool, services: &Services) -> anyhow:
             }
         }
     }
+    remove_pooled_missing_members(engine, pool, &plan_ids, &mut live, &mut pass, started).await?;
     Ok(pass)
+}
+
+/// Ready warm-pool clusters that lost a member's VM while they waited (a termination, a spot interruption):
+/// nobody's instance yet, so no repair; the item is removed (its `pool.remove` tears down what is left by the
+/// item's tag) and the pool check makes another. Only items ready before this pass began: their VMs ran before
+/// it described any region.
+async fn remove_pooled_missing_members(
+    engine: &HaEc2,
+    pool: &PgPool,
+    plan_ids: &[String],
+    live: &mut HashMap<String, HashSet<String>>,
+    pass: &mut Pass,
+    started: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<()> {
+    let items = pools::list(pool).await.context("listing pool items")?;
+    for item in items.iter().filter(|i| {
+        i.state == pools::READY
+            && plan_ids.contains(&i.plan_id)
+            && i.ready_at.is_some_and(|at| at < started)
+    }) {
+        let state = ClusterState::of(&item.details);
+        let region = engine.region_of(None, &state);
+        if !live.contains_key(&region) {
+            let vms =
+                vm::berth_vms_in_region(&engine.account.client(&region), &mut pass.describe_calls)
+                    .await?
+                    .into_iter()
+                    .map(|v| v.id)
+                    .collect();
+            live.insert(region.clone(), vms);
+        }
+        let lost: Vec<&str> = state
+            .members
+            .iter()
+            .filter(|m| !m.retiring)
+            .filter(|m| m.vm_id.as_ref().is_none_or(|v| !live[&region].contains(v)))
+            .map(|m| m.name.as_str())
+            .collect();
+        if lost.is_empty() {
+            continue;
+        }
+        let mut tx = pool.begin().await?;
+        if pools::start_remove(&mut tx, &item.id).await? {
+            warn!(pool_item = %item.id, members = ?lost, "a pooled cluster lost a member's VM while it waited; removing the item");
+        }
+        tx.commit().await?;
+    }
+    Ok(())
 }
 
 /// One step of bringing a cluster back to N members, under its advisory lock.
@@ -110,7 +165,7 @@ async fn heal(
     let params = Params::of(&instance.parameters).map_err(|e| anyhow::anyhow!("{e}"))?;
     let secrets = open_secrets(services, &instance).map_err(|e| anyhow::anyhow!("{e}"))?;
     let prefix = services.name_prefix();
-    let tags = resource_tags(prefix, instance_id, &params.tags);
+    let tags = resource_tags(prefix, &instance, &params.tags);
     let owner = names::instance_owner_role(prefix, instance_id);
     let input = LaunchInput {
         client: &client,
@@ -119,6 +174,7 @@ async fn heal(
         secrets: &secrets,
         tags: &tags,
         owner_role: &owner,
+        record: Record::Instance(instance_id.to_string()),
     };
     // ensure_vms tells a VM that is gone from one a listing has not caught up with (it asks EC2 about that VM),
     // and launches a joining VM in each slot whose VM is gone (its generation goes up).
@@ -133,7 +189,7 @@ async fn heal(
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let replaced = replaced(&mut state, instance_id, &generations, &live);
     if replaced.is_empty() {
-        state.save(pool, instance_id).await?;
+        state.save(pool, &input.record).await?;
         return Ok(tx.commit().await?);
     }
     let mut patch = json!({ "ha_ec2": state, "members": members_details(&state, None) });
