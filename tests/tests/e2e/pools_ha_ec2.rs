@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use berth_tests::{Stack, TestFolder, plan_ids, repo_dir};
+use berth_tests::{Stack, TestFolder, plan_ids};
 use serde_json::{Value, json};
 use sqlx::{
     Connection, PgConnection,
@@ -20,37 +20,15 @@ use sqlx::{
 
 use crate::{
     dedicated_spot_vm::{aws, container, container_runs, docker, env, eventually, tagged},
+    ha_ec2_vm::{psql, run_psql},
     pools::{Item, pool_items, wait_pool},
+    pools_ec2::{assert_nothing_tagged, fill_seconds, plans_on_the_image_version},
 };
 
 /// This test's VPC: a CIDR no other test uses (docs/vm-emulator.md).
 const CIDR: &str = "10.204.0.0/16";
 /// Boots, cloud-init, etcd and Patroni's bootstrap on three VMs of a busy 2-core machine: leave room.
 const WAIT: Duration = Duration::from_secs(900);
-
-/// A copy of the plans in which `ha` defaults to PostgreSQL 15, the VM image's: pool items are made with the
-/// plan's defaults. Returns the folder.
-fn plans_on_the_image_version(folder: &TestFolder) -> String {
-    let dir = folder.0.join("plans");
-    std::fs::create_dir_all(&dir).unwrap();
-    for entry in std::fs::read_dir(repo_dir().join("plans")).unwrap() {
-        let path = entry.unwrap().path();
-        std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
-    }
-    let file = dir.join("postgres.json");
-    let mut service: Value =
-        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
-    let plan = service["plans"]
-        .as_array_mut()
-        .unwrap()
-        .iter_mut()
-        .find(|p| p["name"] == "ha")
-        .unwrap();
-    plan["schemas"]["service_instance"]["create"]["parameters"]["properties"]["postgres_version"]
-        ["default"] = json!("15");
-    std::fs::write(&file, serde_json::to_string_pretty(&service).unwrap()).unwrap();
-    dir.display().to_string()
-}
 
 /// A failing test never reaches the deprovision: what moto holds under these keys is terminated, so its VMs do
 /// not run on beside the next tests.
@@ -69,17 +47,6 @@ impl Drop for VmsGuard {
                 }
             }
         }
-    }
-}
-
-fn assert_nothing_tagged(key: &str) {
-    let held = tagged(key);
-    for kind in ["vms", "volumes", "addresses", "security_groups"] {
-        assert_eq!(
-            held[kind],
-            json!([]),
-            "moto still holds {kind} of {key}: {held}"
-        );
     }
 }
 
@@ -117,25 +84,6 @@ async fn logs_in(options: &PgConnectOptions) -> bool {
             true
         }
         Err(_) => false,
-    }
-}
-
-fn psql() -> std::path::PathBuf {
-    broker::embedded::find_bin_dir().unwrap().join("psql")
-}
-
-/// `sql` through libpq (psql) with `url`: the output, or the error.
-fn psql_url(url: &str, sql: &str) -> Result<String, String> {
-    let out = Command::new(psql())
-        .arg(url)
-        .args(["-v", "ON_ERROR_STOP=1", "-XqAtc", sql])
-        .env("PGCONNECT_TIMEOUT", "5")
-        .output()
-        .unwrap();
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
     }
 }
 
@@ -186,7 +134,7 @@ async fn ha_ec2_pool_is_taken_in_seconds_with_every_password_replaced_and_drains
         "berth-pools-ha-ec2-{}",
         uuid::Uuid::new_v4().simple()
     )));
-    let plans_dir = plans_on_the_image_version(&folder);
+    let plans_dir = plans_on_the_image_version(&folder, "ha");
     let mut stack = Stack::start_with(vec![
         ("PLANS_DIR", plans_dir),
         ("HA_ENGINE", "ec2".into()),
@@ -359,7 +307,7 @@ async fn ha_ec2_pool_is_taken_in_seconds_with_every_password_replaced_and_drains
         .to_string();
     assert!(url.contains("/shop?"), "{url}");
     // A multi-host URL (every member; libpq finds the primary).
-    let written = psql_url(
+    let written = run_psql(
         &url,
         "CREATE TABLE kept (id int PRIMARY KEY, digest text); \
          INSERT INTO kept VALUES (1, encode(digest('x', 'sha256'), 'hex')); \
@@ -499,18 +447,4 @@ async fn ha_ec2_pool_is_taken_in_seconds_with_every_password_replaced_and_drains
          and {refill_seconds:.1} s (same run)",
         pooled_take.as_secs_f64()
     );
-}
-
-/// Seconds between an item's creation and its `ready_at` (what the fill, the ordinary provision's steps, took).
-async fn fill_seconds(stack: &Stack, item: &str) -> f64 {
-    let mut db = PgConnection::connect(&stack.broker_db_url).await.unwrap();
-    let seconds: f64 = sqlx::query_scalar(
-        "SELECT extract(epoch FROM ready_at - created_at)::float8 FROM pool_items WHERE id = $1",
-    )
-    .bind(item)
-    .fetch_one(&mut db)
-    .await
-    .unwrap();
-    db.close().await.unwrap();
-    seconds
 }

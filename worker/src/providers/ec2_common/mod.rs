@@ -1,9 +1,11 @@
 //! What the engines that run VMs on EC2 (`ec2` for the dedicated plans, `ha_ec2` for the `ha` plan) share: the
 //! account's settings and one client per region ([`Ec2Account`]), the offers cache ([`offers`]), the tagged
-//! resources and the launch ([`vm`]), their teardown ([`teardown`]), and EC2's own error codes ([`errors`]).
+//! resources and the launch ([`vm`]), their teardown ([`teardown`]), what their warm pools share ([`pooled`]), and
+//! EC2's own error codes ([`errors`]).
 
 pub mod errors;
 pub mod offers;
+pub mod pooled;
 pub mod teardown;
 pub mod vm;
 

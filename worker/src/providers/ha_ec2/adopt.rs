@@ -34,7 +34,7 @@ use crate::{
     context::TaskContext,
     providers::{
         Progress, Provider as _, Provisioned,
-        ec2_common::{teardown, vm},
+        ec2_common::{pooled, teardown, vm},
         patroni::{REPLICATION_USER, RESTAPI_USER, REWIND_USER, SUPERUSER, tls},
         postgres::{
             add_extensions, connect, exec, pooled_renames, rename_statements, scram,
@@ -220,14 +220,11 @@ impl HaEc2 {
         warn!(instance_id = %instance.id, pool_item, "a pooled cluster's VM is gone; provisioning the ordinary way");
         let client = self.account.client(&self.region_of(None, state));
         let prefix = ctx.services.name_prefix();
-        let groups = [
-            group_name(prefix, pool_item),
-            group_name(prefix, &instance.id),
-        ];
-        let torn_down = teardown::tear_down_all(
+        // The instance's details name the item: its resources and its group go too.
+        let torn_down = teardown::tear_down_instance(
             &client,
-            &[pool_item, &instance.id],
-            &[&groups[0], &groups[1]],
+            instance,
+            |key| group_name(prefix, key),
             Duration::from_secs(3),
             "pooled cluster's VMs",
         )
@@ -240,20 +237,8 @@ impl HaEc2 {
             .await
             .map_err(|e| TaskError::Retryable(e.context("making the cluster's CA")))?;
         let fresh = ctx.services.cipher.seal_json(&Secrets::generate(ca));
-        instances::set_secrets(ctx.pool, &instance.id, &fresh)
-            .await
-            .context("keeping the instance's new secrets")?;
         let reset = json!({ "ha_ec2": ClusterState::default(), FELL_BACK: true });
-        instances::merge_details(ctx.pool, &instance.id, &reset)
-            .await
-            .context("recording the fall-back to the ordinary provision")?;
-        let mut fresh_instance = instance.clone();
-        fresh_instance.secrets = Some(fresh);
-        if let (Some(details), Some(reset)) =
-            (fresh_instance.details.as_object_mut(), reset.as_object())
-        {
-            details.extend(reset.clone());
-        }
+        let fresh_instance = pooled::start_over(ctx, instance, fresh, reset).await?;
         debug_assert_eq!(names_key(&fresh_instance), fresh_instance.id);
         self.provision(ctx, &fresh_instance).await
     }

@@ -282,19 +282,11 @@ impl Provider for HaEc2 {
         let state = ClusterState::of(&instance.details);
         let params_region = instance.parameters.get("region").and_then(Value::as_str);
         let client = self.account.client(&self.region_of(params_region, &state));
-        // An instance that took a pool item: what a failed take left under the item's id goes too, and its
-        // security group keeps the item's name.
-        let pool_item = instance.details.get("pool_item").and_then(Value::as_str);
-        let keys: Vec<&str> = std::iter::once(instance.id.as_str())
-            .chain(pool_item)
-            .collect();
         let prefix = ctx.services.name_prefix();
-        let groups: Vec<String> = keys.iter().map(|key| group_name(prefix, key)).collect();
-        let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
-        super::ec2_common::teardown::tear_down_all(
+        super::ec2_common::teardown::tear_down_instance(
             &client,
-            &keys,
-            &groups,
+            instance,
+            |key| group_name(prefix, key),
             std::time::Duration::from_secs(3),
             "VMs",
         )

@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 
 use anyhow::Context as _;
 use broker::{
-    db::{instances, instances::InstanceRow, pools},
+    db::{instances, instances::InstanceRow},
     names,
 };
 use serde_json::json;
@@ -26,7 +26,7 @@ use crate::{
     context::Services,
     providers::{
         HA_EC2_LOCKS,
-        ec2_common::vm,
+        ec2_common::{pooled, vm},
         lock_idle_instance,
         patroni::{record_recovery, roles_patch},
     },
@@ -48,11 +48,7 @@ pub async fn pass(engine: &HaEc2, pool: &PgPool, services: &Services) -> anyhow:
     if plan_ids.is_empty() {
         return Ok(pass);
     }
-    // In the database's clock, which stamps pool items `ready_at`.
-    let started: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()")
-        .fetch_one(pool)
-        .await
-        .context("reading the database's clock")?;
+    let started = pooled::database_now(pool).await?;
     let mut live: HashMap<String, HashSet<String>> = HashMap::new();
     let mut after = String::new();
     loop {
@@ -113,12 +109,7 @@ async fn remove_pooled_missing_members(
     pass: &mut Pass,
     started: chrono::DateTime<chrono::Utc>,
 ) -> anyhow::Result<()> {
-    let items = pools::list(pool).await.context("listing pool items")?;
-    for item in items.iter().filter(|i| {
-        i.state == pools::READY
-            && plan_ids.contains(&i.plan_id)
-            && i.ready_at.is_some_and(|at| at < started)
-    }) {
+    for item in pooled::ready_before(pool, plan_ids, started).await? {
         let state = ClusterState::of(&item.details);
         let region = engine.region_of(None, &state);
         if !live.contains_key(&region) {
@@ -140,11 +131,9 @@ async fn remove_pooled_missing_members(
         if lost.is_empty() {
             continue;
         }
-        let mut tx = pool.begin().await?;
-        if pools::start_remove(&mut tx, &item.id).await? {
+        if pooled::remove(pool, &item.id).await? {
             warn!(pool_item = %item.id, members = ?lost, "a pooled cluster lost a member's VM while it waited; removing the item");
         }
-        tx.commit().await?;
     }
     Ok(())
 }
