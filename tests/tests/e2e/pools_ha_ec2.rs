@@ -4,7 +4,8 @@
 //! take and the instance's work, and no member's Patroni configuration holds an old one (the re-key went through
 //! the database and each VM's agent, not through user-data); a binding writes; replicas whose stream is cut
 //! stream again (with the new replication password); deprovision leaves nothing in moto or docker; the pool
-//! refills, and a worker restarted with the target at 0 drains it. Six VM boots in all.
+//! refills; a provision the pool cannot serve (`zones`) is a miss and boots a cluster the ordinary way (timed
+//! beside the take); a worker restarted with the target at 0 drains the pool. Nine VM boots in all.
 
 use std::{
     process::Command,
@@ -408,7 +409,7 @@ async fn ha_ec2_pool_is_taken_in_seconds_with_every_password_replaced_and_drains
         .await;
     }
 
-    // The pool was refilled meanwhile (three more boots); a worker restarted with the target at 0 drains it.
+    // The pool was refilled meanwhile (three more boots).
     let refill = wait_pool(&stack, &ids.1, 1, WAIT).await.remove(0);
     guard.0.lock().unwrap().push(refill.id.clone());
     let refill_seconds = fill_seconds(&stack, &refill.id).await;
@@ -416,6 +417,39 @@ async fn ha_ec2_pool_is_taken_in_seconds_with_every_password_replaced_and_drains
         .into_iter()
         .map(|(_, vm, _)| vm)
         .collect();
+
+    // A provision asking for zones is a miss: an ordinary provision, timed the same way (three more boots).
+    let ordinary = uuid::Uuid::new_v4().to_string();
+    guard.0.lock().unwrap().push(ordinary.clone());
+    let ordinary_base = format!("/v2/service_instances/{ordinary}");
+    let started = Instant::now();
+    stack
+        .put_until_done(
+            &ordinary_base,
+            &json!({
+                "service_id": ids.0, "plan_id": ids.1, "organization_guid": "org", "space_guid": "space",
+                "parameters": { "zones": ["us-east-1a", "us-east-1b", "us-east-1c"] },
+            }),
+            WAIT,
+        )
+        .await;
+    let ordinary_provision = started.elapsed();
+    let ordinary_details = stack.instance_details(&ordinary).await;
+    assert!(
+        ordinary_details.get("pool_item").is_none(),
+        "{ordinary_details}"
+    );
+    let text = crate::pools::metrics(&stack).await;
+    assert_eq!(
+        crate::pools::sample(&text, "berth_pool_misses_total", "ha", ""),
+        Some(1.0),
+        "{text}"
+    );
+    let (status, last) = stack.delete_until_done(&ordinary_base, &ids, WAIT).await;
+    assert_eq!(status, 410, "{last}\n{}", stack.logs());
+    assert_nothing_tagged(&ordinary);
+
+    // A worker restarted with the target at 0 drains the pool.
     stack.kill_worker().await;
     stack
         .restart_worker(vec![("POOL_TARGETS", "ha=0".into())])
@@ -442,9 +476,10 @@ async fn ha_ec2_pool_is_taken_in_seconds_with_every_password_replaced_and_drains
     stack.stop().await;
 
     println!(
-        "bench ha pool on EC2 (VM emulator): a pooled take PUT→last_operation succeeded {:.1} s (of which the re-key \
-         wait {rekey_wait_ms} ms); an ordinary provision's steps (the fills, item created→ready) {first_fill:.1} s \
-         and {refill_seconds:.1} s (same run)",
-        pooled_take.as_secs_f64()
+        "bench ha pool on EC2 (VM emulator): PUT→last_operation succeeded: a pooled take {:.1} s (of which the \
+         re-key wait {rekey_wait_ms} ms), an ordinary provision {:.1} s; the fills (item created→ready) \
+         {first_fill:.1} s and {refill_seconds:.1} s (same run)",
+        pooled_take.as_secs_f64(),
+        ordinary_provision.as_secs_f64()
     );
 }
