@@ -3,9 +3,10 @@
 //! cluster was made with (superuser, replication, rewind, Patroni's REST API, the admin user) is refused after the
 //! take and the instance's work, and no member's Patroni configuration holds an old one (the re-key went through
 //! the database and each VM's agent, not through user-data); a binding writes; replicas whose stream is cut
-//! stream again (with the new replication password); deprovision leaves nothing in moto or docker; the pool
+//! stream again (with the new replication password); a replica's VM lost after the take is replaced from the
+//! instance's secrets and streams; deprovision leaves nothing in moto or docker; the pool
 //! refills; a provision the pool cannot serve (`zones`) is a miss and boots a cluster the ordinary way (timed
-//! beside the take); a worker restarted with the target at 0 drains the pool. Nine VM boots in all.
+//! beside the take); a worker restarted with the target at 0 drains the pool. Ten VM boots in all.
 
 use std::{
     process::Command,
@@ -393,6 +394,97 @@ async fn ha_ec2_pool_is_taken_in_seconds_with_every_password_replaced_and_drains
         .await;
     }
 
+    // A replica's VM is lost after the take: the reconcile loop's replacement boots from user-data rendered with
+    // the instance's secrets (the new passwords and the re-key key), clones from the primary with the new
+    // replication password, and its agent finds nothing to change.
+    let (lost_name, lost_vm, lost_ip) = members
+        .iter()
+        .find(|(name, ..)| *name != primary)
+        .cloned()
+        .unwrap();
+    let mut su = PgConnection::connect_with(&login(
+        &primary_ip,
+        "postgres",
+        &new("superuser"),
+        "postgres",
+        &ca,
+    ))
+    .await
+    .unwrap();
+    let lost_at: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&mut su)
+        .await
+        .unwrap();
+    aws(&["terminate", &lost_vm]);
+    let deadline = Instant::now() + WAIT;
+    let replacement = loop {
+        let now = stack.instance_details(&instance).await;
+        let vm = members_of(&now)
+            .into_iter()
+            .find(|(name, ..)| *name == lost_name)
+            .map(|(_, vm, _)| vm);
+        if let Some(vm) = vm.filter(|vm| *vm != lost_vm && container_runs(vm)) {
+            break vm;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "member {lost_name} was not replaced\n{}",
+            stack.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let streaming: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_replication \
+             WHERE state = 'streaming' AND client_addr = $1::inet AND backend_start > $2",
+        )
+        .bind(&lost_ip)
+        .bind(lost_at)
+        .fetch_one(&mut su)
+        .await
+        .unwrap();
+        if streaming == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replacement of {lost_name} does not stream\n{}",
+            stack.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    su.close().await.unwrap();
+    let config = docker(&[
+        "exec",
+        &container(&replacement),
+        "cat",
+        "/etc/berth/patroni.yml",
+    ])
+    .unwrap();
+    for key in ["superuser", "replication", "rewind", "restapi"] {
+        assert!(
+            !config.contains(&old(key)) && config.contains(&new(key)),
+            "{key}"
+        );
+    }
+    eventually(
+        Duration::from_secs(30),
+        "the replacement's agent records the take's nonce as applied",
+        || {
+            docker(&[
+                "exec",
+                &container(&replacement),
+                "test",
+                "-s",
+                "/etc/berth/rekey.applied",
+            ])
+            .is_some()
+        },
+    )
+    .await;
+    assert_eq!(rest_status(&http, &lost_ip, &new("restapi")).await, 200);
+
     // Deprovision: nothing of the instance (nor of the item it was) is left in moto or in docker.
     let (status, _) = stack.delete_until_done(&binding, &ids, WAIT).await;
     assert!(status == 410 || status == 200, "unbind ended with {status}");
@@ -400,7 +492,11 @@ async fn ha_ec2_pool_is_taken_in_seconds_with_every_password_replaced_and_drains
     assert_eq!(status, 410, "{last}\n{}", stack.logs());
     assert_nothing_tagged(&instance);
     assert_nothing_tagged(&item.id);
-    for (_, vm, _) in &members {
+    for vm in members
+        .iter()
+        .map(|(_, vm, _)| vm)
+        .chain(std::iter::once(&replacement))
+    {
         eventually(
             Duration::from_secs(60),
             "the instance's VM containers are gone",
