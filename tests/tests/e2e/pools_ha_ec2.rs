@@ -419,10 +419,14 @@ async fn ha_ec2_pool_is_taken_in_seconds_with_every_password_replaced_and_drains
     let deadline = Instant::now() + WAIT;
     let replacement = loop {
         let now = stack.instance_details(&instance).await;
-        let vm = members_of(&now)
+        // (The slot has no VM for a moment: the old one is forgotten before the new one is launched.)
+        let vm = now["ha_ec2"]["members"]
+            .as_array()
             .into_iter()
-            .find(|(name, ..)| *name == lost_name)
-            .map(|(_, vm, _)| vm);
+            .flatten()
+            .find(|m| m["name"] == lost_name.as_str())
+            .and_then(|m| m["vm_id"].as_str())
+            .map(str::to_string);
         if let Some(vm) = vm.filter(|vm| *vm != lost_vm && container_runs(vm)) {
             break vm;
         }
