@@ -13,7 +13,7 @@ use sqlx::{Connection, PgConnection};
 
 use crate::{
     dedicated_spot_vm::{aws, container_runs, docker, env, setup_log, tagged},
-    pools::{Item, body, metrics, pool_items, provision_sync, sample, wait_pool},
+    pools::{Item, body, drain_by_restart, metrics, pool_items, provision_sync, sample, wait_pool},
 };
 
 /// This test's VPC: a CIDR no other test uses (docs/vm-emulator.md).
@@ -360,19 +360,7 @@ async fn ec2_pool_item_survives_a_killed_filler_is_taken_in_seconds_and_drains()
 
     // A worker restarted with the target at 0 drains the pool: the ready item and its VM go.
     let refill_vm = refill.details["ec2"]["vm_id"].as_str().unwrap().to_string();
-    stack.kill_worker().await;
-    stack
-        .restart_worker(vec![("POOL_TARGETS", "dedicated-spot=0".into())])
-        .unwrap();
-    let deadline = Instant::now() + WAIT;
-    while !pool_items(&stack, &ids.1).await.is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the pool never drained\n{}",
-            stack.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    drain_by_restart(&mut stack, &ids.1, "dedicated-spot=0", WAIT).await;
     assert_nothing_tagged(&refill.id);
     crate::dedicated_spot_vm::eventually(
         Duration::from_secs(60),

@@ -23,7 +23,7 @@ use sqlx::{
 use crate::{
     dedicated_spot_vm::{aws, container, container_runs, docker, env, eventually, tagged},
     ha_ec2_vm::{psql, run_psql},
-    pools::{Item, pool_items, wait_pool},
+    pools::{Item, drain_by_restart, pool_items, wait_pool},
     pools_ec2::{assert_nothing_tagged, fill_seconds, plans_on_the_image_version},
 };
 
@@ -550,19 +550,7 @@ async fn ha_ec2_pool_is_taken_in_seconds_with_every_password_replaced_and_drains
     assert_nothing_tagged(&ordinary);
 
     // A worker restarted with the target at 0 drains the pool.
-    stack.kill_worker().await;
-    stack
-        .restart_worker(vec![("POOL_TARGETS", "ha=0".into())])
-        .unwrap();
-    let deadline = Instant::now() + WAIT;
-    while !pool_items(&stack, &ids.1).await.is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the pool never drained\n{}",
-            stack.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    drain_by_restart(&mut stack, &ids.1, "ha=0", WAIT).await;
     assert_nothing_tagged(&refill.id);
     for vm in &refill_vms {
         eventually(

@@ -15,7 +15,10 @@ use serde_json::{Value, json};
 use sqlx::{PgPool, postgres::PgConnectOptions};
 
 use crate::{
-    ec2::{data_volumes, live_vms, security_groups, services_with, tag, tagged, user_data, zone},
+    ec2::{
+        data_volumes, live_vms, reconcile_removes, security_groups, services_with, tag, tagged,
+        take_from_pool, terminate, user_data, zone,
+    },
     helpers::*,
     peers::{ec2_client as ec2, moto},
 };
@@ -836,35 +839,11 @@ async fn pooled_clusters_that_lost_a_member_are_removed_or_replaced_by_the_ordin
         let secrets: Value = cipher().open_json(item.secrets.as_ref().unwrap()).unwrap();
         assert_eq!(secrets["rekey_key"].as_str().map(str::len), Some(64));
     }
-    let terminate = |vm: String| {
-        let client = client.clone();
-        async move {
-            client
-                .terminate_instances()
-                .instance_ids(vm)
-                .send()
-                .await
-                .unwrap();
-        }
-    };
 
     // A member lost while pooled: the reconcile pass marks the item for removal, its pool.remove leaves nothing.
     let (interrupted, taken) = (&items[0], &items[1]);
-    terminate(vms_of(interrupted)[1].clone()).await;
-    berth_worker::reconcile::once(&pool, &services).await;
-    assert_eq!(
-        pools::get(&pool, &interrupted.id)
-            .await
-            .unwrap()
-            .map(|i| i.state),
-        Some(pools::REMOVING.to_string()),
-        "the reconcile pass did not remove the item"
-    );
-    assert_eq!(
-        pools::get(&pool, &taken.id).await.unwrap().map(|i| i.state),
-        Some(pools::READY.to_string()),
-        "a cluster whose VMs run stays"
-    );
+    terminate(&client, &vms_of(interrupted)[1]).await;
+    reconcile_removes(&pool, &services, &interrupted.id, &taken.id).await;
     drain_all(&pool, &services).await;
     assert!(pools::get(&pool, &interrupted.id).await.unwrap().is_none());
     assert!(live_vms(&client, &interrupted.id).await.is_empty());
@@ -872,22 +851,9 @@ async fn pooled_clusters_that_lost_a_member_are_removed_or_replaced_by_the_ordin
 
     // Taken (as the API's claim takes it) after a member's VM went: the item is torn down, the instance
     // provisioned the ordinary way.
-    terminate(vms_of(taken)[0].clone()).await;
-    let claimed = pools::claim(&pool, HA, None).await.unwrap().unwrap();
+    terminate(&client, &vms_of(taken)[0]).await;
+    let (claimed, id) = take_from_pool(&pool, HA, json!({"admin_user": "boss"})).await;
     assert_eq!(claimed.id, taken.id);
-    let id = insert_instance(
-        &pool,
-        POSTGRES,
-        HA,
-        json!({}),
-        json!({"admin_user": "boss"}),
-    )
-    .await;
-    let mut claimed_details = claimed.details.clone();
-    claimed_details["pool_item"] = json!(claimed.id);
-    instances::set_details(&pool, &id, &claimed_details, claimed.secrets.as_deref())
-        .await
-        .unwrap();
     operate_ok(&pool, &services, Operation::Provision, &id, None).await;
     let details = details(&pool, &id).await;
     assert_eq!(details["pool_fell_back"], true, "{details}");
