@@ -1,5 +1,6 @@
 //! Warm pools of the `ha` plan on `HA_ENGINE=ec2` (docs/pools.md) on VMs that boot under the VM emulator
-//! (docs/vm-emulator.md): the pool fills a cluster of 3 VMs; a provision takes it in seconds; every password the
+//! (docs/vm-emulator.md): the pool fills a cluster of 3 VMs, finished by another worker when the first is killed
+//! mid-fill (the same VMs); a provision takes it in seconds; every password the
 //! cluster was made with (superuser, replication, rewind, Patroni's REST API, the admin user) is refused after the
 //! take and the instance's work, and no member's Patroni configuration holds an old one (the re-key went through
 //! the database and each VM's agent, not through user-data); a binding writes; replicas whose stream is cut
@@ -150,6 +151,8 @@ async fn ha_ec2_pool_is_taken_in_seconds_with_every_password_replaced_and_drains
         ("EC2_READINESS_PROBE", "true".into()),
         ("POOL_TARGETS", "ha=1".into()),
         ("POOL_CHECK_MS", "500".into()),
+        // The killed worker's fill comes back to the queue soon.
+        ("WORKER_LEASE_SECS", "5".into()),
     ])
     .await
     .unwrap();
@@ -157,17 +160,49 @@ async fn ha_ec2_pool_is_taken_in_seconds_with_every_password_replaced_and_drains
     let cipher = broker::crypto::Cipher::from_key_files(&[stack.dir.join("master.key")]).unwrap();
     let guard = VmsGuard(Default::default());
 
-    // The pool fills a cluster of 3 VMs with the plan's defaults.
-    let filling = loop {
+    // The pool fills a cluster of 3 VMs with the plan's defaults. A worker killed once the fill launched them
+    // leaves the fill to another (the progress is on the item's row), which finishes the same VMs.
+    let deadline = Instant::now() + WAIT;
+    let filling: Item = loop {
         let items = pool_items(&stack, &ids.1).await;
-        if let Some(item) = items.first() {
-            break item.id.clone();
+        if let Some(item) = items.iter().find(|i| {
+            i.state == "filling"
+                && i.details["ha_ec2"]["members"]
+                    .as_array()
+                    .is_some_and(|m| m.len() == 3 && m.iter().all(|m| m["vm_id"].is_string()))
+        }) {
+            break item.clone();
         }
+        assert!(
+            Instant::now() < deadline,
+            "no fill seen launching its VMs: {items:?}\n{}",
+            stack.logs()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    guard.0.lock().unwrap().push(filling.clone());
+    guard.0.lock().unwrap().push(filling.id.clone());
+    let launched = |details: &Value| {
+        let mut vms: Vec<String> = members_of(details)
+            .into_iter()
+            .map(|(_, vm, _)| vm)
+            .collect();
+        vms.sort();
+        vms
+    };
+    stack.kill_worker().await;
+    stack.restart_worker(Vec::new()).unwrap();
     let item: Item = wait_pool(&stack, &ids.1, 1, WAIT).await.remove(0);
-    assert_eq!(item.id, filling);
+    assert_eq!(item.id, filling.id, "the killed fill was not finished");
+    assert_eq!(
+        launched(&item.details),
+        launched(&filling.details),
+        "the same VMs"
+    );
+    assert_eq!(
+        tagged(&item.id)["vms"].as_array().map(Vec::len),
+        Some(3),
+        "no VM launched twice"
+    );
     let first_fill = fill_seconds(&stack, &item.id).await;
     let members = members_of(&item.details);
     assert_eq!(members.len(), 3, "{}", item.details);
@@ -201,7 +236,7 @@ async fn ha_ec2_pool_is_taken_in_seconds_with_every_password_replaced_and_drains
     stack.put_until_done(&base, &provision, WAIT).await;
     let pooled_take = started.elapsed();
     for line in stack
-        .log("worker.log")
+        .log("worker-restarted.log")
         .lines()
         .filter(|l| l.contains("pooled ha cluster on EC2 adopted"))
     {
