@@ -14,7 +14,7 @@ use crate::{
 /// 0.8 s of initdb + start) and, when the `ha` plan runs on this machine (`HA_ENGINE=local`), one `ha` cluster
 /// (instead of Patroni's bootstrap, 8-15 s). The `ha` plan is published there only where etcd and Patroni are
 /// installed; elsewhere its target is left out like any plan that is not published. With `HA_ENGINE=ec2` an
-/// `ha` pool would stop start-up, so it is not asked for.
+/// `ha` item is three running VMs: that pool is the operator's to ask for.
 pub fn embedded_default_targets(ha_engine: &str) -> String {
     if ha_engine == "local" {
         "dedicated=2,ha=1".to_string()
@@ -24,14 +24,15 @@ pub fn embedded_default_targets(ha_engine: &str) -> String {
 }
 
 /// Engines whose items a pool can hold (their finishing step renames and re-keys an item). An `ec2` item is a
-/// running VM that costs money while it waits: its pool exists only when the operator sets a target (never in
-/// a default one).
+/// running VM, an `ha_ec2` item three, that cost money while they wait: their pools exist only when the operator
+/// sets a target (never in a default one).
 const POOLED_ENGINES: &[Engine] = &[
     Engine::Shared,
     Engine::Local,
     Engine::HaLocal,
     Engine::S3,
     Engine::Ec2,
+    Engine::HaEc2,
 ];
 
 /// Engines whose pools can also hold clones of a preset version (the fill clones the version's template).
@@ -134,13 +135,6 @@ impl PoolTargets {
                 continue;
             }
             for p in found {
-                if p.engine == Engine::HaEc2 {
-                    anyhow::bail!(
-                        "POOL_TARGETS: plan `{}` runs on EC2 here (HA_ENGINE=ec2), and EC2 clusters have no pool; \
-                         remove it from POOL_TARGETS, or set HA_ENGINE=local for pools of local clusters",
-                        p.name
-                    );
-                }
                 if !POOLED_ENGINES.contains(&p.engine) {
                     anyhow::bail!(
                         "POOL_TARGETS: plan `{}` (engine {}) has no pool; pools serve the engines {}",
@@ -226,17 +220,21 @@ pub fn can_serve(engine: Engine, parameters: &Value) -> bool {
         // VM (its type's requirements, region or zone, addresses, ssh keys, the Postgres version, the tuning
         // profile) needs a VM of its own.
         Engine::Ec2 => &["extensions", "backups", "app_db_name", "admin_user", "tags"],
+        // A cluster on VMs: the same; its members' shape (number, hardware, zones, spot, addresses, version)
+        // needs VMs of its own.
+        Engine::HaEc2 => &["extensions", "backups", "app_db_name", "admin_user", "tags"],
         // The finishing step sets the bucket's tags, public access, CORS and lifecycle (one call each); a
         // bucket cannot move to another region.
         Engine::S3 => &["tags", "public_read", "cors", "lifecycle"],
-        _ => return false,
     };
     // A cluster's own parameters are served when they ask what a pooled cluster is made with: its member
     // count and asynchronous replication (changing either means new members or a wait for a standby).
     let default_of = |key: &str| -> Option<Value> {
         match (engine, key) {
-            (Engine::HaLocal, "members") => Some(Value::from(HA_DEFAULT_MEMBERS)),
-            (Engine::HaLocal, "synchronous") => Some(Value::Bool(false)),
+            (Engine::HaLocal | Engine::HaEc2, "members") => Some(Value::from(HA_DEFAULT_MEMBERS)),
+            (Engine::HaLocal | Engine::HaEc2, "synchronous") => Some(Value::Bool(false)),
+            // What a pooled cluster's VMs are made with: on demand, private addresses only.
+            (Engine::HaEc2, "spot" | "public_ip") => Some(Value::Bool(false)),
             // What a pooled VM is made with: a private address only.
             (Engine::Ec2, "public_ip" | "static_ip") => Some(Value::Bool(false)),
             _ => None,
@@ -342,7 +340,6 @@ mod tests {
             Engine::HaLocal,
             &json!({"postgres_version": "16"})
         ));
-        assert!(!can_serve(Engine::HaEc2, &json!({})));
     }
 
     #[test]
@@ -433,7 +430,34 @@ mod tests {
     }
 
     #[test]
-    fn an_ec2_ha_plan_has_no_pool() {
+    fn ha_ec2_items_serve_names_extensions_tags_and_the_defaults_only() {
+        assert!(can_serve(Engine::HaEc2, &json!({})));
+        assert!(can_serve(
+            Engine::HaEc2,
+            &json!({"app_db_name": "shop", "admin_user": "boss", "extensions": ["pgcrypto"],
+                    "tags": {"team": "a"}, "backups": null, "members": 3, "synchronous": false,
+                    "spot": false, "public_ip": false})
+        ));
+        for other in [
+            json!({"members": 5}),
+            json!({"synchronous": true}),
+            json!({"spot": true}),
+            json!({"public_ip": true}),
+            json!({"zones": ["us-east-1a"]}),
+            json!({"cpu_min": 4}),
+            json!({"region": "eu-west-1"}),
+            json!({"ssh_keys": ["ssh-ed25519 AAAA me"]}),
+            json!({"postgres_version": "16"}),
+            json!({"tuning_profile": "oltp"}),
+            json!({"preset": "p"}),
+        ] {
+            assert!(!can_serve(Engine::HaEc2, &other), "{other}");
+        }
+    }
+
+    /// With `HA_ENGINE=ec2` the `ha` plan is pooled when the operator names it, never by the embedded default.
+    #[test]
+    fn an_ec2_ha_plan_is_pooled_only_when_named() {
         let plans_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../plans");
         let settings: Settings = serde_json::from_value(json!({
             "plans_dir": plans_dir,
@@ -445,15 +469,17 @@ mod tests {
         .unwrap();
         settings.check().unwrap();
         let catalog = Catalog::load_for(&settings).unwrap();
-        let err = PoolTargets::parse("ha=1", &catalog)
+        let ha = catalog_plan_id(&catalog, "ha");
+        assert_eq!(catalog.plan_by_id(&ha).unwrap().plan.engine, Engine::HaEc2);
+        assert_eq!(PoolTargets::parse("ha=1", &catalog).unwrap().target(&ha), 1);
+        let err = PoolTargets::parse("ha/orders=1", &catalog)
             .unwrap_err()
             .to_string();
-        assert!(
-            err.contains("HA_ENGINE=ec2") && err.contains("`ha`"),
-            "{err}"
-        );
-        // The embedded default asks for no ha pool there, so it starts.
-        assert!(PoolTargets::parse(&embedded_default_targets("ec2"), &catalog).is_ok());
+        assert!(err.contains("preset clones"), "{err}");
+        // The embedded default asks for no ha pool there.
+        let default = PoolTargets::parse(&embedded_default_targets("ec2"), &catalog).unwrap();
+        assert_eq!(default.target(&ha), 0);
+        assert!(!default.has_pool(&ha));
         assert!(embedded_default_targets("local").contains("ha=1"));
         assert_eq!(
             PoolTargets::parse("dedicated=1", &catalog)

@@ -295,7 +295,8 @@ const WORKERS: &[Setting] = &[
         "Warm pools: items each plan keeps made ahead of time, as `plan=count` pairs separated by commas (plan \
          name or id), e.g. `shared=4,dedicated=2`; `plan/preset=count` keeps clones of a preset's newest version \
          (`plan/preset@version=count`: of that version), e.g. `shared/orders-demo=1`. A provision the pool can \
-         serve takes one (docs/pools.md). An `ec2` plan is pooled only when named here: each item is a running VM.",
+         serve takes one (docs/pools.md). An `ec2` plan, and the `ha` plan with `HA_ENGINE=ec2`, are pooled only when \
+         named here: each item is a running VM (an `ha` item three).",
     ),
     worker(
         "POOL_MAX_AGE_SECS",

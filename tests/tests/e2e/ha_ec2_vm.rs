@@ -473,12 +473,12 @@ impl Cluster {
     }
 }
 
-fn psql() -> std::path::PathBuf {
+pub(crate) fn psql() -> std::path::PathBuf {
     broker::embedded::find_bin_dir().unwrap().join("psql")
 }
 
 /// Runs `sql` through libpq (psql) with `url`; the output, or the error.
-fn run_psql(url: &str, sql: &str) -> Result<String, String> {
+pub(crate) fn run_psql(url: &str, sql: &str) -> Result<String, String> {
     let out = Command::new(psql())
         .arg(url)
         .args(["-v", "ON_ERROR_STOP=1", "-qAtc", sql])

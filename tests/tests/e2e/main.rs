@@ -18,6 +18,7 @@ mod openapi;
 mod pools;
 mod pools_ec2;
 mod pools_ha;
+mod pools_ha_ec2;
 mod pools_s3;
 mod s3_lifecycle;
 mod shared_lifecycle;

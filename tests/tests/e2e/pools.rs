@@ -66,6 +66,28 @@ pub(crate) async fn wait_pool(
     }
 }
 
+/// Restarts the worker with `POOL_TARGETS` = `targets` (a target of 0) and waits until `plan_id`'s pool is empty.
+pub(crate) async fn drain_by_restart(
+    stack: &mut Stack,
+    plan_id: &str,
+    targets: &str,
+    timeout: Duration,
+) {
+    stack.kill_worker().await;
+    stack
+        .restart_worker(vec![("POOL_TARGETS", targets.to_string())])
+        .unwrap();
+    let deadline = Instant::now() + timeout;
+    while !pool_items(stack, plan_id).await.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the pool never drained\n{}",
+            stack.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// PUT without `accepts_incomplete` (a platform that cannot poll).
 pub(crate) async fn provision_sync(stack: &Stack, instance: &str, body: &Value) -> (u16, Value) {
     stack
@@ -436,19 +458,7 @@ async fn a_filler_killed_midway_leaves_nothing_and_a_drained_pool_leaves_nothing
     assert_eq!(folders.len(), 1, "{folders:?}");
 
     // The target drops to zero: the pool drains, and nothing of the item is left.
-    stack.kill_worker().await;
-    stack
-        .restart_worker(vec![("POOL_TARGETS", "dedicated=0".into())])
-        .unwrap();
-    let deadline = Instant::now() + WAIT;
-    while !pool_items(&stack, &ids.1).await.is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the pool never drained\n{}",
-            stack.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    drain_by_restart(&mut stack, &ids.1, "dedicated=0", WAIT).await;
     let left: Vec<_> = std::fs::read_dir(&stack.servers_dir)
         .unwrap()
         .flatten()

@@ -13,7 +13,7 @@ use sqlx::{Connection, PgConnection};
 
 use crate::{
     dedicated_spot_vm::{aws, container_runs, docker, env, setup_log, tagged},
-    pools::{Item, body, metrics, pool_items, provision_sync, sample, wait_pool},
+    pools::{Item, body, drain_by_restart, metrics, pool_items, provision_sync, sample, wait_pool},
 };
 
 /// This test's VPC: a CIDR no other test uses (docs/vm-emulator.md).
@@ -25,9 +25,9 @@ fn container_gone(vm: &str) -> bool {
     docker(&["inspect", &format!("{}-{vm}", env("BERTH_TEST_VM_NAME"))]).is_none()
 }
 
-/// A copy of the plans in which `dedicated-spot` defaults to PostgreSQL 15, the VM image's (its VMs cannot
-/// install another): pool items are made with the plan's defaults. Returns the folder.
-fn plans_on_the_image_version(folder: &TestFolder) -> String {
+/// A copy of the plans in which `plan` (of the postgres service) defaults to PostgreSQL 15, the VM image's (its
+/// VMs cannot install another): pool items are made with the plan's defaults. Returns the folder.
+pub(crate) fn plans_on_the_image_version(folder: &TestFolder, plan: &str) -> String {
     let dir = folder.0.join("plans");
     std::fs::create_dir_all(&dir).unwrap();
     for entry in std::fs::read_dir(repo_dir().join("plans")).unwrap() {
@@ -41,7 +41,7 @@ fn plans_on_the_image_version(folder: &TestFolder) -> String {
         .as_array_mut()
         .unwrap()
         .iter_mut()
-        .find(|p| p["name"] == "dedicated-spot")
+        .find(|p| p["name"] == plan)
         .unwrap();
     plan["schemas"]["service_instance"]["create"]["parameters"]["properties"]["postgres_version"]
         ["default"] = json!("15");
@@ -50,7 +50,7 @@ fn plans_on_the_image_version(folder: &TestFolder) -> String {
 }
 
 /// Nothing tagged `berth:instance=<key>` is left in moto.
-fn assert_nothing_tagged(key: &str) {
+pub(crate) fn assert_nothing_tagged(key: &str) {
     let held = tagged(key);
     for kind in ["vms", "volumes", "addresses", "security_groups"] {
         assert_eq!(
@@ -67,7 +67,7 @@ fn superuser_url(host: &str, password: &str) -> String {
 }
 
 /// Seconds between an item's creation and its `ready_at` (what the fill, the ordinary provision's steps, took).
-async fn fill_seconds(stack: &Stack, item: &str) -> f64 {
+pub(crate) async fn fill_seconds(stack: &Stack, item: &str) -> f64 {
     let mut db = PgConnection::connect(&stack.broker_db_url).await.unwrap();
     let seconds: f64 = sqlx::query_scalar(
         "SELECT extract(epoch FROM ready_at - created_at)::float8 FROM pool_items WHERE id = $1",
@@ -97,7 +97,7 @@ async fn ec2_pool_item_survives_a_killed_filler_is_taken_in_seconds_and_drains()
     let folder = TestFolder(
         std::env::temp_dir().join(format!("berth-pools-ec2-{}", uuid::Uuid::new_v4().simple())),
     );
-    let plans_dir = plans_on_the_image_version(&folder);
+    let plans_dir = plans_on_the_image_version(&folder, "dedicated-spot");
     let mut stack = Stack::start_with(vec![
         ("PLANS_DIR", plans_dir),
         ("AWS_REGION", "us-east-1".into()),
@@ -360,19 +360,7 @@ async fn ec2_pool_item_survives_a_killed_filler_is_taken_in_seconds_and_drains()
 
     // A worker restarted with the target at 0 drains the pool: the ready item and its VM go.
     let refill_vm = refill.details["ec2"]["vm_id"].as_str().unwrap().to_string();
-    stack.kill_worker().await;
-    stack
-        .restart_worker(vec![("POOL_TARGETS", "dedicated-spot=0".into())])
-        .unwrap();
-    let deadline = Instant::now() + WAIT;
-    while !pool_items(&stack, &ids.1).await.is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the pool never drained\n{}",
-            stack.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    drain_by_restart(&mut stack, &ids.1, "dedicated-spot=0", WAIT).await;
     assert_nothing_tagged(&refill.id);
     crate::dedicated_spot_vm::eventually(
         Duration::from_secs(60),

@@ -14,7 +14,7 @@ use berth_tests::{Stack, plan_ids};
 use serde_json::{Value, json};
 
 use super::{
-    pools::{body, metrics, pool_items, provision_sync, sample, wait_pool},
+    pools::{body, drain_by_restart, metrics, provision_sync, sample, wait_pool},
     s3_lifecycle::env,
 };
 
@@ -175,19 +175,7 @@ async fn pool_hit_binding_deprovision_refill_drain(mut stack: Stack, store: Stor
     assert_eq!(status, 410);
 
     // The target falls to zero: the pool drains and its bucket is removed.
-    stack.kill_worker().await;
-    stack
-        .restart_worker(vec![("POOL_TARGETS", "basic=0".into())])
-        .unwrap();
-    let deadline = Instant::now() + WAIT;
-    while !pool_items(&stack, &ids.1).await.is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the pool never drained\n{}",
-            stack.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    drain_by_restart(&mut stack, &ids.1, "basic=0", WAIT).await;
     assert!(!bucket_exists(&store.admin, &refilled_bucket).await);
     stack.stop().await;
 }

@@ -758,55 +758,20 @@ async fn pooled_vms_that_went_are_removed_or_replaced_by_the_ordinary_path(
         assert_eq!(vms[0].instance_id(), Some(vm_of(item).as_str()));
         assert_eq!(data_volumes(&client, &item.id).await.len(), 1);
     }
-    let terminate = |vm: String| {
-        let client = client.clone();
-        async move {
-            client
-                .terminate_instances()
-                .instance_ids(vm)
-                .send()
-                .await
-                .unwrap();
-        }
-    };
 
     // Interrupted while pooled: the reconcile pass marks the item for removal, its pool.remove leaves nothing.
     let (interrupted, taken) = (&items[0], &items[1]);
-    terminate(vm_of(interrupted)).await;
-    berth_worker::reconcile::once(&pool, &services).await;
-    let after = pools::get(&pool, &interrupted.id).await.unwrap();
-    assert_eq!(
-        after.map(|i| i.state),
-        Some(pools::REMOVING.to_string()),
-        "the reconcile pass did not remove the item"
-    );
-    assert_eq!(
-        pools::get(&pool, &taken.id).await.unwrap().map(|i| i.state),
-        Some(pools::READY.to_string()),
-        "an item whose VM runs stays"
-    );
+    terminate(&client, &vm_of(interrupted)).await;
+    reconcile_removes(&pool, &services, &interrupted.id, &taken.id).await;
     drain_all(&pool, &services).await;
     assert!(pools::get(&pool, &interrupted.id).await.unwrap().is_none());
     assert!(live_vms(&client, &interrupted.id).await.is_empty());
     assert!(data_volumes(&client, &interrupted.id).await.is_empty());
 
     // Taken (as the API's claim takes it) after its VM went: the item is torn down, the instance provisioned.
-    terminate(vm_of(taken)).await;
-    let claimed = pools::claim(&pool, SPOT, None).await.unwrap().unwrap();
+    terminate(&client, &vm_of(taken)).await;
+    let (claimed, id) = take_from_pool(&pool, SPOT, json!({"admin_user": "boss"})).await;
     assert_eq!(claimed.id, taken.id);
-    let id = insert_instance(
-        &pool,
-        POSTGRES,
-        SPOT,
-        json!({}),
-        json!({"admin_user": "boss"}),
-    )
-    .await;
-    let mut claimed_details = claimed.details.clone();
-    claimed_details["pool_item"] = json!(claimed.id);
-    instances::set_details(&pool, &id, &claimed_details, claimed.secrets.as_deref())
-        .await
-        .unwrap();
     operate_ok(&pool, &services, Operation::Provision, &id, None).await;
     let details = details(&pool, &id).await;
     assert_eq!(details["pool_fell_back"], true, "{details}");
@@ -827,4 +792,54 @@ async fn pooled_vms_that_went_are_removed_or_replaced_by_the_ordinary_path(
     operate_ok(&pool, &services, Operation::Deprovision, &id, None).await;
     assert!(live_vms(&client, &id).await.is_empty());
     assert!(data_volumes(&client, &id).await.is_empty());
+}
+
+pub(crate) async fn terminate(client: &Client, vm: &str) {
+    client
+        .terminate_instances()
+        .instance_ids(vm)
+        .send()
+        .await
+        .unwrap();
+}
+
+/// A pool item of `plan` taken as the API's claim takes it: the item's details (marked `pool_item`) and secrets
+/// become a new instance's, asked for with `parameters`. Returns the item and the instance's id.
+pub(crate) async fn take_from_pool(
+    pool: &PgPool,
+    plan: &str,
+    parameters: Value,
+) -> (pools::ClaimedItem, String) {
+    let claimed = pools::claim(pool, plan, None).await.unwrap().unwrap();
+    let id = insert_instance(pool, POSTGRES, plan, json!({}), parameters).await;
+    let mut claimed_details = claimed.details.clone();
+    claimed_details["pool_item"] = json!(claimed.id);
+    instances::set_details(pool, &id, &claimed_details, claimed.secrets.as_deref())
+        .await
+        .unwrap();
+    (claimed, id)
+}
+
+/// One reconcile pass: `lost` (an item whose VM went) is marked for removal, `kept` stays ready.
+pub(crate) async fn reconcile_removes(
+    pool: &PgPool,
+    services: &Arc<Services>,
+    lost: &str,
+    kept: &str,
+) {
+    berth_worker::reconcile::once(pool, services).await;
+    let state = |id: &str| {
+        let id = id.to_string();
+        async move { pools::get(pool, &id).await.unwrap().map(|i| i.state) }
+    };
+    assert_eq!(
+        state(lost).await,
+        Some(pools::REMOVING.to_string()),
+        "the reconcile pass did not remove the item"
+    );
+    assert_eq!(
+        state(kept).await,
+        Some(pools::READY.to_string()),
+        "an item whose VMs run stays"
+    );
 }

@@ -1,17 +1,24 @@
 //! The `ha` plan on the `ha_ec2` engine (`HA_ENGINE=ec2`) against moto (started by `scripts/test.sh`, IAM
 //! enforced), with the readiness probe off since nothing runs on moto's VMs: the VMs, their spread over zones,
-//! each member's user-data, idempotent retries, replacement of a lost member, scaling and teardown.
+//! each member's user-data, idempotent retries, replacement of a lost member, scaling and teardown, and warm-pool
+//! clusters that lost a member (removed while pooled, or replaced by the ordinary path at the take).
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use aws_sdk_ec2::{Client, types::Instance};
 use berth_worker::Services;
-use broker::{db::instances, model::Operation};
+use broker::{
+    db::{instances, pools},
+    model::Operation,
+};
 use serde_json::{Value, json};
 use sqlx::{PgPool, postgres::PgConnectOptions};
 
 use crate::{
-    ec2::{data_volumes, live_vms, security_groups, services_with, tag, tagged, user_data, zone},
+    ec2::{
+        data_volumes, live_vms, reconcile_removes, security_groups, services_with, tag, tagged,
+        take_from_pool, terminate, user_data, zone,
+    },
     helpers::*,
     peers::{ec2_client as ec2, moto},
 };
@@ -786,4 +793,94 @@ async fn the_membership_script_rejoins_a_replaced_member_and_prunes_a_retired_on
     );
     drop(members);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Warm-pool clusters of the `ha` plan (docs/pools.md): the fill records its progress on the item's row, tags
+/// everything with the item's id and gives the cluster a re-key key; a cluster that loses a member's VM while it
+/// waits is removed by the reconcile pass, leaving nothing; a take whose member VM went before that pass saw it
+/// tears the item down and provisions the instance the ordinary way, with secrets of its own.
+#[sqlx::test(migrator = "broker::MIGRATOR")]
+async fn pooled_clusters_that_lost_a_member_are_removed_or_replaced_by_the_ordinary_path(
+    _: sqlx::postgres::PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let pool = pool(&opts, 8).await;
+    let peer = moto();
+    let client = ec2(&peer);
+    let services =
+        services_with(&peer, json!({ "ha_engine": "ec2", "pool_targets": "ha=2" })).await;
+    let checked = berth_worker::pools::check(&pool, &services).await.unwrap();
+    assert_eq!(checked.fills, 2);
+    drain_all(&pool, &services).await;
+    let items: Vec<pools::PoolItem> = pools::list(&pool).await.unwrap();
+    assert!(
+        items.len() == 2 && items.iter().all(|i| i.state == pools::READY),
+        "{items:?}"
+    );
+    let vms_of = |item: &pools::PoolItem| -> Vec<String> {
+        item.details["ha_ec2"]["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["vm_id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    for item in &items {
+        let live = members(&client, &item.id).await;
+        assert_eq!(live.len(), 3, "{}", item.id);
+        let mut ids: Vec<String> = live
+            .values()
+            .map(|vm| vm.instance_id().unwrap().to_string())
+            .collect();
+        ids.sort();
+        let mut recorded = vms_of(item);
+        recorded.sort();
+        assert_eq!(ids, recorded, "the item's row holds the fill's VMs");
+        let secrets: Value = cipher().open_json(item.secrets.as_ref().unwrap()).unwrap();
+        assert_eq!(secrets["rekey_key"].as_str().map(str::len), Some(64));
+    }
+
+    // A member lost while pooled: the reconcile pass marks the item for removal, its pool.remove leaves nothing.
+    let (interrupted, taken) = (&items[0], &items[1]);
+    terminate(&client, &vms_of(interrupted)[1]).await;
+    reconcile_removes(&pool, &services, &interrupted.id, &taken.id).await;
+    drain_all(&pool, &services).await;
+    assert!(pools::get(&pool, &interrupted.id).await.unwrap().is_none());
+    assert!(live_vms(&client, &interrupted.id).await.is_empty());
+    assert_eq!(tagged_count(&client, &interrupted.id).await, (0, 0, 0, 0));
+
+    // Taken (as the API's claim takes it) after a member's VM went: the item is torn down, the instance
+    // provisioned the ordinary way.
+    terminate(&client, &vms_of(taken)[0]).await;
+    let (claimed, id) = take_from_pool(&pool, HA, json!({"admin_user": "boss"})).await;
+    assert_eq!(claimed.id, taken.id);
+    operate_ok(&pool, &services, Operation::Provision, &id, None).await;
+    let details = details(&pool, &id).await;
+    assert_eq!(details["pool_fell_back"], true, "{details}");
+    assert_eq!(details["admin_user"], "boss");
+    let live = members(&client, &id).await;
+    assert_eq!(live.len(), 3, "{details}");
+    let pooled_vms = vms_of(taken);
+    assert!(
+        live.values().all(|vm| !pooled_vms
+            .iter()
+            .any(|p| Some(p.as_str()) == vm.instance_id())),
+        "new VMs"
+    );
+    assert!(live_vms(&client, &taken.id).await.is_empty());
+    assert_eq!(tagged_count(&client, &taken.id).await, (0, 0, 0, 0));
+    let pooled: Value = cipher().open_json(taken.secrets.as_ref().unwrap()).unwrap();
+    let row = instances::get(&pool, &id).await.unwrap().unwrap();
+    let fresh: Value = cipher().open_json(row.secrets.as_ref().unwrap()).unwrap();
+    for key in [
+        "superuser",
+        "replication",
+        "rewind",
+        "restapi",
+        "admin_password",
+        "rekey_key",
+    ] {
+        assert_ne!(fresh[key], pooled[key], "{key} made while pooled survived");
+    }
+    deprovision_leaves_nothing(&pool, &services, &client, &id).await;
 }

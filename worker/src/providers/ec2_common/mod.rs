@@ -1,9 +1,11 @@
 //! What the engines that run VMs on EC2 (`ec2` for the dedicated plans, `ha_ec2` for the `ha` plan) share: the
 //! account's settings and one client per region ([`Ec2Account`]), the offers cache ([`offers`]), the tagged
-//! resources and the launch ([`vm`]), their teardown ([`teardown`]), and EC2's own error codes ([`errors`]).
+//! resources and the launch ([`vm`]), their teardown ([`teardown`]), what their warm pools share ([`pooled`]), and
+//! EC2's own error codes ([`errors`]).
 
 pub mod errors;
 pub mod offers;
+pub mod pooled;
 pub mod teardown;
 pub mod vm;
 
@@ -16,7 +18,23 @@ use serde_json::Value;
 
 use super::aws;
 pub use super::aws::extra_tags;
-use crate::registry::TaskError;
+use crate::{context::Services, registry::TaskError};
+
+/// The default a plan file gives the create parameter `parameter` (e.g. `postgres_version`), if it gives one:
+/// what a warm pool's items, made with no parameters, get.
+pub fn plan_default(services: &Services, plan_id: &str, parameter: &str) -> Option<String> {
+    let plan = services.catalog.plan_by_id(plan_id)?;
+    let create = plan
+        .plan
+        .schemas
+        .service_instance
+        .as_ref()?
+        .create
+        .as_ref()?;
+    create.parameters["properties"][parameter]["default"]
+        .as_str()
+        .map(str::to_string)
+}
 
 /// The EC2 settings berth was started with, and one client per region.
 pub struct Ec2Account {

@@ -8,6 +8,7 @@ use aws_sdk_ec2::{
     Client,
     types::{Filter, InstanceStateName},
 };
+use broker::db::instances::InstanceRow;
 
 use super::{
     errors::{classify, code, tolerate},
@@ -28,6 +29,27 @@ pub async fn tear_down(
     vms: &str,
 ) -> Result<Progress<()>, TaskError> {
     tear_down_all(client, &[instance_id], &[group_name], poll, vms).await
+}
+
+/// The deprovision's teardown of `instance`: an instance that took a pool item may hold resources under the item's
+/// id (what a failed take left) and a security group named after it (`group_of` names an id's group).
+pub async fn tear_down_instance(
+    client: &Client,
+    instance: &InstanceRow,
+    group_of: impl Fn(&str) -> String,
+    poll: Duration,
+    vms: &str,
+) -> Result<Progress<()>, TaskError> {
+    let pool_item = instance
+        .details
+        .get("pool_item")
+        .and_then(serde_json::Value::as_str);
+    let keys: Vec<&str> = std::iter::once(instance.id.as_str())
+        .chain(pool_item)
+        .collect();
+    let groups: Vec<String> = keys.iter().map(|key| group_of(key)).collect();
+    let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
+    tear_down_all(client, &keys, &groups, poll, vms).await
 }
 
 /// [`tear_down`] of the resources tagged with any of `keys` (an instance that took a warm-pool item may hold

@@ -25,7 +25,7 @@ use crate::{
     context::TaskContext,
     providers::{
         Progress, Provisioned,
-        ec2_common::{teardown, vm},
+        ec2_common::{pooled, teardown, vm},
         postgres::{add_extensions, connect, exec, pooled_renames, roles::ensure_login, scram},
     },
     records::Record,
@@ -165,14 +165,11 @@ impl Ec2Postgres {
         warn!(instance_id = %instance.id, pool_item, vm = ?state.vm_id, "the pooled VM is gone; provisioning the ordinary way");
         let client = self.client(&self.region_of(None, state));
         let prefix = ctx.services.name_prefix();
-        let groups = [
-            group_name(prefix, pool_item),
-            group_name(prefix, &instance.id),
-        ];
-        let torn_down = teardown::tear_down_all(
+        // The instance's details name the item: its resources and its group go too.
+        let torn_down = teardown::tear_down_instance(
             &client,
-            &[pool_item, &instance.id],
-            &[&groups[0], &groups[1]],
+            instance,
+            |key| group_name(prefix, key),
             std::time::Duration::from_secs(5),
             "pooled VM",
         )
@@ -181,20 +178,8 @@ impl Ec2Postgres {
             return Ok(Progress::Wait { after, progress });
         }
         let fresh = ctx.services.cipher.seal_json(&Secrets::generate());
-        instances::set_secrets(ctx.pool, &instance.id, &fresh)
-            .await
-            .context("keeping the instance's new passwords")?;
         let reset = json!({ "ec2": State::default(), FELL_BACK: true });
-        instances::merge_details(ctx.pool, &instance.id, &reset)
-            .await
-            .context("recording the fall-back to the ordinary provision")?;
-        let mut fresh_instance = instance.clone();
-        fresh_instance.secrets = Some(fresh);
-        if let (Some(details), Some(reset)) =
-            (fresh_instance.details.as_object_mut(), reset.as_object())
-        {
-            details.extend(reset.clone());
-        }
+        let fresh_instance = pooled::start_over(ctx, instance, fresh, reset).await?;
         self.provision_fresh(ctx, &fresh_instance).await
     }
 

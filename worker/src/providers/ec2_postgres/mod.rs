@@ -264,15 +264,7 @@ impl Ec2Postgres {
 /// `postgres_version` parameter where its plan file sets one (what a warm pool's items, made with no parameters,
 /// run), else the engine's.
 fn default_version(services: &Services, plan_id: &str) -> String {
-    services
-        .catalog
-        .plan_by_id(plan_id)
-        .and_then(|p| {
-            let create = p.plan.schemas.service_instance.as_ref()?.create.as_ref()?;
-            create.parameters["properties"]["postgres_version"]["default"]
-                .as_str()
-                .map(str::to_string)
-        })
+    ec2_common::plan_default(services, plan_id, "postgres_version")
         .unwrap_or_else(|| DEFAULT_VERSION.to_string())
 }
 
@@ -511,19 +503,11 @@ impl Provider for Ec2Postgres {
         let state = State::of(&instance.details);
         let params_region = instance.parameters.get("region").and_then(Value::as_str);
         let client = self.client(&self.region_of(params_region, &state));
-        // An instance that took a pool item: what a failed take left under the item's id goes too, and its
-        // security group keeps the item's name.
-        let pool_item = instance.details.get("pool_item").and_then(Value::as_str);
-        let keys: Vec<&str> = std::iter::once(instance.id.as_str())
-            .chain(pool_item)
-            .collect();
         let prefix = ctx.services.name_prefix();
-        let groups: Vec<String> = keys.iter().map(|key| group_name(prefix, key)).collect();
-        let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
-        super::ec2_common::teardown::tear_down_all(
+        super::ec2_common::teardown::tear_down_instance(
             &client,
-            &keys,
-            &groups,
+            instance,
+            |key| group_name(prefix, key),
             Duration::from_secs(5),
             "VM",
         )

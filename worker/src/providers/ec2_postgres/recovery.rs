@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use anyhow::Context as _;
 use aws_sdk_ec2::Client;
 use broker::{
-    db::{bindings, instances, instances::InstanceRow, pools},
+    db::{bindings, instances, instances::InstanceRow},
     names,
 };
 use serde_json::{Map, Value, json};
@@ -20,7 +20,7 @@ use tracing::{info, warn};
 use super::{ENGINE, Ec2Postgres, Params, Secrets, State, provision::LaunchInput, resource_tags};
 use crate::providers::{
     EC2_LOCKS,
-    ec2_common::{available_zones, vm},
+    ec2_common::{available_zones, pooled, vm},
     lock_idle_instance,
 };
 use crate::{context::Services, records::Record, registry::TaskError};
@@ -100,11 +100,7 @@ pub async fn reconcile(
     if plan_ids.is_empty() {
         return Ok(cycle);
     }
-    // In the database's clock, which stamps pool items `ready_at`.
-    let started: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()")
-        .fetch_one(pool)
-        .await
-        .context("reading the database's clock")?;
+    let started = pooled::database_now(pool).await?;
     let mut live: HashMap<String, HashMap<String, vm::Vm>> = HashMap::new();
     let mut after = String::new();
     loop {
@@ -157,12 +153,7 @@ async fn remove_pooled_without_vm(
     cycle: &mut Cycle,
     started: chrono::DateTime<chrono::Utc>,
 ) -> anyhow::Result<()> {
-    let items = pools::list(pool).await.context("listing pool items")?;
-    for item in items.iter().filter(|i| {
-        i.state == pools::READY
-            && plan_ids.contains(&i.plan_id)
-            && i.ready_at.is_some_and(|at| at < started)
-    }) {
+    for item in pooled::ready_before(pool, plan_ids, started).await? {
         let state = State::of(&item.details);
         let region = engine.region_of(None, &state);
         if !live.contains_key(&region) {
@@ -180,11 +171,9 @@ async fn remove_pooled_without_vm(
         {
             continue;
         }
-        let mut tx = pool.begin().await?;
-        if pools::start_remove(&mut tx, &item.id).await? {
+        if pooled::remove(pool, &item.id).await? {
             warn!(pool_item = %item.id, vm = ?state.vm_id, "a pooled VM is gone (interrupted while it waited); removing the item");
         }
-        tx.commit().await?;
     }
     Ok(())
 }

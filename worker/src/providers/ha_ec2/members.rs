@@ -18,6 +18,7 @@ use super::{
 };
 use crate::{
     providers::{ec2_common::vm, patroni::tls},
+    records::Record,
     registry::TaskError,
 };
 
@@ -89,6 +90,8 @@ pub(super) struct LaunchInput<'a> {
     pub(super) secrets: &'a Secrets,
     pub(super) tags: &'a [(String, String)],
     pub(super) owner_role: &'a str,
+    /// Where progress is saved: the instance's row, or the pool item's while `pool.fill` makes it.
+    pub(super) record: Record,
 }
 
 impl HaEc2 {
@@ -97,7 +100,7 @@ impl HaEc2 {
         &self,
         pool: &PgPool,
         client: &Client,
-        instance_id: &str,
+        record: &Record,
         state: &mut ClusterState,
         public_ip: bool,
         tags: &[(String, String)],
@@ -116,7 +119,7 @@ impl HaEc2 {
                 let (subnet, _) = vm::subnet(client, &member.zone, &self.account.subnets).await?;
                 let (id, ip) = network::ensure_interface(
                     client,
-                    instance_id,
+                    record.id(),
                     &member.name,
                     &subnet,
                     &group,
@@ -125,16 +128,16 @@ impl HaEc2 {
                 .await?;
                 state.members[i].interface_id = Some(id);
                 state.members[i].private_ip = Some(ip);
-                state.save(pool, instance_id).await?;
+                state.save(pool, record).await?;
             }
             if public_ip && state.members[i].allocation_id.is_none() {
                 let interface = state.members[i].interface_id.clone().unwrap_or_default();
                 let (allocation, ip) =
-                    network::ensure_address(client, instance_id, &member.name, &interface, &tags)
+                    network::ensure_address(client, record.id(), &member.name, &interface, &tags)
                         .await?;
                 state.members[i].allocation_id = Some(allocation);
                 state.members[i].public_ip = Some(ip);
-                state.save(pool, instance_id).await?;
+                state.save(pool, record).await?;
             }
         }
         Ok(())
@@ -163,12 +166,12 @@ impl HaEc2 {
                 m.vm_id = Some(vm.id);
                 m.instance_type = Some(instance_type);
                 m.launched_at = Some(chrono::Utc::now().timestamp());
-                state.save(pool, &instance.id).await?;
+                state.save(pool, &input.record).await?;
                 Ok(true)
             }
             None => {
                 m.candidate_index = 0;
-                state.save(pool, &instance.id).await?;
+                state.save(pool, &input.record).await?;
                 Ok(false)
             }
         }
@@ -208,7 +211,10 @@ impl HaEc2 {
             private_ip,
             peers: &peers,
             joins: member.joins,
-            postgres_version: params.postgres_version(),
+            postgres_version: state
+                .postgres_version
+                .as_deref()
+                .unwrap_or(params.postgres_version()),
             timings: self.timings,
             synchronous: params.cluster.synchronous,
             tuning_profile: instance
@@ -294,7 +300,7 @@ impl HaEc2 {
                     if let Some(m) = state.member_mut(name) {
                         m.candidate_index = index;
                     }
-                    state.save(pool, &instance.id).await?;
+                    state.save(pool, &input.record).await?;
                 }
                 Err(vm::LaunchError::Failed(e)) => return Err(e),
             }
@@ -330,7 +336,7 @@ impl HaEc2 {
                     m.vm_id = Some(found.id.clone());
                     m.instance_type = Some(found.instance_type.clone());
                     m.launched_at = m.launched_at.or(found.launched_at);
-                    state.save(pool, id).await?;
+                    state.save(pool, &input.record).await?;
                 }
                 continue;
             }
@@ -347,7 +353,7 @@ impl HaEc2 {
                         m.joins = true;
                         m.generation += 1;
                         m.candidate_index = 0;
-                        state.save(pool, id).await?;
+                        state.save(pool, &input.record).await?;
                     }
                 }
             }

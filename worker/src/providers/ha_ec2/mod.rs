@@ -18,11 +18,13 @@
 //! they learn from their own `berth:members` tag in the instance metadata (`etcd-membership.sh prune`).
 
 mod access;
+mod adopt;
 mod members;
 mod network;
 mod params;
 mod provision;
 mod reconcile;
+mod rekey;
 mod scaling;
 mod state;
 mod user_data;
@@ -62,6 +64,7 @@ use super::{
 };
 use crate::{
     context::{Services, TaskContext},
+    records::Record,
     registry::TaskError,
     snapshots::{
         DatabaseTarget, ServerLogin,
@@ -100,15 +103,26 @@ fn group_name(prefix: &str, instance_id: &str) -> String {
     )
 }
 
-/// Tags of every resource of the cluster.
+/// What the cluster's internal names derive from: the warm-pool item it was made as (its scope and security group
+/// keep the item's names, which never show to apps), else the instance.
+fn names_key(instance: &InstanceRow) -> &str {
+    instance
+        .details
+        .get("pool_item")
+        .filter(|_| instance.details.get(adopt::FELL_BACK).is_none())
+        .and_then(Value::as_str)
+        .unwrap_or(&instance.id)
+}
+
+/// Tags of every resource of the cluster: `berth:instance` is the instance's id, `Name` follows [`names_key`].
 fn resource_tags(
     prefix: &str,
-    instance_id: &str,
+    instance: &InstanceRow,
     extra: &[(String, String)],
 ) -> Vec<(String, String)> {
     let mut tags = vec![
-        (vm::TAG.to_string(), instance_id.to_string()),
-        ("Name".to_string(), group_name(prefix, instance_id)),
+        (vm::TAG.to_string(), instance.id.clone()),
+        ("Name".to_string(), group_name(prefix, names_key(instance))),
     ];
     tags.extend(extra.iter().filter(|(k, _)| k != "Name").cloned());
     tags
@@ -147,13 +161,21 @@ impl Provider for HaEc2 {
         let client = self.account.client(&region);
         let scope = names::instance_cluster(prefix, &instance.id);
         let secrets = provision::secrets(ctx, instance, &scope).await?;
+        // Progress lands on the instance's row, or the pool item's while `pool.fill` makes one.
+        let record = Record::of(ctx, &instance.id);
         // 1. Zones (the asked ones, else the region's), each zone's candidates, and the member slots.
         if state.members.is_empty() {
-            self.plan_slots(ctx, &client, &params, &mut state, (&region, &scope))
-                .await?;
-            state.save(ctx.pool, &instance.id).await?;
+            self.plan_slots(
+                ctx,
+                &client,
+                (&params, &instance.plan_id),
+                &mut state,
+                (&region, &scope),
+            )
+            .await?;
+            state.save(ctx.pool, &record).await?;
         }
-        let tags = resource_tags(prefix, &instance.id, &params.tags);
+        let tags = resource_tags(prefix, instance, &params.tags);
         // 2. The security group, and the VPC's range for pg_hba.
         self.ensure_group(ctx, &client, instance, &params, &mut state, &tags)
             .await?;
@@ -161,7 +183,7 @@ impl Provider for HaEc2 {
         self.ensure_interfaces(
             ctx.pool,
             &client,
-            &instance.id,
+            &record,
             &mut state,
             params.public_ip,
             &tags,
@@ -176,6 +198,7 @@ impl Provider for HaEc2 {
             secrets: &secrets,
             tags: &tags,
             owner_role: &owner,
+            record,
         };
         if let Some(wait) = self.members_running(ctx, &mut state, &input).await? {
             return Ok(wait);
@@ -188,6 +211,15 @@ impl Provider for HaEc2 {
         Ok(Progress::Done(self.provisioned(
             instance, &state, &params, &secrets, view, &owner,
         )?))
+    }
+
+    async fn adopt(
+        &self,
+        ctx: &TaskContext<'_>,
+        instance: &InstanceRow,
+        pool_item: &str,
+    ) -> Result<Progress<Provisioned>, TaskError> {
+        self.adopt_cluster(ctx, instance, pool_item).await
     }
 
     async fn update(
@@ -207,7 +239,7 @@ impl Provider for HaEc2 {
         let client = self.account.client(&self.region_of(None, &state));
         scaling::apply_settings(self, ctx, instance, &state, &secrets, &params).await?;
         let prefix = ctx.services.name_prefix();
-        let tags = resource_tags(prefix, &instance.id, &params.tags);
+        let tags = resource_tags(prefix, instance, &params.tags);
         let owner = names::instance_owner_role(prefix, &instance.id);
         // The VMs keep the parameters they were made with (hardware, zones); `members` changes their number.
         let made_with = Params::of(&instance.parameters)?;
@@ -218,6 +250,7 @@ impl Provider for HaEc2 {
             secrets: &secrets,
             tags: &tags,
             owner_role: &owner,
+            record: Record::Instance(instance.id.clone()),
         };
         if let Some(wait) =
             scaling::step(self, ctx, &mut state, &input, params.cluster.members).await?
@@ -249,11 +282,11 @@ impl Provider for HaEc2 {
         let state = ClusterState::of(&instance.details);
         let params_region = instance.parameters.get("region").and_then(Value::as_str);
         let client = self.account.client(&self.region_of(params_region, &state));
-        let group = group_name(ctx.services.name_prefix(), &instance.id);
-        super::ec2_common::teardown::tear_down(
+        let prefix = ctx.services.name_prefix();
+        super::ec2_common::teardown::tear_down_instance(
             &client,
-            &instance.id,
-            &group,
+            instance,
+            |key| group_name(prefix, key),
             std::time::Duration::from_secs(3),
             "VMs",
         )

@@ -4,10 +4,7 @@
 
 use anyhow::Context as _;
 use aws_sdk_ec2::Client;
-use broker::{
-    db::{instances, instances::InstanceRow},
-    ec2::candidates,
-};
+use broker::{db::instances::InstanceRow, ec2::candidates};
 use serde_json::json;
 use tracing::info;
 
@@ -21,13 +18,15 @@ use crate::{
     context::TaskContext,
     providers::{
         Progress, Provisioned,
-        ec2_common::{available_zones, offers, vm},
+        ec2_common::{available_zones, offers, plan_default, vm},
         patroni::{ClusterView, tls},
     },
+    records::Record,
     registry::TaskError,
 };
 
-/// The cluster's secrets: opened, or generated (with the cluster's CA) and sealed before anything is launched.
+/// The cluster's secrets: opened, or generated (with the cluster's CA) and sealed before anything is launched
+/// (on the pool item's row while `pool.fill` makes one).
 pub(super) async fn secrets(
     ctx: &TaskContext<'_>,
     instance: &InstanceRow,
@@ -40,13 +39,10 @@ pub(super) async fn secrets(
         .await
         .map_err(|e| TaskError::Retryable(e.context("making the cluster's CA")))?;
     let made = Secrets::generate(ca);
-    instances::set_secrets(
-        ctx.pool,
-        &instance.id,
-        &ctx.services.cipher.seal_json(&made),
-    )
-    .await
-    .context("keeping the generated secrets")?;
+    Record::of(ctx, &instance.id)
+        .set_secrets(ctx.pool, &ctx.services.cipher.seal_json(&made))
+        .await
+        .context("keeping the generated secrets")?;
     Ok(made)
 }
 
@@ -57,7 +53,7 @@ impl HaEc2 {
         &self,
         ctx: &TaskContext<'_>,
         client: &Client,
-        params: &Params,
+        (params, plan_id): (&Params, &str),
         state: &mut ClusterState,
         (region, scope): (&str, &str),
     ) -> Result<(), TaskError> {
@@ -107,6 +103,16 @@ impl HaEc2 {
         state.region = region.to_string();
         state.scope = scope.to_string();
         state.token_seed = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+        // A pool item (no parameters) runs the plan file's default version, as a provision naming none would.
+        state.postgres_version = Some(
+            params
+                .cluster
+                .server
+                .postgres_version
+                .clone()
+                .or_else(|| plan_default(ctx.services, plan_id, "postgres_version"))
+                .unwrap_or_else(|| params.postgres_version().to_string()),
+        );
         for _ in 0..params.cluster.members {
             state.add_member(false);
         }
@@ -140,7 +146,7 @@ impl HaEc2 {
         state.vpc_cidr = Some(network::vpc_cidr(client, &vpc).await?);
         state.vpc_id = Some(vpc);
         state.security_group_id = Some(id);
-        state.save(ctx.pool, &instance.id).await
+        state.save(ctx.pool, &Record::of(ctx, &instance.id)).await
     }
 
     /// Step 4: a VM per slot. `Some(wait)` until every one runs.
@@ -222,7 +228,7 @@ impl HaEc2 {
             "region": state.region,
             "members": members_details(state, view.as_ref()),
             "primary": primary,
-            "postgres_version": params.postgres_version(),
+            "postgres_version": state.postgres_version.as_deref().unwrap_or(params.postgres_version()),
             "app_db_name": params.cluster.server.app_db_name,
             "admin_user": params.cluster.server.admin_user,
             "owner_role": owner,

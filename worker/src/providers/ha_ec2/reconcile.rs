@@ -26,10 +26,11 @@ use crate::{
     context::Services,
     providers::{
         HA_EC2_LOCKS,
-        ec2_common::vm,
+        ec2_common::{pooled, vm},
         lock_idle_instance,
         patroni::{record_recovery, roles_patch},
     },
+    records::Record,
 };
 
 const PAGE: i64 = 1000;
@@ -47,6 +48,7 @@ pub async fn pass(engine: &HaEc2, pool: &PgPool, services: &Services) -> anyhow:
     if plan_ids.is_empty() {
         return Ok(pass);
     }
+    let started = pooled::database_now(pool).await?;
     let mut live: HashMap<String, HashSet<String>> = HashMap::new();
     let mut after = String::new();
     loop {
@@ -91,7 +93,49 @@ pub async fn pass(engine: &HaEc2, pool: &PgPool, services: &Services) -> anyhow:
             }
         }
     }
+    remove_pooled_missing_members(engine, pool, &plan_ids, &mut live, &mut pass, started).await?;
     Ok(pass)
+}
+
+/// Ready warm-pool clusters that lost a member's VM while they waited (a termination, a spot interruption):
+/// nobody's instance yet, so no repair; the item is removed (its `pool.remove` tears down what is left by the
+/// item's tag) and the pool check makes another. Only items ready before this pass began: their VMs ran before
+/// it described any region.
+async fn remove_pooled_missing_members(
+    engine: &HaEc2,
+    pool: &PgPool,
+    plan_ids: &[String],
+    live: &mut HashMap<String, HashSet<String>>,
+    pass: &mut Pass,
+    started: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<()> {
+    for item in pooled::ready_before(pool, plan_ids, started).await? {
+        let state = ClusterState::of(&item.details);
+        let region = engine.region_of(None, &state);
+        if !live.contains_key(&region) {
+            let vms =
+                vm::berth_vms_in_region(&engine.account.client(&region), &mut pass.describe_calls)
+                    .await?
+                    .into_iter()
+                    .map(|v| v.id)
+                    .collect();
+            live.insert(region.clone(), vms);
+        }
+        let lost: Vec<&str> = state
+            .members
+            .iter()
+            .filter(|m| !m.retiring)
+            .filter(|m| m.vm_id.as_ref().is_none_or(|v| !live[&region].contains(v)))
+            .map(|m| m.name.as_str())
+            .collect();
+        if lost.is_empty() {
+            continue;
+        }
+        if pooled::remove(pool, &item.id).await? {
+            warn!(pool_item = %item.id, members = ?lost, "a pooled cluster lost a member's VM while it waited; removing the item");
+        }
+    }
+    Ok(())
 }
 
 /// One step of bringing a cluster back to N members, under its advisory lock.
@@ -110,7 +154,7 @@ async fn heal(
     let params = Params::of(&instance.parameters).map_err(|e| anyhow::anyhow!("{e}"))?;
     let secrets = open_secrets(services, &instance).map_err(|e| anyhow::anyhow!("{e}"))?;
     let prefix = services.name_prefix();
-    let tags = resource_tags(prefix, instance_id, &params.tags);
+    let tags = resource_tags(prefix, &instance, &params.tags);
     let owner = names::instance_owner_role(prefix, instance_id);
     let input = LaunchInput {
         client: &client,
@@ -119,6 +163,7 @@ async fn heal(
         secrets: &secrets,
         tags: &tags,
         owner_role: &owner,
+        record: Record::Instance(instance_id.to_string()),
     };
     // ensure_vms tells a VM that is gone from one a listing has not caught up with (it asks EC2 about that VM),
     // and launches a joining VM in each slot whose VM is gone (its generation goes up).
@@ -133,7 +178,7 @@ async fn heal(
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let replaced = replaced(&mut state, instance_id, &generations, &live);
     if replaced.is_empty() {
-        state.save(pool, instance_id).await?;
+        state.save(pool, &input.record).await?;
         return Ok(tx.commit().await?);
     }
     let mut patch = json!({ "ha_ec2": state, "members": members_details(&state, None) });

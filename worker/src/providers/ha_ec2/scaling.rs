@@ -102,7 +102,7 @@ async fn finish_removal(
         network::release_address(client, allocation).await?;
     }
     state.members.retain(|m| m.name != victim.name);
-    state.save(ctx.pool, id).await?;
+    state.save(ctx.pool, &input.record).await?;
     info!(instance_id = %id, member = %victim.name, "member removed");
     Ok(None)
 }
@@ -117,7 +117,14 @@ async fn running_members<T>(
 ) -> Result<Result<(Option<ClusterView>, Option<String>), Progress<T>>, TaskError> {
     let (pool, client, id) = (ctx.pool, input.client, &input.instance.id);
     engine
-        .ensure_interfaces(pool, client, id, state, input.params.public_ip, input.tags)
+        .ensure_interfaces(
+            pool,
+            client,
+            &input.record,
+            state,
+            input.params.public_ip,
+            input.tags,
+        )
         .await?;
     let live = engine.ensure_vms(pool, state, input).await?;
     let running = state
@@ -185,13 +192,20 @@ async fn add_member(
     let (pool, client, id) = (ctx.pool, input.client, &input.instance.id);
     let have = state.members.len();
     let name = state.add_member(true);
-    state.save(pool, id).await?;
+    state.save(pool, &input.record).await?;
     ctx.progress(&format!("adding member {name} ({} of {want})", have + 1))
         .await?;
     // The others learn the new name before it exists, so their prune never takes it for a retired member.
     network::tag_wanted(client, &staying_vms(state), &state.wanted()).await?;
     engine
-        .ensure_interfaces(pool, client, id, state, input.params.public_ip, input.tags)
+        .ensure_interfaces(
+            pool,
+            client,
+            &input.record,
+            state,
+            input.params.public_ip,
+            input.tags,
+        )
         .await?;
     engine.ensure_vms(pool, state, input).await?;
     info!(instance_id = %id, member = %name, "member added");
@@ -231,12 +245,12 @@ async fn retire_member(
     victim: String,
     want: usize,
 ) -> Result<Progress<()>, TaskError> {
-    let (client, id) = (input.client, &input.instance.id);
+    let client = input.client;
     let have = state.members.len();
     if let Some(m) = state.member_mut(&victim) {
         m.retiring = true;
     }
-    state.save(ctx.pool, id).await?;
+    state.save(ctx.pool, &input.record).await?;
     ctx.progress(&format!(
         "removing member {victim} ({} of {want})",
         have - 1

@@ -4,13 +4,14 @@
 use std::collections::BTreeMap;
 
 use anyhow::Context as _;
-use broker::{crypto::random_password, db::instances, ec2::Candidate};
+use broker::{crypto::random_password, ec2::Candidate};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
 use crate::{
     providers::patroni::{Passwords, tls::Pem},
+    records::Record,
     registry::TaskError,
 };
 
@@ -59,6 +60,9 @@ pub struct ClusterState {
     /// Random, chosen with the slots: part of every RunInstances ClientToken, so a cluster provisioned again
     /// under the same instance id never meets the tokens of the one before.
     pub token_seed: String,
+    /// The PostgreSQL version the cluster was made with (the parameter, else the plan's default): what members
+    /// launched later install, also after a warm-pool take (whose parameters name none).
+    pub postgres_version: Option<String>,
 }
 
 impl ClusterState {
@@ -69,8 +73,10 @@ impl ClusterState {
             .unwrap_or_default()
     }
 
-    pub async fn save(&self, pool: &PgPool, instance_id: &str) -> Result<(), TaskError> {
-        instances::merge_details(pool, instance_id, &json!({ "ha_ec2": self }))
+    /// Records the state where the step's progress is kept (the instance, or the pool item being filled).
+    pub async fn save(&self, pool: &PgPool, record: &Record) -> Result<(), TaskError> {
+        record
+            .merge_details(pool, &json!({ "ha_ec2": self }))
             .await
             .context("recording the cluster's EC2 state")?;
         Ok(())
@@ -137,6 +143,21 @@ pub struct Secrets {
     pub passwords: Passwords,
     pub admin_password: String,
     pub ca: Pem,
+    /// The re-key key (hex), also in each member's `/etc/berth/rekey.key`: a warm-pool take derives the Patroni
+    /// passwords from it (see `rekey`). Clusters made before it existed have none and are never re-keyed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rekey_key: Option<String>,
+    /// While a warm-pool take runs: its nonce and the passwords the item was made with (a retry after a crash
+    /// connects with either). Gone once the instance is provisioned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub taking: Option<Taking>,
+}
+
+/// A take under way (see [`Secrets::taking`]).
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Taking {
+    pub nonce: String,
+    pub pooled: Passwords,
 }
 
 impl std::fmt::Debug for Secrets {
@@ -151,6 +172,8 @@ impl Secrets {
             passwords: Passwords::generate(),
             admin_password: random_password(32),
             ca,
+            rekey_key: Some(super::rekey::new_key()),
+            taking: None,
         }
     }
 }

@@ -270,6 +270,7 @@ pub fn render(data: &MemberSetup<'_>) -> anyhow::Result<Rendered> {
         ("rewind password", secrets.passwords.rewind.as_str()),
         ("REST API password", secrets.passwords.restapi.as_str()),
         ("admin password", secrets.admin_password.as_str()),
+        ("re-key key", secrets.rekey_key.as_deref().unwrap_or("none")),
     ] {
         anyhow::ensure!(
             safe(value),
@@ -319,6 +320,8 @@ pub fn render(data: &MemberSetup<'_>) -> anyhow::Result<Rendered> {
             patroni_config => patroni,
             setup_sql => setup_sql(data)?,
             membership_script => MEMBERSHIP_SCRIPT.trim_end(),
+            rekey_key => secrets.rekey_key.as_deref(),
+            rekey_agent => super::rekey::AGENT.trim_end(),
         })?;
     Ok(Rendered(text))
 }
@@ -341,6 +344,8 @@ mod tests {
                 cert: "-----BEGIN CERTIFICATE-----\nCACERT\n-----END CERTIFICATE-----\n".into(),
                 key: "-----BEGIN PRIVATE KEY-----\nCAKEYSECRET\n-----END PRIVATE KEY-----\n".into(),
             },
+            rekey_key: Some("ab12ReKeyKeyFFFF".into()),
+            taking: None,
         }
     }
 
@@ -515,6 +520,7 @@ mod tests {
                 "AdminPassw0rd",
                 "CAKEYSECRET",
                 "KEY-m1",
+                "ReKeyKey",
             ] {
                 assert!(!shown.contains(secret), "{secret} in {shown}");
             }
@@ -531,14 +537,45 @@ mod tests {
             text[owner..]
                 .starts_with("  - path: /etc/berth/patroni.yml\n    permissions: \"0600\"")
         );
+        // The re-key key only in its root-only file; the agent that reads it runs as a service.
+        let at = text.find("ab12ReKeyKeyFFFF").unwrap();
+        let owner = text[..at].rfind("  - path: ").unwrap();
+        assert!(
+            text[owner..].starts_with("  - path: /etc/berth/rekey.key\n    permissions: \"0600\""),
+            "{}",
+            &text[owner..at]
+        );
+        assert_eq!(text.matches("ab12ReKeyKeyFFFF").count(), 1);
+        assert!(file(text, "/usr/local/sbin/berth-rekey").contains("def derive("));
+        let setup_script = file(text, "/usr/local/sbin/berth-setup");
+        assert!(
+            setup_script.contains("berth-rekey.service")
+                && setup_script.contains("ExecStart=/usr/local/sbin/berth-rekey"),
+            "{setup_script}"
+        );
         for public in [
             "/etc/berth/etcd.env",
             "/etc/berth/membership.env",
             "/usr/local/sbin/berth-setup",
+            "/usr/local/sbin/berth-rekey",
         ] {
             let content = file(text, public);
-            assert!(!content.contains("Passw0rd"), "{public}: {content}");
+            assert!(
+                !content.contains("Passw0rd") && !content.contains("ReKeyKey"),
+                "{public}: {content}"
+            );
         }
+        // A cluster made before re-key keys existed gets no key file and no agent.
+        let old = Secrets {
+            rekey_key: None,
+            ..secrets.clone()
+        };
+        let without = render(&self::setup("m1", "10.0.1.11", false, &peers, &old, &pem))
+            .unwrap()
+            .0;
+        assert!(
+            !without.contains("/etc/berth/rekey.key") && !without.contains("berth-rekey.service")
+        );
     }
 
     #[test]

@@ -17,9 +17,7 @@ use serde_json::json;
 use sqlx::postgres::PgConnectOptions;
 use tracing::info;
 
-use super::{
-    HaLocal, cluster, cluster::LocalCluster, local, readiness::streaming_count, state::Secrets,
-};
+use super::{HaLocal, cluster, cluster::LocalCluster, local, state::Secrets};
 use crate::{
     context::TaskContext,
     providers::{
@@ -27,7 +25,9 @@ use crate::{
         patroni::{
             ClusterView, Params, REPLICATION_USER, RESTAPI_USER, REWIND_USER, SUPERUSER, dcs,
         },
-        postgres::{self, connect, exec, pooled_renames, rename_statements, scram},
+        postgres::{
+            self, connect, exec, pooled_renames, rename_statements, scram, streaming_replicas,
+        },
     },
     registry::TaskError,
 };
@@ -344,7 +344,7 @@ async fn as_found(
         Some(conn) if presumed_port == Some(port) => conn,
         _ => connect_either(cluster, next, port).await.ok()?,
     };
-    let streaming = streaming_count(&mut conn).await.ok()?;
+    let streaming = streaming_replicas(&mut conn).await.ok()?;
     (streaming + 1 >= cluster.state.members.len()).then_some(Found {
         view,
         leader,

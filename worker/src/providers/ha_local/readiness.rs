@@ -41,18 +41,11 @@ pub(super) async fn readiness(
 async fn streaming_replicas(cluster: &LocalCluster, port: u16) -> anyhow::Result<usize> {
     use sqlx::Connection as _;
     let mut conn = sqlx::PgConnection::connect_with(&cluster.superuser(port, "postgres")).await?;
-    let n = streaming_count(&mut conn).await?;
+    let n = crate::providers::postgres::streaming_replicas(&mut conn)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let _ = conn.close().await;
     Ok(n)
-}
-
-/// Replicas streaming from the primary `conn` is connected to, by its own account.
-pub(super) async fn streaming_count(conn: &mut sqlx::PgConnection) -> anyhow::Result<usize> {
-    let n: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'")
-            .fetch_one(conn)
-            .await?;
-    Ok(n as usize)
 }
 
 /// Polls [`readiness`] for up to `limit`.

@@ -12,6 +12,7 @@
 //! - [`bindings`]: a binding's login role made and dropped, its credentials and details
 //! - [`app_database`]: the app database and admin user on a server of an instance's own
 //! - [`rename`]: a pooled server's database and roles renamed for the instance that takes it
+//! - [`replication`]: the replicas a primary sees streaming
 //! - [`server_params`]: the parameters such a server is made with
 //! - [`tuning`]: `tuning_profile` → postgresql.conf settings
 
@@ -22,6 +23,7 @@ pub mod errors;
 pub(crate) mod extensions;
 pub(crate) mod grants;
 pub(crate) mod rename;
+pub(crate) mod replication;
 pub(crate) mod roles;
 pub mod scram;
 pub(crate) mod server_params;
@@ -41,6 +43,7 @@ pub(crate) use {
     extensions::{create_extensions, requested_extensions},
     grants::{RoleGrant, binding_grants, read_only_grants},
     rename::{pooled_renames, rename_statements},
+    replication::streaming_replicas,
     roles::{drop_role, ensure_role, lock_out, members_of, role_exists},
     server_params::{DEFAULT_ADMIN, ServerParams},
     sql::{connect, exec, exec_tolerating},

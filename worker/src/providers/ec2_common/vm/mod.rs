@@ -198,11 +198,19 @@ pub async fn live_vms(client: &Client, instance_id: &str) -> Result<Vec<Vm>, Tas
 }
 
 pub async fn vm(client: &Client, vm_id: &str) -> Result<Option<Vm>, TaskError> {
-    let filter = Filter::builder().name("instance-id").values(vm_id).build();
-    Ok(describe(client, vec![filter], &mut 0)
-        .await?
-        .into_iter()
-        .next())
+    Ok(vms(client, &[vm_id.to_string()]).await?.into_iter().next())
+}
+
+/// The VMs EC2 knows of `vm_ids` (in any state), in one DescribeInstances.
+pub async fn vms(client: &Client, vm_ids: &[String]) -> Result<Vec<Vm>, TaskError> {
+    if vm_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let filter = Filter::builder()
+        .name("instance-id")
+        .set_values(Some(vm_ids.to_vec()))
+        .build();
+    describe(client, vec![filter], &mut 0).await
 }
 
 pub async fn terminate(client: &Client, vm_ids: &[String]) -> Result<(), TaskError> {
