@@ -39,13 +39,22 @@ def read_key():
         return bytes.fromhex(f.read().strip())
 
 
+# Until a take, the table does not exist (clusters that were never pooled never get it): looked up first, so that
+# the server does not log an error every second.
+NONCE_QUERY = """SELECT to_regclass('berth.rekey') IS NOT NULL AS present \\gset
+\\if :present
+SELECT nonce FROM berth.rekey WHERE id = 1;
+\\endif
+"""
+
+
 def current_nonce():
     """The nonce in the local PostgreSQL (a replica has it once it replayed the commit); None when there is none."""
     try:
         out = subprocess.run(
-            ["runuser", "-u", "postgres", "--", "psql", "-X", "-q", "-A", "-t", "-h", "/var/run/postgresql",
-             "-d", "postgres", "-c", "SELECT nonce FROM berth.rekey WHERE id = 1"],
-            capture_output=True, text=True, timeout=10,
+            ["runuser", "-u", "postgres", "--", "psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
+             "-h", "/var/run/postgresql", "-d", "postgres", "-f", "-"],
+            input=NONCE_QUERY, capture_output=True, text=True, timeout=10,
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
