@@ -20,6 +20,16 @@ async fn observed_stack() -> (Stack, String) {
     ])
     .await
     .unwrap();
+    // The stack is up once the API answers; the worker opens its own listener on its own time.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(&worker_addr).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker never listened on {worker_addr}\n{}",
+            stack.logs()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     (stack, format!("http://{worker_addr}"))
 }
 
